@@ -1,0 +1,13 @@
+"""outcore: train PyTorch networks larger than the memory they run in.
+
+Record one iteration (`record`), plan when every tensor moves between a fast and a
+slow tier (`plan`), check and simulate the plan, and replay it (`OutOfCore`).
+"""
+from .errors import InfeasibleBudget, OutcoreError, TraceError
+from .trace import Trace, record
+from .units import format_bytes, parse_bytes
+
+__version__ = "0.1.0"
+
+__all__ = ["InfeasibleBudget", "OutcoreError", "Trace", "TraceError", "format_bytes",
+           "parse_bytes", "record", "__version__"]

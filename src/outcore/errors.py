@@ -1,0 +1,27 @@
+"""The exceptions outcore raises. Every message states what was wrong and what to do."""
+
+
+class OutcoreError(Exception):
+    """Base class of every error outcore raises on purpose."""
+
+
+class TraceError(OutcoreError):
+    """A trace could not be recorded, loaded or understood."""
+
+
+class InfeasibleBudget(OutcoreError):
+    """No schedule can keep the step within the requested fast-tier budget.
+
+    Attributes name the function that cannot fit and the smallest budget that
+    would, so a caller can retry programmatically.
+    """
+
+    def __init__(self, message: str, *, function_index: int, op: str, phase: str,
+                 needed_bytes: int, budget_bytes: int, min_feasible_bytes: int):
+        super().__init__(message)
+        self.function_index = function_index
+        self.op = op
+        self.phase = phase
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        self.min_feasible_bytes = min_feasible_bytes

@@ -1,0 +1,249 @@
+"""Record one training iteration: a TorchDispatchMode that logs every aten op and the
+storages it reads, writes and creates.
+
+    with outcore.record() as rec:
+        loss = loss_fn(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+    print(rec.trace)
+
+Autograd runs backward through the same dispatcher, so forward, backward and the
+optimizer step land in one flat sequence. Nothing is changed: every op runs exactly as
+it would without the recorder (multi-tensor ops run as their per-tensor equivalents,
+which is bitwise equal; see aten.py).
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..aten import is_foreach, iter_tensors, returns_nothing, split_foreach, written_tensors
+from ..errors import TraceError
+from .estimate import estimate_duration, op_flops, tensor_bytes
+from .model import Access, Array, Function, Trace
+
+_PRECEDENCE = {"read": 0, "write": 1, "create": 2}
+
+
+@dataclass
+class _ArrayLog:
+    """What the recorder learns about one storage while the step runs."""
+    id: int
+    nbytes: int
+    dtype: str
+    device: str
+    origin: tuple[int, int]
+    first_use: int
+    existed_before: bool
+    requires_grad: bool
+    created_phase: str | None
+    last_use: int = -1
+    freed_after: int | None = None
+    write_phases: list = field(default_factory=list)
+    read_phases: set = field(default_factory=set)
+
+
+def _storage(t: torch.Tensor):
+    """The tensor's storage, or None for tensors without one (sparse, wrapper subclasses)."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class Recording(TorchDispatchMode):
+    """The recorder. Use through `outcore.record()`; read `.trace` after the block."""
+
+    def __init__(self, *, label: str = ""):
+        super().__init__()
+        self.label = label
+        self._functions: list[Function] = []
+        self._logs: list[_ArrayLog] = []
+        self._live: dict[int, tuple[int, weakref.ref]] = {}   # storage key -> (array id, ref)
+        self._optimizer_depth = 0
+        self._active = False
+        self._device: str | None = None
+        self._trace: Trace | None = None
+        self._failed: BaseException | None = None
+        self._hooks = []
+
+    # -- context management --------------------------------------------------------------
+    def __enter__(self):
+        self._active = True
+        self._hooks = [register_optimizer_step_pre_hook(self._enter_optimizer),
+                       register_optimizer_step_post_hook(self._leave_optimizer)]
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            return super().__exit__(exc_type, exc, tb)
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._active = False
+            if exc is None:
+                self._trace = self._build()
+            else:
+                self._failed = exc
+            self._live.clear()
+
+    def _enter_optimizer(self, *_):
+        self._optimizer_depth += 1
+
+    def _leave_optimizer(self, *_):
+        self._optimizer_depth -= 1
+
+    @property
+    def trace(self) -> Trace:
+        if self._trace is None:
+            if self._failed is not None:
+                raise TraceError(f"no trace: the recorded step raised "
+                                 f"{type(self._failed).__name__}: {self._failed}")
+            raise TraceError("no trace yet: read `.trace` after the `with outcore.record()` block ends")
+        return self._trace
+
+    # -- interception ----------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "profiler":   # record_function markers: no data, not a function
+            return func(*args, **kwargs)
+        if is_foreach(func):
+            calls = split_foreach(func, args, kwargs)
+            if calls is not None:
+                results = [self._run(op, a, k, (i, len(calls))) for i, (op, a, k) in enumerate(calls)]
+                return None if returns_nothing(func) else results
+        return self._run(func, args, kwargs, None)
+
+    def _phase(self, inputs) -> str:
+        if torch._C._current_graph_task_id() != -1:
+            return "backward"
+        if self._optimizer_depth > 0:
+            return "optimizer"
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return "forward"
+        return "other"
+
+    def _run(self, func, args, kwargs, split):
+        inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+        written = {id(t) for t in written_tensors(func, args, kwargs)}
+        phase = self._phase(inputs)
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        duration = time.perf_counter() - start
+        outputs = list(iter_tensors(out if isinstance(out, (list, tuple)) else (out,)))
+        self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out)
+        return out
+
+    def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out):
+        index = len(self._functions)
+        kinds: dict[int, str] = {}          # array id -> strongest access kind, in order seen
+        for slot, t in enumerate(inputs):
+            kind = "write" if id(t) in written else "read"
+            self._touch(t, index, slot, kind, phase, kinds, is_output=False)
+        for slot, t in enumerate(outputs):
+            self._touch(t, index, slot, "read", phase, kinds, is_output=True)
+        flops = op_flops(func, args, kwargs, out)
+        nbytes = tensor_bytes(inputs) + tensor_bytes(outputs)
+        if self._device is None and (inputs or outputs):
+            self._device = (inputs or outputs)[0].device.type
+        if self._device == "meta":
+            duration = estimate_duration(flops, nbytes)
+        self._functions.append(Function(
+            index=index, op=str(func), phase=phase,
+            accesses=tuple(Access(a, k) for a, k in kinds.items()),
+            duration_s=duration, flops=flops, bytes_touched=nbytes, split=split))
+
+    def _touch(self, t, index, slot, kind, phase, kinds, *, is_output):
+        storage = _storage(t)
+        if storage is None:
+            return
+        nbytes = storage.nbytes()
+        key = storage._cdata
+        entry = self._live.get(key)
+        if entry is None:
+            if nbytes == 0:
+                return   # empty storages hold nothing to plan for
+            ident = len(self._logs)
+            created = is_output       # first seen as an output: the op produced it
+            self._logs.append(_ArrayLog(
+                id=ident, nbytes=nbytes, dtype=str(t.dtype).replace("torch.", ""),
+                device=str(t.device), origin=(index, slot), first_use=index,
+                existed_before=not created, requires_grad=bool(t.requires_grad and t.is_leaf),
+                created_phase=phase if created else None))
+            self._live[key] = (ident, weakref.ref(storage, self._make_finalizer(key, ident)))
+            if created:
+                kind = "create"
+        else:
+            ident = entry[0]
+        log = self._logs[ident]
+        log.nbytes = max(log.nbytes, nbytes)
+        log.last_use = index
+        if kind == "write":
+            log.write_phases.append(phase)
+        elif kind == "read":
+            log.read_phases.add(phase)
+        previous = kinds.get(ident)
+        if previous is None or _PRECEDENCE[kind] > _PRECEDENCE[previous]:
+            kinds[ident] = kind
+
+    def _make_finalizer(self, key, ident):
+        def storage_died(_ref):
+            if not self._active:
+                return
+            if self._live.get(key, (None,))[0] == ident:
+                del self._live[key]
+            self._logs[ident].freed_after = len(self._functions) - 1
+        return storage_died
+
+    # -- building the trace ----------------------------------------------------------------
+    def _build(self) -> Trace:
+        alive_at_end = {ident for ident, ref in self._live.values() if ref() is not None}
+        arrays = []
+        for log in self._logs:
+            alive = log.id in alive_at_end
+            kind, category = _classify(log, alive)
+            freed = None if alive else max(log.last_use, log.freed_after if log.freed_after is not None
+                                           else log.last_use)
+            arrays.append(Array(
+                id=log.id, nbytes=log.nbytes, dtype=log.dtype, device=log.device, kind=kind,
+                category=category, origin=log.origin, first_use=log.first_use,
+                last_use=log.last_use, freed_after=freed, existed_before=log.existed_before))
+        info = {"torch": torch.__version__}
+        if self.label:
+            info["label"] = self.label
+        return Trace(functions=tuple(self._functions), arrays=tuple(arrays),
+                     device=self._device or "cpu",
+                     durations="estimated" if self._device == "meta" else "measured", info=info)
+
+
+def _classify(log: _ArrayLog, alive: bool) -> tuple[str, str]:
+    """(kind, category) of an array from when and how the step used it (docs/trace.md)."""
+    if log.existed_before:
+        if log.requires_grad:
+            return "persistent", "parameter"
+        if not log.write_phases:
+            return "input", "input"
+        first_write = log.write_phases[0]
+        category = {"backward": "gradient", "optimizer": "optimizer_state"}.get(first_write, "buffer")
+        return "persistent", category
+    created = log.created_phase
+    if alive:
+        category = {"backward": "gradient", "optimizer": "optimizer_state"}.get(created, "output")
+        return "persistent", category
+    if created == "backward" and "optimizer" in log.read_phases:
+        return "transient", "gradient"
+    if created == "forward" and "backward" in log.read_phases:
+        return "transient", "activation"
+    return "transient", "temporary"
+
+
+def record(*, label: str = "") -> Recording:
+    """Record the training iteration run inside the `with` block; read `.trace` after it.
+
+    Works for real tensors (durations measured) and on the meta device (no memory, no
+    compute; durations estimated from FLOPs and bytes)."""
+    return Recording(label=label)

@@ -1,0 +1,41 @@
+"""Byte quantities as people write them: "2GiB", "512MiB", "1.5GB", 4096."""
+from __future__ import annotations
+
+import re
+
+from .errors import OutcoreError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Return a byte count from an int, a float, or a string such as "6GiB" or "1.5 GB"."""
+    if isinstance(value, bool):
+        raise OutcoreError(f"expected a byte quantity such as 2147483648 or '2GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise OutcoreError(f"a byte quantity cannot be negative, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        match = _PATTERN.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise OutcoreError(
+        f"cannot read {value!r} as a byte quantity: write a number of bytes or a number "
+        "with a unit, e.g. '512MiB', '6GiB', '1.5GB'")
+
+
+def format_bytes(n: int | float) -> str:
+    """Render bytes with a binary unit, e.g. 1536 -> '1.50 KiB'."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
