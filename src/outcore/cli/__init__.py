@@ -1,0 +1,1 @@
+"""The `outcore` command line: one module per subcommand."""

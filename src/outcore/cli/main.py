@@ -1,0 +1,40 @@
+"""`outcore <command>`: dispatch to one module per subcommand.
+
+Each module `outcore.cli.<name>_cmd` defines `add_parser(subparsers)` (which sets
+`func` on its parser) and keeps its own logic.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import OutcoreError
+
+# Subcommands in the order `outcore --help` lists them.
+COMMANDS = ("trace",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outcore",
+        description="Train PyTorch networks larger than the memory they run in: record one "
+                    "iteration, plan when each tensor moves, simulate, and replay the plan.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"outcore.cli.{name}_cmd").add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except OutcoreError as exc:
+        print(f"outcore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
