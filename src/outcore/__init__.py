@@ -3,11 +3,12 @@
 Record one iteration (`record`), plan when every tensor moves between a fast and a
 slow tier (`plan`), check and simulate the plan, and replay it (`OutOfCore`).
 """
-from .errors import InfeasibleBudget, OutcoreError, TraceError
+from .errors import InfeasibleBudget, OutcoreError, ScheduleError, TraceError
+from .plan import Schedule, check, lower_bound, plan
 from .trace import Trace, record
 from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
-__all__ = ["InfeasibleBudget", "OutcoreError", "Trace", "TraceError", "format_bytes",
-           "parse_bytes", "record", "__version__"]
+__all__ = ["InfeasibleBudget", "OutcoreError", "Schedule", "ScheduleError", "Trace", "TraceError",
+           "check", "format_bytes", "lower_bound", "parse_bytes", "plan", "record", "__version__"]

@@ -61,6 +61,11 @@ def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     return out
 
 
+# Ops whose tensor argument was created just before them, outside the dispatcher
+# (`torch.tensor(0.0)` builds the value, then lifts it): the storage is new, not an input.
+FRESH_ARGUMENT_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
+
+
 def is_foreach(func) -> bool:
     return func._schema.name.startswith("aten::_foreach_")
 
@@ -69,15 +74,20 @@ def is_foreach(func) -> bool:
 class _Plan:
     """How one foreach overload maps onto its plain op."""
     plain: Any
-    positional: int                      # how many element values go positionally
-    keyword_names: tuple[str, ...]       # names for the remaining values
-    list_positions: tuple[int, ...]      # values taken element-wise from a list
+    # For each foreach argument: the plain argument it becomes (index into plain schema).
+    targets: tuple[int, ...]
+    list_positions: tuple[int, ...]           # values taken element-wise from a list
     scalar_tensor_positions: tuple[int, ...]  # 1-D tensor of scalars taken element-wise
+    n_positional: int                         # plain arguments passed positionally
+    defaults: tuple                           # default value of every plain argument
+    out_from_self: bool = False               # in-place via the `.out` overload, out=self
 
 
 def _kind(type_str: str) -> str:
-    t = type_str.replace("?", "")
-    if t in ("Tensor",):
+    t = type_str
+    if t.startswith("Optional["):
+        t = t[len("Optional["):-1]
+    if t == "Tensor":
         return "tensor"
     if t in ("Scalar", "float", "int", "number", "complex"):
         return "scalar"
@@ -99,6 +109,28 @@ def _bind(func, args, kwargs) -> list:
     return values
 
 
+def _match(foreach_args, elem_kinds, plain, out_from_self=False) -> _Plan | None:
+    plain_args = plain._schema.arguments
+    by_name = {a.name: i for i, a in enumerate(plain_args)}
+    targets = []
+    for j, farg in enumerate(foreach_args):
+        target = by_name.get(farg.name, j)
+        if target >= len(plain_args) or target in targets:
+            return None
+        want, have = _kind(str(plain_args[target].type)), elem_kinds[j]
+        if want != have:
+            return None
+        targets.append(target)
+    for i, arg in enumerate(plain_args):
+        if i not in targets and not arg.has_default_value():
+            if not (out_from_self and arg.name == "out"):
+                return None
+    mapped_positional = [t for t in targets if not plain_args[t].kwarg_only]
+    n_positional = max(mapped_positional) + 1 if mapped_positional else 0
+    defaults = tuple(a.default_value if a.has_default_value() else None for a in plain_args)
+    return _Plan(plain, tuple(targets), (), (), n_positional, defaults, out_from_self)
+
+
 @functools.lru_cache(maxsize=None)
 def _plan(func) -> _Plan | None:
     schema = func._schema
@@ -107,36 +139,30 @@ def _plan(func) -> _Plan | None:
     stem = base.rstrip("_")
     plain_name = _RENAMED.get(stem, stem) + ("_" if inplace else "")
     packet = getattr(aten, plain_name, None)
+    out_from_self = False
+    if packet is None and inplace:
+        # No in-place plain op (e.g. maximum_): write through the `.out` overload instead.
+        packet, out_from_self = getattr(aten, plain_name[:-1], None), True
     if packet is None:
         return None
-    # The element type of each foreach argument.
     elem_kinds, lists, scalar_tensors = [], [], []
-    overload = func._overloadname
     for pos, arg in enumerate(schema.arguments):
         t = str(arg.type)
-        if t.endswith("[]") and t.rstrip("?").startswith(("Tensor", "Scalar", "float", "int")):
+        if t.startswith("List[") and _kind(t[5:-1]) in ("tensor", "scalar"):
             lists.append(pos)
-            elem_kinds.append(_kind(t[:-2]))
-        elif overload == "Tensor" and arg.name == "scalars":
-            scalar_tensors.append(pos)
+            elem_kinds.append(_kind(t[5:-1]))
+        elif func._overloadname == "Tensor" and arg.name == "scalars":
+            scalar_tensors.append(pos)      # a 1-D tensor holding one scalar per element
             elem_kinds.append("scalar")
         else:
             elem_kinds.append(_kind(t))
     for name in packet.overloads():
-        if "out" in name:
+        if ("out" in name) != out_from_self:
             continue
-        cand = getattr(packet, name)
-        plain_args = cand._schema.arguments
-        if len(plain_args) < len(elem_kinds):
-            continue
-        if any(_kind(str(p.type)) != k and not (k == "other" and _kind(str(p.type)) == "other")
-               for p, k in zip(plain_args, elem_kinds)):
-            continue
-        if any(not p.has_default_value() for p in plain_args[len(elem_kinds):]):
-            continue
-        positional = sum(1 for p in plain_args[:len(elem_kinds)] if not p.kwarg_only)
-        keywords = tuple(p.name for p in plain_args[positional:len(elem_kinds)])
-        return _Plan(cand, positional, keywords, tuple(lists), tuple(scalar_tensors))
+        plan = _match(schema.arguments, elem_kinds, getattr(packet, name), out_from_self)
+        if plan is not None:
+            return _Plan(plan.plain, plan.targets, tuple(lists), tuple(scalar_tensors),
+                         plan.n_positional, plan.defaults, out_from_self)
     return None
 
 
@@ -144,21 +170,26 @@ def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | No
     """One (plain op, args, kwargs) per tensor of a `_foreach_*` call, or None when the op
     cannot be split (it then runs whole)."""
     plan = _plan(func)
-    if plan is None:
+    if plan is None or not plan.list_positions:
         return None
     values = _bind(func, args, kwargs)
-    count = len(values[plan.list_positions[0]]) if plan.list_positions else 0
+    count = len(values[plan.list_positions[0]])
     scalar_lists = {pos: values[pos].tolist() for pos in plan.scalar_tensor_positions}
+    plain_args = plan.plain._schema.arguments
     calls = []
     for i in range(count):
-        elem = list(values)
-        for pos in plan.list_positions:
-            elem[pos] = values[pos][i]
-        for pos, scalars in scalar_lists.items():
-            elem[pos] = scalars[i]
-        pos_args = tuple(elem[:plan.positional])
-        kw = dict(zip(plan.keyword_names, elem[plan.positional:]))
-        calls.append((plan.plain, pos_args, kw))
+        call = list(plan.defaults)
+        for j, target in enumerate(plan.targets):
+            if j in plan.list_positions:
+                call[target] = values[j][i]
+            elif j in scalar_lists:
+                call[target] = scalar_lists[j][i]
+            else:
+                call[target] = values[j]
+        kw = {plain_args[t].name: call[t] for t in plan.targets if plain_args[t].kwarg_only}
+        if plan.out_from_self:
+            kw["out"] = values[0][i]
+        calls.append((plan.plain, tuple(call[:plan.n_positional]), kw))
     return calls
 
 

@@ -25,3 +25,8 @@ class InfeasibleBudget(OutcoreError):
         self.needed_bytes = needed_bytes
         self.budget_bytes = budget_bytes
         self.min_feasible_bytes = min_feasible_bytes
+
+
+class ScheduleError(OutcoreError):
+    """A schedule violates an invariant for its trace and budget (outcore.check), or a
+    schedule file could not be read. The message names the function and the array."""

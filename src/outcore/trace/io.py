@@ -115,7 +115,7 @@ def from_dict(data, source: str = "trace") -> Trace:
         if nbytes < 0:
             r.fail(f"{w}.nbytes", f"negative size {nbytes}")
         origin = r.get(raw, "origin", list, w)
-        if len(origin) != 2 or not all(isinstance(v, int) for v in origin):
+        if len(origin) != 2 or not all(type(v) is int for v in origin):
             r.fail(f"{w}.origin", "expected [function index, slot]")
         first, last = r.get(raw, "first_use", int, w), r.get(raw, "last_use", int, w)
         freed = raw.get("freed_after") if isinstance(raw, dict) else None
@@ -134,12 +134,13 @@ def from_dict(data, source: str = "trace") -> Trace:
     for i, raw in enumerate(raw_functions):
         w = f"functions[{i}]"
         split = raw.get("split") if isinstance(raw, dict) else None
-        if split is not None and (not isinstance(split, list) or len(split) != 2):
+        if split is not None and (not isinstance(split, list) or len(split) != 2
+                                  or not all(type(v) is int for v in split)):
             r.fail(f"{w}.split", "expected [element, count] or null")
         accesses = []
         for j, acc in enumerate(r.get(raw, "accesses", list, w)):
-            if (not isinstance(acc, list) or len(acc) != 2 or not isinstance(acc[0], int)
-                    or acc[1] not in _ACCESS_KIND):
+            if (not isinstance(acc, list) or len(acc) != 2 or type(acc[0]) is not int
+                    or not isinstance(acc[1], str) or acc[1] not in _ACCESS_KIND):
                 r.fail(f"{w}.accesses[{j}]", f"expected [array id, one of r/w/c], found {acc!r:.40}")
             if not 0 <= acc[0] < len(arrays):
                 r.fail(f"{w}.accesses[{j}]", f"array {acc[0]} does not exist "

@@ -21,7 +21,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import is_foreach, iter_tensors, returns_nothing, split_foreach, written_tensors
+from ..aten import FRESH_ARGUMENT_OPS, is_foreach, iter_tensors, returns_nothing, split_foreach, written_tensors
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -141,9 +141,10 @@ class Recording(TorchDispatchMode):
     def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out):
         index = len(self._functions)
         kinds: dict[int, str] = {}          # array id -> strongest access kind, in order seen
+        fresh = func._schema.name in FRESH_ARGUMENT_OPS
         for slot, t in enumerate(inputs):
             kind = "write" if id(t) in written else "read"
-            self._touch(t, index, slot, kind, phase, kinds, is_output=False)
+            self._touch(t, index, slot, kind, phase, kinds, is_output=fresh)
         for slot, t in enumerate(outputs):
             self._touch(t, index, slot, "read", phase, kinds, is_output=True)
         flops = op_flops(func, args, kwargs, out)

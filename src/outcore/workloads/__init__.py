@@ -45,7 +45,7 @@ class Workload:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
 
 def _image_batch(batch, device, image_size, num_classes, generator):

@@ -1,0 +1,55 @@
+"""`outcore trace`: record one training iteration of a built-in model and print its summary."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from .. import workloads
+from ..trace import record
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "trace", help="record one training iteration of a built-in model as a Trace",
+        description="Record one training iteration (forward, backward, optimizer step) of a "
+                    "built-in model and print the trace summary. On --device meta nothing is "
+                    "allocated or computed, so models far larger than this machine record in "
+                    "seconds; durations are then estimated from FLOPs and bytes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="models:\n" + "\n".join(f"  {s.name:<12} {s.description}"
+                                       for s in workloads.SPECS.values())
+               + "\n\nexample:\n  outcore trace --model resnet50 --batch 1440 --device meta -o r50.json")
+    p.add_argument("--model", required=True, choices=sorted(workloads.SPECS), metavar="NAME",
+                   help="built-in model (listed below)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
+    p.add_argument("--device", choices=("meta", "cpu"), default="meta",
+                   help="meta: no memory or compute, estimated durations (default); "
+                        "cpu: run for real, measured durations")
+    p.add_argument("--optimizer", choices=sorted(workloads.OPTIMIZERS), default="sgd",
+                   help="sgd is SGD with momentum 0.9 (default: sgd)")
+    p.add_argument("--image-size", type=int, default=None, help="image side for CNNs (default 224)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for GPT-2 (default 1024)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untraced iterations before the recorded one, so lazily created optimizer "
+                        "state exists as in steady state (default 1; 0 records the very first step)")
+    p.add_argument("-o", "--output", help="write the trace as JSON to this file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    w = workloads.build(args.model, batch=args.batch, device=args.device, optimizer=args.optimizer,
+                        image_size=args.image_size, seq_len=args.seq_len)
+    for _ in range(args.warmup):
+        w.step()
+    label = f"{args.model} batch {len(w.batch[0])} {args.optimizer} on {args.device}"
+    start = time.perf_counter()
+    with record(label=label) as rec:
+        w.step()
+    elapsed = time.perf_counter() - start
+    trace = rec.trace
+    print(trace)
+    print(f"  recorded in {elapsed:.2f} s")
+    if args.output:
+        trace.save(args.output)
+        print(f"  written to {args.output}")
+    return 0

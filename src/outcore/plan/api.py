@@ -1,0 +1,64 @@
+"""`outcore.plan(trace, budget, policy=..., **options) -> Schedule`: a pure function."""
+from __future__ import annotations
+
+from ..errors import OutcoreError
+from ..units import parse_bytes
+from .check import replay
+from .feasibility import plan_in_core, require_feasible
+from .schedule import Schedule
+
+POLICIES = ("adaptive", "fixed", "on-demand", "adaptive-belady")
+_OPTIONS = {"adaptive": {"window"}, "fixed": {"k"}, "on-demand": set(),
+            "adaptive-belady": {"window", "reserve"}}
+
+
+def _dispatch(policy, trace, budget, options):
+    if policy == "adaptive":
+        from .policies.adaptive import plan_adaptive
+        return plan_adaptive(trace, budget, **options)
+    if policy == "fixed":
+        from .policies.fixed import plan_fixed
+        return plan_fixed(trace, budget, **options)
+    if policy == "on-demand":
+        from .policies.on_demand import plan_on_demand
+        return plan_on_demand(trace, budget)
+    from .policies.belady import plan_adaptive_belady
+    return plan_adaptive_belady(trace, budget, **options)
+
+
+def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
+    """Decide, for every function of `trace`, what to swap in / wait for before it and
+    swap out / drop / free after it, so fast-tier bytes never exceed `budget`.
+
+    budget: bytes, or a string such as "6GiB". policy: one of POLICIES (see
+    docs/planning.md); options: adaptive `window` (bytes, default 1.5 x budget), fixed `k`
+    (functions, default 4), adaptive-belady `window`, `reserve` (fraction of the budget
+    kept free for prefetching, default 0.25). Raises InfeasibleBudget when some function
+    cannot fit. When the whole step fits in-core, nothing moves, whatever the policy.
+    For the traffic lower bound see outcore.plan.lower_bound."""
+    if policy in ("lower-bound", "lower_bound"):
+        raise OutcoreError("the lower bound is not a runnable schedule; call "
+                           "outcore.lower_bound(trace, budget) for the bound in bytes")
+    if policy not in POLICIES:
+        raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    unknown = set(options) - _OPTIONS[policy]
+    if unknown:
+        allowed = ", ".join(sorted(_OPTIONS[policy])) or "none"
+        raise OutcoreError(f"policy {policy!r} takes no option(s) {', '.join(sorted(unknown))} "
+                           f"(its options: {allowed})")
+    budget = parse_bytes(budget)
+    require_feasible(trace, budget)
+    peak, _ = trace.peak()
+    if peak <= budget:
+        (begin, end, start), used = plan_in_core(trace), dict(options)
+        used["in_core"] = True
+    else:
+        (begin, end, start), used = _dispatch(policy, trace, budget, options)
+    begin = tuple(tuple(step) for step in begin)
+    end = tuple(tuple(step) for step in end)
+    start = tuple(sorted(start))
+    acc = replay(trace, begin, end, start, budget)
+    return Schedule(policy=policy, budget=budget, begin=begin, end=end, resident_at_start=start,
+                    resident_at_end=acc.resident_at_end, bytes_in=acc.bytes_in,
+                    bytes_out=acc.bytes_out, peak_bytes=acc.peak_bytes,
+                    resident_curve=acc.resident_curve, options=used)

@@ -1,0 +1,1 @@
+"""Planning policies: each turns (trace, budget, options) into begin/end action lists."""

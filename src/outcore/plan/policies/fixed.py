@@ -1,0 +1,13 @@
+"""`fixed`: the window counted in functions (the baseline the paper improved on)."""
+from __future__ import annotations
+
+from ...errors import OutcoreError
+from .window import plan_window
+
+DEFAULT_K = 4
+
+
+def plan_fixed(trace, budget: int, *, k=DEFAULT_K):
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise OutcoreError(f"fixed policy: k must be a positive number of functions, got {k!r}")
+    return plan_window(trace, budget, window_functions=k), {"k": k}

@@ -1,0 +1,221 @@
+"""The window scheduler of Hayakawa & Narihira (arXiv 2010.14109), shared by three policies.
+
+One pass over the trace's accesses in order, as in nnabla's SwapInOutScheduler:
+
+* The window is the accesses [tail, head). `head` walks forward admitting future accesses
+  while the window's limit holds (adaptive: bytes of the distinct arrays in the window,
+  default 1.5 x budget; fixed: a number of functions; on-demand: only the current
+  function) and the fast tier has room. Admitting an array *reserves* its bytes from then
+  on: a swap-in is issued at the current function's begin; an array a later function
+  creates (an output, a fresh array) needs no transfer but its bytes are reserved all the
+  same, so that function can never find itself short; an array whose swap-out is still in
+  flight has that swap-out cancelled (it simply stays).
+* Room comes from WAITs on the oldest swap-outs still in flight (moving `tail`); never
+  from anything the current function uses.
+* After function f, each array whose last use *inside the window* is f leaves the fast
+  tier: FREE if it is dead, DROP if its slow copy is current, SWAP_OUT otherwise.
+
+Deviations from the paper, each strictly saving traffic (docs/planning.md):
+  - an array the very next function uses again is kept (never swapped out and back in
+    across one function boundary), so no policy moves more than on-demand;
+  - an array whose slow copy is still current (read-only since it was last copied) is
+    DROPped instead of copied out again;
+  - the paper backtracks when a function's outputs do not fit; reserving outputs at
+    admission (as nnabla counts them) makes that case impossible: at function f every
+    reservation belongs to f itself once older swap-outs are waited for, so f fits
+    whenever the budget is feasible at all.
+`keep(array, f) -> bool` lets a caller pin an array resident across its gap after f
+(the adaptive-belady policy uses it for offline keep decisions).
+"""
+from __future__ import annotations
+
+from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
+
+ABSENT, RES, OUT, SLOW, DEAD = 0, 1, 2, 3, 4
+
+
+def access_table(trace):
+    """Flat access arrays (function, array, next use of that array or -1), first occurrence
+    of an array per function only, plus offsets of each function's slice."""
+    acc_fn, acc_arr = [], []
+    offsets = [0]
+    for fn in trace.functions:
+        seen = set()
+        for acc in fn.accesses:
+            if acc.array not in seen:
+                seen.add(acc.array)
+                acc_fn.append(fn.index)
+                acc_arr.append(acc.array)
+        offsets.append(len(acc_fn))
+    nxt = [-1] * len(acc_fn)
+    last_seen = {}
+    for pos in range(len(acc_fn) - 1, -1, -1):
+        a = acc_arr[pos]
+        nxt[pos] = last_seen.get(a, -1)
+        last_seen[a] = acc_fn[pos]
+    return acc_fn, acc_arr, nxt, offsets
+
+
+def plan_window(trace, budget: int, *, window_bytes: int | None = None,
+                window_functions: int | None = None, keep=None):
+    """Return (begin, end, resident_at_start) action lists for `trace` under `budget`.
+    The caller has already checked that the budget is feasible."""
+    arrays = trace.arrays
+    n, m = len(trace.functions), len(arrays)
+    nb = [a.nbytes for a in arrays]
+    persistent = [a.kind == "persistent" for a in arrays]
+    acc_fn, acc_arr, nxt, offsets = access_table(trace)
+    total = len(acc_fn)
+
+    state = [ABSENT] * m
+    dirty = [True] * m            # no current slow copy
+    win_last = [-1] * m           # last function for which the array is reserved
+    occ = 0                       # reserved + resident + swap-outs in flight
+    start, orphans = [], []
+    for a in arrays:
+        if a.existed_before:
+            if a.kind == "input":                 # the batch is handed to us resident
+                state[a.id] = RES
+                occ += a.nbytes
+                start.append(a.id)
+                if a.first_use != 0:
+                    orphans.append(a.id)
+            else:                                 # persistent: start (and end) on the slow tier
+                state[a.id] = SLOW
+                dirty[a.id] = False
+    begin = [[] for _ in range(n)]
+    end = [[] for _ in range(n)]
+
+    # Swap-outs in flight, oldest first; cancelled entries are marked inactive.
+    q_arr, q_fn, q_active = [], [], []
+    q_pos = [-1] * m
+    qt = 0
+    # Window bytes: distinct arrays with an admitted access in [tail, head).
+    in_wb = [False] * m
+    wbytes = 0
+    tail = 0
+    leave = [[] for _ in range(n + 1)]
+
+    def oldest_active():
+        nonlocal qt
+        while qt < len(q_arr) and not q_active[qt]:
+            qt += 1
+        return qt if qt < len(q_arr) else -1
+
+    def wait_oldest(f) -> bool:
+        nonlocal occ
+        p = oldest_active()
+        if p < 0:
+            return False
+        a = q_arr[p]
+        q_active[p] = False
+        q_pos[a] = -1
+        begin[f].append(Action(WAIT, a))
+        state[a] = SLOW
+        occ -= nb[a]
+        advance_tail(f)
+        return True
+
+    def advance_tail(f):
+        nonlocal tail, wbytes
+        p = oldest_active()
+        new_tail = f if p < 0 else min(f, q_fn[p])
+        while tail < new_tail:
+            for a in leave[tail]:
+                if in_wb[a] and win_last[a] == tail:
+                    in_wb[a] = False
+                    wbytes -= nb[a]
+            tail += 1
+
+    def evict(a, f):
+        nonlocal occ
+        if dirty[a]:
+            end[f].append(Action(SWAP_OUT, a))
+            state[a] = OUT
+            dirty[a] = False
+            q_pos[a] = len(q_arr)
+            q_arr.append(a)
+            q_fn.append(f)
+            q_active.append(True)
+        else:
+            end[f].append(Action(DROP, a))
+            state[a] = SLOW
+            occ -= nb[a]
+
+    head = 0
+    for f in range(n):
+        advance_tail(f)
+        # -- extend the window ---------------------------------------------------------
+        while head < total:
+            g = acc_fn[head]
+            a = acc_arr[head]
+            mandatory = g == f
+            if not mandatory and window_functions is not None and g >= f + window_functions:
+                break
+            if window_bytes is not None and not mandatory and not in_wb[a]:
+                while wbytes + nb[a] > window_bytes and wait_oldest(f):
+                    pass
+                if wbytes + nb[a] > window_bytes:
+                    break
+            if win_last[a] >= f or state[a] == RES:
+                cost = 0
+            elif state[a] == OUT:                  # needed again: cancel its swap-out
+                p = q_pos[a]
+                q_active[p] = False
+                q_pos[a] = -1
+                end[q_fn[p]].remove(Action(SWAP_OUT, a))
+                state[a] = RES
+                dirty[a] = True
+                cost = 0
+                advance_tail(f)
+            else:
+                cost = nb[a]
+            if cost:
+                while occ + cost > budget and wait_oldest(f):
+                    pass
+                if occ + cost > budget:
+                    if mandatory:
+                        raise AssertionError(f"planner bug: function {f} does not fit a budget "
+                                             "that passed the feasibility check")
+                    break
+                occ += cost
+                if state[a] == SLOW:
+                    begin[f].append(Action(SWAP_IN, a))
+                    dirty[a] = False
+                state[a] = RES
+            win_last[a] = g
+            leave[g].append(a)
+            if not in_wb[a]:
+                in_wb[a] = True
+                wbytes += nb[a]
+            head += 1
+        # -- function f runs ---------------------------------------------------------
+        for acc in trace.functions[f].accesses:
+            if acc.kind != "read":
+                dirty[acc.array] = True
+        # -- after f: arrays the window no longer needs leave ----------------------------
+        positions = [(acc_arr[p], nxt[p]) for p in range(offsets[f], offsets[f + 1])]
+        if f == 0:
+            positions += [(a, arrays[a].first_use) for a in orphans]
+        for a, nu in positions:
+            if win_last[a] > f:
+                continue
+            if nu < 0:
+                if persistent[a]:
+                    evict(a, f)
+                else:
+                    end[f].append(Action(FREE, a))
+                    state[a] = DEAD
+                    occ -= nb[a]
+            elif nu == f + 1 or (keep is not None and keep(a, f)):
+                win_last[a] = nu
+                leave[nu].append(a)
+            else:
+                evict(a, f)
+    if n:
+        p = oldest_active()
+        while p >= 0:
+            end[n - 1].append(Action(WAIT, q_arr[p]))
+            q_active[p] = False
+            p = oldest_active()
+    return begin, end, start

@@ -1,0 +1,25 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import outcore
+from outcore.units import format_bytes, parse_bytes
+
+
+@pytest.mark.parametrize("text,value", [
+    ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096),
+    (" 3 kib ", 3072), ("1e3", 1000), (123, 123), (2.5, 2)])
+def test_parse(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "GiB", "2 parsecs", "-1GiB", -5, True, None, "1..2GB", [1]])
+def test_parse_rejects_with_a_hint(bad):
+    with pytest.raises(outcore.OutcoreError, match="byte|negative"):
+        parse_bytes(bad)
+
+
+@given(st.integers(0, 2**50))
+def test_format_then_parse_is_close(n):
+    text = format_bytes(n).replace(" ", "")
+    assert abs(parse_bytes(text) - n) <= max(1, n * 0.005)

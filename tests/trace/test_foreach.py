@@ -1,0 +1,80 @@
+"""Multi-tensor `_foreach_*` ops are recorded one function per tensor, and splitting them
+is bitwise equal to the fused call."""
+import pytest
+import torch
+
+import outcore
+from outcore.aten import split_foreach
+
+aten = torch.ops.aten
+
+
+def _tensors(seed, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(5 + i, generator=g).abs() + 0.1 for i in range(n)]
+
+
+CASES = [
+    ("add_ List alpha", lambda a, b, c: torch._foreach_add_(a, b, alpha=-0.3)),
+    ("add_ Scalar", lambda a, b, c: torch._foreach_add_(a, 0.7)),
+    ("mul_ ScalarList", lambda a, b, c: torch._foreach_mul_(a, [0.5, 2.0, 3.0])),
+    ("mul_ Tensor", lambda a, b, c: torch._foreach_mul_(a, torch.tensor(0.9))),
+    ("lerp_ Scalar", lambda a, b, c: torch._foreach_lerp_(a, b, 0.1)),
+    ("addcmul_ Scalar", lambda a, b, c: torch._foreach_addcmul_(a, b, c, value=0.01)),
+    ("addcdiv_ ScalarList", lambda a, b, c: torch._foreach_addcdiv_(a, b, c, [0.1, 0.2, 0.3])),
+    ("addcdiv_ Tensor", lambda a, b, c: torch._foreach_addcdiv_(a, b, c, torch.tensor([0.1, 0.2, 0.3]))),
+    ("sqrt", lambda a, b, c: [x.copy_(y) for x, y in zip(a, torch._foreach_sqrt(b))]),
+    ("div_ List", lambda a, b, c: torch._foreach_div_(a, b)),
+    ("maximum_", lambda a, b, c: torch._foreach_maximum_(a, b)),
+    ("zero_", lambda a, b, c: torch._foreach_zero_(a)),
+    ("copy_", lambda a, b, c: torch._foreach_copy_(a, b)),
+    ("norm", lambda a, b, c: [x.fill_(n) for x, n in zip(a, torch._foreach_norm(b))]),
+]
+
+
+@pytest.mark.parametrize("name,op", CASES, ids=[c[0] for c in CASES])
+def test_split_is_bitwise_equal_and_one_function_per_tensor(name, op):
+    plain = [_tensors(s) for s in (1, 2, 3)]
+    recorded = [_tensors(s) for s in (1, 2, 3)]
+    op(*plain)
+    with outcore.record() as rec:
+        op(*recorded)
+    for p, r in zip(plain, recorded):
+        for x, y in zip(p, r):
+            assert torch.equal(x, y)
+    split = [f for f in rec.trace.functions if f.split is not None]
+    assert [f.split for f in split] == [(0, 3), (1, 3), (2, 3)], [f.op for f in rec.trace.functions]
+    assert not any("_foreach_" in f.op for f in rec.trace.functions)
+
+
+def test_foreach_adam_trains_bitwise_equal_and_splits():
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.Adam(a.parameters(), foreach=True)
+    ob = torch.optim.Adam(b.parameters(), foreach=True)
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        a(x).sum().backward(); oa.step(); oa.zero_grad()
+        with outcore.record() as rec:
+            b(x).sum().backward(); ob.step(); ob.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    opt_fns = [f for f in rec.trace.functions if f.phase == "optimizer"]
+    # No optimizer function touches more than one parameter.
+    params = {x.id for x in rec.trace.arrays if x.category == "parameter"}
+    assert all(len(params & set(f.arrays())) <= 1 for f in opt_fns)
+    assert sum(1 for f in opt_fns if f.split) > 0
+
+
+def test_unsplittable_foreach_is_recorded_whole(monkeypatch):
+    import outcore.trace.recorder as recorder
+    monkeypatch.setattr(recorder, "split_foreach", lambda *a: None)
+    a, b = _tensors(1), _tensors(2)
+    expected = [x + y for x, y in zip(a, b)]
+    with outcore.record() as rec:
+        torch._foreach_add_(a, b)
+    assert [f.op for f in rec.trace.functions] == ["aten._foreach_add_.List"]
+    assert len(rec.trace.functions[0].accesses) == 6
+    assert all(torch.equal(x, y) for x, y in zip(a, expected))
