@@ -2,12 +2,13 @@
 
 Each function swaps in what it lacks right before it runs; after it, every array it
 used leaves the fast tier unless the very next function uses it again (swapped out if it
-changed, dropped if its slow copy is current, freed if dead). Swap-outs are waited for
-only when room is needed. This is the window scheduler with a one-function window."""
+changed, dropped if its slow copy is current, freed if dead). Each swap-out is waited for
+before the next function starts (vDNN synchronizes its offloads layer by layer), so a
+swap-out is never cancelled. This is the window scheduler with a one-function window."""
 from __future__ import annotations
 
 from .window import plan_window
 
 
 def plan_on_demand(trace, budget: int):
-    return plan_window(trace, budget, window_functions=1), {}
+    return plan_window(trace, budget, window_functions=1, eager_wait=True), {}

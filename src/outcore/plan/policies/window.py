@@ -57,9 +57,10 @@ def access_table(trace):
 
 
 def plan_window(trace, budget: int, *, window_bytes: int | None = None,
-                window_functions: int | None = None, keep=None):
+                window_functions: int | None = None, keep=None, eager_wait: bool = False):
     """Return (begin, end, resident_at_start) action lists for `trace` under `budget`.
-    The caller has already checked that the budget is feasible."""
+    The caller has already checked that the budget is feasible. With eager_wait, every
+    swap-out is waited for before the next function (synchronous offload, as vDNN does)."""
     arrays = trace.arrays
     n, m = len(trace.functions), len(arrays)
     nb = [a.nbytes for a in arrays]
@@ -145,6 +146,9 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     head = 0
     for f in range(n):
         advance_tail(f)
+        if eager_wait:
+            while wait_oldest(f):
+                pass
         # -- extend the window ---------------------------------------------------------
         while head < total:
             g = acc_fn[head]

@@ -1,0 +1,142 @@
+"""Small traces with the exact schedule each policy must produce, checkable by eye."""
+import pytest
+
+import outcore
+from outcore.plan import POLICIES
+from outcore.plan.schedule import Action
+
+from .helpers import build
+
+
+def acts(text: str) -> tuple:
+    """'in w, drop a' -> (Action(SWAP_IN, w-id), ...) with ids looked up in IDS."""
+    kinds = {"in": "SWAP_IN", "out": "SWAP_OUT", "wait": "WAIT", "drop": "DROP", "free": "FREE"}
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, name = part.split()
+        out.append(Action(kinds[kind], IDS[name]))
+    return tuple(out)
+
+
+IDS = {}
+
+
+def names(trace_arrays):
+    IDS.clear()
+    IDS.update({name: i for i, name in enumerate(trace_arrays)})
+
+
+# A chain whose activation `a` is needed again in the "backward" function f3.
+#   live in-core: f0 x+a=8, f1 a+b=8, f2 a+b+c=12, f3 a+c=8  -> peak 12
+CHAIN = {"x": (4, "input"), "a": 4, "b": 4, "c": 4}
+CHAIN_FNS = ["f0 r:x c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 @backward r:a r:c"]
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "adaptive", "fixed", "adaptive-belady"])
+def test_chain_under_8_bytes_swaps_a_out_and_back(policy):
+    names(CHAIN)
+    t = build(CHAIN, CHAIN_FNS)
+    s = outcore.plan(t, 8, policy)
+    # After f1, `a` is not needed until f3: out it goes. f2 must create c while the copy
+    # of a is in flight, so it waits for it first; f3 brings a back.
+    assert s.begin == ((), (), acts("wait a"), acts("in a"))
+    assert s.end == (acts("free x"), acts("out a"), acts("free b"), acts("free a, free c"))
+    assert (s.bytes_in, s.bytes_out, s.peak_bytes) == (4, 4, 8)
+    assert s.resident_curve == (8, 8, 8, 8)
+    assert s.resident_at_start == (IDS["x"],) and s.resident_at_end == ()
+
+
+def test_chain_that_fits_moves_nothing():
+    names(CHAIN)
+    t = build(CHAIN, CHAIN_FNS)
+    for policy in POLICIES:
+        s = outcore.plan(t, 12, policy)
+        assert s.begin == ((), (), (), ())
+        assert s.end == (acts("free x"), (), acts("free b"), acts("free a, free c"))
+        assert s.bytes_moved == 0 and s.peak_bytes == 12
+
+
+# A parameter w used in forward (f0) and backward (f4); after f2 frees b there is room
+# to bring w back early.  live in-core: 6, 10, 10, 8, 4 -> peak 10; budget 8.
+PREFETCH = {"w": (2, "param"), "a": 4, "b": 4, "c": 4, "d": 2}
+PREFETCH_FNS = ["f0 r:w c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 @backward r:d r:w"]
+
+
+def test_adaptive_prefetches_a_function_ahead_and_on_demand_does_not():
+    names(PREFETCH)
+    t = build(PREFETCH, PREFETCH_FNS)
+    ends = (acts("drop w"), acts("free a"), acts("free b"), acts("free c"), acts("free d, drop w"))
+    adaptive = outcore.plan(t, 8, "adaptive")
+    # w starts on the slow tier (it does not fit for the whole step), is read by f0 and
+    # dropped (its slow copy is current: no copy back). At f3 the window reaches f4 and
+    # has 2 bytes free: w is swapped in one function ahead, hiding the transfer behind f3.
+    assert adaptive.begin == (acts("in w"), (), (), acts("in w"), ())
+    assert adaptive.end == ends
+    on_demand = outcore.plan(t, 8, "on-demand")
+    assert on_demand.begin == (acts("in w"), (), (), (), acts("in w"))
+    assert on_demand.end == ends
+    assert adaptive.bytes_in == on_demand.bytes_in == 4 and adaptive.bytes_out == 0
+    assert outcore.lower_bound(t, 8).bytes_moved == 2   # w could have stayed resident
+
+
+def test_swap_out_still_in_flight_is_cancelled_when_the_window_needs_it_again():
+    # f0 is heavy (it also creates a workspace t), so the window stops before f1's
+    # output and `a` (written by f0, next read by f2) is swapped out after f0. Freeing t
+    # makes room; at f1 the window reaches f2's use of `a` while its copy is still in
+    # flight: the swap-out is cancelled and `a` simply stays. p (read at f3 only) keeps
+    # the in-core peak at 16 > 12.
+    arrays = {"a": (4, "param"), "b": 4, "t": 4, "c": 4, "p": (4, "param")}
+    names(arrays)
+    t = build(arrays, ["f0 w:a c:b c:t", "f1 r:b c:c", "f2 r:a r:c", "f3 r:p"])
+    s = outcore.plan(t, 12, "adaptive")
+    assert s.begin == (acts("in a"), (), acts("in p"), ())
+    assert s.end == (acts("free t"), acts("free b"), acts("out a, free c"), acts("drop p, wait a"))
+    assert (s.bytes_in, s.bytes_out) == (8, 4)      # a in once, p in once; a out once at the end
+
+
+def test_window_limit_counts_bytes():
+    # Same trace as PREFETCH with a window too small to reach f4 from f3: no early swap-in.
+    names(PREFETCH)
+    t = build(PREFETCH, PREFETCH_FNS)
+    s = outcore.plan(t, 8, "adaptive", window=6)
+    assert s.begin[3] == () and s.begin[4] == acts("in w")
+    assert s.options["window"] == 6
+
+
+def test_infeasible_budget_names_the_function():
+    names(CHAIN)
+    t = build(CHAIN, CHAIN_FNS)
+    with pytest.raises(outcore.InfeasibleBudget) as info:
+        outcore.plan(t, 7, "adaptive")
+    e = info.value
+    assert (e.function_index, e.op, e.phase) == (0, "f0", "forward")
+    assert (e.needed_bytes, e.budget_bytes, e.min_feasible_bytes) == (8, 7, 8)
+    assert "function 0 (f0, forward)" in str(e) and "smallest feasible budget" in str(e)
+    with pytest.raises(outcore.InfeasibleBudget):
+        outcore.lower_bound(t, 7)
+
+
+def test_budget_strings_and_unknown_policy_or_option():
+    t = build(CHAIN, CHAIN_FNS)
+    assert outcore.plan(t, "1KiB").budget == 1024
+    with pytest.raises(outcore.OutcoreError, match="unknown policy"):
+        outcore.plan(t, 8, "lru")
+    with pytest.raises(outcore.OutcoreError, match="takes no option"):
+        outcore.plan(t, 8, "adaptive", k=3)
+    with pytest.raises(outcore.OutcoreError, match="lower_bound"):
+        outcore.plan(t, 8, "lower-bound")
+
+
+def test_summary_and_json_round_trip(tmp_path):
+    names(PREFETCH)
+    t = build(PREFETCH, PREFETCH_FNS)
+    s = outcore.plan(t, 8, "adaptive")
+    text = s.summary(trace=t)
+    assert "moved in" in text and "f3 f3 (forward): before [in a1]" not in text
+    assert "f3 f3 (forward): before [in a0] after [free a3]" in text
+    assert str(s).startswith("Schedule (adaptive")
+    path = tmp_path / "s.json"
+    s.save(path)
+    again = outcore.Schedule.load(path)
+    assert again == s and again.options == s.options
+    outcore.check(t, again)

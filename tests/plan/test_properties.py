@@ -1,0 +1,88 @@
+"""Invariants of every policy on random traces (hypothesis)."""
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import outcore
+from outcore.plan import POLICIES, min_feasible_budget
+from outcore.plan.schedule import SWAP_IN, WAIT, Schedule
+
+from .helpers import traces
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def budgets_for(trace, fraction):
+    peak = trace.peak()[0]
+    return max(1, int(peak * fraction))
+
+
+@SETTINGS
+@given(traces(), st.floats(0.3, 1.2))
+def test_every_policy_passes_check_or_reports_infeasible(trace, fraction):
+    budget = budgets_for(trace, fraction)
+    smallest = min_feasible_budget(trace)
+    for policy in POLICIES:
+        try:
+            s = outcore.plan(trace, budget, policy)
+        except outcore.InfeasibleBudget as e:
+            assert budget < smallest == e.min_feasible_bytes
+            assert e.needed_bytes > budget
+            continue
+        assert budget >= smallest
+        outcore.check(trace, s, budget)
+        assert s.peak_bytes <= budget
+
+
+@SETTINGS
+@given(traces(), st.floats(0.3, 1.0))
+def test_traffic_ordering(trace, fraction):
+    budget = max(budgets_for(trace, fraction), min_feasible_budget(trace))
+    moved = {p: outcore.plan(trace, budget, p).bytes_moved for p in POLICIES}
+    bound = outcore.lower_bound(trace, budget).bytes_moved
+    assert moved["adaptive"] <= moved["on-demand"]
+    assert moved["fixed"] <= moved["on-demand"]
+    for policy, value in moved.items():
+        assert bound <= value, policy
+
+
+@SETTINGS
+@given(traces(), st.floats(1.0, 2.0))
+def test_everything_fits_moves_nothing(trace, fraction):
+    budget = int(trace.peak()[0] * fraction) + 1
+    for policy in POLICIES:
+        s = outcore.plan(trace, budget, policy)
+        assert s.bytes_moved == 0 and s.count(WAIT) == 0
+        assert s.peak_bytes == trace.peak()[0]
+    assert outcore.lower_bound(trace, budget).bytes_moved == 0
+
+
+@SETTINGS
+@given(traces(), st.floats(0.3, 1.0))
+def test_deterministic_and_json_round_trip(trace, fraction):
+    budget = max(budgets_for(trace, fraction), min_feasible_budget(trace))
+    for policy in POLICIES:
+        a = outcore.plan(trace, budget, policy)
+        assert outcore.plan(trace, budget, policy) == a
+        assert Schedule.from_dict(a.to_dict()) == a
+
+
+@SETTINGS
+@given(traces(), st.floats(0.3, 0.95), st.data())
+def test_check_rejects_a_schedule_missing_any_swap_in_or_wait(trace, fraction, data):
+    # Mutation test: check is only worth something if it fails on broken schedules.
+    budget = max(budgets_for(trace, fraction), min_feasible_budget(trace))
+    s = outcore.plan(trace, budget, "adaptive")
+    spots = [(i, j) for i, step in enumerate(s.begin) for j, a in enumerate(step)
+             if a.kind in (SWAP_IN, WAIT)]
+    if not spots:
+        return
+    i, j = data.draw(st.sampled_from(spots))
+    broken = list(s.begin)
+    broken[i] = s.begin[i][:j] + s.begin[i][j + 1:]
+    bad = Schedule(policy=s.policy, budget=s.budget, begin=tuple(broken), end=s.end,
+                   resident_at_start=s.resident_at_start, resident_at_end=s.resident_at_end,
+                   bytes_in=s.bytes_in, bytes_out=s.bytes_out, peak_bytes=s.peak_bytes,
+                   resident_curve=s.resident_curve)
+    with pytest.raises(outcore.ScheduleError):
+        outcore.check(trace, bad, budget)
