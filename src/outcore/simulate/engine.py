@@ -1,0 +1,122 @@
+"""Discrete-event replay of a Schedule on a Machine.
+
+Three lanes: compute (functions in order), the slow->fast link and the fast->slow link,
+each serving its transfers in issue order. The executor model is the one the Schedule
+describes: at each boundary the end-actions of the previous function and the begin-
+actions of the next are issued in order; SWAP_IN and SWAP_OUT are asynchronous (a
+swap-out starts when the function that last produced the data has finished); a function
+starts once the previous one is done and all its swapped-in operands have arrived; WAIT
+blocks until that swap-out has completed. Time lost waiting is the function's stall."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..plan.schedule import SWAP_IN, SWAP_OUT, WAIT
+from ..units import format_bytes
+from .machines import machine as get_machine
+
+
+@dataclass(frozen=True)
+class Transfer:
+    array: int
+    direction: str        # "in" or "out"
+    nbytes: int
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class Simulation:
+    machine: str
+    step_time_s: float            # the iteration, transfers and stalls included
+    in_core_time_s: float         # the same functions with nothing to move
+    stall_s: tuple[float, ...]    # per function: waiting on WAITs and swap-ins
+    start_s: tuple[float, ...]    # per function: when it started computing
+    peak_bytes: int
+    bytes_in: int
+    bytes_out: int
+    transfers: tuple[Transfer, ...]
+
+    @property
+    def total_stall_s(self) -> float:
+        return sum(self.stall_s)
+
+    @property
+    def speed_vs_in_core(self) -> float:
+        return self.in_core_time_s / self.step_time_s if self.step_time_s else 1.0
+
+    @property
+    def link_busy_s(self) -> tuple[float, float]:
+        """Seconds each link (in, out) carries data: with compute, the physical bound."""
+        ins = sum(t.end_s - t.start_s for t in self.transfers if t.direction == "in")
+        outs = sum(t.end_s - t.start_s for t in self.transfers if t.direction == "out")
+        return ins, outs
+
+    def __str__(self) -> str:
+        bound = max(self.in_core_time_s, *self.link_busy_s)
+        return "\n".join([
+            f"Simulated on {self.machine}:",
+            f"  step time   {self.step_time_s * 1e3:10.2f} ms  ({100 * self.speed_vs_in_core:.1f}% of "
+            f"in-core speed; in-core {self.in_core_time_s * 1e3:.2f} ms)",
+            f"  stalls      {self.total_stall_s * 1e3:10.2f} ms  in "
+            f"{sum(1 for s in self.stall_s if s > 0)} of {len(self.stall_s)} functions",
+            f"  moved       {format_bytes(self.bytes_in)} in, {format_bytes(self.bytes_out)} out; "
+            f"physical limit {bound * 1e3:.2f} ms (max of compute and each link's busy time)",
+            f"  peak fast   {format_bytes(self.peak_bytes)}",
+        ])
+
+
+def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
+    """Replay `schedule` for `trace` on `machine` (a preset name or a Machine)."""
+    m = get_machine(machine)
+    arrays = trace.arrays
+    t = 0.0
+    in_free = out_free = 0.0
+    in_done: dict[int, float] = {}
+    out_done: dict[int, float] = {}
+    transfers = []
+    stalls, starts = [], []
+    in_core = 0.0
+    for i, fn in enumerate(trace.functions):
+        stall = 0.0
+        for act in schedule.begin[i]:
+            a = act.array
+            if act.kind == WAIT:
+                done = out_done.pop(a)
+                if done > t:
+                    stall += done - t
+                    t = done
+            elif act.kind == SWAP_IN:
+                nb = arrays[a].nbytes
+                start = max(t, in_free)
+                in_free = start + m.transfer_time(nb, "in")
+                in_done[a] = in_free
+                transfers.append(Transfer(a, "in", nb, start, in_free))
+        ready = t
+        for acc in fn.accesses:
+            done = in_done.pop(acc.array, None)
+            if done is not None and done > ready:
+                ready = done
+        stall += ready - t
+        starts.append(ready)
+        compute = m.compute_time(fn)
+        in_core += compute
+        t = ready + compute
+        for act in schedule.end[i]:
+            a = act.array
+            if act.kind == SWAP_OUT:
+                nb = arrays[a].nbytes
+                start = max(t, out_free)
+                out_free = start + m.transfer_time(nb, "out")
+                out_done[a] = out_free
+                transfers.append(Transfer(a, "out", nb, start, out_free))
+            elif act.kind == WAIT:
+                done = out_done.pop(a)
+                if done > t:
+                    stall += done - t
+                    t = done
+        stalls.append(stall)
+    return Simulation(machine=m.name, step_time_s=t, in_core_time_s=in_core, stall_s=tuple(stalls),
+                      start_s=tuple(starts), peak_bytes=schedule.peak_bytes,
+                      bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,
+                      transfers=tuple(transfers))

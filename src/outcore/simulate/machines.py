@@ -1,0 +1,71 @@
+"""Machine presets for simulation, from public figures (sources: docs/planning.md#machines).
+
+A Machine has a compute model (a roofline: peak FLOP/s and fast-memory bandwidth, each
+derated by an achieved fraction, plus a fixed per-function overhead) and one link per
+direction between the tiers (effective bandwidth and per-transfer latency)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import OutcoreError
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    peak_flops: float            # FLOP/s, vendor datasheet (dense fp32, no tensor cores)
+    memory_bandwidth: float      # B/s of the fast tier, vendor datasheet
+    fast_bytes: int              # size of the fast tier
+    link_in: float               # B/s slow -> fast, effective
+    link_out: float              # B/s fast -> slow, effective
+    link_latency_s: float        # fixed cost per transfer
+    launch_s: float = 5e-6       # fixed cost per function
+    flops_efficiency: float = 1.0      # achieved share of peak_flops
+    bandwidth_efficiency: float = 1.0  # achieved share of memory_bandwidth
+    # True: use each function's duration_s from the trace (a trace recorded on this
+    # kind of machine, or estimated for it) instead of the roofline.
+    use_trace_durations: bool = False
+
+    def compute_time(self, fn) -> float:
+        if self.use_trace_durations:
+            return fn.duration_s
+        return max(fn.flops / (self.peak_flops * self.flops_efficiency),
+                   fn.bytes_touched / (self.memory_bandwidth * self.bandwidth_efficiency)) + self.launch_s
+
+    def transfer_time(self, nbytes: int, direction: str) -> float:
+        bw = self.link_in if direction == "in" else self.link_out
+        return self.link_latency_s + nbytes / bw
+
+
+GB = 1e9
+# FP32 efficiency 0.6: NVIDIA's published ResNet-50 FP32 training throughput on V100
+# (~390 img/s at ~24.6 GFLOP per image, forward+backward) is ~61% of the 15.7 TFLOP/s peak.
+_GPU = dict(launch_s=5e-6, flops_efficiency=0.6, bandwidth_efficiency=0.8, link_latency_s=10e-6)
+
+PRESETS = {
+    # This kind of machine: 2 cores, RAM as the fast tier, a local disk with O_DIRECT as
+    # the slow one (~2 GB/s each way measured here, DESIGN.md section 4). Compute uses the
+    # trace's own durations: measured, or estimated by the recorder for this machine.
+    "cpu-disk": Machine("cpu-disk", peak_flops=60e9, memory_bandwidth=10 * GB,
+                        fast_bytes=24 * 2**30, link_in=2 * GB, link_out=2 * GB,
+                        link_latency_s=100e-6, use_trace_durations=True),
+    # Tesla V100 SXM2 16 GB: 15.7 TFLOP/s fp32, 900 GB/s HBM2; PCIe 3.0 x16, ~12 GB/s pinned.
+    "v100-16gb": Machine("v100-16gb", peak_flops=15.7e12, memory_bandwidth=900 * GB,
+                         fast_bytes=16 * 10**9, link_in=12 * GB, link_out=12 * GB, **_GPU),
+    # A100 40 GB (SXM4): 19.5 TFLOP/s fp32, 1555 GB/s HBM2; PCIe 4.0 x16, ~25 GB/s.
+    "a100-40gb": Machine("a100-40gb", peak_flops=19.5e12, memory_bandwidth=1555 * GB,
+                         fast_bytes=40 * 10**9, link_in=25 * GB, link_out=25 * GB, **_GPU),
+    # H100 80 GB (SXM5): 67 TFLOP/s fp32, 3350 GB/s HBM3; PCIe 5.0 x16, ~50 GB/s.
+    "h100-80gb": Machine("h100-80gb", peak_flops=67e12, memory_bandwidth=3350 * GB,
+                         fast_bytes=80 * 10**9, link_in=50 * GB, link_out=50 * GB, **_GPU),
+}
+
+
+def machine(name_or_machine) -> Machine:
+    if isinstance(name_or_machine, Machine):
+        return name_or_machine
+    try:
+        return PRESETS[name_or_machine]
+    except KeyError:
+        raise OutcoreError(f"unknown machine {name_or_machine!r}; presets: "
+                           f"{', '.join(PRESETS)} (or pass an outcore.simulate.Machine)") from None
