@@ -1,0 +1,35 @@
+"""`outcore trace` from the command line."""
+import subprocess
+import sys
+
+import outcore
+from outcore.cli.main import main
+
+
+def test_trace_meta_writes_a_loadable_trace(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["trace", "--model", "mlp", "--batch", "8", "--device", "meta", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "in-core peak of live bytes" in text and "recorded in" in text
+    trace = outcore.Trace.load(out)
+    assert trace.durations == "estimated" and len(trace.functions) > 20
+
+
+def test_trace_real_adam(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["trace", "--model", "gpt2-tiny", "--batch", "2", "--seq-len", "16", "--device", "cpu",
+                 "--optimizer", "adam", "-o", str(out)]) == 0
+    assert outcore.Trace.load(out).durations == "measured"
+
+
+def test_help_lists_models_and_an_example():
+    result = subprocess.run([sys.executable, "-m", "outcore.cli.main", "trace", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    for word in ("resnet50", "gpt2", "mlp", "--device", "example"):
+        assert word in result.stdout
+
+
+def test_bad_batch_is_a_clear_error(capsys):
+    assert main(["trace", "--model", "mlp", "--batch", "0"]) == 2
+    assert "batch must be at least 1" in capsys.readouterr().err
