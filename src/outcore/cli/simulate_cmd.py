@@ -1,0 +1,91 @@
+"""`outcore simulate TRACE... --budget B --machine M`: predicted step time against in-core.
+
+Several traces (e.g. one per batch size), several budgets (comma-separated), several
+policies (comma-separated or `all`) or --sweep give a table, one row per combination."""
+from __future__ import annotations
+
+from ..errors import InfeasibleBudget, OutcoreError
+from ..plan import POLICIES, min_feasible_budget, plan
+from ..simulate import PRESETS, simulate
+from ..trace import Trace
+from ..units import format_bytes, parse_bytes
+from .plan_cmd import policy_options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="predict a planned step's time on a machine model",
+        description="Plan each trace under each budget and policy, replay the schedule on a "
+                    "machine model and print the predicted step time against in-core.")
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="trace JSON file(s)")
+    p.add_argument("--budget", help="fast-tier budget(s), comma-separated (default: the "
+                                    "machine's memory)")
+    p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),
+                   help="machine preset (default cpu-disk)")
+    p.add_argument("--policy", default="adaptive",
+                   help=f"policy, comma-separated list, or 'all' ({', '.join(POLICIES)})")
+    p.add_argument("--sweep", type=int, nargs="?", const=6, metavar="N",
+                   help="N budgets from the smallest feasible to the in-core peak (default 6)")
+    p.add_argument("--window", help="adaptive window in bytes (default 1.5 x budget)")
+    p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
+    p.set_defaults(func=run)
+
+
+def _policies(text: str) -> list[str]:
+    names = list(POLICIES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    for name in names:
+        if name not in POLICIES:
+            raise OutcoreError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)} or all")
+    return names
+
+
+def _budgets(args, trace, machine) -> list[int]:
+    if args.sweep:
+        lo, hi = min_feasible_budget(trace), trace.peak()[0]
+        n = max(2, args.sweep)
+        return sorted({lo + (hi - lo) * i // (n - 1) for i in range(n)})
+    if args.budget:
+        return [parse_bytes(b) for b in args.budget.split(",")]
+    return [PRESETS[machine].fast_bytes]
+
+
+def run(args) -> int:
+    policies = _policies(args.policy)
+    options = policy_options(args)
+    rows = []
+    single = None
+    for path in args.traces:
+        trace = Trace.load(path)
+        label = trace.info.get("label") or path
+        for budget in _budgets(args, trace, args.machine):
+            for policy in policies:
+                opts = {k: v for k, v in options.items()
+                        if (k == "window" and policy.startswith("adaptive")) or (k == "k" and policy == "fixed")}
+                try:
+                    schedule = plan(trace, budget, policy, **opts)
+                except InfeasibleBudget as exc:
+                    rows.append((label, budget, policy, None, exc))
+                    continue
+                sim = simulate(trace, schedule, args.machine)
+                rows.append((label, budget, policy, sim, schedule))
+                single = (trace, schedule, sim)
+    if len(rows) == 1 and single is not None:
+        trace, schedule, sim = single
+        print(repr(trace))
+        print(schedule.summary(trace=trace, max_lines=0))
+        print(sim)
+        return 0
+    print(f"machine {args.machine}")
+    header = (f"{'trace':<34} {'budget':>11} {'policy':<16} {'in':>11} {'out':>11} "
+              f"{'step ms':>10} {'in-core ms':>10} {'speed':>6} {'stall ms':>10}")
+    print(header)
+    print("-" * len(header))
+    for label, budget, policy, sim, extra in rows:
+        head = f"{label[:34]:<34} {format_bytes(budget):>11} {policy:<16}"
+        if sim is None:
+            print(f"{head} infeasible: needs {format_bytes(extra.min_feasible_bytes)}")
+            continue
+        print(f"{head} {format_bytes(sim.bytes_in):>11} {format_bytes(sim.bytes_out):>11} "
+              f"{sim.step_time_s * 1e3:10.1f} {sim.in_core_time_s * 1e3:10.1f} "
+              f"{100 * sim.speed_vs_in_core:5.1f}% {sim.total_stall_s * 1e3:10.1f}")
+    return 0
