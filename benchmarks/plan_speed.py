@@ -1,0 +1,88 @@
+"""How long planning takes on a 20,000-function trace (issue 3: under 10 s per plan).
+
+    .venv/bin/python benchmarks/plan_speed.py [--functions 20000]
+
+The trace is synthetic and shaped like a training step of a deep plain network: forward
+(read weight and previous activation, create activation), backward (gradient of the
+input and of the weight, reading the saved activation), then one optimizer update per
+weight (read gradient, write weight and momentum). The budget is a third of the in-core
+peak, so every policy has real work to do. Reports seconds per policy; asserts nothing."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from outcore.plan import POLICIES, check, lower_bound, plan
+from outcore.trace.model import Access, Array, Function, Trace
+
+
+def synthetic(n_functions: int) -> Trace:
+    layers = max(1, n_functions // 4)      # forward 1 + backward 2 + optimizer 1 per layer
+    fns, arrays, uses = [], [], []
+
+    def new(nbytes, kind, before, category):
+        arrays.append([nbytes, kind, before, category])
+        uses.append([])
+        return len(arrays) - 1
+
+    def fn(op, phase, accesses):
+        i = len(fns)
+        for a, _ in accesses:
+            uses[a].append(i)
+        fns.append(Function(i, op, phase, tuple(Access(a, k) for a, k in accesses),
+                            duration_s=1e-3, flops=10**9, bytes_touched=10**7))
+
+    weights = [new(1 << 20, "persistent", True, "parameter") for _ in range(layers)]
+    moments = [new(1 << 20, "persistent", True, "optimizer_state") for _ in range(layers)]
+    x = new(4 << 20, "input", True, "input")
+    acts = [x]
+    for i in range(layers):
+        y = new(4 << 20, "transient", False, "activation")
+        fn("linear", "forward", [(weights[i], "read"), (acts[-1], "read"), (y, "create")])
+        acts.append(y)
+    grad = new(4 << 20, "transient", False, "temporary")
+    fn("loss_backward", "backward", [(acts[-1], "read"), (grad, "create")])
+    grads_w = [None] * layers
+    for i in reversed(range(layers)):
+        gw = new(1 << 20, "transient", False, "gradient")
+        fn("grad_weight", "backward", [(grad, "read"), (acts[i], "read"), (gw, "create")])
+        gx = new(4 << 20, "transient", False, "temporary")
+        fn("grad_input", "backward", [(grad, "read"), (weights[i], "read"), (gx, "create")])
+        grads_w[i], grad = gw, gx
+    for i in range(layers):
+        fn("sgd", "optimizer", [(grads_w[i], "read"), (moments[i], "write"), (weights[i], "write")])
+    fn("sink", "backward", [(grad, "read")])
+    out = []
+    for ident, ((nbytes, kind, before, category), u) in enumerate(zip(arrays, uses)):
+        out.append(Array(ident, nbytes, "float32", "cpu", kind, category, (u[0], 0), u[0], u[-1],
+                         None if kind == "persistent" else u[-1], before))
+    return Trace(tuple(fns), tuple(out), "cpu", "measured")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--functions", type=int, default=20000)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    trace = synthetic(args.functions)
+    peak = trace.peak()[0]
+    budget = peak // 3
+    print(f"{len(trace.functions)} functions, {len(trace.arrays)} arrays, in-core peak "
+          f"{peak / 2**30:.2f} GiB, budget {budget / 2**30:.2f} GiB "
+          f"(built in {time.perf_counter() - start:.2f} s)")
+    for policy in POLICIES:
+        start = time.perf_counter()
+        s = plan(trace, budget, policy)
+        took = time.perf_counter() - start
+        start = time.perf_counter()
+        check(trace, s)
+        print(f"  plan {policy:<16} {took:6.2f} s  (check {time.perf_counter() - start:.2f} s; "
+              f"moves {s.bytes_moved / 2**30:.2f} GiB)")
+    start = time.perf_counter()
+    bound = lower_bound(trace, budget)
+    print(f"  lower bound           {time.perf_counter() - start:6.2f} s  "
+          f"({bound.bytes_moved / 2**30:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
