@@ -1,0 +1,90 @@
+"""The paper's headline in simulation: ResNet-50 (fp32, 224x224, SGD with momentum) under a
+16 GB budget on the v100-16gb model, batches from the in-core maximum up to 1440.
+
+    .venv/bin/python benchmarks/paper_headline.py [--batches 192,384,...] [--budget 16GB]
+
+Records meta traces (no memory, no compute), plans each with every policy, simulates it,
+and prints a markdown table: per batch and policy, whether the budget is feasible, bytes
+moved, predicted step time, and throughput relative to in-core training at the largest
+batch that fits. Paper (Hayakawa & Narihira): batch 1440 = 7.5x the in-core maximum at
+55% of in-core speed."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from outcore.errors import InfeasibleBudget
+from outcore.plan import POLICIES, lower_bound, min_feasible_budget, plan
+from outcore.simulate import simulate
+from outcore.trace import record
+from outcore.units import parse_bytes
+from outcore import workloads
+
+_CACHE = {}
+
+
+def trace_for(batch: int):
+    if batch not in _CACHE:
+        w = workloads.build("resnet50", batch=batch, device="meta", optimizer="sgd", image_size=224)
+        w.step()                       # warm-up: momentum buffers exist as in steady state
+        with record(label=f"resnet50 batch {batch}") as rec:
+            w.step()
+        _CACHE[batch] = rec.trace
+    return _CACHE[batch]
+
+
+def in_core_max(budget: int, hi: int = 1440) -> int:
+    """Largest batch whose in-core peak fits `budget` (bisection on recorded peaks)."""
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if trace_for(mid).peak()[0] <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", default="16GB")
+    parser.add_argument("--machine", default="v100-16gb")
+    parser.add_argument("--batches", help="comma-separated (default: in-core max, then 256..1440)")
+    args = parser.parse_args()
+    budget = parse_bytes(args.budget)
+    start = time.perf_counter()
+    base = in_core_max(budget)
+    t0 = trace_for(base)
+    sim0 = simulate(t0, plan(t0, budget), args.machine)
+    base_rate = base / sim0.step_time_s
+    print(f"in-core maximum batch under {args.budget}: {base} (peak {t0.peak()[0] / 1e9:.2f} GB, "
+          f"step {sim0.step_time_s * 1e3:.1f} ms, {base_rate:.1f} img/s on {args.machine})\n")
+    batches = ([int(b) for b in args.batches.split(",")] if args.batches
+               else [base, 256, 384, 512, 768, 1024, 1280, 1440])
+    print("| batch | x in-core max | in-core peak GB | min budget GB | policy | moved GB (in+out) "
+          "| lower bound GB | step ms | img/s | speed vs in-core |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch in batches:
+        t = trace_for(batch)
+        need = min_feasible_budget(t)
+        try:
+            bound = f"{lower_bound(t, budget).bytes_moved / 1e9:.1f}"
+        except InfeasibleBudget:
+            bound = "-"
+        for policy in POLICIES:
+            head = (f"| {batch} | {batch / base:.2f} | {t.peak()[0] / 1e9:.1f} | {need / 1e9:.1f} "
+                    f"| {policy} |")
+            try:
+                s = plan(t, budget, policy)
+            except InfeasibleBudget:
+                print(f"{head} infeasible | | | | |")
+                continue
+            sim = simulate(t, s, args.machine)
+            rate = batch / sim.step_time_s
+            print(f"{head} {s.bytes_moved / 1e9:.1f} | {bound} | {sim.step_time_s * 1e3:.0f} "
+                  f"| {rate:.1f} | {100 * rate / base_rate:.0f}% |")
+    print(f"\n(took {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

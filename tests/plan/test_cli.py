@@ -1,0 +1,38 @@
+"""`outcore plan` and `outcore simulate` on a hand-built trace file."""
+from outcore.cli.main import main
+
+from .helpers import build
+
+PREFETCH = {"w": (2, "param"), "a": 4, "b": 4, "c": 4, "d": 2}
+PREFETCH_FNS = ["f0 r:w c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 @backward r:d r:w"]
+
+
+def test_plan_prints_summary_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    build(PREFETCH, PREFETCH_FNS).save(path)
+    out_path = tmp_path / "s.json"
+    assert main(["plan", str(path), "--budget", "8", "--policy", "adaptive", "-o", str(out_path)]) == 0
+    out = capsys.readouterr().out
+    assert "moved in            4 B  (2 swap-ins)" in out
+    assert "f3 f3 (forward): before [in a0] after [free a3]" in out
+    assert "lower bound          2 B" in out and out_path.exists()
+
+
+def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    build(PREFETCH, PREFETCH_FNS).save(path)
+    assert main(["plan", str(path), "--budget", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run function 1 (f1, forward): it needs 8 B" in err
+    assert "smallest feasible budget for this trace is 8 B" in err
+
+
+def test_simulate_single_and_sweep_table(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    build(PREFETCH, PREFETCH_FNS, durations=[1.0] * 5).save(path)
+    assert main(["simulate", str(path), "--budget", "8", "--machine", "cpu-disk"]) == 0
+    assert "% of in-core speed" in capsys.readouterr().out
+    assert main(["simulate", str(path), "--sweep", "3", "--policy", "all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if "adaptive-belady" in line]) == 3
+    assert sum("100.0%" in line for line in lines) == 4     # the in-core budget, every policy
