@@ -5,12 +5,13 @@ slow tier (`plan`), check and simulate the plan, and replay it (`OutOfCore`).
 """
 from .errors import InfeasibleBudget, OutcoreError, ScheduleError, TraceError
 from .plan import Schedule, check, lower_bound, plan
+from .run import OutOfCore, Report
 from .simulate import simulate
 from .trace import Trace, record
 from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
-__all__ = ["InfeasibleBudget", "OutcoreError", "Schedule", "ScheduleError", "Trace", "TraceError",
+__all__ = ["InfeasibleBudget", "OutOfCore", "OutcoreError", "Report", "Schedule", "ScheduleError", "Trace", "TraceError",
            "check", "format_bytes", "lower_bound", "parse_bytes", "plan", "record", "simulate",
            "__version__"]

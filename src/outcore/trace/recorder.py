@@ -85,6 +85,8 @@ class Recording(TorchDispatchMode):
             for h in self._hooks:
                 h.remove()
             self._active = False
+            # Storages still alive at the end, by array id (the executor carries them over).
+            self.alive_at_end = {ident: ref for ident, ref in self._live.values() if ref() is not None}
             if exc is None:
                 self._trace = self._build()
             else:
@@ -129,14 +131,24 @@ class Recording(TorchDispatchMode):
 
     def _run(self, func, args, kwargs, split):
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
-        written = {id(t) for t in written_tensors(func, args, kwargs)}
+        written_list = written_tensors(func, args, kwargs)
+        written = {id(t) for t in written_list}
         phase = self._phase(inputs)
+        self._before_op(func, inputs, len(self._functions))
         start = time.perf_counter()
         out = func(*args, **kwargs)
         duration = time.perf_counter() - start
         outputs = list(iter_tensors(out if isinstance(out, (list, tuple)) else (out,)))
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out)
+        self._after_op(func, inputs, written_list, outputs)
         return out
+
+    # Hooks for a subclass that manages memory while recording (outcore.run).
+    def _before_op(self, func, inputs, index) -> None:
+        pass
+
+    def _after_op(self, func, inputs, written, outputs) -> None:
+        pass
 
     def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out):
         index = len(self._functions)
@@ -202,7 +214,7 @@ class Recording(TorchDispatchMode):
 
     # -- building the trace ----------------------------------------------------------------
     def _build(self) -> Trace:
-        alive_at_end = {ident for ident, ref in self._live.values() if ref() is not None}
+        alive_at_end = set(self.alive_at_end)
         arrays = []
         for log in self._logs:
             alive = log.id in alive_at_end

@@ -1,0 +1,194 @@
+"""The replaying executor: follow a Schedule while the user's step runs.
+
+Before function i it runs the schedule's begin-actions (WAIT, SWAP_IN) and makes the
+op's inputs resident (waiting only on transfers not finished yet); after it, the
+end-actions (SWAP_OUT, DROP, FREE). Array ids of the trace are bound to storages as the
+step touches them, in the order the recorder numbered them, so a mismatch in op or in
+storage is seen at once. From a mismatch on, the iteration runs on-demand (never wrong,
+only slower) and the next iteration is recorded again.
+
+Every storage an op reads passes through `Residency.ready` first, whatever the plan
+says: a wrong or stale plan costs time, never correctness.
+"""
+from __future__ import annotations
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..aten import is_foreach, iter_tensors, returns_nothing, split_foreach, written_tensors
+from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
+from .on_demand import OnDemand
+from .residency import FAST, Residency
+from .storages import storages
+
+
+class Replayer(TorchDispatchMode):
+    def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict):
+        super().__init__()
+        self.trace = trace
+        self.schedule = schedule
+        self.res = residency
+        self.n = len(trace.functions)
+        self.op_names = [f.op for f in trace.functions]
+        self.expected = [f.arrays() for f in trace.functions]
+        self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
+        self.by_id: list = [None] * len(trace.arrays)
+        for aid, entry in carried.items():
+            self.by_id[aid] = entry
+        self.index = 0
+        self.deviation: str | None = None
+        self.skipped_actions = 0
+        self._zombies: list = []    # FREEd by the plan while PyTorch still held the storage
+        self._on_demand = OnDemand(residency, budget)
+        self._names: dict = {}
+
+    # -- iteration boundaries ------------------------------------------------------------
+    def start(self) -> None:
+        """Put carried-over persistent arrays where the schedule wants them at the start."""
+        wanted = set(self.schedule.resident_at_start)
+        moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
+        for entry in moving:
+            self.res.evict(entry)
+        for entry in moving:
+            self.res.finish(entry)
+
+    def finish(self) -> None:
+        self._reap()
+        if self.deviation is None and self.index != self.n:
+            self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
+        self.res.settle()
+
+    def persistent_entries(self) -> dict:
+        """Entries of persistent arrays whose storage is still alive, by array id."""
+        out = {}
+        for arr in self.trace.arrays:
+            entry = self.by_id[arr.id]
+            if arr.kind == "persistent" and entry is not None and entry.ref() is not None:
+                out[arr.id] = entry
+        return out
+
+    # -- interception ----------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "profiler":
+            return func(*args, **kwargs)
+        if is_foreach(func):
+            calls = split_foreach(func, args, kwargs)
+            if calls is not None:
+                results = [self._one(op, a, k) for op, a, k in calls]
+                return None if returns_nothing(func) else results
+        return self._one(func, args, kwargs)
+
+    def _name(self, func) -> str:
+        name = self._names.get(func)
+        if name is None:
+            name = self._names[func] = str(func)
+        return name
+
+    def _one(self, func, args, kwargs):
+        if self.deviation is not None:
+            return self._fallback(func, args, kwargs)
+        i = self.index
+        name = self._name(func)
+        if i >= self.n or name != self.op_names[i]:
+            expected = self.op_names[i] if i < self.n else "the end of the step"
+            return self._deviate(f"function {i}: expected {expected}, the step ran {name}",
+                                 func, args, kwargs)
+        res = self.res
+        if self._zombies:
+            self._reap()
+        inputs = list(iter_tensors(args))
+        if kwargs:
+            inputs += iter_tensors(kwargs.values())
+        in_storages = [s for s in storages(inputs) if s.nbytes() or s._cdata in res.entries]
+        expected = self.expected[i]
+        if len(in_storages) > len(expected):
+            return self._deviate(f"function {i} ({name}) reads more arrays than recorded",
+                                 func, args, kwargs)
+        entries = []
+        for storage, aid in zip(in_storages, expected):
+            entry = res.entries.get(storage._cdata) or res.track(storage)
+            bound = self.by_id[aid]
+            if bound is None:
+                self.by_id[aid] = entry
+            elif bound is not entry:
+                return self._deviate(f"function {i} ({name}) reads another array than recorded",
+                                     func, args, kwargs)
+            entries.append(entry)
+        self._actions(self.schedule.begin[i])
+        for entry in entries:
+            res.ready(entry)
+            res.touch(entry)
+        out = func(*args, **kwargs)
+        known = {e.key for e in entries}
+        created = [s for s in storages(created_tensors(out))
+                   if s._cdata not in known and (s.nbytes() or s._cdata in res.entries)]
+        rest = expected[len(entries):]
+        if len(created) != len(rest):
+            self._deviate(f"function {i} ({name}) produced {len(created)} new arrays, "
+                          f"recorded {len(rest)}", None, None, None)
+            self._on_demand.after(entries, written_tensors(func, args, kwargs), created_tensors(out))
+            return out
+        for storage, aid in zip(created, rest):
+            self.by_id[aid] = res.track(storage)
+        for aid in self.dirty[i]:
+            entry = self.by_id[aid]
+            if entry is not None:
+                res.mark_written(entry)
+        self._actions(self.schedule.end[i])
+        self.index = i + 1
+        return out
+
+    def _actions(self, actions) -> None:
+        res = self.res
+        for act in actions:
+            entry = self.by_id[act.array]
+            if entry is None or entry.pinned:
+                self.skipped_actions += 1
+                continue
+            kind = act.kind
+            if kind == WAIT:
+                res.finish(entry)
+            elif kind == SWAP_IN:
+                res.restore(entry)
+            elif kind == SWAP_OUT:
+                res.evict(entry)
+            elif kind == DROP:
+                res.evict(entry, unplanned=not entry.clean)
+            elif kind == FREE:
+                # Dead for the plan. The storage usually dies as soon as the op's caller
+                # lets go of it; whatever still holds it at the next op gets evicted.
+                if entry.ref() is not None and entry.state == FAST:
+                    self._zombies.append(entry)
+                self.by_id[act.array] = None
+
+    def _reap(self) -> None:
+        """Storages the plan freed but something (a user variable, `param.grad`, autograd)
+        still holds: their bytes go to the slow tier, synchronously, so the budget holds
+        and nothing is lost."""
+        zombies, self._zombies = self._zombies, []
+        evicted = []
+        for entry in zombies:
+            if entry.ref() is not None and entry.state == FAST:
+                self.res.evict(entry, unplanned=True)
+                evicted.append(entry)
+        for entry in evicted:
+            self.res.finish(entry)
+
+    # -- leaving the plan ------------------------------------------------------------------
+    def _deviate(self, reason, func, args, kwargs):
+        self.deviation = reason
+        self.res.settle()            # no planned transfer is left half-done
+        if func is None:
+            return None
+        return self._fallback(func, args, kwargs)
+
+    def _fallback(self, func, args, kwargs):
+        inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+        entries = self._on_demand.before(inputs)
+        out = func(*args, **kwargs)
+        self._on_demand.after(entries, written_tensors(func, args, kwargs), created_tensors(out))
+        return out
+
+
+def created_tensors(out) -> list:
+    return list(iter_tensors(out if isinstance(out, (list, tuple)) else (out,)))

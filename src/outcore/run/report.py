@@ -1,0 +1,69 @@
+"""What an OutOfCore run recorded, planned, moved, and waited for."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..units import format_bytes
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    index: int
+    mode: str                  # "record" (on-demand while recording) or "replay"
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    unplanned_bytes: int       # moved by on-demand fallbacks and safety evictions
+    wait_s: float              # the step blocked on transfers
+    transfer_s: float          # the movers were busy (both directions)
+    restore_s: float           # bringing everything back at the end of the iteration
+    peak_resident: int         # managed bytes in fast memory, at most
+    deviation: str | None = None
+    completed: bool = True
+
+    @property
+    def overlap(self) -> float:
+        """Share of transfer time hidden behind compute (1.0: the step never waited)."""
+        if self.transfer_s <= 0:
+            return 1.0
+        return max(0.0, 1.0 - self.wait_s / self.transfer_s)
+
+
+@dataclass(frozen=True)
+class Report:
+    budget: int
+    policy: str
+    swap: str
+    functions: int
+    in_core_peak: int
+    planned_peak: int | None
+    planned_in: int | None
+    planned_out: int | None
+    pinned_bytes: int
+    iterations: tuple[IterationStats, ...] = field(default_factory=tuple)
+
+    @property
+    def deviations(self) -> int:
+        return sum(1 for it in self.iterations if it.deviation)
+
+    def __str__(self) -> str:
+        lines = [f"outcore report: budget {format_bytes(self.budget)}, policy {self.policy}, swap {self.swap}"]
+        if self.functions:
+            lines.append(f"  recorded: {self.functions} functions, in-core peak {format_bytes(self.in_core_peak)} "
+                         f"({self.in_core_peak / self.budget:.2f}x the budget)")
+        if self.planned_peak is not None:
+            lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
+                         f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out")
+        if self.pinned_bytes:
+            lines.append(f"  pinned in fast memory (small or not resizable): {format_bytes(self.pinned_bytes)}")
+        if self.iterations:
+            lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  peak")
+            for it in self.iterations:
+                lines.append(
+                    f"  {it.index:>4}  {it.mode:<7} {it.seconds:>6.2f}s {format_bytes(it.bytes_read):>10} "
+                    f"{format_bytes(it.bytes_written):>10} {format_bytes(it.unplanned_bytes):>10} "
+                    f"{it.wait_s:>6.2f}s  {it.overlap * 100:>5.1f}%  {format_bytes(it.peak_resident)}"
+                    + ("" if it.completed else "  (interrupted)"))
+                if it.deviation:
+                    lines.append(f"        deviated from the record: {it.deviation}; re-recording")
+        return "\n".join(lines)
