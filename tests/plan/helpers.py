@@ -11,6 +11,10 @@ and is only read; (nbytes, "param") is persistent and existed before; (nbytes, "
 is persistent and created inside the step. Each function line is `op access...`, with
 access `r:`, `w:` or `c:` (read, write, create) and an optional `@phase` token (default
 forward). Array ids follow the dict's order.
+
+`held` gives `freed_after` for non-persistent arrays whose storage outlives their last
+use ({"g": 5}: PyTorch drops it after function 5; {"x": None}: alive at the end of the
+step). Every other non-persistent array is freed right after its last use.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ _KINDS = {"input": ("input", True, "input"), "param": ("persistent", True, "para
 _ACC = {"r": "read", "w": "write", "c": "create"}
 
 
-def build(arrays: dict, functions: list[str], *, durations=None, flops=None, touched=None) -> Trace:
+def build(arrays: dict, functions: list[str], *, durations=None, flops=None, touched=None,
+          held=None) -> Trace:
     names = list(arrays)
     ids = {name: i for i, name in enumerate(names)}
     fns, uses = [], {i: [] for i in range(len(names))}
@@ -42,10 +47,10 @@ def build(arrays: dict, functions: list[str], *, durations=None, flops=None, tou
                             duration_s=durations[index] if durations else 1e-3,
                             flops=flops[index] if flops else 0,
                             bytes_touched=touched[index] if touched else 0))
-    return _assemble(names, arrays, fns, uses)
+    return _assemble(names, arrays, fns, uses, held or {})
 
 
-def _assemble(names, arrays, fns, uses) -> Trace:
+def _assemble(names, arrays, fns, uses, held) -> Trace:
     out = []
     for i, name in enumerate(names):
         spec = arrays[name]
@@ -56,9 +61,12 @@ def _assemble(names, arrays, fns, uses) -> Trace:
         if not uses[i]:
             raise ValueError(f"array {name} is never used")
         first, last = uses[i][0][0], uses[i][-1][0]
+        freed = None if kind == "persistent" else held.get(name, last)
+        if freed is not None and freed < last:
+            raise ValueError(f"array {name}: freed_after {freed} before its last use {last}")
         out.append(Array(id=i, nbytes=nbytes, dtype="float32", device="cpu", kind=kind,
                          category=category, origin=uses[i][0], first_use=first, last_use=last,
-                         freed_after=None if kind == "persistent" else last,
+                         freed_after=freed,
                          existed_before=before))
     return Trace(functions=tuple(fns), arrays=tuple(out), device="cpu", durations="measured")
 
@@ -98,4 +106,20 @@ def traces(draw, max_functions: int = 24):
         lines.append(f"op{i} @{phase} " + " ".join(toks))
     used = {tok.split(":")[1] for line in lines for tok in line.split()[2:]}
     arrays = {k: v for k, v in arrays.items() if k in used}
-    return build(arrays, lines)
+    # Release points: most storages die at their last use; some are held longer (a
+    # gradient until zero_grad); an input may be held by the caller past the step (None).
+    last = {}
+    for i, line in enumerate(lines):
+        for tok in line.split()[2:]:
+            last[tok.split(":")[1]] = i
+    held = {}
+    for name, spec in arrays.items():
+        kind = "transient" if isinstance(spec, int) else spec[1]
+        if kind in ("param", "state"):
+            continue
+        choice = draw(st.sampled_from(("last", "last", "later", "none" if kind == "input" else "later")))
+        if choice == "later":
+            held[name] = draw(st.integers(last[name], n - 1))
+        elif choice == "none":
+            held[name] = None
+    return build(arrays, lines, held=held)

@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 import outcore
 from outcore.plan import POLICIES, min_feasible_budget
-from outcore.plan.schedule import SWAP_IN, WAIT, Schedule
+from outcore.plan.feasibility import occupancy, release_points
+from outcore.plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Schedule
 
 from .helpers import traces
 
@@ -13,7 +14,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 def budgets_for(trace, fraction):
-    peak = trace.peak()[0]
+    peak = trace.peak(actual=True)[0]       # held arrays included
     return max(1, int(peak * fraction))
 
 
@@ -49,11 +50,14 @@ def test_traffic_ordering(trace, fraction):
 @SETTINGS
 @given(traces(), st.floats(1.0, 2.0))
 def test_everything_fits_moves_nothing(trace, fraction):
-    budget = int(trace.peak()[0] * fraction) + 1
+    peak = trace.peak(actual=True)[0]
+    assert occupancy(trace) == trace.live_bytes(actual=True)
+    budget = int(peak * fraction) + 1
     for policy in POLICIES:
         s = outcore.plan(trace, budget, policy)
-        assert s.bytes_moved == 0 and s.count(WAIT) == 0
-        assert s.peak_bytes == trace.peak()[0]
+        assert s.bytes_moved == 0 and s.count(WAIT) == 0 and s.count(DROP) == 0
+        assert s.peak_bytes == peak
+        assert s.resident_curve == tuple(occupancy(trace))
     assert outcore.lower_bound(trace, budget).bytes_moved == 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import OutcoreError
 from ..units import parse_bytes
 from .check import replay
-from .feasibility import plan_in_core, require_feasible
+from .feasibility import occupancy, plan_in_core, require_feasible
 from .schedule import Schedule
 
 POLICIES = ("adaptive", "fixed", "on-demand", "adaptive-belady")
@@ -34,7 +34,8 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     docs/planning.md); options: adaptive `window` (bytes, default 1.5 x budget), fixed `k`
     (functions, default 4), adaptive-belady `window`, `reserve` (fraction of the budget
     kept free for prefetching, default 0.25). Raises InfeasibleBudget when some function
-    cannot fit. When the whole step fits in-core, nothing moves, whatever the policy.
+    cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
+    included: trace.peak(actual=True)), nothing moves, whatever the policy.
     For the traffic lower bound see outcore.plan.lower_bound."""
     if policy in ("lower-bound", "lower_bound"):
         raise OutcoreError("the lower bound is not a runnable schedule; call "
@@ -48,8 +49,7 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
                            f"(its options: {allowed})")
     budget = parse_bytes(budget)
     require_feasible(trace, budget)
-    peak, _ = trace.peak()
-    if peak <= budget:
+    if max(occupancy(trace), default=0) <= budget:     # held arrays included
         (begin, end, start), used = plan_in_core(trace), dict(options)
         used["in_core"] = True
     else:

@@ -8,8 +8,14 @@ Rules (numbered so messages and tests can cite them):
   R1 every access finds its array on the fast tier (created arrays: not existing yet);
   R2 fast-tier bytes (resident + swap-ins issued + swap-outs not waited for) never
      exceed the budget, at any point between actions;
-  R3 FREE only a dead array (no later use; never a persistent one);
-  R4 SWAP_OUT only an array that is used later or must outlive the iteration;
+  R3 FREE exactly at an array's release point (docs/planning.md#held-arrays): never a
+     persistent one, never before PyTorch drops the storage (`freed_after`, or the end
+     of the step when None; at least the last use), never after; the array may be
+     resident or, if it was swapped out or dropped while dead but held, on the slow tier
+     (the FREE then drops the slow copy); every non-persistent array is FREEd;
+  R4 SWAP_OUT only an array that is used later, must outlive the iteration, or is dead
+     but still held (after its last use, before its release); SWAP_IN only an array
+     that is used again;
   R5 fast memory of a swapped-out array is released only by a WAIT (no FREE/DROP/access/
      SWAP_IN while its copy is in flight), and the iteration ends with nothing in flight;
   R6 DROP only a clean array whose slow copy is current;
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 
 from ..errors import ScheduleError
 from ..units import format_bytes
+from .feasibility import release_points
 from .schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 
 ABSENT, RES, OUT, SLOW, DEAD = 0, 1, 2, 3, 4
@@ -47,6 +54,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
     if len(begin) != n or len(end) != n:
         raise ScheduleError(f"schedule has {len(begin)} begin / {len(end)} end action lists "
                             f"for a trace of {n} functions")
+    release = release_points(trace)
     state = [ABSENT] * len(arrays)
     dirty = [True] * len(arrays)          # fast copy differs from the slow copy (or no slow copy)
     pending = [False] * len(arrays)       # swap-in issued, not yet consumed
@@ -94,6 +102,10 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                 occ -= arrays[a].nbytes
             elif act.kind == SWAP_IN:
                 expect(a, SLOW, i, "begin", "R5", "SWAP_IN of")
+                if arrays[a].last_use < i:
+                    raise ScheduleError(f"R4: {where(i, 'begin')}: SWAP_IN of array {a}, whose "
+                                        f"last use was function {arrays[a].last_use}: it is "
+                                        "never read again")
                 state[a] = RES
                 pending[a] = True
                 dirty[a] = False
@@ -126,14 +138,23 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
             a = act.array
             arr = arrays[a]
             if act.kind == FREE:
-                expect(a, RES, i, "end", "R3/R5", "FREE of")
+                if state[a] not in (RES, SLOW):
+                    expect(a, RES, i, "end", "R3/R5", "FREE of")
                 if arr.kind == "persistent" or arr.last_use > i:
                     raise ScheduleError(f"R3: {where(i, 'end')}: FREE of array {a} ({arr.kind}), "
                                         f"which is used until function {arr.last_use}"
                                         + (" and must outlive the step" if arr.kind == "persistent" else ""))
+                if i < release[a]:
+                    raise ScheduleError(f"R3: {where(i, 'end')}: FREE of array {a} ({arr.kind}, "
+                                        f"last used by function {arr.last_use}): the storage is "
+                                        f"still held by PyTorch until function {release[a]}")
+                if i > release[a]:
+                    raise ScheduleError(f"R3: {where(i, 'end')}: FREE of array {a}, which PyTorch "
+                                        f"already released after function {release[a]}; FREE it there")
                 leave_fast(a, i, "end", "FREE of")
+                if state[a] == RES:
+                    occ -= arr.nbytes
                 state[a] = DEAD
-                occ -= arr.nbytes
             elif act.kind == DROP:
                 expect(a, RES, i, "end", "R5/R6", "DROP of")
                 if dirty[a]:
@@ -144,9 +165,10 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                 occ -= arr.nbytes
             elif act.kind == SWAP_OUT:
                 expect(a, RES, i, "end", "R4", "SWAP_OUT of")
-                if arr.kind != "persistent" and arr.last_use <= i:
+                if arr.kind != "persistent" and i >= release[a]:
                     raise ScheduleError(f"R4: {where(i, 'end')}: SWAP_OUT of dead array {a} "
-                                        f"(last used by function {arr.last_use}); FREE it instead")
+                                        f"(last used by function {arr.last_use}, released by "
+                                        f"PyTorch after function {release[a]}); FREE it instead")
                 leave_fast(a, i, "end", "SWAP_OUT of")
                 state[a] = OUT
                 dirty[a] = False
@@ -166,10 +188,11 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                                 "flight; WAIT on it in the last function's end-actions")
         if pending[a.id]:
             raise ScheduleError(f"R7: array {a.id} was swapped in and never used")
+        if a.kind != "persistent" and s in (RES, SLOW):
+            raise ScheduleError(f"R3: {a.kind} array {a.id} is never freed (it ends the iteration "
+                                f"{_STATE[s]}); FREE it after function {release[a.id]}, where "
+                                "PyTorch releases it")
         if s == RES:
-            if a.kind != "persistent":
-                raise ScheduleError(f"R8: {a.kind} array {a.id} is still resident at the end of "
-                                    f"the iteration (last used by function {a.last_use}); FREE it")
             resident_end.append(a.id)
         if a.existed_before and a.kind == "persistent" and (s == RES) != (a.id in start_set):
             raise ScheduleError(

@@ -1,10 +1,47 @@
-"""What a budget must at least hold, and the schedule when everything fits."""
+"""What a budget must at least hold, when arrays really leave memory, and the schedule
+when everything fits.
+
+Release points (docs/planning.md#held-arrays): a non-persistent array occupies fast
+memory until PyTorch drops its last reference, `Array.freed_after` (None: still alive at
+the end of the step, i.e. function n - 1), never before its last use. Between its last
+use and its release it is *dead but held*: never read again, but resident unless the
+plan moves it out. Persistent arrays live to the end and carry over."""
 from __future__ import annotations
 
 from ..errors import InfeasibleBudget
 from ..trace.lifetimes import function_bytes
 from ..units import format_bytes
 from .schedule import FREE, Action
+
+
+def release_points(trace) -> list[int]:
+    """Per array: index of the function after which its storage is released. Persistent
+    arrays get n - 1 (they outlive the step; they are never FREEd)."""
+    last = len(trace.functions) - 1
+    out = []
+    for a in trace.arrays:
+        if a.kind == "persistent" or a.freed_after is None:
+            out.append(max(last, a.last_use))
+        else:
+            out.append(max(a.freed_after, a.last_use))
+    return out
+
+
+def occupancy(trace) -> list[int]:
+    """Bytes occupying the fast tier during each function when nothing is ever moved:
+    each array from its creation (or the start, if it existed before) to its release.
+    Equal to trace.live_bytes(actual=True) on traces whose freed_after >= last_use."""
+    n = len(trace.functions)
+    delta = [0] * (n + 1)
+    for a, rel in zip(trace.arrays, release_points(trace)):
+        start = 0 if a.existed_before else a.first_use
+        delta[start] += a.nbytes
+        delta[max(start, rel) + 1] -= a.nbytes
+    curve, running = [], 0
+    for i in range(n):
+        running += delta[i]
+        curve.append(running)
+    return curve
 
 
 def needs(trace) -> list[int]:
@@ -20,7 +57,9 @@ def needs(trace) -> list[int]:
 
 def min_feasible_budget(trace) -> int:
     """The smallest budget every runnable policy (adaptive, fixed, on-demand, adaptive-belady)
-    can plan: waiting for all older swap-outs always leaves room for one function."""
+    can plan: waiting for all older swap-outs, and swapping out (or dropping) dead-but-held
+    arrays, always leaves room for one function. Held arrays therefore add nothing here:
+    only a function's own operands must be resident together."""
     return max(needs(trace), default=0)
 
 
@@ -43,15 +82,16 @@ def require_feasible(trace, budget: int) -> None:
 
 
 def plan_in_core(trace):
-    """Everything fits: nothing moves. Arrays that existed before the step start resident;
-    dead arrays are freed right after their last use; persistent ones stay."""
+    """Everything fits (budget >= max(occupancy)): nothing moves. Arrays that existed
+    before the step start resident; non-persistent arrays are freed at their release
+    point (after the function where PyTorch drops them); persistent ones stay."""
     n = len(trace.functions)
     begin = [[] for _ in range(n)]
     end = [[] for _ in range(n)]
     start = []
-    for a in trace.arrays:
+    for a, rel in zip(trace.arrays, release_points(trace)):
         if a.existed_before:
             start.append(a.id)
         if a.kind != "persistent":
-            end[a.last_use].append(Action(FREE, a.id))
+            end[rel].append(Action(FREE, a.id))
     return begin, end, start

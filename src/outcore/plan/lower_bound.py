@@ -8,6 +8,16 @@ step, or after the last use of a persistent one — and each evicted byte of a g
 ends in a use must be read back (cost 1 per byte); trailing gaps of persistent arrays
 may cost nothing (an unmodified array is dropped), so they are counted free.
 
+Held arrays (docs/planning.md#held-arrays): the bytes that exist are the occupancy curve
+(feasibility.occupancy, = trace.live_bytes(actual=True)), which includes arrays after
+their last use until PyTorch releases them. Such a *held interval* [last use + 1,
+release] can only be vacated by a swap-out (cost 1 per byte, written), or by a DROP if
+the array's slow copy could be current, i.e. some function boundary lies between its
+last write (or creation; function 0 for an input) and its last use, where a schedule
+could have copied it out and back. Those are counted free, the others at cost 1: a held
+byte off the fast tier is a byte some schedule wrote. The bound therefore bounds
+bytes read back plus held bytes written, hence bytes moved.
+
 Relaxations, each of which can only lower the optimum (so the result is a true bound):
 gaps may be evicted fractionally, swap-out traffic is not charged, in-flight copies
 occupy nothing, inputs are resident at function 0 (as every schedule has them). For
@@ -21,7 +31,7 @@ import heapq
 from dataclasses import dataclass
 
 from ..units import format_bytes, parse_bytes
-from .feasibility import require_feasible
+from .feasibility import occupancy, release_points, require_feasible
 
 
 @dataclass(frozen=True)
@@ -38,15 +48,19 @@ def lower_bound(trace, budget) -> LowerBound:
     budget = parse_bytes(budget)
     require_feasible(trace, budget)
     n = len(trace.functions)
-    live = trace.live_bytes()
+    live = occupancy(trace)
     if not n or max(live) <= budget:
         return LowerBound(budget, 0)
+    release = release_points(trace)
     uses = [[] for _ in trace.arrays]
+    last_write = [0 if a.existed_before else -1 for a in trace.arrays]
     for fn in trace.functions:
         for acc in fn.accesses:
             u = uses[acc.array]
             if not u or u[-1] != fn.index:
                 u.append(fn.index)
+            if acc.kind != "read":
+                last_write[acc.array] = fn.index
     starts = [[] for _ in range(n)]      # (end, nbytes, free) of gaps opening at f
     for a in trace.arrays:
         u = uses[a.id]
@@ -61,6 +75,8 @@ def lower_bound(trace, budget) -> LowerBound:
                 starts[u1 + 1].append((u2 - 1, a.nbytes, False))
         if a.kind == "persistent" and u[-1] < n - 1:
             starts[u[-1] + 1].append((n - 1, a.nbytes, True))
+        elif a.kind != "persistent" and release[a.id] > u[-1]:      # held interval
+            starts[u[-1] + 1].append((release[a.id], a.nbytes, u[-1] > last_write[a.id]))
     expire = [0] * (n + 1)
     heap = []          # (-end, seq, remaining capacity)
     covered = cost = seq = 0

@@ -24,11 +24,24 @@ Deviations from the paper, each strictly saving traffic (docs/planning.md):
     admission (as nnabla counts them) makes that case impossible: at function f every
     reservation belongs to f itself once older swap-outs are waited for, so f fits
     whenever the budget is feasible at all.
+Held arrays (docs/planning.md#held-arrays): a non-persistent array whose storage PyTorch
+releases only after function `release > last_use` stays resident after its last use
+(it is dead but held) and is FREEd at the end of `release`. If it is clean (its slow copy
+is current) it is DROPped right after its last use instead: that frees its memory at no
+cost. A dirty one is the planner's only eviction victim chosen for room: when a function's
+own operands do not fit after waiting for every swap-out in flight, held arrays are
+swapped out after the previous function (farthest release first: Belady, since they are
+never read again) and waited for before this one. Never for prefetching, so a longer
+window cannot make a policy move more held bytes than on-demand does. The FREE at the
+release point is emitted all the same (it then drops the slow copy).
 `keep(array, f) -> bool` lets a caller pin an array resident across its gap after f
 (the adaptive-belady policy uses it for offline keep decisions).
 """
 from __future__ import annotations
 
+import heapq
+
+from ..feasibility import release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
 
 ABSENT, RES, OUT, SLOW, DEAD = 0, 1, 2, 3, 4
@@ -65,6 +78,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     n, m = len(trace.functions), len(arrays)
     nb = [a.nbytes for a in arrays]
     persistent = [a.kind == "persistent" for a in arrays]
+    release = release_points(trace)
     acc_fn, acc_arr, nxt, offsets = access_table(trace)
     total = len(acc_fn)
 
@@ -96,6 +110,11 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     wbytes = 0
     tail = 0
     leave = [[] for _ in range(n + 1)]
+    # Dead-but-held arrays: FREE at their release point; dirty resident ones are eviction
+    # candidates, farthest release first (lazy deletion: `held_res` says who is still in).
+    release_at = [[] for _ in range(n)]
+    held_heap = []
+    held_res = [False] * m
 
     def oldest_active():
         nonlocal qt
@@ -143,6 +162,22 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
             state[a] = SLOW
             occ -= nb[a]
 
+    def evict_held(f, short):
+        """Swap out held arrays after function f - 1 and wait for them before f until
+        `short` bytes are released (or none is left). Only f's own operands call this."""
+        nonlocal occ
+        while short > 0 and held_heap:
+            _, _, a = heapq.heappop(held_heap)
+            if not held_res[a]:
+                continue
+            held_res[a] = False
+            end[f - 1].append(Action(SWAP_OUT, a))
+            begin[f].append(Action(WAIT, a))
+            state[a] = SLOW
+            dirty[a] = False
+            occ -= nb[a]
+            short -= nb[a]
+
     head = 0
     for f in range(n):
         advance_tail(f)
@@ -177,6 +212,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
             if cost:
                 while occ + cost > budget and wait_oldest(f):
                     pass
+                if occ + cost > budget and mandatory:
+                    evict_held(f, occ + cost - budget)
                 if occ + cost > budget:
                     if mandatory:
                         raise AssertionError(f"planner bug: function {f} does not fit a budget "
@@ -207,15 +244,30 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
             if nu < 0:
                 if persistent[a]:
                     evict(a, f)
-                else:
+                elif release[a] == f:
                     end[f].append(Action(FREE, a))
                     state[a] = DEAD
                     occ -= nb[a]
+                else:                              # dead but held until release[a]
+                    release_at[release[a]].append(a)
+                    if not dirty[a]:
+                        end[f].append(Action(DROP, a))
+                        state[a] = SLOW
+                        occ -= nb[a]
+                    else:
+                        held_res[a] = True
+                        heapq.heappush(held_heap, (-release[a], -nb[a], a))
             elif nu == f + 1 or (keep is not None and keep(a, f)):
                 win_last[a] = nu
                 leave[nu].append(a)
             else:
                 evict(a, f)
+        for a in release_at[f]:                    # PyTorch drops these after f
+            end[f].append(Action(FREE, a))
+            if held_res[a]:
+                held_res[a] = False
+                occ -= nb[a]
+            state[a] = DEAD
     if n:
         p = oldest_active()
         while p >= 0:
