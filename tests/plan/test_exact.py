@@ -140,3 +140,135 @@ def test_summary_and_json_round_trip(tmp_path):
     again = outcore.Schedule.load(path)
     assert again == s and again.options == s.options
     outcore.check(t, again)
+
+
+# Held arrays (docs/planning.md#held-arrays). A gradient g is created by the backward
+# function f1, read for the last time by the optimizer f2, but held by `param.grad` until
+# zero_grad (f4): freed_after 4. b is a big array f3 creates.
+#   occupancy (held g included): f0 x+w+a=8, f1 w+a+g=8, f2 w+g=4, f3 w+g+b=12, f4 12
+#   without g after f2 (what the planner used to assume): peak 10.
+GRAD = {"x": (2, "input"), "w": (2, "param"), "a": 4, "g": 2, "b": 8}
+GRAD_FNS = ["fwd r:x r:w c:a", "bwd @backward r:a r:w c:g", "sgd @optimizer r:g w:w",
+            "next @other c:b", "zero_grad @other r:b"]
+
+
+def grad_trace():
+    names(GRAD)
+    return build(GRAD, GRAD_FNS, held={"g": 4})
+
+
+def test_held_gradient_fits_only_in_core_when_its_occupancy_does():
+    t = grad_trace()
+    assert t.peak()[0] == 10 and t.peak(actual=True)[0] == 12
+    for policy in POLICIES:
+        s = outcore.plan(t, 12, policy)
+        assert s.options.get("in_core") is True
+        assert s.begin == ((),) * 5
+        assert s.end == (acts("free x"), acts("free a"), (), (), acts("free g, free b"))
+        assert s.bytes_moved == 0 and s.resident_curve == (8, 8, 4, 12, 12)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_held_gradient_stays_resident_when_the_budget_has_room(policy):
+    # Budget 10 < 12: w (persistent, starts on the slow tier) is swapped in for f0 and out
+    # after its last use. Waiting for that copy leaves g's 2 bytes of room at f3: g is
+    # never touched after f2 and is FREEd where PyTorch releases it, after f4.
+    t = grad_trace()
+    s = outcore.plan(t, 10, policy)
+    assert "in_core" not in s.options
+    assert s.begin == (acts("in w"), (), (), acts("wait w"), ())
+    assert s.end == (acts("free x"), acts("free a"), acts("out w"), (), acts("free b, free g"))
+    assert (s.bytes_in, s.bytes_out) == (2, 2)          # w only; nothing moves for g
+    assert s.resident_curve == (8, 8, 4, 10, 10)
+    assert outcore.lower_bound(t, 10).bytes_moved == 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_held_gradient_is_swapped_out_when_the_budget_has_no_room(policy):
+    # Budget 8: f3 needs all of it. After waiting for w's copy, g (dead since f2, but held)
+    # must leave: swapped out right after its last use, waited for before f3, never
+    # swapped back in, and still FREEd after f4 (dropping its slow copy).
+    t = grad_trace()
+    s = outcore.plan(t, 8, policy)
+    assert s.begin == (acts("in w"), (), (), acts("wait w, wait g"), ())
+    assert s.end == (acts("free x"), acts("free a"), acts("out w, out g"), (), acts("free b, free g"))
+    assert (s.bytes_in, s.bytes_out) == (2, 4)
+    assert s.resident_curve == (8, 8, 4, 8, 8)
+    assert outcore.lower_bound(t, 8).bytes_moved == 2    # g's 2 bytes must be written
+
+
+def test_clean_held_array_is_dropped_and_a_held_input_swapped_out():
+    # a is swapped out after f0 and back in for its last read at f3, then held until f5:
+    # its slow copy is current, so it is DROPped right after f3 (no transfer) and FREEd
+    # after f5. The input x is held by the caller to the end of the step (freed_after
+    # None); at budget 10 f3 needs all the room, so x is swapped out after f2.
+    arrays = {"x": (2, "input"), "a": 4, "b": 4, "c": 4, "d": 2}
+    names(arrays)
+    t = build(arrays, ["f0 r:x c:a", "f1 c:b", "f2 r:b c:c", "f3 r:a r:c c:d", "f4 r:d", "f5 r:d"],
+              held={"a": 5, "x": None})
+    for policy in POLICIES:
+        s = outcore.plan(t, 10, policy)
+        assert s.begin == ((), acts("wait a"), (), acts("in a, wait x"), (), ())
+        assert s.end == (acts("out a"), (), acts("free b, out x"), acts("drop a, free c"), (),
+                         acts("free d, free x, free a"))
+        assert (s.bytes_in, s.bytes_out) == (4, 6)
+    assert outcore.lower_bound(t, 10).bytes_moved == 4    # a read back once, x written
+
+
+def _with(s, *, begin=None, end=None):
+    return outcore.Schedule(policy=s.policy, budget=s.budget, begin=begin or s.begin,
+                            end=end or s.end, resident_at_start=s.resident_at_start,
+                            resident_at_end=s.resident_at_end, bytes_in=s.bytes_in,
+                            bytes_out=s.bytes_out, peak_bytes=s.peak_bytes,
+                            resident_curve=s.resident_curve)
+
+
+def test_check_enforces_release_points():
+    t = grad_trace()
+    s = outcore.plan(t, 12, "adaptive")
+    outcore.check(t, s)
+    # FREE at the last use (the old planner's assumption): the storage is still held.
+    early = list(s.end)
+    early[2], early[4] = acts("free g"), acts("free b")
+    with pytest.raises(outcore.ScheduleError, match="still held by PyTorch until function 4"):
+        outcore.check(t, _with(s, end=tuple(early)))
+    # No FREE at all.
+    missing = list(s.end)
+    missing[4] = acts("free b")
+    with pytest.raises(outcore.ScheduleError, match="array 3 is never freed"):
+        outcore.check(t, _with(s, end=tuple(missing)))
+    # FREE after the release point.
+    names(GRAD)
+    longer = build(GRAD, GRAD_FNS + ["tail @other r:w"], held={"g": 4})
+    s6 = outcore.plan(longer, 12, "adaptive")
+    late = list(s6.end)
+    late[4], late[5] = acts("free b"), acts("free g")
+    with pytest.raises(outcore.ScheduleError, match="already released after function 4"):
+        outcore.check(longer, _with(s6, end=tuple(late)))
+
+
+def test_check_allows_swap_out_of_held_but_not_swap_in_after_last_use():
+    t = grad_trace()
+    s = outcore.plan(t, 8, "adaptive")
+    outcore.check(t, s)                                   # out g after its last use: fine
+    # Bringing g back after its last use is an error, even with room for it.
+    begin = list(s.begin)
+    begin[4] = acts("in g")
+    end = list(s.end)
+    end[4] = acts("free b, free g")
+    with pytest.raises(outcore.ScheduleError, match="SWAP_IN of array 3, whose last use was function 2"):
+        outcore.check(t, _with(s, begin=tuple(begin), end=tuple(end)), 12)
+    # A SWAP_OUT at (or after) the release point is an error: the storage is gone.
+    s12 = outcore.plan(t, 12, "adaptive")
+    end = list(s12.end)
+    end[4] = acts("free b, out g, wait g")
+    with pytest.raises(outcore.ScheduleError, match="released by PyTorch after function 4"):
+        outcore.check(t, _with(s12, end=tuple(end)))
+    # Dropping the held bytes from the budget accounting is caught too: without the WAIT,
+    # f3 runs with g's copy still in flight.
+    begin = list(s.begin)
+    begin[3] = acts("wait w")
+    end = list(s.end)
+    end[4] = acts("free b, wait g, free g")
+    with pytest.raises(outcore.ScheduleError, match="R2: function 3"):
+        outcore.check(t, _with(s, begin=tuple(begin), end=tuple(end)))

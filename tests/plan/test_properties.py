@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 import outcore
 from outcore.plan import POLICIES, min_feasible_budget
 from outcore.plan.feasibility import occupancy, release_points
-from outcore.plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Schedule
+from outcore.plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action, Schedule
 
 from .helpers import traces
 
@@ -90,3 +90,48 @@ def test_check_rejects_a_schedule_missing_any_swap_in_or_wait(trace, fraction, d
                    resident_curve=s.resident_curve)
     with pytest.raises(outcore.ScheduleError):
         outcore.check(trace, bad, budget)
+
+
+@SETTINGS
+@given(traces(), st.floats(0.3, 1.2))
+def test_held_arrays_are_freed_exactly_at_release_and_never_read_back(trace, fraction):
+    budget = max(budgets_for(trace, fraction), min_feasible_budget(trace))
+    release = release_points(trace)
+    for policy in POLICIES:
+        s = outcore.plan(trace, budget, policy)
+        frees = {}
+        for i, step in enumerate(s.end):
+            for act in step:
+                if act.kind == FREE:
+                    assert act.array not in frees
+                    frees[act.array] = i
+                elif act.kind == SWAP_OUT and trace.arrays[act.array].kind != "persistent":
+                    assert i < release[act.array], policy
+        assert frees == {a.id: release[a.id] for a in trace.arrays if a.kind != "persistent"}
+        for i, step in enumerate(s.begin):
+            for act in step:
+                if act.kind == SWAP_IN:
+                    assert trace.arrays[act.array].last_use >= i, policy
+        # Mutation: FREE a held array at its last use instead (the old assumption).
+        held = [a for a in trace.arrays if a.kind != "persistent" and release[a.id] > a.last_use]
+        if held:
+            a = held[0]
+            end = [list(step) for step in s.end]
+            end[release[a.id]] = [x for x in end[release[a.id]] if x != Action(FREE, a.id)]
+            end[a.last_use].append(Action(FREE, a.id))
+            bad = Schedule(policy=s.policy, budget=s.budget, begin=s.begin,
+                           end=tuple(tuple(x) for x in end), resident_at_start=s.resident_at_start,
+                           resident_at_end=s.resident_at_end, bytes_in=s.bytes_in,
+                           bytes_out=s.bytes_out, peak_bytes=s.peak_bytes,
+                           resident_curve=s.resident_curve)
+            with pytest.raises(outcore.ScheduleError):
+                outcore.check(trace, bad, budget)
+
+
+def test_strategy_generates_held_arrays():
+    # The properties above only mean something if traces with held arrays are drawn.
+    from hypothesis import find
+    find(traces(), lambda t: any(a.kind == "transient" and a.freed_after > a.last_use
+                                 for a in t.arrays))
+    find(traces(), lambda t: any(a.kind == "input" and a.freed_after is None for a in t.arrays))
+    find(traces(), lambda t: max(t.live_bytes(actual=True)) > max(t.live_bytes()))

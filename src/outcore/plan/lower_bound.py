@@ -1,8 +1,7 @@
 """A traffic lower bound: the fewest bytes any schedule must move under a budget.
 
 Not a runnable policy: a number to judge the policies by. With full knowledge of the
-future, at every function f the bytes that exist (in-core live bytes, Trace.live_bytes)
-beyond the budget must sit on the slow tier. Bytes on the slow tier belong to arrays in a
+future, at every function f the bytes that exist (the occupancy, see below) beyond the budget must sit on the slow tier. Bytes on the slow tier belong to arrays in a
 *gap* — between two uses, or before the first use of an array that existed before the
 step, or after the last use of a persistent one — and each evicted byte of a gap that
 ends in a use must be read back (cost 1 per byte); trailing gaps of persistent arrays
@@ -11,19 +10,20 @@ may cost nothing (an unmodified array is dropped), so they are counted free.
 Held arrays (docs/planning.md#held-arrays): the bytes that exist are the occupancy curve
 (feasibility.occupancy, = trace.live_bytes(actual=True)), which includes arrays after
 their last use until PyTorch releases them. Such a *held interval* [last use + 1,
-release] can only be vacated by a swap-out (cost 1 per byte, written), or by a DROP if
-the array's slow copy could be current, i.e. some function boundary lies between its
-last write (or creation; function 0 for an input) and its last use, where a schedule
-could have copied it out and back. Those are counted free, the others at cost 1: a held
-byte off the fast tier is a byte some schedule wrote. The bound therefore bounds
-bytes read back plus held bytes written, hence bytes moved.
+release] can only be vacated by a copy to the slow tier made after the array's last write
+(or creation; an input has no slow copy to begin with): a SWAP_OUT while it is held, or an
+earlier swap-out that left it clean so that it can be DROPped. Either way it is a
+swap-out of that array that nothing else in the bound pays for (gaps are charged for
+their read-back, never for their write), so a held interval costs 1 per byte vacated.
+The bound is thus on bytes read back plus held bytes written, hence on bytes moved.
 
 Relaxations, each of which can only lower the optimum (so the result is a true bound):
-gaps may be evicted fractionally, swap-out traffic is not charged, in-flight copies
+gaps may be evicted fractionally, swap-out traffic is not charged (beyond the one
+swap-out per held interval above), in-flight copies
 occupy nothing, inputs are resident at function 0 (as every schedule has them). For
 that relaxed problem — covering the excess at every function with intervals at unit cost
-per byte — Belady's rule is optimal: take the free gaps, then the gaps whose next use is
-farthest. Ties and sizes do not matter in the fractional version.
+per byte — Belady's rule is optimal: take the free gaps, then the gaps (held intervals
+included) that end farthest. Ties and sizes do not matter in the fractional version.
 """
 from __future__ import annotations
 
@@ -53,14 +53,11 @@ def lower_bound(trace, budget) -> LowerBound:
         return LowerBound(budget, 0)
     release = release_points(trace)
     uses = [[] for _ in trace.arrays]
-    last_write = [0 if a.existed_before else -1 for a in trace.arrays]
     for fn in trace.functions:
         for acc in fn.accesses:
             u = uses[acc.array]
             if not u or u[-1] != fn.index:
                 u.append(fn.index)
-            if acc.kind != "read":
-                last_write[acc.array] = fn.index
     starts = [[] for _ in range(n)]      # (end, nbytes, free) of gaps opening at f
     for a in trace.arrays:
         u = uses[a.id]
@@ -76,7 +73,7 @@ def lower_bound(trace, budget) -> LowerBound:
         if a.kind == "persistent" and u[-1] < n - 1:
             starts[u[-1] + 1].append((n - 1, a.nbytes, True))
         elif a.kind != "persistent" and release[a.id] > u[-1]:      # held interval
-            starts[u[-1] + 1].append((release[a.id], a.nbytes, u[-1] > last_write[a.id]))
+            starts[u[-1] + 1].append((release[a.id], a.nbytes, False))
     expire = [0] * (n + 1)
     heap = []          # (-end, seq, remaining capacity)
     covered = cost = seq = 0
