@@ -6,7 +6,10 @@ The trace is synthetic and shaped like a training step of a deep plain network: 
 (read weight and previous activation, create activation), backward (gradient of the
 input and of the weight, reading the saved activation), then one optimizer update per
 weight (read gradient, write weight and momentum). The budget is a third of the in-core
-peak, so every policy has real work to do. Reports seconds per policy; asserts nothing."""
+peak, so every policy has real work to do. As in a real step, weight gradients stay held
+(by `param.grad`) after the optimizer reads them until the end of the step, and the input
+batch is held by the caller (freed_after None): see docs/planning.md#held-arrays.
+Reports seconds per policy; asserts nothing."""
 from __future__ import annotations
 
 import argparse
@@ -53,9 +56,16 @@ def synthetic(n_functions: int) -> Trace:
         fn("sgd", "optimizer", [(grads_w[i], "read"), (moments[i], "write"), (weights[i], "write")])
     fn("sink", "backward", [(grad, "read")])
     out = []
+    last = len(fns) - 1
     for ident, ((nbytes, kind, before, category), u) in enumerate(zip(arrays, uses)):
+        if kind in ("persistent", "input"):
+            freed = None
+        elif category == "gradient":
+            freed = last            # held by param.grad until zero_grad
+        else:
+            freed = u[-1]
         out.append(Array(ident, nbytes, "float32", "cpu", kind, category, (u[0], 0), u[0], u[-1],
-                         None if kind == "persistent" else u[-1], before))
+                         freed, before))
     return Trace(tuple(fns), tuple(out), "cpu", "measured")
 
 
@@ -65,10 +75,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     trace = synthetic(args.functions)
-    peak = trace.peak()[0]
+    peak = trace.peak(actual=True)[0]       # held arrays included
     budget = peak // 3
     print(f"{len(trace.functions)} functions, {len(trace.arrays)} arrays, in-core peak "
-          f"{peak / 2**30:.2f} GiB, budget {budget / 2**30:.2f} GiB "
+          f"{peak / 2**30:.2f} GiB (held arrays included), budget {budget / 2**30:.2f} GiB "
           f"(built in {time.perf_counter() - start:.2f} s)")
     for policy in POLICIES:
         start = time.perf_counter()
