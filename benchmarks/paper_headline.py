@@ -38,7 +38,7 @@ def in_core_max(budget: int, hi: int = 1440) -> int:
     lo = 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if trace_for(mid).peak()[0] <= budget:
+        if trace_for(mid).peak(actual=True)[0] <= budget:    # held arrays included
             lo = mid
         else:
             hi = mid - 1
@@ -57,7 +57,7 @@ def main() -> None:
     t0 = trace_for(base)
     sim0 = simulate(t0, plan(t0, budget), args.machine)
     base_rate = base / sim0.step_time_s
-    print(f"in-core maximum batch under {args.budget}: {base} (peak {t0.peak()[0] / 1e9:.2f} GB, "
+    print(f"in-core maximum batch under {args.budget}: {base} (peak {t0.peak(actual=True)[0] / 1e9:.2f} GB, "
           f"step {sim0.step_time_s * 1e3:.1f} ms, {base_rate:.1f} img/s on {args.machine})\n")
     batches = ([int(b) for b in args.batches.split(",")] if args.batches
                else [base, 256, 384, 512, 768, 1024, 1280, 1440])
@@ -72,7 +72,7 @@ def main() -> None:
         except InfeasibleBudget:
             bound = "-"
         for policy in POLICIES:
-            head = (f"| {batch} | {batch / base:.2f} | {t.peak()[0] / 1e9:.1f} | {need / 1e9:.1f} "
+            head = (f"| {batch} | {batch / base:.2f} | {t.peak(actual=True)[0] / 1e9:.1f} | {need / 1e9:.1f} "
                     f"| {policy} |")
             try:
                 s = plan(t, budget, policy)

@@ -86,8 +86,12 @@ def main() -> None:
         took = time.perf_counter() - start
         start = time.perf_counter()
         check(trace, s)
-        print(f"  plan {policy:<16} {took:6.2f} s  (check {time.perf_counter() - start:.2f} s; "
-              f"moves {s.bytes_moved / 2**30:.2f} GiB)")
+        checked = time.perf_counter() - start
+        held = sum(trace.arrays[a.array].nbytes for i, step in enumerate(s.end) for a in step
+                   if a.kind == "SWAP_OUT" and trace.arrays[a.array].kind != "persistent"
+                   and trace.arrays[a.array].last_use <= i)
+        print(f"  plan {policy:<16} {took:6.2f} s  (check {checked:.2f} s; moves "
+              f"{s.bytes_moved / 2**30:.2f} GiB, of which held arrays written {held / 2**30:.2f} GiB)")
     start = time.perf_counter()
     bound = lower_bound(trace, budget)
     print(f"  lower bound           {time.perf_counter() - start:6.2f} s  "
