@@ -30,13 +30,16 @@ class OnDemand:
         return entries
 
     def after(self, entries, written, outputs) -> list:
-        """Track the op's outputs, note what it wrote, and evict until within budget."""
+        """Track the op's outputs, note what it wrote, and evict until within budget.
+        Returns the entries of the storages the op created (not those it returned in place)."""
         res = self.residency
         written_keys = {s._cdata for s in storages(written)}
         for e in entries:
             if e.key in written_keys:
                 res.mark_written(e)
-        created = [res.track(s) for s in storages(outputs) if s.nbytes() or s._cdata in res.entries]
+        seen = {e.key for e in entries}
+        created = [res.track(s) for s in storages(outputs)
+                   if s._cdata not in seen and (s.nbytes() or s._cdata in res.entries)]
         res.evict_lru(self.budget, set())
         return created
 

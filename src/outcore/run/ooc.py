@@ -99,12 +99,13 @@ class OutOfCore:
                 yield self
             completed = True
         finally:
-            if not recording:
-                mode.finish()
-                deviation = mode.deviation
             stepped = time.perf_counter()
             peak = res.stats.peak_resident
             try:
+                if not recording:
+                    deviation = mode.deviation
+                    mode.finish()
+                    deviation = mode.deviation
                 res.restore_all()
             finally:
                 for entry in res.entries.values():
@@ -142,7 +143,8 @@ class OutOfCore:
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
             entry = self._res.entries.get(storage._cdata) if storage is not None else None
-            if entry is not None and trace.arrays[aid].kind == "persistent":
+            arr = trace.arrays[aid]
+            if entry is not None and arr.kind == "persistent" and arr.existed_before:
                 self._carried[aid] = entry
         self._record_next = False
         self._recordings_in_a_row = 0

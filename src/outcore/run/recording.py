@@ -11,9 +11,11 @@ class SafeRecording(Recording):
     """Records like `outcore.record()` and keeps managed bytes within the budget as it
     goes (except, unavoidably, for the outputs of the op running right now).
 
-    A function that cannot fit the budget at all raises InfeasibleBudget at once if the
-    step has not modified any state yet (nothing is lost); otherwise the iteration is
-    completed correctly and the error is raised when it ends (see `infeasible`)."""
+    A function that cannot fit the budget at all raises InfeasibleBudget at once unless
+    the optimizer has begun updating state: the step then stops exactly as an
+    out-of-memory error in plain PyTorch would, before any parameter changes. Once the
+    optimizer is running, stopping would leave parameters half-updated, so the iteration
+    is completed correctly (over budget) and the error is raised when it ends."""
 
     def __init__(self, residency: Residency, budget: int, *, label: str = ""):
         super().__init__(label=label)
@@ -30,10 +32,8 @@ class SafeRecording(Recording):
         entries = self._entries
         created = self.on_demand.after(entries, written, outputs)
         fn = self._functions[-1]
-        for s in storages(written):
-            live = self._live.get(s._cdata)
-            if live is not None and self._logs[live[0]].existed_before:
-                self._state_written = True
+        if fn.phase == "optimizer" and written:
+            self._state_written = True
         needed = sum(e.nbytes for e in entries) + sum(e.nbytes for e in created)
         if needed > self.budget and self.infeasible is None:
             error = infeasible(fn.index, fn.op, fn.phase, needed, self.budget)

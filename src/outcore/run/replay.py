@@ -30,6 +30,7 @@ class Replayer(TorchDispatchMode):
         self.n = len(trace.functions)
         self.op_names = [f.op for f in trace.functions]
         self.expected = [f.arrays() for f in trace.functions]
+        self.nbytes = [a.nbytes for a in trace.arrays]
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
         self.by_id: list = [None] * len(trace.arrays)
         for aid, entry in carried.items():
@@ -52,17 +53,19 @@ class Replayer(TorchDispatchMode):
             self.res.finish(entry)
 
     def finish(self) -> None:
-        self._reap()
+        self._zombies = []     # whatever the user still holds at the end stays where it is
         if self.deviation is None and self.index != self.n:
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
         self.res.settle()
 
     def persistent_entries(self) -> dict:
-        """Entries of persistent arrays whose storage is still alive, by array id."""
+        """Entries of the state the next iteration starts from (persistent arrays that
+        existed before the step), by array id, while their storage lives."""
         out = {}
         for arr in self.trace.arrays:
             entry = self.by_id[arr.id]
-            if arr.kind == "persistent" and entry is not None and entry.ref() is not None:
+            if (arr.kind == "persistent" and arr.existed_before and entry is not None
+                    and entry.ref() is not None):
                 out[arr.id] = entry
         return out
 
@@ -109,6 +112,9 @@ class Replayer(TorchDispatchMode):
             entry = res.entries.get(storage._cdata) or res.track(storage)
             bound = self.by_id[aid]
             if bound is None:
+                if entry.nbytes != self.nbytes[aid]:
+                    return self._deviate(f"function {i} ({name}) reads an array of {entry.nbytes} "
+                                         f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
                 self.by_id[aid] = entry
             elif bound is not entry:
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
@@ -123,9 +129,10 @@ class Replayer(TorchDispatchMode):
         created = [s for s in storages(created_tensors(out))
                    if s._cdata not in known and (s.nbytes() or s._cdata in res.entries)]
         rest = expected[len(entries):]
-        if len(created) != len(rest):
-            self._deviate(f"function {i} ({name}) produced {len(created)} new arrays, "
-                          f"recorded {len(rest)}", None, None, None)
+        if len(created) != len(rest) or any(
+                s.nbytes() != self.nbytes[aid] for s, aid in zip(created, rest)):
+            self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in created]} new "
+                          f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             self._on_demand.after(entries, written_tensors(func, args, kwargs), created_tensors(out))
             return out
         for storage, aid in zip(created, rest):

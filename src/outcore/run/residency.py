@@ -112,6 +112,9 @@ class Residency:
         storage = entry.ref()
         if storage is None:
             return
+        if not storage.resizable():       # e.g. shared with numpy since it was tracked
+            entry.pinned = True
+            return
         self.lru.pop(entry.key, None)
         if entry.clean and entry.extent is not None:
             storage.resize_(0)                  # the slow copy is current: just let go

@@ -57,29 +57,16 @@ class DiskMover:
             raise OutcoreError(f"cannot create a swap directory in {base}: {exc.strerror}; pass "
                                "swap_dir= a writable directory on a local disk") from exc
         path = os.path.join(self._dir, "swap")
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
-        self.direct = True
         try:
-            try:
-                self._fd = os.open(path, flags | os.O_DIRECT, 0o600)
-                self._probe_direct()
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                if hasattr(self, "_fd"):
-                    os.close(self._fd)
-                    os.unlink(path)
-                self.direct = False
-                self._fd = os.open(path, flags, 0o600)
+            self._fd, self.direct = self._open(path)
         except OSError as exc:
-            os.rmdir(self._dir)
             raise OutcoreError(f"cannot create a swap file in {base}: {exc.strerror}; pass "
                                "swap_dir= a writable directory on a local disk") from exc
         finally:
+            # Unlinked at once: the space lives exactly as long as the descriptor.
             if os.path.exists(path):
                 os.unlink(path)
-            if os.path.isdir(self._dir):
-                os.rmdir(self._dir)
+            os.rmdir(self._dir)
         self.location = base
         self.filesystem = _filesystem_type(base)
         if self.filesystem == "tmpfs":
@@ -97,12 +84,28 @@ class DiskMover:
         self.busy_read_s = 0.0
         self.closed = False
 
-    def _probe_direct(self) -> None:
-        """Some filesystems accept O_DIRECT at open and refuse the first write."""
+    @staticmethod
+    def _open(path: str) -> tuple[int, bool]:
+        """Open the swap file with O_DIRECT if the filesystem really supports it (some
+        accept the flag at open and refuse the first write), else buffered."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            return os.open(path, flags, 0o600), False
         probe = AlignedBuffer(ALIGNMENT)
         try:
-            os.pwrite(self._fd, probe.view, 0)
-            os.ftruncate(self._fd, 0)
+            os.pwrite(fd, probe.view, 0)
+            os.ftruncate(fd, 0)
+            return fd, True
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            os.unlink(path)
+            return os.open(path, flags, 0o600), False
         finally:
             probe.close()
 

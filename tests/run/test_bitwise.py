@@ -1,0 +1,115 @@
+"""Training under OutOfCore is bitwise equal to plain PyTorch, for every policy, at budgets
+from everything-fits down to just above the smallest feasible one, and replayed
+iterations stay within the budget."""
+import pytest
+import torch
+
+import outcore
+
+from .twins import assert_same_training, budgets, build, steady_trace, train_twins
+
+POLICIES = ["adaptive", "fixed", "on-demand", "adaptive-belady"]
+_traces = {}
+
+
+def _budget(name, optimizer, which):
+    key = (name, optimizer)
+    if key not in _traces:
+        _traces[key] = steady_trace(name, optimizer)
+    return budgets(_traces[key])[which]
+
+
+@pytest.mark.parametrize("which", ["fits", "half", "tight"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("name", ["mlp", "resnet18", "gpt2-tiny"])
+def test_bitwise_equal_adaptive(name, optimizer, which):
+    budget = _budget(name, optimizer, which)
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        result = train_twins(lambda: build(name, optimizer), lambda w: w.step(), ooc, iterations=4)
+        report = ooc.report()
+    assert_same_training(result)
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert replays, str(report)
+    for it in replays:
+        assert it.peak_resident <= budget, str(report)
+        assert it.deviation is None, str(report)
+    if which == "fits":
+        assert all(it.bytes_written == 0 and it.bytes_read == 0 for it in replays), str(report)
+    else:
+        assert any(it.bytes_written > 0 for it in replays), str(report)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", ["resnet18", "gpt2-tiny"])
+def test_bitwise_equal_every_policy_tight(name, policy):
+    budget = _budget(name, "adam", "tight")
+    with outcore.OutOfCore(budget=budget, policy=policy, min_move_bytes=0) as ooc:
+        result = train_twins(lambda: build(name, "adam"), lambda w: w.step(), ooc, iterations=4)
+        report = ooc.report()
+    assert_same_training(result)
+    assert all(it.peak_resident <= budget for it in report.iterations if it.mode == "replay")
+
+
+def test_model_state_several_times_the_budget():
+    trace = steady_trace("mlp", "adam")
+    state = sum(a.nbytes for a in trace.arrays if a.category in ("parameter", "optimizer_state"))
+    budget = int(budgets(trace)["tight"])
+    assert state >= 3 * budget
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        result = train_twins(lambda: build("mlp", "adam"), lambda w: w.step(), ooc, iterations=4)
+        report = ooc.report()
+    assert_same_training(result)
+    assert all(it.peak_resident <= budget for it in report.iterations if it.mode == "replay")
+
+
+def test_foreach_adamw_under_a_tight_budget():
+    def make():
+        w = build("mlp", "sgd")
+        w.optimizer = torch.optim.AdamW(w.model.parameters(), lr=1e-3, foreach=True)
+        return w
+    w = make()
+    w.step()
+    with outcore.record() as rec:
+        w.step()
+    budget = budgets(rec.trace)["tight"]
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        assert_same_training(train_twins(make, lambda w: w.step(), ooc))
+
+
+def test_bf16_autocast_step():
+    def step(w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = w.loss()
+        loss.backward()
+        w.optimizer.step()
+        w.optimizer.zero_grad()
+        return loss
+    w = build("resnet18", "sgd")
+    step(w)
+    with outcore.record() as rec:
+        step(w)
+    budget = budgets(rec.trace)["half"]
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        assert_same_training(train_twins(lambda: build("resnet18", "sgd"), step, ooc))
+        assert any(it.bytes_written for it in ooc.report().iterations)
+
+
+def test_gradient_accumulation_in_one_iteration():
+    def step(w):
+        x, y = w.batch
+        total = 0
+        for part in range(2):        # two forward/backward passes, one optimizer step
+            sl = slice(part * 4, part * 4 + 4)
+            loss = torch.nn.functional.cross_entropy(w.model(x[sl]), y[sl]) / 2
+            loss.backward()
+            total = total + loss.detach()
+        w.optimizer.step()
+        w.optimizer.zero_grad()
+        return total
+    w = build("resnet18", "adam")
+    step(w)
+    with outcore.record() as rec:
+        step(w)
+    budget = budgets(rec.trace)["half"]
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        assert_same_training(train_twins(lambda: build("resnet18", "adam"), step, ooc))

@@ -1,0 +1,298 @@
+"""Bad inputs, tried on purpose: each gets a clear error and loses nothing."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import outcore
+
+from ..trace.helpers import assert_bitwise_equal, state_of
+from .twins import assert_same_training, budgets, build, steady_trace, train_twins
+
+
+def _trained(state: dict) -> dict:
+    """Parameters and optimizer state, without BatchNorm's running statistics."""
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+
+
+@pytest.fixture(scope="module")
+def resnet_trace():
+    return steady_trace("resnet18", "sgd")
+
+
+def test_budget_below_minimum_fails_before_training(resnet_trace):
+    w = build("resnet18", "sgd")
+    before = state_of(w.model, w.optimizer)
+    ooc = outcore.OutOfCore(budget=1024 * 1024, min_move_bytes=0)
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        with ooc.iteration():
+            w.step()
+    message = str(err.value)
+    assert "function" in message and "smallest feasible budget" in message and "forward" in message
+    assert err.value.min_feasible_bytes > 1024 * 1024
+    # Nothing trained: parameters and optimizer state are untouched. (The forward pass up
+    # to the failing op updated BatchNorm statistics, as an out-of-memory error would.)
+    assert_bitwise_equal(_trained(before), _trained(state_of(w.model, w.optimizer)))
+    for p in w.model.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    ooc.close()
+
+
+@pytest.mark.parametrize("where", ["missing", "a file"])
+def test_unusable_swap_directory(tmp_path, where):
+    path = tmp_path / "nope"
+    if where == "a file":
+        path.write_text("x")
+    with pytest.raises(outcore.OutcoreError, match="swap"):
+        outcore.OutOfCore(budget="1GiB", swap_dir=str(path))
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(outcore.OutcoreError, match="byte quantity"):
+        outcore.OutOfCore(budget="lots")
+    with pytest.raises(outcore.OutcoreError, match="positive"):
+        outcore.OutOfCore(budget=0)
+    with pytest.raises(outcore.OutcoreError, match="policy"):
+        outcore.OutOfCore(budget="1GiB", policy="magic")
+    with pytest.raises(outcore.OutcoreError, match="CUDA"):
+        outcore.OutOfCore(budget="1GiB", offload="host")
+    ooc = outcore.OutOfCore(budget="1GiB")
+    with ooc.iteration():
+        with pytest.raises(outcore.OutcoreError, match="nest"):
+            with ooc.iteration():
+                pass
+    ooc.close()
+    with pytest.raises(outcore.OutcoreError, match="closed"):
+        with ooc.iteration():
+            pass
+
+
+def test_swap_file_never_visible_and_nothing_left(tmp_path, resnet_trace):
+    budget = budgets(resnet_trace)["half"]
+    w = build("resnet18", "sgd")
+    with outcore.OutOfCore(budget=budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                w.step()
+                assert list(tmp_path.iterdir()) == []       # unlinked at creation
+        assert ooc.report().iterations[-1].bytes_written > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fail_writes(monkeypatch, errno_value):
+    from outcore.run.movers import disk
+
+    def broken_pwrite(fd, data, offset):
+        raise OSError(errno_value, os.strerror(errno_value))
+    monkeypatch.setattr(disk.os, "pwrite", broken_pwrite)
+
+
+def test_disk_full_while_growing_swap_loses_nothing(monkeypatch, resnet_trace):
+    from outcore.run.movers import disk
+    budget = budgets(resnet_trace)["half"]
+    w = build("resnet18", "sgd")
+    before = state_of(w.model, w.optimizer)
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(disk.os, "posix_fallocate", full)
+    ooc = outcore.OutOfCore(budget=budget, min_move_bytes=0)
+    with pytest.raises(outcore.OutcoreError, match="exhausted.*Nothing was lost"):
+        with ooc.iteration():
+            w.step()
+    monkeypatch.undo()
+    # Every tensor is readable and the forward's only side effect (BatchNorm statistics)
+    # happened exactly as in a plain run that failed at the same point.
+    for t in state_of(w.model, w.optimizer).values():
+        assert torch.isfinite(t.float()).all()
+    assert_bitwise_equal(_trained(before), _trained(state_of(w.model, w.optimizer)))
+    ooc.close()
+
+
+def test_io_error_during_write_keeps_the_tensor(monkeypatch, resnet_trace):
+    budget = budgets(resnet_trace)["half"]
+    w = build("resnet18", "sgd")
+    before = state_of(w.model, w.optimizer)
+    ooc = outcore.OutOfCore(budget=budget, min_move_bytes=0)
+    _fail_writes(monkeypatch, 5)
+    with pytest.raises(outcore.OutcoreError, match="nothing was lost"):
+        with ooc.iteration():
+            w.step()
+    monkeypatch.undo()
+    assert_bitwise_equal(_trained(before), _trained(state_of(w.model, w.optimizer)))
+    ooc.close()
+
+
+def test_real_full_disk_in_a_child_process(tmp_path):
+    """A file-size limit makes the kernel refuse to grow the swap file (EFBIG), as a
+    full disk would."""
+    child = textwrap.dedent(f"""
+        import resource, signal, torch, outcore
+        from outcore import workloads
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        w = workloads.build("mlp", batch=8, optimizer="sgd")
+        ref = [p.detach().clone() for p in w.model.parameters()]
+        ooc = outcore.OutOfCore(budget="9MiB", swap_dir={str(tmp_path)!r}, min_move_bytes=0)
+        try:
+            with ooc.iteration():
+                w.step()
+        except outcore.OutcoreError as e:
+            print("ERROR", e)
+        same = all(torch.equal(a, b) for a, b in zip(ref, w.model.parameters()))
+        print("PARAMS_INTACT", same)
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert "ERROR" in out.stdout and "exhausted" in out.stdout, out.stdout + out.stderr
+    assert "PARAMS_INTACT True" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_iteration_recovers(resnet_trace):
+    budget = budgets(resnet_trace)["half"]
+
+    class Interrupt(Exception):
+        pass
+
+    def step(w, interrupt):
+        loss = w.loss()
+        if interrupt:
+            raise Interrupt()
+        loss.backward()
+        w.optimizer.step()
+        w.optimizer.zero_grad()
+        return loss
+
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        for it in range(5):
+            interrupt = it == 3
+            for w, managed_run in ((plain, False), (managed, True)):
+                try:
+                    if managed_run:
+                        with ooc.iteration():
+                            step(w, interrupt)
+                    else:
+                        step(w, interrupt)
+                except Interrupt:
+                    pass
+            # Between iterations everything is plain, readable PyTorch.
+            for p in managed.model.parameters():
+                assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+        report = ooc.report()
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer))
+    assert [it.completed for it in report.iterations] == [True, True, True, False, True]
+
+
+def test_keyboard_interrupt_in_a_child_leaves_no_swap(tmp_path):
+    child = textwrap.dedent(f"""
+        import os, signal, threading, torch, outcore
+        from outcore import workloads
+        w = workloads.build("mlp", batch=64, optimizer="sgd")
+        ooc = outcore.OutOfCore(budget="12MiB", swap_dir={str(tmp_path)!r}, min_move_bytes=0)
+        print("READY", flush=True)
+        for i in range(10**6):
+            with ooc.iteration():
+                w.step()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "READY"
+    import time
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_static_step_deviates_and_stays_exact(resnet_trace):
+    budget = budgets(resnet_trace)["half"]
+
+    def step(w, it):
+        x, y = w.batch
+        h = w.model(x)
+        if it == 3:                   # data-dependent control flow: an extra op
+            h = h * 1.0
+        loss = torch.nn.functional.cross_entropy(h, y)
+        loss.backward()
+        w.optimizer.step()
+        w.optimizer.zero_grad()
+        return loss
+
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        for it in range(6):
+            step(plain, it)
+            with ooc.iteration():
+                step(managed, it)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer))
+    assert report.deviations == 1, str(report)
+    modes = [it.mode for it in report.iterations]
+    assert modes[3] == "replay" and modes[4] == "record" and modes[5] == "replay", modes
+
+
+def test_a_different_batch_shape_deviates_and_stays_exact(resnet_trace):
+    budget = budgets(resnet_trace)["half"]
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    small = tuple(t[:4] for t in plain.batch)
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        for it in range(5):
+            for w in (plain, managed):
+                w.batch = small if it == 3 else tuple(t for t in build("resnet18", "sgd").batch)
+            plain.step()
+            with ooc.iteration():
+                managed.step()
+        report = ooc.report()
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer))
+    assert report.iterations[3].deviation is not None, str(report)
+
+
+def test_reading_and_saving_between_iterations(resnet_trace, tmp_path):
+    budget = budgets(resnet_trace)["half"]
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        for it in range(4):
+            plain.step()
+            with ooc.iteration():
+                managed.step()
+            for (name, p), q in zip(managed.model.named_parameters(), plain.model.parameters()):
+                assert torch.equal(p, q), name
+                assert np.array_equal(p.detach().numpy(), q.detach().numpy())
+                assert p.sum().item() == q.sum().item()
+                assert p.detach().tolist() == q.detach().tolist()
+            text = repr(next(managed.model.parameters()))
+            assert "tensor" in text.lower() or "Parameter" in text
+            buf = io.BytesIO()
+            torch.save(managed.model.state_dict(), buf)
+            buf.seek(0)
+            loaded = torch.load(buf)
+            for k, v in plain.model.state_dict().items():
+                assert torch.equal(loaded[k], v)
+            managed.model.eval()
+            with torch.no_grad():
+                assert torch.equal(managed.model(managed.batch[0]), plain.model.eval()(plain.batch[0]))
+            managed.model.train(), plain.model.train()
+    assert ooc.report().iterations[-1].bytes_written > 0
+
+
+def test_from_numpy_tensor_in_the_step(resnet_trace):
+    budget = budgets(resnet_trace)["half"]
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    images = plain.batch[0].numpy().copy()
+
+    def step(w):
+        x = torch.from_numpy(images)          # not resizable: stays in place
+        loss = torch.nn.functional.cross_entropy(w.model(x), w.batch[1])
+        loss.backward(); w.optimizer.step(); w.optimizer.zero_grad()
+        return loss
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        assert_same_training(train_twins(lambda: build("resnet18", "sgd"), step, ooc))
+    assert np.array_equal(images, plain.batch[0].numpy())     # the numpy memory is untouched

@@ -1,0 +1,54 @@
+"""Train the same workload in-core and under OutOfCore; compare bitwise."""
+from __future__ import annotations
+
+import torch
+
+import outcore
+from outcore import workloads
+from outcore.plan.feasibility import min_feasible_budget
+
+from ..trace.helpers import assert_bitwise_equal, state_of
+
+SIZES = {"mlp": {}, "resnet18": {"image_size": 32}, "gpt2-tiny": {"seq_len": 32}}
+
+
+def build(name, optimizer, batch=8, seed=0):
+    return workloads.build(name, batch=batch, optimizer=optimizer, seed=seed, **SIZES.get(name, {}))
+
+
+def steady_trace(name, optimizer, batch=8):
+    w = build(name, optimizer, batch)
+    w.step()
+    with outcore.record() as rec:
+        w.step()
+    return rec.trace
+
+
+def budgets(trace) -> dict:
+    """From everything fits down to just above the smallest feasible budget."""
+    peak = trace.peak(actual=True)[0]
+    low = min_feasible_budget(trace)
+    return {"fits": peak * 2, "half": max(low, peak // 2), "tight": int(low * 1.05)}
+
+
+def train_twins(make, step, ooc, iterations=4):
+    """Run `step(w)` on two identical workloads, the second under `ooc`. Seeds are reset
+    before each step so dropout draws the same masks. Returns (plain state, ooc state,
+    plain losses, ooc losses)."""
+    plain, managed = make(), make()
+    losses_plain, losses_ooc = [], []
+    for it in range(iterations):
+        torch.manual_seed(100 + it)
+        losses_plain.append(step(plain).detach().clone())
+        torch.manual_seed(100 + it)
+        with ooc.iteration():
+            loss = step(managed)
+        losses_ooc.append(loss.detach().clone())
+    return (state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer),
+            losses_plain, losses_ooc)
+
+
+def assert_same_training(result):
+    a, b, la, lb = result
+    assert_bitwise_equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(la, lb))
