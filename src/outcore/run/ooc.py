@@ -136,8 +136,11 @@ class OutOfCore:
         if lazy_state and self._recordings_in_a_row < _MAX_RECORDINGS:
             self._record_next = True
             return
-        schedule = plan(trace, self.budget, self.policy, **self.plan_options)
-        check(trace, schedule, self.budget)
+        # Storages below min_move_bytes never move: plan the rest within what they leave.
+        pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < self._res.min_move_bytes)
+        budget = max(self.budget - pinned, 1)
+        schedule = plan(trace, budget, self.policy, **self.plan_options)
+        check(trace, schedule, budget)
         self.trace, self.schedule = trace, schedule
         self._carried = {}
         for aid, ref in recording.alive_at_end.items():

@@ -47,10 +47,10 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, width=64):
+    def __init__(self, block, layers, num_classes=1000, width=64, in_channels=3):
         super().__init__()
         self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -82,9 +82,9 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet18(num_classes=1000) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
+def resnet18(num_classes=1000, in_channels=3) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels=in_channels)
 
 
-def resnet50(num_classes=1000) -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
+def resnet50(num_classes=1000, in_channels=3) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels=in_channels)
