@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager
 
 from ..errors import OutcoreError
+from ..memory.malloc import return_freed_memory as return_freed_memory_to_os
 from ..plan import check, plan
 from ..plan.api import POLICIES
 from ..units import format_bytes, parse_bytes
@@ -44,11 +45,14 @@ class OutOfCore:
     min_move_bytes: storages smaller than this stay in fast memory (a transfer would
         cost more than it frees).
     plan_options: extra options for the policy (e.g. {"window": "3GiB"}).
+    return_freed_memory: make the C allocator (glibc) hand freed memory back to the OS,
+        so the process's resident memory follows the budget instead of its high-water
+        mark. Process-wide; costs page faults (see README, "Memory and speed").
     """
 
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
                  policy: str = "adaptive", *, min_move_bytes: int = 64 * 1024,
-                 plan_options: dict | None = None):
+                 plan_options: dict | None = None, return_freed_memory: bool = True):
         self.budget = parse_bytes(budget)
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
@@ -62,6 +66,8 @@ class OutOfCore:
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         self._mover = DiskMover(swap_dir)
+        if return_freed_memory:
+            return_freed_memory_to_os()
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
         self.trace = None
         self.schedule = None
