@@ -6,9 +6,16 @@ import sys
 import textwrap
 
 CHILD = textwrap.dedent("""
-    import resource, sys, torch, outcore
+    import sys, torch, outcore
     from outcore.workloads.digits import digit_batches
     from outcore.workloads.resnet import resnet50
+
+    def peak_rss():
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child
+        # of a large parent (pytest) would report the parent's size.
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     mode, batch = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
     model = resnet50(num_classes=10, in_channels=1)
@@ -36,7 +43,7 @@ CHILD = textwrap.dedent("""
         assert report.iterations[-1].mode == "replay", report
         assert report.iterations[-1].peak_resident <= budget, report
         managed_peak = 0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     print(rss, managed_peak)
 """)
 
