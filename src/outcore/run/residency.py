@@ -122,9 +122,15 @@ class Residency:
             self.resident -= entry.nbytes
             self.stats.drops += 1
             return
+        nbytes = storage.nbytes()
+        if nbytes != entry.nbytes:           # an op resized it (e.g. an `out=` argument)
+            self.resident += nbytes - entry.nbytes
+            entry.nbytes = nbytes
+        if entry.extent is not None and entry.extent.length < nbytes:
+            self.mover.free(entry.extent)
+            entry.extent = None
         if entry.extent is None:
-            entry.extent = self.mover.allocate(entry.nbytes)
-        entry.nbytes = storage.nbytes()
+            entry.extent = self.mover.allocate(nbytes)
         entry.future = self.mover.write(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         entry.state = OUT
         self.stats.writes += 1
