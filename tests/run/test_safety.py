@@ -297,3 +297,26 @@ def test_from_numpy_tensor_in_the_step(resnet_trace):
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         assert_same_training(train_twins(lambda: build("resnet18", "sgd"), step, ooc))
     assert np.array_equal(images, plain.batch[0].numpy())     # the numpy memory is untouched
+
+
+def test_everything_fits_follows_the_step_without_tracking(resnet_trace):
+    budget = 2 * resnet_trace.peak(actual=True)[0]
+
+    def step(w, it):
+        h = w.model(w.batch[0])
+        if it == 3:
+            h = h * 1.0               # the step changes: noticed even though nothing moves
+        loss = torch.nn.functional.cross_entropy(h, w.batch[1])
+        loss.backward(); w.optimizer.step(); w.optimizer.zero_grad()
+
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        for it in range(6):
+            step(plain, it)
+            with ooc.iteration():
+                step(managed, it)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer))
+    assert [it.mode for it in report.iterations] == ["record", "record", "replay", "replay", "record", "replay"]
+    assert not report.iterations[2].tracked and report.iterations[3].deviation
+    assert all(it.bytes_written == 0 for it in report.iterations)

@@ -15,17 +15,35 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+def _libc():
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt, libc.malloc_trim
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Undo `return_freed_memory` as far as glibc allows (a fixed threshold stays fixed):
+    large tensors come from the heap again and freed memory is kept for reuse."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return (libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20) == 1)
+
+
 def return_freed_memory(threshold: int = 64 * 1024) -> bool:
     """Ask glibc to map allocations >= `threshold` on their own and trim freed memory.
     Returns False where the C library is not glibc (nothing changes then)."""
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1
-    trim(0)
+    ok = (libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+          and libc.mallopt(_M_TRIM_THRESHOLD, threshold) == 1)
+    libc.malloc_trim(0)
     return ok

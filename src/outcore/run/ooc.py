@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager
 
 from ..errors import OutcoreError
+from ..memory.malloc import keep_freed_memory
 from ..memory.malloc import return_freed_memory as return_freed_memory_to_os
 from ..plan import check, plan
 from ..plan.api import POLICIES
@@ -66,8 +67,7 @@ class OutOfCore:
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         self._mover = DiskMover(swap_dir)
-        if return_freed_memory:
-            return_freed_memory_to_os()
+        self._returning_memory = bool(return_freed_memory) and return_freed_memory_to_os()
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
         self.trace = None
         self.schedule = None
@@ -106,7 +106,8 @@ class OutOfCore:
             completed = True
         finally:
             stepped = time.perf_counter()
-            peak = res.stats.peak_resident
+            passive = not recording and mode.passive and mode.deviation is None
+            peak = self.schedule.peak_bytes if passive else res.stats.peak_resident
             try:
                 if not recording:
                     deviation = mode.deviation
@@ -125,7 +126,7 @@ class OutOfCore:
                     unplanned_bytes=stats.unplanned_bytes - before[2], wait_s=stats.wait_s - before[3],
                     transfer_s=self._mover.busy_read_s + self._mover.busy_write_s - before[4],
                     restore_s=time.perf_counter() - stepped, peak_resident=peak,
-                    deviation=deviation, completed=completed))
+                    deviation=deviation, completed=completed, tracked=not passive))
         if recording:
             if mode.infeasible is not None:
                 raise mode.infeasible
@@ -148,6 +149,10 @@ class OutOfCore:
         schedule = plan(trace, budget, self.policy, **self.plan_options)
         check(trace, schedule, budget)
         self.trace, self.schedule = trace, schedule
+        if schedule.bytes_moved == 0 and self._returning_memory:
+            # Everything fits: no need to pay page faults to keep RSS near the budget.
+            keep_freed_memory()
+            self._returning_memory = False
         self._carried = {}
         for aid, ref in recording.alive_at_end.items():
             storage = ref()

@@ -41,6 +41,9 @@ class Replayer(TorchDispatchMode):
         self._zombies: list = []    # FREEd by the plan while PyTorch still held the storage
         self._on_demand = OnDemand(residency, budget)
         self._names: dict = {}
+        # A plan that moves nothing needs no bookkeeping: only follow the op sequence,
+        # so that a step that changes is still noticed (and then runs on-demand).
+        self.passive = schedule.bytes_moved == 0
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
@@ -74,12 +77,28 @@ class Replayer(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "profiler":
             return func(*args, **kwargs)
+        if self.passive and self.deviation is None:
+            return self._follow(func, args, kwargs)
         if is_foreach(func):
             calls = split_foreach(func, args, kwargs)
             if calls is not None:
                 results = [self._one(op, a, k) for op, a, k in calls]
                 return None if returns_nothing(func) else results
         return self._one(func, args, kwargs)
+
+    def _follow(self, func, args, kwargs):
+        names = [self._name(func)]
+        if is_foreach(func):
+            calls = split_foreach(func, args, kwargs)
+            if calls is not None:
+                names = [self._name(op) for op, _, _ in calls]
+        i = self.index
+        if self.op_names[i:i + len(names)] != names:
+            expected = self.op_names[i] if i < self.n else "the end of the step"
+            return self._deviate(f"function {i}: expected {expected}, the step ran {names[0]}",
+                                 func, args, kwargs)
+        self.index = i + len(names)
+        return func(*args, **kwargs)
 
     def _name(self, func) -> str:
         name = self._names.get(func)

@@ -20,6 +20,7 @@ class IterationStats:
     peak_resident: int         # managed bytes in fast memory, at most
     deviation: str | None = None
     completed: bool = True
+    tracked: bool = True       # False: the plan moved nothing and residency was not tracked
 
     @property
     def overlap(self) -> float:
@@ -63,6 +64,7 @@ class Report:
                     f"  {it.index:>4}  {it.mode:<7} {it.seconds:>6.2f}s {format_bytes(it.bytes_read):>10} "
                     f"{format_bytes(it.bytes_written):>10} {format_bytes(it.unplanned_bytes):>10} "
                     f"{it.wait_s:>6.2f}s  {it.overlap * 100:>5.1f}%  {format_bytes(it.peak_resident)}"
+                    + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + ("" if it.completed else "  (interrupted)"))
                 if it.deviation:
                     lines.append(f"        deviated from the record: {it.deviation}; re-recording")
