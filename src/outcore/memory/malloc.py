@@ -27,16 +27,6 @@ def _libc():
         return None
 
 
-def keep_freed_memory() -> bool:
-    """Undo `return_freed_memory` as far as glibc allows (a fixed threshold stays fixed):
-    large tensors come from the heap again and freed memory is kept for reuse."""
-    libc = _libc()
-    if libc is None:
-        return False
-    return (libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
-            and libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20) == 1)
-
-
 def return_freed_memory(threshold: int = 64 * 1024) -> bool:
     """Ask glibc to map allocations >= `threshold` on their own and trim freed memory.
     Returns False where the C library is not glibc (nothing changes then)."""

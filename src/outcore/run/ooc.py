@@ -19,7 +19,6 @@ import time
 from contextlib import contextmanager
 
 from ..errors import OutcoreError
-from ..memory.malloc import keep_freed_memory
 from ..memory.malloc import return_freed_memory as return_freed_memory_to_os
 from ..plan import check, plan
 from ..plan.api import POLICIES
@@ -67,8 +66,10 @@ class OutOfCore:
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         self._mover = DiskMover(swap_dir)
-        self._returning_memory = bool(return_freed_memory) and return_freed_memory_to_os()
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
+        if return_freed_memory:
+            # Only once something must leave RAM: a step that fits keeps glibc's defaults.
+            self._res.before_first_eviction = return_freed_memory_to_os
         self.trace = None
         self.schedule = None
         self._carried: dict = {}
@@ -149,10 +150,7 @@ class OutOfCore:
         schedule = plan(trace, budget, self.policy, **self.plan_options)
         check(trace, schedule, budget)
         self.trace, self.schedule = trace, schedule
-        if schedule.bytes_moved == 0 and self._returning_memory:
-            # Everything fits: no need to pay page faults to keep RSS near the budget.
-            keep_freed_memory()
-            self._returning_memory = False
+
         self._carried = {}
         for aid, ref in recording.alive_at_end.items():
             storage = ref()

@@ -61,6 +61,7 @@ class Residency:
         self.resident = 0                       # bytes of managed storages in fast memory
         self.stats = Stats()
         self.lru: OrderedDict[int, Entry] = OrderedDict()   # FAST entries, least recent first
+        self.before_first_eviction = None     # called once, when the budget first needs room
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage) -> Entry:
@@ -115,6 +116,9 @@ class Residency:
         if not storage.resizable():       # e.g. shared with numpy since it was tracked
             entry.pinned = True
             return
+        if self.before_first_eviction is not None:
+            hook, self.before_first_eviction = self.before_first_eviction, None
+            hook()
         self.lru.pop(entry.key, None)
         if entry.clean and entry.extent is not None:
             storage.resize_(0)                  # the slow copy is current: just let go
