@@ -195,3 +195,38 @@ def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | No
 
 def returns_nothing(func) -> bool:
     return len(func._schema.returns) == 0
+
+
+def call_split(func, args, kwargs, one):
+    """Run `func` as `one(op, args, kwargs, split)`; a multi-tensor `_foreach_*` op runs as
+    one call per tensor, with split = (element, count)."""
+    if is_foreach(func):
+        calls = split_foreach(func, args, kwargs)
+        if calls is not None:
+            results = [one(op, a, k, (i, len(calls))) for i, (op, a, k) in enumerate(calls)]
+            return None if returns_nothing(func) else results
+    return one(func, args, kwargs, None)
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors an op returned, in order."""
+    return list(iter_tensors(out if isinstance(out, (list, tuple)) else (out,)))
+
+
+def storage_of(t: torch.Tensor):
+    """The tensor's storage, or None for tensors without one (sparse, wrapper subclasses)."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def distinct_storages(tensors) -> list:
+    """Distinct storages of `tensors` in order of first appearance."""
+    seen, out = set(), []
+    for t in tensors:
+        s = storage_of(t)
+        if s is not None and s._cdata not in seen:
+            seen.add(s._cdata)
+            out.append(s)
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from .residency import Residency
-from .storages import storages
+from ..aten import distinct_storages as storages
 
 
 class OnDemand:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from ..trace.recorder import Recording
 from .on_demand import OnDemand, infeasible
 from .residency import Residency
-from .storages import storages
 
 
 class SafeRecording(Recording):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import is_foreach, iter_tensors, returns_nothing, split_foreach, written_tensors
+from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
+                    split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from .on_demand import OnDemand
 from .residency import FAST, Residency
-from .storages import storages
 
 
 class Replayer(TorchDispatchMode):
@@ -79,12 +79,7 @@ class Replayer(TorchDispatchMode):
             return func(*args, **kwargs)
         if self.passive and self.deviation is None:
             return self._follow(func, args, kwargs)
-        if is_foreach(func):
-            calls = split_foreach(func, args, kwargs)
-            if calls is not None:
-                results = [self._one(op, a, k) for op, a, k in calls]
-                return None if returns_nothing(func) else results
-        return self._one(func, args, kwargs)
+        return call_split(func, args, kwargs, self._one)
 
     def _follow(self, func, args, kwargs):
         names = [self._name(func)]
@@ -106,7 +101,7 @@ class Replayer(TorchDispatchMode):
             name = self._names[func] = str(func)
         return name
 
-    def _one(self, func, args, kwargs):
+    def _one(self, func, args, kwargs, split=None):
         if self.deviation is not None:
             return self._fallback(func, args, kwargs)
         i = self.index
@@ -121,7 +116,7 @@ class Replayer(TorchDispatchMode):
         inputs = list(iter_tensors(args))
         if kwargs:
             inputs += iter_tensors(kwargs.values())
-        in_storages = [s for s in storages(inputs) if s.nbytes() or s._cdata in res.entries]
+        in_storages = [s for s in distinct_storages(inputs) if s.nbytes() or s._cdata in res.entries]
         expected = self.expected[i]
         if len(in_storages) > len(expected):
             return self._deviate(f"function {i} ({name}) reads more arrays than recorded",
@@ -145,14 +140,14 @@ class Replayer(TorchDispatchMode):
             res.touch(entry)
         out = func(*args, **kwargs)
         known = {e.key for e in entries}
-        created = [s for s in storages(created_tensors(out))
+        created = [s for s in distinct_storages(output_tensors(out))
                    if s._cdata not in known and (s.nbytes() or s._cdata in res.entries)]
         rest = expected[len(entries):]
         if len(created) != len(rest) or any(
                 s.nbytes() != self.nbytes[aid] for s, aid in zip(created, rest)):
             self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in created]} new "
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
-            self._on_demand.after(entries, written_tensors(func, args, kwargs), created_tensors(out))
+            self._on_demand.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
             return out
         for storage, aid in zip(created, rest):
             self.by_id[aid] = res.track(storage)
@@ -212,9 +207,6 @@ class Replayer(TorchDispatchMode):
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
         entries = self._on_demand.before(inputs)
         out = func(*args, **kwargs)
-        self._on_demand.after(entries, written_tensors(func, args, kwargs), created_tensors(out))
+        self._on_demand.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
         return out
 
-
-def created_tensors(out) -> list:
-    return list(iter_tensors(out if isinstance(out, (list, tuple)) else (out,)))

@@ -21,7 +21,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import FRESH_ARGUMENT_OPS, is_foreach, iter_tensors, returns_nothing, split_foreach, written_tensors
+from ..aten import (FRESH_ARGUMENT_OPS, call_split, iter_tensors, output_tensors, storage_of,
+                    written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -45,14 +46,6 @@ class _ArrayLog:
     freed_after: int | None = None
     write_phases: list = field(default_factory=list)
     read_phases: set = field(default_factory=set)
-
-
-def _storage(t: torch.Tensor):
-    """The tensor's storage, or None for tensors without one (sparse, wrapper subclasses)."""
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
 
 
 class Recording(TorchDispatchMode):
@@ -113,12 +106,7 @@ class Recording(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "profiler":   # record_function markers: no data, not a function
             return func(*args, **kwargs)
-        if is_foreach(func):
-            calls = split_foreach(func, args, kwargs)
-            if calls is not None:
-                results = [self._run(op, a, k, (i, len(calls))) for i, (op, a, k) in enumerate(calls)]
-                return None if returns_nothing(func) else results
-        return self._run(func, args, kwargs, None)
+        return call_split(func, args, kwargs, self._run)
 
     def _phase(self, inputs) -> str:
         if torch._C._current_graph_task_id() != -1:
@@ -138,7 +126,7 @@ class Recording(TorchDispatchMode):
         start = time.perf_counter()
         out = func(*args, **kwargs)
         duration = time.perf_counter() - start
-        outputs = list(iter_tensors(out if isinstance(out, (list, tuple)) else (out,)))
+        outputs = output_tensors(out)
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out)
         self._after_op(func, inputs, written_list, outputs)
         return out
@@ -171,7 +159,7 @@ class Recording(TorchDispatchMode):
             duration_s=duration, flops=flops, bytes_touched=nbytes, split=split))
 
     def _touch(self, t, index, slot, kind, phase, kinds, *, is_output):
-        storage = _storage(t)
+        storage = storage_of(t)
         if storage is None:
             return
         nbytes = storage.nbytes()
