@@ -320,3 +320,31 @@ def test_everything_fits_follows_the_step_without_tracking(resnet_trace):
     assert [it.mode for it in report.iterations] == ["record", "record", "replay", "replay", "record", "replay"]
     assert not report.iterations[2].tracked and report.iterations[3].deviation
     assert all(it.bytes_written == 0 for it in report.iterations)
+
+
+def test_direct_reads_inside_an_iteration_see_the_right_values(resnet_trace):
+    """A large tensor made at the start of the step and read with `.numpy()`, `.tolist()`
+    and `np.asarray` only at its end is swapped out in between (the recording iterations
+    evict it on-demand). Those methods reach the storage through aten ops (the dispatcher
+    then restores it); this test fails if that ever stops being true."""
+    budget = budgets(resnet_trace)["tight"]
+    seen = {"plain": [], "ooc": []}
+
+    def step(w, key, it):
+        kept = torch.full((2 << 20,), float(it + 1)) * 3        # 8 MiB, held by this variable
+        loss = w.loss()
+        loss.backward(); w.optimizer.step(); w.optimizer.zero_grad()
+        seen[key].append((kept.numpy().sum(), sum(kept.tolist()), np.asarray(kept).max()))
+        return loss
+
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        for it in range(4):
+            step(plain, "plain", it)
+            with ooc.iteration():
+                step(managed, "ooc", it)
+        replays = [r for r in ooc.report().iterations if r.mode == "replay"]
+    assert replays and all(r.bytes_written > 0 for r in replays)
+    assert seen["plain"] == seen["ooc"]
+    assert seen["ooc"][-1][2] == 12.0
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer))
