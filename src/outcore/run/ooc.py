@@ -127,7 +127,8 @@ class OutOfCore:
                     unplanned_bytes=stats.unplanned_bytes - before[2], wait_s=stats.wait_s - before[3],
                     transfer_s=self._mover.busy_read_s + self._mover.busy_write_s - before[4],
                     restore_s=time.perf_counter() - stepped, peak_resident=peak,
-                    deviation=deviation, completed=completed, tracked=not passive))
+                    deviation=deviation, completed=completed, tracked=not passive,
+                    skipped_actions=0 if recording else mode.skipped_actions))
         if recording:
             if mode.infeasible is not None:
                 raise mode.infeasible

@@ -164,7 +164,10 @@ class Replayer(TorchDispatchMode):
         for act in actions:
             entry = self.by_id[act.array]
             if entry is None or entry.pinned:
-                self.skipped_actions += 1
+                # Pinned arrays stay put by design; an unbound one was never touched in
+                # this iteration (e.g. an input the step has not read yet): worth a count.
+                if entry is None and act.kind != FREE:
+                    self.skipped_actions += 1
                 continue
             kind = act.kind
             if kind == WAIT:

@@ -21,6 +21,7 @@ class IterationStats:
     deviation: str | None = None
     completed: bool = True
     tracked: bool = True       # False: the plan moved nothing and residency was not tracked
+    skipped_actions: int = 0   # planned moves of arrays this iteration had not touched yet
 
     @property
     def overlap(self) -> float:
@@ -66,6 +67,9 @@ class Report:
                     f"{it.wait_s:>6.2f}s  {it.overlap * 100:>5.1f}%  {format_bytes(it.peak_resident)}"
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + ("" if it.completed else "  (interrupted)"))
+                if it.skipped_actions:
+                    lines.append(f"        {it.skipped_actions} planned moves skipped: their arrays "
+                                 "had not been touched yet in this iteration")
                 if it.deviation:
                     lines.append(f"        deviated from the record: {it.deviation}; re-recording")
         return "\n".join(lines)

@@ -43,9 +43,6 @@ class Entry:
 class Stats:
     bytes_read: int = 0
     bytes_written: int = 0
-    reads: int = 0
-    writes: int = 0
-    drops: int = 0
     wait_s: float = 0.0
     peak_resident: int = 0
     unplanned_bytes: int = 0   # moved by on-demand fallbacks, not by the schedule
@@ -124,7 +121,6 @@ class Residency:
             storage.resize_(0)                  # the slow copy is current: just let go
             entry.state = SLOW
             self.resident -= entry.nbytes
-            self.stats.drops += 1
             return
         nbytes = storage.nbytes()
         if nbytes != entry.nbytes:           # an op resized it (e.g. an `out=` argument)
@@ -137,7 +133,6 @@ class Residency:
             entry.extent = self.mover.allocate(nbytes)
         entry.future = self.mover.write(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         entry.state = OUT
-        self.stats.writes += 1
         self.stats.bytes_written += entry.nbytes
         if unplanned:
             self.stats.unplanned_bytes += entry.nbytes
@@ -170,7 +165,6 @@ class Residency:
         entry.future = self.mover.read(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         entry.state = IN
         self._add_resident(entry.nbytes)
-        self.stats.reads += 1
         self.stats.bytes_read += entry.nbytes
         if unplanned:
             self.stats.unplanned_bytes += entry.nbytes
