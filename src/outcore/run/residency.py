@@ -116,8 +116,8 @@ class Residency:
         if self.before_first_eviction is not None:
             hook, self.before_first_eviction = self.before_first_eviction, None
             hook()
-        self.lru.pop(entry.key, None)
         if entry.clean and entry.extent is not None:
+            self.lru.pop(entry.key, None)
             storage.resize_(0)                  # the slow copy is current: just let go
             entry.state = SLOW
             self.resident -= entry.nbytes
@@ -130,7 +130,8 @@ class Residency:
             self.mover.free(entry.extent)
             entry.extent = None
         if entry.extent is None:
-            entry.extent = self.mover.allocate(nbytes)
+            entry.extent = self.mover.allocate(nbytes)     # may raise (disk full): still FAST
+        self.lru.pop(entry.key, None)
         entry.future = self.mover.write(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         entry.state = OUT
         self.stats.bytes_written += entry.nbytes
