@@ -1,0 +1,17 @@
+"""`outcore bench disk` measures through the swap file path and leaves nothing behind."""
+import json
+
+from outcore.cli.main import main
+
+
+def test_bench_disk_json(tmp_path, capsys):
+    assert main(["bench", "disk", "--size", "16MiB", "--dir", str(tmp_path), "--json"]) == 0
+    fig = json.loads(capsys.readouterr().out)
+    assert fig["bytes"] == 16 * 2**20
+    assert all(fig[k] > 0 for k in ("write_GBps", "read_GBps", "both_total_GBps"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_disk_rejects_tiny_sizes(capsys):
+    assert main(["bench", "disk", "--size", "1KiB"]) == 2
+    assert "--size must be at least" in capsys.readouterr().err
