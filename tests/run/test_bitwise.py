@@ -6,7 +6,7 @@ import torch
 
 import outcore
 
-from .twins import assert_same_training, budgets, build, steady_trace, train_twins
+from .twins import assert_same_training, budgets, build, recorded_trace, steady_trace, train_twins
 
 POLICIES = ["adaptive", "fixed", "on-demand", "adaptive-belady"]
 _traces = {}
@@ -67,11 +67,7 @@ def test_foreach_adamw_under_a_tight_budget():
         w = build("mlp", "sgd")
         w.optimizer = torch.optim.AdamW(w.model.parameters(), lr=1e-3, foreach=True)
         return w
-    w = make()
-    w.step()
-    with outcore.record() as rec:
-        w.step()
-    budget = budgets(rec.trace)["tight"]
+    budget = budgets(recorded_trace(make, lambda w: w.step()))["tight"]
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         assert_same_training(train_twins(make, lambda w: w.step(), ooc))
 
@@ -84,11 +80,7 @@ def test_bf16_autocast_step():
         w.optimizer.step()
         w.optimizer.zero_grad()
         return loss
-    w = build("resnet18", "sgd")
-    step(w)
-    with outcore.record() as rec:
-        step(w)
-    budget = budgets(rec.trace)["half"]
+    budget = budgets(recorded_trace(lambda: build("resnet18", "sgd"), step))["half"]
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         assert_same_training(train_twins(lambda: build("resnet18", "sgd"), step, ooc))
         assert any(it.bytes_written for it in ooc.report().iterations)
@@ -106,10 +98,6 @@ def test_gradient_accumulation_in_one_iteration():
         w.optimizer.step()
         w.optimizer.zero_grad()
         return total
-    w = build("resnet18", "adam")
-    step(w)
-    with outcore.record() as rec:
-        step(w)
-    budget = budgets(rec.trace)["half"]
+    budget = budgets(recorded_trace(lambda: build("resnet18", "adam"), step))["half"]
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         assert_same_training(train_twins(lambda: build("resnet18", "adam"), step, ooc))

@@ -286,7 +286,7 @@ def test_reading_and_saving_between_iterations(resnet_trace, tmp_path):
 
 def test_from_numpy_tensor_in_the_step(resnet_trace):
     budget = budgets(resnet_trace)["half"]
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain = build("resnet18", "sgd")
     images = plain.batch[0].numpy().copy()
 
     def step(w):

@@ -16,12 +16,17 @@ def build(name, optimizer, batch=8, seed=0):
     return workloads.build(name, batch=batch, optimizer=optimizer, seed=seed, **SIZES.get(name, {}))
 
 
-def steady_trace(name, optimizer, batch=8):
-    w = build(name, optimizer, batch)
-    w.step()
+def recorded_trace(make, step):
+    """The trace of `step` on a fresh `make()`, after one warm-up step (steady state)."""
+    w = make()
+    step(w)
     with outcore.record() as rec:
-        w.step()
+        step(w)
     return rec.trace
+
+
+def steady_trace(name, optimizer, batch=8):
+    return recorded_trace(lambda: build(name, optimizer, batch), lambda w: w.step())
 
 
 def budgets(trace) -> dict:

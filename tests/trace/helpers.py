@@ -1,7 +1,6 @@
 """Shared helpers for recorder tests: twin runs compared bitwise."""
 from __future__ import annotations
 
-import copy
 
 import torch
 

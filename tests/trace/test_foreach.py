@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import outcore
-from outcore.aten import split_foreach
 
 aten = torch.ops.aten
 

@@ -6,7 +6,7 @@ from torch import nn
 import outcore
 from outcore import workloads
 
-from .helpers import assert_bitwise_equal, run_twins, state_of
+from .helpers import assert_bitwise_equal, run_twins
 
 
 def _workload_factory(name, optimizer, **sizes):

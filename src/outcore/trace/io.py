@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import TraceError
-from .model import ACCESS_KINDS, ARRAY_KINDS, CATEGORIES, PHASES, Access, Array, Function, Trace
+from .model import ARRAY_KINDS, CATEGORIES, PHASES, Access, Array, Function, Trace
 
 FORMAT = "outcore.trace"
 VERSION = 1
