@@ -2,7 +2,8 @@
 
 A Machine has a compute model (a roofline: peak FLOP/s and fast-memory bandwidth, each
 derated by an achieved fraction, plus a fixed per-function overhead) and one link per
-direction between the tiers (effective bandwidth and per-transfer latency)."""
+direction between the tiers (effective bandwidth and per-transfer latency), or one link
+both directions share (a disk: reads and writes take turns on the same device)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,10 +26,17 @@ class Machine:
     # True: use each function's duration_s from the trace (a trace recorded on this
     # kind of machine, or estimated for it) instead of the roofline.
     use_trace_durations: bool = False
+    # Multiplies trace durations (with use_trace_durations): calibrates a trace recorded
+    # under the recorder's overhead to a measured step time.
+    duration_scale: float = 1.0
+    # True: one link serves both directions in issue order (link_in for reads, link_out
+    # for writes); a local disk behaves so (`outcore bench disk`: ~2.4 GB/s either way
+    # alone, ~2.45 GB/s in total with both at once).
+    shared_link: bool = False
 
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
-            return fn.duration_s
+            return fn.duration_s * self.duration_scale
         return max(fn.flops / (self.peak_flops * self.flops_efficiency),
                    fn.bytes_touched / (self.memory_bandwidth * self.bandwidth_efficiency)) + self.launch_s
 
@@ -44,11 +52,12 @@ _GPU = dict(launch_s=5e-6, flops_efficiency=0.6, bandwidth_efficiency=0.8, link_
 
 PRESETS = {
     # This kind of machine: 2 cores, RAM as the fast tier, a local disk with O_DIRECT as
-    # the slow one (~2 GB/s each way measured here, DESIGN.md section 4). Compute uses the
-    # trace's own durations: measured, or estimated by the recorder for this machine.
+    # the slow one. `outcore bench disk --size 2GiB` measured 2.37-2.42 GB/s read,
+    # 2.23-2.36 GB/s write, 2.43-2.46 GB/s in total with both at once: one shared link.
+    # Compute uses the trace's own durations: measured, or estimated by the recorder.
     "cpu-disk": Machine("cpu-disk", peak_flops=60e9, memory_bandwidth=10 * GB,
-                        fast_bytes=24 * 2**30, link_in=2 * GB, link_out=2 * GB,
-                        link_latency_s=100e-6, use_trace_durations=True),
+                        fast_bytes=24 * 2**30, link_in=2.4 * GB, link_out=2.3 * GB,
+                        link_latency_s=100e-6, use_trace_durations=True, shared_link=True),
     # Tesla V100 SXM2 16 GB: 15.7 TFLOP/s fp32, 900 GB/s HBM2; PCIe 3.0 x16, ~12 GB/s pinned.
     "v100-16gb": Machine("v100-16gb", peak_flops=15.7e12, memory_bandwidth=900 * GB,
                          fast_bytes=16 * 10**9, link_in=12 * GB, link_out=12 * GB, **_GPU),
