@@ -1,73 +1,103 @@
-"""`outcore bench disk`: how fast the swap disk moves bytes, the way outcore moves them."""
+"""`outcore bench`: measure the disk outcore swaps to, and outcore against what users run
+today (in-core, checkpointing, offload hooks), each run in a fresh process."""
 from __future__ import annotations
 
 import json
-import os
-import threading
-import time
+import shlex
+import sys
 
+from ..bench.disk import measure_disk
 from ..errors import OutcoreError
-from ..memory import AlignedBuffer
-from ..run.movers.disk import CHUNK_BYTES, DiskMover
+from ..plan import POLICIES
+from ..run.movers.disk import CHUNK_BYTES
 from ..units import format_bytes, parse_bytes
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure what outcore runs on",
-                       description="Measure the machine outcore plans for. `disk`: sequential "
-                                   "write, read, and both at once, through the same swap file "
-                                   "path as training (O_DIRECT where supported, 8 MiB requests, "
-                                   "one thread per direction).")
-    p.add_argument("what", choices=("disk",), help="what to measure")
-    p.add_argument("--size", default="1GiB", help="bytes per direction (default 1GiB)")
+    p = sub.add_parser("bench", help="measure the disk, and outcore against the alternatives",
+                       description="`disk`: sequential write, read, and both at once through the "
+                                   "swap-file path (O_DIRECT where supported, 8 MiB requests, one "
+                                   "thread per direction). `curve`: samples/s and peak RSS of "
+                                   "in-core, checkpointing, offload hooks and outcore at budgets from "
+                                   "the in-core peak down to the smallest feasible. `batch`: the "
+                                   "paper's experiment, the largest batch each variant trains under "
+                                   "the in-core peak of a base batch, and its samples/s. Each run is "
+                                   "a fresh process; results go to --out as markdown, JSON and PNG.")
+    p.add_argument("what", choices=("disk", "curve", "batch"), help="what to measure")
+    p.add_argument("--size", default="1GiB", help="disk: bytes per direction (default 1GiB)")
     p.add_argument("--dir", default=None, help="directory of the swap file (default: temp dir)")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="disk: print the figures as JSON")
+    p.add_argument("--model", default="resnet50", help="curve/batch: built-in model (default resnet50)")
+    p.add_argument("--batch", type=int, default=64, help="curve: the batch; batch: the base batch")
+    p.add_argument("--image-size", type=int, default=None, help="image side for CNNs (default 224)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for GPT-2 models")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"))
+    p.add_argument("--policies", default=None,
+                   help="outcore policies, comma-separated (curve: on-demand,fixed,adaptive; batch: adaptive)")
+    p.add_argument("--fractions", default="1,0.5,0.25,0.125",
+                   help="curve: budgets as fractions of the in-core peak (the smallest feasible is added)")
+    p.add_argument("--factors", default="2,4,8", help="batch: outcore batches as multiples of the base")
+    p.add_argument("--baselines", default=None,
+                   help="comma-separated subset of in-core,checkpoint,offload-hooks (default: all)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run after warm-up (default 3)")
+    p.add_argument("--out", default="bench-results", help="directory for the results (default bench-results)")
+    p.add_argument("--name", default=None, help="file name stem of the results (default: experiment_model_batch)")
     p.set_defaults(func=run)
 
 
-def measure_disk(size: int, directory: str | None = None) -> dict:
-    """GB/s for write alone, read alone, and write+read at once (total of both)."""
-    mover = DiskMover(directory)          # private, unlinked swap file; O_DIRECT probe
-    try:
-        extent_a = mover.allocate(size)
-        extent_b = mover.allocate(size)
-        buffers = [AlignedBuffer(CHUNK_BYTES), AlignedBuffer(CHUNK_BYTES)]
-        fd = mover._fd
-
-        def write(extent, buf):
-            for off in range(0, size, CHUNK_BYTES):
-                os.pwrite(fd, buf.view[:min(CHUNK_BYTES, size - off)], extent.offset + off)
-
-        def read(extent, buf):
-            for off in range(0, size, CHUNK_BYTES):
-                os.preadv(fd, [buf.view[:min(CHUNK_BYTES, size - off)]], extent.offset + off)
-
-        def timed(*jobs):
-            threads = [threading.Thread(target=f, args=a) for f, a in jobs]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return time.perf_counter() - start
-
-        write(extent_b, buffers[1])        # something to read back
-        figures = {
-            "write_GBps": size / timed((write, (extent_a, buffers[0]))) / 1e9,
-            "read_GBps": size / timed((read, (extent_b, buffers[1]))) / 1e9,
-            "both_total_GBps": 2 * size / timed((write, (extent_a, buffers[0])),
-                                                (read, (extent_b, buffers[1]))) / 1e9,
-            "o_direct": mover.direct, "filesystem": mover.filesystem, "directory": mover.location,
-            "bytes": size,
-        }
-        for b in buffers:
-            b.close()
-        return figures
-    finally:
-        mover.close()
-
-
 def run(args) -> int:
+    if args.what == "disk":
+        return run_disk(args)
+    return run_experiment(args)
+
+
+def run_experiment(args) -> int:
+    from ..bench import experiments, output
+    from ..workloads import SPECS
+    if args.model not in SPECS:
+        raise OutcoreError(f"unknown model {args.model!r}; choose one of {', '.join(SPECS)}")
+    if args.steps < 1 or args.batch < 1:
+        raise OutcoreError("--steps and --batch must be at least 1")
+    if args.model.startswith("gpt2") and args.image_size is not None:
+        raise OutcoreError("--image-size is for the CNNs; GPT-2 models take --seq-len")
+    if args.model.startswith(("resnet", "mlp")) and args.seq_len is not None:
+        raise OutcoreError("--seq-len is for the GPT-2 models; CNNs take --image-size")
+    print("measuring the disk ...", file=sys.stderr, flush=True)
+    disk = measure_disk(parse_bytes("1GiB"), args.dir)
+    common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,
+                  optimizer=args.optimizer, disk=disk)
+    if args.baselines:
+        common["baselines"] = tuple(_csv(args.baselines, ("in-core", "checkpoint", "offload-hooks")))
+    if args.what == "curve":
+        result = experiments.curve(args.model, args.batch, fractions=tuple(float(f) for f in _csv(args.fractions)),
+                                   policies=tuple(_csv(args.policies or "on-demand,fixed,adaptive", tuple(POLICIES))),
+                                   **common)
+    else:
+        common.setdefault("baselines", ("checkpoint", "offload-hooks"))
+        common["baselines"] = tuple(b for b in common["baselines"] if b != "in-core")
+        result = experiments.batch_sweep(args.model, args.batch, factors=tuple(int(f) for f in _csv(args.factors)),
+                                         policies=tuple(_csv(args.policies or "adaptive", tuple(POLICIES))), **common)
+    name = args.name or f"{args.what}_{args.model}_b{args.batch}"
+    command = "outcore " + " ".join(shlex.quote(a) for a in args.argv)
+    files = output.save(result, args.out, name, command)
+    print(output.markdown(result, command))
+    print("wrote " + ", ".join(files) + ("" if any(f.endswith(".png") for f in files)
+                                         else "  (no PNG: pip install matplotlib)"))
+    return 0 if all("error" not in r["result"] for r in result["runs"]) else 1
+
+
+def _csv(text: str, allowed=None) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise OutcoreError(f"expected a comma-separated list, got {text!r}")
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise OutcoreError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run_disk(args) -> int:
     size = parse_bytes(args.size)
     if size < CHUNK_BYTES:
         raise OutcoreError(f"--size must be at least {format_bytes(CHUNK_BYTES)}, got {args.size}")

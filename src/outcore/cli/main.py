@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv          # for results that record the command that made them
     try:
         return args.func(args) or 0
     except OutcoreError as exc:

@@ -1,0 +1,137 @@
+"""One benchmark run, alone in a fresh process (`python -m outcore.bench.child CONFIG`).
+
+A fresh process per run keeps runs apart: the C allocator's state, the page cache, the
+peak RSS (VmHWM) and, for outcore, its process-wide malloc settings. The config is JSON
+(see `RunConfig` in runner.py); the last line printed is the result as JSON."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"step {done}/{total}", file=sys.stderr, flush=True)
+
+
+def run(cfg: dict) -> dict:
+    import torch
+
+    import outcore
+    from outcore.workloads import build
+
+    from .variants import DiskOffload, checkpoint_blocks
+
+    torch.manual_seed(cfg.get("seed", 0))
+    w = build(cfg["model"], batch=cfg["batch"], optimizer=cfg.get("optimizer", "sgd"),
+              image_size=cfg.get("image_size"), seq_len=cfg.get("seq_len"), seed=cfg.get("seed", 0))
+    baseline_rss = _status("VmRSS:")
+    variant, steps, warmup = cfg["variant"], cfg["steps"], cfg.get("warmup", 1)
+    out: dict = {"baseline_rss": baseline_rss}
+    times: list[float] = []
+
+    if variant in ("in-core", "checkpoint", "offload-hooks"):
+        if variant == "checkpoint":
+            out["checkpointed_blocks"] = checkpoint_blocks(w.model)
+        offload = DiskOffload(cfg.get("swap_dir")) if variant == "offload-hooks" else None
+        try:
+            for i in range(warmup + steps):
+                if offload is not None and i == warmup:
+                    offload.bytes_read = offload.bytes_written = 0
+                    offload.io_s = 0.0
+                start = time.perf_counter()
+                if offload is None:
+                    w.step()
+                else:
+                    with offload.step():
+                        w.step()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+                _progress(i + 1, warmup + steps)
+            if offload is not None:
+                out.update(read=offload.bytes_read / steps, written=offload.bytes_written / steps,
+                           stalled=offload.io_s / steps)
+        finally:
+            if offload is not None:
+                offload.close()
+    elif variant == "outcore":
+        with outcore.OutOfCore(budget=cfg["budget"], policy=cfg["policy"], swap_dir=cfg.get("swap_dir"),
+                               return_freed_memory=cfg.get("return_freed_memory", True)) as ooc:
+            # Recording iterations first (two for an optimizer that creates its state
+            # lazily), then `steps` replays; a few spare in case of a re-record.
+            total = steps + 4
+            for i in range(total + 4):
+                start = time.perf_counter()
+                with ooc.iteration():
+                    w.step()
+                elapsed = time.perf_counter() - start
+                _progress(i + 1, total)
+                if ooc.report().iterations[-1].mode == "replay":
+                    times.append(elapsed)
+                    if len(times) == steps:
+                        break
+            report = ooc.report()
+        replays = [it for it in report.iterations if it.mode == "replay"][-len(times):]
+        if not replays:
+            raise RuntimeError("outcore never replayed a plan: every iteration re-recorded")
+        out.update(
+            read=statistics.median(it.bytes_read for it in replays),
+            written=statistics.median(it.bytes_written for it in replays),
+            stalled=statistics.median(it.wait_s for it in replays),
+            overlap=statistics.median(it.overlap for it in replays),
+            restore_s=statistics.median(it.restore_s for it in replays),
+            planned_in=report.planned_in, planned_out=report.planned_out,
+            planned_peak=report.planned_peak, functions=report.functions,
+            in_core_peak=report.in_core_peak, deviations=report.deviations,
+            recordings=sum(1 for it in report.iterations if it.mode == "record"),
+            lower_bound=_lower_bound(ooc, cfg["budget"]))
+        if cfg.get("compute_s") and cfg.get("disk"):
+            out["predicted_s"] = predict(ooc.trace, ooc.schedule, cfg["compute_s"], cfg["disk"])
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+
+    out["step_s"] = statistics.median(times)
+    out["steps_s"] = times
+    out["peak_rss"] = _status("VmHWM:")
+    return out
+
+
+def _lower_bound(ooc, budget: int) -> int:
+    """Bytes any schedule must read back under the budget the plan was made for."""
+    import outcore
+    pinned = sum(a.nbytes for a in ooc.trace.arrays if a.nbytes < 64 * 1024)
+    return outcore.lower_bound(ooc.trace, max(budget - pinned, 1)).bytes_moved
+
+
+def predict(trace, schedule, compute_s: float, disk: dict) -> float:
+    """The simulator's step time for this schedule on this machine: the trace's own op
+    durations scaled so that they add up to the measured in-core step, and the disk as
+    one shared link at the read and write speeds `outcore bench disk` measured."""
+    import outcore
+    from outcore.simulate import PRESETS, Machine
+
+    recorded = sum(fn.duration_s for fn in trace.functions) or 1.0
+    base = PRESETS["cpu-disk"]
+    m = Machine(**{**base.__dict__, "name": "cpu-disk (calibrated)", "duration_scale": compute_s / recorded,
+                   "link_in": disk["read_GBps"] * 1e9, "link_out": disk["write_GBps"] * 1e9,
+                   "shared_link": True})
+    return outcore.simulate(trace, schedule, m).step_time_s
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    result = run(cfg)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

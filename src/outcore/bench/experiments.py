@@ -1,0 +1,151 @@
+"""The experiments: which configs to run, and the memory figures that choose them.
+
+* `curve`: one model and batch; outcore at budgets from the in-core peak down to the
+  smallest feasible, beside in-core, checkpointing and offload hooks (whose memory is
+  what it is). Samples/s against peak RSS.
+* `batch` (the paper's experiment): a fixed budget, the in-core peak at a base batch;
+  the largest batch each variant trains within it (found on meta tensors, no compute),
+  and its samples/s against in-core at its own largest batch.
+Every outcore run also carries the simulator's prediction of its step time.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import torch
+
+from ..plan.feasibility import min_feasible_budget
+from ..trace import record
+from ..workloads import build
+from .runner import Progress, run_config
+from .variants import DiskOffload, checkpoint_blocks
+
+MIN_MOVE_BYTES = 64 * 1024        # OutOfCore's default: smaller storages stay pinned
+
+
+def shape_of(model: str, image_size: int | None, seq_len: int | None) -> dict:
+    return {k: v for k, v in (("image_size", image_size), ("seq_len", seq_len)) if v is not None}
+
+
+def memory_on_meta(model: str, batch: int, variant: str, **shape) -> dict:
+    """The step's managed peak (bytes of tensors alive at once) for `variant`, and the
+    smallest budget outcore can plan it under, from a recording on meta tensors."""
+    w = build(model, batch=batch, device="meta", **shape)
+    if variant == "checkpoint":
+        checkpoint_blocks(w.model, on_meta=True)
+    hooks = DiskOffload(meta=True) if variant == "offload-hooks" else None
+
+    def step():
+        if hooks is None:
+            w.step()
+        else:
+            with hooks.step():
+                w.step()
+    step()                                  # lazily created optimizer state
+    with record() as rec:
+        step()
+    trace = rec.trace
+    pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < MIN_MOVE_BYTES)
+    return {"peak": trace.peak()[0], "min_budget": min_feasible_budget(trace) + pinned}
+
+
+def largest_batch(fits, start: int, cap: int) -> int:
+    """The largest batch in [1, cap] for which fits(batch) holds (fits must be monotone:
+    true up to some batch, false after); 0 if not even batch 1 fits."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, None                  # fits(lo); not fits(hi)
+    b = max(start, 2)
+    while b <= cap:                   # double from `start` until it stops fitting
+        if not fits(b):
+            hi = b
+            break
+        lo, b = b, b * 2
+    if hi is None:
+        if fits(cap):
+            return cap
+        hi = cap
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def machine_info(disk: dict) -> dict:
+    return {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "disk": disk, "torch_threads": torch.get_num_threads()}
+
+
+def _base(model, batch, shape, steps, swap_dir, optimizer):
+    return {"model": model, "batch": batch, "optimizer": optimizer, "steps": steps, "warmup": 1,
+            "swap_dir": swap_dir, **shape}
+
+
+def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1, 0.5, 0.25, 0.125),
+          policies=("on-demand", "fixed", "adaptive"), steps=3, swap_dir=None, optimizer="sgd",
+          baselines=("in-core", "checkpoint", "offload-hooks"), disk: dict) -> dict:
+    shape = shape_of(model, image_size, seq_len)
+    mem = memory_on_meta(model, batch, "in-core", **shape)
+    floor = int(mem["min_budget"] * 1.05)
+    budgets = sorted({int(mem["peak"] * f) for f in fractions if mem["peak"] * f >= floor} | {floor},
+                     reverse=True)
+    base = _base(model, batch, shape, steps, swap_dir, optimizer)
+    configs = [dict(base, variant=v) for v in baselines]
+    configs += [dict(base, variant="outcore", policy=p, budget=b) for b in budgets for p in policies]
+    progress = Progress(len(configs))
+    runs, compute_s = [], None
+    for cfg in configs:
+        if cfg["variant"] == "outcore" and compute_s:
+            cfg.update(compute_s=compute_s, disk=disk)
+        result = run_config(cfg, progress)
+        if cfg["variant"] == "in-core" and "step_s" in result:
+            compute_s = result["step_s"]
+        runs.append({"config": cfg, "result": result})
+    return {"experiment": "curve", "model": model, "batch": batch, "shape": shape,
+            "in_core_peak": mem["peak"], "min_budget": mem["min_budget"], "budgets": budgets,
+            "compute": {str(batch): compute_s}, "machine": machine_info(disk), "runs": runs}
+
+
+def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, factors=(2, 4, 8),
+                policies=("adaptive",), steps=3, swap_dir=None, optimizer="sgd", cap_factor=16,
+                baselines=("checkpoint", "offload-hooks"), disk: dict) -> dict:
+    """The paper's experiment under budget = the in-core peak at `base_batch`."""
+    shape = shape_of(model, image_size, seq_len)
+    budget = memory_on_meta(model, base_batch, "in-core", **shape)["peak"]
+    cap = cap_factor * base_batch
+    memo: dict = {}
+
+    def mem(variant, b):
+        key = (variant, b)
+        if key not in memo:
+            memo[key] = memory_on_meta(model, b, "in-core" if variant == "outcore" else variant, **shape)
+        return memo[key]
+    largest = {"in-core": largest_batch(lambda b: mem("in-core", b)["peak"] <= budget, base_batch, cap)}
+    for v in baselines:
+        largest[v] = largest_batch(lambda b, v=v: mem(v, b)["peak"] <= budget, base_batch, cap)
+    largest["outcore"] = largest_batch(lambda b: mem("outcore", b)["min_budget"] <= budget, base_batch, cap)
+
+    base = _base(model, base_batch, shape, steps, swap_dir, optimizer)
+    outcore_batches = sorted({min(f * base_batch, largest["outcore"]) for f in factors})
+    configs = [dict(base, batch=largest["in-core"], variant="in-core", role="reference")]
+    configs += [dict(base, batch=largest[v], variant=v) for v in baselines if largest[v]]
+    for b in outcore_batches:       # in-core with unbounded memory: compute time at b
+        if b != largest["in-core"]:
+            configs.append(dict(base, batch=b, variant="in-core", role="unbounded memory"))
+    configs += [dict(base, batch=b, variant="outcore", policy=p, budget=budget)
+                for b in outcore_batches for p in policies]
+    progress = Progress(len(configs))
+    runs, compute = [], {}
+    for cfg in configs:
+        if cfg["variant"] == "outcore" and str(cfg["batch"]) in compute:
+            cfg.update(compute_s=compute[str(cfg["batch"])], disk=disk)
+        result = run_config(cfg, progress)
+        if cfg["variant"] == "in-core" and "step_s" in result:
+            compute[str(cfg["batch"])] = result["step_s"]
+        runs.append({"config": cfg, "result": result})
+    return {"experiment": "batch", "model": model, "batch": base_batch, "shape": shape,
+            "budget": budget, "largest": largest, "compute": compute,
+            "machine": machine_info(disk), "runs": runs}

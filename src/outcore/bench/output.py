@@ -1,0 +1,166 @@
+"""Figures per run, as a markdown table, JSON and a PNG per experiment.
+
+Per run: step time (median of the timed steps), samples/s, speed relative to in-core,
+peak RSS (VmHWM of the run's own process), bytes read and written per step, time the
+step stalled on I/O, the physical limit and the step's ratio to it, and for outcore the
+simulator's prediction and its error.
+
+Physical limit = max(compute, read / read speed, written / write speed, (read + written)
+/ speed of both at once): compute is the in-core step at the same batch measured in the
+same experiment; the speeds are `outcore bench disk`'s, measured at its start."""
+from __future__ import annotations
+
+import json
+import os
+
+MiB = 2 ** 20
+
+
+def rows(result: dict) -> list[dict]:
+    disk = result["machine"]["disk"]
+    compute = result.get("compute", {})
+    reference = _reference_step(result)
+    out = []
+    for run in result["runs"]:
+        cfg, r = run["config"], run["result"]
+        row = {"variant": cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else ""),
+               "policy": cfg.get("policy", "-"), "budget": cfg.get("budget"), "batch": cfg["batch"]}
+        if "error" in r:
+            row["error"] = r["error"].strip().splitlines()[-1] if r["error"].strip() else "failed"
+            out.append(row)
+            continue
+        step = r["step_s"]
+        row.update(step_s=step, samples_per_s=cfg["batch"] / step, peak_rss=r["peak_rss"],
+                   read=r.get("read", 0), written=r.get("written", 0), stalled_s=r.get("stalled", 0.0))
+        if result["experiment"] == "curve" and cfg["batch"] in reference:
+            row["vs_in_core"] = reference[cfg["batch"]] / step
+        elif "base" in reference:           # samples/s against in-core's samples/s
+            row["vs_in_core"] = row["samples_per_s"] * reference["base"]
+        comp = compute.get(str(cfg["batch"]))
+        if comp:
+            limit = max(comp, row["read"] / (disk["read_GBps"] * 1e9), row["written"] / (disk["write_GBps"] * 1e9),
+                        (row["read"] + row["written"]) / (disk["both_total_GBps"] * 1e9))
+            row["limit_s"] = limit
+            row["vs_limit"] = step / limit
+        if "predicted_s" in r:
+            row["predicted_s"] = r["predicted_s"]
+            row["prediction_error"] = r["predicted_s"] / step - 1
+        for key in ("planned_in", "planned_out", "lower_bound", "overlap", "deviations"):
+            if key in r:
+                row[key] = r[key]
+        out.append(row)
+    return out
+
+
+def _reference_step(result: dict) -> dict:
+    """curve: samples/s relative to in-core at the same batch. batch: samples/s relative
+    to in-core at its own largest batch under the budget (the paper's measure)."""
+    ref = {}
+    for run in result["runs"]:
+        cfg, r = run["config"], run["result"]
+        if cfg["variant"] != "in-core" or "step_s" not in r:
+            continue
+        if result["experiment"] == "curve":
+            ref[cfg["batch"]] = r["step_s"]
+        elif cfg.get("role") == "reference":
+            ref["base"] = r["step_s"] / cfg["batch"]          # seconds per sample
+    return ref
+
+
+def _mib(n):
+    return f"{n / MiB:.0f}" if n is not None else "-"
+
+
+def markdown(result: dict, command: str = "") -> str:
+    m = result["machine"]
+    disk = m["disk"]
+    shape = ", ".join(f"{k} {v}" for k, v in result["shape"].items())
+    lines = []
+    if result["experiment"] == "curve":
+        lines.append(f"**Memory-speed curve**: {result['model']} ({shape}), batch {result['batch']}; "
+                     f"in-core peak of managed tensors {_mib(result['in_core_peak'])} MiB, smallest "
+                     f"feasible budget {_mib(result['min_budget'])} MiB.")
+    else:
+        largest = ", ".join(f"{k} {v}" for k, v in result["largest"].items())
+        lines.append(f"**Largest batch under a fixed budget** (the paper's experiment): {result['model']} "
+                     f"({shape}), budget {_mib(result['budget'])} MiB = the in-core peak at batch "
+                     f"{result['batch']}. Largest batch within it: {largest}.")
+    lines.append("")
+    lines.append(f"Machine: {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+                 f"{m['date']}; disk ({'O_DIRECT' if disk.get('o_direct') else 'buffered'}, "
+                 f"{disk.get('filesystem')}): read {disk['read_GBps']:.2f} GB/s, write "
+                 f"{disk['write_GBps']:.2f} GB/s, both at once {disk['both_total_GBps']:.2f} GB/s total.")
+    if command:
+        lines += ["", f"    {command}"]
+    lines.append("")
+    speed_col = "vs in-core (same batch)" if result["experiment"] == "curve" else "samples/s vs in-core at its largest batch"
+    lines.append(f"| variant | policy | budget (MiB) | batch | step (s) | samples/s | {speed_col} | peak RSS (MiB) "
+                 "| read (MiB) | written (MiB) | stalled (s) | step / physical limit | predicted (s) | prediction error |")
+    lines.append("|" + "---|" * 14)
+    for row in rows(result):
+        if "error" in row:
+            lines.append(f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | "
+                         f"failed: {row['error'][:80]} |" + " |" * 9)
+            continue
+        pred = f"{row['predicted_s']:.2f}" if "predicted_s" in row else "-"
+        err = f"{100 * row['prediction_error']:+.0f}%" if "prediction_error" in row else "-"
+        lines.append(
+            f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | {row['step_s']:.2f} | "
+            f"{row['samples_per_s']:.1f} | {row.get('vs_in_core', float('nan')):.2f} | {_mib(row['peak_rss'])} | "
+            f"{_mib(row['read'])} | {_mib(row['written'])} | {row['stalled_s']:.2f} | "
+            f"{row.get('vs_limit', float('nan')):.2f} | {pred} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Write the experiment's PNG; returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    data = [r for r in rows(result) if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict = {}
+    for r in data:
+        name = r["variant"] if r["policy"] == "-" else f"outcore {r['policy']}"
+        series.setdefault(name, []).append(r)
+    markers = iter("osD^v<>p*hX")
+    if result["experiment"] == "curve":
+        for name, rs in series.items():
+            rs = sorted(rs, key=lambda r: r["peak_rss"])
+            ax.plot([r["peak_rss"] / MiB for r in rs], [r["samples_per_s"] for r in rs],
+                    marker=next(markers), label=name)
+        ax.set_xlabel("peak RSS of the process (MiB)")
+        ax.set_title(f"{result['model']} batch {result['batch']}: speed against memory")
+    else:
+        for name, rs in series.items():
+            rs = sorted(rs, key=lambda r: r["batch"])
+            style = "--" if "unbounded" in name else "-"
+            ax.plot([r["batch"] for r in rs], [r["samples_per_s"] for r in rs], style,
+                    marker=next(markers), label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(f"{result['model']}: throughput against batch, budget {result['budget'] / MiB:.0f} MiB")
+    ax.set_ylabel("samples/s")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save(result: dict, out_dir: str, name: str, command: str = "") -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    with open(base + ".json", "w") as f:
+        json.dump({**result, "command": command, "rows": rows(result)}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(result, command))
+    written = [base + ".json", base + ".md"]
+    png = plot(result, base + ".png")
+    if png:
+        written.append(png)
+    return written

@@ -1,0 +1,68 @@
+"""`outcore bench curve|batch`: every run in a fresh process, results as markdown, JSON
+and PNG, clear errors for bad arguments. Figures are timings: only their presence and
+consistency are checked here, never their speed."""
+import json
+
+import pytest
+
+from outcore.cli.main import main
+
+
+def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = main(["bench", "curve", "--model", "resnet18", "--batch", "2", "--image-size", "32",
+               "--fractions", "0.5", "--policies", "adaptive", "--steps", "1",
+               "--baselines", "in-core,offload-hooks", "--out", str(out), "--dir", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    result = json.loads((out / "curve_resnet18_b2.json").read_text())
+    rows = result["rows"]
+    variants = [(r["variant"], r["policy"]) for r in rows]
+    assert variants[:2] == [("in-core", "-"), ("offload-hooks", "-")]
+    outcore_rows = [r for r in rows if r["variant"] == "outcore"]
+    # Budgets: half the in-core peak, and just above the smallest feasible one.
+    assert [r["budget"] for r in outcore_rows] == result["budgets"] and len(result["budgets"]) == 2
+    assert all(r["budget"] < result["in_core_peak"] for r in outcore_rows)
+    for r in rows:
+        assert r["step_s"] > 0 and r["peak_rss"] > 0 and r["limit_s"] > 0
+    assert rows[0]["vs_in_core"] == 1.0 and rows[0]["read"] == 0
+    assert rows[1]["written"] > 0                       # the hooks really went to disk
+    for r in outcore_rows:
+        assert r["read"] > 0 and r["written"] > 0 and r["predicted_s"] > 0
+        # The bound counts bytes read back plus held bytes written (plan/lower_bound.py).
+        assert 0 < r["lower_bound"] <= r["planned_in"] + r["planned_out"]
+    md = (out / "curve_resnet18_b2.md").read_text()
+    assert "| outcore | adaptive |" in md and "outcore bench curve" in md
+    assert (out / "curve_resnet18_b2.png").read_bytes()[:4] == b"\x89PNG"
+    assert "[3/4]" in printed.err or "3/4" in printed.err              # the progress bar
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]        # no swap left behind
+
+
+def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
+    from outcore.bench import experiments
+    # A budget below the smallest feasible one: outcore must refuse, and the table say so.
+    real = experiments.memory_on_meta
+
+    def shrunk(*a, **k):
+        mem = real(*a, **k)
+        return {**mem, "min_budget": mem["min_budget"] // 4}
+    monkeypatch.setattr(experiments, "memory_on_meta", shrunk)
+    rc = main(["bench", "curve", "--model", "resnet18", "--batch", "2", "--image-size", "32",
+               "--fractions", "0.5", "--policies", "adaptive", "--steps", "1", "--baselines", "in-core",
+               "--out", str(tmp_path)])
+    assert rc == 1
+    md = (tmp_path / "curve_resnet18_b2.md").read_text()
+    assert "failed:" in md and "budget" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nope"], "unknown model"),
+    (["--model", "resnet18", "--seq-len", "8"], "--seq-len is for the GPT-2"),
+    (["--model", "gpt2-tiny", "--image-size", "8"], "--image-size is for the CNNs"),
+    (["--model", "resnet18", "--policies", "fastest"], "unknown fastest"),
+    (["--model", "resnet18", "--baselines", "magic"], "unknown magic"),
+    (["--model", "resnet18", "--steps", "0"], "at least 1"),
+])
+def test_bad_arguments_get_a_clear_error(argv, message, capsys):
+    assert main(["bench", "curve", *argv]) == 2
+    assert message in capsys.readouterr().err
