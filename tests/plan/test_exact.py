@@ -201,14 +201,19 @@ def test_clean_held_array_is_dropped_and_a_held_input_swapped_out():
     # a is swapped out after f0 and back in for its last read at f3, then held until f5:
     # its slow copy is current, so it is DROPped right after f3 (no transfer) and FREEd
     # after f5. The input x is held by the caller to the end of the step (freed_after
-    # None); at budget 10 f3 needs all the room, so x is swapped out after f2.
+    # None); at budget 10 f3 needs all the room, so x is swapped out after f2. The
+    # windowed policies wait for a's swap-out only when f2 itself needs the room (a
+    # prefetch for f2 at f1 may not evict a, which is used again); on-demand waits eagerly.
     arrays = {"x": (2, "input"), "a": 4, "b": 4, "c": 4, "d": 2}
     names(arrays)
     t = build(arrays, ["f0 r:x c:a", "f1 c:b", "f2 r:b c:c", "f3 r:a r:c c:d", "f4 r:d", "f5 r:d"],
               held={"a": 5, "x": None})
     for policy in POLICIES:
         s = outcore.plan(t, 10, policy)
-        assert s.begin == ((), acts("wait a"), (), acts("in a, wait x"), (), ())
+        wait_a = 1 if policy == "on-demand" else 2
+        begin = [(), (), (), acts("in a, wait x"), (), ()]
+        begin[wait_a] = acts("wait a")
+        assert s.begin == tuple(begin)
         assert s.end == (acts("out a"), (), acts("free b, out x"), acts("drop a, free c"), (),
                          acts("free d, free x, free a"))
         assert (s.bytes_in, s.bytes_out) == (4, 6)
@@ -272,3 +277,19 @@ def test_check_allows_swap_out_of_held_but_not_swap_in_after_last_use():
     end[4] = acts("free b, wait g, free g")
     with pytest.raises(outcore.ScheduleError, match="R2: function 3"):
         outcore.check(t, _with(s, begin=tuple(begin), end=tuple(end)))
+
+
+def test_room_comes_from_the_swap_out_needed_farthest_ahead():
+    # u and v are written at f0 and swapped out after it (next read at f3 and f4). f2
+    # needs room for k: Belady's order waits for v (needed last), so u's swap-out is
+    # still in flight when f3 needs it and is cancelled. Waiting oldest first (u) would
+    # have read u back in. Adaptive's prefetch of f3's u at f2 does not evict it either.
+    arrays = {"u": (4, "param"), "v": (4, "param"), "h": 4, "k": 4}
+    names(arrays)
+    t = build(arrays, ["f0 w:u w:v", "f1 c:h", "f2 r:h c:k", "f3 r:u r:k", "f4 r:v"])
+    for policy, options in (("fixed", {"k": 1}), ("adaptive", {})):
+        s = outcore.plan(t, 12, policy, **options)
+        assert s.begin[2] == acts("wait v")
+        assert s.end[0] == acts("out v") and s.end[3] == acts("out u, free k")
+        assert (s.bytes_in, s.bytes_out) == (12, 8)
+    assert outcore.plan(t, 12, "on-demand").bytes_in == 16
