@@ -65,7 +65,8 @@ PREFETCH_FNS = ["f0 r:w c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 @bac
 def test_adaptive_prefetches_a_function_ahead_and_on_demand_does_not():
     names(PREFETCH)
     t = build(PREFETCH, PREFETCH_FNS)
-    ends = (acts("drop w"), acts("free a"), acts("free b"), acts("free c"), acts("free d, drop w"))
+    # w is read last by f4 and stays resident at the end (window.end_keep_set).
+    ends = (acts("drop w"), acts("free a"), acts("free b"), acts("free c"), acts("free d"))
     adaptive = outcore.plan(t, 8, "adaptive")
     # w starts on the slow tier (it does not fit for the whole step), is read by f0 and
     # dropped (its slow copy is current: no copy back). At f3 the window reaches f4 and
@@ -90,8 +91,10 @@ def test_swap_out_still_in_flight_is_cancelled_when_the_window_needs_it_again():
     t = build(arrays, ["f0 w:a c:b c:t", "f1 r:b c:c", "f2 r:a r:c", "f3 r:p"])
     s = outcore.plan(t, 12, "adaptive")
     assert s.begin == (acts("in a"), (), acts("in p"), ())
-    assert s.end == (acts("free t"), acts("free b"), acts("out a, free c"), acts("drop p, wait a"))
-    assert (s.bytes_in, s.bytes_out) == (8, 4)      # a in once, p in once; a out once at the end
+    # After their last uses a and p stay resident: the step ends with them in fast memory
+    # anyway (window.end_keep_set), so copying a out would be wasted.
+    assert s.end == (acts("free t"), acts("free b"), acts("free c"), ())
+    assert (s.bytes_in, s.bytes_out) == (8, 0)      # a in once, p in once
 
 
 def test_window_limit_counts_bytes():
@@ -290,6 +293,23 @@ def test_room_comes_from_the_swap_out_needed_farthest_ahead():
     for policy, options in (("fixed", {"k": 1}), ("adaptive", {})):
         s = outcore.plan(t, 12, policy, **options)
         assert s.begin[2] == acts("wait v")
-        assert s.end[0] == acts("out v") and s.end[3] == acts("out u, free k")
-        assert (s.bytes_in, s.bytes_out) == (12, 8)
+        assert s.end[0] == acts("out v") and s.end[3] == acts("free k")   # u is kept at the end
+        assert (s.bytes_in, s.bytes_out) == (12, 4)
     assert outcore.plan(t, 12, "on-demand").bytes_in == 16
+
+
+def test_state_used_last_stays_resident_at_the_end_within_three_quarters_of_the_budget():
+    # p1..p3 are updated in turn by the "optimizer" after a big activation is gone. Each
+    # would be swapped out after its update and read back when the iteration ends; the
+    # ones used last stay instead, as long as they fit in 3/4 of the budget beside what
+    # each later function needs: p3 (last) and p2; p1 would bring f4 to 4+4+4 > 9.
+    arrays = {"p1": (4, "param"), "p2": (4, "param"), "p3": (4, "param"), "x": 8}
+    names(arrays)
+    t = build(arrays, ["f0 c:x", "f1 r:x", "f2 w:p1", "f3 w:p2", "f4 w:p3"])
+    from outcore.plan.policies.window import end_keep_set
+    assert end_keep_set(t, 12) == {IDS["p2"], IDS["p3"]}
+    for policy in ("adaptive", "fixed", "on-demand"):
+        s = outcore.plan(t, 12, policy)
+        assert set(s.resident_at_end) == {IDS["p2"], IDS["p3"]}
+        assert s.end[2] == acts("out p1") and s.end[3] == () and s.end[4][-1:] != acts("out p3")
+        outcore.check(t, s, 12)

@@ -20,8 +20,11 @@ Rules (numbered so messages and tests can cite them):
      SWAP_IN while its copy is in flight), and the iteration ends with nothing in flight;
   R6 DROP only a clean array whose slow copy is current;
   R7 every SWAP_IN is consumed by an access before its array leaves the fast tier;
-  R8 start/end placement: inputs start resident; arrays that existed before the step end
-     where they started; `resident_at_end` lists exactly what is resident at the end.
+  R8 start/end placement: inputs start resident; a persistent array that existed before
+     the step and starts resident ends resident (a persistent array that starts on the
+     slow tier may end resident: between iterations the executor holds all state in fast
+     memory, and moves it where the next iteration's start wants it); `resident_at_end`
+     lists exactly what is resident at the end.
 """
 from __future__ import annotations
 
@@ -194,7 +197,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                                 "PyTorch releases it")
         if s == RES:
             resident_end.append(a.id)
-        if a.existed_before and a.kind == "persistent" and (s == RES) != (a.id in start_set):
+        if a.existed_before and a.kind == "persistent" and a.id in start_set and s != RES:
             raise ScheduleError(
                 f"R8: persistent array {a.id} starts the iteration "
                 f"{'resident' if a.id in start_set else 'on the slow tier'} but ends it "

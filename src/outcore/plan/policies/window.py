@@ -46,12 +46,19 @@ window cannot make a policy move more held bytes than on-demand does. The FREE a
 release point is emitted all the same (it then drops the slow copy).
 `keep(array, f) -> bool` lets a caller pin an array resident across its gap after f
 (the adaptive-belady policy uses it for offline keep decisions).
+State kept at the end (`end_keep_set`): the executor brings every persistent array back
+to fast memory when an iteration ends (the model must be plain PyTorch between
+iterations), so swapping one out after its last use costs a write now and a read at the
+end, for nothing. The persistent arrays used last (the optimizer's final updates) stay
+resident after their last use instead, as many as fit in 3/4 of the budget beside what
+each later function needs; they are eviction victims for room like held arrays, after
+every dead one, so feasibility is untouched.
 """
 from __future__ import annotations
 
 import heapq
 
-from ..feasibility import release_points
+from ..feasibility import needs, release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
 
 ABSENT, RES, OUT, SLOW, DEAD = 0, 1, 2, 3, 4
@@ -79,6 +86,30 @@ def access_table(trace):
     return acc_fn, acc_arr, nxt, offsets
 
 
+END_KEEP_SHARE = 0.75
+
+
+def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
+    """Persistent arrays to leave resident after their last use (see the module docstring):
+    latest last use first, each kept if, at every later function g, needs(g) plus the bytes
+    already kept before g plus its own stay within share x budget."""
+    n = len(trace.functions)
+    need = needs(trace)
+    cap = int(budget * share)
+    kept: set[int] = set()
+    tracked_max = 0            # max over tracked g of needs(g) + kept bytes resident at g
+    low = n - 1                # g in (low, n - 1] are tracked
+    for a in sorted((a for a in trace.arrays if a.kind == "persistent" and a.nbytes),
+                    key=lambda a: -a.last_use):
+        while low > a.last_use:            # g in (last_use, low]: nothing kept is resident yet
+            tracked_max = max(tracked_max, need[low])
+            low -= 1
+        if tracked_max + a.nbytes <= cap:
+            kept.add(a.id)
+            tracked_max += a.nbytes
+    return kept
+
+
 def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 window_functions: int | None = None, keep=None, eager_wait: bool = False):
     """Return (begin, end, resident_at_start) action lists for `trace` under `budget`.
@@ -89,6 +120,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     nb = [a.nbytes for a in arrays]
     persistent = [a.kind == "persistent" for a in arrays]
     release = release_points(trace)
+    keep_end = end_keep_set(trace, budget)
     acc_fn, acc_arr, nxt, offsets = access_table(trace)
     total = len(acc_fn)
 
@@ -199,8 +231,11 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
             if not held_res[a]:
                 continue
             held_res[a] = False
-            end[f - 1].append(Action(SWAP_OUT, a))
-            begin[f].append(Action(WAIT, a))
+            if dirty[a]:
+                end[f - 1].append(Action(SWAP_OUT, a))
+                begin[f].append(Action(WAIT, a))
+            else:                                  # state kept at the end, unchanged
+                end[f - 1].append(Action(DROP, a))
             state[a] = SLOW
             dirty[a] = False
             occ -= nb[a]
@@ -270,7 +305,10 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
             if win_last[a] > f:
                 continue
             if nu < 0:
-                if persistent[a]:
+                if persistent[a] and a in keep_end:  # stays; evicted for room last
+                    held_res[a] = True
+                    heapq.heappush(held_heap, (1, -nb[a], a))
+                elif persistent[a]:
                     evict(a, f, nu)
                 elif release[a] == f:
                     end[f].append(Action(FREE, a))
