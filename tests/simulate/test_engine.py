@@ -57,6 +57,9 @@ def test_a_shared_link_serves_reads_and_writes_in_turn():
     assert shared.step_time_s >= apart.step_time_s
     ins, outs = shared.link_busy_s
     assert shared.physical_limit_s == max(shared.in_core_time_s, ins + outs)
+    # State that starts the step on the slow tier is written out before it; state that
+    # ends it there is read back after (OutOfCore keeps it in memory between iterations).
+    assert shared.boundary_s == 0          # x is an input: nothing persistent here
     # Durations scale for calibration to a measured step.
     scaled = outcore.simulate(t, s, Machine(**{**TOY.__dict__, "duration_scale": 2.0}))
     assert scaled.in_core_time_s == 2 * apart.in_core_time_s
@@ -87,3 +90,13 @@ def test_step_time_respects_the_physical_limits(trace, fraction, name):
         assert sim.bytes_in == sum(x.nbytes for x in sim.transfers if x.direction == "in")
         if s.bytes_moved == 0:
             assert sim.total_stall_s == 0
+
+
+def test_boundary_transfers_of_persistent_state():
+    # w (a parameter, 2 bytes) starts on the slow tier: written out before the step;
+    # it is read last by f4 and stays resident at the end: nothing to read back.
+    t = build(PREFETCH, PREFETCH_FNS, durations=ONE_SECOND)
+    s = outcore.plan(t, 8, "adaptive")
+    sim = outcore.simulate(t, s, TOY)
+    assert sim.boundary_s == 2.0 and sim.iteration_time_s == sim.step_time_s + 2.0
+    assert "between iterations 2000.00 ms" in str(sim)

@@ -124,7 +124,7 @@ def predict(trace, schedule, compute_s: float, disk: dict) -> float:
     m = Machine(**{**base.__dict__, "name": "cpu-disk (calibrated)", "duration_scale": compute_s / recorded,
                    "link_in": disk["read_GBps"] * 1e9, "link_out": disk["write_GBps"] * 1e9,
                    "shared_link": True})
-    return outcore.simulate(trace, schedule, m).step_time_s
+    return outcore.simulate(trace, schedule, m).iteration_time_s
 
 
 def main() -> None:
