@@ -24,7 +24,9 @@ def rows(result: dict) -> list[dict]:
     for run in result["runs"]:
         cfg, r = run["config"], run["result"]
         row = {"variant": cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else ""),
-               "policy": cfg.get("policy", "-"), "budget": cfg.get("budget"), "batch": cfg["batch"]}
+               "policy": cfg.get("policy", "-") + (" (THP)" if cfg.get("env", {}).get("THP_MEM_ALLOC_ENABLE") == "1"
+                                                  else ""),
+               "budget": cfg.get("budget"), "batch": cfg["batch"]}
         if "error" in r:
             row["error"] = r["error"].strip().splitlines()[-1] if r["error"].strip() else "failed"
             out.append(row)

@@ -3,12 +3,13 @@
 A config is a plain dict (it travels as JSON to `outcore.bench.child`):
     model, batch, image_size | seq_len, optimizer, seed,
     variant ("in-core" | "checkpoint" | "offload-hooks" | "outcore"),
-    policy and budget (outcore), steps, warmup, swap_dir,
+    policy and budget (outcore), steps, warmup, swap_dir, env (extra environment),
     compute_s and disk (outcore: to predict the step time with the simulator).
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ def label(cfg: dict) -> str:
     text = f"{cfg['model']} b{cfg['batch']} {cfg['variant']}"
     if cfg["variant"] == "outcore":
         text += f" {cfg['policy']} budget {format_bytes(cfg['budget'])}"
+    if cfg.get("env"):
+        text += " [" + " ".join(f"{k}={v}" for k, v in cfg["env"].items()) + "]"
     return text
 
 
@@ -60,8 +63,9 @@ def run_config(cfg: dict, progress: Progress | None = None, timeout_s: float = 1
     name = label(cfg)
     if progress:
         progress.show(name)
+    env = {**os.environ, **cfg.get("env", {})}
     proc = subprocess.Popen([sys.executable, "-m", "outcore.bench.child", json.dumps(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     err_lines: list[str] = []
 
     def pump():

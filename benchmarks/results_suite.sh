@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The runs behind docs/results.md, in the order they were made. Each `outcore bench`
+# command runs every variant in a fresh process and writes markdown, JSON and a PNG
+# under docs/results/. About 40 minutes on the 2-core CPU machine; run it on a quiet
+# machine (timings move with load).
+set -euo pipefail
+OUT=${OUT:-docs/results}
+B=".venv/bin/outcore bench"
+mkdir -p "$OUT"
+$B disk --size 2GiB | tee "$OUT/disk.txt"
+# Memory-speed curve, ResNet-50, 64x64, batch 64: every policy at 5 budgets.
+$B curve --model resnet50 --image-size 64 --batch 64 --thp --out "$OUT"
+# The same at a quarter budget without THP_MEM_ALLOC_ENABLE (torch's default allocation).
+$B curve --model resnet50 --image-size 64 --batch 64 --fractions 0.25 --policies adaptive \
+   --baselines in-core --name curve_resnet50_b64_default_alloc --out "$OUT"
+# The paper's experiment: budget = in-core peak at batch 64; outcore at 2x, 4x, 8x.
+$B batch --model resnet50 --image-size 64 --batch 64 --thp --out "$OUT"
+# The reference case: ResNet-50, 128x128, batch 64, outcore at a quarter budget.
+$B curve --model resnet50 --image-size 128 --batch 64 --fractions 0.25 --policies adaptive --thp \
+   --name reference_resnet50_128px_b64 --out "$OUT"
+# ResNet-18 and GPT-2: curve and largest batch.
+$B curve --model resnet18 --image-size 64 --batch 128 --fractions 1,0.5,0.25 --policies adaptive --thp --out "$OUT"
+$B batch --model resnet18 --image-size 64 --batch 64 --factors 8 --thp --out "$OUT"
+$B curve --model gpt2 --seq-len 256 --batch 2 --fractions 0.5,0.25 --policies adaptive --thp --out "$OUT"
+$B batch --model gpt2 --seq-len 256 --batch 2 --factors 4,8 --thp --out "$OUT"
