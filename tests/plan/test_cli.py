@@ -13,7 +13,7 @@ def test_plan_prints_summary_and_writes_json(tmp_path, capsys):
     out_path = tmp_path / "s.json"
     assert main(["plan", str(path), "--budget", "8", "--policy", "adaptive", "-o", str(out_path)]) == 0
     out = capsys.readouterr().out
-    assert "moved in            4 B  (2 swap-ins)" in out
+    assert "moved in            2 B  (1 swap-ins)" in out   # w stays resident at the start
     assert "f3 f3 (forward): before [in a0] after [free a3]" in out
     assert "lower bound          2 B" in out and out_path.exists()
 

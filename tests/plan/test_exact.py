@@ -1,4 +1,8 @@
-"""Small traces with the exact schedule each policy must produce, checkable by eye."""
+"""Small traces with the exact schedule each policy must produce, checkable by eye.
+
+Most tests plan with keep_state=False: persistent state then starts and ends the step on
+the slow tier, as in the paper, which keeps each mechanism visible on its own. The tests
+at the end cover keep_state (the default), where state that fits stays resident."""
 import pytest
 
 import outcore
@@ -21,6 +25,10 @@ def acts(text: str) -> tuple:
 IDS = {}
 
 
+def plan_paper(trace, budget, policy="adaptive", **options):
+    return outcore.plan(trace, budget, policy, keep_state=False, **options)
+
+
 def names(trace_arrays):
     IDS.clear()
     IDS.update({name: i for i, name in enumerate(trace_arrays)})
@@ -36,7 +44,7 @@ CHAIN_FNS = ["f0 r:x c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 @backward r:a r:c"]
 def test_chain_under_8_bytes_swaps_a_out_and_back(policy):
     names(CHAIN)
     t = build(CHAIN, CHAIN_FNS)
-    s = outcore.plan(t, 8, policy)
+    s = plan_paper(t, 8, policy)
     # After f1, `a` is not needed until f3: out it goes. f2 must create c while the copy
     # of a is in flight, so it waits for it first; f3 brings a back.
     assert s.begin == ((), (), acts("wait a"), acts("in a"))
@@ -50,7 +58,7 @@ def test_chain_that_fits_moves_nothing():
     names(CHAIN)
     t = build(CHAIN, CHAIN_FNS)
     for policy in POLICIES:
-        s = outcore.plan(t, 12, policy)
+        s = plan_paper(t, 12, policy)
         assert s.begin == ((), (), (), ())
         assert s.end == (acts("free x"), (), acts("free b"), acts("free a, free c"))
         assert s.bytes_moved == 0 and s.peak_bytes == 12
@@ -65,15 +73,14 @@ PREFETCH_FNS = ["f0 r:w c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 @bac
 def test_adaptive_prefetches_a_function_ahead_and_on_demand_does_not():
     names(PREFETCH)
     t = build(PREFETCH, PREFETCH_FNS)
-    # w is read last by f4 and stays resident at the end (window.end_keep_set).
-    ends = (acts("drop w"), acts("free a"), acts("free b"), acts("free c"), acts("free d"))
-    adaptive = outcore.plan(t, 8, "adaptive")
+    ends = (acts("drop w"), acts("free a"), acts("free b"), acts("free c"), acts("free d, drop w"))
+    adaptive = plan_paper(t, 8, "adaptive")
     # w starts on the slow tier (it does not fit for the whole step), is read by f0 and
     # dropped (its slow copy is current: no copy back). At f3 the window reaches f4 and
     # has 2 bytes free: w is swapped in one function ahead, hiding the transfer behind f3.
     assert adaptive.begin == (acts("in w"), (), (), acts("in w"), ())
     assert adaptive.end == ends
-    on_demand = outcore.plan(t, 8, "on-demand")
+    on_demand = plan_paper(t, 8, "on-demand")
     assert on_demand.begin == (acts("in w"), (), (), (), acts("in w"))
     assert on_demand.end == ends
     assert adaptive.bytes_in == on_demand.bytes_in == 4 and adaptive.bytes_out == 0
@@ -89,19 +96,17 @@ def test_swap_out_still_in_flight_is_cancelled_when_the_window_needs_it_again():
     arrays = {"a": (4, "param"), "b": 4, "t": 4, "c": 4, "p": (4, "param")}
     names(arrays)
     t = build(arrays, ["f0 w:a c:b c:t", "f1 r:b c:c", "f2 r:a r:c", "f3 r:p"])
-    s = outcore.plan(t, 12, "adaptive")
+    s = plan_paper(t, 12, "adaptive")
     assert s.begin == (acts("in a"), (), acts("in p"), ())
-    # After their last uses a and p stay resident: the step ends with them in fast memory
-    # anyway (window.end_keep_set), so copying a out would be wasted.
-    assert s.end == (acts("free t"), acts("free b"), acts("free c"), ())
-    assert (s.bytes_in, s.bytes_out) == (8, 0)      # a in once, p in once
+    assert s.end == (acts("free t"), acts("free b"), acts("out a, free c"), acts("drop p, wait a"))
+    assert (s.bytes_in, s.bytes_out) == (8, 4)      # a in once, p in once; a out once at the end
 
 
 def test_window_limit_counts_bytes():
     # Same trace as PREFETCH with a window too small to reach f4 from f3: no early swap-in.
     names(PREFETCH)
     t = build(PREFETCH, PREFETCH_FNS)
-    s = outcore.plan(t, 8, "adaptive", window=6)
+    s = plan_paper(t, 8, "adaptive", window=6)
     assert s.begin[3] == () and s.begin[4] == acts("in w")
     assert s.options["window"] == 6
 
@@ -110,7 +115,7 @@ def test_infeasible_budget_names_the_function():
     names(CHAIN)
     t = build(CHAIN, CHAIN_FNS)
     with pytest.raises(outcore.InfeasibleBudget) as info:
-        outcore.plan(t, 7, "adaptive")
+        plan_paper(t, 7, "adaptive")
     e = info.value
     assert (e.function_index, e.op, e.phase) == (0, "f0", "forward")
     assert (e.needed_bytes, e.budget_bytes, e.min_feasible_bytes) == (8, 7, 8)
@@ -121,19 +126,19 @@ def test_infeasible_budget_names_the_function():
 
 def test_budget_strings_and_unknown_policy_or_option():
     t = build(CHAIN, CHAIN_FNS)
-    assert outcore.plan(t, "1KiB").budget == 1024
+    assert plan_paper(t, "1KiB").budget == 1024
     with pytest.raises(outcore.OutcoreError, match="unknown policy"):
-        outcore.plan(t, 8, "lru")
+        plan_paper(t, 8, "lru")
     with pytest.raises(outcore.OutcoreError, match="takes no option"):
-        outcore.plan(t, 8, "adaptive", k=3)
+        plan_paper(t, 8, "adaptive", k=3)
     with pytest.raises(outcore.OutcoreError, match="lower_bound"):
-        outcore.plan(t, 8, "lower-bound")
+        plan_paper(t, 8, "lower-bound")
 
 
 def test_summary_and_json_round_trip(tmp_path):
     names(PREFETCH)
     t = build(PREFETCH, PREFETCH_FNS)
-    s = outcore.plan(t, 8, "adaptive")
+    s = plan_paper(t, 8, "adaptive")
     text = s.summary(trace=t)
     assert "moved in" in text and "f3 f3 (forward): before [in a1]" not in text
     assert "f3 f3 (forward): before [in a0] after [free a3]" in text
@@ -164,7 +169,7 @@ def test_held_gradient_fits_only_in_core_when_its_occupancy_does():
     t = grad_trace()
     assert t.peak()[0] == 10 and t.peak(actual=True)[0] == 12
     for policy in POLICIES:
-        s = outcore.plan(t, 12, policy)
+        s = plan_paper(t, 12, policy)
         assert s.options.get("in_core") is True
         assert s.begin == ((),) * 5
         assert s.end == (acts("free x"), acts("free a"), (), (), acts("free g, free b"))
@@ -177,7 +182,7 @@ def test_held_gradient_stays_resident_when_the_budget_has_room(policy):
     # after its last use. Waiting for that copy leaves g's 2 bytes of room at f3: g is
     # never touched after f2 and is FREEd where PyTorch releases it, after f4.
     t = grad_trace()
-    s = outcore.plan(t, 10, policy)
+    s = plan_paper(t, 10, policy)
     assert "in_core" not in s.options
     assert s.begin == (acts("in w"), (), (), acts("wait w"), ())
     assert s.end == (acts("free x"), acts("free a"), acts("out w"), (), acts("free b, free g"))
@@ -192,7 +197,7 @@ def test_held_gradient_is_swapped_out_when_the_budget_has_no_room(policy):
     # must leave: swapped out right after its last use, waited for before f3, never
     # swapped back in, and still FREEd after f4 (dropping its slow copy).
     t = grad_trace()
-    s = outcore.plan(t, 8, policy)
+    s = plan_paper(t, 8, policy)
     assert s.begin == (acts("in w"), (), (), acts("wait w, wait g"), ())
     assert s.end == (acts("free x"), acts("free a"), acts("out w, out g"), (), acts("free b, free g"))
     assert (s.bytes_in, s.bytes_out) == (2, 4)
@@ -212,7 +217,7 @@ def test_clean_held_array_is_dropped_and_a_held_input_swapped_out():
     t = build(arrays, ["f0 r:x c:a", "f1 c:b", "f2 r:b c:c", "f3 r:a r:c c:d", "f4 r:d", "f5 r:d"],
               held={"a": 5, "x": None})
     for policy in POLICIES:
-        s = outcore.plan(t, 10, policy)
+        s = plan_paper(t, 10, policy)
         wait_a = 1 if policy == "on-demand" else 2
         begin = [(), (), (), acts("in a, wait x"), (), ()]
         begin[wait_a] = acts("wait a")
@@ -233,7 +238,7 @@ def _with(s, *, begin=None, end=None):
 
 def test_check_enforces_release_points():
     t = grad_trace()
-    s = outcore.plan(t, 12, "adaptive")
+    s = plan_paper(t, 12, "adaptive")
     outcore.check(t, s)
     # FREE at the last use (the old planner's assumption): the storage is still held.
     early = list(s.end)
@@ -248,7 +253,7 @@ def test_check_enforces_release_points():
     # FREE after the release point.
     names(GRAD)
     longer = build(GRAD, GRAD_FNS + ["tail @other r:w"], held={"g": 4})
-    s6 = outcore.plan(longer, 12, "adaptive")
+    s6 = plan_paper(longer, 12, "adaptive")
     late = list(s6.end)
     late[4], late[5] = acts("free b"), acts("free g")
     with pytest.raises(outcore.ScheduleError, match="already released after function 4"):
@@ -257,7 +262,7 @@ def test_check_enforces_release_points():
 
 def test_check_allows_swap_out_of_held_but_not_swap_in_after_last_use():
     t = grad_trace()
-    s = outcore.plan(t, 8, "adaptive")
+    s = plan_paper(t, 8, "adaptive")
     outcore.check(t, s)                                   # out g after its last use: fine
     # Bringing g back after its last use is an error, even with room for it.
     begin = list(s.begin)
@@ -267,7 +272,7 @@ def test_check_allows_swap_out_of_held_but_not_swap_in_after_last_use():
     with pytest.raises(outcore.ScheduleError, match="SWAP_IN of array 3, whose last use was function 2"):
         outcore.check(t, _with(s, begin=tuple(begin), end=tuple(end)), 12)
     # A SWAP_OUT at (or after) the release point is an error: the storage is gone.
-    s12 = outcore.plan(t, 12, "adaptive")
+    s12 = plan_paper(t, 12, "adaptive")
     end = list(s12.end)
     end[4] = acts("free b, out g, wait g")
     with pytest.raises(outcore.ScheduleError, match="released by PyTorch after function 4"):
@@ -291,11 +296,11 @@ def test_room_comes_from_the_swap_out_needed_farthest_ahead():
     names(arrays)
     t = build(arrays, ["f0 w:u w:v", "f1 c:h", "f2 r:h c:k", "f3 r:u r:k", "f4 r:v"])
     for policy, options in (("fixed", {"k": 1}), ("adaptive", {})):
-        s = outcore.plan(t, 12, policy, **options)
+        s = plan_paper(t, 12, policy, **options)
         assert s.begin[2] == acts("wait v")
-        assert s.end[0] == acts("out v") and s.end[3] == acts("free k")   # u is kept at the end
-        assert (s.bytes_in, s.bytes_out) == (12, 4)
-    assert outcore.plan(t, 12, "on-demand").bytes_in == 16
+        assert s.end[0] == acts("out v") and s.end[3] == acts("out u, free k")
+        assert (s.bytes_in, s.bytes_out) == (12, 8)
+    assert plan_paper(t, 12, "on-demand").bytes_in == 16
 
 
 def test_state_used_last_stays_resident_at_the_end_within_three_quarters_of_the_budget():
@@ -303,13 +308,52 @@ def test_state_used_last_stays_resident_at_the_end_within_three_quarters_of_the_
     # would be swapped out after its update and read back when the iteration ends; the
     # ones used last stay instead, as long as they fit in 3/4 of the budget beside what
     # each later function needs: p3 (last) and p2; p1 would bring f4 to 4+4+4 > 9.
-    arrays = {"p1": (4, "param"), "p2": (4, "param"), "p3": (4, "param"), "x": 8}
+    arrays = {"p1": (4, "param"), "p2": (4, "param"), "p3": (4, "param"), "x": 4, "y": 4}
     names(arrays)
-    t = build(arrays, ["f0 c:x", "f1 r:x", "f2 w:p1", "f3 w:p2", "f4 w:p3"])
+    t = build(arrays, ["f0 c:x", "f1 r:x c:y", "f2 r:y w:p1", "f3 w:p2", "f4 w:p3"])
     from outcore.plan.policies.window import end_keep_set
     assert end_keep_set(t, 12) == {IDS["p2"], IDS["p3"]}
-    for policy in ("adaptive", "fixed", "on-demand"):
+    for policy in POLICIES:
         s = outcore.plan(t, 12, policy)
-        assert set(s.resident_at_end) == {IDS["p2"], IDS["p3"]}
-        assert s.end[2] == acts("out p1") and s.end[3] == () and s.end[4][-1:] != acts("out p3")
+        assert {IDS["p2"], IDS["p3"]} <= set(s.resident_at_end)
+        assert Action("SWAP_OUT", IDS["p2"]) not in s.end[3]
+        assert Action("SWAP_OUT", IDS["p3"]) not in s.end[4]
         outcore.check(t, s, 12)
+        paper = plan_paper(t, 12, policy)
+        assert s.bytes_out < paper.bytes_out
+
+
+def test_state_that_fits_beside_the_activations_is_not_written_out_at_the_start():
+    # The step peaks at 10 bytes: 8 of activations (f1, f2) and w's 2. Under a budget of
+    # 9, w is not written out before the step: f0 reads it where it is; it then leaves
+    # (f1 and f2 need the room) and comes back for f4. Without keep_state it starts on
+    # the slow tier and is read in twice.
+    names(PREFETCH)
+    t = build(PREFETCH, PREFETCH_FNS)
+    from outcore.plan.policies.window import start_keep_set
+    assert start_keep_set(t, 9) == {IDS["w"]}
+    assert start_keep_set(t, 5) == set()        # a (4, created by f0) + w (2) > 5
+    for policy in POLICIES:
+        s = outcore.plan(t, 9, policy)
+        outcore.check(t, s, 9)
+        paper = plan_paper(t, 9, policy)
+        assert IDS["w"] in s.resident_at_start and IDS["w"] not in paper.resident_at_start
+        assert (s.bytes_in, s.bytes_out) == (2, 2) and (paper.bytes_in, paper.bytes_out) == (4, 0)
+
+
+def test_state_is_kept_from_the_start_by_earliest_first_use_while_it_fits():
+    # b (read at f2) fits beside f1's 12 bytes of activations under 16; a (read at f3)
+    # would not fit as well: it starts on the slow tier and is swapped in for f3.
+    arrays = {"a": (4, "param"), "b": (4, "param"), "x": 4, "y": 8}
+    names(arrays)
+    t = build(arrays, ["f0 c:x", "f1 r:x c:y", "f2 r:y r:b", "f3 r:a"])
+    s = outcore.plan(t, 16, "on-demand")
+    outcore.check(t, s, 16)
+    assert s.resident_at_start == (IDS["b"],)
+    assert s.begin[3] == acts("in a") and s.bytes_in == 4
+
+
+def test_keep_state_must_be_a_bool():
+    t = build(PREFETCH, PREFETCH_FNS)
+    with pytest.raises(outcore.OutcoreError, match="keep_state"):
+        outcore.plan(t, 9, "adaptive", keep_state="yes")

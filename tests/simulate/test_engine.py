@@ -22,12 +22,12 @@ def test_prefetch_hides_half_the_transfer():
     t = build(PREFETCH, PREFETCH_FNS, durations=ONE_SECOND)
     # adaptive: w in during [0,2] -> f0 runs [2,3]; f1 [3,4]; f2 [4,5]; w in again from 5
     # (issued before f3) to 7; f3 [5,6]; f4 waits until 7 and runs [7,8].
-    sim = outcore.simulate(t, outcore.plan(t, 8, "adaptive"), TOY)
+    sim = outcore.simulate(t, outcore.plan(t, 8, "adaptive", keep_state=False), TOY)
     assert sim.step_time_s == 8.0 and sim.in_core_time_s == 5.0
     assert sim.stall_s == (2.0, 0.0, 0.0, 0.0, 1.0)
     assert sim.start_s == (2.0, 3.0, 4.0, 5.0, 7.0)
     # on-demand issues the second swap-in only before f4: [6,8], f4 runs [8,9].
-    sim = outcore.simulate(t, outcore.plan(t, 8, "on-demand"), TOY)
+    sim = outcore.simulate(t, outcore.plan(t, 8, "on-demand", keep_state=False), TOY)
     assert sim.step_time_s == 9.0 and sim.stall_s == (2.0, 0.0, 0.0, 0.0, 2.0)
     assert [(x.direction, x.start_s, x.end_s) for x in sim.transfers] == [("in", 0, 2), ("in", 6, 8)]
 
@@ -38,7 +38,7 @@ def test_wait_blocks_until_the_swap_out_completes():
               durations=[1.0] * 4)
     # a goes out after f1 during [2,6]; f2 must WAIT for it (stall 4) and runs [6,7];
     # a comes back during [7,11]; f3 runs [11,12].
-    sim = outcore.simulate(t, outcore.plan(t, 8, "adaptive"), TOY)
+    sim = outcore.simulate(t, outcore.plan(t, 8, "adaptive", keep_state=False), TOY)
     assert sim.stall_s == (0.0, 0.0, 4.0, 4.0)
     assert sim.step_time_s == 12.0 and sim.speed_vs_in_core == pytest.approx(4 / 12)
     assert "33.3% of in-core speed" in str(sim)
@@ -48,7 +48,7 @@ def test_a_shared_link_serves_reads_and_writes_in_turn():
     t = build({"x": (4, "input"), "a": 4, "b": 4, "c": 4},
               ["f0 r:x c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 @backward r:a r:c"],
               durations=[1.0] * 4)
-    s = outcore.plan(t, 8, "adaptive")
+    s = outcore.plan(t, 8, "adaptive", keep_state=False)
     apart = outcore.simulate(t, s, TOY)
     shared = outcore.simulate(t, s, Machine(**{**TOY.__dict__, "name": "toy-shared", "shared_link": True}))
     # Every transfer starts after the previous one, whatever its direction.
@@ -93,10 +93,11 @@ def test_step_time_respects_the_physical_limits(trace, fraction, name):
 
 
 def test_boundary_transfers_of_persistent_state():
-    # w (a parameter, 2 bytes) starts on the slow tier: written out before the step;
-    # it is read last by f4 and stays resident at the end: nothing to read back.
+    # w (a parameter, 2 bytes): planned the paper's way it starts the step on the slow
+    # tier (written out before it: 2 s) and leaves after f4 (read back after it: 2 s).
     t = build(PREFETCH, PREFETCH_FNS, durations=ONE_SECOND)
-    s = outcore.plan(t, 8, "adaptive")
-    sim = outcore.simulate(t, s, TOY)
-    assert sim.boundary_s == 2.0 and sim.iteration_time_s == sim.step_time_s + 2.0
-    assert "between iterations 2000.00 ms" in str(sim)
+    sim = outcore.simulate(t, outcore.plan(t, 8, "adaptive", keep_state=False), TOY)
+    assert sim.boundary_s == 4.0 and sim.iteration_time_s == sim.step_time_s + 4.0
+    assert "between iterations 4000.00 ms" in str(sim)
+    # Kept where it is at both ends (keep_state, the default): nothing crosses over.
+    assert outcore.simulate(t, outcore.plan(t, 8, "adaptive"), TOY).boundary_s == 0.0

@@ -75,13 +75,21 @@ def run_config(cfg: dict, progress: Progress | None = None, timeout_s: float = 1
                 progress.show(name, line.strip())
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    timed_out = threading.Event()
+
+    def kill():
+        timed_out.set()
         proc.kill()
-        out, _ = proc.communicate()
+    timer = threading.Timer(timeout_s, kill)
+    timer.start()
+    try:
+        out = proc.stdout.read()          # until the child exits (stderr is pumped apart)
+        proc.wait()
+        reader.join()
+    finally:
+        timer.cancel()
+    if timed_out.is_set():
         err_lines.append(f"timed out after {timeout_s:.0f} s\n")
-    reader.join(timeout=5)
     lines = out.strip().splitlines()
     if proc.returncode == 0 and lines:
         result = json.loads(lines[-1])

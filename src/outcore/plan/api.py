@@ -8,8 +8,8 @@ from .feasibility import occupancy, plan_in_core, require_feasible
 from .schedule import Schedule
 
 POLICIES = ("adaptive", "fixed", "on-demand", "adaptive-belady")
-_OPTIONS = {"adaptive": {"window"}, "fixed": {"k"}, "on-demand": set(),
-            "adaptive-belady": {"window", "reserve"}}
+_OPTIONS = {"adaptive": {"window", "keep_state"}, "fixed": {"k", "keep_state"},
+            "on-demand": {"keep_state"}, "adaptive-belady": {"window", "reserve", "keep_state"}}
 
 
 def _dispatch(policy, trace, budget, options):
@@ -21,7 +21,7 @@ def _dispatch(policy, trace, budget, options):
         return plan_fixed(trace, budget, **options)
     if policy == "on-demand":
         from .policies.on_demand import plan_on_demand
-        return plan_on_demand(trace, budget)
+        return plan_on_demand(trace, budget, **options)
     from .policies.belady import plan_adaptive_belady
     return plan_adaptive_belady(trace, budget, **options)
 
@@ -33,7 +33,10 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     budget: bytes, or a string such as "6GiB". policy: one of POLICIES (see
     docs/planning.md); options: adaptive `window` (bytes, default 1.5 x budget), fixed `k`
     (functions, default 4), adaptive-belady `window`, `reserve` (fraction of the budget
-    kept free for prefetching, default 0.25). Raises InfeasibleBudget when some function
+    kept free for prefetching, default 0.25); every policy `keep_state` (default True:
+    persistent state that fits stays resident at the start and after its last use, since
+    OutOfCore holds all state in fast memory between iterations; False: it starts and
+    ends the step on the slow tier). Raises InfeasibleBudget when some function
     cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
     included: trace.peak(actual=True)), nothing moves, whatever the policy.
     For the traffic lower bound see outcore.plan.lower_bound."""
@@ -47,6 +50,8 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
         allowed = ", ".join(sorted(_OPTIONS[policy])) or "none"
         raise OutcoreError(f"policy {policy!r} takes no option(s) {', '.join(sorted(unknown))} "
                            f"(its options: {allowed})")
+    if not isinstance(options.get("keep_state", True), bool):
+        raise OutcoreError(f"keep_state must be True or False, got {options['keep_state']!r}")
     budget = parse_bytes(budget)
     require_feasible(trace, budget)
     if max(occupancy(trace), default=0) <= budget:     # held arrays included

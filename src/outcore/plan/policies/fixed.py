@@ -7,7 +7,7 @@ from .window import plan_window
 DEFAULT_K = 4
 
 
-def plan_fixed(trace, budget: int, *, k=DEFAULT_K):
+def plan_fixed(trace, budget: int, *, k=DEFAULT_K, keep_state=True):
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise OutcoreError(f"fixed policy: k must be a positive number of functions, got {k!r}")
-    return plan_window(trace, budget, window_functions=k), {"k": k}
+    return plan_window(trace, budget, window_functions=k, keep_state=keep_state), {"k": k, "keep_state": keep_state}

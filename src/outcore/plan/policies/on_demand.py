@@ -10,5 +10,6 @@ from __future__ import annotations
 from .window import plan_window
 
 
-def plan_on_demand(trace, budget: int):
-    return plan_window(trace, budget, window_functions=1, eager_wait=True), {}
+def plan_on_demand(trace, budget: int, *, keep_state=True):
+    return (plan_window(trace, budget, window_functions=1, eager_wait=True, keep_state=keep_state),
+            {"keep_state": keep_state})

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import heapq
 
-from ..feasibility import needs, release_points
+from ..feasibility import needs, occupancy, release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
 
 ABSENT, RES, OUT, SLOW, DEAD = 0, 1, 2, 3, 4
@@ -110,8 +110,31 @@ def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
     return kept
 
 
+def start_keep_set(trace, budget: int, share: float = 1.0) -> set[int]:
+    """Persistent arrays to leave resident at the start instead of writing them out (the
+    executor begins each iteration with all state in fast memory): earliest first use
+    first, each kept if, at every function up to its first use, the bytes of everything
+    else that is alive then (nothing moved) plus what is kept stay within share x budget.
+    With a budget near the in-core peak this keeps almost all state where it is; with a
+    tight one, none (there is no room beside the activations)."""
+    state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before and a.nbytes]
+    if not state or not trace.functions:
+        return set()
+    total = sum(a.nbytes for a in state)
+    cap = int(budget * share)
+    val = [max(0, occ - total) for occ in occupancy(trace)]     # what is not state
+    kept: set[int] = set()
+    for a in sorted(state, key=lambda a: a.first_use):
+        upto = a.first_use + 1
+        if max(val[:upto]) + a.nbytes <= cap:
+            kept.add(a.id)
+            val[:upto] = [v + a.nbytes for v in val[:upto]]
+    return kept
+
+
 def plan_window(trace, budget: int, *, window_bytes: int | None = None,
-                window_functions: int | None = None, keep=None, eager_wait: bool = False):
+                window_functions: int | None = None, keep=None, eager_wait: bool = False,
+                keep_state: bool = True):
     """Return (begin, end, resident_at_start) action lists for `trace` under `budget`.
     The caller has already checked that the budget is feasible. With eager_wait, every
     swap-out is waited for before the next function (synchronous offload, as vDNN does)."""
@@ -120,7 +143,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     nb = [a.nbytes for a in arrays]
     persistent = [a.kind == "persistent" for a in arrays]
     release = release_points(trace)
-    keep_end = end_keep_set(trace, budget)
+    keep_end = end_keep_set(trace, budget) if keep_state else set()
+    keep_start = start_keep_set(trace, budget) if keep_state else set()
     acc_fn, acc_arr, nxt, offsets = access_table(trace)
     total = len(acc_fn)
 
@@ -137,7 +161,11 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 start.append(a.id)
                 if a.first_use != 0:
                     orphans.append(a.id)
-            else:                                 # persistent: start (and end) on the slow tier
+            elif a.id in keep_start:              # persistent, left where it is
+                state[a.id] = RES
+                occ += a.nbytes
+                start.append(a.id)
+            else:                                 # persistent, written out at the start
                 state[a.id] = SLOW
                 dirty[a.id] = False
     begin = [[] for _ in range(n)]
@@ -159,6 +187,13 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     release_at = [[] for _ in range(n)]
     held_heap = []
     held_res = [False] * m
+    # Eviction order for room, Belady's: dead held arrays first (never read again), by
+    # farthest release; then state kept for the end (read back after the step); then
+    # state kept from the start, by farthest first use.
+    for a in start:
+        if a in keep_start:
+            held_res[a] = True
+            heapq.heappush(held_heap, (-arrays[a].first_use, -nb[a], a))
 
     def oldest_active():
         nonlocal qt
@@ -261,6 +296,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                     break
             if win_last[a] >= f or state[a] == RES:
                 cost = 0
+                held_res[a] = False                # reserved now: no longer a victim
             elif state[a] == OUT:                  # needed again: cancel its swap-out
                 p = q_pos[a]
                 q_active[p] = False
@@ -307,7 +343,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
             if nu < 0:
                 if persistent[a] and a in keep_end:  # stays; evicted for room last
                     held_res[a] = True
-                    heapq.heappush(held_heap, (1, -nb[a], a))
+                    heapq.heappush(held_heap, (-2 * n, -nb[a], a))
                 elif persistent[a]:
                     evict(a, f, nu)
                 elif release[a] == f:
@@ -322,7 +358,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                         occ -= nb[a]
                     else:
                         held_res[a] = True
-                        heapq.heappush(held_heap, (-release[a], -nb[a], a))
+                        heapq.heappush(held_heap, (-3 * n - release[a], -nb[a], a))
             elif nu == f + 1 or (keep is not None and keep(a, f)):
                 win_last[a] = nu
                 leave[nu].append(a)
