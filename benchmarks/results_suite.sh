@@ -9,7 +9,7 @@ B=".venv/bin/outcore bench"
 mkdir -p "$OUT"
 $B disk --size 2GiB | tee "$OUT/disk.txt"
 # Memory-speed curve, ResNet-50, 64x64, batch 64: every policy at 5 budgets.
-$B curve --model resnet50 --image-size 64 --batch 64 --thp --out "$OUT"
+$B curve --model resnet50 --image-size 64 --batch 64 --fractions 1,0.75,0.5,0.25,0.125 --thp --out "$OUT"
 # The same at a quarter budget without THP_MEM_ALLOC_ENABLE (torch's default allocation).
 $B curve --model resnet50 --image-size 64 --batch 64 --fractions 0.25 --policies adaptive \
    --baselines in-core --name curve_resnet50_b64_default_alloc --out "$OUT"
