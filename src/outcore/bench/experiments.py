@@ -86,7 +86,8 @@ def _base(model, batch, shape, steps, swap_dir, optimizer):
 
 def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1, 0.5, 0.25, 0.125),
           policies=("on-demand", "fixed", "adaptive"), steps=3, swap_dir=None, optimizer="sgd",
-          baselines=("in-core", "checkpoint", "offload-hooks"), outcore_env=None, disk: dict) -> dict:
+          baselines=("in-core", "checkpoint", "offload-hooks"), outcore_env=None, memory=True,
+          disk: dict) -> dict:
     shape = shape_of(model, image_size, seq_len)
     mem = memory_on_meta(model, batch, "in-core", **shape)
     floor = int(mem["min_budget"] * 1.05)
@@ -94,7 +95,8 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
                      reverse=True)
     base = _base(model, batch, shape, steps, swap_dir, optimizer)
     configs = [dict(base, variant=v) for v in baselines]
-    configs += [dict(base, variant="outcore", policy=p, budget=b, env=outcore_env or {})
+    configs += [dict(base, variant="outcore", policy=p, budget=b, env=outcore_env or {},
+                     return_freed_memory=memory)
                 for b in budgets for p in policies]
     progress = Progress(len(configs))
     runs, compute_s = [], None
@@ -112,7 +114,8 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
 
 def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, factors=(2, 4, 8),
                 policies=("adaptive",), steps=3, swap_dir=None, optimizer="sgd", cap_factor=16,
-                baselines=("checkpoint", "offload-hooks"), outcore_env=None, disk: dict) -> dict:
+                baselines=("checkpoint", "offload-hooks"), outcore_env=None, memory=True,
+                disk: dict) -> dict:
     """The paper's experiment under budget = the in-core peak at `base_batch`."""
     shape = shape_of(model, image_size, seq_len)
     budget = memory_on_meta(model, base_batch, "in-core", **shape)["peak"]
@@ -136,7 +139,8 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
     for b in outcore_batches:       # in-core with unbounded memory: compute time at b
         if b != largest["in-core"]:
             configs.append(dict(base, batch=b, variant="in-core", role="unbounded memory"))
-    configs += [dict(base, batch=b, variant="outcore", policy=p, budget=budget, env=outcore_env or {})
+    configs += [dict(base, batch=b, variant="outcore", policy=p, budget=budget, env=outcore_env or {},
+                     return_freed_memory=memory)
                 for b in outcore_batches for p in policies]
     progress = Progress(len(configs))
     runs, compute = [], {}

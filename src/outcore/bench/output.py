@@ -24,8 +24,7 @@ def rows(result: dict) -> list[dict]:
     for run in result["runs"]:
         cfg, r = run["config"], run["result"]
         row = {"variant": cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else ""),
-               "policy": cfg.get("policy", "-") + (" (THP)" if cfg.get("env", {}).get("THP_MEM_ALLOC_ENABLE") == "1"
-                                                  else ""),
+               "policy": cfg.get("policy", "-") + _tags(cfg),
                "budget": cfg.get("budget"), "batch": cfg["batch"]}
         if "error" in r:
             row["error"] = r["error"].strip().splitlines()[-1] if r["error"].strip() else "failed"
@@ -52,6 +51,17 @@ def rows(result: dict) -> list[dict]:
                 row[key] = r[key]
         out.append(row)
     return out
+
+
+def _tags(cfg: dict) -> str:
+    """How an outcore run differs from the defaults, for its label."""
+    tags = []
+    memory = cfg.get("return_freed_memory", True)
+    if memory is not True:
+        tags.append("eager return" if memory == "eager" else "glibc defaults")
+    if cfg.get("env", {}).get("THP_MEM_ALLOC_ENABLE") == "1":
+        tags.append("THP")
+    return f" ({', '.join(tags)})" if tags else ""
 
 
 def _reference_step(result: dict) -> dict:

@@ -22,6 +22,8 @@ def label(cfg: dict) -> str:
     text = f"{cfg['model']} b{cfg['batch']} {cfg['variant']}"
     if cfg["variant"] == "outcore":
         text += f" {cfg['policy']} budget {format_bytes(cfg['budget'])}"
+    if cfg.get("return_freed_memory", True) is not True:
+        text += f" memory={cfg['return_freed_memory']}"
     if cfg.get("env"):
         text += " [" + " ".join(f"{k}={v}" for k, v in cfg["env"].items()) + "]"
     return text

@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--thp", action="store_true",
                    help="run outcore with THP_MEM_ALLOC_ENABLE=1 (page-aligned, huge-page tensor "
                         "memory: fewer page faults when freed memory goes back to the OS)")
+    p.add_argument("--memory", default="trim", choices=("trim", "eager", "keep"),
+                   help="how outcore returns freed memory to the OS: trim (default), eager "
+                        "(every tensor its own mapping), keep (glibc's defaults)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run after warm-up (default 3)")
     p.add_argument("--out", default="bench-results", help="directory for the results (default bench-results)")
     p.add_argument("--name", default=None, help="file name stem of the results (default: experiment_model_batch)")
@@ -69,7 +72,8 @@ def run_experiment(args) -> int:
     disk = measure_disk(parse_bytes("1GiB"), args.dir)
     common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,
                   optimizer=args.optimizer, disk=disk,
-                  outcore_env={"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else None)
+                  outcore_env={"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else None,
+                  memory={"trim": True, "eager": "eager", "keep": False}[args.memory])
     if args.baselines:
         common["baselines"] = tuple(_csv(args.baselines, ("in-core", "checkpoint", "offload-hooks")))
     if args.what == "curve":

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 
 from ..errors import OutcoreError
-from ..memory.malloc import return_freed_memory as return_freed_memory_to_os
+from ..memory.malloc import TrimGovernor, return_freed_memory as return_freed_memory_to_os
 from ..plan import check, plan
 from ..plan.api import POLICIES
 from ..units import format_bytes, parse_bytes
@@ -45,14 +45,18 @@ class OutOfCore:
     min_move_bytes: storages smaller than this stay in fast memory (a transfer would
         cost more than it frees).
     plan_options: extra options for the policy (e.g. {"window": "3GiB"}).
-    return_freed_memory: make the C allocator (glibc) hand freed memory back to the OS,
-        so the process's resident memory follows the budget instead of its high-water
-        mark. Process-wide; costs page faults (see README, "Memory and speed").
+    return_freed_memory: how the C allocator (glibc) hands freed memory back to the OS,
+        so that the process's resident memory follows the budget instead of its
+        high-water mark; process-wide, from the first eviction on (README, "Memory and
+        speed"). True or "trim": keep reusing the heap and trim it when the resident
+        set grows past what it was at the first eviction plus a slack (max(64 MiB,
+        budget/4)). "eager": every tensor its own mapping, unmapped on free (closest to
+        the budget; page faults on every new tensor). False: glibc's defaults.
     """
 
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
                  policy: str = "adaptive", *, min_move_bytes: int = 64 * 1024,
-                 plan_options: dict | None = None, return_freed_memory: bool = True):
+                 plan_options: dict | None = None, return_freed_memory: bool | str = True):
         self.budget = parse_bytes(budget)
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
@@ -67,9 +71,17 @@ class OutOfCore:
         self.plan_options = dict(plan_options or {})
         self._mover = DiskMover(swap_dir)
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
-        if return_freed_memory:
-            # Only once something must leave RAM: a step that fits keeps glibc's defaults.
+        if return_freed_memory not in (True, False, "trim", "eager"):
+            raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
+                               f"got {return_freed_memory!r}")
+        self._governor = None
+        # Only once something must leave RAM: a step that fits keeps glibc's defaults.
+        if return_freed_memory == "eager":
             self._res.before_first_eviction = return_freed_memory_to_os
+        elif return_freed_memory:
+            self._governor = TrimGovernor()
+            self._res.before_first_eviction = lambda: self._governor.start(self.budget)
+            self._res.memory_check = self._governor.check
         self.trace = None
         self.schedule = None
         self._carried: dict = {}

@@ -59,6 +59,7 @@ class Residency:
         self.stats = Stats()
         self.lru: OrderedDict[int, Entry] = OrderedDict()   # FAST entries, least recent first
         self.before_first_eviction = None     # called once, when the budget first needs room
+        self.memory_check = None              # called after memory is freed or taken
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage) -> Entry:
@@ -149,6 +150,8 @@ class Residency:
         self.resident -= entry.nbytes
         if storage is not None:
             storage.resize_(0)
+        if self.memory_check is not None:
+            self.memory_check()
 
     def restore(self, entry: Entry, *, unplanned: bool = False) -> None:
         """Start bringing a SLOW entry back (memory is allocated now, bytes arrive async)."""
@@ -162,6 +165,8 @@ class Residency:
         storage = entry.ref()
         if storage is None:
             return
+        if self.memory_check is not None:
+            self.memory_check()
         storage.resize_(entry.nbytes)
         entry.future = self.mover.read(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         entry.state = IN
@@ -172,6 +177,8 @@ class Residency:
 
     def ready(self, entry: Entry) -> None:
         """Make sure an entry is usable now: wait for its swap-in, or restore it."""
+        if self.memory_check is not None:       # every op passes here: the step's growth
+            self.memory_check()
         if entry.state == FAST:
             return
         if entry.state == SLOW:
