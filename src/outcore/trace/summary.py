@@ -36,7 +36,7 @@ def summarize(trace: Trace, *, largest: int = 5) -> str:
             lines.append(f"    {cat:<16}{format_bytes(by_cat[cat]):>12}  in {count} arrays")
     big = sorted(trace.arrays, key=lambda a: (-a.nbytes, a.id))[:largest]
     if big:
-        lines.append(f"  largest arrays:")
+        lines.append("  largest arrays:")
         for a in big:
             lines.append(f"    #{a.id:<6}{format_bytes(a.nbytes):>12}  {a.dtype:<9} {a.category:<16}"
                          f"used in functions {a.first_use}..{a.last_use} "
