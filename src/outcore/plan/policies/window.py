@@ -46,13 +46,13 @@ window cannot make a policy move more held bytes than on-demand does. The FREE a
 release point is emitted all the same (it then drops the slow copy).
 `keep(array, f) -> bool` lets a caller pin an array resident across its gap after f
 (the adaptive-belady policy uses it for offline keep decisions).
-State kept at the end (`end_keep_set`): the executor brings every persistent array back
-to fast memory when an iteration ends (the model must be plain PyTorch between
-iterations), so swapping one out after its last use costs a write now and a read at the
-end, for nothing. The persistent arrays used last (the optimizer's final updates) stay
-resident after their last use instead, as many as fit in 3/4 of the budget beside what
-each later function needs; they are eviction victims for room like held arrays, after
-every dead one, so feasibility is untouched.
+State at the edges (`keep_state`, docs/planning.md): the executor holds every persistent
+array in fast memory between iterations (the model must be plain PyTorch then). So
+state that fits beside the step stays resident from the start instead of being written
+out (`start_keep_set`), and the state used last (the optimizer's final updates) stays
+resident after its last use instead of being written out and read back when the
+iteration ends (`end_keep_set`). Kept arrays are eviction victims for a function's own
+operands like held arrays (after every dead one), so feasibility is untouched.
 """
 from __future__ import annotations
 
