@@ -37,7 +37,7 @@ from .feasibility import occupancy, release_points, require_feasible
 @dataclass(frozen=True)
 class LowerBound:
     budget: int
-    bytes_moved: int        # bytes any schedule must read back from the slow tier, at least
+    bytes_moved: int        # bytes read back plus held bytes written, at least, for any schedule
 
     def __str__(self) -> str:
         return (f"Traffic lower bound under {format_bytes(self.budget)}: any schedule moves at "

@@ -67,13 +67,13 @@ class OutOfCore:
             raise OutcoreError(f"unknown offload {offload!r}; use offload='disk'")
         if policy not in POLICIES:
             raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if return_freed_memory not in (True, False, "trim", "eager"):
+            raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
+                               f"got {return_freed_memory!r}")
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         self._mover = DiskMover(swap_dir)
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
-        if return_freed_memory not in (True, False, "trim", "eager"):
-            raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
-                               f"got {return_freed_memory!r}")
         self._governor = None
         # Only once something must leave RAM: a step that fits keeps glibc's defaults.
         if return_freed_memory == "eager":
