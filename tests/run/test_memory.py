@@ -57,7 +57,7 @@ def _run(*args) -> tuple[int, int]:
 
 
 def test_quarter_budget_halves_peak_rss():
-    batch = 192
+    batch = 224
     incore_rss, managed_peak = _run("incore", batch)
     ooc_rss, _ = _run("ooc", batch, managed_peak // 4)
     print(f"in-core peak RSS {incore_rss / 2**20:.0f} MiB (managed peak {managed_peak / 2**20:.0f} MiB); "

@@ -49,8 +49,8 @@ class OutOfCore:
         so that the process's resident memory follows the budget instead of its
         high-water mark; process-wide, from the first eviction on (README, "Memory and
         speed"). True or "trim": keep reusing the heap and trim it when the resident
-        set grows past what it was at the first eviction plus a slack (max(64 MiB,
-        budget/4)). "eager": every tensor its own mapping, unmapped on free (closest to
+        set grows past what it was at the first eviction plus a slack (64 MiB +
+        budget/5). "eager": every tensor its own mapping, unmapped on free (closest to
         the budget; page faults on every new tensor). False: glibc's defaults.
     """
 
