@@ -79,6 +79,11 @@ def _reference_step(result: dict) -> dict:
     return ref
 
 
+def _ratio(x):
+    """A ratio, or '-' where the run had nothing to compare with (no in-core run at its batch)."""
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _mib(n):
     return f"{n / MiB:.0f}" if n is not None else "-"
 
@@ -118,9 +123,9 @@ def markdown(result: dict, command: str = "") -> str:
         err = f"{100 * row['prediction_error']:+.0f}%" if "prediction_error" in row else "-"
         lines.append(
             f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | {row['step_s']:.2f} | "
-            f"{row['samples_per_s']:.1f} | {row.get('vs_in_core', float('nan')):.2f} | {_mib(row['peak_rss'])} | "
+            f"{row['samples_per_s']:.1f} | {_ratio(row.get('vs_in_core'))} | {_mib(row['peak_rss'])} | "
             f"{_mib(row['read'])} | {_mib(row['written'])} | {row['stalled_s']:.2f} | "
-            f"{row.get('vs_limit', float('nan')):.2f} | {pred} | {err} |")
+            f"{_ratio(row.get('vs_limit'))} | {pred} | {err} |")
     return "\n".join(lines) + "\n"
 
 
