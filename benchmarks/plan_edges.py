@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import outcore
+from outcore.run.ooc import planned_budget
 from outcore.workloads.digits import digit_batches
 from outcore.workloads.resnet import resnet50
 
@@ -37,7 +38,6 @@ def main():
         step()
     t = rec.trace
     peak = t.peak(actual=True)[0]
-    pinned = sum(a.nbytes for a in t.arrays if a.nbytes < 64 * 1024)
     state = sum(a.nbytes for a in t.arrays if a.kind == "persistent")
     mib = 2 ** 20
     print(f"peak {peak / mib:.0f} MiB, state {state / mib:.0f} MiB; MiB in/out, simulated iteration s")
@@ -45,7 +45,7 @@ def main():
     print("| budget / peak | keep_state | " + " | ".join(policies) + " |")
     print("|---|---|" + "---|" * len(policies))
     for frac in (0.999, 0.95, 0.8, 0.5, 0.25):
-        budget = int(peak * frac) - pinned
+        budget = planned_budget(t, int(peak * frac))
         for keep in (False, True):
             cells = []
             for policy in policies:

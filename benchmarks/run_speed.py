@@ -85,7 +85,7 @@ def main():
     rows = [("plain PyTorch", "-", incore)]
     rows.append(("outcore, budget 2x in-core", "adaptive", run(dict(base, budget=2 * held))))
     for policy in args.policies.split(","):
-        rows.append((f"outcore, budget 1/4", policy, run(dict(base, budget=held // 4, policy=policy))))
+        rows.append(("outcore, budget 1/4", policy, run(dict(base, budget=held // 4, policy=policy))))
     rows.append(("outcore, budget 1/4, glibc defaults", "adaptive",
                  run(dict(base, budget=held // 4, return_memory=False))))
     mib = 2 ** 20

@@ -108,8 +108,8 @@ def run(cfg: dict) -> dict:
 def _lower_bound(ooc, budget: int) -> int:
     """Bytes any schedule must read back under the budget the plan was made for."""
     import outcore
-    pinned = sum(a.nbytes for a in ooc.trace.arrays if a.nbytes < 64 * 1024)
-    return outcore.lower_bound(ooc.trace, max(budget - pinned, 1)).bytes_moved
+    from outcore.run.ooc import planned_budget
+    return outcore.lower_bound(ooc.trace, planned_budget(ooc.trace, budget)).bytes_moved
 
 
 def predict(trace, schedule, compute_s: float, disk: dict) -> float:

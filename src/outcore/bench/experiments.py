@@ -17,12 +17,12 @@ import platform
 import torch
 
 from ..plan.feasibility import min_feasible_budget
+from ..run.ooc import MIN_MOVE_BYTES
 from ..trace import record
 from ..workloads import build
 from .runner import Progress, run_config
 from .variants import DiskOffload, checkpoint_blocks
 
-MIN_MOVE_BYTES = 64 * 1024        # OutOfCore's default: smaller storages stay pinned
 
 
 def shape_of(model: str, image_size: int | None, seq_len: int | None) -> dict:
@@ -47,7 +47,7 @@ def memory_on_meta(model: str, batch: int, variant: str, **shape) -> dict:
     with record() as rec:
         step()
     trace = rec.trace
-    pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < MIN_MOVE_BYTES)
+    pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < MIN_MOVE_BYTES)   # as OutOfCore plans
     return {"peak": trace.peak()[0], "min_budget": min_feasible_budget(trace) + pinned}
 
 

@@ -6,7 +6,8 @@ activations through a small budget sits far above that budget in resident memory
 
 * "eager": every allocation of 64 KiB or more becomes its own mapping, unmapped on free.
   Resident memory follows the live bytes closely, but every new tensor faults in fresh,
-  zeroed pages: ResNet-50 (digits, batch 64) steps in 1.45 s instead of 0.85 s even in-core.
+  zeroed pages: ResNet-50 (64x64, batch 64) steps in 1.38-1.42 s instead of 0.82-1.02 s even
+  in-core (docs/results-run.md).
 * "trim" (the default, `TrimGovernor`): large allocations stay on glibc's heap, where
   freed memory is reused without faults, and the heap's free pages are handed back
   (`malloc_trim`) only when the resident set grows past a limit: the resident set at the

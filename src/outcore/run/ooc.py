@@ -34,6 +34,16 @@ from .residency import Residency
 _MAX_RECORDINGS = 3
 
 
+MIN_MOVE_BYTES = 64 * 1024
+
+
+def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
+    """The budget the plan gets: storages below min_move_bytes never move (a transfer
+    would cost more than it frees), so the rest is planned within what they leave."""
+    pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < min_move_bytes)
+    return max(budget - pinned, 1)
+
+
 class OutOfCore:
     """Runs training iterations within `budget` bytes of fast memory.
 
@@ -55,7 +65,7 @@ class OutOfCore:
     """
 
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
-                 policy: str = "adaptive", *, min_move_bytes: int = 64 * 1024,
+                 policy: str = "adaptive", *, min_move_bytes: int = MIN_MOVE_BYTES,
                  plan_options: dict | None = None, return_freed_memory: bool | str = True):
         self.budget = parse_bytes(budget)
         if self.budget <= 0:
@@ -157,9 +167,7 @@ class OutOfCore:
         if lazy_state and self._recordings_in_a_row < _MAX_RECORDINGS:
             self._record_next = True
             return
-        # Storages below min_move_bytes never move: plan the rest within what they leave.
-        pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < self._res.min_move_bytes)
-        budget = max(self.budget - pinned, 1)
+        budget = planned_budget(trace, self.budget, self._res.min_move_bytes)
         schedule = plan(trace, budget, self.policy, **self.plan_options)
         check(trace, schedule, budget)
         self.trace, self.schedule = trace, schedule

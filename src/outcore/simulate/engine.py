@@ -91,7 +91,9 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
     m = get_machine(machine)
     arrays = trace.arrays
     t = 0.0
-    in_free = out_free = 0.0
+    # When each link is next free; a shared link is one lane for both directions.
+    lane_in, lane_out = ("link", "link") if m.shared_link else ("in", "out")
+    free = {lane_in: 0.0, lane_out: 0.0}
     in_done: dict[int, float] = {}
     out_done: dict[int, float] = {}
     transfers = []
@@ -108,12 +110,9 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
                     t = done
             elif act.kind == SWAP_IN:
                 nb = arrays[a].nbytes
-                start = max(t, in_free)
-                in_free = start + m.transfer_time(nb, "in")
-                if m.shared_link:
-                    out_free = in_free
-                in_done[a] = in_free
-                transfers.append(Transfer(a, "in", nb, start, in_free))
+                start = max(t, free[lane_in])
+                free[lane_in] = in_done[a] = start + m.transfer_time(nb, "in")
+                transfers.append(Transfer(a, "in", nb, start, in_done[a]))
         ready = t
         for acc in fn.accesses:
             done = in_done.pop(acc.array, None)
@@ -128,12 +127,9 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
             a = act.array
             if act.kind == SWAP_OUT:
                 nb = arrays[a].nbytes
-                start = max(t, out_free)
-                out_free = start + m.transfer_time(nb, "out")
-                if m.shared_link:
-                    in_free = out_free
-                out_done[a] = out_free
-                transfers.append(Transfer(a, "out", nb, start, out_free))
+                start = max(t, free[lane_out])
+                free[lane_out] = out_done[a] = start + m.transfer_time(nb, "out")
+                transfers.append(Transfer(a, "out", nb, start, out_done[a]))
             elif act.kind == WAIT:
                 done = out_done.pop(a)
                 if done > t:
