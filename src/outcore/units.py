@@ -25,7 +25,7 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, str):
         match = _PATTERN.match(value)
         if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
     raise OutcoreError(
         f"cannot read {value!r} as a byte quantity: write a number of bytes or a number "
         "with a unit, e.g. '512MiB', '6GiB', '1.5GB'")

@@ -10,6 +10,9 @@ class FakeLibc:
         self.rss, self.trims, self.options = rss, 0, {}
 
     def mallopt(self, option, value):
+        # mallopt(int, int): ctypes truncates a larger Python int silently (2**62 -> 0,
+        # which would mean "trim on every free")
+        assert -2**31 <= value < 2**31, value
         self.options[option] = value
         return 1
 
@@ -38,24 +41,42 @@ def test_trims_only_past_the_limit_and_then_waits_for_more_growth(governed):
     gov, libc = governed
     budget = 180 * 2**20
     assert gov.start(budget)
-    assert libc.options[malloc._M_MMAP_THRESHOLD] == 32 * 2**20      # large tensors on the heap
-    assert gov.slack == (64 + 36) * 2**20 and gov.limit == 900 + gov.slack  # 64 MiB + budget/5; trimmed once
+    assert libc.options[malloc._M_MMAP_MAX] == 0                      # every tensor on the heap
+    assert gov.slack == (64 + 36) * 2**20                             # 64 MiB + budget/5
+    assert gov.limit == 900 + budget + gov.slack                      # trimmed once; nothing moved yet
+    libc.rss = 1000
+    gov.tighten()                                                     # the first eviction
+    assert gov.limit == 900 + gov.slack and libc.trims == 2
     libc.rss = gov.limit
     tick(gov)
     gov.check()
-    assert libc.trims == 1                                            # at the limit: nothing
+    assert libc.trims == 2                                            # at the limit: nothing
     libc.rss, libc.rss_after_trim = gov.limit + 1, gov.limit + 50     # live bytes above it
     tick(gov)
     gov.check()
-    assert libc.trims == 2 and gov.trims == 1
+    assert libc.trims == 3 and gov.trims == 1
     libc.rss = gov.limit + 50 + gov.slack                             # not another slack yet
     tick(gov)
     gov.check()
-    assert libc.trims == 2
+    assert libc.trims == 3
     libc.rss += 1
     tick(gov)
     gov.check()
-    assert libc.trims == 3
+    assert libc.trims == 4
+
+
+def test_a_step_that_fits_is_never_trimmed_and_stop_restores_glibc(governed):
+    gov, libc = governed
+    budget = 500
+    gov.start(budget)
+    libc.rss = 900 + budget + gov.slack          # the whole budget in use, and the slack
+    tick(gov)
+    gov.check()
+    assert gov.trims == 0
+    gov.stop()
+    assert not gov.active
+    assert libc.options[malloc._M_MMAP_MAX] == malloc._GLIBC_MMAP_MAX
+    assert libc.options[malloc._M_TRIM_THRESHOLD] == malloc._GLIBC_TRIM_THRESHOLD
 
 
 def test_checks_are_throttled(governed):
@@ -67,7 +88,7 @@ def test_checks_are_throttled(governed):
     assert gov.trims == 1
 
 
-def test_nothing_happens_before_the_first_eviction(governed):
+def test_nothing_happens_before_the_first_iteration(governed):
     gov, libc = governed
     gov.check()
     assert libc.trims == 0 and not gov.active

@@ -6,6 +6,7 @@ peak RSS (VmHWM) and, for outcore, its process-wide malloc settings. The config 
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import sys
 import time
@@ -17,6 +18,13 @@ def _status(key: str) -> int:
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _faults() -> int:
+    """Page faults of this process so far (minor + major): memory handed back to the OS
+    and taken again costs one each (per 4 KiB page, or per huge page)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def _progress(done: int, total: int) -> None:
@@ -38,6 +46,7 @@ def run(cfg: dict) -> dict:
     variant, steps, warmup = cfg["variant"], cfg["steps"], cfg.get("warmup", 1)
     out: dict = {"baseline_rss": baseline_rss}
     times: list[float] = []
+    faults: list[int] = []
 
     if variant in ("in-core", "checkpoint", "offload-hooks"):
         if variant == "checkpoint":
@@ -48,7 +57,7 @@ def run(cfg: dict) -> dict:
                 if offload is not None and i == warmup:
                     offload.bytes_read = offload.bytes_written = 0
                     offload.io_s = 0.0
-                start = time.perf_counter()
+                start, faulted = time.perf_counter(), _faults()
                 if offload is None:
                     w.step()
                 else:
@@ -56,6 +65,7 @@ def run(cfg: dict) -> dict:
                         w.step()
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
+                    faults.append(_faults() - faulted)
                 _progress(i + 1, warmup + steps)
             if offload is not None:
                 out.update(read=offload.bytes_read / steps, written=offload.bytes_written / steps,
@@ -70,16 +80,19 @@ def run(cfg: dict) -> dict:
             # lazily), then `steps` replays; a few spare in case of a re-record.
             total = steps + 4
             for i in range(total + 4):
-                start = time.perf_counter()
+                start, faulted = time.perf_counter(), _faults()
                 with ooc.iteration():
                     w.step()
                 elapsed = time.perf_counter() - start
                 _progress(i + 1, total)
                 if ooc.report().iterations[-1].mode == "replay":
                     times.append(elapsed)
+                    faults.append(_faults() - faulted)
                     if len(times) == steps:
                         break
             report = ooc.report()
+            governor = ooc._governor
+            out["trims"] = governor.trims if governor is not None else 0
         replays = [it for it in report.iterations if it.mode == "replay"][-len(times):]
         if not replays:
             raise RuntimeError("outcore never replayed a plan: every iteration re-recorded")
@@ -101,6 +114,7 @@ def run(cfg: dict) -> dict:
 
     out["step_s"] = statistics.median(times)
     out["steps_s"] = times
+    out["page_faults"] = statistics.median(faults)
     out["peak_rss"] = _status("VmHWM:")
     return out
 

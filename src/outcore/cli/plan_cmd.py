@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", required=True, help="fast-tier budget, e.g. 16GB, 512MiB")
     p.add_argument("--policy", default="adaptive", choices=POLICIES,
                    help="scheduling policy (default adaptive, the paper's)")
-    p.add_argument("--window", help="adaptive window in bytes (default 1.5 x budget)")
+    p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
     p.add_argument("-o", "--output", help="write the schedule as JSON to this file")

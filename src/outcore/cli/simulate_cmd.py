@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                    help=f"policy, comma-separated list, or 'all' ({', '.join(POLICIES)})")
     p.add_argument("--sweep", type=int, nargs="?", const=6, metavar="N",
                    help="N budgets from the smallest feasible to the in-core peak (default 6)")
-    p.add_argument("--window", help="adaptive window in bytes (default 1.5 x budget)")
+    p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     p.set_defaults(func=run)
 

@@ -8,14 +8,19 @@ activations through a small budget sits far above that budget in resident memory
   Resident memory follows the live bytes closely, but every new tensor faults in fresh,
   zeroed pages: ResNet-50 (64x64, batch 64) steps in 1.38-1.42 s instead of 0.82-1.02 s even
   in-core (docs/results-run.md).
-* "trim" (the default, `TrimGovernor`): large allocations stay on glibc's heap, where
+* "trim" (the default, `TrimGovernor`): every allocation stays on glibc's heap, where
   freed memory is reused without faults, and the heap's free pages are handed back
-  (`malloc_trim`) only when the resident set grows past a limit: the resident set at the
-  first eviction (the budget is full then), trimmed, plus a slack of 64 MiB + budget/5
-  (a smaller one trimmed and re-faulted so often near the in-core peak that a step with
-  8 MiB to move ran 25% slower than plain PyTorch; with it, 10%). Reuse stays cheap; resident
-  memory stays within the limit plus what one stretch of the step allocates between
-  checks.
+  (`malloc_trim`) only when the resident set grows past a limit. Page faults are what
+  this saves: plain PyTorch on glibc's defaults maps every tensor over 32 MiB on its own
+  and faults it in afresh each time, 1.5 million faults per ResNet-50 step at 128x128,
+  batch 64, on this machine, which take it from 2.83 s to 4.05 s (docs/results-run.md).
+  The limit is generous until the budget first needs room (the resident set at the
+  first iteration plus the budget and a slack: a step that fits is never trimmed), then
+  tight: the resident set at the first eviction (the budget is full then), trimmed,
+  plus a slack of 64 MiB + budget/5 (a smaller one trimmed and re-faulted so often near
+  the in-core peak that a step with 8 MiB to move ran 25% slower than plain PyTorch).
+  Resident memory stays within the limit plus what one stretch of the step allocates
+  between checks.
 """
 from __future__ import annotations
 
@@ -26,8 +31,11 @@ import time
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_HEAP_MMAP_THRESHOLD = 32 * 2**20      # glibc's largest; fixing it stops the dynamic one
+_M_MMAP_MAX = -4
+_GLIBC_MMAP_MAX = 65536                # glibc's defaults, put back by stop()
+_GLIBC_TRIM_THRESHOLD = 128 * 1024
 _NEVER = 2**62
+_C_INT_MAX = 2**31 - 1                 # mallopt takes a C int: 2**62 would arrive as 0
 
 
 def _libc():
@@ -68,17 +76,19 @@ def resident_bytes() -> int:
 
 
 class TrimGovernor:
-    """The "trim" mode. `start(budget)` switches glibc to heap allocation without its own
-    trimming and sets the limit; `check()` (called where memory is freed or taken) trims
-    when the resident set is over the limit. After a trim that cannot get under the limit
-    (the live bytes are above it, e.g. all state read back at the end of an iteration),
-    the next trim waits until the resident set has grown by another slack: trims stay
-    rare whatever the step does."""
+    """The "trim" mode. `start(budget)` (at the first iteration) puts every allocation on
+    glibc's heap with no trimming of its own and sets a generous limit; `tighten()` (at
+    the first eviction) sets the tight one; `check()` (called where memory is freed or
+    taken) trims when the resident set is over the limit; `stop()` gives glibc its
+    defaults back. After a trim that cannot get under the limit (the live bytes are above
+    it, e.g. all state read back at the end of an iteration), the next trim waits until
+    the resident set has grown by another slack: trims stay rare whatever the step does."""
 
     def __init__(self):
         self.libc = _libc()
         self.limit = None
         self.slack = 0
+        self.tight = False
         self._next = _NEVER
         self._checked = 0.0
         self.trims = 0
@@ -90,19 +100,37 @@ class TrimGovernor:
     def start(self, budget: int) -> bool:
         if self.libc is None or self.active:
             return False
-        ok = (self.libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP_THRESHOLD) == 1
-              and self.libc.mallopt(_M_TRIM_THRESHOLD, _NEVER) == 1)
+        ok = (self.libc.mallopt(_M_MMAP_MAX, 0) == 1
+              and self.libc.mallopt(_M_TRIM_THRESHOLD, _C_INT_MAX) == 1)
         self.slack = 64 * 2**20 + budget // 5
         self.libc.malloc_trim(0)           # what glibc kept so far: the limit starts from live bytes
-        self.limit = resident_bytes() + self.slack
+        self.limit = resident_bytes() + budget + self.slack
         self._next = self.limit
         return ok
+
+    def tighten(self) -> None:
+        """The budget is full: from now on the resident set may exceed today's by a slack."""
+        if not self.active or self.tight:
+            return
+        self.tight = True
+        self.libc.malloc_trim(0)
+        self.limit = resident_bytes() + self.slack
+        self._next = self.limit
+
+    def stop(self) -> None:
+        """glibc's own defaults again, and the heap's free pages handed back."""
+        if not self.active:
+            return
+        self.libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        self.libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+        self.libc.malloc_trim(0)
+        self.limit, self.tight, self._next = None, False, _NEVER
 
     def check(self) -> None:
         if self.limit is None:
             return
         now = time.perf_counter()
-        if now - self._checked < 0.002:        # reading /proc costs ~5-10 us: 500 Hz at most
+        if now - self._checked < 0.002:        # reading /proc costs ~1 us: 500 Hz at most
             return
         self._checked = now
         rss = resident_bytes()

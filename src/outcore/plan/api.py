@@ -31,7 +31,8 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     swap out / drop / free after it, so fast-tier bytes never exceed `budget`.
 
     budget: bytes, or a string such as "6GiB". policy: one of POLICIES (see
-    docs/planning.md); options: adaptive `window` (bytes, default 1.5 x budget), fixed `k`
+    docs/planning.md); options: adaptive `window` (bytes; default: no limit but the
+    budget; the paper used 1.5 x budget), fixed `k`
     (functions, default 4), adaptive-belady `window`, `reserve` (fraction of the budget
     kept free for prefetching, default 0.25); every policy `keep_state` (default True:
     persistent state that fits stays resident at the start and after its last use, since

@@ -57,11 +57,13 @@ class OutOfCore:
     plan_options: extra options for the policy (e.g. {"window": "3GiB"}).
     return_freed_memory: how the C allocator (glibc) hands freed memory back to the OS,
         so that the process's resident memory follows the budget instead of its
-        high-water mark; process-wide, from the first eviction on (README, "Memory and
-        speed"). True or "trim": keep reusing the heap and trim it when the resident
-        set grows past what it was at the first eviction plus a slack (64 MiB +
-        budget/5). "eager": every tensor its own mapping, unmapped on free (closest to
-        the budget; page faults on every new tensor). False: glibc's defaults.
+        high-water mark; process-wide until close() (README, "Memory and speed"). True
+        or "trim" (from the first iteration): every tensor on the reused heap (no page
+        faults, unlike glibc's defaults), trimmed when the resident set grows past what
+        it was at the first eviction plus a slack (64 MiB + budget/5), or, while nothing
+        has had to move, past its size at the start plus the budget. "eager" (from the
+        first eviction): every tensor its own mapping, unmapped on free (closest to the
+        budget; page faults on every new tensor). False: glibc's defaults.
     """
 
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
@@ -85,12 +87,11 @@ class OutOfCore:
         self._mover = DiskMover(swap_dir)
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
         self._governor = None
-        # Only once something must leave RAM: a step that fits keeps glibc's defaults.
-        if return_freed_memory == "eager":
+        if return_freed_memory == "eager":      # only once something must leave RAM
             self._res.before_first_eviction = return_freed_memory_to_os
-        elif return_freed_memory:
+        elif return_freed_memory:               # started by the first iteration
             self._governor = TrimGovernor()
-            self._res.before_first_eviction = lambda: self._governor.start(self.budget)
+            self._res.before_first_eviction = self._governor.tighten
             self._res.memory_check = self._governor.check
         self.trace = None
         self.schedule = None
@@ -111,6 +112,8 @@ class OutOfCore:
             raise OutcoreError("ooc.iteration() blocks cannot nest; end one before starting the next")
         self._active = True
         res = self._res
+        if self._governor is not None:
+            self._governor.start(self.budget)       # once; later calls do nothing
         before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                   res.stats.wait_s, self._mover.busy_read_s + self._mover.busy_write_s)
         recording = self._record_next
@@ -204,6 +207,8 @@ class OutOfCore:
             raise OutcoreError("cannot close inside an iteration")
         self._res.restore_all()
         self._mover.close()
+        if self._governor is not None:
+            self._governor.stop()
         self.closed = True
 
     def __enter__(self):

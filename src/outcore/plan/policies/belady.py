@@ -14,7 +14,7 @@ import heapq
 
 from ...errors import OutcoreError
 from ..feasibility import needs
-from .adaptive import DEFAULT_WINDOW_FACTOR
+from .adaptive import window_limit
 from .window import access_table, plan_window
 
 DEFAULT_RESERVE = 0.25
@@ -53,10 +53,9 @@ def keep_gaps(trace, limit: int) -> set[tuple[int, int]]:
 
 
 def plan_adaptive_belady(trace, budget: int, *, window=None, reserve=DEFAULT_RESERVE, keep_state=True):
-    from ...units import parse_bytes
     if not isinstance(reserve, (int, float)) or not 0 <= reserve < 1:
         raise OutcoreError(f"adaptive-belady: reserve must be a fraction in [0, 1), got {reserve!r}")
-    limit = int(DEFAULT_WINDOW_FACTOR * budget) if window is None else parse_bytes(window)
+    limit = window_limit(window)
     keep_limit = int(budget * (1 - reserve))
     kept = keep_gaps(trace, keep_limit)
     lists = plan_window(trace, budget, window_bytes=limit, keep=lambda a, f: (a, f) in kept,

@@ -4,7 +4,7 @@ One pass over the trace's accesses in order, as in nnabla's SwapInOutScheduler:
 
 * The window is the accesses [tail, head). `head` walks forward admitting future accesses
   while the window's limit holds (adaptive: bytes of the distinct arrays in the window,
-  default 1.5 x budget; fixed: a number of functions; on-demand: only the current
+  by default unlimited, the paper's was 1.5 x budget; fixed: a number of functions; on-demand: only the current
   function) and the fast tier has room. Admitting an array *reserves* its bytes from then
   on: a swap-in is issued at the current function's begin; an array a later function
   creates (an output, a fresh array) needs no transfer but its bytes are reserved all the
