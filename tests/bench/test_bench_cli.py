@@ -38,6 +38,29 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["results"]        # no swap left behind
 
 
+def test_repeats_run_round_robin_and_the_heap_baseline_is_not_the_reference(tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = main(["bench", "curve", "--model", "resnet18", "--batch", "2", "--image-size", "32",
+               "--fractions", "0.5", "--policies", "adaptive", "--steps", "1", "--repeat", "2",
+               "--baselines", "in-core,in-core-heap", "--out", str(out), "--dir", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    result = json.loads((out / "curve_resnet18_b2.json").read_text())
+    assert "[8/8]" in printed.err                      # 4 configs, twice each
+    for run in result["runs"]:
+        times = run["result"]["step_s_repeats"]
+        assert len(times) == 2 and run["result"]["step_s"] == min(times)     # the lower median
+    rows = result["rows"]
+    assert rows[0]["variant"] == "in-core" and rows[0]["vs_in_core"] == 1.0
+    heap = rows[1]
+    assert heap["variant"] == "in-core (glibc heap, no trim)"
+    assert heap["vs_in_core"] == rows[0]["step_s"] / heap["step_s"]      # against plain in-core
+    heap_cfg = result["runs"][1]["config"]
+    assert heap_cfg["env"]["MALLOC_MMAP_MAX_"] == "0"
+    assert all("step_range" in r and r["page_faults"] >= 0 for r in rows)
+    assert "median (range)" in (out / "curve_resnet18_b2.md").read_text()
+
+
 def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
     from outcore.bench import experiments
     # A budget below the smallest feasible one: outcore must refuse, and the table say so.
@@ -62,6 +85,7 @@ def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
     (["--model", "resnet18", "--policies", "fastest"], "unknown fastest"),
     (["--model", "resnet18", "--baselines", "magic"], "unknown magic"),
     (["--model", "resnet18", "--steps", "0"], "at least 1"),
+    (["--model", "resnet18", "--repeat", "0"], "at least 1"),
 ])
 def test_bad_arguments_get_a_clear_error(argv, message, capsys):
     assert main(["bench", "curve", *argv]) == 2

@@ -79,6 +79,48 @@ def machine_info(disk: dict) -> dict:
             "disk": disk, "torch_threads": torch.get_num_threads()}
 
 
+# Plain PyTorch with glibc keeping every tensor on its heap and never trimming it: no page
+# faults, the allocator setting outcore's trim governor starts from (a reference for
+# how much of outcore's speed is the allocator's, not the schedule's).
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+BASELINES = ("in-core", "in-core-heap", "checkpoint", "offload-hooks")
+
+
+def _baseline(base: dict, name: str) -> dict:
+    if name == "in-core-heap":
+        return dict(base, variant="in-core", role="glibc heap, no trim", env=HEAP_ENV)
+    return dict(base, variant=name)
+
+
+def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[dict]:
+    """Run every config `repeat` times, round-robin (so that a slow spell of the machine
+    hits every variant alike), each in a fresh process. A config's result is the run
+    with the median step time (the lower one of an even count), with every run's step time in `step_s_repeats`.
+    before(cfg) may add to a config before its first run; after(cfg, result) sees each
+    first run's result."""
+    progress = Progress(len(configs) * repeat)
+    results: list[list[dict]] = [[] for _ in configs]
+    for round_ in range(repeat):
+        for i, cfg in enumerate(configs):
+            if round_ == 0 and before is not None:
+                before(cfg)
+            result = run_config(cfg, progress)
+            if round_ == 0 and after is not None:
+                after(cfg, result)
+            results[i].append(result)
+    runs = []
+    for cfg, rs in zip(configs, results):
+        ok = [r for r in rs if "step_s" in r]
+        if not ok:
+            runs.append({"config": cfg, "result": rs[0]})
+            continue
+        ok.sort(key=lambda r: r["step_s"])
+        chosen = dict(ok[(len(ok) - 1) // 2])
+        chosen["step_s_repeats"] = [r["step_s"] if "step_s" in r else None for r in rs]
+        runs.append({"config": cfg, "result": chosen})
+    return runs
+
+
 def _base(model, batch, shape, steps, swap_dir, optimizer):
     return {"model": model, "batch": batch, "optimizer": optimizer, "steps": steps, "warmup": 1,
             "swap_dir": swap_dir, **shape}
@@ -87,26 +129,28 @@ def _base(model, batch, shape, steps, swap_dir, optimizer):
 def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1, 0.5, 0.25, 0.125),
           policies=("on-demand", "fixed", "adaptive"), steps=3, swap_dir=None, optimizer="sgd",
           baselines=("in-core", "checkpoint", "offload-hooks"), outcore_env=None, memory=True,
-          disk: dict) -> dict:
+          repeat=1, disk: dict) -> dict:
     shape = shape_of(model, image_size, seq_len)
     mem = memory_on_meta(model, batch, "in-core", **shape)
     floor = int(mem["min_budget"] * 1.05)
     budgets = sorted({int(mem["peak"] * f) for f in fractions if mem["peak"] * f >= floor} | {floor},
                      reverse=True)
     base = _base(model, batch, shape, steps, swap_dir, optimizer)
-    configs = [dict(base, variant=v) for v in baselines]
+    configs = [_baseline(base, v) for v in baselines]
     configs += [dict(base, variant="outcore", policy=p, budget=b, env=outcore_env or {},
                      return_freed_memory=memory)
                 for b in budgets for p in policies]
-    progress = Progress(len(configs))
-    runs, compute_s = [], None
-    for cfg in configs:
-        if cfg["variant"] == "outcore" and compute_s:
-            cfg.update(compute_s=compute_s, disk=disk)
-        result = run_config(cfg, progress)
-        if cfg["variant"] == "in-core" and "step_s" in result:
-            compute_s = result["step_s"]
-        runs.append({"config": cfg, "result": result})
+    compute: dict = {}
+
+    def before(cfg):
+        if cfg["variant"] == "outcore" and compute:
+            cfg.update(compute_s=compute["s"], disk=disk)
+
+    def after(cfg, result):
+        if cfg["variant"] == "in-core" and not cfg.get("role") and "step_s" in result:
+            compute["s"] = result["step_s"]
+    runs = _run_all(configs, repeat, before, after)
+    compute_s = compute.get("s")
     return {"experiment": "curve", "model": model, "batch": batch, "shape": shape,
             "in_core_peak": mem["peak"], "min_budget": mem["min_budget"], "budgets": budgets,
             "compute": {str(batch): compute_s}, "machine": machine_info(disk), "runs": runs}
@@ -115,7 +159,7 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
 def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, factors=(2, 4, 8),
                 policies=("adaptive",), steps=3, swap_dir=None, optimizer="sgd", cap_factor=16,
                 baselines=("checkpoint", "offload-hooks"), outcore_env=None, memory=True,
-                disk: dict) -> dict:
+                repeat=1, disk: dict) -> dict:
     """The paper's experiment under budget = the in-core peak at `base_batch`."""
     shape = shape_of(model, image_size, seq_len)
     budget = memory_on_meta(model, base_batch, "in-core", **shape)["peak"]
@@ -135,22 +179,23 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
     base = _base(model, base_batch, shape, steps, swap_dir, optimizer)
     outcore_batches = sorted({min(f * base_batch, largest["outcore"]) for f in factors})
     configs = [dict(base, batch=largest["in-core"], variant="in-core", role="reference")]
-    configs += [dict(base, batch=largest[v], variant=v) for v in baselines if largest[v]]
+    configs += [dict(_baseline(base, v), batch=largest[v]) for v in baselines if largest[v]]
     for b in outcore_batches:       # in-core with unbounded memory: compute time at b
         if b != largest["in-core"]:
             configs.append(dict(base, batch=b, variant="in-core", role="unbounded memory"))
     configs += [dict(base, batch=b, variant="outcore", policy=p, budget=budget, env=outcore_env or {},
                      return_freed_memory=memory)
                 for b in outcore_batches for p in policies]
-    progress = Progress(len(configs))
-    runs, compute = [], {}
-    for cfg in configs:
+    compute: dict = {}
+
+    def before(cfg):
         if cfg["variant"] == "outcore" and str(cfg["batch"]) in compute:
             cfg.update(compute_s=compute[str(cfg["batch"])], disk=disk)
-        result = run_config(cfg, progress)
-        if cfg["variant"] == "in-core" and "step_s" in result:
+
+    def after(cfg, result):
+        if cfg["variant"] == "in-core" and cfg.get("role") != "glibc heap, no trim" and "step_s" in result:
             compute[str(cfg["batch"])] = result["step_s"]
-        runs.append({"config": cfg, "result": result})
+    runs = _run_all(configs, repeat, before, after)
     return {"experiment": "batch", "model": model, "batch": base_batch, "shape": shape,
             "budget": budget, "largest": largest, "compute": compute,
             "machine": machine_info(disk), "runs": runs}

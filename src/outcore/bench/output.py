@@ -32,7 +32,11 @@ def rows(result: dict) -> list[dict]:
             continue
         step = r["step_s"]
         row.update(step_s=step, samples_per_s=cfg["batch"] / step, peak_rss=r["peak_rss"],
-                   read=r.get("read", 0), written=r.get("written", 0), stalled_s=r.get("stalled", 0.0))
+                   read=r.get("read", 0), written=r.get("written", 0), stalled_s=r.get("stalled", 0.0),
+                   page_faults=r.get("page_faults"))
+        repeats = [t for t in r.get("step_s_repeats", []) if t is not None]
+        if len(repeats) > 1:
+            row["step_range"] = (min(repeats), max(repeats))
         if result["experiment"] == "curve" and cfg["batch"] in reference:
             row["vs_in_core"] = reference[cfg["batch"]] / step
         elif "base" in reference:           # samples/s against in-core's samples/s
@@ -73,7 +77,8 @@ def _reference_step(result: dict) -> dict:
         if cfg["variant"] != "in-core" or "step_s" not in r:
             continue
         if result["experiment"] == "curve":
-            ref[cfg["batch"]] = r["step_s"]
+            if not cfg.get("role"):             # plain PyTorch as users run it
+                ref[cfg["batch"]] = r["step_s"]
         elif cfg.get("role") == "reference":
             ref["base"] = r["step_s"] / cfg["batch"]          # seconds per sample
     return ref
@@ -111,20 +116,28 @@ def markdown(result: dict, command: str = "") -> str:
         lines += ["", f"    {command}"]
     lines.append("")
     speed_col = "vs in-core (same batch)" if result["experiment"] == "curve" else "samples/s vs in-core at its largest batch"
-    lines.append(f"| variant | policy | budget (MiB) | batch | step (s) | samples/s | {speed_col} | peak RSS (MiB) "
-                 "| read (MiB) | written (MiB) | stalled (s) | step / physical limit | predicted (s) | prediction error |")
-    lines.append("|" + "---|" * 14)
+    step_col = "step (s)"
+    if any("step_range" in r for r in rows(result)):
+        step_col = "step (s): median (range)"
+    lines.append(f"| variant | policy | budget (MiB) | batch | {step_col} | samples/s | {speed_col} | peak RSS (MiB) "
+                 "| read (MiB) | written (MiB) | stalled (s) | page faults / step | step / physical limit "
+                 "| predicted (s) | prediction error |")
+    lines.append("|" + "---|" * 15)
     for row in rows(result):
         if "error" in row:
             lines.append(f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | "
-                         f"failed: {row['error'][:80]} |" + " |" * 9)
+                         f"failed: {row['error'][:80]} |" + " |" * 10)
             continue
         pred = f"{row['predicted_s']:.2f}" if "predicted_s" in row else "-"
         err = f"{100 * row['prediction_error']:+.0f}%" if "prediction_error" in row else "-"
+        step = f"{row['step_s']:.2f}"
+        if "step_range" in row:
+            step += " ({:.2f}-{:.2f})".format(*row["step_range"])
+        faults = "-" if row.get("page_faults") is None else f"{row['page_faults'] / 1000:.0f}k"
         lines.append(
-            f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | {row['step_s']:.2f} | "
+            f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | {step} | "
             f"{row['samples_per_s']:.1f} | {_ratio(row.get('vs_in_core'))} | {_mib(row['peak_rss'])} | "
-            f"{_mib(row['read'])} | {_mib(row['written'])} | {row['stalled_s']:.2f} | "
+            f"{_mib(row['read'])} | {_mib(row['written'])} | {row['stalled_s']:.2f} | {faults} | "
             f"{_ratio(row.get('vs_limit'))} | {pred} | {err} |")
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,9 @@ def add_parser(sub) -> None:
                    help="curve: budgets as fractions of the in-core peak (the smallest feasible is added)")
     p.add_argument("--factors", default="2,4,8", help="batch: outcore batches as multiples of the base")
     p.add_argument("--baselines", default=None,
-                   help="comma-separated subset of in-core,checkpoint,offload-hooks (default: all)")
+                   help="comma-separated subset of in-core,in-core-heap,checkpoint,offload-hooks "
+                        "(default: all but in-core-heap, plain PyTorch with glibc's heap kept and "
+                        "never trimmed)")
     p.add_argument("--thp", action="store_true",
                    help="run outcore with THP_MEM_ALLOC_ENABLE=1 (page-aligned, huge-page tensor "
                         "memory: fewer page faults when freed memory goes back to the OS)")
@@ -46,6 +48,9 @@ def add_parser(sub) -> None:
                    help="how outcore returns freed memory to the OS: trim (default), eager "
                         "(every tensor its own mapping), keep (glibc's defaults)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run after warm-up (default 3)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="curve/batch: run every config this many times, round-robin, each in a "
+                        "fresh process, and report the run with the median step (default 1)")
     p.add_argument("--out", default="bench-results", help="directory for the results (default bench-results)")
     p.add_argument("--name", default=None, help="file name stem of the results (default: experiment_model_batch)")
     p.set_defaults(func=run)
@@ -62,8 +67,8 @@ def run_experiment(args) -> int:
     from ..workloads import SPECS
     if args.model not in SPECS:
         raise OutcoreError(f"unknown model {args.model!r}; choose one of {', '.join(SPECS)}")
-    if args.steps < 1 or args.batch < 1:
-        raise OutcoreError("--steps and --batch must be at least 1")
+    if args.steps < 1 or args.batch < 1 or args.repeat < 1:
+        raise OutcoreError("--steps, --batch and --repeat must be at least 1")
     if args.model.startswith("gpt2") and args.image_size is not None:
         raise OutcoreError("--image-size is for the CNNs; GPT-2 models take --seq-len")
     if args.model.startswith(("resnet", "mlp")) and args.seq_len is not None:
@@ -71,11 +76,11 @@ def run_experiment(args) -> int:
     print("measuring the disk ...", file=sys.stderr, flush=True)
     disk = measure_disk(parse_bytes("1GiB"), args.dir)
     common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,
-                  optimizer=args.optimizer, disk=disk,
+                  optimizer=args.optimizer, disk=disk, repeat=args.repeat,
                   outcore_env={"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else None,
                   memory={"trim": True, "eager": "eager", "keep": False}[args.memory])
     if args.baselines:
-        common["baselines"] = tuple(_csv(args.baselines, ("in-core", "checkpoint", "offload-hooks")))
+        common["baselines"] = tuple(_csv(args.baselines, experiments.BASELINES))
     if args.what == "curve":
         result = experiments.curve(args.model, args.batch, fractions=tuple(float(f) for f in _csv(args.fractions)),
                                    policies=tuple(_csv(args.policies or "on-demand,fixed,adaptive", tuple(POLICIES))),
