@@ -6,7 +6,6 @@ peak RSS (VmHWM) and, for outcore, its process-wide malloc settings. The config 
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -20,13 +19,6 @@ def _status(key: str) -> int:
     return 0
 
 
-def _faults() -> int:
-    """Page faults of this process so far (minor + major): memory handed back to the OS
-    and taken again costs one each (per 4 KiB page, or per huge page)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt + usage.ru_majflt
-
-
 def _progress(done: int, total: int) -> None:
     print(f"step {done}/{total}", file=sys.stderr, flush=True)
 
@@ -35,6 +27,7 @@ def run(cfg: dict) -> dict:
     import torch
 
     import outcore
+    from outcore.memory.malloc import page_faults as _faults
     from outcore.workloads import build
 
     from .variants import DiskOffload, checkpoint_blocks
@@ -91,8 +84,6 @@ def run(cfg: dict) -> dict:
                     if len(times) == steps:
                         break
             report = ooc.report()
-            governor = ooc._governor
-            out["trims"] = governor.trims if governor is not None else 0
         replays = [it for it in report.iterations if it.mode == "replay"][-len(times):]
         if not replays:
             raise RuntimeError("outcore never replayed a plan: every iteration re-recorded")
@@ -101,6 +92,7 @@ def run(cfg: dict) -> dict:
             written=statistics.median(it.bytes_written for it in replays),
             stalled=statistics.median(it.wait_s for it in replays),
             overlap=statistics.median(it.overlap for it in replays),
+            trims=statistics.median(it.trims for it in replays),
             restore_s=statistics.median(it.restore_s for it in replays),
             planned_in=report.planned_in, planned_out=report.planned_out,
             planned_peak=report.planned_peak, functions=report.functions,

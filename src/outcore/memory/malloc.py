@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import time
 
 _M_TRIM_THRESHOLD = -1
@@ -73,6 +74,13 @@ def resident_bytes() -> int:
     if _statm is None or _statm[0] != os.getpid():
         _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
     return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE
+
+
+def page_faults() -> int:
+    """Page faults of this process so far (minor and major): each is a page the OS had
+    to hand over, e.g. memory given back and taken again (~1 us each on this machine)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 class TrimGovernor:

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 
 from ..errors import OutcoreError
-from ..memory.malloc import TrimGovernor, return_freed_memory as return_freed_memory_to_os
+from ..memory.malloc import TrimGovernor, page_faults, return_freed_memory as return_freed_memory_to_os
 from ..plan import check, plan
 from ..plan.api import POLICIES
 from ..units import format_bytes, parse_bytes
@@ -115,7 +115,8 @@ class OutOfCore:
         if self._governor is not None:
             self._governor.start(self.budget)       # once; later calls do nothing
         before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
-                  res.stats.wait_s, self._mover.busy_read_s + self._mover.busy_write_s)
+                  res.stats.wait_s, self._mover.busy_read_s + self._mover.busy_write_s,
+                  page_faults(), self._trims())
         recording = self._record_next
         started = time.perf_counter()
         deviation, completed = None, False
@@ -131,7 +132,7 @@ class OutOfCore:
                 yield self
             completed = True
         finally:
-            stepped = time.perf_counter()
+            stepped, faulted, trimmed = time.perf_counter(), page_faults(), self._trims()
             passive = not recording and mode.passive and mode.deviation is None
             peak = self.schedule.peak_bytes if passive else res.stats.peak_resident
             try:
@@ -153,7 +154,8 @@ class OutOfCore:
                     transfer_s=self._mover.busy_read_s + self._mover.busy_write_s - before[4],
                     restore_s=time.perf_counter() - stepped, peak_resident=peak,
                     deviation=deviation, completed=completed, tracked=not passive,
-                    skipped_actions=0 if recording else mode.skipped_actions))
+                    skipped_actions=0 if recording else mode.skipped_actions,
+                    page_faults=faulted - before[5], trims=trimmed - before[6]))
         if recording:
             if mode.infeasible is not None:
                 raise mode.infeasible
@@ -184,6 +186,9 @@ class OutOfCore:
                 self._carried[aid] = entry
         self._record_next = False
         self._recordings_in_a_row = 0
+
+    def _trims(self) -> int:
+        return self._governor.trims if self._governor is not None else 0
 
     # -- reporting -----------------------------------------------------------------------
     def report(self) -> Report:

@@ -22,6 +22,8 @@ class IterationStats:
     completed: bool = True
     tracked: bool = True       # False: the plan moved nothing and residency was not tracked
     skipped_actions: int = 0   # planned moves of arrays this iteration had not touched yet
+    page_faults: int = 0       # the process's, during the step: memory the OS had to hand over
+    trims: int = 0             # times the memory governor gave the heap's free pages back
 
     @property
     def overlap(self) -> float:
@@ -29,6 +31,10 @@ class IterationStats:
         if self.transfer_s <= 0:
             return 1.0
         return max(0.0, 1.0 - self.wait_s / self.transfer_s)
+
+
+def _thousands(n: int) -> str:
+    return f"{n / 1000:.0f}k" if n >= 1000 else str(n)
 
 
 @dataclass(frozen=True)
@@ -59,12 +65,14 @@ class Report:
         if self.pinned_bytes:
             lines.append(f"  pinned in fast memory (small or not resizable): {format_bytes(self.pinned_bytes)}")
         if self.iterations:
-            lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  peak")
+            lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
+                         "faults  trims  peak")
             for it in self.iterations:
                 lines.append(
                     f"  {it.index:>4}  {it.mode:<7} {it.seconds:>6.2f}s {format_bytes(it.bytes_read):>10} "
                     f"{format_bytes(it.bytes_written):>10} {format_bytes(it.unplanned_bytes):>10} "
-                    f"{it.wait_s:>6.2f}s  {it.overlap * 100:>5.1f}%  {format_bytes(it.peak_resident)}"
+                    f"{it.wait_s:>6.2f}s  {it.overlap * 100:>5.1f}%  {_thousands(it.page_faults):>6} "
+                    f"{it.trims:>6}  {format_bytes(it.peak_resident)}"
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + ("" if it.completed else "  (interrupted)"))
                 if it.skipped_actions:
