@@ -1,6 +1,8 @@
-"""Gather the tables `benchmarks/results_suite.sh` wrote into one markdown appendix.
+"""Gather the tables a results script wrote into one markdown appendix.
 
     .venv/bin/python benchmarks/collect_results.py docs/results > docs/results/tables.md
+    .venv/bin/python benchmarks/collect_results.py docs/results/stop8 benchmarks/results_stop8.sh \
+        > docs/results/stop8/tables.md
 
 Every table is copied from the run's own markdown (figures as measured); the prediction
 table lists, for every outcore run, the simulator's step time against the measured one.
@@ -16,14 +18,14 @@ import sys
 MiB = 2 ** 20
 
 
-def main(folder: str) -> None:
+def main(folder: str = "docs/results", script: str = "benchmarks/results_suite.sh") -> None:
     results = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             data = json.load(f)
         if "rows" in data:
             results.append((os.path.basename(path)[:-5], data))
-    print("# Tables from `benchmarks/results_suite.sh`\n")
+    print(f"# Tables from `{script}`\n")
     print("Each section is one `outcore bench` command (shown under its heading), copied "
           "from its own markdown output; PNGs beside this file.\n")
     for name, data in results:
@@ -55,4 +57,4 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
+    main(*sys.argv[1:3])
