@@ -79,6 +79,36 @@ def test_a_step_that_fits_is_never_trimmed_and_stop_restores_glibc(governed):
     assert libc.options[malloc._M_TRIM_THRESHOLD] == malloc._GLIBC_TRIM_THRESHOLD
 
 
+def test_the_slack_is_smaller_under_half_the_peak(governed):
+    gov, libc = governed
+    budget = 400 * 2**20
+    gov.start(budget)
+    assert gov.slack == (64 + 80) * 2**20
+    gov.tighten()
+    limit = gov.limit
+    gov.know_peak(2 * budget)                 # exactly half the peak: unchanged
+    assert gov.slack == (64 + 80) * 2**20 and gov.limit == limit
+    gov.know_peak(4 * budget)                 # a quarter: 32 MiB + budget/10
+    assert gov.slack == (32 + 40) * 2**20
+    assert gov.limit == limit - 72 * 2**20 and gov._next == gov.limit
+
+
+def test_the_small_slack_comes_once_twice_the_budget_is_alive(governed):
+    gov, libc = governed
+    budget = 400 * 2**20
+    live = [budget]
+    gov.live_bytes = lambda: live[0]
+    gov.start(budget)
+    gov.tighten()
+    tick(gov)
+    gov.check()
+    assert not gov.small_slack
+    live[0] = 2 * budget + 1
+    tick(gov)
+    gov.check()
+    assert gov.small_slack and gov.slack == (32 + 40) * 2**20
+
+
 def test_checks_are_throttled(governed):
     gov, libc = governed
     gov.start(0)

@@ -93,6 +93,7 @@ class OutOfCore:
             self._governor = TrimGovernor()
             self._res.before_first_eviction = self._governor.tighten
             self._res.memory_check = self._governor.check
+            self._governor.live_bytes = lambda: self._res.resident + self._res.offloaded
         self.trace = None
         self.schedule = None
         self._carried: dict = {}

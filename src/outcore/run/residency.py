@@ -56,6 +56,7 @@ class Residency:
         self.min_move_bytes = min_move_bytes
         self.entries: dict[int, Entry] = {}
         self.resident = 0                       # bytes of managed storages in fast memory
+        self.offloaded = 0                      # bytes of live managed storages only on the slow tier
         self.stats = Stats()
         self.lru: OrderedDict[int, Entry] = OrderedDict()   # FAST entries, least recent first
         self.before_first_eviction = None     # called once, when the budget first needs room
@@ -89,6 +90,8 @@ class Residency:
             self.lru.pop(key, None)
             if entry.occupies_fast:
                 self.resident -= entry.nbytes
+            elif entry.state == SLOW:
+                self.offloaded -= entry.nbytes
             if entry.extent is not None and entry.future is None:
                 self.mover.free(entry.extent)
                 entry.extent = None
@@ -122,6 +125,7 @@ class Residency:
             storage.resize_(0)                  # the slow copy is current: just let go
             entry.state = SLOW
             self.resident -= entry.nbytes
+            self.offloaded += entry.nbytes
             return
         nbytes = storage.nbytes()
         if nbytes != entry.nbytes:           # an op resized it (e.g. an `out=` argument)
@@ -148,6 +152,7 @@ class Residency:
         entry.state = SLOW
         entry.clean = True
         self.resident -= entry.nbytes
+        self.offloaded += entry.nbytes
         if storage is not None:
             storage.resize_(0)
         if self.memory_check is not None:
@@ -170,6 +175,7 @@ class Residency:
         storage.resize_(entry.nbytes)
         entry.future = self.mover.read(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         entry.state = IN
+        self.offloaded -= entry.nbytes
         self._add_resident(entry.nbytes)
         self.stats.bytes_read += entry.nbytes
         if unplanned:
@@ -203,6 +209,7 @@ class Residency:
                     storage.resize_(0)      # never leave garbage where data was
                 entry.state = SLOW
                 self.resident -= entry.nbytes
+                self.offloaded += entry.nbytes
             else:
                 entry.state = FAST           # the fast copy is intact: keep it
                 self.touch(entry)
