@@ -26,4 +26,7 @@ $B curve --model gpt2 --seq-len 256 --batch 2 --fractions 1,0.5,0.25 --policies 
 # GPT-2 with a budget above its in-core peak (2x): nothing moves.
 $B curve --model gpt2 --seq-len 256 --batch 2 --fractions 2 --policies adaptive --baselines in-core \
    --repeat 5 --steps 5 --out "$OUT" --name passive_gpt2
+# The quarter budget again with the final trim governor (the smaller slack under tight budgets).
+$B curve --model resnet50 --image-size 128 --batch 64 --fractions 0.25 --policies adaptive --thp \
+   --baselines in-core --repeat 3 --out "$OUT" --name reference_r50_128_final
 .venv/bin/python benchmarks/collect_results.py "$OUT" benchmarks/results_stop8.sh > "$OUT/tables.md"
