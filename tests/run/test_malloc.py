@@ -80,7 +80,7 @@ def test_a_step_that_fits_is_never_trimmed_and_stop_restores_glibc(governed):
 
 
 def test_the_slack_is_smaller_under_half_the_peak(governed):
-    gov, libc = governed
+    gov, _ = governed
     budget = 400 * 2**20
     gov.start(budget)
     assert gov.slack == (64 + 80) * 2**20
@@ -94,7 +94,7 @@ def test_the_slack_is_smaller_under_half_the_peak(governed):
 
 
 def test_the_small_slack_comes_once_twice_the_budget_is_alive(governed):
-    gov, libc = governed
+    gov, _ = governed
     budget = 400 * 2**20
     live = [budget]
     gov.live_bytes = lambda: live[0]

@@ -95,9 +95,9 @@ def _baseline(base: dict, name: str) -> dict:
 def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[dict]:
     """Run every config `repeat` times, round-robin (so that a slow spell of the machine
     hits every variant alike), each in a fresh process. A config's result is the run
-    with the median step time (the lower one of an even count), with every run's step time in `step_s_repeats`.
-    before(cfg) may add to a config before its first run; after(cfg, result) sees each
-    first run's result."""
+    with the median step time (the lower one of an even count), with every run's step
+    time in `step_s_repeats`. before(cfg) may add to a config before its first run;
+    after(cfg, result) sees each first run's result."""
     progress = Progress(len(configs) * repeat)
     results: list[list[dict]] = [[] for _ in configs]
     for round_ in range(repeat):
@@ -116,7 +116,7 @@ def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[
             continue
         ok.sort(key=lambda r: r["step_s"])
         chosen = dict(ok[(len(ok) - 1) // 2])
-        chosen["step_s_repeats"] = [r["step_s"] if "step_s" in r else None for r in rs]
+        chosen["step_s_repeats"] = [r.get("step_s") for r in rs]
         runs.append({"config": cfg, "result": chosen})
     return runs
 

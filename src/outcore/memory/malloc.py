@@ -18,11 +18,12 @@ activations through a small budget sits far above that budget in resident memory
   first iteration plus the budget and a slack: a step that fits is never trimmed), then
   tight: the resident set at the first eviction (the budget is full then), trimmed,
   plus a slack. The slack is 64 MiB + budget/5 until the managed bytes alive at once
-  (in RAM and on the slow tier) pass twice the budget (a smaller one trimmed and re-faulted so often near the peak that
-  a step with 8 MiB to move ran 12-25% slower than plain PyTorch), and 32 MiB +
-  budget/10 from then on, where the resident set is what the user is short of and a trim
-  costs little beside the disk traffic (ResNet-50 128x128 at a quarter budget: 1083
-  against 1191 MiB, 4.15 against 4.00 s, one run each; docs/results-run.md).
+  (in RAM and on the slow tier) pass twice the budget (a smaller one trimmed and
+  re-faulted so often near the peak that a step with 8 MiB to move ran 12-25% slower
+  than plain PyTorch), and 32 MiB + budget/10 from then on, where the resident set is
+  what the user is short of and a trim costs little beside the disk traffic (ResNet-50
+  128x128 at a quarter budget: 1083 against 1191 MiB, 4.15 against 4.00 s, one run
+  each; docs/results-run.md).
   Resident memory stays within the limit plus what one stretch of the step allocates
   between checks.
 """

@@ -60,8 +60,9 @@ class OutOfCore:
         high-water mark; process-wide until close() (README, "Memory and speed"). True
         or "trim" (from the first iteration): every tensor on the reused heap (no page
         faults, unlike glibc's defaults), trimmed when the resident set grows past what
-        it was at the first eviction plus a slack (64 MiB + budget/5), or, while nothing
-        has had to move, past its size at the start plus the budget. "eager" (from the
+        it was at the first eviction plus a slack (64 MiB + budget/5; 32 MiB + budget/10
+        once the step holds more than twice the budget), or, while nothing has had to
+        move, past its size at the start plus the budget. "eager" (from the
         first eviction): every tensor its own mapping, unmapped on free (closest to the
         budget; page faults on every new tensor). False: glibc's defaults.
     """
