@@ -12,13 +12,16 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     out = tmp_path / "results"
     rc = main(["bench", "curve", "--model", "resnet18", "--batch", "2", "--image-size", "32",
                "--fractions", "0.5", "--policies", "adaptive", "--steps", "1",
-               "--baselines", "in-core,offload-hooks", "--out", str(out), "--dir", str(tmp_path)])
+               "--baselines", "in-core,offload-hooks,in-core-heap", "--out", str(out), "--dir", str(tmp_path)])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     result = json.loads((out / "curve_resnet18_b2.json").read_text())
     rows = result["rows"]
     variants = [(r["variant"], r["policy"]) for r in rows]
-    assert variants[:2] == [("in-core", "-"), ("offload-hooks", "-")]
+    assert variants[:3] == [("in-core", "-"), ("offload-hooks", "-"), ("in-core (glibc heap, no trim)", "-")]
+    heap = rows[2]                      # plain PyTorch with glibc's heap kept: not the reference
+    assert result["runs"][2]["config"]["env"]["MALLOC_MMAP_MAX_"] == "0"
+    assert heap["vs_in_core"] == rows[0]["step_s"] / heap["step_s"] and heap["page_faults"] >= 0
     outcore_rows = [r for r in rows if r["variant"] == "outcore"]
     # Budgets: half the in-core peak, and just above the smallest feasible one.
     assert [r["budget"] for r in outcore_rows] == result["budgets"] and len(result["budgets"]) == 2
@@ -34,31 +37,39 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     md = (out / "curve_resnet18_b2.md").read_text()
     assert "| outcore | adaptive |" in md and "outcore bench curve" in md
     assert (out / "curve_resnet18_b2.png").read_bytes()[:4] == b"\x89PNG"
-    assert "[3/4]" in printed.err or "3/4" in printed.err              # the progress bar
+    assert "[4/5]" in printed.err or "4/5" in printed.err              # the progress bar
     assert [p.name for p in tmp_path.iterdir()] == ["results"]        # no swap left behind
 
 
-def test_repeats_run_round_robin_and_the_heap_baseline_is_not_the_reference(tmp_path, capsys):
-    out = tmp_path / "results"
-    rc = main(["bench", "curve", "--model", "resnet18", "--batch", "2", "--image-size", "32",
-               "--fractions", "0.5", "--policies", "adaptive", "--steps", "1", "--repeat", "2",
-               "--baselines", "in-core,in-core-heap", "--out", str(out), "--dir", str(tmp_path)])
-    printed = capsys.readouterr()
-    assert rc == 0, printed.err
-    result = json.loads((out / "curve_resnet18_b2.json").read_text())
-    assert "[8/8]" in printed.err                      # 4 configs, twice each
-    for run in result["runs"]:
-        times = run["result"]["step_s_repeats"]
-        assert len(times) == 2 and run["result"]["step_s"] == min(times)     # the lower median
-    rows = result["rows"]
-    assert rows[0]["variant"] == "in-core" and rows[0]["vs_in_core"] == 1.0
-    heap = rows[1]
-    assert heap["variant"] == "in-core (glibc heap, no trim)"
-    assert heap["vs_in_core"] == rows[0]["step_s"] / heap["step_s"]      # against plain in-core
-    heap_cfg = result["runs"][1]["config"]
-    assert heap_cfg["env"]["MALLOC_MMAP_MAX_"] == "0"
-    assert all("step_range" in r and r["page_faults"] >= 0 for r in rows)
-    assert "median (range)" in (out / "curve_resnet18_b2.md").read_text()
+def test_repeats_run_round_robin_and_report_the_median_run(monkeypatch):
+    from outcore.bench import experiments
+    calls = []
+    times = {"a": [3.0, 1.0, 2.0], "b": [5.0, 4.0, 6.0]}
+
+    def fake_run(cfg, progress):
+        calls.append(cfg["name"])
+        return {"step_s": times[cfg["name"]][sum(1 for c in calls if c == cfg["name"]) - 1],
+                "round": len(calls)}
+    monkeypatch.setattr(experiments, "run_config", fake_run)
+    seen_before, seen_after = [], []
+    runs = experiments._run_all([{"name": "a"}, {"name": "b"}], 3,
+                                before=lambda cfg: seen_before.append(cfg["name"]),
+                                after=lambda cfg, r: seen_after.append((cfg["name"], r["step_s"])))
+    assert calls == ["a", "b", "a", "b", "a", "b"]                     # round-robin
+    assert seen_before == ["a", "b"] and seen_after == [("a", 3.0), ("b", 5.0)]  # first round only
+    assert [r["result"]["step_s"] for r in runs] == [2.0, 5.0]            # the median run
+    assert runs[0]["result"]["round"] == 5 and runs[0]["result"]["step_s_repeats"] == [3.0, 1.0, 2.0]
+
+    from outcore.bench import output
+    result = {"experiment": "curve", "model": "m", "batch": 2, "shape": {}, "in_core_peak": 1, "min_budget": 1,
+              "budgets": [], "compute": {"2": 2.0},
+              "machine": {"cpus": 2, "torch": "x", "torch_threads": 2, "date": "d",
+                          "disk": {"read_GBps": 1.0, "write_GBps": 1.0, "both_total_GBps": 1.0}},
+              "runs": [{"config": {"variant": "in-core", "batch": 2},
+                        "result": dict(runs[0]["result"], peak_rss=1, page_faults=1500)}]}
+    row = output.rows(result)[0]
+    assert row["step_range"] == (1.0, 3.0)
+    assert "| 2.00 (1.00-3.00) |" in output.markdown(result) and "| 2k |" in output.markdown(result)
 
 
 def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
