@@ -83,13 +83,19 @@ def machine_info(disk: dict) -> dict:
 # faults, the allocator setting outcore's trim governor starts from (a reference for
 # how much of outcore's speed is the allocator's, not the schedule's).
 HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+HEAP_ROLE = "glibc heap, no trim"
 BASELINES = ("in-core", "in-core-heap", "checkpoint", "offload-hooks")
 
 
 def _baseline(base: dict, name: str) -> dict:
     if name == "in-core-heap":
-        return dict(base, variant="in-core", role="glibc heap, no trim", env=HEAP_ENV)
+        return dict(base, variant="in-core", role=HEAP_ROLE, env=HEAP_ENV)
     return dict(base, variant=name)
+
+
+def _plain_in_core(cfg: dict, result: dict) -> bool:
+    """A finished run of plain PyTorch as users run it: the compute of the physical limit."""
+    return cfg["variant"] == "in-core" and cfg.get("role") != HEAP_ROLE and "step_s" in result
 
 
 def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[dict]:
@@ -147,13 +153,12 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
             cfg.update(compute_s=compute["s"], disk=disk)
 
     def after(cfg, result):
-        if cfg["variant"] == "in-core" and not cfg.get("role") and "step_s" in result:
+        if _plain_in_core(cfg, result):
             compute["s"] = result["step_s"]
     runs = _run_all(configs, repeat, before, after)
     # The physical limit's compute: plain in-core's reported (median) run. (Predictions
     # were made with its first run, the only one there was when outcore's ran.)
-    compute_s = next((r["result"]["step_s"] for r in runs if r["config"]["variant"] == "in-core"
-                      and not r["config"].get("role") and "step_s" in r["result"]), None)
+    compute_s = next((r["result"]["step_s"] for r in runs if _plain_in_core(r["config"], r["result"])), None)
     return {"experiment": "curve", "model": model, "batch": batch, "shape": shape,
             "in_core_peak": mem["peak"], "min_budget": mem["min_budget"], "budgets": budgets,
             "compute": {str(batch): compute_s}, "machine": machine_info(disk), "runs": runs}
@@ -196,13 +201,12 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
             cfg.update(compute_s=compute[str(cfg["batch"])], disk=disk)
 
     def after(cfg, result):
-        if cfg["variant"] == "in-core" and cfg.get("role") != "glibc heap, no trim" and "step_s" in result:
+        if _plain_in_core(cfg, result):
             compute[str(cfg["batch"])] = result["step_s"]
     runs = _run_all(configs, repeat, before, after)
     for r in runs:              # the physical limit's compute: the reported (median) runs
-        cfg = r["config"]
-        if cfg["variant"] == "in-core" and cfg.get("role") != "glibc heap, no trim" and "step_s" in r["result"]:
-            compute[str(cfg["batch"])] = r["result"]["step_s"]
+        if _plain_in_core(r["config"], r["result"]):
+            compute[str(r["config"]["batch"])] = r["result"]["step_s"]
     return {"experiment": "batch", "model": model, "batch": base_batch, "shape": shape,
             "budget": budget, "largest": largest, "compute": compute,
             "machine": machine_info(disk), "runs": runs}

@@ -116,14 +116,15 @@ def markdown(result: dict, command: str = "") -> str:
         lines += ["", f"    {command}"]
     lines.append("")
     speed_col = "vs in-core (same batch)" if result["experiment"] == "curve" else "samples/s vs in-core at its largest batch"
+    table = rows(result)
     step_col = "step (s)"
-    if any("step_range" in r for r in rows(result)):
+    if any("step_range" in r for r in table):
         step_col = "step (s): median (range)"
     lines.append(f"| variant | policy | budget (MiB) | batch | {step_col} | samples/s | {speed_col} | peak RSS (MiB) "
                  "| read (MiB) | written (MiB) | stalled (s) | page faults / step | step / physical limit "
                  "| predicted (s) | prediction error |")
     lines.append("|" + "---|" * 15)
-    for row in rows(result):
+    for row in table:
         if "error" in row:
             lines.append(f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | "
                          f"failed: {row['error'][:80]} |" + " |" * 10)

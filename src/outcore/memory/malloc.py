@@ -22,8 +22,8 @@ activations through a small budget sits far above that budget in resident memory
   re-faulted so often near the peak that a step with 8 MiB to move ran 12-25% slower
   than plain PyTorch), and 32 MiB + budget/10 from then on, where the resident set is
   what the user is short of and a trim costs little beside the disk traffic (ResNet-50
-  128x128 at a quarter budget: 1083 against 1191 MiB, 4.15 against 4.00 s, one run
-  each; docs/results-run.md).
+  128x128 at a quarter budget, with a prototype that used the small slack from the
+  start: 1083 against 1191 MiB, 4.15 against 4.00 s, one run each; docs/results-run.md).
   Resident memory stays within the limit plus what one stretch of the step allocates
   between checks.
 """
@@ -141,10 +141,11 @@ class TrimGovernor:
         self.limit = resident_bytes() + self.slack
         self._next = self.limit
 
-    def know_peak(self, in_core_peak: int) -> None:
-        """The step needs at least `in_core_peak` bytes at once: a budget below half of
-        that gets the smaller slack."""
-        if not self.active or self.small_slack or self.budget * 2 >= in_core_peak:
+    def know_peak(self, at_least: int) -> None:
+        """The step needs at least `at_least` bytes at once (its in-core peak, or the
+        managed bytes alive right now): a budget below half of that gets the smaller
+        slack."""
+        if not self.active or self.small_slack or self.budget * 2 >= at_least:
             return
         self.small_slack = True
         slack = _slack(self.budget, tight_budget=True)
