@@ -1,6 +1,7 @@
 """Byte quantities as people write them: "2GiB", "512MiB", "1.5GB", 4096."""
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import OutcoreError
@@ -19,16 +20,25 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise OutcoreError(f"expected a byte quantity such as 2147483648 or '2GiB', got {value!r}")
     if isinstance(value, (int, float)):
+        _require_finite(value, value)
         if value < 0:
             raise OutcoreError(f"a byte quantity cannot be negative, got {value!r}")
         return int(value)
     if isinstance(value, str):
         match = _PATTERN.match(value)
         if match and match.group(2).lower() in _UNITS:
-            return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            _require_finite(number, value)
+            return round(number)
     raise OutcoreError(
         f"cannot read {value!r} as a byte quantity: write a number of bytes or a number "
         "with a unit, e.g. '512MiB', '6GiB', '1.5GB'")
+
+
+def _require_finite(number, value) -> None:
+    if not math.isfinite(number):
+        raise OutcoreError(f"{value!r} is not a finite byte quantity: write a number of bytes or a "
+                           "number with a unit, e.g. '512MiB', '6GiB', '1.5GB'")
 
 
 def format_bytes(n: int | float) -> str:

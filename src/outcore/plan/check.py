@@ -34,9 +34,7 @@ from ..units import format_bytes
 from .feasibility import release_points
 from .schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 
-ABSENT, RES, OUT, SLOW, DEAD = 0, 1, 2, 3, 4
-_STATE = {ABSENT: "not created yet", RES: "resident", OUT: "being swapped out",
-          SLOW: "on the slow tier", DEAD: "freed"}
+from ..states import ABSENT, DEAD, FAST, OUT, SLOW
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
             if not a.existed_before:
                 raise ScheduleError(f"R8: array {a.id} ({a.kind}) is listed resident at the start "
                                     "but does not exist before the step")
-            state[a.id] = RES
+            state[a.id] = FAST
             occ += a.nbytes
         elif a.existed_before:
             if a.kind == "input":
@@ -88,7 +86,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
     def expect(a, wanted, i, phase, rule, what):
         if state[a] != wanted:
             raise ScheduleError(f"{rule}: {where(i, phase)}: {what} array {a}, which is "
-                                f"{_STATE[state[a]]}")
+                                f"{state[a]}")
 
     def leave_fast(a, i, phase, what):
         if pending[a]:
@@ -108,7 +106,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                     raise ScheduleError(f"R4: {where(i, 'begin')}: SWAP_IN of array {a}, whose "
                                         f"last use was function {arrays[a].last_use}: it is "
                                         "never read again")
-                state[a] = RES
+                state[a] = FAST
                 pending[a] = True
                 dirty[a] = False
                 nb = arrays[a].nbytes
@@ -124,10 +122,10 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
             a = acc.array
             if acc.kind == "create":
                 expect(a, ABSENT, i, "run", "R1", "creation of")
-                state[a] = RES
+                state[a] = FAST
                 occ += arrays[a].nbytes
             else:
-                expect(a, RES, i, "run", "R1", f"{acc.kind} of")
+                expect(a, FAST, i, "run", "R1", f"{acc.kind} of")
             pending[a] = False
             if acc.kind != "read":
                 dirty[a] = True
@@ -140,8 +138,8 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
             a = act.array
             arr = arrays[a]
             if act.kind == FREE:
-                if state[a] not in (RES, SLOW):
-                    expect(a, RES, i, "end", "R3/R5", "FREE of")
+                if state[a] not in (FAST, SLOW):
+                    expect(a, FAST, i, "end", "R3/R5", "FREE of")
                 if arr.kind == "persistent" or arr.last_use > i:
                     raise ScheduleError(f"R3: {where(i, 'end')}: FREE of array {a} ({arr.kind}), "
                                         f"which is used until function {arr.last_use}"
@@ -154,11 +152,11 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                     raise ScheduleError(f"R3: {where(i, 'end')}: FREE of array {a}, which PyTorch "
                                         f"already released after function {release[a]}; FREE it there")
                 leave_fast(a, i, "end", "FREE of")
-                if state[a] == RES:
+                if state[a] == FAST:
                     occ -= arr.nbytes
                 state[a] = DEAD
             elif act.kind == DROP:
-                expect(a, RES, i, "end", "R5/R6", "DROP of")
+                expect(a, FAST, i, "end", "R5/R6", "DROP of")
                 if dirty[a]:
                     raise ScheduleError(f"R6: {where(i, 'end')}: DROP of array {a}, whose slow "
                                         "copy is missing or stale (it must be swapped out)")
@@ -166,7 +164,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                 state[a] = SLOW
                 occ -= arr.nbytes
             elif act.kind == SWAP_OUT:
-                expect(a, RES, i, "end", "R4", "SWAP_OUT of")
+                expect(a, FAST, i, "end", "R4", "SWAP_OUT of")
                 if arr.kind != "persistent" and i >= release[a]:
                     raise ScheduleError(f"R4: {where(i, 'end')}: SWAP_OUT of dead array {a} "
                                         f"(last used by function {arr.last_use}, released by "
@@ -190,11 +188,11 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
                                 "flight; WAIT on it in the last function's end-actions")
         if pending[a.id]:
             raise ScheduleError(f"R7: array {a.id} was swapped in and never used")
-        if a.kind != "persistent" and s in (RES, SLOW):
+        if a.kind != "persistent" and s in (FAST, SLOW):
             raise ScheduleError(f"R3: {a.kind} array {a.id} is never freed (it ends the iteration "
-                                f"{_STATE[s]}); FREE it after function {release[a.id]}, where "
+                                f"{s}); FREE it after function {release[a.id]}, where "
                                 "PyTorch releases it")
-        if s == RES:
+        if s == FAST:
             resident_end.append(a.id)
     if check_end_set is not None and tuple(sorted(check_end_set)) != tuple(resident_end):
         raise ScheduleError(f"R8: schedule says {len(check_end_set)} arrays are resident at the "

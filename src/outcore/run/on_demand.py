@@ -44,10 +44,22 @@ class OnDemand:
         return created
 
 
-def infeasible(index: int, op: str, phase: str, needed: int, budget: int) -> InfeasibleBudget:
+def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,
+               min_move_bytes: int, *, completed: bool = False) -> InfeasibleBudget:
+    """The error for a function that cannot fit: it needs `movable` bytes of its own
+    arrays at once beside `pinned` bytes of arrays that never move. `completed`: the
+    optimizer had begun, so the step was finished (over budget) before raising."""
+    needed = movable + pinned
+    held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of small or "
+            f"unmovable arrays, under min_move_bytes={min_move_bytes:,} or not resizable, that "
+            "never move)") if pinned else ""
     return InfeasibleBudget(
-        f"function {index} ({op}, {phase}) needs {format_bytes(needed)} resident at once, more than "
-        f"the budget of {format_bytes(budget)}; no schedule can run it. The smallest feasible budget "
-        f"is at least {format_bytes(needed)}: raise the budget to that or more, or lower the batch.",
-        function_index=index, op=op, phase=phase, needed_bytes=needed, budget_bytes=budget,
+        f"function {index} ({what}, {phase}) needs {format_bytes(needed)} ({needed:,} B) resident "
+        f"at once{held}, more than the budget of {format_bytes(budget)} ({budget:,} B) you passed; "
+        f"no schedule can run it. The smallest feasible budget is at least {format_bytes(needed)} "
+        f"({needed:,} B): raise the budget to that or more, or lower the batch. "
+        + ("The optimizer had begun updating the parameters when this was found, so the step was "
+           "completed correctly, over the budget; later iterations of this OutOfCore will not start."
+           if completed else "Nothing was trained: the optimizer has not changed any parameter."),
+        function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)

@@ -12,17 +12,28 @@ finishes on-demand and the next one is recorded again.
 
 Between iterations everything the user can reach is back in RAM, as plain PyTorch
 tensors (see README, "Between iterations").
+
+NOTE [One OutOfCore per process]
+The storages a step touches, glibc's allocator settings and the signal handlers are
+process-wide, so at most one OutOfCore is open in a process at a time: a second one
+raises OutcoreError until the first is closed (or garbage collected). Closing, and the
+garbage collection of an object never closed, give everything back: the swap file, the
+allocator settings (memory/malloc.py), the process slot.
 """
 from __future__ import annotations
 
+import gc
+import threading
 import time
-from contextlib import contextmanager
+import weakref
 
-from ..errors import OutcoreError
+from ..errors import InfeasibleBudget, OutcoreError
 from ..memory.malloc import TrimGovernor, page_faults, return_freed_memory as return_freed_memory_to_os
 from ..plan import check, plan
 from ..plan.api import POLICIES
+from ..plan.feasibility import needs
 from ..units import format_bytes, parse_bytes
+from .interrupts import Shield, critical
 from .movers.disk import DiskMover
 from .recording import SafeRecording
 from .replay import Replayer
@@ -33,15 +44,64 @@ from .residency import Residency
 # step is recorded again (at most this many times in a row) until its state is stable.
 _MAX_RECORDINGS = 3
 
-
 MIN_MOVE_BYTES = 64 * 1024
+
+
+def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
+    """The most bytes of arrays smaller than `min_move_bytes` alive at once: the executor
+    never moves those, so they hold that much of the budget at worst."""
+    n = len(trace.functions)
+    delta = [0] * (n + 1)
+    for a in trace.arrays:
+        if a.nbytes >= min_move_bytes:
+            continue
+        start = 0 if a.existed_before else a.first_use
+        last = n - 1 if (a.kind == "persistent" or a.freed_after is None) else max(a.freed_after,
+                                                                                    a.last_use)
+        delta[start] += a.nbytes
+        delta[min(max(start, last), n - 1) + 1] -= a.nbytes
+    peak = running = 0
+    for i in range(n):
+        running += delta[i]
+        peak = max(peak, running)
+    return peak
 
 
 def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
     """The budget the plan gets: storages below min_move_bytes never move (a transfer
-    would cost more than it frees), so the rest is planned within what they leave."""
-    pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < min_move_bytes)
-    return max(budget - pinned, 1)
+    would cost more than it frees), so the rest is planned within what they leave at
+    their peak. The plan's arrays then never exceed `budget` with the small ones beside
+    them: plan(t) <= budget - peak, and the small ones add at most `peak`."""
+    return max(budget - pinned_peak(trace, min_move_bytes), 1)
+
+
+_open_lock = threading.Lock()
+_open: weakref.ref | None = None       # the OutOfCore open in this process, if any
+
+
+def _claim(ooc) -> None:
+    global _open
+    with _open_lock:
+        current = _open() if _open is not None else None
+        if current is not None and not current.closed:
+            gc.collect()            # an unreachable one still waiting for the collector
+            current = _open() if _open is not None else None
+        if current is not None and not current.closed:
+            raise OutcoreError(
+                f"another {current!r} is still open in this process; outcore manages one "
+                "OutOfCore per process (storages, allocator settings and signal handlers are "
+                "process-wide). close() it first, or use `with outcore.OutOfCore(...) as ooc:`")
+        _open = weakref.ref(ooc)
+
+
+def _release(mover, governor) -> None:
+    """Give back what an OutOfCore holds. Runs at close(), or at garbage collection or
+    interpreter exit of one never closed (weakref.finalize: no reference to the object)."""
+    try:
+        mover.close()
+    finally:
+        if governor is not None:
+            governor.stop()
 
 
 class OutOfCore:
@@ -65,11 +125,15 @@ class OutOfCore:
         move, past its size at the start plus the budget. "eager" (from the
         first eviction): every tensor its own mapping, unmapped on free (closest to the
         budget; page faults on every new tensor). False: glibc's defaults.
+
+    One OutOfCore may be open per process (NOTE [One OutOfCore per process]).
     """
 
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
                  policy: str = "adaptive", *, min_move_bytes: int = MIN_MOVE_BYTES,
                  plan_options: dict | None = None, return_freed_memory: bool | str = True):
+        self.closed = True              # until construction completes
+        self._active = False
         self.budget = parse_bytes(budget)
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
@@ -83,8 +147,22 @@ class OutOfCore:
         if return_freed_memory not in (True, False, "trim", "eager"):
             raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
                                f"got {return_freed_memory!r}")
+        if isinstance(min_move_bytes, bool) or not isinstance(min_move_bytes, int) or min_move_bytes < 0:
+            raise OutcoreError(f"min_move_bytes must be a byte count >= 0, got {min_move_bytes!r}")
         self.policy = policy
         self.plan_options = dict(plan_options or {})
+        _claim(self)
+        self._mover = None
+        try:
+            self._build(swap_dir, min_move_bytes, return_freed_memory)
+        except BaseException:
+            if self._mover is not None:
+                self._mover.close()
+            _release_slot(self)
+            raise
+        self.closed = False
+
+    def _build(self, swap_dir, min_move_bytes, return_freed_memory) -> None:
         self._mover = DiskMover(swap_dir)
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
         self._governor = None
@@ -94,79 +172,24 @@ class OutOfCore:
             self._governor = TrimGovernor()
             self._res.before_first_eviction = self._governor.tighten
             self._res.memory_check = self._governor.check
-            self._governor.live_bytes = lambda: self._res.resident + self._res.offloaded
+            self._governor.live_bytes = self._res.live_bytes
+        self._shield = Shield()
+        self._finalizer = weakref.finalize(self, _release, self._mover, self._governor)
         self.trace = None
         self.schedule = None
         self._carried: dict = {}
         self._recordings_in_a_row = 0
         self._record_next = True
+        self._infeasible: InfeasibleBudget | None = None
         self._iterations: list[IterationStats] = []
-        self._active = False
-        self.closed = False
 
     # -- the loop ------------------------------------------------------------------------
-    @contextmanager
-    def iteration(self):
-        """One training iteration under the budget (see the module docstring)."""
-        if self.closed:
-            raise OutcoreError("this OutOfCore was closed; create a new one to train again")
-        if self._active:
-            raise OutcoreError("ooc.iteration() blocks cannot nest; end one before starting the next")
-        self._active = True
-        res = self._res
-        if self._governor is not None:
-            self._governor.start(self.budget)       # once; later calls do nothing
-        before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
-                  res.stats.wait_s, self._mover.busy_read_s + self._mover.busy_write_s,
-                  page_faults(), self._trims())
-        recording = self._record_next
-        started = time.perf_counter()
-        deviation, completed = None, False
-        if recording:
-            mode = SafeRecording(res, self.budget, label=f"iteration {len(self._iterations) + 1}")
-            res.evict_lru(self.budget, set())
-        else:
-            mode = Replayer(self.trace, self.schedule, res, self.budget, self._carried)
-            mode.start()
-        res.stats.peak_resident = res.resident     # the budget holds from here on
-        try:
-            with mode:
-                yield self
-            completed = True
-        finally:
-            stepped, faulted, trimmed = time.perf_counter(), page_faults(), self._trims()
-            passive = not recording and mode.passive and mode.deviation is None
-            peak = self.schedule.peak_bytes if passive else res.stats.peak_resident
-            try:
-                if not recording:
-                    deviation = mode.deviation
-                    mode.finish()
-                    deviation = mode.deviation
-                res.restore_all()
-            finally:
-                for entry in res.entries.values():
-                    entry.clean = False     # the user may change anything before the next iteration
-                self._active = False
-                stats = res.stats
-                self._iterations.append(IterationStats(
-                    index=len(self._iterations) + 1, mode="record" if recording else "replay",
-                    seconds=stepped - started, bytes_read=stats.bytes_read - before[0],
-                    bytes_written=stats.bytes_written - before[1],
-                    unplanned_bytes=stats.unplanned_bytes - before[2], wait_s=stats.wait_s - before[3],
-                    transfer_s=self._mover.busy_read_s + self._mover.busy_write_s - before[4],
-                    restore_s=time.perf_counter() - stepped, peak_resident=peak,
-                    deviation=deviation, completed=completed, tracked=not passive,
-                    skipped_actions=0 if recording else mode.skipped_actions,
-                    page_faults=faulted - before[5], trims=trimmed - before[6]))
-        if recording:
-            if mode.infeasible is not None:
-                raise mode.infeasible
-            self._adopt(mode)
-        else:
-            self._carried = mode.persistent_entries()
-            self._record_next = deviation is not None
+    def iteration(self) -> "_Iteration":
+        """One training iteration under the budget (see the module docstring):
+        `with ooc.iteration(): <the step>`."""
+        return _Iteration(self)
 
-    def _adopt(self, recording: SafeRecording) -> None:
+    def _plan_recording(self, recording: SafeRecording) -> None:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
         trace = recording.trace
         self._recordings_in_a_row += 1
@@ -175,6 +198,7 @@ class OutOfCore:
             self._record_next = True
             return
         budget = planned_budget(trace, self.budget, self._res.min_move_bytes)
+        self._require_feasible(trace, budget)
         schedule = plan(trace, budget, self.policy, **self.plan_options)
         check(trace, schedule, budget)
         self.trace, self.schedule = trace, schedule
@@ -188,6 +212,29 @@ class OutOfCore:
                 self._carried[aid] = entry
         self._record_next = False
         self._recordings_in_a_row = 0
+
+    def _require_feasible(self, trace, budget: int) -> None:
+        """InfeasibleBudget in the user's terms: the budget they passed, and the part that
+        small or unmovable arrays hold."""
+        need = needs(trace)
+        if not need:
+            return
+        worst = max(range(len(need)), key=need.__getitem__)
+        if need[worst] <= budget:
+            return
+        fn, held = trace.functions[worst], self.budget - budget
+        smallest = need[worst] + held
+        raise InfeasibleBudget(
+            f"function {worst} ({fn.op}, {fn.phase}) needs {format_bytes(need[worst])} "
+            f"({need[worst]:,} B) on the fast tier at once. The budget of "
+            f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
+            f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
+            f"min_move_bytes={self._res.min_move_bytes:,} never move and hold up to "
+            f"{format_bytes(held)} ({held:,} B) of it. No schedule can run this step; the "
+            f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise the "
+            "budget to that or more, lower the batch, or lower min_move_bytes.",
+            function_index=worst, op=fn.op, phase=fn.phase, needed_bytes=need[worst],
+            budget_bytes=self.budget, min_feasible_bytes=smallest)
 
     def _trims(self) -> int:
         return self._governor.trims if self._governor is not None else 0
@@ -206,17 +253,30 @@ class OutOfCore:
             pinned_bytes=pinned, iterations=tuple(self._iterations))
 
     # -- lifetime ------------------------------------------------------------------------
+    @critical
     def close(self) -> None:
-        """Release the swap space. Tensors are all in RAM between iterations already."""
-        if self.closed:
-            return
-        if self._active:
-            raise OutcoreError("cannot close inside an iteration")
-        self._res.restore_all()
-        self._mover.close()
-        if self._governor is not None:
-            self._governor.stop()
-        self.closed = True
+        """Release the swap space and give the allocator settings back. Tensors are all
+        in RAM between iterations already."""
+        shield = self._shield
+        shield.enter()
+        try:
+            if self.closed:
+                return
+            if self._active:
+                raise OutcoreError("cannot close an OutOfCore inside its iteration; close it "
+                                   "after the `with ooc.iteration():` block")
+            shield.install()
+            try:
+                self._res.restore_all()
+            finally:
+                self.closed = True
+                try:
+                    self._finalizer()            # mover and allocator settings, once
+                finally:
+                    _release_slot(self)
+                    shield.uninstall()
+        finally:
+            shield.exit()
 
     def __enter__(self):
         return self
@@ -224,13 +284,171 @@ class OutOfCore:
     def __exit__(self, *exc):
         self.close()
 
-    def __del__(self):
-        try:
-            if not self.closed and not self._active:
-                self._mover.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("planned" if self.schedule else "recording")
         return f"OutOfCore(budget={format_bytes(self.budget)}, policy={self.policy!r}, {state})"
+
+
+def _release_slot(ooc) -> None:
+    global _open
+    with _open_lock:
+        if _open is not None and _open() is ooc:
+            _open = None
+
+
+class _Iteration:
+    """The `with ooc.iteration():` block. A class rather than a generator: its entry and
+    exit are held sections from their first bytecode (NOTE [Interrupts], rule 3), and
+    its exit runs whatever happened in between.
+
+    Contract, whatever exception ends the step (KeyboardInterrupt included) and
+    wherever it lands: the user sees that exception; every storage is back in RAM with
+    its full size and the value it had when the exception landed; the table's counters
+    are exact; `close()` and the next `iteration()` work."""
+
+    def __init__(self, ooc: OutOfCore):
+        self.ooc = ooc
+        self.mode = None
+        self.entered = False       # the dispatch mode was pushed
+        self.recording = False
+        self.before = None
+        self.started = 0.0
+
+    @critical
+    def __enter__(self):
+        ooc = self.ooc
+        shield = ooc._shield
+        shield.enter()
+        try:
+            if ooc.closed:
+                raise OutcoreError("this OutOfCore was closed; create a new one to train again")
+            if ooc._active:
+                raise OutcoreError("ooc.iteration() blocks cannot nest; end one before starting the next")
+            if ooc._infeasible is not None:
+                raise _again(ooc._infeasible)
+            ooc._active = True
+            try:
+                shield.install()
+                self._begin()
+            except BaseException as exc:
+                self._end(exc)
+                raise
+        finally:
+            # A signal noted here is delivered by the step's first op or by __exit__,
+            # when the iteration is fully set up and __exit__ is sure to run.
+            shield.depth -= 1
+        return ooc
+
+    def _begin(self) -> None:
+        ooc = self.ooc
+        res = ooc._res
+        if ooc._governor is not None:
+            ooc._governor.start(ooc.budget)       # once; later calls do nothing
+        self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
+                       res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
+                       page_faults(), ooc._trims())
+        self.recording = ooc._record_next
+        self.started = time.perf_counter()
+        if self.recording:
+            self.mode = SafeRecording(res, ooc.budget, ooc._shield,
+                                      label=f"iteration {len(ooc._iterations) + 1}")
+            res.evict_lru(ooc.budget, set())
+        else:
+            self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield)
+            self.mode.start()
+        res.stats.peak_resident = res.resident     # the budget holds from here on
+        self.mode.__enter__()
+        self.entered = True
+
+    @critical
+    def __exit__(self, exc_type, exc, tb):
+        shield = self.ooc._shield
+        shield.enter()
+        try:
+            self._end(exc)
+        finally:
+            shield.exit()          # a Ctrl-C that came meanwhile is raised here
+        return False
+
+    def _end(self, exc) -> None:
+        """Undo the iteration's hold on memory whatever happened, then account for it.
+        Raises outcore's own errors only when the step itself raised nothing."""
+        ooc, res, mode = self.ooc, self.ooc._res, self.mode
+        stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
+        errors = []
+        deviation = None
+        try:
+            if self.entered:
+                self.entered = False
+                mode.__exit__(type(exc) if exc is not None else None, exc,
+                              exc.__traceback__ if exc is not None else None)
+        except BaseException as err:      # noqa: BLE001 - kept, raised after the cleanup
+            errors.append(err)
+        passive = (mode is not None and not self.recording and mode.passive
+                   and mode.deviation is None)
+        peak = ooc.schedule.peak_bytes if passive else res.stats.peak_resident
+        if mode is not None and not self.recording:
+            try:
+                mode.finish()
+            except BaseException as err:  # noqa: BLE001
+                errors.append(err)
+            deviation = mode.deviation
+        try:
+            res.restore_all()
+        except BaseException as err:      # noqa: BLE001
+            errors.append(err)
+        for entry in res.entries.values():
+            entry.clean = False     # the user may change anything before the next iteration
+        ooc._active = False
+        ooc._shield.uninstall()
+        if self.before is not None:
+            self._account(stepped, faulted, trimmed, peak, passive, deviation, completed=exc is None)
+        if exc is None and not errors and mode is not None:
+            try:
+                self._adopt(deviation)
+            except BaseException as err:  # noqa: BLE001
+                errors.append(err)
+        if errors:
+            if exc is None:
+                raise errors[0]
+            for err in errors:            # the user's exception goes on; ours are noted on it
+                exc.add_note(f"outcore: while ending the interrupted iteration: "
+                             f"{type(err).__name__}: {err}")
+
+    def _account(self, stepped, faulted, trimmed, peak, passive, deviation, completed) -> None:
+        ooc, before = self.ooc, self.before
+        stats, mover = ooc._res.stats, ooc._mover
+        ooc._iterations.append(IterationStats(
+            index=len(ooc._iterations) + 1, mode="record" if self.recording else "replay",
+            seconds=stepped - self.started, bytes_read=stats.bytes_read - before[0],
+            bytes_written=stats.bytes_written - before[1],
+            unplanned_bytes=stats.unplanned_bytes - before[2], wait_s=stats.wait_s - before[3],
+            transfer_s=mover.busy_read_s + mover.busy_write_s - before[4],
+            restore_s=time.perf_counter() - stepped, peak_resident=peak,
+            deviation=deviation, completed=completed, tracked=not passive,
+            skipped_actions=0 if self.recording else self.mode.skipped_actions,
+            page_faults=faulted - before[5], trims=trimmed - before[6]))
+
+    def _adopt(self, deviation) -> None:
+        """After a completed step: plan from the recording, or carry the state over."""
+        ooc, mode = self.ooc, self.mode
+        if self.recording:
+            try:
+                if mode.infeasible is not None:
+                    raise mode.infeasible
+                ooc._plan_recording(mode)
+            except InfeasibleBudget as err:
+                ooc._infeasible = err        # later iterations raise at once
+                raise
+        else:
+            ooc._carried = mode.persistent_entries()
+            ooc._record_next = deviation is not None
+
+
+def _again(err: InfeasibleBudget) -> InfeasibleBudget:
+    """The remembered InfeasibleBudget, raised again before anything runs."""
+    return InfeasibleBudget(
+        f"{err} (found in an earlier iteration; this one did not start: nothing ran)",
+        function_index=err.function_index, op=err.op, phase=err.phase,
+        needed_bytes=err.needed_bytes, budget_bytes=err.budget_bytes,
+        min_feasible_bytes=err.min_feasible_bytes)

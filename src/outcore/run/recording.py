@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..trace.recorder import Recording
+from .interrupts import Shield, critical
 from .on_demand import OnDemand, infeasible
 from .residency import Residency
 
@@ -10,19 +11,51 @@ class SafeRecording(Recording):
     """Records like `outcore.record()` and keeps managed bytes within the budget as it
     goes (except, unavoidably, for the outputs of the op running right now).
 
-    A function that cannot fit the budget at all raises InfeasibleBudget at once unless
-    the optimizer has begun updating state: the step then stops exactly as an
-    out-of-memory error in plain PyTorch would, before any parameter changes. Once the
-    optimizer is running, stopping would leave parameters half-updated, so the iteration
-    is completed correctly (over budget) and the error is raised when it ends."""
+    InfeasibleBudget is raised, before the optimizer changes anything, when
+      * a forward or backward function cannot fit: it needs its own movable arrays
+        plus every small or unmovable array alive (they never move) at once, or
+      * at the optimizer's step (its pre-hook) some parameter and its gradient do not
+        fit together (every update op of torch's optimizers reads both, or the
+        parameter and a state tensor of its size).
+    An optimizer function that needs more than that (Adam's update reads three tensors
+    of the parameter's size) is only seen when it runs; stopping then would leave the
+    parameters half-updated, so the step is completed correctly (over budget) and the
+    error is raised when it ends. OutOfCore then refuses later iterations at once."""
 
-    def __init__(self, residency: Residency, budget: int, *, label: str = ""):
+    def __init__(self, residency: Residency, budget: int, shield: Shield, *, label: str = ""):
         super().__init__(label=label)
+        self.shield = shield
+        self.residency = residency
         self.on_demand = OnDemand(residency, budget)
         self.budget = budget
         self.infeasible = None
         self._state_written = False
         self._entries = []
+
+    @critical
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
+        try:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        finally:
+            self.shield.exit()
+
+    def _enter_optimizer(self, optimizer, *args):
+        super()._enter_optimizer(optimizer, *args)
+        if self._state_written:
+            return
+        res = self.residency
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                own = [s for s in {id(s): s for s in (p.untyped_storage(), p.grad.untyped_storage())}.values()
+                       if s.nbytes() >= res.min_move_bytes]
+                needed = sum(s.nbytes() for s in own)
+                if needed and needed + res.pinned_resident > self.budget:
+                    raise infeasible(len(self._functions), "the optimizer step of a parameter of "
+                                     f"shape {tuple(p.shape)}", "optimizer", needed,
+                                     res.pinned_resident, self.budget, res.min_move_bytes)
 
     def _before_op(self, func, inputs, index) -> None:
         self._entries = self.on_demand.before(inputs)
@@ -33,9 +66,12 @@ class SafeRecording(Recording):
         fn = self._functions[-1]
         if fn.phase == "optimizer" and written:
             self._state_written = True
-        needed = sum(e.nbytes for e in entries) + sum(e.nbytes for e in created)
-        if needed > self.budget and self.infeasible is None:
-            error = infeasible(fn.index, fn.op, fn.phase, needed, self.budget)
+        res = self.residency
+        movable = sum(e.nbytes for e in entries if not e.pinned) + sum(
+            e.nbytes for e in created if not e.pinned)
+        if movable + res.pinned_resident > self.budget and self.infeasible is None:
+            error = infeasible(fn.index, fn.op, fn.phase, movable, res.pinned_resident,
+                               self.budget, res.min_move_bytes, completed=self._state_written)
             if not self._state_written:
                 raise error
             self.infeasible = error

@@ -17,13 +17,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
+from ..states import FAST
+from .interrupts import Shield, critical
 from .on_demand import OnDemand
-from .residency import FAST, Residency
+from .residency import Residency
 
 
 class Replayer(TorchDispatchMode):
-    def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict):
+    def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
+                 shield: Shield):
         super().__init__()
+        self.shield = shield
         self.trace = trace
         self.schedule = schedule
         self.res = residency
@@ -73,13 +77,18 @@ class Replayer(TorchDispatchMode):
         return out
 
     # -- interception ----------------------------------------------------------------------
+    @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "profiler":
-            return func(*args, **kwargs)
-        if self.passive and self.deviation is None:
-            return self._follow(func, args, kwargs)
-        return call_split(func, args, kwargs, self._one)
+        self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
+        try:
+            kwargs = kwargs or {}
+            if func.namespace == "profiler":
+                return func(*args, **kwargs)
+            if self.passive and self.deviation is None:
+                return self._follow(func, args, kwargs)
+            return call_split(func, args, kwargs, self._one)
+        finally:
+            self.shield.exit()
 
     def _follow(self, func, args, kwargs):
         names = [self._name(func)]
@@ -181,7 +190,7 @@ class Replayer(TorchDispatchMode):
             elif kind == FREE:
                 # Dead for the plan. The storage usually dies as soon as the op's caller
                 # lets go of it; whatever still holds it at the next op gets evicted.
-                if entry.ref() is not None and entry.state == FAST:
+                if entry.ref() is not None and entry.state is FAST:
                     self._zombies.append(entry)
                 self.by_id[act.array] = None
 
@@ -192,7 +201,7 @@ class Replayer(TorchDispatchMode):
         zombies, self._zombies = self._zombies, []
         evicted = []
         for entry in zombies:
-            if entry.ref() is not None and entry.state == FAST:
+            if entry.ref() is not None and entry.state is FAST:
                 self.res.evict(entry, unplanned=True)
                 evicted.append(entry)
         for entry in evicted:

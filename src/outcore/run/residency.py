@@ -5,22 +5,42 @@ that refers to it keeps working: eviction copies its bytes to the slow tier and 
 `resize_(0)`s it; restoring `resize_`s it back and copies the bytes in at storage level,
 so no version counter moves (DESIGN.md section 3).
 
-States:  FAST (resident) --evict--> OUT (copy in flight, memory still held)
-              --finish--> SLOW (resize_(0), bytes only on the slow tier)
-              --restore--> IN (memory allocated, copy in flight) --ready--> FAST
+States (`outcore.states.Residence`, shared with the planner and the checker):
+
+    FAST --evict--> OUT (copy in flight, memory still held) --finish--> SLOW (resize_(0))
+    SLOW --restore--> IN (memory allocated, copy in flight) --ready--> FAST
+    OUT --restore--> FAST (the eviction is cancelled: the copy is waited for and kept)
+    any --the storage dies--> DEAD
+
 A FAST entry whose slow copy is still current is `clean`: it can be dropped with no copy.
+
+NOTE [Residency invariants]
+  1. `resident` is the sum of `nbytes` over live entries in FAST, OUT or IN;
+     `offloaded` the sum over live entries in SLOW. `recount()` computes both from the
+     table; tests assert they agree.
+  2. Only the thread that runs the step changes the table. A storage may die on any
+     thread (the mover's worker drops the last reference of a storage whose write it
+     just finished; autograd drops saved tensors): its weakref callback only appends
+     the entry to `_dead`, and `_reap_dead()` retires it (undoing its share of the
+     counters once, from the state it is in then, and freeing its extent when no
+     transfer is in flight) before the table is next read or changed.
+  3. An entry's `future` is cleared only after its transfer's result is known, so an
+     exception that lands while waiting leaves the transfer where the next wait finds it.
+  4. Every move changes the storage first and the entry's state and counters after, in
+     one held section (NOTE [Interrupts] in interrupts.py): no signal lands in between,
+     and an exception from the storage or the mover leaves the entry as it was.
 """
 from __future__ import annotations
 
+import collections
 import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import OutcoreError
+from ..states import DEAD, FAST, IN, OCCUPIES_FAST, OUT, SLOW, Residence
 from ..units import format_bytes
-
-FAST, OUT, SLOW, IN = "fast", "out", "slow", "in"
 
 
 @dataclass(eq=False)
@@ -28,7 +48,7 @@ class Entry:
     key: int
     ref: weakref.ref
     nbytes: int
-    state: str = FAST
+    state: Residence = FAST
     extent: object = None      # slow-tier location, kept while the copy there is current
     clean: bool = False        # the slow copy equals the fast contents
     future: object = None      # the transfer in flight (OUT or IN)
@@ -36,7 +56,7 @@ class Entry:
 
     @property
     def occupies_fast(self) -> bool:
-        return self.state in (FAST, OUT, IN)
+        return self.state in OCCUPIES_FAST
 
 
 @dataclass
@@ -57,47 +77,90 @@ class Residency:
         self.entries: dict[int, Entry] = {}
         self.resident = 0                       # bytes of managed storages in fast memory
         self.offloaded = 0                      # bytes of live managed storages only on the slow tier
+        self.pinned_resident = 0                # the part of `resident` that never moves
         self.stats = Stats()
         self.lru: OrderedDict[int, Entry] = OrderedDict()   # FAST entries, least recent first
         self.before_first_eviction = None     # called once, when the budget first needs room
         self.memory_check = None              # called after memory is freed or taken
+        self._dead: collections.deque = collections.deque()   # appended from any thread
+        self._dying: list[Entry] = []         # dead, with a transfer still in flight
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage) -> Entry:
         """The entry of `storage`, created (as FAST) on first sight. Storages that cannot
         be resized, and small ones not worth a transfer, are pinned in fast memory."""
+        if self._dead:
+            self._reap_dead()
         key = storage._cdata
         entry = self.entries.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            entry = Entry(key, weakref.ref(storage, self._died(key)), nbytes,
+            entry = Entry(key, None, nbytes,
                           pinned=nbytes < self.min_move_bytes or not storage.resizable())
+            entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
             self._add_resident(entry.nbytes)
+            if entry.pinned:
+                self.pinned_resident += entry.nbytes
         self.touch(entry)
         return entry
 
     def touch(self, entry: Entry) -> None:
-        if entry.state == FAST:
+        if entry.state is FAST:
             self.lru[entry.key] = entry
             self.lru.move_to_end(entry.key)
 
-    def _died(self, key):
-        def callback(_ref):
-            entry = self.entries.pop(key, None)
-            if entry is None:
-                return
-            self.lru.pop(key, None)
-            if entry.occupies_fast:
-                self.resident -= entry.nbytes
-            elif entry.state == SLOW:
-                self.offloaded -= entry.nbytes
-            if entry.extent is not None and entry.future is None:
-                self.mover.free(entry.extent)
-                entry.extent = None
+    def _died(self, entry: Entry):
+        dead = self._dead
+
+        def callback(_ref):       # any thread, any moment: only note it (NOTE 2)
+            dead.append(entry)
         return callback
 
+    def _reap_dead(self) -> None:
+        """Retire the entries whose storage died (NOTE 2)."""
+        while self._dead:
+            entry = self._dead.popleft()
+            if self.entries.get(entry.key) is entry:
+                del self.entries[entry.key]
+            if self.lru.get(entry.key) is entry:
+                del self.lru[entry.key]
+            state = entry.state
+            if state in OCCUPIES_FAST:
+                self.resident -= entry.nbytes
+                if entry.pinned:
+                    self.pinned_resident -= entry.nbytes
+            elif state is SLOW:
+                self.offloaded -= entry.nbytes
+            entry.state = DEAD
+            if entry.future is not None:
+                self._dying.append(entry)      # its extent is freed once the copy is done
+            elif entry.extent is not None:
+                self.mover.free(entry.extent)
+                entry.extent = None
+        if self._dying:
+            self._free_finished()
+
+    def _free_finished(self, wait: bool = False) -> None:
+        still = []
+        for entry in self._dying:
+            future = entry.future
+            if not wait and not future.done():
+                still.append(entry)
+                continue
+            try:
+                future.result()
+            except Exception:
+                pass                # the storage is gone: its bytes no longer matter
+            entry.future = None
+            if entry.extent is not None:
+                self.mover.free(entry.extent)
+                entry.extent = None
+        self._dying = still
+
     def _add_resident(self, nbytes: int) -> None:
+        if self._dead:                 # the peak counts live storages only
+            self._reap_dead()
         self.resident += nbytes
         if self.resident > self.stats.peak_resident:
             self.stats.peak_resident = self.resident
@@ -106,23 +169,42 @@ class Residency:
         """The fast contents changed: the slow copy is stale."""
         entry.clean = False
 
+    def live_bytes(self) -> int:
+        """Managed bytes alive on either tier."""
+        return self.resident + self.offloaded
+
+    def recount(self) -> tuple[int, int]:
+        """(resident, offloaded) recomputed from the live entries (NOTE 1)."""
+        if self._dead:
+            self._reap_dead()
+        resident = offloaded = 0
+        for entry in self.entries.values():
+            if entry.ref() is None:
+                continue            # died; its callback has not run yet
+            if entry.state in OCCUPIES_FAST:
+                resident += entry.nbytes
+            elif entry.state is SLOW:
+                offloaded += entry.nbytes
+        return resident, offloaded
+
     # -- moves -------------------------------------------------------------------------
     def evict(self, entry: Entry, *, unplanned: bool = False) -> None:
         """Start moving a FAST entry to the slow tier (memory is held until `finish`)."""
-        if entry.state != FAST or entry.pinned:
+        if entry.state is not FAST or entry.pinned:
             return
         storage = entry.ref()
         if storage is None:
             return
         if not storage.resizable():       # e.g. shared with numpy since it was tracked
             entry.pinned = True
+            self.pinned_resident += entry.nbytes
             return
         if self.before_first_eviction is not None:
             hook, self.before_first_eviction = self.before_first_eviction, None
             hook()
         if entry.clean and entry.extent is not None:
-            self.lru.pop(entry.key, None)
             storage.resize_(0)                  # the slow copy is current: just let go
+            self.lru.pop(entry.key, None)
             entry.state = SLOW
             self.resident -= entry.nbytes
             self.offloaded += entry.nbytes
@@ -136,8 +218,8 @@ class Residency:
             entry.extent = None
         if entry.extent is None:
             entry.extent = self.mover.allocate(nbytes)     # may raise (disk full): still FAST
-        self.lru.pop(entry.key, None)
         entry.future = self.mover.write(storage.data_ptr(), entry.nbytes, entry.extent, storage)
+        self.lru.pop(entry.key, None)
         entry.state = OUT
         self.stats.bytes_written += entry.nbytes
         if unplanned:
@@ -145,35 +227,39 @@ class Residency:
 
     def finish(self, entry: Entry) -> None:
         """Wait for an OUT entry's copy, then release its fast memory."""
-        if entry.state != OUT:
+        if entry.state is not OUT:
             return
         self._wait(entry, "writing")
         storage = entry.ref()
+        if storage is not None:
+            storage.resize_(0)
         entry.state = SLOW
         entry.clean = True
         self.resident -= entry.nbytes
         self.offloaded += entry.nbytes
-        if storage is not None:
-            storage.resize_(0)
         if self.memory_check is not None:
             self.memory_check()
 
     def restore(self, entry: Entry, *, unplanned: bool = False) -> None:
         """Start bringing a SLOW entry back (memory is allocated now, bytes arrive async)."""
-        if entry.state == OUT:      # still being written: cancel by keeping it
+        if entry.state is OUT:      # still being written: cancel by keeping it
             self._wait(entry, "writing")
             entry.state, entry.clean = FAST, True
             self.touch(entry)
             return
-        if entry.state != SLOW:
+        if entry.state is not SLOW:
             return
         storage = entry.ref()
         if storage is None:
             return
         if self.memory_check is not None:
             self.memory_check()
-        storage.resize_(entry.nbytes)
-        entry.future = self.mover.read(storage.data_ptr(), entry.nbytes, entry.extent, storage)
+        storage.resize_(entry.nbytes)        # may raise (out of memory): still SLOW
+        try:
+            entry.future = self.mover.read(storage.data_ptr(), entry.nbytes, entry.extent, storage)
+        except BaseException:
+            storage.resize_(0)               # never leave garbage where data was
+            raise
         entry.state = IN
         self.offloaded -= entry.nbytes
         self._add_resident(entry.nbytes)
@@ -185,24 +271,28 @@ class Residency:
         """Make sure an entry is usable now: wait for its swap-in, or restore it."""
         if self.memory_check is not None:       # every op passes here: the step's growth
             self.memory_check()
-        if entry.state == FAST:
+        if self._dead:
+            self._reap_dead()
+        state = entry.state
+        if state is FAST:
             return
-        if entry.state == SLOW:
+        if state is SLOW:
             self.restore(entry, unplanned=True)
-        if entry.state == OUT:
+        if entry.state is OUT:
             self.restore(entry)       # cancels the eviction
             return
-        if entry.state == IN:
+        if entry.state is IN:
             self._wait(entry, "reading")
             entry.state, entry.clean = FAST, True
             self.touch(entry)
 
     def _wait(self, entry: Entry, doing: str) -> None:
-        future, entry.future = entry.future, None
+        """Wait for the entry's transfer; on failure put the entry where its bytes are."""
         start = time.perf_counter()
         try:
-            future.result()
-        except OSError as exc:
+            entry.future.result()
+        except Exception as exc:
+            entry.future = None
             if doing == "reading":
                 storage = entry.ref()
                 if storage is not None:
@@ -213,44 +303,72 @@ class Residency:
             else:
                 entry.state = FAST           # the fast copy is intact: keep it
                 self.touch(entry)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise OutcoreError(
                 f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} the "
-                f"swap file in {self.mover.location} failed: {exc.strerror or exc}. "
+                f"swap file in {self.mover.location} failed: {reason}. "
                 + ("The tensor is still in memory; nothing was lost." if doing == "writing" else
-                   "That tensor's contents could not be restored.")) from exc
+                   "The tensor's bytes are still in the swap file and are read again when it is "
+                   "next needed, by the next iteration or by close(); until one of them succeeds "
+                   "the tensor is empty: do not read it.")) from exc
         finally:
             self.stats.wait_s += time.perf_counter() - start
+        entry.future = None
 
     # -- bulk --------------------------------------------------------------------------
     def settle(self) -> None:
         """Finish every transfer in flight (evictions complete, swap-ins land)."""
+        if self._dead:
+            self._reap_dead()
+        error = None
         for entry in list(self.entries.values()):
-            if entry.state == OUT:
-                self.finish(entry)
-            elif entry.state == IN:
-                self.ready(entry)
+            try:
+                if entry.state is OUT:
+                    self.finish(entry)
+                elif entry.state is IN:
+                    self.ready(entry)
+            except OutcoreError as exc:
+                error = error or exc      # the others still settle
+        self._free_finished(wait=True)
+        if error is not None:
+            raise error
 
     def restore_all(self) -> None:
-        """Bring every live storage back to fast memory (the state between iterations)."""
-        self.settle()
-        slow = [e for e in self.entries.values() if e.state == SLOW]
+        """Bring every live storage back to fast memory (the state between iterations).
+        A failed read does not stop the others; the first error is raised at the end."""
+        error = None
+        try:
+            self.settle()
+        except OutcoreError as exc:
+            error = exc
+        slow = [e for e in self.entries.values() if e.state is SLOW]
         for entry in slow:
-            self.restore(entry)
+            try:
+                self.restore(entry)
+            except Exception as exc:       # e.g. out of memory: the rest still comes back
+                error = error or exc
         for entry in slow:
-            self.ready(entry)
+            try:
+                self.ready(entry)
+            except OutcoreError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def evict_lru(self, target: int, keep: set) -> None:
         """On-demand: evict least recently used entries not in `keep` until resident
         bytes are at most `target`, synchronously."""
+        if self._dead:
+            self._reap_dead()
         started, pending = [], 0
         for key in list(self.lru):
             if self.resident - pending <= target:
                 break
-            entry = self.lru[key]
-            if key in keep or entry.pinned:
+            entry = self.lru.get(key)
+            if entry is None or key in keep or entry.pinned:
                 continue
             self.evict(entry, unplanned=True)
-            if entry.state == OUT:
+            if entry.state is OUT:
                 started.append(entry)
                 pending += entry.nbytes
         for entry in started:

@@ -58,10 +58,9 @@ from __future__ import annotations
 
 import heapq
 
+from ...states import ABSENT, DEAD, FAST, OUT, SLOW
 from ..feasibility import needs, occupancy, release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
-
-ABSENT, RES, OUT, SLOW, DEAD = 0, 1, 2, 3, 4
 
 
 def access_table(trace):
@@ -156,13 +155,13 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     for a in arrays:
         if a.existed_before:
             if a.kind == "input":                 # the batch is handed to us resident
-                state[a.id] = RES
+                state[a.id] = FAST
                 occ += a.nbytes
                 start.append(a.id)
                 if a.first_use != 0:
                     orphans.append(a.id)
             elif a.id in keep_start:              # persistent, left where it is
-                state[a.id] = RES
+                state[a.id] = FAST
                 occ += a.nbytes
                 start.append(a.id)
             else:                                 # persistent, written out at the start
@@ -294,7 +293,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                     pass
                 if wbytes + nb[a] > window_bytes:
                     break
-            if win_last[a] >= f or state[a] == RES:
+            if win_last[a] >= f or state[a] == FAST:
                 cost = 0
                 held_res[a] = False                # reserved now: no longer a victim
             elif state[a] == OUT:                  # needed again: cancel its swap-out
@@ -302,7 +301,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 q_active[p] = False
                 q_pos[a] = -1
                 end[q_fn[p]].remove(Action(SWAP_OUT, a))
-                state[a] = RES
+                state[a] = FAST
                 dirty[a] = True
                 cost = 0
                 advance_tail(f)
@@ -322,7 +321,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 if state[a] == SLOW:
                     begin[f].append(Action(SWAP_IN, a))
                     dirty[a] = False
-                state[a] = RES
+                state[a] = FAST
             win_last[a] = g
             leave[g].append(a)
             if not in_wb[a]:

@@ -1,0 +1,96 @@
+"""Signals are held back while outcore's bookkeeping runs, so an interrupt never lands
+between two of its steps.
+
+NOTE [Interrupts]
+Python runs a signal handler between two bytecodes of the main thread, and the default
+SIGINT handler raises KeyboardInterrupt there: between resizing a storage and noting
+that it was resized, say. Rather than make every line safe against that, outcore holds
+signals back while it works and lets them through at the next point where every storage
+has its full size (or is safely on the slow tier) and every counter is true:
+
+  1. While an iteration runs (and in `close()`), each signal whose handler is a Python
+     function gets `Shield._handler` in front of it (`Shield.install`).
+  2. Code that must not be cut runs as a *held section*: `enter()` ... `exit()`. Held
+     sections are every intercepted op (its bookkeeping, the op and the transfers
+     around it), the start and the end of an iteration, and `close()`.
+  3. A signal that comes while a section is held (depth > 0), or while the main thread
+     is in the first bytecodes of a function that is about to hold one (`CRITICAL`),
+     is noted, not handled. When the outermost section ends, the noted signals are
+     handed to the user's handlers in order: KeyboardInterrupt is raised there.
+  4. A held section lasts one op and the transfers it waits for; Ctrl-C is delayed by
+     that much, never lost. Outside held sections the user's handler runs at once.
+  5. `uninstall` runs inside a held section and puts back the user's handlers, unless
+     the user installed another one meanwhile (theirs is left alone).
+
+Only the main thread runs Python signal handlers; from another thread `install` does
+nothing (signals still reach the main thread's own handlers).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+# Code objects in which a signal is held back even before `enter()` has run (rule 3).
+CRITICAL: set = set()
+
+
+def critical(function):
+    """Mark `function` as one that holds a section from its first line (rule 3)."""
+    CRITICAL.add(getattr(function, "__code__", None))
+    return function
+
+
+class Shield:
+    def __init__(self):
+        self.depth = 0
+        self.pending: list = []            # (signum, frame) noted while held
+        self._saved: dict = {}             # signum -> the user's handler
+        self._installed = False
+
+    # -- held sections ------------------------------------------------------------------
+    @critical
+    def enter(self) -> None:
+        self.depth += 1
+
+    def exit(self) -> None:
+        """End a held section; at the outermost end, hand over the noted signals."""
+        self.depth -= 1
+        if self.pending and self.depth == 0:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        pending, self.pending = self.pending, []
+        for signum, frame in pending:
+            handler = self._saved.get(signum)
+            if handler is None:
+                handler = signal.getsignal(signum)
+            if callable(handler) and handler != self._handler:
+                handler(signum, frame)             # may raise: KeyboardInterrupt, SystemExit
+
+    # -- handlers -----------------------------------------------------------------------
+    def install(self) -> None:
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        self._saved = {}
+        for signum in signal.valid_signals():
+            try:
+                handler = signal.getsignal(signum)
+            except (ValueError, OSError):
+                continue
+            if callable(handler) and handler != self._handler:
+                self._saved[signum] = handler
+                signal.signal(signum, self._handler)
+        self._installed = True
+
+    def uninstall(self) -> None:
+        """Put the user's handlers back (call inside a held section: rule 5)."""
+        for signum, handler in self._saved.items():
+            if signal.getsignal(signum) == self._handler:
+                signal.signal(signum, handler)
+        self._installed = False     # `_saved` stays: noted signals are delivered to it
+
+    def _handler(self, signum, frame) -> None:
+        if self.depth > 0 or (frame is not None and frame.f_code in CRITICAL):
+            self.pending.append((signum, frame))
+            return
+        self._saved[signum](signum, frame)

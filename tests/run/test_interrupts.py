@@ -1,0 +1,195 @@
+"""Interrupts and faults at every kind of point of the executor leave nothing corrupted.
+
+Each case sends SIGINT to this process (or raises) from inside one of outcore's own
+functions, on the n-th call, in a replayed or recording iteration. The contract
+(ooc.py, `_Iteration`): the user sees KeyboardInterrupt; every storage has its full
+size; the residency counters equal a recount; `close()` and later iterations work; and
+training continued from that state is bitwise equal to plain PyTorch continued from it.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import signal
+import threading
+
+import pytest
+import torch
+
+import outcore
+from outcore.run import interrupts
+from outcore.run.movers.disk import DiskMover
+from outcore.run.ooc import _Iteration
+from outcore.run.replay import Replayer
+from outcore.run.residency import Residency
+
+from ..trace.helpers import assert_bitwise_equal, state_of
+from .twins import budgets, build, steady_trace
+
+
+@pytest.fixture(scope="module")
+def mlp_budget():
+    return budgets(steady_trace("mlp", "adam"))["tight"]
+
+
+def _storages(w):
+    out = [t for t in w.model.state_dict().values()]
+    out += [p.grad for p in w.model.parameters() if p.grad is not None]
+    for state in w.optimizer.state.values():
+        out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def assert_intact(w, ooc):
+    for t in _storages(w):
+        assert t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
+        assert torch.isfinite(t.float()).all()
+    repr(next(w.model.parameters()))
+    copy.deepcopy(w.model)
+    res = ooc._res
+    gc.collect()
+    counted = res.recount()             # retires storages that died meanwhile first
+    assert (res.resident, res.offloaded) == counted
+    assert res.offloaded == 0          # between iterations everything is in RAM
+    assert not ooc._active
+
+
+def warm(name, optimizer):
+    w = build(name, optimizer)
+    w.step()
+    return w
+
+
+def continue_like_plain(w, ooc, iterations=3):
+    """A plain twin takes over w's exact state; both train on; they must stay equal."""
+    twin = warm("mlp", "adam")
+    twin.model.load_state_dict(copy.deepcopy(w.model.state_dict()))
+    twin.optimizer.load_state_dict(copy.deepcopy(w.optimizer.state_dict()))
+    for p, q in zip(twin.model.parameters(), w.model.parameters()):
+        p.grad = None if q.grad is None else q.grad.detach().clone()
+    for _ in range(iterations):
+        twin.step()
+        with ooc.iteration():
+            w.step()
+    assert_bitwise_equal(state_of(twin.model, twin.optimizer), state_of(w.model, w.optimizer))
+
+
+def _sigint():
+    signal.raise_signal(signal.SIGINT)
+
+
+def _interrupt_on_call(monkeypatch, owner, name, n, action=_sigint):
+    """Make the n-th call of owner.name run `action` (SIGINT to this process) first."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            action()
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+# (owner, method, which call): points in the executor where an interrupt may land.
+POINTS = [
+    (Residency, "_wait", 3), (Residency, "_wait", 40),
+    (Residency, "evict", 5), (Residency, "finish", 7), (Residency, "restore", 4),
+    (Residency, "ready", 30), (Residency, "track", 12), (Residency, "restore_all", 3),
+    (Residency, "settle", 2), (Residency, "_reap_dead", 5),
+    (Replayer, "start", 1), (Replayer, "finish", 1), (Replayer, "_actions", 20),
+    (_Iteration, "_begin", 3), (_Iteration, "_end", 3), (_Iteration, "_account", 2),
+]
+
+
+@pytest.mark.parametrize("owner,name,n", POINTS, ids=[f"{o.__name__}.{m}#{n}" for o, m, n in POINTS])
+def test_sigint_inside_the_executor(monkeypatch, mlp_budget, owner, name, n):
+    # One plain step first: Adam's lazily created state exists before any interrupt (an
+    # interrupt inside its creation breaks the optimizer in plain PyTorch just the same).
+    w = warm("mlp", "adam")
+    ooc = outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0)
+    try:
+        calls = _interrupt_on_call(monkeypatch, owner, name, n)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(8):
+                with ooc.iteration():
+                    w.step()
+        assert calls["n"] >= n
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert_intact(w, ooc)
+        continue_like_plain(w, ooc)
+        assert_intact(w, ooc)
+    finally:
+        monkeypatch.undo()
+        ooc.close()
+
+
+def test_exception_in_the_write_thread_keeps_the_tensor(monkeypatch, mlp_budget):
+    """A non-I/O failure inside the mover's worker thread (here a MemoryError) becomes an
+    OutcoreError; the tensor it was writing stays in RAM, intact."""
+    w = warm("mlp", "adam")
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        def boom():
+            raise MemoryError("injected")
+        _interrupt_on_call(monkeypatch, DiskMover, "_write", 10, boom)
+        with pytest.raises(outcore.OutcoreError, match="nothing was lost"):
+            for _ in range(4):
+                with ooc.iteration():
+                    w.step()
+        monkeypatch.undo()
+        assert_intact(w, ooc)
+        continue_like_plain(w, ooc)
+
+
+def test_a_signal_in_a_held_section_is_delivered_at_its_end():
+    shield = interrupts.Shield()
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        shield.install()
+        shield.enter()
+        signal.raise_signal(signal.SIGUSR1)
+        for _ in range(1000):          # bytecodes run: the handler had every chance
+            pass
+        assert seen == [] and len(shield.pending) == 1
+        shield.exit()
+        assert seen == [signal.SIGUSR1]
+        signal.raise_signal(signal.SIGUSR1)      # outside a held section: at once
+        assert seen == [signal.SIGUSR1] * 2
+        shield.enter()
+        mine = lambda signum, frame: None        # noqa: E731 - a user handler set meanwhile
+        signal.signal(signal.SIGUSR1, mine)
+        shield.uninstall()
+        shield.exit()
+        assert signal.getsignal(signal.SIGUSR1) is mine        # theirs is left alone
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_install_from_another_thread_does_nothing():
+    shield = interrupts.Shield()
+    thread = threading.Thread(target=shield.install)
+    thread.start()
+    thread.join()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_one_open_outofcore_per_process(tmp_path):
+    first = outcore.OutOfCore(budget="64MiB")
+    with pytest.raises(outcore.OutcoreError, match="another OutOfCore.*close"):
+        outcore.OutOfCore(budget="64MiB")
+    first.close()
+    second = outcore.OutOfCore(budget="64MiB")
+    del second                      # never closed: garbage collection gives it all back
+    third = outcore.OutOfCore(budget="64MiB", swap_dir=str(tmp_path))
+    third.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1e400", "1e400GiB", -5, "lots", True])
+def test_every_invalid_budget_is_an_outcore_error(value):
+    with pytest.raises(outcore.OutcoreError):
+        outcore.OutOfCore(budget=value)
