@@ -21,15 +21,32 @@ Where the filesystem refuses O_DIRECT (some network filesystems) the mover falls
 buffered I/O straight between tensor memory and the file, and asks the kernel to drop the
 written pages.
 
-The swap file is created in a fresh private directory (0700, file 0600) and unlinked at
-once: the space lives exactly as long as the open descriptor, so nothing is left behind
-on exit, on an exception, on SIGINT/SIGTERM, or even on SIGKILL.
+The swap file never has a name anyone could leave behind. It is opened with O_TMPFILE
+(plus O_EXCL, so it can never be linked into the directory either): an unnamed 0600 inode
+in `swap_dir`'s filesystem whose space lives exactly as long as the descriptor, so
+nothing is left on exit, on an exception, on SIGINT/SIGTERM, or on SIGKILL at any moment,
+construction included. O_DIRECT is then switched on for the open descriptor
+(fcntl F_SETFL) and probed with one page-aligned write, truncated away again; a
+filesystem that refuses the flag or the write gets buffered I/O (O_DIRECT cleared again).
+
+Where O_TMPFILE is refused (filesystems without it, such as some network and FUSE ones,
+and kernels before 3.11) the file is created in a fresh private directory
+`outcore-swap-<pid>-<8 hex digits>` (0700, file 0600, O_CREAT|O_EXCL) and the file and the
+directory are removed at once, before any write or probe. Only a SIGKILL inside those four
+system calls can leave the directory (at most holding an empty `swap`) behind; every
+DiskMover sweeps such leftovers of dead processes from its swap directory before making
+its own file, and those of earlier versions (no pid in the name) once an hour old: see
+`_sweep`.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import re
+import secrets
+import stat
 import tempfile
 import time
 import warnings
@@ -46,6 +63,25 @@ CHUNK_BYTES = 8 * 2**20
 DIRECT_MIN_BYTES = 2**20
 # Direct transfers from or to memory the kernel cannot pin for I/O fall back to staging.
 _NOT_DIRECT = (errno.EINVAL, errno.EFAULT)
+
+# How a filesystem or kernel says "no O_TMPFILE here": EOPNOTSUPP from filesystems without
+# it, EISDIR from kernels before 3.11 (which see O_DIRECTORY|O_RDWR), EINVAL for flags the
+# kernel does not know, ENOENT from some FUSE filesystems. Anything else (EACCES, EROFS,
+# ENOSPC...) would fail the named fallback too, and is reported as it is.
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+# How a filesystem refuses O_DIRECT, at fcntl or at the first write.
+_NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP)
+
+# The fallback's private directories: outcore-swap-<pid>-<8 hex digits>. Directories of
+# earlier versions were tempfile.mkdtemp(prefix="outcore-swap-"): 8 characters of
+# [a-z0-9_], never a "-", so the two patterns cannot match the same name.
+_SWAP_DIR = "outcore-swap-{pid}-{tag}"
+_SWAP_DIR_RE = re.compile(r"outcore-swap-([1-9][0-9]{0,9})-[0-9a-f]{8}")
+_OLD_SWAP_DIR_RE = re.compile(r"outcore-swap-[a-z0-9_]{8}")
+OLD_SWAP_DIR_AGE_S = 3600.0
+# The most a leftover `swap` may hold for the sweep to remove it: the fallback unlinks it
+# before any write; earlier versions wrote one probe page before.
+_LEFTOVER_BYTES = {"fallback": 0, "old": ALIGNMENT}
 
 
 _PyBUF_WRITE = 0x200
@@ -75,6 +111,174 @@ def _filesystem_type(path: str) -> str:
     return kind
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _stale(name: str, entry: os.stat_result, now: float) -> str | None:
+    """Which kind of leftover `name` is ('fallback' or 'old'), or None to leave it alone."""
+    if not stat.S_ISDIR(entry.st_mode) or entry.st_uid != os.getuid():
+        return None
+    match = _SWAP_DIR_RE.fullmatch(name)
+    if match:
+        pid = int(match.group(1))
+        if pid != os.getpid() and pid < 2**22 and not _pid_alive(pid):   # 2**22: pid_max
+            return "fallback"
+        return None
+    if _OLD_SWAP_DIR_RE.fullmatch(name) and now - entry.st_mtime > OLD_SWAP_DIR_AGE_S:
+        return "old"
+    return None
+
+
+def _sweep(base: str) -> int:
+    """Remove the swap directories killed processes left in `base`; returns how many.
+
+    Only directories owned by this user are considered (symlinks never), and only:
+
+    * `outcore-swap-<pid>-<8 hex>` (this version's fallback) whose pid is no live process,
+      and only when empty or holding just an empty regular file `swap` (the fallback
+      never writes before unlinking it): a directory holding more is someone else's
+      and stays.
+    * `outcore-swap-<8 chars>` (earlier versions, which carried no pid) last modified
+      over OLD_SWAP_DIR_AGE_S (an hour) ago, and only when empty or holding just a regular
+      file `swap` of at most one page (all those versions ever wrote before unlinking
+      it: the O_DIRECT probe). The age stands in for the missing pid: the window those
+      versions left the directory in lasted microseconds.
+
+    Everything else in `base` is left alone. Any error (a race with another process
+    sweeping or creating, a permission, a vanished entry) skips that entry silently:
+    sweeping is housekeeping and must never stop a swap file being made. A killed process
+    its parent has not reaped yet still counts as alive: its directory waits for the next
+    construction after that.
+
+    Every construction sweeps, O_TMPFILE or not, for one scandir of `base`: earlier
+    versions left their directories exactly where O_TMPFILE now works, and a swap
+    directory may be shared with processes (other kernels, other pid namespaces) that
+    take the fallback. Such sharing can also make a live process's fallback directory
+    look dead for the microseconds it exists; `_open_named` then just tries another name.
+    """
+    swept, now = 0, time.time()
+    try:
+        entries = [e for e in os.scandir(base) if e.name.startswith("outcore-swap-")]
+    except OSError:
+        return 0
+    for e in entries:
+        try:
+            kind = _stale(e.name, e.stat(follow_symlinks=False), now)
+            if kind is None:
+                continue
+            # Work through a descriptor of the very directory checked above: a name
+            # swapped for a symlink or another directory meanwhile is not followed.
+            fd = os.open(e.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                st, seen = os.fstat(fd), e.stat(follow_symlinks=False)
+                if (st.st_dev, st.st_ino, st.st_uid) != (seen.st_dev, seen.st_ino, os.getuid()):
+                    continue
+                names = os.listdir(fd)
+                if names not in ([], ["swap"]):
+                    continue
+                if names:
+                    swap = os.stat("swap", dir_fd=fd, follow_symlinks=False)
+                    if not stat.S_ISREG(swap.st_mode) or swap.st_size > _LEFTOVER_BYTES[kind]:
+                        continue
+                    os.unlink("swap", dir_fd=fd)
+            finally:
+                os.close(fd)
+            os.rmdir(e.path)
+            swept += 1
+        except OSError:
+            continue
+    return swept
+
+
+def _open_unnamed(base: str) -> int | None:
+    """An unnamed swap file in `base` (O_TMPFILE), or None where that is refused."""
+    if not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        return os.open(base, os.O_TMPFILE | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE:
+            return None
+        raise OutcoreError(f"cannot create a swap file in {base}: {exc.strerror}; pass "
+                           "swap_dir= a writable directory on a local disk") from exc
+
+
+def _open_named(base: str) -> int:
+    """A swap file created in a fresh private directory in `base`, the file and the
+    directory removed again before this returns (and before anything is written)."""
+    for _ in range(100):
+        path = os.path.join(base, _SWAP_DIR.format(pid=os.getpid(), tag=secrets.token_hex(4)))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutcoreError(f"cannot create a swap directory in {base}: {exc.strerror}; "
+                               "pass swap_dir= a writable directory on a local disk") from exc
+        swap, fd = os.path.join(path, "swap"), -1
+        try:
+            fd = os.open(swap, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            pass        # the directory was swept meanwhile (see below): try another name
+        except OSError as exc:
+            raise OutcoreError(f"cannot create a swap file in {base}: {exc.strerror}; pass "
+                               "swap_dir= a writable directory on a local disk") from exc
+        finally:
+            # Whatever happened, KeyboardInterrupt included, both names go at once. In a
+            # directory made 0700 a moment ago `swap` can only be the file just created.
+            # Either may already be gone: a sweeper in another pid namespace sharing
+            # `base` can take this pid for a dead one. Errors are checked below.
+            for remove, name in ((os.unlink, swap), (os.rmdir, path)):
+                try:
+                    remove(name)
+                except OSError:
+                    pass
+        if fd < 0:
+            continue
+        if os.fstat(fd).st_nlink:
+            os.close(fd)
+            raise OutcoreError(f"cannot remove the swap file {swap} after creating it; remove "
+                               "it, and pass swap_dir= a directory of your own on a local disk")
+        return fd
+    raise OutcoreError(f"cannot create a swap directory in {base}: every name tried was taken "
+                       "or vanished at once; pass swap_dir= a directory of your own")
+
+
+def _enable_direct(fd: int) -> bool:
+    """Switch O_DIRECT on for `fd` if the filesystem really supports it; returns whether
+    it did. Some filesystems accept the flag and refuse the first write, so one aligned
+    page is written (and truncated away): a refusal at either step clears the flag again
+    and leaves buffered I/O. Other errors (a full disk...) propagate as OSError."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECT:
+            raise
+        return False
+    probe = AlignedBuffer(ALIGNMENT)
+    try:
+        os.pwrite(fd, probe.view, 0)
+        os.ftruncate(fd, 0)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECT:
+            raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        os.ftruncate(fd, 0)
+        return False
+    finally:
+        probe.close()
+
+
 class DiskMover:
     """Moves whole storages to and from extents of one swap file."""
 
@@ -88,22 +292,7 @@ class DiskMover:
         if not os.path.isdir(base):
             raise OutcoreError(f"swap directory {base} does not exist; create it or pass "
                                "swap_dir= a directory on a local disk with free space")
-        try:
-            self._dir = tempfile.mkdtemp(prefix="outcore-swap-", dir=base)   # mode 0700
-        except OSError as exc:
-            raise OutcoreError(f"cannot create a swap directory in {base}: {exc.strerror}; pass "
-                               "swap_dir= a writable directory on a local disk") from exc
-        path = os.path.join(self._dir, "swap")
-        try:
-            self._fd, self.direct = self._open(path, direct)
-        except OSError as exc:
-            raise OutcoreError(f"cannot create a swap file in {base}: {exc.strerror}; pass "
-                               "swap_dir= a writable directory on a local disk") from exc
-        finally:
-            # Unlinked at once: the space lives exactly as long as the descriptor.
-            if os.path.exists(path):
-                os.unlink(path)
-            os.rmdir(self._dir)
+        self._fd, self.direct = self._open(base, direct)
         self.location = base
         self.filesystem = _filesystem_type(base)
         if self.filesystem == "tmpfs":
@@ -124,31 +313,23 @@ class DiskMover:
         self.closed = False
 
     @staticmethod
-    def _open(path: str, direct: bool = True) -> tuple[int, bool]:
-        """Open the swap file with O_DIRECT if the filesystem really supports it (some
-        accept the flag at open and refuse the first write), else buffered."""
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
-        if not direct:
-            return os.open(path, flags, 0o600), False
+    def _open(base: str, direct: bool = True) -> tuple[int, bool]:
+        """The swap file's descriptor, and whether it does O_DIRECT: leftovers of killed
+        processes swept, then an unnamed file (O_TMPFILE), or where refused a named one
+        removed at once; O_DIRECT switched on and probed only once the file has no name."""
+        _sweep(base)
+        fd = _open_unnamed(base)
+        if fd is None:
+            fd = _open_named(base)
         try:
-            fd = os.open(path, flags | os.O_DIRECT, 0o600)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            return os.open(path, flags, 0o600), False
-        probe = AlignedBuffer(ALIGNMENT)
-        try:
-            os.pwrite(fd, probe.view, 0)
-            os.ftruncate(fd, 0)
-            return fd, True
+            return fd, direct and _enable_direct(fd)
         except OSError as exc:
             os.close(fd)
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            os.unlink(path)
-            return os.open(path, flags, 0o600), False
-        finally:
-            probe.close()
+            raise OutcoreError(f"cannot create a swap file in {base}: {exc.strerror}; pass "
+                               "swap_dir= a writable directory on a local disk") from exc
+        except BaseException:
+            os.close(fd)
+            raise
 
     # -- space -------------------------------------------------------------------------
     def allocate(self, nbytes: int) -> Extent:
