@@ -49,9 +49,11 @@ class SafeRecording(Recording):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                own = [s for s in {id(s): s for s in (p.untyped_storage(), p.grad.untyped_storage())}.values()
-                       if s.nbytes() >= res.min_move_bytes]
-                needed = sum(s.nbytes() for s in own)
+                needed = 0
+                for key in {p.untyped_storage()._cdata, p.grad.untyped_storage()._cdata}:
+                    entry = res.entries.get(key)     # an evicted storage has size 0 now
+                    if entry is not None and not entry.pinned:
+                        needed += entry.nbytes
                 if needed and needed + res.pinned_resident > self.budget:
                     raise infeasible(len(self._functions), "the optimizer step of a parameter of "
                                      f"shape {tuple(p.shape)}", "optimizer", needed,

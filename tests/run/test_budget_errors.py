@@ -1,0 +1,101 @@
+"""InfeasibleBudget comes before the optimizer changes anything where it can be known, in
+the user's terms (the budget they passed), and only once."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import outcore
+
+MIB = 2**20
+
+
+def _model():
+    torch.manual_seed(0)
+    # One 4 MiB weight; activations are tiny. Forward and backward need ~4 MiB at once,
+    # a parameter beside its gradient 8 MiB, Adam's final update (param, exp_avg, denom) 12.
+    model = torch.nn.Linear(1024, 1024)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 1024)
+    return model, opt, x
+
+
+def _step(model, opt, x):
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _state(model, opt):
+    return copy.deepcopy((model.state_dict(), opt.state_dict()))
+
+
+def _equal(a, b):
+    (ma, oa), (mb, ob) = a, b
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert oa["state"].keys() == ob["state"].keys()
+    for k in oa["state"]:
+        for name, v in oa["state"][k].items():
+            assert torch.equal(v, ob["state"][k][name]), (k, name)
+
+
+def test_a_parameter_beside_its_gradient_not_fitting_stops_before_the_optimizer():
+    model, opt, x = _model()
+    before = _state(model, opt)
+    budget = 7 * MIB
+    with outcore.OutOfCore(budget=budget) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget) as err:
+            with ooc.iteration():
+                _step(model, opt, x)
+    message = str(err.value)
+    assert f"{budget:,} B" in message and "optimizer" in message
+    assert "Nothing was trained" in message
+    assert err.value.budget_bytes == budget and err.value.needed_bytes > budget
+    _equal(before, _state(model, opt))           # the optimizer changed nothing
+
+
+def test_an_optimizer_function_too_large_completes_the_step_then_refuses_the_next():
+    model, opt, x = _model()
+    plain_model, plain_opt, _ = _model()
+    _step(plain_model, plain_opt, x)
+    budget = 9 * MIB
+    with outcore.OutOfCore(budget=budget) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget) as err:
+            with ooc.iteration():
+                _step(model, opt, x)
+        assert "completed correctly" in str(err.value)
+        _equal(_state(plain_model, plain_opt), _state(model, opt))   # one whole, exact step
+        after_first = _state(model, opt)
+        ran = []
+        with pytest.raises(outcore.InfeasibleBudget, match="did not start: nothing ran"):
+            with ooc.iteration():
+                ran.append(True)
+                _step(model, opt, x)
+        assert ran == []
+        _equal(after_first, _state(model, opt))
+        assert [it.mode for it in ooc.report().iterations] == ["record"]
+
+
+def test_a_budget_that_fits_trains_on():
+    model, opt, x = _model()
+    plain_model, plain_opt, _ = _model()
+    with outcore.OutOfCore(budget=14 * MIB) as ooc:
+        for _ in range(4):
+            _step(plain_model, plain_opt, x)
+            with ooc.iteration():
+                _step(model, opt, x)
+    _equal(_state(plain_model, plain_opt), _state(model, opt))
+
+
+def test_equal_looking_sizes_are_told_apart():
+    """A budget a few bytes short of the need is not reported as 'needs 6.00 MiB, more
+    than the budget of 6.00 MiB': exact byte counts stand beside the rounded ones."""
+    model, opt, x = _model()
+    budget = 4 * MIB + 100
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget) as err:
+            with ooc.iteration():
+                _step(model, opt, x)
+    assert f"{budget:,} B" in str(err.value) and f"{err.value.needed_bytes:,} B" in str(err.value)
