@@ -26,6 +26,59 @@ activations through a small budget sits far above that budget in resident memory
   start: 1083 against 1191 MiB, 4.15 against 4.00 s, one run each; docs/results-run.md).
   Resident memory stays within the limit plus what one stretch of the step allocates
   between checks.
+
+Both modes are governor objects with one interface (`make_governor(mode)`):
+`start(budget)` at the first iteration, `tighten()` at the first eviction, `check()`
+where memory is freed or taken, `stop()` at close() or garbage collection.
+
+NOTE [One governor per process]
+glibc's settings are process-wide, so at most one governor steers them: `start()`
+claims a module-level record (`steering_governor()`) and raises OutcoreError while
+another governor holds it; `stop()` releases it. The record is claimed before the first
+mallopt and released after the last, so a governor that may have changed glibc's
+settings always holds it. stop() keeps no reference to an OutOfCore, catches the
+exceptions of its own work, does nothing twice, and can be called again after an
+interrupted stop() or start(): it is safe from a `weakref.finalize` callback. State
+that the checks read (`TrimGovernor._limits`) changes by one attribute store, so a
+KeyboardInterrupt between two bytecodes leaves either the old state or the new one.
+
+NOTE [What stop() restores]
+"trim" hands mallopt M_MMAP_MAX and M_TRIM_THRESHOLD, "eager" M_MMAP_THRESHOLD and
+M_TRIM_THRESHOLD; M_TOP_PAD is never touched. In glibc (malloc.c `do_set_*`, read in
+2.36, this machine's; older versions do the same inside mallopt itself), *any* mallopt
+of M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD or M_MMAP_MAX also sets
+`mp_.no_dyn_threshold = 1`, and nothing ever sets it back. It is the switch of the
+dynamic threshold: while it is 0, `free()` of an mmapped chunk larger than
+`mmap_threshold` and at most DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64-bit, 512 KiB on
+32-bit) raises `mmap_threshold` to that chunk's size and `trim_threshold` to twice it
+(`__libc_free`). glibc sets the switch at start-up too when the environment fixes one
+of the four (MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_, MALLOC_MMAP_THRESHOLD_,
+MALLOC_MMAP_MAX_, or their glibc.malloc.* names in GLIBC_TUNABLES: the tunables'
+callbacks in arena.c are the same `do_set_*`). So, decided at start() (`_restore_plan`):
+
+* The environment fixed one of them (read from /proc/self/environ, the environment
+  glibc saw, with glibc's number syntax and precedence: `fixed_at_start`): the
+  thresholds were static from the start, and stop() puts back exactly the values glibc
+  had for the options this mode changed: the user's, or glibc's defaults for those not
+  given (mmap_threshold 128 KiB, trim_threshold 128 KiB, mmap_max 65536). The one loss:
+  a value mallopt's int cannot carry (2 GiB up to 2**64 - 2 GiB) comes back as INT_MAX.
+* Otherwise the dynamic threshold was on. Turning it back on is impossible (no public
+  interface reaches `no_dyn_threshold`), and reading how far it had got is too (no call
+  returns `mp_.mmap_threshold`). stop() sets the values it converges to in a process
+  that frees mmapped chunks of up to 32 MiB, as a training step does: mmap_threshold
+  32 MiB, trim_threshold 64 MiB, mmap_max 65536 (all three, whichever mode). Not
+  restored: the thresholds no longer move. A process whose largest freed mapping stays
+  below 32 MiB would have kept its threshold there; after stop() it keeps allocations
+  between that size and 32 MiB on the heap (fewer page faults than without outcore,
+  and up to 64 MiB of free heap top kept rather than twice its own threshold).
+  Before, stop() set only M_MMAP_MAX=65536 and M_TRIM_THRESHOLD=128 KiB, which froze
+  mmap_threshold wherever glibc had got to at start() (under 1 MiB when outcore starts
+  before the step's first large free): every tensor above it was mapped and faulted in
+  afresh at each step, and the heap's top trimmed past 128 KiB, ever after
+  (benchmarks/faults_after_close.py; tests/run/test_malloc.py, real glibc).
+* A program that called mallopt itself before start() (no_dyn_threshold already 1,
+  its own values) cannot be told apart from the second case: stop() sets the values
+  above in place of its own.
 """
 from __future__ import annotations
 
@@ -34,40 +87,156 @@ import ctypes.util
 import os
 import resource
 import time
+from typing import NamedTuple
+
+from ..errors import OutcoreError
+from ..units import format_bytes
 
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_GLIBC_MMAP_MAX = 65536                # glibc's defaults, put back by stop()
+_GLIBC_MMAP_MAX = 65536                # glibc's static defaults (malloc.c)
 _GLIBC_TRIM_THRESHOLD = 128 * 1024
+_GLIBC_MMAP_THRESHOLD = 128 * 1024
+_GLIBC_TOP_PAD = 0
+# The ceiling of glibc's dynamic mmap threshold, DEFAULT_MMAP_THRESHOLD_MAX:
+# 4 MiB * sizeof(long) on 64-bit, 512 KiB on 32-bit.
+_DYNAMIC_MMAP_THRESHOLD_MAX = 4 * 2**20 * 8 if ctypes.sizeof(ctypes.c_void_p) == 8 else 512 * 1024
 _NEVER = 2**62
 _C_INT_MAX = 2**31 - 1                 # mallopt takes a C int: 2**62 would arrive as 0
 
+# option: (its GLIBC_TUNABLES name, its environment alias, glibc's static default)
+_TUNABLES = {
+    _M_TRIM_THRESHOLD: ("glibc.malloc.trim_threshold", "MALLOC_TRIM_THRESHOLD_", _GLIBC_TRIM_THRESHOLD),
+    _M_TOP_PAD: ("glibc.malloc.top_pad", "MALLOC_TOP_PAD_", _GLIBC_TOP_PAD),
+    _M_MMAP_THRESHOLD: ("glibc.malloc.mmap_threshold", "MALLOC_MMAP_THRESHOLD_", _GLIBC_MMAP_THRESHOLD),
+    _M_MMAP_MAX: ("glibc.malloc.mmap_max", "MALLOC_MMAP_MAX_", _GLIBC_MMAP_MAX),
+}
+# What stop() sets where the dynamic threshold was on (NOTE [What stop() restores]).
+_CONVERGED = {
+    _M_MMAP_THRESHOLD: _DYNAMIC_MMAP_THRESHOLD_MAX,    # mallopt takes it: 2.36 has no bound, older ones HEAP_MAX_SIZE/2
+    _M_TRIM_THRESHOLD: 2 * _DYNAMIC_MMAP_THRESHOLD_MAX,
+    _M_MMAP_MAX: _GLIBC_MMAP_MAX,
+}
+
+_found_libc: list = []
+
 
 def _libc():
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
+    """glibc through ctypes, or None where the C library has no mallopt/malloc_trim.
+    Looked up once per process (find_library runs ldconfig)."""
+    if not _found_libc:
+        libc = None
+        name = ctypes.util.find_library("c")
+        if name:
+            try:
+                libc = ctypes.CDLL(name)
+                libc.mallopt, libc.malloc_trim
+            except (OSError, AttributeError):
+                libc = None
+        _found_libc.append(libc)
+    return _found_libc[0]
+
+
+# -- what the environment fixed at start-up (NOTE [What stop() restores]) ---------------
+def _glibc_number(text: str) -> int:
+    """A number as glibc's tunables read it (_dl_strtoul): blanks, a sign, 0x for hex,
+    a leading 0 for octal, digits up to the first that does not fit, nothing read as 0;
+    the result as an unsigned 64-bit value (UINT64_MAX on overflow)."""
+    text = text.lstrip(" \t")
+    negative = text[:1] == "-"
+    if text[:1] in "+-" and text:
+        text = text[1:]
+    if not text[:1].isdigit():
+        return 0
+    base, digits = 10, "0123456789"
+    if text[0] == "0":
+        if text[1:2] in ("x", "X"):
+            base, digits, text = 16, "0123456789abcdefABCDEF", text[2:]
+        else:
+            base, digits = 8, "01234567"
+    n, value = 0, 0
+    while n < len(text) and text[n] in digits:
+        value = value * base + int(text[n], 16)
+        if value >= 2**64:
+            return 2**64 - 1
+        n += 1
+    return (-value) % 2**64 if negative else value
+
+
+def _tunable_value(option: int, text: str) -> int | None:
+    """The value glibc takes for `option` from `text`, or None where it refuses it."""
+    value = _glibc_number(text)
+    if option == _M_MMAP_MAX:               # INT_32, minval 0 (elf/dl-tunables.list)
+        signed = value - 2**64 if value >= 2**63 else value
+        return signed if 0 <= signed <= _C_INT_MAX else None
+    return value                            # SIZE_T: every value fits
+
+
+def _start_environment() -> list[tuple[str, str]]:
+    """The environment the process started with, as glibc read it: /proc/self/environ
+    (os.environ can have changed since)."""
     try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt, libc.malloc_trim
-        return libc
-    except (OSError, AttributeError):
-        return None
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+        pairs = []
+        for entry in raw.split(b"\0"):
+            name, sep, value = entry.partition(b"=")
+            if sep:
+                pairs.append((os.fsdecode(name), os.fsdecode(value)))
+        return pairs
+    except OSError:
+        return list(os.environ.items())
 
 
-def return_freed_memory(threshold: int = 64 * 1024) -> bool:
-    """The "eager" mode: map allocations >= `threshold` on their own and trim freed
-    memory. Returns False where the C library is not glibc (nothing changes then)."""
-    libc = _libc()
-    if libc is None:
-        return False
-    ok = (libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
-          and libc.mallopt(_M_TRIM_THRESHOLD, threshold) == 1)
-    libc.malloc_trim(0)
-    return ok
+def fixed_at_start(environment: list[tuple[str, str]] | None = None) -> dict[int, int]:
+    """The options among M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD and M_MMAP_MAX
+    that glibc's start-up took from the environment, with their values. Any entry means
+    glibc's dynamic mmap threshold was off from the start. GLIBC_TUNABLES wins over the
+    MALLOC_*_ aliases (elf/dl-tunables.c: an alias is read only while its tunable is
+    unset, and GLIBC_TUNABLES sets it whatever its order)."""
+    env = _start_environment() if environment is None else environment
+    by_alias = {alias: option for option, (_, alias, _) in _TUNABLES.items()}
+    by_name = {name: option for option, (name, _, _) in _TUNABLES.items()}
+    from_alias: dict[int, int] = {}
+    from_tunables: dict[int, int] = {}
+    for name, value in env:
+        if name == "GLIBC_TUNABLES":
+            for item in value.split(":"):
+                key, sep, text = item.partition("=")
+                if sep and key in by_name:
+                    parsed = _tunable_value(by_name[key], text)
+                    if parsed is not None:
+                        from_tunables[by_name[key]] = parsed
+        elif name in by_alias and by_alias[name] not in from_alias:
+            parsed = _tunable_value(by_alias[name], value)
+            if parsed is not None:
+                from_alias[by_alias[name]] = parsed
+    return {**from_alias, **from_tunables}
 
 
+def _c_int(value: int) -> int:
+    """A size_t for mallopt's int: glibc widens a negative int with its sign, so values
+    within 2 GiB of 2**64 travel as negatives; those in between cannot, and get INT_MAX."""
+    if value <= _C_INT_MAX:
+        return value
+    if value >= 2**64 - 2**31:
+        return value - 2**64
+    return _C_INT_MAX
+
+
+def _restore_plan(changed: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(option, value) pairs that put glibc back after mallopt of `changed`
+    (NOTE [What stop() restores])."""
+    fixed = fixed_at_start()
+    if fixed:                               # static from the start: exactly what glibc had
+        return tuple((option, _c_int(fixed.get(option, _TUNABLES[option][2]))) for option in changed)
+    options = tuple(changed) + tuple(o for o in _CONVERGED if o not in changed)
+    return tuple((option, _CONVERGED[option]) for option in options)
+
+
+# -- measurements ----------------------------------------------------------------------
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _statm = None
 
@@ -95,87 +264,231 @@ def _slack(budget: int, tight_budget: bool) -> int:
     return 64 * 2**20 + budget // 5
 
 
-class TrimGovernor:
-    """The "trim" mode. `start(budget)` (at the first iteration) puts every allocation on
-    glibc's heap with no trimming of its own and sets a generous limit; `tighten()` (at
-    the first eviction) sets the tight one; `check()` (called where memory is freed or
-    taken) trims when the resident set is over the limit; `stop()` gives glibc its
-    defaults back. After a trim that cannot get under the limit (the live bytes are above
-    it, e.g. all state read back at the end of an iteration), the next trim waits until
-    the resident set has grown by another slack: trims stay rare whatever the step does."""
+# -- the governors ---------------------------------------------------------------------
+_steering: dict = {}        # "governor": the one steering glibc now (NOTE [One governor per process])
+
+
+def steering_governor():
+    """The governor that holds glibc's settings in this process now, or None."""
+    return _steering.get("governor")
+
+
+class _Governor:
+    """What both modes share: the one-governor record and stop()."""
+    mode = ""
+    _CHANGES: tuple[int, ...] = ()      # the options this mode hands mallopt
 
     def __init__(self):
         self.libc = _libc()
-        self.limit = None
-        self.slack = 0
         self.budget = 0
-        self.tight = False
-        self.small_slack = False
-        self.live_bytes = None     # () -> managed bytes alive on either tier, if known
-        self._next = _NEVER
-        self._checked = 0.0
         self.trims = 0
+        self.live_bytes = None     # () -> managed bytes alive on either tier, if known
+        self._told = False         # mallopt may have changed glibc: stop() puts it back
+        self._restore: tuple = ()  # (option, value) pairs for that
+        self._record = _steering   # stop() reads no module globals (interpreter exit)
 
-    @property
-    def active(self) -> bool:
-        return self.limit is not None
+    def _claim(self) -> None:
+        """Hold the process's record, or raise if another governor holds it. One
+        dict.setdefault: atomic between threads and between bytecodes."""
+        holder = self._record.setdefault("governor", self)
+        if holder is not self:
+            raise OutcoreError(
+                f"another OutOfCore (return_freed_memory={holder.mode!r}, budget "
+                f"{format_bytes(holder.budget)}) is steering glibc's allocator, which is "
+                f"process-wide; close() it first, or open this one with "
+                f"return_freed_memory=False")
+
+    def _tell(self) -> bool:
+        """Apply this mode's settings (from start() or tighten())."""
+        raise NotImplementedError
+
+    def _deactivate(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Put glibc back (NOTE [What stop() restores]), hand the heap's free pages back
+        and release the record. Idempotent; safe at garbage collection and interpreter
+        exit (no exception of its own escapes); after an interrupted start() or stop(),
+        calling it again finishes the job."""
+        try:
+            self._deactivate()                  # first: checks and tighten do nothing now
+            if self._told:
+                libc = self.libc
+                for option, value in self._restore:
+                    libc.mallopt(option, value)
+                self._told = False
+                libc.malloc_trim(0)
+            record = self._record
+            if record.get("governor") is self:  # last: the record covers every change
+                record.pop("governor", None)
+        except Exception:
+            pass
+
+    def know_peak(self, at_least: int) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else ("steering" if self._told else "idle")
+        return f"{type(self).__name__}(budget={format_bytes(self.budget)}, {state})"
+
+
+class _Limits(NamedTuple):
+    """The trim governor's state, replaced whole by one attribute store."""
+    limit: int          # trim when the resident set passes this...
+    next: int           # ...and has grown past this since the last trim
+    slack: int
+    tight: bool         # the first eviction has come
+    small_slack: bool
+
+
+class TrimGovernor(_Governor):
+    """The "trim" mode. `start(budget)` (at the first iteration) puts every allocation on
+    glibc's heap with no trimming of its own and sets a generous limit; `tighten()` (at
+    the first eviction) sets the tight one; `check()` (called where memory is freed or
+    taken) trims when the resident set is over the limit; `stop()` puts glibc back
+    (NOTE [What stop() restores]). After a trim that cannot get under the limit (the live
+    bytes are above it, e.g. all state read back at the end of an iteration), the next
+    trim waits until the resident set has grown by another slack: trims stay rare
+    whatever the step does."""
+    mode = "trim"
+    _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
+
+    def __init__(self):
+        super().__init__()
+        self._limits: _Limits | None = None     # None: not started (or stopped)
+        self._checked = 0.0
+
+    # Read-only views of the state.
+    active = property(lambda self: self._limits is not None)
+    limit = property(lambda self: None if self._limits is None else self._limits.limit)
+    next_trim = property(lambda self: _NEVER if self._limits is None else self._limits.next)
+    slack = property(lambda self: 0 if self._limits is None else self._limits.slack)
+    tight = property(lambda self: self._limits is not None and self._limits.tight)
+    small_slack = property(lambda self: self._limits is not None and self._limits.small_slack)
 
     def start(self, budget: int) -> bool:
-        if self.libc is None or self.active:
+        """Every allocation on the heap, no trimming but ours. Once: later calls (and
+        calls without glibc) return False. Raises OutcoreError while another governor
+        steers glibc (NOTE [One governor per process])."""
+        if self.libc is None or self._limits is not None:
             return False
+        self._claim()
+        self.budget = budget
+        self._restore = _restore_plan(self._CHANGES)
+        self._told = True                      # before mallopt: stop() undoes a partial start
         ok = (self.libc.mallopt(_M_MMAP_MAX, 0) == 1
               and self.libc.mallopt(_M_TRIM_THRESHOLD, _C_INT_MAX) == 1)
-        self.budget = budget
-        self.slack = _slack(budget, tight_budget=False)
         self.libc.malloc_trim(0)           # what glibc kept so far: the limit starts from live bytes
-        self.limit = resident_bytes() + budget + self.slack
-        self._next = self.limit
+        slack = _slack(budget, tight_budget=False)
+        limit = resident_bytes() + budget + slack
+        self._limits = _Limits(limit, limit, slack, False, False)     # last: active
         return ok
 
     def tighten(self) -> None:
         """The budget is full: from now on the resident set may exceed today's by a slack."""
-        if not self.active or self.tight:
+        state = self._limits
+        if state is None or state.tight:
             return
-        self.tight = True
         self.libc.malloc_trim(0)
-        self.limit = resident_bytes() + self.slack
-        self._next = self.limit
+        limit = resident_bytes() + state.slack
+        new = state._replace(limit=limit, next=limit, tight=True)
+        if self._limits is state:               # not stopped meanwhile
+            self._limits = new
 
     def know_peak(self, at_least: int) -> None:
         """The step needs at least `at_least` bytes at once (its in-core peak, or the
         managed bytes alive right now): a budget below half of that gets the smaller
         slack."""
-        if not self.active or self.small_slack or self.budget * 2 >= at_least:
+        state = self._limits
+        if state is None or state.small_slack or self.budget * 2 >= at_least:
             return
-        self.small_slack = True
         slack = _slack(self.budget, tight_budget=True)
-        if self.tight:                  # the limit and the pending trim point move alike
-            self.limit += slack - self.slack
-            self._next += slack - self.slack
-        self.slack = slack
+        if state.tight:                 # the limit and the pending trim point move alike
+            new = state._replace(limit=state.limit + slack - state.slack,
+                                 next=state.next + slack - state.slack, slack=slack, small_slack=True)
+        else:
+            new = state._replace(slack=slack, small_slack=True)
+        if self._limits is state:
+            self._limits = new
 
-    def stop(self) -> None:
-        """glibc's own defaults again, and the heap's free pages handed back."""
-        if not self.active:
-            return
-        self.libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-        self.libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
-        self.libc.malloc_trim(0)
-        self.limit, self.tight, self.small_slack, self._next = None, False, False, _NEVER
+    def _deactivate(self) -> None:
+        self._limits = None
 
     def check(self) -> None:
-        if self.limit is None:
+        state = self._limits
+        if state is None:
             return
         now = time.perf_counter()
         if now - self._checked < 0.002:        # reading /proc costs ~1 us: 500 Hz at most
             return
         self._checked = now
-        if self.tight and not self.small_slack and self.live_bytes is not None:
+        if state.tight and not state.small_slack and self.live_bytes is not None:
             self.know_peak(self.live_bytes())
+            state = self._limits
+            if state is None:
+                return
         rss = resident_bytes()
-        if rss <= self._next:
+        if rss <= state.next:
             return
         self.libc.malloc_trim(0)
         self.trims += 1
         after = resident_bytes()
-        self._next = max(self.limit, after + self.slack)
+        new = state._replace(next=max(state.limit, after + state.slack))
+        if self._limits is state:
+            self._limits = new
+
+
+class EagerGovernor(_Governor):
+    """The "eager" mode: `start(budget)` (at the first iteration) claims the record and
+    changes nothing; `tighten()` (at the first eviction) maps every allocation of
+    `threshold` bytes or more on its own and trims the heap's top past `threshold`;
+    `check()` does nothing; `stop()` puts glibc back (NOTE [What stop() restores]), or
+    leaves it alone where nothing was evicted."""
+    mode = "eager"
+    _CHANGES = (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)
+
+    def __init__(self, threshold: int = 64 * 1024):
+        super().__init__()
+        self.threshold = threshold
+        self._state = None          # None, "started" or "tight": one store per change
+
+    active = property(lambda self: self._state is not None)
+    tight = property(lambda self: self._state == "tight")
+    limit = None
+
+    def start(self, budget: int) -> bool:
+        if self.libc is None or self._state is not None:
+            return False
+        self._claim()
+        self.budget = budget
+        self._restore = _restore_plan(self._CHANGES)
+        self._state = "started"                 # last: active
+        return True
+
+    def tighten(self) -> None:
+        if self._state != "started":
+            return
+        self._told = True                       # before mallopt (see TrimGovernor.start)
+        self.libc.mallopt(_M_MMAP_THRESHOLD, self.threshold)
+        self.libc.mallopt(_M_TRIM_THRESHOLD, self.threshold)
+        self.libc.malloc_trim(0)
+        if self._state == "started":            # not stopped meanwhile
+            self._state = "tight"
+
+    def _deactivate(self) -> None:
+        self._state = None
+
+
+def make_governor(mode: bool | str):
+    """The governor for OutOfCore's `return_freed_memory`: True or "trim" ->
+    TrimGovernor, "eager" -> EagerGovernor, False -> None (glibc's defaults)."""
+    if mode == "eager":
+        return EagerGovernor()
+    if mode is True or mode == "trim":
+        return TrimGovernor()
+    if mode is False:
+        return None
+    raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', got {mode!r}")

@@ -28,7 +28,7 @@ import time
 import weakref
 
 from ..errors import InfeasibleBudget, OutcoreError
-from ..memory.malloc import TrimGovernor, page_faults, return_freed_memory as return_freed_memory_to_os
+from ..memory.malloc import make_governor, page_faults
 from ..plan import check, plan
 from ..plan.api import POLICIES
 from ..plan.feasibility import needs
@@ -165,13 +165,13 @@ class OutOfCore:
     def _build(self, swap_dir, min_move_bytes, return_freed_memory) -> None:
         self._mover = DiskMover(swap_dir)
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
-        self._governor = None
-        if return_freed_memory == "eager":      # only once something must leave RAM
-            self._res.before_first_eviction = return_freed_memory_to_os
-        elif return_freed_memory:               # started by the first iteration
-            self._governor = TrimGovernor()
+        # glibc's settings: claimed by the first iteration, tightened at the first
+        # eviction, given back by close() or garbage collection (memory/malloc.py).
+        self._governor = make_governor(return_freed_memory)
+        if self._governor is not None:
             self._res.before_first_eviction = self._governor.tighten
-            self._res.memory_check = self._governor.check
+            if self._governor.mode == "trim":      # eager's check() does nothing: no per-op call
+                self._res.memory_check = self._governor.check
             self._governor.live_bytes = self._res.live_bytes
         self._shield = Shield()
         self._finalizer = weakref.finalize(self, _release, self._mover, self._governor)
