@@ -193,3 +193,53 @@ def test_one_open_outofcore_per_process(tmp_path):
 def test_every_invalid_budget_is_an_outcore_error(value):
     with pytest.raises(outcore.OutcoreError):
         outcore.OutOfCore(budget=value)
+
+
+def _failing_reads(monkeypatch, first: int, last: float):
+    """os.preadv in the disk mover fails with EIO from its `first`-th call to its `last`-th."""
+    import errno
+    import os as _os
+
+    from outcore.run.movers import disk
+    real, calls = _os.preadv, {"n": 0}
+
+    def preadv(fd, buffers, offset):
+        calls["n"] += 1
+        if first <= calls["n"] <= last:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+    monkeypatch.setattr(disk.os, "preadv", preadv)
+    return calls
+
+
+def test_a_transient_read_error_is_retried_and_loses_nothing(monkeypatch, mlp_budget):
+    w = warm("mlp", "adam")
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                w.step()
+        calls = _failing_reads(monkeypatch, 1, 1)
+        with pytest.warns(RuntimeWarning, match="trying again"):
+            with ooc.iteration():
+                w.step()
+        assert calls["n"] > 1
+        monkeypatch.undo()
+        assert_intact(w, ooc)
+        continue_like_plain(w, ooc)
+
+
+def test_a_dead_disk_raises_and_close_reads_back_once_it_works(monkeypatch, mlp_budget):
+    w = warm("mlp", "adam")
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                w.step()
+        _failing_reads(monkeypatch, 1, float("inf"))
+        with pytest.warns(RuntimeWarning), pytest.raises(outcore.OutcoreError, match="failed 3 times"):
+            with ooc.iteration():
+                w.step()
+        monkeypatch.undo()                   # the disk works again
+        ooc.close()                          # reads back what the failed reads left out
+        for t in _storages(w):
+            assert t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
+            assert torch.isfinite(t.float()).all()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ from dataclasses import dataclass
 from ..errors import OutcoreError
 from ..states import DEAD, FAST, IN, OCCUPIES_FAST, OUT, SLOW, Residence
 from ..units import format_bytes
+
+
+# A failed read is tried this many times in all before it is reported (see _wait).
+READ_ATTEMPTS = 3
+
+
+def _reason(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
 
 
 @dataclass(eq=False)
@@ -287,33 +296,53 @@ class Residency:
             self.touch(entry)
 
     def _wait(self, entry: Entry, doing: str) -> None:
-        """Wait for the entry's transfer; on failure put the entry where its bytes are."""
+        """Wait for the entry's transfer; on failure put the entry where its bytes are.
+
+        A failed read is tried again (READ_ATTEMPTS in all, with a RuntimeWarning for
+        each failure): the bytes are only in the swap file, and a transient error must
+        not leave the tensor empty. A failed write is not: the tensor is still whole in
+        memory, and the error says so."""
         start = time.perf_counter()
         try:
-            entry.future.result()
-        except Exception as exc:
-            entry.future = None
-            if doing == "reading":
-                storage = entry.ref()
-                if storage is not None:
-                    storage.resize_(0)      # never leave garbage where data was
-                entry.state = SLOW
-                self.resident -= entry.nbytes
-                self.offloaded += entry.nbytes
-            else:
-                entry.state = FAST           # the fast copy is intact: keep it
-                self.touch(entry)
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise OutcoreError(
-                f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} the "
-                f"swap file in {self.mover.location} failed: {reason}. "
-                + ("The tensor is still in memory; nothing was lost." if doing == "writing" else
-                   "The tensor's bytes are still in the swap file and are read again when it is "
-                   "next needed, by the next iteration or by close(); until one of them succeeds "
-                   "the tensor is empty: do not read it.")) from exc
+            for attempt in range(1, READ_ATTEMPTS + 1):
+                try:
+                    entry.future.result()
+                    break
+                except Exception as exc:
+                    entry.future = None
+                    storage = entry.ref() if doing == "reading" else None
+                    if storage is not None and attempt < READ_ATTEMPTS:
+                        warnings.warn(f"reading {format_bytes(entry.nbytes)} from the swap file in "
+                                      f"{self.mover.location} failed ({_reason(exc)}); trying again "
+                                      f"({attempt + 1} of {READ_ATTEMPTS})", RuntimeWarning,
+                                      stacklevel=4)
+                        entry.future = self.mover.read(storage.data_ptr(), entry.nbytes,
+                                                       entry.extent, storage)
+                        continue
+                    self._failed(entry, doing, exc)
         finally:
             self.stats.wait_s += time.perf_counter() - start
         entry.future = None
+
+    def _failed(self, entry: Entry, doing: str, exc: Exception) -> None:
+        """Put an entry whose transfer failed where its bytes are, and raise."""
+        if doing == "reading":
+            storage = entry.ref()
+            if storage is not None:
+                storage.resize_(0)      # never leave garbage where data was
+            entry.state = SLOW
+            self.resident -= entry.nbytes
+            self.offloaded += entry.nbytes
+        else:
+            entry.state = FAST           # the fast copy is intact: keep it
+            self.touch(entry)
+        raise OutcoreError(
+            f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} the "
+            f"swap file in {self.mover.location} failed: {_reason(exc)}. "
+            + ("The tensor is still in memory; nothing was lost." if doing == "writing" else
+               f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still in the swap file "
+               "and are read again when it is next needed, by the next iteration or by close(); "
+               "until one of them succeeds the tensor is empty: do not read it.")) from exc
 
     # -- bulk --------------------------------------------------------------------------
     def settle(self) -> None:
