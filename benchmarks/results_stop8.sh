@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md, "Stop 8", in the order they were made. Every config
+# The runs behind docs/results.md, "Current figures", in the order they were made. Every config
 # runs in a fresh process; --repeat runs them round-robin and reports the median run.
 # About 60 minutes on the 2-core CPU machine; run it on a quiet machine.
 set -euo pipefail
