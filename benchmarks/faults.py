@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import datetime
 import errno
@@ -940,7 +941,7 @@ def sigint_trial(cfg: dict, budget: int, seed: int, *, span_iterations: float = 
     proc, errpath = _spawn(["child-sigint", "--cfg", json.dumps(cfg), "--budget", str(budget),
                             "--swap-dir", swap])
     result = {"seed": seed, "cfg": cfg_name(cfg), "budget": budget, "early": early_span_s is not None}
-    try:
+    with _reaped(proc, swap):
         wanted = "STARTED" if early_span_s is not None else "READY"
         line = None
         while line is None or not line.startswith(wanted):
@@ -969,6 +970,14 @@ def sigint_trial(cfg: dict, budget: int, seed: int, *, span_iterations: float = 
         if not got and not found:
             found.append(("crash", [f"no result (rc {rc}): {err[-1500:]}"]))
         return _finish(result, found)
+
+
+
+@contextlib.contextmanager
+def _reaped(proc, swap: str):
+    """Whatever a trial does, its child is gone and its swap_dir removed afterwards."""
+    try:
+        yield
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -997,7 +1006,7 @@ def sigkill_trial(cfg: dict, budget: int, seed: int, *, construct_s: float = 1.0
                             "--swap-dir", swap, "--construct-s", str(construct_s)]
                            + (["--no-tmpfile"] if no_tmpfile else []))
     result = {"seed": seed, "cfg": cfg_name(cfg), "no_tmpfile": no_tmpfile}
-    try:
+    with _reaped(proc, swap):
         line = _readline(proc, timeout)
         if line is None or not line.startswith("READY"):
             out, rc, err, _ = _reap(proc, errpath, 10)
@@ -1017,11 +1026,6 @@ def sigkill_trial(cfg: dict, budget: int, seed: int, *, construct_s: float = 1.0
             found.append(("not-reached", [f"child exited {rc} before the kill: {err[-800:]}"]))
         found += left_after_kill(swap, f"SIGKILL during {result['phase']}")
         return _finish(result, found)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(swap, ignore_errors=True)
 
 
 def kill_at_trial(cfg: dict, budget: int, point: str, n: int = 3, timeout: float = 120.0,
@@ -1030,7 +1034,7 @@ def kill_at_trial(cfg: dict, budget: int, point: str, n: int = 3, timeout: float
     proc, errpath = _spawn(["child-kill-at", "--cfg", json.dumps(cfg), "--budget", str(budget),
                             "--swap-dir", swap, "--point", point, "--n", str(n)]
                            + (["--no-tmpfile"] if no_tmpfile else []))
-    try:
+    with _reaped(proc, swap):
         out, rc, err, hung = _reap(proc, errpath, timeout)
         call = next((l[5:] for l in out.splitlines() if l.startswith("CALL ")), None)
         result, found = {"point": point, "call": call, "rc": rc, "killed": call is not None}, []
@@ -1040,11 +1044,6 @@ def kill_at_trial(cfg: dict, budget: int, point: str, n: int = 3, timeout: float
             found.append(("crash", [f"child exited {rc}: {err[-800:]}"]))
         found += left_after_kill(swap, "the kill")
         return _finish(result, found)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(swap, ignore_errors=True)
 
 
 def kill_at_points(cfg: dict, budget: int, limit: int = 40, no_tmpfile: bool = False,
@@ -1067,7 +1066,7 @@ def _batch_child(argv: list[str], expected: int, timeout: float, label: dict) ->
     """A child that prints one RESULT per trial; trials it never reported are crashes/hangs."""
     swap = tempfile.mkdtemp(prefix="faults-batch-")
     proc, errpath = _spawn([*argv, "--swap-dir", swap])
-    try:
+    with _reaped(proc, swap):
         out, rc, err, hung = _reap(proc, errpath, timeout)
         got = _results(out)
         if len(got) < expected:
@@ -1082,11 +1081,6 @@ def _batch_child(argv: list[str], expected: int, timeout: float, label: dict) ->
                               + [(None, got[-1]["problems"]),
                                  ("leftover", [f"left in the child's swap_dir: {left}"])])
         return got
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(swap, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 
 The planner and `outcore.check` walk a schedule through ABSENT, FAST, OUT, SLOW and DEAD;
 the executor (`outcore.run.residency`) moves real storages through FAST, OUT, SLOW, IN
-and DEAD. Fast-tier bytes are held in FAST, OUT and IN (`Residence.occupies_fast`); only
+and DEAD. Fast-tier bytes are held in FAST, OUT and IN (`OCCUPIES_FAST`); only
 SLOW holds bytes on the slow tier alone.
 """
 from __future__ import annotations

@@ -40,10 +40,20 @@ def _storages(w):
     return out
 
 
-def assert_intact(w, ooc):
+def assert_whole(w):
     for t in _storages(w):
         assert t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
         assert torch.isfinite(t.float()).all()
+
+
+def train(ooc, w, iterations=3):
+    for _ in range(iterations):
+        with ooc.iteration():
+            w.step()
+
+
+def assert_intact(w, ooc):
+    assert_whole(w)
     repr(next(w.model.parameters()))
     copy.deepcopy(w.model)
     res = ooc._res
@@ -215,9 +225,7 @@ def _failing_reads(monkeypatch, first: int, last: float):
 def test_a_transient_read_error_is_retried_and_loses_nothing(monkeypatch, mlp_budget):
     w = warm("mlp", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
-        for _ in range(3):
-            with ooc.iteration():
-                w.step()
+        train(ooc, w)
         calls = _failing_reads(monkeypatch, 1, 1)
         with pytest.warns(RuntimeWarning, match="trying again"):
             with ooc.iteration():
@@ -231,15 +239,11 @@ def test_a_transient_read_error_is_retried_and_loses_nothing(monkeypatch, mlp_bu
 def test_a_dead_disk_raises_and_close_reads_back_once_it_works(monkeypatch, mlp_budget):
     w = warm("mlp", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
-        for _ in range(3):
-            with ooc.iteration():
-                w.step()
+        train(ooc, w)
         _failing_reads(monkeypatch, 1, float("inf"))
         with pytest.warns(RuntimeWarning), pytest.raises(outcore.OutcoreError, match="failed 3 times"):
             with ooc.iteration():
                 w.step()
         monkeypatch.undo()                   # the disk works again
         ooc.close()                          # reads back what the failed reads left out
-        for t in _storages(w):
-            assert t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
-            assert torch.isfinite(t.float()).all()
+        assert_whole(w)

@@ -37,16 +37,21 @@ def _benchmark():
     return sys.modules[name]
 
 
+def refuse_tmpfile(monkeypatch, code: int) -> None:
+    """The disk mover's open(O_TMPFILE) fails with `code`; other opens work."""
+    real_open = os.open
+
+    def opener(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(code, os.strerror(code))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+    monkeypatch.setattr(disk.os, "open", opener)
+
+
 @pytest.fixture
 def no_tmpfile(monkeypatch):
     """O_TMPFILE refused with EOPNOTSUPP, as on a filesystem without it."""
-    real_open = os.open
-
-    def refuse_tmpfile(path, flags, mode=0o777, *, dir_fd=None):
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        return real_open(path, flags, mode, dir_fd=dir_fd)
-    monkeypatch.setattr(disk.os, "open", refuse_tmpfile)
+    refuse_tmpfile(monkeypatch, errno.EOPNOTSUPP)
 
 
 @pytest.fixture
@@ -334,13 +339,7 @@ def test_errors_are_clear_and_leak_nothing(tmp_path, monkeypatch, request, tmpfi
 
 def test_tmpfile_refused_for_other_reasons_is_reported(tmp_path, monkeypatch):
     """EACCES, EROFS... would fail the named fallback too: reported, not retried."""
-    real_open = os.open
-
-    def read_only(path, flags, mode=0o777, *, dir_fd=None):
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return real_open(path, flags, mode, dir_fd=dir_fd)
-    monkeypatch.setattr(disk.os, "open", read_only)
+    refuse_tmpfile(monkeypatch, errno.EROFS)
     with pytest.raises(OutcoreError, match="cannot create a swap file .*Read-only.*swap_dir="):
         DiskMover(swap_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []

@@ -27,13 +27,16 @@ def release_points(trace) -> list[int]:
     return out
 
 
-def occupancy(trace) -> list[int]:
+def occupancy(trace, only=None) -> list[int]:
     """Bytes occupying the fast tier during each function when nothing is ever moved:
     each array from its creation (or the start, if it existed before) to its release.
-    Equal to trace.live_bytes(actual=True) on traces whose freed_after >= last_use."""
+    Equal to trace.live_bytes(actual=True) on traces whose freed_after >= last_use.
+    `only(array)`, if given, picks the arrays counted."""
     n = len(trace.functions)
     delta = [0] * (n + 1)
     for a, rel in zip(trace.arrays, release_points(trace)):
+        if only is not None and not only(a):
+            continue
         start = 0 if a.existed_before else a.first_use
         delta[start] += a.nbytes
         delta[max(start, rel) + 1] -= a.nbytes

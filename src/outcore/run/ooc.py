@@ -31,7 +31,7 @@ from ..errors import InfeasibleBudget, OutcoreError
 from ..memory.malloc import make_governor, page_faults
 from ..plan import check, plan
 from ..plan.api import POLICIES
-from ..plan.feasibility import needs
+from ..plan.feasibility import occupancy, require_feasible
 from ..units import format_bytes, parse_bytes
 from .interrupts import Shield, critical
 from .movers.disk import DiskMover
@@ -50,21 +50,7 @@ MIN_MOVE_BYTES = 64 * 1024
 def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
     """The most bytes of arrays smaller than `min_move_bytes` alive at once: the executor
     never moves those, so they hold that much of the budget at worst."""
-    n = len(trace.functions)
-    delta = [0] * (n + 1)
-    for a in trace.arrays:
-        if a.nbytes >= min_move_bytes:
-            continue
-        start = 0 if a.existed_before else a.first_use
-        last = n - 1 if (a.kind == "persistent" or a.freed_after is None) else max(a.freed_after,
-                                                                                    a.last_use)
-        delta[start] += a.nbytes
-        delta[min(max(start, last), n - 1) + 1] -= a.nbytes
-    peak = running = 0
-    for i in range(n):
-        running += delta[i]
-        peak = max(peak, running)
-    return peak
+    return max(occupancy(trace, only=lambda a: a.nbytes < min_move_bytes), default=0)
 
 
 def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
@@ -214,27 +200,24 @@ class OutOfCore:
         self._recordings_in_a_row = 0
 
     def _require_feasible(self, trace, budget: int) -> None:
-        """InfeasibleBudget in the user's terms: the budget they passed, and the part that
-        small or unmovable arrays hold."""
-        need = needs(trace)
-        if not need:
-            return
-        worst = max(range(len(need)), key=need.__getitem__)
-        if need[worst] <= budget:
-            return
-        fn, held = trace.functions[worst], self.budget - budget
-        smallest = need[worst] + held
-        raise InfeasibleBudget(
-            f"function {worst} ({fn.op}, {fn.phase}) needs {format_bytes(need[worst])} "
-            f"({need[worst]:,} B) on the fast tier at once. The budget of "
-            f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
-            f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
-            f"min_move_bytes={self._res.min_move_bytes:,} never move and hold up to "
-            f"{format_bytes(held)} ({held:,} B) of it. No schedule can run this step; the "
-            f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise the "
-            "budget to that or more, lower the batch, or lower min_move_bytes.",
-            function_index=worst, op=fn.op, phase=fn.phase, needed_bytes=need[worst],
-            budget_bytes=self.budget, min_feasible_bytes=smallest)
+        """`plan.feasibility.require_feasible`, its error restated in the user's terms:
+        the budget they passed, and the part that small or unmovable arrays hold."""
+        try:
+            require_feasible(trace, budget)
+        except InfeasibleBudget as err:
+            need, held = err.needed_bytes, self.budget - budget
+            smallest = need + held
+            raise InfeasibleBudget(
+                f"function {err.function_index} ({err.op}, {err.phase}) needs {format_bytes(need)} "
+                f"({need:,} B) on the fast tier at once. The budget of "
+                f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
+                f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
+                f"min_move_bytes={self._res.min_move_bytes:,} never move and hold up to "
+                f"{format_bytes(held)} ({held:,} B) of it. No schedule can run this step; the "
+                f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise the "
+                "budget to that or more, lower the batch, or lower min_move_bytes.",
+                function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,
+                budget_bytes=self.budget, min_feasible_bytes=smallest) from None
 
     def _trims(self) -> int:
         return self._governor.trims if self._governor is not None else 0
