@@ -16,9 +16,7 @@ resident set after them. The table shows the medians over the processes.
 M_MMAP_MAX=65536 and M_TRIM_THRESHOLD=128 KiB, leaving mmap_threshold frozen at
 whatever glibc's dynamic threshold had reached at start; "eager" never undid its
 64 KiB thresholds. It does so by replacing malloc._restore_plan, so both behaviours run
-on the same tree. Where ooc.py does not use EagerGovernor yet, "eager" with the new
-restore wires one in by hand the way ooc.py is to (start at the first iteration,
-tighten at the first eviction, stop after close()).
+on the same tree.
 """
 from __future__ import annotations
 
@@ -60,22 +58,11 @@ def _child(cfg: dict) -> dict:
             malloc._restore_plan = lambda changed: legacy[
                 "eager" if malloc._M_MMAP_THRESHOLD in changed else "trim"]
         ooc = outcore.OutOfCore(cfg["budget"], return_freed_memory=mode)
-        by_hand = None
-        if (mode == "eager" and cfg["restore"] == "new"
-                and not isinstance(getattr(ooc, "_governor", None), malloc.EagerGovernor)):
-            ooc.close()                    # this tree's ooc.py still applies eager for good
-            ooc = outcore.OutOfCore(cfg["budget"], return_freed_memory=False)
-            by_hand = malloc.EagerGovernor()
-            ooc._res.before_first_eviction = by_hand.tighten
-            by_hand.start(ooc.budget)
-            out["wired_by_hand"] = True
         for _ in range(BEFORE):
             with ooc.iteration():
                 w.step()
         out["iterations"] = [it.mode for it in ooc.report().iterations]
         ooc.close()
-        if by_hand is not None:
-            by_hand.stop()
         out["steering_after_close"] = repr(malloc.steering_governor())
     for _ in range(WARMUP):
         w.step()
@@ -129,9 +116,8 @@ def main():
             result = _run({**base, "kind": kind, "restore": restore, "budget": budget})
             results[row].append(result)
             print(f"rep {rep + 1} {kind:5} {restore:3}: faults/step {statistics.mean(result['faults']):9.0f} "
-                  f"step {statistics.mean(result['seconds']):.2f} s rss {result['rss'] / MiB:.0f} MiB"
-                  f"{' (eager wired by hand)' if result.get('wired_by_hand') else ''}", file=sys.stderr,
-                  flush=True)
+                  f"step {statistics.mean(result['seconds']):.2f} s rss {result['rss'] / MiB:.0f} MiB",
+                  file=sys.stderr, flush=True)
     print(f"\n`{shlex.join(['.venv/bin/python', 'benchmarks/faults_after_close.py', *sys.argv[1:]])}`\n")
     print(f"{args.model}, batch {args.batch}, {args.image_size}x{args.image_size}, budget "
           f"{budget / MiB:.0f} MiB; {args.reps} fresh processes per row, round-robin; per process "
