@@ -5,10 +5,16 @@
                         │  └── cancel ──────┘                                the planner counts
                         └──FREE──▶ DEAD   (any state ──storage dies──▶ DEAD)  a swap-in FAST)
 
+    SLOW ──iteration ends──▶ MAPPED ──next iteration starts──▶ SLOW, or FAST if written
+                                                               (executor only)
+
 The planner and `outcore.check` walk a schedule through ABSENT, FAST, OUT, SLOW and DEAD;
 the executor (`outcore.run.residency`) moves real storages through FAST, OUT, SLOW, IN
-and DEAD. Fast-tier bytes are held in FAST, OUT and IN (`OCCUPIES_FAST`); only
-SLOW holds bytes on the slow tier alone.
+and DEAD, and between iterations keeps SLOW storages MAPPED: readable and writable in
+place through a private mapping of their bytes in the swap file (`outcore.run.mapped`).
+Fast-tier bytes are held in FAST, OUT and IN (`OCCUPIES_FAST`); SLOW and MAPPED hold
+their bytes on the slow tier (`ON_SLOW_TIER`; a mapped storage's pages that are read
+sit in the page cache, written ones in anonymous memory, until the next iteration).
 """
 from __future__ import annotations
 
@@ -22,11 +28,14 @@ class Residence(enum.Enum):
     SLOW = "on the slow tier"
     IN = "being swapped in"
     DEAD = "freed"
+    MAPPED = "on the slow tier, mapped for use between iterations"
 
     def __str__(self) -> str:
         return self.value
 
 
-ABSENT, FAST, OUT, SLOW, IN, DEAD = (Residence.ABSENT, Residence.FAST, Residence.OUT,
-                                     Residence.SLOW, Residence.IN, Residence.DEAD)
+ABSENT, FAST, OUT, SLOW, IN, DEAD, MAPPED = (
+    Residence.ABSENT, Residence.FAST, Residence.OUT, Residence.SLOW, Residence.IN,
+    Residence.DEAD, Residence.MAPPED)
 OCCUPIES_FAST = frozenset((FAST, OUT, IN))
+ON_SLOW_TIER = frozenset((SLOW, MAPPED))

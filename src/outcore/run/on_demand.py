@@ -11,6 +11,7 @@ from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from .residency import Residency
 from ..aten import distinct_storages as storages
+from ..aten import iter_tensors, output_tensors, written_tensors
 
 
 class OnDemand:
@@ -28,6 +29,14 @@ class OnDemand:
         for e in entries:
             res.ready(e)
         return entries
+
+    def run(self, func, args, kwargs):
+        """Run one op memory-safe: inputs resident before, budget restored after."""
+        inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+        entries = self.before(inputs)
+        out = func(*args, **kwargs)
+        self.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
+        return out
 
     def after(self, entries, written, outputs) -> list:
         """Track the op's outputs, note what it wrote, and evict until within budget.

@@ -10,8 +10,11 @@ Iteration 1 records the step while running on-demand (memory-safe); the schedule
 planned once; later iterations replay it. An iteration that deviates from the record
 finishes on-demand and the next one is recorded again.
 
-Between iterations everything the user can reach is back in RAM, as plain PyTorch
-tensors (see README, "Between iterations").
+Between iterations the model and optimizer are plain PyTorch objects with the right
+values: state the schedule leaves on the slow tier stays there, mapped in place (NOTE
+[Mapped state] in mapped.py; README, "Between iterations"). `with ooc.building():`
+creates or loads a model under the budget; `ooc.save(obj, path)` writes a checkpoint
+of state larger than memory, atomically.
 
 NOTE [One OutOfCore per process]
 The storages a step touches, glibc's allocator settings and the signal handlers are
@@ -32,8 +35,12 @@ from ..memory.malloc import make_governor, page_faults
 from ..plan import check, plan
 from ..plan.api import POLICIES
 from ..plan.feasibility import occupancy, require_feasible
+from ..states import FAST
 from ..units import format_bytes, parse_bytes
+from .building import Building
+from .checkpoint import atomic_save
 from .interrupts import Shield, critical
+from .mapped import Pager
 from .movers.disk import DiskMover
 from .recording import SafeRecording
 from .replay import Replayer
@@ -45,6 +52,10 @@ from .residency import Residency
 _MAX_RECORDINGS = 3
 
 MIN_MOVE_BYTES = 64 * 1024
+
+# Between iterations, pages read from mapped state may take this much memory beyond what
+# the budget leaves free before the pager hands them back (NOTE [Mapped state], rule 2).
+PAGER_SLACK = 64 * 2**20
 
 
 def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
@@ -80,10 +91,11 @@ def _claim(ooc) -> None:
         _open = weakref.ref(ooc)
 
 
-def _release(mover, governor) -> None:
+def _release(mover, governor, pager) -> None:
     """Give back what an OutOfCore holds. Runs at close(), or at garbage collection or
     interpreter exit of one never closed (weakref.finalize: no reference to the object)."""
     try:
+        pager.stop()
         mover.close()
     finally:
         if governor is not None:
@@ -160,7 +172,8 @@ class OutOfCore:
                 self._res.memory_check = self._governor.check
             self._governor.live_bytes = self._res.live_bytes
         self._shield = Shield()
-        self._finalizer = weakref.finalize(self, _release, self._mover, self._governor)
+        self._pager = Pager()
+        self._finalizer = weakref.finalize(self, _release, self._mover, self._governor, self._pager)
         self.trace = None
         self.schedule = None
         self._carried: dict = {}
@@ -174,6 +187,45 @@ class OutOfCore:
         """One training iteration under the budget (see the module docstring):
         `with ooc.iteration(): <the step>`."""
         return _Iteration(self)
+
+    def building(self) -> "_Building":
+        """`with ooc.building(): model = Net()` creates (or `model.load_state_dict(...)`
+        loads) a model under the budget: whatever does not fit goes to the swap file as it
+        is made (run/building.py). Initialization is bitwise what it is without outcore."""
+        return _Building(self)
+
+    def save(self, obj, path) -> None:
+        """`torch.save(obj, path)` between iterations, atomically: `path` holds either its
+        old contents or the whole new checkpoint, whatever interrupts the save. State on
+        the slow tier streams through memory page by page (NOTE [Mapped state], rule 2)
+        instead of being read in whole; the file is an ordinary torch checkpoint."""
+        if self.closed:
+            raise OutcoreError("this OutOfCore was closed; save with torch.save, or before close()")
+        if self._active:
+            raise OutcoreError("ooc.save() cannot run inside ooc.iteration(); call it between "
+                               "iterations")
+        atomic_save(obj, path, self._shield)
+
+    def _park(self, errors: list) -> None:
+        """Leave state where the step left it: finish every transfer, map what is on the
+        slow tier (NOTE [Mapped state]). Errors are appended, the rest still happens."""
+        res = self._res
+        for part in (res.settle, res.map_slow):
+            try:
+                part()
+            except BaseException as err:  # noqa: BLE001 - kept, raised by the caller
+                errors.append(err)
+
+    def _unpark(self) -> None:
+        """Take the mapped state back before ops run under a mode (rule 4)."""
+        self._pager.stop()
+        self._res.unmap_all(self.budget)
+
+    def _page(self) -> None:
+        """Between iterations, keep pages read from mapped state within what the budget
+        leaves free plus PAGER_SLACK."""
+        res = self._res
+        self._pager.start(res.mappings(), max(self.budget - res.resident, 0) + PAGER_SLACK)
 
     def _plan_recording(self, recording: SafeRecording) -> None:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
@@ -238,8 +290,9 @@ class OutOfCore:
     # -- lifetime ------------------------------------------------------------------------
     @critical
     def close(self) -> None:
-        """Release the swap space and give the allocator settings back. Tensors are all
-        in RAM between iterations already."""
+        """Release the swap space and give the allocator settings back. State on the slow
+        tier stays readable and writable, mapped from the unnamed swap file, until its
+        tensors die (NOTE [Mapped state], rule 7): closing never reads it all in."""
         shield = self._shield
         shield.enter()
         try:
@@ -249,15 +302,20 @@ class OutOfCore:
                 raise OutcoreError("cannot close an OutOfCore inside its iteration; close it "
                                    "after the `with ooc.iteration():` block")
             shield.install()
+            errors: list = []
             try:
-                self._res.restore_all()
+                self._pager.stop()
+                self._park(errors)
             finally:
                 self.closed = True
                 try:
+                    self._res.release_mappings()
                     self._finalizer()            # mover and allocator settings, once
                 finally:
                     _release_slot(self)
                     shield.uninstall()
+            if errors:
+                raise errors[0]
         finally:
             shield.exit()
 
@@ -285,9 +343,9 @@ class _Iteration:
     its exit runs whatever happened in between.
 
     Contract, whatever exception ends the step (KeyboardInterrupt included) and
-    wherever it lands: the user sees that exception; every storage is back in RAM with
-    its full size and the value it had when the exception landed; the table's counters
-    are exact; `close()` and the next `iteration()` work."""
+    wherever it lands: the user sees that exception; every storage has its full size and
+    the value it had when the exception landed (in RAM, or mapped from the swap file);
+    the table's counters are exact; `close()` and the next `iteration()` work."""
 
     def __init__(self, ooc: OutOfCore):
         self.ooc = ooc
@@ -332,6 +390,7 @@ class _Iteration:
                        page_faults(), ooc._trims())
         self.recording = ooc._record_next
         self.started = time.perf_counter()
+        ooc._unpark()
         if self.recording:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}")
@@ -376,14 +435,13 @@ class _Iteration:
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
             deviation = mode.deviation
-        try:
-            res.restore_all()
-        except BaseException as err:      # noqa: BLE001
-            errors.append(err)
+        ooc._park(errors)
         for entry in res.entries.values():
-            entry.clean = False     # the user may change anything before the next iteration
+            if entry.state is FAST:
+                entry.clean = False     # the user may change it before the next iteration
         ooc._active = False
         ooc._shield.uninstall()
+        ooc._page()
         if self.before is not None:
             self._account(stepped, faulted, trimmed, peak, passive, deviation, completed=exc is None)
         if exc is None and not errors and mode is not None:
@@ -391,12 +449,7 @@ class _Iteration:
                 self._adopt(deviation)
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
-        if errors:
-            if exc is None:
-                raise errors[0]
-            for err in errors:            # the user's exception goes on; ours are noted on it
-                exc.add_note(f"outcore: while ending the interrupted iteration: "
-                             f"{type(err).__name__}: {err}")
+        _raise_or_note(exc, errors)
 
     def _account(self, stepped, faulted, trimmed, peak, passive, deviation, completed) -> None:
         ooc, before = self.ooc, self.before
@@ -426,6 +479,46 @@ class _Iteration:
         else:
             ooc._carried = mode.persistent_entries()
             ooc._record_next = deviation is not None
+
+
+class _Building(_Iteration):
+    """The `with ooc.building():` block (run/building.py): ops run memory-safe under the
+    budget, nothing is recorded or accounted; the same contract as an iteration's."""
+
+    def _begin(self) -> None:
+        ooc = self.ooc
+        if ooc._governor is not None:
+            ooc._governor.start(ooc.budget)
+        ooc._unpark()
+        self.mode = Building(ooc._res, ooc.budget, ooc._shield)
+        self.mode.__enter__()
+        self.entered = True
+
+    def _end(self, exc) -> None:
+        ooc, errors = self.ooc, []
+        try:
+            if self.entered:
+                self.entered = False
+                self.mode.__exit__(type(exc) if exc is not None else None, exc,
+                                   exc.__traceback__ if exc is not None else None)
+        except BaseException as err:      # noqa: BLE001
+            errors.append(err)
+        ooc._park(errors)
+        ooc._active = False
+        ooc._shield.uninstall()
+        ooc._page()
+        _raise_or_note(exc, errors)
+
+
+def _raise_or_note(exc, errors: list) -> None:
+    """Raise our first error when the block raised nothing; else note ours on the user's
+    exception, which goes on."""
+    if not errors:
+        return
+    if exc is None:
+        raise errors[0]
+    for err in errors:
+        exc.add_note(f"outcore: while ending the interrupted block: {type(err).__name__}: {err}")
 
 
 def _again(err: InfeasibleBudget) -> InfeasibleBudget:

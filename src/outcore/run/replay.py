@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
-from ..states import FAST
+from ..states import FAST, SLOW
 from .interrupts import Shield, critical
 from .on_demand import OnDemand
 from .residency import Residency
@@ -51,13 +51,21 @@ class Replayer(TorchDispatchMode):
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
-        """Put carried-over persistent arrays where the schedule wants them at the start."""
+        """Put carried-over persistent arrays where the schedule wants them at the start:
+        write out (or drop, if clean) what it starts without, then read in what it
+        starts with but the last iteration left on the slow tier. In a steady loop the
+        schedule starts where it ended and nothing moves (simulate: `boundary_s`)."""
         wanted = set(self.schedule.resident_at_start)
         moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
         for entry in moving:
             self.res.evict(entry)
         for entry in moving:
             self.res.finish(entry)
+        coming = [e for aid in wanted if (e := self.by_id[aid]) is not None and e.state is SLOW]
+        for entry in coming:
+            self.res.restore(entry)
+        for entry in coming:
+            self.res.ready(entry)
 
     def finish(self) -> None:
         self._zombies = []     # whatever the user still holds at the end stays where it is
@@ -216,9 +224,5 @@ class Replayer(TorchDispatchMode):
         return self._fallback(func, args, kwargs)
 
     def _fallback(self, func, args, kwargs):
-        inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
-        entries = self._on_demand.before(inputs)
-        out = func(*args, **kwargs)
-        self._on_demand.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
-        return out
+        return self._on_demand.run(func, args, kwargs)
 

@@ -10,13 +10,15 @@ States (`outcore.states.Residence`, shared with the planner and the checker):
     FAST --evict--> OUT (copy in flight, memory still held) --finish--> SLOW (resize_(0))
     SLOW --restore--> IN (memory allocated, copy in flight) --ready--> FAST
     OUT --restore--> FAST (the eviction is cancelled: the copy is waited for and kept)
+    SLOW --map_slow--> MAPPED (between iterations: NOTE [Mapped state] in mapped.py)
+    MAPPED --unmap_all--> SLOW, or FAST and dirty if the user wrote to it meanwhile
     any --the storage dies--> DEAD
 
 A FAST entry whose slow copy is still current is `clean`: it can be dropped with no copy.
 
 NOTE [Residency invariants]
   1. `resident` is the sum of `nbytes` over live entries in FAST, OUT or IN;
-     `offloaded` the sum over live entries in SLOW. `recount()` computes both from the
+     `offloaded` the sum over live entries in SLOW or MAPPED. `recount()` computes both from the
      table; tests assert they agree.
   2. Only the thread that runs the step changes the table. A storage may die on any
      thread (the mover's worker drops the last reference of a storage whose write it
@@ -40,8 +42,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import OutcoreError
-from ..states import DEAD, FAST, IN, OCCUPIES_FAST, OUT, SLOW, Residence
+from ..states import DEAD, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW, Residence
 from ..units import format_bytes
+from . import mapped
 
 
 # A failed read is tried this many times in all before it is reported (see _wait).
@@ -62,6 +65,7 @@ class Entry:
     clean: bool = False        # the slow copy equals the fast contents
     future: object = None      # the transfer in flight (OUT or IN)
     pinned: bool = False       # cannot be resized (from_numpy, mmap, shared memory): stays put
+    mapping: object = None     # MAPPED: the storage's private mapping of `extent`
 
     @property
     def occupies_fast(self) -> bool:
@@ -103,6 +107,8 @@ class Residency:
         key = storage._cdata
         entry = self.entries.get(key)
         if entry is None:
+            if not storage.resizable():
+                mapped.adopt_orphan(storage)     # left mapped by a closed OutOfCore
             nbytes = storage.nbytes()
             entry = Entry(key, None, nbytes,
                           pinned=nbytes < self.min_move_bytes or not storage.resizable())
@@ -139,8 +145,11 @@ class Residency:
                 self.resident -= entry.nbytes
                 if entry.pinned:
                     self.pinned_resident -= entry.nbytes
-            elif state is SLOW:
+            elif state in ON_SLOW_TIER:
                 self.offloaded -= entry.nbytes
+            if entry.mapping is not None:
+                entry.mapping.close()
+                entry.mapping = None
             entry.state = DEAD
             if entry.future is not None:
                 self._dying.append(entry)      # its extent is freed once the copy is done
@@ -192,7 +201,7 @@ class Residency:
                 continue            # died; its callback has not run yet
             if entry.state in OCCUPIES_FAST:
                 resident += entry.nbytes
-            elif entry.state is SLOW:
+            elif entry.state in ON_SLOW_TIER:
                 offloaded += entry.nbytes
         return resident, offloaded
 
@@ -251,6 +260,8 @@ class Residency:
 
     def restore(self, entry: Entry, *, unplanned: bool = False) -> None:
         """Start bringing a SLOW entry back (memory is allocated now, bytes arrive async)."""
+        if entry.state is MAPPED:
+            self._unmap(entry)
         if entry.state is OUT:      # still being written: cancel by keeping it
             self._wait(entry, "writing")
             entry.state, entry.clean = FAST, True
@@ -282,6 +293,8 @@ class Residency:
             self.memory_check()
         if self._dead:
             self._reap_dead()
+        if entry.state is MAPPED:
+            self._unmap(entry)
         state = entry.state
         if state is FAST:
             return
@@ -383,6 +396,68 @@ class Residency:
                 error = error or exc
         if error is not None:
             raise error
+
+    # -- between iterations (NOTE [Mapped state] in mapped.py) ------------------------------
+    def map_slow(self) -> None:
+        """Map every live SLOW entry, after `settle()`, so that its storage is usable in
+        place until the next iteration. Where the kernel refuses a mapping the entry is
+        read back instead; the first error is raised once all were tried."""
+        if self._dead:
+            self._reap_dead()
+        error = None
+        for entry in list(self.entries.values()):
+            storage = entry.ref()
+            if entry.state is not SLOW or storage is None:
+                continue
+            try:
+                entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
+                entry.state = MAPPED
+            except OSError:
+                try:
+                    self.restore(entry)
+                    self.ready(entry)
+                except Exception as exc:       # noqa: BLE001 - the rest still get mapped
+                    error = error or exc
+        if error is not None:
+            raise error
+
+    def mappings(self) -> list:
+        return [e.mapping for e in self.entries.values() if e.state is MAPPED]
+
+    def unmap_all(self, budget: int) -> None:
+        """Take every MAPPED storage back before an iteration: unwritten ones go back to
+        SLOW at no cost, written ones come back FAST and dirty, evicted synchronously
+        (least recently used first) whenever they would exceed `budget`."""
+        if self._dead:
+            self._reap_dead()
+        for entry in list(self.entries.values()):
+            if entry.state is MAPPED:
+                self._unmap(entry)
+                if self.resident > budget:
+                    self.evict_lru(budget, set())
+
+    def _unmap(self, entry: Entry) -> None:
+        storage = entry.ref()
+        if storage is None:
+            return                      # died: retired by _reap_dead
+        written = entry.mapping.unmap(storage)
+        entry.mapping = None
+        if written:
+            entry.state, entry.clean = FAST, False
+            self.offloaded -= entry.nbytes
+            self._add_resident(entry.nbytes)
+            self.touch(entry)
+        else:
+            entry.state = SLOW
+
+    def release_mappings(self) -> None:
+        """At close(): MAPPED storages stay mapped (the mapping keeps the unnamed swap file
+        alive until they die) and are handed to the next OutOfCore that meets them."""
+        for entry in self.entries.values():
+            storage = entry.ref()
+            if entry.state is MAPPED and storage is not None:
+                mapped.orphan(storage, entry.mapping)
+                entry.mapping = None
 
     def evict_lru(self, target: int, keep: set) -> None:
         """On-demand: evict least recently used entries not in `keep` until resident

@@ -38,9 +38,10 @@ class Simulation:
     bytes_out: int
     transfers: tuple[Transfer, ...]
     shared_link: bool = False
-    # Between iterations OutOfCore holds all state in fast memory: before the step it
-    # writes out the persistent arrays the schedule starts without, after the step it
-    # reads back those the schedule ends without; both synchronous.
+    # Between iterations OutOfCore leaves state where the step left it (run/mapped.py);
+    # before the next step it writes out the state the schedule ends with in fast memory
+    # but starts without, and reads in the state it starts with but ends without; both
+    # synchronous.
     boundary_s: float = 0.0
 
     @property
@@ -81,8 +82,8 @@ class Simulation:
             f"  moved       {format_bytes(self.bytes_in)} in, {format_bytes(self.bytes_out)} out; "
             f"physical limit {bound * 1e3:.2f} ms (max of compute and the links' busy time)",
             f"  peak fast   {format_bytes(self.peak_bytes)}",
-            f"  between iterations {self.boundary_s * 1e3:.2f} ms: state written before the step "
-            "and read back after it (OutOfCore keeps all state in memory between iterations)",
+            f"  between iterations {self.boundary_s * 1e3:.2f} ms: state the step ends and the "
+            "next one starts with on different tiers, moved before it",
         ])
 
 
@@ -138,8 +139,10 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
         stalls.append(stall)
     start_set, end_set = set(schedule.resident_at_start), set(schedule.resident_at_end)
     state = [a for a in arrays if a.kind == "persistent" and a.existed_before]
-    boundary = (sum(m.transfer_time(a.nbytes, "out") for a in state if a.id not in start_set)
-                + sum(m.transfer_time(a.nbytes, "in") for a in state if a.id not in end_set))
+    boundary = (sum(m.transfer_time(a.nbytes, "out") for a in state
+                    if a.id in end_set and a.id not in start_set)
+                + sum(m.transfer_time(a.nbytes, "in") for a in state
+                      if a.id in start_set and a.id not in end_set))
     return Simulation(machine=m.name, step_time_s=t, in_core_time_s=in_core, stall_s=tuple(stalls),
                       start_s=tuple(starts), peak_bytes=schedule.peak_bytes,
                       bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,

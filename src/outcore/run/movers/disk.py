@@ -54,6 +54,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import OutcoreError
 from ...memory import ALIGNMENT, AlignedBuffer, Extent, ExtentAllocator, round_up
+from ..mapped import Mapping
 from ...units import format_bytes
 
 CHUNK_BYTES = 8 * 2**20
@@ -358,6 +359,13 @@ class DiskMover:
     @property
     def file_bytes(self) -> int:
         return self._file_size
+
+    def map(self, extent: Extent, nbytes: int, storage):
+        """Point `storage` (resized to 0) at a private mapping of the `nbytes` it was last
+        written to `extent` (run/mapped.py); raises OSError where the kernel refuses."""
+        if self.closed:
+            raise OSError(errno.EBADF, "the swap file is closed")
+        return Mapping(self._fd, extent.offset, self._heads.get(extent.offset, 0), nbytes, storage)
 
     # -- transfers ---------------------------------------------------------------------
     def write(self, address: int, nbytes: int, extent: Extent, keepalive) -> Future:

@@ -1,0 +1,121 @@
+"""Checkpoints that are whole or absent: `ooc.save(obj, path)`.
+
+NOTE [Atomic save]
+  1. The checkpoint is written to a file with no name (O_TMPFILE) in the directory of
+     `path`, flushed and fsync'ed, given a temporary name, and renamed over `path`; the
+     directory is fsync'ed last. A crash or Ctrl-C before the rename leaves `path` as
+     it was and nothing else (an unnamed file vanishes with its descriptor).
+  2. Between the link and the rename (two system calls, held from signals) a kill can
+     leave the temporary name `.<name>.outcore-<pid>`; the next save to that directory
+     removes such files of dead processes.
+  3. Where O_TMPFILE is refused, the file is created under the temporary name at once
+     and removed on any exception; a kill then leaves it for rule 2's sweep.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+import torch
+
+from .interrupts import Shield
+
+_TAG = ".outcore-"
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _link_unnamed(fd: int, target: str) -> None:
+    """Give the unnamed file `fd` the name `target`. linkat(2) must follow the
+    /proc/self/fd link, which os.link does not ask for (it fails with EXDEV)."""
+    if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD,
+                    os.fsencode(target), _AT_SYMLINK_FOLLOW) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
+def _temporary(directory: str, name: str, pid: int) -> str:
+    return os.path.join(directory, f".{name}{_TAG}{pid}")
+
+
+def _sweep(directory: str, name: str) -> None:
+    """Remove temporary names of this checkpoint left by dead processes (rule 2)."""
+    prefix = f".{name}{_TAG}"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for other in names:
+        if not other.startswith(prefix):
+            continue
+        pid = other[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                     # alive: its save may still be running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join(directory, other))
+        except OSError:
+            pass
+
+
+def _open_unnamed(directory: str) -> int | None:
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return None
+        raise
+
+
+def atomic_save(obj, path, shield: Shield) -> None:
+    """torch.save(obj, path) so that `path` is never half-written (NOTE [Atomic save])."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save to {path}: the directory {directory} "
+                                "does not exist", directory)
+    _sweep(directory, name)
+    temporary = _temporary(directory, name, os.getpid())
+    fd = _open_unnamed(directory)
+    named = fd is None
+    if named:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            torch.save(obj, f)
+            f.flush()
+        os.fsync(fd)
+        shield.enter()
+        try:
+            shield.install()
+            try:
+                if not named:
+                    if os.path.lexists(temporary):
+                        os.unlink(temporary)      # ours, from a save that failed to link
+                    _link_unnamed(fd, temporary)
+                    named = True
+                os.replace(temporary, path)
+                named = False
+            finally:
+                shield.uninstall()
+        finally:
+            shield.exit()
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(fd)
+        if named:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass

@@ -1,0 +1,197 @@
+"""State between iterations: storages left on the slow tier, usable in place.
+
+When an iteration ends, a storage the schedule leaves on the slow tier is not read
+back: it is MAPPED. Its memory becomes a private (copy-on-write) mapping of its bytes
+in the swap file, so every tensor, view, `param.grad` and optimizer reference to it
+reads the right values, and the process holds only the pages that are touched.
+
+NOTE [Mapped state]
+  1. Map: the extent is mapped from its aligned start (the bytes begin `head` into it)
+     and wrapped in a storage by `torch.frombuffer`; `UntypedStorage._swap_data_ptr_`
+     then gives that memory, size and (non-)resizability to the user's storage, which
+     hands its empty memory over. Python identity, views and version counters stay.
+  2. Read: a page fault brings a clean page of the file (page cache). It counts in the
+     resident set and the kernel may drop it at will; the Pager pages such pages out
+     (MADV_PAGEOUT) when they grow past its allowance, so a `torch.save` of the whole
+     state streams through memory instead of holding it.
+  3. Write: copy-on-write moves the written page to anonymous memory. Nothing here ever
+     calls MADV_DONTNEED on a mapping (it would discard such a write); MADV_PAGEOUT
+     leaves anonymous pages alone (or swaps them out, never drops them).
+  4. Unmap (before the next iteration, `building()` block or save runs an op):
+     /proc/self/pagemap says whether a page was written (present without bit 61 "file
+     page", or swapped: bit 62). Unwritten: the storage takes back empty memory (SLOW,
+     clean: nothing moves). Written, or pagemap unreadable: its bytes are copied into
+     fresh memory (FAST, dirty: the next eviction writes them out). Either way the
+     mapping is closed.
+  5. No transfer touches an extent while it is mapped: mapping follows `settle()` and
+     unmapping precedes any transfer.
+  6. A mapped storage's memory moves when it is unmapped: a pointer taken between
+     iterations (`.numpy()`, `data_ptr()`) is valid until the next iteration starts.
+  7. `close()` leaves mapped storages mapped: the mapping keeps the unnamed swap file
+     alive until the storage dies, so closing never needs the whole state in memory.
+     Such an orphan is copied into memory of its own when another OutOfCore first meets
+     it (`adopt_orphan`), since that file is no longer anyone's swap space.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import weakref
+
+import numpy as np
+import torch
+
+from ..memory import ALIGNMENT, round_up
+
+MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)     # Linux 5.4+; Python may lack the name
+_PAGE = mmap.PAGESIZE
+_PRESENT, _SWAPPED, _FILE_PAGE = 1 << 63, 1 << 62, 1 << 61
+
+
+class Mapping:
+    """One storage's private mapping of its extent (NOTE [Mapped state], rule 1)."""
+
+    __slots__ = ("mm", "head", "nbytes")
+
+    def __init__(self, fd: int, offset: int, head: int, nbytes: int, storage):
+        length = round_up(head + nbytes, ALIGNMENT)
+        self.mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        self.head, self.nbytes = head, nbytes
+        try:
+            view = torch.frombuffer(self.mm, dtype=torch.uint8, count=nbytes, offset=head)
+            storage._swap_data_ptr_(view.untyped_storage())
+        except BaseException:
+            view = None
+            self.close()
+            raise
+
+    def written(self, address: int) -> bool:
+        """Whether any page of the storage at `address` was written since it was mapped
+        (rule 4). True when pagemap cannot be read: a copy is never wrong."""
+        first = address // _PAGE
+        count = (address + self.nbytes - 1) // _PAGE - first + 1 if self.nbytes else 0
+        if not count:
+            return False
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+            try:
+                raw = os.pread(fd, count * 8, first * 8)
+            finally:
+                os.close(fd)
+        except OSError:
+            return True
+        if len(raw) != count * 8:
+            return True
+        flags = np.frombuffer(raw, dtype=np.uint64)
+        present = (flags & np.uint64(_PRESENT)) != 0
+        anonymous = (flags & np.uint64(_FILE_PAGE)) == 0
+        swapped = (flags & np.uint64(_SWAPPED)) != 0
+        return bool(np.any((present & anonymous) | swapped))
+
+    def unmap(self, storage) -> bool:
+        """Give `storage` back memory of its own; returns whether it was written (then it
+        holds a copy of the mapped bytes, else it is empty). Rule 4."""
+        written = self.written(storage.data_ptr())
+        if written:
+            own = torch.empty(self.nbytes, dtype=torch.uint8).untyped_storage()
+            own.copy_(storage)
+        else:
+            own = torch.UntypedStorage(0)
+        storage._swap_data_ptr_(own)      # `own` now holds the mapping's memory
+        del own                           # ... and lets go of it here
+        self.close()
+        return written
+
+    def page_out(self) -> None:
+        """Hand the clean pages read since mapping back to the kernel (rule 2); written
+        pages stay. Safe from any thread while the mapping is open."""
+        try:
+            self.mm.madvise(MADV_PAGEOUT)
+        except (OSError, ValueError):
+            pass                       # an old kernel, or closed meanwhile: only a hint
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:            # still exported (a storage not yet freed): the
+            pass                       # mapping goes when the last reference does
+
+
+_orphans: dict[int, tuple[weakref.ref, Mapping]] = {}
+_orphans_lock = threading.Lock()
+
+
+def orphan(storage, mapping: Mapping) -> None:
+    """Keep `storage` mapped after its OutOfCore closed (rule 7)."""
+    key = storage._cdata
+
+    def forget(_ref, key=key):
+        with _orphans_lock:
+            _orphans.pop(key, None)
+    with _orphans_lock:
+        _orphans[key] = (weakref.ref(storage, forget), mapping)
+
+
+def adopt_orphan(storage) -> bool:
+    """If `storage` is an orphan (rule 7), give it a copy of its bytes in memory of its
+    own (resizable again) and return True."""
+    with _orphans_lock:
+        item = _orphans.pop(storage._cdata, None)
+    if item is None or item[0]() is not storage:
+        return False
+    mapping = item[1]
+    own = torch.empty(mapping.nbytes, dtype=torch.uint8).untyped_storage()
+    own.copy_(storage)
+    storage._swap_data_ptr_(own)
+    del own
+    mapping.close()
+    return True
+
+
+def rss_file_bytes() -> int:
+    """Bytes of file-backed and shared pages in this process's resident set."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[2]) * _PAGE
+
+
+class Pager:
+    """Between iterations, keeps the pages read from mapped storages within `allowance`
+    bytes above what was resident when it started (NOTE [Mapped state], rule 2), checking
+    every `period` seconds from a daemon thread."""
+
+    def __init__(self, period: float = 0.005):
+        self.period = period
+        self.page_outs = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self, mappings: list[Mapping], allowance: int) -> None:
+        self.stop()
+        if not mappings:
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(list(mappings), allowance, self._stop),
+                                        name="outcore-pager", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop paging; returns once the thread no longer touches any mapping."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+
+    def _run(self, mappings, allowance, stop) -> None:
+        try:
+            base = rss_file_bytes()
+            while not stop.wait(self.period):
+                if rss_file_bytes() - base > allowance:
+                    for mapping in mappings:
+                        if stop.is_set():
+                            return
+                        mapping.page_out()
+                    self.page_outs += 1
+        except Exception:          # noqa: BLE001 - /proc gone at exit: paging is a hint
+            return
