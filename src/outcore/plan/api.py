@@ -26,6 +26,35 @@ def _dispatch(policy, trace, budget, options):
     return plan_adaptive_belady(trace, budget, **options)
 
 
+# Rounds of planning for a schedule that starts with the state it ends with (see plan()).
+CYCLE_ROUNDS = 3
+
+
+def _cycle(trace, policy, budget, options):
+    """Plan so that iteration k+1 starts where k ended. State stays where the step leaves
+    it between iterations (run/mapped.py), so state a schedule starts with in fast memory
+    but ends without must be read in before the next step, and the reverse written out:
+    the boundary. Replan with the state the last plan ended with as the start, up to
+    CYCLE_ROUNDS plans, and keep the one that moves the fewest bytes, boundary included,
+    within the budget."""
+    state = {a.id: a.nbytes for a in trace.arrays if a.kind == "persistent" and a.existed_before}
+    best, first, start_state = None, None, None
+    for _ in range(CYCLE_ROUNDS if options.get("keep_state", True) else 1):
+        (begin, end, start), used = _dispatch(policy, trace, budget,
+                                              {**options, "start_state": start_state})
+        acc = replay(trace, begin, end, start, budget)
+        first = first or ((begin, end, start), used)
+        starts = state.keys() & set(start)
+        ends = state.keys() & set(acc.resident_at_end)
+        cost = acc.bytes_in + acc.bytes_out + sum(state[a] for a in starts ^ ends)
+        if acc.peak_bytes <= budget and (best is None or cost < best[0]):
+            best = (cost, (begin, end, start), used)
+        if starts == ends:
+            break
+        start_state = ends
+    return (best[1], best[2]) if best is not None else first
+
+
 def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     """Decide, for every function of `trace`, what to swap in / wait for before it and
     swap out / drop / free after it, so fast-tier bytes never exceed `budget`.
@@ -35,9 +64,9 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     budget; the paper used 1.5 x budget), fixed `k`
     (functions, default 4), adaptive-belady `window`, `reserve` (fraction of the budget
     kept free for prefetching, default 0.25); every policy `keep_state` (default True:
-    persistent state that fits stays resident at the start and after its last use, since
-    OutOfCore holds all state in fast memory between iterations; False: it starts and
-    ends the step on the slow tier). Raises InfeasibleBudget when some function
+    persistent state that fits stays resident after its last use and the step starts
+    with the state it ends with, so that a training loop moves nothing between
+    iterations (`_cycle`); False: state starts and ends the step on the slow tier). Raises InfeasibleBudget when some function
     cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
     included: trace.peak(actual=True)), nothing moves, whatever the policy.
     For the traffic lower bound see outcore.plan.lower_bound."""
@@ -59,7 +88,7 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
         (begin, end, start), used = plan_in_core(trace), dict(options)
         used["in_core"] = True
     else:
-        (begin, end, start), used = _dispatch(policy, trace, budget, options)
+        (begin, end, start), used = _cycle(trace, policy, budget, options)
     begin = tuple(tuple(step) for step in begin)
     end = tuple(tuple(step) for step in end)
     start = tuple(sorted(start))

@@ -22,8 +22,8 @@ Rules (numbered so messages and tests can cite them):
   R7 every SWAP_IN is consumed by an access before its array leaves the fast tier;
   R8 start/end placement: inputs start resident; `resident_at_end` lists exactly what
      is resident at the end. Persistent arrays may start and end on either tier: between
-     iterations the executor holds all state in fast memory, writes out what the
-     schedule starts without, and reads back what it ends without.
+     iterations the executor leaves state where the step left it and, before the next
+     step, moves what the schedule starts with on another tier (simulate: boundary_s).
 """
 from __future__ import annotations
 

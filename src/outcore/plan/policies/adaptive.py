@@ -20,7 +20,8 @@ def window_limit(window) -> int | None:
     return None if window is None else parse_bytes(window)
 
 
-def plan_adaptive(trace, budget: int, *, window=None, keep_state=True):
+def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_state=None):
     limit = window_limit(window)
-    return (plan_window(trace, budget, window_bytes=limit, keep_state=keep_state),
+    return (plan_window(trace, budget, window_bytes=limit, keep_state=keep_state,
+                        start_state=start_state),
             {"window": limit, "keep_state": keep_state})

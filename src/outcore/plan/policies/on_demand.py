@@ -10,6 +10,7 @@ from __future__ import annotations
 from .window import plan_window
 
 
-def plan_on_demand(trace, budget: int, *, keep_state=True):
-    return (plan_window(trace, budget, window_functions=1, eager_wait=True, keep_state=keep_state),
+def plan_on_demand(trace, budget: int, *, keep_state=True, start_state=None):
+    return (plan_window(trace, budget, window_functions=1, eager_wait=True, keep_state=keep_state,
+                        start_state=start_state),
             {"keep_state": keep_state})

@@ -46,12 +46,12 @@ window cannot make a policy move more held bytes than on-demand does. The FREE a
 release point is emitted all the same (it then drops the slow copy).
 `keep(array, f) -> bool` lets a caller pin an array resident across its gap after f
 (the adaptive-belady policy uses it for offline keep decisions).
-State at the edges (`keep_state`, docs/planning.md): the executor holds every persistent
-array in fast memory between iterations (the model must be plain PyTorch then). So
-state that fits beside the step stays resident from the start instead of being written
-out (`start_keep_set`), and the state used last (the optimizer's final updates) stays
-resident after its last use instead of being written out and read back when the
-iteration ends (`end_keep_set`). Kept arrays are eviction victims for a function's own
+State at the edges (`keep_state`, docs/planning.md): the executor leaves state where the
+step leaves it between iterations (run/mapped.py). The state used last (the optimizer's
+final updates) stays resident after its last use instead of being written out
+(`end_keep_set`), and the step starts with resident state that fits beside it
+(`start_keep_set`, or `start_state`: plan() replans with the state the step ended with,
+so that a loop moves nothing at its boundaries). Kept arrays are eviction victims for a function's own
 operands like held arrays (after every dead one), so feasibility is untouched.
 """
 from __future__ import annotations
@@ -110,8 +110,8 @@ def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
 
 
 def start_keep_set(trace, budget: int, share: float = 1.0) -> set[int]:
-    """Persistent arrays to leave resident at the start instead of writing them out (the
-    executor begins each iteration with all state in fast memory): earliest first use
+    """Persistent arrays to leave resident at the start instead of writing them out (a
+    first guess for plan(), which then starts from the state a plan ends with): earliest first use
     first, each kept if, at every function up to its first use, the bytes of everything
     else that is alive then (nothing moved) plus what is kept stay within share x budget.
     With a budget near the in-core peak this keeps almost all state where it is; with a
@@ -133,8 +133,10 @@ def start_keep_set(trace, budget: int, share: float = 1.0) -> set[int]:
 
 def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 window_functions: int | None = None, keep=None, eager_wait: bool = False,
-                keep_state: bool = True):
+                keep_state: bool = True, start_state=None):
     """Return (begin, end, resident_at_start) action lists for `trace` under `budget`.
+    `start_state`: the persistent arrays to start with in fast memory, instead of
+    `start_keep_set` (plan() passes the state an earlier plan ended with).
     The caller has already checked that the budget is feasible. With eager_wait, every
     swap-out is waited for before the next function (synchronous offload, as vDNN does)."""
     arrays = trace.arrays
@@ -143,7 +145,10 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     persistent = [a.kind == "persistent" for a in arrays]
     release = release_points(trace)
     keep_end = end_keep_set(trace, budget) if keep_state else set()
-    keep_start = start_keep_set(trace, budget) if keep_state else set()
+    if start_state is not None:
+        keep_start = set(start_state)
+    else:
+        keep_start = start_keep_set(trace, budget) if keep_state else set()
     acc_fn, acc_arr, nxt, offsets = access_table(trace)
     total = len(acc_fn)
 

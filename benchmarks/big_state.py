@@ -1,0 +1,146 @@
+"""State larger than the budget: build, train and save a model whose parameters,
+gradients and Adam moments are many times the budget, in a fresh process, and compare it
+bitwise with plain PyTorch trained the same way in another fresh process.
+
+    .venv/bin/python benchmarks/big_state.py                  # defaults: ~4 GiB of state
+    .venv/bin/python benchmarks/big_state.py --layers 8 --width 1024 --budget 64MiB
+
+Each child resets its peak resident set (/proc/self/clear_refs) after importing torch
+and outcore, so `start` is its resident set then and `peak` (VmHWM) covers building the
+model, every iteration (recording ones included), hashing the state and `ooc.save`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _status() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def child(args) -> dict:
+    import torch
+    import outcore
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)])
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.width, generator=gen)
+    y = torch.randn(args.batch, args.width, generator=gen)
+    ooc = outcore.OutOfCore(args.budget, swap_dir=args.swap_dir) if args.mode == "outcore" else None
+    _reset_peak()
+    start = _status()["VmRSS"]
+    t0 = time.perf_counter()
+    if ooc is not None:
+        with ooc.building():
+            model = build()
+    else:
+        model = build()
+    build_s = time.perf_counter() - t0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    steps = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        if ooc is not None:
+            with ooc.iteration():
+                loss = (model(x) - y).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        else:
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        steps.append(time.perf_counter() - t0)
+    after_steps = _status()
+    digest = hashlib.sha256()
+    state_bytes = 0
+    for p in model.parameters():
+        digest.update(p.detach().numpy().tobytes())
+        state_bytes += 2 * p.nbytes            # the parameter and its gradient
+        for t in opt.state[p].values():
+            if t.dim():
+                digest.update(t.numpy().tobytes())
+                state_bytes += t.nbytes
+    after_hash = _status()
+    save_s = None
+    if args.save:
+        t0 = time.perf_counter()
+        path = os.path.join(args.swap_dir or tempfile.gettempdir(), f"big_state_{os.getpid()}.pt")
+        (ooc.save if ooc is not None else (lambda o, p: torch.save(o, p)))(model.state_dict(), path)
+        save_s = time.perf_counter() - t0
+        os.unlink(path)
+    end = _status()
+    report = str(ooc.report()) if ooc is not None else ""
+    if ooc is not None:
+        ooc.close()
+    return {"mode": args.mode, "budget": ooc.budget if ooc is not None else None,
+            "start": start, "peak": end["VmHWM"], "rss_after_steps": after_steps["VmRSS"],
+            "rss_after_hash": after_hash["VmRSS"], "state_bytes": state_bytes,
+            "build_s": build_s, "steps_s": steps, "save_s": save_s,
+            "loss": float(loss.detach()), "digest": digest.hexdigest(), "report": report}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=64)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--budget", default="256MiB")
+    ap.add_argument("--swap-dir", default=None)
+    ap.add_argument("--save", action="store_true", help="also time ooc.save / torch.save of the model")
+    ap.add_argument("--mode", choices=("outcore", "plain"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(child(args)))
+        return 0
+    rows = {}
+    for mode in ("outcore", "plain"):
+        cmd = [sys.executable, __file__, "--mode", mode] + sys.argv[1:]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows[mode] = json.loads(out.strip().splitlines()[-1])
+    o, p = rows["outcore"], rows["plain"]
+    mib = 2 ** 20
+    print(o["report"])
+    print(f"state (parameters, gradients, Adam moments): {o['state_bytes'] / mib:.0f} MiB; "
+          f"budget {o['budget'] / mib:.0f} MiB ({o['state_bytes'] / o['budget']:.1f}x)")
+    print("| run | start RSS | peak RSS | peak - start | state / peak | build | steps (s) | save |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in (o, p):
+        save = f"{r['save_s']:.1f} s" if r["save_s"] is not None else "-"
+        print(f"| {r['mode']} | {r['start'] / mib:.0f} MiB | {r['peak'] / mib:.0f} MiB | "
+              f"{(r['peak'] - r['start']) / mib:.0f} MiB | {r['state_bytes'] / r['peak']:.2f} | "
+              f"{r['build_s']:.1f} s | {' '.join(f'{s:.1f}' for s in r['steps_s'])} | {save} |")
+    same = o["digest"] == p["digest"]
+    print(f"bitwise equal to plain PyTorch (parameters and Adam moments after {len(o['steps_s'])} "
+          f"steps): {same}")
+    print(f"peak - start - budget = {(o['peak'] - o['start'] - o['budget']) / mib:.0f} MiB")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""State that stays on the slow tier between iterations (NOTE [Mapped state]): built
+under the budget, trained bitwise like plain PyTorch, and usable in every ordinary way
+between iterations: read, printed, saved, evaluated, loaded, edited."""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import outcore
+from outcore.states import FAST, MAPPED, SLOW
+
+WIDTH, LAYERS, BATCH = 256, 6, 16      # 256 KiB per weight: every weight is movable
+BUDGET = "1536KiB"                     # Adam's update of one layer and little else
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, WIDTH, generator=gen), torch.randn(BATCH, WIDTH, generator=gen)
+
+
+def step(model, opt, x, y):
+    loss = (model(x) - y).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def assert_same_optimizer(a, b):
+    for (pa, sa), (pb, sb) in zip(a.state.items(), b.state.items()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def states(ooc):
+    return [e.state for e in ooc._res.entries.values() if e.ref() is not None]
+
+
+@pytest.fixture
+def twins():
+    """A plain model and optimizer, and one built and trained for 4 iterations under an
+    OutOfCore whose budget is a fraction of the state."""
+    x, y = data()
+    plain = make_model()
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    ooc = outcore.OutOfCore(BUDGET)
+    torch.manual_seed(0)
+    with ooc.building():
+        managed = make_model()
+    managed_opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
+    for _ in range(4):
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+    yield plain, plain_opt, managed, managed_opt, ooc, (x, y)
+    ooc.close()
+
+
+def test_building_initializes_bitwise_and_within_budget():
+    plain = make_model()
+    with outcore.OutOfCore("512KiB") as ooc:
+        with ooc.building():
+            managed = make_model()
+        assert_same(plain, managed)
+        res = ooc._res
+        assert res.resident <= ooc.budget
+        assert res.offloaded >= 4 * WIDTH * WIDTH * 4        # most weights never in memory at once
+        assert MAPPED in states(ooc)
+        assert res.recount() == (res.resident, res.offloaded)
+
+
+def test_state_stays_out_and_trains_bitwise(twins):
+    plain, plain_opt, managed, managed_opt, ooc, _ = twins
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)
+    res = ooc._res
+    state = sum(p.nbytes * 4 for p in managed.parameters())      # param, 2 moments, grad
+    assert res.resident <= ooc.budget < state / 3
+    assert states(ooc).count(MAPPED) > 0
+    assert res.recount() == (res.resident, res.offloaded)
+    assert ooc.report().iterations[-1].unplanned_bytes == 0
+
+
+def test_reads_between_iterations(twins, tmp_path):
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    w = managed[2].weight
+    assert ooc._res.entries[w.untyped_storage()._cdata].state is MAPPED
+    assert repr(w) == repr(plain[2].weight)
+    assert torch.equal(w.sum(), plain[2].weight.sum())
+    assert (w.detach().numpy() == plain[2].weight.detach().numpy()).all()
+    with torch.no_grad():
+        assert torch.equal(managed(x), plain(x))
+    buf = io.BytesIO()
+    torch.save({"model": managed.state_dict(), "opt": managed_opt.state_dict()}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
+    ooc.save(managed.state_dict(), tmp_path / "ck.pt")
+    assert torch.load(tmp_path / "ck.pt").keys() == plain.state_dict().keys()
+    # Nothing was written: the next iteration starts without moving the state back.
+    written = ooc._res.stats.bytes_written
+    ooc._unpark()
+    assert ooc._res.stats.bytes_written == written
+    assert MAPPED not in states(ooc) and SLOW in states(ooc)
+    ooc._park([])
+    for _ in range(2):
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+    assert_same(plain, managed)
+
+
+def test_writes_between_iterations_are_honored(twins):
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    target = managed[3].weight
+    assert ooc._res.entries[target.untyped_storage()._cdata].state is MAPPED
+    with torch.no_grad():
+        for m in (plain, managed):
+            m[3].weight.mul_(0.5)                 # an in-place edit of a mapped weight
+            m[1].weight.data[0, :7] = 3.0         # through .data
+    for opt in (plain_opt, managed_opt):
+        opt.param_groups[0]["lr"] = 5e-4
+    # load_state_dict copies into every parameter, mapped or not
+    snapshot = {k: v.clone() for k, v in plain.state_dict().items()}
+    snapshot["4.bias"] += 1
+    plain.load_state_dict(snapshot)
+    managed.load_state_dict(snapshot)
+    entry = ooc._res.entries[target.untyped_storage()._cdata]
+    ooc._unpark()
+    assert entry.state is FAST and not entry.clean     # written: back in memory, dirty
+    ooc._park([])
+    for _ in range(3):
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)
+
+
+def test_optimizer_load_state_dict_between_iterations(twins):
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    saved = plain_opt.state_dict()
+    plain_opt.load_state_dict(copy.deepcopy(saved))
+    managed_opt.load_state_dict(copy.deepcopy(saved))   # new state tensors: recorded again
+    for _ in range(3):
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)
+
+
+def test_close_leaves_state_usable_and_a_new_outofcore_adopts_it(twins):
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    ooc.close()
+    w = managed[2].weight
+    assert not w.untyped_storage().resizable()         # still mapped, from the unnamed file
+    assert torch.equal(w, plain[2].weight)
+    with torch.no_grad():
+        assert torch.equal(managed(x), plain(x))
+    with outcore.OutOfCore(BUDGET) as again:
+        for _ in range(3):
+            step(plain, plain_opt, x, y)
+            with again.iteration():
+                step(managed, managed_opt, x, y)
+        assert w.untyped_storage().resizable() or again._res.entries[w.untyped_storage()._cdata].state is MAPPED
+    assert_same(plain, managed)
+
+
+def test_plain_training_after_close(twins):
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    ooc.close()
+    for _ in range(2):                          # plain PyTorch on mapped storages
+        step(plain, plain_opt, x, y)
+        step(managed, managed_opt, x, y)
+    assert_same(plain, managed)
+
+
+def test_steady_loop_moves_nothing_at_the_boundary(twins):
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    schedule = ooc.schedule
+    state = {a.id for a in ooc.trace.arrays if a.kind == "persistent" and a.existed_before}
+    assert state & set(schedule.resident_at_start) == state & set(schedule.resident_at_end)
+    # What the last iteration moved is exactly the plan's movable transfers: nothing more
+    # at the boundary (arrays under min_move_bytes are planned but never moved).
+    movable = [a.nbytes >= ooc._res.min_move_bytes for a in ooc.trace.arrays]
+    nbytes = [a.nbytes for a in ooc.trace.arrays]
+    planned_in = sum(nbytes[act.array] for acts in schedule.begin for act in acts
+                     if act.kind == "SWAP_IN" and movable[act.array])
+    planned_out = sum(nbytes[act.array] for acts in schedule.end for act in acts
+                      if act.kind == "SWAP_OUT" and movable[act.array])
+    last = ooc.report().iterations[-1]
+    assert (last.bytes_read, last.bytes_written) == (planned_in, planned_out)
+
+
+SAVE_CHILD = textwrap.dedent("""
+    import os, sys, signal, torch, outcore
+    path, budget = sys.argv[1], sys.argv[2]
+    ooc = outcore.OutOfCore(budget)
+    with ooc.building():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(48)])
+    with open("/proc/self/status") as f:
+        before = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("VmRSS", "VmHWM"))}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    if sys.argv[3] == "kill":
+        class Boom:
+            def __reduce__(self):
+                os.kill(os.getpid(), signal.SIGKILL)
+        ooc.save({"model": model.state_dict(), "boom": Boom()}, path)
+    else:
+        torch.save(model.state_dict(), path)
+    with open("/proc/self/status") as f:
+        after = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("VmRSS", "VmHWM"))}
+    print(before["VmRSS"], after["VmHWM"], sum(p.nbytes for p in model.parameters()))
+""")
+
+
+def test_torch_save_streams_mapped_state(tmp_path):
+    """A plain torch.save of 192 MiB of mapped parameters under a 16 MiB budget: the
+    resident set grows by far less than the state (the pager, rule 2)."""
+    out = subprocess.run([sys.executable, "-c", SAVE_CHILD, str(tmp_path / "m.pt"), "16MiB", "save"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    before, peak, state = (int(v) for v in out.stdout.split())
+    grown = peak * 1024 - before * 1024
+    assert grown < state / 2, (grown, state)
+    assert torch.load(tmp_path / "m.pt", mmap=True)["0.weight"].shape == (1024, 1024)
+
+
+def test_save_is_atomic_when_killed(tmp_path):
+    path = tmp_path / "ck.pt"
+    torch.save({"old": torch.arange(3)}, path)
+    proc = subprocess.run([sys.executable, "-c", SAVE_CHILD, str(path), "16MiB", "kill"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert torch.equal(torch.load(path)["old"], torch.arange(3))
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def test_save_that_raises_leaves_the_old_file(tmp_path):
+    path = tmp_path / "ck.pt"
+    torch.save({"old": torch.arange(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with outcore.OutOfCore("1MiB") as ooc:
+        with pytest.raises(RuntimeError, match="cannot pickle"):
+            ooc.save({"x": torch.ones(4), "bad": Unpicklable()}, path)
+        ooc.save({"new": torch.ones(2)}, path)
+        assert torch.equal(torch.load(path)["new"], torch.ones(2))
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            ooc.save({}, tmp_path / "missing" / "ck.pt")
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
