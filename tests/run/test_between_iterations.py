@@ -274,3 +274,18 @@ def test_save_that_raises_leaves_the_old_file(tmp_path):
         with pytest.raises(FileNotFoundError, match="does not exist"):
             ooc.save({}, tmp_path / "missing" / "ck.pt")
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def test_load_a_checkpoint_under_building(twins, tmp_path):
+    """A checkpoint saved by ooc.save loads into a model built under the budget, through
+    torch.load(mmap=True): tensor by tensor, never the whole state in memory."""
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    ooc.save(managed.state_dict(), tmp_path / "ck.pt")
+    with ooc.building():
+        torch.manual_seed(1)
+        fresh = make_model()
+        fresh.load_state_dict(torch.load(tmp_path / "ck.pt", mmap=True, weights_only=True))
+    assert ooc._res.resident <= ooc.budget
+    assert_same(plain, fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), plain(x))

@@ -16,7 +16,7 @@ import torch
 
 import outcore
 from outcore.run.replay import Replayer
-from outcore.states import OUT
+from outcore.states import OUT, SLOW
 
 from .twins import build, recorded_trace
 
@@ -68,7 +68,9 @@ def test_storages_dying_at_every_action_boundary(monkeypatch):
             held.clear()
             counted = res.recount()
             assert (res.resident, res.offloaded) == counted
-            assert res.offloaded == 0 and res.resident >= 0
+            assert res.offloaded >= 0 and res.resident >= 0
+            # between iterations nothing is left unusable: what is on the slow tier is mapped
+            assert not [e for e in res.entries.values() if e.ref() is not None and e.state is SLOW]
         report = ooc.report()
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert len(replays) >= ITERATIONS - 2, str(report)

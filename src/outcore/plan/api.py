@@ -40,9 +40,14 @@ def _cycle(trace, policy, budget, options):
     state = {a.id: a.nbytes for a in trace.arrays if a.kind == "persistent" and a.existed_before}
     best, first, start_state = None, None, None
     for _ in range(CYCLE_ROUNDS if options.get("keep_state", True) else 1):
-        (begin, end, start), used = _dispatch(policy, trace, budget,
-                                              {**options, "start_state": start_state})
-        acc = replay(trace, begin, end, start, budget)
+        try:
+            (begin, end, start), used = _dispatch(policy, trace, budget,
+                                                  {**options, "start_state": start_state})
+            acc = replay(trace, begin, end, start, budget)
+        except OutcoreError:
+            if first is None:
+                raise
+            break             # a later round's start the planner cannot serve: keep the best
         first = first or ((begin, end, start), used)
         starts = state.keys() & set(start)
         ends = state.keys() & set(acc.resident_at_end)

@@ -109,21 +109,23 @@ def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
     return kept
 
 
-def start_keep_set(trace, budget: int, share: float = 1.0) -> set[int]:
+def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[int]:
     """Persistent arrays to leave resident at the start instead of writing them out (a
     first guess for plan(), which then starts from the state a plan ends with): earliest first use
     first, each kept if, at every function up to its first use, the bytes of everything
     else that is alive then (nothing moved) plus what is kept stay within share x budget.
     With a budget near the in-core peak this keeps almost all state where it is; with a
-    tight one, none (there is no room beside the activations)."""
+    tight one, none (there is no room beside the activations). `among`: only these
+    arrays are candidates."""
     state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before and a.nbytes]
+    candidates = state if among is None else [a for a in state if a.id in among]
     if not state or not trace.functions:
         return set()
     total = sum(a.nbytes for a in state)
     cap = int(budget * share)
     val = [max(0, occ - total) for occ in occupancy(trace)]     # what is not state
     kept: set[int] = set()
-    for a in sorted(state, key=lambda a: a.first_use):
+    for a in sorted(candidates, key=lambda a: a.first_use):
         upto = a.first_use + 1
         if max(val[:upto]) + a.nbytes <= cap:
             kept.add(a.id)
@@ -145,8 +147,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     persistent = [a.kind == "persistent" for a in arrays]
     release = release_points(trace)
     keep_end = end_keep_set(trace, budget) if keep_state else set()
-    if start_state is not None:
-        keep_start = set(start_state)
+    if start_state is not None:       # what fits of it, by the same rule
+        keep_start = start_keep_set(trace, budget, among=set(start_state))
     else:
         keep_start = start_keep_set(trace, budget) if keep_state else set()
     acc_fn, acc_arr, nxt, offsets = access_table(trace)
