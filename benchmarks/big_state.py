@@ -49,7 +49,9 @@ def child(args) -> dict:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.width, generator=gen)
     y = torch.randn(args.batch, args.width, generator=gen)
-    ooc = outcore.OutOfCore(args.budget, swap_dir=args.swap_dir) if args.mode == "outcore" else None
+    freed = {"true": True, "false": False}.get(args.return_freed_memory, args.return_freed_memory)
+    ooc = (outcore.OutOfCore(args.budget, swap_dir=args.swap_dir, return_freed_memory=freed)
+           if args.mode == "outcore" else None)
     _reset_peak()
     start = _status()["VmRSS"]
     t0 = time.perf_counter()
@@ -113,6 +115,8 @@ def main() -> int:
     ap.add_argument("--budget", default="256MiB")
     ap.add_argument("--swap-dir", default=None)
     ap.add_argument("--save", action="store_true", help="also time ooc.save / torch.save of the model")
+    ap.add_argument("--return-freed-memory", default="trim", choices=("trim", "eager", "false"),
+                    help="OutOfCore's return_freed_memory (default: trim, its default)")
     ap.add_argument("--mode", choices=("outcore", "plain"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
@@ -128,6 +132,7 @@ def main() -> int:
     print(o["report"])
     print(f"state (parameters, gradients, Adam moments): {o['state_bytes'] / mib:.0f} MiB; "
           f"budget {o['budget'] / mib:.0f} MiB ({o['state_bytes'] / o['budget']:.1f}x)")
+    print(f"return_freed_memory={args.return_freed_memory}")
     print("| run | start RSS | peak RSS | peak - start | state / peak | build | steps (s) | save |")
     print("|---|---|---|---|---|---|---|---|")
     for r in (o, p):

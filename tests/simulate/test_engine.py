@@ -1,4 +1,6 @@
 """The simulator on traces small enough to time by hand."""
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -93,11 +95,21 @@ def test_step_time_respects_the_physical_limits(trace, fraction, name):
 
 
 def test_boundary_transfers_of_persistent_state():
-    # w (a parameter, 2 bytes): planned the paper's way it starts the step on the slow
-    # tier (written out before it: 2 s) and leaves after f4 (read back after it: 2 s).
+    # w (a parameter, 2 bytes), planned the paper's way, starts the step on the slow tier
+    # and is swapped out after f4: it ends where it started, and the executor leaves it
+    # there between iterations, so nothing moves at the boundary.
     t = build(PREFETCH, PREFETCH_FNS, durations=ONE_SECOND)
-    sim = outcore.simulate(t, outcore.plan(t, 8, "adaptive", keep_state=False), TOY)
-    assert sim.boundary_s == 4.0 and sim.iteration_time_s == sim.step_time_s + 4.0
-    assert "between iterations 4000.00 ms" in str(sim)
+    s = outcore.plan(t, 8, "adaptive", keep_state=False)
+    w = next(a.id for a in t.arrays if a.kind == "persistent")
+    assert w not in s.resident_at_start and w not in s.resident_at_end
+    assert outcore.simulate(t, s, TOY).boundary_s == 0.0
+    # Ending in fast memory but starting without it: written out before the next step
+    # (2 s); the reverse: read in before it (2 s).
+    ends_in = dataclasses.replace(s, resident_at_end=tuple(sorted({*s.resident_at_end, w})))
+    sim = outcore.simulate(t, ends_in, TOY)
+    assert sim.boundary_s == 2.0 and sim.iteration_time_s == sim.step_time_s + 2.0
+    assert "between iterations 2000.00 ms" in str(sim)
+    starts_in = dataclasses.replace(s, resident_at_start=tuple(sorted({*s.resident_at_start, w})))
+    assert outcore.simulate(t, starts_in, TOY).boundary_s == 2.0
     # Kept where it is at both ends (keep_state, the default): nothing crosses over.
     assert outcore.simulate(t, outcore.plan(t, 8, "adaptive"), TOY).boundary_s == 0.0

@@ -375,28 +375,6 @@ class Residency:
         if error is not None:
             raise error
 
-    def restore_all(self) -> None:
-        """Bring every live storage back to fast memory (the state between iterations).
-        A failed read does not stop the others; the first error is raised at the end."""
-        error = None
-        try:
-            self.settle()
-        except OutcoreError as exc:
-            error = exc
-        slow = [e for e in self.entries.values() if e.state is SLOW]
-        for entry in slow:
-            try:
-                self.restore(entry)
-            except Exception as exc:       # e.g. out of memory: the rest still comes back
-                error = error or exc
-        for entry in slow:
-            try:
-                self.ready(entry)
-            except OutcoreError as exc:
-                error = error or exc
-        if error is not None:
-            raise error
-
     # -- between iterations (NOTE [Mapped state] in mapped.py) ------------------------------
     def map_slow(self) -> None:
         """Map every live SLOW entry, after `settle()`, so that its storage is usable in
