@@ -116,7 +116,8 @@ def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[in
     else that is alive then (nothing moved) plus what is kept stay within share x budget.
     With a budget near the in-core peak this keeps almost all state where it is; with a
     tight one, none (there is no room beside the activations). `among`: only these
-    arrays are candidates."""
+    arrays are candidates, each kept if it fits beside the first function (later ones
+    evict kept state for room; before the first there is no function to do it after)."""
     state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before and a.nbytes]
     candidates = state if among is None else [a for a in state if a.id in among]
     if not state or not trace.functions:
@@ -126,7 +127,7 @@ def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[in
     val = [max(0, occ - total) for occ in occupancy(trace)]     # what is not state
     kept: set[int] = set()
     for a in sorted(candidates, key=lambda a: a.first_use):
-        upto = a.first_use + 1
+        upto = a.first_use + 1 if among is None else 1
         if max(val[:upto]) + a.nbytes <= cap:
             kept.add(a.id)
             val[:upto] = [v + a.nbytes for v in val[:upto]]
