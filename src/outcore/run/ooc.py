@@ -39,6 +39,7 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
+from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
 from .movers.disk import DiskMover
@@ -91,12 +92,14 @@ def _claim(ooc) -> None:
         _open = weakref.ref(ooc)
 
 
-def _release(mover, governor, pager) -> None:
+def _release(mover, governor, pager, durable) -> None:
     """Give back what an OutOfCore holds. Runs at close(), or at garbage collection or
     interpreter exit of one never closed (weakref.finalize: no reference to the object)."""
     try:
         pager.stop()
         mover.close()
+        if durable is not None:
+            durable.close()
     finally:
         if governor is not None:
             governor.stop()
@@ -123,13 +126,18 @@ class OutOfCore:
         move, past its size at the start plus the budget. "eager" (from the
         first eviction): every tensor its own mapping, unmapped on free (closest to the
         budget; page faults on every new tensor). False: glibc's defaults.
+    state_dir: keep the state crash-consistent in this directory (run/durable.py): each
+        completed iteration's model and optimizer state is made durable there, so a
+        process killed at any moment resumes from the last completed iteration with
+        `ooc.resume(model, optimizer)`, bitwise. The swap file is then kept there.
 
     One OutOfCore may be open per process (NOTE [One OutOfCore per process]).
     """
 
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
                  policy: str = "adaptive", *, min_move_bytes: int = MIN_MOVE_BYTES,
-                 plan_options: dict | None = None, return_freed_memory: bool | str = True):
+                 plan_options: dict | None = None, return_freed_memory: bool | str = True,
+                 state_dir=None):
         self.closed = True              # until construction completes
         self._active = False
         self.budget = parse_bytes(budget)
@@ -150,18 +158,21 @@ class OutOfCore:
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         _claim(self)
-        self._mover = None
+        self._mover = self._durable = None
         try:
-            self._build(swap_dir, min_move_bytes, return_freed_memory)
+            self._build(swap_dir, min_move_bytes, return_freed_memory, state_dir)
         except BaseException:
             if self._mover is not None:
                 self._mover.close()
+                if self._durable is not None:
+                    self._durable.close()
             _release_slot(self)
             raise
         self.closed = False
 
-    def _build(self, swap_dir, min_move_bytes, return_freed_memory) -> None:
-        self._mover = DiskMover(swap_dir)
+    def _build(self, swap_dir, min_move_bytes, return_freed_memory, state_dir) -> None:
+        self._durable = Durable(state_dir) if state_dir is not None else None
+        self._mover = DiskMover(swap_dir, path=self._durable.path if self._durable else None)
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
         # glibc's settings: claimed by the first iteration, tightened at the first
         # eviction, given back by close() or garbage collection (memory/malloc.py).
@@ -173,7 +184,8 @@ class OutOfCore:
             self._governor.live_bytes = self._res.live_bytes
         self._shield = Shield()
         self._pager = Pager()
-        self._finalizer = weakref.finalize(self, _release, self._mover, self._governor, self._pager)
+        self._finalizer = weakref.finalize(self, _release, self._mover, self._governor, self._pager,
+                                           self._durable)
         self.trace = None
         self.schedule = None
         self._carried: dict = {}
@@ -194,6 +206,26 @@ class OutOfCore:
         is made (run/building.py). Initialization is bitwise what it is without outcore."""
         return _Building(self)
 
+    def resume(self, model, optimizer=None) -> int:
+        """With `state_dir`: name the model and optimizer whose state is kept there, load
+        the last durable state into them if there is one (under the budget, with the
+        random number generator's state), and return how many iterations it had done
+        (0 for a fresh directory). Call once, before the first iteration; then continue
+        the loop from the returned count (NOTE [Durable state] in durable.py)."""
+        if self._durable is None:
+            raise OutcoreError("resume() needs OutOfCore(..., state_dir=...): without it nothing "
+                               "is kept across processes")
+        if self.closed:
+            raise OutcoreError("this OutOfCore was closed; create a new one to resume")
+        if self._iterations or self._durable.model is not None:
+            raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
+        durable = self._durable
+        if durable.manifest is not None:
+            with self.building():
+                durable.load_into(model, optimizer)
+        durable.model, durable.optimizer = model, optimizer
+        return durable.iterations
+
     def save(self, obj, path) -> None:
         """`torch.save(obj, path)` between iterations, atomically: `path` holds either its
         old contents or the whole new checkpoint, whatever interrupts the save. State on
@@ -206,15 +238,28 @@ class OutOfCore:
                                "iterations")
         atomic_save(obj, path, self._shield)
 
-    def _park(self, errors: list) -> None:
-        """Leave state where the step left it: finish every transfer, map what is on the
-        slow tier (NOTE [Mapped state]). Errors are appended, the rest still happens."""
+    def _park(self, errors: list, commit: bool = False) -> None:
+        """Leave state where the step left it: finish every transfer, make the state
+        durable (with `commit` and a state_dir), map what is on the slow tier (NOTE
+        [Mapped state]). Errors are appended, the rest still happens."""
         res = self._res
-        for part in (res.settle, res.map_slow):
+        parts = [res.settle, res.map_slow]
+        if commit and self._durable is not None:
+            parts.insert(1, self._commit)
+        for part in parts:
             try:
                 part()
             except BaseException as err:  # noqa: BLE001 - kept, raised by the caller
                 errors.append(err)
+
+    def _commit(self) -> None:
+        durable = self._durable
+        try:
+            durable.commit(self._res, self._shield, durable.iterations + 1)
+        except OutcoreError as err:
+            raise OutcoreError(f"the iteration completed, but its state could not be made durable "
+                               f"in {durable.directory}: {err} The last durable state is still the one "
+                               f"after iteration {durable.iterations}.") from err
 
     def _unpark(self) -> None:
         """Take the mapped state back before ops run under a mode (rule 4)."""
@@ -367,6 +412,10 @@ class _Iteration:
                 raise OutcoreError("ooc.iteration() blocks cannot nest; end one before starting the next")
             if ooc._infeasible is not None:
                 raise _again(ooc._infeasible)
+            if ooc._durable is not None and ooc._durable.model is None and type(self) is _Iteration:
+                raise OutcoreError("with state_dir, call ooc.resume(model, optimizer) before the "
+                                   "first iteration: it names the state to keep, and loads it "
+                                   "when the directory has some")
             ooc._active = True
             try:
                 shield.install()
@@ -435,7 +484,7 @@ class _Iteration:
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
             deviation = mode.deviation
-        ooc._park(errors)
+        ooc._park(errors, commit=exc is None and not errors)
         for entry in res.entries.values():
             if entry.state is FAST:
                 entry.clean = False     # the user may change it before the next iteration

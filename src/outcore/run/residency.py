@@ -231,8 +231,9 @@ class Residency:
         if nbytes != entry.nbytes:           # an op resized it (e.g. an `out=` argument)
             self.resident += nbytes - entry.nbytes
             entry.nbytes = nbytes
-        if entry.extent is not None and entry.extent.length < nbytes:
-            self.mover.free(entry.extent)
+        if entry.extent is not None and (entry.extent.length < nbytes
+                                         or self.mover.is_committed(entry.extent)):
+            self.mover.free(entry.extent)      # a committed one is kept (NOTE [Durable state])
             entry.extent = None
         if entry.extent is None:
             entry.extent = self.mover.allocate(nbytes)     # may raise (disk full): still FAST
@@ -374,6 +375,35 @@ class Residency:
         self._free_finished(wait=True)
         if error is not None:
             raise error
+
+    def persist(self, storage):
+        """Make sure the swap file holds `storage`'s current bytes, for a state manifest
+        (NOTE [Durable state] in durable.py): on the slow tier it does; a resident one
+        that is not clean is written now, synchronously, to a fresh extent where its own
+        is committed, and stays resident. Returns (extent, offset of its first byte in
+        the file, nbytes). Call after settle()."""
+        entry = self.entries.get(storage._cdata) or self.track(storage)
+        if entry.state is FAST and not (entry.clean and entry.extent is not None):
+            nbytes = storage.nbytes()
+            if nbytes != entry.nbytes:
+                self.resident += nbytes - entry.nbytes
+                entry.nbytes = nbytes
+            if entry.extent is not None and (entry.extent.length < nbytes
+                                             or self.mover.is_committed(entry.extent)):
+                self.mover.free(entry.extent)
+                entry.extent = None
+            if entry.extent is None:
+                entry.extent = self.mover.allocate(nbytes)
+            try:
+                self.mover.write(storage.data_ptr(), nbytes, entry.extent, storage).result()
+            except OSError as exc:
+                raise OutcoreError(f"writing {format_bytes(nbytes)} of state to {self.mover.location} "
+                                   f"failed: {_reason(exc)}. The state in memory is intact.") from exc
+            self.stats.bytes_written += nbytes
+            entry.clean = True
+        elif entry.state not in (FAST, SLOW, MAPPED):
+            raise OutcoreError(f"internal: a state storage is {entry.state} while committing")
+        return entry.extent, entry.extent.offset + self.mover.head(entry.extent), entry.nbytes
 
     # -- between iterations (NOTE [Mapped state] in mapped.py) ------------------------------
     def map_slow(self) -> None:

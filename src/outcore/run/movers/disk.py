@@ -286,14 +286,16 @@ class DiskMover:
     name = "disk"
 
     def __init__(self, swap_dir: str | None = None, *, chunk_bytes: int = CHUNK_BYTES,
-                 direct: bool = True, direct_min_bytes: int = DIRECT_MIN_BYTES):
+                 direct: bool = True, direct_min_bytes: int = DIRECT_MIN_BYTES,
+                 path: str | None = None):
         """`direct=False` uses buffered I/O even where O_DIRECT works; transfers under
-        `direct_min_bytes` are staged whole."""
-        base = os.path.abspath(swap_dir or tempfile.gettempdir())
+        `direct_min_bytes` are staged whole. `path`: a named swap file that is kept (the
+        state directory's, run/durable.py) instead of an unnamed one in `swap_dir`."""
+        base = os.path.abspath(os.path.dirname(path) if path else swap_dir or tempfile.gettempdir())
         if not os.path.isdir(base):
             raise OutcoreError(f"swap directory {base} does not exist; create it or pass "
                                "swap_dir= a directory on a local disk with free space")
-        self._fd, self.direct = self._open(base, direct)
+        self._fd, self.direct = self._open_kept(path, direct) if path else self._open(base, direct)
         self.location = base
         self.filesystem = _filesystem_type(base)
         if self.filesystem == "tmpfs":
@@ -304,6 +306,10 @@ class DiskMover:
         self.direct_min_bytes = direct_min_bytes
         self.allocator = ExtentAllocator()
         self._heads: dict[int, int] = {}   # extent offset -> where in its first page the bytes start
+        # NOTE [Durable state], rule 2: extents a state manifest refers to, and those of
+        # them their owner let go of (freed once no manifest refers to them).
+        self._committed: dict[int, Extent] = {}
+        self._released: dict[int, Extent] = {}
         self._file_size = 0
         self._write_buffer = AlignedBuffer(self.chunk_bytes)
         self._read_buffer = AlignedBuffer(self.chunk_bytes)
@@ -332,6 +338,38 @@ class DiskMover:
             os.close(fd)
             raise
 
+    @staticmethod
+    def _open_kept(path: str, direct: bool = True) -> tuple[int, bool]:
+        """A named swap file that outlives the process (a state directory's)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise OutcoreError(f"cannot create the state file {path}: {exc.strerror}") from exc
+        try:
+            return fd, direct and _enable_direct(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- durable state (run/durable.py) ------------------------------------------------
+    def is_committed(self, extent: Extent) -> bool:
+        return extent.offset in self._committed
+
+    def head(self, extent: Extent) -> int:
+        """Where in the extent the bytes last written to it begin."""
+        return self._heads.get(extent.offset, 0)
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def commit(self, extents: dict) -> None:
+        """A new manifest refers to `extents` (offset -> Extent): free the released
+        extents the old one referred to and this one does not."""
+        for offset in list(self._released):
+            if offset not in extents:
+                self.allocator.free(self._released.pop(offset))
+        self._committed = dict(extents)
+
     # -- space -------------------------------------------------------------------------
     def allocate(self, nbytes: int) -> Extent:
         """Reserve swap space for `nbytes`, growing the file; raises OutcoreError (and
@@ -353,6 +391,9 @@ class DiskMover:
         return extent
 
     def free(self, extent: Extent) -> None:
+        if extent.offset in self._committed:     # NOTE [Durable state], rule 2
+            self._released[extent.offset] = extent
+            return
         self._heads.pop(extent.offset, None)
         self.allocator.free(extent)
 

@@ -1,0 +1,184 @@
+"""`OutOfCore(..., state_dir=...)`: a crash loses at most the iteration in flight.
+
+    ooc = outcore.OutOfCore("2GiB", state_dir="run1/")
+    start = ooc.resume(model, optimizer)     # iterations already done (0 the first time)
+    for it in range(start, total):
+        with ooc.iteration():
+            ...
+
+NOTE [Durable state]
+  1. The swap file is `state_dir/state-<generation>.swap`, named and kept. The manifest
+     `state_dir/manifest.pt` (written by atomic_save: whole or absent) names that file,
+     the iterations done, the random number generator's state, and, for every tensor of
+     the model's and the optimizer's state_dict, where its storage's bytes are in the
+     file and how the tensor views them.
+  2. An extent the manifest refers to is never written again (shadow paging): a slow
+     copy that must be rewritten gets a fresh extent (`DiskMover.free` defers the
+     committed one), and a committed extent is freed only once a newer manifest no
+     longer refers to it.
+  3. Commit, when an iteration completes: every state tensor's bytes are put in the file
+     (resident ones are written now, to fresh extents where theirs is committed), the
+     file is fdatasync'ed, the manifest is switched, then the extents it no longer
+     refers to are freed. Killed before the switch, the old manifest and every extent
+     it names are intact; after it, the new ones are.
+  4. Resume reads the manifest's file into the model and the optimizer under
+     `building()` (within the budget) and restores the generator; training then goes
+     on in the next generation's file. A file the manifest does not name is removed at
+     construction and, for the previous generation, after the first commit.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..errors import OutcoreError
+from .checkpoint import atomic_save
+
+MANIFEST = "manifest.pt"
+FORMAT, VERSION = "outcore.state", 1
+_SWAP = re.compile(r"^state-(\d+)\.swap$")
+
+
+def _swap_name(generation: int) -> str:
+    return f"state-{generation}.swap"
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Durable:
+    """The state directory of one OutOfCore (NOTE [Durable state])."""
+
+    def __init__(self, directory):
+        self.directory = os.path.abspath(os.fspath(directory))
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise OutcoreError(f"cannot use state_dir={self.directory}: {exc.strerror}; pass a "
+                               "writable directory on a local disk") from exc
+        self.manifest = self._load()
+        previous = self.manifest["generation"] if self.manifest else -1
+        self.generation = previous + 1
+        self.previous_file = self.manifest["file"] if self.manifest else None
+        for name in os.listdir(self.directory):        # rule 4: not named by the manifest
+            if _SWAP.match(name) and name != self.previous_file:
+                os.unlink(os.path.join(self.directory, name))
+        self.path = os.path.join(self.directory, _swap_name(self.generation))
+        self.model = self.optimizer = None
+        self.iterations = self.manifest["iterations"] if self.manifest else 0
+        self.committed = False          # a manifest names this generation's file
+
+    def close(self) -> None:
+        """At close: this generation's file goes if no manifest names it (rule 4)."""
+        if not self.committed:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _load(self):
+        path = os.path.join(self.directory, MANIFEST)
+        if not os.path.exists(path):
+            return None
+        try:
+            manifest = torch.load(path, weights_only=True)
+        except Exception as exc:
+            raise OutcoreError(f"{path} cannot be read ({exc}); it was not written by outcore, or "
+                               "the disk lost it. Move the directory away to start afresh.") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise OutcoreError(f"{path} is not an outcore state manifest; pass another state_dir")
+        if manifest.get("version") != VERSION:
+            raise OutcoreError(f"{path} has version {manifest.get('version')}, this outcore reads "
+                               f"version {VERSION}")
+        return manifest
+
+    # -- resume --------------------------------------------------------------------------
+    def read(self, ref) -> torch.Tensor:
+        """The tensor `ref` names in the manifest's file, in fresh memory of its own."""
+        path = os.path.join(self.directory, self.manifest["file"])
+        raw = np.fromfile(path, dtype=np.uint8, count=ref["nbytes"], offset=ref["offset"])
+        if raw.size != ref["nbytes"]:
+            raise OutcoreError(f"{path} ends before the {ref['nbytes']:,} bytes at offset "
+                               f"{ref['offset']:,} that the manifest names; the state directory is "
+                               "damaged. Move it away to start afresh.")
+        storage = torch.empty(ref["nbytes"], dtype=torch.uint8)
+        storage.copy_(torch.from_numpy(raw))
+        dtype = getattr(torch, ref["dtype"].removeprefix("torch."))
+        return torch.empty(0, dtype=dtype).set_(storage.untyped_storage(), ref["storage_offset"],
+                                                ref["size"], ref["stride"])
+
+    def load_into(self, model, optimizer) -> None:
+        """Copy the manifest's state into `model` and `optimizer` (rule 4)."""
+        saved = self.manifest["model"]
+        ours = model.state_dict(keep_vars=True)
+        if saved.keys() != ours.keys():
+            missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+            raise OutcoreError(f"the state in {self.directory} does not match this model: it lacks "
+                               f"{missing[:5]} and has {extra[:5]} besides; pass the model it was "
+                               "trained with, or another state_dir")
+        with torch.no_grad():
+            for name, tensor in ours.items():
+                value = self.read(saved[name])
+                if value.shape != tensor.shape or value.dtype != tensor.dtype:
+                    raise OutcoreError(f"the state in {self.directory} holds {name} as "
+                                       f"{tuple(value.shape)} {value.dtype}, this model as "
+                                       f"{tuple(tensor.shape)} {tensor.dtype}")
+                tensor.copy_(value)
+                del value
+        if optimizer is not None:
+            optimizer.load_state_dict(_map_refs(self.manifest["optimizer"], self.read))
+        torch.set_rng_state(self.manifest["rng"])
+
+    # -- commit --------------------------------------------------------------------------
+    def commit(self, res, shield, iterations: int) -> None:
+        """Make the state after `iterations` iterations durable (rule 3)."""
+        mover = res.mover
+        committed: dict = {}
+
+        def ref(tensor):
+            storage = tensor.untyped_storage()
+            extent, at, nbytes = res.persist(storage)
+            committed[extent.offset] = extent
+            return {"offset": at, "nbytes": nbytes, "dtype": str(tensor.dtype),
+                    "size": list(tensor.shape), "stride": list(tensor.stride()),
+                    "storage_offset": tensor.storage_offset()}
+
+        model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
+        optimizer = _map_refs(self.optimizer.state_dict(), ref) if self.optimizer is not None else None
+        mover.sync()
+        atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
+                     "file": _swap_name(self.generation), "iterations": iterations,
+                     "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer},
+                    os.path.join(self.directory, MANIFEST), shield)
+        mover.commit(committed)
+        self.iterations = iterations
+        self.committed = True
+        if self.previous_file is not None:        # rule 4: no manifest names it any more
+            try:
+                os.unlink(os.path.join(self.directory, self.previous_file))
+            except FileNotFoundError:
+                pass
+            self.previous_file = None
+            _fsync_dir(self.directory)
+
+
+def _map_refs(obj, fn):
+    """`obj` (an optimizer's state_dict) with every tensor t replaced by fn(t), and back
+    (every ref dict, recognized by its keys, replaced by fn(ref))."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        if obj.keys() == {"offset", "nbytes", "dtype", "size", "stride", "storage_offset"}:
+            return fn(obj)
+        return {k: _map_refs(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_refs(v, fn) for v in obj)
+    return obj

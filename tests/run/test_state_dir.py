@@ -1,0 +1,167 @@
+"""`OutOfCore(..., state_dir=...)` (NOTE [Durable state]): a process killed at any
+moment resumes from its last completed iteration and ends bitwise equal to plain
+PyTorch trained without interruption."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import outcore
+from outcore.errors import OutcoreError
+
+TOTAL = 10
+
+CHILD = textwrap.dedent("""
+    import hashlib, os, signal, sys, threading
+    import torch, outcore
+    import outcore.run.checkpoint as checkpoint
+    directory, total, kill = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    commits = {"n": 0}
+    def at_commit(n, what):
+        commits["n"] += 1
+        if commits["n"] == n:
+            what()
+
+    if kill.startswith("after:"):                  # a moment in seconds
+        threading.Timer(float(kill[6:]), die).start()
+    elif kill == "mid-pickle":                     # half of the manifest written, then killed
+        save = torch.save
+        def partial(obj, f):
+            def half():
+                import io
+                buf = io.BytesIO(); save(obj, buf)
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush(); die()
+            if "format" in obj:
+                at_commit(3, half)
+            save(obj, f)
+        checkpoint.torch.save = partial
+    elif kill == "before-rename":
+        replace = os.replace
+        def replace_then(a, b):
+            if b.endswith("manifest.pt"):
+                at_commit(3, die)
+            replace(a, b)
+        checkpoint.os.replace = replace_then
+    elif kill == "after-link":
+        link = checkpoint._link_unnamed
+        def link_then(fd, target):
+            link(fd, target)
+            at_commit(3, die)
+        checkpoint._link_unnamed = link_then
+
+    ooc = outcore.OutOfCore("1200KiB", state_dir=directory) if directory != "-" else None
+    start = ooc.resume(model, opt) if ooc else 0
+    for it in range(start, total):
+        g = torch.Generator().manual_seed(it)
+        x, y = torch.randn(32, 256, generator=g), torch.randn(32, 256, generator=g)
+        if ooc:
+            with ooc.iteration():
+                loss = (model(x) - y).square().mean(); loss.backward(); opt.step(); opt.zero_grad()
+        else:
+            loss = (model(x) - y).square().mean(); loss.backward(); opt.step(); opt.zero_grad()
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.numpy().tobytes())
+    for s in opt.state.values():
+        for v in s.values():
+            h.update(v.numpy().tobytes())
+    print(start, h.hexdigest())
+""")
+
+
+def run(directory, kill="none", total=TOTAL):
+    return subprocess.run([sys.executable, "-c", CHILD, str(directory), str(total), kill],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def plain_digest():
+    out = run("-")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[1]
+
+
+def finish(directory):
+    out = run(directory)
+    assert out.returncode == 0, out.stderr
+    start, digest = out.stdout.split()
+    return int(start), digest
+
+
+def assert_tidy(directory):
+    names = sorted(os.listdir(directory))
+    assert names[0] == "manifest.pt" and len(names) == 2 and names[1].endswith(".swap"), names
+
+
+def test_uninterrupted_run_is_plain_pytorch(tmp_path, plain_digest):
+    assert finish(tmp_path / "s") == (0, plain_digest)
+    assert finish(tmp_path / "s") == (TOTAL, plain_digest)     # nothing left to do
+    assert_tidy(tmp_path / "s")
+
+
+def test_killed_at_random_moments_resumes_bitwise(tmp_path, plain_digest):
+    directory = tmp_path / "s"
+    rng = random.Random(11)
+    kills = 0
+    for _ in range(4):
+        out = run(directory, f"after:{rng.uniform(0.2, 1.6):.2f}")
+        if out.returncode == 0:           # finished before the moment came
+            break
+        assert out.returncode == -9, out.stderr
+        kills += 1
+    assert kills >= 1
+    start, digest = finish(directory)
+    assert digest == plain_digest
+    assert_tidy(directory)
+
+
+@pytest.mark.parametrize("kill", ["mid-pickle", "before-rename", "after-link"])
+def test_killed_while_switching_the_manifest(tmp_path, plain_digest, kill):
+    """Killed in the third commit: the manifest of the second iteration holds."""
+    directory = tmp_path / "s"
+    out = run(directory, kill)
+    assert out.returncode == -9, out.stderr
+    start, digest = finish(directory)
+    assert start == 2 and digest == plain_digest
+    assert_tidy(directory)          # a temporary name left by "after-link" is swept
+
+
+def test_bad_uses_are_refused(tmp_path):
+    model = torch.nn.Linear(256, 256)
+    with outcore.OutOfCore("1MiB") as ooc:
+        with pytest.raises(OutcoreError, match="needs OutOfCore"):
+            ooc.resume(model)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path / "s") as ooc:
+        with pytest.raises(OutcoreError, match="call ooc.resume"):
+            with ooc.iteration():
+                model(torch.ones(2, 256)).sum().backward()
+        assert ooc.resume(model) == 0
+        with ooc.iteration():
+            model(torch.ones(2, 256)).sum().backward()
+        with pytest.raises(OutcoreError, match="once, before the first iteration"):
+            ooc.resume(model)
+    other = torch.nn.Linear(256, 128)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path / "s") as ooc:
+        with pytest.raises(OutcoreError, match=r"holds weight as \(256, 256\)"):
+            ooc.resume(other)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path / "s") as ooc:
+        with pytest.raises(OutcoreError, match="does not match this model"):
+            ooc.resume(torch.nn.Sequential(model))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "manifest.pt").write_bytes(b"not a manifest")
+    with pytest.raises(OutcoreError, match="cannot be read"):
+        outcore.OutOfCore("1MiB", state_dir=tmp_path / "t")
