@@ -31,7 +31,7 @@ import time
 import weakref
 
 from ..errors import InfeasibleBudget, OutcoreError
-from ..memory.malloc import make_governor, page_faults
+from ..memory.malloc import make_governor, page_faults, resident_bytes
 from ..plan import check, plan
 from ..plan.api import POLICIES
 from ..plan.feasibility import occupancy, require_feasible
@@ -159,6 +159,7 @@ class OutOfCore:
         self.plan_options = dict(plan_options or {})
         _claim(self)
         self._mover = self._durable = None
+        self._rss_start = resident_bytes()
         try:
             self._build(swap_dir, min_move_bytes, return_freed_memory, state_dir)
         except BaseException:
@@ -330,7 +331,7 @@ class OutOfCore:
             planned_peak=schedule.peak_bytes if schedule else None,
             planned_in=schedule.bytes_in if schedule else None,
             planned_out=schedule.bytes_out if schedule else None,
-            pinned_bytes=pinned, iterations=tuple(self._iterations))
+            pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start)
 
     # -- lifetime ------------------------------------------------------------------------
     @critical
@@ -448,6 +449,8 @@ class _Iteration:
             self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield)
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
+        res.stats.peak_rss = res.stats.peak_unmanaged = 0
+        res.sample_rss(force=True)
         self.mode.__enter__()
         self.entered = True
 
@@ -465,6 +468,7 @@ class _Iteration:
         """Undo the iteration's hold on memory whatever happened, then account for it.
         Raises outcore's own errors only when the step itself raised nothing."""
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
+        res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
         errors = []
         deviation = None
@@ -512,7 +516,9 @@ class _Iteration:
             restore_s=time.perf_counter() - stepped, peak_resident=peak,
             deviation=deviation, completed=completed, tracked=not passive,
             skipped_actions=0 if self.recording else self.mode.skipped_actions,
-            page_faults=faulted - before[5], trims=trimmed - before[6]))
+            page_faults=faulted - before[5], trims=trimmed - before[6],
+            rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),
+            unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0)))
 
     def _adopt(self, deviation) -> None:
         """After a completed step: plan from the recording, or carry the state over."""

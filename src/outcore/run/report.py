@@ -24,6 +24,9 @@ class IterationStats:
     skipped_actions: int = 0   # planned moves of arrays this iteration had not touched yet
     page_faults: int = 0       # the process's, during the step: memory the OS had to hand over
     trims: int = 0             # times the memory governor gave the heap's free pages back
+    rss_above_start: int = 0   # the process's peak resident set above its size when the
+                               # OutOfCore was made (sampled every op, 500 Hz at most)
+    unmanaged: int = 0         # the most of that which was not managed tensors
 
     @property
     def overlap(self) -> float:
@@ -49,6 +52,7 @@ class Report:
     planned_out: int | None
     pinned_bytes: int
     iterations: tuple[IterationStats, ...] = field(default_factory=tuple)
+    rss_start: int = 0         # the process's resident set when the OutOfCore was made
 
     @property
     def deviations(self) -> int:
@@ -65,14 +69,18 @@ class Report:
         if self.pinned_bytes:
             lines.append(f"  pinned in fast memory (small or not resizable): {format_bytes(self.pinned_bytes)}")
         if self.iterations:
+            lines.append(f"  resident set: {format_bytes(self.rss_start)} when made; per iteration "
+                         "its peak above that (rss+) and the most of it that was not managed "
+                         "tensors (unmanaged: heap kept, library buffers, mapped pages)")
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
-                         "faults  trims  peak")
+                         "faults  trims  peak        rss+        unmanaged")
             for it in self.iterations:
                 lines.append(
                     f"  {it.index:>4}  {it.mode:<7} {it.seconds:>6.2f}s {format_bytes(it.bytes_read):>10} "
                     f"{format_bytes(it.bytes_written):>10} {format_bytes(it.unplanned_bytes):>10} "
                     f"{it.wait_s:>6.2f}s  {it.overlap * 100:>5.1f}%  {_thousands(it.page_faults):>6} "
-                    f"{it.trims:>6}  {format_bytes(it.peak_resident)}"
+                    f"{it.trims:>6}  {format_bytes(it.peak_resident):<10}  "
+                    f"{format_bytes(it.rss_above_start):<10}  {format_bytes(it.unmanaged)}"
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + ("" if it.completed else "  (interrupted)"))
                 if it.skipped_actions:

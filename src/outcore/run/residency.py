@@ -42,6 +42,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import OutcoreError
+from ..memory.malloc import resident_bytes
 from ..states import DEAD, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW, Residence
 from ..units import format_bytes
 from . import mapped
@@ -49,6 +50,8 @@ from . import mapped
 
 # A failed read is tried this many times in all before it is reported (see _wait).
 READ_ATTEMPTS = 3
+# The resident set is sampled at most this often (reading /proc costs a few microseconds).
+RSS_SAMPLE_S = 0.002
 
 
 def _reason(exc: Exception) -> str:
@@ -79,6 +82,8 @@ class Stats:
     wait_s: float = 0.0
     peak_resident: int = 0
     unplanned_bytes: int = 0   # moved by on-demand fallbacks, not by the schedule
+    peak_rss: int = 0          # the process's resident set, sampled (sample_rss), at most
+    peak_unmanaged: int = 0    # the resident set less the managed resident bytes, at most
 
 
 class Residency:
@@ -97,6 +102,7 @@ class Residency:
         self.memory_check = None              # called after memory is freed or taken
         self._dead: collections.deque = collections.deque()   # appended from any thread
         self._dying: list[Entry] = []         # dead, with a transfer still in flight
+        self._rss_sampled = 0.0
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage) -> Entry:
@@ -288,8 +294,23 @@ class Residency:
         if unplanned:
             self.stats.unplanned_bytes += entry.nbytes
 
+    def sample_rss(self, force: bool = False) -> None:
+        """Note the process's resident set beside the managed bytes (Stats.peak_rss,
+        peak_unmanaged), at most every RSS_SAMPLE_S unless `force`."""
+        now = time.perf_counter()
+        if not force and now - self._rss_sampled < RSS_SAMPLE_S:
+            return
+        self._rss_sampled = now
+        rss = resident_bytes()
+        stats = self.stats
+        if rss > stats.peak_rss:
+            stats.peak_rss = rss
+        if rss - self.resident > stats.peak_unmanaged:
+            stats.peak_unmanaged = rss - self.resident
+
     def ready(self, entry: Entry) -> None:
         """Make sure an entry is usable now: wait for its swap-in, or restore it."""
+        self.sample_rss()
         if self.memory_check is not None:       # every op passes here: the step's growth
             self.memory_check()
         if self._dead:
