@@ -289,3 +289,26 @@ def test_load_a_checkpoint_under_building(twins, tmp_path):
     assert_same(plain, fresh)
     with torch.no_grad():
         assert torch.equal(fresh(x), plain(x))
+
+
+def test_where_mapping_is_refused_state_is_read_back(monkeypatch):
+    """A kernel or filesystem that refuses the mapping: the state comes back into memory
+    as before, nothing is left empty, and training stays bitwise."""
+    from outcore.run.movers.disk import DiskMover
+
+    def refuse(self, extent, nbytes, storage):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(DiskMover, "map", refuse)
+    x, y = data()
+    plain, managed = make_model(), make_model()
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    managed_opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
+    with outcore.OutOfCore(BUDGET) as ooc:
+        for _ in range(4):
+            step(plain, plain_opt, x, y)
+            with ooc.iteration():
+                step(managed, managed_opt, x, y)
+            assert MAPPED not in states(ooc) and SLOW not in states(ooc)
+            assert ooc._res.offloaded == 0
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)

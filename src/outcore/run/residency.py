@@ -441,7 +441,7 @@ class Residency:
             try:
                 entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
                 entry.state = MAPPED
-            except OSError:
+            except Exception:      # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)
                 try:
                     self.restore(entry)
                     self.ready(entry)
