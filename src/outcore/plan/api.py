@@ -33,30 +33,41 @@ CYCLE_ROUNDS = 3
 def _cycle(trace, policy, budget, options):
     """Plan so that iteration k+1 starts where k ended. State stays where the step leaves
     it between iterations (run/mapped.py), so state a schedule starts with in fast memory
-    but ends without must be read in before the next step, and the reverse written out:
-    the boundary. Replan with the state the last plan ended with as the start, up to
-    CYCLE_ROUNDS plans, and keep the one that moves the fewest bytes, boundary included,
-    within the budget."""
+    but ends without must be read in before the next step, and the reverse written out,
+    synchronously: the boundary. Candidates: the policy's plan; plans that start with
+    the state the previous candidate ended with (up to CYCLE_ROUNDS in all); and the
+    best of those again with state kept at the end only if the step starts with it
+    (its writes then overlap the step). Kept: the one that moves the fewest bytes,
+    boundary included, within the budget."""
     state = {a.id: a.nbytes for a in trace.arrays if a.kind == "persistent" and a.existed_before}
-    best, first, start_state = None, None, None
-    for _ in range(CYCLE_ROUNDS if options.get("keep_state", True) else 1):
+    best, first = None, None
+
+    def candidate(start_state, end_within_start):
+        nonlocal best, first
         try:
-            (begin, end, start), used = _dispatch(policy, trace, budget,
-                                                  {**options, "start_state": start_state})
+            (begin, end, start), used = _dispatch(policy, trace, budget, {
+                **options, "start_state": start_state, "end_within_start": end_within_start})
             acc = replay(trace, begin, end, start, budget)
         except OutcoreError:
             if first is None:
                 raise
-            break             # a later round's start the planner cannot serve: keep the best
+            return None        # a start the planner cannot serve: the others stand
         first = first or ((begin, end, start), used)
         starts = state.keys() & set(start)
         ends = state.keys() & set(acc.resident_at_end)
         cost = acc.bytes_in + acc.bytes_out + sum(state[a] for a in starts ^ ends)
         if acc.peak_bytes <= budget and (best is None or cost < best[0]):
-            best = (cost, (begin, end, start), used)
-        if starts == ends:
-            break
-        start_state = ends
+            best = (cost, (begin, end, start), used, starts)
+        return starts, ends
+
+    starts, ends = candidate(None, False)
+    if options.get("keep_state", True):
+        for _ in range(CYCLE_ROUNDS - 1):
+            if starts == ends:
+                break
+            starts, ends = candidate(ends, False) or (ends, ends)
+        if best is not None and best[0] > 0:
+            candidate(best[3], True)
     return (best[1], best[2]) if best is not None else first
 
 

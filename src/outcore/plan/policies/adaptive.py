@@ -20,8 +20,10 @@ def window_limit(window) -> int | None:
     return None if window is None else parse_bytes(window)
 
 
-def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_state=None):
+def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_state=None,
+                  end_within_start=False):
     limit = window_limit(window)
     return (plan_window(trace, budget, window_bytes=limit, keep_state=keep_state,
-                        start_state=start_state),
+                        start_state=start_state,
+                        end_within_start=end_within_start),
             {"window": limit, "keep_state": keep_state})

@@ -53,12 +53,13 @@ def keep_gaps(trace, limit: int) -> set[tuple[int, int]]:
 
 
 def plan_adaptive_belady(trace, budget: int, *, window=None, reserve=DEFAULT_RESERVE, keep_state=True,
-                         start_state=None):
+                         start_state=None, end_within_start=False):
     if not isinstance(reserve, (int, float)) or not 0 <= reserve < 1:
         raise OutcoreError(f"adaptive-belady: reserve must be a fraction in [0, 1), got {reserve!r}")
     limit = window_limit(window)
     keep_limit = int(budget * (1 - reserve))
     kept = keep_gaps(trace, keep_limit)
     lists = plan_window(trace, budget, window_bytes=limit, keep=lambda a, f: (a, f) in kept,
-                        keep_state=keep_state, start_state=start_state)
+                        keep_state=keep_state, start_state=start_state,
+                        end_within_start=end_within_start)
     return lists, {"window": limit, "reserve": reserve, "keep_state": keep_state}

@@ -7,8 +7,10 @@ from .window import plan_window
 DEFAULT_K = 4
 
 
-def plan_fixed(trace, budget: int, *, k=DEFAULT_K, keep_state=True, start_state=None):
+def plan_fixed(trace, budget: int, *, k=DEFAULT_K, keep_state=True, start_state=None,
+                  end_within_start=False):
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise OutcoreError(f"fixed policy: k must be a positive number of functions, got {k!r}")
     return (plan_window(trace, budget, window_functions=k, keep_state=keep_state,
-                        start_state=start_state), {"k": k, "keep_state": keep_state})
+                        start_state=start_state,
+                        end_within_start=end_within_start), {"k": k, "keep_state": keep_state})

@@ -10,7 +10,9 @@ from __future__ import annotations
 from .window import plan_window
 
 
-def plan_on_demand(trace, budget: int, *, keep_state=True, start_state=None):
+def plan_on_demand(trace, budget: int, *, keep_state=True, start_state=None,
+                  end_within_start=False):
     return (plan_window(trace, budget, window_functions=1, eager_wait=True, keep_state=keep_state,
-                        start_state=start_state),
+                        start_state=start_state,
+                        end_within_start=end_within_start),
             {"keep_state": keep_state})

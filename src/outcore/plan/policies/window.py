@@ -136,10 +136,13 @@ def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[in
 
 def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 window_functions: int | None = None, keep=None, eager_wait: bool = False,
-                keep_state: bool = True, start_state=None):
+                keep_state: bool = True, start_state=None, end_within_start: bool = False):
     """Return (begin, end, resident_at_start) action lists for `trace` under `budget`.
-    `start_state`: the persistent arrays to start with in fast memory, instead of
-    `start_keep_set` (plan() passes the state an earlier plan ended with).
+    `start_state`: the persistent arrays to start with in fast memory (those of them that
+    fit beside the first function), instead of `start_keep_set` (plan() passes the state
+    an earlier plan ended with). `end_within_start`: keep state resident after its last
+    use only if the step starts with it, so that the step ends with no state the next
+    one must write out before it starts (plan() tries both, see api._cycle).
     The caller has already checked that the budget is feasible. With eager_wait, every
     swap-out is waited for before the next function (synchronous offload, as vDNN does)."""
     arrays = trace.arrays
@@ -152,6 +155,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
         keep_start = start_keep_set(trace, budget, among=set(start_state))
     else:
         keep_start = start_keep_set(trace, budget) if keep_state else set()
+    if end_within_start:
+        keep_end &= keep_start
     acc_fn, acc_arr, nxt, offsets = access_table(trace)
     total = len(acc_fn)
 
