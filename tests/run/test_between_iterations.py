@@ -38,6 +38,16 @@ def step(model, opt, x, y):
     return loss.detach()
 
 
+def train_both(twins, ooc, iterations):
+    """`iterations` steps of the plain twin, and of the managed one under `ooc`."""
+    plain, plain_opt, managed, managed_opt = twins[:4]
+    x, y = twins[5]
+    for _ in range(iterations):
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+
+
 def assert_same(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -123,10 +133,7 @@ def test_reads_between_iterations(twins, tmp_path):
     assert ooc._res.stats.bytes_written == written
     assert MAPPED not in states(ooc) and SLOW in states(ooc)
     ooc._park([])
-    for _ in range(2):
-        step(plain, plain_opt, x, y)
-        with ooc.iteration():
-            step(managed, managed_opt, x, y)
+    train_both(twins, ooc, 2)
     assert_same(plain, managed)
 
 
@@ -149,10 +156,7 @@ def test_writes_between_iterations_are_honored(twins):
     ooc._unpark()
     assert entry.state is FAST and not entry.clean     # written: back in memory, dirty
     ooc._park([])
-    for _ in range(3):
-        step(plain, plain_opt, x, y)
-        with ooc.iteration():
-            step(managed, managed_opt, x, y)
+    train_both(twins, ooc, 3)
     assert_same(plain, managed)
     assert_same_optimizer(plain_opt, managed_opt)
 
@@ -162,10 +166,7 @@ def test_optimizer_load_state_dict_between_iterations(twins):
     saved = plain_opt.state_dict()
     plain_opt.load_state_dict(copy.deepcopy(saved))
     managed_opt.load_state_dict(copy.deepcopy(saved))   # new state tensors: recorded again
-    for _ in range(3):
-        step(plain, plain_opt, x, y)
-        with ooc.iteration():
-            step(managed, managed_opt, x, y)
+    train_both(twins, ooc, 3)
     assert_same(plain, managed)
     assert_same_optimizer(plain_opt, managed_opt)
 
@@ -179,11 +180,9 @@ def test_close_leaves_state_usable_and_a_new_outofcore_adopts_it(twins):
     with torch.no_grad():
         assert torch.equal(managed(x), plain(x))
     with outcore.OutOfCore(BUDGET) as again:
-        for _ in range(3):
-            step(plain, plain_opt, x, y)
-            with again.iteration():
-                step(managed, managed_opt, x, y)
-        assert w.untyped_storage().resizable() or again._res.entries[w.untyped_storage()._cdata].state is MAPPED
+        train_both(twins, again, 3)
+        entry = again._res.entries[w.untyped_storage()._cdata]
+        assert w.untyped_storage().resizable() or entry.state is MAPPED
     assert_same(plain, managed)
 
 

@@ -88,18 +88,17 @@ def run(directory, kill="none", total=TOTAL):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def plain_digest():
-    out = run("-")
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split()[1]
-
-
 def finish(directory):
+    """Run to the end (resuming from `directory`, or plain PyTorch for "-")."""
     out = run(directory)
     assert out.returncode == 0, out.stderr
     start, digest = out.stdout.split()
     return int(start), digest
+
+
+@pytest.fixture(scope="module")
+def plain_digest():
+    return finish("-")[1]
 
 
 def assert_tidy(directory):

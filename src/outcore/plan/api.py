@@ -82,8 +82,8 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     kept free for prefetching, default 0.25); every policy `keep_state` (default True:
     persistent state that fits stays resident after its last use and the step starts
     with the state it ends with, so that a training loop moves nothing between
-    iterations (`_cycle`); False: state starts and ends the step on the slow tier). Raises InfeasibleBudget when some function
-    cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
+    iterations (`_cycle`); False: state starts and ends the step on the slow tier).
+    Raises InfeasibleBudget when some function cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
     included: trace.peak(actual=True)), nothing moves, whatever the policy.
     For the traffic lower bound see outcore.plan.lower_bound."""
     if policy in ("lower-bound", "lower_bound"):

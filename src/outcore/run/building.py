@@ -10,30 +10,19 @@ without outcore, so initialization from a seed gives the same numbers, bitwise.
 """
 from __future__ import annotations
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from ..aten import call_split
-from .interrupts import Shield, critical
+from .interrupts import HeldMode, Shield
 from .on_demand import OnDemand
 from .residency import Residency
 
 
-class Building(TorchDispatchMode):
+class Building(HeldMode):
     def __init__(self, residency: Residency, budget: int, shield: Shield):
-        super().__init__()
-        self.shield = shield
+        super().__init__(shield)
         self.on_demand = OnDemand(residency, budget)
 
-    @critical
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
-        try:
-            kwargs = kwargs or {}
-            if func.namespace == "profiler":
-                return func(*args, **kwargs)
-            return call_split(func, args, kwargs, self._one)
-        finally:
-            self.shield.exit()
+    def _dispatch(self, func, args, kwargs):
+        return call_split(func, args, kwargs, self._one)
 
     def _one(self, func, args, kwargs, split=None):
         return self.on_demand.run(func, args, kwargs)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
 
@@ -94,3 +96,27 @@ class Shield:
             self.pending.append((signum, frame))
             return
         self._saved[signum](signum, frame)
+
+
+class HeldMode(TorchDispatchMode):
+    """A dispatch mode whose every op is one held section (rule 2), profiler ops passed
+    through; subclasses implement `_dispatch(func, args, kwargs)`."""
+
+    def __init__(self, shield: Shield):
+        super().__init__()
+        self.shield = shield
+
+    @critical
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.shield.depth += 1
+        try:
+            kwargs = kwargs or {}
+            if func.namespace == "profiler":
+                return func(*args, **kwargs)
+            return self._dispatch(func, args, kwargs)
+        finally:
+            self.shield.exit()
+
+    def _dispatch(self, func, args, kwargs):
+        raise NotImplementedError
+

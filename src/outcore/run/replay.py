@@ -12,22 +12,19 @@ says: a wrong or stale plan costs time, never correctness.
 """
 from __future__ import annotations
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import FAST, SLOW
-from .interrupts import Shield, critical
+from .interrupts import HeldMode, Shield
 from .on_demand import OnDemand
 from .residency import Residency
 
 
-class Replayer(TorchDispatchMode):
+class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
                  shield: Shield):
-        super().__init__()
-        self.shield = shield
+        super().__init__(shield)
         self.trace = trace
         self.schedule = schedule
         self.res = residency
@@ -85,18 +82,10 @@ class Replayer(TorchDispatchMode):
         return out
 
     # -- interception ----------------------------------------------------------------------
-    @critical
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
-        try:
-            kwargs = kwargs or {}
-            if func.namespace == "profiler":
-                return func(*args, **kwargs)
-            if self.passive and self.deviation is None:
-                return self._follow(func, args, kwargs)
-            return call_split(func, args, kwargs, self._one)
-        finally:
-            self.shield.exit()
+    def _dispatch(self, func, args, kwargs):
+        if self.passive and self.deviation is None:
+            return self._follow(func, args, kwargs)
+        return call_split(func, args, kwargs, self._one)
 
     def _follow(self, func, args, kwargs):
         names = [self._name(func)]

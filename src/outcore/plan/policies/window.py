@@ -49,9 +49,10 @@ release point is emitted all the same (it then drops the slow copy).
 State at the edges (`keep_state`, docs/planning.md): the executor leaves state where the
 step leaves it between iterations (run/mapped.py). The state used last (the optimizer's
 final updates) stays resident after its last use instead of being written out
-(`end_keep_set`), and the step starts with resident state that fits beside it
-(`start_keep_set`, or `start_state`: plan() replans with the state the step ended with,
-so that a loop moves nothing at its boundaries). Kept arrays are eviction victims for a function's own
+(`end_keep_set`; with `end_within_start` only state the step starts with), and the
+step starts with resident state that fits beside it (`start_keep_set`, or
+`start_state`: plan() replans with the state the step ended with, so that a loop moves
+nothing at its boundaries). Kept arrays are eviction victims for a function's own
 operands like held arrays (after every dead one), so feasibility is untouched.
 """
 from __future__ import annotations
