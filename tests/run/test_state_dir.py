@@ -160,6 +160,11 @@ def test_bad_uses_are_refused(tmp_path):
     with outcore.OutOfCore("1MiB", state_dir=tmp_path / "s") as ooc:
         with pytest.raises(OutcoreError, match="does not match this model"):
             ooc.resume(torch.nn.Sequential(model))
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path / "s") as ooc:
+        with pytest.raises(OutcoreError, match="in use by another OutOfCore"):
+            from outcore.run.durable import Durable
+            Durable(tmp_path / "s")
+        assert ooc.resume(model) == 1
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "manifest.pt").write_bytes(b"not a manifest")
     with pytest.raises(OutcoreError, match="cannot be read"):

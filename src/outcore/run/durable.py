@@ -22,12 +22,15 @@ NOTE [Durable state]
      refers to are freed. Killed before the switch, the old manifest and every extent
      it names are intact; after it, the new ones are.
   4. Resume reads the manifest's file into the model and the optimizer under
-     `building()` (within the budget) and restores the generator; training then goes
-     on in the next generation's file. A file the manifest does not name is removed at
-     construction and, for the previous generation, after the first commit.
+     `building()` (within the budget) and restores torch's CPU generator; training then
+     goes on in the next generation's file. A file the manifest does not name is removed
+     at construction and, for the previous generation, after the first commit.
+  5. One process at a time: the directory is locked (flock) from construction to close,
+     so a second OutOfCore on it is refused before it removes anything.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 
@@ -64,6 +67,21 @@ class Durable:
         except OSError as exc:
             raise OutcoreError(f"cannot use state_dir={self.directory}: {exc.strerror}; pass a "
                                "writable directory on a local disk") from exc
+        self._lock = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise OutcoreError(f"state_dir={self.directory} is in use by another OutOfCore (this "
+                               "process or another); close that one first, or pass another "
+                               "state_dir") from None
+        try:
+            self._open()
+        except BaseException:
+            os.close(self._lock)
+            raise
+
+    def _open(self) -> None:
         self.manifest = self._load()
         previous = self.manifest["generation"] if self.manifest else -1
         self.generation = previous + 1
@@ -77,12 +95,18 @@ class Durable:
         self.committed = False          # a manifest names this generation's file
 
     def close(self) -> None:
-        """At close: this generation's file goes if no manifest names it (rule 4)."""
-        if not self.committed:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        """At close: this generation's file goes if no manifest names it (rule 4), and
+        the directory is unlocked (rule 5)."""
+        try:
+            if not self.committed:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            if self._lock >= 0:
+                os.close(self._lock)
+                self._lock = -1
 
     def _load(self):
         path = os.path.join(self.directory, MANIFEST)
@@ -134,6 +158,9 @@ class Durable:
                 tensor.copy_(value)
                 del value
         if optimizer is not None:
+            if self.manifest["optimizer"] is None:
+                raise OutcoreError(f"the state in {self.directory} was kept without an optimizer; "
+                                   "resume(model) without one, or pass another state_dir")
             optimizer.load_state_dict(_map_refs(self.manifest["optimizer"], self.read))
         torch.set_rng_state(self.manifest["rng"])
 

@@ -165,8 +165,8 @@ class OutOfCore:
         except BaseException:
             if self._mover is not None:
                 self._mover.close()
-                if self._durable is not None:
-                    self._durable.close()
+            if self._durable is not None:
+                self._durable.close()
             _release_slot(self)
             raise
         self.closed = False
