@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import outcore
 from outcore.states import FAST, MAPPED, SLOW
@@ -309,5 +311,52 @@ def test_where_mapping_is_refused_state_is_read_back(monkeypatch):
                 step(managed, managed_opt, x, y)
             assert MAPPED not in states(ooc) and SLOW not in states(ooc)
             assert ooc._res.offloaded == 0
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)
+
+
+# -- random edits between iterations ------------------------------------------------------
+EDITS = st.lists(st.tuples(st.sampled_from(["scale", "slice", "page-out", "read", "copy-in"]),
+                           st.integers(0, LAYERS - 1), st.floats(-2, 2, allow_nan=False, width=32)),
+                 max_size=6)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(st.lists(EDITS, min_size=3, max_size=3))
+def test_random_edits_between_iterations_stay_bitwise(rounds):
+    """Between iterations, any mix of in-place writes, reads and page-outs of mapped
+    weights (rule 3: page-out never loses a write), then iterations: always bitwise."""
+    x, y = data()
+    plain, managed = make_model(), make_model()
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    managed_opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
+    with outcore.OutOfCore(BUDGET) as ooc:
+        for edits in rounds:
+            step(plain, plain_opt, x, y)
+            with ooc.iteration():
+                step(managed, managed_opt, x, y)
+            for kind, layer, value in edits:
+                a, b = plain[layer].weight, managed[layer].weight
+                with torch.no_grad():
+                    if kind == "scale":
+                        a.mul_(value), b.mul_(value)
+                    elif kind == "slice":
+                        a[layer, :5] = value
+                        b[layer, :5] = value
+                    elif kind == "copy-in":
+                        source = torch.full_like(a, value)
+                        a.copy_(source), b.copy_(source)
+                    elif kind == "read":
+                        assert torch.equal(a, b)
+                    else:
+                        for mapping in ooc._res.mappings():
+                            mapping.page_out()
+                        assert torch.equal(a, b)
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+        res = ooc._res
+        assert res.recount() == (res.resident, res.offloaded)
     assert_same(plain, managed)
     assert_same_optimizer(plain_opt, managed_opt)
