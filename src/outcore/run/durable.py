@@ -34,7 +34,6 @@ import fcntl
 import os
 import re
 
-import numpy as np
 import torch
 
 from ..errors import OutcoreError
@@ -128,13 +127,17 @@ class Durable:
     def read(self, ref) -> torch.Tensor:
         """The tensor `ref` names in the manifest's file, in fresh memory of its own."""
         path = os.path.join(self.directory, self.manifest["file"])
-        raw = np.fromfile(path, dtype=np.uint8, count=ref["nbytes"], offset=ref["offset"])
-        if raw.size != ref["nbytes"]:
+        raw = bytearray(ref["nbytes"])
+        with open(path, "rb") as f:
+            f.seek(ref["offset"])
+            got = f.readinto(raw)
+        if got != len(raw):
             raise OutcoreError(f"{path} ends before the {ref['nbytes']:,} bytes at offset "
                                f"{ref['offset']:,} that the manifest names; the state directory is "
                                "damaged. Move it away to start afresh.")
-        storage = torch.empty(ref["nbytes"], dtype=torch.uint8)
-        storage.copy_(torch.from_numpy(raw))
+        storage = torch.empty(len(raw), dtype=torch.uint8)
+        if raw:                       # through an op, so that the budget sees the copy
+            storage.copy_(torch.frombuffer(raw, dtype=torch.uint8))
         dtype = getattr(torch, ref["dtype"].removeprefix("torch."))
         return torch.empty(0, dtype=dtype).set_(storage.untyped_storage(), ref["storage_offset"],
                                                 ref["size"], ref["stride"])

@@ -39,14 +39,13 @@ import os
 import threading
 import weakref
 
-import numpy as np
 import torch
 
 from ..memory import ALIGNMENT, round_up
 
 MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)     # Linux 5.4+; Python may lack the name
 _PAGE = mmap.PAGESIZE
-_PRESENT, _SWAPPED, _FILE_PAGE = 1 << 63, 1 << 62, 1 << 61
+_SWAPPED, _FILE_PAGE = 1 << 62, 1 << 61         # pagemap bits; bit 63 (present) is the sign
 
 
 class Mapping:
@@ -84,11 +83,11 @@ class Mapping:
             return True
         if len(raw) != count * 8:
             return True
-        flags = np.frombuffer(raw, dtype=np.uint64)
-        present = (flags & np.uint64(_PRESENT)) != 0
-        anonymous = (flags & np.uint64(_FILE_PAGE)) == 0
-        swapped = (flags & np.uint64(_SWAPPED)) != 0
-        return bool(np.any((present & anonymous) | swapped))
+        flags = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+        present = flags < 0
+        anonymous = (flags & _FILE_PAGE) == 0
+        swapped = (flags & _SWAPPED) != 0
+        return bool(((present & anonymous) | swapped).any())
 
     def unmap(self, storage) -> bool:
         """Give `storage` back memory of its own; returns whether it was written (then it
