@@ -1,0 +1,65 @@
+"""Where the resident set goes beyond the managed tensors, phase by phase: anonymous and
+file-backed RSS after building and after each iteration, the managed resident bytes,
+and the same after glibc's malloc_trim(0) (what no trim can give back).
+
+    .venv/bin/python benchmarks/unmanaged.py [--layers 32 --width 2048 --budget 128MiB]
+
+The model is benchmarks/big_state.py's MLP, built under `ooc.building()` and trained
+with Adam. Prints one line per phase; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+
+
+def _status() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) >> 10
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--budget", default="128MiB")
+    ap.add_argument("--iterations", type=int, default=4)
+    args = ap.parse_args()
+    import torch
+    import outcore
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, args.width, generator=gen), torch.randn(32, args.width, generator=gen)
+
+    def line(phase, ooc=None):
+        s = _status()
+        managed = f", managed resident {ooc._res.resident >> 20} MiB" if ooc is not None else ""
+        print(f"{phase:<14} RSS {s['VmRSS']} MiB (anonymous {s['RssAnon']}, file {s['RssFile']}){managed}")
+
+    line("start")
+    ooc = outcore.OutOfCore(args.budget)
+    with ooc.building():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width)
+                                      for _ in range(args.layers)])
+    line("built", ooc)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for i in range(args.iterations):
+        with ooc.iteration():
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        line(f"iteration {i + 1}", ooc)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    line("malloc_trim(0)", ooc)
+    ooc.close()
+
+
+if __name__ == "__main__":
+    main()
