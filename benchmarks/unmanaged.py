@@ -3,9 +3,11 @@ file-backed RSS after building and after each iteration, the managed resident by
 and the same after glibc's malloc_trim(0) (what no trim can give back).
 
     .venv/bin/python benchmarks/unmanaged.py [--layers 32 --width 2048 --budget 128MiB]
+    .venv/bin/python benchmarks/unmanaged.py --plain --layers 4     # plain PyTorch
 
 The model is benchmarks/big_state.py's MLP, built under `ooc.building()` and trained
-with Adam. Prints one line per phase; asserts nothing.
+with Adam (with --plain: in memory, no outcore; the managed figure is then the bytes of
+the parameters and Adam's moments). Prints one line per phase; asserts nothing.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--budget", default="128MiB")
     ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--plain", action="store_true", help="plain PyTorch, no outcore")
     args = ap.parse_args()
     import torch
     import outcore
@@ -38,19 +41,34 @@ def main() -> None:
 
     def line(phase, ooc=None):
         s = _status()
-        managed = f", managed resident {ooc._res.resident >> 20} MiB" if ooc is not None else ""
+        managed = ""
+        if ooc is not None:
+            managed = f", managed resident {ooc._res.resident >> 20} MiB"
+        elif args.plain and phase != "start":
+            state = sum(p.nbytes * 3 for p in model.parameters())
+            managed = f", parameters and moments {state >> 20} MiB"
         print(f"{phase:<14} RSS {s['VmRSS']} MiB (anonymous {s['RssAnon']}, file {s['RssFile']}){managed}")
 
     line("start")
-    ooc = outcore.OutOfCore(args.budget)
-    with ooc.building():
-        torch.manual_seed(0)
+    ooc = None if args.plain else outcore.OutOfCore(args.budget)
+    torch.manual_seed(0)
+    if ooc is not None:
+        with ooc.building():
+            model = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width)
+                                          for _ in range(args.layers)])
+    else:
         model = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width)
                                       for _ in range(args.layers)])
     line("built", ooc)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     for i in range(args.iterations):
-        with ooc.iteration():
+        if ooc is not None:
+            with ooc.iteration():
+                loss = (model(x) - y).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        else:
             loss = (model(x) - y).square().mean()
             loss.backward()
             opt.step()
@@ -58,7 +76,8 @@ def main() -> None:
         line(f"iteration {i + 1}", ooc)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     line("malloc_trim(0)", ooc)
-    ooc.close()
+    if ooc is not None:
+        ooc.close()
 
 
 if __name__ == "__main__":
