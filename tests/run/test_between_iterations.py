@@ -223,8 +223,11 @@ SAVE_CHILD = textwrap.dedent("""
         model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(48)])
     with open("/proc/self/status") as f:
         before = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("VmRSS", "VmHWM"))}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    try:                      # reset the peak; where refused, the peak of building counts too
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     if sys.argv[3] == "kill":
         class Boom:
             def __reduce__(self):
