@@ -363,3 +363,26 @@ def test_random_edits_between_iterations_stay_bitwise(rounds):
         assert res.recount() == (res.resident, res.offloaded)
     assert_same(plain, managed)
     assert_same_optimizer(plain_opt, managed_opt)
+
+
+def test_writes_after_building_are_honored():
+    """Weights read back during `building()` end the block resident and clean; a write
+    to them before the first iteration must not be dropped as if the swap file still
+    held their value."""
+    x, y = data()
+    plain = make_model()
+    with outcore.OutOfCore(BUDGET) as ooc:
+        with ooc.building():
+            managed = make_model()
+            sum(p.sum() for p in managed.parameters())       # reads evicted weights back
+        assert any(e.state is FAST for e in ooc._res.entries.values() if not e.pinned)
+        with torch.no_grad():
+            for a, b in zip(plain.parameters(), managed.parameters()):
+                a.mul_(0.5), b.mul_(0.5)
+        plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+        managed_opt = torch.optim.SGD(managed.parameters(), lr=0.1)
+        for _ in range(3):
+            step(plain, plain_opt, x, y)
+            with ooc.iteration():
+                step(managed, managed_opt, x, y)
+    assert_same(plain, managed)

@@ -242,7 +242,9 @@ class OutOfCore:
     def _park(self, errors: list, commit: bool = False) -> None:
         """Leave state where the step left it: finish every transfer, make the state
         durable (with `commit` and a state_dir), map what is on the slow tier (NOTE
-        [Mapped state]). Errors are appended, the rest still happens."""
+        [Mapped state]). A resident storage is no longer `clean`: the user may change
+        it before the next block, and only a mapped one would show it. Errors are
+        appended, the rest still happens."""
         res = self._res
         parts = [res.settle, res.map_slow]
         if commit and self._durable is not None:
@@ -252,6 +254,9 @@ class OutOfCore:
                 part()
             except BaseException as err:  # noqa: BLE001 - kept, raised by the caller
                 errors.append(err)
+        for entry in res.entries.values():
+            if entry.state is FAST:
+                entry.clean = False
 
     def _commit(self) -> None:
         durable = self._durable
@@ -489,9 +494,6 @@ class _Iteration:
                 errors.append(err)
             deviation = mode.deviation
         ooc._park(errors, commit=exc is None and not errors)
-        for entry in res.entries.values():
-            if entry.state is FAST:
-                entry.clean = False     # the user may change it before the next iteration
         ooc._active = False
         ooc._shield.uninstall()
         ooc._page()
