@@ -36,15 +36,32 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+def build_model(layers: int, width: int, ooc=None):
+    """The benchmark's MLP, seeded; under `ooc.building()` when `ooc` is given."""
+    import contextlib
+
+    import torch
+    with ooc.building() if ooc is not None else contextlib.nullcontext():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+
+
+def train_step(model, opt, x, y, ooc=None):
+    """One Adam step on (x, y); inside `ooc.iteration()` when `ooc` is given."""
+    import contextlib
+    with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return loss
+
+
 def child(args) -> dict:
     import torch
     import outcore
 
     torch.set_num_threads(os.cpu_count() or 1)
-
-    def build():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)])
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.width, generator=gen)
@@ -55,27 +72,13 @@ def child(args) -> dict:
     _reset_peak()
     start = _status()["VmRSS"]
     t0 = time.perf_counter()
-    if ooc is not None:
-        with ooc.building():
-            model = build()
-    else:
-        model = build()
+    model = build_model(args.layers, args.width, ooc)
     build_s = time.perf_counter() - t0
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     steps = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        if ooc is not None:
-            with ooc.iteration():
-                loss = (model(x) - y).square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-        else:
-            loss = (model(x) - y).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+        loss = train_step(model, opt, x, y, ooc)
         steps.append(time.perf_counter() - t0)
     after_steps = _status()
     digest = hashlib.sha256()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 
+from big_state import build_model, train_step     # the same model and step
+
 
 def _status() -> dict:
     out = {}
@@ -51,28 +53,11 @@ def main() -> None:
 
     line("start")
     ooc = None if args.plain else outcore.OutOfCore(args.budget)
-    torch.manual_seed(0)
-    if ooc is not None:
-        with ooc.building():
-            model = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width)
-                                          for _ in range(args.layers)])
-    else:
-        model = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width)
-                                      for _ in range(args.layers)])
+    model = build_model(args.layers, args.width, ooc)
     line("built", ooc)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     for i in range(args.iterations):
-        if ooc is not None:
-            with ooc.iteration():
-                loss = (model(x) - y).square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-        else:
-            loss = (model(x) - y).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+        train_step(model, opt, x, y, ooc)
         line(f"iteration {i + 1}", ooc)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     line("malloc_trim(0)", ooc)

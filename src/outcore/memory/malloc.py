@@ -241,13 +241,23 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _statm = None
 
 
-def resident_bytes() -> int:
-    """The process's resident set (VmRSS), in bytes: one pread of /proc/self/statm on a
-    descriptor kept open (a fork reopens it: /proc/self is per process)."""
+def _statm_pages(field: int) -> int:
+    """A field of /proc/self/statm, in pages: one pread on a descriptor kept open (a fork
+    reopens it: /proc/self is per process)."""
     global _statm
     if _statm is None or _statm[0] != os.getpid():
         _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
-    return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE
+    return int(os.pread(_statm[1], 128, 0).split()[field])
+
+
+def resident_bytes() -> int:
+    """The process's resident set (VmRSS), in bytes."""
+    return _statm_pages(1) * _PAGE
+
+
+def file_resident_bytes() -> int:
+    """The file-backed and shared part of the resident set, in bytes."""
+    return _statm_pages(2) * _PAGE
 
 
 def page_faults() -> int:

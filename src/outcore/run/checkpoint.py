@@ -20,6 +20,7 @@ import os
 import torch
 
 from .interrupts import Shield
+from .movers.disk import _NO_TMPFILE, _pid_alive
 
 _TAG = ".outcore-"
 _AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
@@ -50,15 +51,8 @@ def _sweep(directory: str, name: str) -> None:
         if not other.startswith(prefix):
             continue
         pid = other[len(prefix):]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue                     # alive: its save may still be running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue                     # ours, or alive: its save may still be running
         try:
             os.unlink(os.path.join(directory, other))
         except OSError:
@@ -69,7 +63,7 @@ def _open_unnamed(directory: str) -> int | None:
     try:
         return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o644)
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+        if exc.errno in _NO_TMPFILE:
             return None
         raise
 

@@ -42,10 +42,19 @@ import weakref
 import torch
 
 from ..memory import ALIGNMENT, round_up
+from ..memory.malloc import file_resident_bytes
 
 MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)     # Linux 5.4+; Python may lack the name
 _PAGE = mmap.PAGESIZE
 _SWAPPED, _FILE_PAGE = 1 << 62, 1 << 61         # pagemap bits; bit 63 (present) is the sign
+_pagemap = None                                  # (pid, descriptor): kept open, as statm is
+
+
+def _pagemap_fd() -> int:
+    global _pagemap
+    if _pagemap is None or _pagemap[0] != os.getpid():
+        _pagemap = (os.getpid(), os.open("/proc/self/pagemap", os.O_RDONLY))
+    return _pagemap[1]
 
 
 class Mapping:
@@ -74,11 +83,7 @@ class Mapping:
         if not count:
             return False
         try:
-            fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-            try:
-                raw = os.pread(fd, count * 8, first * 8)
-            finally:
-                os.close(fd)
+            raw = os.pread(_pagemap_fd(), count * 8, first * 8)
         except OSError:
             return True
         if len(raw) != count * 8:
@@ -89,10 +94,11 @@ class Mapping:
         swapped = (flags & _SWAPPED) != 0
         return bool(((present & anonymous) | swapped).any())
 
-    def unmap(self, storage) -> bool:
+    def unmap(self, storage, *, copy: bool = False) -> bool:
         """Give `storage` back memory of its own; returns whether it was written (then it
-        holds a copy of the mapped bytes, else it is empty). Rule 4."""
-        written = self.written(storage.data_ptr())
+        holds a copy of the mapped bytes, else it is empty). Rule 4. With `copy`, it
+        holds a copy whatever was written (rule 7: the file is no longer swap space)."""
+        written = copy or self.written(storage.data_ptr())
         if written:
             own = torch.empty(self.nbytes, dtype=torch.uint8).untyped_storage()
             own.copy_(storage)
@@ -140,19 +146,8 @@ def adopt_orphan(storage) -> bool:
         item = _orphans.pop(storage._cdata, None)
     if item is None or item[0]() is not storage:
         return False
-    mapping = item[1]
-    own = torch.empty(mapping.nbytes, dtype=torch.uint8).untyped_storage()
-    own.copy_(storage)
-    storage._swap_data_ptr_(own)
-    del own
-    mapping.close()
+    item[1].unmap(storage, copy=True)
     return True
-
-
-def rss_file_bytes() -> int:
-    """Bytes of file-backed and shared pages in this process's resident set."""
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[2]) * _PAGE
 
 
 class Pager:
@@ -184,9 +179,9 @@ class Pager:
 
     def _run(self, mappings, allowance, stop) -> None:
         try:
-            base = rss_file_bytes()
+            base = file_resident_bytes()
             while not stop.wait(self.period):
-                if rss_file_bytes() - base > allowance:
+                if file_resident_bytes() - base > allowance:
                     for mapping in mappings:
                         if stop.is_set():
                             return

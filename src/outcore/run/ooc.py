@@ -477,13 +477,7 @@ class _Iteration:
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
         errors = []
         deviation = None
-        try:
-            if self.entered:
-                self.entered = False
-                mode.__exit__(type(exc) if exc is not None else None, exc,
-                              exc.__traceback__ if exc is not None else None)
-        except BaseException as err:      # noqa: BLE001 - kept, raised after the cleanup
-            errors.append(err)
+        self._exit_mode(exc, errors)
         passive = (mode is not None and not self.recording and mode.passive
                    and mode.deviation is None)
         peak = ooc.schedule.peak_bytes if passive else res.stats.peak_resident
@@ -505,6 +499,16 @@ class _Iteration:
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
         _raise_or_note(exc, errors)
+
+    def _exit_mode(self, exc, errors: list) -> None:
+        """Pop the dispatch mode if it was pushed; its error is kept for after the cleanup."""
+        try:
+            if self.entered:
+                self.entered = False
+                self.mode.__exit__(type(exc) if exc is not None else None, exc,
+                                   exc.__traceback__ if exc is not None else None)
+        except BaseException as err:      # noqa: BLE001 - kept, raised after the cleanup
+            errors.append(err)
 
     def _account(self, stepped, faulted, trimmed, peak, passive, deviation, completed) -> None:
         ooc, before = self.ooc, self.before
@@ -553,13 +557,7 @@ class _Building(_Iteration):
 
     def _end(self, exc) -> None:
         ooc, errors = self.ooc, []
-        try:
-            if self.entered:
-                self.entered = False
-                self.mode.__exit__(type(exc) if exc is not None else None, exc,
-                                   exc.__traceback__ if exc is not None else None)
-        except BaseException as err:      # noqa: BLE001
-            errors.append(err)
+        self._exit_mode(exc, errors)
         ooc._park(errors)
         ooc._active = False
         ooc._shield.uninstall()

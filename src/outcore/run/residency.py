@@ -233,22 +233,29 @@ class Residency:
             self.resident -= entry.nbytes
             self.offloaded += entry.nbytes
             return
-        nbytes = storage.nbytes()
-        if nbytes != entry.nbytes:           # an op resized it (e.g. an `out=` argument)
-            self.resident += nbytes - entry.nbytes
-            entry.nbytes = nbytes
-        if entry.extent is not None and (entry.extent.length < nbytes
-                                         or self.mover.is_committed(entry.extent)):
-            self.mover.free(entry.extent)      # a committed one is kept (NOTE [Durable state])
-            entry.extent = None
-        if entry.extent is None:
-            entry.extent = self.mover.allocate(nbytes)     # may raise (disk full): still FAST
+        self._extent_for_write(entry, storage)      # may raise (disk full): still FAST
         entry.future = self.mover.write(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         self.lru.pop(entry.key, None)
         entry.state = OUT
         self.stats.bytes_written += entry.nbytes
         if unplanned:
             self.stats.unplanned_bytes += entry.nbytes
+
+    def _extent_for_write(self, entry: Entry, storage) -> int:
+        """Give a FAST entry an extent its current bytes may be written to: its own, unless
+        too short or committed to a state manifest (kept: NOTE [Durable state]), else a
+        fresh one. Notes a size an op changed (e.g. an `out=` argument). Returns nbytes."""
+        nbytes = storage.nbytes()
+        if nbytes != entry.nbytes:
+            self.resident += nbytes - entry.nbytes
+            entry.nbytes = nbytes
+        if entry.extent is not None and (entry.extent.length < nbytes
+                                         or self.mover.is_committed(entry.extent)):
+            self.mover.free(entry.extent)
+            entry.extent = None
+        if entry.extent is None:
+            entry.extent = self.mover.allocate(nbytes)
+        return nbytes
 
     def finish(self, entry: Entry) -> None:
         """Wait for an OUT entry's copy, then release its fast memory."""
@@ -405,16 +412,7 @@ class Residency:
         the file, nbytes). Call after settle()."""
         entry = self.entries.get(storage._cdata) or self.track(storage)
         if entry.state is FAST and not (entry.clean and entry.extent is not None):
-            nbytes = storage.nbytes()
-            if nbytes != entry.nbytes:
-                self.resident += nbytes - entry.nbytes
-                entry.nbytes = nbytes
-            if entry.extent is not None and (entry.extent.length < nbytes
-                                             or self.mover.is_committed(entry.extent)):
-                self.mover.free(entry.extent)
-                entry.extent = None
-            if entry.extent is None:
-                entry.extent = self.mover.allocate(nbytes)
+            nbytes = self._extent_for_write(entry, storage)
             try:
                 self.mover.write(storage.data_ptr(), nbytes, entry.extent, storage).result()
             except OSError as exc:
