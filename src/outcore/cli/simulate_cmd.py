@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
                    help="N budgets from the smallest feasible to the in-core peak (default 6)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
+    p.add_argument("--timeline", metavar="OUT.json",
+                   help="write the simulated step as a Chrome trace (opens in Perfetto or "
+                        "chrome://tracing); one trace, budget and policy only")
     p.set_defaults(func=run)
 
 
@@ -52,6 +55,10 @@ def _budgets(args, trace, machine) -> list[int]:
 def run(args) -> int:
     policies = _policies(args.policy)
     options = policy_options(args)
+    if args.timeline and (len(args.traces) > 1 or len(policies) > 1 or args.sweep
+                          or (args.budget and "," in args.budget)):
+        raise OutcoreError("--timeline draws one simulated step: give one trace, one budget and "
+                           "one policy")
     rows = []
     single = None
     for path in args.traces:
@@ -69,11 +76,21 @@ def run(args) -> int:
                 sim = simulate(trace, schedule, args.machine)
                 rows.append((label, budget, policy, sim, schedule))
                 single = (trace, schedule, sim)
+    if args.timeline:
+        if single is None:
+            _, budget, _, _, exc = rows[0]
+            raise OutcoreError(f"no timeline: the budget {format_bytes(budget)} is infeasible "
+                               f"(needs {format_bytes(exc.min_feasible_bytes)})")
+        from ..view.timeline import simulated_timeline, write
+        write(args.timeline, simulated_timeline(*single))
     if len(rows) == 1 and single is not None:
         trace, schedule, sim = single
         print(repr(trace))
         print(schedule.summary(trace=trace, max_lines=0))
         print(sim)
+        if args.timeline:
+            print(f"timeline written to {args.timeline} (open it in ui.perfetto.dev or "
+                  "chrome://tracing)")
         return 0
     print(f"machine {args.machine}")
     header = (f"{'trace':<34} {'budget':>11} {'policy':<16} {'in':>11} {'out':>11} "

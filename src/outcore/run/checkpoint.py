@@ -1,4 +1,4 @@
-"""Checkpoints that are whole or absent: `ooc.save(obj, path)`.
+"""Checkpoints (and any file outcore writes) that are whole or absent: `ooc.save(obj, path)`.
 
 NOTE [Atomic save]
   1. The checkpoint is written to a file with no name (O_TMPFILE) in the directory of
@@ -70,6 +70,13 @@ def _open_unnamed(directory: str) -> int | None:
 
 def atomic_save(obj, path, shield: Shield) -> None:
     """torch.save(obj, path) so that `path` is never half-written (NOTE [Atomic save])."""
+    atomic_write(path, lambda f: torch.save(obj, f), shield)
+
+
+def atomic_write(path, write, shield: Shield | None = None) -> None:
+    """Call `write(f)` on a binary file that becomes `path` whole, or not at all (NOTE
+    [Atomic save]); timelines and reports are written so too."""
+    shield = Shield() if shield is None else shield
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     if not os.path.isdir(directory):
@@ -83,7 +90,7 @@ def atomic_save(obj, path, shield: Shield) -> None:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
         os.fsync(fd)
         shield.enter()

@@ -194,6 +194,7 @@ class OutOfCore:
         self._record_next = True
         self._infeasible: InfeasibleBudget | None = None
         self._iterations: list[IterationStats] = []
+        self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
 
     # -- the loop ------------------------------------------------------------------------
     def iteration(self) -> "_Iteration":
@@ -238,6 +239,27 @@ class OutOfCore:
             raise OutcoreError("ooc.save() cannot run inside ooc.iteration(); call it between "
                                "iterations")
         atomic_save(obj, path, self._shield)
+
+    def timeline(self, path, *, simulated: bool = True, machine="cpu-disk") -> None:
+        """Write the last replayed iteration as a Chrome trace JSON file, which Perfetto
+        (ui.perfetto.dev) and chrome://tracing open: a compute track (one slice per op), a
+        track per transfer direction (one slice per swap), and counters (fast tier, slow
+        tier, resident set, budget). With `simulated`, the same schedule simulated on
+        `machine` (a preset name or an outcore.simulate.Machine) is a second process in
+        the file, on the same clock, so planned and measured open side by side
+        (docs/see.md)."""
+        from ..simulate import simulate
+        from ..view import timeline as tl
+        if self._last_replay is None:
+            raise OutcoreError("no iteration has replayed a plan yet: the first iterations record "
+                               "the step; call ooc.timeline() after one that replayed (the report's "
+                               "mode column says 'replay')")
+        trace, schedule, log = self._last_replay
+        parts = [tl.measured_events(trace, log, budget=self.budget, rss_start=self._rss_start)]
+        if simulated:
+            parts.insert(0, tl.simulated_events(trace, schedule, simulate(trace, schedule, machine)))
+        tl.write(path, tl.chrome_trace(*parts, policy=schedule.policy, budget=self.budget,
+                                       functions=len(trace.functions)))
 
     def _park(self, errors: list, commit: bool = False) -> None:
         """Leave state where the step left it: finish every transfer, make the state
@@ -487,6 +509,7 @@ class _Iteration:
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
             deviation = mode.deviation
+            ooc._last_replay = (ooc.trace, ooc.schedule, mode.log)
         ooc._park(errors, commit=exc is None and not errors)
         ooc._active = False
         ooc._shield.uninstall()

@@ -12,6 +12,8 @@ says: a wrong or stale plan costs time, never correctness.
 """
 from __future__ import annotations
 
+import time
+
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
@@ -19,6 +21,7 @@ from ..states import FAST, SLOW
 from .interrupts import HeldMode, Shield
 from .on_demand import OnDemand
 from .residency import Residency
+from .steplog import StepLog
 
 
 class Replayer(HeldMode):
@@ -34,8 +37,10 @@ class Replayer(HeldMode):
         self.nbytes = [a.nbytes for a in trace.arrays]
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
         self.by_id: list = [None] * len(trace.arrays)
+        self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
         for aid, entry in carried.items():
             self.by_id[aid] = entry
+            self.aid_of[entry] = aid
         self.index = 0
         self.deviation: str | None = None
         self.skipped_actions = 0
@@ -45,6 +50,7 @@ class Replayer(HeldMode):
         # A plan that moves nothing needs no bookkeeping: only follow the op sequence,
         # so that a step that changes is still noticed (and then runs on-demand).
         self.passive = schedule.bytes_moved == 0
+        self.log = StepLog(time.perf_counter())
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
@@ -52,6 +58,8 @@ class Replayer(HeldMode):
         write out (or drop, if clean) what it starts without, then read in what it
         starts with but the last iteration left on the slow tier. In a steady loop the
         schedule starts where it ended and nothing moves (simulate: `boundary_s`)."""
+        self.log = StepLog(time.perf_counter())
+        self.res.spans = []
         wanted = set(self.schedule.resident_at_start)
         moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
         for entry in moving:
@@ -68,7 +76,18 @@ class Replayer(HeldMode):
         self._zombies = []     # whatever the user still holds at the end stays where it is
         if self.deviation is None and self.index != self.n:
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
-        self.res.settle()
+        try:
+            self.res.settle()
+        finally:
+            self._close_log()
+
+    def _close_log(self) -> None:
+        spans, self.res.spans = self.res.spans, None
+        log = self.log
+        log.end = time.perf_counter()
+        aid_of = self.aid_of
+        log.transfers = [(aid_of.get(entry, -1), direction, nbytes, start, end)
+                         for entry, direction, nbytes, start, end in spans or ()]
 
     def persistent_entries(self) -> dict:
         """Entries of the state the next iteration starts from (persistent arrays that
@@ -99,7 +118,12 @@ class Replayer(HeldMode):
             return self._deviate(f"function {i}: expected {expected}, the step ran {names[0]}",
                                  func, args, kwargs)
         self.index = i + len(names)
-        return func(*args, **kwargs)
+        taken = time.perf_counter()
+        out = func(*args, **kwargs)
+        done = time.perf_counter()
+        res = self.res
+        self.log.function(i, taken, taken, done, done, res.resident, res.offloaded, res.last_rss)
+        return out
 
     def _name(self, func) -> str:
         name = self._names.get(func)
@@ -117,6 +141,7 @@ class Replayer(HeldMode):
             return self._deviate(f"function {i}: expected {expected}, the step ran {name}",
                                  func, args, kwargs)
         res = self.res
+        taken = time.perf_counter()
         if self._zombies:
             self._reap()
         inputs = list(iter_tensors(args))
@@ -136,6 +161,7 @@ class Replayer(HeldMode):
                     return self._deviate(f"function {i} ({name}) reads an array of {entry.nbytes} "
                                          f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
                 self.by_id[aid] = entry
+                self.aid_of[entry] = aid
             elif bound is not entry:
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
                                      func, args, kwargs)
@@ -144,7 +170,9 @@ class Replayer(HeldMode):
         for entry in entries:
             res.ready(entry)
             res.touch(entry)
+        started = time.perf_counter()
         out = func(*args, **kwargs)
+        returned = time.perf_counter()
         known = {e.key for e in entries}
         created = [s for s in distinct_storages(output_tensors(out))
                    if s._cdata not in known and (s.nbytes() or s._cdata in res.entries)]
@@ -156,13 +184,16 @@ class Replayer(HeldMode):
             self._on_demand.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
             return out
         for storage, aid in zip(created, rest):
-            self.by_id[aid] = res.track(storage)
+            entry = self.by_id[aid] = res.track(storage)
+            self.aid_of[entry] = aid
         for aid in self.dirty[i]:
             entry = self.by_id[aid]
             if entry is not None:
                 res.mark_written(entry)
         self._actions(self.schedule.end[i])
         self.index = i + 1
+        self.log.function(i, taken, started, returned, time.perf_counter(), res.resident,
+                          res.offloaded, res.last_rss)
         return out
 
     def _actions(self, actions) -> None:
@@ -207,6 +238,7 @@ class Replayer(HeldMode):
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
         self.deviation = reason
+        self.log.deviation = (self.index, reason)
         self.res.settle()            # no planned transfer is left half-done
         if func is None:
             return None

@@ -103,6 +103,10 @@ class Residency:
         self._dead: collections.deque = collections.deque()   # appended from any thread
         self._dying: list[Entry] = []         # dead, with a transfer still in flight
         self._rss_sampled = 0.0
+        self.last_rss = 0                     # the resident set at the latest sample
+        # When a list: (entry, "in" or "out", bytes, start, end) of every transfer that
+        # completes, in perf_counter seconds, for the replayer's timeline (view/timeline.py).
+        self.spans: list | None = None
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage) -> Entry:
@@ -308,7 +312,7 @@ class Residency:
         if not force and now - self._rss_sampled < RSS_SAMPLE_S:
             return
         self._rss_sampled = now
-        rss = resident_bytes()
+        rss = self.last_rss = resident_bytes()
         stats = self.stats
         if rss > stats.peak_rss:
             stats.peak_rss = rss
@@ -348,7 +352,10 @@ class Residency:
         try:
             for attempt in range(1, READ_ATTEMPTS + 1):
                 try:
-                    entry.future.result()
+                    span = entry.future.result()
+                    if self.spans is not None and span is not None:
+                        self.spans.append((entry, "in" if doing == "reading" else "out",
+                                           entry.nbytes, *span))
                     break
                 except Exception as exc:
                     entry.future = None

@@ -38,6 +38,7 @@ class Simulation:
     bytes_out: int
     transfers: tuple[Transfer, ...]
     shared_link: bool = False
+    compute_s: tuple[float, ...] = ()   # per function: how long it computed
     # Between iterations OutOfCore leaves state where the step left it (run/mapped.py);
     # before the next step it writes out the state the schedule ends with in fast memory
     # but starts without, and reads in the state it starts with but ends without; both
@@ -98,7 +99,7 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
     in_done: dict[int, float] = {}
     out_done: dict[int, float] = {}
     transfers = []
-    stalls, starts = [], []
+    stalls, starts, computes = [], [], []
     in_core = 0.0
     for i, fn in enumerate(trace.functions):
         stall = 0.0
@@ -122,6 +123,7 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
         stall += ready - t
         starts.append(ready)
         compute = m.compute_time(fn)
+        computes.append(compute)
         in_core += compute
         t = ready + compute
         for act in schedule.end[i]:
@@ -144,6 +146,6 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
                 + sum(m.transfer_time(a.nbytes, "in") for a in state
                       if a.id in start_set and a.id not in end_set))
     return Simulation(machine=m.name, step_time_s=t, in_core_time_s=in_core, stall_s=tuple(stalls),
-                      start_s=tuple(starts), peak_bytes=schedule.peak_bytes,
+                      start_s=tuple(starts), compute_s=tuple(computes), peak_bytes=schedule.peak_bytes,
                       bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,
                       transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary)

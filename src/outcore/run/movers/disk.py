@@ -423,11 +423,13 @@ class DiskMover:
         head = self._heads.get(extent.offset, 0)
         return self._reader.submit(self._read, address, nbytes, extent, head, keepalive)
 
-    def _write(self, address, nbytes, extent, head, keepalive):
+    def _write(self, address, nbytes, extent, head, keepalive) -> tuple[float, float]:
+        """The copy itself, on the writer thread; returns when it ran (perf_counter
+        seconds), for timelines."""
         start = time.perf_counter()
         try:
             if nbytes == 0:
-                return
+                return start, start
             if not self.direct:
                 self._pwrite_memory(address, nbytes, extent.offset)
                 os.fdatasync(self._fd)
@@ -448,28 +450,36 @@ class DiskMover:
             else:
                 self._pwrite_staged(address, nbytes, extent.offset)
         finally:
-            self.busy_write_s += time.perf_counter() - start
+            end = time.perf_counter()
+            self.busy_write_s += end - start
+        return start, end
 
-    def _read(self, address, nbytes, extent, head, keepalive):
+    def _read(self, address, nbytes, extent, head, keepalive) -> tuple[float, float]:
+        """The copy itself, on the reader thread; returns when it ran, as `_write`."""
         start = time.perf_counter()
         try:
-            at = extent.offset + head            # where the tensor's first byte is in the file
-            if nbytes == 0:
-                return
-            if not self.direct:
-                self._pread_memory(address, nbytes, at)
-                os.posix_fadvise(self._fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
-                return
-            first = min(nbytes, -address % ALIGNMENT)                      # partial first page
-            last = max(first, (address + nbytes) // ALIGNMENT * ALIGNMENT - address)
-            if (address - at) % ALIGNMENT or last == first or nbytes < self.direct_min_bytes:
-                self._pread_staged(address, nbytes, at)       # no whole page lines up
-                return
-            self._pread_staged(address, first, at)
-            self._pread_pages(address + first, last - first, at + first)
-            self._pread_staged(address + last, nbytes - last, at + last)  # partial last page
+            self._read_into(address, nbytes, extent.offset + head, extent)
         finally:
-            self.busy_read_s += time.perf_counter() - start
+            end = time.perf_counter()
+            self.busy_read_s += end - start
+        return start, end
+
+    def _read_into(self, address, nbytes, at, extent) -> None:
+        """`at`: where the tensor's first byte is in the file."""
+        if nbytes == 0:
+            return
+        if not self.direct:
+            self._pread_memory(address, nbytes, at)
+            os.posix_fadvise(self._fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
+            return
+        first = min(nbytes, -address % ALIGNMENT)                      # partial first page
+        last = max(first, (address + nbytes) // ALIGNMENT * ALIGNMENT - address)
+        if (address - at) % ALIGNMENT or last == first or nbytes < self.direct_min_bytes:
+            self._pread_staged(address, nbytes, at)       # no whole page lines up
+            return
+        self._pread_staged(address, first, at)
+        self._pread_pages(address + first, last - first, at + first)
+        self._pread_staged(address + last, nbytes - last, at + last)  # partial last page
 
     # Each helper loops on short transfers; an error propagates as OSError (the Residency
     # turns it into an OutcoreError and keeps the fast copy of a failed write).

@@ -1,0 +1,227 @@
+"""Hugging Face `transformers.Trainer` under an outcore budget: one `ooc.iteration()` per
+optimizer step.
+
+    from outcore.integrations.transformers import OutcoreCallback
+
+    ooc = outcore.OutOfCore(budget="2GiB")
+    callback = OutcoreCallback(ooc)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+    with callback:                 # ends a step an exception leaves open (see below)
+        trainer.train()
+    print(ooc.report()); ooc.close()
+
+or, in one call, `train(trainer, ooc)` (adds the callback for the call, guards it, and
+returns what `trainer.train()` returns).
+
+NOTE [Which Trainer events]
+Chosen from `Trainer._run_epoch` of the transformers this was written against (5.24),
+not from the callback docs. Per optimizer step the loop prefetches the step's
+micro-batches (`get_batch_samples`), then for each micro-batch `step += 1` and:
+
+    if step % gradient_accumulation_steps == 0:   on_step_begin      (first micro-batch)
+    training_step(...)                             forward + backward
+    if do_sync_step:                               (last micro-batch of the step)
+        clip gradients; on_pre_optimizer_step; optimizer.step(); on_optimizer_step
+        lr_scheduler.step(); model.zero_grad(); global_step += 1; on_step_end
+        _maybe_log_save_evaluate(...)              logging, evaluation, checkpoints
+    else:                                          on_substep_end
+
+So `on_step_begin` fires once per optimizer step, before the first micro-batch's forward,
+and `on_step_end` once, after `optimizer.step()` and `model.zero_grad()`: the iteration
+is entered at the first and left at the second, and holds every micro-batch of the
+accumulation, the clipping, the optimizer step and the zero_grad (what outcore plans as
+one step). `on_pre_optimizer_step` / `on_optimizer_step` come before zero_grad, and
+`on_substep_end` fires between micro-batches, so none of them can end the step. Data
+loading (prefetched before `on_step_begin`), logging, evaluation and checkpoint saving
+(after `on_step_end`) run between iterations, on plain PyTorch objects (README,
+"Between iterations").
+
+The loop can leave a step without `on_step_end`: a callback that sets
+`should_epoch_stop` / `should_training_stop` in `on_substep_end` breaks out in the
+middle of an accumulation, and an iterable dataset can run out mid-accumulation. The
+epoch then ends (`on_epoch_end`, then `_maybe_log_save_evaluate`), so an iteration still
+open is ended, as a block that ran to its end, at `on_epoch_end`, and again at the
+latest at `on_train_end`.
+
+NOTE [Exceptions]
+No callback event fires when an exception (KeyboardInterrupt included) escapes the
+training loop, so the iteration it interrupts would stay open: its dispatch mode still
+pushed, `ooc.close()` refused. `with callback:` around `trainer.train()` (or `train()`)
+ends that iteration with the exception, the way `with ooc.iteration():` does, and lets
+the exception go on: every tensor keeps the value it had when the exception landed, and
+`ooc.close()` and the next iteration work. Without the guard, `on_train_begin` warns; a
+step left open that way is ended (as interrupted, with a warning) at the next
+`on_train_begin` or by `callback.end()`.
+"""
+from __future__ import annotations
+
+import warnings
+
+try:
+    # An absolute import: this module is outcore.integrations.transformers, and this
+    # names the top-level `transformers` package, not this module.
+    import transformers
+    from transformers import TrainerCallback
+except ImportError as exc:       # pragma: no cover - transformers is a test dependency
+    raise ImportError("outcore.integrations.transformers needs `transformers` (and, for its "
+                      "Trainer, `accelerate`): pip install 'transformers[torch]'") from exc
+
+from ..errors import OutcoreError
+from ..run.ooc import OutOfCore
+
+__all__ = ["OutcoreCallback", "train"]
+
+
+class OutcoreCallback(TrainerCallback):
+    """Runs each optimizer step of a `transformers.Trainer` as one `ooc.iteration()`.
+
+    Enters the iteration at `on_step_begin` (before the first micro-batch of the step)
+    and leaves it at `on_step_end` (after `optimizer.step()` and `model.zero_grad()`), so
+    all micro-batches of a gradient accumulation are one outcore iteration (NOTE [Which
+    Trainer events]). An iteration still open at `on_epoch_end` or `on_train_end` (the
+    loop stopped in the middle of an accumulation) is ended there.
+
+    Use it as a context manager around `trainer.train()`: an exception escaping the
+    training loop then ends the interrupted iteration with that exception (NOTE
+    [Exceptions]).
+
+    ooc: an open `outcore.OutOfCore` without `state_dir` (use the Trainer's checkpoints
+        to resume). Other errors: the Trainer must train on the CPU, in one process,
+        without `torch_compile` (outcore's limits; README, "Limits today").
+    """
+
+    def __init__(self, ooc):
+        if not isinstance(ooc, OutOfCore):
+            raise OutcoreError(f"OutcoreCallback needs an outcore.OutOfCore, got {type(ooc).__name__}: "
+                               "OutcoreCallback(outcore.OutOfCore(budget=...))")
+        _require_open(ooc)
+        if getattr(ooc, "_durable", None) is not None:
+            raise OutcoreError(
+                "OutcoreCallback does not support OutOfCore(..., state_dir=...): its iterations "
+                "would be committed apart from the Trainer's steps, data position and scheduler. "
+                "Resume a Trainer run from the Trainer's own checkpoints (save_steps, "
+                "trainer.train(resume_from_checkpoint=...)) and create the OutOfCore without state_dir")
+        self.ooc = ooc
+        self.steps = 0              # optimizer steps run as outcore iterations
+        self._open = None           # the ooc.iteration() in progress, if any
+        self._guards = 0            # `with callback:` blocks open
+
+    # -- the guard ---------------------------------------------------------------------
+    def __enter__(self):
+        self._guards += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._guards -= 1
+        self._finish(exc)
+        return False
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """End the iteration left open by an exception that escaped `trainer.train()`
+        outside `with callback:` (with that exception, or as a block that ran to its
+        end if `exc` is None). Does nothing when no iteration is open."""
+        self._finish(exc)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether an outcore iteration begun by this callback is open."""
+        return self._open is not None and self._open.entered
+
+    # -- Trainer events ----------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self._open is not None:
+            # Left open by an exception that escaped an earlier train() without the guard
+            # (or by Trainer's auto_find_batch_size retrying after one).
+            abandoned = OutcoreError("an exception escaped trainer.train() in the middle of a step, "
+                                     "outside `with callback:`; that step was ended only now, at the "
+                                     "next on_train_begin")
+            self._finish(abandoned)
+            notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
+            warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=2)
+        _require_open(self.ooc)
+        device = getattr(args, "device", None)
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            raise OutcoreError(f"OutcoreCallback trains on the CPU only (outcore's fast tier is RAM); "
+                               f"this Trainer trains on {device}. Pass TrainingArguments(use_cpu=True)")
+        if getattr(args, "torch_compile", False):
+            raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
+                               "bypass the dispatcher outcore manages tensors through); set "
+                               "TrainingArguments(torch_compile=False)")
+        if getattr(args, "world_size", 1) != 1:
+            raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {args.world_size} "
+                               "(torch.distributed is not supported by outcore yet)")
+        if self._guards == 0:
+            warnings.warn("OutcoreCallback: trainer.train() runs outside `with callback:`; an exception "
+                          "escaping a step would leave its outcore iteration open (and ooc.close() "
+                          "refused) until callback.end(). Use `with callback: trainer.train()` or "
+                          "outcore.integrations.transformers.train(trainer, ooc)",
+                          RuntimeWarning, stacklevel=2)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._finish(None)          # none is open in Trainer 5.24's loop (NOTE [Which Trainer events])
+        iteration = self.ooc.iteration()
+        self._open = iteration
+        iteration.__enter__()       # when it raises, it has ended itself: `entered` is False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.in_step:
+            self.steps += 1
+        self._finish(None)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._finish(None)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._finish(None)
+        return control
+
+    # -- ending ------------------------------------------------------------------------
+    def _finish(self, exc) -> None:
+        """End the open iteration: as a block that ran to its end (`exc` None; outcore's
+        own errors are raised), or interrupted by `exc` (they are added to it as notes)."""
+        iteration, self._open = self._open, None
+        if iteration is None or not iteration.entered:
+            return
+        if exc is None:
+            iteration.__exit__(None, None, None)
+        else:
+            iteration.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __repr__(self) -> str:
+        return f"OutcoreCallback({self.ooc!r}, steps={self.steps}{', in a step' if self.in_step else ''})"
+
+
+def train(trainer, ooc, **train_kwargs):
+    """`trainer.train(**train_kwargs)` with each optimizer step as one `ooc.iteration()`.
+
+    Uses the trainer's `OutcoreCallback` for `ooc` if it has one, else adds one for the
+    call (and removes it afterwards); runs under its guard, so an exception escaping a
+    step ends that iteration with the exception and goes on. Returns what `train()`
+    returns."""
+    if not isinstance(trainer, transformers.Trainer):
+        raise OutcoreError(f"train() needs a transformers.Trainer, got {type(trainer).__name__}")
+    if not isinstance(ooc, OutOfCore):
+        raise OutcoreError(f"train() needs an outcore.OutOfCore, got {type(ooc).__name__}")
+    ours = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, OutcoreCallback)]
+    others = [cb for cb in ours if cb.ooc is not ooc]
+    if others:
+        raise OutcoreError(f"this Trainer already has {others[0]!r} for another OutOfCore; "
+                           "one OutcoreCallback per Trainer")
+    callback = ours[0] if ours else OutcoreCallback(ooc)
+    if not ours:
+        trainer.add_callback(callback)
+    try:
+        with callback:
+            return trainer.train(**train_kwargs)
+    finally:
+        if not ours:
+            trainer.remove_callback(callback)
+
+
+def _require_open(ooc) -> None:
+    if ooc.closed:
+        raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
