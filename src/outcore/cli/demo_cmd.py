@@ -1,22 +1,25 @@
 """`outcore demo`: the main job on an embedded default.
 
 Trains a ResNet-50 on scikit-learn's handwritten digits (shipped in the package, no
-download) twice from the same seed: once in plain PyTorch with all the memory it wants,
-once under outcore with a budget of a quarter of what the in-core step holds. Prints
-both losses per iteration, whether they are bitwise equal, and outcore's report.
+download) twice from the same seed, each in a fresh process: once in plain PyTorch
+with all the memory it wants, once under outcore with a budget of a quarter of what
+the in-core step holds. Prints both losses per iteration, whether they are bitwise
+equal, the peak resident set of each process, why the bytes outcore moved differ from
+the plan, and outcore's report; writes the memory picture, the timeline and the report.
+
+A fresh process per run keeps the two apart: the peak resident set (VmHWM) of each is
+its own, and the C allocator's state of one does not carry into the other.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
-import torch
-
 from ..errors import OutcoreError
-from ..run import OutOfCore
-from ..trace import record
 from ..units import format_bytes
-from ..workloads.digits import digit_batches
-from ..workloads.resnet import resnet50
 
 
 def add_parser(sub) -> None:
@@ -29,16 +32,33 @@ def add_parser(sub) -> None:
                    help="budget as a fraction of the in-core step's memory (default 0.25)")
     p.add_argument("--policy", default="adaptive", help="planning policy (default adaptive)")
     p.add_argument("--swap-dir", default=None, help="where the swap file goes (default: temp dir)")
+    p.add_argument("--out", default="outcore-demo",
+                   help="directory for the memory picture (memory.png), the timeline "
+                        "(timeline.json, opens in ui.perfetto.dev) and the report (report.json); "
+                        "default ./outcore-demo")
     p.set_defaults(func=run)
 
 
+# -- the two runs, each in its own process ---------------------------------------------------
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _setup(seed: int = 0):
+    import torch
+
+    from ..workloads.resnet import resnet50
     torch.manual_seed(seed)
     model = resnet50(num_classes=10, in_channels=1)
     return model, torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
 
 
 def _step(model, opt, x, y):
+    import torch
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
@@ -46,54 +66,137 @@ def _step(model, opt, x, y):
     return loss.detach()
 
 
+def _plain(cfg: dict) -> dict:
+    """In-core: trains, records iteration 2 (steady state: momentum exists) to size the
+    budget, and reports the resident set it grew by."""
+    import time as _time
+
+    from ..trace import record
+    from ..workloads.digits import digit_batches
+    model, opt = _setup()
+    batches = digit_batches(cfg["batch"], cfg["image_size"])
+    start_rss = _status("VmRSS:")
+    losses, times, held = [], [], 0
+    for it in range(cfg["iterations"]):
+        x, y = next(batches)
+        start = _time.perf_counter()
+        if it == 1:
+            with record() as rec:
+                losses.append(_step(model, opt, x, y))
+            held = rec.trace.peak(actual=True)[0]
+        else:
+            losses.append(_step(model, opt, x, y))
+        times.append(_time.perf_counter() - start)
+    return {"losses": [loss.item().hex() for loss in losses], "times": times, "held": held,
+            "start_rss": start_rss, "peak_rss": _status("VmHWM:")}
+
+
+def _outcore(cfg: dict) -> dict:
+    """Under the budget: trains, then writes the picture, the timeline and the report of
+    the last replayed iteration into cfg["out"], and compares its traffic with the plan."""
+    import time as _time
+
+    from ..run import OutOfCore
+    from ..view.traffic import compare
+    from ..workloads.digits import digit_batches
+    model, opt = _setup()
+    batches = digit_batches(cfg["batch"], cfg["image_size"])
+    start_rss = _status("VmRSS:")
+    losses, times = [], []
+    out = cfg["out"]
+    with OutOfCore(budget=cfg["budget"], policy=cfg["policy"], swap_dir=cfg["swap_dir"]) as ooc:
+        for _ in range(cfg["iterations"]):
+            x, y = next(batches)
+            start = _time.perf_counter()
+            with ooc.iteration():
+                losses.append(_step(model, opt, x, y))
+            times.append(_time.perf_counter() - start)
+        report = ooc.report()
+        files, traffic = {}, None
+        if ooc._last_replay is not None:
+            os.makedirs(out, exist_ok=True)
+            files["picture"] = os.path.join(out, "memory.png")
+            files["timeline"] = os.path.join(out, "timeline.json")
+            ooc.plot(files["picture"])
+            ooc.timeline(files["timeline"])
+            trace, schedule, log = ooc._last_replay
+            traffic = compare(trace, schedule, log).lines()
+        if files:
+            files["report"] = os.path.join(out, "report.json")
+            report.save(files["report"])
+    return {"losses": [loss.item().hex() for loss in losses], "times": times,
+            "start_rss": start_rss, "peak_rss": _status("VmHWM:"), "report": str(report),
+            "modes": [it.mode for it in report.iterations], "traffic": traffic, "files": files}
+
+
+def _child(kind: str, cfg: dict) -> dict:
+    """Run `kind` ("plain" or "outcore") in a fresh Python process; its last line is JSON."""
+    proc = subprocess.run([sys.executable, "-m", "outcore.cli.demo_cmd", kind, json.dumps(cfg)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OutcoreError(f"the demo's {kind} run failed (exit {proc.returncode}):\n"
+                           + proc.stderr.strip()[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the parent: runs both and prints them side by side ------------------------------------------
 def run(args) -> int:
     if not 0 < args.fraction <= 1:
         raise OutcoreError(f"--fraction must be in (0, 1], got {args.fraction}")
-    if args.iterations < 1:
-        raise OutcoreError(f"--iterations must be at least 1, got {args.iterations}")
+    if args.iterations < 2:
+        raise OutcoreError(f"--iterations must be at least 2 (the second sizes the budget), "
+                           f"got {args.iterations}")
     print(f"outcore demo: ResNet-50 on handwritten digits ({args.image_size}x{args.image_size}), "
-          f"batch {args.batch}, SGD with momentum, {args.iterations} iterations\n")
-
-    model, opt = _setup()
-    batches = digit_batches(args.batch, args.image_size)
-    plain_losses, plain_times = [], []
-    trace = None
-    for it in range(args.iterations):
-        x, y = next(batches)
-        start = time.perf_counter()
-        if it == 1:                       # steady state (momentum exists): measure it
-            with record() as rec:
-                plain_losses.append(_step(model, opt, x, y))
-            trace = rec.trace
-        else:
-            plain_losses.append(_step(model, opt, x, y))
-        plain_times.append(time.perf_counter() - start)
-    held = trace.peak(actual=True)[0] if trace else 0
-    budget = int(held * args.fraction) if trace else None
-
-    model, opt = _setup()
-    batches = digit_batches(args.batch, args.image_size)
-    ooc_losses, ooc_times = [], []
-    if budget is None:
-        raise OutcoreError("the demo needs at least 2 iterations to size the budget")
-    with OutOfCore(budget=budget, policy=args.policy, swap_dir=args.swap_dir) as ooc:
-        for it in range(args.iterations):
-            x, y = next(batches)
-            start = time.perf_counter()
-            with ooc.iteration():
-                ooc_losses.append(_step(model, opt, x, y))
-            ooc_times.append(time.perf_counter() - start)
-        report = ooc.report()
+          f"batch {args.batch}, SGD with momentum, {args.iterations} iterations, each run in a "
+          "fresh process\n", flush=True)
+    cfg = {"iterations": args.iterations, "batch": args.batch, "image_size": args.image_size}
+    started = time.perf_counter()
+    plain = _child("plain", cfg)
+    held = plain["held"]
+    budget = int(held * args.fraction)
+    ooc = _child("outcore", {**cfg, "budget": budget, "policy": args.policy,
+                             "swap_dir": args.swap_dir, "out": args.out})
 
     print(f"in-core step holds {format_bytes(held)} of tensors; outcore budget "
           f"{format_bytes(budget)} ({held / budget:.1f}x smaller)\n")
     print(" iter   in-core loss   outcore loss   equal   in-core s   outcore s   outcore mode")
+    equal = True
     for it in range(args.iterations):
-        a, b = plain_losses[it], ooc_losses[it]
-        same = "yes" if torch.equal(a, b) else "NO"
-        print(f" {it + 1:>4}   {a.item():>12.6f}   {b.item():>12.6f}   {same:>5}   "
-              f"{plain_times[it]:>9.2f}   {ooc_times[it]:>9.2f}   {report.iterations[it].mode}")
-    equal = all(torch.equal(a, b) for a, b in zip(plain_losses, ooc_losses))
+        a, b = plain["losses"][it], ooc["losses"][it]
+        same = a == b                     # the float32 losses' exact bits (float.hex)
+        equal &= same
+        print(f" {it + 1:>4}   {float.fromhex(a):>12.6f}   {float.fromhex(b):>12.6f}   "
+              f"{'yes' if same else 'NO':>5}   {plain['times'][it]:>9.2f}   "
+              f"{ooc['times'][it]:>9.2f}   {ooc['modes'][it]}")
     print(f"\nlosses bitwise equal: {'yes' if equal else 'NO'}\n")
-    print(report)
+
+    print("memory of each process (VmHWM: its peak resident set; 'start' is after building "
+          "the model and loading the data)")
+    print("   run        start        peak   peak - start")
+    for name, r in (("in-core", plain), ("outcore", ooc)):
+        print(f"   {name:<8} {format_bytes(r['start_rss']):>11} {format_bytes(r['peak_rss']):>11} "
+              f"{format_bytes(r['peak_rss'] - r['start_rss']):>14}")
+    grew_plain = plain["peak_rss"] - plain["start_rss"]
+    grew_ooc = ooc["peak_rss"] - ooc["start_rss"]
+    if grew_plain > 0:
+        print(f"   outcore's process grew {grew_ooc / grew_plain:.2f}x as much as plain PyTorch's; "
+              f"its budget covers the tensors outcore manages, the rest is the allocator's and "
+              "the libraries' (docs/state.md)\n")
+    if ooc["traffic"]:
+        print("planned against measured bytes, last replayed iteration:")
+        for line in ooc["traffic"]:
+            print(f"   {line}")
+        print()
+    print(ooc["report"])
+    if ooc["files"]:
+        print(f"\nmemory picture {ooc['files']['picture']}, timeline {ooc['files']['timeline']} "
+              f"(open it in ui.perfetto.dev or chrome://tracing), report {ooc['files']['report']} "
+              f"(outcore report {ooc['files']['report']})")
+    print(f"\ndemo took {time.perf_counter() - started:.0f} s")
     return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    kind, config = sys.argv[1], json.loads(sys.argv[2])
+    result = {"plain": _plain, "outcore": _outcore}[kind](config)
+    print(json.dumps(result))

@@ -12,7 +12,7 @@ import sys
 from ..errors import OutcoreError
 
 # Subcommands in the order `outcore --help` lists them.
-COMMANDS = ("demo", "trace", "plan", "simulate", "bench")
+COMMANDS = ("demo", "trace", "plan", "simulate", "plot", "report", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

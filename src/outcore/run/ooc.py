@@ -250,16 +250,29 @@ class OutOfCore:
         (docs/see.md)."""
         from ..simulate import simulate
         from ..view import timeline as tl
-        if self._last_replay is None:
-            raise OutcoreError("no iteration has replayed a plan yet: the first iterations record "
-                               "the step; call ooc.timeline() after one that replayed (the report's "
-                               "mode column says 'replay')")
-        trace, schedule, log = self._last_replay
+        trace, schedule, log = self._replayed("ooc.timeline()")
         parts = [tl.measured_events(trace, log, budget=self.budget, rss_start=self._rss_start)]
         if simulated:
             parts.insert(0, tl.simulated_events(trace, schedule, simulate(trace, schedule, machine)))
         tl.write(path, tl.chrome_trace(*parts, policy=schedule.policy, budget=self.budget,
                                        functions=len(trace.functions)))
+
+    def plot(self, path, *, machine="cpu-disk") -> None:
+        """Draw the memory picture (outcore.view.plot) of the last replayed iteration to
+        `path` (.png or .svg): the plan simulated on `machine`, stacked by category, and
+        below it the measured step: managed bytes, the resident set, the transfers."""
+        from ..simulate import simulate
+        from ..view.plot import plot_memory
+        trace, schedule, log = self._replayed("ooc.plot()")
+        plot_memory(trace, schedule, simulate(trace, schedule, machine), path, measured=log,
+                    budget=self.budget, rss_start=self._rss_start)
+
+    def _replayed(self, api: str):
+        if self._last_replay is None:
+            raise OutcoreError(f"no iteration has replayed a plan yet: the first iterations record "
+                               f"the step; call {api} after one that replayed (the report's mode "
+                               "column says 'replay')")
+        return self._last_replay
 
     def _park(self, errors: list, commit: bool = False) -> None:
         """Leave state where the step left it: finish every transfer, make the state

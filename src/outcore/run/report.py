@@ -1,9 +1,14 @@
 """What an OutOfCore run recorded, planned, moved, and waited for."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 
+from ..errors import OutcoreError
 from ..units import format_bytes
+
+FORMAT = "outcore.report"
+VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,42 @@ class Report:
     def deviations(self) -> int:
         return sum(1 for it in self.iterations if it.deviation)
 
+    # -- JSON --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain data (json.dumps takes it): every field, iterations as a list of dicts."""
+        return {"format": FORMAT, "version": VERSION, **asdict(self),
+                "iterations": [asdict(it) for it in self.iterations]}
+
+    @staticmethod
+    def from_dict(data: dict) -> "Report":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise OutcoreError(f"not an outcore report (expected \"format\": \"{FORMAT}\"); "
+                               "write one with ooc.report().save(path)")
+        if data.get("version") != VERSION:
+            raise OutcoreError(f"report format version {data.get('version')} is not supported "
+                               f"(this outcore reads version {VERSION})")
+        try:
+            its = tuple(IterationStats(**_known(IterationStats, it)) for it in data["iterations"])
+            return Report(**{**_known(Report, data), "iterations": its})
+        except (KeyError, TypeError) as exc:
+            raise OutcoreError(f"malformed outcore report: {exc}") from exc
+
+    def save(self, path) -> None:
+        """Write the report as JSON, whole or not at all (NOTE [Atomic save]);
+        `outcore report PATH` prints it."""
+        from .checkpoint import atomic_write
+        data = json.dumps(self.to_dict(), indent=1).encode()
+        atomic_write(path, lambda f: f.write(data))
+
+    @staticmethod
+    def load(path) -> "Report":
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise OutcoreError(f"{path} is not JSON ({exc}); is it an outcore report?") from exc
+        return Report.from_dict(data)
+
     def __str__(self) -> str:
         lines = [f"outcore report: budget {format_bytes(self.budget)}, policy {self.policy}, swap {self.swap}"]
         if self.functions:
@@ -89,3 +130,10 @@ class Report:
                 if it.deviation:
                     lines.append(f"        deviated from the record: {it.deviation}; re-recording")
         return "\n".join(lines)
+
+
+def _known(cls, data: dict) -> dict:
+    """The keys of `data` that are fields of `cls`: a report written by a newer outcore
+    with more columns still loads."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

@@ -1,0 +1,38 @@
+"""`outcore plot TRACE --budget B -o memory.png`: the memory picture of a planned step."""
+from __future__ import annotations
+
+from ..plan import POLICIES, plan
+from ..simulate import PRESETS, simulate
+from ..trace import Trace
+from ..units import parse_bytes
+from .plan_cmd import policy_options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plot", help="draw a planned step's memory over time, by category (PNG or SVG)",
+        description="Plan a recorded trace under a budget, simulate it on a machine model and "
+                    "draw its fast-tier bytes over time, stacked by category (parameters, "
+                    "gradients, optimizer state, activations...), with the budget, the in-core "
+                    "curve and the swaps. For a measured step beside the plan, call "
+                    "ooc.plot(path) after a replayed iteration.")
+    p.add_argument("trace", help="trace JSON file (outcore trace -o FILE)")
+    p.add_argument("--budget", required=True, help="fast-tier budget, e.g. 512MiB")
+    p.add_argument("--policy", default="adaptive", choices=POLICIES,
+                   help="scheduling policy (default adaptive)")
+    p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),
+                   help="machine preset for the clock (default cpu-disk)")
+    p.add_argument("--window", help="adaptive window in bytes")
+    p.add_argument("--k", type=int, help="fixed window in functions")
+    p.add_argument("-o", "--output", required=True, help="where to write: a .png or .svg file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..view.plot import plot_memory
+    trace = Trace.load(args.trace)
+    schedule = plan(trace, parse_bytes(args.budget), args.policy, **policy_options(args))
+    sim = simulate(trace, schedule, args.machine)
+    plot_memory(trace, schedule, sim, args.output, title=trace.info.get("label"))
+    print(f"memory picture written to {args.output}")
+    return 0

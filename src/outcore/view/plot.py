@@ -1,0 +1,138 @@
+"""The memory picture: a step's fast-tier bytes over time, stacked by category.
+
+    plot_memory(trace, schedule, sim, path)                # planned (simulated)
+    plot_memory(trace, schedule, sim, path, measured=log)  # and measured, one figure
+
+The top panel is the plan on the simulator's clock: the bytes of each category
+(parameter, gradient, optimizer state, activation...) in fast memory while each function
+runs, stacked; the budget; what plain PyTorch holds (in-core, on its own, shorter clock);
+swap-ins marked below the axis, swap-outs above the budget line. With a StepLog of a
+replayed iteration (run/steplog.py) a second panel shows the measured step on its own
+clock: managed tensor bytes, the process's resident set above its start, the budget and
+the transfers as the movers ran them. PNG or SVG, by the path's suffix.
+
+matplotlib is optional (`pip install 'outcore[plot]'`); nothing else imports it.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import OutcoreError
+from .occupancy import by_category
+
+MIB = 2**20
+# One colour per category, stable across figures (tab10, in CATEGORIES order).
+_COLOURS = {"parameter": "#1f77b4", "buffer": "#17becf", "gradient": "#ff7f0e",
+            "optimizer_state": "#2ca02c", "activation": "#d62728", "temporary": "#9467bd",
+            "input": "#8c564b", "output": "#e377c2"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise OutcoreError("the memory picture needs matplotlib: pip install 'outcore[plot]' "
+                           "(or pip install matplotlib)") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _steps(times, values, end):
+    """A step curve: each value holds from its time to the next (the last to `end`)."""
+    xs, ys = [], []
+    for k, (t, v) in enumerate(zip(times, values)):
+        nxt = times[k + 1] if k + 1 < len(times) else end
+        xs += [t, nxt]
+        ys += [v, v]
+    return xs, ys
+
+
+def _planned(ax, trace, schedule, sim) -> None:
+    occ = by_category(trace, schedule)
+    ms = [t * 1e3 for t in sim.start_s]
+    end = sim.step_time_s * 1e3
+    layers = []
+    for k, category in enumerate(occ.categories):
+        xs, ys = _steps(ms, [row[k] / MIB for row in occ.fast], end)
+        layers.append(ys)
+    if layers:
+        ax.stackplot(xs, *layers, labels=[c.replace("_", " ") for c in occ.categories],
+                     colors=[_COLOURS.get(c, "#7f7f7f") for c in occ.categories], alpha=0.85,
+                     linewidth=0)
+    budget = schedule.budget / MIB
+    ax.axhline(budget, color="black", linestyle="--", linewidth=1.2,
+               label=f"budget {budget:.0f} MiB")
+    clock, t = [], 0.0
+    for compute in sim.compute_s:
+        clock.append(t * 1e3)
+        t += compute
+    xs, ys = _steps(clock, [b / MIB for b in occ.in_core], t * 1e3)
+    ax.plot(xs, ys, color="grey", linewidth=1.2, label="in-core (plain PyTorch, its own clock)")
+    _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], budget)
+    ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
+                 f"(in-core {sim.in_core_time_s * 1e3:.0f} ms); moves "
+                 f"{sim.bytes_in / MIB:.0f} MiB in, {sim.bytes_out / MIB:.0f} MiB out", fontsize=10)
+
+
+def _swap_marks(ax, marks, budget) -> None:
+    """Swap-ins as ticks just below zero, swap-outs just above the budget line."""
+    ins = [t for t, d in marks if d == "in"]
+    outs = [t for t, d in marks if d == "out"]
+    if ins:
+        ax.plot(ins, [-0.03 * budget] * len(ins), "|", color="#1f77b4", markersize=8,
+                label=f"swap-in ({len(ins)})")
+    if outs:
+        ax.plot(outs, [1.03 * budget] * len(outs), "|", color="#d62728", markersize=8,
+                label=f"swap-out ({len(outs)})")
+
+
+def _measured(ax, log, budget: int, rss_start: int) -> None:
+    rows = list(log.rows())
+    ms = [(r[4] - log.origin) * 1e3 for r in rows]
+    end = (log.end - log.origin) * 1e3
+    xs, ys = _steps(ms, [r[5] / MIB for r in rows], end)
+    ax.fill_between(xs, ys, color="#1f77b4", alpha=0.6, linewidth=0, label="managed tensors")
+    rss = [(t, (r[7] - rss_start) / MIB) for t, r in zip(ms, rows) if r[7]]
+    if rss:
+        xs, ys = _steps([t for t, _ in rss], [v for _, v in rss], end)
+        ax.plot(xs, ys, color="#ff7f0e", linewidth=1.2, label="resident set above its start")
+    ax.axhline(budget / MIB, color="black", linestyle="--", linewidth=1.2,
+               label=f"budget {budget / MIB:.0f} MiB")
+    _swap_marks(ax, [((start - log.origin) * 1e3, d) for _, d, _, start, _ in log.transfers],
+                budget / MIB)
+    moved_in = sum(n for _, d, n, _, _ in log.transfers if d == "in")
+    moved_out = sum(n for _, d, n, _, _ in log.transfers if d == "out")
+    ax.set_title(f"measured: one replayed iteration, {end:.0f} ms; moved {moved_in / MIB:.0f} MiB "
+                 f"in, {moved_out / MIB:.0f} MiB out", fontsize=10)
+
+
+def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None = None,
+                rss_start: int = 0, title: str | None = None) -> None:
+    """Draw the memory picture of `schedule` (simulated as `sim`) to `path` (.png or
+    .svg); with `measured`, a StepLog of a replayed iteration under `budget` bytes, a
+    second panel on the measured clock."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in (".png", ".svg"):
+        raise OutcoreError(f"the memory picture is written as PNG or SVG; {os.fspath(path)!r} "
+                           "ends in neither .png nor .svg")
+    plt = _pyplot()
+    panels = 2 if measured is not None else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
+    try:
+        _planned(axes[0][0], trace, schedule, sim)
+        if measured is not None:
+            _measured(axes[1][0], measured, budget or schedule.budget, rss_start)
+        for (ax,) in axes:
+            ax.set_ylabel("MiB")
+            ax.set_xlabel("time in the step (ms)")
+            ax.set_ylim(bottom=-0.08 * (budget or schedule.budget) / MIB)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+            ax.grid(alpha=0.3)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        from ..run.checkpoint import atomic_write
+        atomic_write(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=110))
+    finally:
+        plt.close(fig)
