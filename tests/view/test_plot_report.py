@@ -1,0 +1,116 @@
+"""The memory picture, the report's JSON, the traffic comparison and the demo's files."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import outcore
+from outcore.cli.main import main
+from outcore.run.report import Report
+from outcore.view.plot import plot_memory
+from outcore.view.traffic import compare
+
+from .chrome_format import nest_properly, validate
+
+
+def _train(tmp_path, iterations=4):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+                                  for _ in range(6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(64, 256)
+    ooc = outcore.OutOfCore(budget="2MiB", swap_dir=str(tmp_path))
+    for _ in range(iterations):
+        with ooc.iteration():
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    return ooc
+
+
+def test_plot_png_and_svg_of_a_run(tmp_path):
+    with _train(tmp_path) as ooc:
+        ooc.plot(tmp_path / "m.png")
+        ooc.plot(tmp_path / "m.svg")
+        with pytest.raises(outcore.OutcoreError, match="PNG or SVG"):
+            ooc.plot(tmp_path / "m.jpg")
+    png = (tmp_path / "m.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    svg = (tmp_path / "m.svg").read_text()
+    assert "<svg" in svg and "budget" in svg and "managed tensors" in svg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "m.svg"]
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    with _train(tmp_path) as ooc:
+        trace, schedule, _ = ooc._last_replay
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(outcore.OutcoreError, match=r"pip install 'outcore\[plot\]'"):
+        plot_memory(trace, schedule, outcore.simulate(trace, schedule), tmp_path / "x.png")
+
+
+def test_cli_plot(tmp_path, capsys):
+    with _train(tmp_path) as ooc:
+        trace = ooc.trace
+    path = tmp_path / "t.json"
+    trace.save(path)
+    assert main(["plot", str(path), "--budget", "2MiB", "-o", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_json_round_trips(tmp_path, capsys):
+    with _train(tmp_path) as ooc:
+        report = ooc.report()
+    assert len(report.iterations) == 4 and report.iterations[-1].mode == "replay"
+    assert Report.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    path = tmp_path / "run.json"
+    report.save(path)
+    assert Report.load(path) == report
+    assert main(["report", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == str(report)
+    assert main(["report", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == report.to_dict()
+    # Unknown fields (a newer outcore) are ignored; a missing one or another file is an error.
+    data = report.to_dict()
+    data["iterations"][0]["from_the_future"] = 1
+    assert Report.from_dict(data) == report
+    del data["budget"]
+    with pytest.raises(outcore.OutcoreError, match="malformed outcore report"):
+        Report.from_dict(data)
+    (tmp_path / "x.json").write_text("[1, 2]")
+    assert main(["report", str(tmp_path / "x.json")]) == 2
+    assert "not an outcore report" in capsys.readouterr().err
+    (tmp_path / "y.json").write_text("{nope")
+    assert main(["report", str(tmp_path / "y.json")]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+
+
+def test_traffic_comparison_accounts_for_every_byte(tmp_path):
+    with _train(tmp_path) as ooc:
+        trace, schedule, log = ooc._last_replay
+        last = ooc.report().iterations[-1]
+    t = compare(trace, schedule, log)
+    assert t.measured == {"in": last.bytes_read, "out": last.bytes_written}
+    for d in ("in", "out"):
+        assert (t.planned[d] + t.boundary[d] + t.extra[d] - t.skipped[d] + t.unbound[d]
+                == t.measured[d])
+    assert t.planned == {"in": schedule.bytes_in, "out": schedule.bytes_out}
+    assert str(t).startswith("read: planned")
+
+
+def test_demo_prints_both_runs_and_writes_valid_files(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--iterations", "4", "--batch", "4", "--image-size", "32",
+                 "--swap-dir", str(tmp_path), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "losses bitwise equal: yes" in text
+    assert "peak - start" in text and "planned against measured bytes" in text
+    timeline = json.loads((out / "timeline.json").read_text())
+    assert validate(timeline) == [] and nest_properly(timeline["traceEvents"]) == []
+    assert (out / "memory.png").read_bytes().startswith(b"\x89PNG")
+    assert Report.load(out / "report.json").iterations[-1].mode == "replay"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
