@@ -114,3 +114,22 @@ def test_demo_prints_both_runs_and_writes_valid_files(tmp_path, capsys):
     assert (out / "memory.png").read_bytes().startswith(b"\x89PNG")
     assert Report.load(out / "report.json").iterations[-1].mode == "replay"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_the_library_logs_plans_and_deviations(tmp_path, caplog, capsys):
+    import logging
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with caplog.at_level(logging.INFO, logger="outcore"), \
+            outcore.OutOfCore(budget="1MiB", swap_dir=str(tmp_path)) as ooc:
+        for batch in (64, 64, 32):             # the third step has another shape
+            with ooc.iteration():
+                model(torch.randn(batch, 256)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    planned = [r for r in caplog.records if r.getMessage().startswith("planned ")]
+    deviated = [r for r in caplog.records if "deviated from the recorded step" in r.getMessage()]
+    assert len(planned) == 1 and planned[0].levelno == logging.INFO
+    assert len(deviated) == 1 and deviated[0].levelno == logging.WARNING
+    assert capsys.readouterr() == ("", "")        # nothing printed

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from .. import workloads
@@ -36,12 +37,21 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _progress(text: str) -> None:
+    """A line on stderr, so that stdout stays the summary (a big model on the CPU takes
+    minutes per step)."""
+    print(f"outcore trace: {text}", file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
+    _progress(f"building {args.model} on {args.device}")
     w = workloads.build(args.model, batch=args.batch, device=args.device, optimizer=args.optimizer,
                         image_size=args.image_size, seq_len=args.seq_len)
-    for _ in range(args.warmup):
+    for k in range(args.warmup):
+        _progress(f"warm-up step {k + 1} of {args.warmup}")
         w.step()
     label = f"{args.model} batch {len(w.batch[0])} {args.optimizer} on {args.device}"
+    _progress("recording one step")
     start = time.perf_counter()
     with record(label=label) as rec:
         w.step()

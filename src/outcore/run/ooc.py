@@ -26,6 +26,7 @@ allocator settings (memory/malloc.py), the process slot.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 import weakref
@@ -47,6 +48,8 @@ from .recording import SafeRecording
 from .replay import Replayer
 from .report import IterationStats, Report
 from .residency import Residency
+
+log = logging.getLogger("outcore")
 
 # Lazily created optimizer state makes the first iteration differ from later ones; a
 # step is recorded again (at most this many times in a row) until its state is stable.
@@ -319,12 +322,19 @@ class OutOfCore:
         self._recordings_in_a_row += 1
         lazy_state = any(a.category == "optimizer_state" and not a.existed_before for a in trace.arrays)
         if lazy_state and self._recordings_in_a_row < _MAX_RECORDINGS:
+            log.info("the step created optimizer state; recording the next iteration too, "
+                     "to plan the steady state")
             self._record_next = True
             return
         budget = planned_budget(trace, self.budget, self._res.min_move_bytes)
         self._require_feasible(trace, budget)
+        started = time.perf_counter()
         schedule = plan(trace, budget, self.policy, **self.plan_options)
         check(trace, schedule, budget)
+        log.info("planned %d functions under %s (%s) in %.2f s: %s in, %s out per iteration, "
+                 "peak %s", len(trace.functions), format_bytes(budget), self.policy,
+                 time.perf_counter() - started, format_bytes(schedule.bytes_in),
+                 format_bytes(schedule.bytes_out), format_bytes(schedule.peak_bytes))
         self.trace, self.schedule = trace, schedule
 
         self._carried = {}
@@ -576,6 +586,10 @@ class _Iteration:
         else:
             ooc._carried = mode.persistent_entries()
             ooc._record_next = deviation is not None
+            if deviation is not None:
+                log.warning("iteration %d deviated from the recorded step (%s); it finished "
+                            "on-demand, correct but slower, and the next one is recorded again",
+                            len(ooc._iterations), deviation)
 
 
 class _Building(_Iteration):
