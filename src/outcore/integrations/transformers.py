@@ -50,8 +50,8 @@ pushed, `ooc.close()` refused. `with callback:` around `trainer.train()` (or `tr
 ends that iteration with the exception, the way `with ooc.iteration():` does, and lets
 the exception go on: every tensor keeps the value it had when the exception landed, and
 `ooc.close()` and the next iteration work. Without the guard, `on_train_begin` warns; a
-step left open that way is ended (as interrupted, with a warning) at the next
-`on_train_begin` or by `callback.end()`.
+step left open that way is ended by `callback.end(exc)`, or else (as interrupted, with a
+warning) at the next `on_train_begin`.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ except ImportError as exc:       # pragma: no cover - transformers is a test dep
     raise ImportError("outcore.integrations.transformers needs `transformers` (and, for its "
                       "Trainer, `accelerate`): pip install 'transformers[torch]'") from exc
 
-from ..errors import OutcoreError
+from ..errors import InfeasibleBudget, OutcoreError
 from ..run.ooc import OutOfCore
 
 __all__ = ["OutcoreCallback", "train"]
@@ -129,7 +129,7 @@ class OutcoreCallback(TrainerCallback):
 
     # -- Trainer events ----------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        if self._open is not None:
+        if self.in_step:
             # Left open by an exception that escaped an earlier train() without the guard
             # (or by Trainer's auto_find_batch_size retrying after one).
             abandoned = OutcoreError("an exception escaped trainer.train() in the middle of a step, "
@@ -138,6 +138,7 @@ class OutcoreCallback(TrainerCallback):
             self._finish(abandoned)
             notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
             warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=2)
+        self._finish(None)          # forgets an iteration that never started
         _require_open(self.ooc)
         device = getattr(args, "device", None)
         if device is not None and getattr(device, "type", "cpu") != "cpu":
@@ -162,7 +163,8 @@ class OutcoreCallback(TrainerCallback):
         self._finish(None)          # none is open in Trainer 5.24's loop (NOTE [Which Trainer events])
         iteration = self.ooc.iteration()
         self._open = iteration
-        iteration.__enter__()       # when it raises, it has ended itself: `entered` is False
+        with _advice():
+            iteration.__enter__()   # when it raises, it has ended itself: `entered` is False
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -182,14 +184,22 @@ class OutcoreCallback(TrainerCallback):
     # -- ending ------------------------------------------------------------------------
     def _finish(self, exc) -> None:
         """End the open iteration: as a block that ran to its end (`exc` None; outcore's
-        own errors are raised), or interrupted by `exc` (they are added to it as notes)."""
-        iteration, self._open = self._open, None
-        if iteration is None or not iteration.entered:
+        own errors are raised), or interrupted by `exc` (they are added to it as notes).
+        `_open` is let go only once the iteration has ended (`entered` turns False inside
+        its held exit), so a Ctrl-C landing here leaves it for the guard to end."""
+        iteration = self._open
+        if iteration is None:
             return
-        if exc is None:
-            iteration.__exit__(None, None, None)
-        else:
-            iteration.__exit__(type(exc), exc, exc.__traceback__)
+        try:
+            if iteration.entered:
+                if exc is None:
+                    with _advice():
+                        iteration.__exit__(None, None, None)
+                else:
+                    iteration.__exit__(type(exc), exc, exc.__traceback__)
+        finally:
+            if not iteration.entered and self._open is iteration:
+                self._open = None
 
     def __repr__(self) -> str:
         return f"OutcoreCallback({self.ooc!r}, steps={self.steps}{', in a step' if self.in_step else ''})"
@@ -220,6 +230,23 @@ def train(trainer, ooc, **train_kwargs):
     finally:
         if not ours:
             trainer.remove_callback(callback)
+
+
+class _advice:
+    """Adds what to do in a Trainer to an InfeasibleBudget found in a fused optimizer op."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, InfeasibleBudget) and "_fused_" in (exc.op or ""):
+            exc.add_note(
+                f"outcore: {exc.op} updates every parameter in one op, so parameters, gradients "
+                "and optimizer state must be resident at once. Trainer's default optimizer with "
+                "torch >= 2.8 is the fused AdamW (optim='adamw_torch_fused'); "
+                "TrainingArguments(optim='adamw_torch') updates one parameter at a time and "
+                "fits far smaller budgets")
+        return False
 
 
 def _require_open(ooc) -> None:

@@ -1,0 +1,323 @@
+"""outcore.integrations.transformers: a Trainer with OutcoreCallback trains bitwise as
+without it, one outcore iteration per optimizer step (gradient accumulation inside one);
+an exception escaping a step ends that iteration and loses nothing; misuse says what to do."""
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import (GPT2Config, GPT2LMHeadModel, PrinterCallback, ProgressCallback,  # noqa: E402
+                          Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import outcore  # noqa: E402
+from outcore.integrations.transformers import OutcoreCallback, train  # noqa: E402
+
+from ..trace.helpers import assert_bitwise_equal, state_of  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+STEPS, ACCUMULATION, BATCH = 4, 2, 2
+# The model's step peaks at about 11 MiB in core (asserted below); min_feasible ~2.7 MiB.
+BUDGET = 4 * 2**20
+
+
+def make_model():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=64, vocab_size=1024,
+                        bos_token_id=1023, eos_token_id=1023)
+    config._attn_implementation = "eager"      # the same aten ops every step
+    return GPT2LMHeadModel(config)
+
+
+def make_data():
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(STEPS * ACCUMULATION * BATCH):
+        ids = torch.randint(0, 1024, (32,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def make_trainer(model, out, callbacks=(), **overrides):
+    kwargs = dict(output_dir=str(out), max_steps=STEPS, gradient_accumulation_steps=ACCUMULATION,
+                  per_device_train_batch_size=BATCH, use_cpu=True, report_to=[], save_strategy="no",
+                  logging_strategy="steps", logging_steps=1, disable_tqdm=True,
+                  dataloader_num_workers=0, seed=0,
+                  # The fused AdamW (Trainer's default with torch >= 2.8) is one op over every
+                  # parameter: it needs 4x the parameters resident at once (a test below).
+                  optim="adamw_torch")
+    kwargs.update(overrides)
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=make_data(),
+                      callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def full_state(model, trainer) -> dict:
+    """Parameters, buffers, optimizer state and gradients (None as an empty tensor)."""
+    out = state_of(model, trainer.optimizer.optimizer)
+    for name, p in model.named_parameters():
+        out[f"grad.{name}"] = p.grad.clone() if p.grad is not None else torch.empty(0)
+    return out
+
+
+def losses(trainer) -> list:
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+class Probe(TrainerCallback):
+    """Whether the callback's iteration is open at each event (it runs after the callback)."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.seen = {}
+
+    def _note(self, event):
+        self.seen.setdefault(event, []).append(self.callback.in_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._note("step_begin")
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._note("substep_end")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._note("pre_optimizer_step")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._note("optimizer_step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._note("step_end")
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._note("epoch_end")
+
+    def on_log(self, args, state, control, **kwargs):
+        self._note("log")
+
+
+def test_one_iteration_per_optimizer_step_bitwise(tmp_path):
+    plain_model = make_model()
+    plain = make_trainer(plain_model, tmp_path / "plain")
+    plain_out = plain.train()
+
+    model = make_model()
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path) as ooc:
+        callback = OutcoreCallback(ooc)
+        probe = Probe(callback)
+        trainer = make_trainer(model, tmp_path / "ooc", [callback, probe])
+        forwards = []
+        model.register_forward_pre_hook(lambda *_: forwards.append(callback.in_step))
+        with callback:
+            out = trainer.train()
+        report = ooc.report()
+
+    assert trainer.state.global_step == STEPS
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+    assert len(losses(plain)) == STEPS and losses(plain) == losses(trainer)
+    assert plain_out.training_loss == out.training_loss
+
+    # One iteration per optimizer step, every micro-batch inside one.
+    assert len(report.iterations) == STEPS == callback.steps, str(report)
+    assert all(it.completed and it.deviation is None for it in report.iterations), str(report)
+    assert forwards == [True] * (STEPS * ACCUMULATION)
+    # The probe comes after the callback: open from on_step_begin through the optimizer
+    # step; closed at on_step_end (after zero_grad) and while logging.
+    inside = ["step_begin", "substep_end", "pre_optimizer_step", "optimizer_step"]
+    expected = {event: [True] * STEPS for event in inside}
+    expected["substep_end"] = [True] * (STEPS * (ACCUMULATION - 1))
+    expected.update(step_end=[False] * STEPS, log=[False] * (STEPS + 1), epoch_end=[False])
+    assert probe.seen == expected
+    # Under a budget well below the in-core peak, tensors really moved.
+    assert report.in_core_peak > 2 * BUDGET, str(report)
+    assert sum(it.bytes_written for it in report.iterations) > 0, str(report)
+    assert sum(it.bytes_read for it in report.iterations) > 0, str(report)
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert replays and all(it.peak_resident <= BUDGET for it in replays), str(report)
+    assert not callback.in_step and not any((tmp_path / "ooc").iterdir())
+
+
+class StopInAccumulation(TrainerCallback):
+    """Stops training after the first micro-batch of the given step (1-based)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            control.should_training_stop = True
+
+
+def test_stop_in_the_middle_of_an_accumulation(tmp_path):
+    """A callback stopping training between micro-batches leaves the step without
+    on_step_end: its iteration is ended at on_epoch_end, before the epoch's logging."""
+    plain_model = make_model()
+    plain = make_trainer(plain_model, tmp_path / "plain", [StopInAccumulation(3)])
+    plain.train()
+
+    model = make_model()
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path) as ooc:
+        callback = OutcoreCallback(ooc)
+        probe = Probe(callback)
+        trainer = make_trainer(model, tmp_path / "ooc", [callback, StopInAccumulation(3), probe])
+        train(trainer, ooc)
+        report = ooc.report()
+        assert trainer.state.global_step == 2 and callback.steps == 2
+        assert len(report.iterations) == 3 and all(it.completed for it in report.iterations)
+        assert probe.seen["epoch_end"] == [False] and not callback.in_step
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+    assert losses(plain) == losses(trainer)
+    assert trainer.callback_handler.callbacks.count(callback) == 1   # train() added none
+
+
+class RaiseAtOptimizerStep(TrainerCallback):
+    """Raises after optimizer.step() and before zero_grad, in the given step (1-based)."""
+
+    def __init__(self, step, exc):
+        self.step, self.exc = step, exc
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise self.exc("injected")
+
+
+def raise_in_forward(model, call, exc):
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc("injected")
+    model.register_forward_pre_hook(hook)
+
+
+# (where, when, exception, outcore iterations begun). Iterations 1-2 record (Adam's state
+# is made lazily), 3-4 replay the plan.
+CASES = {
+    "forward-recording": ("forward", 4, RuntimeError, 2),    # 2nd micro-batch of step 2
+    "forward-replay-ctrl-c": ("forward", 6, KeyboardInterrupt, 3),
+    "optimizer-step-replay": ("optimizer", 3, RuntimeError, 3),  # before zero_grad, step 3
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exception_in_a_step_ends_its_iteration(tmp_path, case):
+    where, when, exc, begun = CASES[case]
+
+    def setup(model, callbacks):
+        if where == "forward":
+            raise_in_forward(model, when, exc)
+        else:
+            callbacks.append(RaiseAtOptimizerStep(when, exc))
+        return callbacks
+
+    plain_model = make_model()
+    plain = make_trainer(plain_model, tmp_path / "plain", setup(plain_model, []))
+    with pytest.raises(exc, match="injected"):
+        plain.train()
+
+    model = make_model()
+    ooc = outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path)
+    callback = OutcoreCallback(ooc)
+    trainer = make_trainer(model, tmp_path / "ooc", setup(model, [callback]))
+    with pytest.raises(exc, match="injected") as raised:
+        train(trainer, ooc)
+    assert not getattr(raised.value, "__notes__", None)    # outcore's cleanup went well
+    assert not callback.in_step
+
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+    report = ooc.report()
+    assert [it.completed for it in report.iterations] == [True] * (begun - 1) + [False], str(report)
+    assert [it.mode for it in report.iterations][-1] == ("record" if begun <= 2 else "replay")
+    ooc.close()
+    # Mapped state is still readable and equal after close().
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+
+
+def test_fused_adamw_under_a_tight_budget_says_what_to_do(tmp_path):
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path) as ooc:
+        callback = OutcoreCallback(ooc)
+        trainer = make_trainer(make_model(), tmp_path / "ooc", [callback], optim="adamw_torch_fused")
+        with pytest.raises(outcore.InfeasibleBudget, match="_fused_adamw_") as raised, callback:
+            trainer.train()
+        assert any("optim='adamw_torch'" in note for note in raised.value.__notes__)
+        assert not callback.in_step
+
+
+def _events(out):
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], save_strategy="no")
+    return args, TrainerState(), TrainerControl()
+
+
+def test_misuse(tmp_path):
+    args, state, control = _events(tmp_path / "args")
+    for wrong in (object(), "2GiB", None):
+        with pytest.raises(outcore.OutcoreError, match="needs an outcore.OutOfCore"):
+            OutcoreCallback(wrong)
+
+    ooc = outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path)
+    callback = OutcoreCallback(ooc)
+    try:
+        _misuse_while_open(ooc, callback, args, state, control)
+    finally:
+        callback.end()
+        ooc.close()
+
+    with pytest.raises(outcore.OutcoreError, match="closed"), callback:
+        callback.on_train_begin(args, state, control)
+    with pytest.raises(outcore.OutcoreError, match="closed"):
+        OutcoreCallback(ooc)
+
+    # One OutcoreCallback per Trainer; train() will not add a second for another OutOfCore.
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path) as other:
+        trainer = make_trainer(make_model(), tmp_path / "t", [callback])
+        with pytest.raises(outcore.OutcoreError, match="another OutOfCore"):
+            train(trainer, other)
+        with pytest.raises(outcore.OutcoreError, match="needs an outcore.OutOfCore"):
+            train(trainer, "2GiB")
+
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path, state_dir=tmp_path / "state") as durable:
+        with pytest.raises(outcore.OutcoreError, match="state_dir"):
+            OutcoreCallback(durable)
+
+
+def _misuse_while_open(ooc, callback, args, state, control):
+    with pytest.raises(outcore.OutcoreError, match="needs a transformers.Trainer"):
+        train(object(), ooc)
+
+    # The callback's step under the user's own iteration: iterations cannot nest.
+    with ooc.iteration():
+        with pytest.raises(outcore.OutcoreError, match="cannot nest"):
+            callback.on_step_begin(args, state, control)
+    assert not callback.in_step
+
+    # Without the guard: a warning at on_train_begin; a step left open is ended at the next.
+    with pytest.warns(RuntimeWarning, match="outside `with callback:`"):
+        callback.on_train_begin(args, state, control)
+    callback.on_step_begin(args, state, control)
+    assert callback.in_step
+    with pytest.warns(RuntimeWarning, match="ended only now"), callback:
+        callback.on_train_begin(args, state, control)
+    assert not callback.in_step and not ooc.report().iterations[-1].completed
+    with callback:                          # end() and the guard with nothing open do nothing
+        callback.end()
+
+    with pytest.raises(outcore.OutcoreError, match="torch_compile"), callback, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args.torch_compile = True
+        callback.on_train_begin(args, state, control)
+    args.torch_compile = False
+    for wrong, match in ((SimpleNamespace(device=torch.device("cuda"), torch_compile=False, world_size=1),
+                          "CPU only"),
+                         (SimpleNamespace(device=torch.device("cpu"), torch_compile=False, world_size=2),
+                          "one process")):
+        with pytest.raises(outcore.OutcoreError, match=match), callback:
+            callback.on_train_begin(wrong, state, control)
+    assert not callback.in_step
