@@ -74,6 +74,7 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     model = build_model(args.layers, args.width, ooc)
     build_s = time.perf_counter() - t0
+    after_build = _status()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     steps = []
     for _ in range(args.steps):
@@ -104,6 +105,8 @@ def child(args) -> dict:
         ooc.close()
     return {"mode": args.mode, "budget": ooc.budget if ooc is not None else None,
             "start": start, "peak": end["VmHWM"], "rss_after_steps": after_steps["VmRSS"],
+            "peak_building": after_build["VmHWM"], "peak_steps": after_steps["VmHWM"],
+            "peak_hash": after_hash["VmHWM"],
             "rss_after_hash": after_hash["VmRSS"], "state_bytes": state_bytes,
             "build_s": build_s, "steps_s": steps, "save_s": save_s,
             "loss": float(loss.detach()), "digest": digest.hexdigest(), "report": report}
@@ -147,6 +150,10 @@ def main() -> int:
     print(f"bitwise equal to plain PyTorch (parameters and Adam moments after {len(o['steps_s'])} "
           f"steps): {same}")
     print(f"peak - start - budget = {(o['peak'] - o['start'] - o['budget']) / mib:.0f} MiB")
+    print("outcore's peak above start, by phase (VmHWM at its end): building "
+          + ", ".join(f"{k} {(o[f'peak_{k}'] - o['start']) / mib:.0f} MiB"
+                      for k in ("building", "steps", "hash"))
+          + f", save {(o['peak'] - o['start']) / mib:.0f} MiB")
     return 0 if same else 1
 
 

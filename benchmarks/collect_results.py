@@ -1,8 +1,7 @@
-"""Gather the tables a results script wrote into one markdown appendix.
+"""Gather the tables benchmarks/results.sh wrote into one markdown appendix (its last line).
 
-    .venv/bin/python benchmarks/collect_results.py docs/results > docs/results/tables.md
-    .venv/bin/python benchmarks/collect_results.py docs/results/stop8 benchmarks/results_stop8.sh \
-        > docs/results/stop8/tables.md
+    .venv/bin/python benchmarks/collect_results.py docs/results/current benchmarks/results.sh \
+        > docs/results/current/tables.md
 
 Every table is copied from the run's own markdown (figures as measured); the prediction
 table lists, for every outcore run, the simulator's step time against the measured one.
@@ -18,7 +17,7 @@ import sys
 MiB = 2 ** 20
 
 
-def main(folder: str = "docs/results", script: str = "benchmarks/results_suite.sh") -> None:
+def main(folder: str = "docs/results/current", script: str = "benchmarks/results.sh") -> None:
     results = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:

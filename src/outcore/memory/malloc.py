@@ -1,29 +1,26 @@
 """Keep the process's resident memory near the budget without paying for it on every tensor.
 
 glibc keeps freed heap memory for reuse, so a process that streams gigabytes of
-activations through a small budget sits far above that budget in resident memory
-(docs/results-run.md). Two ways to give it back:
+activations through a small budget sits far above that budget in resident memory.
+Two ways to give it back (docs/executor.md, "The allocator governor", has the
+measurements and their commands):
 
 * "eager": every allocation of 64 KiB or more becomes its own mapping, unmapped on free.
   Resident memory follows the live bytes closely, but every new tensor faults in fresh,
-  zeroed pages: ResNet-50 (64x64, batch 64) steps in 1.38-1.42 s instead of 0.82-1.02 s even
-  in-core (docs/results-run.md).
+  zeroed pages, which slows even an in-core step.
 * "trim" (the default, `TrimGovernor`): every allocation stays on glibc's heap, where
   freed memory is reused without faults, and the heap's free pages are handed back
   (`malloc_trim`) only when the resident set grows past a limit. Page faults are what
-  this saves: plain PyTorch on glibc's defaults maps every tensor over 32 MiB on its own
-  and faults it in afresh each time, 1.5 million faults per ResNet-50 step at 128x128,
-  batch 64, on this machine, which take it from 2.83 s to 4.05 s (docs/results-run.md).
+  this saves: plain PyTorch on glibc's defaults maps every tensor over its mmap
+  threshold (up to 32 MiB) on its own and faults it in afresh each time, every step.
   The limit is generous until the budget first needs room (the resident set at the
   first iteration plus the budget and a slack: a step that fits is never trimmed), then
   tight: the resident set at the first eviction (the budget is full then), trimmed,
   plus a slack. The slack is 64 MiB + budget/5 until the managed bytes alive at once
   (in RAM and on the slow tier) pass twice the budget (a smaller one trimmed and
-  re-faulted so often near the peak that a step with 8 MiB to move ran 12-25% slower
-  than plain PyTorch), and 32 MiB + budget/10 from then on, where the resident set is
-  what the user is short of and a trim costs little beside the disk traffic (ResNet-50
-  128x128 at a quarter budget, with a prototype that used the small slack from the
-  start: 1083 against 1191 MiB, 4.15 against 4.00 s, one run each; docs/results-run.md).
+  re-faulted so often near the peak that it slowed steps that move little), and
+  32 MiB + budget/10 from then on, where the resident set is what the user is short of
+  and a trim costs little beside the disk traffic.
   Resident memory stays within the limit plus what one stretch of the step allocates
   between checks.
 
@@ -262,7 +259,7 @@ def file_resident_bytes() -> int:
 
 def page_faults() -> int:
     """Page faults of this process so far (minor and major): each is a page the OS had
-    to hand over, e.g. memory given back and taken again (~1 us each on this machine)."""
+    to hand over, e.g. memory given back and taken again."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_minflt + usage.ru_majflt
 
@@ -432,7 +429,7 @@ class TrimGovernor(_Governor):
         if state is None:
             return
         now = time.perf_counter()
-        if now - self._checked < 0.002:        # reading /proc costs ~1 us: 500 Hz at most
+        if now - self._checked < 0.002:        # reading /proc is a system call: 500 Hz at most
             return
         self._checked = now
         if state.tight and not state.small_slack and self.live_bytes is not None:

@@ -320,7 +320,11 @@ class OutOfCore:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
         trace = recording.trace
         self._recordings_in_a_row += 1
-        lazy_state = any(a.category == "optimizer_state" and not a.existed_before for a in trace.arrays)
+        # Small arrays are not worth a recording: a 4-byte loss kept by a framework inside
+        # optimizer.step() (Lightning's closure) looks like new optimizer state every time.
+        # If such state does change the next step, that step deviates and is recorded again.
+        lazy_state = any(a.category == "optimizer_state" and not a.existed_before
+                         and a.nbytes >= MIN_MOVE_BYTES for a in trace.arrays)
         if lazy_state and self._recordings_in_a_row < _MAX_RECORDINGS:
             log.info("the step created optimizer state; recording the next iteration too, "
                      "to plan the steady state")

@@ -31,6 +31,7 @@ class Replayer(HeldMode):
         self.trace = trace
         self.schedule = schedule
         self.res = residency
+        self.budget = budget
         self.n = len(trace.functions)
         self.op_names = [f.op for f in trace.functions]
         self.expected = [f.arrays() for f in trace.functions]
@@ -62,15 +63,37 @@ class Replayer(HeldMode):
         self.res.spans = []
         wanted = set(self.schedule.resident_at_start)
         moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
+        strangers = self._strangers()
         for entry in moving:
             self.res.evict(entry)
-        for entry in moving:
+        for entry in strangers:
+            self.res.evict(entry, unplanned=True)
+        for entry in moving + strangers:
             self.res.finish(entry)
         coming = [e for aid in wanted if (e := self.by_id[aid]) is not None and e.state is SLOW]
         for entry in coming:
             self.res.restore(entry)
         for entry in coming:
             self.res.ready(entry)
+
+    def _strangers(self) -> list:
+        """Resident storages the schedule does not know take room it counts as free: a
+        tensor the step drops without an op (the last step's gradients, when `zero_grad()`
+        comes at the top of the step, or after the recording left them in memory) is not
+        in the trace. The least recently used of them are written out until the rest fits
+        beside the schedule's peak (unplanned bytes in the report)."""
+        res = self.res
+        known = set(map(id, self.aid_of))
+        strangers = [e for e in res.lru.values() if id(e) not in known and not e.pinned]
+        room = self.budget - self.schedule.peak_bytes
+        excess = sum(e.nbytes for e in strangers) - max(room, 0)
+        out = []
+        for entry in strangers:                  # least recently used first
+            if excess <= 0:
+                break
+            out.append(entry)
+            excess -= entry.nbytes
+        return out
 
     def finish(self) -> None:
         self._zombies = []     # whatever the user still holds at the end stays where it is

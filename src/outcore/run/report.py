@@ -21,7 +21,7 @@ class IterationStats:
     unplanned_bytes: int       # moved by on-demand fallbacks and safety evictions
     wait_s: float              # the step blocked on transfers
     transfer_s: float          # the movers were busy (both directions)
-    restore_s: float           # bringing everything back at the end of the iteration
+    restore_s: float           # the iteration's end: transfers settled, state parked (mapped)
     peak_resident: int         # managed bytes in fast memory, at most
     deviation: str | None = None
     completed: bool = True

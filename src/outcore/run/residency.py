@@ -3,7 +3,7 @@
 A storage keeps its Python identity and every tensor, view and autograd saved tensor
 that refers to it keeps working: eviction copies its bytes to the slow tier and then
 `resize_(0)`s it; restoring `resize_`s it back and copies the bytes in at storage level,
-so no version counter moves (DESIGN.md section 3).
+so no version counter moves (docs/executor.md, "In-place eviction").
 
 States (`outcore.states.Residence`, shared with the planner and the checker):
 

@@ -4,8 +4,8 @@ The paper found a window of 1.5 x budget best for ResNet-50 on its GPU; here the
 is no limit but the fast tier's room: prefetches go as early as there is free room, and
 never evict anything still needed to get it. Simulated on CPU-disk traces of ResNet-18,
 ResNet-50 and GPT-2 at half and a quarter of the peak, an unlimited window was the
-fastest or within 2% of the fastest in every case, up to 22% faster than 1.5 x budget
-(and it read back no more bytes): benchmarks/window_sweep.py, docs/planning.md "How far ahead to look".
+fastest or close to it in every case, and read back no more bytes than a limited one
+(benchmarks/window_sweep.py; the figures are in docs/planning.md, "How far ahead to look").
 """
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ Deviations from the paper, each strictly saving traffic (docs/planning.md):
     whenever the budget is feasible at all.
   - WAITs are Belady-ordered (above) rather than oldest first; the window's byte limit
     still waits oldest first (that is what moves `tail`), but only for arrays never
-    used again. Unlike the others this one is a heuristic, not a strict saving (it
-    saves 1-37% on real traces, docs/planning.md; once GPT-2 `fixed` moved 0.2% more).
+    used again. Unlike the others this one is a heuristic, not a strict saving: on some
+    trace it may move more (docs/planning.md, "Waiting in Belady's order").
 Held arrays (docs/planning.md#held-arrays): a non-persistent array whose storage PyTorch
 releases only after function `release > last_use` stays resident after its last use
 (it is dead but held) and is FREEd at the end of `release`. If it is clean (its slow copy

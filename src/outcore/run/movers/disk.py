@@ -60,7 +60,7 @@ from ...units import format_bytes
 CHUNK_BYTES = 8 * 2**20
 # Smaller transfers go through the staging buffer in one request each: copying them costs
 # less than the two extra page-sized requests a direct transfer needs for its partial first
-# and last pages (about 25 us of CPU and 60 us of latency each here, against ~7 GB/s memcpy).
+# and last pages (docs/executor.md, "The disk mover").
 DIRECT_MIN_BYTES = 2**20
 # Direct transfers from or to memory the kernel cannot pin for I/O fall back to staging.
 _NOT_DIRECT = (errno.EINVAL, errno.EFAULT)

@@ -1,0 +1,266 @@
+"""Lightning (`lightning.pytorch.Trainer`) under an outcore budget: one `ooc.iteration()`
+per optimizer step.
+
+    from outcore.integrations.lightning import OutcoreCallback
+
+    ooc = outcore.OutOfCore(budget="2GiB")
+    trainer = lightning.Trainer(accelerator="cpu", accumulate_grad_batches=4,
+                                callbacks=[OutcoreCallback(ooc)])
+    trainer.fit(model, loader)
+    print(ooc.report()); ooc.close()
+
+NOTE [Which Lightning events]
+Chosen from the source of the Lightning this was written against (2.6.6), not from the
+hook docs. Paths are under `lightning/pytorch/`. Per micro-batch,
+`_TrainingEpochLoop.advance` (loops/training_epoch_loop.py) runs:
+
+    311      batch, _, __ = next(data_fetcher)                       fetch (+ batch_to_device)
+    334      _call_callback_hooks(trainer, "on_train_batch_start", batch, batch_idx)
+    335      _call_lightning_module_hook(trainer, "on_train_batch_start", ...)
+    352      batch_output = self.automatic_optimization.run(trainer.optimizers[0], batch_idx, kwargs)
+    360      self.update_lr_schedulers("step", update_plateau_schedulers=False)
+    375      _call_callback_hooks(trainer, "on_train_batch_end", batch_output, batch, batch_idx)
+    376      _call_lightning_module_hook(trainer, "on_train_batch_end", ...)
+
+then `on_advance_end` (validation at line 406, after `on_validation_model_zero_grad` at
+404 when the batch stepped). `_AutomaticOptimization.run` (loops/optimization/automatic.py)
+decides with `fit_loop._should_accumulate()` (line 176: `ready % accumulate_grad_batches`,
+training_epoch_loop.py 440, or the epoch's last batch):
+
+    185      closure()                                   accumulating: no optimizer step
+    192      self._optimizer_step(batch_idx, closure)    the micro-batch that steps
+
+and `Closure.closure` (lines 131-140) runs `training_step` (the forward), then
+`zero_grad_fn`, then backward. `zero_grad_fn` exists only when
+`batch_idx % accumulate_grad_batches == 0` (line 220): **the zero_grad of a step runs in
+its first micro-batch, after that micro-batch's forward and before its backward**
+(`on_before_zero_grad` at 291, `optimizer.zero_grad()` in core/module.py 1391), not after
+`optimizer.step()`. The stepping micro-batch goes through the `optimizer_step` hook
+(automatic.py 272; core/module.py 1368 `optimizer.step(closure=optimizer_closure)`), and
+the precision plugin (plugins/precision/precision.py) runs the closure inside
+`optimizer.step` (line 123 `return optimizer.step(closure=closure, **kwargs)`, 109
+`closure_result = closure()`), then `on_before_optimizer_step` (87) and gradient
+clipping (89), then the optimizer's update.
+
+So one optimizer step, zero_grad included, lies entirely between `on_train_batch_start`
+of its first micro-batch and `on_train_batch_end` of the micro-batch that stepped: the
+iteration is entered at the first (when none is open) and left at the second (when
+`trainer.global_step`, Lightning's count of completed optimizer steps, has moved since
+it was entered). Every iteration then runs the same ops: forward 1, zero_grad, backward
+1, the loading of micro-batches 2..k (fetched at line 311, inside), their forwards and
+backwards, clipping, the update and the LR scheduler's step. Because zero_grad comes in
+the next step, the gradients of a step stay alive between iterations (Lightning keeps
+them there; outcore maps them like other state) and are dropped at the next step's
+zero_grad. The first three iterations are recorded, not one or two: the stepping
+micro-batch's forward runs inside `optimizer.step(closure)`, which outcore's recorder
+counts as the optimizer's, so the loss copy Lightning keeps past the step (`ClosureResult`,
+automatic.py 59: `self.loss = self.closure_loss.detach().clone()`) looks like lazily
+created optimizer state, and outcore records again up to its limit (three in a row,
+run/ooc.py) before it plans; later iterations replay (docs/integrations.md, "Lightning").
+`on_before_zero_grad` / `on_before_optimizer_step` come before the update, so neither
+can end a step. The first micro-batch's fetch, `on_advance_end` (validation at the
+batch that stepped, loggers' saving) and checkpointing (ModelCheckpoint runs last among
+the callbacks, after this one) run between iterations, on plain PyTorch objects (README,
+"Between iterations").
+
+A step can be left without a step-end: `trainer.should_stop` set in the middle of an
+accumulation ends the epoch loop (its `done`), and a LightningModule's
+`on_train_batch_start` returning -1 ends the epoch after the hook (line 335). The
+iteration still open is ended, as a block that ran to its end, at `on_train_epoch_end`
+and at the latest at `on_train_end`; Lightning keeps the accumulated gradients, and so
+does outcore.
+
+NOTE [Exceptions]
+`_call_and_handle_interrupt` (trainer/call.py), around every `trainer.fit`, calls
+`_interrupt` for every exception: `except KeyboardInterrupt` (57) and `except
+BaseException` (68) both call `_interrupt(trainer, exception)` (61, 69), which calls
+`_call_callback_hooks(trainer, "on_exception", exception)` (78). So `on_exception` ends
+the interrupted iteration with that exception, the way `with ooc.iteration():` does, and
+no guard around `trainer.fit` is needed: every tensor keeps the value it had when the
+exception landed, `ooc.close()` and later iterations work. Lightning then re-raises
+other exceptions, but turns a KeyboardInterrupt into `sys.exit(1)` after setting SIGINT
+to SIG_IGN (line 60) and tearing down (62; trainer/connectors/signal_connector.py 125-129
+puts back the handlers of before `fit`). The iteration ends between the two, and outcore
+leaves Lightning's SIG_IGN alone (NOTE [Interrupts] in run/interrupts.py, rule 5). An
+iteration still open at the next `on_fit_start` (an earlier callback's `on_exception`
+raised, so this one's never ran) is ended there, as interrupted, with a warning;
+`callback.end(exc)` ends it at once.
+"""
+from __future__ import annotations
+
+import warnings
+
+try:
+    from lightning.pytorch import Callback
+except ImportError as exc:       # pragma: no cover - lightning is a test dependency
+    raise ImportError("outcore.integrations.lightning needs `lightning` (Lightning 2.x): "
+                      "pip install lightning") from exc
+
+from ..errors import InfeasibleBudget, OutcoreError
+from ..run.ooc import OutOfCore
+
+__all__ = ["OutcoreCallback"]
+
+
+class OutcoreCallback(Callback):
+    """Runs each optimizer step of a `lightning.pytorch.Trainer` as one `ooc.iteration()`.
+
+    Enters the iteration at `on_train_batch_start` of a step's first micro-batch and
+    leaves it at `on_train_batch_end` of the micro-batch that stepped, so every
+    micro-batch of a gradient accumulation (`Trainer(accumulate_grad_batches=k)`) and the
+    step's zero_grad, which Lightning runs in the first micro-batch, are one outcore
+    iteration (NOTE [Which Lightning events]). An iteration still open at
+    `on_train_epoch_end` or `on_train_end` (the loop stopped in the middle of an
+    accumulation) is ended there; an exception ends it at `on_exception` (NOTE
+    [Exceptions]).
+
+    ooc: an open `outcore.OutOfCore` without `state_dir` (resume from Lightning's
+        checkpoints). At `on_fit_start` the fit must use automatic optimization, train on
+        the CPU in one process, and not be `torch.compile`d (outcore's limits; README,
+        "Limits today"); otherwise `OutcoreError`.
+    """
+
+    def __init__(self, ooc):
+        if not isinstance(ooc, OutOfCore):
+            raise OutcoreError(f"OutcoreCallback needs an outcore.OutOfCore, got {type(ooc).__name__}: "
+                               "OutcoreCallback(outcore.OutOfCore(budget=...))")
+        _require_open(ooc)
+        if getattr(ooc, "_durable", None) is not None:
+            raise OutcoreError(
+                "OutcoreCallback does not support OutOfCore(..., state_dir=...): its iterations "
+                "would be committed apart from Lightning's step count, data position and "
+                "schedulers. Resume a Lightning run from Lightning's own checkpoints "
+                "(ModelCheckpoint, trainer.fit(..., ckpt_path=...)) and create the OutOfCore "
+                "without state_dir")
+        self.ooc = ooc
+        self.steps = 0              # optimizer steps run as outcore iterations
+        self._open = None           # the ooc.iteration() in progress, if any
+        self._opened_at = None      # trainer.global_step when it was entered
+        self._warned_validation = False
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """End the iteration left open (with `exc`, or as a block that ran to its end if
+        `exc` is None). Does nothing when no iteration is open."""
+        self._finish(exc)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether an outcore iteration begun by this callback is open."""
+        return self._open is not None and self._open.entered
+
+    # -- Lightning events --------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module):
+        if self.in_step:
+            abandoned = OutcoreError("a step of an earlier fit was left open (its on_exception "
+                                     "never reached OutcoreCallback); it was ended only now, at "
+                                     "the next on_fit_start")
+            self._finish(abandoned)
+            notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
+            warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=2)
+        self._finish(None)          # forgets an iteration that never started
+        _require_open(self.ooc)
+        if not getattr(pl_module, "automatic_optimization", True):
+            raise OutcoreError(
+                "OutcoreCallback supports automatic optimization only: with "
+                "automatic_optimization=False, training_step decides when optimizer.step() and "
+                "zero_grad() run, so the callback cannot tell where an optimizer step begins and "
+                "ends. Wrap your own step in `with ooc.iteration():` instead (one block per "
+                "optimizer step, inside training_step), without this callback")
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            raise OutcoreError(f"OutcoreCallback trains on the CPU only (outcore's fast tier is RAM); "
+                               f"this Trainer trains on {device}. Pass Trainer(accelerator='cpu')")
+        world = getattr(trainer, "world_size", 1)
+        if world != 1:
+            raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {world} "
+                               "(torch.distributed is not supported by outcore yet)")
+        if _compiled(pl_module):
+            raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
+                               "bypass the dispatcher outcore manages tensors through); fit the "
+                               "LightningModule itself, not torch.compile(model)")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.in_step:
+            return                  # a later micro-batch of the step already open
+        self._finish(None)
+        iteration = self.ooc.iteration()
+        self._open = iteration
+        self._opened_at = trainer.global_step
+        with _advice():
+            iteration.__enter__()   # when it raises, it has ended itself: `entered` is False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.in_step and trainer.global_step != self._opened_at:
+            self.steps += 1
+            with _advice():
+                self._finish(None)
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.in_step and not self._warned_validation:
+            self._warned_validation = True
+            warnings.warn(
+                "OutcoreCallback: validation runs in the middle of a gradient accumulation, inside "
+                "the step's outcore iteration; steps with and without it differ, so outcore records "
+                "again after each (correct, slower). Make val_check_interval a multiple of "
+                "accumulate_grad_batches", RuntimeWarning, stacklevel=2)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._finish(None)
+
+    def on_train_end(self, trainer, pl_module):
+        self._finish(None)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._finish(exception)
+
+    # -- ending ------------------------------------------------------------------------
+    def _finish(self, exc) -> None:
+        """End the open iteration: as a block that ran to its end (`exc` None; outcore's
+        own errors are raised), or interrupted by `exc` (they are added to it as notes).
+        `_open` is let go only once the iteration has ended (`entered` turns False inside
+        its held exit), so a Ctrl-C landing here leaves it for `on_exception` to end."""
+        iteration = self._open
+        if iteration is None:
+            return
+        try:
+            if iteration.entered:
+                if exc is None:
+                    iteration.__exit__(None, None, None)
+                else:
+                    iteration.__exit__(type(exc), exc, exc.__traceback__)
+        finally:
+            if not iteration.entered and self._open is iteration:
+                self._open = None
+
+    def __repr__(self) -> str:
+        return f"OutcoreCallback({self.ooc!r}, steps={self.steps}{', in a step' if self.in_step else ''})"
+
+
+def _compiled(pl_module) -> bool:
+    """`trainer.fit(torch.compile(model))` (Lightning unwraps it and keeps the compiler in
+    `_compiler_ctx`, utilities/compile.py), or a compiled submodule."""
+    if getattr(pl_module, "_compiler_ctx", None) is not None:
+        return True
+    modules = getattr(pl_module, "modules", None)
+    return callable(modules) and any(type(m).__name__ == "OptimizedModule" for m in modules())
+
+
+class _advice:
+    """Adds what to do in Lightning to an InfeasibleBudget found in a fused optimizer op."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, InfeasibleBudget) and "_fused_" in (exc.op or ""):
+            exc.add_note(
+                f"outcore: {exc.op} updates every parameter in one op, so parameters, gradients "
+                "and optimizer state must be resident at once. Return an optimizer with "
+                "fused=False from configure_optimizers (foreach=True is fine: outcore splits "
+                "_foreach_ ops per tensor); it fits far smaller budgets")
+        return False
+
+
+def _require_open(ooc) -> None:
+    if ooc.closed:
+        raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
