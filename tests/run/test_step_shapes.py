@@ -4,6 +4,8 @@ loss the framework keeps (Lightning's `optimizer.step(closure)`). Bitwise equal 
 PyTorch; the budget holds from the first replay; one recording when nothing is lazy."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -73,3 +75,33 @@ def test_framework_shaped_steps(shape, tmp_path):
     assert all(it.deviation is None for it in replays), str(report)
     assert all(it.peak_resident <= BUDGET for it in replays), str(report)
     assert report.in_core_peak > BUDGET and replays[-1].bytes_read > 0
+
+
+def test_a_batch_used_again_is_not_written_out_as_a_stranger(tmp_path):
+    """The gradients the last step left are strangers to the plan; the batch it read (and
+    this one reads again at function 0) is not: only gradient bytes go out unplanned."""
+    def run(ooc=None):
+        net = _net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+        for _ in range(5):
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+        return net
+    torch.manual_seed(1)
+    plain = run()
+    torch.manual_seed(1)
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=str(tmp_path)) as ooc:
+        net = run(ooc)
+        report = ooc.report()
+    for a, b in zip(plain.parameters(), net.parameters()):
+        assert torch.equal(a, b)
+    grads = sum(p.numel() * 4 for p in net.parameters())
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert replays and all(it.deviation is None for it in replays), str(report)
+    assert all(it.peak_resident <= BUDGET for it in replays), str(report)
+    assert replays[0].unplanned_bytes <= grads, str(report)
+    assert all(it.unplanned_bytes == 0 for it in replays[1:]), str(report)
+

@@ -193,6 +193,7 @@ class OutOfCore:
         self.trace = None
         self.schedule = None
         self._carried: dict = {}
+        self._inputs: list = []      # entries the last step read as inputs (Replayer._strangers)
         self._recordings_in_a_row = 0
         self._record_next = True
         self._infeasible: InfeasibleBudget | None = None
@@ -341,13 +342,15 @@ class OutOfCore:
                  format_bytes(schedule.bytes_out), format_bytes(schedule.peak_bytes))
         self.trace, self.schedule = trace, schedule
 
-        self._carried = {}
+        self._carried, self._inputs = {}, []
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
             entry = self._res.entries.get(storage._cdata) if storage is not None else None
             arr = trace.arrays[aid]
             if entry is not None and arr.kind == "persistent" and arr.existed_before:
                 self._carried[aid] = entry
+            elif entry is not None and arr.kind == "input":
+                self._inputs.append(entry)
         self._record_next = False
         self._recordings_in_a_row = 0
 
@@ -500,7 +503,8 @@ class _Iteration:
                                       label=f"iteration {len(ooc._iterations) + 1}")
             res.evict_lru(ooc.budget, set())
         else:
-            self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield)
+            self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield,
+                                 ooc._inputs)
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0
@@ -589,6 +593,7 @@ class _Iteration:
                 raise
         else:
             ooc._carried = mode.persistent_entries()
+            ooc._inputs = mode.input_entries()
             ooc._record_next = deviation is not None
             if deviation is not None:
                 log.warning("iteration %d deviated from the recorded step (%s); it finished "

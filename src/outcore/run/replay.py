@@ -26,7 +26,7 @@ from .steplog import StepLog
 
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
-                 shield: Shield):
+                 shield: Shield, inputs=()):
         super().__init__(shield)
         self.trace = trace
         self.schedule = schedule
@@ -39,6 +39,7 @@ class Replayer(HeldMode):
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
+        self._inputs = inputs        # entries the last step read as inputs (not strangers)
         for aid, entry in carried.items():
             self.by_id[aid] = entry
             self.aid_of[entry] = aid
@@ -51,6 +52,9 @@ class Replayer(HeldMode):
         # A plan that moves nothing needs no bookkeeping: only follow the op sequence,
         # so that a step that changes is still noticed (and then runs on-demand).
         self.passive = schedule.bytes_moved == 0
+        self._curve = schedule.resident_curve
+        self._strangers: list = []
+        self._stranger_bytes = 0
         self.log = StepLog(time.perf_counter())
 
     # -- iteration boundaries ------------------------------------------------------------
@@ -63,37 +67,54 @@ class Replayer(HeldMode):
         self.res.spans = []
         wanted = set(self.schedule.resident_at_start)
         moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
-        strangers = self._strangers()
         for entry in moving:
             self.res.evict(entry)
-        for entry in strangers:
-            self.res.evict(entry, unplanned=True)
-        for entry in moving + strangers:
+        for entry in moving:
             self.res.finish(entry)
+        self._find_strangers()
         coming = [e for aid in wanted if (e := self.by_id[aid]) is not None and e.state is SLOW]
+        if self._stranger_bytes:       # strangers are alive until the step drops them
+            self._make_room(self.res.resident - self._stranger_bytes
+                            + sum(e.nbytes for e in coming))
         for entry in coming:
             self.res.restore(entry)
         for entry in coming:
             self.res.ready(entry)
 
-    def _strangers(self) -> list:
-        """Resident storages the schedule does not know take room it counts as free: a
+    # -- strangers: resident storages the schedule does not know -----------------------------
+    def _find_strangers(self) -> None:
+        """Note the resident storages the schedule does not know: the trace never saw a
         tensor the step drops without an op (the last step's gradients, when `zero_grad()`
-        comes at the top of the step, or after the recording left them in memory) is not
-        in the trace. The least recently used of them are written out until the rest fits
-        beside the schedule's peak (unplanned bytes in the report)."""
+        comes at the top of the step), so the plan counts their room as free. Storages the
+        last step read as inputs are not strangers (a batch used again is read at once).
+        Passive mode follows ops without making their inputs ready: it evicts nothing."""
+        self._strangers, self._stranger_bytes = [], 0
+        if self.passive:
+            return
+        known = set(map(id, self.aid_of)) | set(map(id, self._inputs))
+        self._strangers = [e for e in self.res.lru.values() if id(e) not in known and not e.pinned]
+        self._stranger_bytes = sum(e.nbytes for e in self._strangers)
+
+    def _make_room(self, planned: int) -> None:
+        """Function i will hold `planned` bytes by the schedule, and strangers may still
+        hold theirs: write out the least recently used of them, synchronously, until both
+        fit in the budget (unplanned bytes in the report). Most strangers die before they
+        matter (zero_grad drops them), so this runs only where the sum would not fit."""
         res = self.res
-        known = set(map(id, self.aid_of))
-        strangers = [e for e in res.lru.values() if id(e) not in known and not e.pinned]
-        room = self.budget - self.schedule.peak_bytes
-        excess = sum(e.nbytes for e in strangers) - max(room, 0)
+        alive = [e for e in self._strangers
+                 if e.state is FAST and e.ref() is not None and e not in self.aid_of]
+        excess = planned + sum(e.nbytes for e in alive) - self.budget
         out = []
-        for entry in strangers:                  # least recently used first
-            if excess <= 0:
-                break
+        while alive and excess > 0:
+            entry = alive.pop(0)
             out.append(entry)
             excess -= entry.nbytes
-        return out
+        for entry in out:
+            res.evict(entry, unplanned=True)
+        for entry in out:
+            res.finish(entry)
+        self._strangers = alive
+        self._stranger_bytes = sum(e.nbytes for e in alive)
 
     def finish(self) -> None:
         self._zombies = []     # whatever the user still holds at the end stays where it is
@@ -111,6 +132,11 @@ class Replayer(HeldMode):
         aid_of = self.aid_of
         log.transfers = [(aid_of.get(entry, -1), direction, nbytes, start, end)
                          for entry, direction, nbytes, start, end in spans or ()]
+
+    def input_entries(self) -> list:
+        """Entries bound to the trace's input arrays, while their storage lives."""
+        return [e for arr, e in zip(self.trace.arrays, self.by_id)
+                if arr.kind == "input" and e is not None and e.ref() is not None]
 
     def persistent_entries(self) -> dict:
         """Entries of the state the next iteration starts from (persistent arrays that
@@ -189,6 +215,8 @@ class Replayer(HeldMode):
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
                                      func, args, kwargs)
             entries.append(entry)
+        if self._stranger_bytes and self._curve[i] + self._stranger_bytes > self.budget:
+            self._make_room(self._curve[i])
         self._actions(self.schedule.begin[i])
         for entry in entries:
             res.ready(entry)
