@@ -11,14 +11,6 @@ import sys
 import time
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _progress(done: int, total: int) -> None:
     print(f"step {done}/{total}", file=sys.stderr, flush=True)
 
@@ -28,6 +20,7 @@ def run(cfg: dict) -> dict:
 
     import outcore
     from outcore.memory.malloc import page_faults as _faults
+    from outcore.memory.malloc import peak_resident_bytes, resident_bytes
     from outcore.workloads import build
 
     from .variants import DiskOffload, checkpoint_blocks
@@ -35,7 +28,7 @@ def run(cfg: dict) -> dict:
     torch.manual_seed(cfg.get("seed", 0))
     w = build(cfg["model"], batch=cfg["batch"], optimizer=cfg.get("optimizer", "sgd"),
               image_size=cfg.get("image_size"), seq_len=cfg.get("seq_len"), seed=cfg.get("seed", 0))
-    baseline_rss = _status("VmRSS:")
+    baseline_rss = resident_bytes()
     variant, steps, warmup = cfg["variant"], cfg["steps"], cfg.get("warmup", 1)
     out: dict = {"baseline_rss": baseline_rss}
     times: list[float] = []
@@ -107,7 +100,7 @@ def run(cfg: dict) -> dict:
     out["step_s"] = statistics.median(times)
     out["steps_s"] = times
     out["page_faults"] = statistics.median(faults)
-    out["peak_rss"] = _status("VmHWM:")
+    out["peak_rss"] = peak_resident_bytes()
     return out
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 
 from ..errors import OutcoreError
+from ..memory.malloc import peak_resident_bytes, resident_bytes
 from ..units import format_bytes
 
 
@@ -40,14 +41,6 @@ def add_parser(sub) -> None:
 
 
 # -- the two runs, each in its own process ---------------------------------------------------
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _setup(seed: int = 0):
     import torch
 
@@ -84,7 +77,7 @@ def _plain(cfg: dict) -> dict:
     from ..workloads.digits import digit_batches
     model, opt = _setup()
     batches = _loaded(digit_batches(cfg["batch"], cfg["image_size"]))
-    start_rss = _status("VmRSS:")
+    start_rss = resident_bytes()
     losses, times, held = [], [], 0
     for it in range(cfg["iterations"]):
         x, y = next(batches)
@@ -97,7 +90,7 @@ def _plain(cfg: dict) -> dict:
             losses.append(_step(model, opt, x, y))
         times.append(_time.perf_counter() - start)
     return {"losses": [loss.item().hex() for loss in losses], "times": times, "held": held,
-            "start_rss": start_rss, "peak_rss": _status("VmHWM:")}
+            "start_rss": start_rss, "peak_rss": peak_resident_bytes()}
 
 
 def _outcore(cfg: dict) -> dict:
@@ -110,7 +103,7 @@ def _outcore(cfg: dict) -> dict:
     from ..workloads.digits import digit_batches
     model, opt = _setup()
     batches = _loaded(digit_batches(cfg["batch"], cfg["image_size"]))
-    start_rss = _status("VmRSS:")
+    start_rss = resident_bytes()
     losses, times = [], []
     out = cfg["out"]
     with OutOfCore(budget=cfg["budget"], policy=cfg["policy"], swap_dir=cfg["swap_dir"]) as ooc:
@@ -121,7 +114,7 @@ def _outcore(cfg: dict) -> dict:
                 losses.append(_step(model, opt, x, y))
             times.append(_time.perf_counter() - start)
         report = ooc.report()
-        peak_rss = _status("VmHWM:")      # before drawing: matplotlib is not the training's
+        peak_rss = peak_resident_bytes()      # before drawing: matplotlib is not the training's
         files, traffic = {}, None
         if ooc._last_replay is not None:
             os.makedirs(out, exist_ok=True)

@@ -96,13 +96,13 @@ except ImportError as exc:       # pragma: no cover - lightning is a test depend
     raise ImportError("outcore.integrations.lightning needs `lightning` (Lightning 2.x): "
                       "pip install lightning") from exc
 
-from ..errors import InfeasibleBudget, OutcoreError
-from ..run.ooc import OutOfCore
+from ..errors import OutcoreError
+from ._step import FusedAdvice, StepIterations, require_open
 
 __all__ = ["OutcoreCallback"]
 
 
-class OutcoreCallback(Callback):
+class OutcoreCallback(StepIterations, Callback):
     """Runs each optimizer step of a `lightning.pytorch.Trainer` as one `ooc.iteration()`.
 
     Enters the iteration at `on_train_batch_start` of a step's first micro-batch and
@@ -120,33 +120,14 @@ class OutcoreCallback(Callback):
         "Limits today"); otherwise `OutcoreError`.
     """
 
+    framework = "Lightning"
+    resume_advice = ("Resume a Lightning run from Lightning's own checkpoints (ModelCheckpoint, "
+                     "trainer.fit(..., ckpt_path=...))")
+
     def __init__(self, ooc):
-        if not isinstance(ooc, OutOfCore):
-            raise OutcoreError(f"OutcoreCallback needs an outcore.OutOfCore, got {type(ooc).__name__}: "
-                               "OutcoreCallback(outcore.OutOfCore(budget=...))")
-        _require_open(ooc)
-        if getattr(ooc, "_durable", None) is not None:
-            raise OutcoreError(
-                "OutcoreCallback does not support OutOfCore(..., state_dir=...): its iterations "
-                "would be committed apart from Lightning's step count, data position and "
-                "schedulers. Resume a Lightning run from Lightning's own checkpoints "
-                "(ModelCheckpoint, trainer.fit(..., ckpt_path=...)) and create the OutOfCore "
-                "without state_dir")
-        self.ooc = ooc
-        self.steps = 0              # optimizer steps run as outcore iterations
-        self._open = None           # the ooc.iteration() in progress, if any
+        StepIterations.__init__(self, ooc)
         self._opened_at = None      # trainer.global_step when it was entered
         self._warned_validation = False
-
-    def end(self, exc: BaseException | None = None) -> None:
-        """End the iteration left open (with `exc`, or as a block that ran to its end if
-        `exc` is None). Does nothing when no iteration is open."""
-        self._finish(exc)
-
-    @property
-    def in_step(self) -> bool:
-        """Whether an outcore iteration begun by this callback is open."""
-        return self._open is not None and self._open.entered
 
     # -- Lightning events --------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
@@ -158,7 +139,7 @@ class OutcoreCallback(Callback):
             notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
             warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=2)
         self._finish(None)          # forgets an iteration that never started
-        _require_open(self.ooc)
+        require_open(self.ooc)
         if not getattr(pl_module, "automatic_optimization", True):
             raise OutcoreError(
                 "OutcoreCallback supports automatic optimization only: with "
@@ -183,17 +164,13 @@ class OutcoreCallback(Callback):
         if self.in_step:
             return                  # a later micro-batch of the step already open
         self._finish(None)
-        iteration = self.ooc.iteration()
-        self._open = iteration
         self._opened_at = trainer.global_step
-        with _advice():
-            iteration.__enter__()   # when it raises, it has ended itself: `entered` is False
+        self._begin_step(_ADVICE)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.in_step and trainer.global_step != self._opened_at:
             self.steps += 1
-            with _advice():
-                self._finish(None)
+            self._finish(None, _ADVICE)
 
     def on_validation_start(self, trainer, pl_module):
         if self.in_step and not self._warned_validation:
@@ -213,28 +190,6 @@ class OutcoreCallback(Callback):
     def on_exception(self, trainer, pl_module, exception):
         self._finish(exception)
 
-    # -- ending ------------------------------------------------------------------------
-    def _finish(self, exc) -> None:
-        """End the open iteration: as a block that ran to its end (`exc` None; outcore's
-        own errors are raised), or interrupted by `exc` (they are added to it as notes).
-        `_open` is let go only once the iteration has ended (`entered` turns False inside
-        its held exit), so a Ctrl-C landing here leaves it for `on_exception` to end."""
-        iteration = self._open
-        if iteration is None:
-            return
-        try:
-            if iteration.entered:
-                if exc is None:
-                    iteration.__exit__(None, None, None)
-                else:
-                    iteration.__exit__(type(exc), exc, exc.__traceback__)
-        finally:
-            if not iteration.entered and self._open is iteration:
-                self._open = None
-
-    def __repr__(self) -> str:
-        return f"OutcoreCallback({self.ooc!r}, steps={self.steps}{', in a step' if self.in_step else ''})"
-
 
 def _compiled(pl_module) -> bool:
     """`trainer.fit(torch.compile(model))` (Lightning unwraps it and keeps the compiler in
@@ -245,22 +200,6 @@ def _compiled(pl_module) -> bool:
     return callable(modules) and any(type(m).__name__ == "OptimizedModule" for m in modules())
 
 
-class _advice:
-    """Adds what to do in Lightning to an InfeasibleBudget found in a fused optimizer op."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if isinstance(exc, InfeasibleBudget) and "_fused_" in (exc.op or ""):
-            exc.add_note(
-                f"outcore: {exc.op} updates every parameter in one op, so parameters, gradients "
-                "and optimizer state must be resident at once. Return an optimizer with "
-                "fused=False from configure_optimizers (foreach=True is fine: outcore splits "
-                "_foreach_ ops per tensor); it fits far smaller budgets")
-        return False
-
-
-def _require_open(ooc) -> None:
-    if ooc.closed:
-        raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
+_ADVICE = FusedAdvice(
+    "Return an optimizer with fused=False from configure_optimizers (foreach=True is fine: "
+    "outcore splits _foreach_ ops per tensor); it fits far smaller budgets")

@@ -66,13 +66,14 @@ except ImportError as exc:       # pragma: no cover - transformers is a test dep
     raise ImportError("outcore.integrations.transformers needs `transformers` (and, for its "
                       "Trainer, `accelerate`): pip install 'transformers[torch]'") from exc
 
-from ..errors import InfeasibleBudget, OutcoreError
+from ..errors import OutcoreError
 from ..run.ooc import OutOfCore
+from ._step import FusedAdvice, StepIterations, require_open
 
 __all__ = ["OutcoreCallback", "train"]
 
 
-class OutcoreCallback(TrainerCallback):
+class OutcoreCallback(StepIterations, TrainerCallback):
     """Runs each optimizer step of a `transformers.Trainer` as one `ooc.iteration()`.
 
     Enters the iteration at `on_step_begin` (before the first micro-batch of the step)
@@ -90,20 +91,12 @@ class OutcoreCallback(TrainerCallback):
         without `torch_compile` (outcore's limits; README, "Limits today").
     """
 
+    framework = "the Trainer"
+    resume_advice = ("Resume a Trainer run from the Trainer's own checkpoints (save_steps, "
+                     "trainer.train(resume_from_checkpoint=...))")
+
     def __init__(self, ooc):
-        if not isinstance(ooc, OutOfCore):
-            raise OutcoreError(f"OutcoreCallback needs an outcore.OutOfCore, got {type(ooc).__name__}: "
-                               "OutcoreCallback(outcore.OutOfCore(budget=...))")
-        _require_open(ooc)
-        if getattr(ooc, "_durable", None) is not None:
-            raise OutcoreError(
-                "OutcoreCallback does not support OutOfCore(..., state_dir=...): its iterations "
-                "would be committed apart from the Trainer's steps, data position and scheduler. "
-                "Resume a Trainer run from the Trainer's own checkpoints (save_steps, "
-                "trainer.train(resume_from_checkpoint=...)) and create the OutOfCore without state_dir")
-        self.ooc = ooc
-        self.steps = 0              # optimizer steps run as outcore iterations
-        self._open = None           # the ooc.iteration() in progress, if any
+        StepIterations.__init__(self, ooc)
         self._guards = 0            # `with callback:` blocks open
 
     # -- the guard ---------------------------------------------------------------------
@@ -115,17 +108,6 @@ class OutcoreCallback(TrainerCallback):
         self._guards -= 1
         self._finish(exc)
         return False
-
-    def end(self, exc: BaseException | None = None) -> None:
-        """End the iteration left open by an exception that escaped `trainer.train()`
-        outside `with callback:` (with that exception, or as a block that ran to its
-        end if `exc` is None). Does nothing when no iteration is open."""
-        self._finish(exc)
-
-    @property
-    def in_step(self) -> bool:
-        """Whether an outcore iteration begun by this callback is open."""
-        return self._open is not None and self._open.entered
 
     # -- Trainer events ----------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -139,7 +121,7 @@ class OutcoreCallback(TrainerCallback):
             notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
             warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=2)
         self._finish(None)          # forgets an iteration that never started
-        _require_open(self.ooc)
+        require_open(self.ooc)
         device = getattr(args, "device", None)
         if device is not None and getattr(device, "type", "cpu") != "cpu":
             raise OutcoreError(f"OutcoreCallback trains on the CPU only (outcore's fast tier is RAM); "
@@ -161,16 +143,13 @@ class OutcoreCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._finish(None)          # none is open in Trainer 5.24's loop (NOTE [Which Trainer events])
-        iteration = self.ooc.iteration()
-        self._open = iteration
-        with _advice():
-            iteration.__enter__()   # when it raises, it has ended itself: `entered` is False
+        self._begin_step(_ADVICE)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.in_step:
             self.steps += 1
-        self._finish(None)
+        self._finish(None, _ADVICE)
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -180,29 +159,6 @@ class OutcoreCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._finish(None)
         return control
-
-    # -- ending ------------------------------------------------------------------------
-    def _finish(self, exc) -> None:
-        """End the open iteration: as a block that ran to its end (`exc` None; outcore's
-        own errors are raised), or interrupted by `exc` (they are added to it as notes).
-        `_open` is let go only once the iteration has ended (`entered` turns False inside
-        its held exit), so a Ctrl-C landing here leaves it for the guard to end."""
-        iteration = self._open
-        if iteration is None:
-            return
-        try:
-            if iteration.entered:
-                if exc is None:
-                    with _advice():
-                        iteration.__exit__(None, None, None)
-                else:
-                    iteration.__exit__(type(exc), exc, exc.__traceback__)
-        finally:
-            if not iteration.entered and self._open is iteration:
-                self._open = None
-
-    def __repr__(self) -> str:
-        return f"OutcoreCallback({self.ooc!r}, steps={self.steps}{', in a step' if self.in_step else ''})"
 
 
 def train(trainer, ooc, **train_kwargs):
@@ -232,23 +188,7 @@ def train(trainer, ooc, **train_kwargs):
             trainer.remove_callback(callback)
 
 
-class _advice:
-    """Adds what to do in a Trainer to an InfeasibleBudget found in a fused optimizer op."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if isinstance(exc, InfeasibleBudget) and "_fused_" in (exc.op or ""):
-            exc.add_note(
-                f"outcore: {exc.op} updates every parameter in one op, so parameters, gradients "
-                "and optimizer state must be resident at once. Trainer's default optimizer with "
-                "torch >= 2.8 is the fused AdamW (optim='adamw_torch_fused'); "
-                "TrainingArguments(optim='adamw_torch') updates one parameter at a time and "
-                "fits far smaller budgets")
-        return False
-
-
-def _require_open(ooc) -> None:
-    if ooc.closed:
-        raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
+_ADVICE = FusedAdvice(
+    "Trainer's default optimizer with torch >= 2.8 is the fused AdamW "
+    "(optim='adamw_torch_fused'); TrainingArguments(optim='adamw_torch') updates one parameter "
+    "at a time and fits far smaller budgets")

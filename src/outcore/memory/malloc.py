@@ -252,6 +252,15 @@ def resident_bytes() -> int:
     return _statm_pages(1) * _PAGE
 
 
+def peak_resident_bytes() -> int:
+    """The process's peak resident set so far (VmHWM), in bytes; 0 where /proc has none."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def file_resident_bytes() -> int:
     """The file-backed and shared part of the resident set, in bytes."""
     return _statm_pages(2) * _PAGE

@@ -1,0 +1,93 @@
+"""What the framework callbacks share: one `ooc.iteration()` per optimizer step, opened
+at one framework event and ended at another, or with the exception that stopped it.
+
+Contract of `_finish` (NOTE [Exceptions] in transformers.py, on_exception in
+lightning.py): the open iteration ends as a block that ran to its end (`exc` None:
+outcore's own errors are raised) or interrupted by `exc` (they are added to it as
+notes). `_open` is let go only once the iteration has ended (`entered` turns False
+inside its held exit), so a Ctrl-C landing in `_finish` leaves it for the next ender.
+"""
+from __future__ import annotations
+
+from ..errors import InfeasibleBudget, OutcoreError
+from ..run.ooc import OutOfCore
+
+
+class StepIterations:
+    """Mixed into each framework's callback class. `framework` names it in errors;
+    `resume_advice` says how to resume with the framework's own checkpoints."""
+
+    framework = "the framework"
+    resume_advice = ""
+
+    def __init__(self, ooc):
+        if not isinstance(ooc, OutOfCore):
+            raise OutcoreError(f"OutcoreCallback needs an outcore.OutOfCore, got {type(ooc).__name__}: "
+                               "OutcoreCallback(outcore.OutOfCore(budget=...))")
+        require_open(ooc)
+        if getattr(ooc, "_durable", None) is not None:
+            raise OutcoreError(
+                "OutcoreCallback does not support OutOfCore(..., state_dir=...): its iterations "
+                f"would be committed apart from {self.framework}'s step count, data position and "
+                f"schedulers. {self.resume_advice} and create the OutOfCore without state_dir")
+        self.ooc = ooc
+        self.steps = 0              # optimizer steps run as outcore iterations
+        self._open = None           # the ooc.iteration() in progress, if any
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """End the iteration left open (with `exc`, or as a block that ran to its end if
+        `exc` is None). Does nothing when no iteration is open."""
+        self._finish(exc)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether an outcore iteration begun by this callback is open."""
+        return self._open is not None and self._open.entered
+
+    def _begin_step(self, advice: "FusedAdvice") -> None:
+        iteration = self.ooc.iteration()
+        self._open = iteration
+        with advice:
+            iteration.__enter__()   # when it raises, it has ended itself: `entered` is False
+
+    def _finish(self, exc, advice: "FusedAdvice | None" = None) -> None:
+        """End the open iteration (module docstring)."""
+        iteration = self._open
+        if iteration is None:
+            return
+        try:
+            if iteration.entered:
+                if exc is None:
+                    with advice or FusedAdvice(""):
+                        iteration.__exit__(None, None, None)
+                else:
+                    iteration.__exit__(type(exc), exc, exc.__traceback__)
+        finally:
+            if not iteration.entered and self._open is iteration:
+                self._open = None
+
+    def __repr__(self) -> str:
+        return f"OutcoreCallback({self.ooc!r}, steps={self.steps}{', in a step' if self.in_step else ''})"
+
+
+class FusedAdvice:
+    """Adds `what_to_do` to an InfeasibleBudget raised by a fused optimizer op (one op that
+    updates every parameter, so all of them must be resident at once)."""
+
+    def __init__(self, what_to_do: str):
+        self.what_to_do = what_to_do
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.what_to_do and isinstance(exc, InfeasibleBudget) and "_fused_" in (exc.op or ""):
+            exc.add_note(f"outcore: {exc.op} updates every parameter in one op, so parameters, "
+                         "gradients and optimizer state must be resident at once. "
+                         + self.what_to_do)
+        return False
+
+
+def require_open(ooc) -> None:
+    if ooc.closed:
+        raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
