@@ -103,7 +103,7 @@ def test_traffic_comparison_accounts_for_every_byte(tmp_path):
 
 def test_demo_prints_both_runs_and_writes_valid_files(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--iterations", "4", "--batch", "4", "--image-size", "32",
+    code = main(["demo", "--iterations", "3", "--batch", "4", "--image-size", "32",
                  "--swap-dir", str(tmp_path), "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0, text
