@@ -60,9 +60,9 @@ def _step(model, opt, x, y):
 
 
 def _loaded(batches):
-    """The batches with the data set loaded: the first batch is taken now (scikit-learn's
-    import and the images, ~100 MiB) so that the resident set measured next is the one
-    training starts from, then handed out first."""
+    """The batches with the data set loaded: the first batch is taken now (it imports
+    scikit-learn and makes the images) so that the resident set measured next is the one
+    training starts from; it is handed out first."""
     import itertools
     first = next(batches)
     return itertools.chain([first], batches)
