@@ -5,7 +5,7 @@ Contract of `_finish` (NOTE [Exceptions] in transformers.py, on_exception in
 lightning.py): the open iteration ends as a block that ran to its end (`exc` None:
 outcore's own errors are raised) or interrupted by `exc` (they are added to it as
 notes). `_open` is let go only once the iteration has ended (`entered` turns False
-inside its held exit), so a Ctrl-C landing in `_finish` leaves it for the next ender.
+inside its held exit: `open`), so a Ctrl-C landing in `_finish` leaves it for the next ender.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class StepIterations:
             raise OutcoreError(f"OutcoreCallback needs an outcore.OutOfCore, got {type(ooc).__name__}: "
                                "OutcoreCallback(outcore.OutOfCore(budget=...))")
         require_open(ooc)
-        if getattr(ooc, "_durable", None) is not None:
+        if ooc.state_dir is not None:
             raise OutcoreError(
                 "OutcoreCallback does not support OutOfCore(..., state_dir=...): its iterations "
                 f"would be committed apart from {self.framework}'s step count, data position and "
@@ -42,7 +42,7 @@ class StepIterations:
     @property
     def in_step(self) -> bool:
         """Whether an outcore iteration begun by this callback is open."""
-        return self._open is not None and self._open.entered
+        return self._open is not None and self._open.open
 
     def _begin_step(self, advice: "FusedAdvice") -> None:
         iteration = self.ooc.iteration()
@@ -56,14 +56,14 @@ class StepIterations:
         if iteration is None:
             return
         try:
-            if iteration.entered:
+            if iteration.open:
                 if exc is None:
                     with advice or FusedAdvice(""):
                         iteration.__exit__(None, None, None)
                 else:
                     iteration.__exit__(type(exc), exc, exc.__traceback__)
         finally:
-            if not iteration.entered and self._open is iteration:
+            if not iteration.open and self._open is iteration:
                 self._open = None
 
     def __repr__(self) -> str:

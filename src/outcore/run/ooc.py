@@ -232,6 +232,11 @@ class OutOfCore:
         durable.model, durable.optimizer = model, optimizer
         return durable.iterations
 
+    @property
+    def state_dir(self):
+        """The directory each completed iteration is made durable in, or None."""
+        return self._durable.directory if self._durable is not None else None
+
     def save(self, obj, path) -> None:
         """`torch.save(obj, path)` between iterations, atomically: `path` holds either its
         old contents or the whole new checkpoint, whatever interrupts the save. State on
@@ -457,6 +462,12 @@ class _Iteration:
         self.recording = False
         self.before = None
         self.started = 0.0
+
+    @property
+    def open(self) -> bool:
+        """Whether the block is entered and not yet ended (its dispatch mode is pushed):
+        what a framework callback that enters and exits it by hand asks."""
+        return self.entered
 
     @critical
     def __enter__(self):
