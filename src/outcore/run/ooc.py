@@ -40,6 +40,7 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
+from .compose import refuse_unsupported
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
@@ -199,6 +200,7 @@ class OutOfCore:
         self._infeasible: InfeasibleBudget | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
+        self._composition_checked = False     # run/compose.py, at the first iteration
 
     # -- the loop ------------------------------------------------------------------------
     def iteration(self) -> "_Iteration":
@@ -481,6 +483,9 @@ class _Iteration:
                 raise OutcoreError("ooc.iteration() blocks cannot nest; end one before starting the next")
             if ooc._infeasible is not None:
                 raise _again(ooc._infeasible)
+            if not ooc._composition_checked and type(self) is _Iteration:
+                refuse_unsupported()
+                ooc._composition_checked = True
             if ooc._durable is not None and ooc._durable.model is None and type(self) is _Iteration:
                 raise OutcoreError("with state_dir, call ooc.resume(model, optimizer) before the "
                                    "first iteration: it names the state to keep, and loads it "
