@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import gc
 import sys
+import warnings
 
 from ..errors import OutcoreError
 
 
 def _fsdp_classes() -> tuple:
-    """FSDP's module classes, if the user's code imported FSDP (never imported here)."""
+    """FSDP's module classes, if the user's code imported FSDP (never imported here) and
+    a process group is up (FSDP cannot shard without one). transformers and accelerate
+    import FSDP whenever they load, so the import alone says little."""
     module = sys.modules.get("torch.distributed.fsdp")
     if module is None:
+        return ()
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
         return ()
     return tuple(c for c in (getattr(module, "FSDPModule", None),
                              getattr(module, "FullyShardedDataParallel", None)) if c is not None)
@@ -28,17 +34,19 @@ def _fsdp_classes() -> tuple:
 
 def refuse_unsupported() -> None:
     """Raise OutcoreError when an FSDP-wrapped module is alive in this process. Looks only
-    when FSDP was imported; then it walks the objects the garbage collector tracks, once
-    per OutOfCore (a fraction of a second on a large heap)."""
+    in a distributed run that imported FSDP; then it walks the objects the garbage
+    collector tracks, once per OutOfCore."""
     classes = _fsdp_classes()
     if not classes:
         return
     gc.collect()                  # a model dropped in a reference cycle is not in use
-    for obj in gc.get_objects():
-        if isinstance(obj, classes):
-            raise OutcoreError(
-                f"{type(obj).__name__} (FSDP) is in use: FSDP frees and re-allocates its "
-                "parameters' memory itself (storage resize_), and outcore would move the same "
-                "storages, which crashes the process. outcore does not compose with FSDP yet: "
-                "train this model without outcore, or with DistributedDataParallel, which "
-                "composes (one OutOfCore per rank). Nothing has run.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # isinstance() on deprecated torch proxies warns
+        found = next((obj for obj in gc.get_objects() if isinstance(obj, classes)), None)
+    if found is not None:
+        raise OutcoreError(
+            f"{type(found).__name__} (FSDP) is in use: FSDP frees and re-allocates its "
+            "parameters' memory itself (storage resize_), and outcore would move the same "
+            "storages, which crashes the process. outcore does not compose with FSDP yet: "
+            "train this model without outcore, or with DistributedDataParallel, which "
+            "composes (one OutOfCore per rank). Nothing has run.")
