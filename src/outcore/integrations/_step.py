@@ -9,6 +9,8 @@ inside its held exit: `open`), so a Ctrl-C landing in `_finish` leaves it for th
 """
 from __future__ import annotations
 
+import warnings
+
 from ..errors import InfeasibleBudget, OutcoreError
 from ..run.ooc import OutOfCore
 
@@ -43,6 +45,29 @@ class StepIterations:
     def in_step(self) -> bool:
         """Whether an outcore iteration begun by this callback is open."""
         return self._open is not None and self._open.open
+
+    def _end_abandoned(self, how: str) -> None:
+        """At the start of a run: end a step an earlier run left open (`how` it was left),
+        with a RuntimeWarning, and forget an iteration that never started."""
+        if self.in_step:
+            abandoned = OutcoreError(f"{how}; that step was ended only now, at the start of the "
+                                     "next run")
+            self._finish(abandoned)
+            notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
+            warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=3)
+        self._finish(None)
+        require_open(self.ooc)
+
+    @staticmethod
+    def _require_cpu_one_process(device, world: int, on_cpu: str) -> None:
+        """outcore's limits the framework's settings may break: the fast tier is RAM, and the
+        callbacks step one process (`on_cpu`: the framework's setting that fixes a device)."""
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            raise OutcoreError(f"OutcoreCallback trains on the CPU only (outcore's fast tier is RAM); "
+                               f"this Trainer trains on {device}. Pass {on_cpu}")
+        if world != 1:
+            raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {world} "
+                               "(torch.distributed is not supported by outcore yet)")
 
     def _begin_step(self, advice: "FusedAdvice") -> None:
         iteration = self.ooc.iteration()

@@ -97,7 +97,7 @@ except ImportError as exc:       # pragma: no cover - lightning is a test depend
                       "pip install lightning") from exc
 
 from ..errors import OutcoreError
-from ._step import FusedAdvice, StepIterations, require_open
+from ._step import FusedAdvice, StepIterations
 
 __all__ = ["OutcoreCallback"]
 
@@ -131,15 +131,8 @@ class OutcoreCallback(StepIterations, Callback):
 
     # -- Lightning events --------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
-        if self.in_step:
-            abandoned = OutcoreError("a step of an earlier fit was left open (its on_exception "
-                                     "never reached OutcoreCallback); it was ended only now, at "
-                                     "the next on_fit_start")
-            self._finish(abandoned)
-            notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
-            warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=2)
-        self._finish(None)          # forgets an iteration that never started
-        require_open(self.ooc)
+        self._end_abandoned("a step of an earlier fit was left open (its on_exception never "
+                            "reached OutcoreCallback)")
         if not getattr(pl_module, "automatic_optimization", True):
             raise OutcoreError(
                 "OutcoreCallback supports automatic optimization only: with "
@@ -147,14 +140,8 @@ class OutcoreCallback(StepIterations, Callback):
                 "zero_grad() run, so the callback cannot tell where an optimizer step begins and "
                 "ends. Wrap your own step in `with ooc.iteration():` instead (one block per "
                 "optimizer step, inside training_step), without this callback")
-        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
-        if device is not None and getattr(device, "type", "cpu") != "cpu":
-            raise OutcoreError(f"OutcoreCallback trains on the CPU only (outcore's fast tier is RAM); "
-                               f"this Trainer trains on {device}. Pass Trainer(accelerator='cpu')")
-        world = getattr(trainer, "world_size", 1)
-        if world != 1:
-            raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {world} "
-                               "(torch.distributed is not supported by outcore yet)")
+        self._require_cpu_one_process(getattr(getattr(trainer, "strategy", None), "root_device", None),
+                                      getattr(trainer, "world_size", 1), "Trainer(accelerator='cpu')")
         if _compiled(pl_module):
             raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
                                "bypass the dispatcher outcore manages tensors through); fit the "

@@ -68,7 +68,7 @@ except ImportError as exc:       # pragma: no cover - transformers is a test dep
 
 from ..errors import OutcoreError
 from ..run.ooc import OutOfCore
-from ._step import FusedAdvice, StepIterations, require_open
+from ._step import FusedAdvice, StepIterations
 
 __all__ = ["OutcoreCallback", "train"]
 
@@ -111,28 +111,16 @@ class OutcoreCallback(StepIterations, TrainerCallback):
 
     # -- Trainer events ----------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.in_step:
-            # Left open by an exception that escaped an earlier train() without the guard
-            # (or by Trainer's auto_find_batch_size retrying after one).
-            abandoned = OutcoreError("an exception escaped trainer.train() in the middle of a step, "
-                                     "outside `with callback:`; that step was ended only now, at the "
-                                     "next on_train_begin")
-            self._finish(abandoned)
-            notes = "".join(f" {n}" for n in getattr(abandoned, "__notes__", ()))
-            warnings.warn(f"OutcoreCallback: {abandoned}.{notes}", RuntimeWarning, stacklevel=2)
-        self._finish(None)          # forgets an iteration that never started
-        require_open(self.ooc)
-        device = getattr(args, "device", None)
-        if device is not None and getattr(device, "type", "cpu") != "cpu":
-            raise OutcoreError(f"OutcoreCallback trains on the CPU only (outcore's fast tier is RAM); "
-                               f"this Trainer trains on {device}. Pass TrainingArguments(use_cpu=True)")
+        # A step left open by an exception that escaped an earlier train() without the guard
+        # (or by Trainer's auto_find_batch_size retrying after one).
+        self._end_abandoned("an exception escaped trainer.train() in the middle of a step, "
+                            "outside `with callback:`")
+        self._require_cpu_one_process(getattr(args, "device", None), getattr(args, "world_size", 1),
+                                      "TrainingArguments(use_cpu=True)")
         if getattr(args, "torch_compile", False):
             raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
                                "bypass the dispatcher outcore manages tensors through); set "
                                "TrainingArguments(torch_compile=False)")
-        if getattr(args, "world_size", 1) != 1:
-            raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {args.world_size} "
-                               "(torch.distributed is not supported by outcore yet)")
         if self._guards == 0:
             warnings.warn("OutcoreCallback: trainer.train() runs outside `with callback:`; an exception "
                           "escaping a step would leave its outcore iteration open (and ooc.close() "

@@ -91,8 +91,8 @@ class Replayer(HeldMode):
         self._strangers, self._stranger_bytes = [], 0
         if self.passive:
             return
-        known = set(map(id, self.aid_of)) | set(map(id, self._inputs))
-        self._strangers = [e for e in self.res.lru.values() if id(e) not in known and not e.pinned]
+        known = self.aid_of.keys() | set(self._inputs)     # entries hash by identity
+        self._strangers = [e for e in self.res.lru.values() if e not in known and not e.pinned]
         self._stranger_bytes = sum(e.nbytes for e in self._strangers)
 
     def _make_room(self, planned: int) -> None:
