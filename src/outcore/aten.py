@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 aten = torch.ops.aten
 
@@ -20,15 +21,34 @@ aten = torch.ops.aten
 _RENAMED = {"norm": "linalg_vector_norm"}
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A tensor, or the plain tensors inside a wrapper subclass (DTensor, FSDP2's sharded
+    parameters): a wrapper has no memory of its own (its storage has no data), and the
+    op on it runs on its inner tensors where no dispatch mode sees it, so outcore must
+    see those instead."""
+    if type(t) in _PLAIN or not is_traceable_wrapper_subclass(t):
+        yield t
+        return
+    names, _ = t.__tensor_flatten__()
+    for name in names:
+        inner = getattr(t, name)
+        if isinstance(inner, torch.Tensor):
+            yield from _leaves(inner)
+
+
 def iter_tensors(values) -> Iterator[torch.Tensor]:
-    """Tensors in an op's args/kwargs/outputs, in order (lists and tuples flattened)."""
+    """Tensors in an op's args/kwargs/outputs, in order (lists and tuples flattened,
+    wrapper subclasses replaced by their inner tensors)."""
     for v in values:
         if isinstance(v, torch.Tensor):
-            yield v
+            yield from _leaves(v)
         elif isinstance(v, (list, tuple)):
             for w in v:
                 if isinstance(w, torch.Tensor):
-                    yield w
+                    yield from _leaves(w)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,52 +1,194 @@
-"""Compositions outcore refuses before anything runs.
+"""How outcore composes with torch.distributed: collectives in flight, storages FSDP owns.
 
-FSDP (`fully_shard`, FSDP2, and `FullyShardedDataParallel`) frees and re-allocates its
-parameters' memory itself, by resizing their storages (`storage.resize_(0)` after
-use, back before the next all-gather). outcore's in-place eviction does the same to
-the same storages, so the two would free each other's memory: the process crashes in
-FSDP's all-gather copy-out (seen: a segmentation fault in the first backward). Until
-outcore understands FSDP's resize protocol (the issue on distributed training), an
-iteration refuses to start while an FSDP module exists: a clear error, nothing changed.
-DDP keeps ordinary parameters and composes (each rank its own OutOfCore).
+Each rank runs its own OutOfCore (its own budget, its own swap file); outcore sees a
+rank's collectives as functions of its trace, like any op (the recorder logs them with
+the buffers they read and write). Two rules make the composition exact:
+
+NOTE [Collectives in flight]
+  1. A c10d op returns before its data has moved: gloo runs it on its own thread, NCCL
+     on its own stream, and the caller waits on the returned Work (or its Future) when
+     it likes: DDP at the end of backward, FSDP before its copy-out.
+  2. Waiting does not end the collective's hold on its tensors: with gloo, a second
+     `Work.wait()` or `Future.wait()` after the first reads them again (reduce-scatter,
+     send/recv, a DDP comm hook's Future: a segmentation fault when their storage was
+     resized to 0 in between; checked with torch 2.13). Nobody can tell when the caller's
+     last wait comes.
+  3. So a storage a collective touched is never moved again: it is disowned (pinned in
+     place, `Residency.disown`) as the op returns, with evictions asked for during the
+     op held back until then (`hold_moves`), and the plan counts it as pinned for its
+     whole life (`held_arrays`, `ooc.planned_budget`). DDP's buckets (as large as the
+     gradients; `gradient_as_bucket_view=True` makes the gradients those buckets, and
+     halves that) and FSDP's reduce-scatter outputs (the sharded gradients) stay in fast
+     memory; the parameters, optimizer state and activations move as planned.
+
+NOTE [Storages FSDP owns]
+  1. FSDP2 (`fully_shard`) frees each parameter's unsharded memory after use and
+     re-allocates it before the next all-gather by resizing the all-gather output's
+     storage itself (`storage.resize_(0)` / `resize_(n)`). outcore's in-place eviction
+     resizes storages too; if both managed one storage, each would free the other's
+     memory (seen: a segmentation fault in FSDP's all-gather copy-out).
+  2. Ownership is split: FSDP owns the unsharded parameters (its all-gather outputs);
+     outcore owns everything else: the sharded parameters, gradients, optimizer state,
+     activations, buckets and temporaries. outcore *disowns* FSDP's storages
+     (`Residency.disown`): pinned where they are, never moved, counted at their full
+     size even while FSDP has them freed (an upper bound the plan keeps within the
+     budget like other pinned storages; ooc.planned_budget).
+  3. They are found three times over: at every iteration start and recording end,
+     from the FSDPParams of the FSDP modules alive (`_fsdp_owned`); at every copy-out
+     (`fsdp.split_with_sizes_copy`), whose `out` tensors are those storages, before it
+     runs, so a storage FSDP creates during the step is disowned before anything could
+     move it; and by the executor, which disowns any storage it finds resized behind
+     its back instead of moving it (NOTE [Residency invariants], rule 5; FSDP on one
+     rank copies out with a plain `copy_`).
+  4. FSDP1 (`FullyShardedDataParallel`) keeps flat parameters whose storage it swaps and
+     frees by other means; it is refused (`refuse_unsupported`), before anything runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import warnings
+import weakref
 
+import torch
+
+from ..aten import distinct_storages, iter_tensors, output_tensors
 from ..errors import OutcoreError
 
-
-def _fsdp_classes() -> tuple:
-    """FSDP's module classes, if the user's code imported FSDP (never imported here) and
-    a process group is up (FSDP cannot shard without one). transformers and accelerate
-    import FSDP whenever they load, so the import alone says little."""
-    module = sys.modules.get("torch.distributed.fsdp")
-    if module is None:
-        return ()
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return ()
-    return tuple(c for c in (getattr(module, "FSDPModule", None),
-                             getattr(module, "FullyShardedDataParallel", None)) if c is not None)
+# Ops in these namespaces pass through `around` (every other op skips it at the cost of
+# one set lookup).
+DISTRIBUTED_NAMESPACES = frozenset(("c10d", "_c10d_functional", "fsdp"))
+_COPY_OUT = "split_with_sizes_copy"       # fsdp.split_with_sizes_copy(..., out=[...])
 
 
-def refuse_unsupported() -> None:
-    """Raise OutcoreError when an FSDP-wrapped module is alive in this process. Looks only
-    in a distributed run that imported FSDP; then it walks the objects the garbage
-    collector tracks, once per OutOfCore."""
-    classes = _fsdp_classes()
-    if not classes:
-        return
+def _loaded(module_name: str):
+    """A module the user's code imported, or None: outcore imports no distributed code."""
+    return sys.modules.get(module_name)
+
+
+def _distributed_up() -> bool:
+    dist = _loaded("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _live(classes: tuple) -> list:
+    """Objects of `classes` alive now (a walk over what the garbage collector tracks)."""
     gc.collect()                  # a model dropped in a reference cycle is not in use
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # isinstance() on deprecated torch proxies warns
-        found = next((obj for obj in gc.get_objects() if isinstance(obj, classes)), None)
-    if found is not None:
+        return [obj for obj in gc.get_objects() if isinstance(obj, classes)]
+
+
+def refuse_unsupported() -> None:
+    """Raise OutcoreError, before anything runs, when FSDP1 (`FullyShardedDataParallel`)
+    is alive in this process. Looks only in a distributed run that imported FSDP
+    (transformers and accelerate import it whenever they load: the import alone says
+    little); FSDP2 (`fully_shard`) composes (NOTE [Storages FSDP owns])."""
+    module = _loaded("torch.distributed.fsdp")
+    legacy = getattr(module, "FullyShardedDataParallel", None) if module is not None else None
+    if legacy is None or not _distributed_up():
+        return
+    found = _live((legacy,))
+    if found:
         raise OutcoreError(
-            f"{type(found).__name__} (FSDP) is in use: FSDP frees and re-allocates its "
-            "parameters' memory itself (storage resize_), and outcore would move the same "
-            "storages, which crashes the process. outcore does not compose with FSDP yet: "
-            "train this model without outcore, or with DistributedDataParallel, which "
-            "composes (one OutOfCore per rank). Nothing has run.")
+            "FullyShardedDataParallel (FSDP1) is in use: it swaps and frees its flat "
+            "parameters' memory itself, and outcore would move the same storages, which "
+            "crashes the process. outcore composes with FSDP2 instead: shard the model with "
+            "torch.distributed.fsdp.fully_shard (docs/distributed.md), or use "
+            "DistributedDataParallel. Nothing has run.")
+
+
+class Composition:
+    """What one OutOfCore knows about the distributed code around it: the FSDP2 modules
+    alive (found once, at the first iteration; later ones are met at their copy-outs)."""
+
+    def __init__(self):
+        self._fsdp_modules: list[weakref.ref] = []
+        self._checked = False
+
+    def check(self) -> None:
+        """Before the first iteration changes anything: refuse what does not compose,
+        and find the FSDP2 modules."""
+        if self._checked:
+            return
+        refuse_unsupported()
+        module = _loaded("torch.distributed.fsdp")
+        fsdp2 = getattr(module, "FSDPModule", None) if module is not None else None
+        if fsdp2 is not None and _distributed_up():
+            self._fsdp_modules = [weakref.ref(m) for m in _live((fsdp2,))]
+        self._checked = True
+
+    def disown_fsdp(self, residency) -> None:
+        """Disown FSDP's unsharded parameters (NOTE [Storages FSDP owns], rule 3): at each
+        iteration start, once the state is unmapped, and when a recording ends."""
+        for tensor in self._fsdp_owned():
+            # Only what the steps touched: another FSDP model alive beside this one
+            # (kept for evaluation, say) is not outcore's to count.
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata in residency.entries:
+                _disown(residency, tensor)
+
+    def _fsdp_owned(self):
+        """FSDP's all-gather outputs (the unsharded parameters' memory), through its
+        FSDPParams. Private FSDP attributes, read defensively: a torch whose FSDP lacks
+        them still has the copy-out rule."""
+        for ref in self._fsdp_modules:
+            module = ref()
+            state = module._get_fsdp_state() if module is not None else None
+            group = getattr(state, "_fsdp_param_group", None)
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                yield from getattr(fsdp_param, "all_gather_outputs", ())
+                yield from getattr(fsdp_param, "_unsharded_inner_tensors", ())
+
+
+def _disown(residency, tensor) -> None:
+    if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+        residency.disown(tensor.untyped_storage(), tensor.numel() * tensor.element_size(), "FSDP")
+
+
+def around(residency, func, args, kwargs, run):
+    """Run a distributed op (`func.namespace in DISTRIBUTED_NAMESPACES`) through `run`:
+    FSDP's copy-out targets are disowned before it (NOTE [Storages FSDP owns]); a
+    collective's tensors as it returns (NOTE [Collectives in flight])."""
+    if func.namespace == "fsdp":
+        if func._opname == _COPY_OUT:
+            for tensor in iter_tensors((kwargs.get("out", ()),)):
+                _disown(residency, tensor)
+        return run(func, args, kwargs)
+    residency.hold_moves()
+    out = None
+    try:
+        out = run(func, args, kwargs)
+    finally:
+        tensors = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+        if out is not None:
+            tensors += output_tensors(out)
+        residency.release_moves(distinct_storages(tensors), "collective")
+    return out
+
+
+def held_arrays(trace, also=()) -> frozenset:
+    """Arrays of `trace` the executor keeps in place for their whole life: those a
+    collective touches and FSDP's copy-out targets (NOTE [Collectives in flight],
+    NOTE [Storages FSDP owns]), and `also` (the ids of storages found disowned when the
+    recording ended: FSDP on one rank copies out with a plain copy_). Counted like small
+    arrays: ooc.planned_budget."""
+    held = set(also)
+    for fn in trace.functions:
+        namespace, _, rest = fn.op.partition(".")
+        if namespace in ("c10d", "_c10d_functional"):
+            held.update(fn.arrays())
+        elif namespace == "fsdp" and rest.startswith(_COPY_OUT):
+            held.update(a.array for a in fn.accesses if a.kind != "read")
+    return frozenset(held)
+
+
+def without_held(trace, held: frozenset):
+    """`trace` with its `held` arrays at 0 bytes, for the planner: the executor keeps
+    them in place whatever the plan says, and `ooc.planned_budget` has set their room
+    aside (counting them in the plan too would ask for their bytes twice). Array ids,
+    and so the schedule's actions, are those of `trace`."""
+    if not held:
+        return trace
+    arrays = tuple(dataclasses.replace(a, nbytes=0) if a.id in held else a for a in trace.arrays)
+    return dataclasses.replace(trace, arrays=arrays)

@@ -59,9 +59,9 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     arrays at once beside `pinned` bytes of arrays that never move. `completed`: the
     optimizer had begun, so the step was finished (over budget) before raising."""
     needed = movable + pinned
-    held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of small or "
-            f"unmovable arrays, under min_move_bytes={min_move_bytes:,} or not resizable, that "
-            "never move)") if pinned else ""
+    held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
+            f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable, "
+            "or held by a collective or FSDP)") if pinned else ""
     return InfeasibleBudget(
         f"function {index} ({what}, {phase}) needs {format_bytes(needed)} ({needed:,} B) resident "
         f"at once{held}, more than the budget of {format_bytes(budget)} ({budget:,} B) you passed; "

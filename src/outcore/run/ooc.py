@@ -40,7 +40,7 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
-from .compose import refuse_unsupported
+from .compose import Composition, held_arrays, without_held
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
@@ -63,18 +63,22 @@ MIN_MOVE_BYTES = 64 * 1024
 PAGER_SLACK = 64 * 2**20
 
 
-def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
-    """The most bytes of arrays smaller than `min_move_bytes` alive at once: the executor
-    never moves those, so they hold that much of the budget at worst."""
-    return max(occupancy(trace, only=lambda a: a.nbytes < min_move_bytes), default=0)
+def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES, held=None) -> int:
+    """The most bytes of arrays the executor never moves alive at once: those smaller
+    than `min_move_bytes`, and `held` ones (default `compose.held_arrays(trace)`: those
+    a collective or FSDP holds); they hold that much of the budget at worst."""
+    held = held_arrays(trace) if held is None else held
+    return max(occupancy(trace, only=lambda a: a.nbytes < min_move_bytes or a.id in held),
+               default=0)
 
 
-def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
+def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, held=None) -> int:
     """The budget the plan gets: storages below min_move_bytes never move (a transfer
-    would cost more than it frees), so the rest is planned within what they leave at
-    their peak. The plan's arrays then never exceed `budget` with the small ones beside
-    them: plan(t) <= budget - peak, and the small ones add at most `peak`."""
-    return max(budget - pinned_peak(trace, min_move_bytes), 1)
+    would cost more than it frees), nor do those of collectives and FSDP, so the rest
+    is planned within what they leave at their peak. The plan's arrays then never
+    exceed `budget` with the pinned ones beside them: plan(t) <= budget - peak, and the
+    pinned ones add at most `peak`."""
+    return max(budget - pinned_peak(trace, min_move_bytes, held), 1)
 
 
 _open_lock = threading.Lock()
@@ -200,7 +204,7 @@ class OutOfCore:
         self._infeasible: InfeasibleBudget | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
-        self._composition_checked = False     # run/compose.py, at the first iteration
+        self._composition = Composition()     # run/compose.py: torch.distributed around us
 
     # -- the loop ------------------------------------------------------------------------
     def iteration(self) -> "_Iteration":
@@ -338,11 +342,13 @@ class OutOfCore:
                      "to plan the steady state")
             self._record_next = True
             return
-        budget = planned_budget(trace, self.budget, self._res.min_move_bytes)
-        self._require_feasible(trace, budget)
+        held = held_arrays(trace, self._disowned(recording))
+        budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held)
+        plannable = without_held(trace, held)     # counted once, in planned_budget
+        self._require_feasible(plannable, budget)
         started = time.perf_counter()
-        schedule = plan(trace, budget, self.policy, **self.plan_options)
-        check(trace, schedule, budget)
+        schedule = plan(plannable, budget, self.policy, **self.plan_options)
+        check(plannable, schedule, budget)
         log.info("planned %d functions under %s (%s) in %.2f s: %s in, %s out per iteration, "
                  "peak %s", len(trace.functions), format_bytes(budget), self.policy,
                  time.perf_counter() - started, format_bytes(schedule.bytes_in),
@@ -361,6 +367,19 @@ class OutOfCore:
         self._record_next = False
         self._recordings_in_a_row = 0
 
+    def _disowned(self, recording: SafeRecording) -> set:
+        """Ids of the recorded arrays whose storage outcore does not move (run/compose.py),
+        FSDP's found once more now that the step has created them."""
+        res = self._res
+        self._composition.disown_fsdp(res)
+        out = set()
+        for aid, ref in recording.alive_at_end.items():
+            storage = ref()
+            entry = res.entries.get(storage._cdata) if storage is not None else None
+            if entry is not None and entry.owner:
+                out.add(aid)
+        return out
+
     def _require_feasible(self, trace, budget: int) -> None:
         """`plan.feasibility.require_feasible`, its error restated in the user's terms:
         the budget they passed, and the part that small or unmovable arrays hold."""
@@ -374,8 +393,8 @@ class OutOfCore:
                 f"({need:,} B) on the fast tier at once. The budget of "
                 f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
                 f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
-                f"min_move_bytes={self._res.min_move_bytes:,} never move and hold up to "
-                f"{format_bytes(held)} ({held:,} B) of it. No schedule can run this step; the "
+                f"min_move_bytes={self._res.min_move_bytes:,}, and those of collectives and "
+                f"FSDP, never move and hold up to {format_bytes(held)} ({held:,} B) of it. No schedule can run this step; the "
                 f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise the "
                 "budget to that or more, lower the batch, or lower min_move_bytes.",
                 function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,
@@ -483,9 +502,8 @@ class _Iteration:
                 raise OutcoreError("ooc.iteration() blocks cannot nest; end one before starting the next")
             if ooc._infeasible is not None:
                 raise _again(ooc._infeasible)
-            if not ooc._composition_checked and type(self) is _Iteration:
-                refuse_unsupported()
-                ooc._composition_checked = True
+            if type(self) is _Iteration:
+                ooc._composition.check()
             if ooc._durable is not None and ooc._durable.model is None and type(self) is _Iteration:
                 raise OutcoreError("with state_dir, call ooc.resume(model, optimizer) before the "
                                    "first iteration: it names the state to keep, and loads it "
@@ -514,6 +532,7 @@ class _Iteration:
         self.recording = ooc._record_next
         self.started = time.perf_counter()
         ooc._unpark()
+        ooc._composition.disown_fsdp(res)
         if self.recording:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..trace.recorder import Recording
+from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import Shield, critical
 from .on_demand import OnDemand, infeasible
 from .residency import Residency
@@ -36,6 +37,10 @@ class SafeRecording(Recording):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
         try:
+            if func.namespace in DISTRIBUTED_NAMESPACES:
+                return around(self.residency, func, args, kwargs or {},
+                              lambda f, a, k: super(SafeRecording, self).__torch_dispatch__(
+                                  f, types, a, k))
             return super().__torch_dispatch__(func, types, args, kwargs)
         finally:
             self.shield.exit()

@@ -18,6 +18,7 @@ from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, out
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import FAST, SLOW
+from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from .on_demand import OnDemand
 from .residency import Residency
@@ -98,12 +99,13 @@ class Replayer(HeldMode):
     def _make_room(self, planned: int) -> None:
         """Function i will hold `planned` bytes by the schedule, and strangers may still
         hold theirs: write out the least recently used of them, synchronously, until both
-        fit in the budget (unplanned bytes in the report). Most strangers die before they
+        fit in the plan's budget (the budget less what pinned storages may hold,
+        ooc.planned_budget; unplanned bytes in the report). Most strangers die before they
         matter (zero_grad drops them), so this runs only where the sum would not fit."""
         res = self.res
         alive = [e for e in self._strangers
                  if e.state is FAST and e.ref() is not None and e not in self.aid_of]
-        excess = planned + sum(e.nbytes for e in alive) - self.budget
+        excess = planned + sum(e.nbytes for e in alive) - self.schedule.budget
         out = []
         while alive and excess > 0:
             entry = alive.pop(0)
@@ -151,6 +153,11 @@ class Replayer(HeldMode):
 
     # -- interception ----------------------------------------------------------------------
     def _dispatch(self, func, args, kwargs):
+        if func.namespace in DISTRIBUTED_NAMESPACES:       # compose.py
+            return around(self.res, func, args, kwargs, self._run)
+        return self._run(func, args, kwargs)
+
+    def _run(self, func, args, kwargs):
         if self.passive and self.deviation is None:
             return self._follow(func, args, kwargs)
         return call_split(func, args, kwargs, self._one)
@@ -215,7 +222,7 @@ class Replayer(HeldMode):
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
                                      func, args, kwargs)
             entries.append(entry)
-        if self._stranger_bytes and self._curve[i] + self._stranger_bytes > self.budget:
+        if self._stranger_bytes and self._curve[i] + self._stranger_bytes > self.schedule.budget:
             self._make_room(self._curve[i])
         self._actions(self.schedule.begin[i])
         for entry in entries:

@@ -31,6 +31,11 @@ NOTE [Residency invariants]
   4. Every move changes the storage first and the entry's state and counters after, in
      one held section (NOTE [Interrupts] in interrupts.py): no signal lands in between,
      and an exception from the storage or the mover leaves the entry as it was.
+  5. A storage a collective touched, and one another library resizes itself, are
+     never moved (`disown`; NOTE [Collectives in flight] and NOTE [Storages FSDP owns]
+     in compose.py). A storage found resized behind outcore's back (a FAST one whose
+     size is not its entry's, a SLOW one with memory) is disowned on the spot, never
+     copied from or over.
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ class Entry:
     future: object = None      # the transfer in flight (OUT or IN)
     pinned: bool = False       # cannot be resized (from_numpy, mmap, shared memory): stays put
     mapping: object = None     # MAPPED: the storage's private mapping of `extent`
+    owner: str = ""            # who keeps it in place, when not outcore (`disown`)
 
     @property
     def occupies_fast(self) -> bool:
@@ -107,6 +113,9 @@ class Residency:
         # When a list: (entry, "in" or "out", bytes, start, end) of every transfer that
         # completes, in perf_counter seconds, for the replayer's timeline (view/timeline.py).
         self.spans: list | None = None
+        # Evictions asked for while a collective is dispatched (hold_moves), else None.
+        self._deferred: list | None = None
+        self._deferred_lru: tuple | None = None
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage) -> Entry:
@@ -223,9 +232,15 @@ class Residency:
         storage = entry.ref()
         if storage is None:
             return
+        if self._deferred is not None:            # a collective is being dispatched
+            self._deferred.append((entry, unplanned))
+            return
         if not storage.resizable():       # e.g. shared with numpy since it was tracked
             entry.pinned = True
             self.pinned_resident += entry.nbytes
+            return
+        if storage.nbytes() != entry.nbytes:     # resized by its owner meanwhile (NOTE 5)
+            self.disown(storage, entry.nbytes, "resized by another library")
             return
         if self.before_first_eviction is not None:
             hook, self.before_first_eviction = self.before_first_eviction, None
@@ -289,6 +304,9 @@ class Residency:
             return
         storage = entry.ref()
         if storage is None:
+            return
+        if storage.nbytes():                 # its owner re-allocated it meanwhile (NOTE 5)
+            self.disown(storage, entry.nbytes, "resized by another library")
             return
         if self.memory_check is not None:
             self.memory_check()
@@ -393,6 +411,66 @@ class Residency:
                "and are read again when it is next needed, by the next iteration or by close(); "
                "until one of them succeeds the tensor is empty: do not read it.")) from exc
 
+    def hold_moves(self) -> None:
+        """While a collective is dispatched, the storages it touches are not known to be
+        its own yet: evictions asked for meanwhile (the op's own after-processing) wait
+        for `release_moves`."""
+        self._deferred, self._deferred_lru = [], None
+
+    def release_moves(self, storages, owner: str) -> None:
+        """The collective returned: disown `storages` (the ones it touched, NOTE 5), then
+        carry out the evictions held back (those of disowned storages do nothing)."""
+        deferred, lru = self._deferred or [], self._deferred_lru
+        self._deferred, self._deferred_lru = None, None
+        for storage in storages:
+            entry = self.entries.get(storage._cdata)
+            if entry is not None and entry.state in OCCUPIES_FAST:
+                self.disown(storage, entry.nbytes, owner)
+        for entry, unplanned in deferred:
+            self.evict(entry, unplanned=unplanned)
+        for entry, _ in deferred:
+            self.finish(entry)
+        if lru is not None:
+            self.evict_lru(*lru)
+
+    def disown(self, storage, nbytes: int, owner: str) -> Entry:
+        """Keep `storage` where it is from now on, counted at `nbytes` (its full size,
+        whatever size it has right now): another library resizes it itself, or a
+        collective may still touch it (NOTE 5). A storage outcore had moved out is taken
+        back as resident without its old bytes: only a library that re-allocates it
+        and writes it before use meets it so (FSDP2 after an outcore of an earlier run)."""
+        if self._dead:
+            self._reap_dead()
+        entry = self.entries.get(storage._cdata)
+        if entry is not None and entry.owner:
+            return entry
+        if entry is None:
+            entry = Entry(storage._cdata, None, nbytes)
+            entry.ref = weakref.ref(storage, self._died(entry))
+            self.entries[entry.key] = entry
+        else:
+            if entry.state is OUT:
+                self.finish(entry)
+            elif entry.state is IN:
+                self.ready(entry)
+            if entry.state is MAPPED:
+                self._unmap(entry)
+            if entry.pinned:
+                self.pinned_resident -= entry.nbytes
+            if entry.state in OCCUPIES_FAST:
+                self.resident -= entry.nbytes
+            elif entry.state in ON_SLOW_TIER:
+                self.offloaded -= entry.nbytes
+            if entry.extent is not None:
+                self.mover.free(entry.extent)
+            entry.extent, entry.clean = None, False
+            entry.nbytes = nbytes
+        self.lru.pop(entry.key, None)
+        entry.state, entry.pinned, entry.owner = FAST, True, owner
+        self.pinned_resident += nbytes
+        self._add_resident(nbytes)
+        return entry
+
     # -- bulk --------------------------------------------------------------------------
     def settle(self) -> None:
         """Finish every transfer in flight (evictions complete, swap-ins land)."""
@@ -496,6 +574,9 @@ class Residency:
     def evict_lru(self, target: int, keep: set) -> None:
         """On-demand: evict least recently used entries not in `keep` until resident
         bytes are at most `target`, synchronously."""
+        if self._deferred is not None:            # a collective is being dispatched
+            self._deferred_lru = (target, set(keep))
+            return
         if self._dead:
             self._reap_dead()
         started, pending = [], 0

@@ -99,7 +99,7 @@ def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
     kept: set[int] = set()
     tracked_max = 0            # max over tracked g of needs(g) + kept bytes resident at g
     low = n - 1                # g in (low, n - 1] are tracked
-    for a in sorted((a for a in trace.arrays if a.kind == "persistent" and a.nbytes),
+    for a in sorted((a for a in trace.arrays if a.kind == "persistent"),
                     key=lambda a: -a.last_use):
         while low > a.last_use:            # g in (last_use, low]: nothing kept is resident yet
             tracked_max = max(tracked_max, need[low])
@@ -119,7 +119,7 @@ def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[in
     tight one, none (there is no room beside the activations). `among`: only these
     arrays are candidates, each kept if it fits beside the first function (later ones
     evict kept state for room; before the first there is no function to do it after)."""
-    state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before and a.nbytes]
+    state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before]
     candidates = state if among is None else [a for a in state if a.id in among]
     if not state or not trace.functions:
         return set()
@@ -129,7 +129,7 @@ def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[in
     kept: set[int] = set()
     for a in sorted(candidates, key=lambda a: a.first_use):
         upto = a.first_use + 1 if among is None else 1
-        if max(val[:upto]) + a.nbytes <= cap:
+        if a.nbytes == 0 or max(val[:upto]) + a.nbytes <= cap:    # 0 B: held (run/compose.py)
             kept.add(a.id)
             val[:upto] = [v + a.nbytes for v in val[:upto]]
     return kept
@@ -254,6 +254,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
 
     def evict(a, f, nu):
         nonlocal occ
+        if nb[a] == 0:             # frees nothing (a held array, run/compose.py): stays
+            return
         if dirty[a]:
             end[f].append(Action(SWAP_OUT, a))
             state[a] = OUT
@@ -276,7 +278,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
         nonlocal occ
         while short > 0 and held_heap:
             _, _, a = heapq.heappop(held_heap)
-            if not held_res[a]:
+            if not held_res[a] or nb[a] == 0:
                 continue
             held_res[a] = False
             if dirty[a]:
@@ -307,6 +309,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                     pass
                 if wbytes + nb[a] > window_bytes:
                     break
+            load = False
             if win_last[a] >= f or state[a] == FAST:
                 cost = 0
                 held_res[a] = False                # reserved now: no longer a victim
@@ -321,7 +324,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 advance_tail(f)
             else:
                 cost = nb[a]
-            if cost:
+                load = True
+            if load:
                 while occ + cost > budget and wait_farthest(f, dead_only=not mandatory):
                     pass
                 if occ + cost > budget and mandatory:
