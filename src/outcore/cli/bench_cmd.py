@@ -1,5 +1,6 @@
-"""`outcore bench`: measure the disk outcore swaps to, and outcore against what users run
-today (in-core, checkpointing, offload hooks), each run in a fresh process."""
+"""`outcore bench`: measure the disk outcore swaps to, the collectives between local
+processes (`comm`), and outcore against what users run today (in-core, checkpointing,
+offload hooks), each run in a fresh process."""
 from __future__ import annotations
 
 import json
@@ -14,19 +15,25 @@ from ..units import format_bytes, parse_bytes
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure the disk, and outcore against the alternatives",
+    p = sub.add_parser("bench", help="measure the disk, collectives, and outcore against the alternatives",
                        description="`disk`: sequential write, read, and both at once through the "
                                    "swap-file path (O_DIRECT where supported, 8 MiB requests, one "
-                                   "thread per direction). `curve`: samples/s and peak RSS of "
+                                   "thread per direction). `comm`: allreduce, allgather, "
+                                   "reduce-scatter and send/recv between 2 local gloo processes, "
+                                   "4 KiB to 64 MiB, with the α-β model fitted to each. "
+                                   "`curve`: samples/s and peak RSS of "
                                    "in-core, checkpointing, offload hooks and outcore at budgets from "
                                    "the in-core peak down to the smallest feasible. `batch`: the "
                                    "paper's experiment, the largest batch each variant trains under "
                                    "the in-core peak of a base batch, and its samples/s. Each run is "
                                    "a fresh process; results go to --out as markdown, JSON and PNG.")
-    p.add_argument("what", choices=("disk", "curve", "batch"), help="what to measure")
-    p.add_argument("--size", default="1GiB", help="disk: bytes per direction (default 1GiB)")
+    p.add_argument("what", choices=("disk", "comm", "curve", "batch"), help="what to measure")
+    p.add_argument("--size", default=None, help="disk: bytes per direction (default 1GiB); "
+                                                "comm: the largest message (default 64MiB)")
+    p.add_argument("--quick", action="store_true",
+                   help="comm: 4 KiB, 256 KiB and 4 MiB only, 3 repeats (a few seconds)")
     p.add_argument("--dir", default=None, help="directory of the swap file (default: temp dir)")
-    p.add_argument("--json", action="store_true", help="disk: print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="disk, comm: print the figures as JSON")
     p.add_argument("--model", default="resnet50", help="curve/batch: built-in model (default resnet50)")
     p.add_argument("--batch", type=int, default=64, help="curve: the batch; batch: the base batch")
     p.add_argument("--image-size", type=int, default=None, help="image side for CNNs (default 224)")
@@ -59,6 +66,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.what == "disk":
         return run_disk(args)
+    if args.what == "comm":
+        return run_comm(args)
     return run_experiment(args)
 
 
@@ -110,8 +119,44 @@ def _csv(text: str, allowed=None) -> list[str]:
     return items
 
 
+def run_comm(args) -> int:
+    from ..bench.comm import DEFAULT_SIZES, QUICK_SIZES, measure_comm, sizes_up_to
+    if args.quick and args.size:
+        raise OutcoreError("--quick picks its own sizes: give --quick or --size, not both")
+    if args.quick:
+        sizes, repeats = QUICK_SIZES, 3
+    elif args.size:
+        largest = parse_bytes(args.size)
+        if largest < 4096:
+            raise OutcoreError(f"--size must be at least 4KiB for comm, got {args.size}")
+        sizes, repeats = sizes_up_to(largest), 5
+    else:
+        sizes, repeats = DEFAULT_SIZES, 5
+    print(f"timing 2 gloo processes, {len(sizes)} sizes x {repeats} repeats ...", file=sys.stderr,
+          flush=True)
+    fig = measure_comm(sizes, repeats=repeats)
+    if args.json:
+        print(json.dumps(fig))
+        return 0
+    ops = list(fig["ops"])
+    print(f"{fig['backend']}, {fig['ranks']} local processes (torch {fig['torch']}), median of "
+          f"{fig['repeats']}, {fig['seconds']:.1f} s:")
+    print(f"  {'bytes':>10} " + " ".join(f"{op + ' ms':>17}" for op in ops))
+    for i, nb in enumerate(fig["bytes"]):
+        print(f"  {format_bytes(nb):>10} " + " ".join(
+            f"{fig['ops'][op]['times_s'][i] * 1e3:17.3f}" for op in ops))
+    print("  fitted to the α-β model (outcore.simulate.comm; largest relative error of the fit):")
+    for op in ops:
+        f = fig["ops"][op]
+        print(f"  {op:<15} α = {f['alpha_s'] * 1e6:8.1f} µs   β⁻¹ = {f['bandwidth_Bps'] / 1e9:6.2f} GB/s"
+              f"   (fit error up to {100 * f['max_rel_error']:.0f}%)")
+    return 0
+
+
 def run_disk(args) -> int:
-    size = parse_bytes(args.size)
+    if args.quick:
+        raise OutcoreError("--quick is for `bench comm`")
+    size = parse_bytes(args.size or "1GiB")
     if size < CHUNK_BYTES:
         raise OutcoreError(f"--size must be at least {format_bytes(CHUNK_BYTES)}, got {args.size}")
     size -= size % 4096

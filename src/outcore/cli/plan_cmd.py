@@ -1,6 +1,12 @@
-"""`outcore plan TRACE --budget B [--policy P]`: plan a recorded trace and print the schedule."""
+"""`outcore plan TRACE --budget B [--policy P]`: plan a recorded trace and print the schedule.
+
+`outcore plan TRACE --cluster --machine M --interconnect I --max-devices N`: rank every
+way of running the step on 1..N devices (single, ddp, fsdp, pp; in-core where it fits,
+out-of-core under the device's memory where it does not) by predicted throughput
+(outcore.simulate.cluster.rank_configurations)."""
 from __future__ import annotations
 
+from ..errors import OutcoreError
 from ..plan import POLICIES, lower_bound, min_feasible_budget, plan
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
@@ -12,13 +18,27 @@ def add_parser(sub) -> None:
         description="Plan a recorded trace (outcore trace -o FILE) under a budget and print "
                     "what moves, how much, and the traffic lower bound.")
     p.add_argument("trace", help="trace JSON file")
-    p.add_argument("--budget", required=True, help="fast-tier budget, e.g. 16GB, 512MiB")
+    p.add_argument("--budget", help="fast-tier budget, e.g. 16GB, 512MiB (required unless "
+                                    "--cluster; with --cluster: per-device budgets to try, "
+                                    "comma-separated, default the device's memory)")
     p.add_argument("--policy", default="adaptive", choices=POLICIES,
                    help="scheduling policy (default adaptive, the paper's)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
     p.add_argument("-o", "--output", help="write the schedule as JSON to this file")
+    c = p.add_argument_group("--cluster: how many devices, which strategy")
+    c.add_argument("--cluster", action="store_true",
+                   help="rank single/ddp/fsdp/pp on 1..--max-devices devices by predicted throughput")
+    c.add_argument("--machine", default="a100-40gb",
+                   help="device preset of outcore.simulate (default a100-40gb)")
+    c.add_argument("--interconnect", default="nvlink-a100",
+                   help="interconnect preset of outcore.simulate.comm (default nvlink-a100)")
+    c.add_argument("--max-devices", type=int, default=8, help="most devices to consider (default 8)")
+    c.add_argument("--strategies", default="ddp,fsdp,pp", help="comma-separated (default ddp,fsdp,pp)")
+    c.add_argument("--batch", type=int, help="the trace's batch size: no rank or microbatch gets "
+                                             "less than one sample")
+    c.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.set_defaults(func=run)
 
 
@@ -32,6 +52,11 @@ def policy_options(args) -> dict:
 
 
 def run(args) -> int:
+    if args.cluster:
+        return run_cluster(args)
+    if args.budget is None:
+        raise OutcoreError("outcore plan needs --budget (e.g. --budget 2GiB), or --cluster to "
+                           "rank multi-device configurations")
     trace = Trace.load(args.trace)
     budget = parse_bytes(args.budget)
     schedule = plan(trace, budget, args.policy, **policy_options(args))
@@ -45,4 +70,36 @@ def run(args) -> int:
     if args.output:
         schedule.save(args.output)
         print(f"  written to {args.output}")
+    return 0
+
+
+def run_cluster(args) -> int:
+    from ..simulate import PRESETS
+    from ..simulate.cluster import STRATEGIES, format_table, rank_configurations
+    from ..simulate.comm import interconnect
+    if args.machine not in PRESETS:
+        raise OutcoreError(f"unknown machine {args.machine!r}; presets: {', '.join(PRESETS)}")
+    link = interconnect(args.interconnect)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise OutcoreError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    budgets = [b for b in args.budget.split(",")] if args.budget else None
+    trace = Trace.load(args.trace)
+    rows = rank_configurations(trace, device=args.machine, interconnect=link,
+                               max_devices=args.max_devices, budgets=budgets,
+                               strategies=tuple(strategies), batch=args.batch)
+    m = PRESETS[args.machine]
+    print(repr(trace))
+    print(f"devices: {m.name} ({format_bytes(m.fast_bytes)} each), interconnect {link}")
+    print("throughput: samples/s relative to one device running the whole step in-core; the "
+          "trace's batch is the global batch\n")
+    print(format_table(rows, markdown=args.markdown))
+    best = next((r for r in rows if r.fits), None)
+    if best is not None:
+        where = "in-core" if best.budget is None else f"out-of-core under {format_bytes(best.budget)}"
+        print(f"\nbest: {best.strategy} on {best.ranks} device(s), {where}, "
+              f"{best.step_s * 1e3:.1f} ms per step ({best.throughput_relative:.2f}x)")
+    else:
+        print("\nno configuration fits: try more devices or a bigger device")
     return 0

@@ -1,7 +1,11 @@
 """`outcore simulate TRACE... --budget B --machine M`: predicted step time against in-core.
 
 Several traces (e.g. one per batch size), several budgets (comma-separated), several
-policies (comma-separated or `all`) or --sweep give a table, one row per combination."""
+policies (comma-separated or `all`) or --sweep give a table, one row per combination.
+
+`--ranks N [--strategy ddp|fsdp|pp] [--interconnect NAME]`: predict one rank's step of
+the trace run on N devices (outcore.simulate.cluster.predict; --budget is then the
+per-device memory for out-of-core training)."""
 from __future__ import annotations
 
 from ..errors import InfeasibleBudget, OutcoreError
@@ -31,7 +35,36 @@ def add_parser(sub) -> None:
     p.add_argument("--timeline", metavar="OUT.json",
                    help="write the simulated step as a Chrome trace (opens in Perfetto or "
                         "chrome://tracing); one trace, budget and policy only")
+    d = p.add_argument_group("several devices (outcore.simulate.cluster)")
+    d.add_argument("--ranks", type=int, help="predict the step on this many devices")
+    d.add_argument("--strategy", help="ddp (default), fsdp or pp")
+    d.add_argument("--interconnect", help="interconnect preset (default nvlink-a100): "
+                                          "see outcore.simulate.comm.INTERCONNECTS")
+    d.add_argument("--batch", type=int, help="the trace's (global) batch size, to check the split")
     p.set_defaults(func=run)
+
+
+def run_cluster(args) -> int:
+    from ..simulate.cluster import STRATEGIES, predict
+    from ..simulate.comm import INTERCONNECTS
+    strategy = args.strategy or "ddp"
+    if strategy not in STRATEGIES:
+        raise OutcoreError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    name = args.interconnect or "nvlink-a100"
+    if name not in INTERCONNECTS:
+        raise OutcoreError(f"unknown interconnect {name!r}; presets: {', '.join(INTERCONNECTS)}")
+    ranks = 1 if args.ranks is None else args.ranks
+    if ranks < 1:
+        raise OutcoreError(f"--ranks must be at least 1, got {ranks}")
+    if args.budget and "," in args.budget or args.sweep or args.timeline:
+        raise OutcoreError("--ranks predicts one configuration: give at most one --budget, no "
+                           "--sweep or --timeline")
+    for path in args.traces:
+        trace = Trace.load(path)
+        print(repr(trace))
+        print(predict(trace, machine=args.machine, interconnect=name, ranks=ranks,
+                      strategy=strategy, budget=args.budget, batch=args.batch))
+    return 0
 
 
 def _policies(text: str) -> list[str]:
@@ -53,6 +86,8 @@ def _budgets(args, trace, machine) -> list[int]:
 
 
 def run(args) -> int:
+    if args.ranks is not None or args.strategy or args.interconnect:
+        return run_cluster(args)
     policies = _policies(args.policy)
     options = policy_options(args)
     if args.timeline and (len(args.traces) > 1 or len(policies) > 1 or args.sweep

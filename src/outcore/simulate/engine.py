@@ -7,13 +7,23 @@ describes: at each boundary the end-actions of the previous function and the beg
 actions of the next are issued in order; SWAP_IN and SWAP_OUT are asynchronous (a
 swap-out starts when the function that last produced the data has finished); a function
 starts once the previous one is done and all its swapped-in operands have arrived; WAIT
-blocks until that swap-out has completed. Time lost waiting is the function's stall."""
+blocks until that swap-out has completed. Time lost waiting is the function's stall.
+
+With `comm=(interconnect, ranks)` a fourth lane carries collectives (a trace of one rank
+under torchrun records them as `c10d.*` functions): such a function takes no time on the
+compute lane; once its operands are ready it issues its collective, priced by
+outcore.simulate.comm, on the comm lane (serial, in issue order: one process group, one
+stream), and the next function that touches any of its arrays waits for it to finish (a
+stall), as does a swap-out of one of them. The step ends when the last collective has.
+Without `comm`, a collective is an ordinary function with its recorded duration."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import OutcoreError
 from ..plan.schedule import SWAP_IN, SWAP_OUT, WAIT
 from ..units import format_bytes
+from .comm import collective_bytes, collective_kind, collective_time, interconnect
 from .machines import machine as get_machine
 
 
@@ -44,6 +54,10 @@ class Simulation:
     # but starts without, and reads in the state it starts with but ends without; both
     # synchronous.
     boundary_s: float = 0.0
+    # With simulate(..., comm=...): seconds the comm lane was busy, and each collective
+    # (direction "comm", array = the first array it touched).
+    comm_s: float = 0.0
+    collectives: tuple[Transfer, ...] = ()
 
     @property
     def iteration_time_s(self) -> float:
@@ -88,9 +102,17 @@ class Simulation:
         ])
 
 
-def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
-    """Replay `schedule` for `trace` on `machine` (a preset name or a Machine)."""
+def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
+    """Replay `schedule` for `trace` on `machine` (a preset name or a Machine).
+
+    comm: None, or (interconnect, ranks) with an Interconnect or preset name of
+    outcore.simulate.comm and the number of ranks the trace's collectives span: they
+    then run on their own lane at the modelled speed (module docstring)."""
     m = get_machine(machine)
+    link, ranks = _comm_args(comm)
+    comm_free = 0.0                       # when the comm lane is next free
+    comm_done: dict[int, float] = {}      # array -> when the collective touching it ends
+    collectives = []
     arrays = trace.arrays
     t = 0.0
     # When each link is next free; a shared link is one lane for both directions.
@@ -120,9 +142,25 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
             done = in_done.pop(acc.array, None)
             if done is not None and done > ready:
                 ready = done
+            # An array a collective is still reducing / gathering / sending is not ready.
+            done = comm_done.pop(acc.array, None) if comm_done else None
+            if done is not None and done > ready:
+                ready = done
         stall += ready - t
         starts.append(ready)
-        compute = m.compute_time(fn)
+        kind = collective_kind(fn.op) if link is not None else None
+        if kind is not None:
+            # Issued on the comm lane once its operands are there; costs no compute.
+            touched = list(dict.fromkeys(fn.arrays()))
+            nb = collective_bytes(kind, [arrays[a].nbytes for a in touched])
+            begin = max(ready, comm_free)
+            comm_free = begin + collective_time(fn.op, nb, ranks, link)
+            for a in touched:
+                comm_done[a] = comm_free
+            collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin, comm_free))
+            compute = 0.0
+        else:
+            compute = m.compute_time(fn)
         computes.append(compute)
         in_core += compute
         t = ready + compute
@@ -130,7 +168,7 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
             a = act.array
             if act.kind == SWAP_OUT:
                 nb = arrays[a].nbytes
-                start = max(t, free[lane_out])
+                start = max(t, free[lane_out], comm_done.get(a, 0.0))
                 free[lane_out] = out_done[a] = start + m.transfer_time(nb, "out")
                 transfers.append(Transfer(a, "out", nb, start, out_done[a]))
             elif act.kind == WAIT:
@@ -139,6 +177,11 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
                     stall += done - t
                     t = done
         stalls.append(stall)
+    # The step is over when its last collective is (a rank cannot start the next one
+    # before its gradients are reduced); that wait counts as the last function's stall.
+    if comm_free > t and stalls:
+        stalls[-1] += comm_free - t
+        t = comm_free
     start_set, end_set = set(schedule.resident_at_start), set(schedule.resident_at_end)
     state = [a for a in arrays if a.kind == "persistent" and a.existed_before]
     boundary = (sum(m.transfer_time(a.nbytes, "out") for a in state
@@ -148,4 +191,20 @@ def simulate(trace, schedule, machine="cpu-disk") -> Simulation:
     return Simulation(machine=m.name, step_time_s=t, in_core_time_s=in_core, stall_s=tuple(stalls),
                       start_s=tuple(starts), compute_s=tuple(computes), peak_bytes=schedule.peak_bytes,
                       bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,
-                      transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary)
+                      transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary,
+                      comm_s=sum(c.end_s - c.start_s for c in collectives),
+                      collectives=tuple(collectives))
+
+
+def _comm_args(comm):
+    """(Interconnect, ranks) from simulate's `comm` argument, or (None, 1) without one."""
+    if comm is None:
+        return None, 1
+    try:
+        link, ranks = comm
+    except (TypeError, ValueError):
+        raise OutcoreError(f"comm must be (interconnect, ranks), e.g. ('nvlink-a100', 8); "
+                           f"got {comm!r}") from None
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise OutcoreError(f"comm ranks must be an integer >= 1, got {ranks!r}")
+    return interconnect(link), ranks

@@ -1,0 +1,69 @@
+"""`outcore plan --cluster`, `outcore simulate --ranks` and `outcore bench comm`."""
+import glob
+import json
+import os
+import tempfile
+import time
+
+import pytest
+
+from outcore.cli.main import main
+
+from ..simulate.test_cluster import record_tiny
+
+
+@pytest.fixture(scope="module")
+def trace_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cluster") / "tiny.json"
+    record_tiny().save(path)
+    return str(path)
+
+
+def test_plan_cluster_prints_the_ranking(trace_path, capsys):
+    assert main(["plan", trace_path, "--cluster", "--machine", "a100-40gb", "--interconnect",
+                 "pcie4", "--max-devices", "4", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "devices" in out and "fsdp" in out and "pp" in out and "single" in out
+    assert "best:" in out
+    assert main(["plan", trace_path, "--cluster", "--markdown", "--strategies", "ddp"]) == 0
+    out = capsys.readouterr().out
+    assert "| devices |" in out and "fsdp" not in out
+
+
+def test_simulate_ranks_predicts_one_configuration(trace_path, capsys):
+    assert main(["simulate", trace_path, "--ranks", "2", "--strategy", "fsdp", "--interconnect",
+                 "nvlink-a100", "--machine", "a100-40gb"]) == 0
+    out = capsys.readouterr().out
+    assert "fsdp on 2 x a100-40gb over nvlink-a100" in out and "per-rank peak" in out
+    assert main(["simulate", trace_path, "--ranks", "2", "--budget", "3MiB", "--machine",
+                 "a100-40gb"]) == 0
+    assert "out-of-core under 3.00 MiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "{}", "--ranks", "2", "--interconnect", "tin-cans"], "presets: loopback-gloo"),
+    (["simulate", "{}", "--ranks", "2", "--strategy", "tp"], "choose from ddp, fsdp, pp"),
+    (["simulate", "{}", "--ranks", "0"], "--ranks must be at least 1"),
+    (["plan", "{}"], "needs --budget"),
+    (["plan", "{}", "--cluster", "--strategies", "ddp,zero"], "choose from ddp, fsdp, pp"),
+])
+def test_bad_cluster_arguments_are_clear_errors(trace_path, capsys, argv, message):
+    assert main([a.format(trace_path) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_comm_quick(capsys):
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "outcore-comm-*")))
+    start = time.perf_counter()
+    assert main(["bench", "comm", "--quick", "--json"]) == 0
+    assert time.perf_counter() - start < 20
+    fig = json.loads(capsys.readouterr().out)
+    assert fig["ranks"] == 2 and fig["bytes"] == [4096, 262144, 4194304]
+    assert set(fig["ops"]) == {"allreduce", "allgather", "reduce_scatter", "p2p"}
+    for op, f in fig["ops"].items():
+        assert len(f["times_s"]) == 3 and all(t > 0 for t in f["times_s"])
+        # Fitted with both terms non-negative; a noisy small-size point may pin α at 0.
+        assert f["alpha_s"] >= 0 and f["beta_s_per_byte"] > 0 and f["bandwidth_Bps"] > 0
+    assert fig["ops"]["allreduce"]["alpha_s"] > 0
+    # Nothing left behind: the temporary directory is gone.
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "outcore-comm-*"))) <= before
