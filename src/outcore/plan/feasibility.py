@@ -49,12 +49,20 @@ def occupancy(trace, only=None) -> list[int]:
 
 def needs(trace) -> list[int]:
     """Bytes that must be on the fast tier together while each function runs: its own
-    distinct arrays, and at function 0 also every input (inputs are handed over resident)."""
-    out = [function_bytes(trace, i) for i in range(len(trace.functions))]
-    if out:
-        used0 = {acc.array for acc in trace.functions[0].accesses}
-        out[0] += sum(a.nbytes for a in trace.arrays
-                      if a.kind == "input" and a.existed_before and a.id not in used0)
+    distinct arrays, and every input not used yet (inputs are handed over resident and
+    stay until their first use: the executor learns which storage an array is only when
+    an op touches it, so it cannot move one before)."""
+    n = len(trace.functions)
+    out = [function_bytes(trace, i) for i in range(n)]
+    pending = [0] * (n + 1)
+    for a in trace.arrays:
+        if a.kind == "input" and a.existed_before and a.first_use > 0:
+            pending[0] += a.nbytes
+            pending[a.first_use] -= a.nbytes
+    running = 0
+    for i in range(n):
+        running += pending[i]
+        out[i] += running
     return out
 
 

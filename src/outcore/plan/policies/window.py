@@ -165,15 +165,15 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     dirty = [True] * m            # no current slow copy
     win_last = [-1] * m           # last function for which the array is reserved
     occ = 0                       # reserved + resident + swap-outs in flight
-    start, orphans = [], []
+    start = []
     for a in arrays:
         if a.existed_before:
             if a.kind == "input":                 # the batch is handed to us resident
+                # and stays until its first use: the executor learns which storage it is
+                # only when an op touches it (run/replay.py binds arrays as they come).
                 state[a.id] = FAST
                 occ += a.nbytes
                 start.append(a.id)
-                if a.first_use != 0:
-                    orphans.append(a.id)
             elif a.id in keep_start:              # persistent, left where it is
                 state[a.id] = FAST
                 occ += a.nbytes
@@ -352,8 +352,6 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 dirty[acc.array] = True
         # -- after f: arrays the window no longer needs leave ----------------------------
         positions = [(acc_arr[p], nxt[p]) for p in range(offsets[f], offsets[f + 1])]
-        if f == 0:
-            positions += [(a, arrays[a].first_use) for a in orphans]
         for a, nu in positions:
             if win_last[a] > f:
                 continue
