@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,21 @@ def test_bitwise_under_torchrun(results, case):
         for i in replays:
             assert result["bytes_read"][i] > 0, result
             assert result["peak_resident"][i] <= result["budget"], result
+
+
+@pytest.mark.parametrize("example, budget", [("ddp.py", "24MiB"), ("fsdp2.py", "40MiB")])
+def test_example_runs_bitwise(example, budget):
+    """The examples users copy run as the README says, and check themselves bitwise."""
+    path = os.path.join(HERE, "..", "..", "examples", example)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         path, "--steps", "3", "--check", "--batch", "4", "--budget", budget],
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        assert re.search(f"rank {rank}: parameters bitwise equal to .* alone: True", proc.stdout), proc.stdout
+    # The third step follows the plan, and the plan moves data (both budgets are about a
+    # third of the in-core peak at batch 4).
+    assert re.search(r"^\s+3\s+replay\s+\d", proc.stdout, re.M), proc.stdout
+    assert "in-core peak" in proc.stdout and "moves nothing" not in proc.stdout, proc.stdout

@@ -143,7 +143,8 @@ class Composition:
 
 def _disown(residency, tensor) -> None:
     if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-        residency.disown(tensor.untyped_storage(), tensor.numel() * tensor.element_size(), "FSDP")
+        residency.disown(tensor.untyped_storage(), tensor.numel() * tensor.element_size(), "FSDP",
+                         foreign=True)
 
 
 def around(residency, func, args, kwargs, run):
@@ -181,6 +182,52 @@ def held_arrays(trace, also=()) -> frozenset:
         elif namespace == "fsdp" and rest.startswith(_COPY_OUT):
             held.update(a.array for a in fn.accesses if a.kind != "read")
     return frozenset(held)
+
+
+def owned_arrays(trace, also=()) -> frozenset:
+    """Arrays of `trace` FSDP owns (NOTE [Storages FSDP owns]): those its copy-out writes,
+    and `also` (found disowned as the recording ended)."""
+    owned = set(also)
+    for fn in trace.functions:
+        namespace, _, rest = fn.op.partition(".")
+        if namespace == "fsdp" and rest.startswith(_COPY_OUT):
+            owned.update(a.array for a in fn.accesses if a.kind != "read")
+    return frozenset(owned)
+
+
+def owned_occupancy(trace, owned) -> list[int]:
+    """Bytes of the `owned` arrays allocated during each function. FSDP allocates an
+    unsharded parameter right before its copy-out writes it and frees it after its last
+    use before the next copy-out (resharding after forward) or after its last use in the
+    step (after backward); one read before any write was allocated from the start."""
+    n = len(trace.functions)
+    delta = [0] * (n + 1)
+    opened: dict[int, int] = {}     # array -> function where its current interval began
+    last: dict[int, int] = {}       # array -> its latest access
+    nbytes = {a: trace.arrays[a].nbytes for a in owned}
+
+    def close(a):
+        delta[opened[a]] += nbytes[a]
+        delta[last[a] + 1] -= nbytes[a]
+
+    for fn in trace.functions:
+        for acc in fn.accesses:
+            a = acc.array
+            if a not in nbytes:
+                continue
+            if a not in opened:
+                opened[a] = fn.index if acc.kind != "read" else 0
+            elif acc.kind != "read" and last[a] < fn.index:   # a new copy-out: a new interval
+                close(a)
+                opened[a] = fn.index
+            last[a] = fn.index
+    for a in opened:
+        close(a)
+    curve, running = [], 0
+    for i in range(n):
+        running += delta[i]
+        curve.append(running)
+    return curve
 
 
 def without_held(trace, held: frozenset):

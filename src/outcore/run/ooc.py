@@ -40,7 +40,7 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
-from .compose import Composition, held_arrays, without_held
+from .compose import Composition, held_arrays, owned_arrays, owned_occupancy, without_held
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
@@ -63,22 +63,29 @@ MIN_MOVE_BYTES = 64 * 1024
 PAGER_SLACK = 64 * 2**20
 
 
-def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES, held=None) -> int:
+def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES, held=None, owned=None) -> int:
     """The most bytes of arrays the executor never moves alive at once: those smaller
     than `min_move_bytes`, and `held` ones (default `compose.held_arrays(trace)`: those
-    a collective or FSDP holds); they hold that much of the budget at worst."""
+    a collective or FSDP holds), `owned` ones (default `compose.owned_arrays(trace)`:
+    FSDP's) only while FSDP has them allocated (`compose.owned_occupancy`); they hold
+    that much of the budget at worst."""
     held = held_arrays(trace) if held is None else held
-    return max(occupancy(trace, only=lambda a: a.nbytes < min_move_bytes or a.id in held),
-               default=0)
+    owned = owned_arrays(trace) if owned is None else owned
+    curve = occupancy(trace, only=lambda a: (a.nbytes < min_move_bytes or a.id in held)
+                      and a.id not in owned)
+    if owned:
+        curve = [c + o for c, o in zip(curve, owned_occupancy(trace, owned))]
+    return max(curve, default=0)
 
 
-def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, held=None) -> int:
+def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, held=None,
+                   owned=None) -> int:
     """The budget the plan gets: storages below min_move_bytes never move (a transfer
     would cost more than it frees), nor do those of collectives and FSDP, so the rest
     is planned within what they leave at their peak. The plan's arrays then never
     exceed `budget` with the pinned ones beside them: plan(t) <= budget - peak, and the
     pinned ones add at most `peak`."""
-    return max(budget - pinned_peak(trace, min_move_bytes, held), 1)
+    return max(budget - pinned_peak(trace, min_move_bytes, held, owned), 1)
 
 
 _open_lock = threading.Lock()
@@ -342,8 +349,10 @@ class OutOfCore:
                      "to plan the steady state")
             self._record_next = True
             return
-        held = held_arrays(trace, self._disowned(recording))
-        budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held)
+        disowned = self._disowned(recording)
+        held = held_arrays(trace, disowned)
+        owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
+        budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held, owned)
         plannable = without_held(trace, held)     # counted once, in planned_budget
         self._require_feasible(plannable, budget)
         started = time.perf_counter()
@@ -367,17 +376,17 @@ class OutOfCore:
         self._record_next = False
         self._recordings_in_a_row = 0
 
-    def _disowned(self, recording: SafeRecording) -> set:
-        """Ids of the recorded arrays whose storage outcore does not move (run/compose.py),
-        FSDP's found once more now that the step has created them."""
+    def _disowned(self, recording: SafeRecording) -> dict:
+        """{array id: foreign} of the recorded arrays whose storage outcore does not move
+        (run/compose.py), FSDP's found once more now that the step has created them."""
         res = self._res
         self._composition.disown_fsdp(res)
-        out = set()
+        out = {}
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
             entry = res.entries.get(storage._cdata) if storage is not None else None
             if entry is not None and entry.owner:
-                out.add(aid)
+                out[aid] = entry.foreign
         return out
 
     def _require_feasible(self, trace, budget: int) -> None:

@@ -59,10 +59,11 @@ class SafeRecording(Recording):
                     entry = res.entries.get(key)     # an evicted storage has size 0 now
                     if entry is not None and not entry.pinned:
                         needed += entry.nbytes
-                if needed and needed + res.pinned_resident > self.budget:
+                pinned = res.pinned_resident + res.owned_bytes()
+                if needed and needed + pinned > self.budget:
                     raise infeasible(len(self._functions), "the optimizer step of a parameter of "
                                      f"shape {tuple(p.shape)}", "optimizer", needed,
-                                     res.pinned_resident, self.budget, res.min_move_bytes)
+                                     pinned, self.budget, res.min_move_bytes)
 
     def _before_op(self, func, inputs, index) -> None:
         self._entries = self.on_demand.before(inputs)
@@ -76,8 +77,9 @@ class SafeRecording(Recording):
         res = self.residency
         movable = sum(e.nbytes for e in entries if not e.pinned) + sum(
             e.nbytes for e in created if not e.pinned)
-        if movable + res.pinned_resident > self.budget and self.infeasible is None:
-            error = infeasible(fn.index, fn.op, fn.phase, movable, res.pinned_resident,
+        pinned = res.pinned_resident + (res.owned_bytes() if res.owned else 0)
+        if movable + pinned > self.budget and self.infeasible is None:
+            error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
                                self.budget, res.min_move_bytes, completed=self._state_written)
             if not self._state_written:
                 raise error

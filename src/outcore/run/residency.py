@@ -19,7 +19,8 @@ A FAST entry whose slow copy is still current is `clean`: it can be dropped with
 NOTE [Residency invariants]
   1. `resident` is the sum of `nbytes` over live entries in FAST, OUT or IN;
      `offloaded` the sum over live entries in SLOW or MAPPED. `recount()` computes both from the
-     table; tests assert they agree.
+     table; tests assert they agree. Foreign entries (`disown`) are in neither: their
+     bytes are their storages' current sizes, `owned_bytes()`.
   2. Only the thread that runs the step changes the table. A storage may die on any
      thread (the mover's worker drops the last reference of a storage whose write it
      just finished; autograd drops saved tensors): its weakref callback only appends
@@ -75,6 +76,9 @@ class Entry:
     pinned: bool = False       # cannot be resized (from_numpy, mmap, shared memory): stays put
     mapping: object = None     # MAPPED: the storage's private mapping of `extent`
     owner: str = ""            # who keeps it in place, when not outcore (`disown`)
+    # Owned by a library that resizes it itself: counted at its current size, outside
+    # the counters (`owned_bytes`), since its size changes behind outcore's back.
+    foreign: bool = False
 
     @property
     def occupies_fast(self) -> bool:
@@ -116,6 +120,8 @@ class Residency:
         # Evictions asked for while a collective is dispatched (hold_moves), else None.
         self._deferred: list | None = None
         self._deferred_lru: tuple | None = None
+        self.owned: dict[int, Entry] = {}       # foreign entries, by key (disown)
+        self._owned_sampled = 0                 # owned_bytes() at the latest sample
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage) -> Entry:
@@ -159,6 +165,11 @@ class Residency:
                 del self.entries[entry.key]
             if self.lru.get(entry.key) is entry:
                 del self.lru[entry.key]
+            if entry.foreign:
+                if self.owned.get(entry.key) is entry:
+                    del self.owned[entry.key]
+                entry.state = DEAD
+                continue
             state = entry.state
             if state in OCCUPIES_FAST:
                 self.resident -= entry.nbytes
@@ -199,8 +210,8 @@ class Residency:
         if self._dead:                 # the peak counts live storages only
             self._reap_dead()
         self.resident += nbytes
-        if self.resident > self.stats.peak_resident:
-            self.stats.peak_resident = self.resident
+        if self.resident + self._owned_sampled > self.stats.peak_resident:
+            self.stats.peak_resident = self.resident + self._owned_sampled
 
     def mark_written(self, entry: Entry) -> None:
         """The fast contents changed: the slow copy is stale."""
@@ -216,8 +227,8 @@ class Residency:
             self._reap_dead()
         resident = offloaded = 0
         for entry in self.entries.values():
-            if entry.ref() is None:
-                continue            # died; its callback has not run yet
+            if entry.ref() is None or entry.foreign:
+                continue            # died (its callback has not run yet), or not counted
             if entry.state in OCCUPIES_FAST:
                 resident += entry.nbytes
             elif entry.state in ON_SLOW_TIER:
@@ -240,7 +251,7 @@ class Residency:
             self.pinned_resident += entry.nbytes
             return
         if storage.nbytes() != entry.nbytes:     # resized by its owner meanwhile (NOTE 5)
-            self.disown(storage, entry.nbytes, "resized by another library")
+            self.disown(storage, entry.nbytes, "resized by another library", foreign=True)
             return
         if self.before_first_eviction is not None:
             hook, self.before_first_eviction = self.before_first_eviction, None
@@ -306,7 +317,7 @@ class Residency:
         if storage is None:
             return
         if storage.nbytes():                 # its owner re-allocated it meanwhile (NOTE 5)
-            self.disown(storage, entry.nbytes, "resized by another library")
+            self.disown(storage, entry.nbytes, "resized by another library", foreign=True)
             return
         if self.memory_check is not None:
             self.memory_check()
@@ -332,6 +343,10 @@ class Residency:
         self._rss_sampled = now
         rss = self.last_rss = resident_bytes()
         stats = self.stats
+        if self.owned:
+            self._owned_sampled = self.owned_bytes()
+            if self.resident + self._owned_sampled > stats.peak_resident:
+                stats.peak_resident = self.resident + self._owned_sampled
         if rss > stats.peak_rss:
             stats.peak_rss = rss
         if rss - self.resident > stats.peak_unmanaged:
@@ -433,12 +448,12 @@ class Residency:
         if lru is not None:
             self.evict_lru(*lru)
 
-    def disown(self, storage, nbytes: int, owner: str) -> Entry:
-        """Keep `storage` where it is from now on, counted at `nbytes` (its full size,
-        whatever size it has right now): another library resizes it itself, or a
-        collective may still touch it (NOTE 5). A storage outcore had moved out is taken
-        back as resident without its old bytes: only a library that re-allocates it
-        and writes it before use meets it so (FSDP2 after an outcore of an earlier run)."""
+    def disown(self, storage, nbytes: int, owner: str, *, foreign: bool = False) -> Entry:
+        """Keep `storage` where it is from now on (NOTE 5): a collective may still touch
+        it (counted at `nbytes` like any resident entry), or, `foreign`, the library
+        `owner` resizes it itself (counted at its current size, `owned_bytes()`). A
+        storage outcore had moved out is taken back as resident without its old bytes:
+        only a library that re-allocates it and writes it before use meets it so."""
         if self._dead:
             self._reap_dead()
         entry = self.entries.get(storage._cdata)
@@ -466,10 +481,22 @@ class Residency:
             entry.extent, entry.clean = None, False
             entry.nbytes = nbytes
         self.lru.pop(entry.key, None)
-        entry.state, entry.pinned, entry.owner = FAST, True, owner
-        self.pinned_resident += nbytes
-        self._add_resident(nbytes)
+        entry.state, entry.pinned, entry.owner, entry.foreign = FAST, True, owner, foreign
+        if foreign:
+            self.owned[entry.key] = entry
+        else:
+            self.pinned_resident += nbytes
+            self._add_resident(nbytes)
         return entry
+
+    def owned_bytes(self) -> int:
+        """Bytes foreign entries hold right now (their storages' current sizes)."""
+        total = 0
+        for entry in self.owned.values():
+            storage = entry.ref()
+            if storage is not None:
+                total += storage.nbytes()
+        return total
 
     # -- bulk --------------------------------------------------------------------------
     def settle(self) -> None:
@@ -577,6 +604,8 @@ class Residency:
         if self._deferred is not None:            # a collective is being dispatched
             self._deferred_lru = (target, set(keep))
             return
+        if self.owned:                            # foreign storages hold room too
+            target -= self.owned_bytes()
         if self._dead:
             self._reap_dead()
         started, pending = [], 0
