@@ -41,6 +41,7 @@ def rank_main(out_dir: str, link_in: float, link_out: float) -> None:
     spec.loader.exec_module(worker)
     machine = dataclasses.replace(PRESETS["cpu-disk"], name="cpu-disk (measured now)",
                                   link_in=link_in, link_out=link_out)
+    with_host = dataclasses.replace(machine, host_time=True)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for case in worker.CASES:
@@ -69,11 +70,18 @@ def rank_main(out_dir: str, link_in: float, link_out: float) -> None:
             steady = [it.seconds for it in report.iterations
                       if it.mode == "replay" and it.deviation is None][1:]
             sim = simulate(ooc.trace, ooc.schedule, machine, comm=("loopback-gloo", 2))
+            host = simulate(ooc.trace, ooc.schedule, with_host, comm=("loopback-gloo", 2))
+            log = ooc._last_replay[2]
+            t = log.times          # per function: taken, started, returned, done
+            own = sorted((t[4 * k + 1] - t[4 * k]) + (t[4 * k + 3] - t[4 * k + 2])
+                         for k in range(len(log)))
+            per_op = own[len(own) // 2]
         with open(os.path.join(out_dir, f"{case}.rank{rank}.json"), "w") as f:
             json.dump({"measured_s": statistics.median(steady), "replays": len(steady),
                        "predicted_s": sim.iteration_time_s, "comm_s": sim.comm_s,
                        "budget": budget, "plain_s": plain_s, "functions": len(ooc.trace.functions),
-                       "in_core_s": sim.in_core_time_s}, f)
+                       "in_core_s": sim.in_core_time_s, "with_host_s": host.iteration_time_s,
+                       "per_op_s": per_op, "host_sum_s": sum(f.host_s for f in ooc.trace.functions)}, f)
         del model, step
         dist.barrier()
     dist.destroy_process_group()
@@ -97,14 +105,16 @@ def main() -> int:
                         "--nproc-per-node", "2", os.path.abspath(__file__), "--rank", out,
                         str(disk["read_GBps"] * 1e9), str(disk["write_GBps"] * 1e9)],
                        check=True, env=env)
-        print(f"{'case':16} {'rank':>4} {'fns':>5} {'plain':>9} {'trace':>9} {'measured':>10} "
-              f"{'predicted':>10} {'pred/meas':>9} {'comm (model)':>12}")
+        print(f"{'case':16} {'rank':>4} {'fns':>5} {'plain':>9} {'trace':>9} {'host':>8} {'measured':>10} "
+              f"{'predicted':>10} {'pred/meas':>9} {'+host':>9} {'pred/meas':>9} {'op cost':>8} {'comm (model)':>12}")
         for name in sorted(os.listdir(out)):
             case, rank = name[:-len(".json")].split(".rank")
             r = json.load(open(os.path.join(out, name)))
             print(f"{case:16} {rank:>4} {r['functions']:5d} {r['plain_s'] * 1e3:7.1f}ms "
-                  f"{r['in_core_s'] * 1e3:7.1f}ms {r['measured_s'] * 1e3:8.1f}ms {r['predicted_s'] * 1e3:8.1f}ms "
-                  f"{r['predicted_s'] / r['measured_s']:9.2f} {r['comm_s'] * 1e3:10.1f}ms")
+                  f"{r['in_core_s'] * 1e3:7.1f}ms {r['host_sum_s'] * 1e3:6.1f}ms {r['measured_s'] * 1e3:8.1f}ms {r['predicted_s'] * 1e3:8.1f}ms "
+                  f"{r['predicted_s'] / r['measured_s']:9.2f} {r['with_host_s'] * 1e3:7.1f}ms "
+                  f"{r['with_host_s'] / r['measured_s']:9.2f} {r['per_op_s'] * 1e6:6.0f}us "
+                  f"{r['comm_s'] * 1e3:10.1f}ms")
     return 0
 
 

@@ -33,9 +33,16 @@ class Machine:
     # for writes); a local disk behaves so (`outcore bench disk`: ~2.4 GB/s either way
     # alone, ~2.45 GB/s in total with both at once).
     shared_link: bool = False
+    # With use_trace_durations: also count each function's recorded host time (the
+    # framework's Python between ops, Function.host_s) and `per_function_s`, the
+    # executor's own cost per op, on the compute lane.
+    host_time: bool = False
+    per_function_s: float = 0.0
 
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
+            if self.host_time:
+                return fn.duration_s * self.duration_scale + fn.host_s + self.per_function_s
             return fn.duration_s * self.duration_scale
         return max(fn.flops / (self.peak_flops * self.flops_efficiency),
                    fn.bytes_touched / (self.memory_bandwidth * self.bandwidth_efficiency)) + self.launch_s

@@ -30,7 +30,7 @@ def to_dict(trace: Trace) -> dict:
             for a in trace.arrays],
         "functions": [
             {"op": f.op, "phase": f.phase, "duration_s": f.duration_s, "flops": f.flops,
-             "bytes_touched": f.bytes_touched,
+             "bytes_touched": f.bytes_touched, "host_s": f.host_s,
              "split": list(f.split) if f.split else None,
              "accesses": [[acc.array, _ACCESS_CODE[acc.kind]] for acc in f.accesses]}
             for f in trace.functions],
@@ -150,11 +150,14 @@ def from_dict(data, source: str = "trace") -> Trace:
         duration = r.get(raw, "duration_s", (int, float), w)
         if duration < 0:
             r.fail(f"{w}.duration_s", f"negative duration {duration}")
+        host = r.get(raw, "host_s", (int, float), w) if "host_s" in raw else 0.0   # older traces
+        if host < 0:
+            r.fail(f"{w}.host_s", f"negative host time {host}")
         functions.append(Function(
             index=i, op=r.get(raw, "op", str, w), phase=r.choice(raw, "phase", PHASES, w),
             accesses=tuple(accesses), duration_s=float(duration), flops=r.get(raw, "flops", int, w),
             bytes_touched=r.get(raw, "bytes_touched", int, w),
-            split=tuple(split) if split else None))
+            split=tuple(split) if split else None, host_s=float(host)))
     for a in arrays:
         if seen_first.get(a.id) != a.first_use:
             r.fail(f"arrays[{a.id}]", f"first_use {a.first_use} disagrees with the functions "

@@ -45,6 +45,11 @@ class Function:
     # (element, count) when this function is one tensor's share of a multi-tensor
     # `_foreach_*` op that the recorder split; None otherwise.
     split: tuple[int, int] | None = None
+    # Wall time on the host since the previous op returned (the first: since the step
+    # began), outside any op: the framework's Python between ops (autograd, DDP's
+    # reducer, FSDP's hooks) and waits no op holds (a collective's Work). Measured when
+    # recorded for real, without the recorder's own time; 0 in older traces.
+    host_s: float = 0.0
 
     def arrays(self) -> tuple[int, ...]:
         return tuple(a.array for a in self.accesses)

@@ -63,10 +63,13 @@ class Recording(TorchDispatchMode):
         self._trace: Trace | None = None
         self._failed: BaseException | None = None
         self._hooks = []
+        self._returned = 0.0            # when the latest op returned (perf_counter)
+        self._host_s = 0.0              # host time since then, for the next Function
 
     # -- context management --------------------------------------------------------------
     def __enter__(self):
         self._active = True
+        self._returned, self._host_s = time.perf_counter(), 0.0
         self._hooks = [register_optimizer_step_pre_hook(self._enter_optimizer),
                        register_optimizer_step_post_hook(self._leave_optimizer)]
         return super().__enter__()
@@ -106,7 +109,11 @@ class Recording(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "profiler":   # record_function markers: no data, not a function
             return func(*args, **kwargs)
-        return call_split(func, args, kwargs, self._run)
+        self._host_s += time.perf_counter() - self._returned      # Function.host_s
+        try:
+            return call_split(func, args, kwargs, self._run)
+        finally:
+            self._returned = time.perf_counter()
 
     def _phase(self, inputs) -> str:
         if torch._C._current_graph_task_id() != -1:
@@ -156,7 +163,9 @@ class Recording(TorchDispatchMode):
         self._functions.append(Function(
             index=index, op=str(func), phase=phase,
             accesses=tuple(Access(a, k) for a, k in kinds.items()),
-            duration_s=duration, flops=flops, bytes_touched=nbytes, split=split))
+            duration_s=duration, flops=flops, bytes_touched=nbytes, split=split,
+            host_s=self._host_s))
+        self._host_s = 0.0
 
     def _touch(self, t, index, slot, kind, phase, kinds, *, is_output):
         storage = storage_of(t)
