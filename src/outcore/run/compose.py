@@ -30,9 +30,14 @@ NOTE [Storages FSDP owns]
   2. Ownership is split: FSDP owns the unsharded parameters (its all-gather outputs);
      outcore owns everything else: the sharded parameters, gradients, optimizer state,
      activations, buckets and temporaries. outcore *disowns* FSDP's storages
-     (`Residency.disown`): pinned where they are, never moved, counted at their full
-     size even while FSDP has them freed (an upper bound the plan keeps within the
-     budget like other pinned storages; ooc.planned_budget).
+     (`Residency.disown(..., foreign=True)`): never moved, counted at their current
+     size (`Residency.owned_bytes`, 0 while FSDP has them freed). The plan sets room
+     aside for one only from FSDP's copy-out of it to its last use before the next
+     copy-out (`owned_occupancy`, within `ooc.pinned_peak`).
+  5. FSDP also reads all-gather buffers whose creation no dispatch mode sees (in a
+     recording they look like inputs that existed before the step, first read in
+     backward); the plan counts them resident from the step's start, which is more
+     than FSDP holds (seen: 4 x 3 MiB on examples/fsdp2.py at batch 4).
   3. They are found three times over: at every iteration start and recording end,
      from the FSDPParams of the FSDP modules alive (`_fsdp_owned`); at every copy-out
      (`fsdp.split_with_sizes_copy`), whose `out` tensors are those storages, before it
