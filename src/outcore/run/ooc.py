@@ -403,7 +403,8 @@ class OutOfCore:
                 f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
                 f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
                 f"min_move_bytes={self._res.min_move_bytes:,}, and those of collectives and "
-                f"FSDP, never move and hold up to {format_bytes(held)} ({held:,} B) of it. No schedule can run this step; the "
+                f"FSDP, never move and hold up to {format_bytes(held)} ({held:,} B) of it. "
+                "No schedule can run this step; the "
                 f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise the "
                 "budget to that or more, lower the batch, or lower min_move_bytes.",
                 function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,

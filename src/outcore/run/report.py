@@ -108,7 +108,8 @@ class Report:
             lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
                          f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out")
         if self.pinned_bytes:
-            lines.append(f"  pinned in fast memory (small or not resizable): {format_bytes(self.pinned_bytes)}")
+            lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
+                         f"FSDP): {format_bytes(self.pinned_bytes)}")
         if self.iterations:
             lines.append(f"  resident set: {format_bytes(self.rss_start)} when made; per iteration "
                          "its peak above that (rss+) and the most of it that was not managed "
