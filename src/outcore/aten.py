@@ -42,13 +42,19 @@ def _leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
 def iter_tensors(values) -> Iterator[torch.Tensor]:
     """Tensors in an op's args/kwargs/outputs, in order (lists and tuples flattened,
     wrapper subclasses replaced by their inner tensors)."""
-    for v in values:
+    for v in values:                 # every op passes here: plain tensors skip _leaves
         if isinstance(v, torch.Tensor):
-            yield from _leaves(v)
+            if type(v) in _PLAIN:
+                yield v
+            else:
+                yield from _leaves(v)
         elif isinstance(v, (list, tuple)):
             for w in v:
                 if isinstance(w, torch.Tensor):
-                    yield from _leaves(w)
+                    if type(w) in _PLAIN:
+                        yield w
+                    else:
+                        yield from _leaves(w)
 
 
 @functools.lru_cache(maxsize=None)

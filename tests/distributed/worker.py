@@ -53,9 +53,8 @@ def loss_fn(out, target):
 
 
 # -- the three compositions: each returns (model, step(i) -> loss or None) --------------
-def ddp(opt_name):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    model = DDP(blocks())
+def data_parallel(model, opt_name):
+    """The step every data-parallel rank runs: its own batch, the whole model."""
     opt = make_optimizer(opt_name, model.parameters())
 
     def step(i):
@@ -66,6 +65,11 @@ def ddp(opt_name):
         opt.zero_grad()
         return loss
     return model, step
+
+
+def ddp(opt_name):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return data_parallel(DDP(blocks()), opt_name)
 
 
 def fsdp2(opt_name):
@@ -74,16 +78,7 @@ def fsdp2(opt_name):
     for block in model:
         fully_shard(block)
     fully_shard(model)
-    opt = make_optimizer(opt_name, model.parameters())
-
-    def step(i):
-        x, y = batch(dist.get_rank(), i)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-    return model, step
+    return data_parallel(model, opt_name)
 
 
 def pipeline(opt_name):

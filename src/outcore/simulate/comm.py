@@ -163,11 +163,7 @@ def allgather_time(nbytes_out, ranks: int, link) -> float:
 def reduce_scatter_time(nbytes_in, ranks: int, link) -> float:
     """Seconds for a ring reduce-scatter of an input of `nbytes_in` per rank (each keeps a
     reduced n_in / p): (p-1)·α + (p-1)/p·n_in·β. The mirror image of the allgather."""
-    n, p = _check(nbytes_in, ranks)
-    link = interconnect(link)
-    if p == 1:
-        return 0.0
-    return (p - 1) * link.alpha_s + (p - 1) / p * n / link.bandwidth_Bps
+    return allgather_time(nbytes_in, ranks, link)
 
 
 def broadcast_time(nbytes, ranks: int, link) -> float:
