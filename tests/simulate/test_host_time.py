@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 
+import pytest
 import torch
 
 import outcore
@@ -39,17 +40,56 @@ def test_recorder_keeps_the_time_between_ops():
     assert sum(host) - host[after] < SLEEP_S          # the rest is small: no double count
 
 
+def test_waiting_is_wall_time_and_working_is_cpu_time_too():
+    model = torch.nn.Linear(64, 64)
+    x = torch.randn(32, 64)
+    with outcore.record() as rec:
+        h = model(x)
+        time.sleep(SLEEP_S)                     # waiting: a collective, another rank
+        a = h.relu()
+        until = time.perf_counter() + SLEEP_S
+        while time.perf_counter() < until:      # working: the framework's Python
+            pass
+        a.sum()
+    fns = rec.trace.functions
+    assert all(0 <= f.host_cpu_s <= f.host_s for f in fns)
+    slept = next(f for f in fns if f.op == "aten.relu.default")
+    worked = next(f for f in fns if f.op == "aten.sum.default")
+    assert slept.host_s >= SLEEP_S and slept.host_cpu_s < SLEEP_S / 2, (slept.host_s, slept.host_cpu_s)
+    # CPU time is what the thread got: most of the busy wait, unless the machine is
+    # loaded; half of it is a safe floor on two cores shared with another process.
+    assert worked.host_s >= SLEEP_S and worked.host_cpu_s >= SLEEP_S / 2, (worked.host_s, worked.host_cpu_s)
+    assert all(f.peer is None for f in fns)
+
+
+def test_a_point_to_point_op_keeps_its_peer():
+    from outcore.trace.recorder import _peer
+    t = [torch.zeros(2)]
+    assert _peer(torch.ops.c10d.send.default, (t, None, 3, 0)) == 3
+    assert _peer(torch.ops.c10d.recv_.default, (t, None, 1, 7)) == 1
+    assert _peer(torch.ops.aten.add.Tensor, (t[0], t[0])) is None
+
+
 def test_host_time_survives_save_and_old_traces_load(tmp_path):
     trace = _trace(pause=True)
     path = tmp_path / "t.json"
     trace.save(path)
     again = Trace.load(path)
     assert [f.host_s for f in again.functions] == [f.host_s for f in trace.functions]
+    assert [f.host_cpu_s for f in again.functions] == [f.host_cpu_s for f in trace.functions]
     data = json.loads(path.read_text())
-    for fn in data["functions"]:
-        del fn["host_s"]                   # a trace written before the field existed
+    data["functions"][0]["peer"] = 1
     path.write_text(json.dumps(data))
-    assert all(f.host_s == 0.0 for f in Trace.load(path).functions)
+    assert Trace.load(path).functions[0].peer == 1
+    for fn in data["functions"]:
+        del fn["host_s"], fn["host_cpu_s"], fn["peer"]   # a trace written before the fields existed
+    path.write_text(json.dumps(data))
+    old = Trace.load(path).functions
+    assert all(f.host_s == 0.0 and f.host_cpu_s == 0.0 and f.peer is None for f in old)
+    data["functions"][0]["peer"] = -1
+    path.write_text(json.dumps(data))
+    with pytest.raises(outcore.TraceError, match="peer"):
+        Trace.load(path)
 
 
 def test_simulator_counts_host_time_only_when_asked():

@@ -21,19 +21,21 @@ def add_parser(sub) -> None:
                                    "thread per direction). `comm`: allreduce, allgather, "
                                    "reduce-scatter and send/recv between 2 local gloo processes, "
                                    "4 KiB to 64 MiB, with the α-β model fitted to each. "
+                                   "`overhead`: outcore's own cost per op when it replays a "
+                                   "plan (the simulator's per_function_s). "
                                    "`curve`: samples/s and peak RSS of "
                                    "in-core, checkpointing, offload hooks and outcore at budgets from "
                                    "the in-core peak down to the smallest feasible. `batch`: the "
                                    "paper's experiment, the largest batch each variant trains under "
                                    "the in-core peak of a base batch, and its samples/s. Each run is "
                                    "a fresh process; results go to --out as markdown, JSON and PNG.")
-    p.add_argument("what", choices=("disk", "comm", "curve", "batch"), help="what to measure")
+    p.add_argument("what", choices=("disk", "comm", "overhead", "curve", "batch"), help="what to measure")
     p.add_argument("--size", default=None, help="disk: bytes per direction (default 1GiB); "
                                                 "comm: the largest message (default 64MiB)")
     p.add_argument("--quick", action="store_true",
                    help="comm: 4 KiB, 256 KiB and 4 MiB only, 3 repeats (a few seconds)")
     p.add_argument("--dir", default=None, help="directory of the swap file (default: temp dir)")
-    p.add_argument("--json", action="store_true", help="disk, comm: print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="disk, comm, overhead: print the figures as JSON")
     p.add_argument("--model", default="resnet50", help="curve/batch: built-in model (default resnet50)")
     p.add_argument("--batch", type=int, default=64, help="curve: the batch; batch: the base batch")
     p.add_argument("--image-size", type=int, default=None, help="image side for CNNs (default 224)")
@@ -68,6 +70,8 @@ def run(args) -> int:
         return run_disk(args)
     if args.what == "comm":
         return run_comm(args)
+    if args.what == "overhead":
+        return run_overhead(args)
     return run_experiment(args)
 
 
@@ -171,3 +175,20 @@ def run_disk(args) -> int:
     print(f"  read alone        {fig['read_GBps']:6.2f} GB/s")
     print(f"  write + read      {fig['both_total_GBps']:6.2f} GB/s in total (both at once)")
     return 0
+
+
+def run_overhead(args) -> int:
+    from ..bench.overhead import measure_overhead
+    if args.quick or args.size:
+        raise OutcoreError("--quick and --size are for `bench comm` and `bench disk`")
+    fig = measure_overhead(steps=max(args.steps, 15), directory=args.dir)
+    if args.json:
+        print(json.dumps(fig))
+        return 0
+    print(f"outcore's executor: {fig['per_function_s'] * 1e6:.1f} µs per op "
+          f"({fig['functions']} functions: plain step {fig['plain_s'] * 1e3:.1f} ms, under "
+          f"outcore {fig['outcore_s'] * 1e3:.1f} ms of which {fig['wait_s'] * 1e3:.1f} ms waiting "
+          "for transfers; medians)")
+    print("  simulate with it: Machine(..., host_time=True, per_function_s=...)")
+    return 0
+

@@ -566,7 +566,8 @@ def _stage_trace(trace, stage_of_function, k) -> Trace:
             accesses.append(Access(nid, acc.kind))
         functions.append(Function(index=j, op=fn.op, phase=fn.phase, accesses=tuple(accesses),
                                   duration_s=fn.duration_s, flops=fn.flops,
-                                  bytes_touched=fn.bytes_touched, split=fn.split))
+                                  bytes_touched=fn.bytes_touched, split=fn.split,
+                                  host_s=fn.host_s, host_cpu_s=fn.host_cpu_s))
     old_index = [f.index for f in keep]
     arrays = []
     for old, nid in sorted(new_id.items(), key=lambda kv: kv[1]):

@@ -18,12 +18,12 @@ stall), as does a swap-out of one of them. The step ends when the last collectiv
 Without `comm`, a collective is an ordinary function with its recorded duration."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import OutcoreError
 from ..plan.schedule import SWAP_IN, SWAP_OUT, WAIT
 from ..units import format_bytes
-from .comm import collective_bytes, collective_kind, collective_time, interconnect
+from .comm import collective_bytes, collective_kind, collective_time, interconnect, p2p_time
 from .machines import machine as get_machine
 
 
@@ -107,9 +107,128 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
 
     comm: None, or (interconnect, ranks) with an Interconnect or preset name of
     outcore.simulate.comm and the number of ranks the trace's collectives span: they
-    then run on their own lane at the modelled speed (module docstring)."""
+    then run on their own lane at the modelled speed (module docstring), each starting
+    as soon as this rank issues it: the other ranks are assumed to be there already
+    (simulate_ranks models them)."""
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
+    lane = _rank_lane(trace, schedule, m, link)
+    issue = next(lane)
+    while not isinstance(issue, Simulation):
+        issue = lane.send((issue.begin_s, issue.begin_s
+                           + collective_time(issue.op, issue.nbytes, ranks, link)))
+    return issue
+
+
+@dataclass(frozen=True)
+class _Issue:
+    """A rank's simulation asks when the collective it issues at `begin_s` ends."""
+    op: str
+    kind: str              # comm.collective_kind
+    nbytes: int
+    begin_s: float         # when this rank's operands and comm lane are ready
+    peer: int | None       # p2p: the other rank
+
+
+def simulate_ranks(traces, schedules, machine="cpu-disk", *, link) -> list[Simulation]:
+    """Simulate every rank of one distributed step together: one trace and schedule per
+    rank (rank r at index r), `link` an Interconnect or preset name of
+    outcore.simulate.comm. Each rank runs as `simulate` runs it, with one difference: a
+    collective starts only when every rank has issued it (the k-th collective of each rank
+    is one operation), and a point-to-point transfer only when both its sender and its
+    receiver have (the k-th c10d.send from a to b meets the k-th recv_ on b from a); each
+    side's comm lane is busy until it ends. So a rank waits for a slower one, as under
+    torchrun, and a pipeline's bubble appears. Host time then counts only its CPU time
+    (Machine.host_waits=False): the waits are what this models.
+
+    Collectives are matched within one process group of all ranks; a step whose ranks
+    issue them over subgroups (2-D parallelism) is not modelled."""
+    m = get_machine(machine)
+    if m.host_time:
+        m = replace(m, host_waits=False)
+    traces, schedules = list(traces), list(schedules)
+    n = len(traces)
+    if n < 1 or len(schedules) != n:
+        raise OutcoreError(f"simulate_ranks needs one schedule per trace; got {n} traces and "
+                           f"{len(schedules)} schedules")
+    link = interconnect(link)
+    lanes = [_rank_lane(t, s, m, link) for t, s in zip(traces, schedules)]
+    results: list = [None] * n
+    waiting: list = [None] * n          # rank -> its pending _Issue
+    counts = [dict() for _ in range(n)]  # rank -> {match key: how many it issued}
+    keys: list = [None] * n             # rank -> the match key of its pending issue
+
+    def advance(r, value=None):
+        out = next(lanes[r]) if value is None else lanes[r].send(value)
+        if isinstance(out, Simulation):
+            results[r], waiting[r] = out, None
+            return
+        waiting[r] = out
+        keys[r] = _match_key(out, r, n)
+        counts[r][keys[r]] = counts[r].get(keys[r], 0) + 1
+
+    for r in range(n):
+        advance(r)
+    while any(w is not None for w in waiting):
+        progressed = False
+        for r in range(n):
+            issue = waiting[r]
+            if issue is None:
+                continue
+            group = _partners(r, keys, counts, waiting, n)
+            if group is None:
+                continue
+            begin = max(waiting[q].begin_s for q in group)
+            if issue.kind == "p2p":
+                end = begin + p2p_time(max(waiting[q].nbytes for q in group), link)
+            else:
+                end = begin + collective_time(issue.op, max(waiting[q].nbytes for q in group),
+                                              n, link)
+            for q in group:
+                advance(q, (begin, end))
+            progressed = True
+        if not progressed:
+            pending = "; ".join(f"rank {r} waits in {w.op}" for r, w in enumerate(waiting)
+                                if w is not None)
+            raise OutcoreError(f"simulate_ranks: the ranks' traces do not match ({pending}, and "
+                               "no other rank issues the same operation); record every rank's "
+                               "same iteration, with the same process group")
+    return results
+
+
+def _match_key(issue: _Issue, rank: int, ranks: int):
+    """What pairs an issue with the other ranks': a collective by its kind, a send or
+    receive by (sender, receiver)."""
+    if issue.kind != "p2p":
+        return ("collective",)
+    peer = issue.peer
+    if peer is None:
+        if ranks != 2:
+            raise OutcoreError(f"simulate_ranks: rank {rank}'s {issue.op} does not say which rank "
+                               "it talks to (a trace recorded before outcore kept it); record "
+                               "the ranks again")
+        peer = 1 - rank
+    if not 0 <= peer < ranks or peer == rank:
+        raise OutcoreError(f"simulate_ranks: rank {rank}'s {issue.op} talks to rank {peer}, but "
+                           f"the simulation has ranks 0..{ranks - 1}")
+    sending = issue.op.startswith("c10d.send")
+    return ("p2p", rank, peer) if sending else ("p2p", peer, rank)
+
+
+def _partners(rank, keys, counts, waiting, ranks):
+    """The ranks that take part in `rank`'s pending issue once all of them have issued
+    it (the same key, the same count), or None while one is still missing."""
+    key = keys[rank]
+    group = range(ranks) if key[0] == "collective" else (key[1], key[2])
+    for q in group:
+        if waiting[q] is None or keys[q] != key or counts[q][key] != counts[rank][key]:
+            return None
+    return list(group)
+
+
+def _rank_lane(trace, schedule, m, link):
+    """One rank's replay as a generator: it yields an _Issue for each collective (with a
+    link) and is sent (start, end) of that collective; it yields the Simulation last."""
     comm_free = 0.0                       # when the comm lane is next free
     comm_done: dict[int, float] = {}      # array -> when the collective touching it ends
     collectives = []
@@ -153,8 +272,7 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
             # Issued on the comm lane once its operands are there; costs no compute.
             touched = list(dict.fromkeys(fn.arrays()))
             nb = collective_bytes(kind, [arrays[a].nbytes for a in touched])
-            begin = max(ready, comm_free)
-            comm_free = begin + collective_time(fn.op, nb, ranks, link)
+            begin, comm_free = yield _Issue(fn.op, kind, nb, max(ready, comm_free), fn.peer)
             for a in touched:
                 comm_done[a] = comm_free
             collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin, comm_free))
@@ -188,12 +306,12 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
                     if a.id in end_set and a.id not in start_set)
                 + sum(m.transfer_time(a.nbytes, "in") for a in state
                       if a.id in start_set and a.id not in end_set))
-    return Simulation(machine=m.name, step_time_s=t, in_core_time_s=in_core, stall_s=tuple(stalls),
-                      start_s=tuple(starts), compute_s=tuple(computes), peak_bytes=schedule.peak_bytes,
-                      bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,
-                      transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary,
-                      comm_s=sum(c.end_s - c.start_s for c in collectives),
-                      collectives=tuple(collectives))
+    yield Simulation(machine=m.name, step_time_s=t, in_core_time_s=in_core, stall_s=tuple(stalls),
+                     start_s=tuple(starts), compute_s=tuple(computes), peak_bytes=schedule.peak_bytes,
+                     bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,
+                     transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary,
+                     comm_s=sum(c.end_s - c.start_s for c in collectives),
+                     collectives=tuple(collectives))
 
 
 def _comm_args(comm):

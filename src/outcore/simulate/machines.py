@@ -38,11 +38,16 @@ class Machine:
     # executor's own cost per op, on the compute lane.
     host_time: bool = False
     per_function_s: float = 0.0
+    # With host_time: True counts the host time's waits too (wall time, Function.host_s);
+    # False only its CPU time (Function.host_cpu_s), for a simulation that models the
+    # waits for other ranks itself (simulate_ranks).
+    host_waits: bool = True
 
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
             if self.host_time:
-                return fn.duration_s * self.duration_scale + fn.host_s + self.per_function_s
+                host = fn.host_s if self.host_waits else fn.host_cpu_s
+                return fn.duration_s * self.duration_scale + host + self.per_function_s
             return fn.duration_s * self.duration_scale
         return max(fn.flops / (self.peak_flops * self.flops_efficiency),
                    fn.bytes_touched / (self.memory_bandwidth * self.bandwidth_efficiency)) + self.launch_s

@@ -50,6 +50,14 @@ class Function:
     # reducer, FSDP's hooks) and waits no op holds (a collective's Work). Measured when
     # recorded for real, without the recorder's own time; 0 in older traces.
     host_s: float = 0.0
+    # The CPU time this thread spent in that same span: the framework's own work.
+    # host_s - host_cpu_s is time spent waiting (for another rank, a collective, a
+    # data loader), which a simulation of all ranks together models itself
+    # (simulate_ranks). 0 in older traces.
+    host_cpu_s: float = 0.0
+    # A point-to-point op (c10d.send, c10d.recv_): the other rank, as its process group
+    # numbers it. None otherwise, and in older traces.
+    peer: int | None = None
 
     def arrays(self) -> tuple[int, ...]:
         return tuple(a.array for a in self.accesses)

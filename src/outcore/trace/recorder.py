@@ -64,15 +64,22 @@ class Recording(TorchDispatchMode):
         self._failed: BaseException | None = None
         self._hooks = []
         self._returned = 0.0            # when the latest op returned (perf_counter)
+        self._returned_cpu = 0.0        # and this thread's CPU clock then (thread_time)
         self._host_s = 0.0              # host time since then, for the next Function
+        self._host_cpu_s = 0.0          # of which CPU time
 
     # -- context management --------------------------------------------------------------
     def __enter__(self):
         self._active = True
-        self._returned, self._host_s = time.perf_counter(), 0.0
         self._hooks = [register_optimizer_step_pre_hook(self._enter_optimizer),
                        register_optimizer_step_post_hook(self._leave_optimizer)]
-        return super().__enter__()
+        # The first op dispatched into a mode in a process imports torch._dynamo (~1.4 s
+        # here); imported now, that is not counted as the step's host time.
+        import torch._dynamo  # noqa: F401
+        mode = super().__enter__()
+        self._returned, self._host_s = time.perf_counter(), 0.0
+        self._returned_cpu, self._host_cpu_s = time.thread_time(), 0.0
+        return mode
 
     def __exit__(self, exc_type, exc, tb):
         try:
@@ -110,9 +117,11 @@ class Recording(TorchDispatchMode):
         if func.namespace == "profiler":   # record_function markers: no data, not a function
             return func(*args, **kwargs)
         self._host_s += time.perf_counter() - self._returned      # Function.host_s
+        self._host_cpu_s += time.thread_time() - self._returned_cpu
         try:
             return call_split(func, args, kwargs, self._run)
         finally:
+            self._returned_cpu = time.thread_time()
             self._returned = time.perf_counter()
 
     def _phase(self, inputs) -> str:
@@ -164,8 +173,9 @@ class Recording(TorchDispatchMode):
             index=index, op=str(func), phase=phase,
             accesses=tuple(Access(a, k) for a, k in kinds.items()),
             duration_s=duration, flops=flops, bytes_touched=nbytes, split=split,
-            host_s=self._host_s))
-        self._host_s = 0.0
+            host_s=self._host_s, host_cpu_s=min(self._host_cpu_s, self._host_s),
+            peer=_peer(func, args)))
+        self._host_s = self._host_cpu_s = 0.0
 
     def _touch(self, t, index, slot, kind, phase, kinds, *, is_output):
         storage = storage_of(t)
@@ -257,3 +267,17 @@ def record(*, label: str = "") -> Recording:
     Works for real tensors (durations measured) and on the meta device (no memory, no
     compute; durations estimated from FLOPs and bytes)."""
     return Recording(label=label)
+
+
+# c10d::send(Tensor[] tensors, ProcessGroup process_group, int dst, int tag) and
+# c10d::recv_(..., int src, int tag): the peer is the third argument.
+_P2P_OPS = ("send", "recv_")
+
+
+def _peer(func, args) -> int | None:
+    """The other rank of a point-to-point op, as its process group numbers it."""
+    if func.namespace != "c10d" or func._schema.name.split("::")[-1] not in _P2P_OPS:
+        return None
+    peer = args[2] if len(args) > 2 else None
+    return peer if type(peer) is int and peer >= 0 else None
+

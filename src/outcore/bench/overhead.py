@@ -1,0 +1,72 @@
+"""What outcore's executor costs per function on this machine (`outcore bench overhead`):
+the `per_function_s` of a simulated Machine with `host_time`.
+
+The step is a deep stack of small linear layers (many functions, each a few microseconds
+of work), so the difference between the step under OutOfCore and the same step in plain
+PyTorch is almost all the executor's own cost: dispatching each op into Python,
+matching it against the plan, binding its storages, issuing its actions. The budget is
+just below the in-core peak, so the plan moves a few arrays (a replay that moves nothing
+runs passive and costs less than a real one) and the time the replay waits for those
+transfers is taken out (IterationStats.wait_s). Medians of the steady steps, plain and
+outcore interleaved so that both see the same machine.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+WIDTH, DEPTH, BATCH = 128, 32, 128   # weights and activations of 64 KiB: movable
+
+
+def measure_overhead(steps: int = 15, directory: str | None = None) -> dict:
+    """{"per_function_s", "functions", "plain_s", "outcore_s", "wait_s"}: medians of
+    `steps` steps each, after a warm-up (and the recording) that are not counted."""
+    import torch
+
+    from ..errors import OutcoreError
+    from ..run.ooc import OutOfCore
+    from ..trace.recorder import record
+
+    if steps < 3:
+        raise OutcoreError(f"bench overhead needs at least 3 steps, got {steps}")
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(DEPTH):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(BATCH, WIDTH)
+
+    def step():
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    with record() as rec:
+        step()
+    peak = rec.trace.peak(actual=True)[0]
+    plain, under, waits = [], [], []
+    with tempfile.TemporaryDirectory(dir=directory) as swap, \
+            OutOfCore(budget=int(0.9 * peak), swap_dir=swap) as ooc:
+        for _ in range(3):                 # recording, planning, the first replay
+            with ooc.iteration():
+                step()
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            plain.append(time.perf_counter() - started)
+            with ooc.iteration():
+                step()
+            it = ooc.report().iterations[-1]
+            if it.mode == "replay" and it.deviation is None:
+                under.append(it.seconds)
+                waits.append(it.wait_s)
+        functions = len(ooc.trace.functions)
+    if len(under) < 3:
+        raise OutcoreError("bench overhead: the step kept deviating from its recording; "
+                           "nothing steady to measure")
+    plain_s, outcore_s, wait_s = (statistics.median(v) for v in (plain, under, waits))
+    return {"per_function_s": max(0.0, (outcore_s - wait_s - plain_s) / functions),
+            "functions": functions, "plain_s": plain_s, "outcore_s": outcore_s, "wait_s": wait_s}
