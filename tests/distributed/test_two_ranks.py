@@ -52,6 +52,15 @@ def test_bitwise_under_torchrun(results, case):
         for i in replays:
             assert result["bytes_read"][i] > 0, result
             assert result["peak_resident"][i] <= result["budget"], result
+        # Both ranks' traces simulated together (simulate_ranks) pair up: every collective
+        # starts at one moment on both ranks, a pipeline's sends and receives name the
+        # other rank, and a rank's step holds at least its own compute.
+        starts = result["collective_starts"]
+        assert starts[0] == starts[1], starts
+        assert bool(starts[0]) == (not case.startswith("pipeline")), starts
+        assert result["peers"] == ([1 - rank] * len(result["peers"])), result["peers"]
+        assert bool(result["peers"]) == case.startswith("pipeline"), result["peers"]
+        assert result["joint_step_s"] >= result["compute_s"] > 0, result
 
 
 @pytest.mark.parametrize("example, budget", [("ddp.py", "24MiB"), ("fsdp2.py", "40MiB")])

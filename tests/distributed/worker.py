@@ -145,6 +145,7 @@ def run_case(case: str) -> dict:
             losses.append(None if loss is None else loss.detach().clone())
         report = ooc.report()
         ours = parameters(model)
+        joint = _simulate_together(ooc.trace, ooc.schedule)
     return {
         "params_equal": len(plain) == len(ours) and all(torch.equal(a, b) for a, b in zip(plain, ours)),
         "losses_equal": all((a is None and b is None) or torch.equal(a, b)
@@ -156,7 +157,34 @@ def run_case(case: str) -> dict:
         "peak_resident": [it.peak_resident for it in report.iterations],
         "deviations": [it.deviation for it in report.iterations],
         "pinned_bytes": report.pinned_bytes,
+        **joint,
     }
+
+
+def _simulate_together(trace, schedule) -> dict:
+    """Both ranks' traces and schedules, simulated together (simulate_ranks): what the
+    test checks of how their collectives and sends paired up."""
+    from outcore.simulate import simulate_ranks
+    from outcore.simulate.comm import collective_kind
+    both = [None] * dist.get_world_size()
+    dist.all_gather_object(both, (trace, schedule))
+    sims = simulate_ranks([t for t, _ in both], [s for _, s in both], "cpu-disk",
+                          link="loopback-gloo")
+    rank = dist.get_rank()
+    kinds = [collective_kind(f.op) for f in trace.functions]
+    return {
+        "peers": [f.peer for f, k in zip(trace.functions, kinds) if k == "p2p"],
+        # Start of each collective (not p2p) on every rank, in issue order.
+        "collective_starts": [[c.start_s for c, k in zip(sim.collectives, _kinds(t)) if k != "p2p"]
+                              for (t, _), sim in zip(both, sims)],
+        "joint_step_s": sims[rank].step_time_s,
+        "compute_s": sum(sims[rank].compute_s),
+    }
+
+
+def _kinds(trace):
+    from outcore.simulate.comm import collective_kind
+    return [k for k in (collective_kind(f.op) for f in trace.functions) if k is not None]
 
 
 def main() -> int:
