@@ -20,8 +20,9 @@ WIDTH, DEPTH, BATCH = 128, 32, 128   # weights and activations of 64 KiB: movabl
 
 
 def measure_overhead(steps: int = 15, directory: str | None = None) -> dict:
-    """{"per_function_s", "functions", "plain_s", "outcore_s", "wait_s"}: medians of
-    `steps` steps each, after a warm-up (and the recording) that are not counted."""
+    """{"per_function_s", "functions", "plain_s", "outcore_s", "wait_s", "bytes_read"}:
+    medians of `steps` steps each, after a warm-up (and the recording) that are not
+    counted."""
     import torch
 
     from ..errors import OutcoreError
@@ -47,7 +48,7 @@ def measure_overhead(steps: int = 15, directory: str | None = None) -> dict:
     with record() as rec:
         step()
     peak = rec.trace.peak(actual=True)[0]
-    plain, under, waits = [], [], []
+    plain, under, waits, reads = [], [], [], []
     with tempfile.TemporaryDirectory(dir=directory) as swap, \
             OutOfCore(budget=int(0.9 * peak), swap_dir=swap) as ooc:
         for _ in range(3):                 # recording, planning, the first replay
@@ -63,10 +64,12 @@ def measure_overhead(steps: int = 15, directory: str | None = None) -> dict:
             if it.mode == "replay" and it.deviation is None:
                 under.append(it.seconds)
                 waits.append(it.wait_s)
+                reads.append(it.bytes_read)
         functions = len(ooc.trace.functions)
     if len(under) < 3:
         raise OutcoreError("bench overhead: the step kept deviating from its recording; "
                            "nothing steady to measure")
     plain_s, outcore_s, wait_s = (statistics.median(v) for v in (plain, under, waits))
     return {"per_function_s": max(0.0, (outcore_s - wait_s - plain_s) / functions),
-            "functions": functions, "plain_s": plain_s, "outcore_s": outcore_s, "wait_s": wait_s}
+            "functions": functions, "plain_s": plain_s, "outcore_s": outcore_s, "wait_s": wait_s,
+            "bytes_read": int(statistics.median(reads))}

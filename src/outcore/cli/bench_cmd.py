@@ -180,7 +180,8 @@ def run_disk(args) -> int:
 def run_overhead(args) -> int:
     from ..bench.overhead import measure_overhead
     if args.quick or args.size:
-        raise OutcoreError("--quick and --size are for `bench comm` and `bench disk`")
+        raise OutcoreError("`bench overhead` takes neither --quick (for `bench comm`) nor "
+                           "--size (for `bench comm` and `bench disk`)")
     fig = measure_overhead(steps=max(args.steps, 15), directory=args.dir)
     if args.json:
         print(json.dumps(fig))

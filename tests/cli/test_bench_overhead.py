@@ -1,0 +1,29 @@
+"""`outcore bench overhead`: outcore's own cost per op, measured (the simulator's
+Machine.per_function_s)."""
+import json
+
+import pytest
+
+from outcore.bench.overhead import measure_overhead
+from outcore.cli.main import main
+from outcore.errors import OutcoreError
+
+
+def test_measures_a_replay_that_moves_data_against_plain_steps(capsys):
+    assert main(["bench", "overhead", "--json"]) == 0
+    fig = json.loads(capsys.readouterr().out)
+    assert set(fig) == {"per_function_s", "functions", "plain_s", "outcore_s", "wait_s", "bytes_read"}
+    # Hundreds of functions, so that the per-op figure is not one op's noise; both steps
+    # timed; the cost per op is a share of the difference, never negative.
+    assert fig["functions"] > 500
+    assert fig["bytes_read"] > 0            # a real replay: one that moves nothing is cheaper
+    assert fig["plain_s"] > 0 and fig["outcore_s"] > 0 and fig["wait_s"] >= 0
+    expected = max(0.0, (fig["outcore_s"] - fig["wait_s"] - fig["plain_s"]) / fig["functions"])
+    assert fig["per_function_s"] == pytest.approx(expected)
+
+
+def test_bad_arguments_are_clear_errors(capsys):
+    assert main(["bench", "overhead", "--quick"]) != 0
+    assert "neither --quick" in capsys.readouterr().err
+    with pytest.raises(OutcoreError, match="at least 3 steps"):
+        measure_overhead(steps=2)
