@@ -130,8 +130,12 @@ def test_held_arrays_are_freed_exactly_at_release_and_never_read_back(trace, fra
 
 def test_strategy_generates_held_arrays():
     # The properties above only mean something if traces with held arrays are drawn.
-    from hypothesis import find
+    from hypothesis import Phase, find
+    # find()'s own default of 2000 examples, without shrinking: a trace that shows it is
+    # enough, the smallest one is not needed (shrinking it took up to half a minute).
+    first = settings(max_examples=2000, phases=(Phase.explicit, Phase.reuse, Phase.generate))
     find(traces(), lambda t: any(a.kind == "transient" and a.freed_after > a.last_use
-                                 for a in t.arrays))
-    find(traces(), lambda t: any(a.kind == "input" and a.freed_after is None for a in t.arrays))
-    find(traces(), lambda t: max(t.live_bytes(actual=True)) > max(t.live_bytes()))
+                                 for a in t.arrays), settings=first)
+    find(traces(), lambda t: any(a.kind == "input" and a.freed_after is None for a in t.arrays),
+         settings=first)
+    find(traces(), lambda t: max(t.live_bytes(actual=True)) > max(t.live_bytes()), settings=first)

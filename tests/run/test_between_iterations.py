@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -241,25 +242,39 @@ SAVE_CHILD = textwrap.dedent("""
 """)
 
 
-def test_torch_save_streams_mapped_state(tmp_path):
+@pytest.fixture(scope="module")
+def save_children(tmp_path_factory):
+    """The two tests' runs of SAVE_CHILD, at the same time: each reads only its own
+    resident set. {mode: (its directory, the finished process)}."""
+    streamed, killed = tmp_path_factory.mktemp("streamed"), tmp_path_factory.mktemp("killed")
+    torch.save({"old": torch.arange(3)}, killed / "ck.pt")
+
+    def child(path, mode):
+        return subprocess.run([sys.executable, "-c", SAVE_CHILD, str(path), "16MiB", mode],
+                              capture_output=True, text=True, timeout=300)
+    with ThreadPoolExecutor(2) as pool:
+        save = pool.submit(child, streamed / "m.pt", "save")
+        kill = pool.submit(child, killed / "ck.pt", "kill")
+        return {"save": (streamed, save.result()), "kill": (killed, kill.result())}
+
+
+def test_torch_save_streams_mapped_state(save_children):
     """A plain torch.save of 192 MiB of mapped parameters under a 16 MiB budget: the
     resident set grows by far less than the state (the pager, rule 2)."""
-    out = subprocess.run([sys.executable, "-c", SAVE_CHILD, str(tmp_path / "m.pt"), "16MiB", "save"],
-                         capture_output=True, text=True, timeout=300, check=True)
+    directory, out = save_children["save"]
+    assert out.returncode == 0, out.stderr
     before, peak, state = (int(v) for v in out.stdout.split())
     grown = peak * 1024 - before * 1024
     assert grown < state / 2, (grown, state)
-    assert torch.load(tmp_path / "m.pt", mmap=True)["0.weight"].shape == (1024, 1024)
+    assert torch.load(directory / "m.pt", mmap=True)["0.weight"].shape == (1024, 1024)
 
 
-def test_save_is_atomic_when_killed(tmp_path):
-    path = tmp_path / "ck.pt"
-    torch.save({"old": torch.arange(3)}, path)
-    proc = subprocess.run([sys.executable, "-c", SAVE_CHILD, str(path), "16MiB", "kill"],
-                          capture_output=True, text=True, timeout=300)
+def test_save_is_atomic_when_killed(save_children):
+    directory, proc = save_children["kill"]
+    path = directory / "ck.pt"
     assert proc.returncode == -9, proc.stderr
     assert torch.equal(torch.load(path)["old"], torch.arange(3))
-    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+    assert sorted(os.listdir(directory)) == ["ck.pt"]
 
 
 def test_save_that_raises_leaves_the_old_file(tmp_path):

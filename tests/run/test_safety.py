@@ -196,16 +196,17 @@ def test_keyboard_interrupt_in_a_child_leaves_no_swap(tmp_path):
         from outcore import workloads
         w = workloads.build("mlp", batch=64, optimizer="sgd")
         ooc = outcore.OutOfCore(budget="12MiB", swap_dir={str(tmp_path)!r}, min_move_bytes=0)
-        print("READY", flush=True)
         for i in range(10**6):
             with ooc.iteration():
                 w.step()
+            if i == 2:                # recorded, planned, and replaying from now on
+                print("READY", flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().strip() == "READY"
     import time
-    time.sleep(3)
+    time.sleep(0.5)                   # a few iterations on
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert "KeyboardInterrupt" in err

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -88,17 +89,49 @@ def run(directory, kill="none", total=TOTAL):
                           capture_output=True, text=True, timeout=300)
 
 
-def finish(directory):
-    """Run to the end (resuming from `directory`, or plain PyTorch for "-")."""
-    out = run(directory)
+def finished(out):
+    """(iteration resumed from, digest) of a run to the end (resuming from its directory,
+    or plain PyTorch for "-")."""
     assert out.returncode == 0, out.stderr
     start, digest = out.stdout.split()
     return int(start), digest
 
 
+KILLS = ["mid-pickle", "before-rename", "after-link"]
+
+
 @pytest.fixture(scope="module")
-def plain_digest():
-    return finish("-")[1]
+def runs(tmp_path_factory):
+    """Every child process of the tests below, in order within each test, two tests at a
+    time (a child spends most of its time importing torch, on one core). Each test has
+    its own state directory: {test: (directory, [its runs])}."""
+    root = tmp_path_factory.mktemp("state")
+
+    def random_kills(directory):
+        rng = random.Random(11)
+        outs = []
+        for _ in range(4):
+            outs.append(run(directory, f"after:{rng.uniform(0.2, 1.6):.2f}"))
+            if outs[-1].returncode != -9:     # finished before the moment came, or failed
+                break
+        return outs + [run(directory)]
+
+    chains = {"random": random_kills,
+              "plain": lambda directory: [run("-")],
+              "uninterrupted": lambda directory: [run(directory), run(directory)]}
+    for kill in KILLS:
+        chains[kill] = lambda directory, kill=kill: [run(directory, kill), run(directory)]
+    for name in chains:
+        (root / name).mkdir()             # as tmp_path: the state directory itself is new
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: (root / name / "s", pool.submit(chain, root / name / "s"))
+                   for name, chain in chains.items()}
+        return {name: (directory, f.result()) for name, (directory, f) in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def plain_digest(runs):
+    return finished(runs["plain"][1][0])[1]
 
 
 def assert_tidy(directory):
@@ -106,35 +139,33 @@ def assert_tidy(directory):
     assert names[0] == "manifest.pt" and len(names) == 2 and names[1].endswith(".swap"), names
 
 
-def test_uninterrupted_run_is_plain_pytorch(tmp_path, plain_digest):
-    assert finish(tmp_path / "s") == (0, plain_digest)
-    assert finish(tmp_path / "s") == (TOTAL, plain_digest)     # nothing left to do
-    assert_tidy(tmp_path / "s")
+def test_uninterrupted_run_is_plain_pytorch(runs, plain_digest):
+    directory, (first, again) = runs["uninterrupted"]
+    assert finished(first) == (0, plain_digest)
+    assert finished(again) == (TOTAL, plain_digest)     # nothing left to do
+    assert_tidy(directory)
 
 
-def test_killed_at_random_moments_resumes_bitwise(tmp_path, plain_digest):
-    directory = tmp_path / "s"
-    rng = random.Random(11)
+def test_killed_at_random_moments_resumes_bitwise(runs, plain_digest):
+    directory, (*attempts, last) = runs["random"]
     kills = 0
-    for _ in range(4):
-        out = run(directory, f"after:{rng.uniform(0.2, 1.6):.2f}")
+    for out in attempts:
         if out.returncode == 0:           # finished before the moment came
             break
         assert out.returncode == -9, out.stderr
         kills += 1
     assert kills >= 1
-    start, digest = finish(directory)
+    start, digest = finished(last)
     assert digest == plain_digest
     assert_tidy(directory)
 
 
-@pytest.mark.parametrize("kill", ["mid-pickle", "before-rename", "after-link"])
-def test_killed_while_switching_the_manifest(tmp_path, plain_digest, kill):
+@pytest.mark.parametrize("kill", KILLS)
+def test_killed_while_switching_the_manifest(runs, plain_digest, kill):
     """Killed in the third commit: the manifest of the second iteration holds."""
-    directory = tmp_path / "s"
-    out = run(directory, kill)
+    directory, (out, last) = runs[kill]
     assert out.returncode == -9, out.stderr
-    start, digest = finish(directory)
+    start, digest = finished(last)
     assert start == 2 and digest == plain_digest
     assert_tidy(directory)          # a temporary name left by "after-link" is swept
 

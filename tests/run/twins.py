@@ -25,8 +25,16 @@ def recorded_trace(make, step):
     return rec.trace
 
 
+_steady: dict = {}
+
+
 def steady_trace(name, optimizer, batch=8):
-    return recorded_trace(lambda: build(name, optimizer, batch), lambda w: w.step())
+    """Recorded once per process: a Trace is immutable, and several files take their
+    budgets from the same workload's."""
+    key = (name, optimizer, batch)
+    if key not in _steady:
+        _steady[key] = recorded_trace(lambda: build(name, optimizer, batch), lambda w: w.step())
+    return _steady[key]
 
 
 def budgets(trace) -> dict:

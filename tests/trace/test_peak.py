@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -39,12 +40,29 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
-@pytest.mark.parametrize("name,batch", [("mlp", 8192), ("resnet18", 32), ("gpt2-tiny", 64)])
-def test_trace_peak_matches_resident_memory(name, batch):
+CASES = [("mlp", 8192), ("resnet18", 32), ("gpt2-tiny", 64)]
+
+
+@pytest.fixture(scope="module")
+def children():
+    """Every case's child, two at a time: each runs on one thread, and each reads only its
+    own high-water mark."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", CHILD, name, str(batch)], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
+
+    def child(name, batch):
+        return subprocess.run([sys.executable, "-c", CHILD, name, str(batch)], env=env,
+                              capture_output=True, text=True)
+    with ThreadPoolExecutor(2) as pool:
+        futures = {case: pool.submit(child, *case) for case in CASES}
+        return {case: f.result() for case, f in futures.items()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("name,batch", CASES)
+def test_trace_peak_matches_resident_memory(children, name, batch):
+    proc = children[(name, batch)]
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.split()
     grew, predicted = int(out[0]), int(out[1])
     assert predicted > 50 * 2**20            # the step's own working memory dominates
     # Within 5%: kernels' internal scratch buffers are invisible to the trace.
