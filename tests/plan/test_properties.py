@@ -139,3 +139,29 @@ def test_strategy_generates_held_arrays():
     find(traces(), lambda t: any(a.kind == "input" and a.freed_after is None for a in t.arrays),
          settings=first)
     find(traces(), lambda t: max(t.live_bytes(actual=True)) > max(t.live_bytes()), settings=first)
+
+
+def _start_keep_reference(trace, budget, among=None):
+    """start_keep_set as its docstring states it, one candidate at a time (quadratic)."""
+    state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before]
+    candidates = state if among is None else [a for a in state if a.id in among]
+    if not state or not trace.functions:
+        return set()
+    total = sum(a.nbytes for a in state)
+    val = [max(0, occ - total) for occ in occupancy(trace)]
+    kept = set()
+    for a in sorted(candidates, key=lambda a: a.first_use):
+        upto = a.first_use + 1 if among is None else 1
+        if a.nbytes == 0 or max(val[:upto]) + a.nbytes <= budget:
+            kept.add(a.id)
+            val[:upto] = [v + a.nbytes for v in val[:upto]]
+    return kept
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=traces(), budget=st.integers(0, 400), pick=st.integers(0, 7))
+def test_start_keep_set_is_the_one_candidate_at_a_time_rule(trace, budget, pick):
+    from outcore.plan.policies.window import start_keep_set
+    assert start_keep_set(trace, budget) == _start_keep_reference(trace, budget)
+    among = {a.id for a in trace.arrays if (a.id + pick) % 2}
+    assert start_keep_set(trace, budget, among=among) == _start_keep_reference(trace, budget, among)

@@ -127,11 +127,20 @@ def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[in
     cap = int(budget * share)
     val = [max(0, occ - total) for occ in occupancy(trace)]     # what is not state
     kept: set[int] = set()
+    # Each candidate asks about the functions before `upto`, and `upto` never decreases
+    # (first uses in order; 1 for all with `among`). So whatever was kept before covers
+    # every function asked about so far: `worst`, the most any of them holds with what
+    # is kept, grows by each kept array's bytes, and by the functions a new `upto` adds
+    # (untouched by earlier keeps). One pass, not one per candidate.
+    worst, covered = 0, 0
     for a in sorted(candidates, key=lambda a: a.first_use):
         upto = a.first_use + 1 if among is None else 1
-        if a.nbytes == 0 or max(val[:upto]) + a.nbytes <= cap:    # 0 B: held (run/compose.py)
+        if upto > covered:
+            worst = max(worst, max(val[covered:upto])) if covered else max(val[:upto])
+            covered = upto
+        if a.nbytes == 0 or worst + a.nbytes <= cap:    # 0 B: held (run/compose.py)
             kept.add(a.id)
-            val[:upto] = [v + a.nbytes for v in val[:upto]]
+            worst += a.nbytes
     return kept
 
 
