@@ -8,12 +8,40 @@ use and its release it is *dead but held*: never read again, but resident unless
 plan moves it out. Persistent arrays live to the end and carry over."""
 from __future__ import annotations
 
+import functools
+import weakref
+
 from ..errors import InfeasibleBudget
 from ..trace.lifetimes import function_bytes
 from ..units import format_bytes
 from .schedule import FREE, Action
 
+# trace id -> {function: its table}, for as long as the trace lives (see per_trace).
+_TABLES: dict[int, dict] = {}
 
+
+def per_trace(fn):
+    """Compute `fn(trace)` once per Trace. A Trace is immutable and one plan() call
+    plans it several times over (api._cycle), each time reading the same tables. The
+    table is kept as a tuple and handed out as a new list (or the tuple itself with
+    `shared=True`, for readers that never change it), so no caller can change what the
+    next one reads. The entry goes when the trace does (a finalizer), so a later trace
+    with the same id() never sees it."""
+    @functools.wraps(fn)
+    def cached(trace, shared: bool = False):
+        key = id(trace)
+        tables = _TABLES.get(key)
+        if tables is None:
+            tables = _TABLES[key] = {}
+            weakref.finalize(trace, _TABLES.pop, key, None)
+        table = tables.get(fn)
+        if table is None:
+            table = tables[fn] = tuple(fn(trace))
+        return table if shared else list(table)
+    return cached
+
+
+@per_trace
 def release_points(trace) -> list[int]:
     """Per array: index of the function after which its storage is released. Persistent
     arrays get n - 1 (they outlive the step; they are never FREEd)."""
@@ -32,6 +60,17 @@ def occupancy(trace, only=None) -> list[int]:
     each array from its creation (or the start, if it existed before) to its release.
     Equal to trace.live_bytes(actual=True) on traces whose freed_after >= last_use.
     `only(array)`, if given, picks the arrays counted."""
+    if only is None:
+        return _occupancy_all(trace)
+    return _occupancy(trace, only)
+
+
+@per_trace
+def _occupancy_all(trace):
+    return _occupancy(trace, None)
+
+
+def _occupancy(trace, only) -> list[int]:
     n = len(trace.functions)
     delta = [0] * (n + 1)
     for a, rel in zip(trace.arrays, release_points(trace)):
@@ -47,6 +86,7 @@ def occupancy(trace, only=None) -> list[int]:
     return curve
 
 
+@per_trace
 def needs(trace) -> list[int]:
     """Bytes that must be on the fast tier together while each function runs: its own
     distinct arrays, and every input not used yet (inputs are handed over resident and

@@ -60,13 +60,19 @@ from __future__ import annotations
 import heapq
 
 from ...states import ABSENT, DEAD, FAST, OUT, SLOW
-from ..feasibility import needs, occupancy, release_points
+from ..feasibility import needs, occupancy, per_trace, release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
 
 
 def access_table(trace):
     """Flat access arrays (function, array, next use of that array or -1), first occurrence
-    of an array per function only, plus offsets of each function's slice."""
+    of an array per function only, plus offsets of each function's slice; tuples, computed
+    once per trace (feasibility.per_trace)."""
+    return _access_table(trace, shared=True)
+
+
+@per_trace
+def _access_table(trace):
     acc_fn, acc_arr = [], []
     offsets = [0]
     for fn in trace.functions:
@@ -83,7 +89,7 @@ def access_table(trace):
         a = acc_arr[pos]
         nxt[pos] = last_seen.get(a, -1)
         last_seen[a] = acc_fn[pos]
-    return acc_fn, acc_arr, nxt, offsets
+    return tuple(acc_fn), tuple(acc_arr), tuple(nxt), tuple(offsets)
 
 
 END_KEEP_SHARE = 0.75
