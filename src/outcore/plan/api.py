@@ -52,12 +52,12 @@ def _cycle(trace, policy, budget, options):
             if first is None:
                 raise
             return None        # a start the planner cannot serve: the others stand
-        first = first or ((begin, end, start), used)
+        first = first or ((begin, end, start), used, acc)
         starts = state.keys() & set(start)
         ends = state.keys() & set(acc.resident_at_end)
         cost = acc.bytes_in + acc.bytes_out + sum(state[a] for a in starts ^ ends)
         if acc.peak_bytes <= budget and (best is None or cost < best[0]):
-            best = (cost, (begin, end, start), used, starts)
+            best = (cost, (begin, end, start), used, starts, acc)
         return starts, ends
 
     starts, ends = candidate(None, False)
@@ -68,7 +68,7 @@ def _cycle(trace, policy, budget, options):
             starts, ends = candidate(ends, False) or (ends, ends)
         if best is not None and best[0] > 0:
             candidate(best[3], True)
-    return (best[1], best[2]) if best is not None else first
+    return (best[1], best[2], best[4]) if best is not None else first
 
 
 def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
@@ -101,14 +101,16 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     budget = parse_bytes(budget)
     require_feasible(trace, budget)
     if max(occupancy(trace), default=0) <= budget:     # held arrays included
-        (begin, end, start), used = plan_in_core(trace), dict(options)
+        (begin, end, start), used, acc = plan_in_core(trace), dict(options), None
         used["in_core"] = True
     else:
-        (begin, end, start), used = _cycle(trace, policy, budget, options)
+        # _cycle has walked its choice through check.replay already: the same actions.
+        (begin, end, start), used, acc = _cycle(trace, policy, budget, options)
     begin = tuple(tuple(step) for step in begin)
     end = tuple(tuple(step) for step in end)
     start = tuple(sorted(start))
-    acc = replay(trace, begin, end, start, budget)
+    if acc is None:
+        acc = replay(trace, begin, end, start, budget)
     return Schedule(policy=policy, budget=budget, begin=begin, end=end, resident_at_start=start,
                     resident_at_end=acc.resident_at_end, bytes_in=acc.bytes_in,
                     bytes_out=acc.bytes_out, peak_bytes=acc.peak_bytes,
