@@ -142,7 +142,7 @@ def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[in
     for a in sorted(candidates, key=lambda a: a.first_use):
         upto = a.first_use + 1 if among is None else 1
         if upto > covered:
-            worst = max(worst, max(val[covered:upto])) if covered else max(val[:upto])
+            worst = max(worst, max(val[covered:upto]))
             covered = upto
         if a.nbytes == 0 or worst + a.nbytes <= cap:    # 0 B: held (run/compose.py)
             kept.add(a.id)
