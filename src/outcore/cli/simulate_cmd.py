@@ -5,7 +5,10 @@ policies (comma-separated or `all`) or --sweep give a table, one row per combina
 
 `--ranks N [--strategy ddp|fsdp|pp] [--interconnect NAME]`: predict one rank's step of
 the trace run on N devices (outcore.simulate.cluster.predict; --budget is then the
-per-device memory for out-of-core training)."""
+per-device memory for out-of-core training).
+
+`--together TRACE0 TRACE1 ...`: the traces are ranks 0, 1, ... of one distributed step,
+each recorded on its own rank; simulate them together (outcore.simulate.simulate_ranks)."""
 from __future__ import annotations
 
 from ..errors import InfeasibleBudget, OutcoreError
@@ -41,6 +44,14 @@ def add_parser(sub) -> None:
     d.add_argument("--interconnect", help="interconnect preset (default nvlink-a100): "
                                           "see outcore.simulate.comm.INTERCONNECTS")
     d.add_argument("--batch", type=int, help="the trace's (global) batch size, to check the split")
+    d.add_argument("--together", action="store_true",
+                   help="the TRACEs are ranks 0, 1, ... of one step, each recorded on its rank "
+                        "under torchrun: simulate them together, each under --budget (default: "
+                        "its in-core peak), collectives over --interconnect (default "
+                        "loopback-gloo)")
+    d.add_argument("--per-op-us", type=float, default=0.0,
+                   help="with --together on cpu-disk: outcore's own cost per op, in µs, counted "
+                        "with the recorded host time (measure it: outcore bench overhead)")
     p.set_defaults(func=run)
 
 
@@ -67,6 +78,61 @@ def run_cluster(args) -> int:
     return 0
 
 
+def run_together(args) -> int:
+    import dataclasses
+
+    from ..simulate import simulate_ranks
+    from ..simulate.comm import INTERCONNECTS
+    if len(args.traces) < 2:
+        raise OutcoreError("--together simulates the ranks of one step: give one trace per "
+                           f"rank, at least 2 (got {len(args.traces)})")
+    if args.ranks is not None or args.strategy or args.sweep or args.timeline or args.batch:
+        raise OutcoreError("--together takes the ranks from the traces: no --ranks, --strategy, "
+                           "--batch, --sweep or --timeline")
+    if args.budget and "," in args.budget:
+        raise OutcoreError("--together takes one --budget (each rank's)")
+    if args.per_op_us < 0:
+        raise OutcoreError(f"--per-op-us must be >= 0, got {args.per_op_us}")
+    policies = _policies(args.policy)
+    if len(policies) != 1:
+        raise OutcoreError("--together takes one --policy")
+    policy = policies[0]
+    name = args.interconnect or "loopback-gloo"
+    if name not in INTERCONNECTS:
+        raise OutcoreError(f"unknown interconnect {name!r}; presets: {', '.join(INTERCONNECTS)}")
+    machine = PRESETS[args.machine]
+    if machine.use_trace_durations:     # recorded on this machine: its host time too
+        machine = dataclasses.replace(machine, host_time=True,
+                                      per_function_s=args.per_op_us * 1e-6)
+    elif args.per_op_us:
+        raise OutcoreError(f"--per-op-us is for machines that use the trace's own durations "
+                           f"(cpu-disk), not {args.machine}")
+    traces = [Trace.load(path) for path in args.traces]
+    schedules = []
+    for rank, trace in enumerate(traces):
+        budget = parse_bytes(args.budget) if args.budget else trace.peak(actual=True)[0]
+        try:
+            schedules.append(plan(trace, budget, policy, **policy_options(args)))
+        except InfeasibleBudget as exc:
+            raise OutcoreError(f"rank {rank} ({args.traces[rank]}): {exc}") from None
+    sims = simulate_ranks(traces, schedules, machine, link=name)
+    print(f"{len(traces)} ranks simulated together on {args.machine}, collectives over {name}"
+          + (f", {args.per_op_us:g} µs per op" if args.per_op_us else ""))
+    header = (f"{'rank':>4} {'functions':>9} {'budget':>11} {'moved':>11} {'step ms':>9} "
+              f"{'compute ms':>10} {'stall ms':>9} {'comm ms':>8}")
+    print(header)
+    print("-" * len(header))
+    for rank, (trace, schedule, sim) in enumerate(zip(traces, schedules, sims)):
+        print(f"{rank:>4} {len(trace.functions):>9} {format_bytes(schedule.budget):>11} "
+              f"{format_bytes(schedule.bytes_moved):>11} {sim.iteration_time_s * 1e3:9.2f} "
+              f"{sum(sim.compute_s) * 1e3:10.2f} {sim.total_stall_s * 1e3:9.2f} "
+              f"{sim.comm_s * 1e3:8.2f}")
+    slowest = max(range(len(sims)), key=lambda r: sims[r].iteration_time_s)
+    print(f"step: {sims[slowest].iteration_time_s * 1e3:.2f} ms (rank {slowest}, the slowest); "
+          "stall includes waiting for the other ranks")
+    return 0
+
+
 def _policies(text: str) -> list[str]:
     names = list(POLICIES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
     for name in names:
@@ -86,6 +152,10 @@ def _budgets(args, trace, machine) -> list[int]:
 
 
 def run(args) -> int:
+    if args.together:
+        return run_together(args)
+    if args.per_op_us:
+        raise OutcoreError("--per-op-us goes with --together")
     if args.ranks is not None or args.strategy or args.interconnect:
         return run_cluster(args)
     policies = _policies(args.policy)
