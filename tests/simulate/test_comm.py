@@ -142,3 +142,18 @@ def test_the_step_ends_when_its_last_collective_does():
         outcore.simulate(t, outcore.plan(t, 100), TOY, comm="nvlink-a100")
     with pytest.raises(outcore.OutcoreError, match="unknown interconnect"):
         outcore.simulate(t, outcore.plan(t, 100), TOY, comm=("carrier-pigeon", 2))
+
+
+def test_kinds_measured_apart_use_their_own_figures():
+    link = Interconnect("split", alpha_s=1e-6, bandwidth_Bps=1e9, source="tests",
+                        per_kind=(("reduce_scatter", 2e-6, 0.5e9), ("p2p", 0.0, 2e9)))
+    # reduce-scatter: 3 steps of 2 µs + 3/4 of 4 MB at 0.5 GB/s; allgather keeps the base.
+    assert reduce_scatter_time(4e6, 4, link) == pytest.approx(6e-6 + 6e-3)
+    assert allgather_time(4e6, 4, link) == pytest.approx(3e-6 + 3e-3)
+    assert collective_time("c10d._reduce_scatter_base_.default", 4e6, 4, link) == \
+        pytest.approx(6e-6 + 6e-3)
+    assert p2p_time(1e6, link) == pytest.approx(0.5e-3)
+    assert allreduce_time(1e6, 4, link) == allreduce_time(1e6, 4, LINK)
+    for bad in (("gossip", 1e-6, 1e9), ("p2p", -1.0, 1e9), ("p2p", 1e-6, 0.0), ("p2p", 1e-6)):
+        with pytest.raises(outcore.OutcoreError, match="per_kind entries"):
+            Interconnect("bad", alpha_s=1e-6, bandwidth_Bps=1e9, source="tests", per_kind=(bad,))

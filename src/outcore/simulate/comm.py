@@ -29,23 +29,35 @@ NCCL adds on top of the per-step latency (its `baseLat`, ~8 µs).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import OutcoreError
 
 ALGORITHMS = ("ring", "tree")
+KINDS = ("allreduce", "allgather", "reduce_scatter", "broadcast", "p2p")
 
 
 @dataclass(frozen=True)
 class Interconnect:
     """One link per rank: α seconds per message step, `bandwidth_Bps` bytes per second in
-    each direction (β = 1 / bandwidth). `source` says where the figures come from."""
+    each direction (β = 1 / bandwidth). `source` says where the figures come from.
+    `per_kind`: (kind, α, bandwidth) for the kinds of collective measured apart (gloo's
+    reduce-scatter is slower than its allgather here); the others use alpha_s and
+    bandwidth_Bps."""
     name: str
     alpha_s: float
     bandwidth_Bps: float
     source: str
+    per_kind: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self):
+        for entry in self.per_kind:
+            if (not isinstance(entry, tuple) or len(entry) != 3 or entry[0] not in KINDS
+                    or not (entry[1] >= 0 and math.isfinite(entry[1]))
+                    or not (entry[2] > 0 and math.isfinite(entry[2]))):
+                raise OutcoreError(f"interconnect {self.name!r}: per_kind entries are (kind, "
+                                   f"alpha_s >= 0, bandwidth_Bps > 0) with kind one of "
+                                   f"{', '.join(KINDS)}; got {entry!r}")
         if not (self.alpha_s >= 0 and math.isfinite(self.alpha_s)):
             raise OutcoreError(f"interconnect {self.name!r}: alpha_s must be a finite number "
                                f">= 0 seconds, got {self.alpha_s!r}")
@@ -57,6 +69,13 @@ class Interconnect:
     def beta_s_per_byte(self) -> float:
         return 1.0 / self.bandwidth_Bps
 
+    def for_kind(self, kind: str) -> "Interconnect":
+        """This link as one kind of collective sees it (its per_kind figures, if any)."""
+        for k, alpha, bandwidth in self.per_kind:
+            if k == kind:
+                return replace(self, alpha_s=alpha, bandwidth_Bps=bandwidth, per_kind=())
+        return self
+
     def __str__(self) -> str:
         return (f"{self.name}: α = {self.alpha_s * 1e6:.2f} µs, "
                 f"{self.bandwidth_Bps / 1e9:.2f} GB/s ({self.source})")
@@ -67,15 +86,16 @@ _NCCL_TUNING = ("NVIDIA/nccl src/graph/tuning.cc @ 01afd20a77b5804e0ecf1042509dd
 
 INTERCONNECTS: dict[str, Interconnect] = {
     # This machine: two gloo processes over loopback TCP, `outcore bench comm --json`
-    # (4 KiB-64 MiB, median of 5 per size, ring allreduce fit) on 2026-12-01, three runs
-    # with the machine's 2 cores shared with other jobs (load average 1.8-4.4): α 245 / 298
-    # / 418 µs, 0.93 / 0.93 / 1.41 GB/s; the median run is kept. The fit is poor (small
-    # messages land anywhere between 0.5 and 1.5 ms under that load): a floor for slow
-    # links, not a network. docs/distributed.md#measured-here has every figure.
+    # (4 KiB-64 MiB, median of 5 per size, one fit per operation), three runs on
+    # 2026-12-01 on the quiet machine; each figure is the median of its three. The fits are
+    # poor at small messages (worst point off by 49-83%): a floor for slow links, not a
+    # network. docs/distributed.md#measured-here has every figure.
     "loopback-gloo": Interconnect(
-        "loopback-gloo", alpha_s=298e-6, bandwidth_Bps=0.93e9,
-        source="measured here: `outcore bench comm --json`, 2026-12-01, allreduce fit, "
-               "median of 3 runs (docs/distributed.md#measured-here)"),
+        "loopback-gloo", alpha_s=330e-6, bandwidth_Bps=2.35e9,
+        source="measured here: `outcore bench comm --json`, 2026-12-01, quiet machine, "
+               "median of 3 runs per operation (docs/distributed.md#measured-here)",
+        per_kind=(("allgather", 331e-6, 1.27e9), ("reduce_scatter", 679e-6, 0.62e9),
+                  ("p2p", 80e-6, 3.94e9))),
     # NVLink 3 between A100s (DGX A100 / HGX, through NVSwitch). NCCL's tuning model caps
     # the bus bandwidth of compute capability 8.0 at 235 GB/s and charges 3.4 µs per ring
     # step over NVLink. Datasheet: 600 GB/s per GPU, both directions together (NVIDIA A100
@@ -140,7 +160,7 @@ def allreduce_time(nbytes, ranks: int, link, algorithm: str = "ring") -> float:
     double binary trees). Lower latency than the ring from a few ranks on, more bandwidth
     time for any p > 1: the classic small/large message crossover."""
     n, p = _check(nbytes, ranks)
-    link = interconnect(link)
+    link = interconnect(link).for_kind("allreduce")
     if p == 1:
         return 0.0
     if algorithm == "ring":
@@ -153,24 +173,28 @@ def allreduce_time(nbytes, ranks: int, link, algorithm: str = "ring") -> float:
 def allgather_time(nbytes_out, ranks: int, link) -> float:
     """Seconds for a ring allgather whose gathered output is `nbytes_out` (each rank
     contributes nbytes_out / p): (p-1)·α + (p-1)/p·n_out·β."""
-    n, p = _check(nbytes_out, ranks)
-    link = interconnect(link)
-    if p == 1:
-        return 0.0
-    return (p - 1) * link.alpha_s + (p - 1) / p * n / link.bandwidth_Bps
+    return _ring_pass(nbytes_out, ranks, interconnect(link).for_kind("allgather"))
 
 
 def reduce_scatter_time(nbytes_in, ranks: int, link) -> float:
     """Seconds for a ring reduce-scatter of an input of `nbytes_in` per rank (each keeps a
     reduced n_in / p): (p-1)·α + (p-1)/p·n_in·β. The mirror image of the allgather."""
-    return allgather_time(nbytes_in, ranks, link)
+    return _ring_pass(nbytes_in, ranks, interconnect(link).for_kind("reduce_scatter"))
+
+
+def _ring_pass(nbytes, ranks, link) -> float:
+    """One pass around the ring: p-1 steps of n/p bytes."""
+    n, p = _check(nbytes, ranks)
+    if p == 1:
+        return 0.0
+    return (p - 1) * link.alpha_s + (p - 1) / p * n / link.bandwidth_Bps
 
 
 def broadcast_time(nbytes, ranks: int, link) -> float:
     """Seconds to broadcast `nbytes` from one rank to all, pipelined along a chain (NCCL's
     ring broadcast, bus factor 1 in nccl-tests doc/PERFORMANCE.md): (p-1)·α + n·β."""
     n, p = _check(nbytes, ranks)
-    link = interconnect(link)
+    link = interconnect(link).for_kind("broadcast")
     if p == 1:
         return 0.0
     return (p - 1) * link.alpha_s + n / link.bandwidth_Bps
@@ -180,7 +204,7 @@ def p2p_time(nbytes, link) -> float:
     """Seconds to send one message of `nbytes` to one peer: α + n·β (0 for 0 bytes: nothing
     is sent)."""
     n, _ = _check(nbytes, 1)
-    link = interconnect(link)
+    link = interconnect(link).for_kind("p2p")
     return 0.0 if n == 0 else link.alpha_s + n / link.bandwidth_Bps
 
 
