@@ -171,9 +171,8 @@ def _simulate_together(trace, schedule) -> dict:
     sims = simulate_ranks([t for t, _ in both], [s for _, s in both], "cpu-disk",
                           link="loopback-gloo")
     rank = dist.get_rank()
-    kinds = [collective_kind(f.op) for f in trace.functions]
     return {
-        "peers": [f.peer for f, k in zip(trace.functions, kinds) if k == "p2p"],
+        "peers": [f.peer for f in trace.functions if collective_kind(f.op) == "p2p"],
         # Start of each collective (not p2p) on every rank, in issue order.
         "collective_starts": [[c.start_s for c, k in zip(sim.collectives, _kinds(t)) if k != "p2p"]
                               for (t, _), sim in zip(both, sims)],

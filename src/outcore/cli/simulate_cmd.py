@@ -57,13 +57,12 @@ def add_parser(sub) -> None:
 
 def run_cluster(args) -> int:
     from ..simulate.cluster import STRATEGIES, predict
-    from ..simulate.comm import INTERCONNECTS
+    from ..simulate.comm import interconnect
     strategy = args.strategy or "ddp"
     if strategy not in STRATEGIES:
         raise OutcoreError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     name = args.interconnect or "nvlink-a100"
-    if name not in INTERCONNECTS:
-        raise OutcoreError(f"unknown interconnect {name!r}; presets: {', '.join(INTERCONNECTS)}")
+    interconnect(name)                     # an unknown name is a clear error here
     ranks = 1 if args.ranks is None else args.ranks
     if ranks < 1:
         raise OutcoreError(f"--ranks must be at least 1, got {ranks}")
@@ -82,7 +81,7 @@ def run_together(args) -> int:
     import dataclasses
 
     from ..simulate import simulate_ranks
-    from ..simulate.comm import INTERCONNECTS
+    from ..simulate.comm import interconnect
     if len(args.traces) < 2:
         raise OutcoreError("--together simulates the ranks of one step: give one trace per "
                            f"rank, at least 2 (got {len(args.traces)})")
@@ -98,8 +97,7 @@ def run_together(args) -> int:
         raise OutcoreError("--together takes one --policy")
     policy = policies[0]
     name = args.interconnect or "loopback-gloo"
-    if name not in INTERCONNECTS:
-        raise OutcoreError(f"unknown interconnect {name!r}; presets: {', '.join(INTERCONNECTS)}")
+    interconnect(name)                     # an unknown name is a clear error here
     machine = PRESETS[args.machine]
     if machine.use_trace_durations:     # recorded on this machine: its host time too
         machine = dataclasses.replace(machine, host_time=True,
