@@ -311,7 +311,7 @@ def test_state_used_last_stays_resident_at_the_end_within_three_quarters_of_the_
     arrays = {"p1": (4, "param"), "p2": (4, "param"), "p3": (4, "param"), "x": 4, "y": 4}
     names(arrays)
     t = build(arrays, ["f0 c:x", "f1 r:x c:y", "f2 r:y w:p1", "f3 w:p2", "f4 w:p3"])
-    from outcore.plan.policies.window import end_keep_set
+    from outcore.plan.policies.edges import end_keep_set
     assert end_keep_set(t, 12) == {IDS["p2"], IDS["p3"]}
     for policy in POLICIES:
         s = outcore.plan(t, 12, policy)
@@ -330,7 +330,7 @@ def test_state_that_fits_beside_the_activations_is_not_written_out_at_the_start(
     # the slow tier and is read in twice.
     names(PREFETCH)
     t = build(PREFETCH, PREFETCH_FNS)
-    from outcore.plan.policies.window import start_keep_set
+    from outcore.plan.policies.edges import start_keep_set
     assert start_keep_set(t, 9) == {IDS["w"]}
     assert start_keep_set(t, 5) == set()        # a (4, created by f0) + w (2) > 5
     for policy in POLICIES:

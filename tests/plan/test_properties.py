@@ -161,7 +161,7 @@ def _start_keep_reference(trace, budget, among=None):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=traces(), budget=st.integers(0, 400), pick=st.integers(0, 7))
 def test_start_keep_set_is_the_one_candidate_at_a_time_rule(trace, budget, pick):
-    from outcore.plan.policies.window import start_keep_set
+    from outcore.plan.policies.edges import start_keep_set
     assert start_keep_set(trace, budget) == _start_keep_reference(trace, budget)
     among = {a.id for a in trace.arrays if (a.id + pick) % 2}
     assert start_keep_set(trace, budget, among=among) == _start_keep_reference(trace, budget, among)

@@ -1,29 +1,36 @@
 """`outcore.plan(trace, budget, policy=..., **options) -> Schedule`: a pure function."""
 from __future__ import annotations
 
+import contextlib
+import gc
+
 from ..errors import OutcoreError
 from ..units import parse_bytes
 from .check import replay
 from .feasibility import occupancy, plan_in_core, require_feasible
+from .policies import REGISTRY
 from .schedule import Schedule
 
-POLICIES = ("adaptive", "fixed", "on-demand", "adaptive-belady")
-_OPTIONS = {"adaptive": {"window", "keep_state"}, "fixed": {"k", "keep_state"},
-            "on-demand": {"keep_state"}, "adaptive-belady": {"window", "reserve", "keep_state"}}
+POLICIES = tuple(REGISTRY)
 
 
-def _dispatch(policy, trace, budget, options):
-    if policy == "adaptive":
-        from .policies.adaptive import plan_adaptive
-        return plan_adaptive(trace, budget, **options)
-    if policy == "fixed":
-        from .policies.fixed import plan_fixed
-        return plan_fixed(trace, budget, **options)
-    if policy == "on-demand":
-        from .policies.on_demand import plan_on_demand
-        return plan_on_demand(trace, budget, **options)
-    from .policies.belady import plan_adaptive_belady
-    return plan_adaptive_belady(trace, budget, **options)
+@contextlib.contextmanager
+def _collector_paused():
+    """NOTE [Planning and the collector]: a plan allocates several containers per
+    function (action lists, heap entries, Actions) that outlive the pass. Every 700
+    allocations start a young collection, and the survivors they promote start full ones
+    that walk every object of the process, the trace's tens of thousands of frozen
+    dataclasses included: half the planning time at 20,000 functions
+    (benchmarks/plan_speed.py). Planning makes no reference cycles, so the collector is
+    paused for the call and put back in `finally` as it was (a caller's gc.disable()
+    stands); whatever the call leaves for it is collected afterwards as usual."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 # Rounds of planning for a schedule that starts with the state it ends with (see plan()).
@@ -38,26 +45,24 @@ def _cycle(trace, policy, budget, options):
     the state the previous candidate ended with (up to CYCLE_ROUNDS in all); and the
     best of those again with state kept at the end only if the step starts with it
     (its writes then overlap the step). Kept: the one that moves the fewest bytes,
-    boundary included, within the budget."""
+    boundary included, within the budget. Candidates are ranked by the planner's own
+    tally (window.WindowPlan); only the one kept is walked through check.replay, and
+    the next in rank if replay refuses it (a start the planner could not serve)."""
     state = {a.id: a.nbytes for a in trace.arrays if a.kind == "persistent" and a.existed_before}
-    best, first = None, None
+    ranked = []         # (cost, order, plan, options used, persistent arrays at the start)
 
     def candidate(start_state, end_within_start):
-        nonlocal best, first
         try:
-            (begin, end, start), used = _dispatch(policy, trace, budget, {
-                **options, "start_state": start_state, "end_within_start": end_within_start})
-            acc = replay(trace, begin, end, start, budget)
+            wp, used = policy.plan(trace, budget, **options, start_state=start_state,
+                                   end_within_start=end_within_start)
         except OutcoreError:
-            if first is None:
+            if not ranked:
                 raise
             return None        # a start the planner cannot serve: the others stand
-        first = first or ((begin, end, start), used, acc)
-        starts = state.keys() & set(start)
-        ends = state.keys() & set(acc.resident_at_end)
-        cost = acc.bytes_in + acc.bytes_out + sum(state[a] for a in starts ^ ends)
-        if acc.peak_bytes <= budget and (best is None or cost < best[0]):
-            best = (cost, (begin, end, start), used, starts, acc)
+        starts = state.keys() & set(wp.start)
+        ends = state.keys() & set(wp.resident_at_end)
+        cost = wp.bytes_in + wp.bytes_out + sum(state[a] for a in starts ^ ends)
+        ranked.append((cost, len(ranked), wp, used, starts))
         return starts, ends
 
     starts, ends = candidate(None, False)
@@ -66,9 +71,20 @@ def _cycle(trace, policy, budget, options):
             if starts == ends:
                 break
             starts, ends = candidate(ends, False) or (ends, ends)
-        if best is not None and best[0] > 0:
-            candidate(best[3], True)
-    return (best[1], best[2], best[4]) if best is not None else first
+        best = min(ranked)
+        if best[0] > 0:
+            candidate(best[4], True)
+    for cost, order, wp, used, _ in sorted(ranked):
+        try:
+            acc = replay(trace, wp.begin, wp.end, wp.start, budget)
+        except OutcoreError:
+            if order == 0:
+                raise
+            continue
+        if acc.peak_bytes <= budget:
+            return (wp.begin, wp.end, wp.start), used, acc
+    wp, used = ranked[0][2], ranked[0][3]      # none within the budget: the policy's own
+    return (wp.begin, wp.end, wp.start), used, replay(trace, wp.begin, wp.end, wp.start, budget)
 
 
 def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
@@ -91,9 +107,10 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
                            "outcore.lower_bound(trace, budget) for the bound in bytes")
     if policy not in POLICIES:
         raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    unknown = set(options) - _OPTIONS[policy]
+    chosen = REGISTRY[policy]
+    unknown = set(options) - chosen.options
     if unknown:
-        allowed = ", ".join(sorted(_OPTIONS[policy])) or "none"
+        allowed = ", ".join(sorted(chosen.options)) or "none"
         raise OutcoreError(f"policy {policy!r} takes no option(s) {', '.join(sorted(unknown))} "
                            f"(its options: {allowed})")
     if not isinstance(options.get("keep_state", True), bool):
@@ -105,7 +122,8 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
         used["in_core"] = True
     else:
         # _cycle has walked its choice through check.replay already: the same actions.
-        (begin, end, start), used, acc = _cycle(trace, policy, budget, options)
+        with _collector_paused():      # NOTE [Planning and the collector]
+            (begin, end, start), used, acc = _cycle(trace, chosen, budget, options)
     begin = tuple(tuple(step) for step in begin)
     end = tuple(tuple(step) for step in end)
     start = tuple(sorted(start))

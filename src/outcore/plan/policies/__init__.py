@@ -1,1 +1,34 @@
-"""Planning policies: each turns (trace, budget, options) into begin/end action lists."""
+"""Planning policies, one registry: `REGISTRY[name]` is a `Policy`, and api.plan looks
+policies up there and nowhere else. Every policy is the window engine (window.py) with
+its own window; each module registers itself with `@register`, and the order below is
+the order of `outcore.plan.POLICIES`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Policy:
+    """name: what a user passes as `policy=`. plan(trace, budget, *, keep_state,
+    start_state, end_within_start, **options) -> (WindowPlan, options used).
+    options: the keyword options a user may pass (keep_state for every policy)."""
+    name: str
+    plan: Callable
+    options: frozenset
+    summary: str
+
+
+REGISTRY: dict[str, Policy] = {}
+
+
+def register(name: str, options=(), summary: str = ""):
+    def add(fn):
+        if name in REGISTRY:
+            raise ValueError(f"policy {name!r} is registered twice")
+        REGISTRY[name] = Policy(name, fn, frozenset(options) | {"keep_state"}, summary)
+        return fn
+    return add
+
+
+from . import adaptive, fixed, on_demand, belady  # noqa: E402,F401  (registration order)

@@ -9,6 +9,7 @@ fastest or close to it in every case, and read back no more bytes than a limited
 """
 from __future__ import annotations
 
+from . import register
 from .window import plan_window
 
 PAPER_WINDOW_FACTOR = 1.5   # the paper's finding for ResNet-50: window=int(1.5 * budget)
@@ -20,6 +21,8 @@ def window_limit(window) -> int | None:
     return None if window is None else parse_bytes(window)
 
 
+@register("adaptive", {"window"},
+          "the paper's window, limited in bytes (default: by the budget only)")
 def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_state=None,
                   end_within_start=False):
     limit = window_limit(window)

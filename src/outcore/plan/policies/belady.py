@@ -15,6 +15,7 @@ import heapq
 from ...errors import OutcoreError
 from ..feasibility import needs
 from .adaptive import window_limit
+from . import register
 from .window import access_table, plan_window
 
 DEFAULT_RESERVE = 0.25
@@ -52,6 +53,8 @@ def keep_gaps(trace, limit: int) -> set[tuple[int, int]]:
     return kept
 
 
+@register("adaptive-belady", {"window", "reserve"},
+          "adaptive plus offline Belady keep decisions (beyond the paper)")
 def plan_adaptive_belady(trace, budget: int, *, window=None, reserve=DEFAULT_RESERVE, keep_state=True,
                          start_state=None, end_within_start=False):
     if not isinstance(reserve, (int, float)) or not 0 <= reserve < 1:

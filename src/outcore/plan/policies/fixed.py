@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from ...errors import OutcoreError
+from . import register
 from .window import plan_window
 
 DEFAULT_K = 4
 
 
+@register("fixed", {"k"}, "a window of k functions (the baseline the paper improved on)")
 def plan_fixed(trace, budget: int, *, k=DEFAULT_K, keep_state=True, start_state=None,
                   end_within_start=False):
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:

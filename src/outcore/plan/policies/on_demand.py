@@ -7,9 +7,11 @@ before the next function starts (vDNN synchronizes its offloads layer by layer),
 swap-out is never cancelled. This is the window scheduler with a one-function window."""
 from __future__ import annotations
 
+from . import register
 from .window import plan_window
 
 
+@register("on-demand", (), "no prefetch; every swap-out waited for at once (save_on_cpu, vDNN)")
 def plan_on_demand(trace, budget: int, *, keep_state=True, start_state=None,
                   end_within_start=False):
     return (plan_window(trace, budget, window_functions=1, eager_wait=True, keep_state=keep_state,

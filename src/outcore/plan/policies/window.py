@@ -1,25 +1,32 @@
-"""The window scheduler of Hayakawa & Narihira (arXiv 2010.14109), shared by three policies.
+"""The window scheduler of Hayakawa & Narihira (arXiv 2010.14109), shared by every policy.
 
-One pass over the trace's accesses in order, as in nnabla's SwapInOutScheduler:
+One pass over the trace's accesses in order, as in nnabla's SwapInOutScheduler. Per
+function f (`_WindowPlanner.plan`, one method per step):
 
-* The window is the accesses [tail, head). `head` walks forward admitting future accesses
-  while the window's limit holds (adaptive: bytes of the distinct arrays in the window,
-  by default unlimited, the paper's was 1.5 x budget; fixed: a number of functions; on-demand: only the current
-  function) and the fast tier has room. Admitting an array *reserves* its bytes from then
-  on: a swap-in is issued at the current function's begin; an array a later function
-  creates (an output, a fresh array) needs no transfer but its bytes are reserved all the
-  same, so that function can never find itself short; an array whose swap-out is still in
-  flight has that swap-out cancelled (it simply stays).
-* Room comes from WAITs on swap-outs still in flight, never from anything the current
-  function uses. A swap-out in flight is a lazily evicted array: until it is waited for,
-  its next use entering the window cancels it. So WAITs are chosen as Belady would:
-  - the current function's own operands wait for the array needed farthest ahead first;
-  - a prefetch (an access of a later function, swap-in or reservation of an output)
-    waits only for arrays never used again in this step. It never evicts something
-    that will be needed again to make room for something needed earlier: it goes into
-    free room or the window stops growing until room frees up.
-* After function f, each array whose last use *inside the window* is f leaves the fast
-  tier: FREE if it is dead, DROP if its slow copy is current, SWAP_OUT otherwise.
+1. **Extend the window** (`extend`). The window is the accesses [tail, head). `head`
+   walks forward admitting future accesses while the window's limit holds (`_Window`:
+   adaptive: bytes of the distinct arrays in the window, by default unlimited, the
+   paper's was 1.5 x budget; fixed: a number of functions; on-demand: only the current
+   function) and the fast tier has room. Admitting an array *reserves* its bytes from
+   then on (`admit`): a swap-in is issued at f's begin; an array a later function
+   creates (an output, a fresh array) needs no transfer but its bytes are reserved all
+   the same, so that function can never find itself short; an array whose swap-out is
+   still in flight has that swap-out cancelled (it simply stays).
+2. **Make room** (`make_room`) only by WAITs on swap-outs in flight (`_SwapOuts`), never
+   from anything f uses. A swap-out in flight is a lazily evicted array: until it is
+   waited for, its next use entering the window cancels it. So WAITs are chosen as
+   Belady would:
+   - f's own operands wait for the array needed farthest ahead first;
+   - a prefetch (an access of a later function, swap-in or reservation of an output)
+     waits only for arrays never used again in this step. It never evicts something
+     that will be needed again to make room for something needed earlier: it goes into
+     free room or the window stops growing until room frees up.
+   Only f's own operands, when that is not enough, evict a victim (`_Victims`, below).
+3. **f runs** (`execute`): what it writes has no current slow copy any more.
+4. **Leave** (`leave`): each array whose last use *inside the window* is f leaves the
+   fast tier: FREE if it is dead, DROP if its slow copy is current, SWAP_OUT otherwise.
+   Arrays PyTorch releases after f are FREEd (`release`).
+5. At the end, WAIT on every swap-out still in flight (`drain`).
 
 Deviations from the paper, each strictly saving traffic (docs/planning.md):
   - an array the very next function uses again is kept (never swapped out and back in
@@ -44,24 +51,20 @@ swapped out after the previous function (farthest release first: Belady, since t
 never read again) and waited for before this one. Never for prefetching, so a longer
 window cannot make a policy move more held bytes than on-demand does. The FREE at the
 release point is emitted all the same (it then drops the slow copy).
+State at the edges (`keep_state`, edges.py): state kept resident after its last use and
+state the step starts with are victims too, after every dead held array.
 `keep(array, f) -> bool` lets a caller pin an array resident across its gap after f
 (the adaptive-belady policy uses it for offline keep decisions).
-State at the edges (`keep_state`, docs/planning.md): the executor leaves state where the
-step leaves it between iterations (run/mapped.py). The state used last (the optimizer's
-final updates) stays resident after its last use instead of being written out
-(`end_keep_set`; with `end_within_start` only state the step starts with), and the
-step starts with resident state that fits beside it (`start_keep_set`, or
-`start_state`: plan() replans with the state the step ended with, so that a loop moves
-nothing at its boundaries). Kept arrays are eviction victims for a function's own
-operands like held arrays (after every dead one), so feasibility is untouched.
 """
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 from ...states import ABSENT, DEAD, FAST, OUT, SLOW
-from ..feasibility import needs, occupancy, per_trace, release_points
+from ..feasibility import per_trace, release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
+from .edges import end_keep_set, start_keep_set
 
 
 def access_table(trace):
@@ -92,68 +95,446 @@ def _access_table(trace):
     return tuple(acc_fn), tuple(acc_arr), tuple(nxt), tuple(offsets)
 
 
-END_KEEP_SHARE = 0.75
+@dataclass(frozen=True)
+class WindowPlan:
+    """A window schedule's action lists and the planner's own tally of it. The tally
+    equals check.replay's accounting of the same lists (a property test checks it), so
+    api._cycle ranks candidates without replaying each; the plan it keeps is replayed."""
+    begin: list
+    end: list
+    start: list
+    bytes_in: int
+    bytes_out: int
+    resident_at_end: tuple
+
+    def __iter__(self):                    # begin, end, start = plan_window(...)
+        return iter((self.begin, self.end, self.start))
 
 
-def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
-    """Persistent arrays to leave resident after their last use (see the module docstring):
-    latest last use first, each kept if, at every later function g, needs(g) plus the bytes
-    already kept before g plus its own stay within share x budget."""
-    n = len(trace.functions)
-    need = needs(trace)
-    cap = int(budget * share)
-    kept: set[int] = set()
-    tracked_max = 0            # max over tracked g of needs(g) + kept bytes resident at g
-    low = n - 1                # g in (low, n - 1] are tracked
-    for a in sorted((a for a in trace.arrays if a.kind == "persistent"),
-                    key=lambda a: -a.last_use):
-        while low > a.last_use:            # g in (last_use, low]: nothing kept is resident yet
-            tracked_max = max(tracked_max, need[low])
-            low -= 1
-        if tracked_max + a.nbytes <= cap:
-            kept.add(a.id)
-            tracked_max += a.nbytes
-    return kept
+class _SwapOuts:
+    """Swap-outs in flight, the paper's swap-out queue: each issued after function `fn[p]`,
+    its fast memory counted until a WAIT. Two orders over one list: oldest first (what
+    moves the window's tail; eager waits) and farthest next use first (Belady's order for
+    room), the latter a heap with lazy deletion. An entry leaves when it is waited for or
+    cancelled (its array is admitted again before anyone waited)."""
+    __slots__ = ("arr", "fn", "next_use", "active", "pos", "first", "far", "never")
+
+    def __init__(self, m: int, never: int):
+        self.arr, self.fn, self.next_use, self.active = [], [], [], []
+        self.pos = [-1] * m        # queue position of each array's swap-out in flight
+        self.first = 0             # no active entry before this position
+        self.far = []              # (-next use, position)
+        self.never = never         # the next use of an array not used again in this step
+
+    def push(self, a: int, f: int, next_use: int) -> None:
+        p = len(self.arr)
+        self.pos[a] = p
+        heapq.heappush(self.far, (-next_use, p))
+        self.arr.append(a)
+        self.fn.append(f)
+        self.active.append(True)
+        self.next_use.append(next_use)
+
+    def remove(self, a: int) -> int:
+        """Take a's entry out; returns the function after which its SWAP_OUT was issued."""
+        p = self.pos[a]
+        self.pos[a] = -1
+        self.active[p] = False
+        return self.fn[p]
+
+    def oldest(self, dead_only: bool = False) -> int:
+        """The oldest array in flight (with dead_only: only if it is never used again in
+        this step), or -1."""
+        active, p = self.active, self.first
+        while p < len(active) and not active[p]:
+            p += 1
+        self.first = p
+        if p == len(active) or (dead_only and self.next_use[p] != self.never):
+            return -1
+        return self.arr[p]
+
+    def oldest_fn(self, default: int) -> int:
+        """The function after which the oldest swap-out in flight was issued, or default."""
+        return default if self.oldest() < 0 else self.fn[self.first]
+
+    def farthest(self, dead_only: bool) -> int:
+        """The array in flight needed farthest ahead (with dead_only: only if it is never
+        used again in this step), or -1."""
+        far, active = self.far, self.active
+        while far and not active[far[0][1]]:
+            heapq.heappop(far)
+        if not far or (dead_only and -far[0][0] != self.never):
+            return -1
+        return self.arr[heapq.heappop(far)[1]]
+
+    def all(self):
+        """Every array still in flight, oldest first."""
+        return [a for a, live in zip(self.arr[self.first:], self.active[self.first:]) if live]
 
 
-def start_keep_set(trace, budget: int, share: float = 1.0, among=None) -> set[int]:
-    """Persistent arrays to leave resident at the start instead of writing them out (a
-    first guess for plan(), which then starts from the state a plan ends with): earliest first use
-    first, each kept if, at every function up to its first use, the bytes of everything
-    else that is alive then (nothing moved) plus what is kept stay within share x budget.
-    With a budget near the in-core peak this keeps almost all state where it is; with a
-    tight one, none (there is no room beside the activations). `among`: only these
-    arrays are candidates, each kept if it fits beside the first function (later ones
-    evict kept state for room; before the first there is no function to do it after)."""
-    state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before]
-    candidates = state if among is None else [a for a in state if a.id in among]
-    if not state or not trace.functions:
-        return set()
-    total = sum(a.nbytes for a in state)
-    cap = int(budget * share)
-    val = [max(0, occ - total) for occ in occupancy(trace)]     # what is not state
-    kept: set[int] = set()
-    # Each candidate asks about the functions before `upto`, and `upto` never decreases
-    # (first uses in order; 1 for all with `among`). So whatever was kept before covers
-    # every function asked about so far: `worst`, the most any of them holds with what
-    # is kept, grows by each kept array's bytes, and by the functions a new `upto` adds
-    # (untouched by earlier keeps). One pass, not one per candidate.
-    worst, covered = 0, 0
-    for a in sorted(candidates, key=lambda a: a.first_use):
-        upto = a.first_use + 1 if among is None else 1
-        if upto > covered:
-            worst = max(worst, max(val[covered:upto]))
-            covered = upto
-        if a.nbytes == 0 or worst + a.nbytes <= cap:    # 0 B: held (run/compose.py)
-            kept.add(a.id)
-            worst += a.nbytes
-    return kept
+class _Window:
+    """Which arrays the window holds: `last[a]`, the last function for which a is reserved
+    (its bytes count from admission to then), and, for a window limited in bytes, the
+    bytes of the distinct arrays with an admitted access in [tail, head). `tail` is the
+    oldest swap-out still in flight, or the current function."""
+    __slots__ = ("last", "limit", "functions", "bytes", "inside", "leave", "tail", "nb")
+
+    def __init__(self, n: int, nb: list, limit: int | None, functions: int | None):
+        self.last = [-1] * len(nb)
+        self.limit, self.functions, self.nb = limit, functions, nb
+        self.bytes, self.tail = 0, 0
+        self.inside = [False] * len(nb)
+        self.leave = [[] for _ in range(n + 1)]     # arrays whose reservation ends there
+
+    def reserve(self, a: int, g: int) -> None:
+        """a stays reserved up to function g."""
+        self.last[a] = g
+        if self.limit is not None:
+            self.leave[g].append(a)
+            if not self.inside[a]:
+                self.inside[a] = True
+                self.bytes += self.nb[a]
+
+    def advance(self, swap_outs: _SwapOuts, f: int) -> None:
+        """Move the tail up to the oldest swap-out in flight, or f; arrays reserved for
+        no function from the tail on leave the window's bytes."""
+        if self.limit is None:
+            return
+        new_tail = min(f, swap_outs.oldest_fn(f))
+        while self.tail < new_tail:
+            for a in self.leave[self.tail]:
+                if self.inside[a] and self.last[a] == self.tail:
+                    self.inside[a] = False
+                    self.bytes -= self.nb[a]
+            self.tail += 1
+
+    def beyond(self, f: int, g: int) -> bool:
+        """Is function g past the window's count of functions from f?"""
+        return self.functions is not None and g >= f + self.functions
+
+    def over_bytes(self, a: int) -> bool:
+        """Would admitting a break the window's byte limit?"""
+        return (self.limit is not None and not self.inside[a]
+                and self.bytes + self.nb[a] > self.limit)
+
+
+# Eviction order of victims (`_Victims`), Belady's: dead held arrays first (never read
+# again), by farthest release; then state kept for the end (read back after the step);
+# then state kept from the start, by farthest first use. Priorities for n functions:
+def _held_priority(n, release):
+    return -3 * n - release
+
+
+def _end_kept_priority(n):
+    return -2 * n
+
+
+def _start_kept_priority(first_use):
+    return -first_use
+
+
+class _Victims:
+    """Resident arrays that may be evicted for a function's own operands, and nothing
+    else: dirty dead-but-held arrays, and state kept at the edges. A heap in eviction
+    order with lazy deletion: `resident[a]` says who is still in."""
+    __slots__ = ("heap", "resident")
+
+    def __init__(self, m: int):
+        self.heap = []
+        self.resident = [False] * m
+
+    def add(self, a: int, priority: int, nbytes: int) -> None:
+        self.resident[a] = True
+        heapq.heappush(self.heap, (priority, -nbytes, a))
+
+    def discard(self, a: int) -> None:
+        self.resident[a] = False
+
+    def pop(self) -> int:
+        """The next victim still resident, or -1."""
+        while self.heap:
+            a = heapq.heappop(self.heap)[2]
+            if self.resident[a]:
+                self.resident[a] = False
+                return a
+        return -1
+
+
+class _WindowPlanner:
+    """One pass of the window scheduler over a trace (module docstring). `state[a]` is a
+    Residence; `dirty[a]`: a has no current slow copy; `occ`: bytes reserved, resident
+    and in flight."""
+
+    def __init__(self, trace, budget, *, window_bytes, window_functions, keep, eager_wait,
+                 keep_state, start_state, end_within_start):
+        self.trace, self.budget, self.keep, self.eager_wait = trace, budget, keep, eager_wait
+        arrays = trace.arrays
+        self.n, m = len(trace.functions), len(arrays)
+        self.nb = [a.nbytes for a in arrays]
+        self.persistent = [a.kind == "persistent" for a in arrays]
+        self.release_point = release_points(trace)
+        self.acc_fn, self.acc_arr, self.nxt, self.offsets = access_table(trace)
+        self.head = 0
+        self.state = [ABSENT] * m
+        self.dirty = [True] * m
+        self.occ = 0
+        self.bytes_in = self.bytes_out = 0
+        self.begin = [[] for _ in range(self.n)]
+        self.end = [[] for _ in range(self.n)]
+        self.release_at = [[] for _ in range(self.n)]
+        self.swap_outs = _SwapOuts(m, never=self.n)
+        self.window = _Window(self.n, self.nb, window_bytes, window_functions)
+        self.victims = _Victims(m)
+        self.keep_end, self.start = self._edges(budget, keep_state, start_state,
+                                                end_within_start)
+
+    def _edges(self, budget, keep_state, start_state, end_within_start):
+        """State kept at the edges, and the arrays resident at the start: inputs (handed to
+        us resident; the executor learns which storage is which only when an op touches
+        it, run/replay.py) and the state kept from the start, a victim from then on."""
+        trace = self.trace
+        keep_end = end_keep_set(trace, budget) if keep_state else set()
+        if start_state is not None:       # what fits of it, by the same rule
+            keep_start = start_keep_set(trace, budget, among=set(start_state))
+        else:
+            keep_start = start_keep_set(trace, budget) if keep_state else set()
+        if end_within_start:
+            keep_end &= keep_start
+        start = []
+        for a in trace.arrays:
+            if not a.existed_before:
+                continue
+            if a.kind == "input" or a.id in keep_start:
+                self.state[a.id] = FAST
+                self.occ += a.nbytes
+                start.append(a.id)
+            else:                                 # persistent, written out at the start
+                self.state[a.id] = SLOW
+                self.dirty[a.id] = False
+        kept = sorted((_start_kept_priority(trace.arrays[a].first_use), -self.nb[a], a)
+                      for a in start if a in keep_start)      # in eviction order
+        # Before function 0 there is no function to evict after: what it lacks (to swap
+        # in or create) must fit beside what the step starts with. Kept state it does not
+        # use starts on the slow tier instead, in eviction order, until it does.
+        if self.n:
+            used = {acc.array for acc in trace.functions[0].accesses}
+            lacking = sum(self.nb[a] for a in used if self.state[a] != FAST)
+            for _, _, a in kept:
+                if self.occ + lacking <= budget:
+                    break
+                if a not in used and self.nb[a]:
+                    self.state[a] = SLOW
+                    self.dirty[a] = False
+                    self.occ -= self.nb[a]
+                    start.remove(a)
+        for priority, minus_nbytes, a in kept:
+            if self.state[a] == FAST:
+                self.victims.add(a, priority, -minus_nbytes)
+        return keep_end, start
+
+    # -- the pass ------------------------------------------------------------------------
+    def plan(self) -> WindowPlan:
+        for f in range(self.n):
+            self.window.advance(self.swap_outs, f)
+            if self.eager_wait:
+                while self.wait_oldest(f):
+                    pass
+            self.extend(f)
+            self.execute(f)
+            self.leave(f)
+            self.release(f)
+        self.drain()
+        return WindowPlan(self.begin, self.end, self.start, self.bytes_in, self.bytes_out,
+                          tuple(a for a, s in enumerate(self.state) if s == FAST))
+
+    def extend(self, f: int) -> None:
+        """1. Admit accesses from `head` on: all of f's own, then later ones while the
+        window's limit holds and there is room."""
+        acc_fn, acc_arr, window = self.acc_fn, self.acc_arr, self.window
+        total = len(acc_fn)
+        head = self.head
+        while head < total:
+            g, a = acc_fn[head], acc_arr[head]
+            mandatory = g == f
+            if not mandatory:
+                if window.beyond(f, g):
+                    break
+                # the byte limit waits only for arrays never used again, oldest first
+                while window.over_bytes(a) and self.wait_oldest(f, dead_only=True):
+                    pass
+                if window.over_bytes(a):
+                    break
+            if not self.admit(a, f, g, mandatory):
+                break
+            head += 1
+        self.head = head
+
+    def admit(self, a: int, f: int, g: int, mandatory: bool) -> bool:
+        """Reserve a for function g (>= f), issuing what that takes at f's begin; False if
+        a prefetch finds no room."""
+        state = self.state[a]
+        if self.window.last[a] >= f or state == FAST:
+            self.victims.discard(a)                # reserved now: no longer a victim
+        elif state == OUT:                         # needed again: cancel its swap-out
+            self.end[self.swap_outs.remove(a)].remove(Action(SWAP_OUT, a))
+            self.bytes_out -= self.nb[a]
+            self.state[a] = FAST
+            self.dirty[a] = True
+            self.window.advance(self.swap_outs, f)
+        else:                                      # on the slow tier, or not created yet
+            nbytes = self.nb[a]
+            if not self.make_room(f, nbytes, mandatory):
+                return False
+            self.occ += nbytes
+            if state == SLOW:
+                self.begin[f].append(Action(SWAP_IN, a))
+                self.bytes_in += nbytes
+                self.dirty[a] = False
+            self.state[a] = FAST
+        self.window.reserve(a, g)
+        return True
+
+    def make_room(self, f: int, nbytes: int, mandatory: bool) -> bool:
+        """2. Wait for swap-outs in Belady's order until nbytes fit (a prefetch: only for
+        arrays never used again); f's own operands then evict victims."""
+        budget = self.budget
+        while self.occ + nbytes > budget and self.wait_farthest(f, dead_only=not mandatory):
+            pass
+        if self.occ + nbytes > budget and mandatory:
+            self.evict_victims(f, self.occ + nbytes - budget)
+        if self.occ + nbytes <= budget:
+            return True
+        if mandatory:
+            raise AssertionError(f"planner bug: function {f} does not fit a budget "
+                                 "that passed the feasibility check")
+        return False
+
+    def execute(self, f: int) -> None:
+        """3. f runs: what it writes or creates has no current slow copy."""
+        dirty = self.dirty
+        for acc in self.trace.functions[f].accesses:
+            if acc.kind != "read":
+                dirty[acc.array] = True
+
+    def leave(self, f: int) -> None:
+        """4. Arrays whose last use inside the window is f leave the fast tier, unless the
+        next function uses them again or `keep` pins them across the gap."""
+        acc_arr, nxt, window, keep = self.acc_arr, self.nxt, self.window, self.keep
+        for p in range(self.offsets[f], self.offsets[f + 1]):
+            a, next_use = acc_arr[p], nxt[p]
+            if window.last[a] > f:
+                continue
+            if next_use < 0:
+                self.last_use(a, f)
+            elif next_use == f + 1 or (keep is not None and keep(a, f)):
+                window.reserve(a, next_use)
+            else:
+                self.evict(a, f, next_use)
+
+    def last_use(self, a: int, f: int) -> None:
+        """a is not used again in this step: state stays if kept for the end and is written
+        out otherwise; the rest is FREEd, or held until PyTorch releases it."""
+        if self.persistent[a]:
+            if a in self.keep_end:                 # stays; evicted for room last
+                self.victims.add(a, _end_kept_priority(self.n), self.nb[a])
+            else:
+                self.evict(a, f, -1)
+            return
+        release = self.release_point[a]
+        if release == f:
+            self.end[f].append(Action(FREE, a))
+            self.state[a] = DEAD
+            self.occ -= self.nb[a]
+            return
+        self.release_at[release].append(a)         # dead but held until its release
+        if not self.dirty[a]:
+            self.end[f].append(Action(DROP, a))
+            self.state[a] = SLOW
+            self.occ -= self.nb[a]
+        else:
+            self.victims.add(a, _held_priority(self.n, release), self.nb[a])
+
+    def release(self, f: int) -> None:
+        """Held arrays PyTorch releases after f are FREEd (a victim still resident frees
+        its memory; one on the slow tier drops its copy)."""
+        for a in self.release_at[f]:
+            self.end[f].append(Action(FREE, a))
+            if self.victims.resident[a]:
+                self.victims.discard(a)
+                self.occ -= self.nb[a]
+            self.state[a] = DEAD
+
+    def drain(self) -> None:
+        """5. The iteration ends with no copy in flight."""
+        if self.n:
+            self.end[self.n - 1].extend(Action(WAIT, a) for a in self.swap_outs.all())
+
+    # -- moving one array ----------------------------------------------------------------
+    def evict(self, a: int, f: int, next_use: int) -> None:
+        """After f, a leaves: SWAP_OUT if dirty (in flight until waited for), else DROP."""
+        nbytes = self.nb[a]
+        if nbytes == 0:            # frees nothing (a held array, run/compose.py): stays
+            return
+        if self.dirty[a]:
+            self.end[f].append(Action(SWAP_OUT, a))
+            self.bytes_out += nbytes
+            self.state[a] = OUT
+            self.dirty[a] = False
+            self.swap_outs.push(a, f, self.n if next_use < 0 else next_use)
+        else:
+            self.end[f].append(Action(DROP, a))
+            self.state[a] = SLOW
+            self.occ -= nbytes
+
+    def wait(self, a: int, f: int) -> None:
+        """WAIT before f for a's swap-out; its memory is free from then on."""
+        self.swap_outs.remove(a)
+        self.begin[f].append(Action(WAIT, a))
+        self.state[a] = SLOW
+        self.occ -= self.nb[a]
+        self.window.advance(self.swap_outs, f)
+
+    def wait_oldest(self, f: int, dead_only: bool = False) -> bool:
+        a = self.swap_outs.oldest(dead_only)
+        if a < 0:
+            return False
+        self.wait(a, f)
+        return True
+
+    def wait_farthest(self, f: int, dead_only: bool) -> bool:
+        a = self.swap_outs.farthest(dead_only)
+        if a < 0:
+            return False
+        self.wait(a, f)
+        return True
+
+    def evict_victims(self, f: int, short: int) -> None:
+        """Swap out victims after f - 1 and wait for them before f until `short` bytes are
+        released (or none is left). Only f's own operands call this."""
+        while short > 0:
+            a = self.victims.pop()
+            if a < 0:
+                return
+            nbytes = self.nb[a]
+            if nbytes == 0:
+                continue
+            if self.dirty[a]:
+                self.end[f - 1].append(Action(SWAP_OUT, a))
+                self.bytes_out += nbytes
+                self.begin[f].append(Action(WAIT, a))
+            else:                                  # state kept at the end, unchanged
+                self.end[f - 1].append(Action(DROP, a))
+            self.state[a] = SLOW
+            self.dirty[a] = False
+            self.occ -= nbytes
+            short -= nbytes
 
 
 def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 window_functions: int | None = None, keep=None, eager_wait: bool = False,
-                keep_state: bool = True, start_state=None, end_within_start: bool = False):
-    """Return (begin, end, resident_at_start) action lists for `trace` under `budget`.
+                keep_state: bool = True, start_state=None,
+                end_within_start: bool = False) -> WindowPlan:
+    """Plan `trace` under `budget` with the window scheduler (module docstring).
     `start_state`: the persistent arrays to start with in fast memory (those of them that
     fit beside the first function), instead of `start_keep_set` (plan() passes the state
     an earlier plan ended with). `end_within_start`: keep state resident after its last
@@ -161,249 +542,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     one must write out before it starts (plan() tries both, see api._cycle).
     The caller has already checked that the budget is feasible. With eager_wait, every
     swap-out is waited for before the next function (synchronous offload, as vDNN does)."""
-    arrays = trace.arrays
-    n, m = len(trace.functions), len(arrays)
-    nb = [a.nbytes for a in arrays]
-    persistent = [a.kind == "persistent" for a in arrays]
-    release = release_points(trace)
-    keep_end = end_keep_set(trace, budget) if keep_state else set()
-    if start_state is not None:       # what fits of it, by the same rule
-        keep_start = start_keep_set(trace, budget, among=set(start_state))
-    else:
-        keep_start = start_keep_set(trace, budget) if keep_state else set()
-    if end_within_start:
-        keep_end &= keep_start
-    acc_fn, acc_arr, nxt, offsets = access_table(trace)
-    total = len(acc_fn)
-
-    state = [ABSENT] * m
-    dirty = [True] * m            # no current slow copy
-    win_last = [-1] * m           # last function for which the array is reserved
-    occ = 0                       # reserved + resident + swap-outs in flight
-    start = []
-    for a in arrays:
-        if a.existed_before:
-            if a.kind == "input":                 # the batch is handed to us resident
-                # and stays until its first use: the executor learns which storage it is
-                # only when an op touches it (run/replay.py binds arrays as they come).
-                state[a.id] = FAST
-                occ += a.nbytes
-                start.append(a.id)
-            elif a.id in keep_start:              # persistent, left where it is
-                state[a.id] = FAST
-                occ += a.nbytes
-                start.append(a.id)
-            else:                                 # persistent, written out at the start
-                state[a.id] = SLOW
-                dirty[a.id] = False
-    begin = [[] for _ in range(n)]
-    end = [[] for _ in range(n)]
-
-    # Swap-outs in flight, oldest first; cancelled entries are marked inactive.
-    q_arr, q_fn, q_active, q_nu = [], [], [], []
-    q_pos = [-1] * m
-    qt = 0
-    never = n                     # "next use" of an array not used again in this step
-    far = []                      # (-next use, queue position): Belady's order, lazy deletion
-    # Window bytes: distinct arrays with an admitted access in [tail, head).
-    in_wb = [False] * m
-    wbytes = 0
-    tail = 0
-    leave = [[] for _ in range(n + 1)]
-    # Dead-but-held arrays: FREE at their release point; dirty resident ones are eviction
-    # candidates, farthest release first (lazy deletion: `held_res` says who is still in).
-    release_at = [[] for _ in range(n)]
-    held_heap = []
-    held_res = [False] * m
-    # Eviction order for room, Belady's: dead held arrays first (never read again), by
-    # farthest release; then state kept for the end (read back after the step); then
-    # state kept from the start, by farthest first use.
-    for a in start:
-        if a in keep_start:
-            held_res[a] = True
-            heapq.heappush(held_heap, (-arrays[a].first_use, -nb[a], a))
-
-    def oldest_active():
-        nonlocal qt
-        while qt < len(q_arr) and not q_active[qt]:
-            qt += 1
-        return qt if qt < len(q_arr) else -1
-
-    def wait_oldest(f, dead_only: bool = False) -> bool:
-        p = oldest_active()
-        if p < 0 or (dead_only and q_nu[p] != never):
-            return False
-        wait_at(p, f)
-        return True
-
-    def wait_farthest(f, dead_only: bool = False) -> bool:
-        """WAIT for the in-flight array needed farthest ahead (with dead_only: only if it
-        is never used again in this step)."""
-        while far and not q_active[far[0][1]]:
-            heapq.heappop(far)
-        if not far or (dead_only and -far[0][0] != never):
-            return False
-        wait_at(heapq.heappop(far)[1], f)
-        return True
-
-    def wait_at(p, f):
-        nonlocal occ
-        a = q_arr[p]
-        q_active[p] = False
-        q_pos[a] = -1
-        begin[f].append(Action(WAIT, a))
-        state[a] = SLOW
-        occ -= nb[a]
-        advance_tail(f)
-
-    def advance_tail(f):
-        nonlocal tail, wbytes
-        p = oldest_active()
-        new_tail = f if p < 0 else min(f, q_fn[p])
-        while tail < new_tail:
-            for a in leave[tail]:
-                if in_wb[a] and win_last[a] == tail:
-                    in_wb[a] = False
-                    wbytes -= nb[a]
-            tail += 1
-
-    def evict(a, f, nu):
-        nonlocal occ
-        if nb[a] == 0:             # frees nothing (a held array, run/compose.py): stays
-            return
-        if dirty[a]:
-            end[f].append(Action(SWAP_OUT, a))
-            state[a] = OUT
-            dirty[a] = False
-            nu = never if nu < 0 else nu
-            q_pos[a] = len(q_arr)
-            heapq.heappush(far, (-nu, len(q_arr)))
-            q_arr.append(a)
-            q_fn.append(f)
-            q_active.append(True)
-            q_nu.append(nu)
-        else:
-            end[f].append(Action(DROP, a))
-            state[a] = SLOW
-            occ -= nb[a]
-
-    def evict_held(f, short):
-        """Swap out held arrays after function f - 1 and wait for them before f until
-        `short` bytes are released (or none is left). Only f's own operands call this."""
-        nonlocal occ
-        while short > 0 and held_heap:
-            _, _, a = heapq.heappop(held_heap)
-            if not held_res[a] or nb[a] == 0:
-                continue
-            held_res[a] = False
-            if dirty[a]:
-                end[f - 1].append(Action(SWAP_OUT, a))
-                begin[f].append(Action(WAIT, a))
-            else:                                  # state kept at the end, unchanged
-                end[f - 1].append(Action(DROP, a))
-            state[a] = SLOW
-            dirty[a] = False
-            occ -= nb[a]
-            short -= nb[a]
-
-    head = 0
-    for f in range(n):
-        advance_tail(f)
-        if eager_wait:
-            while wait_oldest(f):
-                pass
-        # -- extend the window ---------------------------------------------------------
-        while head < total:
-            g = acc_fn[head]
-            a = acc_arr[head]
-            mandatory = g == f
-            if not mandatory and window_functions is not None and g >= f + window_functions:
-                break
-            if window_bytes is not None and not mandatory and not in_wb[a]:
-                while wbytes + nb[a] > window_bytes and wait_oldest(f, dead_only=True):
-                    pass
-                if wbytes + nb[a] > window_bytes:
-                    break
-            load = False
-            if win_last[a] >= f or state[a] == FAST:
-                cost = 0
-                held_res[a] = False                # reserved now: no longer a victim
-            elif state[a] == OUT:                  # needed again: cancel its swap-out
-                p = q_pos[a]
-                q_active[p] = False
-                q_pos[a] = -1
-                end[q_fn[p]].remove(Action(SWAP_OUT, a))
-                state[a] = FAST
-                dirty[a] = True
-                cost = 0
-                advance_tail(f)
-            else:
-                cost = nb[a]
-                load = True
-            if load:
-                while occ + cost > budget and wait_farthest(f, dead_only=not mandatory):
-                    pass
-                if occ + cost > budget and mandatory:
-                    evict_held(f, occ + cost - budget)
-                if occ + cost > budget:
-                    if mandatory:
-                        raise AssertionError(f"planner bug: function {f} does not fit a budget "
-                                             "that passed the feasibility check")
-                    break
-                occ += cost
-                if state[a] == SLOW:
-                    begin[f].append(Action(SWAP_IN, a))
-                    dirty[a] = False
-                state[a] = FAST
-            win_last[a] = g
-            leave[g].append(a)
-            if not in_wb[a]:
-                in_wb[a] = True
-                wbytes += nb[a]
-            head += 1
-        # -- function f runs ---------------------------------------------------------
-        for acc in trace.functions[f].accesses:
-            if acc.kind != "read":
-                dirty[acc.array] = True
-        # -- after f: arrays the window no longer needs leave ----------------------------
-        positions = [(acc_arr[p], nxt[p]) for p in range(offsets[f], offsets[f + 1])]
-        for a, nu in positions:
-            if win_last[a] > f:
-                continue
-            if nu < 0:
-                if persistent[a] and a in keep_end:  # stays; evicted for room last
-                    held_res[a] = True
-                    heapq.heappush(held_heap, (-2 * n, -nb[a], a))
-                elif persistent[a]:
-                    evict(a, f, nu)
-                elif release[a] == f:
-                    end[f].append(Action(FREE, a))
-                    state[a] = DEAD
-                    occ -= nb[a]
-                else:                              # dead but held until release[a]
-                    release_at[release[a]].append(a)
-                    if not dirty[a]:
-                        end[f].append(Action(DROP, a))
-                        state[a] = SLOW
-                        occ -= nb[a]
-                    else:
-                        held_res[a] = True
-                        heapq.heappush(held_heap, (-3 * n - release[a], -nb[a], a))
-            elif nu == f + 1 or (keep is not None and keep(a, f)):
-                win_last[a] = nu
-                leave[nu].append(a)
-            else:
-                evict(a, f, nu)
-        for a in release_at[f]:                    # PyTorch drops these after f
-            end[f].append(Action(FREE, a))
-            if held_res[a]:
-                held_res[a] = False
-                occ -= nb[a]
-            state[a] = DEAD
-    if n:
-        p = oldest_active()
-        while p >= 0:
-            end[n - 1].append(Action(WAIT, q_arr[p]))
-            q_active[p] = False
-            p = oldest_active()
-    return begin, end, start
+    return _WindowPlanner(trace, budget, window_bytes=window_bytes,
+                          window_functions=window_functions, keep=keep,
+                          eager_wait=eager_wait, keep_state=keep_state,
+                          start_state=start_state, end_within_start=end_within_start).plan()

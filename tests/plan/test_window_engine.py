@@ -1,0 +1,96 @@
+"""The window engine's own contracts: its tally equals check.replay's accounting, every
+start it is given is servable, one policy registry, and planning leaves the collector
+as it found it."""
+import gc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import outcore
+from outcore.errors import OutcoreError
+from outcore.plan import POLICIES, min_feasible_budget
+from outcore.plan.check import replay
+from outcore.plan.policies import REGISTRY, register
+from outcore.plan.policies.belady import keep_gaps
+from outcore.plan.policies.window import plan_window
+
+from .helpers import build, traces
+
+OPTIONS = [{}, {"window_bytes": 0.5}, {"window_bytes": 2.0}, {"window_functions": 1, "eager_wait": True},
+           {"window_functions": 3}, {"keep_state": False}, {"end_within_start": True},
+           {"belady": True}, {"start_state": True}, {"start_state": True, "end_within_start": True}]
+
+
+def _options(trace, budget, spec, pick):
+    opts = dict(spec)
+    if "window_bytes" in opts:
+        opts["window_bytes"] = max(1, int(budget * opts["window_bytes"]))
+    if opts.pop("belady", False):
+        kept = keep_gaps(trace, int(budget * 0.75))
+        opts["keep"] = lambda a, f: (a, f) in kept
+    if opts.get("start_state"):
+        state = [a.id for a in trace.arrays if a.kind == "persistent" and a.existed_before]
+        opts["start_state"] = [a for i, a in enumerate(state) if pick >> (i % 8) & 1]
+    return opts
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(traces(max_functions=30), st.floats(0.0, 1.0), st.integers(0, 255))
+def test_the_tally_is_replays_accounting_and_every_start_is_served(trace, fraction, pick):
+    # api._cycle ranks candidates by the tally without replaying them, so it must be
+    # exact; and a start_state (the state another plan ended with) must never make the
+    # engine evict before function 0, where there is no function to evict after.
+    low = min_feasible_budget(trace)
+    budget = low + int((trace.peak(actual=True)[0] - low) * fraction)
+    for spec in OPTIONS:
+        wp = plan_window(trace, budget, **_options(trace, budget, spec, pick))
+        acc = replay(trace, wp.begin, wp.end, wp.start, budget)
+        assert (wp.bytes_in, wp.bytes_out) == (acc.bytes_in, acc.bytes_out), spec
+        assert sorted(wp.resident_at_end) == sorted(acc.resident_at_end), spec
+
+
+def test_state_that_does_not_fit_beside_the_first_function_starts_on_the_slow_tier():
+    # w1 fits beside what function 0 holds (x, h: 6 B) but not beside w0 as well, which
+    # function 0 must read in: 4 (x) + 4 (w1) + 4 (w0) + 2 (h) = 14 > 10. Starting with
+    # w1 resident would need an eviction before function 0.
+    t = build({"x": (4, "input"), "w0": (4, "param"), "w1": (4, "param"), "h": 2, "y": 2},
+              ["f0 r:x r:w0 c:h", "f1 r:h r:w1 c:y", "upd @optimizer w:w0 w:w1 r:y"])
+    w1 = 2
+    wp = plan_window(t, 10, start_state=[w1])
+    assert w1 not in wp.start
+    replay(t, wp.begin, wp.end, wp.start, 10)            # raises on any violation
+    for policy in POLICIES:
+        outcore.check(t, outcore.plan(t, 10, policy), 10)
+
+
+def test_one_registry_names_every_policy_and_its_options():
+    assert POLICIES == tuple(REGISTRY) == ("adaptive", "fixed", "on-demand", "adaptive-belady")
+    t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8},
+              ["fwd r:x r:w c:h", "act r:h c:y", "upd @optimizer w:w r:y"])
+    values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False}
+    for name, policy in REGISTRY.items():
+        assert policy.summary and "keep_state" in policy.options
+        s = outcore.plan(t, 20, name, **{o: values[o] for o in policy.options})
+        outcore.check(t, s, 20)
+        with pytest.raises(OutcoreError, match=f"policy '{name}' takes no option"):
+            outcore.plan(t, 20, name, bogus=1)
+    with pytest.raises(ValueError, match="registered twice"):
+        register("adaptive")(lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_planning_puts_the_collector_back_as_it_was(enabled):
+    t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8, "z": 8},
+              ["fwd r:x r:w c:h", "act r:h c:y", "act r:y c:z", "upd @optimizer r:h r:z w:w"])
+    assert min_feasible_budget(t) == 20 and t.peak(actual=True)[0] == 28
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        assert outcore.plan(t, 22, "adaptive").bytes_moved > 0      # planned, not in-core
+        assert gc.isenabled() is enabled
+        with pytest.raises(OutcoreError, match="k must be a positive"):
+            outcore.plan(t, 22, "fixed", k=0)             # raised inside the paused part
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
