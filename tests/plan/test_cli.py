@@ -35,7 +35,7 @@ def test_simulate_single_and_sweep_table(tmp_path, capsys):
     assert main(["simulate", str(path), "--sweep", "3", "--policy", "all"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len([line for line in lines if "adaptive-belady" in line]) == 3
-    # budgets 8 (smallest feasible), 9, 10 (in-core peak) x 4 policies; at 10 B nothing moves
+    # budgets 8 (smallest feasible), 9, 10 (in-core peak) x 5 policies; at 10 B nothing moves
     rows = [line.split() for line in lines if line.startswith(str(path)[:34])]
-    assert [(r[1], r[3]) for r in rows][::4] == [("8", "adaptive"), ("9", "adaptive"), ("10", "adaptive")]
+    assert [(r[1], r[3]) for r in rows][::5] == [("8", "auto"), ("9", "auto"), ("10", "auto")]
     assert all(r[4:8] == ["0", "B", "0", "B"] for r in rows if r[1] == "10")

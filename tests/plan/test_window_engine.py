@@ -65,12 +65,14 @@ def test_state_that_does_not_fit_beside_the_first_function_starts_on_the_slow_ti
 
 
 def test_one_registry_names_every_policy_and_its_options():
-    assert POLICIES == tuple(REGISTRY) == ("adaptive", "fixed", "on-demand", "adaptive-belady")
+    assert POLICIES == tuple(REGISTRY) == ("auto", "adaptive", "fixed", "on-demand",
+                                           "adaptive-belady")
     t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8},
               ["fwd r:x r:w c:h", "act r:h c:y", "upd @optimizer w:w r:y"])
-    values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False}
+    values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False, "machine": "cpu-disk"}
     for name, policy in REGISTRY.items():
         assert policy.summary and "keep_state" in policy.options
+        assert (policy.plan is None) != (policy.choose is None)
         s = outcore.plan(t, 20, name, **{o: values[o] for o in policy.options})
         outcore.check(t, s, 20)
         with pytest.raises(OutcoreError, match=f"policy '{name}' takes no option"):
@@ -94,3 +96,54 @@ def test_planning_puts_the_collector_back_as_it_was(enabled):
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(traces(max_functions=30), st.floats(0.0, 1.0))
+def test_auto_is_the_fastest_screened_schedule_and_the_same_as_asking_for_it(trace, fraction):
+    from outcore.simulate import simulate
+    low = min_feasible_budget(trace)
+    budget = low + int((trace.peak(actual=True)[0] - low) * fraction)
+    s = outcore.plan(trace, budget)
+    assert s.policy == "auto"
+    if s.options.get("in_core"):
+        return
+    screened = s.options["screened"]
+    assert [n for n, _, _ in screened] == ["adaptive", "adaptive-belady", "fixed", "adaptive"]
+    fastest = min(range(len(screened)), key=lambda i: (screened[i][2], i))
+    name, extra, seconds = screened[fastest]
+    assert s.options["chosen"] == name and s.options["machine"] == "cpu-disk"
+    by_name = outcore.plan(trace, budget, name, **extra)
+    assert (s.begin, s.end, s.resident_at_start) == (by_name.begin, by_name.end,
+                                                     by_name.resident_at_start)
+    assert simulate(trace, by_name, "cpu-disk").iteration_time_s == seconds
+    for n, e, t in screened:                 # each figure is that policy's own schedule
+        assert simulate(trace, outcore.plan(trace, budget, n, **e)).iteration_time_s == t
+
+
+def test_auto_screens_fewer_configurations_on_long_traces():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    try:
+        from plan_speed import synthetic
+    finally:
+        sys.path.pop(0)
+    from outcore.plan.policies import auto
+    for trace, tried in ((synthetic(400), 4), (synthetic(7000), 2)):
+        accesses = sum(len({a.array for a in fn.accesses}) for fn in trace.functions)
+        work = auto.PLANS_PER_CONFIGURATION * accesses
+        assert tried == min(len(auto.SCREEN), max(1, auto.SCREEN_ACCESSES // work))
+        s = outcore.plan(trace, trace.peak(actual=True)[0] // 3)
+        assert len(s.options["screened"]) == tried
+        assert "auto tried (simulated iteration on cpu-disk): adaptive" in s.summary()
+
+
+def test_auto_refuses_an_unknown_machine_and_options_of_other_policies():
+    t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8, "z": 8},
+              ["fwd r:x r:w c:h", "act r:h c:y", "act r:y c:z", "upd @optimizer r:h r:z w:w"])
+    with pytest.raises(OutcoreError, match="unknown machine 'tpu'"):
+        outcore.plan(t, 22, machine="tpu")
+    with pytest.raises(OutcoreError, match="policy 'auto' takes no option"):
+        outcore.plan(t, 22, window=64)
+    assert outcore.plan(t, 22, machine="v100-16gb").options["machine"] == "v100-16gb"

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--fraction", type=float, default=0.25,
                    help="budget as a fraction of the in-core step's memory (default 0.25)")
-    p.add_argument("--policy", default="adaptive", help="planning policy (default adaptive)")
+    p.add_argument("--policy", default="auto", help="planning policy (default auto)")
     p.add_argument("--swap-dir", default=None, help="where the swap file goes (default: temp dir)")
     p.add_argument("--out", default="outcore-demo",
                    help="directory for the memory picture (memory.png), the timeline "

@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", help="fast-tier budget, e.g. 16GB, 512MiB (required unless "
                                     "--cluster; with --cluster: per-device budgets to try, "
                                     "comma-separated, default the device's memory)")
-    p.add_argument("--policy", default="adaptive", choices=POLICIES,
-                   help="scheduling policy (default adaptive, the paper's)")
+    p.add_argument("--policy", default="auto", choices=POLICIES,
+                   help="scheduling policy (default auto: the fastest of the others by "
+                        "simulated time on cpu-disk; adaptive is the paper's)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")

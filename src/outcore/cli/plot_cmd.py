@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
                     "ooc.plot(path) after a replayed iteration.")
     p.add_argument("trace", help="trace JSON file (outcore trace -o FILE)")
     p.add_argument("--budget", required=True, help="fast-tier budget, e.g. 512MiB")
-    p.add_argument("--policy", default="adaptive", choices=POLICIES,
-                   help="scheduling policy (default adaptive)")
+    p.add_argument("--policy", default="auto", choices=POLICIES,
+                   help="scheduling policy (default auto)")
     p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),
                    help="machine preset for the clock (default cpu-disk)")
     p.add_argument("--window", help="adaptive window in bytes")

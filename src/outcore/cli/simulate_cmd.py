@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                                     "machine's memory)")
     p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),
                    help="machine preset (default cpu-disk)")
-    p.add_argument("--policy", default="adaptive",
+    p.add_argument("--policy", default="auto",
                    help=f"policy, comma-separated list, or 'all' ({', '.join(POLICIES)})")
     p.add_argument("--sweep", type=int, nargs="?", const=6, metavar="N",
                    help="N budgets from the smallest feasible to the in-core peak (default 6)")
@@ -171,6 +171,8 @@ def run(args) -> int:
             for policy in policies:
                 opts = {k: v for k, v in options.items()
                         if (k == "window" and policy.startswith("adaptive")) or (k == "k" and policy == "fixed")}
+                if policy == "auto":          # choose on the machine it is simulated on
+                    opts["machine"] = args.machine
                 try:
                     schedule = plan(trace, budget, policy, **opts)
                 except InfeasibleBudget as exc:

@@ -87,13 +87,15 @@ def _cycle(trace, policy, budget, options):
     return (wp.begin, wp.end, wp.start), used, replay(trace, wp.begin, wp.end, wp.start, budget)
 
 
-def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
+def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
     """Decide, for every function of `trace`, what to swap in / wait for before it and
     swap out / drop / free after it, so fast-tier bytes never exceed `budget`.
 
     budget: bytes, or a string such as "6GiB". policy: one of POLICIES (see
-    docs/planning.md); options: adaptive `window` (bytes; default: no limit but the
-    budget; the paper used 1.5 x budget), fixed `k`
+    docs/planning.md); options: auto `machine` (a preset name or Machine to simulate
+    candidates on; default cpu-disk; the schedule's options then say which policy it
+    chose and what each candidate simulated to), adaptive `window` (bytes; default: no
+    limit but the budget; the paper used 1.5 x budget), fixed `k`
     (functions, default 4), adaptive-belady `window`, `reserve` (fraction of the budget
     kept free for prefetching, default 0.25); every policy `keep_state` (default True:
     persistent state that fits stays resident after its last use and the step starts
@@ -123,7 +125,12 @@ def plan(trace, budget, policy: str = "adaptive", **options) -> Schedule:
     else:
         # _cycle has walked its choice through check.replay already: the same actions.
         with _collector_paused():      # NOTE [Planning and the collector]
-            (begin, end, start), used, acc = _cycle(trace, chosen, budget, options)
+            if chosen.choose is not None:
+                (begin, end, start), used, acc = chosen.choose(
+                    trace, budget, options,
+                    lambda policy, opts: _cycle(trace, policy, budget, opts))
+            else:
+                (begin, end, start), used, acc = _cycle(trace, chosen, budget, options)
     begin = tuple(tuple(step) for step in begin)
     end = tuple(tuple(step) for step in end)
     start = tuple(sorted(start))

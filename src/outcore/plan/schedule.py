@@ -84,13 +84,28 @@ class Schedule:
     def __str__(self) -> str:
         return self.summary()
 
+    def _screened_lines(self) -> list[str]:
+        """For policy auto: what each configuration it tried simulated to."""
+        tried = self.options.get("screened") or []
+        if not tried:
+            return []
+        cells = []
+        for name, extra, seconds in tried:
+            shown = ", ".join(f"{k}={format_bytes(v) if k == 'window' else v}"
+                              for k, v in extra.items())
+            cells.append(f"{name}{' (' + shown + ')' if shown else ''} {seconds * 1e3:.1f} ms")
+        return [f"  auto tried (simulated iteration on {self.options.get('machine')}): "
+                + "; ".join(cells)]
+
     def summary(self, *, trace=None, max_lines: int = 20) -> str:
         """A page a person reads: totals, then the first functions that move something.
         With `trace`, lines name each function's op and phase."""
-        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items())
+                         if k != "screened")
         lines = [
             f"Schedule ({self.policy}{', ' + opts if opts else ''}) for {len(self)} functions "
             f"under a budget of {format_bytes(self.budget)}",
+            *self._screened_lines(),
             f"  moved in   {format_bytes(self.bytes_in):>12}  ({self.count(SWAP_IN)} swap-ins)",
             f"  moved out  {format_bytes(self.bytes_out):>12}  ({self.count(SWAP_OUT)} swap-outs, "
             f"{self.count(WAIT)} waits)",

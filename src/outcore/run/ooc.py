@@ -120,6 +120,12 @@ def _release(mover, governor, pager, durable) -> None:
             governor.stop()
 
 
+def _policy_label(schedule) -> str:
+    """The policy a schedule was made with, and for auto the one it chose."""
+    chosen = schedule.options.get("chosen")
+    return f"{schedule.policy} ({chosen})" if chosen else schedule.policy
+
+
 class OutOfCore:
     """Runs training iterations within `budget` bytes of fast memory.
 
@@ -127,7 +133,8 @@ class OutOfCore:
         once (the recording iteration may exceed it by one op's outputs).
     offload: "disk" (the slow tier is a swap file on a local disk).
     swap_dir: where the swap file goes (default: the system temp directory).
-    policy: the planning policy (outcore.plan): "adaptive", "fixed", "on-demand", ...
+    policy: the planning policy (outcore.plan): "auto" (the fastest of the others for
+        the recorded step, by simulated time), "adaptive" (the paper's), "fixed", ...
     min_move_bytes: storages smaller than this stay in fast memory (a transfer would
         cost more than it frees).
     plan_options: extra options for the policy (e.g. {"window": "3GiB"}).
@@ -150,7 +157,7 @@ class OutOfCore:
     """
 
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
-                 policy: str = "adaptive", *, min_move_bytes: int = MIN_MOVE_BYTES,
+                 policy: str = "auto", *, min_move_bytes: int = MIN_MOVE_BYTES,
                  plan_options: dict | None = None, return_freed_memory: bool | str = True,
                  state_dir=None):
         self.closed = True              # until construction completes
@@ -359,7 +366,7 @@ class OutOfCore:
         schedule = plan(plannable, budget, self.policy, **self.plan_options)
         check(plannable, schedule, budget)
         log.info("planned %d functions under %s (%s) in %.2f s: %s in, %s out per iteration, "
-                 "peak %s", len(trace.functions), format_bytes(budget), self.policy,
+                 "peak %s", len(trace.functions), format_bytes(budget), _policy_label(schedule),
                  time.perf_counter() - started, format_bytes(schedule.bytes_in),
                  format_bytes(schedule.bytes_out), format_bytes(schedule.peak_bytes))
         self.trace, self.schedule = trace, schedule
@@ -418,7 +425,8 @@ class OutOfCore:
         trace, schedule = self.trace, self.schedule
         pinned = sum(e.nbytes for e in self._res.entries.values() if e.pinned and e.ref() is not None)
         return Report(
-            budget=self.budget, policy=self.policy, swap=repr(self._mover),
+            budget=self.budget, policy=_policy_label(schedule) if schedule else self.policy,
+            swap=repr(self._mover),
             functions=len(trace.functions) if trace else 0,
             in_core_peak=trace.peak()[0] if trace else 0,
             planned_peak=schedule.peak_bytes if schedule else None,

@@ -12,23 +12,32 @@ from typing import Callable
 class Policy:
     """name: what a user passes as `policy=`. plan(trace, budget, *, keep_state,
     start_state, end_within_start, **options) -> (WindowPlan, options used).
-    options: the keyword options a user may pass (keep_state for every policy)."""
+    options: the keyword options a user may pass (keep_state for every policy).
+    choose: for a policy that picks among others per trace (auto), instead of plan:
+    choose(trace, budget, options, cycle) -> ((begin, end, start), options used,
+    check.Accounting), where cycle(policy, options) is plan()'s own planning of one
+    policy (api._cycle) and returns the same."""
     name: str
-    plan: Callable
+    plan: Callable | None
     options: frozenset
     summary: str
+    choose: Callable | None = None
 
 
 REGISTRY: dict[str, Policy] = {}
 
 
-def register(name: str, options=(), summary: str = ""):
+def register(name: str, options=(), summary: str = "", *, chooses: bool = False):
+    """Decorator: register `fn` as the planner of policy `name` (with chooses=True, as its
+    choose function)."""
     def add(fn):
         if name in REGISTRY:
             raise ValueError(f"policy {name!r} is registered twice")
-        REGISTRY[name] = Policy(name, fn, frozenset(options) | {"keep_state"}, summary)
+        REGISTRY[name] = Policy(name, None if chooses else fn,
+                                frozenset(options) | {"keep_state"}, summary,
+                                fn if chooses else None)
         return fn
     return add
 
 
-from . import adaptive, fixed, on_demand, belady  # noqa: E402,F401  (registration order)
+from . import auto, adaptive, fixed, on_demand, belady  # noqa: E402,F401  (registration order)

@@ -1,0 +1,60 @@
+"""Which policy `auto` picks, and what the others would have given: simulated iteration
+time per screened configuration, auto's choice and its planning time.
+
+    .venv/bin/python benchmarks/auto_choice.py [--fractions 0.75,0.5,0.25]
+
+The workloads and the recording are window_sweep.py's (CPU, after one warm-up step, so
+durations are measured); budgets are fractions of the in-core peak, less what OutOfCore
+pins (planned_budget). Cells: the simulated iteration on `cpu-disk` as a multiple of the
+in-core step; the configuration auto chose is marked with *. "plan" is auto's wall
+time (all its screening included). The table in docs/planning.md ("Which policy auto
+picks") was made with this script.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import outcore
+from outcore.run.ooc import planned_budget
+from window_sweep import WORKLOADS, record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fractions", default="0.75,0.5,0.25")
+    args = parser.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
+    print("| workload | budget / peak | " + " | ".join(
+        ["adaptive", "adaptive-belady", "fixed k=4", "adaptive 1.5x budget"]) +
+          " | auto's gain over adaptive | plan |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, shape in WORKLOADS:
+        trace = record(name, shape)
+        peak = trace.peak(actual=True)[0]
+        shape_s = " ".join(f"{k}={v}" for k, v in shape.items())
+        for frac in fractions:
+            budget = planned_budget(trace, int(peak * frac))
+            try:
+                start = time.perf_counter()
+                s = outcore.plan(trace, budget)
+                took = time.perf_counter() - start
+            except outcore.InfeasibleBudget:
+                print(f"| {name} {shape_s} | {frac} | infeasible |")
+                continue
+            if s.options.get("in_core"):
+                print(f"| {name} {shape_s} | {frac} | fits in-core |")
+                continue
+            in_core = outcore.simulate(trace, s).in_core_time_s
+            times = [seconds for _, _, seconds in s.options["screened"]]
+            chosen = times.index(min(times))          # auto's rule: fastest, ties earliest
+            cells = []
+            for i, (_, _, seconds) in enumerate(s.options["screened"]):
+                cells.append(f"{seconds / in_core:.3f}{'*' if i == chosen else ''}")
+            gain = s.options["screened"][0][2] / s.options["screened"][chosen][2]
+            print(f"| {name} {shape_s} | {frac} | " + " | ".join(cells)
+                  + f" | {gain:.3f}x | {took:.2f} s |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`auto` (the default): the fastest of the window policies for this trace and budget, by
+simulated time, so that a user never has to choose.
+
+No window policy wins everywhere: on this project's CPU-disk traces an unlimited window,
+the paper's 1.5 x budget, a window of 4 functions and adaptive-belady each came first
+somewhere (docs/planning.md, "Which policy auto picks"). So `auto` plans the trace with
+each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
+starting with the state it ends with), simulates each schedule on `machine` (its
+iteration time: the step and the state moved between two steps), and keeps the
+fastest; ties go to the earlier configuration. The schedule's options name the choice
+and list what each configuration simulated to.
+
+Screening costs one planning per configuration, up to four plans of the trace each. To
+keep planning near a second on long traces, configurations are screened in order only
+while that work, counted in planned accesses (4 x the trace's accesses each), stays
+within SCREEN_ACCESSES; the first is always planned. All four fit up to 15,600
+accesses (about 5,000 functions of a plain network: ResNet-50 has 2,180, GPT-2 small
+3,429); a 20,000-function trace gets adaptive alone. The choice depends only on the
+trace, the budget and the options, never on the clock.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import REGISTRY, register
+
+# (policy, options): the configurations auto screens, in order of preference on a tie.
+SCREEN = (("adaptive", {}), ("adaptive-belady", {}), ("fixed", {"k": 4}),
+          ("adaptive", {"window_factor": 1.5}))
+SCREEN_ACCESSES = 250_000
+PLANS_PER_CONFIGURATION = 4          # api.CYCLE_ROUNDS, then once more at most
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """What simulate() reads of a Schedule, from plan()'s lists and their accounting."""
+    begin: list
+    end: list
+    resident_at_start: list
+    resident_at_end: tuple
+    bytes_in: int
+    bytes_out: int
+    peak_bytes: int
+
+
+def default_machine(trace) -> str:
+    """The machine auto simulates when none is given: cpu-disk (RAM over a local disk,
+    with the trace's own durations), the only tier pair OutOfCore runs today."""
+    return "cpu-disk"
+
+
+@register("auto", {"machine"}, "the fastest of the window policies by simulated time",
+          chooses=True)
+def choose(trace, budget: int, options: dict, cycle):
+    """plan()'s result for the configuration of SCREEN whose schedule simulates fastest
+    (module docstring)."""
+    from ...simulate import machine as get_machine, simulate
+    from .window import access_table
+
+    keep_state = options.get("keep_state", True)
+    m = get_machine(options.get("machine") or default_machine(trace))
+    work = PLANS_PER_CONFIGURATION * len(access_table(trace)[0])
+    screened, best = [], None
+    for i, (name, extra) in enumerate(SCREEN):
+        if i and (i + 1) * work > SCREEN_ACCESSES:
+            break
+        if "window_factor" in extra:
+            extra = {"window": int(extra["window_factor"] * budget)}
+        (begin, end, start), used, acc = cycle(REGISTRY[name], {**extra, "keep_state": keep_state})
+        seconds = simulate(trace, _Planned(begin, end, start, acc.resident_at_end, acc.bytes_in,
+                                           acc.bytes_out, acc.peak_bytes), m).iteration_time_s
+        screened.append([name, extra, seconds])
+        if best is None or seconds < best[0]:
+            best = (seconds, name, (begin, end, start), used, acc)
+    _, name, lists, used, acc = best
+    return lists, {"chosen": name, **used, "machine": m.name, "screened": screened}, acc
