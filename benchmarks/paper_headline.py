@@ -2,11 +2,15 @@
 16 GB budget on the v100-16gb model, batches from the in-core maximum up to 1440.
 
     .venv/bin/python benchmarks/paper_headline.py [--batches 192,384,...] [--budget 16GB]
+    .venv/bin/python benchmarks/paper_headline.py --phases 1440
 
 Records meta traces (no memory, no compute), plans each with every policy, simulates it,
 and prints a markdown table: per batch and policy, whether the budget is feasible, bytes
-moved (and how many of them are held arrays written out, docs/planning.md#held-arrays), predicted step time, and throughput relative to in-core training at the largest
-batch that fits. Paper (Hayakawa & Narihira): batch 1440 = 7.5x the in-core maximum at
+moved (and how many of them are held arrays written out, docs/planning.md#held-arrays),
+predicted step time, throughput relative to in-core training at the largest batch that
+fits, the batch's physical limit (outcore.simulate.physical_limit: no schedule is
+faster) and the step's share of it, and the schedule's own limit (compute, or its
+busiest link: Simulation.physical_limit_s). Paper (Hayakawa & Narihira): batch 1440 = 7.5x the in-core maximum at
 55% of in-core speed."""
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import time
 
 from outcore.errors import InfeasibleBudget
 from outcore.plan import POLICIES, lower_bound, min_feasible_budget, plan
-from outcore.simulate import simulate
+from outcore.simulate import machine as get_machine, physical_limit, simulate
 from outcore.trace import record
 from outcore.units import parse_bytes
 from outcore import workloads
@@ -52,12 +56,34 @@ def in_core_max(budget: int, hi: int = 1440) -> int:
     return lo
 
 
+def phases(batch: int, budget: int, m) -> None:
+    t = trace_for(batch)
+    sim = simulate(t, plan(t, budget, machine=m), m)
+    print(f"batch {batch} on {m.name}: step {sim.step_time_s:.2f} s; "
+          f"{physical_limit(t, budget, m)}")
+    for phase in dict.fromkeys(fn.phase for fn in t.functions):
+        idx = [i for i, fn in enumerate(t.functions) if fn.phase == phase]
+        a = min(sim.start_s[i] - sim.stall_s[i] for i in idx)
+        b = max(sim.start_s[i] + sim.compute_s[i] for i in idx)
+        busy = {d: sum(max(0.0, min(x.end_s, b) - max(x.start_s, a)) for x in sim.transfers
+                       if x.direction == d) for d in ("in", "out")}
+        print(f"  {phase:<10} from {a:6.2f} to {b:6.2f} s: compute "
+              f"{sum(sim.compute_s[i] for i in idx):5.2f} s, stalls "
+              f"{sum(sim.stall_s[i] for i in idx):5.2f} s, in-link busy {busy['in']:5.2f} s, "
+              f"out-link busy {busy['out']:5.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", default="16GB")
     parser.add_argument("--machine", default="v100-16gb")
     parser.add_argument("--batches", help="comma-separated (default: in-core max, then 256..1440)")
+    parser.add_argument("--phases", type=int, metavar="BATCH",
+                        help="instead of the table: where the default policy's step at BATCH "
+                             "spends its time, per phase (compute, stalls, each link busy)")
     args = parser.parse_args()
+    if args.phases:
+        return phases(args.phases, parse_bytes(args.budget), get_machine(args.machine))
     budget = parse_bytes(args.budget)
     start = time.perf_counter()
     base = in_core_max(budget)
@@ -68,9 +94,11 @@ def main() -> None:
           f"step {sim0.step_time_s * 1e3:.1f} ms, {base_rate:.1f} img/s on {args.machine})\n")
     batches = ([int(b) for b in args.batches.split(",")] if args.batches
                else [base, 256, 384, 512, 768, 1024, 1280, 1440])
+    m = get_machine(args.machine)
     print("| batch | x in-core max | in-core peak GB | min budget GB | policy | moved GB (in+out) "
-          "| held written GB | lower bound GB | step ms | img/s | speed vs in-core |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| held written GB | lower bound GB | step ms | img/s | speed vs in-core "
+          "| limit ms | of limit | own links ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for batch in batches:
         t = trace_for(batch)
         need = min_feasible_budget(t)
@@ -82,15 +110,18 @@ def main() -> None:
             head = (f"| {batch} | {batch / base:.2f} | {t.peak(actual=True)[0] / 1e9:.1f} | {need / 1e9:.1f} "
                     f"| {policy} |")
             try:
-                s = plan(t, budget, policy)
+                # auto chooses by simulated time: on the machine simulated here
+                s = plan(t, budget, policy, **({"machine": m} if policy == "auto" else {}))
             except InfeasibleBudget:
-                print(f"{head} infeasible | | | | | |")
+                print(f"{head} infeasible | | | | | | | | |")
                 continue
-            sim = simulate(t, s, args.machine)
+            sim = simulate(t, s, m)
             rate = batch / sim.step_time_s
+            limit = physical_limit(t, budget, m).seconds
             print(f"{head} {s.bytes_moved / 1e9:.1f} | {held_written(t, s) / 1e9:.1f} | {bound} "
                   f"| {sim.step_time_s * 1e3:.0f} "
-                  f"| {rate:.1f} | {100 * rate / base_rate:.0f}% |")
+                  f"| {rate:.1f} | {100 * rate / base_rate:.0f}% | {limit * 1e3:.0f} "
+                  f"| {limit / sim.step_time_s:.2f} | {sim.physical_limit_s * 1e3:.0f} |")
     print(f"\n(took {time.perf_counter() - start:.0f} s)")
 
 

@@ -1,0 +1,49 @@
+"""The physical limit (simulate/limit.py): hand-checked on a forward/backward step, and
+never beaten by any simulated schedule."""
+import dataclasses
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import outcore
+from outcore.plan import POLICIES, min_feasible_budget
+from outcore.simulate import PRESETS, Machine, physical_limit
+
+from ..plan.helpers import build, traces
+
+TOY = Machine("toy", peak_flops=1.0, memory_bandwidth=1.0, fast_bytes=100, link_in=1.0,
+              link_out=2.0, link_latency_s=0.0, use_trace_durations=True)
+
+
+def test_what_backward_reads_forward_had_to_write_first():
+    # Forward creates a, b, c (4 B each) and keeps them for backward; under 6 B at most
+    # one fits beside the next: before backward (the cut before function 3) 12 + 1 (w)
+    # bytes are alive, 7 over budget; w existed before the step, so at least 6 B were
+    # written (at 2 B/s: 3 s) and 7 B must be read back (7 s), against 1 s of compute on
+    # either side: 3 + 7 = 10 s, where max(compute, reads) would say 7.
+    t = build({"w": (1, "param"), "a": 4, "b": 4, "c": 4, "g": 1},
+              ["f0 r:w c:a", "f1 r:a c:b", "f2 r:b c:c",
+               "b0 @backward r:c c:g", "b1 @backward r:g r:b", "b2 @backward r:g r:a w:w"],
+              durations=[1 / 3] * 6)
+    limit = physical_limit(t, 6, TOY)
+    assert (limit.cut, limit.written, limit.read) == (3, 6, 7)
+    assert abs(limit.seconds - 10.0) < 1e-9 and abs(limit.compute_s - 2.0) < 1e-9
+    assert "before function 3 at least" in str(limit)
+    roomy = physical_limit(t, 100, TOY)
+    assert roomy.cut is None and abs(roomy.seconds - 2.0) < 1e-9
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(traces(max_functions=24), st.floats(0.0, 1.0),
+       st.sampled_from(["toy", "cpu-disk", "v100-16gb"]))
+def test_no_schedule_beats_the_physical_limit(trace, fraction, name):
+    m = TOY if name == "toy" else dataclasses.replace(PRESETS[name], link_latency_s=0.0)
+    if name == "v100-16gb":       # the helper traces have no FLOPs: give the functions time
+        m = dataclasses.replace(m, use_trace_durations=True)
+    low = min_feasible_budget(trace)
+    budget = low + int((trace.peak(actual=True)[0] - low) * fraction)
+    limit = physical_limit(trace, budget, m)
+    for policy in POLICIES:
+        options = {"machine": m} if policy == "auto" else {}
+        sim = outcore.simulate(trace, outcore.plan(trace, budget, policy, **options), m)
+        assert sim.step_time_s >= limit.seconds * (1 - 1e-9), (policy, limit)
