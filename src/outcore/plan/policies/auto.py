@@ -1,9 +1,11 @@
 """`auto` (the default): the fastest of the window policies for this trace and budget, by
 simulated time, so that a user never has to choose.
 
-No window policy wins everywhere: on this project's CPU-disk traces an unlimited window,
-the paper's 1.5 x budget, a window of 4 functions and adaptive-belady each came first
-somewhere (docs/planning.md, "Which policy auto picks"). So `auto` plans the trace with
+No window policy wins everywhere. Simulated on cpu-disk, an unlimited window was the
+fastest or within 0.8% on CPU-recorded ResNet and GPT-2 steps, but on meta traces of
+the same networks adaptive-belady, a window of 4 functions and the paper's 1.5 x budget
+each came first somewhere, by up to 6%, and adaptive-belady on the v100-16gb model by
+up to 3% (docs/planning.md, "Which policy auto picks"). So `auto` plans the trace with
 each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
 starting with the state it ends with), simulates each schedule on `machine` (its
 iteration time: the step and the state moved between two steps), and keeps the
