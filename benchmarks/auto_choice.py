@@ -48,9 +48,9 @@ def main():
             in_core = outcore.simulate(trace, s).in_core_time_s
             times = [seconds for _, _, seconds in s.options["screened"]]
             chosen = times.index(min(times))          # auto's rule: fastest, ties earliest
-            cells = []
+            cells = ["not screened"] * 4        # auto screens fewer on long traces
             for i, (_, _, seconds) in enumerate(s.options["screened"]):
-                cells.append(f"{seconds / in_core:.3f}{'*' if i == chosen else ''}")
+                cells[i] = f"{seconds / in_core:.3f}{'*' if i == chosen else ''}"
             gain = s.options["screened"][0][2] / s.options["screened"][chosen][2]
             print(f"| {name} {shape_s} | {frac} | " + " | ".join(cells)
                   + f" | {gain:.3f}x | {took:.2f} s |")

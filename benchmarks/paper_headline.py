@@ -9,7 +9,7 @@ and prints a markdown table: per batch and policy, whether the budget is feasibl
 moved (and how many of them are held arrays written out, docs/planning.md#held-arrays),
 predicted step time, throughput relative to in-core training at the largest batch that
 fits, the batch's physical limit (outcore.simulate.physical_limit: no schedule is
-faster) and the step's share of it, and the schedule's own limit (compute, or its
+faster) and the step's share of it, and the schedule's own bound (compute, or its
 busiest link: Simulation.physical_limit_s). Paper (Hayakawa & Narihira): batch 1440 = 7.5x the in-core maximum at
 55% of in-core speed."""
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main() -> None:
             bound = f"{lower_bound(t, budget).bytes_moved / 1e9:.1f}"
         except InfeasibleBudget:
             bound = "-"
+        limit = physical_limit(t, budget, m).seconds     # holds for a feasible budget only
         for policy in POLICIES:
             head = (f"| {batch} | {batch / base:.2f} | {t.peak(actual=True)[0] / 1e9:.1f} | {need / 1e9:.1f} "
                     f"| {policy} |")
@@ -117,7 +118,6 @@ def main() -> None:
                 continue
             sim = simulate(t, s, m)
             rate = batch / sim.step_time_s
-            limit = physical_limit(t, budget, m).seconds
             print(f"{head} {s.bytes_moved / 1e9:.1f} | {held_written(t, s) / 1e9:.1f} | {bound} "
                   f"| {sim.step_time_s * 1e3:.0f} "
                   f"| {rate:.1f} | {100 * rate / base_rate:.0f}% | {limit * 1e3:.0f} "

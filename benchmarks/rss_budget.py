@@ -53,7 +53,7 @@ def child(args) -> dict:
     ooc = None
     if args.mode != "plain":
         freed = {"trim": True}.get(args.mode, args.mode)
-        ooc = outcore.OutOfCore(args.budget, return_freed_memory=freed)
+        ooc = outcore.OutOfCore(args.budget, policy=args.policy, return_freed_memory=freed)
     for _ in range(args.iterations):
         if ooc is None:
             w.step()
@@ -68,9 +68,9 @@ def child(args) -> dict:
     return out
 
 
-def _run(case, mode, optimizer, iterations, budget=0):
+def _run(case, mode, optimizer, iterations, budget=0, policy="auto"):
     cmd = [sys.executable, __file__, "--child", mode, "--case", case, "--optimizer", optimizer,
-           "--iterations", str(iterations), "--budget", str(budget)]
+           "--iterations", str(iterations), "--budget", str(budget), "--policy", policy]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.25, help="budget / in-core peak")
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--policy", default="auto", help="OutOfCore's policy (default auto)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
@@ -100,7 +101,7 @@ def main() -> int:
         budget = int(peak * args.fraction)
         bound = 1.2 * budget + 64 * MIB
         for mode in ["plain"] + args.modes.split(","):
-            r = _run(case, mode, args.optimizer, args.iterations, budget)
+            r = _run(case, mode, args.optimizer, args.iterations, budget, args.policy)
             grown = r["peak"] - r["start"]
             unmanaged = f"{r['unmanaged'] / MIB:.0f} MiB" if "unmanaged" in r else "-"
             within = "-" if mode == "plain" else ("yes" if grown <= bound else "no")

@@ -39,3 +39,31 @@ def test_simulate_single_and_sweep_table(tmp_path, capsys):
     rows = [line.split() for line in lines if line.startswith(str(path)[:34])]
     assert [(r[1], r[3]) for r in rows][::5] == [("8", "auto"), ("9", "auto"), ("10", "auto")]
     assert all(r[4:8] == ["0", "B", "0", "B"] for r in rows if r[1] == "10")
+
+
+def test_window_options_pick_their_policy(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    build(PREFETCH, PREFETCH_FNS, durations=[1.0] * 5).save(path)
+    assert main(["plan", str(path), "--budget", "8"]) == 0
+    assert "Schedule (auto, chosen=" in capsys.readouterr().out
+    assert main(["plan", str(path), "--budget", "8", "--window", "6"]) == 0
+    assert "Schedule (adaptive, keep_state=True, window=6)" in capsys.readouterr().out
+    assert main(["plan", str(path), "--budget", "8", "--k", "2"]) == 0
+    assert "Schedule (fixed, k=2" in capsys.readouterr().out
+    assert main(["plan", str(path), "--budget", "8", "--k", "2", "--window", "6"]) == 2
+    assert "give --policy too" in capsys.readouterr().err
+    assert main(["simulate", str(path), "--budget", "8", "--window", "6"]) == 0
+    assert "Schedule (adaptive, keep_state=True, window=6)" in capsys.readouterr().out
+    assert main(["plan", str(path), "--budget", "8", "--policy", "auto", "--window", "6"]) == 2
+    assert "policy 'auto' takes no option(s) window" in capsys.readouterr().err
+
+
+def test_out_of_core_refuses_options_its_policy_does_not_take_before_anything_runs():
+    import pytest
+
+    import outcore
+    with pytest.raises(outcore.OutcoreError, match=r"policy='auto'\) takes no plan option\(s\) "
+                                                    r"window.*policy='adaptive'"):
+        outcore.OutOfCore("1MiB", plan_options={"window": "3MiB"})
+    ooc = outcore.OutOfCore("1MiB", policy="adaptive", plan_options={"window": "3MiB"})
+    ooc.close()

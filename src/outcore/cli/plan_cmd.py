@@ -21,9 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", help="fast-tier budget, e.g. 16GB, 512MiB (required unless "
                                     "--cluster; with --cluster: per-device budgets to try, "
                                     "comma-separated, default the device's memory)")
-    p.add_argument("--policy", default="auto", choices=POLICIES,
+    p.add_argument("--policy", choices=POLICIES,
                    help="scheduling policy (default auto: the fastest of the others by "
-                        "simulated time on cpu-disk; adaptive is the paper's)")
+                        "simulated time on cpu-disk; with --window adaptive, the paper's; "
+                        "with --k fixed)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
@@ -43,13 +44,28 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def policy_options(args) -> dict:
+def policy_options(args, policy: str | None = None) -> dict:
+    """--window / --k as plan() options; with `policy` auto, the machine it chooses on
+    (--machine, where the command has one)."""
     options = {}
     if getattr(args, "window", None) is not None:
         options["window"] = args.window
     if getattr(args, "k", None) is not None:
         options["k"] = args.k
+    if policy == "auto" and getattr(args, "machine", None):
+        options["machine"] = args.machine
     return options
+
+
+def chosen_policy(args) -> str:
+    """--policy as given; without it, the policy --window (adaptive) or --k (fixed)
+    belongs to, else auto."""
+    if args.policy is not None:
+        return args.policy
+    window, k = getattr(args, "window", None) is not None, getattr(args, "k", None) is not None
+    if window and k:
+        raise OutcoreError("--window is adaptive's option and --k fixed's: give --policy too")
+    return "fixed" if k else "adaptive" if window else "auto"
 
 
 def run(args) -> int:
@@ -60,7 +76,7 @@ def run(args) -> int:
                            "rank multi-device configurations")
     trace = Trace.load(args.trace)
     budget = parse_bytes(args.budget)
-    schedule = plan(trace, budget, args.policy, **policy_options(args))
+    schedule = plan(trace, budget, chosen_policy(args), **policy_options(args))
     print(repr(trace))
     print(schedule.summary(trace=trace, max_lines=args.lines))
     bound = lower_bound(trace, budget)

@@ -5,7 +5,7 @@ from ..plan import POLICIES, plan
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import parse_bytes
-from .plan_cmd import policy_options
+from .plan_cmd import chosen_policy, policy_options
 
 
 def add_parser(sub) -> None:
@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
                     "ooc.plot(path) after a replayed iteration.")
     p.add_argument("trace", help="trace JSON file (outcore trace -o FILE)")
     p.add_argument("--budget", required=True, help="fast-tier budget, e.g. 512MiB")
-    p.add_argument("--policy", default="auto", choices=POLICIES,
-                   help="scheduling policy (default auto)")
+    p.add_argument("--policy", choices=POLICIES,
+                   help="scheduling policy (default auto; with --window adaptive, with --k fixed)")
     p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),
                    help="machine preset for the clock (default cpu-disk)")
     p.add_argument("--window", help="adaptive window in bytes")
@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..view.plot import plot_memory
     trace = Trace.load(args.trace)
-    schedule = plan(trace, parse_bytes(args.budget), args.policy, **policy_options(args))
+    policy = chosen_policy(args)
+    schedule = plan(trace, parse_bytes(args.budget), policy, **policy_options(args, policy))
     sim = simulate(trace, schedule, args.machine)
     plot_memory(trace, schedule, sim, args.output, title=trace.info.get("label"))
     print(f"memory picture written to {args.output}")

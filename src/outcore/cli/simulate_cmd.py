@@ -16,7 +16,7 @@ from ..plan import POLICIES, min_feasible_budget, plan
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
-from .plan_cmd import policy_options
+from .plan_cmd import chosen_policy, policy_options
 
 
 def add_parser(sub) -> None:
@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
                                     "machine's memory)")
     p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),
                    help="machine preset (default cpu-disk)")
-    p.add_argument("--policy", default="auto",
-                   help=f"policy, comma-separated list, or 'all' ({', '.join(POLICIES)})")
+    p.add_argument("--policy",
+                   help=f"policy, comma-separated list, or 'all' ({', '.join(POLICIES)}; "
+                        "default auto, or with --window adaptive, with --k fixed)")
     p.add_argument("--sweep", type=int, nargs="?", const=6, metavar="N",
                    help="N budgets from the smallest feasible to the in-core peak (default 6)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
@@ -92,7 +93,7 @@ def run_together(args) -> int:
         raise OutcoreError("--together takes one --budget (each rank's)")
     if args.per_op_us < 0:
         raise OutcoreError(f"--per-op-us must be >= 0, got {args.per_op_us}")
-    policies = _policies(args.policy)
+    policies = _policies(chosen_policy(args))
     if len(policies) != 1:
         raise OutcoreError("--together takes one --policy")
     policy = policies[0]
@@ -110,7 +111,7 @@ def run_together(args) -> int:
     for rank, trace in enumerate(traces):
         budget = parse_bytes(args.budget) if args.budget else trace.peak(actual=True)[0]
         try:
-            schedules.append(plan(trace, budget, policy, **policy_options(args)))
+            schedules.append(plan(trace, budget, policy, **policy_options(args, policy)))
         except InfeasibleBudget as exc:
             raise OutcoreError(f"rank {rank} ({args.traces[rank]}): {exc}") from None
     sims = simulate_ranks(traces, schedules, machine, link=name)
@@ -156,7 +157,7 @@ def run(args) -> int:
         raise OutcoreError("--per-op-us goes with --together")
     if args.ranks is not None or args.strategy or args.interconnect:
         return run_cluster(args)
-    policies = _policies(args.policy)
+    policies = _policies(chosen_policy(args))
     options = policy_options(args)
     if args.timeline and (len(args.traces) > 1 or len(policies) > 1 or args.sweep
                           or (args.budget and "," in args.budget)):

@@ -45,9 +45,11 @@ def _cycle(trace, policy, budget, options):
     the state the previous candidate ended with (up to CYCLE_ROUNDS in all); and the
     best of those again with state kept at the end only if the step starts with it
     (its writes then overlap the step). Kept: the one that moves the fewest bytes,
-    boundary included, within the budget. Candidates are ranked by the planner's own
-    tally (window.WindowPlan); only the one kept is walked through check.replay, and
-    the next in rank if replay refuses it (a start the planner could not serve)."""
+    boundary included. Candidates are ranked by the planner's own tally
+    (window.WindowPlan); only the one kept is walked through check.replay, which refuses
+    any plan over the budget (R2), and the next in rank if replay refuses it. The
+    policy's own plan (the first) must pass: a refusal there is a planner bug and is
+    raised."""
     state = {a.id: a.nbytes for a in trace.arrays if a.kind == "persistent" and a.existed_before}
     ranked = []         # (cost, order, plan, options used, persistent arrays at the start)
 
@@ -81,10 +83,8 @@ def _cycle(trace, policy, budget, options):
             if order == 0:
                 raise
             continue
-        if acc.peak_bytes <= budget:
-            return (wp.begin, wp.end, wp.start), used, acc
-    wp, used = ranked[0][2], ranked[0][3]      # none within the budget: the policy's own
-    return (wp.begin, wp.end, wp.start), used, replay(trace, wp.begin, wp.end, wp.start, budget)
+        return (wp.begin, wp.end, wp.start), used, acc
+    raise AssertionError("unreachable: the policy's own plan is replayed or raised")
 
 
 def plan(trace, budget, policy: str = "auto", **options) -> Schedule:

@@ -35,6 +35,7 @@ from ..errors import InfeasibleBudget, OutcoreError
 from ..memory.malloc import make_governor, page_faults, resident_bytes
 from ..plan import check, plan
 from ..plan.api import POLICIES
+from ..plan.policies import REGISTRY
 from ..plan.feasibility import occupancy, require_feasible
 from ..states import FAST
 from ..units import format_bytes, parse_bytes
@@ -137,7 +138,8 @@ class OutOfCore:
         the recorded step, by simulated time), "adaptive" (the paper's), "fixed", ...
     min_move_bytes: storages smaller than this stay in fast memory (a transfer would
         cost more than it frees).
-    plan_options: extra options for the policy (e.g. {"window": "3GiB"}).
+    plan_options: extra options for the policy (e.g. policy="adaptive",
+        plan_options={"window": "3GiB"}); refused at once if the policy has no such option.
     return_freed_memory: how the C allocator (glibc) hands freed memory back to the OS,
         so that the process's resident memory follows the budget instead of its
         high-water mark; process-wide until close() (README, "Memory and speed"). True
@@ -172,6 +174,12 @@ class OutOfCore:
             raise OutcoreError(f"unknown offload {offload!r}; use offload='disk'")
         if policy not in POLICIES:
             raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        unknown = set(plan_options or {}) - REGISTRY[policy].options
+        if unknown:        # refused now, not after a recorded iteration
+            raise OutcoreError(
+                f"OutOfCore(policy={policy!r}) takes no plan option(s) {', '.join(sorted(unknown))} "
+                f"(its options: {', '.join(sorted(REGISTRY[policy].options))}); a window is "
+                "adaptive's option (policy='adaptive'), k fixed's")
         if return_freed_memory not in (True, False, "trim", "eager"):
             raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
                                f"got {return_freed_memory!r}")

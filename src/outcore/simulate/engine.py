@@ -81,8 +81,10 @@ class Simulation:
 
     @property
     def physical_limit_s(self) -> float:
-        """No schedule can beat this: compute, or the busiest link (both directions'
-        time together when the link is shared)."""
+        """This schedule's own bound: its compute, or its busiest link (both directions'
+        time together when the link is shared). It moves these bytes no faster; another
+        schedule may. For the step's limit over all schedules see
+        outcore.simulate.physical_limit (limit.py)."""
         ins, outs = self.link_busy_s
         return max(self.in_core_time_s, ins + outs if self.shared_link else max(ins, outs))
 
@@ -95,7 +97,7 @@ class Simulation:
             f"  stalls      {self.total_stall_s * 1e3:10.2f} ms  in "
             f"{sum(1 for s in self.stall_s if s > 0)} of {len(self.stall_s)} functions",
             f"  moved       {format_bytes(self.bytes_in)} in, {format_bytes(self.bytes_out)} out; "
-            f"physical limit {bound * 1e3:.2f} ms (max of compute and the links' busy time)",
+            f"this schedule's bound {bound * 1e3:.2f} ms (max of compute and the links' busy time)",
             f"  peak fast   {format_bytes(self.peak_bytes)}",
             f"  between iterations {self.boundary_s * 1e3:.2f} ms: state the step ends and the "
             "next one starts with on different tiers, moved before it",

@@ -1,6 +1,7 @@
 """The physical limit of a step: no schedule of `trace` under `budget` runs faster on
-`machine` (the simulator's model: functions one after another, each link moving one
-copy at a time).
+`machine` (the simulator's model: functions one after another on the compute lane, each
+link moving one copy at a time; `simulate` without `comm`: collectives on their own
+lane cost no compute there, and `simulate_ranks` counts host time differently).
 
 `max(compute, bytes read / read speed)` is not such a limit for a training step,
 because what backward reads back, forward had to write first, and the two cannot

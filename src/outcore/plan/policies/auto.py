@@ -4,8 +4,8 @@ simulated time, so that a user never has to choose.
 No window policy wins everywhere. Simulated on cpu-disk, an unlimited window was the
 fastest or within 0.8% on CPU-recorded ResNet and GPT-2 steps, but on meta traces of
 the same networks adaptive-belady, a window of 4 functions and the paper's 1.5 x budget
-each came first somewhere, by up to 6%, and adaptive-belady on the v100-16gb model by
-up to 3% (docs/planning.md, "Which policy auto picks"). So `auto` plans the trace with
+each came first at some budget, by up to 6%, and adaptive-belady on the v100-16gb model
+by up to 3% (docs/planning.md, "Which policy auto picks"). So `auto` plans the trace with
 each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
 starting with the state it ends with), simulates each schedule on `machine` (its
 iteration time: the step and the state moved between two steps), and keeps the
@@ -45,10 +45,9 @@ class _Planned:
     peak_bytes: int
 
 
-def default_machine(trace) -> str:
-    """The machine auto simulates when none is given: cpu-disk (RAM over a local disk,
-    with the trace's own durations), the only tier pair OutOfCore runs today."""
-    return "cpu-disk"
+# The machine auto simulates when none is given: RAM over a local disk, with the trace's
+# own durations, the only tier pair OutOfCore runs today.
+DEFAULT_MACHINE = "cpu-disk"
 
 
 @register("auto", {"machine"}, "the fastest of the window policies by simulated time",
@@ -60,7 +59,7 @@ def choose(trace, budget: int, options: dict, cycle):
     from .window import access_table
 
     keep_state = options.get("keep_state", True)
-    m = get_machine(options.get("machine") or default_machine(trace))
+    m = get_machine(options.get("machine") or DEFAULT_MACHINE)
     work = PLANS_PER_CONFIGURATION * len(access_table(trace)[0])
     screened, best = [], None
     for i, (name, extra) in enumerate(SCREEN):

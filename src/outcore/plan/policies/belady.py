@@ -62,7 +62,7 @@ def plan_adaptive_belady(trace, budget: int, *, window=None, reserve=DEFAULT_RES
     limit = window_limit(window)
     keep_limit = int(budget * (1 - reserve))
     kept = keep_gaps(trace, keep_limit)
-    lists = plan_window(trace, budget, window_bytes=limit, keep=lambda a, f: (a, f) in kept,
+    planned = plan_window(trace, budget, window_bytes=limit, keep=lambda a, f: (a, f) in kept,
                         keep_state=keep_state, start_state=start_state,
                         end_within_start=end_within_start)
-    return lists, {"window": limit, "reserve": reserve, "keep_state": keep_state}
+    return planned, {"window": limit, "reserve": reserve, "keep_state": keep_state}

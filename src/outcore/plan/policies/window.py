@@ -107,9 +107,6 @@ class WindowPlan:
     bytes_out: int
     resident_at_end: tuple
 
-    def __iter__(self):                    # begin, end, start = plan_window(...)
-        return iter((self.begin, self.end, self.start))
-
 
 class _SwapOuts:
     """Swap-outs in flight, the paper's swap-out queue: each issued after function `fn[p]`,
@@ -177,20 +174,20 @@ class _Window:
     (its bytes count from admission to then), and, for a window limited in bytes, the
     bytes of the distinct arrays with an admitted access in [tail, head). `tail` is the
     oldest swap-out still in flight, or the current function."""
-    __slots__ = ("last", "limit", "functions", "bytes", "inside", "leave", "tail", "nb")
+    __slots__ = ("last", "limit", "functions", "bytes", "inside", "ends", "tail", "nb")
 
     def __init__(self, n: int, nb: list, limit: int | None, functions: int | None):
         self.last = [-1] * len(nb)
         self.limit, self.functions, self.nb = limit, functions, nb
         self.bytes, self.tail = 0, 0
         self.inside = [False] * len(nb)
-        self.leave = [[] for _ in range(n + 1)]     # arrays whose reservation ends there
+        self.ends = [[] for _ in range(n + 1)]      # arrays whose reservation ends there
 
     def reserve(self, a: int, g: int) -> None:
         """a stays reserved up to function g."""
         self.last[a] = g
         if self.limit is not None:
-            self.leave[g].append(a)
+            self.ends[g].append(a)
             if not self.inside[a]:
                 self.inside[a] = True
                 self.bytes += self.nb[a]
@@ -202,7 +199,7 @@ class _Window:
             return
         new_tail = min(f, swap_outs.oldest_fn(f))
         while self.tail < new_tail:
-            for a in self.leave[self.tail]:
+            for a in self.ends[self.tail]:
                 if self.inside[a] and self.last[a] == self.tail:
                     self.inside[a] = False
                     self.bytes -= self.nb[a]
@@ -425,13 +422,13 @@ class _WindowPlanner:
             if window.last[a] > f:
                 continue
             if next_use < 0:
-                self.last_use(a, f)
+                self.after_last_use(a, f)
             elif next_use == f + 1 or (keep is not None and keep(a, f)):
                 window.reserve(a, next_use)
             else:
                 self.evict(a, f, next_use)
 
-    def last_use(self, a: int, f: int) -> None:
+    def after_last_use(self, a: int, f: int) -> None:
         """a is not used again in this step: state stays if kept for the end and is written
         out otherwise; the rest is FREEd, or held until PyTorch releases it."""
         if self.persistent[a]:
@@ -448,9 +445,7 @@ class _WindowPlanner:
             return
         self.release_at[release].append(a)         # dead but held until its release
         if not self.dirty[a]:
-            self.end[f].append(Action(DROP, a))
-            self.state[a] = SLOW
-            self.occ -= self.nb[a]
+            self.drop(a, f)
         else:
             self.victims.add(a, _held_priority(self.n, release), self.nb[a])
 
@@ -482,9 +477,13 @@ class _WindowPlanner:
             self.dirty[a] = False
             self.swap_outs.push(a, f, self.n if next_use < 0 else next_use)
         else:
-            self.end[f].append(Action(DROP, a))
-            self.state[a] = SLOW
-            self.occ -= nbytes
+            self.drop(a, f)
+
+    def drop(self, a: int, f: int) -> None:
+        """After f, let go of a's fast copy: its slow copy is current."""
+        self.end[f].append(Action(DROP, a))
+        self.state[a] = SLOW
+        self.occ -= self.nb[a]
 
     def wait(self, a: int, f: int) -> None:
         """WAIT before f for a's swap-out; its memory is free from then on."""
@@ -522,11 +521,11 @@ class _WindowPlanner:
                 self.end[f - 1].append(Action(SWAP_OUT, a))
                 self.bytes_out += nbytes
                 self.begin[f].append(Action(WAIT, a))
+                self.state[a] = SLOW
+                self.dirty[a] = False
+                self.occ -= nbytes
             else:                                  # state kept at the end, unchanged
-                self.end[f - 1].append(Action(DROP, a))
-            self.state[a] = SLOW
-            self.dirty[a] = False
-            self.occ -= nbytes
+                self.drop(a, f - 1)
             short -= nbytes
 
 
