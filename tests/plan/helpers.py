@@ -15,6 +15,8 @@ forward). Array ids follow the dict's order.
 `held` gives `freed_after` for non-persistent arrays whose storage outlives their last
 use ({"g": 5}: PyTorch drops it after function 5; {"x": None}: alive at the end of the
 step). Every other non-persistent array is freed right after its last use.
+`workspace` gives functions' workspace bytes ({2: 16}: function 2 takes 16 B while it
+runs).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ _ACC = {"r": "read", "w": "write", "c": "create"}
 
 
 def build(arrays: dict, functions: list[str], *, durations=None, flops=None, touched=None,
-          held=None) -> Trace:
+          held=None, workspace=None) -> Trace:
     names = list(arrays)
     ids = {name: i for i, name in enumerate(names)}
     fns, uses = [], {i: [] for i in range(len(names))}
@@ -46,7 +48,8 @@ def build(arrays: dict, functions: list[str], *, durations=None, flops=None, tou
         fns.append(Function(index=index, op=op, phase=phase, accesses=tuple(accesses),
                             duration_s=durations[index] if durations else 1e-3,
                             flops=flops[index] if flops else 0,
-                            bytes_touched=touched[index] if touched else 0))
+                            bytes_touched=touched[index] if touched else 0,
+                            workspace_bytes=(workspace or {}).get(index, 0)))
     return _assemble(names, arrays, fns, uses, held or {})
 
 
@@ -122,4 +125,6 @@ def traces(draw, max_functions: int = 24):
             held[name] = draw(st.integers(last[name], n - 1))
         elif choice == "none":
             held[name] = None
-    return build(arrays, lines, held=held)
+    # A few functions take workspace (a library's scratch) beside their operands.
+    workspace = {i: draw(size) for i in range(n) if draw(st.integers(0, 5)) == 0}
+    return build(arrays, lines, held=held, workspace=workspace)

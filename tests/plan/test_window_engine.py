@@ -147,3 +147,28 @@ def test_auto_refuses_an_unknown_machine_and_options_of_other_policies():
     with pytest.raises(OutcoreError, match="policy 'auto' takes no option"):
         outcore.plan(t, 22, window=64)
     assert outcore.plan(t, 22, machine="v100-16gb").options["machine"] == "v100-16gb"
+
+
+def test_a_functions_workspace_is_room_the_plan_leaves_free_while_it_runs():
+    # f2 takes 6 B of workspace beside a (4) and b (4): it needs 14 B. Under 14 B the
+    # plan must have w (2, read again by f3) out during f2, and check refuses a schedule
+    # that forgets the workspace.
+    t = build({"w": (2, "param"), "a": 4, "b": 4, "c": 2},
+              ["f0 r:w c:a", "f1 r:a c:b", "f2 r:a r:b c:c", "f3 @backward r:c r:w"],
+              workspace={2: 6})
+    assert min_feasible_budget(t) == 4 + 4 + 2 + 6          # a, b, c and the workspace
+    assert t.peak(actual=True) == (2 + 4 + 4 + 2 + 6, 2)      # in-core: w stays too
+    for policy in POLICIES:
+        s = outcore.plan(t, 16, policy)
+        outcore.check(t, s, 16)
+        assert s.resident_curve[2] == 16 and s.peak_bytes == 16, policy      # w is out
+    no_room = outcore.plan(build({"w": (2, "param"), "a": 4, "b": 4, "c": 2},
+                                 ["f0 r:w c:a", "f1 r:a c:b", "f2 r:a r:b c:c",
+                                  "f3 @backward r:c r:w"]), 16, "adaptive")
+    with pytest.raises(outcore.ScheduleError, match="R2: function 2 .* 18 B on the fast tier "
+                                                    r"\(6 B of it its workspace\)"):
+        outcore.check(t, no_room, 16)
+    with pytest.raises(outcore.InfeasibleBudget,
+                       match=r"needs 16 B \(16 B\) on the fast tier at once, 6 B of it the op's "
+                             "own workspace"):
+        outcore.plan(t, 15)

@@ -57,8 +57,9 @@ def test_waiting_is_wall_time_and_working_is_cpu_time_too():
     worked = next(f for f in fns if f.op == "aten.sum.default")
     assert slept.host_s >= SLEEP_S and slept.host_cpu_s < SLEEP_S / 2, (slept.host_s, slept.host_cpu_s)
     # CPU time is what the thread got: most of the busy wait, unless the machine is
-    # loaded; half of it is a safe floor on two cores shared with another process.
-    assert worked.host_s >= SLEEP_S and worked.host_cpu_s >= SLEEP_S / 2, (worked.host_s, worked.host_cpu_s)
+    # loaded; a quarter of it is a safe floor on two cores shared with two other
+    # processes (half was not: 0.0099 s of 0.02 with a second test run beside it).
+    assert worked.host_s >= SLEEP_S and worked.host_cpu_s >= SLEEP_S / 4, (worked.host_s, worked.host_cpu_s)
     assert all(f.peer is None for f in fns)
 
 

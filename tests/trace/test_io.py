@@ -121,3 +121,21 @@ def test_random_corruptions_raise_only_trace_error(trace, data):
         outcore.Trace.from_dict(doc)
     except outcore.TraceError:
         pass          # a clear error: fine; anything else propagates and fails the test
+
+
+def test_workspace_round_trips_older_traces_load_it_as_zero_and_a_negative_one_is_refused(tmp_path):
+    from outcore.trace.io import from_dict
+    from outcore.trace.model import Trace
+
+    from ..plan.helpers import build
+    t = build({"x": (8, "input"), "h": 8}, ["f0 r:x c:h", "f1 r:h"], workspace={1: 32})
+    path = tmp_path / "t.json"
+    t.save(path)
+    assert [f.workspace_bytes for f in Trace.load(path).functions] == [0, 32]
+    data = json.loads(path.read_text())
+    for fn in data["functions"]:
+        del fn["workspace_bytes"]
+    assert [f.workspace_bytes for f in from_dict(data).functions] == [0, 0]
+    data["functions"][1]["workspace_bytes"] = -1
+    with pytest.raises(outcore.TraceError, match="workspace_bytes.*negative workspace -1"):
+        from_dict(data)

@@ -6,8 +6,9 @@ as a ScheduleError instead of a wrong number. `check` is the public entry point.
 
 Rules (numbered so messages and tests can cite them):
   R1 every access finds its array on the fast tier (created arrays: not existing yet);
-  R2 fast-tier bytes (resident + swap-ins issued + swap-outs not waited for) never
-     exceed the budget, at any point between actions;
+  R2 fast-tier bytes (resident + swap-ins issued + swap-outs not waited for, and while
+     a function runs its workspace: NOTE [Workspace] in feasibility.py) never exceed
+     the budget, at any point between actions;
   R3 FREE exactly at an array's release point (docs/planning.md#held-arrays): never a
      persistent one, never before PyTorch drops the storage (`freed_after`, or the end
      of the step when None; at least the last use), never after; the array may be
@@ -129,11 +130,15 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
             pending[a] = False
             if acc.kind != "read":
                 dirty[a] = True
-        if occ > budget:
-            raise ScheduleError(f"R2: {where(i, 'run')}: {occ} B on the fast tier, over the "
-                                f"budget of {budget} B ({format_bytes(occ - budget)} too many)")
-        peak = max(peak, occ)
-        curve.append(occ)
+        running = occ + functions[i].workspace_bytes
+        if running > budget:
+            raise ScheduleError(f"R2: {where(i, 'run')}: {running} B on the fast tier"
+                                + (f" ({functions[i].workspace_bytes} B of it its workspace)"
+                                   if functions[i].workspace_bytes else "")
+                                + f", over the budget of {budget} B "
+                                f"({format_bytes(running - budget)} too many)")
+        peak = max(peak, running)
+        curve.append(running)
         for act in end[i]:
             a = act.array
             arr = arrays[a]

@@ -5,7 +5,15 @@ Release points (docs/planning.md#held-arrays): a non-persistent array occupies f
 memory until PyTorch drops its last reference, `Array.freed_after` (None: still alive at
 the end of the step, i.e. function n - 1), never before its last use. Between its last
 use and its release it is *dead but held*: never read again, but resident unless the
-plan moves it out. Persistent arrays live to the end and carry over."""
+plan moves it out. Persistent arrays live to the end and carry over.
+
+NOTE [Workspace]: `Function.workspace_bytes` is memory an op takes for itself while it
+runs (a cuDNN or oneDNN workspace) and gives back before it returns. It is no array: it
+never moves and no action names it. Every count of what a function holds includes it:
+`needs` and `function_bytes` (so the smallest feasible budget leaves room for it), the
+occupancy curve and `Trace.live_bytes` (the in-core peak), the window planner (which
+reserves it before the function's operands and releases it after the function runs)
+and `check.replay` (R2 counts it while the function runs)."""
 from __future__ import annotations
 
 import functools
@@ -71,6 +79,7 @@ def _occupancy_all(trace):
 
 
 def _occupancy(trace, only) -> list[int]:
+    """Arrays' bytes per function; with only=None also the function's workspace."""
     n = len(trace.functions)
     delta = [0] * (n + 1)
     for a, rel in zip(trace.arrays, release_points(trace)):
@@ -80,9 +89,9 @@ def _occupancy(trace, only) -> list[int]:
         delta[start] += a.nbytes
         delta[max(start, rel) + 1] -= a.nbytes
     curve, running = [], 0
-    for i in range(n):
+    for i, fn in enumerate(trace.functions):
         running += delta[i]
-        curve.append(running)
+        curve.append(running + (fn.workspace_bytes if only is None else 0))
     return curve
 
 
@@ -123,10 +132,12 @@ def require_feasible(trace, budget: int) -> None:
     if need[worst] <= budget:
         return
     fn = trace.functions[worst]
+    workspace = (f", {format_bytes(fn.workspace_bytes)} of it the op's own workspace"
+                 if fn.workspace_bytes else "")
     raise InfeasibleBudget(
         f"a budget of {format_bytes(budget)} ({budget} B) cannot run function {worst} "
         f"({fn.op}, {fn.phase}): it needs {format_bytes(need[worst])} ({need[worst]} B) on the "
-        f"fast tier at once. The smallest feasible budget for this trace is "
+        f"fast tier at once{workspace}. The smallest feasible budget for this trace is "
         f"{format_bytes(need[worst])}; raise the budget or lower the batch size.",
         function_index=worst, op=fn.op, phase=fn.phase, needed_bytes=need[worst],
         budget_bytes=budget, min_feasible_bytes=need[worst])

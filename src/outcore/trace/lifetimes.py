@@ -29,16 +29,17 @@ def live_bytes(trace: Trace, *, actual: bool = False) -> list[int]:
         delta[start] += arr.nbytes
         delta[end + 1] -= arr.nbytes
     curve, running = [], 0
-    for i in range(n):
+    for i, fn in enumerate(trace.functions):
         running += delta[i]
-        curve.append(running)
+        curve.append(running + fn.workspace_bytes)      # NOTE [Workspace], feasibility.py
     return curve
 
 
 def function_bytes(trace: Trace, index: int) -> int:
-    """Bytes that must be resident together while function `index` runs (its operands)."""
+    """Bytes that must be on the fast tier together while function `index` runs: its
+    operands and its workspace."""
     seen = set()
-    total = 0
+    total = trace.functions[index].workspace_bytes
     for acc in trace.functions[index].accesses:
         if acc.array not in seen:
             seen.add(acc.array)

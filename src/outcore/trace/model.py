@@ -58,6 +58,11 @@ class Function:
     # A point-to-point op (c10d.send, c10d.recv_): the other rank, as its process group
     # numbers it. None otherwise, and in older traces.
     peer: int | None = None
+    # Bytes the op takes for itself while it runs and gives back before it returns,
+    # outside every array: a library's workspace or scratchpad (cuDNN, cuBLAS, oneDNN).
+    # The fast tier must hold them beside the op's operands (NOTE [Workspace] in
+    # plan/feasibility.py). 0 when not measured, and in older traces.
+    workspace_bytes: int = 0
 
     def arrays(self) -> tuple[int, ...]:
         return tuple(a.array for a in self.accesses)

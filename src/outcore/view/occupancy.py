@@ -3,8 +3,10 @@
 `by_category` walks a schedule the way `outcore.check` does (plan/check.py, which
 enforces the rules; this walk assumes them) and keeps, per function, the fast-tier
 bytes of each category (`Trace.arrays[i].category`: parameter, gradient, activation...)
-and the bytes that are only on the slow tier. Its rows add up to the schedule's
-`resident_curve`, function by function (tests/view/test_timeline.py).
+and the bytes that are only on the slow tier. A trace whose functions take workspace
+(NOTE [Workspace], plan/feasibility.py) gets a last column, "workspace", with each
+function's own. Its rows add up to the schedule's `resident_curve`, function by
+function (tests/view/test_timeline.py).
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ def by_category(trace, schedule) -> Occupancy:
     arrays = trace.arrays
     present = {a.category for a in arrays}
     categories = tuple(c for c in CATEGORIES if c in present) + tuple(sorted(present - set(CATEGORIES)))
+    workspace = any(fn.workspace_bytes for fn in trace.functions)
+    categories += ("workspace",) if workspace else ()
     column = {c: k for k, c in enumerate(categories)}
     col = [column[a.category] for a in arrays]
     nbytes = [a.nbytes for a in arrays]
-    fast = [0] * len(categories)
+    fast = [0] * (len(categories) - workspace)     # arrays only
     in_fast = [False] * len(arrays)       # occupies fast memory (FAST, or OUT until its WAIT)
     only_slow = [False] * len(arrays)     # its bytes are on the slow tier alone (SLOW)
     slow = 0
@@ -72,7 +76,7 @@ def by_category(trace, schedule) -> Occupancy:
         for acc in fn.accesses:
             if acc.kind == "create" and not in_fast[acc.array]:
                 enter(acc.array)
-        rows.append(tuple(fast))
+        rows.append(tuple(fast) + ((fn.workspace_bytes,) if workspace else ()))
         slows.append(slow)
         # 4. End-actions: FREE and DROP let go at once, a swap-out only at its WAIT.
         for act in schedule.end[i]:

@@ -272,6 +272,7 @@ class _WindowPlanner:
         self.release_point = release_points(trace)
         self.acc_fn, self.acc_arr, self.nxt, self.offsets = access_table(trace)
         self.head = 0
+        self.workspace_next = 0          # functions before it have their workspace reserved
         self.state = [ABSENT] * m
         self.dirty = [True] * m
         self.occ = 0
@@ -315,7 +316,8 @@ class _WindowPlanner:
         # use starts on the slow tier instead, in eviction order, until it does.
         if self.n:
             used = {acc.array for acc in trace.functions[0].accesses}
-            lacking = sum(self.nb[a] for a in used if self.state[a] != FAST)
+            lacking = (sum(self.nb[a] for a in used if self.state[a] != FAST)
+                       + trace.functions[0].workspace_bytes)
             for _, _, a in kept:
                 if self.occ + lacking <= budget:
                     break
@@ -346,7 +348,10 @@ class _WindowPlanner:
 
     def extend(self, f: int) -> None:
         """1. Admit accesses from `head` on: all of f's own, then later ones while the
-        window's limit holds and there is room."""
+        window's limit holds and there is room. A function's workspace (NOTE
+        [Workspace], feasibility.py) is reserved when the window first reaches it, before
+        its operands, like one more of its arrays."""
+        self.reserve_workspace(f, f)
         acc_fn, acc_arr, window = self.acc_fn, self.acc_arr, self.window
         total = len(acc_fn)
         head = self.head
@@ -361,10 +366,23 @@ class _WindowPlanner:
                     pass
                 if window.over_bytes(a):
                     break
-            if not self.admit(a, f, g, mandatory):
+            if not self.reserve_workspace(f, g) or not self.admit(a, f, g, mandatory):
                 break
             head += 1
         self.head = head
+
+    def reserve_workspace(self, f: int, g: int) -> bool:
+        """Reserve the workspace of each function up to g not reserved yet (for g > f a
+        prefetch, which may find no room: False)."""
+        while self.workspace_next <= g:
+            h = self.workspace_next
+            nbytes = self.trace.functions[h].workspace_bytes
+            if nbytes:
+                if not self.make_room(f, nbytes, mandatory=h == f):
+                    return False
+                self.occ += nbytes
+            self.workspace_next += 1
+        return True
 
     def admit(self, a: int, f: int, g: int, mandatory: bool) -> bool:
         """Reserve a for function g (>= f), issuing what that takes at f's begin; False if
@@ -407,11 +425,14 @@ class _WindowPlanner:
         return False
 
     def execute(self, f: int) -> None:
-        """3. f runs: what it writes or creates has no current slow copy."""
+        """3. f runs: what it writes or creates has no current slow copy; its workspace
+        is given back."""
         dirty = self.dirty
-        for acc in self.trace.functions[f].accesses:
+        fn = self.trace.functions[f]
+        for acc in fn.accesses:
             if acc.kind != "read":
                 dirty[acc.array] = True
+        self.occ -= fn.workspace_bytes
 
     def leave(self, f: int) -> None:
         """4. Arrays whose last use inside the window is f leave the fast tier, unless the
