@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 from ..errors import OutcoreError
 from ..memory.malloc import resident_bytes
+from ..memory.pages import advise_huge
 from ..states import DEAD, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW, Residence
 from ..units import format_bytes
 from . import mapped
@@ -322,6 +323,7 @@ class Residency:
         if self.memory_check is not None:
             self.memory_check()
         storage.resize_(entry.nbytes)        # may raise (out of memory): still SLOW
+        advise_huge(storage.data_ptr(), entry.nbytes)     # NOTE [Huge pages for reads]
         try:
             entry.future = self.mover.read(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         except BaseException:
