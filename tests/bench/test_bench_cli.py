@@ -43,10 +43,13 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     assert rows[1]["written"] > 0                       # the hooks really went to disk
     for r in outcore_rows:
         assert r["read"] > 0 and r["written"] > 0 and r["predicted_s"] > 0
+        # The step's own limit on the calibrated machine: at least its compute.
+        assert r["cut_limit_s"] >= rows[0]["step_s"] * (1 - 1e-9)
         # The bound counts bytes read back plus held bytes written (plan/lower_bound.py).
         assert 0 < r["lower_bound"] <= r["planned_in"] + r["planned_out"]
     md = (out / "curve_resnet18_b2.md").read_text()
     assert "| outcore | adaptive |" in md and "outcore bench curve" in md
+    assert "| step / cut limit |" in md
     assert (out / "curve_resnet18_b2.png").read_bytes()[:4] == b"\x89PNG"
     assert "[4/5]" in printed.err or "4/5" in printed.err              # the progress bar
     assert [p.name for p in tmp_path.iterdir()] == ["results"]        # no swap left behind

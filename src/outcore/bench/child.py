@@ -94,6 +94,7 @@ def run(cfg: dict) -> dict:
             lower_bound=_lower_bound(ooc, cfg["budget"]))
         if cfg.get("compute_s") and cfg.get("disk"):
             out["predicted_s"] = predict(ooc.trace, ooc.schedule, cfg["compute_s"], cfg["disk"])
+            out["cut_limit_s"] = cut_limit(ooc.trace, cfg["budget"], cfg["compute_s"], cfg["disk"])
     else:
         raise SystemExit(f"unknown variant {variant!r}")
 
@@ -111,19 +112,33 @@ def _lower_bound(ooc, budget: int) -> int:
     return outcore.lower_bound(ooc.trace, planned_budget(ooc.trace, budget)).bytes_moved
 
 
-def predict(trace, schedule, compute_s: float, disk: dict) -> float:
-    """The simulator's step time for this schedule on this machine: the trace's own op
-    durations scaled so that they add up to the measured in-core step, and the disk as
-    one shared link at the read and write speeds `outcore bench disk` measured."""
-    import outcore
+def calibrated(trace, compute_s: float, disk: dict):
+    """This machine as the simulator sees it: the trace's own op durations scaled so that
+    they add up to the measured in-core step, and the disk as one shared link at the
+    read and write speeds `outcore bench disk` measured."""
     from outcore.simulate import PRESETS, Machine
 
     recorded = sum(fn.duration_s for fn in trace.functions) or 1.0
     base = PRESETS["cpu-disk"]
-    m = Machine(**{**base.__dict__, "name": "cpu-disk (calibrated)", "duration_scale": compute_s / recorded,
-                   "link_in": disk["read_GBps"] * 1e9, "link_out": disk["write_GBps"] * 1e9,
-                   "shared_link": True})
-    return outcore.simulate(trace, schedule, m).iteration_time_s
+    return Machine(**{**base.__dict__, "name": "cpu-disk (calibrated)",
+                      "duration_scale": compute_s / recorded,
+                      "link_in": disk["read_GBps"] * 1e9, "link_out": disk["write_GBps"] * 1e9,
+                      "shared_link": True})
+
+
+def predict(trace, schedule, compute_s: float, disk: dict) -> float:
+    """The simulator's step time for this schedule on the calibrated machine."""
+    import outcore
+    return outcore.simulate(trace, schedule, calibrated(trace, compute_s, disk)).iteration_time_s
+
+
+def cut_limit(trace, budget: int, compute_s: float, disk: dict) -> float:
+    """No schedule of this step under the budget the plan was made for is faster on the
+    calibrated machine (outcore.simulate.physical_limit, the cut bound)."""
+    from outcore.run.ooc import planned_budget
+    from outcore.simulate import physical_limit
+    return physical_limit(trace, planned_budget(trace, budget),
+                          calibrated(trace, compute_s, disk)).seconds
 
 
 def main() -> None:

@@ -7,7 +7,11 @@ simulator's prediction and its error.
 
 Physical limit = max(compute, read / read speed, written / write speed, (read + written)
 / speed of both at once): compute is the in-core step at the same batch measured in the
-same experiment; the speeds are `outcore bench disk`'s, measured at its start."""
+same experiment; the speeds are `outcore bench disk`'s, measured at its start. It is the
+run's own bound: no faster with these bytes. The cut limit (outcore runs) is the step's:
+`outcore.simulate.physical_limit` on the same calibrated machine as the prediction, so
+no schedule of the step under that budget is faster in the simulator's model (what
+backward reads, forward wrote first)."""
 from __future__ import annotations
 
 import json
@@ -47,6 +51,9 @@ def rows(result: dict) -> list[dict]:
                         (row["read"] + row["written"]) / (disk["both_total_GBps"] * 1e9))
             row["limit_s"] = limit
             row["vs_limit"] = step / limit
+        if "cut_limit_s" in r:
+            row["cut_limit_s"] = r["cut_limit_s"]
+            row["vs_cut_limit"] = step / r["cut_limit_s"]
         if "predicted_s" in r:
             row["predicted_s"] = r["predicted_s"]
             row["prediction_error"] = r["predicted_s"] / step - 1
@@ -122,12 +129,12 @@ def markdown(result: dict, command: str = "") -> str:
         step_col = "step (s): median (range)"
     lines.append(f"| variant | policy | budget (MiB) | batch | {step_col} | samples/s | {speed_col} | peak RSS (MiB) "
                  "| read (MiB) | written (MiB) | stalled (s) | page faults / step | step / physical limit "
-                 "| predicted (s) | prediction error |")
-    lines.append("|" + "---|" * 15)
+                 "| step / cut limit | predicted (s) | prediction error |")
+    lines.append("|" + "---|" * 16)
     for row in table:
         if "error" in row:
             lines.append(f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | "
-                         f"failed: {row['error'][:80]} |" + " |" * 10)
+                         f"failed: {row['error'][:80]} |" + " |" * 11)
             continue
         pred = f"{row['predicted_s']:.2f}" if "predicted_s" in row else "-"
         err = f"{100 * row['prediction_error']:+.0f}%" if "prediction_error" in row else "-"
@@ -139,7 +146,7 @@ def markdown(result: dict, command: str = "") -> str:
             f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | {step} | "
             f"{row['samples_per_s']:.1f} | {_ratio(row.get('vs_in_core'))} | {_mib(row['peak_rss'])} | "
             f"{_mib(row['read'])} | {_mib(row['written'])} | {row['stalled_s']:.2f} | {faults} | "
-            f"{_ratio(row.get('vs_limit'))} | {pred} | {err} |")
+            f"{_ratio(row.get('vs_limit'))} | {_ratio(row.get('vs_cut_limit'))} | {pred} | {err} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """Planning policies, one registry: `REGISTRY[name]` is a `Policy`, and api.plan looks
-policies up there and nowhere else. Every policy is the window engine (window.py) with
-its own window; each module registers itself with `@register`, and the order below is
-the order of `outcore.plan.POLICIES`."""
+policies up there and nowhere else. Every planning policy is the window engine
+(window.py) with its own window, and `auto` chooses among them; each module registers
+itself with `@register`, and the order below is the order of `outcore.plan.POLICIES`."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,7 +2,7 @@
 simulated time, so that a user never has to choose.
 
 No window policy wins everywhere. Simulated on cpu-disk, an unlimited window was the
-fastest or within 0.8% on CPU-recorded ResNet and GPT-2 steps, but on meta traces of
+fastest or within 1% on CPU-recorded ResNet and GPT-2 steps, but on meta traces of
 the same networks adaptive-belady, a window of 4 functions and the paper's 1.5 x budget
 each came first at some budget, by up to 6%, and adaptive-belady on the v100-16gb model
 by up to 3% (docs/planning.md, "Which policy auto picks"). So `auto` plans the trace with
