@@ -111,6 +111,10 @@ def test_state_stays_out_and_trains_bitwise(twins):
     assert states(ooc).count(MAPPED) > 0
     assert res.recount() == (res.resident, res.offloaded)
     assert ooc.report().iterations[-1].unplanned_bytes == 0
+    # The default policy chose one of the window policies, and the report says which.
+    chosen = ooc.schedule.options["chosen"]
+    assert ooc.policy == "auto" and ooc.report().policy == f"auto ({chosen})"
+    assert chosen in ("adaptive", "adaptive-belady", "fixed")
 
 
 def test_reads_between_iterations(twins, tmp_path):

@@ -515,14 +515,14 @@ class _WindowPlanner:
         self.window.advance(self.swap_outs, f)
 
     def wait_oldest(self, f: int, dead_only: bool = False) -> bool:
-        a = self.swap_outs.oldest(dead_only)
-        if a < 0:
-            return False
-        self.wait(a, f)
-        return True
+        """WAIT before f for the oldest swap-out in flight; False if there is none."""
+        return self._wait_for(self.swap_outs.oldest(dead_only), f)
 
     def wait_farthest(self, f: int, dead_only: bool) -> bool:
-        a = self.swap_outs.farthest(dead_only)
+        """WAIT before f for the swap-out needed farthest ahead; False if there is none."""
+        return self._wait_for(self.swap_outs.farthest(dead_only), f)
+
+    def _wait_for(self, a: int, f: int) -> bool:
         if a < 0:
             return False
         self.wait(a, f)
