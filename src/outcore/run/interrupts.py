@@ -21,6 +21,11 @@ has its full size (or is safely on the slow tier) and every counter is true:
      that much, never lost. Outside held sections the user's handler runs at once.
   5. `uninstall` runs inside a held section and puts back the user's handlers, unless
      the user installed another one meanwhile (theirs is left alone).
+  6. Python swallows an exception raised in a weakref callback ("Exception ignored
+     in ..."), so a KeyboardInterrupt raised there would be lost and the step would
+     run on. A signal that lands in a function marked `no_raise` (outcore's weakref
+     callbacks) is noted as in rule 3 and handed over when the next held section
+     ends: the next op, or at the latest the end of the iteration.
 
 Only the main thread runs Python signal handlers; from another thread `install` does
 nothing (signals still reach the main thread's own handlers).
@@ -34,11 +39,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
+# Code objects where Python would swallow the handler's exception (rule 6).
+SWALLOWING: set = set()
 
 
 def critical(function):
     """Mark `function` as one that holds a section from its first line (rule 3)."""
     CRITICAL.add(getattr(function, "__code__", None))
+    return function
+
+
+def no_raise(function):
+    """Mark `function` as one Python runs where an exception is swallowed, a weakref
+    callback: a signal landing in it is noted, not raised there (rule 6)."""
+    SWALLOWING.add(function.__code__)
     return function
 
 
@@ -92,7 +106,8 @@ class Shield:
         self._installed = False     # `_saved` stays: noted signals are delivered to it
 
     def _handler(self, signum, frame) -> None:
-        if self.depth > 0 or (frame is not None and frame.f_code in CRITICAL):
+        if self.depth > 0 or (frame is not None and (frame.f_code in CRITICAL
+                                                     or frame.f_code in SWALLOWING)):
             self.pending.append((signum, frame))
             return
         self._saved[signum](signum, frame)

@@ -41,6 +41,7 @@ NOTE [Residency invariants]
 from __future__ import annotations
 
 import collections
+import functools
 import time
 import warnings
 import weakref
@@ -53,6 +54,7 @@ from ..memory.pages import advise_huge
 from ..states import DEAD, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW, Residence
 from ..units import format_bytes
 from . import mapped
+from .interrupts import no_raise
 
 
 # A failed read is tried this many times in all before it is reported (see _wait).
@@ -63,6 +65,12 @@ RSS_SAMPLE_S = 0.002
 
 def _reason(exc: Exception) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+
+
+@no_raise      # a weakref callback: a signal landing here is noted (NOTE [Interrupts] 6)
+def _note_death(dead, entry, _ref) -> None:
+    """A tracked storage died, on any thread, at any moment: only note it (NOTE 2)."""
+    dead.append(entry)
 
 
 @dataclass(eq=False)
@@ -152,11 +160,7 @@ class Residency:
             self.lru.move_to_end(entry.key)
 
     def _died(self, entry: Entry):
-        dead = self._dead
-
-        def callback(_ref):       # any thread, any moment: only note it (NOTE 2)
-            dead.append(entry)
-        return callback
+        return functools.partial(_note_death, self._dead, entry)
 
     def _reap_dead(self) -> None:
         """Retire the entries whose storage died (NOTE 2)."""
