@@ -82,6 +82,10 @@ def main() -> None:
     print(f"{len(trace.functions)} functions, {len(trace.arrays)} arrays, in-core peak "
           f"{peak / 2**30:.2f} GiB (held arrays included), budget {budget / 2**30:.2f} GiB "
           f"(built in {time.perf_counter() - start:.2f} s)")
+    gc.collect()
+    start = time.perf_counter()
+    gc.collect()             # what a full collection costs with the trace alone, for comparison
+    print(f"  a full collection with the trace alone: {time.perf_counter() - start:.2f} s")
     for policy in POLICIES:
         start = time.perf_counter()
         s = plan(trace, budget, policy)

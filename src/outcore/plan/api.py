@@ -33,6 +33,20 @@ def _collector_paused():
             gc.enable()
 
 
+def registered(policy: str, options, *, subject: str, what: str, hint: str = ""):
+    """The registered Policy named `policy`; OutcoreError if there is none, or if it takes
+    none of some `options` ("{subject} takes no {what}(s) ... (its options: ...){hint}")."""
+    if policy not in POLICIES:
+        raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    chosen = REGISTRY[policy]
+    unknown = set(options) - chosen.options
+    if unknown:
+        allowed = ", ".join(sorted(chosen.options)) or "none"
+        raise OutcoreError(f"{subject} takes no {what}(s) {', '.join(sorted(unknown))} "
+                           f"(its options: {allowed}){hint}")
+    return chosen
+
+
 # Rounds of planning for a schedule that starts with the state it ends with (see plan()).
 CYCLE_ROUNDS = 3
 
@@ -107,14 +121,7 @@ def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
     if policy in ("lower-bound", "lower_bound"):
         raise OutcoreError("the lower bound is not a runnable schedule; call "
                            "outcore.lower_bound(trace, budget) for the bound in bytes")
-    if policy not in POLICIES:
-        raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    chosen = REGISTRY[policy]
-    unknown = set(options) - chosen.options
-    if unknown:
-        allowed = ", ".join(sorted(chosen.options)) or "none"
-        raise OutcoreError(f"policy {policy!r} takes no option(s) {', '.join(sorted(unknown))} "
-                           f"(its options: {allowed})")
+    chosen = registered(policy, options, subject=f"policy {policy!r}", what="option")
     if not isinstance(options.get("keep_state", True), bool):
         raise OutcoreError(f"keep_state must be True or False, got {options['keep_state']!r}")
     budget = parse_bytes(budget)

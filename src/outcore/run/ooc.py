@@ -34,8 +34,7 @@ import weakref
 from ..errors import InfeasibleBudget, OutcoreError
 from ..memory.malloc import make_governor, page_faults, resident_bytes
 from ..plan import check, plan
-from ..plan.api import POLICIES
-from ..plan.policies import REGISTRY
+from ..plan.api import registered
 from ..plan.feasibility import occupancy, require_feasible
 from ..states import FAST
 from ..units import format_bytes, parse_bytes
@@ -172,14 +171,9 @@ class OutOfCore:
                                "the CUDA mover, which this version does not have; use offload='disk'")
         if offload != "disk":
             raise OutcoreError(f"unknown offload {offload!r}; use offload='disk'")
-        if policy not in POLICIES:
-            raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        unknown = set(plan_options or {}) - REGISTRY[policy].options
-        if unknown:        # refused now, not after a recorded iteration
-            raise OutcoreError(
-                f"OutOfCore(policy={policy!r}) takes no plan option(s) {', '.join(sorted(unknown))} "
-                f"(its options: {', '.join(sorted(REGISTRY[policy].options))}); a window is "
-                "adaptive's option (policy='adaptive'), k fixed's")
+        registered(policy, plan_options or {},          # refused now, not after a recording
+                   subject=f"OutOfCore(policy={policy!r})", what="plan option",
+                   hint="; a window is adaptive's option (policy='adaptive'), k fixed's")
         if return_freed_memory not in (True, False, "trim", "eager"):
             raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
                                f"got {return_freed_memory!r}")
