@@ -7,11 +7,13 @@ per rank. Both ranks' traces and schedules are then simulated together
 (outcore.simulate.simulate_ranks: a collective starts when both ranks issued it) on the
 `cpu-disk` machine with the disk measured just before (`outcore bench disk`), host time
 (its CPU time: the waits are what the joint simulation models), the executor's cost per
-op from `outcore bench overhead`, and collectives at the `loopback-gloo` α-β
-(`outcore bench comm`). Printed: measured, predicted, and their ratio, for the plain step
-(its in-core trace) and for outcore's replay.
+op from `outcore bench overhead`, and collectives at the `loopback-gloo-busy` α-β
+(`outcore bench comm --busy`: gloo while the ranks compute). The 2 ranks have no core to spare on this 2-core machine: the
+mover's CPU (measured by `bench disk`) and gloo's (the preset's cpu_share) come out of
+compute (NOTE [No core to spare] in simulate/engine.py). Printed: measured, predicted,
+and their ratio, for the plain step (its in-core trace) and for outcore's replay.
 
-    .venv/bin/python benchmarks/distributed_fit.py [--disk-size 512MiB]
+    .venv/bin/python benchmarks/distributed_fit.py [--disk-size 512MiB] [--nproc 1|2]
 """
 from __future__ import annotations
 
@@ -29,9 +31,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "..", "tests", "distributed", "worker.py")
 ITERATIONS = 12
+# The ranks fill this machine's 2 cores: their collectives run beside compute, as
+# `outcore bench comm --busy` times them.
+LINK = "loopback-gloo-busy"
 
 
-def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: float) -> None:
+def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: float,
+              transfer_cpu_share: float) -> None:
     import importlib.util
 
     import torch.distributed as dist
@@ -45,7 +51,9 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     machine = dataclasses.replace(PRESETS["cpu-disk"], name="cpu-disk (measured now)",
-                                  link_in=link_in, link_out=link_out, host_time=True)
+                                  link_in=link_in, link_out=link_out, host_time=True,
+                                  cores=os.cpu_count() or 1,
+                                  transfer_cpu_share=transfer_cpu_share)
     executor = dataclasses.replace(machine, per_function_s=per_function_s)
     dist.init_process_group("gloo")
     rank, ranks = dist.get_rank(), dist.get_world_size()
@@ -54,10 +62,12 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
         both = [None] * ranks
         dist.all_gather_object(both, (trace, schedule))
         return simulate_ranks([t for t, _ in both], [s for _, s in both], m,
-                              link="loopback-gloo")[rank]
+                              link=LINK)[rank]
 
     for case in worker.CASES:
         kind, opt_name = case.split("-")
+        if kind == "pipeline" and ranks != 2:
+            continue                      # its two stages need two ranks
         model, step = worker.BUILD[kind](opt_name)
         plain = []
         for i in range(ITERATIONS):
@@ -77,9 +87,12 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
         model, step = worker.BUILD[kind](opt_name)
         with tempfile.TemporaryDirectory() as swap, \
                 outcore.OutOfCore(budget=budget, swap_dir=swap) as ooc:
+            main_cpu = []                 # this rank's main thread's CPU time per step
             for i in range(ITERATIONS):
+                cpu = time.thread_time()
                 with ooc.iteration():
                     step(i)
+                main_cpu.append(time.thread_time() - cpu)
             report = ooc.report()
             steady = [it.seconds for it in report.iterations
                       if it.mode == "replay" and it.deviation is None][1:]
@@ -102,7 +115,9 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
                        "ops_s": sum(fn.duration_s for fn in fns),
                        "host_s": sum(fn.host_s for fn in fns),
                        "host_cpu_s": sum(fn.host_cpu_s for fn in fns),
-                       "replay_host_s": r_host, "replay_own_s": r_own, "replay_ops_s": r_ops}, f)
+                       "replay_host_s": r_host, "replay_own_s": r_own, "replay_ops_s": r_ops,
+                       "replay_cpu_s": statistics.median(main_cpu[3:]),
+                       "predicted_compute_s": sum(sim.compute_s)}, f)
         del model, step
         dist.barrier()
     dist.destroy_process_group()
@@ -110,28 +125,32 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--rank":
-        rank_main(sys.argv[2], *map(float, sys.argv[3:6]))
+        rank_main(sys.argv[2], *map(float, sys.argv[3:7]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--disk-size", default="512MiB")
+    parser.add_argument("--nproc", type=int, default=2, choices=(1, 2),
+                        help="ranks (default 2; 1 leaves a core to spare and skips the pipeline)")
     args = parser.parse_args()
     from outcore.bench.disk import measure_disk
     from outcore.bench.overhead import measure_overhead
     from outcore.units import parse_bytes
     disk = measure_disk(parse_bytes(args.disk_size))
-    print(f"disk: read {disk['read_GBps']:.2f} GB/s, write {disk['write_GBps']:.2f} GB/s "
-          f"(outcore bench disk --size {args.disk_size})")
+    print(f"disk: read {disk['read_GBps']:.2f} GB/s, write {disk['write_GBps']:.2f} GB/s, "
+          f"mover CPU {disk['transfer_cpu_share']:.2f} s/s (outcore bench disk --size "
+          f"{args.disk_size}); {os.cpu_count()} cores for {args.nproc} ranks")
     overhead = measure_overhead()
     print(f"executor: {overhead['per_function_s'] * 1e6:.1f} us per op (outcore bench overhead)")
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", os.path.abspath(__file__), "--rank", out,
+                        "--nproc-per-node", str(args.nproc), os.path.abspath(__file__), "--rank", out,
                         str(disk["read_GBps"] * 1e9), str(disk["write_GBps"] * 1e9),
-                        str(overhead["per_function_s"])], check=True, env=env)
+                        str(overhead["per_function_s"]), str(disk["transfer_cpu_share"])],
+                       check=True, env=env)
         print(f"{'case':14} {'rank':>4} {'fns':>4} | {'plain':>7} {'pred':>7} {'ratio':>5} | "
               f"{'outcore':>7} {'pred':>7} {'ratio':>5} | trace: ops, host (cpu) | "
-              "replay: host, outcore, ops")
+              "replay: host, outcore, ops | main-thread CPU, simulated compute")
         for name in sorted(os.listdir(out)):
             case, rank = name[:-len(".json")].split(".rank")
             r = json.load(open(os.path.join(out, name)))
@@ -141,7 +160,8 @@ def main() -> int:
                   f"{ms['measured_s']:5.1f}ms {ms['predicted_s']:5.1f}ms "
                   f"{r['predicted_s'] / r['measured_s']:5.2f} | {ms['ops_s']:.1f}, "
                   f"{ms['host_s']:.1f} ({ms['host_cpu_s']:.1f}) ms | {ms['replay_host_s']:.1f}, "
-                  f"{ms['replay_own_s']:.1f}, {ms['replay_ops_s']:.1f} ms")
+                  f"{ms['replay_own_s']:.1f}, {ms['replay_ops_s']:.1f} ms | "
+                  f"{ms['replay_cpu_s']:.1f}, {ms['predicted_compute_s']:.1f} ms")
     return 0
 
 

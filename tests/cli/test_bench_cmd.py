@@ -9,9 +9,16 @@ def test_bench_disk_json(tmp_path, capsys):
     fig = json.loads(capsys.readouterr().out)
     assert fig["bytes"] == 16 * 2**20
     assert all(fig[k] > 0 for k in ("write_GBps", "read_GBps", "both_total_GBps"))
+    # The mover's threads spend CPU on their syscalls, never more than they are busy.
+    assert 0 < fig["transfer_cpu_share"] <= 1.05
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_disk_rejects_tiny_sizes(capsys):
     assert main(["bench", "disk", "--size", "1KiB"]) == 2
     assert "--size must be at least" in capsys.readouterr().err
+
+
+def test_busy_is_for_bench_comm(capsys):
+    assert main(["bench", "disk", "--busy"]) == 2
+    assert "--busy is for `bench comm`, not `bench disk`" in capsys.readouterr().err

@@ -65,5 +65,17 @@ def test_bench_comm_quick(capsys):
         # Fitted with both terms non-negative; a noisy small-size point may pin α at 0.
         assert f["alpha_s"] >= 0 and f["beta_s_per_byte"] > 0 and f["bandwidth_Bps"] > 0
     assert fig["ops"]["allreduce"]["alpha_s"] > 0
+    # gloo's threads copy and reduce on the CPU (Interconnect.cpu_share).
+    assert all(f["cpu_share"] > 0 for f in fig["ops"].values()) and fig["busy"] is False
     # Nothing left behind: the temporary directory is gone.
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "outcore-comm-*"))) <= before
+
+
+def test_bench_comm_beside_compute(capsys):
+    # --busy: each rank computes meanwhile, as in a training step; the compute thread's
+    # CPU is not counted as gloo's.
+    assert main(["bench", "comm", "--quick", "--busy", "--json"]) == 0
+    fig = json.loads(capsys.readouterr().out)
+    assert fig["busy"] is True
+    for f in fig["ops"].values():
+        assert all(t > 0 for t in f["times_s"]) and 0 < f["cpu_share"] < 1.5

@@ -44,7 +44,22 @@ def test_the_receiver_waits_for_its_sender(tmp_path, capsys):
     assert float(rows2[0][7]) == pytest.approx(float(rows[0][7]) + 1.0)   # compute ms, rank 0
 
 
+def test_ranks_that_fill_the_cores_default_to_gloo_beside_compute(tmp_path, capsys):
+    # cpu-disk has 2 cores: 2 ranks on one node leave none to spare, so collectives are
+    # priced as `bench comm --busy` measured them; one rank per node leaves one.
+    paths = _save(tmp_path, _stages())
+    assert main(["simulate", *paths, "--together"]) == 0
+    out = capsys.readouterr().out
+    assert "collectives over loopback-gloo-busy" in out and "no core to spare" in out
+    assert main(["simulate", *paths, "--together", "--ranks-per-node", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "collectives over loopback-gloo" in out and "loopback-gloo-busy" not in out
+    assert "no core to spare" not in out
+
+
 @pytest.mark.parametrize("extra,message", [
+    (["--ranks-per-node", "0"], "--ranks-per-node must be from 1 to the 2 ranks"),
+    (["--ranks-per-node", "3"], "--ranks-per-node must be from 1 to the 2 ranks"),
     (["--ranks", "2"], "no --ranks"),
     (["--budget", "1MB,2MB"], "one --budget"),
     (["--policy", "all"], "one --policy"),
@@ -66,3 +81,5 @@ def test_one_trace_or_unmatched_ranks_are_refused(tmp_path, capsys):
     assert "does not say which rank" in capsys.readouterr().err
     assert main(["simulate", "--per-op-us", "3", _save(tmp_path, [send])[0]]) != 0
     assert "--per-op-us goes with --together" in capsys.readouterr().err
+    assert main(["simulate", "--ranks-per-node", "2", _save(tmp_path, [send])[0]]) != 0
+    assert "--ranks-per-node goes with --together" in capsys.readouterr().err

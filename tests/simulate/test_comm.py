@@ -59,7 +59,7 @@ def test_bad_inputs_are_clear_errors():
         allgather_time(-1, 2, LINK)
     with pytest.raises(outcore.OutcoreError, match="ring, tree"):
         allreduce_time(8, 2, LINK, "butterfly")
-    with pytest.raises(outcore.OutcoreError, match="presets: loopback-gloo, nvlink-a100"):
+    with pytest.raises(outcore.OutcoreError, match="presets: loopback-gloo, loopback-gloo-busy, nvlink-a100"):
         interconnect("token-ring")
     with pytest.raises(outcore.OutcoreError, match="bandwidth_Bps"):
         Interconnect("x", alpha_s=0.0, bandwidth_Bps=0.0, source="")

@@ -14,6 +14,13 @@ rank leaving the barrier late costs one call's skew divided by `iters`, not a wh
 call), median over `repeats` such samples. Sizes are bytes of float32 buffers: for the
 allgather the gathered output, for the reduce-scatter the full input, for p2p one way
 (half a ping-pong between ranks 0 and 1).
+
+`busy=True` times the same while each rank also computes (a thread multiplying 256 x 256
+matrices without pause), as the ranks of a training step do while their collectives run
+(DDP's bucketed allreduce beside backward, FSDP's prefetched all-gathers, a pipeline's
+sends beside the next microbatch). Where the ranks fill the machine's cores, gloo's
+threads then wait for a core: here latency about doubled and bandwidth halved
+(docs/distributed.md). The `loopback-gloo-busy` preset holds these figures.
 """
 from __future__ import annotations
 
@@ -82,11 +89,26 @@ def fit_alpha_beta(sizes, times, steps: float, factor: float) -> tuple[float, fl
     return alpha, beta, worst
 
 
-def _worker(rank, world, store_path, out_path, sizes, repeats):
+def _worker(rank, world, store_path, out_path, sizes, repeats, busy_compute=False):
     # One rank: rendezvous, time every op at every size, rank 0 writes the medians.
+    import threading
+
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)           # the ranks share this machine's cores
+    stop = threading.Event()
+    spinner = []                       # [thread_time of the compute thread, so far]
+
+    def compute():
+        a = torch.ones(256, 256)
+        spinner.append(time.thread_time())
+        while not stop.is_set():
+            torch.mm(a, a)             # releases the GIL: the rank's Python keeps going
+            spinner[0] = time.thread_time()
+
+    if busy_compute:
+        worker = threading.Thread(target=compute, name="outcore-bench-compute", daemon=True)
+        worker.start()
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
                             world_size=world)
     # torch >= 2.12 names the single-tensor forms *_single; older releases *_tensor.
@@ -94,6 +116,9 @@ def _worker(rank, world, store_path, out_path, sizes, repeats):
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     try:
         medians = {op: [] for op in OPS}
+        # CPU seconds per second of collective of the process's other threads (gloo's),
+        # rank 0's, over all sizes: Interconnect.cpu_share.
+        busy = {op: [0.0, 0.0] for op in OPS}
         for n in sizes:
             elems = max(world, n // 4 // world * world)     # float32, divisible by world
             full, share = torch.ones(elems), torch.ones(elems // world)
@@ -110,18 +135,27 @@ def _worker(rank, world, store_path, out_path, sizes, repeats):
                 samples = []
                 for _ in range(repeats):
                     dist.barrier()
-                    start = time.perf_counter()
+                    spun = spinner[0] if spinner else 0.0
+                    start, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
                     for _ in range(iters):
                         calls[op]()
-                    samples.append((time.perf_counter() - start) / iters)
+                    wall = time.perf_counter() - start
+                    samples.append(wall / iters)
+                    # Gloo's threads: the process's CPU less this thread's and the
+                    # compute thread's (to one matrix product).
+                    busy[op][0] += ((time.process_time() - cpu) - (time.thread_time() - own)
+                                    - ((spinner[0] if spinner else 0.0) - spun))
+                    busy[op][1] += wall
                 one_way = 0.5 if op == "p2p" else 1.0        # a ping-pong is two messages
                 medians[op].append(one_way * statistics.median(samples))
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({"times_s": medians, "torch": torch.__version__,
+                           "cpu_share": {op: c / w if w > 0 else 0.0 for op, (c, w) in busy.items()},
                            "bytes": [max(world, n // 4 // world * world) * 4 for n in sizes]}, f)
         dist.barrier()
     finally:
+        stop.set()
         dist.destroy_process_group()
 
 
@@ -136,11 +170,15 @@ def _ping_pong(dist, rank, buf):
 
 
 def measure_comm(sizes=DEFAULT_SIZES, *, repeats: int = 5, ranks: int = 2,
-                 timeout_s: float = 120.0) -> dict:
+                 timeout_s: float = 120.0, busy: bool = False) -> dict:
     """Time the collectives between `ranks` fresh local gloo processes and fit α, β.
 
-    Returns {"backend", "ranks", "repeats", "bytes", "seconds", "ops": {op: {"times_s",
-    "alpha_s", "beta_s_per_byte", "bandwidth_Bps", "max_rel_error"}}}. Raises
+    busy: each rank computes meanwhile (module docstring).
+
+    Returns {"backend", "ranks", "repeats", "busy", "bytes", "seconds", "ops": {op:
+    {"times_s", "alpha_s", "beta_s_per_byte", "bandwidth_Bps", "max_rel_error",
+    "cpu_share"}}}, cpu_share: CPU seconds of rank 0's gloo threads per second of the
+    operation (Interconnect.cpu_share). Raises
     OutcoreError when a rank fails or the run exceeds `timeout_s` (all ranks are then
     killed and reaped). The ranks are plain subprocesses (`python -m
     outcore.bench.comm`), so no caller's __main__ is re-imported."""
@@ -155,7 +193,7 @@ def measure_comm(sizes=DEFAULT_SIZES, *, repeats: int = 5, ranks: int = 2,
     with tempfile.TemporaryDirectory(prefix="outcore-comm-") as tmp:
         out_path = os.path.join(tmp, "result.json")
         spec = json.dumps({"world": ranks, "store": os.path.join(tmp, "store"), "out": out_path,
-                           "sizes": list(sizes), "repeats": repeats})
+                           "sizes": list(sizes), "repeats": repeats, "busy": bool(busy)})
         # The ranks import this very package, wherever it was imported from.
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -195,7 +233,8 @@ def measure_comm(sizes=DEFAULT_SIZES, *, repeats: int = 5, ranks: int = 2,
                 p.wait()
             for log in logs:
                 log.close()
-    result = {"backend": "gloo", "ranks": ranks, "repeats": repeats, "bytes": raw["bytes"],
+    result = {"backend": "gloo", "ranks": ranks, "repeats": repeats, "busy": bool(busy),
+              "bytes": raw["bytes"],
               "torch": raw["torch"], "ops": {}}
     for op in OPS:
         steps, factor = model_coefficients(op, ranks)
@@ -203,7 +242,7 @@ def measure_comm(sizes=DEFAULT_SIZES, *, repeats: int = 5, ranks: int = 2,
         alpha, beta, worst = fit_alpha_beta(raw["bytes"], times, steps, factor)
         result["ops"][op] = {"times_s": times, "alpha_s": alpha, "beta_s_per_byte": beta,
                              "bandwidth_Bps": 1.0 / beta if beta > 0 else float("inf"),
-                             "max_rel_error": worst}
+                             "max_rel_error": worst, "cpu_share": raw["cpu_share"][op]}
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -211,4 +250,4 @@ def measure_comm(sizes=DEFAULT_SIZES, *, repeats: int = 5, ranks: int = 2,
 if __name__ == "__main__":           # one rank: python -m outcore.bench.comm RANK SPEC_JSON
     _spec = json.loads(sys.argv[2])
     _worker(int(sys.argv[1]), _spec["world"], _spec["store"], _spec["out"], _spec["sizes"],
-            _spec["repeats"])
+            _spec["repeats"], _spec.get("busy", False))

@@ -9,8 +9,19 @@ from ..memory import AlignedBuffer
 from ..run.movers.disk import CHUNK_BYTES, DiskMover
 
 
+# The transfer size at which the mover's CPU share is measured: the size of a typical
+# activation of the steps in docs/ (a 1024 x 256 float32 is 1 MiB). Smaller transfers
+# cost relatively more CPU (~0.35 of their time at 64 KiB here), larger ones less (~0.1
+# at 8 MiB).
+CPU_PROBE_BYTES = 1 << 20
+CPU_PROBE_TRANSFERS = 32
+
+
 def measure_disk(size: int, directory: str | None = None) -> dict:
-    """GB/s for write alone, read alone, and write+read at once (total of both)."""
+    """GB/s for write alone, read alone, and write+read at once (total of both); and
+    `transfer_cpu_share`: the CPU seconds the mover's threads spend per second of
+    transfer (its syscalls and staging copies), from CPU_PROBE_TRANSFERS writes and as
+    many reads of CPU_PROBE_BYTES through the mover itself; Machine.transfer_cpu_share."""
     mover = DiskMover(directory)          # private, unlinked swap file; O_DIRECT probe
     try:
         extent_a = mover.allocate(size)
@@ -46,6 +57,23 @@ def measure_disk(size: int, directory: str | None = None) -> dict:
         }
         for b in buffers:
             b.close()
+        figures["transfer_cpu_share"] = _cpu_share(mover)
         return figures
     finally:
         mover.close()
+
+
+def _cpu_share(mover: DiskMover) -> float:
+    """CPU seconds per second of transfer of the mover's workers, at CPU_PROBE_BYTES."""
+    buf = AlignedBuffer(CPU_PROBE_BYTES)
+    try:
+        extents = [mover.allocate(CPU_PROBE_BYTES) for _ in range(CPU_PROBE_TRANSFERS)]
+        busy = mover.busy_write_s + mover.busy_read_s
+        cpu = mover.cpu_write_s + mover.cpu_read_s
+        for move in (mover.write, mover.read):
+            for extent in extents:
+                move(buf.address, CPU_PROBE_BYTES, extent, buf).result()
+        busy = mover.busy_write_s + mover.busy_read_s - busy
+        return (mover.cpu_write_s + mover.cpu_read_s - cpu) / busy if busy > 0 else 0.0
+    finally:
+        buf.close()

@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    help="comm: 4 KiB, 256 KiB and 4 MiB only, 3 repeats (a few seconds)")
     p.add_argument("--dir", default=None, help="directory of the swap file (default: temp dir)")
     p.add_argument("--json", action="store_true", help="disk, comm, overhead: print the figures as JSON")
+    p.add_argument("--busy", action="store_true",
+                   help="comm: time the collectives while each rank also computes, as in a "
+                        "training step (the loopback-gloo-busy preset)")
     p.add_argument("--model", default="resnet50", help="curve/batch: built-in model (default resnet50)")
     p.add_argument("--batch", type=int, default=64, help="curve: the batch; batch: the base batch")
     p.add_argument("--image-size", type=int, default=None, help="image side for CNNs (default 224)")
@@ -66,6 +69,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.busy and args.what != "comm":
+        raise OutcoreError(f"--busy is for `bench comm`, not `bench {args.what}`")
     if args.what == "disk":
         return run_disk(args)
     if args.what == "comm":
@@ -136,9 +141,9 @@ def run_comm(args) -> int:
         sizes, repeats = sizes_up_to(largest), 5
     else:
         sizes, repeats = DEFAULT_SIZES, 5
-    print(f"timing 2 gloo processes, {len(sizes)} sizes x {repeats} repeats ...", file=sys.stderr,
-          flush=True)
-    fig = measure_comm(sizes, repeats=repeats)
+    print(f"timing 2 gloo processes{', each also computing,' if args.busy else ''} "
+          f"{len(sizes)} sizes x {repeats} repeats ...", file=sys.stderr, flush=True)
+    fig = measure_comm(sizes, repeats=repeats, busy=args.busy)
     if args.json:
         print(json.dumps(fig))
         return 0
@@ -153,7 +158,10 @@ def run_comm(args) -> int:
     for op in ops:
         f = fig["ops"][op]
         print(f"  {op:<15} α = {f['alpha_s'] * 1e6:8.1f} µs   β⁻¹ = {f['bandwidth_Bps'] / 1e9:6.2f} GB/s"
-              f"   (fit error up to {100 * f['max_rel_error']:.0f}%)")
+              f"   (fit error up to {100 * f['max_rel_error']:.0f}%)   "
+              f"CPU {f['cpu_share']:.2f} s/s")
+    print("  CPU: seconds of CPU gloo's threads spend per second of the operation, rank 0 "
+          "(Interconnect.cpu_share)")
     return 0
 
 
@@ -174,6 +182,8 @@ def run_disk(args) -> int:
     print(f"  write alone       {fig['write_GBps']:6.2f} GB/s")
     print(f"  read alone        {fig['read_GBps']:6.2f} GB/s")
     print(f"  write + read      {fig['both_total_GBps']:6.2f} GB/s in total (both at once)")
+    print(f"  mover CPU         {fig['transfer_cpu_share']:6.2f} s per s of transfer "
+          "(1 MiB transfers; Machine.transfer_cpu_share)")
     return 0
 
 

@@ -49,7 +49,11 @@ def add_parser(sub) -> None:
                    help="the TRACEs are ranks 0, 1, ... of one step, each recorded on its rank "
                         "under torchrun: simulate them together, each under --budget (default: "
                         "its in-core peak), collectives over --interconnect (default "
-                        "loopback-gloo)")
+                        "loopback-gloo, or loopback-gloo-busy where the ranks fill the cores)")
+    d.add_argument("--ranks-per-node", type=int,
+                   help="with --together: how many of the ranks share one machine (default: "
+                        "all). With no more cores than that, the mover's and gloo's threads "
+                        "take their CPU from compute"),
     d.add_argument("--per-op-us", type=float, default=0.0,
                    help="with --together on cpu-disk: outcore's own cost per op, in µs, counted "
                         "with the recorded host time (measure it: outcore bench overhead)")
@@ -93,13 +97,18 @@ def run_together(args) -> int:
         raise OutcoreError("--together takes one --budget (each rank's)")
     if args.per_op_us < 0:
         raise OutcoreError(f"--per-op-us must be >= 0, got {args.per_op_us}")
+    per_node = len(args.traces) if args.ranks_per_node is None else args.ranks_per_node
+    if not 1 <= per_node <= len(args.traces):
+        raise OutcoreError(f"--ranks-per-node must be from 1 to the {len(args.traces)} ranks, "
+                           f"got {per_node}")
     policies = _policies(chosen_policy(args))
     if len(policies) != 1:
         raise OutcoreError("--together takes one --policy")
     policy = policies[0]
-    name = args.interconnect or "loopback-gloo"
-    interconnect(name)                     # an unknown name is a clear error here
     machine = PRESETS[args.machine]
+    filled = 0 < machine.cores <= per_node      # NOTE [No core to spare] in simulate/engine.py
+    name = args.interconnect or ("loopback-gloo-busy" if filled else "loopback-gloo")
+    interconnect(name)                     # an unknown name is a clear error here
     if machine.use_trace_durations:     # recorded on this machine: its host time too
         machine = dataclasses.replace(machine, host_time=True,
                                       per_function_s=args.per_op_us * 1e-6)
@@ -114,9 +123,12 @@ def run_together(args) -> int:
             schedules.append(plan(trace, budget, policy, **policy_options(args, policy)))
         except InfeasibleBudget as exc:
             raise OutcoreError(f"rank {rank} ({args.traces[rank]}): {exc}") from None
-    sims = simulate_ranks(traces, schedules, machine, link=name)
+    sims = simulate_ranks(traces, schedules, machine, link=name, ranks_per_node=per_node)
     print(f"{len(traces)} ranks simulated together on {args.machine}, collectives over {name}"
           + (f", {args.per_op_us:g} µs per op" if args.per_op_us else ""))
+    if filled:
+        print(f"{per_node} ranks per node on {machine.cores} cores: no core to spare, so the "
+              "mover's and gloo's threads take their CPU from compute")
     header = (f"{'rank':>4} {'functions':>9} {'budget':>11} {'moved':>11} {'step ms':>9} "
               f"{'compute ms':>10} {'stall ms':>9} {'comm ms':>8}")
     print(header)
@@ -155,6 +167,8 @@ def run(args) -> int:
         return run_together(args)
     if args.per_op_us:
         raise OutcoreError("--per-op-us goes with --together")
+    if args.ranks_per_node is not None:
+        raise OutcoreError("--ranks-per-node goes with --together")
     if args.ranks is not None or args.strategy or args.interconnect:
         return run_cluster(args)
     policies = _policies(chosen_policy(args))

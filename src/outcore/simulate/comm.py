@@ -49,8 +49,16 @@ class Interconnect:
     bandwidth_Bps: float
     source: str
     per_kind: tuple[tuple[str, float, float], ...] = ()
+    # CPU seconds a rank's collective threads spend per second of a collective (gloo
+    # copies and reduces on the host; 0 for a GPU's NCCL): what it takes from compute on a
+    # machine with no core to spare (NOTE [No core to spare] in engine.py).
+    cpu_share: float = 0.0
 
     def __post_init__(self):
+        if not (self.cpu_share >= 0 and math.isfinite(self.cpu_share)):
+            raise OutcoreError(f"interconnect {self.name!r}: cpu_share must be a finite number "
+                               f">= 0 (CPU seconds per second of a collective), got "
+                               f"{self.cpu_share!r}")
         for entry in self.per_kind:
             if (not isinstance(entry, tuple) or len(entry) != 3 or entry[0] not in KINDS
                     or not (entry[1] >= 0 and math.isfinite(entry[1]))
@@ -95,7 +103,23 @@ INTERCONNECTS: dict[str, Interconnect] = {
         source="measured here: `outcore bench comm --json`, 2026-12-01, quiet machine, "
                "median of 3 runs per operation (docs/distributed.md#measured-here)",
         per_kind=(("allgather", 331e-6, 1.27e9), ("reduce_scatter", 679e-6, 0.62e9),
-                  ("p2p", 80e-6, 3.94e9))),
+                  ("p2p", 80e-6, 3.94e9)),
+        # gloo's threads: 0.45-0.67 s of CPU per s of collective (the 4 operations x 3 runs
+        # of `outcore bench comm`, 2026-12-01; median 0.57).
+        cpu_share=0.57),
+    # The same two processes while each also computes (`outcore bench comm --busy
+    # --json`, three runs on 2026-12-01; each figure the median of its three), as the
+    # ranks of a training step on this 2-core machine do: gloo's threads wait for a core.
+    # Fits off by up to 42-77% at some size. Use it where the ranks fill the cores.
+    "loopback-gloo-busy": Interconnect(
+        "loopback-gloo-busy", alpha_s=614e-6, bandwidth_Bps=0.92e9,
+        source="measured here: `outcore bench comm --busy --json`, 2026-12-01, median of 3 "
+               "runs per operation (docs/distributed.md#measured-here)",
+        per_kind=(("allgather", 840e-6, 0.60e9), ("reduce_scatter", 1276e-6, 0.40e9),
+                  ("p2p", 263e-6, 1.68e9)),
+        # 0.25-0.36 s of CPU per s of collective (4 operations x 3 runs; median 0.31): the
+        # same CPU as idle, spread over a collective twice as long.
+        cpu_share=0.31),
     # NVLink 3 between A100s (DGX A100 / HGX, through NVSwitch). NCCL's tuning model caps
     # the bus bandwidth of compute capability 8.0 at 235 GB/s and charges 3.4 µs per ring
     # step over NVLink. Datasheet: 600 GB/s per GPU, both directions together (NVIDIA A100

@@ -15,7 +15,21 @@ compute lane; once its operands are ready it issues its collective, priced by
 outcore.simulate.comm, on the comm lane (serial, in issue order: one process group, one
 stream), and the next function that touches any of its arrays waits for it to finish (a
 stall), as does a swap-out of one of them. The step ends when the last collective has.
-Without `comm`, a collective is an ordinary function with its recorded duration."""
+Without `comm`, a collective is an ordinary function with its recorded duration.
+
+NOTE [No core to spare]. On a machine whose compute is the host CPU (Machine.cores > 0),
+the mover's threads and a CPU collective's threads (gloo) need CPU too: the mover's
+syscalls and staging copies (Machine.transfer_cpu_share of each transfer's time), the
+collective's copies and reductions (Interconnect.cpu_share of its time). Where a core is
+free they run beside compute and cost it nothing. Where there is none (a rank per core
+or more: `contended`), each rank owes that CPU time, and pays it as the scheduler would:
+first out of the time the rank waits anyway (a stall), then by sharing its core half
+and half with compute, so that a function of c seconds takes c + min(owed, c). What is
+still owed when the step ends extends it. simulate_ranks decides per node; simulate
+(one rank) only on a 1-core machine. Why (docs/distributed.md, "No core to
+spare"): on this 2-core machine benchmarks/distributed_fit.py's replays came out at
+0.97-1.30 of their prediction on one rank, at 0.71-1.09 on two before this was
+modelled, while each rank's main thread used about the CPU time simulated as compute."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -114,7 +128,7 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
     (simulate_ranks models them)."""
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
-    lane = _rank_lane(trace, schedule, m, link)
+    lane = _rank_lane(trace, schedule, m, link, contended=m.cores == 1)
     issue = next(lane)
     while not isinstance(issue, Simulation):
         issue = lane.send((issue.begin_s, issue.begin_s
@@ -132,7 +146,8 @@ class _Issue:
     peer: int | None       # p2p: the other rank
 
 
-def simulate_ranks(traces, schedules, machine="cpu-disk", *, link) -> list[Simulation]:
+def simulate_ranks(traces, schedules, machine="cpu-disk", *, link,
+                   ranks_per_node: int | None = None) -> list[Simulation]:
     """Simulate every rank of one distributed step together: one trace and schedule per
     rank (rank r at index r), `link` an Interconnect or preset name of
     outcore.simulate.comm. Each rank runs as `simulate` runs it, with one difference: a
@@ -142,6 +157,10 @@ def simulate_ranks(traces, schedules, machine="cpu-disk", *, link) -> list[Simul
     side's comm lane is busy until it ends. So a rank waits for a slower one, as under
     torchrun, and a pipeline's bubble appears. Host time then counts only its CPU time
     (Machine.host_waits=False): the waits are what this models.
+
+    ranks_per_node: how many of the ranks share one machine's cores (default: all of
+    them, as `torchrun --nproc-per-node N` on one host). With no more cores than that
+    (Machine.cores), helper threads take their CPU from compute: NOTE [No core to spare].
 
     Collectives are matched within one process group of all ranks; a step whose ranks
     issue them over subgroups (2-D parallelism) is not modelled."""
@@ -154,7 +173,12 @@ def simulate_ranks(traces, schedules, machine="cpu-disk", *, link) -> list[Simul
         raise OutcoreError(f"simulate_ranks needs one schedule per trace; got {n} traces and "
                            f"{len(schedules)} schedules")
     link = interconnect(link)
-    lanes = [_rank_lane(t, s, m, link) for t, s in zip(traces, schedules)]
+    per_node = n if ranks_per_node is None else ranks_per_node
+    if isinstance(per_node, bool) or not isinstance(per_node, int) or not 1 <= per_node <= n:
+        raise OutcoreError(f"simulate_ranks: ranks_per_node must be an integer from 1 to the "
+                           f"{n} ranks, got {ranks_per_node!r}")
+    contended = 0 < m.cores <= per_node
+    lanes = [_rank_lane(t, s, m, link, contended) for t, s in zip(traces, schedules)]
     results: list = [None] * n
     waiting: list = [None] * n          # rank -> its pending _Issue
     counts = [dict() for _ in range(n)]  # rank -> {match key: how many it issued}
@@ -228,9 +252,13 @@ def _partners(rank, keys, counts, waiting, ranks):
     return list(group)
 
 
-def _rank_lane(trace, schedule, m, link):
+def _rank_lane(trace, schedule, m, link, contended=False):
     """One rank's replay as a generator: it yields an _Issue for each collective (with a
-    link) and is sent (start, end) of that collective; it yields the Simulation last."""
+    link) and is sent (start, end) of that collective; it yields the Simulation last.
+    contended: no core to spare for helper threads (NOTE [No core to spare])."""
+    owed = 0.0                            # helper CPU seconds this rank has not paid yet
+    transfer_cpu = m.transfer_cpu_share if contended else 0.0
+    comm_cpu = link.cpu_share if contended and link is not None else 0.0
     comm_free = 0.0                       # when the comm lane is next free
     comm_done: dict[int, float] = {}      # array -> when the collective touching it ends
     collectives = []
@@ -258,6 +286,7 @@ def _rank_lane(trace, schedule, m, link):
                 start = max(t, free[lane_in])
                 free[lane_in] = in_done[a] = start + m.transfer_time(nb, "in")
                 transfers.append(Transfer(a, "in", nb, start, in_done[a]))
+                owed += transfer_cpu * (in_done[a] - start)
         ready = t
         for acc in fn.accesses:
             done = in_done.pop(acc.array, None)
@@ -268,6 +297,7 @@ def _rank_lane(trace, schedule, m, link):
             if done is not None and done > ready:
                 ready = done
         stall += ready - t
+        owed = max(0.0, owed - stall)      # waiting, the core is free for the helpers
         starts.append(ready)
         kind = collective_kind(fn.op) if link is not None else None
         if kind is not None:
@@ -278,11 +308,16 @@ def _rank_lane(trace, schedule, m, link):
             for a in touched:
                 comm_done[a] = comm_free
             collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin, comm_free))
+            owed += comm_cpu * (comm_free - begin)
             compute = 0.0
         else:
             compute = m.compute_time(fn)
-        computes.append(compute)
         in_core += compute
+        if owed > 0.0 and compute > 0.0:   # the core shared half and half with the helpers
+            shared = min(owed, compute)
+            owed -= shared
+            compute += shared
+        computes.append(compute)
         t = ready + compute
         for act in schedule.end[i]:
             a = act.array
@@ -291,17 +326,23 @@ def _rank_lane(trace, schedule, m, link):
                 start = max(t, free[lane_out], comm_done.get(a, 0.0))
                 free[lane_out] = out_done[a] = start + m.transfer_time(nb, "out")
                 transfers.append(Transfer(a, "out", nb, start, out_done[a]))
+                owed += transfer_cpu * (out_done[a] - start)
             elif act.kind == WAIT:
                 done = out_done.pop(a)
                 if done > t:
                     stall += done - t
+                    owed = max(0.0, owed - (done - t))
                     t = done
         stalls.append(stall)
     # The step is over when its last collective is (a rank cannot start the next one
     # before its gradients are reduced); that wait counts as the last function's stall.
     if comm_free > t and stalls:
         stalls[-1] += comm_free - t
+        owed = max(0.0, owed - (comm_free - t))
         t = comm_free
+    if owed > 0.0 and stalls:             # CPU the helpers still need: the step waits
+        stalls[-1] += owed
+        t += owed
     start_set, end_set = set(schedule.resident_at_start), set(schedule.resident_at_end)
     state = [a for a in arrays if a.kind == "persistent" and a.existed_before]
     boundary = (sum(m.transfer_time(a.nbytes, "out") for a in state

@@ -42,6 +42,12 @@ class Machine:
     # False only its CPU time (Function.host_cpu_s), for a simulation that models the
     # waits for other ranks itself (simulate_ranks).
     host_waits: bool = True
+    # The host CPU cores compute runs on; 0 where compute is not the host's (a GPU). With
+    # as many ranks as cores or more, helper threads have no core of their own: the
+    # mover's CPU, transfer_cpu_share of each transfer's time, is then taken from
+    # compute (NOTE [No core to spare] in engine.py).
+    cores: int = 0
+    transfer_cpu_share: float = 0.0
 
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
@@ -66,10 +72,13 @@ PRESETS = {
     # This kind of machine: 2 cores, RAM as the fast tier, a local disk with O_DIRECT as
     # the slow one. `outcore bench disk --size 2GiB` measured 2.37-2.42 GB/s read,
     # 2.23-2.36 GB/s write, 2.43-2.46 GB/s in total with both at once: one shared link.
-    # Compute uses the trace's own durations: measured, or estimated by the recorder.
+    # Compute uses the trace's own durations: measured, or estimated by the recorder. The
+    # mover's threads spend 0.15-0.24 s of CPU per s of transfer (`outcore bench disk`,
+    # 3 runs on 2026-12-01, 1 MiB transfers; median 0.22).
     "cpu-disk": Machine("cpu-disk", peak_flops=60e9, memory_bandwidth=10 * GB,
                         fast_bytes=24 * 2**30, link_in=2.4 * GB, link_out=2.3 * GB,
-                        link_latency_s=100e-6, use_trace_durations=True, shared_link=True),
+                        link_latency_s=100e-6, use_trace_durations=True, shared_link=True,
+                        cores=2, transfer_cpu_share=0.22),
     # Tesla V100 SXM2 16 GB: 15.7 TFLOP/s fp32, 900 GB/s HBM2; PCIe 3.0 x16, ~12 GB/s pinned.
     "v100-16gb": Machine("v100-16gb", peak_flops=15.7e12, memory_bandwidth=900 * GB,
                          fast_bytes=16 * 10**9, link_in=12 * GB, link_out=12 * GB, **_GPU),

@@ -317,6 +317,8 @@ class DiskMover:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="outcore-read")
         self.busy_write_s = 0.0          # time each worker spent moving bytes
         self.busy_read_s = 0.0
+        self.cpu_write_s = 0.0           # the CPU time each spent on it (syscalls, copies)
+        self.cpu_read_s = 0.0
         self.closed = False
 
     @staticmethod
@@ -426,7 +428,7 @@ class DiskMover:
     def _write(self, address, nbytes, extent, head, keepalive) -> tuple[float, float]:
         """The copy itself, on the writer thread; returns when it ran (perf_counter
         seconds), for timelines."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             if nbytes == 0:
                 return start, start
@@ -452,16 +454,18 @@ class DiskMover:
         finally:
             end = time.perf_counter()
             self.busy_write_s += end - start
+            self.cpu_write_s += time.thread_time() - cpu
         return start, end
 
     def _read(self, address, nbytes, extent, head, keepalive) -> tuple[float, float]:
         """The copy itself, on the reader thread; returns when it ran, as `_write`."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             self._read_into(address, nbytes, extent.offset + head, extent)
         finally:
             end = time.perf_counter()
             self.busy_read_s += end - start
+            self.cpu_read_s += time.thread_time() - cpu
         return start, end
 
     def _read_into(self, address, nbytes, at, extent) -> None:

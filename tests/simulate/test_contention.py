@@ -1,0 +1,96 @@
+"""NOTE [No core to spare] (simulate/engine.py): with no core free for helper threads, a
+rank pays their CPU out of its waits first, then by sharing its core with compute."""
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import outcore
+from outcore.plan.feasibility import min_feasible_budget
+from outcore.simulate import simulate_ranks
+
+from ..plan.helpers import build, traces
+from .test_comm import SLOW, TOY
+
+GLOO_LIKE = dataclasses.replace(SLOW, cpu_share=0.5)
+TWO_CORES = dataclasses.replace(TOY, cores=2)
+
+
+def _ddp_like(rest_s):
+    # f0 makes a gradient g; f1 allreduces it (8 B at 1 B/s: 8 s); f2 is unrelated work
+    # of rest_s; f3 reads g.
+    return build({"x": (4, "input"), "w": (4, "param"), "g": 8, "h": 4},
+                 ["aten.mm.default r:x c:g", "c10d.allreduce_.default @backward r:g",
+                  "aten.mul.default @backward r:x c:h", "aten.add_.Tensor @optimizer w:w r:g r:h"],
+                 durations=[1.0, 1.0, rest_s, 1.0])
+
+
+def _steps(t, machine, link, **kw):
+    return [sim.step_time_s for sim in simulate_ranks([t, t], [outcore.plan(t, 100)] * 2,
+                                                      machine, link=link, **kw)]
+
+
+def test_a_collectives_cpu_hides_in_the_wait_for_it():
+    # The allreduce runs [1, 9] and owes 0.5 x 8 = 4 s of CPU. f2 (1 s) shares its core:
+    # it takes 2 s and pays 1; f3 waits for g until 9 anyway, which pays the other 3.
+    t = _ddp_like(rest_s=1.0)
+    assert _steps(t, TWO_CORES, SLOW) == [10.0, 10.0]
+    assert _steps(t, TWO_CORES, GLOO_LIKE) == [10.0, 10.0]
+
+
+def test_a_collectives_cpu_slows_the_compute_beside_it():
+    # f2 (8 s) overlaps the allreduce: without a spare core it shares its core until the
+    # 4 s owed are paid, so it ends at 1 + 8 + 4 = 13 instead of 9, and f3 at 14, not 10.
+    t = _ddp_like(rest_s=8.0)
+    assert _steps(t, TWO_CORES, SLOW) == [10.0, 10.0]
+    assert _steps(t, TWO_CORES, GLOO_LIKE) == [14.0, 14.0]
+    # A core per rank to spare (more cores, one rank per node, or a GPU's compute that
+    # is not the host's): the helpers cost nothing.
+    assert _steps(t, dataclasses.replace(TOY, cores=3), GLOO_LIKE) == [10.0, 10.0]
+    assert _steps(t, TWO_CORES, GLOO_LIKE, ranks_per_node=1) == [10.0, 10.0]
+    assert _steps(t, TOY, GLOO_LIKE) == [10.0, 10.0]
+
+
+def test_the_movers_cpu_is_paid_from_waits_then_compute():
+    # A chain whose activations (4 B each, 4 s at 1 B/s) are swapped behind compute of
+    # 10 s per function: every transfer owes transfer_cpu_share of its time, which
+    # nothing waits out, so compute pays it.
+    t = build({"a": 4, "b": 4, "c": 4, "d": 4},
+              ["f0 c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 r:d r:c",
+               "f5 r:b r:a"], durations=[10.0] * 6)
+    s = outcore.plan(t, 12, "adaptive")
+    assert s.bytes_moved > 0
+    free = simulate_ranks([t, t], [s, s], TWO_CORES, link=SLOW)[0]
+    busy = dataclasses.replace(TWO_CORES, transfer_cpu_share=0.25)
+    paid = simulate_ranks([t, t], [s, s], busy, link=SLOW)[0]
+    owed = 0.25 * sum(x.end_s - x.start_s for x in free.transfers)
+    assert free.step_time_s < paid.step_time_s <= free.step_time_s + owed + 1e-12
+    assert paid.step_time_s == pytest.approx(sum(paid.compute_s) + paid.total_stall_s)
+    # One rank on two cores has one to spare: simulate is unchanged.
+    assert outcore.simulate(t, s, busy) == outcore.simulate(t, s, TWO_CORES)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(traces(), st.floats(0.3, 1.0), st.floats(0.0, 2.0))
+def test_owing_cpu_costs_at_most_what_is_owed(trace, fraction, share):
+    budget = max(int(trace.peak()[0] * fraction), min_feasible_budget(trace))
+    s = outcore.plan(trace, budget)
+    free = simulate_ranks([trace, trace], [s, s], TWO_CORES, link=SLOW)
+    paid = simulate_ranks([trace, trace], [s, s],
+                          dataclasses.replace(TWO_CORES, transfer_cpu_share=share), link=SLOW)
+    for a, b in zip(free, paid):
+        owed = share * sum(x.end_s - x.start_s for x in a.transfers)
+        eps = 1e-9 * max(1.0, b.step_time_s)
+        assert a.step_time_s - eps <= b.step_time_s <= a.step_time_s + owed + eps
+        assert b.step_time_s == pytest.approx(sum(b.compute_s) + b.total_stall_s)
+        assert b.in_core_time_s == a.in_core_time_s
+
+
+def test_bad_contention_inputs_are_clear_errors():
+    t = _ddp_like(rest_s=1.0)
+    for bad in (0, 3, 1.5, True):
+        with pytest.raises(outcore.OutcoreError, match="ranks_per_node must be an integer"):
+            _steps(t, TWO_CORES, SLOW, ranks_per_node=bad)
+    with pytest.raises(outcore.OutcoreError, match="cpu_share must be"):
+        dataclasses.replace(SLOW, cpu_share=-0.1)
