@@ -16,8 +16,20 @@ import argparse
 import time
 
 import outcore
+from outcore.plan.policies.auto import SCREEN
 from outcore.run.ooc import planned_budget
 from window_sweep import WORKLOADS, record
+
+
+def _label(name: str, options: dict) -> str:
+    """A column's name: the policy and what its configuration sets."""
+    if "k" in options:
+        return f"{name} k={options['k']}"
+    if "window_factor" in options:
+        return f"{name} {options['window_factor']}x budget"
+    if "wait_order" in options:
+        return f"{name} {options['wait_order']} order"
+    return name
 
 
 def main():
@@ -25,10 +37,9 @@ def main():
     parser.add_argument("--fractions", default="0.75,0.5,0.25")
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
-    print("| workload | budget / peak | " + " | ".join(
-        ["adaptive", "adaptive-belady", "fixed k=4", "adaptive 1.5x budget"]) +
+    print("| workload | budget / peak | " + " | ".join(_label(n, o) for n, o in SCREEN) +
           " | auto's gain over adaptive | plan |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|" + "---|" * len(SCREEN) + "---|---|")
     for name, shape in WORKLOADS:
         trace = record(name, shape)
         peak = trace.peak(actual=True)[0]
@@ -48,7 +59,7 @@ def main():
             in_core = outcore.simulate(trace, s).in_core_time_s
             times = [seconds for _, _, seconds in s.options["screened"]]
             chosen = times.index(min(times))          # auto's rule: fastest, ties earliest
-            cells = ["not screened"] * 4        # auto screens fewer on long traces
+            cells = ["not screened"] * len(SCREEN)     # auto screens fewer on long traces
             for i, (_, _, seconds) in enumerate(s.options["screened"]):
                 cells[i] = f"{seconds / in_core:.3f}{'*' if i == chosen else ''}"
             gain = s.options["screened"][0][2] / s.options["screened"][chosen][2]

@@ -56,10 +56,11 @@ def in_core_max(budget: int, hi: int = 1440) -> int:
     return lo
 
 
-def phases(batch: int, budget: int, m) -> None:
+def phases(batch: int, budget: int, m, policy: str = "auto", options: dict | None = None) -> None:
     t = trace_for(batch)
-    sim = simulate(t, plan(t, budget, machine=m), m)
-    print(f"batch {batch} on {m.name}: step {sim.step_time_s:.2f} s; "
+    options = {"machine": m} if policy == "auto" else dict(options or {})
+    sim = simulate(t, plan(t, budget, policy, **options), m)
+    print(f"batch {batch} on {m.name}, {_label(policy, options)}: step {sim.step_time_s:.2f} s; "
           f"{physical_limit(t, budget, m)}")
     for phase in dict.fromkeys(fn.phase for fn in t.functions):
         idx = [i for i, fn in enumerate(t.functions) if fn.phase == phase]
@@ -73,6 +74,15 @@ def phases(batch: int, budget: int, m) -> None:
               f"out-link busy {busy['out']:5.2f} s")
 
 
+# Every policy by name, and adaptive waiting in completion order (one of auto's configurations).
+CONFIGURATIONS = [(p, {}) for p in POLICIES]
+CONFIGURATIONS.insert(POLICIES.index("adaptive") + 1, ("adaptive", {"wait_order": "completion"}))
+
+
+def _label(policy: str, options: dict) -> str:
+    return policy + (", completion order" if options.get("wait_order") == "completion" else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", default="16GB")
@@ -81,9 +91,15 @@ def main() -> None:
     parser.add_argument("--phases", type=int, metavar="BATCH",
                         help="instead of the table: where the default policy's step at BATCH "
                              "spends its time, per phase (compute, stalls, each link busy)")
+    parser.add_argument("--policy", default="auto",
+                        help="with --phases: the policy (default auto); 'completion' is "
+                             "adaptive waiting in completion order")
     args = parser.parse_args()
     if args.phases:
-        return phases(args.phases, parse_bytes(args.budget), get_machine(args.machine))
+        policy, options = ((("adaptive", {"wait_order": "completion"}))
+                           if args.policy == "completion" else (args.policy, {}))
+        return phases(args.phases, parse_bytes(args.budget), get_machine(args.machine),
+                      policy, options)
     budget = parse_bytes(args.budget)
     start = time.perf_counter()
     base = in_core_max(budget)
@@ -107,15 +123,18 @@ def main() -> None:
         except InfeasibleBudget:
             bound = "-"
         limit = physical_limit(t, budget, m).seconds     # holds for a feasible budget only
-        for policy in POLICIES:
+        for policy, options in CONFIGURATIONS:
             head = (f"| {batch} | {batch / base:.2f} | {t.peak(actual=True)[0] / 1e9:.1f} | {need / 1e9:.1f} "
-                    f"| {policy} |")
+                    f"| {_label(policy, options)}")
             try:
                 # auto chooses by simulated time: on the machine simulated here
-                s = plan(t, budget, policy, **({"machine": m} if policy == "auto" else {}))
+                s = plan(t, budget, policy, **({"machine": m} if policy == "auto" else options))
             except InfeasibleBudget:
-                print(f"{head} infeasible | | | | | | | | |")
+                print(f"{head} | infeasible | | | | | | | | |")
                 continue
+            if policy == "auto" and "chosen" in s.options:    # not when the step fits
+                head += f" ({_label(s.options['chosen'], s.options)})"
+            head += " |"
             sim = simulate(t, s, m)
             rate = batch / sim.step_time_s
             print(f"{head} {s.bytes_moved / 1e9:.1f} | {held_written(t, s) / 1e9:.1f} | {bound} "

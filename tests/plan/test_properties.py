@@ -33,6 +33,10 @@ def test_every_policy_passes_check_or_reports_infeasible(trace, fraction):
         assert budget >= smallest
         outcore.check(trace, s, budget)
         assert s.peak_bytes <= budget
+    if budget >= smallest:
+        s = outcore.plan(trace, budget, "adaptive", wait_order="completion")
+        outcore.check(trace, s, budget)
+        assert s.peak_bytes <= budget
 
 
 @SETTINGS
@@ -40,8 +44,11 @@ def test_every_policy_passes_check_or_reports_infeasible(trace, fraction):
 def test_traffic_ordering(trace, fraction):
     budget = max(budgets_for(trace, fraction), min_feasible_budget(trace))
     moved = {p: outcore.plan(trace, budget, p).bytes_moved for p in POLICIES}
+    moved["completion"] = outcore.plan(trace, budget, "adaptive",
+                                       wait_order="completion").bytes_moved
     bound = outcore.lower_bound(trace, budget).bytes_moved
     assert moved["adaptive"] <= moved["on-demand"]
+    assert moved["completion"] <= moved["on-demand"]
     assert moved["fixed"] <= moved["on-demand"]
     for policy, value in moved.items():
         assert bound <= value, policy

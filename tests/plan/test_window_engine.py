@@ -19,7 +19,9 @@ from .helpers import build, traces
 
 OPTIONS = [{}, {"window_bytes": 0.5}, {"window_bytes": 2.0}, {"window_functions": 1, "eager_wait": True},
            {"window_functions": 3}, {"keep_state": False}, {"end_within_start": True},
-           {"belady": True}, {"start_state": True}, {"start_state": True, "end_within_start": True}]
+           {"belady": True}, {"start_state": True}, {"start_state": True, "end_within_start": True},
+           {"wait_order": "completion"}, {"wait_order": "completion", "window_bytes": 0.5},
+           {"wait_order": "completion", "start_state": True}]
 
 
 def _options(trace, budget, spec, pick):
@@ -69,7 +71,8 @@ def test_one_registry_names_every_policy_and_its_options():
                                            "adaptive-belady")
     t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8},
               ["fwd r:x r:w c:h", "act r:h c:y", "upd @optimizer w:w r:y"])
-    values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False, "machine": "cpu-disk"}
+    values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False, "machine": "cpu-disk",
+              "wait_order": "completion"}
     for name, policy in REGISTRY.items():
         assert policy.summary and "keep_state" in policy.options
         assert (policy.plan is None) != (policy.choose is None)
@@ -109,7 +112,8 @@ def test_auto_is_the_fastest_screened_schedule_and_the_same_as_asking_for_it(tra
     if s.options.get("in_core"):
         return
     screened = s.options["screened"]
-    assert [n for n, _, _ in screened] == ["adaptive", "adaptive-belady", "fixed", "adaptive"]
+    assert [n for n, _, _ in screened] == ["adaptive", "adaptive-belady", "fixed", "adaptive",
+                                           "adaptive"]
     fastest = min(range(len(screened)), key=lambda i: (screened[i][2], i))
     name, extra, seconds = screened[fastest]
     assert s.options["chosen"] == name and s.options["machine"] == "cpu-disk"
@@ -121,6 +125,33 @@ def test_auto_is_the_fastest_screened_schedule_and_the_same_as_asking_for_it(tra
         assert simulate(trace, outcore.plan(trace, budget, n, **e)).iteration_time_s == t
 
 
+def test_completion_order_waits_for_the_swap_out_the_link_finishes_first():
+    # a (f0) and b (f1) are read back after forward: a at f5, b at f6. At budget 12 one
+    # of them must be out before f3 creates d. Belady's order keeps a, needed sooner,
+    # in flight and writes b after f2; completion order writes a as soon as it leaves
+    # after f1, and its copy is done sooner: the same bytes, and f3 waits 3 s instead of
+    # 4 at 1 B/s out (reading back is fast here: only the wait before f3 differs).
+    from outcore.plan.schedule import SWAP_OUT, WAIT, Action
+    from outcore.simulate import Machine, simulate
+    t = build({"a": 4, "b": 4, "c": 4, "d": 4, "e": 4},
+              ["f0 c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 r:d c:e", "f5 r:e r:a",
+               "f6 r:e r:b"], durations=[1.0] * 7)
+    a, b = 0, 1
+    belady = outcore.plan(t, 12, "adaptive")
+    first = outcore.plan(t, 12, "adaptive", wait_order="completion")
+    assert Action(SWAP_OUT, b) in belady.end[2] and Action(WAIT, b) in belady.begin[3]
+    assert Action(SWAP_OUT, a) in first.end[1] and Action(WAIT, a) in first.begin[3]
+    assert first.bytes_moved == belady.bytes_moved
+    toy = Machine("toy", peak_flops=1.0, memory_bandwidth=1.0, fast_bytes=100, link_in=1e9,
+                  link_out=1.0, link_latency_s=0.0, use_trace_durations=True)
+    slow, fast = simulate(t, belady, toy), simulate(t, first, toy)
+    assert (slow.stall_s[3], fast.stall_s[3]) == (4.0, 3.0)
+    assert slow.step_time_s == pytest.approx(fast.step_time_s + 1.0)
+    assert first.options["wait_order"] == "completion"
+    with pytest.raises(OutcoreError, match="wait_order must be one of farthest, completion"):
+        outcore.plan(t, 12, "adaptive", wait_order="newest")
+
+
 def test_auto_screens_fewer_configurations_on_long_traces():
     import sys
     from pathlib import Path
@@ -130,7 +161,7 @@ def test_auto_screens_fewer_configurations_on_long_traces():
     finally:
         sys.path.pop(0)
     from outcore.plan.policies import auto
-    for trace, tried in ((synthetic(400), 4), (synthetic(7000), 2)):
+    for trace, tried in ((synthetic(400), 5), (synthetic(7000), 2)):
         accesses = sum(len({a.array for a in fn.accesses}) for fn in trace.functions)
         work = auto.PLANS_PER_CONFIGURATION * accesses
         assert tried == min(len(auto.SCREEN), max(1, auto.SCREEN_ACCESSES // work))

@@ -9,8 +9,9 @@ fastest or close to it in every case, and read back no more bytes than a limited
 """
 from __future__ import annotations
 
+from ...errors import OutcoreError
 from . import register
-from .window import plan_window
+from .window import WAIT_ORDERS, plan_window
 
 PAPER_WINDOW_FACTOR = 1.5   # the paper's finding for ResNet-50: window=int(1.5 * budget)
 
@@ -21,12 +22,17 @@ def window_limit(window) -> int | None:
     return None if window is None else parse_bytes(window)
 
 
-@register("adaptive", {"window"},
+@register("adaptive", {"window", "wait_order"},
           "the paper's window, limited in bytes (default: by the budget only)")
 def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_state=None,
-                  end_within_start=False):
+                  end_within_start=False, wait_order="farthest"):
     limit = window_limit(window)
+    if wait_order not in WAIT_ORDERS:
+        raise OutcoreError(f"adaptive: wait_order must be one of {', '.join(WAIT_ORDERS)}, "
+                           f"got {wait_order!r}")
     return (plan_window(trace, budget, window_bytes=limit, keep_state=keep_state,
-                        start_state=start_state,
-                        end_within_start=end_within_start),
-            {"window": limit, "keep_state": keep_state})
+                        start_state=start_state, end_within_start=end_within_start,
+                        wait_order=wait_order),
+            {"window": limit, "keep_state": keep_state,
+             # named only when not the default, so that summaries stay as they were
+             **({"wait_order": wait_order} if wait_order != "farthest" else {})})
