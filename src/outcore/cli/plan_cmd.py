@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
                         "with --k fixed)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
+    add_wait_order(p)
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
     p.add_argument("-o", "--output", help="write the schedule as JSON to this file")
     c = p.add_argument_group("--cluster: how many devices, which strategy")
@@ -44,27 +45,39 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def add_wait_order(p) -> None:
+    """--wait-order, adaptive's option (docs/planning.md, "Waiting in completion order")."""
+    p.add_argument("--wait-order", choices=("farthest", "completion"),
+                   help="adaptive: which swap-out a function that needs room waits for "
+                        "(default farthest, Belady's; completion: the oldest first)")
+
+
 def policy_options(args, policy: str | None = None) -> dict:
-    """--window / --k as plan() options; with `policy` auto, the machine it chooses on
-    (--machine, where the command has one)."""
+    """--window / --k / --wait-order as plan() options; with `policy` auto, the machine it
+    chooses on (--machine, where the command has one)."""
     options = {}
     if getattr(args, "window", None) is not None:
         options["window"] = args.window
     if getattr(args, "k", None) is not None:
         options["k"] = args.k
+    if getattr(args, "wait_order", None) is not None:
+        options["wait_order"] = args.wait_order
     if policy == "auto" and getattr(args, "machine", None):
         options["machine"] = args.machine
     return options
 
 
 def chosen_policy(args) -> str:
-    """--policy as given; without it, the policy --window (adaptive) or --k (fixed)
-    belongs to, else auto."""
+    """--policy as given; without it, the policy --window or --wait-order (adaptive) or
+    --k (fixed) belongs to, else auto."""
     if args.policy is not None:
         return args.policy
-    window, k = getattr(args, "window", None) is not None, getattr(args, "k", None) is not None
+    window = (getattr(args, "window", None) is not None
+              or getattr(args, "wait_order", None) is not None)
+    k = getattr(args, "k", None) is not None
     if window and k:
-        raise OutcoreError("--window is adaptive's option and --k fixed's: give --policy too")
+        raise OutcoreError("--window and --wait-order are adaptive's options and --k fixed's: "
+                           "give --policy too")
     return "fixed" if k else "adaptive" if window else "auto"
 
 

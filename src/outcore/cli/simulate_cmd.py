@@ -16,7 +16,7 @@ from ..plan import POLICIES, min_feasible_budget, plan
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
-from .plan_cmd import chosen_policy, policy_options
+from .plan_cmd import add_wait_order, chosen_policy, policy_options
 
 
 def add_parser(sub) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
                    help="N budgets from the smallest feasible to the in-core peak (default 6)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
+    add_wait_order(p)
     p.add_argument("--timeline", metavar="OUT.json",
                    help="write the simulated step as a Chrome trace (opens in Perfetto or "
                         "chrome://tracing); one trace, budget and policy only")
@@ -185,7 +186,9 @@ def run(args) -> int:
         for budget in _budgets(args, trace, args.machine):
             for policy in policies:
                 opts = {k: v for k, v in options.items()
-                        if (k == "window" and policy.startswith("adaptive")) or (k == "k" and policy == "fixed")}
+                        if (k == "window" and policy.startswith("adaptive"))
+                        or (k == "wait_order" and policy == "adaptive")
+                        or (k == "k" and policy == "fixed")}
                 if policy == "auto":          # choose on the machine it is simulated on
                     opts["machine"] = args.machine
                 try:
