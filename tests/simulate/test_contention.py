@@ -67,8 +67,11 @@ def test_the_movers_cpu_is_paid_from_waits_then_compute():
     owed = 0.25 * sum(x.end_s - x.start_s for x in free.transfers)
     assert free.step_time_s < paid.step_time_s <= free.step_time_s + owed + 1e-12
     assert paid.step_time_s == pytest.approx(sum(paid.compute_s) + paid.total_stall_s)
-    # One rank on two cores has one to spare: simulate is unchanged.
+    # One rank on two cores has one to spare: simulate is unchanged. On one core the
+    # mover shares it with the only rank.
     assert outcore.simulate(t, s, busy) == outcore.simulate(t, s, TWO_CORES)
+    one_core = dataclasses.replace(busy, cores=1)
+    assert outcore.simulate(t, s, one_core).step_time_s == paid.step_time_s
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
