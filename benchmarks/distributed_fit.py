@@ -31,9 +31,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "..", "tests", "distributed", "worker.py")
 ITERATIONS = 12
-# The ranks fill this machine's 2 cores: their collectives run beside compute, as
-# `outcore bench comm --busy` times them.
-LINK = "loopback-gloo-busy"
+# Where the ranks fill the machine's cores their collectives run beside compute, as
+# `outcore bench comm --busy` times them; otherwise as `outcore bench comm` does.
+BUSY_LINK, IDLE_LINK = "loopback-gloo-busy", "loopback-gloo"
 
 
 def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: float,
@@ -45,14 +45,14 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
     import outcore
     from outcore.plan import plan
     from outcore.simulate import simulate_ranks
-    from outcore.simulate.machines import PRESETS
+    from outcore.simulate.machines import PRESETS, host_cores
 
     spec = importlib.util.spec_from_file_location("worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     machine = dataclasses.replace(PRESETS["cpu-disk"], name="cpu-disk (measured now)",
                                   link_in=link_in, link_out=link_out, host_time=True,
-                                  cores=os.cpu_count() or 1,
+                                  cores=host_cores(),
                                   transfer_cpu_share=transfer_cpu_share)
     executor = dataclasses.replace(machine, per_function_s=per_function_s)
     dist.init_process_group("gloo")
@@ -62,7 +62,7 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
         both = [None] * ranks
         dist.all_gather_object(both, (trace, schedule))
         return simulate_ranks([t for t, _ in both], [s for _, s in both], m,
-                              link=LINK)[rank]
+                              link=BUSY_LINK if ranks >= host_cores() else IDLE_LINK)[rank]
 
     for case in worker.CASES:
         kind, opt_name = case.split("-")
@@ -117,7 +117,9 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
                        "host_cpu_s": sum(fn.host_cpu_s for fn in fns),
                        "replay_host_s": r_host, "replay_own_s": r_own, "replay_ops_s": r_ops,
                        "replay_cpu_s": statistics.median(main_cpu[3:]),
-                       "predicted_compute_s": sum(sim.compute_s)}, f)
+                       # the model's compute before the helpers' share (NOTE [No core
+                       # to spare]): what the main thread itself should spend
+                       "predicted_compute_s": sim.in_core_time_s}, f)
         del model, step
         dist.barrier()
     dist.destroy_process_group()
@@ -134,11 +136,12 @@ def main() -> int:
     args = parser.parse_args()
     from outcore.bench.disk import measure_disk
     from outcore.bench.overhead import measure_overhead
+    from outcore.simulate.machines import host_cores
     from outcore.units import parse_bytes
     disk = measure_disk(parse_bytes(args.disk_size))
     print(f"disk: read {disk['read_GBps']:.2f} GB/s, write {disk['write_GBps']:.2f} GB/s, "
           f"mover CPU {disk['transfer_cpu_share']:.2f} s/s (outcore bench disk --size "
-          f"{args.disk_size}); {os.cpu_count()} cores for {args.nproc} ranks")
+          f"{args.disk_size}); {host_cores()} cores for {args.nproc} ranks")
     overhead = measure_overhead()
     print(f"executor: {overhead['per_function_s'] * 1e6:.1f} us per op (outcore bench overhead)")
     with tempfile.TemporaryDirectory() as out:

@@ -95,6 +95,8 @@ def main() -> None:
                         help="with --phases: the policy (default auto); 'completion' is "
                              "adaptive waiting in completion order")
     args = parser.parse_args()
+    if args.policy != "auto" and not args.phases:
+        parser.error("--policy goes with --phases (the table has every policy)")
     if args.phases:
         policy, options = ((("adaptive", {"wait_order": "completion"}))
                            if args.policy == "completion" else (args.policy, {}))

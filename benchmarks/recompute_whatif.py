@@ -23,9 +23,10 @@ at the start of backward; docs/paper-headline.md). Rewritten:
   producer (reading its inputs, or their recomputed copies) and of the ReLU, and takes
   over every later access of y.
 
-The inserted batch norm reads the running statistics the way the original did but does
-not write them (an executor would run it on scratch copies, to stay bitwise equal); its
-small saved mean and inverse deviation are not recreated (the originals live on). Its
+The inserted batch norm leaves the running statistics alone (the original updated them
+once; an executor would run the copy on scratch copies of them, to stay bitwise equal),
+and does not recreate the small saved mean and inverse deviation (the originals live
+on). An inserted array's `origin` slot is its position in its function's accesses. Its
 cost is the original's on the machine model. The in-core baseline is the same as
 paper_headline.py's: the largest batch whose step fits without recompute.
 
@@ -183,6 +184,8 @@ def main() -> None:
     unknown = [k for k in kinds if k not in PRODUCERS]
     if unknown:
         parser.error(f"--recompute: unknown {', '.join(unknown)}; choose from {', '.join(PRODUCERS)}")
+    if args.chains and "conv" not in kinds:
+        parser.error("--chains is about convolutions: give --recompute bn,conv")
     base = in_core_max(budget)
     t0 = trace_for(base)
     base_rate = base / simulate(t0, plan(t0, budget), m).step_time_s

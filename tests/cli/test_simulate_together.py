@@ -44,9 +44,13 @@ def test_the_receiver_waits_for_its_sender(tmp_path, capsys):
     assert float(rows2[0][7]) == pytest.approx(float(rows[0][7]) + 1.0)   # compute ms, rank 0
 
 
-def test_ranks_that_fill_the_cores_default_to_gloo_beside_compute(tmp_path, capsys):
-    # cpu-disk has 2 cores: 2 ranks on one node leave none to spare, so collectives are
-    # priced as `bench comm --busy` measured them; one rank per node leaves one.
+def test_ranks_that_fill_the_cores_default_to_gloo_beside_compute(tmp_path, capsys, monkeypatch):
+    # On 2 cores, 2 ranks on one node leave none to spare, so collectives are priced as
+    # `bench comm --busy` measured them; one rank per node leaves one.
+    import dataclasses
+
+    from outcore.simulate.machines import PRESETS
+    monkeypatch.setitem(PRESETS, "cpu-disk", dataclasses.replace(PRESETS["cpu-disk"], cores=2))
     paths = _save(tmp_path, _stages())
     assert main(["simulate", *paths, "--together"]) == 0
     out = capsys.readouterr().out

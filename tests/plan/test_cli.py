@@ -60,9 +60,10 @@ def test_window_options_pick_their_policy(tmp_path, capsys):
     assert "Schedule (adaptive, keep_state=True, wait_order=completion" in capsys.readouterr().out
     assert main(["simulate", str(path), "--budget", "8", "--policy", "all",
                  "--wait-order", "completion"]) == 0     # only adaptive takes it
-    assert main(["plan", str(path), "--budget", "8", "--policy", "fixed",
-                 "--wait-order", "completion"]) == 2
-    assert "policy 'fixed' takes no option(s) wait_order" in capsys.readouterr().err
+    for command in ("plan", "simulate"):
+        assert main([command, str(path), "--budget", "8", "--policy", "fixed",
+                     "--wait-order", "completion"]) == 2
+        assert "policy 'fixed' takes no option(s) wait_order" in capsys.readouterr().err
 
 
 def test_out_of_core_refuses_options_its_policy_does_not_take_before_anything_runs():

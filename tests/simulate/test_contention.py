@@ -1,5 +1,5 @@
-"""NOTE [No core to spare] (simulate/engine.py): with no core free for helper threads, a
-rank pays their CPU out of its waits first, then by sharing its core with compute."""
+"""NOTE [No core to spare] (simulate/engine.py): with no core free for helper threads,
+their CPU costs a rank nothing while it waits and slows what it computes meanwhile."""
 import dataclasses
 
 import pytest
@@ -32,16 +32,17 @@ def _steps(t, machine, link, **kw):
 
 
 def test_a_collectives_cpu_hides_in_the_wait_for_it():
-    # The allreduce runs [1, 9] and owes 0.5 x 8 = 4 s of CPU. f2 (1 s) shares its core:
-    # it takes 2 s and pays 1; f3 waits for g until 9 anyway, which pays the other 3.
+    # The allreduce runs [1, 9] and needs 0.5 s of CPU per second. f2 computes in [1, 2]
+    # beside it: 0.5 s more, it ends at 2.5; f3 waits for g until 9 anyway, and the
+    # core is the helpers' while it does.
     t = _ddp_like(rest_s=1.0)
     assert _steps(t, TWO_CORES, SLOW) == [10.0, 10.0]
     assert _steps(t, TWO_CORES, GLOO_LIKE) == [10.0, 10.0]
 
 
 def test_a_collectives_cpu_slows_the_compute_beside_it():
-    # f2 (8 s) overlaps the allreduce: without a spare core it shares its core until the
-    # 4 s owed are paid, so it ends at 1 + 8 + 4 = 13 instead of 9, and f3 at 14, not 10.
+    # f2 (8 s) overlaps the whole allreduce, which needs 0.5 x 8 = 4 s of CPU meanwhile:
+    # without a spare core f2 ends at 1 + 8 + 4 = 13 instead of 9, and f3 at 14, not 10.
     t = _ddp_like(rest_s=8.0)
     assert _steps(t, TWO_CORES, SLOW) == [10.0, 10.0]
     assert _steps(t, TWO_CORES, GLOO_LIKE) == [14.0, 14.0]
@@ -52,10 +53,10 @@ def test_a_collectives_cpu_slows_the_compute_beside_it():
     assert _steps(t, TOY, GLOO_LIKE) == [10.0, 10.0]
 
 
-def test_the_movers_cpu_is_paid_from_waits_then_compute():
+def test_the_movers_cpu_slows_the_compute_beside_it():
     # A chain whose activations (4 B each, 4 s at 1 B/s) are swapped behind compute of
-    # 10 s per function: every transfer owes transfer_cpu_share of its time, which
-    # nothing waits out, so compute pays it.
+    # 10 s per function: every transfer needs transfer_cpu_share of its time in CPU
+    # while a function computes, which that function gives up.
     t = build({"a": 4, "b": 4, "c": 4, "d": 4},
               ["f0 c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 r:d r:c",
                "f5 r:b r:a"], durations=[10.0] * 6)
@@ -74,9 +75,26 @@ def test_the_movers_cpu_is_paid_from_waits_then_compute():
     assert outcore.simulate(t, s, one_core).step_time_s == paid.step_time_s
 
 
+def test_a_wait_absorbs_only_the_helper_work_that_runs_during_it():
+    # f1 waits until 4 for a's swap-out (a: 4 B at 1 B/s, after f0); b, which f2 needs,
+    # is read in after that wait, during f1's 10 s of compute: that read's CPU (0.5 x
+    # 4 s) slows f1 by 2 s; a's write ran while f1 waited and costs nothing.
+    from outcore.plan.schedule import SWAP_IN, SWAP_OUT, WAIT, Action
+    t = build({"a": (4, "param"), "b": (4, "param"), "c": 4},
+              ["f0 w:a", "f1 c:c", "f2 r:a r:b r:c"], durations=[0.0, 10.0, 1.0])
+    s = outcore.plan(t, 100)
+    s = dataclasses.replace(s, begin=[[], [Action(WAIT, 0), Action(SWAP_IN, 1)], [Action(SWAP_IN, 0)]],
+                            end=[[Action(SWAP_OUT, 0)], [], []])
+    half = dataclasses.replace(TWO_CORES, transfer_cpu_share=0.5)
+    free = outcore.simulate(t, s, dataclasses.replace(TOY, cores=1))
+    paid = outcore.simulate(t, s, dataclasses.replace(half, cores=1))
+    assert free.compute_s[1] == 10.0 and paid.compute_s[1] == 12.0
+    assert paid.stall_s[1] == free.stall_s[1]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(traces(), st.floats(0.3, 1.0), st.floats(0.0, 2.0))
-def test_owing_cpu_costs_at_most_what_is_owed(trace, fraction, share):
+def test_helpers_cost_at_most_their_cpu(trace, fraction, share):
     budget = max(int(trace.peak()[0] * fraction), min_feasible_budget(trace))
     s = outcore.plan(trace, budget)
     free = simulate_ranks([trace, trace], [s, s], TWO_CORES, link=SLOW)
@@ -97,3 +115,7 @@ def test_bad_contention_inputs_are_clear_errors():
             _steps(t, TWO_CORES, SLOW, ranks_per_node=bad)
     with pytest.raises(outcore.OutcoreError, match="cpu_share must be"):
         dataclasses.replace(SLOW, cpu_share=-0.1)
+    for bad in ({"cores": -1}, {"cores": 1.5}, {"transfer_cpu_share": float("nan")},
+                {"transfer_cpu_share": -5.0}):
+        with pytest.raises(outcore.OutcoreError, match="cores must be|transfer_cpu_share must"):
+            dataclasses.replace(TWO_CORES, **bad)

@@ -19,8 +19,8 @@ allgather the gathered output, for the reduce-scatter the full input, for p2p on
 matrices without pause), as the ranks of a training step do while their collectives run
 (DDP's bucketed allreduce beside backward, FSDP's prefetched all-gathers, a pipeline's
 sends beside the next microbatch). Where the ranks fill the machine's cores, gloo's
-threads then wait for a core: here latency about doubled and bandwidth halved
-(docs/distributed.md). The `loopback-gloo-busy` preset holds these figures.
+threads then wait for a core: here α rose 1.9-3.3x and bandwidth fell to 0.39-0.65 of
+the idle figures (docs/distributed.md). The `loopback-gloo-busy` preset holds these figures.
 """
 from __future__ import annotations
 

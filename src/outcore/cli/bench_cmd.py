@@ -141,7 +141,7 @@ def run_comm(args) -> int:
         sizes, repeats = sizes_up_to(largest), 5
     else:
         sizes, repeats = DEFAULT_SIZES, 5
-    print(f"timing 2 gloo processes{', each also computing,' if args.busy else ''} "
+    print(f"timing 2 gloo processes{', each also computing' if args.busy else ''}, "
           f"{len(sizes)} sizes x {repeats} repeats ...", file=sys.stderr, flush=True)
     fig = measure_comm(sizes, repeats=repeats, busy=args.busy)
     if args.json:

@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     d.add_argument("--ranks-per-node", type=int,
                    help="with --together: how many of the ranks share one machine (default: "
                         "all). With no more cores than that, the mover's and gloo's threads "
-                        "take their CPU from compute"),
+                        "take their CPU from compute")
     d.add_argument("--per-op-us", type=float, default=0.0,
                    help="with --together on cpu-disk: outcore's own cost per op, in µs, counted "
                         "with the recorded host time (measure it: outcore bench overhead)")
@@ -185,10 +185,13 @@ def run(args) -> int:
         label = trace.info.get("label") or path
         for budget in _budgets(args, trace, args.machine):
             for policy in policies:
-                opts = {k: v for k, v in options.items()
-                        if (k == "window" and policy.startswith("adaptive"))
-                        or (k == "wait_order" and policy == "adaptive")
-                        or (k == "k" and policy == "fixed")}
+                # --policy all: each policy takes the options that are its own; one
+                # policy gets them all, so that plan() refuses what it does not take.
+                opts = dict(options) if len(policies) == 1 else {
+                    k: v for k, v in options.items()
+                    if (k == "window" and policy.startswith("adaptive"))
+                    or (k == "wait_order" and policy == "adaptive")
+                    or (k == "k" and policy == "fixed")}
                 if policy == "auto":          # choose on the machine it is simulated on
                     opts["machine"] = args.machine
                 try:

@@ -110,7 +110,8 @@ INTERCONNECTS: dict[str, Interconnect] = {
     # The same two processes while each also computes (`outcore bench comm --busy
     # --json`, three runs on 2026-12-01; each figure the median of its three), as the
     # ranks of a training step on this 2-core machine do: gloo's threads wait for a core.
-    # Fits off by up to 42-77% at some size. Use it where the ranks fill the cores.
+    # Each run's worst fit was off by 72-77% at some size. Use it where the ranks fill
+    # the cores.
     "loopback-gloo-busy": Interconnect(
         "loopback-gloo-busy", alpha_s=614e-6, bandwidth_Bps=0.92e9,
         source="measured here: `outcore bench comm --busy --json`, 2026-12-01, median of 3 "

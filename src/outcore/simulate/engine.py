@@ -18,18 +18,19 @@ stall), as does a swap-out of one of them. The step ends when the last collectiv
 Without `comm`, a collective is an ordinary function with its recorded duration.
 
 NOTE [No core to spare]. On a machine whose compute is the host CPU (Machine.cores > 0),
-the mover's threads and a CPU collective's threads (gloo) need CPU too: the mover's
-syscalls and staging copies (Machine.transfer_cpu_share of each transfer's time), the
-collective's copies and reductions (Interconnect.cpu_share of its time). Where a core is
+the mover's threads and a CPU collective's threads (gloo) need CPU too, while their
+transfer or collective runs: Machine.transfer_cpu_share of each second a transfer is on
+its link (the mover's syscalls and staging copies), Interconnect.cpu_share of each
+second a collective is on the comm lane (its copies and reductions). Where a core is
 free they run beside compute and cost it nothing. Where there is none (a rank per core
-or more: `contended`), each rank owes that CPU time, and pays it as the scheduler would:
-first out of the time the rank waits anyway (a stall), then by sharing its core half
-and half with compute, so that a function of c seconds takes c + min(owed, c). What is
-still owed when the step ends extends it. simulate_ranks decides per node; simulate
-(one rank) only on a 1-core machine. Why (docs/distributed.md, "No core to
-spare"): on this 2-core machine benchmarks/distributed_fit.py's replays came out at
-0.97-1.30 of their prediction on one rank, at 0.71-1.09 on two before this was
-modelled, while each rank's main thread used about the CPU time simulated as compute."""
+or more: `contended`), they take it from the rank's core as the scheduler would: while
+the rank waits (a stall) the core is theirs at no cost; while a function computes, the
+two share it half and half, so a function of c seconds whose interval overlaps helper
+work needing h seconds of CPU takes c + min(h, c) (h counted over the function's
+unstretched interval). simulate_ranks decides per node; simulate (one rank) only on a
+1-core machine. Why (docs/distributed.md, "No core to spare"): on this 2-core machine
+benchmarks/distributed_fit.py predicted 0.97-1.44 of the measured replay on one rank,
+but 0.71-1.09 on two before this was modelled."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -128,6 +129,8 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
     (simulate_ranks models them)."""
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
+    # One rank leaves its helpers no core only on a one-core machine; ranks sharing a
+    # node are simulate_ranks' (NOTE [No core to spare]).
     lane = _rank_lane(trace, schedule, m, link, contended=m.cores == 1)
     issue = next(lane)
     while not isinstance(issue, Simulation):
@@ -256,7 +259,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
     """One rank's replay as a generator: it yields an _Issue for each collective (with a
     link) and is sent (start, end) of that collective; it yields the Simulation last.
     contended: no core to spare for helper threads (NOTE [No core to spare])."""
-    owed = 0.0                            # helper CPU seconds this rank has not paid yet
+    helpers = _HelperWork()               # when the mover and gloo need CPU, and how much
     transfer_cpu = m.transfer_cpu_share if contended else 0.0
     comm_cpu = link.cpu_share if contended and link is not None else 0.0
     comm_free = 0.0                       # when the comm lane is next free
@@ -286,7 +289,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
                 start = max(t, free[lane_in])
                 free[lane_in] = in_done[a] = start + m.transfer_time(nb, "in")
                 transfers.append(Transfer(a, "in", nb, start, in_done[a]))
-                owed += transfer_cpu * (in_done[a] - start)
+                helpers.add(lane_in, start, in_done[a], transfer_cpu)
         ready = t
         for acc in fn.accesses:
             done = in_done.pop(acc.array, None)
@@ -297,7 +300,6 @@ def _rank_lane(trace, schedule, m, link, contended=False):
             if done is not None and done > ready:
                 ready = done
         stall += ready - t
-        owed = max(0.0, owed - stall)      # waiting, the core is free for the helpers
         starts.append(ready)
         kind = collective_kind(fn.op) if link is not None else None
         if kind is not None:
@@ -308,15 +310,13 @@ def _rank_lane(trace, schedule, m, link, contended=False):
             for a in touched:
                 comm_done[a] = comm_free
             collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin, comm_free))
-            owed += comm_cpu * (comm_free - begin)
+            helpers.add("comm", begin, comm_free, comm_cpu)
             compute = 0.0
         else:
             compute = m.compute_time(fn)
         in_core += compute
-        if owed > 0.0 and compute > 0.0:   # the core shared half and half with the helpers
-            shared = min(owed, compute)
-            owed -= shared
-            compute += shared
+        if compute > 0.0 and helpers:      # the core shared half and half with the helpers
+            compute += min(helpers.need(ready, ready + compute), compute)
         computes.append(compute)
         t = ready + compute
         for act in schedule.end[i]:
@@ -326,23 +326,18 @@ def _rank_lane(trace, schedule, m, link, contended=False):
                 start = max(t, free[lane_out], comm_done.get(a, 0.0))
                 free[lane_out] = out_done[a] = start + m.transfer_time(nb, "out")
                 transfers.append(Transfer(a, "out", nb, start, out_done[a]))
-                owed += transfer_cpu * (out_done[a] - start)
+                helpers.add(lane_out, start, out_done[a], transfer_cpu)
             elif act.kind == WAIT:
                 done = out_done.pop(a)
                 if done > t:
                     stall += done - t
-                    owed = max(0.0, owed - (done - t))
                     t = done
         stalls.append(stall)
     # The step is over when its last collective is (a rank cannot start the next one
     # before its gradients are reduced); that wait counts as the last function's stall.
     if comm_free > t and stalls:
         stalls[-1] += comm_free - t
-        owed = max(0.0, owed - (comm_free - t))
         t = comm_free
-    if owed > 0.0 and stalls:             # CPU the helpers still need: the step waits
-        stalls[-1] += owed
-        t += owed
     start_set, end_set = set(schedule.resident_at_start), set(schedule.resident_at_end)
     state = [a for a in arrays if a.kind == "persistent" and a.existed_before]
     boundary = (sum(m.transfer_time(a.nbytes, "out") for a in state
@@ -355,6 +350,40 @@ def _rank_lane(trace, schedule, m, link, contended=False):
                      transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary,
                      comm_s=sum(c.end_s - c.start_s for c in collectives),
                      collectives=tuple(collectives))
+
+
+class _HelperWork:
+    """The spans during which helper threads need CPU, per lane (in, out or one shared
+    link, comm), each with the CPU share it needs. A lane's spans come in time order and
+    never overlap (a lane moves one thing at a time), and the functions that ask come in
+    time order too, so each lane keeps a cursor: `need` costs amortized O(1)."""
+    __slots__ = ("lanes",)
+
+    def __init__(self):
+        self.lanes: dict[str, list] = {}    # lane -> [starts, ends, shares, cursor]
+
+    def __bool__(self) -> bool:
+        return bool(self.lanes)
+
+    def add(self, lane: str, start: float, end: float, share: float) -> None:
+        if share > 0.0 and end > start:
+            spans = self.lanes.setdefault(lane, [[], [], [], 0])
+            spans[0].append(start)
+            spans[1].append(end)
+            spans[2].append(share)
+
+    def need(self, a: float, b: float) -> float:
+        """CPU seconds the helpers need during [a, b] (a never decreases between calls)."""
+        total = 0.0
+        for spans in self.lanes.values():
+            starts, ends, shares, k = spans
+            while k < len(ends) and ends[k] <= a:
+                k += 1
+            spans[3] = k
+            while k < len(starts) and starts[k] < b:
+                total += shares[k] * (min(ends[k], b) - max(starts[k], a))
+                k += 1
+        return total
 
 
 def _comm_args(comm):

@@ -6,6 +6,8 @@ direction between the tiers (effective bandwidth and per-transfer latency), or o
 both directions share (a disk: reads and writes take turns on the same device)."""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 from ..errors import OutcoreError
@@ -49,6 +51,15 @@ class Machine:
     cores: int = 0
     transfer_cpu_share: float = 0.0
 
+    def __post_init__(self):
+        if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 0:
+            raise OutcoreError(f"machine {self.name!r}: cores must be an integer >= 0 (0: compute "
+                               f"is not the host CPU's), got {self.cores!r}")
+        if not (self.transfer_cpu_share >= 0 and math.isfinite(self.transfer_cpu_share)):
+            raise OutcoreError(f"machine {self.name!r}: transfer_cpu_share must be a finite "
+                               f"number >= 0 (CPU seconds per second of transfer), got "
+                               f"{self.transfer_cpu_share!r}")
+
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
             if self.host_time:
@@ -63,6 +74,14 @@ class Machine:
         return self.link_latency_s + nbytes / bw
 
 
+def host_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):          # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 GB = 1e9
 # FP32 efficiency 0.6: NVIDIA's published ResNet-50 FP32 training throughput on V100
 # (~390 img/s at ~24.6 GFLOP per image, forward+backward) is ~61% of the 15.7 TFLOP/s peak.
@@ -74,11 +93,12 @@ PRESETS = {
     # 2.23-2.36 GB/s write, 2.43-2.46 GB/s in total with both at once: one shared link.
     # Compute uses the trace's own durations: measured, or estimated by the recorder. The
     # mover's threads spend 0.15-0.24 s of CPU per s of transfer (`outcore bench disk`,
-    # 3 runs on 2026-12-01, 1 MiB transfers; median 0.22).
+    # 3 runs on 2026-12-01, 1 MiB transfers; median 0.22). Its cores are the ones this
+    # process may run on (2 here): the trace was recorded on this machine.
     "cpu-disk": Machine("cpu-disk", peak_flops=60e9, memory_bandwidth=10 * GB,
                         fast_bytes=24 * 2**30, link_in=2.4 * GB, link_out=2.3 * GB,
                         link_latency_s=100e-6, use_trace_durations=True, shared_link=True,
-                        cores=2, transfer_cpu_share=0.22),
+                        cores=host_cores(), transfer_cpu_share=0.22),
     # Tesla V100 SXM2 16 GB: 15.7 TFLOP/s fp32, 900 GB/s HBM2; PCIe 3.0 x16, ~12 GB/s pinned.
     "v100-16gb": Machine("v100-16gb", peak_flops=15.7e12, memory_bandwidth=900 * GB,
                          fast_bytes=16 * 10**9, link_in=12 * GB, link_out=12 * GB, **_GPU),

@@ -22,11 +22,9 @@ function f (`_WindowPlanner.plan`, one method per step):
      that will be needed again to make room for something needed earlier: it goes into
      free room or the window stops growing until room frees up.
    Only f's own operands, when that is not enough, evict a victim (`_Victims`, below).
-   With `wait_order="completion"`, f's own operands first wait oldest first for the
-   swap-outs whose next use lies beyond the window's head: the link finishes swap-outs
-   in issue order, so the oldest costs the least time, and the window cannot cancel
-   them before its head reaches their next use. Belady's order then covers the rest
-   (NOTE [Waiting in completion order]).
+   With `wait_order="completion"`, f's own operands wait oldest first instead: the
+   link finishes swap-outs in issue order, so the oldest costs the least time (NOTE
+   [Waiting in completion order]).
 3. **f runs** (`execute`): what it writes has no current slow copy any more.
 4. **Leave** (`leave`): each array whose last use *inside the window* is f leaves the
    fast tier: FREE if it is dead, DROP if its slow copy is current, SWAP_OUT otherwise.
@@ -66,14 +64,15 @@ flight, where the window may still cancel them, but the one it waits for may hav
 issued last: the link writes in issue order, so the function waits for every swap-out
 queued before it. Where forward produces more than the link can write behind compute
 (ResNet-50 on the v100-16gb model, batch 256-1024), every function that must make room
-then stalls until the queue drains. Waiting oldest first finishes the same room
-sooner. It costs traffic only when a waited-for array would have been cancelled, which
-needs the window's head to reach its next use, so completion order takes the oldest
-only while the head has not: beyond that, Belady's order as before. It is a heuristic:
-at ResNet-50 batch 1280-1440 on v100-16gb it waits away arrays the window would have
-cancelled and moves 8-9% more than Belady's order (docs/planning.md, "Waiting in
-completion order"); `auto` screens both orders. No policy moves more than on-demand either way (the argument does
-not depend on which swap-out is waited for).
+then stalls until the queue drains. Waiting oldest first makes the same room sooner.
+The price is traffic: an array waited for can no longer be cancelled when the window
+reaches its next use, and the oldest may be needed sooner than Belady's choice. Only a
+swap-out of an array f itself uses is passed over (f's admission cancels it); with
+none left, Belady's order as before. So it is a heuristic: at ResNet-50 batch
+1280-1440 on v100-16gb it moves 8-9% more than the adaptive default (docs/planning.md,
+"Waiting in completion order"), and `auto` screens both orders. No policy moves more
+than on-demand either way (the argument does not depend on which swap-out is waited
+for).
 """
 from __future__ import annotations
 
@@ -434,7 +433,7 @@ class _WindowPlanner:
         arrays never used again); f's own operands then evict victims."""
         budget = self.budget
         if mandatory and self.completion_order:
-            while self.occ + nbytes > budget and self.wait_oldest_beyond_head(f):
+            while self.occ + nbytes > budget and self.wait_oldest_not_for(f):
                 pass
         while self.occ + nbytes > budget and self.wait_farthest(f, dead_only=not mandatory):
             pass
@@ -541,13 +540,12 @@ class _WindowPlanner:
         """WAIT before f for the oldest swap-out in flight; False if there is none."""
         return self._wait_for(self.swap_outs.oldest(dead_only), f)
 
-    def wait_oldest_beyond_head(self, f: int) -> bool:
-        """WAIT before f for the oldest swap-out in flight if the window's head has not
-        reached its array's next use; False otherwise (NOTE [Waiting in completion
-        order])."""
+    def wait_oldest_not_for(self, f: int) -> bool:
+        """WAIT before f for the oldest swap-out in flight unless f itself uses that array
+        (admitting it cancels the swap-out); False otherwise (NOTE [Waiting in
+        completion order])."""
         a = self.swap_outs.oldest()
-        head = self.acc_fn[self.head] if self.head < len(self.acc_fn) else self.n
-        if a < 0 or self.swap_outs.next_use[self.swap_outs.pos[a]] <= head:
+        if a < 0 or self.swap_outs.next_use[self.swap_outs.pos[a]] <= f:
             return False
         return self._wait_for(a, f)
 
@@ -598,9 +596,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     one must write out before it starts (plan() tries both, see api._cycle).
     The caller has already checked that the budget is feasible. With eager_wait, every
     swap-out is waited for before the next function (synchronous offload, as vDNN does).
-    wait_order: "farthest" (Belady's, step 2) or "completion" (oldest first among the
-    swap-outs the window cannot cancel yet, then Belady's; NOTE [Waiting in completion
-    order])."""
+    wait_order: "farthest" (Belady's, step 2) or "completion" (oldest first, passing
+    over an array f itself uses, then Belady's; NOTE [Waiting in completion order])."""
     return _WindowPlanner(trace, budget, window_bytes=window_bytes,
                           window_functions=window_functions, keep=keep,
                           eager_wait=eager_wait, keep_state=keep_state,
