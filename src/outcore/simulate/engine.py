@@ -126,11 +126,11 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
     outcore.simulate.comm and the number of ranks the trace's collectives span: they
     then run on their own lane at the modelled speed (module docstring), each starting
     as soon as this rank issues it: the other ranks are assumed to be there already
-    (simulate_ranks models them)."""
+    (simulate_ranks models them). One rank leaves its helper threads a core of their own
+    unless the machine has one core (NOTE [No core to spare]); ranks that share a node's
+    cores are simulate_ranks' to model."""
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
-    # One rank leaves its helpers no core only on a one-core machine; ranks sharing a
-    # node are simulate_ranks' (NOTE [No core to spare]).
     lane = _rank_lane(trace, schedule, m, link, contended=m.cores == 1)
     issue = next(lane)
     while not isinstance(issue, Simulation):
