@@ -6,8 +6,8 @@ fastest or within 1% on CPU-recorded ResNet and GPT-2 steps, but on meta traces 
 the same networks adaptive-belady, a window of 4 functions and the paper's 1.5 x budget
 each came first at some budget, by up to 6%, and adaptive-belady on the v100-16gb model
 by up to 3%; waiting in completion order (window.py) takes 5-9% less time than adaptive
-on v100-16gb for ResNet-50 at batch 256-1024 and 2-3% more above (docs/planning.md,
-"Which policy auto picks", "Waiting in completion order"). So `auto` plans the trace with
+on v100-16gb for ResNet-50 at batch 256-1024 and is within 1% of it above
+(docs/planning.md, "Which policy auto picks", "Waiting in completion order"). So `auto` plans the trace with
 each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
 starting with the state it ends with), simulates each schedule on `machine` (its
 iteration time: the step and the state moved between two steps), and keeps the

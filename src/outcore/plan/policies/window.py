@@ -22,9 +22,9 @@ function f (`_WindowPlanner.plan`, one method per step):
      that will be needed again to make room for something needed earlier: it goes into
      free room or the window stops growing until room frees up.
    Only f's own operands, when that is not enough, evict a victim (`_Victims`, below).
-   With `wait_order="completion"`, f's own operands wait oldest first instead: the
-   link finishes swap-outs in issue order, so the oldest costs the least time (NOTE
-   [Waiting in completion order]).
+   With `wait_order="completion"`, f's own operands wait oldest first instead, passing
+   over arrays the window is about to reach again: the link finishes swap-outs in issue
+   order, so the oldest costs the least time (NOTE [Waiting in completion order]).
 3. **f runs** (`execute`): what it writes has no current slow copy any more.
 4. **Leave** (`leave`): each array whose last use *inside the window* is f leaves the
    fast tier: FREE if it is dead, DROP if its slow copy is current, SWAP_OUT otherwise.
@@ -65,14 +65,15 @@ issued last: the link writes in issue order, so the function waits for every swa
 queued before it. Where forward produces more than the link can write behind compute
 (ResNet-50 on the v100-16gb model, batch 256-1024), every function that must make room
 then stalls until the queue drains. Waiting oldest first makes the same room sooner.
-The price is traffic: an array waited for can no longer be cancelled when the window
-reaches its next use, and the oldest may be needed sooner than Belady's choice. Only a
-swap-out of an array f itself uses is passed over (f's admission cancels it); with
-none left, Belady's order as before. So it is a heuristic: at ResNet-50 batch
-1280-1440 on v100-16gb it moves 8-9% more than the adaptive default (docs/planning.md,
-"Waiting in completion order"), and `auto` screens both orders. No policy moves more
-than on-demand either way (the argument does not depend on which swap-out is waited
-for).
+The price would be traffic: an array waited for can no longer be cancelled when the
+window reaches its next use. So completion order passes over the arrays whose next use
+lies within the window's last reach: as far past its function as the head stood once
+the previous function was planned (`_WindowPlanner.reach`; while f makes room for its
+own operands the head stands at f, which says nothing). The window is likely to reach
+those again and cancel their swap-outs. With none left, Belady's order as before. It
+stays a heuristic (docs/planning.md, "Waiting in completion order"), and `auto`
+screens both orders. No policy moves more than on-demand either way (the argument
+does not depend on which swap-out is waited for).
 """
 from __future__ import annotations
 
@@ -284,6 +285,7 @@ class _WindowPlanner:
                  keep_state, start_state, end_within_start, wait_order="farthest"):
         self.trace, self.budget, self.keep, self.eager_wait = trace, budget, keep, eager_wait
         self.completion_order = wait_order == "completion"
+        self.reach = 0                   # functions past f the head stood at after f's extend
         arrays = trace.arrays
         self.n, m = len(trace.functions), len(arrays)
         self.nb = [a.nbytes for a in arrays]
@@ -389,6 +391,7 @@ class _WindowPlanner:
                 break
             head += 1
         self.head = head
+        self.reach = (acc_fn[head] if head < total else self.n) - f
 
     def reserve_workspace(self, f: int, g: int) -> bool:
         """Reserve the workspace of each function up to g not reserved yet (for g > f a
@@ -433,7 +436,7 @@ class _WindowPlanner:
         arrays never used again); f's own operands then evict victims."""
         budget = self.budget
         if mandatory and self.completion_order:
-            while self.occ + nbytes > budget and self.wait_oldest_not_for(f):
+            while self.occ + nbytes > budget and self.wait_oldest_outside_reach(f):
                 pass
         while self.occ + nbytes > budget and self.wait_farthest(f, dead_only=not mandatory):
             pass
@@ -540,12 +543,13 @@ class _WindowPlanner:
         """WAIT before f for the oldest swap-out in flight; False if there is none."""
         return self._wait_for(self.swap_outs.oldest(dead_only), f)
 
-    def wait_oldest_not_for(self, f: int) -> bool:
-        """WAIT before f for the oldest swap-out in flight unless f itself uses that array
-        (admitting it cancels the swap-out); False otherwise (NOTE [Waiting in
-        completion order])."""
+    def wait_oldest_outside_reach(self, f: int) -> bool:
+        """WAIT before f for the oldest swap-out in flight unless its array's next use lies
+        within the window's last reach from f; False otherwise (NOTE [Waiting in
+        completion order]). Called while f's own accesses are admitted, when `reach`
+        still holds the previous function's."""
         a = self.swap_outs.oldest()
-        if a < 0 or self.swap_outs.next_use[self.swap_outs.pos[a]] <= f:
+        if a < 0 or self.swap_outs.next_use[self.swap_outs.pos[a]] <= f + self.reach:
             return False
         return self._wait_for(a, f)
 
@@ -597,7 +601,8 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     The caller has already checked that the budget is feasible. With eager_wait, every
     swap-out is waited for before the next function (synchronous offload, as vDNN does).
     wait_order: "farthest" (Belady's, step 2) or "completion" (oldest first, passing
-    over an array f itself uses, then Belady's; NOTE [Waiting in completion order])."""
+    over arrays within the window's last reach, then Belady's; NOTE [Waiting in
+    completion order])."""
     return _WindowPlanner(trace, budget, window_bytes=window_bytes,
                           window_functions=window_functions, keep=keep,
                           eager_wait=eager_wait, keep_state=keep_state,
