@@ -152,6 +152,35 @@ def test_completion_order_waits_for_the_swap_out_the_link_finishes_first():
         outcore.plan(t, 12, "adaptive", wait_order="newest")
 
 
+def test_completion_order_passes_over_arrays_within_the_windows_last_reach():
+    # Two swap-outs in flight: b (issued first, read again at f4) and a (read at f9).
+    # Making room before f2, completion order waits for the oldest, b, unless f4 lies
+    # within the window's last reach from f2 (the head stood `reach` functions past the
+    # previous function): then the window will likely read b again and cancel its
+    # swap-out, so b is passed over and Belady's choice, a, is waited for instead.
+    from outcore.plan.policies.window import _WindowPlanner
+    from outcore.plan.schedule import WAIT, Action
+    from outcore.states import OUT
+    t = build({"b": 4, "a": 4}, ["f0 c:b", "f1 c:a"] + [f"g{i}" for i in range(2, 10)],
+              durations=[1.0] * 10)
+    for reach, waited in ((3, "a"), (1, "b")):
+        p = _WindowPlanner(t, 100, window_bytes=None, window_functions=None, keep=None,
+                           eager_wait=False, keep_state=True, start_state=None,
+                           end_within_start=False, wait_order="completion")
+        b, a = 0, 1
+        for array, issued, next_use in ((b, 0, 4), (a, 1, 9)):
+            p.swap_outs.push(array, issued, next_use)
+            p.state[array] = OUT
+            p.occ += 4
+        p.reach = reach
+        if waited == "a":
+            assert not p.wait_oldest_outside_reach(2)
+            assert p.wait_farthest(2, dead_only=False)
+        else:
+            assert p.wait_oldest_outside_reach(2)
+        assert p.begin[2] == [Action(WAIT, {"a": a, "b": b}[waited])]
+
+
 def test_auto_screens_fewer_configurations_on_long_traces():
     import sys
     from pathlib import Path
