@@ -151,7 +151,8 @@ def _worker(rank, world, store_path, out_path, sizes, repeats, busy_compute=Fals
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({"times_s": medians, "torch": torch.__version__,
-                           "cpu_share": {op: c / w if w > 0 else 0.0 for op, (c, w) in busy.items()},
+                           "cpu_share": {op: c / w if w > 0 else 0.0
+                                         for op, (c, w) in busy.items()},
                            "bytes": [max(world, n // 4 // world * world) * 4 for n in sizes]}, f)
         dist.barrier()
     finally:
