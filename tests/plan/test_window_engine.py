@@ -1,6 +1,7 @@
 """The window engine's own contracts: its tally equals check.replay's accounting, every
 start it is given is servable, one policy registry, and planning leaves the collector
 as it found it."""
+import dataclasses
 import gc
 
 import pytest
@@ -179,6 +180,22 @@ def test_completion_order_passes_over_arrays_within_the_windows_last_reach():
         else:
             assert p.wait_oldest_outside_reach(2)
         assert p.begin[2] == [Action(WAIT, {"a": a, "b": b}[waited])]
+
+
+def test_the_report_names_completion_order_when_auto_chooses_it():
+    from outcore.run.ooc import _policy_label
+    t = build({"a": 4, "b": 4, "c": 4, "d": 4, "e": 4},
+              ["f0 c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 r:d c:e", "f5 r:e r:a",
+               "f6 r:e r:b"], durations=[1.0] * 7)
+    s = outcore.plan(t, 12)
+    first = outcore.plan(t, 12, "adaptive", wait_order="completion")
+    chosen = dataclasses.replace(s, options={**s.options, **first.options,
+                                             "chosen": "adaptive"})
+    assert _policy_label(chosen) == "auto (adaptive, completion order)"
+    assert _policy_label(first) == "adaptive"
+    plain = {k: v for k, v in s.options.items() if k != "wait_order"}
+    assert _policy_label(dataclasses.replace(s, options={**plain, "chosen": "fixed"})) \
+        == "auto (fixed)"
 
 
 def test_auto_screens_fewer_configurations_on_long_traces():

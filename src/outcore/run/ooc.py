@@ -121,9 +121,13 @@ def _release(mover, governor, pager, durable) -> None:
 
 
 def _policy_label(schedule) -> str:
-    """The policy a schedule was made with, and for auto the one it chose."""
+    """The policy a schedule was made with, and for auto the one it chose (and, for
+    adaptive waiting in completion order, that)."""
     chosen = schedule.options.get("chosen")
-    return f"{schedule.policy} ({chosen})" if chosen else schedule.policy
+    if not chosen:
+        return schedule.policy
+    order = ", completion order" if schedule.options.get("wait_order") == "completion" else ""
+    return f"{schedule.policy} ({chosen}{order})"
 
 
 class OutOfCore:
