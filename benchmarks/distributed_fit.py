@@ -45,14 +45,13 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
     import outcore
     from outcore.plan import plan
     from outcore.simulate import simulate_ranks
-    from outcore.simulate.machines import PRESETS, host_cores
+    from outcore.simulate.machines import PRESETS
 
     spec = importlib.util.spec_from_file_location("worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     machine = dataclasses.replace(PRESETS["cpu-disk"], name="cpu-disk (measured now)",
                                   link_in=link_in, link_out=link_out, host_time=True,
-                                  cores=host_cores(),
                                   transfer_cpu_share=transfer_cpu_share)
     executor = dataclasses.replace(machine, per_function_s=per_function_s)
     dist.init_process_group("gloo")
@@ -62,7 +61,7 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
         both = [None] * ranks
         dist.all_gather_object(both, (trace, schedule))
         return simulate_ranks([t for t, _ in both], [s for _, s in both], m,
-                              link=BUSY_LINK if ranks >= host_cores() else IDLE_LINK)[rank]
+                              link=BUSY_LINK if m.no_core_to_spare(ranks) else IDLE_LINK)[rank]
 
     for case in worker.CASES:
         kind, opt_name = case.split("-")

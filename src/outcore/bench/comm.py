@@ -97,11 +97,10 @@ def _worker(rank, world, store_path, out_path, sizes, repeats, busy_compute=Fals
     import torch.distributed as dist
     torch.set_num_threads(1)           # the ranks share this machine's cores
     stop = threading.Event()
-    spinner = []                       # [thread_time of the compute thread, so far]
+    spinner = [0.0]                    # the compute thread's CPU time so far (0: none)
 
     def compute():
         a = torch.ones(256, 256)
-        spinner.append(time.thread_time())
         while not stop.is_set():
             torch.mm(a, a)             # releases the GIL: the rank's Python keeps going
             spinner[0] = time.thread_time()
@@ -135,7 +134,7 @@ def _worker(rank, world, store_path, out_path, sizes, repeats, busy_compute=Fals
                 samples = []
                 for _ in range(repeats):
                     dist.barrier()
-                    spun = spinner[0] if spinner else 0.0
+                    spun = spinner[0]
                     start, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
                     for _ in range(iters):
                         calls[op]()
@@ -144,7 +143,7 @@ def _worker(rank, world, store_path, out_path, sizes, repeats, busy_compute=Fals
                     # Gloo's threads: the process's CPU less this thread's and the
                     # compute thread's (to one matrix product).
                     busy[op][0] += ((time.process_time() - cpu) - (time.thread_time() - own)
-                                    - ((spinner[0] if spinner else 0.0) - spun))
+                                    - (spinner[0] - spun))
                     busy[op][1] += wall
                 one_way = 0.5 if op == "p2p" else 1.0        # a ping-pong is two messages
                 medians[op].append(one_way * statistics.median(samples))

@@ -107,7 +107,7 @@ def run_together(args) -> int:
         raise OutcoreError("--together takes one --policy")
     policy = policies[0]
     machine = PRESETS[args.machine]
-    filled = 0 < machine.cores <= per_node      # NOTE [No core to spare] in simulate/engine.py
+    filled = machine.no_core_to_spare(per_node)     # NOTE [No core to spare] in simulate/engine.py
     name = args.interconnect or ("loopback-gloo-busy" if filled else "loopback-gloo")
     interconnect(name)                     # an unknown name is a clear error here
     if machine.use_trace_durations:     # recorded on this machine: its host time too

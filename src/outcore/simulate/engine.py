@@ -131,7 +131,7 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
     cores are simulate_ranks' to model."""
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
-    lane = _rank_lane(trace, schedule, m, link, contended=m.cores == 1)
+    lane = _rank_lane(trace, schedule, m, link, contended=m.no_core_to_spare(1))
     issue = next(lane)
     while not isinstance(issue, Simulation):
         issue = lane.send((issue.begin_s, issue.begin_s
@@ -180,7 +180,7 @@ def simulate_ranks(traces, schedules, machine="cpu-disk", *, link,
     if isinstance(per_node, bool) or not isinstance(per_node, int) or not 1 <= per_node <= n:
         raise OutcoreError(f"simulate_ranks: ranks_per_node must be an integer from 1 to the "
                            f"{n} ranks, got {ranks_per_node!r}")
-    contended = 0 < m.cores <= per_node
+    contended = m.no_core_to_spare(per_node)
     lanes = [_rank_lane(t, s, m, link, contended) for t, s in zip(traces, schedules)]
     results: list = [None] * n
     waiting: list = [None] * n          # rank -> its pending _Issue

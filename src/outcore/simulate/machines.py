@@ -60,6 +60,11 @@ class Machine:
                                f"number >= 0 (CPU seconds per second of transfer), got "
                                f"{self.transfer_cpu_share!r}")
 
+    def no_core_to_spare(self, ranks_on_node: int) -> bool:
+        """Do that many ranks, one compute thread each, leave helper threads (the mover,
+        gloo) no core of their own here? (NOTE [No core to spare] in engine.py)"""
+        return 0 < self.cores <= ranks_on_node
+
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
             if self.host_time:
