@@ -44,7 +44,9 @@ from .compose import Composition, held_arrays, owned_arrays, owned_occupancy, wi
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
+from .movers import host
 from .movers.disk import DiskMover
+from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
 from .replay import Replayer
 from .report import IterationStats, Report
@@ -135,8 +137,13 @@ class OutOfCore:
 
     budget: bytes or a string such as "2GiB" — the most managed tensor bytes resident at
         once (the recording iteration may exceed it by one op's outputs).
-    offload: "disk" (the slow tier is a swap file on a local disk).
+    offload: "disk" (CPU tensors; the slow tier is a swap file on a local disk) or "host"
+        (CUDA tensors under a GPU-memory budget; the slow tier is page-locked host memory,
+        and past `host_budget` the swap file: run/movers/host.py).
     swap_dir: where the swap file goes (default: the system temp directory).
+    host_budget: with offload="host", the most page-locked host memory the host tier
+        takes (bytes or a string; default half the machine's RAM); what does not fit
+        there spills to the swap file.
     policy: the planning policy (outcore.plan): "auto" (the fastest of the others for
         the recorded step, by simulated time), "adaptive" (the paper's), "fixed", ...
     min_move_bytes: storages smaller than this stay in fast memory (a transfer would
@@ -164,17 +171,30 @@ class OutOfCore:
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
                  policy: str = "auto", *, min_move_bytes: int = MIN_MOVE_BYTES,
                  plan_options: dict | None = None, return_freed_memory: bool | str = True,
-                 state_dir=None):
+                 state_dir=None, host_budget=None):
         self.closed = True              # until construction completes
         self._active = False
         self.budget = parse_bytes(budget)
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
+        if offload not in ("disk", "host"):
+            raise OutcoreError(f"unknown offload {offload!r}; use offload='disk' (CPU tensors) or "
+                               "offload='host' (CUDA tensors)")
+        if host_budget is not None and offload != "host":
+            raise OutcoreError(f"host_budget={host_budget!r} sizes the host tier of offload='host'; "
+                               "offload='disk' has none: drop host_budget, or pass offload='host'")
+        self.host_budget = None
         if offload == "host":
-            raise OutcoreError("offload='host' moves GPU tensors to pinned host memory and needs "
-                               "the CUDA mover, which this version does not have; use offload='disk'")
-        if offload != "disk":
-            raise OutcoreError(f"unknown offload {offload!r}; use offload='disk'")
+            if state_dir is not None:
+                raise OutcoreError("state_dir is not supported with offload='host' yet: the state "
+                                   "is kept crash-consistent only in a swap file (offload='disk')")
+            try:
+                self.host_budget = (default_host_budget() if host_budget is None
+                                    else parse_bytes(host_budget))
+            except OutcoreError as err:
+                raise OutcoreError(f"host_budget must be a byte count >= 0 (bytes or a string "
+                                   f"such as '8GiB'): {err}") from None
+        self.offload = offload
         registered(policy, plan_options or {},          # refused now, not after a recording
                    subject=f"OutOfCore(policy={policy!r})", what="plan option",
                    hint="; a window is adaptive's option (policy='adaptive'), k fixed's")
@@ -201,11 +221,24 @@ class OutOfCore:
 
     def _build(self, swap_dir, min_move_bytes, return_freed_memory, state_dir) -> None:
         self._durable = Durable(state_dir) if state_dir is not None else None
-        self._mover = DiskMover(swap_dir, path=self._durable.path if self._durable else None)
+        if self.offload == "host":
+            link, disk = host.default_link(), None
+            try:
+                disk = DiskMover(swap_dir)             # the third tier, past host_budget
+                self._mover = HostMover(link, self.host_budget, disk)
+            except BaseException:
+                link.close()
+                if disk is not None:
+                    disk.close()
+                raise
+        else:
+            self._mover = DiskMover(swap_dir, path=self._durable.path if self._durable else None)
         self._res = Residency(self._mover, min_move_bytes=min_move_bytes)
         # glibc's settings: claimed by the first iteration, tightened at the first
-        # eviction, given back by close() or garbage collection (memory/malloc.py).
-        self._governor = make_governor(return_freed_memory)
+        # eviction, given back by close() or garbage collection (memory/malloc.py). They
+        # keep host memory near a RAM budget: a GPU budget has no use for them.
+        self._governor = make_governor(return_freed_memory if self._mover.device_type == "cpu"
+                                       else False)
         if self._governor is not None:
             self._res.before_first_eviction = self._governor.tighten
             if self._governor.mode == "trim":      # eager's check() does nothing: no per-op call

@@ -37,6 +37,10 @@ NOTE [Residency invariants]
      in compose.py). A storage found resized behind outcore's back (a FAST one whose
      size is not its entry's, a SLOW one with memory) is disowned on the spot, never
      copied from or over.
+  6. Only storages on the mover's device (`mover.device_type`) move. Under
+     offload="host" the step's CPU storages (an optimizer's step counters, a loss moved
+     to the host) are tracked pinned: counted, never moved. A storage on a device the
+     mover does not know is refused with an error when first seen (`_elsewhere`).
 """
 from __future__ import annotations
 
@@ -141,11 +145,12 @@ class Residency:
         key = storage._cdata
         entry = self.entries.get(key)
         if entry is None:
+            elsewhere = self._elsewhere(storage)
             if not storage.resizable():
                 mapped.adopt_orphan(storage)     # left mapped by a closed OutOfCore
             nbytes = storage.nbytes()
-            entry = Entry(key, None, nbytes,
-                          pinned=nbytes < self.min_move_bytes or not storage.resizable())
+            entry = Entry(key, None, nbytes, pinned=elsewhere or nbytes < self.min_move_bytes
+                          or not storage.resizable())
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
             self._add_resident(entry.nbytes)
@@ -153,6 +158,21 @@ class Residency:
                 self.pinned_resident += entry.nbytes
         self.touch(entry)
         return entry
+
+    def _elsewhere(self, storage) -> bool:
+        """Whether `storage` is on a device this mover does not move from (NOTE 6): a
+        CPU storage in a GPU step stays put (counted, never moved); a storage on a device
+        the mover cannot reach at all is refused before anything moves."""
+        kind = storage.device.type
+        if kind == self.mover.device_type or kind == "meta":
+            return False
+        if kind == "cpu":
+            return True
+        raise OutcoreError(
+            f"a {kind} tensor ({format_bytes(storage.nbytes())}) reached an OutOfCore whose fast "
+            f"tier is {self.mover.device_type} memory: offload='disk' manages CPU tensors, "
+            "offload='host' CUDA tensors. Create the OutOfCore with the offload for the "
+            "device the step runs on")
 
     def touch(self, entry: Entry) -> None:
         if entry.state is FAST:
@@ -327,7 +347,8 @@ class Residency:
         if self.memory_check is not None:
             self.memory_check()
         storage.resize_(entry.nbytes)        # may raise (out of memory): still SLOW
-        advise_huge(storage.data_ptr(), entry.nbytes)     # NOTE [Huge pages for reads]
+        if self.mover.device_type == "cpu":
+            advise_huge(storage.data_ptr(), entry.nbytes)     # NOTE [Huge pages for reads]
         try:
             entry.future = self.mover.read(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         except BaseException:
@@ -400,8 +421,8 @@ class Residency:
                     entry.future = None
                     storage = entry.ref() if doing == "reading" else None
                     if storage is not None and attempt < READ_ATTEMPTS:
-                        warnings.warn(f"reading {format_bytes(entry.nbytes)} from the swap file in "
-                                      f"{self.mover.location} failed ({_reason(exc)}); trying again "
+                        warnings.warn(f"reading {format_bytes(entry.nbytes)} from "
+                                      f"{self.mover.where} failed ({_reason(exc)}); trying again "
                                       f"({attempt + 1} of {READ_ATTEMPTS})", RuntimeWarning,
                                       stacklevel=4)
                         entry.future = self.mover.read(storage.data_ptr(), entry.nbytes,
@@ -425,10 +446,10 @@ class Residency:
             entry.state = FAST           # the fast copy is intact: keep it
             self.touch(entry)
         raise OutcoreError(
-            f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} the "
-            f"swap file in {self.mover.location} failed: {_reason(exc)}. "
+            f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} "
+            f"{self.mover.where} failed: {_reason(exc)}. "
             + ("The tensor is still in memory; nothing was lost." if doing == "writing" else
-               f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still in the swap file "
+               f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still on the slow tier "
                "and are read again when it is next needed, by the next iteration or by close(); "
                "until one of them succeeds the tensor is empty: do not read it.")) from exc
 

@@ -284,6 +284,7 @@ class DiskMover:
     """Moves whole storages to and from extents of one swap file."""
 
     name = "disk"
+    device_type = "cpu"      # the fast tier it moves from (Residency NOTE 6)
 
     def __init__(self, swap_dir: str | None = None, *, chunk_bytes: int = CHUNK_BYTES,
                  direct: bool = True, direct_min_bytes: int = DIRECT_MIN_BYTES,
@@ -297,6 +298,7 @@ class DiskMover:
                                "swap_dir= a directory on a local disk with free space")
         self._fd, self.direct = self._open_kept(path, direct) if path else self._open(base, direct)
         self.location = base
+        self.where = f"the swap file in {base}"      # for messages
         self.filesystem = _filesystem_type(base)
         if self.filesystem == "tmpfs":
             warnings.warn(f"swap directory {base} is on tmpfs, which is RAM: evicted tensors "
@@ -424,6 +426,27 @@ class DiskMover:
         """Copy `nbytes` from `extent` to `address`, asynchronously."""
         head = self._heads.get(extent.offset, 0)
         return self._reader.submit(self._read, address, nbytes, extent, head, keepalive)
+
+    # Synchronous page-aligned transfers on the caller's thread, for the host mover's
+    # spill tier (run/movers/host.py): `address` is a page-aligned staging buffer with
+    # room for `nbytes` rounded up to a page, `offset` a page-aligned place in an extent.
+    def write_at(self, address: int, nbytes: int, offset: int) -> None:
+        if self.direct:
+            self._pwrite_pages(address, round_up(nbytes), offset)
+        else:
+            self._pwrite_memory(address, nbytes, offset)
+
+    def read_at(self, address: int, nbytes: int, offset: int) -> None:
+        if self.direct:
+            self._pread_pages(address, round_up(nbytes), offset)
+        else:
+            self._pread_memory(address, nbytes, offset)
+
+    def drop_cached(self, offset: int, length: int) -> None:
+        """After buffered writes: flush them and let the page cache drop them."""
+        if not self.direct:
+            os.fdatasync(self._fd)
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def _write(self, address, nbytes, extent, head, keepalive) -> tuple[float, float]:
         """The copy itself, on the writer thread; returns when it ran (perf_counter

@@ -1,0 +1,134 @@
+"""The host tier's memory: one pool of page-locked segments that outcore sizes itself.
+
+PyTorch's pinned allocator (`pin_memory=True`) rounds every block up to a power of two,
+so 1.1 GiB of evicted tensors can hold 2 GiB of page-locked RAM, which the kernel can
+never swap or reclaim. The pool instead maps anonymous memory in segments of exactly the
+size asked for (a page multiple), page-locks each one whole (`pin`, cudaHostRegister on
+a GPU machine), and hands out page-aligned extents of them first-fit, freed extents
+coalescing with their neighbours (memory/extents.py). Its size follows what the step
+keeps on the host, up to `limit` (`OutOfCore(host_budget=)`); an allocation that does
+not fit returns None and the caller spills to the next tier (run/movers/host.py).
+
+NOTE [Host pool accounting]
+  1. `capacity` is the sum of the segments' sizes: the page-locked bytes the pool holds.
+     It never exceeds `limit`, and grows by at least `segment_bytes` at a time (page
+     locking costs a system call and page faults per segment) or by the extent asked
+     for when larger, never by more than `limit` allows.
+  2. `in_use` is the sum of live extents' lengths; every extent is its request rounded
+     up to a page, so the pool's waste is at most a page per tensor plus its free runs.
+  3. Segments stay until `close()` (a steady loop reuses them); `peak_in_use` and
+     `peak_capacity` are what the report shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .aligned import ALIGNMENT, AlignedBuffer, round_up
+from .extents import Extent, ExtentAllocator
+
+SEGMENT_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class PoolExtent:
+    """An extent of one segment: `address` is where its bytes start in memory."""
+    segment: int
+    offset: int
+    length: int
+    address: int
+
+
+class _Segment:
+    def __init__(self, size: int, pin, unpin):
+        self.buffer = AlignedBuffer(size)
+        self.size = self.buffer.size
+        self.unpin = unpin
+        self.allocator = ExtentAllocator(self.size)
+        try:
+            if pin is not None:
+                pin(self.buffer.address, self.size)
+        except BaseException:
+            self.buffer.close()
+            raise
+        self.pinned = pin is not None
+
+    def allocate(self, nbytes: int) -> Extent | None:
+        extent, needed = self.allocator.allocate(nbytes)
+        if needed > self.size:                 # the segment cannot grow: give it back
+            self.allocator.free(extent)
+            self.allocator.truncate(self.size)
+            return None
+        return extent
+
+    def close(self) -> None:
+        if self.pinned and self.unpin is not None:
+            self.unpin(self.buffer.address)
+            self.pinned = False
+        self.buffer.close()
+
+
+class HostPool:
+    """Page-locked host memory for evicted tensors, grown in segments up to `limit` bytes.
+
+    `pin(address, size)` / `unpin(address)` lock and unlock a segment (None: plain memory,
+    as on a machine without CUDA, where the pool only holds the host tier's bytes)."""
+
+    def __init__(self, limit: int, *, pin=None, unpin=None, segment_bytes: int = SEGMENT_BYTES):
+        if limit < 0:
+            raise ValueError(f"host pool limit must be >= 0, got {limit}")
+        self.limit = limit // ALIGNMENT * ALIGNMENT
+        self.segment_bytes = round_up(max(segment_bytes, ALIGNMENT))
+        self._pin, self._unpin = pin, unpin
+        self.segments: list[_Segment] = []
+        self.in_use = 0
+        self.peak_in_use = 0
+        self.peak_capacity = 0
+        self.refused = 0            # allocations that did not fit (spilled by the caller)
+
+    @property
+    def capacity(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def allocate(self, nbytes: int) -> PoolExtent | None:
+        """A page-aligned extent of at least `nbytes`, or None when the pool is at its
+        limit (NOTE [Host pool accounting] 1)."""
+        length = round_up(max(nbytes, 1))
+        for index, segment in enumerate(self.segments):
+            extent = segment.allocate(length)
+            if extent is not None:
+                return self._taken(index, segment, extent)
+        room = self.limit - self.capacity
+        if length > room:
+            self.refused += 1
+            return None
+        segment = _Segment(min(room, max(length, self.segment_bytes)), self._pin, self._unpin)
+        self.segments.append(segment)
+        self.peak_capacity = max(self.peak_capacity, self.capacity)
+        return self._taken(len(self.segments) - 1, segment, segment.allocate(length))
+
+    def _taken(self, index: int, segment: _Segment, extent: Extent) -> PoolExtent:
+        self.in_use += extent.length
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+        return PoolExtent(index, extent.offset, extent.length,
+                          segment.buffer.address + extent.offset)
+
+    def free(self, extent: PoolExtent) -> None:
+        self.segments[extent.segment].allocator.free(Extent(extent.offset, extent.length))
+        self.in_use -= extent.length
+
+    def view(self, extent: PoolExtent, nbytes: int) -> memoryview:
+        """The extent's first `nbytes` as a writable memoryview (tests, reads by the user)."""
+        segment = self.segments[extent.segment]
+        return segment.buffer.view[extent.offset:extent.offset + nbytes]
+
+    def close(self) -> None:
+        """Unlock and unmap every segment. Call only once no copy uses them."""
+        segments, self.segments = self.segments, []
+        for segment in segments:
+            segment.close()
+        self.in_use = 0
+
+    def __repr__(self) -> str:
+        from ..units import format_bytes
+        return (f"HostPool({len(self.segments)} segments, {format_bytes(self.capacity)} of "
+                f"{format_bytes(self.limit)}, in use {format_bytes(self.in_use)})")

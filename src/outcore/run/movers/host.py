@@ -1,0 +1,446 @@
+"""The host mover (`offload="host"`): GPU memory is the fast tier, page-locked host
+memory the slow one, and a disk the third tier past `host_budget`.
+
+    GPU (budget) ──copy out──▶ host pool (host_budget) ──full──▶ disk (swap file)
+
+It has the disk mover's interface (allocate, free, write, read, close), so the Residency
+and the Replayer run it unchanged; what differs is where the copies run:
+
+* A **link** does the copies. `CudaLink` has one copy stream per direction, as the
+  planner and the simulator assume (a GPU's two copy engines). `EmulatedLink` stands in
+  for it on CPU tensors, one worker thread per direction, so that everything but the
+  CUDA calls is tested on machines without a GPU (tests/run/test_host_tier.py).
+* The **pool** (memory/host_pool.py) holds the host tier's bytes in page-locked
+  segments outcore sizes itself; an extent it cannot give spills to the disk mover.
+
+NOTE [Stream-ordered transfers] (CudaLink)
+  1. A swap-out waits, on the copy-out stream, for an event recorded on the stream the
+     step runs on (`current_stream()`) when the eviction is asked for: the producing
+     kernel has finished before the bytes are copied. The host thread does not wait.
+  2. Its device memory is released (`resize_(0)` in Residency.finish) only after the
+     host thread has waited for the copy's event: the plan's WAIT is where the budget
+     forces that wait, and nowhere else does the host block on a swap-out.
+  3. A swap-in allocates the storage on the step's stream, then the copy-in stream waits
+     for an event recorded there (the memory's previous users are done) and copies.
+     Making it ready (`Transfer.result()`) makes the step's stream wait for the copy's
+     event: the consumer kernel waits on the GPU, the host thread does not. The copied
+     storage is `record_stream`ed on the copy-in stream, so that it dying before any
+     consumer ran cannot hand its memory to another tensor while the copy writes it.
+  4. A host extent is given back to the pool only once the transfer that last used it
+     has finished (`HostMover.free` quarantines it until its event completes): a freed
+     extent is never overwritten by a swap-out while a swap-in still reads it.
+  5. A spilled transfer (to or from the disk tier) goes through a page-locked staging
+     buffer on the mover's own thread per direction, chunk by chunk, each chunk's copy
+     synchronized before the disk sees it. Reading one back blocks the host thread until
+     it is in GPU memory: the disk is the slowest tier and the pool keeps it for what
+     does not fit in `host_budget`.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ...errors import OutcoreError
+from ...memory import AlignedBuffer, Extent
+from ...memory.host_pool import HostPool, PoolExtent
+from ...units import format_bytes
+
+STAGING_BYTES = 8 * 2**20
+
+
+def physical_memory() -> int:
+    """Bytes of RAM this machine has."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_host_budget() -> int:
+    """`host_budget` when the user gives none: half the machine's RAM. Page-locked
+    memory cannot be swapped or reclaimed, so the pool never takes all of it."""
+    return physical_memory() // 2
+
+
+# -- links: who copies ------------------------------------------------------------------
+class EmulatedLink:
+    """A GPU's two copy engines, stood in for on CPU tensors: one worker thread per
+    direction copies by memmove (which releases the GIL). The "device" is the CPU, so a
+    copy is ordered after the step by construction (ops run synchronously) and a ready
+    swap-in is one whose copy finished."""
+
+    device_type = "cpu"
+    name = "emulated (CPU threads)"
+
+    def __init__(self):
+        self._out = ThreadPoolExecutor(1, thread_name_prefix="outcore-host-out")
+        self._in = ThreadPoolExecutor(1, thread_name_prefix="outcore-host-in")
+
+    def pin(self, address: int, size: int) -> None:
+        """Page-lock a pool segment (nothing to do on the CPU)."""
+
+    def unpin(self, address: int) -> None:
+        pass
+
+    @staticmethod
+    def _copy(dst: int, src: int, nbytes: int, keepalive) -> tuple[float, float]:
+        start = time.perf_counter()
+        ctypes.memmove(dst, src, nbytes)
+        return start, time.perf_counter()
+
+    def copy_out(self, host: int, storage, nbytes: int):
+        return self._out.submit(self._copy, host, storage.data_ptr(), nbytes, storage)
+
+    def copy_in(self, storage, host: int, nbytes: int):
+        return self._in.submit(self._copy, storage.data_ptr(), host, nbytes, storage)
+
+    def copy_out_now(self, host: int, storage, offset: int, nbytes: int, after=None) -> None:
+        """Synchronously, on the calling thread (a spill worker)."""
+        ctypes.memmove(host, storage.data_ptr() + offset, nbytes)
+
+    def copy_in_now(self, storage, offset: int, host: int, nbytes: int, after=None) -> None:
+        ctypes.memmove(storage.data_ptr() + offset, host, nbytes)
+
+    def step_event(self):
+        """An event on the step's stream, for a spilled swap-in to wait for (none here)."""
+        return None
+
+    def close(self) -> None:
+        self._out.shutdown(wait=True)
+        self._in.shutdown(wait=True)
+
+
+def _host_tensor(address: int, nbytes: int):
+    """A CPU uint8 tensor over `nbytes` of pool memory at `address` (no copy)."""
+    import torch
+    return torch.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=torch.uint8)
+
+
+class CudaTransfer:
+    """A copy on a CUDA stream: `done()` polls its event; `result()` waits for it, on the
+    host (a swap-out, NOTE [Stream-ordered transfers] 2) or on the step's stream (a
+    swap-in, 3). Holds the storage and the host tensor until the host has waited."""
+
+    __slots__ = ("event", "device", "on_stream", "keep")
+
+    def __init__(self, event, device, on_stream: bool, keep):
+        self.event, self.device, self.on_stream, self.keep = event, device, on_stream, keep
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def result(self):
+        import torch
+        if self.on_stream:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+        else:
+            self.event.synchronize()
+            self.keep = None
+        return None           # no host-clock span: a timeline shows the waits only
+
+
+class CudaLink:
+    """Copies between one CUDA device's storages and page-locked host memory, one copy
+    stream per direction (NOTE [Stream-ordered transfers]). Every torch call runs with
+    the dispatch modes off: the copies are outcore's, not ops of the step."""
+
+    device_type = "cuda"
+
+    def __init__(self, device=None):
+        import torch
+        index = torch.cuda.current_device() if device is None else torch.device(device).index or 0
+        self.device = torch.device("cuda", index)
+        self.out_stream = torch.cuda.Stream(self.device)
+        self.in_stream = torch.cuda.Stream(self.device)
+        self.name = f"CUDA {torch.cuda.get_device_name(self.device)}"
+
+    def pin(self, address: int, size: int) -> None:
+        import torch
+        err = int(torch.cuda.cudart().cudaHostRegister(address, size, 0))
+        if err:
+            raise OutcoreError(f"page-locking {format_bytes(size)} of host memory for the host tier "
+                               f"failed (CUDA error {err}); lower host_budget= (the most the "
+                               "pool may lock) or free host memory")
+
+    def unpin(self, address: int) -> None:
+        import torch
+        torch.cuda.cudart().cudaHostUnregister(address)
+
+    def _bytes(self, storage, offset: int, nbytes: int):
+        """A uint8 tensor over bytes [offset, offset + nbytes) of a device storage."""
+        import torch
+        whole = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+        return whole[offset:offset + nbytes]
+
+    def _async(self, stream, dst, src, device_side, keep, on_stream: bool) -> CudaTransfer:
+        import torch
+        ready = torch.cuda.current_stream(self.device).record_event()
+        stream.wait_event(ready)                                  # NOTE 1 and 3
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            device_side.record_stream(stream)
+            event = stream.record_event()
+        return CudaTransfer(event, self.device, on_stream, keep)
+
+    def copy_out(self, host: int, storage, nbytes: int) -> CudaTransfer:
+        import torch
+        with _no_modes(), torch.cuda.device(self.device):
+            src, dst = self._bytes(storage, 0, nbytes), _host_tensor(host, nbytes)
+            return self._async(self.out_stream, dst, src, src, (storage, dst), False)
+
+    def copy_in(self, storage, host: int, nbytes: int) -> CudaTransfer:
+        import torch
+        with _no_modes(), torch.cuda.device(self.device):
+            dst, src = self._bytes(storage, 0, nbytes), _host_tensor(host, nbytes)
+            return self._async(self.in_stream, dst, src, dst, (storage, src), True)
+
+    def step_event(self):
+        """An event on the step's stream now: where a spilled swap-in's memory is free."""
+        import torch
+        return torch.cuda.current_stream(self.device).record_event()
+
+    def copy_out_now(self, host: int, storage, offset: int, nbytes: int, after=None) -> None:
+        """Synchronously, on the calling thread (a spill worker), after `after` (the
+        step's event when the swap-out was asked for: NOTE 1)."""
+        import torch
+        with _no_modes(), torch.cuda.device(self.device), torch.cuda.stream(self.out_stream):
+            if after is not None:
+                self.out_stream.wait_event(after)
+            _host_tensor(host, nbytes).copy_(self._bytes(storage, offset, nbytes),
+                                             non_blocking=True)
+            self.out_stream.synchronize()
+
+    def copy_in_now(self, storage, offset: int, host: int, nbytes: int, after=None) -> None:
+        import torch
+        with _no_modes(), torch.cuda.device(self.device), torch.cuda.stream(self.in_stream):
+            if after is not None:
+                self.in_stream.wait_event(after)
+            self._bytes(storage, offset, nbytes).copy_(_host_tensor(host, nbytes),
+                                                       non_blocking=True)
+            self.in_stream.synchronize()
+
+    def close(self) -> None:
+        self.out_stream.synchronize()
+        self.in_stream.synchronize()
+
+
+def _no_modes():
+    from torch.utils._python_dispatch import _disable_current_modes
+    return _disable_current_modes()
+
+
+def default_link():
+    """The link for `offload="host"`: the current CUDA device's, or a clear error."""
+    import torch
+    if not torch.cuda.is_available():
+        raise OutcoreError("offload='host' keeps CUDA tensors in GPU memory under the budget, "
+                           "with page-locked host memory as the slow tier, and needs a CUDA "
+                           "device: torch.cuda.is_available() is False here. For CPU tensors "
+                           "use offload='disk'")
+    return CudaLink()
+
+
+# -- the mover ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TierExtent:
+    """Where an evicted storage's bytes are: a host pool extent, or a disk extent."""
+    tier: str                 # "host" or "disk"
+    place: object             # PoolExtent or memory.Extent
+
+    @property
+    def length(self) -> int:
+        return self.place.length
+
+    @property
+    def offset(self) -> int:
+        return self.place.offset
+
+
+class _Done:
+    """A transfer with nothing left to do (an empty storage)."""
+
+    @staticmethod
+    def done() -> bool:
+        return True
+
+    @staticmethod
+    def result():
+        return None
+
+
+class HostMover:
+    """Moves whole storages between the link's device and the host tier, spilling to a
+    disk mover past the pool's limit (module docstring)."""
+
+    name = "host"
+
+    def __init__(self, link, host_budget: int, disk, *, segment_bytes: int | None = None,
+                 staging_bytes: int = STAGING_BYTES):
+        self.link = link
+        self.device_type = link.device_type
+        kw = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
+        self.pool = HostPool(host_budget, pin=link.pin, unpin=link.unpin, **kw)
+        self.disk = disk
+        self.location = f"pinned host memory (up to {format_bytes(host_budget)}), then {disk.location}"
+        self.where = "the host tier"              # for messages
+        self._last: dict[tuple, object] = {}      # (tier, offset) -> its last transfer
+        self._quarantine: list = []               # (TierExtent, transfer): NOTE 4
+        self._staging_out = AlignedBuffer(staging_bytes)
+        self._staging_in = AlignedBuffer(staging_bytes)
+        self._spill_out = ThreadPoolExecutor(1, thread_name_prefix="outcore-spill-out")
+        self._spill_in = ThreadPoolExecutor(1, thread_name_prefix="outcore-spill-in")
+        self.busy_write_s = self.busy_read_s = 0.0
+        self.spilled_bytes = 0         # bytes written to the disk tier
+        self.spill_reads = 0           # bytes read back from it
+        self.closed = False
+
+    # -- space -------------------------------------------------------------------------
+    def allocate(self, nbytes: int) -> TierExtent:
+        """A pool extent, else (the pool at host_budget) a disk extent; raises
+        OutcoreError when the disk is full too (nothing was reserved)."""
+        self._release_quarantine()
+        place = self.pool.allocate(nbytes)
+        if place is None and self._quarantine:
+            self._release_quarantine(wait=True)
+            place = self.pool.allocate(nbytes)
+        if place is not None:
+            return TierExtent("host", place)
+        return TierExtent("disk", self.disk.allocate(nbytes))
+
+    def free(self, extent: TierExtent) -> None:
+        transfer = self._last.pop((extent.tier, extent.offset), None)
+        if transfer is not None and not transfer.done():
+            self._quarantine.append((extent, transfer))        # NOTE 4
+            return
+        self._give_back(extent)
+
+    def _give_back(self, extent: TierExtent) -> None:
+        if extent.tier == "host":
+            self.pool.free(extent.place)
+        else:
+            self.disk.free(extent.place)
+
+    def _release_quarantine(self, wait: bool = False) -> None:
+        still = []
+        for extent, transfer in self._quarantine:
+            if wait or transfer.done():
+                if wait and not transfer.done():
+                    _settle(transfer)
+                self._give_back(extent)
+            else:
+                still.append((extent, transfer))
+        self._quarantine = still
+
+    # The durable-state interface (run/durable.py) is the disk mover's; offload="host"
+    # refuses state_dir, so these only answer for an eviction's extent.
+    def is_committed(self, extent) -> bool:
+        return False
+
+    def head(self, extent) -> int:
+        return 0
+
+    def map(self, extent, nbytes: int, storage):
+        """Between iterations the host tier is not mapped into the user's tensors: the
+        Residency reads such a storage back instead (README, "The GPU tier")."""
+        raise OSError(errno.EOPNOTSUPP, "the host tier is not mapped between iterations")
+
+    # -- transfers ---------------------------------------------------------------------
+    def write(self, address: int, nbytes: int, extent: TierExtent, storage):
+        """Copy the storage's first `nbytes` to `extent`, asynchronously."""
+        if nbytes == 0:
+            transfer = _Done()
+        elif extent.tier == "host":
+            transfer = self.link.copy_out(extent.place.address, storage, nbytes)
+        else:
+            transfer = self._spill_out.submit(self._spill_write, storage, nbytes, extent.place,
+                                              self.link.step_event())
+            self.spilled_bytes += nbytes
+        self._last[(extent.tier, extent.offset)] = transfer
+        return _Timed(transfer, self, "write")
+
+    def read(self, address: int, nbytes: int, extent: TierExtent, storage):
+        """Copy `nbytes` from `extent` into the storage (allocated already), asynchronously."""
+        if nbytes == 0:
+            transfer = _Done()
+        elif extent.tier == "host":
+            transfer = self.link.copy_in(storage, extent.place.address, nbytes)
+        else:
+            after = self.link.step_event()
+            transfer = self._spill_in.submit(self._spill_read, storage, nbytes, extent.place, after)
+            self.spill_reads += nbytes
+        self._last[(extent.tier, extent.offset)] = transfer
+        return _Timed(transfer, self, "read")
+
+    def _spill_write(self, storage, nbytes: int, place: Extent, after):
+        """Device -> staging -> disk, chunk by chunk, on the spill writer (NOTE 5)."""
+        start, buf = time.perf_counter(), self._staging_out
+        for off in range(0, nbytes, buf.size):
+            n = min(buf.size, nbytes - off)
+            self.link.copy_out_now(buf.address, storage, off, n, after)
+            after = None
+            self.disk.write_at(buf.address, n, place.offset + off)
+        self.disk.drop_cached(place.offset, place.length)
+        return start, time.perf_counter()
+
+    def _spill_read(self, storage, nbytes: int, place: Extent, after):
+        start, buf = time.perf_counter(), self._staging_in
+        for off in range(0, nbytes, buf.size):
+            n = min(buf.size, nbytes - off)
+            self.disk.read_at(buf.address, n, place.offset + off)
+            self.link.copy_in_now(storage, off, buf.address, n, after)
+            after = None
+        return start, time.perf_counter()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._spill_out.shutdown(wait=True)
+        self._spill_in.shutdown(wait=True)
+        self.link.close()
+        self._quarantine.clear()
+        self._last.clear()
+        self.pool.close()
+        self._staging_out.close()
+        self._staging_in.close()
+        self.disk.close()
+
+    def __repr__(self) -> str:
+        pool = self.pool
+        return (f"HostMover({self.link.name}; pool {format_bytes(pool.capacity)} of "
+                f"{format_bytes(pool.limit)}, in use {format_bytes(pool.in_use)}, peak "
+                f"{format_bytes(pool.peak_in_use)}; spilled {format_bytes(self.spilled_bytes)} "
+                f"to {self.disk.location})")
+
+
+def _settle(transfer) -> None:
+    try:
+        transfer.result()
+    except Exception:      # noqa: BLE001 - its owner's wait reports it; here it only frees
+        pass
+    if isinstance(transfer, CudaTransfer) and transfer.on_stream:
+        transfer.event.synchronize()        # a host extent is reused only after its copy
+
+
+class _Timed:
+    """What the Residency waits on: the transfer, with the link's busy time accounted
+    when its result is first taken (spans from the emulated link and spills only)."""
+
+    __slots__ = ("transfer", "mover", "kind", "taken")
+
+    def __init__(self, transfer, mover: HostMover, kind: str):
+        self.transfer, self.mover, self.kind, self.taken = transfer, mover, kind, False
+
+    def done(self) -> bool:
+        return self.transfer.done()
+
+    def result(self):
+        span = self.transfer.result()
+        if span is not None and not self.taken:
+            self.taken = True
+            if self.kind == "write":
+                self.mover.busy_write_s += span[1] - span[0]
+            else:
+                self.mover.busy_read_s += span[1] - span[0]
+        return span
