@@ -92,8 +92,19 @@ def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
 FRESH_ARGUMENT_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
 
 
+# Fused optimizer steps: one in-place kernel over lists of parameters, gradients and
+# states, computing each tensor's elements from that tensor's own elements and shared
+# scalars only (lr, betas, grad_scale, found_inf). They split into one call per tensor
+# with one-element lists, which runs the same kernel on the same values: bitwise equal
+# (tests/trace/test_foreach.py, on CPU; benchmarks/gpu_tier_check.py on CUDA).
+FUSED_OPTIMIZERS = frozenset(f"aten::_fused_{name}_" for name in ("adam", "adamw", "sgd", "adagrad"))
+
+
 def is_foreach(func) -> bool:
-    return func._schema.name.startswith("aten::_foreach_")
+    """A multi-tensor op outcore runs as one call per tensor: `_foreach_*`, and the fused
+    optimizer steps (FUSED_OPTIMIZERS)."""
+    name = func._schema.name
+    return name.startswith("aten::_foreach_") or name in FUSED_OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -192,9 +203,30 @@ def _plan(func) -> _Plan | None:
     return None
 
 
+def _split_fused(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
+    """One call of the same fused optimizer op per tensor, each list argument cut to that
+    tensor's element (an empty list, such as max_exp_avg_sqs without amsgrad, stays
+    empty); None where the lists' lengths disagree."""
+    schema = func._schema.arguments
+    values = _bind(func, args, kwargs)
+    lists = [i for i, a in enumerate(schema) if str(a.type).startswith("List[Tensor")]
+    count = max(len(values[i]) for i in lists)
+    if any(len(values[i]) not in (0, count) for i in lists):
+        return None
+    calls = []
+    for k in range(count):
+        call = [([v[k]] if v else []) if i in lists else v for i, v in enumerate(values)]
+        calls.append((func, tuple(c for c, a in zip(call, schema) if not a.kwarg_only),
+                      {a.name: c for c, a in zip(call, schema) if a.kwarg_only}))
+    return calls
+
+
 def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
-    """One (plain op, args, kwargs) per tensor of a `_foreach_*` call, or None when the op
-    cannot be split (it then runs whole)."""
+    """One (plain op, args, kwargs) per tensor of a `_foreach_*` call (or of a fused
+    optimizer step, `_split_fused`), or None when the op cannot be split (it then runs
+    whole)."""
+    if func._schema.name in FUSED_OPTIMIZERS:
+        return _split_fused(func, args, kwargs)
     plan = _plan(func)
     if plan is None or not plan.list_positions:
         return None

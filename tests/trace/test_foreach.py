@@ -77,3 +77,41 @@ def test_unsplittable_foreach_is_recorded_whole(monkeypatch):
     assert [f.op for f in rec.trace.functions] == ["aten._foreach_add_.List"]
     assert len(rec.trace.functions[0].accesses) == 6
     assert all(torch.equal(x, y) for x, y in zip(a, expected))
+
+
+FUSED = [
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True)),
+    ("adam amsgrad", lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, fused=True)),
+    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)),
+    ("adamw tensor lr", lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), fused=True)),
+    ("sgd momentum", lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True,
+                                                fused=True)),
+    ("sgd plain", lambda ps: torch.optim.SGD(ps, lr=1e-2, fused=True)),
+    ("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=1e-2, fused=True)),
+]
+
+
+@pytest.mark.parametrize("name,make_opt", FUSED, ids=[c[0] for c in FUSED])
+def test_fused_optimizers_split_one_call_per_tensor_bitwise(name, make_opt):
+    """`fused=True` steps (one kernel over every parameter) are recorded and run one call
+    per parameter, bitwise equal to the whole call: a tight budget then needs one
+    parameter's share of the step resident, not all of them."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    oa, ob = make_opt(a.parameters()), make_opt(b.parameters())
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        a(x).sum().backward(); oa.step(); oa.zero_grad()
+        with outcore.record() as rec:
+            b(x).sum().backward(); ob.step(); ob.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for sa, sb in zip(oa.state.values(), ob.state.values()):
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    fused = [f for f in rec.trace.functions if "_fused_" in f.op]
+    assert [f.split for f in fused] == [(i, 4) for i in range(4)], [f.op for f in rec.trace.functions]
+    params = {x.id for x in rec.trace.arrays if x.category == "parameter"}
+    assert all(len(params & set(f.arrays())) == 1 for f in fused)

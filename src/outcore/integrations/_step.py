@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..errors import InfeasibleBudget, OutcoreError
+from ..errors import OutcoreError
 from ..run.ooc import OutOfCore
 
 
@@ -69,13 +69,12 @@ class StepIterations:
             raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {world} "
                                "(torch.distributed is not supported by outcore yet)")
 
-    def _begin_step(self, advice: "FusedAdvice") -> None:
+    def _begin_step(self) -> None:
         iteration = self.ooc.iteration()
         self._open = iteration
-        with advice:
-            iteration.__enter__()   # when it raises, it has ended itself: `entered` is False
+        iteration.__enter__()       # when it raises, it has ended itself: `entered` is False
 
-    def _finish(self, exc, advice: "FusedAdvice | None" = None) -> None:
+    def _finish(self, exc) -> None:
         """End the open iteration (module docstring)."""
         iteration = self._open
         if iteration is None:
@@ -83,8 +82,7 @@ class StepIterations:
         try:
             if iteration.open:
                 if exc is None:
-                    with advice or FusedAdvice(""):
-                        iteration.__exit__(None, None, None)
+                    iteration.__exit__(None, None, None)
                 else:
                     iteration.__exit__(type(exc), exc, exc.__traceback__)
         finally:
@@ -93,24 +91,6 @@ class StepIterations:
 
     def __repr__(self) -> str:
         return f"OutcoreCallback({self.ooc!r}, steps={self.steps}{', in a step' if self.in_step else ''})"
-
-
-class FusedAdvice:
-    """Adds `what_to_do` to an InfeasibleBudget raised by a fused optimizer op (one op that
-    updates every parameter, so all of them must be resident at once)."""
-
-    def __init__(self, what_to_do: str):
-        self.what_to_do = what_to_do
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.what_to_do and isinstance(exc, InfeasibleBudget) and "_fused_" in (exc.op or ""):
-            exc.add_note(f"outcore: {exc.op} updates every parameter in one op, so parameters, "
-                         "gradients and optimizer state must be resident at once. "
-                         + self.what_to_do)
-        return False
 
 
 def require_open(ooc) -> None:

@@ -97,7 +97,7 @@ except ImportError as exc:       # pragma: no cover - lightning is a test depend
                       "pip install lightning") from exc
 
 from ..errors import OutcoreError
-from ._step import FusedAdvice, StepIterations
+from ._step import StepIterations
 
 __all__ = ["OutcoreCallback"]
 
@@ -152,12 +152,12 @@ class OutcoreCallback(StepIterations, Callback):
             return                  # a later micro-batch of the step already open
         self._finish(None)
         self._opened_at = trainer.global_step
-        self._begin_step(_ADVICE)
+        self._begin_step()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.in_step and trainer.global_step != self._opened_at:
             self.steps += 1
-            self._finish(None, _ADVICE)
+            self._finish(None)
 
     def on_validation_start(self, trainer, pl_module):
         if self.in_step and not self._warned_validation:
@@ -185,8 +185,3 @@ def _compiled(pl_module) -> bool:
         return True
     modules = getattr(pl_module, "modules", None)
     return callable(modules) and any(type(m).__name__ == "OptimizedModule" for m in modules())
-
-
-_ADVICE = FusedAdvice(
-    "Return an optimizer with fused=False from configure_optimizers (foreach=True is fine: "
-    "outcore splits _foreach_ ops per tensor); it fits far smaller budgets")

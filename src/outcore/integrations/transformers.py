@@ -68,7 +68,7 @@ except ImportError as exc:       # pragma: no cover - transformers is a test dep
 
 from ..errors import OutcoreError
 from ..run.ooc import OutOfCore
-from ._step import FusedAdvice, StepIterations
+from ._step import StepIterations
 
 __all__ = ["OutcoreCallback", "train"]
 
@@ -131,13 +131,13 @@ class OutcoreCallback(StepIterations, TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._finish(None)          # none is open in Trainer 5.24's loop (NOTE [Which Trainer events])
-        self._begin_step(_ADVICE)
+        self._begin_step()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.in_step:
             self.steps += 1
-        self._finish(None, _ADVICE)
+        self._finish(None)
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -174,9 +174,3 @@ def train(trainer, ooc, **train_kwargs):
     finally:
         if not ours:
             trainer.remove_callback(callback)
-
-
-_ADVICE = FusedAdvice(
-    "Trainer's default optimizer with torch >= 2.8 is the fused AdamW "
-    "(optim='adamw_torch_fused'); TrainingArguments(optim='adamw_torch') updates one parameter "
-    "at a time and fits far smaller budgets")
