@@ -173,6 +173,29 @@ def test_an_extent_is_reused_only_after_its_transfer(tmp_path):
         mover.close()
 
 
+def test_quarantine_tells_extents_of_different_segments_apart(tmp_path):
+    """Two extents at the same offset of two segments: freeing the one whose swap-in is
+    still reading keeps it out of the pool, whatever the other's transfer did."""
+    link = _ManualLink()
+    mover = HostMover(link, 2 * ALIGNMENT, DiskMover(str(tmp_path)), segment_bytes=ALIGNMENT)
+    try:
+        storage = torch.zeros(16, dtype=torch.uint8).untyped_storage()
+        busy, idle = mover.allocate(16), mover.allocate(16)
+        assert busy.place.segment != idle.place.segment and busy.offset == idle.offset == 0
+        mover.read(storage.data_ptr(), 16, busy, storage)
+        mover.read(storage.data_ptr(), 16, idle, storage)
+        link.pending[1].finished.set()             # only the second one finished
+        mover.free(busy)
+        mover.free(idle)
+        again = mover.allocate(16)
+        assert again.place.address == idle.place.address
+        assert mover.pool.in_use == 2 * ALIGNMENT  # busy's extent is still quarantined
+    finally:
+        for held in link.pending:
+            held.finished.set()
+        mover.close()
+
+
 # -- OutOfCore(offload="host") ------------------------------------------------------------
 def test_offload_host_needs_cuda_and_says_so():
     if torch.cuda.is_available():
@@ -230,6 +253,7 @@ def _train_host(name, which, host_budget):
             report, mover = ooc.report(), ooc._mover
             pool = (mover.pool.peak_in_use, mover.pool.peak_capacity, mover.pool.limit)
             spilled = mover.spilled_bytes
+            assert ooc.schedule.options["machine"] == ooc.machine == "h100-80gb"   # a GPU model
         _trained_runs[key] = (budget, result, report, pool, spilled)
     return _trained_runs[key]
 

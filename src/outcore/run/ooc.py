@@ -308,12 +308,22 @@ class OutOfCore:
                                "iterations")
         atomic_save(obj, path, self._shield)
 
-    def timeline(self, path, *, simulated: bool = True, machine="cpu-disk") -> None:
+    @property
+    def machine(self) -> str:
+        """The machine preset `auto` plans on and timelines and plots simulate by default:
+        cpu-disk (traced durations, this disk) for offload="disk"; for offload="host" a GPU
+        roofline (h100-80gb) on the trace's FLOPs and bytes, since a CUDA step's recorded
+        durations are kernel launches, not kernels. Pass plan_options={"machine": ...} for
+        another."""
+        return "h100-80gb" if self.offload == "host" else "cpu-disk"
+
+    def timeline(self, path, *, simulated: bool = True, machine=None) -> None:
         """Write the last replayed iteration as a Chrome trace JSON file, which Perfetto
         (ui.perfetto.dev) and chrome://tracing open: a compute track (one slice per op), a
         track per transfer direction (one slice per swap), and counters (fast tier, slow
         tier, resident set, budget). With `simulated`, the same schedule simulated on
-        `machine` (a preset name or an outcore.simulate.Machine) is a second process in
+        `machine` (a preset name or an outcore.simulate.Machine; default `self.machine`)
+        is a second process in
         the file, on the same clock, so planned and measured open side by side
         (docs/see.md)."""
         from ..simulate import simulate
@@ -321,19 +331,21 @@ class OutOfCore:
         trace, schedule, log = self._replayed("ooc.timeline()")
         parts = [tl.measured_events(trace, log, budget=self.budget, rss_start=self._rss_start)]
         if simulated:
-            parts.insert(0, tl.simulated_events(trace, schedule, simulate(trace, schedule, machine)))
+            sim = simulate(trace, schedule, machine or self.machine)
+            parts.insert(0, tl.simulated_events(trace, schedule, sim))
         tl.write(path, tl.chrome_trace(*parts, policy=schedule.policy, budget=self.budget,
                                        functions=len(trace.functions)))
 
-    def plot(self, path, *, machine="cpu-disk") -> None:
+    def plot(self, path, *, machine=None) -> None:
         """Draw the memory picture (outcore.view.plot) of the last replayed iteration to
         `path` (.png or .svg): the plan simulated on `machine`, stacked by category, and
         below it the measured step: managed bytes, the resident set, the transfers."""
         from ..simulate import simulate
         from ..view.plot import plot_memory
         trace, schedule, log = self._replayed("ooc.plot()")
-        plot_memory(trace, schedule, simulate(trace, schedule, machine), path, measured=log,
-                    budget=self.budget, rss_start=self._rss_start)
+        sim = simulate(trace, schedule, machine or self.machine)
+        plot_memory(trace, schedule, sim, path, measured=log, budget=self.budget,
+                    rss_start=self._rss_start)
 
     def _replayed(self, api: str):
         if self._last_replay is None:
@@ -402,7 +414,10 @@ class OutOfCore:
         plannable = without_held(trace, held)     # counted once, in planned_budget
         self._require_feasible(plannable, budget)
         started = time.perf_counter()
-        schedule = plan(plannable, budget, self.policy, **self.plan_options)
+        options = dict(self.plan_options)
+        if self.policy == "auto" and self.offload == "host":
+            options.setdefault("machine", self.machine)
+        schedule = plan(plannable, budget, self.policy, **options)
         check(plannable, schedule, budget)
         log.info("planned %d functions under %s (%s) in %.2f s: %s in, %s out per iteration, "
                  "peak %s", len(trace.functions), format_bytes(budget), _policy_label(schedule),

@@ -37,6 +37,7 @@ NOTE [Stream-ordered transfers] (CudaLink)
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -120,7 +121,9 @@ def _host_tensor(address: int, nbytes: int):
 class CudaTransfer:
     """A copy on a CUDA stream: `done()` polls its event; `result()` waits for it, on the
     host (a swap-out, NOTE [Stream-ordered transfers] 2) or on the step's stream (a
-    swap-in, 3). Holds the storage and the host tensor until the host has waited."""
+    swap-in, 3). A swap-out holds its storage until the host has waited (its memory is
+    released after that, NOTE 2); a swap-in holds only the host tensor, so that a storage
+    the step drops dies (its block is protected by record_stream, NOTE 3)."""
 
     __slots__ = ("event", "device", "on_stream", "keep")
 
@@ -136,7 +139,7 @@ class CudaTransfer:
             torch.cuda.current_stream(self.device).wait_event(self.event)
         else:
             self.event.synchronize()
-            self.keep = None
+        self.keep = None      # a swap-in's storage must be free to die (its weakref)
         return None           # no host-clock span: a timeline shows the waits only
 
 
@@ -149,23 +152,34 @@ class CudaLink:
 
     def __init__(self, device=None):
         import torch
-        index = torch.cuda.current_device() if device is None else torch.device(device).index or 0
-        self.device = torch.device("cuda", index)
+        index = None if device is None else torch.device(device).index
+        self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         self.out_stream = torch.cuda.Stream(self.device)
         self.in_stream = torch.cuda.Stream(self.device)
+        # The spill worker's own streams: its per-chunk synchronize() then waits for its
+        # own copies only, never for the pool's swaps queued meanwhile (NOTE 5).
+        self.spill_out_stream = torch.cuda.Stream(self.device)
+        self.spill_in_stream = torch.cuda.Stream(self.device)
         self.name = f"CUDA {torch.cuda.get_device_name(self.device)}"
 
     def pin(self, address: int, size: int) -> None:
+        """cudaHostRegister with cudaHostRegisterDefault (mapped and portable where
+        addressing is unified, as PyTorch's own pinned allocator registers)."""
         import torch
-        err = int(torch.cuda.cudart().cudaHostRegister(address, size, 0))
+        cudart = torch.cuda.cudart()
+        with torch.cuda.device(self.device):
+            err = int(cudart.cudaHostRegister(address, size, 0))
         if err:
+            _clear_cuda_error(cudart)
             raise OutcoreError(f"page-locking {format_bytes(size)} of host memory for the host tier "
                                f"failed (CUDA error {err}); lower host_budget= (the most the "
                                "pool may lock) or free host memory")
 
     def unpin(self, address: int) -> None:
         import torch
-        torch.cuda.cudart().cudaHostUnregister(address)
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostUnregister(address)):
+            _clear_cuda_error(cudart)
 
     def _bytes(self, storage, offset: int, nbytes: int):
         """A uint8 tensor over bytes [offset, offset + nbytes) of a device storage."""
@@ -173,27 +187,29 @@ class CudaLink:
         whole = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
         return whole[offset:offset + nbytes]
 
-    def _async(self, stream, dst, src, device_side, keep, on_stream: bool) -> CudaTransfer:
+    def _async(self, stream, dst, src, keep, on_stream: bool) -> CudaTransfer:
         import torch
         ready = torch.cuda.current_stream(self.device).record_event()
         stream.wait_event(ready)                                  # NOTE 1 and 3
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
-            device_side.record_stream(stream)
-            event = stream.record_event()
+            if on_stream:
+                dst.record_stream(stream)    # a swap-in's storage may die before its use
+            # Blocking: a host waiting on it sleeps instead of spinning a core.
+            event = stream.record_event(torch.cuda.Event(blocking=True))
         return CudaTransfer(event, self.device, on_stream, keep)
 
     def copy_out(self, host: int, storage, nbytes: int) -> CudaTransfer:
         import torch
         with _no_modes(), torch.cuda.device(self.device):
             src, dst = self._bytes(storage, 0, nbytes), _host_tensor(host, nbytes)
-            return self._async(self.out_stream, dst, src, src, (storage, dst), False)
+            return self._async(self.out_stream, dst, src, (storage, dst), False)
 
     def copy_in(self, storage, host: int, nbytes: int) -> CudaTransfer:
         import torch
         with _no_modes(), torch.cuda.device(self.device):
             dst, src = self._bytes(storage, 0, nbytes), _host_tensor(host, nbytes)
-            return self._async(self.in_stream, dst, src, dst, (storage, src), True)
+            return self._async(self.in_stream, dst, src, src, True)
 
     def step_event(self):
         """An event on the step's stream now: where a spilled swap-in's memory is free."""
@@ -204,30 +220,47 @@ class CudaLink:
         """Synchronously, on the calling thread (a spill worker), after `after` (the
         step's event when the swap-out was asked for: NOTE 1)."""
         import torch
-        with _no_modes(), torch.cuda.device(self.device), torch.cuda.stream(self.out_stream):
+        stream = self.spill_out_stream
+        with _no_modes(), torch.cuda.device(self.device), torch.cuda.stream(stream):
             if after is not None:
-                self.out_stream.wait_event(after)
+                stream.wait_event(after)
             _host_tensor(host, nbytes).copy_(self._bytes(storage, offset, nbytes),
                                              non_blocking=True)
-            self.out_stream.synchronize()
+            stream.synchronize()
 
     def copy_in_now(self, storage, offset: int, host: int, nbytes: int, after=None) -> None:
         import torch
-        with _no_modes(), torch.cuda.device(self.device), torch.cuda.stream(self.in_stream):
+        stream = self.spill_in_stream
+        with _no_modes(), torch.cuda.device(self.device), torch.cuda.stream(stream):
             if after is not None:
-                self.in_stream.wait_event(after)
+                stream.wait_event(after)
             self._bytes(storage, offset, nbytes).copy_(_host_tensor(host, nbytes),
                                                        non_blocking=True)
-            self.in_stream.synchronize()
+            stream.synchronize()
 
     def close(self) -> None:
-        self.out_stream.synchronize()
-        self.in_stream.synchronize()
+        for stream in (self.out_stream, self.in_stream, self.spill_out_stream,
+                       self.spill_in_stream):
+            stream.synchronize()
 
 
+def _clear_cuda_error(cudart) -> None:
+    """A failed runtime call leaves the runtime's last error set, and PyTorch's next
+    kernel-launch check would report it as its own: take it back where the binding
+    offers cudaGetLastError."""
+    get_last = getattr(cudart, "cudaGetLastError", None)
+    if get_last is not None:
+        get_last()
+
+
+@contextlib.contextmanager
 def _no_modes():
+    """The mover's own torch calls, unseen by the step's dispatch modes (outcore's
+    recorder or replayer, the user's) and torch-function modes."""
+    import torch
     from torch.utils._python_dispatch import _disable_current_modes
-    return _disable_current_modes()
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        yield
 
 
 def default_link():
@@ -284,7 +317,7 @@ class HostMover:
         self.disk = disk
         self.location = f"pinned host memory (up to {format_bytes(host_budget)}), then {disk.location}"
         self.where = "the host tier"              # for messages
-        self._last: dict[tuple, object] = {}      # (tier, offset) -> its last transfer
+        self._last: dict = {}                     # TierExtent -> the last transfer using it
         self._quarantine: list = []               # (TierExtent, transfer): NOTE 4
         self._staging_out = AlignedBuffer(staging_bytes)
         self._staging_in = AlignedBuffer(staging_bytes)
@@ -309,7 +342,7 @@ class HostMover:
         return TierExtent("disk", self.disk.allocate(nbytes))
 
     def free(self, extent: TierExtent) -> None:
-        transfer = self._last.pop((extent.tier, extent.offset), None)
+        transfer = self._last.pop(extent, None)
         if transfer is not None and not transfer.done():
             self._quarantine.append((extent, transfer))        # NOTE 4
             return
@@ -356,7 +389,7 @@ class HostMover:
             transfer = self._spill_out.submit(self._spill_write, storage, nbytes, extent.place,
                                               self.link.step_event())
             self.spilled_bytes += nbytes
-        self._last[(extent.tier, extent.offset)] = transfer
+        self._last[extent] = transfer
         return _Timed(transfer, self, "write")
 
     def read(self, address: int, nbytes: int, extent: TierExtent, storage):
@@ -369,7 +402,7 @@ class HostMover:
             after = self.link.step_event()
             transfer = self._spill_in.submit(self._spill_read, storage, nbytes, extent.place, after)
             self.spill_reads += nbytes
-        self._last[(extent.tier, extent.offset)] = transfer
+        self._last[extent] = transfer
         return _Timed(transfer, self, "read")
 
     def _spill_write(self, storage, nbytes: int, place: Extent, after):
@@ -415,12 +448,14 @@ class HostMover:
 
 
 def _settle(transfer) -> None:
+    """Wait on the host until `transfer` no longer uses its host extent."""
+    if isinstance(transfer, CudaTransfer):
+        transfer.event.synchronize()
+        return
     try:
         transfer.result()
     except Exception:      # noqa: BLE001 - its owner's wait reports it; here it only frees
         pass
-    if isinstance(transfer, CudaTransfer) and transfer.on_stream:
-        transfer.event.synchronize()        # a host extent is reused only after its copy
 
 
 class _Timed:
