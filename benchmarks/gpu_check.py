@@ -3,7 +3,8 @@
     PYTHONPATH=src python3 benchmarks/gpu_check.py [--out results.json]
 
 1. The recorder on CUDA tensors: one training step of each model recorded on the GPU;
-   the trace's in-core peak against what PyTorch's caching allocator counted
+   the trace's in-core peak (with the per-op workspaces the recorder measures) against
+   what PyTorch's caching allocator counted over a plain step of the same kind
    (torch.cuda.max_memory_allocated, which also holds cuDNN/cuBLAS workspaces).
 2. The simulator's compute model: the preset for this GPU (h100-80gb) predicts the
    in-core step from a meta-device trace (FLOPs and bytes per op); against the measured
@@ -46,12 +47,17 @@ def model_figures(name, kw):
     w.step()                                   # lazy optimizer state
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     with outcore.record() as rec:
         w.step()
+    # Recording resets the peak statistics per op (it measures workspaces): the
+    # allocator's peak is read over a plain step of the same (steady) kind.
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    w.step()
     torch.cuda.synchronize()
     allocator_peak = torch.cuda.max_memory_allocated()
     trace_peak = rec.trace.peak(actual=True)[0]
+    workspace = max((f.workspace_bytes for f in rec.trace.functions), default=0)
     step_s = timed_steps(w)
     del w, rec
     torch.cuda.empty_cache()
@@ -63,6 +69,7 @@ def model_figures(name, kw):
     sched = outcore.plan(t, 10 * t.peak(actual=True)[0])           # in-core: nothing moves
     simulated = outcore.simulate(t, sched, "h100-80gb").in_core_time_s
     return {"model": name, **kw, "trace_peak": trace_peak, "allocator_peak": allocator_peak,
+            "max_workspace": workspace,
             "allocated_before": base, "meta_peak": t.peak(actual=True)[0],
             "measured_step_s": step_s, "simulated_step_s": simulated,
             "flops": sum(fn.flops for fn in t.functions)}

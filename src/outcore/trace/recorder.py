@@ -48,6 +48,38 @@ class _ArrayLog:
     read_phases: set = field(default_factory=set)
 
 
+class WorkspaceMeter:
+    """NOTE [Workspace from the allocator]: on a CUDA device an op's own scratch memory
+    (cuDNN's and cuBLAS's workspaces, taken from PyTorch's caching allocator and given
+    back before the op returns) is the allocator's peak during the op above what is
+    allocated before or after it: max_memory_allocated - max(before, after), with the
+    peak reset just before the op (the allocator counts at allocation time, on the host,
+    so no synchronization is needed). Outputs count in `after`, so they are not taken
+    for workspace. The recording iterations reset the device's peak statistics per op:
+    `torch.cuda.max_memory_allocated()` read after one covers the last op only. On the
+    CPU no allocator reports a per-op peak (glibc's, oneDNN's own buffers): 0."""
+
+    def __init__(self, device):
+        self.device = device
+        self.before = 0
+
+    def start(self) -> None:
+        self.before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def bytes(self) -> int:
+        after = torch.cuda.memory_allocated(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - max(self.before, after))
+
+
+def workspace_meter(inputs) -> WorkspaceMeter | None:
+    """The meter for an op reading `inputs`: on their CUDA device, else None."""
+    for t in inputs:
+        if t.is_cuda:
+            return WorkspaceMeter(t.device)
+    return None
+
+
 class Recording(TorchDispatchMode):
     """The recorder. Use through `outcore.record()`; read `.trace` after the block."""
 
@@ -67,6 +99,7 @@ class Recording(TorchDispatchMode):
         self._returned_cpu = 0.0        # and this thread's CPU clock then (thread_time)
         self._host_s = 0.0              # host time since then, for the next Function
         self._host_cpu_s = 0.0          # of which CPU time
+        self._workspace = 0             # the latest op's workspace (WorkspaceMeter)
 
     # -- context management --------------------------------------------------------------
     def __enter__(self):
@@ -139,9 +172,13 @@ class Recording(TorchDispatchMode):
         written = {id(t) for t in written_list}
         phase = self._phase(inputs)
         self._before_op(func, inputs, len(self._functions))
+        meter = workspace_meter(inputs)
+        if meter is not None:
+            meter.start()
         start = time.perf_counter()
         out = func(*args, **kwargs)
         duration = time.perf_counter() - start
+        self._workspace = meter.bytes() if meter is not None else 0
         outputs = output_tensors(out)
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out)
         self._after_op(func, inputs, written_list, outputs)
@@ -173,6 +210,7 @@ class Recording(TorchDispatchMode):
             index=index, op=str(func), phase=phase,
             accesses=tuple(Access(a, k) for a, k in kinds.items()),
             duration_s=duration, flops=flops, bytes_touched=nbytes, split=split,
+            workspace_bytes=self._workspace,
             host_s=self._host_s, host_cpu_s=min(self._host_cpu_s, self._host_s),
             peer=_peer(func, args)))
         self._host_s = self._host_cpu_s = 0.0
