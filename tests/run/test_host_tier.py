@@ -242,25 +242,37 @@ def test_a_tensor_on_another_device_is_refused():
 _trained_runs = {}
 
 
-def _train_host(name, which, host_budget):
+def _train_host(name, which, host_budget, monkeypatch):
+    """Plain and host-tier twins, 4 iterations; also the pool's bytes in use at each
+    allocation while a plan replayed, and host_bytes_needed of that plan."""
     key = (name, which, host_budget)
     if key not in _trained_runs:
         trace = steady_trace(name, "adam")
         budget = budgets(trace)[which]
+        used, real_taken, current = [], HostPool._taken, []
+
+        def taken(pool, *args):          # the pool's bytes in use while a plan replays
+            out = real_taken(pool, *args)
+            if current[0].schedule is not None:
+                used.append(pool.in_use)
+            return out
+        monkeypatch.setattr(HostPool, "_taken", taken)
         with outcore.OutOfCore(budget=budget, offload="host", host_budget=host_budget,
                                min_move_bytes=0) as ooc:
+            current.append(ooc)
             result = train_twins(lambda: build(name, "adam"), lambda w: w.step(), ooc, iterations=4)
             report, mover = ooc.report(), ooc._mover
             pool = (mover.pool.peak_in_use, mover.pool.peak_capacity, mover.pool.limit)
             spilled = mover.spilled_bytes
             assert ooc.schedule.options["machine"] == ooc.machine == "h100-80gb"   # a GPU model
-        _trained_runs[key] = (budget, result, report, pool, spilled)
+            needed = mover.reserved
+        _trained_runs[key] = (budget, result, report, pool, spilled, (needed, used))
     return _trained_runs[key]
 
 
 @pytest.mark.parametrize("host_budget", [None, "small", 0])
 @pytest.mark.parametrize("name", ["resnet18", "gpt2-tiny"])
-def test_bitwise_equal_on_three_tiers(emulated, name, host_budget):
+def test_bitwise_equal_on_three_tiers(emulated, monkeypatch, name, host_budget):
     """Adam at the tight budget: all on the host tier (None), the host tier full and the
     rest spilled to disk ("small": an eighth of the state), or everything on disk (0).
     Bitwise equal to plain PyTorch, replays within the budget, the pool within
@@ -268,14 +280,18 @@ def test_bitwise_equal_on_three_tiers(emulated, name, host_budget):
     if host_budget == "small":
         trace = steady_trace(name, "adam")
         host_budget = sum(a.nbytes for a in trace.arrays if a.kind == "persistent") // 8
-    budget, result, report, (peak_in_use, peak_capacity, limit), spilled = _train_host(
-        name, "tight", host_budget)
+    budget, result, report, (peak_in_use, peak_capacity, limit), spilled, (needed, used) = _train_host(
+        name, "tight", host_budget, monkeypatch)
     assert_same_training(result)
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert replays and all(it.peak_resident <= budget and it.deviation is None
                            for it in replays), str(report)
     assert all(it.bytes_written > 0 for it in replays), str(report)
     assert peak_capacity <= limit and peak_in_use <= peak_capacity
+    # host_bytes_needed bounds what the replays hold, and the pool was grown to it once
+    # planned (or to host_budget), not segment by segment during the replays.
+    assert max(used, default=0) <= needed
+    assert peak_capacity >= min(needed, limit)
     if host_budget is None:
         assert spilled == 0 and peak_in_use > 0
     else:

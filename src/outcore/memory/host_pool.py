@@ -17,7 +17,8 @@ NOTE [Host pool accounting]
   2. `in_use` is the sum of live extents' lengths; every extent is its request rounded
      up to a page, so the pool's waste is at most a page per tensor plus its free runs.
   3. Segments stay until `close()` (a steady loop reuses them); `peak_in_use` and
-     `peak_capacity` are what the report shows.
+     `peak_capacity` are what the report shows. `reserve(n)` adds the segment a plan
+     needs at once (run/movers/host.py, `host_bytes_needed`).
 """
 from __future__ import annotations
 
@@ -105,6 +106,14 @@ class HostPool:
         self.segments.append(segment)
         self.peak_capacity = max(self.peak_capacity, self.capacity)
         return self._taken(len(self.segments) - 1, segment, segment.allocate(length))
+
+    def reserve(self, nbytes: int) -> None:
+        """Add one segment so that the pool holds at least `nbytes` (never past `limit`;
+        nothing when it holds that much already)."""
+        grow = min(round_up(nbytes), self.limit) - self.capacity
+        if grow > 0:
+            self.segments.append(_Segment(grow, self._pin, self._unpin))
+            self.peak_capacity = max(self.peak_capacity, self.capacity)
 
     def _taken(self, index: int, segment: _Segment, extent: Extent) -> PoolExtent:
         self.in_use += extent.length

@@ -425,7 +425,7 @@ class OutOfCore:
                  format_bytes(schedule.bytes_out), format_bytes(schedule.peak_bytes))
         self.trace, self.schedule = trace, schedule
 
-        self._carried, self._inputs = {}, []
+        self._carried, self._inputs, holding = {}, [], set()
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
             entry = self._res.entries.get(storage._cdata) if storage is not None else None
@@ -434,6 +434,10 @@ class OutOfCore:
                 self._carried[aid] = entry
             elif entry is not None and arr.kind == "input":
                 self._inputs.append(entry)
+            if entry is not None and entry.extent is not None:
+                holding.add(aid)
+        if isinstance(self._mover, HostMover):
+            self._mover.reserve(host.host_bytes_needed(plannable, schedule, holding))
         self._record_next = False
         self._recordings_in_a_row = 0
 

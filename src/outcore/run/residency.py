@@ -309,6 +309,8 @@ class Residency:
             self.mover.free(entry.extent)
             entry.extent = None
         if entry.extent is None:
+            if self._dead:             # dead storages' extents first go back (NOTE 2)
+                self._reap_dead()
             entry.extent = self.mover.allocate(nbytes)
         return nbytes
 

@@ -46,7 +46,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...errors import OutcoreError
-from ...memory import AlignedBuffer, Extent
+from ...memory import AlignedBuffer, Extent, round_up
+from ...plan.schedule import SWAP_OUT
 from ...memory.host_pool import HostPool, PoolExtent
 from ...units import format_bytes
 
@@ -274,7 +275,46 @@ def default_link():
     return CudaLink()
 
 
-# -- the mover ----------------------------------------------------------------------------
+def host_bytes_needed(trace, schedule, holding=()) -> int:
+    """The most host bytes the schedule's extents hold at once, each array's bytes
+    rounded up to a page. An array holds an extent from its first swap-out until its
+    storage dies, and keeps it while resident again (the executor keeps a clean copy's
+    place). So state that lives across iterations, once it has an extent, holds it for
+    good: it counts from the step's start when the schedule moves it or starts without
+    it, or when it is in `holding` (arrays with an extent already, e.g. from the
+    recording iterations). The pool is grown to this once planned (HostMover.reserve),
+    so that no segment is page-locked in the middle of a step."""
+    n = len(trace.functions)
+    first_out: dict[int, int] = {}
+    for i, actions in enumerate(schedule.end):
+        for act in actions:
+            if act.kind == SWAP_OUT:
+                first_out.setdefault(act.array, i)
+    at_start = set(schedule.resident_at_start)
+    for arr in trace.arrays:
+        lasting = arr.existed_before or arr.freed_after is None
+        if arr.id in holding or (lasting and (arr.id in first_out or arr.id not in at_start
+                                              and arr.existed_before)):
+            first_out[arr.id] = 0
+    delta = [0] * (n + 2)
+    for aid, start in first_out.items():
+        arr = trace.arrays[aid]
+        end = n if arr.freed_after is None else arr.freed_after + 1
+        delta[start] += round_up(arr.nbytes)
+        delta[max(end, start + 1)] -= round_up(arr.nbytes)
+        if not arr.existed_before and arr.freed_after is None:
+            # What the step creates and returns (the loss) is usually held by the user
+            # through the next step too, with its extent: that one counts throughout.
+            delta[0] += round_up(arr.nbytes)
+            delta[n] -= round_up(arr.nbytes)
+    best = held = 0
+    for d in delta:
+        held += d
+        best = max(best, held)
+    return best
+
+
+# -- the mover ----------------------------------------------------------------------------# -- the mover ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TierExtent:
     """Where an evicted storage's bytes are: a host pool extent, or a disk extent."""
@@ -326,9 +366,16 @@ class HostMover:
         self.busy_write_s = self.busy_read_s = 0.0
         self.spilled_bytes = 0         # bytes written to the disk tier
         self.spill_reads = 0           # bytes read back from it
+        self.reserved = 0              # what the last plan needs (host_bytes_needed)
         self.closed = False
 
     # -- space -------------------------------------------------------------------------
+    def reserve(self, nbytes: int) -> None:
+        """Grow the pool now to `nbytes` (at most host_budget) in one segment, rather
+        than segment by segment during the steps (`host_bytes_needed`)."""
+        self.reserved = nbytes
+        self.pool.reserve(nbytes)
+
     def allocate(self, nbytes: int) -> TierExtent:
         """A pool extent, else (the pool at host_budget) a disk extent; raises
         OutcoreError when the disk is full too (nothing was reserved)."""
