@@ -335,3 +335,44 @@ def test_interrupted_iteration_on_the_host_tier_loses_nothing(emulated):
                 assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
     assert_bitwise_equal(state_of(plain.model, plain.optimizer),
                          state_of(managed.model, managed.optimizer))
+
+
+def test_state_stays_on_the_host_tier_between_iterations(emulated, tmp_path):
+    """NOTE [Host tier between iterations]: state the plan leaves on the host tier stays
+    there (MAPPED, not read back into the fast tier), reads and saves see the right
+    values, writes between iterations are honoured by the next one, and after close()
+    the tensors are still whole."""
+    from outcore.states import MAPPED
+    trace = steady_trace("resnet18", "sgd")
+    budget = budgets(trace)["half"]
+    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    ooc = outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0)
+    for it in range(5):
+        plain.step()
+        with ooc.iteration():
+            managed.step()
+        res = ooc._res
+        assert res.resident <= budget
+        mapped = {e.key for e in res.entries.values() if e.state is MAPPED}
+        params = list(zip(managed.model.parameters(), plain.model.parameters()))
+        out = [(p, q) for p, q in params if p.untyped_storage()._cdata in mapped]
+        if ooc.schedule is not None:
+            assert out, "a replay left no parameter on the host tier"
+        for p, q in params:
+            assert torch.equal(p, q) and p.sum().item() == q.sum().item()
+        path = tmp_path / f"state{it}.pt"
+        ooc.save(managed.model.state_dict(), path)
+        loaded = torch.load(path)
+        assert all(torch.equal(loaded[k], v) for k, v in plain.model.state_dict().items())
+        if out:                                   # a write into state left on the host tier
+            with torch.no_grad():
+                out[0][0].mul_(0.5)
+                out[0][1].mul_(0.5)
+            assert torch.equal(out[0][0], out[0][1])
+    ooc.close()
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
+    plain.step()
+    managed.step()                                # plain PyTorch again, on the same tensors
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))

@@ -45,6 +45,10 @@ class _Segment:
         self.size = self.buffer.size
         self.unpin = unpin
         self.allocator = ExtentAllocator(self.size)
+        # Storages pointed at this segment's memory between iterations (run/movers/host.py,
+        # HostMapping): the segment outlives the pool's close() until they let go.
+        self.users = 0
+        self.closing = False
         try:
             if pin is not None:
                 pin(self.buffer.address, self.size)
@@ -62,10 +66,23 @@ class _Segment:
         return extent
 
     def close(self) -> None:
+        """Unlock and unmap, or, while storages still point here, once the last lets go
+        (`release`)."""
+        self.closing = True
+        if self.users:
+            return
         if self.pinned and self.unpin is not None:
             self.unpin(self.buffer.address)
             self.pinned = False
         self.buffer.close()
+
+    def use(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.closing and not self.users:
+            self.close()
 
 
 class HostPool:
@@ -125,13 +142,17 @@ class HostPool:
         self.segments[extent.segment].allocator.free(Extent(extent.offset, extent.length))
         self.in_use -= extent.length
 
+    def segment(self, extent: PoolExtent) -> _Segment:
+        return self.segments[extent.segment]
+
     def view(self, extent: PoolExtent, nbytes: int) -> memoryview:
         """The extent's first `nbytes` as a writable memoryview (tests, reads by the user)."""
         segment = self.segments[extent.segment]
         return segment.buffer.view[extent.offset:extent.offset + nbytes]
 
     def close(self) -> None:
-        """Unlock and unmap every segment. Call only once no copy uses them."""
+        """Unlock and unmap every segment (one a storage still points at, when it lets
+        go). Call only once no copy uses them."""
         segments, self.segments = self.segments, []
         for segment in segments:
             segment.close()

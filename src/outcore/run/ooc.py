@@ -391,7 +391,8 @@ class OutOfCore:
         """Between iterations, keep pages read from mapped state within what the budget
         leaves free plus PAGER_SLACK."""
         res = self._res
-        self._pager.start(res.mappings(), max(self.budget - res.resident, 0) + PAGER_SLACK)
+        if self.offload == "disk":          # the host tier has no page cache to page out
+            self._pager.start(res.mappings(), max(self.budget - res.resident, 0) + PAGER_SLACK)
 
     def _plan_recording(self, recording: SafeRecording) -> None:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""

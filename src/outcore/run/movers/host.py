@@ -42,7 +42,8 @@ import ctypes
 import errno
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ...errors import OutcoreError
@@ -107,6 +108,18 @@ class EmulatedLink:
     def step_event(self):
         """An event on the step's stream, for a spilled swap-in to wait for (none here)."""
         return None
+
+    def host_storage(self, address: int, nbytes: int):
+        """A storage on this link's device whose memory is `nbytes` of host memory at
+        `address` (NOTE [Host tier between iterations])."""
+        import torch
+        with _no_modes():
+            return torch.frombuffer((ctypes.c_char * nbytes).from_address(address),
+                                    dtype=torch.uint8).untyped_storage()
+
+    def own_storage(self, nbytes: int):
+        import torch
+        return torch.UntypedStorage(nbytes)
 
     def close(self) -> None:
         self._out.shutdown(wait=True)
@@ -217,6 +230,20 @@ class CudaLink:
         import torch
         return torch.cuda.current_stream(self.device).record_event()
 
+    def host_storage(self, address: int, nbytes: int):
+        """A CUDA storage over page-locked host memory (NOTE [Host tier between
+        iterations]): registered memory is mapped into the device's address space at
+        the same address (cudaHostRegisterDefault with unified addressing), and
+        `__cuda_array_interface__` lets torch wrap it without a copy."""
+        import torch
+        with _no_modes(), torch.cuda.device(self.device):
+            view = torch.as_tensor(_DeviceView(address, nbytes), device=self.device)
+        return view.untyped_storage()
+
+    def own_storage(self, nbytes: int):
+        import torch
+        return torch.UntypedStorage(nbytes, device=self.device)
+
     def copy_out_now(self, host: int, storage, offset: int, nbytes: int, after=None) -> None:
         """Synchronously, on the calling thread (a spill worker), after `after` (the
         step's event when the swap-out was asked for: NOTE 1)."""
@@ -243,6 +270,14 @@ class CudaLink:
         for stream in (self.out_stream, self.in_stream, self.spill_out_stream,
                        self.spill_in_stream):
             stream.synchronize()
+
+
+class _DeviceView:
+    """`nbytes` of memory at a device-visible `address`, as a CUDA array interface."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = {"data": (address, False), "shape": (nbytes,),
+                                         "typestr": "|u1", "strides": None, "version": 3}
 
 
 def _clear_cuda_error(cudart) -> None:
@@ -273,6 +308,57 @@ def default_link():
                            "device: torch.cuda.is_available() is False here. For CPU tensors "
                            "use offload='disk'")
     return CudaLink()
+
+
+class HostMapping:
+    """One storage pointed at its host-tier extent between iterations.
+
+    NOTE [Host tier between iterations]
+      1. Map (Residency.map_slow, after settle(): no transfer in flight): the storage's
+         memory becomes its extent in the pool, through `link.host_storage` (zero-copy:
+         on a GPU the kernels read and write page-locked host memory over the link) and
+         `UntypedStorage._swap_data_ptr_`, as NOTE [Mapped state] does with the swap
+         file. Python identity, views and version counters stay; so does `print(p)`,
+         `p.sum()`, `.cpu()`, `torch.save`, `load_state_dict`, and nothing is read into
+         GPU memory. The storage is not resizable while so mapped.
+      2. Writes go straight into the extent, which is the tier's only copy: there is no
+         file behind it to keep unchanged, so nothing is copied on write, and unmapping
+         leaves the storage SLOW with the written bytes where the next swap-in reads them.
+      3. Unmap (before the next iteration): the storage takes back empty memory of its
+         own. With `copy`, a copy of the bytes instead (an orphan adopted after close).
+      4. The pool's segment stays (page-locked, mapped) while any storage points at it:
+         `close()` of the pool defers it, and a storage that dies or is unmapped lets go.
+      5. Spilled (disk-tier) extents are not mapped: such storages are read back into the
+         fast tier when the iteration ends (Residency.map_slow's fallback).
+    """
+
+    __slots__ = ("link", "nbytes", "_release")
+
+    def __init__(self, link, segment, address: int, nbytes: int, storage):
+        view = link.host_storage(address, nbytes)
+        storage._swap_data_ptr_(view)
+        del view
+        self.link, self.nbytes = link, nbytes
+        segment.use()
+        # Released once: at unmap, or when the storage dies mapped (an orphan).
+        self._release = weakref.finalize(storage, segment.release)
+
+    def unmap(self, storage, *, copy: bool = False) -> bool:
+        """Rule 3. Returns False: nothing is dirty that the extent does not hold."""
+        with _no_modes():
+            own = self.link.own_storage(self.nbytes if copy else 0)
+            if copy:
+                own.copy_(storage)
+        storage._swap_data_ptr_(own)
+        del own
+        self._release()
+        return copy
+
+    def page_out(self) -> None:
+        """Nothing to page out: the host tier is not a file's page cache."""
+
+    def close(self) -> None:
+        """The storage died (Residency._reap_dead): `_release` ran with it."""
 
 
 def host_bytes_needed(trace, schedule, holding=()) -> int:
@@ -420,10 +506,16 @@ class HostMover:
     def head(self, extent) -> int:
         return 0
 
-    def map(self, extent, nbytes: int, storage):
-        """Between iterations the host tier is not mapped into the user's tensors: the
-        Residency reads such a storage back instead (README, "The GPU tier")."""
-        raise OSError(errno.EOPNOTSUPP, "the host tier is not mapped between iterations")
+    def map(self, extent, nbytes: int, storage) -> HostMapping:
+        """Point `storage` (resized to 0) at its extent in the pool until the next
+        iteration (NOTE [Host tier between iterations]); raises OSError for a spilled
+        extent, which the Residency then reads back."""
+        if self.closed:
+            raise OSError(errno.EBADF, "the host mover is closed")
+        if extent.tier != "host" or nbytes == 0:
+            raise OSError(errno.EOPNOTSUPP, "a spilled extent is read back, not mapped")
+        return HostMapping(self.link, self.pool.segment(extent.place), extent.place.address,
+                           nbytes, storage)
 
     # -- transfers ---------------------------------------------------------------------
     def write(self, address: int, nbytes: int, extent: TierExtent, storage):
