@@ -10,7 +10,9 @@ runs); `--out` writes them all. Sections:
    and CudaLink's two streams), 1 GiB each way alone and both at once.
 2. exact: CUDA in-core against OutOfCore(offload="host") at a quarter of the step's
    in-core peak (or the smallest feasible budget above it), 4 iterations each, compared
-   bitwise (parameters, optimizer state, losses): ResNet-18 (BatchNorm) with SGD, GPT-2
+   bitwise (parameters, optimizer state, losses, and each parameter's sum computed on the
+   GPU between iterations, where state left on the host tier is read in place):
+   ResNet-18 (BatchNorm) with SGD, GPT-2
    small (dropout) with fused AdamW, a bf16 autocast step, an fp16 step with GradScaler,
    the host tier capped so that it spills to disk, and two runs with `torch.cuda._sleep`
    queued on the step's stream before every module (transfers race the compute). A
@@ -53,6 +55,7 @@ import outcore  # noqa: E402
 from outcore.plan.feasibility import min_feasible_budget  # noqa: E402
 from outcore.run.movers import host  # noqa: E402
 from outcore.simulate.machines import machine  # noqa: E402
+from outcore.states import MAPPED  # noqa: E402
 from outcore.workloads import build  # noqa: E402
 
 GiB = 2**30
@@ -187,7 +190,7 @@ def _train(run: Run, case: dict, ooc=None):
     if case.get("sleep") and not run.dry:
         for mod in w.model.modules():
             handles.append(mod.register_forward_pre_hook(lambda *_: torch.cuda._sleep(200_000)))
-    losses, replay_peaks = [], []
+    losses, replay_peaks, sums = [], [], []
     base = run.allocated() - sum(t.nbytes for t in _state(w).values())  # state is managed
     for it in range(STEPS):
         torch.manual_seed(100 + it)
@@ -203,16 +206,20 @@ def _train(run: Run, case: dict, ooc=None):
                 replay_peaks.append((torch.cuda.max_memory_allocated() - base,
                                      torch.cuda.memory_reserved() - torch.cuda.memory_allocated()))
         losses.append(loss.detach().float().cpu())
+        # Between iterations: kernels on the state as it is (on the host tier, mapped:
+        # NOTE [Host tier between iterations]), compared with the in-core run's.
+        sums.append(torch.stack([p.detach().double().sum() for p in w.model.parameters()]).cpu())
     for h in handles:
         h.remove()
-    return _state(w), losses, replay_peaks
+    return _state(w), losses + sums, replay_peaks
 
 
 def _same(a, b) -> list[str]:
     """Names of what differs (bitwise) between two runs."""
     (sa, la, _), (sb, lb, _) = a, b
     bad = [k for k in sa if k not in sb or not torch.equal(sa[k], sb[k])]
-    return bad + [f"loss {i}" for i, (x, y) in enumerate(zip(la, lb)) if not torch.equal(x, y)]
+    return bad + [f"loss or sum {i}" for i, (x, y) in enumerate(zip(la, lb))
+                  if not torch.equal(x, y)]
 
 
 def _budget(run: Run, case: dict) -> tuple[int, int, int]:
@@ -242,6 +249,7 @@ def exact(run: Run) -> dict:
                                    host_budget=case.get("host_budget")) as ooc:
                 managed = _train(run, case, ooc)
                 report, mover = ooc.report(), repr(ooc._mover)
+                mapped = sum(1 for e in ooc._res.entries.values() if e.state is MAPPED)
                 workspace = max((f.workspace_bytes for f in ooc.trace.functions), default=0)
             differs = _same(plain, managed)
             peaks = managed[2]
@@ -257,7 +265,8 @@ def exact(run: Run) -> dict:
                 "reserved_minus_allocated": [r for _, r in peaks],
                 "allocator_peak_over_budget": (round(max(p for p, _ in peaks) / budget, 3)
                                                if peaks else None),
-                "max_workspace_recorded": workspace, "mover": mover}
+                "max_workspace_recorded": workspace, "mapped_between_iterations": mapped,
+                "mover": mover}
         except Exception as exc:          # noqa: BLE001
             out[case["case"]] = {"error": f"{type(exc).__name__}: {exc}",
                                  "traceback": traceback.format_exc(limit=6)}
