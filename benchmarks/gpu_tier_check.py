@@ -360,13 +360,16 @@ def _fits(run: Run, batch: int, mode: str) -> float | None:
             torch.cuda.empty_cache()
 
 
-def _largest(run: Run, mode: str, start: int = 8) -> tuple[int, float]:
-    """The largest batch `mode` trains within the cap (doubling, then bisecting)."""
+def _largest(run: Run, mode: str, start: int = 8, most: int = 1 << 16) -> tuple[int, float]:
+    """The largest batch `mode` trains within the cap (doubling, then bisecting), up to
+    `most` (then `most` itself is reported)."""
     if run.dry:
         return start, _fits(run, start, mode)
     lo, hi, t_lo = 0, start, None
     while (t := _fits(run, hi, mode)) is not None:
         lo, t_lo, hi = hi, t, hi * 2
+        if lo >= most:
+            return lo, t_lo
     while hi - lo > max(1, lo // 16):
         mid = (lo + hi) // 2
         t = _fits(run, mid, mode)
@@ -404,7 +407,7 @@ def paper(run: Run, budget: int) -> dict:
                           "max_memory_allocated": peak_alloc, "policy": report.policy}
         del w
         for mode in ("checkpoint", "save_on_cpu"):
-            b, s = _largest(run, mode, start=max(batch, 8))
+            b, s = _largest(run, mode, start=max(batch, 8), most=2 * big)
             out[mode] = {"batch": b, "img_per_s": round(b / s, 1) if s else None}
         return out
     finally:
