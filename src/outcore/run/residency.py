@@ -598,6 +598,8 @@ class Residency:
         (least recently used first) whenever they would exceed `budget`."""
         if self._dead:
             self._reap_dead()
+        if any(entry.state is MAPPED for entry in self.entries.values()):
+            self.mover.synchronize()      # writes queued to mapped memory have landed
         for entry in list(self.entries.values()):
             if entry.state is MAPPED:
                 self._unmap(entry)

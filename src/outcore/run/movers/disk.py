@@ -405,6 +405,9 @@ class DiskMover:
     def file_bytes(self) -> int:
         return self._file_size
 
+    def synchronize(self) -> None:
+        """Before mapped storages are unmapped: CPU writes are done when they return."""
+
     def map(self, extent: Extent, nbytes: int, storage):
         """Point `storage` (resized to 0) at a private mapping of the `nbytes` it was last
         written to `extent` (run/mapped.py); raises OSError where the kernel refuses."""

@@ -113,9 +113,10 @@ class EmulatedLink:
         """A storage on this link's device whose memory is `nbytes` of host memory at
         `address` (NOTE [Host tier between iterations])."""
         import torch
-        with _no_modes():
-            return torch.frombuffer((ctypes.c_char * nbytes).from_address(address),
-                                    dtype=torch.uint8).untyped_storage()
+        return _storage_at(address, torch.device("cpu"), nbytes)
+
+    def synchronize(self) -> None:
+        """Every op the step or the user queued has finished (they ran synchronously)."""
 
     def own_storage(self, nbytes: int):
         import torch
@@ -175,6 +176,9 @@ class CudaLink:
         self.spill_out_stream = torch.cuda.Stream(self.device)
         self.spill_in_stream = torch.cuda.Stream(self.device)
         self.name = f"CUDA {torch.cuda.get_device_name(self.device)}"
+        # 91: cudaDevAttrCanUseHostPointerForRegisteredMem. Unknown (None) counts as
+        # usable: every GPU with unified addressing that PyTorch supports has it.
+        self.host_pointer_usable = _device_attribute(91, self.device.index) != 0
 
     def pin(self, address: int, size: int) -> None:
         """cudaHostRegister with cudaHostRegisterDefault (mapped and portable where
@@ -190,7 +194,10 @@ class CudaLink:
                                "pool may lock) or free host memory")
 
     def unpin(self, address: int) -> None:
+        """After every kernel that may still touch the segment (a mapped storage's last
+        user) has finished."""
         import torch
+        torch.cuda.synchronize(self.device)
         cudart = torch.cuda.cudart()
         if int(cudart.cudaHostUnregister(address)):
             _clear_cuda_error(cudart)
@@ -235,10 +242,16 @@ class CudaLink:
         iterations]): registered memory is mapped into the device's address space at
         the same address (cudaHostRegisterDefault with unified addressing), and
         `__cuda_array_interface__` lets torch wrap it without a copy."""
+        if not self.host_pointer_usable:
+            raise OSError(errno.EOPNOTSUPP, "this GPU cannot use host pointers of registered "
+                          "memory (cudaDevAttrCanUseHostPointerForRegisteredMem is 0)")
+        return _storage_at(address, self.device, nbytes)
+
+    def synchronize(self) -> None:
+        """Every kernel queued on the device has finished, on any stream: user writes to
+        mapped state included (NOTE [Host tier between iterations] 6)."""
         import torch
-        with _no_modes(), torch.cuda.device(self.device):
-            view = torch.as_tensor(_DeviceView(address, nbytes), device=self.device)
-        return view.untyped_storage()
+        torch.cuda.synchronize(self.device)
 
     def own_storage(self, nbytes: int):
         import torch
@@ -272,19 +285,60 @@ class CudaLink:
             stream.synchronize()
 
 
-class _DeviceView:
-    """`nbytes` of memory at a device-visible `address`, as a CUDA array interface."""
+def _storage_at(address: int, device, nbytes: int):
+    """A storage over `nbytes` at `address` on `device` that does not own the memory
+    (not resizable): the pool's segment outlives it (NOTE [Host tier between
+    iterations] 4). Through `__cuda_array_interface__` where torch lacks the direct call
+    (that path needs numpy)."""
+    import torch
+    make = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+    if make is not None:
+        return make(address, device, nbytes)
+    if device.type == "cpu":
+        return torch.frombuffer((ctypes.c_char * nbytes).from_address(address),
+                                dtype=torch.uint8).untyped_storage()
+    view = {"data": (address, False), "shape": (nbytes,), "typestr": "|u1", "strides": None,
+            "version": 3}
+    holder = type("DeviceView", (), {"__cuda_array_interface__": view})()
+    with _no_modes(), torch.cuda.device(device):
+        return torch.as_tensor(holder, device=device).untyped_storage()
 
-    def __init__(self, address: int, nbytes: int):
-        self.__cuda_array_interface__ = {"data": (address, False), "shape": (nbytes,),
-                                         "typestr": "|u1", "strides": None, "version": 3}
+
+def _runtime():
+    """The CUDA runtime library torch loaded (ctypes), or None where it cannot be found:
+    for the two calls torch.cuda.cudart() does not offer."""
+    import glob
+    import torch
+    names = ["libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"]
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    names += sorted(glob.glob(os.path.join(lib_dir, "libcudart*.so*")))
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _device_attribute(attribute: int, index: int) -> int | None:
+    runtime = _runtime()
+    if runtime is None:
+        return None
+    value = ctypes.c_int(0)
+    if runtime.cudaDeviceGetAttribute(ctypes.byref(value), attribute, index):
+        runtime.cudaGetLastError()
+        return None
+    return value.value
 
 
 def _clear_cuda_error(cudart) -> None:
     """A failed runtime call leaves the runtime's last error set, and PyTorch's next
-    kernel-launch check would report it as its own: take it back where the binding
-    offers cudaGetLastError."""
+    kernel-launch check would report it as its own: take it back (through the runtime
+    library itself where torch.cuda.cudart() has no cudaGetLastError)."""
     get_last = getattr(cudart, "cudaGetLastError", None)
+    if get_last is None:
+        runtime = _runtime()
+        get_last = runtime.cudaGetLastError if runtime is not None else None
     if get_last is not None:
         get_last()
 
@@ -329,7 +383,14 @@ class HostMapping:
       4. The pool's segment stays (page-locked, mapped) while any storage points at it:
          `close()` of the pool defers it, and a storage that dies or is unmapped lets go.
       5. Spilled (disk-tier) extents are not mapped: such storages are read back into the
-         fast tier when the iteration ends (Residency.map_slow's fallback).
+         fast tier when the iteration ends (Residency.map_slow's fallback), as are all on
+         a GPU that cannot use host pointers of registered memory.
+      6. Before unmapping, every kernel queued on the device has finished, whatever
+         stream queued it (`link.synchronize()`, from Residency.unmap_all): the next
+         iteration's copies read what the user wrote. A segment is unregistered only
+         after the same wait.
+      7. A mapped storage cannot be resized, nor shared with another process over CUDA
+         IPC (its memory is not the caching allocator's).
     """
 
     __slots__ = ("link", "nbytes", "_release")
@@ -349,6 +410,7 @@ class HostMapping:
             own = self.link.own_storage(self.nbytes if copy else 0)
             if copy:
                 own.copy_(storage)
+                self.link.synchronize()       # the copy has read the extent: it may go
         storage._swap_data_ptr_(own)
         del own
         self._release()
@@ -505,6 +567,10 @@ class HostMover:
 
     def head(self, extent) -> int:
         return 0
+
+    def synchronize(self) -> None:
+        """Before mapped storages are unmapped (NOTE [Host tier between iterations] 6)."""
+        self.link.synchronize()
 
     def map(self, extent, nbytes: int, storage) -> HostMapping:
         """Point `storage` (resized to 0) at its extent in the pool until the next
