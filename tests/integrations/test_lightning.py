@@ -314,7 +314,8 @@ def test_misuse(tmp_path):
         assert not callback.in_step
 
         module = Net()
-        for trainer, match in ((_fake(device="cuda"), "CPU only"), (_fake(world_size=2), "one process")):
+        for trainer, match in ((_fake(device="cuda"), "offload=.disk. trains on the CPU"),
+                              (_fake(world_size=2), "one process")):
             with pytest.raises(outcore.OutcoreError, match=match):
                 callback.on_fit_start(trainer, module)
         module._compiler_ctx = {"compiler": "dynamo"}      # what trainer.fit(torch.compile(m)) sets

@@ -325,7 +325,7 @@ def _misuse_while_open(ooc, callback, args, state, control):
         callback.on_train_begin(args, state, control)
     args.torch_compile = False
     for wrong, match in ((SimpleNamespace(device=torch.device("cuda"), torch_compile=False, world_size=1),
-                          "CPU only"),
+                          "offload=.disk. trains on the CPU.*offload=.host."),
                          (SimpleNamespace(device=torch.device("cpu"), torch_compile=False, world_size=2),
                           "one process")):
         with pytest.raises(outcore.OutcoreError, match=match), callback:

@@ -58,13 +58,21 @@ class StepIterations:
         self._finish(None)
         require_open(self.ooc)
 
-    @staticmethod
-    def _require_cpu_one_process(device, world: int, on_cpu: str) -> None:
-        """outcore's limits the framework's settings may break: the fast tier is RAM, and the
-        callbacks step one process (`on_cpu`: the framework's setting that fixes a device)."""
-        if device is not None and getattr(device, "type", "cpu") != "cpu":
-            raise OutcoreError(f"OutcoreCallback trains on the CPU only (outcore's fast tier is RAM); "
-                               f"this Trainer trains on {device}. Pass {on_cpu}")
+    def _require_device_one_process(self, device, world: int, on_cpu: str) -> None:
+        """outcore's limits the framework's settings may break: the step runs on the device
+        whose memory is the fast tier (RAM with offload="disk", a GPU with
+        offload="host"), and the callbacks step one process (`on_cpu`: the framework's
+        setting for the CPU)."""
+        kind, want = getattr(device, "type", "cpu") if device is not None else None, self.ooc.fast_device
+        if kind is not None and kind != want:
+            if want == "cpu":
+                raise OutcoreError(f"OutcoreCallback with offload='disk' trains on the CPU (the fast "
+                                   f"tier is RAM); this Trainer trains on {device}. Pass {on_cpu}, "
+                                   "or create the OutOfCore with offload='host' for a GPU")
+            raise OutcoreError(f"OutcoreCallback with offload='{self.ooc.offload}' trains on the "
+                               f"{want} device (its memory is the fast tier); this Trainer trains "
+                               f"on {device}. Give the Trainer that device, or create the "
+                               f"OutOfCore with offload='disk' and pass {on_cpu}")
         if world != 1:
             raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {world} "
                                "(torch.distributed is not supported by outcore yet)")

@@ -140,8 +140,9 @@ class OutcoreCallback(StepIterations, Callback):
                 "zero_grad() run, so the callback cannot tell where an optimizer step begins and "
                 "ends. Wrap your own step in `with ooc.iteration():` instead (one block per "
                 "optimizer step, inside training_step), without this callback")
-        self._require_cpu_one_process(getattr(getattr(trainer, "strategy", None), "root_device", None),
-                                      getattr(trainer, "world_size", 1), "Trainer(accelerator='cpu')")
+        self._require_device_one_process(
+            getattr(getattr(trainer, "strategy", None), "root_device", None),
+            getattr(trainer, "world_size", 1), "Trainer(accelerator='cpu')")
         if _compiled(pl_module):
             raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
                                "bypass the dispatcher outcore manages tensors through); fit the "

@@ -115,8 +115,9 @@ class OutcoreCallback(StepIterations, TrainerCallback):
         # (or by Trainer's auto_find_batch_size retrying after one).
         self._end_abandoned("an exception escaped trainer.train() in the middle of a step, "
                             "outside `with callback:`")
-        self._require_cpu_one_process(getattr(args, "device", None), getattr(args, "world_size", 1),
-                                      "TrainingArguments(use_cpu=True)")
+        self._require_device_one_process(getattr(args, "device", None),
+                                         getattr(args, "world_size", 1),
+                                         "TrainingArguments(use_cpu=True)")
         if getattr(args, "torch_compile", False):
             raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
                                "bypass the dispatcher outcore manages tensors through); set "

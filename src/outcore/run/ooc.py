@@ -309,6 +309,12 @@ class OutOfCore:
         atomic_save(obj, path, self._shield)
 
     @property
+    def fast_device(self) -> str:
+        """The device type whose tensors the budget manages: "cpu" (offload="disk"), "cuda"
+        (offload="host")."""
+        return self._mover.device_type
+
+    @property
     def machine(self) -> str:
         """The machine preset `auto` plans on and timelines and plots simulate by default:
         cpu-disk (traced durations, this disk) for offload="disk"; for offload="host" a GPU
