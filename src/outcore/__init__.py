@@ -3,7 +3,7 @@
 Record one iteration (`record`), plan when every tensor moves between a fast and a
 slow tier (`plan`), check and simulate the plan, and replay it (`OutOfCore`).
 """
-from .errors import InfeasibleBudget, OutcoreError, ScheduleError, TraceError
+from .errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, ScheduleError, TraceError
 from .plan import Schedule, check, lower_bound, plan
 from .run import OutOfCore, Report
 from .simulate import simulate
@@ -12,6 +12,6 @@ from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
-__all__ = ["InfeasibleBudget", "OutOfCore", "OutcoreError", "Report", "Schedule", "ScheduleError", "Trace", "TraceError",
+__all__ = ["HostBudgetTooSmall", "InfeasibleBudget", "OutOfCore", "OutcoreError", "Report", "Schedule", "ScheduleError", "Trace", "TraceError",
            "check", "format_bytes", "lower_bound", "parse_bytes", "plan", "record", "simulate",
            "__version__"]

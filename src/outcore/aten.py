@@ -3,8 +3,10 @@ split a multi-tensor `_foreach_*` op into one call of the plain op per tensor.
 
 Splitting matters because a `_foreach_*` kernel touches every parameter (and its
 optimizer state) at once; one function per tensor lets later stages keep only one
-tensor's share resident. Splitting is bitwise equal to the fused call on the devices
-outcore runs on (tests/trace/test_foreach.py checks it).
+tensor's share resident. Splitting is bitwise equal to the fused call on the CPU
+(tests/trace/test_foreach.py checks it); on CUDA the per-element arithmetic of the
+multi-tensor kernels is the same whatever the tensors per launch, which
+benchmarks/gpu_tier_check.py is to check (not yet run).
 """
 from __future__ import annotations
 

@@ -30,3 +30,15 @@ class InfeasibleBudget(OutcoreError):
 class ScheduleError(OutcoreError):
     """A schedule violates an invariant for its trace and budget (outcore.check), or a
     schedule file could not be read. The message names the function and the array."""
+
+
+class HostBudgetTooSmall(OutcoreError):
+    """With offload="host": the state a plan leaves on the slow tier between iterations
+    does not fit in host_budget (NOTE [Host tier between iterations] 5). Raised when the
+    recording that made the plan ends (that step completed correctly); later iterations
+    of the OutOfCore do not start."""
+
+    def __init__(self, message: str, *, needed_bytes: int, host_budget: int):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+        self.host_budget = host_budget

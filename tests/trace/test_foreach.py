@@ -115,3 +115,34 @@ def test_fused_optimizers_split_one_call_per_tensor_bitwise(name, make_opt):
     assert [f.split for f in fused] == [(i, 4) for i in range(4)], [f.op for f in rec.trace.functions]
     params = {x.id for x in rec.trace.arrays if x.category == "parameter"}
     assert all(len(params & set(f.arrays())) == 1 for f in fused)
+
+
+def test_fused_adamw_with_a_grad_scaler_splits_bitwise():
+    """A GradScaler hands the fused step its `grad_scale` and `found_inf` (shared by every
+    per-parameter call), including a step it skips for an infinite gradient."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=256.0), torch.amp.GradScaler("cpu", init_scale=256.0)
+    x = torch.randn(4, 8)
+    for step in range(4):
+        scale = float("inf") if step == 2 else 1.0          # step 2: skipped, scale halves
+        for model, opt, scaler, record in ((a, oa, sa, False), (b, ob, sb, True)):
+            def run():
+                scaler.scale(model(x).sum() * scale).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+            if record:
+                with outcore.record() as rec:
+                    run()
+            else:
+                run()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert sa.get_scale() == sb.get_scale() < 256.0
+    fused = [f for f in rec.trace.functions if "_fused_adamw_" in f.op]
+    assert [f.split for f in fused] == [(i, 4) for i in range(4)]

@@ -13,7 +13,9 @@ NOTE [Host pool accounting]
   1. `capacity` is the sum of the segments' sizes: the page-locked bytes the pool holds.
      It never exceeds `limit`, and grows by at least `segment_bytes` at a time (page
      locking costs a system call and page faults per segment) or by the extent asked
-     for when larger, never by more than `limit` allows.
+     for when larger, never by more than `limit` allows. A segment that cannot be made
+     (no memory to map or lock) lowers `limit` to `capacity`, with a warning: later
+     extents spill.
   2. `in_use` is the sum of live extents' lengths; every extent is its request rounded
      up to a page, so the pool's waste is at most a page per tensor plus its free runs.
   3. Segments stay until `close()` (a steady loop reuses them); `peak_in_use` and
@@ -22,8 +24,11 @@ NOTE [Host pool accounting]
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+from ..errors import OutcoreError
+from ..units import format_bytes
 from .aligned import ALIGNMENT, AlignedBuffer, round_up
 from .extents import Extent, ExtentAllocator
 
@@ -119,9 +124,9 @@ class HostPool:
         if length > room:
             self.refused += 1
             return None
-        segment = _Segment(min(room, max(length, self.segment_bytes)), self._pin, self._unpin)
-        self.segments.append(segment)
-        self.peak_capacity = max(self.peak_capacity, self.capacity)
+        segment = self._grow(min(room, max(length, self.segment_bytes)))
+        if segment is None:
+            return None
         return self._taken(len(self.segments) - 1, segment, segment.allocate(length))
 
     def reserve(self, nbytes: int) -> None:
@@ -129,8 +134,24 @@ class HostPool:
         nothing when it holds that much already)."""
         grow = min(round_up(nbytes), self.limit) - self.capacity
         if grow > 0:
-            self.segments.append(_Segment(grow, self._pin, self._unpin))
-            self.peak_capacity = max(self.peak_capacity, self.capacity)
+            self._grow(grow)
+
+    def _grow(self, size: int) -> _Segment | None:
+        """A new segment of `size` bytes; None, with the limit lowered to what the pool
+        holds and a warning, where the memory cannot be mapped or page-locked (the
+        caller spills to the next tier instead of failing the step)."""
+        try:
+            segment = _Segment(size, self._pin, self._unpin)
+        except (OSError, OutcoreError) as exc:
+            self.limit = self.capacity
+            self.refused += 1
+            warnings.warn(f"the host tier could not grow by {format_bytes(size)} ({exc}); it stays "
+                          f"at {format_bytes(self.capacity)} and what does not fit spills to disk",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        self.segments.append(segment)
+        self.peak_capacity = max(self.peak_capacity, self.capacity)
+        return segment
 
     def _taken(self, index: int, segment: _Segment, extent: Extent) -> PoolExtent:
         self.in_use += extent.length
@@ -159,6 +180,5 @@ class HostPool:
         self.in_use = 0
 
     def __repr__(self) -> str:
-        from ..units import format_bytes
         return (f"HostPool({len(self.segments)} segments, {format_bytes(self.capacity)} of "
                 f"{format_bytes(self.limit)}, in use {format_bytes(self.in_use)})")

@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 
-from ..errors import InfeasibleBudget, OutcoreError
+from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError
 from ..memory.malloc import make_governor, page_faults, resident_bytes
 from ..plan import check, plan
 from ..plan.api import registered
@@ -254,7 +254,7 @@ class OutOfCore:
         self._inputs: list = []      # entries the last step read as inputs (Replayer._strangers)
         self._recordings_in_a_row = 0
         self._record_next = True
-        self._infeasible: InfeasibleBudget | None = None
+        self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
         self._composition = Composition()     # run/compose.py: torch.distributed around us
@@ -418,7 +418,12 @@ class OutOfCore:
         held = held_arrays(trace, disowned)
         owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
         budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held, owned)
-        plannable = without_held(trace, held)     # counted once, in planned_budget
+        # Counted once, in planned_budget; arrays on another device than the fast tier's
+        # (a GPU step's CPU tensors) are outside the budget and never move (Residency
+        # NOTE 6): 0 bytes for the planner.
+        elsewhere = {a.id for a in trace.arrays
+                     if a.device.split(":")[0] not in (self.fast_device, "meta")}
+        plannable = without_held(trace, held | elsewhere)
         self._require_feasible(plannable, budget)
         started = time.perf_counter()
         options = dict(self.plan_options)
@@ -426,6 +431,8 @@ class OutOfCore:
             options.setdefault("machine", self.machine)
         schedule = plan(plannable, budget, self.policy, **options)
         check(plannable, schedule, budget)
+        if isinstance(self._mover, HostMover):
+            self._require_host_budget(plannable, schedule)
         log.info("planned %d functions under %s (%s) in %.2f s: %s in, %s out per iteration, "
                  "peak %s", len(trace.functions), format_bytes(budget), _policy_label(schedule),
                  time.perf_counter() - started, format_bytes(schedule.bytes_in),
@@ -447,6 +454,22 @@ class OutOfCore:
             self._mover.reserve(host.host_bytes_needed(plannable, schedule, holding))
         self._record_next = False
         self._recordings_in_a_row = 0
+
+    def _require_host_budget(self, trace, schedule) -> None:
+        """NOTE [Host tier between iterations] 5: the state the plan leaves on the slow
+        tier between iterations must fit in host_budget, or it would be read back into
+        GPU memory, over the budget."""
+        needed = host.lasting_slow_bytes(trace, schedule)
+        if needed > self.host_budget:
+            raise HostBudgetTooSmall(
+                f"the plan leaves {format_bytes(needed)} ({needed:,} B) of state on the slow tier "
+                f"between iterations, more than host_budget={format_bytes(self.host_budget)} "
+                f"({self.host_budget:,} B): with offload='host' that state stays in page-locked "
+                "host memory between iterations (it cannot be mapped into GPU tensors from "
+                f"the disk). Raise host_budget to at least {format_bytes(needed)}, or raise the "
+                "budget so that more of it stays in GPU memory. This step completed "
+                "correctly; later iterations of this OutOfCore will not start.",
+                needed_bytes=needed, host_budget=self.host_budget)
 
     def _disowned(self, recording: SafeRecording) -> dict:
         """{array id: foreign} of the recorded arrays whose storage outcore does not move
@@ -488,7 +511,8 @@ class OutOfCore:
     # -- reporting -----------------------------------------------------------------------
     def report(self) -> Report:
         trace, schedule = self.trace, self.schedule
-        pinned = sum(e.nbytes for e in self._res.entries.values() if e.pinned and e.ref() is not None)
+        pinned = sum(e.nbytes for e in self._res.entries.values()
+                     if e.pinned and not e.elsewhere and e.ref() is not None)
         return Report(
             budget=self.budget, policy=_policy_label(schedule) if schedule else self.policy,
             swap=repr(self._mover),
@@ -706,7 +730,7 @@ class _Iteration:
                 if mode.infeasible is not None:
                     raise mode.infeasible
                 ooc._plan_recording(mode)
-            except InfeasibleBudget as err:
+            except (InfeasibleBudget, HostBudgetTooSmall) as err:
                 ooc._infeasible = err        # later iterations raise at once
                 raise
         else:
@@ -753,8 +777,13 @@ def _raise_or_note(exc, errors: list) -> None:
         exc.add_note(f"outcore: while ending the interrupted block: {type(err).__name__}: {err}")
 
 
-def _again(err: InfeasibleBudget) -> InfeasibleBudget:
-    """The remembered InfeasibleBudget, raised again before anything runs."""
+def _again(err):
+    """The remembered InfeasibleBudget (or HostBudgetTooSmall), raised again before
+    anything runs."""
+    if isinstance(err, HostBudgetTooSmall):
+        return HostBudgetTooSmall(
+            f"{err} (found in an earlier iteration; this one did not start: nothing ran)",
+            needed_bytes=err.needed_bytes, host_budget=err.host_budget)
     return InfeasibleBudget(
         f"{err} (found in an earlier iteration; this one did not start: nothing ran)",
         function_index=err.function_index, op=err.op, phase=err.phase,

@@ -37,10 +37,12 @@ NOTE [Residency invariants]
      in compose.py). A storage found resized behind outcore's back (a FAST one whose
      size is not its entry's, a SLOW one with memory) is disowned on the spot, never
      copied from or over.
-  6. Only storages on the mover's device (`mover.device_type`) move. Under
-     offload="host" the step's CPU storages (an optimizer's step counters, a loss moved
-     to the host) are tracked pinned: counted, never moved. A storage on a device the
-     mover does not know is refused with an error when first seen (`_elsewhere`).
+  6. Only storages on the mover's device move (`mover.device_type`, and its index where
+     it has one). Under offload="host" the step's CPU storages (an optimizer's step
+     counters, a loss moved to the host) are tracked `elsewhere`: in no counter (they
+     are not in GPU memory), never moved; the planner sees them at 0 bytes. A storage
+     on a device the mover does not reach is refused with an error when first seen
+     (`_elsewhere`).
 """
 from __future__ import annotations
 
@@ -92,6 +94,8 @@ class Entry:
     # Owned by a library that resizes it itself: counted at its current size, outside
     # the counters (`owned_bytes`), since its size changes behind outcore's back.
     foreign: bool = False
+    # On another device than the fast tier's (NOTE 6): in no counter, never moved.
+    elsewhere: bool = False
 
     @property
     def occupies_fast(self) -> bool:
@@ -145,11 +149,15 @@ class Residency:
         key = storage._cdata
         entry = self.entries.get(key)
         if entry is None:
-            elsewhere = self._elsewhere(storage)
+            if self._elsewhere(storage):          # NOTE 6: outside the budget, never moved
+                entry = Entry(key, None, storage.nbytes(), pinned=True, elsewhere=True)
+                entry.ref = weakref.ref(storage, self._died(entry))
+                self.entries[key] = entry
+                return entry
             if not storage.resizable():
                 mapped.adopt_orphan(storage)     # left mapped by a closed OutOfCore
             nbytes = storage.nbytes()
-            entry = Entry(key, None, nbytes, pinned=elsewhere or nbytes < self.min_move_bytes
+            entry = Entry(key, None, nbytes, pinned=nbytes < self.min_move_bytes
                           or not storage.resizable())
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
@@ -161,16 +169,25 @@ class Residency:
 
     def _elsewhere(self, storage) -> bool:
         """Whether `storage` is on a device this mover does not move from (NOTE 6): a
-        CPU storage in a GPU step stays put (counted, never moved); a storage on a device
-        the mover cannot reach at all is refused before anything moves."""
-        kind = storage.device.type
-        if kind == self.mover.device_type or kind == "meta":
+        CPU storage in a GPU step stays put, outside the counters; a storage on a device
+        the mover cannot reach is refused before anything moves."""
+        device = storage.device
+        if device.type == "meta":
             return False
-        if kind == "cpu":
+        if device.type == self.mover.device_type:
+            index = getattr(self.mover, "device_index", None)
+            if index is None or device.index in (None, index):
+                return False
+            raise OutcoreError(
+                f"a tensor on {device} ({format_bytes(storage.nbytes())}) reached an OutOfCore "
+                f"whose fast tier is {self.mover.device_type}:{index}: one OutOfCore manages one "
+                "device. Call torch.cuda.set_device (or use that device) before creating the "
+                "OutOfCore, and keep the step on it")
+        if device.type == "cpu":
             return True
         raise OutcoreError(
-            f"a {kind} tensor ({format_bytes(storage.nbytes())}) reached an OutOfCore whose fast "
-            f"tier is {self.mover.device_type} memory: offload='disk' manages CPU tensors, "
+            f"a {device.type} tensor ({format_bytes(storage.nbytes())}) reached an OutOfCore whose "
+            f"fast tier is {self.mover.device_type} memory: offload='disk' manages CPU tensors, "
             "offload='host' CUDA tensors. Create the OutOfCore with the offload for the "
             "device the step runs on")
 
@@ -190,7 +207,7 @@ class Residency:
                 del self.entries[entry.key]
             if self.lru.get(entry.key) is entry:
                 del self.lru[entry.key]
-            if entry.foreign:
+            if entry.foreign or entry.elsewhere:
                 if self.owned.get(entry.key) is entry:
                     del self.owned[entry.key]
                 entry.state = DEAD
@@ -252,7 +269,7 @@ class Residency:
             self._reap_dead()
         resident = offloaded = 0
         for entry in self.entries.values():
-            if entry.ref() is None or entry.foreign:
+            if entry.ref() is None or entry.foreign or entry.elsewhere:
                 continue            # died (its callback has not run yet), or not counted
             if entry.state in OCCUPIES_FAST:
                 resident += entry.nbytes
@@ -486,7 +503,7 @@ class Residency:
         if self._dead:
             self._reap_dead()
         entry = self.entries.get(storage._cdata)
-        if entry is not None and entry.owner:
+        if entry is not None and (entry.owner or entry.elsewhere):
             return entry
         if entry is None:
             entry = Entry(storage._cdata, None, nbytes)
@@ -578,6 +595,7 @@ class Residency:
             if entry.state is not SLOW or storage is None:
                 continue
             try:
+                entry.extent = self.mover.promote(entry.extent, entry.nbytes)
                 entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
                 entry.state = MAPPED
             except Exception:      # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)

@@ -408,6 +408,10 @@ class DiskMover:
     def synchronize(self) -> None:
         """Before mapped storages are unmapped: CPU writes are done when they return."""
 
+    def promote(self, extent: Extent, nbytes: int) -> Extent:
+        """The place to map `extent`'s bytes from: the swap file is the only tier here."""
+        return extent
+
     def map(self, extent: Extent, nbytes: int, storage):
         """Point `storage` (resized to 0) at a private mapping of the `nbytes` it was last
         written to `extent` (run/mapped.py); raises OSError where the kernel refuses."""

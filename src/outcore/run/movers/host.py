@@ -60,10 +60,26 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def memory_limit() -> int:
+    """The RAM this process may use: the machine's, or its cgroup's limit if lower (a
+    container's)."""
+    limit = physical_memory()
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
+
+
 def default_host_budget() -> int:
-    """`host_budget` when the user gives none: half the machine's RAM. Page-locked
-    memory cannot be swapped or reclaimed, so the pool never takes all of it."""
-    return physical_memory() // 2
+    """`host_budget` when the user gives none: half the RAM this process may use
+    (`memory_limit`). Page-locked memory cannot be swapped or reclaimed, so the pool
+    never takes all of it."""
+    return memory_limit() // 2
 
 
 # -- links: who copies ------------------------------------------------------------------
@@ -382,9 +398,12 @@ class HostMapping:
          own. With `copy`, a copy of the bytes instead (an orphan adopted after close).
       4. The pool's segment stays (page-locked, mapped) while any storage points at it:
          `close()` of the pool defers it, and a storage that dies or is unmapped lets go.
-      5. Spilled (disk-tier) extents are not mapped: such storages are read back into the
-         fast tier when the iteration ends (Residency.map_slow's fallback), as are all on
-         a GPU that cannot use host pointers of registered memory.
+      5. A spilled (disk-tier) extent is first moved into the pool where it has room
+         (`HostMover.promote`). One that still does not fit is read back into the fast
+         tier (Residency.map_slow's fallback), over the budget: so a plan whose state
+         left on the slow tier between iterations exceeds host_budget is refused
+         (`lasting_slow_bytes`, OutOfCore). All are read back on a GPU that cannot use
+         host pointers of registered memory.
       6. Before unmapping, every kernel queued on the device has finished, whatever
          stream queued it (`link.synchronize()`, from Residency.unmap_all): the next
          iteration's copies read what the user wrote. A segment is unregistered only
@@ -401,8 +420,10 @@ class HostMapping:
         del view
         self.link, self.nbytes = link, nbytes
         segment.use()
-        # Released once: at unmap, or when the storage dies mapped (an orphan).
+        # Released once: at unmap, or when the storage dies mapped (an orphan). Not at
+        # interpreter exit, where a storage may still point at the segment.
         self._release = weakref.finalize(storage, segment.release)
+        self._release.atexit = False
 
     def unmap(self, storage, *, copy: bool = False) -> bool:
         """Rule 3. Returns False: nothing is dirty that the extent does not hold."""
@@ -421,6 +442,15 @@ class HostMapping:
 
     def close(self) -> None:
         """The storage died (Residency._reap_dead): `_release` ran with it."""
+
+
+def lasting_slow_bytes(trace, schedule) -> int:
+    """Bytes (each rounded up to a page) of the arrays that outlive the step and that the
+    schedule leaves on the slow tier at its end: what must stay on the host tier between
+    iterations."""
+    resident = set(schedule.resident_at_end)
+    return sum(round_up(a.nbytes) for a in trace.arrays
+               if a.freed_after is None and a.nbytes and a.id not in resident)
 
 
 def host_bytes_needed(trace, schedule, holding=()) -> int:
@@ -500,6 +530,7 @@ class HostMover:
                  staging_bytes: int = STAGING_BYTES):
         self.link = link
         self.device_type = link.device_type
+        self.device_index = getattr(getattr(link, "device", None), "index", None)
         kw = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
         self.pool = HostPool(host_budget, pin=link.pin, unpin=link.unpin, **kw)
         self.disk = disk
@@ -509,6 +540,10 @@ class HostMover:
         self._quarantine: list = []               # (TierExtent, transfer): NOTE 4
         self._staging_out = AlignedBuffer(staging_bytes)
         self._staging_in = AlignedBuffer(staging_bytes)
+        self._staged_pinned = []            # page-locked like the pool (NOTE 5)
+        for buf in (self._staging_out, self._staging_in):
+            link.pin(buf.address, buf.size)
+            self._staged_pinned.append(buf.address)
         self._spill_out = ThreadPoolExecutor(1, thread_name_prefix="outcore-spill-out")
         self._spill_in = ThreadPoolExecutor(1, thread_name_prefix="outcore-spill-in")
         self.busy_write_s = self.busy_read_s = 0.0
@@ -572,6 +607,26 @@ class HostMover:
         """Before mapped storages are unmapped (NOTE [Host tier between iterations] 6)."""
         self.link.synchronize()
 
+    def promote(self, extent: TierExtent, nbytes: int) -> TierExtent:
+        """A spilled extent's bytes moved into the pool where it has room now (the step's
+        transients are dead when an iteration ends), so that the storage can be mapped
+        rather than read back (NOTE [Host tier between iterations] 5); the extent as it
+        was where the pool is full or the read fails. Host memory to host memory: the
+        device is not involved."""
+        if extent.tier != "disk":
+            return extent
+        self._release_quarantine()
+        place = self.pool.allocate(nbytes)
+        if place is None:
+            return extent
+        try:
+            self.disk.read_at(place.address, nbytes, extent.place.offset)
+        except OSError:
+            self.pool.free(place)
+            return extent
+        self.free(extent)
+        return TierExtent("host", place)
+
     def map(self, extent, nbytes: int, storage) -> HostMapping:
         """Point `storage` (resized to 0) at its extent in the pool until the next
         iteration (NOTE [Host tier between iterations]); raises OSError for a spilled
@@ -631,18 +686,24 @@ class HostMover:
         return start, time.perf_counter()
 
     def close(self) -> None:
+        """Every part is released whatever fails on the way (the first error is raised)."""
         if self.closed:
             return
         self.closed = True
-        self._spill_out.shutdown(wait=True)
-        self._spill_in.shutdown(wait=True)
-        self.link.close()
         self._quarantine.clear()
         self._last.clear()
-        self.pool.close()
-        self._staging_out.close()
-        self._staging_in.close()
-        self.disk.close()
+        parts = [lambda: self._spill_out.shutdown(wait=True),
+                 lambda: self._spill_in.shutdown(wait=True), self.link.close, self.pool.close]
+        parts += [lambda a=a: self.link.unpin(a) for a in self._staged_pinned]
+        parts += [self._staging_out.close, self._staging_in.close, self.disk.close]
+        error = None
+        for part in parts:
+            try:
+                part()
+            except Exception as exc:      # noqa: BLE001 - the rest are still released
+                error = error or exc
+        if error is not None:
+            raise error
 
     def __repr__(self) -> str:
         pool = self.pool
