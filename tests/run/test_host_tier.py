@@ -451,3 +451,43 @@ def test_state_stays_on_the_host_tier_between_iterations(emulated, tmp_path):
     managed.step()                                # plain PyTorch again, on the same tensors
     assert_bitwise_equal(state_of(plain.model, plain.optimizer),
                          state_of(managed.model, managed.optimizer))
+
+
+def _host_points():
+    from outcore.run.movers.host import HostMapping
+    from outcore.run.residency import Residency
+    return [(HostMover, "write", 5), (HostMover, "read", 4), (HostMover, "free", 6),
+            (HostMover, "allocate", 3), (HostMover, "map", 3), (HostMover, "promote", 2),
+            (HostMapping, "unmap", 3), (Residency, "_wait", 10), (Residency, "map_slow", 3),
+            (Residency, "unmap_all", 3)]
+
+
+@pytest.mark.parametrize("point", range(10))
+def test_sigint_inside_the_host_mover(emulated, monkeypatch, point):
+    """Ctrl-C landing at any of these calls of the host tier's executor: the iteration
+    ends with KeyboardInterrupt, every tensor is whole, the counters are exact, nothing
+    is left unusable between iterations, and training goes on bitwise equal to plain
+    PyTorch from there (the disk tier's version: test_interrupts.py)."""
+    import signal
+
+    from .test_interrupts import _interrupt_on_call, assert_intact, continue_like_plain, warm
+    owner, name, n = _host_points()[point]
+    budget = budgets(steady_trace("mlp", "adam"))["tight"]
+    w = warm("mlp", "adam")
+    ooc = outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0)
+    try:
+        calls = _interrupt_on_call(monkeypatch, owner, name, n)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(8):
+                with ooc.iteration():
+                    w.step()
+        assert calls["n"] >= n, f"{owner.__name__}.{name} was called {calls['n']} times"
+        monkeypatch.undo()
+        monkeypatch.setattr(host, "default_link", EmulatedLink)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert_intact(w, ooc)
+        continue_like_plain(w, ooc)
+        assert_intact(w, ooc)
+    finally:
+        monkeypatch.undo()
+        ooc.close()
