@@ -376,42 +376,6 @@ def test_state_larger_than_the_host_budget_is_refused_and_loses_nothing(emulated
                          state_of(managed.model, managed.optimizer))
 
 
-def test_interrupted_iteration_on_the_host_tier_loses_nothing(emulated):
-    """An exception in the middle of a step under offload="host": every storage whole,
-    training goes on bitwise (as test_safety's disk version)."""
-    trace = steady_trace("resnet18", "sgd")
-    budget = budgets(trace)["half"]
-
-    class Interrupt(Exception):
-        pass
-
-    def step(w, interrupt):
-        loss = w.loss()
-        if interrupt:
-            raise Interrupt()
-        loss.backward()
-        w.optimizer.step()
-        w.optimizer.zero_grad()
-
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
-    with outcore.OutOfCore(budget=budget, offload="host",
-                           min_move_bytes=0) as ooc:
-        for it in range(5):
-            for w, under in ((plain, False), (managed, True)):
-                try:
-                    if under:
-                        with ooc.iteration():
-                            step(w, it == 3)
-                    else:
-                        step(w, it == 3)
-                except Interrupt:
-                    pass
-            for p in managed.model.parameters():
-                assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
-    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
-                         state_of(managed.model, managed.optimizer))
-
-
 def test_state_stays_on_the_host_tier_between_iterations(emulated, tmp_path):
     """NOTE [Host tier between iterations]: state the plan leaves on the host tier stays
     there (MAPPED, not read back into the fast tier), reads and saves see the right
@@ -468,26 +432,10 @@ def test_sigint_inside_the_host_mover(emulated, monkeypatch, point):
     ends with KeyboardInterrupt, every tensor is whole, the counters are exact, nothing
     is left unusable between iterations, and training goes on bitwise equal to plain
     PyTorch from there (the disk tier's version: test_interrupts.py)."""
-    import signal
-
-    from .test_interrupts import _interrupt_on_call, assert_intact, continue_like_plain, warm
+    from .test_interrupts import interrupted_then_plain, warm
     owner, name, n = _host_points()[point]
     budget = budgets(steady_trace("mlp", "adam"))["tight"]
     w = warm("mlp", "adam")
-    ooc = outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0)
-    try:
-        calls = _interrupt_on_call(monkeypatch, owner, name, n)
-        with pytest.raises(KeyboardInterrupt):
-            for _ in range(8):
-                with ooc.iteration():
-                    w.step()
-        assert calls["n"] >= n, f"{owner.__name__}.{name} was called {calls['n']} times"
-        monkeypatch.undo()
-        monkeypatch.setattr(host, "default_link", EmulatedLink)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        assert_intact(w, ooc)
-        continue_like_plain(w, ooc)
-        assert_intact(w, ooc)
-    finally:
-        monkeypatch.undo()
-        ooc.close()
+    with outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0) as ooc:
+        interrupted_then_plain(monkeypatch, w, ooc, owner, name, n,
+                               again=lambda: monkeypatch.setattr(host, "default_link", EmulatedLink))

@@ -117,27 +117,36 @@ POINTS = [
 ]
 
 
-@pytest.mark.parametrize("owner,name,n", POINTS, ids=[f"{o.__name__}.{m}#{n}" for o, m, n in POINTS])
-def test_sigint_inside_the_executor(monkeypatch, mlp_budget, owner, name, n):
-    # One plain step first: Adam's lazily created state exists before any interrupt (an
-    # interrupt inside its creation breaks the optimizer in plain PyTorch just the same).
-    w = warm("mlp", "adam")
-    ooc = outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0)
+def interrupted_then_plain(monkeypatch, w, ooc, owner, name, n, again=None) -> None:
+    """SIGINT at the n-th call of owner.name while `ooc` trains `w`: the iteration ends
+    with KeyboardInterrupt, everything is intact, and training goes on bitwise equal to
+    a plain twin. `again` re-applies the test's own patches after the interrupt's are
+    undone (monkeypatch.undo() takes them all)."""
     try:
         calls = _interrupt_on_call(monkeypatch, owner, name, n)
         with pytest.raises(KeyboardInterrupt):
             for _ in range(8):
                 with ooc.iteration():
                     w.step()
-        assert calls["n"] >= n
+        assert calls["n"] >= n, f"{owner.__name__}.{name} was called {calls['n']} times"
         monkeypatch.undo()
+        if again is not None:
+            again()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert_intact(w, ooc)
         continue_like_plain(w, ooc)
         assert_intact(w, ooc)
     finally:
         monkeypatch.undo()
-        ooc.close()
+
+
+@pytest.mark.parametrize("owner,name,n", POINTS, ids=[f"{o.__name__}.{m}#{n}" for o, m, n in POINTS])
+def test_sigint_inside_the_executor(monkeypatch, mlp_budget, owner, name, n):
+    # One plain step first: Adam's lazily created state exists before any interrupt (an
+    # interrupt inside its creation breaks the optimizer in plain PyTorch just the same).
+    w = warm("mlp", "adam")
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        interrupted_then_plain(monkeypatch, w, ooc, owner, name, n)
 
 
 def test_exception_in_the_write_thread_keeps_the_tensor(monkeypatch, mlp_budget):

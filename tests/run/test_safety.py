@@ -154,7 +154,13 @@ def test_real_full_disk_in_a_child_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_iteration_recovers(resnet_trace):
+@pytest.mark.parametrize("offload", ["disk", "host"])
+def test_interrupted_iteration_recovers(resnet_trace, monkeypatch, offload):
+    """An exception in the middle of a step; offload="host" on the emulated link
+    (tests/run/test_host_tier.py)."""
+    if offload == "host":
+        from outcore.run.movers import host
+        monkeypatch.setattr(host, "default_link", host.EmulatedLink)
     budget = budgets(resnet_trace)["half"]
 
     class Interrupt(Exception):
@@ -170,7 +176,7 @@ def test_interrupted_iteration_recovers(resnet_trace):
         return loss
 
     plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
-    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+    with outcore.OutOfCore(budget=budget, offload=offload, min_move_bytes=0) as ooc:
         for it in range(5):
             interrupt = it == 3
             for w, managed_run in ((plain, False), (managed, True)):

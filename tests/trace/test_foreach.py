@@ -79,6 +79,15 @@ def test_unsplittable_foreach_is_recorded_whole(monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a, expected))
 
 
+def _twin_mlps():
+    """Two equal small MLPs (4 parameters each) and an input."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    return a, b, torch.randn(4, 8)
+
+
 FUSED = [
     ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True)),
     ("adam amsgrad", lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, fused=True)),
@@ -96,12 +105,8 @@ def test_fused_optimizers_split_one_call_per_tensor_bitwise(name, make_opt):
     """`fused=True` steps (one kernel over every parameter) are recorded and run one call
     per parameter, bitwise equal to the whole call: a tight budget then needs one
     parameter's share of the step resident, not all of them."""
-    torch.manual_seed(0)
-    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    a, b = make(), make()
-    b.load_state_dict(a.state_dict())
+    a, b, x = _twin_mlps()
     oa, ob = make_opt(a.parameters()), make_opt(b.parameters())
-    x = torch.randn(4, 8)
     for _ in range(3):
         a(x).sum().backward(); oa.step(); oa.zero_grad()
         with outcore.record() as rec:
@@ -120,14 +125,10 @@ def test_fused_optimizers_split_one_call_per_tensor_bitwise(name, make_opt):
 def test_fused_adamw_with_a_grad_scaler_splits_bitwise():
     """A GradScaler hands the fused step its `grad_scale` and `found_inf` (shared by every
     per-parameter call), including a step it skips for an infinite gradient."""
-    torch.manual_seed(0)
-    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    a, b = make(), make()
-    b.load_state_dict(a.state_dict())
+    a, b, x = _twin_mlps()
     oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)
     ob = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
     sa, sb = torch.amp.GradScaler("cpu", init_scale=256.0), torch.amp.GradScaler("cpu", init_scale=256.0)
-    x = torch.randn(4, 8)
     for step in range(4):
         scale = float("inf") if step == 2 else 1.0          # step 2: skipped, scale halves
         for model, opt, scaler, record in ((a, oa, sa, False), (b, ob, sb, True)):
