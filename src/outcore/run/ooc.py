@@ -142,8 +142,10 @@ class OutOfCore:
         and past `host_budget` the swap file: run/movers/host.py).
     swap_dir: where the swap file goes (default: the system temp directory).
     host_budget: with offload="host", the most page-locked host memory the host tier
-        takes (bytes or a string; default half the machine's RAM); what does not fit
-        there spills to the swap file.
+        takes (bytes or a string; default half the RAM this process may use, its
+        cgroup's limit included); what does not fit there spills to the swap file, and
+        the state the plan leaves there between iterations must fit in it
+        (outcore.HostBudgetTooSmall).
     policy: the planning policy (outcore.plan): "auto" (the fastest of the others for
         the recorded step, by simulated time), "adaptive" (the paper's), "fixed", ...
     min_move_bytes: storages smaller than this stay in fast memory (a transfer would

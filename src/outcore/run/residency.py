@@ -192,7 +192,7 @@ class Residency:
             "device the step runs on")
 
     def touch(self, entry: Entry) -> None:
-        if entry.state is FAST:
+        if entry.state is FAST and not entry.elsewhere:
             self.lru[entry.key] = entry
             self.lru.move_to_end(entry.key)
 

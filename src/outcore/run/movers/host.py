@@ -257,7 +257,7 @@ class CudaLink:
         """A CUDA storage over page-locked host memory (NOTE [Host tier between
         iterations]): registered memory is mapped into the device's address space at
         the same address (cudaHostRegisterDefault with unified addressing), and
-        `__cuda_array_interface__` lets torch wrap it without a copy."""
+        `_storage_at` wraps it without a copy."""
         if not self.host_pointer_usable:
             raise OSError(errno.EOPNOTSUPP, "this GPU cannot use host pointers of registered "
                           "memory (cudaDevAttrCanUseHostPointerForRegisteredMem is 0)")
