@@ -4,7 +4,11 @@ that a short loan of a GPU machine is enough:
     python benchmarks/gpu_tier_check.py --out docs/gpu/<device>-tier.json
 
 Each section prints one JSON line as it ends (an error is reported and the next section
-runs); `--out` writes them all. Sections:
+runs) and rewrites `--out` with all so far. On the lent machine (`run` tool):
+
+    PYTHONPATH=src python3 benchmarks/gpu_tier_check.py --out $OUT/tier.json
+
+Sections:
 
 1. link: the host mover's own copies (a HostPool segment, page-locked by cudaHostRegister,
    and CudaLink's two streams), 1 GiB each way alone and both at once.
@@ -66,11 +70,21 @@ STEPS = 4
 class Run:
     """The device, the sizes, and the JSON lines so far."""
 
-    def __init__(self, dry: bool, deadline: float):
+    def __init__(self, dry: bool, deadline: float, out: str | None = None, head: dict | None = None):
         self.dry = dry
         self.device = "cpu" if dry else "cuda"
         self.deadline = deadline
         self.results: dict = {}
+        self.out, self.head = out, head or {}
+
+    def late(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def save(self) -> None:
+        """Written after every section: a run stopped from outside keeps what it did."""
+        if self.out:
+            with open(self.out, "w") as f:
+                json.dump({**self.head, **self.results}, f, indent=1, default=str)
 
     def section(self, name, fn, *args):
         if time.monotonic() > self.deadline:
@@ -85,6 +99,7 @@ class Run:
             out["seconds"] = round(time.monotonic() - start, 1)
         self.results[name] = out
         print(json.dumps({name: out}, default=str), flush=True)
+        self.save()
         return out
 
     def sync(self):
@@ -435,9 +450,9 @@ def _largest(run: Run, mode: str, start: int = 8, most: int = 1 << 16) -> tuple[
     lo, hi, t_lo = 0, start, None
     while (t := _fits(run, hi, mode)) is not None:
         lo, t_lo, hi = hi, t, hi * 2
-        if lo >= most:
+        if lo >= most or run.late():
             return lo, t_lo
-    while hi - lo > max(1, lo // 16):
+    while hi - lo > max(1, lo // 16) and not run.late():
         mid = (lo + hi) // 2
         t = _fits(run, mid, mode)
         if t is None:
@@ -520,7 +535,7 @@ def main():
     parser.add_argument("--minutes", type=float, default=7.5)
     parser.add_argument("--only", default="link,exact,recorder,allocator,paper,predict")
     args = parser.parse_args()
-    run = Run(args.dry_run, time.monotonic() + 60 * args.minutes)
+    run = Run(args.dry_run, time.monotonic() + 60 * args.minutes, args.out)
     if run.dry:
         host.default_link = host.EmulatedLink
     else:
@@ -532,6 +547,7 @@ def main():
     head = {"device": "cpu (dry run)" if run.dry else torch.cuda.get_device_name(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(head), flush=True)
+    run.head = head
     only = set(args.only.split(","))
     budget = outcore.units.parse_bytes(args.paper_budget) if not run.dry else 64 * 2**20
     for name, fn, extra in (("link", link, ()), ("exact", exact, ()), ("recorder", recorder, ()),
@@ -539,9 +555,6 @@ def main():
                             ("paper", paper, (budget,)), ("predict", predict, ())):
         if name in only:
             run.section(name, fn, *extra)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({**head, **run.results}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
