@@ -113,3 +113,34 @@ def test_boundary_transfers_of_persistent_state():
     assert outcore.simulate(t, starts_in, TOY).boundary_s == 2.0
     # Kept where it is at both ends (keep_state, the default): nothing crosses over.
     assert outcore.simulate(t, outcore.plan(t, 8, "adaptive"), TOY).boundary_s == 0.0
+
+
+def test_a_duplex_link_moves_link_both_in_total_while_both_directions_run():
+    """NOTE [Duplex link], by hand on 1 B/s each way and 1.5 B/s together."""
+    duplex = Machine(**{**TOY.__dict__, "name": "toy-duplex", "link_both": 1.5})
+    # Alone: as independent links.
+    assert duplex.transfer_end(4, "out", 0.0, 0.0) == 4.0
+    # A read of 2 B issued at 1 while a write runs until 4: 0.5 B/s during [1, 4]
+    # (1.5 B), then 1 B/s for the last 0.5 B: it ends at 4.5.
+    assert duplex.transfer_end(2, "in", 1.0, 4.0) == 4.5
+    # One that fits in the overlap: 1 B at 0.5 B/s.
+    assert duplex.transfer_end(1, "in", 1.0, 4.0) == 3.0
+    # link_both at least the sum of both: independent; at most the other's speed: it waits.
+    assert Machine(**{**duplex.__dict__, "link_both": 2.0}).transfer_end(2, "in", 1.0, 4.0) == 3.0
+    assert Machine(**{**duplex.__dict__, "link_both": 1.0}).transfer_end(2, "in", 1.0, 4.0) == 6.0
+    # In a schedule: never faster than independent links, and within the shared link.
+    t = build({"x": (4, "input"), "a": 4, "b": 4, "c": 4},
+              ["f0 r:x c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 @backward r:a r:c"],
+              durations=[1.0] * 4)
+    s = outcore.plan(t, 8, "adaptive", keep_state=False)
+    apart, both = outcore.simulate(t, s, TOY), outcore.simulate(t, s, duplex)
+    shared = outcore.simulate(t, s, Machine(**{**TOY.__dict__, "shared_link": True}))
+    assert apart.step_time_s <= both.step_time_s <= shared.step_time_s
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_link_both_is_validated(bad):
+    with pytest.raises(outcore.OutcoreError, match="link_both"):
+        Machine(**{**TOY.__dict__, "link_both": bad})
+    with pytest.raises(outcore.OutcoreError, match="exclude each other"):
+        Machine(**{**TOY.__dict__, "link_both": 1.5, "shared_link": True})

@@ -34,12 +34,14 @@ def test_what_backward_reads_forward_had_to_write_first():
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(traces(max_functions=24), st.floats(0.0, 1.0), st.booleans(),
+@given(traces(max_functions=24), st.floats(0.0, 1.0), st.sampled_from(["apart", "shared", "duplex"]),
        st.sampled_from([1e-3, 1.0, 10.0]))
-def test_no_schedule_beats_the_physical_limit(trace, fraction, shared, duration_scale):
+def test_no_schedule_beats_the_physical_limit(trace, fraction, link, duration_scale):
     # Links of 1 and 2 B/s against functions of 1 ms to 10 s each: the cut binds in some
-    # examples and compute in others, on independent links and on one shared link.
-    m = dataclasses.replace(TOY, shared_link=shared, duration_scale=duration_scale)
+    # examples and compute in others, on independent links, one shared link, and a
+    # duplex one (2.5 B/s in total while both directions run: NOTE [Duplex link]).
+    m = dataclasses.replace(TOY, shared_link=link == "shared", duration_scale=duration_scale,
+                            link_both=2.5 if link == "duplex" else 0.0)
     low = min_feasible_budget(trace)
     budget = low + int((trace.peak(actual=True)[0] - low) * fraction)
     limit = physical_limit(trace, budget, m)

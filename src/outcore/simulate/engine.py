@@ -30,7 +30,16 @@ work needing h seconds of CPU takes c + min(h, c) (h counted over the function's
 unstretched interval). simulate_ranks decides per node; simulate (one rank) only on a
 1-core machine. Why (docs/distributed.md, "No core to spare"): on this 2-core machine
 benchmarks/distributed_fit.py predicted 0.97-1.44 of the measured replay on one rank,
-but 0.71-1.09 on two before this was modelled."""
+but 0.71-1.09 on two before this was modelled.
+
+NOTE [Duplex link]. A machine with `link_both` (Machine.transfer_end) has two lanes
+that are not independent: while both carry a transfer, together they move link_both
+B/s, less than link_in + link_out (a GPU's host link: 85 GB/s together against about
+55 each alone on an H100, docs/gpu-check.md). Lanes are scheduled in issue order, so a
+transfer is priced when issued, with the other lane busy until a known time: the one
+issued later gets what link_both leaves beside the other's speed while both run, then
+its own speed; the earlier one keeps its own. The total while both run is link_both,
+as measured; how it splits between the two is not modelled."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -287,7 +296,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
             elif act.kind == SWAP_IN:
                 nb = arrays[a].nbytes
                 start = max(t, free[lane_in])
-                free[lane_in] = in_done[a] = start + m.transfer_time(nb, "in")
+                free[lane_in] = in_done[a] = m.transfer_end(nb, "in", start, free[lane_out])
                 transfers.append(Transfer(a, "in", nb, start, in_done[a]))
                 helpers.add(lane_in, start, in_done[a], transfer_cpu)
         ready = t
@@ -324,7 +333,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
             if act.kind == SWAP_OUT:
                 nb = arrays[a].nbytes
                 start = max(t, free[lane_out], comm_done.get(a, 0.0))
-                free[lane_out] = out_done[a] = start + m.transfer_time(nb, "out")
+                free[lane_out] = out_done[a] = m.transfer_end(nb, "out", start, free[lane_in])
                 transfers.append(Transfer(a, "out", nb, start, out_done[a]))
                 helpers.add(lane_out, start, out_done[a], transfer_cpu)
             elif act.kind == WAIT:

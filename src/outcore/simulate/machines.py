@@ -50,11 +50,22 @@ class Machine:
     # compute (NOTE [No core to spare] in engine.py).
     cores: int = 0
     transfer_cpu_share: float = 0.0
+    # Total B/s of the two directions while both run; 0: independent, each at its own
+    # speed. A GPU's host link does not give both at once: 54.6 and 54.9 GB/s alone,
+    # 85 GB/s in total together on an H100 (docs/gpu-check.md). NOTE [Duplex link] in
+    # engine.py.
+    link_both: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 0:
             raise OutcoreError(f"machine {self.name!r}: cores must be an integer >= 0 (0: compute "
                                f"is not the host CPU's), got {self.cores!r}")
+        if not (self.link_both >= 0 and math.isfinite(self.link_both)):
+            raise OutcoreError(f"machine {self.name!r}: link_both must be a finite number of B/s "
+                               f">= 0 (0: the directions do not share), got {self.link_both!r}")
+        if self.link_both and self.shared_link:
+            raise OutcoreError(f"machine {self.name!r}: link_both (a partly shared link) and "
+                               "shared_link (one link for both directions) exclude each other")
         if not (self.transfer_cpu_share >= 0 and math.isfinite(self.transfer_cpu_share)):
             raise OutcoreError(f"machine {self.name!r}: transfer_cpu_share must be a finite "
                                f"number >= 0 (CPU seconds per second of transfer), got "
@@ -77,6 +88,24 @@ class Machine:
     def transfer_time(self, nbytes: int, direction: str) -> float:
         bw = self.link_in if direction == "in" else self.link_out
         return self.link_latency_s + nbytes / bw
+
+    def transfer_end(self, nbytes: int, direction: str, start: float, other_until: float) -> float:
+        """When a transfer issued at `start` ends, the other direction being busy until
+        `other_until` (NOTE [Duplex link] in engine.py): while both run, this one gets
+        what link_both leaves beside the other's speed, then its own speed again."""
+        end = start + self.transfer_time(nbytes, direction)
+        if not self.link_both or other_until <= start:
+            return end
+        own, other = ((self.link_in, self.link_out) if direction == "in"
+                      else (self.link_out, self.link_in))
+        shared = max(self.link_both - other, 0.0)
+        if shared >= own:
+            return end
+        begin = start + self.link_latency_s
+        overlap = max(0.0, other_until - begin)
+        if nbytes <= overlap * shared:
+            return begin + nbytes / shared
+        return begin + overlap + (nbytes - overlap * shared) / own
 
 
 def host_cores() -> int:
@@ -110,9 +139,11 @@ PRESETS = {
     # A100 40 GB (SXM4): 19.5 TFLOP/s fp32, 1555 GB/s HBM2; PCIe 4.0 x16, ~25 GB/s.
     "a100-40gb": Machine("a100-40gb", peak_flops=19.5e12, memory_bandwidth=1555 * GB,
                          fast_bytes=40 * 10**9, link_in=25 * GB, link_out=25 * GB, **_GPU),
-    # H100 80 GB (SXM5): 67 TFLOP/s fp32, 3350 GB/s HBM3; PCIe 5.0 x16, ~50 GB/s.
+    # H100 80 GB (SXM5): 67 TFLOP/s fp32, 3350 GB/s HBM3; PCIe 5.0 x16, ~50 GB/s. Both
+    # directions at once: 85 GB/s in total, measured (docs/gpu-check.md, 2026-11-26).
     "h100-80gb": Machine("h100-80gb", peak_flops=67e12, memory_bandwidth=3350 * GB,
-                         fast_bytes=80 * 10**9, link_in=50 * GB, link_out=50 * GB, **_GPU),
+                         fast_bytes=80 * 10**9, link_in=50 * GB, link_out=50 * GB,
+                         link_both=85 * GB, **_GPU),
 }
 
 
