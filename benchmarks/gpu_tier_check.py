@@ -32,7 +32,7 @@ Sections:
    and its img/s; outcore at 7.5x that batch (budget 0.8 B, the rest for cuDNN/cuBLAS
    workspaces and fragmentation) and its img/s; checkpointing per block,
    save_on_cpu(pin_memory=True) and a streamed offload like torchtune's
-   (StreamedOffload) at the largest batch each fits in B.
+   (outcore.bench.variants.StreamedOffload) at the largest batch each fits in B.
 5. predict: the simulator's step for outcore's schedule of 4 (a roofline on the trace's
    FLOPs and bytes, scaled so that it gives the measured in-core step, with section 1's
    link speeds) against the measured replay.
@@ -58,6 +58,7 @@ import torch  # noqa: E402
 
 import outcore  # noqa: E402
 from outcore.plan.feasibility import min_feasible_budget  # noqa: E402
+from outcore.bench.variants import StreamedOffload  # noqa: E402
 from outcore.run.movers import host  # noqa: E402
 from outcore.simulate.machines import machine  # noqa: E402
 from outcore.states import MAPPED  # noqa: E402
@@ -353,59 +354,6 @@ def _resnet50(run: Run, batch: int, mode: str = "plain"):
     return w
 
 
-class StreamedOffload(torch.autograd.graph.saved_tensors_hooks):
-    """What torchtune's activation offloading does, in brief: every activation autograd
-    saves (not parameters, not under 1 MiB) is copied to pinned host memory on a side
-    stream as forward saves it, its GPU memory kept until that copy is done; backward
-    brings each one back on another side stream, the next one (in reverse order of
-    saving) prefetched while the current one is used."""
-
-    def __init__(self, device, min_bytes: int = 2**20):
-        self.device, self.min_bytes = device, min_bytes
-        self.d2h = torch.cuda.Stream(device)
-        self.h2d = torch.cuda.Stream(device)
-        self.saved: dict[int, tuple] = {}       # id -> (host tensor, copy event)
-        self.in_flight: list = []               # (GPU tensor, event) until copied
-        self.fetched: dict[int, tuple] = {}     # id -> (GPU tensor, event), prefetched
-        self.next_id = 0
-        super().__init__(self.pack, self.unpack)
-
-    def pack(self, t):
-        if t.device.type != "cuda" or t.numel() * t.element_size() < self.min_bytes or (
-                t.requires_grad and t.is_leaf):
-            return t
-        self.in_flight = [(g, e) for g, e in self.in_flight if not e.query()]
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.d2h):
-            host.copy_(t, non_blocking=True)
-            done = self.d2h.record_event()
-        self.in_flight.append((t, done))
-        ident, self.next_id = self.next_id, self.next_id + 1
-        self.saved[ident] = (host, done)
-        return ident
-
-    def _fetch(self, ident):
-        host, done = self.saved.pop(ident)
-        self.h2d.wait_event(done)
-        with torch.cuda.stream(self.h2d):
-            t = host.to(self.device, non_blocking=True)
-            ready = self.h2d.record_event()
-        self.fetched[ident] = (t, ready)
-
-    def unpack(self, packed):
-        if torch.is_tensor(packed):
-            return packed
-        if packed not in self.fetched:
-            self._fetch(packed)
-        t, ready = self.fetched.pop(packed)
-        torch.cuda.current_stream(self.device).wait_event(ready)
-        t.record_stream(torch.cuda.current_stream(self.device))
-        if packed - 1 in self.saved:             # backward goes back in saving order
-            self._fetch(packed - 1)
-        return t
-
-
 def _timed(run: Run, step, steps: int = 3) -> float:
     step()
     step()
@@ -428,8 +376,10 @@ def _fits(run: Run, batch: int, mode: str) -> float | None:
                 with torch.autograd.graph.save_on_cpu(pin_memory=not run.dry):
                     w.step()
         elif mode == "streamed-offload":
+            streamed = StreamedOffload(w.batch[0].device)
+
             def step():
-                with StreamedOffload(w.batch[0].device):
+                with streamed.step():
                     w.step()
         else:
             step = w.step

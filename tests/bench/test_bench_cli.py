@@ -4,6 +4,7 @@ consistency are checked here, never their speed."""
 import json
 
 import pytest
+import torch
 
 from outcore.cli.main import main
 
@@ -115,7 +116,11 @@ def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
     (["--model", "resnet18", "--baselines", "magic"], "unknown magic"),
     (["--model", "resnet18", "--steps", "0"], "at least 1"),
     (["--model", "resnet18", "--repeat", "0"], "at least 1"),
-])
+    (["--model", "resnet18", "--baselines", "streamed-offload"],
+     "streamed-offload cannot run with --device cpu"),
+] + ([] if torch.cuda.is_available() else [
+    (["--model", "resnet18", "--device", "cuda"], "--device cuda needs a CUDA device"),
+]))
 def test_bad_arguments_get_a_clear_error(argv, message, capsys):
     assert main(["bench", "curve", *argv]) == 2
     assert message in capsys.readouterr().err

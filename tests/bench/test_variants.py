@@ -1,10 +1,11 @@
 """The alternatives the benchmark compares against compute what plain PyTorch computes."""
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from outcore.bench.experiments import largest_batch, memory_on_meta
-from outcore.bench.variants import DiskOffload, checkpoint_blocks
+from outcore.bench.variants import DiskOffload, HostOffload, StreamedOffload, checkpoint_blocks
 from outcore.workloads import build
 
 
@@ -29,6 +30,23 @@ def test_disk_offload_hooks_are_bitwise_and_leave_no_swap(tmp_path):
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_host_offload_is_save_on_cpu_and_bitwise():
+    """The GPU's offload-hooks variant, run here without pinned memory (no CUDA)."""
+    plain = build("resnet18", batch=2, image_size=32)
+    loss_a, grads_a = _grads(plain)
+    w = build("resnet18", batch=2, image_size=32)
+    with HostOffload(pin_memory=False).step():
+        loss_b, grads_b = _grads(w)
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_the_streamed_offload_refuses_the_cpu():
+    import outcore
+    with pytest.raises(outcore.OutcoreError, match="--device cuda"):
+        StreamedOffload("cpu")
 
 
 def test_checkpointing_per_block_gives_the_same_gradients():

@@ -23,35 +23,57 @@ def run(cfg: dict) -> dict:
     from outcore.memory.malloc import peak_resident_bytes, resident_bytes
     from outcore.workloads import build
 
-    from .variants import DiskOffload, checkpoint_blocks
+    from .variants import DiskOffload, HostOffload, StreamedOffload, checkpoint_blocks
 
+    device = cfg.get("device", "cpu")
+    cuda = device == "cuda"
     torch.manual_seed(cfg.get("seed", 0))
-    w = build(cfg["model"], batch=cfg["batch"], optimizer=cfg.get("optimizer", "sgd"),
+    w = build(cfg["model"], batch=cfg["batch"], optimizer=cfg.get("optimizer", "sgd"), device=device,
               image_size=cfg.get("image_size"), seq_len=cfg.get("seq_len"), seed=cfg.get("seed", 0))
     baseline_rss = resident_bytes()
     variant, steps, warmup = cfg["variant"], cfg["steps"], cfg.get("warmup", 1)
     out: dict = {"baseline_rss": baseline_rss}
     times: list[float] = []
     faults: list[int] = []
+    gpu_peaks: list[int] = []        # torch.cuda.max_memory_allocated() of each timed step
 
-    if variant in ("in-core", "checkpoint", "offload-hooks"):
+    def timed(step, keep) -> None:
+        """Run one step (on a GPU until the device has finished it); when keep() says
+        so afterwards, note its time, page faults and GPU peak."""
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start, faulted = time.perf_counter(), _faults()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if keep():
+            times.append(elapsed)
+            faults.append(_faults() - faulted)
+            if cuda:
+                gpu_peaks.append(torch.cuda.max_memory_allocated())
+
+    if variant in ("in-core", "checkpoint", "offload-hooks", "streamed-offload"):
         if variant == "checkpoint":
             out["checkpointed_blocks"] = checkpoint_blocks(w.model)
-        offload = DiskOffload(cfg.get("swap_dir")) if variant == "offload-hooks" else None
+        offload = None
+        if variant == "offload-hooks":
+            offload = HostOffload() if cuda else DiskOffload(cfg.get("swap_dir"))
+        elif variant == "streamed-offload":
+            offload = StreamedOffload(device)
+
+        def step():
+            if offload is None:
+                w.step()
+            else:
+                with offload.step():
+                    w.step()
         try:
             for i in range(warmup + steps):
                 if offload is not None and i == warmup:
                     offload.bytes_read = offload.bytes_written = 0
                     offload.io_s = 0.0
-                start, faulted = time.perf_counter(), _faults()
-                if offload is None:
-                    w.step()
-                else:
-                    with offload.step():
-                        w.step()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-                    faults.append(_faults() - faulted)
+                timed(step, lambda: i >= warmup)
                 _progress(i + 1, warmup + steps)
             if offload is not None:
                 out.update(read=offload.bytes_read / steps, written=offload.bytes_written / steps,
@@ -60,22 +82,21 @@ def run(cfg: dict) -> dict:
             if offload is not None:
                 offload.close()
     elif variant == "outcore":
+        memory = {} if cuda else {"return_freed_memory": cfg.get("return_freed_memory", True)}
         with outcore.OutOfCore(budget=cfg["budget"], policy=cfg["policy"], swap_dir=cfg.get("swap_dir"),
-                               return_freed_memory=cfg.get("return_freed_memory", True)) as ooc:
+                               offload="host" if cuda else "disk", **memory) as ooc:
             # Recording iterations first (two for an optimizer that creates its state
             # lazily), then `steps` replays; a few spare in case of a re-record.
             total = steps + 4
-            for i in range(total + 4):
-                start, faulted = time.perf_counter(), _faults()
+
+            def step():
                 with ooc.iteration():
                     w.step()
-                elapsed = time.perf_counter() - start
+            for i in range(total + 4):
+                timed(step, lambda: ooc.report().iterations[-1].mode == "replay")
                 _progress(i + 1, total)
-                if ooc.report().iterations[-1].mode == "replay":
-                    times.append(elapsed)
-                    faults.append(_faults() - faulted)
-                    if len(times) == steps:
-                        break
+                if len(times) == steps:
+                    break
             report = ooc.report()
         replays = [it for it in report.iterations if it.mode == "replay"][-len(times):]
         if not replays:
@@ -102,6 +123,8 @@ def run(cfg: dict) -> dict:
     out["steps_s"] = times
     out["page_faults"] = statistics.median(faults)
     out["peak_rss"] = peak_resident_bytes()
+    if gpu_peaks:
+        out["peak_gpu"] = max(gpu_peaks)
     return out
 
 

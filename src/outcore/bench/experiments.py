@@ -35,7 +35,8 @@ def memory_on_meta(model: str, batch: int, variant: str, **shape) -> dict:
     w = build(model, batch=batch, device="meta", **shape)
     if variant == "checkpoint":
         checkpoint_blocks(w.model, on_meta=True)
-    hooks = DiskOffload(meta=True) if variant == "offload-hooks" else None
+    # Either offload of saved activations takes them out of the step's memory alike.
+    hooks = DiskOffload(meta=True) if variant in ("offload-hooks", "streamed-offload") else None
 
     def step():
         if hooks is None:
@@ -73,10 +74,13 @@ def largest_batch(fits, start: int, cap: int) -> int:
     return lo
 
 
-def machine_info(disk: dict) -> dict:
-    return {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+def machine_info(disk: dict, device: str = "cpu") -> dict:
+    info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "disk": disk, "torch_threads": torch.get_num_threads()}
+            "disk": disk, "torch_threads": torch.get_num_threads(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 # Plain PyTorch with glibc keeping every tensor on its heap and never trimming it: no page
@@ -84,7 +88,10 @@ def machine_info(disk: dict) -> dict:
 # how much of outcore's speed is the allocator's, not the schedule's).
 HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 HEAP_ROLE = "glibc heap, no trim"
-BASELINES = ("in-core", "in-core-heap", "checkpoint", "offload-hooks")
+BASELINES = ("in-core", "in-core-heap", "checkpoint", "offload-hooks", "streamed-offload")
+# Baselines that exist on one device only: glibc's heap is the CPU's; the streamed
+# offload copies on CUDA streams.
+ONLY_ON = {"in-core-heap": "cpu", "streamed-offload": "cuda"}
 
 
 def _baseline(base: dict, name: str) -> dict:
@@ -127,21 +134,24 @@ def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[
     return runs
 
 
-def _base(model, batch, shape, steps, swap_dir, optimizer):
+def _base(model, batch, shape, steps, swap_dir, optimizer, device="cpu"):
     return {"model": model, "batch": batch, "optimizer": optimizer, "steps": steps, "warmup": 1,
-            "swap_dir": swap_dir, **shape}
+            "swap_dir": swap_dir, "device": device, **shape}
 
 
 def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1, 0.5, 0.25, 0.125),
           policies=("on-demand", "fixed", "adaptive"), steps=3, swap_dir=None, optimizer="sgd",
           baselines=("in-core", "checkpoint", "offload-hooks"), outcore_env=None, memory=True,
-          repeat=1, disk: dict) -> dict:
+          repeat=1, disk: dict, device: str = "cpu") -> dict:
+    """On a GPU (`device="cuda"`) outcore runs offload="host"; no prediction nor
+    physical limit is made (the simulator's calibration here is the CPU's and the
+    disk's)."""
     shape = shape_of(model, image_size, seq_len)
     mem = memory_on_meta(model, batch, "in-core", **shape)
     floor = int(mem["min_budget"] * 1.05)
     budgets = sorted({int(mem["peak"] * f) for f in fractions if mem["peak"] * f >= floor} | {floor},
                      reverse=True)
-    base = _base(model, batch, shape, steps, swap_dir, optimizer)
+    base = _base(model, batch, shape, steps, swap_dir, optimizer, device)
     configs = [_baseline(base, v) for v in baselines]
     configs += [dict(base, variant="outcore", policy=p, budget=b, env=outcore_env or {},
                      return_freed_memory=memory)
@@ -149,7 +159,7 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
     compute: dict = {}
 
     def before(cfg):
-        if cfg["variant"] == "outcore" and compute:
+        if cfg["variant"] == "outcore" and compute and device == "cpu":
             cfg.update(compute_s=compute["s"], disk=disk)
 
     def after(cfg, result):
@@ -161,14 +171,16 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
     compute_s = next((r["result"]["step_s"] for r in runs if _plain_in_core(r["config"], r["result"])), None)
     return {"experiment": "curve", "model": model, "batch": batch, "shape": shape,
             "in_core_peak": mem["peak"], "min_budget": mem["min_budget"], "budgets": budgets,
-            "compute": {str(batch): compute_s}, "machine": machine_info(disk), "runs": runs}
+            "compute": {str(batch): compute_s} if device == "cpu" else {},
+            "machine": machine_info(disk, device), "runs": runs}
 
 
 def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, factors=(2, 4, 8),
                 policies=("adaptive",), steps=3, swap_dir=None, optimizer="sgd", cap_factor=16,
                 baselines=("checkpoint", "offload-hooks"), outcore_env=None, memory=True,
-                repeat=1, disk: dict) -> dict:
-    """The paper's experiment under budget = the in-core peak at `base_batch`."""
+                repeat=1, disk: dict, device: str = "cpu") -> dict:
+    """The paper's experiment under budget = the in-core peak at `base_batch` (on a GPU
+    as `curve` says)."""
     shape = shape_of(model, image_size, seq_len)
     budget = memory_on_meta(model, base_batch, "in-core", **shape)["peak"]
     cap = cap_factor * base_batch
@@ -184,7 +196,7 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
         largest[v] = largest_batch(lambda b, v=v: mem(v, b)["peak"] <= budget, base_batch, cap)
     largest["outcore"] = largest_batch(lambda b: mem("outcore", b)["min_budget"] <= budget, base_batch, cap)
 
-    base = _base(model, base_batch, shape, steps, swap_dir, optimizer)
+    base = _base(model, base_batch, shape, steps, swap_dir, optimizer, device)
     outcore_batches = sorted({min(f * base_batch, largest["outcore"]) for f in factors})
     configs = [dict(base, batch=largest["in-core"], variant="in-core", role="reference")]
     configs += [dict(_baseline(base, v), batch=largest[v]) for v in baselines if largest[v]]
@@ -197,7 +209,7 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
     compute: dict = {}
 
     def before(cfg):
-        if cfg["variant"] == "outcore" and str(cfg["batch"]) in compute:
+        if cfg["variant"] == "outcore" and str(cfg["batch"]) in compute and device == "cpu":
             cfg.update(compute_s=compute[str(cfg["batch"])], disk=disk)
 
     def after(cfg, result):
@@ -208,5 +220,5 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
         if _plain_in_core(r["config"], r["result"]):
             compute[str(r["config"]["batch"])] = r["result"]["step_s"]
     return {"experiment": "batch", "model": model, "batch": base_batch, "shape": shape,
-            "budget": budget, "largest": largest, "compute": compute,
-            "machine": machine_info(disk), "runs": runs}
+            "budget": budget, "largest": largest, "compute": compute if device == "cpu" else {},
+            "machine": machine_info(disk, device), "runs": runs}

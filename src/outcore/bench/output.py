@@ -36,6 +36,7 @@ def rows(result: dict) -> list[dict]:
             continue
         step = r["step_s"]
         row.update(step_s=step, samples_per_s=cfg["batch"] / step, peak_rss=r["peak_rss"],
+                   peak_gpu=r.get("peak_gpu"),
                    read=r.get("read", 0), written=r.get("written", 0), stalled_s=r.get("stalled", 0.0),
                    page_faults=r.get("page_faults"))
         repeats = [t for t in r.get("step_s_repeats", []) if t is not None]
@@ -100,6 +101,15 @@ def _mib(n):
     return f"{n / MiB:.0f}" if n is not None else "-"
 
 
+def _on_gpu(result: dict) -> bool:
+    """Whether the runs trained on a GPU: memory is then the GPU's peak (allocated)."""
+    return result["machine"].get("device") == "cuda"
+
+
+def _memory(result: dict, row: dict):
+    return row.get("peak_gpu") if _on_gpu(result) else row["peak_rss"]
+
+
 def markdown(result: dict, command: str = "") -> str:
     m = result["machine"]
     disk = m["disk"]
@@ -115,6 +125,9 @@ def markdown(result: dict, command: str = "") -> str:
                      f"({shape}), budget {_mib(result['budget'])} MiB = the in-core peak at batch "
                      f"{result['batch']}. Largest batch within it: {largest}.")
     lines.append("")
+    if _on_gpu(result):
+        lines.append(f"GPU: {m.get('gpu')}; outcore runs offload='host'; memory is "
+                     "torch.cuda.max_memory_allocated() over the timed steps.")
     lines.append(f"Machine: {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
                  f"{m['date']}; disk ({'O_DIRECT' if disk.get('o_direct') else 'buffered'}, "
                  f"{disk.get('filesystem')}): read {disk['read_GBps']:.2f} GB/s, write "
@@ -127,7 +140,8 @@ def markdown(result: dict, command: str = "") -> str:
     step_col = "step (s)"
     if any("step_range" in r for r in table):
         step_col = "step (s): median (range)"
-    lines.append(f"| variant | policy | budget (MiB) | batch | {step_col} | samples/s | {speed_col} | peak RSS (MiB) "
+    mem_col = "peak GPU (MiB)" if _on_gpu(result) else "peak RSS (MiB)"
+    lines.append(f"| variant | policy | budget (MiB) | batch | {step_col} | samples/s | {speed_col} | {mem_col} "
                  "| read (MiB) | written (MiB) | stalled (s) | page faults / step | step / physical limit "
                  "| step / cut limit | predicted (s) | prediction error |")
     lines.append("|" + "---|" * 16)
@@ -144,7 +158,7 @@ def markdown(result: dict, command: str = "") -> str:
         faults = "-" if row.get("page_faults") is None else f"{row['page_faults'] / 1000:.0f}k"
         lines.append(
             f"| {row['variant']} | {row['policy']} | {_mib(row['budget'])} | {row['batch']} | {step} | "
-            f"{row['samples_per_s']:.1f} | {_ratio(row.get('vs_in_core'))} | {_mib(row['peak_rss'])} | "
+            f"{row['samples_per_s']:.1f} | {_ratio(row.get('vs_in_core'))} | {_mib(_memory(result, row))} | "
             f"{_mib(row['read'])} | {_mib(row['written'])} | {row['stalled_s']:.2f} | {faults} | "
             f"{_ratio(row.get('vs_limit'))} | {_ratio(row.get('vs_cut_limit'))} | {pred} | {err} |")
     return "\n".join(lines) + "\n"
@@ -167,10 +181,10 @@ def plot(result: dict, path: str) -> str | None:
     markers = iter("osD^v<>p*hX")
     if result["experiment"] == "curve":
         for name, rs in series.items():
-            rs = sorted(rs, key=lambda r: r["peak_rss"])
-            ax.plot([r["peak_rss"] / MiB for r in rs], [r["samples_per_s"] for r in rs],
+            rs = sorted(rs, key=lambda r: _memory(result, r) or 0)
+            ax.plot([(_memory(result, r) or 0) / MiB for r in rs], [r["samples_per_s"] for r in rs],
                     marker=next(markers), label=name)
-        ax.set_xlabel("peak RSS of the process (MiB)")
+        ax.set_xlabel("peak GPU memory (MiB)" if _on_gpu(result) else "peak RSS of the process (MiB)")
         ax.set_title(f"{result['model']} batch {result['batch']}: speed against memory")
     else:
         for name, rs in series.items():

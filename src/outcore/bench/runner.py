@@ -2,8 +2,9 @@
 
 A config is a plain dict (it travels as JSON to `outcore.bench.child`):
     model, batch, image_size | seq_len, optimizer, seed,
-    variant ("in-core" | "checkpoint" | "offload-hooks" | "outcore"),
-    policy and budget (outcore), steps, warmup, swap_dir, env (extra environment),
+    variant ("in-core" | "checkpoint" | "offload-hooks" | "streamed-offload" | "outcore"),
+    device ("cpu" | "cuda"), policy and budget (outcore), steps, warmup, swap_dir,
+    env (extra environment),
     compute_s and disk (outcore: to predict the step time with the simulator).
 """
 from __future__ import annotations

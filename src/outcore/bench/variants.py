@@ -6,7 +6,11 @@
   swap disk when autograd saves it and reads it back when backward needs it, with no
   prefetch: what `torch.autograd.graph.save_on_cpu` does, pointed at the disk tier. It
   uses outcore's DiskMover (O_DIRECT, aligned buffers), so the two differ only in *when*
-  bytes move, not in how fast the disk path is.
+  bytes move, not in how fast the disk path is. The "offload-hooks" variant on the CPU.
+* `HostOffload`: `torch.autograd.graph.save_on_cpu(pin_memory=True)` itself, the
+  "offload-hooks" variant on a GPU.
+* `StreamedOffload`: what torchtune's activation offloading does, on a GPU (the
+  "streamed-offload" variant).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import OutcoreError
 from ..run.movers.disk import DiskMover
 
-VARIANTS = ("in-core", "checkpoint", "offload-hooks", "outcore")
+VARIANTS = ("in-core", "checkpoint", "offload-hooks", "streamed-offload", "outcore")
 
 
 def checkpoint_blocks(model: torch.nn.Module, *, on_meta: bool = False) -> int:
@@ -116,3 +120,99 @@ class DiskOffload:
     def close(self) -> None:
         if self.mover is not None:
             self.mover.close()
+
+
+class HostOffload:
+    """`torch.autograd.graph.save_on_cpu(pin_memory=True)`: every saved activation to
+    (pinned) host memory when autograd saves it, back when backward needs it, each copy
+    waited for. Counts nothing: PyTorch's hooks do the moving."""
+
+    bytes_written = bytes_read = 0
+    io_s = 0.0
+
+    def __init__(self, pin_memory: bool = True):
+        self.pin_memory = pin_memory
+
+    @contextmanager
+    def step(self):
+        with torch.autograd.graph.save_on_cpu(pin_memory=self.pin_memory):
+            yield
+
+    def close(self) -> None:
+        pass
+
+
+class StreamedOffload:
+    """What torchtune's activation offloading does, in brief (CUDA only): every activation
+    autograd saves (not parameters, not under `min_bytes`) is copied to pinned host
+    memory on a side stream as forward saves it, its GPU memory kept until that copy is
+    done; backward brings each one back on another side stream, the next one (in reverse
+    order of saving) prefetched while the current one is used."""
+
+    bytes_written = bytes_read = 0
+    io_s = 0.0
+
+    def __init__(self, device, min_bytes: int = 2**20):
+        if torch.device(device).type != "cuda":
+            raise OutcoreError("the streamed offload copies on CUDA streams: run it with "
+                               "--device cuda")
+        self.device, self.min_bytes = torch.device(device), min_bytes
+        self.d2h = torch.cuda.Stream(self.device)
+        self.h2d = torch.cuda.Stream(self.device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.saved: dict = {}            # id -> (host tensor, copy event)
+        self.in_flight: list = []        # (GPU tensor, event) until copied
+        self.fetched: dict = {}          # id -> (GPU tensor, event), prefetched
+        self.next_id = 0
+
+    def _pack(self, t):
+        nbytes = t.numel() * t.element_size()
+        if t.device.type != "cuda" or nbytes < self.min_bytes or (t.requires_grad and t.is_leaf):
+            return t
+        self.in_flight = [(g, e) for g, e in self.in_flight if not e.query()]
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            host.copy_(t, non_blocking=True)
+            done = self.d2h.record_event()
+        self.in_flight.append((t, done))
+        ident, self.next_id = self.next_id, self.next_id + 1
+        self.saved[ident] = (host, done)
+        self.bytes_written += nbytes
+        return ident
+
+    def _fetch(self, ident) -> None:
+        host, done = self.saved.pop(ident)
+        self.h2d.wait_event(done)
+        with torch.cuda.stream(self.h2d):
+            t = host.to(self.device, non_blocking=True)
+            ready = self.h2d.record_event()
+        self.fetched[ident] = (t, ready)
+        self.bytes_read += t.numel() * t.element_size()
+
+    def _unpack(self, packed):
+        if torch.is_tensor(packed):
+            return packed
+        if packed not in self.fetched:
+            self._fetch(packed)
+        t, ready = self.fetched.pop(packed)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        t.record_stream(current)
+        if packed - 1 in self.saved:             # backward goes back in saving order
+            self._fetch(packed - 1)
+        return t
+
+    @contextmanager
+    def step(self):
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._reset()
+
+    def close(self) -> None:
+        pass
+

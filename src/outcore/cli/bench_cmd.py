@@ -50,9 +50,14 @@ def add_parser(sub) -> None:
                    help="curve: budgets as fractions of the in-core peak (the smallest feasible is added)")
     p.add_argument("--factors", default="2,4,8", help="batch: outcore batches as multiples of the base")
     p.add_argument("--baselines", default=None,
-                   help="comma-separated subset of in-core,in-core-heap,checkpoint,offload-hooks "
-                        "(default: all but in-core-heap, plain PyTorch with glibc's heap kept and "
-                        "never trimmed)")
+                   help="comma-separated subset of in-core,in-core-heap,checkpoint,offload-hooks,"
+                        "streamed-offload (default: in-core,checkpoint,offload-hooks; in-core-heap "
+                        "is plain PyTorch with glibc's heap kept and never trimmed, CPU only; "
+                        "streamed-offload is torchtune's way, GPU only)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="curve/batch: where the step runs (default cpu). cuda: outcore runs "
+                        "offload='host', offload-hooks is save_on_cpu(pin_memory=True), memory is "
+                        "the GPU's peak; no prediction or physical limit is made")
     p.add_argument("--thp", action="store_true",
                    help="run outcore with THP_MEM_ALLOC_ENABLE=1 (page-aligned, huge-page tensor "
                         "memory: fewer page faults when freed memory goes back to the OS)")
@@ -91,14 +96,27 @@ def run_experiment(args) -> int:
         raise OutcoreError("--image-size is for the CNNs; GPT-2 models take --seq-len")
     if args.model.startswith(("resnet", "mlp")) and args.seq_len is not None:
         raise OutcoreError("--seq-len is for the GPT-2 models; CNNs take --image-size")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise OutcoreError("--device cuda needs a CUDA device: torch.cuda.is_available() is "
+                               "False here. Run `outcore bench` without --device on the CPU")
+        if args.thp or args.memory != "trim":
+            raise OutcoreError("--thp and --memory steer the C allocator for a RAM budget; with "
+                               "--device cuda the budget is GPU memory: drop them")
+    baselines = tuple(_csv(args.baselines, experiments.BASELINES)) if args.baselines else None
+    wrong = [b for b in baselines or () if experiments.ONLY_ON.get(b, args.device) != args.device]
+    if wrong:
+        raise OutcoreError(f"{', '.join(wrong)} cannot run with --device {args.device}: "
+                           "in-core-heap is a CPU baseline, streamed-offload a GPU one")
     print("measuring the disk ...", file=sys.stderr, flush=True)
     disk = measure_disk(parse_bytes("1GiB"), args.dir)
     common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,
-                  optimizer=args.optimizer, disk=disk, repeat=args.repeat,
+                  optimizer=args.optimizer, disk=disk, repeat=args.repeat, device=args.device,
                   outcore_env={"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else None,
                   memory={"trim": True, "eager": "eager", "keep": False}[args.memory])
-    if args.baselines:
-        common["baselines"] = tuple(_csv(args.baselines, experiments.BASELINES))
+    if baselines:
+        common["baselines"] = baselines
     if args.what == "curve":
         result = experiments.curve(args.model, args.batch, fractions=tuple(float(f) for f in _csv(args.fractions)),
                                    policies=tuple(_csv(args.policies or "on-demand,fixed,adaptive", tuple(POLICIES))),
