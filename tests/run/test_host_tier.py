@@ -439,3 +439,21 @@ def test_sigint_inside_the_host_mover(emulated, monkeypatch, point):
     with outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0) as ooc:
         interrupted_then_plain(monkeypatch, w, ooc, owner, name, n,
                                again=lambda: monkeypatch.setattr(host, "default_link", EmulatedLink))
+
+
+
+def test_copies_that_lag_change_nothing(monkeypatch):
+    """Races widened on the CPU: every emulated copy first sleeps up to 3 ms (a copy
+    engine's latency), and part of each step spills through the staging buffers: the
+    executor's waits, the quarantine and the spill ordering keep training bitwise."""
+    monkeypatch.setattr(host, "default_link", EmulatedLink)
+    first = _train_host("gpt2-tiny", None, monkeypatch)
+    host_budget = first["lasting"] + (first["needed"] - first["lasting"]) // 4
+    monkeypatch.setattr(host, "default_link", lambda: EmulatedLink(jitter_s=0.003, seed=7))
+    with outcore.OutOfCore(budget=first["budget"], offload="host", host_budget=host_budget,
+                           min_move_bytes=0) as ooc:
+        result = train_twins(lambda: build("gpt2-tiny", "adam"), lambda w: w.step(), ooc, iterations=4)
+        replays = [it for it in ooc.report().iterations if it.mode == "replay"]
+        spilled = ooc._mover.spilled_bytes
+    assert_same_training(result)
+    assert replays and all(it.bytes_read > 0 for it in replays) and spilled > 0

@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import random
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -92,9 +93,13 @@ class EmulatedLink:
     device_type = "cpu"
     name = "emulated (CPU threads)"
 
-    def __init__(self):
+    def __init__(self, jitter_s: float = 0.0, seed: int = 0):
+        """`jitter_s`: each copy first sleeps a random time up to this, so that tests
+        widen the races between copies and the step (a copy engine's latency)."""
         self._out = ThreadPoolExecutor(1, thread_name_prefix="outcore-host-out")
         self._in = ThreadPoolExecutor(1, thread_name_prefix="outcore-host-in")
+        self.jitter_s = jitter_s
+        self._random = random.Random(seed)
 
     def pin(self, address: int, size: int) -> None:
         """Page-lock a pool segment (nothing to do on the CPU)."""
@@ -102,8 +107,12 @@ class EmulatedLink:
     def unpin(self, address: int) -> None:
         pass
 
-    @staticmethod
-    def _copy(dst: int, src: int, nbytes: int, keepalive) -> tuple[float, float]:
+    def _wait(self) -> None:
+        if self.jitter_s:
+            time.sleep(self._random.uniform(0.0, self.jitter_s))
+
+    def _copy(self, dst: int, src: int, nbytes: int, keepalive) -> tuple[float, float]:
+        self._wait()
         start = time.perf_counter()
         ctypes.memmove(dst, src, nbytes)
         return start, time.perf_counter()
@@ -116,9 +125,11 @@ class EmulatedLink:
 
     def copy_out_now(self, host: int, storage, offset: int, nbytes: int, after=None) -> None:
         """Synchronously, on the calling thread (a spill worker)."""
+        self._wait()
         ctypes.memmove(host, storage.data_ptr() + offset, nbytes)
 
     def copy_in_now(self, storage, offset: int, host: int, nbytes: int, after=None) -> None:
+        self._wait()
         ctypes.memmove(storage.data_ptr() + offset, host, nbytes)
 
     def step_event(self):
