@@ -315,11 +315,16 @@ def recorder(run: Run) -> dict:
 def allocator(run: Run) -> dict:
     if run.dry:
         return {"skipped": "CUDA allocator setting"}
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    here = os.path.dirname(os.path.abspath(__file__))
+    # The child runs in benchmarks/: a relative PYTHONPATH (src) must point at the same place.
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths.append(os.path.join(os.path.dirname(here), "src"))
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
+               PYTHONPATH=os.pathsep.join(paths))
     code = ("import json, sys; sys.argv=['x']; import gpu_tier_check as g; r=g.Run(False, 1e18); "
             "print('RESULT', json.dumps(g.exact_one(r, 'resnet18-sgd'), default=str))")
     child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                           timeout=240, cwd=os.path.dirname(os.path.abspath(__file__)))
+                           timeout=240, cwd=here)
     for line in child.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
