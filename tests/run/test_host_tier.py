@@ -1,8 +1,8 @@
 """The host tier (`offload="host"`) without a GPU: the pool's accounting, the host
 mover's bookkeeping and its spill to disk, and the whole executor on the emulated link
 (run/movers/host.py: CPU threads stand in for the copy streams). What needs CUDA itself
-(streams, events, page locking, the real allocator) is checked by
-benchmarks/gpu_check.py on a GPU machine; nothing here claims it."""
+(streams, events, page locking, the real allocator) is what
+benchmarks/gpu_tier_check.py checks on a GPU machine; nothing here claims it."""
 import threading
 
 import pytest
@@ -248,9 +248,16 @@ def test_a_tensor_on_another_device_is_refused():
     class Mover:
         device_type = "cuda"
 
+    class OnDevice0(Mover):
+        device_index = 0
+
     res = Residency(Mover())
     assert res._elsewhere(Storage("cpu")) is True
     assert res._elsewhere(Storage("cuda")) is False
+    res = Residency(OnDevice0())
+    assert res._elsewhere(Storage("cuda:0")) is False
+    with pytest.raises(outcore.OutcoreError, match="cuda:1.*one OutOfCore manages one device"):
+        res._elsewhere(Storage("cuda:1"))
     res.mover.device_type = "cpu"
     with pytest.raises(outcore.OutcoreError, match="cuda tensor.*offload='host' CUDA tensors"):
         res._elsewhere(Storage("cuda"))
