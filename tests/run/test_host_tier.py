@@ -464,3 +464,22 @@ def test_copies_that_lag_change_nothing(monkeypatch):
         spilled = ooc._mover.spilled_bytes
     assert_same_training(result)
     assert replays and all(it.bytes_read > 0 for it in replays) and spilled > 0
+
+
+def test_a_cpu_step_under_a_gpu_offload_is_refused_with_its_state_intact(monkeypatch):
+    """offload="host" manages CUDA tensors: a step whose tensors are all on the CPU would
+    run with the budget bounding nothing. Refused when the recording ends (that step
+    ran as plain PyTorch, bitwise), not silently."""
+    class CudaLike(EmulatedLink):
+        device_type = "cuda"                 # what a real CudaLink manages
+
+    monkeypatch.setattr(host, "default_link", CudaLike)
+    plain, managed = build("mlp", "sgd"), build("mlp", "sgd")
+    with outcore.OutOfCore(budget="1MiB", offload="host") as ooc:
+        plain.step()
+        with pytest.raises(outcore.OutcoreError, match="none of the step's .* tensors is on that device"):
+            with ooc.iteration():
+                managed.step()
+        assert ooc._res.resident == 0
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))

@@ -406,6 +406,19 @@ class OutOfCore:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
         trace = recording.trace
         self._recordings_in_a_row += 1
+        # Arrays on another device than the fast tier's (a GPU step's CPU tensors) are
+        # outside the budget and never move (Residency NOTE 6). A step with none on it
+        # would run with the budget bounding nothing: refused.
+        elsewhere = {a.id for a in trace.arrays
+                     if a.device.split(":")[0] not in (self.fast_device, "meta")}
+        if trace.arrays and len(elsewhere) == len(trace.arrays):
+            raise OutcoreError(
+                f"this OutOfCore (offload={self.offload!r}) manages {self.fast_device} tensors, "
+                f"and none of the step's {len(trace.arrays)} tensors is on that device (they "
+                f"are on {trace.arrays[0].device}): the budget would bound nothing. Run the "
+                "step on that device, or create the OutOfCore with the offload for the "
+                "step's device (offload='disk' for CPU tensors)")
+
         # Small arrays are not worth a recording: a 4-byte loss kept by a framework inside
         # optimizer.step() (Lightning's closure) looks like new optimizer state every time.
         # If such state does change the next step, that step deviates and is recorded again.
@@ -420,11 +433,8 @@ class OutOfCore:
         held = held_arrays(trace, disowned)
         owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
         budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held, owned)
-        # Counted once, in planned_budget; arrays on another device than the fast tier's
-        # (a GPU step's CPU tensors) are outside the budget and never move (Residency
-        # NOTE 6): 0 bytes for the planner.
-        elsewhere = {a.id for a in trace.arrays
-                     if a.device.split(":")[0] not in (self.fast_device, "meta")}
+        # Held arrays are counted once, in planned_budget; those elsewhere not at all:
+        # 0 bytes for the planner, both.
         plannable = without_held(trace, held | elsewhere)
         self._require_feasible(plannable, budget)
         started = time.perf_counter()
