@@ -437,7 +437,8 @@ class HostMapping:
         self._release.atexit = False
 
     def unmap(self, storage, *, copy: bool = False) -> bool:
-        """Rule 3. Returns False: nothing is dirty that the extent does not hold."""
+        """Rule 3. Returns `copy`: without it nothing is dirty that the extent does not
+        hold (rule 2), so the storage goes back to the slow tier as it is."""
         with _no_modes():
             own = self.link.own_storage(self.nbytes if copy else 0)
             if copy:
@@ -503,7 +504,7 @@ def host_bytes_needed(trace, schedule, holding=()) -> int:
     return best
 
 
-# -- the mover ----------------------------------------------------------------------------# -- the mover ----------------------------------------------------------------------------
+# -- the mover ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TierExtent:
     """Where an evicted storage's bytes are: a host pool extent, or a disk extent."""
@@ -552,9 +553,16 @@ class HostMover:
         self._staging_out = AlignedBuffer(staging_bytes)
         self._staging_in = AlignedBuffer(staging_bytes)
         self._staged_pinned = []            # page-locked like the pool (NOTE 5)
-        for buf in (self._staging_out, self._staging_in):
-            link.pin(buf.address, buf.size)
-            self._staged_pinned.append(buf.address)
+        try:
+            for buf in (self._staging_out, self._staging_in):
+                link.pin(buf.address, buf.size)
+                self._staged_pinned.append(buf.address)
+        except BaseException:
+            for address in self._staged_pinned:
+                link.unpin(address)
+            self._staging_out.close()
+            self._staging_in.close()
+            raise
         self._spill_out = ThreadPoolExecutor(1, thread_name_prefix="outcore-spill-out")
         self._spill_in = ThreadPoolExecutor(1, thread_name_prefix="outcore-spill-in")
         self.busy_write_s = self.busy_read_s = 0.0
