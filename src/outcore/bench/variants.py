@@ -59,7 +59,30 @@ def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     return True
 
 
-class DiskOffload:
+class _SavedTensorHooks:
+    """A `saved_tensors_hooks` pair (`_pack`, `_unpack`) around one step; `_after_step`
+    runs however the step ends. `bytes_written`, `bytes_read` and `io_s` (time the
+    step spent blocked moving them) accumulate over steps where a subclass counts them."""
+
+    bytes_written = bytes_read = 0
+    io_s = 0.0
+
+    @contextmanager
+    def step(self):
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._after_step()
+
+    def _after_step(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DiskOffload(_SavedTensorHooks):
     """Saved activations go to disk at once and come back when backward reads them.
 
     Parameters (leaf tensors that require grad) and tensors under `min_bytes` stay in
@@ -107,28 +130,20 @@ class DiskOffload:
         self.io_s += time.perf_counter() - start
         return out
 
-    @contextmanager
-    def step(self):
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield
-        finally:
-            for extent in self._extents:
-                self.mover.free(extent)
-            self._extents.clear()
+    def _after_step(self) -> None:
+        for extent in self._extents:
+            self.mover.free(extent)
+        self._extents.clear()
 
     def close(self) -> None:
         if self.mover is not None:
             self.mover.close()
 
 
-class HostOffload:
+class HostOffload(_SavedTensorHooks):
     """`torch.autograd.graph.save_on_cpu(pin_memory=True)`: every saved activation to
     (pinned) host memory when autograd saves it, back when backward needs it, each copy
     waited for. Counts nothing: PyTorch's hooks do the moving."""
-
-    bytes_written = bytes_read = 0
-    io_s = 0.0
 
     def __init__(self, pin_memory: bool = True):
         self.pin_memory = pin_memory
@@ -138,19 +153,13 @@ class HostOffload:
         with torch.autograd.graph.save_on_cpu(pin_memory=self.pin_memory):
             yield
 
-    def close(self) -> None:
-        pass
 
-
-class StreamedOffload:
+class StreamedOffload(_SavedTensorHooks):
     """What torchtune's activation offloading does, in brief (CUDA only): every activation
     autograd saves (not parameters, not under `min_bytes`) is copied to pinned host
     memory on a side stream as forward saves it, its GPU memory kept until that copy is
     done; backward brings each one back on another side stream, the next one (in reverse
     order of saving) prefetched while the current one is used."""
-
-    bytes_written = bytes_read = 0
-    io_s = 0.0
 
     def __init__(self, device, min_bytes: int = 2**20):
         if torch.device(device).type != "cuda":
@@ -205,14 +214,6 @@ class StreamedOffload:
             self._fetch(packed - 1)
         return t
 
-    @contextmanager
-    def step(self):
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield
-        finally:
-            self._reset()
-
-    def close(self) -> None:
-        pass
+    def _after_step(self) -> None:
+        self._reset()
 
