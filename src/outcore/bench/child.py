@@ -23,7 +23,7 @@ def run(cfg: dict) -> dict:
     from outcore.memory.malloc import peak_resident_bytes, resident_bytes
     from outcore.workloads import build
 
-    from .variants import DiskOffload, HostOffload, StreamedOffload, checkpoint_blocks
+    from .variants import DiskOffload, HostOffload, StreamedOffload, checkpoint_blocks, step_under
 
     device = cfg.get("device", "cpu")
     cuda = device == "cuda"
@@ -63,11 +63,7 @@ def run(cfg: dict) -> dict:
             offload = StreamedOffload(device)
 
         def step():
-            if offload is None:
-                w.step()
-            else:
-                with offload.step():
-                    w.step()
+            step_under(w, offload)
         try:
             for i in range(warmup + steps):
                 if offload is not None and i == warmup:

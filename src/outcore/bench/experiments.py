@@ -21,7 +21,7 @@ from ..run.ooc import MIN_MOVE_BYTES
 from ..trace import record
 from ..workloads import build
 from .runner import Progress, run_config
-from .variants import DiskOffload, checkpoint_blocks
+from .variants import DiskOffload, checkpoint_blocks, step_under
 
 
 
@@ -38,15 +38,9 @@ def memory_on_meta(model: str, batch: int, variant: str, **shape) -> dict:
     # Either offload of saved activations takes them out of the step's memory alike.
     hooks = DiskOffload(meta=True) if variant in ("offload-hooks", "streamed-offload") else None
 
-    def step():
-        if hooks is None:
-            w.step()
-        else:
-            with hooks.step():
-                w.step()
-    step()                                  # lazily created optimizer state
+    step_under(w, hooks)                    # lazily created optimizer state
     with record() as rec:
-        step()
+        step_under(w, hooks)
     trace = rec.trace
     pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < MIN_MOVE_BYTES)   # as OutOfCore plans
     return {"peak": trace.peak()[0], "min_budget": min_feasible_budget(trace) + pinned}

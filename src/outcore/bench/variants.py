@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -57,6 +57,12 @@ def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def step_under(w, hooks) -> None:
+    """One training step of workload `w`, inside `hooks.step()` when hooks are given."""
+    with hooks.step() if hooks is not None else nullcontext():
+        w.step()
 
 
 class _SavedTensorHooks:

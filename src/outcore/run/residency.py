@@ -616,13 +616,13 @@ class Residency:
         (least recently used first) whenever they would exceed `budget`."""
         if self._dead:
             self._reap_dead()
-        if any(entry.state is MAPPED for entry in self.entries.values()):
+        mapped_entries = [e for e in self.entries.values() if e.state is MAPPED]
+        if mapped_entries:
             self.mover.synchronize()      # writes queued to mapped memory have landed
-        for entry in list(self.entries.values()):
-            if entry.state is MAPPED:
-                self._unmap(entry)
-                if self.resident > budget:
-                    self.evict_lru(budget, set())
+        for entry in mapped_entries:
+            self._unmap(entry)
+            if self.resident > budget:
+                self.evict_lru(budget, set())
 
     def _unmap(self, entry: Entry) -> None:
         storage = entry.ref()

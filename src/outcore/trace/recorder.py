@@ -99,7 +99,6 @@ class Recording(TorchDispatchMode):
         self._returned_cpu = 0.0        # and this thread's CPU clock then (thread_time)
         self._host_s = 0.0              # host time since then, for the next Function
         self._host_cpu_s = 0.0          # of which CPU time
-        self._workspace = 0             # the latest op's workspace (WorkspaceMeter)
 
     # -- context management --------------------------------------------------------------
     def __enter__(self):
@@ -178,9 +177,10 @@ class Recording(TorchDispatchMode):
         start = time.perf_counter()
         out = func(*args, **kwargs)
         duration = time.perf_counter() - start
-        self._workspace = meter.bytes() if meter is not None else 0
+        workspace = meter.bytes() if meter is not None else 0
         outputs = output_tensors(out)
-        self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out)
+        self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
+                  workspace)
         self._after_op(func, inputs, written_list, outputs)
         return out
 
@@ -191,7 +191,8 @@ class Recording(TorchDispatchMode):
     def _after_op(self, func, inputs, written, outputs) -> None:
         pass
 
-    def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out):
+    def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
+             workspace):
         index = len(self._functions)
         kinds: dict[int, str] = {}          # array id -> strongest access kind, in order seen
         fresh = func._schema.name in FRESH_ARGUMENT_OPS
@@ -210,7 +211,7 @@ class Recording(TorchDispatchMode):
             index=index, op=str(func), phase=phase,
             accesses=tuple(Access(a, k) for a, k in kinds.items()),
             duration_s=duration, flops=flops, bytes_touched=nbytes, split=split,
-            workspace_bytes=self._workspace,
+            workspace_bytes=workspace,
             host_s=self._host_s, host_cpu_s=min(self._host_cpu_s, self._host_s),
             peer=_peer(func, args)))
         self._host_s = self._host_cpu_s = 0.0
