@@ -7,7 +7,8 @@ out-of-core under the device's memory where it does not) by predicted throughput
 from __future__ import annotations
 
 from ..errors import OutcoreError
-from ..plan import POLICIES, lower_bound, min_feasible_budget, plan
+from ..plan import POLICIES, lower_bound, min_feasible_budget
+from ..plan.recompute import choose as choose_recompute
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
 
@@ -28,6 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     add_wait_order(p)
+    p.add_argument("--recompute", choices=("none", "auto", "all"), default="none",
+                   help="recompute activations instead of moving them (plan/recompute.py): "
+                        "auto where it simulates faster, all wherever the rules allow "
+                        "(default none: the trace as given)")
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
     p.add_argument("-o", "--output", help="write the schedule as JSON to this file")
     c = p.add_argument_group("--cluster: how many devices, which strategy")
@@ -89,8 +94,15 @@ def run(args) -> int:
                            "rank multi-device configurations")
     trace = Trace.load(args.trace)
     budget = parse_bytes(args.budget)
-    schedule = plan(trace, budget, chosen_policy(args), **policy_options(args))
+    policy = chosen_policy(args)
+    mode = {"none": False, "auto": "auto", "all": True}[args.recompute]
+    chosen, trace, schedule = choose_recompute(trace, budget, mode=mode, policy=policy,
+                                               **policy_options(args))
     print(repr(trace))
+    if chosen:
+        made = sum(trace.arrays[c.array].nbytes for c in chosen)
+        print(f"recomputes {len(chosen)} activations ({format_bytes(made)}) instead of moving "
+              "them: the functions named recompute:... below make them again")
     print(schedule.summary(trace=trace, max_lines=args.lines))
     bound = lower_bound(trace, budget)
     print(f"  lower bound {format_bytes(bound.bytes_moved):>12}  (no schedule moves less; "
@@ -100,6 +112,9 @@ def run(args) -> int:
     if args.output:
         schedule.save(args.output)
         print(f"  written to {args.output}")
+        if chosen:
+            trace.save(args.output + ".trace.json")
+            print(f"  the trace it is for (with the recomputes) written to {args.output}.trace.json")
     return 0
 
 

@@ -25,6 +25,10 @@ Rules (numbered so messages and tests can cite them):
      is resident at the end. Persistent arrays may start and end on either tier: between
      iterations the executor leaves state where the step left it and, before the next
      step, moves what the schedule starts with on another tier (simulate: boundary_s).
+  R9 a function that repeats another to recompute an array (`Function.repeats`, NOTE
+     [Recompute rules] in recompute.py) reads what the original read, unchanged since,
+     or arrays made again by earlier repeats (recompute.verify); R1 already requires
+     what it reads to be resident.
 """
 from __future__ import annotations
 
@@ -210,6 +214,9 @@ def check(trace, schedule, budget=None) -> None:
     `budget` (default: the schedule's own budget). Returns None when all hold."""
     from ..units import parse_bytes
     budget = schedule.budget if budget is None else parse_bytes(budget)
+    if any(fn.repeats is not None for fn in trace.functions):
+        from .recompute import verify
+        verify(trace)
     acc = replay(trace, schedule.begin, schedule.end, schedule.resident_at_start, budget,
                  check_end_set=schedule.resident_at_end)
     for name in ("bytes_in", "bytes_out", "peak_bytes"):

@@ -36,6 +36,7 @@ from ..memory.malloc import make_governor, page_faults, resident_bytes
 from ..plan import check, plan
 from ..plan.api import registered
 from ..plan.feasibility import occupancy, require_feasible
+from ..plan.recompute import MODES as RECOMPUTE_MODES, choose as choose_recompute, rewrite
 from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
@@ -166,6 +167,12 @@ class OutOfCore:
         completed iteration's model and optimizer state is made durable there, so a
         process killed at any moment resumes from the last completed iteration with
         `ooc.resume(model, optimizer)`, bitwise. The swap file is then kept there.
+    recompute: "auto" (drop activations that are cheaper to compute again than to move,
+        and make them again before backward, where the plan then simulates faster than
+        without), True (every activation the rules allow), or False. Results stay
+        bitwise equal to plain PyTorch (NOTE [Recompute rules] in plan/recompute.py:
+        convolutions and batch norms, never random ops; on CUDA only with
+        torch.use_deterministic_algorithms(True)).
 
     One OutOfCore may be open per process (NOTE [One OutOfCore per process]).
     """
@@ -173,7 +180,7 @@ class OutOfCore:
     def __init__(self, budget, offload: str = "disk", swap_dir: str | None = None,
                  policy: str = "auto", *, min_move_bytes: int = MIN_MOVE_BYTES,
                  plan_options: dict | None = None, return_freed_memory: bool | str = True,
-                 state_dir=None, host_budget=None):
+                 state_dir=None, host_budget=None, recompute="auto"):
         self.closed = True              # until construction completes
         self._active = False
         self.budget = parse_bytes(budget)
@@ -200,6 +207,9 @@ class OutOfCore:
         registered(policy, plan_options or {},          # refused now, not after a recording
                    subject=f"OutOfCore(policy={policy!r})", what="plan option",
                    hint="; a window is adaptive's option (policy='adaptive'), k fixed's")
+        if not any(recompute is mode or recompute == mode == "auto" for mode in RECOMPUTE_MODES):
+            raise OutcoreError(f"recompute must be 'auto', True or False, got {recompute!r}")
+        self.recompute = recompute
         if return_freed_memory not in (True, False, "trim", "eager"):
             raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
                                f"got {return_freed_memory!r}")
@@ -252,6 +262,7 @@ class OutOfCore:
                                            self._durable)
         self.trace = None
         self.schedule = None
+        self._in_core_peak = 0
         self._carried: dict = {}
         self._inputs: list = []      # entries the last step read as inputs (Replayer._strangers)
         self._recordings_in_a_row = 0
@@ -439,16 +450,20 @@ class OutOfCore:
         self._require_feasible(plannable, budget)
         started = time.perf_counter()
         options = dict(self.plan_options)
-        if self.policy == "auto" and self.offload == "host":
-            options.setdefault("machine", self.machine)
-        schedule = plan(plannable, budget, self.policy, **options)
+        chosen, plannable, schedule = choose_recompute(
+            plannable, budget, mode=self.recompute, policy=self.policy,
+            machine=options.get("machine", self.machine),
+            **options)
+        self._in_core_peak = trace.peak()[0]
+        trace = rewrite(trace, chosen)          # the same repeats, at the recorded sizes
         check(plannable, schedule, budget)
         if isinstance(self._mover, HostMover):
             self._require_host_budget(plannable, schedule)
         log.info("planned %d functions under %s (%s) in %.2f s: %s in, %s out per iteration, "
-                 "peak %s", len(trace.functions), format_bytes(budget), _policy_label(schedule),
+                 "peak %s%s", len(trace.functions), format_bytes(budget), _policy_label(schedule),
                  time.perf_counter() - started, format_bytes(schedule.bytes_in),
-                 format_bytes(schedule.bytes_out), format_bytes(schedule.peak_bytes))
+                 format_bytes(schedule.bytes_out), format_bytes(schedule.peak_bytes),
+                 f", {len(chosen)} activations recomputed" if chosen else "")
         self.trace, self.schedule = trace, schedule
 
         self._carried, self._inputs, holding = {}, [], set()
@@ -528,12 +543,17 @@ class OutOfCore:
         return Report(
             budget=self.budget, policy=_policy_label(schedule) if schedule else self.policy,
             swap=repr(self._mover),
-            functions=len(trace.functions) if trace else 0,
-            in_core_peak=trace.peak()[0] if trace else 0,
+            functions=sum(f.repeats is None for f in trace.functions) if trace else 0,
+            in_core_peak=self._in_core_peak if trace else 0,
             planned_peak=schedule.peak_bytes if schedule else None,
             planned_in=schedule.bytes_in if schedule else None,
             planned_out=schedule.bytes_out if schedule else None,
-            pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start)
+            pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
+            planned_recomputed=sum(trace.arrays[a.array].nbytes for f in trace.functions
+                                   if f.repeats is not None for a in f.accesses
+                                   if a.kind == "create") if trace else 0,
+            recomputed_arrays=sum(1 for f in trace.functions if f.repeats is not None
+                                  and any(a.kind == "create" for a in f.accesses)) if trace else 0)
 
     # -- lifetime ------------------------------------------------------------------------
     @critical
@@ -647,7 +667,7 @@ class _Iteration:
             ooc._governor.start(ooc.budget)       # once; later calls do nothing
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
-                       page_faults(), ooc._trims())
+                       page_faults(), ooc._trims(), res.stats.bytes_recomputed)
         self.recording = ooc._record_next
         self.started = time.perf_counter()
         ooc._unpark()
@@ -732,6 +752,7 @@ class _Iteration:
             skipped_actions=0 if self.recording else self.mode.skipped_actions,
             page_faults=faulted - before[5], trims=trimmed - before[6],
             rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),
+            bytes_recomputed=stats.bytes_recomputed - before[7],
             unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0)))
 
     def _adopt(self, deviation) -> None:

@@ -9,6 +9,10 @@ only slower) and the next iteration is recorded again.
 
 Every storage an op reads passes through `Residency.ready` first, whatever the plan
 says: a wrong or stale plan costs time, never correctness.
+
+Functions the planner inserted to recompute an array (`Function.repeats`) are run by
+the replayer itself, before the step's next op: NOTE [Replaying a recompute] in
+recompute.py.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import time
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
-from ..states import FAST, SLOW
+from ..states import DISCARDED, FAST, SLOW
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
+from . import recompute
 from .on_demand import OnDemand
 from .residency import Residency
 from .steplog import StepLog
@@ -57,6 +62,96 @@ class Replayer(HeldMode):
         self._strangers: list = []
         self._stranger_bytes = 0
         self.log = StepLog(time.perf_counter())
+        self._recompute_setup(trace)
+        if self._sources:
+            self.passive = False
+
+    # -- recompute (NOTE [Replaying a recompute] in recompute.py) --------------------------
+    def _recompute_setup(self, trace) -> None:
+        fns = trace.functions
+        self.repeats = [f.repeats for f in fns]
+        self._sources = {r for r in self.repeats if r is not None}   # functions run again
+        self._made_again: dict[int, int] = {}       # y' -> y
+        self._producer: dict[int, int] = {}         # y -> the function that made it
+        self._follower: dict[int, int] = {}         # that function -> its in-place follower
+        for fn in fns:
+            if fn.repeats is None:
+                continue
+            made = [a.array for a in fn.accesses if a.kind == "create"]
+            if made:                                # a repeated producer
+                y = next(a.array for a in fns[fn.repeats].accesses if a.kind == "create")
+                self._made_again[made[0]] = y
+                self._producer[y] = producer = fn.repeats
+            else:                                   # its follower, right after it
+                self._follower[producer] = fn.repeats
+        self._y_of = {p: y for y, p in self._producer.items()}
+        self._calls: dict[int, recompute.Call] = {}
+        self._held: dict[int, object] = {}          # y -> its entry, from its FREE on
+
+    def _capture(self, i, func, args, kwargs):
+        call = recompute.capture(func, args, kwargs, producer=i in self._y_of)
+        if call is not None:
+            self._calls[i] = call
+        return call
+
+    def _drop(self, y: int, entry) -> None:
+        """The plan frees y, which a repeat makes again: discard its bytes if its calls
+        were kept (NOTE 1 and 2); else it is written out like any storage the plan frees
+        while something holds it, and the repeat reads it back."""
+        self._held[y] = entry
+        producer = self._producer[y]
+        calls = [self._calls.pop(producer, None)]
+        follower = self._follower.get(producer)
+        if follower is not None:
+            calls.append(self._calls.pop(follower, None))
+        if None in calls or calls[0].out_index < 0:
+            if entry.ref() is not None and entry.state is FAST:
+                self._zombies.append(entry)       # written out at the next op, read back
+            return
+        label = recompute.describe(entry.nbytes, self.op_names[producer])
+        self.res.discard(entry, recompute.Remake(self.res, calls, label))
+
+    def _repeat(self, k: int) -> None:
+        """Run inserted function k: its actions, and the remake of the array it makes."""
+        res = self.res
+        taken = time.perf_counter()
+        self._actions(self.schedule.begin[k])
+        fn = self.trace.functions[k]
+        for acc in fn.accesses:
+            a = acc.array
+            if acc.kind == "create":
+                y = self._made_again[a]
+                entry = self._held.get(y)
+                if entry is None or entry.ref() is None:
+                    continue
+                self.by_id[a] = entry
+                self.aid_of[entry] = a
+                res.ready(entry)           # remade here (a failure leaves it held: NOTE 4)
+                del self._held[y]
+            entry = self.by_id[a]
+            if entry is not None:
+                res.ready(entry)
+                res.touch(entry)
+        self._actions(self.schedule.end[k])
+        self.index = k + 1
+        now = time.perf_counter()
+        self.log.function(k, taken, taken, now, now, res.resident, res.offloaded, res.last_rss)
+
+    def _remake_held(self) -> None:
+        """NOTE 4: whatever is still discarded and alive is made again now: when the
+        iteration ends, and when the step leaves the plan (before the op that left it
+        runs, which may change what a repeat reads)."""
+        held, self._held, self._calls = self._held, {}, {}
+        error = None
+        for entry in held.values():
+            if entry.state is not DISCARDED or entry.ref() is None:
+                continue
+            try:
+                self.res.ready(entry)
+            except BaseException as exc:  # noqa: BLE001 - the others are still remade
+                error = error or exc
+        if error is not None:
+            raise error
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
@@ -123,7 +218,10 @@ class Replayer(HeldMode):
         if self.deviation is None and self.index != self.n:
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
         try:
-            self.res.settle()
+            try:
+                self._remake_held()
+            finally:
+                self.res.settle()
         finally:
             self._close_log()
 
@@ -190,6 +288,8 @@ class Replayer(HeldMode):
     def _one(self, func, args, kwargs, split=None):
         if self.deviation is not None:
             return self._fallback(func, args, kwargs)
+        while self.index < self.n and self.repeats[self.index] is not None:
+            self._repeat(self.index)
         i = self.index
         name = self._name(func)
         if i >= self.n or name != self.op_names[i]:
@@ -228,6 +328,7 @@ class Replayer(HeldMode):
         for entry in entries:
             res.ready(entry)
             res.touch(entry)
+        call = self._capture(i, func, args, kwargs) if i in self._sources else None
         started = time.perf_counter()
         out = func(*args, **kwargs)
         returned = time.perf_counter()
@@ -244,6 +345,9 @@ class Replayer(HeldMode):
         for storage, aid in zip(created, rest):
             entry = self.by_id[aid] = res.track(storage)
             self.aid_of[entry] = aid
+        if call is not None and i in self._y_of and not recompute.captured(
+                call, out, self.by_id[self._y_of[i]].ref()):
+            del self._calls[i]
         for aid in self.dirty[i]:
             entry = self.by_id[aid]
             if entry is not None:
@@ -273,6 +377,9 @@ class Replayer(HeldMode):
                 res.evict(entry)
             elif kind == DROP:
                 res.evict(entry, unplanned=not entry.clean)
+            elif kind == FREE and act.array in self._producer:
+                self._drop(act.array, entry)           # made again by a repeat
+                self.by_id[act.array] = None
             elif kind == FREE:
                 # Dead for the plan. The storage usually dies as soon as the op's caller
                 # lets go of it; whatever still holds it at the next op gets evicted.
@@ -297,7 +404,10 @@ class Replayer(HeldMode):
     def _deviate(self, reason, func, args, kwargs):
         self.deviation = reason
         self.log.deviation = (self.index, reason)
-        self.res.settle()            # no planned transfer is left half-done
+        try:
+            self._remake_held()
+        finally:
+            self.res.settle()        # no planned transfer is left half-done
         if func is None:
             return None
         return self._fallback(func, args, kwargs)

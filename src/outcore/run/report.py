@@ -32,6 +32,7 @@ class IterationStats:
     rss_above_start: int = 0   # the process's peak resident set above its size when the
                                # OutOfCore was made (sampled every op, 500 Hz at most)
     unmanaged: int = 0         # the most of that which was not managed tensors
+    bytes_recomputed: int = 0  # activations made again instead of read back
 
     @property
     def overlap(self) -> float:
@@ -58,6 +59,8 @@ class Report:
     pinned_bytes: int
     iterations: tuple[IterationStats, ...] = field(default_factory=tuple)
     rss_start: int = 0         # the process's resident set when the OutOfCore was made
+    planned_recomputed: int = 0    # bytes of activations the plan recomputes per iteration
+    recomputed_arrays: int = 0     # how many
 
     @property
     def deviations(self) -> int:
@@ -106,7 +109,9 @@ class Report:
                          f"({self.in_core_peak / self.budget:.2f}x the budget)")
         if self.planned_peak is not None:
             lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
-                         f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out")
+                         f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out"
+                         + (f", {format_bytes(self.planned_recomputed)} recomputed "
+                            f"({self.recomputed_arrays} activations)" if self.recomputed_arrays else ""))
         if self.pinned_bytes:
             lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
                          f"FSDP): {format_bytes(self.pinned_bytes)}")
@@ -125,6 +130,9 @@ class Report:
                     f"{format_bytes(it.rss_above_start):<10}  {format_bytes(it.unmanaged)}"
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + ("" if it.completed else "  (interrupted)"))
+                if it.bytes_recomputed:
+                    lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "
+                                 "of reading it back")
                 if it.skipped_actions:
                     lines.append(f"        {it.skipped_actions} planned moves skipped: their arrays "
                                  "had not been touched yet in this iteration")

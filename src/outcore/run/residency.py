@@ -12,13 +12,15 @@ States (`outcore.states.Residence`, shared with the planner and the checker):
     OUT --restore--> FAST (the eviction is cancelled: the copy is waited for and kept)
     SLOW --map_slow--> MAPPED (between iterations: NOTE [Mapped state] in mapped.py)
     MAPPED --unmap_all--> SLOW, or FAST and dirty if the user wrote to it meanwhile
+    FAST --discard--> DISCARDED (no copy anywhere) --remake (ready)--> FAST
     any --the storage dies--> DEAD
 
 A FAST entry whose slow copy is still current is `clean`: it can be dropped with no copy.
 
 NOTE [Residency invariants]
   1. `resident` is the sum of `nbytes` over live entries in FAST, OUT or IN;
-     `offloaded` the sum over live entries in SLOW or MAPPED. `recount()` computes both from the
+     `offloaded` the sum over live entries in SLOW or MAPPED; DISCARDED ones are in
+     neither (their bytes exist nowhere until remade). `recount()` computes both from the
      table; tests assert they agree. Foreign entries (`disown`) are in neither: their
      bytes are their storages' current sizes, `owned_bytes()`.
   2. Only the thread that runs the step changes the table. A storage may die on any
@@ -57,7 +59,7 @@ from dataclasses import dataclass
 from ..errors import OutcoreError
 from ..memory.malloc import resident_bytes
 from ..memory.pages import advise_huge
-from ..states import DEAD, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW, Residence
+from ..states import DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW, Residence
 from ..units import format_bytes
 from . import mapped
 from .interrupts import no_raise
@@ -96,6 +98,8 @@ class Entry:
     foreign: bool = False
     # On another device than the fast tier's (NOTE 6): in no counter, never moved.
     elsewhere: bool = False
+    # DISCARDED: what makes its bytes again (run/recompute.Remake), called with the storage.
+    remake: object = None
 
     @property
     def occupies_fast(self) -> bool:
@@ -111,6 +115,7 @@ class Stats:
     unplanned_bytes: int = 0   # moved by on-demand fallbacks, not by the schedule
     peak_rss: int = 0          # the process's resident set, sampled (sample_rss), at most
     peak_unmanaged: int = 0    # the resident set less the managed resident bytes, at most
+    bytes_recomputed: int = 0  # made again by recompute instead of read back (`remake`)
 
 
 class Residency:
@@ -222,6 +227,7 @@ class Residency:
             if entry.mapping is not None:
                 entry.mapping.close()
                 entry.mapping = None
+            entry.remake = None                # lets go of the inputs it kept
             entry.state = DEAD
             if entry.future is not None:
                 self._dying.append(entry)      # its extent is freed once the copy is done
@@ -380,6 +386,41 @@ class Residency:
         if unplanned:
             self.stats.unplanned_bytes += entry.nbytes
 
+    def discard(self, entry: Entry, remake) -> bool:
+        """Drop a FAST entry's bytes without a copy: `remake(storage)` makes them again
+        when next needed (NOTE [Replaying a recompute] in recompute.py). False (and
+        nothing changed) when the entry is not FAST, cannot move, or has died."""
+        storage = entry.ref()
+        if (entry.state is not FAST or entry.pinned or storage is None
+                or storage.nbytes() != entry.nbytes or not storage.resizable()):
+            return False
+        storage.resize_(0)
+        self.lru.pop(entry.key, None)
+        entry.state, entry.clean, entry.remake = DISCARDED, False, remake
+        self.resident -= entry.nbytes
+        if self.memory_check is not None:
+            self.memory_check()
+        return True
+
+    def remake(self, entry: Entry) -> None:
+        """Make a DISCARDED entry's bytes again, in its own storage: FAST and dirty. An
+        error leaves it DISCARDED and empty, never half-made."""
+        storage = entry.ref()
+        if entry.state is not DISCARDED or storage is None:
+            return
+        if self.memory_check is not None:
+            self.memory_check()
+        storage.resize_(entry.nbytes)        # may raise (out of memory): still DISCARDED
+        try:
+            entry.remake(storage)
+        except BaseException:
+            storage.resize_(0)
+            raise
+        entry.state, entry.clean, entry.remake = FAST, False, None
+        self.stats.bytes_recomputed += entry.nbytes
+        self._add_resident(entry.nbytes)
+        self.touch(entry)
+
     def sample_rss(self, force: bool = False) -> None:
         """Note the process's resident set beside the managed bytes (Stats.peak_rss,
         peak_unmanaged), at most every RSS_SAMPLE_S unless `force`."""
@@ -409,6 +450,9 @@ class Residency:
             self._unmap(entry)
         state = entry.state
         if state is FAST:
+            return
+        if state is DISCARDED:
+            self.remake(entry)
             return
         if state is SLOW:
             self.restore(entry, unplanned=True)

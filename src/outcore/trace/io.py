@@ -32,7 +32,7 @@ def to_dict(trace: Trace) -> dict:
             {"op": f.op, "phase": f.phase, "duration_s": f.duration_s, "flops": f.flops,
              "bytes_touched": f.bytes_touched, "host_s": f.host_s,
              "host_cpu_s": f.host_cpu_s, "peer": f.peer, "workspace_bytes": f.workspace_bytes,
-             "split": list(f.split) if f.split else None,
+             "split": list(f.split) if f.split else None, "repeats": f.repeats,
              "accesses": [[acc.array, _ACCESS_CODE[acc.kind]] for acc in f.accesses]}
             for f in trace.functions],
     }
@@ -163,12 +163,17 @@ def from_dict(data, source: str = "trace") -> Trace:
         workspace = r.get(raw, "workspace_bytes", int, w) if "workspace_bytes" in raw else 0
         if workspace < 0:
             r.fail(f"{w}.workspace_bytes", f"negative workspace {workspace}")
+        repeats = raw.get("repeats") if isinstance(raw, dict) else None
+        if repeats is not None and (type(repeats) is not int or not 0 <= repeats < i):
+            r.fail(f"{w}.repeats", f"expected an earlier function's index or null, found "
+                                   f"{repeats!r:.40}")
         functions.append(Function(
             index=i, op=r.get(raw, "op", str, w), phase=r.choice(raw, "phase", PHASES, w),
             accesses=tuple(accesses), duration_s=float(duration), flops=r.get(raw, "flops", int, w),
             bytes_touched=r.get(raw, "bytes_touched", int, w),
             split=tuple(split) if split else None, host_s=float(host),
-            host_cpu_s=float(host_cpu), peer=peer, workspace_bytes=workspace))
+            host_cpu_s=float(host_cpu), peer=peer, workspace_bytes=workspace,
+            repeats=repeats))
     for a in arrays:
         if seen_first.get(a.id) != a.first_use:
             r.fail(f"arrays[{a.id}]", f"first_use {a.first_use} disagrees with the functions "

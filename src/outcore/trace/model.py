@@ -63,6 +63,10 @@ class Function:
     # The fast tier must hold them beside the op's operands (NOTE [Workspace] in
     # plan/feasibility.py). 0 when not measured, and in older traces.
     workspace_bytes: int = 0
+    # Set on a function the planner inserted to recompute an array instead of moving it
+    # (plan/recompute.py): the index of the earlier function it runs again. The step
+    # itself never calls it; the executor does. None for every recorded function.
+    repeats: int | None = None
 
     def arrays(self) -> tuple[int, ...]:
         return tuple(a.array for a in self.accesses)

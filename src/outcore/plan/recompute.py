@@ -1,0 +1,290 @@
+"""Recompute instead of transfer (beyond the paper): which activations to drop after
+forward and make again before backward, written into the trace itself.
+
+Where recomputing an activation y from arrays that are resident anyway costs less than
+writing y out and reading it back, y is dropped after its last forward use and its
+producer is run again right before backward first needs it. The recompute is written
+into the trace (`rewrite`): y's forward life ends at its last forward use, and a new
+array y' is created by an inserted function that *repeats* the producer
+(`Function.repeats`) and takes over every later access of y. So the planner, `check`,
+the simulator and the cut bound work on the rewritten trace unchanged, and a schedule
+for it says, per array, what is kept, moved, or recomputed. The executor
+(run/replay.py, NOTE [Replaying a recompute]) keeps the producer's arguments, discards
+y's bytes where the plan frees y, and runs the repeat into y's own storage.
+
+NOTE [Recompute rules] (cited from code as "rule N"; `check` enforces 3 as R9)
+  1. Producers are the deterministic ops of PRODUCERS (convolution, batch norm), never
+     an op that draws random numbers (dropout's bernoulli_) and never a view. The
+     in-place follower of FOLLOWERS right after it (conv -> batch norm -> relu_, the
+     pattern of every ResNet block) is repeated with it.
+  2. y is created by its producer p in forward and written afterwards only by that
+     follower; backward reads it again; nothing outside forward touches it before
+     backward does.
+  3. Every array the repeat reads holds, when the repeat runs, what it held when p ran:
+     nothing writes it in between, and it is alive then (state, or released at or after
+     the repeat) - or it is a recomputed array made again first. Chains of recomputes
+     (a convolution reading a recomputed array) are allowed only with `chains`: each
+     hangs on the one before it, and all of them land at the start of backward
+     (docs/paper-headline.md).
+  4. Arrays p writes besides y (batch norm's running statistics) are small, at most
+     SMALL_WRITES bytes: the executor runs the repeat on copies of their values from
+     before p, so that the step updates them once, as plain PyTorch does.
+  5. The repeat runs right before y's first use in backward (or before the repeat of
+     an array made from y, if that comes first). Its workspace is the producer's plus
+     the bytes the producer creates: the executor computes into fresh tensors and
+     copies y's bytes into y's own storage, which autograd holds.
+  6. Worth it: the producer's and follower's time is less than writing y out and
+     reading it back on the machine (`candidates(machine=...)`). Whether the plan with
+     recompute beats the plan without is decided by simulated time (`choose`).
+  7. On CUDA only where PyTorch's deterministic algorithms are enabled (cuDNN may pick
+     a kernel that sums in another order otherwise; `deterministic()`). On the CPU the
+     ops are deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import ScheduleError
+from ..trace.model import Access, Function, Trace
+
+# Rule 1. Ops whose output is a function of their inputs alone, bitwise, on one machine.
+PRODUCERS = {
+    "conv": ("aten.convolution.default",),
+    "bn": ("aten.native_batch_norm.default", "aten._native_batch_norm_legit.default",
+           "aten._native_batch_norm_legit.no_stats"),
+}
+FOLLOWERS = ("aten.relu_.default",)
+# Rule 4: the most bytes a producer may write besides y (copied before it runs).
+SMALL_WRITES = 1 << 20
+PREFIX = "recompute:"
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """One recomputed array: `array` (y), made by function `producer`, then changed in
+    place by function `follower` (-1: none)."""
+    producer: int
+    follower: int
+    array: int
+
+
+def deterministic(device: str) -> bool:
+    """Rule 7: whether the ops of PRODUCERS give the same bits twice on `device`."""
+    if device.split(":")[0] in ("cpu", "meta"):
+        return True
+    import torch
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _uses(trace) -> dict[int, list[tuple[int, str]]]:
+    out: dict[int, list[tuple[int, str]]] = {}
+    for fn in trace.functions:
+        for acc in fn.accesses:
+            out.setdefault(acc.array, []).append((fn.index, acc.kind))
+    return out
+
+
+def candidates(trace, *, kinds=("bn", "conv"), chains: bool = False,
+               machine=None) -> list[Recompute]:
+    """The arrays that may be recomputed by NOTE [Recompute rules], in forward order; with
+    `machine` (a preset name or Machine), only those where recomputing costs less than
+    moving (rule 6)."""
+    if not deterministic(trace.device):
+        return []
+    from ..simulate import machine as get_machine
+    m = get_machine(machine) if machine is not None else None
+    fns, arrays = trace.functions, trace.arrays
+    wanted = {op: kind for kind in kinds for op in PRODUCERS[kind]}
+    uses = _uses(trace)
+    out, made = [], set()
+    for fn in fns:
+        if fn.op not in wanted or fn.phase != "forward" or fn.repeats is not None:
+            continue
+        created = [a.array for a in fn.accesses if a.kind == "create"]
+        reads = [a.array for a in fn.accesses if a.kind == "read"]
+        writes = [a.array for a in fn.accesses if a.kind == "write"]
+        if not created or not reads or sum(arrays[a].nbytes for a in writes) > SMALL_WRITES:
+            continue                                                    # rules 1, 4
+        y = created[0]
+        follower = -1
+        if (fn.index + 1 < len(fns) and fns[fn.index + 1].op in FOLLOWERS
+                and [(a.array, a.kind) for a in fns[fn.index + 1].accesses] == [(y, "write")]):
+            follower = fn.index + 1
+        y_uses = uses[y]
+        backward = [f for f, _ in y_uses if fns[f].phase == "backward"]
+        if (not backward or any(k == "write" and f != follower for f, k in y_uses)
+                or arrays[y].kind != "transient"):
+            continue                                                    # rule 2
+        first_back = backward[0]
+        if any(f < first_back and fns[f].phase != "forward" for f, _ in y_uses):
+            continue                                                    # rule 2
+        if wanted[fn.op] == "conv" and not chains and any(x in made for x in reads):
+            continue                                                    # rule 3: no chains
+        if not all(_holds(trace, uses, x, fn.index, first_back, made) for x in reads):
+            continue                                                    # rule 3
+        if m is not None:                                               # rule 6
+            redo = m.compute_time(fn) + (m.compute_time(fns[follower]) if follower >= 0 else 0.0)
+            nbytes = arrays[y].nbytes
+            if redo >= m.transfer_time(nbytes, "out") + m.transfer_time(nbytes, "in"):
+                continue
+        out.append(Recompute(fn.index, follower, y))
+        made.add(y)
+    return out
+
+
+def _holds(trace, uses, x: int, p: int, until: int, made) -> bool:
+    """Rule 3: array x, read by function p, still holds the same bytes at function
+    `until` (or is made again before, when in `made`)."""
+    if x in made:
+        return True
+    arr = trace.arrays[x]
+    if any(p < f < until and kind != "read" for f, kind in uses[x]):
+        return False
+    if arr.kind == "persistent":
+        return True
+    release = arr.freed_after if arr.freed_after is not None else len(trace.functions)
+    return release >= until
+
+
+def rewrite(trace, chosen) -> Trace:
+    """The trace with each chosen array recomputed (module docstring; rule 5)."""
+    if not chosen:
+        return trace
+    fns, arrays = list(trace.functions), list(trace.arrays)
+    uses = _uses(trace)
+    ys = [c.array for c in chosen]
+    inputs = {c.array: [a.array for a in fns[c.producer].accesses if a.kind == "read"]
+              for c in chosen}
+    # Where each y is made again: its first backward use, or earlier if the repeat of an
+    # array made from it comes first.
+    point = {y: next(f for f, _ in uses[y] if fns[f].phase == "backward") for y in ys}
+    changed = True
+    while changed:
+        changed = False
+        for y in ys:
+            for x in inputs[y]:
+                if x in point and point[x] > point[y]:
+                    point[x], changed = point[y], True
+    again = {y: len(arrays) + i for i, y in enumerate(ys)}            # y -> y'
+    new_arrays = []
+    for y in ys:
+        orig = arrays[y]
+        last_forward = max(f for f, _ in uses[y] if f < point[y])
+        new_arrays.append(dataclasses.replace(orig, id=again[y]))
+        arrays[y] = dataclasses.replace(orig, last_use=last_forward, freed_after=last_forward)
+    inserts: dict[int, list[Function]] = {}          # before function g: the repeats
+    for c in sorted(chosen, key=lambda c: c.producer):       # forward order: inputs first
+        p = fns[c.producer]
+        reads = tuple(Access(again.get(a.array, a.array), "read")
+                      for a in p.accesses if a.kind == "read")
+        made_bytes = sum(trace.arrays[a.array].nbytes for a in p.accesses if a.kind == "create")
+        repeats = [dataclasses.replace(
+            p, op=PREFIX + p.op, phase="backward", accesses=reads + (Access(again[c.array], "create"),),
+            host_s=0.0, host_cpu_s=0.0, repeats=c.producer,
+            workspace_bytes=p.workspace_bytes + made_bytes)]
+        if c.follower >= 0:
+            f = fns[c.follower]
+            repeats.append(dataclasses.replace(
+                f, op=PREFIX + f.op, phase="backward", accesses=(Access(again[c.array], "write"),),
+                host_s=0.0, host_cpu_s=0.0, repeats=c.follower))
+        inserts.setdefault(point[c.array], []).extend(repeats)
+    # Renumber: repeats go right before their point; later accesses of y are y''s.
+    out_fns, new_index = [], {}
+    for f, fn in enumerate(fns):
+        out_fns.extend(inserts.get(f, []))
+        new_index[f] = len(out_fns)
+        accesses = tuple(Access(again[a.array] if a.array in again and f >= point[a.array]
+                                else a.array, a.kind) for a in fn.accesses)
+        out_fns.append(dataclasses.replace(fn, accesses=accesses))
+    out_fns = [dataclasses.replace(fn, index=i, repeats=None if fn.repeats is None
+                                   else new_index[fn.repeats])
+               for i, fn in enumerate(out_fns)]
+    # Each array's uses, origin and release in the new order. y' is released where y was
+    # (None: alive at the end); y after its last forward use.
+    first, last, origin = {}, {}, {}
+    for fn in out_fns:
+        for slot, acc in enumerate(fn.accesses):
+            first.setdefault(acc.array, fn.index)
+            origin.setdefault(acc.array, (fn.index, slot))
+            last[acc.array] = fn.index
+    died = {again[y]: trace.arrays[y].freed_after for y in ys}
+    all_arrays = []
+    for arr in arrays + new_arrays:
+        freed = died[arr.id] if arr.id in died else arr.freed_after
+        if freed is not None:
+            freed = max(new_index[freed], last[arr.id])
+        all_arrays.append(dataclasses.replace(arr, first_use=first[arr.id], last_use=last[arr.id],
+                                              origin=origin[arr.id], freed_after=freed))
+    info = dict(trace.info)
+    info["recomputed"] = len(chosen)
+    return Trace(functions=tuple(out_fns), arrays=tuple(all_arrays), device=trace.device,
+                 durations=trace.durations, info=info)
+
+
+def verify(trace) -> None:
+    """R9 of `check` (rule 3): every repeat reads what its original read, holding the
+    same bytes - nothing wrote it in between - or an array an earlier repeat made; it
+    makes one array (a repeated producer) or writes one an earlier repeat made (a
+    repeated follower). Raises ScheduleError."""
+    fns = trace.functions
+    made: set[int] = set()
+    writes_at: dict[int, list[int]] = {}
+    for fn in fns:
+        for acc in fn.accesses:
+            if acc.kind != "read":
+                writes_at.setdefault(acc.array, []).append(fn.index)
+    for fn in fns:
+        if fn.repeats is None:
+            continue
+        p = fns[fn.repeats]
+        where = f"R9: function {fn.index} ({fn.op}) repeats function {p.index} ({p.op})"
+        if p.repeats is not None or fn.op != PREFIX + p.op or p.index >= fn.index:
+            raise ScheduleError(f"{where}, which is not an earlier recorded function of that op")
+        original = {a.array for a in p.accesses if a.kind == "read"}
+        for acc in fn.accesses:
+            a = acc.array
+            if acc.kind == "read":
+                if a in made:
+                    continue
+                if a not in original:
+                    raise ScheduleError(f"{where}: it reads array {a}, which the original did not")
+                wrote = [w for w in writes_at.get(a, ()) if p.index < w < fn.index]
+                if wrote:
+                    raise ScheduleError(f"{where}: array {a} it reads was written by function "
+                                        f"{wrote[0]} in between, so the repeat would not give "
+                                        "the same bytes")
+            elif acc.kind == "create":
+                made.add(a)
+            elif a not in made:
+                raise ScheduleError(f"{where}: it writes array {a}, which no earlier repeat made")
+
+
+MODES = ("auto", True, False)
+
+
+def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cpu-disk",
+           **options):
+    """(chosen, the trace to run, its Schedule). `mode`: False plans `trace` as it is;
+    True recomputes every array rules 1-5 allow; "auto" those where rule 6 holds on
+    `machine`, and only if that plan's simulated iteration there is faster than the
+    plan without (a tie keeps the plan without). `policy` and
+    `options` go to plan() for both."""
+    from ..errors import OutcoreError
+    from ..simulate import simulate
+    from .api import plan
+    if not any(mode is m or mode == m == "auto" for m in MODES):
+        raise OutcoreError(f"recompute must be 'auto', True or False, got {mode!r}")
+    if policy == "auto":
+        options.setdefault("machine", machine)
+    base = None if mode is True else plan(trace, budget, policy, **options)
+    chosen = (candidates(trace, machine=machine if mode == "auto" else None)
+              if mode is not False else [])
+    if not chosen:
+        return [], trace, base if base is not None else plan(trace, budget, policy, **options)
+    again = rewrite(trace, chosen)
+    schedule = plan(again, budget, policy, **options)
+    if base is not None and (simulate(again, schedule, machine).iteration_time_s
+                             >= simulate(trace, base, machine).iteration_time_s):
+        return [], trace, base
+    return chosen, again, schedule

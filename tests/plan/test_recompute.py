@@ -1,0 +1,207 @@
+"""Recompute in the plan (plan/recompute.py): which arrays, the rewritten trace, and the
+rules `check` enforces on it (R1 for what a repeat reads, R9 for what it repeats)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import outcore
+from outcore.errors import InfeasibleBudget, ScheduleError
+from outcore.plan import check, plan
+from outcore.plan import recompute
+from outcore.plan.feasibility import min_feasible_budget
+from outcore.plan.schedule import SWAP_IN, SWAP_OUT, WAIT, Action
+from outcore.simulate import simulate
+from outcore.trace.model import Trace
+
+from .helpers import build
+
+CONV, BN, RELU = "aten.convolution.default", "aten.native_batch_norm.default", "aten.relu_.default"
+
+
+def layered(sizes, *, write_between=False, dropout=False):
+    """A ResNet-like step: per layer conv -> batch norm (updating its running mean) ->
+    in-place ReLU, then backward in reverse, then SGD on the weights."""
+    arrays = {"x": (sizes[0], "input")}
+    fwd, bwd, opt = [], [], []
+    h = "x"
+    for l, n in enumerate(sizes[1:]):
+        arrays.update({f"w{l}": (4, "param"), f"rm{l}": (4, "param"), f"c{l}": n, f"b{l}": n,
+                       f"gb{l}": n, f"gc{l}": n, f"gw{l}": 4, f"gh{l}": sizes[l]})
+        fwd += [f"{CONV} r:{h} r:w{l} c:c{l}", f"{BN} r:c{l} w:rm{l} c:b{l}", f"{RELU} w:b{l}"]
+        if dropout and l == 0:
+            arrays[f"m{l}"] = n
+            fwd += [f"aten.bernoulli_.float c:m{l}", f"aten.mul_.Tensor w:b{l} r:m{l}"]
+        h = f"b{l}"
+    arrays["loss"] = 4
+    fwd.append(f"loss r:{h} c:loss")
+    if write_between:
+        fwd.append("aten.add_.Tensor w:w0")          # an input of conv 0 changes after it
+    bwd.append(f"lossb r:loss r:{h} c:gb{len(sizes) - 2} @backward")
+    for l in reversed(range(len(sizes) - 1)):
+        bwd += [f"relub r:gb{l} r:b{l} c:gc{l} @backward",
+                f"bnb r:gc{l} r:c{l} c:gh{l} @backward" if l == 0 else
+                f"bnb r:gc{l} r:c{l} c:gb{l - 1} @backward",
+                f"convb r:gc{l} r:{'x' if l == 0 else f'b{l - 1}'} r:w{l} c:gw{l} @backward"]
+        opt.append(f"sgd w:w{l} r:gw{l} @optimizer")
+    used = {tok.split(":")[1] for line in fwd + bwd + opt for tok in line.split()[1:]
+            if ":" in tok}
+    return build({k: v for k, v in arrays.items() if k in used}, fwd + bwd + opt)
+
+
+def test_candidates_follow_the_rules():
+    t = layered([8, 16, 16, 16], dropout=True)
+    chosen = recompute.candidates(t)
+    ops = {t.functions[c.producer].op for c in chosen}
+    assert ops == {CONV, BN}
+    ys = {c.array for c in chosen}
+    # rule 2: the first batch norm's output is written by dropout's mul_: not recomputed
+    assert all(t.functions[c.producer].phase == "forward" for c in chosen)
+    first_bn = next(f.index for f in t.functions if f.op == BN)
+    assert not any(c.producer == first_bn for c in chosen)
+    # relu_ right after a batch norm is its follower
+    assert all(c.follower == c.producer + 1 for c in chosen if t.functions[c.producer].op == BN)
+    # rule 3 without chains: no convolution reads a recomputed array
+    for c in chosen:
+        if t.functions[c.producer].op == CONV:
+            assert not {a.array for a in t.functions[c.producer].accesses
+                        if a.kind == "read"} & ys
+
+
+def test_an_input_written_in_between_is_never_recomputed_from():
+    t = layered([8, 16], write_between=True)
+    assert all(t.functions[c.producer].op != CONV for c in recompute.candidates(t))
+
+
+def test_rewrite_moves_each_recompute_before_its_first_backward_use_and_check_agrees():
+    t = layered([8, 16, 16, 16])
+    chosen = recompute.candidates(t, chains=True)
+    r = recompute.rewrite(t, chosen)
+    assert len(r.functions) == len(t.functions) + sum(2 if c.follower >= 0 else 1 for c in chosen)
+    for fn in r.functions:
+        if fn.repeats is not None:
+            made = [a.array for a in fn.accesses if a.kind != "read"]
+            later = [g for g in r.functions[fn.index + 1:] if made[0] in g.arrays()]
+            assert fn.phase == "backward" and later
+    for budget in (r.peak()[0], min_feasible_budget(r)):
+        check(r, plan(r, budget), budget)
+
+
+def test_the_rewritten_trace_saves_and_loads(tmp_path):
+    t = layered([8, 16, 16])
+    r = recompute.rewrite(t, recompute.candidates(t))
+    r.save(tmp_path / "t.json")
+    assert Trace.load(tmp_path / "t.json").functions == r.functions
+
+
+def test_r9_refuses_a_repeat_whose_input_was_written_in_between():
+    t = layered([8, 16, 16])
+    r = recompute.rewrite(t, recompute.candidates(t))
+    k = next(f for f in r.functions if f.repeats is not None and f.op == recompute.PREFIX + CONV)
+    x = next(a.array for a in k.accesses if a.kind == "read" and r.arrays[a.array].kind == "persistent")
+    writer = r.functions[k.index - 1]
+    bad = dataclasses.replace(writer, accesses=writer.accesses + (outcore.trace.model.Access(x, "write"),))
+    broken = Trace(functions=r.functions[:k.index - 1] + (bad,) + r.functions[k.index:],
+                   arrays=r.arrays, device=r.device, durations=r.durations)
+    with pytest.raises(ScheduleError, match="R9.*written by function"):
+        recompute.verify(broken)
+
+
+def test_r9_refuses_a_repeat_of_another_op():
+    t = layered([8, 16])
+    r = recompute.rewrite(t, recompute.candidates(t))
+    k = next(f for f in r.functions if f.repeats is not None)
+    fns = list(r.functions)
+    fns[k.index] = dataclasses.replace(k, repeats=k.repeats + 1)
+    broken = Trace(functions=tuple(fns), arrays=r.arrays, device=r.device, durations=r.durations)
+    with pytest.raises(ScheduleError, match="R9"):
+        recompute.verify(broken)
+
+
+def _starve(schedule, k: int, x: int):
+    """The schedule with array x made to be on the slow tier when function k runs: its
+    swap-in serving k removed, or (resident since before) written out right before k."""
+    begin, end = [list(a) for a in schedule.begin], [list(a) for a in schedule.end]
+    for j in range(k, -1, -1):
+        hit = [a for a in begin[j] if a == Action(SWAP_IN, x)]
+        if hit:
+            begin[j].remove(hit[0])
+            break
+    else:
+        end[k - 1] += [Action(SWAP_OUT, x), Action(WAIT, x)]
+    return dataclasses.replace(schedule, begin=tuple(map(tuple, begin)),
+                               end=tuple(map(tuple, end)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(4, 64), min_size=2, max_size=5),
+       fraction=st.floats(0.3, 1.0), chains=st.booleans(), data=st.data())
+def test_check_rejects_a_recompute_whose_inputs_are_not_resident(sizes, fraction, chains, data):
+    t = layered(sizes)
+    r = recompute.rewrite(t, recompute.candidates(t, chains=chains))
+    low, peak = min_feasible_budget(r), r.peak()[0]
+    budget = max(low, int(peak * fraction))
+    try:
+        s = plan(r, budget)
+    except InfeasibleBudget:
+        return
+    check(r, s, budget)                                  # the plan itself is valid
+    repeats = [f for f in r.functions if f.repeats is not None and f.op.endswith(CONV)]
+    if not repeats:
+        return
+    k = data.draw(st.sampled_from(repeats))
+    x = data.draw(st.sampled_from([a.array for a in k.accesses if a.kind == "read"]))
+    # x is last accessed before k by some function; find where it was last used
+    last = max((g.index for g in r.functions[:k.index] if x in g.arrays()), default=-1)
+    if last < 0 and not r.arrays[x].existed_before:
+        return
+    with pytest.raises(ScheduleError, match="R1|R4|R5|R7"):
+        check(r, _starve(s, k.index, x), budget)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(4, 64), min_size=2, max_size=5), fraction=st.floats(0.3, 1.2))
+def test_auto_is_never_slower_than_no_recompute_in_simulation(sizes, fraction):
+    t = layered(sizes)
+    budget = max(min_feasible_budget(t), int(t.peak()[0] * fraction))
+    try:
+        chosen, r, s = recompute.choose(t, budget, mode="auto")
+        base = plan(t, budget)
+    except InfeasibleBudget:
+        return
+    check(r, s, budget)
+    assert (simulate(r, s).iteration_time_s <= simulate(t, base).iteration_time_s)
+    if not chosen:
+        assert r is t
+
+
+def test_cuda_traces_recompute_only_with_deterministic_algorithms(monkeypatch):
+    import torch
+    t = dataclasses.replace(layered([8, 16]), device="cuda:0")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    assert recompute.candidates(t) == []
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert recompute.candidates(t)
+
+
+def test_choose_refuses_a_bad_mode():
+    with pytest.raises(outcore.OutcoreError, match="recompute must be"):
+        recompute.choose(layered([8, 16]), 1 << 20, mode="sometimes")
+
+
+def test_outcore_plan_recompute_all_writes_the_trace_its_schedule_is_for(tmp_path, capsys):
+    from outcore.cli.main import main
+    from outcore.plan.schedule import Schedule
+    path, out = tmp_path / "t.json", tmp_path / "s.json"
+    t = layered([8, 16, 16])
+    t.save(path)
+    budget = str(min_feasible_budget(recompute.rewrite(t, recompute.candidates(t))))
+    assert main(["plan", str(path), "--budget", budget, "--recompute", "all", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "recomputes" in printed and "recompute:aten.convolution.default" in printed
+    r = Trace.load(str(out) + ".trace.json")
+    check(r, Schedule.load(out))
+    assert main(["plan", str(path), "--budget", str(t.peak()[0])]) == 0
+    assert "recomputes" not in capsys.readouterr().out      # default: the trace as given

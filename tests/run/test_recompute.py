@@ -1,0 +1,194 @@
+"""Recompute in the executor: activations dropped after forward and made again before
+backward train bitwise equal to plain PyTorch (NOTE [Replaying a recompute]).
+
+The network has what recompute must handle or exclude: dropout (random: never
+recomputed, and its input is), in-place ReLU after batch norm (repeated with it), batch
+norm's running statistics (updated once), views (flatten, a channel split) of
+recomputed arrays, and a chain (a batch norm reading a recomputed convolution)."""
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import outcore
+from outcore.errors import OutcoreError
+from outcore.run import recompute as executor
+from outcore.states import DISCARDED
+
+from ..trace.helpers import assert_bitwise_equal, state_of
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(16 * 16 * 16, 10)
+
+    def forward(self, x):
+        x = torch.relu_(self.b1(self.c1(x)))
+        x = self.drop(x)
+        x = torch.relu_(self.b2(self.c2(x)))
+        a, b = x.split(8, dim=1)                       # views of a recomputed array
+        x = torch.cat([b, a], dim=1)
+        x = torch.relu_(self.b3(self.c3(x)))
+        return self.head(x.flatten(1))
+
+
+class Work:
+    def __init__(self, optimizer: str):
+        torch.manual_seed(0)
+        self.model = Net()
+        self.optimizer = (torch.optim.Adam(self.model.parameters(), lr=1e-3) if optimizer == "adam"
+                          else torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9))
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(8, 3, 16, 16, generator=g)
+        self.y = torch.randint(0, 10, (8,), generator=g)
+
+    def step(self):
+        self.optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+BUDGET = "640KiB"       # about a third of the step's in-core peak
+
+
+def train(w, ooc=None, iterations=4, seed=100):
+    losses = []
+    for it in range(iterations):
+        torch.manual_seed(seed + it)             # dropout draws the same masks
+        with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+            losses.append(w.step())
+    return losses
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_recomputed_training_is_bitwise_plain(optimizer):
+    plain, managed = Work(optimizer), Work(optimizer)
+    losses = train(plain)
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        got = train(managed, ooc)
+        report = ooc.report()
+        ops = [f.op for f in ooc.trace.functions if f.repeats is not None]
+    assert report.recomputed_arrays >= 4, ops
+    assert any("batch_norm" in op for op in ops) and any("relu_" in op for op in ops)
+    assert not any("bernoulli" in op or "dropout" in op for op in ops)
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert replays and all(it.bytes_recomputed > 0 and not it.deviation for it in replays)
+    assert all(torch.equal(a, b) for a, b in zip(losses, got))
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
+
+
+def test_recompute_false_recomputes_nothing():
+    w = Work("sgd")
+    with outcore.OutOfCore(BUDGET, recompute=False, min_move_bytes=0) as ooc:
+        train(w, ooc, iterations=3)
+        assert ooc.report().recomputed_arrays == 0
+        assert all(it.bytes_recomputed == 0 for it in ooc.report().iterations)
+
+
+def test_bad_recompute_value_is_refused():
+    for bad in ("yes", 1, None):
+        with pytest.raises(OutcoreError, match="recompute must be"):
+            outcore.OutOfCore(BUDGET, recompute=bad)
+
+
+def _discarded(ooc):
+    return [e for e in ooc._res.entries.values() if e.state is DISCARDED and e.ref() is not None]
+
+
+def test_an_interrupt_in_backward_leaves_nothing_discarded():
+    """Ctrl-C after the discards, before the repeats: the iteration ends with every
+    activation whole again (NOTE 4), and training goes on bitwise equal to plain."""
+    plain, managed = Work("adam"), Work("adam")
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        train(managed, ooc, iterations=3)
+        train(plain, iterations=3)
+        seen = {}
+
+        def hook(grad):
+            seen["discarded"] = len(_discarded(ooc))
+            signal.raise_signal(signal.SIGINT)
+        handle = managed.model.head.weight.register_hook(hook)
+        with pytest.raises(KeyboardInterrupt):
+            torch.manual_seed(7)
+            with ooc.iteration():
+                managed.step()
+        handle.remove()
+        assert seen["discarded"] > 0, "the interrupt landed before anything was discarded"
+        assert not _discarded(ooc)
+
+        def plain_hook(grad):                    # the same step, interrupted the same way
+            raise KeyboardInterrupt
+        handle = plain.model.head.weight.register_hook(plain_hook)
+        with pytest.raises(KeyboardInterrupt):
+            torch.manual_seed(7)
+            plain.step()
+        handle.remove()
+        train(plain, seed=200)
+        train(managed, ooc, seed=200)
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
+
+
+def test_a_step_that_changes_remakes_before_it_leaves_the_plan():
+    """A step that runs an op the recording did not have, in backward, after the
+    discards: the replayer remakes what it discarded before that op runs, goes on
+    on-demand, and the result is still plain PyTorch's."""
+    plain, managed = Work("sgd"), Work("sgd")
+
+    def extra(grad):
+        return grad * 1.0                        # a new op in backward
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        train(managed, ooc, iterations=3)
+        train(plain, iterations=3)
+        for w in (plain, managed):
+            w.model.head.weight.register_hook(extra)
+        train(plain, iterations=2, seed=300)
+        train(managed, ooc, iterations=2, seed=300)
+        assert ooc.report().iterations[3].deviation
+        assert not _discarded(ooc)
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
+
+
+def test_a_remake_refuses_inputs_changed_since_and_leaves_the_array_empty_not_wrong():
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8)
+    out = torch.ops.aten.mm.default(x, w)
+    call = executor.capture(torch.ops.aten.mm.default, (x, w), {}, producer=True)
+    storage = out.untyped_storage()
+    assert executor.captured(call, out, storage)
+    remake = executor.Remake(_NoResidency(), [call], "a test activation")
+    x.add_(1)                                     # changed after the discard
+    with pytest.raises(OutcoreError, match="changed in place"):
+        remake(storage)
+
+
+def test_a_remake_writes_the_same_bytes_without_moving_the_version():
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    out = torch.ops.aten.mm.default(x, w)
+    expected = out.clone()
+    call = executor.capture(torch.ops.aten.mm.default, (x, w), {}, producer=True)
+    storage = out.untyped_storage()
+    assert executor.captured(call, out, storage)
+    remake = executor.Remake(_NoResidency(), [call], "a test activation")
+    version = out._version
+    out.zero_()
+    version = out._version
+    remake(storage)
+    assert torch.equal(out, expected) and out._version == version
+
+
+class _NoResidency:
+    entries: dict = {}
