@@ -2,7 +2,7 @@
 16 GB budget on the v100-16gb model, batches from the in-core maximum up to 1440.
 
     .venv/bin/python benchmarks/paper_headline.py [--batches 192,384,...] [--budget 16GB]
-    .venv/bin/python benchmarks/paper_headline.py --phases 1440
+    .venv/bin/python benchmarks/paper_headline.py --phases 1440 [--recompute]
 
 Records meta traces (no memory, no compute), plans each with every policy, simulates it,
 and prints a markdown table: per batch and policy, whether the budget is feasible, bytes
@@ -10,7 +10,9 @@ moved (and how many of them are held arrays written out, docs/planning.md#held-a
 predicted step time, throughput relative to in-core training at the largest batch that
 fits, the batch's physical limit (outcore.simulate.physical_limit: no schedule is
 faster) and the step's share of it, and the schedule's own bound (compute, or its
-busiest link: Simulation.physical_limit_s). Paper (Hayakawa & Narihira): batch 1440 = 7.5x the in-core maximum at
+busiest link: Simulation.physical_limit_s). The last row of each batch is OutOfCore's
+default, auto with recompute="auto" (plan/recompute.py): its limit is that of the trace
+it runs, recomputes included. Paper (Hayakawa & Narihira): batch 1440 = 7.5x the in-core maximum at
 55% of in-core speed."""
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import argparse
 import time
 
 from outcore.errors import InfeasibleBudget
-from outcore.plan import POLICIES, lower_bound, min_feasible_budget, plan
+from outcore.plan import POLICIES, lower_bound, min_feasible_budget, plan, recompute
 from outcore.simulate import machine as get_machine, physical_limit, simulate
 from outcore.trace import record
 from outcore.units import parse_bytes
@@ -56,12 +58,25 @@ def in_core_max(budget: int, hi: int = 1440) -> int:
     return lo
 
 
-def phases(batch: int, budget: int, m, policy: str = "auto", options: dict | None = None) -> None:
+def phases(batch: int, budget: int, m, policy: str = "auto", options: dict | None = None,
+           with_recompute: bool = False) -> None:
     t = trace_for(batch)
     options = {"machine": m} if policy == "auto" else dict(options or {})
-    sim = simulate(t, plan(t, budget, policy, **options), m)
-    print(f"batch {batch} on {m.name}, {_label(policy, options)}: step {sim.step_time_s:.2f} s; "
+    if with_recompute:
+        chosen, t, s = recompute.choose(t, budget, mode="auto", policy=policy, machine=m,
+                                        **{k: v for k, v in options.items() if k != "machine"})
+        options["recompute"] = len(chosen)
+    else:
+        s = plan(t, budget, policy, **options)
+    sim = simulate(t, s, m)
+    print(f"batch {batch} on {m.name}, {_label(policy, options)}: step {sim.step_time_s:.2f} s, "
+          f"{s.bytes_in / 1e9:.1f} GB in, {s.bytes_out / 1e9:.1f} GB out; "
           f"{physical_limit(t, budget, m)}")
+    repeats = [i for i, fn in enumerate(t.functions) if fn.repeats is not None]
+    if repeats:
+        print(f"  {len(repeats)} repeats (recompute): compute "
+              f"{sum(sim.compute_s[i] for i in repeats):5.2f} s, stalls "
+              f"{sum(sim.stall_s[i] for i in repeats):5.2f} s")
     for phase in dict.fromkeys(fn.phase for fn in t.functions):
         idx = [i for i, fn in enumerate(t.functions) if fn.phase == phase]
         a = min(sim.start_s[i] - sim.stall_s[i] for i in idx)
@@ -74,13 +89,16 @@ def phases(batch: int, budget: int, m, policy: str = "auto", options: dict | Non
               f"out-link busy {busy['out']:5.2f} s")
 
 
-# Every policy by name, and adaptive waiting in completion order (one of auto's configurations).
+# Every policy by name, adaptive waiting in completion order (one of auto's
+# configurations), and auto with recompute="auto" (what OutOfCore does by default).
 CONFIGURATIONS = [(p, {}) for p in POLICIES]
 CONFIGURATIONS.insert(POLICIES.index("adaptive") + 1, ("adaptive", {"wait_order": "completion"}))
+CONFIGURATIONS.append(("auto", {"recompute": "auto"}))
 
 
 def _label(policy: str, options: dict) -> str:
-    return policy + (", completion order" if options.get("wait_order") == "completion" else "")
+    return (policy + (", completion order" if options.get("wait_order") == "completion" else "")
+            + (", recompute" if options.get("recompute") else ""))
 
 
 def main() -> None:
@@ -91,17 +109,20 @@ def main() -> None:
     parser.add_argument("--phases", type=int, metavar="BATCH",
                         help="instead of the table: where the default policy's step at BATCH "
                              "spends its time, per phase (compute, stalls, each link busy)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="with --phases: plan with recompute='auto', as OutOfCore does")
     parser.add_argument("--policy", default="auto",
                         help="with --phases: the policy (default auto); 'completion' is "
                              "adaptive waiting in completion order")
     args = parser.parse_args()
-    if args.policy != "auto" and not args.phases:
-        parser.error("--policy goes with --phases (the table has every policy)")
+    if (args.policy != "auto" or args.recompute) and not args.phases:
+        parser.error("--policy and --recompute go with --phases (the table has every policy, "
+                     "and auto with recompute)")
     if args.phases:
         policy, options = ((("adaptive", {"wait_order": "completion"}))
                            if args.policy == "completion" else (args.policy, {}))
         return phases(args.phases, parse_bytes(args.budget), get_machine(args.machine),
-                      policy, options)
+                      policy, options, args.recompute)
     budget = parse_bytes(args.budget)
     start = time.perf_counter()
     base = in_core_max(budget)
@@ -128,21 +149,27 @@ def main() -> None:
         for policy, options in CONFIGURATIONS:
             head = (f"| {batch} | {batch / base:.2f} | {t.peak(actual=True)[0] / 1e9:.1f} | {need / 1e9:.1f} "
                     f"| {_label(policy, options)}")
+            run, lim = t, limit
             try:
                 # auto chooses by simulated time: on the machine simulated here
-                s = plan(t, budget, policy, **({"machine": m} if policy == "auto" else options))
+                if options.get("recompute"):
+                    chosen, run, s = recompute.choose(t, budget, mode="auto", machine=m)
+                    lim = physical_limit(run, budget, m).seconds    # of the trace it runs
+                    head += f" ({len(chosen)} recomputed)"
+                else:
+                    s = plan(t, budget, policy, **({"machine": m} if policy == "auto" else options))
             except InfeasibleBudget:
                 print(f"{head} | infeasible | | | | | | | | |")
                 continue
             if policy == "auto" and "chosen" in s.options:    # not when the step fits
                 head += f" ({_label(s.options['chosen'], s.options)})"
             head += " |"
-            sim = simulate(t, s, m)
+            sim = simulate(run, s, m)
             rate = batch / sim.step_time_s
-            print(f"{head} {s.bytes_moved / 1e9:.1f} | {held_written(t, s) / 1e9:.1f} | {bound} "
+            print(f"{head} {s.bytes_moved / 1e9:.1f} | {held_written(run, s) / 1e9:.1f} | {bound} "
                   f"| {sim.step_time_s * 1e3:.0f} "
-                  f"| {rate:.1f} | {100 * rate / base_rate:.0f}% | {limit * 1e3:.0f} "
-                  f"| {limit / sim.step_time_s:.2f} | {sim.physical_limit_s * 1e3:.0f} |")
+                  f"| {rate:.1f} | {100 * rate / base_rate:.0f}% | {lim * 1e3:.0f} "
+                  f"| {lim / sim.step_time_s:.2f} | {sim.physical_limit_s * 1e3:.0f} |")
     print(f"\n(took {time.perf_counter() - start:.0f} s)")
 
 

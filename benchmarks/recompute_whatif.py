@@ -76,7 +76,7 @@ def main() -> None:
         s, s_r = plan(t, budget, machine=m), plan(r, budget, machine=m)
         check(r, s_r, budget)            # the rewritten trace plans like any other
         step, step_r = simulate(t, s, m).step_time_s, simulate(r, s_r, m).step_time_s
-        gb = sum(t.arrays[y].nbytes for _, _, y in chosen) / 1e9
+        gb = sum(t.arrays[c.array].nbytes for c in chosen) / 1e9
         print(f"| {batch} | {len(chosen)} | {gb:.1f} | {lim * 1e3:.0f} | {lim_r * 1e3:.0f} "
               f"| {step * 1e3:.0f} | {step_r * 1e3:.0f} | {100 * batch / step / base_rate:.0f}% "
               f"| {100 * batch / step_r / base_rate:.0f}% | {s.bytes_moved / 1e9:.1f} "

@@ -205,3 +205,12 @@ def test_outcore_plan_recompute_all_writes_the_trace_its_schedule_is_for(tmp_pat
     check(r, Schedule.load(out))
     assert main(["plan", str(path), "--budget", str(t.peak()[0])]) == 0
     assert "recomputes" not in capsys.readouterr().out      # default: the trace as given
+
+
+def test_a_budget_the_repeats_do_not_fit_plans_without_them():
+    t = layered([64, 64, 64])
+    low = min_feasible_budget(t)
+    assert min_feasible_budget(recompute.rewrite(t, recompute.candidates(t))) > low
+    chosen, r, s = recompute.choose(t, low, mode=True)
+    assert chosen == [] and r is t
+    check(t, s, low)

@@ -80,7 +80,8 @@ def run(cfg: dict) -> dict:
     elif variant == "outcore":
         memory = {} if cuda else {"return_freed_memory": cfg.get("return_freed_memory", True)}
         with outcore.OutOfCore(budget=cfg["budget"], policy=cfg["policy"], swap_dir=cfg.get("swap_dir"),
-                               offload="host" if cuda else "disk", **memory) as ooc:
+                               offload="host" if cuda else "disk",
+                               recompute=cfg.get("recompute", "auto"), **memory) as ooc:
             # Recording iterations first (two for an optimizer that creates its state
             # lazily), then `steps` replays; a few spare in case of a re-record.
             total = steps + 4
@@ -107,6 +108,7 @@ def run(cfg: dict) -> dict:
             planned_in=report.planned_in, planned_out=report.planned_out,
             planned_peak=report.planned_peak, functions=report.functions,
             in_core_peak=report.in_core_peak, deviations=report.deviations,
+            recomputed=report.planned_recomputed,
             recordings=sum(1 for it in report.iterations if it.mode == "record"),
             lower_bound=_lower_bound(ooc, cfg["budget"]))
         if cfg.get("compute_s") and cfg.get("disk"):

@@ -3,7 +3,7 @@
 A config is a plain dict (it travels as JSON to `outcore.bench.child`):
     model, batch, image_size | seq_len, optimizer, seed,
     variant ("in-core" | "checkpoint" | "offload-hooks" | "streamed-offload" | "outcore"),
-    device ("cpu" | "cuda"), policy and budget (outcore), steps, warmup, swap_dir,
+    device ("cpu" | "cuda"), policy, budget and recompute (outcore), steps, warmup, swap_dir,
     env (extra environment),
     compute_s and disk (outcore: to predict the step time with the simulator).
 """
@@ -23,6 +23,8 @@ def label(cfg: dict) -> str:
     text = f"{cfg['model']} b{cfg['batch']} {cfg['variant']}"
     if cfg["variant"] == "outcore":
         text += f" {cfg['policy']} budget {format_bytes(cfg['budget'])}"
+        if cfg.get("recompute", "auto") != "auto":
+            text += f" recompute={cfg['recompute']}"
     if cfg.get("return_freed_memory", True) is not True:
         text += f" memory={cfg['return_freed_memory']}"
     if cfg.get("env"):

@@ -270,7 +270,7 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     `machine`, and only if that plan's simulated iteration there is faster than the
     plan without (a tie keeps the plan without). `policy` and
     `options` go to plan() for both."""
-    from ..errors import OutcoreError
+    from ..errors import InfeasibleBudget, OutcoreError
     from ..simulate import simulate
     from .api import plan
     if not any(mode is m or mode == m == "auto" for m in MODES):
@@ -283,7 +283,10 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     if not chosen:
         return [], trace, base if base is not None else plan(trace, budget, policy, **options)
     again = rewrite(trace, chosen)
-    schedule = plan(again, budget, policy, **options)
+    try:
+        schedule = plan(again, budget, policy, **options)
+    except InfeasibleBudget:      # the repeats' workspace does not fit beside the rest
+        return [], trace, base if base is not None else plan(trace, budget, policy, **options)
     if base is not None and (simulate(again, schedule, machine).iteration_time_s
                              >= simulate(trace, base, machine).iteration_time_s):
         return [], trace, base
