@@ -17,6 +17,7 @@ from torch import nn
 import outcore
 from outcore.errors import OutcoreError
 from outcore.run import recompute as executor
+from outcore.run.replay import Replayer
 from outcore.states import DISCARDED
 
 from ..trace.helpers import assert_bitwise_equal, state_of
@@ -42,13 +43,15 @@ class Net(nn.Module):
 
 
 class Work:
-    def __init__(self, optimizer: str):
+    def __init__(self, optimizer: str, channels_last: bool = False):
         torch.manual_seed(0)
         self.model = Net()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.optimizer = (torch.optim.Adam(self.model.parameters(), lr=1e-3) if optimizer == "adam"
                           else torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9))
         g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(8, 3, 16, 16, generator=g)
+        self.x = torch.randn(8, 3, 16, 16, generator=g).contiguous(memory_format=fmt)
+        self.model.to(memory_format=fmt)
         self.y = torch.randint(0, 10, (8,), generator=g)
 
     def step(self):
@@ -71,9 +74,10 @@ def train(w, ooc=None, iterations=4, seed=100):
     return losses
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_recomputed_training_is_bitwise_plain(optimizer):
-    plain, managed = Work(optimizer), Work(optimizer)
+@pytest.mark.parametrize("optimizer,channels_last", [("sgd", False), ("adam", False),
+                                                    ("sgd", True)])
+def test_recomputed_training_is_bitwise_plain(optimizer, channels_last):
+    plain, managed = Work(optimizer, channels_last), Work(optimizer, channels_last)
     losses = train(plain)
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         got = train(managed, ooc)
@@ -127,6 +131,7 @@ def test_an_interrupt_in_backward_leaves_nothing_discarded():
         handle.remove()
         assert seen["discarded"] > 0, "the interrupt landed before anything was discarded"
         assert not _discarded(ooc)
+        assert ooc.report().iterations[-1].bytes_recomputed > 0     # remade at the end
 
         def plain_hook(grad):                    # the same step, interrupted the same way
             raise KeyboardInterrupt
@@ -149,46 +154,112 @@ def test_a_step_that_changes_remakes_before_it_leaves_the_plan():
 
     def extra(grad):
         return grad * 1.0                        # a new op in backward
+    left = []
+    deviate = Replayer._deviate
+
+    def spy(self, *args):
+        out = deviate(self, *args)
+        left.append(len([e for e in self._held.values() if e.state is DISCARDED]))
+        return out
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         train(managed, ooc, iterations=3)
         train(plain, iterations=3)
+        discarded = {}
+
+        def count(grad):
+            discarded.setdefault("n", len(_discarded(ooc)))
+        managed.model.head.weight.register_hook(count)
         for w in (plain, managed):
             w.model.head.weight.register_hook(extra)
         train(plain, iterations=2, seed=300)
-        train(managed, ooc, iterations=2, seed=300)
+        Replayer._deviate = spy
+        try:
+            train(managed, ooc, iterations=2, seed=300)
+        finally:
+            Replayer._deviate = deviate
         assert ooc.report().iterations[3].deviation
+        assert discarded["n"] > 0 and left and left[0] == 0    # remade as it left the plan
         assert not _discarded(ooc)
     assert_bitwise_equal(state_of(plain.model, plain.optimizer),
                          state_of(managed.model, managed.optimizer))
 
 
-def test_a_remake_refuses_inputs_changed_since_and_leaves_the_array_empty_not_wrong():
-    x = torch.randn(4, 8)
-    w = torch.randn(8, 8)
+def _kept_mm(x, w):
     out = torch.ops.aten.mm.default(x, w)
     call = executor.capture(torch.ops.aten.mm.default, (x, w), {}, producer=True)
-    storage = out.untyped_storage()
-    assert executor.captured(call, out, storage)
-    remake = executor.Remake(_NoResidency(), [call], "a test activation")
-    x.add_(1)                                     # changed after the discard
+    executor.ran(call)
+    assert executor.captured(call, out, out.untyped_storage())
+    return out, call
+
+
+def test_a_remake_refuses_an_input_changed_after_the_op_even_before_the_discard():
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    out, call = _kept_mm(x, w)
+    x.add_(1)                                 # after the op, before the discard
+    remake = executor.Remake(_NoResidency(), [call], "a test activation", out.untyped_storage())
     with pytest.raises(OutcoreError, match="changed in place"):
-        remake(storage)
+        remake(out.untyped_storage())
 
 
 def test_a_remake_writes_the_same_bytes_without_moving_the_version():
     x, w = torch.randn(4, 8), torch.randn(8, 8)
-    out = torch.ops.aten.mm.default(x, w)
+    out, call = _kept_mm(x, w)
     expected = out.clone()
-    call = executor.capture(torch.ops.aten.mm.default, (x, w), {}, producer=True)
-    storage = out.untyped_storage()
-    assert executor.captured(call, out, storage)
-    remake = executor.Remake(_NoResidency(), [call], "a test activation")
-    version = out._version
+    remake = executor.Remake(_NoResidency(), [call], "a test activation", out.untyped_storage())
     out.zero_()
     version = out._version
-    remake(storage)
+    remake(out.untyped_storage())
     assert torch.equal(out, expected) and out._version == version
+
+
+def test_a_failed_remake_leaves_no_tensor_without_memory(monkeypatch):
+    """A remake that fails in the replayed backward (here: injected): the iteration raises
+    that error, and no storage is left DISCARDED (NOTE 4); the model's state is whole and
+    later iterations train on."""
+    w = Work("sgd")
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        train(w, ooc, iterations=3)
+
+        def broken(self, storage):
+            raise RuntimeError("injected")
+        monkeypatch.setattr(executor.Remake, "__call__", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            with ooc.iteration():
+                w.step()
+        monkeypatch.undo()
+        assert not [e for e in ooc._res.entries.values() if e.state is DISCARDED]
+        for e in ooc._res.entries.values():
+            storage = e.ref()
+            if storage is not None and not e.foreign:
+                assert storage.nbytes() == e.nbytes or e.state.name in ("SLOW", "MAPPED")
+        for t in w.model.state_dict().values():
+            assert torch.isfinite(t.float()).all()
+        train(w, ooc, iterations=2, seed=500)
+        assert ooc.report().iterations[-1].bytes_recomputed > 0
 
 
 class _NoResidency:
     entries: dict = {}
+
+
+class AutocastWork(Work):
+    def step(self):
+        self.optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def test_recompute_under_autocast_is_bitwise_plain():
+    plain, managed = AutocastWork("adam"), AutocastWork("adam")
+    losses = train(plain)
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        got = train(managed, ooc)
+        report = ooc.report()
+    assert report.recomputed_arrays >= 2
+    assert all(it.bytes_recomputed > 0 for it in report.iterations if it.mode == "replay")
+    assert all(torch.equal(a, b) for a, b in zip(losses, got))
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))

@@ -22,10 +22,10 @@ NOTE [Recompute rules] (cited from code as "rule N"; `check` enforces 3 as R9)
      backward does.
   3. Every array the repeat reads holds, when the repeat runs, what it held when p ran:
      nothing writes it in between, and it is alive then (state, or released at or after
-     the repeat) - or it is a recomputed array made again first. Chains of recomputes
-     (a convolution reading a recomputed array) are allowed only with `chains`: each
-     hangs on the one before it, and all of them land at the start of backward
-     (docs/paper-headline.md).
+     the repeat) - or it is a recomputed array made again first. A batch norm may read
+     a recomputed convolution (their repeats run together); a convolution reading a
+     recomputed array only with `chains`: long chains hang each on the one before, and
+     all of them land at the start of backward (docs/paper-headline.md).
   4. Arrays p writes besides y (batch norm's running statistics) are small, at most
      SMALL_WRITES bytes: the executor runs the repeat on copies of their values from
      before p, so that the step updates them once, as plain PyTorch does.
@@ -86,10 +86,11 @@ def _uses(trace) -> dict[int, list[tuple[int, str]]]:
 
 
 def candidates(trace, *, kinds=("bn", "conv"), chains: bool = False,
-               machine=None) -> list[Recompute]:
-    """The arrays that may be recomputed by NOTE [Recompute rules], in forward order; with
-    `machine` (a preset name or Machine), only those where recomputing costs less than
-    moving (rule 6)."""
+               machine=None, min_bytes: int = 1) -> list[Recompute]:
+    """The arrays of at least `min_bytes` (smaller ones never move: OutOfCore's
+    min_move_bytes) that may be recomputed by NOTE [Recompute rules], in forward order;
+    with `machine` (a preset name or Machine), only those where recomputing costs less
+    than moving (rule 6)."""
     if not deterministic(trace.device):
         return []
     from ..simulate import machine as get_machine
@@ -107,6 +108,8 @@ def candidates(trace, *, kinds=("bn", "conv"), chains: bool = False,
         if not created or not reads or sum(arrays[a].nbytes for a in writes) > SMALL_WRITES:
             continue                                                    # rules 1, 4
         y = created[0]
+        if arrays[y].nbytes < min_bytes:
+            continue
         follower = -1
         if (fn.index + 1 < len(fns) and fns[fn.index + 1].op in FOLLOWERS
                 and [(a.array, a.kind) for a in fns[fn.index + 1].accesses] == [(y, "write")]):
@@ -223,12 +226,13 @@ def rewrite(trace, chosen) -> Trace:
 
 
 def verify(trace) -> None:
-    """R9 of `check` (rule 3): every repeat reads what its original read, holding the
-    same bytes - nothing wrote it in between - or an array an earlier repeat made; it
-    makes one array (a repeated producer) or writes one an earlier repeat made (a
-    repeated follower). Raises ScheduleError."""
+    """R9 of `check` (rule 3): a repeat reads exactly what its original read - each array
+    as it was, nothing having written it in between, or the copy an earlier repeat made
+    of it - and makes one array (a repeated producer), or writes the one the repeat
+    right before it made (a repeated follower, itself right after its producer in the
+    step). Raises ScheduleError."""
     fns = trace.functions
-    made: set[int] = set()
+    made: dict[int, int] = {}              # array a repeat made -> the array it stands for
     writes_at: dict[int, list[int]] = {}
     for fn in fns:
         for acc in fn.accesses:
@@ -241,35 +245,49 @@ def verify(trace) -> None:
         where = f"R9: function {fn.index} ({fn.op}) repeats function {p.index} ({p.op})"
         if p.repeats is not None or fn.op != PREFIX + p.op or p.index >= fn.index:
             raise ScheduleError(f"{where}, which is not an earlier recorded function of that op")
-        original = {a.array for a in p.accesses if a.kind == "read"}
-        for acc in fn.accesses:
-            a = acc.array
-            if acc.kind == "read":
-                if a in made:
-                    continue
-                if a not in original:
-                    raise ScheduleError(f"{where}: it reads array {a}, which the original did not")
-                wrote = [w for w in writes_at.get(a, ()) if p.index < w < fn.index]
-                if wrote:
-                    raise ScheduleError(f"{where}: array {a} it reads was written by function "
-                                        f"{wrote[0]} in between, so the repeat would not give "
-                                        "the same bytes")
-            elif acc.kind == "create":
-                made.add(a)
-            elif a not in made:
-                raise ScheduleError(f"{where}: it writes array {a}, which no earlier repeat made")
+        reads = [a.array for a in fn.accesses if a.kind == "read"]
+        if {made.get(a, a) for a in reads} != {a.array for a in p.accesses if a.kind == "read"}:
+            raise ScheduleError(f"{where}: it does not read what the original read")
+        for a in reads:
+            wrote = [w for w in writes_at.get(a, ()) if p.index < w < fn.index]
+            if a not in made and wrote:
+                raise ScheduleError(f"{where}: array {a} it reads was written by function "
+                                    f"{wrote[0]} in between, so the repeat would not give "
+                                    "the same bytes")
+        creates = [a.array for a in fn.accesses if a.kind == "create"]
+        writes = [a.array for a in fn.accesses if a.kind == "write"]
+        p_creates = [a.array for a in p.accesses if a.kind == "create"]
+        if creates:
+            if len(creates) != 1 or writes or not p_creates:
+                raise ScheduleError(f"{where}: a repeated producer makes exactly one array")
+            made[creates[0]] = p_creates[0]
+            continue
+        before = fns[fn.index - 1] if fn.index else None
+        made_before = [a.array for a in before.accesses if a.kind == "create"] if before else []
+        if (before is None or before.repeats != p.index - 1 or writes != made_before
+                or [(a.array, a.kind) for a in p.accesses]
+                != [(made[made_before[0]], "write")]):
+            raise ScheduleError(f"{where}: a repeated follower must come right after its "
+                                "producer's repeat and write the array that repeat made")
 
 
 MODES = ("auto", True, False)
+# Rule 6 for the whole plan: "auto" keeps recompute only if its plan simulates at least
+# this much faster. The simulator charges a repeat its producer's recorded time, not the
+# copy of its output into place nor the fresh memory it fills; on this 2-core CPU plans
+# simulated a few percent faster with recompute ran as fast or slower (docs/planning.md,
+# "Recompute"), while on the GPU presets recompute gains 5-50% (docs/paper-headline.md).
+MARGIN = 0.05
 
 
 def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cpu-disk",
-           **options):
+           min_bytes: int = 1, **options):
     """(chosen, the trace to run, its Schedule). `mode`: False plans `trace` as it is;
-    True recomputes every array rules 1-5 allow; "auto" those where rule 6 holds on
-    `machine`, and only if that plan's simulated iteration there is faster than the
-    plan without (a tie keeps the plan without). `policy` and
-    `options` go to plan() for both."""
+    True recomputes every array of at least `min_bytes` that rules 1-5 allow; "auto"
+    those where rule 6 holds on `machine`, and only if that plan's simulated iteration
+    there is faster than the plan without by MARGIN. A plan whose repeats do not fit
+    the budget falls back to the plan without. `policy` and `options` go to plan() for
+    both."""
     from ..errors import InfeasibleBudget, OutcoreError
     from ..simulate import simulate
     from .api import plan
@@ -278,7 +296,7 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     if policy == "auto":
         options.setdefault("machine", machine)
     base = None if mode is True else plan(trace, budget, policy, **options)
-    chosen = (candidates(trace, machine=machine if mode == "auto" else None)
+    chosen = (candidates(trace, machine=machine if mode == "auto" else None, min_bytes=min_bytes)
               if mode is not False else [])
     if not chosen:
         return [], trace, base if base is not None else plan(trace, budget, policy, **options)
@@ -288,6 +306,6 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     except InfeasibleBudget:      # the repeats' workspace does not fit beside the rest
         return [], trace, base if base is not None else plan(trace, budget, policy, **options)
     if base is not None and (simulate(again, schedule, machine).iteration_time_s
-                             >= simulate(trace, base, machine).iteration_time_s):
+                             > (1 - MARGIN) * simulate(trace, base, machine).iteration_time_s):
         return [], trace, base
     return chosen, again, schedule

@@ -452,8 +452,8 @@ class OutOfCore:
         options = dict(self.plan_options)
         chosen, plannable, schedule = choose_recompute(
             plannable, budget, mode=self.recompute, policy=self.policy,
-            machine=options.get("machine", self.machine),
-            **options)
+            machine=options.pop("machine", self.machine),
+            min_bytes=max(self._res.min_move_bytes, 1), **options)
         self._in_core_peak = trace.peak()[0]
         trace = rewrite(trace, chosen)          # the same repeats, at the recorded sizes
         check(plannable, schedule, budget)

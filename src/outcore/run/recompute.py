@@ -3,27 +3,33 @@ its output's bytes where the plan frees it, and make them again before backward.
 
 NOTE [Replaying a recompute]
   1. Capture. When the step runs a function some repeat runs again (a producer, or its
-     in-place follower), the replayer keeps the op and its arguments (`Call`). What the
-     op writes besides the recomputed array (batch norm's running statistics) is copied
-     first, so that the repeat runs on their values from before the op and the step's
-     own update stays the only one (recompute rule 4). A call whose output does not
-     fill its storage densely, or whose arguments are not plain tensors, is not kept:
-     its array is then not discarded, and the repeat only makes it ready (slower,
+     in-place follower), the replayer keeps the op and its arguments (`Call`), and,
+     as soon as the op returns, the version of every tensor argument. What the op
+     writes besides the recomputed array (batch norm's running statistics) is copied
+     before it runs, so that the repeat runs on their values from before the op and
+     the step's own update stays the only one (recompute rule 4). A call whose output
+     does not fill its storage densely, or whose arguments are not plain tensors, is
+     not kept: its array is then written out and read back like any other (slower,
      never wrong).
   2. Discard. Where the plan frees a recomputed array y, the storage autograd still holds
      is `resize_(0)`d without a copy: DISCARDED, in no counter (Residency.discard). The
-     kept calls go with the entry (`Entry.remake`), and so does the version of every
-     tensor they hold.
+     kept calls go with the entry (`Entry.remake`), with every reference to y itself
+     replaced by its geometry, so that they keep y's inputs alive but not y.
   3. Remake. At the repeat, or whenever anything reads y first (Residency.ready: after
      a deviation, on-demand), the calls' inputs are made ready, every version is checked
-     against the one noted at the discard (a change means the repeat would not give
-     the same bytes: OutcoreError, nothing computed), the producer runs again, and its
-     output's bytes are copied into y's storage; then the follower runs on y in place.
-     The writes go through an alias of y's storage with its own version counter, so
-     autograd's saved-tensor checks see y unchanged, as after a swap-in.
-  4. Whatever is still DISCARDED and alive when the iteration ends, however it ends (a
-     Ctrl-C included), is remade then: user code never meets an empty tensor. The kept
-     calls are let go at the remake, or when y's storage dies.
+     against the one noted at the capture (a change means the repeat would not give
+     the same bytes: OutcoreError, nothing computed), the producer runs again, without
+     autograd or autocast, and its output's bytes are copied into y's storage; then the
+     follower runs on y in place. The writes go through an alias of y's storage with
+     its own version counter, so autograd's saved-tensor checks see y unchanged, as
+     after a swap-in.
+  4. Whatever is still DISCARDED and alive when the step leaves the plan (before the op
+     that left it runs, which may change an input) or the iteration ends (however it
+     ends, a Ctrl-C included) is remade then. If a remake fails (out of memory, an
+     input changed), the storage gets its size back filled with NaN (every byte 0xFF)
+     and the error is raised: the activation of that failed iteration is lost, but no
+     tensor is ever left without its memory. The kept calls are let go at the remake,
+     or when y's storage dies.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from ..errors import OutcoreError
 from ..units import format_bytes
 
 
-@dataclass
+@dataclass(eq=False)
 class Call:
     """One op of the step, kept to be run again (NOTE 1)."""
     func: object
@@ -45,6 +51,17 @@ class Call:
     copies: dict            # id(argument) -> its value from before the op
     out_index: int = -1     # a producer's: the position of y among its outputs
     geometry: tuple = ()    # (size, stride, storage offset) of that output
+    versions: list = None   # (tensor, its version just after the op) for every argument
+
+
+@dataclass(frozen=True)
+class _InY:
+    """Where a kept call had a tensor on y's storage: its geometry (NOTE 2)."""
+    dtype: object
+    device: object
+    size: tuple
+    stride: tuple
+    offset: int
 
 
 def capture(func, args, kwargs, *, producer: bool) -> Call | None:
@@ -57,6 +74,15 @@ def capture(func, args, kwargs, *, producer: bool) -> Call | None:
         for t in written_tensors(func, args, kwargs):
             copies[id(t)] = t.detach().clone()
     return Call(func, args, dict(kwargs), copies)
+
+
+def ran(call: Call) -> None:
+    """Right after the op returned: the versions a remake checks (NOTE 1 and 3)."""
+    call.versions = [(t, t._version) for t in _arguments(call) if id(t) not in call.copies]
+
+
+def _arguments(call: Call):
+    return list(iter_tensors(call.args)) + list(iter_tensors(call.kwargs.values()))
 
 
 def captured(call: Call, out, storage) -> bool:
@@ -85,31 +111,28 @@ def _dense(t) -> bool:
     return True
 
 
-def _alias(storage, like, geometry=None) -> torch.Tensor:
-    """A tensor over `storage` with `like`'s geometry (or `geometry`) and a version
+def _alias(storage, dtype, device, geometry) -> torch.Tensor:
+    """A tensor over `storage` with `geometry` (size, stride, offset) and a version
     counter of its own (NOTE 3)."""
-    size, stride, offset = geometry or (like.size(), like.stride(), like.storage_offset())
-    return torch.empty(0, dtype=like.dtype, device=like.device).set_(storage, offset, size, stride)
+    size, stride, offset = geometry
+    return torch.empty(0, dtype=dtype, device=device).set_(storage, offset, size, stride)
 
 
 class Remake:
     """The calls that make one array again, from its discard on (NOTE 2 and 3)."""
 
-    def __init__(self, res, calls: list[Call], label: str):
+    def __init__(self, res, calls: list[Call], label: str, storage):
         self.res = res
-        self.calls = calls
         self.label = label
-        self.versions = [(t, t._version) for call in calls for t in self._held(call)]
-
-    @staticmethod
-    def _held(call: Call):
-        for t in list(iter_tensors(call.args)) + list(iter_tensors(call.kwargs.values())):
-            if id(t) not in call.copies:
-                yield t
+        key = storage._cdata
+        self.calls = [Call(c.func, _unhook(c.args, key), _unhook(c.kwargs, key), c.copies,
+                           c.out_index, c.geometry) for c in calls]
+        self.versions = [(t, v) for c in calls for t, v in c.versions or ()
+                         if t.untyped_storage()._cdata != key]
 
     def __call__(self, storage) -> None:
         """Write the array's bytes into `storage` (already of its size)."""
-        res, key = self.res, storage._cdata
+        res = self.res
         for t, version in self.versions:
             if t._version != version:
                 raise OutcoreError(
@@ -118,34 +141,57 @@ class Remake:
                     "step changed since it was recorded; the next iteration records it again. "
                     "Pass recompute=False to OutOfCore to never recompute")
         for t, _ in self.versions:                       # inputs first (chains included)
-            s = t.untyped_storage()
-            entry = res.entries.get(s._cdata)
-            if s._cdata != key and entry is not None:
+            entry = res.entries.get(t.untyped_storage()._cdata)
+            if entry is not None:
                 res.ready(entry)
-        for call in self.calls:
-            args = self._bind(call, call.args, storage)
-            kwargs = self._bind(call, call.kwargs, storage)
-            out = call.func(*args, **kwargs)
-            if call.out_index >= 0:
-                made = output_tensors(out)[call.out_index]
-                _alias(storage, made, call.geometry).copy_(made)
+        with torch.no_grad(), _no_autocast():
+            for call in self.calls:
+                args = _bind(call, call.args, storage)
+                kwargs = _bind(call, call.kwargs, storage)
+                out = call.func(*args, **kwargs)
+                if call.out_index >= 0:
+                    made = output_tensors(out)[call.out_index]
+                    _alias(storage, made.dtype, made.device, call.geometry).copy_(made)
         self.calls, self.versions = [], []
 
-    def _bind(self, call, value, storage):
-        """The arguments for the repeat: copies for what the op writes besides y (fresh
-        ones, NOTE 1), an alias for y itself (NOTE 3), everything else as it was."""
-        if isinstance(value, torch.Tensor):
-            copy = call.copies.get(id(value))
-            if copy is not None:
-                return copy.clone()
-            if value.untyped_storage()._cdata == storage._cdata:
-                return _alias(storage, value)
-            return value
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._bind(call, v, storage) for v in value)
-        if isinstance(value, dict):
-            return {k: self._bind(call, v, storage) for k, v in value.items()}
+
+def _no_autocast():
+    """Autocast off on every device type: the calls' arguments are already what autocast
+    made of them (NOTE 3)."""
+    import contextlib
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda"):
+        stack.enter_context(torch.autocast(device_type=device, enabled=False))
+    return stack
+
+
+def _unhook(value, key):
+    """`value` with every tensor on the storage `key` (y) replaced by its geometry."""
+    if isinstance(value, torch.Tensor):
+        if value.untyped_storage()._cdata == key:
+            return _InY(value.dtype, value.device, tuple(value.size()), tuple(value.stride()),
+                        value.storage_offset())
         return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unhook(v, key) for v in value)
+    if isinstance(value, dict):
+        return {k: _unhook(v, key) for k, v in value.items()}
+    return value
+
+
+def _bind(call, value, storage):
+    """The arguments for the repeat: fresh copies of what the op writes besides y (NOTE
+    1), an alias for y itself (NOTE 3), everything else as it was."""
+    if isinstance(value, _InY):
+        return _alias(storage, value.dtype, value.device, (value.size, value.stride, value.offset))
+    if isinstance(value, torch.Tensor):
+        copy = call.copies.get(id(value))
+        return copy.clone() if copy is not None else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_bind(call, v, storage) for v in value)
+    if isinstance(value, dict):
+        return {k: _bind(call, v, storage) for k, v in value.items()}
+    return value
 
 
 def describe(nbytes: int, op: str) -> str:

@@ -98,18 +98,20 @@ class Replayer(HeldMode):
         """The plan frees y, which a repeat makes again: discard its bytes if its calls
         were kept (NOTE 1 and 2); else it is written out like any storage the plan frees
         while something holds it, and the repeat reads it back."""
-        self._held[y] = entry
         producer = self._producer[y]
         calls = [self._calls.pop(producer, None)]
         follower = self._follower.get(producer)
         if follower is not None:
             calls.append(self._calls.pop(follower, None))
-        if None in calls or calls[0].out_index < 0:
-            if entry.ref() is not None and entry.state is FAST:
+        storage = entry.ref() if entry is not None else None
+        if storage is None:
+            return                      # never bound, or died: no repeat will find it
+        self._held[y] = entry
+        if any(c is None for c in calls) or calls[0].out_index < 0 or not self.res.discard(
+                entry, recompute.Remake(self.res, calls, recompute.describe(
+                    entry.nbytes, self.op_names[producer]), storage)):
+            if entry.state is FAST and not entry.pinned:
                 self._zombies.append(entry)       # written out at the next op, read back
-            return
-        label = recompute.describe(entry.nbytes, self.op_names[producer])
-        self.res.discard(entry, recompute.Remake(self.res, calls, label))
 
     def _repeat(self, k: int) -> None:
         """Run inserted function k: its actions, and the remake of the array it makes."""
@@ -140,7 +142,8 @@ class Replayer(HeldMode):
     def _remake_held(self) -> None:
         """NOTE 4: whatever is still discarded and alive is made again now: when the
         iteration ends, and when the step leaves the plan (before the op that left it
-        runs, which may change what a repeat reads)."""
+        runs, which may change what a repeat reads). One that cannot be remade gets its
+        memory back filled with NaN, and the first error is raised."""
         held, self._held, self._calls = self._held, {}, {}
         error = None
         for entry in held.values():
@@ -149,6 +152,7 @@ class Replayer(HeldMode):
             try:
                 self.res.ready(entry)
             except BaseException as exc:  # noqa: BLE001 - the others are still remade
+                self.res.abandon(entry)
                 error = error or exc
         if error is not None:
             raise error
@@ -288,8 +292,11 @@ class Replayer(HeldMode):
     def _one(self, func, args, kwargs, split=None):
         if self.deviation is not None:
             return self._fallback(func, args, kwargs)
-        while self.index < self.n and self.repeats[self.index] is not None:
-            self._repeat(self.index)
+        if self.index < self.n and self.repeats[self.index] is not None:
+            if self._zombies:
+                self._reap()          # the repeats' room first
+            while self.index < self.n and self.repeats[self.index] is not None:
+                self._repeat(self.index)
         i = self.index
         name = self._name(func)
         if i >= self.n or name != self.op_names[i]:
@@ -332,6 +339,8 @@ class Replayer(HeldMode):
         started = time.perf_counter()
         out = func(*args, **kwargs)
         returned = time.perf_counter()
+        if call is not None:
+            recompute.ran(call)
         known = {e.key for e in entries}
         created = [s for s in distinct_storages(output_tensors(out))
                    if s._cdata not in known and (s.nbytes() or s._cdata in res.entries)]
@@ -362,6 +371,10 @@ class Replayer(HeldMode):
         res = self.res
         for act in actions:
             entry = self.by_id[act.array]
+            if act.kind == FREE and act.array in self._producer:
+                self._drop(act.array, entry)           # made again by a repeat
+                self.by_id[act.array] = None
+                continue
             if entry is None or entry.pinned:
                 # Pinned arrays stay put by design; an unbound one was never touched in
                 # this iteration (e.g. an input the step has not read yet): worth a count.
@@ -377,9 +390,6 @@ class Replayer(HeldMode):
                 res.evict(entry)
             elif kind == DROP:
                 res.evict(entry, unplanned=not entry.clean)
-            elif kind == FREE and act.array in self._producer:
-                self._drop(act.array, entry)           # made again by a repeat
-                self.by_id[act.array] = None
             elif kind == FREE:
                 # Dead for the plan. The storage usually dies as soon as the op's caller
                 # lets go of it; whatever still holds it at the next op gets evicted.

@@ -389,7 +389,8 @@ class Residency:
     def discard(self, entry: Entry, remake) -> bool:
         """Drop a FAST entry's bytes without a copy: `remake(storage)` makes them again
         when next needed (NOTE [Replaying a recompute] in recompute.py). False (and
-        nothing changed) when the entry is not FAST, cannot move, or has died."""
+        nothing changed) when the entry is not FAST, cannot move, or has died: the
+        caller then keeps its bytes another way."""
         storage = entry.ref()
         if (entry.state is not FAST or entry.pinned or storage is None
                 or storage.nbytes() != entry.nbytes or not storage.resizable()):
@@ -401,6 +402,20 @@ class Residency:
         if self.memory_check is not None:
             self.memory_check()
         return True
+
+    def abandon(self, entry: Entry) -> None:
+        """A DISCARDED entry that cannot be remade: its storage gets its size back, every
+        byte 0xFF (NaN in floating point), FAST and dirty, so that no tensor is left
+        without memory (NOTE 4 in recompute.py). Its values are lost."""
+        storage = entry.ref()
+        if entry.state is not DISCARDED or storage is None:
+            return
+        storage.resize_(entry.nbytes)
+        import torch
+        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).fill_(255)
+        entry.state, entry.clean, entry.remake = FAST, False, None
+        self._add_resident(entry.nbytes)
+        self.touch(entry)
 
     def remake(self, entry: Entry) -> None:
         """Make a DISCARDED entry's bytes again, in its own storage: FAST and dirty. An
@@ -556,7 +571,7 @@ class Residency:
         else:
             if entry.state is OUT:
                 self.finish(entry)
-            elif entry.state is IN:
+            elif entry.state in (IN, DISCARDED):
                 self.ready(entry)
             if entry.state is MAPPED:
                 self._unmap(entry)
