@@ -263,3 +263,14 @@ def test_recompute_under_autocast_is_bitwise_plain():
     assert all(torch.equal(a, b) for a, b in zip(losses, got))
     assert_bitwise_equal(state_of(plain.model, plain.optimizer),
                          state_of(managed.model, managed.optimizer))
+
+
+def test_the_picture_and_the_timeline_show_the_recomputes(tmp_path):
+    w = Work("sgd")
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        train(w, ooc, iterations=3)
+        ooc.plot(tmp_path / "m.svg")
+        ooc.timeline(tmp_path / "t.json")
+        made = ooc.report().recomputed_arrays
+    assert f"recompute ({made})" in (tmp_path / "m.svg").read_text()
+    assert "recompute:aten.native_batch_norm.default" in (tmp_path / "t.json").read_text()

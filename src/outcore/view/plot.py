@@ -6,7 +6,7 @@
 The top panel is the plan on the simulator's clock: the bytes of each category
 (parameter, gradient, optimizer state, activation...) in fast memory while each function
 runs, stacked; the budget; what plain PyTorch holds (in-core, on its own, shorter clock);
-swap-ins marked below the axis, swap-outs above the budget line. With a StepLog of a
+swap-ins marked below the axis (recomputes below them), swap-outs above the budget line. With a StepLog of a
 replayed iteration (run/steplog.py) a second panel shows the measured step on its own
 clock: managed tensor bytes, the process's resident set above its start, the budget and
 the transfers as the movers ran them. PNG or SVG, by the path's suffix.
@@ -70,6 +70,11 @@ def _planned(ax, trace, schedule, sim) -> None:
     xs, ys = _steps(clock, [b / MIB for b in occ.in_core], t * 1e3)
     ax.plot(xs, ys, color="grey", linewidth=1.2, label="in-core (plain PyTorch, its own clock)")
     _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], budget)
+    remade = [sim.start_s[f.index] * 1e3 for f in trace.functions if f.repeats is not None
+              and any(a.kind == "create" for a in f.accesses)]
+    if remade:                     # plan/recompute.py: made again instead of read back
+        ax.plot(remade, [-0.07 * budget] * len(remade), "|", color="#2ca02c", markersize=8,
+                label=f"recompute ({len(remade)})")
     ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
                  f"(in-core {sim.in_core_time_s * 1e3:.0f} ms); moves "
                  f"{sim.bytes_in / MIB:.0f} MiB in, {sim.bytes_out / MIB:.0f} MiB out", fontsize=10)
