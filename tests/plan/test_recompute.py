@@ -245,3 +245,20 @@ def test_a_budget_the_repeats_do_not_fit_plans_without_them():
     chosen, r, s = recompute.choose(t, low, mode=True)
     assert chosen == [] and r is t
     check(t, s, low)
+
+
+def test_outcore_simulate_recompute(tmp_path, capsys):
+    from outcore.cli.main import main
+    path = tmp_path / "t.json"
+    t = layered([4, 64, 64, 64])
+    t.save(path)
+    budget = str(int(t.peak()[0] * 0.9))
+    assert main(["simulate", str(path), "--budget", budget, "--recompute", "all"]) == 0
+    rewritten = recompute.rewrite(t, recompute.candidates(t))
+    assert f"Trace({len(rewritten.functions)} functions" in capsys.readouterr().out
+    assert main(["simulate", str(path), "--budget", budget + "," + str(t.peak()[0]),
+                 "--recompute", "all"]) == 0
+    assert " rc " in capsys.readouterr().out
+    assert main(["simulate", str(path), "--budget", budget, "--ranks", "2",
+                 "--recompute", "all"]) == 2
+    assert "--recompute goes with a single-device" in capsys.readouterr().err

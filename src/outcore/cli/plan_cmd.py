@@ -29,10 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     add_wait_order(p)
-    p.add_argument("--recompute", choices=("none", "auto", "all"), default="none",
-                   help="recompute activations instead of moving them (plan/recompute.py): "
-                        "auto where it simulates faster, all wherever the rules allow "
-                        "(default none: the trace as given)")
+    add_recompute(p)
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
     p.add_argument("-o", "--output", help="write the schedule as JSON to this file")
     c = p.add_argument_group("--cluster: how many devices, which strategy")
@@ -48,6 +45,17 @@ def add_parser(sub) -> None:
                                              "less than one sample")
     c.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.set_defaults(func=run)
+
+
+# --recompute: OutOfCore's recompute= for a trace file (plan/recompute.py).
+RECOMPUTE = {"none": False, "auto": "auto", "all": True}
+
+
+def add_recompute(p) -> None:
+    p.add_argument("--recompute", choices=tuple(RECOMPUTE), default="none",
+                   help="recompute activations instead of moving them (plan/recompute.py): "
+                        "auto where it simulates faster, all wherever the rules allow "
+                        "(default none: the trace as given)")
 
 
 def add_wait_order(p) -> None:
@@ -95,8 +103,8 @@ def run(args) -> int:
     trace = Trace.load(args.trace)
     budget = parse_bytes(args.budget)
     policy = chosen_policy(args)
-    mode = {"none": False, "auto": "auto", "all": True}[args.recompute]
-    chosen, trace, schedule = choose_recompute(trace, budget, mode=mode, policy=policy,
+    chosen, trace, schedule = choose_recompute(trace, budget, mode=RECOMPUTE[args.recompute],
+                                               policy=policy,
                                                **policy_options(args))
     print(repr(trace))
     if chosen:

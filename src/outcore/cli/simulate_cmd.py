@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from ..errors import InfeasibleBudget, OutcoreError
 from ..plan import POLICIES, min_feasible_budget, plan
+from ..plan.recompute import choose as choose_recompute
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
-from .plan_cmd import add_wait_order, chosen_policy, policy_options
+from .plan_cmd import RECOMPUTE, add_recompute, add_wait_order, chosen_policy, policy_options
 
 
 def add_parser(sub) -> None:
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     add_wait_order(p)
+    add_recompute(p)
     p.add_argument("--timeline", metavar="OUT.json",
                    help="write the simulated step as a Chrome trace (opens in Perfetto or "
                         "chrome://tracing); one trace, budget and policy only")
@@ -164,6 +166,10 @@ def _budgets(args, trace, machine) -> list[int]:
 
 
 def run(args) -> int:
+    if args.recompute != "none" and (args.together or args.ranks is not None or args.strategy
+                                     or args.interconnect):
+        raise OutcoreError("--recompute goes with a single-device simulation, not with "
+                           "--together, --ranks, --strategy or --interconnect")
     if args.together:
         return run_together(args)
     if args.per_op_us:
@@ -192,16 +198,17 @@ def run(args) -> int:
                     if (k == "window" and policy.startswith("adaptive"))
                     or (k == "wait_order" and policy == "adaptive")
                     or (k == "k" and policy == "fixed")}
-                if policy == "auto":          # choose on the machine it is simulated on
-                    opts["machine"] = args.machine
-                try:
-                    schedule = plan(trace, budget, policy, **opts)
+                try:                          # auto chooses on the machine simulated
+                    chosen, run, schedule = choose_recompute(
+                        trace, budget, mode=RECOMPUTE[args.recompute], policy=policy,
+                        machine=args.machine, **opts)
                 except InfeasibleBudget as exc:
                     rows.append((label, budget, policy, None, exc))
                     continue
-                sim = simulate(trace, schedule, args.machine)
-                rows.append((label, budget, policy, sim, schedule))
-                single = (trace, schedule, sim)
+                sim = simulate(run, schedule, args.machine)
+                shown = policy + (f" +{len(chosen)} rc" if chosen else "")
+                rows.append((label, budget, shown, sim, schedule))
+                single = (run, schedule, sim)
     if args.timeline:
         if single is None:
             _, budget, _, _, exc = rows[0]
