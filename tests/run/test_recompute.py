@@ -8,6 +8,8 @@ recomputed arrays, and a chain (a batch norm reading a recomputed convolution)."
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import signal
 
 import pytest
@@ -18,6 +20,7 @@ import outcore
 from outcore.errors import OutcoreError
 from outcore.run import recompute as executor
 from outcore.run.replay import Replayer
+from outcore.run.residency import Residency
 from outcore.states import DISCARDED
 
 from ..trace.helpers import assert_bitwise_equal, state_of
@@ -274,3 +277,48 @@ def test_the_picture_and_the_timeline_show_the_recomputes(tmp_path):
         made = ooc.report().recomputed_arrays
     assert f"recompute ({made})" in (tmp_path / "m.svg").read_text()
     assert "recompute:aten.native_batch_norm.default" in (tmp_path / "t.json").read_text()
+
+
+# Points where a Ctrl-C may land in recompute's part of the executor (NOTE [Interrupts]).
+POINTS = [(Residency, "discard", 2), (Residency, "remake", 1), (Residency, "remake", 4),
+          (Replayer, "_drop", 3), (Replayer, "_repeat", 2), (Replayer, "_remake_held", 1),
+          (executor.Remake, "__call__", 3)]
+
+
+@pytest.mark.parametrize("owner,name,n", POINTS, ids=[f"{o.__name__}.{m}#{n}" for o, m, n in POINTS])
+def test_sigint_inside_recompute_loses_nothing(monkeypatch, owner, name, n):
+    """SIGINT at the n-th call of a recompute step: the iteration ends with
+    KeyboardInterrupt, nothing is left discarded or empty, the counters are exact, and
+    training continued from that state is bitwise equal to plain PyTorch continued
+    from it."""
+    w = Work("adam")
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        train(w, ooc, iterations=3)
+        original, calls = getattr(owner, name), {"n": 0}
+
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                signal.raise_signal(signal.SIGINT)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+        with pytest.raises(KeyboardInterrupt):
+            train(w, ooc, iterations=4, seed=600)
+        monkeypatch.undo()
+        assert calls["n"] >= n
+        res = ooc._res
+        assert not _discarded(ooc)
+        gc.collect()
+        counted = res.recount()               # retires storages that died meanwhile first
+        assert (res.resident, res.offloaded) == counted
+        for t in list(w.model.state_dict().values()) + [p.grad for p in w.model.parameters()
+                                                        if p.grad is not None]:
+            assert t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
+        twin = Work("adam")
+        twin.model.load_state_dict(copy.deepcopy(w.model.state_dict()))
+        twin.optimizer.load_state_dict(copy.deepcopy(w.optimizer.state_dict()))  # not shared
+        for p, q in zip(twin.model.parameters(), w.model.parameters()):
+            p.grad = None if q.grad is None else q.grad.detach().clone()
+        train(twin, iterations=2, seed=700)
+        train(w, ooc, iterations=2, seed=700)
+    assert_bitwise_equal(state_of(twin.model, twin.optimizer), state_of(w.model, w.optimizer))
