@@ -5,6 +5,9 @@ bitwise with plain PyTorch trained the same way in another fresh process.
     .venv/bin/python benchmarks/big_state.py                  # defaults: ~4 GiB of state
     .venv/bin/python benchmarks/big_state.py --layers 8 --width 1024 --budget 64MiB
 
+Unless --no-limit, the disk is measured right before and right after the outcore child,
+and each replayed step is compared with its physical limit (`_limits`).
+
 Each child resets its peak resident set (/proc/self/clear_refs) after importing torch
 and outcore, so `start` is its resident set then and `peak` (VmHWM) covers building the
 model, every iteration (recording ones included), hashing the state and `ooc.save`.
@@ -101,6 +104,9 @@ def child(args) -> dict:
         os.unlink(path)
     end = _status()
     report = str(ooc.report()) if ooc is not None else ""
+    iterations = ([{"mode": it.mode, "read": it.bytes_read, "written": it.bytes_written,
+                    "seconds": it.seconds} for it in ooc.report().iterations]
+                  if ooc is not None else [])
     if ooc is not None:
         ooc.close()
     return {"mode": args.mode, "budget": ooc.budget if ooc is not None else None,
@@ -109,7 +115,39 @@ def child(args) -> dict:
             "peak_hash": after_hash["VmHWM"],
             "rss_after_hash": after_hash["VmRSS"], "state_bytes": state_bytes,
             "build_s": build_s, "steps_s": steps, "save_s": save_s,
-            "loss": float(loss.detach()), "digest": digest.hexdigest(), "report": report}
+            "loss": float(loss.detach()), "digest": digest.hexdigest(), "report": report,
+            "iterations": iterations}
+
+
+def _limits(o: dict, p: dict, disks: list) -> None:
+    """Each replayed step against its physical limit: max(compute, bytes read / read speed,
+    bytes written / write speed, both / speed of both at once), compute the plain child's
+    fastest step after the first, the disk measured right before and right after the
+    outcore child (`outcore bench disk`'s measure_disk, 1 GiB per direction). This disk's
+    speed drifts by tens of percent within minutes, so the limit is given twice: with
+    the slower figure of each pair (the step's best case) and the faster (its worst)."""
+    compute = min(p["steps_s"][1:] or p["steps_s"])
+
+    def runs(key):
+        return ", ".join(f"{d[key]:.2f}" for d in disks)
+    print(f"disk before/after: read {runs('read_GBps')} GB/s, write {runs('write_GBps')} GB/s, "
+          f"both {runs('both_total_GBps')} GB/s; compute {compute:.2f} s")
+
+    def limit(it, pick):
+        read, write, both = (pick(d[k] for d in disks) * 1e9
+                             for k in ("read_GBps", "write_GBps", "both_total_GBps"))
+        return max(compute, it["read"] / read, it["written"] / write,
+                   (it["read"] + it["written"]) / both)
+    print("| replayed step | read | written | step | limit, slower disk | step / it "
+          "| limit, faster disk | step / it |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, it in enumerate(o["iterations"], 1):
+        if it["mode"] != "replay":
+            continue
+        slow, fast = limit(it, min), limit(it, max)
+        print(f"| {k} | {it['read'] / 1e9:.2f} GB | {it['written'] / 1e9:.2f} GB "
+              f"| {it['seconds']:.2f} s | {slow:.2f} s | {it['seconds'] / slow:.2f}x "
+              f"| {fast:.2f} s | {it['seconds'] / fast:.2f}x |")
 
 
 def main() -> int:
@@ -123,16 +161,23 @@ def main() -> int:
     ap.add_argument("--save", action="store_true", help="also time ooc.save / torch.save of the model")
     ap.add_argument("--return-freed-memory", default="trim", choices=("trim", "eager", "false"),
                     help="OutOfCore's return_freed_memory (default: trim, its default)")
+    ap.add_argument("--no-limit", action="store_true",
+                    help="skip measuring the disk and each step's physical limit")
     ap.add_argument("--mode", choices=("outcore", "plain"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
         print(json.dumps(child(args)))
         return 0
-    rows = {}
+    from outcore.bench.disk import measure_disk
+    rows, disks = {}, []
     for mode in ("outcore", "plain"):
+        if mode == "outcore" and not args.no_limit:
+            disks.append(measure_disk(1 << 30, args.swap_dir))
         cmd = [sys.executable, __file__, "--mode", mode] + sys.argv[1:]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
+        if mode == "outcore" and not args.no_limit:
+            disks.append(measure_disk(1 << 30, args.swap_dir))
     o, p = rows["outcore"], rows["plain"]
     mib = 2 ** 20
     print(o["report"])
@@ -150,6 +195,8 @@ def main() -> int:
     print(f"bitwise equal to plain PyTorch (parameters and Adam moments after {len(o['steps_s'])} "
           f"steps): {same}")
     print(f"peak - start - budget = {(o['peak'] - o['start'] - o['budget']) / mib:.0f} MiB")
+    if disks:
+        _limits(o, p, disks)
     print("outcore's peak above start, by phase (VmHWM at its end): building "
           + ", ".join(f"{k} {(o[f'peak_{k}'] - o['start']) / mib:.0f} MiB"
                       for k in ("building", "steps", "hash"))
