@@ -99,3 +99,23 @@ def test_equal_looking_sizes_are_told_apart():
             with ooc.iteration():
                 _step(model, opt, x)
     assert f"{budget:,} B" in str(err.value) and f"{err.value.needed_bytes:,} B" in str(err.value)
+
+
+def test_the_recording_iteration_leaves_room_for_an_ops_outputs():
+    """While recording, an op's inputs are made resident with room left for its outputs
+    (on_demand.room): an elementwise network stays within the budget from its first
+    iteration on, not the budget plus one op's outputs."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(1024, 256)
+    budget = 6 * x.nbytes
+    with outcore.OutOfCore(budget, min_move_bytes=0, recompute=False) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                h = x
+                for _ in range(8):
+                    h = torch.tanh(h @ w) * 1.5 + 0.1
+                h.sum().backward()
+                w.grad = None
+        peaks = [it.peak_resident for it in ooc.report().iterations]
+    assert max(peaks) <= budget, (peaks, budget)

@@ -19,13 +19,14 @@ class OnDemand:
         self.residency = residency
         self.budget = budget
 
-    def before(self, inputs) -> list:
-        """Make every input storage resident; return their entries."""
+    def before(self, inputs, func=None) -> list:
+        """Make every input storage resident, with room left for what `func` (when given)
+        will create (`room`); return their entries."""
         res = self.residency
         entries = [res.track(s) for s in storages(inputs) if s.nbytes() or s._cdata in res.entries]
         incoming = sum(e.nbytes for e in entries if not e.occupies_fast)
         keep = {e.key for e in entries}
-        res.evict_lru(self.budget - incoming, keep)
+        res.evict_lru(self.budget - incoming - room(func, entries), keep)
         for e in entries:
             res.ready(e)
         return entries
@@ -33,7 +34,7 @@ class OnDemand:
     def run(self, func, args, kwargs):
         """Run one op memory-safe: inputs resident before, budget restored after."""
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
-        entries = self.before(inputs)
+        entries = self.before(inputs, func)
         out = func(*args, **kwargs)
         self.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
         return out
@@ -51,6 +52,17 @@ class OnDemand:
                    if s._cdata not in seen and (s.nbytes() or s._cdata in res.entries)]
         res.evict_lru(self.budget, set())
         return created
+
+
+def room(func, entries) -> int:
+    """Bytes to leave free before `func` runs for the storages it will create, which are
+    not known until it returns: as much as its largest movable input (an elementwise op,
+    a convolution or a norm makes an output of about that size), and none for an op that
+    only writes its arguments or returns a view of one. Without it an op's outputs came
+    on top of a full budget (ooc.report(): the recording iteration's peak)."""
+    if func is None or func.is_view or func._schema.is_mutable:
+        return 0
+    return max((e.nbytes for e in entries if not e.pinned), default=0)
 
 
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,

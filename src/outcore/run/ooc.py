@@ -137,7 +137,8 @@ class OutOfCore:
     """Runs training iterations within `budget` bytes of fast memory.
 
     budget: bytes or a string such as "2GiB" — the most managed tensor bytes resident at
-        once (the recording iteration may exceed it by one op's outputs).
+        once (the recording iteration may exceed it where an op creates more than its
+        largest input: on_demand.room).
     offload: "disk" (CPU tensors; the slow tier is a swap file on a local disk) or "host"
         (CUDA tensors under a GPU-memory budget; the slow tier is page-locked host memory,
         and past `host_budget` the swap file: run/movers/host.py).

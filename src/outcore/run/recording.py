@@ -10,7 +10,8 @@ from .residency import Residency
 
 class SafeRecording(Recording):
     """Records like `outcore.record()` and keeps managed bytes within the budget as it
-    goes (except, unavoidably, for the outputs of the op running right now).
+    goes, with room for what each op creates as large as its largest input
+    (on_demand.room); only an op creating more than that can exceed it.
 
     InfeasibleBudget is raised, before the optimizer changes anything, when
       * a forward or backward function cannot fit: it needs its own movable arrays
@@ -66,7 +67,7 @@ class SafeRecording(Recording):
                                      pinned, self.budget, res.min_move_bytes)
 
     def _before_op(self, func, inputs, index) -> None:
-        self._entries = self.on_demand.before(inputs)
+        self._entries = self.on_demand.before(inputs, func)
 
     def _after_op(self, func, inputs, written, outputs) -> None:
         entries = self._entries
