@@ -35,7 +35,8 @@ NOTE [Recompute rules] (cited from code as "rule N"; `check` enforces 3 as R9)
      copies y's bytes into y's own storage, which autograd holds.
   6. Worth it: the producer's and follower's time is less than writing y out and
      reading it back on the machine (`candidates(machine=...)`). Whether the plan with
-     recompute beats the plan without is decided by simulated time (`choose`).
+     recompute beats the plan without, by MARGIN, is decided by simulated time
+     (`choose`, mode "auto").
   7. On CUDA only where PyTorch's deterministic algorithms are enabled (cuDNN may pick
      a kernel that sums in another order otherwise; `deterministic()`). On the CPU the
      ops are deterministic.
