@@ -122,7 +122,8 @@ def run(args) -> int:
         print(f"  written to {args.output}")
         if chosen:
             trace.save(args.output + ".trace.json")
-            print(f"  the trace it is for (with the recomputes) written to {args.output}.trace.json")
+            print(f"  the trace it is for (with the recomputes) written to "
+                  f"{args.output}.trace.json")
     return 0
 
 

@@ -184,9 +184,9 @@ def rewrite(trace, chosen) -> Trace:
                       for a in p.accesses if a.kind == "read")
         made_bytes = sum(trace.arrays[a.array].nbytes for a in p.accesses if a.kind == "create")
         repeats = [dataclasses.replace(
-            p, op=PREFIX + p.op, phase="backward", accesses=reads + (Access(again[c.array], "create"),),
-            host_s=0.0, host_cpu_s=0.0, repeats=c.producer,
-            workspace_bytes=p.workspace_bytes + made_bytes)]
+            p, op=PREFIX + p.op, phase="backward",
+            accesses=reads + (Access(again[c.array], "create"),), host_s=0.0, host_cpu_s=0.0,
+            repeats=c.producer, workspace_bytes=p.workspace_bytes + made_bytes)]
         if c.follower >= 0:
             f = fns[c.follower]
             repeats.append(dataclasses.replace(

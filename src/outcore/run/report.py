@@ -111,7 +111,8 @@ class Report:
             lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
                          f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out"
                          + (f", {format_bytes(self.planned_recomputed)} recomputed "
-                            f"({self.recomputed_arrays} activations)" if self.recomputed_arrays else ""))
+                            f"({self.recomputed_arrays} activations)"
+                            if self.recomputed_arrays else ""))
         if self.pinned_bytes:
             lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
                          f"FSDP): {format_bytes(self.pinned_bytes)}")

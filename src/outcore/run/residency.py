@@ -59,7 +59,8 @@ from dataclasses import dataclass
 from ..errors import OutcoreError
 from ..memory.malloc import resident_bytes
 from ..memory.pages import advise_huge
-from ..states import DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW, Residence
+from ..states import (DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW,
+                      Residence)
 from ..units import format_bytes
 from . import mapped
 from .interrupts import no_raise

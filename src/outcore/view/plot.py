@@ -6,10 +6,11 @@
 The top panel is the plan on the simulator's clock: the bytes of each category
 (parameter, gradient, optimizer state, activation...) in fast memory while each function
 runs, stacked; the budget; what plain PyTorch holds (in-core, on its own, shorter clock);
-swap-ins marked below the axis (recomputes below them), swap-outs above the budget line. With a StepLog of a
-replayed iteration (run/steplog.py) a second panel shows the measured step on its own
-clock: managed tensor bytes, the process's resident set above its start, the budget and
-the transfers as the movers ran them. PNG or SVG, by the path's suffix.
+swap-ins marked below the axis (recomputes below them), swap-outs above the budget line.
+With a StepLog of a replayed iteration (run/steplog.py) a second panel shows the
+measured step on its own clock: managed tensor bytes, the process's resident set above
+its start, the budget and the transfers as the movers ran them. PNG or SVG, by the
+path's suffix.
 
 matplotlib is optional (`pip install 'outcore[plot]'`); nothing else imports it.
 """
