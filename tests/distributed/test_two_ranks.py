@@ -52,6 +52,8 @@ def test_bitwise_under_torchrun(results, case):
         for i in replays:
             assert result["bytes_read"][i] > 0, result
             assert result["peak_resident"][i] <= result["budget"], result
+            if case.startswith("ddpconv"):          # the repeats ran inside DDP's backward
+                assert result["bytes_recomputed"][i] > 0, result
         # Both ranks' traces simulated together (simulate_ranks) pair up: every collective
         # starts at one moment on both ranks, a pipeline's sends and receives name the
         # other rank, and a rank's step holds at least its own compute.

@@ -26,15 +26,27 @@ import outcore
 STEPS = 6
 # Of this rank's in-core peak. DDP's buckets, FSDP's unsharded parameters and the
 # pipeline's send and receive buffers never move (run/compose.py), so those need more.
-BUDGET_SHARE = {"ddp": 0.45, "fsdp2": 0.6, "pipeline": 0.6}
+BUDGET_SHARE = {"ddp": 0.45, "fsdp2": 0.6, "pipeline": 0.6, "ddpconv": 0.45, "fsdp2conv": 0.6}
 WIDTH, DEPTH, BATCH = 256, 4, 1024
-CASES = [f"{c}-{o}" for c in ("ddp", "fsdp2", "pipeline") for o in ("sgd", "adam")]
+# The conv cases run a small CNN (convolution, batch norm, in-place ReLU) under
+# OutOfCore(recompute=True): recompute's repeats inside DDP's and FSDP2's backward.
+CASES = ([f"{c}-{o}" for c in ("ddp", "fsdp2", "pipeline") for o in ("sgd", "adam")]
+         + ["ddpconv-sgd", "fsdp2conv-adam"])
+IMAGE = (BATCH * WIDTH // (4 * 32 * 32), 4, 32, 32)     # a batch reshaped as images
 
 
 def blocks(seed: int = 0) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU())
                                  for _ in range(DEPTH)])
+
+
+def cnn(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(*[nn.Sequential(nn.Conv2d(4 if i == 0 else 16, 16, 3, padding=1),
+                                         nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+                           for i in range(3)], nn.Conv2d(16, 4, 3, padding=1))
 
 
 def batch(rank: int, step: int):
@@ -53,12 +65,14 @@ def loss_fn(out, target):
 
 
 # -- the three compositions: each returns (model, step(i) -> loss or None) --------------
-def data_parallel(model, opt_name):
+def data_parallel(model, opt_name, shape=None):
     """The step every data-parallel rank runs: its own batch, the whole model."""
     opt = make_optimizer(opt_name, model.parameters())
 
     def step(i):
         x, y = batch(dist.get_rank(), i)
+        if shape is not None:
+            x, y = x.view(shape), y.view(shape)
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
@@ -106,7 +120,22 @@ def pipeline(opt_name):
     return stage_module, step
 
 
-BUILD = {"ddp": ddp, "fsdp2": fsdp2, "pipeline": pipeline}
+def ddpconv(opt_name):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return data_parallel(DDP(cnn()), opt_name, IMAGE)
+
+
+def fsdp2conv(opt_name):
+    from torch.distributed.fsdp import fully_shard
+    model = cnn()
+    for block in model[:3]:
+        fully_shard(block)
+    fully_shard(model)
+    return data_parallel(model, opt_name, IMAGE)
+
+
+BUILD = {"ddp": ddp, "fsdp2": fsdp2, "pipeline": pipeline, "ddpconv": ddpconv,
+         "fsdp2conv": fsdp2conv}
 
 
 def parameters(model):
@@ -138,7 +167,8 @@ def run_case(case: str) -> dict:
     budget = int(BUDGET_SHARE[kind] * peak)
     losses = []
     with tempfile.TemporaryDirectory() as swap, \
-            outcore.OutOfCore(budget=budget, swap_dir=swap) as ooc:
+            outcore.OutOfCore(budget=budget, swap_dir=swap,
+                              recompute=True if kind.endswith("conv") else "auto") as ooc:
         for i in range(STEPS):
             with ooc.iteration():
                 loss = step(i)
@@ -157,6 +187,8 @@ def run_case(case: str) -> dict:
         "peak_resident": [it.peak_resident for it in report.iterations],
         "deviations": [it.deviation for it in report.iterations],
         "pinned_bytes": report.pinned_bytes,
+        "recomputed_arrays": report.recomputed_arrays,
+        "bytes_recomputed": [it.bytes_recomputed for it in report.iterations],
         **joint,
     }
 

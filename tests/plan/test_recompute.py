@@ -262,3 +262,15 @@ def test_outcore_simulate_recompute(tmp_path, capsys):
     assert main(["simulate", str(path), "--budget", budget, "--ranks", "2",
                  "--recompute", "all"]) == 2
     assert "--recompute goes with a single-device" in capsys.readouterr().err
+
+
+def test_nothing_touching_a_foreign_array_is_recomputed():
+    """Rule 8: a producer that reads a storage another library manages (FSDP2's
+    unsharded parameters) is never repeated."""
+    t = layered([8, 16, 16])
+    w0 = next(a.id for a in t.arrays if a.kind == "persistent")
+    touching = {c.producer for c in recompute.candidates(t)
+                if w0 in t.functions[c.producer].arrays()}
+    assert touching
+    kept = recompute.candidates(t, foreign=frozenset({w0}))
+    assert kept and not touching & {c.producer for c in kept}

@@ -40,6 +40,10 @@ NOTE [Recompute rules] (cited from code as "rule N"; `check` enforces 3 as R9)
   7. On CUDA only where PyTorch's deterministic algorithms are enabled (cuDNN may pick
      a kernel that sums in another order otherwise; `deterministic()`). On the CPU the
      ops are deterministic.
+  8. Never a producer that touches a storage another library manages (`foreign`: FSDP2's
+     unsharded parameters, which it frees after forward and gathers again only when
+     their module's backward begins, later than a repeat may run; buffers a collective
+     holds). OutOfCore passes its held and owned arrays (run/compose.py).
 """
 from __future__ import annotations
 
@@ -87,11 +91,11 @@ def _uses(trace) -> dict[int, list[tuple[int, str]]]:
 
 
 def candidates(trace, *, kinds=("bn", "conv"), chains: bool = False,
-               machine=None, min_bytes: int = 1) -> list[Recompute]:
+               machine=None, min_bytes: int = 1, foreign=frozenset()) -> list[Recompute]:
     """The arrays of at least `min_bytes` (smaller ones never move: OutOfCore's
     min_move_bytes) that may be recomputed by NOTE [Recompute rules], in forward order;
     with `machine` (a preset name or Machine), only those where recomputing costs less
-    than moving (rule 6)."""
+    than moving (rule 6). Nothing touching an array of `foreign` is (rule 8)."""
     if not deterministic(trace.device):
         return []
     from ..simulate import machine as get_machine
@@ -108,6 +112,8 @@ def candidates(trace, *, kinds=("bn", "conv"), chains: bool = False,
         writes = [a.array for a in fn.accesses if a.kind == "write"]
         if not created or not reads or sum(arrays[a].nbytes for a in writes) > SMALL_WRITES:
             continue                                                    # rules 1, 4
+        if foreign and not foreign.isdisjoint(a.array for a in fn.accesses):
+            continue                                                    # rule 8
         y = created[0]
         if arrays[y].nbytes < min_bytes:
             continue
@@ -282,9 +288,10 @@ MARGIN = 0.05
 
 
 def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cpu-disk",
-           min_bytes: int = 1, **options):
+           min_bytes: int = 1, foreign=frozenset(), **options):
     """(chosen, the trace to run, its Schedule). `mode`: False plans `trace` as it is;
-    True recomputes every array of at least `min_bytes` that rules 1-5 allow; "auto"
+    True recomputes every array of at least `min_bytes` that rules 1-5, 7 and 8 allow
+    (`foreign`: rule 8); "auto"
     those where rule 6 holds on `machine`, and only if that plan's simulated iteration
     there is faster than the plan without by MARGIN. A plan whose repeats do not fit
     the budget falls back to the plan without. `policy` and `options` go to plan() for
@@ -297,8 +304,8 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     if policy == "auto":
         options.setdefault("machine", machine)
     base = None if mode is True else plan(trace, budget, policy, **options)
-    chosen = (candidates(trace, machine=machine if mode == "auto" else None, min_bytes=min_bytes)
-              if mode is not False else [])
+    chosen = (candidates(trace, machine=machine if mode == "auto" else None, min_bytes=min_bytes,
+                         foreign=foreign) if mode is not False else [])
     if not chosen:
         return [], trace, base if base is not None else plan(trace, budget, policy, **options)
     again = rewrite(trace, chosen)

@@ -454,7 +454,7 @@ class OutOfCore:
         chosen, plannable, schedule = choose_recompute(
             plannable, budget, mode=self.recompute, policy=self.policy,
             machine=options.pop("machine", self.machine),
-            min_bytes=max(self._res.min_move_bytes, 1), **options)
+            min_bytes=max(self._res.min_move_bytes, 1), foreign=held | owned, **options)
         self._in_core_peak = trace.peak()[0]
         trace = rewrite(trace, chosen)          # the same repeats, at the recorded sizes
         check(plannable, schedule, budget)

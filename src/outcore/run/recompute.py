@@ -144,6 +144,12 @@ class Remake:
             entry = res.entries.get(t.untyped_storage()._cdata)
             if entry is not None:
                 res.ready(entry)
+            if t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size():
+                raise OutcoreError(
+                    f"outcore cannot recompute {self.label}: an input of it has no memory now "
+                    "(another library freed it after forward, as FSDP does with unsharded "
+                    "parameters). Nothing was computed. Pass recompute=False to OutOfCore, "
+                    "and report the model: the plan should not have recomputed it")
         with torch.no_grad(), _no_autocast():
             for call in self.calls:
                 args = _bind(call, call.args, storage)
