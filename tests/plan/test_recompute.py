@@ -274,3 +274,9 @@ def test_nothing_touching_a_foreign_array_is_recomputed():
     assert touching
     kept = recompute.candidates(t, foreign=frozenset({w0}))
     assert kept and not touching & {c.producer for c in kept}
+
+
+def test_a_step_that_fits_is_never_recomputed():
+    t = layered([8, 16, 16])
+    chosen, r, s = recompute.choose(t, t.peak(actual=True)[0], mode=True)
+    assert chosen == [] and r is t and s.bytes_moved == 0

@@ -289,20 +289,24 @@ MARGIN = 0.05
 
 def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cpu-disk",
            min_bytes: int = 1, foreign=frozenset(), **options):
-    """(chosen, the trace to run, its Schedule). `mode`: False plans `trace` as it is;
-    True recomputes every array of at least `min_bytes` that rules 1-5, 7 and 8 allow
-    (`foreign`: rule 8); "auto"
-    those where rule 6 holds on `machine`, and only if that plan's simulated iteration
-    there is faster than the plan without by MARGIN. A plan whose repeats do not fit
-    the budget falls back to the plan without. `policy` and `options` go to plan() for
-    both."""
+    """(chosen, the trace to run, its Schedule). `mode`: False plans `trace` as it is, and
+    so does every mode when the whole step fits the budget (nothing to gain); True
+    recomputes every array of at least `min_bytes` that rules 1-5, 7 and 8 allow
+    (`foreign`: rule 8); "auto" those where rule 6 holds on `machine`, and only if that
+    plan's simulated iteration there is faster than the plan without by MARGIN. A plan
+    whose repeats do not fit the budget falls back to the plan without. `policy` and
+    `options` go to plan() for both."""
     from ..errors import InfeasibleBudget, OutcoreError
     from ..simulate import simulate
+    from ..units import parse_bytes
     from .api import plan
+    from .feasibility import occupancy
     if not any(mode is m or mode == m == "auto" for m in MODES):
         raise OutcoreError(f"recompute must be 'auto', True or False, got {mode!r}")
     if policy == "auto":
         options.setdefault("machine", machine)
+    if max(occupancy(trace), default=0) <= parse_bytes(budget):      # fits: as plan() sees it
+        mode = False
     base = None if mode is True else plan(trace, budget, policy, **options)
     chosen = (candidates(trace, machine=machine if mode == "auto" else None, min_bytes=min_bytes,
                          foreign=foreign) if mode is not False else [])
