@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..errors import ScheduleError
+from ..errors import InfeasibleBudget, OutcoreError, ScheduleError
 from ..trace.model import Access, Function, Trace
 
 # Rule 1. Ops whose output is a function of their inputs alone, bitwise, on one machine.
@@ -279,6 +279,18 @@ def verify(trace) -> None:
 
 
 MODES = ("auto", True, False)
+
+
+def check_mode(mode) -> None:
+    """OutcoreError unless `mode` is one of MODES (True and False themselves: 1 is not)."""
+    if not any(mode is m or mode == m == "auto" for m in MODES):
+        raise OutcoreError(f"recompute must be 'auto', True or False, got {mode!r}")
+
+
+def remade(trace) -> list[tuple[int, int]]:
+    """(function, array) for every repeat of a producer in `trace`: what it makes again."""
+    return [(fn.index, a.array) for fn in trace.functions if fn.repeats is not None
+            for a in fn.accesses if a.kind == "create"]
 # Rule 6 for the whole plan: "auto" keeps recompute only if its plan simulates at least
 # this much faster. The simulator charges a repeat its producer's recorded time, not the
 # copy of its output into place nor the fresh memory it fills; on this 2-core CPU plans
@@ -296,13 +308,11 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     plan's simulated iteration there is faster than the plan without by MARGIN. A plan
     whose repeats do not fit the budget falls back to the plan without. `policy` and
     `options` go to plan() for both."""
-    from ..errors import InfeasibleBudget, OutcoreError
     from ..simulate import simulate
     from ..units import parse_bytes
     from .api import plan
     from .feasibility import occupancy
-    if not any(mode is m or mode == m == "auto" for m in MODES):
-        raise OutcoreError(f"recompute must be 'auto', True or False, got {mode!r}")
+    check_mode(mode)
     if policy == "auto":
         options.setdefault("machine", machine)
     if max(occupancy(trace), default=0) <= parse_bytes(budget):      # fits: as plan() sees it

@@ -36,7 +36,7 @@ from ..memory.malloc import make_governor, page_faults, resident_bytes
 from ..plan import check, plan
 from ..plan.api import registered
 from ..plan.feasibility import occupancy, require_feasible
-from ..plan.recompute import MODES as RECOMPUTE_MODES, choose as choose_recompute, rewrite
+from ..plan.recompute import check_mode, choose as choose_recompute, remade, rewrite
 from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
@@ -171,10 +171,9 @@ class OutOfCore:
     recompute: "auto" (drop activations that are cheaper to compute again than to move,
         and make them again before backward, where the plan then simulates faster than
         without), True (every activation the rules allow), or False; a step that fits
-        the budget recomputes nothing. Results stay
-        bitwise equal to plain PyTorch (NOTE [Recompute rules] in plan/recompute.py:
-        convolutions and batch norms, never random ops; on CUDA only with
-        torch.use_deterministic_algorithms(True)).
+        the budget recomputes nothing. Results stay bitwise equal to plain PyTorch (NOTE
+        [Recompute rules] in plan/recompute.py: convolutions and batch norms, never
+        random ops; on CUDA only with torch.use_deterministic_algorithms(True)).
 
     One OutOfCore may be open per process (NOTE [One OutOfCore per process]).
     """
@@ -209,8 +208,7 @@ class OutOfCore:
         registered(policy, plan_options or {},          # refused now, not after a recording
                    subject=f"OutOfCore(policy={policy!r})", what="plan option",
                    hint="; a window is adaptive's option (policy='adaptive'), k fixed's")
-        if not any(recompute is mode or recompute == mode == "auto" for mode in RECOMPUTE_MODES):
-            raise OutcoreError(f"recompute must be 'auto', True or False, got {recompute!r}")
+        check_mode(recompute)
         self.recompute = recompute
         if return_freed_memory not in (True, False, "trim", "eager"):
             raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
@@ -542,6 +540,7 @@ class OutOfCore:
         trace, schedule = self.trace, self.schedule
         pinned = sum(e.nbytes for e in self._res.entries.values()
                      if e.pinned and not e.elsewhere and e.ref() is not None)
+        made = remade(trace) if trace else []
         return Report(
             budget=self.budget, policy=_policy_label(schedule) if schedule else self.policy,
             swap=repr(self._mover),
@@ -551,11 +550,8 @@ class OutOfCore:
             planned_in=schedule.bytes_in if schedule else None,
             planned_out=schedule.bytes_out if schedule else None,
             pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
-            planned_recomputed=sum(trace.arrays[a.array].nbytes for f in trace.functions
-                                   if f.repeats is not None for a in f.accesses
-                                   if a.kind == "create") if trace else 0,
-            recomputed_arrays=sum(1 for f in trace.functions if f.repeats is not None
-                                  and any(a.kind == "create" for a in f.accesses)) if trace else 0)
+            planned_recomputed=sum(trace.arrays[a].nbytes for _, a in made),
+            recomputed_arrays=len(made))
 
     # -- lifetime ------------------------------------------------------------------------
     @critical

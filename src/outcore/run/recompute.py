@@ -33,9 +33,11 @@ NOTE [Replaying a recompute]
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_map
 
 from ..aten import _PLAIN, iter_tensors, output_tensors, written_tensors
 from ..errors import OutcoreError
@@ -164,7 +166,6 @@ class Remake:
 def _no_autocast():
     """Autocast off on every device type: the calls' arguments are already what autocast
     made of them (NOTE 3)."""
-    import contextlib
     stack = contextlib.ExitStack()
     for device in ("cpu", "cuda"):
         stack.enter_context(torch.autocast(device_type=device, enabled=False))
@@ -172,32 +173,24 @@ def _no_autocast():
 
 
 def _unhook(value, key):
-    """`value` with every tensor on the storage `key` (y) replaced by its geometry."""
-    if isinstance(value, torch.Tensor):
-        if value.untyped_storage()._cdata == key:
-            return _InY(value.dtype, value.device, tuple(value.size()), tuple(value.stride()),
-                        value.storage_offset())
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unhook(v, key) for v in value)
-    if isinstance(value, dict):
-        return {k: _unhook(v, key) for k, v in value.items()}
-    return value
+    """`value` (an argument tree) with every tensor on the storage `key` (y) replaced by
+    its geometry."""
+    def leaf(v):
+        if isinstance(v, torch.Tensor) and v.untyped_storage()._cdata == key:
+            return _InY(v.dtype, v.device, tuple(v.size()), tuple(v.stride()), v.storage_offset())
+        return v
+    return tree_map(leaf, value)
 
 
 def _bind(call, value, storage):
     """The arguments for the repeat: fresh copies of what the op writes besides y (NOTE
     1), an alias for y itself (NOTE 3), everything else as it was."""
-    if isinstance(value, _InY):
-        return _alias(storage, value.dtype, value.device, (value.size, value.stride, value.offset))
-    if isinstance(value, torch.Tensor):
-        copy = call.copies.get(id(value))
-        return copy.clone() if copy is not None else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_bind(call, v, storage) for v in value)
-    if isinstance(value, dict):
-        return {k: _bind(call, v, storage) for k, v in value.items()}
-    return value
+    def leaf(v):
+        if isinstance(v, _InY):
+            return _alias(storage, v.dtype, v.device, (v.size, v.stride, v.offset))
+        copy = call.copies.get(id(v)) if isinstance(v, torch.Tensor) else None
+        return copy.clone() if copy is not None else v
+    return tree_map(leaf, value)
 
 
 def describe(nbytes: int, op: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from ..errors import OutcoreError
+from ..plan.recompute import remade
 from .occupancy import by_category
 
 MIB = 2**20
@@ -71,11 +72,10 @@ def _planned(ax, trace, schedule, sim) -> None:
     xs, ys = _steps(clock, [b / MIB for b in occ.in_core], t * 1e3)
     ax.plot(xs, ys, color="grey", linewidth=1.2, label="in-core (plain PyTorch, its own clock)")
     _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], budget)
-    remade = [sim.start_s[f.index] * 1e3 for f in trace.functions if f.repeats is not None
-              and any(a.kind == "create" for a in f.accesses)]
-    if remade:                     # plan/recompute.py: made again instead of read back
-        ax.plot(remade, [-0.07 * budget] * len(remade), "|", color="#2ca02c", markersize=8,
-                label=f"recompute ({len(remade)})")
+    made = [sim.start_s[f] * 1e3 for f, _ in remade(trace)]
+    if made:                       # plan/recompute.py: made again instead of read back
+        ax.plot(made, [-0.07 * budget] * len(made), "|", color="#2ca02c", markersize=8,
+                label=f"recompute ({len(made)})")
     ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
                  f"(in-core {sim.in_core_time_s * 1e3:.0f} ms); moves "
                  f"{sim.bytes_in / MIB:.0f} MiB in, {sim.bytes_out / MIB:.0f} MiB out", fontsize=10)
