@@ -471,8 +471,9 @@ def predict(run: Run) -> dict:
     this_gpu = dataclasses.replace(
         preset, name="this-gpu", peak_flops=preset.peak_flops / scale,
         memory_bandwidth=preset.memory_bandwidth / scale,
-        link_in=link_fig.get("h2d_GBps", 50) * 1e9, link_out=link_fig.get("d2h_GBps", 50) * 1e9,
-        link_both=link_fig.get("both_GBps", 85) * 1e9)
+        link_in=link_fig.get("h2d_GBps", preset.link_in / 1e9) * 1e9,
+        link_out=link_fig.get("d2h_GBps", preset.link_out / 1e9) * 1e9,
+        link_both=link_fig.get("both_GBps", preset.link_both / 1e9) * 1e9)
     sim = outcore.simulate(trace, schedule, this_gpu)
     return {"measured_step_s": measured, "predicted_step_s": sim.iteration_time_s,
             "predicted_over_measured": round(sim.iteration_time_s / measured, 3),

@@ -811,12 +811,9 @@ def _raise_or_note(exc, errors: list) -> None:
 def _again(err):
     """The remembered InfeasibleBudget (or HostBudgetTooSmall), raised again before
     anything runs."""
+    text = f"{err} (found in an earlier iteration; this one did not start: nothing ran)"
     if isinstance(err, HostBudgetTooSmall):
-        return HostBudgetTooSmall(
-            f"{err} (found in an earlier iteration; this one did not start: nothing ran)",
-            needed_bytes=err.needed_bytes, host_budget=err.host_budget)
-    return InfeasibleBudget(
-        f"{err} (found in an earlier iteration; this one did not start: nothing ran)",
-        function_index=err.function_index, op=err.op, phase=err.phase,
-        needed_bytes=err.needed_bytes, budget_bytes=err.budget_bytes,
-        min_feasible_bytes=err.min_feasible_bytes)
+        return HostBudgetTooSmall(text, needed_bytes=err.needed_bytes, host_budget=err.host_budget)
+    return InfeasibleBudget(text, function_index=err.function_index, op=err.op, phase=err.phase,
+                            needed_bytes=err.needed_bytes, budget_bytes=err.budget_bytes,
+                            min_feasible_bytes=err.min_feasible_bytes)

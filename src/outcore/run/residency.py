@@ -155,18 +155,16 @@ class Residency:
         key = storage._cdata
         entry = self.entries.get(key)
         if entry is None:
-            if self._elsewhere(storage):          # NOTE 6: outside the budget, never moved
-                entry = Entry(key, None, storage.nbytes(), pinned=True, elsewhere=True)
-                entry.ref = weakref.ref(storage, self._died(entry))
-                self.entries[key] = entry
-                return entry
-            if not storage.resizable():
+            elsewhere = self._elsewhere(storage)    # NOTE 6: outside the budget, never moved
+            if not elsewhere and not storage.resizable():
                 mapped.adopt_orphan(storage)     # left mapped by a closed OutOfCore
             nbytes = storage.nbytes()
-            entry = Entry(key, None, nbytes, pinned=nbytes < self.min_move_bytes
-                          or not storage.resizable())
+            entry = Entry(key, None, nbytes, pinned=elsewhere or nbytes < self.min_move_bytes
+                          or not storage.resizable(), elsewhere=elsewhere)
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
+            if elsewhere:
+                return entry
             self._add_resident(entry.nbytes)
             if entry.pinned:
                 self.pinned_resident += entry.nbytes

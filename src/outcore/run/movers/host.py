@@ -322,8 +322,7 @@ def _storage_at(address: int, device, nbytes: int):
     if make is not None:
         return make(address, device, nbytes)
     if device.type == "cpu":
-        return torch.frombuffer((ctypes.c_char * nbytes).from_address(address),
-                                dtype=torch.uint8).untyped_storage()
+        return _host_tensor(address, nbytes).untyped_storage()
     view = {"data": (address, False), "shape": (nbytes,), "typestr": "|u1", "strides": None,
             "version": 3}
     holder = type("DeviceView", (), {"__cuda_array_interface__": view})()
