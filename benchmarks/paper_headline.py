@@ -89,15 +89,20 @@ def phases(batch: int, budget: int, m, policy: str = "auto", options: dict | Non
               f"out-link busy {busy['out']:5.2f} s")
 
 
-# Every policy by name, adaptive waiting in completion order (one of auto's
-# configurations), and auto with recompute="auto" (what OutOfCore does by default).
+# Every policy by name, adaptive waiting in completion order and reserving outputs late
+# (two of auto's configurations), and auto with recompute="auto" (what OutOfCore does by
+# default).
+NAMED = {"completion": {"wait_order": "completion"}, "late": {"outputs": "late"},
+         "completion-late": {"wait_order": "completion", "outputs": "late"}}
 CONFIGURATIONS = [(p, {}) for p in POLICIES]
-CONFIGURATIONS.insert(POLICIES.index("adaptive") + 1, ("adaptive", {"wait_order": "completion"}))
+CONFIGURATIONS[POLICIES.index("adaptive") + 1:POLICIES.index("adaptive") + 1] = [
+    ("adaptive", NAMED[n]) for n in ("completion", "late", "completion-late")]
 CONFIGURATIONS.append(("auto", {"recompute": "auto"}))
 
 
 def _label(policy: str, options: dict) -> str:
     return (policy + (", completion order" if options.get("wait_order") == "completion" else "")
+            + (", outputs late" if options.get("outputs") == "late" else "")
             + (", recompute" if options.get("recompute") else ""))
 
 
@@ -112,15 +117,16 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true",
                         help="with --phases: plan with recompute='auto', as OutOfCore does")
     parser.add_argument("--policy", default="auto",
-                        help="with --phases: the policy (default auto); 'completion' is "
-                             "adaptive waiting in completion order")
+                        help="with --phases: the policy (default auto); 'completion', 'late' "
+                             "and 'completion-late' are adaptive waiting in completion order, "
+                             "reserving outputs late, both")
     args = parser.parse_args()
     if (args.policy != "auto" or args.recompute) and not args.phases:
         parser.error("--policy and --recompute go with --phases (the table has every policy, "
                      "and auto with recompute)")
     if args.phases:
-        policy, options = ((("adaptive", {"wait_order": "completion"}))
-                           if args.policy == "completion" else (args.policy, {}))
+        policy, options = (("adaptive", NAMED[args.policy]) if args.policy in NAMED
+                           else (args.policy, {}))
         return phases(args.phases, parse_bytes(args.budget), get_machine(args.machine),
                       policy, options, args.recompute)
     budget = parse_bytes(args.budget)

@@ -22,7 +22,11 @@ OPTIONS = [{}, {"window_bytes": 0.5}, {"window_bytes": 2.0}, {"window_functions"
            {"window_functions": 3}, {"keep_state": False}, {"end_within_start": True},
            {"belady": True}, {"start_state": True}, {"start_state": True, "end_within_start": True},
            {"wait_order": "completion"}, {"wait_order": "completion", "window_bytes": 0.5},
-           {"wait_order": "completion", "start_state": True}]
+           {"wait_order": "completion", "start_state": True},
+           {"outputs": "late"}, {"outputs": "late", "wait_order": "completion"},
+           {"outputs": "late", "belady": True}, {"outputs": "late", "start_state": True},
+           {"outputs": "late", "window_bytes": 0.5}, {"outputs": "late", "window_functions": 3},
+           {"outputs": "late", "keep_state": False, "end_within_start": True}]
 
 
 def _options(trace, budget, spec, pick):
@@ -73,7 +77,7 @@ def test_one_registry_names_every_policy_and_its_options():
     t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8},
               ["fwd r:x r:w c:h", "act r:h c:y", "upd @optimizer w:w r:y"])
     values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False, "machine": "cpu-disk",
-              "wait_order": "completion"}
+              "wait_order": "completion", "outputs": "late"}
     for name, policy in REGISTRY.items():
         assert policy.summary and "keep_state" in policy.options
         assert (policy.plan is None) != (policy.choose is None)
@@ -114,7 +118,7 @@ def test_auto_is_the_fastest_screened_schedule_and_the_same_as_asking_for_it(tra
         return
     screened = s.options["screened"]
     assert [n for n, _, _ in screened] == ["adaptive", "adaptive-belady", "fixed", "adaptive",
-                                           "adaptive"]
+                                           "adaptive", "adaptive", "adaptive"]
     fastest = min(range(len(screened)), key=lambda i: (screened[i][2], i))
     name, extra, seconds = screened[fastest]
     assert s.options["chosen"] == name and s.options["machine"] == "cpu-disk"
@@ -172,7 +176,7 @@ def test_completion_order_passes_over_arrays_within_the_windows_last_reach():
         for array, issued, next_use in ((b, 0, 4), (a, 1, 9)):
             p.swap_outs.push(array, issued, next_use)
             p.state[array] = OUT
-            p.occ += 4
+            p.reserved.soft += 4
         p.reach = reach
         if waited == "a":
             assert not p.wait_oldest_outside_reach(2)
@@ -196,6 +200,12 @@ def test_the_report_names_completion_order_when_auto_chooses_it():
     plain = {k: v for k, v in s.options.items() if k != "wait_order"}
     assert _policy_label(dataclasses.replace(s, options={**plain, "chosen": "fixed"})) \
         == "auto (fixed)"
+    late = outcore.plan(t, 12, "adaptive", wait_order="completion", outputs="late")
+    assert _policy_label(dataclasses.replace(s, options={**s.options, **late.options,
+                                                         "chosen": "adaptive"})) \
+        == "auto (adaptive, completion order, outputs late)"
+    with pytest.raises(OutcoreError, match="outputs must be one of early, late"):
+        outcore.plan(t, 12, "adaptive", outputs="lazy")
 
 
 def test_auto_screens_fewer_configurations_on_long_traces():
@@ -207,7 +217,7 @@ def test_auto_screens_fewer_configurations_on_long_traces():
     finally:
         sys.path.pop(0)
     from outcore.plan.policies import auto
-    for trace, tried in ((synthetic(400), 5), (synthetic(7000), 2)):
+    for trace, tried in ((synthetic(400), 7), (synthetic(7000), 4)):
         accesses = sum(len({a.array for a in fn.accesses}) for fn in trace.functions)
         work = auto.PLANS_PER_CONFIGURATION * accesses
         assert tried == min(len(auto.SCREEN), max(1, auto.SCREEN_ACCESSES // work))
@@ -249,3 +259,22 @@ def test_a_functions_workspace_is_room_the_plan_leaves_free_while_it_runs():
                        match=r"needs 16 B \(16 B\) on the fast tier at once, 6 B of it the op's "
                              "own workspace"):
         outcore.plan(t, 15)
+
+
+def test_outputs_reserved_late_let_a_prefetch_pass_an_output_whose_room_frees_first():
+    # p (5 B) dies after f1; f2 creates X (5 B); f3 reads X and w (4 B, on the slow tier
+    # at the start). Reserving X from when the window reaches it (early) counts p and X
+    # together, 10 B of a 10 B budget, so w's swap-in waits behind X until p is gone
+    # (issued at f2); reserving X from f2 on (late), w fits beside p at f0-f1 and beside
+    # X at f2-f3, so it is issued at f0, two functions sooner.
+    from outcore.plan.schedule import SWAP_IN, Action
+    t = build({"w": (4, "param"), "p": 5, "X": 5},
+              ["f0 c:p", "f1 r:p", "f2 c:X", "f3 r:X r:w"], durations=[1.0] * 4)
+    w = 0
+    issued = {}
+    for outputs in ("early", "late"):
+        wp = plan_window(t, 10, keep_state=False, outputs=outputs)
+        assert w not in wp.start
+        replay(t, wp.begin, wp.end, wp.start, 10)             # raises on any violation
+        issued[outputs] = next(i for i, acts in enumerate(wp.begin) if Action(SWAP_IN, w) in acts)
+    assert issued == {"early": 2, "late": 0}

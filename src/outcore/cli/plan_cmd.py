@@ -63,10 +63,14 @@ def add_wait_order(p) -> None:
     p.add_argument("--wait-order", choices=("farthest", "completion"),
                    help="adaptive: which swap-out a function that needs room waits for "
                         "(default farthest, Belady's; completion: the oldest first)")
+    p.add_argument("--outputs", choices=("early", "late"),
+                   help="adaptive: reserve a later function's outputs when the window "
+                        "reaches them (default early, the paper's) or from that function "
+                        "on (late; docs/planning.md, \"Reserving outputs late\")")
 
 
 def policy_options(args, policy: str | None = None) -> dict:
-    """--window / --k / --wait-order as plan() options; with `policy` auto, the machine it
+    """--window / --k / --wait-order / --outputs as plan() options; with `policy` auto, the machine it
     chooses on (--machine, where the command has one)."""
     options = {}
     if getattr(args, "window", None) is not None:
@@ -75,22 +79,25 @@ def policy_options(args, policy: str | None = None) -> dict:
         options["k"] = args.k
     if getattr(args, "wait_order", None) is not None:
         options["wait_order"] = args.wait_order
+    if getattr(args, "outputs", None) is not None:
+        options["outputs"] = args.outputs
     if policy == "auto" and getattr(args, "machine", None):
         options["machine"] = args.machine
     return options
 
 
 def chosen_policy(args) -> str:
-    """--policy as given; without it, the policy --window or --wait-order (adaptive) or
-    --k (fixed) belongs to, else auto."""
+    """--policy as given; without it, the policy --window, --wait-order or --outputs
+    (adaptive) or --k (fixed) belongs to, else auto."""
     if args.policy is not None:
         return args.policy
     window = (getattr(args, "window", None) is not None
-              or getattr(args, "wait_order", None) is not None)
+              or getattr(args, "wait_order", None) is not None
+              or getattr(args, "outputs", None) is not None)
     k = getattr(args, "k", None) is not None
     if window and k:
-        raise OutcoreError("--window and --wait-order are adaptive's options and --k fixed's: "
-                           "give --policy too")
+        raise OutcoreError("--window, --wait-order and --outputs are adaptive's options and "
+                           "--k fixed's: give --policy too")
     return "fixed" if k else "adaptive" if window else "auto"
 
 

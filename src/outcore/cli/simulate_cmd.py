@@ -196,7 +196,7 @@ def run(args) -> int:
                 opts = dict(options) if len(policies) == 1 else {
                     k: v for k, v in options.items()
                     if (k == "window" and policy.startswith("adaptive"))
-                    or (k == "wait_order" and policy == "adaptive")
+                    or (k in ("wait_order", "outputs") and policy == "adaptive")
                     or (k == "k" and policy == "fixed")}
                 try:                          # auto chooses on the machine simulated
                     chosen, run, schedule = choose_recompute(

@@ -125,12 +125,13 @@ def _release(mover, governor, pager, durable) -> None:
 
 def _policy_label(schedule) -> str:
     """The policy a schedule was made with, and for auto the one it chose (and, for
-    adaptive waiting in completion order, that)."""
+    adaptive, its options other than the default: completion order, outputs late)."""
     chosen = schedule.options.get("chosen")
     if not chosen:
         return schedule.policy
     order = ", completion order" if schedule.options.get("wait_order") == "completion" else ""
-    return f"{schedule.policy} ({chosen}{order})"
+    late = ", outputs late" if schedule.options.get("outputs") == "late" else ""
+    return f"{schedule.policy} ({chosen}{order}{late})"
 
 
 class OutOfCore:

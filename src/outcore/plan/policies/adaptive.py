@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ...errors import OutcoreError
 from . import register
-from .window import WAIT_ORDERS, plan_window
+from .window import OUTPUTS, WAIT_ORDERS, plan_window
 
 PAPER_WINDOW_FACTOR = 1.5   # the paper's finding for ResNet-50: window=int(1.5 * budget)
 
@@ -22,17 +22,21 @@ def window_limit(window) -> int | None:
     return None if window is None else parse_bytes(window)
 
 
-@register("adaptive", {"window", "wait_order"},
+@register("adaptive", {"window", "wait_order", "outputs"},
           "the paper's window, limited in bytes (default: by the budget only)")
 def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_state=None,
-                  end_within_start=False, wait_order="farthest"):
+                  end_within_start=False, wait_order="farthest", outputs="early"):
     limit = window_limit(window)
     if wait_order not in WAIT_ORDERS:
         raise OutcoreError(f"adaptive: wait_order must be one of {', '.join(WAIT_ORDERS)}, "
                            f"got {wait_order!r}")
+    if outputs not in OUTPUTS:
+        raise OutcoreError(f"adaptive: outputs must be one of {', '.join(OUTPUTS)}, "
+                           f"got {outputs!r}")
     return (plan_window(trace, budget, window_bytes=limit, keep_state=keep_state,
                         start_state=start_state, end_within_start=end_within_start,
-                        wait_order=wait_order),
+                        wait_order=wait_order, outputs=outputs),
             {"window": limit, "keep_state": keep_state,
              # named only when not the default, so that summaries stay as they were
-             **({"wait_order": wait_order} if wait_order != "farthest" else {})})
+             **({"wait_order": wait_order} if wait_order != "farthest" else {}),
+             **({"outputs": outputs} if outputs != "early" else {})})

@@ -6,8 +6,9 @@ fastest or within 1% on CPU-recorded ResNet and GPT-2 steps, but on meta traces 
 the same networks adaptive-belady, a window of 4 functions and the paper's 1.5 x budget
 each came first at some budget, by up to 6%, and adaptive-belady on the v100-16gb model
 by up to 3%; waiting in completion order (window.py) takes 5-9% less time than adaptive
-on v100-16gb for ResNet-50 at batch 256-1024 and is within 1% of it above
-(docs/planning.md, "Which policy auto picks", "Waiting in completion order"). So `auto` plans the trace with
+on v100-16gb for ResNet-50 at batch 256-1024 and is within 1% of it above, and
+reserving outputs late takes 2-21% less again there (docs/planning.md, "Which policy
+auto picks", "Waiting in completion order", "Reserving outputs late"). So `auto` plans the trace with
 each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
 starting with the state it ends with), simulates each schedule on `machine` (its
 iteration time: the step and the state moved between two steps), and keeps the
@@ -17,9 +18,10 @@ and list what each configuration simulated to.
 Screening costs one planning per configuration, up to four plans of the trace each. To
 keep planning near a second on long traces, configurations are screened in order only
 while that work, counted in planned accesses (4 x the trace's accesses each), stays
-within SCREEN_ACCESSES; the first is always planned. All five fit up to 12,500
+within SCREEN_ACCESSES; the first is always planned. All seven fit up to 12,500
 accesses (about 4,000 functions of a plain network: ResNet-50 has 2,180, GPT-2 small
-3,429); a 20,000-function trace gets adaptive alone. The choice depends only on the
+3,429); a 20,000-function trace gets adaptive alone. A plan with outputs reserved late
+(window.py, NOTE [Reserving outputs late]) takes about twice as long as one without. The choice depends only on the
 trace, the budget and the options, never on the clock.
 """
 from __future__ import annotations
@@ -30,8 +32,10 @@ from . import REGISTRY, register
 
 # (policy, options): the configurations auto screens, in order of preference on a tie.
 SCREEN = (("adaptive", {}), ("adaptive-belady", {}), ("fixed", {"k": 4}),
-          ("adaptive", {"window_factor": 1.5}), ("adaptive", {"wait_order": "completion"}))
-SCREEN_ACCESSES = 250_000
+          ("adaptive", {"window_factor": 1.5}), ("adaptive", {"wait_order": "completion"}),
+          ("adaptive", {"wait_order": "completion", "outputs": "late"}),
+          ("adaptive", {"outputs": "late"}))
+SCREEN_ACCESSES = 350_000
 PLANS_PER_CONFIGURATION = 4          # api.CYCLE_ROUNDS, then once more at most
 
 

@@ -74,6 +74,30 @@ those again and cancel their swap-outs. With none left, Belady's order as before
 stays a heuristic (docs/planning.md, "Waiting in completion order"), and `auto`
 screens both orders. No policy moves more than on-demand either way (the argument
 does not depend on which swap-out is waited for).
+
+NOTE [Reserving outputs late]. With outputs="early" (the paper's accounting) an array
+a later function g creates, and g's workspace, are reserved when the window reaches
+them, and every reservation counts at every function ahead. In backward, where each
+function creates a gradient as large as what it frees, the window's head then stops at
+an output reservation that has no room yet, though by g the arrays before it will have
+left: nothing behind it is prefetched, and backward stalls on read-backs issued late
+(ResNet-50 on v100-16gb: docs/paper-headline.md). With outputs="late" each reservation
+holds only over its span (`_Reserved`): an output from g on, a swap-in from the begin
+that issues it, each to the last function it is reserved for. The span's end is known
+at admission: the window reserves an array for g and leave() frees it after g unless
+the next function uses it again or `keep` pins it, and `span_end` counts those two in
+the span already. A prefetch is admitted only if its whole span fits beside the
+reservations there and what can be given back (`soft`: swap-outs in flight,
+victims), which counts at every function ahead. Arrays that leave by a swap-out turn
+reserved bytes into soft ones, which admissions had counted as free after the span:
+`settle` waits for swap-outs (and evicts victims) before a function until it fits,
+which is always possible since every reservation fitted without any soft bytes. A
+cancelled swap-out or a victim reserved again turns soft bytes back into reserved
+ones, so it too must fit over its span. Function f's own accesses still find room:
+they are admitted before any later function's, and only they may evict. Both modes
+give plans `check` accepts; "late" prefetches sooner where outputs are large and
+costs planning time in proportion to the spans (`auto` screens it on traces small
+enough, policies/auto.py).
 """
 from __future__ import annotations
 
@@ -234,6 +258,91 @@ class _Window:
                 and self.bytes + self.nb[a] > self.limit)
 
 
+class _Reserved:
+    """The fast tier's bytes over the functions ahead, with outputs="late". `at[h]`: bytes
+    reserved while function h runs (arrays admitted for it or across it, h's
+    workspace), each array over one span of functions: from the function whose begin
+    issues its swap-in (an array to be created, a workspace: from the function that
+    creates or needs it) to `end[a]`, its last reserved function (`open`, past every
+    function: an input the step starts with, until the window first reaches it).
+    `soft`: bytes that can be given back at any moment (swap-outs in flight, victims):
+    they count at every function ahead, as they may stay. What is resident at function
+    h is at most at[h] + soft, and every admission keeps max(at[its span]) + soft within
+    the budget, so the window can prefetch into room that is free until a later output
+    needs it. Each operation costs the length of its span (planning time:
+    docs/planning.md, "Reserving outputs late")."""
+    __slots__ = ("at", "soft", "end", "open")
+
+    def __init__(self, n: int, m: int):
+        self.at = [0] * (n + 1)
+        self.soft = 0
+        self.end = [-1] * m
+        self.open = n
+
+    def now(self, f: int) -> int:
+        return self.at[f]
+
+    def peak(self, s: int, e: int) -> int:
+        return max(self.at[s:e + 1]) if e >= s else 0
+
+    def add(self, a: int, s: int, e: int, nbytes: int) -> None:
+        """a holds nbytes over [s, e]: a new span (a = -1: a workspace)."""
+        at = self.at
+        for h in range(s, e + 1):
+            at[h] += nbytes
+        if a >= 0:
+            self.end[a] = e
+
+    def extend(self, a: int, e: int, nbytes: int) -> None:
+        """a's span goes on to e."""
+        self.add(a, self.end[a] + 1, e, nbytes)
+
+    def close(self, a: int, e: int, nbytes: int) -> None:
+        """a's open span ends at e."""
+        at = self.at
+        for h in range(e + 1, self.open + 1):
+            at[h] -= nbytes
+        self.end[a] = e
+
+    def ended(self, nbytes: int) -> None:
+        """A span ended where it was to end: nothing to do."""
+
+
+class _Held(_Reserved):
+    """The same interface with outputs="early", the paper's accounting (nnabla counts
+    outputs so): `hard` is every reserved byte from the admission of its array until
+    the array leaves, whatever function it is for, and it stands for every function
+    ahead. An output reserved at admission holds its room from then on, so a prefetch
+    behind it waits for it; each operation costs O(1)."""
+    __slots__ = ("hard",)
+
+    def __init__(self, n: int, m: int):
+        super().__init__(0, m)
+        self.hard = 0
+        self.open = n
+
+    def now(self, f: int) -> int:
+        return self.hard
+
+    def peak(self, s: int, e: int) -> int:
+        return self.hard
+
+    def add(self, a: int, s: int, e: int, nbytes: int) -> None:
+        self.hard += nbytes
+        if a >= 0:
+            self.end[a] = e
+
+    def extend(self, a: int, e: int, nbytes: int) -> None:
+        self.end[a] = e
+
+    def close(self, a: int, e: int, nbytes: int) -> None:
+        self.end[a] = e
+
+    def ended(self, nbytes: int) -> None:
+        """The array left (or the workspace's function ran): its bytes are free."""
+        self.hard -= nbytes
+
+
 # Eviction order of victims (`_Victims`), Belady's: dead held arrays first (never read
 # again), by farthest release; then state kept for the end (read back after the step);
 # then state kept from the start, by farthest first use. Priorities for n functions:
@@ -278,12 +387,14 @@ class _Victims:
 
 class _WindowPlanner:
     """One pass of the window scheduler over a trace (module docstring). `state[a]` is a
-    Residence; `dirty[a]`: a has no current slow copy; `occ`: bytes reserved, resident
-    and in flight."""
+    Residence; `dirty[a]`: a has no current slow copy; `reserved`: the fast tier's bytes
+    over the functions ahead (`_Reserved`)."""
 
     def __init__(self, trace, budget, *, window_bytes, window_functions, keep, eager_wait,
-                 keep_state, start_state, end_within_start, wait_order="farthest"):
+                 keep_state, start_state, end_within_start, wait_order="farthest",
+                 outputs="early"):
         self.trace, self.budget, self.keep, self.eager_wait = trace, budget, keep, eager_wait
+        self.late = outputs == "late"
         self.completion_order = wait_order == "completion"
         self.reach = 0                   # functions past f the head stood at after f's extend
         arrays = trace.arrays
@@ -296,7 +407,7 @@ class _WindowPlanner:
         self.workspace_next = 0          # functions before it have their workspace reserved
         self.state = [ABSENT] * m
         self.dirty = [True] * m
-        self.occ = 0
+        self.reserved = (_Reserved if self.late else _Held)(self.n, m)
         self.bytes_in = self.bytes_out = 0
         self.begin = [[] for _ in range(self.n)]
         self.end = [[] for _ in range(self.n)]
@@ -325,7 +436,6 @@ class _WindowPlanner:
                 continue
             if a.kind == "input" or a.id in keep_start:
                 self.state[a.id] = FAST
-                self.occ += a.nbytes
                 start.append(a.id)
             else:                                 # persistent, written out at the start
                 self.state[a.id] = SLOW
@@ -339,23 +449,28 @@ class _WindowPlanner:
             used = {acc.array for acc in trace.functions[0].accesses}
             lacking = (sum(self.nb[a] for a in used if self.state[a] != FAST)
                        + trace.functions[0].workspace_bytes)
+            occ = sum(self.nb[a] for a in start)
             for _, _, a in kept:
-                if self.occ + lacking <= budget:
+                if occ + lacking <= budget:
                     break
                 if a not in used and self.nb[a]:
                     self.state[a] = SLOW
                     self.dirty[a] = False
-                    self.occ -= self.nb[a]
+                    occ -= self.nb[a]
                     start.remove(a)
         for priority, minus_nbytes, a in kept:
             if self.state[a] == FAST:
-                self.victims.add(a, priority, -minus_nbytes)
+                self.add_victim(a, priority)
+        for a in start:                  # inputs: held until the window first reaches them
+            if not self.victims.resident[a]:
+                self.reserved.add(a, 0, self.n, self.nb[a])
         return keep_end, start
 
     # -- the pass ------------------------------------------------------------------------
     def plan(self) -> WindowPlan:
         for f in range(self.n):
             self.window.advance(self.swap_outs, f)
+            self.settle(f)
             if self.eager_wait:
                 while self.wait_oldest(f):
                     pass
@@ -387,42 +502,85 @@ class _WindowPlanner:
                     pass
                 if window.over_bytes(a):
                     break
-            if not self.reserve_workspace(f, g) or not self.admit(a, f, g, mandatory):
+            if not self.reserve_workspace(f, g) or not self.admit(a, f, g, mandatory, head):
                 break
             head += 1
         self.head = head
         self.reach = (acc_fn[head] if head < total else self.n) - f
 
+    def settle(self, f: int) -> None:
+        """Before f: what f holds, beside what can be given back, fits. Arrays that left
+        after a function became swap-outs in flight or victims, and count from then on at
+        every function ahead, where admissions had counted on their room: wait for
+        swap-outs (in the wait order) and evict victims until f fits."""
+        reserved, budget = self.reserved, self.budget
+        over = reserved.now(f) + reserved.soft - budget
+        while over > 0 and self.completion_order and self.wait_oldest_outside_reach(f):
+            over = reserved.now(f) + reserved.soft - budget
+        while over > 0 and self.wait_farthest(f, dead_only=False):
+            over = reserved.now(f) + reserved.soft - budget
+        if over > 0:
+            self.evict_victims(f, over)
+
     def reserve_workspace(self, f: int, g: int) -> bool:
         """Reserve the workspace of each function up to g not reserved yet (for g > f a
-        prefetch, which may find no room: False)."""
+        prefetch, which may find no room: False). It is held while its function runs
+        (with outputs="early": from when the window reaches it)."""
         while self.workspace_next <= g:
             h = self.workspace_next
             nbytes = self.trace.functions[h].workspace_bytes
             if nbytes:
-                if not self.make_room(f, nbytes, mandatory=h == f):
+                s = h if self.late else f
+                if not self.make_room(f, nbytes, h == f, s, h):
                     return False
-                self.occ += nbytes
+                self.reserved.add(-1, s, h, nbytes)
             self.workspace_next += 1
         return True
 
-    def admit(self, a: int, f: int, g: int, mandatory: bool) -> bool:
+    def span_end(self, a: int, g: int, pos: int) -> int:
+        """The last function a stays reserved for when admitted for g: g, or its next use
+        where leave() will keep it across the gap (the very next function, or `keep`)."""
+        next_use = self.nxt[pos]
+        if next_use >= 0 and (next_use == g + 1 or (self.keep is not None and self.keep(a, g))):
+            return next_use
+        return g
+
+    def admit(self, a: int, f: int, g: int, mandatory: bool, pos: int) -> bool:
         """Reserve a for function g (>= f), issuing what that takes at f's begin; False if
         a prefetch finds no room."""
-        state = self.state[a]
-        if self.window.last[a] >= f or state == FAST:
-            self.victims.discard(a)                # reserved now: no longer a victim
-        elif state == OUT:                         # needed again: cancel its swap-out
-            self.end[self.swap_outs.remove(a)].remove(Action(SWAP_OUT, a))
-            self.bytes_out -= self.nb[a]
-            self.state[a] = FAST
-            self.dirty[a] = True
-            self.window.advance(self.swap_outs, f)
-        else:                                      # on the slow tier, or not created yet
-            nbytes = self.nb[a]
-            if not self.make_room(f, nbytes, mandatory):
+        state, reserved, nbytes = self.state[a], self.reserved, self.nb[a]
+        e = self.span_end(a, g, pos)
+        if state == OUT or (state == FAST and self.victims.resident[a]):
+            # Held again from f on: a swap-out in flight is cancelled, a victim is one no
+            # longer. Its bytes count at every function ahead already (soft), but there
+            # admissions may have counted on a settle giving them back: they must fit.
+            if not mandatory and not self.make_room(f, nbytes, False, f, e, credit=nbytes):
                 return False
-            self.occ += nbytes
+            if state == OUT:                       # needed again: cancel its swap-out
+                self.end[self.swap_outs.remove(a)].remove(Action(SWAP_OUT, a))
+                self.bytes_out -= nbytes
+                self.state[a] = FAST
+                self.dirty[a] = True
+                self.window.advance(self.swap_outs, f)
+            else:
+                self.victims.discard(a)
+            reserved.soft -= nbytes
+            if mandatory:
+                self.make_room(f, nbytes, True, f, e)
+            reserved.add(a, f, e, nbytes)
+        elif state == FAST:
+            end = reserved.end[a]
+            if end == reserved.open:                      # an input, first reached
+                reserved.close(a, e, nbytes)
+            elif end < e:                                 # held longer
+                if self.late and not self.make_room(f, nbytes, mandatory, end + 1, e):
+                    return False
+                reserved.extend(a, e, nbytes)
+        else:                                      # on the slow tier, or not created yet
+            s = g if state != SLOW and self.late else f
+            if not self.make_room(f, nbytes, mandatory, s, e):
+                return False
+            reserved.add(a, s, e, nbytes)
             if state == SLOW:
                 self.begin[f].append(Action(SWAP_IN, a))
                 self.bytes_in += nbytes
@@ -431,18 +589,21 @@ class _WindowPlanner:
         self.window.reserve(a, g)
         return True
 
-    def make_room(self, f: int, nbytes: int, mandatory: bool) -> bool:
-        """2. Wait for swap-outs in Belady's order until nbytes fit (a prefetch: only for
-        arrays never used again); f's own operands then evict victims."""
-        budget = self.budget
+    def make_room(self, f: int, nbytes: int, mandatory: bool, s: int, e: int,
+                  credit: int = 0) -> bool:
+        """2. Wait for swap-outs in Belady's order until nbytes fit over functions s..e (a
+        prefetch: only for arrays never used again); f's own operands then evict
+        victims. `credit`: bytes of the soft ones that would become these."""
+        budget, reserved = self.budget, self.reserved
+        held = reserved.peak(s, e) + nbytes - credit
         if mandatory and self.completion_order:
-            while self.occ + nbytes > budget and self.wait_oldest_outside_reach(f):
+            while held + reserved.soft > budget and self.wait_oldest_outside_reach(f):
                 pass
-        while self.occ + nbytes > budget and self.wait_farthest(f, dead_only=not mandatory):
+        while held + reserved.soft > budget and self.wait_farthest(f, dead_only=not mandatory):
             pass
-        if self.occ + nbytes > budget and mandatory:
-            self.evict_victims(f, self.occ + nbytes - budget)
-        if self.occ + nbytes <= budget:
+        if held + reserved.soft > budget and mandatory:
+            self.evict_victims(f, held + reserved.soft - budget)
+        if held + reserved.soft <= budget:
             return True
         if mandatory:
             raise AssertionError(f"planner bug: function {f} does not fit a budget "
@@ -450,14 +611,13 @@ class _WindowPlanner:
         return False
 
     def execute(self, f: int) -> None:
-        """3. f runs: what it writes or creates has no current slow copy; its workspace
-        is given back."""
-        dirty = self.dirty
-        fn = self.trace.functions[f]
+        """3. f runs: what it writes or creates has no current slow copy (its workspace's
+        span ends with it)."""
+        dirty, fn = self.dirty, self.trace.functions[f]
         for acc in fn.accesses:
             if acc.kind != "read":
                 dirty[acc.array] = True
-        self.occ -= fn.workspace_bytes
+        self.reserved.ended(fn.workspace_bytes)
 
     def leave(self, f: int) -> None:
         """4. Arrays whose last use inside the window is f leave the fast tier, unless the
@@ -470,7 +630,7 @@ class _WindowPlanner:
             if next_use < 0:
                 self.after_last_use(a, f)
             elif next_use == f + 1 or (keep is not None and keep(a, f)):
-                window.reserve(a, next_use)
+                window.reserve(a, next_use)        # reserved so far already (span_end)
             else:
                 self.evict(a, f, next_use)
 
@@ -479,21 +639,27 @@ class _WindowPlanner:
         out otherwise; the rest is FREEd, or held until PyTorch releases it."""
         if self.persistent[a]:
             if a in self.keep_end:                 # stays; evicted for room last
-                self.victims.add(a, _end_kept_priority(self.n), self.nb[a])
+                self.reserved.ended(self.nb[a])
+                self.add_victim(a, _end_kept_priority(self.n))
             else:
                 self.evict(a, f, -1)
             return
+        self.reserved.ended(self.nb[a])
         release = self.release_point[a]
         if release == f:
             self.end[f].append(Action(FREE, a))
             self.state[a] = DEAD
-            self.occ -= self.nb[a]
             return
         self.release_at[release].append(a)         # dead but held until its release
         if not self.dirty[a]:
             self.drop(a, f)
         else:
-            self.victims.add(a, _held_priority(self.n, release), self.nb[a])
+            self.add_victim(a, _held_priority(self.n, release))
+
+    def add_victim(self, a: int, priority: int) -> None:
+        """a stays resident (after its span ended), to be given back for room (`_Victims`)."""
+        self.victims.add(a, priority, self.nb[a])
+        self.reserved.soft += self.nb[a]
 
     def release(self, f: int) -> None:
         """Held arrays PyTorch releases after f are FREEd (a victim still resident frees
@@ -502,7 +668,7 @@ class _WindowPlanner:
             self.end[f].append(Action(FREE, a))
             if self.victims.resident[a]:
                 self.victims.discard(a)
-                self.occ -= self.nb[a]
+                self.reserved.soft -= self.nb[a]
             self.state[a] = DEAD
 
     def drain(self) -> None:
@@ -516,11 +682,13 @@ class _WindowPlanner:
         nbytes = self.nb[a]
         if nbytes == 0:            # frees nothing (a held array, run/compose.py): stays
             return
+        self.reserved.ended(nbytes)
         if self.dirty[a]:
             self.end[f].append(Action(SWAP_OUT, a))
             self.bytes_out += nbytes
             self.state[a] = OUT
             self.dirty[a] = False
+            self.reserved.soft += nbytes
             self.swap_outs.push(a, f, self.n if next_use < 0 else next_use)
         else:
             self.drop(a, f)
@@ -529,14 +697,13 @@ class _WindowPlanner:
         """After f, let go of a's fast copy: its slow copy is current."""
         self.end[f].append(Action(DROP, a))
         self.state[a] = SLOW
-        self.occ -= self.nb[a]
 
     def wait(self, a: int, f: int) -> None:
         """WAIT before f for a's swap-out; its memory is free from then on."""
         self.swap_outs.remove(a)
         self.begin[f].append(Action(WAIT, a))
         self.state[a] = SLOW
-        self.occ -= self.nb[a]
+        self.reserved.soft -= self.nb[a]
         self.window.advance(self.swap_outs, f)
 
     def wait_oldest(self, f: int, dead_only: bool = False) -> bool:
@@ -573,25 +740,27 @@ class _WindowPlanner:
             nbytes = self.nb[a]
             if nbytes == 0:
                 continue
+            self.reserved.soft -= nbytes
             if self.dirty[a]:
                 self.end[f - 1].append(Action(SWAP_OUT, a))
                 self.bytes_out += nbytes
                 self.begin[f].append(Action(WAIT, a))
                 self.state[a] = SLOW
                 self.dirty[a] = False
-                self.occ -= nbytes
             else:                                  # state kept at the end, unchanged
                 self.drop(a, f - 1)
             short -= nbytes
 
 
 WAIT_ORDERS = ("farthest", "completion")
+OUTPUTS = ("early", "late")
 
 
 def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 window_functions: int | None = None, keep=None, eager_wait: bool = False,
                 keep_state: bool = True, start_state=None,
-                end_within_start: bool = False, wait_order: str = "farthest") -> WindowPlan:
+                end_within_start: bool = False, wait_order: str = "farthest",
+                outputs: str = "early") -> WindowPlan:
     """Plan `trace` under `budget` with the window scheduler (module docstring).
     `start_state`: the persistent arrays to start with in fast memory (those of them that
     fit beside the first function), instead of `start_keep_set` (plan() passes the state
@@ -602,9 +771,12 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     swap-out is waited for before the next function (synchronous offload, as vDNN does).
     wait_order: "farthest" (Belady's, step 2) or "completion" (oldest first, passing
     over arrays within the window's last reach, then Belady's; NOTE [Waiting in
-    completion order])."""
+    completion order]). outputs: "early" reserves an array a later function creates,
+    and a workspace, from when the window reaches it, and counts every reservation at
+    every function ahead (`_Held`); "late" from that function on, counting each
+    reservation only over its span (`_Reserved`, NOTE [Reserving outputs late])."""
     return _WindowPlanner(trace, budget, window_bytes=window_bytes,
                           window_functions=window_functions, keep=keep,
                           eager_wait=eager_wait, keep_state=keep_state,
                           start_state=start_state, end_within_start=end_within_start,
-                          wait_order=wait_order).plan()
+                          wait_order=wait_order, outputs=outputs).plan()
