@@ -27,9 +27,12 @@ def _label(name: str, options: dict) -> str:
         return f"{name} k={options['k']}"
     if "window_factor" in options:
         return f"{name} {options['window_factor']}x budget"
+    parts = [name]
     if "wait_order" in options:
-        return f"{name} {options['wait_order']} order"
-    return name
+        parts.append(f"{options['wait_order']} order")
+    if options.get("outputs") == "late":
+        parts.append("outputs late")
+    return " ".join(parts)
 
 
 def main():

@@ -278,3 +278,33 @@ def test_outputs_reserved_late_let_a_prefetch_pass_an_output_whose_room_frees_fi
         replay(t, wp.begin, wp.end, wp.start, 10)             # raises on any violation
         issued[outputs] = next(i for i, acts in enumerate(wp.begin) if Action(SWAP_IN, w) in acts)
     assert issued == {"early": 2, "late": 0}
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 200), st.sampled_from([1, 3, 64]),
+       st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.integers(-50, 100),
+                          st.booleans()), max_size=60))
+def test_the_blocked_reservations_equal_a_plain_list(n, block, ops):
+    # _Reserved keeps its per-function bytes in blocks (a lazy add and a maximum per
+    # block); every span added, every open span closed, every peak and every value read
+    # must be what a plain list of n + 1 counters gives.
+    from outcore.plan.policies.window import _Reserved
+
+    class Small(_Reserved):
+        __slots__ = ()
+        BLOCK = block
+
+    r, plain = Small(n, 1), [0] * (n + 1)
+    for x, y, nbytes, is_close in ops:
+        s, e = sorted((int(x * n), int(y * n)))
+        if is_close:
+            r.end[0] = n
+            r.close(0, s, nbytes)
+            for h in range(s + 1, n + 1):
+                plain[h] -= nbytes
+        else:
+            r.add(-1, s, e, nbytes)
+            for h in range(s, e + 1):
+                plain[h] += nbytes
+        assert r.peak(s, e) == max(plain[s:e + 1])
+        assert [r.now(h) for h in range(n + 1)] == plain

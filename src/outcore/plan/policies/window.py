@@ -269,27 +269,64 @@ class _Reserved:
     they count at every function ahead, as they may stay. What is resident at function
     h is at most at[h] + soft, and every admission keeps max(at[its span]) + soft within
     the budget, so the window can prefetch into room that is free until a later output
-    needs it. Each operation costs the length of its span (planning time:
-    docs/planning.md, "Reserving outputs late")."""
-    __slots__ = ("at", "soft", "end", "open")
+    needs it.
+
+    Spans run hundreds to thousands of functions (the window admits as far ahead as
+    there is room), so `at` is kept in blocks of BLOCK functions: the value at h is
+    `raw[h] + lazy[h // BLOCK]`, and `top[b]` is block b's largest value. A span adds to
+    the raw values of the blocks it covers in part and to `lazy` and `top` of those it
+    covers whole; each slice is added or searched at C speed."""
+    __slots__ = ("raw", "lazy", "top", "soft", "end", "open")
+    BLOCK = 64
 
     def __init__(self, n: int, m: int):
-        self.at = [0] * (n + 1)
+        self.raw = [0] * (n + 1)
+        self.lazy = [0] * (n // self.BLOCK + 1)
+        self.top = [0] * (n // self.BLOCK + 1)
         self.soft = 0
         self.end = [-1] * m
         self.open = n
 
     def now(self, f: int) -> int:
-        return self.at[f]
+        return self.raw[f] + self.lazy[f // self.BLOCK]
 
     def peak(self, s: int, e: int) -> int:
-        return max(self.at[s:e + 1]) if e >= s else 0
+        """The most reserved at any function from s to e."""
+        if e < s:
+            return 0
+        k, raw, lazy = self.BLOCK, self.raw, self.lazy
+        bs, be = s // k, e // k
+        if bs == be:
+            return max(raw[s:e + 1]) + lazy[bs]
+        most = max(max(raw[s:(bs + 1) * k]) + lazy[bs], max(raw[be * k:e + 1]) + lazy[be])
+        return max(most, max(self.top[bs + 1:be])) if be > bs + 1 else most
+
+    def _within(self, s: int, e: int, nbytes: int) -> None:
+        """Add nbytes from s to e, both in one block."""
+        k, raw = self.BLOCK, self.raw
+        raw[s:e + 1] = map(nbytes.__add__, raw[s:e + 1])
+        b = s // k
+        self.top[b] = max(raw[b * k:(b + 1) * k]) + self.lazy[b]
+
+    def _span(self, s: int, e: int, nbytes: int) -> None:
+        """Add nbytes at every function from s to e."""
+        if e < s:
+            return
+        k = self.BLOCK
+        bs, be = s // k, e // k
+        if bs == be:
+            self._within(s, e, nbytes)
+            return
+        self._within(s, (bs + 1) * k - 1, nbytes)
+        self._within(be * k, e, nbytes)
+        if be > bs + 1:
+            add = nbytes.__add__
+            self.lazy[bs + 1:be] = map(add, self.lazy[bs + 1:be])
+            self.top[bs + 1:be] = map(add, self.top[bs + 1:be])
 
     def add(self, a: int, s: int, e: int, nbytes: int) -> None:
         """a holds nbytes over [s, e]: a new span (a = -1: a workspace)."""
-        at = self.at
-        for h in range(s, e + 1):
-            at[h] += nbytes
+        self._span(s, e, nbytes)
         if a >= 0:
             self.end[a] = e
 
@@ -299,9 +336,7 @@ class _Reserved:
 
     def close(self, a: int, e: int, nbytes: int) -> None:
         """a's open span ends at e."""
-        at = self.at
-        for h in range(e + 1, self.open + 1):
-            at[h] -= nbytes
+        self._span(e + 1, self.open, -nbytes)
         self.end[a] = e
 
     def ended(self, nbytes: int) -> None:
