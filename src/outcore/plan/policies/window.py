@@ -96,8 +96,8 @@ cancelled swap-out or a victim reserved again turns soft bytes back into reserve
 ones, so it too must fit over its span. Function f's own accesses still find room:
 they are admitted before any later function's, and only they may evict. Both modes
 give plans `check` accepts; "late" prefetches sooner where outputs are large and
-costs planning time in proportion to the spans (`auto` screens it on traces small
-enough, policies/auto.py).
+costs about twice the planning time (`auto` screens it on traces small enough,
+policies/auto.py).
 """
 from __future__ import annotations
 
