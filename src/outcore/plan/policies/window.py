@@ -278,6 +278,7 @@ class _Reserved:
     covers whole; each slice is added or searched at C speed."""
     __slots__ = ("raw", "lazy", "top", "soft", "end", "open")
     BLOCK = 64
+    hard = 0                    # the early accounting's figure (`_Held`): none here
 
     def __init__(self, n: int, m: int):
         self.raw = [0] * (n + 1)
@@ -339,43 +340,26 @@ class _Reserved:
         self._span(e + 1, self.open, -nbytes)
         self.end[a] = e
 
-    def ended(self, nbytes: int) -> None:
-        """A span ended where it was to end: nothing to do."""
 
+class _Held:
+    """outputs="early", the paper's accounting (nnabla counts outputs so): one figure,
+    `hard`, every byte reserved, resident or in flight, from the admission of its array
+    until the array leaves the fast tier, whatever function it is for; it stands for
+    every function ahead, so an output reserved at admission holds its room from then
+    on and a prefetch behind it waits for it. `soft` stays 0: a swap-out in flight is
+    counted in `hard` until it is waited for. The planner updates `hard` itself where
+    an array leaves (`_WindowPlanner.late` False), at O(1) each."""
+    __slots__ = ("hard", "soft")
 
-class _Held(_Reserved):
-    """The same interface with outputs="early", the paper's accounting (nnabla counts
-    outputs so): `hard` is every reserved byte from the admission of its array until
-    the array leaves, whatever function it is for, and it stands for every function
-    ahead. An output reserved at admission holds its room from then on, so a prefetch
-    behind it waits for it; each operation costs O(1)."""
-    __slots__ = ("hard",)
-
-    def __init__(self, n: int, m: int):
-        super().__init__(0, m)
+    def __init__(self):
         self.hard = 0
-        self.open = n
+        self.soft = 0
 
     def now(self, f: int) -> int:
         return self.hard
 
-    def peak(self, s: int, e: int) -> int:
-        return self.hard
-
     def add(self, a: int, s: int, e: int, nbytes: int) -> None:
         self.hard += nbytes
-        if a >= 0:
-            self.end[a] = e
-
-    def extend(self, a: int, e: int, nbytes: int) -> None:
-        self.end[a] = e
-
-    def close(self, a: int, e: int, nbytes: int) -> None:
-        self.end[a] = e
-
-    def ended(self, nbytes: int) -> None:
-        """The array left (or the workspace's function ran): its bytes are free."""
-        self.hard -= nbytes
 
 
 # Eviction order of victims (`_Victims`), Belady's: dead held arrays first (never read
@@ -442,7 +426,7 @@ class _WindowPlanner:
         self.workspace_next = 0          # functions before it have their workspace reserved
         self.state = [ABSENT] * m
         self.dirty = [True] * m
-        self.reserved = (_Reserved if self.late else _Held)(self.n, m)
+        self.reserved = _Reserved(self.n, m) if self.late else _Held()
         self.bytes_in = self.bytes_out = 0
         self.begin = [[] for _ in range(self.n)]
         self.end = [[] for _ in range(self.n)]
@@ -499,13 +483,16 @@ class _WindowPlanner:
         for a in start:                  # inputs: held until the window first reaches them
             if not self.victims.resident[a]:
                 self.reserved.add(a, 0, self.n, self.nb[a])
+            elif not self.late:          # early: victims are counted in `hard` too
+                self.reserved.hard += self.nb[a]
         return keep_end, start
 
     # -- the pass ------------------------------------------------------------------------
     def plan(self) -> WindowPlan:
         for f in range(self.n):
             self.window.advance(self.swap_outs, f)
-            self.settle(f)
+            if self.late:                  # early: nothing ever turns reserved bytes soft
+                self.settle(f)                                 # ahead of a function
             if self.eager_wait:
                 while self.wait_oldest(f):
                     pass
@@ -524,12 +511,13 @@ class _WindowPlanner:
         its operands, like one more of its arrays."""
         self.reserve_workspace(f, f)
         acc_fn, acc_arr, window = self.acc_fn, self.acc_arr, self.window
+        limited = window.limit is not None or window.functions is not None
         total = len(acc_fn)
         head = self.head
         while head < total:
             g, a = acc_fn[head], acc_arr[head]
             mandatory = g == f
-            if not mandatory:
+            if not mandatory and limited:
                 if window.beyond(f, g):
                     break
                 # the byte limit waits only for arrays never used again, oldest first
@@ -537,7 +525,9 @@ class _WindowPlanner:
                     pass
                 if window.over_bytes(a):
                     break
-            if not self.reserve_workspace(f, g) or not self.admit(a, f, g, mandatory, head):
+            if self.workspace_next <= g and not self.reserve_workspace(f, g):
+                break
+            if not self.admit(a, f, g, mandatory, head):
                 break
             head += 1
         self.head = head
@@ -584,12 +574,13 @@ class _WindowPlanner:
         """Reserve a for function g (>= f), issuing what that takes at f's begin; False if
         a prefetch finds no room."""
         state, reserved, nbytes = self.state[a], self.reserved, self.nb[a]
-        e = self.span_end(a, g, pos)
+        e = self.span_end(a, g, pos) if self.late else g      # early: spans unused
         if state == OUT or (state == FAST and self.victims.resident[a]):
             # Held again from f on: a swap-out in flight is cancelled, a victim is one no
             # longer. Its bytes count at every function ahead already (soft), but there
-            # admissions may have counted on a settle giving them back: they must fit.
-            if not mandatory and not self.make_room(f, nbytes, False, f, e, credit=nbytes):
+            # (late) admissions may have counted on a settle giving them back: they must fit.
+            late = self.late
+            if late and not mandatory and not self.make_room(f, nbytes, False, f, e, credit=nbytes):
                 return False
             if state == OUT:                       # needed again: cancel its swap-out
                 self.end[self.swap_outs.remove(a)].remove(Action(SWAP_OUT, a))
@@ -599,18 +590,20 @@ class _WindowPlanner:
                 self.window.advance(self.swap_outs, f)
             else:
                 self.victims.discard(a)
-            reserved.soft -= nbytes
-            if mandatory:
-                self.make_room(f, nbytes, True, f, e)
-            reserved.add(a, f, e, nbytes)
+            if late:                               # early: counted as it was
+                reserved.soft -= nbytes
+                if mandatory:
+                    self.make_room(f, nbytes, True, f, e)
+                reserved.add(a, f, e, nbytes)
         elif state == FAST:
-            end = reserved.end[a]
-            if end == reserved.open:                      # an input, first reached
-                reserved.close(a, e, nbytes)
-            elif end < e:                                 # held longer
-                if self.late and not self.make_room(f, nbytes, mandatory, end + 1, e):
-                    return False
-                reserved.extend(a, e, nbytes)
+            if self.late:                          # early: reserved until it leaves already
+                end = reserved.end[a]
+                if end == reserved.open:                  # an input, first reached
+                    reserved.close(a, e, nbytes)
+                elif end < e:                             # held longer
+                    if not self.make_room(f, nbytes, mandatory, end + 1, e):
+                        return False
+                    reserved.extend(a, e, nbytes)
         else:                                      # on the slow tier, or not created yet
             s = g if state != SLOW and self.late else f
             if not self.make_room(f, nbytes, mandatory, s, e):
@@ -630,15 +623,21 @@ class _WindowPlanner:
         prefetch: only for arrays never used again); f's own operands then evict
         victims. `credit`: bytes of the soft ones that would become these."""
         budget, reserved = self.budget, self.reserved
-        held = reserved.peak(s, e) + nbytes - credit
+        # late: the spans' peak over s..e, plus what can be given back (soft, the waits
+        # lower it); early: everything counted is `hard`, and the waits lower that
+        held = (reserved.peak(s, e) if self.late else 0) + nbytes - credit
+        if held + reserved.hard + reserved.soft <= budget:
+            return True
         if mandatory and self.completion_order:
-            while held + reserved.soft > budget and self.wait_oldest_outside_reach(f):
+            while (held + reserved.hard + reserved.soft > budget
+                   and self.wait_oldest_outside_reach(f)):
                 pass
-        while held + reserved.soft > budget and self.wait_farthest(f, dead_only=not mandatory):
+        while (held + reserved.hard + reserved.soft > budget
+               and self.wait_farthest(f, dead_only=not mandatory)):
             pass
-        if held + reserved.soft > budget and mandatory:
-            self.evict_victims(f, held + reserved.soft - budget)
-        if held + reserved.soft <= budget:
+        if held + reserved.hard + reserved.soft > budget and mandatory:
+            self.evict_victims(f, held + reserved.hard + reserved.soft - budget)
+        if held + reserved.hard + reserved.soft <= budget:
             return True
         if mandatory:
             raise AssertionError(f"planner bug: function {f} does not fit a budget "
@@ -652,7 +651,8 @@ class _WindowPlanner:
         for acc in fn.accesses:
             if acc.kind != "read":
                 dirty[acc.array] = True
-        self.reserved.ended(fn.workspace_bytes)
+        if fn.workspace_bytes and not self.late:          # late: its span ends with f
+            self.reserved.hard -= fn.workspace_bytes
 
     def leave(self, f: int) -> None:
         """4. Arrays whose last use inside the window is f leave the fast tier, unless the
@@ -674,16 +674,16 @@ class _WindowPlanner:
         out otherwise; the rest is FREEd, or held until PyTorch releases it."""
         if self.persistent[a]:
             if a in self.keep_end:                 # stays; evicted for room last
-                self.reserved.ended(self.nb[a])
                 self.add_victim(a, _end_kept_priority(self.n))
             else:
                 self.evict(a, f, -1)
             return
-        self.reserved.ended(self.nb[a])
         release = self.release_point[a]
         if release == f:
             self.end[f].append(Action(FREE, a))
             self.state[a] = DEAD
+            if not self.late:                      # late: its span ended with f
+                self.reserved.hard -= self.nb[a]
             return
         self.release_at[release].append(a)         # dead but held until its release
         if not self.dirty[a]:
@@ -692,9 +692,11 @@ class _WindowPlanner:
             self.add_victim(a, _held_priority(self.n, release))
 
     def add_victim(self, a: int, priority: int) -> None:
-        """a stays resident (after its span ended), to be given back for room (`_Victims`)."""
+        """a stays resident (after its span ended), to be given back for room (`_Victims`):
+        with outputs late its bytes turn soft; early, they stay counted as they were."""
         self.victims.add(a, priority, self.nb[a])
-        self.reserved.soft += self.nb[a]
+        if self.late:
+            self.reserved.soft += self.nb[a]
 
     def release(self, f: int) -> None:
         """Held arrays PyTorch releases after f are FREEd (a victim still resident frees
@@ -703,7 +705,7 @@ class _WindowPlanner:
             self.end[f].append(Action(FREE, a))
             if self.victims.resident[a]:
                 self.victims.discard(a)
-                self.reserved.soft -= self.nb[a]
+                self.give_back(self.nb[a])
             self.state[a] = DEAD
 
     def drain(self) -> None:
@@ -717,29 +719,39 @@ class _WindowPlanner:
         nbytes = self.nb[a]
         if nbytes == 0:            # frees nothing (a held array, run/compose.py): stays
             return
-        self.reserved.ended(nbytes)
         if self.dirty[a]:
             self.end[f].append(Action(SWAP_OUT, a))
             self.bytes_out += nbytes
             self.state[a] = OUT
             self.dirty[a] = False
-            self.reserved.soft += nbytes
+            if self.late:                          # in flight: given back when waited for
+                self.reserved.soft += nbytes
             self.swap_outs.push(a, f, self.n if next_use < 0 else next_use)
         else:
             self.drop(a, f)
 
     def drop(self, a: int, f: int) -> None:
-        """After f, let go of a's fast copy: its slow copy is current."""
+        """After f, let go of a's fast copy: its slow copy is current (late: its span ended
+        with f)."""
         self.end[f].append(Action(DROP, a))
         self.state[a] = SLOW
+        if not self.late:
+            self.reserved.hard -= self.nb[a]
 
     def wait(self, a: int, f: int) -> None:
         """WAIT before f for a's swap-out; its memory is free from then on."""
         self.swap_outs.remove(a)
         self.begin[f].append(Action(WAIT, a))
         self.state[a] = SLOW
-        self.reserved.soft -= self.nb[a]
+        self.give_back(self.nb[a])
         self.window.advance(self.swap_outs, f)
+
+    def give_back(self, nbytes: int) -> None:
+        """A swap-out waited for or a victim gone: its bytes are free."""
+        if self.late:
+            self.reserved.soft -= nbytes
+        else:
+            self.reserved.hard -= nbytes
 
     def wait_oldest(self, f: int, dead_only: bool = False) -> bool:
         """WAIT before f for the oldest swap-out in flight; False if there is none."""
@@ -775,14 +787,16 @@ class _WindowPlanner:
             nbytes = self.nb[a]
             if nbytes == 0:
                 continue
-            self.reserved.soft -= nbytes
             if self.dirty[a]:
                 self.end[f - 1].append(Action(SWAP_OUT, a))
                 self.bytes_out += nbytes
                 self.begin[f].append(Action(WAIT, a))
                 self.state[a] = SLOW
                 self.dirty[a] = False
+                self.give_back(nbytes)
             else:                                  # state kept at the end, unchanged
+                if self.late:
+                    self.reserved.soft -= nbytes
                 self.drop(a, f - 1)
             short -= nbytes
 
