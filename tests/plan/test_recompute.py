@@ -280,3 +280,21 @@ def test_a_step_that_fits_is_never_recomputed():
     t = layered([8, 16, 16])
     chosen, r, s = recompute.choose(t, t.peak(actual=True)[0], mode=True)
     assert chosen == [] and r is t and s.bytes_moved == 0
+
+
+@pytest.mark.parametrize("sizes", [[4, 64, 64, 64], [4, 32, 32, 32, 32]])
+def test_auto_keeps_the_faster_of_recomputing_without_chains_and_with_them(sizes):
+    t = layered(sizes)
+    budget = max(min_feasible_budget(t), int(t.peak()[0] * 0.9))
+    m = _link(1e3)
+    planned = {}
+    for chains in (False, True):
+        c = recompute.candidates(t, machine=m, chains=chains)
+        r = recompute.rewrite(t, c)
+        planned[chains] = (simulate(r, plan(r, budget, machine=m), m).iteration_time_s, c)
+    assert planned[False][1] != planned[True][1]          # chains add convolutions
+    chosen, r, s = recompute.choose(t, budget, mode="auto", machine=m)
+    check(r, s, budget)
+    fastest = min(planned.values(), key=lambda v: v[0])   # a tie keeps the one without
+    assert chosen == fastest[1]
+    assert recompute.choose(t, budget, mode=True, machine=m)[0] == planned[False][1]

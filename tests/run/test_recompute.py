@@ -322,3 +322,85 @@ def test_sigint_inside_recompute_loses_nothing(monkeypatch, owner, name, n):
         train(twin, iterations=2, seed=700)
         train(w, ooc, iterations=2, seed=700)
     assert_bitwise_equal(state_of(twin.model, twin.optimizer), state_of(w.model, w.optimizer))
+
+
+class Chain(nn.Module):
+    """conv -> batch norm -> ReLU, three times: each convolution after the first reads a
+    recomputed array (rule 3's chains)."""
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for cin in (3, 16, 16):
+            self.layers.append(nn.ModuleList([nn.Conv2d(cin, 16, 3, padding=1), nn.BatchNorm2d(16)]))
+        self.head = nn.Linear(16 * 16 * 16, 10)
+
+    def forward(self, x):
+        for conv, bn in self.layers:
+            x = torch.relu_(bn(conv(x)))
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_chained_recomputes_train_bitwise_plain(optimizer, monkeypatch):
+    """A convolution whose input is itself recomputed (`candidates(chains=True)`, which
+    recompute="auto" plans beside the plan without chains): the repeats run in forward
+    order where the first is needed, each on the copy the one before made, and training
+    is bitwise plain PyTorch's."""
+    from outcore.plan import recompute as planner
+    real = planner.candidates
+    monkeypatch.setattr(planner, "candidates", lambda *a, **k: real(*a, **{**k, "chains": True}))
+    plain, managed = Work(optimizer), Work(optimizer)
+    for w in (plain, managed):
+        torch.manual_seed(0)
+        w.model = Chain()
+        w.optimizer = (torch.optim.Adam(w.model.parameters(), lr=1e-3) if optimizer == "adam"
+                       else torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9))
+    losses = train(plain)
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        got = train(managed, ooc)
+        trace, report = ooc.trace, ooc.report()
+    made = {a for _, a in planner.remade(trace)}
+    chained = [fn for fn in trace.functions if fn.repeats is not None and "convolution" in fn.op
+               and any(acc.array in made for acc in fn.accesses if acc.kind == "read")]
+    assert chained, "no convolution repeat read a recomputed array"
+    assert all(it.bytes_recomputed > 0 and not it.deviation
+               for it in report.iterations if it.mode == "replay")
+    assert all(torch.equal(a, b) for a, b in zip(losses, got))
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
+
+
+def test_an_interrupt_before_chained_repeats_remakes_them_in_order(monkeypatch):
+    """Ctrl-C at the end of forward, after a chain's discards and before its repeats:
+    the end of the iteration remakes every discarded array, each convolution after the
+    array it reads (made ready first), and training goes on bitwise equal to plain."""
+    from outcore.plan import recompute as planner
+    real = planner.candidates
+    monkeypatch.setattr(planner, "candidates", lambda *a, **k: real(*a, **{**k, "chains": True}))
+    plain, managed = Work("sgd"), Work("sgd")
+    for w in (plain, managed):
+        torch.manual_seed(0)
+        w.model = Chain()
+        w.optimizer = torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9)
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        train(managed, ooc, iterations=3)
+        train(plain, iterations=3)
+        seen = []
+
+        def interrupt(module, args):
+            seen.append(len(_discarded(ooc)))
+            raise KeyboardInterrupt
+        for w, managed_step in ((managed, True), (plain, False)):
+            handle = w.model.head.register_forward_pre_hook(interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                torch.manual_seed(7)
+                with ooc.iteration() if managed_step else contextlib.nullcontext():
+                    w.step()
+            handle.remove()
+        assert seen[0] >= 2, "the interrupt landed before a chain was discarded"
+        assert not _discarded(ooc)
+        assert ooc.report().iterations[-1].bytes_recomputed > 0     # remade at the end
+        train(plain, seed=200)
+        train(managed, ooc, seed=200)
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))

@@ -25,7 +25,8 @@ NOTE [Recompute rules] (cited from code as "rule N"; `check` enforces 3 as R9)
      the repeat) - or it is a recomputed array made again first. A batch norm may read
      a recomputed convolution (their repeats run together); a convolution reading a
      recomputed array only with `chains`: long chains hang each on the one before, and
-     all of them land at the start of backward (docs/paper-headline.md).
+     all of them land where the first of them is needed (docs/paper-headline.md), so
+     "auto" plans with and without them and keeps the faster (`choose`).
   4. Arrays p writes besides y (batch norm's running statistics) are small, at most
      SMALL_WRITES bytes: the executor runs the repeat on copies of their values from
      before p, so that the step updates them once, as plain PyTorch does.
@@ -304,10 +305,11 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     """(chosen, the trace to run, its Schedule). `mode`: False plans `trace` as it is, and
     so does every mode when the whole step fits the budget (nothing to gain); True
     recomputes every array of at least `min_bytes` that rules 1-5, 7 and 8 allow
-    (`foreign`: rule 8); "auto" those where rule 6 holds on `machine`, and only if that
-    plan's simulated iteration there is faster than the plan without by MARGIN. A plan
-    whose repeats do not fit the budget falls back to the plan without. `policy` and
-    `options` go to plan() for both."""
+    (`foreign`: rule 8), without chains; "auto" those where rule 6 holds on `machine`,
+    without chains and with them (rule 3), and keeps the faster of the two by simulated
+    iteration there, and only if it is faster than the plan without recompute by MARGIN.
+    A plan whose repeats do not fit the budget falls back to the plan without. `policy`
+    and `options` go to plan() for each."""
     from ..simulate import simulate
     from ..units import parse_bytes
     from .api import plan
@@ -318,16 +320,25 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     if max(occupancy(trace), default=0) <= parse_bytes(budget):      # fits: as plan() sees it
         mode = False
     base = None if mode is True else plan(trace, budget, policy, **options)
-    chosen = (candidates(trace, machine=machine if mode == "auto" else None, min_bytes=min_bytes,
-                         foreign=foreign) if mode is not False else [])
-    if not chosen:
+    sets = []                                   # the candidate sets to plan, distinct
+    if mode is not False:
+        for chains in ((False, True) if mode == "auto" else (False,)):
+            chosen = candidates(trace, machine=machine if mode == "auto" else None,
+                                min_bytes=min_bytes, foreign=foreign, chains=chains)
+            if chosen and chosen not in sets:
+                sets.append(chosen)
+    best = None                                 # (seconds, chosen, trace, schedule)
+    for chosen in sets:
+        again = rewrite(trace, chosen)
+        try:
+            schedule = plan(again, budget, policy, **options)
+        except InfeasibleBudget:  # the repeats' workspace does not fit beside the rest
+            continue
+        seconds = simulate(again, schedule, machine).iteration_time_s if base is not None else 0
+        if best is None or seconds < best[0]:
+            best = (seconds, chosen, again, schedule)
+    if best is None:
         return [], trace, base if base is not None else plan(trace, budget, policy, **options)
-    again = rewrite(trace, chosen)
-    try:
-        schedule = plan(again, budget, policy, **options)
-    except InfeasibleBudget:      # the repeats' workspace does not fit beside the rest
-        return [], trace, base if base is not None else plan(trace, budget, policy, **options)
-    if base is not None and (simulate(again, schedule, machine).iteration_time_s
-                             > (1 - MARGIN) * simulate(trace, base, machine).iteration_time_s):
+    if base is not None and best[0] > (1 - MARGIN) * simulate(trace, base, machine).iteration_time_s:
         return [], trace, base
-    return chosen, again, schedule
+    return best[1], best[2], best[3]

@@ -171,7 +171,8 @@ class OutOfCore:
         `ooc.resume(model, optimizer)`, bitwise. The swap file is then kept there.
     recompute: "auto" (drop activations that are cheaper to compute again than to move,
         and make them again before backward, where the plan then simulates faster than
-        without), True (every activation the rules allow), or False; a step that fits
+        without; with and without chains, the faster), True (every activation the rules
+        allow without chains), or False; a step that fits
         the budget recomputes nothing. Results stay bitwise equal to plain PyTorch (NOTE
         [Recompute rules] in plan/recompute.py: convolutions and batch norms, never
         random ops; on CUDA only with torch.use_deterministic_algorithms(True)).
