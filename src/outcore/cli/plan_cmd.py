@@ -70,8 +70,8 @@ def add_wait_order(p) -> None:
 
 
 def policy_options(args, policy: str | None = None) -> dict:
-    """--window / --k / --wait-order / --outputs as plan() options; with `policy` auto, the machine it
-    chooses on (--machine, where the command has one)."""
+    """--window / --k / --wait-order / --outputs as plan() options; with `policy` auto,
+    the machine it chooses on (--machine, where the command has one)."""
     options = {}
     if getattr(args, "window", None) is not None:
         options["window"] = args.window

@@ -339,6 +339,7 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
             best = (seconds, chosen, again, schedule)
     if best is None:
         return [], trace, base if base is not None else plan(trace, budget, policy, **options)
-    if base is not None and best[0] > (1 - MARGIN) * simulate(trace, base, machine).iteration_time_s:
+    if base is not None and (best[0] > (1 - MARGIN)
+                             * simulate(trace, base, machine).iteration_time_s):
         return [], trace, base
     return best[1], best[2], best[3]

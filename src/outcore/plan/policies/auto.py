@@ -8,8 +8,8 @@ each came first at some budget, by up to 6%, and adaptive-belady on the v100-16g
 by up to 3%; waiting in completion order (window.py) takes 5-9% less time than adaptive
 on v100-16gb for ResNet-50 at batch 256-1024 and is within 1% of it above, and
 reserving outputs late takes 2-21% less again there (docs/planning.md, "Which policy
-auto picks", "Waiting in completion order", "Reserving outputs late"). So `auto` plans the trace with
-each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
+auto picks", "Waiting in completion order", "Reserving outputs late"). So `auto`
+plans the trace with each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
 starting with the state it ends with), simulates each schedule on `machine` (its
 iteration time: the step and the state moved between two steps), and keeps the
 fastest; ties go to the earlier configuration. The schedule's options name the choice
@@ -21,8 +21,8 @@ while that work, counted in planned accesses (4 x the trace's accesses each), st
 within SCREEN_ACCESSES; the first is always planned. All seven fit up to 12,500
 accesses (about 4,000 functions of a plain network: ResNet-50 has 2,180, GPT-2 small
 3,429); a 20,000-function trace gets adaptive alone. A plan with outputs reserved late
-(window.py, NOTE [Reserving outputs late]) takes about twice as long as one without. The choice depends only on the
-trace, the budget and the options, never on the clock.
+(window.py, NOTE [Reserving outputs late]) takes about twice as long as one without.
+The choice depends only on the trace, the budget and the options, never on the clock.
 """
 from __future__ import annotations
 

@@ -580,7 +580,8 @@ class _WindowPlanner:
             # longer. Its bytes count at every function ahead already (soft), but there
             # (late) admissions may have counted on a settle giving them back: they must fit.
             late = self.late
-            if late and not mandatory and not self.make_room(f, nbytes, False, f, e, credit=nbytes):
+            if (late and not mandatory
+                    and not self.make_room(f, nbytes, False, f, e, credit=nbytes)):
                 return False
             if state == OUT:                       # needed again: cancel its swap-out
                 self.end[self.swap_outs.remove(a)].remove(Action(SWAP_OUT, a))
