@@ -298,3 +298,15 @@ def test_auto_keeps_the_faster_of_recomputing_without_chains_and_with_them(sizes
     fastest = min(planned.values(), key=lambda v: v[0])   # a tie keeps the one without
     assert chosen == fastest[1]
     assert recompute.choose(t, budget, mode=True, machine=m)[0] == planned[False][1]
+
+
+def test_auto_plans_the_rewritten_trace_with_the_configuration_it_chose_for_the_recorded_one():
+    t = layered([4, 64, 64, 64])
+    budget = max(min_feasible_budget(t), int(t.peak()[0] * 0.5))   # moves with recompute too
+    m = _link(1e3)
+    base = plan(t, budget, machine=m)
+    chosen, r, s = recompute.choose(t, budget, mode="auto", machine=m)
+    assert chosen
+    assert len(s.options["screened"]) == 1
+    assert s.options["configuration"] == base.options["configuration"]
+    check(r, s, budget)

@@ -77,7 +77,7 @@ def test_one_registry_names_every_policy_and_its_options():
     t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8},
               ["fwd r:x r:w c:h", "act r:h c:y", "upd @optimizer w:w r:y"])
     values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False, "machine": "cpu-disk",
-              "wait_order": "completion", "outputs": "late"}
+              "wait_order": "completion", "outputs": "late", "screen": [0, 5]}
     for name, policy in REGISTRY.items():
         assert policy.summary and "keep_state" in policy.options
         assert (policy.plan is None) != (policy.choose is None)
@@ -308,3 +308,21 @@ def test_the_blocked_reservations_equal_a_plain_list(n, block, ops):
                 plain[h] += nbytes
         assert r.peak(s, e) == max(plain[s:e + 1])
         assert [r.now(h) for h in range(n + 1)] == plain
+
+
+def test_auto_screens_only_the_configurations_it_is_given():
+    from outcore.plan.policies import auto
+    t = build({"a": 4, "b": 4, "c": 4, "d": 4, "e": 4},
+              ["f0 c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 r:d c:e", "f5 r:e r:a",
+               "f6 r:e r:b"], durations=[1.0] * 7)
+    everything = outcore.plan(t, 12)
+    assert len(everything.options["screened"]) == len(auto.SCREEN)
+    i = everything.options["configuration"]
+    name, extra, seconds = everything.options["screened"][i]
+    assert everything.options["chosen"] == name
+    alone = outcore.plan(t, 12, screen=[i])
+    assert [s[:2] for s in alone.options["screened"]] == [[name, extra]]
+    assert (alone.begin, alone.end) == (everything.begin, everything.end)
+    for bad in ([], [len(auto.SCREEN)], "0", [-1]):
+        with pytest.raises(OutcoreError, match="screen must be a non-empty list of indices"):
+            outcore.plan(t, 12, screen=bad)

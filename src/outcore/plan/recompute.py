@@ -327,6 +327,10 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
                                 min_bytes=min_bytes, foreign=foreign, chains=chains)
             if chosen and chosen not in sets:
                 sets.append(chosen)
+    if policy == "auto" and base is not None and "configuration" in base.options:
+        # Plan each rewritten trace with the configuration auto chose for the trace as
+        # recorded, not all of them again: planning stays within about twice auto's.
+        options = {**options, "screen": [base.options["configuration"]]}
     best = None                                 # (seconds, chosen, trace, schedule)
     for chosen in sets:
         again = rewrite(trace, chosen)

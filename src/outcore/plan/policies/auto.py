@@ -56,20 +56,31 @@ class _Planned:
 DEFAULT_MACHINE = "cpu-disk"
 
 
-@register("auto", {"machine"}, "the fastest of the window policies by simulated time",
+@register("auto", {"machine", "screen"}, "the fastest of the window policies by simulated time",
           chooses=True)
 def choose(trace, budget: int, options: dict, cycle):
     """plan()'s result for the configuration of SCREEN whose schedule simulates fastest
-    (module docstring)."""
+    (module docstring). Option `screen`: indices into SCREEN, the configurations to try
+    instead of all (recompute.choose plans a rewritten trace with the one auto chose for
+    the trace as recorded, `configuration` in the options it returns)."""
+    from ...errors import OutcoreError
     from ...simulate import machine as get_machine, simulate
     from .window import access_table
 
     keep_state = options.get("keep_state", True)
     m = get_machine(options.get("machine") or DEFAULT_MACHINE)
+    indices = options.get("screen")
+    if indices is None:
+        indices = range(len(SCREEN))
+    elif (not indices or not isinstance(indices, (list, tuple))
+          or not all(isinstance(i, int) and 0 <= i < len(SCREEN) for i in indices)):
+        raise OutcoreError(f"auto: screen must be a non-empty list of indices into "
+                           f"auto.SCREEN (0-{len(SCREEN) - 1}), got {indices!r}")
     work = PLANS_PER_CONFIGURATION * len(access_table(trace)[0])
     screened, best = [], None
-    for i, (name, extra) in enumerate(SCREEN):
-        if i and (i + 1) * work > SCREEN_ACCESSES:
+    for n, i in enumerate(indices):
+        name, extra = SCREEN[i]
+        if n and (n + 1) * work > SCREEN_ACCESSES:
             break
         if "window_factor" in extra:
             extra = {"window": int(extra["window_factor"] * budget)}
@@ -78,6 +89,7 @@ def choose(trace, budget: int, options: dict, cycle):
                                            acc.bytes_out, acc.peak_bytes), m).iteration_time_s
         screened.append([name, extra, seconds])
         if best is None or seconds < best[0]:
-            best = (seconds, name, (begin, end, start), used, acc)
-    _, name, lists, used, acc = best
-    return lists, {"chosen": name, **used, "machine": m.name, "screened": screened}, acc
+            best = (seconds, name, (begin, end, start), used, acc, i)
+    _, name, lists, used, acc, i = best
+    return lists, {"chosen": name, **used, "machine": m.name, "screened": screened,
+                   "configuration": i}, acc
