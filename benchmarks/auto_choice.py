@@ -1,14 +1,15 @@
 """Which policy `auto` picks, and what the others would have given: simulated iteration
 time per screened configuration, auto's choice and its planning time.
 
-    .venv/bin/python benchmarks/auto_choice.py [--fractions 0.75,0.5,0.25]
+    .venv/bin/python benchmarks/auto_choice.py [--fractions 0.75,0.5,0.25] [--recompute]
 
 The workloads and the recording are window_sweep.py's (CPU, after one warm-up step, so
 durations are measured); budgets are fractions of the in-core peak, less what OutOfCore
 pins (planned_budget). Cells: the simulated iteration on `cpu-disk` as a multiple of the
 in-core step; the configuration auto chose is marked with *. "plan" is auto's wall
 time (all its screening included). The table in docs/planning.md ("Which policy auto
-picks") was made with this script.
+picks") was made with this script. With --recompute it times OutOfCore's planning with
+its defaults instead (recompute.choose; docs/planning.md, "Recompute").
 """
 from __future__ import annotations
 
@@ -38,8 +39,14 @@ def _label(name: str, options: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", default="0.75,0.5,0.25")
+    parser.add_argument("--recompute", action="store_true",
+                        help="instead of the table: how long OutOfCore's planning takes with "
+                             "its defaults (recompute.choose: auto, recompute='auto'), twice "
+                             "per workload and budget")
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
+    if args.recompute:
+        return planning_times(fractions)
     print("| workload | budget / peak | " + " | ".join(_label(n, o) for n, o in SCREEN) +
           " | auto's gain over adaptive | plan |")
     print("|---|---|" + "---|" * len(SCREEN) + "---|---|")
@@ -68,6 +75,32 @@ def main():
             gain = s.options["screened"][0][2] / s.options["screened"][chosen][2]
             print(f"| {name} {shape_s} | {frac} | " + " | ".join(cells)
                   + f" | {gain:.3f}x | {took:.2f} s |")
+
+
+def planning_times(fractions) -> None:
+    """OutOfCore's planning with its defaults, timed: auto on cpu-disk with recompute
+    "auto" (the trace as recorded, then each rewritten one)."""
+    from outcore.plan import recompute
+    print("| workload | budget / peak | recomputed | plan (s), two runs |")
+    print("|---|---|---|---|")
+    for name, shape in WORKLOADS:
+        trace = record(name, shape)
+        peak = trace.peak(actual=True)[0]
+        shape_s = " ".join(f"{k}={v}" for k, v in shape.items())
+        for frac in fractions:
+            budget = planned_budget(trace, int(peak * frac))
+            took = []
+            try:
+                for _ in range(2):
+                    start = time.perf_counter()
+                    chosen, _, _ = recompute.choose(trace, budget, mode="auto",
+                                                    machine="cpu-disk")
+                    took.append(time.perf_counter() - start)
+            except outcore.InfeasibleBudget:
+                print(f"| {name} {shape_s} | {frac} | infeasible |")
+                continue
+            print(f"| {name} {shape_s} | {frac} | {len(chosen)} | "
+                  + ", ".join(f"{t:.2f}" for t in took) + " |")
 
 
 if __name__ == "__main__":

@@ -103,10 +103,11 @@ def child(args) -> dict:
         save_s = time.perf_counter() - t0
         os.unlink(path)
     end = _status()
-    report = str(ooc.report()) if ooc is not None else ""
+    final = ooc.report() if ooc is not None else None
+    report = str(final) if final is not None else ""
     iterations = ([{"mode": it.mode, "read": it.bytes_read, "written": it.bytes_written,
-                    "seconds": it.seconds} for it in ooc.report().iterations]
-                  if ooc is not None else [])
+                    "seconds": it.seconds} for it in final.iterations]
+                  if final is not None else [])
     if ooc is not None:
         ooc.close()
     return {"mode": args.mode, "budget": ooc.budget if ooc is not None else None,
@@ -171,12 +172,13 @@ def main() -> int:
     from outcore.bench.disk import measure_disk
     rows, disks = {}, []
     for mode in ("outcore", "plain"):
-        if mode == "outcore" and not args.no_limit:
+        around = mode == "outcore" and not args.no_limit     # the disk before and after
+        if around:
             disks.append(measure_disk(1 << 30, args.swap_dir))
         cmd = [sys.executable, __file__, "--mode", mode] + sys.argv[1:]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
-        if mode == "outcore" and not args.no_limit:
+        if around:
             disks.append(measure_disk(1 << 30, args.swap_dir))
     o, p = rows["outcore"], rows["plain"]
     mib = 2 ** 20

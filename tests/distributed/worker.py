@@ -29,7 +29,9 @@ STEPS = 6
 BUDGET_SHARE = {"ddp": 0.45, "fsdp2": 0.6, "pipeline": 0.6, "ddpconv": 0.45, "fsdp2conv": 0.6}
 WIDTH, DEPTH, BATCH = 256, 4, 1024
 # The conv cases run a small CNN (convolution, batch norm, in-place ReLU) under
-# OutOfCore(recompute=True): recompute's repeats inside DDP's and FSDP2's backward.
+# OutOfCore(recompute=True): recompute's repeats inside DDP's backward (asserted), and
+# under FSDP2 recompute rule 8, which keeps every producer touching FSDP's parameters
+# out (a CNN there recomputes nothing: docs/planning.md, "Recompute").
 CASES = ([f"{c}-{o}" for c in ("ddp", "fsdp2", "pipeline") for o in ("sgd", "adam")]
          + ["ddpconv-sgd", "fsdp2conv-adam"])
 IMAGE = (BATCH * WIDTH // (4 * 32 * 32), 4, 32, 32)     # a batch reshaped as images

@@ -162,7 +162,7 @@ def test_a_step_that_changes_remakes_before_it_leaves_the_plan():
 
     def spy(self, *args):
         out = deviate(self, *args)
-        left.append(len([e for e in self._held.values() if e.state is DISCARDED]))
+        left.append(len(_discarded(ooc)))
         return out
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         train(managed, ooc, iterations=3)
@@ -213,6 +213,20 @@ def test_a_remake_writes_the_same_bytes_without_moving_the_version():
     version = out._version
     remake(out.untyped_storage())
     assert torch.equal(out, expected) and out._version == version
+
+
+def test_a_remake_runs_without_autocast_even_when_called_under_it():
+    # A remake may run where autocast is on (at the end of an iteration inside the
+    # user's autocast region, or through Residency.ready): the kept call's arguments are
+    # already what autocast made of them, so running it again must not cast them again.
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    out, call = _kept_mm(x, w)
+    expected = out.clone()
+    remake = executor.Remake(_NoResidency(), [call], "a test activation", out.untyped_storage())
+    out.zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        remake(out.untyped_storage())
+    assert torch.equal(out, expected)
 
 
 def test_a_failed_remake_leaves_no_tensor_without_memory(monkeypatch):

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         "with --k fixed)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
-    add_wait_order(p)
+    add_adaptive_options(p)
     add_recompute(p)
     p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
     p.add_argument("-o", "--output", help="write the schedule as JSON to this file")
@@ -58,8 +58,13 @@ def add_recompute(p) -> None:
                         "(default none: the trace as given)")
 
 
-def add_wait_order(p) -> None:
-    """--wait-order, adaptive's option (docs/planning.md, "Waiting in completion order")."""
+# adaptive's options that no other policy takes (--policy all hands them to adaptive alone)
+ADAPTIVE_ONLY = ("wait_order", "outputs")
+
+
+def add_adaptive_options(p) -> None:
+    """--wait-order and --outputs, adaptive's own options (docs/planning.md, "Waiting in
+    completion order", "Reserving outputs late")."""
     p.add_argument("--wait-order", choices=("farthest", "completion"),
                    help="adaptive: which swap-out a function that needs room waits for "
                         "(default farthest, Belady's; completion: the oldest first)")
@@ -77,10 +82,9 @@ def policy_options(args, policy: str | None = None) -> dict:
         options["window"] = args.window
     if getattr(args, "k", None) is not None:
         options["k"] = args.k
-    if getattr(args, "wait_order", None) is not None:
-        options["wait_order"] = args.wait_order
-    if getattr(args, "outputs", None) is not None:
-        options["outputs"] = args.outputs
+    for name in ADAPTIVE_ONLY:
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     if policy == "auto" and getattr(args, "machine", None):
         options["machine"] = args.machine
     return options
@@ -91,9 +95,7 @@ def chosen_policy(args) -> str:
     (adaptive) or --k (fixed) belongs to, else auto."""
     if args.policy is not None:
         return args.policy
-    window = (getattr(args, "window", None) is not None
-              or getattr(args, "wait_order", None) is not None
-              or getattr(args, "outputs", None) is not None)
+    window = any(getattr(args, name, None) is not None for name in ("window",) + ADAPTIVE_ONLY)
     k = getattr(args, "k", None) is not None
     if window and k:
         raise OutcoreError("--window, --wait-order and --outputs are adaptive's options and "

@@ -5,7 +5,7 @@ from ..plan import POLICIES, plan
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import parse_bytes
-from .plan_cmd import add_wait_order, chosen_policy, policy_options
+from .plan_cmd import add_adaptive_options, chosen_policy, policy_options
 
 
 def add_parser(sub) -> None:
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                    help="machine preset for the clock (default cpu-disk)")
     p.add_argument("--window", help="adaptive window in bytes")
     p.add_argument("--k", type=int, help="fixed window in functions")
-    add_wait_order(p)
+    add_adaptive_options(p)
     p.add_argument("-o", "--output", required=True, help="where to write: a .png or .svg file")
     p.set_defaults(func=run)
 

@@ -17,7 +17,8 @@ from ..plan.recompute import choose as choose_recompute
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
-from .plan_cmd import RECOMPUTE, add_recompute, add_wait_order, chosen_policy, policy_options
+from .plan_cmd import (ADAPTIVE_ONLY, RECOMPUTE, add_adaptive_options, add_recompute,
+                       chosen_policy, policy_options)
 
 
 def add_parser(sub) -> None:
@@ -37,7 +38,7 @@ def add_parser(sub) -> None:
                    help="N budgets from the smallest feasible to the in-core peak (default 6)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
-    add_wait_order(p)
+    add_adaptive_options(p)
     add_recompute(p)
     p.add_argument("--timeline", metavar="OUT.json",
                    help="write the simulated step as a Chrome trace (opens in Perfetto or "
@@ -196,7 +197,7 @@ def run(args) -> int:
                 opts = dict(options) if len(policies) == 1 else {
                     k: v for k, v in options.items()
                     if (k == "window" and policy.startswith("adaptive"))
-                    or (k in ("wait_order", "outputs") and policy == "adaptive")
+                    or (k in ADAPTIVE_ONLY and policy == "adaptive")
                     or (k == "k" and policy == "fixed")}
                 try:                          # auto chooses on the machine simulated
                     chosen, run, schedule = choose_recompute(

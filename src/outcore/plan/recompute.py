@@ -292,6 +292,8 @@ def remade(trace) -> list[tuple[int, int]]:
     """(function, array) for every repeat of a producer in `trace`: what it makes again."""
     return [(fn.index, a.array) for fn in trace.functions if fn.repeats is not None
             for a in fn.accesses if a.kind == "create"]
+
+
 # Rule 6 for the whole plan: "auto" keeps recompute only if its plan simulates at least
 # this much faster. The simulator charges a repeat its producer's recorded time, not the
 # copy of its output into place nor the fresh memory it fills; on this 2-core CPU plans

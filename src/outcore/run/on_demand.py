@@ -19,9 +19,9 @@ class OnDemand:
         self.residency = residency
         self.budget = budget
 
-    def before(self, inputs, func=None) -> list:
-        """Make every input storage resident, with room left for what `func` (when given)
-        will create (`room`); return their entries."""
+    def before(self, inputs, func) -> list:
+        """Make every input storage resident, with room left for what `func` will create
+        (`room`); return their entries."""
         res = self.residency
         entries = [res.track(s) for s in storages(inputs) if s.nbytes() or s._cdata in res.entries]
         incoming = sum(e.nbytes for e in entries if not e.occupies_fast)
@@ -60,7 +60,7 @@ def room(func, entries) -> int:
     a convolution or a norm makes an output of about that size), and none for an op that
     only writes its arguments or returns a view of one. Without it an op's outputs came
     on top of a full budget (ooc.report(): the recording iteration's peak)."""
-    if func is None or func.is_view or func._schema.is_mutable:
+    if func.is_view or func._schema.is_mutable:
         return 0
     return max((e.nbytes for e in entries if not e.pinned), default=0)
 

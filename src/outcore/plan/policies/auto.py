@@ -7,7 +7,7 @@ the same networks adaptive-belady, a window of 4 functions and the paper's 1.5 x
 each came first at some budget, by up to 6%, and adaptive-belady on the v100-16gb model
 by up to 3%; waiting in completion order (window.py) takes 5-9% less time than adaptive
 on v100-16gb for ResNet-50 at batch 256-1024 and is within 1% of it above, and
-reserving outputs late takes 2-21% less again there (docs/planning.md, "Which policy
+reserving outputs late takes 2-23% less again there (docs/planning.md, "Which policy
 auto picks", "Waiting in completion order", "Reserving outputs late"). So `auto`
 plans the trace with each configuration of SCREEN as plan() would plan it by name (api._cycle: the step
 starting with the state it ends with), simulates each schedule on `machine` (its

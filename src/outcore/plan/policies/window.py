@@ -355,9 +355,6 @@ class _Held:
         self.hard = 0
         self.soft = 0
 
-    def now(self, f: int) -> int:
-        return self.hard
-
     def add(self, a: int, s: int, e: int, nbytes: int) -> None:
         self.hard += nbytes
 
