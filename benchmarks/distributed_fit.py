@@ -45,7 +45,7 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
     import outcore
     from outcore.plan import plan
     from outcore.simulate import simulate_ranks
-    from outcore.simulate.machines import PRESETS
+    from outcore.simulate.machines import PRESETS, trace_threads
 
     spec = importlib.util.spec_from_file_location("worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
@@ -61,7 +61,8 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
         both = [None] * ranks
         dist.all_gather_object(both, (trace, schedule))
         return simulate_ranks([t for t, _ in both], [s for _, s in both], m,
-                              link=BUSY_LINK if m.no_core_to_spare(ranks) else IDLE_LINK)[rank]
+                              link=BUSY_LINK if m.no_core_to_spare(ranks, trace_threads(trace))
+                              else IDLE_LINK)[rank]
 
     for case in worker.CASES:
         kind, opt_name = case.split("-")

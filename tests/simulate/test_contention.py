@@ -75,6 +75,43 @@ def test_the_movers_cpu_slows_the_compute_beside_it():
     assert outcore.simulate(t, s, one_core).step_time_s == paid.step_time_s
 
 
+def test_one_process_whose_threads_fill_the_cores_pays_the_movers_cpu():
+    # The same chain recorded by a step that computed on two threads: on two cores the
+    # mover has none of its own, so simulate charges it as on one core with one thread.
+    t = build({"a": 4, "b": 4, "c": 4, "d": 4},
+              ["f0 c:a", "f1 r:a c:b", "f2 r:b c:c", "f3 r:c c:d", "f4 r:d r:c",
+               "f5 r:b r:a"], durations=[10.0] * 6)
+    s = outcore.plan(t, 12, "adaptive")
+    busy = dataclasses.replace(TWO_CORES, transfer_cpu_share=0.25)
+    one_thread = outcore.simulate(t, s, busy)
+    assert one_thread.contention_s == 0
+    two = dataclasses.replace(t, info={**t.info, "threads": 2})
+    paid = outcore.simulate(two, s, busy)
+    assert paid == outcore.simulate(t, s, dataclasses.replace(busy, cores=1))
+    assert paid.contention_s > 0
+    assert paid.step_time_s == pytest.approx(paid.in_core_time_s + paid.total_stall_s
+                                             + paid.contention_s)
+    assert "contention" in str(paid) and "contention" not in str(one_thread)
+    # Four cores leave two to spare; a GPU's compute (cores=0) is never the host's.
+    assert outcore.simulate(two, s, dataclasses.replace(busy, cores=4)).contention_s == 0
+    assert outcore.simulate(two, s, dataclasses.replace(busy, cores=0)).contention_s == 0
+    # A count that is not a positive integer (a hand-written trace) counts as one thread.
+    for bad in (0, -2, 1.5, True, "2"):
+        odd = dataclasses.replace(t, info={"threads": bad})
+        assert outcore.simulate(odd, s, busy) == one_thread
+
+
+def test_a_recorded_trace_keeps_the_threads_it_computed_on(tmp_path):
+    import torch
+    from outcore.trace.recorder import record
+    x = torch.randn(8, 8, requires_grad=True)
+    with record() as rec:
+        (x @ x).sum().backward()
+    assert rec.trace.info["threads"] == torch.get_num_threads()
+    rec.trace.save(tmp_path / "t.json")
+    assert outcore.Trace.load(tmp_path / "t.json").info["threads"] == torch.get_num_threads()
+
+
 def test_a_wait_absorbs_only_the_helper_work_that_runs_during_it():
     # f1 waits until 4 for a's swap-out (a: 4 B at 1 B/s, after f0); b, which f2 needs,
     # is read in after that wait, during f1's 10 s of compute: that read's CPU (0.5 x

@@ -88,7 +88,8 @@ def test_step_time_respects_the_physical_limits(trace, fraction, name):
         sim = outcore.simulate(trace, s, name)
         eps = 1e-12 * max(1.0, sim.step_time_s)
         assert sim.step_time_s + eps >= sim.physical_limit_s >= max(sim.in_core_time_s, *sim.link_busy_s)
-        assert sim.step_time_s == pytest.approx(sim.in_core_time_s + sim.total_stall_s)
+        assert sim.step_time_s == pytest.approx(sim.in_core_time_s + sim.total_stall_s
+                                                + sim.contention_s)
         assert sim.bytes_in == sum(x.nbytes for x in sim.transfers if x.direction == "in")
         if s.bytes_moved == 0:
             assert sim.total_stall_s == 0

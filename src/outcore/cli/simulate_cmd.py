@@ -91,6 +91,7 @@ def run_together(args) -> int:
 
     from ..simulate import simulate_ranks
     from ..simulate.comm import interconnect
+    from ..simulate.machines import trace_threads
     if len(args.traces) < 2:
         raise OutcoreError("--together simulates the ranks of one step: give one trace per "
                            f"rank, at least 2 (got {len(args.traces)})")
@@ -110,7 +111,9 @@ def run_together(args) -> int:
         raise OutcoreError("--together takes one --policy")
     policy = policies[0]
     machine = PRESETS[args.machine]
-    filled = machine.no_core_to_spare(per_node)     # NOTE [No core to spare] in simulate/engine.py
+    traces = [Trace.load(path) for path in args.traces]
+    # NOTE [No core to spare] in simulate/engine.py
+    filled = machine.no_core_to_spare(per_node, max(trace_threads(t) for t in traces))
     name = args.interconnect or ("loopback-gloo-busy" if filled else "loopback-gloo")
     interconnect(name)                     # an unknown name is a clear error here
     if machine.use_trace_durations:     # recorded on this machine: its host time too
@@ -119,7 +122,6 @@ def run_together(args) -> int:
     elif args.per_op_us:
         raise OutcoreError(f"--per-op-us is for machines that use the trace's own durations "
                            f"(cpu-disk), not {args.machine}")
-    traces = [Trace.load(path) for path in args.traces]
     schedules = []
     for rank, trace in enumerate(traces):
         budget = parse_bytes(args.budget) if args.budget else trace.peak(actual=True)[0]

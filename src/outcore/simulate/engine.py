@@ -27,8 +27,14 @@ or more: `contended`), they take it from the rank's core as the scheduler would:
 the rank waits (a stall) the core is theirs at no cost; while a function computes, the
 two share it half and half, so a function of c seconds whose interval overlaps helper
 work needing h seconds of CPU takes c + min(h, c) (h counted over the function's
-unstretched interval). simulate_ranks decides per node; simulate (one rank) only on a
-1-core machine. Why (docs/distributed.md, "No core to spare"): on this 2-core machine
+unstretched interval). Whether a core is free depends on the ranks per node and the
+threads each computes on (the trace's `threads`, torch's intra-op threads when it was
+recorded: Machine.no_core_to_spare). simulate_ranks decides per node; simulate (one rank)
+from the trace alone: one process computing on 2 threads fills this 2-core machine, and
+there a transfer running beside a convolution slowed it (ResNet-50 64x64 batch 64 at half
+its peak: the convolutions that ran beside transfers took 1.6-1.7x their time in a replay
+that moved nothing, the others 1.2x; docs/results.md, "Prediction"). Why it matters
+across ranks (docs/distributed.md, "No core to spare"): on this 2-core machine
 benchmarks/distributed_fit.py predicted 0.97-1.44 of the measured replay on one rank,
 but 0.71-1.09 on two before this was modelled.
 
@@ -49,6 +55,7 @@ from ..plan.schedule import SWAP_IN, SWAP_OUT, WAIT
 from ..units import format_bytes
 from .comm import collective_bytes, collective_kind, collective_time, interconnect, p2p_time
 from .machines import machine as get_machine
+from .machines import trace_threads
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,12 @@ class Simulation:
         return sum(self.stall_s)
 
     @property
+    def contention_s(self) -> float:
+        """Compute time lost to helper threads that had no core of their own (NOTE [No
+        core to spare]): the functions' computing time beyond their in-core time."""
+        return max(0.0, sum(self.compute_s) - self.in_core_time_s)
+
+    @property
     def speed_vs_in_core(self) -> float:
         return self.in_core_time_s / self.step_time_s if self.step_time_s else 1.0
 
@@ -120,6 +133,8 @@ class Simulation:
             f"in-core speed; in-core {self.in_core_time_s * 1e3:.2f} ms)",
             f"  stalls      {self.total_stall_s * 1e3:10.2f} ms  in "
             f"{sum(1 for s in self.stall_s if s > 0)} of {len(self.stall_s)} functions",
+            *([f"  contention  {self.contention_s * 1e3:10.2f} ms  of compute lost to the "
+               "mover's CPU (no core to spare)"] if self.contention_s > 0 else []),
             f"  moved       {format_bytes(self.bytes_in)} in, {format_bytes(self.bytes_out)} out; "
             f"this schedule's bound {bound * 1e3:.2f} ms (max of compute and the links' busy time)",
             f"  peak fast   {format_bytes(self.peak_bytes)}",
@@ -140,7 +155,8 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
     cores are simulate_ranks' to model."""
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
-    lane = _rank_lane(trace, schedule, m, link, contended=m.no_core_to_spare(1))
+    lane = _rank_lane(trace, schedule, m, link,
+                      contended=m.no_core_to_spare(1, trace_threads(trace)))
     issue = next(lane)
     while not isinstance(issue, Simulation):
         issue = lane.send((issue.begin_s, issue.begin_s
@@ -189,7 +205,7 @@ def simulate_ranks(traces, schedules, machine="cpu-disk", *, link,
     if isinstance(per_node, bool) or not isinstance(per_node, int) or not 1 <= per_node <= n:
         raise OutcoreError(f"simulate_ranks: ranks_per_node must be an integer from 1 to the "
                            f"{n} ranks, got {ranks_per_node!r}")
-    contended = m.no_core_to_spare(per_node)
+    contended = m.no_core_to_spare(per_node, max(trace_threads(t) for t in traces))
     lanes = [_rank_lane(t, s, m, link, contended) for t, s in zip(traces, schedules)]
     results: list = [None] * n
     waiting: list = [None] * n          # rank -> its pending _Issue

@@ -44,8 +44,8 @@ class Machine:
     # False only its CPU time (Function.host_cpu_s), for a simulation that models the
     # waits for other ranks itself (simulate_ranks).
     host_waits: bool = True
-    # The host CPU cores compute runs on; 0 where compute is not the host's (a GPU). With
-    # as many ranks as cores or more, helper threads have no core of their own: the
+    # The host CPU cores compute runs on; 0 where compute is not the host's (a GPU). When
+    # the ranks' compute threads fill them, helper threads have no core of their own: the
     # mover's CPU, transfer_cpu_share of each transfer's time, is then taken from
     # compute (NOTE [No core to spare] in engine.py).
     cores: int = 0
@@ -71,10 +71,11 @@ class Machine:
                                f"number >= 0 (CPU seconds per second of transfer), got "
                                f"{self.transfer_cpu_share!r}")
 
-    def no_core_to_spare(self, ranks_on_node: int) -> bool:
-        """Do that many ranks, one compute thread each, leave helper threads (the mover,
-        gloo) no core of their own here? (NOTE [No core to spare] in engine.py)"""
-        return 0 < self.cores <= ranks_on_node
+    def no_core_to_spare(self, ranks_on_node: int, threads: int = 1) -> bool:
+        """Do that many ranks, computing on `threads` threads each (torch's intra-op
+        threads, trace_threads), leave helper threads (the mover, gloo) no core of their
+        own here? (NOTE [No core to spare] in engine.py)"""
+        return 0 < self.cores <= ranks_on_node * max(1, threads)
 
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
@@ -108,6 +109,14 @@ class Machine:
         return begin + overlap + (nbytes - overlap * shared) / own
 
 
+def trace_threads(trace) -> int:
+    """The threads the step computed on when it was recorded (torch.get_num_threads(),
+    kept in the trace's info); 1 for traces that do not say (recorded before it was
+    kept, or written by hand)."""
+    threads = trace.info.get("threads", 1) if isinstance(trace.info, dict) else 1
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else 1
+
+
 def host_cores() -> int:
     """The CPUs this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -125,14 +134,17 @@ PRESETS = {
     # This kind of machine: 2 cores, RAM as the fast tier, a local disk with O_DIRECT as
     # the slow one. `outcore bench disk --size 2GiB` measured 2.37-2.42 GB/s read,
     # 2.23-2.36 GB/s write, 2.43-2.46 GB/s in total with both at once: one shared link.
-    # Compute uses the trace's own durations: measured, or estimated by the recorder. The
-    # mover's threads spend 0.15-0.24 s of CPU per s of transfer (`outcore bench disk`,
-    # 3 runs on 2026-12-01, 1 MiB transfers; median 0.22). Its cores are the ones this
-    # process may run on (2 here): the trace was recorded on this machine.
+    # Compute uses the trace's own durations: measured, or estimated by the recorder. Its
+    # cores are the ones this process may run on (2 here): the trace was recorded on
+    # this machine. One process computing on both cores loses 0.39-0.46 s of compute per
+    # second a transfer runs beside it (`benchmarks/contention.py`, ResNet-50 64x64 at
+    # half its peak, 3 runs on 2026-12-02; median 0.45), twice the mover's own CPU
+    # (0.15-0.24 s per s, `outcore bench disk`): the kernel's work for the transfers and
+    # every parallel op's barrier, which waits for the thread the mover delayed.
     "cpu-disk": Machine("cpu-disk", peak_flops=60e9, memory_bandwidth=10 * GB,
                         fast_bytes=24 * 2**30, link_in=2.4 * GB, link_out=2.3 * GB,
                         link_latency_s=100e-6, use_trace_durations=True, shared_link=True,
-                        cores=host_cores(), transfer_cpu_share=0.22),
+                        cores=host_cores(), transfer_cpu_share=0.45),
     # Tesla V100 SXM2 16 GB: 15.7 TFLOP/s fp32, 900 GB/s HBM2; PCIe 3.0 x16, ~12 GB/s pinned.
     "v100-16gb": Machine("v100-16gb", peak_flops=15.7e12, memory_bandwidth=900 * GB,
                          fast_bytes=16 * 10**9, link_in=12 * GB, link_out=12 * GB, **_GPU),

@@ -271,7 +271,9 @@ class Recording(TorchDispatchMode):
                 id=log.id, nbytes=log.nbytes, dtype=log.dtype, device=log.device, kind=kind,
                 category=category, origin=log.origin, first_use=log.first_use,
                 last_use=log.last_use, freed_after=freed, existed_before=log.existed_before))
-        info = {"torch": torch.__version__}
+        # The threads compute ran on: with the cores they fill, whether the mover's
+        # threads find a core of their own (NOTE [No core to spare] in simulate/engine.py).
+        info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
         if self.label:
             info["label"] = self.label
         return Trace(functions=tuple(self._functions), arrays=tuple(arrays),

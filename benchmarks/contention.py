@@ -1,0 +1,161 @@
+"""What a transfer costs the compute running beside it, measured on a real step.
+
+The simulator charges compute `transfer_cpu_share` seconds per second of transfer that
+runs beside it when no core is free for the mover (NOTE [No core to spare] in
+simulate/engine.py). This measures what a replay really loses: the same step replays
+under a budget above its peak (nothing moves: each function's duration alone) and under
+`--fraction` of its peak, each in a fresh process; every function of the second is
+matched with its median duration in the first and with the seconds of it during which a
+transfer ran (the union of both directions, from the StepLog). It prints the ratio of
+the durations grouped by how much of the function ran beside a transfer, and the least
+squares fit d = slowdown x alone + share x beside, where `slowdown` takes up what
+changes every function alike (the allocator, the machine drifting between the runs) and
+`share` is the compute lost per second of transfer.
+
+    .venv/bin/python benchmarks/contention.py                   # ResNet-50 64x64 batch 64
+    .venv/bin/python benchmarks/contention.py --fraction 0.25 --memory keep
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+
+def child(args) -> None:
+    import torch
+
+    import outcore
+    from outcore.workloads import build
+
+    torch.manual_seed(0)
+    w = build(args.model, batch=args.batch, optimizer="sgd", device="cpu",
+              image_size=args.image_size, seq_len=None, seed=0)
+    memory = {"trim": True, "keep": False}[args.memory]
+    runs = []
+    with outcore.OutOfCore(budget=args.budget, return_freed_memory=memory) as ooc:
+        for _ in range(args.replays + 6):
+            with ooc.iteration():
+                w.step()
+            it = ooc.report().iterations[-1]
+            if it.mode == "replay" and it.deviation is None:
+                log = ooc._replayed("benchmarks/contention.py")[2]       # its StepLog
+                runs.append({"functions": beside_transfers(log), "step_s": it.seconds,
+                             "wait_s": it.wait_s, **around_ops(log)})
+                if len(runs) == args.replays:
+                    break
+        peak = ooc.report().in_core_peak
+    print(json.dumps({"runs": runs, "in_core_peak": peak}))
+
+
+def beside_transfers(log) -> list[tuple[int, float, float]]:
+    """(function index, duration, seconds of it during which some transfer ran)."""
+    busy: list[list[float]] = []                 # the union of the transfers' spans
+    for start, end in sorted((s, e) for _, _, _, s, e in log.transfers):
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    out, j = [], 0
+    for index, _, started, returned, *_ in log.rows():
+        while j < len(busy) and busy[j][1] <= started:
+            j += 1
+        beside, k = 0.0, j
+        while k < len(busy) and busy[k][0] < returned:
+            beside += min(returned, busy[k][1]) - max(started, busy[k][0])
+            k += 1
+        out.append((index, returned - started, beside))
+    return out
+
+
+def around_ops(log) -> dict:
+    """Seconds per step in the ops themselves, in the executor around them (from
+    taking a function up to starting its op, waits included, and after it returns),
+    and between functions (the framework's own Python, autograd)."""
+    ops = around = between = 0.0
+    last = log.origin
+    for _, taken, started, returned, done, *_ in log.rows():
+        ops += returned - started
+        around += (started - taken) + (done - returned)
+        between += taken - last
+        last = done
+    return {"ops_s": ops, "around_s": around, "between_s": between}
+
+
+def fit(rows) -> tuple[float, float]:
+    """Least squares of d = a x alone + s x beside over rows (alone, d, beside)."""
+    aa = sum(a * a for a, _, _ in rows)
+    ab = sum(a * b for a, _, b in rows)
+    bb = sum(b * b for _, _, b in rows)
+    ad = sum(a * d for a, d, _ in rows)
+    bd = sum(b * d for _, d, b in rows)
+    det = aa * bb - ab * ab
+    if det <= 0:
+        raise SystemExit("no function ran beside a transfer: nothing to fit (a lower --fraction?)")
+    return (ad * bb - bd * ab) / det, (bd * aa - ad * ab) / det
+
+
+def run_child(args, budget: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--budget", str(budget), "--model", args.model,
+           "--batch", str(args.batch), "--image-size", str(args.image_size),
+           "--replays", str(args.replays), "--memory", args.memory]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--fraction", type=float, default=0.5, help="budget as a fraction of the peak")
+    p.add_argument("--replays", type=int, default=4)
+    p.add_argument("--memory", choices=("trim", "keep"), default="trim",
+                   help="return_freed_memory: trim (the default) or keep (False)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--budget", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    alone = run_child(args, 1 << 40)
+    budget = int(args.fraction * alone["in_core_peak"])
+    moving = run_child(args, budget)
+    by: dict[int, list[float]] = {}
+    for run in alone["runs"]:
+        for k, d, _ in run["functions"]:
+            by.setdefault(k, []).append(d)
+    base = {k: statistics.median(v) for k, v in by.items()}
+    rows = [(base[k], d, b) for run in moving["runs"] for k, d, b in run["functions"] if k in base]
+    print(f"{args.model} {args.image_size}x{args.image_size} batch {args.batch}, budget "
+          f"{budget / 2**20:.0f} MiB ({args.fraction} of the peak), return_freed_memory "
+          f"{args.memory}, {len(moving['runs'])} replays against {len(alone['runs'])} that move nothing")
+    print("| per step, medians | step | ops | executor around them (waits included) | waits "
+          "| between functions |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("moving nothing", alone), ("under the budget", moving)):
+        med = {k: statistics.median(x[k] for x in r["runs"])
+               for k in ("step_s", "ops_s", "around_s", "wait_s", "between_s")}
+        print(f"| {name} | {med['step_s']:.3f} | {med['ops_s']:.3f} | {med['around_s']:.3f} | "
+              f"{med['wait_s']:.3f} | {med['between_s']:.3f} |")
+    print()
+    print("| functions | count per step | alone (s per step) | now (s per step) | ratio |")
+    print("|---|---|---|---|---|")
+    n = len(moving["runs"])
+    groups = (("no transfer beside", lambda f: f == 0), ("under half beside", lambda f: 0 < f < 0.5),
+              ("half or more beside", lambda f: f >= 0.5))
+    for name, test in groups:
+        sel = [(a, d) for a, d, b in rows if test(b / d if d > 0 else 0.0)]
+        if sel:
+            alone_s, now_s = sum(a for a, _ in sel) / n, sum(d for _, d in sel) / n
+            print(f"| {name} | {len(sel) / n:.0f} | {alone_s:.3f} | {now_s:.3f} | {now_s / alone_s:.2f} |")
+    slowdown, share = fit(rows)
+    beside = sum(b for _, _, b in rows) / n
+    print(f"fit: duration = {slowdown:.2f} x alone + {share:.2f} x beside a transfer "
+          f"({beside:.3f} s of functions' time per step ran beside one)")
+
+
+if __name__ == "__main__":
+    main()
