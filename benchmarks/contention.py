@@ -5,12 +5,19 @@ runs beside it when no core is free for the mover (NOTE [No core to spare] in
 simulate/engine.py). This measures what a replay really loses: the same step replays
 under a budget above its peak (nothing moves: each function's duration alone) and under
 `--fraction` of its peak, each in a fresh process; every function of the second is
-matched with its median duration in the first and with the seconds of it during which a
+matched with its median duration in the first and with the share of it during which a
 transfer ran (the union of both directions, from the StepLog). It prints the ratio of
 the durations grouped by how much of the function ran beside a transfer, and the least
 squares fit d = slowdown x alone + share x beside, where `slowdown` takes up what
-changes every function alike (the allocator, the machine drifting between the runs) and
-`share` is the compute lost per second of transfer.
+changes every function alike (the allocator, the machine drifting between the runs)
+and `share` is the compute lost per second of transfer. `beside` is counted as the
+simulator counts it (NOTE [No core to spare]): over the function's unstretched time,
+alone x (the part of d that ran beside a transfer), so `share` is the figure
+Machine.transfer_cpu_share takes.
+
+The replay that moves nothing runs passive (the executor follows the op sequence
+without tracking), so it shows no executor time around the ops; the ops' own durations
+compare like for like.
 
     .venv/bin/python benchmarks/contention.py                   # ResNet-50 64x64 batch 64
     .venv/bin/python benchmarks/contention.py --fraction 0.25 --memory keep
@@ -22,6 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 
 
 def child(args) -> None:
@@ -43,7 +51,8 @@ def child(args) -> None:
             if it.mode == "replay" and it.deviation is None:
                 log = ooc._replayed("benchmarks/contention.py")[2]       # its StepLog
                 runs.append({"functions": beside_transfers(log), "step_s": it.seconds,
-                             "wait_s": it.wait_s, **around_ops(log)})
+                             "wait_s": it.wait_s, "faults": it.page_faults,
+                             "trims": it.trims, **around_ops(log)})
                 if len(runs) == args.replays:
                     break
         peak = ooc.report().in_core_peak
@@ -84,6 +93,30 @@ def around_ops(log) -> dict:
     return {"ops_s": ops, "around_s": around, "between_s": between}
 
 
+def fault_cost(nbytes: int = 256 << 20) -> float:
+    """Seconds per page fault here: the first touch of each page of a fresh anonymous
+    mapping (the fault and the kernel's zeroing), less the same loop over resident
+    pages; the median of 3."""
+    import mmap
+    page = mmap.PAGESIZE
+    costs = []
+    for _ in range(3):
+        m = mmap.mmap(-1, nbytes)
+        view = memoryview(m)
+        start = time.perf_counter()
+        for off in range(0, nbytes, page):
+            view[off] = 1
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for off in range(0, nbytes, page):
+            view[off] = 2
+        again = time.perf_counter() - start
+        view.release()
+        m.close()
+        costs.append((first - again) / (nbytes // page))
+    return statistics.median(costs)
+
+
 def fit(rows) -> tuple[float, float]:
     """Least squares of d = a x alone + s x beside over rows (alone, d, beside)."""
     aa = sum(a * a for a, _, _ in rows)
@@ -101,8 +134,13 @@ def run_child(args, budget: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--budget", str(budget), "--model", args.model,
            "--batch", str(args.batch), "--image-size", str(args.image_size),
            "--replays", str(args.replays), "--memory", args.memory]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the run at budget {budget} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result["runs"]:
+        raise SystemExit(f"the run at budget {budget} never replayed without a deviation")
+    return result
 
 
 def main() -> None:
@@ -128,18 +166,21 @@ def main() -> None:
         for k, d, _ in run["functions"]:
             by.setdefault(k, []).append(d)
     base = {k: statistics.median(v) for k, v in by.items()}
-    rows = [(base[k], d, b) for run in moving["runs"] for k, d, b in run["functions"] if k in base]
+    # beside, counted over the unstretched time: alone x (the part of d beside a transfer)
+    rows = [(base[k], d, base[k] * b / d if d > 0 else 0.0)
+            for run in moving["runs"] for k, d, b in run["functions"] if k in base]
     print(f"{args.model} {args.image_size}x{args.image_size} batch {args.batch}, budget "
           f"{budget / 2**20:.0f} MiB ({args.fraction} of the peak), return_freed_memory "
           f"{args.memory}, {len(moving['runs'])} replays against {len(alone['runs'])} that move nothing")
     print("| per step, medians | step | ops | executor around them (waits included) | waits "
-          "| between functions |")
-    print("|---|---|---|---|---|---|")
+          "| between functions | page faults | trims |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in (("moving nothing", alone), ("under the budget", moving)):
         med = {k: statistics.median(x[k] for x in r["runs"])
-               for k in ("step_s", "ops_s", "around_s", "wait_s", "between_s")}
+               for k in ("step_s", "ops_s", "around_s", "wait_s", "between_s", "faults", "trims")}
         print(f"| {name} | {med['step_s']:.3f} | {med['ops_s']:.3f} | {med['around_s']:.3f} | "
-              f"{med['wait_s']:.3f} | {med['between_s']:.3f} |")
+              f"{med['wait_s']:.3f} | {med['between_s']:.3f} | {med['faults'] / 1e3:.0f}k | "
+              f"{med['trims']:.0f} |")
     print()
     print("| functions | count per step | alone (s per step) | now (s per step) | ratio |")
     print("|---|---|---|---|---|")
@@ -147,14 +188,15 @@ def main() -> None:
     groups = (("no transfer beside", lambda f: f == 0), ("under half beside", lambda f: 0 < f < 0.5),
               ("half or more beside", lambda f: f >= 0.5))
     for name, test in groups:
-        sel = [(a, d) for a, d, b in rows if test(b / d if d > 0 else 0.0)]
+        sel = [(a, d) for a, d, b in rows if test(b / a if a > 0 else 0.0)]
         if sel:
             alone_s, now_s = sum(a for a, _ in sel) / n, sum(d for _, d in sel) / n
             print(f"| {name} | {len(sel) / n:.0f} | {alone_s:.3f} | {now_s:.3f} | {now_s / alone_s:.2f} |")
     slowdown, share = fit(rows)
     beside = sum(b for _, _, b in rows) / n
     print(f"fit: duration = {slowdown:.2f} x alone + {share:.2f} x beside a transfer "
-          f"({beside:.3f} s of functions' time per step ran beside one)")
+          f"({beside:.3f} s per step of the functions' time alone lay beside one)")
+    print(f"a page fault costs {fault_cost() * 1e6:.1f} µs here (first touch of a fresh mapping)")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def rank_main(out_dir: str, link_in: float, link_out: float, per_function_s: flo
         both = [None] * ranks
         dist.all_gather_object(both, (trace, schedule))
         return simulate_ranks([t for t, _ in both], [s for _, s in both], m,
-                              link=BUSY_LINK if m.no_core_to_spare(ranks, trace_threads(trace))
+                              link=BUSY_LINK if m.no_core_to_spare(
+                                  ranks, max(trace_threads(t) for t, _ in both))
                               else IDLE_LINK)[rank]
 
     for case in worker.CASES:

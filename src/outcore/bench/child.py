@@ -112,7 +112,9 @@ def run(cfg: dict) -> dict:
             recordings=sum(1 for it in report.iterations if it.mode == "record"),
             lower_bound=_lower_bound(ooc, cfg["budget"]))
         if cfg.get("compute_s") and cfg.get("disk"):
-            out["predicted_s"] = predict(ooc.trace, ooc.schedule, cfg["compute_s"], cfg["disk"])
+            sim = predict(ooc.trace, ooc.schedule, cfg["compute_s"], cfg["disk"])
+            out["predicted_s"] = sim.iteration_time_s
+            out["predicted_contention_s"] = sim.contention_s
             out["cut_limit_s"] = cut_limit(ooc.trace, cfg["budget"], cfg["compute_s"], cfg["disk"])
     else:
         raise SystemExit(f"unknown variant {variant!r}")
@@ -147,10 +149,10 @@ def calibrated(trace, compute_s: float, disk: dict):
                       "shared_link": True})
 
 
-def predict(trace, schedule, compute_s: float, disk: dict) -> float:
-    """The simulator's step time for this schedule on the calibrated machine."""
+def predict(trace, schedule, compute_s: float, disk: dict):
+    """The simulation of this schedule on the calibrated machine."""
     import outcore
-    return outcore.simulate(trace, schedule, calibrated(trace, compute_s, disk)).iteration_time_s
+    return outcore.simulate(trace, schedule, calibrated(trace, compute_s, disk))
 
 
 def cut_limit(trace, budget: int, compute_s: float, disk: dict) -> float:

@@ -57,6 +57,8 @@ def rows(result: dict) -> list[dict]:
             row["vs_cut_limit"] = step / r["cut_limit_s"]
         if "predicted_s" in r:
             row["predicted_s"] = r["predicted_s"]
+            if "predicted_contention_s" in r:
+                row["predicted_contention_s"] = r["predicted_contention_s"]
             row["prediction_error"] = r["predicted_s"] / step - 1
         for key in ("planned_in", "planned_out", "lower_bound", "overlap", "deviations"):
             if key in r:
@@ -151,6 +153,8 @@ def markdown(result: dict, command: str = "") -> str:
                          f"failed: {row['error'][:80]} |" + " |" * 11)
             continue
         pred = f"{row['predicted_s']:.2f}" if "predicted_s" in row else "-"
+        if row.get("predicted_contention_s"):
+            pred += f" ({row['predicted_contention_s']:.2f} contention)"
         err = f"{100 * row['prediction_error']:+.0f}%" if "prediction_error" in row else "-"
         step = f"{row['step_s']:.2f}"
         if "step_range" in row:

@@ -112,8 +112,8 @@ def run_together(args) -> int:
     policy = policies[0]
     machine = PRESETS[args.machine]
     traces = [Trace.load(path) for path in args.traces]
-    # NOTE [No core to spare] in simulate/engine.py
-    filled = machine.no_core_to_spare(per_node, max(trace_threads(t) for t in traces))
+    threads = max(trace_threads(t) for t in traces)
+    filled = machine.no_core_to_spare(per_node, threads)   # NOTE [No core to spare], engine.py
     name = args.interconnect or ("loopback-gloo-busy" if filled else "loopback-gloo")
     interconnect(name)                     # an unknown name is a clear error here
     if machine.use_trace_durations:     # recorded on this machine: its host time too
@@ -133,8 +133,9 @@ def run_together(args) -> int:
     print(f"{len(traces)} ranks simulated together on {args.machine}, collectives over {name}"
           + (f", {args.per_op_us:g} µs per op" if args.per_op_us else ""))
     if filled:
-        print(f"{per_node} ranks per node on {machine.cores} cores: no core to spare, so the "
-              "mover's and gloo's threads take their CPU from compute")
+        print(f"{per_node} ranks per node computing on {threads} thread(s) each, on "
+              f"{machine.cores} cores: no core to spare, so the mover's and gloo's threads "
+              "take their CPU from compute")
     header = (f"{'rank':>4} {'functions':>9} {'budget':>11} {'moved':>11} {'step ms':>9} "
               f"{'compute ms':>10} {'stall ms':>9} {'comm ms':>8}")
     print(header)

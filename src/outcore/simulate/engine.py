@@ -31,10 +31,9 @@ unstretched interval). Whether a core is free depends on the ranks per node and 
 threads each computes on (the trace's `threads`, torch's intra-op threads when it was
 recorded: Machine.no_core_to_spare). simulate_ranks decides per node; simulate (one rank)
 from the trace alone: one process computing on 2 threads fills this 2-core machine, and
-there a transfer running beside a convolution slowed it (ResNet-50 64x64 batch 64 at half
-its peak: the convolutions that ran beside transfers took 1.6-1.7x their time in a replay
-that moved nothing, the others 1.2x; docs/results.md, "Prediction"). Why it matters
-across ranks (docs/distributed.md, "No core to spare"): on this 2-core machine
+there compute loses 0.24-0.31 s per second of transfer beside it, counted as here
+(`benchmarks/contention.py`, docs/planning.md "Simulation"). Why it matters across ranks
+(docs/distributed.md, "No core to spare"): on this 2-core machine
 benchmarks/distributed_fit.py predicted 0.97-1.44 of the measured replay on one rank,
 but 0.71-1.09 on two before this was modelled.
 
@@ -89,6 +88,9 @@ class Simulation:
     # (direction "comm", array = the first array it touched).
     comm_s: float = 0.0
     collectives: tuple[Transfer, ...] = ()
+    # Compute time lost to helper threads that had no core of their own (NOTE [No core
+    # to spare]): the functions' computing time beyond their in-core time.
+    contention_s: float = 0.0
 
     @property
     def iteration_time_s(self) -> float:
@@ -98,12 +100,6 @@ class Simulation:
     @property
     def total_stall_s(self) -> float:
         return sum(self.stall_s)
-
-    @property
-    def contention_s(self) -> float:
-        """Compute time lost to helper threads that had no core of their own (NOTE [No
-        core to spare]): the functions' computing time beyond their in-core time."""
-        return max(0.0, sum(self.compute_s) - self.in_core_time_s)
 
     @property
     def speed_vs_in_core(self) -> float:
@@ -151,8 +147,9 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
     then run on their own lane at the modelled speed (module docstring), each starting
     as soon as this rank issues it: the other ranks are assumed to be there already
     (simulate_ranks models them). One rank leaves its helper threads a core of their own
-    unless the machine has one core (NOTE [No core to spare]); ranks that share a node's
-    cores are simulate_ranks' to model."""
+    unless the threads it computed on (the trace's `threads`) fill the machine's cores
+    (NOTE [No core to spare]); ranks that share a node's cores are simulate_ranks' to
+    model."""
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
     lane = _rank_lane(trace, schedule, m, link,
@@ -299,7 +296,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
     out_done: dict[int, float] = {}
     transfers = []
     stalls, starts, computes = [], [], []
-    in_core = 0.0
+    in_core = contention = 0.0
     for i, fn in enumerate(trace.functions):
         stall = 0.0
         for act in schedule.begin[i]:
@@ -341,7 +338,9 @@ def _rank_lane(trace, schedule, m, link, contended=False):
             compute = m.compute_time(fn)
         in_core += compute
         if compute > 0.0 and helpers:      # the core shared half and half with the helpers
-            compute += min(helpers.need(ready, ready + compute), compute)
+            lost = min(helpers.need(ready, ready + compute), compute)
+            contention += lost
+            compute += lost
         computes.append(compute)
         t = ready + compute
         for act in schedule.end[i]:
@@ -374,7 +373,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
                      bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,
                      transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary,
                      comm_s=sum(c.end_s - c.start_s for c in collectives),
-                     collectives=tuple(collectives))
+                     collectives=tuple(collectives), contention_s=contention)
 
 
 class _HelperWork:

@@ -136,15 +136,14 @@ PRESETS = {
     # 2.23-2.36 GB/s write, 2.43-2.46 GB/s in total with both at once: one shared link.
     # Compute uses the trace's own durations: measured, or estimated by the recorder. Its
     # cores are the ones this process may run on (2 here): the trace was recorded on
-    # this machine. One process computing on both cores loses 0.39-0.46 s of compute per
+    # this machine. One process computing on both cores loses 0.24-0.31 s of compute per
     # second a transfer runs beside it (`benchmarks/contention.py`, ResNet-50 64x64 at
-    # half its peak, 3 runs on 2026-12-02; median 0.45), twice the mover's own CPU
-    # (0.15-0.24 s per s, `outcore bench disk`): the kernel's work for the transfers and
-    # every parallel op's barrier, which waits for the thread the mover delayed.
+    # half its peak, 3 runs on 2026-12-02; median 0.28), a little more than the mover's
+    # own CPU (0.15-0.24 s per s, `outcore bench disk`).
     "cpu-disk": Machine("cpu-disk", peak_flops=60e9, memory_bandwidth=10 * GB,
                         fast_bytes=24 * 2**30, link_in=2.4 * GB, link_out=2.3 * GB,
                         link_latency_s=100e-6, use_trace_durations=True, shared_link=True,
-                        cores=host_cores(), transfer_cpu_share=0.45),
+                        cores=host_cores(), transfer_cpu_share=0.28),
     # Tesla V100 SXM2 16 GB: 15.7 TFLOP/s fp32, 900 GB/s HBM2; PCIe 3.0 x16, ~12 GB/s pinned.
     "v100-16gb": Machine("v100-16gb", peak_flops=15.7e12, memory_bandwidth=900 * GB,
                          fast_bytes=16 * 10**9, link_in=12 * GB, link_out=12 * GB, **_GPU),
