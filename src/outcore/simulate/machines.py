@@ -138,8 +138,8 @@ PRESETS = {
     # cores are the ones this process may run on (2 here): the trace was recorded on
     # this machine. One process computing on both cores loses 0.24-0.31 s of compute per
     # second a transfer runs beside it (`benchmarks/contention.py`, ResNet-50 64x64 at
-    # half its peak, 3 runs on 2026-12-02; median 0.28), a little more than the mover's
-    # own CPU (0.15-0.24 s per s, `outcore bench disk`).
+    # half its peak, 4 runs on 2026-12-02; 0.28 is the median of the first three), a
+    # little more than the mover's own CPU (0.15-0.24 s per s, `outcore bench disk`).
     "cpu-disk": Machine("cpu-disk", peak_flops=60e9, memory_bandwidth=10 * GB,
                         fast_bytes=24 * 2**30, link_in=2.4 * GB, link_out=2.3 * GB,
                         link_latency_s=100e-6, use_trace_durations=True, shared_link=True,
