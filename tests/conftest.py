@@ -1,10 +1,17 @@
 import gc
 import os
+import signal
 
 import torch
 
 # Keep runs deterministic and cheap on the 2-core machines CI uses.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A shell started in the background without job control hands its children SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler: every Ctrl-C test
+# would fail without telling why. The tests press Ctrl-C on purpose; give them Python's.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_finish(session):
