@@ -50,31 +50,36 @@ def main():
     print("| workload | budget / peak | " + " | ".join(_label(n, o) for n, o in SCREEN) +
           " | auto's gain over adaptive | plan |")
     print("|---|---|" + "---|" * len(SCREEN) + "---|---|")
+    for row, trace, budget in cases(fractions):
+        try:
+            start = time.perf_counter()
+            s = outcore.plan(trace, budget)
+            took = time.perf_counter() - start
+        except outcore.InfeasibleBudget:
+            print(f"| {row} | infeasible |")
+            continue
+        if s.options.get("in_core"):
+            print(f"| {row} | fits in-core |")
+            continue
+        in_core = outcore.simulate(trace, s).in_core_time_s
+        times = [seconds for _, _, seconds in s.options["screened"]]
+        chosen = times.index(min(times))          # auto's rule: fastest, ties earliest
+        cells = ["not screened"] * len(SCREEN)     # auto screens fewer on long traces
+        for i, (_, _, seconds) in enumerate(s.options["screened"]):
+            cells[i] = f"{seconds / in_core:.3f}{'*' if i == chosen else ''}"
+        gain = s.options["screened"][0][2] / s.options["screened"][chosen][2]
+        print(f"| {row} | " + " | ".join(cells) + f" | {gain:.3f}x | {took:.2f} s |")
+
+
+def cases(fractions):
+    """(the row's first two cells, trace, budget) per workload and fraction: budgets are
+    fractions of the in-core peak, less what OutOfCore pins."""
     for name, shape in WORKLOADS:
         trace = record(name, shape)
         peak = trace.peak(actual=True)[0]
         shape_s = " ".join(f"{k}={v}" for k, v in shape.items())
         for frac in fractions:
-            budget = planned_budget(trace, int(peak * frac))
-            try:
-                start = time.perf_counter()
-                s = outcore.plan(trace, budget)
-                took = time.perf_counter() - start
-            except outcore.InfeasibleBudget:
-                print(f"| {name} {shape_s} | {frac} | infeasible |")
-                continue
-            if s.options.get("in_core"):
-                print(f"| {name} {shape_s} | {frac} | fits in-core |")
-                continue
-            in_core = outcore.simulate(trace, s).in_core_time_s
-            times = [seconds for _, _, seconds in s.options["screened"]]
-            chosen = times.index(min(times))          # auto's rule: fastest, ties earliest
-            cells = ["not screened"] * len(SCREEN)     # auto screens fewer on long traces
-            for i, (_, _, seconds) in enumerate(s.options["screened"]):
-                cells[i] = f"{seconds / in_core:.3f}{'*' if i == chosen else ''}"
-            gain = s.options["screened"][0][2] / s.options["screened"][chosen][2]
-            print(f"| {name} {shape_s} | {frac} | " + " | ".join(cells)
-                  + f" | {gain:.3f}x | {took:.2f} s |")
+            yield f"{name} {shape_s} | {frac}", trace, planned_budget(trace, int(peak * frac))
 
 
 def planning_times(fractions) -> None:
@@ -83,24 +88,17 @@ def planning_times(fractions) -> None:
     from outcore.plan import recompute
     print("| workload | budget / peak | recomputed | plan (s), two runs |")
     print("|---|---|---|---|")
-    for name, shape in WORKLOADS:
-        trace = record(name, shape)
-        peak = trace.peak(actual=True)[0]
-        shape_s = " ".join(f"{k}={v}" for k, v in shape.items())
-        for frac in fractions:
-            budget = planned_budget(trace, int(peak * frac))
-            took = []
-            try:
-                for _ in range(2):
-                    start = time.perf_counter()
-                    chosen, _, _ = recompute.choose(trace, budget, mode="auto",
-                                                    machine="cpu-disk")
-                    took.append(time.perf_counter() - start)
-            except outcore.InfeasibleBudget:
-                print(f"| {name} {shape_s} | {frac} | infeasible |")
-                continue
-            print(f"| {name} {shape_s} | {frac} | {len(chosen)} | "
-                  + ", ".join(f"{t:.2f}" for t in took) + " |")
+    for row, trace, budget in cases(fractions):
+        took = []
+        try:
+            for _ in range(2):
+                start = time.perf_counter()
+                chosen, _, _ = recompute.choose(trace, budget, mode="auto", machine="cpu-disk")
+                took.append(time.perf_counter() - start)
+        except outcore.InfeasibleBudget:
+            print(f"| {row} | infeasible |")
+            continue
+        print(f"| {row} | {len(chosen)} | " + ", ".join(f"{t:.2f}" for t in took) + " |")
 
 
 if __name__ == "__main__":
