@@ -3,6 +3,10 @@
 Record one iteration (`record`), plan when every tensor moves between a fast and a
 slow tier (`plan`), check and simulate the plan, and replay it (`OutOfCore`).
 """
+from .memory.pages import ask_torch_for_huge_pages
+
+ask_torch_for_huge_pages()      # before torch is imported (NOTE [Huge pages by default])
+
 from .errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, ScheduleError, TraceError
 from .plan import Schedule, check, lower_bound, plan
 from .run import OutOfCore, Report

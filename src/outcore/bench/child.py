@@ -108,6 +108,7 @@ def run(cfg: dict) -> dict:
             planned_in=report.planned_in, planned_out=report.planned_out,
             planned_peak=report.planned_peak, functions=report.functions,
             in_core_peak=report.in_core_peak, deviations=report.deviations,
+            huge_pages=report.huge_pages,
             recomputed=report.planned_recomputed,
             recordings=sum(1 for it in report.iterations if it.mode == "record"),
             lower_bound=_lower_bound(ooc, cfg["budget"]))

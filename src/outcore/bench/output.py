@@ -73,8 +73,9 @@ def _tags(cfg: dict) -> str:
     memory = cfg.get("return_freed_memory", True)
     if memory is not True:
         tags.append("eager return" if memory == "eager" else "glibc defaults")
-    if cfg.get("env", {}).get("THP_MEM_ALLOC_ENABLE") == "1":
-        tags.append("THP")
+    thp = cfg.get("env", {}).get("THP_MEM_ALLOC_ENABLE")
+    if thp is not None:
+        tags.append("THP" if thp == "1" else "no THP")
     return f" ({', '.join(tags)})" if tags else ""
 
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from ..memory.pages import TORCH_ENV, plain_pytorch_setting
 from ..units import format_bytes
 
 
@@ -63,14 +64,24 @@ class Progress:
         self.stream.flush()
 
 
+def child_environment(cfg: dict) -> dict:
+    """The environment of the process that runs `cfg`: this one's, plus the config's own;
+    a plain-PyTorch variant gets THP_MEM_ALLOC_ENABLE as the user set it, or PyTorch's
+    default, not the 1 that `import outcore` set here (NOTE [Huge pages by default], rule 3)."""
+    env = {**os.environ, **cfg.get("env", {})}
+    if cfg.get("variant") != "outcore" and TORCH_ENV not in cfg.get("env", {}):
+        env[TORCH_ENV] = plain_pytorch_setting()
+    return env
+
+
 def run_config(cfg: dict, progress: Progress | None = None, timeout_s: float = 1800) -> dict:
     """Run one config in a fresh Python process; the result dict, or {"error": ...}."""
     name = label(cfg)
     if progress:
         progress.show(name)
-    env = {**os.environ, **cfg.get("env", {})}
     proc = subprocess.Popen([sys.executable, "-m", "outcore.bench.child", json.dumps(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_environment(cfg))
     err_lines: list[str] = []
 
     def pump():

@@ -59,8 +59,12 @@ def add_parser(sub) -> None:
                         "offload='host', offload-hooks is save_on_cpu(pin_memory=True), memory is "
                         "the GPU's peak; no prediction or physical limit is made")
     p.add_argument("--thp", action="store_true",
-                   help="run outcore with THP_MEM_ALLOC_ENABLE=1 (page-aligned, huge-page tensor "
-                        "memory: fewer page faults when freed memory goes back to the OS)")
+                   help="run outcore with THP_MEM_ALLOC_ENABLE=1 set in its environment (what "
+                        "`import outcore` sets anyway where the environment does not name it)")
+    p.add_argument("--no-thp", action="store_true",
+                   help="run outcore with THP_MEM_ALLOC_ENABLE=0: no huge pages for PyTorch's "
+                        "tensors, as before outcore turned them on (plain-PyTorch baselines "
+                        "always run with the user's setting, or PyTorch's default 0)")
     p.add_argument("--memory", default="trim", choices=("trim", "eager", "keep"),
                    help="how outcore returns freed memory to the OS: trim (default), eager "
                         "(every tensor its own mapping), keep (glibc's defaults)")
@@ -101,9 +105,11 @@ def run_experiment(args) -> int:
         if not torch.cuda.is_available():
             raise OutcoreError("--device cuda needs a CUDA device: torch.cuda.is_available() is "
                                "False here. Run `outcore bench` without --device on the CPU")
-        if args.thp or args.memory != "trim":
-            raise OutcoreError("--thp and --memory steer the C allocator for a RAM budget; with "
+        if args.thp or args.no_thp or args.memory != "trim":
+            raise OutcoreError("--thp, --no-thp and --memory steer the C allocator for a RAM budget; with "
                                "--device cuda the budget is GPU memory: drop them")
+    if args.thp and args.no_thp:
+        raise OutcoreError("--thp and --no-thp contradict each other: give one of them")
     baselines = tuple(_csv(args.baselines, experiments.BASELINES)) if args.baselines else None
     wrong = [b for b in baselines or () if experiments.ONLY_ON.get(b, args.device) != args.device]
     if wrong:
@@ -113,7 +119,8 @@ def run_experiment(args) -> int:
     disk = measure_disk(parse_bytes("1GiB"), args.dir)
     common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,
                   optimizer=args.optimizer, disk=disk, repeat=args.repeat, device=args.device,
-                  outcore_env={"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else None,
+                  outcore_env=({"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else
+                               {"THP_MEM_ALLOC_ENABLE": "0"} if args.no_thp else None),
                   memory={"trim": True, "eager": "eager", "keep": False}[args.memory])
     if baselines:
         common["baselines"] = baselines

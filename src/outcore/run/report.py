@@ -61,6 +61,8 @@ class Report:
     rss_start: int = 0         # the process's resident set when the OutOfCore was made
     planned_recomputed: int = 0    # bytes of activations the plan recomputes per iteration
     recomputed_arrays: int = 0     # how many
+    huge_pages: str = ""           # PyTorch's huge pages for large CPU tensors: "on (...)" or
+                                   # "off: why" (memory/pages.py); "" for a GPU budget
 
     @property
     def deviations(self) -> int:
@@ -116,6 +118,8 @@ class Report:
         if self.pinned_bytes:
             lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
                          f"FSDP): {format_bytes(self.pinned_bytes)}")
+        if self.huge_pages:
+            lines.append(f"  huge pages for tensors: {self.huge_pages}")
         if self.iterations:
             lines.append(f"  resident set: {format_bytes(self.rss_start)} when made; per iteration "
                          "its peak above that (rss+) and the most of it that was not managed "
