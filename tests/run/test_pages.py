@@ -55,8 +55,9 @@ print(torch_huge_pages())
 """
 
 
-def test_importing_outcore_first_gives_pytorchs_tensors_huge_pages():
-    env, aligned, status = _fresh("import outcore" + _PROBE)
+def test_importing_outcore_before_the_first_tensor_gives_pytorchs_tensors_huge_pages():
+    # Also after `import torch`: importing it makes no tensor (rule 1).
+    env, aligned, status = _fresh("import torch; import outcore" + _PROBE)
     assert env == "1" and aligned == "True"        # PyTorch page-aligns what it advises
     assert status in ("on (THP_MEM_ALLOC_ENABLE=1, set by outcore at import)",
                       "off: PyTorch asks (THP_MEM_ALLOC_ENABLE=1), but the kernel gives none "
