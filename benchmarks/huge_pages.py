@@ -4,6 +4,7 @@ THP_MEM_ALLOC_ENABLE=0, beside plain PyTorch (PyTorch's default, 0), side by sid
 
     .venv/bin/python benchmarks/huge_pages.py
     .venv/bin/python benchmarks/huge_pages.py --model resnet50 --image-size 64 --fraction 0.25 --rounds 3
+    .venv/bin/python benchmarks/huge_pages.py --model gpt2 --batch 2 --seq-len 256 --fraction 0.5
 
 Every run is a fresh process (`outcore.bench.child`); each round runs the three configs
 one after the other, in a rotated order, so drift of the machine falls on all of them
@@ -27,13 +28,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=128, help="CNNs (default 128)")
+    ap.add_argument("--seq-len", type=int, default=256, help="GPT-2 models (default 256)")
     ap.add_argument("--fraction", type=float, default=0.25, help="budget / in-core peak")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--policy", default="auto")
     args = ap.parse_args()
-    shape = shape_of(args.model, args.image_size, None)
+    gpt = args.model.startswith("gpt2")
+    shape = shape_of(args.model, None if gpt else args.image_size, args.seq_len if gpt else None)
     peak = memory_on_meta(args.model, args.batch, "in-core", **shape)["peak"]
     budget = int(peak * args.fraction)
     base = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": 1, **shape}

@@ -106,8 +106,8 @@ def run_experiment(args) -> int:
             raise OutcoreError("--device cuda needs a CUDA device: torch.cuda.is_available() is "
                                "False here. Run `outcore bench` without --device on the CPU")
         if args.thp or args.no_thp or args.memory != "trim":
-            raise OutcoreError("--thp, --no-thp and --memory steer the C allocator for a RAM budget; with "
-                               "--device cuda the budget is GPU memory: drop them")
+            raise OutcoreError("--thp, --no-thp and --memory steer the C allocator for a RAM "
+                               "budget; with --device cuda the budget is GPU memory: drop them")
     if args.thp and args.no_thp:
         raise OutcoreError("--thp and --no-thp contradict each other: give one of them")
     baselines = tuple(_csv(args.baselines, experiments.BASELINES)) if args.baselines else None

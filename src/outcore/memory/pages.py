@@ -8,17 +8,17 @@ transparent huge pages on request (/sys/kernel/mm/transparent_hugepage/enabled s
 [madvise] or [always]), the storage's whole 2 MiB pages are advised MADV_HUGEPAGE
 before the read, so the read faults them in 2 MiB at a time. Storages under
 MIN_BYTES are left alone. PyTorch's THP_MEM_ALLOC_ENABLE=1 does the same for every
-tensor it allocates, but PyTorch reads it once, at its first tensor, before outcore
-can set it. OUTCORE_HUGE_READS=0 in the environment turns this off (for comparisons).
+tensor it allocates (NOTE [Huge pages by default]); this covers the storages a swap-in
+refills where PyTorch's is off. OUTCORE_HUGE_READS=0 in the environment turns this off
+(for comparisons).
 
 NOTE [Huge pages by default]
 PyTorch's CPU allocator asks for huge pages (MADV_HUGEPAGE, page-aligned) on every
 tensor of 2 MiB or more when THP_MEM_ALLOC_ENABLE=1, and reads that variable once, at
 the first tensor it allocates in the process (c10 `is_thp_alloc_enabled`, a function
 static). Under a tight budget the allocator governor gives freed memory back and the
-next tensors fault it in again: 2 MiB per fault with huge pages, 4 KiB without, which
-made the difference between 0.95x and 1.01x of plain PyTorch's speed on ResNet-50
-128x128 at a quarter budget (docs/executor.md, "Huge pages"). So:
+next tensors fault it in again: 2 MiB per fault with huge pages, 4 KiB without
+(docs/executor.md, "Huge pages", measures what that saves). So:
   1. `import outcore` sets THP_MEM_ALLOC_ENABLE=1 in os.environ (`ask_torch_for_huge_pages`)
      before it imports torch, unless the environment already names it: a user's
      THP_MEM_ALLOC_ENABLE=0 keeps PyTorch's default. Importing torch makes no tensor, so
