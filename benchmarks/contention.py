@@ -52,7 +52,7 @@ def child(args) -> None:
                 log = ooc._replayed("benchmarks/contention.py")[2]       # its StepLog
                 runs.append({"functions": beside_transfers(log), "step_s": it.seconds,
                              "wait_s": it.wait_s, "faults": it.page_faults,
-                             "trims": it.trims, **around_ops(log)})
+                             "trims": it.trims, "trimmed": it.trimmed_bytes, **around_ops(log)})
                 if len(runs) == args.replays:
                     break
         peak = ooc.report().in_core_peak
@@ -173,14 +173,15 @@ def main() -> None:
           f"{budget / 2**20:.0f} MiB ({args.fraction} of the peak), return_freed_memory "
           f"{args.memory}, {len(moving['runs'])} replays against {len(alone['runs'])} that move nothing")
     print("| per step, medians | step | ops | executor around them (waits included) | waits "
-          "| between functions | page faults | trims |")
+          "| between functions | page faults | trims (given back) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in (("moving nothing", alone), ("under the budget", moving)):
         med = {k: statistics.median(x[k] for x in r["runs"])
-               for k in ("step_s", "ops_s", "around_s", "wait_s", "between_s", "faults", "trims")}
+               for k in ("step_s", "ops_s", "around_s", "wait_s", "between_s", "faults", "trims",
+                         "trimmed")}
         print(f"| {name} | {med['step_s']:.3f} | {med['ops_s']:.3f} | {med['around_s']:.3f} | "
               f"{med['wait_s']:.3f} | {med['between_s']:.3f} | {med['faults'] / 1e3:.0f}k | "
-              f"{med['trims']:.0f} |")
+              f"{med['trims']:.0f} ({med['trimmed'] / 2**20:.0f} MiB) |")
     print()
     print("| functions | count per step | alone (s per step) | now (s per step) | ratio |")
     print("|---|---|---|---|---|")

@@ -78,6 +78,7 @@ def test_trims_only_past_the_limit_and_then_waits_for_more_growth(governed):
     tick(gov)
     gov.check()
     assert libc.trims == 3 and gov.trims == 1
+    assert gov.given_back == 0              # the resident set grew past the trim: nothing taken off
     libc.rss = gov.limit + 50 + gov.slack                             # not another slack yet
     tick(gov)
     gov.check()
@@ -86,6 +87,7 @@ def test_trims_only_past_the_limit_and_then_waits_for_more_growth(governed):
     tick(gov)
     gov.check()
     assert libc.trims == 4
+    assert gov.given_back == gov.slack + 1                            # what this trim took off
 
 
 def test_a_step_that_fits_is_never_trimmed(governed):

@@ -133,3 +133,18 @@ def test_the_library_logs_plans_and_deviations(tmp_path, caplog, capsys):
     assert len(planned) == 1 and planned[0].levelno == logging.INFO
     assert len(deviated) == 1 and deviated[0].levelno == logging.WARNING
     assert capsys.readouterr() == ("", "")        # nothing printed
+
+
+def test_the_report_says_what_the_allocator_gave_back():
+    from outcore.run.report import IterationStats
+    it = IterationStats(index=3, mode="replay", seconds=1.0, bytes_read=1, bytes_written=1,
+                        unplanned_bytes=0, wait_s=0.0, transfer_s=0.5, restore_s=0.0,
+                        peak_resident=10, page_faults=45000, trims=3, trimmed_bytes=643 * 2**20)
+    report = Report(budget=100, policy="auto", swap="disk", functions=5, in_core_peak=400,
+                    planned_peak=100, planned_in=1, planned_out=1, pinned_bytes=0,
+                    iterations=(it,), huge_pages="on (THP_MEM_ALLOC_ENABLE=1, set by outcore at import)")
+    lines = str(report).splitlines()
+    assert ("        the allocator gave back 643.00 MiB in 3 trims (to keep the resident set near "
+            "the budget); the step faulted in again what it reused") in lines
+    assert "  huge pages for tensors: on (THP_MEM_ALLOC_ENABLE=1, set by outcore at import)" in lines
+    assert Report.from_dict(report.to_dict()) == report

@@ -104,6 +104,7 @@ def run(cfg: dict) -> dict:
             stalled=statistics.median(it.wait_s for it in replays),
             overlap=statistics.median(it.overlap for it in replays),
             trims=statistics.median(it.trims for it in replays),
+            trimmed=statistics.median(it.trimmed_bytes for it in replays),
             restore_s=statistics.median(it.restore_s for it in replays),
             planned_in=report.planned_in, planned_out=report.planned_out,
             planned_peak=report.planned_peak, functions=report.functions,

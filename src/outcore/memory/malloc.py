@@ -298,6 +298,8 @@ class _Governor:
         self.libc = _libc()
         self.budget = 0
         self.trims = 0
+        self.given_back = 0        # bytes the checks' trims took off the resident set, in all:
+                                   # memory the step then faults in again where it reuses it
         self.live_bytes = None     # () -> managed bytes alive on either tier, if known
         self._told = False         # mallopt may have changed glibc: stop() puts it back
         self._restore: tuple = ()  # (option, value) pairs for that
@@ -452,6 +454,7 @@ class TrimGovernor(_Governor):
         self.libc.malloc_trim(0)
         self.trims += 1
         after = resident_bytes()
+        self.given_back += max(rss - after, 0)
         new = state._replace(next=max(state.limit, after + state.slack))
         if self._limits is state:
             self._limits = new

@@ -538,8 +538,10 @@ class OutOfCore:
                 function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,
                 budget_bytes=self.budget, min_feasible_bytes=smallest) from None
 
-    def _trims(self) -> int:
-        return self._governor.trims if self._governor is not None else 0
+    def _trims(self) -> tuple[int, int]:
+        """The governor's trims so far, and the bytes they gave back."""
+        gov = self._governor
+        return (gov.trims, gov.given_back) if gov is not None else (0, 0)
 
     # -- reporting -----------------------------------------------------------------------
     def report(self) -> Report:
@@ -755,7 +757,8 @@ class _Iteration:
             restore_s=time.perf_counter() - stepped, peak_resident=peak,
             deviation=deviation, completed=completed, tracked=not passive,
             skipped_actions=0 if self.recording else self.mode.skipped_actions,
-            page_faults=faulted - before[5], trims=trimmed - before[6],
+            page_faults=faulted - before[5], trims=trimmed[0] - before[6][0],
+            trimmed_bytes=trimmed[1] - before[6][1],
             rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),
             bytes_recomputed=stats.bytes_recomputed - before[7],
             unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0)))

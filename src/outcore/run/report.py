@@ -29,6 +29,8 @@ class IterationStats:
     skipped_actions: int = 0   # planned moves of arrays this iteration had not touched yet
     page_faults: int = 0       # the process's, during the step: memory the OS had to hand over
     trims: int = 0             # times the memory governor gave the heap's free pages back
+    trimmed_bytes: int = 0     # what those trims took off the resident set: the step faults
+                               # it in again where it reuses the memory
     rss_above_start: int = 0   # the process's peak resident set above its size when the
                                # OutOfCore was made (sampled every op, 500 Hz at most)
     unmanaged: int = 0         # the most of that which was not managed tensors
@@ -135,6 +137,10 @@ class Report:
                     f"{format_bytes(it.rss_above_start):<10}  {format_bytes(it.unmanaged)}"
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + ("" if it.completed else "  (interrupted)"))
+                if it.trimmed_bytes:
+                    lines.append(f"        the allocator gave back {format_bytes(it.trimmed_bytes)} "
+                                 f"in {it.trims} trims (to keep the resident set near the "
+                                 "budget); the step faulted in again what it reused")
                 if it.bytes_recomputed:
                     lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "
                                  "of reading it back")
