@@ -22,8 +22,11 @@ def _collector_paused():
     that walk every object of the process, the trace's tens of thousands of frozen
     dataclasses included: half the planning time at 20,000 functions
     (benchmarks/plan_speed.py). Planning makes no reference cycles, so the collector is
-    paused for the call and put back in `finally` as it was (a caller's gc.disable()
-    stands); whatever the call leaves for it is collected afterwards as usual."""
+    paused for the call, up to the Schedule it returns (when the pause ended before the
+    action lists became tuples, those allocations ran collections inside plan(): 0.02-0.04
+    s of a 20,000-function plan, timed with gc.callbacks), and put back in
+    `finally` as it was (a caller's gc.disable() stands); whatever the call leaves for
+    it is collected afterwards as usual (plan_speed.py prints what that costs)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -126,24 +129,23 @@ def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
         raise OutcoreError(f"keep_state must be True or False, got {options['keep_state']!r}")
     budget = parse_bytes(budget)
     require_feasible(trace, budget)
-    if max(occupancy(trace), default=0) <= budget:     # held arrays included
-        (begin, end, start), used, acc = plan_in_core(trace), dict(options), None
-        used["in_core"] = True
-    else:
-        # _cycle has walked its choice through check.replay already: the same actions.
-        with _collector_paused():      # NOTE [Planning and the collector]
-            if chosen.choose is not None:
-                (begin, end, start), used, acc = chosen.choose(
-                    trace, budget, options,
-                    lambda policy, opts: _cycle(trace, policy, budget, opts))
-            else:
-                (begin, end, start), used, acc = _cycle(trace, chosen, budget, options)
-    begin = tuple(tuple(step) for step in begin)
-    end = tuple(tuple(step) for step in end)
-    start = tuple(sorted(start))
-    if acc is None:
-        acc = replay(trace, begin, end, start, budget)
-    return Schedule(policy=policy, budget=budget, begin=begin, end=end, resident_at_start=start,
-                    resident_at_end=acc.resident_at_end, bytes_in=acc.bytes_in,
-                    bytes_out=acc.bytes_out, peak_bytes=acc.peak_bytes,
-                    resident_curve=acc.resident_curve, options=used)
+    with _collector_paused():      # NOTE [Planning and the collector]: up to the Schedule
+        if max(occupancy(trace), default=0) <= budget:     # held arrays included
+            (begin, end, start), used, acc = plan_in_core(trace), dict(options), None
+            used["in_core"] = True
+        elif chosen.choose is not None:
+            # _cycle has walked its choice through check.replay already: the same actions.
+            (begin, end, start), used, acc = chosen.choose(
+                trace, budget, options, lambda policy, opts: _cycle(trace, policy, budget, opts))
+        else:
+            (begin, end, start), used, acc = _cycle(trace, chosen, budget, options)
+        begin = tuple(tuple(step) for step in begin)
+        end = tuple(tuple(step) for step in end)
+        start = tuple(sorted(start))
+        if acc is None:
+            acc = replay(trace, begin, end, start, budget)
+        return Schedule(policy=policy, budget=budget, begin=begin, end=end,
+                        resident_at_start=start, resident_at_end=acc.resident_at_end,
+                        bytes_in=acc.bytes_in, bytes_out=acc.bytes_out,
+                        peak_bytes=acc.peak_bytes, resident_curve=acc.resident_curve,
+                        options=used)

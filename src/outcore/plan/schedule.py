@@ -93,7 +93,11 @@ class Schedule:
         for name, extra, seconds in tried:
             shown = ", ".join(f"{k}={format_bytes(v) if k == 'window' else v}"
                               for k, v in extra.items())
-            cells.append(f"{name}{' (' + shown + ')' if shown else ''} {seconds * 1e3:.1f} ms")
+            cells.append(f"{name}{' (' + shown + ')' if shown else ''}"
+                         + (f" {seconds * 1e3:.1f} ms" if seconds is not None else ""))
+        if len(tried) == 1 and tried[0][2] is None:
+            return [f"  auto planned {cells[0]} alone (not simulated: nothing to compare; a "
+                    "trace this long leaves time for one configuration)"]
         return [f"  auto tried (simulated iteration on {self.options.get('machine')}): "
                 + "; ".join(cells)]
 

@@ -20,7 +20,10 @@ keep planning near a second on long traces, configurations are screened in order
 while that work, counted in planned accesses (4 x the trace's accesses each), stays
 within SCREEN_ACCESSES; the first is always planned. All seven fit up to 12,500
 accesses (about 4,000 functions of a plain network: ResNet-50 has 2,180, GPT-2 small
-3,429); a 20,000-function trace gets adaptive alone. A plan with outputs reserved late
+3,429); a 20,000-function trace gets adaptive alone. Where one configuration is all
+that is screened there is nothing to compare: it is not simulated (its seconds in
+`screened` are None), which saves a simulation of the whole step (0.10-0.24 s on the
+20,002-function trace of benchmarks/plan_speed.py). A plan with outputs reserved late
 (window.py, NOTE [Reserving outputs late]) takes about twice as long as one without.
 The choice depends only on the trace, the budget and the options, never on the clock.
 """
@@ -77,18 +80,19 @@ def choose(trace, budget: int, options: dict, cycle):
         raise OutcoreError(f"auto: screen must be a non-empty list of indices into "
                            f"auto.SCREEN (0-{len(SCREEN) - 1}), got {indices!r}")
     work = PLANS_PER_CONFIGURATION * len(access_table(trace)[0])
+    count = max(1, min(len(indices), SCREEN_ACCESSES // work))     # the first always
     screened, best = [], None
-    for n, i in enumerate(indices):
+    for i in list(indices)[:count]:
         name, extra = SCREEN[i]
-        if n and (n + 1) * work > SCREEN_ACCESSES:
-            break
         if "window_factor" in extra:
             extra = {"window": int(extra["window_factor"] * budget)}
         (begin, end, start), used, acc = cycle(REGISTRY[name], {**extra, "keep_state": keep_state})
-        seconds = simulate(trace, _Planned(begin, end, start, acc.resident_at_end, acc.bytes_in,
-                                           acc.bytes_out, acc.peak_bytes), m).iteration_time_s
+        seconds = None              # one configuration alone: nothing to compare it with
+        if count > 1:
+            seconds = simulate(trace, _Planned(begin, end, start, acc.resident_at_end, acc.bytes_in,
+                                               acc.bytes_out, acc.peak_bytes), m).iteration_time_s
         screened.append([name, extra, seconds])
-        if best is None or seconds < best[0]:
+        if best is None or (seconds is not None and seconds < best[0]):
             best = (seconds, name, (begin, end, start), used, acc, i)
     _, name, lists, used, acc, i = best
     return lists, {"chosen": name, **used, "machine": m.name, "screened": screened,
