@@ -176,7 +176,9 @@ def main() -> int:
         if around:
             disks.append(measure_disk(1 << 30, args.swap_dir))
         cmd = [sys.executable, __file__, "--mode", mode] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        from outcore.memory.pages import plain_environment   # plain PyTorch: its own setting
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env=plain_environment() if mode == "plain" else None).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
         if around:
             disks.append(measure_disk(1 << 30, args.swap_dir))

@@ -77,8 +77,10 @@ def _child(cfg: dict) -> dict:
 
 
 def _run(cfg: dict) -> dict:
+    from outcore.memory.pages import plain_environment      # plain PyTorch: its own setting
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800,
+                          env=plain_environment() if cfg["kind"] == "plain" else None)
     if proc.returncode != 0:
         raise SystemExit(f"child {cfg} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

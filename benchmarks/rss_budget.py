@@ -71,7 +71,9 @@ def child(args) -> dict:
 def _run(case, mode, optimizer, iterations, budget=0, policy="auto"):
     cmd = [sys.executable, __file__, "--child", mode, "--case", case, "--optimizer", optimizer,
            "--iterations", str(iterations), "--budget", str(budget), "--policy", policy]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    from outcore.memory.pages import plain_environment      # plain PyTorch: its own setting
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env=plain_environment() if mode in ("plain", "peak") else None).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

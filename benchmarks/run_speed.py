@@ -66,8 +66,9 @@ CHILD = textwrap.dedent("""
 
 
 def run(cfg: dict) -> dict:
+    from outcore.memory.pages import plain_environment      # plain PyTorch: its own setting
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True,
-                          text=True)
+                          text=True, env=plain_environment() if cfg["budget"] is None else None)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])

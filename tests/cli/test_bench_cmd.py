@@ -22,3 +22,8 @@ def test_bench_disk_rejects_tiny_sizes(capsys):
 def test_busy_is_for_bench_comm(capsys):
     assert main(["bench", "disk", "--busy"]) == 2
     assert "--busy is for `bench comm`, not `bench disk`" in capsys.readouterr().err
+
+
+def test_thp_and_no_thp_together_are_refused_before_anything_runs(capsys):
+    assert main(["bench", "curve", "--model", "resnet50", "--thp", "--no-thp"]) == 2
+    assert "--thp and --no-thp contradict each other" in capsys.readouterr().err

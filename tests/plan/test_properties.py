@@ -198,3 +198,55 @@ def test_start_keep_set_is_the_one_candidate_at_a_time_rule(trace, budget, pick)
     assert start_keep_set(trace, budget) == _start_keep_reference(trace, budget)
     among = {a.id for a in trace.arrays if (a.id + pick) % 2}
     assert start_keep_set(trace, budget, among=among) == _start_keep_reference(trace, budget, among)
+
+
+def _plans_with_and_without_the_last_candidate_shortcut(trace, budget, policy):
+    """plan() as it is, and with NOTE [The last candidate]'s shortcut off (end_keep_set
+    answered by a set no start holds, so the last candidate is always planned); and how
+    many candidates each planned."""
+    import dataclasses
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from outcore.plan import api
+    real = api.REGISTRY[policy]
+    planned, out = [], []
+
+    def counted(*args, **kwargs):
+        planned[-1] += 1
+        return real.plan(*args, **kwargs)
+    for shortcut in (True, False):
+        planned.append(0)
+        with mock.patch.dict(api.REGISTRY, {policy: dataclasses.replace(real, plan=counted)}), \
+                (nullcontext() if shortcut else mock.patch.object(api, "end_keep_set",
+                                                                 lambda t, b: {-1})):
+            s = outcore.plan(trace, budget, policy)
+        out.append((s.begin, s.end, s.resident_at_start, s.resident_at_end, s.bytes_in,
+                    s.bytes_out, s.peak_bytes))
+    return out[0], out[1], planned
+
+
+@SETTINGS
+@given(traces(), st.floats(0.3, 1.0))
+def test_the_last_candidate_shortcut_changes_no_plan(trace, fraction):
+    budget = budgets_for(trace, fraction)
+    if budget < min_feasible_budget(trace):
+        return
+    for policy in ("adaptive", "fixed", "on-demand", "adaptive-belady"):
+        with_it, without, _ = _plans_with_and_without_the_last_candidate_shortcut(
+            trace, budget, policy)
+        assert with_it == without, policy
+
+
+def test_the_last_candidate_shortcut_fires_on_a_long_plain_network():
+    import sys
+    sys.path.insert(0, "benchmarks")
+    try:
+        from plan_speed import synthetic
+    finally:
+        sys.path.pop(0)
+    trace = synthetic(400)
+    with_it, without, planned = _plans_with_and_without_the_last_candidate_shortcut(
+        trace, trace.peak(actual=True)[0] // 3, "adaptive")
+    assert with_it == without
+    assert planned == [2, 3]            # the last candidate skipped, and planned without it

@@ -47,7 +47,8 @@ CASES = [("mlp", 8192), ("resnet18", 32), ("gpt2-tiny", 64)]
 def children():
     """Every case's child, two at a time: each runs on one thread, and each reads only its
     own high-water mark."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    from outcore.memory.pages import plain_environment      # PyTorch's own huge-page setting
+    env = plain_environment(dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
 
     def child(name, batch):
         return subprocess.run([sys.executable, "-c", CHILD, name, str(batch)], env=env,

@@ -20,6 +20,7 @@ import time
 
 from ..errors import OutcoreError
 from ..memory.malloc import peak_resident_bytes, resident_bytes
+from ..memory.pages import plain_environment
 from ..units import format_bytes
 
 
@@ -135,7 +136,8 @@ def _outcore(cfg: dict) -> dict:
 def _child(kind: str, cfg: dict) -> dict:
     """Run `kind` ("plain" or "outcore") in a fresh Python process; its last line is JSON."""
     proc = subprocess.run([sys.executable, "-m", "outcore.cli.demo_cmd", kind, json.dumps(cfg)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          env=plain_environment() if kind == "plain" else None)
     if proc.returncode != 0:
         raise OutcoreError(f"the demo's {kind} run failed (exit {proc.returncode}):\n"
                            + proc.stderr.strip()[-3000:])

@@ -298,8 +298,10 @@ class _Governor:
         self.libc = _libc()
         self.budget = 0
         self.trims = 0
-        self.given_back = 0        # bytes the checks' trims took off the resident set, in all:
-                                   # memory the step then faults in again where it reuses it
+        self.given_back = 0        # bytes the checks' trims took off the resident set, in all
+                                   # (the resident set just before and after each: what other
+                                   # threads fault in meanwhile lowers it), memory the step
+                                   # then faults in again where it reuses it
         self.live_bytes = None     # () -> managed bytes alive on either tier, if known
         self._told = False         # mallopt may have changed glibc: stop() puts it back
         self._restore: tuple = ()  # (option, value) pairs for that

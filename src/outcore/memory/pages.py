@@ -28,14 +28,17 @@ next tensors fault it in again: 2 MiB per fault with huge pages, 4 KiB without
      by the tensors themselves (their start is page-aligned only when PyTorch asked for
      huge pages) and says why not; `ooc.report()` prints it.
   3. Processes started from this one inherit the variable, as with any environment
-     setting; `outcore bench` gives its plain-PyTorch baselines THP_MEM_ALLOC_ENABLE=0
-     (PyTorch's default, what a user without outcore runs) unless the user's environment
-     names it.
+     setting. Every process that stands for plain PyTorch beside outcore (the baselines
+     of `outcore bench`, `outcore demo`'s plain run, the benchmarks' plain children)
+     runs with `plain_environment()`: the user's own setting, or PyTorch's default 0,
+     what a user without outcore runs. Such a child imports outcore too, and then
+     finds the variable named.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 TORCH_ENV = "THP_MEM_ALLOC_ENABLE"
 HUGE = 2 << 20
@@ -93,6 +96,12 @@ def ask_torch_for_huge_pages() -> bool:
     return True
 
 
+def plain_environment(base=None) -> dict:
+    """`base` (default os.environ) with THP_MEM_ALLOC_ENABLE as plain PyTorch runs it
+    (rule 3), for a child process that stands for plain PyTorch."""
+    return {**(os.environ if base is None else base), TORCH_ENV: plain_pytorch_setting()}
+
+
 def plain_pytorch_setting() -> str:
     """THP_MEM_ALLOC_ENABLE for a process that stands for plain PyTorch (rule 3): the
     user's own setting, or PyTorch's default "0" where only outcore set it."""
@@ -113,7 +122,9 @@ def torch_huge_pages() -> str:
         del probes
         mode = _kernel_mode()
         value = os.environ.get(TORCH_ENV)
-        if not aligned and value != "1":
+        if not aligned and not sys.platform.startswith("linux"):
+            status = f"off: PyTorch asks for huge pages only on Linux, not on {sys.platform}"
+        elif not aligned and value != "1":
             status = (f"off ({TORCH_ENV}={value} in the environment)" if value is not None
                       else f"off ({TORCH_ENV} unset)")
         elif not aligned:

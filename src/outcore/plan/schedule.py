@@ -96,8 +96,8 @@ class Schedule:
             cells.append(f"{name}{' (' + shown + ')' if shown else ''}"
                          + (f" {seconds * 1e3:.1f} ms" if seconds is not None else ""))
         if len(tried) == 1 and tried[0][2] is None:
-            return [f"  auto planned {cells[0]} alone (not simulated: nothing to compare; a "
-                    "trace this long leaves time for one configuration)"]
+            return [f"  auto screened one configuration, {cells[0]}: not simulated, nothing "
+                    "to compare it with"]
         return [f"  auto tried (simulated iteration on {self.options.get('machine')}): "
                 + "; ".join(cells)]
 

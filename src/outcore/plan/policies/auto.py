@@ -80,7 +80,7 @@ def choose(trace, budget: int, options: dict, cycle):
         raise OutcoreError(f"auto: screen must be a non-empty list of indices into "
                            f"auto.SCREEN (0-{len(SCREEN) - 1}), got {indices!r}")
     work = PLANS_PER_CONFIGURATION * len(access_table(trace)[0])
-    count = max(1, min(len(indices), SCREEN_ACCESSES // work))     # the first always
+    count = max(1, min(len(indices), SCREEN_ACCESSES // max(work, 1)))    # the first always
     screened, best = [], None
     for i in list(indices)[:count]:
         name, extra = SCREEN[i]
