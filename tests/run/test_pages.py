@@ -100,3 +100,24 @@ def test_the_report_says_whether_tensors_get_huge_pages(tmp_path):
         report = ooc.report()
     assert report.huge_pages                                  # a RAM budget: always said
     assert f"  huge pages for tensors: {report.huge_pages}" in str(report).splitlines()
+
+
+def test_a_plan_that_moves_warns_when_the_import_order_cost_the_huge_pages():
+    code = """
+import logging, torch
+torch.ones(1)                                   # a tensor before outcore: PyTorch decides now
+import outcore
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+with outcore.OutOfCore(budget="1MiB") as ooc:
+    for _ in range(3):
+        with ooc.iteration():
+            model(torch.randn(64, 256)).sum().backward()
+    print(ooc.report().huge_pages.split(":")[0], ooc.report().iterations[-1].bytes_read > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != pages.TORCH_ENV})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["off", "True"]
+    warned = [line for line in out.stderr.splitlines() if line.startswith("WARNING this plan moves")]
+    assert len(warned) == 1 and "import outcore before making tensors" in warned[0]

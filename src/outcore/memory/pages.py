@@ -26,7 +26,8 @@ next tensors fault it in again: 2 MiB per fault with huge pages, 4 KiB without
   2. Where a tensor came first (outcore imported late), PyTorch has already read the
      variable: nothing outcore does now can change it. `torch_huge_pages()` finds out
      by the tensors themselves (their start is page-aligned only when PyTorch asked for
-     huge pages) and says why not; `ooc.report()` prints it.
+     huge pages) and says why not; `ooc.report()` prints it, and a plan that moves
+     bytes logs it as a warning (logger "outcore") when the import order is the cause.
   3. Processes started from this one inherit the variable, as with any environment
      setting. Every process that stands for plain PyTorch beside outcore (the baselines
      of `outcore bench`, `outcore demo`'s plain run, the benchmarks' plain children)

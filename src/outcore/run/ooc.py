@@ -226,6 +226,7 @@ class OutOfCore:
         # A RAM budget's freed memory faults back in: 2 MiB at a time with PyTorch's huge
         # pages (NOTE [Huge pages by default]); found once per process, before any tensor moves.
         self._huge_pages = torch_huge_pages() if offload == "disk" else ""
+        self._huge_pages_warned = False
         try:
             self._build(swap_dir, min_move_bytes, return_freed_memory, state_dir)
         except BaseException:
@@ -470,6 +471,12 @@ class OutOfCore:
                  time.perf_counter() - started, format_bytes(schedule.bytes_in),
                  format_bytes(schedule.bytes_out), format_bytes(schedule.peak_bytes),
                  f", {len(chosen)} activations recomputed" if chosen else "")
+        if (schedule.bytes_in + schedule.bytes_out and not self._huge_pages_warned
+                and self._huge_pages.startswith("off: PyTorch read")):  # NOTE [Huge pages by default]
+            self._huge_pages_warned = True          # once per OutOfCore
+            log.warning("this plan moves %s per iteration, and freed memory will fault back "
+                        "in 4 KiB at a time: huge pages for tensors are %s",
+                        format_bytes(schedule.bytes_in + schedule.bytes_out), self._huge_pages)
         self.trace, self.schedule = trace, schedule
 
         self._carried, self._inputs, holding = {}, [], set()
