@@ -68,9 +68,10 @@ def child_environment(cfg: dict) -> dict:
     """The environment of the process that runs `cfg`: this one's, plus the config's own;
     a plain-PyTorch variant gets THP_MEM_ALLOC_ENABLE as the user set it, or PyTorch's
     default, not the 1 that `import outcore` set here (NOTE [Huge pages by default], rule 3)."""
+    env = {**os.environ, **cfg.get("env", {})}
     if cfg.get("variant") != "outcore" and TORCH_ENV not in cfg.get("env", {}):
-        return plain_environment({**os.environ, **cfg.get("env", {})})
-    return {**os.environ, **cfg.get("env", {})}
+        return plain_environment(env)
+    return env
 
 
 def run_config(cfg: dict, progress: Progress | None = None, timeout_s: float = 1800) -> dict:

@@ -98,16 +98,11 @@ def ask_torch_for_huge_pages() -> bool:
 
 
 def plain_environment(base=None) -> dict:
-    """`base` (default os.environ) with THP_MEM_ALLOC_ENABLE as plain PyTorch runs it
-    (rule 3), for a child process that stands for plain PyTorch."""
-    return {**(os.environ if base is None else base), TORCH_ENV: plain_pytorch_setting()}
-
-
-def plain_pytorch_setting() -> str:
-    """THP_MEM_ALLOC_ENABLE for a process that stands for plain PyTorch (rule 3): the
-    user's own setting, or PyTorch's default "0" where only outcore set it."""
+    """`base` (default os.environ) with THP_MEM_ALLOC_ENABLE as plain PyTorch runs it, for
+    a child process that stands for plain PyTorch (rule 3): the user's own setting, or
+    PyTorch's default "0" where only outcore set it."""
     value = None if _asked else os.environ.get(TORCH_ENV)
-    return "0" if value is None else value
+    return {**(os.environ if base is None else base), TORCH_ENV: "0" if value is None else value}
 
 
 def torch_huge_pages() -> str:

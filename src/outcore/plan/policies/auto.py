@@ -22,8 +22,8 @@ within SCREEN_ACCESSES; the first is always planned. All seven fit up to 12,500
 accesses (about 4,000 functions of a plain network: ResNet-50 has 2,180, GPT-2 small
 3,429); a 20,000-function trace gets adaptive alone. Where one configuration is all
 that is screened there is nothing to compare: it is not simulated (its seconds in
-`screened` are None), which saves a simulation of the whole step (0.10-0.24 s on the
-20,002-function trace of benchmarks/plan_speed.py). A plan with outputs reserved late
+`screened` are None), which saves a simulation of the whole step (docs/planning.md,
+"Measured", has the planning times). A plan with outputs reserved late
 (window.py, NOTE [Reserving outputs late]) takes about twice as long as one without.
 The choice depends only on the trace, the budget and the options, never on the clock.
 """
