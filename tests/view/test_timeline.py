@@ -98,9 +98,12 @@ def test_occupancy_by_category_adds_up_to_the_resident_curve(trace, fraction, po
     occ = by_category(trace, schedule)
     assert tuple(sum(row) for row in occ.fast) == schedule.resident_curve
     assert all(v >= 0 for row in occ.fast for v in row) and all(s >= 0 for s in occ.slow)
-    # Bytes only on the slow tier never exceed what exists outside the fast tier.
+    # Bytes only on the slow tier never exceed what exists outside the fast tier. The
+    # resident curve also holds each function's workspace (NOTE [Workspace]), which is
+    # no array's.
     total = sum(a.nbytes for a in trace.arrays)
-    assert all(s + f <= total for s, f in zip(occ.slow, schedule.resident_curve))
+    assert all(s + f <= total + fn.workspace_bytes
+               for s, f, fn in zip(occ.slow, schedule.resident_curve, trace.functions))
     obj = simulated_timeline(trace, schedule, outcore.simulate(trace, schedule))
     assert validate(obj) == [] and nest_properly(obj["traceEvents"]) == []
 
