@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import outcore
+from outcore.run.on_demand import created_bytes
 
 MIB = 2**20
 
@@ -119,3 +120,55 @@ def test_the_recording_iteration_leaves_room_for_an_ops_outputs():
                 w.grad = None
         peaks = [it.peak_resident for it in ooc.report().iterations]
     assert max(peaks) <= budget, (peaks, budget)
+
+
+def test_the_room_for_an_op_that_makes_more_than_it_reads_comes_from_its_meta_kernel():
+    """A matmul that widens (32 KiB in, 4 MiB out) while the budget is full of earlier
+    outputs: the room left before it is its output's size (on_demand.created_bytes),
+    not its largest input's, so the recording iteration stays within the budget."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 4096, requires_grad=True)
+    xs = [torch.randn(256, 8) for _ in range(6)]
+    out_bytes = 256 * 4096 * 4
+    budget = 4 * out_bytes
+    with outcore.OutOfCore(budget, min_move_bytes=0, recompute=False) as ooc:
+        for _ in range(2):
+            with ooc.iteration():
+                hs = [torch.tanh(x @ w) for x in xs]       # each 4 MiB, all alive
+                sum(h.sum() for h in hs).backward()
+                w.grad = None
+        peaks = [it.peak_resident for it in ooc.report().iterations]
+    assert max(peaks) <= budget, (peaks, budget)
+
+
+def test_created_bytes_asks_the_meta_kernel_and_touches_nothing():
+    aten = torch.ops.aten
+    x, w = torch.randn(4, 3, 16, 16), torch.randn(8, 3, 3, 3)
+    conv = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert created_bytes(aten.convolution.default, conv, {}) == 4 * 8 * 16 * 16 * 4
+    assert created_bytes(aten.mm.default, (torch.randn(5, 2), torch.randn(2, 7)), {}) == 5 * 7 * 4
+    # Pointwise ops: the broadcast shape of the arguments, at the widest dtype among them.
+    assert created_bytes(aten.add.Tensor, (torch.randn(5, 1), torch.randn(1, 7)), {}) == 5 * 7 * 4
+    assert created_bytes(aten.mul.Tensor, (torch.ones(3, dtype=torch.float64), torch.ones(3)),
+                         {}) == 3 * 8
+    # A factory on the CPU is asked on meta: nothing is filled or taken.
+    assert created_bytes(aten.zeros.default, ([1 << 14, 1 << 14],),
+                         {"dtype": torch.float32, "device": torch.device("cpu")}) == 1 << 30
+    # No answer: a data-dependent shape, a random op (its generator is left alone).
+    assert created_bytes(aten.nonzero.default, (torch.randn(10),), {}) is None
+    p = torch.rand(10)
+    state = torch.get_rng_state()
+    assert created_bytes(aten.bernoulli.default, (p,), {}) is None
+    assert torch.equal(torch.get_rng_state(), state)
+    # Under a dispatch mode (as inside OutOfCore), the mode never sees the meta call.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(func)
+            return func(*args, **(kwargs or {}))
+    with Seen():
+        assert created_bytes(aten.mm.default, (torch.randn(5, 2), torch.randn(2, 7)), {}) == 140
+    assert aten.mm.default not in Seen.ops

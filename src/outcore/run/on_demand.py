@@ -7,6 +7,12 @@ evicted storage is written out before its memory is released.
 """
 from __future__ import annotations
 
+import math
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_map
+
 from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from .residency import Residency
@@ -19,14 +25,14 @@ class OnDemand:
         self.residency = residency
         self.budget = budget
 
-    def before(self, inputs, func) -> list:
-        """Make every input storage resident, with room left for what `func` will create
-        (`room`); return their entries."""
+    def before(self, inputs, func, args=(), kwargs=None) -> list:
+        """Make every input storage resident, with room left for what `func(*args,
+        **kwargs)` will create (`room`); return their entries."""
         res = self.residency
         entries = [res.track(s) for s in storages(inputs) if s.nbytes() or s._cdata in res.entries]
         incoming = sum(e.nbytes for e in entries if not e.occupies_fast)
         keep = {e.key for e in entries}
-        res.evict_lru(self.budget - incoming - room(func, entries), keep)
+        res.evict_lru(self.budget - incoming - room(func, entries, args, kwargs or {}), keep)
         for e in entries:
             res.ready(e)
         return entries
@@ -34,7 +40,7 @@ class OnDemand:
     def run(self, func, args, kwargs):
         """Run one op memory-safe: inputs resident before, budget restored after."""
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
-        entries = self.before(inputs, func)
+        entries = self.before(inputs, func, args, kwargs)
         out = func(*args, **kwargs)
         self.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
         return out
@@ -54,15 +60,67 @@ class OnDemand:
         return created
 
 
-def room(func, entries) -> int:
-    """Bytes to leave free before `func` runs for the storages it will create, which are
-    not known until it returns: as much as its largest movable input (an elementwise op,
-    a convolution or a norm makes an output of about that size), and none for an op that
-    only writes its arguments or returns a view of one. Without it an op's outputs came
-    on top of a full budget (ooc.report(): the recording iteration's peak)."""
+def room(func, entries, args=(), kwargs=None) -> int:
+    """Bytes to leave free before `func` runs for the storages it will create: none for
+    an op that only writes its arguments or returns a view of one; what its meta kernel
+    says it creates (`created_bytes`) where that can be asked; else as much as its
+    largest movable input (an elementwise op or a norm makes an output of about that
+    size). Without room an op's outputs came on top of a full budget (ooc.report(): the
+    recording iteration's peak); with the largest input, an op whose output is larger
+    (a convolution widening its channels, a matmul, a concatenation) still did."""
     if func.is_view or func._schema.is_mutable:
         return 0
+    made = created_bytes(func, args, kwargs or {})
+    if made is not None:
+        return made
     return max((e.nbytes for e in entries if not e.pinned), default=0)
+
+
+def _meta(x):
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="meta")
+    return x
+
+
+def created_bytes(func, args, kwargs) -> int | None:
+    """Bytes of the storages `func(*args, **kwargs)` will create, from its meta kernel
+    run on meta copies of the tensor arguments (shapes, strides and dtypes only: no
+    data is read or written, no memory taken). None where that cannot be asked: an op
+    outside aten, one that draws random numbers (its meta kernel must not be trusted
+    to leave the generator alone), one without a meta kernel, one whose output shape
+    depends on the data (nonzero), an argument that is no plain dense tensor. A
+    factory's `device` is made meta too (and `pin_memory` off), so that `zeros` or
+    `full` fill nothing. The call runs with every dispatch mode set aside, so no mode
+    (outcore's own included) sees the meta tensors."""
+    if func.namespace != "aten" or torch.Tag.nondeterministic_seeded in func.tags:
+        return None
+    if torch.Tag.pointwise in func.tags:
+        # One output of the arguments' broadcast shape, dense, of the widest dtype among
+        # them: what their meta kernels say, without the ~1 ms their Python references
+        # take per call.
+        tensors = [t for t in iter_tensors(args) if t.dim()] + [
+            t for t in iter_tensors(kwargs.values()) if t.dim()]
+        if not tensors:
+            return None
+        try:
+            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        except RuntimeError:
+            return None
+        return math.prod(shape) * max(t.element_size() for t in tensors)
+    try:
+        with _disable_current_modes():
+            margs, mkwargs = tree_map(_meta, (args, kwargs))
+            if "device" in mkwargs:
+                mkwargs["device"] = torch.device("meta")
+            if mkwargs.get("pin_memory"):
+                mkwargs["pin_memory"] = False
+            out = func(*margs, **mkwargs)
+    except Exception:           # no meta kernel, data-dependent shape, exotic tensor
+        return None
+    outputs = output_tensors(out)
+    if any(t.device.type != "meta" for t in outputs):
+        return None
+    return sum(s.nbytes() for s in storages(outputs))
 
 
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,

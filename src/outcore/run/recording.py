@@ -10,8 +10,8 @@ from .residency import Residency
 
 class SafeRecording(Recording):
     """Records like `outcore.record()` and keeps managed bytes within the budget as it
-    goes, with room for what each op creates as large as its largest input
-    (on_demand.room); only an op creating more than that can exceed it.
+    goes, with room for what each op creates (on_demand.room: from the op's meta
+    kernel, else as large as its largest input, which an op creating more exceeds).
 
     InfeasibleBudget is raised, before the optimizer changes anything, when
       * a forward or backward function cannot fit: it needs its own movable arrays
@@ -66,8 +66,8 @@ class SafeRecording(Recording):
                                      f"shape {tuple(p.shape)}", "optimizer", needed,
                                      pinned, self.budget, res.min_move_bytes)
 
-    def _before_op(self, func, inputs, index) -> None:
-        self._entries = self.on_demand.before(inputs, func)
+    def _before_op(self, func, args, kwargs, inputs, index) -> None:
+        self._entries = self.on_demand.before(inputs, func, args, kwargs)
 
     def _after_op(self, func, inputs, written, outputs) -> None:
         entries = self._entries

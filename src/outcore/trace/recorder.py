@@ -170,7 +170,7 @@ class Recording(TorchDispatchMode):
         written_list = written_tensors(func, args, kwargs)
         written = {id(t) for t in written_list}
         phase = self._phase(inputs)
-        self._before_op(func, inputs, len(self._functions))
+        self._before_op(func, args, kwargs, inputs, len(self._functions))
         meter = workspace_meter(inputs)
         if meter is not None:
             meter.start()
@@ -185,7 +185,7 @@ class Recording(TorchDispatchMode):
         return out
 
     # Hooks for a subclass that manages memory while recording (outcore.run).
-    def _before_op(self, func, inputs, index) -> None:
+    def _before_op(self, func, args, kwargs, inputs, index) -> None:
         pass
 
     def _after_op(self, func, inputs, written, outputs) -> None:
