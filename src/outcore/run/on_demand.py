@@ -29,7 +29,7 @@ class OnDemand:
         """Make every input storage resident, with room left for what `func(*args,
         **kwargs)` will create (`room`); return their entries."""
         res = self.residency
-        entries = [res.track(s) for s in storages(inputs) if s.nbytes() or s._cdata in res.entries]
+        entries = [res.track(s) for s in storages(inputs) if s.nbytes() or res.entry_of(s)]
         incoming = sum(e.nbytes for e in entries if not e.occupies_fast)
         keep = {e.key for e in entries}
         res.evict_lru(self.budget - incoming - room(func, entries, args, kwargs or {}), keep)
@@ -55,7 +55,7 @@ class OnDemand:
                 res.mark_written(e)
         seen = {e.key for e in entries}
         created = [res.track(s) for s in storages(outputs)
-                   if s._cdata not in seen and (s.nbytes() or s._cdata in res.entries)]
+                   if s._cdata not in seen and (s.nbytes() or res.entry_of(s))]
         res.evict_lru(self.budget, set())
         return created
 

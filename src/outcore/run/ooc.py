@@ -482,7 +482,7 @@ class OutOfCore:
         self._carried, self._inputs, holding = {}, [], set()
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
-            entry = self._res.entries.get(storage._cdata) if storage is not None else None
+            entry = self._res.entry_of(storage) if storage is not None else None
             arr = trace.arrays[aid]
             if entry is not None and arr.kind == "persistent" and arr.existed_before:
                 self._carried[aid] = entry
@@ -519,7 +519,7 @@ class OutOfCore:
         out = {}
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
-            entry = res.entries.get(storage._cdata) if storage is not None else None
+            entry = res.entry_of(storage) if storage is not None else None
             if entry is not None and entry.owner:
                 out[aid] = entry.foreign
         return out

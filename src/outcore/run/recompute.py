@@ -143,7 +143,7 @@ class Remake:
                     "step changed since it was recorded; the next iteration records it again. "
                     "Pass recompute=False to OutOfCore to never recompute")
         for t, _ in self.versions:                       # inputs first (chains included)
-            entry = res.entries.get(t.untyped_storage()._cdata)
+            entry = res.entry_of(t.untyped_storage())
             if entry is not None:
                 res.ready(entry)
             if t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size():

@@ -1,6 +1,7 @@
 """The recording iteration: record the trace while running memory-safe (on-demand)."""
 from __future__ import annotations
 
+from ..aten import distinct_storages
 from ..trace.recorder import Recording
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import Shield, critical
@@ -56,8 +57,8 @@ class SafeRecording(Recording):
                 if p.grad is None:
                     continue
                 needed = 0
-                for key in {p.untyped_storage()._cdata, p.grad.untyped_storage()._cdata}:
-                    entry = res.entries.get(key)     # an evicted storage has size 0 now
+                for storage in distinct_storages((p, p.grad)):
+                    entry = res.entry_of(storage)    # an evicted storage has size 0 now
                     if entry is not None and not entry.pinned:
                         needed += entry.nbytes
                 pinned = res.pinned_resident + res.owned_bytes()

@@ -310,14 +310,14 @@ class Replayer(HeldMode):
         inputs = list(iter_tensors(args))
         if kwargs:
             inputs += iter_tensors(kwargs.values())
-        in_storages = [s for s in distinct_storages(inputs) if s.nbytes() or s._cdata in res.entries]
+        in_storages = [s for s in distinct_storages(inputs) if s.nbytes() or res.entry_of(s)]
         expected = self.expected[i]
         if len(in_storages) > len(expected):
             return self._deviate(f"function {i} ({name}) reads more arrays than recorded",
                                  func, args, kwargs)
         entries = []
         for storage, aid in zip(in_storages, expected):
-            entry = res.entries.get(storage._cdata) or res.track(storage)
+            entry = res.entry_of(storage) or res.track(storage)
             bound = self.by_id[aid]
             if bound is None:
                 if entry.nbytes != self.nbytes[aid]:
@@ -343,7 +343,7 @@ class Replayer(HeldMode):
             recompute.ran(call)
         known = {e.key for e in entries}
         created = [s for s in distinct_storages(output_tensors(out))
-                   if s._cdata not in known and (s.nbytes() or s._cdata in res.entries)]
+                   if s._cdata not in known and (s.nbytes() or res.entry_of(s))]
         rest = expected[len(entries):]
         if len(created) != len(rest) or any(
                 s.nbytes() != self.nbytes[aid] for s, aid in zip(created, rest)):

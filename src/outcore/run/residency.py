@@ -28,7 +28,10 @@ NOTE [Residency invariants]
      just finished; autograd drops saved tensors): its weakref callback only appends
      the entry to `_dead`, and `_reap_dead()` retires it (undoing its share of the
      counters once, from the state it is in then, and freeing its extent when no
-     transfer is in flight) before the table is next read or changed.
+     transfer is in flight) before the table is next read or changed. Every lookup by
+     storage goes through `track` or `entry_of`, which retire first: a new storage can
+     get a dead one's address (its key) while the dead entry still waits in `_dead`,
+     and was then taken for it (a step that replays the same ops seemed to deviate).
   3. An entry's `future` is cleared only after its transfer's result is known, so an
      exception that lands while waiting leaves the transfer where the next wait finds it.
   4. Every move changes the storage first and the entry's state and counters after, in
@@ -170,6 +173,15 @@ class Residency:
                 self.pinned_resident += entry.nbytes
         self.touch(entry)
         return entry
+
+    def entry_of(self, storage) -> Entry | None:
+        """The entry of `storage` if it is tracked, else None. The storages that died are
+        retired first (NOTE 2): a new storage can sit at a dead one's address (`_cdata`,
+        the key), and must not be taken for it. Every lookup by storage goes through
+        here or `track`."""
+        if self._dead:
+            self._reap_dead()
+        return self.entries.get(storage._cdata)
 
     def _elsewhere(self, storage) -> bool:
         """Whether `storage` is on a device this mover does not move from (NOTE 6): a
@@ -542,7 +554,7 @@ class Residency:
         deferred, lru = self._deferred or [], self._deferred_lru
         self._deferred, self._deferred_lru = None, None
         for storage in storages:
-            entry = self.entries.get(storage._cdata)
+            entry = self.entry_of(storage)
             if entry is not None and entry.state in OCCUPIES_FAST:
                 self.disown(storage, entry.nbytes, owner)
         for entry, unplanned in deferred:
@@ -626,7 +638,7 @@ class Residency:
         that is not clean is written now, synchronously, to a fresh extent where its own
         is committed, and stays resident. Returns (extent, offset of its first byte in
         the file, nbytes). Call after settle()."""
-        entry = self.entries.get(storage._cdata) or self.track(storage)
+        entry = self.track(storage)
         if entry.state is FAST and not (entry.clean and entry.extent is not None):
             nbytes = self._extent_for_write(entry, storage)
             try:
