@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import outcore
+from outcore.plan.feasibility import min_feasible_budget
 from outcore.run.on_demand import created_bytes
 
 MIB = 2**20
@@ -172,3 +173,35 @@ def test_created_bytes_asks_the_meta_kernel_and_touches_nothing():
     with Seen():
         assert created_bytes(aten.mm.default, (torch.randn(5, 2), torch.randn(2, 7)), {}) == 140
     assert aten.mm.default not in Seen.ops
+
+
+def test_a_new_batch_each_iteration_keeps_replays_within_the_budget():
+    """A loop over batches built beforehand: the first replay reads a batch the plan's
+    recording never saw while the last one is still resident (the user holds it). The
+    old batch counts as a stranger from the new one's first read on (Replayer._new_batch)
+    and is written out if the plan needs its room; before, that replay held both, over
+    the budget by one batch."""
+    torch.manual_seed(0)
+    w1 = torch.randn(256, 512, requires_grad=True)
+    w2 = torch.randn(512, 256, requires_grad=True)
+    batches = [torch.randn(512, 256) for _ in range(3)]
+
+    def step(x):
+        (torch.tanh(x @ w1) @ w2).square().mean().backward()
+        with torch.no_grad():
+            for p in (w1, w2):
+                p -= 0.01 * p.grad
+                p.grad = None
+
+    step(batches[0])
+    with outcore.record() as rec:
+        step(batches[0])
+    budget = (rec.trace.peak(actual=True)[0] + min_feasible_budget(rec.trace)) // 2
+    with outcore.OutOfCore(budget, min_move_bytes=0, recompute=False) as ooc:
+        for i in range(5):
+            with ooc.iteration():
+                step(batches[i % 3])
+        iterations = ooc.report().iterations
+    assert [it.deviation for it in iterations] == [None] * 5
+    replays = [it.peak_resident for it in iterations if it.mode == "replay"]
+    assert len(replays) >= 3 and max(replays) <= budget, (replays, budget)

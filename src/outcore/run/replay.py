@@ -42,6 +42,7 @@ class Replayer(HeldMode):
         self.op_names = [f.op for f in trace.functions]
         self.expected = [f.arrays() for f in trace.functions]
         self.nbytes = [a.nbytes for a in trace.arrays]
+        self.is_input = [a.kind == "input" for a in trace.arrays]
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
@@ -195,6 +196,18 @@ class Replayer(HeldMode):
         self._strangers = [e for e in self.res.lru.values() if e not in known and not e.pinned]
         self._stranger_bytes = sum(e.nbytes for e in self._strangers)
 
+    def _new_batch(self) -> None:
+        """An input array of the trace is bound to a storage the last step did not read
+        (a new batch): the last step's inputs that this step has not read (yet) are
+        strangers from now on, so that `_make_room` counts them beside the plan. Before,
+        the first replay of a loop over pre-built batches held the old batch beside the
+        new one, over the budget by one batch. Once per iteration."""
+        old = [e for e in self._inputs if e not in self.aid_of and e.state is FAST
+               and e.ref() is not None and not e.pinned]
+        self._inputs = ()
+        self._strangers += old
+        self._stranger_bytes += sum(e.nbytes for e in old)
+
     def _make_room(self, planned: int) -> None:
         """Function i will hold `planned` bytes by the schedule, and strangers may still
         hold theirs: write out the least recently used of them, synchronously, until both
@@ -325,6 +338,8 @@ class Replayer(HeldMode):
                                          f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
                 self.by_id[aid] = entry
                 self.aid_of[entry] = aid
+                if self._inputs and self.is_input[aid] and entry not in self._inputs:
+                    self._new_batch()
             elif bound is not entry:
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
                                      func, args, kwargs)
