@@ -8,7 +8,8 @@ from outcore.units import format_bytes, parse_bytes
 
 @pytest.mark.parametrize("text,value", [
     ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096),
-    (" 3 kib ", 3072), ("1e3", 1000), (123, 123), (2.5, 2)])
+    (" 3 kib ", 3072), ("1e3", 1000), (123, 123), (2e9, 2_000_000_000), (4096.0, 4096),
+    ("10PB", 10 * 1000**5), ("1PiB", 1024**5)])
 def test_parse(text, value):
     assert parse_bytes(text) == value
 
@@ -24,3 +25,11 @@ def test_format_then_parse_is_close(n):
     text = format_bytes(n).replace(" ", "")
     # two decimals of a unit >= 1: at most 0.5% off, plus rounding to a whole byte
     assert abs(parse_bytes(text) - n) <= n * 0.005 + 0.5
+
+
+def test_a_number_is_bytes_so_a_fraction_of_one_is_refused():
+    # budget=1.5 was read as 1 byte: the user most likely meant 1.5 GB.
+    with pytest.raises(outcore.OutcoreError, match="not a whole number of bytes.*'1.5GB'"):
+        parse_bytes(1.5)
+    with pytest.raises(outcore.OutcoreError, match="not a whole number of bytes"):
+        outcore.OutOfCore(budget=0.5)

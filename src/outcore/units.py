@@ -9,20 +9,27 @@ from .errors import OutcoreError
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    "t": 1000**4, "tb": 1000**4, "p": 1000**5, "pb": 1000**5,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "pib": 1024**5,
 }
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_bytes(value: int | float | str) -> int:
-    """Return a byte count from an int, a float, or a string such as "6GiB" or "1.5 GB"."""
+    """Return a byte count from an int, a whole float (2e9), or a string such as "6GiB"
+    or "1.5 GB". A number is bytes: 1.5 is refused rather than read as 1 byte (the
+    caller most likely meant a unit)."""
     if isinstance(value, bool):
         raise OutcoreError(f"expected a byte quantity such as 2147483648 or '2GiB', got {value!r}")
     if isinstance(value, (int, float)):
         _require_finite(value, value)
         if value < 0:
             raise OutcoreError(f"a byte quantity cannot be negative, got {value!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise OutcoreError(
+                f"{value!r} is not a whole number of bytes: a number is read as bytes, so "
+                f"write the unit in a string, e.g. '{value:g}GB' or '{value:g}GiB', or give "
+                "an integer number of bytes")
         return int(value)
     if isinstance(value, str):
         match = _PATTERN.match(value)

@@ -335,6 +335,9 @@ def test_errors_are_clear_and_leak_nothing(tmp_path, monkeypatch, request, tmpfi
     monkeypatch.setattr(disk.os, "pwrite", real_pwrite)
     with pytest.raises(OutcoreError, match="swap directory .* does not exist"):
         DiskMover(swap_dir=str(tmp_path / "missing"))
+    (tmp_path / "a file").write_bytes(b"")
+    with pytest.raises(OutcoreError, match="swap directory .* is not a directory"):
+        DiskMover(swap_dir=str(tmp_path / "a file"))
 
 
 def test_tmpfile_refused_for_other_reasons_is_reported(tmp_path, monkeypatch):
