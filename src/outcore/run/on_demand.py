@@ -29,7 +29,14 @@ class OnDemand:
         """Make every input storage resident, with room left for what `func(*args,
         **kwargs)` will create (`room`); return their entries."""
         res = self.residency
-        entries = [res.track(s) for s in storages(inputs) if s.nbytes() or res.entry_of(s)]
+        found = [s for s in storages(inputs) if s.nbytes() or res.entry_of(s)]
+        untracked = sum(s.nbytes() for s in found if res.entry_of(s) is None)
+        if untracked:
+            # Storages first seen here (made before the step, or outside any op) were in
+            # RAM all along: make their room before they are counted, so that the count
+            # never passes the budget for memory that did not grow.
+            res.evict_lru(self.budget - untracked, {s._cdata for s in found})
+        entries = [res.track(s) for s in found]
         incoming = sum(e.nbytes for e in entries if not e.occupies_fast)
         keep = {e.key for e in entries}
         res.evict_lru(self.budget - incoming - room(func, entries, args, kwargs or {}), keep)
