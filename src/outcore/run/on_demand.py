@@ -72,9 +72,9 @@ def room(func, entries, args=(), kwargs=None) -> int:
     an op that only writes its arguments or returns a view of one; what its meta kernel
     says it creates (`created_bytes`) where that can be asked; else as much as its
     largest movable input (an elementwise op or a norm makes an output of about that
-    size). Without room an op's outputs came on top of a full budget (ooc.report(): the
-    recording iteration's peak); with the largest input, an op whose output is larger
-    (a convolution widening its channels, a matmul, a concatenation) still did."""
+    size). Without room an op's outputs come on top of a full budget; with the largest
+    input alone, an op whose output is larger (a convolution widening its channels, a
+    matmul, a concatenation) still does."""
     if func.is_view or func._schema.is_mutable:
         return 0
     made = created_bytes(func, args, kwargs or {})

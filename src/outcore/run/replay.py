@@ -199,9 +199,9 @@ class Replayer(HeldMode):
     def _new_batch(self) -> None:
         """An input array of the trace is bound to a storage the last step did not read
         (a new batch): the last step's inputs that this step has not read (yet) are
-        strangers from now on, so that `_make_room` counts them beside the plan. Before,
-        the first replay of a loop over pre-built batches held the old batch beside the
-        new one, over the budget by one batch. Once per iteration."""
+        strangers from now on, so that `_make_room` counts them beside the plan (else the
+        first replay of a loop over pre-built batches holds the old batch beside the new
+        one, over the budget by one batch). Once per iteration."""
         old = [e for e in self._inputs if e not in self.aid_of and e.state is FAST
                and e.ref() is not None and not e.pinned]
         self._inputs = ()

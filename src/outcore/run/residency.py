@@ -31,7 +31,8 @@ NOTE [Residency invariants]
      transfer is in flight) before the table is next read or changed. Every lookup by
      storage goes through `track` or `entry_of`, which retire first: a new storage can
      get a dead one's address (its key) while the dead entry still waits in `_dead`,
-     and was then taken for it (a step that replays the same ops seemed to deviate).
+     and must not be taken for it (a step that replays the same ops would seem to
+     deviate).
   3. An entry's `future` is cleared only after its transfer's result is known, so an
      exception that lands while waiting leaves the transfer where the next wait finds it.
   4. Every move changes the storage first and the entry's state and counters after, in
