@@ -107,3 +107,34 @@ def test_ddp_composes_bitwise(one_rank, tmp_path):
     assert last.peak_resident <= report.budget, str(report)
     for a, b in zip(plain.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_compiled_model_runs_eagerly_under_outcore_and_says_so(tmp_path):
+    """TorchDynamo does not compile under a dispatch mode: a torch.compile'd module
+    inside ooc.iteration() runs op by op, bitwise the uncompiled model, and the
+    recording warns once (compose.under_torch_compile). An uncompiled one: no warning."""
+    from outcore.run.recording import COMPILED_EAGER
+
+    def train(compiled: bool):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+        run = torch.compile(m, backend="eager") if compiled else m
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(32, 64)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with outcore.OutOfCore(budget="300KiB", swap_dir=str(tmp_path),
+                                   min_move_bytes=0) as ooc:
+                for _ in range(4):
+                    with ooc.iteration():
+                        run(x).square().mean().backward()
+                        opt.step()
+                        opt.zero_grad()
+                moved = ooc.report().iterations[-1].bytes_read
+        said = [w for w in caught if str(w.message) == COMPILED_EAGER]
+        return [p.detach().clone() for p in m.parameters()], said, moved
+
+    eager, said_eager, _ = train(False)
+    compiled, said_compiled, moved = train(True)
+    assert moved > 0 and not said_eager and 1 <= len(said_compiled) <= 2   # one per recording
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))

@@ -105,3 +105,23 @@ def test_a_batch_used_again_is_not_written_out_as_a_stranger(tmp_path):
     assert replays[0].unplanned_bytes <= grads, str(report)
     assert all(it.unplanned_bytes == 0 for it in replays[1:]), str(report)
 
+
+
+def test_small_momentum_buffers_are_state_the_next_iteration_records_again(tmp_path):
+    """SGD's momentum buffers of a small model, each under min_move_bytes (40 KiB) but
+    about 200 KiB together, are created by the first step: the second iteration records
+    again, and every later one replays without deviating (not: a replay that deviates
+    at the first momentum op, then a recording)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(100, 100) for _ in range(5)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(16, 100)
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for _ in range(5):
+            with ooc.iteration():
+                net(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        report = ooc.report()
+    assert [(it.mode, it.deviation) for it in report.iterations] == [
+        ("record", None), ("record", None)] + [("replay", None)] * 3, str(report)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import sys
 import warnings
 import weakref
@@ -144,6 +145,29 @@ class Composition:
             for fsdp_param in getattr(group, "fsdp_params", ()):
                 yield from getattr(fsdp_param, "all_gather_outputs", ())
                 yield from getattr(fsdp_param, "_unsharded_inner_tensors", ())
+
+
+_COMPILED_WRAPPER = ("compile_wrapper", f"_dynamo{os.sep}eval_frame.py")
+
+
+def under_torch_compile() -> bool:
+    """Whether the op being dispatched runs inside a `torch.compile`d function or module:
+    a frame of the wrapper torch.compile puts around it (`compile_wrapper` in
+    torch/_dynamo/eval_frame.py, torch 2.13; `torch._disable_dynamo`'s wrapper is
+    another) is on the stack. TorchDynamo does not compile a frame while a dispatch mode
+    is active ("non-infra torch dispatch mode present"), and outcore records and replays
+    through one: such a function runs eagerly, op by op, under outcore. So results are
+    bitwise the uncompiled model's, not the compiled one's, and the compile's speed is
+    lost; `SafeRecording` warns once. A torch that names the wrapper otherwise is not
+    recognized (no warning, the same eager run)."""
+    name, file = _COMPILED_WRAPPER
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == name and code.co_filename.endswith(file):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _disown(residency, tensor) -> None:

@@ -437,11 +437,13 @@ class OutOfCore:
                 "step on that device, or create the OutOfCore with the offload for the "
                 "step's device (offload='disk' for CPU tensors)")
 
-        # Small arrays are not worth a recording: a 4-byte loss kept by a framework inside
-        # optimizer.step() (Lightning's closure) looks like new optimizer state every time.
-        # If such state does change the next step, that step deviates and is recorded again.
-        lazy_state = any(a.category == "optimizer_state" and not a.existed_before
-                         and a.nbytes >= MIN_MOVE_BYTES for a in trace.arrays)
+        # A few small arrays are not worth a recording: a 4-byte loss kept by a framework
+        # inside optimizer.step() (Lightning's closure) looks like new optimizer state every
+        # time. Many small ones are (a small model's momentum buffers, each under
+        # MIN_MOVE_BYTES): what counts is their sum. If state below it does change the
+        # next step, that step deviates and is recorded again.
+        lazy_state = sum(a.nbytes for a in trace.arrays if a.category == "optimizer_state"
+                         and not a.existed_before) >= MIN_MOVE_BYTES
         if lazy_state and self._recordings_in_a_row < _MAX_RECORDINGS:
             log.info("the step created optimizer state; recording the next iteration too, "
                      "to plan the steady state")

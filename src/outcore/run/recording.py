@@ -1,12 +1,23 @@
 """The recording iteration: record the trace while running memory-safe (on-demand)."""
 from __future__ import annotations
 
+import warnings
+
 from ..aten import distinct_storages
 from ..trace.recorder import Recording
-from .compose import DISTRIBUTED_NAMESPACES, around
+from .compose import DISTRIBUTED_NAMESPACES, around, under_torch_compile
 from .interrupts import Shield, critical
 from .on_demand import OnDemand, infeasible
 from .residency import Residency
+
+
+COMPILED_EAGER = (
+    "a torch.compile'd function or module runs inside ooc.iteration(): TorchDynamo does "
+    "not compile under a dispatch mode, and outcore records and replays the step through "
+    "one, so it runs eagerly, op by op. Training is exact, but its results are bitwise "
+    "those of the uncompiled model (not of a compiled run without outcore), and the "
+    "compile's speed is lost. Pass the uncompiled model to silence this, or train "
+    "without outcore where the step fits in memory")
 
 
 class SafeRecording(Recording):
@@ -34,11 +45,15 @@ class SafeRecording(Recording):
         self.infeasible = None
         self._state_written = False
         self._entries = []
+        self.compiled_seen = False
 
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
         try:
+            if not self.compiled_seen and under_torch_compile():
+                self.compiled_seen = True
+                warnings.warn(COMPILED_EAGER, stacklevel=2)
             if func.namespace in DISTRIBUTED_NAMESPACES:
                 return around(self.residency, func, args, kwargs or {},
                               lambda f, a, k: super(SafeRecording, self).__torch_dispatch__(
