@@ -147,6 +147,21 @@ class Composition:
                 yield from getattr(fsdp_param, "_unsharded_inner_tensors", ())
 
 
+def ddp_buckets_unbuilt() -> list:
+    """Weak references to the DistributedDataParallel modules alive that have not yet
+    rebuilt their gradient buckets. DDP does so once, in the first forward with grad
+    after a backward (`reducer._rebuild_buckets`, in the order the gradients came),
+    allocating new buckets: that iteration runs ops no other does. An iteration recorded
+    while such a module exists (it may rebuild in the next one) or in which one rebuilt is
+    not steady, and the next one is recorded too (`OutOfCore._plan_recording`). Empty
+    outside a distributed run that imported DDP (no walk over the heap then)."""
+    module = _loaded("torch.nn.parallel.distributed")
+    ddp = getattr(module, "DistributedDataParallel", None) if module is not None else None
+    if ddp is None or not _distributed_up():
+        return []
+    return [weakref.ref(m) for m in _live((ddp,)) if not getattr(m, "_has_rebuilt_buckets", True)]
+
+
 _COMPILED_WRAPPER = ("compile_wrapper", f"_dynamo{os.sep}eval_frame.py")
 
 

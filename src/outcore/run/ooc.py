@@ -42,7 +42,8 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
-from .compose import Composition, held_arrays, owned_arrays, owned_occupancy, without_held
+from .compose import (Composition, ddp_buckets_unbuilt, held_arrays, owned_arrays, owned_occupancy,
+                      without_held)
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
@@ -444,9 +445,13 @@ class OutOfCore:
         # next step, that step deviates and is recorded again.
         lazy_state = sum(a.nbytes for a in trace.arrays if a.category == "optimizer_state"
                          and not a.existed_before) >= MIN_MOVE_BYTES
-        if lazy_state and self._recordings_in_a_row < _MAX_RECORDINGS:
-            log.info("the step created optimizer state; recording the next iteration too, "
-                     "to plan the steady state")
+        # DDP rebuilds its buckets once, in some iteration after the first (compose.py,
+        # ddp_buckets_unbuilt): one recorded before or during it is not the steady step.
+        rebuilding = any(m is not None for m in (ref() for ref in recording.ddp_unbuilt))
+        if (lazy_state or rebuilding) and self._recordings_in_a_row < _MAX_RECORDINGS:
+            log.info("the step %s; recording the next iteration too, to plan the steady state",
+                     "created optimizer state" if lazy_state else
+                     "ran while DistributedDataParallel had its buckets to rebuild")
             self._record_next = True
             return
         disowned = self._disowned(recording)
@@ -691,6 +696,7 @@ class _Iteration:
         if self.recording:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}")
+            self.mode.ddp_unbuilt = ddp_buckets_unbuilt()
             res.evict_lru(ooc.budget, set())
         else:
             self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield,

@@ -46,6 +46,7 @@ class SafeRecording(Recording):
         self._state_written = False
         self._entries = []
         self.compiled_seen = False
+        self.ddp_unbuilt: list = []     # set by OutOfCore (compose.ddp_buckets_unbuilt)
 
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
