@@ -32,6 +32,8 @@ def parse_bytes(value: int | float | str) -> int:
                 "an integer number of bytes")
         return int(value)
     if isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise OutcoreError(f"a byte quantity cannot be negative, got {value!r}")
         match = _PATTERN.match(value)
         if match and match.group(2).lower() in _UNITS:
             number = float(match.group(1)) * _UNITS[match.group(2).lower()]

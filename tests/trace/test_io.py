@@ -139,3 +139,33 @@ def test_workspace_round_trips_older_traces_load_it_as_zero_and_a_negative_one_i
     data["functions"][1]["workspace_bytes"] = -1
     with pytest.raises(outcore.TraceError, match="workspace_bytes.*negative workspace -1"):
         from_dict(data)
+
+
+@pytest.mark.parametrize("field", ["duration_s", "host_s", "host_cpu_s"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_time_that_is_no_finite_number_is_refused(trace, tmp_path, field, value):
+    data = json.loads(json.dumps(outcore.trace.io.to_dict(trace)))
+    data["functions"][3][field] = value                  # json writes NaN / Infinity
+    with pytest.raises(outcore.TraceError, match=rf"functions\[3\].{field}: expected a finite"):
+        outcore.Trace.load(_write(tmp_path, data))
+
+
+def test_a_failed_save_keeps_what_the_file_held(trace, tmp_path, monkeypatch):
+    """trace.save and Schedule.save write atomically: a write that fails (a full disk,
+    seen when the bytes are flushed) leaves the old file whole and no temporary beside
+    it. Before, Schedule.save truncated the file first, and trace.save left its .tmp."""
+    from outcore.run import checkpoint
+    path = tmp_path / "t.json"
+    path.write_text("the old contents")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    schedule = outcore.plan(trace, trace.peak(actual=True)[0] // 2)
+    for save in (trace.save, schedule.save):
+        monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            save(path)
+        monkeypatch.undo()
+        assert path.read_text() == "the old contents" and sorted(tmp_path.iterdir()) == [path]
+    schedule.save(path)
+    assert outcore.Schedule.load(path) == schedule

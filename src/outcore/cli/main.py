@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import OutcoreError
@@ -35,6 +36,21 @@ def main(argv=None) -> int:
         return args.func(args) or 0
     except OutcoreError as exc:
         print(f"outcore: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("outcore: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:          # `outcore report ... | head`: the reader is gone
+        try:
+            sys.stdout = open(os.devnull, "w")     # nothing more to say; no error at exit
+        except OSError:
+            pass
+        return 0
+    except OSError as exc:           # a path the user gave: missing, a directory, full disk
+        message = exc.strerror or str(exc)
+        if exc.filename is not None and os.fspath(exc.filename) not in message:
+            message += f": {os.fspath(exc.filename)}"
+        print(f"outcore: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -182,9 +182,13 @@ class Schedule:
             raise ScheduleError(f"schedule is missing field {exc.args[0]!r}") from exc
 
     def save(self, path) -> None:
+        """Write the schedule as JSON, atomically: `path` holds the whole schedule or what
+        it held before (NOTE [Atomic save] in run/checkpoint.py)."""
         import json
-        with open(path, "w") as fh:
-            json.dump(self.to_dict(), fh, separators=(",", ":"))
+
+        from ..run.checkpoint import atomic_write
+        data = json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        atomic_write(path, lambda f: f.write(data))
 
     @staticmethod
     def load(path) -> "Schedule":

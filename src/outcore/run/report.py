@@ -154,6 +154,14 @@ class Report:
 
 def _known(cls, data: dict) -> dict:
     """The keys of `data` that are fields of `cls`: a report written by a newer outcore
-    with more columns still loads."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
+    with more columns still loads. A field declared a number must hold one (TypeError,
+    naming it, otherwise: printing the report would fail on it later)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected an object of {cls.__name__} fields, found {data!r:.40}")
+    names = {f.name: f.type for f in fields(cls)}
+    out = {k: v for k, v in data.items() if k in names}
+    for key, value in out.items():
+        if names[key] in ("int", "float") and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{cls.__name__}.{key} must be a number, found {value!r:.40}")
+    return out

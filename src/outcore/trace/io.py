@@ -3,6 +3,7 @@ and raises TraceError naming the first problem, never a bare KeyError."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -39,12 +40,12 @@ def to_dict(trace: Trace) -> dict:
 
 
 def save(trace: Trace, path) -> None:
-    """Write `trace` as JSON, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(to_dict(trace), fh, separators=(",", ":"))
-    os.replace(tmp, path)
+    """Write `trace` as JSON, atomically: `path` holds the whole trace or what it held
+    before, whatever fails or interrupts the write (NOTE [Atomic save] in
+    run/checkpoint.py)."""
+    from ..run.checkpoint import atomic_write
+    data = json.dumps(to_dict(trace), separators=(",", ":")).encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load(path) -> Trace:
@@ -56,7 +57,8 @@ def load(path) -> Trace:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise TraceError(f"{path} is not a trace: not valid JSON ({exc.msg} at line {exc.lineno}). "
+        what = exc.msg.removesuffix(" at")       # "Unterminated string starting at"
+        raise TraceError(f"{path} is not a trace: not valid JSON ({what}, line {exc.lineno}). "
                          "Record one with `outcore trace` or outcore.record().") from exc
     return from_dict(data, source=str(path))
 
@@ -149,14 +151,14 @@ def from_dict(data, source: str = "trace") -> Trace:
             seen_first.setdefault(acc[0], i)
             accesses.append(Access(acc[0], _ACCESS_KIND[acc[1]]))
         duration = r.get(raw, "duration_s", (int, float), w)
-        if duration < 0:
-            r.fail(f"{w}.duration_s", f"negative duration {duration}")
+        if not 0 <= duration < math.inf:           # also NaN: every simulated time would be
+            r.fail(f"{w}.duration_s", f"expected a finite duration >= 0, found {duration}")
         host = r.get(raw, "host_s", (int, float), w) if "host_s" in raw else 0.0   # older traces
-        if host < 0:
-            r.fail(f"{w}.host_s", f"negative host time {host}")
+        if not 0 <= host < math.inf:
+            r.fail(f"{w}.host_s", f"expected a finite host time >= 0, found {host}")
         host_cpu = r.get(raw, "host_cpu_s", (int, float), w) if "host_cpu_s" in raw else 0.0
-        if host_cpu < 0:
-            r.fail(f"{w}.host_cpu_s", f"negative host CPU time {host_cpu}")
+        if not 0 <= host_cpu < math.inf:
+            r.fail(f"{w}.host_cpu_s", f"expected a finite host CPU time >= 0, found {host_cpu}")
         peer = raw.get("peer")
         if peer is not None and (type(peer) is not int or peer < 0):
             r.fail(f"{w}.peer", f"expected a rank (an integer >= 0) or null, found {peer!r:.40}")

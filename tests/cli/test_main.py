@@ -1,0 +1,58 @@
+"""`outcore` on a user's mistakes: one line on stderr, a nonzero exit, no traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from outcore.cli import main as cli
+from outcore.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "mlp.json"
+    assert main(["trace", "--model", "mlp", "--batch", "2", "-o", str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["plan", "{trace}", "--budget", "20MiB", "-o", "{tmp}/nodir/s.json"], "directory .* does not exist"),
+    (["report", "{tmp}/nope.json"], "No such file or directory: .*nope.json"),
+    (["report", "{tmp}"], "Is a directory"),
+    (["plan", "{trace}", "--budget=-1MiB"], "cannot be negative"),
+])
+def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
+    argv = [a.format(trace=trace_file, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("outcore: error: ") and "Traceback" not in err
+    assert __import__("re").search(said, err), err
+
+
+def test_a_report_with_a_wrong_field_type_is_refused(tmp_path, capsys):
+    from outcore.run.report import FORMAT, VERSION
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "iterations": [1]}))
+    assert main(["report", str(path)]) == 2
+    assert "malformed outcore report" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(trace_file, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "build_parser", _parser_running(interrupted))
+    assert main(["plan", str(trace_file), "--budget", "20MiB"]) == 130
+    assert capsys.readouterr().err == "outcore: interrupted\n"
+
+
+def _parser_running(func):
+    real = cli.build_parser
+
+    def build():
+        parser = real()
+        for action in parser._subparsers._group_actions:
+            for sub in action.choices.values():
+                sub.set_defaults(func=func)
+        return parser
+    return build
