@@ -180,6 +180,21 @@ def test_auto_recomputes_where_moving_is_slow_and_not_where_it_is_fast(sizes):
     assert recompute.candidates(t, machine=_link(1e12)) == []
 
 
+def test_speed_is_against_the_step_without_its_recomputes():
+    """A rewritten trace's simulation counts the repeats' compute apart (recompute_s):
+    its in-core time for the speed is plain PyTorch's step, the trace as recorded, not
+    the recorded step plus the recomputes (which overstated the speed)."""
+    t = layered([4, 64, 64, 64])
+    budget = max(min_feasible_budget(t), int(t.peak()[0] * 0.9))
+    chosen, r, s = recompute.choose(t, budget, mode="auto", machine=_link(1e3))
+    sim = simulate(r, s, _link(1e3))
+    plain = simulate(t, plan(t, t.peak(actual=True)[0]), _link(1e3))
+    repeats = sum(fn.duration_s for fn in r.functions if fn.repeats is not None)
+    assert chosen and repeats > 0 and sim.recompute_s == pytest.approx(repeats)
+    assert sim.plain_time_s == pytest.approx(plain.in_core_time_s)
+    assert sim.speed_vs_in_core == pytest.approx(plain.in_core_time_s / sim.step_time_s)
+
+
 def test_small_arrays_are_not_recomputed():
     t = layered([8, 16, 64])
     assert {t.arrays[c.array].nbytes for c in recompute.candidates(t, min_bytes=32)} == {64}

@@ -77,7 +77,7 @@ def _planned(ax, trace, schedule, sim) -> None:
         ax.plot(made, [-0.07 * budget] * len(made), "|", color="#2ca02c", markersize=8,
                 label=f"recompute ({len(made)})")
     ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
-                 f"(in-core {sim.in_core_time_s * 1e3:.0f} ms); moves "
+                 f"(in-core {sim.plain_time_s * 1e3:.0f} ms); moves "
                  f"{sim.bytes_in / MIB:.0f} MiB in, {sim.bytes_out / MIB:.0f} MiB out", fontsize=10)
 
 
