@@ -182,6 +182,22 @@ def test_a_configuration_that_does_not_fit_in_core_is_marked(tiny):
         cluster.rank_configurations(tiny, device=small, max_devices=2, budgets=[10**12])
 
 
+def test_a_ddp_budget_too_small_names_the_ranks_budget_and_minimum(tiny):
+    """The planner gets the rank's budget less DDP's bucket buffers; when that cannot run
+    the step, the error names the budget the user gave and the smallest per-rank budget
+    that works (the planner's minimum plus the buckets), not the planner's figures."""
+    in_core = cluster.predict(tiny, ranks=2, strategy="ddp")
+    overhead = in_core.per_rank_peak_bytes - max(cluster._occupancy(
+        cluster.scale_trace(tiny, 0.5)), default=0)
+    budget = overhead + 1024
+    with pytest.raises(outcore.InfeasibleBudget, match="per-rank budget of .* beside DDP's "
+                       "bucket buffers") as err:
+        cluster.predict(tiny, ranks=2, strategy="ddp", budget=budget)
+    assert err.value.budget_bytes == budget and err.value.min_feasible_bytes > overhead
+    # The minimum it names is feasible.
+    cluster.predict(tiny, ranks=2, strategy="ddp", budget=err.value.min_feasible_bytes)
+
+
 def test_budget_path_uses_the_planner(tiny, monkeypatch):
     calls = []
     plan_module = sys.modules["outcore.plan"]        # `outcore.plan` is also the function

@@ -174,16 +174,34 @@ class _Run:
     bytes_moved: int = 0
 
 
-def _run(trace, m: Machine, plan_budget: int | None, policy: str = "adaptive") -> _Run:
+def _run(trace, m: Machine, plan_budget: int | None, policy: str = "adaptive",
+         held: tuple[int, int, str] | None = None) -> _Run:
     """In-core (plan_budget None, or at least the in-core peak): compute times alone.
     Otherwise outcore.plan under plan_budget and outcore.simulate; span i is the time
-    from the end of function i-1 to the end of function i."""
+    from the end of function i-1 to the end of function i. `held`: (the rank's budget,
+    the bytes the strategy holds beside the step, what they are), which plan_budget is
+    the difference of: an InfeasibleBudget then names the rank's budget and the rank's
+    smallest feasible one, not the planner's."""
     peak = max(_occupancy(trace), default=0)
     if plan_budget is None or plan_budget >= peak:
         return _Run(tuple(m.compute_time(f) for f in trace.functions), peak, None)
     from ..plan import plan
     from .engine import simulate
-    schedule = plan(trace, plan_budget, policy)
+    try:
+        schedule = plan(trace, plan_budget, policy)
+    except InfeasibleBudget as exc:
+        if held is None:
+            raise
+        budget, overhead, what = held
+        need = exc.min_feasible_bytes + overhead
+        raise InfeasibleBudget(
+            f"a per-rank budget of {format_bytes(budget)} leaves {format_bytes(plan_budget)} "
+            f"for the step beside {what} ({format_bytes(overhead)}), and function "
+            f"{exc.function_index} ({exc.op}, {exc.phase}) needs {format_bytes(exc.needed_bytes)} "
+            f"at once. The smallest feasible per-rank budget is {format_bytes(need)} "
+            f"({need:,} B): raise the budget to that or more",
+            function_index=exc.function_index, op=exc.op, phase=exc.phase,
+            needed_bytes=exc.needed_bytes, budget_bytes=budget, min_feasible_bytes=need) from exc
     sim = simulate(trace, schedule, m)
     ends = [s + c for s, c in zip(sim.start_s, sim.compute_s)]
     # The final waits on swap-outs belong to the step, and so do the boundary transfers
@@ -271,7 +289,9 @@ def _ddp(trace, p, m, link, budget, *, bucket_bytes, gradient_as_bucket_view, gl
     # DDP copies gradients into its bucket buffers (one more copy of every gradient)
     # unless gradient_as_bucket_view=True makes the gradients views of the buckets.
     overhead = 0 if gradient_as_bucket_view else sum(b for _, b in buckets)
-    run = _run(rank_trace, m, _plan_budget(budget, overhead, "DDP's bucket buffers"))
+    what = "DDP's bucket buffers"
+    run = _run(rank_trace, m, _plan_budget(budget, overhead, what),
+               held=None if budget is None else (budget, overhead, what))
     first_opt = _regions(rank_trace)[1]
     wait = first_opt if first_opt < len(rank_trace.functions) else None
     events = [(i, "after", allreduce_time(nb, p, link), wait) for i, nb in buckets]
@@ -331,7 +351,11 @@ def _fsdp(trace, p, m, link, budget, *, unit_bytes, global_batch, notes):
     # unsharded gradients awaiting their reduce-scatter, on top of the sharded step.
     biggest = max(full, default=0)
     overhead = 3 * biggest
-    run = _run(rank_trace, m, _plan_budget(budget, overhead, "FSDP's gathered units"))
+    what = ("FSDP's gathered units (the largest unit's parameters three times: the unit "
+            "running, the one prefetched, and one unit's gradients before their "
+            "reduce-scatter)")
+    run = _run(rank_trace, m, _plan_budget(budget, overhead, what),
+               held=None if budget is None else (budget, overhead, what))
     # Where each unit is used: its first forward function, its first backward function.
     unit_of = {a: k for k, u in enumerate(units) for a in u}
     fwd_use, bwd_use = [None] * len(units), [None] * len(units)
@@ -636,7 +660,8 @@ def _plan_budget(budget, overhead, what) -> int | None:
     left = budget - overhead
     if left <= 0:
         raise OutcoreError(f"a per-rank budget of {format_bytes(budget)} leaves nothing for the "
-                           f"step: {what} alone take {format_bytes(overhead)}")
+                           f"step: {what} alone take {format_bytes(overhead)}; the budget "
+                           f"must exceed that")
     return left
 
 
