@@ -56,3 +56,21 @@ def _parser_running(func):
                 sub.set_defaults(func=func)
         return parser
     return build
+
+
+def test_bench_dir_that_does_not_exist_names_the_flag(tmp_path, capsys):
+    assert main(["bench", "disk", "--dir", str(tmp_path / "missing")]) == 2
+    assert "--dir " in capsys.readouterr().err
+
+
+def test_the_report_shows_no_overlap_for_an_iteration_that_moved_nothing():
+    from outcore.run.report import IterationStats, Report
+    still = IterationStats(index=1, mode="replay", seconds=1.0, bytes_read=0, bytes_written=0,
+                           unplanned_bytes=0, wait_s=0.0, transfer_s=0.0, restore_s=0.0,
+                           peak_resident=10)
+    assert still.overlap == 1.0                       # the property: nothing to hide
+    report = Report(budget=100, policy="auto", swap="x", functions=1, in_core_peak=200,
+                    planned_peak=100, planned_in=0, planned_out=0, pinned_bytes=0,
+                    iterations=(still,))
+    row = [line for line in str(report).splitlines() if line.strip().startswith("1  replay")]
+    assert row and "100.0%" not in row[0] and " - " in row[0], str(report)

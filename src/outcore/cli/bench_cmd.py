@@ -4,6 +4,7 @@ offload hooks), each run in a fresh process."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 
@@ -68,7 +69,8 @@ def add_parser(sub) -> None:
     p.add_argument("--memory", default="trim", choices=("trim", "eager", "keep"),
                    help="how outcore returns freed memory to the OS: trim (default), eager "
                         "(every tensor its own mapping), keep (glibc's defaults)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per run after warm-up (default 3)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run after warm-up (default 3; "
+                   "`bench overhead` times at least 15)")
     p.add_argument("--repeat", type=int, default=1,
                    help="curve/batch: run every config this many times, round-robin, each in a "
                         "fresh process, and report the run with the median step (default 1)")
@@ -78,6 +80,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.dir is not None and not os.path.isdir(args.dir):
+        what = "is not a directory" if os.path.exists(args.dir) else "does not exist"
+        raise OutcoreError(f"--dir {args.dir} {what}: give a directory on the disk to measure "
+                           "(the swap file's)")
     if args.busy and args.what != "comm":
         raise OutcoreError(f"--busy is for `bench comm`, not `bench {args.what}`")
     if args.what == "disk":
@@ -225,6 +231,8 @@ def run_overhead(args) -> int:
           f"({fig['functions']} functions: plain step {fig['plain_s'] * 1e3:.1f} ms, under "
           f"outcore {fig['outcore_s'] * 1e3:.1f} ms of which {fig['wait_s'] * 1e3:.1f} ms waiting "
           "for transfers; medians)")
-    print("  simulate with it: Machine(..., host_time=True, per_function_s=...)")
+    print(f"  simulate with it: `outcore simulate ... --together --per-op-us "
+          f"{fig['per_function_s'] * 1e6:.1f}`, or Machine(..., host_time=True, "
+          f"per_function_s={fig['per_function_s']:.3g})")
     return 0
 

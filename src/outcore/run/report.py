@@ -132,7 +132,9 @@ class Report:
                 lines.append(
                     f"  {it.index:>4}  {it.mode:<7} {it.seconds:>6.2f}s {format_bytes(it.bytes_read):>10} "
                     f"{format_bytes(it.bytes_written):>10} {format_bytes(it.unplanned_bytes):>10} "
-                    f"{it.wait_s:>6.2f}s  {it.overlap * 100:>5.1f}%  {_thousands(it.page_faults):>6} "
+                    f"{it.wait_s:>6.2f}s  "
+                    + (f"{it.overlap * 100:>5.1f}%" if it.transfer_s > 0 else f"{'-':>6}")
+                    + f"  {_thousands(it.page_faults):>6} "
                     f"{it.trims:>6}  {format_bytes(it.peak_resident):<10}  "
                     f"{format_bytes(it.rss_above_start):<10}  {format_bytes(it.unmanaged)}"
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from ..errors import OutcoreError
+from ..units import format_bytes
 from ..plan.recompute import remade
 from .occupancy import by_category
 
@@ -64,7 +65,7 @@ def _planned(ax, trace, schedule, sim) -> None:
                      linewidth=0)
     budget = schedule.budget / MIB
     ax.axhline(budget, color="black", linestyle="--", linewidth=1.2,
-               label=f"budget {budget:.0f} MiB")
+               label=f"budget {format_bytes(schedule.budget)}")
     clock, t = [], 0.0
     for compute in sim.compute_s:
         clock.append(t * 1e3)
