@@ -21,6 +21,9 @@ def trace_file(tmp_path_factory):
     (["report", "{tmp}/nope.json"], "No such file or directory: .*nope.json"),
     (["report", "{tmp}"], "Is a directory"),
     (["plan", "{trace}", "--budget=-1MiB"], "cannot be negative"),
+    (["simulate", "{trace}", "--sweep", "1"], "at least 2, got 1"),
+    (["simulate", "{trace}", "--sweep", "3", "--budget", "20MiB"], "--sweep or --budget"),
+    (["simulate", "{trace}", "--budget", "20MiB", "--policy", ""], "names no policy"),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
     argv = [a.format(trace=trace_file, tmp=tmp_path) for a in argv]

@@ -153,6 +153,9 @@ def run_together(args) -> int:
 
 def _policies(text: str) -> list[str]:
     names = list(POLICIES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise OutcoreError(f"--policy {text!r} names no policy; choose from "
+                           f"{', '.join(POLICIES)} or all")
     for name in names:
         if name not in POLICIES:
             raise OutcoreError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)} or all")
@@ -160,9 +163,14 @@ def _policies(text: str) -> list[str]:
 
 
 def _budgets(args, trace, machine) -> list[int]:
-    if args.sweep:
+    if args.sweep is not None:
+        if args.sweep < 2:
+            raise OutcoreError(f"--sweep N gives N budgets from the smallest feasible to the "
+                               f"in-core peak: N must be at least 2, got {args.sweep}")
+        if args.budget:
+            raise OutcoreError("--sweep chooses the budgets itself: give --sweep or --budget")
         lo, hi = min_feasible_budget(trace), trace.peak()[0]
-        n = max(2, args.sweep)
+        n = args.sweep
         return sorted({lo + (hi - lo) * i // (n - 1) for i in range(n)})
     if args.budget:
         return [parse_bytes(b) for b in args.budget.split(",")]
