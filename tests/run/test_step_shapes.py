@@ -125,3 +125,22 @@ def test_small_momentum_buffers_are_state_the_next_iteration_records_again(tmp_p
         report = ooc.report()
     assert [(it.mode, it.deviation) for it in report.iterations] == [
         ("record", None), ("record", None)] + [("replay", None)] * 3, str(report)
+
+
+def test_the_report_shows_the_planning_after_the_recording_that_planned(tmp_path):
+    """Planning runs after the step it plans from, outside that iteration's time: the
+    report shows it apart (IterationStats.plan_s), on the recording that planned only."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    opt = torch.optim.Adam(net.parameters())
+    x = torch.randn(64, 256)
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                net(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        report = ooc.report()
+    modes = [(it.mode, it.plan_s > 0) for it in report.iterations]
+    assert modes == [("record", False), ("record", True), ("replay", False)], str(report)
+    assert f"then planned in {report.iterations[1].plan_s:.2f}s" in str(report)

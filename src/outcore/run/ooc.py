@@ -25,6 +25,7 @@ allocator settings (memory/malloc.py), the process slot.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -744,10 +745,15 @@ class _Iteration:
         if self.before is not None:
             self._account(stepped, faulted, trimmed, peak, passive, deviation, completed=exc is None)
         if exc is None and not errors and mode is not None:
+            adopting = time.perf_counter()
             try:
                 self._adopt(deviation)
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
+            planned = self.recording and not errors and not ooc._record_next
+            if planned and self.before is not None and ooc._iterations:
+                ooc._iterations[-1] = dataclasses.replace(     # the report shows it apart
+                    ooc._iterations[-1], plan_s=time.perf_counter() - adopting)
         _raise_or_note(exc, errors)
 
     def _exit_mode(self, exc, errors: list) -> None:

@@ -35,6 +35,7 @@ class IterationStats:
                                # OutOfCore was made (sampled every op, 500 Hz at most)
     unmanaged: int = 0         # the most of that which was not managed tensors
     bytes_recomputed: int = 0  # activations made again instead of read back
+    plan_s: float = 0.0        # a recording's planning, after the step (not in `seconds`)
 
     @property
     def overlap(self) -> float:
@@ -138,6 +139,7 @@ class Report:
                     f"{it.trims:>6}  {format_bytes(it.peak_resident):<10}  "
                     f"{format_bytes(it.rss_above_start):<10}  {format_bytes(it.unmanaged)}"
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
+                    + (f"  (then planned in {it.plan_s:.2f}s)" if it.plan_s else "")
                     + ("" if it.completed else "  (interrupted)"))
                 if it.trimmed_bytes:
                     lines.append(f"        the allocator gave back {format_bytes(it.trimmed_bytes)} "
