@@ -111,7 +111,8 @@ class Report:
         lines = [f"outcore report: budget {format_bytes(self.budget)}, policy {self.policy}, swap {self.swap}"]
         if self.functions:
             lines.append(f"  recorded: {self.functions} functions, in-core peak {format_bytes(self.in_core_peak)} "
-                         f"({self.in_core_peak / self.budget:.2f}x the budget)")
+                         f"of live tensors ({self.in_core_peak / self.budget:.2f}x the budget; "
+                         "plain PyTorch holds a little more, until it frees them)")
         if self.planned_peak is not None:
             lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
                          f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out"

@@ -71,7 +71,8 @@ def _planned(ax, trace, schedule, sim) -> None:
         clock.append(t * 1e3)
         t += compute
     xs, ys = _steps(clock, [b / MIB for b in occ.in_core], t * 1e3)
-    ax.plot(xs, ys, color="grey", linewidth=1.2, label="in-core (plain PyTorch, its own clock)")
+    ax.plot(xs, ys, color="grey", linewidth=1.2,
+            label="in-core: what plain PyTorch holds until it frees (its own clock)")
     _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], budget)
     made = [sim.start_s[f] * 1e3 for f, _ in remade(trace)]
     if made:                       # plan/recompute.py: made again instead of read back
