@@ -115,14 +115,7 @@ def test_small_momentum_buffers_are_state_the_next_iteration_records_again(tmp_p
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(100, 100) for _ in range(5)])
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(16, 100)
-    with outcore.OutOfCore(budget=BUDGET, swap_dir=str(tmp_path)) as ooc:
-        for _ in range(5):
-            with ooc.iteration():
-                net(x).square().mean().backward()
-                opt.step()
-                opt.zero_grad()
-        report = ooc.report()
+    report = _linear_steps(net, opt, torch.randn(16, 100), 5, tmp_path)
     assert [(it.mode, it.deviation) for it in report.iterations] == [
         ("record", None), ("record", None)] + [("replay", None)] * 3, str(report)
 
@@ -133,14 +126,18 @@ def test_the_report_shows_the_planning_after_the_recording_that_planned(tmp_path
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
     opt = torch.optim.Adam(net.parameters())
-    x = torch.randn(64, 256)
+    report = _linear_steps(net, opt, torch.randn(64, 256), 3, tmp_path)
+    modes = [(it.mode, it.plan_s > 0) for it in report.iterations]
+    assert modes == [("record", False), ("record", True), ("replay", False)], str(report)
+    assert f"then planned in {report.iterations[1].plan_s:.2f}s" in str(report)
+
+
+def _linear_steps(net, opt, x, steps: int, tmp_path):
+    """`steps` iterations of a plain step under OutOfCore(BUDGET); the report."""
     with outcore.OutOfCore(budget=BUDGET, swap_dir=str(tmp_path)) as ooc:
-        for _ in range(3):
+        for _ in range(steps):
             with ooc.iteration():
                 net(x).square().mean().backward()
                 opt.step()
                 opt.zero_grad()
-        report = ooc.report()
-    modes = [(it.mode, it.plan_s > 0) for it in report.iterations]
-    assert modes == [("record", False), ("record", True), ("replay", False)], str(report)
-    assert f"then planned in {report.iterations[1].plan_s:.2f}s" in str(report)
+        return ooc.report()

@@ -29,8 +29,9 @@ class OnDemand:
         """Make every input storage resident, with room left for what `func(*args,
         **kwargs)` will create (`room`); return their entries."""
         res = self.residency
-        found = [s for s in storages(inputs) if s.nbytes() or res.entry_of(s)]
-        untracked = sum(s.nbytes() for s in found if res.entry_of(s) is None)
+        looked = [(s, res.entry_of(s)) for s in storages(inputs)]
+        found = [s for s, entry in looked if s.nbytes() or entry]
+        untracked = sum(s.nbytes() for s, entry in looked if entry is None and s.nbytes())
         if untracked:
             # Storages first seen here (made before the step, or outside any op) were in
             # RAM all along: make their room before they are counted, so that the count
@@ -103,8 +104,8 @@ def created_bytes(func, args, kwargs) -> int | None:
         return None
     if torch.Tag.pointwise in func.tags:
         # One output of the arguments' broadcast shape, dense, of the widest dtype among
-        # them: what their meta kernels say, without the ~1 ms their Python references
-        # take per call.
+        # them: what their meta kernels say, without running their (slow) Python
+        # references.
         tensors = [t for t in iter_tensors(args) if t.dim()] + [
             t for t in iter_tensors(kwargs.values()) if t.dim()]
         if not tensors:

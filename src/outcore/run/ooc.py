@@ -43,8 +43,7 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
-from .compose import (Composition, ddp_buckets_unbuilt, held_arrays, owned_arrays, owned_occupancy,
-                      without_held)
+from .compose import Composition, held_arrays, owned_arrays, owned_occupancy, without_held
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
@@ -697,7 +696,6 @@ class _Iteration:
         if self.recording:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}")
-            self.mode.ddp_unbuilt = ddp_buckets_unbuilt()
             res.evict_lru(ooc.budget, set())
         else:
             self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield,

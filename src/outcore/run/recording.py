@@ -5,7 +5,7 @@ import warnings
 
 from ..aten import distinct_storages
 from ..trace.recorder import Recording
-from .compose import DISTRIBUTED_NAMESPACES, around, under_torch_compile
+from .compose import DISTRIBUTED_NAMESPACES, around, ddp_buckets_unbuilt, under_torch_compile
 from .interrupts import Shield, critical
 from .on_demand import OnDemand, infeasible
 from .residency import Residency
@@ -46,7 +46,7 @@ class SafeRecording(Recording):
         self._state_written = False
         self._entries = []
         self.compiled_seen = False
-        self.ddp_unbuilt: list = []     # set by OutOfCore (compose.ddp_buckets_unbuilt)
+        self.ddp_unbuilt = ddp_buckets_unbuilt()      # read by OutOfCore._plan_recording
 
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
