@@ -201,7 +201,7 @@ def main() -> int:
     print(f"peak - start - budget = {(o['peak'] - o['start'] - o['budget']) / mib:.0f} MiB")
     if disks:
         _limits(o, p, disks)
-    print("outcore's peak above start, by phase (VmHWM at its end): building "
+    print("outcore's peak above start, by phase (VmHWM at its end): "
           + ", ".join(f"{k} {(o[f'peak_{k}'] - o['start']) / mib:.0f} MiB"
                       for k in ("building", "steps", "hash"))
           + f", save {(o['peak'] - o['start']) / mib:.0f} MiB")

@@ -7,13 +7,17 @@ model whose state is many times the budget (the MLP of big_state.py).
 A thread samples the resident set every 2 ms; at the highest sample it reads
 /proc/self/smaps_rollup (anonymous and file-backed pages), glibc's mallinfo2 (heap
 bytes in use and free) and the managed bytes in fast memory. Printed per phase
-(building under `ooc.building()`, then `--steps` Adam iterations) as the change from
+(building under `ooc.building()`, `--steps` Adam iterations, hashing every parameter
+and moment between iterations, then `ooc.save` of the model) as the change from
 the start, in MiB: where the process's growth beyond the budget comes from.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
+import os
+import tempfile
 import threading
 import time
 
@@ -83,11 +87,22 @@ def main() -> None:
     x = torch.randn(32, args.width, generator=gen)
     y = torch.randn(32, args.width, generator=gen)
     peak_of(lambda: [train_step(model, opt, x, y, ooc) for _ in range(args.steps)])
+
+    def hash_state():                 # big_state.py's check: every parameter and moment
+        digest = hashlib.sha256()
+        for p in model.parameters():
+            digest.update(p.detach().numpy().tobytes())
+            for t in opt.state[p].values():
+                if t.dim():
+                    digest.update(t.numpy().tobytes())
+    peak_of(hash_state)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_of(lambda: ooc.save(model.state_dict(), os.path.join(tmp, "model.pt")))
     ooc.close()
     print(f"budget {args.budget}; start: " + ", ".join(f"{k} {v / MIB:.0f}" for k, v in start.items()))
     print("| phase | " + " | ".join(start) + " |")
     print("|---|" + "---|" * len(start))
-    for name, snap in zip(("building", "steps"), peaks):
+    for name, snap in zip(("building", "steps", "hash", "save"), peaks):
         print(f"| {name} | " + " | ".join(f"{(snap[k] - start[k]) / MIB:+.0f}" for k in start) + " |")
 
 

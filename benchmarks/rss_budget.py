@@ -7,15 +7,18 @@ transformer at a fraction of their in-core peak, beside plain PyTorch.
 
 A case is model:batch[:image size or sequence length]. Each child builds the workload,
 resets its peak resident set (/proc/self/clear_refs), notes VmRSS (`start`), makes the
-OutOfCore (or not, for `plain`), runs `--iterations` steps and reports VmHWM. The
+OutOfCore (or not, for `plain`), runs `--iterations` steps and reports VmHWM, the median
+step time after the first two (outcore's recording iterations) and the allocator's trims. The
 in-core peak comes from a recording in a separate child.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
 
 MIB = 2 ** 20
 
@@ -54,16 +57,21 @@ def child(args) -> dict:
     if args.mode != "plain":
         freed = {"trim": True}.get(args.mode, args.mode)
         ooc = outcore.OutOfCore(args.budget, policy=args.policy, return_freed_memory=freed)
+    seconds = []
     for _ in range(args.iterations):
+        began = time.perf_counter()
         if ooc is None:
             w.step()
         else:
             with ooc.iteration():
                 w.step()
-    out = {"start": start, "peak": _status("VmHWM")}
+        seconds.append(time.perf_counter() - began)
+    out = {"start": start, "peak": _status("VmHWM"), "seconds": seconds, "trims": None}
     if ooc is not None:
-        out["report"] = str(ooc.report())
-        out["unmanaged"] = max(it.unmanaged for it in ooc.report().iterations)
+        report = ooc.report()
+        out["report"] = str(report)
+        out["unmanaged"] = max(it.unmanaged for it in report.iterations)
+        out["trims"] = sum(it.trims for it in report.iterations)
         ooc.close()
     return out
 
@@ -96,8 +104,8 @@ def main() -> int:
     print(f"{args.iterations} iterations ({args.optimizer}); budget = {args.fraction} x in-core peak; "
           "peak and bound above the RSS before the first iteration")
     print("| case | in-core peak | budget | run | peak RSS - start | bound 1.2 x budget + 64 MiB | "
-          "within | unmanaged (report) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "within | unmanaged (report) | steps after the second (median) | trims |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         peak = _run(case, "peak", args.optimizer, 2)["peak"]
         budget = int(peak * args.fraction)
@@ -107,8 +115,11 @@ def main() -> int:
             grown = r["peak"] - r["start"]
             unmanaged = f"{r['unmanaged'] / MIB:.0f} MiB" if "unmanaged" in r else "-"
             within = "-" if mode == "plain" else ("yes" if grown <= bound else "no")
+            later = r["seconds"][2:] or r["seconds"]
+            trims = "-" if r["trims"] is None else str(r["trims"])
             print(f"| {case} | {peak / MIB:.0f} MiB | {budget / MIB:.0f} MiB | {mode} | "
-                  f"{grown / MIB:.0f} MiB | {bound / MIB:.0f} MiB | {within} | {unmanaged} |", flush=True)
+                  f"{grown / MIB:.0f} MiB | {bound / MIB:.0f} MiB | {within} | {unmanaged} "
+                  f"| {statistics.median(later):.2f} s | {trims} |", flush=True)
     return 0
 
 

@@ -140,6 +140,45 @@ def test_the_small_slack_comes_once_twice_the_budget_is_alive(governed):
     assert gov.small_slack and gov.slack == (32 + 40) * MiB
 
 
+def test_the_ceiling_keeps_trims_below_the_process_bound(governed):
+    """With the resident set when the OutOfCore was made, no trim point is above
+    start + 1.2 x budget + 32 MiB, unless the live bytes alone are: then the next trim
+    waits for _MIN_TRIM_STEP of growth (no trim at every check)."""
+    gov, libc = governed
+    budget, start = 180 * MiB, 200 * MiB
+    libc.rss, libc.rss_after_trim = 300 * MiB, 250 * MiB
+    ceiling = start + budget + 36 * MiB + 32 * MiB
+    assert malloc.trim_ceiling(start, budget) == ceiling
+    gov.start(budget, rss_start=start)
+    assert gov.limit == ceiling < 250 * MiB + budget + gov.slack     # lowered to the ceiling
+    gov.tighten()
+    assert gov.limit == 250 * MiB + gov.slack < ceiling              # below it: unchanged
+    libc.rss, libc.rss_after_trim = ceiling + 60 * MiB, ceiling + 30 * MiB   # live above it
+    tick(gov)
+    gov.check()
+    assert gov.trims == 1 and gov.next_trim == ceiling + 30 * MiB + malloc._MIN_TRIM_STEP
+    libc.rss = gov.next_trim
+    tick(gov)
+    gov.check()
+    assert gov.trims == 1
+    libc.rss, libc.rss_after_trim = gov.next_trim + 1, ceiling - 20 * MiB   # live below again
+    tick(gov)
+    gov.check()
+    assert gov.trims == 2 and gov.next_trim == ceiling                # the ceiling holds again
+
+
+def test_settle_trims_only_above_its_ceiling_and_only_while_steering(governed):
+    gov, libc = governed
+    libc.rss, libc.rss_after_trim = 500 * MiB, 300 * MiB
+    assert not gov.settle(0)                          # not started: glibc is not ours
+    gov.start(100 * MiB)
+    trims = libc.trims
+    libc.rss = 500 * MiB
+    assert not gov.settle(500 * MiB) and libc.trims == trims
+    assert gov.settle(499 * MiB) and libc.trims == trims + 1
+    assert gov.trims == 1 and gov.given_back == 200 * MiB
+
+
 def test_checks_are_throttled(governed):
     gov, libc = governed
     gov.start(0)

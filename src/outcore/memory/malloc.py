@@ -273,6 +273,27 @@ def page_faults() -> int:
     return usage.ru_minflt + usage.ru_majflt
 
 
+def process_slack(budget: int) -> int:
+    """How far above its resident set when the OutOfCore was made, plus the budget, the
+    whole process grows at most on the workloads measured (docs/state.md, "The process
+    against the budget"): 128 MiB + budget/5. It holds what no plan counts: memory
+    PyTorch itself keeps from a training step's first run (thread pools, library
+    buffers, kernels' code: about 70 MiB, plain PyTorch's too), the mover's two 8 MiB
+    staging buffers, the heap the allocator keeps between trims, pages of mapped state
+    read between iterations. A measured figure, not a guarantee: nothing plans for it."""
+    return 128 * 2**20 + budget // 5
+
+
+def trim_ceiling(rss_start: int, budget: int) -> int:
+    """Where the trim governor aims to keep the resident set: below rss_start +
+    1.2 x budget + 64 MiB (the bound the CNN and transformer of docs/state.md are
+    measured against) by 32 MiB, room for what a step allocates between two checks."""
+    return rss_start + budget + budget // 5 + 32 * 2**20
+# Past the ceiling (the live bytes alone are above it), the next trim waits until the
+# resident set has grown by at least this much: trims stay rare whatever the step does.
+_MIN_TRIM_STEP = 16 * 2**20
+
+
 def _slack(budget: int, tight_budget: bool) -> int:
     """How far the resident set may grow past its trimmed size before the next trim."""
     if tight_budget:                # under half the in-core peak
@@ -350,6 +371,22 @@ class _Governor:
     def check(self) -> None:
         pass
 
+    def settle(self, ceiling: int) -> bool:
+        """Between iterations, with state left on the slow tier: hand the heap's free pages
+        back if the resident set is above `ceiling`, so that the pages the user reads
+        from that state between iterations find the room the step's memory held (the
+        next step faults in again what it reuses). Returns whether it trimmed."""
+        libc = self.libc
+        if not self._told or libc is None:
+            return False
+        rss = resident_bytes()
+        if rss <= ceiling:
+            return False
+        libc.malloc_trim(0)
+        self.trims += 1
+        self.given_back += max(rss - resident_bytes(), 0)
+        return True
+
     def __repr__(self) -> str:
         state = "active" if self.active else ("steering" if self._told else "idle")
         return f"{type(self).__name__}(budget={format_bytes(self.budget)}, {state})"
@@ -362,6 +399,12 @@ class _Limits(NamedTuple):
     slack: int
     tight: bool         # the first eviction has come
     small_slack: bool
+    ceiling: int        # never let `next` exceed this by more than _MIN_TRIM_STEP above
+                        # the resident set after a trim (_NEVER: no ceiling)
+
+    def capped(self, point: int, after: int) -> int:
+        """`point`, lowered to the ceiling, but at least _MIN_TRIM_STEP above `after`."""
+        return min(point, max(self.ceiling, after + _MIN_TRIM_STEP))
 
 
 class TrimGovernor(_Governor):
@@ -389,10 +432,12 @@ class TrimGovernor(_Governor):
     tight = property(lambda self: self._limits is not None and self._limits.tight)
     small_slack = property(lambda self: self._limits is not None and self._limits.small_slack)
 
-    def start(self, budget: int) -> bool:
+    def start(self, budget: int, rss_start: int | None = None) -> bool:
         """Every allocation on the heap, no trimming but ours. Once: later calls (and
-        calls without glibc) return False. Raises OutcoreError while another governor
-        steers glibc (NOTE [One governor per process])."""
+        calls without glibc) return False. With `rss_start` (the resident set when the
+        OutOfCore was made), no trim point is above `trim_ceiling(rss_start, budget)`
+        unless the live bytes alone are. Raises OutcoreError while another
+        governor steers glibc (NOTE [One governor per process])."""
         if self.libc is None or self._limits is not None:
             return False
         self._claim()
@@ -403,8 +448,11 @@ class TrimGovernor(_Governor):
               and self.libc.mallopt(_M_TRIM_THRESHOLD, _C_INT_MAX) == 1)
         self.libc.malloc_trim(0)           # what glibc kept so far: the limit starts from live bytes
         slack = _slack(budget, tight_budget=False)
-        limit = resident_bytes() + budget + slack
-        self._limits = _Limits(limit, limit, slack, False, False)     # last: active
+        ceiling = _NEVER if rss_start is None else trim_ceiling(rss_start, budget)
+        after = resident_bytes()
+        state = _Limits(0, 0, slack, False, False, ceiling)
+        limit = state.capped(after + budget + slack, after)
+        self._limits = state._replace(limit=limit, next=limit)     # last: active
         return ok
 
     def tighten(self) -> None:
@@ -413,7 +461,8 @@ class TrimGovernor(_Governor):
         if state is None or state.tight:
             return
         self.libc.malloc_trim(0)
-        limit = resident_bytes() + state.slack
+        after = resident_bytes()
+        limit = state.capped(after + state.slack, after)
         new = state._replace(limit=limit, next=limit, tight=True)
         if self._limits is state:               # not stopped meanwhile
             self._limits = new
@@ -457,7 +506,7 @@ class TrimGovernor(_Governor):
         self.trims += 1
         after = resident_bytes()
         self.given_back += max(rss - after, 0)
-        new = state._replace(next=max(state.limit, after + state.slack))
+        new = state._replace(next=state.capped(max(state.limit, after + state.slack), after))
         if self._limits is state:
             self._limits = new
 
@@ -480,7 +529,7 @@ class EagerGovernor(_Governor):
     tight = property(lambda self: self._state == "tight")
     limit = None
 
-    def start(self, budget: int) -> bool:
+    def start(self, budget: int, rss_start: int | None = None) -> bool:
         if self.libc is None or self._state is not None:
             return False
         self._claim()

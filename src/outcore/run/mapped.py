@@ -12,8 +12,10 @@ NOTE [Mapped state]
      hands its empty memory over. Python identity, views and version counters stay.
   2. Read: a page fault brings a clean page of the file (page cache). It counts in the
      resident set and the kernel may drop it at will; the Pager pages such pages out
-     (MADV_PAGEOUT) when they grow past its allowance, so a `torch.save` of the whole
-     state streams through memory instead of holding it.
+     (MADV_PAGEOUT) when they grow past what the budget leaves free (plus a slack), or
+     when the whole resident set passes the process's bound, so a `torch.save` of the
+     whole state streams through memory instead of holding it. Before it starts, the
+     heap's free pages are handed back (`_Governor.settle`).
   3. Write: copy-on-write moves the written page to anonymous memory. Nothing here ever
      calls MADV_DONTNEED on a mapping (it would discard such a write); MADV_PAGEOUT
      leaves anonymous pages alone (or swaps them out, never drops them).
@@ -42,7 +44,7 @@ import weakref
 import torch
 
 from ..memory import ALIGNMENT, round_up
-from ..memory.malloc import file_resident_bytes
+from ..memory.malloc import file_resident_bytes, resident_bytes
 
 MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)     # Linux 5.4+; Python may lack the name
 _PAGE = mmap.PAGESIZE
@@ -152,8 +154,12 @@ def adopt_orphan(storage) -> bool:
 
 class Pager:
     """Between iterations, keeps the pages read from mapped storages within `allowance`
-    bytes above what was resident when it started (NOTE [Mapped state], rule 2), checking
-    every `period` seconds from a daemon thread."""
+    bytes above what was resident when it started, and within `FLOOR` bytes whenever the
+    whole resident set is above `ceiling` (NOTE [Mapped state], rule 2), checking every
+    `period` seconds from a daemon thread. The floor keeps a process whose other memory
+    alone is above the ceiling from paging out at every check."""
+
+    FLOOR = 16 * 2**20
 
     def __init__(self, period: float = 0.005):
         self.period = period
@@ -161,12 +167,13 @@ class Pager:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def start(self, mappings: list[Mapping], allowance: int) -> None:
+    def start(self, mappings: list[Mapping], allowance: int, ceiling: int | None = None) -> None:
         self.stop()
         if not mappings:
             return
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(list(mappings), allowance, self._stop),
+        self._thread = threading.Thread(target=self._run,
+                                        args=(list(mappings), allowance, ceiling, self._stop),
                                         name="outcore-pager", daemon=True)
         self._thread.start()
 
@@ -177,11 +184,13 @@ class Pager:
             self._stop.set()
             thread.join()
 
-    def _run(self, mappings, allowance, stop) -> None:
+    def _run(self, mappings, allowance, ceiling, stop) -> None:
         try:
             base = file_resident_bytes()
             while not stop.wait(self.period):
-                if file_resident_bytes() - base > allowance:
+                read = file_resident_bytes() - base
+                if read > allowance or (ceiling is not None and read > self.FLOOR
+                                        and resident_bytes() > ceiling):
                     for mapping in mappings:
                         if stop.is_set():
                             return

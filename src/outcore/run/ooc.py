@@ -33,7 +33,7 @@ import time
 import weakref
 
 from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError
-from ..memory.malloc import make_governor, page_faults, resident_bytes
+from ..memory.malloc import make_governor, page_faults, process_slack, resident_bytes
 from ..memory.pages import torch_huge_pages
 from ..plan import check, plan
 from ..plan.api import registered
@@ -415,11 +415,19 @@ class OutOfCore:
         self._res.unmap_all(self.budget)
 
     def _page(self) -> None:
-        """Between iterations, keep pages read from mapped state within what the budget
-        leaves free plus PAGER_SLACK."""
+        """Between iterations, with state left mapped: give the step's freed heap back
+        when the process is above its start plus the budget, then keep pages read from
+        mapped state within what the budget leaves free plus PAGER_SLACK, and the whole
+        resident set within its start plus the budget plus PAGER_SLACK (NOTE [Mapped
+        state], rule 2)."""
         res = self._res
-        if self.offload == "disk":          # the host tier has no page cache to page out
-            self._pager.start(res.mappings(), max(self.budget - res.resident, 0) + PAGER_SLACK)
+        mappings = res.mappings()
+        if self.offload != "disk" or not mappings:   # the host tier has no page cache
+            return
+        if self._governor is not None:
+            self._governor.settle(self._rss_start + self.budget)
+        self._pager.start(mappings, max(self.budget - res.resident, 0) + PAGER_SLACK,
+                          ceiling=self._rss_start + self.budget + PAGER_SLACK)
 
     def _plan_recording(self, recording: SafeRecording) -> None:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
@@ -573,6 +581,8 @@ class OutOfCore:
             planned_out=schedule.bytes_out if schedule else None,
             pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
             huge_pages=self._huge_pages,
+            rss_bound=(self.budget + process_slack(self.budget)
+                       if self._mover.device_type == "cpu" else 0),
             planned_recomputed=sum(trace.arrays[a].nbytes for _, a in made),
             recomputed_arrays=len(made))
 
@@ -685,7 +695,7 @@ class _Iteration:
         ooc = self.ooc
         res = ooc._res
         if ooc._governor is not None:
-            ooc._governor.start(ooc.budget)       # once; later calls do nothing
+            ooc._governor.start(ooc.budget, ooc._rss_start)       # once; later calls do nothing
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
@@ -810,7 +820,7 @@ class _Building(_Iteration):
     def _begin(self) -> None:
         ooc = self.ooc
         if ooc._governor is not None:
-            ooc._governor.start(ooc.budget)
+            ooc._governor.start(ooc.budget, ooc._rss_start)
         ooc._unpark()
         self.mode = Building(ooc._res, ooc.budget, ooc._shield)
         self.mode.__enter__()

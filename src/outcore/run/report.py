@@ -66,6 +66,8 @@ class Report:
     recomputed_arrays: int = 0     # how many
     huge_pages: str = ""           # PyTorch's huge pages for large CPU tensors: "on (...)" or
                                    # "off: why" (memory/pages.py); "" for a GPU budget
+    rss_bound: int = 0             # how far above rss_start the process grew at most on the
+                                   # workloads measured (malloc.process_slack); 0 for a GPU budget
 
     @property
     def deviations(self) -> int:
@@ -127,7 +129,10 @@ class Report:
         if self.iterations:
             lines.append(f"  resident set: {format_bytes(self.rss_start)} when made; per iteration "
                          "its peak above that (rss+) and the most of it that was not managed "
-                         "tensors (unmanaged: heap kept, library buffers, mapped pages)")
+                         "tensors (unmanaged: heap kept, library buffers, mapped pages)"
+                         + (f"; on the workloads measured in docs/state.md rss+ stayed within "
+                            f"the budget + 128 MiB + budget/5 (here {format_bytes(self.rss_bound)})"
+                            if self.rss_bound else ""))
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
                          "faults  trims  peak        rss+        unmanaged")
             for it in self.iterations:
