@@ -141,18 +141,20 @@ def test_the_small_slack_comes_once_twice_the_budget_is_alive(governed):
 
 
 def test_the_ceiling_keeps_trims_below_the_process_bound(governed):
-    """With the resident set when the OutOfCore was made, no trim point is above
-    start + 1.2 x budget + 32 MiB, unless the live bytes alone are: then the next trim
-    waits for _MIN_TRIM_STEP of growth (no trim at every check)."""
+    """With the resident set when the OutOfCore was made, from the first eviction on no
+    trim point is above start + budget + process_slack - 32 MiB, unless the live bytes
+    alone are:
+    then the next trim waits for _MIN_TRIM_STEP of growth (no trim at every check)."""
     gov, libc = governed
     budget, start = 180 * MiB, 200 * MiB
-    libc.rss, libc.rss_after_trim = 300 * MiB, 250 * MiB
-    ceiling = start + budget + 36 * MiB + 32 * MiB
+    libc.rss, libc.rss_after_trim = 300 * MiB, 250 * MiB + 100 * MiB
+    ceiling = start + budget + (128 + 36 - 32) * MiB
     assert malloc.trim_ceiling(start, budget) == ceiling
     gov.start(budget, rss_start=start)
-    assert gov.limit == ceiling < 250 * MiB + budget + gov.slack     # lowered to the ceiling
-    gov.tighten()
-    assert gov.limit == 250 * MiB + gov.slack < ceiling              # below it: unchanged
+    assert gov.limit == 350 * MiB + budget + gov.slack > ceiling     # the step fits: no ceiling
+    libc.rss_after_trim = ceiling - 40 * MiB
+    gov.tighten()                                                    # the first eviction
+    assert gov.limit == ceiling < ceiling - 40 * MiB + gov.slack     # lowered to the ceiling
     libc.rss, libc.rss_after_trim = ceiling + 60 * MiB, ceiling + 30 * MiB   # live above it
     tick(gov)
     gov.check()

@@ -275,8 +275,8 @@ def page_faults() -> int:
 
 def process_slack(budget: int) -> int:
     """How far above its resident set when the OutOfCore was made, plus the budget, the
-    whole process grows at most on the workloads measured (docs/state.md, "The process
-    against the budget"): 128 MiB + budget/5. It holds what no plan counts: memory
+    whole process grew at most on the workloads measured (docs/state.md, "Figures"):
+    128 MiB + budget/5. It holds what no plan counts: memory
     PyTorch itself keeps from a training step's first run (thread pools, library
     buffers, kernels' code: about 70 MiB, plain PyTorch's too), the mover's two 8 MiB
     staging buffers, the heap the allocator keeps between trims, pages of mapped state
@@ -285,10 +285,12 @@ def process_slack(budget: int) -> int:
 
 
 def trim_ceiling(rss_start: int, budget: int) -> int:
-    """Where the trim governor aims to keep the resident set: below rss_start +
-    1.2 x budget + 64 MiB (the bound the CNN and transformer of docs/state.md are
-    measured against) by 32 MiB, room for what a step allocates between two checks."""
-    return rss_start + budget + budget // 5 + 32 * 2**20
+    """The highest resident set the trim governor lets a step reach before it trims:
+    32 MiB (room for what a step allocates between two checks) below the process's
+    measured bound, rss_start + budget + process_slack(budget). Lower is possible and
+    costs speed: aiming at 1.2 x budget + 32 MiB took 33 MiB off the peak of
+    benchmarks/big_state.py and made its steps about 15% slower (docs/state.md)."""
+    return rss_start + budget + process_slack(budget) - 32 * 2**20
 # Past the ceiling (the live bytes alone are above it), the next trim waits until the
 # resident set has grown by at least this much: trims stay rare whatever the step does.
 _MIN_TRIM_STEP = 16 * 2**20
@@ -399,11 +401,14 @@ class _Limits(NamedTuple):
     slack: int
     tight: bool         # the first eviction has come
     small_slack: bool
-    ceiling: int        # never let `next` exceed this by more than _MIN_TRIM_STEP above
-                        # the resident set after a trim (_NEVER: no ceiling)
+    ceiling: int        # once tight, `next` is never above this by more than
+                        # _MIN_TRIM_STEP above the resident set after a trim (_NEVER: none)
 
     def capped(self, point: int, after: int) -> int:
-        """`point`, lowered to the ceiling, but at least _MIN_TRIM_STEP above `after`."""
+        """`point`, lowered to the ceiling once tight, but at least _MIN_TRIM_STEP above
+        `after`. Before the first eviction the step fits the budget: never lowered."""
+        if not self.tight:
+            return point
         return min(point, max(self.ceiling, after + _MIN_TRIM_STEP))
 
 
@@ -435,8 +440,9 @@ class TrimGovernor(_Governor):
     def start(self, budget: int, rss_start: int | None = None) -> bool:
         """Every allocation on the heap, no trimming but ours. Once: later calls (and
         calls without glibc) return False. With `rss_start` (the resident set when the
-        OutOfCore was made), no trim point is above `trim_ceiling(rss_start, budget)`
-        unless the live bytes alone are. Raises OutcoreError while another
+        OutOfCore was made), from the first eviction on no trim point is above
+        `trim_ceiling(rss_start, budget)` unless the live bytes alone are. Raises
+        OutcoreError while another
         governor steers glibc (NOTE [One governor per process])."""
         if self.libc is None or self._limits is not None:
             return False
@@ -449,10 +455,8 @@ class TrimGovernor(_Governor):
         self.libc.malloc_trim(0)           # what glibc kept so far: the limit starts from live bytes
         slack = _slack(budget, tight_budget=False)
         ceiling = _NEVER if rss_start is None else trim_ceiling(rss_start, budget)
-        after = resident_bytes()
-        state = _Limits(0, 0, slack, False, False, ceiling)
-        limit = state.capped(after + budget + slack, after)
-        self._limits = state._replace(limit=limit, next=limit)     # last: active
+        limit = resident_bytes() + budget + slack
+        self._limits = _Limits(limit, limit, slack, False, False, ceiling)     # last: active
         return ok
 
     def tighten(self) -> None:
@@ -462,8 +466,9 @@ class TrimGovernor(_Governor):
             return
         self.libc.malloc_trim(0)
         after = resident_bytes()
-        limit = state.capped(after + state.slack, after)
-        new = state._replace(limit=limit, next=limit, tight=True)
+        tight = state._replace(tight=True)
+        limit = tight.capped(after + state.slack, after)
+        new = tight._replace(limit=limit, next=limit)
         if self._limits is state:               # not stopped meanwhile
             self._limits = new
 
