@@ -276,11 +276,11 @@ def page_faults() -> int:
 def process_slack(budget: int) -> int:
     """How far above its resident set when the OutOfCore was made, plus the budget, the
     whole process grew at most on the workloads measured (docs/state.md, "Figures"):
-    128 MiB + budget/5. It holds what no plan counts: memory
-    PyTorch itself keeps from a training step's first run (thread pools, library
-    buffers, kernels' code: about 70 MiB, plain PyTorch's too), the mover's two 8 MiB
-    staging buffers, the heap the allocator keeps between trims, pages of mapped state
-    read between iterations. A measured figure, not a guarantee: nothing plans for it."""
+    128 MiB + budget/5. It holds what no plan counts: memory PyTorch itself keeps from a
+    training step's first run (thread pools, library buffers, kernels' code: about
+    70 MiB, plain PyTorch's too), the mover's two 8 MiB staging buffers, the heap the
+    allocator keeps between trims, pages of mapped state read between iterations. A
+    measured figure, not a guarantee: nothing plans for it."""
     return 128 * 2**20 + budget // 5
 
 
@@ -291,6 +291,8 @@ def trim_ceiling(rss_start: int, budget: int) -> int:
     costs speed: aiming at 1.2 x budget + 32 MiB took 33 MiB off the peak of
     benchmarks/big_state.py and made its steps about 15% slower (docs/state.md)."""
     return rss_start + budget + process_slack(budget) - 32 * 2**20
+
+
 # Past the ceiling (the live bytes alone are above it), the next trim waits until the
 # resident set has grown by at least this much: trims stay rare whatever the step does.
 _MIN_TRIM_STEP = 16 * 2**20
@@ -442,8 +444,8 @@ class TrimGovernor(_Governor):
         calls without glibc) return False. With `rss_start` (the resident set when the
         OutOfCore was made), from the first eviction on no trim point is above
         `trim_ceiling(rss_start, budget)` unless the live bytes alone are. Raises
-        OutcoreError while another
-        governor steers glibc (NOTE [One governor per process])."""
+        OutcoreError while another governor steers glibc (NOTE [One governor per
+        process])."""
         if self.libc is None or self._limits is not None:
             return False
         self._claim()
