@@ -169,15 +169,15 @@ def test_the_ceiling_keeps_trims_below_the_process_bound(governed):
     assert gov.trims == 2 and gov.next_trim == ceiling                # the ceiling holds again
 
 
-def test_settle_trims_only_above_its_ceiling_and_only_while_steering(governed):
+def test_trim_above_trims_only_above_its_ceiling_and_only_while_steering(governed):
     gov, libc = governed
     libc.rss, libc.rss_after_trim = 500 * MiB, 300 * MiB
-    assert not gov.settle(0)                          # not started: glibc is not ours
+    assert not gov.trim_above(0)                          # not started: glibc is not ours
     gov.start(100 * MiB)
     trims = libc.trims
     libc.rss = 500 * MiB
-    assert not gov.settle(500 * MiB) and libc.trims == trims
-    assert gov.settle(499 * MiB) and libc.trims == trims + 1
+    assert not gov.trim_above(500 * MiB) and libc.trims == trims
+    assert gov.trim_above(499 * MiB) and libc.trims == trims + 1
     assert gov.trims == 1 and gov.given_back == 200 * MiB
 
 

@@ -375,11 +375,11 @@ class _Governor:
     def check(self) -> None:
         pass
 
-    def settle(self, ceiling: int) -> bool:
-        """Between iterations, with state left on the slow tier: hand the heap's free pages
-        back if the resident set is above `ceiling`, so that the pages the user reads
-        from that state between iterations find the room the step's memory held (the
-        next step faults in again what it reuses). Returns whether it trimmed."""
+    def trim_above(self, ceiling: int) -> bool:
+        """Between iterations, when state left on the slow tier is read (the pager calls
+        it, from its thread): hand the heap's free pages back if the resident set is
+        above `ceiling`, so that the pages read find the room the step's memory held
+        (the next step faults in again what it reuses). Returns whether it trimmed."""
         libc = self.libc
         if not self._told or libc is None:
             return False

@@ -13,9 +13,11 @@ NOTE [Mapped state]
   2. Read: a page fault brings a clean page of the file (page cache). It counts in the
      resident set and the kernel may drop it at will; the Pager pages such pages out
      (MADV_PAGEOUT) when they grow past what the budget leaves free (plus a slack), or
-     when the whole resident set passes the process's bound, so a `torch.save` of the
-     whole state streams through memory instead of holding it. Before it starts, the
-     heap's free pages are handed back (`_Governor.settle`).
+     past a floor while the whole resident set is above its ceiling, so a `torch.save`
+     of the whole state streams through memory instead of holding it. The first time
+     the process is over the ceiling, the Pager has the heap's free pages handed back
+     first (`relieve`, `_Governor.trim_above`): only when state is read, never in a loop
+     that reads none (the next step would fault that memory in again).
   3. Write: copy-on-write moves the written page to anonymous memory. Nothing here ever
      calls MADV_DONTNEED on a mapping (it would discard such a write); MADV_PAGEOUT
      leaves anonymous pages alone (or swaps them out, never drops them).
@@ -156,10 +158,13 @@ class Pager:
     """Between iterations, keeps the pages read from mapped storages within `allowance`
     bytes above what was resident when it started, and within `FLOOR` bytes whenever the
     whole resident set is above `ceiling` (NOTE [Mapped state], rule 2), checking every
-    `period` seconds from a daemon thread. The floor keeps a process whose other memory
-    alone is above the ceiling from paging out at every check."""
+    `period` seconds from a daemon thread. The first time it finds more than
+    `RELIEVE_AT` bytes read while the process is over the ceiling, it calls `relieve`
+    (if given) before it decides to page out. The floor keeps a process whose other
+    memory alone is above the ceiling from paging out at every check."""
 
     FLOOR = 16 * 2**20
+    RELIEVE_AT = 4 * 2**20     # a few MiB of file pages come and go anyway (code, libraries)
 
     def __init__(self, period: float = 0.005):
         self.period = period
@@ -167,13 +172,15 @@ class Pager:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def start(self, mappings: list[Mapping], allowance: int, ceiling: int | None = None) -> None:
+    def start(self, mappings: list[Mapping], allowance: int, ceiling: int | None = None,
+              relieve=None) -> None:
         self.stop()
         if not mappings:
             return
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run,
-                                        args=(list(mappings), allowance, ceiling, self._stop),
+                                        args=(list(mappings), allowance, ceiling, relieve,
+                                              self._stop),
                                         name="outcore-pager", daemon=True)
         self._thread.start()
 
@@ -184,11 +191,15 @@ class Pager:
             self._stop.set()
             thread.join()
 
-    def _run(self, mappings, allowance, ceiling, stop) -> None:
+    def _run(self, mappings, allowance, ceiling, relieve, stop) -> None:
         try:
             base = file_resident_bytes()
             while not stop.wait(self.period):
                 read = file_resident_bytes() - base
+                if (relieve is not None and ceiling is not None and read > self.RELIEVE_AT
+                        and resident_bytes() > ceiling):
+                    relieve()
+                    relieve = None             # once per stretch between iterations
                 if read > allowance or (ceiling is not None and read > self.FLOOR
                                         and resident_bytes() > ceiling):
                     for mapping in mappings:

@@ -415,19 +415,19 @@ class OutOfCore:
         self._res.unmap_all(self.budget)
 
     def _page(self) -> None:
-        """Between iterations, with state left mapped: give the step's freed heap back
-        when the process is above its start plus the budget, then keep pages read from
-        mapped state within what the budget leaves free plus PAGER_SLACK, and the whole
-        resident set within its start plus the budget plus PAGER_SLACK (NOTE [Mapped
+        """Between iterations, with state left mapped: keep pages read from mapped state
+        within what the budget leaves free plus PAGER_SLACK, and within the pager's floor
+        while the whole resident set is above its start plus the budget plus PAGER_SLACK;
+        the first time it is, give the step's freed heap back first (NOTE [Mapped
         state], rule 2)."""
         res = self._res
         mappings = res.mappings()
         if self.offload != "disk" or not mappings:   # the host tier has no page cache
             return
-        if self._governor is not None:
-            self._governor.settle(self._rss_start + self.budget)
+        governor, ceiling = self._governor, self._rss_start + self.budget
+        relieve = (lambda: governor.trim_above(ceiling)) if governor is not None else None
         self._pager.start(mappings, max(self.budget - res.resident, 0) + PAGER_SLACK,
-                          ceiling=self._rss_start + self.budget + PAGER_SLACK)
+                          ceiling=ceiling + PAGER_SLACK, relieve=relieve)
 
     def _plan_recording(self, recording: SafeRecording) -> None:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
