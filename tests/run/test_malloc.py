@@ -143,8 +143,8 @@ def test_the_small_slack_comes_once_twice_the_budget_is_alive(governed):
 def test_the_ceiling_keeps_trims_below_the_process_bound(governed):
     """With the resident set when the OutOfCore was made, from the first eviction on no
     trim point is above start + budget + process_slack - 32 MiB, unless the live bytes
-    alone are:
-    then the next trim waits for _MIN_TRIM_STEP of growth (no trim at every check)."""
+    alone are: then the next trim waits for _MIN_TRIM_STEP of growth (no trim at every
+    check). A smaller slack (know_peak) moves no trim point below the ceiling."""
     gov, libc = governed
     budget, start = 180 * MiB, 200 * MiB
     libc.rss, libc.rss_after_trim = 300 * MiB, 250 * MiB + 100 * MiB
@@ -155,6 +155,8 @@ def test_the_ceiling_keeps_trims_below_the_process_bound(governed):
     libc.rss_after_trim = ceiling - 40 * MiB
     gov.tighten()                                                    # the first eviction
     assert gov.limit == ceiling < ceiling - 40 * MiB + gov.slack     # lowered to the ceiling
+    gov.know_peak(10 * budget)                                       # the smaller slack...
+    assert gov.slack == (32 + 18) * MiB and gov.limit == ceiling     # ...moves no cap below it
     libc.rss, libc.rss_after_trim = ceiling + 60 * MiB, ceiling + 30 * MiB   # live above it
     tick(gov)
     gov.check()

@@ -397,21 +397,26 @@ class _Governor:
 
 
 class _Limits(NamedTuple):
-    """The trim governor's state, replaced whole by one attribute store."""
+    """The trim governor's state, replaced whole by one attribute store. `limit` and
+    `next` are kept as the slack rule gives them; `trim_point` lowers them to the
+    ceiling where they are used, so a change of slack (`know_peak`) moves them alike
+    and never below it."""
     limit: int          # trim when the resident set passes this...
     next: int           # ...and has grown past this since the last trim
     slack: int
     tight: bool         # the first eviction has come
     small_slack: bool
-    ceiling: int        # once tight, `next` is never above this by more than
-                        # _MIN_TRIM_STEP above the resident set after a trim (_NEVER: none)
+    ceiling: int        # once tight, no trim point above this (_NEVER: none)...
+    after: int          # ...unless within _MIN_TRIM_STEP of the resident set after the
+                        # last trim (the live bytes alone are above the ceiling)
 
-    def capped(self, point: int, after: int) -> int:
+    def capped(self, point: int) -> int:
         """`point`, lowered to the ceiling once tight, but at least _MIN_TRIM_STEP above
-        `after`. Before the first eviction the step fits the budget: never lowered."""
+        the resident set after the last trim. Before the first eviction the step fits
+        the budget: never lowered."""
         if not self.tight:
             return point
-        return min(point, max(self.ceiling, after + _MIN_TRIM_STEP))
+        return min(point, max(self.ceiling, self.after + _MIN_TRIM_STEP))
 
 
 class TrimGovernor(_Governor):
@@ -421,8 +426,9 @@ class TrimGovernor(_Governor):
     taken) trims when the resident set is over the limit; `stop()` puts glibc back
     (NOTE [What stop() restores]). After a trim that cannot get under the limit (the live
     bytes are above it, e.g. all state read back at the end of an iteration), the next
-    trim waits until the resident set has grown by another slack: trims stay rare
-    whatever the step does."""
+    trim waits until the resident set has grown by another slack, or by _MIN_TRIM_STEP
+    where that would pass the ceiling (`trim_ceiling`): trims stay rare whatever the
+    step does."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
@@ -433,8 +439,10 @@ class TrimGovernor(_Governor):
 
     # Read-only views of the state.
     active = property(lambda self: self._limits is not None)
-    limit = property(lambda self: None if self._limits is None else self._limits.limit)
-    next_trim = property(lambda self: _NEVER if self._limits is None else self._limits.next)
+    limit = property(lambda self: None if self._limits is None
+                     else self._limits.capped(self._limits.limit))
+    next_trim = property(lambda self: _NEVER if self._limits is None
+                         else self._limits.capped(self._limits.next))
     slack = property(lambda self: 0 if self._limits is None else self._limits.slack)
     tight = property(lambda self: self._limits is not None and self._limits.tight)
     small_slack = property(lambda self: self._limits is not None and self._limits.small_slack)
@@ -458,7 +466,7 @@ class TrimGovernor(_Governor):
         slack = _slack(budget, tight_budget=False)
         ceiling = _NEVER if rss_start is None else trim_ceiling(rss_start, budget)
         limit = resident_bytes() + budget + slack
-        self._limits = _Limits(limit, limit, slack, False, False, ceiling)     # last: active
+        self._limits = _Limits(limit, limit, slack, False, False, ceiling, 0)     # last: active
         return ok
 
     def tighten(self) -> None:
@@ -468,9 +476,8 @@ class TrimGovernor(_Governor):
             return
         self.libc.malloc_trim(0)
         after = resident_bytes()
-        tight = state._replace(tight=True)
-        limit = tight.capped(after + state.slack, after)
-        new = tight._replace(limit=limit, next=limit)
+        limit = after + state.slack
+        new = state._replace(limit=limit, next=limit, tight=True, after=after)
         if self._limits is state:               # not stopped meanwhile
             self._limits = new
 
@@ -507,13 +514,13 @@ class TrimGovernor(_Governor):
             if state is None:
                 return
         rss = resident_bytes()
-        if rss <= state.next:
+        if rss <= state.capped(state.next):
             return
         self.libc.malloc_trim(0)
         self.trims += 1
         after = resident_bytes()
         self.given_back += max(rss - after, 0)
-        new = state._replace(next=state.capped(max(state.limit, after + state.slack), after))
+        new = state._replace(next=max(state.limit, after + state.slack), after=after)
         if self._limits is state:
             self._limits = new
 

@@ -189,7 +189,8 @@ class Pager:
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stop.set()
-            thread.join()
+            if thread.ident is not None:       # started (an interrupted start() may not have)
+                thread.join()
 
     def _run(self, mappings, allowance, ceiling, relieve, stop) -> None:
         try:
@@ -207,5 +208,8 @@ class Pager:
                             return
                         mapping.page_out()
                     self.page_outs += 1
+                    # What stayed (the user's own file mappings, libraries' code) is not
+                    # read state: the next page-out waits for growth past it.
+                    base = max(base, file_resident_bytes())
         except Exception:          # noqa: BLE001 - /proc gone at exit: paging is a hint
             return

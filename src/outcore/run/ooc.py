@@ -424,10 +424,10 @@ class OutOfCore:
         mappings = res.mappings()
         if self.offload != "disk" or not mappings:   # the host tier has no page cache
             return
-        governor, ceiling = self._governor, self._rss_start + self.budget
-        relieve = (lambda: governor.trim_above(ceiling)) if governor is not None else None
+        governor, relieve_above = self._governor, self._rss_start + self.budget
+        relieve = (lambda: governor.trim_above(relieve_above)) if governor is not None else None
         self._pager.start(mappings, max(self.budget - res.resident, 0) + PAGER_SLACK,
-                          ceiling=ceiling + PAGER_SLACK, relieve=relieve)
+                          ceiling=relieve_above + PAGER_SLACK, relieve=relieve)
 
     def _plan_recording(self, recording: SafeRecording) -> None:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
@@ -581,8 +581,8 @@ class OutOfCore:
             planned_out=schedule.bytes_out if schedule else None,
             pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
             huge_pages=self._huge_pages,
-            rss_bound=(self.budget + process_slack(self.budget)
-                       if self._mover.device_type == "cpu" else 0),
+            rss_bound=(self.budget + process_slack(self.budget)    # measured in that mode
+                       if self._governor is not None and self._governor.mode == "trim" else 0),
             planned_recomputed=sum(trace.arrays[a].nbytes for _, a in made),
             recomputed_arrays=len(made))
 
@@ -696,6 +696,7 @@ class _Iteration:
         res = ooc._res
         if ooc._governor is not None:
             ooc._governor.start(ooc.budget, ooc._rss_start)       # once; later calls do nothing
+        ooc._pager.stop()           # its trims between iterations are no iteration's
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
@@ -748,8 +749,8 @@ class _Iteration:
             ooc._last_replay = (ooc.trace, ooc.schedule, mode.log)
         ooc._park(errors, commit=exc is None and not errors)
         ooc._active = False
+        ooc._page()                 # held: a Ctrl-C lands after the pager has started
         ooc._shield.uninstall()
-        ooc._page()
         if self.before is not None:
             self._account(stepped, faulted, trimmed, peak, passive, deviation, completed=exc is None)
         if exc is None and not errors and mode is not None:
@@ -831,8 +832,8 @@ class _Building(_Iteration):
         self._exit_mode(exc, errors)
         ooc._park(errors)
         ooc._active = False
-        ooc._shield.uninstall()
         ooc._page()
+        ooc._shield.uninstall()
         _raise_or_note(exc, errors)
 
 

@@ -67,7 +67,9 @@ class Report:
     huge_pages: str = ""           # PyTorch's huge pages for large CPU tensors: "on (...)" or
                                    # "off: why" (memory/pages.py); "" for a GPU budget
     rss_bound: int = 0             # how far above rss_start the process grew at most on the
-                                   # workloads measured (malloc.process_slack); 0 for a GPU budget
+                                   # workloads measured (malloc.process_slack); 0 where that
+                                   # was not measured (a GPU budget, return_freed_memory other
+                                   # than "trim")
 
     @property
     def deviations(self) -> int:
