@@ -103,7 +103,7 @@ def main() -> int:
         return 0
     print(f"{args.iterations} iterations ({args.optimizer}); budget = {args.fraction} x in-core peak; "
           "peak and bound above the RSS before the first iteration")
-    print("| case | in-core peak | budget | run | peak RSS - start | bound 1.2 x budget + 64 MiB | "
+    print("| case | in-core peak | budget | run | peak RSS - start | target 1.2 x budget + 64 MiB | "
           "within | unmanaged (report) | steps after the second (median) | trims |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):

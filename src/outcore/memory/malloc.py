@@ -281,7 +281,10 @@ def process_slack(budget: int) -> int:
     70 MiB, plain PyTorch's too), the mover's two 8 MiB staging buffers, the heap the
     allocator keeps between trims, pages of mapped state read between iterations. A
     measured figure, not a guarantee: nothing plans for it."""
-    return 128 * 2**20 + budget // 5
+    return PROCESS_SLACK_BYTES + budget // PROCESS_SLACK_SHARE
+
+
+PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE = 128 * 2**20, 5     # process_slack's two parts
 
 
 def trim_ceiling(rss_start: int, budget: int) -> int:

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import OutcoreError
+from ..memory.malloc import PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE
 from ..units import format_bytes
 
 FORMAT = "outcore.report"
@@ -133,7 +134,8 @@ class Report:
                          "its peak above that (rss+) and the most of it that was not managed "
                          "tensors (unmanaged: heap kept, library buffers, mapped pages)"
                          + (f"; on the workloads measured in docs/state.md rss+ stayed within "
-                            f"the budget + 128 MiB + budget/5 (here {format_bytes(self.rss_bound)})"
+                            f"the budget + {format_bytes(PROCESS_SLACK_BYTES)} + budget/"
+                            f"{PROCESS_SLACK_SHARE} (here {format_bytes(self.rss_bound)})"
                             if self.rss_bound else ""))
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
                          "faults  trims  peak        rss+        unmanaged")
