@@ -292,7 +292,7 @@ def trim_ceiling(rss_start: int, budget: int) -> int:
     32 MiB (room for what a step allocates between two checks) below the process's
     measured bound, rss_start + budget + process_slack(budget). Lower is possible and
     costs speed: aiming at 1.2 x budget + 32 MiB took 33 MiB off the peak of
-    benchmarks/big_state.py and made its steps about 15% slower (docs/state.md)."""
+    benchmarks/big_state.py and made its replays about 17% slower (docs/state.md)."""
     return rss_start + budget + process_slack(budget) - 32 * 2**20
 
 
