@@ -348,6 +348,32 @@ def test_save_that_raises_leaves_the_old_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
 
+def test_a_ctrl_c_inside_torchs_writer_comes_out_as_keyboard_interrupt(tmp_path):
+    """torch.save's zip writer turns a KeyboardInterrupt that lands in a write into its
+    own RuntimeError ("unexpected pos"), the interrupt only its context: `except
+    KeyboardInterrupt` would miss it. atomic_write (ooc.save) gives the user back the
+    KeyboardInterrupt, and leaves nothing behind."""
+    from outcore.run.checkpoint import atomic_write
+
+    class InterruptedFile:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt           # as if Ctrl-C landed here
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    path = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, lambda f: torch.save({"x": torch.ones(10_000)}, InterruptedFile(f)))
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_a_checkpoint_under_building(twins, tmp_path):
     """A checkpoint saved by ooc.save loads into a model built under the budget, through
     torch.load(mmap=True): tensor by tensor, never the whole state in memory."""
@@ -454,3 +480,25 @@ def test_writes_after_building_are_honored():
             with ooc.iteration():
                 step(managed, managed_opt, x, y)
     assert_same(plain, managed)
+
+
+def test_a_process_past_the_measured_bound_is_told_once(monkeypatch, caplog):
+    """Where the process grows past the bound the report prints (here made 0 MiB of
+    slack, so any growth beyond the budget passes it), the first such iteration logs a
+    warning, once, and the report marks every such iteration."""
+    from outcore.run import ooc as ooc_module
+    monkeypatch.setattr(ooc_module, "process_slack", lambda budget: 0)
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, WIDTH), torch.randn(BATCH, WIDTH)
+    with caplog.at_level("WARNING", logger="outcore"), outcore.OutOfCore(BUDGET) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                step(model, opt, x, y)
+        report = ooc.report()
+    warned = [r for r in caplog.records if "above its size at OutOfCore()" in r.getMessage()]
+    assert len(warned) == 1
+    assert report.rss_bound == ooc.budget
+    passed = [it for it in report.iterations if it.rss_above_start > report.rss_bound]
+    assert passed and str(report).count("rss+ passed") == len(passed)

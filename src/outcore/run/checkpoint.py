@@ -90,7 +90,15 @@ def atomic_write(path, write, shield: Shield | None = None) -> None:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as err:
+                # A Ctrl-C inside torch.save's zip writer comes out as the writer's
+                # RuntimeError ("unexpected pos"), the KeyboardInterrupt only as its
+                # context: what the user did was press Ctrl-C, so that is what they get.
+                if isinstance(err.__context__, KeyboardInterrupt):
+                    raise err.__context__ from None
+                raise
             f.flush()
         os.fsync(fd)
         shield.enter()

@@ -278,6 +278,7 @@ class OutOfCore:
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
+        self._warned_rss = False     # once: the process grew past _rss_bound()
         self._composition = Composition()     # run/compose.py: torch.distributed around us
 
     # -- the loop ------------------------------------------------------------------------
@@ -566,6 +567,14 @@ class OutOfCore:
         return (gov.trims, gov.given_back) if gov is not None else (0, 0)
 
     # -- reporting -----------------------------------------------------------------------
+    def _rss_bound(self) -> int:
+        """How far above its start the process grew at most on the workloads measured
+        (malloc.process_slack); 0 where that was not measured: a GPU budget, or
+        return_freed_memory other than "trim"."""
+        if self._governor is None or self._governor.mode != "trim":
+            return 0
+        return self.budget + process_slack(self.budget)
+
     def report(self) -> Report:
         trace, schedule = self.trace, self.schedule
         pinned = sum(e.nbytes for e in self._res.entries.values()
@@ -581,8 +590,7 @@ class OutOfCore:
             planned_out=schedule.bytes_out if schedule else None,
             pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
             huge_pages=self._huge_pages,
-            rss_bound=(self.budget + process_slack(self.budget)    # measured in that mode
-                       if self._governor is not None and self._governor.mode == "trim" else 0),
+            rss_bound=self._rss_bound(),
             planned_recomputed=sum(trace.arrays[a].nbytes for _, a in made),
             recomputed_arrays=len(made))
 
@@ -792,6 +800,16 @@ class _Iteration:
             rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),
             bytes_recomputed=stats.bytes_recomputed - before[7],
             unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0)))
+        last, bound = ooc._iterations[-1], ooc._rss_bound()
+        if bound and last.rss_above_start > bound and not ooc._warned_rss:
+            ooc._warned_rss = True
+            log.warning("iteration %d: the process grew %s above its size at OutOfCore(), past "
+                        "the budget + 128 MiB + budget/5 (%s) it stayed within on the workloads "
+                        "measured; %s of it was not managed tensors (a library's buffers from "
+                        "its first run, heap kept). The budget bounds the tensors outcore "
+                        "manages; nothing plans for the rest yet (ooc.report(), README)",
+                        last.index, format_bytes(last.rss_above_start), format_bytes(bound),
+                        format_bytes(last.unmanaged))
 
     def _adopt(self, deviation) -> None:
         """After a completed step: plan from the recording, or carry the state over."""

@@ -151,6 +151,11 @@ class Report:
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + (f"  (then planned in {it.plan_s:.2f}s)" if it.plan_s else "")
                     + ("" if it.completed else "  (interrupted)"))
+                if self.rss_bound and it.rss_above_start > self.rss_bound:
+                    lines.append(f"        rss+ passed {format_bytes(self.rss_bound)}: more memory "
+                                 "outside the managed tensors than on the workloads measured "
+                                 "(a library's first-run buffers, heap kept); nothing plans "
+                                 "for it yet")
                 if it.trimmed_bytes:
                     lines.append(f"        the allocator gave back {format_bytes(it.trimmed_bytes)} "
                                  f"in {it.trims} trims (to keep the resident set near the "
