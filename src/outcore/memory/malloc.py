@@ -273,6 +273,9 @@ def page_faults() -> int:
     return usage.ru_minflt + usage.ru_majflt
 
 
+PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE = 128 * 2**20, 5     # process_slack's two parts
+
+
 def process_slack(budget: int) -> int:
     """How far above its resident set when the OutOfCore was made, plus the budget, the
     whole process grew at most on the workloads measured (docs/state.md, "Figures"):
@@ -280,11 +283,9 @@ def process_slack(budget: int) -> int:
     training step's first run (thread pools, library buffers, kernels' code: about
     70 MiB, plain PyTorch's too), the mover's two 8 MiB staging buffers, the heap the
     allocator keeps between trims, pages of mapped state read between iterations. A
-    measured figure, not a guarantee: nothing plans for it."""
+    measured figure, not a guarantee: nothing plans for it, and a library's first step
+    can take more (a transformers GPT-2 did: README, "Limits today")."""
     return PROCESS_SLACK_BYTES + budget // PROCESS_SLACK_SHARE
-
-
-PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE = 128 * 2**20, 5     # process_slack's two parts
 
 
 def trim_ceiling(rss_start: int, budget: int) -> int:
