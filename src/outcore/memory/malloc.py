@@ -390,10 +390,16 @@ class _Governor:
         rss = resident_bytes()
         if rss <= ceiling:
             return False
-        libc.malloc_trim(0)
-        self.trims += 1
-        self.given_back += max(rss - resident_bytes(), 0)
+        self._trim(rss)
         return True
+
+    def _trim(self, rss: int) -> int:
+        """Hand the heap's free pages back and count it; returns the resident set after."""
+        self.libc.malloc_trim(0)
+        self.trims += 1
+        after = resident_bytes()
+        self.given_back += max(rss - after, 0)
+        return after
 
     def __repr__(self) -> str:
         state = "active" if self.active else ("steering" if self._told else "idle")
@@ -520,10 +526,7 @@ class TrimGovernor(_Governor):
         rss = resident_bytes()
         if rss <= state.capped(state.next):
             return
-        self.libc.malloc_trim(0)
-        self.trims += 1
-        after = resident_bytes()
-        self.given_back += max(rss - after, 0)
+        after = self._trim(rss)
         new = state._replace(next=max(state.limit, after + state.slack), after=after)
         if self._limits is state:
             self._limits = new

@@ -184,11 +184,8 @@ class Schedule:
     def save(self, path) -> None:
         """Write the schedule as JSON, atomically: `path` holds the whole schedule or what
         it held before (NOTE [Atomic save] in run/checkpoint.py)."""
-        import json
-
-        from ..run.checkpoint import atomic_write
-        data = json.dumps(self.to_dict(), separators=(",", ":")).encode()
-        atomic_write(path, lambda f: f.write(data))
+        from ..run.checkpoint import atomic_write_json
+        atomic_write_json(path, self.to_dict())
 
     @staticmethod
     def load(path) -> "Schedule":

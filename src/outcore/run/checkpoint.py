@@ -73,6 +73,14 @@ def atomic_save(obj, path, shield: Shield) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), shield)
 
 
+def atomic_write_json(path, obj, indent: int | None = None) -> None:
+    """Write `obj` as JSON to `path` by `atomic_write`: compact, or indented by `indent`."""
+    import json
+    separators = (",", ":") if indent is None else None
+    data = json.dumps(obj, indent=indent, separators=separators).encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write(path, write, shield: Shield | None = None) -> None:
     """Call `write(f)` on a binary file that becomes `path` whole, or not at all (NOTE
     [Atomic save]); timelines and reports are written so too."""

@@ -33,7 +33,8 @@ import time
 import weakref
 
 from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError
-from ..memory.malloc import make_governor, page_faults, process_slack, resident_bytes
+from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
+                             page_faults, process_slack, resident_bytes)
 from ..memory.pages import torch_huge_pages
 from ..plan import check, plan
 from ..plan.api import registered
@@ -804,12 +805,13 @@ class _Iteration:
         if bound and last.rss_above_start > bound and not ooc._warned_rss:
             ooc._warned_rss = True
             log.warning("iteration %d: the process grew %s above its size at OutOfCore(), past "
-                        "the budget + 128 MiB + budget/5 (%s) it stayed within on the workloads "
+                        "the budget + %s + budget/%d (%s) it stayed within on the workloads "
                         "measured; %s of it was not managed tensors (a library's buffers from "
                         "its first run, heap kept). The budget bounds the tensors outcore "
                         "manages; nothing plans for the rest yet (ooc.report(), README)",
-                        last.index, format_bytes(last.rss_above_start), format_bytes(bound),
-                        format_bytes(last.unmanaged))
+                        last.index, format_bytes(last.rss_above_start),
+                        format_bytes(PROCESS_SLACK_BYTES), PROCESS_SLACK_SHARE,
+                        format_bytes(bound), format_bytes(last.unmanaged))
 
     def _adopt(self, deviation) -> None:
         """After a completed step: plan from the recording, or carry the state over."""

@@ -99,9 +99,8 @@ class Report:
     def save(self, path) -> None:
         """Write the report as JSON, whole or not at all (NOTE [Atomic save]);
         `outcore report PATH` prints it."""
-        from .checkpoint import atomic_write
-        data = json.dumps(self.to_dict(), indent=1).encode()
-        atomic_write(path, lambda f: f.write(data))
+        from .checkpoint import atomic_write_json
+        atomic_write_json(path, self.to_dict(), indent=1)
 
     @staticmethod
     def load(path) -> "Report":

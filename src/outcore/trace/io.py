@@ -42,9 +42,8 @@ def save(trace: Trace, path) -> None:
     """Write `trace` as JSON, atomically: `path` holds the whole trace or what it held
     before, whatever fails or interrupts the write (NOTE [Atomic save] in
     run/checkpoint.py)."""
-    from ..run.checkpoint import atomic_write
-    data = json.dumps(to_dict(trace), separators=(",", ":")).encode()
-    atomic_write(path, lambda f: f.write(data))
+    from ..run.checkpoint import atomic_write_json
+    atomic_write_json(path, to_dict(trace))
 
 
 def load(path) -> Trace:

@@ -18,8 +18,6 @@ at all. The format: the "JSON Object Format" of the Trace Event Format document
 """
 from __future__ import annotations
 
-import json
-
 from ..units import format_bytes
 from .occupancy import by_category
 
@@ -180,9 +178,8 @@ def chrome_trace(*event_lists, **other) -> dict:
 def write(path, obj: dict) -> None:
     """Write `obj` as JSON to `path`: the whole file or, interrupted or killed at any
     moment, the old one (NOTE [Atomic save], run/checkpoint.py)."""
-    from ..run.checkpoint import atomic_write
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    atomic_write(path, lambda f: f.write(data))
+    from ..run.checkpoint import atomic_write_json
+    atomic_write_json(path, obj)
 
 
 def simulated_timeline(trace, schedule, sim) -> dict:
