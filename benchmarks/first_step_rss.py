@@ -2,7 +2,12 @@
 GPT-2 (6 layers x 512, vocabulary 8192, batch 4 x 64 tokens, AdamW) built under
 `ooc.building()` and trained 4 iterations, each run in a fresh process, cold (nothing of
 transformers run before `OutOfCore()`) and warm (one step of a 1-layer GPT-2 first).
-Prints VmHWM minus the report's `rss_start` beside `rss_bound` and the most unmanaged.
+Prints, per run, the iterations' peak resident set (VmHWM, reset after building) above
+the process's base (NOTE [The process's base] in run/ooc.py) beside the report's
+`rss_bound`, the report's own highest `rss+` and `unmanaged`, and the peak above the
+resident set when the OutOfCore was made, building included.
+Then, in one more fresh process of plain PyTorch, what transformers' first model costs
+by itself: the resident set before and after building the same GPT-2 on `meta`.
 
     .venv/bin/python benchmarks/first_step_rss.py
     .venv/bin/python benchmarks/first_step_rss.py --budgets 64MiB,100MiB
@@ -40,16 +45,39 @@ def child(budget: str, warm: bool) -> dict:
     ooc = outcore.OutOfCore(budget)
     with ooc.building():
         model = transformers.GPT2LMHeadModel(config(6, 512, 8))
+    def peak():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    building = peak()
+    with open("/proc/self/clear_refs", "w") as f:      # the iterations' own peak from here
+        f.write("5")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for i in range(4):
         with ooc.iteration():
             step(model, opt, 1000 + i)
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     report = ooc.report()
     ooc.close()
-    return {"grown": peak - report.rss_start, "bound": report.rss_bound,
+    return {"above_base": peak() - report.rss_start,
+            "sampled": max(it.rss_above_start for it in report.iterations),
+            "bound": report.rss_bound, "above_made": max(building, peak()) - report.rss_made,
             "unmanaged": max(it.unmanaged for it in report.iterations)}
+
+
+def first_model() -> dict:
+    import gc
+
+    import torch
+    import transformers
+
+    from outcore.memory.malloc import resident_bytes
+    gc.collect()
+    before = resident_bytes()
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=6, n_embd=512, n_head=8, vocab_size=VOCAB, n_positions=SEQ))
+    del model
+    gc.collect()
+    return {"grown": resident_bytes() - before}
 
 
 def main() -> int:
@@ -58,19 +86,28 @@ def main() -> int:
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1] == "warm")))
+        print(json.dumps(first_model() if args.child[0] == "meta"
+                         else child(args.child[0], args.child[1] == "warm")))
         return 0
     mib = 2 ** 20
-    print("| budget | first step | peak RSS - rss_start | report's bound | within | unmanaged (report) |")
-    print("|---|---|---|---|---|---|")
+
+    def run(*child_args) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--child", *child_args],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    print("| budget | first step | iterations' peak above the base | report's bound | within "
+          "| report's highest rss+ | unmanaged (report) | peak above OutOfCore(), building included |")
+    print("|---|---|---|---|---|---|---|---|")
     for budget in args.budgets.split(","):
         for warmth in ("cold", "warm"):
-            out = subprocess.run([sys.executable, __file__, "--child", budget, warmth],
-                                 check=True, capture_output=True, text=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"| {budget} | {warmth} | {r['grown'] / mib:.0f} MiB | {r['bound'] / mib:.0f} MiB "
-                  f"| {'yes' if r['grown'] <= r['bound'] else 'no'} | {r['unmanaged'] / mib:.0f} MiB |",
-                  flush=True)
+            r = run(budget, warmth)
+            print(f"| {budget} | {warmth} | {r['above_base'] / mib:.0f} MiB | {r['bound'] / mib:.0f} MiB "
+                  f"| {'yes' if r['above_base'] <= r['bound'] else 'no'} "
+                  f"| {r['sampled'] / mib:.0f} MiB | {r['unmanaged'] / mib:.0f} MiB "
+                  f"| {r['above_made'] / mib:.0f} MiB |", flush=True)
+    grown = run("meta", "-")["grown"]
+    print(f"plain PyTorch, a fresh process: building this GPT-2 on meta (no tensor memory) grew "
+          f"the resident set by {grown / mib:.0f} MiB, kept after the model is deleted")
     return 0
 
 

@@ -171,6 +171,28 @@ def test_the_ceiling_keeps_trims_below_the_process_bound(governed):
     assert gov.trims == 2 and gov.next_trim == ceiling                # the ceiling holds again
 
 
+def test_rebase_moves_the_ceiling_and_hand_back_trims_uncounted(governed):
+    """The first iteration's base (NOTE [The process's base]): `hand_back` trims without
+    counting a trim (only while steering glibc), and `rebase` moves the ceiling to count
+    from the new base, keeping the slack rule's limits."""
+    gov, libc = governed
+    budget = 180 * MiB
+    gov.hand_back()
+    assert libc.trims == 0                                # not started: glibc is not ours
+    libc.rss, libc.rss_after_trim = 300 * MiB, 250 * MiB
+    gov.start(budget, rss_start=200 * MiB)
+    libc.rss_after_trim = 450 * MiB
+    gov.tighten()
+    assert gov.limit == malloc.trim_ceiling(200 * MiB, budget) < 450 * MiB + gov.slack
+    trims = libc.trims
+    gov.hand_back()
+    assert libc.trims == trims + 1 and gov.trims == 0 and gov.given_back == 0
+    gov.rebase(230 * MiB)
+    assert gov.limit == malloc.trim_ceiling(230 * MiB, budget) < 450 * MiB + gov.slack
+    gov.rebase(100 * MiB)                 # a ceiling below the live bytes: the floor holds
+    assert gov.limit == 450 * MiB + malloc._MIN_TRIM_STEP
+
+
 def test_trim_above_trims_only_above_its_ceiling_and_only_while_steering(governed):
     gov, libc = governed
     libc.rss, libc.rss_after_trim = 500 * MiB, 300 * MiB

@@ -277,14 +277,13 @@ PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE = 128 * 2**20, 5     # process_slack's 
 
 
 def process_slack(budget: int) -> int:
-    """How far above its resident set when the OutOfCore was made, plus the budget, the
-    whole process grew at most on the workloads measured (docs/state.md, "Figures"):
+    """How far above its base (NOTE [The process's base] in run/ooc.py), plus the budget,
+    the whole process grew at most on the workloads measured (docs/state.md, "Figures"):
     128 MiB + budget/5. It holds what no plan counts: memory PyTorch itself keeps from a
     training step's first run (thread pools, library buffers, kernels' code: about
     70 MiB, plain PyTorch's too), the mover's two 8 MiB staging buffers, the heap the
     allocator keeps between trims, pages of mapped state read between iterations. A
-    measured figure, not a guarantee: nothing plans for it, and a library's first step
-    can take more (a transformers GPT-2 did: README, "Limits today")."""
+    measured figure, not a guarantee: nothing plans for it (README, "Limits today")."""
     return PROCESS_SLACK_BYTES + budget // PROCESS_SLACK_SHARE
 
 
@@ -393,6 +392,15 @@ class _Governor:
         self._trim(rss)
         return True
 
+    def hand_back(self) -> None:
+        """Hand the heap's free pages back now, counted in no iteration: the process
+        bound's base is measured after it (NOTE [The process's base] in run/ooc.py)."""
+        if self._told and self.libc is not None:
+            self.libc.malloc_trim(0)
+
+    def rebase(self, rss_start: int) -> None:
+        """The process bound now counts from `rss_start`: the trim ceiling follows."""
+
     def _trim(self, rss: int) -> int:
         """Hand the heap's free pages back and count it; returns the resident set after."""
         self.libc.malloc_trim(0)
@@ -478,6 +486,14 @@ class TrimGovernor(_Governor):
         limit = resident_bytes() + budget + slack
         self._limits = _Limits(limit, limit, slack, False, False, ceiling, 0)     # last: active
         return ok
+
+    def rebase(self, rss_start: int) -> None:
+        state = self._limits
+        if state is None:
+            return
+        new = state._replace(ceiling=trim_ceiling(rss_start, self.budget))
+        if self._limits is state:               # not stopped meanwhile
+            self._limits = new
 
     def tighten(self) -> None:
         """The budget is full: from now on the resident set may exceed today's by a slack."""

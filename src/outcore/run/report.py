@@ -32,8 +32,8 @@ class IterationStats:
     trims: int = 0             # times the memory governor gave the heap's free pages back
     trimmed_bytes: int = 0     # what those trims took off the resident set: the step faults
                                # it in again where it reuses the memory
-    rss_above_start: int = 0   # the process's peak resident set above its size when the
-                               # OutOfCore was made (sampled every op, 500 Hz at most)
+    rss_above_start: int = 0   # the process's peak resident set above its base, `rss_start`
+                               # (sampled every op, 500 Hz at most)
     unmanaged: int = 0         # the most of that which was not managed tensors
     bytes_recomputed: int = 0  # activations made again instead of read back
     plan_s: float = 0.0        # a recording's planning, after the step (not in `seconds`)
@@ -62,11 +62,13 @@ class Report:
     planned_out: int | None
     pinned_bytes: int
     iterations: tuple[IterationStats, ...] = field(default_factory=tuple)
-    rss_start: int = 0         # the process's resident set when the OutOfCore was made
+    rss_start: int = 0         # the process's base: its resident set when the first iteration
+                               # began, less the managed bytes (NOTE [The process's base])
     planned_recomputed: int = 0    # bytes of activations the plan recomputes per iteration
     recomputed_arrays: int = 0     # how many
     huge_pages: str = ""           # PyTorch's huge pages for large CPU tensors: "on (...)" or
                                    # "off: why" (memory/pages.py); "" for a GPU budget
+    rss_made: int = 0              # the resident set when the OutOfCore was made
     rss_bound: int = 0             # how far above rss_start the process grew at most on the
                                    # workloads measured (malloc.process_slack); 0 where that
                                    # was not measured (a GPU budget, return_freed_memory other
@@ -129,8 +131,10 @@ class Report:
         if self.huge_pages:
             lines.append(f"  huge pages for tensors: {self.huge_pages}")
         if self.iterations:
-            lines.append(f"  resident set: {format_bytes(self.rss_start)} when made; per iteration "
-                         "its peak above that (rss+) and the most of it that was not managed "
+            made = (f"{format_bytes(self.rss_made)} when made, " if self.rss_made else "")
+            lines.append(f"  resident set: {made}{format_bytes(self.rss_start)} when the first "
+                         "iteration began (less the managed bytes: the base); per iteration "
+                         "its peak above the base (rss+) and the most of it that was not managed "
                          "tensors (unmanaged: heap kept, library buffers, mapped pages)"
                          + (f"; on the workloads measured in docs/state.md rss+ stayed within "
                             f"the budget + {format_bytes(PROCESS_SLACK_BYTES)} + budget/"
