@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/outcore demo
 
+# Bytecode for the many child processes the tests start: an environment with
+# PYTHONDONTWRITEBYTECODE=1 (as here) would compile outcore again in every one.
 test: $(STAMP)
+	$(PY) -m compileall -q src benchmarks tests > /dev/null
 	$(PY) -m pytest
 
 clean:

@@ -31,7 +31,6 @@ CHILD = textwrap.dedent("""
         step()
         with outcore.record() as rec:
             step()
-        step()
         managed_peak = rec.trace.peak(actual=True)[0]
     else:
         budget = int(sys.argv[3])
@@ -57,7 +56,7 @@ def _run(*args) -> tuple[int, int]:
 
 
 def test_quarter_budget_halves_peak_rss():
-    batch = 224
+    batch = 160
     incore_rss, managed_peak = _run("incore", batch)
     ooc_rss, _ = _run("ooc", batch, managed_peak // 4)
     print(f"in-core peak RSS {incore_rss / 2**20:.0f} MiB (managed peak {managed_peak / 2**20:.0f} MiB); "

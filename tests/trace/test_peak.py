@@ -40,7 +40,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-CASES = [("mlp", 8192), ("resnet18", 32), ("gpt2-tiny", 64)]
+CASES = [("mlp", 4096), ("resnet18", 32), ("gpt2-tiny", 64)]
 
 
 @pytest.fixture(scope="module")
