@@ -468,8 +468,8 @@ class TrimGovernor(_Governor):
     def start(self, budget: int, rss_start: int | None = None) -> bool:
         """Every allocation on the heap, no trimming but ours. Once: later calls (and
         calls without glibc) return False. With `rss_start` (the resident set when the
-        OutOfCore was made), from the first eviction on no trim point is above
-        `trim_ceiling(rss_start, budget)` unless the live bytes alone are. Raises
+        OutOfCore was made; `rebase` moves it), from the first eviction on no trim point
+        is above `trim_ceiling(rss_start, budget)` unless the live bytes alone are. Raises
         OutcoreError while another governor steers glibc (NOTE [One governor per
         process])."""
         if self.libc is None or self._limits is not None:

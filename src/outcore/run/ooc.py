@@ -458,7 +458,7 @@ class OutOfCore:
     def _page(self) -> None:
         """Between iterations, with state left mapped: keep pages read from mapped state
         within what the budget leaves free plus PAGER_SLACK, and within the pager's floor
-        while the whole resident set is above its start plus the budget plus PAGER_SLACK;
+        while the whole resident set is above its base plus the budget plus PAGER_SLACK;
         the first time it is, give the step's freed heap back first (NOTE [Mapped
         state], rule 2)."""
         res = self._res
@@ -608,7 +608,7 @@ class OutOfCore:
 
     # -- reporting -----------------------------------------------------------------------
     def _rss_bound(self) -> int:
-        """How far above its start the process grew at most on the workloads measured
+        """How far above its base the process grew at most on the workloads measured
         (malloc.process_slack); 0 where that was not measured: a GPU budget, or
         return_freed_memory other than "trim"."""
         if self._governor is None or self._governor.mode != "trim":

@@ -104,7 +104,7 @@ def _measured(ax, log, budget: int, rss_start: int) -> None:
     rss = [(t, (r[7] - rss_start) / MIB) for t, r in zip(ms, rows) if r[7]]
     if rss:
         xs, ys = _steps([t for t, _ in rss], [v for _, v in rss], end)
-        ax.plot(xs, ys, color="#ff7f0e", linewidth=1.2, label="resident set above its start")
+        ax.plot(xs, ys, color="#ff7f0e", linewidth=1.2, label="resident set above its base")
     ax.axhline(budget / MIB, color="black", linestyle="--", linewidth=1.2,
                label=f"budget {budget / MIB:.0f} MiB")
     _swap_marks(ax, [((start - log.origin) * 1e3, d) for _, d, _, start, _ in log.transfers],

@@ -9,7 +9,7 @@ Each has three tracks (threads): compute, one slice per function (its op, phase 
 index; the gaps where the step waited for the disk are slices of their own), and one
 track per transfer direction, one slice per swap (array id, category, bytes). Counters:
 the fast tier's bytes (simulated: by category, stacked; measured: the managed tensors
-and the process's resident set above its start), the bytes only on the slow tier, and
+and the process's resident set above its base), the bytes only on the slow tier, and
 the budget. Times are microseconds (the format's unit), rounded to nanoseconds.
 
 `chrome_trace(...)` assembles the JSON object; `write(path, obj)` writes it whole or not
@@ -156,7 +156,7 @@ def measured_events(trace, log, *, budget: int, rss_start: int = 0,
     # 3. Counters.
     events += _changes(pid, "fast tier (bytes)", resident)
     events += _changes(pid, "slow tier only (bytes)", slow)
-    events += _changes(pid, "resident set above start (bytes)", rss)
+    events += _changes(pid, "resident set above base (bytes)", rss)
     for t_s in (0.0, log.end - origin):
         events.append(_counter(pid, "budget (bytes)", t_s, {"bytes": budget}))
     if log.deviation is not None:
