@@ -272,6 +272,9 @@ def test_the_process_stays_within_its_bound_while_reading_and_saving_state_betwe
                          timeout=300)
     assert out.returncode == 0, out.stderr
     made, building, base, peak, bound, budget, most = (int(v) for v in out.stdout.split())
+    print(f"building {(building - made) / MiB:.0f} MiB above OutOfCore(); then "
+          f"{(peak - base) / MiB:.0f} MiB above the base, {(peak - made) / MiB:.0f} above "
+          f"OutOfCore(); bound {bound / MiB:.0f} MiB")      # docs/state.md (pytest -s)
     assert bound == budget + 128 * MiB + budget // 5
     # Building, from OutOfCore(); then the iterations, reading and saving, from the base
     # the report counts rss+ from (NOTE [The process's base]).

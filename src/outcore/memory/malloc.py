@@ -416,7 +416,7 @@ class _Governor:
 
 class _Limits(NamedTuple):
     """The trim governor's state, replaced whole by one attribute store. `limit` and
-    `next` are kept as the slack rule gives them; `trim_point` lowers them to the
+    `next` are kept as the slack rule gives them; `capped` lowers them to the
     ceiling where they are used, so a change of slack (`know_peak`) moves them alike
     and never below it."""
     limit: int          # trim when the resident set passes this...

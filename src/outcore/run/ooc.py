@@ -27,7 +27,7 @@ NOTE [The process's base]
 The whole process is measured against a base: its resident set when the first
 iteration begins, as a user reading VmRSS just before `with ooc.iteration():` would
 see it (what they hold: data, libraries' code, a library's first-use cost such as
-transformers' 136 MiB at its first model, made on `meta` too), less what is outcore's
+transformers' 135 MiB at its first model, made on `meta` too), less what is outcore's
 to bound:
   1. The heap's free pages are handed back first (`hand_back`): what building or
      loading freed is not counted as the user's.
@@ -38,8 +38,9 @@ to bound:
   4. The trim governor's ceiling and the pager count from the lower of the base and
      the size at OutOfCore() (`_limits_base`, `rebase`): where building left memory
      behind (the mover's buffers, a library's first-use cost), counting from the base
-     would let the process keep that much more heap. Tried: on a transformers GPT-2
-     under 64 MiB, 14 MiB higher peaks for a third of the trims at the same speed.
+     would let the process keep that much more heap. Tried (CHANGELOG): on a
+     transformers GPT-2 under 64 MiB, 14 MiB higher peaks for a third of the trims at
+     the same speed.
 rss+ (`IterationStats.rss_above_start`) is the peak above this base; the report
 prints it beside `_rss_bound()`. The resident set when the OutOfCore was made stays
 in the report (`rss_made`): building is measured from it (benchmarks/big_state.py).
