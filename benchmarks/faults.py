@@ -873,11 +873,17 @@ def child_soak(args) -> None:
 # ---------------------------------------------------------------------------------------
 # Parent side: run children, tally
 # ---------------------------------------------------------------------------------------
+def start_child(argv: list[str], **popen) -> subprocess.Popen:
+    """A fresh Python running `argv`. The tests swap in tests/zygote.py's forked children,
+    which skip importing torch again and behave alike for everything a trial looks at."""
+    return subprocess.Popen([sys.executable, *argv], **popen)
+
+
 def _spawn(argv: list[str]) -> tuple[subprocess.Popen, str]:
     err = tempfile.NamedTemporaryFile("w", prefix="faults-stderr-", delete=False)
     errpath = err.name
-    proc = subprocess.Popen([sys.executable, HERE, *argv], stdout=subprocess.PIPE, stderr=err,
-                            text=True, bufsize=1, start_new_session=True)
+    proc = start_child([HERE, *argv], stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+                       start_new_session=True)
     err.close()
     return proc, errpath
 

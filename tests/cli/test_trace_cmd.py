@@ -1,9 +1,8 @@
 """`outcore trace` from the command line."""
-import subprocess
-import sys
-
 import outcore
 from outcore.cli.main import main
+
+from .. import zygote
 
 
 def test_trace_meta_writes_a_loadable_trace(tmp_path, capsys):
@@ -23,8 +22,7 @@ def test_trace_real_adam(tmp_path, capsys):
 
 
 def test_help_lists_models_and_an_example():
-    result = subprocess.run([sys.executable, "-m", "outcore.cli.main", "trace", "--help"],
-                            capture_output=True, text=True)
+    result = zygote.run(["-m", "outcore.cli.main", "trace", "--help"], timeout=120)
     assert result.returncode == 0
     for word in ("resnet50", "gpt2", "mlp", "--device", "example"):
         assert word in result.stdout

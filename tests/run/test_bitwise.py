@@ -43,7 +43,7 @@ def _train(name, optimizer, which, policy="adaptive"):
 
 @pytest.mark.parametrize("which", ["fits", "half", "tight"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("name", ["mlp", "resnet18", "gpt2-tiny"])
+@pytest.mark.parametrize("name", ["mlp", "resnet18-tiny", "gpt2-tiny"])
 def test_bitwise_equal_adaptive(name, optimizer, which):
     budget, result, report = _train(name, optimizer, which)
     assert_same_training(result)
@@ -59,7 +59,7 @@ def test_bitwise_equal_adaptive(name, optimizer, which):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", ["resnet18", "gpt2-tiny"])
+@pytest.mark.parametrize("name", ["resnet18-tiny", "gpt2-tiny"])
 def test_bitwise_equal_every_policy_tight(name, policy):
     budget, result, report = _train(name, "adam", "tight", policy)
     assert_same_training(result)
@@ -96,7 +96,7 @@ def test_bf16_autocast_step():
         w.optimizer.zero_grad()
         return loss
     def make():                 # bfloat16 convolutions are slow on CPU: a small batch
-        return build("resnet18", "sgd", batch=2)
+        return build("resnet18-tiny", "sgd", batch=2)
     budget = budgets(recorded_trace(make, step))["half"]
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         assert_same_training(train_twins(make, step, ooc))
@@ -115,6 +115,6 @@ def test_gradient_accumulation_in_one_iteration():
         w.optimizer.step()
         w.optimizer.zero_grad()
         return total
-    budget = budgets(recorded_trace(lambda: build("resnet18", "adam"), step))["half"]
+    budget = budgets(recorded_trace(lambda: build("resnet18-tiny", "adam"), step))["half"]
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
-        assert_same_training(train_twins(lambda: build("resnet18", "adam"), step, ooc))
+        assert_same_training(train_twins(lambda: build("resnet18-tiny", "adam"), step, ooc))

@@ -19,10 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from .. import zygote
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("faults", ROOT / "benchmarks" / "faults.py")
 faults = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(faults)
+faults.start_child = zygote.Child          # forks of one process that imported torch once
 
 # The built-in MLP at a quarter of its width: the same ops, a fraction of the time.
 SGD, ADAM = faults.parse_cfg("mlp@256:sgd:32"), faults.parse_cfg("mlp@256:adam:32")

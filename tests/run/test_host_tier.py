@@ -331,7 +331,7 @@ def _train_host(name, host_budget, monkeypatch):
 
 
 @pytest.mark.parametrize("tier", ["host", "spill"])
-@pytest.mark.parametrize("name", ["resnet18", "gpt2-tiny"])
+@pytest.mark.parametrize("name", ["resnet18-tiny", "gpt2-tiny"])
 def test_bitwise_equal_on_three_tiers(emulated, monkeypatch, name, tier):
     """Adam at the tight budget, with the host tier unbounded ("host"), or ("spill") with
     host_budget the state left there between iterations plus a quarter of what the step
@@ -365,8 +365,8 @@ def test_state_larger_than_the_host_budget_is_refused_and_loses_nothing(emulated
     which on a GPU cannot be mapped from the disk: HostBudgetTooSmall when the recording
     that planned ends (that step completed, bitwise), and the next iteration does not
     start."""
-    budget = budgets(steady_trace("resnet18", "adam"))["tight"]
-    plain, managed = build("resnet18", "adam"), build("resnet18", "adam")
+    budget = budgets(steady_trace("resnet18-tiny", "adam"))["tight"]
+    plain, managed = build("resnet18-tiny", "adam"), build("resnet18-tiny", "adam")
     with outcore.OutOfCore(budget=budget, offload="host", host_budget=0, min_move_bytes=0) as ooc:
         with pytest.raises(outcore.HostBudgetTooSmall, match="Raise host_budget to at least") as err:
             for _ in range(4):
@@ -389,9 +389,9 @@ def test_state_stays_on_the_host_tier_between_iterations(emulated, tmp_path):
     values, writes between iterations are honoured by the next one, and after close()
     the tensors are still whole."""
     from outcore.states import MAPPED
-    trace = steady_trace("resnet18", "sgd")
+    trace = steady_trace("resnet18-tiny", "sgd")
     budget = budgets(trace)["half"]
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     ooc = outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0)
     for it in range(5):
         plain.step()

@@ -2,8 +2,6 @@
 import io
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 
 import outcore
 
+from .. import zygote
 from ..trace.helpers import assert_bitwise_equal, state_of
 from .twins import assert_same_training, budgets, build, steady_trace, train_twins
 
@@ -23,19 +22,19 @@ def _trained(state: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def resnet_trace():
-    return steady_trace("resnet18", "sgd")
+    return steady_trace("resnet18-tiny", "sgd")
 
 
 def test_budget_below_minimum_fails_before_training(resnet_trace):
-    w = build("resnet18", "sgd")
+    w = build("resnet18-tiny", "sgd")
     before = state_of(w.model, w.optimizer)
-    ooc = outcore.OutOfCore(budget=1024 * 1024, min_move_bytes=0)
+    ooc = outcore.OutOfCore(budget=160 * 1024, min_move_bytes=0)
     with pytest.raises(outcore.InfeasibleBudget) as err:
         with ooc.iteration():
             w.step()
     message = str(err.value)
     assert "function" in message and "smallest feasible budget" in message and "forward" in message
-    assert err.value.min_feasible_bytes > 1024 * 1024
+    assert err.value.min_feasible_bytes > 160 * 1024
     # Nothing trained: parameters and optimizer state are untouched. (The forward pass up
     # to the failing op updated BatchNorm statistics, as an out-of-memory error would.)
     assert_bitwise_equal(_trained(before), _trained(state_of(w.model, w.optimizer)))
@@ -75,7 +74,7 @@ def test_bad_arguments_are_clear():
 
 def test_swap_file_never_visible_and_nothing_left(tmp_path, resnet_trace):
     budget = budgets(resnet_trace)["half"]
-    w = build("resnet18", "sgd")
+    w = build("resnet18-tiny", "sgd")
     with outcore.OutOfCore(budget=budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
         for _ in range(3):
             with ooc.iteration():
@@ -96,7 +95,7 @@ def _fail_writes(monkeypatch, errno_value):
 def test_disk_full_while_growing_swap_loses_nothing(monkeypatch, resnet_trace):
     from outcore.run.movers import disk
     budget = budgets(resnet_trace)["half"]
-    w = build("resnet18", "sgd")
+    w = build("resnet18-tiny", "sgd")
     before = state_of(w.model, w.optimizer)
 
     def full(fd, offset, length):
@@ -117,7 +116,7 @@ def test_disk_full_while_growing_swap_loses_nothing(monkeypatch, resnet_trace):
 
 def test_io_error_during_write_keeps_the_tensor(monkeypatch, resnet_trace):
     budget = budgets(resnet_trace)["half"]
-    w = build("resnet18", "sgd")
+    w = build("resnet18-tiny", "sgd")
     before = state_of(w.model, w.optimizer)
     ooc = outcore.OutOfCore(budget=budget, min_move_bytes=0)
     _fail_writes(monkeypatch, 5)
@@ -148,7 +147,7 @@ def test_real_full_disk_in_a_child_process(tmp_path):
         same = all(torch.equal(a, b) for a, b in zip(ref, w.model.parameters()))
         print("PARAMS_INTACT", same)
     """)
-    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    out = zygote.run(["-c", child], timeout=120)
     assert "ERROR" in out.stdout and "exhausted" in out.stdout, out.stdout + out.stderr
     assert "PARAMS_INTACT True" in out.stdout
     assert list(tmp_path.iterdir()) == []
@@ -175,7 +174,7 @@ def test_interrupted_iteration_recovers(resnet_trace, monkeypatch, offload):
         w.optimizer.zero_grad()
         return loss
 
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     with outcore.OutOfCore(budget=budget, offload=offload, min_move_bytes=0) as ooc:
         for it in range(5):
             interrupt = it == 3
@@ -208,8 +207,7 @@ def test_keyboard_interrupt_in_a_child_leaves_no_swap(tmp_path):
             if i == 2:                # recorded, planned, and replaying from now on
                 print("READY", flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = zygote.Child(["-c", child])
     assert proc.stdout.readline().strip() == "READY"
     import time
     time.sleep(0.5)                   # a few iterations on
@@ -233,7 +231,7 @@ def test_non_static_step_deviates_and_stays_exact(resnet_trace):
         w.optimizer.zero_grad()
         return loss
 
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         for it in range(6):
             step(plain, it)
@@ -248,12 +246,12 @@ def test_non_static_step_deviates_and_stays_exact(resnet_trace):
 
 def test_a_different_batch_shape_deviates_and_stays_exact(resnet_trace):
     budget = budgets(resnet_trace)["half"]
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     small = tuple(t[:4] for t in plain.batch)
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         for it in range(5):
             for w in (plain, managed):
-                w.batch = small if it == 3 else tuple(t for t in build("resnet18", "sgd").batch)
+                w.batch = small if it == 3 else tuple(t for t in build("resnet18-tiny", "sgd").batch)
             plain.step()
             with ooc.iteration():
                 managed.step()
@@ -264,7 +262,7 @@ def test_a_different_batch_shape_deviates_and_stays_exact(resnet_trace):
 
 def test_reading_and_saving_between_iterations(resnet_trace, tmp_path):
     budget = budgets(resnet_trace)["half"]
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         for it in range(4):
             plain.step()
@@ -293,7 +291,7 @@ def test_reading_and_saving_between_iterations(resnet_trace, tmp_path):
 
 def test_from_numpy_tensor_in_the_step(resnet_trace):
     budget = budgets(resnet_trace)["half"]
-    plain = build("resnet18", "sgd")
+    plain = build("resnet18-tiny", "sgd")
     images = plain.batch[0].numpy().copy()
 
     def step(w):
@@ -302,7 +300,7 @@ def test_from_numpy_tensor_in_the_step(resnet_trace):
         loss.backward(); w.optimizer.step(); w.optimizer.zero_grad()
         return loss
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
-        assert_same_training(train_twins(lambda: build("resnet18", "sgd"), step, ooc))
+        assert_same_training(train_twins(lambda: build("resnet18-tiny", "sgd"), step, ooc))
     assert np.array_equal(images, plain.batch[0].numpy())     # the numpy memory is untouched
 
 
@@ -316,7 +314,7 @@ def test_everything_fits_follows_the_step_without_tracking(resnet_trace):
         loss = torch.nn.functional.cross_entropy(h, w.batch[1])
         loss.backward(); w.optimizer.step(); w.optimizer.zero_grad()
 
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         for it in range(6):
             step(plain, it)
@@ -338,13 +336,13 @@ def test_direct_reads_inside_an_iteration_see_the_right_values(resnet_trace):
     seen = {"plain": [], "ooc": []}
 
     def step(w, key, it):
-        kept = torch.full((2 << 20,), float(it + 1)) * 3        # 8 MiB, held by this variable
+        kept = torch.full((1 << 17,), float(it + 1)) * 3        # 512 KiB, held by this variable
         loss = w.loss()
         loss.backward(); w.optimizer.step(); w.optimizer.zero_grad()
         seen[key].append((kept.numpy().sum(), sum(kept.tolist()), np.asarray(kept).max()))
         return loss
 
-    plain, managed = build("resnet18", "sgd"), build("resnet18", "sgd")
+    plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         for it in range(4):
             step(plain, "plain", it)

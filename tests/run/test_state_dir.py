@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +13,8 @@ import torch
 
 import outcore
 from outcore.errors import OutcoreError
+
+from .. import zygote
 
 TOTAL = 10
 
@@ -85,8 +85,7 @@ CHILD = textwrap.dedent("""
 
 
 def run(directory, kill="none", total=TOTAL):
-    return subprocess.run([sys.executable, "-c", CHILD, str(directory), str(total), kill],
-                          capture_output=True, text=True, timeout=300)
+    return zygote.run(["-c", CHILD, str(directory), str(total), kill], timeout=300)
 
 
 def finished(out):
@@ -103,7 +102,7 @@ KILLS = ["mid-pickle", "before-rename", "after-link"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every child process of the tests below, in order within each test, two tests at a
-    time (a child spends most of its time importing torch, on one core). Each test has
+    time; each child is a fork of one process that imported torch (tests/zygote.py). Each test has
     its own state directory: {test: (directory, [its runs])}."""
     root = tmp_path_factory.mktemp("state")
 

@@ -119,8 +119,9 @@ _register(Spec(name="mlp", description="4-layer MLP, width 1024, 512 inputs, 10 
                    torch.randint(0, 10, (batch,), device=device, generator=generator)),
                loss=_classify_loss, default_batch=256))
 for _name, _desc in (("resnet18", "ResNet-18 (torchvision layout), 1000 classes"),
+                     ("resnet18-tiny", "ResNet-18 layout at a quarter width, 1000 classes (for tests)"),
                      ("resnet50", "ResNet-50 (torchvision layout), 1000 classes")):
-    _register(Spec(name=_name, description=_desc, build_model=_resnet(_name),
+    _register(Spec(name=_name, description=_desc, build_model=_resnet(_name.replace("-", "_")),
                    make_batch=lambda batch, device, generator, image_size=224, **_: _image_batch(
                        batch, device, image_size, 1000, generator),
                    loss=_classify_loss, default_batch=32))

@@ -82,8 +82,14 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet18(num_classes=1000, in_channels=3) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels=in_channels)
+def resnet18(num_classes=1000, in_channels=3, width=64) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, width=width, in_channels=in_channels)
+
+
+def resnet18_tiny(num_classes=1000, in_channels=3) -> ResNet:
+    """ResNet-18's layers at a quarter of its width (16 channels first): every kind of
+    op and block of the full network, a sixteenth of its parameters, for tests."""
+    return resnet18(num_classes, in_channels, width=16)
 
 
 def resnet50(num_classes=1000, in_channels=3) -> ResNet:
