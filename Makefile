@@ -18,9 +18,11 @@ demo: $(STAMP)
 
 # Bytecode for the many child processes the tests start: an environment with
 # PYTHONDONTWRITEBYTECODE=1 (as here) would compile outcore again in every one.
+# Two pytest workers, a test file each at a time, one torch thread each (tests/conftest.py):
+# much of a test's time is Python on one core, so two of them keep both cores busy.
 test: $(STAMP)
 	$(PY) -m compileall -q src benchmarks tests > /dev/null
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -33,8 +33,8 @@ def test_exit_status_and_output_as_python_gives_them(code, rc, out, err):
 def test_signals_reach_the_child_alone(tmp_path):
     child = zygote.Child(["-c", textwrap.dedent("""
         import os, time
-        print(os.getpid(), os.getsid(0), flush=True)
         try:
+            print(os.getpid(), os.getsid(0), flush=True)
             time.sleep(60)
         except KeyboardInterrupt:
             print("interrupted", flush=True)

@@ -441,8 +441,8 @@ def test_sigint_inside_the_host_mover(emulated, monkeypatch, point):
     PyTorch from there (the disk tier's version: test_interrupts.py)."""
     from .test_interrupts import interrupted_then_plain, warm
     owner, name, n = _host_points()[point]
-    budget = budgets(steady_trace("mlp", "adam"))["tight"]
-    w = warm("mlp", "adam")
+    budget = budgets(steady_trace("mlp-tiny", "adam"))["tight"]
+    w = warm("mlp-tiny", "adam")
     with outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0) as ooc:
         interrupted_then_plain(monkeypatch, w, ooc, owner, name, n,
                                again=lambda: monkeypatch.setattr(host, "default_link", EmulatedLink))

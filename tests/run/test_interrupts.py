@@ -31,7 +31,7 @@ from .twins import budgets, build, steady_trace
 
 @pytest.fixture(scope="module")
 def mlp_budget():
-    return budgets(steady_trace("mlp", "adam"))["tight"]
+    return budgets(steady_trace("mlp-tiny", "adam"))["tight"]
 
 
 def _storages(w):
@@ -74,8 +74,9 @@ def warm(name, optimizer):
 
 
 def continue_like_plain(w, ooc, iterations=3):
-    """A plain twin takes over w's exact state; both train on; they must stay equal."""
-    twin = warm("mlp", "adam")
+    """A plain twin takes over w's exact state (w is an "mlp-tiny" with Adam); both train
+    on; they must stay equal."""
+    twin = warm("mlp-tiny", "adam")
     twin.model.load_state_dict(copy.deepcopy(w.model.state_dict()))
     twin.optimizer.load_state_dict(copy.deepcopy(w.optimizer.state_dict()))
     for p, q in zip(twin.model.parameters(), w.model.parameters()):
@@ -144,7 +145,7 @@ def interrupted_then_plain(monkeypatch, w, ooc, owner, name, n, again=None) -> N
 def test_sigint_inside_the_executor(monkeypatch, mlp_budget, owner, name, n):
     # One plain step first: Adam's lazily created state exists before any interrupt (an
     # interrupt inside its creation breaks the optimizer in plain PyTorch just the same).
-    w = warm("mlp", "adam")
+    w = warm("mlp-tiny", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
         interrupted_then_plain(monkeypatch, w, ooc, owner, name, n)
 
@@ -152,7 +153,7 @@ def test_sigint_inside_the_executor(monkeypatch, mlp_budget, owner, name, n):
 def test_exception_in_the_write_thread_keeps_the_tensor(monkeypatch, mlp_budget):
     """A non-I/O failure inside the mover's worker thread (here a MemoryError) becomes an
     OutcoreError; the tensor it was writing stays in RAM, intact."""
-    w = warm("mlp", "adam")
+    w = warm("mlp-tiny", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
         def boom():
             raise MemoryError("injected")
@@ -270,7 +271,7 @@ def _failing_reads(monkeypatch, first: int, last: float):
 
 
 def test_a_transient_read_error_is_retried_and_loses_nothing(monkeypatch, mlp_budget):
-    w = warm("mlp", "adam")
+    w = warm("mlp-tiny", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
         train(ooc, w)
         calls = _failing_reads(monkeypatch, 1, 1)
@@ -284,7 +285,7 @@ def test_a_transient_read_error_is_retried_and_loses_nothing(monkeypatch, mlp_bu
 
 
 def test_a_dead_disk_raises_and_close_reads_back_once_it_works(monkeypatch, mlp_budget):
-    w = warm("mlp", "adam")
+    w = warm("mlp-tiny", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
         train(ooc, w)
         _failing_reads(monkeypatch, 1, float("inf"))

@@ -9,7 +9,7 @@ from outcore.plan.feasibility import min_feasible_budget
 
 from ..trace.helpers import assert_bitwise_equal, state_of
 
-SIZES = {"mlp": {}, "resnet18-tiny": {"image_size": 32}, "gpt2-tiny": {"seq_len": 32}}
+SIZES = {"mlp": {}, "mlp-tiny": {}, "resnet18-tiny": {"image_size": 32}, "gpt2-tiny": {"seq_len": 32}}
 
 
 def build(name, optimizer, batch=8, seed=0):

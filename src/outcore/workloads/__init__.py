@@ -112,12 +112,14 @@ def _register(spec: Spec):
     SPECS[spec.name] = spec
 
 
-_register(Spec(name="mlp", description="4-layer MLP, width 1024, 512 inputs, 10 classes",
-               build_model=lambda **_: _mlp(),
-               make_batch=lambda batch, device, generator, **_: (
-                   torch.randn(batch, 512, device=device, generator=generator),
-                   torch.randint(0, 10, (batch,), device=device, generator=generator)),
-               loss=_classify_loss, default_batch=256))
+for _name, _desc, _width in (("mlp", "4-layer MLP, width 1024, 512 inputs, 10 classes", 1024),
+                             ("mlp-tiny", "the MLP at a quarter width, 256 (for tests)", 256)):
+    _register(Spec(name=_name, description=_desc,
+                   build_model=(lambda width: lambda **_: _mlp(width=width))(_width),
+                   make_batch=lambda batch, device, generator, **_: (
+                       torch.randn(batch, 512, device=device, generator=generator),
+                       torch.randint(0, 10, (batch,), device=device, generator=generator)),
+                   loss=_classify_loss, default_batch=256))
 for _name, _desc in (("resnet18", "ResNet-18 (torchvision layout), 1000 classes"),
                      ("resnet18-tiny", "ResNet-18 layout at a quarter width, 1000 classes (for tests)"),
                      ("resnet50", "ResNet-50 (torchvision layout), 1000 classes")):
