@@ -6,7 +6,8 @@ import torch
 
 # Keep runs deterministic and cheap on the 2-core machines CI uses: at most two threads,
 # and the cores shared among `make test`'s pytest workers (pytest-xdist sets the count).
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 # A shell started in the background without job control hands its children SIGINT
 # ignored, and Python then installs no KeyboardInterrupt handler: every Ctrl-C test

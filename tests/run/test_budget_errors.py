@@ -228,3 +228,28 @@ def test_the_first_iteration_counts_what_existed_before_within_the_budget():
                         w.grad = None
         peaks = [it.peak_resident for it in ooc.report().iterations]
     assert max(peaks) <= budget, (peaks, budget)
+
+
+def test_created_bytes_asks_once_per_signature_and_keeps_no_object(monkeypatch):
+    """Remembered per op and signature (sizes, strides, dtype, plain values): the same
+    call asks its meta kernel once; another stride, dtype or value asks again; an
+    argument that is no plain value (here a generator) is never remembered."""
+    from outcore.run import on_demand
+    aten = torch.ops.aten
+    asked = []
+    real = on_demand._created_bytes
+    monkeypatch.setattr(on_demand, "_created_bytes", lambda *a: asked.append(a[0]) or real(*a))
+    monkeypatch.setattr(on_demand, "_CREATED", {})
+    a, b = torch.randn(5, 2), torch.randn(2, 7)
+    for _ in range(3):
+        assert on_demand.created_bytes(aten.mm.default, (a, b), {}) == 140
+    assert asked == [aten.mm.default]
+    assert on_demand.created_bytes(aten.mm.default, (torch.randn(2, 5).t(), b), {}) == 140
+    assert on_demand.created_bytes(aten.mm.default, (a.double(), b.double()), {}) == 280
+    assert on_demand.created_bytes(aten.sum.dim_IntList, (a, [0], True), {}) == 8
+    assert on_demand.created_bytes(aten.sum.dim_IntList, (a, [1], True), {}) == 20
+    assert len(asked) == 5
+    g = torch.Generator()
+    on_demand.created_bytes(aten.randn.generator, ([3],), {"generator": g})
+    on_demand.created_bytes(aten.randn.generator, ([3],), {"generator": g})
+    assert len(asked) == 7 and len(on_demand._CREATED) == 5      # asked twice, kept never

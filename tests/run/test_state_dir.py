@@ -102,8 +102,8 @@ KILLS = ["mid-pickle", "before-rename", "after-link"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every child process of the tests below, in order within each test, two tests at a
-    time; each child is a fork of one process that imported torch (tests/zygote.py). Each test has
-    its own state directory: {test: (directory, [its runs])}."""
+    time; each child is a fork of one process that imported torch (tests/zygote.py).
+    Each test has its own state directory: {test: (directory, [its runs])}."""
     root = tmp_path_factory.mktemp("state")
 
     def random_kills(directory):

@@ -102,26 +102,33 @@ class _Unhashable(Exception):
     pass
 
 
+# Arguments other than tensors that a signature holds by value: plain values only, so
+# that the cache never keeps an object (a generator, a process group) alive.
+_PLAIN = (int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout,
+          torch.memory_format)
+
+
 def _signature(x):
     """What a meta kernel can see of `x`: a tensor's type, layout, dtype, sizes and
-    strides (the meta copy keeps nothing else: `_meta`), any other argument's value.
-    Raises _Unhashable for a value that cannot be a dictionary key."""
+    strides (the meta copy keeps nothing else: `_meta`), a plain argument's value.
+    Raises _Unhashable for anything else."""
     if isinstance(x, torch.Tensor):
-        return (type(x), x.layout, x.dtype, tuple(x.shape), x.stride() if x.layout == torch.strided else None)
+        return (type(x), x.layout, x.dtype, tuple(x.shape),
+                x.stride() if x.layout == torch.strided else None)
     if isinstance(x, (list, tuple)):
         return (type(x), tuple(_signature(y) for y in x))
     if isinstance(x, dict):
         return tuple((k, _signature(v)) for k, v in x.items())
-    try:
-        hash(x)
-    except TypeError:
-        raise _Unhashable from None
-    return (type(x), x)
+    if isinstance(x, _PLAIN):
+        return (type(x), x)
+    raise _Unhashable
 
 
 def created_bytes(func, args, kwargs) -> int | None:
     """`_created_bytes`, remembered per op and argument signature: the answer depends on
     nothing else."""
+    if func.namespace != "aten":
+        return None
     try:
         key = (func, _signature(args), _signature(kwargs))
     except _Unhashable:
