@@ -50,9 +50,12 @@ def test_signals_reach_the_child_alone(tmp_path):
 
 def test_cwd_environment_and_a_script(tmp_path, monkeypatch):
     script = tmp_path / "s.py"
-    script.write_text("import os, sys; print(os.getcwd(), os.environ['OUTCORE_ZYGOTE_TEST'], sys.path[0], sys.argv[1])")
+    script.write_text("import os, sys\n"
+                      "print(os.getcwd(), os.environ['OUTCORE_ZYGOTE_TEST'], sys.path[0],"
+                      " sys.argv[1])")
     monkeypatch.chdir(tmp_path)
-    done = zygote.run([str(script), "x"], env=dict(os.environ, OUTCORE_ZYGOTE_TEST="42"), timeout=60)
+    done = zygote.run([str(script), "x"], env=dict(os.environ, OUTCORE_ZYGOTE_TEST="42"),
+                      timeout=60)
     assert done.stdout.split() == [str(tmp_path), "42", str(tmp_path), "x"], done.stderr
 
 

@@ -1,10 +1,10 @@
 """Child processes for the tests, without paying `import torch` in each.
 
-Many tests run a child (`python -c CODE ARGS`, `-m MODULE ARGS` or a script) to kill it, interrupt it or
-resume after it. Each fresh interpreter spends ~2.5-3 s on this machine importing torch
-and outcore before it does anything, and those children are a good part of the suite's
-time. A *zygote* imports them once and then only forks: each child here is a fork of it
-that runs its code as a fresh interpreter would.
+Many tests run a child (`python -c CODE ARGS`, `-m MODULE ARGS` or a script) to kill
+it, interrupt it or resume after it. Each fresh interpreter spends ~2.5-3 s on this
+machine importing torch and outcore before it does anything, and those children were a
+good part of the suite's time. A *zygote* imports them once and then only forks: each
+child here is a fork of it that runs its code as a fresh interpreter would.
 
 What a child gets, as from `subprocess.Popen([sys.executable, *argv], ...)`:
   1. its own pid (signals, SIGKILL included, reach it alone), its own session if asked
@@ -34,7 +34,7 @@ import threading
 
 # The zygote itself: import what every child imports first, then fork on request.
 SERVER = r"""
-import array, json, os, signal, socket, sys, traceback
+import json, os, select, signal, socket, sys, traceback
 import torch, outcore
 
 ctl = socket.socket(fileno=int(sys.argv[1]))
@@ -118,11 +118,13 @@ def reap():
         s = children.pop(pid, None)
         if s is not None:
             code = -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
-            s.sendall(json.dumps(code).encode())
+            try:
+                s.sendall(json.dumps(code).encode())
+            except OSError:                    # nobody waits for it any more
+                pass
             s.close()
 
 
-import select
 while True:
     ready, _, _ = select.select([ctl], [], [], 0.02)
     reap()
@@ -135,7 +137,10 @@ while True:
     status = socket.socket(fileno=status_fd)
     pid = os.fork()
     if pid == 0:
-        run_child(json.loads(msg), out, err, status)
+        try:                                   # never back into this loop
+            run_child(json.loads(msg), out, err, status)
+        finally:
+            os._exit(1)
     os.close(out)
     os.close(err)
     children[pid] = status
@@ -181,12 +186,15 @@ class Child:
     def __init__(self, argv: list[str], *, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                  env: dict | None = None, text: bool = True, start_new_session: bool = False,
                  bufsize: int = -1):
+        if argv[0].startswith("-") and argv[0] not in ("-c", "-m"):
+            raise ValueError(f"zygote.Child runs `-c CODE ...`, `-m MODULE ...` or a script, "
+                             f"not {argv[0]}")
         env = dict(os.environ if env is None else env)
         changed = sorted(k for k in set(env) | set(os.environ)
                          if env.get(k) != os.environ.get(k) and k.startswith(STARTUP_VARIABLES))
         if changed:
-            raise ValueError(f"zygote.Child cannot change {', '.join(changed)}: read when a process "
-                             f"starts (NOTE [What a fork cannot redo]); use subprocess")
+            raise ValueError(f"zygote.Child cannot change {', '.join(changed)}: read when a "
+                             f"process starts (NOTE [What a fork cannot redo]); use subprocess")
         ends, self.stdout, self.stderr = [], None, None
         for which, how in (("stdout", stdout), ("stderr", stderr)):
             if how == subprocess.PIPE:
@@ -195,8 +203,6 @@ class Child:
                 ends.append((w, True))
             else:
                 ends.append((how.fileno(), False))
-        if argv[0].startswith("-") and argv[0] not in ("-c", "-m"):
-            raise ValueError(f"zygote.Child runs `-c CODE ...`, `-m MODULE ...` or a script, not {argv[0]}")
         self._status, theirs = socket.socketpair()
         request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(),
                               "new_session": start_new_session}).encode()
@@ -204,7 +210,11 @@ class Child:
             with _lock:
                 ctl = _zygote()
                 socket.send_fds(ctl, [request], [ends[0][0], ends[1][0], theirs.fileno()])
-                self.pid = json.loads(ctl.recv(64))
+                reply = ctl.recv(64)
+                if not reply:
+                    raise RuntimeError("the tests' zygote process exited (its traceback is on "
+                                       "the tests' stderr)")
+                self.pid = json.loads(reply)
         finally:
             theirs.close()
             for fd, ours in ends:
@@ -251,9 +261,12 @@ class Child:
         Popen's, it may be called again after TimeoutExpired (it goes on reading)."""
         if not hasattr(self, "_readers"):
             self._found: dict = {}
-            self._readers = [threading.Thread(target=lambda n=n, f=f: self._found.__setitem__(n, f.read()),
-                                              daemon=True)
-                             for n, f in (("out", self.stdout), ("err", self.stderr)) if f is not None]
+
+            def drain(name, f):
+                self._found[name] = f.read()
+            pipes = (("out", self.stdout), ("err", self.stderr))
+            self._readers = [threading.Thread(target=drain, args=(n, f), daemon=True)
+                             for n, f in pipes if f is not None]
             for t in self._readers:
                 t.start()
         for t in self._readers:
