@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     name, batch = sys.argv[1], int(sys.argv[2])
-    sizes = {"resnet18": {"image_size": 64}, "gpt2-tiny": {"seq_len": 128}}.get(name, {})
+    sizes = {"resnet18-tiny": {"image_size": 64}, "gpt2-tiny": {"seq_len": 128}}.get(name, {})
     w = workloads.build(name, batch=batch, optimizer="adam", **sizes)
     w.step(); w.step(); gc.collect()
     with outcore.record() as rec:
@@ -40,7 +40,9 @@ CHILD = textwrap.dedent("""
 """)
 
 
-CASES = [("mlp", 4096), ("resnet18", 32), ("gpt2-tiny", 64)]
+# resnet18-tiny at 4x the batch holds about what ResNet-18 does at 32 for a quarter of the
+# compute (a quarter of the channels).
+CASES = [("mlp", 4096), ("resnet18-tiny", 128), ("gpt2-tiny", 64)]
 
 
 @pytest.fixture(scope="module")
