@@ -36,6 +36,7 @@ import threading
 SERVER = r"""
 import json, os, select, signal, socket, sys, traceback
 import torch, outcore
+import torch._dynamo        # the first optimizer a process builds imports it (1.8 s here)
 
 ctl = socket.socket(fileno=int(sys.argv[1]))
 signal.signal(signal.SIGINT, signal.SIG_IGN)       # a Ctrl-C to pytest is not for the zygote
