@@ -116,6 +116,21 @@ def test_demo_prints_both_runs_and_writes_valid_files(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--iterations", "1"], "--iterations must be at least 2"),
+    (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
+    (["--swap-dir", "{tmp}/missing"], "missing does not exist; create it first"),
+    (["--swap-dir", "{tmp}/file"], "file is not a directory"),
+])
+def test_demo_refuses_bad_arguments_before_it_trains(tmp_path, capsys, args, says):
+    (tmp_path / "file").write_text("")
+    code = main(["demo", *[a.format(tmp=tmp_path) for a in args]])
+    printed = capsys.readouterr()
+    assert code == 2 and says in printed.err, printed
+    assert "ResNet-50" not in printed.out              # refused before the first run began
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_the_library_logs_plans_and_deviations(tmp_path, caplog, capsys):
     import logging
     torch.manual_seed(0)
