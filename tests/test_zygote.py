@@ -59,9 +59,14 @@ def test_cwd_environment_and_a_script(tmp_path, monkeypatch):
     assert done.stdout.split() == [str(tmp_path), "42", str(tmp_path), "x"], done.stderr
 
 
-def test_a_timeout_kills_the_child():
+def test_a_timeout_kills_the_child(tmp_path):
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     with pytest.raises(subprocess.TimeoutExpired):
-        zygote.run(["-c", "import time; time.sleep(60)"], timeout=0.5)
+        zygote.run(["-c", code], timeout=2)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):        # killed and reaped: no such process
+        os.kill(pid, 0)
 
 
 def test_variables_read_at_startup_are_refused():
