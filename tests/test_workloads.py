@@ -1,6 +1,10 @@
 """The built-in data: the digits read without scikit-learn are scikit-learn's digits."""
+import importlib.util
+
+import pytest
 import torch
 
+from outcore.errors import OutcoreError
 from outcore.workloads import digits
 
 from . import zygote
@@ -27,6 +31,14 @@ def test_the_digits_load_without_importing_scikit_learn():
 def test_where_the_file_is_missing_scikit_learn_loads_them(monkeypatch, tmp_path):
     """Another scikit-learn version may keep the file elsewhere: its load_digits then."""
     ours = digits.load_digits()
-    monkeypatch.setattr(digits.os.path, "join", lambda *parts: str(tmp_path / "nowhere.csv.gz"))
+    monkeypatch.setattr(digits, "_shipped_file", lambda: str(tmp_path / "nowhere.csv.gz"))
     images, labels = digits.load_digits()
     assert torch.equal(images, ours[0]) and torch.equal(labels, ours[1])
+
+
+def test_without_scikit_learn_the_error_says_what_to_install(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sklearn" else find_spec(name, *args))
+    with pytest.raises(OutcoreError, match=r"pip install 'outcore\[demo\]'"):
+        digits.load_digits()

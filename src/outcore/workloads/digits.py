@@ -11,6 +11,14 @@ import torch
 from ..errors import OutcoreError
 
 
+def _shipped_file() -> str:
+    """Where scikit-learn keeps the digits, found without importing it."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise OutcoreError("the demo data comes with scikit-learn: pip install 'outcore[demo]'")
+    return os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+
+
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels): float32 1797x8x8 with values 0-16, and int64 1797.
 
@@ -19,12 +27,8 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     2.9 s here in every process that loads the digits (the demo starts two); through
     `sklearn.datasets.load_digits` where that file is not where this version keeps it.
     Both give the same values (tests/test_workloads.py)."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or spec.origin is None:
-        raise OutcoreError("the demo data comes with scikit-learn: pip install 'outcore[demo]'")
-    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
     try:
-        with gzip.open(path, "rt") as f:
+        with gzip.open(_shipped_file(), "rt") as f:
             rows = torch.tensor([[float(v) for v in line.split(",")] for line in f if line.strip()],
                                 dtype=torch.float32)
         if rows.shape[1:] == (65,):
