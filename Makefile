@@ -3,19 +3,21 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch is pinned explicitly: a range would pull a multi-GB CUDA build here. Every
+# install below names it, so that no dependency can move it.
+TORCH := torch==2.13.0
 
 .PHONY: demo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch is pinned explicitly: a range would pull a multi-GB CUDA build here.
-	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q --no-compile '$(TORCH)'
 	# The rest through uv, which resolves and downloads in parallel (10 s against pip's
 	# 59 s here) and keeps the torch above; through pip if uv cannot (an index or a
 	# proxy only pip is configured for).
 	( $(PY) -m pip install -q --no-compile uv && \
-	  $(VENV)/bin/uv pip install -q --no-cache --python $(PY) -e '.[test,demo,bench]' ) || \
-	  $(PY) -m pip install -q --no-compile -e '.[test,demo,bench]'
+	  $(VENV)/bin/uv pip install -q --no-cache --python $(PY) -e '.[test,demo,bench]' '$(TORCH)' ) || \
+	  $(PY) -m pip install -q --no-compile -e '.[test,demo,bench]' '$(TORCH)'
 	touch $(STAMP)
 
 demo: $(STAMP)
