@@ -115,7 +115,7 @@ def _register(spec: Spec):
 for _name, _desc, _width in (("mlp", "4-layer MLP, width 1024, 512 inputs, 10 classes", 1024),
                              ("mlp-tiny", "the MLP at a quarter width, 256 (for tests)", 256)):
     _register(Spec(name=_name, description=_desc,
-                   build_model=(lambda width: lambda **_: _mlp(width=width))(_width),
+                   build_model=lambda width=_width, **_: _mlp(width=width),
                    make_batch=lambda batch, device, generator, **_: (
                        torch.randn(batch, 512, device=device, generator=generator),
                        torch.randint(0, 10, (batch,), device=device, generator=generator)),
