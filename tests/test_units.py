@@ -33,3 +33,13 @@ def test_a_number_is_bytes_so_a_fraction_of_one_is_refused():
         parse_bytes(1.5)
     with pytest.raises(outcore.OutcoreError, match="not a whole number of bytes"):
         outcore.OutOfCore(budget=0.5)
+    # The same number as a string without a unit was rounded to 2 bytes.
+    for text in ("1.5", "0.4", "2.5 B"):
+        with pytest.raises(outcore.OutcoreError, match=r"not a whole number of bytes.*GiB"):
+            parse_bytes(text)
+
+
+@pytest.mark.parametrize("name", ["swap_dir", "state_dir"])
+def test_a_directory_that_is_not_a_path_is_refused(name):
+    with pytest.raises(outcore.OutcoreError, match=f"{name} must be a directory path.*got 5"):
+        outcore.OutOfCore("1MiB", **{name: 5})

@@ -7,7 +7,8 @@ from .memory.pages import ask_torch_for_huge_pages
 
 ask_torch_for_huge_pages()      # before torch is imported (NOTE [Huge pages by default])
 
-from .errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, ScheduleError, TraceError
+from .errors import (HostBudgetTooSmall, InfeasibleBudget, OutcoreError, ScheduleError,
+                     SwapSpaceExhausted, TraceError)
 from .plan import Schedule, check, lower_bound, plan
 from .run import OutOfCore, Report
 from .simulate import simulate
@@ -16,6 +17,7 @@ from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
-__all__ = ["HostBudgetTooSmall", "InfeasibleBudget", "OutOfCore", "OutcoreError", "Report", "Schedule", "ScheduleError", "Trace", "TraceError",
+__all__ = ["HostBudgetTooSmall", "InfeasibleBudget", "OutOfCore", "OutcoreError", "Report", "Schedule", "ScheduleError",
+           "SwapSpaceExhausted", "Trace", "TraceError",
            "check", "format_bytes", "lower_bound", "parse_bytes", "plan", "record", "simulate",
            "__version__"]

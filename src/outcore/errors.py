@@ -42,3 +42,10 @@ class HostBudgetTooSmall(OutcoreError):
         super().__init__(message)
         self.needed_bytes = needed_bytes
         self.host_budget = host_budget
+
+
+class SwapSpaceExhausted(OutcoreError):
+    """The slow tier's disk is full: the swap file could not grow. The tensor being
+    written stays in memory, whole. Raised inside an optimizer step, it leaves the
+    parameters as any exception there does (some updated, the rest not): `OutOfCore`
+    adds a note saying so."""

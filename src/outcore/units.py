@@ -38,6 +38,10 @@ def parse_bytes(value: int | float | str) -> int:
         if match and match.group(2).lower() in _UNITS:
             number = float(match.group(1)) * _UNITS[match.group(2).lower()]
             _require_finite(number, value)
+            if _UNITS[match.group(2).lower()] == 1 and not number.is_integer():
+                raise OutcoreError(
+                    f"{value!r} is not a whole number of bytes: write the unit, e.g. "
+                    f"'{match.group(1)}GB' or '{match.group(1)}GiB', or an integer number of bytes")
             return round(number)
     raise OutcoreError(
         f"cannot read {value!r} as a byte quantity: write a number of bytes or a number "

@@ -25,6 +25,8 @@ def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot run function 1 (f1, forward): it needs 8 B" in err
     assert "smallest feasible budget for this trace is 8 B" in err
+    assert main(["plan", str(path), "--budget", "0"]) == 2
+    assert "the budget must be positive, got 0 bytes" in capsys.readouterr().err
 
 
 def test_simulate_single_and_sweep_table(tmp_path, capsys):

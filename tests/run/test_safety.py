@@ -114,6 +114,40 @@ def test_disk_full_while_growing_swap_loses_nothing(monkeypatch, resnet_trace):
     ooc.close()
 
 
+def test_disk_full_inside_the_optimizer_says_the_step_is_half_done(monkeypatch, tmp_path):
+    """The disk fills while optimizer.step() runs: the tensor stays whole, but some
+    parameters took the step and others not, as after any exception there; the error
+    carries a note saying so (and one raised in forward does not)."""
+    from outcore.run.movers import disk
+    from outcore.errors import SwapSpaceExhausted
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inside = []
+    opt.register_step_pre_hook(lambda *_: inside.append(True))
+    grow = disk.os.posix_fallocate
+
+    def full(fd, offset, length):
+        if inside:
+            raise OSError(28, "No space left on device")
+        return grow(fd, offset, length)
+    monkeypatch.setattr(disk.os, "posix_fallocate", full)
+    notes = []
+    with outcore.OutOfCore("4MiB", swap_dir=str(tmp_path)) as ooc:
+        for fail_in_optimizer in (True, False):
+            inside.clear()
+            if not fail_in_optimizer:        # fail in forward: no note
+                inside.append(True)
+            with pytest.raises(SwapSpaceExhausted, match="exhausted.*Nothing was lost") as err:
+                with ooc.iteration():
+                    model(torch.ones(8, 512)).sum().backward()
+                    opt.step()
+                    opt.zero_grad()
+            notes.append(getattr(err.value, "__notes__", []))
+    assert len(notes[0]) == 1 and "inside optimizer.step()" in notes[0][0], notes
+    assert not any("optimizer" in n for n in notes[1]), notes
+
+
 def test_io_error_during_write_keeps_the_tensor(monkeypatch, resnet_trace):
     budget = budgets(resnet_trace)["half"]
     w = build("resnet18-tiny", "sgd")

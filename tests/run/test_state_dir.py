@@ -199,3 +199,34 @@ def test_bad_uses_are_refused(tmp_path):
     (tmp_path / "t" / "manifest.pt").write_bytes(b"not a manifest")
     with pytest.raises(OutcoreError, match="cannot be read"):
         outcore.OutOfCore("1MiB", state_dir=tmp_path / "t")
+
+
+def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
+    """State kept with Adam: resume() without an optimizer (the next commit would drop
+    Adam's moments for good) or into SGD (torch failed later, in step(), with a KeyError)
+    is refused before any tensor is copied, and the directory still resumes with Adam."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for _ in range(2):
+            with ooc.iteration():
+                model(torch.ones(2, 256)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fresh = torch.nn.Linear(256, 256)
+    before = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
+    for other, match in ((None, "kept with an optimizer, and resume.. got none"),
+                         (torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9),
+                          r"another kind of optimizer than this SGD: .*'momentum'")):
+        with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+            with pytest.raises(OutcoreError, match=match):
+                ooc.resume(fresh, other)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    adam = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, adam) == 2
+        assert all(torch.equal(v, kept[k]) for k, v in fresh.state_dict().items())
+        assert torch.equal(adam.state[fresh.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])

@@ -143,6 +143,9 @@ def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
     if not isinstance(options.get("keep_state", True), bool):
         raise OutcoreError(f"keep_state must be True or False, got {options['keep_state']!r}")
     budget = parse_bytes(budget)
+    if budget <= 0:
+        raise OutcoreError(f"the budget must be positive, got {budget!r} bytes: pass the fast "
+                           "tier's size, e.g. '2GiB'")
     require_feasible(trace, budget)
     with _collector_paused():      # NOTE [Planning and the collector]: up to the Schedule
         if max(occupancy(trace), default=0) <= budget:     # held arrays included

@@ -146,6 +146,7 @@ class Durable:
         """Copy the manifest's state into `model` and `optimizer` (rule 4)."""
         saved = self.manifest["model"]
         ours = model.state_dict(keep_vars=True)
+        self._check_optimizer(optimizer)        # before anything is copied
         if saved.keys() != ours.keys():
             missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
             raise OutcoreError(f"the state in {self.directory} does not match this model: it lacks "
@@ -161,11 +162,33 @@ class Durable:
                 tensor.copy_(value)
                 del value
         if optimizer is not None:
-            if self.manifest["optimizer"] is None:
-                raise OutcoreError(f"the state in {self.directory} was kept without an optimizer; "
-                                   "resume(model) without one, or pass another state_dir")
             optimizer.load_state_dict(_map_refs(self.manifest["optimizer"], self.read))
         torch.set_rng_state(self.manifest["rng"])
+
+    def _check_optimizer(self, optimizer) -> None:
+        """The optimizer passed to resume() is the kind the state was kept with: none for
+        none, and one whose hyper-parameters (`optimizer.defaults`) every kept parameter
+        group has. Resumed without its optimizer, the state would lose the optimizer's
+        at the next commit; into another kind, torch would fail later, in step()."""
+        kept = self.manifest["optimizer"]
+        if optimizer is None:
+            if kept is not None:
+                raise OutcoreError(
+                    f"the state in {self.directory} was kept with an optimizer, and resume() got "
+                    "none: its state would be dropped at the next commit. Pass it: "
+                    "ooc.resume(model, optimizer), or another state_dir")
+            return
+        if kept is None:
+            raise OutcoreError(f"the state in {self.directory} was kept without an optimizer; "
+                               "resume(model) without one, or pass another state_dir")
+        groups = kept.get("param_groups", [])
+        lacking = sorted(set(optimizer.defaults) - set().union(*(g.keys() for g in groups)))
+        if groups and lacking:
+            raise OutcoreError(
+                f"the state in {self.directory} was kept by another kind of optimizer than "
+                f"this {type(optimizer).__name__}: its parameter groups have no {lacking[:5]} "
+                f"(they have {sorted(k for k in groups[0] if k != 'params')[:8]}). Pass the "
+                "optimizer it was trained with, or another state_dir")
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, res, shield, iterations: int) -> None:

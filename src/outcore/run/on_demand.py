@@ -188,8 +188,9 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     optimizer had begun, so the step was finished (over budget) before raising."""
     needed = movable + pinned
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
-            f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable, "
-            "or held by a collective or FSDP)") if pinned else ""
+            f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable "
+            "or in shared memory (from_numpy, .numpy(), share_memory_()), or held by a "
+            "collective or FSDP)") if pinned else ""
     return InfeasibleBudget(
         f"function {index} ({what}, {phase}) needs {format_bytes(needed)} ({needed:,} B) resident "
         f"at once{held}, more than the budget of {format_bytes(budget)} ({budget:,} B) you passed; "

@@ -50,11 +50,12 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import threading
 import time
 import weakref
 
-from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError
+from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted
 from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
                              page_faults, process_slack, resident_bytes)
 from ..memory.pages import torch_huge_pages
@@ -242,6 +243,10 @@ class OutOfCore:
                                f"got {return_freed_memory!r}")
         if isinstance(min_move_bytes, bool) or not isinstance(min_move_bytes, int) or min_move_bytes < 0:
             raise OutcoreError(f"min_move_bytes must be a byte count >= 0, got {min_move_bytes!r}")
+        for name, path in (("swap_dir", swap_dir), ("state_dir", state_dir)):
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise OutcoreError(f"{name} must be a directory path (a str or os.PathLike), "
+                                   f"got {path!r}")
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         _claim(self)
@@ -570,7 +575,9 @@ class OutOfCore:
 
     def _disowned(self, recording: SafeRecording) -> dict:
         """{array id: foreign} of the recorded arrays whose storage outcore does not move
-        (run/compose.py), FSDP's found once more now that the step has created them."""
+        (run/compose.py), FSDP's found once more now that the step has created them, and
+        those that cannot move (Residency NOTE 7: from_numpy, `.numpy()`, shared memory),
+        which the plan must count resident like the arrays of collectives."""
         res = self._res
         self._composition.disown_fsdp(res)
         out = {}
@@ -579,6 +586,9 @@ class OutOfCore:
             entry = res.entry_of(storage) if storage is not None else None
             if entry is not None and entry.owner:
                 out[aid] = entry.foreign
+            elif (entry is not None and entry.pinned and not entry.elsewhere
+                  and entry.nbytes >= res.min_move_bytes):
+                out[aid] = False
         return out
 
     def _require_feasible(self, trace, budget: int) -> None:
@@ -594,8 +604,10 @@ class OutOfCore:
                 f"({need:,} B) on the fast tier at once. The budget of "
                 f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
                 f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
-                f"min_move_bytes={self._res.min_move_bytes:,}, and those of collectives and "
-                f"FSDP, never move and hold up to {format_bytes(held)} ({held:,} B) of it. "
+                f"min_move_bytes={self._res.min_move_bytes:,}, those that cannot be resized "
+                "or are in shared memory (from_numpy, .numpy(), share_memory_()), and those "
+                f"of collectives and FSDP never move and hold up to {format_bytes(held)} "
+                f"({held:,} B) of it. "
                 "No schedule can run this step; the "
                 f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise the "
                 "budget to that or more, lower the batch, or lower min_move_bytes.",
@@ -788,6 +800,11 @@ class _Iteration:
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
         res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
+        if isinstance(exc, SwapSpaceExhausted) and _in_optimizer(mode):
+            exc.add_note("outcore: this came inside optimizer.step(), after it had begun: as "
+                         "with any exception there, some parameters took this step and the "
+                         "others did not. Go on from your last checkpoint (or state_dir) "
+                         "rather than from these parameters.")
         errors = []
         deviation = None
         self._exit_mode(exc, errors)
@@ -901,6 +918,17 @@ class _Building(_Iteration):
         ooc._page()
         ooc._shield.uninstall()
         _raise_or_note(exc, errors)
+
+
+def _in_optimizer(mode) -> bool:
+    """Whether the step in `mode` (a recording or a replay) stands inside its optimizer."""
+    if mode is None:
+        return False
+    if hasattr(mode, "_optimizer_depth"):                 # a recording
+        return mode._optimizer_depth > 0
+    trace, index = getattr(mode, "trace", None), getattr(mode, "index", -1)
+    return (trace is not None and 0 <= index < len(trace.functions)
+            and trace.functions[index].phase == "optimizer")
 
 
 def _raise_or_note(exc, errors: list) -> None:

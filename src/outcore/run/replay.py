@@ -22,6 +22,7 @@ from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, out
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, SLOW
+from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
@@ -136,6 +137,8 @@ class Replayer(HeldMode):
                 res.ready(entry)
                 res.touch(entry)
         self._actions(self.schedule.end[k])
+        if self.res.newly_pinned:
+            self._check_pinned()
         self.index = k + 1
         now = time.perf_counter()
         self.log.function(k, taken, taken, now, now, res.resident, res.offloaded, res.last_rss)
@@ -166,6 +169,7 @@ class Replayer(HeldMode):
         schedule starts where it ended and nothing moves (simulate: `boundary_s`)."""
         self.log = StepLog(time.perf_counter())
         self.res.spans = []
+        self.res.newly_pinned = []      # the recording's own: its plan knows them
         wanted = set(self.schedule.resident_at_start)
         moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
         for entry in moving:
@@ -181,6 +185,8 @@ class Replayer(HeldMode):
             self.res.restore(entry)
         for entry in coming:
             self.res.ready(entry)
+        if self.res.newly_pinned:
+            self._check_pinned()
 
     # -- strangers: resident storages the schedule does not know -----------------------------
     def _find_strangers(self) -> None:
@@ -377,6 +383,8 @@ class Replayer(HeldMode):
             if entry is not None:
                 res.mark_written(entry)
         self._actions(self.schedule.end[i])
+        if self.res.newly_pinned:
+            self._check_pinned()
         self.index = i + 1
         self.log.function(i, taken, started, returned, time.perf_counter(), res.resident,
                           res.offloaded, res.last_rss)
@@ -411,6 +419,20 @@ class Replayer(HeldMode):
                 if entry.ref() is not None and entry.state is FAST:
                     self._zombies.append(entry)
                 self.by_id[act.array] = None
+
+    def _check_pinned(self) -> None:
+        """A storage the plan moves became unmovable since it was recorded (Residency NOTE
+        7: `.numpy()` on it, between iterations say): the plan's budget no longer holds
+        with it resident, so the step leaves the plan (on-demand keeps the budget, counting
+        it pinned) and the next iteration is recorded again with it pinned."""
+        pinned, self.res.newly_pinned = self.res.newly_pinned, []
+        if pinned and self.deviation is None:
+            nbytes = sum(e.nbytes for e in pinned)
+            self._deviate(f"function {self.index}: {len(pinned)} storage(s) of "
+                          f"{format_bytes(nbytes)} that the plan moves can no longer move: "
+                          "shared with numpy through .numpy(), or in shared memory, since "
+                          "they were recorded (PyTorch never lets such a storage be resized "
+                          "again; they stay in RAM, counted as pinned)", None, None, None)
 
     def _reap(self) -> None:
         """Storages the plan freed but something (a user variable, `param.grad`, autograd)

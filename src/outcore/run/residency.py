@@ -49,6 +49,11 @@ NOTE [Residency invariants]
      are not in GPU memory), never moved; the planner sees them at 0 bytes. A storage
      on a device the mover does not reach is refused with an error when first seen
      (`_elsewhere`).
+  7. A storage that cannot be resized (from_numpy, a memory map, one shared with numpy
+     through `.numpy()`) or that lives in shared memory (`share_memory_()`: PyTorch
+     calls it resizable, but resizing it crashes the process) is pinned, never moved
+     (`_movable`). `.numpy()` makes a storage unresizable for good, also one already
+     tracked: `evict` then pins it and notes it in `newly_pinned`.
 """
 from __future__ import annotations
 
@@ -76,6 +81,11 @@ READ_ATTEMPTS = 3
 RSS_SAMPLE_S = 0.002
 
 
+def _movable(storage) -> bool:
+    """NOTE 7: whether outcore may resize `storage` to 0 and back."""
+    return storage.resizable() and not storage.is_shared()
+
+
 def _reason(exc: Exception) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
 
@@ -95,7 +105,7 @@ class Entry:
     extent: object = None      # slow-tier location, kept while the copy there is current
     clean: bool = False        # the slow copy equals the fast contents
     future: object = None      # the transfer in flight (OUT or IN)
-    pinned: bool = False       # cannot be resized (from_numpy, mmap, shared memory): stays put
+    pinned: bool = False       # not `_movable` (NOTE 7), or small: stays put
     mapping: object = None     # MAPPED: the storage's private mapping of `extent`
     owner: str = ""            # who keeps it in place, when not outcore (`disown`)
     # Owned by a library that resizes it itself: counted at its current size, outside
@@ -148,6 +158,9 @@ class Residency:
         self._deferred: list | None = None
         self._deferred_lru: tuple | None = None
         self.owned: dict[int, Entry] = {}       # foreign entries, by key (disown)
+        # Entries `evict` found unmovable since they were tracked (NOTE 7); the replayer
+        # takes them, since its plan counted on moving them.
+        self.newly_pinned: list[Entry] = []
         self._owned_sampled = 0                 # owned_bytes() at the latest sample
 
     # -- tracking ----------------------------------------------------------------------
@@ -164,7 +177,7 @@ class Residency:
                 mapped.adopt_orphan(storage)     # left mapped by a closed OutOfCore
             nbytes = storage.nbytes()
             entry = Entry(key, None, nbytes, pinned=elsewhere or nbytes < self.min_move_bytes
-                          or not storage.resizable(), elsewhere=elsewhere)
+                          or not _movable(storage), elsewhere=elsewhere)
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
             if elsewhere:
@@ -306,9 +319,10 @@ class Residency:
         if self._deferred is not None:            # a collective is being dispatched
             self._deferred.append((entry, unplanned))
             return
-        if not storage.resizable():       # e.g. shared with numpy since it was tracked
+        if not _movable(storage):      # e.g. shared with numpy since it was tracked
             entry.pinned = True
             self.pinned_resident += entry.nbytes
+            self.newly_pinned.append(entry)
             return
         if storage.nbytes() != entry.nbytes:     # resized by its owner meanwhile (NOTE 5)
             self.disown(storage, entry.nbytes, "resized by another library", foreign=True)
@@ -405,7 +419,7 @@ class Residency:
         caller then keeps its bytes another way."""
         storage = entry.ref()
         if (entry.state is not FAST or entry.pinned or storage is None
-                or storage.nbytes() != entry.nbytes or not storage.resizable()):
+                or storage.nbytes() != entry.nbytes or not _movable(storage)):
             return False
         storage.resize_(0)
         self.lru.pop(entry.key, None)

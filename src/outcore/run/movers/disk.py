@@ -52,7 +52,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ...errors import OutcoreError
+from ...errors import OutcoreError, SwapSpaceExhausted
 from ...memory import ALIGNMENT, AlignedBuffer, Extent, ExtentAllocator, round_up
 from ..mapped import Mapping
 from ...units import format_bytes
@@ -387,7 +387,7 @@ class DiskMover:
             except OSError as exc:
                 self.allocator.free(extent)
                 self.allocator.truncate(self._file_size)
-                raise OutcoreError(
+                raise SwapSpaceExhausted(
                     f"swap space in {self.location} is exhausted: could not grow the swap file "
                     f"from {format_bytes(self._file_size)} to {format_bytes(needed)} "
                     f"({exc.strerror}). Nothing was lost: the tensor stays in memory. Free disk "

@@ -1,0 +1,91 @@
+"""Storages outcore must never resize (NOTE 7 of run/residency.py): a model in shared
+memory (`share_memory()`, Hogwild-style), and parameters shared with numpy through
+`.numpy()` between iterations. Both train bitwise equal to plain PyTorch with every
+replay within the budget."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import outcore
+
+from ..trace.helpers import assert_bitwise_equal, state_of
+
+WIDTH, DEPTH, BUDGET = 512, 4, 12 * 2**20     # parameters 4 MiB, Adam's moments 8 MiB
+
+
+def make(shared: bool = False):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(DEPTH):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    if shared:
+        model.share_memory()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def step(model, opt, it):
+    g = torch.Generator().manual_seed(it)
+    x = torch.randn(64, WIDTH, generator=g)
+    loss = (model(x) - x).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def plain_run(iterations, shared=False):
+    model, opt = make(shared)
+    losses = [step(model, opt, it) for it in range(iterations)]
+    return state_of(model, opt), losses
+
+
+def test_a_model_in_shared_memory_stays_put_and_trains_bitwise(tmp_path):
+    """PyTorch calls a `share_memory_()` storage resizable, but resizing it to 0 and back
+    crashed the process (a segmentation fault in the first iteration): it is pinned."""
+    expected, expected_losses = plain_run(5, shared=True)
+    model, opt = make(shared=True)
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        losses = []
+        for it in range(5):
+            with ooc.iteration():
+                losses.append(step(model, opt, it))
+        entries = [ooc._res.entry_of(p.untyped_storage()) for p in model.parameters()]
+        assert all(e is not None and e.pinned for e in entries)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), expected)
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected_losses))
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert replays and all(it.peak_resident <= BUDGET for it in replays), report
+    assert sum(it.bytes_read for it in replays) > 0          # the rest still moves
+
+
+def test_numpy_between_iterations_leaves_the_plan_and_keeps_the_budget(tmp_path, caplog):
+    """`.numpy()` makes a storage unresizable for good. The replay that finds a
+    parameter so pinned leaves the plan (on-demand keeps the budget), the next iteration
+    is recorded again with it counted resident, and the replays after it keep the budget
+    (they went 24% over when the plan still counted on moving it)."""
+    expected, expected_losses = plain_run(8)
+    model, opt = make()
+    losses = []
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc, \
+            caplog.at_level(logging.WARNING, logger="outcore"):
+        for it in range(8):
+            if it == 4:
+                for p in model.parameters():
+                    p.detach().numpy().sum()          # the array itself is dropped at once
+            with ooc.iteration():
+                losses.append(step(model, opt, it))
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), expected)
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected_losses))
+    modes = [it.mode for it in report.iterations]
+    assert modes[3:5] == ["replay", "replay"] and modes[5:] == ["record", "replay", "replay"], modes
+    assert ".numpy()" in report.iterations[4].deviation, report.iterations[4].deviation
+    assert ".numpy()" in caplog.text
+    for it in report.iterations:
+        if it.mode == "replay":
+            assert it.peak_resident <= BUDGET, report
+    assert report.iterations[-1].bytes_read > 0
