@@ -253,3 +253,29 @@ def test_created_bytes_asks_once_per_signature_and_keeps_no_object(monkeypatch):
     on_demand.created_bytes(aten.randn.generator, ([3],), {"generator": g})
     on_demand.created_bytes(aten.randn.generator, ([3],), {"generator": g})
     assert len(asked) == 7 and len(on_demand._CREATED) == 5      # asked twice, kept never
+
+
+def test_an_op_whose_meta_kernel_under_reports_gets_its_room_the_next_time(tmp_path):
+    """mkldnn_rnn_layer's meta kernel says its workspace output has 0 bytes (megabytes on
+    the CPU): the first recording of an LSTM went 45% over the budget, and so did the
+    second. What the op made is remembered per signature (on_demand.learn_created): the
+    second recording and the replays keep the budget."""
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(64, 128, num_layers=2, batch_first=True)
+    head = torch.nn.Linear(128, 500)
+    opt = torch.optim.Adam(list(rnn.parameters()) + list(head.parameters()), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    budget = 8 * 2**20
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        for _ in range(4):
+            x = torch.randn(16, 40, 64, generator=g)
+            with ooc.iteration():
+                h, _ = rnn(x)
+                head(h).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        report = ooc.report()
+    assert [it.mode for it in report.iterations] == ["record", "record", "replay", "replay"]
+    assert report.in_core_peak > 1.5 * budget
+    for it in report.iterations[1:]:
+        assert it.peak_resident <= budget, report
