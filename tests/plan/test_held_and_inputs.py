@@ -4,6 +4,8 @@ resident until their first use (the executor binds a storage only when an op tou
 it)."""
 import dataclasses
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,3 +84,16 @@ def test_a_zero_byte_parameter_plans_at_every_budget():
         for schedule in _plans(zero, fraction):     # check() inside _plans is the assertion
             assert schedule.peak_bytes <= max(int(zero.peak(actual=True)[0] * fraction),
                                               min_feasible_budget(zero))
+
+
+def test_an_infeasible_budget_names_the_inputs_waiting_for_their_first_use():
+    """An input first read late (an optimizer's history, as LBFGS keeps it) counts from
+    the start of the step (`feasibility.needs`): the error says how much of the figure
+    that is, since the function named does not itself need it."""
+    from .helpers import build
+    trace = build({"h": (6, "input"), "w": (2, "param"), "a": 2, "b": 2},
+                  ["f0 r:w c:a", "f1 r:a c:b", "f2 @optimizer r:b r:h"])
+    with pytest.raises(outcore.InfeasibleBudget,
+                       match=r"function 0 .*needs 10 B .*, 6 B of it tensors that existed "
+                             r"before the step and that it only reads"):
+        outcore.plan(trace, 9)

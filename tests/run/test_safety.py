@@ -66,6 +66,13 @@ def test_bad_arguments_are_clear():
         with pytest.raises(outcore.OutcoreError, match="nest"):
             with ooc.iteration():
                 pass
+    for outer, inner in (("building", "iteration"), ("iteration", "building")):
+        with getattr(ooc, outer)():
+            with pytest.raises(outcore.OutcoreError,
+                               match=rf"ooc.{inner}\(\) cannot start inside an open "
+                                     rf"ooc.{outer}\(\) block"):
+                with getattr(ooc, inner)():
+                    pass
     ooc.close()
     with pytest.raises(outcore.OutcoreError, match="closed"):
         with ooc.iteration():

@@ -134,6 +134,14 @@ def require_feasible(trace, budget: int) -> None:
     fn = trace.functions[worst]
     workspace = (f", {format_bytes(fn.workspace_bytes)} of it the op's own workspace"
                  if fn.workspace_bytes else "")
+    pending = need[worst] - function_bytes(trace, worst)
+    if pending:
+        # `needs`: inputs stay resident until their first use. Tensors the step only
+        # reads that existed before it (the batch, or an optimizer's history such as
+        # LBFGS's) are inputs.
+        workspace += (f", {format_bytes(pending)} of it tensors that existed before the step "
+                      "and that it only reads (the batch, or state such as LBFGS's history), "
+                      "which stay in memory until their first use")
     raise InfeasibleBudget(
         f"a budget of {format_bytes(budget)} ({budget} B) cannot run function {worst} "
         f"({fn.op}, {fn.phase}): it needs {format_bytes(need[worst])} ({need[worst]} B) on the "

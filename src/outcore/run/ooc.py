@@ -63,6 +63,7 @@ from ..plan import check, plan
 from ..plan.api import registered
 from ..plan.feasibility import occupancy, require_feasible
 from ..plan.recompute import check_mode, choose as choose_recompute, remade, rewrite
+from ..trace.lifetimes import function_bytes
 from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
@@ -599,9 +600,13 @@ class OutOfCore:
         except InfeasibleBudget as err:
             need, held = err.needed_bytes, self.budget - budget
             smallest = need + held
+            pending = need - function_bytes(trace, err.function_index)   # feasibility.needs
+            unused = (f" ({format_bytes(pending)} of it tensors that existed before the step "
+                      "and that it only reads, such as the batch or LBFGS's history: they stay "
+                      "in memory until their first use)") if pending > 0 else ""
             raise InfeasibleBudget(
                 f"function {err.function_index} ({err.op}, {err.phase}) needs {format_bytes(need)} "
-                f"({need:,} B) on the fast tier at once. The budget of "
+                f"({need:,} B) on the fast tier at once{unused}. The budget of "
                 f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
                 f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
                 f"min_move_bytes={self._res.min_move_bytes:,}, those that cannot be resized "
@@ -731,7 +736,9 @@ class _Iteration:
             if ooc.closed:
                 raise OutcoreError("this OutOfCore was closed; create a new one to train again")
             if ooc._active:
-                raise OutcoreError("ooc.iteration() blocks cannot nest; end one before starting the next")
+                new = "building" if isinstance(self, _Building) else "iteration"
+                raise OutcoreError(f"ooc.{new}() cannot start inside an open ooc.{ooc._active}() "
+                                   "block: these blocks cannot nest; end that one first")
             if ooc._infeasible is not None:
                 raise _again(ooc._infeasible)
             if type(self) is _Iteration:
@@ -740,7 +747,7 @@ class _Iteration:
                 raise OutcoreError("with state_dir, call ooc.resume(model, optimizer) before the "
                                    "first iteration: it names the state to keep, and loads it "
                                    "when the directory has some")
-            ooc._active = True
+            ooc._active = "building" if isinstance(self, _Building) else "iteration"
             try:
                 shield.install()
                 self._begin()
