@@ -40,7 +40,7 @@ class _ArrayLog:
     origin: tuple[int, int]
     first_use: int
     existed_before: bool
-    requires_grad: bool
+    parameter: bool            # a leaf requiring grad, or an nn.Parameter (frozen too)
     created_phase: str | None
     last_use: int = -1
     freed_after: int | None = None
@@ -231,7 +231,8 @@ class Recording(TorchDispatchMode):
             self._logs.append(_ArrayLog(
                 id=ident, nbytes=nbytes, dtype=str(t.dtype).replace("torch.", ""),
                 device=str(t.device), origin=(index, slot), first_use=index,
-                existed_before=not created, requires_grad=bool(t.requires_grad and t.is_leaf),
+                existed_before=not created,
+                parameter=bool(t.requires_grad and t.is_leaf) or isinstance(t, torch.nn.Parameter),
                 created_phase=phase if created else None))
             self._live[key] = (ident, weakref.ref(storage, self._make_finalizer(key, ident)))
             if created:
@@ -284,7 +285,7 @@ class Recording(TorchDispatchMode):
 def _classify(log: _ArrayLog, alive: bool) -> tuple[str, str]:
     """(kind, category) of an array from when and how the step used it (docs/trace.md)."""
     if log.existed_before:
-        if log.requires_grad:
+        if log.parameter:        # frozen ones too: the same storage every step, movable
             return "persistent", "parameter"
         if not log.write_phases:
             return "input", "input"
