@@ -24,7 +24,7 @@ class OnDemand:
     def __init__(self, residency: Residency, budget: int):
         self.residency = residency
         self.budget = budget
-        self._asked = None          # (func, args, kwargs) of the op between before and after
+        self._asked = None          # (func, args, kwargs, room left) between before and after
 
     def before(self, inputs, func, args=(), kwargs=None) -> list:
         """Make every input storage resident, with room left for what `func(*args,
@@ -41,10 +41,11 @@ class OnDemand:
         entries = [res.track(s) for s in found]
         incoming = sum(e.nbytes for e in entries if not e.occupies_fast)
         keep = {e.key for e in entries}
-        res.evict_lru(self.budget - incoming - room(func, entries, args, kwargs or {}), keep)
+        made = room(func, entries, args, kwargs or {})
+        res.evict_lru(self.budget - incoming - made, keep)
         for e in entries:
             res.ready(e)
-        self._asked = (func, args, kwargs or {})
+        self._asked = (func, args, kwargs or {}, made)
         return entries
 
     def run(self, func, args, kwargs):
@@ -68,7 +69,10 @@ class OnDemand:
                    if s._cdata not in seen and (s.nbytes() or res.entry_of(s))]
         asked, self._asked = self._asked, None
         if asked is not None:
-            learn_created(*asked, sum(e.nbytes for e in created))
+            func, args, kwargs, left = asked
+            made = sum(e.nbytes for e in created)
+            if made > left:           # rare: the signature is hashed only then
+                learn_created(func, args, kwargs, made)
         res.evict_lru(self.budget, set())
         return created
 

@@ -807,7 +807,7 @@ class _Iteration:
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
         res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
-        if isinstance(exc, SwapSpaceExhausted) and _in_optimizer(mode):
+        if isinstance(exc, SwapSpaceExhausted) and getattr(mode, "in_optimizer", False):
             exc.add_note("outcore: this came inside optimizer.step(), after it had begun: as "
                          "with any exception there, some parameters took this step and the "
                          "others did not. Go on from your last checkpoint (or state_dir) "
@@ -925,17 +925,6 @@ class _Building(_Iteration):
         ooc._page()
         ooc._shield.uninstall()
         _raise_or_note(exc, errors)
-
-
-def _in_optimizer(mode) -> bool:
-    """Whether the step in `mode` (a recording or a replay) stands inside its optimizer."""
-    if mode is None:
-        return False
-    if hasattr(mode, "_optimizer_depth"):                 # a recording
-        return mode._optimizer_depth > 0
-    trace, index = getattr(mode, "trace", None), getattr(mode, "index", -1)
-    return (trace is not None and 0 <= index < len(trace.functions)
-            and trace.functions[index].phase == "optimizer")
 
 
 def _raise_or_note(exc, errors: list) -> None:

@@ -420,6 +420,12 @@ class Replayer(HeldMode):
                     self._zombies.append(entry)
                 self.by_id[act.array] = None
 
+    @property
+    def in_optimizer(self) -> bool:
+        """Whether the function the step stands at is the optimizer's."""
+        i = self.index
+        return 0 <= i < self.n and self.trace.functions[i].phase == "optimizer"
+
     def _check_pinned(self) -> None:
         """A storage the plan moves became unmovable since it was recorded (Residency NOTE
         7: `.numpy()` on it, between iterations say): the plan's budget no longer holds

@@ -131,6 +131,11 @@ class Recording(TorchDispatchMode):
     def _enter_optimizer(self, *_):
         self._optimizer_depth += 1
 
+    @property
+    def in_optimizer(self) -> bool:
+        """Whether the step stands inside an optimizer's step() (begun, not returned)."""
+        return self._optimizer_depth > 0
+
     def _leave_optimizer(self, *_):
         self._optimizer_depth -= 1
 
