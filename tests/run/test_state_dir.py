@@ -230,3 +230,87 @@ def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
         assert ooc.resume(fresh, adam) == 2
         assert all(torch.equal(v, kept[k]) for k, v in fresh.state_dict().items())
         assert torch.equal(adam.state[fresh.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+def test_a_full_state_dir_disk_says_so_and_resume_can_be_tried_again(tmp_path, monkeypatch):
+    """The state directory's disk full: at construction (the probe write of the new state
+    file) and while resume() copies the kept state into the new file. Both errors are
+    SwapSpaceExhausted naming state_dir, not swap_dir; the kept state is untouched, no new
+    file is left, and resume() on the same OutOfCore succeeds once there is room."""
+    import errno
+    from outcore.errors import SwapSpaceExhausted
+    from outcore.run.movers import disk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(8, 256)
+
+    def step():
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for _ in range(2):
+            with ooc.iteration():
+                step()
+    kept = sorted(os.listdir(tmp_path))
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_probe = disk._enable_direct
+    monkeypatch.setattr(disk, "_enable_direct", full)
+    with pytest.raises(SwapSpaceExhausted, match="cannot write the state file .* pass state_dir="):
+        outcore.OutOfCore("1MiB", state_dir=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == kept
+    monkeypatch.setattr(disk, "_enable_direct", real_probe)
+
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=1e-3, momentum=0.9)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        monkeypatch.setattr(disk.os, "posix_fallocate", full)
+        with pytest.raises(SwapSpaceExhausted, match="pass state_dir=") as caught:
+            ooc.resume(fresh, opt2)
+        assert "needs room for both" in "".join(caught.value.__notes__)
+        monkeypatch.undo()
+        assert sorted(os.listdir(tmp_path))[:2] == kept
+        assert ooc.resume(fresh, opt2) == 2
+        # The disk full while iteration 3's state is made durable: the iteration itself
+        # completed, the directory still holds iteration 2, and iteration 4 commits as 4.
+        from outcore.run.durable import Durable
+        real_commit = Durable.commit
+
+        def commit_on_a_full_disk(self, res, shield, iterations):
+            def allocate(nbytes):
+                raise SwapSpaceExhausted("swap space is exhausted (injected)")
+            monkeypatch.setattr(res.mover, "allocate", allocate)
+            try:
+                real_commit(self, res, shield, iterations)
+            finally:
+                monkeypatch.undo()      # both patches: only this commit fails
+
+        for it in (3, 4):
+            if it == 3:
+                monkeypatch.setattr(Durable, "commit", commit_on_a_full_disk)
+                with pytest.raises(SwapSpaceExhausted,
+                                   match="could not be made durable.* after iteration 2"):
+                    with ooc.iteration():
+                        fresh(x).sum().backward()
+                        opt2.step()
+                        opt2.zero_grad()
+            else:
+                with ooc.iteration():
+                    fresh(x).sum().backward()
+                    opt2.step()
+                    opt2.zero_grad()
+    for _ in range(2):
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 fresh.state_dict().values()))
+    assert_tidy(tmp_path)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, opt2) == 4

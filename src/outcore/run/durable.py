@@ -37,6 +37,7 @@ import re
 import torch
 
 from ..errors import OutcoreError
+from ..units import format_bytes
 from .checkpoint import atomic_save
 
 MANIFEST = "manifest.pt"
@@ -90,8 +91,22 @@ class Durable:
                 os.unlink(os.path.join(self.directory, name))
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = self.optimizer = None
-        self.iterations = self.manifest["iterations"] if self.manifest else 0
+        self.iterations = self.manifest["iterations"] if self.manifest else 0   # durable
+        self.done = self.iterations     # completed, durable or not (a commit may fail)
         self.committed = False          # a manifest names this generation's file
+
+    def room_note(self) -> str:
+        """What a resume that ran out of disk was doing (rule 4)."""
+        try:
+            previous = os.path.getsize(os.path.join(self.directory, self.previous_file))
+        except (OSError, TypeError):
+            previous = 0
+        return (f"outcore: resume() copies the kept state into this process's new state file, "
+                f"{_swap_name(self.generation)}, while the kept one ({self.previous_file}, "
+                f"{format_bytes(previous)}) stays until the first iteration is made durable: "
+                f"the disk of {self.directory} needs room for both. The directory is unchanged; "
+                "the model and optimizer are only partly loaded: free space, then call "
+                "resume() again (on this OutOfCore or a new one).")
 
     def close(self) -> None:
         """At close: this generation's file goes if no manifest names it (rule 4), and

@@ -340,8 +340,12 @@ class OutOfCore:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
         if durable.manifest is not None:
-            with self.building():
-                durable.load_into(model, optimizer)
+            try:
+                with self.building():
+                    durable.load_into(model, optimizer)
+            except SwapSpaceExhausted as exc:
+                exc.add_note(durable.room_note())
+                raise
         durable.model, durable.optimizer = model, optimizer
         return durable.iterations
 
@@ -435,10 +439,12 @@ class OutOfCore:
 
     def _commit(self) -> None:
         durable = self._durable
+        durable.done += 1          # completed, whether or not its state becomes durable
         try:
-            durable.commit(self._res, self._shield, durable.iterations + 1)
+            durable.commit(self._res, self._shield, durable.done)
         except OutcoreError as err:
-            raise OutcoreError(f"the iteration completed, but its state could not be made durable "
+            kind = SwapSpaceExhausted if isinstance(err, SwapSpaceExhausted) else OutcoreError
+            raise kind(f"the iteration completed, but its state could not be made durable "
                                f"in {durable.directory}: {err} The last durable state is still the one "
                                f"after iteration {durable.iterations}.") from err
 

@@ -253,6 +253,17 @@ def _open_named(base: str) -> int:
                        "or vanished at once; pass swap_dir= a directory of your own")
 
 
+# A state directory's swap file (run/durable.py) lives in state_dir, not swap_dir.
+_KEPT_ADVICE = ("With state_dir the swap file is kept in that directory, and its disk holds up to "
+                "twice the model's and optimizer's state (NOTE [Durable state]): free space "
+                "there, or pass state_dir= a directory on a larger disk.")
+
+
+def _no_room(exc: OSError) -> type[OutcoreError]:
+    """The error for a failed write: SwapSpaceExhausted where the disk is full."""
+    return SwapSpaceExhausted if exc.errno in (errno.ENOSPC, errno.EDQUOT) else OutcoreError
+
+
 def _enable_direct(fd: int) -> bool:
     """Switch O_DIRECT on for `fd` if the filesystem really supports it; returns whether
     it did. Some filesystems accept the flag and refuse the first write, so one aligned
@@ -299,6 +310,7 @@ class DiskMover:
                                "swap_dir= a directory on a local disk with free space")
         self._fd, self.direct = self._open_kept(path, direct) if path else self._open(base, direct)
         self.location = base
+        self.kept = path is not None
         self.where = f"the swap file in {base}"      # for messages
         self.filesystem = _filesystem_type(base)
         if self.filesystem == "tmpfs":
@@ -337,8 +349,9 @@ class DiskMover:
             return fd, direct and _enable_direct(fd)
         except OSError as exc:
             os.close(fd)
-            raise OutcoreError(f"cannot create a swap file in {base}: {exc.strerror}; pass "
-                               "swap_dir= a writable directory on a local disk") from exc
+            raise _no_room(exc)(f"cannot create a swap file in {base}: {exc.strerror}; pass "
+                                "swap_dir= a writable directory on a local disk with free "
+                                "space") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -352,6 +365,10 @@ class DiskMover:
             raise OutcoreError(f"cannot create the state file {path}: {exc.strerror}") from exc
         try:
             return fd, direct and _enable_direct(fd)
+        except OSError as exc:           # the file itself goes with Durable.close()
+            os.close(fd)
+            raise _no_room(exc)(f"cannot write the state file {path}: {exc.strerror}. "
+                                f"{_KEPT_ADVICE}") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -387,11 +404,13 @@ class DiskMover:
             except OSError as exc:
                 self.allocator.free(extent)
                 self.allocator.truncate(self._file_size)
+                advice = (_KEPT_ADVICE if self.kept else
+                          "Free disk space, pass swap_dir= a larger disk, or raise the budget.")
                 raise SwapSpaceExhausted(
                     f"swap space in {self.location} is exhausted: could not grow the swap file "
                     f"from {format_bytes(self._file_size)} to {format_bytes(needed)} "
-                    f"({exc.strerror}). Nothing was lost: the tensor stays in memory. Free disk "
-                    "space, pass swap_dir= a larger disk, or raise the budget.") from exc
+                    f"({exc.strerror}). Nothing was lost: the tensor stays in memory. "
+                    f"{advice}") from exc
             self._file_size = needed
         return extent
 
