@@ -27,6 +27,9 @@ def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
     assert "smallest feasible budget for this trace is 8 B" in err
     assert main(["plan", str(path), "--budget", "0"]) == 2
     assert "the budget must be positive, got 0 bytes" in capsys.readouterr().err
+    # A negative value after its option is the option's value, not an unknown option.
+    assert main(["plan", str(path), "--budget", "-5MiB"]) == 2
+    assert "cannot be negative, got '-5MiB'" in capsys.readouterr().err
 
 
 def test_simulate_single_and_sweep_table(tmp_path, capsys):

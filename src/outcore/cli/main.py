@@ -28,9 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _negative_values_joined(argv: list) -> list:
+    """`--budget -5MiB` as `--budget=-5MiB`: argparse takes a value that starts with '-'
+    and is no plain number for an option, and says only "expected one argument"; joined,
+    the option's own check says what is wrong with the value."""
+    out = []
+    for arg in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1]
+                and len(arg) > 1 and arg[0] == "-" and (arg[1].isdigit() or arg[1] == ".")):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_values_joined(argv))
     args.argv = argv          # for results that record the command that made them
     try:
         return args.func(args) or 0
