@@ -314,3 +314,63 @@ def test_a_full_state_dir_disk_says_so_and_resume_can_be_tried_again(tmp_path, m
     assert_tidy(tmp_path)
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
         assert ooc.resume(fresh, opt2) == 4
+
+
+def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_path, monkeypatch):
+    """The directory's fsync fails after the rename in iteration 4's commit: that manifest
+    is in place, so the next iteration must not write over the extents it names. They were
+    overwritten, and a resume after iteration 5 failed to commit matched no step."""
+    import errno
+    from outcore.run import checkpoint
+    from outcore.run.durable import Durable
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    x = torch.randn(8, 256)
+
+    def step(model, opt):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    plain = make()
+    for _ in range(4):
+        step(*plain)
+    real_fsync, calls = os.fsync, []
+
+    def directory_fsync_fails(fd):
+        calls.append(fd)
+        if len(calls) == 2:               # the manifest's, then the directory's
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    def killed_before_commit(*_):         # as if killed before iteration 5's commit
+        raise OSError(errno.EIO, "killed (injected)")
+
+    model, opt = make()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for it in range(1, 6):
+            if it == 4:
+                monkeypatch.setattr(checkpoint.os, "fsync", directory_fsync_fails)
+            if it == 5:
+                monkeypatch.setattr(Durable, "commit", killed_before_commit)
+            if it < 4:
+                with ooc.iteration():
+                    step(model, opt)
+                continue
+            match = "manifest is in place all the same" if it == 4 else "still the one after iteration 4"
+            with pytest.raises(OutcoreError, match=match):
+                with ooc.iteration():
+                    step(model, opt)
+            monkeypatch.undo()
+    fresh, fresh_opt = make()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:
+        assert again.resume(fresh, fresh_opt) == 4
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
+                                                 fresh.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(plain[1].state[plain[0][0].weight].values(),
+                                                 fresh_opt.state[fresh[0].weight].values()))

@@ -222,10 +222,19 @@ class Durable:
         model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
         optimizer = _map_refs(self.optimizer.state_dict(), ref) if self.optimizer is not None else None
         mover.sync()
-        atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
-                     "file": _swap_name(self.generation), "iterations": iterations,
-                     "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer},
-                    os.path.join(self.directory, MANIFEST), shield)
+        # Rule 2 before the switch: a save that fails after its rename (the directory's
+        # fsync) has put the new manifest in place, so its extents must never be written
+        # again either. Until a commit succeeds, both manifests' extents are kept.
+        mover.protect(committed)
+        try:
+            atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
+                         "file": _swap_name(self.generation), "iterations": iterations,
+                         "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer},
+                        os.path.join(self.directory, MANIFEST), shield)
+        except BaseException:
+            if self._switched(iterations):
+                self.iterations, self.committed = iterations, True   # close() keeps the file
+            raise
         mover.commit(committed)
         self.iterations = iterations
         self.committed = True
@@ -236,6 +245,16 @@ class Durable:
                 pass
             self.previous_file = None
             _fsync_dir(self.directory)
+
+
+    def _switched(self, iterations: int) -> bool:
+        """Whether the manifest in place is the one a failed commit was writing."""
+        try:
+            manifest = self._load()
+        except Exception:   # noqa: BLE001 - unreadable: not ours as far as we can tell
+            return False
+        return (manifest is not None and manifest.get("generation") == self.generation
+                and manifest.get("iterations") == iterations)
 
 
 def _map_refs(obj, fn):

@@ -48,6 +48,7 @@ in the report (`rss_made`): building is measured from it (benchmarks/big_state.p
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import logging
 import os
@@ -442,11 +443,17 @@ class OutOfCore:
         durable.done += 1          # completed, whether or not its state becomes durable
         try:
             durable.commit(self._res, self._shield, durable.done)
-        except OutcoreError as err:
-            kind = SwapSpaceExhausted if isinstance(err, SwapSpaceExhausted) else OutcoreError
-            raise kind(f"the iteration completed, but its state could not be made durable "
-                               f"in {durable.directory}: {err} The last durable state is still the one "
-                               f"after iteration {durable.iterations}.") from err
+        except (OutcoreError, OSError) as err:
+            full = isinstance(err, SwapSpaceExhausted) or (
+                isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
+            what = err if isinstance(err, OutcoreError) else f"{err.strerror or err}."
+            kept = ("the new manifest is in place all the same: the last durable state is this "
+                    "iteration's" if durable.iterations == durable.done else
+                    f"the last durable state is still the one after iteration {durable.iterations}")
+            raise (SwapSpaceExhausted if full else OutcoreError)(
+                f"the iteration completed, but its state could not be made durable in "
+                f"{durable.directory}: {what} Nothing in memory was lost, and {kept}; the next "
+                "iteration tries again.") from err
 
     def _base(self) -> int:
         """The resident set the first iteration's rss+ counts from (NOTE [The process's

@@ -384,6 +384,11 @@ class DiskMover:
     def sync(self) -> None:
         os.fdatasync(self._fd)
 
+    def protect(self, extents: dict) -> None:
+        """A manifest about to be written refers to `extents`: from now on they are
+        never written again, beside those the current manifest refers to."""
+        self._committed.update(extents)
+
     def commit(self, extents: dict) -> None:
         """A new manifest refers to `extents` (offset -> Extent): free the released
         extents the old one referred to and this one does not."""
