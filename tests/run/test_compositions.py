@@ -138,3 +138,44 @@ def test_a_compiled_model_runs_eagerly_under_outcore_and_says_so(tmp_path):
     compiled, said_compiled, moved = train(True)
     assert moved > 0 and not said_eager and 1 <= len(said_compiled) <= 2   # one per recording
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+def test_code_compiled_before_the_iteration_runs_eagerly_inside_it(tmp_path):
+    """Dynamo compiles nothing under a dispatch mode, but it ran what it had compiled
+    before: an inductor-compiled `opt.step` warmed up outside crashed the process inside
+    an iteration (its kernels read storages the plan had moved out). Inside a block the
+    compiled graph is not called (stance "force_eager"); after it, it is again."""
+    graph_calls = []
+
+    def counting_backend(gm, example_inputs):
+        def run(*args):
+            graph_calls.append(1)
+            return gm(*args)
+        return run
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    step = torch.compile(opt.step, backend=counting_backend)
+    x = torch.randn(32, 64)
+
+    def train_step():
+        m(x).square().mean().backward()
+        step()
+        opt.zero_grad()
+
+    train_step()
+    train_step()                      # momentum exists now: the steady graph is compiled
+    warm = len(graph_calls)
+    assert warm >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with outcore.OutOfCore(budget="300KiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+            for _ in range(3):
+                with ooc.iteration():
+                    train_step()
+            with ooc.building():
+                step()
+    assert len(graph_calls) == warm, "compiled code ran inside an outcore block"
+    train_step()
+    assert len(graph_calls) == warm + 1, "the stance was not put back"

@@ -32,8 +32,10 @@ nothing (signals still reach the main thread's own handlers).
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import weakref
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -56,8 +58,28 @@ def no_raise(function):
     return function
 
 
+# NOTE [Forked children]
+# A process forked while a block is open (a DataLoader's workers, started by
+# `iter(loader)` inside `ooc.iteration()`) inherits outcore's dispatch mode but not the
+# mover's threads: an op there that waited for a transfer waited forever, and the parent
+# for its workers. In such a child every Shield made before the fork is `forked`, and the
+# modes holding one pass ops through as plain PyTorch. The child must not touch state
+# the parent had on the slow tier (a DataLoader's workers touch only their data).
+_shields: "weakref.WeakSet[Shield]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for shield in list(_shields):
+        shield.forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Shield:
     def __init__(self):
+        self.forked = False                # NOTE [Forked children]
+        _shields.add(self)
         self.depth = 0
         self.pending: list = []            # (signum, frame) noted while held
         self._saved: dict = {}             # signum -> the user's handler
@@ -123,9 +145,11 @@ class HeldMode(TorchDispatchMode):
 
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.shield.forked:          # NOTE [Forked children]
+            return func(*args, **kwargs)
         self.shield.depth += 1
         try:
-            kwargs = kwargs or {}
             if func.namespace == "profiler":
                 return func(*args, **kwargs)
             return self._dispatch(func, args, kwargs)

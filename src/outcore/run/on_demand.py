@@ -216,7 +216,8 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     needed = movable + pinned
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
             f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable "
-            "or in shared memory (from_numpy, .numpy(), share_memory_()), or held by a "
+            "or in shared memory (from_numpy, .numpy(), torch.load: .clone() those; "
+            "share_memory_()), or held by a "
             "collective or FSDP)") if pinned else ""
     return InfeasibleBudget(
         f"function {index} ({what}, {phase}) needs {format_bytes(needed)} ({needed:,} B) resident "

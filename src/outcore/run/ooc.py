@@ -56,6 +56,8 @@ import threading
 import time
 import weakref
 
+import torch
+
 from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted
 from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
                              page_faults, process_slack, resident_bytes)
@@ -623,7 +625,8 @@ class OutOfCore:
                 f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
                 f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
                 f"min_move_bytes={self._res.min_move_bytes:,}, those that cannot be resized "
-                "or are in shared memory (from_numpy, .numpy(), share_memory_()), and those "
+                "or are in shared memory (from_numpy, .numpy(), torch.load: .clone() those; "
+                "share_memory_()), and those "
                 f"of collectives and FSDP never move and hold up to {format_bytes(held)} "
                 f"({held:,} B) of it. "
                 "No schedule can run this step; the "
@@ -730,6 +733,7 @@ class _Iteration:
         self.ooc = ooc
         self.mode = None
         self.entered = False       # the dispatch mode was pushed
+        self.stance = None         # torch.compile's stance while it is (_enter_mode)
         self.recording = False
         self.before = None
         self.started = 0.0
@@ -801,8 +805,7 @@ class _Iteration:
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0
         res.sample_rss(force=True)
-        self.mode.__enter__()
-        self.entered = True
+        self._enter_mode()
 
     @critical
     def __exit__(self, exc_type, exc, tb):
@@ -856,8 +859,18 @@ class _Iteration:
                     ooc._iterations[-1], plan_s=time.perf_counter() - adopting)
         _raise_or_note(exc, errors)
 
+    def _enter_mode(self) -> None:
+        """Push the dispatch mode, with torch.compile'd code run eagerly: Dynamo compiles
+        nothing under a dispatch mode, but code it compiled before runs its kernels all
+        the same, past the mode, on storages the plan has moved out (a segmentation
+        fault). The "force_eager" stance runs the original Python instead."""
+        self.stance = torch.compiler.set_stance("force_eager")
+        self.mode.__enter__()
+        self.entered = True
+
     def _exit_mode(self, exc, errors: list) -> None:
-        """Pop the dispatch mode if it was pushed; its error is kept for after the cleanup."""
+        """Pop the dispatch mode if it was pushed, and put torch.compile's stance back;
+        an error is kept for after the cleanup."""
         try:
             if self.entered:
                 self.entered = False
@@ -865,6 +878,10 @@ class _Iteration:
                                    exc.__traceback__ if exc is not None else None)
         except BaseException as err:      # noqa: BLE001 - kept, raised after the cleanup
             errors.append(err)
+        finally:
+            if self.stance is not None:
+                stance, self.stance = self.stance, None
+                stance.__exit__(None, None, None)
 
     def _account(self, stepped, faulted, trimmed, peak, passive, deviation, completed) -> None:
         ooc, before = self.ooc, self.before
@@ -927,8 +944,7 @@ class _Building(_Iteration):
             ooc._governor.start(ooc.budget, ooc._rss_start)
         ooc._unpark()
         self.mode = Building(ooc._res, ooc.budget, ooc._shield)
-        self.mode.__enter__()
-        self.entered = True
+        self._enter_mode()
 
     def _end(self, exc) -> None:
         ooc, errors = self.ooc, []

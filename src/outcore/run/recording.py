@@ -50,6 +50,8 @@ class SafeRecording(Recording):
 
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.shield.forked:          # NOTE [Forked children] in interrupts.py
+            return func(*args, **(kwargs or {}))
         self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
         try:
             if not self.compiled_seen and under_torch_compile():

@@ -1,0 +1,66 @@
+"""A process forked while an iteration is open runs plain PyTorch (NOTE [Forked children]
+in run/interrupts.py): a DataLoader whose workers start inside `ooc.iteration()`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import outcore
+
+
+class Doubled(Dataset):
+    """Every item is made by a torch op, which runs in the worker."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(256, 256, generator=g)
+        self.y = torch.randint(0, 10, (256,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] * 2, self.y[i]
+
+
+def train(ooc):
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (torch.nn.Linear(256, 256), torch.nn.ReLU())]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(256, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # timeout: a worker that hangs fails the test instead of hanging it (it did: the
+    # worker waited for the parent's mover thread, which a fork does not copy).
+    loader = DataLoader(Doubled(), batch_size=64, num_workers=2, timeout=60)
+    losses = []
+    for _ in range(3):
+        batches = None
+        for _ in range(len(loader)):
+            with (ooc.iteration() if ooc else _Nothing()):
+                if batches is None:
+                    batches = iter(loader)        # the workers fork inside the step
+                x, y = next(batches)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.detach())
+    return model, losses
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_dataloader_workers_forked_inside_an_iteration(tmp_path):
+    plain, plain_losses = train(None)
+    with outcore.OutOfCore("1MiB", swap_dir=tmp_path) as ooc:
+        model, losses = train(ooc)
+        assert any(it.mode == "replay" for it in ooc.report().iterations)
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 model.state_dict().values()))
