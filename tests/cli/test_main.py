@@ -24,9 +24,21 @@ def trace_file(tmp_path_factory):
     (["simulate", "{trace}", "--sweep", "1"], "at least 2, got 1"),
     (["simulate", "{trace}", "--sweep", "3", "--budget", "20MiB"], "--sweep or --budget"),
     (["simulate", "{trace}", "--budget", "20MiB", "--policy", ""], "names no policy"),
+    (["plan", "{binary}", "--budget", "20MiB"], "is not a trace: not text"),
+    (["report", "{binary}"], "is not JSON"),
+    (["plan", "{deep}", "--budget", "20MiB"], "nests too deeply"),
+    (["plan", "{freed}", "--budget", "20MiB"], r"arrays\[3\].freed_after: 1000000000 is not between"),
+    (["bench", "curve", "--model", "mlp-tiny", "--fractions", "1,abc"], "'abc' is not a budget"),
+    (["bench", "batch", "--model", "mlp-tiny", "--factors", "0"], "'0' must be more than 0"),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
-    argv = [a.format(trace=trace_file, tmp=tmp_path) for a in argv]
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00junk")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    damaged = json.loads(trace_file.read_text())
+    damaged["arrays"][3]["freed_after"] = 10**9
+    (tmp_path / "freed.json").write_text(json.dumps(damaged))
+    files = {name: tmp_path / f"{name}.json" for name in ("binary", "deep", "freed")}
+    argv = [a.format(trace=trace_file, tmp=tmp_path, **files) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("outcore: error: ") and "Traceback" not in err
@@ -39,6 +51,24 @@ def test_a_report_with_a_wrong_field_type_is_refused(tmp_path, capsys):
     path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "iterations": [1]}))
     assert main(["report", str(path)]) == 2
     assert "malformed outcore report" in capsys.readouterr().err
+
+
+def test_a_report_with_no_budget_and_sizes_below_one_are_refused(tmp_path, capsys):
+    from outcore.run.report import FORMAT, VERSION
+    path = tmp_path / "run.json"
+    from dataclasses import fields
+    from outcore.run.report import Report
+    fields = {f.name: 0 for f in fields(Report)}
+    path.write_text(json.dumps({**fields, "format": FORMAT, "version": VERSION,
+                                "iterations": [], "budget": 0}))
+    assert main(["report", str(path)]) == 2
+    assert "budget must be a positive byte count" in capsys.readouterr().err
+    with pytest.raises(SystemExit):               # argparse: exit 2, one line
+        main(["trace", "--model", "mlp", "--batch", "0"])
+    assert "argument --batch: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["trace", "--model", "mlp", "--warmup", "-1"])
+    assert "argument --warmup: must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_ctrl_c_is_one_line_and_exit_130(trace_file, monkeypatch, capsys):

@@ -121,6 +121,11 @@ def run_experiment(args) -> int:
     if wrong:
         raise OutcoreError(f"{', '.join(wrong)} cannot run with --device {args.device}: "
                            "in-core-heap is a CPU baseline, streamed-offload a GPU one")
+    # Every list is read before the disk is measured (a minute) and the runs start.
+    fractions = _numbers(args.fractions, float, "--fractions", "a budget as a fraction of the peak")
+    factors = _numbers(args.factors, int, "--factors", "a batch multiple")
+    policies = tuple(_csv(args.policies or ("on-demand,fixed,adaptive" if args.what == "curve"
+                                            else "adaptive"), tuple(POLICIES)))
     print("measuring the disk ...", file=sys.stderr, flush=True)
     disk = measure_disk(parse_bytes("1GiB"), args.dir)
     common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,
@@ -131,14 +136,13 @@ def run_experiment(args) -> int:
     if baselines:
         common["baselines"] = baselines
     if args.what == "curve":
-        result = experiments.curve(args.model, args.batch, fractions=tuple(float(f) for f in _csv(args.fractions)),
-                                   policies=tuple(_csv(args.policies or "on-demand,fixed,adaptive", tuple(POLICIES))),
+        result = experiments.curve(args.model, args.batch, fractions=fractions, policies=policies,
                                    **common)
     else:
         common.setdefault("baselines", ("checkpoint", "offload-hooks"))
         common["baselines"] = tuple(b for b in common["baselines"] if b != "in-core")
-        result = experiments.batch_sweep(args.model, args.batch, factors=tuple(int(f) for f in _csv(args.factors)),
-                                         policies=tuple(_csv(args.policies or "adaptive", tuple(POLICIES))), **common)
+        result = experiments.batch_sweep(args.model, args.batch, factors=factors, policies=policies,
+                                         **common)
     name = args.name or f"{args.what}_{args.model}_b{args.batch}"
     command = "outcore " + " ".join(shlex.quote(a) for a in args.argv)
     files = output.save(result, args.out, name, command)
@@ -146,6 +150,20 @@ def run_experiment(args) -> int:
     print("wrote " + ", ".join(files) + ("" if any(f.endswith(".png") for f in files)
                                          else "  (no PNG: pip install matplotlib)"))
     return 0 if all("error" not in r["result"] for r in result["runs"]) else 1
+
+
+def _numbers(text: str, kind, option: str, what: str) -> tuple:
+    """A comma-separated list of positive numbers of `kind` (float or int)."""
+    values = []
+    for item in _csv(text):
+        try:
+            value = kind(item)
+        except ValueError:
+            raise OutcoreError(f"{option}: {item!r} is not {what}") from None
+        if not value > 0:
+            raise OutcoreError(f"{option}: {item!r} must be more than 0")
+        values.append(value)
+    return tuple(values)
 
 
 def _csv(text: str, allowed=None) -> list[str]:

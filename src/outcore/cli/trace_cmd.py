@@ -9,6 +9,26 @@ from .. import workloads
 from ..trace import record
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "trace", help="record one training iteration of a built-in model as a Trace",
@@ -22,15 +42,15 @@ def add_parser(sub) -> None:
                + "\n\nexample:\n  outcore trace --model resnet50 --batch 1440 --device meta -o r50.json")
     p.add_argument("--model", required=True, choices=sorted(workloads.SPECS), metavar="NAME",
                    help="built-in model (listed below)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
+    p.add_argument("--batch", type=_positive, default=None, help="batch size (default: per model)")
     p.add_argument("--device", choices=("meta", "cpu"), default="meta",
                    help="meta: no memory or compute, estimated durations (default); "
                         "cpu: run for real, measured durations")
     p.add_argument("--optimizer", choices=sorted(workloads.OPTIMIZERS), default="sgd",
                    help="sgd is SGD with momentum 0.9 (default: sgd)")
-    p.add_argument("--image-size", type=int, default=None, help="image side for CNNs (default 224)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for GPT-2 (default 1024)")
-    p.add_argument("--warmup", type=int, default=1,
+    p.add_argument("--image-size", type=_positive, default=None, help="image side for CNNs (default 224)")
+    p.add_argument("--seq-len", type=_positive, default=None, help="sequence length for GPT-2 (default 1024)")
+    p.add_argument("--warmup", type=_count, default=1,
                    help="untraced iterations before the recorded one, so lazily created optimizer "
                         "state exists as in steady state (default 1; 0 records the very first step)")
     p.add_argument("-o", "--output", help="write the trace as JSON to this file")

@@ -94,9 +94,13 @@ class Report:
                                f"(this outcore reads version {VERSION})")
         try:
             its = tuple(IterationStats(**_known(IterationStats, it)) for it in data["iterations"])
-            return Report(**{**_known(Report, data), "iterations": its})
+            report = Report(**{**_known(Report, data), "iterations": its})
         except (KeyError, TypeError) as exc:
             raise OutcoreError(f"malformed outcore report: {exc}") from exc
+        if isinstance(report.budget, bool) or not isinstance(report.budget, int) or report.budget <= 0:
+            raise OutcoreError(f"malformed outcore report: its budget must be a positive byte "
+                               f"count, found {report.budget!r}")
+        return report
 
     def save(self, path) -> None:
         """Write the report as JSON, whole or not at all (NOTE [Atomic save]);
@@ -109,7 +113,7 @@ class Report:
         try:
             with open(path) as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise OutcoreError(f"{path} is not JSON ({exc}); is it an outcore report?") from exc
         return Report.from_dict(data)
 

@@ -52,11 +52,17 @@ def load(path) -> Trace:
         text = path.read_text()
     except OSError as exc:
         raise TraceError(f"cannot read trace file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path} is not a trace: not text ({exc.reason} at byte {exc.start}). "
+                         "Record one with `outcore trace` or outcore.record().") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         what = exc.msg.removesuffix(" at")       # "Unterminated string starting at"
         raise TraceError(f"{path} is not a trace: not valid JSON ({what}, line {exc.lineno}). "
+                         "Record one with `outcore trace` or outcore.record().") from exc
+    except RecursionError as exc:
+        raise TraceError(f"{path} is not a trace: its JSON nests too deeply. "
                          "Record one with `outcore trace` or outcore.record().") from exc
     return from_dict(data, source=str(path))
 
@@ -124,6 +130,9 @@ def from_dict(data, source: str = "trace") -> Trace:
             r.fail(f"{w}.freed_after", "expected an integer or null")
         if not (0 <= first <= last < n_fn):
             r.fail(w, f"uses [{first}, {last}] fall outside the {n_fn} functions of the trace")
+        if freed is not None and not last <= freed < n_fn:
+            r.fail(f"{w}.freed_after", f"{freed} is not between its last use {last} and the "
+                                       f"trace's last function {n_fn - 1}")
         arrays.append(Array(
             id=ident, nbytes=nbytes, dtype=r.get(raw, "dtype", str, w), device=r.get(raw, "device", str, w),
             kind=r.choice(raw, "kind", ARRAY_KINDS, w), category=r.choice(raw, "category", CATEGORIES, w),
