@@ -43,3 +43,5 @@ def test_a_number_is_bytes_so_a_fraction_of_one_is_refused():
 def test_a_directory_that_is_not_a_path_is_refused(name):
     with pytest.raises(outcore.OutcoreError, match=f"{name} must be a directory path.*got 5"):
         outcore.OutOfCore("1MiB", **{name: 5})
+    with pytest.raises(outcore.OutcoreError, match=f"{name} must be a directory path.*got ''"):
+        outcore.OutOfCore("1MiB", **{name: ""})       # it meant the working directory

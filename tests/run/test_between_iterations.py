@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import outcore
+from outcore.errors import OutcoreError
 from outcore.states import FAST, MAPPED, SLOW
 
 MiB = 2**20
@@ -384,8 +385,20 @@ def test_save_that_raises_leaves_the_old_file(tmp_path):
             ooc.save({"x": torch.ones(4), "bad": Unpicklable()}, path)
         ooc.save({"new": torch.ones(2)}, path)
         assert torch.equal(torch.load(path)["new"], torch.ones(2))
-        with pytest.raises(FileNotFoundError, match="does not exist"):
+        with pytest.raises(OutcoreError, match="does not exist"):
             ooc.save({}, tmp_path / "missing" / "ck.pt")
+        import errno
+        from outcore.run import checkpoint
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real, checkpoint.os.fsync = checkpoint.os.fsync, full
+        try:                              # a full disk: an OutcoreError, the old file kept
+            with pytest.raises(OutcoreError, match="No space left on device. What was there"):
+                ooc.save({"newer": torch.ones(3)}, path)
+        finally:
+            checkpoint.os.fsync = real
+        assert torch.equal(torch.load(path)["new"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
 

@@ -374,3 +374,31 @@ def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_
                                                  fresh.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(plain[1].state[plain[0][0].weight].values(),
                                                  fresh_opt.state[fresh[0].weight].values()))
+
+
+def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_path):
+    """A state file the manifest names gone: a clear error (it was a bare
+    FileNotFoundError). Cut short: the error says the model is only partly loaded (the
+    parameters before the cut were overwritten already)."""
+    import shutil
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path / "s") as ooc:
+        ooc.resume(model)
+        with ooc.iteration():
+            model(torch.ones(2, 256)).sum().backward()
+    shutil.copytree(tmp_path / "s", tmp_path / "cut")
+    (swap,) = [n for n in os.listdir(tmp_path / "s") if n.endswith(".swap")]
+    os.unlink(tmp_path / "s" / swap)
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path / "s") as ooc:
+        with pytest.raises(OutcoreError, match="cannot read .* which the manifest names") as err:
+            ooc.resume(fresh)
+        assert not getattr(err.value, "__notes__", None)     # nothing was copied
+    kept = torch.load(tmp_path / "cut" / "manifest.pt", weights_only=True)["model"]
+    last = max(kept.values(), key=lambda ref: ref["offset"])
+    os.truncate(tmp_path / "cut" / swap, last["offset"] + 1)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path / "cut") as ooc:
+        with pytest.raises(OutcoreError, match="damaged") as err:
+            ooc.resume(fresh)
+        assert "only partly loaded" in "".join(err.value.__notes__)

@@ -36,7 +36,7 @@ import re
 
 import torch
 
-from ..errors import OutcoreError
+from ..errors import OutcoreError, SwapSpaceExhausted
 from ..units import format_bytes
 from .checkpoint import atomic_save
 
@@ -91,22 +91,31 @@ class Durable:
                 os.unlink(os.path.join(self.directory, name))
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = self.optimizer = None
+        self.copied = False             # resume() has copied some kept state into the model
         self.iterations = self.manifest["iterations"] if self.manifest else 0   # durable
         self.done = self.iterations     # completed, durable or not (a commit may fail)
         self.committed = False          # a manifest names this generation's file
 
-    def room_note(self) -> str:
-        """What a resume that ran out of disk was doing (rule 4)."""
-        try:
-            previous = os.path.getsize(os.path.join(self.directory, self.previous_file))
-        except (OSError, TypeError):
-            previous = 0
-        return (f"outcore: resume() copies the kept state into this process's new state file, "
-                f"{_swap_name(self.generation)}, while the kept one ({self.previous_file}, "
-                f"{format_bytes(previous)}) stays until the first iteration is made durable: "
-                f"the disk of {self.directory} needs room for both. The directory is unchanged; "
-                "the model and optimizer are only partly loaded: free space, then call "
-                "resume() again (on this OutOfCore or a new one).")
+    def failed_note(self, exc: BaseException) -> str | None:
+        """What to tell about a resume() that failed with `exc` (rule 4): the directory is
+        unchanged, but the model may be partly loaded; a full disk needs room for two files."""
+        partly = ("The directory is unchanged, but the model and optimizer are only partly "
+                  "loaded: do not train them as they are. ")
+        if isinstance(exc, SwapSpaceExhausted):
+            try:
+                previous = os.path.getsize(os.path.join(self.directory, self.previous_file))
+            except (OSError, TypeError):
+                previous = 0
+            return (f"outcore: resume() copies the kept state into this process's new state "
+                    f"file, {_swap_name(self.generation)}, while the kept one "
+                    f"({self.previous_file}, {format_bytes(previous)}) stays until the first "
+                    f"iteration is made durable: the disk of {self.directory} needs room for "
+                    f"both. {partly}Free space, then call resume() again (on this OutOfCore "
+                    "or a new one).")
+        if self.copied:
+            return (f"outcore: {partly}Call resume() again once the cause is mended, or build "
+                    "them afresh.")
+        return None
 
     def close(self) -> None:
         """At close: this generation's file goes if no manifest names it (rule 4), and
@@ -143,9 +152,14 @@ class Durable:
         """The tensor `ref` names in the manifest's file, in fresh memory of its own."""
         path = os.path.join(self.directory, self.manifest["file"])
         raw = bytearray(ref["nbytes"])
-        with open(path, "rb") as f:
-            f.seek(ref["offset"])
-            got = f.readinto(raw)
+        try:
+            with open(path, "rb") as f:
+                f.seek(ref["offset"])
+                got = f.readinto(raw)
+        except OSError as exc:
+            raise OutcoreError(f"cannot read {path}, which the manifest names: {exc.strerror}; "
+                               "the state directory is damaged. Move it away to start "
+                               "afresh.") from exc
         if got != len(raw):
             raise OutcoreError(f"{path} ends before the {ref['nbytes']:,} bytes at offset "
                                f"{ref['offset']:,} that the manifest names; the state directory is "
@@ -174,6 +188,7 @@ class Durable:
                     raise OutcoreError(f"the state in {self.directory} holds {name} as "
                                        f"{tuple(value.shape)} {value.dtype}, this model as "
                                        f"{tuple(tensor.shape)} {tensor.dtype}")
+                self.copied = True          # from here a failure leaves a partial load
                 tensor.copy_(value)
                 del value
         if optimizer is not None:

@@ -248,9 +248,10 @@ class OutOfCore:
         if isinstance(min_move_bytes, bool) or not isinstance(min_move_bytes, int) or min_move_bytes < 0:
             raise OutcoreError(f"min_move_bytes must be a byte count >= 0, got {min_move_bytes!r}")
         for name, path in (("swap_dir", swap_dir), ("state_dir", state_dir)):
-            if path is not None and not isinstance(path, (str, os.PathLike)):
-                raise OutcoreError(f"{name} must be a directory path (a str or os.PathLike), "
-                                   f"got {path!r}")
+            if path is not None and (not isinstance(path, (str, os.PathLike))
+                                     or not os.fspath(path)):
+                raise OutcoreError(f"{name} must be a directory path (a non-empty str or "
+                                   f"os.PathLike), got {path!r}")
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         _claim(self)
@@ -346,8 +347,10 @@ class OutOfCore:
             try:
                 with self.building():
                     durable.load_into(model, optimizer)
-            except SwapSpaceExhausted as exc:
-                exc.add_note(durable.room_note())
+            except BaseException as exc:
+                note = durable.failed_note(exc)
+                if note is not None:
+                    exc.add_note(note)
                 raise
         durable.model, durable.optimizer = model, optimizer
         return durable.iterations
@@ -367,7 +370,12 @@ class OutOfCore:
         if self._active:
             raise OutcoreError("ooc.save() cannot run inside ooc.iteration(); call it between "
                                "iterations")
-        atomic_save(obj, path, self._shield)
+        try:
+            atomic_save(obj, path, self._shield)
+        except OSError as exc:
+            raise OutcoreError(f"ooc.save() could not write {os.fspath(path)}: "
+                               f"{exc.strerror or exc}. What was there before is intact, and "
+                               "no temporary file is left.") from exc
 
     @property
     def fast_device(self) -> str:
