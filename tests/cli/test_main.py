@@ -30,6 +30,8 @@ def trace_file(tmp_path_factory):
     (["plan", "{freed}", "--budget", "20MiB"], r"arrays\[3\].freed_after: 1000000000 is not between"),
     (["bench", "curve", "--model", "mlp-tiny", "--fractions", "1,abc"], "'abc' is not a budget"),
     (["bench", "batch", "--model", "mlp-tiny", "--factors", "0"], "'0' must be more than 0"),
+    (["bench", "curve", "--model", "mlp-tiny", "--out", "{trace}"], "is a file; the results go"),
+    (["plan", "{trace}", "--budget", "20MiB", "-o", "{tmp}"], "cannot save to .*: it is a directory"),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00junk")

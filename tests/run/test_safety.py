@@ -73,6 +73,15 @@ def test_bad_arguments_are_clear():
                                      rf"ooc.{outer}\(\) block"):
                 with getattr(ooc, inner)():
                     pass
+    with ooc.iteration():                   # another thread's block: not "nesting"
+        from concurrent.futures import ThreadPoolExecutor
+
+        def start():
+            with ooc.iteration():
+                pass
+        with ThreadPoolExecutor(1) as pool:
+            with pytest.raises(outcore.OutcoreError, match="another thread's ooc.iteration"):
+                pool.submit(start).result()
     ooc.close()
     with pytest.raises(outcore.OutcoreError, match="closed"):
         with ooc.iteration():

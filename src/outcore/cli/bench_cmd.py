@@ -126,6 +126,9 @@ def run_experiment(args) -> int:
     factors = _numbers(args.factors, int, "--factors", "a batch multiple")
     policies = tuple(_csv(args.policies or ("on-demand,fixed,adaptive" if args.what == "curve"
                                             else "adaptive"), tuple(POLICIES)))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise OutcoreError(f"--out {args.out} is a file; the results go in a directory: name a "
+                           "new or existing one")
     print("measuring the disk ...", file=sys.stderr, flush=True)
     disk = measure_disk(parse_bytes("1GiB"), args.dir)
     common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,

@@ -90,6 +90,9 @@ def atomic_write(path, write, shield: Shield | None = None) -> None:
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, f"cannot save to {path}: the directory {directory} "
                                 "does not exist", directory)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot save to {path}: it is a directory; name "
+                                "a file", path)
     _sweep(directory, name)
     temporary = _temporary(directory, name, os.getpid())
     fd = _open_unnamed(directory)

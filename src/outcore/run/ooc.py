@@ -216,6 +216,7 @@ class OutOfCore:
                  state_dir=None, host_budget=None, recompute="auto"):
         self.closed = True              # until construction completes
         self._active = False
+        self._active_thread = None      # the thread whose block is open
         self.budget = parse_bytes(budget)
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
@@ -762,6 +763,10 @@ class _Iteration:
                 raise OutcoreError("this OutOfCore was closed; create a new one to train again")
             if ooc._active:
                 new = "building" if isinstance(self, _Building) else "iteration"
+                if ooc._active_thread != threading.get_ident():
+                    raise OutcoreError(f"ooc.{new}() cannot start while another thread's "
+                                       f"ooc.{ooc._active}() block is open: an OutOfCore runs "
+                                       "one block at a time; start this one after that ends")
                 raise OutcoreError(f"ooc.{new}() cannot start inside an open ooc.{ooc._active}() "
                                    "block: these blocks cannot nest; end that one first")
             if ooc._infeasible is not None:
@@ -773,6 +778,7 @@ class _Iteration:
                                    "first iteration: it names the state to keep, and loads it "
                                    "when the directory has some")
             ooc._active = "building" if isinstance(self, _Building) else "iteration"
+            ooc._active_thread = threading.get_ident()
             try:
                 shield.install()
                 self._begin()
