@@ -100,7 +100,8 @@ class Durable:
         """What to tell about a resume() that failed with `exc` (rule 4): the directory is
         unchanged, but the model may be partly loaded; a full disk needs room for two files."""
         partly = ("The directory is unchanged, but the model and optimizer are only partly "
-                  "loaded: do not train them as they are. ")
+                  "loaded: do not train them as they are. " if self.copied else
+                  "The directory is unchanged, and nothing was loaded yet. ")
         if isinstance(exc, SwapSpaceExhausted):
             try:
                 previous = os.path.getsize(os.path.join(self.directory, self.previous_file))
@@ -260,7 +261,6 @@ class Durable:
                 pass
             self.previous_file = None
             _fsync_dir(self.directory)
-
 
     def _switched(self, iterations: int) -> bool:
         """Whether the manifest in place is the one a failed commit was writing."""

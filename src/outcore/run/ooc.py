@@ -52,6 +52,7 @@ import errno
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -877,8 +878,10 @@ class _Iteration:
         """Push the dispatch mode, with torch.compile'd code run eagerly: Dynamo compiles
         nothing under a dispatch mode, but code it compiled before runs its kernels all
         the same, past the mode, on storages the plan has moved out (a segmentation
-        fault). The "force_eager" stance runs the original Python instead."""
-        self.stance = torch.compiler.set_stance("force_eager")
+        fault). The "force_eager" stance runs the original Python instead. Without
+        torch._dynamo imported nothing was compiled (and importing it costs seconds)."""
+        if "torch._dynamo" in sys.modules:
+            self.stance = torch.compiler.set_stance("force_eager")
         self.mode.__enter__()
         self.entered = True
 
