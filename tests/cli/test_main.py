@@ -66,8 +66,8 @@ def test_a_report_with_no_budget_and_sizes_below_one_are_refused(tmp_path, capsy
     assert main(["report", str(path)]) == 2
     assert "budget must be a positive byte count" in capsys.readouterr().err
     with pytest.raises(SystemExit):               # argparse: exit 2, one line
-        main(["trace", "--model", "mlp", "--batch", "0"])
-    assert "argument --batch: must be at least 1, got 0" in capsys.readouterr().err
+        main(["trace", "--model", "resnet18-tiny", "--image-size", "0"])
+    assert "argument --image-size: must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["trace", "--model", "mlp", "--warmup", "-1"])
     assert "argument --warmup: must be 0 or more, got -1" in capsys.readouterr().err
