@@ -25,6 +25,11 @@ def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot run function 1 (f1, forward): it needs 8 B" in err
     assert "smallest feasible budget for this trace is 8 B" in err
+    # simulate says the same where nothing could run; in a table, the row says it.
+    assert main(["simulate", str(path), "--budget", "5"]) == 2
+    assert "smallest feasible budget for this trace is 8 B" in capsys.readouterr().err
+    assert main(["simulate", str(path), "--budget", "5,8"]) == 0
+    assert "infeasible: needs 8 B" in capsys.readouterr().out
     assert main(["plan", str(path), "--budget", "0"]) == 2
     assert "the budget must be positive, got 0 bytes" in capsys.readouterr().err
     # A negative value after its option is the option's value, not an unknown option.

@@ -221,6 +221,8 @@ def run(args) -> int:
                 shown = policy + (f" +{len(chosen)} rc" if chosen else "")
                 rows.append((label, budget, shown, sim, schedule))
                 single = (run, schedule, sim)
+    if single is None and not args.timeline:     # nothing could run: as `plan` says it, exit 2
+        raise rows[0][4]
     if args.timeline:
         if single is None:
             _, budget, _, _, exc = rows[0]
