@@ -162,11 +162,15 @@ def _policies(text: str) -> list[str]:
     return names
 
 
+SWEEP_MOST = 100        # rows of a sweep: each plans the trace once per policy
+
+
 def _budgets(args, trace, machine) -> list[int]:
     if args.sweep is not None:
-        if args.sweep < 2:
+        if not 2 <= args.sweep <= SWEEP_MOST:
             raise OutcoreError(f"--sweep N gives N budgets from the smallest feasible to the "
-                               f"in-core peak: N must be at least 2, got {args.sweep}")
+                               f"in-core peak, each planned and simulated: N must be at least 2 "
+                               f"and at most {SWEEP_MOST}, got {args.sweep}")
         if args.budget:
             raise OutcoreError("--sweep chooses the budgets itself: give --sweep or --budget")
         lo, hi = min_feasible_budget(trace), trace.peak()[0]
