@@ -44,6 +44,13 @@ class HostBudgetTooSmall(OutcoreError):
         self.host_budget = host_budget
 
 
+def no_room(exc: OSError) -> type[OutcoreError]:
+    """The error for a failed write to the slow tier: SwapSpaceExhausted where the disk
+    is full (or the quota spent), OutcoreError otherwise."""
+    import errno
+    return SwapSpaceExhausted if exc.errno in (errno.ENOSPC, errno.EDQUOT) else OutcoreError
+
+
 class SwapSpaceExhausted(OutcoreError):
     """The slow tier's disk is full: the swap file could not grow. The tensor being
     written stays in memory, whole. Raised inside an optimizer step, it leaves the

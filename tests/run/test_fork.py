@@ -2,6 +2,8 @@
 in run/interrupts.py): a DataLoader whose workers start inside `ooc.iteration()`."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -36,7 +38,7 @@ def train(ooc):
     for _ in range(3):
         batches = None
         for _ in range(len(loader)):
-            with (ooc.iteration() if ooc else _Nothing()):
+            with ooc.iteration() if ooc else contextlib.nullcontext():
                 if batches is None:
                     batches = iter(loader)        # the workers fork inside the step
                 x, y = next(batches)
@@ -46,14 +48,6 @@ def train(ooc):
                 opt.zero_grad()
             losses.append(loss.detach())
     return model, losses
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_dataloader_workers_forked_inside_an_iteration(tmp_path):

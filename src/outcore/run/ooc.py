@@ -48,7 +48,6 @@ in the report (`rss_made`): building is measured from it (benchmarks/big_state.p
 from __future__ import annotations
 
 import dataclasses
-import errno
 import gc
 import logging
 import os
@@ -59,7 +58,7 @@ import weakref
 
 import torch
 
-from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted
+from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted, no_room
 from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
                              page_faults, process_slack, resident_bytes)
 from ..memory.pages import torch_huge_pages
@@ -456,13 +455,12 @@ class OutOfCore:
         try:
             durable.commit(self._res, self._shield, durable.done)
         except (OutcoreError, OSError) as err:
-            full = isinstance(err, SwapSpaceExhausted) or (
-                isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
+            kind = no_room(err) if isinstance(err, OSError) else type(err)
             what = err if isinstance(err, OutcoreError) else f"{err.strerror or err}."
             kept = ("the new manifest is in place all the same: the last durable state is this "
                     "iteration's" if durable.iterations == durable.done else
                     f"the last durable state is still the one after iteration {durable.iterations}")
-            raise (SwapSpaceExhausted if full else OutcoreError)(
+            raise (SwapSpaceExhausted if issubclass(kind, SwapSpaceExhausted) else OutcoreError)(
                 f"the iteration completed, but its state could not be made durable in "
                 f"{durable.directory}: {what} Nothing in memory was lost, and {kept}; the next "
                 "iteration tries again.") from err

@@ -52,7 +52,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ...errors import OutcoreError, SwapSpaceExhausted
+from ...errors import OutcoreError, SwapSpaceExhausted, no_room
 from ...memory import ALIGNMENT, AlignedBuffer, Extent, ExtentAllocator, round_up
 from ..mapped import Mapping
 from ...units import format_bytes
@@ -259,11 +259,6 @@ _KEPT_ADVICE = ("With state_dir the swap file is kept in that directory, and its
                 "there, or pass state_dir= a directory on a larger disk.")
 
 
-def _no_room(exc: OSError) -> type[OutcoreError]:
-    """The error for a failed write: SwapSpaceExhausted where the disk is full."""
-    return SwapSpaceExhausted if exc.errno in (errno.ENOSPC, errno.EDQUOT) else OutcoreError
-
-
 def _enable_direct(fd: int) -> bool:
     """Switch O_DIRECT on for `fd` if the filesystem really supports it; returns whether
     it did. Some filesystems accept the flag and refuse the first write, so one aligned
@@ -349,9 +344,9 @@ class DiskMover:
             return fd, direct and _enable_direct(fd)
         except OSError as exc:
             os.close(fd)
-            raise _no_room(exc)(f"cannot create a swap file in {base}: {exc.strerror}; pass "
-                                "swap_dir= a writable directory on a local disk with free "
-                                "space") from exc
+            raise no_room(exc)(f"cannot create a swap file in {base}: {exc.strerror}; pass "
+                               "swap_dir= a writable directory on a local disk with free "
+                               "space") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -367,8 +362,8 @@ class DiskMover:
             return fd, direct and _enable_direct(fd)
         except OSError as exc:           # the file itself goes with Durable.close()
             os.close(fd)
-            raise _no_room(exc)(f"cannot write the state file {path}: {exc.strerror}. "
-                                f"{_KEPT_ADVICE}") from exc
+            raise no_room(exc)(f"cannot write the state file {path}: {exc.strerror}. "
+                               f"{_KEPT_ADVICE}") from exc
         except BaseException:
             os.close(fd)
             raise
