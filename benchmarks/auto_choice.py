@@ -1,7 +1,7 @@
 """Which policy `auto` picks, and what the others would have given: simulated iteration
 time per screened configuration, auto's choice and its planning time.
 
-    .venv/bin/python benchmarks/auto_choice.py [--fractions 0.75,0.5,0.25] [--recompute]
+    .venv/bin/python benchmarks/auto_choice.py [--fractions 0.75,0.5,0.25] [--recompute] [--traces DIR]
 
 The workloads and the recording are window_sweep.py's (CPU, after one warm-up step, so
 durations are measured); budgets are fractions of the in-core peak, less what OutOfCore
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import outcore
 from outcore.plan.policies.auto import SCREEN
+from outcore.trace import io as trace_io
 from outcore.run.ooc import planned_budget
 from window_sweep import WORKLOADS, record
 
@@ -39,6 +41,9 @@ def _label(name: str, options: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", default="0.75,0.5,0.25")
+    parser.add_argument("--traces", metavar="DIR",
+                        help="load the recorded traces from DIR, recording and saving there "
+                             "those it lacks: compare two commits on the same traces")
     parser.add_argument("--recompute", action="store_true",
                         help="instead of the table: how long OutOfCore's planning takes with "
                              "its defaults (recompute.choose: auto, recompute='auto'), twice "
@@ -46,11 +51,11 @@ def main():
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
     if args.recompute:
-        return planning_times(fractions)
+        return planning_times(fractions, args.traces)
     print("| workload | budget / peak | " + " | ".join(_label(n, o) for n, o in SCREEN) +
           " | auto's gain over adaptive | plan |")
     print("|---|---|" + "---|" * len(SCREEN) + "---|---|")
-    for row, trace, budget in cases(fractions):
+    for row, trace, budget in cases(fractions, args.traces):
         try:
             start = time.perf_counter()
             s = outcore.plan(trace, budget)
@@ -73,24 +78,37 @@ def main():
         print(f"| {row} | " + " | ".join(cells) + f" | {gain:.3f}x | {took:.2f} s |")
 
 
-def cases(fractions):
+def cases(fractions, traces=None):
     """(the row's first two cells, trace, budget) per workload and fraction: budgets are
-    fractions of the in-core peak, less what OutOfCore pins."""
+    fractions of the in-core peak, less what OutOfCore pins. `traces`: a folder that
+    keeps the recorded traces (loaded if there, recorded and saved if not)."""
     for name, shape in WORKLOADS:
-        trace = record(name, shape)
+        trace = _trace(name, shape, traces)
         peak = trace.peak(actual=True)[0]
         shape_s = " ".join(f"{k}={v}" for k, v in shape.items())
         for frac in fractions:
             yield f"{name} {shape_s} | {frac}", trace, planned_budget(trace, int(peak * frac))
 
 
-def planning_times(fractions) -> None:
+def _trace(name, shape, folder):
+    if folder is None:
+        return record(name, shape)
+    path = Path(folder) / f"{name}-{'-'.join(f'{k}{v}' for k, v in shape.items())}.json"
+    if path.exists():
+        return trace_io.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trace = record(name, shape)
+    trace_io.save(trace, path)
+    return trace
+
+
+def planning_times(fractions, traces=None) -> None:
     """OutOfCore's planning with its defaults, timed: auto on cpu-disk with recompute
     "auto" (the trace as recorded, then each rewritten one)."""
     from outcore.plan import recompute
     print("| workload | budget / peak | recomputed | plan (s), two runs |")
     print("|---|---|---|---|")
-    for row, trace, budget in cases(fractions):
+    for row, trace, budget in cases(fractions, traces):
         took = []
         try:
             for _ in range(2):
