@@ -157,6 +157,26 @@ def test_completion_order_waits_for_the_swap_out_the_link_finishes_first():
         outcore.plan(t, 12, "adaptive", wait_order="newest")
 
 
+@pytest.mark.parametrize("options", [{}, {"wait_order": "completion"}, {"outputs": "late"}])
+def test_a_prefetch_does_not_wait_behind_a_swap_out_it_cannot_use(options):
+    # NOTE [A prefetch waits at the head]: a (8 B) leaves after f0 and is read back in
+    # backward; the parameter s is written out after its last use, f1, queued behind a.
+    # The window at f2 reaches f3's output b: room for it would come from s, never used
+    # again, but waiting for s waits for a's copy too (9 s at 1 B/s) before f2's 10 s of
+    # compute. So the prefetch stops and f3 waits for s, written by then.
+    from outcore.plan.schedule import WAIT, Action
+    from outcore.simulate import Machine, simulate
+    t = build({"a": 8, "s": (1, "param"), "x": (1, "input"), "b": 2, "c": 8},
+              ["f0 c:a", "f1 w:s", "f2 r:x", "f3 c:b", "f4 r:b c:c", "f5 r:c",
+               "b0 @backward r:a"], durations=[1.0, 1e-3, 10.0, 1e-3, 1e-3, 1e-3, 1e-3])
+    schedule = outcore.plan(t, 10, "adaptive", keep_state=False, **options)
+    assert schedule.begin[2] == () and Action(WAIT, 1) in schedule.begin[3]
+    toy = Machine("toy", peak_flops=1.0, memory_bandwidth=1.0, fast_bytes=100, link_in=1.0,
+                  link_out=1.0, link_latency_s=0.0, use_trace_durations=True)
+    sim = simulate(t, schedule, toy)
+    assert sim.stall_s[:6] == (0.0,) * 6 and sim.step_time_s == pytest.approx(19.005)
+
+
 def test_completion_order_passes_over_arrays_within_the_windows_last_reach():
     # Two swap-outs in flight: b (issued first, read again at f4) and a (read at f9).
     # Making room before f2, completion order waits for the oldest, b, unless f4 lies
