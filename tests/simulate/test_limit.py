@@ -1,4 +1,5 @@
-"""The physical limit (simulate/limit.py): hand-checked on a forward/backward step, and
+"""The physical limit (simulate/limit.py): hand-checked on a forward/backward step (the cut
+bound) and on a function that needs nearly the whole budget (the pressure bound), and
 never beaten by any simulated schedule."""
 import dataclasses
 
@@ -31,6 +32,24 @@ def test_what_backward_reads_forward_had_to_write_first():
     assert "before function 3 at least" in str(limit)
     roomy = physical_limit(t, 100, TOY)
     assert roomy.cut is None and abs(roomy.seconds - 2.0) < 1e-9
+
+
+def test_an_array_that_does_not_fit_beside_a_function_leaves_and_comes_back():
+    # NOTE [Pressure bound]: f1 creates 8 B under a budget of 10, so a (4 B, made by f0
+    # and read by f2) cannot stay: it is written out between f0 and f1 and read back
+    # between f1 and f2, 4 s each at 1 B/s, where no compute hides them. No cut has more
+    # than the budget alive across it, so the cut bound is the compute alone (3 s).
+    t = build({"a": 4, "b": 8}, ["f0 c:a", "f1 c:b", "f2 r:a"], durations=[1.0] * 3)
+    m = dataclasses.replace(TOY, link_out=1.0)
+    limit = physical_limit(t, 10, m)
+    assert limit.binding == "pressure" and limit.cut is None
+    assert abs(limit.seconds - 11.0) < 1e-9 and abs(limit.compute_s - 3.0) < 1e-9
+    assert (limit.pressure.read, limit.pressure.written) == (4, 4)
+    assert limit.pressure.intervals == ((1, 1), (2, 2))
+    assert "force 0.00 GB of read-backs" in str(limit) and "into 2 stretches" in str(limit)
+    sim = outcore.simulate(t, outcore.plan(t, 10, "adaptive"), m)
+    assert abs(sim.step_time_s - 11.0) < 1e-9               # the plan meets it
+    assert physical_limit(t, 12, m).binding == "compute"     # a fits beside b
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

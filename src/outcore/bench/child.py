@@ -159,7 +159,7 @@ def predict(trace, schedule, compute_s: float, disk: dict):
 
 def cut_limit(trace, budget: int, compute_s: float, disk: dict) -> float:
     """No schedule of this step under the budget the plan was made for is faster on the
-    calibrated machine (outcore.simulate.physical_limit, the cut bound)."""
+    calibrated machine (outcore.simulate.physical_limit: the cut and pressure bounds)."""
     from outcore.run.ooc import planned_budget
     from outcore.simulate import physical_limit
     return physical_limit(trace, planned_budget(trace, budget),

@@ -11,7 +11,8 @@ same experiment; the speeds are `outcore bench disk`'s, measured at its start. I
 run's own bound: no faster with these bytes. The cut limit (outcore runs) is the step's:
 `outcore.simulate.physical_limit` on the same calibrated machine as the prediction, so
 no schedule of the step under that budget is faster in the simulator's model (what
-backward reads, forward wrote first)."""
+backward reads, forward wrote first; what does not fit beside a function leaves and
+comes back)."""
 from __future__ import annotations
 
 import json

@@ -18,31 +18,84 @@ exact. For a moment τ between two functions c - 1 and c:
 - functions before c compute before τ, the others after.
 
 So the step takes at least max(compute before, written / link_out) + max(compute after,
-read / link_in), for every cut; the limit is the largest of those and the step's
-compute. It ignores the links' latency and holds for a shared link too (a shared link
-is only slower). A property test checks that no simulated schedule beats it.
+read / link_in), for every cut; the limit is the largest of those, the step's compute,
+and the pressure bound below. It ignores the links' latency and holds for a shared link
+too (a shared link is only slower). A property test checks that no simulated schedule
+beats it.
+
+NOTE [Pressure bound]. The cut bound counts bytes, not where the fast tier is full. A
+function j holds its operands and workspace at once (`needs`, plan/feasibility.py). An
+array a that j does not use, and that does not fit beside them (needs[j] + a > budget),
+cannot occupy the fast tier while j runs. So where such a j lies between two uses of a,
+u1 < j < u2 (or before the first use of state that existed before the step), a is read
+back after j: by a copy issued after the last such j of that gap ends, and finished
+before u2 starts (a swap-in's bytes count from its issue). Where a was created or
+written in the step, at w, its new bytes have no slow copy: the first such gap after w
+(before a is written again) takes a copy out issued after w ends and waited for before
+the first such j begins. Each of these forced copies runs inside its window [L, U): from
+the end of function L - 1 to the start of function U, while functions L..U-1 compute.
+Windows of copies count only toward intervals that contain them whole; in intervals
+[L, U) that do not overlap (the next starts after U, so that the stall before U belongs
+to one of them), the step spends at least max(compute of L..U-1, bytes in / link_in,
+bytes out / link_out) in each and computes everything else outside them: the step
+takes at least its compute plus, summed over the intervals, what their copies exceed
+their compute by. A dynamic program over the windows' ends (`_pressure`) finds the
+intervals that give the most. The bound binds where one function needs nearly the whole
+budget, as batch-norm backward in ResNet-50 at batch 1440 on 16 GB does (three arrays
+of 4.6 GB at once): every array of 4.6 GB alive across it leaves and comes back.
+Dropping copies only lowers the bound, so past PRESSURE_COPIES the smallest are left
+out, to keep the program short.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan.feasibility import release_points
+import bisect
+
+from ..plan.feasibility import needs, release_points
 from ..units import parse_bytes
 from .machines import machine as get_machine
+
+
+# NOTE [Pressure bound]: the most forced copies its dynamic program looks at.
+PRESSURE_COPIES = 3000
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """The pressure bound's part beyond compute (NOTE [Pressure bound])."""
+    stall_s: float          # at least this much longer than the step's compute
+    read: int               # bytes the in-link must carry inside `intervals`
+    written: int            # bytes the out-link must carry inside them
+    intervals: tuple[tuple[int, int], ...] = ()    # [L, U): functions L..U-1
 
 
 @dataclass(frozen=True)
 class Limit:
     seconds: float          # no schedule of the step under the budget is faster
     compute_s: float        # the step's compute on the machine (the limit with room to spare)
-    cut: int | None         # the binding cut lies before this function (None: compute binds)
+    cut: int | None         # the cut bound's binding cut lies before this function (None: none
+                            # beats compute)
     written: int            # bytes the out-link must carry before that cut
     read: int               # bytes the in-link must carry after it
+    pressure: Pressure | None = None   # set when the pressure bound binds
+
+    @property
+    def binding(self) -> str:
+        """Which bound the limit is: "compute", "cut" or "pressure"."""
+        return "pressure" if self.pressure else "compute" if self.cut is None else "cut"
 
     def __str__(self) -> str:
+        head = f"physical limit {self.seconds * 1e3:.1f} ms"
+        if self.pressure is not None:
+            p = self.pressure
+            return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): functions that need "
+                    f"nearly the whole budget force {p.read / 1e9:.2f} GB of read-backs and "
+                    f"{p.written / 1e9:.2f} GB of writes into {len(p.intervals)} stretches "
+                    f"of the step, {p.stall_s * 1e3:.1f} ms more than their compute")
         if self.cut is None:
-            return f"physical limit {self.seconds * 1e3:.1f} ms: the step's compute"
-        return (f"physical limit {self.seconds * 1e3:.1f} ms (compute {self.compute_s * 1e3:.1f} ms): "
+            return f"{head}: the step's compute"
+        return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): "
                 f"before function {self.cut} at least {self.written / 1e9:.2f} GB must be written "
                 f"out, after it {self.read / 1e9:.2f} GB read back")
 
@@ -82,4 +135,92 @@ def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
             if seconds > best.seconds:
                 best = Limit(seconds, total, c, written, read)
         before += compute[c]
+    pressure = _pressure(trace, budget, m, compute)
+    if total + pressure.stall_s > best.seconds:
+        best = Limit(total + pressure.stall_s, total, best.cut, best.written, best.read, pressure)
     return best
+
+
+def _forced_copies(trace, budget: int) -> list[tuple[int, int, int, bool]]:
+    """(L, U, nbytes, out) per copy NOTE [Pressure bound] forces: it runs from the end
+    of function L - 1 to the start of function U; out: a write, else a read."""
+    need = needs(trace)
+    most = max(need, default=0)
+    if most > budget:                   # no schedule at all: nothing to bound
+        return []
+    uses: dict[int, list[tuple[int, bool]]] = {}       # array -> (function, writes it)
+    for fn in trace.functions:
+        for acc in fn.accesses:
+            u = uses.setdefault(acc.array, [])
+            writes = acc.kind != "read"
+            if u and u[-1][0] == fn.index:
+                u[-1] = (fn.index, u[-1][1] or writes)
+            else:
+                u.append((fn.index, writes))
+    # Arrays that some function cannot hold beside its own, smallest first: each one's
+    # blockers (functions with need > budget - nbytes) include the previous one's.
+    arrays = sorted((a for a in trace.arrays if a.nbytes and most + a.nbytes > budget
+                     and a.id in uses), key=lambda a: a.nbytes)
+    by_need = sorted(range(len(need)), key=lambda j: -need[j])
+    blockers, taken, copies = [], 0, []
+    for a in arrays:
+        while taken < len(by_need) and need[by_need[taken]] + a.nbytes > budget:
+            bisect.insort(blockers, by_need[taken])
+            taken += 1
+        u = uses[a.id]
+        # Gaps: before the first use of state that existed before the step (an input is
+        # counted in needs() until its first use), then between uses.
+        gaps = [(-1, u[0][0])] if a.existed_before and a.kind != "input" else []
+        gaps += [(u1, u2) for (u1, _), (u2, _) in zip(u, u[1:])]
+        writes = {f for f, w in u if w}
+        made = None                     # last write with no slow copy yet
+        for u1, u2 in gaps:
+            if u1 in writes:
+                made = u1
+            lo, hi = bisect.bisect_right(blockers, u1), bisect.bisect_left(blockers, u2)
+            if lo < hi:
+                copies.append((blockers[hi - 1] + 1, u2, a.nbytes, False))
+                if made is not None:
+                    copies.append((made + 1, blockers[lo], a.nbytes, True))
+                    made = None
+    if len(copies) > PRESSURE_COPIES:   # fewer copies: a lower bound still
+        copies = sorted(copies, key=lambda c: -c[2])[:PRESSURE_COPIES]
+    return copies
+
+
+def _pressure(trace, budget: int, m, compute: list[float]) -> Pressure:
+    """NOTE [Pressure bound]: the largest sum, over intervals [L, U) that do not overlap,
+    of what the forced copies inside each take beyond its compute."""
+    copies = _forced_copies(trace, budget)
+    if not copies:
+        return Pressure(0.0, 0, 0)
+    prefix = [0.0]
+    for c in compute:
+        prefix.append(prefix[-1] + c)
+    starts = sorted({c[0] for c in copies})
+    ends: dict[int, list[tuple[int, int, int, bool]]] = {}
+    for c in copies:
+        ends.setdefault(c[1], []).append(c)
+    read = [0] * len(starts)            # bytes in of copies inside [starts[i], U)
+    written = [0] * len(starts)
+    done_u, done_best = [-1], [(0.0, 0, 0, ())]   # intervals ending by U: (stall, in, out, [L, U))
+    for u in sorted(ends):
+        for lo, _, nbytes, out in ends[u]:
+            table = written if out else read
+            for i in range(bisect.bisect_right(starts, lo)):
+                table[i] += nbytes
+        best = done_best[-1]
+        for i in range(bisect.bisect_right(starts, u)):
+            start = starts[i]
+            over = (max(read[i] / m.link_in, written[i] / m.link_out)
+                    - (prefix[u] - prefix[start]))
+            if over <= 0:
+                continue
+            before = done_best[bisect.bisect_right(done_u, start - 1) - 1]
+            if before[0] + over > best[0]:
+                best = (before[0] + over, before[1] + read[i], before[2] + written[i],
+                        before[3] + ((start, u),))
+        done_u.append(u)
+        done_best.append(best)
+    stall, nin, nout, intervals = done_best[-1]
+    return Pressure(stall, nin, nout, intervals)
