@@ -376,6 +376,63 @@ def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_
                                                  fresh_opt.state[fresh[0].weight].values()))
 
 
+def test_after_a_failed_fdatasync_no_later_commit_trusts_the_file(tmp_path, monkeypatch):
+    """NOTE [Durable state] rule 6: the state file's fdatasync fails in iteration 3's commit.
+    The kernel may have dropped the pages it could not write, so iteration 4's commit,
+    whose own sync succeeds, must not name them: the last durable state stays iteration
+    2's, and a resume from it goes on bitwise."""
+    import errno
+    from outcore.run.movers.disk import DiskMover
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    x = torch.randn(8, 256)
+
+    def step(model, opt):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    plain = make()
+    for _ in range(2):
+        step(*plain)
+    real_sync = DiskMover.sync
+
+    def sync_fails(self):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    model, opt = make()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for it in range(1, 5):
+            monkeypatch.setattr(DiskMover, "sync", sync_fails if it == 3 else real_sync)
+            if it < 3:
+                with ooc.iteration():
+                    step(model, opt)
+                continue
+            match = ("Input/output error.*still the one after iteration 2; no later iteration"
+                     if it == 3 else "an earlier fdatasync of the state file .* failed")
+            with pytest.raises(OutcoreError, match=match):
+                with ooc.iteration():
+                    step(model, opt)
+    fresh, fresh_opt = make()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:
+        assert again.resume(fresh, fresh_opt) == 2
+        assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
+                                                     fresh.state_dict().values()))
+        for _ in range(2):
+            step(*plain)
+            with again.iteration():
+                step(fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
+                                                 fresh.state_dict().values()))
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as third:
+        assert third.resume(*make()) == 4
+
+
 def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_path):
     """A state file the manifest names gone: a clear error (it was a bare
     FileNotFoundError). Cut short: the error says the model is only partly loaded (the

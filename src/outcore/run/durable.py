@@ -27,6 +27,13 @@ NOTE [Durable state]
      at construction and, for the previous generation, after the first commit.
   5. One process at a time: the directory is locked (flock) from construction to close,
      so a second OutOfCore on it is refused before it removes anything.
+  6. A failed fdatasync of the state file is for good. After an I/O error in writeback
+     the kernel may mark the pages it could not write clean, or drop them, so a later
+     fdatasync succeeds without them, and a manifest switched after it could name
+     bytes that never reached the disk. So once the sync fails (`unsynced`), every later
+     commit of this Durable raises before it writes anything: the last durable state
+     stays the one before the failure, whose bytes were synced and are never written
+     again (rule 2). A new OutOfCore on the directory resumes from it into a new file.
 """
 from __future__ import annotations
 
@@ -95,6 +102,7 @@ class Durable:
         self.iterations = self.manifest["iterations"] if self.manifest else 0   # durable
         self.done = self.iterations     # completed, durable or not (a commit may fail)
         self.committed = False          # a manifest names this generation's file
+        self.unsynced: OSError | None = None    # rule 6: the state file's sync failed
 
     def failed_note(self, exc: BaseException) -> str | None:
         """What to tell about a resume() that failed with `exc` (rule 4): the directory is
@@ -224,6 +232,13 @@ class Durable:
     # -- commit --------------------------------------------------------------------------
     def commit(self, res, shield, iterations: int) -> None:
         """Make the state after `iterations` iterations durable (rule 3)."""
+        self.unsynced = self.unsynced or getattr(res.mover, "sync_error", None)
+        if self.unsynced is not None:                                      # rule 6
+            raise OutcoreError(
+                f"an earlier fdatasync of the state file {self.path} failed "
+                f"({self.unsynced.strerror or self.unsynced}), and after such a failure the "
+                "kernel may drop what it could not write, so nothing written to that file "
+                "since can be trusted to be on disk.")
         mover = res.mover
         committed: dict = {}
 
@@ -237,7 +252,11 @@ class Durable:
 
         model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
         optimizer = _map_refs(self.optimizer.state_dict(), ref) if self.optimizer is not None else None
-        mover.sync()
+        try:
+            mover.sync()
+        except OSError as exc:                                               # rule 6
+            self.unsynced = exc
+            raise
         # Rule 2 before the switch: a save that fails after its rename (the directory's
         # fsync) has put the new manifest in place, so its extents must never be written
         # again either. Until a commit succeeds, both manifests' extents are kept.

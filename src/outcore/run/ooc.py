@@ -460,10 +460,15 @@ class OutOfCore:
             kept = ("the new manifest is in place all the same: the last durable state is this "
                     "iteration's" if durable.iterations == durable.done else
                     f"the last durable state is still the one after iteration {durable.iterations}")
+            then = ("the next iteration tries again." if durable.unsynced is None else
+                    "no later iteration of this OutOfCore commits there (NOTE [Durable state] "
+                    "rule 6). Training goes on in memory; to keep it, ooc.save() to another "
+                    "disk, or close this OutOfCore and resume from the last durable state with "
+                    "a new one.")
             raise (SwapSpaceExhausted if issubclass(kind, SwapSpaceExhausted) else OutcoreError)(
                 f"the iteration completed, but its state could not be made durable in "
-                f"{durable.directory}: {what} Nothing in memory was lost, and {kept}; the next "
-                "iteration tries again.") from err
+                f"{durable.directory}: {what} Nothing in memory was lost, and {kept}; "
+                f"{then}") from err
 
     def _base(self) -> int:
         """The resident set the first iteration's rss+ counts from (NOTE [The process's

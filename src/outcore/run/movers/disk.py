@@ -320,6 +320,7 @@ class DiskMover:
         # them their owner let go of (freed once no manifest refers to them).
         self._committed: dict[int, Extent] = {}
         self._released: dict[int, Extent] = {}
+        self.sync_error: OSError | None = None    # the first fdatasync that failed (rule 6)
         self._file_size = 0
         self._write_buffer = AlignedBuffer(self.chunk_bytes)
         self._read_buffer = AlignedBuffer(self.chunk_bytes)
@@ -377,7 +378,17 @@ class DiskMover:
         return self._heads.get(extent.offset, 0)
 
     def sync(self) -> None:
-        os.fdatasync(self._fd)
+        self._fdatasync()
+
+    def _fdatasync(self) -> None:
+        """fdatasync the file, noting the first failure (NOTE [Durable state] rule 6: pages
+        that failed writeback may be dropped, so no later sync vouches for them)."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            if self.sync_error is None:
+                self.sync_error = exc
+            raise
 
     def protect(self, extents: dict) -> None:
         """A manifest about to be written refers to `extents`: from now on they are
@@ -472,7 +483,7 @@ class DiskMover:
     def drop_cached(self, offset: int, length: int) -> None:
         """After buffered writes: flush them and let the page cache drop them."""
         if not self.direct:
-            os.fdatasync(self._fd)
+            self._fdatasync()
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def _write(self, address, nbytes, extent, head, keepalive) -> tuple[float, float]:
@@ -484,7 +495,7 @@ class DiskMover:
                 return start, start
             if not self.direct:
                 self._pwrite_memory(address, nbytes, extent.offset)
-                os.fdatasync(self._fd)
+                self._fdatasync()
                 os.posix_fadvise(self._fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
             elif head or address % ALIGNMENT == 0:
                 # The pages covering the tensor: its whole pages straight from its memory,
