@@ -19,6 +19,16 @@ def test_bench_disk_rejects_tiny_sizes(capsys):
     assert "--size must be at least" in capsys.readouterr().err
 
 
+def test_options_of_curve_and_batch_are_refused_by_disk_comm_and_overhead(capsys):
+    # `bench overhead --model bogus` measured its own fixed step and said nothing.
+    assert main(["bench", "overhead", "--model", "bogus"]) == 2
+    assert "`bench overhead` takes no --model: those are for `bench curve`" in capsys.readouterr().err
+    assert main(["bench", "disk", "--batch", "3", "--optimizer", "adam", "--out", "x"]) == 2
+    assert "takes no --batch, --optimizer, --out" in capsys.readouterr().err
+    assert main(["bench", "comm", "--device", "cuda"]) == 2
+    assert "takes no --device" in capsys.readouterr().err
+
+
 def test_busy_is_for_bench_comm(capsys):
     assert main(["bench", "disk", "--busy"]) == 2
     assert "--busy is for `bench comm`, not `bench disk`" in capsys.readouterr().err

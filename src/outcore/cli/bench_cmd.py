@@ -76,7 +76,14 @@ def add_parser(sub) -> None:
                         "fresh process, and report the run with the median step (default 1)")
     p.add_argument("--out", default="bench-results", help="directory for the results (default bench-results)")
     p.add_argument("--name", default=None, help="file name stem of the results (default: experiment_model_batch)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, defaults={a: p.get_default(a) for a in _EXPERIMENT_ONLY})
+
+
+# Options of `bench curve` and `bench batch` alone: disk, comm and overhead measure
+# fixed things of their own and print them, and refuse these rather than ignore them.
+_EXPERIMENT_ONLY = ("model", "batch", "image_size", "seq_len", "optimizer", "policies",
+                    "fractions", "factors", "baselines", "device", "thp", "no_thp", "memory",
+                    "repeat", "name", "out")
 
 
 def run(args) -> int:
@@ -86,6 +93,12 @@ def run(args) -> int:
                            "(the swap file's)")
     if args.busy and args.what != "comm":
         raise OutcoreError(f"--busy is for `bench comm`, not `bench {args.what}`")
+    given = [a for a in _EXPERIMENT_ONLY
+             if args.what not in ("curve", "batch") and getattr(args, a) != args.defaults[a]]
+    if given:
+        raise OutcoreError(f"`bench {args.what}` takes no "
+                           f"{', '.join('--' + a.replace('_', '-') for a in given)}: those are "
+                           "for `bench curve` and `bench batch`")
     if args.what == "disk":
         return run_disk(args)
     if args.what == "comm":
