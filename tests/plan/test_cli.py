@@ -41,7 +41,11 @@ def test_simulate_single_and_sweep_table(tmp_path, capsys):
     path = tmp_path / "t.json"
     build(PREFETCH, PREFETCH_FNS, durations=[1.0] * 5).save(path)
     assert main(["simulate", str(path), "--budget", "8", "--machine", "cpu-disk"]) == 0
-    assert "% of in-core speed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "% of in-core speed" in out
+    step = float(out.split("step time")[1].split("ms")[0])
+    limit = float(out.split("physical limit")[1].split("ms")[0])
+    assert f"this step takes {step / limit:.2f}x it (no schedule under this budget" in out
     assert main(["simulate", str(path), "--sweep", "3", "--policy", "all"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len([line for line in lines if "adaptive-belady" in line]) == 3

@@ -46,7 +46,7 @@ def test_an_array_that_does_not_fit_beside_a_function_leaves_and_comes_back():
     assert abs(limit.seconds - 11.0) < 1e-9 and abs(limit.compute_s - 3.0) < 1e-9
     assert (limit.pressure.read, limit.pressure.written) == (4, 4)
     assert limit.pressure.intervals == ((1, 1), (2, 2))
-    assert "force 0.00 GB of read-backs" in str(limit) and "into 2 stretches" in str(limit)
+    assert "force 4 B of read-backs and 4 B of writes into 2 stretches" in str(limit)
     sim = outcore.simulate(t, outcore.plan(t, 10, "adaptive"), m)
     assert abs(sim.step_time_s - 11.0) < 1e-9               # the plan meets it
     assert physical_limit(t, 12, m).binding == "compute"     # a fits beside b

@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..errors import InfeasibleBudget, OutcoreError
 from ..plan import POLICIES, min_feasible_budget, plan
 from ..plan.recompute import choose as choose_recompute
-from ..simulate import PRESETS, simulate
+from ..simulate import PRESETS, physical_limit, simulate
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
 from .plan_cmd import (ADAPTIVE_ONLY, RECOMPUTE, add_adaptive_options, add_recompute,
@@ -239,6 +239,9 @@ def run(args) -> int:
         print(repr(trace))
         print(schedule.summary(trace=trace, max_lines=0))
         print(sim)
+        limit = physical_limit(trace, schedule.budget, args.machine)
+        print(f"  {limit}; this step takes {sim.step_time_s / limit.seconds:.2f}x it "
+              "(no schedule under this budget is faster on this machine)")
         if args.timeline:
             print(f"timeline written to {args.timeline} (open it in ui.perfetto.dev or "
                   "chrome://tracing)")

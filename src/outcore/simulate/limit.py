@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import bisect
 
 from ..plan.feasibility import needs, release_points
-from ..units import parse_bytes
+from ..units import format_bytes, parse_bytes
 from .machines import machine as get_machine
 
 
@@ -90,14 +90,14 @@ class Limit:
         if self.pressure is not None:
             p = self.pressure
             return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): functions that need "
-                    f"nearly the whole budget force {p.read / 1e9:.2f} GB of read-backs and "
-                    f"{p.written / 1e9:.2f} GB of writes into {len(p.intervals)} stretches "
+                    f"nearly the whole budget force {format_bytes(p.read)} of read-backs and "
+                    f"{format_bytes(p.written)} of writes into {len(p.intervals)} stretches "
                     f"of the step, {p.stall_s * 1e3:.1f} ms more than their compute")
         if self.cut is None:
             return f"{head}: the step's compute"
         return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): "
-                f"before function {self.cut} at least {self.written / 1e9:.2f} GB must be written "
-                f"out, after it {self.read / 1e9:.2f} GB read back")
+                f"before function {self.cut} at least {format_bytes(self.written)} must be "
+                f"written out, after it {format_bytes(self.read)} read back")
 
 
 def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
