@@ -19,7 +19,7 @@ Each repeat costs the original's time on the machine model, and holds the bytes 
 as workspace while it runs (rule 5). The in-core baseline is paper_headline.py's: the
 largest batch whose step fits without recompute.
 
-    .venv/bin/python benchmarks/recompute_whatif.py [--recompute bn|bn,conv [--chains]] [--batches 256,1440]
+    .venv/bin/python benchmarks/recompute_whatif.py [--recompute bn|bn,conv [--chains [--remake]]] [--batches 256,1440]
 """
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def main() -> None:
                              "outputs); default bn")
     parser.add_argument("--chains", action="store_true",
                         help="conv: also convolutions whose input is recomputed itself")
+    parser.add_argument("--remake", action="store_true",
+                        help="chains: a repeat that needs a recomputed array before that "
+                             "array's own repeat makes a temporary copy of it, unless the array "
+                             "is needed within 3 functions anyway or is smaller than 1/16 of "
+                             "the budget (NOTE [Temporaries] in plan/recompute.py; the executor "
+                             "does not replay these)")
     args = parser.parse_args()
     start = time.perf_counter()
     budget, m = parse_bytes(args.budget), get_machine(args.machine)
@@ -60,6 +66,8 @@ def main() -> None:
         parser.error(f"--recompute: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if args.chains and "conv" not in kinds:
         parser.error("--chains is about convolutions: give --recompute bn,conv")
+    if args.remake and not args.chains:
+        parser.error("--remake is about chains: give --chains")
     base = in_core_max(budget)
     t0 = trace_for(base)
     base_rate = base / simulate(t0, plan(t0, budget), m).step_time_s
@@ -71,7 +79,7 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         t = trace_for(batch)
         chosen = recompute.candidates(t, kinds=kinds, chains=args.chains)
-        r = recompute.rewrite(t, chosen)
+        r = recompute.rewrite(t, chosen, hold=_holding(t, chosen, budget) if args.remake else None)
         lim, lim_r = physical_limit(t, budget, m).seconds, physical_limit(r, budget, m).seconds
         s, s_r = plan(t, budget, machine=m), plan(r, budget, machine=m)
         check(r, s_r, budget)            # the rewritten trace plans like any other
@@ -82,6 +90,17 @@ def main() -> None:
               f"| {100 * batch / step_r / base_rate:.0f}% | {s.bytes_moved / 1e9:.1f} "
               f"| {s_r.bytes_moved / 1e9:.1f} |")
     print(f"\n(took {time.perf_counter() - start:.0f} s)")
+
+
+def _holding(trace, chosen, budget):
+    """--remake's rule: hold x for y's repeat when backward first needs x within 3
+    functions of y, or x is smaller than 1/16 of the budget; else a temporary."""
+    first = {}
+    for fn in trace.functions:
+        if fn.phase == "backward":
+            for acc in fn.accesses:
+                first.setdefault(acc.array, fn.index)
+    return lambda x, y: (first[x] - first[y] <= 3 or trace.arrays[x].nbytes < budget / 16)
 
 
 if __name__ == "__main__":

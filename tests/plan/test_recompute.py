@@ -89,6 +89,34 @@ def test_rewrite_moves_each_recompute_before_its_first_backward_use_and_check_ag
         check(r, plan(r, budget), budget)
 
 
+def test_temporaries_are_made_for_one_repeat_and_freed_after_it():
+    # NOTE [Temporaries]: hold=False makes every chained input a temporary where an
+    # earlier repeat needs it, and makes it again where backward first needs it.
+    t = layered([8, 16, 16, 16])
+    chosen = recompute.candidates(t, chains=True)
+    assert recompute.rewrite(t, chosen, hold=lambda x, y: True) == recompute.rewrite(t, chosen)
+    r = recompute.rewrite(t, chosen, hold=lambda x, y: False)
+    made = [(fn.index, a.array) for fn in r.functions if fn.repeats is not None
+            for a in fn.accesses if a.kind == "create"]
+    assert len(made) > len(chosen)                       # some arrays are made twice
+    temporary = [a for _, a in made if r.arrays[a].freed_after == r.arrays[a].last_use
+                 and r.functions[r.arrays[a].last_use].repeats is not None]
+    assert len(temporary) == len(made) - len(chosen)
+    for a in temporary:                                  # read by the next repeat alone
+        readers = [fn.index for fn in r.functions if a in fn.arrays()]
+        assert all(r.functions[f].repeats is not None for f in readers)
+    recompute.verify(r)
+    for budget in (r.peak()[0], min_feasible_budget(r)):
+        check(r, plan(r, budget), budget)
+    # The executor remakes a storage once per iteration: it refuses such a plan.
+    import types
+    from outcore.errors import OutcoreError
+    from outcore.run.replay import Replayer
+    with pytest.raises(OutcoreError, match="makes array .* again twice in one iteration"):
+        Replayer._recompute_setup(types.SimpleNamespace(), r)
+    Replayer._recompute_setup(types.SimpleNamespace(), recompute.rewrite(t, chosen))
+
+
 def test_the_rewritten_trace_saves_and_loads(tmp_path):
     t = layered([8, 16, 16])
     r = recompute.rewrite(t, recompute.candidates(t))

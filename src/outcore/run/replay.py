@@ -20,6 +20,7 @@ import time
 
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
+from ..errors import OutcoreError
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, SLOW
 from ..units import format_bytes
@@ -82,6 +83,12 @@ class Replayer(HeldMode):
             made = [a.array for a in fn.accesses if a.kind == "create"]
             if made:                                # a repeated producer
                 y = next(a.array for a in fns[fn.repeats].accesses if a.kind == "create")
+                if y in self._made_again.values():
+                    raise OutcoreError(
+                        f"the plan makes array {y} ({fns[fn.repeats].op}) again twice in one "
+                        "iteration (a temporary, NOTE [Temporaries] in plan/recompute.py); the "
+                        "executor remakes a storage once per iteration. Plan with "
+                        "recompute.rewrite's default hold, as OutOfCore does")
                 self._made_again[made[0]] = y
                 self._producer[y] = producer = fn.repeats
             else:                                   # its follower, right after it
