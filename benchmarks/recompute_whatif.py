@@ -55,8 +55,7 @@ def main() -> None:
                         help="chains: a repeat that needs a recomputed array before that "
                              "array's own repeat makes a temporary copy of it, unless the array "
                              "is needed within 3 functions anyway or is smaller than 1/16 of "
-                             "the budget (NOTE [Temporaries] in plan/recompute.py; the executor "
-                             "does not replay these)")
+                             "the budget (recompute.temporaries, NOTE [Temporaries])")
     args = parser.parse_args()
     start = time.perf_counter()
     budget, m = parse_bytes(args.budget), get_machine(args.machine)
@@ -79,7 +78,9 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         t = trace_for(batch)
         chosen = recompute.candidates(t, kinds=kinds, chains=args.chains)
-        r = recompute.rewrite(t, chosen, hold=_holding(t, chosen, budget) if args.remake else None)
+        if args.remake:
+            chosen = recompute.temporaries(t, chosen, budget)
+        r = recompute.rewrite(t, chosen)
         lim, lim_r = physical_limit(t, budget, m).seconds, physical_limit(r, budget, m).seconds
         s, s_r = plan(t, budget, machine=m), plan(r, budget, machine=m)
         check(r, s_r, budget)            # the rewritten trace plans like any other
@@ -90,17 +91,6 @@ def main() -> None:
               f"| {100 * batch / step_r / base_rate:.0f}% | {s.bytes_moved / 1e9:.1f} "
               f"| {s_r.bytes_moved / 1e9:.1f} |")
     print(f"\n(took {time.perf_counter() - start:.0f} s)")
-
-
-def _holding(trace, chosen, budget):
-    """--remake's rule: hold x for y's repeat when backward first needs x within 3
-    functions of y, or x is smaller than 1/16 of the budget; else a temporary."""
-    first = {}
-    for fn in trace.functions:
-        if fn.phase == "backward":
-            for acc in fn.accesses:
-                first.setdefault(acc.array, fn.index)
-    return lambda x, y: (first[x] - first[y] <= 3 or trace.arrays[x].nbytes < budget / 16)
 
 
 if __name__ == "__main__":

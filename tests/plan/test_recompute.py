@@ -90,12 +90,12 @@ def test_rewrite_moves_each_recompute_before_its_first_backward_use_and_check_ag
 
 
 def test_temporaries_are_made_for_one_repeat_and_freed_after_it():
-    # NOTE [Temporaries]: hold=False makes every chained input a temporary where an
-    # earlier repeat needs it, and makes it again where backward first needs it.
+    # NOTE [Temporaries]: every chained input is a temporary where an earlier repeat
+    # needs it, and is made again where backward first needs it.
     t = layered([8, 16, 16, 16])
-    chosen = recompute.candidates(t, chains=True)
-    assert recompute.rewrite(t, chosen, hold=lambda x, y: True) == recompute.rewrite(t, chosen)
-    r = recompute.rewrite(t, chosen, hold=lambda x, y: False)
+    chosen = [dataclasses.replace(c, temporary=True)
+              for c in recompute.candidates(t, chains=True)]
+    r = recompute.rewrite(t, chosen)
     made = [(fn.index, a.array) for fn in r.functions if fn.repeats is not None
             for a in fn.accesses if a.kind == "create"]
     assert len(made) > len(chosen)                       # some arrays are made twice
@@ -108,13 +108,6 @@ def test_temporaries_are_made_for_one_repeat_and_freed_after_it():
     recompute.verify(r)
     for budget in (r.peak()[0], min_feasible_budget(r)):
         check(r, plan(r, budget), budget)
-    # The executor remakes a storage once per iteration: it refuses such a plan.
-    import types
-    from outcore.errors import OutcoreError
-    from outcore.run.replay import Replayer
-    with pytest.raises(OutcoreError, match="makes array .* again twice in one iteration"):
-        Replayer._recompute_setup(types.SimpleNamespace(), r)
-    Replayer._recompute_setup(types.SimpleNamespace(), recompute.rewrite(t, chosen))
 
 
 def test_the_rewritten_trace_saves_and_loads(tmp_path):

@@ -167,6 +167,24 @@ def test_exception_in_the_write_thread_keeps_the_tensor(monkeypatch, mlp_budget)
         continue_like_plain(w, ooc)
 
 
+def test_an_error_while_the_replay_is_set_up_reaches_the_user(monkeypatch, mlp_budget):
+    """The replayer's construction fails (here a MemoryError, at the first replay): the
+    user sees that error, not one from the iteration's accounting after it, and
+    nothing is lost."""
+    w = warm("mlp-tiny", "adam")
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        def boom():
+            raise MemoryError("injected")
+        _interrupt_on_call(monkeypatch, Replayer, "_recompute_setup", 1, boom)
+        with pytest.raises(MemoryError, match="injected"):
+            for _ in range(4):
+                with ooc.iteration():
+                    w.step()
+        monkeypatch.undo()
+        assert_intact(w, ooc)
+        continue_like_plain(w, ooc)
+
+
 def test_a_signal_in_a_held_section_is_delivered_at_its_end():
     shield = interrupts.Shield()
     seen = []

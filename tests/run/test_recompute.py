@@ -387,6 +387,36 @@ def test_chained_recomputes_train_bitwise_plain(optimizer, monkeypatch):
                          state_of(managed.model, managed.optimizer))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_temporaries_train_bitwise_plain(optimizer, monkeypatch):
+    """NOTE 5: every chained input is a temporary where an earlier repeat needs it
+    (`Recompute.temporary`): the same storage is discarded and remade more than once in an
+    iteration, and training is bitwise plain PyTorch's."""
+    import dataclasses
+    from outcore.plan import recompute as planner
+    real = planner.candidates
+    monkeypatch.setattr(planner, "candidates", lambda *a, **k: [
+        dataclasses.replace(c, temporary=True) for c in real(*a, **{**k, "chains": True})])
+    plain, managed = Work(optimizer), Work(optimizer)
+    for w in (plain, managed):
+        torch.manual_seed(0)
+        w.model = Chain()
+        w.optimizer = (torch.optim.Adam(w.model.parameters(), lr=1e-3) if optimizer == "adam"
+                       else torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9))
+    losses = train(plain)
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        got = train(managed, ooc)
+        trace, report = ooc.trace, ooc.report()
+    made = [fn.repeats for fn in trace.functions if fn.repeats is not None
+            and any(acc.kind == "create" for acc in fn.accesses)]
+    assert len(made) > len(set(made)), "no array was made again twice"
+    assert all(it.bytes_recomputed > 0 and not it.deviation
+               for it in report.iterations if it.mode == "replay")
+    assert all(torch.equal(a, b) for a, b in zip(losses, got))
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
+
+
 def test_an_interrupt_before_chained_repeats_remakes_them_in_order(monkeypatch):
     """Ctrl-C at the end of forward, after a chain's discards and before its repeats:
     the end of the iteration remakes every discarded array, each convolution after the

@@ -26,7 +26,8 @@ NOTE [Recompute rules] (cited from code as "rule N"; `check` enforces 3 as R9)
      a recomputed convolution (their repeats run together); a convolution reading a
      recomputed array only with `chains`: long chains hang each on the one before, and
      all of them land where the first of them is needed (docs/paper-headline.md), so
-     "auto" plans with and without them and keeps the faster (`choose`).
+     "auto" plans without them, with them, and with them and temporaries (NOTE
+     [Temporaries]), and keeps the fastest (`choose`).
   4. Arrays p writes besides y (batch norm's running statistics) are small, at most
      SMALL_WRITES bytes: the executor runs the repeat on copies of their values from
      before p, so that the step updates them once, as plain PyTorch does.
@@ -69,10 +70,13 @@ PREFIX = "recompute:"
 @dataclass(frozen=True)
 class Recompute:
     """One recomputed array: `array` (y), made by function `producer`, then changed in
-    place by function `follower` (-1: none)."""
+    place by function `follower` (-1: none). `temporary`: where the repeat of an array
+    made from y needs y before y's own repeat, make a temporary copy of y for it rather
+    than making y there and keeping it (NOTE [Temporaries])."""
     producer: int
     follower: int
     array: int
+    temporary: bool = False
 
 
 def deterministic(device: str) -> bool:
@@ -158,22 +162,19 @@ def _holds(trace, uses, x: int, p: int, until: int, made) -> bool:
     return release >= until
 
 
-def rewrite(trace, chosen, *, hold=None) -> Trace:
+def rewrite(trace, chosen) -> Trace:
     """The trace with each chosen array recomputed (module docstring; rule 5).
 
-    A repeat that reads a recomputed x whose own repeat comes later (a chain) needs x
-    earlier than x's first use in backward. `hold(x, y) -> bool` says what then: True
-    makes x' there, with y's repeat, and keeps it until its own uses (the default, for
-    every x); False makes a temporary copy of x for y's repeat alone, freed right after
-    it, and makes x' again where backward first needs it (NOTE [Temporaries]).
-
-    NOTE [Temporaries]. A temporary trades compute for memory: on ResNet-50 at batch
-    1440 under 16 GB (v100-16gb) the chain's first arrays, made with the block's largest
-    and kept, do not fit beside it and are written out and read back. Holding only what
-    the next few functions use or what is small (`benchmarks/recompute_whatif.py
-    --remake`) simulates 9.6% faster there. The executor does not replay temporaries
-    (it remakes each array's storage once per iteration and refuses a plan that makes
-    one twice, run/replay.py), so `choose` never asks for them: simulation only."""
+    NOTE [Temporaries]. A repeat that reads a recomputed x whose own repeat comes later
+    (a chain) needs x earlier than backward does. By default x' is made there, with that
+    repeat, and kept until its own uses. Where x is chosen `temporary`, a temporary copy
+    of x is made for that repeat alone, freed right after it, and x' is made again where
+    backward first needs it: compute traded for memory. On ResNet-50 at batch 1440 under
+    16 GB (v100-16gb) the chain's first arrays, made with the block's largest and kept,
+    do not fit beside it and are written out and read back; `temporaries` picks which
+    arrays to copy, and `choose` plans with them beside the plans without. The executor
+    discards and remakes the same storage once per copy (NOTE 5 of [Replaying a
+    recompute], run/recompute.py)."""
     if not chosen:
         return trace
     fns, arrays = list(trace.functions), list(trace.arrays)
@@ -190,7 +191,7 @@ def rewrite(trace, chosen, *, hold=None) -> Trace:
         changed = False
         for y in ys:
             for x in inputs[y]:
-                if x in point and point[x] > point[y] and (hold is None or hold(x, y)):
+                if x in point and point[x] > point[y] and not by_array[x].temporary:
                     point[x], changed = point[y], True
     again = {y: len(arrays) + i for i, y in enumerate(ys)}            # y -> y'
     new_arrays = []
@@ -272,6 +273,34 @@ def rewrite(trace, chosen, *, hold=None) -> Trace:
                  durations=trace.durations, info=info)
 
 
+# NOTE [Temporaries]: an array is held for a repeat that needs it early when backward
+# needs it within this many functions anyway, or when it is smaller than this share of
+# the budget; otherwise it is a temporary.
+TEMPORARY_WITHIN = 3
+TEMPORARY_SHARE = 1 / 16
+
+
+def temporaries(trace, chosen, budget: int) -> list[Recompute]:
+    """`chosen` with `temporary` set by NOTE [Temporaries]'s rule: for an array another
+    chosen repeat reads, unless backward first needs it within TEMPORARY_WITHIN
+    functions of that repeat's array, or it is smaller than TEMPORARY_SHARE of the
+    budget."""
+    first: dict[int, int] = {}
+    for fn in trace.functions:
+        if fn.phase == "backward":
+            for acc in fn.accesses:
+                first.setdefault(acc.array, fn.index)
+    by_array = {c.array: c for c in chosen}
+    early = set()
+    for c in chosen:
+        for acc in trace.functions[c.producer].accesses:
+            x = acc.array
+            if (acc.kind == "read" and x in by_array and first[x] - first[c.array] > TEMPORARY_WITHIN
+                    and trace.arrays[x].nbytes >= budget * TEMPORARY_SHARE):
+                early.add(x)
+    return [dataclasses.replace(c, temporary=c.array in early) for c in chosen]
+
+
 def verify(trace) -> None:
     """R9 of `check` (rule 3): a repeat reads exactly what its original read - each array
     as it was, nothing having written it in between, or the copy an earlier repeat made
@@ -347,8 +376,9 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
     so does every mode when the whole step fits the budget (nothing to gain); True
     recomputes every array of at least `min_bytes` that rules 1-5, 7 and 8 allow
     (`foreign`: rule 8), without chains; "auto" those where rule 6 holds on `machine`,
-    without chains and with them (rule 3), and keeps the faster of the two by simulated
-    iteration there, and only if it is faster than the plan without recompute by MARGIN.
+    without chains, with them (rule 3), and with them and `temporaries` where that rule
+    copies any (NOTE [Temporaries]), and keeps the fastest by simulated iteration there,
+    and only if it is faster than the plan without recompute by MARGIN.
     A plan whose repeats do not fit the budget falls back to the plan without. `policy`
     and `options` go to plan() for each."""
     from ..simulate import simulate
@@ -368,6 +398,9 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
                                 min_bytes=min_bytes, foreign=foreign, chains=chains)
             if chosen and chosen not in sets:
                 sets.append(chosen)
+            copied = temporaries(trace, chosen, parse_bytes(budget)) if chains else []
+            if any(c.temporary for c in copied):                # NOTE [Temporaries]
+                sets.append(copied)
     if policy == "auto" and base is not None and "configuration" in base.options:
         # Plan each rewritten trace with the configuration auto chose for the trace as
         # recorded, not all of them again: planning stays within about twice auto's.

@@ -914,7 +914,7 @@ class _Iteration:
             transfer_s=mover.busy_read_s + mover.busy_write_s - before[4],
             restore_s=time.perf_counter() - stepped, peak_resident=peak,
             deviation=deviation, completed=completed, tracked=not passive,
-            skipped_actions=0 if self.recording else self.mode.skipped_actions,
+            skipped_actions=0 if self.recording else getattr(self.mode, "skipped_actions", 0),
             page_faults=faulted - before[5], trims=trimmed[0] - before[6][0],
             trimmed_bytes=trimmed[1] - before[6][1],
             rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),

@@ -30,6 +30,11 @@ NOTE [Replaying a recompute]
      and the error is raised: the activation of that failed iteration is lost, but no
      tensor is ever left without its memory. The kept calls are let go at the remake,
      or when y's storage dies.
+  5. Temporaries (NOTE [Temporaries] in plan/recompute.py): a plan may make y again
+     more than once, a temporary copy for a repeat that needs it early and y' later.
+     Every copy but the last is a temporary: where the plan frees it, y's storage is
+     discarded again with the same calls (kept by the replayer until the last copy is
+     made), and the next repeat remakes it as in 3.
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ import time
 
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
-from ..errors import OutcoreError
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, SLOW
 from ..units import format_bytes
@@ -74,7 +73,8 @@ class Replayer(HeldMode):
         fns = trace.functions
         self.repeats = [f.repeats for f in fns]
         self._sources = {r for r in self.repeats if r is not None}   # functions run again
-        self._made_again: dict[int, int] = {}       # y' -> y
+        self._made_again: dict[int, int] = {}       # y' (or a temporary copy of y) -> y
+        remade: dict[int, list[int]] = {}           # y -> the arrays that make it again
         self._producer: dict[int, int] = {}         # y -> the function that made it
         self._follower: dict[int, int] = {}         # that function -> its in-place follower
         for fn in fns:
@@ -83,19 +83,19 @@ class Replayer(HeldMode):
             made = [a.array for a in fn.accesses if a.kind == "create"]
             if made:                                # a repeated producer
                 y = next(a.array for a in fns[fn.repeats].accesses if a.kind == "create")
-                if y in self._made_again.values():
-                    raise OutcoreError(
-                        f"the plan makes array {y} ({fns[fn.repeats].op}) again twice in one "
-                        "iteration (a temporary, NOTE [Temporaries] in plan/recompute.py); the "
-                        "executor remakes a storage once per iteration. Plan with "
-                        "recompute.rewrite's default hold, as OutOfCore does")
                 self._made_again[made[0]] = y
+                remade.setdefault(y, []).append(made[0])
                 self._producer[y] = producer = fn.repeats
             else:                                   # its follower, right after it
                 self._follower[producer] = fn.repeats
         self._y_of = {p: y for y, p in self._producer.items()}
         self._calls: dict[int, recompute.Call] = {}
         self._held: dict[int, object] = {}          # y -> its entry, from its FREE on
+        # NOTE 5: every copy of y made before the last is a temporary, discarded again
+        # where the plan frees it; y's calls are kept for the next remake till then.
+        self._temporary = {t for copies in remade.values() for t in copies[:-1]}
+        self._twice = {y for y, copies in remade.items() if len(copies) > 1}
+        self._kept: dict[int, list] = {}            # y -> its calls, while copies remain
 
     def _capture(self, i, func, args, kwargs):
         call = recompute.capture(func, args, kwargs, producer=i in self._y_of)
@@ -112,13 +112,22 @@ class Replayer(HeldMode):
         follower = self._follower.get(producer)
         if follower is not None:
             calls.append(self._calls.pop(follower, None))
+        if any(c is None for c in calls) or calls[0].out_index < 0:
+            calls = None
+        elif y in self._twice:
+            self._kept[y] = calls                 # NOTE 5: made again more than once
+        self._discard(y, entry, calls)
+
+    def _discard(self, y: int, entry, calls) -> None:
+        """Discard y's bytes with the calls that make them again; without calls (or if
+        the discard is refused) it is written out at the next op and read back."""
         storage = entry.ref() if entry is not None else None
         if storage is None:
             return                      # never bound, or died: no repeat will find it
         self._held[y] = entry
-        if any(c is None for c in calls) or calls[0].out_index < 0 or not self.res.discard(
-                entry, recompute.Remake(self.res, calls, recompute.describe(
-                    entry.nbytes, self.op_names[producer]), storage)):
+        if calls is None or not self.res.discard(entry, recompute.Remake(
+                self.res, calls, recompute.describe(entry.nbytes, self.op_names[self._producer[y]]),
+                storage)):
             if entry.state is FAST and not entry.pinned:
                 self._zombies.append(entry)       # written out at the next op, read back
 
@@ -403,6 +412,11 @@ class Replayer(HeldMode):
             entry = self.by_id[act.array]
             if act.kind == FREE and act.array in self._producer:
                 self._drop(act.array, entry)           # made again by a repeat
+                self.by_id[act.array] = None
+                continue
+            if act.kind == FREE and act.array in self._temporary:     # NOTE 5
+                y = self._made_again[act.array]
+                self._discard(y, entry, self._kept.get(y))
                 self.by_id[act.array] = None
                 continue
             if entry is None or entry.pinned:
