@@ -141,6 +141,8 @@ class Replayer(HeldMode):
             a = acc.array
             if acc.kind == "create":
                 y = self._made_again[a]
+                if a not in self._temporary:
+                    self._kept.pop(y, None)    # the last copy: its calls go (NOTE 5)
                 entry = self._held.get(y)
                 if entry is None or entry.ref() is None:
                     continue
@@ -164,7 +166,7 @@ class Replayer(HeldMode):
         iteration ends, and when the step leaves the plan (before the op that left it
         runs, which may change what a repeat reads). One that cannot be remade gets its
         memory back filled with NaN, and the first error is raised."""
-        held, self._held, self._calls = self._held, {}, {}
+        held, self._held, self._calls, self._kept = self._held, {}, {}, {}
         error = None
         for entry in held.values():
             if entry.state is not DISCARDED or entry.ref() is None:
