@@ -150,39 +150,36 @@ def test_sigint_inside_the_executor(monkeypatch, mlp_budget, owner, name, n):
         interrupted_then_plain(monkeypatch, w, ooc, owner, name, n)
 
 
-def test_exception_in_the_write_thread_keeps_the_tensor(monkeypatch, mlp_budget):
-    """A non-I/O failure inside the mover's worker thread (here a MemoryError) becomes an
-    OutcoreError; the tensor it was writing stays in RAM, intact."""
+def _memory_error_then_plain(monkeypatch, budget, owner, name, n, raised, match) -> None:
+    """A MemoryError at the n-th call of owner.name: the iteration raises `raised`
+    (matching `match`), everything is intact, and training goes on like a plain twin."""
     w = warm("mlp-tiny", "adam")
-    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
         def boom():
             raise MemoryError("injected")
-        _interrupt_on_call(monkeypatch, DiskMover, "_write", 10, boom)
-        with pytest.raises(outcore.OutcoreError, match="nothing was lost"):
+        _interrupt_on_call(monkeypatch, owner, name, n, boom)
+        with pytest.raises(raised, match=match):
             for _ in range(4):
                 with ooc.iteration():
                     w.step()
         monkeypatch.undo()
         assert_intact(w, ooc)
         continue_like_plain(w, ooc)
+
+
+def test_exception_in_the_write_thread_keeps_the_tensor(monkeypatch, mlp_budget):
+    """A non-I/O failure inside the mover's worker thread (here a MemoryError) becomes an
+    OutcoreError; the tensor it was writing stays in RAM, intact."""
+    _memory_error_then_plain(monkeypatch, mlp_budget, DiskMover, "_write", 10,
+                             outcore.OutcoreError, "nothing was lost")
 
 
 def test_an_error_while_the_replay_is_set_up_reaches_the_user(monkeypatch, mlp_budget):
     """The replayer's construction fails (here a MemoryError, at the first replay): the
     user sees that error, not one from the iteration's accounting after it, and
     nothing is lost."""
-    w = warm("mlp-tiny", "adam")
-    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
-        def boom():
-            raise MemoryError("injected")
-        _interrupt_on_call(monkeypatch, Replayer, "_recompute_setup", 1, boom)
-        with pytest.raises(MemoryError, match="injected"):
-            for _ in range(4):
-                with ooc.iteration():
-                    w.step()
-        monkeypatch.undo()
-        assert_intact(w, ooc)
-        continue_like_plain(w, ooc)
+    _memory_error_then_plain(monkeypatch, mlp_budget, Replayer, "_recompute_setup", 1,
+                             MemoryError, "injected")
 
 
 def test_a_signal_in_a_held_section_is_delivered_at_its_end():

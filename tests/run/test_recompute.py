@@ -357,6 +357,17 @@ class Chain(nn.Module):
         return self.head(x.flatten(1))
 
 
+def chain_twins(optimizer: str):
+    """Two Works on the same Chain network and optimizer: one plain, one managed."""
+    plain, managed = Work(optimizer), Work(optimizer)
+    for w in (plain, managed):
+        torch.manual_seed(0)
+        w.model = Chain()
+        w.optimizer = (torch.optim.Adam(w.model.parameters(), lr=1e-3) if optimizer == "adam"
+                       else torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9))
+    return plain, managed
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_chained_recomputes_train_bitwise_plain(optimizer, monkeypatch):
     """A convolution whose input is itself recomputed (`candidates(chains=True)`, which
@@ -366,12 +377,7 @@ def test_chained_recomputes_train_bitwise_plain(optimizer, monkeypatch):
     from outcore.plan import recompute as planner
     real = planner.candidates
     monkeypatch.setattr(planner, "candidates", lambda *a, **k: real(*a, **{**k, "chains": True}))
-    plain, managed = Work(optimizer), Work(optimizer)
-    for w in (plain, managed):
-        torch.manual_seed(0)
-        w.model = Chain()
-        w.optimizer = (torch.optim.Adam(w.model.parameters(), lr=1e-3) if optimizer == "adam"
-                       else torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9))
+    plain, managed = chain_twins(optimizer)
     losses = train(plain)
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         got = train(managed, ooc)
@@ -397,12 +403,7 @@ def test_temporaries_train_bitwise_plain(optimizer, monkeypatch):
     real = planner.candidates
     monkeypatch.setattr(planner, "candidates", lambda *a, **k: [
         dataclasses.replace(c, temporary=True) for c in real(*a, **{**k, "chains": True})])
-    plain, managed = Work(optimizer), Work(optimizer)
-    for w in (plain, managed):
-        torch.manual_seed(0)
-        w.model = Chain()
-        w.optimizer = (torch.optim.Adam(w.model.parameters(), lr=1e-3) if optimizer == "adam"
-                       else torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9))
+    plain, managed = chain_twins(optimizer)
     losses = train(plain)
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         got = train(managed, ooc)

@@ -16,6 +16,22 @@ from outcore.errors import OutcoreError
 
 from .. import zygote
 
+
+def _linear4():
+    """Four Linear layers and Adam, the same each call."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+_X = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+
+
+def _step(model, opt):
+    model(_X).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
 TOTAL = 10
 
 CHILD = textwrap.dedent("""
@@ -324,21 +340,9 @@ def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_
     from outcore.run import checkpoint
     from outcore.run.durable import Durable
 
-    def make():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    x = torch.randn(8, 256)
-
-    def step(model, opt):
-        model(x).sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    plain = make()
+    plain = _linear4()
     for _ in range(4):
-        step(*plain)
+        _step(*plain)
     real_fsync, calls = os.fsync, []
 
     def directory_fsync_fails(fd):
@@ -350,7 +354,7 @@ def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_
     def killed_before_commit(*_):         # as if killed before iteration 5's commit
         raise OSError(errno.EIO, "killed (injected)")
 
-    model, opt = make()
+    model, opt = _linear4()
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
         ooc.resume(model, opt)
         for it in range(1, 6):
@@ -360,14 +364,14 @@ def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_
                 monkeypatch.setattr(Durable, "commit", killed_before_commit)
             if it < 4:
                 with ooc.iteration():
-                    step(model, opt)
+                    _step(model, opt)
                 continue
             match = "manifest is in place all the same" if it == 4 else "still the one after iteration 4"
             with pytest.raises(OutcoreError, match=match):
                 with ooc.iteration():
-                    step(model, opt)
+                    _step(model, opt)
             monkeypatch.undo()
-    fresh, fresh_opt = make()
+    fresh, fresh_opt = _linear4()
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:
         assert again.resume(fresh, fresh_opt) == 4
     assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
@@ -384,53 +388,41 @@ def test_after_a_failed_fdatasync_no_later_commit_trusts_the_file(tmp_path, monk
     import errno
     from outcore.run.movers.disk import DiskMover
 
-    def make():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    x = torch.randn(8, 256)
-
-    def step(model, opt):
-        model(x).sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    plain = make()
+    plain = _linear4()
     for _ in range(2):
-        step(*plain)
+        _step(*plain)
     real_sync = DiskMover.sync
 
     def sync_fails(self):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    model, opt = make()
+    model, opt = _linear4()
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
         ooc.resume(model, opt)
         for it in range(1, 5):
             monkeypatch.setattr(DiskMover, "sync", sync_fails if it == 3 else real_sync)
             if it < 3:
                 with ooc.iteration():
-                    step(model, opt)
+                    _step(model, opt)
                 continue
             match = ("Input/output error.*still the one after iteration 2; no later iteration"
                      if it == 3 else "an earlier fdatasync of the state file .* failed")
             with pytest.raises(OutcoreError, match=match):
                 with ooc.iteration():
-                    step(model, opt)
-    fresh, fresh_opt = make()
+                    _step(model, opt)
+    fresh, fresh_opt = _linear4()
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:
         assert again.resume(fresh, fresh_opt) == 2
         assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
                                                      fresh.state_dict().values()))
         for _ in range(2):
-            step(*plain)
+            _step(*plain)
             with again.iteration():
-                step(fresh, fresh_opt)
+                _step(fresh, fresh_opt)
     assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
                                                  fresh.state_dict().values()))
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as third:
-        assert third.resume(*make()) == 4
+        assert third.resume(*_linear4()) == 4
 
 
 def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_path):
