@@ -148,6 +148,11 @@ def candidates(trace, *, kinds=("bn", "conv"), chains: bool = False,
     return out
 
 
+def _first_backward(trace, uses, y: int) -> int:
+    """The first function of backward that uses array y (a recomputed array has one)."""
+    return next(f for f, _ in uses[y] if trace.functions[f].phase == "backward")
+
+
 def _holds(trace, uses, x: int, p: int, until: int, made) -> bool:
     """Rule 3: array x, read by function p, still holds the same bytes at function
     `until` (or is made again before, when in `made`)."""
@@ -185,7 +190,7 @@ def rewrite(trace, chosen) -> Trace:
               for c in chosen}
     # Where each y is made again: its first backward use, or earlier where the repeat of
     # an array made from it comes first and holds it.
-    point = {y: next(f for f, _ in uses[y] if fns[f].phase == "backward") for y in ys}
+    point = {y: _first_backward(trace, uses, y) for y in ys}
     changed = True
     while changed:
         changed = False
@@ -285,18 +290,16 @@ def temporaries(trace, chosen, budget: int) -> list[Recompute]:
     chosen repeat reads, unless backward first needs it within TEMPORARY_WITHIN
     functions of that repeat's array, or it is smaller than TEMPORARY_SHARE of the
     budget."""
-    first: dict[int, int] = {}
-    for fn in trace.functions:
-        if fn.phase == "backward":
-            for acc in fn.accesses:
-                first.setdefault(acc.array, fn.index)
+    uses = _uses(trace)
     by_array = {c.array: c for c in chosen}
     early = set()
     for c in chosen:
         for acc in trace.functions[c.producer].accesses:
             x = acc.array
-            if (acc.kind == "read" and x in by_array and first[x] - first[c.array] > TEMPORARY_WITHIN
-                    and trace.arrays[x].nbytes >= budget * TEMPORARY_SHARE):
+            if (acc.kind == "read" and x in by_array
+                    and trace.arrays[x].nbytes >= budget * TEMPORARY_SHARE
+                    and (_first_backward(trace, uses, x) - _first_backward(trace, uses, c.array)
+                         > TEMPORARY_WITHIN)):
                 early.add(x)
     return [dataclasses.replace(c, temporary=c.array in early) for c in chosen]
 

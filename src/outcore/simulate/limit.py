@@ -48,9 +48,8 @@ out, to keep the program short.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import bisect
+from dataclasses import dataclass
 
 from ..plan.feasibility import needs, release_points
 from ..units import format_bytes, parse_bytes

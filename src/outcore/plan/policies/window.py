@@ -85,7 +85,7 @@ room. A prefetch waits only for the head of the queue, while its array is never 
 again: that costs no more than its own copy. When the head is needed again, the window
 stops growing instead. On ResNet-50 at batch 1440 (v100-16gb, recompute) the forward's
 stalls fell from 1.73 s to 0.68 s and the step from 14.6 s to 13.6 s; on the CPU traces
-of benchmarks/window_sweep.py no configuration of `auto` got slower by more than 2.5%
+of benchmarks/auto_choice.py no configuration of `auto` got slower by more than 2.5%
 (docs/planning.md, "A prefetch waits at the head").
 
 NOTE [Reserving outputs late]. With outputs="early" (the paper's accounting) an array
@@ -632,7 +632,8 @@ class _WindowPlanner:
                   credit: int = 0) -> bool:
         """2. Wait for swap-outs in Belady's order until nbytes fit over functions s..e (a
         prefetch: only for the oldest, while it is never used again, NOTE [A prefetch
-        waits at the head]); f's own operands then evict victims. `credit`: bytes of the soft ones that would become these."""
+        waits at the head]); f's own operands then evict victims. `credit`: bytes of the
+        soft ones that would become these."""
         budget, reserved = self.budget, self.reserved
         # late: the spans' peak over s..e, plus what can be given back (soft, the waits
         # lower it); early: everything counted is `hard`, and the waits lower that
