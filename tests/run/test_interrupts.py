@@ -304,9 +304,11 @@ def test_a_dead_disk_raises_and_close_reads_back_once_it_works(monkeypatch, mlp_
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
         train(ooc, w)
         _failing_reads(monkeypatch, 1, float("inf"))
-        with pytest.warns(RuntimeWarning), pytest.raises(outcore.OutcoreError, match="failed 3 times"):
+        with pytest.warns(RuntimeWarning), pytest.raises(outcore.OutcoreError,
+                                                         match="failed 3 times.*still whole"):
             with ooc.iteration():
                 w.step()
+        assert_whole(w)                      # mapped from the swap file, as the error says
         monkeypatch.undo()                   # the disk works again
         ooc.close()                          # reads back what the failed reads left out
         assert_whole(w)

@@ -841,7 +841,7 @@ class _Iteration:
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
         res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
-        if isinstance(exc, SwapSpaceExhausted) and getattr(mode, "in_optimizer", False):
+        if isinstance(exc, OutcoreError) and getattr(mode, "in_optimizer", False):
             exc.add_note("outcore: this came inside optimizer.step(), after it had begun: as "
                          "with any exception there, some parameters took this step and the "
                          "others did not. Go on from your last checkpoint (or state_dir) "

@@ -65,7 +65,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..errors import OutcoreError
+from ..errors import OutcoreError, no_room
 from ..memory.malloc import resident_bytes
 from ..memory.pages import advise_huge
 from ..states import (DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW,
@@ -549,13 +549,14 @@ class Residency:
         else:
             entry.state = FAST           # the fast copy is intact: keep it
             self.touch(entry)
-        raise OutcoreError(
+        kind = no_room(exc) if doing == "writing" and isinstance(exc, OSError) else OutcoreError
+        raise kind(
             f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} "
             f"{self.mover.where} failed: {_reason(exc)}. "
             + ("The tensor is still in memory; nothing was lost." if doing == "writing" else
-               f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still on the slow tier "
-               "and are read again when it is next needed, by the next iteration or by close(); "
-               "until one of them succeeds the tensor is empty: do not read it.")) from exc
+               f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still whole on the "
+               "slow tier: when the iteration ends the tensor is mapped from there (README, "
+               "\"Between iterations\"), and the next iteration or close() reads it again.")) from exc
 
     def hold_moves(self) -> None:
         """While a collective is dispatched, the storages it touches are not known to be

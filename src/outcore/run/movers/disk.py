@@ -254,6 +254,22 @@ def _open_named(base: str) -> int:
 
 
 # A state directory's swap file (run/durable.py) lives in state_dir, not swap_dir.
+def _too_large(location: str, size: int, needed: int) -> str:
+    """EFBIG: the file may not grow, though the disk may have room. Name the limit that
+    said no: the process's RLIMIT_FSIZE (`ulimit -f`) where it is below `needed`, the
+    file system's largest file otherwise."""
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    why = (f"this process may not write files larger than {format_bytes(limit)} "
+           "(RLIMIT_FSIZE, `ulimit -f`): raise that limit or the budget"
+           if limit != resource.RLIM_INFINITY and limit < needed else
+           "the file system there does not allow a larger file: pass swap_dir= another "
+           "file system, or raise the budget")
+    return (f"could not grow the swap file in {location} from {format_bytes(size)} to "
+            f"{format_bytes(needed)} (File too large): {why}. Nothing was lost: the tensor "
+            "stays in memory.")
+
+
 _KEPT_ADVICE = ("With state_dir the swap file is kept in that directory, and its disk holds up to "
                 "twice the model's and optimizer's state (NOTE [Durable state]): free space "
                 "there, or pass state_dir= a directory on a larger disk.")
@@ -415,6 +431,13 @@ class DiskMover:
             except OSError as exc:
                 self.allocator.free(extent)
                 self.allocator.truncate(self._file_size)
+                if exc.errno == errno.EFBIG:
+                    raise OutcoreError(_too_large(self.location, self._file_size, needed)) from exc
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise OutcoreError(
+                        f"could not grow the swap file in {self.location} from "
+                        f"{format_bytes(self._file_size)} to {format_bytes(needed)}: "
+                        f"{exc.strerror}. Nothing was lost: the tensor stays in memory.") from exc
                 advice = (_KEPT_ADVICE if self.kept else
                           "Free disk space, pass swap_dir= a larger disk, or raise the budget.")
                 raise SwapSpaceExhausted(
