@@ -200,6 +200,32 @@ def test_close_leaves_state_usable_and_a_new_outofcore_adopts_it(twins):
     assert_same(plain, managed)
 
 
+def test_an_outofcore_dropped_without_close_hands_its_state_on():
+    """Garbage collection closes an OutOfCore too: its mapped state is adopted by the next
+    one as after close() (before, it stayed unmovable and the same budget was infeasible),
+    and nothing keeps the dropped object alive."""
+    import gc
+    import weakref
+    x, y = data()
+    plain = make_model()
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    ooc = outcore.OutOfCore(BUDGET)
+    with ooc.building():
+        managed = make_model()
+    managed_opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
+    twins = [plain, plain_opt, managed, managed_opt, ooc, (x, y)]
+    train_both(twins, ooc, 4)
+    gone = weakref.ref(ooc)
+    twins[4] = ooc = None
+    gc.collect()
+    assert gone() is None
+    with outcore.OutOfCore(BUDGET) as again:
+        train_both(twins, again, 3)
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)
+
+
 def test_plain_training_after_close(twins):
     plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
     ooc.close()

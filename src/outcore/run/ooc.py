@@ -140,11 +140,14 @@ def _claim(ooc) -> None:
         _open = weakref.ref(ooc)
 
 
-def _release(mover, governor, pager, durable) -> None:
+def _release(res, mover, governor, pager, durable) -> None:
     """Give back what an OutOfCore holds. Runs at close(), or at garbage collection or
-    interpreter exit of one never closed (weakref.finalize: no reference to the object)."""
+    interpreter exit of one never closed (weakref.finalize: no reference to the object).
+    Mapped state is handed on first (NOTE [Mapped state], rule 7), so the next OutOfCore
+    can move it whether this one was closed or dropped."""
     try:
         pager.stop()
+        res.release_mappings()
         mover.close()
         if durable is not None:
             durable.close()
@@ -303,8 +306,8 @@ class OutOfCore:
             self._governor.live_bytes = self._res.live_bytes
         self._shield = Shield()
         self._pager = Pager()
-        self._finalizer = weakref.finalize(self, _release, self._mover, self._governor, self._pager,
-                                           self._durable)
+        self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,
+                                           self._pager, self._durable)
         self.trace = None
         self.schedule = None
         self._in_core_peak = 0
@@ -704,8 +707,7 @@ class OutOfCore:
             finally:
                 self.closed = True
                 try:
-                    self._res.release_mappings()
-                    self._finalizer()            # mover and allocator settings, once
+                    self._finalizer()            # mappings, mover, allocator settings: once
                 finally:
                     _release_slot(self)
                     shield.uninstall()

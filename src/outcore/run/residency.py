@@ -729,7 +729,7 @@ class Residency:
         alive until they die) and are handed to the next OutOfCore that meets them."""
         for entry in self.entries.values():
             storage = entry.ref()
-            if entry.state is MAPPED and storage is not None:
+            if entry.state is MAPPED and storage is not None and entry.mapping is not None:
                 mapped.orphan(storage, entry.mapping)
                 entry.mapping = None
 
