@@ -428,12 +428,19 @@ def test_save_that_raises_leaves_the_old_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
 
-def test_a_ctrl_c_inside_torchs_writer_comes_out_as_keyboard_interrupt(tmp_path):
-    """torch.save's zip writer turns a KeyboardInterrupt that lands in a write into its
-    own RuntimeError ("unexpected pos"), the interrupt only its context: `except
-    KeyboardInterrupt` would miss it. atomic_write (ooc.save) gives the user back the
-    KeyboardInterrupt, and leaves nothing behind."""
-    from outcore.run.checkpoint import atomic_write
+@pytest.mark.parametrize("fault", ["Ctrl-C", "full disk"])
+def test_what_interrupts_torchs_writer_comes_out_as_itself(tmp_path, monkeypatch, fault):
+    """torch.save's zip writer turns a KeyboardInterrupt or OSError that lands in a write
+    into its own RuntimeError ("unexpected pos"), the cause only its context: `except
+    KeyboardInterrupt` would miss it, and a full disk would read as a bug in torch.
+    atomic_write gives the user back the KeyboardInterrupt (ooc.save: an OutcoreError
+    that names the full disk), and leaves nothing behind."""
+    import errno
+    if fault == "Ctrl-C":
+        cause, expected, match = KeyboardInterrupt(), KeyboardInterrupt, None
+    else:
+        cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        expected, match = OutcoreError, "could not write .*No space left on device"
 
     class InterruptedFile:
         def __init__(self, f):
@@ -442,15 +449,17 @@ def test_a_ctrl_c_inside_torchs_writer_comes_out_as_keyboard_interrupt(tmp_path)
         def write(self, data):
             self.writes += 1
             if self.writes == 3:
-                raise KeyboardInterrupt           # as if Ctrl-C landed here
+                raise cause                       # as if Ctrl-C, or a full disk, came here
             return self.f.write(data)
 
         def flush(self):
             self.f.flush()
 
     path = tmp_path / "ck.pt"
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, lambda f: torch.save({"x": torch.ones(10_000)}, InterruptedFile(f)))
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, InterruptedFile(f)))
+    with outcore.OutOfCore("1MiB") as ooc, pytest.raises(expected, match=match):
+        ooc.save({"x": torch.ones(10_000)}, path)
     assert os.listdir(tmp_path) == []
 
 

@@ -104,11 +104,14 @@ def atomic_write(path, write, shield: Shield | None = None) -> None:
             try:
                 write(f)
             except RuntimeError as err:
-                # A Ctrl-C inside torch.save's zip writer comes out as the writer's
-                # RuntimeError ("unexpected pos"), the KeyboardInterrupt only as its
-                # context: what the user did was press Ctrl-C, so that is what they get.
-                if isinstance(err.__context__, KeyboardInterrupt):
-                    raise err.__context__ from None
+                # A Ctrl-C or a write error (a full disk) inside torch.save's zip writer
+                # comes out as the writer's RuntimeError ("unexpected pos"), the cause
+                # only as its context: what happened is the cause, so that is raised.
+                cause = err.__context__
+                if isinstance(cause, KeyboardInterrupt):
+                    raise cause from None
+                if isinstance(cause, OSError):
+                    raise cause from err
                 raise
             f.flush()
         os.fsync(fd)
