@@ -262,6 +262,53 @@ def test_one_open_outofcore_per_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# Points inside OutOfCore(...) where a Ctrl-C may land: after the unnamed swap file is
+# open, after the named fallback's private directory is made, while the state directory
+# is set up, after the swap file is open there, and at the end of building.
+BUILD_POINTS = ["_filesystem_type", "mkdir", "Durable", "_open_kept", "make_governor"]
+
+
+@pytest.mark.parametrize("point", BUILD_POINTS)
+def test_a_ctrl_c_while_an_outofcore_is_made_leaves_nothing(monkeypatch, tmp_path, point):
+    """The user sees KeyboardInterrupt; no descriptor, directory or file stays behind;
+    and the next OutOfCore opens."""
+    import inspect
+    import os
+    from outcore.run import ooc as ooc_module
+    from outcore.run.movers import disk
+
+    def after(owner, name):
+        real = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            _sigint()                    # lands at the next bytecode, as a Ctrl-C would
+            return result
+        static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+        monkeypatch.setattr(owner, name, staticmethod(call) if static else call)
+    kwargs = {"swap_dir": str(tmp_path / "swap")}
+    os.mkdir(kwargs["swap_dir"])
+    if point == "mkdir":                 # the named fallback: O_TMPFILE refused
+        monkeypatch.setattr(disk, "_open_unnamed", lambda base: None)
+        after(disk.os, "mkdir")
+    elif point in ("Durable", "_open_kept"):
+        kwargs["state_dir"] = str(tmp_path / "state")
+        after(*((ooc_module, "Durable") if point == "Durable" else (DiskMover, "_open_kept")))
+    else:
+        after(disk if point == "_filesystem_type" else ooc_module, point)
+    descriptors = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        outcore.OutOfCore("4MiB", **kwargs)
+    monkeypatch.undo()
+    gc.collect()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    left = {d for d in set(os.listdir("/proc/self/fd")) - descriptors
+            if os.path.exists(f"/proc/self/fd/{d}")}
+    assert not left, [os.readlink(f"/proc/self/fd/{d}") for d in left]
+    assert os.listdir(kwargs["swap_dir"]) == []
+    outcore.OutOfCore("4MiB", **kwargs).close()
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "1e400", "1e400GiB", -5, "lots", True])
 def test_every_invalid_budget_is_an_outcore_error(value):
     with pytest.raises(outcore.OutcoreError):

@@ -12,7 +12,9 @@ has its full size (or is safely on the slow tier) and every counter is true:
      function gets `Shield._handler` in front of it (`Shield.install`).
   2. Code that must not be cut runs as a *held section*: `enter()` ... `exit()`. Held
      sections are every intercepted op (its bookkeeping, the op and the transfers
-     around it), the start and the end of an iteration, and `close()`.
+     around it), the start and the end of an iteration, `close()`, and making an
+     `OutOfCore` (its descriptors, directories and threads are given back before the
+     KeyboardInterrupt leaves the constructor).
   3. A signal that comes while a section is held (depth > 0), or while the main thread
      is in the first bytecodes of a function that is about to hold one (`CRITICAL`),
      is noted, not handled. When the outermost section ends, the noted signals are

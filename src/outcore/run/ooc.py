@@ -268,16 +268,35 @@ class OutOfCore:
         # pages (NOTE [Huge pages by default]); found once per process, before any tensor moves.
         self._huge_pages = torch_huge_pages() if offload == "disk" else ""
         self._huge_pages_warned = False
+        # Building takes descriptors, a directory, threads: held (NOTE [Interrupts]), so
+        # a Ctrl-C meanwhile is raised once everything taken is noted, and given back.
+        self._shield = shield = Shield()
+        shield.enter()
         try:
-            self._build(swap_dir, min_move_bytes, return_freed_memory, state_dir)
+            shield.install()
+            try:
+                self._build(swap_dir, min_move_bytes, return_freed_memory, state_dir)
+            finally:
+                shield.uninstall()
+                shield.exit()        # a Ctrl-C that came meanwhile is raised here
         except BaseException:
+            self._unbuild()
+            raise
+        self.closed = False
+
+    def _unbuild(self) -> None:
+        """Give back what a construction that raised took (all of it, the finalizer, if
+        it got that far)."""
+        try:
+            if getattr(self, "_finalizer", None) is not None:
+                self._finalizer()
+                return
             if self._mover is not None:
                 self._mover.close()
             if self._durable is not None:
                 self._durable.close()
+        finally:
             _release_slot(self)
-            raise
-        self.closed = False
 
     def _build(self, swap_dir, min_move_bytes, return_freed_memory, state_dir) -> None:
         self._durable = Durable(state_dir) if state_dir is not None else None
@@ -304,7 +323,6 @@ class OutOfCore:
             if self._governor.mode == "trim":      # eager's check() does nothing: no per-op call
                 self._res.memory_check = self._governor.check
             self._governor.live_bytes = self._res.live_bytes
-        self._shield = Shield()
         self._pager = Pager()
         self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,
                                            self._pager, self._durable)

@@ -320,6 +320,13 @@ class DiskMover:
             raise OutcoreError(f"swap directory {base} {what}; create it or pass "
                                "swap_dir= a directory on a local disk with free space")
         self._fd, self.direct = self._open_kept(path, direct) if path else self._open(base, direct)
+        try:
+            self._setup(base, path, chunk_bytes, direct_min_bytes)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _setup(self, base: str, path: str | None, chunk_bytes: int, direct_min_bytes: int) -> None:
         self.location = base
         self.kept = path is not None
         self.where = f"the swap file in {base}"      # for messages
@@ -327,7 +334,7 @@ class DiskMover:
         if self.filesystem == "tmpfs":
             warnings.warn(f"swap directory {base} is on tmpfs, which is RAM: evicted tensors "
                           "will still occupy memory. Pass swap_dir= a directory on a disk.",
-                          stacklevel=3)
+                          stacklevel=4)
         self.chunk_bytes = round_up(chunk_bytes)
         self.direct_min_bytes = direct_min_bytes
         self.allocator = ExtentAllocator()
