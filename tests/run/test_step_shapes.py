@@ -106,6 +106,42 @@ def test_a_batch_used_again_is_not_written_out_as_a_stranger(tmp_path):
     assert all(it.unplanned_bytes == 0 for it in replays[1:]), str(report)
 
 
+def test_small_batches_and_losses_the_user_keeps_do_not_fill_the_budget(tmp_path):
+    """Batches under min_move_bytes from a pre-built list, and every loss kept: they can
+    never move, and counted as managed they piled up by 32 KiB a step until the replays
+    passed the budget and moved bytes the plan did not (Residency NOTE 8)."""
+    def run(ooc=None, steps=24):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(),
+                                  torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                  torch.nn.Linear(256, 1))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        data = [torch.randn(64, 128, generator=g) for _ in range(steps)]     # 32 KiB each
+        losses = []
+        for x in data:
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                loss = net(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.detach())
+        return net, losses
+    budget = 1_000_000
+    plain, plain_losses = run()
+    with outcore.OutOfCore(budget=budget, swap_dir=str(tmp_path)) as ooc:
+        net, losses = run(ooc)
+        report = ooc.report()
+    assert report.in_core_peak > budget
+    assert torch.equal(torch.stack(plain_losses), torch.stack(losses))
+    for a, b in zip(plain.parameters(), net.parameters()):
+        assert torch.equal(a, b)
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert len(replays) > 16 and all(it.deviation is None for it in replays), str(report)
+    assert all(it.peak_resident <= budget for it in replays), str(report)
+    assert all(it.unplanned_bytes == 0 for it in replays), str(report)
+    assert len({it.peak_resident for it in replays[1:]}) == 1, str(report)
+
 
 def test_small_momentum_buffers_are_state_the_next_iteration_records_again(tmp_path):
     """SGD's momentum buffers of a small model, each under min_move_bytes (40 KiB) but

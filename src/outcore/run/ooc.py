@@ -895,6 +895,8 @@ class _Iteration:
             if planned and self.before is not None and ooc._iterations:
                 ooc._iterations[-1] = dataclasses.replace(     # the report shows it apart
                     ooc._iterations[-1], plan_s=time.perf_counter() - adopting)
+            if not errors:            # Residency NOTE 8
+                res.let_go(set(ooc._carried.values()) | set(ooc._inputs))
         _raise_or_note(exc, errors)
 
     def _enter_mode(self) -> None:

@@ -54,6 +54,11 @@ NOTE [Residency invariants]
      calls it resizable, but resizing it crashes the process) is pinned, never moved
      (`_movable`). `.numpy()` makes a storage unresizable for good, also one already
      tracked: `evict` then pins it and notes it in `newly_pinned`.
+  8. When a step completes, pinned storages the next step does not start from (inputs
+     of earlier steps, a small loss the user keeps in a list) are let go of (`let_go`):
+     they never move, so counting them would only shrink the room the plan has, more
+     with every step whose inputs the user keeps. A later step that reads one tracks it
+     again, as a new entry.
 """
 from __future__ import annotations
 
@@ -187,6 +192,23 @@ class Residency:
                 self.pinned_resident += entry.nbytes
         self.touch(entry)
         return entry
+
+    def let_go(self, keep) -> None:
+        """Stop tracking the FAST pinned entries not in `keep` (NOTE 8). Their weakref
+        callbacks may still come: `_reap_dead` finds them gone from the table and in
+        the DEAD state, and undoes nothing twice."""
+        if self._dead:
+            self._reap_dead()
+        for key, entry in list(self.entries.items()):
+            if (not entry.pinned or entry.state is not FAST or entry.foreign or entry.elsewhere
+                    or entry in keep):
+                continue
+            del self.entries[key]
+            if self.lru.get(key) is entry:
+                del self.lru[key]
+            self.resident -= entry.nbytes
+            self.pinned_resident -= entry.nbytes
+            entry.state = DEAD
 
     def entry_of(self, storage) -> Entry | None:
         """The entry of `storage` if it is tracked, else None. The storages that died are
