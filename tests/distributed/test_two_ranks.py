@@ -84,3 +84,21 @@ def test_example_runs_bitwise(example, budget):
     # budgets are about a third of the in-core peak at batch 4).
     assert re.search(r"^\s+4\s+replay\s+\d", proc.stdout, re.M), proc.stdout
     assert "in-core peak" in proc.stdout and "moves nothing" not in proc.stdout, proc.stdout
+
+
+def test_ranks_that_kept_different_iterations_are_refused(tmp_path):
+    """Each rank commits its own state directory, so a stop between two ranks' commits
+    leaves them one iteration apart: every rank's resume() raises, naming both counts,
+    and loads nothing (before, each resumed from its own and trained on diverged
+    weights without an error)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         os.path.join(HERE, "resume_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"resume.rank{rank}.json").read_text())
+        assert "resumed" not in result, result
+        assert re.search(r"different iterations \(rank 0: 3 in .*, rank 1: 2 in ", result["error"]), result
+        assert result["unchanged"], result

@@ -175,6 +175,23 @@ def test_a_failed_write_inside_the_optimizer_says_the_step_is_half_done(monkeypa
     assert not any("optimizer" in n for n in notes[1]), notes
 
 
+def test_an_optimizer_step_refused_before_it_begins_gets_no_half_step_note(tmp_path):
+    """The budget cannot hold one parameter's step beside its gradient: the recording
+    refuses it before the optimizer writes anything, and the error, which says nothing
+    was trained, carries no note saying some parameters took the step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 512, bias=False)          # 1 MiB weight, 1 MiB gradient
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    with outcore.OutOfCore("1536KiB", swap_dir=str(tmp_path)) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget, match="Nothing was trained") as err:
+            with ooc.iteration():
+                model(torch.randn(4, 512)).sum().backward()
+                opt.step()
+    assert not any("took this step" in n for n in getattr(err.value, "__notes__", []))
+    assert torch.equal(before, model.weight)
+
+
 def test_io_error_during_write_keeps_the_tensor(monkeypatch, resnet_trace):
     budget = budgets(resnet_trace)["half"]
     w = build("resnet18-tiny", "sgd")

@@ -219,8 +219,9 @@ def test_bad_uses_are_refused(tmp_path):
 
 def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
     """State kept with Adam: resume() without an optimizer (the next commit would drop
-    Adam's moments for good) or into SGD (torch failed later, in step(), with a KeyError)
-    is refused before any tensor is copied, and the directory still resumes with Adam."""
+    Adam's moments for good) or into another class (torch failed later, in step(), with
+    a KeyError) is refused before any tensor is copied, and the directory still resumes
+    with Adam."""
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 256)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -236,7 +237,11 @@ def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
     before = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
     for other, match in ((None, "kept with an optimizer, and resume.. got none"),
                          (torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9),
-                          r"another kind of optimizer than this SGD: .*'momentum'")):
+                          r"kept by a torch.optim.adam.Adam, and resume.. got a "
+                          r"torch.optim.sgd.SGD"),
+                         # Adamax's hyper-parameters are a subset of Adam's: accepted
+                         # before, then its step() raised KeyError 'exp_inf'
+                         (torch.optim.Adamax(fresh.parameters()), "got a torch.optim.adamax")):
         with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
             with pytest.raises(OutcoreError, match=match):
                 ooc.resume(fresh, other)
@@ -451,3 +456,57 @@ def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_pat
         with pytest.raises(OutcoreError, match="damaged") as err:
             ooc.resume(fresh)
         assert "only partly loaded" in "".join(err.value.__notes__)
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_a_flipped_bit_in_the_state_file_is_found_by_resume(tmp_path, where):
+    """One bit flipped on the disk (a parameter's bytes, or Adam's second moment, whose
+    damage changed nothing visible at once): resume() finds it by the checksum the
+    manifest keeps (NOTE [Durable state] rule 7) instead of training on from it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for _ in range(2):
+            with ooc.iteration():
+                model(torch.ones(2, 256)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    manifest = torch.load(tmp_path / "manifest.pt", weights_only=True)
+    ref = (manifest["model"]["2.weight"] if where == "model"
+           else manifest["optimizer"]["state"][4]["exp_avg_sq"])
+    assert ref["crc32"] is not None
+    with open(tmp_path / manifest["file"], "r+b") as f:
+        f.seek(ref["offset"] + ref["nbytes"] // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        with pytest.raises(OutcoreError, match=f"offset {ref['offset']:,} .* checksum differs"):
+            ooc.resume(fresh, torch.optim.Adam(fresh.parameters(), lr=1e-3))
+
+
+def test_an_fsdp2_model_is_refused_before_anything_changes(tmp_path):
+    """FSDP2's parameters are DTensors whose storage FSDP frees and remakes: state_dir
+    cannot keep them (the first commit failed deep inside, with "invalid python
+    storage"), so resume() refuses them with what to use instead."""
+    child = textwrap.dedent(f"""
+        import torch, torch.distributed as dist, outcore
+        from torch.distributed.fsdp import fully_shard
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0,
+                                world_size=1)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+        fully_shard(model)
+        opt = torch.optim.Adam(model.parameters())
+        with outcore.OutOfCore("1MiB", state_dir={str(tmp_path / "s")!r}) as ooc:
+            try:
+                ooc.resume(model, opt)
+            except outcore.OutcoreError as err:
+                print("REFUSED", err)
+        dist.destroy_process_group()
+    """)
+    out = zygote.run(["-c", child], timeout=120)
+    assert "REFUSED state_dir does not support FSDP2" in out.stdout, out.stdout + out.stderr
+    assert os.listdir(tmp_path / "s") == []

@@ -4,8 +4,10 @@ memory (`share_memory()`, Hogwild-style), and parameters shared with numpy throu
 replay within the budget."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import numpy as np
 import torch
 
 import outcore
@@ -89,3 +91,29 @@ def test_numpy_between_iterations_leaves_the_plan_and_keeps_the_budget(tmp_path,
         if it.mode == "replay":
             assert it.peak_resident <= BUDGET, report
     assert report.iterations[-1].bytes_read > 0
+
+
+def test_unmovable_arrays_that_die_within_the_step_are_counted_by_the_plan(tmp_path):
+    """Each step makes a batch it cannot move and drops it before the end (a DataLoader
+    worker's batch arrives in shared memory). The plan counts such arrays resident as it
+    does those alive at the end; it planned to move them, and the replays went over the
+    budget by what they held."""
+    def run(ooc=None):
+        model, opt = make()
+        for it in range(6):
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                rng = np.random.default_rng(it)
+                x = torch.from_numpy(rng.standard_normal((256, WIDTH), dtype=np.float32))
+                (model(x) - x).square().mean().backward()
+                del x
+                opt.step()
+                opt.zero_grad()
+        return state_of(model, opt)
+    expected = run()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        got = run(ooc)
+        report = ooc.report()
+    assert_bitwise_equal(got, expected)
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert len(replays) >= 3 and all(it.deviation is None for it in replays), report
+    assert all(it.peak_resident <= BUDGET for it in replays), report

@@ -34,12 +34,17 @@ NOTE [Durable state]
      commit of this Durable raises before it writes anything: the last durable state
      stays the one before the failure, whose bytes were synced and are never written
      again (rule 2). A new OutOfCore on the directory resumes from it into a new file.
+  7. Every write to the state file takes the CRC-32 of the bytes it writes, from memory
+     (`DiskMover.crc`), and the manifest keeps it beside each tensor; resume() checks
+     it as it reads. A bit the disk flipped, or bytes another writer put there, are an
+     error naming the place, never a silently different model.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import re
+import zlib
 
 import torch
 
@@ -54,6 +59,11 @@ _SWAP = re.compile(r"^state-(\d+)\.swap$")
 
 def _swap_name(generation: int) -> str:
     return f"state-{generation}.swap"
+
+
+def _class_name(optimizer) -> str | None:
+    """The optimizer's class, as the manifest keeps it (None for none)."""
+    return None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def _fsync_dir(directory: str) -> None:
@@ -173,6 +183,12 @@ class Durable:
             raise OutcoreError(f"{path} ends before the {ref['nbytes']:,} bytes at offset "
                                f"{ref['offset']:,} that the manifest names; the state directory is "
                                "damaged. Move it away to start afresh.")
+        if ref.get("crc32") is not None and zlib.crc32(raw) != ref["crc32"]:       # rule 7
+            raise OutcoreError(f"the {ref['nbytes']:,} bytes at offset {ref['offset']:,} of {path} "
+                               "are not those written there (their checksum differs): the "
+                               "state directory is damaged, by the disk or by another writer. "
+                               "Resume from a checkpoint (ooc.save) instead, in another "
+                               "state_dir.")
         storage = torch.empty(len(raw), dtype=torch.uint8)
         if raw:                       # through an op, so that the budget sees the copy
             storage.copy_(torch.frombuffer(raw, dtype=torch.uint8))
@@ -220,6 +236,12 @@ class Durable:
         if kept is None:
             raise OutcoreError(f"the state in {self.directory} was kept without an optimizer; "
                                "resume(model) without one, or pass another state_dir")
+        saved_class = self.manifest.get("optimizer_class")
+        if saved_class is not None and saved_class != _class_name(optimizer):
+            raise OutcoreError(
+                f"the state in {self.directory} was kept by a {saved_class}, and resume() got "
+                f"a {_class_name(optimizer)}: its state would not be what this one's step "
+                "reads. Pass the optimizer it was trained with, or another state_dir")
         groups = kept.get("param_groups", [])
         lacking = sorted(set(optimizer.defaults) - set().union(*(g.keys() for g in groups)))
         if groups and lacking:
@@ -248,7 +270,7 @@ class Durable:
             committed[extent.offset] = extent
             return {"offset": at, "nbytes": nbytes, "dtype": str(tensor.dtype),
                     "size": list(tensor.shape), "stride": list(tensor.stride()),
-                    "storage_offset": tensor.storage_offset()}
+                    "storage_offset": tensor.storage_offset(), "crc32": mover.crc(extent)}
 
         model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
         optimizer = _map_refs(self.optimizer.state_dict(), ref) if self.optimizer is not None else None
@@ -264,7 +286,8 @@ class Durable:
         try:
             atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
                          "file": _swap_name(self.generation), "iterations": iterations,
-                         "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer},
+                         "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer,
+                         "optimizer_class": _class_name(self.optimizer)},
                         os.path.join(self.directory, MANIFEST), shield)
         except BaseException:
             if self._switched(iterations):
@@ -291,13 +314,16 @@ class Durable:
                 and manifest.get("iterations") == iterations)
 
 
+_REF = {"offset", "nbytes", "dtype", "size", "stride", "storage_offset"}
+
+
 def _map_refs(obj, fn):
     """`obj` (an optimizer's state_dict) with every tensor t replaced by fn(t), and back
     (every ref dict, recognized by its keys, replaced by fn(ref))."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        if obj.keys() == {"offset", "nbytes", "dtype", "size", "stride", "storage_offset"}:
+        if _REF <= obj.keys() <= _REF | {"crc32"}:        # crc32: rule 7, absent in older ones
             return fn(obj)
         return {k: _map_refs(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -219,7 +219,7 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
             "or in shared memory (from_numpy, .numpy(), torch.load: .clone() those; "
             "share_memory_()), or held by a "
             "collective or FSDP)") if pinned else ""
-    return InfeasibleBudget(
+    error = InfeasibleBudget(
         f"function {index} ({what}, {phase}) needs {format_bytes(needed)} ({needed:,} B) resident "
         f"at once{held}, more than the budget of {format_bytes(budget)} ({budget:,} B) you passed; "
         f"no schedule can run it. The smallest feasible budget is at least {format_bytes(needed)} "
@@ -229,3 +229,5 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
            if completed else "Nothing was trained: the optimizer has not changed any parameter."),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)
+    error.nothing_trained = not completed       # OutOfCore adds no half-step note
+    return error

@@ -356,7 +356,9 @@ class OutOfCore:
         the last durable state into them if there is one (under the budget, with the
         random number generator's state), and return how many iterations it had done
         (0 for a fresh directory). Call once, before the first iteration; then continue
-        the loop from the returned count (NOTE [Durable state] in durable.py)."""
+        the loop from the returned count (NOTE [Durable state] in durable.py). Under
+        torch.distributed every rank calls it (it is a collective): ranks whose
+        directories hold different iterations are refused before anything is loaded."""
         if self._durable is None:
             raise OutcoreError("resume() needs OutOfCore(..., state_dir=...): without it nothing "
                                "is kept across processes")
@@ -365,6 +367,8 @@ class OutOfCore:
         if self._iterations or self._durable.model is not None:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
+        _not_sharded(model)
+        _same_on_every_rank(durable.iterations, durable.directory)
         if durable.manifest is not None:
             try:
                 with self.building():
@@ -639,6 +643,8 @@ class OutOfCore:
             elif (entry is not None and entry.pinned and not entry.elsewhere
                   and entry.nbytes >= res.min_move_bytes):
                 out[aid] = False
+        for aid in recording.unmovable:            # those that died within the step too
+            out.setdefault(aid, False)
         return out
 
     def _require_feasible(self, trace, budget: int) -> None:
@@ -743,6 +749,43 @@ class OutOfCore:
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("planned" if self.schedule else "recording")
         return f"OutOfCore(budget={format_bytes(self.budget)}, policy={self.policy!r}, {state})"
+
+
+def _not_sharded(model) -> None:
+    """state_dir keeps whole local tensors: FSDP2's parameters are DTensors whose local
+    shards FSDP frees and remakes itself (NOTE [Storages FSDP owns] in compose.py), which
+    a commit cannot read as its own (it failed at the first commit, deep inside)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return
+    if any(isinstance(t, DTensor) for t in model.state_dict(keep_vars=True).values()):
+        raise OutcoreError(
+            "state_dir does not support FSDP2 (fully_shard) models yet: their parameters are "
+            "DTensors whose storage FSDP manages. Train without state_dir, and checkpoint "
+            "with torch.distributed.checkpoint (DCP) between iterations; state_dir works "
+            "with DDP and single-process training")
+
+
+def _same_on_every_rank(iterations: int, directory: str) -> None:
+    """Under a process group, refuse a resume whose ranks kept different iterations: each
+    rank commits on its own, so a stop between two ranks' commits leaves them one
+    iteration apart, and resuming each from its own would train on diverged weights
+    without any error (a rank ahead averages its gradients with a peer's older step)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (iterations, directory))
+    if len({count for count, _ in every}) > 1:
+        kept = ", ".join(f"rank {rank}: {count} in {where}"
+                         for rank, (count, where) in enumerate(every))
+        raise OutcoreError(
+            f"ooc.resume(): the ranks' state directories hold different iterations ({kept}). "
+            "A stop between one rank's commit and another's leaves them apart, and resuming "
+            "each from its own would train every rank on diverged weights. Nothing was "
+            "loaded. Resume every rank from checkpoints of one same iteration (ooc.save), or "
+            "start the run over in empty state directories.")
 
 
 def _release_slot(ooc) -> None:
@@ -861,7 +904,8 @@ class _Iteration:
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
         res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
-        if isinstance(exc, OutcoreError) and getattr(mode, "in_optimizer", False):
+        if (isinstance(exc, OutcoreError) and getattr(mode, "in_optimizer", False)
+                and not getattr(exc, "nothing_trained", False)):
             exc.add_note("outcore: this came inside optimizer.step(), after it had begun: as "
                          "with any exception there, some parameters took this step and the "
                          "others did not. Go on from your last checkpoint (or state_dir) "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 from ..aten import distinct_storages
+from ..states import FAST
 from ..trace.recorder import Recording
 from .compose import DISTRIBUTED_NAMESPACES, around, ddp_buckets_unbuilt, under_torch_compile
 from .interrupts import Shield, critical
@@ -47,6 +48,13 @@ class SafeRecording(Recording):
         self._entries = []
         self.compiled_seen = False
         self.ddp_unbuilt = ddp_buckets_unbuilt()      # read by OutOfCore._plan_recording
+        # Arrays whose storage cannot move from the op that first sees them on (Residency
+        # NOTE 7), also those that die within the step (a DataLoader worker's batch, in
+        # shared memory): the plan counts them held, as it does those alive at the end
+        # (OutOfCore._disowned). One that becomes unmovable later (`.numpy()` at the end
+        # of the step) is not: the plan may move it before, and counting it for its whole
+        # life could make the budget infeasible.
+        self.unmovable: set[int] = set()
 
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -95,6 +103,15 @@ class SafeRecording(Recording):
         if fn.phase == "optimizer" and written:
             self._state_written = True
         res = self.residency
+        for entry in (*entries, *created):
+            if entry.elsewhere or entry.owner or entry.state is not FAST:
+                continue
+            storage = entry.ref()
+            if storage is not None and entry.nbytes >= res.min_move_bytes and \
+                    res.pin_if_unmovable(entry, storage):
+                known = self._live.get(entry.key)
+                if known is not None and self._logs[known[0]].first_use == fn.index:
+                    self.unmovable.add(known[0])
         movable = sum(e.nbytes for e in entries if not e.pinned) + sum(
             e.nbytes for e in created if not e.pinned)
         pinned = res.pinned_resident + (res.owned_bytes() if res.owned else 0)

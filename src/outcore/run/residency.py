@@ -53,7 +53,10 @@ NOTE [Residency invariants]
      through `.numpy()`) or that lives in shared memory (`share_memory_()`: PyTorch
      calls it resizable, but resizing it crashes the process) is pinned, never moved
      (`_movable`). `.numpy()` makes a storage unresizable for good, also one already
-     tracked: `evict` then pins it and notes it in `newly_pinned`.
+     tracked: `evict` then pins it and notes it in `newly_pinned`. A recording checks
+     each array an op reads or makes (`pin_if_unmovable`), so the plan counts as held
+     also those unmovable from their first op that die within the step (a DataLoader
+     worker's batch, in shared memory).
   8. When a step completes, pinned storages the next step does not start from (inputs
      of earlier steps, a small loss the user keeps in a list) are let go of (`let_go`):
      they never move, so counting them would only shrink the room the plan has, more
@@ -330,6 +333,18 @@ class Residency:
                 offloaded += entry.nbytes
         return resident, offloaded
 
+    def pin_if_unmovable(self, entry: Entry, storage) -> bool:
+        """Pin a FAST entry whose storage became unmovable since it was tracked (NOTE 7),
+        noting it in `newly_pinned`; returns whether it is pinned now."""
+        if entry.pinned:
+            return True
+        if _movable(storage):
+            return False
+        entry.pinned = True
+        self.pinned_resident += entry.nbytes
+        self.newly_pinned.append(entry)
+        return True
+
     # -- moves -------------------------------------------------------------------------
     def evict(self, entry: Entry, *, unplanned: bool = False) -> None:
         """Start moving a FAST entry to the slow tier (memory is held until `finish`)."""
@@ -341,10 +356,7 @@ class Residency:
         if self._deferred is not None:            # a collective is being dispatched
             self._deferred.append((entry, unplanned))
             return
-        if not _movable(storage):      # e.g. shared with numpy since it was tracked
-            entry.pinned = True
-            self.pinned_resident += entry.nbytes
-            self.newly_pinned.append(entry)
+        if self.pin_if_unmovable(entry, storage):    # e.g. shared with numpy since tracked
             return
         if storage.nbytes() != entry.nbytes:     # resized by its owner meanwhile (NOTE 5)
             self.disown(storage, entry.nbytes, "resized by another library", foreign=True)

@@ -50,6 +50,7 @@ import stat
 import tempfile
 import time
 import warnings
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import OutcoreError, SwapSpaceExhausted, no_room
@@ -270,9 +271,11 @@ def _too_large(location: str, size: int, needed: int) -> str:
             "stays in memory.")
 
 
-_KEPT_ADVICE = ("With state_dir the swap file is kept in that directory, and its disk holds up to "
-                "twice the model's and optimizer's state (NOTE [Durable state]): free space "
-                "there, or pass state_dir= a directory on a larger disk.")
+_KEPT_ADVICE = ("With state_dir the swap file is kept in that directory, and its disk holds the "
+                "model's and optimizer's state twice, plus what a step moves out, plus one more "
+                "copy after a resume until the first commit (NOTE [Durable state], "
+                "docs/state.md): free space there, or pass state_dir= a directory on a larger "
+                "disk.")
 
 
 def _enable_direct(fd: int) -> bool:
@@ -339,6 +342,9 @@ class DiskMover:
         self.direct_min_bytes = direct_min_bytes
         self.allocator = ExtentAllocator()
         self._heads: dict[int, int] = {}   # extent offset -> where in its first page the bytes start
+        # A kept (state) file only: extent offset -> CRC-32 of the bytes last written there,
+        # taken from memory by the writer (NOTE [Durable state], rule 7).
+        self._crcs: dict[int, int] = {}
         # NOTE [Durable state], rule 2: extents a state manifest refers to, and those of
         # them their owner let go of (freed once no manifest refers to them).
         self._committed: dict[int, Extent] = {}
@@ -488,7 +494,13 @@ class DiskMover:
         if self.direct and round_up(address % ALIGNMENT + nbytes) <= extent.length:
             head = address % ALIGNMENT      # else (a reused extent too short): staged, at 0
         self._heads[extent.offset] = head
+        if self.kept:
+            self._crcs.pop(extent.offset, None)       # until this write has its own
         return self._writer.submit(self._write, address, nbytes, extent, head, keepalive)
+
+    def crc(self, extent: Extent) -> int | None:
+        """The CRC-32 of the bytes last written to `extent` of a kept file, else None."""
+        return self._crcs.get(extent.offset)
 
     def read(self, address: int, nbytes: int, extent: Extent, keepalive) -> Future:
         """Copy `nbytes` from `extent` to `address`, asynchronously."""
@@ -523,30 +535,37 @@ class DiskMover:
         try:
             if nbytes == 0:
                 return start, start
-            if not self.direct:
-                self._pwrite_memory(address, nbytes, extent.offset)
-                self._fdatasync()
-                os.posix_fadvise(self._fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
-            elif head or address % ALIGNMENT == 0:
-                # The pages covering the tensor: its whole pages straight from its memory,
-                # the partial first and last ones (shared with other memory, which may
-                # change meanwhile) from a snapshot in the staging buffer.
-                lo, end = address - head, address + nbytes
-                inner = round_up(address)
-                outer = max(inner, end - end % ALIGNMENT)
-                if outer == inner or nbytes < self.direct_min_bytes:
-                    self._pwrite_staged(lo, round_up(end) - lo, extent.offset)
-                else:
-                    self._pwrite_staged(lo, inner - lo, extent.offset)
-                    self._pwrite_pages(inner, outer - inner, extent.offset + inner - lo)
-                    self._pwrite_staged(outer, round_up(end) - outer, extent.offset + outer - lo)
-            else:
-                self._pwrite_staged(address, nbytes, extent.offset)
+            crc = zlib.crc32(_memory(address, nbytes)) if self.kept else None
+            self._write_bytes(address, nbytes, extent, head)
+            if crc is not None:
+                self._crcs[extent.offset] = crc
         finally:
             end = time.perf_counter()
             self.busy_write_s += end - start
             self.cpu_write_s += time.thread_time() - cpu
         return start, end
+
+    def _write_bytes(self, address, nbytes, extent, head) -> None:
+        """The bytes of `_write`: O_DIRECT from the pages themselves where it can."""
+        if not self.direct:
+            self._pwrite_memory(address, nbytes, extent.offset)
+            self._fdatasync()
+            os.posix_fadvise(self._fd, extent.offset, extent.length, os.POSIX_FADV_DONTNEED)
+        elif head or address % ALIGNMENT == 0:
+            # The pages covering the tensor: its whole pages straight from its memory,
+            # the partial first and last ones (shared with other memory, which may
+            # change meanwhile) from a snapshot in the staging buffer.
+            lo, end = address - head, address + nbytes
+            inner = round_up(address)
+            outer = max(inner, end - end % ALIGNMENT)
+            if outer == inner or nbytes < self.direct_min_bytes:
+                self._pwrite_staged(lo, round_up(end) - lo, extent.offset)
+            else:
+                self._pwrite_staged(lo, inner - lo, extent.offset)
+                self._pwrite_pages(inner, outer - inner, extent.offset + inner - lo)
+                self._pwrite_staged(outer, round_up(end) - outer, extent.offset + outer - lo)
+        else:
+            self._pwrite_staged(address, nbytes, extent.offset)
 
     def _read(self, address, nbytes, extent, head, keepalive) -> tuple[float, float]:
         """The copy itself, on the reader thread; returns when it ran, as `_write`."""
