@@ -33,6 +33,9 @@ def trace_file(tmp_path_factory):
     (["bench", "batch", "--model", "mlp-tiny", "--factors", "0"], "'0' must be more than 0"),
     (["bench", "curve", "--model", "mlp-tiny", "--out", "{trace}"], "is a file; the results go"),
     (["plan", "{trace}", "--budget", "20MiB", "-o", "{tmp}"], "cannot save to .*: it is a directory"),
+    (["plan", "{trace}", "--budget", "20MiB", "-o", "{trace}/s.json"], "mlp.json is a file, not a"),
+    (["simulate", "{empty}", "--budget", "1MiB"], "recorded no op .* nothing to simulate"),
+    (["report", "{modeless}"], "IterationStats has no 'mode', 'seconds', "),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00junk")
@@ -40,7 +43,15 @@ def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys
     damaged = json.loads(trace_file.read_text())
     damaged["arrays"][3]["freed_after"] = 10**9
     (tmp_path / "freed.json").write_text(json.dumps(damaged))
-    files = {name: tmp_path / f"{name}.json" for name in ("binary", "deep", "freed")}
+    import outcore
+    with outcore.record() as rec:
+        pass
+    rec.trace.save(tmp_path / "empty.json")
+    from outcore.run.report import FORMAT, VERSION
+    (tmp_path / "modeless.json").write_text(json.dumps(
+        {"format": FORMAT, "version": VERSION, "iterations": [{"index": 0}]}))
+    files = {name: tmp_path / f"{name}.json"
+             for name in ("binary", "deep", "freed", "empty", "modeless")}
     argv = [a.format(trace=trace_file, tmp=tmp_path, **files) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

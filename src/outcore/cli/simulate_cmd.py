@@ -204,6 +204,9 @@ def run(args) -> int:
     single = None
     for path in args.traces:
         trace = Trace.load(path)
+        if not trace.functions:
+            raise OutcoreError(f"{path} recorded no op (an empty step): there is nothing to "
+                               "simulate. Record a step that runs the model")
         label = trace.info.get("label") or path
         for budget in _budgets(args, trace, args.machine):
             for policy in policies:

@@ -88,6 +88,9 @@ def atomic_write(path, write, shield: Shield | None = None) -> None:
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise NotADirectoryError(errno.ENOTDIR, f"cannot save to {path}: {directory} is a "
+                                     "file, not a directory", directory)
         raise FileNotFoundError(errno.ENOENT, f"cannot save to {path}: the directory {directory} "
                                 "does not exist", directory)
     if os.path.isdir(path):
@@ -98,7 +101,10 @@ def atomic_write(path, write, shield: Shield | None = None) -> None:
     fd = _open_unnamed(directory)
     named = fd is None
     if named:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:       # name the user's path, not outcore's temporary one
+            raise OSError(exc.errno, f"cannot save to {path}: {exc.strerror}", path) from None
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
             try:

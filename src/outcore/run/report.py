@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..errors import OutcoreError
 from ..memory.malloc import PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE
@@ -93,6 +93,8 @@ class Report:
             raise OutcoreError(f"report format version {data.get('version')} is not supported "
                                f"(this outcore reads version {VERSION})")
         try:
+            if "iterations" not in data:
+                raise TypeError("it has no 'iterations' field")
             its = tuple(IterationStats(**_known(IterationStats, it)) for it in data["iterations"])
             report = Report(**{**_known(Report, data), "iterations": its})
         except (KeyError, TypeError) as exc:
@@ -190,4 +192,9 @@ def _known(cls, data: dict) -> dict:
         if names[key] in ("int", "float") and (
                 isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"{cls.__name__}.{key} must be a number, found {value!r:.40}")
+    missing = [f.name for f in fields(cls) if f.name not in data
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise TypeError(f"{cls.__name__} has no {', '.join(repr(m) for m in missing)} "
+                        f"field{'s' if len(missing) > 1 else ''}")
     return out
