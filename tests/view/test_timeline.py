@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import outcore
+from outcore.units import format_bytes
 from outcore.cli.main import main
 from outcore.plan.schedule import SWAP_IN, SWAP_OUT
 from outcore.view import by_category, simulated_timeline
@@ -128,6 +129,12 @@ def test_measured_timeline_of_a_replayed_iteration(tmp_path):
     events = obj["traceEvents"]
     assert nest_properly(events) == []
     assert {e["pid"] for e in events} == {SIMULATED_PID, MEASURED_PID}
+    # One budget is called the budget: the plan's, where it is less, says whose it is.
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert f"budget {format_bytes(budget)}" in names[MEASURED_PID]
+    assert schedule.budget < budget                     # small biases never move
+    assert (f"plan's budget {format_bytes(schedule.budget)} (the budget "
+            f"{format_bytes(budget)} less") in names[SIMULATED_PID], names
     ops = [e for e in _slices(events, MEASURED_PID, COMPUTE_TID) if e["cat"].startswith("compute")]
     assert [e["args"]["function"] for e in ops] == list(range(len(trace.functions)))
     # What the movers did, byte for byte what the report counts for that iteration.

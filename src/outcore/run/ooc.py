@@ -433,7 +433,7 @@ class OutOfCore:
         parts = [tl.measured_events(trace, log, budget=self.budget, rss_start=self._rss_start)]
         if simulated:
             sim = simulate(trace, schedule, machine or self.machine)
-            parts.insert(0, tl.simulated_events(trace, schedule, sim))
+            parts.insert(0, tl.simulated_events(trace, schedule, sim, budget=self.budget))
         tl.write(path, tl.chrome_trace(*parts, policy=schedule.policy, budget=self.budget,
                                        functions=len(trace.functions)))
 

@@ -22,6 +22,7 @@ from ..errors import OutcoreError
 from ..units import format_bytes
 from ..plan.recompute import remade
 from .occupancy import by_category
+from .timeline import budget_label
 
 MIB = 2**20
 # One colour per category, stable across figures (tab10, in CATEGORIES order).
@@ -51,7 +52,7 @@ def _steps(times, values, end):
     return xs, ys
 
 
-def _planned(ax, trace, schedule, sim) -> None:
+def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
     occ = by_category(trace, schedule)
     ms = [t * 1e3 for t in sim.start_s]
     end = sim.step_time_s * 1e3
@@ -65,7 +66,7 @@ def _planned(ax, trace, schedule, sim) -> None:
                      linewidth=0)
     budget = schedule.budget / MIB
     ax.axhline(budget, color="black", linestyle="--", linewidth=1.2,
-               label=f"budget {format_bytes(schedule.budget)}")
+               label=budget_label(schedule.budget, budget))
     clock, t = [], 0.0
     for compute in sim.compute_s:
         clock.append(t * 1e3)
@@ -106,7 +107,7 @@ def _measured(ax, log, budget: int, rss_start: int) -> None:
         xs, ys = _steps([t for t, _ in rss], [v for _, v in rss], end)
         ax.plot(xs, ys, color="#ff7f0e", linewidth=1.2, label="resident set above its base")
     ax.axhline(budget / MIB, color="black", linestyle="--", linewidth=1.2,
-               label=f"budget {budget / MIB:.0f} MiB")
+               label=f"budget {format_bytes(budget)}")
     _swap_marks(ax, [((start - log.origin) * 1e3, d) for _, d, _, start, _ in log.transfers],
                 budget / MIB)
     moved_in = sum(n for _, d, n, _, _ in log.transfers if d == "in")
@@ -128,7 +129,7 @@ def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None
     panels = 2 if measured is not None else 1
     fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
     try:
-        _planned(axes[0][0], trace, schedule, sim)
+        _planned(axes[0][0], trace, schedule, sim, budget)
         if measured is not None:
             _measured(axes[1][0], measured, budget or schedule.budget, rss_start)
         for (ax,) in axes:

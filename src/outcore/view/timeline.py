@@ -85,9 +85,20 @@ def _changes(pid, name, samples):
             last = values
 
 
-def simulated_events(trace, schedule, sim, *, pid: int = SIMULATED_PID) -> list[dict]:
-    """The events of `sim`, a Simulation of `schedule` for `trace`."""
-    label = (f"simulated on {sim.machine}: {schedule.policy}, budget {format_bytes(schedule.budget)}")
+def budget_label(planned: int, budget: int | None = None) -> str:
+    """The plan's budget as a label: beside the user's `budget` where they differ (the
+    plan gets the budget less what never moves: ooc.planned_budget)."""
+    if budget is None or budget == planned:
+        return f"budget {format_bytes(planned)}"
+    return (f"plan's budget {format_bytes(planned)} (the budget {format_bytes(budget)} less "
+            "what never moves)")
+
+
+def simulated_events(trace, schedule, sim, *, pid: int = SIMULATED_PID,
+                     budget: int | None = None) -> list[dict]:
+    """The events of `sim`, a Simulation of `schedule` for `trace`; `budget`: the one the
+    user passed, where the plan got less (`budget_label`)."""
+    label = f"simulated on {sim.machine}: {schedule.policy}, {budget_label(schedule.budget, budget)}"
     events = _process(pid, label, pid)
     functions = trace.functions
     n = len(functions)
@@ -121,7 +132,8 @@ def simulated_events(trace, schedule, sim, *, pid: int = SIMULATED_PID) -> list[
     events += _changes(pid, "in-core, plain PyTorch (bytes, on its own clock)", (
         (start, {"bytes": live}) for start, live in zip(in_core_clock, occ.in_core)))
     for t_s in (0.0, sim.iteration_time_s):
-        events.append(_counter(pid, "budget (bytes)", t_s, {"bytes": schedule.budget}))
+        events.append(_counter(pid, "plan's budget (bytes)" if budget not in (None, schedule.budget)
+                               else "budget (bytes)", t_s, {"bytes": schedule.budget}))
     return events
 
 
