@@ -35,6 +35,9 @@ def trace_file(tmp_path_factory):
     (["plan", "{trace}", "--budget", "20MiB", "-o", "{tmp}"], "cannot save to .*: it is a directory"),
     (["plan", "{trace}", "--budget", "20MiB", "-o", "{trace}/s.json"], "mlp.json is a file, not a"),
     (["simulate", "{empty}", "--budget", "1MiB"], "recorded no op .* nothing to simulate"),
+    (["plan", "{trace}", "--budget", "20MiB", "--machine", "nope"], "unknown machine 'nope'"),
+    (["plan", "{trace}", "--budget", "20MiB", "--machine", "v100-16gb", "--policy", "adaptive"],
+     "policy adaptive plans the same on any"),
     (["report", "{modeless}"], "IterationStats has no 'mode', 'seconds', "),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
@@ -109,3 +112,12 @@ def test_the_report_shows_no_overlap_for_an_iteration_that_moved_nothing():
                     iterations=(still,))
     row = [line for line in str(report).splitlines() if line.strip().startswith("1  replay")]
     assert row and "100.0%" not in row[0] and " - " in row[0], str(report)
+
+
+def test_plan_picks_on_the_machine_given(trace_file, capsys):
+    """`plan --machine M` (no --cluster) is the machine auto picks its plan on; it was
+    ignored, and cpu-disk used whatever was given."""
+    assert main(["plan", str(trace_file), "--budget", "20MiB", "--lines", "0",
+                 "--machine", "v100-16gb"]) == 0
+    out = capsys.readouterr().out
+    assert "machine=v100-16gb" in out and "simulated iteration on v100-16gb" in out

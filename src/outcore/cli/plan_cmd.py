@@ -35,8 +35,10 @@ def add_parser(sub) -> None:
     c = p.add_argument_group("--cluster: how many devices, which strategy")
     c.add_argument("--cluster", action="store_true",
                    help="rank single/ddp/fsdp/pp on 1..--max-devices devices by predicted throughput")
-    c.add_argument("--machine", default="a100-40gb",
-                   help="device preset of outcore.simulate (default a100-40gb)")
+    c.add_argument("--machine",
+                   help="device preset of outcore.simulate: with --cluster the devices "
+                        "(default a100-40gb); without, the machine policy auto picks its plan "
+                        "on (default cpu-disk)")
     c.add_argument("--interconnect", default="nvlink-a100",
                    help="interconnect preset of outcore.simulate.comm (default nvlink-a100)")
     c.add_argument("--max-devices", type=int, default=8, help="most devices to consider (default 8)")
@@ -109,12 +111,18 @@ def run(args) -> int:
     if args.budget is None:
         raise OutcoreError("outcore plan needs --budget (e.g. --budget 2GiB), or --cluster to "
                            "rank multi-device configurations")
+    policy = chosen_policy(args)
+    if args.machine is not None:
+        _known_machine(args.machine)
+        if policy != "auto":
+            raise OutcoreError(f"--machine is the machine policy auto picks its plan on; "
+                               f"policy {policy} plans the same on any: drop --machine, or "
+                               "give --policy auto")
     trace = Trace.load(args.trace)
     budget = parse_bytes(args.budget)
-    policy = chosen_policy(args)
     chosen, trace, schedule = choose_recompute(trace, budget, mode=RECOMPUTE[args.recompute],
                                                policy=policy,
-                                               **policy_options(args))
+                                               **policy_options(args, policy))
     print(repr(trace))
     if chosen:
         made = sum(trace.arrays[c.array].nbytes for c in chosen)
@@ -136,12 +144,18 @@ def run(args) -> int:
     return 0
 
 
+def _known_machine(name: str) -> None:
+    from ..simulate import PRESETS
+    if name not in PRESETS:
+        raise OutcoreError(f"unknown machine {name!r}; presets: {', '.join(PRESETS)}")
+
+
 def run_cluster(args) -> int:
     from ..simulate import PRESETS
     from ..simulate.cluster import STRATEGIES, format_table, rank_configurations
     from ..simulate.comm import interconnect
-    if args.machine not in PRESETS:
-        raise OutcoreError(f"unknown machine {args.machine!r}; presets: {', '.join(PRESETS)}")
+    args.machine = args.machine or "a100-40gb"
+    _known_machine(args.machine)
     link = interconnect(args.interconnect)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:

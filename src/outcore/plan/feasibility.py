@@ -143,8 +143,8 @@ def require_feasible(trace, budget: int) -> None:
                       "and that it only reads (the batch, or state such as LBFGS's history), "
                       "which stay in memory until their first use")
     raise InfeasibleBudget(
-        f"a budget of {format_bytes(budget)} ({budget} B) cannot run function {worst} "
-        f"({fn.op}, {fn.phase}): it needs {format_bytes(need[worst])} ({need[worst]} B) on the "
+        f"a budget of {format_bytes(budget)} ({budget:,} B) cannot run function {worst} "
+        f"({fn.op}, {fn.phase}): it needs {format_bytes(need[worst])} ({need[worst]:,} B) on the "
         f"fast tier at once{workspace}. The smallest feasible budget for this trace is "
         f"{format_bytes(need[worst])}; raise the budget or lower the batch size.",
         function_index=worst, op=fn.op, phase=fn.phase, needed_bytes=need[worst],
