@@ -38,6 +38,7 @@ def trace_file(tmp_path_factory):
     (["plan", "{trace}", "--budget", "20MiB", "--machine", "nope"], "unknown machine 'nope'"),
     (["plan", "{trace}", "--budget", "20MiB", "--machine", "v100-16gb", "--policy", "adaptive"],
      "policy adaptive plans the same on any"),
+    (["demo", "--out", "{trace}/demo"], "--out .*: Not a directory"),
     (["report", "{modeless}"], "IterationStats has no 'mode', 'seconds', "),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from ..errors import OutcoreError
@@ -145,6 +146,18 @@ def _child(kind: str, cfg: dict) -> dict:
 
 
 # -- the parent: runs both and prints them side by side ------------------------------------------
+def _writable_out(out: str) -> None:
+    """--out is checked before the two runs (a minute and more), not when the files are
+    written at their end: it is made now if need be, and must take a file."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise OutcoreError(f"--out {out}: {exc.strerror or exc}; pass --out a directory you can "
+                           "write to (it is made if it does not exist)") from None
+
+
 def run(args) -> int:
     if not 0 < args.fraction <= 1:
         raise OutcoreError(f"--fraction must be in (0, 1], got {args.fraction}")
@@ -156,6 +169,7 @@ def run(args) -> int:
         what = "is not a directory" if os.path.exists(args.swap_dir) else "does not exist"
         raise OutcoreError(f"--swap-dir {args.swap_dir} {what}; create it first, or leave "
                            "--swap-dir out for the system's temporary directory")
+    _writable_out(args.out)
     print(f"outcore demo: ResNet-50 on handwritten digits ({args.image_size}x{args.image_size}), "
           f"batch {args.batch}, SGD with momentum, {args.iterations} iterations, each run in a "
           "fresh process\n", flush=True)
