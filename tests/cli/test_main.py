@@ -39,6 +39,8 @@ def trace_file(tmp_path_factory):
     (["plan", "{trace}", "--budget", "20MiB", "--machine", "v100-16gb", "--policy", "adaptive"],
      "policy adaptive plans the same on any"),
     (["demo", "--out", "{trace}/demo"], "--out .*: Not a directory"),
+    (["bench", "disk", "--size", "1PiB", "--dir", "{tmp}"], "cannot reserve twice --size .* "
+     "pass a smaller --size, or --dir"),
     (["report", "{modeless}"], "IterationStats has no 'mode', 'seconds', "),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
@@ -122,3 +124,26 @@ def test_plan_picks_on_the_machine_given(trace_file, capsys):
                  "--machine", "v100-16gb"]) == 0
     out = capsys.readouterr().out
     assert "machine=v100-16gb" in out and "simulated iteration on v100-16gb" in out
+
+
+def test_a_ctrl_c_in_bench_disk_stops_its_threads_before_the_file_closes(tmp_path, monkeypatch):
+    """The Ctrl-C lands while the main thread waits for the measuring threads: they stop
+    before the swap file is closed (they went on with a closed descriptor, and printed
+    "Bad file descriptor" tracebacks)."""
+    import threading
+    from outcore.bench.disk import measure_disk
+    failures, joins = [], []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    real_join = threading.Thread.join
+
+    def join(self, timeout=None):
+        joins.append(self)
+        if len(joins) == 1:
+            raise KeyboardInterrupt
+        return real_join(self, timeout)
+    monkeypatch.setattr(threading.Thread, "join", join)
+    with pytest.raises(KeyboardInterrupt):
+        measure_disk(64 << 20, str(tmp_path))
+    monkeypatch.undo()
+    assert not any(t.is_alive() for t in joins) and failures == []
+    assert list(tmp_path.iterdir()) == []

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 
+from ..errors import OutcoreError
 from ..memory import AlignedBuffer
+from ..units import format_bytes
 from ..run.movers.disk import CHUNK_BYTES, DiskMover
 
 
@@ -22,28 +25,50 @@ def measure_disk(size: int, directory: str | None = None) -> dict:
     `transfer_cpu_share`: the CPU seconds the mover's threads spend per second of
     transfer (its syscalls and staging copies), from CPU_PROBE_TRANSFERS writes and as
     many reads of CPU_PROBE_BYTES through the mover itself; Machine.transfer_cpu_share."""
-    mover = DiskMover(directory)          # private, unlinked swap file; O_DIRECT probe
+    where = directory or tempfile.gettempdir()
     try:
-        extent_a = mover.allocate(size)
-        extent_b = mover.allocate(size)
+        mover = DiskMover(directory)      # private, unlinked swap file; O_DIRECT probe
+    except OutcoreError as err:
+        raise OutcoreError(f"cannot make a test file in {where}: {_cause(err)}; pass --dir a "
+                           "writable directory on the disk to measure") from None
+    stop = threading.Event()              # a Ctrl-C: the threads end before the file closes
+    try:
+        try:
+            extent_a = mover.allocate(size)
+            extent_b = mover.allocate(size)
+        except OutcoreError as err:
+            raise OutcoreError(f"cannot reserve twice --size {format_bytes(size)} in {where}: "
+                               f"{_cause(err)}; pass a smaller --size, or --dir on a disk with "
+                               "room") from None
         buffers = [AlignedBuffer(CHUNK_BYTES), AlignedBuffer(CHUNK_BYTES)]
         fd = mover._fd
 
         def write(extent, buf):
             for off in range(0, size, CHUNK_BYTES):
+                if stop.is_set():
+                    return
                 os.pwrite(fd, buf.view[:min(CHUNK_BYTES, size - off)], extent.offset + off)
 
         def read(extent, buf):
             for off in range(0, size, CHUNK_BYTES):
+                if stop.is_set():
+                    return
                 os.preadv(fd, [buf.view[:min(CHUNK_BYTES, size - off)]], extent.offset + off)
 
         def timed(*jobs):
             threads = [threading.Thread(target=f, args=a) for f, a in jobs]
             start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            finally:                      # interrupted: stop them before anything closes
+                stop.set()
+                for t in threads:
+                    if t.ident is not None:
+                        t.join()
+                stop.clear()
             return time.perf_counter() - start
 
         write(extent_b, buffers[1])        # something to read back
@@ -61,6 +86,14 @@ def measure_disk(size: int, directory: str | None = None) -> dict:
         return figures
     finally:
         mover.close()
+
+
+def _cause(err: OutcoreError) -> str:
+    """What the system said, without the library's advice (swap_dir=, the budget)."""
+    cause = err.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(err).split(";")[0].split(". ")[0]
 
 
 def _cpu_share(mover: DiskMover) -> float:
