@@ -147,3 +147,19 @@ def test_a_ctrl_c_in_bench_disk_stops_its_threads_before_the_file_closes(tmp_pat
     monkeypatch.undo()
     assert not any(t.is_alive() for t in joins) and failures == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_130():
+    """SIGINT while `outcore` imports torch (its first seconds) came out as a long
+    traceback of the import: the entry point (src/outcore_main.py) catches it too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, outcore_main; "
+                             "sys.exit(outcore_main.main())", "plan", "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)                      # importing torch takes seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "outcore: interrupted\n"), (out, err)
