@@ -163,3 +163,19 @@ def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_130():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, err) == (130, "outcore: interrupted\n"), (out, err)
+
+
+def test_the_policies_table_adds_up(trace_file, capsys):
+    """Each row of `simulate --policy a,b`: step = in-core + recompute + stall + the
+    mover's CPU (the last had no column, so on cpu-disk the row did not add up)."""
+    from outcore import Trace
+    peak = Trace.load(trace_file).peak()[0]
+    assert main(["simulate", str(trace_file), "--budget", str(peak // 3),
+                 "--policy", "adaptive,fixed"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if " adaptive " in line or " fixed " in line]
+    assert len(rows) == 2
+    for row in rows:
+        step, in_core, _speed, recompute, stall, cpu = row[-6:]
+        assert abs(float(step) - float(in_core) - float(recompute) - float(stall)
+                   - float(cpu)) < 0.3, row
