@@ -124,3 +124,10 @@ def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
 def test_bad_arguments_get_a_clear_error(argv, message, capsys):
     assert main(["bench", "curve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_small_budgets_are_told_apart_in_the_tables():
+    """Budgets a fraction of a MiB apart printed the same whole MiB (1.94 and 1.62: "2")."""
+    from outcore.bench.output import _mib
+    assert (_mib(int(1.94 * 2**20)), _mib(int(1.62 * 2**20))) == ("1.94", "1.62")
+    assert _mib(512 * 2**20) == "512" and _mib(None) == "-"

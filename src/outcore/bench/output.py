@@ -102,7 +102,11 @@ def _ratio(x):
 
 
 def _mib(n):
-    return f"{n / MiB:.0f}" if n is not None else "-"
+    """MiB: whole from 100 MiB on, else to two decimals (two budgets a fraction of a MiB
+    apart printed the same)."""
+    if n is None:
+        return "-"
+    return f"{n / MiB:.0f}" if n >= 100 * MiB else f"{n / MiB:.2f}"
 
 
 def _on_gpu(result: dict) -> bool:
@@ -120,13 +124,15 @@ def markdown(result: dict, command: str = "") -> str:
     shape = ", ".join(f"{k} {v}" for k, v in result["shape"].items())
     lines = []
     if result["experiment"] == "curve":
-        lines.append(f"**Memory-speed curve**: {result['model']} ({shape}), batch {result['batch']}; "
+        lines.append(f"**Memory-speed curve**: {result['model']}{f' ({shape})' if shape else ''}, "
+                     f"batch {result['batch']}; "
                      f"in-core peak of managed tensors {_mib(result['in_core_peak'])} MiB, smallest "
                      f"feasible budget {_mib(result['min_budget'])} MiB.")
     else:
         largest = ", ".join(f"{k} {v}" for k, v in result["largest"].items())
-        lines.append(f"**Largest batch under a fixed budget** (the paper's experiment): {result['model']} "
-                     f"({shape}), budget {_mib(result['budget'])} MiB = the in-core peak at batch "
+        lines.append(f"**Largest batch under a fixed budget** (the paper's experiment): {result['model']}"
+                     f"{f' ({shape})' if shape else ''}, budget {_mib(result['budget'])} MiB = the "
+                     "in-core peak at batch "
                      f"{result['batch']}. Largest batch within it: {largest}.")
     lines.append("")
     if _on_gpu(result):
