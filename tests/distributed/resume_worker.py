@@ -1,7 +1,11 @@
-"""One rank of test_two_ranks.py's resume test, under torchrun (gloo, 2 ranks): each rank
-trains in its own state directory, rank 0 one iteration more than rank 1 (what a stop
-between the two ranks' commits leaves), then resumes there with a new OutOfCore, and
-writes what resume() did to OUT/resume.rank<r>.json.
+"""One rank of test_two_ranks.py's resume tests, under torchrun (gloo, 2 ranks). Each
+rank trains in its own state directories, rank 0 further than rank 1 (what a stop
+between the two ranks' commits leaves), then resumes there with a new OutOfCore and
+trains to iteration 4; OUT/resume.rank<r>.json says what resume() did in each case:
+
+  one-apart: rank 0 kept 3 iterations, rank 1 2: both resume from 2 (rank 0 from the
+    state it kept one commit before) and end bitwise equal to 4 plain iterations;
+  two-apart: rank 0 kept 4, rank 1 2: refused on both, nothing loaded.
 
     torchrun --standalone --nproc-per-node 2 tests/distributed/resume_worker.py OUT
 """
@@ -17,32 +21,49 @@ import torch.distributed as dist
 import outcore
 
 
-def train(model, opt, state_dir, iterations):
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Linear(256, 128))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def step(model, opt):
+    model(torch.ones(8, 128)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def train(model, opt, state_dir, iterations) -> int:
     with outcore.OutOfCore("256KiB", state_dir=state_dir, min_move_bytes=0) as ooc:
         start = ooc.resume(model, opt)
         for _ in range(start, iterations):
             with ooc.iteration():
-                model(torch.ones(8, 128)).square().mean().backward()
-                opt.step()
-                opt.zero_grad()
+                step(model, opt)
+    return start
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    state_dir = os.path.join(out, f"rank{rank}")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Linear(256, 128))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    train(model, opt, state_dir, 3 if rank == 0 else 2)        # no collective: ranks apart
-    before = [p.detach().clone() for p in model.parameters()]
+    plain, plain_opt = make()
+    for _ in range(4):
+        step(plain, plain_opt)
     result = {}
-    try:
-        train(model, opt, state_dir, 4)
-        result["resumed"] = True
-    except outcore.OutcoreError as err:
-        result["error"] = str(err)
-    result["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for case, ahead in (("one-apart", 3), ("two-apart", 4)):
+        state_dir = os.path.join(out, case, f"rank{rank}")
+        model, opt = make()
+        train(model, opt, state_dir, ahead if rank == 0 else 2)    # no collective: apart
+        before = [p.detach().clone() for p in model.parameters()]
+        got = {}
+        try:
+            got["start"] = train(model, opt, state_dir, 4)
+            got["plain"] = all(torch.equal(a, b) for a, b in zip(plain.parameters(),
+                                                                 model.parameters()))
+        except outcore.OutcoreError as err:
+            got["error"] = str(err)
+            got["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        got["files"] = sorted(os.listdir(state_dir))
+        result[case] = got
     with open(os.path.join(out, f"resume.rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

@@ -38,6 +38,12 @@ NOTE [Durable state]
      (`DiskMover.crc`), and the manifest keeps it beside each tensor; resume() checks
      it as it reads. A bit the disk flipped, or bytes another writer put there, are an
      error naming the place, never a silently different model.
+  8. Under a process group of more than one rank, each rank commits its own directory,
+     so a stop between two ranks' commits leaves them one iteration apart. There the
+     manifest also keeps the state one commit before (`previous`: its file, iterations,
+     generator and refs), whose extents and file are kept as the current ones are, so
+     that resume() can bring every rank to the same iteration (`rewind`). That costs one
+     more copy of the state on the disk; a single process keeps none.
 """
 from __future__ import annotations
 
@@ -59,6 +65,17 @@ _SWAP = re.compile(r"^state-(\d+)\.swap$")
 
 def _swap_name(generation: int) -> str:
     return f"state-{generation}.swap"
+
+
+def _state_of(manifest: dict) -> dict:
+    """The part of a manifest a later one keeps as its `previous` (rule 8)."""
+    return {key: manifest[key] for key in ("file", "iterations", "rng", "model", "optimizer")}
+
+
+def _ranks() -> int:
+    """The ranks of the default process group, 1 outside one."""
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _class_name(optimizer) -> str | None:
@@ -103,9 +120,13 @@ class Durable:
         previous = self.manifest["generation"] if self.manifest else -1
         self.generation = previous + 1
         self.previous_file = self.manifest["file"] if self.manifest else None
-        for name in os.listdir(self.directory):        # rule 4: not named by the manifest
-            if _SWAP.match(name) and name != self.previous_file:
-                os.unlink(os.path.join(self.directory, name))
+        before = (self.manifest or {}).get("previous")
+        self._remove_unnamed({self.previous_file, before["file"] if before else None},
+                             sync=False)              # rule 4: not named by the manifest
+        # Rule 8: the last durable state, as the next commit keeps it as its `previous`
+        # (with its extents in this generation's file: none until this process commits).
+        self.last = _state_of(self.manifest) if self.manifest else None
+        self.last_extents: dict = {}
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = self.optimizer = None
         self.copied = False             # resume() has copied some kept state into the model
@@ -113,6 +134,19 @@ class Durable:
         self.done = self.iterations     # completed, durable or not (a commit may fail)
         self.committed = False          # a manifest names this generation's file
         self.unsynced: OSError | None = None    # rule 6: the state file's sync failed
+
+    def _remove_unnamed(self, named: set, sync: bool = True) -> None:
+        """Remove the state files of this directory that the manifest does not name."""
+        removed = False
+        for name in os.listdir(self.directory):
+            if _SWAP.match(name) and name not in named:
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                    removed = True
+                except FileNotFoundError:
+                    pass
+        if removed and sync:
+            _fsync_dir(self.directory)
 
     def failed_note(self, exc: BaseException) -> str | None:
         """What to tell about a resume() that failed with `exc` (rule 4): the directory is
@@ -167,9 +201,10 @@ class Durable:
         return manifest
 
     # -- resume --------------------------------------------------------------------------
-    def read(self, ref) -> torch.Tensor:
-        """The tensor `ref` names in the manifest's file, in fresh memory of its own."""
-        path = os.path.join(self.directory, self.manifest["file"])
+    def read(self, ref, file: str | None = None) -> torch.Tensor:
+        """The tensor `ref` names in `file` (default the manifest's), in fresh memory of
+        its own."""
+        path = os.path.join(self.directory, file or self.manifest["file"])
         raw = bytearray(ref["nbytes"])
         try:
             with open(path, "rb") as f:
@@ -196,8 +231,17 @@ class Durable:
         return torch.empty(0, dtype=dtype).set_(storage.untyped_storage(), ref["storage_offset"],
                                                 ref["size"], ref["stride"])
 
+    def rewind(self) -> None:
+        """Resume from the state one commit before the manifest's (rule 8): every rank of
+        a process group at the same iteration. Its next commit keeps it as `previous`."""
+        state = self.manifest["previous"]
+        self.manifest = {**self.manifest, **state, "previous": None}
+        self.last = state
+        self.iterations = self.done = state["iterations"]
+
     def load_into(self, model, optimizer) -> None:
         """Copy the manifest's state into `model` and `optimizer` (rule 4)."""
+        file = self.manifest["file"]
         saved = self.manifest["model"]
         ours = model.state_dict(keep_vars=True)
         self._check_optimizer(optimizer)        # before anything is copied
@@ -208,7 +252,7 @@ class Durable:
                                "trained with, or another state_dir")
         with torch.no_grad():
             for name, tensor in ours.items():
-                value = self.read(saved[name])
+                value = self.read(saved[name], file)
                 if value.shape != tensor.shape or value.dtype != tensor.dtype:
                     raise OutcoreError(f"the state in {self.directory} holds {name} as "
                                        f"{tuple(value.shape)} {value.dtype}, this model as "
@@ -217,7 +261,8 @@ class Durable:
                 tensor.copy_(value)
                 del value
         if optimizer is not None:
-            optimizer.load_state_dict(_map_refs(self.manifest["optimizer"], self.read))
+            optimizer.load_state_dict(_map_refs(self.manifest["optimizer"],
+                                                lambda ref: self.read(ref, file)))
         torch.set_rng_state(self.manifest["rng"])
 
     def _check_optimizer(self, optimizer) -> None:
@@ -282,27 +327,28 @@ class Durable:
         # Rule 2 before the switch: a save that fails after its rename (the directory's
         # fsync) has put the new manifest in place, so its extents must never be written
         # again either. Until a commit succeeds, both manifests' extents are kept.
-        mover.protect(committed)
+        previous = self.last if _ranks() > 1 else None                       # rule 8
+        kept = {**committed, **(self.last_extents if previous is not None else {})}
+        mover.protect(kept)
+        state = {"file": _swap_name(self.generation), "iterations": iterations,
+                 "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer}
         try:
             atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
-                         "file": _swap_name(self.generation), "iterations": iterations,
-                         "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer,
-                         "optimizer_class": _class_name(self.optimizer)},
+                         **state, "optimizer_class": _class_name(self.optimizer),
+                         "previous": previous},
                         os.path.join(self.directory, MANIFEST), shield)
         except BaseException:
             if self._switched(iterations):
                 self.iterations, self.committed = iterations, True   # close() keeps the file
             raise
-        mover.commit(committed)
+        mover.commit(kept)
         self.iterations = iterations
         self.committed = True
-        if self.previous_file is not None:        # rule 4: no manifest names it any more
-            try:
-                os.unlink(os.path.join(self.directory, self.previous_file))
-            except FileNotFoundError:
-                pass
+        self.last, self.last_extents = state, committed
+        named = {state["file"], previous["file"] if previous is not None else None}
+        self._remove_unnamed(named)           # rule 4: no manifest names them any more
+        if self.previous_file not in named:
             self.previous_file = None
-            _fsync_dir(self.directory)
 
     def _switched(self, iterations: int) -> bool:
         """Whether the manifest in place is the one a failed commit was writing."""

@@ -368,7 +368,7 @@ class OutOfCore:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
         _not_sharded(model)
-        _same_on_every_rank(durable.iterations, durable.directory)
+        _same_on_every_rank(durable)
         if durable.manifest is not None:
             try:
                 with self.building():
@@ -767,25 +767,37 @@ def _not_sharded(model) -> None:
             "with DDP and single-process training")
 
 
-def _same_on_every_rank(iterations: int, directory: str) -> None:
-    """Under a process group, refuse a resume whose ranks kept different iterations: each
-    rank commits on its own, so a stop between two ranks' commits leaves them one
-    iteration apart, and resuming each from its own would train on diverged weights
-    without any error (a rank ahead averages its gradients with a peer's older step)."""
+def _same_on_every_rank(durable) -> None:
+    """Under a process group, bring every rank to the same durable iteration before
+    anything is loaded: each rank commits on its own, so a stop between two ranks'
+    commits leaves them one apart, and resuming each from its own would train on
+    diverged weights without any error (a rank ahead averages its gradients with a
+    peer's older step). A rank one ahead resumes from the state it kept one commit
+    before (NOTE [Durable state] rule 8); ranks further apart are refused."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return
+    before = (durable.manifest or {}).get("previous")
+    mine = (durable.iterations, before["iterations"] if before else None, durable.directory)
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (iterations, directory))
-    if len({count for count, _ in every}) > 1:
-        kept = ", ".join(f"rank {rank}: {count} in {where}"
-                         for rank, (count, where) in enumerate(every))
-        raise OutcoreError(
-            f"ooc.resume(): the ranks' state directories hold different iterations ({kept}). "
-            "A stop between one rank's commit and another's leaves them apart, and resuming "
-            "each from its own would train every rank on diverged weights. Nothing was "
-            "loaded. Resume every rank from checkpoints of one same iteration (ooc.save), or "
-            "start the run over in empty state directories.")
+    dist.all_gather_object(every, mine)
+    target = min(count for count, _, _ in every)
+    if all(count == target or kept == target for count, kept, _ in every):
+        if durable.iterations != target:
+            log.warning("ooc.resume(): this rank's state directory holds iteration %d, another "
+                        "rank's only %d (a stop between their commits); resuming from the "
+                        "state kept one iteration before, %d, so that every rank starts from "
+                        "the same step", durable.iterations, target, target)
+            durable.rewind()
+        return
+    kept = ", ".join(f"rank {rank}: {count} in {where}"
+                     for rank, (count, _, where) in enumerate(every))
+    raise OutcoreError(
+        f"ooc.resume(): the ranks' state directories hold different iterations ({kept}), and "
+        f"not every rank kept the state of iteration {target}, the earliest. Resuming each "
+        "from its own would train every rank on diverged weights. Nothing was loaded. "
+        "Resume every rank from checkpoints of one same iteration (ooc.save), or start the "
+        "run over in empty state directories.")
 
 
 def _release_slot(ooc) -> None:
