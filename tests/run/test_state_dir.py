@@ -217,6 +217,20 @@ def test_bad_uses_are_refused(tmp_path):
         outcore.OutOfCore("1MiB", state_dir=tmp_path / "t")
 
 
+def _two_adam_iterations(model, state_dir):
+    """Train `model` (on 256 features) two iterations with Adam under a state_dir; the
+    optimizer."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with outcore.OutOfCore("1MiB", state_dir=state_dir) as ooc:
+        ooc.resume(model, opt)
+        for _ in range(2):
+            with ooc.iteration():
+                model(torch.ones(2, 256)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    return opt
+
+
 def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
     """State kept with Adam: resume() without an optimizer (the next commit would drop
     Adam's moments for good) or into another class (torch failed later, in step(), with
@@ -224,14 +238,7 @@ def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
     with Adam."""
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 256)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
-        ooc.resume(model, opt)
-        for _ in range(2):
-            with ooc.iteration():
-                model(torch.ones(2, 256)).sum().backward()
-                opt.step()
-                opt.zero_grad()
+    opt = _two_adam_iterations(model, tmp_path)
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fresh = torch.nn.Linear(256, 256)
     before = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
@@ -464,15 +471,8 @@ def test_a_flipped_bit_in_the_state_file_is_found_by_resume(tmp_path, where):
     damage changed nothing visible at once): resume() finds it by the checksum the
     manifest keeps (NOTE [Durable state] rule 7) instead of training on from it."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
-        ooc.resume(model, opt)
-        for _ in range(2):
-            with ooc.iteration():
-                model(torch.ones(2, 256)).sum().backward()
-                opt.step()
-                opt.zero_grad()
+    _two_adam_iterations(torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)]),
+                         tmp_path)
     manifest = torch.load(tmp_path / "manifest.pt", weights_only=True)
     ref = (manifest["model"]["2.weight"] if where == "model"
            else manifest["optimizer"]["state"][4]["exp_avg_sq"])
