@@ -357,8 +357,9 @@ class OutOfCore:
         random number generator's state), and return how many iterations it had done
         (0 for a fresh directory). Call once, before the first iteration; then continue
         the loop from the returned count (NOTE [Durable state] in durable.py). Under
-        torch.distributed every rank calls it (it is a collective): ranks whose
-        directories hold different iterations are refused before anything is loaded."""
+        torch.distributed every rank calls it (it is a collective): a rank one iteration
+        ahead of another (a stop between their commits) resumes from the state it kept one
+        commit before; ranks further apart are refused before anything is loaded."""
         if self._durable is None:
             raise OutcoreError("resume() needs OutOfCore(..., state_dir=...): without it nothing "
                                "is kept across processes")
