@@ -254,8 +254,7 @@ def _open_named(base: str) -> int:
                        "or vanished at once; pass swap_dir= a directory of your own")
 
 
-# A state directory's swap file (run/durable.py) lives in state_dir, not swap_dir.
-def _too_large(location: str, size: int, needed: int) -> str:
+def _too_large(location: str, size: int, needed: int, flag: str) -> str:
     """EFBIG: the file may not grow, though the disk may have room. Name the limit that
     said no: the process's RLIMIT_FSIZE (`ulimit -f`) where it is below `needed`, the
     file system's largest file otherwise."""
@@ -264,18 +263,19 @@ def _too_large(location: str, size: int, needed: int) -> str:
     why = (f"this process may not write files larger than {format_bytes(limit)} "
            "(RLIMIT_FSIZE, `ulimit -f`): raise that limit or the budget"
            if limit != resource.RLIM_INFINITY and limit < needed else
-           "the file system there does not allow a larger file: pass swap_dir= another "
+           f"the file system there does not allow a larger file: pass {flag}= another "
            "file system, or raise the budget")
     return (f"could not grow the swap file in {location} from {format_bytes(size)} to "
             f"{format_bytes(needed)} (File too large): {why}. Nothing was lost: the tensor "
             "stays in memory.")
 
 
+# A state directory's swap file (run/durable.py) lives in state_dir, not swap_dir.
 _KEPT_ADVICE = ("With state_dir the swap file is kept in that directory, and its disk holds the "
                 "model's and optimizer's state twice, plus what a step moves out, plus one more "
-                "copy after a resume until the first commit (NOTE [Durable state], "
-                "docs/state.md): free space there, or pass state_dir= a directory on a larger "
-                "disk.")
+                "copy after a resume until the first commit, and one more under a process group "
+                "(NOTE [Durable state], docs/state.md): free space there, or pass state_dir= a "
+                "directory on a larger disk.")
 
 
 def _enable_direct(fd: int) -> bool:
@@ -445,7 +445,8 @@ class DiskMover:
                 self.allocator.free(extent)
                 self.allocator.truncate(self._file_size)
                 if exc.errno == errno.EFBIG:
-                    raise OutcoreError(_too_large(self.location, self._file_size, needed)) from exc
+                    raise OutcoreError(_too_large(self.location, self._file_size, needed,
+                                                  "state_dir" if self.kept else "swap_dir")) from exc
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise OutcoreError(
                         f"could not grow the swap file in {self.location} from "
