@@ -203,8 +203,8 @@ class Residency:
         if self._dead:
             self._reap_dead()
         for key, entry in list(self.entries.items()):
-            if (not entry.pinned or entry.state is not FAST or entry.foreign or entry.elsewhere
-                    or entry in keep):
+            if (not entry.pinned or entry.state is not FAST or entry.owner or entry.elsewhere
+                    or entry in keep):       # owner: a collective's or FSDP's stay (NOTE 5)
                 continue
             del self.entries[key]
             if self.lru.get(key) is entry:
