@@ -61,7 +61,7 @@ NOTE [Residency invariants]
      of earlier steps, a small loss the user keeps in a list) are let go of (`let_go`):
      they never move, so counting them would only shrink the room the plan has, more
      with every step whose inputs the user keeps. A later step that reads one tracks it
-     again, as a new entry.
+     again, as a new entry. Those a collective or FSDP owns stay (NOTE 5).
 """
 from __future__ import annotations
 
