@@ -89,6 +89,9 @@ def test_a_report_with_no_budget_and_sizes_below_one_are_refused(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["trace", "--model", "mlp", "--warmup", "-1"])
     assert "argument --warmup: must be 0 or more, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                # it listed from the end, as a slice
+        main(["plan", str(path), "--budget", "1MiB", "--lines", "-3"])
+    assert "argument --lines: must be 0 or more, got -3" in capsys.readouterr().err
 
 
 def test_ctrl_c_is_one_line_and_exit_130(trace_file, monkeypatch, capsys):

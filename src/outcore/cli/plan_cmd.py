@@ -11,6 +11,7 @@ from ..plan import POLICIES, lower_bound, min_feasible_budget
 from ..plan.recompute import choose as choose_recompute
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
+from .trace_cmd import _count
 
 
 def add_parser(sub) -> None:
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     add_adaptive_options(p)
     add_recompute(p)
-    p.add_argument("--lines", type=int, default=20, help="functions to list (default 20)")
+    p.add_argument("--lines", type=_count, default=20, help="functions to list (default 20)")
     p.add_argument("-o", "--output", help="write the schedule as JSON to this file")
     c = p.add_argument_group("--cluster: how many devices, which strategy")
     c.add_argument("--cluster", action="store_true",
