@@ -29,6 +29,7 @@ def trace_file(tmp_path_factory):
     (["report", "{binary}"], "is not JSON"),
     (["plan", "{deep}", "--budget", "20MiB"], "nests too deeply"),
     (["plan", "{freed}", "--budget", "20MiB"], r"arrays\[3\].freed_after: 1000000000 is not between"),
+    (["plan", "{flops}", "--budget", "20MiB"], r"functions\[2\].flops: expected a count >= 0, found -5"),
     (["bench", "curve", "--model", "mlp-tiny", "--fractions", "1,abc"], "'abc' is not a budget"),
     (["bench", "batch", "--model", "mlp-tiny", "--factors", "0"], "'0' must be more than 0"),
     (["bench", "curve", "--model", "mlp-tiny", "--out", "{trace}"], "is a file; the results go"),
@@ -49,6 +50,9 @@ def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys
     damaged = json.loads(trace_file.read_text())
     damaged["arrays"][3]["freed_after"] = 10**9
     (tmp_path / "freed.json").write_text(json.dumps(damaged))
+    negative = json.loads(trace_file.read_text())
+    negative["functions"][2]["flops"] = -5
+    (tmp_path / "flops.json").write_text(json.dumps(negative))
     import outcore
     with outcore.record() as rec:
         pass
@@ -57,7 +61,7 @@ def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys
     (tmp_path / "modeless.json").write_text(json.dumps(
         {"format": FORMAT, "version": VERSION, "iterations": [{"index": 0}]}))
     files = {name: tmp_path / f"{name}.json"
-             for name in ("binary", "deep", "freed", "empty", "modeless")}
+             for name in ("binary", "deep", "freed", "empty", "modeless", "flops")}
     argv = [a.format(trace=trace_file, tmp=tmp_path, **files) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

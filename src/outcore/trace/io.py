@@ -176,10 +176,14 @@ def from_dict(data, source: str = "trace") -> Trace:
         if repeats is not None and (type(repeats) is not int or not 0 <= repeats < i):
             r.fail(f"{w}.repeats", f"expected an earlier function's index or null, found "
                                    f"{repeats!r:.40}")
+        flops, touched = r.get(raw, "flops", int, w), r.get(raw, "bytes_touched", int, w)
+        for name, value in (("flops", flops), ("bytes_touched", touched)):
+            if value < 0:                # a roofline would give the op a negative time
+                r.fail(f"{w}.{name}", f"expected a count >= 0, found {value}")
         functions.append(Function(
             index=i, op=r.get(raw, "op", str, w), phase=r.choice(raw, "phase", PHASES, w),
-            accesses=tuple(accesses), duration_s=float(duration), flops=r.get(raw, "flops", int, w),
-            bytes_touched=r.get(raw, "bytes_touched", int, w),
+            accesses=tuple(accesses), duration_s=float(duration), flops=flops,
+            bytes_touched=touched,
             split=tuple(split) if split else None, host_s=float(host),
             host_cpu_s=float(host_cpu), peer=peer, workspace_bytes=workspace,
             repeats=repeats))
