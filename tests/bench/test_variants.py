@@ -59,6 +59,17 @@ def test_checkpointing_per_block_gives_the_same_gradients():
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
 
+def test_checkpointing_an_mlp_per_layer():
+    """`bench curve`'s default checkpoint baseline failed on the MLPs (no blocks())."""
+    plain = build("mlp-tiny", batch=4)
+    loss_a, grads_a = _grads(plain)
+    w = build("mlp-tiny", batch=4)
+    assert checkpoint_blocks(w.model) == len(w.model)
+    loss_b, grads_b = _grads(w)
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
 def test_checkpointing_a_transformers_model():
     w = build("gpt2-tiny", batch=2, seq_len=16)
     assert checkpoint_blocks(w.model) >= 2

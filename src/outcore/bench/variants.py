@@ -36,9 +36,12 @@ def checkpoint_blocks(model: torch.nn.Module, *, on_meta: bool = False) -> int:
     if hasattr(model, "gradient_checkpointing_enable"):          # older transformers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False))
-    if not hasattr(model, "blocks"):
+    if hasattr(model, "blocks"):
+        blocks = model.blocks()
+    elif isinstance(model, torch.nn.Sequential):     # the MLPs: every layer a block
+        blocks = list(model)
+    else:
         raise OutcoreError(f"{type(model).__name__} has no blocks() to checkpoint")
-    blocks = model.blocks()
     for block in blocks:
         forward = block.forward
 
