@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..errors import OutcoreError
 from ..plan import POLICIES, lower_bound, min_feasible_budget
 from ..plan.recompute import choose as choose_recompute
+from ..simulate import machine
 from ..trace import Trace
 from ..units import format_bytes, parse_bytes
 from .trace_cmd import _count
@@ -114,7 +115,7 @@ def run(args) -> int:
                            "rank multi-device configurations")
     policy = chosen_policy(args)
     if args.machine is not None:
-        _known_machine(args.machine)
+        machine(args.machine)                  # an unknown preset: refused here
         if policy != "auto":
             raise OutcoreError(f"--machine is the machine policy auto picks its plan on; "
                                f"policy {policy} plans the same on any: drop --machine, or "
@@ -145,18 +146,11 @@ def run(args) -> int:
     return 0
 
 
-def _known_machine(name: str) -> None:
-    from ..simulate import PRESETS
-    if name not in PRESETS:
-        raise OutcoreError(f"unknown machine {name!r}; presets: {', '.join(PRESETS)}")
-
-
 def run_cluster(args) -> int:
-    from ..simulate import PRESETS
     from ..simulate.cluster import STRATEGIES, format_table, rank_configurations
     from ..simulate.comm import interconnect
     args.machine = args.machine or "a100-40gb"
-    _known_machine(args.machine)
+    m = machine(args.machine)                  # an unknown preset: refused before the trace loads
     link = interconnect(args.interconnect)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
@@ -167,7 +161,6 @@ def run_cluster(args) -> int:
     rows = rank_configurations(trace, device=args.machine, interconnect=link,
                                max_devices=args.max_devices, budgets=budgets,
                                strategies=tuple(strategies), batch=args.batch)
-    m = PRESETS[args.machine]
     print(repr(trace))
     print(f"devices: {m.name} ({format_bytes(m.fast_bytes)} each), interconnect {link}")
     print("throughput: samples/s relative to one device running the whole step in-core; the "

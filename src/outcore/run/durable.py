@@ -57,6 +57,7 @@ import torch
 from ..errors import OutcoreError, SwapSpaceExhausted
 from ..units import format_bytes
 from .checkpoint import atomic_save
+from .compose import _distributed_up
 
 MANIFEST = "manifest.pt"
 FORMAT, VERSION = "outcore.state", 1
@@ -74,8 +75,7 @@ def _state_of(manifest: dict) -> dict:
 
 def _ranks() -> int:
     """The ranks of the default process group, 1 outside one."""
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return torch.distributed.get_world_size() if _distributed_up() else 1
 
 
 def _class_name(optimizer) -> str | None:

@@ -71,7 +71,8 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
-from .compose import Composition, held_arrays, owned_arrays, owned_occupancy, without_held
+from .compose import (Composition, _distributed_up, held_arrays, owned_arrays, owned_occupancy,
+                      without_held)
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
@@ -775,9 +776,9 @@ def _same_on_every_rank(durable) -> None:
     diverged weights without any error (a rank ahead averages its gradients with a
     peer's older step). A rank one ahead resumes from the state it kept one commit
     before (NOTE [Durable state] rule 8); ranks further apart are refused."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed_up():
         return
+    dist = torch.distributed
     before = (durable.manifest or {}).get("previous")
     mine = (durable.iterations, before["iterations"] if before else None, durable.directory)
     every = [None] * dist.get_world_size()
