@@ -5,7 +5,10 @@ trains to iteration 4; OUT/resume.rank<r>.json says what resume() did in each ca
 
   one-apart: rank 0 kept 3 iterations, rank 1 2: both resume from 2 (rank 0 from the
     state it kept one commit before) and end bitwise equal to 4 plain iterations;
-  two-apart: rank 0 kept 4, rank 1 2: refused on both, nothing loaded.
+  two-apart: rank 0 kept 4, rank 1 2: refused on both, nothing loaded;
+  fsdp: an FSDP2 model with Adam kept 2 iterations on both ranks (each its own shards,
+    NOTE [Durable state] rule 9), resumes and ends bitwise equal to 4 plain FSDP2
+    iterations.
 
     torchrun --standalone --nproc-per-node 2 tests/distributed/resume_worker.py OUT
 """
@@ -27,14 +30,36 @@ def make():
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
+def make_fsdp():
+    from torch.distributed.fsdp import fully_shard
+    model, _ = make()
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def local(tensor):
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def same(a, b) -> bool:
+    """Parameters and optimizer state of (model, optimizer) pairs a and b, bitwise."""
+    (ma, oa), (mb, ob) = a, b
+    pairs = list(zip(ma.parameters(), mb.parameters()))
+    for sa, sb in zip(oa.state.values(), ob.state.values()):
+        pairs += [(sa[k], sb[k]) for k in sa]
+    return all(torch.equal(local(x), local(y)) for x, y in pairs)
+
+
 def step(model, opt):
     model(torch.ones(8, 128)).square().mean().backward()
     opt.step()
     opt.zero_grad()
 
 
-def train(model, opt, state_dir, iterations) -> int:
-    with outcore.OutOfCore("256KiB", state_dir=state_dir, min_move_bytes=0) as ooc:
+def train(model, opt, state_dir, iterations, budget="256KiB") -> int:
+    with outcore.OutOfCore(budget, state_dir=state_dir, min_move_bytes=0) as ooc:
         start = ooc.resume(model, opt)
         for _ in range(start, iterations):
             with ooc.iteration():
@@ -64,6 +89,14 @@ def main(out: str) -> None:
             got["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         got["files"] = sorted(os.listdir(state_dir))
         result[case] = got
+    state_dir = os.path.join(out, "fsdp", f"rank{rank}")
+    plain = make_fsdp()
+    for _ in range(4):
+        step(*plain)
+    train(*make_fsdp(), state_dir, 2, budget="1MiB")
+    resumed = make_fsdp()
+    result["fsdp"] = {"start": train(*resumed, state_dir, 4, budget="1MiB"),
+                      "plain": same(plain, resumed)}
     with open(os.path.join(out, f"resume.rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

@@ -92,7 +92,8 @@ def test_ranks_that_kept_different_iterations_resume_together(tmp_path):
     diverged weights without an error). Under a process group the manifest keeps the
     state one commit before too (NOTE [Durable state] rule 8): the rank ahead resumes
     from it, and both end bitwise equal to plain training. Two apart: refused on every
-    rank, nothing loaded."""
+    rank, nothing loaded. An FSDP2 model keeps each rank's shards and resumes bitwise
+    (rule 9)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -105,5 +106,6 @@ def test_ranks_that_kept_different_iterations_resume_together(tmp_path):
         assert together.get("start") == 2 and together["plain"], together
         assert len([f for f in together["files"] if f.endswith(".swap")]) <= 2, together
         assert "start" not in apart and apart["unchanged"], apart
+        assert result["fsdp"] == {"start": 2, "plain": True}, result["fsdp"]
         assert re.search(r"different iterations \(rank 0: 4 in .*, rank 1: 2 in .*not every "
                          r"rank kept the state of iteration 2", apart["error"]), apart

@@ -488,25 +488,76 @@ def test_a_flipped_bit_in_the_state_file_is_found_by_resume(tmp_path, where):
             ooc.resume(fresh, torch.optim.Adam(fresh.parameters(), lr=1e-3))
 
 
-def test_an_fsdp2_model_is_refused_before_anything_changes(tmp_path):
-    """FSDP2's parameters are DTensors whose storage FSDP frees and remakes: state_dir
-    cannot keep them (the first commit failed deep inside, with "invalid python
-    storage"), so resume() refuses them with what to use instead."""
+def test_an_fsdp2_model_resumes_bitwise_and_is_refused_unsharded(tmp_path):
+    """FSDP2's parameters and the Adam state made like them are DTensors; state_dir keeps
+    their local shards (NOTE [Durable state] rule 9; before, the first commit failed with
+    "invalid python storage"). Trained to 2, resumed by a new OutOfCore and trained to 5,
+    the shards are bitwise those of 5 plain FSDP2 iterations, and the resumed process's
+    first recording is not FSDP's lazy set-up (no deviation). Resumed into the model
+    unsharded: refused before anything is loaded."""
     child = textwrap.dedent(f"""
-        import torch, torch.distributed as dist, outcore
+        import hashlib, torch, torch.distributed as dist, outcore
         from torch.distributed.fsdp import fully_shard
         dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0,
                                 world_size=1)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-        fully_shard(model)
-        opt = torch.optim.Adam(model.parameters())
-        with outcore.OutOfCore("1MiB", state_dir={str(tmp_path / "s")!r}) as ooc:
-            try:
-                ooc.resume(model, opt)
-            except outcore.OutcoreError as err:
-                print("REFUSED", err)
+        x = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+
+        def make(shard=True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                        torch.nn.Linear(256, 256))
+            if shard:
+                fully_shard(model[0]); fully_shard(model[2]); fully_shard(model)
+            return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model, opt, it):
+            model(x * (it + 1)).square().mean().backward(); opt.step(); opt.zero_grad()
+
+        def digest(model, opt):
+            h = hashlib.sha1()
+            local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+            for p in model.parameters():
+                h.update(local(p).detach().numpy().tobytes())
+            for state in opt.state.values():
+                for v in state.values():
+                    h.update(local(v).detach().numpy().tobytes())
+            return h.hexdigest()
+
+        def train(model, opt, total):
+            with outcore.OutOfCore("2MiB", state_dir={str(tmp_path / "s")!r}) as ooc:
+                start = ooc.resume(model, opt)
+                for it in range(start, total):
+                    with ooc.iteration():
+                        step(model, opt, it)
+                modes = [(i.mode, i.deviation) for i in ooc.report().iterations]
+            return start, modes
+
+        model, opt = make()
+        for it in range(5):
+            step(model, opt, it)
+        print("PLAIN", digest(model, opt))
+        model, opt = make()
+        print("FIRST", train(model, opt, 2))
+        model, opt = make(shard=False)
+        try:
+            train(model, opt, 4)
+        except outcore.OutcoreError as err:
+            print("REFUSED", err)
+        print("UNCHANGED", all(torch.equal(a, b) for a, b in
+                               zip(model.parameters(), make(shard=False)[0].parameters())))
+        model, opt = make()
+        print("RESUMED", train(model, opt, 5))
+        print("OURS", digest(model, opt))
         dist.destroy_process_group()
     """)
-    out = zygote.run(["-c", child], timeout=120)
-    assert "REFUSED state_dir does not support FSDP2" in out.stdout, out.stdout + out.stderr
-    assert os.listdir(tmp_path / "s") == []
+    out = zygote.run(["-c", child], timeout=180)
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines.get("OURS") == lines.get("PLAIN") is not None, out.stdout + out.stderr
+    assert lines["FIRST"].startswith("(0, "), lines["FIRST"]
+    start, modes = eval(lines["RESUMED"])           # noqa: S307 - our own child's repr
+    assert start == 2 and [m for m, _ in modes] == ["record", "record", "replay"], modes
+    assert all(deviation is None for _, deviation in modes), modes
+    assert "holds 0.weight as an FSDP2 (DTensor) shard, this model has a plain tensor" in \
+        lines["REFUSED"] and "Nothing was loaded" in lines["REFUSED"], out.stdout
+    assert lines["UNCHANGED"] == "True"
+    assert sorted(os.listdir(tmp_path / "s")) == ["manifest.pt", "state-1.swap"]

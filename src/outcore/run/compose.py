@@ -134,6 +134,20 @@ class Composition:
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata in residency.entries:
                 _disown(residency, tensor)
 
+    def fsdp_uninitialized(self) -> bool:
+        """Whether an FSDP2 module alive has not run its first forward yet: FSDP sets
+        itself up lazily there (`FSDPState._lazy_init`, which allocates its all-gather
+        outputs with ops no later iteration runs), so an iteration recorded before it is
+        not the steady step, and the next one is recorded too (as for DDP's buckets,
+        `ddp_buckets_unbuilt`). Reads FSDP's private `_is_root` (None until lazy init);
+        a torch without it counts as set up."""
+        for ref in self._fsdp_modules:
+            module = ref()
+            state = module._get_fsdp_state() if module is not None else None
+            if state is not None and getattr(state, "_is_root", False) is None:
+                return True
+        return False
+
     def _fsdp_owned(self):
         """FSDP's all-gather outputs (the unsharded parameters' memory), through its
         FSDPParams. Private FSDP attributes, read defensively: a torch whose FSDP lacks

@@ -44,12 +44,21 @@ NOTE [Durable state]
      generator and refs), whose extents and file are kept as the current ones are, so
      that resume() can bring every rank to the same iteration (`rewind`). That costs one
      more copy of the state on the disk; a single process keeps none.
+  9. A DTensor (FSDP2's sharded parameters and the optimizer state made like them) is
+     kept as its local shard, the plain tensor whose storage outcore owns (NOTE
+     [Storages FSDP owns]); its ref says so (`dtensor`). Resume copies a parameter's
+     shard into its local tensor in place, where FSDP's views of it stay valid, and
+     makes an optimizer state entry a DTensor again with its parameter's mesh and
+     placements. Each rank keeps its own shards in its own directory, so a resume must
+     shard the model as it was (same ranks, same `fully_shard` calls): a shard of
+     another shape is refused before anything is copied.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import re
+import sys
 import zlib
 
 import torch
@@ -81,6 +90,18 @@ def _ranks() -> int:
 def _class_name(optimizer) -> str | None:
     """The optimizer's class, as the manifest keeps it (None for none)."""
     return None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _dtensor_class():
+    """torch's DTensor class, where the user's code loaded it (outcore imports no
+    distributed code), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _local(tensor, dtensor) -> torch.Tensor:
+    """The plain tensor whose bytes are kept for `tensor` (rule 9)."""
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
 
 
 def _fsync_dir(directory: str) -> None:
@@ -250,20 +271,64 @@ class Durable:
             raise OutcoreError(f"the state in {self.directory} does not match this model: it lacks "
                                f"{missing[:5]} and has {extra[:5]} besides; pass the model it was "
                                "trained with, or another state_dir")
+        dtensor = _dtensor_class()
+        for name, tensor in ours.items():           # every shape, before anything is copied
+            self._check_shape(name, saved[name], _local(tensor, dtensor),
+                              dtensor is not None and isinstance(tensor, dtensor))
         with torch.no_grad():
             for name, tensor in ours.items():
                 value = self.read(saved[name], file)
-                if value.shape != tensor.shape or value.dtype != tensor.dtype:
-                    raise OutcoreError(f"the state in {self.directory} holds {name} as "
-                                       f"{tuple(value.shape)} {value.dtype}, this model as "
-                                       f"{tuple(tensor.shape)} {tensor.dtype}")
                 self.copied = True          # from here a failure leaves a partial load
-                tensor.copy_(value)
+                _local(tensor, dtensor).copy_(value)         # in place (rule 9)
                 del value
         if optimizer is not None:
-            optimizer.load_state_dict(_map_refs(self.manifest["optimizer"],
-                                                lambda ref: self.read(ref, file)))
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            kept = self.manifest["optimizer"]
+            loaded = {key: _map_refs(value, lambda ref: self.read(ref, file))
+                      for key, value in kept.items() if key != "state"}
+            loaded["state"] = {index: _map_refs(entry, lambda ref, i=index: self._state_value(
+                ref, file, params[i] if isinstance(i, int) and i < len(params) else None))
+                for index, entry in kept.get("state", {}).items()}
+            optimizer.load_state_dict(loaded)
         torch.set_rng_state(self.manifest["rng"])
+
+    def _check_shape(self, name: str, ref: dict, local: torch.Tensor, sharded: bool) -> None:
+        """Refuse a kept tensor whose shape or dtype is not `local`'s, or one kept sharded
+        for a plain one and the other way round (rule 9)."""
+        if bool(ref.get("dtensor")) != sharded:
+            kept, ours = ("an FSDP2 (DTensor) shard", "a plain tensor") if not sharded else (
+                "a plain tensor", "an FSDP2 (DTensor) shard")
+            raise OutcoreError(
+                f"the state in {self.directory} holds {name} as {kept}, this model has "
+                f"{ours}; resume with the fully_shard calls it was trained with. Nothing "
+                "was loaded.")
+        if list(local.shape) == list(ref["size"]) and str(local.dtype) == ref["dtype"]:
+            return
+        shard = " (the local shard of an FSDP2 DTensor)" if sharded else ""
+        raise OutcoreError(
+            f"the state in {self.directory} holds {name}{shard} as {tuple(ref['size'])} "
+            f"{ref['dtype']}, this model as {tuple(local.shape)} {local.dtype}"
+            + ("; resume with the ranks and the fully_shard calls it was trained with"
+               if shard else "") + ". Nothing was loaded.")
+
+    def _state_value(self, ref: dict, file: str, param) -> torch.Tensor:
+        """An optimizer state entry: a DTensor again, like its parameter, where it was one
+        (rule 9)."""
+        value = self.read(ref, file)
+        if not ref.get("dtensor"):
+            return value
+        dtensor = _dtensor_class()
+        if dtensor is None or not isinstance(param, dtensor):
+            raise OutcoreError(f"the state in {self.directory} holds the optimizer state of "
+                               "FSDP2 (DTensor) parameters, and this model's are plain "
+                               "tensors; resume with the fully_shard calls it was trained with")
+        if list(value.shape) != list(param.to_local().shape):
+            raise OutcoreError(f"the state in {self.directory} holds an optimizer state shard "
+                               f"of {tuple(value.shape)}, this parameter's local shard is "
+                               f"{tuple(param.to_local().shape)}; resume with the ranks and "
+                               "the fully_shard calls it was trained with")
+        return dtensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
 
     def _check_optimizer(self, optimizer) -> None:
         """The optimizer passed to resume() is the kind the state was kept with: none for
@@ -309,13 +374,17 @@ class Durable:
         mover = res.mover
         committed: dict = {}
 
+        dtensor = _dtensor_class()
+
         def ref(tensor):
-            storage = tensor.untyped_storage()
+            local = _local(tensor, dtensor)                                  # rule 9
+            storage = local.untyped_storage()
             extent, at, nbytes = res.persist(storage)
             committed[extent.offset] = extent
-            return {"offset": at, "nbytes": nbytes, "dtype": str(tensor.dtype),
-                    "size": list(tensor.shape), "stride": list(tensor.stride()),
-                    "storage_offset": tensor.storage_offset(), "crc32": mover.crc(extent)}
+            kept = {"offset": at, "nbytes": nbytes, "dtype": str(local.dtype),
+                    "size": list(local.shape), "stride": list(local.stride()),
+                    "storage_offset": local.storage_offset(), "crc32": mover.crc(extent)}
+            return {**kept, "dtensor": True} if local is not tensor else kept
 
         model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
         optimizer = _map_refs(self.optimizer.state_dict(), ref) if self.optimizer is not None else None
@@ -369,7 +438,7 @@ def _map_refs(obj, fn):
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        if _REF <= obj.keys() <= _REF | {"crc32"}:        # crc32: rule 7, absent in older ones
+        if _REF <= obj.keys() <= _REF | {"crc32", "dtensor"}:     # rules 7 and 9, optional
             return fn(obj)
         return {k: _map_refs(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -369,7 +369,6 @@ class OutOfCore:
         if self._iterations or self._durable.model is not None:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
-        _not_sharded(model)
         _same_on_every_rank(durable)
         if durable.manifest is not None:
             try:
@@ -559,10 +558,13 @@ class OutOfCore:
         # DDP rebuilds its buckets once, in some iteration after the first (compose.py,
         # ddp_buckets_unbuilt): one recorded before or during it is not the steady step.
         rebuilding = any(m is not None for m in (ref() for ref in recording.ddp_unbuilt))
-        if (lazy_state or rebuilding) and self._recordings_in_a_row < _MAX_RECORDINGS:
+        # FSDP2 sets itself up in its first forward (Composition.fsdp_uninitialized).
+        unsteady = lazy_state or rebuilding or recording.fsdp_uninitialized
+        if unsteady and self._recordings_in_a_row < _MAX_RECORDINGS:
             log.info("the step %s; recording the next iteration too, to plan the steady state",
                      "created optimizer state" if lazy_state else
-                     "ran while DistributedDataParallel had its buckets to rebuild")
+                     "ran while DistributedDataParallel had its buckets to rebuild" if rebuilding
+                     else "ran FSDP's first forward, where it sets itself up")
             self._record_next = True
             return
         disowned = self._disowned(recording)
@@ -753,22 +755,6 @@ class OutOfCore:
         return f"OutOfCore(budget={format_bytes(self.budget)}, policy={self.policy!r}, {state})"
 
 
-def _not_sharded(model) -> None:
-    """state_dir keeps whole local tensors: FSDP2's parameters are DTensors whose local
-    shards FSDP frees and remakes itself (NOTE [Storages FSDP owns] in compose.py), which
-    a commit cannot read as its own (it failed at the first commit, deep inside)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return
-    if any(isinstance(t, DTensor) for t in model.state_dict(keep_vars=True).values()):
-        raise OutcoreError(
-            "state_dir does not support FSDP2 (fully_shard) models yet: their parameters are "
-            "DTensors whose storage FSDP manages. Train without state_dir, and checkpoint "
-            "with torch.distributed.checkpoint (DCP) between iterations; state_dir works "
-            "with DDP and single-process training")
-
-
 def _same_on_every_rank(durable) -> None:
     """Under a process group, bring every rank to the same durable iteration before
     anything is loaded: each rank commits on its own, so a stop between two ranks'
@@ -891,7 +877,8 @@ class _Iteration:
         ooc._composition.disown_fsdp(res)
         if self.recording:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
-                                      label=f"iteration {len(ooc._iterations) + 1}")
+                                      label=f"iteration {len(ooc._iterations) + 1}",
+                                      fsdp_uninitialized=ooc._composition.fsdp_uninitialized())
             res.evict_lru(ooc.budget, set())
         else:
             self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield,
