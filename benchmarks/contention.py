@@ -21,6 +21,7 @@ compare like for like.
 
     .venv/bin/python benchmarks/contention.py                   # ResNet-50 64x64 batch 64
     .venv/bin/python benchmarks/contention.py --fraction 0.25 --memory keep
+    .venv/bin/python benchmarks/contention.py --model gpt2 --seq-len 256 --batch 2
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def child(args) -> None:
 
     torch.manual_seed(0)
     w = build(args.model, batch=args.batch, optimizer="sgd", device="cpu",
-              image_size=args.image_size, seq_len=None, seed=0)
+              image_size=args.image_size, seq_len=args.seq_len, seed=0)
     memory = {"trim": True, "keep": False}[args.memory]
     runs = []
     with outcore.OutOfCore(budget=args.budget, return_freed_memory=memory) as ooc:
@@ -132,8 +133,10 @@ def fit(rows) -> tuple[float, float]:
 
 def run_child(args, budget: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--budget", str(budget), "--model", args.model,
-           "--batch", str(args.batch), "--image-size", str(args.image_size),
-           "--replays", str(args.replays), "--memory", args.memory]
+           "--batch", str(args.batch), "--replays", str(args.replays), "--memory", args.memory]
+    for flag, value in (("--image-size", args.image_size), ("--seq-len", args.seq_len)):
+        if value is not None:
+            cmd += [flag, str(value)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the run at budget {budget} failed:\n{done.stderr[-3000:]}")
@@ -147,7 +150,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, help="for the CNNs (default 64)")
+    p.add_argument("--seq-len", type=int, help="for the GPT-2 models (their default 1024)")
     p.add_argument("--fraction", type=float, default=0.5, help="budget as a fraction of the peak")
     p.add_argument("--replays", type=int, default=4)
     p.add_argument("--memory", choices=("trim", "keep"), default="trim",
@@ -155,6 +159,9 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    from outcore.workloads import SPECS
+    if args.image_size is None and "image_size" in SPECS[args.model].sizes:
+        args.image_size = 64
     if args.child:
         child(args)
         return
@@ -169,7 +176,9 @@ def main() -> None:
     # beside, counted over the unstretched time: alone x (the part of d beside a transfer)
     rows = [(base[k], d, base[k] * b / d if d > 0 else 0.0)
             for run in moving["runs"] for k, d, b in run["functions"] if k in base]
-    print(f"{args.model} {args.image_size}x{args.image_size} batch {args.batch}, budget "
+    shape = (f"{args.image_size}x{args.image_size}" if args.image_size else
+             f"sequence {args.seq_len}" if args.seq_len else "")
+    print(f"{args.model} {shape} batch {args.batch}, budget "
           f"{budget / 2**20:.0f} MiB ({args.fraction} of the peak), return_freed_memory "
           f"{args.memory}, {len(moving['runs'])} replays against {len(alone['runs'])} that move nothing")
     print("| per step, medians | step | ops | executor around them (waits included) | waits "

@@ -110,8 +110,11 @@ def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "nope"], "unknown model"),
-    (["--model", "resnet18", "--seq-len", "8"], "--seq-len is for the GPT-2"),
-    (["--model", "gpt2-tiny", "--image-size", "8"], "--image-size is for the CNNs"),
+    (["--model", "resnet18", "--seq-len", "8"], "resnet18 takes no seq_len (it takes "
+     "image_size)"),
+    (["--model", "gpt2-tiny", "--image-size", "8"], "gpt2-tiny takes no image_size (it "
+     "takes seq_len)"),
+    (["--model", "mlp-tiny", "--image-size", "8"], "it takes neither image_size nor"),
     (["--model", "resnet18", "--policies", "fastest"], "unknown fastest"),
     (["--model", "resnet18", "--baselines", "magic"], "unknown magic"),
     (["--model", "resnet18", "--steps", "0"], "at least 1"),

@@ -43,6 +43,10 @@ def trace_file(tmp_path_factory):
     (["bench", "disk", "--size", "1PiB", "--dir", "{tmp}"], "cannot reserve twice --size .* "
      "pass a smaller --size, or --dir"),
     (["report", "{modeless}"], "IterationStats has no 'mode', 'seconds', "),
+    (["trace", "--model", "mlp-tiny", "--image-size", "64", "--device", "meta"],
+     "mlp-tiny takes no image_size .*drop image_size=64 \\(--image-size"),
+    (["trace", "--model", "resnet18-tiny", "--seq-len", "8", "--device", "meta"],
+     "resnet18-tiny takes no seq_len \\(it takes image_size\\)"),
 ])
 def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys, argv, said):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00junk")

@@ -110,15 +110,10 @@ def run(args) -> int:
 
 def run_experiment(args) -> int:
     from ..bench import experiments, output
-    from ..workloads import SPECS
-    if args.model not in SPECS:
-        raise OutcoreError(f"unknown model {args.model!r}; choose one of {', '.join(SPECS)}")
+    from ..workloads import sizes
     if args.steps < 1 or args.batch < 1 or args.repeat < 1:
         raise OutcoreError("--steps, --batch and --repeat must be at least 1")
-    if args.model.startswith("gpt2") and args.image_size is not None:
-        raise OutcoreError("--image-size is for the CNNs; GPT-2 models take --seq-len")
-    if args.model.startswith(("resnet", "mlp")) and args.seq_len is not None:
-        raise OutcoreError("--seq-len is for the GPT-2 models; CNNs take --image-size")
+    sizes(args.model, image_size=args.image_size, seq_len=args.seq_len)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():

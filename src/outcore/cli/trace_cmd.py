@@ -60,6 +60,7 @@ def _progress(text: str) -> None:
 
 
 def run(args) -> int:
+    workloads.sizes(args.model, image_size=args.image_size, seq_len=args.seq_len)  # before a word
     _progress(f"building {args.model} on {args.device}")
     w = workloads.build(args.model, batch=args.batch, device=args.device, optimizer=args.optimizer,
                         image_size=args.image_size, seq_len=args.seq_len)

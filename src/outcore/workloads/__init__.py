@@ -25,6 +25,7 @@ class Spec:
     make_batch: Callable[..., tuple]
     loss: Callable[[nn.Module, tuple], torch.Tensor]
     default_batch: int
+    sizes: tuple[str, ...] = ()         # the size arguments it takes: image_size, seq_len
 
 
 @dataclass
@@ -126,7 +127,7 @@ for _name, _desc in (("resnet18", "ResNet-18 (torchvision layout), 1000 classes"
     _register(Spec(name=_name, description=_desc, build_model=_resnet(_name.replace("-", "_")),
                    make_batch=lambda batch, device, generator, image_size=224, **_: _image_batch(
                        batch, device, image_size, 1000, generator),
-                   loss=_classify_loss, default_batch=32))
+                   loss=_classify_loss, default_batch=32, sizes=("image_size",)))
 for _name, _desc in (("gpt2-tiny", "GPT-2 architecture, 2 layers, width 64 (for tests)"),
                      ("gpt2", "GPT-2 small, 124M parameters"),
                      ("gpt2-medium", "GPT-2 medium, 355M parameters"),
@@ -136,7 +137,7 @@ for _name, _desc in (("gpt2-tiny", "GPT-2 architecture, 2 layers, width 64 (for 
                    make_batch=(lambda v: lambda batch, device, generator, seq_len=1024, **_:
                                _token_batch(v)(batch, device, seq_len, generator))(
                        512 if _name == "gpt2-tiny" else 50257),
-                   loss=_lm_loss, default_batch=4))
+                   loss=_lm_loss, default_batch=4, sizes=("seq_len",)))
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
@@ -145,28 +146,39 @@ OPTIMIZERS = {
 }
 
 
+def sizes(name: str, *, image_size: int | None = None, seq_len: int | None = None) -> dict:
+    """The size arguments given for workload `name`, refused where it takes none of that
+    name (they were once ignored without a word) or where one is below 1."""
+    if name not in SPECS:
+        raise OutcoreError(f"unknown model {name!r}; choose one of {', '.join(SPECS)}")
+    spec = SPECS[name]
+    given = {k: v for k, v in (("image_size", image_size), ("seq_len", seq_len)) if v is not None}
+    for key, value in given.items():
+        if key not in spec.sizes:
+            takes = " and ".join(spec.sizes) or "neither image_size nor seq_len"
+            raise OutcoreError(f"{name} takes no {key} (it takes {takes}); drop "
+                               f"{key}={value} (--{key.replace('_', '-')} on the command line)")
+        if value < 1:
+            raise OutcoreError(f"{key} must be at least 1, got {value}")
+    return given
+
+
 def build(name: str, *, batch: int | None = None, device: str = "cpu", optimizer: str = "sgd",
           image_size: int | None = None, seq_len: int | None = None, seed: int = 0) -> Workload:
     """Build workload `name` on `device` ("cpu" or "meta"), deterministic for `seed`."""
-    if name not in SPECS:
-        raise OutcoreError(f"unknown model {name!r}; choose one of {', '.join(SPECS)}")
+    given = sizes(name, image_size=image_size, seq_len=seq_len)
     if optimizer not in OPTIMIZERS:
         raise OutcoreError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     spec = SPECS[name]
     batch = spec.default_batch if batch is None else batch
     if batch < 1:
         raise OutcoreError(f"batch must be at least 1, got {batch}")
-    sizes = {}
-    if image_size is not None:
-        sizes["image_size"] = image_size
-    if seq_len is not None:
-        sizes["seq_len"] = seq_len
     torch.manual_seed(seed)
     with torch.device(device):
-        model = spec.build_model(**sizes)
+        model = spec.build_model(**given)
     generator = torch.Generator(device="cpu" if device == "meta" else device).manual_seed(seed + 1)
     if device == "meta":
         generator = None          # meta tensors have no values to draw
-    data = spec.make_batch(batch=batch, device=device, generator=generator, **sizes)
+    data = spec.make_batch(batch=batch, device=device, generator=generator, **given)
     return Workload(spec=spec, model=model, optimizer=OPTIMIZERS[optimizer](model.parameters()),
                     batch=data)
