@@ -163,3 +163,41 @@ def test_the_report_says_what_the_allocator_gave_back():
             "the budget); the step faulted in again what it reused") in lines
     assert "  huge pages for tensors: on (THP_MEM_ALLOC_ENABLE=1, set by outcore at import)" in lines
     assert Report.from_dict(report.to_dict()) == report
+
+
+def test_the_report_counts_what_the_plan_moves_between_iterations():
+    """A plan may end with state in fast memory that the next iteration starts without
+    (plan/api.py `_cycle` keeps it where that moves fewer bytes in all); the report said
+    only the step's own moves, 4.5 MiB short of what every FSDP2 replay wrote. It says
+    both now, and the figure survives a save and a malformed one is refused."""
+    report = Report(budget=100, policy="auto", swap="disk", functions=5, in_core_peak=400,
+                    planned_peak=100, planned_in=2**20, planned_out=2**20, pinned_bytes=0,
+                    planned_between=(0, 9 * 2**19))
+    planned = [line for line in str(report).splitlines() if "planned:" in line]
+    assert planned == ["  planned:  peak 100 B, per iteration 1.00 MiB in, 1.00 MiB out; and "
+                       "4.50 MiB written between iterations (state the step ends with on one "
+                       "tier and the next starts with on the other: the plan moves fewer bytes "
+                       "in all so)"], planned
+    assert Report.from_dict(report.to_dict()) == report
+    data = {**report.to_dict(), "planned_between": ["4 MiB", 0]}
+    with pytest.raises(outcore.OutcoreError, match="planned_between must be two byte counts"):
+        Report.from_dict(data)
+    older = {k: v for k, v in report.to_dict().items() if k != "planned_between"}
+    assert "between" not in str(Report.from_dict(older))
+
+
+def test_a_plan_counts_the_state_it_moves_between_iterations():
+    """Schedule.boundary: the persistent state the step ends with in fast memory and
+    starts without is written between iterations, the reverse read."""
+    from outcore.plan.schedule import Schedule
+    schedule = Schedule(policy="x", budget=1, begin=(), end=(), resident_at_start=(0, 2),
+                        resident_at_end=(1, 2, 3), bytes_in=0, bytes_out=0, peak_bytes=0,
+                        resident_curve=())
+
+    class A:
+        def __init__(self, id, nbytes, kind="persistent", existed_before=True):
+            self.id, self.nbytes, self.kind, self.existed_before = id, nbytes, kind, existed_before
+
+    class T:
+        arrays = [A(0, 10), A(1, 100), A(2, 1000), A(3, 5, existed_before=False)]
+    assert schedule.boundary(T()) == (10, 100)

@@ -70,6 +70,16 @@ class Schedule:
     def bytes_moved(self) -> int:
         return self.bytes_in + self.bytes_out
 
+    def boundary(self, trace) -> tuple[int, int]:
+        """Bytes read and written between two iterations of `trace`: the state the step
+        ends with in fast memory and the next starts without is written out, and the
+        reverse read in (the planner may choose such a plan where it moves fewer bytes in
+        all: plan/api.py `_cycle`). Counted apart from bytes_in and bytes_out."""
+        start, end = set(self.resident_at_start), set(self.resident_at_end)
+        state = [a for a in trace.arrays if a.kind == "persistent" and a.existed_before]
+        return (sum(a.nbytes for a in state if a.id in start and a.id not in end),
+                sum(a.nbytes for a in state if a.id in end and a.id not in start))
+
     def __len__(self) -> int:
         return len(self.begin)
 

@@ -706,6 +706,7 @@ class OutOfCore:
             planned_peak=schedule.peak_bytes if schedule else None,
             planned_in=schedule.bytes_in if schedule else None,
             planned_out=schedule.bytes_out if schedule else None,
+            planned_between=schedule.boundary(trace) if schedule else (0, 0),
             pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
             rss_made=self._rss_made,
             huge_pages=self._huge_pages,

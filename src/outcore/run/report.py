@@ -69,6 +69,8 @@ class Report:
     huge_pages: str = ""           # PyTorch's huge pages for large CPU tensors: "on (...)" or
                                    # "off: why" (memory/pages.py); "" for a GPU budget
     rss_made: int = 0              # the resident set when the OutOfCore was made
+    planned_between: tuple[int, int] = (0, 0)   # bytes read, written between iterations
+                                                 # (Schedule.boundary)
     rss_bound: int = 0             # how far above rss_start the process grew at most on the
                                    # workloads measured (malloc.process_slack); 0 where that
                                    # was not measured (a GPU budget, return_freed_memory other
@@ -82,6 +84,7 @@ class Report:
     def to_dict(self) -> dict:
         """Plain data (json.dumps takes it): every field, iterations as a list of dicts."""
         return {"format": FORMAT, "version": VERSION, **asdict(self),
+                "planned_between": list(self.planned_between),        # as JSON has it
                 "iterations": [asdict(it) for it in self.iterations]}
 
     @staticmethod
@@ -96,7 +99,13 @@ class Report:
             if "iterations" not in data:
                 raise TypeError("it has no 'iterations' field")
             its = tuple(IterationStats(**_known(IterationStats, it)) for it in data["iterations"])
-            report = Report(**{**_known(Report, data), "iterations": its})
+            known = _known(Report, data)
+            between = known.get("planned_between", (0, 0))
+            if (not isinstance(between, (list, tuple)) or len(between) != 2 or any(
+                    isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in between)):
+                raise TypeError(f"Report.planned_between must be two byte counts, found "
+                                f"{between!r:.40}")
+            report = Report(**{**known, "iterations": its, "planned_between": tuple(between)})
         except (KeyError, TypeError) as exc:
             raise OutcoreError(f"malformed outcore report: {exc}") from exc
         if isinstance(report.budget, bool) or not isinstance(report.budget, int) or report.budget <= 0:
@@ -119,6 +128,16 @@ class Report:
             raise OutcoreError(f"{path} is not JSON ({exc}); is it an outcore report?") from exc
         return Report.from_dict(data)
 
+    def _between(self) -> str:
+        """The planned moves between iterations, beside those within the step."""
+        read, written = self.planned_between
+        if not (read or written):
+            return ""
+        both = " and ".join(f"{format_bytes(n)} {word}" for n, word in
+                            ((read, "read"), (written, "written")) if n)
+        return (f"; and {both} between iterations (state the step ends with on one tier "
+                "and the next starts with on the other: the plan moves fewer bytes in all so)")
+
     def __str__(self) -> str:
         lines = [f"outcore report: budget {format_bytes(self.budget)}, policy {self.policy}, swap {self.swap}"]
         if self.functions:
@@ -130,7 +149,8 @@ class Report:
                          f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out"
                          + (f", {format_bytes(self.planned_recomputed)} recomputed "
                             f"({self.recomputed_arrays} activations)"
-                            if self.recomputed_arrays else ""))
+                            if self.recomputed_arrays else "")
+                         + self._between())
         if self.pinned_bytes:
             lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
                          f"FSDP): {format_bytes(self.pinned_bytes)}")
