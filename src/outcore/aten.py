@@ -41,20 +41,51 @@ def _leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
             yield from _leaves(inner)
 
 
+_STRIDED = torch.strided
+_COMPRESSED = {torch.sparse_csr: ("crow_indices", "col_indices"),
+               torch.sparse_bsr: ("crow_indices", "col_indices"),
+               torch.sparse_csc: ("ccol_indices", "row_indices"),
+               torch.sparse_bsc: ("ccol_indices", "row_indices")}
+
+
+def _parts(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The dense tensors a sparse tensor keeps its data in (indices and values), which
+    have storages where the sparse tensor has none. An op on the sparse tensor reads or
+    writes them where no dispatch mode sees it, so outcore must see them there: unseen,
+    they were moved out (resized to nothing) while a sparse gradient still held them,
+    and the next op on it crashed the process (nn.Embedding(sparse=True))."""
+    if t.layout is torch.sparse_coo:
+        yield t._indices()
+        yield t._values()
+    elif t.layout in _COMPRESSED:
+        for name in _COMPRESSED[t.layout]:
+            yield getattr(t, name)()
+        yield t.values()
+    else:                            # mkldnn and others: no parts outcore can reach
+        yield t
+
+
 def iter_tensors(values) -> Iterator[torch.Tensor]:
     """Tensors in an op's args/kwargs/outputs, in order (lists and tuples flattened,
-    wrapper subclasses replaced by their inner tensors)."""
+    wrapper subclasses replaced by their inner tensors, sparse tensors by their indices
+    and values)."""
     for v in values:                 # every op passes here: plain tensors skip _leaves
         if isinstance(v, torch.Tensor):
             if type(v) in _PLAIN:
-                yield v
+                if v.layout is _STRIDED:
+                    yield v
+                else:
+                    yield from _parts(v)
             else:
                 yield from _leaves(v)
         elif isinstance(v, (list, tuple)):
             for w in v:
                 if isinstance(w, torch.Tensor):
                     if type(w) in _PLAIN:
-                        yield w
+                        if w.layout is _STRIDED:
+                            yield w
+                        else:
+                            yield from _parts(w)
                     else:
                         yield from _leaves(w)
 
