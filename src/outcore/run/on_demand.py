@@ -25,6 +25,7 @@ class OnDemand:
         self.residency = residency
         self.budget = budget
         self._asked = None          # (func, args, kwargs, room left) between before and after
+        self.needed = (0, 0)        # the last op's (movable, pinned) bytes: `needed`
 
     def before(self, inputs, func, args=(), kwargs=None) -> list:
         """Make every input storage resident, with room left for what `func(*args,
@@ -53,7 +54,8 @@ class OnDemand:
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
         entries = self.before(inputs, func, args, kwargs)
         out = func(*args, **kwargs)
-        self.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
+        created = self.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
+        self.needed = needed(self.residency, entries, created)
         return out
 
     def after(self, entries, written, outputs) -> list:
@@ -75,6 +77,15 @@ class OnDemand:
                 learn_created(func, args, kwargs, made)
         res.evict_lru(self.budget, set())
         return created
+
+
+def needed(res: Residency, entries, created) -> tuple[int, int]:
+    """What an op that read `entries` and made `created` held at once: (bytes of its own
+    movable storages, bytes pinned in fast memory beside them). More than the budget in
+    all, and no schedule can run it (`infeasible`)."""
+    movable = sum(e.nbytes for e in entries if not e.pinned) + sum(
+        e.nbytes for e in created if not e.pinned)
+    return movable, res.pinned_resident + (res.owned_bytes() if res.owned else 0)
 
 
 def room(func, entries, args=(), kwargs=None) -> int:
@@ -209,10 +220,13 @@ def _created_bytes(func, args, kwargs) -> int | None:
 
 
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,
-               min_move_bytes: int, *, completed: bool = False) -> InfeasibleBudget:
+               min_move_bytes: int, *, completed: bool = False,
+               deviated: bool = False) -> InfeasibleBudget:
     """The error for a function that cannot fit: it needs `movable` bytes of its own
     arrays at once beside `pinned` bytes of arrays that never move. `completed`: the
-    optimizer had begun, so the step was finished (over budget) before raising."""
+    optimizer had begun, so the step was finished (over budget) before raising.
+    `deviated`: found in the part of a replayed step that left its record and ran op by
+    op, raised once that step had completed (over budget)."""
     needed = movable + pinned
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
             f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable "
@@ -224,10 +238,14 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
         f"at once{held}, more than the budget of {format_bytes(budget)} ({budget:,} B) you passed; "
         f"no schedule can run it. The smallest feasible budget is at least {format_bytes(needed)} "
         f"({needed:,} B): raise the budget to that or more, or lower the batch. "
-        + ("The optimizer had begun updating the parameters when this was found, so the step was "
+        + ("This iteration had left its recorded step (a step that differs from the recorded "
+           "one, such as one that calls optimizer.step() only every few iterations) and ran "
+           "op by op; it was completed correctly, over the budget; later iterations of this "
+           "OutOfCore will not start." if deviated else
+           "The optimizer had begun updating the parameters when this was found, so the step was "
            "completed correctly, over the budget; later iterations of this OutOfCore will not start."
            if completed else "Nothing was trained: the optimizer has not changed any parameter."),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)
-    error.nothing_trained = not completed       # OutOfCore adds no half-step note
+    error.nothing_trained = not (completed or deviated)    # OutOfCore adds no half-step note
     return error

@@ -1016,6 +1016,9 @@ class _Iteration:
             ooc._carried = mode.persistent_entries()
             ooc._inputs = mode.input_entries()
             ooc._record_next = deviation is not None
+            if mode.infeasible is not None:            # Replayer._fallback
+                ooc._infeasible = mode.infeasible      # later iterations raise at once
+                raise mode.infeasible
             if deviation is not None:
                 log.warning("iteration %d deviated from the recorded step (%s); it finished "
                             "on-demand, correct but slower, and the next one is recorded again",

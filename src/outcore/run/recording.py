@@ -8,7 +8,7 @@ from ..states import FAST
 from ..trace.recorder import Recording
 from .compose import DISTRIBUTED_NAMESPACES, around, ddp_buckets_unbuilt, under_torch_compile
 from .interrupts import Shield, critical
-from .on_demand import OnDemand, infeasible
+from .on_demand import OnDemand, infeasible, needed
 from .residency import Residency
 
 
@@ -114,9 +114,7 @@ class SafeRecording(Recording):
                 known = self._live.get(entry.key)
                 if known is not None and self._logs[known[0]].first_use == fn.index:
                     self.unmovable.add(known[0])
-        movable = sum(e.nbytes for e in entries if not e.pinned) + sum(
-            e.nbytes for e in created if not e.pinned)
-        pinned = res.pinned_resident + (res.owned_bytes() if res.owned else 0)
+        movable, pinned = needed(res, entries, created)
         if movable + pinned > self.budget and self.infeasible is None:
             error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
                                self.budget, res.min_move_bytes, completed=self._state_written)

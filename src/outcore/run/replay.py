@@ -26,7 +26,7 @@ from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
-from .on_demand import OnDemand
+from .on_demand import OnDemand, infeasible
 from .residency import Residency
 from .steplog import StepLog
 
@@ -53,6 +53,8 @@ class Replayer(HeldMode):
             self.aid_of[entry] = aid
         self.index = 0
         self.deviation: str | None = None
+        self.infeasible = None       # an op after the deviation that no budget this size fits
+        self._fallen = 0             # ops run on demand since the deviation
         self.skipped_actions = 0
         self._zombies: list = []    # FREEd by the plan while PyTorch still held the storage
         self._on_demand = OnDemand(residency, budget)
@@ -489,5 +491,17 @@ class Replayer(HeldMode):
         return self._fallback(func, args, kwargs)
 
     def _fallback(self, func, args, kwargs):
-        return self._on_demand.run(func, args, kwargs)
+        """Run an op of a step that left its record, op by op (OnDemand). An op that needs
+        more than the budget at once runs all the same (the step is completed, correct,
+        over the budget), and the iteration then raises InfeasibleBudget (OutOfCore._adopt)
+        as a recording would have: before, such a step went over the budget silently,
+        every time it came back."""
+        out = self._on_demand.run(func, args, kwargs)
+        self._fallen += 1
+        movable, pinned = self._on_demand.needed
+        if movable + pinned > self.budget and self.infeasible is None:
+            self.infeasible = infeasible(
+                self.index + self._fallen - 1, str(func), "run on demand", movable, pinned,
+                self.budget, self.res.min_move_bytes, deviated=True)
+        return out
 
