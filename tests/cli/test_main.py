@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+import outcore
 from outcore.cli import plan_cmd
 from outcore.cli.main import main
 
@@ -57,7 +59,6 @@ def test_a_bad_path_or_value_is_one_line_and_exit_2(trace_file, tmp_path, capsys
     negative = json.loads(trace_file.read_text())
     negative["functions"][2]["flops"] = -5
     (tmp_path / "flops.json").write_text(json.dumps(negative))
-    import outcore
     with outcore.record() as rec:
         pass
     rec.trace.save(tmp_path / "empty.json")
@@ -193,3 +194,33 @@ def test_the_policies_table_adds_up(trace_file, capsys):
         step, in_core, _speed, recompute, stall, cpu = row[-6:]
         assert abs(float(step) - float(in_core) - float(recompute) - float(stall)
                    - float(cpu)) < 0.3, row
+
+
+def test_plan_says_the_budget_outofcore_takes_for_the_step(tmp_path, capsys):
+    """`outcore plan` gave the plan's smallest feasible budget, which counts every array
+    as movable; OutOfCore keeps those under min_move_bytes in memory, and refused that
+    budget. The command now says OutOfCore's too, and OutOfCore trains at it."""
+    from outcore.workloads import build
+
+    def step(w):
+        w.step()
+    w = build("mlp-tiny", batch=64, optimizer="adam")
+    step(w)                                    # Adam's state exists: a steady step
+    with outcore.record() as rec:
+        step(w)
+    path = tmp_path / "t.json"
+    rec.trace.save(path)
+    assert main(["plan", str(path), "--budget", "1KiB"]) == 2
+    said = re.search(r"OutOfCore, .* needs at least .* \(([\d,]+) B\) for this step",
+                     capsys.readouterr().err)
+    assert said, "the error names no budget for OutOfCore"
+    least = int(said.group(1).replace(",", ""))
+    from outcore.plan import min_feasible_budget
+    assert least > min_feasible_budget(rec.trace)
+    ours = build("mlp-tiny", batch=64, optimizer="adam")
+    step(ours)
+    with outcore.OutOfCore(budget=least) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                step(ours)
+        assert any(it.bytes_written for it in ooc.report().iterations)

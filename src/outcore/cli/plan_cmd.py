@@ -6,7 +6,7 @@ out-of-core under the device's memory where it does not) by predicted throughput
 (outcore.simulate.cluster.rank_configurations)."""
 from __future__ import annotations
 
-from ..errors import OutcoreError
+from ..errors import InfeasibleBudget, OutcoreError
 from ..plan import POLICIES, lower_bound, min_feasible_budget
 from ..plan.recompute import choose as choose_recompute
 from ..simulate import machine
@@ -122,9 +122,13 @@ def run(args) -> int:
                                "give --policy auto")
     trace = Trace.load(args.trace)
     budget = parse_bytes(args.budget)
-    chosen, trace, schedule = choose_recompute(trace, budget, mode=RECOMPUTE[args.recompute],
-                                               policy=policy,
-                                               **policy_options(args, policy))
+    try:
+        chosen, trace, schedule = choose_recompute(trace, budget, mode=RECOMPUTE[args.recompute],
+                                                   policy=policy,
+                                                   **policy_options(args, policy))
+    except InfeasibleBudget as exc:
+        exc.args = (f"{exc} {_for_outofcore(trace)}", *exc.args[1:])
+        raise
     print(repr(trace))
     if chosen:
         made = sum(trace.arrays[c.array].nbytes for c in chosen)
@@ -134,8 +138,8 @@ def run(args) -> int:
     bound = lower_bound(trace, budget)
     print(f"  lower bound {format_bytes(bound.bytes_moved):>12}  (no schedule moves less; "
           f"this one moves {format_bytes(schedule.bytes_moved)})")
-    print(f"  smallest feasible budget {format_bytes(min_feasible_budget(trace))}, "
-          f"in-core peak {format_bytes(trace.peak()[0])}")
+    print(f"  smallest feasible budget {format_bytes(min_feasible_budget(trace))} for this "
+          f"plan, in-core peak {format_bytes(trace.peak()[0])}; {_for_outofcore(trace)}")
     if args.output:
         schedule.save(args.output)
         print(f"  written to {args.output}")
@@ -144,6 +148,17 @@ def run(args) -> int:
             print(f"  the trace it is for (with the recomputes) written to "
                   f"{args.output}.trace.json")
     return 0
+
+
+def _for_outofcore(trace) -> str:
+    """The smallest budget OutOfCore takes for the step `trace` recorded: the plan's
+    figure counts every array as movable; OutOfCore keeps small ones in memory."""
+    from ..run.ooc import MIN_MOVE_BYTES, smallest_budget
+    least = smallest_budget(trace)
+    return (f"OutOfCore, which keeps arrays under min_move_bytes={MIN_MOVE_BYTES:,} and those "
+            f"of collectives in memory beside the plan, needs at least {format_bytes(least)} "
+            f"({least:,} B) for this step, a little more where its recording finds more "
+            "arrays that cannot move")
 
 
 def run_cluster(args) -> int:

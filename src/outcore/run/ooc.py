@@ -64,7 +64,7 @@ from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_gove
 from ..memory.pages import torch_huge_pages
 from ..plan import check, plan
 from ..plan.api import registered
-from ..plan.feasibility import occupancy, require_feasible
+from ..plan.feasibility import min_feasible_budget, occupancy, require_feasible
 from ..plan.recompute import check_mode, choose as choose_recompute, remade, rewrite
 from ..trace.lifetimes import function_bytes
 from ..states import FAST
@@ -120,6 +120,17 @@ def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, hel
     exceed `budget` with the pinned ones beside them: plan(t) <= budget - peak, and the
     pinned ones add at most `peak`."""
     return max(budget - pinned_peak(trace, min_move_bytes, held, owned), 1)
+
+
+def smallest_budget(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
+    """The smallest budget an OutOfCore can run `trace` at, as its InfeasibleBudget
+    counts it (`OutOfCore._require_feasible`): what the plan needs of the arrays that
+    move, beside the most of those that never move alive at once (`pinned_peak`).
+    `outcore plan` shows it beside the plan's own figure, which counts every array as
+    movable and so is lower (a user who took that one met InfeasibleBudget)."""
+    held = held_arrays(trace)
+    return min_feasible_budget(without_held(trace, held)) + pinned_peak(
+        trace, min_move_bytes, held)
 
 
 _open_lock = threading.Lock()
