@@ -186,6 +186,23 @@ def test_the_report_counts_what_the_plan_moves_between_iterations():
     assert "between" not in str(Report.from_dict(older))
 
 
+def test_the_report_says_what_the_plan_leaves_to_arrays_that_never_move():
+    """The planned peak is the plan's alone, the measured one counts the pinned arrays
+    too; the report said only the pinned bytes alive at its end (7.04 MiB under FSDP2)
+    beside a plan that had left them 10.54 MiB. It says both now; a malformed figure
+    is refused on loading, not when printed."""
+    report = Report(budget=20 * 2**20, policy="auto", swap="disk", functions=5,
+                    in_core_peak=40 * 2**20, planned_peak=9 * 2**20, planned_in=1, planned_out=1,
+                    pinned_bytes=7 * 2**20, planned_budget=9 * 2**20)
+    assert ("  pinned in fast memory (small, not resizable, or kept by a collective or FSDP): "
+            "7.00 MiB now; the plan leaves them up to 11.00 MiB of the budget (their most alive "
+            "at once), and plans the rest: the measured peak counts both, the planned one only "
+            "the plan's") in str(report).splitlines()
+    assert Report.from_dict(report.to_dict()) == report
+    with pytest.raises(outcore.OutcoreError, match="planned_budget must be a number"):
+        Report.from_dict({**report.to_dict(), "planned_budget": "9 MiB"})
+
+
 def test_a_plan_counts_the_state_it_moves_between_iterations():
     """Schedule.boundary: the persistent state the step ends with in fast memory and
     starts without is written between iterations, the reverse read."""

@@ -140,7 +140,8 @@ def require_feasible(trace, budget: int) -> None:
         # reads that existed before it (the batch, or an optimizer's history such as
         # LBFGS's) are inputs.
         workspace += (f", {format_bytes(pending)} of it tensors that existed before the step "
-                      "and that it only reads (the batch, or state such as LBFGS's history), "
+                      "and that it only reads (the batch, state such as LBFGS's history, or "
+                      "FSDP's all-gather buffers, made where no op shows them), "
                       "which stay in memory until their first use")
     raise InfeasibleBudget(
         f"a budget of {format_bytes(budget)} ({budget:,} B) cannot run function {worst} "

@@ -672,7 +672,8 @@ class OutOfCore:
             smallest = need + held
             pending = need - function_bytes(trace, err.function_index)   # feasibility.needs
             unused = (f" ({format_bytes(pending)} of it tensors that existed before the step "
-                      "and that it only reads, such as the batch or LBFGS's history: they stay "
+                      "and that it only reads, such as the batch, LBFGS's history or FSDP's "
+                      "all-gather buffers (made where no op shows them): they stay "
                       "in memory until their first use)") if pending > 0 else ""
             raise InfeasibleBudget(
                 f"function {err.function_index} ({err.op}, {err.phase}) needs {format_bytes(need)} "
@@ -718,6 +719,7 @@ class OutOfCore:
             planned_in=schedule.bytes_in if schedule else None,
             planned_out=schedule.bytes_out if schedule else None,
             planned_between=schedule.boundary(trace) if schedule else (0, 0),
+            planned_budget=schedule.budget if schedule else None,
             pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
             rss_made=self._rss_made,
             huge_pages=self._huge_pages,

@@ -69,6 +69,7 @@ class Report:
     huge_pages: str = ""           # PyTorch's huge pages for large CPU tensors: "on (...)" or
                                    # "off: why" (memory/pages.py); "" for a GPU budget
     rss_made: int = 0              # the resident set when the OutOfCore was made
+    planned_budget: int | None = None   # what the plan got: the budget less what never moves
     planned_between: tuple[int, int] = (0, 0)   # bytes read, written between iterations
                                                  # (Schedule.boundary)
     rss_bound: int = 0             # how far above rss_start the process grew at most on the
@@ -151,9 +152,13 @@ class Report:
                             f"({self.recomputed_arrays} activations)"
                             if self.recomputed_arrays else "")
                          + self._between())
-        if self.pinned_bytes:
+        kept = (self.budget - self.planned_budget) if self.planned_budget is not None else 0
+        if self.pinned_bytes or kept > 0:
             lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
-                         f"FSDP): {format_bytes(self.pinned_bytes)}")
+                         f"FSDP): {format_bytes(self.pinned_bytes)}"
+                         + (f" now; the plan leaves them up to {format_bytes(kept)} of the budget "
+                            "(their most alive at once), and plans the rest: the measured peak "
+                            "counts both, the planned one only the plan's" if kept > 0 else ""))
         if self.huge_pages:
             lines.append(f"  huge pages for tensors: {self.huge_pages}")
         if self.iterations:
@@ -209,7 +214,9 @@ def _known(cls, data: dict) -> dict:
     names = {f.name: f.type for f in fields(cls)}
     out = {k: v for k, v in data.items() if k in names}
     for key, value in out.items():
-        if names[key] in ("int", "float") and (
+        if value is None and names[key].endswith(" | None"):
+            continue
+        if names[key].removesuffix(" | None") in ("int", "float") and (
                 isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"{cls.__name__}.{key} must be a number, found {value!r:.40}")
     missing = [f.name for f in fields(cls) if f.name not in data
