@@ -231,3 +231,22 @@ def test_a_step_beyond_the_budget_after_a_deviation_is_refused_not_run_over_it()
     assert error is None and all(it.peak_resident <= 2_500_000 for it in report.iterations), report
     assert report.iterations[-1].bytes_written > 0          # the stepping one moved state
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
+
+
+def test_a_step_that_changes_with_a_period_gets_one_hint(caplog):
+    """optimizer.step() every second iteration: the iterations without it are recorded,
+    every one with it deviates, for ever (the recording after a deviation is of an
+    iteration without it again). The third deviation at a fixed period gets one
+    warning that says so and what to do: the whole cycle in one iteration."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="outcore"):
+        plain, ours, error, report = _accumulating(2_500_000, iterations=10)
+    assert error is None
+    assert [it.index for it in report.iterations if it.deviation] == [2, 4, 6, 8, 10]
+    hints = [r.getMessage() for r in caplog.records if "one in every 2" in r.getMessage()]
+    assert hints == ["iterations 2, 4, 6 deviated from their record, one in every 2: a step "
+                     "that changes with a period (optimizer.step() every 2 iterations, gradient "
+                     "accumulation) is recorded again each time, and its stepping iterations "
+                     "never replay a plan. Put the whole cycle in one ooc.iteration(): the "
+                     "micro-batches' forward and backward, then optimizer.step()"], hints
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))

@@ -349,6 +349,8 @@ class OutOfCore:
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
         self._warned_rss = False     # once: the process grew past _rss_bound()
+        self._deviated_at: list[int] = []   # the last 3 iterations that left their record
+        self._warned_period = False         # once: they did so at a fixed period (_periodic)
         self._composition = Composition()     # run/compose.py: torch.distributed around us
 
     # -- the loop ------------------------------------------------------------------------
@@ -690,6 +692,24 @@ class OutOfCore:
                 "budget to that or more, lower the batch, or lower min_move_bytes.",
                 function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,
                 budget_bytes=self.budget, min_feasible_bytes=smallest) from None
+
+    def _periodic(self, index: int) -> None:
+        """Note that iteration `index` deviated; the third deviation in a row at a fixed
+        period gets one warning with the likely cause. A loop that calls
+        optimizer.step() every n-th iteration (gradient accumulation across
+        iterations) records the iterations without it and deviates at every one with it,
+        for ever: the recording after a deviation is of the next iteration, which has
+        none again."""
+        seen = self._deviated_at = [*self._deviated_at[-2:], index]
+        if (not self._warned_period and len(seen) == 3
+                and seen[2] - seen[1] == seen[1] - seen[0] > 1):
+            self._warned_period = True
+            log.warning("iterations %s deviated from their record, one in every %d: a step that "
+                        "changes with a period (optimizer.step() every %d iterations, gradient "
+                        "accumulation) is recorded again each time, and its stepping iterations "
+                        "never replay a plan. Put the whole cycle in one ooc.iteration(): "
+                        "the micro-batches' forward and backward, then optimizer.step()",
+                        ", ".join(map(str, seen)), seen[1] - seen[0], seen[1] - seen[0])
 
     def _trims(self) -> tuple[int, int]:
         """The governor's trims so far, and the bytes they gave back."""
@@ -1036,6 +1056,7 @@ class _Iteration:
                 log.warning("iteration %d deviated from the recorded step (%s); it finished "
                             "on-demand, correct but slower, and the next one is recorded again",
                             len(ooc._iterations), deviation)
+                ooc._periodic(len(ooc._iterations))
 
 
 class _Building(_Iteration):
