@@ -216,7 +216,7 @@ def test_plan_says_the_budget_outofcore_takes_for_the_step(tmp_path, capsys):
     assert said, "the error names no budget for OutOfCore"
     least = int(said.group(1).replace(",", ""))
     from outcore.plan import min_feasible_budget
-    assert least > min_feasible_budget(rec.trace)
+    assert least > min_feasible_budget(rec.trace) and least == outcore.smallest_budget(rec.trace)
     ours = build("mlp-tiny", batch=64, optimizer="adam")
     step(ours)
     with outcore.OutOfCore(budget=least) as ooc:

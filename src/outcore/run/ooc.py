@@ -123,7 +123,8 @@ def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, hel
 
 
 def smallest_budget(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
-    """The smallest budget an OutOfCore can run `trace` at, as its InfeasibleBudget
+    """The smallest budget an OutOfCore(min_move_bytes=...) can run the step `trace`
+    recorded at (`outcore.record()`, also on the meta device), as its InfeasibleBudget
     counts it (`OutOfCore._require_feasible`): what the plan needs of the arrays that
     move, beside the most of those that never move alive at once (`pinned_peak`).
     `outcore plan` shows it beside the plan's own figure, which counts every array as
