@@ -2,9 +2,12 @@
 torchrun, one OutOfCore per rank (its own budget, its own swap file).
 
     torchrun --standalone --nproc-per-node 2 examples/fsdp2.py [--budget 64MiB] [--steps 20] [--check]
+        [--state-dir DIR]
 
 --check trains the same steps without outcore first and says whether this rank's shard
-of every parameter came out bitwise equal. CPU tensors and gloo: outcore's GPU tier
+of every parameter came out bitwise equal. --state-dir keeps each rank's shards after
+every step in DIR/rank<r> (docs/state.md): the same command started again after a kill
+or Ctrl-C resumes from the last completed step, bitwise. CPU tensors and gloo: outcore's GPU tier
 (offload="host") is not built yet, so on GPUs this script still trains on the CPU.
 Ownership (docs/distributed.md): FSDP keeps the unsharded parameters of each layer it
 gathers and frees them itself; outcore moves the sharded parameters, the optimizer
@@ -37,7 +40,8 @@ def batches(rank: int, steps: int, batch: int):
         yield torch.randn(batch, 128, 256, generator=g), torch.randn(batch, 128, 256, generator=g)
 
 
-def train(steps: int, budget: str | None, batch: int) -> list[torch.Tensor]:
+def train(steps: int, budget: str | None, batch: int,
+          state_dir: str | None = None) -> list[torch.Tensor]:
     rank = dist.get_rank()
     torch.manual_seed(1234 + rank)           # dropout: the same stream with and without outcore
     model = build()
@@ -57,9 +61,15 @@ def train(steps: int, budget: str | None, batch: int) -> list[torch.Tensor]:
         for x, y in batches(rank, steps, batch):
             step(x, y)
     else:
-        with tempfile.TemporaryDirectory() as swap, \
-                outcore.OutOfCore(budget=budget, swap_dir=swap) as ooc:
+        with tempfile.TemporaryDirectory() as swap, outcore.OutOfCore(
+                budget=budget, swap_dir=swap,
+                state_dir=state_dir and f"{state_dir}/rank{rank}") as ooc:
+            start = ooc.resume(model, opt) if state_dir else 0     # steps already done
+            if rank == 0 and start:
+                print(f"resumed after step {start - 1}", flush=True)
             for i, (x, y) in enumerate(batches(rank, steps, batch)):
+                if i < start:
+                    continue                 # the data of the steps done: drawn, not used
                 with ooc.iteration():
                     loss = step(x, y)
                 if rank == 0 and (i % 5 == 0 or i == steps - 1):
@@ -77,11 +87,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="sequences of 128 per rank")
     parser.add_argument("--check", action="store_true",
                         help="train without outcore first and compare bitwise")
+    parser.add_argument("--state-dir", help="keep each rank's state there after every step, "
+                        "and resume from it when started again")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     try:
         plain = train(args.steps, None, args.batch) if args.check else None
-        ours = train(args.steps, args.budget, args.batch)
+        ours = train(args.steps, args.budget, args.batch, args.state_dir)
         if plain is not None:
             same = all(torch.equal(a, b) for a, b in zip(plain, ours))
             print(f"rank {dist.get_rank()}: parameters bitwise equal to FSDP2 alone: {same}", flush=True)
