@@ -109,3 +109,23 @@ def test_ranks_that_kept_different_iterations_resume_together(tmp_path):
         assert result["fsdp"] == {"start": 2, "plain": True}, result["fsdp"]
         assert re.search(r"different iterations \(rank 0: 4 in .*, rank 1: 2 in .*not every "
                          r"rank kept the state of iteration 2", apart["error"]), apart
+
+
+def test_the_fsdp2_example_resumes_from_its_state_dir(tmp_path):
+    """examples/fsdp2.py, as the README and docs/distributed.md run it (smaller): two
+    steps kept in --state-dir, then the same command for three with --check resumes
+    after step 1 and ends bitwise equal to three FSDP2 steps without outcore."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    example = os.path.join(HERE, "..", "..", "examples", "fsdp2.py")
+    outputs = []
+    for steps, more in (("2", []), ("3", ["--check"])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "2", example, "--batch", "2", "--steps", steps, "--state-dir",
+             str(tmp_path / "state"), *more],
+            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        outputs.append(proc.stdout)
+    assert "resumed" not in outputs[0] and "resumed after step 1" in outputs[1], outputs
+    for rank in (0, 1):
+        assert f"rank {rank}: parameters bitwise equal to FSDP2 alone: True" in outputs[1]
