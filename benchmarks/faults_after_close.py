@@ -90,7 +90,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, help="for the CNNs (default 64)")
     parser.add_argument("--budget", type=int, default=None, help="bytes (default: a quarter of the managed peak)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--restore", choices=("both", "old", "new"), default="both")
@@ -100,6 +100,9 @@ def main():
     if args.child:
         print(json.dumps(_child(json.loads(args.child))), flush=True)
         return
+    from outcore.workloads import SPECS
+    if args.image_size is None and "image_size" in SPECS[args.model].sizes:
+        args.image_size = 64
     base = {"model": args.model, "batch": args.batch, "image_size": args.image_size}
     budget = args.budget
     if budget is None:
@@ -121,7 +124,8 @@ def main():
                   f"step {statistics.mean(result['seconds']):.2f} s rss {result['rss'] / MiB:.0f} MiB",
                   file=sys.stderr, flush=True)
     print(f"\n`{shlex.join(['.venv/bin/python', 'benchmarks/faults_after_close.py', *sys.argv[1:]])}`\n")
-    print(f"{args.model}, batch {args.batch}, {args.image_size}x{args.image_size}, budget "
+    print(f"{args.model}, batch {args.batch}, "
+          f"{f'{args.image_size}x{args.image_size}, ' if args.image_size else ''}budget "
           f"{budget / MiB:.0f} MiB; {args.reps} fresh processes per row, round-robin; per process "
           f"the mean of {MEASURED} plain steps after {WARMUP} warm-up; medians over processes\n")
     print("| before the plain steps | close() restores | faults/step | (per process) | step (s) | RSS after (MiB) |")

@@ -134,19 +134,20 @@ class Composition:
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata in residency.entries:
                 _disown(residency, tensor)
 
-    def fsdp_uninitialized(self) -> bool:
-        """Whether an FSDP2 module alive has not run its first forward yet: FSDP sets
+    def fsdp_uninitialized(self) -> list:
+        """The FSDP2 states (weakly) that have not run their first forward yet: FSDP sets
         itself up lazily there (`FSDPState._lazy_init`, which allocates its all-gather
-        outputs with ops no later iteration runs), so an iteration recorded before it is
+        outputs with ops no later iteration runs), so an iteration in which one did is
         not the steady step, and the next one is recorded too (as for DDP's buckets,
-        `ddp_buckets_unbuilt`). Reads FSDP's private `_is_root` (None until lazy init);
-        a torch without it counts as set up."""
+        `ddp_buckets_unbuilt`; `fsdp_set_up`). Reads FSDP's private `_is_root` (None
+        until lazy init); a torch without it counts as set up."""
+        found = []
         for ref in self._fsdp_modules:
             module = ref()
             state = module._get_fsdp_state() if module is not None else None
             if state is not None and getattr(state, "_is_root", False) is None:
-                return True
-        return False
+                found.append(weakref.ref(state))
+        return found
 
     def _fsdp_owned(self):
         """FSDP's all-gather outputs (the unsharded parameters' memory), through its
@@ -159,6 +160,14 @@ class Composition:
             for fsdp_param in getattr(group, "fsdp_params", ()):
                 yield from getattr(fsdp_param, "all_gather_outputs", ())
                 yield from getattr(fsdp_param, "_unsharded_inner_tensors", ())
+
+
+def fsdp_set_up(states: list) -> bool:
+    """Whether one of `states` (from Composition.fsdp_uninitialized) ran its lazy
+    set-up since: a module the step never ran (a second model kept for evaluation)
+    stays unset and does not count."""
+    return any(s is not None and getattr(s, "_is_root", None) is not None
+               for s in (ref() for ref in states))
 
 
 def ddp_buckets_unbuilt() -> list:

@@ -50,8 +50,11 @@ NOTE [Durable state]
      shard into its local tensor in place, where FSDP's views of it stay valid, and
      makes an optimizer state entry a DTensor again with its parameter's mesh and
      placements. Each rank keeps its own shards in its own directory, so a resume must
-     shard the model as it was (same ranks, same `fully_shard` calls): a shard of
-     another shape is refused before anything is copied.
+     shard the model as it was (same ranks, same `fully_shard` calls): a model shard of
+     another shape is refused before anything is copied, an optimizer state shard as
+     it is read (the model is then partly loaded, and `failed_note` says so). An
+     optimizer state DTensor is assumed to have its parameter's shape and placements
+     (true of torch's optimizers that run on DTensors).
 """
 from __future__ import annotations
 

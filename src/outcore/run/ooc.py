@@ -71,8 +71,8 @@ from ..states import FAST
 from ..units import format_bytes, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
-from .compose import (Composition, _distributed_up, held_arrays, owned_arrays, owned_occupancy,
-                      without_held)
+from .compose import (Composition, _distributed_up, fsdp_set_up, held_arrays, owned_arrays,
+                      owned_occupancy, without_held)
 from .durable import Durable
 from .interrupts import Shield, critical
 from .mapped import Pager
@@ -350,7 +350,8 @@ class OutOfCore:
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
         self._warned_rss = False     # once: the process grew past _rss_bound()
-        self._deviated_at: list[int] = []   # the last 3 iterations that left their record
+        self._deviated_at: list = []        # the last 3 (iteration, reason) that left their record
+        self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
         self._composition = Composition()     # run/compose.py: torch.distributed around us
 
@@ -573,7 +574,7 @@ class OutOfCore:
         # ddp_buckets_unbuilt): one recorded before or during it is not the steady step.
         rebuilding = any(m is not None for m in (ref() for ref in recording.ddp_unbuilt))
         # FSDP2 sets itself up in its first forward (Composition.fsdp_uninitialized).
-        unsteady = lazy_state or rebuilding or recording.fsdp_uninitialized
+        unsteady = lazy_state or rebuilding or fsdp_set_up(recording.fsdp_uninitialized)
         if unsteady and self._recordings_in_a_row < _MAX_RECORDINGS:
             log.info("the step %s; recording the next iteration too, to plan the steady state",
                      "created optimizer state" if lazy_state else
@@ -612,6 +613,9 @@ class OutOfCore:
                         "in 4 KiB at a time: huge pages for tensors are %s",
                         format_bytes(schedule.bytes_in + schedule.bytes_out), self._huge_pages)
         self.trace, self.schedule = trace, schedule
+        # What moves between iterations, on the trace the plan was made for: held arrays
+        # are 0 bytes there, and never move (Schedule.boundary).
+        self._between = schedule.boundary(plannable)
 
         self._carried, self._inputs, holding = {}, [], set()
         for aid, ref in recording.alive_at_end.items():
@@ -694,15 +698,19 @@ class OutOfCore:
                 function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,
                 budget_bytes=self.budget, min_feasible_bytes=smallest) from None
 
-    def _periodic(self, index: int) -> None:
-        """Note that iteration `index` deviated; the third deviation in a row at a fixed
-        period gets one warning with the likely cause. A loop that calls
-        optimizer.step() every n-th iteration (gradient accumulation across
-        iterations) records the iterations without it and deviates at every one with it,
-        for ever: the recording after a deviation is of the next iteration, which has
-        none again."""
-        seen = self._deviated_at = [*self._deviated_at[-2:], index]
+    def _periodic(self, index: int, reason: str) -> None:
+        """Note that iteration `index` deviated for `reason`; the third deviation in a row
+        for the same reason at a fixed period gets one warning with the likely cause. A
+        loop that calls optimizer.step() every n-th iteration (gradient accumulation
+        across iterations) records the iterations without it and deviates at every one
+        with it, at the same function, for ever: the recording after a deviation is of
+        the next iteration, which has none again. (A step whose shapes follow the data
+        deviates at every replay too, period 2, but at other functions or sizes: not
+        this.)"""
+        self._deviated_at = [*self._deviated_at[-2:], (index, reason)]
+        seen = [i for i, _ in self._deviated_at]
         if (not self._warned_period and len(seen) == 3
+                and len({r for _, r in self._deviated_at}) == 1
                 and seen[2] - seen[1] == seen[1] - seen[0] > 1):
             self._warned_period = True
             log.warning("iterations %s deviated from their record, one in every %d: a step that "
@@ -728,8 +736,9 @@ class OutOfCore:
 
     def report(self) -> Report:
         trace, schedule = self.trace, self.schedule
-        pinned = sum(e.nbytes for e in self._res.entries.values()
-                     if e.pinned and not e.elsewhere and e.ref() is not None)
+        pinned = sum(min(e.nbytes, s.nbytes()) for e in self._res.entries.values()
+                     if e.pinned and not e.elsewhere and (s := e.ref()) is not None)
+        # (min: FSDP resizes the storages it owns to nothing between its uses)
         made = remade(trace) if trace else []
         return Report(
             budget=self.budget, policy=_policy_label(schedule) if schedule else self.policy,
@@ -739,7 +748,7 @@ class OutOfCore:
             planned_peak=schedule.peak_bytes if schedule else None,
             planned_in=schedule.bytes_in if schedule else None,
             planned_out=schedule.bytes_out if schedule else None,
-            planned_between=schedule.boundary(trace) if schedule else (0, 0),
+            planned_between=self._between if schedule else (0, 0),
             planned_budget=schedule.budget if schedule else None,
             pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
             rss_made=self._rss_made,
@@ -1057,7 +1066,7 @@ class _Iteration:
                 log.warning("iteration %d deviated from the recorded step (%s); it finished "
                             "on-demand, correct but slower, and the next one is recorded again",
                             len(ooc._iterations), deviation)
-                ooc._periodic(len(ooc._iterations))
+                ooc._periodic(len(ooc._iterations), deviation)
 
 
 class _Building(_Iteration):

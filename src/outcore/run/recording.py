@@ -38,7 +38,7 @@ class SafeRecording(Recording):
     error is raised when it ends. OutOfCore then refuses later iterations at once."""
 
     def __init__(self, residency: Residency, budget: int, shield: Shield, *, label: str = "",
-                 fsdp_uninitialized: bool = False):
+                 fsdp_uninitialized: tuple = ()):
         super().__init__(label=label)
         self.shield = shield
         self.residency = residency
@@ -49,7 +49,7 @@ class SafeRecording(Recording):
         self._entries = []
         self.compiled_seen = False
         self.ddp_unbuilt = ddp_buckets_unbuilt()      # read by OutOfCore._plan_recording
-        self.fsdp_uninitialized = fsdp_uninitialized  # so is this (Composition's)
+        self.fsdp_uninitialized = fsdp_uninitialized  # so is this (compose.fsdp_set_up)
         # Arrays whose storage cannot move from the op that first sees them on (Residency
         # NOTE 7), also those that die within the step (a DataLoader worker's batch, in
         # shared memory): the plan counts them held, as it does those alive at the end

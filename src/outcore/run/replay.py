@@ -500,8 +500,11 @@ class Replayer(HeldMode):
         self._fallen += 1
         movable, pinned = self._on_demand.needed
         if movable + pinned > self.budget and self.infeasible is None:
+            # The phase of the recorded function the step left its record at: after that
+            # nothing maps the step's ops onto the record's.
+            phase = self.trace.functions[min(self.index, self.n - 1)].phase if self.n else "?"
             self.infeasible = infeasible(
-                self.index + self._fallen - 1, str(func), "run on demand", movable, pinned,
-                self.budget, self.res.min_move_bytes, deviated=True)
+                self.index + self._fallen - 1, f"{func}, run on demand", phase, movable,
+                pinned, self.budget, self.res.min_move_bytes, deviated=True)
         return out
 
