@@ -290,8 +290,8 @@ class Durable:
             loaded = {key: _map_refs(value, lambda ref: self.read(ref, file))
                       for key, value in kept.items() if key != "state"}
             loaded["state"] = {index: _map_refs(entry, lambda ref, i=index: self._state_value(
-                ref, file, params[i] if isinstance(i, int) and i < len(params) else None))
-                for index, entry in kept.get("state", {}).items()}
+                ref, file, params[i] if isinstance(i, int) and 0 <= i < len(params) else None,
+                i)) for index, entry in kept.get("state", {}).items()}
             optimizer.load_state_dict(loaded)
         torch.set_rng_state(self.manifest["rng"])
 
@@ -314,12 +314,17 @@ class Durable:
             + ("; resume with the ranks and the fully_shard calls it was trained with"
                if shard else "") + ". Nothing was loaded.")
 
-    def _state_value(self, ref: dict, file: str, param) -> torch.Tensor:
-        """An optimizer state entry: a DTensor again, like its parameter, where it was one
+    def _state_value(self, ref: dict, file: str, param, key) -> torch.Tensor:
+        """An optimizer state entry (of state key `key`, parameter `param` or None where
+        the key names none): a DTensor again, like its parameter, where it was one
         (rule 9)."""
         value = self.read(ref, file)
         if not ref.get("dtensor"):
             return value
+        if param is None:
+            raise OutcoreError(f"the state in {self.directory} holds optimizer state under key "
+                               f"{key!r}, which names no parameter of this optimizer's groups; "
+                               "pass the optimizer it was trained with")
         dtensor = _dtensor_class()
         if dtensor is None or not isinstance(param, dtensor):
             raise OutcoreError(f"the state in {self.directory} holds the optimizer state of "
