@@ -26,7 +26,10 @@ from .variants import DiskOffload, checkpoint_blocks, step_under
 
 
 def shape_of(model: str, image_size: int | None, seq_len: int | None) -> dict:
-    return {k: v for k, v in (("image_size", image_size), ("seq_len", seq_len)) if v is not None}
+    """The size arguments given for `model` (workloads.sizes: refused where it takes none
+    of that name)."""
+    from ..workloads import sizes
+    return sizes(model, image_size=image_size, seq_len=seq_len)
 
 
 def memory_on_meta(model: str, batch: int, variant: str, **shape) -> dict:
