@@ -25,7 +25,7 @@ class OnDemand:
         self.residency = residency
         self.budget = budget
         self._asked = None          # (func, args, kwargs, room left) between before and after
-        self.needed = (0, 0)        # the last op's (movable, pinned) bytes: `needed`
+        self.last = ((), ())        # the last op's (entries, created): `needed` reads them
 
     def before(self, inputs, func, args=(), kwargs=None) -> list:
         """Make every input storage resident, with room left for what `func(*args,
@@ -54,8 +54,8 @@ class OnDemand:
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
         entries = self.before(inputs, func, args, kwargs)
         out = func(*args, **kwargs)
-        created = self.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
-        self.needed = needed(self.residency, entries, created)
+        self.last = (entries, self.after(entries, written_tensors(func, args, kwargs),
+                                         output_tensors(out)))
         return out
 
     def after(self, entries, written, outputs) -> list:

@@ -26,7 +26,7 @@ from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
-from .on_demand import OnDemand, infeasible
+from .on_demand import OnDemand, infeasible, needed
 from .residency import Residency
 from .steplog import StepLog
 
@@ -498,7 +498,7 @@ class Replayer(HeldMode):
         every time it came back."""
         out = self._on_demand.run(func, args, kwargs)
         self._fallen += 1
-        movable, pinned = self._on_demand.needed
+        movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             # The phase of the recorded function the step left its record at: after that
             # nothing maps the step's ops onto the record's.
