@@ -274,13 +274,17 @@ def test_outcore_plan_recompute_all_writes_the_trace_its_schedule_is_for(tmp_pat
     assert "recomputes" not in capsys.readouterr().out      # default: the trace as given
 
 
-def test_a_budget_the_repeats_do_not_fit_plans_without_them():
-    t = layered([64, 64, 64])
-    low = min_feasible_budget(t)
-    assert min_feasible_budget(recompute.rewrite(t, recompute.candidates(t))) > low
-    chosen, r, s = recompute.choose(t, low, mode=True)
-    assert chosen == [] and r is t
-    check(t, s, low)
+def test_a_repeat_needs_no_more_than_its_producer_did():
+    # Rule 5: y's storage takes over the repeat's output memory, so a repeat holds what
+    # its producer held (its inputs, y, its workspace and other outputs): every budget
+    # the step fits, its rewritten step fits too, down to the smallest.
+    for t in (layered([64, 64, 64]), layered([16, 64, 32, 8], dropout=True)):
+        low = min_feasible_budget(t)
+        chosen = recompute.candidates(t)
+        assert chosen and min_feasible_budget(recompute.rewrite(t, chosen)) == low
+        chosen, r, s = recompute.choose(t, low, mode=True)
+        assert chosen and r is not t
+        check(r, s, low)
 
 
 def test_outcore_simulate_recompute(tmp_path, capsys):

@@ -79,9 +79,15 @@ def train(w, ooc=None, iterations=4, seed=100):
 
 @pytest.mark.parametrize("optimizer,channels_last", [("sgd", False), ("adam", False),
                                                     ("sgd", True)])
-def test_recomputed_training_is_bitwise_plain(optimizer, channels_last):
+def test_recomputed_training_is_bitwise_plain(optimizer, channels_last, monkeypatch):
     plain, managed = Work(optimizer, channels_last), Work(optimizer, channels_last)
     losses = train(plain)
+    taken, take = [], executor._take
+
+    def spy(storage, nbytes, outputs, index, geometry):      # NOTE 3: no copy, no 2nd buffer
+        take(storage, nbytes, outputs, index, geometry)
+        taken.append(outputs[index].untyped_storage().nbytes() == 0)
+    monkeypatch.setattr(executor, "_take", spy)
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         got = train(managed, ooc)
         report = ooc.report()
@@ -91,6 +97,7 @@ def test_recomputed_training_is_bitwise_plain(optimizer, channels_last):
     assert not any("bernoulli" in op or "dropout" in op for op in ops)
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert replays and all(it.bytes_recomputed > 0 and not it.deviation for it in replays)
+    assert taken and all(taken)
     assert all(torch.equal(a, b) for a, b in zip(losses, got))
     assert_bitwise_equal(state_of(plain.model, plain.optimizer),
                          state_of(managed.model, managed.optimizer))
@@ -200,8 +207,10 @@ def test_a_remake_refuses_an_input_changed_after_the_op_even_before_the_discard(
     out, call = _kept_mm(x, w)
     x.add_(1)                                 # after the op, before the discard
     remake = executor.Remake(_NoResidency(), [call], "a test activation", out.untyped_storage())
+    out.untyped_storage().resize_(0)           # discarded
     with pytest.raises(OutcoreError, match="changed in place"):
-        remake(out.untyped_storage())
+        remake(out.untyped_storage(), 4 * 8 * 4)
+    assert out.untyped_storage().nbytes() == 0            # nothing computed
 
 
 def test_a_remake_writes_the_same_bytes_without_moving_the_version():
@@ -211,8 +220,28 @@ def test_a_remake_writes_the_same_bytes_without_moving_the_version():
     remake = executor.Remake(_NoResidency(), [call], "a test activation", out.untyped_storage())
     out.zero_()
     version = out._version
-    remake(out.untyped_storage())
+    out.untyped_storage().resize_(0)           # discarded
+    remake(out.untyped_storage(), expected.nbytes)
     assert torch.equal(out, expected) and out._version == version
+
+
+def test_a_remake_takes_over_the_outputs_memory_instead_of_copying_it():
+    # NOTE 3: y's empty storage takes the repeat's output memory (the plan counts y's
+    # bytes once); an output in another geometry is copied into memory of y's own.
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    y = torch.empty(4, 8)
+    storage = y.untyped_storage()
+    storage.resize_(0)
+    made = torch.ops.aten.mm.default(x, w)
+    address = made.data_ptr()
+    executor._take(storage, y.nbytes, (made,), 0, ((4, 8), (8, 1), 0))
+    assert storage.data_ptr() == address and made.untyped_storage().nbytes() == 0
+    assert torch.equal(y, torch.ops.aten.mm.default(x, w))
+    storage.resize_(0)
+    made = torch.ops.aten.mm.default(x, w).t().contiguous().t()      # column-major
+    executor._take(storage, y.nbytes, (made,), 0, ((4, 8), (8, 1), 0))
+    assert storage.data_ptr() != made.data_ptr() and made.untyped_storage().nbytes() == y.nbytes
+    assert torch.equal(y, made)
 
 
 def test_a_remake_runs_without_autocast_even_when_called_under_it():
@@ -223,9 +252,9 @@ def test_a_remake_runs_without_autocast_even_when_called_under_it():
     out, call = _kept_mm(x, w)
     expected = out.clone()
     remake = executor.Remake(_NoResidency(), [call], "a test activation", out.untyped_storage())
-    out.zero_()
+    out.untyped_storage().resize_(0)           # discarded
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        remake(out.untyped_storage())
+        remake(out.untyped_storage(), expected.nbytes)
     assert torch.equal(out, expected)
 
 
@@ -237,7 +266,8 @@ def test_a_failed_remake_leaves_no_tensor_without_memory(monkeypatch):
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         train(w, ooc, iterations=3)
 
-        def broken(self, storage):
+        def broken(self, storage, nbytes):
+            storage.resize_(nbytes)            # failed after taking memory: the caller empties it
             raise RuntimeError("injected")
         monkeypatch.setattr(executor.Remake, "__call__", broken)
         with pytest.raises(RuntimeError, match="injected"):

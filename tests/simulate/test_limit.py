@@ -1,6 +1,7 @@
 """The physical limit (simulate/limit.py): hand-checked on a forward/backward step (the cut
-bound) and on a function that needs nearly the whole budget (the pressure bound), and
-never beaten by any simulated schedule."""
+bound), on a function that needs nearly the whole budget (the pressure bound) and on one
+crowded by arrays that each fit beside it (the crowd bound), and never beaten by any
+simulated schedule."""
 import dataclasses
 
 from hypothesis import HealthCheck, given, settings
@@ -50,6 +51,24 @@ def test_an_array_that_does_not_fit_beside_a_function_leaves_and_comes_back():
     sim = outcore.simulate(t, outcore.plan(t, 10, "adaptive"), m)
     assert abs(sim.step_time_s - 11.0) < 1e-9               # the plan meets it
     assert physical_limit(t, 12, m).binding == "compute"     # a fits beside b
+
+
+def test_arrays_that_each_fit_beside_a_function_but_not_together_leave_whole():
+    # NOTE [Crowd bound]: f2 creates 6 B under 10, with a and b (4 B each, read by f3
+    # and f4) alive across it: each fits beside it, not both. One of them, 4 B whole, is
+    # out while f2 runs and read back by the start of f4, with f3's 1 s to hide it at
+    # 1 B/s: 3 s beyond the compute (5 s). The per-array pressure bound and the cuts see
+    # nothing (no array alone crowds f2; at most 8 B alive across any cut).
+    t = build({"a": 4, "b": 4, "c": 6}, ["f0 c:a", "f1 c:b", "f2 c:c", "f3 r:a", "f4 r:b"],
+              durations=[1.0] * 5)
+    limit = physical_limit(t, 10, TOY)
+    assert limit.binding == "pressure" and limit.cut is None
+    assert abs(limit.seconds - 8.0) < 1e-9 and limit.pressure.intervals == ((3, 4),)
+    assert (limit.pressure.read, limit.pressure.written) == (4, 0)
+    for policy in POLICIES:
+        options = {"machine": TOY} if policy == "auto" else {}
+        assert outcore.simulate(t, outcore.plan(t, 10, policy, **options), TOY).step_time_s >= 8.0
+    assert physical_limit(t, 14, TOY).binding == "compute"    # both fit beside c
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -33,8 +33,9 @@ NOTE [Recompute rules] (cited from code as "rule N"; `check` enforces 3 as R9)
      before p, so that the step updates them once, as plain PyTorch does.
   5. The repeat runs right before y's first use in backward (or before the repeat of
      an array made from y, if that comes first). Its workspace is the producer's plus
-     the bytes the producer creates: the executor computes into fresh tensors and
-     copies y's bytes into y's own storage, which autograd holds.
+     the bytes the producer creates besides y: the executor computes into fresh
+     tensors, and y's own storage, which autograd holds, takes over the output's memory
+     (NOTE 3 of [Replaying a recompute], run/recompute.py).
   6. Worth it: the producer's and follower's time is less than writing y out and
      reading it back on the machine (`candidates(machine=...)`). Whether the plan with
      recompute beats the plan without, by MARGIN, is decided by simulated time
@@ -226,11 +227,12 @@ def rewrite(trace, chosen) -> Trace:
                 reads.append(Access(temporaries[x, where], "read"))
             else:
                 reads.append(Access(again.get(x, x), "read"))
-        made_bytes = sum(trace.arrays[a.array].nbytes for a in p.accesses if a.kind == "create")
+        besides = sum(trace.arrays[a.array].nbytes for a in p.accesses
+                      if a.kind == "create" and a.array != y)                  # rule 5
         out.append(dataclasses.replace(
             p, op=PREFIX + p.op, phase="backward", accesses=tuple(reads) + (Access(made, "create"),),
             host_s=0.0, host_cpu_s=0.0, repeats=c.producer,
-            workspace_bytes=p.workspace_bytes + made_bytes))
+            workspace_bytes=p.workspace_bytes + besides))
         if c.follower >= 0:
             f = fns[c.follower]
             out.append(dataclasses.replace(

@@ -19,10 +19,15 @@ NOTE [Replaying a recompute]
      a deviation, on-demand), the calls' inputs are made ready, every version is checked
      against the one noted at the capture (a change means the repeat would not give
      the same bytes: OutcoreError, nothing computed), the producer runs again, without
-     autograd or autocast, and its output's bytes are copied into y's storage; then the
-     follower runs on y in place. The writes go through an alias of y's storage with
-     its own version counter, so autograd's saved-tensor checks see y unchanged, as
-     after a swap-in.
+     autograd or autocast, into fresh memory, and y's storage (empty since the discard)
+     takes that memory over (`_take`: the storages swap their data pointers, no copy);
+     then the follower runs on y in place. So a repeat needs y's bytes once, not twice,
+     which is what the plan counts (plan/recompute.py, rule 5). Where the output does not
+     fill a storage of y's size alone in y's geometry (never seen: the same op on the
+     same inputs), its bytes are copied into y's storage instead, y's bytes more than
+     the plan for the length of the copy. The follower's writes go through an alias of
+     y's storage with its own version counter, so autograd's saved-tensor checks see y
+     unchanged, as after a swap-in.
   4. Whatever is still DISCARDED and alive when the step leaves the plan (before the op
      that left it runs, which may change an input) or the iteration ends (however it
      ends, a Ctrl-C included) is remade then. If a remake fails (out of memory, an
@@ -137,8 +142,9 @@ class Remake:
         self.versions = [(t, v) for c in calls for t, v in c.versions or ()
                          if t.untyped_storage()._cdata != key]
 
-    def __call__(self, storage) -> None:
-        """Write the array's bytes into `storage` (already of its size)."""
+    def __call__(self, storage, nbytes: int) -> None:
+        """Give `storage` (empty) its `nbytes` of the array again (NOTE 3). On an error it
+        may be left with memory and any bytes: the caller empties it."""
         res = self.res
         for t, version in self.versions:
             if t._version != version:
@@ -163,9 +169,30 @@ class Remake:
                 kwargs = _bind(call, call.kwargs, storage)
                 out = call.func(*args, **kwargs)
                 if call.out_index >= 0:
-                    made = output_tensors(out)[call.out_index]
-                    _alias(storage, made.dtype, made.device, call.geometry).copy_(made)
+                    _take(storage, nbytes, output_tensors(out), call.out_index, call.geometry)
+                    del out
+        if storage.nbytes() != nbytes:
+            raise OutcoreError(f"outcore could not recompute {self.label}: its producer's "
+                               "call made no output for it. Pass recompute=False to OutOfCore, "
+                               "and report the model")
         self.calls, self.versions = [], []
+
+
+def _take(storage, nbytes: int, outputs, index: int, geometry) -> None:
+    """Give y's `storage` (empty) the bytes of the repeat's output `outputs[index]`: its
+    memory itself where that output fills a storage of `nbytes` alone in y's `geometry`
+    (size, stride, offset), else a copy into memory of y's own (NOTE 3)."""
+    made = outputs[index]
+    own = made.untyped_storage()
+    if (storage.nbytes() == 0 and own.nbytes() == nbytes and own.device == storage.device
+            and (tuple(made.size()), tuple(made.stride()), made.storage_offset()) == geometry
+            and not any(o.untyped_storage()._cdata == own._cdata
+                        for j, o in enumerate(outputs) if j != index)):
+        storage._swap_data_ptr_(own)        # y's storage holds the output's memory now
+        return
+    if storage.nbytes() != nbytes:
+        storage.resize_(nbytes)
+    _alias(storage, made.dtype, made.device, geometry).copy_(made)
 
 
 def _no_autocast():

@@ -485,11 +485,10 @@ class Residency:
             return
         if self.memory_check is not None:
             self.memory_check()
-        storage.resize_(entry.nbytes)        # may raise (out of memory): still DISCARDED
         try:
-            entry.remake(storage)
+            entry.remake(storage, entry.nbytes)   # gives the storage its memory back
         except BaseException:
-            storage.resize_(0)
+            storage.resize_(0)               # may have memory: still DISCARDED, empty
             raise
         entry.state, entry.clean, entry.remake = FAST, False, None
         self.stats.bytes_recomputed += entry.nbytes
