@@ -279,3 +279,13 @@ def test_an_op_whose_meta_kernel_under_reports_gets_its_room_the_next_time(tmp_p
     assert report.in_core_peak > 1.5 * budget
     for it in report.iterations[1:]:
         assert it.peak_resident <= budget, report
+
+
+def test_a_budget_above_the_memory_there_is_gets_a_warning(monkeypatch, caplog, tmp_path):
+    from outcore.run.movers import host
+    monkeypatch.setattr(host, "memory_limit", lambda: 8 * 2**30)
+    with caplog.at_level("WARNING", logger="outcore"):
+        outcore.OutOfCore("1TiB", swap_dir=tmp_path).close()
+        outcore.OutOfCore("4GiB", swap_dir=tmp_path).close()
+    warned = [r.getMessage() for r in caplog.records if "bounds nothing" in r.getMessage()]
+    assert len(warned) == 1 and "1.00 TiB" in warned[0] and "8.00 GiB of RAM" in warned[0]

@@ -254,6 +254,13 @@ class OutOfCore:
                 raise OutcoreError(f"host_budget must be a byte count >= 0 (bytes or a string "
                                    f"such as '8GiB'): {err}") from None
         self.offload = offload
+        if offload == "disk" and self.budget > (ram := host.memory_limit()):
+            log.warning("the budget of %s is more than the %s of RAM this process may use (the "
+                        "machine's, or its container's limit): it bounds nothing, and a step "
+                        "larger than memory would be killed by the operating system instead "
+                        "of refused by outcore. Pass a budget below that, with room for the "
+                        "rest of the process (the report's rss+ line says how much it took)",
+                        format_bytes(self.budget), format_bytes(ram))
         registered(policy, plan_options or {},          # refused now, not after a recording
                    subject=f"OutOfCore(policy={policy!r})", what="plan option",
                    hint="; a window is adaptive's option (policy='adaptive'), k fixed's")

@@ -41,6 +41,7 @@ class _ArrayLog:
     first_use: int
     existed_before: bool
     parameter: bool            # a leaf requiring grad, or an nn.Parameter (frozen too)
+    module_parameter: bool     # an nn.Parameter
     created_phase: str | None
     last_use: int = -1
     freed_after: int | None = None
@@ -238,6 +239,7 @@ class Recording(TorchDispatchMode):
                 device=str(t.device), origin=(index, slot), first_use=index,
                 existed_before=not created,
                 parameter=bool(t.requires_grad and t.is_leaf) or isinstance(t, torch.nn.Parameter),
+                module_parameter=isinstance(t, torch.nn.Parameter),
                 created_phase=phase if created else None))
             self._live[key] = (ident, weakref.ref(storage, self._make_finalizer(key, ident)))
             if created:
@@ -290,7 +292,11 @@ class Recording(TorchDispatchMode):
 def _classify(log: _ArrayLog, alive: bool) -> tuple[str, str]:
     """(kind, category) of an array from when and how the step used it (docs/trace.md)."""
     if log.existed_before:
-        if log.parameter:        # frozen ones too: the same storage every step, movable
+        # nn.Parameters (frozen ones too) and leaves requiring grad that the step updates:
+        # the same storage every step, movable. A plain leaf requiring grad that the step
+        # only reads is an input (a batch made with requires_grad=True for its gradient:
+        # a new one every step).
+        if log.parameter and (log.module_parameter or log.write_phases):
             return "persistent", "parameter"
         if not log.write_phases:
             return "input", "input"
