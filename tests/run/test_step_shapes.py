@@ -274,36 +274,57 @@ def test_a_step_whose_shapes_follow_the_data_gets_no_period_hint(caplog):
     assert not [r for r in caplog.records if "one in every" in r.getMessage()]
 
 
+def _leaf_batches(ooc=None, make=lambda t: t.requires_grad_()):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    w = torch.randn(10, 10, requires_grad=True)          # a plain leaf the step updates
+    opt = torch.optim.SGD([*net.parameters(), w], lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    batches = [(make(torch.randn(128, 256, generator=g)), torch.randint(0, 10, (128,), generator=g))
+               for _ in range(7)]
+    for x, y in batches:
+        with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+            torch.nn.functional.cross_entropy(net(x) @ w, y).backward()
+            opt.step()
+            opt.zero_grad()
+    return [*net.parameters(), w, *(x.grad for x, _ in batches)]
+
+
 def test_a_batch_made_with_requires_grad_is_an_input_and_replays():
     # A leaf batch requiring grad, a new one every step (input gradients: adversarial or
     # saliency training), is read like any batch: an input, not a parameter carried from
     # the step before (recorder._classify). It was: every replay left its record at the
     # first op reading the new batch, and that step ran over the budget. Plain leaves
     # that the step updates stay parameters.
-    def run(ooc=None):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                  torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
-        w = torch.randn(10, 10, requires_grad=True)          # a plain leaf the step updates
-        opt = torch.optim.SGD([*net.parameters(), w], lr=0.01, momentum=0.9)
-        g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(128, 256, generator=g, requires_grad=True),
-                    torch.randint(0, 10, (128,), generator=g)) for _ in range(6)]
-        for x, y in batches:
-            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                torch.nn.functional.cross_entropy(net(x) @ w, y).backward()
-                opt.step()
-                opt.zero_grad()
-        return [*net.parameters(), w, *(x.grad for x, _ in batches)]
-
-    plain = run()
+    plain = _leaf_batches()
     with outcore.OutOfCore(600 * 1024, min_move_bytes=0) as ooc:
-        got = run(ooc)
+        got = _leaf_batches(ooc)
         report = ooc.report()
         kinds = {a.category for a in ooc.trace.arrays if a.nbytes == 128 * 256 * 4
                  and a.existed_before}
     assert kinds == {"input"}
-    assert [it.mode for it in report.iterations] == ["record", "record"] + ["replay"] * 4
+    assert [it.mode for it in report.iterations] == ["record", "record"] + ["replay"] * 5
     assert not any(it.deviation for it in report.iterations)
     assert all(it.peak_resident <= report.budget for it in report.iterations)
+    assert all(torch.equal(a, b) for a, b in zip(plain, got))
+
+
+def test_a_new_parameter_every_step_deviates_within_the_budget_and_is_named(caplog):
+    # A batch passed as an nn.Parameter is state to the record: every replay finds a new
+    # one at the first op. The new storage is counted only once the op is known to leave
+    # the record, and the on-demand fallback makes its room first: counted before, the
+    # step went over the budget by the batch (Replayer._one). The period hint names the
+    # tensor replaced, not gradient accumulation.
+    import logging
+    plain = _leaf_batches(make=torch.nn.Parameter)
+    with caplog.at_level(logging.WARNING, logger="outcore"), \
+            outcore.OutOfCore(600 * 1024, min_move_bytes=0) as ooc:
+        got = _leaf_batches(ooc, make=torch.nn.Parameter)
+        report = ooc.report()
+    assert [it.index for it in report.iterations if it.deviation] == [3, 5, 7]
+    assert all(it.peak_resident <= report.budget for it in report.iterations), \
+        [(it.peak_resident, report.budget) for it in report.iterations]
+    hints = [r.getMessage() for r in caplog.records if "one in every 2" in r.getMessage()]
+    assert len(hints) == 1 and "is a new one in every step" in hints[0], hints
     assert all(torch.equal(a, b) for a, b in zip(plain, got))

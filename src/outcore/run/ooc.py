@@ -713,13 +713,26 @@ class OutOfCore:
         with it, at the same function, for ever: the recording after a deviation is of
         the next iteration, which has none again. (A step whose shapes follow the data
         deviates at every replay too, period 2, but at other functions or sizes: not
-        this.)"""
+        this.) Where each of them read another tensor than recorded, the cause named is a
+        tensor the step keeps as state that is a new one every step (a batch passed as
+        an nn.Parameter, a parameter replaced instead of updated): recorded, replayed,
+        deviating at it, period 2."""
         self._deviated_at = [*self._deviated_at[-2:], (index, reason)]
         seen = [i for i, _ in self._deviated_at]
         if (not self._warned_period and len(seen) == 3
                 and len({r for _, r in self._deviated_at}) == 1
                 and seen[2] - seen[1] == seen[1] - seen[0] > 1):
             self._warned_period = True
+            if "another array than recorded" in reason:
+                # Replay after replay finds a new tensor where the record had state.
+                log.warning("iterations %s deviated from their record, one in every %d, each "
+                            "time reading another tensor than recorded (%s): a tensor the "
+                            "step keeps as state (an nn.Parameter, or a tensor it updates) is "
+                            "a new one in every step, so no replay follows its record. Update "
+                            "it in place (.copy_()) instead of replacing it, or pass a batch "
+                            "as a plain tensor (requires_grad=True is fine), not an "
+                            "nn.Parameter", ", ".join(map(str, seen)), seen[1] - seen[0], reason)
+                return
             log.warning("iterations %s deviated from their record, one in every %d: a step that "
                         "changes with a period (optimizer.step() every %d iterations, gradient "
                         "accumulation) is recorded again each time, and its stepping iterations "

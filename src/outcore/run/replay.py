@@ -356,12 +356,19 @@ class Replayer(HeldMode):
                                  func, args, kwargs)
         entries = []
         for storage, aid in zip(in_storages, expected):
-            entry = res.entry_of(storage) or res.track(storage)
+            # A storage first seen here is counted only once the op is known to follow the
+            # record: one that leaves it goes on demand, which makes its room first
+            # (OnDemand.before), so that the count never passes the budget for memory
+            # that was there all along.
+            entry = res.entry_of(storage)
             bound = self.by_id[aid]
             if bound is None:
-                if entry.nbytes != self.nbytes[aid]:
-                    return self._deviate(f"function {i} ({name}) reads an array of {entry.nbytes} "
+                nbytes = entry.nbytes if entry is not None else storage.nbytes()
+                if nbytes != self.nbytes[aid]:
+                    return self._deviate(f"function {i} ({name}) reads an array of {nbytes} "
                                          f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
+                if entry is None:
+                    entry = res.track(storage)
                 self.by_id[aid] = entry
                 self.aid_of[entry] = aid
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
