@@ -54,20 +54,22 @@ def test_an_array_that_does_not_fit_beside_a_function_leaves_and_comes_back():
 
 
 def test_arrays_that_each_fit_beside_a_function_but_not_together_leave_whole():
-    # NOTE [Crowd bound]: f2 creates 6 B under 10, with a and b (4 B each, read by f3
-    # and f4) alive across it: each fits beside it, not both. One of them, 4 B whole, is
-    # out while f2 runs and read back by the start of f4, with f3's 1 s to hide it at
-    # 1 B/s: 3 s beyond the compute (5 s). The per-array pressure bound and the cuts see
-    # nothing (no array alone crowds f2; at most 8 B alive across any cut).
+    # NOTE [Crowd bound]: f2 creates 6 B under 10, with a and b (4 B each, made by f0
+    # and f1, read by f3 and f4) alive across it: each fits beside it, not both. One of
+    # them, 4 B whole, is out while f2 runs: written after f0 and before f2, with f1's
+    # 1 s to hide it at 2 B/s (1 s beyond), and read back by the start of f4, with f3's
+    # 1 s to hide it at 1 B/s (3 s beyond): 9 s against 5 s of compute. The per-array
+    # pressure bound and the cuts see nothing (no array alone crowds f2; at most 8 B
+    # alive across any cut).
     t = build({"a": 4, "b": 4, "c": 6}, ["f0 c:a", "f1 c:b", "f2 c:c", "f3 r:a", "f4 r:b"],
               durations=[1.0] * 5)
     limit = physical_limit(t, 10, TOY)
     assert limit.binding == "pressure" and limit.cut is None
-    assert abs(limit.seconds - 8.0) < 1e-9 and limit.pressure.intervals == ((3, 4),)
-    assert (limit.pressure.read, limit.pressure.written) == (4, 0)
+    assert abs(limit.seconds - 9.0) < 1e-9 and limit.pressure.intervals == ((1, 2), (3, 4))
+    assert (limit.pressure.read, limit.pressure.written) == (4, 4)
     for policy in POLICIES:
         options = {"machine": TOY} if policy == "auto" else {}
-        assert outcore.simulate(t, outcore.plan(t, 10, policy, **options), TOY).step_time_s >= 8.0
+        assert outcore.simulate(t, outcore.plan(t, 10, policy, **options), TOY).step_time_s >= 9.0
     assert physical_limit(t, 14, TOY).binding == "compute"    # both fit beside c
 
 

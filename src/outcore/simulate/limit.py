@@ -57,9 +57,14 @@ used later are the best ones to have out: counting them all as out is what leave
 use starts, so before k starts. Whole arrays: if those of `due` smaller than `short`
 add up to less than it, one of at least `short` bytes is among them, so at least the
 smallest such array is read (`_least_cover`). That copy runs in the window [j + 1, k)
-with functions j + 1..k - 1 computing, and the window joins the pressure bound's
-intervals as one more candidate (with the bytes it forces, never added to the forced
-copies of the same interval). At batch 1024 of ResNet-50 on v100-16gb with recompute,
+with functions j + 1..k - 1 computing. The same holds before j for writes: of those
+arrays, the ones used again after j whose bytes were made or changed at f..j - 1 have
+no copy on the slow tier unless one is written after f ends and before j starts (an
+array never used again may be dropped unwritten; one last written before f, or not in
+the step, is counted as having its copy), so if they exceed the room by `short`, at
+least a cover of it is written in the window [f + 1, j). Each window joins the
+pressure bound's intervals as one more candidate (with the bytes it forces, never
+added to the forced copies of the same interval). At batch 1024 of ResNet-50 on v100-16gb with recompute,
 a block's input (3.3 GB), needed again by the first repeat of its block's backward,
 cannot be in fast memory beside the residual `add`'s gradient three functions before:
 about 0.25 s of the read stands in the open, twice.
@@ -212,10 +217,10 @@ def _least_cover(sizes: list[int], short: int) -> int:
     return short if sum(sizes[:i]) >= short else sizes[i]
 
 
-def _crowded(trace, budget: int, m, prefix: list[float]) -> list[tuple[int, int, float, int]]:
-    """(L, U, seconds beyond compute, bytes read) per window NOTE [Crowd bound] finds:
-    at least those bytes are read between the end of function L - 1 and the start of
-    function U, while functions L..U-1 compute."""
+def _crowded(trace, budget: int, m, prefix: list[float]) -> list[tuple[int, int, float, int, bool]]:
+    """(L, U, seconds beyond compute, bytes, out) per window NOTE [Crowd bound] finds: at
+    least those bytes are read (out: written) between the end of function L - 1 and the
+    start of function U, while functions L..U-1 compute."""
     fns, arrays = trace.functions, trace.arrays
     need, crowd = needs(trace), occupancy(trace)
     out = []
@@ -224,8 +229,9 @@ def _crowded(trace, budget: int, m, prefix: list[float]) -> list[tuple[int, int,
             continue
         room = budget - need[j]
         others = crowd[j] - need[j]     # bytes alive across j that j does not hold
-        seen = {acc.array for acc in fn.accesses}
-        due, sizes = 0, []
+        own = {acc.array for acc in fn.accesses}
+        # Reads: arrays used again at j + 1..k, read back after j and before k starts.
+        seen, due, sizes = set(own), 0, []
         for k in range(j + 1, min(len(fns), j + 1 + CROWD_WINDOW)):
             hidden = prefix[k] - prefix[j + 1]          # compute of j + 1..k - 1
             if hidden * m.link_in >= others:            # no read can stand out any more
@@ -241,13 +247,37 @@ def _crowded(trace, budget: int, m, prefix: list[float]) -> list[tuple[int, int,
                     continue                            # an input not used yet: in needs[j]
                 due += a.nbytes
                 bisect.insort(sizes, a.nbytes)
-            short = due - room
-            if short > 0:
-                nbytes = _least_cover(sizes, short)
-                over = nbytes / m.link_in - hidden
-                if over > 0:
-                    out.append((j + 1, k, over, nbytes))
+            if due > room and (over := _over(sizes, due - room, m.link_in, hidden)):
+                out.append((j + 1, k, *over, False))
+        # Writes: arrays used again after j whose bytes were made (or changed) at
+        # f..j - 1 have no copy on the slow tier unless one is written after f ends and
+        # before j starts; those used again that were last written before f, or not in
+        # the step, can be out without one.
+        seen, due, sizes = set(own), 0, []
+        for f in range(j - 1, max(-1, j - 1 - CROWD_WINDOW), -1):
+            hidden = prefix[j] - prefix[f + 1]          # compute of f + 1..j - 1
+            if hidden * m.link_out >= others:
+                break
+            for acc in fns[f].accesses:
+                a = arrays[acc.array]
+                if acc.kind == "read" or acc.array in seen:
+                    continue
+                seen.add(acc.array)
+                if a.last_use <= j:
+                    continue                            # never used again: dropped unwritten
+                due += a.nbytes
+                bisect.insort(sizes, a.nbytes)
+            if due > room and (over := _over(sizes, due - room, m.link_out, hidden)):
+                out.append((f + 1, j, *over, True))
     return out
+
+
+def _over(sizes: list[int], short: int, link: float, hidden: float) -> tuple[float, int] | None:
+    """(seconds beyond `hidden`, bytes) of the copies that carry at least `short` bytes
+    of whole arrays of `sizes` over `link`; None when `hidden` covers them."""
+    nbytes = _least_cover(sizes, short)
+    over = nbytes / link - hidden
+    return (over, nbytes) if over > 0 else None
 
 
 def _pressure(trace, budget: int, m, compute: list[float]) -> Pressure:
@@ -260,9 +290,9 @@ def _pressure(trace, budget: int, m, compute: list[float]) -> Pressure:
     if max(needs(trace), default=0) > budget:      # no schedule at all: nothing to bound
         return Pressure(0.0, 0, 0)
     copies = _forced_copies(trace, budget)
-    windows: dict[int, list[tuple[int, float, int]]] = {}
-    for lo, hi, over, nbytes in _crowded(trace, budget, m, prefix):
-        windows.setdefault(hi, []).append((lo, over, nbytes))
+    windows: dict[int, list[tuple[int, float, int, bool]]] = {}
+    for lo, hi, over, nbytes, out in _crowded(trace, budget, m, prefix):
+        windows.setdefault(hi, []).append((lo, over, nbytes, out))
     if not copies and not windows:
         return Pressure(0.0, 0, 0)
     starts = sorted({c[0] for c in copies})
@@ -278,10 +308,11 @@ def _pressure(trace, budget: int, m, compute: list[float]) -> Pressure:
             for i in range(bisect.bisect_right(starts, lo)):
                 table[i] += nbytes
         best = done_best[-1]
-        for lo, over, nbytes in windows.get(u, ()):        # NOTE [Crowd bound]
+        for lo, over, nbytes, out in windows.get(u, ()):   # NOTE [Crowd bound]
             before = done_best[bisect.bisect_right(done_u, lo - 1) - 1]
             if before[0] + over > best[0]:
-                best = (before[0] + over, before[1] + nbytes, before[2], before[3] + ((lo, u),))
+                best = (before[0] + over, before[1] + (0 if out else nbytes),
+                        before[2] + (nbytes if out else 0), before[3] + ((lo, u),))
         for i in range(bisect.bisect_right(starts, u)):
             start = starts[i]
             over = (max(read[i] / m.link_in, written[i] / m.link_out)
