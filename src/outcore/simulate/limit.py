@@ -113,8 +113,9 @@ class Limit:
         head = f"physical limit {self.seconds * 1e3:.1f} ms"
         if self.pressure is not None:
             p = self.pressure
-            return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): functions that need "
-                    f"nearly the whole budget force {format_bytes(p.read)} of read-backs and "
+            return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): functions that leave "
+                    f"too little of the budget for the arrays alive across them force "
+                    f"{format_bytes(p.read)} of read-backs and "
                     f"{format_bytes(p.written)} of writes into {len(p.intervals)} stretches "
                     f"of the step, {p.stall_s * 1e3:.1f} ms more than their compute")
         if self.cut is None:
