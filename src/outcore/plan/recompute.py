@@ -369,7 +369,7 @@ def remade(trace) -> list[tuple[int, int]]:
 
 # Rule 6 for the whole plan: "auto" keeps recompute only if its plan simulates at least
 # this much faster. The simulator charges a repeat its producer's recorded time, not the
-# copy of its output into place nor the fresh memory it fills; on this 2-core CPU plans
+# fresh memory it fills (its output's pages faulted in); on this 2-core CPU plans
 # simulated a few percent faster with recompute ran as fast or slower (docs/planning.md,
 # "Recompute"), while on the GPU presets recompute gains 5-50% (docs/paper-headline.md).
 MARGIN = 0.05
