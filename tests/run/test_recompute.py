@@ -79,15 +79,10 @@ def train(w, ooc=None, iterations=4, seed=100):
 
 @pytest.mark.parametrize("optimizer,channels_last", [("sgd", False), ("adam", False),
                                                     ("sgd", True)])
-def test_recomputed_training_is_bitwise_plain(optimizer, channels_last, monkeypatch):
+def test_recomputed_training_is_bitwise_plain(optimizer, channels_last):
     plain, managed = Work(optimizer, channels_last), Work(optimizer, channels_last)
     losses = train(plain)
-    taken, take = [], executor._take
-
-    def spy(storage, nbytes, outputs, index, geometry):      # NOTE 3: no copy, no 2nd buffer
-        take(storage, nbytes, outputs, index, geometry)
-        taken.append(outputs[index].untyped_storage().nbytes() == 0)
-    monkeypatch.setattr(executor, "_take", spy)
+    before = dict(executor.TAKES)
     with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
         got = train(managed, ooc)
         report = ooc.report()
@@ -97,7 +92,8 @@ def test_recomputed_training_is_bitwise_plain(optimizer, channels_last, monkeypa
     assert not any("bernoulli" in op or "dropout" in op for op in ops)
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert replays and all(it.bytes_recomputed > 0 and not it.deviation for it in replays)
-    assert taken and all(taken)
+    # NOTE 3: every remake took its output's memory: no copy, no second buffer
+    assert executor.TAKES["taken"] > before["taken"] and executor.TAKES["copied"] == before["copied"]
     assert all(torch.equal(a, b) for a, b in zip(losses, got))
     assert_bitwise_equal(state_of(plain.model, plain.optimizer),
                          state_of(managed.model, managed.optimizer))
@@ -234,14 +230,48 @@ def test_a_remake_takes_over_the_outputs_memory_instead_of_copying_it():
     storage.resize_(0)
     made = torch.ops.aten.mm.default(x, w)
     address = made.data_ptr()
-    executor._take(storage, y.nbytes, (made,), 0, ((4, 8), (8, 1), 0))
-    assert storage.data_ptr() == address and made.untyped_storage().nbytes() == 0
+    out = (made,)               # the op's result holds the output, as in a remake
+    del made
+    executor._take(storage, y.nbytes, out, 0, ((4, 8), (8, 1), 0))
+    assert storage.data_ptr() == address and out[0].untyped_storage().nbytes() == 0
     assert torch.equal(y, torch.ops.aten.mm.default(x, w))
-    storage.resize_(0)
-    made = torch.ops.aten.mm.default(x, w).t().contiguous().t()      # column-major
-    executor._take(storage, y.nbytes, (made,), 0, ((4, 8), (8, 1), 0))
-    assert storage.data_ptr() != made.data_ptr() and made.untyped_storage().nbytes() == y.nbytes
-    assert torch.equal(y, made)
+    for held in (torch.ops.aten.mm.default(x, w).t().contiguous().t(),   # column-major
+                 torch.ops.aten.mm.default(x, w)):                       # held by the test too
+        storage.resize_(0)
+        executor._take(storage, y.nbytes, (held,), 0, ((4, 8), (8, 1), 0))
+        assert storage.data_ptr() != held.data_ptr() and held.untyped_storage().nbytes() == y.nbytes
+        assert torch.equal(y, held)
+
+
+def test_a_dispatch_mode_of_the_users_keeps_the_repeats_outputs_whole():
+    # A mode entered outside the iteration sees the repeats' ops (they run below
+    # outcore's mode) and may keep their outputs: their memory is copied, not taken,
+    # else the tensors it keeps are left without memory (a segmentation fault on use).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Keep(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kept = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.convolution.default:
+                self.kept.append(out)
+            return out
+    plain, managed = Work("sgd"), Work("sgd")
+    train(plain, iterations=4)
+    before = dict(executor.TAKES)
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        train(managed, ooc, iterations=3)
+        with Keep() as mode:
+            train(managed, ooc, iterations=1, seed=103)
+        assert ooc.report().iterations[-1].bytes_recomputed > 0
+    assert executor.TAKES["copied"] > before["copied"]
+    assert mode.kept and all(t.untyped_storage().nbytes() >= t.nbytes and torch.isfinite(t).all()
+                             for t in mode.kept)
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
 
 
 def test_a_remake_runs_without_autocast_even_when_called_under_it():

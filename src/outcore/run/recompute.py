@@ -24,8 +24,10 @@ NOTE [Replaying a recompute]
      then the follower runs on y in place. So a repeat needs y's bytes once, not twice,
      which is what the plan counts (plan/recompute.py, rule 5). Where the output does not
      fill a storage of y's size alone in y's geometry (never seen: the same op on the
-     same inputs), its bytes are copied into y's storage instead, y's bytes more than
-     the plan for the length of the copy. The follower's writes go through an alias of
+     same inputs), or something besides the executor holds it (a dispatch mode of the
+     user's, entered outside the iteration, sees the repeat's op and may keep its
+     output: taking the memory would leave that tensor empty), its bytes are copied
+     into y's storage instead, y's bytes more than the plan for the length of the copy. The follower's writes go through an alias of
      y's storage with its own version counter, so autograd's saved-tensor checks see y
      unchanged, as after a swap-in.
   4. Whatever is still DISCARDED and alive when the step leaves the plan (before the op
@@ -44,6 +46,7 @@ NOTE [Replaying a recompute]
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -167,10 +170,11 @@ class Remake:
             for call in self.calls:
                 args = _bind(call, call.args, storage)
                 kwargs = _bind(call, call.kwargs, storage)
-                out = call.func(*args, **kwargs)
-                if call.out_index >= 0:
-                    _take(storage, nbytes, output_tensors(out), call.out_index, call.geometry)
-                    del out
+                if call.out_index >= 0:     # the result goes straight in: NOTE 3's count
+                    _take(storage, nbytes, call.func(*args, **kwargs), call.out_index,
+                          call.geometry)
+                else:
+                    call.func(*args, **kwargs)
         if storage.nbytes() != nbytes:
             raise OutcoreError(f"outcore could not recompute {self.label}: its producer's "
                                "call made no output for it. Pass recompute=False to OutOfCore, "
@@ -178,21 +182,37 @@ class Remake:
         self.calls, self.versions = [], []
 
 
-def _take(storage, nbytes: int, outputs, index: int, geometry) -> None:
-    """Give y's `storage` (empty) the bytes of the repeat's output `outputs[index]`: its
-    memory itself where that output fills a storage of `nbytes` alone in y's `geometry`
-    (size, stride, offset), else a copy into memory of y's own (NOTE 3)."""
+# NOTE 3: the references to the repeat's output while `_take` decides, where the op's
+# result is passed to it straight (`Remake.__call__`): the result (`out`: the tensor, or
+# a tuple holding it), the list of outputs, its local name and sys.getrefcount's
+# argument; and to the output's storage: the tensor's and the local UntypedStorage's. More, and something else holds the output (a dispatch
+# mode of the user's below outcore's sees the repeat's op and may keep what it returns):
+# its memory is not taken, it is copied.
+_OWN_TENSOR_REFS, _OWN_STORAGE_REFS = 4, 2
+# How many remakes took the output's memory and how many copied it, since import (tests
+# read it: a spy around `_take` would itself hold a reference).
+TAKES = {"taken": 0, "copied": 0}
+
+
+def _take(storage, nbytes: int, out, index: int, geometry) -> None:
+    """Give y's `storage` (empty) the bytes of output `index` of the repeat's result
+    `out`: its memory itself where that output is held by nothing else and fills a
+    storage of `nbytes` alone in y's `geometry` (size, stride, offset), else a copy into
+    memory of y's own (NOTE 3)."""
+    outputs = output_tensors(out)
     made = outputs[index]
     own = made.untyped_storage()
     if (storage.nbytes() == 0 and own.nbytes() == nbytes and own.device == storage.device
             and (tuple(made.size()), tuple(made.stride()), made.storage_offset()) == geometry
-            and not any(o.untyped_storage()._cdata == own._cdata
-                        for j, o in enumerate(outputs) if j != index)):
+            and sys.getrefcount(made) == _OWN_TENSOR_REFS
+            and torch._C._storage_Use_Count(own._cdata) == _OWN_STORAGE_REFS):
         storage._swap_data_ptr_(own)        # y's storage holds the output's memory now
+        TAKES["taken"] += 1
         return
     if storage.nbytes() != nbytes:
         storage.resize_(nbytes)
     _alias(storage, made.dtype, made.device, geometry).copy_(made)
+    TAKES["copied"] += 1
 
 
 def _no_autocast():
