@@ -68,9 +68,7 @@ def test_views_and_inplace_share_one_array():
     add_fn = by_op["aten.add_.Tensor"]
     assert add_fn.accesses == (outcore.trace.Access(y_array.array, "write"),)
     assert trace.arrays[y_array.array].nbytes == 64 * 4
-    # `base` is a leaf requiring grad that the step only reads: an input, as a batch made
-    # with requires_grad=True (recorder._classify); an nn.Parameter would be a parameter
-    assert (trace.arrays[0].kind, trace.arrays[0].category) == ("input", "input")
+    assert trace.arrays[0].category == "parameter"     # `base` is a leaf requiring grad
 
 
 def test_batchnorm_buffers_are_persistent_and_written():

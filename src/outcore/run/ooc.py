@@ -358,6 +358,7 @@ class OutOfCore:
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
         self._warned_rss = False     # once: the process grew past _rss_bound()
         self._deviated_at: list = []        # the last 3 (iteration, reason) that left their record
+        self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
         self._composition = Composition()     # run/compose.py: torch.distributed around us
@@ -942,7 +943,8 @@ class _Iteration:
         if self.recording:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}",
-                                      fsdp_uninitialized=ooc._composition.fsdp_uninitialized())
+                                      fsdp_uninitialized=ooc._composition.fsdp_uninitialized(),
+                                      batch_leaves=ooc._batch_leaves)
             res.evict_lru(ooc.budget, set())
         else:
             self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield,
@@ -1079,6 +1081,7 @@ class _Iteration:
             ooc._carried = mode.persistent_entries()
             ooc._inputs = mode.input_entries()
             ooc._record_next = deviation is not None
+            ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once
                 raise mode.infeasible

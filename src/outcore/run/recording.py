@@ -48,8 +48,8 @@ class SafeRecording(Recording):
     error is raised when it ends. OutOfCore then refuses later iterations at once."""
 
     def __init__(self, residency: Residency, budget: int, shield: Shield, *, label: str = "",
-                 fsdp_uninitialized: tuple = ()):
-        super().__init__(label=label)
+                 fsdp_uninitialized: tuple = (), batch_leaves=frozenset()):
+        super().__init__(label=label, batch_leaves=batch_leaves)
         self.shield = shield
         self.residency = residency
         self.on_demand = OnDemand(residency, budget)
@@ -121,17 +121,23 @@ class SafeRecording(Recording):
             raise worst
 
     def _before_op(self, func, args, kwargs, inputs, index) -> None:
-        if self._pending is not None and self._changes_state(func, args, kwargs):
+        if self._pending is not None and self._changes_state(func, args, kwargs, inputs):
             raise self._pending         # before the step changes what outlives it
         self._entries = self.on_demand.before(inputs, func, args, kwargs)
 
-    def _changes_state(self, func, args, kwargs) -> bool:
-        """Whether the op writes a tensor made before the step (a parameter, a buffer, a
-        gradient kept from the last step): one the recorder has not seen yet was made
+    def _changes_state(self, func, args, kwargs, inputs) -> bool:
+        """Whether the op writes a tensor made before the step that training changes: a
+        parameter anywhere, anything else in backward or the optimizer (a gradient kept
+        from the last step, optimizer state). Forward's own buffer updates (batch norm's
+        running statistics and its counter) run on: the step changed them before it found
+        the function it cannot fit too. A storage the recorder has not seen yet was made
         outside the step's ops."""
+        late = self._phase(inputs) in ("backward", "optimizer")
         for t in written_tensors(func, args, kwargs or {}):
             known = self._live.get(t.untyped_storage()._cdata)
-            if known is None or self._logs[known[0]].existed_before:
+            if known is not None and not self._logs[known[0]].existed_before:
+                continue                # made in this step
+            if late or isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad):
                 return True
         return False
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
@@ -45,6 +47,7 @@ class Replayer(HeldMode):
         self.nbytes = [a.nbytes for a in trace.arrays]
         self.is_input = [a.kind == "input" for a in trace.arrays]
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
+        self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
         self._inputs = inputs        # entries the last step read as inputs (not strangers)
@@ -222,6 +225,20 @@ class Replayer(HeldMode):
         self._strangers = [e for e in self.res.lru.values() if e not in known and not e.pinned]
         self._stranger_bytes = sum(e.nbytes for e in self._strangers)
 
+    def _note_replaced(self, aid: int, storage, tensors) -> None:
+        """The step reads a new tensor where the record had array `aid`: if that was a
+        plain leaf requiring grad that the step only reads (recorded as a parameter, as a
+        functional model's weights are), it is a batch made with requires_grad=True, and
+        the next recording takes it for an input (`replaced`, Recording.batch_leaves)."""
+        arr = self.trace.arrays[aid]
+        if arr.category != "parameter" or any(aid in d for d in self.dirty):
+            return
+        for t in tensors:
+            if t.untyped_storage()._cdata == storage._cdata:
+                if t.is_leaf and t.requires_grad and type(t) is not torch.nn.Parameter:
+                    self.replaced.add(arr.origin)
+                return
+
     def _new_batch(self) -> None:
         """An input array of the trace is bound to a storage the last step did not read
         (a new batch): the last step's inputs that this step has not read (yet) are
@@ -356,10 +373,11 @@ class Replayer(HeldMode):
                                  func, args, kwargs)
         entries = []
         for storage, aid in zip(in_storages, expected):
-            # A storage first seen here is counted only once the op is known to follow the
-            # record: one that leaves it goes on demand, which makes its room first
-            # (OnDemand.before), so that the count never passes the budget for memory
-            # that was there all along.
+            # A storage first seen here is counted only once its slot binds: one where the
+            # record had another array leaves it uncounted and goes on demand, which makes
+            # its room first (OnDemand.before), so that the count never passes the budget
+            # for memory that was there all along. (A new storage bound in an earlier
+            # slot is an input the plan counts already.)
             entry = res.entry_of(storage)
             bound = self.by_id[aid]
             if bound is None:
@@ -374,6 +392,7 @@ class Replayer(HeldMode):
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
             elif bound is not entry:
+                self._note_replaced(aid, storage, inputs)
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
                                      func, args, kwargs)
             entries.append(entry)

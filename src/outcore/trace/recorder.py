@@ -84,9 +84,13 @@ def workspace_meter(inputs) -> WorkspaceMeter | None:
 class Recording(TorchDispatchMode):
     """The recorder. Use through `outcore.record()`; read `.trace` after the block."""
 
-    def __init__(self, *, label: str = ""):
+    def __init__(self, *, label: str = "", batch_leaves=frozenset()):
         super().__init__()
         self.label = label
+        # Origins (function, slot) of plain leaves requiring grad, read only, that a replay
+        # found replaced by a new tensor: batches made with requires_grad=True, inputs
+        # (`_classify`; OutOfCore learns them, Replayer.replaced).
+        self.batch_leaves = frozenset(batch_leaves)
         self._functions: list[Function] = []
         self._logs: list[_ArrayLog] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}   # storage key -> (array id, ref)
@@ -272,7 +276,7 @@ class Recording(TorchDispatchMode):
         arrays = []
         for log in self._logs:
             alive = log.id in alive_at_end
-            kind, category = _classify(log, alive)
+            kind, category = _classify(log, alive, log.origin in self.batch_leaves)
             freed = None if alive else max(log.last_use, log.freed_after if log.freed_after is not None
                                            else log.last_use)
             arrays.append(Array(
@@ -289,14 +293,17 @@ class Recording(TorchDispatchMode):
                      durations="estimated" if self._device == "meta" else "measured", info=info)
 
 
-def _classify(log: _ArrayLog, alive: bool) -> tuple[str, str]:
-    """(kind, category) of an array from when and how the step used it (docs/trace.md)."""
+def _classify(log: _ArrayLog, alive: bool, batch_leaf: bool = False) -> tuple[str, str]:
+    """(kind, category) of an array from when and how the step used it (docs/trace.md).
+    `batch_leaf`: a replay found a new tensor where this plain leaf was (Recording's
+    `batch_leaves`)."""
     if log.existed_before:
-        # nn.Parameters (frozen ones too) and leaves requiring grad that the step updates:
-        # the same storage every step, movable. A plain leaf requiring grad that the step
-        # only reads is an input (a batch made with requires_grad=True for its gradient:
-        # a new one every step).
-        if log.parameter and (log.module_parameter or log.write_phases):
+        # nn.Parameters (frozen ones too) and leaves requiring grad: the same storage every
+        # step, movable (a functional model's weights, read only in a step that does not
+        # update them). A plain leaf that the step only reads and that a replay found new
+        # (a batch made with requires_grad=True for its gradient) is an input.
+        if log.parameter and not (batch_leaf and not log.module_parameter
+                                  and not log.write_phases):
             return "persistent", "parameter"
         if not log.write_phases:
             return "input", "input"
