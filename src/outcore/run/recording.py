@@ -40,8 +40,8 @@ class SafeRecording(Recording):
     an op writing a tensor made before the step) or ends; the error raised then names
     the function that needs the most of all those that ran, so that one retry at its
     figure gets past forward and backward (raising at the first one made users retry
-    once per layer: 7 tries on a 3-layer MLP with Adam, 3 now). A CUDA out-of-memory
-    error in that stretch raises the error too.
+    about once per layer: benchmarks/budget_retries.py). A CUDA out-of-memory error in
+    that stretch raises the error too.
     An optimizer function that needs more than that (Adam's update reads three tensors
     of the parameter's size) is only seen when it runs; stopping then would leave the
     parameters half-updated, so the step is completed correctly (over budget) and the
