@@ -27,9 +27,9 @@ NOTE [Replaying a recompute]
      same inputs), or something besides the executor holds it (a dispatch mode of the
      user's, entered outside the iteration, sees the repeat's op and may keep its
      output: taking the memory would leave that tensor empty), its bytes are copied
-     into y's storage instead, y's bytes more than the plan for the length of the copy. The follower's writes go through an alias of
-     y's storage with its own version counter, so autograd's saved-tensor checks see y
-     unchanged, as after a swap-in.
+     into y's storage instead, y's bytes more than the plan for the length of the copy.
+     The follower's writes go through an alias of y's storage with its own version
+     counter, so autograd's saved-tensor checks see y unchanged, as after a swap-in.
   4. Whatever is still DISCARDED and alive when the step leaves the plan (before the op
      that left it runs, which may change an input) or the iteration ends (however it
      ends, a Ctrl-C included) is remade then. If a remake fails (out of memory, an
@@ -185,9 +185,10 @@ class Remake:
 # NOTE 3: the references to the repeat's output while `_take` decides, where the op's
 # result is passed to it straight (`Remake.__call__`): the result (`out`: the tensor, or
 # a tuple holding it), the list of outputs, its local name and sys.getrefcount's
-# argument; and to the output's storage: the tensor's and the local UntypedStorage's. More, and something else holds the output (a dispatch
-# mode of the user's below outcore's sees the repeat's op and may keep what it returns):
-# its memory is not taken, it is copied.
+# argument; and to the output's storage: the tensor's and the local UntypedStorage's.
+# More, and something else holds the output (a dispatch mode of the user's below
+# outcore's sees the repeat's op and may keep what it returns): its memory is not taken,
+# it is copied.
 _OWN_TENSOR_REFS, _OWN_STORAGE_REFS = 4, 2
 # How many remakes took the output's memory and how many copied it, since import (tests
 # read it: a spy around `_take` would itself hold a reference).

@@ -64,10 +64,10 @@ array never used again may be dropped unwritten; one last written before f, or n
 the step, is counted as having its copy), so if they exceed the room by `short`, at
 least a cover of it is written in the window [f + 1, j). Each window joins the
 pressure bound's intervals as one more candidate (with the bytes it forces, never
-added to the forced copies of the same interval). At batch 1024 of ResNet-50 on v100-16gb with recompute,
-a block's input (3.3 GB), needed again by the first repeat of its block's backward,
-cannot be in fast memory beside the residual `add`'s gradient three functions before:
-about 0.25 s of the read stands in the open, twice.
+added to the forced copies of the same interval). At batch 1024 of ResNet-50 on
+v100-16gb with recompute, a block's input (3.3 GB), needed again by the first repeat of
+its block's backward, cannot be in fast memory beside the residual `add`'s gradients
+three functions before: about 0.25 s of the read stands in the open, twice.
 """
 from __future__ import annotations
 
