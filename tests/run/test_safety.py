@@ -34,11 +34,10 @@ def test_budget_below_minimum_fails_before_training(resnet_trace):
         with ooc.iteration():
             w.step()
     message = str(err.value)
-    assert "function" in message and "smallest feasible budget" in message
-    assert err.value.phase in ("forward", "backward") and err.value.min_feasible_bytes > 160 * 1024
-    # Nothing trained: parameters and optimizer state are untouched. (The step runs on
-    # past the first function that cannot fit until the optimizer would begin, to name
-    # the largest need: forward updated BatchNorm statistics, as plain PyTorch's would.)
+    assert "function" in message and "smallest feasible budget" in message and "forward" in message
+    assert err.value.min_feasible_bytes > 160 * 1024
+    # Nothing trained: parameters and optimizer state are untouched. (The forward pass up
+    # to the failing op updated BatchNorm statistics, as an out-of-memory error would.)
     assert_bitwise_equal(_trained(before), _trained(state_of(w.model, w.optimizer)))
     for p in w.model.parameters():
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size()

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
-from ..aten import distinct_storages, written_tensors
+from ..aten import distinct_storages
 from ..states import FAST
 from ..trace.recorder import Recording
 from .compose import DISTRIBUTED_NAMESPACES, around, ddp_buckets_unbuilt, under_torch_compile
@@ -34,18 +32,17 @@ class SafeRecording(Recording):
       * at the optimizer's step (its pre-hook) some parameter and its gradient do not
         fit together (every update op of torch's optimizers reads both, or the
         parameter and a state tensor of its size).
-    A forward or backward function that cannot fit does not stop the step at once: it
-    runs (over the budget, with everything else evicted), and so do the ones after it,
-    until the step would change a tensor that outlives it (the optimizer's pre-hook, or
-    an op writing a tensor made before the step) or ends; the error raised then names
-    the function that needs the most of all those that ran, so that one retry at its
-    figure gets past forward and backward (raising at the first one made users retry
-    about once per layer: benchmarks/budget_retries.py). A CUDA out-of-memory error in
-    that stretch raises the error too.
     An optimizer function that needs more than that (Adam's update reads three tensors
     of the parameter's size) is only seen when it runs; stopping then would leave the
     parameters half-updated, so the step is completed correctly (over budget) and the
-    error is raised when it ends. OutOfCore then refuses later iterations at once."""
+    error is raised when it ends. OutOfCore then refuses later iterations at once.
+
+    The error names the first function that cannot fit, not the step's largest need, so
+    a user who takes its figure may retry once per layer (benchmarks/budget_retries.py).
+    Running on past that function to learn the rest was tried and is not done: the step
+    then changes what a retry starts from (gradients set or accumulated, a GradScaler's
+    unscale, LBFGS's counters, DDP's reduction half done, updates through `.data`), and
+    a retry trains on wrong values without an error."""
 
     def __init__(self, residency: Residency, budget: int, shield: Shield, *, label: str = "",
                  fsdp_uninitialized: tuple = (), batch_leaves=frozenset()):
@@ -54,8 +51,7 @@ class SafeRecording(Recording):
         self.residency = residency
         self.on_demand = OnDemand(residency, budget)
         self.budget = budget
-        self._infeasible = None     # found in the optimizer: raised once the step completed
-        self._pending = None        # the largest forward/backward need over the budget so far
+        self.infeasible = None
         self._state_written = False
         self._entries = []
         self.compiled_seen = False
@@ -82,26 +78,15 @@ class SafeRecording(Recording):
                 return around(self.residency, func, args, kwargs or {},
                               lambda f, a, k: super(SafeRecording, self).__torch_dispatch__(
                                   f, types, a, k))
-            try:
-                return super().__torch_dispatch__(func, types, args, kwargs)
-            except torch.OutOfMemoryError:
-                if self._pending is None:
-                    raise
-                raise self._pending from None   # ran past a function that cannot fit
+            return super().__torch_dispatch__(func, types, args, kwargs)
         finally:
             self.shield.exit()
-
-    @property
-    def infeasible(self):
-        """The InfeasibleBudget OutOfCore raises once the step ended, if any."""
-        return self._infeasible if self._infeasible is not None else self._pending
 
     def _enter_optimizer(self, optimizer, *args):
         super()._enter_optimizer(optimizer, *args)
         if self._state_written:
             return
         res = self.residency
-        worst = self._pending
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -112,34 +97,13 @@ class SafeRecording(Recording):
                     if entry is not None and not entry.pinned:
                         needed += entry.nbytes
                 pinned = res.pinned_resident + res.owned_bytes()
-                if (needed and needed + pinned > self.budget
-                        and (worst is None or needed + pinned > worst.needed_bytes)):
-                    worst = infeasible(len(self._functions), "the optimizer step of a parameter "
-                                       f"of shape {tuple(p.shape)}", "optimizer", needed,
-                                       pinned, self.budget, res.min_move_bytes)
-        if worst is not None:
-            raise worst
+                if needed and needed + pinned > self.budget:
+                    raise infeasible(len(self._functions), "the optimizer step of a parameter of "
+                                     f"shape {tuple(p.shape)}", "optimizer", needed,
+                                     pinned, self.budget, res.min_move_bytes)
 
     def _before_op(self, func, args, kwargs, inputs, index) -> None:
-        if self._pending is not None and self._changes_state(func, args, kwargs, inputs):
-            raise self._pending         # before the step changes what outlives it
         self._entries = self.on_demand.before(inputs, func, args, kwargs)
-
-    def _changes_state(self, func, args, kwargs, inputs) -> bool:
-        """Whether the op writes a tensor made before the step that training changes: a
-        parameter anywhere, anything else in backward or the optimizer (a gradient kept
-        from the last step, optimizer state). Forward's own buffer updates (batch norm's
-        running statistics and its counter) run on: the step changed them before it found
-        the function it cannot fit too. A storage the recorder has not seen yet was made
-        outside the step's ops."""
-        late = self._phase(inputs) in ("backward", "optimizer")
-        for t in written_tensors(func, args, kwargs or {}):
-            known = self._live.get(t.untyped_storage()._cdata)
-            if known is not None and not self._logs[known[0]].existed_before:
-                continue                # made in this step
-            if late or isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad):
-                return True
-        return False
 
     def _after_op(self, func, inputs, written, outputs) -> None:
         entries = self._entries
@@ -158,10 +122,9 @@ class SafeRecording(Recording):
                 if known is not None and self._logs[known[0]].first_use == fn.index:
                     self.unmovable.add(known[0])
         movable, pinned = needed(res, entries, created)
-        if movable + pinned > self.budget and self._infeasible is None:
+        if movable + pinned > self.budget and self.infeasible is None:
             error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
                                self.budget, res.min_move_bytes, completed=self._state_written)
-            if self._state_written:
-                self._infeasible = error
-            elif self._pending is None or error.needed_bytes > self._pending.needed_bytes:
-                self._pending = error   # raised before state changes, or at the end
+            if not self._state_written:
+                raise error
+            self.infeasible = error
