@@ -234,30 +234,36 @@ def test_a_step_beyond_the_budget_after_a_deviation_is_refused_not_run_over_it()
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
 
 
-def test_a_step_that_changes_with_a_period_gets_one_hint(caplog):
-    """optimizer.step() every second iteration: the iterations without it are recorded,
-    every one with it deviates, for ever (the recording after a deviation is of an
-    iteration without it again). The third deviation at a fixed period gets one
-    warning that says so and what to do: the whole cycle in one iteration."""
+def test_a_step_that_changes_with_a_period_it_does_not_follow_gets_one_hint(caplog, monkeypatch):
+    """optimizer.step() every second iteration, with outcore following no period longer
+    than 1 (as a period past MAX_PERIOD would be): every stepping iteration deviates, for
+    ever. The third deviation at a fixed period, to a shape seen before, gets one
+    warning that says so and what to do: the whole cycle in one iteration. (With the
+    default MAX_PERIOD the loop replays: tests/run/test_step_plans.py.)"""
     import logging
+    from outcore.run import plans
+    monkeypatch.setattr(plans, "MAX_PERIOD", 1)
     with caplog.at_level(logging.WARNING, logger="outcore"):
         plain, ours, error, report = _accumulating(2_500_000, iterations=10)
     assert error is None
     assert [it.index for it in report.iterations if it.deviation] == [2, 4, 6, 8, 10]
     hints = [r.getMessage() for r in caplog.records if "one in every 2" in r.getMessage()]
-    assert hints == ["iterations 2, 4, 6 deviated from their record, one in every 2: a step "
-                     "that changes with a period (optimizer.step() every 2 iterations, gradient "
-                     "accumulation) is recorded again each time, and its stepping iterations "
-                     "never replay a plan. Put the whole cycle in one ooc.iteration(): the "
-                     "micro-batches' forward and backward, then optimizer.step()"], hints
+    assert hints == ["iterations 4, 6, 8 deviated from their record, one in every 2, each time "
+                     "to a shape of step seen before: a step that changes with a period "
+                     "(optimizer.step() every 2 iterations, gradient accumulation) gets a plan "
+                     "per shape, but outcore follows periods of up to 1 iterations and keeps 6 "
+                     "plans, so these iterations run op by op. Put the whole cycle in one "
+                     "ooc.iteration(): the micro-batches' forward and backward, then "
+                     "optimizer.step()"], hints
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
 
 
 def test_a_step_whose_shapes_follow_the_data_gets_no_period_hint(caplog):
-    """A batch of another size at every iteration: every replay deviates, so the
-    deviations fall at 2, 4, 6 (period 2, as with accumulation), but each at other
-    sizes: the hint about optimizer.step() every n iterations would be wrong there
-    (it was given, the review found: a sparse gradient's changing size)."""
+    """A batch of another size at every iteration: every replay deviates, each time to a
+    shape never seen (so the last plan replays rather than a recording: NOTE [Step
+    shapes] rule 3), at 2, 3, 4, ...: the hint about optimizer.step() every n
+    iterations would be wrong there (it was given, the review found: a sparse
+    gradient's changing size)."""
     import logging
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(), torch.nn.Linear(384, 10))
@@ -270,7 +276,7 @@ def test_a_step_whose_shapes_follow_the_data_gets_no_period_hint(caplog):
                 opt.step()
                 opt.zero_grad()
         deviated = [it.index for it in ooc.report().iterations if it.deviation]
-    assert deviated == [2, 4, 6], deviated
+    assert deviated == [2, 3, 4, 5, 6, 7], deviated
     assert not [r for r in caplog.records if "one in every" in r.getMessage()]
 
 

@@ -8,7 +8,9 @@
 
 Iteration 1 records the step while running on-demand (memory-safe); the schedule is
 planned once; later iterations replay it. An iteration that deviates from the record
-finishes on-demand and the next one is recorded again.
+finishes on-demand; a loop whose steps take a few shapes (optimizer.step() every n-th
+iteration) gets a plan per shape, and each iteration replays the one its shape is
+predicted to have (NOTE [Step shapes] in plans.py).
 
 Between iterations the model and optimizer are plain PyTorch objects with the right
 values: state the schedule leaves on the slow tier stays there, mapped in place (NOTE
@@ -80,6 +82,8 @@ from .movers import host
 from .movers.disk import DiskMover
 from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
+from . import plans
+from .plans import Ending, Plan, Plans, function_keys, shape_of
 from .replay import Replayer
 from .report import IterationStats, Report
 from .residency import Residency
@@ -346,9 +350,12 @@ class OutOfCore:
         self._pager = Pager()
         self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,
                                            self._pager, self._durable)
-        self.trace = None
+        self.trace = None            # those of the plan the last iteration used
         self.schedule = None
         self._in_core_peak = 0
+        self._plans = Plans()        # NOTE [Step shapes] in plans.py
+        self._plan: Plan | None = None       # the plan the last iteration used
+        self._ending: Ending | None = None   # how the last iteration left its arrays, if known
         self._carried: dict = {}
         self._inputs: list = []      # entries the last step read as inputs (Replayer._strangers)
         self._recordings_in_a_row = 0
@@ -620,26 +627,47 @@ class OutOfCore:
             log.warning("this plan moves %s per iteration, and freed memory will fault back "
                         "in 4 KiB at a time: huge pages for tensors are %s",
                         format_bytes(schedule.bytes_in + schedule.bytes_out), self._huge_pages)
-        self.trace, self.schedule = trace, schedule
-        # What moves between iterations, on the trace the plan was made for: held arrays
-        # are 0 bytes there, and never move (Schedule.boundary).
-        self._between = schedule.boundary(plannable)
-
-        self._carried, self._inputs, holding = {}, [], set()
+        self._carried, self._inputs, holding, alive = {}, [], set(), {}
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
             entry = self._res.entry_of(storage) if storage is not None else None
+            if entry is None:
+                continue
+            alive[aid] = entry
             arr = trace.arrays[aid]
-            if entry is not None and arr.kind == "persistent" and arr.existed_before:
+            if arr.kind == "persistent" and arr.existed_before:
                 self._carried[aid] = entry
-            elif entry is not None and arr.kind == "input":
+            elif arr.kind == "input":
                 self._inputs.append(entry)
-            if entry is not None and entry.extent is not None:
+            if entry.extent is not None:
                 holding.add(aid)
+        keys = function_keys(trace)
+        # What moves between iterations, on the trace the plan was made for: held arrays
+        # are 0 bytes there, and never move (Schedule.boundary).
+        plan = Plan(shape=shape_of(keys), trace=trace, schedule=schedule, keys=keys,
+                    between=schedule.boundary(plannable), in_core_peak=self._in_core_peak,
+                    persistent=frozenset(a.id for a in trace.arrays
+                                         if a.kind == "persistent" and a.existed_before),
+                    started_from=dict(self._carried))
+        self._plans.add(plan)
+        self._use(plan)
+        self._ending = Ending(plan.shape, alive)
         if isinstance(self._mover, HostMover):
-            self._mover.reserve(host.host_bytes_needed(plannable, schedule, holding))
+            # The pool serves every plan kept: it only grows (host_bytes_needed).
+            self._mover.reserve(max(self._mover.reserved,
+                                    host.host_bytes_needed(plannable, schedule, holding)))
         self._record_next = False
         self._recordings_in_a_row = 0
+
+    def _use(self, plan: Plan) -> None:
+        """Make `plan` the one the report, timeline() and plot() show."""
+        self._plan, self.trace, self.schedule = plan, plan.trace, plan.schedule
+        self._between, self._in_core_peak = plan.between, plan.in_core_peak
+
+    def _live(self, entry) -> bool:
+        """Whether `entry` still stands for a living storage the table tracks."""
+        storage = entry.ref()
+        return storage is not None and self._res.entry_of(storage) is entry
 
     def _require_host_budget(self, trace, schedule) -> None:
         """NOTE [Host tier between iterations] 5: the state the plan leaves on the slow
@@ -706,23 +734,24 @@ class OutOfCore:
                 function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,
                 budget_bytes=self.budget, min_feasible_bytes=smallest) from None
 
-    def _periodic(self, index: int, reason: str) -> None:
-        """Note that iteration `index` deviated for `reason`; the third deviation in a row
-        for the same reason at a fixed period gets one warning with the likely cause. A
-        loop that calls optimizer.step() every n-th iteration (gradient accumulation
-        across iterations) records the iterations without it and deviates at every one
-        with it, at the same function, for ever: the recording after a deviation is of
-        the next iteration, which has none again. (A step whose shapes follow the data
-        deviates at every replay too, period 2, but at other functions or sizes: not
-        this.) Where each of them read another tensor than recorded, the cause named is a
-        tensor the step keeps as state that is a new one every step (a batch passed as
-        an nn.Parameter, a parameter replaced instead of updated): recorded, replayed,
-        deviating at it, period 2."""
+    def _periodic(self, index: int, reason: str, shape: int) -> None:
+        """Note that iteration `index` deviated for `reason` with `shape`; the third
+        deviation in a row for the same reason at a fixed period, to a shape seen at least
+        twice before, gets one warning with the likely cause. A loop that calls
+        optimizer.step() every n-th iteration (gradient accumulation across iterations)
+        gets a plan per shape (NOTE [Step shapes] in plans.py), and deviates while it
+        learns them; past MAX_PERIOD, or with more than MAX_PLANS shapes, it deviates at
+        the same function for ever. (A step whose shapes follow the data deviates at
+        every replay, but each time to a new shape: not this.) Where each of them read
+        another tensor than recorded, the cause named is a tensor the step keeps as state
+        that is a new one every step (a batch passed as an nn.Parameter, a parameter
+        replaced instead of updated): recorded, replayed, deviating at it, period 2."""
         self._deviated_at = [*self._deviated_at[-2:], (index, reason)]
         seen = [i for i, _ in self._deviated_at]
         if (not self._warned_period and len(seen) == 3
                 and len({r for _, r in self._deviated_at}) == 1
-                and seen[2] - seen[1] == seen[1] - seen[0] > 1):
+                and seen[2] - seen[1] == seen[1] - seen[0] > 1
+                and self._plans.times[shape] >= 3):
             self._warned_period = True
             if "another array than recorded" in reason:
                 # Replay after replay finds a new tensor where the record had state.
@@ -734,12 +763,14 @@ class OutOfCore:
                             "as a plain tensor (requires_grad=True is fine), not an "
                             "nn.Parameter", ", ".join(map(str, seen)), seen[1] - seen[0], reason)
                 return
-            log.warning("iterations %s deviated from their record, one in every %d: a step that "
-                        "changes with a period (optimizer.step() every %d iterations, gradient "
-                        "accumulation) is recorded again each time, and its stepping iterations "
-                        "never replay a plan. Put the whole cycle in one ooc.iteration(): "
-                        "the micro-batches' forward and backward, then optimizer.step()",
-                        ", ".join(map(str, seen)), seen[1] - seen[0], seen[1] - seen[0])
+            log.warning("iterations %s deviated from their record, one in every %d, each time to "
+                        "a shape of step seen before: a step that changes with a period "
+                        "(optimizer.step() every %d iterations, gradient accumulation) gets a "
+                        "plan per shape, but outcore follows periods of up to %d iterations "
+                        "and keeps %d plans, so these iterations run op by op. Put the whole "
+                        "cycle in one ooc.iteration(): the micro-batches' forward and "
+                        "backward, then optimizer.step()", ", ".join(map(str, seen)),
+                        seen[1] - seen[0], seen[1] - seen[0], plans.MAX_PERIOD, plans.MAX_PLANS)
 
     def _trims(self) -> tuple[int, int]:
         """The governor's trims so far, and the bytes they gave back."""
@@ -876,6 +907,7 @@ class _Iteration:
         self.entered = False       # the dispatch mode was pushed
         self.stance = None         # torch.compile's stance while it is (_enter_mode)
         self.recording = False
+        self.after = None          # how the iteration before left its arrays (plans.Ending)
         self.before = None
         self.started = 0.0
 
@@ -932,7 +964,8 @@ class _Iteration:
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
-        self.recording = ooc._record_next
+        plan = None if ooc._record_next else ooc._plans.next()
+        self.recording = plan is None
         self.started = time.perf_counter()
         ooc._unpark()
         if not ooc._based:
@@ -947,8 +980,11 @@ class _Iteration:
                                       batch_leaves=ooc._batch_leaves)
             res.evict_lru(ooc.budget, set())
         else:
-            self.mode = Replayer(ooc.trace, ooc.schedule, res, ooc.budget, ooc._carried, ooc._shield,
-                                 ooc._inputs)
+            ooc._use(plan)
+            self.after, ooc._ending = ooc._ending, None      # known again once it ends (_adopt)
+            carried = ooc._plans.carried(self.after, plan, ooc._live)
+            self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
+                                 ooc._inputs, keys=plan.keys, may_follow=ooc._plans.moving() == 0)
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0
@@ -1070,6 +1106,8 @@ class _Iteration:
         """After a completed step: plan from the recording, or carry the state over."""
         ooc, mode = self.ooc, self.mode
         if self.recording:
+            ooc._ending = None
+            ooc._plans.seen(shape_of(function_keys(mode.trace)))
             try:
                 if mode.infeasible is not None:
                     raise mode.infeasible
@@ -1078,18 +1116,29 @@ class _Iteration:
                 ooc._infeasible = err        # later iterations raise at once
                 raise
         else:
+            plan, shape = ooc._plan, mode.shape()
+            ooc._plans.seen(shape)
             ooc._carried = mode.persistent_entries()
             ooc._inputs = mode.input_entries()
-            ooc._record_next = deviation is not None
+            if deviation is None:
+                ooc._plans.learn(self.after, plan, mode.started_from)
+                if not mode.passive:                   # a passive one binds nothing
+                    ooc._ending = Ending(plan.shape, mode.ending())
+            elif shape == plan.shape:
+                ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once
                 raise mode.infeasible
             if deviation is not None:
-                log.warning("iteration %d deviated from the recorded step (%s); it finished "
-                            "on-demand, correct but slower, and the next one is recorded again",
-                            len(ooc._iterations), deviation)
-                ooc._periodic(len(ooc._iterations), deviation)
+                # A shape met for the first or second time is being learnt (NOTE [Step
+                # shapes] in plans.py, rule 3): said, not warned about.
+                log.log(logging.WARNING if ooc._plans.times[shape] > 2 else logging.INFO,
+                        "iteration %d deviated from the recorded step (%s); it finished "
+                        "on-demand, correct but slower%s", len(ooc._iterations), deviation,
+                        "" if shape in ooc._plans else
+                        ", and a step of its shape is recorded when one is expected")
+                ooc._periodic(len(ooc._iterations), deviation, shape)
 
 
 class _Building(_Iteration):

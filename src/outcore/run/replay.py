@@ -29,13 +29,14 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, infeasible, needed
+from .plans import function_keys, shape_of
 from .residency import Residency
 from .steplog import StepLog
 
 
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
-                 shield: Shield, inputs=()):
+                 shield: Shield, inputs=(), keys=None, may_follow: bool = True):
         super().__init__(shield)
         self.trace = trace
         self.schedule = schedule
@@ -46,6 +47,9 @@ class Replayer(HeldMode):
         self.expected = [f.arrays() for f in trace.functions]
         self.nbytes = [a.nbytes for a in trace.arrays]
         self.is_input = [a.kind == "input" for a in trace.arrays]
+        self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
+        self.keys = keys if keys is not None else function_keys(trace)
+        self._ran: list = []            # the keys of the ops run after a deviation (shape)
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
@@ -54,6 +58,7 @@ class Replayer(HeldMode):
         for aid, entry in carried.items():
             self.by_id[aid] = entry
             self.aid_of[entry] = aid
+        self.started_from = dict(carried)   # {aid: entry} of the state it started from
         self.index = 0
         self.deviation: str | None = None
         self.infeasible = None       # an op after the deviation that no budget this size fits
@@ -64,7 +69,9 @@ class Replayer(HeldMode):
         self._names: dict = {}
         # A plan that moves nothing needs no bookkeeping: only follow the op sequence,
         # so that a step that changes is still noticed (and then runs on-demand).
-        self.passive = schedule.bytes_moved == 0
+        # (Not while another plan kept moves something: it needs to know which storages
+        # this step leaves, NOTE [Step shapes] in plans.py, rule 4.)
+        self.passive = may_follow and schedule.bytes_moved == 0
         self._curve = schedule.resident_curve
         self._strangers: list = []
         self._stranger_bytes = 0
@@ -298,6 +305,15 @@ class Replayer(HeldMode):
         return [e for arr, e in zip(self.trace.arrays, self.by_id)
                 if arr.kind == "input" and e is not None and e.ref() is not None]
 
+    def shape(self) -> int:
+        """The shape of the step that ran (NOTE [Step shapes] in plans.py, rule 1): the
+        record's functions up to where it left them, then the ops run on demand."""
+        return shape_of([*self.keys[:self.index], *self._ran])
+
+    def ending(self) -> dict:
+        """{array id: entry} of the arrays alive at the end (plans.Ending)."""
+        return {aid: e for aid, e in enumerate(self.by_id) if e is not None and e.ref() is not None}
+
     def persistent_entries(self) -> dict:
         """Entries of the state the next iteration starts from (persistent arrays that
         existed before the step), by array id, while their storage lives."""
@@ -389,6 +405,8 @@ class Replayer(HeldMode):
                     entry = res.track(storage)
                 self.by_id[aid] = entry
                 self.aid_of[entry] = aid
+                if self.is_state[aid]:
+                    self.started_from[aid] = entry
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
             elif bound is not entry:
@@ -416,7 +434,9 @@ class Replayer(HeldMode):
                 s.nbytes() != self.nbytes[aid] for s, aid in zip(created, rest)):
             self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in created]} new "
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
-            self._on_demand.after(entries, written_tensors(func, args, kwargs), output_tensors(out))
+            made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
+                                         output_tensors(out))
+            self._ran.append((name, sum(e.nbytes for e in made)))
             return out
         for storage, aid in zip(created, rest):
             entry = self.by_id[aid] = res.track(storage)
@@ -524,6 +544,7 @@ class Replayer(HeldMode):
         every time it came back."""
         out = self._on_demand.run(func, args, kwargs)
         self._fallen += 1
+        self._ran.append((self._name(func), sum(e.nbytes for e in self._on_demand.last[1])))
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             # The phase of the recorded function the step left its record at: after that

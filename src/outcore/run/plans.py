@@ -1,0 +1,189 @@
+"""Plans by step shape: one plan for each shape of step a loop runs, and which of them
+the next iteration replays.
+
+NOTE [Step shapes]
+A loop that calls `optimizer.step()` every n-th iteration (gradient accumulation across
+iterations) runs steps of three shapes: the first micro-batch makes the gradients, the
+middle ones add to them, the last one also steps (and frees them). One plan per shape
+lets every iteration replay.
+  1. A step's shape is its sequence of functions, each an op's name and the bytes its
+     new storages hold (`function_keys`, `shape_of`): what the replayer checks an op
+     against. A recording has the shape of its trace; a replay computes the shape of
+     the step it ran, the part run on demand after a deviation included
+     (`Replayer.shape`), so that a deviation teaches which shape came.
+  2. The next shape is predicted from the shapes seen (`predict`): by the period
+     p <= MAX_PERIOD that the most recent shapes follow longest (for at least a whole
+     period), else the last shape.
+  3. A predicted shape with a plan replays it; one without is recorded, unless no
+     period predicted it and it was seen once (a one-off: an epoch's short last batch,
+     a shape that follows the data): then the most recent shape with a plan replays.
+     A wrong guess costs a deviation: the rest of that step runs on demand, correct.
+  4. The state a plan starts from (`Plans.carried`): after an iteration that ran its
+     plan to the end, outcore knows which storage each of its arrays was at the end
+     (`Ending`). A plan that ran after that shape before learnt which of those arrays
+     it starts from (`Plans.learn`: the same storage, by identity); the first time, a
+     replay of the same shape starts from its persistent arrays. The rest (state the
+     shape before never touched, or all of it after a deviation) is the state it
+     started from last time, where those storages still live. Arrays it finds no
+     storage for bind at their first use (a new storage there is a gradient made
+     since: no deviation), counted as strangers till then. A replay that only follows
+     the ops (a plan that moves nothing: `Replayer.passive`) binds no storage, so it
+     does so only while every plan kept moves nothing.
+  5. A replay that deviates with the shape of its own plan (another tensor where the
+     record had state, a storage that can no longer move) drops that plan: the next
+     iteration of that shape is recorded again.
+  6. At most MAX_PLANS plans are kept; the least recently used one goes first.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+MAX_PLANS = 6
+MAX_PERIOD = 32
+_MAX_COUNTED = 4096
+
+Key = tuple  # (op name, bytes of the storages it creates)
+
+
+def function_keys(trace) -> list:
+    """Per function of `trace`, what a step of the same shape runs there: its op and the
+    bytes of the arrays it creates; None for a function the planner inserted
+    (`Function.repeats`), which the step itself does not run."""
+    sizes = [a.nbytes for a in trace.arrays]
+    return [None if f.repeats is not None else
+            (f.op, sum(sizes[a.array] for a in f.accesses if a.kind == "create"))
+            for f in trace.functions]
+
+
+def shape_of(keys) -> int:
+    """The shape of a step whose functions have `keys` (None: inserted, skipped)."""
+    return hash(tuple(k for k in keys if k is not None))
+
+
+def predict(history, max_period: int | None = None) -> tuple[int | None, bool]:
+    """(The shape the next iteration most likely has, whether a period predicts it).
+
+    A period p holds for the last `run` shapes that each equal the one p before; it
+    counts once they repeat at least one whole period (run >= p: one shape seen once,
+    an epoch's short batch, is no period 2 of the shapes around it). The period held
+    longest wins, the shortest among equals: a sequence that repeats with period p
+    holds with 2p for p fewer shapes."""
+    max_period = MAX_PERIOD if max_period is None else max_period
+    n = len(history)
+    if n == 0:
+        return None, False
+    best, longest = 0, 0
+    for p in range(1, min(max_period, n - 1) + 1):
+        run = 0
+        while run < n - p and history[n - 1 - run] == history[n - 1 - run - p]:
+            run += 1
+        if run >= p and run > longest:
+            best, longest = p, run
+    if best:
+        return history[n - best], True
+    return history[-1], False
+
+
+@dataclasses.dataclass(eq=False)
+class Plan:
+    """A schedule for one shape of step, with what replaying it needs."""
+    shape: int
+    trace: object               # as rewritten with its repeats (plan/recompute.py)
+    schedule: object
+    keys: list                  # function_keys(trace)
+    between: tuple              # Schedule.boundary: the bytes it moves between iterations
+    in_core_peak: int
+    persistent: frozenset       # ids of the arrays that are state kept across steps
+    started_from: dict          # {array id: entry}: the state it started from last time
+
+
+@dataclasses.dataclass
+class Ending:
+    """How an iteration that ran its plan (or its recording) to the end left the
+    arrays: {array id: entry} of those alive, in the trace of its shape."""
+    shape: int
+    entries: dict
+
+
+class Plans:
+    """The plans of the shapes seen (at most MAX_PLANS), the shapes of the last
+    iterations, and which arrays a shape starts from after another (NOTE [Step shapes])."""
+
+    def __init__(self):
+        self._plans: collections.OrderedDict[int, Plan] = collections.OrderedDict()
+        self.history: collections.deque = collections.deque(maxlen=2 * MAX_PERIOD)
+        self._follows: dict[tuple[int, int], dict[int, int]] = {}
+        self.times: collections.Counter = collections.Counter()    # iterations per shape
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __contains__(self, shape: int) -> bool:
+        return shape in self._plans
+
+    def add(self, plan: Plan) -> None:
+        self._plans.pop(plan.shape, None)
+        self._plans[plan.shape] = plan
+        while len(self._plans) > MAX_PLANS:                     # rule 6
+            self.drop(next(iter(self._plans)))
+
+    def drop(self, shape: int) -> None:
+        """Forget the plan of `shape` (rule 5), and what was learnt about it."""
+        self._plans.pop(shape, None)
+        for pair in [p for p in self._follows if shape in p]:
+            del self._follows[pair]
+
+    def moving(self) -> int:
+        """How many of the plans kept move something."""
+        return sum(1 for p in self._plans.values() if p.schedule.bytes_moved)
+
+    def seen(self, shape: int) -> None:
+        self.history.append(shape)
+        if shape not in self.times and len(self.times) >= _MAX_COUNTED:
+            self.times.clear()             # shapes that follow the data: a new one each time
+        self.times[shape] += 1
+
+    def next(self) -> Plan | None:
+        """The plan the next iteration replays, or None: record it (rules 2 and 3)."""
+        shape, periodic = predict(self.history)
+        if shape is None:
+            return None
+        plan = self._plans.get(shape)
+        if plan is None and not periodic and self.history.count(shape) == 1:
+            plan = next((self._plans[s] for s in reversed(self.history) if s in self._plans),
+                        None)
+        if plan is not None:
+            self._plans.move_to_end(plan.shape)
+        return plan
+
+    def learn(self, ending: Ending | None, plan: Plan, started_from: dict) -> None:
+        """`plan` ran to its end after `ending`, starting from `started_from` ({array id:
+        entry} of its persistent arrays): note which of the arrays `ending` left it
+        started from (rule 4)."""
+        plan.started_from = started_from
+        if ending is None:
+            return
+        aid_of = {entry: aid for aid, entry in ending.entries.items()}
+        self._follows[ending.shape, plan.shape] = {
+            b: aid_of[e] for b, e in started_from.items() if e in aid_of}
+
+    def carried(self, ending: Ending | None, plan: Plan, live) -> dict:
+        """{array id: entry} that `plan` starts from after `ending` (rule 4); `live(entry)`
+        says whether an entry still stands for a living storage. What the shape before
+        never touched (the optimizer's state, in an iteration that does not step) comes
+        from where the plan started last time."""
+        out = {}
+        if ending is not None:
+            follows = self._follows.get((ending.shape, plan.shape))
+            if follows is not None:
+                out = {b: e for b, a in follows.items()
+                       if (e := ending.entries.get(a)) is not None and live(e)}
+            elif ending.shape == plan.shape:
+                out = {a: e for a, e in ending.entries.items()
+                       if a in plan.persistent and live(e)}
+        taken = set(out.values())
+        for a, e in plan.started_from.items():
+            if a not in out and e not in taken and live(e):
+                out[a] = e
+        return out

@@ -1,0 +1,131 @@
+"""A loop whose steps take a few shapes (optimizer.step() every n-th iteration) gets a
+plan per shape, and replays every iteration once it has seen each shape (NOTE [Step
+shapes] in run/plans.py): bitwise equal to plain PyTorch, within the budget, through
+interrupts in any shape."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import outcore
+from outcore.run import plans
+from outcore.run.plans import Plans, predict
+
+BUDGET = 2_500_000
+
+
+def _minimal_period(pattern) -> int:
+    n = len(pattern)
+    return next(p for p in range(1, n + 1)
+                if n % p == 0 and all(pattern[i] == pattern[i % p] for i in range(n)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+       noise=st.lists(st.integers(10, 13), max_size=4), extra=st.integers(0, 20))
+def test_predict_follows_any_period_once_it_repeated(pattern, noise, extra):
+    """After a few iterations of anything, a sequence of shapes that repeats with a
+    period p (p at most MAX_PERIOD) for at least two periods and one more step is
+    predicted right: the next shape, and that a period said so."""
+    p = _minimal_period(pattern)
+    pattern = pattern[:p]
+    periodic = [pattern[i % p] for i in range(2 * p + 1 + extra)]
+    shape, periodically = predict(noise + periodic)
+    assert shape == pattern[len(periodic) % p], (noise, periodic)
+    assert periodically or p == 1 or not noise and len(set(periodic)) == 1
+
+
+def test_a_one_off_shape_is_no_period_and_the_last_plan_replays():
+    """An epoch's short last batch (rule 3): no period 2 around it, and the step after it
+    replays the plan of the shape before, not a recording."""
+    assert predict(["a"] * 9 + ["s", "a"]) == ("a", False)
+    assert predict(["a"] * 9 + ["s"]) == ("s", False)
+    kept = Plans()
+    kept._plans["a"] = plan = plans.Plan("a", None, None, [], (0, 0), 0, frozenset(), {})
+    for shape in ["a"] * 9 + ["s"]:
+        kept.seen(shape)
+    assert kept.next() is plan          # "s" was seen once: the last shape with a plan
+    kept.seen("s")
+    assert kept.next() is None          # "s" again: from now on, recorded
+
+
+def _train(n: int, iterations: int, optimizer: str, budget=BUDGET, interrupt_at=()):
+    """An MLP whose loop calls optimizer.step() every n-th iteration, plainly and under
+    `budget`; a forward hook raises KeyboardInterrupt in the iterations in
+    `interrupt_at` (both runs, at the same op), and the loop goes on. Returns (plain
+    model, ours, the OutOfCore's report, its number of plans)."""
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
+                                  torch.nn.Linear(384, 384), torch.nn.GELU(),
+                                  torch.nn.Linear(384, 10))
+        opt = (torch.optim.Adam(net.parameters()) if optimizer == "adam" else
+               torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+        state = {"raise": False}
+
+        def hook(*_):
+            if state["raise"]:
+                state["raise"] = False
+                raise KeyboardInterrupt
+        net[2].register_forward_hook(hook)
+        return net, opt, state
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
+            for _ in range(iterations)]
+
+    def step(net, opt, state, i):
+        state["raise"] = i in interrupt_at
+        x, y = data[i]
+        (torch.nn.functional.cross_entropy(net(x), y) / n).backward()
+        if i % n == n - 1:
+            opt.step()
+            opt.zero_grad()
+    plain, ours = make(), make()
+    with outcore.OutOfCore(budget=budget) as ooc:
+        for i in range(iterations):
+            try:
+                step(*plain, i)
+            except KeyboardInterrupt:
+                pass
+            try:
+                with ooc.iteration():
+                    step(*ours, i)
+            except KeyboardInterrupt:
+                assert i in interrupt_at
+        return plain[0], ours[0], ooc.report(), len(ooc._plans)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) and (x.grad is None) == (y.grad is None)
+               and (x.grad is None or torch.equal(x.grad, y.grad))
+               for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("n,optimizer", [(2, "adam"), (3, "sgd"), (4, "adam")])
+def test_optimizer_step_every_nth_iteration_replays_every_shape(n, optimizer):
+    """The first micro-batch makes the gradients, the middle ones add to them, the last
+    one steps: a plan for each, and from the fifth cycle on at the latest (the first
+    step, which makes Adam's state, is a shape of its own) every iteration replays one
+    without deviating, moving state, within the budget, bitwise equal to plain PyTorch.
+    (Before, every stepping iteration left its record and ran op by op, for ever.)"""
+    plain, ours, report, kept = _train(n, 8 * n, optimizer)
+    assert _same(plain, ours)
+    assert kept == min(n, 3), report
+    last = report.iterations[-4 * n:]
+    assert all(it.mode == "replay" and it.deviation is None for it in last), report
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), report
+    assert sum(it.bytes_written for it in last) > 0           # the budget made state move
+
+
+def test_an_interrupt_in_any_shape_loses_nothing_and_training_goes_on():
+    """Ctrl-C in each shape of the cycle once the plans are made (the first, a middle
+    and the stepping micro-batch of an accumulation of 3): every parameter and
+    gradient stays whole and equal to a plain run interrupted at the same op, and the
+    loop replays again after it (an interrupted iteration leaves its shape unknown, and
+    its cycle's steps take other shapes: the period is learnt again)."""
+    n = 3
+    plain, ours, report, _ = _train(n, 12 * n, "adam", interrupt_at=(4 * n, 5 * n + 1, 6 * n + 2))
+    assert _same(plain, ours)
+    assert [it.completed for it in report.iterations].count(False) == 3, report
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), report
+    assert all(it.mode == "replay" and it.deviation is None for it in report.iterations[-n:]), report
