@@ -368,6 +368,7 @@ class OutOfCore:
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
+        self._warned_deviation = False      # the first deviation is a warning (_adopt)
         self._composition = Composition()     # run/compose.py: torch.distributed around us
 
     # -- the loop ------------------------------------------------------------------------
@@ -1132,8 +1133,10 @@ class _Iteration:
                 raise mode.infeasible
             if deviation is not None:
                 # A shape met for the first or second time is being learnt (NOTE [Step
-                # shapes] in plans.py, rule 3): said, not warned about.
-                log.log(logging.WARNING if ooc._plans.times[shape] > 2 else logging.INFO,
+                # shapes] in plans.py, rule 3): said, warned about the first time only.
+                warn = ooc._plans.times[shape] > 2 or not ooc._warned_deviation
+                ooc._warned_deviation = True
+                log.log(logging.WARNING if warn else logging.INFO,
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
                         "" if shape in ooc._plans else
