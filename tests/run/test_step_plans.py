@@ -129,3 +129,34 @@ def test_an_interrupt_in_any_shape_loses_nothing_and_training_goes_on():
     assert [it.completed for it in report.iterations].count(False) == 3, report
     assert all(it.peak_resident <= BUDGET for it in report.iterations), report
     assert all(it.mode == "replay" and it.deviation is None for it in report.iterations[-n:]), report
+
+
+def test_a_plan_that_moves_nothing_makes_ready_what_an_earlier_step_left_out():
+    """The micro-batches' plans fit and move nothing (a replay then only follows the
+    ops); the stepping one does not, and while it is learnt it runs on demand, leaving
+    parameters on the slow tier. The next replay of a plan that moves nothing must make
+    them ready: it ran an op on an emptied storage ("data is not allocated yet") where
+    only a recording could come after a deviation."""
+    n, width = 4, 512
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(width, width),
+                                                                   torch.nn.ReLU())])
+        return net, torch.optim.Adam(net.parameters())
+    x, y = torch.randn(64, width), torch.randn(64, width)
+
+    def step(net, opt, i):
+        torch.nn.functional.mse_loss(net(x), y).div(n).backward()
+        if i % n == n - 1:
+            opt.step()
+            opt.zero_grad()
+    plain, ours = make(), make()
+    with outcore.OutOfCore(budget=12 * 2**20) as ooc:
+        for i in range(4 * n):
+            step(*plain, i)
+            with ooc.iteration():
+                step(*ours, i)
+        report = ooc.report()
+    assert _same(plain[0], ours[0])
+    assert all(it.peak_resident <= 12 * 2**20 for it in report.iterations), report

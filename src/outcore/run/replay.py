@@ -69,9 +69,11 @@ class Replayer(HeldMode):
         self._names: dict = {}
         # A plan that moves nothing needs no bookkeeping: only follow the op sequence,
         # so that a step that changes is still noticed (and then runs on-demand).
-        # (Not while another plan kept moves something: it needs to know which storages
-        # this step leaves, NOTE [Step shapes] in plans.py, rule 4.)
-        self.passive = may_follow and schedule.bytes_moved == 0
+        # Not while another plan kept moves something (it needs to know which storages
+        # this step leaves, NOTE [Step shapes] in plans.py, rule 4), nor while a storage
+        # is on the slow tier (a step that ran on demand, or another plan, left it
+        # there, and following makes nothing ready).
+        self.passive = may_follow and schedule.bytes_moved == 0 and residency.offloaded == 0
         self._curve = schedule.resident_curve
         self._strangers: list = []
         self._stranger_bytes = 0
