@@ -71,7 +71,9 @@ def child(mode: str, n: int, cycles: int) -> dict:
                    deviations=sum(it.deviation is not None for it in its),
                    tail_deviations=sum(it.deviation is not None or it.mode == "record" for it in tail),
                    peak_over=max(it.peak_resident for it in its) > budget,
-                   unplanned_tail=sum(it.unplanned_bytes for it in tail) / max(cycles - cycles // 2, 1))
+                   unplanned_tail=sum(it.unplanned_bytes for it in tail) / max(cycles - cycles // 2, 1),
+                   moved_tail=sum(it.bytes_read + it.bytes_written for it in tail)
+                   / max(cycles - cycles // 2, 1), in_core_peak=ooc.report().in_core_peak)
     out["per_cycle_s"] = statistics.median(times[cycles // 2:])
     return out
 
@@ -106,17 +108,19 @@ def main() -> None:
     print(f"\naccumulation {a.n}, {a.cycles} cycles, median of {a.rounds} rounds; "
           "s per cycle over the last half of the cycles")
     print("| mode | s per cycle | x plain's speed | records, deviations (all) | "
-          "records + deviations (last half) | unplanned MiB per cycle (last half) |")
-    print("|---|---|---|---|---|---|")
+          "records + deviations (last half) | MiB moved per cycle (last half) | "
+          "of which unplanned |")
+    print("|---|---|---|---|---|---|---|")
     for (mode, src), outs in results.items():
         s = statistics.median(o["per_cycle_s"] for o in outs)
         name = mode + (f" ({src})" if src else "")
         if mode == "plain":
-            print(f"| {name} | {s:.3f} | 1.00 | | | |")
+            print(f"| {name} | {s:.3f} | 1.00 | | | | |")
             continue
         o = outs[-1]
         print(f"| {name} | {s:.3f} | {plain / s:.2f} | {o['records']}, {o['deviations']} | "
-              f"{o['tail_deviations']} | {o['unplanned_tail'] / 2**20:.1f} |")
+              f"{o['tail_deviations']} | {o.get('moved_tail', 0) / 2**20:.0f} | "
+              f"{o['unplanned_tail'] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":
