@@ -985,7 +985,8 @@ class _Iteration:
             self.after, ooc._ending = ooc._ending, None      # known again once it ends (_adopt)
             carried = ooc._plans.carried(self.after, plan, ooc._live)
             self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
-                                 ooc._inputs, keys=plan.keys, may_follow=ooc._plans.moving() == 0)
+                                 ooc._inputs, keys=plan.keys, may_follow=ooc._plans.moving() == 0,
+                                 lasting=ooc._plans.state_of_others(plan))
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0

@@ -33,6 +33,10 @@ lets every iteration replay.
      record had state, a storage that can no longer move) drops that plan: the next
      iteration of that shape is recorded again.
   6. At most MAX_PLANS plans are kept; the least recently used one goes first.
+  7. A plan is made for its own shape: state only other shapes touch (Adam's moments,
+     in a micro-batch that does not step) is a stranger to it. Where its peak leaves no
+     room for such state, the replay starts writing it out at its start, overlapped
+     (`Replayer._send_off_lasting`); the report counts those bytes as unplanned.
 """
 from __future__ import annotations
 
@@ -137,6 +141,11 @@ class Plans:
     def moving(self) -> int:
         """How many of the plans kept move something."""
         return sum(1 for p in self._plans.values() if p.schedule.bytes_moved)
+
+    def state_of_others(self, plan: Plan) -> frozenset:
+        """The entries other plans started from (rule 7)."""
+        return frozenset(e for p in self._plans.values() if p is not plan
+                         for e in p.started_from.values())
 
     def seen(self, shape: int) -> None:
         self.history.append(shape)

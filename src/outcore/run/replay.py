@@ -23,7 +23,7 @@ import torch
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
-from ..states import DISCARDED, FAST, SLOW
+from ..states import DISCARDED, FAST, OUT, SLOW
 from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
@@ -36,7 +36,8 @@ from .steplog import StepLog
 
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
-                 shield: Shield, inputs=(), keys=None, may_follow: bool = True):
+                 shield: Shield, inputs=(), keys=None, may_follow: bool = True,
+                 lasting=frozenset()):
         super().__init__(shield)
         self.trace = trace
         self.schedule = schedule
@@ -77,6 +78,7 @@ class Replayer(HeldMode):
         self._curve = schedule.resident_curve
         self._strangers: list = []
         self._stranger_bytes = 0
+        self._lasting = lasting      # entries of other plans' state: strangers that stay
         self.log = StepLog(time.perf_counter())
         self._recompute_setup(trace)
         if self._sources:
@@ -209,6 +211,7 @@ class Replayer(HeldMode):
         for entry in moving:
             self.res.finish(entry)
         self._find_strangers()
+        self._send_off_lasting()
         coming = [e for aid in wanted if (e := self.by_id[aid]) is not None and e.state is SLOW]
         if self._stranger_bytes:       # strangers are alive until the step drops them
             self._make_room(self.res.resident - self._stranger_bytes
@@ -232,6 +235,24 @@ class Replayer(HeldMode):
             return
         known = self.aid_of.keys() | set(self._inputs)     # entries hash by identity
         self._strangers = [e for e in self.res.lru.values() if e not in known and not e.pinned]
+        self._stranger_bytes = sum(e.nbytes for e in self._strangers)
+
+    def _send_off_lasting(self) -> None:
+        """Strangers that are another plan's state (Adam's moments, in a micro-batch that
+        does not step: NOTE [Step shapes] in plans.py, rule 7) do not die within the step:
+        where the plan's peak leaves no room for them, start writing them out now, least
+        recently used first, overlapped with the first functions, rather than
+        synchronously where the room runs out (`_make_room` waits for them there)."""
+        if not self._lasting or not self._strangers:
+            return
+        need = max(self._curve, default=0) + self._stranger_bytes - self.schedule.budget
+        for entry in self._strangers:
+            if need <= 0:
+                break
+            if entry in self._lasting and entry.state is FAST:
+                self.res.evict(entry, unplanned=True)
+                need -= entry.nbytes
+        self._strangers = [e for e in self._strangers if e.state is FAST or e.state is OUT]
         self._stranger_bytes = sum(e.nbytes for e in self._strangers)
 
     def _note_replaced(self, aid: int, storage, tensors) -> None:
@@ -267,8 +288,9 @@ class Replayer(HeldMode):
         ooc.planned_budget; unplanned bytes in the report). Most strangers die before they
         matter (zero_grad drops them), so this runs only where the sum would not fit."""
         res = self.res
-        alive = [e for e in self._strangers
-                 if e.state is FAST and e.ref() is not None and e not in self.aid_of]
+        alive = [e for e in self._strangers if (e.state is FAST or e.state is OUT)
+                 and e.ref() is not None and e not in self.aid_of]
+        alive.sort(key=lambda e: e.state is not OUT)     # those being written out first
         excess = planned + sum(e.nbytes for e in alive) - self.schedule.budget
         out = []
         while alive and excess > 0:
