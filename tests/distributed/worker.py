@@ -26,14 +26,19 @@ import outcore
 STEPS = 6
 # Of this rank's in-core peak. DDP's buckets, FSDP's unsharded parameters and the
 # pipeline's send and receive buffers never move (run/compose.py), so those need more.
-BUDGET_SHARE = {"ddp": 0.45, "fsdp2": 0.6, "pipeline": 0.6, "ddpconv": 0.45, "fsdp2conv": 0.6}
+BUDGET_SHARE = {"ddp": 0.45, "fsdp2": 0.6, "pipeline": 0.6, "ddpconv": 0.45, "fsdp2conv": 0.6,
+                "accumddp": 0.45}
+# The accumulating case steps every second iteration, with DDP's no_sync() in between:
+# outcore learns a plan per step shape (NOTE [Step shapes] in run/plans.py) and the last
+# iterations replay; it ends on a stepping iteration, whose plan has the allreduces.
+STEPS_OF = {"accumddp": 14}
 WIDTH, DEPTH, BATCH = 256, 4, 1024
 # The conv cases run a small CNN (convolution, batch norm, in-place ReLU) under
 # OutOfCore(recompute=True): recompute's repeats inside DDP's backward (asserted), and
 # under FSDP2 recompute rule 8, which keeps every producer touching FSDP's parameters
 # out (a CNN there recomputes nothing: docs/planning.md, "Recompute").
 CASES = ([f"{c}-{o}" for c in ("ddp", "fsdp2", "pipeline") for o in ("sgd", "adam")]
-         + ["ddpconv-sgd", "fsdp2conv-adam"])
+         + ["ddpconv-sgd", "fsdp2conv-adam", "accumddp-adam"])
 IMAGE = (BATCH * WIDTH // (4 * 32 * 32), 4, 32, 32)     # a batch reshaped as images
 
 
@@ -136,8 +141,29 @@ def fsdp2conv(opt_name):
     return data_parallel(model, opt_name, IMAGE)
 
 
+def accumddp(opt_name, every: int = 2):
+    """DDP with gradient accumulation across iterations: no_sync() for the micro-batches
+    that do not step (no allreduce), optimizer.step() every `every` iterations."""
+    import contextlib
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(blocks())
+    opt = make_optimizer(opt_name, model.parameters())
+
+    def step(i):
+        x, y = batch(dist.get_rank(), i)
+        stepping = i % every == every - 1
+        with contextlib.nullcontext() if stepping else model.no_sync():
+            loss = loss_fn(model(x), y) / every
+            loss.backward()
+        if stepping:
+            opt.step()
+            opt.zero_grad()
+        return loss
+    return model, step
+
+
 BUILD = {"ddp": ddp, "fsdp2": fsdp2, "pipeline": pipeline, "ddpconv": ddpconv,
-         "fsdp2conv": fsdp2conv}
+         "fsdp2conv": fsdp2conv, "accumddp": accumddp}
 
 
 def parameters(model):
@@ -151,8 +177,8 @@ def parameters(model):
 def run_case(case: str) -> dict:
     kind, opt_name = case.split("-")
     model, step = BUILD[kind](opt_name)
-    plain_losses = []
-    for i in range(STEPS):
+    plain_losses, steps = [], STEPS_OF.get(kind, STEPS)
+    for i in range(steps):
         if i == 1:
             with outcore.record() as rec:        # records, changes nothing
                 loss = step(i)
@@ -171,7 +197,7 @@ def run_case(case: str) -> dict:
     with tempfile.TemporaryDirectory() as swap, \
             outcore.OutOfCore(budget=budget, swap_dir=swap,
                               recompute=True if kind.endswith("conv") else "auto") as ooc:
-        for i in range(STEPS):
+        for i in range(steps):
             with ooc.iteration():
                 loss = step(i)
             losses.append(None if loss is None else loss.detach().clone())
