@@ -602,6 +602,12 @@ class OutOfCore:
         held = held_arrays(trace, disowned)
         owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
         budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held, owned)
+        # What collectives and FSDP hold that this step does not touch (DDP's buckets, in
+        # a micro-batch under no_sync()) stays resident beside it all the same.
+        in_step = {e for ref in recording.alive_at_end.values()
+                   if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
+        beside = self._held_beside(in_step)
+        budget -= beside
         # Held arrays are counted once, in planned_budget; those elsewhere not at all:
         # 0 bytes for the planner, both.
         plannable = without_held(trace, held | elsewhere)
@@ -649,7 +655,8 @@ class OutOfCore:
                     between=schedule.boundary(plannable), in_core_peak=self._in_core_peak,
                     persistent=frozenset(a.id for a in trace.arrays
                                          if a.kind == "persistent" and a.existed_before),
-                    started_from=dict(self._carried))
+                    started_from=dict(self._carried), held_beside=beside,
+                    held_in_step=frozenset(e for e in in_step if e.owner))
         self._plans.add(plan)
         self._use(plan)
         self._ending = Ending(plan.shape, alive)
@@ -664,6 +671,24 @@ class OutOfCore:
         """Make `plan` the one the report, timeline() and plot() show."""
         self._plan, self.trace, self.schedule = plan, plan.trace, plan.schedule
         self._between, self._in_core_peak = plan.between, plan.in_core_peak
+
+    def _held_beside(self, known) -> int:
+        """Bytes that storages kept by collectives or FSDP (Residency NOTE 5) hold in
+        fast memory now, besides those in `known`."""
+        total = 0
+        for entry in self._res.entries.values():
+            if entry.owner and entry not in known and entry.state is FAST:
+                storage = entry.ref()
+                if storage is not None:
+                    total += storage.nbytes() if entry.foreign else entry.nbytes
+        return total
+
+    def _outgrown(self, plan: Plan) -> bool:
+        """Whether storages kept by collectives or FSDP that `plan`'s step does not touch
+        now hold more than its plan left for them (NOTE [Step shapes] in plans.py, rule
+        8): DDP's buckets, made by a step of another shape after this one was planned."""
+        beside = self._held_beside(plan.held_in_step)
+        return beside > plan.held_beside + plan.schedule.budget - plan.schedule.peak_bytes
 
     def _live(self, entry) -> bool:
         """Whether `entry` still stands for a living storage the table tracks."""
@@ -966,6 +991,11 @@ class _Iteration:
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
         plan = None if ooc._record_next else ooc._plans.next()
+        if plan is not None and ooc._outgrown(plan):
+            log.info("collectives or FSDP now keep more memory beside the step than its "
+                     "plan left room for: recording it again")
+            ooc._plans.drop(plan.shape)
+            plan = None
         self.recording = plan is None
         self.started = time.perf_counter()
         ooc._unpark()

@@ -37,6 +37,10 @@ lets every iteration replay.
      in a micro-batch that does not step) is a stranger to it. Where its peak leaves no
      room for such state, the replay starts writing it out at its start, overlapped
      (`Replayer._send_off_lasting`); the report counts those bytes as unplanned.
+  8. What collectives or FSDP keep resident that a step does not touch (DDP's buckets,
+     in a micro-batch under no_sync()) is planned for beside it (`Plan.held_beside`);
+     where more appears later (the buckets, made by a step of another shape), the plan
+     is dropped and its shape recorded again (`OutOfCore._outgrown`).
 """
 from __future__ import annotations
 
@@ -100,6 +104,8 @@ class Plan:
     in_core_peak: int
     persistent: frozenset       # ids of the arrays that are state kept across steps
     started_from: dict          # {array id: entry}: the state it started from last time
+    held_beside: int = 0        # bytes kept by collectives beside the step, planned for
+    held_in_step: frozenset = frozenset()   # entries kept by collectives the step touches
 
 
 @dataclasses.dataclass
