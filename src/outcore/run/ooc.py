@@ -364,7 +364,7 @@ class OutOfCore:
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
         self._warned_rss = False     # once: the process grew past _rss_bound()
-        self._deviated_at: list = []        # the last 3 (iteration, reason) that left their record
+        self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
@@ -762,8 +762,8 @@ class OutOfCore:
 
     def _periodic(self, index: int, reason: str, shape: int) -> None:
         """Note that iteration `index` deviated for `reason` with `shape`; the third
-        deviation in a row for the same reason at a fixed period, to a shape seen at least
-        twice before, gets one warning with the likely cause. A loop that calls
+        deviation to one shape at a fixed period, for the same reason, and of a shape seen
+        at least twice before, gets one warning with the likely cause. A loop that calls
         optimizer.step() every n-th iteration (gradient accumulation across iterations)
         gets a plan per shape (NOTE [Step shapes] in plans.py), and deviates while it
         learns them; past MAX_PERIOD, or with more than MAX_PLANS shapes, it deviates at
@@ -772,10 +772,12 @@ class OutOfCore:
         another tensor than recorded, the cause named is a tensor the step keeps as state
         that is a new one every step (a batch passed as an nn.Parameter, a parameter
         replaced instead of updated): recorded, replayed, deviating at it, period 2."""
-        self._deviated_at = [*self._deviated_at[-2:], (index, reason)]
-        seen = [i for i, _ in self._deviated_at]
+        if len(self._deviated_at) > 64 and shape not in self._deviated_at:
+            self._deviated_at.clear()      # shapes that follow the data: each new
+        mine = self._deviated_at[shape] = [*self._deviated_at.get(shape, [])[-2:], (index, reason)]
+        seen = [i for i, _ in mine]
         if (not self._warned_period and len(seen) == 3
-                and len({r for _, r in self._deviated_at}) == 1
+                and len({r for _, r in mine}) == 1
                 and seen[2] - seen[1] == seen[1] - seen[0] > 1
                 and self._plans.times[shape] >= 3):
             self._warned_period = True
@@ -1014,8 +1016,12 @@ class _Iteration:
             ooc._use(plan)
             self.after, ooc._ending = ooc._ending, None      # known again once it ends (_adopt)
             carried = ooc._plans.carried(self.after, plan, ooc._live)
+            # Residency NOTE 8 for the plan chosen: the last step let go of the unmovable
+            # storages it would not start from itself, and this one may start from fewer
+            # (Adam's small moments, in a micro-batch that does not step).
+            res.let_go(set(carried.values()) | set(ooc._inputs))
             self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
-                                 ooc._inputs, keys=plan.keys, may_follow=ooc._plans.moving() == 0,
+                                 ooc._inputs, keys=plan.keys, may_follow=ooc._plans.may_follow(),
                                  lasting=ooc._plans.state_of_others(plan))
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
@@ -1149,14 +1155,18 @@ class _Iteration:
                 raise
         else:
             plan, shape = ooc._plan, mode.shape()
-            ooc._plans.seen(shape)
+            # A passive replay checks names only (Replayer._follow): where it deviated, the
+            # shape it computes trusts the record's sizes up to there. An unknown shape is
+            # kept instead, one of its own: the next replays track (NOTE [Step shapes] 4).
+            known = not (mode.passive and deviation is not None)
+            ooc._plans.seen(shape if known else object())
             ooc._carried = mode.persistent_entries()
             ooc._inputs = mode.input_entries()
             if deviation is None:
                 ooc._plans.learn(self.after, plan, mode.started_from)
                 if not mode.passive:                   # a passive one binds nothing
                     ooc._ending = Ending(plan.shape, mode.ending())
-            elif shape == plan.shape:
+            elif known and shape == plan.shape:
                 ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback

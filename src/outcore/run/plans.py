@@ -16,8 +16,10 @@ lets every iteration replay.
      period), else the last shape.
   3. A predicted shape with a plan replays it; one without is recorded, unless no
      period predicted it and it was seen once (a one-off: an epoch's short last batch,
-     a shape that follows the data): then the most recent shape with a plan replays.
-     A wrong guess costs a deviation: the rest of that step runs on demand, correct.
+     a shape that follows the data), or the period holds more shapes than MAX_PLANS
+     (each recording would drop the plan needed next): then the most recent shape with
+     a plan replays. A wrong guess costs a deviation: the rest of that step runs on
+     demand, correct.
   4. The state a plan starts from (`Plans.carried`): after an iteration that ran its
      plan to the end, outcore knows which storage each of its arrays was at the end
      (`Ending`). A plan that ran after that shape before learnt which of those arrays
@@ -27,8 +29,10 @@ lets every iteration replay.
      started from last time, where those storages still live. Arrays it finds no
      storage for bind at their first use (a new storage there is a gradient made
      since: no deviation), counted as strangers till then. A replay that only follows
-     the ops (a plan that moves nothing: `Replayer.passive`) binds no storage, so it
-     does so only while every plan kept moves nothing.
+     the ops (a plan that moves nothing: `Replayer.passive`) binds no storage and
+     checks op names only, so it does so only while every plan kept moves nothing and
+     the last iterations had one shape; one that deviates learns no shape (it is kept
+     as one of its own, so that the next ones track).
   5. A replay that deviates with the shape of its own plan (another tensor where the
      record had state, a storage that can no longer move) drops that plan: the next
      iteration of that shape is recorded again.
@@ -69,8 +73,8 @@ def shape_of(keys) -> int:
     return hash(tuple(k for k in keys if k is not None))
 
 
-def predict(history, max_period: int | None = None) -> tuple[int | None, bool]:
-    """(The shape the next iteration most likely has, whether a period predicts it).
+def predict(history, max_period: int | None = None) -> tuple[int | None, int]:
+    """(The shape the next iteration most likely has, the period that predicts it or 0).
 
     A period p holds for the last `run` shapes that each equal the one p before; it
     counts once they repeat at least one whole period (run >= p: one shape seen once,
@@ -80,7 +84,7 @@ def predict(history, max_period: int | None = None) -> tuple[int | None, bool]:
     max_period = MAX_PERIOD if max_period is None else max_period
     n = len(history)
     if n == 0:
-        return None, False
+        return None, 0
     best, longest = 0, 0
     for p in range(1, min(max_period, n - 1) + 1):
         run = 0
@@ -89,8 +93,8 @@ def predict(history, max_period: int | None = None) -> tuple[int | None, bool]:
         if run >= p and run > longest:
             best, longest = p, run
     if best:
-        return history[n - best], True
-    return history[-1], False
+        return history[n - best], best
+    return history[-1], 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,9 +148,11 @@ class Plans:
         for pair in [p for p in self._follows if shape in p]:
             del self._follows[pair]
 
-    def moving(self) -> int:
-        """How many of the plans kept move something."""
-        return sum(1 for p in self._plans.values() if p.schedule.bytes_moved)
+    def may_follow(self) -> bool:
+        """Whether a replay may only follow the ops (rule 4): while every plan kept moves
+        nothing and the last iterations all had one shape."""
+        return (not any(p.schedule.bytes_moved for p in self._plans.values())
+                and len(set(self.history)) <= 1)
 
     def state_of_others(self, plan: Plan) -> frozenset:
         """The entries other plans started from (rule 7)."""
@@ -161,11 +167,12 @@ class Plans:
 
     def next(self) -> Plan | None:
         """The plan the next iteration replays, or None: record it (rules 2 and 3)."""
-        shape, periodic = predict(self.history)
+        shape, period = predict(self.history)
         if shape is None:
             return None
         plan = self._plans.get(shape)
-        if plan is None and not periodic and self.history.count(shape) == 1:
+        if plan is None and (not period and self.history.count(shape) == 1
+                             or period and len(set(list(self.history)[-period:])) > MAX_PLANS):
             plan = next((self._plans[s] for s in reversed(self.history) if s in self._plans),
                         None)
         if plan is not None:
