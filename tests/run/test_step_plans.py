@@ -160,3 +160,108 @@ def test_a_plan_that_moves_nothing_makes_ready_what_an_earlier_step_left_out():
         report = ooc.report()
     assert _same(plain[0], ours[0])
     assert all(it.peak_resident <= 12 * 2**20 for it in report.iterations), report
+
+
+def _loop(make, step, iterations, budget):
+    """`step(net, opt, i)` plainly and under `budget`: (plain, ours, report)."""
+    plain, ours = make(), make()
+    with outcore.OutOfCore(budget=budget) as ooc:
+        for i in range(iterations):
+            step(*plain, i)
+            with ooc.iteration():
+                step(*ours, i)
+        return plain, ours, ooc.report()
+
+
+def test_small_state_only_the_stepping_shape_touches_stays_out_of_the_other_plans_budget():
+    """Thirty layers whose parameters are under min_move_bytes: their Adam moments never
+    move and only the stepping micro-batch touches them. The plan of the first
+    micro-batch after a step counted none of them and ran 0.78 MB over the budget every
+    cycle (a helper's review); unmovable storages the plan does not start from are let
+    go as a step's end does (Residency NOTE 8)."""
+    n, budget = 3, 7_200_000
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(256, 128, generator=g), torch.randint(0, 10, (256,), generator=g))
+            for _ in range(8 * n)]
+
+    def make():
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(128, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 90)]
+        for _ in range(30):
+            layers += [torch.nn.ReLU(), torch.nn.Linear(90, 90)]
+        net = torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(90, 10))
+        return net, torch.optim.Adam(net.parameters())
+
+    def step(net, opt, i):
+        x, y = data[i]
+        (torch.nn.functional.cross_entropy(net(x), y) / n).backward()
+        if i % n == n - 1:
+            opt.step()
+            opt.zero_grad()
+    plain, ours, report = _loop(make, step, 8 * n, budget)
+    assert _same(plain[0], ours[0])
+    replays = [it for it in report.iterations if it.mode == "replay" and not it.deviation]
+    assert replays and all(it.peak_resident <= budget for it in replays), report
+
+
+@pytest.mark.parametrize("sizes", [6, 7])
+def test_more_shapes_in_a_period_than_plans_kept_stop_recording(sizes):
+    """A batch size that cycles through `sizes` sizes (a bucketed loader). Six get a
+    plan each and replay; with seven, each recording dropped the plan needed next, and
+    every iteration was recorded for ever (a helper's review): past MAX_PLANS the
+    period's shapes are not recorded again, and the iterations deviate instead."""
+    g = torch.Generator().manual_seed(0)
+    batches = [16 + 8 * (i % sizes) for i in range(6 * sizes)]
+    data = [(torch.randn(b, 128, generator=g), torch.randint(0, 10, (b,), generator=g))
+            for b in batches]
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
+                                  torch.nn.Linear(384, 384), torch.nn.GELU(),
+                                  torch.nn.Linear(384, 10))
+        return net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+
+    def step(net, opt, i):
+        x, y = data[i]
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    plain, ours, report = _loop(make, step, len(data), BUDGET)
+    assert _same(plain[0], ours[0])
+    last = report.iterations[-2 * sizes:]
+    assert not [it for it in last if it.mode == "record"], report
+    if sizes <= plans.MAX_PLANS:
+        assert not [it for it in last if it.deviation], report
+
+
+def test_an_eval_step_under_a_budget_that_moves_nothing_learns_its_shape():
+    """Training every iteration and, every fourth, an eval step under no_grad with
+    another batch size, at a budget where nothing moves. A replay that only follows
+    op names took the record's sizes for the eval step's (a helper's review): the same
+    step went into the history as two shapes, with recordings and deviations long
+    after. Now both shapes are learnt and the last cycles replay without deviating."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
+            for _ in range(24)]
+    evaluated = torch.randn(2048, 128, generator=g)
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
+                                  torch.nn.Linear(384, 10))
+        return net, torch.optim.Adam(net.parameters())
+
+    def step(net, opt, i):
+        if i % 4 == 3:
+            with torch.no_grad():
+                net(evaluated).sum()
+            return
+        x, y = data[i]
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    plain, ours, report = _loop(make, step, 24, 9_000_000)
+    assert _same(plain[0], ours[0])
+    last = report.iterations[-8:]
+    assert all(it.mode == "replay" and not it.deviation for it in last), report
