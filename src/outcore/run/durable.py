@@ -55,6 +55,11 @@ NOTE [Durable state]
      it is read (the model is then partly loaded, and `failed_note` says so). An
      optimizer state DTensor is assumed to have its parameter's shape and placements
      (true of torch's optimizers that run on DTensors).
+ 10. The parameters' gradients are kept too (`grads`, by parameter name), where they
+     outlive the iteration: a loop that calls optimizer.step() every n-th iteration
+     resumed in the middle of a cycle goes on with the gradients it had accumulated.
+     Resume sets them as the parameters' `.grad` (a DTensor like its parameter). Sparse
+     gradients are not kept.
 """
 from __future__ import annotations
 
@@ -82,7 +87,8 @@ def _swap_name(generation: int) -> str:
 
 def _state_of(manifest: dict) -> dict:
     """The part of a manifest a later one keeps as its `previous` (rule 8)."""
-    return {key: manifest[key] for key in ("file", "iterations", "rng", "model", "optimizer")}
+    return {**{key: manifest[key] for key in ("file", "iterations", "rng", "model", "optimizer")},
+            "grads": manifest.get("grads") or {}}
 
 
 def _ranks() -> int:
@@ -278,12 +284,22 @@ class Durable:
         for name, tensor in ours.items():           # every shape, before anything is copied
             self._check_shape(name, saved[name], _local(tensor, dtensor),
                               dtensor is not None and isinstance(tensor, dtensor))
+        grads, params = self.manifest.get("grads") or {}, dict(model.named_parameters())
+        for name, ref in grads.items():                                      # rule 10
+            if name not in params:
+                raise OutcoreError(f"the state in {self.directory} holds a gradient of "
+                                   f"{name!r}, which is no parameter of this model; pass the "
+                                   "model it was trained with, or another state_dir")
+            self._check_shape(name + ".grad", ref, _local(params[name], dtensor),
+                              dtensor is not None and isinstance(params[name], dtensor))
         with torch.no_grad():
             for name, tensor in ours.items():
                 value = self.read(saved[name], file)
                 self.copied = True          # from here a failure leaves a partial load
                 _local(tensor, dtensor).copy_(value)         # in place (rule 9)
                 del value
+            for name, ref in grads.items():                                  # rule 10
+                params[name].grad = self._state_value(ref, file, params[name], name)
         if optimizer is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             kept = self.manifest["optimizer"]
@@ -395,6 +411,8 @@ class Durable:
             return {**kept, "dtensor": True} if local is not tensor else kept
 
         model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
+        grads = {name: ref(p.grad) for name, p in self.model.named_parameters()     # rule 10
+                 if p.grad is not None and p.grad.layout == torch.strided}
         optimizer = _map_refs(self.optimizer.state_dict(), ref) if self.optimizer is not None else None
         try:
             mover.sync()
@@ -408,7 +426,8 @@ class Durable:
         kept = {**committed, **(self.last_extents if previous is not None else {})}
         mover.protect(kept)
         state = {"file": _swap_name(self.generation), "iterations": iterations,
-                 "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer}
+                 "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer,
+                 "grads": grads}
         try:
             atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
                          **state, "optimizer_class": _class_name(self.optimizer),
