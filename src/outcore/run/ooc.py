@@ -1145,11 +1145,14 @@ class _Iteration:
         ooc, mode = self.ooc, self.mode
         if self.recording:
             ooc._ending = None
-            ooc._plans.seen(shape_of(function_keys(mode.trace)))
+            shape = shape_of(function_keys(mode.trace))
+            ooc._plans.seen(shape)
             try:
                 if mode.infeasible is not None:
                     raise mode.infeasible
                 ooc._plan_recording(mode)
+                if ooc._record_next:                 # not the steady step yet
+                    ooc._plans.warm_up.add(shape)
             except (InfeasibleBudget, HostBudgetTooSmall) as err:
                 ooc._infeasible = err        # later iterations raise at once
                 raise

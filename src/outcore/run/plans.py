@@ -31,8 +31,9 @@ lets every iteration replay.
      since: no deviation), counted as strangers till then. A replay that only follows
      the ops (a plan that moves nothing: `Replayer.passive`) binds no storage and
      checks op names only, so it does so only while every plan kept moves nothing and
-     the last iterations had one shape; one that deviates learns no shape (it is kept
-     as one of its own, so that the next ones track).
+     the last iterations had one shape (besides those of warm-up recordings, made
+     before the optimizer's state); one that deviates learns no shape (it is kept as
+     one of its own, so that the next ones track).
   5. A replay that deviates with the shape of its own plan (another tensor where the
      record had state, a storage that can no longer move) drops that plan: the next
      iteration of that shape is recorded again.
@@ -129,6 +130,7 @@ class Plans:
         self.history: collections.deque = collections.deque(maxlen=2 * MAX_PERIOD)
         self._follows: dict[tuple[int, int], dict[int, int]] = {}
         self.times: collections.Counter = collections.Counter()    # iterations per shape
+        self.warm_up: set = set()    # shapes of recordings not planned (lazy optimizer state)
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -152,7 +154,7 @@ class Plans:
         """Whether a replay may only follow the ops (rule 4): while every plan kept moves
         nothing and the last iterations all had one shape."""
         return (not any(p.schedule.bytes_moved for p in self._plans.values())
-                and len(set(self.history)) <= 1)
+                and len(set(self.history) - self.warm_up) <= 1)
 
     def state_of_others(self, plan: Plan) -> frozenset:
         """The entries other plans started from (rule 7)."""
