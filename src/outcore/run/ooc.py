@@ -369,6 +369,7 @@ class OutOfCore:
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
         self._warned_deviation = False      # the first deviation is a warning (_adopt)
+        self._outgrown_shapes: set = set()  # recorded again once for _outgrown
         self._composition = Composition()     # run/compose.py: torch.distributed around us
 
     # -- the loop ------------------------------------------------------------------------
@@ -562,7 +563,7 @@ class OutOfCore:
         self._pager.start(mappings, max(self.budget - res.resident, 0) + PAGER_SLACK,
                           ceiling=relieve_above + PAGER_SLACK, relieve=relieve)
 
-    def _plan_recording(self, recording: SafeRecording) -> None:
+    def _plan_recording(self, recording: SafeRecording, held_before=None) -> None:
         """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
         trace = recording.trace
         self._recordings_in_a_row += 1
@@ -606,7 +607,10 @@ class OutOfCore:
         # a micro-batch under no_sync()) stays resident beside it all the same.
         in_step = {e for ref in recording.alive_at_end.values()
                    if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
-        beside = self._held_beside(in_step)
+        # Those there as the step began count too (one it let go of held its memory till
+        # then: a tensor a collective made in the step before).
+        beside = max(self._held_beside(in_step),
+                     sum(n for e, n in (held_before or {}).items() if e not in in_step))
         budget -= beside
         # Held arrays are counted once, in planned_budget; those elsewhere not at all:
         # 0 bytes for the planner, both.
@@ -656,7 +660,7 @@ class OutOfCore:
                     persistent=frozenset(a.id for a in trace.arrays
                                          if a.kind == "persistent" and a.existed_before),
                     started_from=dict(self._carried), held_beside=beside,
-                    held_in_step=frozenset(e for e in in_step if e.owner))
+                    held_in_step=frozenset(e for e in in_step if e.owner or e.pinned))
         self._plans.add(plan)
         self._use(plan)
         self._ending = Ending(plan.shape, alive)
@@ -673,22 +677,41 @@ class OutOfCore:
         self._between, self._in_core_peak = plan.between, plan.in_core_peak
 
     def _held_beside(self, known) -> int:
-        """Bytes that storages kept by collectives or FSDP (Residency NOTE 5) hold in
-        fast memory now, besides those in `known`."""
+        """Bytes that storages that never move (kept by collectives or FSDP, Residency
+        NOTE 5; unmovable or small, NOTE 7) hold in fast memory now, besides those in
+        `known`."""
         total = 0
         for entry in self._res.entries.values():
-            if entry.owner and entry not in known and entry.state is FAST:
+            if (entry.owner or entry.pinned) and entry not in known and entry.state is FAST:
                 storage = entry.ref()
                 if storage is not None:
                     total += storage.nbytes() if entry.foreign else entry.nbytes
         return total
 
-    def _outgrown(self, plan: Plan) -> bool:
-        """Whether storages kept by collectives or FSDP that `plan`'s step does not touch
-        now hold more than its plan left for them (NOTE [Step shapes] in plans.py, rule
-        8): DDP's buckets, made by a step of another shape after this one was planned."""
-        beside = self._held_beside(plan.held_in_step)
-        return beside > plan.held_beside + plan.schedule.budget - plan.schedule.peak_bytes
+    def _outgrown(self, plan: Plan, known) -> bool:
+        """Whether storages that never move and that `plan`'s step does not start from
+        (`known`) now hold more than its plan left for them (NOTE [Step shapes] in
+        plans.py, rule 8): DDP's buckets or another shape's small optimizer state, made
+        after this one was planned. Once per shape: a step that keeps a new such storage
+        every time (a tensor a collective made, held till the next step) is not
+        recorded again and again."""
+        if plan.shape in self._outgrown_shapes:
+            return False
+        beside = self._held_beside(known)
+        if beside > plan.held_beside + plan.schedule.budget - plan.schedule.peak_bytes:
+            self._outgrown_shapes.add(plan.shape)
+            return True
+        return False
+
+    def _held_sizes(self) -> dict:
+        """{entry: bytes} of the storages collectives or FSDP keep, resident now."""
+        out = {}
+        for entry in self._res.entries.values():
+            if entry.owner and entry.state is FAST:
+                storage = entry.ref()
+                if storage is not None:
+                    out[entry] = storage.nbytes() if entry.foreign else entry.nbytes
+        return out
 
     def _live(self, entry) -> bool:
         """Whether `entry` still stands for a living storage the table tracks."""
@@ -936,6 +959,7 @@ class _Iteration:
         self.stance = None         # torch.compile's stance while it is (_enter_mode)
         self.recording = False
         self.after = None          # how the iteration before left its arrays (plans.Ending)
+        self.held_before = {}      # {entry: bytes} collectives keep, as a recording began
         self.before = None
         self.started = 0.0
 
@@ -993,12 +1017,17 @@ class _Iteration:
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
         plan = None if ooc._record_next else ooc._plans.next()
-        if plan is not None and ooc._outgrown(plan):
-            log.info("collectives or FSDP now keep more memory beside the step than its "
-                     "plan left room for: recording it again")
+        carried = ooc._plans.carried(ooc._ending, plan, ooc._live) if plan is not None else {}
+        if plan is not None and ooc._outgrown(
+                plan, plan.held_in_step | set(carried.values()) | set(ooc._inputs)):
+            log.info("storages that never move (collectives', FSDP's, small ones) now keep "
+                     "more memory beside the step than its plan left room for: recording "
+                     "it again")
             ooc._plans.drop(plan.shape)
             plan = None
         self.recording = plan is None
+        if self.recording:       # what collectives keep as it begins: _plan_recording
+            self.held_before = ooc._held_sizes()
         self.started = time.perf_counter()
         ooc._unpark()
         if not ooc._based:
@@ -1015,10 +1044,10 @@ class _Iteration:
         else:
             ooc._use(plan)
             self.after, ooc._ending = ooc._ending, None      # known again once it ends (_adopt)
-            carried = ooc._plans.carried(self.after, plan, ooc._live)
             # Residency NOTE 8 for the plan chosen: the last step let go of the unmovable
             # storages it would not start from itself, and this one may start from fewer
-            # (Adam's small moments, in a micro-batch that does not step).
+            # (Adam's small moments, in a micro-batch that does not step); its plan left
+            # room for them (Plan.held_beside, _outgrown).
             res.let_go(set(carried.values()) | set(ooc._inputs))
             self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
                                  ooc._inputs, keys=plan.keys, may_follow=ooc._plans.may_follow(),
@@ -1150,7 +1179,7 @@ class _Iteration:
             try:
                 if mode.infeasible is not None:
                     raise mode.infeasible
-                ooc._plan_recording(mode)
+                ooc._plan_recording(mode, self.held_before)
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
             except (InfeasibleBudget, HostBudgetTooSmall) as err:

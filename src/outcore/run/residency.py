@@ -212,6 +212,12 @@ class Residency:
             self.resident -= entry.nbytes
             self.pinned_resident -= entry.nbytes
             entry.state = DEAD
+            if entry.extent is not None and entry.future is None:
+                # A slow copy (from a state_dir commit: persist) that no entry names any
+                # more: else a storage that lives on is written to a fresh extent at every
+                # commit, and the file grows (the mover defers a committed extent).
+                self.mover.free(entry.extent)
+                entry.extent, entry.clean = None, False
 
     def entry_of(self, storage) -> Entry | None:
         """The entry of `storage` if it is tracked, else None. The storages that died are
