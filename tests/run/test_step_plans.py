@@ -14,6 +14,30 @@ from outcore.run.plans import Plans, predict
 BUDGET = 2_500_000
 
 
+def _batches(count: int, batch: int = 32) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 128, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(count)]
+
+
+def _mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
+                               torch.nn.Linear(384, 384), torch.nn.GELU(),
+                               torch.nn.Linear(384, 10))
+
+
+def _accumulating(data, n: int):
+    """A step(net, opt, i) that calls optimizer.step() every n-th iteration."""
+    def step(net, opt, i):
+        x, y = data[i]
+        (torch.nn.functional.cross_entropy(net(x), y) / n).backward()
+        if i % n == n - 1:
+            opt.step()
+            opt.zero_grad()
+    return step
+
+
 def _minimal_period(pattern) -> int:
     n = len(pattern)
     return next(p for p in range(1, n + 1)
@@ -55,10 +79,7 @@ def _train(n: int, iterations: int, optimizer: str, budget=BUDGET, interrupt_at=
     `interrupt_at` (both runs, at the same op), and the loop goes on. Returns (plain
     model, ours, the OutOfCore's report, its number of plans)."""
     def make():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
-                                  torch.nn.Linear(384, 384), torch.nn.GELU(),
-                                  torch.nn.Linear(384, 10))
+        net = _mlp()
         opt = (torch.optim.Adam(net.parameters()) if optimizer == "adam" else
                torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
         state = {"raise": False}
@@ -69,17 +90,11 @@ def _train(n: int, iterations: int, optimizer: str, budget=BUDGET, interrupt_at=
                 raise KeyboardInterrupt
         net[2].register_forward_hook(hook)
         return net, opt, state
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
-            for _ in range(iterations)]
+    accumulate = _accumulating(_batches(iterations), n)
 
     def step(net, opt, state, i):
         state["raise"] = i in interrupt_at
-        x, y = data[i]
-        (torch.nn.functional.cross_entropy(net(x), y) / n).backward()
-        if i % n == n - 1:
-            opt.step()
-            opt.zero_grad()
+        accumulate(net, opt, i)
     plain, ours = make(), make()
     with outcore.OutOfCore(budget=budget) as ooc:
         for i in range(iterations):
@@ -180,9 +195,6 @@ def test_small_state_only_the_stepping_shape_touches_stays_out_of_the_other_plan
     cycle (a helper's review); unmovable storages the plan does not start from are let
     go as a step's end does (Residency NOTE 8)."""
     n, budget = 3, 7_200_000
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(256, 128, generator=g), torch.randint(0, 10, (256,), generator=g))
-            for _ in range(8 * n)]
 
     def make():
         torch.manual_seed(0)
@@ -191,14 +203,7 @@ def test_small_state_only_the_stepping_shape_touches_stays_out_of_the_other_plan
             layers += [torch.nn.ReLU(), torch.nn.Linear(90, 90)]
         net = torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(90, 10))
         return net, torch.optim.Adam(net.parameters())
-
-    def step(net, opt, i):
-        x, y = data[i]
-        (torch.nn.functional.cross_entropy(net(x), y) / n).backward()
-        if i % n == n - 1:
-            opt.step()
-            opt.zero_grad()
-    plain, ours, report = _loop(make, step, 8 * n, budget)
+    plain, ours, report = _loop(make, _accumulating(_batches(8 * n, 256), n), 8 * n, budget)
     assert _same(plain[0], ours[0])
     replays = [it for it in report.iterations if it.mode == "replay" and not it.deviation]
     assert replays and all(it.peak_resident <= budget for it in replays), report
@@ -276,23 +281,11 @@ def test_a_run_kept_in_state_dir_resumes_in_the_middle_of_an_accumulation(tmp_pa
     (NOTE [Durable state], rule 10); before, a resume in the middle of a cycle lost
     them (a helper's review)."""
     n, total = 3, 12
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
-            for _ in range(total)]
+    step = _accumulating(_batches(total), n)
 
     def make():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
-                                  torch.nn.Linear(384, 384), torch.nn.GELU(),
-                                  torch.nn.Linear(384, 10))
+        net = _mlp()
         return net, torch.optim.Adam(net.parameters())
-
-    def step(net, opt, i):
-        x, y = data[i]
-        (torch.nn.functional.cross_entropy(net(x), y) / n).backward()
-        if i % n == n - 1:
-            opt.step()
-            opt.zero_grad()
     plain = make()
     for i in range(total):
         step(*plain, i)
@@ -325,9 +318,7 @@ def test_state_dir_of_a_loop_with_small_state_does_not_grow(tmp_path):
     import glob
     import os
     n = 3
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
-            for _ in range(15 * n)]
+    data = _batches(15 * n)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.ReLU(), torch.nn.Linear(96, 96),
                               torch.nn.ReLU(), torch.nn.Linear(96, 10))

@@ -42,10 +42,13 @@ lets every iteration replay.
      in a micro-batch that does not step) is a stranger to it. Where its peak leaves no
      room for such state, the replay starts writing it out at its start, overlapped
      (`Replayer._send_off_lasting`); the report counts those bytes as unplanned.
-  8. What collectives or FSDP keep resident that a step does not touch (DDP's buckets,
-     in a micro-batch under no_sync()) is planned for beside it (`Plan.held_beside`);
-     where more appears later (the buckets, made by a step of another shape), the plan
-     is dropped and its shape recorded again (`OutOfCore._outgrown`).
+  8. Storages that never move and that a step does not touch (DDP's buckets, in a
+     micro-batch under no_sync(); another shape's small optimizer state; what a
+     collective made in the step before, while the user still holds it) are planned
+     for beside it (`Plan.held_beside`). Where more appears later (made by a step of
+     another shape), the plan is dropped and its shape recorded again, once per shape
+     (`OutOfCore._outgrown`): a step that leaves a new such storage every time is not
+     recorded again and again.
 """
 from __future__ import annotations
 
