@@ -130,6 +130,9 @@ def test_optimizer_step_every_nth_iteration_replays_every_shape(n, optimizer):
     assert all(it.mode == "replay" and it.deviation is None for it in last), report
     assert all(it.peak_resident <= BUDGET for it in report.iterations), report
     assert sum(it.bytes_written for it in last) > 0           # the budget made state move
+    assert report.step_shapes == kept
+    assert (f"  plans:    {kept} shapes of step, a plan each" in str(report)) == (kept > 1)
+    assert type(report).from_dict(report.to_dict()).step_shapes == kept
 
 
 def test_an_interrupt_in_any_shape_loses_nothing_and_training_goes_on():

@@ -858,7 +858,7 @@ class OutOfCore:
             huge_pages=self._huge_pages,
             rss_bound=self._rss_bound(),
             planned_recomputed=sum(trace.arrays[a].nbytes for _, a in made),
-            recomputed_arrays=len(made))
+            recomputed_arrays=len(made), step_shapes=len(self._plans))
 
     # -- lifetime ------------------------------------------------------------------------
     @critical

@@ -72,6 +72,7 @@ class Report:
     planned_budget: int | None = None   # what the plan got: the budget less what never moves
     planned_between: tuple[int, int] = (0, 0)   # bytes read, written between iterations
                                                  # (Schedule.boundary)
+    step_shapes: int = 0           # plans kept, one per shape of step (NOTE [Step shapes])
     rss_bound: int = 0             # how far above rss_start the process grew at most on the
                                    # workloads measured (malloc.process_slack); 0 where that
                                    # was not measured (a GPU budget, return_freed_memory other
@@ -152,6 +153,10 @@ class Report:
                             f"({self.recomputed_arrays} activations)"
                             if self.recomputed_arrays else "")
                          + self._between())
+        if self.step_shapes > 1:
+            lines.append(f"  plans:    {self.step_shapes} shapes of step, a plan each (the lines "
+                         "above are of the one the last iteration used; docs/executor.md, "
+                         "\"Steps of several shapes\")")
         kept = (self.budget - self.planned_budget) if self.planned_budget is not None else 0
         if self.pinned_bytes or kept > 0:
             lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
