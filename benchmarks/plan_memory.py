@@ -4,19 +4,34 @@ benchmarks/plan_speed.py, planned at half its peak.
 
     .venv/bin/python benchmarks/plan_memory.py
 """
-import sys, tracemalloc, gc
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from plan_speed import synthetic
-from outcore.plan import plan
-from outcore.run.plans import function_keys
-tr = synthetic(20_000)
-budget = tr.peak()[0] // 2
-gc.collect()
-tracemalloc.start()
-t = synthetic(20_000)
-a = tracemalloc.get_traced_memory()[0]
-s = plan(t, budget)
-b = tracemalloc.get_traced_memory()[0]
-k = function_keys(t)
-c = tracemalloc.get_traced_memory()[0]
-print(f"trace {a/2**20:.1f} MiB, schedule {(b-a)/2**20:.1f} MiB, keys {(c-b)/2**20:.1f} MiB, functions {len(t.functions)}")
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tracemalloc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plan_speed import synthetic  # noqa: E402
+
+from outcore.plan import plan  # noqa: E402
+from outcore.run.plans import function_keys  # noqa: E402
+
+
+def main() -> None:
+    budget = synthetic(20_000).peak()[0] // 2
+    gc.collect()
+    tracemalloc.start()
+    trace = synthetic(20_000)
+    made = tracemalloc.get_traced_memory()[0]
+    schedule = plan(trace, budget)
+    planned = tracemalloc.get_traced_memory()[0]
+    keys = function_keys(trace)
+    keyed = tracemalloc.get_traced_memory()[0]
+    print(f"trace {made / 2**20:.1f} MiB, schedule {(planned - made) / 2**20:.1f} MiB, "
+          f"keys {(keyed - planned) / 2**20:.1f} MiB, functions {len(trace.functions)}")
+    del schedule, keys
+
+
+if __name__ == "__main__":
+    main()

@@ -284,14 +284,14 @@ class Durable:
         for name, tensor in ours.items():           # every shape, before anything is copied
             self._check_shape(name, saved[name], _local(tensor, dtensor),
                               dtensor is not None and isinstance(tensor, dtensor))
-        grads, params = self.manifest.get("grads") or {}, dict(model.named_parameters())
+        grads, named = self.manifest.get("grads") or {}, dict(model.named_parameters())
         for name, ref in grads.items():                                      # rule 10
-            if name not in params:
+            if name not in named:
                 raise OutcoreError(f"the state in {self.directory} holds a gradient of "
                                    f"{name!r}, which is no parameter of this model; pass the "
                                    "model it was trained with, or another state_dir")
-            self._check_shape(name + ".grad", ref, _local(params[name], dtensor),
-                              dtensor is not None and isinstance(params[name], dtensor))
+            self._check_shape(name + ".grad", ref, _local(named[name], dtensor),
+                              dtensor is not None and isinstance(named[name], dtensor))
         with torch.no_grad():
             for name, tensor in ours.items():
                 value = self.read(saved[name], file)
@@ -299,7 +299,7 @@ class Durable:
                 _local(tensor, dtensor).copy_(value)         # in place (rule 9)
                 del value
             for name, ref in grads.items():                                  # rule 10
-                params[name].grad = self._state_value(ref, file, params[name], name)
+                named[name].grad = self._state_value(ref, file, named[name], name)
         if optimizer is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             kept = self.manifest["optimizer"]

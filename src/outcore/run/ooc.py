@@ -603,10 +603,12 @@ class OutOfCore:
         held = held_arrays(trace, disowned)
         owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
         budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held, owned)
-        # What collectives and FSDP hold that this step does not touch (DDP's buckets, in
-        # a micro-batch under no_sync()) stays resident beside it all the same.
-        in_step = {e for ref in recording.alive_at_end.values()
-                   if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
+        # {array id: entry} of the arrays alive at the end (plans.Ending).
+        alive = {aid: e for aid, ref in recording.alive_at_end.items()
+                 if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
+        # What never moves and this step does not touch (DDP's buckets, in a micro-batch
+        # under no_sync()) stays resident beside it all the same.
+        in_step = set(alive.values())
         # Those there as the step began count too (one it let go of held its memory till
         # then: a tensor a collective made in the step before).
         beside = max(self._held_beside(in_step),
@@ -638,13 +640,8 @@ class OutOfCore:
             log.warning("this plan moves %s per iteration, and freed memory will fault back "
                         "in 4 KiB at a time: huge pages for tensors are %s",
                         format_bytes(schedule.bytes_in + schedule.bytes_out), self._huge_pages)
-        self._carried, self._inputs, holding, alive = {}, [], set(), {}
-        for aid, ref in recording.alive_at_end.items():
-            storage = ref()
-            entry = self._res.entry_of(storage) if storage is not None else None
-            if entry is None:
-                continue
-            alive[aid] = entry
+        self._carried, self._inputs, holding = {}, [], set()
+        for aid, entry in alive.items():
             arr = trace.arrays[aid]
             if arr.kind == "persistent" and arr.existed_before:
                 self._carried[aid] = entry
@@ -677,16 +674,9 @@ class OutOfCore:
         self._between, self._in_core_peak = plan.between, plan.in_core_peak
 
     def _held_beside(self, known) -> int:
-        """Bytes that storages that never move (kept by collectives or FSDP, Residency
-        NOTE 5; unmovable or small, NOTE 7) hold in fast memory now, besides those in
+        """Bytes that storages that never move hold in fast memory now, besides those in
         `known`."""
-        total = 0
-        for entry in self._res.entries.values():
-            if (entry.owner or entry.pinned) and entry not in known and entry.state is FAST:
-                storage = entry.ref()
-                if storage is not None:
-                    total += storage.nbytes() if entry.foreign else entry.nbytes
-        return total
+        return sum(n for e, n in self._held_sizes().items() if e not in known)
 
     def _outgrown(self, plan: Plan, known) -> bool:
         """Whether storages that never move and that `plan`'s step does not start from
@@ -703,11 +693,13 @@ class OutOfCore:
             return True
         return False
 
-    def _held_sizes(self) -> dict:
-        """{entry: bytes} of the storages collectives or FSDP keep, resident now."""
+    def _held_sizes(self, collectives_only: bool = False) -> dict:
+        """{entry: bytes} of the storages that never move (kept by collectives or FSDP,
+        Residency NOTE 5; unmovable or small, NOTE 7: unless `collectives_only`), resident
+        now."""
         out = {}
         for entry in self._res.entries.values():
-            if entry.owner and entry.state is FAST:
+            if (entry.owner or (entry.pinned and not collectives_only)) and entry.state is FAST:
                 storage = entry.ref()
                 if storage is not None:
                     out[entry] = storage.nbytes() if entry.foreign else entry.nbytes
@@ -1027,7 +1019,7 @@ class _Iteration:
             plan = None
         self.recording = plan is None
         if self.recording:       # what collectives keep as it begins: _plan_recording
-            self.held_before = ooc._held_sizes()
+            self.held_before = ooc._held_sizes(collectives_only=True)
         self.started = time.perf_counter()
         ooc._unpark()
         if not ooc._based:

@@ -59,8 +59,6 @@ MAX_PLANS = 6
 MAX_PERIOD = 32
 _MAX_COUNTED = 4096
 
-Key = tuple  # (op name, bytes of the storages it creates)
-
 
 def function_keys(trace) -> list:
     """Per function of `trace`, what a step of the same shape runs there: its op and the

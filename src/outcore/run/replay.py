@@ -29,14 +29,14 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, infeasible, needed
-from .plans import function_keys, shape_of
+from .plans import shape_of
 from .residency import Residency
 from .steplog import StepLog
 
 
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
-                 shield: Shield, inputs=(), keys=None, may_follow: bool = True,
+                 shield: Shield, inputs=(), *, keys, may_follow: bool = True,
                  lasting=frozenset()):
         super().__init__(shield)
         self.trace = trace
@@ -49,7 +49,7 @@ class Replayer(HeldMode):
         self.nbytes = [a.nbytes for a in trace.arrays]
         self.is_input = [a.kind == "input" for a in trace.arrays]
         self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
-        self.keys = keys if keys is not None else function_keys(trace)
+        self.keys = keys                # plans.function_keys(trace), made once per plan
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
