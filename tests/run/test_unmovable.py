@@ -117,3 +117,120 @@ def test_unmovable_arrays_that_die_within_the_step_are_counted_by_the_plan(tmp_p
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert len(replays) >= 3 and all(it.deviation is None for it in replays), report
     assert all(it.peak_resident <= BUDGET for it in replays), report
+
+
+# -- share_memory_() of a storage outcore moves (NOTE [Sharing a storage outcore moves]) --
+def _moments(opt):
+    return [s["exp_avg"] for s in opt.state.values()]
+
+
+def test_sharing_state_the_step_holds_on_the_slow_tier_keeps_it_whole_and_shared(tmp_path):
+    """Adam's moments shared inside the step, while the plan has some of them on the
+    slow tier: their storages were empty, shared empty, and the next read resized a
+    shared storage (a segmentation fault). Now they are read back first, shared with
+    their values, stay shared, and training is bitwise plain PyTorch's."""
+    def share_some(opt, it):
+        if it == 3:
+            for m in _moments(opt)[::2]:
+                m.share_memory_()
+
+    def run(ooc=None):
+        model, opt = make()
+        losses = []
+        for it in range(7):
+            with ooc.iteration() if ooc else contextlib.nullcontext():
+                g = torch.Generator().manual_seed(it)
+                x = torch.randn(64, WIDTH, generator=g)
+                loss = (model(x) - x).square().mean()
+                loss.backward()
+                if ooc is not None and it == 3:      # the case: some of them are out now
+                    states = [ooc._res.entry_of(m.untyped_storage()).state
+                              for m in _moments(opt)[::2]]
+                    assert any(s is not outcore.states.FAST for s in states), states
+                share_some(opt, it)
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.detach())
+        return model, opt, losses
+
+    model, opt, expected_losses = run()
+    expected = state_of(model, opt)
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        model, opt, losses = run(ooc)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), expected)
+    assert torch.equal(torch.stack(losses), torch.stack(expected_losses))
+    assert all(m.untyped_storage().is_shared() for m in _moments(opt)[::2])
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), \
+        [it.peak_resident for it in report.iterations]
+
+
+def test_sharing_state_mapped_between_iterations_keeps_it_shared(tmp_path):
+    """Between iterations state left on the slow tier is mapped from the swap file.
+    Shared as it was, its shared pages looked unwritten to the next iteration, which
+    emptied the storage again: the sharing silently ended (values stayed right). Now it
+    is read back, then shared, and stays shared through later iterations."""
+    budget = 16 * 2**20
+    model, opt = make()
+    for it in range(6):
+        step(model, opt, it)
+    expected = state_of(model, opt)
+    model, opt = make()
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        for it in range(6):
+            with ooc.iteration():
+                step(model, opt, it)
+            if it == 2:
+                moments = _moments(opt)
+                assert any(ooc._res.entry_of(m.untyped_storage()).state is outcore.states.MAPPED
+                           for m in moments)
+                for m in moments:
+                    m.share_memory_()
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), expected)
+    assert all(m.untyped_storage().is_shared() for m in _moments(opt))
+    assert all(it.peak_resident <= budget for it in report.iterations)
+
+
+def test_sharing_from_another_thread_what_the_step_holds_out_is_refused(tmp_path):
+    """Only the step's thread changes the table (Residency NOTE 2): a storage whose bytes
+    are on the slow tier, shared from another thread mid-step, is refused with a clear
+    error and left as it was; the step goes on and trains bitwise."""
+    import threading
+    errors = []
+    model, opt = make()
+    for it in range(5):
+        step(model, opt, it)
+    expected = state_of(model, opt)
+    model, opt = make()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(5):
+            with ooc.iteration():
+                if it == 3:
+                    out = [m for m in _moments(opt)
+                           if ooc._res.entry_of(m.untyped_storage()).state is not outcore.states.FAST]
+                    assert out
+                    def share():
+                        try:
+                            out[0].share_memory_()
+                        except outcore.OutcoreError as exc:
+                            errors.append(exc)
+                    thread = threading.Thread(target=share)
+                    thread.start()
+                    thread.join()
+                step(model, opt, it)
+    assert len(errors) == 1 and "another thread" in str(errors[0]), errors
+    assert not out[0].untyped_storage().is_shared()
+    assert_bitwise_equal(state_of(model, opt), expected)
+
+
+def test_sharing_is_pytorchs_own_once_the_outofcore_closes(tmp_path):
+    before = {name: torch.UntypedStorage.__dict__[name]
+              for name in ("_share_fd_cpu_", "_share_filename_cpu_")}
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        assert torch.UntypedStorage.__dict__["_share_fd_cpu_"] is not before["_share_fd_cpu_"]
+        model, opt = make()
+        with ooc.iteration():
+            step(model, opt, 0)
+    assert {name: torch.UntypedStorage.__dict__[name] for name in before} == before
+    assert torch.zeros(4).share_memory_().untyped_storage().is_shared()

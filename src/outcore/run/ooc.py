@@ -82,7 +82,7 @@ from .movers import host
 from .movers.disk import DiskMover
 from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
-from . import plans
+from . import plans, sharing
 from .plans import Ending, Plan, Plans, function_keys, shape_of
 from .replay import Replayer
 from .report import IterationStats, Report
@@ -155,6 +155,13 @@ def _claim(ooc) -> None:
                 "OutOfCore per process (storages, allocator settings and signal handlers are "
                 "process-wide). close() it first, or use `with outcore.OutOfCore(...) as ooc:`")
         _open = weakref.ref(ooc)
+    sharing.install(_open_outofcore)        # NOTE [Sharing a storage outcore moves]
+
+
+def _open_outofcore():
+    """The OutOfCore open in this process, or None."""
+    ref = _open
+    return ref() if ref is not None else None
 
 
 def _release(res, mover, governor, pager, durable) -> None:
@@ -932,6 +939,7 @@ def _release_slot(ooc) -> None:
     with _open_lock:
         if _open is not None and _open() is ooc:
             _open = None
+            sharing.uninstall()
 
 
 class _Iteration:

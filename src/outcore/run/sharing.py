@@ -1,0 +1,108 @@
+"""`share_memory_()` of a storage outcore is moving.
+
+NOTE [Sharing a storage outcore moves]
+  1. `Tensor.share_memory_()`, `Module.share_memory()` and a tensor sent through a
+     torch.multiprocessing queue all end in `UntypedStorage._share_fd_cpu_` or
+     `_share_filename_cpu_`: a new shared mapping takes the storage's bytes and the old
+     memory is freed. None of it is an aten op, so no dispatch mode sees it.
+  2. Outcore cannot resize a shared storage (PyTorch lets it try and the process
+     crashes: Residency NOTE 7). A storage on the slow tier has no bytes in memory: it
+     would be shared empty, and the next read back would resize it (seen: a
+     segmentation fault inside the step, torch 2.13). A storage being written or read
+     would have its transfer's memory freed under it.
+  3. So while an OutOfCore is open, the two methods are wrapped (`install`, undone when
+     it is released: `uninstall`). On the thread running the block (or with no block
+     open), a tracked storage whose bytes are not in its memory (on the slow tier, in
+     a transfer, or dropped for a recompute) is made resident first, with room made
+     for it as for an op's input (`evict_lru`, `Residency.ready`), then shared, outside the step's dispatch mode (PyTorch copies
+     the bytes with aten ops, which are not the step's). Like every shared storage it
+     stays in RAM from then on: the next eviction that meets it pins it (Residency
+     NOTE 7), and a plan that counted on moving it deviates and runs on demand
+     (correct, slower) until a step of that shape is recorded again.
+     Between iterations that includes a storage mapped from the slow tier (NOTE
+     [Mapped state]): shared as it is, its shared pages would look unwritten to the next
+     iteration's unmap, which would empty the storage again and end the sharing.
+  4. From another thread while a block runs, the table is not that thread's to change
+     (Residency NOTE 2): sharing a tracked storage whose bytes are not in its memory
+     raises OutcoreError, before anything changes; a resident one is shared as PyTorch
+     would share it, and pinned by the next eviction that meets it (Residency NOTE 7).
+  5. Without an open OutOfCore the wrappers only call PyTorch's methods.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from ..errors import OutcoreError
+from ..states import FAST
+from ..units import format_bytes
+
+_METHODS = ("_share_fd_cpu_", "_share_filename_cpu_")
+_originals: dict = {}           # method name -> PyTorch's function, while installed
+_lock = threading.Lock()
+
+
+def install(open_outofcore) -> None:
+    """Wrap the two sharing methods (NOTE 3); `open_outofcore()` returns the OutOfCore
+    open in this process, or None. Idempotent."""
+    with _lock:
+        if _originals:
+            return
+        for name in _METHODS:
+            original = torch.UntypedStorage.__dict__.get(name)
+            if original is None:            # a PyTorch without it: nothing to wrap
+                continue
+            _originals[name] = original
+            setattr(torch.UntypedStorage, name, _wrap(original, open_outofcore))
+
+
+def uninstall() -> None:
+    """Put PyTorch's methods back (where ours are still the ones installed)."""
+    with _lock:
+        for name, original in list(_originals.items()):
+            current = torch.UntypedStorage.__dict__.get(name)
+            if getattr(current, "__wrapped__", None) is original:
+                setattr(torch.UntypedStorage, name, original)
+            del _originals[name]
+
+
+def _wrap(original, open_outofcore):
+    @functools.wraps(original)
+    def share(storage, *args, **kwargs):
+        ooc = open_outofcore()
+        entry = None
+        if ooc is not None and not ooc.closed and not storage.is_shared():
+            entry = _prepare(ooc, storage)
+        if entry is None:
+            return original(storage, *args, **kwargs)
+        # PyTorch copies the bytes with aten ops: not the step's (NOTE 3), and the
+        # executor must not move anything between `ready` and the copy.
+        with _disable_current_modes():
+            return original(storage, *args, **kwargs)
+    return share
+
+
+def _prepare(ooc, storage):
+    """Make a tracked storage's bytes resident before it is shared (NOTE 3); its entry,
+    or None where outcore does not track it or another thread runs the block."""
+    res = ooc._res
+    if ooc._active and ooc._active_thread != threading.get_ident():
+        entry = res.entries.get(storage._cdata)       # a read: no change to the table
+        if (entry is not None and entry.ref() is storage and not entry.pinned
+                and entry.state is not FAST):
+            raise OutcoreError(
+                f"share_memory_() of a {format_bytes(entry.nbytes)} tensor that outcore holds "
+                f"on {res.mover.where}, from another thread while ooc.{ooc._active}() runs: "
+                "only the thread running the step may bring it back. Share it before or after "
+                "the iteration, or share a .clone() of it; nothing was changed")
+        return None
+    entry = res.entry_of(storage)
+    if entry is None or entry.pinned or entry.elsewhere or entry.owner:
+        return None
+    if entry.state is not FAST:         # room first, as for an op's input (on_demand.py)
+        res.evict_lru(ooc.budget - entry.nbytes, {entry.key})
+    res.ready(entry)
+    return entry
