@@ -55,9 +55,11 @@ def test_bitwise_under_torchrun(results, case):
             assert all(m == "replay" and d is None for m, d in
                        zip(result["modes"][-4:], result["deviations"][-4:])), result
             assert any(result["bytes_read"][i] > 0 for i in replays), result
+        # Every iteration within the budget, recordings included (a batch drawn in the
+        # step, an mse_loss's buffer, FSDP's freed parameters counted stale went over).
+        assert max(result["peak_resident"]) <= result["budget"], result
         for i in replays:
             assert case.startswith("accum") or result["bytes_read"][i] > 0, result
-            assert result["peak_resident"][i] <= result["budget"], result
             if case.startswith("ddpconv"):          # the repeats ran inside DDP's backward
                 assert result["bytes_recomputed"][i] > 0, result
         # Both ranks' traces simulated together (simulate_ranks) pair up: every collective

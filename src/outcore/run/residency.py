@@ -779,7 +779,8 @@ class Residency:
             self._deferred_lru = (target, set(keep))
             return
         if self.owned:                            # foreign storages hold room too
-            target -= self.owned_bytes()
+            self._owned_sampled = self.owned_bytes()     # fresh: the peak counts it too
+            target -= self._owned_sampled
         if self._dead:
             self._reap_dead()
         started, pending = [], 0
