@@ -101,3 +101,47 @@ def test_a_new_storage_at_a_dead_ones_address_is_not_taken_for_it():
         iterations = ooc.report().iterations
     assert [(it.mode, it.deviation) for it in iterations] == [("record", None)] + [
         ("replay", None)] * 3
+
+
+def test_a_storage_the_plan_freed_but_the_step_still_holds_lingers_where_there_is_room(tmp_path):
+    """From the 4th iteration on the step holds a layer's output two ops past its last
+    use (the recording saw it die at once). Where the plan leaves room beside it, it
+    lingers until it dies, with no write (before: written out synchronously at the next
+    op, 2 MiB a replay that nothing read back); where it does not, it is written out,
+    and the budget holds either way."""
+    import contextlib
+
+    def run(budget=None):
+        torch.manual_seed(0)
+        l1, l2, l3 = torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 10)
+        params = [*l1.parameters(), *l2.parameters(), *l3.parameters()]
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        keep = []
+        ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
+        try:
+            for it in range(6):
+                with ooc.iteration() if ooc else contextlib.nullcontext():
+                    x = torch.randn(512, 512, generator=torch.Generator().manual_seed(it))
+                    a = l1(x)
+                    if it >= 3:
+                        keep.append(a)          # the plan frees `a` after the relu
+                    b = torch.relu(a)
+                    del a
+                    c = torch.relu(l2(b))
+                    keep.clear()
+                    l3(c).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+            return [p.detach().clone() for p in params], ooc.report() if ooc else None
+        finally:
+            if ooc:
+                ooc.close()
+
+    expected, _ = run()
+    for budget, lingers in ((22 * 2**20, True), (10 * 2**20, False)):
+        params, report = run(budget)
+        assert all(torch.equal(a, b) for a, b in zip(params, expected))
+        replays = report.iterations[3:]
+        assert [it.mode for it in replays] == ["replay"] * 3 and report.in_core_peak > budget
+        assert all(it.peak_resident <= budget for it in report.iterations), report
+        assert all((it.unplanned_bytes == 0) == lingers for it in replays), (budget, report)

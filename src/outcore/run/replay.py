@@ -66,6 +66,7 @@ class Replayer(HeldMode):
         self._fallen = 0             # ops run on demand since the deviation
         self.skipped_actions = 0
         self._zombies: list = []    # FREEd by the plan while PyTorch still held the storage
+        self._lingering: list = []  # ...and still held at the next op (`_reap`)
         self._on_demand = OnDemand(residency, budget)
         self._names: dict = {}
         # A plan that moves nothing needs no bookkeeping: only follow the op sequence,
@@ -77,7 +78,7 @@ class Replayer(HeldMode):
         self.passive = may_follow and schedule.bytes_moved == 0 and residency.offloaded == 0
         self._curve = schedule.resident_curve
         self._strangers: list = []
-        self._stranger_bytes = 0
+        self._stranger_bytes = 0      # of the strangers and the lingering together
         self._lasting = lasting      # entries of other plans' state: strangers that stay
         self.log = StepLog(time.perf_counter())
         self._recompute_setup(trace)
@@ -145,7 +146,7 @@ class Replayer(HeldMode):
                 self.res, calls, recompute.describe(entry.nbytes, self.op_names[self._producer[y]]),
                 storage)):
             if entry.state is FAST and not entry.pinned:
-                self._zombies.append(entry)       # written out at the next op, read back
+                self._zombies.append(entry)       # lingers beside the plan (`_reap`)
 
     def _repeat(self, k: int) -> None:
         """Run inserted function k: its actions, and the remake of the array it makes."""
@@ -288,24 +289,30 @@ class Replayer(HeldMode):
         ooc.planned_budget; unplanned bytes in the report). Most strangers die before they
         matter (zero_grad drops them), so this runs only where the sum would not fit."""
         res = self.res
-        alive = [e for e in self._strangers if (e.state is FAST or e.state is OUT)
-                 and e.ref() is not None and e not in self.aid_of]
-        alive.sort(key=lambda e: e.state is not OUT)     # those being written out first
-        excess = planned + sum(e.nbytes for e in alive) - self.schedule.budget
+
+        def alive(entries, bound_ok):
+            return [e for e in entries if (e.state is FAST or e.state is OUT)
+                    and e.ref() is not None and (bound_ok or e not in self.aid_of)]
+        strangers, lingering = alive(self._strangers, False), alive(self._lingering, True)
+        # Those being written out first, then strangers, then what the plan freed late.
+        candidates = sorted(strangers, key=lambda e: e.state is not OUT) + lingering
+        excess = planned + sum(e.nbytes for e in candidates) - self.schedule.budget
         out = []
-        while alive and excess > 0:
-            entry = alive.pop(0)
+        while candidates and excess > 0:
+            entry = candidates.pop(0)
             out.append(entry)
             excess -= entry.nbytes
         for entry in out:
             res.evict(entry, unplanned=True)
         for entry in out:
             res.finish(entry)
-        self._strangers = alive
-        self._stranger_bytes = sum(e.nbytes for e in alive)
+        gone = set(out)                              # entries hash by identity
+        self._strangers = [e for e in strangers if e not in gone]
+        self._lingering = [e for e in lingering if e not in gone]
+        self._stranger_bytes = sum(e.nbytes for e in self._strangers + self._lingering)
 
     def finish(self) -> None:
-        self._zombies = []     # whatever the user still holds at the end stays where it is
+        self._zombies, self._lingering = [], []     # what the user still holds at the end stays
         if self.deviation is None and self.index != self.n:
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
         try:
@@ -536,17 +543,22 @@ class Replayer(HeldMode):
                           "again; they stay in RAM, counted as pinned)", None, None, None)
 
     def _reap(self) -> None:
-        """Storages the plan freed but something (a user variable, `param.grad`, autograd)
-        still holds: their bytes go to the slow tier, synchronously, so the budget holds
-        and nothing is lost."""
+        """Storages the plan freed but something (a user variable, `param.grad`, autograd,
+        a collective's thread about to let go) still holds at the next op: they linger
+        beside the plan, counted like strangers, and are written out (synchronously) only
+        where the planned bytes and they would pass the budget (`_make_room`), so the
+        budget holds and nothing is lost. Most die within an op or two: writing each out
+        at once cost a synchronous write that nothing read back (FSDP2's all-gather
+        outputs: 3 MiB in some replays of examples/fsdp2.py)."""
         zombies, self._zombies = self._zombies, []
-        evicted = []
-        for entry in zombies:
-            if entry.ref() is not None and entry.state is FAST:
-                self.res.evict(entry, unplanned=True)
-                evicted.append(entry)
-        for entry in evicted:
-            self.res.finish(entry)
+        alive = [e for e in zombies if e.ref() is not None and e.state is FAST]
+        if alive:
+            self._lingering += alive
+            self._stranger_bytes += sum(e.nbytes for e in alive)
+        i = min(self.index, len(self._curve) - 1)
+        if self._stranger_bytes and i >= 0 and \
+                self._curve[i] + self._stranger_bytes > self.schedule.budget:
+            self._make_room(self._curve[i])
 
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
