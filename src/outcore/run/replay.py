@@ -16,6 +16,7 @@ recompute.py.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -434,6 +435,8 @@ class Replayer(HeldMode):
                                          f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
                 if entry is None:
                     entry = res.track(storage)
+                    if entry.pinned and entry.nbytes >= res.min_move_bytes and aid in self._moved:
+                        res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
                 self.by_id[aid] = entry
                 self.aid_of[entry] = aid
                 if self.is_state[aid]:
@@ -528,9 +531,20 @@ class Replayer(HeldMode):
         i = self.index
         return 0 <= i < self.n and self.trace.functions[i].phase == "optimizer"
 
+    @functools.cached_property
+    def _moved(self) -> frozenset:
+        """The arrays the schedule moves. One bound to a storage first met here that
+        can never move (an optimizer state loaded with torch.load, a parameter from
+        from_numpy, since the recording) leaves the plan as `_check_pinned` says: the
+        plan's budget counted on moving it (else the replay ran over the budget, silently)."""
+        acts = self.schedule.begin + self.schedule.end
+        return frozenset(a.array for step in acts for a in step
+                         if a.kind in (SWAP_IN, SWAP_OUT, DROP))
+
     def _check_pinned(self) -> None:
         """A storage the plan moves became unmovable since it was recorded (Residency NOTE
-        7: `.numpy()` on it, between iterations say): the plan's budget no longer holds
+        7: `.numpy()` on it, between iterations say), or was replaced by one that cannot
+        move (`_moved`): the plan's budget no longer holds
         with it resident, so the step leaves the plan (on-demand keeps the budget, counting
         it pinned) and the next iteration is recorded again with it pinned."""
         pinned, self.res.newly_pinned = self.res.newly_pinned, []
