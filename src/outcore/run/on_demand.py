@@ -261,7 +261,7 @@ def _elementwise_bytes(a, b) -> int:
 
 # Losses whose kernels return the reduced loss as a 0-dim view of the elementwise losses'
 # buffer (as large as the input), where the meta kernel reports the 0-dim result: seen
-# with torch 2.13 on CPU (tests/run/test_on_demand_room.py checks each). Without this, an
+# with torch 2.13 on CPU (tests/run/test_budget_errors.py checks each). Without this, an
 # op-by-op step met them over the budget by that buffer, the first time each shape came.
 _LOSSES_KEEPING_THEIR_BUFFER = frozenset(
     getattr(torch.ops.aten, name).default

@@ -14,11 +14,10 @@ NOTE [Sharing a storage outcore moves]
      it is released: `uninstall`). On the thread running the block (or with no block
      open), a tracked storage whose bytes are not in its memory (on the slow tier, in
      a transfer, or dropped for a recompute) is made resident first, with room made
-     for it as for an op's input (`evict_lru`, `Residency.ready`), then shared, outside the step's dispatch mode (PyTorch copies
-     the bytes with aten ops, which are not the step's). Like every shared storage it
-     stays in RAM from then on: the next eviction that meets it pins it (Residency
-     NOTE 7), and a plan that counted on moving it deviates and runs on demand
-     (correct, slower) until a step of that shape is recorded again.
+     for it as for an op's input (`evict_lru`, `Residency.ready`), then shared. Like
+     every shared storage it stays in RAM from then on: the next eviction that meets it
+     pins it (Residency NOTE 7), and a plan that counted on moving it deviates and runs
+     on demand (correct, slower) until a step of that shape is recorded again.
      Between iterations that includes a storage mapped from the slow tier (NOTE
      [Mapped state]): shared as it is, its shared pages would look unwritten to the next
      iteration's unmap, which would empty the storage again and end the sharing.
@@ -26,7 +25,11 @@ NOTE [Sharing a storage outcore moves]
      (Residency NOTE 2): sharing a tracked storage whose bytes are not in its memory
      raises OutcoreError, before anything changes; a resident one is shared as PyTorch
      would share it, and pinned by the next eviction that meets it (Residency NOTE 7).
-  5. Without an open OutOfCore the wrappers only call PyTorch's methods.
+  5. PyTorch copies the bytes with aten ops. They are not the step's: with an OutOfCore
+     open, sharing runs with the thread's dispatch modes set aside (the step's trace
+     never holds them, so a step that shares is the same step each time, and nothing
+     moves between `ready` and the copy). Without an open OutOfCore the wrappers only
+     call PyTorch's methods.
 """
 from __future__ import annotations
 
@@ -73,21 +76,18 @@ def _wrap(original, open_outofcore):
     @functools.wraps(original)
     def share(storage, *args, **kwargs):
         ooc = open_outofcore()
-        entry = None
-        if ooc is not None and not ooc.closed and not storage.is_shared():
-            entry = _prepare(ooc, storage)
-        if entry is None:
+        if ooc is None or ooc.closed:
             return original(storage, *args, **kwargs)
-        # PyTorch copies the bytes with aten ops: not the step's (NOTE 3), and the
-        # executor must not move anything between `ready` and the copy.
-        with _disable_current_modes():
+        if not storage.is_shared():
+            _prepare(ooc, storage)
+        with _disable_current_modes():          # NOTE 5
             return original(storage, *args, **kwargs)
     return share
 
 
-def _prepare(ooc, storage):
-    """Make a tracked storage's bytes resident before it is shared (NOTE 3); its entry,
-    or None where outcore does not track it or another thread runs the block."""
+def _prepare(ooc, storage) -> None:
+    """Make a tracked storage's bytes resident before it is shared (NOTE 3), or refuse
+    (NOTE 4)."""
     res = ooc._res
     if ooc._active and ooc._active_thread != threading.get_ident():
         entry = res.entries.get(storage._cdata)       # a read: no change to the table
@@ -98,11 +98,9 @@ def _prepare(ooc, storage):
                 f"on {res.mover.where}, from another thread while ooc.{ooc._active}() runs: "
                 "only the thread running the step may bring it back. Share it before or after "
                 "the iteration, or share a .clone() of it; nothing was changed")
-        return None
+        return
     entry = res.entry_of(storage)
-    if entry is None or entry.pinned or entry.elsewhere or entry.owner:
-        return None
-    if entry.state is not FAST:         # room first, as for an op's input (on_demand.py)
-        res.evict_lru(ooc.budget - entry.nbytes, {entry.key})
+    if entry is None or entry.pinned or entry.elsewhere or entry.owner or entry.state is FAST:
+        return
+    res.evict_lru(ooc.budget - entry.nbytes, {entry.key})   # room first, as for an op's input
     res.ready(entry)
-    return entry
