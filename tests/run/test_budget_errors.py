@@ -152,6 +152,10 @@ def test_created_bytes_asks_the_meta_kernel_and_touches_nothing():
     assert created_bytes(aten.add.Tensor, (torch.randn(5, 1), torch.randn(1, 7)), {}) == 5 * 7 * 4
     assert created_bytes(aten.mul.Tensor, (torch.ones(3, dtype=torch.float64), torch.ones(3)),
                          {}) == 3 * 8
+    # ...0-dim arguments' dtypes included (GPT-2's attention mask: floats, not bytes).
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    assert created_bytes(aten.where.self, (mask, torch.tensor(1.0), torch.tensor(-1e9)),
+                         {}) == 8 * 8 * 4
     # A factory on the CPU is asked on meta: nothing is filled or taken.
     assert created_bytes(aten.zeros.default, ([1 << 14, 1 << 14],),
                          {"dtype": torch.float32, "device": torch.device("cpu")}) == 1 << 30

@@ -221,17 +221,18 @@ def _created_bytes(func, args, kwargs) -> int | None:
 def _created_bytes_unseeded(func, args, kwargs) -> int | None:
     if torch.Tag.pointwise in func.tags:
         # One output of the arguments' broadcast shape, dense, of the widest dtype among
-        # them: what their meta kernels say, without running their (slow) Python
-        # references.
-        tensors = [t for t in iter_tensors(args) if t.dim()] + [
-            t for t in iter_tensors(kwargs.values()) if t.dim()]
+        # them, 0-dim ones included (`where(mask, x, y)` with a bool mask and 0-dim x, y
+        # makes floats: counted as bytes, it went over): what their meta kernels say,
+        # without running their (slow) Python references.
+        every = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+        tensors = [t for t in every if t.dim()]
         if not tensors:
             return None
         try:
             shape = torch.broadcast_shapes(*(t.shape for t in tensors))
         except RuntimeError:
             return None
-        return math.prod(shape) * max(t.element_size() for t in tensors)
+        return math.prod(shape) * max(t.element_size() for t in every)
     try:
         with _disable_current_modes():
             margs, mkwargs = tree_map(_meta_or_none, (args, kwargs))
