@@ -241,11 +241,18 @@ def test_sharing_state_mapped_between_iterations_keeps_it_shared(tmp_path):
 
 
 def test_sharing_from_another_thread_what_the_step_holds_out_is_refused(tmp_path):
-    """Only the step's thread changes the table (Residency NOTE 2): a storage whose bytes
-    are on the slow tier, shared from another thread mid-step, is refused with a clear
-    error and left as it was; the step goes on and trains bitwise."""
+    """Only the step's thread changes the table (Residency NOTE 2) and it may move a
+    tracked storage at any moment: one shared from another thread (mid-step from the
+    slow tier; between iterations while resident) is refused with a clear error and left
+    as it was; training goes on bitwise."""
     import threading
     errors = []
+
+    def share_from_thread(tensor):
+        try:
+            tensor.share_memory_()
+        except outcore.OutcoreError as exc:
+            errors.append(exc)
     model, opt = make()
     for it in range(5):
         step(model, opt, it)
@@ -258,17 +265,19 @@ def test_sharing_from_another_thread_what_the_step_holds_out_is_refused(tmp_path
                     out = [m for m in _moments(opt)
                            if ooc._res.entry_of(m.untyped_storage()).state is not outcore.states.FAST]
                     assert out
-                    def share():
-                        try:
-                            out[0].share_memory_()
-                        except outcore.OutcoreError as exc:
-                            errors.append(exc)
-                    thread = threading.Thread(target=share)
+                    thread = threading.Thread(target=lambda: share_from_thread(out[0]))
                     thread.start()
                     thread.join()
                 step(model, opt, it)
-    assert len(errors) == 1 and "another thread" in str(errors[0]), errors
-    assert not out[0].untyped_storage().is_shared()
+        # Between iterations too, and a resident one too: the step's thread may move it.
+        param = next(p for p in model.parameters()
+                     if ooc._res.entry_of(p.untyped_storage()) is not None)
+        out.append(param)
+        thread = threading.Thread(target=lambda: share_from_thread(param))
+        thread.start()
+        thread.join()
+    assert len(errors) == 2 and all("another thread" in str(e) for e in errors), errors
+    assert not any(t.untyped_storage().is_shared() for t in out)
     assert_bitwise_equal(state_of(model, opt), expected)
 
 
@@ -282,3 +291,87 @@ def test_sharing_is_pytorchs_own_once_the_outofcore_closes(tmp_path):
             step(model, opt, 0)
     assert {name: torch.UntypedStorage.__dict__[name] for name in before} == before
     assert torch.zeros(4).share_memory_().untyped_storage().is_shared()
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_state_shared_in_a_step_that_then_ends_keeps_later_replays_within_the_budget(
+        tmp_path, interrupted):
+    """One of Adam's moments, on the slow tier, shared mid-step (then, in one case, a
+    KeyboardInterrupt ends the step). The shape of a step that left its plan just after
+    an op left that op out, so the plan was kept; its replays bound the now pinned
+    moment as carried state, skipped its moves and ran 1 MiB over the budget with no
+    deviation (a reviewer's find). Now a replay that starts from pinned state its plan
+    moves leaves the plan at once and the next iteration records."""
+    model, opt = make()
+    plain_model, plain_opt = make()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(3):
+            step(plain_model, plain_opt, it)
+            with ooc.iteration():
+                step(model, opt, it)
+        for m, o, under in ((plain_model, plain_opt, False), (model, opt, True)):
+            try:
+                with ooc.iteration() if under else contextlib.nullcontext():
+                    x = torch.randn(64, WIDTH, generator=torch.Generator().manual_seed(3))
+                    (m(x) - x).square().mean().backward()
+                    if under:
+                        entry = ooc._res.entry_of(_moments(o)[0].untyped_storage())
+                        assert entry.state is not outcore.states.FAST
+                    _moments(o)[0].share_memory_()
+                    if interrupted:
+                        raise KeyboardInterrupt
+                    o.step()
+                    o.zero_grad()
+            except KeyboardInterrupt:
+                pass
+        for it in range(4, 9):
+            step(plain_model, plain_opt, it)
+            with ooc.iteration():
+                step(model, opt, it)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), state_of(plain_model, plain_opt))
+    assert _moments(opt)[0].untyped_storage().is_shared()
+    assert "record" in [it.mode for it in report.iterations[4:]]
+    assert [it.mode for it in report.iterations[-2:]] == ["replay", "replay"]
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), \
+        [it.peak_resident for it in report.iterations]
+
+
+def test_a_read_left_waiting_by_an_interrupted_share_between_iterations_is_finished(
+        tmp_path, monkeypatch):
+    """Between iterations signals are not held: a Ctrl-C while share_memory_() waits for
+    outcore to read the tensor back leaves it being read (IN), unshared. The next
+    replay's start skipped it (it only moves resident state), so it stayed in memory
+    beside the plan: 1 MiB over the budget for the whole step. Now the start finishes
+    the read and moves it as planned."""
+    from outcore.run.residency import Residency
+    plain_model, plain_opt = make()
+    model, opt = make()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(3):
+            step(plain_model, plain_opt, it)
+            with ooc.iteration():
+                step(model, opt, it)
+        res = ooc._res
+        moment = next(m for m in _moments(opt)
+                      if res.entry_of(m.untyped_storage()).state is not outcore.states.FAST)
+        real = Residency._wait
+
+        def interrupted_once(self, entry, doing):
+            monkeypatch.setattr(Residency, "_wait", real)
+            if doing == "reading":
+                raise KeyboardInterrupt          # as the signal would, while waiting
+            return real(self, entry, doing)
+        monkeypatch.setattr(Residency, "_wait", interrupted_once)
+        with pytest.raises(KeyboardInterrupt):
+            moment.share_memory_()
+        assert res.entry_of(moment.untyped_storage()).state is outcore.states.IN
+        assert not moment.untyped_storage().is_shared()
+        for it in range(3, 6):
+            step(plain_model, plain_opt, it)
+            with ooc.iteration():
+                step(model, opt, it)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), state_of(plain_model, plain_opt))
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), \
+        [it.peak_resident for it in report.iterations]

@@ -24,7 +24,7 @@ import torch
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
-from ..states import DISCARDED, FAST, OUT, SLOW
+from ..states import DISCARDED, FAST, IN, OUT, SLOW
 from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
@@ -173,9 +173,9 @@ class Replayer(HeldMode):
                 res.ready(entry)
                 res.touch(entry)
         self._actions(self.schedule.end[k])
+        self.index = k + 1              # ran under the plan: in the shape (`shape`)
         if self.res.newly_pinned:
             self._check_pinned()
-        self.index = k + 1
         now = time.perf_counter()
         self.log.function(k, taken, taken, now, now, res.resident, res.offloaded, res.last_rss)
 
@@ -206,8 +206,17 @@ class Replayer(HeldMode):
         self.log = StepLog(time.perf_counter())
         self.res.spans = []
         self.res.newly_pinned = []      # the recording's own: its plan knows them
+        # ...but not state that became unmovable since this plan was recorded, while
+        # other steps ran (`_moved`): its moves would be skipped and the budget passed.
+        pinned = [(aid, e) for aid, e in enumerate(self.by_id) if e is not None and e.pinned
+                  and e.nbytes >= self.res.min_move_bytes]
+        if pinned:
+            self.res.newly_pinned += [e for aid, e in pinned if aid in self._moved]
         wanted = set(self.schedule.resident_at_start)
         moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
+        for entry in moving:
+            if entry.state is IN:       # a read left waiting (an interrupted share_memory_)
+                self.res.ready(entry)
         for entry in moving:
             self.res.evict(entry)
         for entry in moving:
@@ -483,9 +492,9 @@ class Replayer(HeldMode):
             if entry is not None:
                 res.mark_written(entry)
         self._actions(self.schedule.end[i])
+        self.index = i + 1              # ran under the plan: in the shape (`shape`)
         if self.res.newly_pinned:
             self._check_pinned()
-        self.index = i + 1
         self.log.function(i, taken, started, returned, time.perf_counter(), res.resident,
                           res.offloaded, res.last_rss)
         return out

@@ -21,15 +21,23 @@ NOTE [Sharing a storage outcore moves]
      Between iterations that includes a storage mapped from the slow tier (NOTE
      [Mapped state]): shared as it is, its shared pages would look unwritten to the next
      iteration's unmap, which would empty the storage again and end the sharing.
-  4. From another thread while a block runs, the table is not that thread's to change
-     (Residency NOTE 2): sharing a tracked storage whose bytes are not in its memory
-     raises OutcoreError, before anything changes; a resident one is shared as PyTorch
-     would share it, and pinned by the next eviction that meets it (Residency NOTE 7).
+  4. The table is only the step's thread's to change (Residency NOTE 2), and that
+     thread may evict a resident storage at any moment of a block: from any other
+     thread (once a block has run), sharing a tracked storage outcore may move raises
+     OutcoreError before anything changes, whatever its state (a resident one shared
+     from another thread raced the step's eviction: wrong values, a freed buffer
+     read). Storages outcore does not track, or never moves, are shared as PyTorch
+     would share them.
   5. PyTorch copies the bytes with aten ops. They are not the step's: with an OutOfCore
      open, sharing runs with the thread's dispatch modes set aside (the step's trace
      never holds them, so a step that shares is the same step each time, and nothing
-     moves between `ready` and the copy). Without an open OutOfCore the wrappers only
+     moves between `ready` and the copy; `ready` may remake a dropped storage, whose
+     ops must not reach the step either). Without an open OutOfCore the wrappers only
      call PyTorch's methods.
+  6. The share is a held section (NOTE [Interrupts]): a Ctrl-C during the read back or
+     the copy lands after the share is complete. Between iterations signals are not
+     held; a read left waiting there is finished by the next iteration's start
+     (`Replayer.start`).
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import OutcoreError
+from .interrupts import critical
 from ..states import FAST
 from ..units import format_bytes
 
@@ -78,26 +87,35 @@ def _wrap(original, open_outofcore):
         ooc = open_outofcore()
         if ooc is None or ooc.closed:
             return original(storage, *args, **kwargs)
-        if not storage.is_shared():
-            _prepare(ooc, storage)
-        with _disable_current_modes():          # NOTE 5
-            return original(storage, *args, **kwargs)
-    return share
+        # NOTE 6 (signals reach only the main thread; its shield is its own)
+        shield = ooc._shield if threading.current_thread() is threading.main_thread() else None
+        if shield is not None:
+            shield.enter()
+        try:
+            with _disable_current_modes():      # NOTE 5
+                if not storage.is_shared():
+                    _prepare(ooc, storage)
+                return original(storage, *args, **kwargs)
+        finally:
+            if shield is not None:
+                shield.exit()
+    return critical(share)
 
 
 def _prepare(ooc, storage) -> None:
     """Make a tracked storage's bytes resident before it is shared (NOTE 3), or refuse
     (NOTE 4)."""
     res = ooc._res
-    if ooc._active and ooc._active_thread != threading.get_ident():
+    owner = ooc._active_thread
+    if owner is not None and owner != threading.get_ident():
         entry = res.entries.get(storage._cdata)       # a read: no change to the table
-        if (entry is not None and entry.ref() is storage and not entry.pinned
-                and entry.state is not FAST):
+        if entry is not None and entry.ref() is storage and not entry.pinned:
             raise OutcoreError(
-                f"share_memory_() of a {format_bytes(entry.nbytes)} tensor that outcore holds "
-                f"on {res.mover.where}, from another thread while ooc.{ooc._active}() runs: "
-                "only the thread running the step may bring it back. Share it before or after "
-                "the iteration, or share a .clone() of it; nothing was changed")
+                f"share_memory_() of a {format_bytes(entry.nbytes)} tensor that outcore moves "
+                "between RAM and its swap file, from another thread than the one that runs "
+                "ooc.iteration(): only that thread may move it, and outcore may be moving it "
+                "right now. Share it from that thread (between iterations or inside the "
+                "step), or share a .clone() of it; nothing was changed")
         return
     entry = res.entry_of(storage)
     if entry is None or entry.pinned or entry.elsewhere or entry.owner or entry.state is FAST:
