@@ -248,7 +248,13 @@ def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
                           r"torch.optim.sgd.SGD"),
                          # Adamax's hyper-parameters are a subset of Adam's: accepted
                          # before, then its step() raised KeyError 'exp_inf'
-                         (torch.optim.Adamax(fresh.parameters()), "got a torch.optim.adamax")):
+                         (torch.optim.Adamax(fresh.parameters()), "got a torch.optim.adamax"),
+                         # The same class over other parameter groups: torch's own
+                         # load_state_dict refused it, after the model had been copied.
+                         (torch.optim.Adam([fresh.weight]), r"groups of \[2\] parameters, "
+                          r"and resume.. got one with \[1\]"),
+                         (torch.optim.Adam([{"params": [fresh.weight]}, {"params": [fresh.bias]}]),
+                          r"got one with \[1, 1\]")):
         with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
             with pytest.raises(OutcoreError, match=match):
                 ooc.resume(fresh, other)
@@ -258,6 +264,28 @@ def test_resume_refuses_another_optimizer_before_changing_anything(tmp_path):
         assert ooc.resume(fresh, adam) == 2
         assert all(torch.equal(v, kept[k]) for k, v in fresh.state_dict().items())
         assert torch.equal(adam.state[fresh.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+def test_a_state_dir_that_cannot_be_changed_is_a_clear_error(tmp_path, monkeypatch):
+    """A state_dir on a filesystem mounted read-only since (seen by a new user): the
+    leftover of an earlier run could not be removed, and the OSError came out bare."""
+    import errno
+    torch.manual_seed(0)
+    _two_adam_iterations(torch.nn.Linear(256, 256), tmp_path)
+    (tmp_path / "state-9.swap").write_bytes(b"")        # a file no manifest names
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(OutcoreError, match=r"cannot use state_dir=.*Read-only file system "
+                                           r"\(.*state-9.swap\); pass a writable directory"):
+        outcore.OutOfCore("1MiB", state_dir=tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    model = torch.nn.Linear(256, 256)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:     # and the lock was let go
+        assert ooc.resume(model, torch.optim.Adam(model.parameters())) == 2
 
 
 def test_a_full_state_dir_disk_says_so_and_resume_can_be_tried_again(tmp_path, monkeypatch):

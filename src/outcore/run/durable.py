@@ -141,6 +141,14 @@ class Durable:
                                "state_dir") from None
         try:
             self._open()
+        except OSError as exc:
+            os.close(self._lock)
+            if isinstance(exc, OutcoreError):
+                raise
+            raise OutcoreError(f"cannot use state_dir={self.directory}: {exc.strerror or exc}"
+                               + (f" ({exc.filename})" if exc.filename else "") + "; pass a "
+                               "writable directory on a local disk. The state kept in it "
+                               "is unchanged") from exc
         except BaseException:
             os.close(self._lock)
             raise
@@ -384,6 +392,15 @@ class Durable:
                 f"this {type(optimizer).__name__}: its parameter groups have no {lacking[:5]} "
                 f"(they have {sorted(k for k in groups[0] if k != 'params')[:8]}). Pass the "
                 "optimizer it was trained with, or another state_dir")
+        # What optimizer.load_state_dict checks, checked here before the model is copied.
+        kept_sizes = [len(g.get("params", ())) for g in groups]
+        our_sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if groups and kept_sizes != our_sizes:
+            raise OutcoreError(
+                f"the state in {self.directory} was kept by an optimizer with parameter groups "
+                f"of {kept_sizes} parameters, and resume() got one with {our_sizes}: pass the "
+                "optimizer built over the same parameters in the same groups as in training, "
+                "or another state_dir. Nothing was loaded")
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, res, shield, iterations: int) -> None:
