@@ -331,3 +331,31 @@ def _misuse_while_open(ooc, callback, args, state, control):
         with pytest.raises(outcore.OutcoreError, match=match), callback:
             callback.on_train_begin(wrong, state, control)
     assert not callback.in_step
+
+
+def test_resume_from_the_trainers_checkpoint_at_the_same_budget(tmp_path):
+    """`train(resume_from_checkpoint=...)` loads the optimizer's state with torch.load,
+    whose storages cannot be resized: kept as loaded, they never moved and the resumed
+    run was refused at the budget the run trained with (InfeasibleBudget, advising a
+    .clone() a Trainer user cannot make; a new user's report). The callback gives them
+    memory of their own at the first step (`make_movable`): the resumed run trains
+    within the budget, bitwise as a plain resumed run."""
+    plain_model = make_model()
+    make_trainer(plain_model, tmp_path / "plain", save_strategy="steps", save_steps=2).train()
+    plain_model = make_model()
+    plain = make_trainer(plain_model, tmp_path / "plain", save_strategy="steps", save_steps=2)
+    plain.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+    for run in ("first", "resumed"):
+        model = make_model()
+        with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path) as ooc:
+            callback = OutcoreCallback(ooc)
+            trainer = make_trainer(model, tmp_path / "ooc", [callback], save_strategy="steps",
+                                   save_steps=2)
+            with callback:
+                trainer.train(resume_from_checkpoint=None if run == "first" else
+                              str(tmp_path / "ooc" / "checkpoint-2"))
+            report = ooc.report()
+        assert all(it.peak_resident <= BUDGET for it in report.iterations), str(report)
+    assert callback.steps == STEPS - 2
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+    assert losses(plain) == losses(trainer)

@@ -66,6 +66,8 @@ except ImportError as exc:       # pragma: no cover - transformers is a test dep
     raise ImportError("outcore.integrations.transformers needs `transformers` (and, for its "
                       "Trainer, `accelerate`): pip install 'transformers[torch]'") from exc
 
+import torch
+
 from ..errors import OutcoreError
 from ..run.ooc import OutOfCore
 from ._step import StepIterations
@@ -98,6 +100,7 @@ class OutcoreCallback(StepIterations, TrainerCallback):
     def __init__(self, ooc):
         StepIterations.__init__(self, ooc)
         self._guards = 0            # `with callback:` blocks open
+        self._loaded = False        # a run began: the Trainer may have loaded a checkpoint
 
     # -- the guard ---------------------------------------------------------------------
     def __enter__(self):
@@ -128,10 +131,14 @@ class OutcoreCallback(StepIterations, TrainerCallback):
                           "refused) until callback.end(). Use `with callback: trainer.train()` or "
                           "outcore.integrations.transformers.train(trainer, ooc)",
                           RuntimeWarning, stacklevel=2)
+        self._loaded = True
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._finish(None)          # none is open in Trainer 5.24's loop (NOTE [Which Trainer events])
+        if self._loaded:
+            self._loaded = False
+            make_movable(kwargs.get("optimizer"))
         self._begin_step()
         return control
 
@@ -148,6 +155,32 @@ class OutcoreCallback(StepIterations, TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._finish(None)
         return control
+
+
+def make_movable(optimizer) -> int:
+    """Give the optimizer's state tensors that no storage of theirs can move (loaded
+    with `torch.load`: unresizable) memory of their own, the same values; returns how
+    many. `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
+    torch.load itself, after `on_train_begin`: kept as loaded, that state stays in RAM
+    for good (Residency NOTE 7), and at the budget the run trained with the resumed run
+    was refused (InfeasibleBudget), with advice (".clone() those") a Trainer user could
+    not follow. Runs at the first step of each `train()` call, between iterations.
+    Storages in shared memory are the user's choice and stay as they are."""
+    if optimizer is None:
+        return 0
+    inner = getattr(optimizer, "optimizer", optimizer)      # accelerate's wrapper
+    done = 0
+    for per_param in getattr(inner, "state", {}).values():
+        if not isinstance(per_param, dict):
+            continue
+        for key, value in list(per_param.items()):
+            if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+                continue
+            storage = value.untyped_storage()
+            if not storage.resizable() and not storage.is_shared():
+                per_param[key] = value.clone()
+                done += 1
+    return done
 
 
 def train(trainer, ooc, **train_kwargs):
