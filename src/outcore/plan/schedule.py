@@ -24,6 +24,8 @@ arrays that existed before the step the two agree, so iteration k+1 starts where
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 from ..units import format_bytes
@@ -69,6 +71,13 @@ class Schedule:
     @property
     def bytes_moved(self) -> int:
         return self.bytes_in + self.bytes_out
+
+    @functools.cached_property
+    def moved_arrays(self) -> frozenset:
+        """The arrays some action moves (SWAP_IN, SWAP_OUT or DROP), found once per
+        schedule (the executor asks at every replay's start)."""
+        return frozenset(a.array for step in self.begin + self.end for a in step
+                         if a.kind in (SWAP_IN, SWAP_OUT, DROP))
 
     def boundary(self, trace) -> tuple[int, int]:
         """Bytes read and written between two iterations of `trace`: the state the step

@@ -16,7 +16,6 @@ recompute.py.
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import torch
@@ -540,15 +539,14 @@ class Replayer(HeldMode):
         i = self.index
         return 0 <= i < self.n and self.trace.functions[i].phase == "optimizer"
 
-    @functools.cached_property
+    @property
     def _moved(self) -> frozenset:
-        """The arrays the schedule moves. One bound to a storage first met here that
-        can never move (an optimizer state loaded with torch.load, a parameter from
-        from_numpy, since the recording) leaves the plan as `_check_pinned` says: the
-        plan's budget counted on moving it (else the replay ran over the budget, silently)."""
-        acts = self.schedule.begin + self.schedule.end
-        return frozenset(a.array for step in acts for a in step
-                         if a.kind in (SWAP_IN, SWAP_OUT, DROP))
+        """The arrays the schedule moves. One bound to a storage that can never move
+        (first met here: an optimizer state loaded with torch.load, a parameter from
+        from_numpy; or carried state pinned since the plan was recorded) leaves the plan
+        as `_check_pinned` says: the plan's budget counted on moving it (else the replay
+        ran over the budget, silently)."""
+        return self.schedule.moved_arrays
 
     def _check_pinned(self) -> None:
         """A storage the plan moves became unmovable since it was recorded (Residency NOTE
