@@ -65,6 +65,15 @@ def test_a_model_in_shared_memory_stays_put_and_trains_bitwise(tmp_path):
     assert sum(it.bytes_read for it in replays) > 0          # the rest still moves
 
 
+def _assert_left_the_plan_once(report, losses, expected_losses, why: str) -> None:
+    """Losses bitwise; of 8 iterations the 5th left its plan (`why` in its deviation),
+    the 6th recorded again and the last two replayed."""
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected_losses))
+    modes = [it.mode for it in report.iterations]
+    assert modes[3:5] == ["replay", "replay"] and modes[5:] == ["record", "replay", "replay"], modes
+    assert why in report.iterations[4].deviation, report.iterations[4].deviation
+
+
 def test_numpy_between_iterations_leaves_the_plan_and_keeps_the_budget(tmp_path, caplog):
     """`.numpy()` makes a storage unresizable for good. The replay that finds a
     parameter so pinned leaves the plan (on-demand keeps the budget), the next iteration
@@ -83,10 +92,7 @@ def test_numpy_between_iterations_leaves_the_plan_and_keeps_the_budget(tmp_path,
                 losses.append(step(model, opt, it))
         report = ooc.report()
     assert_bitwise_equal(state_of(model, opt), expected)
-    assert all(torch.equal(a, b) for a, b in zip(losses, expected_losses))
-    modes = [it.mode for it in report.iterations]
-    assert modes[3:5] == ["replay", "replay"] and modes[5:] == ["record", "replay", "replay"], modes
-    assert ".numpy()" in report.iterations[4].deviation, report.iterations[4].deviation
+    _assert_left_the_plan_once(report, losses, expected_losses, ".numpy()")
     assert ".numpy()" in caplog.text
     for it in report.iterations:
         if it.mode == "replay":
@@ -133,10 +139,7 @@ def test_state_replaced_by_unmovable_storages_leaves_the_plan_and_keeps_the_budg
         model, opt, losses = run(ooc)
         report = ooc.report()
     assert_bitwise_equal(state_of(model, opt), expected)
-    assert all(torch.equal(a, b) for a, b in zip(losses, expected_losses))
-    modes = [it.mode for it in report.iterations]
-    assert modes[3:5] == ["replay", "replay"] and modes[5:] == ["record", "replay", "replay"], modes
-    assert "can no longer move" in report.iterations[4].deviation, report.iterations[4].deviation
+    _assert_left_the_plan_once(report, losses, expected_losses, "can no longer move")
     assert report.in_core_peak > budget
     assert all(it.peak_resident <= budget for it in report.iterations), report
 
@@ -219,10 +222,7 @@ def test_sharing_state_mapped_between_iterations_keeps_it_shared(tmp_path):
     emptied the storage again: the sharing silently ended (values stayed right). Now it
     is read back, then shared, and stays shared through later iterations."""
     budget = 16 * 2**20
-    model, opt = make()
-    for it in range(6):
-        step(model, opt, it)
-    expected = state_of(model, opt)
+    expected, _ = plain_run(6)
     model, opt = make()
     with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
         for it in range(6):
@@ -253,10 +253,7 @@ def test_sharing_from_another_thread_what_the_step_holds_out_is_refused(tmp_path
             tensor.share_memory_()
         except outcore.OutcoreError as exc:
             errors.append(exc)
-    model, opt = make()
-    for it in range(5):
-        step(model, opt, it)
-    expected = state_of(model, opt)
+    expected, _ = plain_run(5)
     model, opt = make()
     with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
         for it in range(5):
@@ -293,6 +290,14 @@ def test_sharing_is_pytorchs_own_once_the_outofcore_closes(tmp_path):
     assert torch.zeros(4).share_memory_().untyped_storage().is_shared()
 
 
+def _train_beside(ooc, plain, ours, iterations):
+    """Step the (model, optimizer) `plain` as it is and `ours` under `ooc`."""
+    for it in iterations:
+        step(*plain, it)
+        with ooc.iteration():
+            step(*ours, it)
+
+
 @pytest.mark.parametrize("interrupted", [False, True])
 def test_state_shared_in_a_step_that_then_ends_keeps_later_replays_within_the_budget(
         tmp_path, interrupted):
@@ -305,10 +310,7 @@ def test_state_shared_in_a_step_that_then_ends_keeps_later_replays_within_the_bu
     model, opt = make()
     plain_model, plain_opt = make()
     with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
-        for it in range(3):
-            step(plain_model, plain_opt, it)
-            with ooc.iteration():
-                step(model, opt, it)
+        _train_beside(ooc, (plain_model, plain_opt), (model, opt), range(3))
         for m, o, under in ((plain_model, plain_opt, False), (model, opt, True)):
             try:
                 with ooc.iteration() if under else contextlib.nullcontext():
@@ -324,10 +326,7 @@ def test_state_shared_in_a_step_that_then_ends_keeps_later_replays_within_the_bu
                     o.zero_grad()
             except KeyboardInterrupt:
                 pass
-        for it in range(4, 9):
-            step(plain_model, plain_opt, it)
-            with ooc.iteration():
-                step(model, opt, it)
+        _train_beside(ooc, (plain_model, plain_opt), (model, opt), range(4, 9))
         report = ooc.report()
     assert_bitwise_equal(state_of(model, opt), state_of(plain_model, plain_opt))
     assert _moments(opt)[0].untyped_storage().is_shared()
@@ -348,10 +347,7 @@ def test_a_read_left_waiting_by_an_interrupted_share_between_iterations_is_finis
     plain_model, plain_opt = make()
     model, opt = make()
     with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
-        for it in range(3):
-            step(plain_model, plain_opt, it)
-            with ooc.iteration():
-                step(model, opt, it)
+        _train_beside(ooc, (plain_model, plain_opt), (model, opt), range(3))
         res = ooc._res
         moment = next(m for m in _moments(opt)
                       if res.entry_of(m.untyped_storage()).state is not outcore.states.FAST)
@@ -367,10 +363,7 @@ def test_a_read_left_waiting_by_an_interrupted_share_between_iterations_is_finis
             moment.share_memory_()
         assert res.entry_of(moment.untyped_storage()).state is outcore.states.IN
         assert not moment.untyped_storage().is_shared()
-        for it in range(3, 6):
-            step(plain_model, plain_opt, it)
-            with ooc.iteration():
-                step(model, opt, it)
+        _train_beside(ooc, (plain_model, plain_opt), (model, opt), range(3, 6))
         report = ooc.report()
     assert_bitwise_equal(state_of(model, opt), state_of(plain_model, plain_opt))
     assert all(it.peak_resident <= BUDGET for it in report.iterations), \
