@@ -359,3 +359,32 @@ def test_resume_from_the_trainers_checkpoint_at_the_same_budget(tmp_path):
     assert callback.steps == STEPS - 2
     assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
     assert losses(plain) == losses(trainer)
+
+
+def test_make_movable_copies_only_state_outcore_cannot_move(tmp_path):
+    """Between iterations the state outcore left on the slow tier is mapped from its swap
+    file: unresizable like torch.load's, but outcore's to move. A second train() on one
+    Trainer copied all of it into RAM at once (a reviewer's find); only state loaded
+    from a checkpoint gets memory of its own."""
+    import io
+
+    from outcore.integrations.transformers import make_movable
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    opt = torch.optim.Adam(model.parameters())
+    with outcore.OutOfCore(budget=2**20, swap_dir=tmp_path) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                model(torch.ones(8, 256)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        moments = [s["exp_avg"] for s in opt.state.values()]
+        assert any(ooc._res.entry_of(m.untyped_storage()).state is outcore.states.MAPPED
+                   for m in moments)
+        assert make_movable(opt, ooc) == 0
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        opt.load_state_dict(torch.load(buffer))
+        assert make_movable(opt, ooc) == 3 * len(opt.state)        # step, exp_avg, exp_avg_sq
+        assert all(v.untyped_storage().resizable() for s in opt.state.values() for v in s.values())

@@ -138,7 +138,7 @@ class OutcoreCallback(StepIterations, TrainerCallback):
         self._finish(None)          # none is open in Trainer 5.24's loop (NOTE [Which Trainer events])
         if self._loaded:
             self._loaded = False
-            make_movable(kwargs.get("optimizer"))
+            make_movable(kwargs.get("optimizer"), self.ooc)
         self._begin_step()
         return control
 
@@ -157,7 +157,7 @@ class OutcoreCallback(StepIterations, TrainerCallback):
         return control
 
 
-def make_movable(optimizer) -> int:
+def make_movable(optimizer, ooc) -> int:
     """Give the optimizer's state tensors that no storage of theirs can move (loaded
     with `torch.load`: unresizable) memory of their own, the same values; returns how
     many. `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
@@ -165,7 +165,11 @@ def make_movable(optimizer) -> int:
     for good (Residency NOTE 7), and at the budget the run trained with the resumed run
     was refused (InfeasibleBudget), with advice (".clone() those") a Trainer user could
     not follow. Runs at the first step of each `train()` call, between iterations.
-    Storages in shared memory are the user's choice and stay as they are."""
+    Storages in shared memory are the user's choice and stay as they are; and storages
+    `ooc` moves are left alone: between iterations its state on the slow tier is mapped
+    from the swap file, unresizable too (NOTE [Mapped state]), and copying it would
+    read the whole state into RAM at once (a reviewer's find: a second `train()` on one
+    Trainer copied all of Adam's state)."""
     if optimizer is None:
         return 0
     inner = getattr(optimizer, "optimizer", optimizer)      # accelerate's wrapper
@@ -177,7 +181,10 @@ def make_movable(optimizer) -> int:
             if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
                 continue
             storage = value.untyped_storage()
-            if not storage.resizable() and not storage.is_shared():
+            if storage.resizable() or storage.is_shared():
+                continue
+            entry = ooc._res.entry_of(storage)
+            if entry is None or entry.pinned:
                 per_param[key] = value.clone()
                 done += 1
     return done
