@@ -226,13 +226,7 @@ def _created_bytes_unseeded(func, args, kwargs) -> int | None:
         # without running their (slow) Python references.
         every = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
         tensors = [t for t in every if t.dim()]
-        if not tensors:
-            return None
-        try:
-            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-        except RuntimeError:
-            return None
-        return math.prod(shape) * max(t.element_size() for t in every)
+        return _broadcast_bytes(tensors, every) if tensors else None
     try:
         with _disable_current_modes():
             margs, mkwargs = tree_map(_meta_or_none, (args, kwargs))
@@ -247,17 +241,21 @@ def _created_bytes_unseeded(func, args, kwargs) -> int | None:
     if any(t.device.type != "meta" for t in outputs):
         return None
     made = sum(s.nbytes() for s in storages(outputs))
-    if func in _LOSSES_KEEPING_THEIR_BUFFER and len(args) >= 2:
-        made = max(made, _elementwise_bytes(args[0], args[1]))
+    if func in _LOSSES_KEEPING_THEIR_BUFFER:
+        pair = [t for t in args[:2] if isinstance(t, torch.Tensor)]
+        if len(pair) == 2:
+            made = max(made, _broadcast_bytes(pair, pair) or 0)
     return made
 
 
-def _elementwise_bytes(a, b) -> int:
+def _broadcast_bytes(shaped, typed) -> int | None:
+    """Bytes of one dense tensor of `shaped`'s broadcast shape at the widest dtype among
+    `typed`; None where the shapes do not broadcast."""
     try:
-        shape = torch.broadcast_shapes(a.shape, b.shape)
-    except (AttributeError, RuntimeError):
-        return 0
-    return math.prod(shape) * max(a.element_size(), b.element_size())
+        shape = torch.broadcast_shapes(*(t.shape for t in shaped))
+    except RuntimeError:
+        return None
+    return math.prod(shape) * max(t.element_size() for t in typed)
 
 
 # Losses whose kernels return the reduced loss as a 0-dim view of the elementwise losses'

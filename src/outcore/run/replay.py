@@ -206,11 +206,9 @@ class Replayer(HeldMode):
         self.res.spans = []
         self.res.newly_pinned = []      # the recording's own: its plan knows them
         # ...but not state that became unmovable since this plan was recorded, while
-        # other steps ran (`_moved`): its moves would be skipped and the budget passed.
-        pinned = [(aid, e) for aid, e in enumerate(self.by_id) if e is not None and e.pinned
-                  and e.nbytes >= self.res.min_move_bytes]
-        if pinned:
-            self.res.newly_pinned += [e for aid, e in pinned if aid in self._moved]
+        # other steps ran: its moves would be skipped and the budget passed.
+        self.res.newly_pinned += [e for aid, e in enumerate(self.by_id)
+                                  if e is not None and self._pinned_but_moved(aid, e)]
         wanted = set(self.schedule.resident_at_start)
         moving = [e for aid, e in enumerate(self.by_id) if e is not None and aid not in wanted]
         for entry in moving:
@@ -406,7 +404,8 @@ class Replayer(HeldMode):
             return self._fallback(func, args, kwargs)
         if self.index < self.n and self.repeats[self.index] is not None:
             if self._zombies:
-                self._reap()          # the repeats' room first
+                self._reap()
+                self._keep_room(self.index)      # the repeats' room first
             while self.index < self.n and self.repeats[self.index] is not None:
                 self._repeat(self.index)
         i = self.index
@@ -443,7 +442,7 @@ class Replayer(HeldMode):
                                          f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
                 if entry is None:
                     entry = res.track(storage)
-                    if entry.pinned and entry.nbytes >= res.min_move_bytes and aid in self._moved:
+                    if self._pinned_but_moved(aid, entry):
                         res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
                 self.by_id[aid] = entry
                 self.aid_of[entry] = aid
@@ -456,8 +455,8 @@ class Replayer(HeldMode):
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
                                      func, args, kwargs)
             entries.append(entry)
-        if self._stranger_bytes and self._curve[i] + self._stranger_bytes > self.schedule.budget:
-            self._make_room(self._curve[i])
+        if self._stranger_bytes:        # rarely: no call per op otherwise
+            self._keep_room(i)
         self._actions(self.schedule.begin[i])
         for entry in entries:
             res.ready(entry)
@@ -539,19 +538,20 @@ class Replayer(HeldMode):
         i = self.index
         return 0 <= i < self.n and self.trace.functions[i].phase == "optimizer"
 
-    @property
-    def _moved(self) -> frozenset:
-        """The arrays the schedule moves. One bound to a storage that can never move
-        (first met here: an optimizer state loaded with torch.load, a parameter from
-        from_numpy; or carried state pinned since the plan was recorded) leaves the plan
-        as `_check_pinned` says: the plan's budget counted on moving it (else the replay
-        ran over the budget, silently)."""
-        return self.schedule.moved_arrays
+    def _pinned_but_moved(self, aid: int, entry) -> bool:
+        """Whether array `aid` is bound to a storage that can never move (first met here:
+        an optimizer state loaded with torch.load, a parameter from from_numpy; or carried
+        state pinned since the plan was recorded) while the schedule moves it: the step
+        then leaves the plan as `_check_pinned` says, since the plan's budget counted on
+        moving it (else the replay ran over the budget, silently). Small storages are
+        pinned in the recording too: the plan knows them."""
+        return (entry.pinned and entry.nbytes >= self.res.min_move_bytes
+                and aid in self.schedule.moved_arrays)
 
     def _check_pinned(self) -> None:
         """A storage the plan moves became unmovable since it was recorded (Residency NOTE
         7: `.numpy()` on it, between iterations say), or was replaced by one that cannot
-        move (`_moved`): the plan's budget no longer holds
+        move (`_pinned_but_moved`): the plan's budget no longer holds
         with it resident, so the step leaves the plan (on-demand keeps the budget, counting
         it pinned) and the next iteration is recorded again with it pinned."""
         pinned, self.res.newly_pinned = self.res.newly_pinned, []
@@ -573,12 +573,13 @@ class Replayer(HeldMode):
         outputs: 3 MiB in some replays of examples/fsdp2.py)."""
         zombies, self._zombies = self._zombies, []
         alive = [e for e in zombies if e.ref() is not None and e.state is FAST]
-        if alive:
-            self._lingering += alive
-            self._stranger_bytes += sum(e.nbytes for e in alive)
-        i = min(self.index, len(self._curve) - 1)
-        if self._stranger_bytes and i >= 0 and \
-                self._curve[i] + self._stranger_bytes > self.schedule.budget:
+        self._lingering += alive
+        self._stranger_bytes += sum(e.nbytes for e in alive)
+
+    def _keep_room(self, i: int) -> None:
+        """Function i holds `_curve[i]` bytes by the plan: where the strangers and the
+        lingering beside it would pass the budget, write some out (`_make_room`)."""
+        if self._stranger_bytes and self._curve[i] + self._stranger_bytes > self.schedule.budget:
             self._make_room(self._curve[i])
 
     # -- leaving the plan ------------------------------------------------------------------
