@@ -550,7 +550,7 @@ class Replayer(HeldMode):
 
     def _check_pinned(self) -> None:
         """A storage the plan moves became unmovable since it was recorded (Residency NOTE
-        7: `.numpy()` on it, between iterations say), or was replaced by one that cannot
+        7: a `.numpy()` array of it kept across iterations, say), or was replaced by one that cannot
         move (`_pinned_but_moved`): the plan's budget no longer holds
         with it resident, so the step leaves the plan (on-demand keeps the budget, counting
         it pinned) and the next iteration is recorded again with it pinned."""
@@ -558,10 +558,11 @@ class Replayer(HeldMode):
         if pinned and self.deviation is None:
             nbytes = sum(e.nbytes for e in pinned)
             self._deviate(f"function {self.index}: {len(pinned)} storage(s) of "
-                          f"{format_bytes(nbytes)} that the plan moves can no longer move: "
-                          "shared with numpy through .numpy(), or in shared memory, since "
-                          "they were recorded (PyTorch never lets such a storage be resized "
-                          "again; they stay in RAM, counted as pinned)", None, None, None)
+                          f"{format_bytes(nbytes)} that the plan moves cannot move now: a "
+                          "numpy array from .numpy() still points into them (they move again "
+                          "once it is dropped), or they were made unresizable (from_numpy, "
+                          "torch.load) or shared (share_memory_()) since they were recorded "
+                          "(those stay in RAM for good); counted as pinned", None, None, None)
 
     def _reap(self) -> None:
         """Storages the plan freed but something (a user variable, `param.grad`, autograd,

@@ -53,7 +53,10 @@ NOTE [Residency invariants]
      through `.numpy()`) or that lives in shared memory (`share_memory_()`: PyTorch
      calls it resizable, but resizing it crashes the process) is pinned, never moved
      (`_movable`). `.numpy()` makes a storage unresizable for good, also one already
-     tracked: `evict` then pins it and notes it in `newly_pinned`. A recording checks
+     tracked: `evict` then pins it and notes it in `newly_pinned`. While an OutOfCore is
+     open, `.numpy()` hands out an array that leaves the storage resizable and pins it
+     only while such an array lives (NOTE [Sharing a storage outcore moves], rules
+     7-9): `end_exports()` lets it move again at the next iteration. A recording checks
      each array an op reads or makes (`pin_if_unmovable`), so the plan counts as held
      also those unmovable from their first op that die within the step (a DataLoader
      worker's batch, in shared memory).
@@ -81,6 +84,7 @@ from ..states import (DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_
 from ..units import format_bytes
 from . import mapped
 from .interrupts import no_raise
+from .sharing import exported
 
 
 # A failed read is tried this many times in all before it is reported (see _wait).
@@ -91,7 +95,7 @@ RSS_SAMPLE_S = 0.002
 
 def _movable(storage) -> bool:
     """NOTE 7: whether outcore may resize `storage` to 0 and back."""
-    return storage.resizable() and not storage.is_shared()
+    return storage.resizable() and not storage.is_shared() and not exported(storage)
 
 
 def _reason(exc: Exception) -> str:
@@ -169,6 +173,8 @@ class Residency:
         # Entries `evict` found unmovable since they were tracked (NOTE 7); the replayer
         # takes them, since its plan counted on moving them.
         self.newly_pinned: list[Entry] = []
+        # Entries pinned while a numpy array of theirs lived (NOTE 7): `end_exports`.
+        self._export_pins: list[Entry] = []
         self._owned_sampled = 0                 # owned_bytes() at the latest sample
 
     # -- tracking ----------------------------------------------------------------------
@@ -193,8 +199,29 @@ class Residency:
             self._add_resident(entry.nbytes)
             if entry.pinned:
                 self.pinned_resident += entry.nbytes
+                if exported(storage):
+                    self._export_pins.append(entry)
         self.touch(entry)
         return entry
+
+    def end_exports(self) -> None:
+        """Let the entries pinned only because a numpy array of theirs lived move again
+        once no such array is left (NOTE 7). Called between iterations, on the step's
+        thread; one still held stays pinned, one that became unmovable for another
+        reason (shared since, say) stays pinned for good."""
+        still = []
+        for entry in self._export_pins:
+            storage = entry.ref()
+            if storage is None or entry.state is not FAST or not entry.pinned or entry.owner:
+                continue                    # died, let go of (NOTE 8), or disowned since
+            if entry.elsewhere or entry.nbytes < self.min_move_bytes:
+                continue                    # pinned for those reasons anyway
+            if exported(storage):
+                still.append(entry)
+            elif _movable(storage):
+                entry.pinned = False
+                self.pinned_resident -= entry.nbytes
+        self._export_pins = still
 
     def let_go(self, keep) -> None:
         """Stop tracking the FAST pinned entries not in `keep` (NOTE 8). Their weakref
@@ -349,6 +376,8 @@ class Residency:
         entry.pinned = True
         self.pinned_resident += entry.nbytes
         self.newly_pinned.append(entry)
+        if exported(storage):
+            self._export_pins.append(entry)
         return True
 
     # -- moves -------------------------------------------------------------------------
@@ -459,7 +488,7 @@ class Residency:
         caller then keeps its bytes another way."""
         storage = entry.ref()
         if (entry.state is not FAST or entry.pinned or storage is None
-                or storage.nbytes() != entry.nbytes or not _movable(storage)):
+                or storage.nbytes() != entry.nbytes or self.pin_if_unmovable(entry, storage)):
             return False
         storage.resize_(0)
         self.lru.pop(entry.key, None)

@@ -1,4 +1,4 @@
-"""`share_memory_()` of a storage outcore is moving.
+"""`share_memory_()` and `.numpy()` of a storage outcore is moving.
 
 NOTE [Sharing a storage outcore moves]
   1. `Tensor.share_memory_()`, `Module.share_memory()` and a tensor sent through a
@@ -38,23 +38,59 @@ NOTE [Sharing a storage outcore moves]
      the copy lands after the share is complete. Between iterations signals are not
      held; a read left waiting there is finished by the next iteration's start
      (`Replayer.start`).
+
+  `.numpy()` hands out a pointer to the storage's memory in the same way:
+  7. PyTorch's `Tensor.numpy()` (and `np.asarray(tensor)`, which calls it) is no aten op
+     either: inside a step it read whatever the storage's memory was, also a storage
+     on the slow tier (seen: garbage values from an activation the plan had dropped,
+     bitwise wrong), and between iterations an array of mapped state pointed at a
+     mapping the next iteration closes. And it marks the storage unresizable for
+     good (Residency NOTE 7): after one TensorBoard histogram of each parameter, none
+     of them could ever move again.
+  8. So while an OutOfCore is open, `Tensor.numpy` is wrapped too. For a CPU tensor
+     (strided, of a dtype numpy has, and which PyTorch would convert) the storage is
+     made resident first as in rule 3 (read back, unmapped, remade), refused from
+     another thread as in rule 4, and the array is built over the same memory by
+     numpy from an `__array_interface__` whose owner holds the tensor: same address,
+     shape, strides and dtype as PyTorch's, writable, and the tensor lives while the
+     array does. The storage stays resizable, but counts as `exported` while any
+     array built over it lives, and outcore never moves an exported storage: its
+     next eviction pins it (Residency NOTE 7, `newly_pinned`: a plan that moved it
+     deviates, as for a shared one).
+  9. When the last such array dies (on any thread: only `_exports` changes, under its
+     lock), the storage is no longer exported; the next iteration's start
+     (`Residency.end_exports`) unpins it. An array used and dropped between
+     iterations therefore costs one read back and nothing else; one kept across
+     iterations keeps its storage in RAM, as the user asked. Anything else (the
+     tensors PyTorch would refuse, `force=True` on a tensor PyTorch must copy, no
+     OutOfCore open) is PyTorch's own `numpy()`. DLPack capsules (`__dlpack__`,
+     `to_dlpack`) and `data_ptr()` are not wrapped: such a pointer is valid until
+     outcore next moves the storage (the next op, inside a step).
 """
 from __future__ import annotations
 
 import functools
 import threading
+import weakref
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import OutcoreError
-from .interrupts import critical
+from .interrupts import critical, no_raise
 from ..states import FAST
 from ..units import format_bytes
 
 _METHODS = ("_share_fd_cpu_", "_share_filename_cpu_")
-_originals: dict = {}           # method name -> PyTorch's function, while installed
+_originals: dict = {}           # (class, method name) -> PyTorch's function, while installed
 _lock = threading.Lock()
+_exports: dict[int, int] = {}   # storage key -> arrays numpy() built over it that live (NOTE 8)
+_exports_lock = threading.Lock()
+
+
+def exported(storage) -> bool:
+    """Whether an array `.numpy()` handed out over `storage` lives (NOTE 8, 9)."""
+    return storage._cdata in _exports
 
 
 def install(open_outofcore) -> None:
@@ -63,22 +99,27 @@ def install(open_outofcore) -> None:
     with _lock:
         if _originals:
             return
-        for name in _METHODS:
-            original = torch.UntypedStorage.__dict__.get(name)
+        wrappers = [(torch.UntypedStorage, name, _wrap) for name in _METHODS]
+        wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
+        for cls, name, wrap in wrappers:
+            original = getattr(cls, name, None)     # Tensor.numpy is torch._C.TensorBase's
             if original is None:            # a PyTorch without it: nothing to wrap
                 continue
-            _originals[name] = original
-            setattr(torch.UntypedStorage, name, _wrap(original, open_outofcore))
+            _originals[cls, name] = (original, name in cls.__dict__)
+            setattr(cls, name, wrap(original, open_outofcore))
 
 
 def uninstall() -> None:
     """Put PyTorch's methods back (where ours are still the ones installed)."""
     with _lock:
-        for name, original in list(_originals.items()):
-            current = torch.UntypedStorage.__dict__.get(name)
+        for (cls, name), (original, own) in list(_originals.items()):
+            current = cls.__dict__.get(name)
             if getattr(current, "__wrapped__", None) is original:
-                setattr(torch.UntypedStorage, name, original)
-            del _originals[name]
+                if own:
+                    setattr(cls, name, original)
+                else:
+                    delattr(cls, name)      # inherited again
+            del _originals[cls, name]
 
 
 def _wrap(original, open_outofcore):
@@ -94,7 +135,7 @@ def _wrap(original, open_outofcore):
         try:
             with _disable_current_modes():      # NOTE 5
                 if not storage.is_shared():
-                    _prepare(ooc, storage)
+                    _prepare(ooc, storage, "share_memory_()")
                 return original(storage, *args, **kwargs)
         finally:
             if shield is not None:
@@ -102,23 +143,110 @@ def _wrap(original, open_outofcore):
     return critical(share)
 
 
-def _prepare(ooc, storage) -> None:
-    """Make a tracked storage's bytes resident before it is shared (NOTE 3), or refuse
-    (NOTE 4)."""
+def _prepare(ooc, storage, what: str) -> None:
+    """Make a tracked storage's bytes resident before `what` hands out its memory (NOTE
+    3, 8), or refuse (NOTE 4)."""
     res = ooc._res
     owner = ooc._active_thread
     if owner is not None and owner != threading.get_ident():
         entry = res.entries.get(storage._cdata)       # a read: no change to the table
         if entry is not None and entry.ref() is storage and not entry.pinned:
             raise OutcoreError(
-                f"share_memory_() of a {format_bytes(entry.nbytes)} tensor that outcore moves "
+                f"{what} of a {format_bytes(entry.nbytes)} tensor that outcore moves "
                 "between RAM and its swap file, from another thread than the one that runs "
                 "ooc.iteration(): only that thread may move it, and outcore may be moving it "
-                "right now. Share it from that thread (between iterations or inside the "
-                "step), or share a .clone() of it; nothing was changed")
+                f"right now. Call {what} from that thread (between iterations or inside the "
+                f"step), or on a .clone() of it; nothing was changed")
         return
     entry = res.entry_of(storage)
     if entry is None or entry.pinned or entry.elsewhere or entry.owner or entry.state is FAST:
         return
     res.evict_lru(ooc.budget - entry.nbytes, {entry.key})   # room first, as for an op's input
     res.ready(entry)
+
+
+# -- .numpy() (NOTE 7-9) ----------------------------------------------------------------
+_TYPESTR: dict = {}             # torch dtype -> numpy's type string, as PyTorch converts it
+
+
+def _typestr(dtype) -> str | None:
+    """numpy's name for `dtype` as PyTorch's own numpy() gives it, or None where numpy
+    has no such type (bfloat16, float8: PyTorch refuses them)."""
+    if dtype not in _TYPESTR:
+        try:
+            _TYPESTR[dtype] = _originals[torch.Tensor, "numpy"][0](
+                torch.empty(0, dtype=dtype)).dtype.str
+        except (TypeError, RuntimeError, KeyError):
+            _TYPESTR[dtype] = None
+    return _TYPESTR[dtype]
+
+
+class _Export:
+    """The owner of an array numpy() built over a tensor's memory (NOTE 8): holds the
+    tensor, so that its storage lives as long as any array over it."""
+
+    def __init__(self, tensor, interface: dict):
+        self.tensor = tensor
+        self.__array_interface__ = interface
+
+
+@no_raise      # a finalizer: a signal landing here is noted (NOTE [Interrupts] 6)
+def _end_export(key: int) -> None:
+    """The last array over the storage `key` died (NOTE 9); on any thread."""
+    with _exports_lock:
+        left = _exports.get(key, 0) - 1
+        if left > 0:
+            _exports[key] = left
+        else:
+            _exports.pop(key, None)
+
+
+def _convertible(tensor) -> bool:
+    """Whether PyTorch's numpy() would give an array over this tensor's own memory."""
+    return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type == "cpu"
+            and tensor.layout is torch.strided and not tensor.requires_grad
+            and not tensor.is_conj() and not tensor.is_neg() and tensor.numel() > 0
+            and _typestr(tensor.dtype) is not None)
+
+
+def _wrap_numpy(original, open_outofcore):
+    @functools.wraps(original)
+    def numpy(tensor, *, force: bool = False):
+        ooc = open_outofcore()
+        if ooc is None or ooc.closed:
+            return original(tensor, force=force)
+        with _disable_current_modes():
+            if force and tensor.device.type == "cpu":
+                tensor = tensor.detach().resolve_conj().resolve_neg()   # as PyTorch's force
+            if not _convertible(tensor):
+                return original(tensor, force=force)
+            return _handed_out(ooc, tensor)
+    return numpy
+
+
+@critical
+def _handed_out(ooc, tensor):
+    """An array over `tensor`'s memory, made resident first, exported while it lives
+    (NOTE 8). Held: a Ctrl-C lands before the read back or after the export."""
+    import numpy as np
+
+    main = threading.current_thread() is threading.main_thread()
+    shield = ooc._shield if main else None
+    if shield is not None:
+        shield.enter()
+    try:
+        storage = tensor.untyped_storage()
+        _prepare(ooc, storage, ".numpy()")
+        size = tensor.element_size()
+        owner = _Export(tensor, {
+            "version": 3, "shape": tuple(tensor.shape), "typestr": _typestr(tensor.dtype),
+            "data": (tensor.data_ptr(), False),
+            "strides": tuple(stride * size for stride in tensor.stride())})
+        key = storage._cdata
+        with _exports_lock:
+            _exports[key] = _exports.get(key, 0) + 1
+        weakref.finalize(owner, _end_export, key)
+        return np.asarray(owner)
+    finally:
+        if shield is not None:
+            shield.exit()
