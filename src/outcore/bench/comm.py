@@ -105,6 +105,7 @@ def _worker(rank, world, store_path, out_path, sizes, repeats, busy_compute=Fals
             torch.mm(a, a)             # releases the GIL: the rank's Python keeps going
             spinner[0] = time.thread_time()
 
+    worker = None
     if busy_compute:
         worker = threading.Thread(target=compute, name="outcore-bench-compute", daemon=True)
         worker.start()
@@ -156,6 +157,10 @@ def _worker(rank, world, store_path, out_path, sizes, repeats, busy_compute=Fals
         dist.barrier()
     finally:
         stop.set()
+        if worker is not None:
+            # A daemon thread still inside torch.mm when the process exits can abort it
+            # ("terminate called without an active exception", seen under a loaded CI).
+            worker.join()
         dist.destroy_process_group()
 
 

@@ -745,21 +745,34 @@ class Residency:
             self._reap_dead()
         error = None
         for entry in list(self.entries.values()):
-            storage = entry.ref()
-            if entry.state is not SLOW or storage is None:
+            if entry.state is not SLOW or entry.ref() is None:
                 continue
-            try:
-                entry.extent = self.mover.promote(entry.extent, entry.nbytes)
-                entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
-                entry.state = MAPPED
-            except Exception:      # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)
-                try:
-                    self.restore(entry)
-                    self.ready(entry)
-                except Exception as exc:       # noqa: BLE001 - the rest still get mapped
-                    error = error or exc
+            if self.map_one(entry, promote=True):
+                continue
+            try:                   # refused (ENOMEM, a filesystem without mmap)
+                self.restore(entry)
+                self.ready(entry)
+            except Exception as exc:       # noqa: BLE001 - the rest still get mapped
+                error = error or exc
         if error is not None:
             raise error
+
+    def map_one(self, entry: Entry, *, promote: bool = False) -> bool:
+        """Map one SLOW entry (no transfer may touch its extent until it is unmapped:
+        NOTE [Mapped state], rule 5); False, and nothing changed, where the mover or the
+        kernel refuses. `promote`: let the mover first move a spilled extent to where it
+        can be mapped (between iterations only)."""
+        storage = entry.ref()
+        if entry.state is not SLOW or storage is None:
+            return False
+        try:
+            if promote:
+                entry.extent = self.mover.promote(entry.extent, entry.nbytes)
+            entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
+        except Exception:      # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)
+            return False
+        entry.state = MAPPED
+        return True
 
     def mappings(self) -> list:
         return [e.mapping for e in self.entries.values() if e.state is MAPPED]
@@ -777,6 +790,12 @@ class Residency:
             self._unmap(entry)
             if self.resident > budget:
                 self.evict_lru(budget, set())
+
+    def unmap_one(self, entry: Entry) -> None:
+        """Take one MAPPED entry back (as `unmap_all` does, without making room)."""
+        if entry.state is MAPPED:
+            self.mover.synchronize()
+            self._unmap(entry)
 
     def _unmap(self, entry: Entry) -> None:
         storage = entry.ref()

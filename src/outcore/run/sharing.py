@@ -1,4 +1,4 @@
-"""`share_memory_()` and `.numpy()` of a storage outcore is moving.
+"""`share_memory_()`, `.numpy()` and `torch.save` of a storage outcore is moving.
 
 NOTE [Sharing a storage outcore moves]
   1. `Tensor.share_memory_()`, `Module.share_memory()` and a tensor sent through a
@@ -66,10 +66,30 @@ NOTE [Sharing a storage outcore moves]
      OutOfCore open) is PyTorch's own `numpy()`. DLPack capsules (`__dlpack__`,
      `to_dlpack`) and `data_ptr()` are not wrapped: such a pointer is valid until
      outcore next moves the storage (the next op, inside a step).
+
+  `torch.save` reads storages' bytes without an aten op too:
+  10. Inside a block (an iteration, or `building()`), a storage the plan has on the slow
+      tier has no bytes in memory: `torch.save` wrote it as 0 bytes (a checkpoint saved
+      inside `with ooc.iteration():` could not be loaded: "Trying to resize storage that
+      is not resizable"), and `pickle.dumps(tensor)` (which calls `torch.save`) gave
+      garbage. While an OutOfCore is open, `torch.save` (also as
+      `torch.serialization.save`) is wrapped: on the thread running the block it first
+      finds the storages `obj` pickles (a pickling pass that writes nothing, with the
+      same pickle module), lets every transfer in flight finish (`Residency.settle`),
+      maps each one on the slow tier in place (NOTE [Mapped state]: its pages are read
+      from the swap file as the save reads them, so a state larger than the budget
+      saves too) or, where it cannot be mapped, reads it back, remakes the ones
+      recompute dropped, saves, and unmaps what it mapped. Outside a block, and on
+      other threads, it is PyTorch's `torch.save` (between iterations every tracked
+      storage is resident or mapped: README, "Between iterations").
+  11. Mapping and unmapping are held sections; the save itself is not (a Ctrl-C stops
+      it as it would stop PyTorch's, and the mapped storages are unmapped in its
+      `finally`). The save's own ops do not reach the step (rule 5).
 """
 from __future__ import annotations
 
 import functools
+import pickle
 import threading
 import weakref
 
@@ -78,7 +98,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import OutcoreError
 from .interrupts import critical, no_raise
-from ..states import FAST
+from ..states import DISCARDED, FAST, SLOW
 from ..units import format_bytes
 
 _METHODS = ("_share_fd_cpu_", "_share_filename_cpu_")
@@ -101,6 +121,7 @@ def install(open_outofcore) -> None:
             return
         wrappers = [(torch.UntypedStorage, name, _wrap) for name in _METHODS]
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
+        wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
         for cls, name, wrap in wrappers:
             original = getattr(cls, name, None)     # Tensor.numpy is torch._C.TensorBase's
             if original is None:            # a PyTorch without it: nothing to wrap
@@ -173,10 +194,9 @@ def _typestr(dtype) -> str | None:
     """numpy's name for `dtype` as PyTorch's own numpy() gives it, or None where numpy
     has no such type (bfloat16, float8: PyTorch refuses them)."""
     if dtype not in _TYPESTR:
-        try:
-            _TYPESTR[dtype] = _originals[torch.Tensor, "numpy"][0](
-                torch.empty(0, dtype=dtype)).dtype.str
-        except (TypeError, RuntimeError, KeyError):
+        try:                           # PyTorch's own, wrapped or not
+            _TYPESTR[dtype] = torch._C.TensorBase.numpy(torch.empty(0, dtype=dtype)).dtype.str
+        except (TypeError, RuntimeError):
             _TYPESTR[dtype] = None
     return _TYPESTR[dtype]
 
@@ -247,6 +267,96 @@ def _handed_out(ooc, tensor):
             _exports[key] = _exports.get(key, 0) + 1
         weakref.finalize(owner, _end_export, key)
         return np.asarray(owner)
+    finally:
+        if shield is not None:
+            shield.exit()
+
+
+# -- torch.save (NOTE 10, 11) -------------------------------------------------------------
+class _Discard:
+    """A file that keeps nothing: the pickling pass that finds the storages."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def _storages_in(obj, pickle_module) -> list:
+    """The storages pickling `obj` reaches (persistent ids, as torch.save sees them)."""
+    found: dict = {}
+
+    class Finder(pickle_module.Pickler):
+        def persistent_id(self, item):
+            if isinstance(item, torch.storage.TypedStorage):
+                item = item._untyped_storage
+            if isinstance(item, torch.UntypedStorage):
+                found.setdefault(item._cdata, item)
+                return str(item._cdata)
+            return None
+    try:
+        Finder(_Discard(), protocol=2).dump(obj)
+    except Exception:       # noqa: BLE001 - torch.save itself raises it, as without outcore
+        pass
+    return list(found.values())
+
+
+def _wrap_save(original, open_outofcore):
+    @functools.wraps(original)
+    def save(obj, f, *args, **kwargs):
+        ooc = open_outofcore()
+        if (ooc is None or ooc.closed or not ooc._active
+                or ooc._active_thread != threading.get_ident()):
+            return original(obj, f, *args, **kwargs)
+        mapped: list = []
+        with _disable_current_modes():              # NOTE 5, 11 (unmapping runs ops too)
+            try:
+                storages = _storages_in(obj, kwargs.get("pickle_module") or pickle)
+                _readable(ooc, storages, mapped)
+                return original(obj, f, *args, **kwargs)
+            finally:
+                if mapped:
+                    _unmapped(ooc, mapped)
+    return save
+
+
+def _held(ooc):
+    return ooc._shield if threading.current_thread() is threading.main_thread() else None
+
+
+@critical
+def _readable(ooc, storages: list, mapped: list) -> None:
+    """Give every tracked storage in `storages` its bytes in memory for a save (NOTE 10);
+    the entries mapped here are appended to `mapped` as they are."""
+    shield = _held(ooc)
+    if shield is not None:
+        shield.enter()
+    try:
+        res = ooc._res
+        entries = [e for s in storages if (e := res.entry_of(s)) is not None
+                   and not e.elsewhere and not e.owner]
+        if not any(e.state is not FAST for e in entries):
+            return
+        res.settle()
+        keep = {e.key for e in entries}
+        for entry in entries:
+            if entry.state is SLOW and ooc._mover.device_type == "cpu" and res.map_one(entry):
+                mapped.append(entry)
+            elif entry.state is SLOW or entry.state is DISCARDED:
+                res.evict_lru(ooc.budget - entry.nbytes, keep)
+                res.ready(entry)
+    finally:
+        if shield is not None:
+            shield.exit()
+
+
+@critical
+def _unmapped(ooc, mapped: list) -> None:
+    """Back to the slow tier after the save (NOTE 10): nothing wrote them."""
+    shield = _held(ooc)
+    if shield is not None:
+        shield.enter()
+    try:
+        for entry in mapped:
+            ooc._res.unmap_one(entry)
     finally:
         if shield is not None:
             shield.exit()

@@ -1,0 +1,96 @@
+"""`torch.save` and `pickle` inside an iteration (NOTE [Sharing a storage outcore moves],
+rules 10-11 in run/sharing.py): a checkpoint saved inside `with ooc.iteration():` at a
+budget far below the state holds the same bytes as plain PyTorch's, loads, and leaves the
+plan and the budget as they were."""
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+import outcore
+from outcore.states import MAPPED
+
+BUDGET = 1536 * 2**10        # parameters 2 MiB, Adam's moments 4 MiB: most of it moves
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def step(model, opt, it, inspect=None):
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(it))
+    opt.zero_grad()
+    hidden = model[0](x)
+    model[1:](hidden).square().mean().backward()
+    if inspect is not None:
+        inspect(hidden.detach())        # after its last use: the plan has dropped it
+    opt.step()
+
+
+def _same_checkpoint(a: bytes, b: bytes) -> bool:
+    a, b = torch.load(io.BytesIO(a)), torch.load(io.BytesIO(b))
+    return (all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+            and all(torch.equal(v, b["opt"]["state"][p][k])
+                    for p, state in a["opt"]["state"].items() for k, v in state.items()))
+
+
+def test_a_checkpoint_saved_inside_the_iteration_is_whole(tmp_path):
+    """It was written with 0 bytes for every storage on the slow tier, and could not be
+    loaded ("Trying to resize storage that is not resizable")."""
+    plain, ours = make(), make()
+    plain_saved, saved = [], []
+
+    def save(model, opt, into):
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        into.append(buffer.getvalue())
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(5):
+            step(*plain, it)
+            save(*plain, plain_saved)
+            with ooc.iteration():
+                step(*ours, it)
+                save(*ours, saved)
+                assert not any(e.state is MAPPED for e in ooc._res.entries.values())
+        report = ooc.report()
+    assert all(_same_checkpoint(a, b) for a, b in zip(saved, plain_saved))
+    assert [it.mode for it in report.iterations][2:] == ["replay"] * 3, report
+    assert all(it.deviation is None for it in report.iterations), report
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), report
+    assert all(it.bytes_read > 0 for it in report.iterations[2:])     # state did move
+
+
+def test_pickling_an_activation_the_plan_moved_gives_its_values(tmp_path):
+    """`pickle.dumps(tensor)` calls `torch.save` for its storage: it gave garbage."""
+    plain, ours = make(), make()
+    plain_seen, seen = [], []
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(4):
+            step(*plain, it, lambda t: plain_seen.append(pickle.loads(pickle.dumps(t))))
+            with ooc.iteration():
+                step(*ours, it, lambda t: seen.append(pickle.loads(pickle.dumps(t))))
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain_seen))
+
+
+def test_a_save_that_fails_inside_the_iteration_leaves_the_state_where_it_was(tmp_path):
+    """A save that raises half-way (here: an object that cannot be pickled after the
+    state) unmaps what it mapped; training goes on bitwise."""
+    plain, ours = make(), make()
+    for it in range(5):
+        step(*plain, it)
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(5):
+            with ooc.iteration():
+                step(*ours, it)
+                if it >= 2:
+                    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+                        torch.save({"model": ours[0].state_dict(), "bad": lambda: 0},
+                                   io.BytesIO())
+                    assert not any(e.state is MAPPED for e in ooc._res.entries.values())
+    for p, q in zip(plain[0].parameters(), ours[0].parameters()):
+        assert torch.equal(p, q)
