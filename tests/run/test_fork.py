@@ -61,3 +61,33 @@ def test_dataloader_workers_forked_inside_an_iteration(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses))
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                                  model.state_dict().values()))
+
+
+def _child_trains_under_its_own_outofcore(swap_dir) -> None:
+    import io
+    import os
+    from outcore.run import ooc as ooc_module
+    assert ooc_module._open_outofcore() is None         # the parent's is not this process's
+    t = torch.arange(4.0)
+    buffer = io.BytesIO()
+    torch.save(t, buffer)                               # PyTorch's own, as without outcore
+    assert t.numpy().tolist() == [0.0, 1.0, 2.0, 3.0]
+    with outcore.OutOfCore("8MiB", swap_dir=swap_dir) as own:
+        model = torch.nn.Linear(8, 8)
+        for _ in range(3):
+            with own.iteration():
+                model(torch.ones(2, 8)).sum().backward()
+    os._exit(0)
+
+
+def test_a_child_forked_while_an_outofcore_is_open_runs_plain_pytorch_and_its_own(tmp_path):
+    """A process forked while an OutOfCore is open (multiprocessing's fork, a worker)
+    took the parent's for its own: a torch.save or numpy() there went through the
+    parent's table, and an OutOfCore of its own was refused as "another ... is still open"."""
+    import multiprocessing
+    with outcore.OutOfCore("8MiB", swap_dir=tmp_path):
+        child = multiprocessing.get_context("fork").Process(
+            target=_child_trains_under_its_own_outofcore, args=(str(tmp_path),))
+        child.start()
+        child.join(120)
+    assert child.exitcode == 0

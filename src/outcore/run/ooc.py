@@ -140,28 +140,33 @@ def smallest_budget(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
 
 _open_lock = threading.Lock()
 _open: weakref.ref | None = None       # the OutOfCore open in this process, if any
+_open_pid = 0                          # the process that opened it (a fork's child did not)
 
 
 def _claim(ooc) -> None:
-    global _open
+    global _open, _open_pid
     with _open_lock:
-        current = _open() if _open is not None else None
+        current = _open_outofcore()
         if current is not None and not current.closed:
             gc.collect()            # an unreachable one still waiting for the collector
-            current = _open() if _open is not None else None
+            current = _open_outofcore()
         if current is not None and not current.closed:
             raise OutcoreError(
                 f"another {current!r} is still open in this process; outcore manages one "
                 "OutOfCore per process (storages, allocator settings and signal handlers are "
                 "process-wide). close() it first, or use `with outcore.OutOfCore(...) as ooc:`")
-        _open = weakref.ref(ooc)
+        _open, _open_pid = weakref.ref(ooc), os.getpid()
     sharing.install(_open_outofcore)        # NOTE [Sharing a storage outcore moves]
 
 
 def _open_outofcore():
-    """The OutOfCore open in this process, or None."""
+    """The OutOfCore open in this process, or None: in a child forked while one was open
+    (a DataLoader's worker) None, since the parent's table, mover threads and swap file are
+    not the child's (NOTE [Forked children] in interrupts.py)."""
     ref = _open
-    return ref() if ref is not None else None
+    if ref is None or _open_pid != os.getpid():
+        return None
+    return ref()
 
 
 def _release(res, mover, governor, pager, durable) -> None:
