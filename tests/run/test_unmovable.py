@@ -5,6 +5,7 @@ replay within the budget."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import numpy as np
@@ -280,6 +281,38 @@ def test_sharing_from_another_thread_what_the_step_holds_out_is_refused(tmp_path
     assert len(errors) == 2 and all("another thread" in str(e) for e in errors), errors
     assert not any(t.untyped_storage().is_shared() for t in out)
     assert_bitwise_equal(state_of(model, opt), expected)
+
+
+@pytest.mark.parametrize("how", ["numpy", "share_memory_"])
+def test_room_made_between_iterations_leaves_every_tensor_readable(tmp_path, how):
+    """Reading one parameter back between iterations (for `.numpy()` or `share_memory_()`)
+    made room by sending others to the slow tier, where they stayed unmapped with no
+    bytes: the next read of one crashed the process, a torch.save (or ooc.save) of the
+    model wrote a checkpoint that could not be loaded (helper-49). They are mapped again
+    now, as an iteration leaves them."""
+    import io
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(3)],
+                                torch.nn.Linear(256, 10))
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
+    for m, ooc in ((plain, None), (model, outcore.OutOfCore("1MiB", swap_dir=str(tmp_path),
+                                                            min_move_bytes=0))):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        for _ in range(4):
+            with ooc.iteration() if ooc else contextlib.nullcontext():
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+    for p in list(model.parameters())[:3]:
+        p.detach().numpy() if how == "numpy" else p.detach().share_memory_()
+    assert all(p.untyped_storage().nbytes() == p.numel() * 4 for p in model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()))
+    assert all(torch.equal(loaded[k], v) for k, v in plain.state_dict().items())
+    ooc.close()
 
 
 def test_numpy_from_another_thread_of_what_outcore_moves_is_refused(tmp_path):

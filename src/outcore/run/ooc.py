@@ -519,6 +519,19 @@ class OutOfCore:
             if entry.state is FAST:
                 entry.clean = False
 
+    def _remap(self) -> None:
+        """Between iterations, after room was made for a storage read back (sharing.py:
+        `share_memory_()`, `.numpy()`): what that sent to the slow tier is mapped, as an
+        iteration leaves it (`_park`), so every tensor stays readable (a storage left on
+        the slow tier has no bytes: read, it crashed the process; saved, it was written
+        empty). The pager is started again with the mappings there are now."""
+        self._pager.stop()
+        errors: list = []
+        self._park(errors)
+        self._page()
+        if errors:
+            raise errors[0]
+
     def _commit(self) -> None:
         durable = self._durable
         durable.done += 1          # completed, whether or not its state becomes durable

@@ -14,7 +14,9 @@ NOTE [Sharing a storage outcore moves]
      it is released: `uninstall`). On the thread running the block (or with no block
      open), a tracked storage whose bytes are not in its memory (on the slow tier, in
      a transfer, or dropped for a recompute) is made resident first, with room made
-     for it as for an op's input (`evict_lru`, `Residency.ready`), then shared. Like
+     for it as for an op's input (`evict_lru`, `Residency.ready`), then shared (between
+     iterations, what making room sent to the slow tier is mapped again at once,
+     `OutOfCore._remap`: left there it had no bytes, and reading it crashed). Like
      every shared storage it stays in RAM from then on: the next eviction that meets it
      pins it (Residency NOTE 7), and a plan that counted on moving it deviates and runs
      on demand (correct, slower) until a step of that shape is recorded again.
@@ -184,6 +186,8 @@ def _prepare(ooc, storage, what: str) -> None:
         return
     res.evict_lru(ooc.budget - entry.nbytes, {entry.key})   # room first, as for an op's input
     res.ready(entry)
+    if not ooc._active and (any(e.state is SLOW for e in res.entries.values())):
+        ooc._remap()          # between iterations: nothing may stay on the slow tier unmapped
 
 
 # -- .numpy() (NOTE 7-9) ----------------------------------------------------------------
