@@ -277,6 +277,13 @@ class Replayer(HeldMode):
                     self.replaced.add(arr.origin)
                 return
 
+    def _bind(self, aid: int, entry) -> None:
+        """Array `aid` of the trace is `entry`'s storage in this iteration."""
+        self.by_id[aid] = entry
+        self.aid_of[entry] = aid
+        if self.is_state[aid]:
+            self.started_from[aid] = entry
+
     def _new_batch(self) -> None:
         """An input array of the trace is bound to a storage the last step did not read
         (a new batch): the last step's inputs that this step has not read (yet) are
@@ -426,7 +433,7 @@ class Replayer(HeldMode):
         if len(in_storages) > len(expected):
             return self._deviate(f"function {i} ({name}) reads more arrays than recorded",
                                  func, args, kwargs)
-        entries = []
+        entries, untracked = [], []
         for storage, aid in zip(in_storages, expected):
             # A storage first seen here is counted only once its slot binds: one where the
             # record had another array leaves it uncounted and goes on demand, which makes
@@ -440,16 +447,13 @@ class Replayer(HeldMode):
                 if nbytes != self.nbytes[aid]:
                     return self._deviate(f"function {i} ({name}) reads an array of {nbytes} "
                                          f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
-                if entry is None:
-                    entry = res.track(storage)
-                    if self._pinned_but_moved(aid, entry):
-                        res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
-                self.by_id[aid] = entry
-                self.aid_of[entry] = aid
-                if self.is_state[aid]:
-                    self.started_from[aid] = entry
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
+                if entry is None:
+                    untracked.append((len(entries), storage, aid))
+                    entries.append(None)
+                    continue
+                self._bind(aid, entry)
             elif bound is not entry:
                 self._note_replaced(aid, storage, inputs)
                 return self._deviate(f"function {i} ({name}) reads another array than recorded",
@@ -458,6 +462,14 @@ class Replayer(HeldMode):
         if self._stranger_bytes:        # rarely: no call per op otherwise
             self._keep_room(i)
         self._actions(self.schedule.begin[i])
+        for k, storage, aid in untracked:
+            # Counted after the frees the plan makes for this function (the memory was
+            # there all along: a new batch, state replaced between iterations), so that
+            # the count passes neither the plan's curve nor the budget on the way.
+            entries[k] = entry = res.track(storage)
+            if self._pinned_but_moved(aid, entry):
+                res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
+            self._bind(aid, entry)
         for entry in entries:
             res.ready(entry)
             res.touch(entry)
@@ -524,7 +536,16 @@ class Replayer(HeldMode):
             elif kind == SWAP_OUT:
                 res.evict(entry)
             elif kind == DROP:
-                res.evict(entry, unplanned=not entry.clean)
+                # The plan frees a clean array's memory here, at once. One with no current
+                # copy on the slow tier (state replaced between iterations by new tensors:
+                # `p.data = p.data.clone()`, `model.to(...)` and back) is written out first,
+                # synchronously: nothing later in the plan waits for that write, and its
+                # memory stayed beside the plan until something did (over the budget).
+                if entry.clean:
+                    res.evict(entry)
+                else:
+                    res.evict(entry, unplanned=True)
+                    res.finish(entry)
             elif kind == FREE:
                 # Dead for the plan. The storage usually dies as soon as the op's caller
                 # lets go of it; whatever still holds it at the next op gets evicted.
