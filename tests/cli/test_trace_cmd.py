@@ -31,3 +31,12 @@ def test_help_lists_models_and_an_example():
 def test_bad_batch_is_a_clear_error(capsys):
     assert main(["trace", "--model", "mlp", "--batch", "0"]) == 2
     assert "batch must be at least 1" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_recording(tmp_path, capsys):
+    missing = tmp_path / "no" / "t.json"
+    assert main(["trace", "--model", "mlp", "--batch", "8", "-o", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "recording one step" not in err
+    assert main(["trace", "--model", "mlp", "--batch", "8", "-o", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -206,7 +206,9 @@ class Report:
                     lines.append(f"        {it.skipped_actions} planned moves skipped: their arrays "
                                  "had not been touched yet in this iteration")
                 if it.deviation:
-                    lines.append(f"        deviated from the record: {it.deviation}; re-recording")
+                    lines.append(f"        deviated from the record: {it.deviation}; the rest "
+                                 "ran on demand (a step of this shape is recorded when one is "
+                                 "expected: NOTE [Step shapes] in run/plans.py)")
         return "\n".join(lines)
 
 
