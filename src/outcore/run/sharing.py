@@ -151,8 +151,7 @@ def _wrap(original, open_outofcore):
         ooc = open_outofcore()
         if ooc is None or ooc.closed:
             return original(storage, *args, **kwargs)
-        # NOTE 6 (signals reach only the main thread; its shield is its own)
-        shield = ooc._shield if threading.current_thread() is threading.main_thread() else None
+        shield = _held(ooc)
         if shield is not None:
             shield.enter()
         try:
@@ -164,6 +163,12 @@ def _wrap(original, open_outofcore):
             if shield is not None:
                 shield.exit()
     return critical(share)
+
+
+def _held(ooc):
+    """The shield a held section enters on this thread (NOTE 6: signals reach only the
+    main thread, and its shield is its own), or None."""
+    return ooc._shield if threading.current_thread() is threading.main_thread() else None
 
 
 def _prepare(ooc, storage, what: str) -> None:
@@ -254,8 +259,7 @@ def _handed_out(ooc, tensor):
     (NOTE 8). Held: a Ctrl-C lands before the read back or after the export."""
     import numpy as np
 
-    main = threading.current_thread() is threading.main_thread()
-    shield = ooc._shield if main else None
+    shield = _held(ooc)
     if shield is not None:
         shield.enter()
     try:
@@ -287,16 +291,15 @@ class _Discard:
 def _storages_in(obj, pickle_module) -> list:
     """The storages pickling `obj` reaches (persistent ids, as torch.save sees them)."""
     found: dict = {}
-
-    class Finder(pickle_module.Pickler):
-        def persistent_id(self, item):
-            if isinstance(item, torch.storage.TypedStorage):
-                item = item._untyped_storage
-            if isinstance(item, torch.UntypedStorage):
-                found.setdefault(item._cdata, item)
-                return str(item._cdata)
-            return None
     try:
+        class Finder(getattr(pickle_module, "Pickler", pickle.Pickler)):
+            def persistent_id(self, item):
+                if isinstance(item, torch.storage.TypedStorage):
+                    item = item._untyped_storage
+                if isinstance(item, torch.UntypedStorage):
+                    found.setdefault(item._cdata, item)
+                    return str(item._cdata)
+                return None
         Finder(_Discard(), protocol=2).dump(obj)
     except Exception:       # noqa: BLE001 - torch.save itself raises it, as without outcore
         pass
@@ -313,17 +316,14 @@ def _wrap_save(original, open_outofcore):
         mapped: list = []
         with _disable_current_modes():              # NOTE 5, 11 (unmapping runs ops too)
             try:
-                storages = _storages_in(obj, kwargs.get("pickle_module") or pickle)
+                module = kwargs.get("pickle_module") or (args[0] if args else pickle)
+                storages = _storages_in(obj, module)
                 _readable(ooc, storages, mapped)
                 return original(obj, f, *args, **kwargs)
             finally:
                 if mapped:
                     _unmapped(ooc, mapped)
     return save
-
-
-def _held(ooc):
-    return ooc._shield if threading.current_thread() is threading.main_thread() else None
 
 
 @critical
