@@ -354,3 +354,41 @@ def test_a_step_that_draws_its_batch_and_takes_an_mse_loss_records_within_the_bu
         assert report.in_core_peak > 1.8 * budget
         peaks = [it.peak_resident for it in report.iterations]
         assert max(peaks) <= budget, (peaks, budget)
+
+
+def test_an_optimizer_stopped_while_it_makes_its_state_is_never_left_half_made(tmp_path):
+    """SparseAdam sets `state["step"]` before it makes its moments (2x the parameter,
+    while the sparse gradient is small: the check before the step passes). The moments'
+    `zeros_like` over the budget was raised at once, "Nothing was trained", leaving
+    `{"step": 0}`: every later try, also at the budget the error asked for, failed with
+    a bare KeyError 'exp_avg' inside SparseAdam (helper-51). Now the step completes, then
+    InfeasibleBudget, and a new OutOfCore at that budget trains bitwise as plain PyTorch."""
+    def make():
+        torch.manual_seed(0)
+        emb, head = torch.nn.Embedding(20000, 64, sparse=True), torch.nn.Linear(64, 10)
+        return emb, head, (torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2),
+                           torch.optim.Adam(head.parameters(), lr=1e-3))
+    x, y = torch.randint(0, 20000, (64, 20)), torch.randint(0, 10, (64,))
+
+    def step(emb, head, opts):
+        for o in opts:
+            o.zero_grad()
+        torch.nn.functional.cross_entropy(head(emb(x).mean(1)), y).backward()
+        for o in opts:
+            o.step()
+    plain, ours = make(), make()
+    for _ in range(3):
+        step(*plain)
+    with outcore.OutOfCore("7MB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget) as caught:
+            with ooc.iteration():
+                step(*ours)
+    assert "completed correctly" in str(caught.value)
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in ours[2][0].state.values())
+    with outcore.OutOfCore(caught.value.min_feasible_bytes + 2**20, swap_dir=str(tmp_path),
+                           min_move_bytes=0) as ooc:
+        for _ in range(2):
+            with ooc.iteration():
+                step(*ours)
+    assert torch.equal(plain[0].weight, ours[0].weight) and torch.equal(plain[1].weight,
+                                                                        ours[1].weight)

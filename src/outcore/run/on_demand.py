@@ -292,8 +292,9 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
            "one, such as one that calls optimizer.step() only every few iterations) and ran "
            "op by op; it was completed correctly, over the budget; later iterations of this "
            "OutOfCore will not start." if deviated else
-           "The optimizer had begun updating the parameters when this was found, so the step was "
-           "completed correctly, over the budget; later iterations of this OutOfCore will not start."
+           "The optimizer step had begun (its state or the parameters had changed) when this "
+           "was found, so the step was completed correctly, over the budget; later iterations "
+           "of this OutOfCore will not start."
            if completed else "Nothing was trained: the optimizer has not changed any parameter."),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)

@@ -109,7 +109,12 @@ class SafeRecording(Recording):
         entries = self._entries
         created = self.on_demand.after(entries, written, outputs)
         fn = self._functions[-1]
-        if fn.phase == "optimizer" and written:
+        if fn.phase == "optimizer":
+            # From its first op on, the optimizer's step has changed something (its own
+            # Python state too: SparseAdam sets state["step"] before it makes its moments,
+            # and a step stopped there left it unusable, KeyError 'exp_avg' on the next
+            # try): an op over the budget from here is completed with the step, not raised
+            # at once (the check before the step, `_enter_optimizer`, raises untouched).
             self._state_written = True
         res = self.residency
         for entry in (*entries, *created):
