@@ -85,7 +85,7 @@ from .recording import SafeRecording
 from . import plans, sharing
 from .plans import Ending, Plan, Plans, function_keys, shape_of
 from .replay import Replayer
-from .report import IterationStats, Report
+from .report import OVER_BUDGET_WHY, IterationStats, Report
 from .residency import Residency
 
 log = logging.getLogger("outcore")
@@ -376,6 +376,7 @@ class OutOfCore:
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
         self._warned_rss = False     # once: the process grew past _rss_bound()
+        self._warned_over = False    # once: an iteration's managed peak passed the budget
         self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
         self._between = (0, 0)              # the plan's bytes between iterations: report()
@@ -1176,6 +1177,12 @@ class _Iteration:
             bytes_recomputed=stats.bytes_recomputed - before[7],
             unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0)))
         last, bound = ooc._iterations[-1], ooc._rss_bound()
+        if last.peak_resident > ooc.budget and not ooc._warned_over:
+            ooc._warned_over = True
+            log.warning("iteration %d (%s): %s of managed tensors at its peak, %s over the "
+                        "budget: %s (once per OutOfCore; ooc.report() marks each such "
+                        "iteration)", last.index, last.mode, format_bytes(last.peak_resident),
+                        format_bytes(last.peak_resident - ooc.budget), OVER_BUDGET_WHY)
         if bound and last.rss_above_start > bound and not ooc._warned_rss:
             ooc._warned_rss = True
             log.warning("iteration %d: the process grew %s above its size when the first "

@@ -190,6 +190,9 @@ class Report:
                     + ("" if it.tracked else " (planned; nothing moves, not tracked)")
                     + (f"  (then planned in {it.plan_s:.2f}s)" if it.plan_s else "")
                     + ("" if it.completed else "  (interrupted)"))
+                if it.peak_resident > self.budget:
+                    lines.append(f"        peak {format_bytes(it.peak_resident - self.budget)} "
+                                 "over the budget: " + OVER_BUDGET_WHY)
                 if self.rss_bound and it.rss_above_start > self.rss_bound:
                     lines.append(f"        rss+ passed {format_bytes(self.rss_bound)}: more memory "
                                  "outside the managed tensors than on the workloads measured "
@@ -210,6 +213,14 @@ class Report:
                                  "ran on demand (a step of this shape is recorded when one is "
                                  "expected: NOTE [Step shapes] in run/plans.py)")
         return "\n".join(lines)
+
+
+# Why an iteration's managed peak can pass the budget without an error (the warning and
+# the report's line say the same).
+OVER_BUDGET_WHY = ("an op outcore met for the first time made more than its meta kernel "
+                "said (an LSTM's workspace: later iterations leave room for it), or tensors "
+                "that cannot move (numpy arrays kept, shared memory, from_numpy) held more "
+                "than the plan had room for")
 
 
 def _known(cls, data: dict) -> dict:
