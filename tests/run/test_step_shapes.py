@@ -363,3 +363,24 @@ def test_a_new_parameter_every_step_deviates_within_the_budget_and_is_named(capl
     hints = [r.getMessage() for r in caplog.records if "one in every 2" in r.getMessage()]
     assert len(hints) == 1 and "is a new one in every step" in hints[0], hints
     assert all(torch.equal(a, b) for a, b in zip(plain, got))
+
+
+def test_steps_of_a_new_shape_between_training_steps_get_the_hint_that_fits(caplog, tmp_path):
+    """Training alternating with generate() of a growing length (helper-51, a GPT-2 from
+    its config: /tmp/hunt5/gpt2.py): every generate step was recorded, each a new shape,
+    so the training step after it guessed that plan and deviated, one in every 2, to its
+    own shape seen many times. The hint said to put an accumulation cycle in one
+    iteration, which did not apply (the period, 2, is one outcore follows); it names the
+    steps in between now, and what to do with them. The deviations are fed to the rule
+    here as that run had them (its model takes minutes on this machine)."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="outcore"), \
+            outcore.OutOfCore(budget=450_000, swap_dir=str(tmp_path)) as ooc:
+        training = 12345
+        ooc._plans.times[training] = 5
+        for index in (3, 5, 7):
+            ooc._periodic(index, "function 0: expected aten.slice.Tensor, the step ran "
+                                 "aten.embedding.default", training)
+    hints = [r.getMessage() for r in caplog.records if "one in every 2" in r.getMessage()]
+    assert len(hints) == 1 and "new shape of step each time" in hints[0], hints
+    assert "outside ooc.iteration()" in hints[0] and "whole cycle" not in hints[0]

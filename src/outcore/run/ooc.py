@@ -832,6 +832,20 @@ class OutOfCore:
                             "as a plain tensor (requires_grad=True is fine), not an "
                             "nn.Parameter", ", ".join(map(str, seen)), seen[1] - seen[0], reason)
                 return
+            period = seen[1] - seen[0]
+            if period <= plans.MAX_PERIOD and len(self._plans) < plans.MAX_PLANS:
+                # Not a period outcore cannot follow: the steps in between are a new shape
+                # each time (helper-51: generate() of a growing length between training
+                # steps), so no plan is known to come next.
+                log.warning("iterations %s deviated from their record, one in every %d: the "
+                            "iterations between them have a new shape of step each time (their "
+                            "shapes follow the data: generate() with a growing length, "
+                            "evaluation on batches of varying size), so outcore cannot tell "
+                            "which plan comes next and these run op by op (correct, within the "
+                            "budget, slower). Run those steps between iterations, outside "
+                            "ooc.iteration() (reading the model there needs no plan), or give "
+                            "them fixed shapes", ", ".join(map(str, seen)), period)
+                return
             log.warning("iterations %s deviated from their record, one in every %d, each time to "
                         "a shape of step seen before: a step that changes with a period "
                         "(optimizer.step() every %d iterations, gradient accumulation) gets a "
