@@ -85,7 +85,10 @@ def test_a_child_forked_while_an_outofcore_is_open_runs_plain_pytorch_and_its_ow
     took the parent's for its own: a torch.save or numpy() there went through the
     parent's table, and an OutOfCore of its own was refused as "another ... is still open"."""
     import multiprocessing
-    with outcore.OutOfCore("8MiB", swap_dir=tmp_path):
+    with outcore.OutOfCore("8MiB", swap_dir=tmp_path) as ooc:
+        model = torch.nn.Linear(8, 8)
+        with ooc.iteration():           # the parent's allocator governor claims the process
+            model(torch.ones(2, 8)).sum().backward()
         child = multiprocessing.get_context("fork").Process(
             target=_child_trains_under_its_own_outofcore, args=(str(tmp_path),))
         child.start()

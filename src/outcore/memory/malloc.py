@@ -338,7 +338,12 @@ class _Governor:
     def _claim(self) -> None:
         """Hold the process's record, or raise if another governor holds it. One
         dict.setdefault: atomic between threads and between bytecodes."""
+        self._pid = os.getpid()
         holder = self._record.setdefault("governor", self)
+        if holder is not self and getattr(holder, "_pid", None) != self._pid:
+            # A child forked while the parent's governor held the record: that one is the
+            # parent's (its stop() runs there), not this process's.
+            self._record["governor"] = holder = self
         if holder is not self:
             raise OutcoreError(
                 f"another OutOfCore (return_freed_memory={holder.mode!r}, budget "
