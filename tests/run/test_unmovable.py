@@ -315,6 +315,38 @@ def test_room_made_between_iterations_leaves_every_tensor_readable(tmp_path, how
     ooc.close()
 
 
+def test_numpy_inside_a_replay_of_state_on_the_slow_tier_keeps_the_budget(tmp_path):
+    """A statistic of Adam's moments taken with numpy during the forward pass, where the
+    plan has them on the slow tier: each was read back and stayed resident beside the
+    plan, every replay 47% over the budget without a deviation (helper-50). Now they
+    linger beside the plan (`Replayer.linger`) and go where the budget needs their room;
+    the values are plain PyTorch's."""
+    def run(ooc):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
+        x, y = torch.randn(64, 256), torch.randn(64, 256)
+        seen = []
+        for _ in range(6):
+            with ooc.iteration() if ooc else contextlib.nullcontext():
+                out = model(x)
+                seen.append([float(np.asarray(v).sum()) for st in opt.state.values()
+                             for v in st.values() if v.dim()])
+                ((out - y) ** 2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        return seen, model
+    budget = 1536 * 2**10
+    plain_seen, plain = run(None)
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        seen, ours = run(ooc)
+        report = ooc.report()
+    assert seen == plain_seen
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), ours.parameters()))
+    assert all(it.peak_resident <= budget for it in report.iterations), report
+    assert all(it.deviation is None for it in report.iterations), report
+
+
 def test_numpy_from_another_thread_of_what_outcore_moves_is_refused(tmp_path):
     """As for sharing (NOTE [Sharing a storage outcore moves], rules 4 and 8): the
     step's thread may move the storage at any moment, so an array over it made on

@@ -249,6 +249,7 @@ class OutOfCore:
         self.closed = True              # until construction completes
         self._active = False
         self._active_thread = None      # the thread whose block is open
+        self._mode = None               # its dispatch mode while pushed (sharing.py reads it)
         self.budget = parse_bytes(budget)
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
@@ -1157,6 +1158,7 @@ class _Iteration:
             self.stance = torch.compiler.set_stance("force_eager")
         self.mode.__enter__()
         self.entered = True
+        self.ooc._mode = self.mode
 
     def _exit_mode(self, exc, errors: list) -> None:
         """Pop the dispatch mode if it was pushed, and put torch.compile's stance back;
@@ -1164,6 +1166,7 @@ class _Iteration:
         try:
             if self.entered:
                 self.entered = False
+                self.ooc._mode = None
                 self.mode.__exit__(type(exc) if exc is not None else None, exc,
                                    exc.__traceback__ if exc is not None else None)
         except BaseException as err:      # noqa: BLE001 - kept, raised after the cleanup

@@ -284,6 +284,16 @@ class Replayer(HeldMode):
         if self.is_state[aid]:
             self.started_from[aid] = entry
 
+    def linger(self, entry) -> None:
+        """`entry` was made resident outside the plan (sharing.py: `.numpy()` or
+        `torch.save` of a storage the plan has on the slow tier, or dropped): it lingers
+        beside the plan like a storage the plan freed that the step still holds, and is
+        let go of (dropped when clean, else written) where the budget needs its room
+        (`_make_room`); the plan's next action for it finds it resident."""
+        if entry not in self._lingering:
+            self._lingering.append(entry)
+            self._stranger_bytes += entry.nbytes
+
     def _new_batch(self) -> None:
         """An input array of the trace is bound to a storage the last step did not read
         (a new batch): the last step's inputs that this step has not read (yet) are

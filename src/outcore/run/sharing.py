@@ -64,8 +64,12 @@ NOTE [Sharing a storage outcore moves]
      (`Residency.end_exports`) unpins it. An array used and dropped between
      iterations therefore costs one read back and nothing else; one kept across
      iterations keeps its storage in RAM, as the user asked. Anything else (the
-     tensors PyTorch would refuse, `force=True` on a tensor PyTorch must copy, no
-     OutOfCore open) is PyTorch's own `numpy()`. DLPack capsules (`__dlpack__`,
+     tensors PyTorch would refuse, `force=True` on a tensor PyTorch must copy, a storage
+     outcore never moves: under `min_move_bytes`, pinned, another library's; no
+     OutOfCore open) is PyTorch's own `numpy()`. PyTorch's refuses to resize a storage
+     an array points into; outcore's arrays leave it resizable, so `t.resize_()` (or an
+     `out=` op that grows `t`) while such an array lives leaves the array on freed
+     memory: don't (helper-50). DLPack capsules (`__dlpack__`,
      `to_dlpack`) and `data_ptr()` are not wrapped: such a pointer is valid until
      outcore next moves the storage (the next op, inside a step).
 
@@ -171,6 +175,15 @@ def _held(ooc):
     return ooc._shield if threading.current_thread() is threading.main_thread() else None
 
 
+def _beside_the_plan(ooc, entry) -> None:
+    """A storage made resident here while a replay runs is one its plan has elsewhere:
+    the replay lets it linger beside the plan and makes room from it when the budget
+    needs (`Replayer.linger`); it went over the budget for the rest of the step."""
+    linger = getattr(ooc._mode, "linger", None)
+    if linger is not None:
+        linger(entry)
+
+
 def _prepare(ooc, storage, what: str) -> None:
     """Make a tracked storage's bytes resident before `what` hands out its memory (NOTE
     3, 8), or refuse (NOTE 4)."""
@@ -191,6 +204,7 @@ def _prepare(ooc, storage, what: str) -> None:
         return
     res.evict_lru(ooc.budget - entry.nbytes, {entry.key})   # room first, as for an op's input
     res.ready(entry)
+    _beside_the_plan(ooc, entry)
     if not ooc._active and (any(e.state is SLOW for e in res.entries.values())):
         ooc._remap()          # between iterations: nothing may stay on the slow tier unmapped
 
@@ -238,14 +252,28 @@ def _convertible(tensor) -> bool:
             and _typestr(tensor.dtype) is not None)
 
 
+def _may_move(ooc, storage) -> bool:
+    """Whether outcore moves `storage` or may once it tracks it (NOTE 8): not one it
+    never moves (small, pinned for another reason, another device's, a collective's or
+    FSDP's), which gets PyTorch's own numpy() (and its refusal to resize it after).
+    Read only: any thread."""
+    res = ooc._res
+    entry = res.entries.get(storage._cdata)
+    if entry is None or entry.ref() is not storage:     # not tracked (yet): a parameter
+        return storage.nbytes() >= res.min_move_bytes  # before the first iteration
+    return not (entry.elsewhere or entry.owner or (entry.pinned and not exported(storage)))
+
+
 def _wrap_numpy(original, open_outofcore):
     @functools.wraps(original)
     def numpy(tensor, *, force: bool = False):
         ooc = open_outofcore()
-        if ooc is None or ooc.closed:
-            return original(tensor, force=force)
+        if (ooc is None or ooc.closed or type(tensor) not in (torch.Tensor, torch.nn.Parameter)
+                or tensor.device.type != "cpu" or tensor.layout is not torch.strided
+                or not _may_move(ooc, tensor.untyped_storage())):
+            return original(tensor, force=force)        # first: costs nothing more
         with _disable_current_modes():
-            if force and tensor.device.type == "cpu":
+            if force:
                 tensor = tensor.detach().resolve_conj().resolve_neg()   # as PyTorch's force
             if not _convertible(tensor):
                 return original(tensor, force=force)
@@ -347,6 +375,7 @@ def _readable(ooc, storages: list, mapped: list) -> None:
             elif entry.state is SLOW or entry.state is DISCARDED:
                 res.evict_lru(ooc.budget - entry.nbytes, keep)
                 res.ready(entry)
+                _beside_the_plan(ooc, entry)
     finally:
         if shield is not None:
             shield.exit()
