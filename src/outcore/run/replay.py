@@ -581,10 +581,10 @@ class Replayer(HeldMode):
 
     def _check_pinned(self) -> None:
         """A storage the plan moves became unmovable since it was recorded (Residency NOTE
-        7: a `.numpy()` array of it kept across iterations, say), or was replaced by one that cannot
-        move (`_pinned_but_moved`): the plan's budget no longer holds
-        with it resident, so the step leaves the plan (on-demand keeps the budget, counting
-        it pinned) and the next iteration is recorded again with it pinned."""
+        7: a `.numpy()` array of it kept across iterations, say), or was replaced by one
+        that cannot move (`_pinned_but_moved`): the plan's budget no longer holds with it
+        resident, so the step leaves the plan (on-demand keeps the budget, counting it
+        pinned) and the next iteration is recorded again with it pinned."""
         pinned, self.res.newly_pinned = self.res.newly_pinned, []
         if pinned and self.deviation is None:
             nbytes = sum(e.nbytes for e in pinned)
