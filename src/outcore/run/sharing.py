@@ -84,8 +84,10 @@ NOTE [Sharing a storage outcore moves]
       same pickle module), lets every transfer in flight finish (`Residency.settle`),
       maps each one on the slow tier in place (NOTE [Mapped state]: its pages are read
       from the swap file as the save reads them, so a state larger than the budget
-      saves too) or, where it cannot be mapped, reads it back, remakes the ones
-      recompute dropped, saves, and unmaps what it mapped. Outside a block, and on
+      saves too) or, where it cannot be mapped, reads it back (then it lingers beside a
+      replay's plan: `Replayer.linger`), remakes the ones recompute dropped one at a
+      time with all the room there is and writes them out to map them too, saves, and
+      unmaps what it mapped. Outside a block, and on
       other threads, it is PyTorch's `torch.save` (between iterations every tracked
       storage is resident or mapped: README, "Between iterations").
   11. Mapping and unmapping are held sections; the save itself is not (a Ctrl-C stops
@@ -369,8 +371,17 @@ def _readable(ooc, storages: list, mapped: list) -> None:
             return
         res.settle()
         keep = {e.key for e in entries}
+        disk = ooc._mover.device_type == "cpu"
         for entry in entries:
-            if entry.state is SLOW and ooc._mover.device_type == "cpu" and res.map_one(entry):
+            if entry.state is DISCARDED and disk:
+                # Remade (its recompute reads its sources and makes temporaries: all the
+                # room there is, first), then written out and mapped like the rest, so
+                # that the arrays of one save are never all resident at once.
+                res.evict_lru(0, keep)
+                res.ready(entry)
+                res.evict(entry)
+                res.finish(entry)
+            if entry.state is SLOW and disk and res.map_one(entry):
                 mapped.append(entry)
             elif entry.state is SLOW or entry.state is DISCARDED:
                 res.evict_lru(ooc.budget - entry.nbytes, keep)
