@@ -180,7 +180,8 @@ def _held(ooc):
 def _beside_the_plan(ooc, entry) -> None:
     """A storage made resident here while a replay runs is one its plan has elsewhere:
     the replay lets it linger beside the plan and makes room from it when the budget
-    needs (`Replayer.linger`); it went over the budget for the rest of the step."""
+    needs (`Replayer.linger`). Left as it was, it stayed resident beside the plan for
+    the rest of the step, over the budget (helper-50)."""
     linger = getattr(ooc._mode, "linger", None)
     if linger is not None:
         linger(entry)
