@@ -52,7 +52,7 @@ class SafeRecording(Recording):
         self.on_demand = OnDemand(residency, budget)
         self.budget = budget
         self.infeasible = None
-        self._state_written = False
+        self._optimizer_began = False
         self._entries = []
         self.compiled_seen = False
         self.ddp_unbuilt = ddp_buckets_unbuilt()      # read by OutOfCore._plan_recording
@@ -84,7 +84,7 @@ class SafeRecording(Recording):
 
     def _enter_optimizer(self, optimizer, *args):
         super()._enter_optimizer(optimizer, *args)
-        if self._state_written:
+        if self._optimizer_began:
             return
         res = self.residency
         for group in optimizer.param_groups:
@@ -115,7 +115,7 @@ class SafeRecording(Recording):
             # and a step stopped there left it unusable, KeyError 'exp_avg' on the next
             # try): an op over the budget from here is completed with the step, not raised
             # at once (the check before the step, `_enter_optimizer`, raises untouched).
-            self._state_written = True
+            self._optimizer_began = True
         res = self.residency
         for entry in (*entries, *created):
             if entry.elsewhere or entry.owner or entry.state is not FAST:
@@ -129,7 +129,7 @@ class SafeRecording(Recording):
         movable, pinned = needed(res, entries, created)
         if movable + pinned > self.budget and self.infeasible is None:
             error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
-                               self.budget, res.min_move_bytes, completed=self._state_written)
-            if not self._state_written:
+                               self.budget, res.min_move_bytes, completed=self._optimizer_began)
+            if not self._optimizer_began:
                 raise error
             self.infeasible = error

@@ -791,10 +791,12 @@ class Residency:
             if self.resident > budget:
                 self.evict_lru(budget, set())
 
-    def unmap_one(self, entry: Entry) -> None:
-        """Take one MAPPED entry back (as `unmap_all` does, without making room)."""
-        if entry.state is MAPPED:
-            self.mover.synchronize()
+    def unmap(self, entries) -> None:
+        """Take these MAPPED entries back (as `unmap_all` does, without making room)."""
+        entries = [e for e in entries if e.state is MAPPED]
+        if entries:
+            self.mover.synchronize()      # once, as unmap_all
+        for entry in entries:
             self._unmap(entry)
 
     def _unmap(self, entry: Entry) -> None:
@@ -820,18 +822,19 @@ class Residency:
                 mapped.orphan(storage, entry.mapping)
                 entry.mapping = None
 
-    def evict_lru(self, target: int, keep: set) -> None:
+    def evict_lru(self, target: int, keep: set) -> bool:
         """On-demand: evict least recently used entries not in `keep` until resident
-        bytes are at most `target`, synchronously."""
+        bytes are at most `target`, synchronously. Returns whether any went to the slow
+        tier now (not when deferred)."""
         if self._deferred is not None:            # a collective is being dispatched
             self._deferred_lru = (target, set(keep))
-            return
+            return False
         if self.owned:                            # foreign storages hold room too
             self._owned_sampled = self.owned_bytes()     # fresh: the peak counts it too
             target -= self._owned_sampled
         if self._dead:
             self._reap_dead()
-        started, pending = [], 0
+        started, pending, evicted = [], 0, False
         for key in list(self.lru):
             if self.resident - pending <= target:
                 break
@@ -839,8 +842,10 @@ class Residency:
             if entry is None or key in keep or entry.pinned:
                 continue
             self.evict(entry, unplanned=True)
+            evicted = evicted or entry.state is not FAST
             if entry.state is OUT:
                 started.append(entry)
                 pending += entry.nbytes
         for entry in started:
             self.finish(entry)
+        return evicted

@@ -205,10 +205,10 @@ def _prepare(ooc, storage, what: str) -> None:
     entry = res.entry_of(storage)
     if entry is None or entry.pinned or entry.elsewhere or entry.owner or entry.state is FAST:
         return
-    res.evict_lru(ooc.budget - entry.nbytes, {entry.key})   # room first, as for an op's input
+    made_room = res.evict_lru(ooc.budget - entry.nbytes, {entry.key})  # as for an op's input
     res.ready(entry)
     _beside_the_plan(ooc, entry)
-    if not ooc._active and (any(e.state is SLOW for e in res.entries.values())):
+    if made_room and not ooc._active:
         ooc._remap()          # between iterations: nothing may stay on the slow tier unmapped
 
 
@@ -248,11 +248,10 @@ def _end_export(key: int) -> None:
 
 
 def _convertible(tensor) -> bool:
-    """Whether PyTorch's numpy() would give an array over this tensor's own memory."""
-    return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type == "cpu"
-            and tensor.layout is torch.strided and not tensor.requires_grad
-            and not tensor.is_conj() and not tensor.is_neg() and tensor.numel() > 0
-            and _typestr(tensor.dtype) is not None)
+    """Whether PyTorch's numpy() would give an array over this (CPU, strided) tensor's
+    own memory."""
+    return (not tensor.requires_grad and not tensor.is_conj() and not tensor.is_neg()
+            and tensor.numel() > 0 and _typestr(tensor.dtype) is not None)
 
 
 def _may_move(ooc, storage) -> bool:
@@ -400,8 +399,7 @@ def _unmapped(ooc, mapped: list) -> None:
     if shield is not None:
         shield.enter()
     try:
-        for entry in mapped:
-            ooc._res.unmap_one(entry)
+        ooc._res.unmap(mapped)
     finally:
         if shield is not None:
             shield.exit()
