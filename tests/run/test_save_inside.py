@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import outcore
-from outcore.states import MAPPED
+from outcore.states import MAPPED, SLOW
 
 BUDGET = 1536 * 2**10        # parameters 2 MiB, Adam's moments 4 MiB: most of it moves
 
@@ -145,3 +145,73 @@ def test_saving_activations_recompute_dropped_keeps_the_budget(tmp_path):
     assert replays and all(it.bytes_recomputed > 0 for it in replays), report
     assert all(it.peak_resident <= budget for it in report.iterations), report
     assert all(it.deviation is None for it in report.iterations), report
+
+
+def test_safetensors_saved_inside_the_iteration_is_whole(tmp_path):
+    """safetensors reads each tensor's memory through `data_ptr()` and writes it later, in
+    Rust: inside an iteration every storage on the slow tier had no bytes ("invalid
+    shape, data type, or offset for tensor"). `save_file` (also as transformers binds it
+    at import) and `save` now give plain PyTorch's file, bitwise, at the budget, and the
+    plan and the state stay as they were (rule 12)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from safetensors.torch import save_file as bound_at_import     # as transformers does
+
+    plain, ours = make(), make()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(5):
+            step(*plain, it)
+            expected = safetensors_torch.save(plain[0].state_dict())
+            with ooc.iteration():
+                step(*ours, it)
+                bound_at_import(ours[0].state_dict(), tmp_path / f"{it}.safetensors")
+                in_memory = safetensors_torch.save(ours[0].state_dict())
+                assert not any(e.state is MAPPED for e in ooc._res.entries.values())
+            assert (tmp_path / f"{it}.safetensors").read_bytes() == expected
+            assert in_memory == expected
+        report = ooc.report()
+    loaded = safetensors_torch.load_file(tmp_path / "4.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in plain[0].state_dict().items())
+    assert [it.mode for it in report.iterations][2:] == ["replay"] * 3, report
+    assert all(it.deviation is None for it in report.iterations), report
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), report
+    assert all(it.bytes_read > 0 for it in report.iterations[2:])     # state did move
+
+
+def test_safetensors_refusals_are_its_own_and_leave_nothing_mapped(tmp_path):
+    """What safetensors refuses (tensors that share memory) it refuses inside an
+    iteration as without outcore, also for storages on the slow tier, and nothing stays
+    mapped after it."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    plain, ours = make(), make()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(4):
+            step(*plain, it)
+            with ooc.iteration():
+                step(*ours, it)
+                slow = [p for p in ours[0].parameters()
+                        if ooc._res.entry_of(p.untyped_storage()).state is SLOW]
+                assert slow
+                weight = slow[0]
+                with pytest.raises(RuntimeError, match="share memory"):
+                    safetensors_torch.save_file({"a": weight, "b": weight},
+                                                tmp_path / "shared.safetensors")
+                assert not any(e.state is MAPPED for e in ooc._res.entries.values())
+    assert not (tmp_path / "shared.safetensors").exists()
+    for p, q in zip(plain[0].parameters(), ours[0].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_every_wrapper_is_taken_off_at_close(tmp_path):
+    """While an OutOfCore is open torch.save, Tensor.numpy, the storage sharing methods and
+    safetensors' functions are outcore's; after close() they are the libraries' own again,
+    the very same objects."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    places = [(torch, "save"), (torch.serialization, "save"), (torch.Tensor, "numpy"),
+              (torch.UntypedStorage, "_share_fd_cpu_"),
+              (safetensors_torch, "_flatten_as_ptr"), (safetensors_torch, "serialize"),
+              (safetensors_torch, "serialize_file")]
+    before = [getattr(owner, name) for owner, name in places]
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)):
+        during = [getattr(owner, name) for owner, name in places]
+        assert all(a is not b for a, b in zip(during, before)), during
+    assert all(getattr(owner, name) is b for (owner, name), b in zip(places, before))

@@ -1,4 +1,4 @@
-"""`share_memory_()`, `.numpy()` and `torch.save` of a storage outcore is moving.
+"""`share_memory_()`, `.numpy()`, `torch.save` and safetensors of a storage outcore moves.
 
 NOTE [Sharing a storage outcore moves]
   1. `Tensor.share_memory_()`, `Module.share_memory()` and a tensor sent through a
@@ -93,6 +93,25 @@ NOTE [Sharing a storage outcore moves]
   11. Mapping and unmapping are held sections; the save itself is not (a Ctrl-C stops
       it as it would stop PyTorch's, and the mapped storages are unmapped in its
       `finally`). The save's own ops do not reach the step (rule 5).
+
+  safetensors reads them through `data_ptr()`, later:
+  12. `safetensors.torch.save_file` and `save` (and `save_model`, and transformers'
+      `save_pretrained`, which binds `save_file` at import) collect every tensor's
+      `data_ptr()` in `_flatten_as_ptr` and write the bytes afterwards, in Rust
+      (`serialize_file`, `serialize`). Inside a block a storage on the slow tier had no
+      bytes: the save failed ("invalid shape, data type, or offset for tensor"), and
+      tensors sharing such a storage were not found shared. While an OutOfCore is open
+      and safetensors is installed (imported at `install`: 5 ms beside torch), the
+      three functions of `safetensors.torch` are wrapped where they live: `save_file`
+      looks them up at each call, however it was imported. On the thread running the
+      block, `_flatten_as_ptr` first makes the tensors' storages readable as
+      `torch.save` does (rule 10; its own ops, the views safetensors takes to find
+      shared tensors, do not reach the step: rule 5), and what it mapped stays mapped
+      until the `serialize` that follows returns or raises, which unmaps it. Mapped
+      entries left by a `_flatten_as_ptr` no `serialize` followed are taken back by
+      the next `_flatten_as_ptr`, by their next use (`Residency.ready`) or by the next
+      iteration's start. A safetensors without `_flatten_as_ptr` (0.8 has it) is not
+      wrapped.
 """
 from __future__ import annotations
 
@@ -130,6 +149,11 @@ def install(open_outofcore) -> None:
         wrappers = [(torch.UntypedStorage, name, _wrap) for name in _METHODS]
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
+        safetensors = _safetensors()
+        if safetensors is not None and hasattr(safetensors, "_flatten_as_ptr"):    # NOTE 12
+            wrappers += [(safetensors, "_flatten_as_ptr", _wrap_flatten),
+                         (safetensors, "serialize", _wrap_serialize),
+                         (safetensors, "serialize_file", _wrap_serialize)]
         for cls, name, wrap in wrappers:
             original = getattr(cls, name, None)     # Tensor.numpy is torch._C.TensorBase's
             if original is None:            # a PyTorch without it: nothing to wrap
@@ -336,12 +360,20 @@ def _storages_in(obj, pickle_module) -> list:
     return list(found.values())
 
 
+def _block_here(open_outofcore):
+    """The open OutOfCore whose block runs on this thread, or None (NOTE 10)."""
+    ooc = open_outofcore()
+    if (ooc is None or ooc.closed or not ooc._active
+            or ooc._active_thread != threading.get_ident()):
+        return None
+    return ooc
+
+
 def _wrap_save(original, open_outofcore):
     @functools.wraps(original)
     def save(obj, f, *args, **kwargs):
-        ooc = open_outofcore()
-        if (ooc is None or ooc.closed or not ooc._active
-                or ooc._active_thread != threading.get_ident()):
+        ooc = _block_here(open_outofcore)
+        if ooc is None:
             return original(obj, f, *args, **kwargs)
         mapped: list = []
         with _disable_current_modes():              # NOTE 5, 11 (unmapping runs ops too)
@@ -403,3 +435,64 @@ def _unmapped(ooc, mapped: list) -> None:
     finally:
         if shield is not None:
             shield.exit()
+
+
+# -- safetensors (NOTE 12) ----------------------------------------------------------------
+_after_serialize = threading.local()    # .mapped: (ooc, entries) the next serialize unmaps
+
+
+def _safetensors():
+    """`safetensors.torch` where it is installed, else None."""
+    try:
+        import safetensors.torch as module
+    except Exception:       # noqa: BLE001 - not installed, or one that does not import
+        return None
+    return module
+
+
+def _wrap_flatten(original, open_outofcore):
+    @functools.wraps(original)
+    def flatten(tensors, *args, **kwargs):
+        ooc = _block_here(open_outofcore)
+        if ooc is None:
+            return original(tensors, *args, **kwargs)
+        _unmap_after_serialize()            # one no serialize followed
+        mapped: list = []
+        with _disable_current_modes():      # NOTE 5, 12
+            try:
+                values = tensors.values() if isinstance(tensors, dict) else ()
+                storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in values
+                            if type(t) in (torch.Tensor, torch.nn.Parameter)
+                            and t.layout is torch.strided and not t.is_meta}
+                _readable(ooc, list(storages.values()), mapped)
+                flattened = original(tensors, *args, **kwargs)
+            except BaseException:
+                if mapped:
+                    _unmapped(ooc, mapped)
+                raise
+        if mapped:
+            _after_serialize.mapped = (ooc, mapped)
+        return flattened
+    return flatten
+
+
+def _wrap_serialize(original, open_outofcore):
+    @functools.wraps(original)
+    def serialize(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _unmap_after_serialize()
+    return serialize
+
+
+def _unmap_after_serialize() -> None:
+    """Unmap what the last `_flatten_as_ptr` on this thread mapped (NOTE 12)."""
+    pending = getattr(_after_serialize, "mapped", None)
+    if pending is None:
+        return
+    _after_serialize.mapped = None
+    ooc, mapped = pending
+    if not ooc.closed:
+        with _disable_current_modes():
+            _unmapped(ooc, mapped)
