@@ -132,12 +132,19 @@ FRESH_ARGUMENT_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
 # (tests/trace/test_foreach.py, on CPU; benchmarks/gpu_tier_check.py on CUDA).
 FUSED_OPTIMIZERS = frozenset(f"aten::_fused_{name}_" for name in ("adam", "adamw", "sgd", "adagrad"))
 
+# Other multi-tensor ops of the same kind, split the same way (`_split_fused`). A
+# GradScaler's unscale: each gradient is multiplied by inv_scale in place, and found_inf
+# is set to 1.0 where one holds an inf or a NaN, never cleared: one call per gradient
+# leaves the same gradients and the same found_inf. Run whole, it needed every gradient
+# resident at once (InfeasibleBudget below that, where the step needs one at a time).
+PER_TENSOR_KERNELS = FUSED_OPTIMIZERS | {"aten::_amp_foreach_non_finite_check_and_unscale_"}
+
 
 def is_foreach(func) -> bool:
     """A multi-tensor op outcore runs as one call per tensor: `_foreach_*`, and the fused
-    optimizer steps (FUSED_OPTIMIZERS)."""
+    optimizer steps and the others of PER_TENSOR_KERNELS."""
     name = func._schema.name
-    return name.startswith("aten::_foreach_") or name in FUSED_OPTIMIZERS
+    return name.startswith("aten::_foreach_") or name in PER_TENSOR_KERNELS
 
 
 @dataclass(frozen=True)
@@ -237,8 +244,8 @@ def _plan(func) -> _Plan | None:
 
 
 def _split_fused(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
-    """One call of the same fused optimizer op per tensor, each list argument cut to that
-    tensor's element (an empty list, such as max_exp_avg_sqs without amsgrad, stays
+    """One call of the same fused op (PER_TENSOR_KERNELS) per tensor, each list argument
+    cut to that tensor's element (an empty list, such as max_exp_avg_sqs without amsgrad, stays
     empty); None where the lists' lengths disagree."""
     schema = func._schema.arguments
     values = _bind(func, args, kwargs)
@@ -256,9 +263,9 @@ def _split_fused(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | Non
 
 def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
     """One (plain op, args, kwargs) per tensor of a `_foreach_*` call (or of a fused
-    optimizer step, `_split_fused`), or None when the op cannot be split (it then runs
-    whole)."""
-    if func._schema.name in FUSED_OPTIMIZERS:
+    op of PER_TENSOR_KERNELS, `_split_fused`), or None when the op cannot be split (it
+    then runs whole)."""
+    if func._schema.name in PER_TENSOR_KERNELS:
         return _split_fused(func, args, kwargs)
     plan = _plan(func)
     if plan is None or not plan.list_positions:

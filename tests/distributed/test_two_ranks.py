@@ -135,3 +135,20 @@ def test_the_fsdp2_example_resumes_from_its_state_dir(tmp_path):
     assert "resumed" not in outputs[0] and "resumed after step 1" in outputs[1], outputs
     for rank in (0, 1):
         assert f"rank {rank}: parameters bitwise equal to FSDP2 alone: True" in outputs[1]
+
+
+def test_the_smallest_budget_named_for_fsdp2_is_one_that_trains(tmp_path):
+    """FSDP2's gathered parameters alone (6.08 MiB) pass a 6 MiB budget: the smallest
+    budget InfeasibleBudget named counted them only up to the budget, and a retry at it
+    failed again with another figure (helper-52). The figure named now trains."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         os.path.join(HERE, "budget_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        attempts = json.loads((tmp_path / f"budget.rank{rank}.json").read_text())
+        assert len(attempts) == 2, attempts
+        assert attempts[0]["smallest"] > attempts[0]["budget"], attempts
+        assert attempts[1] == {"budget": attempts[0]["smallest"], "smallest": None}, attempts

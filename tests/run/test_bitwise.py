@@ -103,6 +103,35 @@ def test_bf16_autocast_step():
         assert any(it.bytes_written for it in ooc.report().iterations)
 
 
+def test_float16_autocast_with_a_grad_scaler_under_a_tight_budget():
+    """GradScaler.unscale_ runs one kernel over every gradient: recorded whole, a budget
+    below all gradients at once was refused (InfeasibleBudget); split one call per
+    gradient (PER_TENSOR_KERNELS in aten.py), it trains bitwise, with gradient clipping,
+    and the scale is the same."""
+    def make():
+        w = build("mlp", "adam")
+        w.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        return w
+
+    def step(w):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = w.loss()
+        w.scaler.scale(loss).backward()
+        w.scaler.unscale_(w.optimizer)
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), 1.0)
+        w.scaler.step(w.optimizer)
+        w.scaler.update()
+        w.optimizer.zero_grad()
+        return loss
+    trace = recorded_trace(make, step)
+    gradients = sum(x.nbytes for x in trace.arrays if x.category == "gradient")
+    budget = budgets(trace)["tight"]
+    assert budget < gradients          # the unscale whole could not have run
+    with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
+        assert_same_training(train_twins(make, step, ooc))
+        assert any(it.bytes_written for it in ooc.report().iterations)
+
+
 def test_gradient_accumulation_in_one_iteration():
     def step(w):
         x, y = w.batch

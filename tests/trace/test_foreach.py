@@ -147,3 +147,34 @@ def test_fused_adamw_with_a_grad_scaler_splits_bitwise():
     assert sa.get_scale() == sb.get_scale() < 256.0
     fused = [f for f in rec.trace.functions if "_fused_adamw_" in f.op]
     assert [f.split for f in fused] == [(i, 4) for i in range(4)]
+
+
+def test_a_grad_scalers_unscale_splits_one_call_per_gradient_bitwise():
+    """GradScaler.unscale_ (scaler.step of an optimizer that is not fused) multiplies every
+    gradient by 1/scale in one multi-tensor kernel that also sets found_inf: split one
+    call per gradient, it gives the same gradients, the same skipped step and the same
+    scale, and a budget needs one gradient at a time resident, not all of them."""
+    a, b, x = _twin_mlps()
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-2)
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=256.0), torch.amp.GradScaler("cpu", init_scale=256.0)
+    for step in range(4):
+        scale = float("inf") if step == 2 else 1.0          # step 2: skipped, scale halves
+        for model, opt, scaler, record in ((a, oa, sa, False), (b, ob, sb, True)):
+            def run():
+                scaler.scale(model(x).sum() * scale).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+            if record:
+                with outcore.record() as rec:
+                    run()
+            else:
+                run()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert sa.get_scale() == sb.get_scale() < 256.0
+    unscale = [f for f in rec.trace.functions if "_amp_foreach_non_finite" in f.op]
+    assert [f.split for f in unscale] == [(i, 4) for i in range(4)], [f.op for f in rec.trace.functions]

@@ -629,7 +629,7 @@ class OutOfCore:
         disowned = self._disowned(recording)
         held = held_arrays(trace, disowned)
         owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
-        budget = planned_budget(trace, self.budget, self._res.min_move_bytes, held, owned)
+        pinned = pinned_peak(trace, self._res.min_move_bytes, held, owned)
         # {array id: entry} of the arrays alive at the end (plans.Ending).
         alive = {aid: e for aid, ref in recording.alive_at_end.items()
                  if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
@@ -640,11 +640,16 @@ class OutOfCore:
         # then: a tensor a collective made in the step before).
         beside = max(self._held_beside(in_step),
                      sum(n for e, n in (held_before or {}).items() if e not in in_step))
-        budget -= beside
-        # Held arrays are counted once, in planned_budget; those elsewhere not at all:
-        # 0 bytes for the planner, both.
+        # The plan gets what those leave (planned_budget), counted whole here: floored
+        # at 1 byte, the part past the budget went uncounted, and the smallest budget
+        # InfeasibleBudget named was short by it (helper-52: FSDP2's gathered
+        # parameters, 6.08 MiB against 6 MiB; a retry at the figure named failed again).
+        kept = pinned + beside
+        budget = self.budget - kept
+        # Held arrays are counted once, in `pinned`; those elsewhere not at all: 0 bytes
+        # for the planner, both.
         plannable = without_held(trace, held | elsewhere)
-        self._require_feasible(plannable, budget)
+        self._require_feasible(plannable, budget, kept)
         started = time.perf_counter()
         options = dict(self.plan_options)
         chosen, plannable, schedule = choose_recompute(
@@ -773,34 +778,50 @@ class OutOfCore:
             out.setdefault(aid, False)
         return out
 
-    def _require_feasible(self, trace, budget: int) -> None:
+    def _require_feasible(self, trace, budget: int, kept: int) -> None:
         """`plan.feasibility.require_feasible`, its error restated in the user's terms:
-        the budget they passed, and the part that small or unmovable arrays hold."""
+        the budget they passed, and `kept`, what the arrays that never move hold at their
+        peak (`budget` is the rest, for the plan: zero or less where they alone fill it).
+        The smallest budget named is the worst function's need plus `kept`: a retry at
+        it is planned."""
         try:
-            require_feasible(trace, budget)
+            require_feasible(trace, max(budget, 0))
+            if budget > 0:
+                return
+            index, op, phase, need = None, None, None, 0     # nothing of the plan's needs room
         except InfeasibleBudget as err:
-            need, held = err.needed_bytes, self.budget - budget
-            smallest = need + held
-            pending = need - function_bytes(trace, err.function_index)   # feasibility.needs
+            index, op, phase, need = err.function_index, err.op, err.phase, err.needed_bytes
+        smallest = need + kept
+        movable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
+            "shared memory (from_numpy, .numpy(), torch.load: .clone() those; " \
+            "share_memory_()), and those of collectives and FSDP (its gathered parameters)" \
+            .format(self._res.min_move_bytes)
+        if index is None:
+            what = "The arrays of this step that never move fill the budget alone."
+        else:
+            pending = need - function_bytes(trace, index)       # feasibility.needs
             unused = (f" ({format_bytes(pending)} of it tensors that existed before the step "
                       "and that it only reads, such as the batch, LBFGS's history or FSDP's "
                       "all-gather buffers (made where no op shows them): they stay "
                       "in memory until their first use)") if pending > 0 else ""
-            raise InfeasibleBudget(
-                f"function {err.function_index} ({err.op}, {err.phase}) needs {format_bytes(need)} "
-                f"({need:,} B) on the fast tier at once{unused}. The budget of "
-                f"{format_bytes(self.budget)} ({self.budget:,} B) you passed leaves "
-                f"{format_bytes(budget)} ({budget:,} B) for the plan: arrays under "
-                f"min_move_bytes={self._res.min_move_bytes:,}, those that cannot be resized "
-                "or are in shared memory (from_numpy, .numpy(), torch.load: .clone() those; "
-                "share_memory_()), and those "
-                f"of collectives and FSDP never move and hold up to {format_bytes(held)} "
-                f"({held:,} B) of it. "
-                "No schedule can run this step; the "
-                f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise the "
-                "budget to that or more, lower the batch, or lower min_move_bytes.",
-                function_index=err.function_index, op=err.op, phase=err.phase, needed_bytes=need,
-                budget_bytes=self.budget, min_feasible_bytes=smallest) from None
+            what = (f"function {index} ({op}, {phase}) needs {format_bytes(need)} ({need:,} B) "
+                    f"on the fast tier at once{unused}.")
+        if budget > 0:
+            held = (f"The budget of {format_bytes(self.budget)} ({self.budget:,} B) you passed "
+                    f"leaves {format_bytes(budget)} ({budget:,} B) for the plan: {movable} "
+                    f"never move and hold up to {format_bytes(kept)} ({kept:,} B) of it.")
+        else:
+            held = (f"The budget of {format_bytes(self.budget)} ({self.budget:,} B) you passed "
+                    f"leaves nothing for the plan: {movable} never move and hold up to "
+                    f"{format_bytes(kept)} ({kept:,} B) at once in this step, more than all "
+                    "of it.")
+        raise InfeasibleBudget(
+            f"{what} {held} No schedule can run this step; the "
+            f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise "
+            "the budget to that or more, lower the batch, or lower min_move_bytes.",
+            function_index=index if index is not None else 0, op=op or "the step",
+            phase=phase or "", needed_bytes=need, budget_bytes=self.budget,
+            min_feasible_bytes=smallest)
 
     def _periodic(self, index: int, reason: str, shape: int) -> None:
         """Note that iteration `index` deviated for `reason` with `shape`; the third

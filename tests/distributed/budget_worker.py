@@ -1,0 +1,56 @@
+"""Run by test_two_ranks.py under torchrun (2 ranks, gloo): FSDP2 at a budget its gathered
+parameters alone pass, then again at the smallest budget the InfeasibleBudget named.
+Writes OUT/budget.rank<r>.json: [{"budget", "smallest" (None where it trained)}, ...]."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+import outcore
+
+
+def attempt(budget: int) -> int | None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(4)],
+        torch.nn.Linear(512, 8))
+    for block in list(model)[:4]:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    with outcore.OutOfCore(budget=budget) as ooc:
+        try:
+            for _ in range(4):
+                x, y = torch.randn(128, 512, generator=g), torch.randn(128, 8, generator=g)
+                with ooc.iteration():
+                    torch.nn.functional.mse_loss(model(x), y).backward()
+                    opt.step()
+                    opt.zero_grad()
+        except outcore.InfeasibleBudget as err:
+            return err.min_feasible_bytes
+    return None
+
+
+def main() -> int:
+    dist.init_process_group("gloo")
+    attempts, budget = [], 6 * 2**20
+    for _ in range(3):
+        smallest = attempt(budget)
+        attempts.append({"budget": budget, "smallest": smallest})
+        if smallest is None:
+            break
+        budget = smallest
+    with open(os.path.join(sys.argv[1], f"budget.rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(attempts, f)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
