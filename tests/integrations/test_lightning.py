@@ -77,7 +77,7 @@ def make_data():
     return DataLoader(ds, batch_size=BATCH, shuffle=False)
 
 
-def fit(model, root, callbacks=(), **overrides):
+def fit(model, root, callbacks=(), data=None, **overrides):
     kwargs = dict(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=ACCUMULATION,
                   gradient_clip_val=0.5, callbacks=list(callbacks), default_root_dir=str(root),
                   enable_checkpointing=False, logger=False, enable_progress_bar=False,
@@ -86,7 +86,7 @@ def fit(model, root, callbacks=(), **overrides):
     trainer = pl.Trainer(**kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(model, make_data())
+        trainer.fit(model, make_data() if data is None else data())
     return trainer
 
 
@@ -267,6 +267,40 @@ def test_exception_in_a_step_ends_its_iteration(tmp_path, case, sigint_restored)
     ooc.close()
     # Mapped state is still readable and equal after close().
     assert_bitwise_equal(full_state(plain_model, plain_model.trainer), full_state(model, model.trainer))
+    assert_nothing_left(tmp_path / "ooc")
+
+
+def test_micro_batches_loaded_inside_a_step_are_not_the_steps(tmp_path):
+    """Micro-batches 2..k are loaded inside the step's iteration. From an in-memory
+    TensorDataset (here 8 MiB, eight times the budget, shuffled) its loader's ops made
+    the whole dataset tensor an array of the step: read back from the swap file in every
+    step for 16 rows, or InfeasibleBudget naming the dataset's size at a budget the model
+    fits (helper-53). The fetch is set aside now (OutOfCore._aside): the dataset is never
+    the step's, and training is bitwise the plain Trainer's."""
+    rows = 8 * 2**20 // (32 * 4)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(rows, 32, generator=g), torch.randint(0, 4, (rows,), generator=g)
+
+    def data():
+        return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True,
+                          generator=torch.Generator().manual_seed(2))
+    plain_model = Net()
+    plain = fit(plain_model, tmp_path / "plain", data=data)
+    model = Net()
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path) as ooc:
+        trainer = fit(model, tmp_path / "ooc", [OutcoreCallback(ooc)], data=data)
+        report = ooc.report()
+        assert ooc._res.entry_of(x.untyped_storage()) is None
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+    assert model.losses == plain_model.losses
+    assert all(it.completed and it.deviation is None for it in report.iterations), str(report)
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), str(report)
+    # The model's state moves (about 4 MiB a step, AdamW); the dataset (8 MiB) does not.
+    assert all(it.bytes_read < x.untyped_storage().nbytes() for it in report.iterations), str(report)
+    assert all(it.unplanned_bytes == 0 for it in report.iterations if it.mode == "replay")
+    epoch_loop = trainer.fit_loop.epoch_loop      # Lightning's own fetch hooks again
+    assert "_on_before_fetch" not in vars(epoch_loop) and "_on_after_fetch" not in vars(epoch_loop)
+    assert sum(it.bytes_written for it in report.iterations) > 0, str(report)
     assert_nothing_left(tmp_path / "ooc")
 
 

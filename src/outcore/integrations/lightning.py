@@ -47,8 +47,17 @@ of its first micro-batch and `on_train_batch_end` of the micro-batch that steppe
 iteration is entered at the first (when none is open) and left at the second (when
 `trainer.global_step`, Lightning's count of completed optimizer steps, has moved since
 it was entered). Every iteration then runs the same ops: forward 1, zero_grad, backward
-1, the loading of micro-batches 2..k (fetched at line 311, inside), their forwards and
-backwards, clipping, the update and the LR scheduler's step. Because zero_grad comes in
+1, micro-batches 2..k's forwards and backwards, clipping, the update and the LR
+scheduler's step. The loading of micro-batches 2..k (line 311) comes inside the
+iteration too, but is set aside (`OutOfCore._aside`): `_DataFetcher.__next__`
+(loops/fetchers.py 57-70) calls the epoch loop's `_on_before_fetch` before it and its
+`_on_after_fetch` in a `finally` after it (assigned at each epoch's start,
+training_epoch_loop.py 250-251), and the callback wraps the two on the loop object for
+the fit. Inside the step the loader's ops (a TensorDataset's `select` of each row of the
+whole dataset tensor, the collate's `stack`) made the dataset an array of the step:
+read back from the swap file in every step for one micro-batch's rows, or
+InfeasibleBudget naming the dataset's size (helper-53); set aside, the micro-batch is
+new to the step like the first one. Because zero_grad comes in
 the next step, the gradients of a step stay alive between iterations (Lightning keeps
 them there; outcore maps them like other state) and are dropped at the next step's
 zero_grad. The first three iterations are recorded, not one or two: the stepping
@@ -88,6 +97,7 @@ raised, so this one's never ran) is ended there, as interrupted, with a warning;
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 try:
@@ -128,6 +138,7 @@ class OutcoreCallback(StepIterations, Callback):
         StepIterations.__init__(self, ooc)
         self._opened_at = None      # trainer.global_step when it was entered
         self._warned_validation = False
+        self._fetch_hooks = None    # (epoch loop, our two wrappers) while a fit runs
 
     # -- Lightning events --------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
@@ -147,6 +158,7 @@ class OutcoreCallback(StepIterations, Callback):
             raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
                                "bypass the dispatcher outcore manages tensors through); fit the "
                                "LightningModule itself, not torch.compile(model)")
+        self._set_fetching_aside(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.in_step:
@@ -173,10 +185,55 @@ class OutcoreCallback(StepIterations, Callback):
         self._finish(None)
 
     def on_train_end(self, trainer, pl_module):
-        self._finish(None)
+        try:
+            self._finish(None)
+        finally:
+            self._unhook_fetching()
 
     def on_exception(self, trainer, pl_module, exception):
-        self._finish(exception)
+        try:
+            self._finish(exception)
+        finally:
+            self._unhook_fetching()
+
+    # -- the loading of micro-batches 2..k (NOTE [Which Lightning events]) ----------------
+    def _set_fetching_aside(self, trainer) -> None:
+        """Wrap the epoch loop's `_on_before_fetch`/`_on_after_fetch` (instance
+        attributes, for this fit) so that a fetch inside an open iteration runs set aside.
+        A Lightning without them fetches inside the step, as before."""
+        self._unhook_fetching()
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        before = getattr(loop, "_on_before_fetch", None)
+        after = getattr(loop, "_on_after_fetch", None)
+        if not (callable(before) and callable(after)):
+            return
+        asides: list = []
+
+        def on_before_fetch():
+            before()
+            if self.in_step:
+                aside = contextlib.ExitStack()
+                aside.enter_context(self.ooc._aside())
+                asides.append(aside)
+
+        def on_after_fetch():
+            try:
+                while asides:
+                    asides.pop().close()
+            finally:
+                after()
+        loop._on_before_fetch, loop._on_after_fetch = on_before_fetch, on_after_fetch
+        self._fetch_hooks = (loop, on_before_fetch, on_after_fetch)
+
+    def _unhook_fetching(self) -> None:
+        """Put the epoch loop's own methods back (where ours are still there)."""
+        hooks, self._fetch_hooks = getattr(self, "_fetch_hooks", None), None
+        if hooks is None:
+            return
+        loop, before, after = hooks
+        for name, ours in (("_on_before_fetch", before), ("_on_after_fetch", after)):
+            if loop.__dict__.get(name) is ours:
+                del loop.__dict__[name]
 
 
 def _compiled(pl_module) -> bool:

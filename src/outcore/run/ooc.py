@@ -49,6 +49,7 @@ in the report (`rss_made`): building is measured from it (benchmarks/big_state.p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -59,6 +60,7 @@ import time
 import weakref
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted, no_room
 from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
@@ -391,6 +393,23 @@ class OutOfCore:
         """One training iteration under the budget (see the module docstring):
         `with ooc.iteration(): <the step>`."""
         return _Iteration(self)
+
+    @contextlib.contextmanager
+    def _aside(self):
+        """Run what is not the step's inside an open iteration, on its thread: the loading
+        of a gradient accumulation's next micro-batch (integrations/lightning.py). Its ops
+        run as plain PyTorch's, neither recorded nor replayed, with every dispatch mode set
+        aside: an in-memory dataset indexed there was an array of the step (8 MiB read back
+        from the swap file every step for a batch of 16 KiB, or InfeasibleBudget naming
+        the dataset's size; helper-53), and steps differed where the loader's ops did.
+        What it makes is new to the step, like a batch made before the block: it binds at
+        its first use. It must not read tensors outcore moves (they may be on the slow
+        tier). Outside an iteration, or on another thread: nothing set aside."""
+        if self._active != "iteration" or self._active_thread != threading.get_ident():
+            yield
+            return
+        with _disable_current_modes():
+            yield
 
     def building(self) -> "_Building":
         """`with ooc.building(): model = Net()` creates (or `model.load_state_dict(...)`
