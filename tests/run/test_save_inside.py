@@ -215,3 +215,34 @@ def test_every_wrapper_is_taken_off_at_close(tmp_path):
         during = [getattr(owner, name) for owner, name in places]
         assert all(a is not b for a, b in zip(during, before)), during
     assert all(getattr(owner, name) is b for (owner, name), b in zip(places, before))
+
+
+def test_a_flatten_no_serialize_followed_leaves_the_next_block_alone(tmp_path):
+    """`_flatten_as_ptr` without the `serialize` after it (a Ctrl-C between the two in
+    `save_file`, or a direct call) left its entries to unmap; a `safetensors.save` between
+    iterations then unmapped outcore's own mapped state, left on the slow tier with no
+    bytes: reading it crashed the process (SIGSEGV, helper-54). Run in a child process."""
+    pytest.importorskip("safetensors.torch")
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import torch, outcore
+        import safetensors.torch as st
+        from test_save_inside import BUDGET, make, step
+        plain, ours = make(), make()
+        with outcore.OutOfCore(BUDGET, swap_dir={str(tmp_path)!r}) as ooc:
+            for it in range(3):
+                step(*plain, it)
+                with ooc.iteration():
+                    step(*ours, it)
+                    if it == 2:
+                        st._flatten_as_ptr(ours[0].state_dict(), [])
+            st.save({{"t": torch.ones(3)}})
+            same = all(torch.equal(p, q) for p, q in zip(plain[0].parameters(), ours[0].parameters()))
+        print("same", same)
+        """)
+    import os
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0 and "same True" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

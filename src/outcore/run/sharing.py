@@ -109,8 +109,9 @@ NOTE [Sharing a storage outcore moves]
       shared tensors, do not reach the step: rule 5), and what it mapped stays mapped
       until the `serialize` that follows returns or raises, which unmaps it. Mapped
       entries left by a `_flatten_as_ptr` no `serialize` followed are taken back by
-      the next `_flatten_as_ptr`, by their next use (`Residency.ready`) or by the next
-      iteration's start. A safetensors without `_flatten_as_ptr` (0.8 has it) is not
+      the next `_flatten_as_ptr` in the same block, by their next use
+      (`Residency.ready`) or by the next iteration's start; a `serialize` after that
+      block has ended leaves them alone. A safetensors without `_flatten_as_ptr` (0.8 has it) is not
       wrapped.
 """
 from __future__ import annotations
@@ -471,7 +472,7 @@ def _wrap_flatten(original, open_outofcore):
                     _unmapped(ooc, mapped)
                 raise
         if mapped:
-            _after_serialize.mapped = (ooc, mapped)
+            _after_serialize.mapped = (ooc, ooc._mode, mapped)
         return flattened
     return flatten
 
@@ -487,12 +488,16 @@ def _wrap_serialize(original, open_outofcore):
 
 
 def _unmap_after_serialize() -> None:
-    """Unmap what the last `_flatten_as_ptr` on this thread mapped (NOTE 12)."""
+    """Unmap what the last `_flatten_as_ptr` on this thread mapped (NOTE 12), while the
+    block it ran in is still open: once that block has ended, its iteration's end or the
+    next one's start has taken those entries over (between iterations, mapped state is
+    outcore's own: unmapped there, it was left on the slow tier with no bytes, and a read
+    crashed the process; helper-54)."""
     pending = getattr(_after_serialize, "mapped", None)
     if pending is None:
         return
     _after_serialize.mapped = None
-    ooc, mapped = pending
-    if not ooc.closed:
+    ooc, mode, mapped = pending
+    if not ooc.closed and ooc._mode is mode and _block_here(lambda: ooc) is ooc:
         with _disable_current_modes():
             _unmapped(ooc, mapped)
