@@ -35,6 +35,12 @@ class OnDemand:
         looked = [(s, res.entry_of(s)) for s in storages(inputs)]
         found = [s for s, entry in looked if s.nbytes() or entry]
         untracked = sum(s.nbytes() for s, entry in looked if entry is None and s.nbytes())
+        # A storage passed as one (`set_(source)`, as `copy.deepcopy` of a tensor calls it)
+        # is no tensor input: it counts as the op's output (after), made outside any op
+        # and in RAM already. Its room is made here too, or the count passed the budget
+        # by its size until `after` evicted (seen: 54 KiB over with deepcopies in a step).
+        untracked += sum(s.nbytes() for s in _storage_arguments(args, kwargs or {})
+                         if res.entry_of(s) is None)
         if untracked:
             # Storages first seen here (made before the step, or outside any op) were in
             # RAM all along: make their room before they are counted, so that the count
@@ -78,6 +84,15 @@ class OnDemand:
                 learn_created(func, args, kwargs, made)
         res.evict_lru(self.budget, set())
         return created
+
+
+def _storage_arguments(args, kwargs):
+    """The storages an op takes as arguments (not inside tensors)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.storage.TypedStorage):
+            value = value._untyped_storage
+        if isinstance(value, torch.UntypedStorage):
+            yield value
 
 
 def needed(res: Residency, entries, created) -> tuple[int, int]:

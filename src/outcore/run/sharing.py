@@ -94,6 +94,18 @@ NOTE [Sharing a storage outcore moves]
       it as it would stop PyTorch's, and the mapped storages are unmapped in its
       `finally`). The save's own ops do not reach the step (rule 5).
 
+  `copy.deepcopy` copies a storage without an aten op that reads it:
+  13. `Tensor.__deepcopy__` of a tensor that is not a parameter (a `state_dict()`'s
+      tensors, an optimizer's state) copies its storage with `UntypedStorage.clone()`,
+      which sizes the copy by `nbytes()` first: inside a block, a storage on the slow
+      tier was copied as 0 bytes and the copy made over it was wrong (seen:
+      `copy.deepcopy(model.state_dict())` inside a step differed from plain PyTorch's,
+      no error). While an OutOfCore is open, `UntypedStorage.clone` is wrapped: the
+      storage is made resident first as in rule 3 (refused from another thread as in
+      rule 4), and the copy runs with the dispatch modes set aside (rule 5: the copy is
+      new to the step; it binds at its first use there, `set_` in `__deepcopy__`).
+      Unlike sharing, the storage is not pinned: it moves again at once.
+
   safetensors reads them through `data_ptr()`, later:
   12. `safetensors.torch.save_file` and `save` (and `save_model`, and transformers'
       `save_pretrained`, which binds `save_file` at import) collect every tensor's
@@ -148,6 +160,7 @@ def install(open_outofcore) -> None:
         if _originals:
             return
         wrappers = [(torch.UntypedStorage, name, _wrap) for name in _METHODS]
+        wrappers.append((torch.UntypedStorage, "clone", _wrap_clone))      # NOTE 13
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
         safetensors = _safetensors()
@@ -194,6 +207,25 @@ def _wrap(original, open_outofcore):
             if shield is not None:
                 shield.exit()
     return critical(share)
+
+
+def _wrap_clone(original, open_outofcore):
+    @functools.wraps(original)
+    def clone(storage, *args, **kwargs):
+        ooc = open_outofcore()
+        if ooc is None or ooc.closed or not ooc._active:
+            return original(storage, *args, **kwargs)      # between iterations: all readable
+        shield = _held(ooc)
+        if shield is not None:
+            shield.enter()
+        try:
+            with _disable_current_modes():      # NOTE 5, 13
+                _prepare(ooc, storage, "copy.deepcopy() (UntypedStorage.clone())")
+                return original(storage, *args, **kwargs)
+        finally:
+            if shield is not None:
+                shield.exit()
+    return critical(clone)
 
 
 def _held(ooc):
