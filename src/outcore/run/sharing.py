@@ -123,13 +123,25 @@ NOTE [Sharing a storage outcore moves]
       entries left by a `_flatten_as_ptr` no `serialize` followed are taken back by
       the next `_flatten_as_ptr` in the same block, by their next use
       (`Residency.ready`) or by the next iteration's start; a `serialize` after that
-      block has ended leaves them alone. A safetensors without `_flatten_as_ptr` (0.8 has it) is not
-      wrapped.
+      block has ended leaves them alone. A safetensors without `_flatten_as_ptr` (0.8
+      has it) is not wrapped.
+  14. Savers that look at the storages before `_flatten_as_ptr` does failed earlier:
+      transformers' `save_pretrained` drops tied weights by `(device, data_ptr,
+      nbytes)` of each storage, and safetensors' `save_model` finds shared tensors the
+      same way, so every storage on the slow tier, (0, 0), looked tied to every other
+      ("The weights trying to be saved contained shared tensors", helper-54). Both are
+      wrapped while an OutOfCore is open: `safetensors.torch.save_model`, and
+      `PreTrainedModel.save_pretrained` where transformers is imported by then (outcore
+      does not import it). On the block's thread, every parameter's and buffer's
+      storage is made readable for the whole call as for `torch.save` (rule 10), the
+      call runs with the dispatch modes set aside (rule 5), and what was mapped is
+      unmapped after, also when it raises.
 """
 from __future__ import annotations
 
 import functools
 import pickle
+import sys
 import threading
 import weakref
 
@@ -167,7 +179,12 @@ def install(open_outofcore) -> None:
         if safetensors is not None and hasattr(safetensors, "_flatten_as_ptr"):    # NOTE 12
             wrappers += [(safetensors, "_flatten_as_ptr", _wrap_flatten),
                          (safetensors, "serialize", _wrap_serialize),
-                         (safetensors, "serialize_file", _wrap_serialize)]
+                         (safetensors, "serialize_file", _wrap_serialize),
+                         (safetensors, "save_model", _wrap_save_module)]     # NOTE 14
+        modeling = sys.modules.get("transformers.modeling_utils")
+        pretrained = getattr(modeling, "PreTrainedModel", None)
+        if pretrained is not None:
+            wrappers.append((pretrained, "save_pretrained", _wrap_save_module))
         for cls, name, wrap in wrappers:
             original = getattr(cls, name, None)     # Tensor.numpy is torch._C.TensorBase's
             if original is None:            # a PyTorch without it: nothing to wrap
@@ -533,3 +550,24 @@ def _unmap_after_serialize() -> None:
     if not ooc.closed and ooc._mode is mode and _block_here(lambda: ooc) is ooc:
         with _disable_current_modes():
             _unmapped(ooc, mapped)
+
+
+def _wrap_save_module(original, open_outofcore):
+    @functools.wraps(original)
+    def save(model, *args, **kwargs):
+        ooc = _block_here(open_outofcore)
+        if ooc is None or not isinstance(model, torch.nn.Module):
+            return original(model, *args, **kwargs)
+        mapped: list = []
+        with _disable_current_modes():      # NOTE 5, 14
+            try:
+                tensors = [*model.parameters(), *model.buffers()]
+                storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors
+                            if type(t) in (torch.Tensor, torch.nn.Parameter)
+                            and t.layout is torch.strided and not t.is_meta}
+                _readable(ooc, list(storages.values()), mapped)
+                return original(model, *args, **kwargs)
+            finally:
+                if mapped:
+                    _unmapped(ooc, mapped)
+    return save
