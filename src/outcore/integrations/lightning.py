@@ -139,6 +139,7 @@ class OutcoreCallback(StepIterations, Callback):
         self._opened_at = None      # trainer.global_step when it was entered
         self._warned_validation = False
         self._fetch_hooks = None    # (epoch loop, our two wrappers) while a fit runs
+        self._asides: list = []     # ExitStacks of fetches set aside, until they end
 
     # -- Lightning events --------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
@@ -182,19 +183,27 @@ class OutcoreCallback(StepIterations, Callback):
                 "accumulate_grad_batches", RuntimeWarning, stacklevel=2)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        self._close_asides()
         self._finish(None)
 
     def on_train_end(self, trainer, pl_module):
         try:
+            self._close_asides()
             self._finish(None)
         finally:
             self._unhook_fetching()
 
     def on_exception(self, trainer, pl_module, exception):
         try:
+            self._close_asides()
             self._finish(exception)
         finally:
             self._unhook_fetching()
+
+    def teardown(self, trainer, pl_module, stage):
+        # A fit that ran no step (max_steps already reached) ends without on_train_end.
+        self._close_asides()
+        self._unhook_fetching()
 
     # -- the loading of micro-batches 2..k (NOTE [Which Lightning events]) ----------------
     def _set_fetching_aside(self, trainer) -> None:
@@ -207,27 +216,34 @@ class OutcoreCallback(StepIterations, Callback):
         after = getattr(loop, "_on_after_fetch", None)
         if not (callable(before) and callable(after)):
             return
-        asides: list = []
 
         def on_before_fetch():
             before()
             if self.in_step:
+                # Listed before it is entered: an exception (a Ctrl-C) between the two
+                # still finds it (`_close_asides`, also where Lightning's `_start_profiler`
+                # call, outside its `try`, never reaches `on_after_fetch`).
                 aside = contextlib.ExitStack()
+                self._asides.append(aside)
                 aside.enter_context(self.ooc._aside())
-                asides.append(aside)
 
         def on_after_fetch():
             try:
-                while asides:
-                    asides.pop().close()
+                self._close_asides()
             finally:
                 after()
         loop._on_before_fetch, loop._on_after_fetch = on_before_fetch, on_after_fetch
         self._fetch_hooks = (loop, on_before_fetch, on_after_fetch)
 
+    def _close_asides(self) -> None:
+        """Put the dispatch modes back where a fetch set them aside (before the iteration
+        ends: its own mode must be on the stack then)."""
+        while self._asides:
+            self._asides.pop().close()
+
     def _unhook_fetching(self) -> None:
         """Put the epoch loop's own methods back (where ours are still there)."""
-        hooks, self._fetch_hooks = getattr(self, "_fetch_hooks", None), None
+        hooks, self._fetch_hooks = self._fetch_hooks, None
         if hooks is None:
             return
         loop, before, after = hooks
