@@ -832,8 +832,8 @@ class OutOfCore:
         else:
             held = (f"The budget of {format_bytes(self.budget)} ({self.budget:,} B) you passed "
                     f"leaves nothing for the plan: {movable} never move and hold up to "
-                    f"{format_bytes(kept)} ({kept:,} B) at once in this step, more than all "
-                    "of it.")
+                    f"{format_bytes(kept)} ({kept:,} B) at once in this step, all of it or "
+                    "more.")
         raise InfeasibleBudget(
             f"{what} {held} No schedule can run this step; the "
             f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise "
