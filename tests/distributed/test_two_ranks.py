@@ -18,14 +18,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCH_TIMEOUT_S = 300
 
 
+def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 script args...`, one torch thread a rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         script, *args], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(HERE, "worker.py"), str(out)],
-        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    proc = torchrun(os.path.join(HERE, "worker.py"), str(out))
     found = {}
     for case in worker.CASES:
         for rank in (0, 1):
@@ -77,11 +81,7 @@ def test_bitwise_under_torchrun(results, case):
 def test_example_runs_bitwise(example, budget):
     """The examples users copy run as the README says, and check themselves bitwise."""
     path = os.path.join(HERE, "..", "..", "examples", example)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         path, "--steps", "4", "--check", "--batch", "4", "--budget", budget],
-        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    proc = torchrun(path, "--steps", "4", "--check", "--batch", "4", "--budget", budget)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         assert re.search(f"rank {rank}: parameters bitwise equal to .* alone: True", proc.stdout), proc.stdout
@@ -100,11 +100,7 @@ def test_ranks_that_kept_different_iterations_resume_together(tmp_path):
     from it, and both end bitwise equal to plain training. Two apart: refused on every
     rank, nothing loaded. An FSDP2 model keeps each rank's shards and resumes bitwise
     (rule 9)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(HERE, "resume_worker.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    proc = torchrun(os.path.join(HERE, "resume_worker.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"resume.rank{rank}.json").read_text())
@@ -121,15 +117,11 @@ def test_the_fsdp2_example_resumes_from_its_state_dir(tmp_path):
     """examples/fsdp2.py, as the README and docs/distributed.md run it (smaller): two
     steps kept in --state-dir, then the same command for three with --check resumes
     after step 1 and ends bitwise equal to three FSDP2 steps without outcore."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     example = os.path.join(HERE, "..", "..", "examples", "fsdp2.py")
     outputs = []
     for steps, more in (("2", []), ("3", ["--check"])):
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-             "2", example, "--batch", "2", "--steps", steps, "--state-dir",
-             str(tmp_path / "state"), *more],
-            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+        proc = torchrun(example, "--batch", "2", "--steps", steps, "--state-dir",
+                        str(tmp_path / "state"), *more)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         outputs.append(proc.stdout)
     assert "resumed" not in outputs[0] and "resumed after step 1" in outputs[1], outputs
@@ -141,11 +133,7 @@ def test_the_smallest_budget_named_for_fsdp2_is_one_that_trains(tmp_path):
     """FSDP2's gathered parameters alone (6.08 MiB) pass a 6 MiB budget: the smallest
     budget InfeasibleBudget named counted them only up to the budget, and a retry at it
     failed again with another figure (helper-52). The figure named now trains."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(HERE, "budget_worker.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    proc = torchrun(os.path.join(HERE, "budget_worker.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         attempts = json.loads((tmp_path / f"budget.rank{rank}.json").read_text())

@@ -122,18 +122,36 @@ def test_fused_optimizers_split_one_call_per_tensor_bitwise(name, make_opt):
     assert all(len(params & set(f.arrays())) == 1 for f in fused)
 
 
-def test_fused_adamw_with_a_grad_scaler_splits_bitwise():
-    """A GradScaler hands the fused step its `grad_scale` and `found_inf` (shared by every
-    per-parameter call), including a step it skips for an infinite gradient."""
+GRAD_SCALER_CASES = [
+    # A fused step takes the scaler's `grad_scale` and `found_inf` (shared by every
+    # per-parameter call).
+    ("fused step", True, False, "_fused_adamw_"),
+    # GradScaler.unscale_ (and scaler.step of an optimizer that is not fused) multiplies
+    # every gradient by 1/scale in one multi-tensor kernel that also sets found_inf
+    # (aten.PER_TENSOR_KERNELS): one call per gradient, so that a budget needs one
+    # gradient at a time resident, not all of them.
+    ("unscale, clip", False, True, "_amp_foreach_non_finite"),
+]
+
+
+@pytest.mark.parametrize("name,fused,unscale,split_op", GRAD_SCALER_CASES,
+                         ids=[c[0] for c in GRAD_SCALER_CASES])
+def test_a_grad_scalers_kernels_split_one_call_per_tensor_bitwise(name, fused, unscale, split_op):
+    """With a GradScaler, the multi-tensor kernel of the case runs one call per tensor,
+    bitwise equal to the whole call, including a step the scaler skips for an infinite
+    gradient (and the scale it halves)."""
     a, b, x = _twin_mlps()
-    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)
-    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=fused or None)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=fused or None)
     sa, sb = torch.amp.GradScaler("cpu", init_scale=256.0), torch.amp.GradScaler("cpu", init_scale=256.0)
     for step in range(4):
         scale = float("inf") if step == 2 else 1.0          # step 2: skipped, scale halves
         for model, opt, scaler, record in ((a, oa, sa, False), (b, ob, sb, True)):
             def run():
                 scaler.scale(model(x).sum() * scale).backward()
+                if unscale:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad()
@@ -145,36 +163,5 @@ def test_fused_adamw_with_a_grad_scaler_splits_bitwise():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert sa.get_scale() == sb.get_scale() < 256.0
-    fused = [f for f in rec.trace.functions if "_fused_adamw_" in f.op]
-    assert [f.split for f in fused] == [(i, 4) for i in range(4)]
-
-
-def test_a_grad_scalers_unscale_splits_one_call_per_gradient_bitwise():
-    """GradScaler.unscale_ (scaler.step of an optimizer that is not fused) multiplies every
-    gradient by 1/scale in one multi-tensor kernel that also sets found_inf: split one
-    call per gradient, it gives the same gradients, the same skipped step and the same
-    scale, and a budget needs one gradient at a time resident, not all of them."""
-    a, b, x = _twin_mlps()
-    oa = torch.optim.AdamW(a.parameters(), lr=1e-2)
-    ob = torch.optim.AdamW(b.parameters(), lr=1e-2)
-    sa, sb = torch.amp.GradScaler("cpu", init_scale=256.0), torch.amp.GradScaler("cpu", init_scale=256.0)
-    for step in range(4):
-        scale = float("inf") if step == 2 else 1.0          # step 2: skipped, scale halves
-        for model, opt, scaler, record in ((a, oa, sa, False), (b, ob, sb, True)):
-            def run():
-                scaler.scale(model(x).sum() * scale).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad()
-            if record:
-                with outcore.record() as rec:
-                    run()
-            else:
-                run()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
-    assert sa.get_scale() == sb.get_scale() < 256.0
-    unscale = [f for f in rec.trace.functions if "_amp_foreach_non_finite" in f.op]
-    assert [f.split for f in unscale] == [(i, 4) for i in range(4)], [f.op for f in rec.trace.functions]
+    split = [f for f in rec.trace.functions if split_op in f.op]
+    assert [f.split for f in split] == [(i, 4) for i in range(4)], [f.op for f in rec.trace.functions]

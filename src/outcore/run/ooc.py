@@ -408,8 +408,29 @@ class OutOfCore:
         if self._active != "iteration" or self._active_thread != threading.get_ident():
             yield
             return
-        with _disable_current_modes():
+        # Setting the modes aside and back are held sections (NOTE [Interrupts]): a Ctrl-C
+        # there lands after, never with the modes half taken off the stack.
+        shield = self._shield if threading.current_thread() is threading.main_thread() else None
+        modes, entered = _disable_current_modes(), False
+        try:
+            if shield is not None:
+                shield.enter()
+            try:
+                modes.__enter__()
+                entered = True
+            finally:
+                if shield is not None:
+                    shield.exit()
             yield
+        finally:
+            if entered:
+                if shield is not None:
+                    shield.enter()
+                try:
+                    modes.__exit__(None, None, None)
+                finally:
+                    if shield is not None:
+                        shield.exit()
 
     def building(self) -> "_Building":
         """`with ooc.building(): model = Net()` creates (or `model.load_state_dict(...)`
