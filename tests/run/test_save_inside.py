@@ -209,7 +209,7 @@ def test_every_wrapper_is_taken_off_at_close(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     places = [(torch, "save"), (torch.serialization, "save"), (torch.Tensor, "numpy"),
               (torch.UntypedStorage, "_share_fd_cpu_"),
-              (torch.UntypedStorage, "clone"),
+              (torch.UntypedStorage, "clone"), (torch.Tensor, "tolist"),
               (safetensors_torch, "_flatten_as_ptr"), (safetensors_torch, "serialize"),
               (safetensors_torch, "serialize_file"), (safetensors_torch, "save_model")]
     before = [getattr(owner, name) for owner, name in places]
@@ -342,3 +342,22 @@ def test_savers_that_look_for_tied_weights_first_work_inside_the_iteration(tmp_p
             report = ooc.report()
         assert all(it.peak_resident <= budget for it in report.iterations), str(report)
         assert all(it.deviation is None for it in report.iterations), str(report)
+
+
+def test_tolist_of_a_tensor_on_the_slow_tier_inside_the_iteration(tmp_path):
+    """`Tensor.tolist()` reads memory without an aten op: for a parameter on the slow tier
+    it raised "tolist() shouldn't be called on a tensor with unallocated storage" (NOTE
+    15). Its values now, at the budget."""
+    plain, ours = make(), make()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(4):
+            step(*plain, it)
+            with ooc.iteration():
+                step(*ours, it)
+                pairs = list(zip(ours[0].parameters(), plain[0].parameters()))
+                slow = [(p, q) for p, q in pairs
+                        if ooc._res.entry_of(p.untyped_storage()).state is SLOW]
+                assert slow
+                assert all(p.tolist() == q.tolist() for p, q in slow)
+        report = ooc.report()
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), str(report)

@@ -106,6 +106,13 @@ NOTE [Sharing a storage outcore moves]
       new to the step; it binds at its first use there, `set_` in `__deepcopy__`).
       Unlike sharing, the storage is not pinned: it moves again at once.
 
+  15. `Tensor.tolist()` reads the storage's memory without an aten op too: inside a
+      block it raised "tolist() shouldn't be called on a tensor with unallocated
+      storage" for a tensor on the slow tier. While an OutOfCore is open, it is wrapped:
+      inside a block the storage is made resident first as in rule 3 (refused from
+      another thread as in rule 4), then PyTorch's runs with the modes set aside
+      (rule 5). Between blocks every storage is resident or mapped: PyTorch's own.
+
   safetensors reads them through `data_ptr()`, later:
   12. `safetensors.torch.save_file` and `save` (and `save_model`, and transformers'
       `save_pretrained`, which binds `save_file` at import) collect every tensor's
@@ -173,6 +180,7 @@ def install(open_outofcore) -> None:
             return
         wrappers = [(torch.UntypedStorage, name, _wrap) for name in _METHODS]
         wrappers.append((torch.UntypedStorage, "clone", _wrap_clone))      # NOTE 13
+        wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
         safetensors = _safetensors()
@@ -243,6 +251,34 @@ def _wrap_clone(original, open_outofcore):
             if shield is not None:
                 shield.exit()
     return critical(clone)
+
+
+def _wrap_tolist(original, open_outofcore):
+    @functools.wraps(original)
+    def tolist(tensor):
+        ooc = open_outofcore()
+        if (ooc is None or ooc.closed or not ooc._active or tensor.device.type != "cpu"
+                or type(tensor) not in (torch.Tensor, torch.nn.Parameter)
+                or tensor.layout is not torch.strided):
+            return original(tensor)
+        _readied(ooc, tensor.untyped_storage(), ".tolist()")
+        with _disable_current_modes():      # NOTE 5, 15
+            return original(tensor)
+    return tolist
+
+
+@critical
+def _readied(ooc, storage, what: str) -> None:
+    """`_prepare` as a held section (NOTE 6)."""
+    shield = _held(ooc)
+    if shield is not None:
+        shield.enter()
+    try:
+        with _disable_current_modes():
+            _prepare(ooc, storage, what)
+    finally:
+        if shield is not None:
+            shield.exit()
 
 
 def _held(ooc):
