@@ -254,7 +254,7 @@ def test_deepcopies_inside_the_iteration_hold_the_values(tmp_path):
     """`copy.deepcopy(model.state_dict())` or of an optimizer's state inside a step (a
     snapshot of the best model, an EMA started there) copies each storage with
     `UntypedStorage.clone()`, sized by `nbytes()`: one on the slow tier was copied as 0
-    bytes and the copy was wrong, without an error (NOTE 13). The copies are plain
+    bytes and the copy was wrong, without an error (NOTE 14). The copies are plain
     PyTorch's now, and the training bitwise."""
     plain, ours = make(), make()
     with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
@@ -294,7 +294,7 @@ def test_savers_that_look_for_tied_weights_first_work_inside_the_iteration(tmp_p
     """safetensors' `save_model` and transformers' `save_pretrained` find tied weights by
     each storage's address and size before they write: on the slow tier every storage
     was (0, 0), all "shared", and the save was refused (helper-54). Both save plain
-    PyTorch's bytes now, at the budget, with state on the slow tier (NOTE 14)."""
+    PyTorch's bytes now, at the budget, with state on the slow tier (NOTE 13)."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1024,

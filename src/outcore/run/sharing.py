@@ -94,30 +94,10 @@ NOTE [Sharing a storage outcore moves]
       it as it would stop PyTorch's, and the mapped storages are unmapped in its
       `finally`). The save's own ops do not reach the step (rule 5).
 
-  `copy.deepcopy` copies a storage without an aten op that reads it:
-  13. `Tensor.__deepcopy__` of a tensor that is not a parameter (a `state_dict()`'s
-      tensors, an optimizer's state) copies its storage with `UntypedStorage.clone()`,
-      which sizes the copy by `nbytes()` first: inside a block, a storage on the slow
-      tier was copied as 0 bytes and the copy made over it was wrong (seen:
-      `copy.deepcopy(model.state_dict())` inside a step differed from plain PyTorch's,
-      no error). While an OutOfCore is open, `UntypedStorage.clone` is wrapped: the
-      storage is made resident first as in rule 3 (refused from another thread as in
-      rule 4), and the copy runs with the dispatch modes set aside (rule 5: the copy is
-      new to the step; it binds at its first use there, `set_` in `__deepcopy__`).
-      Unlike sharing, the storage is not pinned: it moves again at once.
-
-  15. `Tensor.tolist()` reads the storage's memory without an aten op too: inside a
-      block it raised "tolist() shouldn't be called on a tensor with unallocated
-      storage" for a tensor on the slow tier. While an OutOfCore is open, it is wrapped:
-      inside a block the storage is made resident first as in rule 3 (refused from
-      another thread as in rule 4), then PyTorch's runs with the modes set aside
-      (rule 5). Between blocks every storage is resident or mapped: PyTorch's own.
-
   safetensors reads them through `data_ptr()`, later:
-  12. `safetensors.torch.save_file` and `save` (and `save_model`, and transformers'
-      `save_pretrained`, which binds `save_file` at import) collect every tensor's
-      `data_ptr()` in `_flatten_as_ptr` and write the bytes afterwards, in Rust
-      (`serialize_file`, `serialize`). Inside a block a storage on the slow tier had no
+  12. `safetensors.torch.save_file` and `save` (also as transformers binds `save_file`
+      at import) collect every tensor's `data_ptr()` in `_flatten_as_ptr` and write
+      the bytes afterwards, in Rust (`serialize_file`, `serialize`). Inside a block a storage on the slow tier had no
       bytes: the save failed ("invalid shape, data type, or offset for tensor"), and
       tensors sharing such a storage were not found shared. While an OutOfCore is open
       and safetensors is installed (imported at `install`: 5 ms beside torch), the
@@ -132,7 +112,7 @@ NOTE [Sharing a storage outcore moves]
       (`Residency.ready`) or by the next iteration's start; a `serialize` after that
       block has ended leaves them alone. A safetensors without `_flatten_as_ptr` (0.8
       has it) is not wrapped.
-  14. Savers that look at the storages before `_flatten_as_ptr` does failed earlier:
+  13. Savers that look at the storages before `_flatten_as_ptr` does failed earlier:
       transformers' `save_pretrained` drops tied weights by `(device, data_ptr,
       nbytes)` of each storage, and safetensors' `save_model` finds shared tensors the
       same way, so every storage on the slow tier, (0, 0), looked tied to every other
@@ -143,6 +123,24 @@ NOTE [Sharing a storage outcore moves]
       storage is made readable for the whole call as for `torch.save` (rule 10), the
       call runs with the dispatch modes set aside (rule 5), and what was mapped is
       unmapped after, also when it raises.
+
+  `copy.deepcopy` and `tolist()` read a storage without an aten op too:
+  14. `Tensor.__deepcopy__` of a tensor that is not a parameter (a `state_dict()`'s
+      tensors, an optimizer's state) copies its storage with `UntypedStorage.clone()`,
+      which sizes the copy by `nbytes()` first: inside a block, a storage on the slow
+      tier was copied as 0 bytes and the copy made over it was wrong (seen:
+      `copy.deepcopy(model.state_dict())` inside a step differed from plain PyTorch's,
+      no error). While an OutOfCore is open, `UntypedStorage.clone` is wrapped: the
+      storage is made resident first as in rule 3 (refused from another thread as in
+      rule 4), and the copy runs with the dispatch modes set aside (rule 5: the copy is
+      new to the step; it binds at its first use there, `set_` in `__deepcopy__`).
+      Unlike sharing, the storage is not pinned: it moves again at once.
+  15. `Tensor.tolist()` reads the storage's memory without an aten op: inside a
+      block it raised "tolist() shouldn't be called on a tensor with unallocated
+      storage" for a tensor on the slow tier. While an OutOfCore is open, it is wrapped:
+      inside a block the storage is made resident first as in rule 3 (refused from
+      another thread as in rule 4), then PyTorch's runs with the modes set aside
+      (rule 5). Between blocks every storage is resident or mapped: PyTorch's own.
 """
 from __future__ import annotations
 
@@ -179,7 +177,7 @@ def install(open_outofcore) -> None:
         if _originals:
             return
         wrappers = [(torch.UntypedStorage, name, _wrap) for name in _METHODS]
-        wrappers.append((torch.UntypedStorage, "clone", _wrap_clone))      # NOTE 13
+        wrappers.append((torch.UntypedStorage, "clone", _wrap_clone))      # NOTE 14
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
@@ -188,7 +186,7 @@ def install(open_outofcore) -> None:
             wrappers += [(safetensors, "_flatten_as_ptr", _wrap_flatten),
                          (safetensors, "serialize", _wrap_serialize),
                          (safetensors, "serialize_file", _wrap_serialize),
-                         (safetensors, "save_model", _wrap_save_module)]     # NOTE 14
+                         (safetensors, "save_model", _wrap_save_module)]     # NOTE 13
         modeling = sys.modules.get("transformers.modeling_utils")
         pretrained = getattr(modeling, "PreTrainedModel", None)
         if pretrained is not None:
@@ -240,17 +238,10 @@ def _wrap_clone(original, open_outofcore):
         ooc = open_outofcore()
         if ooc is None or ooc.closed or not ooc._active:
             return original(storage, *args, **kwargs)      # between iterations: all readable
-        shield = _held(ooc)
-        if shield is not None:
-            shield.enter()
-        try:
-            with _disable_current_modes():      # NOTE 5, 13
-                _prepare(ooc, storage, "copy.deepcopy() (UntypedStorage.clone())")
-                return original(storage, *args, **kwargs)
-        finally:
-            if shield is not None:
-                shield.exit()
-    return critical(clone)
+        _readied(ooc, storage, "copy.deepcopy() (UntypedStorage.clone())")
+        with _disable_current_modes():      # NOTE 5, 14
+            return original(storage, *args, **kwargs)
+    return clone
 
 
 def _wrap_tolist(original, open_outofcore):
@@ -524,7 +515,7 @@ def _unmapped(ooc, mapped: list) -> None:
 
 
 # -- safetensors (NOTE 12) ----------------------------------------------------------------
-_after_serialize = threading.local()    # .mapped: (ooc, entries) the next serialize unmaps
+_after_serialize = threading.local()    # .mapped: (ooc, its mode, entries) to unmap
 
 
 def _safetensors():
@@ -595,7 +586,7 @@ def _wrap_save_module(original, open_outofcore):
         if ooc is None or not isinstance(model, torch.nn.Module):
             return original(model, *args, **kwargs)
         mapped: list = []
-        with _disable_current_modes():      # NOTE 5, 14
+        with _disable_current_modes():      # NOTE 5, 13
             try:
                 tensors = [*model.parameters(), *model.buffers()]
                 storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors
