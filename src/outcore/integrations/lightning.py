@@ -187,16 +187,17 @@ class OutcoreCallback(StepIterations, Callback):
         self._finish(None)
 
     def on_train_end(self, trainer, pl_module):
-        try:
-            self._close_asides()
-            self._finish(None)
-        finally:
-            self._unhook_fetching()
+        self._end_fit(None)
 
     def on_exception(self, trainer, pl_module, exception):
+        self._end_fit(exception)
+
+    def _end_fit(self, exc) -> None:
+        """End the open iteration (with `exc`, or as a block that ran to its end) and put
+        Lightning's fetch hooks back."""
         try:
             self._close_asides()
-            self._finish(exception)
+            self._finish(exc)
         finally:
             self._unhook_fetching()
 

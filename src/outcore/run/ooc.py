@@ -832,7 +832,7 @@ class OutOfCore:
         except InfeasibleBudget as err:
             index, op, phase, need = err.function_index, err.op, err.phase, err.needed_bytes
         smallest = need + kept
-        movable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
+        unmovable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
             "shared memory (from_numpy, .numpy(), torch.load: .clone() those; " \
             "share_memory_()), and those of collectives and FSDP (its gathered parameters)" \
             .format(self._res.min_move_bytes)
@@ -848,11 +848,11 @@ class OutOfCore:
                     f"on the fast tier at once{unused}.")
         if budget > 0:
             held = (f"The budget of {format_bytes(self.budget)} ({self.budget:,} B) you passed "
-                    f"leaves {format_bytes(budget)} ({budget:,} B) for the plan: {movable} "
+                    f"leaves {format_bytes(budget)} ({budget:,} B) for the plan: {unmovable} "
                     f"never move and hold up to {format_bytes(kept)} ({kept:,} B) of it.")
         else:
             held = (f"The budget of {format_bytes(self.budget)} ({self.budget:,} B) you passed "
-                    f"leaves nothing for the plan: {movable} never move and hold up to "
+                    f"leaves nothing for the plan: {unmovable} never move and hold up to "
                     f"{format_bytes(kept)} ({kept:,} B) at once in this step, all of it or "
                     "more.")
         raise InfeasibleBudget(

@@ -452,17 +452,32 @@ def _wrap_save(original, open_outofcore):
         ooc = _block_here(open_outofcore)
         if ooc is None:
             return original(obj, f, *args, **kwargs)
-        mapped: list = []
-        with _disable_current_modes():              # NOTE 5, 11 (unmapping runs ops too)
-            try:
-                module = kwargs.get("pickle_module") or (args[0] if args else pickle)
-                storages = _storages_in(obj, module)
-                _readable(ooc, storages, mapped)
-                return original(obj, f, *args, **kwargs)
-            finally:
-                if mapped:
-                    _unmapped(ooc, mapped)
+        module = kwargs.get("pickle_module") or (args[0] if args else pickle)
+        with _disable_current_modes():              # NOTE 5, 11
+            storages = _storages_in(obj, module)
+        return _while_readable(ooc, storages, lambda: original(obj, f, *args, **kwargs))
     return save
+
+
+def _while_readable(ooc, storages: list, call):
+    """`call()` with every tracked storage in `storages` readable (NOTE 10, 13) and the
+    dispatch modes set aside (NOTE 5: its ops, and the unmapping's, are not the step's);
+    what was mapped for it is unmapped after, also when it raises."""
+    mapped: list = []
+    with _disable_current_modes():
+        try:
+            _readable(ooc, storages, mapped)
+            return call()
+        finally:
+            if mapped:
+                _unmapped(ooc, mapped)
+
+
+def _storages_of(tensors) -> list:
+    """The distinct storages of the plain, strided, non-meta tensors among `tensors`."""
+    return list({t.untyped_storage()._cdata: t.untyped_storage() for t in tensors
+                 if type(t) in (torch.Tensor, torch.nn.Parameter)
+                 and t.layout is torch.strided and not t.is_meta}.values())
 
 
 @critical
@@ -538,10 +553,7 @@ def _wrap_flatten(original, open_outofcore):
         with _disable_current_modes():      # NOTE 5, 12
             try:
                 values = tensors.values() if isinstance(tensors, dict) else ()
-                storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in values
-                            if type(t) in (torch.Tensor, torch.nn.Parameter)
-                            and t.layout is torch.strided and not t.is_meta}
-                _readable(ooc, list(storages.values()), mapped)
+                _readable(ooc, _storages_of(values), mapped)
                 flattened = original(tensors, *args, **kwargs)
             except BaseException:
                 if mapped:
@@ -585,16 +597,6 @@ def _wrap_save_module(original, open_outofcore):
         ooc = _block_here(open_outofcore)
         if ooc is None or not isinstance(model, torch.nn.Module):
             return original(model, *args, **kwargs)
-        mapped: list = []
-        with _disable_current_modes():      # NOTE 5, 13
-            try:
-                tensors = [*model.parameters(), *model.buffers()]
-                storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors
-                            if type(t) in (torch.Tensor, torch.nn.Parameter)
-                            and t.layout is torch.strided and not t.is_meta}
-                _readable(ooc, list(storages.values()), mapped)
-                return original(model, *args, **kwargs)
-            finally:
-                if mapped:
-                    _unmapped(ooc, mapped)
+        storages = _storages_of([*model.parameters(), *model.buffers()])     # NOTE 13
+        return _while_readable(ooc, storages, lambda: original(model, *args, **kwargs))
     return save
