@@ -49,25 +49,78 @@ lets every iteration replay.
      another shape), the plan is dropped and its shape recorded again, once per shape
      (`OutOfCore._outgrown`): a step that leaves a new such storage every time is not
      recorded again and again.
+
+NOTE [Small ops off the record]
+Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
+deep-copies its metrics every n-th step (Lightning's ModelCheckpoint), a metric made the
+first time a key is logged, `.item()` every hundred steps. Each of them in the middle of
+a step used to leave the plan (the rest of the step on demand) and start a new shape to
+record: a Lightning fit with logging and checkpoints replayed 8 of its 60 iterations.
+  1. A small op touches only storages of at most SMALL_OP_BYTES: as recorded, by the
+     sizes of its arrays (`small_functions`); as it runs, by the sizes of its input
+     storages (the residency's size for one it tracks, whose `nbytes()` reads 0 on the
+     slow tier) before, and of its new output storages after. A collective is never one
+     (compose.py has its rules for them), nor a function the planner inserted.
+  2. Storages that small are under any sensible `min_move_bytes` (ooc.py): they never
+     move, so a small op needs nothing from the plan; the replayer still makes any it
+     tracks ready (`Residency.ready`) before running it, as for every op.
+  3. A step's shape leaves its small functions out (`function_keys`: None), so steps
+     that differ only in them share one plan.
+  4. Replaying, an op that does not match function i (`Replayer`):
+     a. if the functions from i on, all small, reach one with the op's name, they are
+        skipped: their begin- and end-actions run in order, and the op is matched
+        there (`_skip_small`);
+     b. else a small op runs as it is, unrecorded, and the index stays (`_extra`); one
+        that matches function i by name but not by its arrays (before it runs) or by
+        the new bytes it makes (after: the function's begin-actions have run then;
+        run again at the function, they find their arrays where they left them) is
+        such an extra too;
+     c. else the step leaves the plan, as any other deviation.
+  5. An op that its meta kernel says makes a storage larger than SMALL_OP_BYTES (a
+     factory with no tensor argument: `torch.zeros(n)`) is no small op: it leaves the
+     plan and runs on demand, its room made first, so the budget holds. One whose meta
+     kernel cannot tell (none, or a data-dependent shape) and that made one all the
+     same leaves the plan after it ran, its outputs counted from there.
+  6. What a skipped function would have made is bound where a later function first
+     reads it, as any new storage; a storage an extra made, likewise. Neither is counted
+     in the budget until then: at most SMALL_OP_BYTES each.
+  7. Matching small ops by name can bind a small array to another small storage than
+     the record's (two `div`s of scalars, one of them an extra). A function that then
+     reads a storage of the same size where its small array was bound to another binds
+     the array anew instead of leaving the plan: such arrays never move, so which
+     storage stands for one changes no action and no count.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 
+from .compose import DISTRIBUTED_NAMESPACES
+
 MAX_PLANS = 6
 MAX_PERIOD = 32
 _MAX_COUNTED = 4096
+SMALL_OP_BYTES = 64
+
+
+def small_functions(trace) -> list[bool]:
+    """Per function of `trace`: whether it is a small op (NOTE [Small ops off the
+    record], rule 1)."""
+    sizes = [a.nbytes for a in trace.arrays]
+    return [f.repeats is None and f.op.split(".", 1)[0] not in DISTRIBUTED_NAMESPACES
+            and all(sizes[a.array] <= SMALL_OP_BYTES for a in f.accesses)
+            for f in trace.functions]
 
 
 def function_keys(trace) -> list:
     """Per function of `trace`, what a step of the same shape runs there: its op and the
     bytes of the arrays it creates; None for a function the planner inserted
-    (`Function.repeats`), which the step itself does not run."""
+    (`Function.repeats`), which the step itself does not run, and for a small one
+    (NOTE [Small ops off the record], rule 3)."""
     sizes = [a.nbytes for a in trace.arrays]
-    return [None if f.repeats is not None else
+    return [None if f.repeats is not None or small else
             (f.op, sum(sizes[a.array] for a in f.accesses if a.kind == "create"))
-            for f in trace.functions]
+            for f, small in zip(trace.functions, small_functions(trace))]
 
 
 def shape_of(keys) -> int:

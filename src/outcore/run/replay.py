@@ -12,7 +12,8 @@ says: a wrong or stale plan costs time, never correctness.
 
 Functions the planner inserted to recompute an array (`Function.repeats`) are run by
 the replayer itself, before the step's next op: NOTE [Replaying a recompute] in
-recompute.py.
+recompute.py. Ops on scalars that the record has elsewhere or not at all neither leave
+the plan nor count in the step's shape: NOTE [Small ops off the record] in plans.py.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
-from .on_demand import OnDemand, infeasible, needed
-from .plans import shape_of
+from .on_demand import OnDemand, created_bytes, infeasible, needed
+from .plans import SMALL_OP_BYTES, shape_of, small_functions
 from .residency import Residency
 from .steplog import StepLog
 
@@ -52,6 +53,8 @@ class Replayer(HeldMode):
         self.keys = keys                # plans.function_keys(trace), made once per plan
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
+        self.small = small_functions(trace)     # NOTE [Small ops off the record]
+        self.extras = 0                 # small ops run off the record (rule 4b)
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
@@ -338,6 +341,8 @@ class Replayer(HeldMode):
     def finish(self) -> None:
         self._zombies, self._lingering = [], []     # what the user still holds at the end stays
         if self.deviation is None and self.index != self.n:
+            self._skip_small(None)          # small functions the step did not run at its end
+        if self.deviation is None and self.index != self.n:
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
         try:
             try:
@@ -398,10 +403,14 @@ class Replayer(HeldMode):
             if calls is not None:
                 names = [self._name(op) for op, _, _ in calls]
         i = self.index
-        if self.op_names[i:i + len(names)] != names:
+        if self.op_names[i:i + len(names)] != names and not (
+                self._skip_small(names[0])
+                and self.op_names[self.index:self.index + len(names)] == names):
+            i = self.index
             expected = self.op_names[i] if i < self.n else "the end of the step"
-            return self._deviate(f"function {i}: expected {expected}, the step ran {names[0]}",
-                                 func, args, kwargs)
+            return self._off_record(f"function {i}: expected {expected}, the step ran "
+                                    f"{names[0]}", func, args, kwargs)
+        i = self.index
         self.index = i + len(names)
         taken = time.perf_counter()
         out = func(*args, **kwargs)
@@ -427,10 +436,11 @@ class Replayer(HeldMode):
                 self._repeat(self.index)
         i = self.index
         name = self._name(func)
-        if i >= self.n or name != self.op_names[i]:
+        if (i >= self.n or name != self.op_names[i]) and not self._skip_small(name):
             expected = self.op_names[i] if i < self.n else "the end of the step"
-            return self._deviate(f"function {i}: expected {expected}, the step ran {name}",
-                                 func, args, kwargs)
+            return self._off_record(f"function {i}: expected {expected}, the step ran {name}",
+                                    func, args, kwargs)
+        i = self.index
         res = self.res
         taken = time.perf_counter()
         if self._zombies:
@@ -441,9 +451,9 @@ class Replayer(HeldMode):
         in_storages = [s for s in distinct_storages(inputs) if s.nbytes() or res.entry_of(s)]
         expected = self.expected[i]
         if len(in_storages) > len(expected):
-            return self._deviate(f"function {i} ({name}) reads more arrays than recorded",
-                                 func, args, kwargs)
-        entries, untracked = [], []
+            return self._off_record(f"function {i} ({name}) reads more arrays than recorded",
+                                    func, args, kwargs, in_storages)
+        entries, untracked, binds = [], [], []
         for storage, aid in zip(in_storages, expected):
             # A storage first seen here is counted only once its slot binds: one where the
             # record had another array leaves it uncounted and goes on demand, which makes
@@ -452,23 +462,29 @@ class Replayer(HeldMode):
             # slot is an input the plan counts already.)
             entry = res.entry_of(storage)
             bound = self.by_id[aid]
+            if bound is not None and bound is not entry and self.nbytes[aid] <= SMALL_OP_BYTES:
+                bound = None        # rule 7 of NOTE [Small ops off the record]: bound anew
             if bound is None:
                 nbytes = entry.nbytes if entry is not None else storage.nbytes()
                 if nbytes != self.nbytes[aid]:
-                    return self._deviate(f"function {i} ({name}) reads an array of {nbytes} "
-                                         f"bytes, recorded {self.nbytes[aid]}", func, args, kwargs)
+                    return self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
+                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
+                                            kwargs, in_storages)
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
                 if entry is None:
                     untracked.append((len(entries), storage, aid))
                     entries.append(None)
                     continue
-                self._bind(aid, entry)
+                binds.append((aid, entry))
             elif bound is not entry:
-                self._note_replaced(aid, storage, inputs)
-                return self._deviate(f"function {i} ({name}) reads another array than recorded",
-                                     func, args, kwargs)
+                if not self._runs_small(func, args, kwargs, in_storages):
+                    self._note_replaced(aid, storage, inputs)
+                return self._off_record(f"function {i} ({name}) reads another array than "
+                                        "recorded", func, args, kwargs, in_storages)
             entries.append(entry)
+        for aid, entry in binds:        # only once every slot matched (an extra binds none)
+            self._bind(aid, entry)
         if self._stranger_bytes:        # rarely: no call per op otherwise
             self._keep_room(i)
         self._actions(self.schedule.begin[i])
@@ -495,6 +511,11 @@ class Replayer(HeldMode):
         rest = expected[len(entries):]
         if len(created) != len(rest) or any(
                 s.nbytes() != self.nbytes[aid] for s, aid in zip(created, rest)):
+            if self._small(func, in_storages) and all(
+                    s.nbytes() <= SMALL_OP_BYTES for s in created):
+                self._note_written(entries, func, args, kwargs)
+                self.extras += 1                 # rule 4b, after it ran: the index stays
+                return out
             self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in created]} new "
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
@@ -614,6 +635,83 @@ class Replayer(HeldMode):
         if self._stranger_bytes and self._curve[i] + self._stranger_bytes > self.schedule.budget:
             self._make_room(self._curve[i])
 
+    # -- small ops off the record (NOTE [Small ops off the record] in plans.py) ---------
+    def _small(self, func, storages) -> bool:
+        """Rule 1, as an op runs: it reads only storages of at most SMALL_OP_BYTES."""
+        if func.namespace in DISTRIBUTED_NAMESPACES:
+            return False
+        entry_of = self.res.entry_of
+        for s in storages:
+            entry = entry_of(s)
+            if (entry.nbytes if entry is not None else s.nbytes()) > SMALL_OP_BYTES:
+                return False
+        return True
+
+    def _skip_small(self, name) -> bool:
+        """Rule 4a: where the functions from `index` on, all small, reach one named `name`
+        (None: the end of the step), run their actions and stand at it."""
+        j, n = self.index, self.n
+        while j < n and self.small[j] and self.op_names[j] != name:
+            j += 1
+        if not (j == n and name is None or j < n and self.op_names[j] == name
+                and self.repeats[j] is None):
+            return False
+        for k in range(self.index, j):
+            self._actions(self.schedule.begin[k])
+            self._actions(self.schedule.end[k])
+        self.index = j
+        return True
+
+    def _off_record(self, reason, func, args, kwargs, storages=None):
+        """The op does not match the function the step stands at: a small op runs as it
+        is (rule 4b), any other leaves the plan."""
+        if storages is None:
+            inputs = list(iter_tensors(args))
+            if kwargs:
+                inputs += iter_tensors(kwargs.values())
+            storages = distinct_storages(inputs)
+        if self._runs_small(func, args, kwargs, storages):
+            return self._extra(func, args, kwargs, storages)
+        return self._deviate(reason, func, args, kwargs)
+
+    def _runs_small(self, func, args, kwargs, storages) -> bool:
+        """Rules 1 and 5, before the op runs: it reads only small storages, and its meta
+        kernel does not say it makes a larger one (a factory: `torch.full((n,), 1.0)`)."""
+        if not self._small(func, storages):
+            return False
+        made = 0 if func.is_view or func._schema.is_mutable else created_bytes(func, args, kwargs)
+        return made is None or made <= SMALL_OP_BYTES
+
+    def _extra(self, func, args, kwargs, storages):
+        """Rule 4b: run a small op that the record does not have here, as it is; one that
+        made a larger storage all the same leaves the plan after it ran (rule 5)."""
+        res = self.res
+        entries = [e for s in storages if (e := res.entry_of(s)) is not None]
+        for entry in entries:
+            res.ready(entry)
+        out = func(*args, **kwargs)
+        self._note_written(entries, func, args, kwargs)
+        outputs = output_tensors(out)
+        large = [s.nbytes() for s in distinct_storages(outputs)
+                 if s.nbytes() > SMALL_OP_BYTES and res.entry_of(s) is None]
+        if large:
+            name = self._name(func)
+            self._deviate(f"function {self.index}: the step ran {name}, which the record does "
+                          f"not have there, and it made {large} bytes", None, None, None)
+            made = self._on_demand.after(entries, written_tensors(func, args, kwargs), outputs)
+            self._ran.append((name, sum(e.nbytes for e in made)))
+        else:
+            self.extras += 1
+        return out
+
+    def _note_written(self, entries, func, args, kwargs) -> None:
+        written = written_tensors(func, args, kwargs)
+        if written and entries:
+            keys = {s._cdata for s in distinct_storages(written)}
+            for entry in entries:
+                if entry is not None and entry.key in keys:
+                    self.res.mark_written(entry)
+
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
         self.deviation = reason
@@ -634,7 +732,10 @@ class Replayer(HeldMode):
         every time it came back."""
         out = self._on_demand.run(func, args, kwargs)
         self._fallen += 1
-        self._ran.append((self._name(func), sum(e.nbytes for e in self._on_demand.last[1])))
+        entries, made = self._on_demand.last
+        if func.namespace in DISTRIBUTED_NAMESPACES or any(
+                e.nbytes > SMALL_OP_BYTES for e in (*entries, *made)):    # not small: rule 3
+            self._ran.append((self._name(func), sum(e.nbytes for e in made)))
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             # The phase of the recorded function the step left its record at: after that
