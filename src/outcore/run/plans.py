@@ -53,42 +53,53 @@ lets every iteration replay.
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
 deep-copies its metrics every n-th step (Lightning's ModelCheckpoint), a metric made the
-first time a key is logged, `.item()` every hundred steps. Each of them in the middle of
-a step used to leave the plan (the rest of the step on demand) and start a new shape to
-record: a Lightning fit with logging and checkpoints replayed 8 of its 60 iterations.
-  1. A small op touches only storages of at most SMALL_OP_BYTES: as recorded, by the
-     sizes of its arrays (`small_functions`); as it runs, by the sizes of its input
-     storages (the residency's size for one it tracks, whose `nbytes()` reads 0 on the
-     slow tier) before, and of its new output storages after. A collective is never one
-     (compose.py has its rules for them), nor a function the planner inserted.
-  2. Storages that small are under any sensible `min_move_bytes` (ooc.py): they never
-     move, so a small op needs nothing from the plan; the replayer still makes any it
-     tracks ready (`Residency.ready`) before running it, as for every op.
+first time a key is logged, `.item()` every hundred steps, per-class counts of a metric.
+Each of them in the middle of a step used to leave the plan (the rest of the step on
+demand) and start a new shape to record: a Lightning fit with logging and checkpoints
+replayed 8 of its 60 iterations.
+  1. A small op touches only storages of at most SMALL_OP_BYTES (1 KiB: a scalar, or
+     per-class counts of up to 128 classes): as recorded, by the sizes of its arrays
+     (`small_functions`); as it runs, by the sizes of its input storages (the
+     residency's size for one it tracks, whose `nbytes()` reads 0 on the slow tier)
+     and by what its meta kernel says it makes (`Replayer._runs_small`). A collective
+     is never one (compose.py has its rules for them), nor a function the planner
+     inserted.
+  2. Storages that small are under min_move_bytes (64 KiB by default, ooc.py): they
+     never move, so a small op needs nothing from the plan; the replayer still makes
+     any it tracks ready (`Residency.ready`) before running it, as for every op. (With
+     min_move_bytes below SMALL_OP_BYTES they may move: then a few such bytes can be
+     resident where the plan has them out, never lost or stale.)
   3. A step's shape leaves its small functions out (`function_keys`: None), so steps
      that differ only in them share one plan.
-  4. Replaying, an op that does not match function i (`Replayer`):
-     a. if the functions from i on, all small, reach one with the op's name, they are
-        skipped: their begin- and end-actions run in order, and the op is matched
-        there (`_skip_small`);
-     b. else a small op runs as it is, unrecorded, and the index stays (`_extra`); one
-        that matches function i by name but not by its arrays (before it runs) or by
-        the new bytes it makes (after: the function's begin-actions have run then;
-        run again at the function, they find their arrays where they left them) is
-        such an extra too;
-     c. else the step leaves the plan, as any other deviation.
+  4. Replaying, an op matches the function the step stands at, or the first one after
+     small functions only, that has its name and is small, or not small for an op that
+     is not (`Replayer._skip_small`): a large `div` passes a small `div` the step did not
+     run. The functions passed are skipped: their begin- and end-actions run in order.
+     Where none matches, a small op runs as it is, unrecorded, and the index stays
+     (`_extra`); so does one that matched by name but not by its arrays (before it
+     runs) or by the new bytes it makes (after: the function's begin-actions ran; run
+     again at the function, they find their arrays where they left them). Any other op
+     leaves the plan, as any deviation. A planner-inserted function (a recompute) is
+     never passed.
   5. An op that its meta kernel says makes a storage larger than SMALL_OP_BYTES (a
-     factory with no tensor argument: `torch.zeros(n)`) is no small op: it leaves the
-     plan and runs on demand, its room made first, so the budget holds. One whose meta
-     kernel cannot tell (none, or a data-dependent shape) and that made one all the
-     same leaves the plan after it ran, its outputs counted from there.
-  6. What a skipped function would have made is bound where a later function first
-     reads it, as any new storage; a storage an extra made, likewise. Neither is counted
-     in the budget until then: at most SMALL_OP_BYTES each.
+     factory with no tensor argument: `torch.full((n,), 1.0)`) is no small op: it leaves
+     the plan and runs on demand, its room made first, so the budget holds. One whose
+     meta kernel cannot tell (an output sized by the data: `nonzero`) and that made one
+     all the same leaves the plan after it ran, its outputs counted from there: the
+     budget is passed by what it made, as on demand (README).
+  6. What an extra makes is tracked as it returns (pinned: counted beside the plan, as
+     every storage under min_move_bytes); what a skipped function would have made is
+     bound where a later function first reads it, as any new storage.
   7. Matching small ops by name can bind a small array to another small storage than
      the record's (two `div`s of scalars, one of them an extra). A function that then
      reads a storage of the same size where its small array was bound to another binds
      the array anew instead of leaving the plan: such arrays never move, so which
      storage stands for one changes no action and no count.
+  8. In a plan that recomputes, an op off the record that writes leaves the plan, and a
+     function that writes a small array bound to another storage does not bind it anew
+     (`_writes_beside_repeats`): a remake checks that its inputs were not changed in
+     place, and leaving the plan remakes what is held first (NOTE [Replaying a
+     recompute], rule 4).
 """
 from __future__ import annotations
 
@@ -100,7 +111,7 @@ from .compose import DISTRIBUTED_NAMESPACES
 MAX_PLANS = 6
 MAX_PERIOD = 32
 _MAX_COUNTED = 4096
-SMALL_OP_BYTES = 64
+SMALL_OP_BYTES = 1024
 
 
 def small_functions(trace) -> list[bool]:

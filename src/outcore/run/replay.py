@@ -17,6 +17,7 @@ the plan nor count in the step's shape: NOTE [Small ops off the record] in plans
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -33,6 +34,14 @@ from .on_demand import OnDemand, created_bytes, infeasible, needed
 from .plans import SMALL_OP_BYTES, shape_of, small_functions
 from .residency import Residency
 from .steplog import StepLog
+
+
+def _tensors_read(args, kwargs) -> list:
+    """An op's tensor arguments."""
+    inputs = list(iter_tensors(args))
+    if kwargs:
+        inputs += iter_tensors(kwargs.values())
+    return inputs
 
 
 class Replayer(HeldMode):
@@ -54,7 +63,6 @@ class Replayer(HeldMode):
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
         self.small = small_functions(trace)     # NOTE [Small ops off the record]
-        self.extras = 0                 # small ops run off the record (rule 4b)
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
@@ -341,7 +349,7 @@ class Replayer(HeldMode):
     def finish(self) -> None:
         self._zombies, self._lingering = [], []     # what the user still holds at the end stays
         if self.deviation is None and self.index != self.n:
-            self._skip_small(None)          # small functions the step did not run at its end
+            self._skip_small(None, True)    # small functions the step did not run at its end
         if self.deviation is None and self.index != self.n:
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
         try:
@@ -403,14 +411,16 @@ class Replayer(HeldMode):
             if calls is not None:
                 names = [self._name(op) for op, _, _ in calls]
         i = self.index
-        if self.op_names[i:i + len(names)] != names and not (
-                self._skip_small(names[0])
-                and self.op_names[self.index:self.index + len(names)] == names):
+        if self.op_names[i:i + len(names)] != names or self.small[i]:
+            storages = distinct_storages(_tensors_read(args, kwargs))
+            small = self._runs_small(func, args, kwargs, storages)
+            if not (self._skip_small(names[0], small)
+                    and self.op_names[self.index:self.index + len(names)] == names):
+                i = self.index
+                expected = self.op_names[i] if i < self.n else "the end of the step"
+                return self._off_record(f"function {i}: expected {expected}, the step ran "
+                                        f"{names[0]}", func, args, kwargs, storages, small)
             i = self.index
-            expected = self.op_names[i] if i < self.n else "the end of the step"
-            return self._off_record(f"function {i}: expected {expected}, the step ran "
-                                    f"{names[0]}", func, args, kwargs)
-        i = self.index
         self.index = i + len(names)
         taken = time.perf_counter()
         out = func(*args, **kwargs)
@@ -436,23 +446,25 @@ class Replayer(HeldMode):
                 self._repeat(self.index)
         i = self.index
         name = self._name(func)
-        if (i >= self.n or name != self.op_names[i]) and not self._skip_small(name):
-            expected = self.op_names[i] if i < self.n else "the end of the step"
-            return self._off_record(f"function {i}: expected {expected}, the step ran {name}",
-                                    func, args, kwargs)
-        i = self.index
         res = self.res
+        inputs = _tensors_read(args, kwargs)
+        if i >= self.n or name != self.op_names[i] or self.small[i]:
+            storages = distinct_storages(inputs)
+            small = self._runs_small(func, args, kwargs, storages)
+            if not self._skip_small(name, small):
+                expected = self.op_names[i] if i < self.n else "the end of the step"
+                return self._off_record(f"function {i}: expected {expected}, the step ran "
+                                        f"{name}", func, args, kwargs, storages, small)
+            i = self.index
         taken = time.perf_counter()
         if self._zombies:
             self._reap()
-        inputs = list(iter_tensors(args))
-        if kwargs:
-            inputs += iter_tensors(kwargs.values())
         in_storages = [s for s in distinct_storages(inputs) if s.nbytes() or res.entry_of(s)]
         expected = self.expected[i]
         if len(in_storages) > len(expected):
             return self._off_record(f"function {i} ({name}) reads more arrays than recorded",
-                                    func, args, kwargs, in_storages)
+                                    func, args, kwargs, in_storages,
+                                    self._runs_small(func, args, kwargs, in_storages))
         entries, untracked, binds = [], [], []
         for storage, aid in zip(in_storages, expected):
             # A storage first seen here is counted only once its slot binds: one where the
@@ -462,14 +474,16 @@ class Replayer(HeldMode):
             # slot is an input the plan counts already.)
             entry = res.entry_of(storage)
             bound = self.by_id[aid]
-            if bound is not None and bound is not entry and self.nbytes[aid] <= SMALL_OP_BYTES:
+            if (bound is not None and bound is not entry and self.nbytes[aid] <= SMALL_OP_BYTES
+                    and not (self._sources and aid in self.dirty[i])):
                 bound = None        # rule 7 of NOTE [Small ops off the record]: bound anew
             if bound is None:
                 nbytes = entry.nbytes if entry is not None else storage.nbytes()
                 if nbytes != self.nbytes[aid]:
                     return self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
                                             f"bytes, recorded {self.nbytes[aid]}", func, args,
-                                            kwargs, in_storages)
+                                            kwargs, in_storages,
+                                            self._runs_small(func, args, kwargs, in_storages))
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
                 if entry is None:
@@ -478,10 +492,11 @@ class Replayer(HeldMode):
                     continue
                 binds.append((aid, entry))
             elif bound is not entry:
-                if not self._runs_small(func, args, kwargs, in_storages):
+                small = self._runs_small(func, args, kwargs, in_storages)
+                if not small:
                     self._note_replaced(aid, storage, inputs)
                 return self._off_record(f"function {i} ({name}) reads another array than "
-                                        "recorded", func, args, kwargs, in_storages)
+                                        "recorded", func, args, kwargs, in_storages, small)
             entries.append(entry)
         for aid, entry in binds:        # only once every slot matched (an extra binds none)
             self._bind(aid, entry)
@@ -512,10 +527,12 @@ class Replayer(HeldMode):
         if len(created) != len(rest) or any(
                 s.nbytes() != self.nbytes[aid] for s, aid in zip(created, rest)):
             if self._small(func, in_storages) and all(
-                    s.nbytes() <= SMALL_OP_BYTES for s in created):
+                    s.nbytes() <= SMALL_OP_BYTES for s in created) and not self._writes_beside_repeats(
+                    func, args, kwargs):
                 self._note_written(entries, func, args, kwargs)
-                self.extras += 1                 # rule 4b, after it ran: the index stays
-                return out
+                for storage in created:
+                    res.track(storage)          # rule 6: counted (pinned) from here
+                return out                      # rule 4b, after it ran: the index stays
             self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in created]} new "
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
@@ -647,14 +664,18 @@ class Replayer(HeldMode):
                 return False
         return True
 
-    def _skip_small(self, name) -> bool:
-        """Rule 4a: where the functions from `index` on, all small, reach one named `name`
-        (None: the end of the step), run their actions and stand at it."""
+    def _skip_small(self, name, small: bool) -> bool:
+        """Rule 4a: stand at the function an op named `name` (None: the end of the step)
+        matches, from `index` on, past small functions only: one of its name, small or
+        not for a small op (`small`), not small for another. Run the actions of those
+        passed. False where none is reached."""
         j, n = self.index, self.n
-        while j < n and self.small[j] and self.op_names[j] != name:
+        while j < n and not (self.op_names[j] == name and self.repeats[j] is None
+                             and (small or not self.small[j])):
+            if not self.small[j]:
+                return False
             j += 1
-        if not (j == n and name is None or j < n and self.op_names[j] == name
-                and self.repeats[j] is None):
+        if j == n and name is not None:
             return False
         for k in range(self.index, j):
             self._actions(self.schedule.begin[k])
@@ -662,24 +683,34 @@ class Replayer(HeldMode):
         self.index = j
         return True
 
-    def _off_record(self, reason, func, args, kwargs, storages=None):
-        """The op does not match the function the step stands at: a small op runs as it
-        is (rule 4b), any other leaves the plan."""
-        if storages is None:
-            inputs = list(iter_tensors(args))
-            if kwargs:
-                inputs += iter_tensors(kwargs.values())
-            storages = distinct_storages(inputs)
-        if self._runs_small(func, args, kwargs, storages):
+    def _off_record(self, reason, func, args, kwargs, storages, small):
+        """The op does not match the function the step stands at: a small op (`small`:
+        `_runs_small`) runs as it is (rule 4b), any other leaves the plan."""
+        if small and not self._writes_beside_repeats(func, args, kwargs):
             return self._extra(func, args, kwargs, storages)
         return self._deviate(reason, func, args, kwargs)
+
+    def _writes_beside_repeats(self, func, args, kwargs) -> bool:
+        """Rule 8: an op off the record that writes, in a plan that recomputes: it may
+        change what a remake reads (its calls check their inputs' versions)."""
+        return bool(self._sources) and bool(written_tensors(func, args, kwargs))
 
     def _runs_small(self, func, args, kwargs, storages) -> bool:
         """Rules 1 and 5, before the op runs: it reads only small storages, and its meta
         kernel does not say it makes a larger one (a factory: `torch.full((n,), 1.0)`)."""
         if not self._small(func, storages):
             return False
-        made = 0 if func.is_view or func._schema.is_mutable else created_bytes(func, args, kwargs)
+        if func.is_view or func._schema.is_mutable:
+            return True
+        if torch.Tag.pointwise in func.tags:
+            # `created_bytes` counts a pointwise op's output at its widest input dtype, room
+            # to spare; a comparison makes bools: count its elements, a byte each.
+            shapes = [t.shape for t in _tensors_read(args, kwargs)]
+            try:
+                return math.prod(torch.broadcast_shapes(*shapes)) <= SMALL_OP_BYTES
+            except RuntimeError:
+                return False
+        made = created_bytes(func, args, kwargs)
         return made is None or made <= SMALL_OP_BYTES
 
     def _extra(self, func, args, kwargs, storages):
@@ -692,16 +723,17 @@ class Replayer(HeldMode):
         out = func(*args, **kwargs)
         self._note_written(entries, func, args, kwargs)
         outputs = output_tensors(out)
-        large = [s.nbytes() for s in distinct_storages(outputs)
-                 if s.nbytes() > SMALL_OP_BYTES and res.entry_of(s) is None]
-        if large:
+        new = [s for s in distinct_storages(outputs) if s.nbytes() and res.entry_of(s) is None]
+        large = [s.nbytes() for s in new if s.nbytes() > SMALL_OP_BYTES]
+        if not large:
+            for storage in new:
+                res.track(storage)              # rule 6: counted (pinned) from here
+        else:
             name = self._name(func)
             self._deviate(f"function {self.index}: the step ran {name}, which the record does "
                           f"not have there, and it made {large} bytes", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs), outputs)
             self._ran.append((name, sum(e.nbytes for e in made)))
-        else:
-            self.extras += 1
         return out
 
     def _note_written(self, entries, func, args, kwargs) -> None:
