@@ -69,11 +69,8 @@ def train(schedule, ooc=None):
     model, opt = make()
     book: dict = {}
     for it, ops in enumerate(schedule):
-        if ooc is None:
+        with ooc.iteration() if ooc is not None else contextlib.nullcontext():
             step(model, opt, it, ops, book)
-        else:
-            with ooc.iteration():
-                step(model, opt, it, ops, book)
     return model, book
 
 
