@@ -138,13 +138,17 @@ def test_a_plan_that_moves_nothing_follows_past_small_ops_too(tmp_path):
     replays_clean(schedule, 64 * 2**20, tmp_path)
 
 
-@pytest.mark.parametrize("large", ["factory", "data-dependent"])
+@pytest.mark.parametrize("large", ["factory", "pointwise", "data-dependent"])
 def test_an_op_off_the_record_that_makes_a_large_storage_leaves_the_plan(large, tmp_path):
     """A factory reads no tensor, but its meta kernel says what it makes: it leaves the
     plan before it runs, its room made first, and the budget holds. One whose meta
     kernel cannot say (an output sized by the data) leaves it after it ran (rule 5): the
-    budget is passed by at most what it made, and counted from there."""
-    made = 400_000
+    budget is passed by at most what it made, and counted from there. A pointwise op on
+    small tensors is sized by its elements and their width (an outer product of two
+    complex vectors of 512 bytes makes 16 KiB: counted at a byte an element, it ran as a
+    small op; helper-58)."""
+    made = {"pointwise": 16384}.get(large, 400_000)
+    vector = torch.randn(32, dtype=torch.complex128)
     plain, plain_book = train([[]] * 6)
     with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
         model, opt = make()
@@ -155,6 +159,8 @@ def test_an_op_off_the_record_that_makes_a_large_storage_leaves_the_plan(large, 
                 loss = model(x).square().mean()
                 if it == 4 and large == "factory":
                     kept.append(torch.full((made // 4,), 1.0))
+                elif it == 4 and large == "pointwise":
+                    kept.append(vector[:, None] * vector[None, :])
                 elif it == 4:
                     kept.append(torch.repeat_interleave(torch.tensor([made // 8])))
                 else:          # the record's small ops there: a `full` like the large one
@@ -167,11 +173,14 @@ def test_an_op_off_the_record_that_makes_a_large_storage_leaves_the_plan(large, 
         assert torch.equal(a, b)
     assert kept[4].untyped_storage().nbytes() == made
     assert torch.equal(kept[4], torch.ones(made // 4) if large == "factory"
+                       else torch.outer(vector, vector) if large == "pointwise"
                        else torch.zeros(made // 8, dtype=torch.int64))
     deviated = [(it.index, it.deviation) for it in report.iterations if it.deviation]
     assert [i for i, _ in deviated] == [5], str(report)
-    if large == "factory":
-        assert "the step ran aten.full.default" in deviated[0][1]
+    if large != "data-dependent":
+        op = {"factory": "aten.full.default", "pointwise": "aten.mul.Tensor"}[large]
+        assert f"the step ran {op}" in deviated[0][1], deviated
+        assert "the record does not have there" not in deviated[0][1], deviated   # before
         assert all(it.peak_resident <= BUDGET for it in report.iterations), str(report)
     else:
         assert "which the record does not have there, and it made [400000] bytes" in deviated[0][1]
@@ -223,3 +232,83 @@ def test_a_small_write_off_the_record_in_a_plan_that_recomputes_leaves_it(tmp_pa
         assert torch.equal(a, b)
     deviated = [it.index for it in report.iterations if it.deviation]
     assert deviated and all(i in (5, 7) for i in deviated), str(report)
+
+
+def test_a_plan_that_recomputes_binds_no_small_array_anew(tmp_path):
+    """Rule 7 is for arrays that never move, in plans that do not recompute. With
+    min_move_bytes=0 a 1 KiB convolution output is recomputed; a logging `mul` of a
+    user's 1 KiB tensor, run just before the record's `mul` of that output, was bound in
+    its place, and the plan's discard of the output took the user's tensor's bytes: the
+    remake wrote the convolution's output into it, silently (helper-58)."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)          # out 2x8x4x4: 1 KiB
+            self.scale = torch.nn.Parameter(torch.tensor(1.5))
+            self.head = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(),
+                                            torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                            torch.nn.Linear(256, 10))
+
+        def forward(self, x, log=None):
+            y = self.conv(x)
+            if log is not None:
+                log()
+            return self.head((y * self.scale).flatten(1))
+
+    def train(ooc=None):
+        net = Net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        ema, decay, logged = torch.zeros(2, 8, 4, 4), torch.tensor(0.9), []
+        for it in range(8):
+            g = torch.Generator().manual_seed(it)
+            x, t = torch.randn(2, 3, 4, 4, generator=g), torch.randint(0, 10, (2,), generator=g)
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                out = net(x, (lambda: logged.append(ema * decay)) if it >= 3 else None)
+                torch.nn.functional.cross_entropy(out, t).backward()
+                opt.step()
+                opt.zero_grad()
+                with torch.no_grad():
+                    ema.add_(torch.ones(()))
+        return net, ema, logged
+    plain = train()
+    with outcore.OutOfCore(600_000, swap_dir=str(tmp_path), recompute=True,
+                           min_move_bytes=0) as ooc:
+        ours = train(ooc)
+        report = ooc.report()
+    assert report.planned_recomputed > 0, str(report)
+    assert torch.equal(plain[1], ours[1])
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], ours[2], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+
+
+@pytest.mark.parametrize("foreach", ["adam", "clip"])
+def test_a_foreach_op_whose_first_tensor_is_small_is_followed(foreach, tmp_path):
+    """Passive mode (a budget above the peak) follows a `_foreach_*` op by its per-tensor
+    parts; with a first parameter of 864 bytes (a convolution stem) the op was judged by
+    its whole and walked past its own first parts: one deviation, and every iteration
+    tracked from then on (helper-58)."""
+    def train(ooc=None):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 256),
+                                  torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=foreach == "adam")
+        for it in range(6):
+            g = torch.Generator().manual_seed(it)
+            x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                if foreach == "clip":
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+                opt.step()
+                opt.zero_grad()
+        return net
+    plain = train()
+    with outcore.OutOfCore(256 * 2**20, swap_dir=str(tmp_path)) as ooc:
+        ours = train(ooc)
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
+    later = report.iterations[2:]
+    assert [it.deviation for it in later] == [None] * len(later), str(report)
+    assert not any(it.tracked for it in later[1:]), str(report)

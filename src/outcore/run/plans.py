@@ -61,9 +61,10 @@ replayed 8 of its 60 iterations.
      per-class counts of up to 128 classes): as recorded, by the sizes of its arrays
      (`small_functions`); as it runs, by the sizes of its input storages (the
      residency's size for one it tracks, whose `nbytes()` reads 0 on the slow tier)
-     and by what its meta kernel says it makes (`Replayer._runs_small`). A collective
-     is never one (compose.py has its rules for them), nor a function the planner
-     inserted.
+     and by what its meta kernel says it makes, a pointwise op by its elements times
+     their width (`Replayer._runs_small`). A collective is never one (compose.py has
+     its rules for them), nor a function the planner inserted. A `_foreach_*` op is
+     followed by its per-tensor parts, each judged alone.
   2. Storages that small are under min_move_bytes (64 KiB by default, ooc.py): they
      never move, so a small op needs nothing from the plan; the replayer still makes
      any it tracks ready (`Residency.ready`) before running it, as for every op. (With
@@ -72,9 +73,9 @@ replayed 8 of its 60 iterations.
   3. A step's shape leaves its small functions out (`function_keys`: None), so steps
      that differ only in them share one plan.
   4. Replaying, an op matches the function the step stands at, or the first one after
-     small functions only, that has its name and is small, or not small for an op that
-     is not (`Replayer._skip_small`): a large `div` passes a small `div` the step did not
-     run. The functions passed are skipped: their begin- and end-actions run in order.
+     small functions only, that has its name and, for an op that is not small, is not
+     small itself (`Replayer._skip_small`): a large `div` passes a small `div` the step
+     did not run (a small op may match a function that is not small: the arrays decide). The functions passed are skipped: their begin- and end-actions run in order.
      Where none matches, a small op runs as it is, unrecorded, and the index stays
      (`_extra`); so does one that matched by name but not by its arrays (before it
      runs) or by the new bytes it makes (after: the function's begin-actions ran; run
@@ -93,10 +94,11 @@ replayed 8 of its 60 iterations.
   7. Matching small ops by name can bind a small array to another small storage than
      the record's (two `div`s of scalars, one of them an extra). A function that then
      reads a storage of the same size where its small array was bound to another binds
-     the array anew instead of leaving the plan: such arrays never move, so which
-     storage stands for one changes no action and no count.
-  8. In a plan that recomputes, an op off the record that writes leaves the plan, and a
-     function that writes a small array bound to another storage does not bind it anew
+     the array anew instead of leaving the plan, where the array is under
+     min_move_bytes (it never moves, so which storage stands for it changes no action
+     and no count) and the plan recomputes nothing (a recomputed array's storage is
+     discarded and remade in place: bound to a user's tensor, the remake overwrote it).
+  8. In a plan that recomputes, an op off the record that writes leaves the plan
      (`_writes_beside_repeats`): a remake checks that its inputs were not changed in
      place, and leaving the plan remakes what is held first (NOTE [Replaying a
      recompute], rule 4).

@@ -44,6 +44,12 @@ def _tensors_read(args, kwargs) -> list:
     return inputs
 
 
+# Pointwise ops whose output is bool whatever their inputs (`_runs_small`).
+_TO_BOOL = frozenset((
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
+    "logical_not", "isnan", "isinf", "isfinite", "isneginf", "isposinf", "signbit"))
+
+
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
                  shield: Shield, inputs=(), *, keys, may_follow: bool = True,
@@ -411,15 +417,13 @@ class Replayer(HeldMode):
             if calls is not None:
                 names = [self._name(op) for op, _, _ in calls]
         i = self.index
-        if self.op_names[i:i + len(names)] != names or self.small[i]:
+        if self.op_names[i:i + len(names)] != names or len(names) == 1 and self.small[i]:
             storages = distinct_storages(_tensors_read(args, kwargs))
             small = self._runs_small(func, args, kwargs, storages)
             if not (self._skip_small(names[0], small)
                     and self.op_names[self.index:self.index + len(names)] == names):
-                i = self.index
-                expected = self.op_names[i] if i < self.n else "the end of the step"
-                return self._off_record(f"function {i}: expected {expected}, the step ran "
-                                        f"{names[0]}", func, args, kwargs, storages, small)
+                return self._off_record(self._unmatched(names[0]), func, args, kwargs,
+                                        storages, small)
             i = self.index
         self.index = i + len(names)
         taken = time.perf_counter()
@@ -452,9 +456,8 @@ class Replayer(HeldMode):
             storages = distinct_storages(inputs)
             small = self._runs_small(func, args, kwargs, storages)
             if not self._skip_small(name, small):
-                expected = self.op_names[i] if i < self.n else "the end of the step"
-                return self._off_record(f"function {i}: expected {expected}, the step ran "
-                                        f"{name}", func, args, kwargs, storages, small)
+                return self._off_record(self._unmatched(name), func, args, kwargs, storages,
+                                        small)
             i = self.index
         taken = time.perf_counter()
         if self._zombies:
@@ -475,7 +478,7 @@ class Replayer(HeldMode):
             entry = res.entry_of(storage)
             bound = self.by_id[aid]
             if (bound is not None and bound is not entry and self.nbytes[aid] <= SMALL_OP_BYTES
-                    and not (self._sources and aid in self.dirty[i])):
+                    and self.nbytes[aid] < res.min_move_bytes and not self._sources):
                 bound = None        # rule 7 of NOTE [Small ops off the record]: bound anew
             if bound is None:
                 nbytes = entry.nbytes if entry is not None else storage.nbytes()
@@ -683,6 +686,16 @@ class Replayer(HeldMode):
         self.index = j
         return True
 
+    def _unmatched(self, name) -> str:
+        """Why an op named `name` matched no function from `index` on (rule 4)."""
+        i = self.index
+        if i >= self.n:
+            return f"function {i}: expected the end of the step, the step ran {name}"
+        if self.op_names[i] == name:
+            return (f"function {i} ({name}): the record's op touches only small tensors, the "
+                    "step's does not")
+        return f"function {i}: expected {self.op_names[i]}, the step ran {name}"
+
     def _off_record(self, reason, func, args, kwargs, storages, small):
         """The op does not match the function the step stands at: a small op (`small`:
         `_runs_small`) runs as it is (rule 4b), any other leaves the plan."""
@@ -704,12 +717,15 @@ class Replayer(HeldMode):
             return True
         if torch.Tag.pointwise in func.tags:
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
-            # to spare; a comparison makes bools: count its elements, a byte each.
-            shapes = [t.shape for t in _tensors_read(args, kwargs)]
+            # to spare; a comparison makes bools, a byte an element.
+            tensors = _tensors_read(args, kwargs)
             try:
-                return math.prod(torch.broadcast_shapes(*shapes)) <= SMALL_OP_BYTES
+                numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
             except RuntimeError:
                 return False
+            width = 1 if func._schema.name.split("::")[-1] in _TO_BOOL else max(
+                (t.element_size() for t in tensors), default=1)
+            return numel * width <= SMALL_OP_BYTES
         made = created_bytes(func, args, kwargs)
         return made is None or made <= SMALL_OP_BYTES
 
