@@ -75,8 +75,9 @@ replayed 8 of its 60 iterations.
   4. Replaying, an op matches the function the step stands at, or the first one after
      small functions only, that has its name and, for an op that is not small, is not
      small itself (`Replayer._skip_small`): a large `div` passes a small `div` the step
-     did not run (a small op may match a function that is not small: the arrays decide). The functions passed are skipped: their begin- and end-actions run in order.
-     Where none matches, a small op runs as it is, unrecorded, and the index stays
+     did not run (a small op may match a function that is not small: its arrays
+     decide). The functions passed are skipped: their begin- and end-actions run in
+     order. Where none matches, a small op runs as it is, unrecorded, and the index stays
      (`_extra`); so does one that matched by name but not by its arrays (before it
      runs) or by the new bytes it makes (after: the function's begin-actions ran; run
      again at the function, they find their arrays where they left them). Any other op
