@@ -69,10 +69,7 @@ class OnDemand:
         """Track the op's outputs, note what it wrote, and evict until within budget.
         Returns the entries of the storages the op created (not those it returned in place)."""
         res = self.residency
-        written_keys = {s._cdata for s in storages(written)}
-        for e in entries:
-            if e.key in written_keys:
-                res.mark_written(e)
+        mark_written(res, entries, written)
         seen = {e.key for e in entries}
         created = [res.track(s) for s in storages(outputs)
                    if s._cdata not in seen and (s.nbytes() or res.entry_of(s))]
@@ -84,6 +81,17 @@ class OnDemand:
                 learn_created(func, args, kwargs, made)
         res.evict_lru(self.budget, set())
         return created
+
+
+def mark_written(res: Residency, entries, written) -> None:
+    """Note which of `entries` (None: untracked) the op wrote: those whose storage is one
+    of the `written` tensors'."""
+    if not written:
+        return
+    written_keys = {s._cdata for s in storages(written)}
+    for e in entries:
+        if e is not None and e.key in written_keys:
+            res.mark_written(e)
 
 
 def _storage_arguments(args, kwargs):

@@ -56,7 +56,7 @@ deep-copies its metrics every n-th step (Lightning's ModelCheckpoint), a metric 
 first time a key is logged, `.item()` every hundred steps, per-class counts of a metric.
 Each of them in the middle of a step used to leave the plan (the rest of the step on
 demand) and start a new shape to record: a Lightning fit with logging and checkpoints
-replayed 8 of its 60 iterations.
+replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.md).
   1. A small op touches only storages of at most SMALL_OP_BYTES (1 KiB: a scalar, or
      per-class counts of up to 128 classes): as recorded, by the sizes of its arrays
      (`small_functions`); as it runs, by the sizes of its input storages (the

@@ -30,8 +30,8 @@ from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
-from .on_demand import OnDemand, created_bytes, infeasible, needed
-from .plans import SMALL_OP_BYTES, shape_of, small_functions
+from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
+from .plans import SMALL_OP_BYTES, shape_of
 from .residency import Residency
 from .steplog import StepLog
 
@@ -68,7 +68,8 @@ class Replayer(HeldMode):
         self.keys = keys                # plans.function_keys(trace), made once per plan
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
-        self.small = small_functions(trace)     # NOTE [Small ops off the record]
+        # NOTE [Small ops off the record]: a function keyed None is small or inserted.
+        self.small = [k is None and f.repeats is None for k, f in zip(keys, trace.functions)]
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
@@ -532,7 +533,7 @@ class Replayer(HeldMode):
             if self._small(func, in_storages) and all(
                     s.nbytes() <= SMALL_OP_BYTES for s in created) and not self._writes_beside_repeats(
                     func, args, kwargs):
-                self._note_written(entries, func, args, kwargs)
+                mark_written(res, entries, written_tensors(func, args, kwargs))
                 for storage in created:
                     res.track(storage)          # rule 6: counted (pinned) from here
                 return out                      # rule 4b, after it ran: the index stays
@@ -737,7 +738,7 @@ class Replayer(HeldMode):
         for entry in entries:
             res.ready(entry)
         out = func(*args, **kwargs)
-        self._note_written(entries, func, args, kwargs)
+        mark_written(res, entries, written_tensors(func, args, kwargs))
         outputs = output_tensors(out)
         new = [s for s in distinct_storages(outputs) if s.nbytes() and res.entry_of(s) is None]
         large = [s.nbytes() for s in new if s.nbytes() > SMALL_OP_BYTES]
@@ -751,14 +752,6 @@ class Replayer(HeldMode):
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs), outputs)
             self._ran.append((name, sum(e.nbytes for e in made)))
         return out
-
-    def _note_written(self, entries, func, args, kwargs) -> None:
-        written = written_tensors(func, args, kwargs)
-        if written and entries:
-            keys = {s._cdata for s in distinct_storages(written)}
-            for entry in entries:
-                if entry is not None and entry.key in keys:
-                    self.res.mark_written(entry)
 
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
