@@ -99,10 +99,15 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      min_move_bytes (it never moves, so which storage stands for it changes no action
      and no count) and the plan recomputes nothing (a recomputed array's storage is
      discarded and remade in place: bound to a user's tensor, the remake overwrote it).
-  8. In a plan that recomputes, an op off the record that writes leaves the plan
-     (`_writes_beside_repeats`): a remake checks that its inputs were not changed in
-     place, and leaving the plan remakes what is held first (NOTE [Replaying a
-     recompute], rule 4).
+  8. In a plan that recomputes, a remake must find its inputs as they were (it checks
+     their versions) and must not overwrite a write to its array. Before a small op off
+     the record writes, an array already discarded whose remake reads (or is) a storage
+     it writes is made again (its room made first; lingering beside the plan till its
+     repeat: `_spare_remakes`), and one discarded later whose calls read or make one is
+     written out where the plan frees it and read back instead (`_discard`). The step
+     keeps its plan. One that matched a function by name and is found off the
+     record only after it ran (by what it made) and wrote leaves the plan
+     (`_writes_beside_repeats`).
 """
 from __future__ import annotations
 

@@ -131,6 +131,7 @@ class Replayer(HeldMode):
         self._temporary = {t for copies in remade.values() for t in copies[:-1]}
         self._twice = {y for y, copies in remade.items() if len(copies) > 1}
         self._kept: dict[int, list] = {}            # y -> its calls, while copies remain
+        self._written_off: set[int] = set()         # storages small ops off the record wrote
 
     def _capture(self, i, func, args, kwargs):
         call = recompute.capture(func, args, kwargs, producer=i in self._y_of)
@@ -159,6 +160,9 @@ class Replayer(HeldMode):
         storage = entry.ref() if entry is not None else None
         if storage is None:
             return                      # never bound, or died: no repeat will find it
+        if calls is not None and self._written_off and (entry.key in self._written_off or any(
+                t._version != v for call in calls for t, v in call.versions or ())):
+            calls = None                # rule 8 of NOTE [Small ops off the record]
         self._held[y] = entry
         if calls is None or not self.res.discard(entry, recompute.Remake(
                 self.res, calls, recompute.describe(entry.nbytes, self.op_names[self._producer[y]]),
@@ -185,6 +189,9 @@ class Replayer(HeldMode):
                 self.aid_of[entry] = a
                 res.ready(entry)           # remade here (a failure leaves it held: NOTE 4)
                 del self._held[y]
+                if entry in self._lingering:     # remade early (rule 8): the plan's again
+                    self._lingering.remove(entry)
+                    self._stranger_bytes -= entry.nbytes
             entry = self.by_id[a]
             if entry is not None:
                 res.ready(entry)
@@ -207,12 +214,28 @@ class Replayer(HeldMode):
             if entry.state is not DISCARDED or entry.ref() is None:
                 continue
             try:
+                try:
+                    self._room_for_remake(entry)
+                except Exception as exc:     # noqa: BLE001 - a full disk: remade over the
+                    error = error or exc     # budget all the same, never lost
                 self.res.ready(entry)
             except BaseException as exc:  # noqa: BLE001 - the others are still remade
                 self.res.abandon(entry)
                 error = error or exc
         if error is not None:
             raise error
+
+    def _room_for_remake(self, entry) -> None:
+        """Before a remake off the plan's order: write out the least recently used until
+        the array and its inputs not in memory fit the budget beside the rest. The plan
+        left no room for all held arrays at once (it remakes each before its use), and
+        remaking them together went over the budget by their sum."""
+        res = self.res
+        inputs = [e for t, _ in entry.remake.versions
+                  if (e := res.entry_of(t.untyped_storage())) is not None]
+        incoming = sum(e.nbytes for e in inputs if not e.occupies_fast)
+        res.evict_lru(self.budget - entry.nbytes - incoming,
+                      {entry.key, *(e.key for e in inputs)})
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
@@ -700,14 +723,36 @@ class Replayer(HeldMode):
     def _off_record(self, reason, func, args, kwargs, storages, small):
         """The op does not match the function the step stands at: a small op (`small`:
         `_runs_small`) runs as it is (rule 4b), any other leaves the plan."""
-        if small and not self._writes_beside_repeats(func, args, kwargs):
+        if small:
+            self._spare_remakes(func, args, kwargs)
             return self._extra(func, args, kwargs, storages)
         return self._deviate(reason, func, args, kwargs)
 
     def _writes_beside_repeats(self, func, args, kwargs) -> bool:
-        """Rule 8: an op off the record that writes, in a plan that recomputes: it may
-        change what a remake reads (its calls check their inputs' versions)."""
+        """Rule 8, after an op ran: in a plan that recomputes, an op off the record that
+        wrote may have changed what a remake reads (its calls check their inputs'
+        versions), too late to spare them (`_spare_remakes`)."""
         return bool(self._sources) and bool(written_tensors(func, args, kwargs))
+
+    def _spare_remakes(self, func, args, kwargs) -> None:
+        """Rule 8, before a small op off the record runs: in a plan that recomputes, no
+        remake may read, or make, a storage the op writes. An array already discarded
+        whose remake reads or makes one is made again now (its room made first); one
+        discarded later is written out and read back instead (`_discard`)."""
+        if not self._sources:
+            return
+        written = {t.untyped_storage()._cdata for t in written_tensors(func, args, kwargs)}
+        if not written:
+            return
+        self._written_off |= written
+        for entry in list(self._held.values()):
+            if (entry.state is DISCARDED and entry.ref() is not None
+                    and (entry.key in written or any(t.untyped_storage()._cdata in written
+                                                     for t, _ in entry.remake.versions))):
+                self._room_for_remake(entry)
+                self.res.ready(entry)
+                self._lingering.append(entry)   # beside the plan till its repeat (`_repeat`)
+                self._stranger_bytes += entry.nbytes
 
     def _runs_small(self, func, args, kwargs, storages) -> bool:
         """Rules 1 and 5, before the op runs: it reads only small storages, and its meta
