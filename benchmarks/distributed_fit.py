@@ -145,10 +145,11 @@ def main() -> int:
           f"{args.disk_size}); {host_cores()} cores for {args.nproc} ranks")
     overhead = measure_overhead()
     print(f"executor: {overhead['per_function_s'] * 1e6:.1f} us per op (outcore bench overhead)")
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as logs:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", str(args.nproc), os.path.abspath(__file__), "--rank", out,
+                        "--nproc-per-node", str(args.nproc), "--log-dir", logs,
+                        os.path.abspath(__file__), "--rank", out,
                         str(disk["read_GBps"] * 1e9), str(disk["write_GBps"] * 1e9),
                         str(overhead["per_function_s"]), str(disk["transfer_cpu_share"])],
                        check=True, env=env)

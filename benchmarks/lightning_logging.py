@@ -74,41 +74,41 @@ def child(mode: str, width: int, out: str) -> None:
         return TensorDataset(torch.randn(n, width, generator=g),
                              torch.randint(0, 10, (n,), generator=g))
 
-    root = tempfile.mkdtemp(prefix="pl_logging_")
-    model = Net()
-    callbacks = [ModelCheckpoint(dirpath=root + "/ck", every_n_train_steps=2, save_top_k=-1),
-                 LearningRateMonitor("step")]
-    ooc = None
-    if mode != "plain":
-        import outcore
-        from outcore.integrations.lightning import OutcoreCallback
-        # Parameters, gradients and AdamW's two moments of 4 layers: 64 x width^2 bytes
-        # and the activations; the budget is half of the former.
-        ooc = outcore.OutOfCore(budget=32 * width * width, swap_dir=root)
-        callbacks.insert(0, OutcoreCallback(ooc))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=3, accumulate_grad_batches=2,
-                         gradient_clip_val=1.0, callbacks=callbacks, default_root_dir=root,
-                         logger=CSVLogger(root), enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         val_check_interval=8, log_every_n_steps=1, deterministic=True)
-    train = DataLoader(data(64 * 40, 1), batch_size=64, shuffle=True,
-                       generator=torch.Generator().manual_seed(7))
-    t = time.perf_counter()
-    trainer.fit(model, train, DataLoader(data(128, 2), batch_size=64))
-    fit_s = time.perf_counter() - t
-    result = {"mode": mode, "fit_s": fit_s, "steps": trainer.global_step}
-    if ooc is not None:
-        report = ooc.report()
-        its = report.iterations
-        result.update(iterations=len(its),
-                      records=sum(it.mode == "record" for it in its),
-                      deviations=sum(it.deviation is not None for it in its),
-                      over_budget=sum(it.peak_resident > ooc.budget for it in its))
-        ooc.close()
-    state = {f"p.{k}": v for k, v in model.state_dict().items()}
-    for i, st in trainer.optimizers[0].state.items():
-        state.update({f"o{i}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
-    torch.save(state, out)
+    with tempfile.TemporaryDirectory(prefix="pl_logging_") as root:   # checkpoints, logs, swap
+        model = Net()
+        callbacks = [ModelCheckpoint(dirpath=root + "/ck", every_n_train_steps=2, save_top_k=-1),
+                     LearningRateMonitor("step")]
+        ooc = None
+        if mode != "plain":
+            import outcore
+            from outcore.integrations.lightning import OutcoreCallback
+            # Parameters, gradients and AdamW's two moments of 4 layers: 64 x width^2 bytes
+            # and the activations; the budget is half of the former.
+            ooc = outcore.OutOfCore(budget=32 * width * width, swap_dir=root)
+            callbacks.insert(0, OutcoreCallback(ooc))
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=3, accumulate_grad_batches=2,
+                             gradient_clip_val=1.0, callbacks=callbacks, default_root_dir=root,
+                             logger=CSVLogger(root), enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0,
+                             val_check_interval=8, log_every_n_steps=1, deterministic=True)
+        train = DataLoader(data(64 * 40, 1), batch_size=64, shuffle=True,
+                           generator=torch.Generator().manual_seed(7))
+        t = time.perf_counter()
+        trainer.fit(model, train, DataLoader(data(128, 2), batch_size=64))
+        fit_s = time.perf_counter() - t
+        result = {"mode": mode, "fit_s": fit_s, "steps": trainer.global_step}
+        if ooc is not None:
+            report = ooc.report()
+            its = report.iterations
+            result.update(iterations=len(its),
+                          records=sum(it.mode == "record" for it in its),
+                          deviations=sum(it.deviation is not None for it in its),
+                          over_budget=sum(it.peak_resident > ooc.budget for it in its))
+            ooc.close()
+        state = {f"p.{k}": v for k, v in model.state_dict().items()}
+        for i, st in trainer.optimizers[0].state.items():
+            state.update({f"o{i}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
+        torch.save(state, out)
     print(json.dumps(result))
 
 

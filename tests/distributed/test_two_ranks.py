@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -19,11 +20,15 @@ LAUNCH_TIMEOUT_S = 300
 
 
 def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 script args...`, one torch thread a rank."""
+    """`torchrun --standalone --nproc-per-node 2 script args...`, one torch thread a rank.
+    Its log directory is a temporary one: without `--log-dir` torchrun leaves a
+    `torchelastic_*` directory in /tmp at every launch."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         script, *args], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    with tempfile.TemporaryDirectory() as logs:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "2", "--log-dir", logs, script, *args], capture_output=True, text=True,
+            timeout=LAUNCH_TIMEOUT_S, env=env)
 
 
 @pytest.fixture(scope="module")
