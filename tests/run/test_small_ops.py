@@ -253,6 +253,66 @@ def test_a_small_write_off_the_record_in_a_plan_that_recomputes_spares_the_remak
                    for it in steady[2:]), str(report)
 
 
+RECOMPUTE_WRITES = ("conv bias", "running mean", "counter")
+RECOMPUTE_WHERE = ("first conv's hook", "second norm's hook", "after forward", "after backward")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schedule=st.lists(st.lists(st.tuples(st.sampled_from(RECOMPUTE_WHERE),
+                                            st.sampled_from(RECOMPUTE_WRITES)).filter(
+    lambda w: w != ("after forward", "running mean")), max_size=2), min_size=7, max_size=7))
+def test_small_writes_anywhere_keep_a_plan_that_recomputes(schedule, tmp_path):
+    """Rule 8 as a property: small in-place writes off the record (a conv's bias and a
+    norm's running mean, both arguments of recomputed arrays' producers, and a counter) at random places and
+    steps, in a plan that recomputes. (The last norm's running mean is written only
+    before that norm runs or after backward: autograd saves it, and plain PyTorch raises.) Every iteration after the two recordings replays
+    its plan to the end, bitwise equal to plain PyTorch, under the budget."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+    budget = 640 * 2**10
+
+    def train(ooc=None):
+        model = _Convs()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        counter, now = torch.zeros((), dtype=torch.int64), []
+
+        def write(where):
+            with torch.no_grad():
+                for w, what in now:
+                    if w != where:
+                        continue
+                    if what == "conv bias":
+                        model.convs[0].bias.mul_(0.5)
+                    elif what == "running mean":
+                        model.norms[2].running_mean.mul_(0.5)
+                    else:
+                        counter.add_(1)
+        model.convs[0].register_forward_hook(lambda *_: write(RECOMPUTE_WHERE[0]))
+        model.norms[1].register_forward_hook(lambda *_: write(RECOMPUTE_WHERE[1]))
+        for ops in schedule:
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                now[:] = ops
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                write("after forward")
+                loss.backward()
+                write("after backward")
+                opt.step()
+        return model, counter
+    plain = train()
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True) as ooc:
+        ours = train(ooc)
+        report = ooc.report()
+    assert report.planned_recomputed > 0, str(report)
+    for a, b in zip(plain[0].state_dict().values(), ours[0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(plain[1], ours[1])
+    later = report.iterations[2:]
+    assert [it.mode for it in later] == ["replay"] * len(later), str(report)
+    assert [it.deviation for it in later] == [None] * len(later), str(report)
+    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
+
+
 def test_leaving_a_plan_that_recomputes_remakes_within_the_budget(tmp_path):
     """NOTE [Replaying a recompute] rule 4: a step that leaves its plan after forward
     remakes every array the plan held discarded before the op that left it runs. The

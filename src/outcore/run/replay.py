@@ -174,6 +174,8 @@ class Replayer(HeldMode):
         """Run inserted function k: its actions, and the remake of the array it makes."""
         res = self.res
         taken = time.perf_counter()
+        if self._stranger_bytes:       # lingering beside the plan: the repeat's room first
+            self._keep_room(k)
         self._actions(self.schedule.begin[k])
         fn = self.trace.functions[k]
         for acc in fn.accesses:
@@ -469,7 +471,6 @@ class Replayer(HeldMode):
         if self.index < self.n and self.repeats[self.index] is not None:
             if self._zombies:
                 self._reap()
-                self._keep_room(self.index)      # the repeats' room first
             while self.index < self.n and self.repeats[self.index] is not None:
                 self._repeat(self.index)
         i = self.index
