@@ -1147,12 +1147,26 @@ class _Iteration:
             res.let_go(set(carried.values()) | set(ooc._inputs))
             self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
                                  ooc._inputs, keys=plan.keys, may_follow=ooc._plans.may_follow(),
-                                 lasting=ooc._plans.state_of_others(plan))
+                                 lasting=ooc._plans.state_of_others(plan), others=self._others)
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0
         res.sample_rss(force=True)
         self._enter_mode()
+
+    def _others(self, keys, expected, nbytes, name):
+        """Replayer._switch: another plan this step turns out to follow, with the state
+        it starts from and the other plans' (NOTE [Step shapes] in plans.py, rule 9)."""
+        ooc = self.ooc
+        plan = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name)
+        if plan is None:
+            return None
+        ooc._use(plan)
+        log.info("iteration %d turned out to have the shape of another plan at function %d "
+                 "(%s): it follows that plan from there", len(ooc._iterations) + 1, len(keys),
+                 name)
+        return (plan, ooc._plans.carried(self.after, plan, ooc._live),
+                ooc._plans.state_of_others(plan))
 
     @critical
     def __exit__(self, exc_type, exc, tb):
@@ -1253,7 +1267,8 @@ class _Iteration:
             trimmed_bytes=trimmed[1] - before[6][1],
             rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),
             bytes_recomputed=stats.bytes_recomputed - before[7],
-            unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0)))
+            unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0),
+            switched_at=None if self.recording else getattr(self.mode, "switched_at", None)))
         last, bound = ooc._iterations[-1], ooc._rss_bound()
         if last.peak_resident > ooc.budget and not ooc._warned_over:
             ooc._warned_over = True

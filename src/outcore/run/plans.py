@@ -49,6 +49,21 @@ lets every iteration replay.
      another shape), the plan is dropped and its shape recorded again, once per shape
      (`OutOfCore._outgrown`): a step that leaves a new such storage every time is not
      recorded again and again.
+  9. Shapes that come at random (mixup or cutmix by a coin toss, a hook that logs an
+     activation on some steps) defeat any prediction. Where a replay leaves its record
+     at function k, before the op ran, and another plan's record ran the same first k
+     functions on the same arrays and goes on with that op (`Plans.continuing`; past
+     small functions), the replay takes up that plan at k (`Replayer._switch`) instead
+     of deviating: array ids are numbered by first access, so the arrays the step
+     touched keep theirs; the state it has not touched yet binds as that plan starts
+     from it (rule 4). `_reconcile` then puts the arrays where that plan's actions up
+     to k have them: what it has out is written out, what it is writing starts its
+     write, what it has in is read back, other fast storages are strangers. Once per
+     iteration, and only to a plan whose first k functions recompute what the step's
+     did: calls kept and arrays discarded carry over where it recomputes them
+     (`_take_recomputes`). (Two plans that recompute different arrays before k have
+     different first functions: the step deviates there, as before.) The
+     iteration counts as a replay of the plan it ended on (`IterationStats.switched_at`).
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
@@ -101,11 +116,12 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      discarded and remade in place: bound to a user's tensor, the remake overwrote it).
   8. In a plan that recomputes, a remake must find its inputs as they were (it checks
      their versions) and must not overwrite a write to its array. Before a small op off
-     the record writes, an array already discarded whose remake reads (or is) a storage
-     it writes is made again (its room made first; lingering beside the plan till its
-     repeat: `_spare_remakes`), and one discarded later whose calls read or make one is
-     written out where the plan frees it and read back instead (`_discard`). The step
-     keeps its plan. One that matched a function by name and is found off the
+     the record writes, every kept call and every discarded array's remake that reads a
+     storage it writes gets a copy of that argument, taken then (`recompute.spare`, as a
+     producer's own writes are copied at the capture): the repeat runs on the values
+     from before, whether the write bumped a version or went through `.data`. An array
+     whose own storage it writes is written out where the plan frees it and read back,
+     not discarded (`_discard`). The step keeps its plan. One that matched a function by name and is found off the
      record only after it ran (by what it made) and wrote leaves the plan
      (`_writes_beside_repeats`).
 """
@@ -253,6 +269,32 @@ class Plans:
         if plan is not None:
             self._plans.move_to_end(plan.shape)
         return plan
+
+    def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
+                   name: str) -> Plan | None:
+        """Rule 9: the most recently used plan but `current` whose record begins with
+        functions of these `keys` on these arrays (`expected`, of these `nbytes`) and
+        goes on with an op named `name` (past small functions), with the same functions
+        inserted to recompute among the first k and none after. (What it recomputes later
+        that one of those first functions made, with no call kept, is written out and
+        read back instead.)"""
+        k, ran = len(keys), current.trace.functions
+        for plan in reversed(self._plans.values()):
+            fns = plan.trace.functions
+            if plan is current or len(fns) <= k or plan.keys[:k] != keys:
+                continue
+            j = k
+            while j < len(fns) and plan.keys[j] is None and fns[j].op != name:
+                j += 1                                  # small functions (rule 4a)
+            if j == len(fns) or fns[j].op != name or any(
+                    f.repeats is not None for f in fns[k:j + 1]) or any(
+                    fns[i].repeats != ran[i].repeats for i in range(k)):
+                continue
+            arrays = plan.trace.arrays
+            if all(fns[i].arrays() == expected[i] for i in range(k)) and all(
+                    arrays[a].nbytes == nbytes[a] for ids in expected for a in ids):
+                return plan
+        return None
 
     def learn(self, ending: Ending | None, plan: Plan, started_from: dict) -> None:
         """`plan` ran to its end after `ending`, starting from `started_from` ({array id:

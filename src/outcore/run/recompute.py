@@ -98,6 +98,20 @@ def ran(call: Call) -> None:
     call.versions = [(t, t._version) for t in _arguments(call) if id(t) not in call.copies]
 
 
+def spare(call: Call, written: set) -> None:
+    """An op off the record is about to write the storages `written` (rule 8 of NOTE
+    [Small ops off the record] in run/plans.py): the call's arguments on them are copied
+    now, as the op's own writes are at the capture (NOTE 1), so that the repeat runs on
+    their values from before; their versions are no longer checked. An argument already
+    changed since the capture is left to the version check."""
+    for t, version in call.versions or ():
+        if t.untyped_storage()._cdata in written and id(t) not in call.copies \
+                and t._version == version:
+            call.copies[id(t)] = t.detach().clone()
+    if call.versions:
+        call.versions = [(t, v) for t, v in call.versions if id(t) not in call.copies]
+
+
 def _arguments(call: Call):
     return list(iter_tensors(call.args)) + list(iter_tensors(call.kwargs.values()))
 
@@ -182,6 +196,17 @@ class Remake:
                                "call made no output for it. Pass recompute=False to OutOfCore, "
                                "and report the model")
         self.calls, self.versions = [], []
+
+    def spare(self, written: set) -> None:
+        """`spare` for a discarded array's calls, whose versions the remake holds."""
+        copied = set()
+        for t, version in self.versions:
+            if t.untyped_storage()._cdata in written and t._version == version:
+                copy = t.detach().clone()
+                for call in self.calls:
+                    call.copies.setdefault(id(t), copy)
+                copied.add(id(t))
+        self.versions = [(t, v) for t, v in self.versions if id(t) not in copied]
 
 
 # NOTE 3: the references to the repeat's output while `_take` decides, where the op's

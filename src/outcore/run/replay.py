@@ -53,26 +53,20 @@ _TO_BOOL = frozenset((
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
                  shield: Shield, inputs=(), *, keys, may_follow: bool = True,
-                 lasting=frozenset()):
+                 lasting=frozenset(), others=None):
         super().__init__(shield)
-        self.trace = trace
-        self.schedule = schedule
         self.res = residency
         self.budget = budget
-        self.n = len(trace.functions)
-        self.op_names = [f.op for f in trace.functions]
-        self.expected = [f.arrays() for f in trace.functions]
-        self.nbytes = [a.nbytes for a in trace.arrays]
-        self.is_input = [a.kind == "input" for a in trace.arrays]
-        self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
-        self.keys = keys                # plans.function_keys(trace), made once per plan
+        self._take(trace, schedule, keys)
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
-        self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
-        # NOTE [Small ops off the record]: a function keyed None is small or inserted.
-        self.small = [k is None and f.repeats is None for k, f in zip(keys, trace.functions)]
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
+        # NOTE [Step shapes] rule 9: other plans this step may turn out to follow
+        # (`others(k, name)`: a plan whose record ran this step's first k functions and
+        # then `name`, with what it starts from, or None), and the plan switched to.
+        self._others = others
+        self.switched = self.switched_at = None
         self._inputs = inputs        # entries the last step read as inputs (not strangers)
         for aid, entry in carried.items():
             self.by_id[aid] = entry
@@ -94,14 +88,29 @@ class Replayer(HeldMode):
         # is on the slow tier (a step that ran on demand, or another plan, left it
         # there, and following makes nothing ready).
         self.passive = may_follow and schedule.bytes_moved == 0 and residency.offloaded == 0
-        self._curve = schedule.resident_curve
         self._strangers: list = []
         self._stranger_bytes = 0      # of the strangers and the lingering together
         self._lasting = lasting      # entries of other plans' state: strangers that stay
         self.log = StepLog(time.perf_counter())
-        self._recompute_setup(trace)
         if self._sources:
             self.passive = False
+
+    def _take(self, trace, schedule, keys) -> None:
+        """What following the plan of (`trace`, `schedule`) needs, made once per plan."""
+        self.trace = trace
+        self.schedule = schedule
+        self.n = len(trace.functions)
+        self.op_names = [f.op for f in trace.functions]
+        self.expected = [f.arrays() for f in trace.functions]
+        self.nbytes = [a.nbytes for a in trace.arrays]
+        self.is_input = [a.kind == "input" for a in trace.arrays]
+        self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
+        self.keys = keys                # plans.function_keys(trace), made once per plan
+        self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
+        # NOTE [Small ops off the record]: a function keyed None is small or inserted.
+        self.small = [k is None and f.repeats is None for k, f in zip(keys, trace.functions)]
+        self._curve = schedule.resident_curve
+        self._recompute_setup(trace)
 
     # -- recompute (NOTE [Replaying a recompute] in recompute.py) --------------------------
     def _recompute_setup(self, trace) -> None:
@@ -161,7 +170,8 @@ class Replayer(HeldMode):
         if storage is None:
             return                      # never bound, or died: no repeat will find it
         if calls is not None and self._written_off and (entry.key in self._written_off or any(
-                t._version != v for call in calls for t, v in call.versions or ())):
+                t._version != v and t.untyped_storage()._cdata != entry.key
+                for call in calls for t, v in call.versions or ())):
             calls = None                # rule 8 of NOTE [Small ops off the record]
         self._held[y] = entry
         if calls is None or not self.res.discard(entry, recompute.Remake(
@@ -174,6 +184,8 @@ class Replayer(HeldMode):
         """Run inserted function k: its actions, and the remake of the array it makes."""
         res = self.res
         taken = time.perf_counter()
+        if self._zombies:              # freed by the repeat before, still held
+            self._reap()
         if self._stranger_bytes:       # lingering beside the plan: the repeat's room first
             self._keep_room(k)
         self._actions(self.schedule.begin[k])
@@ -191,9 +203,6 @@ class Replayer(HeldMode):
                 self.aid_of[entry] = a
                 res.ready(entry)           # remade here (a failure leaves it held: NOTE 4)
                 del self._held[y]
-                if entry in self._lingering:     # remade early (rule 8): the plan's again
-                    self._lingering.remove(entry)
-                    self._stranger_bytes -= entry.nbytes
             entry = self.by_id[a]
             if entry is not None:
                 res.ready(entry)
@@ -229,15 +238,23 @@ class Replayer(HeldMode):
 
     def _room_for_remake(self, entry) -> None:
         """Before a remake off the plan's order: write out the least recently used until
-        the array and its inputs not in memory fit the budget beside the rest. The plan
-        left no room for all held arrays at once (it remakes each before its use), and
-        remaking them together went over the budget by their sum."""
-        res = self.res
-        inputs = [e for t, _ in entry.remake.versions
-                  if (e := res.entry_of(t.untyped_storage())) is not None]
-        incoming = sum(e.nbytes for e in inputs if not e.occupies_fast)
-        res.evict_lru(self.budget - entry.nbytes - incoming,
-                      {entry.key, *(e.key for e in inputs)})
+        the array and what its remake brings into memory (its inputs not there, and for
+        an input discarded too, its remake's, and so on) fit the budget beside the rest.
+        The plan left no room for all held arrays at once (it remakes each before its
+        use), and remaking them together went over the budget by their sum."""
+        res, need, keep, todo = self.res, 0, set(), [entry]
+        while todo:
+            e = todo.pop()
+            if e.key in keep:
+                continue
+            keep.add(e.key)
+            if e.state is DISCARDED and e.remake is not None:
+                need += e.nbytes
+                todo += [i for t, _ in e.remake.versions
+                         if (i := res.entry_of(t.untyped_storage())) is not None]
+            elif not e.occupies_fast:
+                need += e.nbytes
+        res.evict_lru(self.budget - need, keep)
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
@@ -727,7 +744,95 @@ class Replayer(HeldMode):
         if small:
             self._spare_remakes(func, args, kwargs)
             return self._extra(func, args, kwargs, storages)
+        if self._switch(self._name(func)):
+            return self._one(func, args, kwargs)
         return self._deviate(reason, func, args, kwargs)
+
+    # -- another plan of a shape this step turns out to have (NOTE [Step shapes] rule 9) ---
+    def _switch(self, name) -> bool:
+        """The step left its record at function k, before op `name` ran: where another
+        plan's record ran the same first k functions on the same arrays and then `name`,
+        follow that plan from k on (once per iteration)."""
+        if self._others is None or self.passive or self.switched is not None:
+            return False
+        k, old, sizes = self.index, self.by_id, self.nbytes
+        found = self._others(self.keys[:k], self.expected[:k], sizes, name)
+        if found is None:
+            return False
+        plan, carried, lasting = found
+        if self._zombies:
+            self._reap()
+        calls, held, kept, written = self._calls, self._held, self._kept, self._written_off
+        self._take(plan.trace, plan.schedule, plan.keys)
+        self._take_recomputes(calls, held, kept, written)
+        self.by_id, self.aid_of = [None] * len(plan.trace.arrays), {}
+        self.switched, self.switched_at = plan, k
+        self.started_from = {}
+        for aid in {a for arrays in self.expected[:k] for a in arrays}:
+            if old[aid] is not None:         # the same ids: numbered in order of first access
+                self._bind(aid, old[aid])
+        for aid, entry in carried.items():   # state the step has not touched yet
+            if self.by_id[aid] is None and entry not in self.aid_of:
+                self._bind(aid, entry)
+        self._lasting, self._lingering = lasting, []
+        self._reconcile(k)
+        return True
+
+    def _take_recomputes(self, calls, held, kept, written) -> None:
+        """After a switch: the first k functions, their repeats included, are the same
+        in both plans, so a call kept at function i is the call the new plan keeps
+        there, if it recomputes from it; an array discarded is one it remakes, if it
+        remakes it. What the new plan does not recompute is let go (its call) or made
+        again now (its array, room made first)."""
+        self._calls = {i: c for i, c in calls.items() if i in self._sources}
+        self._kept = {y: c for y, c in kept.items() if y in self._twice}
+        self._written_off = written
+        for y, entry in held.items():
+            if y in self._producer:
+                self._held[y] = entry
+            elif entry.state is DISCARDED and entry.ref() is not None:
+                self._room_for_remake(entry)
+                self.res.ready(entry)
+
+    def _reconcile(self, k: int) -> None:
+        """Put the arrays where the plan switched to has them before function k: its
+        actions up to there, replayed on paper, say which are in fast memory and which it
+        is still writing out. What it has out is written out now (synchronously), what it
+        is writing starts its write (its WAIT comes later), the rest of the fast memory is
+        strangers' (`_make_room`), and what it has in comes back (asynchronously). A
+        read the plan left started and this one has out is waited for and dropped; a
+        write it started that this one waited for already is waited for now."""
+        sched, fns, res = self.schedule, self.trace.functions, self.res
+        fast, writing = set(sched.resident_at_start), set()
+        for i in range(k):
+            for act in sched.begin[i]:
+                if act.kind == SWAP_IN:
+                    fast.add(act.array)
+                elif act.kind == WAIT:
+                    fast.discard(act.array)
+                    writing.discard(act.array)
+            fast.update(a.array for a in fns[i].accesses if a.kind == "create")
+            for act in sched.end[i]:
+                if act.kind in (FREE, DROP):
+                    fast.discard(act.array)
+                elif act.kind == SWAP_OUT:
+                    writing.add(act.array)
+        bound = [(aid, e) for aid, e in enumerate(self.by_id) if e is not None]
+        out = [e for aid, e in bound if aid not in fast or aid in writing]
+        for entry in out:
+            if entry.state is IN:            # read in by the plan left: dropped once there
+                res.ready(entry)
+        for entry in out:
+            res.evict(entry, unplanned=True)
+        for entry in out:
+            if self.aid_of[entry] not in writing:     # its WAIT is still to come
+                res.finish(entry)
+        self._find_strangers()
+        if self._stranger_bytes:
+            self._make_room(self._curve[k] if k < self.n else 0)
+        for aid, entry in bound:
+            if aid in fast and aid not in writing and entry.state in (SLOW, OUT):
+                res.restore(entry, unplanned=True)
 
     def _writes_beside_repeats(self, func, args, kwargs) -> bool:
         """Rule 8, after an op ran: in a plan that recomputes, an op off the record that
@@ -737,23 +842,25 @@ class Replayer(HeldMode):
 
     def _spare_remakes(self, func, args, kwargs) -> None:
         """Rule 8, before a small op off the record runs: in a plan that recomputes, no
-        remake may read, or make, a storage the op writes. An array already discarded
-        whose remake reads or makes one is made again now (its room made first); one
-        discarded later is written out and read back instead (`_discard`)."""
+        remake may see what it writes. A kept call, or a discarded array's remake, that
+        reads a storage the op writes runs again on a copy of it taken now
+        (`recompute.spare`); an array whose own storage the op writes is written out
+        where the plan frees it instead of discarded (`_discard`; one discarded already
+        is made ready before the op runs, as every input)."""
         if not self._sources:
             return
         written = {t.untyped_storage()._cdata for t in written_tensors(func, args, kwargs)}
         if not written:
             return
         self._written_off |= written
-        for entry in list(self._held.values()):
-            if (entry.state is DISCARDED and entry.ref() is not None
-                    and (entry.key in written or any(t.untyped_storage()._cdata in written
-                                                     for t, _ in entry.remake.versions))):
-                self._room_for_remake(entry)
-                self.res.ready(entry)
-                self._lingering.append(entry)   # beside the plan till its repeat (`_repeat`)
-                self._stranger_bytes += entry.nbytes
+        for calls in (list(self._calls.values()), *self._kept.values()):
+            for call in calls:
+                if call is not None:
+                    recompute.spare(call, written)
+        for entry in self._held.values():
+            remake = entry.remake if entry.state is DISCARDED else None
+            if remake is not None and entry.ref() is not None:
+                remake.spare(written)
 
     def _runs_small(self, func, args, kwargs, storages) -> bool:
         """Rules 1 and 5, before the op runs: it reads only small storages, and its meta

@@ -37,6 +37,7 @@ class IterationStats:
     unmanaged: int = 0         # the most of that which was not managed tensors
     bytes_recomputed: int = 0  # activations made again instead of read back
     plan_s: float = 0.0        # a recording's planning, after the step (not in `seconds`)
+    switched_at: int | None = None  # the function where it took up another shape's plan
 
     @property
     def overlap(self) -> float:
@@ -205,6 +206,10 @@ class Report:
                 if it.bytes_recomputed:
                     lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "
                                  "of reading it back")
+                if it.switched_at is not None:
+                    lines.append(f"        from function {it.switched_at} on, followed the plan "
+                                 "of another shape of step whose record begins the same "
+                                 "(NOTE [Step shapes] in run/plans.py, rule 9)")
                 if it.skipped_actions:
                     lines.append(f"        {it.skipped_actions} planned moves skipped: their arrays "
                                  "had not been touched yet in this iteration")

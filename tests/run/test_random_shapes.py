@@ -1,0 +1,104 @@
+"""Steps whose shape comes at random (NOTE [Step shapes] rule 9 in run/plans.py): mixup
+or cutmix by a coin toss, a hook that logs a large activation on some steps, gradient
+clipping on some steps. No prediction knows which shape comes; once each shape has a
+plan, a replay that leaves its record where another plan's record goes on takes up that
+plan there: every later iteration replays to its end, bitwise equal to plain PyTorch,
+under the budget."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import outcore
+
+# Which of two shapes each step has: the first two alike (the recordings), then at random.
+COINS = [0, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1, 0]
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1),
+                                        torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1),
+                                        torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 16 * 16, 10))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+def _train(branch, optimizer, ooc=None):
+    net = _Net()
+    opt = (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(net.parameters(), lr=1e-3))
+    logged, coin = [], [0]
+
+    def log_activation(module, inputs, out):
+        if coin[0]:
+            logged.append(out.abs().mean())       # `abs` makes a tensor of the output's size
+    net.stem.register_forward_hook(log_activation if branch == "forward" else lambda *_: None)
+    g = torch.Generator().manual_seed(1)
+    for c in COINS:
+        x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+        with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+            coin[0] = c
+            if branch == "batch" and c:            # cutmix: a patch from the flipped batch
+                x[:, :, 4:12, 4:12] = x.flip(0)[:, :, 4:12, 4:12]
+            elif branch == "batch":                # mixup
+                x = x.mul(0.7).add_(x.flip(0).mul_(0.3))
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            if branch == "after backward" and c:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5, foreach=False)
+            opt.step()
+            opt.zero_grad()
+    return net, opt, logged
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("branch", ["batch", "forward", "after backward"])
+def test_shapes_at_random_replay_once_each_has_a_plan(branch, optimizer, tmp_path):
+    plain = _train(branch, optimizer)
+    budget = 2 * 2**20                             # under half the in-core peak
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=False) as ooc:
+        ours = _train(branch, optimizer, ooc)
+        report = ooc.report()
+    assert report.in_core_peak > 2 * budget, str(report)
+    for a, b in zip(plain[0].state_dict().values(), ours[0].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain[1].state_dict()["state"].values(), ours[1].state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], ours[2], strict=True))
+    its = report.iterations
+    last_record = max(it.index for it in its if it.mode == "record")
+    assert last_record <= 8, str(report)          # each shape recorded, then no more
+    later = [it for it in its if it.index > last_record]
+    assert [it.deviation for it in later] == [None] * len(later), str(report)
+    assert any(it.switched_at is not None for it in later), str(report)
+    assert all(it.peak_resident <= budget for it in its), str(report)
+    assert "followed the plan of another shape" in str(report)
+
+
+@pytest.mark.parametrize("branch", ["batch", "forward"])
+def test_a_plan_that_recomputes_is_taken_up_too(branch, tmp_path):
+    """With recompute on, the plans recompute the convolutions' outputs. The shapes part
+    at the step's first op (before any call is kept) or in forward after the first
+    convolution (its call kept, carried over to the plan taken up)."""
+    plain = _train(branch, "sgd")
+    budget = 2 * 2**20
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True) as ooc:
+        ours = _train(branch, "sgd", ooc)
+        report = ooc.report()
+    assert report.planned_recomputed > 0, str(report)
+    for a, b in zip(plain[0].state_dict().values(), ours[0].state_dict().values()):
+        assert torch.equal(a, b)
+    its = report.iterations
+    last_record = max(it.index for it in its if it.mode == "record")
+    later = [it for it in its if it.index > last_record]
+    assert [it.deviation for it in later] == [None] * len(later), str(report)
+    assert any(it.switched_at is not None for it in later), str(report)
+    assert all(it.peak_resident <= budget for it in its), str(report)
