@@ -1270,7 +1270,8 @@ class _Iteration:
             unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0),
             switched_at=None if self.recording else getattr(self.mode, "switched_at", None)))
         last, bound = ooc._iterations[-1], ooc._rss_bound()
-        if last.peak_resident > ooc.budget and not ooc._warned_over:
+        if (last.peak_resident > ooc.budget and not ooc._warned_over
+                and getattr(self.mode, "infeasible", None) is None):   # its error says why
             ooc._warned_over = True
             log.warning("iteration %d (%s): %s of managed tensors at its peak, %s over the "
                         "budget: %s (once per OutOfCore; ooc.report() marks each such "

@@ -223,9 +223,10 @@ class Report:
 # Why an iteration's managed peak can pass the budget without an error (the warning and
 # the report's line say the same).
 OVER_BUDGET_WHY = ("an op outcore met for the first time made more than its meta kernel "
-                "said (an LSTM's workspace: later iterations leave room for it), or tensors "
+                "said (an LSTM's workspace: later iterations leave room for it), tensors "
                 "that cannot move (numpy arrays kept, shared memory, from_numpy) held more "
-                "than the plan had room for")
+                "than the plan had room for, or one op needed more than the budget at once "
+                "(InfeasibleBudget was raised at that iteration's end)")
 
 
 def _known(cls, data: dict) -> dict:
