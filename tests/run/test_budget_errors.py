@@ -402,3 +402,43 @@ def test_an_optimizer_stopped_while_it_makes_its_state_is_never_left_half_made(t
                 step(*ours)
     assert torch.equal(plain[0].weight, ours[0].weight) and torch.equal(plain[1].weight,
                                                                         ours[1].weight)
+
+
+def test_a_batch_sliced_from_a_dataset_in_one_tensor_is_named_with_the_way_out(tmp_path):
+    """A step that slices its batch from a dataset held in one tensor reads the dataset's
+    storage, which outcore counts whole (20 MB against a 4 MiB budget). The error says so
+    and names the way out, a copy of the batch taken before the iteration, which then
+    trains bitwise as plain PyTorch under that budget (helper-60 saw 'lower the batch')."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(20000, 256), torch.randint(0, 10, (20000,))
+
+    def make():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                    torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                    torch.nn.Linear(512, 10))
+        return model, torch.optim.Adam(model.parameters())
+
+    def step(model, opt, xb, yb):
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    budget = 4 * MIB
+    model, opt = make()
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget) as err:
+            with ooc.iteration():
+                step(model, opt, X[:64], Y[:64])
+    message = str(err.value)
+    assert "reads only in part, through a view (of shape [64, 256])" in message, message
+    assert "clone() outside" in message and "lower the batch" not in message, message
+    plain, ours = make(), make()
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        for i in range(5):
+            xb, yb = X[i * 64:(i + 1) * 64].clone(), Y[i * 64:(i + 1) * 64].clone()
+            step(*plain, xb, yb)
+            with ooc.iteration():
+                step(*ours, xb, yb)
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+    assert all(it.peak_resident <= budget for it in report.iterations), str(report)

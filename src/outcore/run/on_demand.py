@@ -290,27 +290,64 @@ _LOSSES_KEEPING_THEIR_BUFFER = frozenset(
     for name in ("mse_loss", "smooth_l1_loss", "binary_cross_entropy", "soft_margin_loss"))
 
 
+def read_in_part(inputs, needed: int, res: Residency | None = None):
+    """The storage of `inputs` that holds at least half of `needed` bytes while the op
+    reads less than half of it, through views (a batch sliced from a dataset held in one
+    tensor), as (its bytes, the largest view's shape); None if there is none. Sizes are
+    the residency's where it tracks the storage (one on the slow tier reads 0 bytes)."""
+    spans: dict = {}
+    for t in inputs:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        span = (t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+                + 1) * t.element_size() if t.numel() else 0
+        key = storage._cdata
+        entry = res.entry_of(storage) if res is not None else None
+        old = spans.get(key)
+        if old is None or span > old[1]:
+            spans[key] = (entry.nbytes if entry is not None else storage.nbytes(), span,
+                          tuple(t.shape))
+    for nbytes, span, shape in spans.values():
+        if 2 * nbytes >= needed and 2 * span < nbytes:
+            return nbytes, shape
+    return None
+
+
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,
                min_move_bytes: int, *, completed: bool = False,
-               deviated: bool = False) -> InfeasibleBudget:
+               deviated: bool = False, inputs=(), res: Residency | None = None
+               ) -> InfeasibleBudget:
     """The error for a function that cannot fit: it needs `movable` bytes of its own
     arrays at once beside `pinned` bytes of arrays that never move. `completed`: the
     optimizer had begun, so the step was finished (over budget) before raising.
     `deviated`: found in the part of a replayed step that left its record and ran op by
-    op, raised once that step had completed (over budget)."""
+    op, raised once that step had completed (over budget). `inputs`: the op's tensor
+    arguments (a view op's outputs), for a storage it reads only in part
+    (`read_in_part`)."""
     needed = movable + pinned
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
             f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable "
             "or in shared memory (from_numpy, .numpy(), torch.load: .clone() those; "
             "share_memory_()), or held by a "
             "collective or FSDP)") if pinned else ""
+    part = read_in_part(inputs, needed, res)
+    what_to_do = (
+        f"most of that is one tensor's storage of {format_bytes(part[0])} that the step reads "
+        f"only in part, through a view (of shape {list(part[1])}): outcore counts and moves a "
+        "storage whole. A batch sliced from a dataset held in one tensor is the usual case: "
+        "take the batch as a copy before the iteration (xb = X[i:j].clone() outside "
+        "`with ooc.iteration():`), so that the step reads only the copy, or raise the budget "
+        f"to at least {format_bytes(needed)} ({needed:,} B)") if part else (
+        f"the smallest feasible budget is at least {format_bytes(needed)} ({needed:,} B): raise "
+        "the budget to that or more, or lower the batch (for the whole step's figure at once, "
+        "record one step with outcore.record(), on the meta device if it does not fit, and "
+        "pass its trace to outcore.smallest_budget())")
     error = InfeasibleBudget(
         f"function {index} ({what}, {phase}) needs {format_bytes(needed)} ({needed:,} B) resident "
         f"at once{held}, more than the budget of {format_bytes(budget)} ({budget:,} B) you passed; "
-        f"no schedule can run it. The smallest feasible budget is at least {format_bytes(needed)} "
-        f"({needed:,} B): raise the budget to that or more, or lower the batch (for the whole "
-        "step's figure at once, record one step with outcore.record(), on the meta device if "
-        "it does not fit, and pass its trace to outcore.smallest_budget()). "
+        f"no schedule can run it: {what_to_do}. "
         + ("This iteration had left its recorded step (a step that differs from the recorded "
            "one, such as one that calls optimizer.step() only every few iterations) and ran "
            "op by op; it was completed correctly, over the budget; later iterations of this "

@@ -129,7 +129,8 @@ class SafeRecording(Recording):
         movable, pinned = needed(res, entries, created)
         if movable + pinned > self.budget and self.infeasible is None:
             error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
-                               self.budget, res.min_move_bytes, completed=self._optimizer_began)
+                               self.budget, res.min_move_bytes, completed=self._optimizer_began,
+                               inputs=outputs if func.is_view else inputs, res=res)
             if not self._optimizer_began:
                 raise error
             self.infeasible = error
