@@ -58,11 +58,15 @@ lets every iteration replay.
      touched keep theirs; the state it has not touched yet binds as that plan starts
      from it (rule 4). `_reconcile` then puts the arrays where that plan's actions up
      to k have them: what it has out is written out, what it is writing starts its
-     write, what it has in is read back, other fast storages are strangers. Once per
-     iteration, and only to a plan whose first k functions recompute what the step's
-     did: calls kept and arrays discarded carry over where it recomputes them
-     (`_take_recomputes`). (Two plans that recompute different arrays before k have
-     different first functions: the step deviates there, as before.) The
+     write, what it has in is read back, other fast storages are strangers (a transfer
+     the plan left had started for an array this one does not have is finished first).
+     A step that ends where another plan's record ends takes that plan up there too
+     (`finish`). Again later in the same step, at a later function only. Only to a plan
+     whose first k functions recompute what the step's did: calls kept and arrays
+     discarded carry over where it recomputes them (`_take_recomputes`). (A plan
+     numbers the arrays its repeats remake after all of its step's arrays, so two
+     shapes with different numbers of arrays part at their first repeat: where they
+     part later, the step deviates, as before.) The
      iteration counts as a replay of the plan it ended on (`IterationStats.switched_at`).
 
 NOTE [Small ops off the record]
@@ -73,8 +77,9 @@ Each of them in the middle of a step used to leave the plan (the rest of the ste
 demand) and start a new shape to record: a Lightning fit with logging and checkpoints
 replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.md).
   1. A small op touches only storages of at most SMALL_OP_BYTES (1 KiB: a scalar, or
-     per-class counts of up to 128 classes): as recorded, by the sizes of its arrays
-     (`small_functions`); as it runs, by the sizes of its input storages (the
+     per-class counts of up to 128 classes) and makes at most that much in all: as
+     recorded, by the sizes of its arrays (`small_functions`); as it runs, by the sizes
+     of its input storages (the
      residency's size for one it tracks, whose `nbytes()` reads 0 on the slow tier)
      and by what its meta kernel says it makes, a pointwise op by its elements times
      their width (`Replayer._runs_small`). A collective is never one (compose.py has
@@ -144,6 +149,7 @@ def small_functions(trace) -> list[bool]:
     sizes = [a.nbytes for a in trace.arrays]
     return [f.repeats is None and f.op.split(".", 1)[0] not in DISTRIBUTED_NAMESPACES
             and all(sizes[a.array] <= SMALL_OP_BYTES for a in f.accesses)
+            and sum(sizes[a.array] for a in f.accesses if a.kind == "create") <= SMALL_OP_BYTES
             for f in trace.functions]
 
 
@@ -274,25 +280,28 @@ class Plans:
                    name: str) -> Plan | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of these `keys` on these arrays (`expected`, of these `nbytes`) and
-        goes on with an op named `name` (past small functions), with the same functions
-        inserted to recompute among the first k and none after. (What it recomputes later
-        that one of those first functions made, with no call kept, is written out and
-        read back instead.)"""
+        goes on with an op named `name` (past small functions; `name` None: ends there),
+        with the same functions inserted to recompute among the first k and none before
+        that op. (What it recomputes later that one of those first functions made, with
+        no call kept, is written out and read back instead.) The plan found becomes the
+        most recently used."""
         k, ran = len(keys), current.trace.functions
         for plan in reversed(self._plans.values()):
             fns = plan.trace.functions
-            if plan is current or len(fns) <= k or plan.keys[:k] != keys:
+            if plan is current or len(fns) < k or plan.keys[:k] != keys:
                 continue
             j = k
-            while j < len(fns) and plan.keys[j] is None and fns[j].op != name:
+            while (j < len(fns) and plan.keys[j] is None and fns[j].repeats is None
+                   and fns[j].op != name):
                 j += 1                                  # small functions (rule 4a)
-            if j == len(fns) or fns[j].op != name or any(
-                    f.repeats is not None for f in fns[k:j + 1]) or any(
-                    fns[i].repeats != ran[i].repeats for i in range(k)):
+            goes_on = j == len(fns) if name is None else (
+                j < len(fns) and fns[j].op == name and fns[j].repeats is None)
+            if not goes_on or any(fns[i].repeats != ran[i].repeats for i in range(k)):
                 continue
             arrays = plan.trace.arrays
             if all(fns[i].arrays() == expected[i] for i in range(k)) and all(
                     arrays[a].nbytes == nbytes[a] for ids in expected for a in ids):
+                self._plans.move_to_end(plan.shape)
                 return plan
         return None
 

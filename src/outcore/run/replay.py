@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 
 import torch
 
@@ -140,7 +141,7 @@ class Replayer(HeldMode):
         self._temporary = {t for copies in remade.values() for t in copies[:-1]}
         self._twice = {y for y, copies in remade.items() if len(copies) > 1}
         self._kept: dict[int, list] = {}            # y -> its calls, while copies remain
-        self._written_off: set[int] = set()         # storages small ops off the record wrote
+        self._written_off: dict = {}    # key -> weakref of storages small ops off the record wrote
 
     def _capture(self, i, func, args, kwargs):
         call = recompute.capture(func, args, kwargs, producer=i in self._y_of)
@@ -169,9 +170,11 @@ class Replayer(HeldMode):
         storage = entry.ref() if entry is not None else None
         if storage is None:
             return                      # never bound, or died: no repeat will find it
-        if calls is not None and self._written_off and (entry.key in self._written_off or any(
-                t._version != v and t.untyped_storage()._cdata != entry.key
-                for call in calls for t, v in call.versions or ())):
+        written = self._written_off.get(entry.key) if self._written_off else None
+        if calls is not None and self._written_off and (
+                written is not None and written() is not None or any(
+                    t._version != v and t.untyped_storage()._cdata != entry.key
+                    for call in calls for t, v in call.versions or ())):
             calls = None                # rule 8 of NOTE [Small ops off the record]
         self._held[y] = entry
         if calls is None or not self.res.discard(entry, recompute.Remake(
@@ -399,6 +402,8 @@ class Replayer(HeldMode):
         self._zombies, self._lingering = [], []     # what the user still holds at the end stays
         if self.deviation is None and self.index != self.n:
             self._skip_small(None, True)    # small functions the step did not run at its end
+        if self.deviation is None and self.index != self.n and self._switch(None):
+            self._skip_small(None, True)    # a plan whose record ends here (rule 9)
         if self.deviation is None and self.index != self.n:
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
         try:
@@ -559,6 +564,10 @@ class Replayer(HeldMode):
         for entry in entries:
             res.ready(entry)
             res.touch(entry)
+        if self._sources and self.small[i] and i not in self._sources:
+            # Rule 8 for a small write the record has: where its array was bound to
+            # another storage than recorded (a fresh buffer each step, here a bias).
+            self._spare_remakes(func, args, kwargs)
         call = self._capture(i, func, args, kwargs) if i in self._sources else None
         started = time.perf_counter()
         out = func(*args, **kwargs)
@@ -752,8 +761,11 @@ class Replayer(HeldMode):
     def _switch(self, name) -> bool:
         """The step left its record at function k, before op `name` ran: where another
         plan's record ran the same first k functions on the same arrays and then `name`,
-        follow that plan from k on (once per iteration)."""
-        if self._others is None or self.passive or self.switched is not None:
+        follow that plan from k on. `name` None: the step ended after k functions, and
+        that plan's record ends there. Again later in the same step, at a later function
+        only (so it ends)."""
+        if (self._others is None or self.passive
+                or self.switched_at is not None and self.index <= self.switched_at):
             return False
         k, old, sizes = self.index, self.by_id, self.nbytes
         found = self._others(self.keys[:k], self.expected[:k], sizes, name)
@@ -774,6 +786,12 @@ class Replayer(HeldMode):
         for aid, entry in carried.items():   # state the step has not touched yet
             if self.by_id[aid] is None and entry not in self.aid_of:
                 self._bind(aid, entry)
+        for entry in old:       # a transfer the plan left started, for an array this one
+            if entry is not None and entry not in self.aid_of:    # does not have: done now,
+                if entry.state is IN:                             # a stranger from here
+                    self.res.ready(entry)
+                elif entry.state is OUT:
+                    self.res.finish(entry)
         self._lasting, self._lingering = lasting, []
         self._reconcile(k)
         return True
@@ -799,24 +817,26 @@ class Replayer(HeldMode):
         actions up to there, replayed on paper, say which are in fast memory and which it
         is still writing out. What it has out is written out now (synchronously), what it
         is writing starts its write (its WAIT comes later), the rest of the fast memory is
-        strangers' (`_make_room`), and what it has in comes back (asynchronously). A
+        strangers' (`_make_room`), and what it has in comes back (waited for, as in
+        `start`: a later DROP or SWAP_OUT passes over an array still being read). A
         read the plan left started and this one has out is waited for and dropped; a
         write it started that this one waited for already is waited for now."""
         sched, fns, res = self.schedule, self.trace.functions, self.res
         fast, writing = set(sched.resident_at_start), set()
         for i in range(k):
-            for act in sched.begin[i]:
-                if act.kind == SWAP_IN:
-                    fast.add(act.array)
-                elif act.kind == WAIT:
-                    fast.discard(act.array)
-                    writing.discard(act.array)
-            fast.update(a.array for a in fns[i].accesses if a.kind == "create")
-            for act in sched.end[i]:
-                if act.kind in (FREE, DROP):
-                    fast.discard(act.array)
-                elif act.kind == SWAP_OUT:
-                    writing.add(act.array)
+            for when, actions in ((0, sched.begin[i]), (1, sched.end[i])):
+                if when:
+                    fast.update(a.array for a in fns[i].accesses if a.kind == "create")
+                for act in actions:
+                    if act.kind == SWAP_IN:
+                        fast.add(act.array)
+                    elif act.kind == SWAP_OUT:
+                        writing.add(act.array)
+                    elif act.kind == WAIT:       # the last function's end waits too
+                        fast.discard(act.array)
+                        writing.discard(act.array)
+                    else:                        # FREE, DROP
+                        fast.discard(act.array)
         bound = [(aid, e) for aid, e in enumerate(self.by_id) if e is not None]
         out = [e for aid, e in bound if aid not in fast or aid in writing]
         for entry in out:
@@ -830,9 +850,12 @@ class Replayer(HeldMode):
         self._find_strangers()
         if self._stranger_bytes:
             self._make_room(self._curve[k] if k < self.n else 0)
-        for aid, entry in bound:
-            if aid in fast and aid not in writing and entry.state in (SLOW, OUT):
-                res.restore(entry, unplanned=True)
+        coming = [e for aid, e in bound
+                  if aid in fast and aid not in writing and e.state in (SLOW, OUT)]
+        for entry in coming:
+            res.restore(entry, unplanned=True)
+        for entry in coming:    # as `start`: the plan's later moves of it find it FAST
+            res.ready(entry)
 
     def _writes_beside_repeats(self, func, args, kwargs) -> bool:
         """Rule 8, after an op ran: in a plan that recomputes, an op off the record that
@@ -845,14 +868,22 @@ class Replayer(HeldMode):
         remake may see what it writes. A kept call, or a discarded array's remake, that
         reads a storage the op writes runs again on a copy of it taken now
         (`recompute.spare`); an array whose own storage the op writes is written out
-        where the plan frees it instead of discarded (`_discard`; one discarded already
-        is made ready before the op runs, as every input)."""
+        where the plan frees it instead of discarded (`_discard`). What the op writes is
+        made ready first (its room made where it is discarded): its bytes are copied."""
         if not self._sources:
             return
-        written = {t.untyped_storage()._cdata for t in written_tensors(func, args, kwargs)}
-        if not written:
+        storages = distinct_storages(written_tensors(func, args, kwargs))
+        if not storages:
             return
-        self._written_off |= written
+        res = self.res
+        for storage in storages:
+            entry = res.entry_of(storage)
+            if entry is not None:
+                if entry.state is DISCARDED and entry.remake is not None:
+                    self._room_for_remake(entry)
+                res.ready(entry)
+            self._written_off[storage._cdata] = weakref.ref(storage)
+        written = {s._cdata for s in storages}
         for calls in (list(self._calls.values()), *self._kept.values()):
             for call in calls:
                 if call is not None:
@@ -889,6 +920,8 @@ class Replayer(HeldMode):
         res = self.res
         entries = [e for s in storages if (e := res.entry_of(s)) is not None]
         for entry in entries:
+            if entry.state is DISCARDED and entry.remake is not None:
+                self._room_for_remake(entry)     # a small activation the plan recomputes
             res.ready(entry)
         out = func(*args, **kwargs)
         mark_written(res, entries, written_tensors(func, args, kwargs))

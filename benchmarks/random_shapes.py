@@ -1,0 +1,122 @@
+"""Steps whose shape comes at random (NOTE [Step shapes] rule 9): mixup or cutmix by a coin
+toss before a small conv net's forward, under a budget of about two thirds of its in-core
+peak. Plain PyTorch against outcore (and, with --also-src, outcore from another source
+tree), each in a fresh process, the runs alternating; per run the seconds of the last
+half of the iterations, the iterations recorded and deviated, and whether the final
+parameters are bitwise plain PyTorch's.
+
+    .venv/bin/python benchmarks/random_shapes.py --rounds 3 [--also-src /tmp/x/src]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+STEPS = 32
+
+
+def child(mode: str, out: str) -> None:
+    import random
+
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1, stride=2), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    coin, g = random.Random(3), torch.Generator().manual_seed(1)
+    data = [(torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
+            for _ in range(STEPS)]
+    ooc, times = None, []
+    with tempfile.TemporaryDirectory() as swap:
+        if mode != "plain":
+            import outcore
+            ooc = outcore.OutOfCore(28 * 2**20, swap_dir=swap)      # in-core peak: 42 MiB
+        for x, y in data:
+            start = time.perf_counter()
+            with ooc.iteration() if ooc is not None else _nothing():
+                x = x.clone()
+                if coin.random() < 0.5:             # mixup
+                    x.mul_(0.7).add_(x.flip(0).mul_(0.3))
+                else:                               # cutmix
+                    x[:, :, 8:20, 8:20] = x.flip(0)[:, :, 8:20, 8:20]
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+            times.append(time.perf_counter() - start)
+        result = {"mode": mode, "seconds": sum(times[STEPS // 2:])}
+        if ooc is not None:
+            its = ooc.report().iterations
+            result.update(records=sum(it.mode == "record" for it in its),
+                          deviations=sum(it.deviation is not None for it in its),
+                          switched=sum(it.switched_at is not None for it in its
+                                       if hasattr(it, "switched_at")),
+                          over_budget=sum(it.peak_resident > ooc.budget for it in its))
+            ooc.close()
+    torch.save(net.state_dict(), out)
+    print(json.dumps(result))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--also-src", default=None)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.out)
+        return
+    import torch
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    modes = [("plain", here), ("outcore", here)]
+    if a.also_src:
+        modes.append(("outcore, --also-src", a.also_src))
+    runs: dict = {m: [] for m, _ in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            states = {}
+            for mode, src in modes:
+                out = os.path.join(tmp, f"{r}_{len(states)}.pt")
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", "plain" if mode == "plain" else "ooc",
+                     "--out", out], env=dict(os.environ, PYTHONPATH=src),
+                    capture_output=True, text=True, check=True)
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                states[mode] = torch.load(out)
+                result["bitwise"] = all(torch.equal(states["plain"][k], v)
+                                        for k, v in states[mode].items())
+                runs[mode].append(result)
+                print(mode, result, flush=True)
+    print(f"\nseconds of the last {STEPS // 2} of {STEPS} iterations, median (range) of "
+          f"{a.rounds} rounds")
+    for mode, results in runs.items():
+        secs = [x["seconds"] for x in results]
+        extra = "" if mode == "plain" else (
+            f"  records {[x['records'] for x in results]}, deviations "
+            f"{[x['deviations'] for x in results]}, switched {[x['switched'] for x in results]}"
+            f", over the budget {[x['over_budget'] for x in results]}, bitwise "
+            f"{all(x['bitwise'] for x in results)}")
+        print(f"{mode:22} {statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){extra}")
+
+
+if __name__ == "__main__":
+    main()
