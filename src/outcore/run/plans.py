@@ -66,8 +66,8 @@ lets every iteration replay.
      discarded carry over where it recomputes them (`_take_recomputes`). (A plan
      numbers the arrays its repeats remake after all of its step's arrays, so two
      shapes with different numbers of arrays part at their first repeat: where they
-     part later, the step deviates, as before.) The
-     iteration counts as a replay of the plan it ended on (`IterationStats.switched_at`).
+     part later, the step deviates, as before.) The iteration counts as a replay of
+     the plan it ended on (`IterationStats.switched_at`).
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
@@ -126,9 +126,11 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      producer's own writes are copied at the capture): the repeat runs on the values
      from before, whether the write bumped a version or went through `.data`. An array
      whose own storage it writes is written out where the plan frees it and read back,
-     not discarded (`_discard`). The step keeps its plan. One that matched a function by name and is found off the
-     record only after it ran (by what it made) and wrote leaves the plan
-     (`_writes_beside_repeats`).
+     not discarded (`_discard`). The step keeps its plan. What the op writes is made
+     ready first (its bytes are copied). A small write the record has is spared the
+     same way (its array may have bound another storage than recorded). One that
+     matched a function by name and is found off the record only after it ran (by what
+     it made) and wrote leaves the plan (`_writes_beside_repeats`).
 """
 from __future__ import annotations
 
@@ -277,7 +279,7 @@ class Plans:
         return plan
 
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str) -> Plan | None:
+                   name: str | None) -> Plan | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of these `keys` on these arrays (`expected`, of these `nbytes`) and
         goes on with an op named `name` (past small functions; `name` None: ends there),

@@ -33,11 +33,12 @@ NOTE [Replaying a recompute]
   4. Whatever is still DISCARDED and alive when the step leaves the plan (before the op
      that left it runs, which may change an input) or the iteration ends (however it
      ends, a Ctrl-C included) is remade then, one at a time, each after the least
-     recently used arrays were written out to make its room (`Replayer._room_for_remake`:
-     the plan had room for each before its use, not for all at once). If a remake fails (out of memory, an
-     input changed), the storage gets its size back filled with NaN (every byte 0xFF)
-     and the error is raised: the activation of that failed iteration is lost, but no
-     tensor is ever left without its memory. The kept calls are let go at the remake,
+     recently used arrays were written out to make its room, its chain's included
+     (`Replayer._room_for_remake`: the plan had room for each before its use, not for
+     all at once). If a remake fails (out of memory, an input changed), the storage
+     gets its size back filled with NaN (every byte 0xFF) and the error is raised: the
+     activation of that failed iteration is lost, but no tensor is ever left without
+     its memory. The kept calls are let go at the remake,
      or when y's storage dies.
   5. Temporaries (NOTE [Temporaries] in plan/recompute.py): a plan may make y again
      more than once, a temporary copy for a repeat that needs it early and y' later.

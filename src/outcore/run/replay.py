@@ -64,10 +64,11 @@ class Replayer(HeldMode):
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
         # NOTE [Step shapes] rule 9: other plans this step may turn out to follow
-        # (`others(k, name)`: a plan whose record ran this step's first k functions and
-        # then `name`, with what it starts from, or None), and the plan switched to.
+        # (`others(keys, expected, nbytes, name)`: (plan, what it starts from, the other
+        # plans' state) for a plan whose record ran this step's first functions and then
+        # `name`, or None), and the function where the step last took one up.
         self._others = others
-        self.switched = self.switched_at = None
+        self.switched_at = None
         self._inputs = inputs        # entries the last step read as inputs (not strangers)
         for aid, entry in carried.items():
             self.by_id[aid] = entry
@@ -778,7 +779,7 @@ class Replayer(HeldMode):
         self._take(plan.trace, plan.schedule, plan.keys)
         self._take_recomputes(calls, held, kept, written)
         self.by_id, self.aid_of = [None] * len(plan.trace.arrays), {}
-        self.switched, self.switched_at = plan, k
+        self.switched_at = k
         self.started_from = {}
         for aid in {a for arrays in self.expected[:k] for a in arrays}:
             if old[aid] is not None:         # the same ids: numbered in order of first access
