@@ -201,11 +201,65 @@ class _Convs(torch.nn.Module):
         return self.head(x.flatten(1))
 
 
+RECOMPUTE_BUDGET = 640 * 2**10
+
+
+def _convs_twins(act, steps, tmp_path, hooks=(), **options):
+    """`_Convs` with SGD on one batch for `steps` iterations, plain and under
+    OutOfCore(RECOMPUTE_BUDGET, recompute=True, **options), where the plan recomputes
+    convolutions' outputs. `act(model, it, where)` runs in forward hooks of the
+    submodules named in `hooks` (`where`: the name) and after forward ("after
+    forward"); what it returns, if anything, is kept. Both runs end bitwise equal, what
+    `act` returned too, and no iteration passes the budget. Returns the report."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+    def train(ooc=None):
+        model, kept, now = _Convs(), [], [0]
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+        def call(where):
+            out = act(model, now[0], where)
+            if out is not None:
+                kept.append(out)
+        for name in hooks:
+            model.get_submodule(name).register_forward_hook(lambda *_, name=name: call(name))
+        for it in range(steps):
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                now[0] = it
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                call("after forward")
+                loss.backward()
+                opt.step()
+        return model, kept
+    plain = train()
+    with outcore.OutOfCore(RECOMPUTE_BUDGET, swap_dir=str(tmp_path), recompute=True,
+                           **options) as ooc:
+        ours = train(ooc)
+        report = ooc.report()
+    assert report.planned_recomputed > 0, str(report)
+    for a, b in zip(plain[0].state_dict().values(), ours[0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], ours[1], strict=True))
+    assert all(it.peak_resident <= RECOMPUTE_BUDGET for it in report.iterations), str(report)
+    return report
+
+
+def _scale_bias(model, via, index=0) -> None:
+    """A small write: a conv's bias (16 floats) halved, by an op or through `.data`."""
+    if via == ".data":
+        model.convs[index].bias.data.mul_(0.5)
+    else:
+        with torch.no_grad():
+            model.convs[index].bias.mul_(0.5)
+
+
 @pytest.mark.parametrize("min_move_bytes", [None, 0])
 @pytest.mark.parametrize("via", ["op", ".data"])
-@pytest.mark.parametrize("where", ["after forward", "in forward"])
+@pytest.mark.parametrize("place", ["after forward", "convs.0"])
 def test_a_small_write_off_the_record_in_a_plan_that_recomputes_spares_the_remakes(
-        where, via, min_move_bytes, tmp_path):
+        place, via, min_move_bytes, tmp_path):
     """Rule 8: the first conv's bias (16 floats, 64 bytes), an input of its output's
     remake, changed in place on some steps, where the plan recomputes that output: after
     forward (the output is discarded already) or in a hook of that conv (its call is
@@ -218,44 +272,13 @@ def test_a_small_write_off_the_record_in_a_plan_that_recomputes_spares_the_remak
     instead, let a `.data` write through into a remake: helper-59. The second copied
     the bias while the plan had it on the disk, min_move_bytes=0: a segmentation fault,
     helper-62.)"""
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
-    budget = 640 * 2**10
-
-    def train(ooc=None):
-        model = _Convs()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        writes = []
-
-        def write(*_):
-            if writes and via == ".data":
-                model.convs[0].bias.data.mul_(0.5)
-            elif writes:
-                with torch.no_grad():
-                    model.convs[0].bias.mul_(0.5)
-        if where == "in forward":
-            model.convs[0].register_forward_hook(write)
-        for it in range(10):
-            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                writes[:] = [it] if it >= 4 and it % 2 == 0 else []
-                opt.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                if where == "after forward":
-                    write()
-                loss.backward()
-                opt.step()
-        return model
-    plain = train()
+    def act(model, it, where):
+        if where == place and it >= 4 and it % 2 == 0:
+            _scale_bias(model, via)
     extra = {} if min_move_bytes is None else {"min_move_bytes": min_move_bytes}
-    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True, **extra) as ooc:
-        ours = train(ooc)
-        report = ooc.report()
-    assert report.planned_recomputed > 0, str(report)
-    for a, b in zip(plain.state_dict().values(), ours.state_dict().values()):
-        assert torch.equal(a, b)
+    report = _convs_twins(act, 10, tmp_path, hooks=("convs.0",), **extra)
     assert [it.mode for it in report.iterations].count("record") == 2, str(report)
     assert not any(it.deviation for it in report.iterations), str(report)
-    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
     steady = report.iterations[2:]
     assert len({it.bytes_recomputed for it in steady}) == 1, str(report)
     if min_move_bytes is None:      # at 0 the plan has the bias on the disk: read back
@@ -328,33 +351,11 @@ def test_leaving_a_plan_that_recomputes_remakes_within_the_budget(tmp_path):
     plan had room for one at a time, before its use; each remake makes its room first
     (the least recently used written out). Before, they came back all at once: 973 KiB
     of managed tensors under a budget of 640 KiB."""
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
-    budget = 640 * 2**10
-
-    def train(ooc=None):
-        model = _Convs()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        norms = []
-        for it in range(6):
-            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                opt.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                if it == 4:         # not small (1.7 KiB): off the record, the plan is left
-                    norms.append(model.convs[0].weight.detach().square().sum())
-                loss.backward()
-                opt.step()
-        return model, norms
-    plain = train()
-    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True) as ooc:
-        ours = train(ooc)
-        report = ooc.report()
-    assert report.planned_recomputed > 0, str(report)
-    for a, b in zip(plain[0].state_dict().values(), ours[0].state_dict().values()):
-        assert torch.equal(a, b)
-    assert torch.equal(plain[1][0], ours[1][0])
+    def act(model, it, where):
+        if where == "after forward" and it == 4:    # 1.7 KiB read: not small, leaves
+            return model.convs[0].weight.detach().square().sum()
+    report = _convs_twins(act, 6, tmp_path)
     assert [bool(it.deviation) for it in report.iterations] == [False] * 4 + [True, False], str(report)
-    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
 
 
 def test_leaving_a_plan_of_chained_recomputes_makes_room_for_the_whole_chain(
@@ -367,39 +368,13 @@ def test_leaving_a_plan_of_chained_recomputes_makes_room_for_the_whole_chain(
     from outcore.plan import recompute as planner
     real = planner.candidates
     monkeypatch.setattr(planner, "candidates", lambda *a, **k: real(*a, **{**k, "chains": True}))
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
-    budget, logged = 640 * 2**10, []
 
-    def train(ooc=None):
-        model = _Convs()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        on = [False]
-
-        def hook(*_):
-            if on[0]:
-                with torch.no_grad():
-                    model.convs[1].bias.mul_(0.5)
-                    logged.append(model.convs[0].weight.detach().square().sum())
-        model.norms[2].register_forward_hook(hook)
-        for it in range(6):
-            on[0] = it == 4
-            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-        return model
-    plain = train()
-    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True,
-                           min_move_bytes=0) as ooc:
-        ours = train(ooc)
-        report = ooc.report()
-    assert report.planned_recomputed > 0, str(report)
-    for a, b in zip(plain.state_dict().values(), ours.state_dict().values()):
-        assert torch.equal(a, b)
-    assert torch.equal(logged[0], logged[1])
+    def act(model, it, where):
+        if where == "norms.2" and it == 4:
+            _scale_bias(model, "op", 1)
+            return model.convs[0].weight.detach().square().sum()
+    report = _convs_twins(act, 6, tmp_path, hooks=("norms.2",), min_move_bytes=0)
     assert report.iterations[4].deviation, str(report)
-    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
 
 
 @pytest.mark.parametrize("via", ["op", ".data"])
@@ -414,39 +389,12 @@ def test_a_small_write_beside_temporaries_keeps_their_remakes_right(via, monkeyp
     real = planner.candidates
     monkeypatch.setattr(planner, "candidates", lambda *a, **k: [
         dataclasses.replace(c, temporary=True) for c in real(*a, **{**k, "chains": True})])
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
-    budget = 640 * 2**10
 
-    def train(ooc=None):
-        model = _Convs()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        on = [False]
-
-        def hook(*_):
-            if on[0] and via == ".data":
-                model.convs[0].bias.data.mul_(0.5)
-            elif on[0]:
-                with torch.no_grad():
-                    model.convs[0].bias.mul_(0.5)
-        model.convs[0].register_forward_hook(hook)
-        for it in range(6):
-            on[0] = it == 4
-            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-        return model
-    plain = train()
-    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True,
-                           min_move_bytes=0) as ooc:
-        ours = train(ooc)
-        report = ooc.report()
-    assert report.planned_recomputed > 0, str(report)
-    for a, b in zip(plain.state_dict().values(), ours.state_dict().values()):
-        assert torch.equal(a, b)
+    def act(model, it, where):
+        if where == "convs.0" and it == 4:
+            _scale_bias(model, via)
+    report = _convs_twins(act, 6, tmp_path, hooks=("convs.0",), min_move_bytes=0)
     assert not any(it.deviation for it in report.iterations), str(report)
-    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
 
 
 def test_a_plan_that_recomputes_binds_no_small_array_anew(tmp_path):
