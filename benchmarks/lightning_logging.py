@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from sidebyside import side_by_side
 
 
 def child(mode: str, width: int, out: str) -> None:
@@ -123,35 +122,13 @@ def main() -> None:
     if a.child:
         child(a.child, a.width, a.out)
         return
-    import torch
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    modes = [("plain", here), ("outcore", here)]
-    if a.also_src:
-        modes.append(("outcore, --also-src", a.also_src))
-    runs: dict = {m: [] for m, _ in modes}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(a.rounds):
-            states = {}
-            for mode, src in modes:
-                out = os.path.join(tmp, f"{r}_{len(states)}.pt")
-                env = dict(os.environ, PYTHONPATH=src)
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--child", "plain" if mode == "plain" else "ooc",
-                     "--width", str(a.width), "--out", out],
-                    env=env, capture_output=True, text=True, check=True)
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
-                states[mode] = torch.load(out)
-                plain = states["plain"]
-                result["bitwise"] = all(torch.equal(plain[k], v) for k, v in states[mode].items()) \
-                    and states[mode].keys() == plain.keys()
-                runs[mode].append(result)
-                print(mode, result, flush=True)
+    runs = side_by_side(__file__, ["--width", str(a.width)], a.rounds, a.also_src)
+    modes = list(runs.items())
     plain_s = statistics.median(x["fit_s"] for x in runs["plain"])
     print(f"\nwidth {a.width}, {a.rounds} rounds, medians")
     print("| run | fit (s) | x plain's time | iterations | recorded | deviated | over the budget | bitwise |")
     print("|---|---|---|---|---|---|---|---|")
-    for mode, _ in modes:
-        xs = runs[mode]
+    for mode, xs in modes:
         s = statistics.median(x["fit_s"] for x in xs)
         if mode == "plain":
             print(f"| plain | {s:.2f} | 1.00 | | | | | |")

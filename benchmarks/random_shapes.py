@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from sidebyside import side_by_side
 
 STEPS = 32
 
@@ -85,27 +84,7 @@ def main() -> None:
     if a.child:
         child(a.child, a.out)
         return
-    import torch
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    modes = [("plain", here), ("outcore", here)]
-    if a.also_src:
-        modes.append(("outcore, --also-src", a.also_src))
-    runs: dict = {m: [] for m, _ in modes}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(a.rounds):
-            states = {}
-            for mode, src in modes:
-                out = os.path.join(tmp, f"{r}_{len(states)}.pt")
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--child", "plain" if mode == "plain" else "ooc",
-                     "--out", out], env=dict(os.environ, PYTHONPATH=src),
-                    capture_output=True, text=True, check=True)
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
-                states[mode] = torch.load(out)
-                result["bitwise"] = all(torch.equal(states["plain"][k], v)
-                                        for k, v in states[mode].items())
-                runs[mode].append(result)
-                print(mode, result, flush=True)
+    runs = side_by_side(__file__, [], a.rounds, a.also_src)
     print(f"\nseconds of the last {STEPS // 2} of {STEPS} iterations, median (range) of "
           f"{a.rounds} rounds")
     for mode, results in runs.items():

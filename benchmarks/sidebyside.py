@@ -1,0 +1,43 @@
+"""Runs of one benchmark side by side, each in a fresh process: plain PyTorch, outcore,
+and (`also_src`) outcore from another source tree, one after the other in every round.
+A child is the benchmark script itself with `--child plain|ooc ... --out PATH`: it
+trains, saves its final state there (`torch.save` of a dict of tensors) and prints one
+JSON line of its figures, to which `bitwise` (equal to plain PyTorch's state) is added."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+
+def side_by_side(script: str, child_args: list, rounds: int, also_src: str | None = None
+                 ) -> dict[str, list[dict]]:
+    """{mode: [the child's figures per round]} for the modes "plain", "outcore" and, with
+    `also_src`, "outcore, --also-src"; each run printed as it ends."""
+    import torch
+
+    modes = [("plain", SRC), ("outcore", SRC)]
+    if also_src:
+        modes.append(("outcore, --also-src", also_src))
+    runs: dict = {mode: [] for mode, _ in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            states = {}
+            for mode, src in modes:
+                out = os.path.join(tmp, f"{r}_{len(states)}.pt")
+                proc = subprocess.run(
+                    [sys.executable, script, "--child", "plain" if mode == "plain" else "ooc",
+                     *child_args, "--out", out], env=dict(os.environ, PYTHONPATH=src),
+                    capture_output=True, text=True, check=True)
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                states[mode] = torch.load(out)
+                plain = states["plain"]
+                result["bitwise"] = states[mode].keys() == plain.keys() and all(
+                    torch.equal(plain[k], v) for k, v in states[mode].items())
+                runs[mode].append(result)
+                print(mode, result, flush=True)
+    return runs
