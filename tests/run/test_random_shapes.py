@@ -91,11 +91,14 @@ def test_shapes_at_random_replay_once_each_has_a_plan(branch, optimizer, tmp_pat
     assert "followed the plan of another shape" in str(report)
 
 
-@pytest.mark.parametrize("branch", ["batch", "forward"])
+@pytest.mark.parametrize("branch", ["batch", "forward", "after backward",
+                                    "eval instead of step"])
 def test_a_plan_that_recomputes_is_taken_up_too(branch, tmp_path):
     """With recompute on, the plans recompute the convolutions' outputs. The shapes part
-    at the step's first op (before any call is kept) or in forward after the first
-    convolution (its call kept, carried over to the plan taken up)."""
+    at the step's first op (before any call is kept), in forward after the first
+    convolution (its call kept, carried over to the plan taken up), or after backward,
+    past the repeats, whose remade arrays the two plans number apart (the shapes have
+    different numbers of arrays: helper-61 saw every such step deviate)."""
     plain = _train(branch, "sgd")
     budget = 2 * 2**20
     with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True) as ooc:

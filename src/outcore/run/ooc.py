@@ -1158,14 +1158,15 @@ class _Iteration:
         """Replayer._switch: another plan this step turns out to follow, with the state
         it starts from and the other plans' (NOTE [Step shapes] in plans.py, rule 9)."""
         ooc = self.ooc
-        plan = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name)
-        if plan is None:
+        found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name)
+        if found is None:
             return None
+        plan, ids = found
         ooc._use(plan)
         log.info("iteration %d turned out to have the shape of another plan at function %d "
                  "(%s): it follows that plan from there", len(ooc._iterations) + 1, len(keys),
                  name)
-        return (plan, ooc._plans.carried(self.after, plan, ooc._live),
+        return (plan, ids, ooc._plans.carried(self.after, plan, ooc._live),
                 ooc._plans.state_of_others(plan))
 
     @critical

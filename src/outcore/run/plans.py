@@ -63,11 +63,10 @@ lets every iteration replay.
      A step that ends where another plan's record ends takes that plan up there too
      (`finish`). Again later in the same step, at a later function only. Only to a plan
      whose first k functions recompute what the step's did: calls kept and arrays
-     discarded carry over where it recomputes them (`_take_recomputes`). (A plan
-     numbers the arrays its repeats remake after all of its step's arrays, so two
-     shapes with different numbers of arrays part at their first repeat: where they
-     part later, the step deviates, as before.) The iteration counts as a replay of
-     the plan it ended on (`IterationStats.switched_at`).
+     discarded carry over where it recomputes them (`_take_recomputes`); a plan numbers
+     the arrays its repeats remake after all of its step's arrays, so the two plans'
+     ids of those are paired by their repeats (`_same_arrays`). The iteration counts
+     as a replay of the plan it ended on (`IterationStats.switched_at`).
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
@@ -164,6 +163,28 @@ def function_keys(trace) -> list:
     return [None if f.repeats is not None or small else
             (f.op, sum(sizes[a.array] for a in f.accesses if a.kind == "create"))
             for f, small in zip(trace.functions, small_functions(trace))]
+
+
+def _same_arrays(ran, fns, expected, nbytes, arrays, k) -> dict | None:
+    """Rule 9: whether functions `fns[:k]` of another plan touch the arrays `expected`
+    (of `nbytes`) that the step's functions `ran[:k]` touched, as {id in the step's
+    plan: id in the other}, else None. Ids are numbered by first access, so they agree,
+    but for the arrays a repeat remakes: a plan numbers those after all of its step's
+    arrays, so two shapes with different numbers of arrays number them apart; the
+    repeats, the same in both (the caller checks), pair them."""
+    ids: dict = {}
+    for i in range(k):
+        if ran[i].repeats is not None:
+            made = [a.array for a in ran[i].accesses if a.kind == "create"]
+            theirs = [a.array for a in fns[i].accesses if a.kind == "create"]
+            if len(made) != len(theirs):
+                return None
+            ids.update(zip(made, theirs))
+        mine = [ids.get(a, a) for a in expected[i]]
+        if mine != list(fns[i].arrays()) or any(
+                arrays[b].nbytes != nbytes[a] for a, b in zip(expected[i], mine)):
+            return None
+    return {a: ids.get(a, a) for arrays_of in expected for a in arrays_of}
 
 
 def shape_of(keys) -> int:
@@ -279,14 +300,15 @@ class Plans:
         return plan
 
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str | None) -> Plan | None:
+                   name: str | None) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of these `keys` on these arrays (`expected`, of these `nbytes`) and
         goes on with an op named `name` (past small functions; `name` None: ends there),
         with the same functions inserted to recompute among the first k and none before
         that op. (What it recomputes later that one of those first functions made, with
         no call kept, is written out and read back instead.) The plan found becomes the
-        most recently used."""
+        most recently used; with it, {array id here: its id there} for the arrays of
+        those functions (`_same_arrays`)."""
         k, ran = len(keys), current.trace.functions
         for plan in reversed(self._plans.values()):
             fns = plan.trace.functions
@@ -300,11 +322,10 @@ class Plans:
                 j < len(fns) and fns[j].op == name and fns[j].repeats is None)
             if not goes_on or any(fns[i].repeats != ran[i].repeats for i in range(k)):
                 continue
-            arrays = plan.trace.arrays
-            if all(fns[i].arrays() == expected[i] for i in range(k)) and all(
-                    arrays[a].nbytes == nbytes[a] for ids in expected for a in ids):
+            ids = _same_arrays(ran, fns, expected, nbytes, plan.trace.arrays, k)
+            if ids is not None:
                 self._plans.move_to_end(plan.shape)
-                return plan
+                return plan, ids
         return None
 
     def learn(self, ending: Ending | None, plan: Plan, started_from: dict) -> None:

@@ -64,9 +64,10 @@ class Replayer(HeldMode):
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
         # NOTE [Step shapes] rule 9: other plans this step may turn out to follow
-        # (`others(keys, expected, nbytes, name)`: (plan, what it starts from, the other
-        # plans' state) for a plan whose record ran this step's first functions and then
-        # `name`, or None), and the function where the step last took one up.
+        # (`others(keys, expected, nbytes, name)`: (plan, {array id: its id there}, what
+        # it starts from, the other plans' state) for a plan whose record ran this
+        # step's first functions and then `name`, or None), and the function where the
+        # step last took one up.
         self._others = others
         self.switched_at = None
         self._inputs = inputs        # entries the last step read as inputs (not strangers)
@@ -772,7 +773,7 @@ class Replayer(HeldMode):
         found = self._others(self.keys[:k], self.expected[:k], sizes, name)
         if found is None:
             return False
-        plan, carried, lasting = found
+        plan, ids, carried, lasting = found
         if self._zombies:
             self._reap()
         calls, held, kept, written = self._calls, self._held, self._kept, self._written_off
@@ -781,9 +782,9 @@ class Replayer(HeldMode):
         self.by_id, self.aid_of = [None] * len(plan.trace.arrays), {}
         self.switched_at = k
         self.started_from = {}
-        for aid in {a for arrays in self.expected[:k] for a in arrays}:
-            if old[aid] is not None:         # the same ids: numbered in order of first access
-                self._bind(aid, old[aid])
+        for aid, theirs in ids.items():      # the same ids (first access), remade ones paired
+            if old[aid] is not None:
+                self._bind(theirs, old[aid])
         for aid, entry in carried.items():   # state the step has not touched yet
             if self.by_id[aid] is None and entry not in self.aid_of:
                 self._bind(aid, entry)
