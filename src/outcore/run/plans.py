@@ -65,7 +65,8 @@ lets every iteration replay.
      whose first k functions recompute what the step's did: calls kept and arrays
      discarded carry over where it recomputes them (`_take_recomputes`); a plan numbers
      the arrays its repeats remake after all of its step's arrays, so the two plans'
-     ids of those are paired by their repeats (`_same_arrays`). The iteration counts
+     ids of those are paired by their repeats, a temporary copy only with a temporary
+     (`_same_arrays`). The iteration counts
      as a replay of the plan it ended on (`IterationStats.switched_at`).
 
 NOTE [Small ops off the record]
@@ -165,19 +166,32 @@ def function_keys(trace) -> list:
             for f, small in zip(trace.functions, small_functions(trace))]
 
 
+def _last_copies(fns) -> set:
+    """The indices of the functions that make the last copy of a recomputed array."""
+    last: dict = {}
+    for i, f in enumerate(fns):
+        if f.repeats is not None and any(a.kind == "create" for a in f.accesses):
+            last[f.repeats] = i
+    return set(last.values())
+
+
 def _same_arrays(ran, fns, expected, nbytes, arrays, k) -> dict | None:
     """Rule 9: whether functions `fns[:k]` of another plan touch the arrays `expected`
     (of `nbytes`) that the step's functions `ran[:k]` touched, as {id in the step's
     plan: id in the other}, else None. Ids are numbered by first access, so they agree,
     but for the arrays a repeat remakes: a plan numbers those after all of its step's
     arrays, so two shapes with different numbers of arrays number them apart; the
-    repeats, the same in both (the caller checks), pair them."""
+    repeats, the same in both (the caller checks), pair them, where each copy is a
+    temporary in both or the last copy in both (NOTE [Temporaries] in
+    plan/recompute.py: a temporary is discarded again and its array remade later, the
+    last copy stays; helper-63 saw a temporary taken for a last copy pass the budget)."""
+    mine_last, their_last = _last_copies(ran), _last_copies(fns)
     ids: dict = {}
     for i in range(k):
         if ran[i].repeats is not None:
             made = [a.array for a in ran[i].accesses if a.kind == "create"]
             theirs = [a.array for a in fns[i].accesses if a.kind == "create"]
-            if len(made) != len(theirs):
+            if len(made) != len(theirs) or (i in mine_last) != (i in their_last):
                 return None
             ids.update(zip(made, theirs))
         mine = [ids.get(a, a) for a in expected[i]]
