@@ -175,7 +175,7 @@ def _last_copies(fns) -> set:
     return set(last.values())
 
 
-def _same_arrays(ran, fns, expected, nbytes, arrays, k) -> dict | None:
+def _same_arrays(ran, fns, expected, nbytes, arrays, k, mine_last) -> dict | None:
     """Rule 9: whether functions `fns[:k]` of another plan touch the arrays `expected`
     (of `nbytes`) that the step's functions `ran[:k]` touched, as {id in the step's
     plan: id in the other}, else None. Ids are numbered by first access, so they agree,
@@ -185,7 +185,7 @@ def _same_arrays(ran, fns, expected, nbytes, arrays, k) -> dict | None:
     temporary in both or the last copy in both (NOTE [Temporaries] in
     plan/recompute.py: a temporary is discarded again and its array remade later, the
     last copy stays; helper-63 saw a temporary taken for a last copy pass the budget)."""
-    mine_last, their_last = _last_copies(ran), _last_copies(fns)
+    their_last = _last_copies(fns)        # `mine_last`: `_last_copies(ran)`
     ids: dict = {}
     for i in range(k):
         if ran[i].repeats is not None:
@@ -324,6 +324,7 @@ class Plans:
         most recently used; with it, {array id here: its id there} for the arrays of
         those functions (`_same_arrays`)."""
         k, ran = len(keys), current.trace.functions
+        mine_last = _last_copies(ran)
         for plan in reversed(self._plans.values()):
             fns = plan.trace.functions
             if plan is current or len(fns) < k or plan.keys[:k] != keys:
@@ -336,7 +337,7 @@ class Plans:
                 j < len(fns) and fns[j].op == name and fns[j].repeats is None)
             if not goes_on or any(fns[i].repeats != ran[i].repeats for i in range(k)):
                 continue
-            ids = _same_arrays(ran, fns, expected, nbytes, plan.trace.arrays, k)
+            ids = _same_arrays(ran, fns, expected, nbytes, plan.trace.arrays, k, mine_last)
             if ids is not None:
                 self._plans.move_to_end(plan.shape)
                 return plan, ids

@@ -172,12 +172,12 @@ class Replayer(HeldMode):
         storage = entry.ref() if entry is not None else None
         if storage is None:
             return                      # never bound, or died: no repeat will find it
-        written = self._written_off.get(entry.key) if self._written_off else None
-        if calls is not None and self._written_off and (
-                written is not None and written() is not None or any(
+        if calls is not None and self._written_off:     # rule 8 of NOTE [Small ops ...]
+            written = self._written_off.get(entry.key)
+            if written is not None and written() is not None or any(
                     t._version != v and t.untyped_storage()._cdata != entry.key
-                    for call in calls for t, v in call.versions or ())):
-            calls = None                # rule 8 of NOTE [Small ops off the record]
+                    for call in calls for t, v in call.versions or ()):
+                calls = None            # written off the record: written out instead
         self._held[y] = entry
         if calls is None or not self.res.discard(entry, recompute.Remake(
                 self.res, calls, recompute.describe(entry.nbytes, self.op_names[self._producer[y]]),
@@ -260,6 +260,13 @@ class Replayer(HeldMode):
             elif not e.occupies_fast:
                 need += e.nbytes
         res.evict_lru(self.budget - need, keep)
+
+    def _ready_off_plan(self, entry) -> None:
+        """Make `entry` ready outside the plan's order: one discarded is remade once its
+        room, its chain's included, was made (`_room_for_remake`)."""
+        if entry.state is DISCARDED and entry.remake is not None:
+            self._room_for_remake(entry)
+        self.res.ready(entry)
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
@@ -811,8 +818,7 @@ class Replayer(HeldMode):
             if y in self._producer:
                 self._held[y] = entry
             elif entry.state is DISCARDED and entry.ref() is not None:
-                self._room_for_remake(entry)
-                self.res.ready(entry)
+                self._ready_off_plan(entry)
 
     def _reconcile(self, k: int) -> None:
         """Put the arrays where the plan switched to has them before function k: its
@@ -881,9 +887,7 @@ class Replayer(HeldMode):
         for storage in storages:
             entry = res.entry_of(storage)
             if entry is not None:
-                if entry.state is DISCARDED and entry.remake is not None:
-                    self._room_for_remake(entry)
-                res.ready(entry)
+                self._ready_off_plan(entry)
             self._written_off[storage._cdata] = weakref.ref(storage)
         written = {s._cdata for s in storages}
         for calls in (list(self._calls.values()), *self._kept.values()):
@@ -922,9 +926,7 @@ class Replayer(HeldMode):
         res = self.res
         entries = [e for s in storages if (e := res.entry_of(s)) is not None]
         for entry in entries:
-            if entry.state is DISCARDED and entry.remake is not None:
-                self._room_for_remake(entry)     # a small activation the plan recomputes
-            res.ready(entry)
+            self._ready_off_plan(entry)         # a small activation may be discarded
         out = func(*args, **kwargs)
         mark_written(res, entries, written_tensors(func, args, kwargs))
         outputs = output_tensors(out)
