@@ -285,6 +285,29 @@ def test_a_small_write_off_the_record_in_a_plan_that_recomputes_spares_the_remak
         assert not any(it.unplanned_bytes for it in steady), str(report)
 
 
+@pytest.mark.parametrize("what", ["norm weight", "conv weight", "conv bias"])
+@pytest.mark.parametrize("place", ["after forward", "convs.2"])
+def test_a_parameter_given_new_data_mid_step_leaves_the_remakes_on_the_old(
+        place, what, tmp_path):
+    """`param.data = other` between forward and backward (weight noise, a clamp written
+    as an assignment) points the parameter at another storage without a version bump.
+    Plain PyTorch's backward still reads what forward computed from the old values; a
+    remake must too: the kept calls hold their arguments by aliases of the storages the
+    op read (NOTE 1 of [Replaying a recompute]). (Before, the norm's remake read the
+    new weight: silently wrong parameters after the step.)"""
+    def act(model, it, where):
+        if where != place or it % 2:
+            return
+        with torch.no_grad():
+            if what == "norm weight":
+                model.norms[0].weight.data = model.norms[0].weight.data * 2
+            elif what == "conv weight":
+                model.convs[1].weight.data = model.convs[1].weight.data * 0.5
+            else:
+                model.convs[0].bias.data = model.convs[0].bias.data + 0.1
+    _convs_twins(act, 8, tmp_path, hooks=("convs.2",))
+
+
 RECOMPUTE_WRITES = ("conv bias", "running mean", "counter")
 RECOMPUTE_WHERE = ("first conv's hook", "second norm's hook", "after forward", "after backward")
 

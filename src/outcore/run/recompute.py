@@ -7,7 +7,9 @@ NOTE [Replaying a recompute]
      as soon as the op returns, the version of every tensor argument. What the op
      writes besides the recomputed array (batch norm's running statistics) is copied
      before it runs, so that the repeat runs on their values from before the op and
-     the step's own update stays the only one (recompute rule 4). A call whose output
+     the step's own update stays the only one (recompute rule 4). The call holds its
+     arguments by `detach()`ed aliases: the storages the op read, in the geometry it
+     read them, whatever the step later assigns to a tensor's `.data`. A call whose output
      does not fill its storage densely, or whose arguments are not plain tensors, is
      not kept: its array is then written out and read back like any other (slower,
      never wrong).
@@ -87,11 +89,20 @@ def capture(func, args, kwargs, *, producer: bool) -> Call | None:
     tensors = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
     if any(type(t) not in _PLAIN for t in tensors):
         return None
+    args, kwargs = _detached(args), _detached(dict(kwargs))
     copies = {}
     if producer:
         for t in written_tensors(func, args, kwargs):
             copies[id(t)] = t.detach().clone()
-    return Call(func, args, dict(kwargs), copies)
+    return Call(func, args, kwargs, copies)
+
+
+def _detached(value):
+    """`value` (an argument tree) with every tensor replaced by `detach()` of it: the
+    same storage, geometry and version counter, held by a tensor of the call's own
+    (NOTE 1). `param.data = other` later in the step points the parameter at another
+    storage; the repeat must read the one the op read, as autograd's saved tensors do."""
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
 def ran(call: Call) -> None:
