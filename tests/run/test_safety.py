@@ -326,20 +326,28 @@ def test_non_static_step_deviates_and_stays_exact(resnet_trace):
     assert all(it.deviation is None for it in report.iterations[4:]), str(report)
 
 
-def test_a_different_batch_shape_deviates_and_stays_exact(resnet_trace):
+def test_a_smaller_batch_replays_a_larger_one_deviates_and_both_stay_exact(resnet_trace):
+    """NOTE [Step shapes] rule 10: a batch of 4 replays the plan of 8; one of 16 leaves
+    it, and the next iteration is recorded."""
     budget = budgets(resnet_trace)["half"]
     plain, managed = build("resnet18-tiny", "sgd"), build("resnet18-tiny", "sgd")
     small = tuple(t[:4] for t in plain.batch)
+    large = tuple(torch.cat([t, t]) for t in plain.batch)
     with outcore.OutOfCore(budget=budget, min_move_bytes=0) as ooc:
-        for it in range(5):
+        for it in range(7):
             for w in (plain, managed):
-                w.batch = small if it == 3 else tuple(t for t in build("resnet18-tiny", "sgd").batch)
+                w.batch = small if it == 3 else large if it == 4 else tuple(
+                    t for t in build("resnet18-tiny", "sgd").batch)
             plain.step()
             with ooc.iteration():
                 managed.step()
         report = ooc.report()
     assert_bitwise_equal(state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer))
-    assert report.iterations[3].deviation is not None, str(report)
+    its = report.iterations
+    assert its[3].deviation is None and its[3].smaller, str(report)
+    assert its[4].deviation is not None and its[4].outgrew, str(report)
+    assert its[5].mode == "record" and its[6].mode == "replay" and not its[6].deviation, str(report)
+    assert all(it.peak_resident <= budget for it in its), str(report)
 
 
 def test_reading_and_saving_between_iterations(resnet_trace, tmp_path):

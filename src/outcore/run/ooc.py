@@ -85,7 +85,7 @@ from .movers.disk import DiskMover
 from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
 from . import plans, sharing
-from .plans import Ending, Plan, Plans, function_keys, shape_of
+from .plans import Ending, Plan, Plans, envelope, function_keys, shape_of
 from .replay import Replayer
 from .report import OVER_BUDGET_WHY, IterationStats, Report
 from .residency import Residency
@@ -375,6 +375,7 @@ class OutOfCore:
         self._inputs: list = []      # entries the last step read as inputs (Replayer._strangers)
         self._recordings_in_a_row = 0
         self._record_next = True
+        self._outgrown_plan: Plan | None = None     # NOTE [Step shapes] rule 10
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
@@ -630,8 +631,10 @@ class OutOfCore:
         self._pager.start(mappings, max(self.budget - res.resident, 0) + PAGER_SLACK,
                           ceiling=relieve_above + PAGER_SLACK, relieve=relieve)
 
-    def _plan_recording(self, recording: SafeRecording, held_before=None) -> None:
-        """Plan from a fresh recording, or ask for another one if the step is not steady yet."""
+    def _plan_recording(self, recording: SafeRecording, held_before=None) -> Plan | None:
+        """Plan from a fresh recording, or ask for another one if the step is not steady
+        yet (None). After a step outgrew its plan, the plan is made for the larger sizes
+        of the two (NOTE [Step shapes] in plans.py, rule 10)."""
         trace = recording.trace
         self._recordings_in_a_row += 1
         # Arrays on another device than the fast tier's (a GPU step's CPU tensors) are
@@ -666,30 +669,41 @@ class OutOfCore:
                      else "ran FSDP's first forward, where it sets itself up")
             self._record_next = True
             return
-        disowned = self._disowned(recording)
-        held = held_arrays(trace, disowned)
-        owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
-        pinned = pinned_peak(trace, self._res.min_move_bytes, held, owned)
-        # {array id: entry} of the arrays alive at the end (plans.Ending).
-        alive = {aid: e for aid, ref in recording.alive_at_end.items()
-                 if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
-        # What never moves and this step does not touch (DDP's buckets, in a micro-batch
-        # under no_sync()) stays resident beside it all the same.
-        in_step = set(alive.values())
-        # Those there as the step began count too (one it let go of held its memory till
-        # then: a tensor a collective made in the step before).
-        beside = max(self._held_beside(in_step),
-                     sum(n for e, n in (held_before or {}).items() if e not in in_step))
-        # The plan gets what those leave (planned_budget), counted whole here: floored
-        # at 1 byte, the part past the budget went uncounted, and the smallest budget
-        # InfeasibleBudget named was short by it (helper-52: FSDP2's gathered
-        # parameters, 6.08 MiB against 6 MiB; a retry at the figure named failed again).
-        kept = pinned + beside
-        budget = self.budget - kept
-        # Held arrays are counted once, in `pinned`; those elsewhere not at all: 0 bytes
-        # for the planner, both.
-        plannable = without_held(trace, held | elsewhere)
-        self._require_feasible(plannable, budget, kept)
+        outgrown, self._outgrown_plan = self._outgrown_plan, None
+        grown = envelope(outgrown.recorded, trace) if outgrown is not None else None
+        for trace in (grown, recording.trace) if grown is not None else (trace,):
+            disowned = self._disowned(recording)
+            held = held_arrays(trace, disowned)
+            owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
+            pinned = pinned_peak(trace, self._res.min_move_bytes, held, owned)
+            # {array id: entry} of the arrays alive at the end (plans.Ending).
+            alive = {aid: e for aid, ref in recording.alive_at_end.items()
+                     if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
+            # What never moves and this step does not touch (DDP's buckets, in a micro-batch
+            # under no_sync()) stays resident beside it all the same.
+            in_step = set(alive.values())
+            # Those there as the step began count too (one it let go of held its memory till
+            # then: a tensor a collective made in the step before).
+            beside = max(self._held_beside(in_step),
+                         sum(n for e, n in (held_before or {}).items() if e not in in_step))
+            # The plan gets what those leave (planned_budget), counted whole here: floored
+            # at 1 byte, the part past the budget went uncounted, and the smallest budget
+            # InfeasibleBudget named was short by it (helper-52: FSDP2's gathered
+            # parameters, 6.08 MiB against 6 MiB; a retry at the figure named failed again).
+            kept = pinned + beside
+            budget = self.budget - kept
+            # Held arrays are counted once, in `pinned`; those elsewhere not at all: 0 bytes
+            # for the planner, both.
+            plannable = without_held(trace, held | elsewhere)
+            try:
+                self._require_feasible(plannable, budget, kept)
+                break
+            except InfeasibleBudget:
+                if trace is recording.trace:
+                    raise
+                log.info("the larger sizes of this step and the last do not fit the budget "
+                         "together: planning this step's own")
+        recorded = trace
         started = time.perf_counter()
         options = dict(self.plan_options)
         chosen, plannable, schedule = choose_recompute(
@@ -729,8 +743,11 @@ class OutOfCore:
                     persistent=frozenset(a.id for a in trace.arrays
                                          if a.kind == "persistent" and a.existed_before),
                     started_from=dict(self._carried), held_beside=beside,
-                    held_in_step=frozenset(e for e in in_step if e.owner or e.pinned))
+                    held_in_step=frozenset(e for e in in_step if e.owner or e.pinned),
+                    recorded=recorded)
         self._plans.add(plan)
+        if recorded is grown and outgrown.shape != plan.shape:
+            self._plans.drop(outgrown.shape)        # the larger plan covers its steps
         self._use(plan)
         self._ending = Ending(plan.shape, alive)
         if isinstance(self._mover, HostMover):
@@ -739,6 +756,7 @@ class OutOfCore:
                                     host.host_bytes_needed(plannable, schedule, holding)))
         self._record_next = False
         self._recordings_in_a_row = 0
+        return plan
 
     def _use(self, plan: Plan) -> None:
         """Make `plan` the one the report, timeline() and plot() show."""
@@ -1269,7 +1287,10 @@ class _Iteration:
             rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),
             bytes_recomputed=stats.bytes_recomputed - before[7],
             unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0),
-            switched_at=None if self.recording else getattr(self.mode, "switched_at", None)))
+            switched_at=None if self.recording else getattr(self.mode, "switched_at", None),
+            smaller=not self.recording and getattr(self.mode, "smaller", False),
+            outgrew=not self.recording and deviation is not None
+            and getattr(self.mode, "outgrew", False)))
         last, bound = ooc._iterations[-1], ooc._rss_bound()
         if (last.peak_resident > ooc.budget and not ooc._warned_over
                 and getattr(self.mode, "infeasible", None) is None):   # its error says why
@@ -1296,11 +1317,12 @@ class _Iteration:
         if self.recording:
             ooc._ending = None
             shape = shape_of(function_keys(mode.trace))
-            ooc._plans.seen(shape)
             try:
                 if mode.infeasible is not None:
                     raise mode.infeasible
-                ooc._plan_recording(mode, self.held_before)
+                planned = ooc._plan_recording(mode, self.held_before)
+                # A plan for larger sizes than this step's is the shape it stands for.
+                ooc._plans.seen(planned.shape if planned is not None else shape)
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
             except (InfeasibleBudget, HostBudgetTooSmall) as err:
@@ -1321,6 +1343,8 @@ class _Iteration:
                     ooc._ending = Ending(plan.shape, mode.ending())
             elif known and shape == plan.shape:
                 ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
+            elif mode.outgrew and plan.recorded is not None:      # ... and rule 10
+                ooc._outgrown_plan, ooc._record_next = plan, True
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once
@@ -1333,9 +1357,11 @@ class _Iteration:
                 log.log(logging.WARNING if warn else logging.INFO,
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
-                        "" if shape in ooc._plans else
+                        ", and the next iteration is recorded to plan for the larger sizes"
+                        if ooc._outgrown_plan is plan else "" if shape in ooc._plans else
                         ", and a step of its shape is recorded when one is expected")
-                ooc._periodic(len(ooc._iterations), deviation, shape)
+                if ooc._outgrown_plan is not plan:
+                    ooc._periodic(len(ooc._iterations), deviation, shape)
 
 
 class _Building(_Iteration):

@@ -68,6 +68,20 @@ lets every iteration replay.
      ids of those are paired by their repeats, a temporary copy only with a temporary
      (`_same_arrays`). The iteration counts
      as a replay of the plan it ended on (`IterationStats.switched_at`).
+ 10. Sizes that vary from step to step with the same ops (text padded to each batch's
+     longest sequence, an epoch's short last batch): a replay accepts an array at most
+     as large as the plan's where it binds or makes it (`Replayer.smaller`). Every
+     array then holds at most what the plan counted for it, so the count stays under
+     the plan's curve and the budget holds; every op still makes its inputs ready, so
+     no value depends on the sizes. The step counts as that plan's shape. An array
+     larger than the plan's leaves the plan as any deviation (`Replayer.outgrew`), and
+     the next iteration is recorded; where its record has the same functions on the
+     same arrays as the outgrown plan's, the plan is made for the larger size of each
+     array and the longer duration of each function of the two (`envelope`), and
+     replaces the outgrown one. So the plans grow to the largest sizes the data brings,
+     one recording each time a step passes them, and a step of any size under them
+     replays. (Where the envelope needs more than the budget somewhere, though both
+     records fit, the record alone is planned.)
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
@@ -166,6 +180,32 @@ def function_keys(trace) -> list:
             for f, small in zip(trace.functions, small_functions(trace))]
 
 
+def envelope(old, new):
+    """Rule 10: the trace `new` with each array as large as the larger of the two and
+    each function as long as the longer, where `old` (a recorded trace) has the same
+    functions on the same arrays; else None."""
+    if len(old.functions) != len(new.functions) or len(old.arrays) != len(new.arrays):
+        return None
+    if any(f.op != g.op or f.accesses != g.accesses or f.split != g.split or f.peer != g.peer
+           for f, g in zip(old.functions, new.functions)):
+        return None
+    if any((a.kind, a.category, a.dtype, a.device, a.origin, a.first_use, a.last_use,
+            a.freed_after, a.existed_before) != (b.kind, b.category, b.dtype, b.device,
+                                                 b.origin, b.first_use, b.last_use,
+                                                 b.freed_after, b.existed_before)
+           for a, b in zip(old.arrays, new.arrays)):
+        return None
+    arrays = tuple(b if b.nbytes >= a.nbytes else dataclasses.replace(b, nbytes=a.nbytes)
+                   for a, b in zip(old.arrays, new.arrays))
+    functions = tuple(dataclasses.replace(
+        g, duration_s=max(f.duration_s, g.duration_s), flops=max(f.flops, g.flops),
+        bytes_touched=max(f.bytes_touched, g.bytes_touched),
+        host_s=max(f.host_s, g.host_s), host_cpu_s=max(f.host_cpu_s, g.host_cpu_s),
+        workspace_bytes=max(f.workspace_bytes, g.workspace_bytes))
+        for f, g in zip(old.functions, new.functions))
+    return dataclasses.replace(new, functions=functions, arrays=arrays)
+
+
 def _last_copies(fns) -> set:
     """The indices of the functions that make the last copy of a recomputed array."""
     last: dict = {}
@@ -243,6 +283,7 @@ class Plan:
     started_from: dict          # {array id: entry}: the state it started from last time
     held_beside: int = 0        # bytes kept by collectives beside the step, planned for
     held_in_step: frozenset = frozenset()   # entries kept by collectives the step touches
+    recorded: object = None     # the trace as recorded (or its envelope): rule 10
 
 
 @dataclasses.dataclass

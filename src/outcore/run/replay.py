@@ -77,6 +77,9 @@ class Replayer(HeldMode):
         self.started_from = dict(carried)   # {aid: entry} of the state it started from
         self.index = 0
         self.deviation: str | None = None
+        # NOTE [Step shapes] rule 10: the step's arrays were smaller than the plan's
+        # somewhere (`smaller`), or one was larger, which left the plan (`outgrew`).
+        self.smaller = self.outgrew = False
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
         self.skipped_actions = 0
@@ -538,11 +541,15 @@ class Replayer(HeldMode):
                 bound = None        # rule 7 of NOTE [Small ops off the record]: bound anew
             if bound is None:
                 nbytes = entry.nbytes if entry is not None else storage.nbytes()
-                if nbytes != self.nbytes[aid]:
-                    return self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
-                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
-                                            kwargs, in_storages,
-                                            self._runs_small(func, args, kwargs, in_storages))
+                if nbytes != self.nbytes[aid]:          # rule 10 of NOTE [Step shapes]
+                    self.smaller |= nbytes < self.nbytes[aid]
+                if nbytes > self.nbytes[aid]:
+                    out = self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
+                                           f"bytes, recorded {self.nbytes[aid]}", func, args,
+                                           kwargs, in_storages,
+                                           self._runs_small(func, args, kwargs, in_storages))
+                    self.outgrew = self.deviation is not None
+                    return out
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
                 if entry is None:
@@ -566,7 +573,7 @@ class Replayer(HeldMode):
             # Counted after the frees the plan makes for this function (the memory was
             # there all along: a new batch, state replaced between iterations), so that
             # the count passes neither the plan's curve nor the budget on the way.
-            entries[k] = entry = res.track(storage)
+            entries[k] = entry = res.track(storage, self.nbytes[aid])
             if self._pinned_but_moved(aid, entry):
                 res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
             self._bind(aid, entry)
@@ -587,8 +594,8 @@ class Replayer(HeldMode):
         created = [s for s in distinct_storages(output_tensors(out))
                    if s._cdata not in known and (s.nbytes() or res.entry_of(s))]
         rest = expected[len(entries):]
-        if len(created) != len(rest) or any(
-                s.nbytes() != self.nbytes[aid] for s, aid in zip(created, rest)):
+        if len(created) != len(rest) or any(      # smaller is the plan's: rule 10
+                s.nbytes() > self.nbytes[aid] for s, aid in zip(created, rest)):
             if self._small(func, in_storages) and all(
                     s.nbytes() <= SMALL_OP_BYTES for s in created) and not self._writes_beside_repeats(
                     func, args, kwargs):
@@ -596,6 +603,7 @@ class Replayer(HeldMode):
                 for storage in created:
                     res.track(storage)          # rule 6: counted (pinned) from here
                 return out                      # rule 4b, after it ran: the index stays
+            self.outgrew = len(created) == len(rest)
             self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in created]} new "
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
@@ -603,7 +611,8 @@ class Replayer(HeldMode):
             self._ran.append((name, sum(e.nbytes for e in made)))
             return out
         for storage, aid in zip(created, rest):
-            entry = self.by_id[aid] = res.track(storage)
+            self.smaller |= storage.nbytes() < self.nbytes[aid]
+            entry = self.by_id[aid] = res.track(storage, self.nbytes[aid])
             self.aid_of[entry] = aid
         if call is not None and i in self._y_of and not recompute.captured(
                 call, out, self.by_id[self._y_of[i]].ref()):

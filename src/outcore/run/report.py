@@ -38,6 +38,8 @@ class IterationStats:
     bytes_recomputed: int = 0  # activations made again instead of read back
     plan_s: float = 0.0        # a recording's planning, after the step (not in `seconds`)
     switched_at: int | None = None  # the function where it took up another shape's plan
+    smaller: bool = False      # replayed a plan with some arrays smaller than planned
+    outgrew: bool = False      # left its plan at an array larger than planned
 
     @property
     def overlap(self) -> float:
@@ -213,7 +215,16 @@ class Report:
                 if it.skipped_actions:
                     lines.append(f"        {it.skipped_actions} planned moves skipped: their arrays "
                                  "had not been touched yet in this iteration")
-                if it.deviation:
+                if it.smaller:
+                    lines.append("        some arrays smaller than the plan's (the same ops "
+                                 "on shorter sequences or a smaller batch): replayed it "
+                                 "(NOTE [Step shapes] in run/plans.py, rule 10)")
+                if it.deviation and it.outgrew:
+                    lines.append(f"        deviated from the record: {it.deviation}; the rest "
+                                 "ran on demand, and the next iteration was recorded to plan "
+                                 "for the larger sizes (NOTE [Step shapes] in run/plans.py, "
+                                 "rule 10)")
+                elif it.deviation:
                     lines.append(f"        deviated from the record: {it.deviation}; the rest "
                                  "ran on demand (a step of this shape is recorded when one is "
                                  "expected: NOTE [Step shapes] in run/plans.py)")

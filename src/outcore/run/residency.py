@@ -178,9 +178,12 @@ class Residency:
         self._owned_sampled = 0                 # owned_bytes() at the latest sample
 
     # -- tracking ----------------------------------------------------------------------
-    def track(self, storage) -> Entry:
+    def track(self, storage, planned: int | None = None) -> Entry:
         """The entry of `storage`, created (as FAST) on first sight. Storages that cannot
-        be resized, and small ones not worth a transfer, are pinned in fast memory."""
+        be resized, and small ones not worth a transfer, are pinned in fast memory; small
+        by `planned` where given, the bytes a plan has for the array (a smaller step's
+        array that the plan moves or discards must move: NOTE [Step shapes] in
+        run/plans.py, rule 10)."""
         if self._dead:
             self._reap_dead()
         key = storage._cdata
@@ -190,7 +193,8 @@ class Residency:
             if not elsewhere and not storage.resizable():
                 mapped.adopt_orphan(storage)     # left mapped by a closed OutOfCore
             nbytes = storage.nbytes()
-            entry = Entry(key, None, nbytes, pinned=elsewhere or nbytes < self.min_move_bytes
+            small = (nbytes if planned is None else max(nbytes, planned)) < self.min_move_bytes
+            entry = Entry(key, None, nbytes, pinned=elsewhere or small
                           or not _movable(storage), elsewhere=elsewhere)
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
