@@ -138,7 +138,7 @@ def test_the_library_logs_plans_and_deviations(tmp_path, caplog, capsys):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with caplog.at_level(logging.INFO, logger="outcore"), \
             outcore.OutOfCore(budget="1MiB", swap_dir=str(tmp_path)) as ooc:
-        for batch in (64, 64, 32):             # the third step has another shape
+        for batch in (64, 64, 96):             # the third step is larger: it deviates
             with ooc.iteration():
                 model(torch.randn(batch, 256)).sum().backward()
                 opt.step()

@@ -1,0 +1,106 @@
+"""Steps whose sizes vary with the same ops (NOTE [Step shapes] rule 10): a small GPT-2
+(transformers, from a config) on batches of 8 sequences padded to each batch's longest,
+as `DataCollatorWithPadding` makes them, lengths drawn at random (32 to 256, a long
+tail), under a budget of about half its in-core peak at the longest. Plain PyTorch
+against outcore (and, with --also-src, outcore from another source tree), each in a
+fresh process, the runs alternating; per run the seconds of the last half of the
+iterations, the iterations recorded and deviated, those that replayed a plan for
+longer sequences, and whether the final parameters are bitwise plain PyTorch's.
+
+    .venv/bin/python benchmarks/varying_sizes.py --rounds 3 [--also-src /tmp/x/src]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+from sidebyside import side_by_side
+
+STEPS = 32
+BUDGET = 256 * 2**20        # the in-core peak is 556 MiB at length 240, 247 at 100
+
+
+def lengths(n: int) -> list[int]:
+    """Per batch, the longest of 8 lengths drawn from a log-normal (median 60)."""
+    import random
+    rng = random.Random(7)
+    return [max(min(int(rng.lognormvariate(4.1, 0.5)), 256) for _ in range(8)) for _ in range(n)]
+
+
+def child(mode: str, out: str) -> None:
+    import logging
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192,
+                                     n_positions=256, bos_token_id=0, eos_token_id=0))
+    net.config.use_cache = False
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 8192, (8, n), generator=g) for n in lengths(STEPS)]
+    ooc, times = None, []
+    with tempfile.TemporaryDirectory() as swap:
+        if mode != "plain":
+            import outcore
+            ooc = outcore.OutOfCore(BUDGET, swap_dir=swap)
+        for ids in data:
+            start = time.perf_counter()
+            with ooc.iteration() if ooc is not None else _nothing():
+                net(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            times.append(time.perf_counter() - start)
+        result = {"mode": mode, "seconds": sum(times[STEPS // 2:])}
+        if ooc is not None:
+            its = ooc.report().iterations
+            result.update(records=sum(it.mode == "record" for it in its),
+                          deviations=sum(it.deviation is not None for it in its),
+                          smaller=sum(getattr(it, "smaller", False) for it in its),
+                          over_budget=sum(it.peak_resident > ooc.budget for it in its),
+                          in_core_peak=ooc.report().in_core_peak)
+            ooc.close()
+    torch.save(net.state_dict(), out)
+    print(json.dumps(result))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--also-src", default=None)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.out)
+        return
+    print("lengths", lengths(STEPS))
+    runs = side_by_side(__file__, [], a.rounds, a.also_src)
+    print(f"\nseconds of the last {STEPS // 2} of {STEPS} iterations, median (range) of "
+          f"{a.rounds} rounds")
+    for mode, results in runs.items():
+        secs = [x["seconds"] for x in results]
+        extra = "" if mode == "plain" else (
+            f"  records {[x['records'] for x in results]}, deviations "
+            f"{[x['deviations'] for x in results]}, smaller {[x['smaller'] for x in results]}"
+            f", over the budget {[x['over_budget'] for x in results]}, bitwise "
+            f"{all(x['bitwise'] for x in results)}")
+        print(f"{mode:22} {statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){extra}")
+
+
+if __name__ == "__main__":
+    main()
