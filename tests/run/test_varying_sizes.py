@@ -57,15 +57,15 @@ def _twins(lengths, tmp_path, budget=BUDGET):
 def test_shorter_steps_replay_and_a_longer_one_grows_the_plan(tmp_path):
     """Recorded at 64 (the step before made Adam's state): 32, 40 and 56 replay that
     plan; 80 leaves it, and the next iteration (24) is recorded and planned for the
-    larger of the two sizes of each array (still 64's); 72 leaves it again, 80 is
-    recorded; from then on every length replays. (Before, every step of a length
-    other than 64 left the plan and ran on demand.)"""
+    largest size of each array in the two records and in the step that left (80's):
+    from then on every length replays. (Before, every step of a length other than 64
+    left the plan and ran on demand.)"""
     lengths = [48, 64, 32, 40, 56, 80, 24, 72, 80, 16, 64, 80, 48]
     report = _twins(lengths, tmp_path)
     modes = [(it.mode, it.deviation is not None) for it in report.iterations]
     R, OK, OFF = ("record", False), ("replay", False), ("replay", True)
-    assert modes == [R, R, OK, OK, OK, OFF, R, OFF, R, OK, OK, OK, OK], str(report)
-    assert report.iterations[5].outgrew and report.iterations[7].outgrew
+    assert modes == [R, R, OK, OK, OK, OFF, R, OK, OK, OK, OK, OK, OK], str(report)
+    assert report.iterations[5].outgrew
     assert [it.smaller for it in report.iterations[2:5]] == [True, True, True]
     assert "the next iteration was recorded to plan for the larger sizes" in str(report)
     assert report.iterations[-1].bytes_read > 0          # the plan moves: not passive
@@ -106,14 +106,16 @@ def test_a_short_last_batch_replays_a_plan_that_recomputes(tmp_path):
 def test_lengths_at_random_train_bitwise_within_the_budget(lengths, tmp_path):
     """Any lengths: bitwise equal, under the budget; a replay that left its plan because
     an array was larger than planned is followed by a recording, and a replay that
-    finished its plan, tracking, was of no larger a step than some recorded one (a
-    replay of a plan that moves nothing follows op names only)."""
+    finished its plan, tracking, was of no longer a step than one recorded or outgrown
+    before it (a replay of a plan that moves nothing follows op names only)."""
     report = _twins(lengths, tmp_path)
     its = report.iterations
     for i, it in enumerate(its[:-1]):
         if it.outgrew:
             assert its[i + 1].mode == "record", str(report)
-    recorded = [n for n, it in zip(lengths, its) if it.mode == "record"]
+    seen = 0                        # the longest step recorded or outgrown so far
     for n, it in zip(lengths, its):
         if it.mode == "replay" and it.tracked and not it.deviation:
-            assert n <= max(recorded), str(report)
+            assert n <= seen, str(report)
+        if it.mode == "record" or it.outgrew:
+            seen = max(seen, n)

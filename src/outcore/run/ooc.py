@@ -375,7 +375,8 @@ class OutOfCore:
         self._inputs: list = []      # entries the last step read as inputs (Replayer._strangers)
         self._recordings_in_a_row = 0
         self._record_next = True
-        self._outgrown_plan: Plan | None = None     # NOTE [Step shapes] rule 10
+        # NOTE [Step shapes] rule 10: (the plan a step outgrew, that step's sizes)
+        self._outgrown_plan: tuple[Plan, dict] | None = None
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
@@ -669,8 +670,8 @@ class OutOfCore:
                      else "ran FSDP's first forward, where it sets itself up")
             self._record_next = True
             return
-        outgrown, self._outgrown_plan = self._outgrown_plan, None
-        grown = envelope(outgrown.recorded, trace) if outgrown is not None else None
+        (outgrown, sizes), self._outgrown_plan = self._outgrown_plan or (None, None), None
+        grown = envelope(outgrown.recorded, trace, sizes) if outgrown is not None else None
         for trace in (grown, recording.trace) if grown is not None else (trace,):
             disowned = self._disowned(recording)
             held = held_arrays(trace, disowned)
@@ -1344,7 +1345,7 @@ class _Iteration:
             elif known and shape == plan.shape:
                 ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
             elif mode.outgrew and plan.recorded is not None:      # ... and rule 10
-                ooc._outgrown_plan, ooc._record_next = plan, True
+                ooc._outgrown_plan, ooc._record_next = (plan, mode.outgrown_sizes()), True
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once
@@ -1358,9 +1359,9 @@ class _Iteration:
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
                         ", and the next iteration is recorded to plan for the larger sizes"
-                        if ooc._outgrown_plan is plan else "" if shape in ooc._plans else
+                        if mode.outgrew and ooc._record_next else "" if shape in ooc._plans else
                         ", and a step of its shape is recorded when one is expected")
-                if ooc._outgrown_plan is not plan:
+                if not (mode.outgrew and ooc._record_next):
                     ooc._periodic(len(ooc._iterations), deviation, shape)
 
 

@@ -76,9 +76,10 @@ lets every iteration replay.
      no value depends on the sizes. The step counts as that plan's shape. An array
      larger than the plan's leaves the plan as any deviation (`Replayer.outgrew`), and
      the next iteration is recorded; where its record has the same functions on the
-     same arrays as the outgrown plan's, the plan is made for the larger size of each
-     array and the longer duration of each function of the two (`envelope`), and
-     replaces the outgrown one. So the plans grow to the largest sizes the data brings,
+     same arrays as the outgrown plan's, the plan is made for the largest size of each
+     array in the two records and in the step that outgrew (as far as it followed the
+     plan's ops: `Replayer.outgrown_sizes`), and the longer duration of each function of
+     the two records (`envelope`), and replaces the outgrown one. So the plans grow to the largest sizes the data brings,
      one recording each time a step passes them, and a step of any size under them
      replays. (Where the envelope needs more than the budget somewhere, though both
      records fit, the record alone is planned.)
@@ -180,10 +181,11 @@ def function_keys(trace) -> list:
             for f, small in zip(trace.functions, small_functions(trace))]
 
 
-def envelope(old, new):
-    """Rule 10: the trace `new` with each array as large as the larger of the two and
-    each function as long as the longer, where `old` (a recorded trace) has the same
-    functions on the same arrays; else None."""
+def envelope(old, new, grown=None):
+    """Rule 10: the trace `new` with each array as large as the largest of the two and
+    of `grown` ({array id: bytes}, the step that outgrew `old`) and each function as
+    long as the longer, where `old` (a recorded trace) has the same functions on the
+    same arrays; else None."""
     if len(old.functions) != len(new.functions) or len(old.arrays) != len(new.arrays):
         return None
     if any(f.op != g.op or f.accesses != g.accesses or f.split != g.split or f.peer != g.peer
@@ -195,8 +197,9 @@ def envelope(old, new):
                                                  b.freed_after, b.existed_before)
            for a, b in zip(old.arrays, new.arrays)):
         return None
-    arrays = tuple(b if b.nbytes >= a.nbytes else dataclasses.replace(b, nbytes=a.nbytes)
-                   for a, b in zip(old.arrays, new.arrays))
+    grown = grown or {}
+    arrays = tuple(b if b.nbytes >= (n := max(a.nbytes, grown.get(b.id, 0)))
+                   else dataclasses.replace(b, nbytes=n) for a, b in zip(old.arrays, new.arrays))
     functions = tuple(dataclasses.replace(
         g, duration_s=max(f.duration_s, g.duration_s), flops=max(f.flops, g.flops),
         bytes_touched=max(f.bytes_touched, g.bytes_touched),
@@ -204,6 +207,40 @@ def envelope(old, new):
         workspace_bytes=max(f.workspace_bytes, g.workspace_bytes))
         for f, g in zip(old.functions, new.functions))
     return dataclasses.replace(new, functions=functions, arrays=arrays)
+
+
+def sizes_after(trace, keys, k, ran) -> dict:
+    """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k on
+    make, as a step that left the plan at k made them on demand (`ran`: (name, bytes
+    made, the bytes of each array made) of the ops it ran, small ones left out). The two are walked side by side, an op matched to
+    the function where their names agree; on a disagreement a function that is small
+    in the plan (the op may have been small too, so not in `ran`) or makes nothing is
+    passed, else the op. The arrays a function makes take the sizes of those the op
+    made, in order; where their numbers differ, each grows in proportion to what the
+    op made in all. A wrong match only plans an array larger or no
+    smaller than before: every array is still checked against the plan as it is
+    made."""
+    fns = trace.functions
+    at = [i for i in range(k, len(fns)) if fns[i].repeats is None]
+    sizes, i, j = {}, 0, 0
+    while i < len(at) and j < len(ran):
+        fn = fns[at[i]]
+        created = [acc.array for acc in fn.accesses if acc.kind == "create"]
+        planned = sum(trace.arrays[a].nbytes for a in created)
+        name, made, each = ran[j]
+        if name != fn.op:
+            if keys[at[i]] is None or planned == 0:
+                i += 1
+            else:
+                j += 1
+            continue
+        if len(each) == len(created):
+            sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
+        elif made > planned > 0:
+            for a in created:
+                sizes[a] = -(-trace.arrays[a].nbytes * made // planned)
+        i, j = i + 1, j + 1
+    return sizes
 
 
 def _last_copies(fns) -> set:

@@ -32,7 +32,7 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
-from .plans import SMALL_OP_BYTES, shape_of
+from .plans import SMALL_OP_BYTES, shape_of, sizes_after
 from .residency import Residency
 from .steplog import StepLog
 
@@ -59,7 +59,9 @@ class Replayer(HeldMode):
         self.res = residency
         self.budget = budget
         self._take(trace, schedule, keys)
-        self._ran: list = []            # the keys of the ops run after a deviation (shape)
+        # The ops run after a deviation: (name, bytes made, the bytes of each array made);
+        # their first two are the shape's keys (`shape`).
+        self._ran: list = []
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
@@ -80,6 +82,7 @@ class Replayer(HeldMode):
         # NOTE [Step shapes] rule 10: the step's arrays were smaller than the plan's
         # somewhere (`smaller`), or one was larger, which left the plan (`outgrew`).
         self.smaller = self.outgrew = False
+        self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
         self.skipped_actions = 0
@@ -442,7 +445,20 @@ class Replayer(HeldMode):
     def shape(self) -> int:
         """The shape of the step that ran (NOTE [Step shapes] in plans.py, rule 1): the
         record's functions up to where it left them, then the ops run on demand."""
-        return shape_of([*self.keys[:self.index], *self._ran])
+        ran = [(name, made) for name, made, _ in self._ran]
+        return shape_of([*self.keys[:self.index], *ran])
+
+    def outgrown_sizes(self) -> dict:
+        """After the step outgrew its plan (rule 10 of NOTE [Step shapes]): {array id:
+        bytes} of the step as it ran, where known: the arrays bound before it left the
+        plan, and those made by the ops it then ran on demand where they are the plan's
+        from there on (`plans.sizes_after`)."""
+        sizes = {aid: e.nbytes for aid, e in enumerate(self.by_id) if e is not None}
+        sizes.update(self._read_sizes)          # the input that did not fit, not bound
+        k = self.log.deviation[0] if self.log.deviation else self.index
+        for aid, nbytes in sizes_after(self.trace, self.keys, k, self._ran).items():
+            sizes[aid] = max(nbytes, sizes.get(aid, 0))
+        return sizes
 
     def ending(self) -> dict:
         """{array id: entry} of the arrays alive at the end (plans.Ending)."""
@@ -482,8 +498,11 @@ class Replayer(HeldMode):
             small = self._runs_small(func, args, kwargs, storages)
             if not (self._skip_small(names[0], small)
                     and self.op_names[self.index:self.index + len(names)] == names):
-                return self._off_record(self._unmatched(names[0]), func, args, kwargs,
-                                        storages, small)
+                larger = not small and i < self.n and names[0] == self.op_names[i]  # rule 10
+                out = self._off_record(self._unmatched(names[0]), func, args, kwargs,
+                                       storages, small)
+                self.outgrew = larger and self.deviation is not None
+                return out
             i = self.index
         self.index = i + len(names)
         taken = time.perf_counter()
@@ -515,8 +534,12 @@ class Replayer(HeldMode):
             storages = distinct_storages(inputs)
             small = self._runs_small(func, args, kwargs, storages)
             if not self._skip_small(name, small):
-                return self._off_record(self._unmatched(name), func, args, kwargs, storages,
-                                        small)
+                # Rule 10: the op the record has here on small tensors, on larger ones.
+                larger = not small and i < self.n and name == self.op_names[i]
+                out = self._off_record(self._unmatched(name), func, args, kwargs, storages,
+                                       small)
+                self.outgrew = larger and self.deviation is not None
+                return out
             i = self.index
         taken = time.perf_counter()
         if self._zombies:
@@ -544,6 +567,7 @@ class Replayer(HeldMode):
                 if nbytes != self.nbytes[aid]:          # rule 10 of NOTE [Step shapes]
                     self.smaller |= nbytes < self.nbytes[aid]
                 if nbytes > self.nbytes[aid]:
+                    self._read_sizes[aid] = nbytes
                     out = self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
                                            kwargs, in_storages,
@@ -608,7 +632,7 @@ class Replayer(HeldMode):
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
                                          output_tensors(out))
-            self._ran.append((name, sum(e.nbytes for e in made)))
+            self._ran.append(_made(name, made))
             return out
         for storage, aid in zip(created, rest):
             self.smaller |= storage.nbytes() < self.nbytes[aid]
@@ -949,7 +973,7 @@ class Replayer(HeldMode):
             self._deviate(f"function {self.index}: the step ran {name}, which the record does "
                           f"not have there, and it made {large} bytes", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs), outputs)
-            self._ran.append((name, sum(e.nbytes for e in made)))
+            self._ran.append(_made(name, made))
         return out
 
     # -- leaving the plan ------------------------------------------------------------------
@@ -975,7 +999,7 @@ class Replayer(HeldMode):
         entries, made = self._on_demand.last
         if func.namespace in DISTRIBUTED_NAMESPACES or any(
                 e.nbytes > SMALL_OP_BYTES for e in (*entries, *made)):    # not small: rule 3
-            self._ran.append((self._name(func), sum(e.nbytes for e in made)))
+            self._ran.append(_made(self._name(func), made))
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             # The phase of the recorded function the step left its record at: after that
@@ -986,3 +1010,9 @@ class Replayer(HeldMode):
                 pinned, self.budget, self.res.min_move_bytes, deviated=True)
         return out
 
+
+def _made(name: str, made) -> tuple:
+    """An entry of `Replayer._ran`: the op's name, the bytes of the entries it made in
+    all and each."""
+    sizes = tuple(e.nbytes for e in made)
+    return name, sum(sizes), sizes
