@@ -79,10 +79,10 @@ lets every iteration replay.
      same arrays as the outgrown plan's, the plan is made for the largest size of each
      array in the two records and in the step that outgrew (as far as it followed the
      plan's ops: `Replayer.outgrown_sizes`), and the longer duration of each function of
-     the two records (`envelope`), and replaces the outgrown one. So the plans grow to the largest sizes the data brings,
-     one recording each time a step passes them, and a step of any size under them
-     replays. (Where the envelope needs more than the budget somewhere, though both
-     records fit, the record alone is planned.)
+     the two records (`envelope`), and replaces the outgrown one. So the plans grow to
+     the largest sizes the data brings, one recording each time a step passes them,
+     and a step of any size under them replays. (Where the envelope needs more than the
+     budget somewhere, though both records fit, the record alone is planned.)
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
@@ -212,14 +212,14 @@ def envelope(old, new, grown=None):
 def sizes_after(trace, keys, k, ran) -> dict:
     """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k on
     make, as a step that left the plan at k made them on demand (`ran`: (name, bytes
-    made, the bytes of each array made) of the ops it ran, small ones left out). The two are walked side by side, an op matched to
-    the function where their names agree; on a disagreement a function that is small
-    in the plan (the op may have been small too, so not in `ran`) or makes nothing is
-    passed, else the op. The arrays a function makes take the sizes of those the op
-    made, in order; where their numbers differ, each grows in proportion to what the
-    op made in all. A wrong match only plans an array larger or no
-    smaller than before: every array is still checked against the plan as it is
-    made."""
+    made, the bytes of each array made) of the ops it ran, small ones left out). The
+    two are walked side by side, an op matched to the function where their names
+    agree; on a disagreement a function that is small in the plan (the op may have
+    been small too, so not in `ran`) or makes nothing is passed, else the op. The
+    arrays a function makes take the sizes of those the op made, in order; where their
+    numbers differ, each grows in proportion to what the op made in all. A wrong match
+    only plans an array larger, never smaller: every array is still checked against
+    the plan as it is made."""
     fns = trace.functions
     at = [i for i in range(k, len(fns)) if fns[i].repeats is None]
     sizes, i, j = {}, 0, 0

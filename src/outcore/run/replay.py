@@ -573,6 +573,8 @@ class Replayer(HeldMode):
                                            kwargs, in_storages,
                                            self._runs_small(func, args, kwargs, in_storages))
                     self.outgrew = self.deviation is not None
+                    if not self.outgrew:             # another plan took it up (rule 9)
+                        del self._read_sizes[aid]
                     return out
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
