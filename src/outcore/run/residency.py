@@ -838,6 +838,8 @@ class Residency:
             target -= self._owned_sampled
         if self._dead:
             self._reap_dead()
+        if self.resident <= target:               # most calls: no copy of the order
+            return False
         started, pending, evicted = [], 0, False
         for key in list(self.lru):
             if self.resident - pending <= target:
