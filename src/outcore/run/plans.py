@@ -209,37 +209,21 @@ def envelope(old, new, grown=None):
     return dataclasses.replace(new, functions=functions, arrays=arrays)
 
 
-def sizes_after(trace, keys, k, ran) -> dict:
-    """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k on
-    make, as a step that left the plan at k made them on demand (`ran`: (name, bytes
-    made, the bytes of each array made) of the ops it ran, small ones left out). The
-    two are walked side by side, an op matched to the function where their names
-    agree; on a disagreement a function that is small in the plan (the op may have
-    been small too, so not in `ran`) or makes nothing is passed, else the op. The
-    arrays a function makes take the sizes of those the op made, in order; where their
-    numbers differ, each grows in proportion to what the op made in all. A wrong match
-    only plans an array larger, never smaller: every array is still checked against
-    the plan as it is made."""
-    fns = trace.functions
-    at = [i for i in range(k, len(fns)) if fns[i].repeats is None]
-    sizes, i, j = {}, 0, 0
-    while i < len(at) and j < len(ran):
-        fn = fns[at[i]]
+def sizes_after(trace, k, made) -> dict | None:
+    """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k to
+    its end make, as a step that left the plan at k made them on demand (`made`: (name,
+    the bytes of each storage made) of every op it ran from there), where those ops are
+    the plan's functions one for one (the same names, as many storages made); else
+    None: the step was of another shape, not a larger one."""
+    fns = [f for f in trace.functions[k:] if f.repeats is None]
+    if len(fns) != len(made):
+        return None
+    sizes = {}
+    for fn, (name, each) in zip(fns, made):
         created = [acc.array for acc in fn.accesses if acc.kind == "create"]
-        planned = sum(trace.arrays[a].nbytes for a in created)
-        name, made, each = ran[j]
-        if name != fn.op:
-            if keys[at[i]] is None or planned == 0:
-                i += 1
-            else:
-                j += 1
-            continue
-        if len(each) == len(created):
-            sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
-        elif made > planned > 0:
-            for a in created:
-                sizes[a] = -(-trace.arrays[a].nbytes * made // planned)
-        i, j = i + 1, j + 1
+        if name != fn.op or len(each) != len(created):
+            return None
+        sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
     return sizes
 
 
@@ -252,10 +236,11 @@ def _last_copies(fns) -> set:
     return set(last.values())
 
 
-def _same_arrays(ran, fns, expected, nbytes, arrays, k, mine_last) -> dict | None:
+def _same_arrays(ran, fns, expected, nbytes, arrays, k, mine_last, exact) -> dict | None:
     """Rule 9: whether functions `fns[:k]` of another plan touch the arrays `expected`
-    (of `nbytes`) that the step's functions `ran[:k]` touched, as {id in the step's
-    plan: id in the other}, else None. Ids are numbered by first access, so they agree,
+    (of `nbytes` as the step made them) that the step's functions `ran[:k]` touched, as
+    {id in the step's plan: id in the other}, else None; each of the other plan's
+    arrays of the same size (`exact`) or no smaller (rule 10). Ids are numbered by first access, so they agree,
     but for the arrays a repeat remakes: a plan numbers those after all of its step's
     arrays, so two shapes with different numbers of arrays number them apart; the
     repeats, the same in both (the caller checks), pair them, where each copy is a
@@ -273,7 +258,8 @@ def _same_arrays(ran, fns, expected, nbytes, arrays, k, mine_last) -> dict | Non
             ids.update(zip(made, theirs))
         mine = [ids.get(a, a) for a in expected[i]]
         if mine != list(fns[i].arrays()) or any(
-                arrays[b].nbytes != nbytes[a] for a, b in zip(expected[i], mine)):
+                arrays[b].nbytes != nbytes[a] if exact else arrays[b].nbytes < nbytes[a]
+                for a, b in zip(expected[i], mine)):
             return None
     return {a: ids.get(a, a) for arrays_of in expected for a in arrays_of}
 
@@ -392,20 +378,32 @@ class Plans:
         return plan
 
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str | None) -> tuple[Plan, dict] | None:
+                   name: str | None, exact_only: bool = False) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
-        functions of these `keys` on these arrays (`expected`, of these `nbytes`) and
-        goes on with an op named `name` (past small functions; `name` None: ends there),
-        with the same functions inserted to recompute among the first k and none before
-        that op. (What it recomputes later that one of those first functions made, with
-        no call kept, is written out and read back instead.) The plan found becomes the
-        most recently used; with it, {array id here: its id there} for the arrays of
-        those functions (`_same_arrays`)."""
+        functions of the ops of these `keys` on these arrays (`expected`, of `nbytes` as
+        the step made them) and goes on with an op named `name` (past small functions;
+        `name` None: ends there), with the same functions inserted to recompute among
+        the first k and none before that op. (What it recomputes later that one of those
+        first functions made, with no call kept, is written out and read back instead.)
+        A plan whose arrays there have the step's sizes comes first; else one whose are
+        no smaller (rule 10), unless `exact_only`. The plan found becomes the most
+        recently used; with it, {array id here: its id there} for the arrays of those
+        functions (`_same_arrays`)."""
         k, ran = len(keys), current.trace.functions
         mine_last = _last_copies(ran)
+        ops = [key and key[0] for key in keys]
+        for exact in (True,) if exact_only else (True, False):
+            found = self._continuing(current, k, ran, mine_last, ops, expected, nbytes, name,
+                                     exact)
+            if found is not None:
+                self._plans.move_to_end(found[0].shape)
+                return found
+        return None
+
+    def _continuing(self, current, k, ran, mine_last, ops, expected, nbytes, name, exact):
         for plan in reversed(self._plans.values()):
             fns = plan.trace.functions
-            if plan is current or len(fns) < k or plan.keys[:k] != keys:
+            if plan is current or len(fns) < k or [key and key[0] for key in plan.keys[:k]] != ops:
                 continue
             j = k
             while (j < len(fns) and plan.keys[j] is None and fns[j].repeats is None
@@ -415,9 +413,8 @@ class Plans:
                 j < len(fns) and fns[j].op == name and fns[j].repeats is None)
             if not goes_on or any(fns[i].repeats != ran[i].repeats for i in range(k)):
                 continue
-            ids = _same_arrays(ran, fns, expected, nbytes, plan.trace.arrays, k, mine_last)
+            ids = _same_arrays(ran, fns, expected, nbytes, plan.trace.arrays, k, mine_last, exact)
             if ids is not None:
-                self._plans.move_to_end(plan.shape)
                 return plan, ids
         return None
 

@@ -59,9 +59,10 @@ class Replayer(HeldMode):
         self.res = residency
         self.budget = budget
         self._take(trace, schedule, keys)
-        # The ops run after a deviation: (name, bytes made, the bytes of each array made);
-        # their first two are the shape's keys (`shape`).
-        self._ran: list = []
+        self._ran: list = []            # the keys of the ops run after a deviation (shape)
+        # Every op run after a deviation, small ones too: (name, the bytes of each storage
+        # it made), for rule 10 of NOTE [Step shapes] (`outgrown_sizes`).
+        self._made: list = []
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
@@ -80,8 +81,10 @@ class Replayer(HeldMode):
         self.index = 0
         self.deviation: str | None = None
         # NOTE [Step shapes] rule 10: the step's arrays were smaller than the plan's
-        # somewhere (`smaller`), or one was larger, which left the plan (`outgrew`).
-        self.smaller = self.outgrew = False
+        # somewhere (`smaller`), or one was larger, which left the plan (`_larger`; it
+        # outgrew the plan if it then ran the plan's ops: `outgrew`).
+        self.smaller = self._larger = False
+        self._grown = None
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
@@ -445,18 +448,30 @@ class Replayer(HeldMode):
     def shape(self) -> int:
         """The shape of the step that ran (NOTE [Step shapes] in plans.py, rule 1): the
         record's functions up to where it left them, then the ops run on demand."""
-        ran = [(name, made) for name, made, _ in self._ran]
-        return shape_of([*self.keys[:self.index], *ran])
+        return shape_of([*self.keys[:self.index], *self._ran])
 
-    def outgrown_sizes(self) -> dict:
-        """After the step outgrew its plan (rule 10 of NOTE [Step shapes]): {array id:
-        bytes} of the step as it ran, where known: the arrays bound before it left the
-        plan, and those made by the ops it then ran on demand where they are the plan's
-        from there on (`plans.sizes_after`)."""
-        sizes = {aid: e.nbytes for aid, e in enumerate(self.by_id) if e is not None}
-        sizes.update(self._read_sizes)          # the input that did not fit, not bound
+    @property
+    def outgrew(self) -> bool:
+        """Rule 10: the step left its plan at an array larger than planned and then ran
+        the plan's ops, one for one, to its end: the same step on larger tensors. Asked
+        once the step has ended."""
+        if self._grown is None:
+            self._grown = (self._larger and self.deviation is not None
+                           and self.outgrown_sizes() is not None)
+        return self._grown
+
+    def outgrown_sizes(self) -> dict | None:
+        """Rule 10: {array id: bytes} of a step that left its plan at function k and
+        then ran on demand: the arrays bound before, the input that did not fit, and
+        what the ops from k on made (`plans.sizes_after`); None where those ops are not
+        the plan's functions from k to the end (another shape of step, not a larger
+        one)."""
         k = self.log.deviation[0] if self.log.deviation else self.index
-        for aid, nbytes in sizes_after(self.trace, self.keys, k, self._ran).items():
+        after = sizes_after(self.trace, k, self._made)
+        if after is None:
+            return None
+        sizes = {aid: e.nbytes for aid, e in enumerate(self.by_id) if e is not None}
+        for aid, nbytes in (*self._read_sizes.items(), *after.items()):
             sizes[aid] = max(nbytes, sizes.get(aid, 0))
         return sizes
 
@@ -498,10 +513,10 @@ class Replayer(HeldMode):
             small = self._runs_small(func, args, kwargs, storages)
             if not (self._skip_small(names[0], small)
                     and self.op_names[self.index:self.index + len(names)] == names):
-                larger = not small and i < self.n and names[0] == self.op_names[i]  # rule 10
+                larger = not small and i < self.n and names[0] == self.op_names[i]
                 out = self._off_record(self._unmatched(names[0]), func, args, kwargs,
                                        storages, small)
-                self.outgrew = larger and self.deviation is not None
+                self._larger = larger and self.deviation is not None   # rule 10
                 return out
             i = self.index
         self.index = i + len(names)
@@ -538,7 +553,7 @@ class Replayer(HeldMode):
                 larger = not small and i < self.n and name == self.op_names[i]
                 out = self._off_record(self._unmatched(name), func, args, kwargs, storages,
                                        small)
-                self.outgrew = larger and self.deviation is not None
+                self._larger = larger and self.deviation is not None
                 return out
             i = self.index
         taken = time.perf_counter()
@@ -572,8 +587,8 @@ class Replayer(HeldMode):
                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
                                            kwargs, in_storages,
                                            self._runs_small(func, args, kwargs, in_storages))
-                    self.outgrew = self.deviation is not None
-                    if not self.outgrew:             # another plan took it up (rule 9)
+                    self._larger = self.deviation is not None
+                    if not self._larger:             # another plan took it up (rule 9)
                         del self._read_sizes[aid]
                     return out
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
@@ -629,12 +644,13 @@ class Replayer(HeldMode):
                 for storage in created:
                     res.track(storage)          # rule 6: counted (pinned) from here
                 return out                      # rule 4b, after it ran: the index stays
-            self.outgrew = len(created) == len(rest)
+            self._larger = len(created) == len(rest)
             self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in created]} new "
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
                                          output_tensors(out))
-            self._ran.append(_made(name, made))
+            self._ran.append((name, sum(e.nbytes for e in made)))
+            self._made.append((name, tuple(e.nbytes for e in made)))
             return out
         for storage, aid in zip(created, rest):
             self.smaller |= storage.nbytes() < self.nbytes[aid]
@@ -811,7 +827,10 @@ class Replayer(HeldMode):
         if (self._others is None or self.passive
                 or self.switched_at is not None and self.index <= self.switched_at):
             return False
-        k, old, sizes = self.index, self.by_id, self.nbytes
+        k, old = self.index, self.by_id
+        sizes = list(self.nbytes)       # those the step made (rule 10), freed ones too
+        for entry, aid in self.aid_of.items():
+            sizes[aid] = entry.nbytes
         found = self._others(self.keys[:k], self.expected[:k], sizes, name)
         if found is None:
             return False
@@ -975,7 +994,8 @@ class Replayer(HeldMode):
             self._deviate(f"function {self.index}: the step ran {name}, which the record does "
                           f"not have there, and it made {large} bytes", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs), outputs)
-            self._ran.append(_made(name, made))
+            self._ran.append((name, sum(e.nbytes for e in made)))
+            self._made.append((name, tuple(e.nbytes for e in made)))
         return out
 
     # -- leaving the plan ------------------------------------------------------------------
@@ -1001,7 +1021,8 @@ class Replayer(HeldMode):
         entries, made = self._on_demand.last
         if func.namespace in DISTRIBUTED_NAMESPACES or any(
                 e.nbytes > SMALL_OP_BYTES for e in (*entries, *made)):    # not small: rule 3
-            self._ran.append(_made(self._name(func), made))
+            self._ran.append((self._name(func), sum(e.nbytes for e in made)))
+        self._made.append((self._name(func), tuple(e.nbytes for e in made)))
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             # The phase of the recorded function the step left its record at: after that
@@ -1012,9 +1033,3 @@ class Replayer(HeldMode):
                 pinned, self.budget, self.res.min_move_bytes, deviated=True)
         return out
 
-
-def _made(name: str, made) -> tuple:
-    """An entry of `Replayer._ran`: the op's name, the bytes of the entries it made in
-    all and each."""
-    sizes = tuple(e.nbytes for e in made)
-    return name, sum(sizes), sizes
