@@ -206,3 +206,15 @@ def test_two_lengths_with_a_branch_for_the_long_one_converge(tmp_path):
     assert all(it.peak_resident <= 4_000_000 for it in its), str(report)
     assert sum(it.mode == "record" for it in its) <= 6, str(report)
     assert not any(it.deviation or it.mode == "record" for it in its[-12:]), str(report)
+
+
+def test_a_longer_step_leaves_a_plan_that_moves_nothing(tmp_path):
+    """Recorded at 16 tokens, where nothing moves: the replays only follow op names
+    (passive) and track nothing. A step of 80 (in-core peak 18.3 MB against a 9 MB
+    budget) leaves the plan at its first op that makes more than recorded, runs on
+    demand under the budget, and grows the plan (helper-65: it replayed passively, 18.3
+    MB resident, the report showing the schedule's 4.9 MB)."""
+    report = _twins([16] * 4 + [80] * 4, tmp_path)
+    its = report.iterations
+    assert not its[3].tracked and its[4].outgrew, str(report)
+    assert its[5].mode == "record" and its[6].tracked and not its[6].deviation, str(report)

@@ -525,7 +525,31 @@ class Replayer(HeldMode):
         done = time.perf_counter()
         res = self.res
         self.log.function(i, taken, taken, done, done, res.resident, res.offloaded, res.last_rss)
+        key = self.keys[i]
+        if len(names) == 1 and key is not None and key[1]:
+            self._made_more(i, key[1], func, args, kwargs, out)
         return out
+
+    def _made_more(self, i, planned, func, args, kwargs, out) -> None:
+        """Rule 10 of NOTE [Step shapes] in a passive replay, which tracks nothing: where
+        function i made more than recorded (the same step on larger tensors, which
+        could pass the budget unseen), the step leaves the plan after it, and the rest
+        runs on demand, tracked."""
+        outputs = output_tensors(out)
+        made = distinct_storages(outputs)
+        if sum(s.nbytes() for s in made) <= planned:
+            return                                        # (every call but a rare one)
+        read = {s._cdata for s in distinct_storages(_tensors_read(args, kwargs))}
+        made = [s for s in made if s._cdata not in read]
+        if sum(s.nbytes() for s in made) <= planned:
+            return
+        name = self._name(func)
+        self.index, self._larger = i, True
+        self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in made]} new "
+                      f"bytes, recorded {planned} in all", None, None, None)
+        self._on_demand.after([], written_tensors(func, args, kwargs), outputs)
+        self._ran.append((name, sum(s.nbytes() for s in made)))
+        self._made.append((name, tuple(s.nbytes() for s in made)))
 
     def _name(self, func) -> str:
         name = self._names.get(func)
