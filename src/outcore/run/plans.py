@@ -74,15 +74,20 @@ lets every iteration replay.
      array then holds at most what the plan counted for it, so the count stays under
      the plan's curve and the budget holds; every op still makes its inputs ready, so
      no value depends on the sizes. The step counts as that plan's shape. An array
-     larger than the plan's leaves the plan as any deviation (`Replayer.outgrew`), and
-     the next iteration is recorded; where its record has the same functions on the
-     same arrays as the outgrown plan's, the plan is made for the largest size of each
-     array in the two records and in the step that outgrew (as far as it followed the
-     plan's ops: `Replayer.outgrown_sizes`), and the longer duration of each function of
-     the two records (`envelope`), and replaces the outgrown one. So the plans grow to
-     the largest sizes the data brings, one recording each time a step passes them,
+     larger than the plan's leaves the plan as any deviation; a passive replay, which
+     binds nothing, leaves it after a function that made more than recorded. Where the
+     step then runs the plan's ops one for one to its end, on demand, it outgrew the
+     plan (`Replayer.outgrew`: the same step on larger tensors, not another shape that
+     begins the same, as an eval step does): the next iteration is recorded, and where
+     its record has the same functions on the same arrays as the outgrown plan's, the
+     plan is made for the largest size of each array in the two records and in the step
+     that outgrew (`Replayer.outgrown_sizes`), and the longer duration of each function
+     of the two records (`envelope`), and replaces the outgrown one. So the plans grow
+     to the largest sizes the data brings, one recording each time a step passes them,
      and a step of any size under them replays. (Where the envelope needs more than the
-     budget somewhere, though both records fit, the record alone is planned.)
+     budget somewhere, though both records fit, the record alone is planned.) Rule 9
+     compares the sizes the step made with another plan's: the same first, else no
+     smaller.
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
