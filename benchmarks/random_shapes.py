@@ -9,13 +9,12 @@ parameters are bitwise plain PyTorch's.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
-import statistics
 import tempfile
 import time
 
-from sidebyside import side_by_side
+from sidebyside import arguments, side_by_side, summary
 
 STEPS = 32
 
@@ -43,7 +42,7 @@ def child(mode: str, out: str) -> None:
             ooc = outcore.OutOfCore(28 * 2**20, swap_dir=swap)      # in-core peak: 42 MiB
         for x, y in data:
             start = time.perf_counter()
-            with ooc.iteration() if ooc is not None else _nothing():
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
                 x = x.clone()
                 if coin.random() < 0.5:             # mixup
                     x.mul_(0.7).add_(x.flip(0).mul_(0.3))
@@ -66,35 +65,13 @@ def child(mode: str, out: str) -> None:
     print(json.dumps(result))
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--also-src", default=None)
-    ap.add_argument("--child", default=None)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    a = arguments()
     if a.child:
         child(a.child, a.out)
         return
     runs = side_by_side(__file__, [], a.rounds, a.also_src)
-    print(f"\nseconds of the last {STEPS // 2} of {STEPS} iterations, median (range) of "
-          f"{a.rounds} rounds")
-    for mode, results in runs.items():
-        secs = [x["seconds"] for x in results]
-        extra = "" if mode == "plain" else (
-            f"  records {[x['records'] for x in results]}, deviations "
-            f"{[x['deviations'] for x in results]}, switched {[x['switched'] for x in results]}"
-            f", over the budget {[x['over_budget'] for x in results]}, bitwise "
-            f"{all(x['bitwise'] for x in results)}")
-        print(f"{mode:22} {statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){extra}")
+    summary(runs, a.rounds, STEPS, ["records", "deviations", "switched", "over_budget"])
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ trains, saves its final state there (`torch.save` of a dict of tensors) and prin
 JSON line of its figures, to which `bitwise` (equal to plain PyTorch's state) is added."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,3 +43,27 @@ def side_by_side(script: str, child_args: list, rounds: int, also_src: str | Non
                 runs[mode].append(result)
                 print(mode, result, flush=True)
     return runs
+
+
+def arguments():
+    """The command line every side-by-side benchmark takes: --rounds, --also-src, and
+    --child/--out for the runs it starts."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--also-src", default=None)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--out", default=None)
+    return ap.parse_args()
+
+
+def summary(runs: dict, rounds: int, steps: int, counts: list[str]) -> None:
+    """Per mode the median (range) of the children's `seconds`, with the outcore runs'
+    `counts` per round and whether every run was bitwise plain PyTorch's."""
+    print(f"\nseconds of the last {steps // 2} of {steps} iterations, median (range) of "
+          f"{rounds} rounds")
+    for mode, results in runs.items():
+        secs = [x["seconds"] for x in results]
+        extra = "" if mode == "plain" else "  " + ", ".join(
+            f"{name.replace('_', ' ')} {[x[name] for x in results]}" for name in counts
+        ) + f", bitwise {all(x['bitwise'] for x in results)}"
+        print(f"{mode:22} {statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){extra}")

@@ -11,13 +11,12 @@ longer sequences, and whether the final parameters are bitwise plain PyTorch's.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
-import statistics
 import tempfile
 import time
 
-from sidebyside import side_by_side
+from sidebyside import arguments, side_by_side, summary
 
 STEPS = 32
 BUDGET = 256 * 2**20        # the in-core peak is 556 MiB at length 240, 247 at 100
@@ -52,7 +51,7 @@ def child(mode: str, out: str) -> None:
             ooc = outcore.OutOfCore(BUDGET, swap_dir=swap)
         for ids in data:
             start = time.perf_counter()
-            with ooc.iteration() if ooc is not None else _nothing():
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
                 net(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad()
@@ -70,36 +69,14 @@ def child(mode: str, out: str) -> None:
     print(json.dumps(result))
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--also-src", default=None)
-    ap.add_argument("--child", default=None)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    a = arguments()
     if a.child:
         child(a.child, a.out)
         return
     print("lengths", lengths(STEPS))
     runs = side_by_side(__file__, [], a.rounds, a.also_src)
-    print(f"\nseconds of the last {STEPS // 2} of {STEPS} iterations, median (range) of "
-          f"{a.rounds} rounds")
-    for mode, results in runs.items():
-        secs = [x["seconds"] for x in results]
-        extra = "" if mode == "plain" else (
-            f"  records {[x['records'] for x in results]}, deviations "
-            f"{[x['deviations'] for x in results]}, smaller {[x['smaller'] for x in results]}"
-            f", over the budget {[x['over_budget'] for x in results]}, bitwise "
-            f"{all(x['bitwise'] for x in results)}")
-        print(f"{mode:22} {statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){extra}")
+    summary(runs, a.rounds, STEPS, ["records", "deviations", "smaller", "over_budget"])
 
 
 if __name__ == "__main__":

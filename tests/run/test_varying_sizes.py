@@ -54,6 +54,19 @@ def _twins(lengths, tmp_path, budget=BUDGET):
     return report
 
 
+def _compare(train, budget, tmp_path, **options):
+    """`train(ooc)` plain and under OutOfCore(budget, **options): bitwise equal, never
+    over the budget. Returns the report's iterations."""
+    plain = train()
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), **options) as ooc:
+        ours = train(ooc)
+        report = ooc.report()
+    for a, b in zip(plain.state_dict().values(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
+    return report.iterations
+
+
 def test_shorter_steps_replay_and_a_longer_one_grows_the_plan(tmp_path):
     """Recorded at 64 (the step before made Adam's state): 32, 40 and 56 replay that
     plan; 80 leaves it, and the next iteration (24) is recorded and planned for the
@@ -88,17 +101,10 @@ def test_a_short_last_batch_replays_a_plan_that_recomputes(tmp_path):
                 torch.nn.functional.cross_entropy(model(data[0][:n]), data[1][:n]).backward()
                 opt.step()
         return model
-    plain = train()
-    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True) as ooc:
-        ours = train(ooc)
-        report = ooc.report()
-    for a, b in zip(plain.state_dict().values(), ours.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    its = report.iterations
-    assert all(it.peak_resident <= budget for it in its), str(report)
-    assert [it.mode for it in its[2:]] == ["replay"] * 5, str(report)
-    assert not any(it.deviation for it in its), str(report)
-    assert its[3].bytes_recomputed > 0 and its[6].bytes_recomputed > 0, str(report)
+    its = _compare(train, budget, tmp_path, recompute=True)
+    assert [it.mode for it in its[2:]] == ["replay"] * 5, its
+    assert not any(it.deviation for it in its), its
+    assert its[3].bytes_recomputed > 0 and its[6].bytes_recomputed > 0, its
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -146,16 +152,9 @@ def test_a_larger_batch_grows_the_plan_once(optimizer, sizes, min_move_bytes, tm
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
         return model
-    plain = train()
-    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), recompute=True, **extra) as ooc:
-        ours = train(ooc)
-        report = ooc.report()
-    for a, b in zip(plain.state_dict().values(), ours.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    its = report.iterations
-    assert all(it.peak_resident <= budget for it in its), str(report)
-    assert [i for i, it in enumerate(its) if it.deviation] == [sizes.index(12)], str(report)
-    assert sum(it.mode == "record" for it in its) == 3, str(report)
+    its = _compare(train, budget, tmp_path, recompute=True, **extra)
+    assert [i for i, it in enumerate(its) if it.deviation] == [sizes.index(12)], its
+    assert sum(it.mode == "record" for it in its) == 3, its
 
 
 class _Attention(torch.nn.Module):
@@ -196,16 +195,9 @@ def test_two_lengths_with_a_branch_for_the_long_one_converge(tmp_path):
                 opt.step()
                 opt.zero_grad()
         return net
-    plain = train()
-    with outcore.OutOfCore(4_000_000, swap_dir=str(tmp_path)) as ooc:
-        ours = train(ooc)
-        report = ooc.report()
-    for a, b in zip(plain.state_dict().values(), ours.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    its = report.iterations
-    assert all(it.peak_resident <= 4_000_000 for it in its), str(report)
-    assert sum(it.mode == "record" for it in its) <= 6, str(report)
-    assert not any(it.deviation or it.mode == "record" for it in its[-12:]), str(report)
+    its = _compare(train, 4_000_000, tmp_path)
+    assert sum(it.mode == "record" for it in its) <= 6, its
+    assert not any(it.deviation or it.mode == "record" for it in its[-12:]), its
 
 
 def test_a_longer_step_leaves_a_plan_that_moves_nothing(tmp_path):
