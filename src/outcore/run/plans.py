@@ -383,7 +383,7 @@ class Plans:
         return plan
 
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str | None, exact_only: bool = False) -> tuple[Plan, dict] | None:
+                   name: str | None) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of the ops of these `keys` on these arrays (`expected`, of `nbytes` as
         the step made them) and goes on with an op named `name` (past small functions;
@@ -391,13 +391,13 @@ class Plans:
         the first k and none before that op. (What it recomputes later that one of those
         first functions made, with no call kept, is written out and read back instead.)
         A plan whose arrays there have the step's sizes comes first; else one whose are
-        no smaller (rule 10), unless `exact_only`. The plan found becomes the most
+        no smaller (rule 10). The plan found becomes the most
         recently used; with it, {array id here: its id there} for the arrays of those
         functions (`_same_arrays`)."""
         k, ran = len(keys), current.trace.functions
         mine_last = _last_copies(ran)
         ops = [key and key[0] for key in keys]
-        for exact in (True,) if exact_only else (True, False):
+        for exact in (True, False):
             found = self._continuing(current, k, ran, mine_last, ops, expected, nbytes, name,
                                      exact)
             if found is not None:
