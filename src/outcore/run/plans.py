@@ -406,9 +406,12 @@ class Plans:
         return None
 
     def _continuing(self, current, k, ran, mine_last, ops, expected, nbytes, name, exact):
+        """`continuing` for plans whose arrays have the step's sizes (`exact`) or are no
+        smaller, the most recently used first."""
         for plan in reversed(self._plans.values()):
             fns = plan.trace.functions
-            if plan is current or len(fns) < k or [key and key[0] for key in plan.keys[:k]] != ops:
+            if (plan is current or len(fns) < k
+                    or [key and key[0] for key in plan.keys[:k]] != ops):
                 continue
             j = k
             while (j < len(fns) and plan.keys[j] is None and fns[j].repeats is None
