@@ -27,24 +27,27 @@ def _tokens_net():
     return net, torch.optim.Adam(net.parameters(), lr=1e-3)
 
 
-def _train_tokens(lengths, ooc=None):
+def _cross_entropy(logits, ids):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+def _train_tokens(lengths, ooc=None, loss=_cross_entropy):
     """Sequences of 16 token ids, a new length every step, as a collator that pads to
     each batch's longest makes them."""
     net, opt = _tokens_net()
     for it, n in enumerate(lengths):
         ids = torch.randint(0, 512, (16, n), generator=torch.Generator().manual_seed(it))
         with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-            logits = net(ids)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+            loss(net(ids), ids).backward()
             opt.step()
             opt.zero_grad()
     return net, opt
 
 
-def _twins(lengths, tmp_path, budget=BUDGET):
-    plain, plain_opt = _train_tokens(lengths)
+def _twins(lengths, tmp_path, budget=BUDGET, loss=_cross_entropy):
+    plain, plain_opt = _train_tokens(lengths, loss=loss)
     with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
-        ours, opt = _train_tokens(lengths, ooc)
+        ours, opt = _train_tokens(lengths, ooc, loss=loss)
         report = ooc.report()
     for a, b in zip(plain.state_dict().values(), ours.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -210,3 +213,26 @@ def test_a_longer_step_leaves_a_plan_that_moves_nothing(tmp_path):
     its = report.iterations
     assert not its[3].tracked and its[4].outgrew, str(report)
     assert its[5].mode == "record" and its[6].tracked and not its[6].deviation, str(report)
+
+
+def test_a_tensor_made_in_the_step_does_not_stop_growth(tmp_path):
+    """`torch.tensor(0.5)` in the step: the recorder counts what `lift_fresh` lifts as
+    made, the step run on demand does not; the step that outgrew still ran the plan's
+    ops, and grows it (helper-66: no growth, every longer step deviated)."""
+    def halved(logits, ids):
+        return _cross_entropy(logits, ids) * torch.tensor(0.5)
+    its = _twins([48, 64, 32, 80, 24, 80, 80], tmp_path, loss=halved).iterations
+    R, OK, OFF = ("record", False), ("replay", False), ("replay", True)
+    assert [(it.mode, it.deviation is not None) for it in its] == [R, R, OK, OFF, R, OK, OK]
+
+
+def test_a_loss_over_masked_tokens_stays_passive(tmp_path):
+    """A budget far above the peak, a loss over the tokens a mask keeps (`logits[keep]`:
+    a size that follows the data, a few bytes more than recorded now and then): the
+    replays stay passive (helper-66: the first step that made more left the plan and
+    every later one was tracked)."""
+    def masked(logits, ids):
+        keep = ids % 3 == 0
+        return torch.nn.functional.cross_entropy(logits[keep], ids[keep])
+    its = _twins([64] * 10, tmp_path, budget=200_000_000, loss=masked).iterations
+    assert not any(it.deviation or it.tracked for it in its[2:]), its

@@ -745,10 +745,12 @@ class OutOfCore:
                                          if a.kind == "persistent" and a.existed_before),
                     started_from=dict(self._carried), held_beside=beside,
                     held_in_step=frozenset(e for e in in_step if e.owner or e.pinned),
-                    recorded=recorded)
+                    recorded=recorded, grows=outgrown is None or recorded is grown)
         self._plans.add(plan)
         if recorded is grown and outgrown.shape != plan.shape:
             self._plans.drop(outgrown.shape)        # the larger plan covers its steps
+        elif outgrown is not None and recorded is not grown:
+            outgrown.grows = False                  # no loop of recordings (rule 10)
         self._use(plan)
         self._ending = Ending(plan.shape, alive)
         if isinstance(self._mover, HostMover):
@@ -1291,7 +1293,7 @@ class _Iteration:
             switched_at=None if self.recording else getattr(self.mode, "switched_at", None),
             smaller=not self.recording and getattr(self.mode, "smaller", False),
             outgrew=not self.recording and deviation is not None
-            and getattr(self.mode, "outgrew", False)))
+            and getattr(self.mode, "outgrew", False) and ooc._plan.grows))
         last, bound = ooc._iterations[-1], ooc._rss_bound()
         if (last.peak_resident > ooc.budget and not ooc._warned_over
                 and getattr(self.mode, "infeasible", None) is None):   # its error says why
@@ -1344,7 +1346,7 @@ class _Iteration:
                     ooc._ending = Ending(plan.shape, mode.ending())
             elif known and shape == plan.shape:
                 ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
-            elif mode.outgrew and plan.recorded is not None:      # ... and rule 10
+            elif mode.outgrew and plan.recorded is not None and plan.grows:   # ... rule 10
                 ooc._outgrown_plan, ooc._record_next = (plan, mode.outgrown_sizes()), True
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback

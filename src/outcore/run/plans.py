@@ -85,7 +85,9 @@ lets every iteration replay.
      of the two records (`envelope`), and replaces the outgrown one. So the plans grow
      to the largest sizes the data brings, one recording each time a step passes them,
      and a step of any size under them replays. (Where the envelope needs more than the
-     budget somewhere, though both records fit, the record alone is planned.) Rule 9
+     budget somewhere, though both records fit, or the record is of another shape, a
+     small op more or less, the record alone is planned, and a step that outgrows that
+     plan is not followed by a recording: no loop of recordings.) Rule 9
      compares the sizes the step made with another plan's: the same first, else no
      smaller.
 
@@ -214,21 +216,27 @@ def envelope(old, new, grown=None):
     return dataclasses.replace(new, functions=functions, arrays=arrays)
 
 
-def sizes_after(trace, k, made) -> dict | None:
+def sizes_after(trace, keys, k, made) -> dict | None:
     """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k to
     its end make, as a step that left the plan at k made them on demand (`made`: (name,
     the bytes of each storage made) of every op it ran from there), where those ops are
-    the plan's functions one for one (the same names, as many storages made); else
-    None: the step was of another shape, not a larger one."""
-    fns = [f for f in trace.functions[k:] if f.repeats is None]
-    if len(fns) != len(made):
+    the plan's functions one for one (the same names, and as many storages made where
+    the function is not small: `torch.tensor(0.5)` is made outside any op, and on
+    demand its `lift_fresh` makes nothing); else None: the step was of another shape,
+    not a larger one."""
+    at = [i for i in range(k, len(trace.functions)) if trace.functions[i].repeats is None]
+    if len(at) != len(made):
         return None
     sizes = {}
-    for fn, (name, each) in zip(fns, made):
+    for i, (name, each) in zip(at, made):
+        fn = trace.functions[i]
         created = [acc.array for acc in fn.accesses if acc.kind == "create"]
-        if name != fn.op or len(each) != len(created):
+        if name != fn.op:
             return None
-        sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
+        if len(each) == len(created):
+            sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
+        elif keys[i] is not None:
+            return None
     return sizes
 
 
@@ -312,6 +320,8 @@ class Plan:
     held_beside: int = 0        # bytes kept by collectives beside the step, planned for
     held_in_step: frozenset = frozenset()   # entries kept by collectives the step touches
     recorded: object = None     # the trace as recorded (or its envelope): rule 10
+    grows: bool = True          # rule 10: False where the recording after it outgrew its
+                                # plan could not grow that plan: no recording again
 
 
 @dataclasses.dataclass

@@ -85,6 +85,7 @@ class Replayer(HeldMode):
         # outgrew the plan if it then ran the plan's ops: `outgrew`).
         self.smaller = self._larger = False
         self._grown = None
+        self._more = 0                  # bytes a passive replay made past the record's
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
@@ -467,7 +468,7 @@ class Replayer(HeldMode):
         the plan's functions from k to the end (another shape of step, not a larger
         one)."""
         k = self.log.deviation[0] if self.log.deviation else self.index
-        after = sizes_after(self.trace, k, self._made)
+        after = sizes_after(self.trace, self.keys, k, self._made)
         if after is None:
             return None
         sizes = {aid: e.nbytes for aid, e in enumerate(self.by_id) if e is not None}
@@ -532,16 +533,22 @@ class Replayer(HeldMode):
 
     def _made_more(self, i, planned, func, args, kwargs, out) -> None:
         """Rule 10 of NOTE [Step shapes] in a passive replay, which tracks nothing: where
-        function i made more than recorded (the same step on larger tensors, which
-        could pass the budget unseen), the step leaves the plan after it, and the rest
-        runs on demand, tracked."""
+        the functions so far made more than recorded by more than the plan leaves free
+        under its budget (the same step on larger tensors, which could pass the budget
+        unseen), the step leaves the plan after function i, and the rest runs on
+        demand, tracked. A few bytes more (an output sized by the data: `x[mask]`) stay
+        passive."""
         outputs = output_tensors(out)
         made = distinct_storages(outputs)
         if sum(s.nbytes() for s in made) <= planned:
             return                                        # (every call but a rare one)
         read = {s._cdata for s in distinct_storages(_tensors_read(args, kwargs))}
         made = [s for s in made if s._cdata not in read]
-        if sum(s.nbytes() for s in made) <= planned:
+        more = sum(s.nbytes() for s in made) - planned
+        if more <= 0:
+            return
+        self._more += more
+        if self._more <= self.schedule.budget - self.schedule.peak_bytes:
             return
         name = self._name(func)
         self.index, self._larger = i, True
