@@ -75,7 +75,8 @@ lets every iteration replay.
      the plan's curve and the budget holds; every op still makes its inputs ready, so
      no value depends on the sizes. The step counts as that plan's shape. An array
      larger than the plan's leaves the plan as any deviation; a passive replay, which
-     binds nothing, leaves it after a function that made more than recorded. Where the
+     binds nothing, leaves it after the function where what the step made past the
+     record passes the room the plan leaves under its budget. Where the
      step then runs the plan's ops one for one to its end, on demand, it outgrew the
      plan (`Replayer.outgrew`: the same step on larger tensors, not another shape that
      begins the same, as an eval step does): the next iteration is recorded, and where
