@@ -251,16 +251,17 @@ def _last_copies(fns) -> set:
 
 
 def _same_arrays(ran, fns, expected, nbytes, arrays, k, mine_last, exact) -> dict | None:
-    """Rule 9: whether functions `fns[:k]` of another plan touch the arrays `expected`
-    (of `nbytes` as the step made them) that the step's functions `ran[:k]` touched, as
+    """Rule 9: whether functions `fns[:k]` of another plan touch the arrays `expected` (of
+    `nbytes` as the step made them) that the step's functions `ran[:k]` touched, as
     {id in the step's plan: id in the other}, else None; each of the other plan's
-    arrays of the same size (`exact`) or no smaller (rule 10). Ids are numbered by first access, so they agree,
-    but for the arrays a repeat remakes: a plan numbers those after all of its step's
-    arrays, so two shapes with different numbers of arrays number them apart; the
-    repeats, the same in both (the caller checks), pair them, where each copy is a
-    temporary in both or the last copy in both (NOTE [Temporaries] in
-    plan/recompute.py: a temporary is discarded again and its array remade later, the
-    last copy stays; helper-63 saw a temporary taken for a last copy pass the budget)."""
+    arrays of the same size (`exact`) or no smaller (rule 10). Ids are numbered by
+    first access, so they agree, but for the arrays a repeat remakes: a plan numbers
+    those after all of its step's arrays, so two shapes with different numbers of
+    arrays number them apart; the repeats, the same in both (the caller checks),
+    pair them, where each copy is a temporary in both or the last copy in both (NOTE
+    [Temporaries] in plan/recompute.py: a temporary is discarded again and its array
+    remade later, the last copy stays; helper-63 saw a temporary taken for a last
+    copy pass the budget)."""
     their_last = _last_copies(fns)        # `mine_last`: `_last_copies(ran)`
     ids: dict = {}
     for i in range(k):
@@ -396,15 +397,15 @@ class Plans:
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
                    name: str | None) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
-        functions of the ops of these `keys` on these arrays (`expected`, of `nbytes` as
-        the step made them) and goes on with an op named `name` (past small functions;
-        `name` None: ends there), with the same functions inserted to recompute among
-        the first k and none before that op. (What it recomputes later that one of those
-        first functions made, with no call kept, is written out and read back instead.)
-        A plan whose arrays there have the step's sizes comes first; else one whose are
-        no smaller (rule 10). The plan found becomes the most
-        recently used; with it, {array id here: its id there} for the arrays of those
-        functions (`_same_arrays`)."""
+        functions of the ops of these `keys` on these arrays (`expected`, of
+        `nbytes` as the step made them) and goes on with an op named `name`
+        (past small functions; `name` None: ends there), with the same functions
+        inserted to recompute among the first k and none before that op. (What
+        it recomputes later that one of those first functions made, with no call
+        kept, is written out and read back instead.) A plan whose arrays there
+        have the step's sizes comes first; else one whose are no smaller (rule
+        10). The plan found becomes the most recently used; with it, {array id
+        here: its id there} for the arrays of those functions (`_same_arrays`)."""
         k, ran = len(keys), current.trace.functions
         mine_last = _last_copies(ran)
         ops = [key and key[0] for key in keys]
