@@ -14,7 +14,7 @@ import json
 import tempfile
 import time
 
-from sidebyside import arguments, side_by_side, summary
+from sidebyside import arguments, counts, side_by_side, summary
 
 STEPS = 32
 
@@ -54,12 +54,7 @@ def child(mode: str, out: str) -> None:
             times.append(time.perf_counter() - start)
         result = {"mode": mode, "seconds": sum(times[STEPS // 2:])}
         if ooc is not None:
-            its = ooc.report().iterations
-            result.update(records=sum(it.mode == "record" for it in its),
-                          deviations=sum(it.deviation is not None for it in its),
-                          switched=sum(it.switched_at is not None for it in its
-                                       if hasattr(it, "switched_at")),
-                          over_budget=sum(it.peak_resident > ooc.budget for it in its))
+            result.update(counts(ooc))
             ooc.close()
     torch.save(net.state_dict(), out)
     print(json.dumps(result))

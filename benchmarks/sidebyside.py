@@ -67,3 +67,15 @@ def summary(runs: dict, rounds: int, steps: int, counts: list[str]) -> None:
             f"{name.replace('_', ' ')} {[x[name] for x in results]}" for name in counts
         ) + f", bitwise {all(x['bitwise'] for x in results)}"
         print(f"{mode:22} {statistics.median(secs):.2f} ({min(secs):.2f}-{max(secs):.2f}){extra}")
+
+
+def counts(ooc) -> dict:
+    """What a child's OutOfCore did, per iteration kind: recorded, deviated, took up
+    another plan (rule 9), replayed a plan with smaller arrays (rule 10), passed the
+    budget. Fields an older source tree (--also-src) lacks count 0."""
+    its = ooc.report().iterations
+    return {"records": sum(it.mode == "record" for it in its),
+            "deviations": sum(it.deviation is not None for it in its),
+            "switched": sum(getattr(it, "switched_at", None) is not None for it in its),
+            "smaller": sum(getattr(it, "smaller", False) for it in its),
+            "over_budget": sum(it.peak_resident > ooc.budget for it in its)}

@@ -16,7 +16,7 @@ import json
 import tempfile
 import time
 
-from sidebyside import arguments, side_by_side, summary
+from sidebyside import arguments, counts, side_by_side, summary
 
 STEPS = 32
 BUDGET = 256 * 2**20        # the in-core peak is 556 MiB at length 240, 247 at 100
@@ -58,12 +58,7 @@ def child(mode: str, out: str) -> None:
             times.append(time.perf_counter() - start)
         result = {"mode": mode, "seconds": sum(times[STEPS // 2:])}
         if ooc is not None:
-            its = ooc.report().iterations
-            result.update(records=sum(it.mode == "record" for it in its),
-                          deviations=sum(it.deviation is not None for it in its),
-                          smaller=sum(getattr(it, "smaller", False) for it in its),
-                          over_budget=sum(it.peak_resident > ooc.budget for it in its),
-                          in_core_peak=ooc.report().in_core_peak)
+            result.update(counts(ooc), in_core_peak=ooc.report().in_core_peak)
             ooc.close()
     torch.save(net.state_dict(), out)
     print(json.dumps(result))

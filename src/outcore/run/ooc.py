@@ -670,23 +670,23 @@ class OutOfCore:
                      else "ran FSDP's first forward, where it sets itself up")
             self._record_next = True
             return
+        disowned = self._disowned(recording)
+        # {array id: entry} of the arrays alive at the end (plans.Ending).
+        alive = {aid: e for aid, ref in recording.alive_at_end.items()
+                 if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
+        # What never moves and this step does not touch (DDP's buckets, in a micro-batch
+        # under no_sync()) stays resident beside it all the same.
+        in_step = set(alive.values())
+        # Those there as the step began count too (one it let go of held its memory till
+        # then: a tensor a collective made in the step before).
+        beside = max(self._held_beside(in_step),
+                     sum(n for e, n in (held_before or {}).items() if e not in in_step))
         (outgrown, sizes), self._outgrown_plan = self._outgrown_plan or (None, None), None
         grown = envelope(outgrown.recorded, trace, sizes) if outgrown is not None else None
         for trace in (grown, recording.trace) if grown is not None else (trace,):
-            disowned = self._disowned(recording)
             held = held_arrays(trace, disowned)
             owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
             pinned = pinned_peak(trace, self._res.min_move_bytes, held, owned)
-            # {array id: entry} of the arrays alive at the end (plans.Ending).
-            alive = {aid: e for aid, ref in recording.alive_at_end.items()
-                     if (st := ref()) is not None and (e := self._res.entry_of(st)) is not None}
-            # What never moves and this step does not touch (DDP's buckets, in a micro-batch
-            # under no_sync()) stays resident beside it all the same.
-            in_step = set(alive.values())
-            # Those there as the step began count too (one it let go of held its memory till
-            # then: a tensor a collective made in the step before).
-            beside = max(self._held_beside(in_step),
-                         sum(n for e, n in (held_before or {}).items() if e not in in_step))
             # The plan gets what those leave (planned_budget), counted whole here: floored
             # at 1 byte, the part past the budget went uncounted, and the smallest budget
             # InfeasibleBudget named was short by it (helper-52: FSDP2's gathered
@@ -1347,7 +1347,7 @@ class _Iteration:
             elif known and shape == plan.shape:
                 ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
             elif mode.outgrew and plan.recorded is not None and plan.grows:   # ... rule 10
-                ooc._outgrown_plan, ooc._record_next = (plan, mode.outgrown_sizes()), True
+                ooc._outgrown_plan, ooc._record_next = (plan, mode.outgrown_sizes), True
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once

@@ -17,6 +17,7 @@ the plan nor count in the step's shape: NOTE [Small ops off the record] in plans
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
@@ -84,7 +85,6 @@ class Replayer(HeldMode):
         # somewhere (`smaller`), or one was larger, which left the plan (`_larger`; it
         # outgrew the plan if it then ran the plan's ops: `outgrew`).
         self.smaller = self._larger = False
-        self._grown = None
         self._more = 0                  # bytes a passive replay made past the record's
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
@@ -456,19 +456,19 @@ class Replayer(HeldMode):
         """Rule 10: the step left its plan at an array larger than planned and then ran
         the plan's ops, one for one, to its end: the same step on larger tensors. Asked
         once the step has ended."""
-        if self._grown is None:
-            self._grown = (self._larger and self.deviation is not None
-                           and self.outgrown_sizes() is not None)
-        return self._grown
+        return self.outgrown_sizes is not None
 
+    @functools.cached_property
     def outgrown_sizes(self) -> dict | None:
-        """Rule 10: {array id: bytes} of a step that left its plan at function k and
-        then ran on demand: the arrays bound before, the input that did not fit, and
-        what the ops from k on made (`plans.sizes_after`); None where those ops are not
-        the plan's functions from k to the end (another shape of step, not a larger
-        one)."""
-        k = self.log.deviation[0] if self.log.deviation else self.index
-        after = sizes_after(self.trace, self.keys, k, self._made)
+        """Rule 10: {array id: bytes} of a step that left its plan at function k at an
+        array larger than planned and then ran on demand: the arrays bound before, the
+        input that did not fit, and what the ops from k on made (`plans.sizes_after`);
+        None where it did not leave so, or those ops are not the plan's functions from k
+        to the end (another shape of step, not a larger one). Asked once the step has
+        ended."""
+        if not self._larger or self.deviation is None:
+            return None
+        after = sizes_after(self.trace, self.keys, self.log.deviation[0], self._made)
         if after is None:
             return None
         sizes = {aid: e.nbytes for aid, e in enumerate(self.by_id) if e is not None}
@@ -514,11 +514,9 @@ class Replayer(HeldMode):
             small = self._runs_small(func, args, kwargs, storages)
             if not (self._skip_small(names[0], small)
                     and self.op_names[self.index:self.index + len(names)] == names):
-                larger = not small and i < self.n and names[0] == self.op_names[i]
-                out = self._off_record(self._unmatched(names[0]), func, args, kwargs,
-                                       storages, small)
-                self._larger = larger and self.deviation is not None   # rule 10
-                return out
+                return self._off_record(self._unmatched(names[0]), func, args, kwargs,
+                                        storages, small, larger=self._small_grew(i, names[0],
+                                                                                 small))
             i = self.index
         self.index = i + len(names)
         taken = time.perf_counter()
@@ -552,11 +550,11 @@ class Replayer(HeldMode):
             return
         name = self._name(func)
         self.index, self._larger = i, True
-        self._deviate(f"function {i} ({name}) produced {[s.nbytes() for s in made]} new "
-                      f"bytes, recorded {planned} in all", None, None, None)
+        sizes = [s.nbytes() for s in made]
+        self._deviate(f"function {i} ({name}) produced {sizes} new bytes, recorded {planned} "
+                      "in all", None, None, None)
         self._on_demand.after([], written_tensors(func, args, kwargs), outputs)
-        self._ran.append((name, sum(s.nbytes() for s in made)))
-        self._made.append((name, tuple(s.nbytes() for s in made)))
+        self._ran_on_demand(name, sizes)
 
     def _name(self, func) -> str:
         name = self._names.get(func)
@@ -580,12 +578,8 @@ class Replayer(HeldMode):
             storages = distinct_storages(inputs)
             small = self._runs_small(func, args, kwargs, storages)
             if not self._skip_small(name, small):
-                # Rule 10: the op the record has here on small tensors, on larger ones.
-                larger = not small and i < self.n and name == self.op_names[i]
-                out = self._off_record(self._unmatched(name), func, args, kwargs, storages,
-                                       small)
-                self._larger = larger and self.deviation is not None
-                return out
+                return self._off_record(self._unmatched(name), func, args, kwargs, storages,
+                                        small, larger=self._small_grew(i, name, small))
             i = self.index
         taken = time.perf_counter()
         if self._zombies:
@@ -613,14 +607,13 @@ class Replayer(HeldMode):
                 if nbytes != self.nbytes[aid]:          # rule 10 of NOTE [Step shapes]
                     self.smaller |= nbytes < self.nbytes[aid]
                 if nbytes > self.nbytes[aid]:
-                    self._read_sizes[aid] = nbytes
                     out = self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
                                            kwargs, in_storages,
-                                           self._runs_small(func, args, kwargs, in_storages))
-                    self._larger = self.deviation is not None
-                    if not self._larger:             # another plan took it up (rule 9)
-                        del self._read_sizes[aid]
+                                           self._runs_small(func, args, kwargs, in_storages),
+                                           larger=True)
+                    if self._larger:                 # not taken up by another plan
+                        self._read_sizes[aid] = nbytes
                     return out
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
                     self._new_batch()
@@ -680,8 +673,7 @@ class Replayer(HeldMode):
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
                                          output_tensors(out))
-            self._ran.append((name, sum(e.nbytes for e in made)))
-            self._made.append((name, tuple(e.nbytes for e in made)))
+            self._ran_on_demand(name, [e.nbytes for e in made])
             return out
         for storage, aid in zip(created, rest):
             self.smaller |= storage.nbytes() < self.nbytes[aid]
@@ -838,15 +830,21 @@ class Replayer(HeldMode):
                     "step's does not")
         return f"function {i}: expected {self.op_names[i]}, the step ran {name}"
 
-    def _off_record(self, reason, func, args, kwargs, storages, small):
+    def _off_record(self, reason, func, args, kwargs, storages, small, larger=False):
         """The op does not match the function the step stands at: a small op (`small`:
-        `_runs_small`) runs as it is (rule 4b), any other leaves the plan."""
+        `_runs_small`) runs as it is (rule 4b), any other leaves the plan; `larger`: for
+        being larger than the record's (rule 10 of NOTE [Step shapes]: `outgrew`)."""
         if small:
             self._spare_remakes(func, args, kwargs)
             return self._extra(func, args, kwargs, storages)
         if self._switch(self._name(func)):
             return self._one(func, args, kwargs)
+        self._larger = larger
         return self._deviate(reason, func, args, kwargs)
+
+    def _small_grew(self, i, name, small) -> bool:
+        """Rule 10: the op the record has at function i on small tensors, on larger ones."""
+        return not small and i < self.n and name == self.op_names[i]
 
     # -- another plan of a shape this step turns out to have (NOTE [Step shapes] rule 9) ---
     def _switch(self, name) -> bool:
@@ -1025,9 +1023,15 @@ class Replayer(HeldMode):
             self._deviate(f"function {self.index}: the step ran {name}, which the record does "
                           f"not have there, and it made {large} bytes", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs), outputs)
-            self._ran.append((name, sum(e.nbytes for e in made)))
-            self._made.append((name, tuple(e.nbytes for e in made)))
+            self._ran_on_demand(name, [e.nbytes for e in made])
         return out
+
+    def _ran_on_demand(self, name: str, sizes: list, small: bool = False) -> None:
+        """Note an op run after the deviation, which made storages of `sizes` bytes: in
+        the step's shape unless it is small (rule 3), and for rule 10 in any case."""
+        if not small:
+            self._ran.append((name, sum(sizes)))
+        self._made.append((name, tuple(sizes)))
 
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
@@ -1050,10 +1054,9 @@ class Replayer(HeldMode):
         out = self._on_demand.run(func, args, kwargs)
         self._fallen += 1
         entries, made = self._on_demand.last
-        if func.namespace in DISTRIBUTED_NAMESPACES or any(
-                e.nbytes > SMALL_OP_BYTES for e in (*entries, *made)):    # not small: rule 3
-            self._ran.append((self._name(func), sum(e.nbytes for e in made)))
-        self._made.append((self._name(func), tuple(e.nbytes for e in made)))
+        self._ran_on_demand(self._name(func), [e.nbytes for e in made], small=not (
+            func.namespace in DISTRIBUTED_NAMESPACES
+            or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))))
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             # The phase of the recorded function the step left its record at: after that
