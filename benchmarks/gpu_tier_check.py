@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import os
 import statistics
@@ -261,6 +262,8 @@ def exact(run: Run) -> dict:
         try:
             host_budget = case.get("host_budget")
             if host_budget == "spill":
+                if "resnet18-sgd" not in needs:
+                    raise RuntimeError("needs resnet18-sgd's plan, which did not run")
                 need, lasting = needs["resnet18-sgd"]
                 host_budget = lasting + (need - lasting) // 4
             budget, peak, low = _budget(run, case)
@@ -430,22 +433,14 @@ def paper(run: Run, budget: int) -> dict:
         batch, secs = _largest(run, "plain")
         out["in_core"] = {"batch": batch, "img_per_s": round(batch / secs, 1)}
         big = -(-batch * 15 // 2)                                  # 7.5x, rounded up
-        w = _resnet50(run, big)
-        with outcore.OutOfCore(budget=int(budget * 0.8), offload="host") as ooc:
-            def step():
-                with ooc.iteration():
-                    w.step()
-            for _ in range(3):                  # recordings until the state is stable
-                step()
-            secs_ooc = _timed(run, step)
-            run.ooc_paper = (ooc.trace, ooc.schedule, secs_ooc)
-            report = ooc.report()
-            peak_alloc = None if run.dry else torch.cuda.max_memory_allocated()
-        out["outcore"] = {"batch": big, "img_per_s": round(big / secs_ooc, 1),
-                          "of_in_core": round((big / secs_ooc) / (batch / secs), 3),
-                          "modes": [it.mode for it in report.iterations],
-                          "max_memory_allocated": peak_alloc, "policy": report.policy}
-        del w
+        try:                            # an error here leaves the figures beside it
+            out["outcore"] = _paper_outcore(run, budget, big, batch / secs)
+        except Exception as exc:          # noqa: BLE001
+            out["outcore"] = {"batch": big, "error": f"{type(exc).__name__}: {exc}",
+                              "notes": getattr(exc, "__notes__", []),
+                              "traceback": traceback.format_exc(limit=6)}
+        if not run.dry:
+            torch.cuda.empty_cache()
         for mode in ("checkpoint", "save_on_cpu", "streamed-offload"):
             if mode == "streamed-offload" and run.dry:
                 continue                                       # CUDA streams
@@ -460,8 +455,28 @@ def paper(run: Run, budget: int) -> dict:
             torch.cuda.empty_cache()
 
 
+def _paper_outcore(run: Run, budget: int, big: int, in_core_rate: float) -> dict:
+    w = _resnet50(run, big)
+    with outcore.OutOfCore(budget=int(budget * 0.8), offload="host") as ooc:
+        def step():
+            with ooc.iteration():
+                w.step()
+        for _ in range(3):                  # recordings until the state is stable
+            step()
+        secs_ooc = _timed(run, step)
+        run.ooc_paper = (ooc.trace, ooc.schedule, secs_ooc)
+        report = ooc.report()
+        peak_alloc = None if run.dry else torch.cuda.max_memory_allocated()
+    return {"batch": big, "img_per_s": round(big / secs_ooc, 1),
+            "of_in_core": round((big / secs_ooc) / in_core_rate, 3),
+            "modes": [it.mode for it in report.iterations],
+            "max_memory_allocated": peak_alloc, "policy": report.policy}
+
+
 # -- 5. the simulator against the measured step ----------------------------------------------
 def predict(run: Run) -> dict:
+    if not hasattr(run, "ooc_paper"):
+        return {"skipped": "section 4 (paper) measured no outcore step"}
     trace, schedule, measured = run.ooc_paper
     preset = machine("h100-80gb")
     in_core = _fits_in_core_step(run, trace)
@@ -496,7 +511,11 @@ def main():
     parser.add_argument("--paper-budget", default="4GiB")
     parser.add_argument("--minutes", type=float, default=7.5)
     parser.add_argument("--only", default="link,exact,recorder,allocator,paper,predict")
+    parser.add_argument("--hang-dump", type=float, default=None,
+                        help="seconds after which to print every thread's stack and exit "
+                             "(default: --minutes + 2 minutes); what ran is in --out")
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(args.hang_dump or 60 * args.minutes + 120, exit=True)
     run = Run(args.dry_run, time.monotonic() + 60 * args.minutes, args.out)
     if run.dry:
         host.default_link = host.EmulatedLink

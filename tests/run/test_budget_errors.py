@@ -442,3 +442,30 @@ def test_a_batch_sliced_from_a_dataset_in_one_tensor_is_named_with_the_way_out(t
         report = ooc.report()
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
     assert all(it.peak_resident <= budget for it in report.iterations), str(report)
+
+
+@pytest.mark.parametrize("iteration", [1, 3])
+def test_the_devices_out_of_memory_error_says_what_the_budget_bounds(iteration):
+    """A device allocator's OutOfMemoryError inside an iteration (on a GPU: cuDNN
+    workspaces and cached blocks beside a budget that left them no room) comes out as it
+    was raised, with a note naming the managed bytes, the budget and what to change; the
+    iterations before it stand, and the OutOfCore goes on."""
+    model, opt, x = _model()
+    with outcore.OutOfCore(budget=16 * MIB, min_move_bytes=0) as ooc:
+        for i in range(1, iteration):
+            with ooc.iteration():
+                _step(model, opt, x)
+        before = _state(model, opt)
+        oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 530.00 MiB.")
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            with ooc.iteration():
+                model(x).square().mean().backward()
+                raise oom
+        assert caught.value is oom
+        notes = " ".join(getattr(oom, "__notes__", []))
+        assert f"ran out of memory in iteration {iteration}" in notes
+        assert "under the budget of 16.00 MiB" in notes and "lower it" in notes
+        opt.zero_grad()
+        _equal(before, _state(model, opt))
+        with ooc.iteration():
+            _step(model, opt, x)

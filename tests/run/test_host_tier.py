@@ -284,6 +284,38 @@ def test_cpu_storages_in_a_gpu_step_stay_put_outside_the_budget():
     assert res.resident == 0 and not res.entries
 
 
+def test_cuda_storages_move_though_pytorch_calls_them_shared():
+    """Residency NOTE 7: PyTorch's `is_shared()` is True for every CUDA storage; asked of
+    one, it pinned every array of a GPU step (all 'never move', InfeasibleBudget at the
+    first recording on an H200, docs/gpu-check.md). Shared memory is a CPU matter."""
+    from outcore.run.residency import Residency, _movable
+
+    class CudaStorage:                    # what a real CUDA storage answers
+        device = torch.device("cuda", 0)
+        _cdata = 12345
+
+        def resizable(self):
+            return True
+
+        def is_shared(self):
+            return True
+
+        def nbytes(self):
+            return 4096
+
+    class Mover:
+        device_type, device_index = "cuda", 0
+
+    storage = CudaStorage()
+    assert _movable(storage)
+    res = Residency(Mover())
+    entry = res.track(storage)
+    assert not entry.pinned and not entry.elsewhere and res.pinned_resident == 0
+    shared = torch.ones(1000)
+    shared.share_memory_()
+    assert not _movable(shared.untyped_storage())       # a CPU one in shared memory stays
+
+
 _trained_runs = {}
 
 

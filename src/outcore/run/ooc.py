@@ -1212,6 +1212,8 @@ class _Iteration:
                          "with any exception there, some parameters took this step and the "
                          "others did not. Go on from your last checkpoint (or state_dir) "
                          "rather than from these parameters.")
+        if isinstance(exc, _DEVICE_OOM):
+            exc.add_note(_out_of_device_memory(ooc, len(ooc._iterations) + 1))
         errors = []
         deviation = None
         self._exit_mode(exc, errors)
@@ -1409,3 +1411,27 @@ def _again(err):
     return InfeasibleBudget(text, function_index=err.function_index, op=err.op, phase=err.phase,
                             needed_bytes=err.needed_bytes, budget_bytes=err.budget_bytes,
                             min_feasible_bytes=err.min_feasible_bytes)
+
+
+# torch.OutOfMemoryError (torch.cuda.OutOfMemoryError in older releases): the device's
+# allocator refused an allocation.
+_DEVICE_OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", ()))
+
+
+def _out_of_device_memory(ooc, iteration: int) -> str:
+    """The note added to the device's out-of-memory error raised inside an iteration: the
+    budget bounds the tensors outcore manages, not what the device's allocator holds
+    beside them (a library's workspaces, blocks the caching allocator keeps)."""
+    res = ooc._res
+    text = (f"outcore: the device ran out of memory in iteration {iteration}, with "
+            f"{format_bytes(res.resident)} of managed tensors resident under the budget of "
+            f"{format_bytes(ooc.budget)}.")
+    if getattr(ooc._mover, "device_type", "cpu") == "cuda" and torch.cuda.is_available():
+        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        text += (f" The CUDA allocator holds {format_bytes(reserved)}, "
+                 f"{format_bytes(allocated)} of it allocated: the rest is blocks it keeps "
+                 "cached, and what is allocated beyond the managed tensors is cuDNN/cuBLAS "
+                 "workspaces and tensors outcore does not move.")
+    return (text + " The budget bounds only the tensors outcore manages: lower it to leave "
+            "the device room for the rest (a fifth of its memory is a start), or set "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True against fragmentation.")

@@ -52,7 +52,8 @@ NOTE [Residency invariants]
   7. A storage that cannot be resized (from_numpy, a memory map, one shared with numpy
      through `.numpy()`) or that lives in shared memory (`share_memory_()`: PyTorch
      calls it resizable, but resizing it crashes the process) is pinned, never moved
-     (`_movable`). `.numpy()` makes a storage unresizable for good, also one already
+     (`_movable`; a CUDA storage is never in shared memory, whatever `is_shared()`
+     says, and one sent to another process through CUDA IPC is not detected). `.numpy()` makes a storage unresizable for good, also one already
      tracked: `evict` then pins it and notes it in `newly_pinned`. While an OutOfCore is
      open, `.numpy()` hands out an array that leaves the storage resizable and pins it
      only while such an array lives (NOTE [Sharing a storage outcore moves], rules
@@ -94,8 +95,14 @@ RSS_SAMPLE_S = 0.002
 
 
 def _movable(storage) -> bool:
-    """NOTE 7: whether outcore may resize `storage` to 0 and back."""
-    return storage.resizable() and not storage.is_shared() and not exported(storage)
+    """NOTE 7: whether outcore may resize `storage` to 0 and back. Shared memory is asked
+    of CPU storages only: PyTorch's `is_shared()` is True for every CUDA storage (CUDA
+    memory can always be sent to another process), and asking it of one pinned the
+    whole of a GPU step, every array "never moves" (the first run on a GPU,
+    docs/gpu-check.md)."""
+    if not storage.resizable() or exported(storage):
+        return False
+    return storage.device.type != "cpu" or not storage.is_shared()
 
 
 def _reason(exc: Exception) -> str:
