@@ -215,6 +215,37 @@ def test_a_longer_step_leaves_a_plan_that_moves_nothing(tmp_path):
     assert its[5].mode == "record" and its[6].tracked and not its[6].deviation, str(report)
 
 
+def test_a_passive_replay_that_leaves_counts_what_it_made_before(tmp_path):
+    """A passive replay tracks nothing while it follows; when a longer step leaves it,
+    the arrays made before are tracked then (helper-66: untracked until an op read them,
+    so the rest of the step ran on demand beside bytes it did not count, and the report
+    showed 8.1 MB where the step held 14.3). Checked in the last module's forward of the
+    step that leaves: every activation made so far is tracked, and the resident count
+    holds them all."""
+    net, opt = _tokens_net()
+    made, seen = [], []
+    for module in net[:5]:
+        module.register_forward_hook(lambda m, i, out: made.append(out))
+
+    def at_the_end(module, inputs, out):
+        res = ooc._res
+        alive = {t.untyped_storage()._cdata: t.untyped_storage() for t in (*made, out)}
+        seen.append((all(res.entry_of(s) is not None for s in alive.values()),
+                     res.resident >= sum(s.nbytes() for s in alive.values())))
+    net[5].register_forward_hook(at_the_end)
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it, n in enumerate([16] * 4 + [80]):
+            made.clear()
+            ids = torch.randint(0, 512, (16, n), generator=torch.Generator().manual_seed(it))
+            with ooc.iteration():
+                _cross_entropy(net(ids), ids).backward()
+                opt.step()
+                opt.zero_grad()
+        its = ooc.report().iterations
+    assert not its[3].tracked and its[4].deviation and its[4].outgrew, str(ooc.report())
+    assert seen[-1] == (True, True)
+
+
 def test_a_tensor_made_in_the_step_does_not_stop_growth(tmp_path):
     """`torch.tensor(0.5)` in the step: the recorder counts what `lift_fresh` lifts as
     made, the step run on demand does not; the step that outgrew still ran the plan's

@@ -86,6 +86,7 @@ class Replayer(HeldMode):
         # outgrew the plan if it then ran the plan's ops: `outgrew`).
         self.smaller = self._larger = False
         self._more = 0                  # bytes a passive replay made past the record's
+        self._followed: list = []       # weakrefs: storages a passive replay saw made
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
@@ -525,19 +526,21 @@ class Replayer(HeldMode):
         res = self.res
         self.log.function(i, taken, taken, done, done, res.resident, res.offloaded, res.last_rss)
         key = self.keys[i]
-        if len(names) == 1 and key is not None and key[1]:
-            self._made_more(i, key[1], func, args, kwargs, out)
+        if key is not None and key[1]:
+            outputs = output_tensors(out)
+            made = distinct_storages(outputs)
+            self._followed += map(weakref.ref, made)
+            if len(names) == 1:
+                self._made_more(i, key[1], func, args, kwargs, outputs, made)
         return out
 
-    def _made_more(self, i, planned, func, args, kwargs, out) -> None:
+    def _made_more(self, i, planned, func, args, kwargs, outputs, made) -> None:
         """Rule 10 of NOTE [Step shapes] in a passive replay, which tracks nothing: where
         the functions so far made more than recorded by more than the plan leaves free
         under its budget (the same step on larger tensors, which could pass the budget
         unseen), the step leaves the plan after function i, and the rest runs on
         demand, tracked. A few bytes more (an output sized by the data: `x[mask]`) stay
         passive."""
-        outputs = output_tensors(out)
-        made = distinct_storages(outputs)
         if sum(s.nbytes() for s in made) <= planned:
             return                                        # (every call but a rare one)
         read = {s._cdata for s in distinct_storages(_tensors_read(args, kwargs))}
@@ -1037,6 +1040,8 @@ class Replayer(HeldMode):
     def _deviate(self, reason, func, args, kwargs):
         self.deviation = reason
         self.log.deviation = (self.index, reason)
+        if self.passive:
+            self._track_followed()
         try:
             self._remake_held()
         finally:
@@ -1044,6 +1049,17 @@ class Replayer(HeldMode):
         if func is None:
             return None
         return self._fallback(func, args, kwargs)
+
+    def _track_followed(self) -> None:
+        """A passive replay leaving its plan: track the storages it saw made that live
+        (activations saved for backward), so that the rest of the step, run on demand,
+        counts them against the budget and may move them; untracked, they were seen
+        only when an op read them, and the step held more than it counted."""
+        followed, self._followed = self._followed, []
+        for ref in followed:
+            storage = ref()
+            if storage is not None and storage.nbytes():
+                self.res.track(storage)
 
     def _fallback(self, func, args, kwargs):
         """Run an op of a step that left its record, op by op (OnDemand). An op that needs
