@@ -78,6 +78,9 @@ class Run:
         self.deadline = deadline
         self.results: dict = {}
         self.out, self.head = out, head or {}
+        self.cases: set = set()            # exact: all cases
+        self.paper_batch = 0               # paper: search the in-core batch
+        self.paper_modes = ["checkpoint", "save_on_cpu", "streamed-offload"]
 
     def late(self) -> bool:
         return time.monotonic() > self.deadline
@@ -156,6 +159,7 @@ def _cases(run: Run) -> list[dict]:
         dict(case="gpt2-fused-adamw", model=gpt, optimizer="fused-adamw"),
         dict(case="resnet18-bf16-autocast", model=resnet, optimizer="sgd", amp="bf16"),
         dict(case="resnet18-fp16-gradscaler", model=resnet, optimizer="adam", amp="fp16"),
+        dict(case="resnet18-fp16-gradscaler-sgd", model=resnet, optimizer="sgd", amp="fp16"),
         # host_budget: the state left on the host between iterations plus a quarter of
         # what the step adds there (from resnet18-sgd's plan): the rest spills to disk.
         dict(case="resnet18-sgd-spill", model=resnet, optimizer="sgd", host_budget="spill"),
@@ -235,11 +239,13 @@ def _train(run: Run, case: dict, ooc=None):
 
 
 def _same(a, b) -> list[str]:
-    """Names of what differs (bitwise) between two runs."""
+    """Names of what differs (bitwise) between two runs: the losses and per-iteration
+    sums first (`loss i` of iteration i, `sums i` after it), then the state."""
     (sa, la, _), (sb, lb, _) = a, b
-    bad = [k for k in sa if k not in sb or not torch.equal(sa[k], sb[k])]
-    return bad + [f"loss or sum {i}" for i, (x, y) in enumerate(zip(la, lb))
-                  if not torch.equal(x, y)]
+    names = [f"loss {i}" for i in range(STEPS)] + [f"sums {i}" for i in range(STEPS)]
+    order = sorted(range(len(names)), key=lambda i: (i % STEPS, i // STEPS))
+    bad = [names[i] for i in order if i < len(la) and not torch.equal(la[i], lb[i])]
+    return bad + [k for k in sa if k not in sb or not torch.equal(sa[k], sb[k])]
 
 
 def _budget(run: Run, case: dict) -> tuple[int, int, int]:
@@ -259,6 +265,8 @@ def exact(run: Run) -> dict:
     base = {"case": "control"}
     needs = {}                  # case -> (host tier the plan needs, state it keeps there)
     for case in _cases(run):
+        if run.cases and case["case"] not in run.cases:
+            continue
         try:
             host_budget = case.get("host_budget")
             if host_budget == "spill":
@@ -268,8 +276,9 @@ def exact(run: Run) -> dict:
                 host_budget = lasting + (need - lasting) // 4
             budget, peak, low = _budget(run, case)
             plain = _train(run, case)
+            control = _same(plain, _train(run, case))[:5]     # determinism of this case
             if case["case"] == "resnet18-sgd":
-                base["differs"] = _same(plain, _train(run, case))[:5]   # determinism control
+                base["differs"] = control
                 out["control"] = base
             # min_move_bytes=0: every storage may move, the hardest case for exactness.
             with outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0,
@@ -283,7 +292,8 @@ def exact(run: Run) -> dict:
             differs = _same(plain, managed)
             peaks = managed[2]
             out[case["case"]] = {
-                "bitwise": not differs, "differs": differs[:5], "budget": budget,
+                "bitwise": not differs, "differs": differs[:5],
+                "in_core_twice_differs": control, "budget": budget,
                 "in_core_peak": peak, "min_feasible": low,
                 "modes": [it.mode for it in report.iterations],
                 "deviations": [it.deviation for it in report.iterations if it.deviation],
@@ -430,7 +440,10 @@ def paper(run: Run, budget: int) -> dict:
         torch.cuda.set_per_process_memory_fraction(budget / total)
     try:
         out = {"gpu_budget": budget}
-        batch, secs = _largest(run, "plain")
+        if run.paper_batch:
+            batch, secs = run.paper_batch, _fits(run, run.paper_batch, "plain")
+        else:
+            batch, secs = _largest(run, "plain")
         out["in_core"] = {"batch": batch, "img_per_s": round(batch / secs, 1)}
         big = -(-batch * 15 // 2)                                  # 7.5x, rounded up
         try:                            # an error here leaves the figures beside it
@@ -441,7 +454,7 @@ def paper(run: Run, budget: int) -> dict:
                               "traceback": traceback.format_exc(limit=6)}
         if not run.dry:
             torch.cuda.empty_cache()
-        for mode in ("checkpoint", "save_on_cpu", "streamed-offload"):
+        for mode in run.paper_modes:
             if mode == "streamed-offload" and run.dry:
                 continue                                       # CUDA streams
             # Up to outcore's batch: offloading hooks at larger batches pin more host
@@ -511,12 +524,20 @@ def main():
     parser.add_argument("--paper-budget", default="4GiB")
     parser.add_argument("--minutes", type=float, default=7.5)
     parser.add_argument("--only", default="link,exact,recorder,allocator,paper,predict")
+    parser.add_argument("--cases", default="", help="exact: these cases only (comma-separated)")
+    parser.add_argument("--paper-batch", type=int, default=0,
+                        help="paper: the in-core batch, measured at once instead of searched")
+    parser.add_argument("--paper-modes", default="checkpoint,save_on_cpu,streamed-offload",
+                        help="paper: the baselines beside outcore (comma-separated, or none)")
     parser.add_argument("--hang-dump", type=float, default=None,
                         help="seconds after which to print every thread's stack and exit "
                              "(default: --minutes + 2 minutes); what ran is in --out")
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.hang_dump or 60 * args.minutes + 120, exit=True)
     run = Run(args.dry_run, time.monotonic() + 60 * args.minutes, args.out)
+    run.cases = set(filter(None, args.cases.split(",")))
+    run.paper_batch = args.paper_batch
+    run.paper_modes = [m for m in args.paper_modes.split(",") if m and m != "none"]
     if run.dry:
         host.default_link = host.EmulatedLink
     else:

@@ -100,6 +100,14 @@ def written_arguments(func) -> tuple[tuple[int, str], ...]:
     return tuple(out)
 
 
+# Whether this PyTorch can give one storage another's memory in place (`UntypedStorage.
+# _swap_data_ptr_`, absent from 2.11, present in 2.13): a recompute hands its output's
+# memory over without a copy, and state left on the slow tier between iterations is
+# usable in place (NOTE [Mapped state] in run/mapped.py). Without it the first copies,
+# and the second is read back into the fast tier (Residency.map_slow), with a warning.
+SWAPS_DATA_PTR = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+
+
 # Ops that mutate arguments their schema does not mark as written: batch norm updates
 # running_mean / running_var (positions 3 and 4) when `training` (position 5) is true.
 _UNMARKED_WRITES = {"aten::native_batch_norm": (3, 4, 5), "aten::cudnn_batch_norm": (3, 4, 5),

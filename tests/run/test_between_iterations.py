@@ -501,6 +501,27 @@ def test_where_mapping_is_refused_state_is_read_back(monkeypatch):
     assert_same_optimizer(plain_opt, managed_opt)
 
 
+def test_without_swap_data_ptr_state_is_read_back_with_a_warning(monkeypatch):
+    """A PyTorch without `UntypedStorage._swap_data_ptr_` (2.11) cannot map state in
+    place: it is read back (over the budget between iterations), said once, bitwise."""
+    from outcore.run import residency
+    monkeypatch.setattr(outcore.aten, "SWAPS_DATA_PTR", False)
+    monkeypatch.setattr(residency, "_WARNED_NO_SWAP", [])
+    x, y = data()
+    plain, managed = make_model(), make_model()
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    managed_opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
+    with outcore.OutOfCore(BUDGET) as ooc:
+        with pytest.warns(UserWarning, match="no UntypedStorage._swap_data_ptr_.*read back"):
+            for _ in range(4):
+                step(plain, plain_opt, x, y)
+                with ooc.iteration():
+                    step(managed, managed_opt, x, y)
+                assert MAPPED not in states(ooc) and SLOW not in states(ooc)
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)
+
+
 # -- random edits between iterations ------------------------------------------------------
 EDITS = st.lists(st.tuples(st.sampled_from(["scale", "slice", "page-out", "read", "copy-in"]),
                            st.integers(0, LAYERS - 1), st.floats(-2, 2, allow_nan=False, width=32)),

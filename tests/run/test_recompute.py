@@ -100,6 +100,23 @@ def test_recomputed_training_is_bitwise_plain(optimizer, channels_last):
                          state_of(managed.model, managed.optimizer))
 
 
+def test_without_swap_data_ptr_remakes_copy_and_train_bitwise(monkeypatch):
+    """A PyTorch without `UntypedStorage._swap_data_ptr_` (2.11, the first GPU run: an
+    AttributeError in backward) copies each remake's output into y's own memory."""
+    monkeypatch.setattr(outcore.aten, "SWAPS_DATA_PTR", False)
+    plain, managed = Work("sgd", False), Work("sgd", False)
+    losses = train(plain)
+    before = dict(executor.TAKES)
+    with outcore.OutOfCore(BUDGET, recompute=True, min_move_bytes=0) as ooc:
+        got = train(managed, ooc)
+        assert ooc.report().recomputed_arrays >= 4
+    assert executor.TAKES["taken"] == before["taken"]
+    assert executor.TAKES["copied"] > before["copied"]
+    assert all(torch.equal(a, b) for a, b in zip(losses, got))
+    assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                         state_of(managed.model, managed.optimizer))
+
+
 def test_recompute_false_recomputes_nothing():
     w = Work("sgd")
     with outcore.OutOfCore(BUDGET, recompute=False, min_move_bytes=0) as ooc:

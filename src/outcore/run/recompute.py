@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_map
 
+from .. import aten
 from ..aten import _PLAIN, iter_tensors, output_tensors, written_tensors
 from ..errors import OutcoreError
 from ..units import format_bytes
@@ -242,7 +243,8 @@ def _take(storage, nbytes: int, out, index: int, geometry) -> None:
     outputs = output_tensors(out)
     made = outputs[index]
     own = made.untyped_storage()
-    if (storage.nbytes() == 0 and own.nbytes() == nbytes and own.device == storage.device
+    if (aten.SWAPS_DATA_PTR and storage.nbytes() == 0 and own.nbytes() == nbytes
+            and own.device == storage.device
             and (tuple(made.size()), tuple(made.stride()), made.storage_offset()) == geometry
             and sys.getrefcount(made) == _OWN_TENSOR_REFS
             and torch._C._storage_Use_Count(own._cdata) == _OWN_STORAGE_REFS):

@@ -77,6 +77,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .. import aten
 from ..errors import OutcoreError, no_room
 from ..memory.malloc import resident_bytes
 from ..memory.pages import advise_huge
@@ -103,6 +104,23 @@ def _movable(storage) -> bool:
     if not storage.resizable() or exported(storage):
         return False
     return storage.device.type != "cpu" or not storage.is_shared()
+
+
+_WARNED_NO_SWAP: list = []
+
+
+def _warn_no_swap() -> None:
+    """Once per process: this PyTorch cannot map state in place (aten.SWAPS_DATA_PTR)."""
+    if _WARNED_NO_SWAP:
+        return
+    _WARNED_NO_SWAP.append(True)
+    import torch
+    warnings.warn(
+        f"this PyTorch ({torch.__version__}) has no UntypedStorage._swap_data_ptr_, which "
+        "outcore uses to leave state on the slow tier usable in place between iterations: "
+        "that state is read back into the fast tier (GPU memory, or RAM) at "
+        "each iteration's end instead, over the budget until the next iteration moves it "
+        "out again. PyTorch 2.13 has it (the release outcore is tested with)", stacklevel=3)
 
 
 def _reason(exc: Exception) -> str:
@@ -760,6 +778,8 @@ class Residency:
                 continue
             if self.map_one(entry, promote=True):
                 continue
+            if not aten.SWAPS_DATA_PTR:
+                _warn_no_swap()
             try:                   # refused (ENOMEM, a filesystem without mmap)
                 self.restore(entry)
                 self.ready(entry)
@@ -774,7 +794,7 @@ class Residency:
         kernel refuses. `promote`: let the mover first move a spilled extent to where it
         can be mapped (between iterations only)."""
         storage = entry.ref()
-        if entry.state is not SLOW or storage is None:
+        if entry.state is not SLOW or storage is None or not aten.SWAPS_DATA_PTR:
             return False
         try:
             if promote:
