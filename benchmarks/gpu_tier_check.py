@@ -17,11 +17,12 @@ Sections:
    bitwise (parameters, optimizer state, losses, and each parameter's sum computed on the
    GPU between iterations, where state left on the host tier is read in place):
    ResNet-18 (BatchNorm) with SGD, GPT-2
-   small (dropout) with fused AdamW, a bf16 autocast step, an fp16 step with GradScaler,
-   the host tier capped so that it spills to disk, and two runs with `torch.cuda._sleep`
-   queued on the step's stream before every module (transfers race the compute). A
-   control runs the in-core step twice: the GPU must be deterministic for "bitwise" to
-   mean anything. During the replays: torch.cuda.max_memory_allocated() above what was
+   small (dropout) with fused AdamW, a bf16 autocast step, an fp16 step with GradScaler
+   (Adam; SGD; Adam with outcore's default min_move_bytes, GradScaler's scalars then
+   stay put), the host tier capped so that it spills to disk, and two runs with
+   `torch.cuda._sleep` queued on the step's stream before every module (transfers race
+   the compute). Each case also runs in-core twice (`in_core_twice_differs`): the GPU
+   must be deterministic for "bitwise" to mean anything. `--cases` picks some. During the replays: torch.cuda.max_memory_allocated() above what was
    allocated before the model was built, against the budget, and reserved - allocated.
 3. recorder: ResNet-18 batch 128 224x224 recorded on the GPU, the trace's in-core peak
    (per-op workspaces now measured) against torch.cuda.max_memory_allocated (gpu_check.py).
@@ -160,6 +161,9 @@ def _cases(run: Run) -> list[dict]:
         dict(case="resnet18-bf16-autocast", model=resnet, optimizer="sgd", amp="bf16"),
         dict(case="resnet18-fp16-gradscaler", model=resnet, optimizer="adam", amp="fp16"),
         dict(case="resnet18-fp16-gradscaler-sgd", model=resnet, optimizer="sgd", amp="fp16"),
+        # outcore's default min_move_bytes (64 KiB): GradScaler's scalars stay put.
+        dict(case="resnet18-fp16-gradscaler-moves-large", model=resnet, optimizer="adam",
+             amp="fp16", min_move_bytes=None),
         # host_budget: the state left on the host between iterations plus a quarter of
         # what the step adds there (from resnet18-sgd's plan): the rest spills to disk.
         dict(case="resnet18-sgd-spill", model=resnet, optimizer="sgd", host_budget="spill"),
@@ -281,8 +285,9 @@ def exact(run: Run) -> dict:
                 base["differs"] = control
                 out["control"] = base
             # min_move_bytes=0: every storage may move, the hardest case for exactness.
-            with outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0,
-                                   host_budget=host_budget) as ooc:
+            small = {} if case.get("min_move_bytes", 0) is None else {"min_move_bytes": 0}
+            with outcore.OutOfCore(budget=budget, offload="host", host_budget=host_budget,
+                                   **small) as ooc:
                 managed = _train(run, case, ooc)
                 needs[case["case"]] = (ooc._mover.reserved,
                                        host.lasting_slow_bytes(ooc.trace, ooc.schedule))

@@ -1,27 +1,24 @@
 """What outcore needs to know about aten ops: which arguments an op writes, and how to
-split a multi-tensor `_foreach_*` op into one call of the plain op per tensor.
+split a multi-tensor `_foreach_*` op into one call per tensor.
 
 Splitting matters because a `_foreach_*` kernel touches every parameter (and its
 optimizer state) at once; one function per tensor lets later stages keep only one
-tensor's share resident. Splitting is bitwise equal to the fused call on the CPU
-(tests/trace/test_foreach.py checks it); on CUDA the per-element arithmetic of the
-multi-tensor kernels is the same whatever the tensors per launch, which
-benchmarks/gpu_tier_check.py is to check (not yet run).
+tensor's share resident. A split call is the same op on one-element lists: the same
+kernel on the same values. Not the plain op: on CUDA the multi-tensor kernels round
+differently from the plain ones (`_foreach_div_` by a scalar divides, `div_` by a CPU
+scalar multiplies by its reciprocal), so Adam with foreach split into plain ops was not
+bitwise on an H200 (docs/gpu-check.md); on the CPU a foreach op runs the plain op per
+tensor, and splitting either way is bitwise (tests/trace/test_foreach.py).
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 aten = torch.ops.aten
-
-# Foreach ops whose plain counterpart has another name.
-_RENAMED = {"norm": "linalg_vector_norm"}
-
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -137,10 +134,11 @@ FRESH_ARGUMENT_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
 # states, computing each tensor's elements from that tensor's own elements and shared
 # scalars only (lr, betas, grad_scale, found_inf). They split into one call per tensor
 # with one-element lists, which runs the same kernel on the same values: bitwise equal
-# (tests/trace/test_foreach.py, on CPU; benchmarks/gpu_tier_check.py on CUDA).
+# (tests/trace/test_foreach.py, on CPU; benchmarks/gpu_tier_check.py on CUDA: fused AdamW
+# bitwise on an H200).
 FUSED_OPTIMIZERS = frozenset(f"aten::_fused_{name}_" for name in ("adam", "adamw", "sgd", "adagrad"))
 
-# Other multi-tensor ops of the same kind, split the same way (`_split_fused`). A
+# Other multi-tensor ops of the same kind, split the same way (`split_foreach`). A
 # GradScaler's unscale: each gradient is multiplied by inv_scale in place, and found_inf
 # is set to 1.0 where one holds an inf or a NaN, never cleared: one call per gradient
 # leaves the same gradients and the same found_inf. Run whole, it needed every gradient
@@ -153,30 +151,6 @@ def is_foreach(func) -> bool:
     optimizer steps and the others of PER_TENSOR_KERNELS."""
     name = func._schema.name
     return name.startswith("aten::_foreach_") or name in PER_TENSOR_KERNELS
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """How one foreach overload maps onto its plain op."""
-    plain: Any
-    # For each foreach argument: the plain argument it becomes (index into plain schema).
-    targets: tuple[int, ...]
-    list_positions: tuple[int, ...]           # values taken element-wise from a list
-    scalar_tensor_positions: tuple[int, ...]  # 1-D tensor of scalars taken element-wise
-    n_positional: int                         # plain arguments passed positionally
-    defaults: tuple                           # default value of every plain argument
-    out_from_self: bool = False               # in-place via the `.out` overload, out=self
-
-
-def _kind(type_str: str) -> str:
-    t = type_str
-    if t.startswith("Optional["):
-        t = t[len("Optional["):-1]
-    if t == "Tensor":
-        return "tensor"
-    if t in ("Scalar", "float", "int", "number", "complex"):
-        return "scalar"
-    return "other"
 
 
 def _bind(func, args, kwargs) -> list:
@@ -194,108 +168,31 @@ def _bind(func, args, kwargs) -> list:
     return values
 
 
-def _match(foreach_args, elem_kinds, plain, out_from_self=False) -> _Plan | None:
-    plain_args = plain._schema.arguments
-    by_name = {a.name: i for i, a in enumerate(plain_args)}
-    targets = []
-    for j, farg in enumerate(foreach_args):
-        target = by_name.get(farg.name, j)
-        if target >= len(plain_args) or target in targets:
-            return None
-        want, have = _kind(str(plain_args[target].type)), elem_kinds[j]
-        if want != have:
-            return None
-        targets.append(target)
-    for i, arg in enumerate(plain_args):
-        if i not in targets and not arg.has_default_value():
-            if not (out_from_self and arg.name == "out"):
-                return None
-    mapped_positional = [t for t in targets if not plain_args[t].kwarg_only]
-    n_positional = max(mapped_positional) + 1 if mapped_positional else 0
-    defaults = tuple(a.default_value if a.has_default_value() else None for a in plain_args)
-    return _Plan(plain, tuple(targets), (), (), n_positional, defaults, out_from_self)
-
-
-@functools.lru_cache(maxsize=None)
-def _plan(func) -> _Plan | None:
-    schema = func._schema
-    base = schema.name[len("aten::_foreach_"):]
-    inplace = base.endswith("_")
-    stem = base.rstrip("_")
-    plain_name = _RENAMED.get(stem, stem) + ("_" if inplace else "")
-    packet = getattr(aten, plain_name, None)
-    out_from_self = False
-    if packet is None and inplace:
-        # No in-place plain op (e.g. maximum_): write through the `.out` overload instead.
-        packet, out_from_self = getattr(aten, plain_name[:-1], None), True
-    if packet is None:
-        return None
-    elem_kinds, lists, scalar_tensors = [], [], []
-    for pos, arg in enumerate(schema.arguments):
-        t = str(arg.type)
-        if t.startswith("List[") and _kind(t[5:-1]) in ("tensor", "scalar"):
-            lists.append(pos)
-            elem_kinds.append(_kind(t[5:-1]))
-        elif func._overloadname == "Tensor" and arg.name == "scalars":
-            scalar_tensors.append(pos)      # a 1-D tensor holding one scalar per element
-            elem_kinds.append("scalar")
-        else:
-            elem_kinds.append(_kind(t))
-    for name in packet.overloads():
-        if ("out" in name) != out_from_self:
-            continue
-        plan = _match(schema.arguments, elem_kinds, getattr(packet, name), out_from_self)
-        if plan is not None:
-            return _Plan(plan.plain, plan.targets, tuple(lists), tuple(scalar_tensors),
-                         plan.n_positional, plan.defaults, out_from_self)
-    return None
-
-
-def _split_fused(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
-    """One call of the same fused op (PER_TENSOR_KERNELS) per tensor, each list argument
-    cut to that tensor's element (an empty list, such as max_exp_avg_sqs without amsgrad, stays
-    empty); None where the lists' lengths disagree."""
+def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
+    """One call of `func` per tensor of a `_foreach_*` call or of a fused op of
+    PER_TENSOR_KERNELS: every list argument (of tensors or of scalars) cut to that
+    tensor's element, and a `.Tensor` overload's 1-D `scalars` to its one scalar; an
+    empty list (max_exp_avg_sqs without amsgrad) stays empty. None where the lists'
+    lengths disagree or there is nothing to split: the op then runs whole."""
     schema = func._schema.arguments
     values = _bind(func, args, kwargs)
-    lists = [i for i, a in enumerate(schema) if str(a.type).startswith("List[Tensor")]
-    count = max(len(values[i]) for i in lists)
-    if any(len(values[i]) not in (0, count) for i in lists):
+    lists = [i for i, a in enumerate(schema) if str(a.type).startswith("List[")]
+    tensor_lists = [i for i in lists if str(schema[i].type) == "List[Tensor]"]
+    if not tensor_lists:
+        return None
+    count = max(len(values[i]) for i in tensor_lists)
+    if count == 0 or any(len(values[i]) not in (0, count) for i in lists):
+        return None
+    sliced = [i for i, a in enumerate(schema)
+              if a.name == "scalars" and str(a.type) == "Tensor" and values[i].dim() == 1]
+    if any(len(values[i]) != count for i in sliced):
         return None
     calls = []
     for k in range(count):
-        call = [([v[k]] if v else []) if i in lists else v for i, v in enumerate(values)]
+        call = [([v[k]] if v else []) if i in lists else v[k:k + 1] if i in sliced else v
+                for i, v in enumerate(values)]
         calls.append((func, tuple(c for c, a in zip(call, schema) if not a.kwarg_only),
                       {a.name: c for c, a in zip(call, schema) if a.kwarg_only}))
-    return calls
-
-
-def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
-    """One (plain op, args, kwargs) per tensor of a `_foreach_*` call (or of a fused
-    op of PER_TENSOR_KERNELS, `_split_fused`), or None when the op cannot be split (it
-    then runs whole)."""
-    if func._schema.name in PER_TENSOR_KERNELS:
-        return _split_fused(func, args, kwargs)
-    plan = _plan(func)
-    if plan is None or not plan.list_positions:
-        return None
-    values = _bind(func, args, kwargs)
-    count = len(values[plan.list_positions[0]])
-    scalar_lists = {pos: values[pos].tolist() for pos in plan.scalar_tensor_positions}
-    plain_args = plan.plain._schema.arguments
-    calls = []
-    for i in range(count):
-        call = list(plan.defaults)
-        for j, target in enumerate(plan.targets):
-            if j in plan.list_positions:
-                call[target] = values[j][i]
-            elif j in scalar_lists:
-                call[target] = scalar_lists[j][i]
-            else:
-                call[target] = values[j]
-        kw = {plain_args[t].name: call[t] for t in plan.targets if plain_args[t].kwarg_only}
-        if plan.out_from_self:
-            kw["out"] = values[0][i]
-        calls.append((plan.plain, tuple(call[:plan.n_positional]), kw))
     return calls
 
 
@@ -310,7 +207,9 @@ def call_split(func, args, kwargs, one):
         calls = split_foreach(func, args, kwargs)
         if calls is not None:
             results = [one(op, a, k, (i, len(calls))) for i, (op, a, k) in enumerate(calls)]
-            return None if returns_nothing(func) else results
+            if returns_nothing(func):
+                return None
+            return [t for listed in results for t in listed]     # one-element lists
     return one(func, args, kwargs, None)
 
 
