@@ -53,7 +53,12 @@ def _twins(lengths, tmp_path, budget=BUDGET, loss=_cross_entropy):
         assert torch.equal(a, b)
     for a, b in zip(plain_opt.state.values(), opt.state.values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
+    # A step that leaves its plan may pass the budget by the outputs of the op it leaves
+    # at (docs/executor.md, "Deviation"): a passive replay sees that an op made more only
+    # once it ran. The largest output of this net: Linear(64, 512) at the longest length.
+    one_op = 16 * max(lengths) * 512 * 4
+    assert all(it.peak_resident <= budget + (one_op if it.deviation else 0)
+               for it in report.iterations), str(report)
     return report
 
 
