@@ -17,7 +17,7 @@ Sections:
    bitwise (parameters, optimizer state, losses, and each parameter's sum computed on the
    GPU between iterations, where state left on the host tier is read in place):
    ResNet-18 (BatchNorm) with SGD, GPT-2
-   small (dropout) with fused AdamW, a bf16 autocast step, an fp16 step with GradScaler
+   small (dropout) with fused AdamW and with AdamW's default (foreach), a bf16 autocast step, an fp16 step with GradScaler
    (Adam; SGD; Adam with outcore's default min_move_bytes, GradScaler's scalars then
    stay put), the host tier capped so that it spills to disk, and two runs with
    `torch.cuda._sleep` queued on the step's stream before every module (transfers race
@@ -158,6 +158,8 @@ def _cases(run: Run) -> list[dict]:
     return [
         dict(case="resnet18-sgd", model=resnet, optimizer="sgd"),
         dict(case="gpt2-fused-adamw", model=gpt, optimizer="fused-adamw"),
+        # AdamW's default on CUDA: multi-tensor (`_foreach_*`) kernels, split per tensor.
+        dict(case="gpt2-adamw-foreach", model=gpt, optimizer="adamw"),
         dict(case="resnet18-bf16-autocast", model=resnet, optimizer="sgd", amp="bf16"),
         dict(case="resnet18-fp16-gradscaler", model=resnet, optimizer="adam", amp="fp16"),
         dict(case="resnet18-fp16-gradscaler-sgd", model=resnet, optimizer="sgd", amp="fp16"),
