@@ -53,8 +53,9 @@ NOTE [Residency invariants]
      through `.numpy()`) or that lives in shared memory (`share_memory_()`: PyTorch
      calls it resizable, but resizing it crashes the process) is pinned, never moved
      (`_movable`; a CUDA storage is never in shared memory, whatever `is_shared()`
-     says, and one sent to another process through CUDA IPC is not detected). `.numpy()` makes a storage unresizable for good, also one already
-     tracked: `evict` then pins it and notes it in `newly_pinned`. While an OutOfCore is
+     says, and one sent to another process through CUDA IPC is not detected).
+     `.numpy()` makes a storage unresizable for good, also one already tracked:
+     `evict` then pins it and notes it in `newly_pinned`. While an OutOfCore is
      open, `.numpy()` hands out an array that leaves the storage resizable and pins it
      only while such an array lives (NOTE [Sharing a storage outcore moves], rules
      7-9): `end_exports()` lets it move again at the next iteration. A recording checks
@@ -120,7 +121,8 @@ def _warn_no_swap() -> None:
         "outcore uses to leave state on the slow tier usable in place between iterations: "
         "that state is read back into the fast tier (GPU memory, or RAM) at "
         "each iteration's end instead, over the budget until the next iteration moves it "
-        "out again. PyTorch 2.13 has it (the release outcore is tested with)", stacklevel=3)
+        "out again. Upgrade PyTorch to keep it where it is (2.13, the release outcore is "
+        "tested with, has it)", stacklevel=3)
 
 
 def _reason(exc: Exception) -> str:
