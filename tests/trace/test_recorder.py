@@ -196,3 +196,36 @@ def test_reading_trace_inside_the_block_is_an_error():
     with outcore.record() as rec:
         with pytest.raises(outcore.TraceError, match="after"):
             rec.trace
+
+
+def test_ops_on_another_thread_give_a_trace_that_loads(tmp_path):
+    """On CUDA, autograd runs backward on its own device thread with the mode active;
+    the CPU clock (`thread_time`) is per thread, and a difference across threads came
+    out negative: the saved trace could not be loaded (helper-67). Here an op runs on a
+    second thread after the main thread has spent CPU time."""
+    import threading
+    import time
+
+    from torch.utils._python_dispatch import _pop_mode, _push_mode
+
+    start = time.thread_time()
+    while time.thread_time() - start < 0.05:      # the main thread's clock runs ahead
+        pass
+    rec = outcore.record()
+    with rec:
+        x = torch.ones(1000) * 2
+
+        def device_thread():
+            _push_mode(rec)
+            try:
+                x.add(1)
+            finally:
+                _pop_mode()
+        worker = threading.Thread(target=device_thread)
+        worker.start()
+        worker.join()
+        x.mul(3)
+    assert all(f.host_cpu_s >= 0 for f in rec.trace.functions)
+    path = tmp_path / "trace.json"
+    rec.trace.save(str(path))
+    assert len(outcore.Trace.load(str(path)).functions) == len(rec.trace.functions) == 4

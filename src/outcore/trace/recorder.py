@@ -12,6 +12,7 @@ which is bitwise equal; see aten.py).
 """
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ class Recording(TorchDispatchMode):
         self._failed: BaseException | None = None
         self._hooks = []
         self._returned = 0.0            # when the latest op returned (perf_counter)
-        self._returned_cpu = 0.0        # and this thread's CPU clock then (thread_time)
+        self._returned_cpu = 0.0        # and its thread's CPU clock then (thread_time)...
+        self._cpu_thread = None         # ...and that thread (backward may run on another)
         self._host_s = 0.0              # host time since then, for the next Function
         self._host_cpu_s = 0.0          # of which CPU time
 
@@ -116,6 +118,7 @@ class Recording(TorchDispatchMode):
         mode = super().__enter__()
         self._returned, self._host_s = time.perf_counter(), 0.0
         self._returned_cpu, self._host_cpu_s = time.thread_time(), 0.0
+        self._cpu_thread = threading.get_ident()
         return mode
 
     def __exit__(self, exc_type, exc, tb):
@@ -159,11 +162,17 @@ class Recording(TorchDispatchMode):
         if func.namespace == "profiler":   # record_function markers: no data, not a function
             return func(*args, **kwargs)
         self._host_s += time.perf_counter() - self._returned      # Function.host_s
-        self._host_cpu_s += time.thread_time() - self._returned_cpu
+        # thread_time() is per thread: on CUDA, autograd runs backward on its device
+        # thread, whose clock has nothing to do with the main thread's (a difference
+        # across threads came out negative, and such a trace could not be loaded). Where
+        # the thread changed, this thread's CPU time since the last op is unknown: 0.
+        thread = threading.get_ident()
+        if thread == self._cpu_thread:
+            self._host_cpu_s += time.thread_time() - self._returned_cpu
         try:
             return call_split(func, args, kwargs, self._run)
         finally:
-            self._returned_cpu = time.thread_time()
+            self._returned_cpu, self._cpu_thread = time.thread_time(), thread
             self._returned = time.perf_counter()
 
     def _phase(self, inputs) -> str:
