@@ -1427,7 +1427,9 @@ def _out_of_device_memory(ooc, iteration: int) -> str:
             f"{format_bytes(res.resident)} of managed tensors resident under the budget of "
             f"{format_bytes(ooc.budget)}.")
     if getattr(ooc._mover, "device_type", "cpu") == "cuda" and torch.cuda.is_available():
-        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        device = ooc._mover.device_index              # the mover's GPU, not the current one
+        allocated = torch.cuda.memory_allocated(device)
+        reserved = torch.cuda.memory_reserved(device)
         text += (f" The CUDA allocator holds {format_bytes(reserved)}, "
                  f"{format_bytes(allocated)} of it allocated: the rest is blocks it keeps "
                  "cached, and what is allocated beyond the managed tensors is cuDNN/cuBLAS "

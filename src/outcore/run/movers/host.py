@@ -335,14 +335,18 @@ def _runtime():
     for the two calls torch.cuda.cudart() does not offer."""
     import glob
     import torch
-    names = ["libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"]
+    names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"]
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
     names += sorted(glob.glob(os.path.join(lib_dir, "libcudart*.so*")))
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
+    # The runtime torch loaded first (RTLD_NOLOAD: only one already in the process): a
+    # second runtime (a toolkit's libcudart.so on the library path) has last errors of
+    # its own, and clearing its error would leave torch's set (_clear_cuda_error).
+    for mode in (os.RTLD_NOLOAD | os.RTLD_LAZY, os.RTLD_LAZY):
+        for name in names:
+            try:
+                return ctypes.CDLL(name, mode=mode)
+            except OSError:
+                continue
     return None
 
 
