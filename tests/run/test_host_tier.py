@@ -61,6 +61,22 @@ def test_pool_with_no_room_refuses_everything():
         HostPool(-1)
 
 
+def test_a_reservation_too_large_to_lock_at_once_leaves_the_pool_growing_in_pieces():
+    """A machine that page-locks 4 MiB at a time but not 16 MiB at once: the reservation
+    fails with a warning and the pool still grows by segments (helper-67: the limit fell
+    to 0, and the whole host tier spilled to disk for good)."""
+    def pin(address, size):
+        if size > 4 * MiB:
+            raise outcore.OutcoreError("page-locking refused")
+    pool = HostPool(16 * MiB, pin=pin, unpin=lambda address: None, segment_bytes=2 * MiB)
+    with pytest.warns(RuntimeWarning, match="could not reserve 16.00 MiB at once.*2.00 MiB at a time"):
+        pool.reserve(16 * MiB)
+    assert pool.limit == 16 * MiB and pool.capacity == 0
+    extents = [pool.allocate(MiB) for _ in range(6)]
+    assert all(e is not None for e in extents) and pool.capacity == 6 * MiB
+    pool.close()
+
+
 def test_a_segment_that_cannot_be_locked_caps_the_pool_and_warns():
     """Page-locking refused (the machine is out of lockable memory): the pool stays at
     what it holds, says so, and the extent spills instead of failing the step."""

@@ -131,18 +131,27 @@ class HostPool:
 
     def reserve(self, nbytes: int) -> None:
         """Add one segment so that the pool holds at least `nbytes` (never past `limit`;
-        nothing when it holds that much already)."""
+        nothing when it holds that much already). Where so large a segment cannot be
+        mapped or page-locked at once, nothing changes: allocations grow the pool by
+        `segment_bytes` at a time, as without a reservation."""
         grow = min(round_up(nbytes), self.limit) - self.capacity
         if grow > 0:
-            self._grow(grow)
+            self._grow(grow, at_once=True)
 
-    def _grow(self, size: int) -> _Segment | None:
+    def _grow(self, size: int, *, at_once: bool = False) -> _Segment | None:
         """A new segment of `size` bytes; None, with the limit lowered to what the pool
         holds and a warning, where the memory cannot be mapped or page-locked (the
-        caller spills to the next tier instead of failing the step)."""
+        caller spills to the next tier instead of failing the step). `at_once` (a
+        reservation): a failure only says so, and leaves the limit, since smaller
+        segments may still be had."""
         try:
             segment = _Segment(size, self._pin, self._unpin)
         except (OSError, OutcoreError) as exc:
+            if at_once:
+                warnings.warn(f"the host tier could not reserve {format_bytes(size)} at once "
+                              f"({exc}); it grows by {format_bytes(self.segment_bytes)} at a "
+                              "time instead", RuntimeWarning, stacklevel=4)
+                return None
             self.limit = self.capacity
             self.refused += 1
             warnings.warn(f"the host tier could not grow by {format_bytes(size)} ({exc}); it stays "
