@@ -431,6 +431,30 @@ def test_state_larger_than_the_host_budget_is_refused_and_loses_nothing(emulated
                          state_of(managed.model, managed.optimizer))
 
 
+def test_without_swap_data_ptr_state_the_gpu_cannot_hold_is_refused(emulated, monkeypatch):
+    """A PyTorch without `UntypedStorage._swap_data_ptr_` (2.11) reads the state left on
+    the host tier back at every iteration's end: where the fast tier has not that much
+    free, the recording that planned ends with HostBudgetTooSmall naming the upgrade
+    (helper-67: on the H200 the paper step's iterations ended in CUDA out of memory),
+    that step completed bitwise, and nothing later starts."""
+    monkeypatch.setattr(outcore.aten, "SWAPS_DATA_PTR", False)
+    monkeypatch.setattr(EmulatedLink, "free_bytes", lambda self: 4096)
+    budget = budgets(steady_trace("resnet18-tiny", "adam"))["tight"]
+    plain, managed = build("resnet18-tiny", "adam"), build("resnet18-tiny", "adam")
+    with outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0) as ooc:
+        with pytest.raises(outcore.HostBudgetTooSmall, match="no UntypedStorage._swap_data_ptr_"
+                           ".*only 4.00 KiB is free. Upgrade PyTorch"):
+            for _ in range(4):
+                plain.step()
+                with ooc.iteration():
+                    managed.step()
+        assert_bitwise_equal(state_of(plain.model, plain.optimizer),
+                             state_of(managed.model, managed.optimizer))
+        with pytest.raises(outcore.HostBudgetTooSmall, match="did not start"):
+            with ooc.iteration():
+                managed.step()
+
+
 def test_state_stays_on_the_host_tier_between_iterations(emulated, tmp_path):
     """NOTE [Host tier between iterations]: state the plan leaves on the host tier stays
     there (MAPPED, not read back into the fast tier), reads and saves see the right

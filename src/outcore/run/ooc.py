@@ -62,6 +62,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .. import aten
 from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted, no_room
 from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
                              page_faults, process_slack, resident_bytes)
@@ -806,7 +807,9 @@ class OutOfCore:
     def _require_host_budget(self, trace, schedule) -> None:
         """NOTE [Host tier between iterations] 5: the state the plan leaves on the slow
         tier between iterations must fit in host_budget, or it would be read back into
-        GPU memory, over the budget."""
+        GPU memory, over the budget; and where PyTorch cannot map it in place
+        (aten.SWAPS_DATA_PTR), it is read back anyway, and must fit in what the GPU has
+        free."""
         needed = host.lasting_slow_bytes(trace, schedule)
         if needed > self.host_budget:
             raise HostBudgetTooSmall(
@@ -816,6 +819,20 @@ class OutOfCore:
                 "host memory between iterations (it cannot be mapped into GPU tensors from "
                 f"the disk). Raise host_budget to at least {format_bytes(needed)}, or raise the "
                 "budget so that more of it stays in GPU memory. This step completed "
+                "correctly; later iterations of this OutOfCore will not start.",
+                needed_bytes=needed, host_budget=self.host_budget)
+        if not needed or aten.SWAPS_DATA_PTR:
+            return
+        # Without it the state is read back at every iteration's end (Residency.map_slow).
+        room = self._mover.link.free_bytes()
+        if needed > room:
+            raise HostBudgetTooSmall(
+                f"the plan leaves {format_bytes(needed)} ({needed:,} B) of state on the host "
+                f"tier between iterations, and this PyTorch ({torch.__version__}) cannot keep it "
+                "there usable in place (it has no UntypedStorage._swap_data_ptr_): it would be "
+                "read back into the fast tier at every iteration's end, where only "
+                f"{format_bytes(room)} is free. Upgrade PyTorch (2.13 has it), or raise the "
+                "budget so that less state leaves the fast tier. This step completed "
                 "correctly; later iterations of this OutOfCore will not start.",
                 needed_bytes=needed, host_budget=self.host_budget)
 

@@ -142,6 +142,10 @@ class EmulatedLink:
         import torch
         return _storage_at(address, torch.device("cpu"), nbytes)
 
+    def free_bytes(self) -> int:
+        """Fast-tier memory not in use: the RAM this process may use (the "device")."""
+        return memory_limit()
+
     def synchronize(self) -> None:
         """Every op the step or the user queued has finished (they ran synchronously)."""
 
@@ -273,6 +277,12 @@ class CudaLink:
             raise OSError(errno.EOPNOTSUPP, "this GPU cannot use host pointers of registered "
                           "memory (cudaDevAttrCanUseHostPointerForRegisteredMem is 0)")
         return _storage_at(address, self.device, nbytes)
+
+    def free_bytes(self) -> int:
+        """GPU memory not in use: free on the device, and cached by PyTorch's allocator."""
+        import torch
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def synchronize(self) -> None:
         """Every kernel queued on the device has finished, on any stream: user writes to
