@@ -427,7 +427,9 @@ class HostMapping:
          tier (Residency.map_slow's fallback), over the budget: so a plan whose state
          left on the slow tier between iterations exceeds host_budget is refused
          (`lasting_slow_bytes`, OutOfCore). All are read back on a GPU that cannot use
-         host pointers of registered memory.
+         host pointers of registered memory, and with a PyTorch that has no
+         `UntypedStorage._swap_data_ptr_` (2.11; a warning says so, and a plan whose
+         state the GPU has no room to read back is refused: OutOfCore._require_host_budget).
       6. Before unmapping, every kernel queued on the device has finished, whatever
          stream queued it (`link.synchronize()`, from Residency.unmap_all): the next
          iteration's copies read what the user wrote. A segment is unregistered only
