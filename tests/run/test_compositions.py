@@ -179,3 +179,42 @@ def test_code_compiled_before_the_iteration_runs_eagerly_inside_it(tmp_path):
     assert len(graph_calls) == warm, "compiled code ran inside an outcore block"
     train_step()
     assert len(graph_calls) == warm + 1, "the stance was not put back"
+
+
+def test_a_collective_in_a_passive_replay_that_leaves_stays_in_place(one_rank, tmp_path):
+    """A plan that moves nothing tracks nothing; a collective's output (NOTE [Collectives
+    in flight]: never moved) was then untracked, and a longer step that left the plan
+    tracked it as an ordinary array and moved it out (helper-68). Now the collective's
+    storages are disowned in a passive replay too."""
+    import torch.distributed._functional_collectives as funcol
+
+    made = []
+
+    class AllReduce(torch.nn.Module):
+        def forward(self, x):
+            y = funcol.all_reduce(x, "sum", dist.group.WORLD)
+            made.append(getattr(y, "elem", y))
+            return y * 1.0
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(512, 64), AllReduce(), torch.nn.Linear(64, 512),
+                              torch.nn.GELU(), torch.nn.Linear(512, 64), torch.nn.LayerNorm(64),
+                              torch.nn.Linear(64, 512))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    entries = []
+    with outcore.OutOfCore(9_000_000, swap_dir=str(tmp_path)) as ooc:
+        for it, n in enumerate([16] * 4 + [80]):
+            made.clear()
+            ids = torch.randint(0, 512, (16, n), generator=torch.Generator().manual_seed(it))
+            with ooc.iteration():
+                logits = net(ids)
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+                entry = ooc._res.entry_of(made[-1].untyped_storage())
+                entries.append(None if entry is None else (entry.owner, entry.state))
+                opt.step()
+                opt.zero_grad()
+        its = ooc.report().iterations
+    assert not its[3].tracked and its[4].deviation, str(ooc.report())
+    assert entries[4] == ("collective", outcore.states.FAST), entries
+    assert made[-1].untyped_storage().nbytes() == made[-1].nbytes
+

@@ -443,7 +443,7 @@ def test_without_swap_data_ptr_state_the_gpu_cannot_hold_is_refused(emulated, mo
     plain, managed = build("resnet18-tiny", "adam"), build("resnet18-tiny", "adam")
     with outcore.OutOfCore(budget=budget, offload="host", min_move_bytes=0) as ooc:
         with pytest.raises(outcore.HostBudgetTooSmall, match="no UntypedStorage._swap_data_ptr_"
-                           ".*only 4.00 KiB is free. Upgrade PyTorch"):
+                           ".*at most .* is free. Upgrade PyTorch"):
             for _ in range(4):
                 plain.step()
                 with ooc.iteration():

@@ -823,14 +823,18 @@ class OutOfCore:
                 needed_bytes=needed, host_budget=self.host_budget)
         if not needed or aten.SWAPS_DATA_PTR:
             return
-        # Without it the state is read back at every iteration's end (Residency.map_slow).
-        room = self._mover.link.free_bytes()
+        # Without it the state is read back at every iteration's end (Residency.map_slow),
+        # beside the state the plan keeps resident: into what is free now and what the
+        # managed tensors resident now leave when only that state stays.
+        at_end = set(schedule.resident_at_end)
+        kept = sum(a.nbytes for a in trace.arrays if a.freed_after is None and a.id in at_end)
+        room = self._mover.link.free_bytes() + max(0, self._res.resident - kept)
         if needed > room:
             raise HostBudgetTooSmall(
                 f"the plan leaves {format_bytes(needed)} ({needed:,} B) of state on the host "
                 f"tier between iterations, and this PyTorch ({torch.__version__}) cannot keep it "
                 "there usable in place (it has no UntypedStorage._swap_data_ptr_): it would be "
-                "read back into the fast tier at every iteration's end, where only "
+                "read back into the fast tier at every iteration's end, where at most "
                 f"{format_bytes(room)} is free. Upgrade PyTorch (2.13 has it), or raise the "
                 "budget so that less state leaves the fast tier. This step completed "
                 "correctly; later iterations of this OutOfCore will not start.",

@@ -665,11 +665,15 @@ class Residency:
 
     def release_moves(self, storages, owner: str) -> None:
         """The collective returned: disown `storages` (the ones it touched, NOTE 5), then
-        carry out the evictions held back (those of disowned storages do nothing)."""
+        carry out the evictions held back (those of disowned storages do nothing). One
+        not tracked yet (a passive replay tracks nothing) is tracked first, so that it
+        stays disowned if the step later leaves its plan and runs on demand."""
         deferred, lru = self._deferred or [], self._deferred_lru
         self._deferred, self._deferred_lru = None, None
         for storage in storages:
             entry = self.entry_of(storage)
+            if entry is None and storage.nbytes():
+                entry = self.track(storage)
             if entry is not None and entry.state in OCCUPIES_FAST:
                 self.disown(storage, entry.nbytes, owner)
         for entry, unplanned in deferred:

@@ -143,7 +143,8 @@ class EmulatedLink:
         return _storage_at(address, torch.device("cpu"), nbytes)
 
     def free_bytes(self) -> int:
-        """Fast-tier memory not in use: the RAM this process may use (the "device")."""
+        """What the "device" (RAM) may hold: the RAM this process may use, not what is
+        free of it (tests stand in a smaller figure)."""
         return memory_limit()
 
     def synchronize(self) -> None:
