@@ -16,14 +16,15 @@ Sections:
    in-core peak (or the smallest feasible budget above it), 4 iterations each, compared
    bitwise (parameters, optimizer state, losses, and each parameter's sum computed on the
    GPU between iterations, where state left on the host tier is read in place):
-   ResNet-18 (BatchNorm) with SGD, GPT-2
-   small (dropout) with fused AdamW and with AdamW's default (foreach), a bf16 autocast step, an fp16 step with GradScaler
-   (Adam; SGD; Adam with outcore's default min_move_bytes, GradScaler's scalars then
-   stay put), the host tier capped so that it spills to disk, and two runs with
-   `torch.cuda._sleep` queued on the step's stream before every module (transfers race
-   the compute). Each case also runs in-core twice (`in_core_twice_differs`): the GPU
-   must be deterministic for "bitwise" to mean anything. `--cases` picks some. During the replays: torch.cuda.max_memory_allocated() above what was
-   allocated before the model was built, against the budget, and reserved - allocated.
+   ResNet-18 (BatchNorm) with SGD, GPT-2 small (dropout) with fused AdamW and with
+   AdamW's default (foreach), a bf16 autocast step, an fp16 step with GradScaler (Adam;
+   SGD; Adam with outcore's default min_move_bytes, GradScaler's scalars then stay put),
+   the host tier capped so that it spills to disk, and two runs with `torch.cuda._sleep`
+   queued on the step's stream before every module (transfers race the compute). Each
+   case also runs in-core twice (`in_core_twice_differs`): the GPU must be
+   deterministic for "bitwise" to mean anything. `--cases` picks some. During the
+   replays: torch.cuda.max_memory_allocated() above what was allocated before the model
+   was built, against the budget, and reserved - allocated.
 3. recorder: ResNet-18 batch 128 224x224 recorded on the GPU, the trace's in-core peak
    (per-op workspaces now measured) against torch.cuda.max_memory_allocated (gpu_check.py).
    allocator: the ResNet-18 case again in a child process with
@@ -449,6 +450,8 @@ def paper(run: Run, budget: int) -> dict:
         out = {"gpu_budget": budget}
         if run.paper_batch:
             batch, secs = run.paper_batch, _fits(run, run.paper_batch, "plain")
+            if secs is None:
+                raise RuntimeError(f"--paper-batch {batch} does not fit in-core under the cap")
         else:
             batch, secs = _largest(run, "plain")
         out["in_core"] = {"batch": batch, "img_per_s": round(batch / secs, 1)}
