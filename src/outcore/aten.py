@@ -168,6 +168,18 @@ def _bind(func, args, kwargs) -> list:
     return values
 
 
+@functools.lru_cache(maxsize=None)
+def _list_arguments(func) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Positions of `func`'s list arguments, of those that are lists of tensors, and of a
+    `.Tensor` overload's `scalars` tensor (one scalar per element when 1-D)."""
+    schema = func._schema.arguments
+    lists = tuple(i for i, a in enumerate(schema) if str(a.type).startswith("List["))
+    tensor_lists = tuple(i for i in lists if str(schema[i].type) == "List[Tensor]")
+    scalars = tuple(i for i, a in enumerate(schema)
+                    if a.name == "scalars" and str(a.type) == "Tensor")
+    return lists, tensor_lists, scalars
+
+
 def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | None:
     """One call of `func` per tensor of a `_foreach_*` call or of a fused op of
     PER_TENSOR_KERNELS: every list argument (of tensors or of scalars) cut to that
@@ -175,16 +187,14 @@ def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | No
     empty list (max_exp_avg_sqs without amsgrad) stays empty. None where the lists'
     lengths disagree or there is nothing to split: the op then runs whole."""
     schema = func._schema.arguments
-    values = _bind(func, args, kwargs)
-    lists = [i for i, a in enumerate(schema) if str(a.type).startswith("List[")]
-    tensor_lists = [i for i in lists if str(schema[i].type) == "List[Tensor]"]
+    lists, tensor_lists, scalars = _list_arguments(func)
     if not tensor_lists:
         return None
+    values = _bind(func, args, kwargs)
     count = max(len(values[i]) for i in tensor_lists)
     if count == 0 or any(len(values[i]) not in (0, count) for i in lists):
         return None
-    sliced = [i for i, a in enumerate(schema)
-              if a.name == "scalars" and str(a.type) == "Tensor" and values[i].dim() == 1]
+    sliced = [i for i in scalars if values[i].dim() == 1]
     if any(len(values[i]) != count for i in sliced):
         return None
     calls = []

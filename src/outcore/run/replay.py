@@ -526,7 +526,8 @@ class Replayer(HeldMode):
         res = self.res
         self.log.function(i, taken, taken, done, done, res.resident, res.offloaded, res.last_rss)
         key = self.keys[i]
-        if any(k is not None and k[1] for k in self.keys[i:i + len(names)]):
+        if key is not None and key[1] or len(names) > 1 and any(
+                k is not None and k[1] for k in self.keys[i + 1:i + len(names)]):
             outputs = output_tensors(out)
             made = distinct_storages(outputs)
             self._followed += map(weakref.ref, made)
