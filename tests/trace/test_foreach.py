@@ -70,6 +70,19 @@ def test_a_split_call_is_the_same_op_on_one_element_lists():
     assert split_foreach(aten._foreach_add_.List, ([], []), {}) is None         # nothing to split
 
 
+def test_a_foreach_matmul_counts_the_flops_of_its_plain_op():
+    # `_foreach_mm` has no formula of its own in PyTorch's flop counter; its split calls
+    # count mm's per pair, so the simulator does not see a free matmul.
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(4, 6, generator=g), torch.randn(3, 5, generator=g)]
+    b = [torch.randn(6, 2, generator=g), torch.randn(5, 7, generator=g)]
+    with outcore.record() as rec:
+        out = aten._foreach_mm(a, b)
+    assert all(torch.equal(o, x @ y) for o, x, y in zip(out, a, b))
+    mms = [f for f in rec.trace.functions if f.op.startswith("aten._foreach_mm")]
+    assert [f.flops for f in mms] == [2 * 4 * 6 * 2, 2 * 3 * 5 * 7]
+
+
 def test_foreach_adam_trains_bitwise_equal_and_splits():
     torch.manual_seed(0)
     make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))

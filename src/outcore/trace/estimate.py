@@ -15,13 +15,32 @@ REFERENCE_LAUNCH_S = 5e-6       # fixed per-op overhead
 
 
 def op_flops(func, args, kwargs, out) -> int:
-    formula = flop_registry.get(func._overloadpacket)
-    if formula is None:
-        return 0
+    """FLOPs by PyTorch's flop counter formula for the op; a `_foreach_<op>` (e.g.
+    `_foreach_mm`, which Muon's updates may reach) counts its plain op's formula per
+    element of its lists. 0 for an op with no formula."""
+    packet = func._overloadpacket
+    formula = flop_registry.get(packet)
     try:
-        return int(formula(*args, **kwargs, out_val=out))
+        if formula is not None:
+            return int(formula(*args, **kwargs, out_val=out))
+        name = getattr(packet, "__name__", "")
+        plain = _plain_packet(name) if name.startswith("_foreach_") else None
+        formula = flop_registry.get(plain) if plain is not None else None
+        if formula is None or not isinstance(out, (list, tuple)):
+            return 0
+        lists = [a for a in args if isinstance(a, (list, tuple))]
+        if not lists or any(len(a) != len(out) for a in lists):
+            return 0
+        return sum(int(formula(*[a[i] if isinstance(a, (list, tuple)) else a for a in args],
+                               **kwargs, out_val=out[i]))
+                   for i in range(len(out)))
     except Exception:  # a formula that does not cover this overload: count no FLOPs
         return 0
+
+
+def _plain_packet(name: str):
+    import torch
+    return getattr(torch.ops.aten, name[len("_foreach_"):], None)
 
 
 def tensor_bytes(values) -> int:

@@ -290,53 +290,71 @@ class _Reserved:
     the raw values of the blocks it covers in part and to `lazy` and `top` of those it
     covers whole; each slice is added or searched at C speed."""
     __slots__ = ("raw", "lazy", "top", "soft", "end", "open")
-    BLOCK = 64
+    SHIFT = 6
+    BLOCK = 1 << SHIFT
+    MASK = BLOCK - 1
     hard = 0                    # the early accounting's figure (`_Held`): none here
 
     def __init__(self, n: int, m: int):
         self.raw = [0] * (n + 1)
-        self.lazy = [0] * (n // self.BLOCK + 1)
-        self.top = [0] * (n // self.BLOCK + 1)
+        self.lazy = [0] * ((n >> self.SHIFT) + 1)
+        self.top = [0] * ((n >> self.SHIFT) + 1)
         self.soft = 0
         self.end = [-1] * m
         self.open = n
 
     def now(self, f: int) -> int:
-        return self.raw[f] + self.lazy[f // self.BLOCK]
+        return self.raw[f] + self.lazy[f >> self.SHIFT]
 
     def peak(self, s: int, e: int) -> int:
         """The most reserved at any function from s to e."""
         if e < s:
             return 0
-        k, raw, lazy = self.BLOCK, self.raw, self.lazy
-        bs, be = s // k, e // k
+        sh, raw, lazy = self.SHIFT, self.raw, self.lazy
+        bs, be = s >> sh, e >> sh
         if bs == be:
             return max(raw[s:e + 1]) + lazy[bs]
-        most = max(max(raw[s:(bs + 1) * k]) + lazy[bs], max(raw[be * k:e + 1]) + lazy[be])
-        return max(most, max(self.top[bs + 1:be])) if be > bs + 1 else most
-
-    def _within(self, s: int, e: int, nbytes: int) -> None:
-        """Add nbytes from s to e, both in one block."""
-        k, raw = self.BLOCK, self.raw
-        raw[s:e + 1] = map(nbytes.__add__, raw[s:e + 1])
-        b = s // k
-        self.top[b] = max(raw[b * k:(b + 1) * k]) + self.lazy[b]
+        most = max(max(raw[s:(bs + 1) << sh]) + lazy[bs], max(raw[be << sh:e + 1]) + lazy[be])
+        if be > bs + 1:
+            inner = max(self.top[bs + 1:be])
+            return inner if inner > most else most
+        return most
 
     def _span(self, s: int, e: int, nbytes: int) -> None:
-        """Add nbytes at every function from s to e."""
+        """Add nbytes at every function from s to e: to the raw values of the blocks
+        covered in part, to lazy and top of those covered whole. A block's top only grows
+        with a positive add (the values outside the span are as they were), so then only
+        the values changed are searched; a negative one searches its blocks again."""
         if e < s:
             return
-        k = self.BLOCK
-        bs, be = s // k, e // k
-        if bs == be:
-            self._within(s, e, nbytes)
-            return
-        self._within(s, (bs + 1) * k - 1, nbytes)
-        self._within(be * k, e, nbytes)
-        if be > bs + 1:
-            add = nbytes.__add__
-            self.lazy[bs + 1:be] = map(add, self.lazy[bs + 1:be])
-            self.top[bs + 1:be] = map(add, self.top[bs + 1:be])
+        sh, raw, lazy, top = self.SHIFT, self.raw, self.lazy, self.top
+        add = nbytes.__add__
+        bs, be = s >> sh, e >> sh
+        if s & self.MASK:                 # the first block in part
+            hi = e + 1 if bs == be else (bs + 1) << sh
+            self._part(bs, s, hi, add, nbytes >= 0)
+            if bs == be:
+                return
+            bs += 1
+        if (e + 1) & self.MASK:           # the last block in part
+            self._part(be, be << sh, e + 1, add, nbytes >= 0)
+            be -= 1
+        if be >= bs:                       # blocks covered whole
+            lazy[bs:be + 1] = map(add, lazy[bs:be + 1])
+            top[bs:be + 1] = map(add, top[bs:be + 1])
+
+    def _part(self, b: int, lo: int, hi: int, add, grows: bool) -> None:
+        """Add to the raw values lo..hi-1 of block b (`add`: the bound int.__add__)."""
+        raw = self.raw
+        seg = list(map(add, raw[lo:hi]))
+        raw[lo:hi] = seg
+        if grows:
+            t = max(seg) + self.lazy[b]
+            if t > self.top[b]:
+                self.top[b] = t
+        else:
+            sh = self.SHIFT
+            self.top[b] = max(raw[b << sh:(b + 1) << sh]) + self.lazy[b]
 
     def add(self, a: int, s: int, e: int, nbytes: int) -> None:
         """a holds nbytes over [s, e]: a new span (a = -1: a workspace)."""
