@@ -308,8 +308,8 @@ class _Reserved:
 
     def peak(self, s: int, e: int) -> int:
         """The most reserved at any function from s to e."""
-        if e < s:
-            return 0
+        if e <= s:                        # one function (a third of the calls), or none
+            return self.raw[s] + self.lazy[s >> self.SHIFT] if e == s else 0
         sh, raw, lazy = self.SHIFT, self.raw, self.lazy
         bs, be = s >> sh, e >> sh
         if bs == be:
@@ -325,7 +325,16 @@ class _Reserved:
         covered in part, to lazy and top of those covered whole. A block's top only grows
         with a positive add (the values outside the span are as they were), so then only
         the values changed are searched; a negative one searches its blocks again."""
-        if e < s:
+        if e <= s:                        # one function (a third of the calls), or none
+            if e == s:
+                b = s >> self.SHIFT
+                self.raw[s] += nbytes
+                if nbytes >= 0:
+                    t = self.raw[s] + self.lazy[b]
+                    if t > self.top[b]:
+                        self.top[b] = t
+                else:
+                    self._retop(b)
             return
         sh, raw, lazy, top = self.SHIFT, self.raw, self.lazy, self.top
         add = nbytes.__add__
@@ -353,8 +362,12 @@ class _Reserved:
             if t > self.top[b]:
                 self.top[b] = t
         else:
-            sh = self.SHIFT
-            self.top[b] = max(raw[b << sh:(b + 1) << sh]) + self.lazy[b]
+            self._retop(b)
+
+    def _retop(self, b: int) -> None:
+        """Block b's top, searched again (after values of it went down)."""
+        sh = self.SHIFT
+        self.top[b] = max(self.raw[b << sh:(b + 1) << sh]) + self.lazy[b]
 
     def add(self, a: int, s: int, e: int, nbytes: int) -> None:
         """a holds nbytes over [s, e]: a new span (a = -1: a workspace)."""
