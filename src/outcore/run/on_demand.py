@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import InfeasibleBudget
 from ..units import format_bytes
+from ..states import FAST
 from .residency import Residency
 from ..aten import distinct_storages as storages
 from ..aten import iter_tensors, output_tensors, written_tensors
@@ -315,6 +316,13 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
     return None
 
 
+def _small_pinned(res: Residency) -> int:
+    """Bytes resident in storages pinned only for being under min_move_bytes."""
+    return sum(e.nbytes for e in list(res.entries.values())
+               if e.pinned and e.state is FAST and not e.elsewhere and not e.owner
+               and e.nbytes < res.min_move_bytes)
+
+
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,
                min_move_bytes: int, *, completed: bool = False,
                deviated: bool = False, inputs=(), res: Residency | None = None
@@ -333,6 +341,12 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
             "share_memory_()), or held by a "
             "collective or FSDP)") if pinned else ""
     part = read_in_part(inputs, needed, res)
+    small = _small_pinned(res) if pinned and res is not None else 0
+    smaller = (f"lower min_move_bytes (OutOfCore(min_move_bytes=...); {min_move_bytes:,} B now): "
+               f"storages smaller than it never move and hold {format_bytes(small)} of that "
+               "figure here; a step of smaller tensors (shorter sequences, a smaller batch) "
+               "has more of its arrays under it than a larger one and can need more"
+               if 4 * small >= needed else "lower the batch")
     what_to_do = (
         f"most of that is one tensor's storage of {format_bytes(part[0])} that the step reads "
         f"only in part, through a view (of shape {list(part[1])}): outcore counts and moves a "
@@ -341,7 +355,7 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
         "`with ooc.iteration():`), so that the step reads only the copy, or raise the budget "
         f"to at least {format_bytes(needed)} ({needed:,} B)") if part else (
         f"the smallest feasible budget is at least {format_bytes(needed)} ({needed:,} B): raise "
-        "the budget to that or more, or lower the batch (for the whole step's figure at once, "
+        f"the budget to that or more, or {smaller} (for the whole step's figure at once, "
         "record one step with outcore.record(), on the meta device if it does not fit, and "
         "pass its trace to outcore.smallest_budget())")
     error = InfeasibleBudget(

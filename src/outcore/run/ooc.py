@@ -135,7 +135,11 @@ def smallest_budget(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
     counts it (`OutOfCore._require_feasible`): what the plan needs of the arrays that
     move, beside the most of those that never move alive at once (`pinned_peak`).
     `outcore plan` shows it beside the plan's own figure, which counts every array as
-    movable and so is lower (a user who took that one met InfeasibleBudget)."""
+    movable and so is lower (a user who took that one met InfeasibleBudget). It is this
+    step's figure: a step of smaller tensors has more of its arrays under
+    min_move_bytes, so it can need more (a Llama at sequence length 24 needed 2.67 MiB,
+    at 48 2.01 MiB, with the 64 KiB default); with min_move_bytes=0 nothing is pinned
+    for its size."""
     held = held_arrays(trace)
     return min_feasible_budget(without_held(trace, held)) + pinned_peak(
         trace, min_move_bytes, held)
@@ -897,10 +901,16 @@ class OutOfCore:
                     f"leaves nothing for the plan: {unmovable} never move and hold up to "
                     f"{format_bytes(kept)} ({kept:,} B) at once in this step, all of it or "
                     "more.")
+        small = pinned_peak(trace, self._res.min_move_bytes, held=set(), owned=set())
+        lower = ("or lower min_move_bytes (OutOfCore(min_move_bytes=...)): storages under it "
+                 f"hold up to {format_bytes(small)} of it, and a step of smaller tensors "
+                 "(shorter sequences, a smaller batch) has more of its arrays under it than "
+                 "a larger one and can need more" if 4 * small >= smallest
+                 else "lower the batch, or lower min_move_bytes")
         raise InfeasibleBudget(
             f"{what} {held} No schedule can run this step; the "
             f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise "
-            "the budget to that or more, lower the batch, or lower min_move_bytes.",
+            f"the budget to that or more, {lower}.",
             function_index=index if index is not None else 0, op=op or "the step",
             phase=phase or "", needed_bytes=need, budget_bytes=self.budget,
             min_feasible_bytes=smallest)
