@@ -3,6 +3,7 @@ moment resumes from its last completed iteration and ends bitwise equal to plain
 PyTorch trained without interruption."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import textwrap
@@ -589,3 +590,61 @@ def test_an_fsdp2_model_resumes_bitwise_and_is_refused_unsharded(tmp_path):
         lines["REFUSED"] and "Nothing was loaded" in lines["REFUSED"], out.stdout
     assert lines["UNCHANGED"] == "True"
     assert sorted(os.listdir(tmp_path / "s")) == ["manifest.pt", "state-1.swap"]
+
+
+@pytest.mark.parametrize("raised", ["after the step", "before the step", "interrupt"])
+def test_an_iteration_that_raised_counts_as_its_loop_goes_on(tmp_path, raised):
+    """NOTE [Durable state] rule 11 (helper-70): a loop that catches a user's exception
+    from an iteration and goes on to the next batch, stopped later and resumed from the
+    count resume() returns, ends bitwise equal to the loop run without a stop. Counted
+    only where it completed, an iteration that raised after optimizer.step() left its
+    step in the next commit under a count one too low, and the resumed loop trained a
+    batch twice. A KeyboardInterrupt counts as a kill: the state stays the last
+    commit's, and the resumed loop does that iteration again."""
+    total, failing, stop = 7, 2, 4
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 10))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(model, opt, i, fail):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g)
+        if fail and raised == "before the step":
+            raise ValueError("the user's check before the step")
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if fail and raised == "after the step":
+            raise ValueError("the user's check after the step (a NaN guard, say)")
+        if fail:
+            raise KeyboardInterrupt
+
+    def loop(model, opt, start, end, ooc=None, fails=True):
+        for i in range(start, end):
+            try:
+                with (ooc.iteration() if ooc is not None else contextlib.nullcontext()):
+                    step(model, opt, i, fails and i == failing)
+            except ValueError:
+                continue                         # skip that batch, go on
+            except KeyboardInterrupt:
+                return i                         # stopped: the run ends here
+
+    plain = make()                               # interrupted: as if killed there, so
+    loop(*plain, 0, total, fails=raised != "interrupt")     # every batch steps once
+    model, opt = make()
+    with outcore.OutOfCore("512KiB", state_dir=tmp_path, min_move_bytes=0) as ooc:
+        assert ooc.resume(model, opt) == 0
+        end = loop(model, opt, 0, stop, ooc)
+    count = {"after the step": stop, "before the step": stop, "interrupt": failing}[raised]
+    assert (end if raised == "interrupt" else stop) == count
+    model, opt = make()
+    with outcore.OutOfCore("512KiB", state_dir=tmp_path, min_move_bytes=0) as ooc:
+        assert ooc.resume(model, opt) == count
+        loop(model, opt, count, total, ooc, fails=False)
+    for a, b in zip(plain[0].parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain[1].state.values(), opt.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])

@@ -60,6 +60,15 @@ NOTE [Durable state]
      resumed in the middle of a cycle goes on with the gradients it had accumulated.
      Resume sets them as the parameters' `.grad` (a DTensor like its parameter). Sparse
      gradients are not kept.
+ 11. What counts as done (`ooc._counts`): an iteration that completed, and one whose step
+     raised an Exception of the user's code (a failed check, a NaN guard, a PyTorch
+     error), with the state as it left it, committed: a loop that goes on past that
+     iteration continues from the next one, and the state includes whatever it changed
+     (an optimizer step taken before the exception). Counted only where it completed,
+     a later commit kept such a step's change under a count one too low, and a resume
+     trained a batch twice (helper-70). outcore's own errors, KeyboardInterrupt and
+     SystemExit neither count nor commit: the state stays the last commit's, and a
+     resume does that iteration again, as after a kill.
 """
 from __future__ import annotations
 
