@@ -89,3 +89,27 @@ def test_out_of_core_refuses_options_its_policy_does_not_take_before_anything_ru
         outcore.OutOfCore("1MiB", plan_options={"window": "3MiB"})
     ooc = outcore.OutOfCore("1MiB", policy="adaptive", plan_options={"window": "3MiB"})
     ooc.close()
+
+
+def test_out_of_core_refuses_bad_plan_option_values_before_anything_runs(tmp_path):
+    """helper-70: a plan_options that is no dict of names escaped as a bare TypeError (or,
+    a string, was split into letters), and an option value the policy refuses passed
+    construction and was refused after two recordings, naming neither the argument nor
+    the option. Now each is an OutcoreError from the constructor that names both, and
+    nothing is left behind."""
+    import pytest
+
+    import outcore
+    for bad in ([1], {1: 2}, "window", [("window", 3)]):
+        with pytest.raises(outcore.OutcoreError, match="plan options must be a dict of option names"):
+            outcore.OutOfCore("1MiB", plan_options=bad, swap_dir=str(tmp_path))
+    for policy, options, says in [("adaptive", {"window": "big"}, "cannot read 'big'"),
+                                  ("adaptive", {"window": -3}, "cannot be negative"),
+                                  ("adaptive", {"outputs": "never"}, "outputs must be one of"),
+                                  ("fixed", {"k": 0}, "k must be a positive number"),
+                                  ("auto", {"machine": "tpu"}, "unknown machine 'tpu'")]:
+        with pytest.raises(outcore.OutcoreError) as err:
+            outcore.OutOfCore("1MiB", policy=policy, plan_options=options, swap_dir=str(tmp_path))
+        assert f"plan_options={options!r}" in str(err.value) and says in str(err.value), err.value
+    assert not list(tmp_path.iterdir())
+    outcore.OutOfCore("1MiB", policy="adaptive", plan_options={"window": 0}).close()

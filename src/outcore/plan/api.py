@@ -39,8 +39,11 @@ def _collector_paused():
 def registered(policy: str, options, *, subject: str, what: str, hint: str = ""):
     """The registered Policy named `policy`; OutcoreError if there is none, or if it takes
     none of some `options` ("{subject} takes no {what}(s) ... (its options: ...){hint}")."""
-    if policy not in POLICIES:
+    if not isinstance(policy, str) or policy not in POLICIES:
         raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise OutcoreError(f"{subject}: {what}s must be a dict of option names to values, such "
+                           f"as {{'window': '3GiB'}}; got {options!r}")
     chosen = REGISTRY[policy]
     unknown = set(options) - chosen.options
     if unknown:
@@ -48,6 +51,26 @@ def registered(policy: str, options, *, subject: str, what: str, hint: str = "")
         raise OutcoreError(f"{subject} takes no {what}(s) {', '.join(sorted(unknown))} "
                            f"(its options: {allowed}){hint}")
     return chosen
+
+
+def check_options(policy: str, options: dict, *, subject: str) -> None:
+    """Refuse now an option value `policy` would refuse only when it first plans (after a
+    recording): plan a probe step of four functions over two one-byte arrays under a
+    one-byte budget with them, which runs the policy's own checks of every option."""
+    from ..trace.model import Access, Array, Function, Trace
+    fns = tuple(Function(i, op, "forward", tuple(Access(a, k) for a, k in acc))
+                for i, (op, acc) in enumerate((("f0", ((0, "create"),)), ("f1", ((1, "create"),)),
+                                                ("f2", ((0, "read"),)), ("f3", ((1, "read"),)))))
+    arrays = tuple(Array(a, 1, "float32", "cpu", "transient", "activation", (a, 0), a, a + 2,
+                         a + 2, False) for a in (0, 1))
+    try:
+        plan(Trace(fns, arrays, "cpu", "measured"), 1, policy, **options)
+    except OutcoreError as err:
+        raise OutcoreError(f"{subject}: {err}") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise OutcoreError(f"{subject}: an option value is not of the kind the policy takes "
+                           f"({type(err).__name__}: {err}); see outcore.plan's docstring for "
+                           "each option") from None
 
 
 # Rounds of planning for a schedule that starts with the state it ends with (see plan()).

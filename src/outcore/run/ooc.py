@@ -68,7 +68,7 @@ from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_gove
                              page_faults, process_slack, resident_bytes)
 from ..memory.pages import torch_huge_pages
 from ..plan import check, plan
-from ..plan.api import registered
+from ..plan.api import check_options, registered
 from ..plan.feasibility import min_feasible_budget, occupancy, require_feasible
 from ..plan.recompute import check_mode, choose as choose_recompute, remade, rewrite
 from ..trace.lifetimes import function_bytes
@@ -291,6 +291,8 @@ class OutOfCore:
         registered(policy, plan_options or {},          # refused now, not after a recording
                    subject=f"OutOfCore(policy={policy!r})", what="plan option",
                    hint="; a window is adaptive's option (policy='adaptive'), k fixed's")
+        check_options(policy, dict(plan_options or {}),
+                      subject=f"OutOfCore(policy={policy!r}, plan_options={plan_options!r})")
         check_mode(recompute)
         self.recompute = recompute
         if return_freed_memory not in (True, False, "trim", "eager"):
