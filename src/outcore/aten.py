@@ -197,6 +197,8 @@ def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | No
     sliced = [i for i in scalars if values[i].dim() == 1]
     if any(len(values[i]) != count for i in sliced):
         return None
+    if _route_differs(func, [values[i] for i in tensor_lists if values[i]], count):
+        return None
     calls = []
     for k in range(count):
         call = [([v[k]] if v else []) if i in lists else v[k:k + 1] if i in sliced else v
@@ -204,6 +206,27 @@ def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | No
         calls.append((func, tuple(c for c, a in zip(call, schema) if not a.kwarg_only),
                       {a.name: c for c, a in zip(call, schema) if a.kwarg_only}))
     return calls
+
+
+def _route_differs(func, tensor_lists, count: int) -> bool:
+    """Would a one-element call take the multi-tensor kernel where the whole call takes
+    the plain op per tensor? A `_foreach_*` op off the CPU takes its fast route only where
+    every tensor of its lists has one dtype and device (PyTorch's ForeachUtils.h); the
+    route's other conditions (sizes and strides matching across the lists, dense
+    tensors, the scalars' types) hold for the whole call exactly where they hold for
+    each element's. So a list that mixes dtypes or devices runs whole as plain ops while
+    an element whose own tensors agree takes the kernel, and the two round differently
+    on CUDA (`div_` by a scalar: the reciprocal). Such a call is not split. On the CPU a
+    foreach op is the plain op per tensor either way; the fused optimizers group their
+    tensors by dtype and device themselves."""
+    if not func._schema.name.startswith("aten::_foreach_"):
+        return False
+    kinds = {(t.dtype, t.device) for values in tensor_lists for t in values
+             if isinstance(t, torch.Tensor)}
+    if len(kinds) <= 1 or all(device.type == "cpu" for _, device in kinds):
+        return False
+    return any(len({(values[k].dtype, values[k].device) for values in tensor_lists
+                    if isinstance(values[k], torch.Tensor)}) == 1 for k in range(count))
 
 
 def returns_nothing(func) -> bool:

@@ -202,3 +202,29 @@ def test_a_grad_scalers_kernels_split_one_call_per_tensor_bitwise(name, fused, u
     assert sa.get_scale() == sb.get_scale() < 256.0
     split = [f for f in rec.trace.functions if split_op in f.op]
     assert [f.split for f in split] == [(i, 4) for i in range(4)], [f.op for f in rec.trace.functions]
+
+
+def test_a_list_that_mixes_dtypes_off_the_cpu_runs_whole():
+    """Off the CPU a `_foreach_*` call takes its multi-tensor kernel only where all its
+    tensors share one dtype and device; a list that mixes them runs whole as plain ops
+    per tensor, while a one-element call of it would take the kernel (CUDA rounds the
+    two differently). Such a call is not split (`aten._route_differs`); meta tensors
+    stand for CUDA ones here. A list whose every position mixes them (fp32 parameters,
+    bf16 gradients) takes the plain ops whole and split alike, and is split; on the CPU
+    a foreach op is the plain op per tensor, and every call is split."""
+    from outcore.aten import split_foreach
+
+    def of(device, *dtypes):
+        return [torch.empty(3, device=device, dtype=d) for d in dtypes]
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    add = aten._foreach_add_.List
+    assert split_foreach(add, (of("meta", f32, bf16), of("meta", f32, bf16)), {}) is None
+    assert split_foreach(aten._foreach_mul_.Scalar, (of("meta", f32, bf16), 2.0), {}) is None
+    assert len(split_foreach(add, (of("meta", f32, f32), of("meta", f32, f32)), {})) == 2
+    assert len(split_foreach(add, (of("meta", f32, f32), of("meta", bf16, bf16)), {})) == 2
+    assert len(split_foreach(add, (of("cpu", f32, bf16), of("cpu", f32, bf16)), {})) == 2
+    params = of("meta", f32, bf16)
+    with outcore.record() as rec:          # recorded whole: one function
+        torch._foreach_add_(params, of("meta", f32, bf16))
+    assert [f.split for f in rec.trace.functions if f.op.startswith("aten._foreach_add_")] == [None]
