@@ -77,7 +77,7 @@ def make_data():
     return DataLoader(ds, batch_size=BATCH, shuffle=False)
 
 
-def fit(model, root, callbacks=(), data=None, **overrides):
+def fit(model, root, callbacks=(), data=None, ckpt_path=None, **overrides):
     kwargs = dict(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=ACCUMULATION,
                   gradient_clip_val=0.5, callbacks=list(callbacks), default_root_dir=str(root),
                   enable_checkpointing=False, logger=False, enable_progress_bar=False,
@@ -86,7 +86,7 @@ def fit(model, root, callbacks=(), data=None, **overrides):
     trainer = pl.Trainer(**kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(model, make_data() if data is None else data())
+        trainer.fit(model, make_data() if data is None else data(), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -323,6 +323,40 @@ def test_fused_optimizer_trains_under_a_tight_budget_bitwise(tmp_path):
     assert all(it.completed and it.deviation is None for it in report.iterations), str(report)
     assert sum(it.bytes_written for it in report.iterations) > 0, str(report)
     assert_nothing_left(tmp_path / "ooc")
+
+
+def test_a_fit_resumed_from_its_checkpoint_trains_at_the_same_budget_bitwise(tmp_path):
+    """`trainer.fit(..., ckpt_path=...)` restores the optimizer with torch.load after
+    on_fit_start: unresizable storages, which outcore never moves (Residency NOTE 7).
+    Kept so, AdamW's state stayed in RAM and the resumed fit was refused at the budget
+    the first one trained with (helper-71: InfeasibleBudget advising .clone(), which a
+    Lightning user cannot do). The callback copies such state at the fit's first step
+    (`make_movable`); the resumed fit trains bitwise as plain Lightning resumed alike."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, budget=None):
+        def callbacks(ooc):
+            return ([OutcoreCallback(ooc)] if ooc is not None else []) + [
+                ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=STEPS // 2,
+                                save_top_k=-1)]
+        model = None
+        for steps, ckpt in ((STEPS // 2, None), (STEPS, root / "ckpt" / f"epoch=0-step={STEPS // 2}.ckpt")):
+            model = Net()
+            ooc = (outcore.OutOfCore(budget=budget, swap_dir=tmp_path)
+                   if budget is not None else None)
+            try:
+                trainer = fit(model, root, callbacks(ooc), max_steps=steps,
+                              enable_checkpointing=True, ckpt_path=ckpt)
+            finally:
+                if ooc is not None:
+                    ooc.close()
+        return model, trainer
+
+    plain_model, plain = run(tmp_path / "plain")
+    model, trainer = run(tmp_path / "ooc", BUDGET)
+    assert trainer.global_step == plain.global_step == STEPS
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+    assert not any(p.is_file() for p in tmp_path.iterdir())       # no swap file left
 
 
 def _fake(device="cpu", world_size=1, global_step=0):

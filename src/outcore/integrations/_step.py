@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from ..errors import OutcoreError
 from ..run.ooc import OutOfCore
 
@@ -74,8 +76,11 @@ class StepIterations:
                                f"on {device}. Give the Trainer that device, or create the "
                                f"OutOfCore with offload='disk' and pass {on_cpu}")
         if world != 1:
-            raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {world} "
-                               "(torch.distributed is not supported by outcore yet)")
+            raise OutcoreError(f"OutcoreCallback runs in one process; this Trainer runs {world}. "
+                               "outcore itself composes with torch.distributed (DDP, FSDP2: one "
+                               "OutOfCore per rank, docs/distributed.md), but this callback does "
+                               "not yet: under torchrun, wrap each optimizer step of your own loop "
+                               "in `with ooc.iteration():` instead")
 
     def _begin_step(self) -> None:
         iteration = self.ooc.iteration()
@@ -104,3 +109,37 @@ class StepIterations:
 def require_open(ooc) -> None:
     if ooc.closed:
         raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
+
+
+def make_movable(optimizer, ooc) -> int:
+    """Give the optimizer's state tensors that no storage of theirs can move (loaded
+    with `torch.load`: unresizable) memory of their own, the same values; returns how
+    many. `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
+    torch.load itself, after `on_train_begin`: kept as loaded, that state stays in RAM
+    for good (Residency NOTE 7), and at the budget the run trained with the resumed run
+    was refused (InfeasibleBudget), with advice (".clone() those") a Trainer user could
+    not follow; so did Lightning's `trainer.fit(..., ckpt_path=...)` (helper-71). Runs at
+    the first step of each `train()` / `fit()` call, between iterations.
+    Storages in shared memory are the user's choice and stay as they are; and storages
+    `ooc` moves are left alone: between iterations its state on the slow tier is mapped
+    from the swap file, unresizable too (NOTE [Mapped state]), and copying it would
+    read the whole state into RAM at once (a reviewer's find: a second `train()` on one
+    Trainer copied all of Adam's state)."""
+    if optimizer is None:
+        return 0
+    inner = getattr(optimizer, "optimizer", optimizer)      # accelerate's wrapper
+    done = 0
+    for per_param in getattr(inner, "state", {}).values():
+        if not isinstance(per_param, dict):
+            continue
+        for key, value in list(per_param.items()):
+            if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+                continue
+            storage = value.untyped_storage()
+            if storage.resizable() or storage.is_shared():
+                continue
+            entry = ooc._res.entry_of(storage)
+            if entry is None or entry.pinned:
+                per_param[key] = value.clone()
+                done += 1
+    return done

@@ -107,7 +107,7 @@ except ImportError as exc:       # pragma: no cover - lightning is a test depend
                       "pip install lightning") from exc
 
 from ..errors import OutcoreError
-from ._step import StepIterations
+from ._step import StepIterations, make_movable
 
 __all__ = ["OutcoreCallback"]
 
@@ -140,6 +140,7 @@ class OutcoreCallback(StepIterations, Callback):
         self._warned_validation = False
         self._fetch_hooks = None    # (epoch loop, our two wrappers) while a fit runs
         self._asides: list = []     # ExitStacks of fetches set aside, until they end
+        self._loaded = False        # a fit began: it may have loaded a checkpoint (ckpt_path)
 
     # -- Lightning events --------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
@@ -160,11 +161,16 @@ class OutcoreCallback(StepIterations, Callback):
                                "bypass the dispatcher outcore manages tensors through); fit the "
                                "LightningModule itself, not torch.compile(model)")
         self._set_fetching_aside(trainer)
+        self._loaded = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.in_step:
             return                  # a later micro-batch of the step already open
         self._finish(None)
+        if self._loaded:            # `fit(ckpt_path=...)` restores the optimizer after
+            self._loaded = False    # on_fit_start, with torch.load: unresizable state
+            for optimizer in getattr(trainer, "optimizers", ()):
+                make_movable(optimizer, self.ooc)
         self._opened_at = trainer.global_step
         self._begin_step()
 

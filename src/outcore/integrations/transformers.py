@@ -70,7 +70,7 @@ import torch
 
 from ..errors import OutcoreError
 from ..run.ooc import OutOfCore
-from ._step import StepIterations
+from ._step import StepIterations, make_movable  # noqa: F401  (make_movable: outcore.integrations.transformers.make_movable)
 
 __all__ = ["OutcoreCallback", "train"]
 
@@ -155,39 +155,6 @@ class OutcoreCallback(StepIterations, TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._finish(None)
         return control
-
-
-def make_movable(optimizer, ooc) -> int:
-    """Give the optimizer's state tensors that no storage of theirs can move (loaded
-    with `torch.load`: unresizable) memory of their own, the same values; returns how
-    many. `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
-    torch.load itself, after `on_train_begin`: kept as loaded, that state stays in RAM
-    for good (Residency NOTE 7), and at the budget the run trained with the resumed run
-    was refused (InfeasibleBudget), with advice (".clone() those") a Trainer user could
-    not follow. Runs at the first step of each `train()` call, between iterations.
-    Storages in shared memory are the user's choice and stay as they are; and storages
-    `ooc` moves are left alone: between iterations its state on the slow tier is mapped
-    from the swap file, unresizable too (NOTE [Mapped state]), and copying it would
-    read the whole state into RAM at once (a reviewer's find: a second `train()` on one
-    Trainer copied all of Adam's state)."""
-    if optimizer is None:
-        return 0
-    inner = getattr(optimizer, "optimizer", optimizer)      # accelerate's wrapper
-    done = 0
-    for per_param in getattr(inner, "state", {}).values():
-        if not isinstance(per_param, dict):
-            continue
-        for key, value in list(per_param.items()):
-            if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
-                continue
-            storage = value.untyped_storage()
-            if storage.resizable() or storage.is_shared():
-                continue
-            entry = ooc._res.entry_of(storage)
-            if entry is None or entry.pinned:
-                per_param[key] = value.clone()
-                done += 1
-    return done
 
 
 def train(trainer, ooc, **train_kwargs):
