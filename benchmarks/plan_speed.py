@@ -1,6 +1,6 @@
 """How long planning takes on a 20,000-function trace (issue 3: under 10 s per plan).
 
-    .venv/bin/python benchmarks/plan_speed.py [--functions 20000]
+    .venv/bin/python benchmarks/plan_speed.py [--functions 20000] [--passes]
 
 The trace is synthetic and shaped like a training step of a deep plain network: forward
 (read weight and previous activation, create activation), backward (gradient of the
@@ -71,9 +71,37 @@ def synthetic(n_functions: int) -> Trace:
     return Trace(tuple(fns), tuple(out), "cpu", "measured")
 
 
+def passes(trace, budget) -> None:
+    """One pass of the window planner (`plan_window`, what plan() runs up to four times per
+    call) and the replay of its plan, without the collector, best of three."""
+    from outcore.plan.check import replay
+    from outcore.plan.policies.window import plan_window
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for outputs in ("early", "late"):
+            took, replayed = [], []
+            for _ in range(3):
+                start = time.perf_counter()
+                wp = plan_window(trace, budget, outputs=outputs)
+                took.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                replay(trace, wp.begin, wp.end, wp.start, budget)
+                replayed.append(time.perf_counter() - start)
+            print(f"  one pass, outputs {outputs:<5}       {min(took):6.2f} s  "
+                  f"(its replay {min(replayed):.2f} s; best of three, collector off)")
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--functions", type=int, default=20000)
+    parser.add_argument("--passes", action="store_true",
+                        help="also time one pass of the window planner alone (outputs early and "
+                             "late, the collector off, best of three) and check.replay of its plan")
     args = parser.parse_args()
     start = time.perf_counter()
     trace = synthetic(args.functions)
@@ -105,6 +133,8 @@ def main() -> None:
         print(f"  plan {label:<22} {took:6.2f} s  (then a full collection {collected:.2f} s; "
               f"check {checked:.2f} s; moves "
               f"{s.bytes_moved / 2**30:.2f} GiB, of which held arrays written {held / 2**30:.2f} GiB)")
+    if args.passes:
+        passes(trace, budget)
     start = time.perf_counter()
     bound = lower_bound(trace, budget)
     print(f"  lower bound                 {time.perf_counter() - start:6.2f} s  "
