@@ -592,15 +592,17 @@ def test_an_fsdp2_model_resumes_bitwise_and_is_refused_unsharded(tmp_path):
     assert sorted(os.listdir(tmp_path / "s")) == ["manifest.pt", "state-1.swap"]
 
 
-@pytest.mark.parametrize("raised", ["after the step", "before the step", "interrupt"])
+@pytest.mark.parametrize("raised", ["after the step", "before the step", "stops after the step",
+                                    "interrupt"])
 def test_an_iteration_that_raised_counts_as_its_loop_goes_on(tmp_path, raised):
-    """NOTE [Durable state] rule 11 (helper-70): a loop that catches a user's exception
-    from an iteration and goes on to the next batch, stopped later and resumed from the
-    count resume() returns, ends bitwise equal to the loop run without a stop. Counted
-    only where it completed, an iteration that raised after optimizer.step() left its
-    step in the next commit under a count one too low, and the resumed loop trained a
-    batch twice. A KeyboardInterrupt counts as a kill: the state stays the last
-    commit's, and the resumed loop does that iteration again."""
+    """NOTE [Durable state] rule 11 (helper-70): a loop that catches an exception from an
+    iteration and goes on to the next batch, stopped later and resumed from the count
+    resume() returns, ends bitwise equal to the loop run without a stop. Counted only
+    where it completed, an iteration that raised after optimizer.step() left its step in
+    the next commit under a count one too low, and the resumed loop trained a batch
+    twice. A run that stops at the exception (raised after a step that may have spoiled
+    the weights, or a Ctrl-C) keeps the last completed iteration's state: the resumed
+    loop does that iteration again from before it, as after a kill."""
     total, failing, stop = 7, 2, 4
 
     def make():
@@ -617,7 +619,7 @@ def test_an_iteration_that_raised_counts_as_its_loop_goes_on(tmp_path, raised):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-        if fail and raised == "after the step":
+        if fail and raised.endswith("after the step"):
             raise ValueError("the user's check after the step (a NaN guard, say)")
         if fail:
             raise KeyboardInterrupt
@@ -628,18 +630,21 @@ def test_an_iteration_that_raised_counts_as_its_loop_goes_on(tmp_path, raised):
                 with (ooc.iteration() if ooc is not None else contextlib.nullcontext()):
                     step(model, opt, i, fails and i == failing)
             except ValueError:
+                if raised.startswith("stops"):
+                    return i                     # the run ends here
                 continue                         # skip that batch, go on
             except KeyboardInterrupt:
                 return i                         # stopped: the run ends here
 
-    plain = make()                               # interrupted: as if killed there, so
-    loop(*plain, 0, total, fails=raised != "interrupt")     # every batch steps once
+    stops = raised in ("stops after the step", "interrupt")
+    plain = make()                               # stopped: as if killed there, so every
+    loop(*plain, 0, total, fails=not stops)      # batch steps once from the resume on
     model, opt = make()
     with outcore.OutOfCore("512KiB", state_dir=tmp_path, min_move_bytes=0) as ooc:
         assert ooc.resume(model, opt) == 0
         end = loop(model, opt, 0, stop, ooc)
-    count = {"after the step": stop, "before the step": stop, "interrupt": failing}[raised]
-    assert (end if raised == "interrupt" else stop) == count
+    count = failing if stops else stop
+    assert (end if stops else stop) == count
     model, opt = make()
     with outcore.OutOfCore("512KiB", state_dir=tmp_path, min_move_bytes=0) as ooc:
         assert ooc.resume(model, opt) == count

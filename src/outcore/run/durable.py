@@ -60,15 +60,17 @@ NOTE [Durable state]
      resumed in the middle of a cycle goes on with the gradients it had accumulated.
      Resume sets them as the parameters' `.grad` (a DTensor like its parameter). Sparse
      gradients are not kept.
- 11. What counts as done (`ooc._counts`): an iteration that completed, and one whose step
-     raised an Exception of the user's code (a failed check, a NaN guard, a PyTorch
-     error), with the state as it left it, committed: a loop that goes on past that
-     iteration continues from the next one, and the state includes whatever it changed
-     (an optimizer step taken before the exception). Counted only where it completed,
-     a later commit kept such a step's change under a count one too low, and a resume
-     trained a batch twice (helper-70). outcore's own errors, KeyboardInterrupt and
-     SystemExit neither count nor commit: the state stays the last commit's, and a
-     resume does that iteration again, as after a kill.
+ 11. The count is of iteration blocks that ended, those that raised included, and a
+     commit happens only when one completes: a block that raised (a NaN guard after
+     optimizer.step(), a failed check, Ctrl-C, an error of outcore's) commits nothing,
+     and the next block to complete commits the count with it and the state as it is
+     then. So a loop that catches the exception and goes on to the next batch resumes
+     at the right one, with whatever the raised block changed (counted only where it
+     completed, such a block's optimizer step was kept under a count one too low, and
+     the resumed loop trained a batch twice: helper-70); and a run that stops at the
+     exception keeps the last completed iteration's state, so a resume does the raised
+     iteration again from before it, never from a state it may have spoiled. A loop
+     that retries the same batch after an exception is counted one ahead.
 """
 from __future__ import annotations
 

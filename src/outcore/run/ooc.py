@@ -237,9 +237,9 @@ class OutOfCore:
     state_dir: keep the state crash-consistent in this directory (run/durable.py): each
         completed iteration's model and optimizer state is made durable there, so a
         process killed at any moment resumes from the last completed iteration with
-        `ooc.resume(model, optimizer)`, bitwise. An iteration whose step raised an
-        exception of its own (not outcore's, not KeyboardInterrupt) counts as done too,
-        with the state it left (NOTE [Durable state] rule 11). The swap file is then kept
+        `ooc.resume(model, optimizer)`, bitwise. An iteration that raised counts as done
+        once a later one completes (the loop went on past it); a run that stops at it
+        resumes before it (NOTE [Durable state] rule 11). The swap file is then kept
         there.
     recompute: "auto" (drop activations that are cheaper to compute again than to move,
         and make them again before backward, where the plan then simulates faster than
@@ -1263,7 +1263,10 @@ class _Iteration:
                 errors.append(err)
             deviation = mode.deviation
             ooc._last_replay = (ooc.trace, ooc.schedule, mode.log)
-        ooc._park(errors, commit=not errors and _counts(exc))
+        committing = exc is None and not errors
+        ooc._park(errors, commit=committing)
+        if not committing and ooc._durable is not None and self.before is not None:
+            ooc._durable.done += 1     # NOTE [Durable state] rule 11: the next commit keeps it
         ooc._active = False
         ooc._page()                 # held: a Ctrl-C lands after the pager has started
         ooc._shield.uninstall()
@@ -1425,18 +1428,6 @@ class _Building(_Iteration):
         ooc._page()
         ooc._shield.uninstall()
         _raise_or_note(exc, errors)
-
-
-def _counts(exc) -> bool:
-    """Does an iteration block that ended with `exc` (None: it completed) count as done
-    for state_dir, and is the state it leaves committed (NOTE [Durable state], rule 11)?
-    Yes when it completed or the step raised an Exception of its own (a failed check,
-    a NaN guard, a PyTorch error): a loop that goes on past it continues from the next
-    iteration, and the state is the one that iteration left (an optimizer step taken
-    before the exception included). No for outcore's errors, after which the state is
-    left as the last commit has it, nor for KeyboardInterrupt and SystemExit, which
-    stop the run as a kill would (a resume does the iteration again)."""
-    return exc is None or (isinstance(exc, Exception) and not isinstance(exc, OutcoreError))
 
 
 def _raise_or_note(exc, errors: list) -> None:
