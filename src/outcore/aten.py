@@ -208,25 +208,52 @@ def split_foreach(func, args, kwargs) -> list[tuple[Callable, tuple, dict]] | No
     return calls
 
 
+# Devices whose `_foreach_*` ops are the plain op per tensor, whole or split: the CPU's
+# kernels, and the meta device's (a meta trace stands for a CPU step: InfeasibleBudget
+# advises recording one for smallest_budget when a step does not fit).
+_PLAIN_FOREACH_DEVICES = ("cpu", "meta")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Strided, its elements neither overlapping nor leaving gaps (any order of dims)."""
+    if t.layout != torch.strided:
+        return False
+    expected = 1
+    for size, stride in sorted((p for p in zip(t.shape, t.stride()) if p[0] != 1),
+                               key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _route_differs(func, tensor_lists, count: int) -> bool:
     """Would a one-element call take the multi-tensor kernel where the whole call takes
-    the plain op per tensor? A `_foreach_*` op off the CPU takes its fast route only where
-    every tensor of its lists has one dtype and device (PyTorch's ForeachUtils.h); the
-    route's other conditions (sizes and strides matching across the lists, dense
-    tensors, the scalars' types) hold for the whole call exactly where they hold for
-    each element's. So a list that mixes dtypes or devices runs whole as plain ops while
-    an element whose own tensors agree takes the kernel, and the two round differently
-    on CUDA (`div_` by a scalar: the reciprocal). Such a call is not split. On the CPU a
-    foreach op is the plain op per tensor either way; the fused optimizers group their
-    tensors by dtype and device themselves."""
+    the plain op per tensor? A `_foreach_*` op off the CPU takes its fast route only
+    where every tensor of its lists has one dtype and device and every element passes
+    (its tensors dense and strided, of the same sizes and strides across the lists:
+    PyTorch's ForeachUtils.h); one element that does not, or a list that mixes dtypes,
+    sends the whole call to the plain ops, while a one-element call of an element that
+    passes takes the kernel, and the two round differently on CUDA (`div_` by a scalar:
+    the reciprocal). Such a call is not split, which is always what plain PyTorch runs
+    (helper-72 found the per-element half). The route's conditions on the scalars'
+    types are the same for the whole call and each element. On the CPU a foreach op is
+    the plain op per tensor either way; the fused optimizers group their tensors by
+    dtype and device themselves."""
     if not func._schema.name.startswith("aten::_foreach_"):
         return False
-    kinds = {(t.dtype, t.device) for values in tensor_lists for t in values
-             if isinstance(t, torch.Tensor)}
-    if len(kinds) <= 1 or all(device.type == "cpu" for _, device in kinds):
+    tensors = [t for values in tensor_lists for t in values if isinstance(t, torch.Tensor)]
+    if all(t.device.type in _PLAIN_FOREACH_DEVICES for t in tensors):
         return False
-    return any(len({(values[k].dtype, values[k].device) for values in tensor_lists
-                    if isinstance(values[k], torch.Tensor)}) == 1 for k in range(count))
+    passes = []
+    for k in range(count):
+        at_k = [values[k] for values in tensor_lists if isinstance(values[k], torch.Tensor)]
+        passes.append(bool(at_k)
+                      and len({(t.dtype, t.device) for t in at_k}) == 1
+                      and len({(tuple(t.shape), t.stride()) for t in at_k}) == 1
+                      and all(_dense(t) for t in at_k))
+    whole = all(passes) and len({(t.dtype, t.device) for t in tensors}) == 1
+    return not whole and any(passes)
 
 
 def returns_nothing(func) -> bool:

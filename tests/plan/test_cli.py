@@ -113,3 +113,6 @@ def test_out_of_core_refuses_bad_plan_option_values_before_anything_runs(tmp_pat
         assert f"plan_options={options!r}" in str(err.value) and says in str(err.value), err.value
     assert not list(tmp_path.iterdir())
     outcore.OutOfCore("1MiB", policy="adaptive", plan_options={"window": 0}).close()
+    import types                           # any mapping of names will do (helper-72)
+    outcore.OutOfCore("1MiB", policy="adaptive",
+                      plan_options=types.MappingProxyType({"window": "3MiB"})).close()

@@ -512,3 +512,36 @@ def test_a_step_held_up_by_small_arrays_is_told_to_lower_min_move_bytes(tmp_path
         assert max(it.peak_resident for it in ooc.report().iterations[1:]) <= budget
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
     assert not list(tmp_path.iterdir())
+
+
+def test_the_min_move_bytes_advice_counts_only_what_a_lower_threshold_would_move(tmp_path):
+    """helper-72: the optimizer's check before a parameter's update gave no such advice
+    (it called the error without the residency), and storages under min_move_bytes that
+    are in shared memory (`model.share_memory()`) were counted as small, though they
+    never move at any threshold. The first now says to lower min_move_bytes (and with 0
+    it trains), the second does not."""
+    def run(model, opt, x, budget, **kwargs):
+        with outcore.OutOfCore(budget, swap_dir=str(tmp_path), **kwargs) as ooc:
+            for _ in range(2):
+                with ooc.iteration():
+                    model(x).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+
+    torch.manual_seed(0)      # 24 small layers (16 KiB weights) before one of 1 MiB
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(24)],
+                                torch.nn.Linear(64, 4096))
+    x = torch.randn(8, 64)
+    budget = 2 * MIB + 200 * 1024
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        run(model, torch.optim.SGD(model.parameters(), lr=0.1), x, budget)
+    message = str(err.value)
+    assert "optimizer step of a parameter" in message and "lower min_move_bytes" in message, message
+    run(model, torch.optim.SGD(model.parameters(), lr=0.1), x, budget, min_move_bytes=0)
+
+    shared = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(40)])
+    shared.share_memory()
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        run(shared, torch.optim.SGD(shared.parameters(), lr=0.1), torch.randn(8, 64), 700 * 1024)
+    assert "lower min_move_bytes" not in str(err.value), err.value
+    assert not list(tmp_path.iterdir())

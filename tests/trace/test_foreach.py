@@ -204,14 +204,17 @@ def test_a_grad_scalers_kernels_split_one_call_per_tensor_bitwise(name, fused, u
     assert [f.split for f in split] == [(i, 4) for i in range(4)], [f.op for f in rec.trace.functions]
 
 
-def test_a_list_that_mixes_dtypes_off_the_cpu_runs_whole():
+def test_a_call_whose_whole_list_leaves_the_fast_route_runs_whole(monkeypatch):
     """Off the CPU a `_foreach_*` call takes its multi-tensor kernel only where all its
-    tensors share one dtype and device; a list that mixes them runs whole as plain ops
-    per tensor, while a one-element call of it would take the kernel (CUDA rounds the
-    two differently). Such a call is not split (`aten._route_differs`); meta tensors
-    stand for CUDA ones here. A list whose every position mixes them (fp32 parameters,
-    bf16 gradients) takes the plain ops whole and split alike, and is split; on the CPU
-    a foreach op is the plain op per tensor, and every call is split."""
+    tensors share one dtype and device and every element is dense with matching sizes
+    and strides; otherwise it runs whole as plain ops per tensor, while a one-element
+    call of an element that passes would take the kernel (CUDA rounds the two
+    differently). Such a call is not split (`aten._route_differs`). Meta tensors stand
+    for CUDA ones here (the meta device itself splits like the CPU: a meta trace stands
+    for a CPU step, helper-72). A list whose every position mixes dtypes (fp32
+    parameters, bf16 gradients) takes the plain ops whole and split alike, and is
+    split; on the CPU a foreach op is the plain op per tensor, and every call is split."""
+    from outcore import aten as outcore_aten
     from outcore.aten import split_foreach
 
     def of(device, *dtypes):
@@ -219,8 +222,13 @@ def test_a_list_that_mixes_dtypes_off_the_cpu_runs_whole():
 
     f32, bf16 = torch.float32, torch.bfloat16
     add = aten._foreach_add_.List
-    assert split_foreach(add, (of("meta", f32, bf16), of("meta", f32, bf16)), {}) is None
+    mixed = (of("meta", f32, bf16), of("meta", f32, bf16))
+    assert len(split_foreach(add, mixed, {})) == 2                  # meta: as on the CPU
+    monkeypatch.setattr(outcore_aten, "_PLAIN_FOREACH_DEVICES", ("cpu",))
+    assert split_foreach(add, mixed, {}) is None
     assert split_foreach(aten._foreach_mul_.Scalar, (of("meta", f32, bf16), 2.0), {}) is None
+    strided = [torch.empty(3, device="meta"), torch.empty(6, device="meta")[::2]]
+    assert split_foreach(aten._foreach_div_.Scalar, (strided, 3.0), {}) is None
     assert len(split_foreach(add, (of("meta", f32, f32), of("meta", f32, f32)), {})) == 2
     assert len(split_foreach(add, (of("meta", f32, f32), of("meta", bf16, bf16)), {})) == 2
     assert len(split_foreach(add, (of("cpu", f32, bf16), of("cpu", f32, bf16)), {})) == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections.abc import Mapping
 
 from ..errors import OutcoreError
 from ..units import parse_bytes
@@ -41,9 +42,9 @@ def registered(policy: str, options, *, subject: str, what: str, hint: str = "")
     none of some `options` ("{subject} takes no {what}(s) ... (its options: ...){hint}")."""
     if not isinstance(policy, str) or policy not in POLICIES:
         raise OutcoreError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
         raise OutcoreError(f"{subject}: {what}s must be a dict of option names to values, such "
-                           f"as {{'window': '3GiB'}}; got {options!r}")
+                           f"as {{'window': '3GiB'}}; got {type(options).__name__} {options!r}")
     chosen = REGISTRY[policy]
     unknown = set(options) - chosen.options
     if unknown:

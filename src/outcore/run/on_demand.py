@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_map
 from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from ..states import FAST
-from .residency import Residency
+from .residency import Residency, _movable
 from ..aten import distinct_storages as storages
 from ..aten import iter_tensors, output_tensors, written_tensors
 
@@ -317,10 +317,16 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
 
 
 def _small_pinned(res: Residency) -> int:
-    """Bytes resident in storages pinned only for being under min_move_bytes."""
-    return sum(e.nbytes for e in list(res.entries.values())
-               if e.pinned and e.state is FAST and not e.elsewhere and not e.owner
-               and e.nbytes < res.min_move_bytes)
+    """Bytes resident in storages pinned only for being under min_move_bytes: those a
+    lower min_move_bytes would let move (not shared, exported or unresizable too)."""
+    small = 0
+    for e in list(res.entries.values()):
+        if (e.pinned and e.state is FAST and not e.elsewhere and not e.owner
+                and e.nbytes < res.min_move_bytes):
+            storage = e.ref()
+            if storage is not None and _movable(storage):
+                small += e.nbytes
+    return small
 
 
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,
@@ -346,7 +352,8 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
                f"storages smaller than it never move and hold {format_bytes(small)} of that "
                "figure here; a step of smaller tensors (shorter sequences, a smaller batch) "
                "has more of its arrays under it than a larger one and can need more"
-               if 4 * small >= needed else "lower the batch")
+               if 4 * small >= needed else "lower the batch" if phase != "optimizer"
+               else "keep fewer tensors alive beside the optimizer step")
     what_to_do = (
         f"most of that is one tensor's storage of {format_bytes(part[0])} that the step reads "
         f"only in part, through a view (of shape {list(part[1])}): outcore counts and moves a "

@@ -89,7 +89,7 @@ from . import plans, sharing
 from .plans import Ending, Plan, Plans, envelope, function_keys, shape_of
 from .replay import Replayer
 from .report import OVER_BUDGET_WHY, IterationStats, Report
-from .residency import Residency
+from .residency import Residency, _movable
 
 log = logging.getLogger("outcore")
 
@@ -707,7 +707,7 @@ class OutOfCore:
             # for the planner, both.
             plannable = without_held(trace, held | elsewhere)
             try:
-                self._require_feasible(plannable, budget, kept)
+                self._require_feasible(plannable, budget, kept, self._stuck_small(recording))
                 break
             except InfeasibleBudget:
                 if trace is recording.trace:
@@ -869,7 +869,18 @@ class OutOfCore:
             out.setdefault(aid, False)
         return out
 
-    def _require_feasible(self, trace, budget: int, kept: int) -> None:
+    def _stuck_small(self, recording: SafeRecording) -> set:
+        """Ids of the arrays alive at the end under min_move_bytes that could not move at
+        any min_move_bytes (shared, exported, unresizable: Residency NOTE 7)."""
+        res, out = self._res, set()
+        for aid, ref in recording.alive_at_end.items():
+            storage = ref()
+            if (storage is not None and storage.nbytes() < res.min_move_bytes
+                    and not _movable(storage)):
+                out.add(aid)
+        return out
+
+    def _require_feasible(self, trace, budget: int, kept: int, stuck=frozenset()) -> None:
         """`plan.feasibility.require_feasible`, its error restated in the user's terms:
         the budget they passed, and `kept`, what the arrays that never move hold at their
         peak (`budget` is the rest, for the plan: zero or less where they alone fill it).
@@ -906,7 +917,9 @@ class OutOfCore:
                     f"leaves nothing for the plan: {unmovable} never move and hold up to "
                     f"{format_bytes(kept)} ({kept:,} B) at once in this step, all of it or "
                     "more.")
-        small = pinned_peak(trace, self._res.min_move_bytes, held=set(), owned=set())
+        # What a lower min_move_bytes would let move (not `stuck`: NOTE 7's reasons too).
+        small = max(occupancy(trace, only=lambda a: a.nbytes < self._res.min_move_bytes
+                              and a.id not in stuck), default=0)
         lower = ("or lower min_move_bytes (OutOfCore(min_move_bytes=...)): storages under it "
                  f"hold up to {format_bytes(small)} of it, and a step of smaller tensors "
                  "(shorter sequences, a smaller batch) has more of its arrays under it than "

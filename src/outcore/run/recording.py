@@ -100,7 +100,7 @@ class SafeRecording(Recording):
                 if needed and needed + pinned > self.budget:
                     raise infeasible(len(self._functions), "the optimizer step of a parameter of "
                                      f"shape {tuple(p.shape)}", "optimizer", needed,
-                                     pinned, self.budget, res.min_move_bytes)
+                                     pinned, self.budget, res.min_move_bytes, res=res)
 
     def _before_op(self, func, args, kwargs, inputs, index) -> None:
         self._entries = self.on_demand.before(inputs, func, args, kwargs)

@@ -1081,6 +1081,6 @@ class Replayer(HeldMode):
             phase = self.trace.functions[min(self.index, self.n - 1)].phase if self.n else "?"
             self.infeasible = infeasible(
                 self.index + self._fallen - 1, f"{func}, run on demand", phase, movable,
-                pinned, self.budget, self.res.min_move_bytes, deviated=True)
+                pinned, self.budget, self.res.min_move_bytes, deviated=True, res=self.res)
         return out
 
