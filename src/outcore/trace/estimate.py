@@ -2,6 +2,7 @@
 and an estimated duration for traces recorded without compute (meta device)."""
 from __future__ import annotations
 
+import torch
 from torch.utils.flop_counter import flop_registry
 
 from ..aten import iter_tensors
@@ -39,7 +40,6 @@ def op_flops(func, args, kwargs, out) -> int:
 
 
 def _plain_packet(name: str):
-    import torch
     return getattr(torch.ops.aten, name[len("_foreach_"):], None)
 
 
