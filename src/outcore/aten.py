@@ -243,7 +243,16 @@ def _route_differs(func, tensor_lists, count: int) -> bool:
     if not func._schema.name.startswith("aten::_foreach_"):
         return False
     tensors = [t for values in tensor_lists for t in values if isinstance(t, torch.Tensor)]
-    if all(t.device.type in _PLAIN_FOREACH_DEVICES for t in tensors):
+    if not tensors or tensors[0].device.type in _PLAIN_FOREACH_DEVICES and all(
+            t.device.type in _PLAIN_FOREACH_DEVICES for t in tensors):
+        return False
+    # The usual call (an optimizer's: one dtype and device, contiguous tensors of the same
+    # shapes across the lists) takes the fast route whole, found at C speed per tensor.
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if (all(t.dtype == dtype and t.device == device and t.is_contiguous() for t in tensors)
+            and all(len(values) == count for values in tensor_lists)
+            and all(a.shape == b.shape for other in tensor_lists[1:]
+                    for a, b in zip(tensor_lists[0], other))):
         return False
     passes = []
     for k in range(count):
