@@ -44,6 +44,30 @@ def test_plot_png_and_svg_of_a_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "m.svg"]
 
 
+def test_the_planned_panel_names_the_budget_it_was_given():
+    """helper-73: the top panel's budget line read "plan's budget 2.00 MiB (the budget
+    2 B less what never moves)": the user's budget was overwritten by the line's height
+    in MiB. It names the plan's budget alone, or beside the user's where that differs."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from outcore.view import plot as view_plot
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    with outcore.record() as rec:
+        model(torch.randn(8, 256)).sum().backward()
+    schedule = outcore.plan(rec.trace, "512KiB")
+    sim = outcore.simulate(rec.trace, schedule, "cpu-disk")
+    for budget, label in ((None, "budget 512.00 KiB"),
+                          (2**20, "plan's budget 512.00 KiB (the budget 1.00 MiB less what "
+                                  "never moves)")):
+        fig, ax = plt.subplots()
+        view_plot._planned(ax, rec.trace, schedule, sim, budget)
+        assert label in [line.get_label() for line in ax.get_lines()]
+        plt.close(fig)
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     with _train(tmp_path) as ooc:
         trace, schedule, _ = ooc._last_replay

@@ -64,8 +64,8 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
         ax.stackplot(xs, *layers, labels=[c.replace("_", " ") for c in occ.categories],
                      colors=[_COLOURS.get(c, "#7f7f7f") for c in occ.categories], alpha=0.85,
                      linewidth=0)
-    budget = schedule.budget / MIB
-    ax.axhline(budget, color="black", linestyle="--", linewidth=1.2,
+    line = schedule.budget / MIB          # `budget`: the user's, where the plan got less
+    ax.axhline(line, color="black", linestyle="--", linewidth=1.2,
                label=budget_label(schedule.budget, budget))
     clock, t = [], 0.0
     for compute in sim.compute_s:
@@ -74,10 +74,10 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
     xs, ys = _steps(clock, [b / MIB for b in occ.in_core], t * 1e3)
     ax.plot(xs, ys, color="grey", linewidth=1.2,
             label="in-core: what plain PyTorch holds until it frees (its own clock)")
-    _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], budget)
+    _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], line)
     made = [sim.start_s[f] * 1e3 for f, _ in remade(trace)]
     if made:                       # plan/recompute.py: made again instead of read back
-        ax.plot(made, [-0.07 * budget] * len(made), "|", color="#2ca02c", markersize=8,
+        ax.plot(made, [-0.07 * line] * len(made), "|", color="#2ca02c", markersize=8,
                 label=f"recompute ({len(made)})")
     ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
                  f"(in-core {sim.plain_time_s * 1e3:.0f} ms); moves "
