@@ -11,6 +11,8 @@ from torch import nn
 import outcore
 from outcore.simulate import PRESETS
 from outcore.simulate import cluster
+from outcore.errors import OutcoreError
+from outcore.units import format_bytes
 from outcore.simulate.comm import Interconnect
 
 
@@ -231,3 +233,33 @@ def test_bad_inputs_name_the_choices(tiny):
         cluster.predict(tiny, ranks=2, machine="abacus")
     with pytest.raises(outcore.OutcoreError, match="max_devices"):
         cluster.rank_configurations(tiny, max_devices=0)
+
+
+def test_fsdp_with_one_unit_gathers_it_once_and_a_bad_batch_is_refused(tiny):
+    """helper-73: with a single FSDP unit the estimate added the unit three times (running,
+    prefetched, gradients), though there is no other unit to prefetch; and a batch of 0
+    reached the pipeline's microbatch check, whose error named an argument never passed
+    (`outcore plan --cluster --batch 0` ended "no configuration fits", rc 0)."""
+    huge = 2**40                        # one unit: every parameter
+    one = cluster.predict(tiny, ranks=2, strategy="fsdp", buckets=huge)
+    units = cluster.fsdp_units(tiny, huge)
+    assert len(units) == 1
+    biggest = sum(tiny.arrays[a].nbytes for a in units[0])
+    assert any(f"+{format_bytes(2 * biggest)} for gathered parameters (1 unit)" in n
+               for n in one.notes), one.notes
+    for bad in (0, -3):
+        with pytest.raises(OutcoreError, match="batch must be an integer >= 1"):
+            cluster.predict(tiny, ranks=2, strategy="pp", batch=bad)
+        with pytest.raises(OutcoreError, match="batch must be an integer >= 1"):
+            cluster.rank_configurations(tiny, batch=bad)
+
+
+def test_a_sweeps_top_budget_is_the_step_in_core(tiny):
+    """helper-73: `outcore simulate --sweep N` ended at trace.peak()[0], which leaves out
+    arrays PyTorch holds past their last use, so its "in-core" row moved bytes."""
+    from types import SimpleNamespace
+
+    from outcore.cli.simulate_cmd import _budgets
+    top = max(_budgets(SimpleNamespace(sweep=2, budget=None), tiny, "cpu-disk"))
+    assert top == tiny.peak(actual=True)[0]
+    assert outcore.plan(tiny, top).bytes_moved == 0

@@ -173,7 +173,7 @@ def _budgets(args, trace, machine) -> list[int]:
                                f"and at most {SWEEP_MOST}, got {args.sweep}")
         if args.budget:
             raise OutcoreError("--sweep chooses the budgets itself: give --sweep or --budget")
-        lo, hi = min_feasible_budget(trace), trace.peak()[0]
+        lo, hi = min_feasible_budget(trace), trace.peak(actual=True)[0]   # held arrays too
         n = args.sweep
         return sorted({lo + (hi - lo) * i // (n - 1) for i in range(n)})
     if args.budget:

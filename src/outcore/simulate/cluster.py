@@ -350,10 +350,11 @@ def _fsdp(trace, p, m, link, budget, *, unit_bytes, global_batch, notes):
     # Gathered parameters of the unit running and the one prefetched, and one unit's
     # unsharded gradients awaiting their reduce-scatter, on top of the sharded step.
     biggest = max(full, default=0)
-    overhead = 3 * biggest
-    what = ("FSDP's gathered units (the largest unit's parameters three times: the unit "
-            "running, the one prefetched, and one unit's gradients before their "
-            "reduce-scatter)")
+    gathered = min(2, len(units))       # the unit running and the one prefetched, if any
+    overhead = (gathered + 1) * biggest
+    what = (f"FSDP's gathered units (the largest unit's parameters {gathered + 1} times: the "
+            f"unit running{', the one prefetched' if gathered > 1 else ''}, and one unit's "
+            "gradients before their reduce-scatter)")
     run = _run(rank_trace, m, _plan_budget(budget, overhead, what),
                held=None if budget is None else (budget, overhead, what))
     # Where each unit is used: its first forward function, its first backward function.
@@ -399,8 +400,8 @@ def _fsdp(trace, p, m, link, budget, *, unit_bytes, global_batch, notes):
     notes.append(f"{len(units)} FSDP units (>= {format_bytes(unit_bytes)} of parameters each, "
                  f"largest {format_bytes(biggest)}): allgather before forward and backward, "
                  "reduce-scatter after backward, one unit ahead")
-    notes.append(f"+{format_bytes(overhead)} for gathered parameters (2 units) and one unit's "
-                 "unsharded gradients")
+    notes.append(f"+{format_bytes(overhead)} for gathered parameters ({gathered} "
+                 f"unit{'s' if gathered > 1 else ''}) and one unit's unsharded gradients")
     return run, step, busy, run.peak_bytes + overhead
 
 
@@ -700,6 +701,9 @@ def predict(trace: Trace, *, machine="a100-40gb", interconnect="nvlink-a100", ra
     InfeasibleBudget when even that cannot fit."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise OutcoreError(f"ranks must be an integer >= 1, got {ranks!r}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise OutcoreError(f"batch must be an integer >= 1 (the samples of the traced step), "
+                           f"got {batch!r}")
     if strategy not in STRATEGIES:
         raise OutcoreError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     m = get_machine(machine)
@@ -785,6 +789,9 @@ def rank_configurations(trace: Trace, *, device="a100-40gb", interconnect="nvlin
     the planner cannot meet gives a row with fits=False and the reason in its notes.
     One device is strategy "single". Rows are sorted fitting first, then by predicted
     throughput (samples/s relative to one device in-core) descending."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise OutcoreError(f"batch must be an integer >= 1 (the samples of the traced step), "
+                           f"got {batch!r}")
     m = get_machine(device)
     counts = device_counts(max_devices)
     budgets = [m.fast_bytes] if budgets is None else [parse_bytes(b) for b in budgets]
