@@ -668,6 +668,12 @@ def _plan_budget(budget, overhead, what) -> int | None:
 
 # -- the public entry points ---------------------------------------------------------------
 
+def _require_batch(batch) -> None:
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise OutcoreError(f"batch must be an integer >= 1 (the samples of the traced step), "
+                           f"got {batch!r}")
+
+
 def predict(trace: Trace, *, machine="a100-40gb", interconnect="nvlink-a100", ranks: int = 1,
             strategy: str = "ddp", budget=None, global_batch_scaling: bool = True,
             buckets=DEFAULT_BUCKET_BYTES, microbatches: int | None = None,
@@ -701,9 +707,7 @@ def predict(trace: Trace, *, machine="a100-40gb", interconnect="nvlink-a100", ra
     InfeasibleBudget when even that cannot fit."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise OutcoreError(f"ranks must be an integer >= 1, got {ranks!r}")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise OutcoreError(f"batch must be an integer >= 1 (the samples of the traced step), "
-                           f"got {batch!r}")
+    _require_batch(batch)
     if strategy not in STRATEGIES:
         raise OutcoreError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     m = get_machine(machine)
@@ -789,9 +793,7 @@ def rank_configurations(trace: Trace, *, device="a100-40gb", interconnect="nvlin
     the planner cannot meet gives a row with fits=False and the reason in its notes.
     One device is strategy "single". Rows are sorted fitting first, then by predicted
     throughput (samples/s relative to one device in-core) descending."""
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise OutcoreError(f"batch must be an integer >= 1 (the samples of the traced step), "
-                           f"got {batch!r}")
+    _require_batch(batch)
     m = get_machine(device)
     counts = device_counts(max_devices)
     budgets = [m.fast_bytes] if budgets is None else [parse_bytes(b) for b in budgets]
