@@ -254,7 +254,7 @@ def run(args) -> int:
     # has no core to spare for it): every part of the step has its column.
     header = (f"{'trace':<34} {'budget':>11} {'policy':<16} {'in':>11} {'out':>11} "
               f"{'step ms':>10} {'in-core ms':>10} {'speed':>6} {'recomp ms':>9} "
-              f"{'stall ms':>10} {'cpu ms':>9}")
+              f"{'stall ms':>10} {'cpu ms':>9} {'between ms':>10}")
     print(header)
     print("-" * len(header))
     for label, budget, policy, sim, extra in rows:
@@ -265,7 +265,9 @@ def run(args) -> int:
         print(f"{head} {format_bytes(sim.bytes_in):>11} {format_bytes(sim.bytes_out):>11} "
               f"{sim.step_time_s * 1e3:10.1f} {sim.plain_time_s * 1e3:10.1f} "
               f"{100 * sim.speed_vs_in_core:5.1f}% {sim.recompute_s * 1e3:9.1f} "
-              f"{sim.total_stall_s * 1e3:10.1f} {sim.contention_s * 1e3:9.1f}")
+              f"{sim.total_stall_s * 1e3:10.1f} {sim.contention_s * 1e3:9.1f} "
+              f"{sim.boundary_s * 1e3:10.1f}")
     print("step = in-core + recomp (arrays made again) + stall (waits on transfers) + cpu (the "
-          "mover's CPU taking compute's cores)")
+          "mover's CPU taking compute's cores); between: state moved between two iterations, "
+          "outside the step (auto ranks plans by step + between)")
     return 0
