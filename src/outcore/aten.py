@@ -242,10 +242,13 @@ def _route_differs(func, tensor_lists, count: int) -> bool:
     dtype and device themselves."""
     if not func._schema.name.startswith("aten::_foreach_"):
         return False
-    tensors = [t for values in tensor_lists for t in values if isinstance(t, torch.Tensor)]
-    if not tensors or tensors[0].device.type in _PLAIN_FOREACH_DEVICES and all(
-            t.device.type in _PLAIN_FOREACH_DEVICES for t in tensors):
+    # On every foreach op of a CPU step: `is_cpu` and `is_meta` are read at C speed,
+    # where `device.type` makes a device object per tensor (doubling the split's cost).
+    meta = "meta" in _PLAIN_FOREACH_DEVICES
+    if all(not isinstance(t, torch.Tensor) or t.is_cpu or (meta and t.is_meta)
+           for values in tensor_lists for t in values):
         return False
+    tensors = [t for values in tensor_lists for t in values if isinstance(t, torch.Tensor)]
     # The usual call (an optimizer's: one dtype and device, contiguous tensors of the same
     # shapes across the lists) takes the fast route whole, found at C speed per tensor.
     dtype, device = tensors[0].dtype, tensors[0].device

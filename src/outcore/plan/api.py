@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections.abc import Mapping
 
@@ -54,18 +55,24 @@ def registered(policy: str, options, *, subject: str, what: str, hint: str = "")
     return chosen
 
 
-def check_options(policy: str, options: dict, *, subject: str) -> None:
-    """Refuse now an option value `policy` would refuse only when it first plans (after a
-    recording): plan a probe step of four functions over two one-byte arrays under a
-    one-byte budget with them, which runs the policy's own checks of every option."""
+@functools.lru_cache(maxsize=1)
+def _probe_trace():
+    """Four functions over two one-byte arrays, of which one fits at a time."""
     from ..trace.model import Access, Array, Function, Trace
     fns = tuple(Function(i, op, "forward", tuple(Access(a, k) for a, k in acc))
                 for i, (op, acc) in enumerate((("f0", ((0, "create"),)), ("f1", ((1, "create"),)),
                                                 ("f2", ((0, "read"),)), ("f3", ((1, "read"),)))))
     arrays = tuple(Array(a, 1, "float32", "cpu", "transient", "activation", (a, 0), a, a + 2,
                          a + 2, False) for a in (0, 1))
+    return Trace(fns, arrays, "cpu", "measured")
+
+
+def check_options(policy: str, options: dict, *, subject: str) -> None:
+    """Refuse now an option value `policy` would refuse only when it first plans (after a
+    recording): plan the probe step (`_probe_trace`) under a one-byte budget with them,
+    which runs the policy's own checks of every option."""
     try:
-        plan(Trace(fns, arrays, "cpu", "measured"), 1, policy, **options)
+        plan(_probe_trace(), 1, policy, **options)
     except OutcoreError as err:
         raise OutcoreError(f"{subject}: {err}") from None
     except (TypeError, ValueError, AttributeError) as err:

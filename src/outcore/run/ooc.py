@@ -707,7 +707,7 @@ class OutOfCore:
             # for the planner, both.
             plannable = without_held(trace, held | elsewhere)
             try:
-                self._require_feasible(plannable, budget, kept, self._stuck_small(recording))
+                self._require_feasible(plannable, budget, kept, recording)
                 break
             except InfeasibleBudget:
                 if trace is recording.trace:
@@ -880,12 +880,12 @@ class OutOfCore:
                 out.add(aid)
         return out
 
-    def _require_feasible(self, trace, budget: int, kept: int, stuck=frozenset()) -> None:
+    def _require_feasible(self, trace, budget: int, kept: int, recording=None) -> None:
         """`plan.feasibility.require_feasible`, its error restated in the user's terms:
         the budget they passed, and `kept`, what the arrays that never move hold at their
         peak (`budget` is the rest, for the plan: zero or less where they alone fill it).
         The smallest budget named is the worst function's need plus `kept`: a retry at
-        it is planned."""
+        it is planned. `recording`: the step's, read only when raising (`_stuck_small`)."""
         try:
             require_feasible(trace, max(budget, 0))
             if budget > 0:
@@ -918,6 +918,7 @@ class OutOfCore:
                     f"{format_bytes(kept)} ({kept:,} B) at once in this step, all of it or "
                     "more.")
         # What a lower min_move_bytes would let move (not `stuck`: NOTE 7's reasons too).
+        stuck = self._stuck_small(recording) if recording is not None else set()
         small = max(occupancy(trace, only=lambda a: a.nbytes < self._res.min_move_bytes
                               and a.id not in stuck), default=0)
         lower = ("or lower min_move_bytes (OutOfCore(min_move_bytes=...)): storages under it "

@@ -308,7 +308,7 @@ class _Reserved:
 
     def peak(self, s: int, e: int) -> int:
         """The most reserved at any function from s to e."""
-        if e <= s:                        # one function (a third of the calls), or none
+        if e <= s:                        # one function (the commonest span), or none
             return self.raw[s] + self.lazy[s >> self.SHIFT] if e == s else 0
         sh, raw, lazy = self.SHIFT, self.raw, self.lazy
         bs, be = s >> sh, e >> sh
@@ -325,7 +325,7 @@ class _Reserved:
         covered in part, to lazy and top of those covered whole. A block's top only grows
         with a positive add (the values outside the span are as they were), so then only
         the values changed are searched; a negative one searches its blocks again."""
-        if e <= s:                        # one function (a third of the calls), or none
+        if e <= s:                        # one function (the commonest span), or none
             if e == s:
                 b = s >> self.SHIFT
                 self.raw[s] += nbytes
