@@ -46,6 +46,11 @@ def test_simulate_ranks_predicts_one_configuration(trace_path, capsys):
     (["simulate", "{}", "--ranks", "0"], "--ranks must be at least 1"),
     (["plan", "{}"], "needs --budget"),
     (["plan", "{}", "--cluster", "--strategies", "ddp,zero"], "choose from ddp, fsdp, pp"),
+    # --cluster's options without --cluster were ignored (a typo passed; helper-73)
+    (["plan", "{}", "--budget", "3MiB", "--interconnect", "foo"], "--interconnect goes with --cluster"),
+    (["plan", "{}", "--budget", "3MiB", "--max-devices", "4", "--markdown"],
+     "--max-devices, --markdown go with --cluster"),
+    (["simulate", "{}", "--budget", "3MiB", "--batch", "8"], "--batch checks the split"),
 ])
 def test_bad_cluster_arguments_are_clear_errors(trace_path, capsys, argv, message):
     assert main([a.format(trace_path) for a in argv]) == 2

@@ -82,12 +82,42 @@ def test_a_report_with_a_wrong_field_type_is_refused(tmp_path, capsys):
     assert "malformed outcore report" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where, key, value, said", [
+    ("report", "in_core_peak", -1, "Report.in_core_peak must be a byte count"),
+    ("report", "pinned_bytes", 1.5, "Report.pinned_bytes must be a byte count"),
+    ("report", "policy", 5, "Report.policy must be a string"),
+    ("iteration", "wait_s", -0.5, "IterationStats.wait_s must be a number >= 0"),
+    ("iteration", "wait_s", float("inf"), "IterationStats.wait_s must be a number >= 0"),
+    ("iteration", "completed", "yes", "IterationStats.completed must be a bool"),
+    ("iteration", "deviation", 3, "IterationStats.deviation must be a string"),
+])
+def test_a_hand_edited_report_with_an_impossible_value_is_refused(tmp_path, capsys, where, key,
+                                                                  value, said):
+    # They loaded and printed as given: a negative peak, a policy named 5 (helper-73).
+    from outcore.run.report import FORMAT, VERSION, IterationStats, Report
+    from dataclasses import fields
+    it = {f.name: "" if f.type.startswith("str") else True if f.type == "bool" else 1
+          for f in fields(IterationStats)}
+    report = {f.name: "x" if f.type == "str" else 1 for f in fields(Report)}
+    report.update(format=FORMAT, version=VERSION, iterations=[it], planned_between=[0, 0])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(report))
+    assert main(["report", str(path)]) == 0              # the valid one prints
+    capsys.readouterr()
+    (report if where == "report" else it)[key] = value
+    path.write_text(json.dumps(report))
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "malformed outcore report" in err and said in err, err
+
+
 def test_a_report_with_no_budget_and_sizes_below_one_are_refused(tmp_path, capsys):
     from outcore.run.report import FORMAT, VERSION
     path = tmp_path / "run.json"
     from dataclasses import fields
     from outcore.run.report import Report
-    fields = {f.name: 0 for f in fields(Report) if f.name != "planned_between"}
+    fields = {f.name: "" if f.type == "str" else 0 for f in fields(Report)
+              if f.name != "planned_between"}
     path.write_text(json.dumps({**fields, "format": FORMAT, "version": VERSION,
                                 "iterations": [], "budget": 0}))
     assert main(["report", str(path)]) == 2

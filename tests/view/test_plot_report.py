@@ -223,7 +223,7 @@ def test_the_report_says_what_the_plan_leaves_to_arrays_that_never_move():
             "at once), and plans the rest: the measured peak counts both, the planned one only "
             "the plan's") in str(report).splitlines()
     assert Report.from_dict(report.to_dict()) == report
-    with pytest.raises(outcore.OutcoreError, match="planned_budget must be a number"):
+    with pytest.raises(outcore.OutcoreError, match="planned_budget must be a byte count"):
         Report.from_dict({**report.to_dict(), "planned_budget": "9 MiB"})
 
 

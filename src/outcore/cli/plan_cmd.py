@@ -41,10 +41,10 @@ def add_parser(sub) -> None:
                    help="device preset of outcore.simulate: with --cluster the devices "
                         "(default a100-40gb); without, the machine policy auto picks its plan "
                         "on (default cpu-disk)")
-    c.add_argument("--interconnect", default="nvlink-a100",
+    c.add_argument("--interconnect",
                    help="interconnect preset of outcore.simulate.comm (default nvlink-a100)")
-    c.add_argument("--max-devices", type=int, default=8, help="most devices to consider (default 8)")
-    c.add_argument("--strategies", default="ddp,fsdp,pp", help="comma-separated (default ddp,fsdp,pp)")
+    c.add_argument("--max-devices", type=int, help="most devices to consider (default 8)")
+    c.add_argument("--strategies", help="comma-separated (default ddp,fsdp,pp)")
     c.add_argument("--batch", type=int, help="the trace's batch size: no rank or microbatch gets "
                                              "less than one sample")
     c.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -107,9 +107,18 @@ def chosen_policy(args) -> str:
     return "fixed" if k else "adaptive" if window else "auto"
 
 
+# --cluster's own options: without --cluster they would be ignored, so they are refused
+CLUSTER_ONLY = ("interconnect", "max_devices", "strategies", "batch", "markdown")
+
+
 def run(args) -> int:
     if args.cluster:
         return run_cluster(args)
+    given = [f"--{n.replace('_', '-')}" for n in CLUSTER_ONLY if getattr(args, n) not in (None, False)]
+    if given:
+        raise OutcoreError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with "
+                           "--cluster (rank multi-device configurations): add --cluster, or "
+                           "drop them to plan one device under --budget")
     if args.budget is None:
         raise OutcoreError("outcore plan needs --budget (e.g. --budget 2GiB), or --cluster to "
                            "rank multi-device configurations")
@@ -166,15 +175,16 @@ def run_cluster(args) -> int:
     from ..simulate.comm import interconnect
     args.machine = args.machine or "a100-40gb"
     m = machine(args.machine)                  # an unknown preset: refused before the trace loads
-    link = interconnect(args.interconnect)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    link = interconnect(args.interconnect or "nvlink-a100")
+    strategies = [s.strip() for s in (args.strategies or "ddp,fsdp,pp").split(",") if s.strip()]
     for s in strategies:
         if s not in STRATEGIES:
             raise OutcoreError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
     budgets = [b for b in args.budget.split(",")] if args.budget else None
     trace = Trace.load(args.trace)
     rows = rank_configurations(trace, device=args.machine, interconnect=link,
-                               max_devices=args.max_devices, budgets=budgets,
+                               max_devices=8 if args.max_devices is None else args.max_devices,
+                               budgets=budgets,
                                strategies=tuple(strategies), batch=args.batch)
     print(repr(trace))
     print(f"devices: {m.name} ({format_bytes(m.fast_bytes)} each), interconnect {link}")

@@ -194,6 +194,9 @@ def run(args) -> int:
         raise OutcoreError("--ranks-per-node goes with --together")
     if args.ranks is not None or args.strategy or args.interconnect:
         return run_cluster(args)
+    if args.batch is not None:
+        raise OutcoreError("--batch checks the split of a step over several devices: it goes "
+                           "with --ranks, --strategy or --interconnect")
     policies = _policies(chosen_policy(args))
     options = policy_options(args)
     if args.timeline and (len(args.traces) > 1 or len(policies) > 1 or args.sweep

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..errors import OutcoreError
@@ -242,8 +243,10 @@ OVER_BUDGET_WHY = ("an op outcore met for the first time made more than its meta
 
 def _known(cls, data: dict) -> dict:
     """The keys of `data` that are fields of `cls`: a report written by a newer outcore
-    with more columns still loads. A field declared a number must hold one (TypeError,
-    naming it, otherwise: printing the report would fail on it later)."""
+    with more columns still loads. A field declared a count must hold a non-negative
+    integer, a duration a non-negative finite number, a flag a bool and a name a string
+    (TypeError naming it otherwise: a hand-edited report would print nonsense, or fail
+    later)."""
     if not isinstance(data, dict):
         raise TypeError(f"expected an object of {cls.__name__} fields, found {data!r:.40}")
     names = {f.name: f.type for f in fields(cls)}
@@ -251,9 +254,15 @@ def _known(cls, data: dict) -> dict:
     for key, value in out.items():
         if value is None and names[key].endswith(" | None"):
             continue
-        if names[key].removesuffix(" | None") in ("int", "float") and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{cls.__name__}.{key} must be a number, found {value!r:.40}")
+        kind = names[key].removesuffix(" | None")
+        if kind in ("int", "float") and (
+                isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float))
+                or not 0 <= value < math.inf):
+            what = "a byte count or count (an integer >= 0)" if kind == "int" else "a number >= 0"
+            raise TypeError(f"{cls.__name__}.{key} must be {what}, found {value!r:.40}")
+        if kind in ("str", "bool") and not isinstance(value, str if kind == "str" else bool):
+            raise TypeError(f"{cls.__name__}.{key} must be a {'string' if kind == 'str' else 'bool'}"
+                            f", found {value!r:.40}")
     missing = [f.name for f in fields(cls) if f.name not in data
                and f.default is MISSING and f.default_factory is MISSING]
     if missing:
