@@ -19,7 +19,12 @@ lets every iteration replay.
      a shape that follows the data), or the period holds more shapes than MAX_PLANS
      (each recording would drop the plan needed next): then the most recent shape with
      a plan replays. A wrong guess costs a deviation: the rest of that step runs on
-     demand, correct.
+     demand, correct. Except where that plan is the only one and its shape was seen
+     only at its recording: the step recorded was the one-off (an optimizer that makes
+     less state than MIN_MOVE_BYTES in its first step, Adafactor's, or one stepped in
+     backward hooks, whose state the recording does not count as an optimizer's), and
+     the shape after it is recorded. At most one recording more for shapes that follow
+     the data: from then on two plans are kept.
   4. The state a plan starts from (`Plans.carried`): after an iteration that ran its
      plan to the end, outcore knows which storage each of its arrays was at the end
      (`Ending`). A plan that ran after that shape before learnt which of those arrays
@@ -390,6 +395,8 @@ class Plans:
                              or period and len(set(list(self.history)[-period:])) > MAX_PLANS):
             plan = next((self._plans[s] for s in reversed(self.history) if s in self._plans),
                         None)
+            if plan is not None and len(self._plans) == 1 and self.times[plan.shape] == 1:
+                plan = None            # rule 3: the recorded step was the one-off
         if plan is not None:
             self._plans.move_to_end(plan.shape)
         return plan
