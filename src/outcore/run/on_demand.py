@@ -120,13 +120,28 @@ def room(func, entries, args=(), kwargs=None) -> int:
     largest movable input (an elementwise op or a norm makes an output of about that
     size). Without room an op's outputs come on top of a full budget; with the largest
     input alone, an op whose output is larger (a convolution widening its channels, a
-    matmul, a concatenation) still does."""
+    matmul, a concatenation) still does. An op on a sparse tensor, in place or not, is
+    left the bytes of all its movable inputs: its result holds as many entries as the
+    data says (a sparse momentum buffer's `add_` takes the union of its indices and the
+    gradient's, in new storages), at most what they hold together: small ones too,
+    which stay in memory where they grow."""
+    if any(t.layout is not torch.strided for t in _arguments(args, kwargs)):
+        return sum(e.nbytes for e in entries)
     if func.is_view or func._schema.is_mutable:
         return 0
     made = created_bytes(func, args, kwargs or {})
     if made is not None:
         return made
     return max((e.nbytes for e in entries if not e.pinned), default=0)
+
+
+def _arguments(args, kwargs):
+    """The tensors among an op's arguments, as given (a sparse one stays sparse)."""
+    for v in (*args, *(kwargs or {}).values()):
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if isinstance(t, torch.Tensor))
 
 
 def _meta(x):
