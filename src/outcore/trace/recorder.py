@@ -96,6 +96,7 @@ class Recording(TorchDispatchMode):
         self._logs: list[_ArrayLog] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}   # storage key -> (array id, ref)
         self._optimizer_depth = 0
+        self._optimizers_in_backward = []    # per step() entered: whether during a backward
         self._active = False
         self._device: str | None = None
         self._trace: Trace | None = None
@@ -138,6 +139,7 @@ class Recording(TorchDispatchMode):
 
     def _enter_optimizer(self, *_):
         self._optimizer_depth += 1
+        self._optimizers_in_backward.append(torch._C._current_graph_task_id() != -1)
 
     @property
     def in_optimizer(self) -> bool:
@@ -146,6 +148,8 @@ class Recording(TorchDispatchMode):
 
     def _leave_optimizer(self, *_):
         self._optimizer_depth -= 1
+        if self._optimizers_in_backward:
+            self._optimizers_in_backward.pop()
 
     @property
     def trace(self) -> Trace:
@@ -176,6 +180,11 @@ class Recording(TorchDispatchMode):
             self._returned = time.perf_counter()
 
     def _phase(self, inputs) -> str:
+        # An optimizer stepped from a backward hook (optimizer in backward: a
+        # post-accumulate-grad hook per parameter) makes optimizer state, not gradients;
+        # a backward inside an optimizer's step (LBFGS's closure) makes gradients.
+        if self._optimizers_in_backward and self._optimizers_in_backward[-1]:
+            return "optimizer"
         if torch._C._current_graph_task_id() != -1:
             return "backward"
         if self._optimizer_depth > 0:
