@@ -35,9 +35,18 @@ NOTE [Mapped state]
      alive until the storage dies, so closing never needs the whole state in memory.
      Such an orphan is copied into memory of its own when another OutOfCore first meets
      it (`adopt_orphan`), since that file is no longer anyone's swap space.
+  8. A mapping holds no file descriptor (`_Region`: libc's mmap). Python 3.11's
+     `mmap.mmap` dup()s the descriptor for each mapping: with a thousand storages
+     mapped the process reached its limit on open files (1024 by default), the user's
+     own `open()` and `torch.save` between iterations failed, and the storages the
+     kernel then refused to map were read back into memory, over the budget.
+     The region is unmapped when the last reference to its buffer goes: the storage
+     that took its memory over (rule 1) holds it, so a storage never outlives its
+     memory; `advise` takes the region's lock, and does nothing once it is unmapped.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
@@ -61,23 +70,63 @@ def _pagemap_fd() -> int:
     return _pagemap[1]
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _Region:
+    """A private, writable mapping of `length` bytes of `fd` from `offset`, made by
+    libc's mmap: it keeps no descriptor (rule 8). `buffer()` is its memory as a Python
+    buffer; the region is unmapped when the last reference to that buffer goes."""
+
+    __slots__ = ("addr", "length", "_lock", "_open")
+
+    def __init__(self, fd: int, length: int, offset: int):
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE,
+                          fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {length} bytes of the swap file: {os.strerror(err)}")
+        self.addr, self.length = addr, length
+        self._lock, self._open = threading.Lock(), True
+
+    def buffer(self):
+        buf = (ctypes.c_char * self.length).from_address(self.addr)
+        # Not at exit: a tensor still alive then may be read by another finalizer.
+        weakref.finalize(buf, self._unmap).atexit = False
+        return buf
+
+    def _unmap(self) -> None:
+        with self._lock:
+            if self._open:
+                self._open = False
+                _libc.munmap(self.addr, self.length)
+
+    def advise(self, advice: int) -> None:
+        with self._lock:
+            if self._open:
+                _libc.madvise(self.addr, self.length, advice)
+
+
 class Mapping:
     """One storage's private mapping of its extent (NOTE [Mapped state], rule 1)."""
 
-    __slots__ = ("mm", "head", "nbytes")
+    __slots__ = ("region", "buf", "head", "nbytes")
 
     def __init__(self, fd: int, offset: int, head: int, nbytes: int, storage):
-        length = round_up(head + nbytes, ALIGNMENT)
-        self.mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        self.region = _Region(fd, round_up(head + nbytes, ALIGNMENT), offset)
+        self.buf = self.region.buffer()
         self.head, self.nbytes = head, nbytes
+        view = torch.frombuffer(self.buf, dtype=torch.uint8, count=nbytes, offset=head)
         try:
-            view = torch.frombuffer(self.mm, dtype=torch.uint8, count=nbytes, offset=head)
             storage._swap_data_ptr_(view.untyped_storage())
-        except BaseException:
-            view = None
-            self.close()
-            raise
+        finally:
+            del view            # on failure the region goes with self.buf (close)
 
     def written(self, address: int) -> bool:
         """Whether any page of the storage at `address` was written since it was mapped
@@ -115,17 +164,14 @@ class Mapping:
 
     def page_out(self) -> None:
         """Hand the clean pages read since mapping back to the kernel (rule 2); written
-        pages stay. Safe from any thread while the mapping is open."""
-        try:
-            self.mm.madvise(MADV_PAGEOUT)
-        except (OSError, ValueError):
-            pass                       # an old kernel, or closed meanwhile: only a hint
+        pages stay. Safe from any thread: nothing once the region is unmapped (rule 8;
+        an old kernel without MADV_PAGEOUT refuses it: only a hint)."""
+        self.region.advise(MADV_PAGEOUT)
 
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:            # still exported (a storage not yet freed): the
-            pass                       # mapping goes when the last reference does
+        """Let go of the region: it is unmapped now, or, while a storage still holds its
+        memory, when that storage is freed (rule 7)."""
+        self.buf = None
 
 
 _orphans: dict[int, tuple[weakref.ref, Mapping]] = {}

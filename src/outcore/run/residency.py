@@ -188,6 +188,8 @@ class Residency:
         self.memory_check = None              # called after memory is freed or taken
         self._dead: collections.deque = collections.deque()   # appended from any thread
         self._dying: list[Entry] = []         # dead, with a transfer still in flight
+        self._map_refusal = ""                # why the kernel last refused a mapping
+        self._warned_unmapped = False         # ... said once (map_slow)
         self._rss_sampled = 0.0
         self.last_rss = 0                     # the resident set at the latest sample
         # When a list: (entry, "in" or "out", bytes, start, end) of every transfer that
@@ -778,7 +780,7 @@ class Residency:
         read back instead; the first error is raised once all were tried."""
         if self._dead:
             self._reap_dead()
-        error = None
+        error, refused = None, []
         for entry in list(self.entries.values()):
             if entry.state is not SLOW or entry.ref() is None:
                 continue
@@ -786,11 +788,21 @@ class Residency:
                 continue
             if not aten.SWAPS_DATA_PTR:
                 _warn_no_swap()
+            else:
+                refused.append(entry.nbytes)
             try:                   # refused (ENOMEM, a filesystem without mmap)
                 self.restore(entry)
                 self.ready(entry)
             except Exception as exc:       # noqa: BLE001 - the rest still get mapped
                 error = error or exc
+        if refused and not self._warned_unmapped:
+            self._warned_unmapped = True
+            warnings.warn(
+                f"the kernel refused to map {len(refused)} storages of state left on the "
+                f"slow tier ({format_bytes(sum(refused))}; {self._map_refusal}): they were "
+                "read back into memory, over the budget until the next iteration moves them "
+                "out again. Where it says ENOMEM, the process may have more mappings than "
+                "vm.max_map_count allows (sysctl vm.max_map_count)", stacklevel=3)
         if error is not None:
             raise error
 
@@ -806,7 +818,8 @@ class Residency:
             if promote:
                 entry.extent = self.mover.promote(entry.extent, entry.nbytes)
             entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
-        except Exception:      # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)
+        except Exception as exc:   # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)
+            self._map_refusal = f"{type(exc).__name__}: {exc}"
             return False
         entry.state = MAPPED
         return True
