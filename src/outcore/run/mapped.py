@@ -93,7 +93,10 @@ class _Region:
             err = ctypes.get_errno()
             raise OSError(err, f"mmap of {length} bytes of the swap file: {os.strerror(err)}")
         self.addr, self.length = addr, length
-        self._lock, self._open = threading.Lock(), True
+        # Reentrant: the cyclic GC may free the last holder of the buffer (and so run
+        # `_unmap`) in the pager's thread while it is inside `advise`; a madvise of a
+        # range just unmapped only fails (a hint: never a lost byte).
+        self._lock, self._open = threading.RLock(), True
 
     def buffer(self):
         buf = (ctypes.c_char * self.length).from_address(self.addr)
