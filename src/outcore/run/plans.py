@@ -23,8 +23,10 @@ lets every iteration replay.
      only at its recording: the step recorded was the one-off (an optimizer that makes
      less state than MIN_MOVE_BYTES in its first step, Adafactor's, or one stepped in
      backward hooks, whose state the recording does not count as an optimizer's), and
-     the shape after it is recorded. At most one recording more for shapes that follow
-     the data: from then on two plans are kept.
+     the shape after it is recorded. Where the first step was a shape that comes back
+     (accumulation over iterations: the micro-batch that does not step) or the shapes
+     follow the data, that costs one recording more, once: from then on two plans
+     are kept.
   4. The state a plan starts from (`Plans.carried`): after an iteration that ran its
      plan to the end, outcore knows which storage each of its arrays was at the end
      (`Ending`). A plan that ran after that shape before learnt which of those arrays
