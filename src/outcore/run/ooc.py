@@ -755,7 +755,9 @@ class OutOfCore:
                                          if a.kind == "persistent" and a.existed_before),
                     started_from=dict(self._carried), held_beside=beside,
                     held_in_step=frozenset(e for e in in_step if e.owner or e.pinned),
-                    recorded=recorded, grows=outgrown is None or recorded is grown)
+                    recorded=recorded, grows=outgrown is None or recorded is grown,
+                    made_state=any(a.category == "optimizer_state" and not a.existed_before
+                                   for a in trace.arrays))
         self._plans.add(plan)
         if recorded is grown and outgrown.shape != plan.shape:
             self._plans.drop(outgrown.shape)        # the larger plan covers its steps

@@ -19,14 +19,12 @@ lets every iteration replay.
      a shape that follows the data), or the period holds more shapes than MAX_PLANS
      (each recording would drop the plan needed next): then the most recent shape with
      a plan replays. A wrong guess costs a deviation: the rest of that step runs on
-     demand, correct. Except where that plan is the only one and its shape was seen
-     only at its recording: the step recorded was the one-off (an optimizer that makes
-     less state than MIN_MOVE_BYTES in its first step, Adafactor's, or one stepped in
-     backward hooks, whose state the recording does not count as an optimizer's), and
-     the shape after it is recorded. Where the first step was a shape that comes back
-     (accumulation over iterations: the micro-batch that does not step) or the shapes
-     follow the data, that costs one recording more, once: from then on two plans
-     are kept.
+     demand, correct. Except where that plan is the only one, its shape was seen only
+     at its recording, and that recording made optimizer state (`Plan.made_state`):
+     the step recorded was the one-off, an optimizer's first step that made less state
+     than MIN_MOVE_BYTES (Adafactor's: no second recording was asked for), and the
+     shape after it is recorded. (A first step that made no state, the micro-batch of
+     an accumulation over iterations that does not step, comes back: its plan replays.)
   4. The state a plan starts from (`Plans.carried`): after an iteration that ran its
      plan to the end, outcore knows which storage each of its arrays was at the end
      (`Ending`). A plan that ran after that shape before learnt which of those arrays
@@ -331,6 +329,7 @@ class Plan:
     recorded: object = None     # the trace as recorded (or its envelope): rule 10
     grows: bool = True          # rule 10: False where the recording after it outgrew its
                                 # plan could not grow that plan: no recording again
+    made_state: bool = False    # its recording made optimizer state (rule 3)
 
 
 @dataclasses.dataclass
@@ -397,7 +396,8 @@ class Plans:
                              or period and len(set(list(self.history)[-period:])) > MAX_PLANS):
             plan = next((self._plans[s] for s in reversed(self.history) if s in self._plans),
                         None)
-            if plan is not None and len(self._plans) == 1 and self.times[plan.shape] == 1:
+            if (plan is not None and plan.made_state and len(self._plans) == 1
+                    and self.times[plan.shape] == 1):
                 plan = None            # rule 3: the recorded step was the one-off
         if plan is not None:
             self._plans.move_to_end(plan.shape)
