@@ -139,7 +139,9 @@ def smallest_budget(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
     step's figure: a step of smaller tensors has more of its arrays under
     min_move_bytes, so it can need more (a Llama at sequence length 24 needed 2.67 MiB,
     at 48 2.01 MiB, with the 64 KiB default); with min_move_bytes=0 nothing is pinned
-    for its size."""
+    for its size. And it is the figure of the step as recorded: state that grows for a
+    few steps (LBFGS's history, for `history_size` steps; a sparse momentum buffer,
+    which gains indices each step) needs the figure of a later step."""
     held = held_arrays(trace)
     return min_feasible_budget(without_held(trace, held)) + pinned_peak(
         trace, min_move_bytes, held)
