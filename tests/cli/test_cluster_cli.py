@@ -51,6 +51,8 @@ def test_simulate_ranks_predicts_one_configuration(trace_path, capsys):
     (["plan", "{}", "--budget", "3MiB", "--max-devices", "4", "--markdown"],
      "--max-devices, --markdown go with --cluster"),
     (["simulate", "{}", "--budget", "3MiB", "--batch", "8"], "--batch checks the split"),
+    (["plan", "{}", "--budget", "3MiB", "--max-devices", "0"], "--max-devices goes with"),
+    (["plan", "{}", "--budget", "3MiB", "--batch", "0"], "--batch goes with --cluster"),
 ])
 def test_bad_cluster_arguments_are_clear_errors(trace_path, capsys, argv, message):
     assert main([a.format(trace_path) for a in argv]) == 2

@@ -444,6 +444,21 @@ def test_a_sparse_momentum_buffer_that_grows_stays_within_the_budget_while_recor
     assert it >= 4 and sum(i.bytes_written for i in its) > 0, its
 
 
+def test_room_for_an_op_on_a_sparse_tensor_counts_its_inputs_and_for_a_view_none():
+    """on_demand.room: an op on a sparse tensor is left what its inputs hold, pinned ones
+    too (its small storages grow in place), a view of one nothing (helper-76)."""
+    from types import SimpleNamespace
+
+    from outcore.run.on_demand import room
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.ones(2), (4,))
+    entries = [SimpleNamespace(nbytes=1_000_000, pinned=True),
+               SimpleNamespace(nbytes=64, pinned=False)]
+    aten = torch.ops.aten
+    assert room(aten.add_.Tensor, entries, (sparse, sparse)) == 1_000_064
+    assert room(aten._values.default, entries, (sparse,)) == 0
+    assert room(aten.add_.Tensor, entries, (torch.ones(4), torch.ones(4))) == 0
+
+
 def test_a_batch_sliced_from_a_dataset_in_one_tensor_is_named_with_the_way_out(tmp_path):
     """A step that slices its batch from a dataset held in one tensor reads the dataset's
     storage, which outcore counts whole (20 MB against a 4 MiB budget). The error says so

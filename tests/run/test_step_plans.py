@@ -124,6 +124,26 @@ def test_a_first_step_unlike_the_rest_is_recorded_again_at_once(optimizer):
     assert _same(plain, ours)
 
 
+def test_the_one_off_exception_is_taken_once_and_never_after_a_warm_up():
+    """Rule 3's exception (the only plan, seen at its recording alone, made state):
+    once per OutOfCore, and not where warm-up recordings were made already. LBFGS,
+    whose history grows for several steps, had it recorded three times more, the
+    exception starting a new run of warm-up recordings (helper-76)."""
+    def plans_after(history, warm_up=()):
+        kept = Plans()
+        kept._plans["a"] = plans.Plan("a", None, None, [], (0, 0), 0, frozenset(), {},
+                                      made_state=True)
+        kept.warm_up.update(warm_up)
+        for shape in history:
+            kept.seen(shape)
+        return kept
+    kept = plans_after(["a", "b"])
+    assert kept.next() is None                       # "a" was the one-off: record
+    kept.seen("c")
+    assert kept.next() is kept._plans["a"]           # not a second time
+    assert plans_after(["w", "a", "b"], warm_up={"w"}).next() is not None
+
+
 def test_a_first_step_that_made_no_state_is_no_one_off():
     """Rule 3's exception is for a first step that made optimizer state: the first
     micro-batch of an accumulation over two iterations makes none and comes back, so

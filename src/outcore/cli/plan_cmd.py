@@ -114,7 +114,8 @@ CLUSTER_ONLY = ("interconnect", "max_devices", "strategies", "batch", "markdown"
 def run(args) -> int:
     if args.cluster:
         return run_cluster(args)
-    given = [f"--{n.replace('_', '-')}" for n in CLUSTER_ONLY if getattr(args, n) not in (None, False)]
+    given = [f"--{n.replace('_', '-')}" for n in CLUSTER_ONLY
+             if getattr(args, n) is not None and getattr(args, n) is not False]   # 0 too
     if given:
         raise OutcoreError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with "
                            "--cluster (rank multi-device configurations): add --cluster, or "

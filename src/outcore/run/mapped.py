@@ -79,6 +79,13 @@ _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+class KernelRefused(OSError):
+    """libc's mmap failed (ENOMEM past vm.max_map_count, a filesystem without mmap):
+    the state is read back instead, over the budget, and the user is told once
+    (`Residency.map_slow`); refusals by design (a host tier's spilled extent) are not
+    this."""
+
+
 class _Region:
     """A private, writable mapping of `length` bytes of `fd` from `offset`, made by
     libc's mmap: it keeps no descriptor (rule 8). `buffer()` is its memory as a Python
@@ -91,7 +98,8 @@ class _Region:
                           fd, offset)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {length} bytes of the swap file: {os.strerror(err)}")
+            raise KernelRefused(err, f"mmap of {length} bytes of the swap file: "
+                                     f"{os.strerror(err)}")
         self.addr, self.length = addr, length
         # Reentrant: the cyclic GC may free the last holder of the buffer (and so run
         # `_unmap`) in the pager's thread while it is inside `advise`; a madvise of a

@@ -23,8 +23,12 @@ lets every iteration replay.
      at its recording, and that recording made optimizer state (`Plan.made_state`):
      the step recorded was the one-off, an optimizer's first step that made less state
      than MIN_MOVE_BYTES (Adafactor's: no second recording was asked for), and the
-     shape after it is recorded. (A first step that made no state, the micro-batch of
-     an accumulation over iterations that does not step, comes back: its plan replays.)
+     shape after it is recorded; once per OutOfCore, and only where no recording was
+     made for a warm-up (`warm_up`: state too large to miss asked for one already;
+     LBFGS's history, which grows for several steps, had it recorded again and again).
+     (A first step
+     that made no state, the micro-batch of an accumulation over iterations that does
+     not step, comes back: its plan replays.)
   4. The state a plan starts from (`Plans.carried`): after an iteration that ran its
      plan to the end, outcore knows which storage each of its arrays was at the end
      (`Ending`). A plan that ran after that shape before learnt which of those arrays
@@ -350,6 +354,7 @@ class Plans:
         self._follows: dict[tuple[int, int], dict[int, int]] = {}
         self.times: collections.Counter = collections.Counter()    # iterations per shape
         self.warm_up: set = set()    # shapes of recordings not planned (lazy optimizer state)
+        self.took_one_off = False    # rule 3's exception, taken once
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -397,7 +402,9 @@ class Plans:
             plan = next((self._plans[s] for s in reversed(self.history) if s in self._plans),
                         None)
             if (plan is not None and plan.made_state and len(self._plans) == 1
-                    and self.times[plan.shape] == 1):
+                    and self.times[plan.shape] == 1 and not self.warm_up
+                    and not self.took_one_off):
+                self.took_one_off = True
                 plan = None            # rule 3: the recorded step was the one-off
         if plan is not None:
             self._plans.move_to_end(plan.shape)

@@ -71,6 +71,7 @@ NOTE [Residency invariants]
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import time
 import warnings
@@ -188,7 +189,7 @@ class Residency:
         self.memory_check = None              # called after memory is freed or taken
         self._dead: collections.deque = collections.deque()   # appended from any thread
         self._dying: list[Entry] = []         # dead, with a transfer still in flight
-        self._map_refusal = ""                # why the kernel last refused a mapping
+        self._map_refusal = None              # the kernel's refusal of the last mapping tried
         self._warned_unmapped = False         # ... said once (map_slow)
         self._rss_sampled = 0.0
         self.last_rss = 0                     # the resident set at the latest sample
@@ -784,12 +785,13 @@ class Residency:
         for entry in list(self.entries.values()):
             if entry.state is not SLOW or entry.ref() is None:
                 continue
+            self._map_refusal = None
             if self.map_one(entry, promote=True):
                 continue
             if not aten.SWAPS_DATA_PTR:
                 _warn_no_swap()
-            else:
-                refused.append(entry.nbytes)
+            elif self._map_refusal is not None:
+                refused.append((entry.nbytes, self._map_refusal))
             try:                   # refused (ENOMEM, a filesystem without mmap)
                 self.restore(entry)
                 self.ready(entry)
@@ -797,12 +799,14 @@ class Residency:
                 error = error or exc
         if refused and not self._warned_unmapped:
             self._warned_unmapped = True
+            exc = refused[0][1]
             warnings.warn(
                 f"the kernel refused to map {len(refused)} storages of state left on the "
-                f"slow tier ({format_bytes(sum(refused))}; {self._map_refusal}): they were "
+                f"slow tier ({format_bytes(sum(n for n, _ in refused))}; {exc}): they were "
                 "read back into memory, over the budget until the next iteration moves them "
-                "out again. Where it says ENOMEM, the process may have more mappings than "
-                "vm.max_map_count allows (sysctl vm.max_map_count)", stacklevel=3)
+                "out again" + ("; the process may have more mappings than vm.max_map_count "
+                               "allows (sysctl vm.max_map_count)"
+                               if exc.errno == errno.ENOMEM else ""), stacklevel=3)
         if error is not None:
             raise error
 
@@ -819,7 +823,8 @@ class Residency:
                 entry.extent = self.mover.promote(entry.extent, entry.nbytes)
             entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
         except Exception as exc:   # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)
-            self._map_refusal = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, mapped.KernelRefused):
+                self._map_refusal = exc
             return False
         entry.state = MAPPED
         return True
