@@ -543,6 +543,27 @@ def test_mapped_state_holds_no_file_descriptor_per_storage():
     assert_same_optimizer(plain_opt, opt)
 
 
+def test_a_model_deleted_between_iterations_takes_its_mappings_with_it(tmp_path):
+    """A mapping was kept till the next iteration after its storage died, and the pages
+    written to it with it: `del model` freed no memory (helper-77). Only the storage
+    holds the mapping now (NOTE [Mapped state] rule 8)."""
+    def mapped_here():
+        with open("/proc/self/maps") as f:
+            return sum(str(tmp_path) in line for line in f)
+    x, y = data()
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for _ in range(2):
+            with ooc.iteration():
+                step(model, opt, x, y)
+        assert mapped_here() >= 6, states(ooc)
+        del model, opt
+        import gc
+        gc.collect()
+        assert mapped_here() == 0
+
+
 def test_without_swap_data_ptr_state_is_read_back_with_a_warning(monkeypatch):
     """A PyTorch without `UntypedStorage._swap_data_ptr_` (2.11) cannot map state in
     place: it is read back (over the budget between iterations), said once, bitwise."""

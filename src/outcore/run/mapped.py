@@ -41,8 +41,10 @@ NOTE [Mapped state]
      own `open()` and `torch.save` between iterations failed, and the storages the
      kernel then refused to map were read back into memory, over the budget.
      The region is unmapped when the last reference to its buffer goes: the storage
-     that took its memory over (rule 1) holds it, so a storage never outlives its
-     memory; `advise` takes the region's lock, and does nothing once it is unmapped.
+     that took its memory over (rule 1) holds the only one, so a storage never outlives
+     its memory, and a storage freed between iterations takes its mapping (and the
+     pages written to it) with it; `advise` takes the region's lock, and does nothing
+     once it is unmapped.
 """
 from __future__ import annotations
 
@@ -127,17 +129,19 @@ class _Region:
 class Mapping:
     """One storage's private mapping of its extent (NOTE [Mapped state], rule 1)."""
 
-    __slots__ = ("region", "buf", "head", "nbytes")
+    __slots__ = ("region", "head", "nbytes")
 
     def __init__(self, fd: int, offset: int, head: int, nbytes: int, storage):
         self.region = _Region(fd, round_up(head + nbytes, ALIGNMENT), offset)
-        self.buf = self.region.buffer()
         self.head, self.nbytes = head, nbytes
-        view = torch.frombuffer(self.buf, dtype=torch.uint8, count=nbytes, offset=head)
+        # Only the storage holds the buffer (rule 8): a storage freed between iterations
+        # (a model deleted) unmaps its region at once, not at the next iteration.
+        view = torch.frombuffer(self.region.buffer(), dtype=torch.uint8, count=nbytes,
+                                offset=head)
         try:
             storage._swap_data_ptr_(view.untyped_storage())
         finally:
-            del view            # on failure the region goes with self.buf (close)
+            del view            # on failure the region goes with it
 
     def written(self, address: int) -> bool:
         """Whether any page of the storage at `address` was written since it was mapped
@@ -180,9 +184,8 @@ class Mapping:
         self.region.advise(MADV_PAGEOUT)
 
     def close(self) -> None:
-        """Let go of the region: it is unmapped now, or, while a storage still holds its
-        memory, when that storage is freed (rule 7)."""
-        self.buf = None
+        """Nothing to let go of: the region is unmapped when the storage that holds its
+        memory lets go of it (`unmap`) or is freed (rule 7)."""
 
 
 _orphans: dict[int, tuple[weakref.ref, Mapping]] = {}
