@@ -26,9 +26,8 @@ lets every iteration replay.
      shape after it is recorded; once per OutOfCore, and only where no recording was
      made for a warm-up (`warm_up`: state too large to miss asked for one already;
      LBFGS's history, which grows for several steps, had it recorded again and again).
-     (A first step
-     that made no state, the micro-batch of an accumulation over iterations that does
-     not step, comes back: its plan replays.)
+     (A first step that made no state, the micro-batch of an accumulation over
+     iterations that does not step, comes back: its plan replays.)
   4. The state a plan starts from (`Plans.carried`): after an iteration that ran its
      plan to the end, outcore knows which storage each of its arrays was at the end
      (`Ending`). A plan that ran after that shape before learnt which of those arrays

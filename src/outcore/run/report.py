@@ -255,14 +255,15 @@ def _known(cls, data: dict) -> dict:
         if value is None and names[key].endswith(" | None"):
             continue
         kind = names[key].removesuffix(" | None")
+        numeric = int if kind == "int" else (int, float)
         if kind in ("int", "float") and (
-                isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float))
+                isinstance(value, bool) or not isinstance(value, numeric)
                 or not 0 <= value < math.inf):
             what = "a byte count or count (an integer >= 0)" if kind == "int" else "a number >= 0"
             raise TypeError(f"{cls.__name__}.{key} must be {what}, found {value!r:.40}")
         if kind in ("str", "bool") and not isinstance(value, str if kind == "str" else bool):
-            raise TypeError(f"{cls.__name__}.{key} must be a {'string' if kind == 'str' else 'bool'}"
-                            f", found {value!r:.40}")
+            what = "a string" if kind == "str" else "a bool"
+            raise TypeError(f"{cls.__name__}.{key} must be {what}, found {value!r:.40}")
     missing = [f.name for f in fields(cls) if f.name not in data
                and f.default is MISSING and f.default_factory is MISSING]
     if missing:
