@@ -450,7 +450,8 @@ def test_room_for_an_op_on_a_sparse_tensor_counts_its_inputs_and_for_a_view_none
     from types import SimpleNamespace
 
     from outcore.run.on_demand import room
-    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.ones(2), (4,))
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.ones(2), (4,),
+                                     check_invariants=True)
     entries = [SimpleNamespace(nbytes=1_000_000, pinned=True),
                SimpleNamespace(nbytes=64, pinned=False)]
     aten = torch.ops.aten
