@@ -564,6 +564,47 @@ def test_a_model_deleted_between_iterations_takes_its_mappings_with_it(tmp_path)
         assert mapped_here() == 0
 
 
+def test_a_child_forked_between_iterations_keeps_its_copy_of_the_state():
+    """A process forked between iterations reads state left on disk through private
+    mappings of the swap file, which show the file's current bytes where the child has
+    not written: as the parent trained on and wrote the swap file again, the child's
+    copy changed under it (helper-77: 15 of 32 parameters). The fork leases the mapped
+    extents till the child exits (NOTE [Mapped state] rule 9); then they are reused."""
+    x, y = data()
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with outcore.OutOfCore(BUDGET) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                step(model, opt, x, y)
+        assert MAPPED in states(ooc)
+        taken = [p.detach().clone() for p in model.parameters()]
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # the child: wait, then compare
+            code = 3
+            try:
+                os.close(go_w)
+                os.read(go_r, 1)
+                torch.set_num_threads(1)           # OpenMP's pool does not survive a fork
+                code = 0 if all(torch.equal(p, t) for p, t in zip(model.parameters(), taken)) else 1
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        for _ in range(4):                             # the parent trains on
+            with ooc.iteration():
+                step(model, opt, x, y)
+        assert not all(torch.equal(p, t) for p, t in zip(model.parameters(), taken))
+        os.write(go_w, b"x")
+        os.close(go_w)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert len(ooc._mover._leased) >= 6 and ooc._lessees == {pid}
+        with ooc.iteration():                          # the child is gone: lease ended
+            step(model, opt, x, y)
+        assert not ooc._mover._leased and not ooc._lessees
+
+
 def test_without_swap_data_ptr_state_is_read_back_with_a_warning(monkeypatch):
     """A PyTorch without `UntypedStorage._swap_data_ptr_` (2.11) cannot map state in
     place: it is read back (over the budget between iterations), said once, bitwise."""

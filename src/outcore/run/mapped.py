@@ -45,6 +45,16 @@ NOTE [Mapped state]
      its memory, and a storage freed between iterations takes its mapping (and the
      pages written to it) with it; `advise` takes the region's lock, and does nothing
      once it is unmapped.
+  9. A process forked between iterations inherits the mappings, and a private mapping
+     reads the file's current bytes wherever it was not written: had the parent written
+     those extents again as it trained, the child's copy of the state would change
+     under it (helper-77). So a fork leases the extents mapped at that moment
+     (`ooc._before_fork`, `DiskMover.lease`): the parent writes elsewhere and reuses
+     none of them until every child forked then has exited (checked in /proc at each
+     block's start, `OutOfCore._end_leases`). A child that lives long (persistent
+     DataLoader workers) keeps that much of the swap file for its life. Where /proc
+     lists no children (a kernel without CONFIG_PROC_CHILDREN), the lease lasts till
+     `close()`.
 """
 from __future__ import annotations
 

@@ -168,6 +168,62 @@ def _claim(ooc) -> None:
     sharing.install(_open_outofcore)        # NOTE [Sharing a storage outcore moves]
 
 
+def _children() -> set | None:
+    """Pids of this process's children, from /proc/self/task/*/children; None where /proc
+    does not list them (a kernel without CONFIG_PROC_CHILDREN)."""
+    found = set()
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                found.update(int(pid) for pid in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _alive_child(pid: int) -> bool:
+    """Whether `pid` is still a live child of this process (a zombie has unmapped all)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in ("Z", "X") and int(fields[1]) == os.getpid()
+
+
+_forking: tuple | None = None      # (OutOfCore, extents, children before) while a fork runs
+
+
+def _before_fork() -> None:
+    """NOTE [Mapped state] rule 9 in mapped.py: a fork between iterations leases the
+    extents mapped now."""
+    global _forking
+    _forking = None
+    ooc = _open_outofcore()
+    if ooc is None or ooc.closed or not hasattr(ooc._mover, "lease"):
+        return
+    extents = ooc._res.mapped_extents()
+    if extents:
+        _forking = (ooc, extents, _children())
+
+
+def _after_fork_in_parent() -> None:
+    global _forking
+    forking, _forking = _forking, None
+    if forking is None:
+        return
+    ooc, extents, before = forking
+    ooc._mover.lease(extents)
+    after = _children()
+    if before is None or after is None:
+        ooc._lessees = None                 # children unknown: leased till close()
+    elif ooc._lessees is not None:
+        ooc._lessees |= after - before
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
+
+
 def _open_outofcore():
     """The OutOfCore open in this process, or None: in a child forked while one was open
     (a DataLoader's worker) None, since the parent's table, mover threads and swap file are
@@ -375,6 +431,7 @@ class OutOfCore:
                 self._res.memory_check = self._governor.check
             self._governor.live_bytes = self._res.live_bytes
         self._pager = Pager()
+        self._lessees: set | None = set()   # children a fork leased extents to (rule 9)
         self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,
                                            self._pager, self._durable)
         self.trace = None            # those of the plan the last iteration used
@@ -627,7 +684,17 @@ class OutOfCore:
     def _unpark(self) -> None:
         """Take the mapped state back before ops run under a mode (rule 4)."""
         self._pager.stop()
+        self._end_leases()
         self._res.unmap_all(self.budget)
+
+    def _end_leases(self) -> None:
+        """Rule 9 of NOTE [Mapped state]: once every child forked while state was mapped
+        has exited, the extents leased to them are the swap file's again."""
+        if not self._lessees:                # none, or children unknown (None)
+            return
+        self._lessees = {pid for pid in self._lessees if _alive_child(pid)}
+        if not self._lessees:
+            self._mover.end_lease()
 
     def _page(self) -> None:
         """Between iterations, with state left mapped: keep pages read from mapped state

@@ -832,6 +832,11 @@ class Residency:
     def mappings(self) -> list:
         return [e.mapping for e in self.entries.values() if e.state is MAPPED]
 
+    def mapped_extents(self) -> dict:
+        """{offset: extent} of the MAPPED entries: what a process forked now maps."""
+        return {e.extent.offset: e.extent for e in list(self.entries.values())
+                if e.state is MAPPED and e.extent is not None}
+
     def unmap_all(self, budget: int) -> None:
         """Take every MAPPED storage back before an iteration: unwritten ones go back to
         SLOW at no cost, written ones come back FAST and dirty, evicted synchronously

@@ -349,6 +349,9 @@ class DiskMover:
         # them their owner let go of (freed once no manifest refers to them).
         self._committed: dict[int, Extent] = {}
         self._released: dict[int, Extent] = {}
+        # Extents a process forked between iterations may map (NOTE [Mapped state] rule
+        # 9): never written again nor reused until `end_lease`.
+        self._leased: dict[int, Extent] = {}
         self.sync_error: OSError | None = None    # the first fdatasync that failed (rule 6)
         self._file_size = 0
         self._write_buffer = AlignedBuffer(self.chunk_bytes)
@@ -400,7 +403,22 @@ class DiskMover:
 
     # -- durable state (run/durable.py) ------------------------------------------------
     def is_committed(self, extent: Extent) -> bool:
-        return extent.offset in self._committed
+        """Whether `extent` must not be written again: a state manifest refers to it, or
+        a forked child may map it."""
+        return extent.offset in self._committed or extent.offset in self._leased
+
+    def lease(self, extents: dict) -> None:
+        """A process forked between iterations maps `extents` (offset -> Extent): keep
+        their bytes as they are until `end_lease` (NOTE [Mapped state] rule 9)."""
+        self._leased.update(extents)
+
+    def end_lease(self) -> None:
+        """Every forked child that could map the leased extents is gone: free those the
+        step let go of meanwhile (unless a manifest still refers to them)."""
+        self._leased = {}
+        for offset in list(self._released):
+            if offset not in self._committed:
+                self.allocator.free(self._released.pop(offset))
 
     def head(self, extent: Extent) -> int:
         """Where in the extent the bytes last written to it begin."""
@@ -428,7 +446,7 @@ class DiskMover:
         """A new manifest refers to `extents` (offset -> Extent): free the released
         extents the old one referred to and this one does not."""
         for offset in list(self._released):
-            if offset not in extents:
+            if offset not in extents and offset not in self._leased:
                 self.allocator.free(self._released.pop(offset))
         self._committed = dict(extents)
 
@@ -463,9 +481,9 @@ class DiskMover:
         return extent
 
     def free(self, extent: Extent) -> None:
-        if extent.offset in self._committed:     # NOTE [Durable state], rule 2
-            self._released[extent.offset] = extent
-            return
+        if extent.offset in self._committed or extent.offset in self._leased:
+            self._released[extent.offset] = extent   # NOTE [Durable state], rule 2;
+            return                                   # NOTE [Mapped state], rule 9
         self._heads.pop(extent.offset, None)
         self.allocator.free(extent)
 
