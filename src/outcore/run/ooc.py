@@ -219,6 +219,8 @@ def _after_fork_in_parent() -> None:
         ooc._lessees = None                 # children unknown: leased till close()
     elif ooc._lessees is not None:
         ooc._lessees |= after - before
+        if not ooc._lessees:                # not listed at all (a zombie is): none to wait for
+            ooc._mover.end_lease()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
