@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -599,10 +600,59 @@ def test_a_child_forked_between_iterations_keeps_its_copy_of_the_state():
         os.close(go_w)
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
-        assert len(ooc._mover._leased) >= 6 and ooc._lessees == {pid}
+        assert len(ooc._mover._leased) >= 6 and len(ooc._leases) == 1
         with ooc.iteration():                          # the child is gone: lease ended
             step(model, opt, x, y)
-        assert not ooc._mover._leased and not ooc._lessees
+        assert not ooc._mover._leased and not ooc._leases
+
+
+def test_each_fork_leases_on_its_own_and_a_grandchild_holds_its_parents_lease():
+    """Leases ended only when every child of every fork was gone, so a DataLoader that
+    forks workers each epoch grew the swap file by a copy of the state per epoch; and a
+    grandchild's copy changed once its parent exited (helper-78). A fork's lease lives
+    while its pipe's write end does: in the child and in what the child forks."""
+    x, y = data()
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def fork(body):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                body()
+            finally:
+                os._exit(0)
+        return pid
+    hold_r, hold_w = os.pipe()
+
+    def wait_for_parent():
+        os.close(hold_w)
+        os.read(hold_r, 1)
+
+    def leave_a_grandchild():
+        fork(wait_for_parent)                          # outlives its parent
+    with outcore.OutOfCore(BUDGET) as ooc:
+        for _ in range(2):
+            with ooc.iteration():
+                step(model, opt, x, y)
+        first = fork(leave_a_grandchild)
+        os.waitpid(first, 0)                           # the child is gone, its child not
+        with ooc.iteration():
+            step(model, opt, x, y)
+        second = fork(lambda: None)
+        os.waitpid(second, 0)
+        with ooc.iteration():
+            step(model, opt, x, y)
+        assert len(ooc._leases) == 1                   # the grandchild's, not the second's
+        os.close(hold_r)
+        os.close(hold_w)                               # the grandchild reads EOF, exits
+        for _ in range(50):
+            with ooc.iteration():
+                step(model, opt, x, y)
+            if not ooc._leases:
+                break
+            time.sleep(0.05)
+        assert not ooc._leases and not ooc._mover._leased
 
 
 def test_without_swap_data_ptr_state_is_read_back_with_a_warning(monkeypatch):

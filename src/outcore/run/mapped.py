@@ -48,13 +48,15 @@ NOTE [Mapped state]
   9. A process forked between iterations inherits the mappings, and a private mapping
      reads the file's current bytes wherever it was not written: had the parent written
      those extents again as it trained, the child's copy of the state would change
-     under it (helper-77). So a fork leases the extents mapped at that moment
-     (`ooc._before_fork`, `DiskMover.lease`): the parent writes elsewhere and reuses
-     none of them until every child forked then has exited (checked in /proc at each
-     block's start, `OutOfCore._end_leases`). A child that lives long (persistent
-     DataLoader workers) keeps that much of the swap file for its life. Where /proc
-     lists no children (a kernel without CONFIG_PROC_CHILDREN), the lease lasts till
-     `close()`.
+     under it (helper-77). So each fork leases the extents mapped at that moment
+     (`ooc._before_fork`, `DiskMover.set_leased`): the parent writes elsewhere and reuses
+     none of them while the lease lives. A lease lives while any process holds the
+     write end of a pipe made at the fork: the child and whatever it forks (a
+     grandchild maps the same pages), until they exit or exec (the end is O_CLOEXEC);
+     at each block's start the parent reads end of file on the read end
+     (`OutOfCore._end_leases`). Each fork's lease ends on its own, so a DataLoader that
+     forks new workers every epoch while the last epoch's exit holds about one copy
+     more, and a long-lived child (persistent workers) what was mapped at its fork.
 """
 from __future__ import annotations
 

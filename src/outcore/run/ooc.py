@@ -54,6 +54,7 @@ import dataclasses
 import gc
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -168,43 +169,21 @@ def _claim(ooc) -> None:
     sharing.install(_open_outofcore)        # NOTE [Sharing a storage outcore moves]
 
 
-def _children() -> set | None:
-    """Pids of this process's children, from /proc/self/task/*/children; None where /proc
-    does not list them (a kernel without CONFIG_PROC_CHILDREN)."""
-    found = set()
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                found.update(int(pid) for pid in f.read().split())
-    except (OSError, ValueError):
-        return None
-    return found
-
-
-def _alive_child(pid: int) -> bool:
-    """Whether `pid` is still a live child of this process (a zombie has unmapped all)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return fields[0] not in ("Z", "X") and int(fields[1]) == os.getpid()
-
-
-_forking: tuple | None = None      # (OutOfCore, extents, children before) while a fork runs
+_forking: tuple | None = None      # (OutOfCore, extents, pipe) while a fork runs
 
 
 def _before_fork() -> None:
     """NOTE [Mapped state] rule 9 in mapped.py: a fork between iterations leases the
-    extents mapped now."""
+    extents mapped now, for as long as the write end of a pipe made here lives in the
+    child or any process it forks (closed at exec: O_CLOEXEC)."""
     global _forking
     _forking = None
     ooc = _open_outofcore()
-    if ooc is None or ooc.closed or not hasattr(ooc._mover, "lease"):
+    if ooc is None or ooc.closed or not hasattr(ooc._mover, "set_leased"):
         return
     extents = ooc._res.mapped_extents()
     if extents:
-        _forking = (ooc, extents, _children())
+        _forking = (ooc, extents, os.pipe())
 
 
 def _after_fork_in_parent() -> None:
@@ -212,18 +191,25 @@ def _after_fork_in_parent() -> None:
     forking, _forking = _forking, None
     if forking is None:
         return
-    ooc, extents, before = forking
-    ooc._mover.lease(extents)
-    after = _children()
-    if before is None or after is None:
-        ooc._lessees = None                 # children unknown: leased till close()
-    elif ooc._lessees is not None:
-        ooc._lessees |= after - before
-        if not ooc._lessees:                # not listed at all (a zombie is): none to wait for
-            ooc._mover.end_lease()
+    ooc, extents, (read_end, write_end) = forking
+    os.close(write_end)                # the children hold it: at EOF, all are gone
+    ooc._leases.append((read_end, extents))
+    ooc._mover.set_leased(_union(ooc._leases))
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
+def _after_fork_in_child() -> None:
+    global _forking
+    if _forking is not None:          # the child keeps the write end, not the read end
+        os.close(_forking[2][0])
+    _forking = None
+
+
+def _union(leases) -> dict:
+    return {offset: e for _, extents in leases for offset, e in extents.items()}
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 def _open_outofcore():
@@ -433,7 +419,7 @@ class OutOfCore:
                 self._res.memory_check = self._governor.check
             self._governor.live_bytes = self._res.live_bytes
         self._pager = Pager()
-        self._lessees: set | None = set()   # children a fork leased extents to (rule 9)
+        self._leases: list = []     # (pipe read end, extents) per fork (mapped.py rule 9)
         self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,
                                            self._pager, self._durable)
         self.trace = None            # those of the plan the last iteration used
@@ -690,13 +676,21 @@ class OutOfCore:
         self._res.unmap_all(self.budget)
 
     def _end_leases(self) -> None:
-        """Rule 9 of NOTE [Mapped state]: once every child forked while state was mapped
-        has exited, the extents leased to them are the swap file's again."""
-        if not self._lessees:                # none, or children unknown (None)
+        """Rule 9 of NOTE [Mapped state]: a fork's lease ends when every process holding
+        its pipe's write end (its child, and any process that child forked) has exited
+        or exec'd: its read end is at end of file. The extents no live lease names are
+        the swap file's again."""
+        if not self._leases:
             return
-        self._lessees = {pid for pid in self._lessees if _alive_child(pid)}
-        if not self._lessees:
-            self._mover.end_lease()
+        live = []
+        for read_end, extents in self._leases:
+            if select.select([read_end], [], [], 0)[0] and not os.read(read_end, 1):
+                os.close(read_end)                   # EOF: every holder is gone
+            else:
+                live.append((read_end, extents))
+        if len(live) != len(self._leases):
+            self._leases = live
+            self._mover.set_leased(_union(live))
 
     def _page(self) -> None:
         """Between iterations, with state left mapped: keep pages read from mapped state
@@ -1119,6 +1113,9 @@ class OutOfCore:
                 self._park(errors)
             finally:
                 self.closed = True
+                leases, self._leases = self._leases, []
+                for read_end, _ in leases:       # the swap file lives while children map it
+                    os.close(read_end)
                 try:
                     self._finalizer()            # mappings, mover, allocator settings: once
                 finally:

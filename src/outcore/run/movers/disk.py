@@ -350,7 +350,7 @@ class DiskMover:
         self._committed: dict[int, Extent] = {}
         self._released: dict[int, Extent] = {}
         # Extents a process forked between iterations may map (NOTE [Mapped state] rule
-        # 9): never written again nor reused until `end_lease`.
+        # 9): never written again nor reused while it may (`set_leased`).
         self._leased: dict[int, Extent] = {}
         self.sync_error: OSError | None = None    # the first fdatasync that failed (rule 6)
         self._file_size = 0
@@ -407,17 +407,13 @@ class DiskMover:
         a forked child may map it."""
         return extent.offset in self._committed or extent.offset in self._leased
 
-    def lease(self, extents: dict) -> None:
-        """A process forked between iterations maps `extents` (offset -> Extent): keep
-        their bytes as they are until `end_lease` (NOTE [Mapped state] rule 9)."""
-        self._leased.update(extents)
-
-    def end_lease(self) -> None:
-        """Every forked child that could map the leased extents is gone: free those the
-        step let go of meanwhile (unless a manifest still refers to them)."""
-        self._leased = {}
+    def set_leased(self, extents: dict) -> None:
+        """Processes forked between iterations map `extents` (offset -> Extent, the union
+        over the forks still alive): their bytes stay as they are (NOTE [Mapped state]
+        rule 9). Released extents no fork maps any more, nor a manifest, are freed."""
+        self._leased = dict(extents)
         for offset in list(self._released):
-            if offset not in self._committed:
+            if offset not in self._committed and offset not in self._leased:
                 self.allocator.free(self._released.pop(offset))
 
     def head(self, extent: Extent) -> int:
