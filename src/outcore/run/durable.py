@@ -148,8 +148,10 @@ class Durable:
         except BlockingIOError:
             os.close(self._lock)
             raise OutcoreError(f"state_dir={self.directory} is in use by another OutOfCore (this "
-                               "process or another); close that one first, or pass another "
-                               "state_dir") from None
+                               "process or another), or by a process forked from one while it "
+                               "was open (a DataLoader's persistent workers: the lock is "
+                               "inherited); close that one or let that process end first, or "
+                               "pass another state_dir") from None
         try:
             self._open()
         except OSError as exc:
