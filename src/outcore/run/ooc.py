@@ -54,7 +54,6 @@ import dataclasses
 import gc
 import logging
 import os
-import select
 import sys
 import threading
 import time
@@ -193,6 +192,7 @@ def _after_fork_in_parent() -> None:
         return
     ooc, extents, (read_end, write_end) = forking
     os.close(write_end)                # the children hold it: at EOF, all are gone
+    os.set_blocking(read_end, False)   # nothing is ever written: a read says EOF or not
     ooc._leases.append((read_end, extents))
     ooc._mover.set_leased(_union(ooc._leases))
 
@@ -684,8 +684,12 @@ class OutOfCore:
             return
         live = []
         for read_end, extents in self._leases:
-            if select.select([read_end], [], [], 0)[0] and not os.read(read_end, 1):
-                os.close(read_end)                   # EOF: every holder is gone
+            try:
+                gone = os.read(read_end, 1) == b""     # EOF: every holder is gone
+            except BlockingIOError:
+                gone = False
+            if gone:
+                os.close(read_end)
             else:
                 live.append((read_end, extents))
         if len(live) != len(self._leases):
