@@ -304,7 +304,7 @@ def test_cuda_storages_move_though_pytorch_calls_them_shared():
     """Residency NOTE 7: PyTorch's `is_shared()` is True for every CUDA storage; asked of
     one, it pinned every array of a GPU step (all 'never move', InfeasibleBudget at the
     first recording on an H200, docs/gpu-check.md). Shared memory is a CPU matter."""
-    from outcore.run.residency import Residency, _movable
+    from outcore.run.residency import Residency, movable
 
     class CudaStorage:                    # what a real CUDA storage answers
         device = torch.device("cuda", 0)
@@ -323,13 +323,13 @@ def test_cuda_storages_move_though_pytorch_calls_them_shared():
         device_type, device_index = "cuda", 0
 
     storage = CudaStorage()
-    assert _movable(storage)
+    assert movable(storage)
     res = Residency(Mover())
     entry = res.track(storage)
     assert not entry.pinned and not entry.elsewhere and res.pinned_resident == 0
     shared = torch.ones(1000)
     shared.share_memory_()
-    assert not _movable(shared.untyped_storage())       # a CPU one in shared memory stays
+    assert not movable(shared.untyped_storage())       # a CPU one in shared memory stays
 
 
 _trained_runs = {}

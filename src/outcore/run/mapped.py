@@ -185,8 +185,7 @@ class Mapping:
         else:
             own = torch.UntypedStorage(0)
         storage._swap_data_ptr_(own)      # `own` now holds the mapping's memory
-        del own                           # ... and lets go of it here
-        self.close()
+        del own                           # ... and lets go of it, unmapping it (rule 8)
         return written
 
     def page_out(self) -> None:

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_map
 from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from ..states import FAST
-from .residency import Residency, _movable
+from .residency import Residency, movable
 from ..aten import distinct_storages as storages
 from ..aten import iter_tensors, output_tensors, written_tensors
 
@@ -343,7 +343,7 @@ def _small_pinned(res: Residency) -> int:
         if (e.pinned and e.state is FAST and not e.elsewhere and not e.owner
                 and e.nbytes < res.min_move_bytes):
             storage = e.ref()
-            if storage is not None and _movable(storage):
+            if storage is not None and movable(storage):
                 small += e.nbytes
     return small
 

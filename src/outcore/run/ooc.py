@@ -89,7 +89,7 @@ from . import plans, sharing
 from .plans import Ending, Plan, Plans, envelope, function_keys, shape_of
 from .replay import Replayer
 from .report import OVER_BUDGET_WHY, IterationStats, Report
-from .residency import Residency, _movable
+from .residency import Residency, movable
 
 log = logging.getLogger("outcore")
 
@@ -947,7 +947,7 @@ class OutOfCore:
         for aid, ref in recording.alive_at_end.items():
             storage = ref()
             if (storage is not None and storage.nbytes() < res.min_move_bytes
-                    and not _movable(storage)):
+                    and not movable(storage)):
                 out.add(aid)
         return out
 

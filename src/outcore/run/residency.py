@@ -52,7 +52,7 @@ NOTE [Residency invariants]
   7. A storage that cannot be resized (from_numpy, a memory map, one shared with numpy
      through `.numpy()`) or that lives in shared memory (`share_memory_()`: PyTorch
      calls it resizable, but resizing it crashes the process) is pinned, never moved
-     (`_movable`; a CUDA storage is never in shared memory, whatever `is_shared()`
+     (`movable`; a CUDA storage is never in shared memory, whatever `is_shared()`
      says, and one sent to another process through CUDA IPC is not detected).
      `.numpy()` makes a storage unresizable for good, also one already tracked:
      `evict` then pins it and notes it in `newly_pinned`. While an OutOfCore is
@@ -97,7 +97,7 @@ READ_ATTEMPTS = 3
 RSS_SAMPLE_S = 0.002
 
 
-def _movable(storage) -> bool:
+def movable(storage) -> bool:
     """NOTE 7: whether outcore may resize `storage` to 0 and back. Shared memory is asked
     of CPU storages only: PyTorch's `is_shared()` is True for every CUDA storage (CUDA
     memory can always be sent to another process), and asking it of one pinned the
@@ -145,7 +145,7 @@ class Entry:
     extent: object = None      # slow-tier location, kept while the copy there is current
     clean: bool = False        # the slow copy equals the fast contents
     future: object = None      # the transfer in flight (OUT or IN)
-    pinned: bool = False       # not `_movable` (NOTE 7), or small: stays put
+    pinned: bool = False       # not `movable` (NOTE 7), or small: stays put
     mapping: object = None     # MAPPED: the storage's private mapping of `extent`
     owner: str = ""            # who keeps it in place, when not outcore (`disown`)
     # Owned by a library that resizes it itself: counted at its current size, outside
@@ -189,7 +189,6 @@ class Residency:
         self.memory_check = None              # called after memory is freed or taken
         self._dead: collections.deque = collections.deque()   # appended from any thread
         self._dying: list[Entry] = []         # dead, with a transfer still in flight
-        self._map_refusal = None              # the kernel's refusal of the last mapping tried
         self._warned_unmapped = False         # ... said once (map_slow)
         self._rss_sampled = 0.0
         self.last_rss = 0                     # the resident set at the latest sample
@@ -225,7 +224,7 @@ class Residency:
             nbytes = storage.nbytes()
             small = (nbytes if planned is None else max(nbytes, planned)) < self.min_move_bytes
             entry = Entry(key, None, nbytes, pinned=elsewhere or small
-                          or not _movable(storage), elsewhere=elsewhere)
+                          or not movable(storage), elsewhere=elsewhere)
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
             if elsewhere:
@@ -252,7 +251,7 @@ class Residency:
                 continue                    # pinned for those reasons anyway
             if exported(storage):
                 still.append(entry)
-            elif _movable(storage):
+            elif movable(storage):
                 entry.pinned = False
                 self.pinned_resident -= entry.nbytes
         self._export_pins = still
@@ -405,7 +404,7 @@ class Residency:
         noting it in `newly_pinned`; returns whether it is pinned now."""
         if entry.pinned:
             return True
-        if _movable(storage):
+        if movable(storage):
             return False
         entry.pinned = True
         self.pinned_resident += entry.nbytes
@@ -785,13 +784,13 @@ class Residency:
         for entry in list(self.entries.values()):
             if entry.state is not SLOW or entry.ref() is None:
                 continue
-            self._map_refusal = None
-            if self.map_one(entry, promote=True):
+            outcome = self._map(entry, promote=True)
+            if outcome is True:
                 continue
             if not aten.SWAPS_DATA_PTR:
                 _warn_no_swap()
-            elif self._map_refusal is not None:
-                refused.append((entry.nbytes, self._map_refusal))
+            elif outcome:                   # the kernel's refusal
+                refused.append((entry.nbytes, outcome))
             try:                   # refused (ENOMEM, a filesystem without mmap)
                 self.restore(entry)
                 self.ready(entry)
@@ -815,6 +814,11 @@ class Residency:
         NOTE [Mapped state], rule 5); False, and nothing changed, where the mover or the
         kernel refuses. `promote`: let the mover first move a spilled extent to where it
         can be mapped (between iterations only)."""
+        return self._map(entry, promote) is True
+
+    def _map(self, entry: Entry, promote: bool):
+        """`map_one`: True where mapped; the kernel's refusal (mapped.KernelRefused),
+        which the user is told of (`map_slow`); False otherwise."""
         storage = entry.ref()
         if entry.state is not SLOW or storage is None or not aten.SWAPS_DATA_PTR:
             return False
@@ -822,9 +826,9 @@ class Residency:
             if promote:
                 entry.extent = self.mover.promote(entry.extent, entry.nbytes)
             entry.mapping = self.mover.map(entry.extent, entry.nbytes, storage)
-        except Exception as exc:   # noqa: BLE001 - refused (ENOMEM, a filesystem without mmap)
-            if isinstance(exc, mapped.KernelRefused):
-                self._map_refusal = exc
+        except mapped.KernelRefused as exc:
+            return exc
+        except Exception:          # noqa: BLE001 - refused by design (a spilled extent)
             return False
         entry.state = MAPPED
         return True

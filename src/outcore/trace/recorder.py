@@ -95,8 +95,7 @@ class Recording(TorchDispatchMode):
         self._functions: list[Function] = []
         self._logs: list[_ArrayLog] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}   # storage key -> (array id, ref)
-        self._optimizer_depth = 0
-        self._optimizers_in_backward = []    # per step() entered: whether during a backward
+        self._optimizers: list[bool] = []    # per step() begun, not returned: begun in a backward?
         self._active = False
         self._device: str | None = None
         self._trace: Trace | None = None
@@ -138,18 +137,16 @@ class Recording(TorchDispatchMode):
             self._live.clear()
 
     def _enter_optimizer(self, *_):
-        self._optimizer_depth += 1
-        self._optimizers_in_backward.append(torch._C._current_graph_task_id() != -1)
+        self._optimizers.append(torch._C._current_graph_task_id() != -1)
 
     @property
     def in_optimizer(self) -> bool:
         """Whether the step stands inside an optimizer's step() (begun, not returned)."""
-        return self._optimizer_depth > 0
+        return bool(self._optimizers)
 
     def _leave_optimizer(self, *_):
-        self._optimizer_depth -= 1
-        if self._optimizers_in_backward:
-            self._optimizers_in_backward.pop()
+        if self._optimizers:
+            self._optimizers.pop()
 
     @property
     def trace(self) -> Trace:
@@ -183,11 +180,11 @@ class Recording(TorchDispatchMode):
         # An optimizer stepped from a backward hook (optimizer in backward: a
         # post-accumulate-grad hook per parameter) makes optimizer state, not gradients;
         # a backward inside an optimizer's step (LBFGS's closure) makes gradients.
-        if self._optimizers_in_backward and self._optimizers_in_backward[-1]:
+        if self._optimizers and self._optimizers[-1]:
             return "optimizer"
         if torch._C._current_graph_task_id() != -1:
             return "backward"
-        if self._optimizer_depth > 0:
+        if self._optimizers:
             return "optimizer"
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             return "forward"
