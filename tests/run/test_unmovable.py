@@ -4,6 +4,7 @@ memory (`share_memory()`, Hogwild-style), and parameters shared with numpy throu
 replay within the budget."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -471,3 +472,62 @@ def test_a_read_left_waiting_by_an_interrupted_share_between_iterations_is_finis
     assert_bitwise_equal(state_of(model, opt), state_of(plain_model, plain_opt))
     assert all(it.peak_resident <= BUDGET for it in report.iterations), \
         [it.peak_resident for it in report.iterations]
+
+
+class _CountingOrder(collections.OrderedDict):
+    """Residency.lru that counts the entries its walks visit."""
+    visited = 0
+
+    def __iter__(self):
+        for key in super().__iter__():
+            type(self).visited += 1
+            yield key
+
+    def items(self):
+        for key in super().__iter__():
+            type(self).visited += 1
+            yield key, self[key]
+
+
+def test_making_room_walks_only_the_entries_it_evicts_not_every_pinned_one(tmp_path):
+    """Thousands of small pinned storages (biases, Adam's moments of them and its step
+    counts) used to sit in the least-recently-used order, and every op that needed room
+    walked past them all, and copied the whole order: a 1,250-layer MLP with Adam took
+    minutes to record. Pinned entries are out of the order now, and a walk stops at what
+    covers the room."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(160, 160) for _ in range(150)]      # weights 100 KiB: move
+    model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    ooc = outcore.OutOfCore(budget=12 * 2**20, offload="disk", swap_dir=tmp_path)
+    _CountingOrder.visited = 0
+    ooc._res.lru = _CountingOrder()
+    walks = 0
+    evict = ooc._res.evict_lru
+
+    def counted(target, keep):
+        nonlocal walks
+        walks += ooc._res.resident > target
+        return evict(target, keep)
+    ooc._res.evict_lru = counted
+    x = torch.randn(16, 160)
+    with ooc:
+        for it in range(2):
+            with ooc.iteration():
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            twin(x).square().mean().backward()
+            twin_opt.step()
+            twin_opt.zero_grad()
+            assert not [e for e in ooc._res.lru.values() if e.pinned]
+        assert ooc._res.stats.bytes_written > 0
+        pinned = sum(e.pinned for e in ooc._res.entries.values())
+        assert pinned > 400                       # 150 biases, their 300 moments, 150 steps
+        assert walks > 100
+        # before: each walk visited the whole order, pinned entries first (about 700 a walk)
+        assert _CountingOrder.visited / walks < 60, (_CountingOrder.visited, walks)
+    assert_bitwise_equal(state_of(model, opt), state_of(twin, twin_opt))

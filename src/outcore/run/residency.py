@@ -254,6 +254,7 @@ class Residency:
             elif movable(storage):
                 entry.pinned = False
                 self.pinned_resident -= entry.nbytes
+                self.touch(entry)                   # back in the order evict_lru walks
         self._export_pins = still
 
     def let_go(self, keep) -> None:
@@ -313,7 +314,10 @@ class Residency:
             "device the step runs on")
 
     def touch(self, entry: Entry) -> None:
-        if entry.state is FAST and not entry.elsewhere:
+        # A pinned entry never leaves: kept out of the order, which evict_lru walks for
+        # every op that needs room (thousands of small pinned storages, biases and
+        # Adam's step counts, made each walk long: O(storages) per op).
+        if entry.state is FAST and not entry.elsewhere and not entry.pinned:
             self.lru[entry.key] = entry
             self.lru.move_to_end(entry.key)
 
@@ -408,6 +412,8 @@ class Residency:
             return False
         entry.pinned = True
         self.pinned_resident += entry.nbytes
+        if self.lru.get(entry.key) is entry:        # never evicted now: out of the order
+            del self.lru[entry.key]
         self.newly_pinned.append(entry)
         if exported(storage):
             self._export_pins.append(entry)
@@ -900,18 +906,34 @@ class Residency:
             self._reap_dead()
         if self.resident <= target:               # most calls: no copy of the order
             return False
-        started, pending, evicted = [], 0, False
-        for key in list(self.lru):
-            if self.resident - pending <= target:
+        # The least recent entries that cover the excess, chosen before any is evicted
+        # (evicting changes the order): a walk of the few it takes, not a copy of the
+        # whole order per call. Should evictions free less than chosen, the rest of the
+        # order is walked as before.
+        excess, cover, chosen = self.resident - target, 0, []
+        for key, entry in self.lru.items():
+            if cover >= excess:
                 break
-            entry = self.lru.get(key)
-            if entry is None or key in keep or entry.pinned:
-                continue
-            self.evict(entry, unplanned=True)
-            evicted = evicted or entry.state is not FAST
-            if entry.state is OUT:
-                started.append(entry)
-                pending += entry.nbytes
+            if key not in keep and not entry.pinned:
+                chosen.append(key)
+                cover += entry.nbytes
+        started, pending, evicted = [], 0, False
+        for keys in (chosen, None):
+            if keys is None:
+                if self.resident - pending <= target:
+                    break
+                keys = list(self.lru)
+            for key in keys:
+                if self.resident - pending <= target:
+                    break
+                entry = self.lru.get(key)
+                if entry is None or key in keep or entry.pinned:
+                    continue
+                self.evict(entry, unplanned=True)
+                evicted = evicted or entry.state is not FAST
+                if entry.state is OUT:
+                    started.append(entry)
+                    pending += entry.nbytes
         for entry in started:
             self.finish(entry)
         return evicted
