@@ -5,8 +5,8 @@ torchrun, one OutOfCore per rank (its own budget, its own swap file).
         [--accumulate N]
 
 --check trains the same steps without outcore first and says whether every parameter
-came out bitwise equal. CPU tensors and gloo: outcore's GPU tier (offload="host") is not
-built yet, so on GPUs this script still trains on the CPU. Budgets: DDP's gradient
+came out bitwise equal. CPU tensors and gloo: on a machine with GPUs this script still trains on the CPU (outcore's
+GPU tier, offload="host", has not run under torchrun yet). Budgets: DDP's gradient
 buckets never move (a collective may still use them: docs/distributed.md), so give each
 rank at least their size beside the largest layer's activations; `gradient_as_bucket_view
 =True` makes the gradients those buckets and halves that. --accumulate N calls
@@ -73,7 +73,7 @@ def train(steps: int, budget: str | None, batch: int, accumulate: int = 1) -> li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--budget", default="64MiB",
                         help="fast-tier budget per rank (the in-core peak at batch 16 is ~300 MiB)")
     parser.add_argument("--steps", type=int, default=20)

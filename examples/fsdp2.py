@@ -7,8 +7,9 @@ torchrun, one OutOfCore per rank (its own budget, its own swap file).
 --check trains the same steps without outcore first and says whether this rank's shard
 of every parameter came out bitwise equal. --state-dir keeps each rank's shards after
 every step in DIR/rank<r> (docs/state.md): the same command started again after a kill
-or Ctrl-C resumes from the last completed step, bitwise. CPU tensors and gloo: outcore's GPU tier
-(offload="host") is not built yet, so on GPUs this script still trains on the CPU.
+or Ctrl-C resumes from the last completed step, bitwise. CPU tensors and gloo: on a machine
+with GPUs this script still trains on the CPU (outcore's GPU tier, offload="host", has not
+run under torchrun yet).
 Ownership (docs/distributed.md): FSDP keeps the unsharded parameters of each layer it
 gathers and frees them itself; outcore moves the sharded parameters, the optimizer
 state, the activations. Buffers a collective used (the reduce-scattered gradients) stay
@@ -80,7 +81,7 @@ def train(steps: int, budget: str | None, batch: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--budget", default="64MiB",
                         help="fast-tier budget per rank (the in-core peak at batch 16 is ~300 MiB)")
     parser.add_argument("--steps", type=int, default=20)

@@ -45,3 +45,27 @@ def test_a_directory_that_is_not_a_path_is_refused(name):
         outcore.OutOfCore("1MiB", **{name: 5})
     with pytest.raises(outcore.OutcoreError, match=f"{name} must be a directory path.*got ''"):
         outcore.OutOfCore("1MiB", **{name: ""})       # it meant the working directory
+
+
+def test_a_budget_given_as_a_bare_small_number_asks_for_the_unit(tmp_path, capsys):
+    """`--budget 16` and OutOfCore(budget=2) were read as bytes and failed later, at the
+    first iteration or with "needs 12.92 GiB", never saying a unit was missing."""
+    from outcore.cli.main import main
+    from outcore.units import parse_budget
+    for value in (2, 16, "16", " 512 ", 65535):
+        with pytest.raises(outcore.OutcoreError, match=r"read as \d+ bytes.*write the unit"):
+            parse_budget(value)
+    with pytest.raises(outcore.OutcoreError, match=r"OutOfCore's budget 2 is read as 2 bytes"):
+        outcore.OutOfCore(budget=2, swap_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    # with a unit, or large enough to be meant as bytes, it is taken as written
+    assert parse_budget("16B") == 16 and parse_budget("300KiB") == 300 * 1024
+    assert parse_budget(65536) == 65536 and parse_budget("2147483648") == 2**31
+    path = tmp_path / "t.json"
+    from outcore.trace.model import Access, Array, Function, Trace
+    Trace((Function(0, "f", "forward", (Access(0, "create"),)),),
+          (Array(0, 1 << 20, "float32", "cpu", "transient", "activation", (0, 0), 0, 0, 0, False),),
+          "cpu", "measured").save(path)
+    for command in ("plan", "simulate"):
+        assert main([command, str(path), "--budget", "16"]) == 2
+        assert "write the unit, e.g. '16GiB' or '16MiB'" in capsys.readouterr().err

@@ -215,7 +215,7 @@ def test_the_policies_table_adds_up(trace_file, capsys):
     mover's CPU (the last had no column, so on cpu-disk the row did not add up)."""
     from outcore import Trace
     peak = Trace.load(trace_file).peak()[0]
-    assert main(["simulate", str(trace_file), "--budget", str(peak // 3),
+    assert main(["simulate", str(trace_file), "--budget", f"{peak // 3}B",
                  "--policy", "adaptive,fixed"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if " adaptive " in line or " fixed " in line]
@@ -233,7 +233,7 @@ def test_the_policies_table_shows_what_auto_ranks_by(trace_file, capsys):
     than a policy it had beaten. The table shows both; auto's sum is the least."""
     from outcore import Trace
     peak = Trace.load(trace_file).peak()[0]
-    assert main(["simulate", str(trace_file), "--budget", str(peak // 3),
+    assert main(["simulate", str(trace_file), "--budget", f"{peak // 3}B",
                  "--policy", "auto,adaptive,fixed"]) == 0
     out = capsys.readouterr().out
     assert "between ms" in out and "auto ranks plans by step + between" in out

@@ -144,6 +144,27 @@ def test_one_iteration_per_optimizer_step_bitwise(tmp_path):
     assert not callback.in_step and not any((tmp_path / "ooc").iterdir())
 
 
+def test_torch_compile_runs_eagerly_bitwise(tmp_path):
+    """TrainingArguments(torch_compile=True) was refused, though a compiled model inside
+    ooc.iteration() runs eagerly and exactly: now it trains, bitwise the uncompiled
+    Trainer's, replays, and the recording warns that nothing is compiled."""
+    plain_model = make_model()
+    plain = make_trainer(plain_model, tmp_path / "plain")
+    plain.train()
+    model = make_model()
+    with outcore.OutOfCore(budget=BUDGET, swap_dir=tmp_path) as ooc:
+        callback = OutcoreCallback(ooc)
+        trainer = make_trainer(model, tmp_path / "ooc", [callback], torch_compile=True)
+        with pytest.warns(UserWarning, match="torch.compile'd .* runs inside ooc.iteration"), callback:
+            trainer.train()
+        report = ooc.report()
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert_bitwise_equal(full_state(plain_model, plain), full_state(model, trainer))
+    assert losses(plain) == losses(trainer)
+    assert [it.mode for it in report.iterations][-1] == "replay", str(report)
+    assert sum(it.bytes_written for it in report.iterations) > 0, str(report)
+
+
 class StopInAccumulation(TrainerCallback):
     """Stops training after the first micro-batch of the given step (1-based)."""
 
@@ -319,11 +340,6 @@ def _misuse_while_open(ooc, callback, args, state, control):
     with callback:                          # end() and the guard with nothing open do nothing
         callback.end()
 
-    with pytest.raises(outcore.OutcoreError, match="torch_compile"), callback, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args.torch_compile = True
-        callback.on_train_begin(args, state, control)
-    args.torch_compile = False
     for wrong, match in ((SimpleNamespace(device=torch.device("cuda"), torch_compile=False, world_size=1),
                           "offload=.disk. trains on the CPU.*offload=.host."),
                          (SimpleNamespace(device=torch.device("cpu"), torch_compile=False, world_size=2),

@@ -11,7 +11,7 @@ def test_plan_prints_summary_and_writes_json(tmp_path, capsys):
     path = tmp_path / "t.json"
     build(PREFETCH, PREFETCH_FNS).save(path)
     out_path = tmp_path / "s.json"
-    assert main(["plan", str(path), "--budget", "8", "--policy", "adaptive", "-o", str(out_path)]) == 0
+    assert main(["plan", str(path), "--budget", "8B", "--policy", "adaptive", "-o", str(out_path)]) == 0
     out = capsys.readouterr().out
     assert "moved in            2 B  (1 swap-ins)" in out   # w stays resident at the start
     assert "f3 f3 (forward): before [in a0] after [free a3]" in out
@@ -21,16 +21,16 @@ def test_plan_prints_summary_and_writes_json(tmp_path, capsys):
 def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
     path = tmp_path / "t.json"
     build(PREFETCH, PREFETCH_FNS).save(path)
-    assert main(["plan", str(path), "--budget", "5"]) == 2
+    assert main(["plan", str(path), "--budget", "5B"]) == 2
     err = capsys.readouterr().err
     assert "cannot run function 1 (f1, forward): it needs 8 B" in err
     assert "smallest feasible budget for this trace is 8 B" in err
     # simulate says the same where nothing could run; in a table, the row says it.
-    assert main(["simulate", str(path), "--budget", "5"]) == 2
+    assert main(["simulate", str(path), "--budget", "5B"]) == 2
     assert "smallest feasible budget for this trace is 8 B" in capsys.readouterr().err
-    assert main(["simulate", str(path), "--budget", "5,8"]) == 0
+    assert main(["simulate", str(path), "--budget", "5B,8B"]) == 0
     assert "infeasible: needs 8 B" in capsys.readouterr().out
-    assert main(["plan", str(path), "--budget", "0"]) == 2
+    assert main(["plan", str(path), "--budget", "0B"]) == 2
     assert "the budget must be positive, got 0 bytes" in capsys.readouterr().err
     # A negative value after its option is the option's value, not an unknown option.
     assert main(["plan", str(path), "--budget", "-5MiB"]) == 2
@@ -40,7 +40,7 @@ def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
 def test_simulate_single_and_sweep_table(tmp_path, capsys):
     path = tmp_path / "t.json"
     build(PREFETCH, PREFETCH_FNS, durations=[1.0] * 5).save(path)
-    assert main(["simulate", str(path), "--budget", "8", "--machine", "cpu-disk"]) == 0
+    assert main(["simulate", str(path), "--budget", "8B", "--machine", "cpu-disk"]) == 0
     out = capsys.readouterr().out
     assert "% of in-core speed" in out
     step = float(out.split("step time")[1].split("ms")[0])
@@ -58,24 +58,24 @@ def test_simulate_single_and_sweep_table(tmp_path, capsys):
 def test_window_options_pick_their_policy(tmp_path, capsys):
     path = tmp_path / "t.json"
     build(PREFETCH, PREFETCH_FNS, durations=[1.0] * 5).save(path)
-    assert main(["plan", str(path), "--budget", "8"]) == 0
+    assert main(["plan", str(path), "--budget", "8B"]) == 0
     assert "Schedule (auto, chosen=" in capsys.readouterr().out
-    assert main(["plan", str(path), "--budget", "8", "--window", "6"]) == 0
+    assert main(["plan", str(path), "--budget", "8B", "--window", "6"]) == 0
     assert "Schedule (adaptive, keep_state=True, window=6)" in capsys.readouterr().out
-    assert main(["plan", str(path), "--budget", "8", "--k", "2"]) == 0
+    assert main(["plan", str(path), "--budget", "8B", "--k", "2"]) == 0
     assert "Schedule (fixed, k=2" in capsys.readouterr().out
-    assert main(["plan", str(path), "--budget", "8", "--k", "2", "--window", "6"]) == 2
+    assert main(["plan", str(path), "--budget", "8B", "--k", "2", "--window", "6"]) == 2
     assert "give --policy too" in capsys.readouterr().err
-    assert main(["simulate", str(path), "--budget", "8", "--window", "6"]) == 0
+    assert main(["simulate", str(path), "--budget", "8B", "--window", "6"]) == 0
     assert "Schedule (adaptive, keep_state=True, window=6)" in capsys.readouterr().out
-    assert main(["plan", str(path), "--budget", "8", "--policy", "auto", "--window", "6"]) == 2
+    assert main(["plan", str(path), "--budget", "8B", "--policy", "auto", "--window", "6"]) == 2
     assert "policy 'auto' takes no option(s) window" in capsys.readouterr().err
-    assert main(["plan", str(path), "--budget", "8", "--wait-order", "completion"]) == 0
+    assert main(["plan", str(path), "--budget", "8B", "--wait-order", "completion"]) == 0
     assert "Schedule (adaptive, keep_state=True, wait_order=completion" in capsys.readouterr().out
-    assert main(["simulate", str(path), "--budget", "8", "--policy", "all",
+    assert main(["simulate", str(path), "--budget", "8B", "--policy", "all",
                  "--wait-order", "completion"]) == 0     # only adaptive takes it
     for command in ("plan", "simulate"):
-        assert main([command, str(path), "--budget", "8", "--policy", "fixed",
+        assert main([command, str(path), "--budget", "8B", "--policy", "fixed",
                      "--wait-order", "completion"]) == 2
         assert "policy 'fixed' takes no option(s) wait_order" in capsys.readouterr().err
 

@@ -264,13 +264,13 @@ def test_outcore_plan_recompute_all_writes_the_trace_its_schedule_is_for(tmp_pat
     path, out = tmp_path / "t.json", tmp_path / "s.json"
     t = layered([8, 16, 16])
     t.save(path)
-    budget = str(min_feasible_budget(recompute.rewrite(t, recompute.candidates(t))))
+    budget = f"{min_feasible_budget(recompute.rewrite(t, recompute.candidates(t)))}B"
     assert main(["plan", str(path), "--budget", budget, "--recompute", "all", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "recomputes" in printed and "recompute:aten.convolution.default" in printed
     r = Trace.load(str(out) + ".trace.json")
     check(r, Schedule.load(out))
-    assert main(["plan", str(path), "--budget", str(t.peak()[0])]) == 0
+    assert main(["plan", str(path), "--budget", f"{t.peak()[0]}B"]) == 0
     assert "recomputes" not in capsys.readouterr().out      # default: the trace as given
 
 
@@ -292,11 +292,11 @@ def test_outcore_simulate_recompute(tmp_path, capsys):
     path = tmp_path / "t.json"
     t = layered([4, 64, 64, 64])
     t.save(path)
-    budget = str(int(t.peak()[0] * 0.9))
+    budget = f"{int(t.peak()[0] * 0.9)}B"
     assert main(["simulate", str(path), "--budget", budget, "--recompute", "all"]) == 0
     rewritten = recompute.rewrite(t, recompute.candidates(t))
     assert f"Trace({len(rewritten.functions)} functions" in capsys.readouterr().out
-    assert main(["simulate", str(path), "--budget", budget + "," + str(t.peak()[0]),
+    assert main(["simulate", str(path), "--budget", budget + "," + f"{t.peak()[0]}B",
                  "--recompute", "all"]) == 0
     assert " rc " in capsys.readouterr().out
     assert main(["simulate", str(path), "--budget", budget, "--ranks", "2",

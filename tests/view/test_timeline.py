@@ -155,11 +155,12 @@ def test_measured_timeline_of_a_replayed_iteration(tmp_path):
 def test_cli_simulate_writes_a_timeline(recorded, tmp_path, capsys):
     trace_path, out = tmp_path / "t.json", tmp_path / "timeline.json"
     recorded.save(trace_path)
-    budget = str(recorded.peak(actual=True)[0] // 2)
+    half = recorded.peak(actual=True)[0] // 2
+    budget = f"{half}B"
     assert main(["simulate", str(trace_path), "--budget", budget, "--timeline", str(out)]) == 0
     assert "timeline written" in capsys.readouterr().out
     assert validate(json.loads(out.read_text())) == []
-    assert main(["simulate", str(trace_path), "--budget", f"{budget},{budget}0",
+    assert main(["simulate", str(trace_path), "--budget", f"{budget},{half * 10}B",
                  "--timeline", str(out)]) == 2
     assert "one trace, one budget and one policy" in capsys.readouterr().err
 

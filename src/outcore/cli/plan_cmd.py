@@ -3,7 +3,7 @@
 `outcore plan TRACE --cluster --machine M --interconnect I --max-devices N`: rank every
 way of running the step on 1..N devices (single, ddp, fsdp, pp; in-core where it fits,
 out-of-core under the device's memory where it does not) by predicted throughput
-(outcore.simulate.cluster.rank_configurations)."""
+(rank_configurations in outcore.simulate.cluster)."""
 from __future__ import annotations
 
 from ..errors import InfeasibleBudget, OutcoreError
@@ -11,7 +11,7 @@ from ..plan import POLICIES, lower_bound, min_feasible_budget
 from ..plan.recompute import choose as choose_recompute
 from ..simulate import machine
 from ..trace import Trace
-from ..units import format_bytes, parse_bytes
+from ..units import format_bytes, parse_budget
 from .trace_cmd import _count
 
 
@@ -131,7 +131,7 @@ def run(args) -> int:
                                f"policy {policy} plans the same on any: drop --machine, or "
                                "give --policy auto")
     trace = Trace.load(args.trace)
-    budget = parse_bytes(args.budget)
+    budget = parse_budget(args.budget, "--budget")
     try:
         chosen, trace, schedule = choose_recompute(trace, budget, mode=RECOMPUTE[args.recompute],
                                                    policy=policy,

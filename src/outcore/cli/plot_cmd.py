@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..plan import POLICIES, plan
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
-from ..units import parse_bytes
+from ..units import parse_budget
 from .plan_cmd import add_adaptive_options, chosen_policy, policy_options
 
 
@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..view.plot import plot_memory
     trace = Trace.load(args.trace)
     policy = chosen_policy(args)
-    schedule = plan(trace, parse_bytes(args.budget), policy, **policy_options(args, policy))
+    schedule = plan(trace, parse_budget(args.budget, "--budget"), policy, **policy_options(args, policy))
     sim = simulate(trace, schedule, args.machine)
     plot_memory(trace, schedule, sim, args.output, title=trace.info.get("label"))
     print(f"memory picture written to {args.output}")

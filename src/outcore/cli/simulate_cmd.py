@@ -4,11 +4,11 @@ Several traces (e.g. one per batch size), several budgets (comma-separated), sev
 policies (comma-separated or `all`) or --sweep give a table, one row per combination.
 
 `--ranks N [--strategy ddp|fsdp|pp] [--interconnect NAME]`: predict one rank's step of
-the trace run on N devices (outcore.simulate.cluster.predict; --budget is then the
+the trace run on N devices (predict in outcore.simulate.cluster; --budget is then the
 per-device memory for out-of-core training).
 
 `--together TRACE0 TRACE1 ...`: the traces are ranks 0, 1, ... of one distributed step,
-each recorded on its own rank; simulate them together (outcore.simulate.simulate_ranks)."""
+each recorded on its own rank; simulate them together (simulate_ranks in outcore.simulate)."""
 from __future__ import annotations
 
 from ..errors import InfeasibleBudget, OutcoreError
@@ -16,7 +16,7 @@ from ..plan import POLICIES, min_feasible_budget, plan
 from ..plan.recompute import choose as choose_recompute
 from ..simulate import PRESETS, physical_limit, simulate
 from ..trace import Trace
-from ..units import format_bytes, parse_bytes
+from ..units import format_bytes, parse_budget
 from .plan_cmd import (ADAPTIVE_ONLY, RECOMPUTE, add_adaptive_options, add_recompute,
                        chosen_policy, policy_options)
 
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     d.add_argument("--ranks", type=int, help="predict the step on this many devices")
     d.add_argument("--strategy", help="ddp (default), fsdp or pp")
     d.add_argument("--interconnect", help="interconnect preset (default nvlink-a100): "
-                                          "see outcore.simulate.comm.INTERCONNECTS")
+                                          "see INTERCONNECTS in outcore.simulate.comm")
     d.add_argument("--batch", type=int, help="the trace's (global) batch size, to check the split")
     d.add_argument("--together", action="store_true",
                    help="the TRACEs are ranks 0, 1, ... of one step, each recorded on its rank "
@@ -124,7 +124,7 @@ def run_together(args) -> int:
                            f"(cpu-disk), not {args.machine}")
     schedules = []
     for rank, trace in enumerate(traces):
-        budget = parse_bytes(args.budget) if args.budget else trace.peak(actual=True)[0]
+        budget = parse_budget(args.budget, "--budget") if args.budget else trace.peak(actual=True)[0]
         try:
             schedules.append(plan(trace, budget, policy, **policy_options(args, policy)))
         except InfeasibleBudget as exc:
@@ -177,7 +177,7 @@ def _budgets(args, trace, machine) -> list[int]:
         n = args.sweep
         return sorted({lo + (hi - lo) * i // (n - 1) for i in range(n)})
     if args.budget:
-        return [parse_bytes(b) for b in args.budget.split(",")]
+        return [parse_budget(b, "--budget") for b in args.budget.split(",")]
     return [PRESETS[machine].fast_bytes]
 
 

@@ -126,8 +126,9 @@ class OutcoreCallback(StepIterations, Callback):
 
     ooc: an open `outcore.OutOfCore` without `state_dir` (resume from Lightning's
         checkpoints). At `on_fit_start` the fit must use automatic optimization, train on
-        the CPU in one process, and not be `torch.compile`d (outcore's limits; README,
-        "Limits today"); otherwise `OutcoreError`.
+        the CPU in one process (outcore's limits; README, "Limits today"); otherwise
+        `OutcoreError`. A `torch.compile`d module runs eagerly, bitwise the uncompiled
+        one's (docs/integrations.md).
     """
 
     framework = "Lightning"
@@ -156,10 +157,6 @@ class OutcoreCallback(StepIterations, Callback):
         self._require_device_one_process(
             getattr(getattr(trainer, "strategy", None), "root_device", None),
             getattr(trainer, "world_size", 1), "Trainer(accelerator='cpu')")
-        if _compiled(pl_module):
-            raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
-                               "bypass the dispatcher outcore manages tensors through); fit the "
-                               "LightningModule itself, not torch.compile(model)")
         self._set_fetching_aside(trainer)
         self._loaded = True
 
@@ -257,12 +254,3 @@ class OutcoreCallback(StepIterations, Callback):
         for name, ours in (("_on_before_fetch", before), ("_on_after_fetch", after)):
             if loop.__dict__.get(name) is ours:
                 del loop.__dict__[name]
-
-
-def _compiled(pl_module) -> bool:
-    """`trainer.fit(torch.compile(model))` (Lightning unwraps it and keeps the compiler in
-    `_compiler_ctx`, utilities/compile.py), or a compiled submodule."""
-    if getattr(pl_module, "_compiler_ctx", None) is not None:
-        return True
-    modules = getattr(pl_module, "modules", None)
-    return callable(modules) and any(type(m).__name__ == "OptimizedModule" for m in modules())

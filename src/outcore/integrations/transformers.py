@@ -89,8 +89,9 @@ class OutcoreCallback(StepIterations, TrainerCallback):
     [Exceptions]).
 
     ooc: an open `outcore.OutOfCore` without `state_dir` (use the Trainer's checkpoints
-        to resume). Other errors: the Trainer must train on the CPU, in one process,
-        without `torch_compile` (outcore's limits; README, "Limits today").
+        to resume). Other errors: the Trainer must train on the CPU, in one process
+        (outcore's limits; README, "Limits today"). With `torch_compile=True` the steps run
+        eagerly, bitwise the uncompiled model's (docs/integrations.md).
     """
 
     framework = "the Trainer"
@@ -121,10 +122,6 @@ class OutcoreCallback(StepIterations, TrainerCallback):
         self._require_device_one_process(getattr(args, "device", None),
                                          getattr(args, "world_size", 1),
                                          "TrainingArguments(use_cpu=True)")
-        if getattr(args, "torch_compile", False):
-            raise OutcoreError("OutcoreCallback cannot run torch.compile'd steps (compiled regions "
-                               "bypass the dispatcher outcore manages tensors through); set "
-                               "TrainingArguments(torch_compile=False)")
         if self._guards == 0:
             warnings.warn("OutcoreCallback: trainer.train() runs outside `with callback:`; an exception "
                           "escaping a step would leave its outcore iteration open (and ooc.close() "

@@ -73,7 +73,7 @@ from ..plan.feasibility import min_feasible_budget, occupancy, require_feasible
 from ..plan.recompute import check_mode, choose as choose_recompute, remade, rewrite
 from ..trace.lifetimes import function_bytes
 from ..states import FAST
-from ..units import format_bytes, parse_bytes
+from ..units import format_bytes, parse_budget, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
 from .compose import (Composition, _distributed_up, fsdp_set_up, held_arrays, owned_arrays,
@@ -306,7 +306,7 @@ class OutOfCore:
         self._active = False
         self._active_thread = None      # the thread whose block is open
         self._mode = None               # its dispatch mode while pushed (sharing.py reads it)
-        self.budget = parse_bytes(budget)
+        self.budget = parse_budget(budget, "OutOfCore's budget")
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
         if offload not in ("disk", "host"):
