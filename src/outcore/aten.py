@@ -298,6 +298,20 @@ def storage_of(t: torch.Tensor):
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def makes_nothing_new(func) -> bool:
+    """Whether `func` creates no storage: a view, or an op that writes arguments and
+    returns only those (or nothing): `add_`, the `out=` variants, `_foreach_add_`. An op
+    that writes an argument and returns a new tensor too creates storages like any
+    other: `rrelu_with_noise` writes its noise, QAT's `_fused_moving_avg_obs_fq_helper`
+    its observer's statistics, and both return fresh outputs (counted as making nothing,
+    their recordings went over the budget by the outputs' bytes)."""
+    if func.is_view:
+        return True
+    schema = func._schema
+    return schema.is_mutable and all(r.alias_info is not None for r in schema.returns)
+
+
 def distinct_storages(tensors) -> list:
     """Distinct storages of `tensors` in order of first appearance."""
     seen, out = set(), []

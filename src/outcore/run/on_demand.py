@@ -19,7 +19,7 @@ from ..units import format_bytes
 from ..states import FAST
 from .residency import Residency, movable
 from ..aten import distinct_storages as storages
-from ..aten import iter_tensors, output_tensors, written_tensors
+from ..aten import iter_tensors, makes_nothing_new, output_tensors, written_tensors
 
 
 class OnDemand:
@@ -115,7 +115,8 @@ def needed(res: Residency, entries, created) -> tuple[int, int]:
 
 def room(func, entries, args=(), kwargs=None) -> int:
     """Bytes to leave free before `func` runs for the storages it will create: none for
-    an op that only writes its arguments or returns a view of one; what its meta kernel
+    an op that only writes its arguments or returns a view of one (`makes_nothing_new`:
+    one that writes an argument and returns a new tensor too is asked); what its meta kernel
     says it creates (`created_bytes`) where that can be asked; else as much as its
     largest movable input (an elementwise op or a norm makes an output of about that
     size). Without room an op's outputs come on top of a full budget; with the largest
@@ -131,7 +132,7 @@ def room(func, entries, args=(), kwargs=None) -> int:
         return 0
     if any(t.layout is not torch.strided for t in _arguments(args, kwargs)):
         return sum(e.nbytes for e in entries)
-    if func._schema.is_mutable:
+    if makes_nothing_new(func):
         return 0
     made = created_bytes(func, args, kwargs or {})
     if made is not None:
@@ -224,7 +225,7 @@ def learn_created(func, args, kwargs, made: int) -> None:
     megabytes, or none at all), remember what it made, so that the next call with the
     same signature gets its room. The first such call went over the budget by the
     difference; the later ones do not."""
-    if func.namespace != "aten" or func.is_view or func._schema.is_mutable:
+    if func.namespace != "aten" or makes_nothing_new(func):
         return
     try:
         key = (func, _signature(args), _signature(kwargs))
@@ -283,7 +284,10 @@ def _created_bytes_unseeded(func, args, kwargs) -> int | None:
     outputs = output_tensors(out)
     if any(t.device.type != "meta" for t in outputs):
         return None
-    made = sum(s.nbytes() for s in storages(outputs))
+    # An op that writes an argument returns it too at times (beside a new output): the
+    # meta copy given is no storage made.
+    given = {s._cdata for s in storages(iter_tensors((*margs, *mkwargs.values())))}
+    made = sum(s.nbytes() for s in storages(outputs) if s._cdata not in given)
     if func in _LOSSES_KEEPING_THEIR_BUFFER:
         pair = [t for t in args[:2] if isinstance(t, torch.Tensor)]
         if len(pair) == 2:

@@ -24,7 +24,8 @@ import weakref
 
 import torch
 
-from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, output_tensors,
+from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, makes_nothing_new,
+                    output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
@@ -991,7 +992,7 @@ class Replayer(HeldMode):
         kernel does not say it makes a larger one (a factory: `torch.full((n,), 1.0)`)."""
         if not self._small(func, storages):
             return False
-        if func.is_view or func._schema.is_mutable:
+        if makes_nothing_new(func):
             return True
         if torch.Tag.pointwise in func.tags:
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
