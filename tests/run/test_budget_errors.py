@@ -643,3 +643,36 @@ def test_the_min_move_bytes_advice_counts_only_what_a_lower_threshold_would_move
         run(shared, torch.optim.SGD(shared.parameters(), lr=0.1), torch.randn(8, 64), 700 * 1024)
     assert "lower min_move_bytes" not in str(err.value), err.value
     assert not list(tmp_path.iterdir())
+
+
+def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_says_so(tmp_path):
+    """Forty small arrays alive at once early, three large ones late: the recording makes
+    room op by op and stays within the budget, but a plan keeps room for the small
+    arrays' peak throughout and cannot fit the large ones beside it. The error said "No
+    schedule can run this step" of a step that had just run (helper-79, four times in a
+    loop with accumulation); it now says the step ran and its results stand."""
+    def step(w):
+        parts = [w[:15000] * i for i in range(40)]        # 60 KB each: never move
+        acc = parts[0].clone()
+        for p in parts:
+            acc += p
+        del parts
+        y = w * 3
+        w.add_((y * w).mean() + acc.mean())
+    torch.manual_seed(0)
+    plain = torch.randn(262144)
+    ours = plain.clone()
+    step(plain)
+    with outcore.OutOfCore(budget="3.5MiB", swap_dir=str(tmp_path)) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget,
+                           match=r"ran op by op within the budget .* its results stand; a plan "
+                                 r"cannot run it") as err:
+            with ooc.iteration():
+                step(ours)
+        assert ooc.report().iterations[-1].peak_resident <= ooc.budget
+        assert torch.equal(plain, ours)
+        assert err.value.min_feasible_bytes > ooc.budget
+        with pytest.raises(outcore.InfeasibleBudget, match="this one did not start"):
+            with ooc.iteration():
+                step(ours)
+        assert torch.equal(plain, ours)

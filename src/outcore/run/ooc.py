@@ -997,8 +997,17 @@ class OutOfCore:
                  "(shorter sequences, a smaller batch) has more of its arrays under it than "
                  "a larger one and can need more" if 4 * small >= smallest
                  else "lower the batch, or lower min_move_bytes")
+        # The recording itself made room op by op and may have stayed within the budget
+        # (helper-79: a step with accumulation, four times): then it is the plan, which
+        # leaves the arrays that never move their peak throughout, that cannot run it.
+        peak = self._res.stats.peak_resident if recording is not None else None
+        verdict = ("No schedule can run this step" if peak is None or peak > self.budget else
+                   f"This step ran op by op within the budget (its peak {format_bytes(peak)}), "
+                   "making room as each op needed it, and its results stand; a plan cannot "
+                   "run it, as it keeps room for those arrays at their peak throughout, and "
+                   "later iterations do not start")
         raise InfeasibleBudget(
-            f"{what} {held} No schedule can run this step; the "
+            f"{what} {held} {verdict}; the "
             f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise "
             f"the budget to that or more, {lower}.",
             function_index=index if index is not None else 0, op=op or "the step",
