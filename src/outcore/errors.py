@@ -44,6 +44,23 @@ class HostBudgetTooSmall(OutcoreError):
         self.host_budget = host_budget
 
 
+# What each of outcore's JSON files is, for an error that met one where another belongs.
+_FILES = {
+    "outcore.trace": "a trace (`outcore trace -o`, outcore.record(), Trace.save)",
+    "outcore.schedule": "a schedule (`outcore plan -o`, Schedule.save): the commands read "
+                        "the trace it was planned from, and plan it again",
+    "outcore.report": "a run's report (ooc.report().save(path)): print it with "
+                      "`outcore report`",
+    "outcore.state": "a state_dir's manifest (OutOfCore(state_dir=...))",
+}
+
+
+def file_kind(data) -> str:
+    """`; it is <what>` for JSON data of one of outcore's other formats, else ""."""
+    kind = data.get("format") if isinstance(data, dict) else None
+    return f"; it is {_FILES[kind]}" if isinstance(kind, str) and kind in _FILES else ""
+
+
 def no_room(exc: OSError) -> type[OutcoreError]:
     """The error for a failed write to the slow tier: SwapSpaceExhausted where the disk
     is full (or the quota spent), OutcoreError otherwise."""

@@ -3,11 +3,13 @@
 Most tests plan with keep_state=False: persistent state then starts and ends the step on
 the slow tier, as in the paper, which keeps each mechanism visible on its own. The tests
 at the end cover keep_state (the default), where state that fits stays resident."""
+import dataclasses
+
 import pytest
 
 import outcore
 from outcore.plan import POLICIES
-from outcore.plan.schedule import Action
+from outcore.plan.schedule import SWAP_IN, Action
 
 from .helpers import build
 
@@ -143,6 +145,13 @@ def test_summary_and_json_round_trip(tmp_path):
     assert "moved in" in text and "f3 f3 (forward): before [in a1]" not in text
     assert "f3 f3 (forward): before [in a0] after [free a3]" in text
     assert str(s).startswith("Schedule (adaptive")
+    # A function with many actions (a step that starts on the slow tier reads hundreds
+    # before its first function) lists the first twelve and how many more.
+    many = dataclasses.replace(s, begin=(tuple(Action(SWAP_IN, a) for a in range(30)),
+                                         *s.begin[1:]))
+    first = next(line for line in many.summary(trace=t).splitlines() if line.startswith("  f0 "))
+    assert "in a11 ... and 18 more] after" in first
+    assert "in a12" not in first
     path = tmp_path / "s.json"
     s.save(path)
     again = outcore.Schedule.load(path)

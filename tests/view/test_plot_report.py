@@ -110,6 +110,21 @@ def test_report_json_round_trips(tmp_path, capsys):
     (tmp_path / "y.json").write_text("{nope")
     assert main(["report", str(tmp_path / "y.json")]) == 2
     assert "is not JSON" in capsys.readouterr().err
+    # Another of outcore's files is named for what it is (a newcomer passed a trace to
+    # `report`, and a schedule to `simulate` and `plot`: "not an outcore trace").
+    (tmp_path / "t.json").write_text(json.dumps({"format": "outcore.trace", "version": 1}))
+    assert main(["report", str(tmp_path / "t.json")]) == 2
+    assert f"{tmp_path / 't.json'} is not an outcore report" in (err := capsys.readouterr().err)
+    assert "it is a trace" in err
+    data["budget"] = 1
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    (tmp_path / "s.json").write_text(json.dumps({"format": "outcore.schedule", "version": 1}))
+    for command in ("simulate", "plot", "plan"):
+        for path, kind in (("s.json", "a schedule"), ("r.json", "a run's report")):
+            out = ["-o", str(tmp_path / "x.png")] if command == "plot" else []
+            assert main([command, str(tmp_path / path), "--budget", "1GiB", *out]) == 2
+            assert f"not an outcore trace (expected \"format\": \"outcore.trace\"); it is {kind}" \
+                in capsys.readouterr().err
 
 
 def test_traffic_comparison_accounts_for_every_byte(tmp_path):

@@ -150,8 +150,7 @@ class Schedule:
             if trace is not None:
                 fn = trace.functions[i]
                 name += f" {fn.op} ({fn.phase})"
-            before = " ".join(map(str, self.begin[i])) or "-"
-            after = " ".join(map(str, self.end[i])) or "-"
+            before, after = _actions(self.begin[i]), _actions(self.end[i])
             lines.append(f"  {name}: before [{before}] after [{after}]")
             shown += 1
         return "\n".join(lines)
@@ -211,3 +210,12 @@ class Schedule:
         import json
         with open(path) as fh:
             return Schedule.from_dict(json.load(fh))
+
+
+def _actions(actions, shown: int = 12) -> str:
+    """A function's actions for the listing: the first `shown`, then how many more (the
+    first function of a step that starts on the slow tier reads in hundreds)."""
+    if not actions:
+        return "-"
+    text = " ".join(map(str, actions[:shown]))
+    return text + (f" ... and {len(actions) - shown} more" if len(actions) > shown else "")

@@ -5,7 +5,7 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from ..errors import OutcoreError
+from ..errors import OutcoreError, file_kind
 from ..memory.malloc import PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE
 from ..units import format_bytes
 
@@ -94,10 +94,11 @@ class Report:
                 "iterations": [asdict(it) for it in self.iterations]}
 
     @staticmethod
-    def from_dict(data: dict) -> "Report":
+    def from_dict(data: dict, source: str = "the data") -> "Report":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise OutcoreError(f"not an outcore report (expected \"format\": \"{FORMAT}\"); "
-                               "write one with ooc.report().save(path)")
+            raise OutcoreError(f"{source} is not an outcore report (expected \"format\": "
+                               f"\"{FORMAT}\"){file_kind(data)}; write a report with "
+                               "ooc.report().save(path)")
         if data.get("version") != VERSION:
             raise OutcoreError(f"report format version {data.get('version')} is not supported "
                                f"(this outcore reads version {VERSION})")
@@ -132,7 +133,7 @@ class Report:
                 data = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise OutcoreError(f"{path} is not JSON ({exc}); is it an outcore report?") from exc
-        return Report.from_dict(data)
+        return Report.from_dict(data, str(path))
 
     def _between(self) -> str:
         """The planned moves between iterations, beside those within the step."""

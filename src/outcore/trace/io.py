@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import TraceError
+from ..errors import TraceError, file_kind
 from .model import ARRAY_KINDS, CATEGORIES, PHASES, Access, Array, Function, Trace
 
 FORMAT = "outcore.trace"
@@ -97,8 +97,9 @@ class _Reader:
 def from_dict(data, source: str = "trace") -> Trace:
     r = _Reader(source)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        r.fail("top level", f"not an outcore trace (expected \"format\": \"{FORMAT}\"); "
-                            "record one with `outcore trace` or outcore.record()")
+        r.fail("top level", f"not an outcore trace (expected \"format\": \"{FORMAT}\")"
+                            f"{file_kind(data)}; record a trace with `outcore trace` or "
+                            "outcore.record()")
     version = r.get(data, "version", int, "top level")
     if version != VERSION:
         r.fail("version", f"trace format version {version} is not supported by this outcore "
