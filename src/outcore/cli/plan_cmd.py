@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
         description="Plan a recorded trace (outcore trace -o FILE) under a budget and print "
                     "what moves, how much, and the traffic lower bound.")
     p.add_argument("trace", help="trace JSON file")
-    p.add_argument("--budget", help="fast-tier budget, e.g. 16GB, 512MiB (required unless "
+    p.add_argument("--budget", help="fast-tier budget, e.g. 16GB (10^9 bytes each), 512MiB (2^20 each) (required unless "
                                     "--cluster; with --cluster: per-device budgets to try, "
                                     "comma-separated, default the device's memory)")
     p.add_argument("--policy", choices=POLICIES,

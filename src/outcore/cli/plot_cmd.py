@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
                     "curve and the swaps. For a measured step beside the plan, call "
                     "ooc.plot(path) after a replayed iteration.")
     p.add_argument("trace", help="trace JSON file (outcore trace -o FILE)")
-    p.add_argument("--budget", required=True, help="fast-tier budget, e.g. 512MiB")
+    p.add_argument("--budget", required=True, help="fast-tier budget, e.g. 512MiB (2^20 bytes each), 16GB (10^9 each)")
     p.add_argument("--policy", choices=POLICIES,
                    help="scheduling policy (default auto; with --window adaptive, with --k fixed)")
     p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),

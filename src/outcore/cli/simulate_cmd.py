@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
         description="Plan each trace under each budget and policy, replay the schedule on a "
                     "machine model and print the predicted step time against in-core.")
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace JSON file(s)")
-    p.add_argument("--budget", help="fast-tier budget(s), comma-separated (default: the "
-                                    "machine's memory)")
+    p.add_argument("--budget", help="fast-tier budget(s), comma-separated, e.g. 16GB (10^9 bytes each), "
+                                    "512MiB (2^20 each) (default: the machine's memory)")
     p.add_argument("--machine", default="cpu-disk", choices=sorted(PRESETS),
                    help="machine preset (default cpu-disk)")
     p.add_argument("--policy",
