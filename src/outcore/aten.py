@@ -301,7 +301,9 @@ def storage_of(t: torch.Tensor):
 @functools.lru_cache(maxsize=None)
 def makes_nothing_new(func) -> bool:
     """Whether `func` creates no storage: a view, or an op that writes arguments and
-    returns only those (or nothing): `add_`, the `out=` variants, `_foreach_add_`. An op
+    returns only those (or nothing): `add_`, the `out=` variants, `_foreach_add_` (an
+    `out=` tensor smaller than the result is resized by the op, and that growth is left
+    no room: a recording goes over the budget by it, helper-82). An op
     that writes an argument and returns a new tensor too creates storages like any
     other: `rrelu_with_noise` writes its noise, QAT's `_fused_moving_avg_obs_fq_helper`
     its observer's statistics, and both return fresh outputs (counted as making nothing,

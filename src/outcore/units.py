@@ -59,9 +59,9 @@ def parse_budget(value: int | float | str, where: str = "the budget") -> int:
     bare = not isinstance(value, str) or (match is not None and not match.group(2))
     if bare and 0 < n < 2**16:
         raise OutcoreError(
-            f"{where} {value!r} is read as {n} bytes, too little for any training step: "
-            f"write the unit, e.g. '{value}GiB' or '{value}MiB' (or '{value}B' if you mean "
-            "bytes)")
+            f"{where} {value!r} is read as {n} bytes, less than a storage worth moving "
+            f"(64 KiB): write the unit, e.g. '{value}GiB' or '{value}MiB', or "
+            f"'{value}B' where you do mean bytes")
     return n
 
 

@@ -181,7 +181,7 @@ def run_cluster(args) -> int:
     for s in strategies:
         if s not in STRATEGIES:
             raise OutcoreError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
-    budgets = [b for b in args.budget.split(",")] if args.budget else None
+    budgets = [parse_budget(b, "--budget") for b in args.budget.split(",")] if args.budget else None
     trace = Trace.load(args.trace)
     rows = rank_configurations(trace, device=args.machine, interconnect=link,
                                max_devices=8 if args.max_devices is None else args.max_devices,

@@ -82,7 +82,8 @@ def run_cluster(args) -> int:
         trace = Trace.load(path)
         print(repr(trace))
         print(predict(trace, machine=args.machine, interconnect=name, ranks=ranks,
-                      strategy=strategy, budget=args.budget, batch=args.batch))
+                      strategy=strategy, batch=args.batch,
+                      budget=parse_budget(args.budget, "--budget") if args.budget else None))
     return 0
 
 
