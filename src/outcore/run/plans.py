@@ -176,25 +176,26 @@ _MAX_COUNTED = 4096
 SMALL_OP_BYTES = 1024
 
 
-def small_functions(trace) -> list[bool]:
+def small_functions(trace, sizes: list | None = None) -> list[bool]:
     """Per function of `trace`: whether it is a small op (NOTE [Small ops off the
-    record], rule 1)."""
-    sizes = [a.nbytes for a in trace.arrays]
+    record], rule 1). `sizes`: each array's bytes, where not the trace's."""
+    sizes = [a.nbytes for a in trace.arrays] if sizes is None else sizes
     return [f.repeats is None and f.op.split(".", 1)[0] not in DISTRIBUTED_NAMESPACES
             and all(sizes[a.array] <= SMALL_OP_BYTES for a in f.accesses)
             and sum(sizes[a.array] for a in f.accesses if a.kind == "create") <= SMALL_OP_BYTES
             for f in trace.functions]
 
 
-def function_keys(trace) -> list:
+def function_keys(trace, sizes: list | None = None) -> list:
     """Per function of `trace`, what a step of the same shape runs there: its op and the
     bytes of the arrays it creates; None for a function the planner inserted
     (`Function.repeats`), which the step itself does not run, and for a small one
-    (NOTE [Small ops off the record], rule 3)."""
-    sizes = [a.nbytes for a in trace.arrays]
+    (NOTE [Small ops off the record], rule 3). `sizes`: each array's bytes, where not
+    the trace's (a step that ran its plan on smaller tensors: `Replayer.shape`)."""
+    sizes = [a.nbytes for a in trace.arrays] if sizes is None else sizes
     return [None if f.repeats is not None or small else
             (f.op, sum(sizes[a.array] for a in f.accesses if a.kind == "create"))
-            for f, small in zip(trace.functions, small_functions(trace))]
+            for f, small in zip(trace.functions, small_functions(trace, sizes))]
 
 
 def envelope(old, new, grown=None):

@@ -34,7 +34,7 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
-from .plans import SMALL_OP_BYTES, shape_of, sizes_after
+from .plans import SMALL_OP_BYTES, function_keys, shape_of, sizes_after
 from .residency import Residency
 from .steplog import StepLog
 
@@ -62,6 +62,7 @@ class Replayer(HeldMode):
         self.budget = budget
         self._take(trace, schedule, keys)
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
+        self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
         # Every op run after a deviation, small ones too: (name, the bytes of each storage
         # it made), for rule 10 of NOTE [Step shapes] (`outgrown_sizes`).
         self._made: list = []
@@ -450,8 +451,21 @@ class Replayer(HeldMode):
 
     def shape(self) -> int:
         """The shape of the step that ran (NOTE [Step shapes] in plans.py, rule 1): the
-        record's functions up to where it left them, then the ops run on demand."""
-        return shape_of([*self.keys[:self.index], *self._ran])
+        record's functions up to where it left them, then the ops run on demand. A step
+        that ran the plan to its end on smaller tensors has the plan's shape (rule 10); one
+        that left it has the sizes it bound and made up to there, as a recording of it
+        has them, small functions too: with the plan's, a micro-batch of 16 that left
+        the plan of a first micro-batch of 32 had a shape no recording has (the first 32
+        functions at 32, the rest at 16), each such step added a shape never planned,
+        and the loop never settled (helper-80: micro-batches of 32, 24, 32, 16 with a
+        step every second; half of 150 iterations recorded or deviated)."""
+        keys = self.keys[:self.index]
+        if self.deviation is not None and self._sizes:
+            sizes = list(self.nbytes)
+            for aid, nbytes in self._sizes.items():
+                sizes[aid] = nbytes
+            keys = function_keys(self.trace, sizes)[:self.index]
+        return shape_of([*keys, *self._ran])
 
     @property
     def outgrew(self) -> bool:
@@ -611,6 +625,7 @@ class Replayer(HeldMode):
                 nbytes = entry.nbytes if entry is not None else storage.nbytes()
                 if nbytes != self.nbytes[aid]:          # rule 10 of NOTE [Step shapes]
                     self.smaller |= nbytes < self.nbytes[aid]
+                    self._sizes[aid] = nbytes
                 if nbytes > self.nbytes[aid]:
                     out = self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
@@ -681,7 +696,9 @@ class Replayer(HeldMode):
             self._ran_on_demand(name, [e.nbytes for e in made])
             return out
         for storage, aid in zip(created, rest):
-            self.smaller |= storage.nbytes() < self.nbytes[aid]
+            if storage.nbytes() < self.nbytes[aid]:
+                self.smaller = True
+                self._sizes[aid] = storage.nbytes()
             entry = self.by_id[aid] = res.track(storage, self.nbytes[aid])
             self.aid_of[entry] = aid
         if call is not None and i in self._y_of and not recompute.captured(
