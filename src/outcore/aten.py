@@ -302,8 +302,7 @@ def storage_of(t: torch.Tensor):
 def makes_nothing_new(func) -> bool:
     """Whether `func` creates no storage: a view, or an op that writes arguments and
     returns only those (or nothing): `add_`, the `out=` variants, `_foreach_add_` (an
-    `out=` tensor smaller than the result is resized by the op, and that growth is left
-    no room: a recording goes over the budget by it, helper-82). An op
+    `out=` tensor smaller than the result grows: `on_demand.room` asks how much). An op
     that writes an argument and returns a new tensor too creates storages like any
     other: `rrelu_with_noise` writes its noise, QAT's `_fused_moving_avg_obs_fq_helper`
     its observer's statistics, and both return fresh outputs (counted as making nothing,

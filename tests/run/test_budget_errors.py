@@ -676,3 +676,41 @@ def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_says_so(tmp_pat
             with ooc.iteration():
                 step(ours)
         assert torch.equal(plain, ours)
+
+
+def test_an_out_argument_that_grows_gets_room(tmp_path):
+    """`torch.mul(w, 2.0, out=torch.empty(0))` grows its `out` argument to the result's
+    size in place. Taken for an op that makes nothing (it only writes its argument), it
+    was left no room: the recording went over the budget by about that much (helper-82,
+    present before this session too). Room is now what its meta copy grows by."""
+    from outcore.run.on_demand import room
+    w = torch.randn(256, 256)
+    assert room(torch.ops.aten.mul.out, [], (w, 2.0), {"out": torch.empty(0)}) == 2**18
+    assert room(torch.ops.aten.mul.out, [], (w, 2.0), {"out": torch.empty(256, 256)}) == 0
+    assert room(torch.ops.aten.mul_.Tensor, [], (w, w), {}) == 0
+
+    def make():
+        torch.manual_seed(0)
+        ws = [torch.randn(256, 256, requires_grad=True) for _ in range(6)]    # 256 KiB each
+        return ws, torch.optim.SGD(ws, lr=0.1)
+
+    def step(ws, opt):
+        loss = 0
+        for v in ws:
+            buf = torch.empty(0)
+            torch.mul(v.detach(), 2.0, out=buf)
+            loss = loss + (buf * v).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    plain, ours = make(), make()
+    budget = 1_300_000
+    with outcore.OutOfCore(f"{budget}B", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(3):
+            step(*plain)
+            with ooc.iteration():
+                step(*ours)
+        its = ooc.report().iterations
+    assert all(i.peak_resident <= budget for i in its), its
+    assert sum(i.bytes_written for i in its) > 0, its
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], ours[0]))
