@@ -2,6 +2,7 @@
 the user's terms (the budget they passed), and only once."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -714,3 +715,34 @@ def test_an_out_argument_that_grows_gets_room(tmp_path):
     assert all(i.peak_resident <= budget for i in its), its
     assert sum(i.bytes_written for i in its) > 0, its
     assert all(torch.equal(a, b) for a, b in zip(plain[0], ours[0]))
+
+
+def test_infeasible_after_a_deviation_names_the_phase_of_the_op_that_ran(tmp_path):
+    """After a deviation nothing maps the step's ops onto the record's: InfeasibleBudget
+    named the phase of the recorded function where the step left it, so Adam's update
+    after a deviation in forward (the model and its state turned float64) was called
+    "forward" and advised "lower the batch" (helper-80). The optimizer's hooks say now."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(512, 512), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 512)
+    with outcore.OutOfCore("4MiB", swap_dir=str(tmp_path)) as ooc:
+        for it in range(4):
+            if it == 3:                  # each Adam update now reads three 2 MiB tensors
+                model.to(torch.float64)
+                x = x.double()
+                for state in opt.state.values():
+                    for k, v in state.items():
+                        if v.dim():
+                            state[k] = v.double()
+            with pytest.raises(outcore.InfeasibleBudget) if it == 3 else contextlib.nullcontext() as err:
+                with ooc.iteration():
+                    model(x).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+        assert ooc.report().iterations[-1].deviation
+    assert ", run on demand, optimizer)" in str(err.value), str(err.value)[:300]
+    assert "lower the batch" not in str(err.value)

@@ -23,6 +23,8 @@ import time
 import weakref
 
 import torch
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
 
 from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, makes_nothing_new,
                     output_tensors,
@@ -62,6 +64,10 @@ class Replayer(HeldMode):
         self.budget = budget
         self._take(trace, schedule, keys)
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
+        # After a deviation, per optimizer step() begun and not returned: whether it began
+        # in a backward (the recorder's way: `_phase`); None before one.
+        self._optimizers: list | None = None
+        self._optimizer_hooks: list = []
         self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
         # Every op run after a deviation, small ones too: (name, the bytes of each storage
         # it made), for rule 10 of NOTE [Step shapes] (`outgrown_sizes`).
@@ -434,6 +440,9 @@ class Replayer(HeldMode):
             finally:
                 self.res.settle()
         finally:
+            for hook in self._optimizer_hooks:
+                hook.remove()
+            self._optimizer_hooks = []
             self._close_log()
 
     def _close_log(self) -> None:
@@ -762,9 +771,43 @@ class Replayer(HeldMode):
 
     @property
     def in_optimizer(self) -> bool:
-        """Whether the function the step stands at is the optimizer's."""
+        """Whether the step stands inside an optimizer's step(): the phase of the function
+        it stands at, and after a deviation what the optimizer's hooks say."""
+        if self._optimizers is not None:
+            return bool(self._optimizers)
         i = self.index
         return 0 <= i < self.n and self.trace.functions[i].phase == "optimizer"
+
+    def _watch_optimizers(self) -> None:
+        """After a deviation no op maps onto the record's, nor onto its phases: follow
+        optimizer steps as the recorder does (`Recording._phase`), from inside one where
+        the step left the record in one. For the phase InfeasibleBudget names and the
+        advice it gives (helper-80: Adam's update after a deviation in forward was
+        called "forward", with "lower the batch")."""
+        if self._optimizers is not None:
+            return
+        steps = self._optimizers = [False] if self.in_optimizer else []
+
+        def began(*_):
+            steps.append(torch._C._current_graph_task_id() != -1)
+
+        def returned(*_):
+            if steps:
+                steps.pop()
+        self._optimizer_hooks = [register_optimizer_step_pre_hook(began),
+                                 register_optimizer_step_post_hook(returned)]
+
+    def _live_phase(self, args, kwargs) -> str:
+        """The phase of an op run after a deviation (`_watch_optimizers`)."""
+        if self._optimizers and self._optimizers[-1]:
+            return "optimizer"               # stepped from a backward hook
+        if torch._C._current_graph_task_id() != -1:
+            return "backward"
+        if self._optimizers:
+            return "optimizer"
+        if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors_read(args, kwargs)):
+            return "forward"
+        return "other"
 
     def _pinned_but_moved(self, aid: int, entry) -> bool:
         """Whether array `aid` is bound to a storage that can never move (first met here:
@@ -1059,6 +1102,7 @@ class Replayer(HeldMode):
     def _deviate(self, reason, func, args, kwargs):
         self.deviation = reason
         self.log.deviation = (self.index, reason)
+        self._watch_optimizers()
         if self.passive:
             self._track_followed()
         try:
@@ -1094,9 +1138,7 @@ class Replayer(HeldMode):
             or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))))
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
-            # The phase of the recorded function the step left its record at: after that
-            # nothing maps the step's ops onto the record's.
-            phase = self.trace.functions[min(self.index, self.n - 1)].phase if self.n else "?"
+            phase = self._live_phase(args, kwargs)
             self.infeasible = infeasible(
                 self.index + self._fallen - 1, f"{func}, run on demand", phase, movable,
                 pinned, self.budget, self.res.min_move_bytes, deviated=True, res=self.res)
