@@ -10,7 +10,9 @@ lets every iteration replay.
      new storages hold (`function_keys`, `shape_of`): what the replayer checks an op
      against. A recording has the shape of its trace; a replay computes the shape of
      the step it ran, the part run on demand after a deviation included
-     (`Replayer.shape`), so that a deviation teaches which shape came.
+     (`Replayer.shape`), so that a deviation teaches which shape came: on the sizes it
+     ran, as a recording of it has them (a step that ran its plan to the end on
+     smaller tensors has the plan's shape: rule 10).
   2. The next shape is predicted from the shapes seen (`predict`): by the period
      p <= MAX_PERIOD that the most recent shapes follow longest (for at least a whole
      period), else the last shape.
