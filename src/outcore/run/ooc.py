@@ -1003,9 +1003,9 @@ class OutOfCore:
         peak = self._res.stats.peak_resident if recording is not None else None
         verdict = ("No schedule can run this step" if peak is None or peak > self.budget else
                    f"This step ran op by op within the budget (its peak {format_bytes(peak)}), "
-                   "making room as each op needed it, and its results stand; a plan cannot "
-                   "run it, as it keeps room for those arrays at their peak throughout, and "
-                   "later iterations do not start")
+                   "making room as each op needed it; a plan cannot run it, as it keeps room "
+                   "for those arrays at their peak throughout, so steps of its shape go on "
+                   "running op by op, correct but slower (NOTE [Step shapes], rule 11)")
         raise InfeasibleBudget(
             f"{what} {held} {verdict}; the "
             f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise "
@@ -1461,13 +1461,26 @@ class _Iteration:
             try:
                 if mode.infeasible is not None:
                     raise mode.infeasible
+                if shape in ooc._plans.unplannable:      # NOTE [Step shapes] rule 11
+                    ooc._plans.seen(shape)
+                    return
                 planned = ooc._plan_recording(mode, self.held_before)
                 # A plan for larger sizes than this step's is the shape it stands for.
                 ooc._plans.seen(planned.shape if planned is not None else shape)
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
-            except (InfeasibleBudget, HostBudgetTooSmall) as err:
+            except InfeasibleBudget as err:
+                if mode.infeasible is None:
+                    # Rule 11: the step ran op by op within the budget, a plan cannot run
+                    # it: steps of its shape go on running so (recorded, never planned).
+                    ooc._plans.unplannable.add(shape)
+                    ooc._plans.seen(shape)
+                    log.warning("iteration %d: %s", len(ooc._iterations), err)
+                    return
                 ooc._infeasible = err        # later iterations raise at once
+                raise
+            except HostBudgetTooSmall as err:
+                ooc._infeasible = err
                 raise
         else:
             plan, shape = ooc._plan, mode.shape()

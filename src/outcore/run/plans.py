@@ -101,6 +101,13 @@ lets every iteration replay.
      plan is not followed by a recording: no loop of recordings.) Rule 9
      compares the sizes the step made with another plan's: the same first, else no
      smaller.
+ 11. A step whose recording ran op by op within the budget but that no plan can run
+     (a plan keeps room for the arrays that never move at their peak throughout: a
+     stepping micro-batch near the smallest budget of the others) runs op by op each
+     time its shape comes (`unplannable`): predicted, it is recorded, and no plan is
+     made. A warning says so once, with the budget a plan needs. Before, the loop
+     stopped there (InfeasibleBudget, and every later iteration refused; helper-79:
+     tiny Mixtral, a step every second iteration, at 0.3 of its peak).
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
@@ -357,6 +364,7 @@ class Plans:
         self.times: collections.Counter = collections.Counter()    # iterations per shape
         self.warm_up: set = set()    # shapes of recordings not planned (lazy optimizer state)
         self.took_one_off = False    # rule 3's exception, taken once
+        self.unplannable: set = set()    # rule 11: shapes that run op by op, never planned
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -396,7 +404,7 @@ class Plans:
     def next(self) -> Plan | None:
         """The plan the next iteration replays, or None: record it (rules 2 and 3)."""
         shape, period = predict(self.history)
-        if shape is None:
+        if shape is None or shape in self.unplannable:
             return None
         plan = self._plans.get(shape)
         if plan is None and (not period and self.history.count(shape) == 1
