@@ -313,6 +313,15 @@ def makes_nothing_new(func) -> bool:
     return schema.is_mutable and all(r.alias_info is not None for r in schema.returns)
 
 
+@functools.lru_cache(maxsize=None)
+def out_arguments(func) -> frozenset:
+    """Names of `func`'s `out=` arguments, as its schema has them (the keyword-only ones
+    it writes): `out`, and `values`/`indices` of `sort.values`, `max`/`max_values` of
+    `max.dim_max`, `out0`/`out1` of `var_mean.correction_out`."""
+    return frozenset(a.name for a in func._schema.arguments
+                     if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write)
+
+
 def distinct_storages(tensors) -> list:
     """Distinct storages of `tensors` in order of first appearance."""
     seen, out = set(), []

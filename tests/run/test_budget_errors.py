@@ -702,6 +702,9 @@ def test_an_out_argument_that_grows_gets_room(tmp_path):
     assert room(torch.ops.aten.mul.out, [], (w, 2.0), {"out": torch.empty(0)}) == 2**18
     assert room(torch.ops.aten.mul.out, [], (w, 2.0), {"out": torch.empty(256, 256)}) == 0
     assert room(torch.ops.aten.mul_.Tensor, [], (w, w), {}) == 0
+    # out= arguments as the schema names them (helper-84): sort's values and indices
+    assert room(torch.ops.aten.sort.values, [], (w, 1),
+                {"values": torch.empty(0), "indices": torch.empty(0, dtype=torch.long)}) == 3 * 2**18
 
     def make():
         torch.manual_seed(0)

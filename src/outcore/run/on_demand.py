@@ -19,7 +19,7 @@ from ..units import format_bytes
 from ..states import FAST
 from .residency import Residency, movable
 from ..aten import distinct_storages as storages
-from ..aten import iter_tensors, makes_nothing_new, output_tensors, written_tensors
+from ..aten import iter_tensors, makes_nothing_new, out_arguments, output_tensors, written_tensors
 
 
 class OnDemand:
@@ -134,8 +134,11 @@ def room(func, entries, args=(), kwargs=None) -> int:
         return sum(e.nbytes for e in entries)
     if makes_nothing_new(func):
         # An `out=` tensor smaller than the result grows in place (helper-82: an empty
-        # one, 0 to 256 KiB): what its meta copy grows by.
-        return (created_bytes(func, args, kwargs) or 0) if kwargs and "out" in kwargs else 0
+        # one, 0 to 256 KiB; helper-84: `sort`'s values and indices): what the meta
+        # copies grow by.
+        if kwargs and not out_arguments(func).isdisjoint(kwargs):
+            return created_bytes(func, args, kwargs) or 0
+        return 0
     made = created_bytes(func, args, kwargs or {})
     if made is not None:
         return made
@@ -265,7 +268,7 @@ def _created_bytes(func, args, kwargs) -> int | None:
 
 
 def _created_bytes_unseeded(func, args, kwargs) -> int | None:
-    if torch.Tag.pointwise in func.tags and "out" not in kwargs:
+    if torch.Tag.pointwise in func.tags and out_arguments(func).isdisjoint(kwargs):
         # One output of the arguments' broadcast shape, dense, of the widest dtype among
         # them, 0-dim ones included (`where(mask, x, y)` with a bool mask and 0-dim x, y
         # makes floats: counted as bytes, it went over): what their meta kernels say,
@@ -280,8 +283,7 @@ def _created_bytes_unseeded(func, args, kwargs) -> int | None:
                 mkwargs["device"] = torch.device("meta")
             if mkwargs.get("pin_memory"):
                 mkwargs["pin_memory"] = False
-            given = {s._cdata: s.nbytes()
-                     for s in storages(iter_tensors((*margs, *mkwargs.values())))}
+            given = [(s, s.nbytes()) for s in storages(iter_tensors((*margs, *mkwargs.values())))]
             out = func(*margs, **mkwargs)
     except Exception:           # no meta kernel, data-dependent shape, exotic tensor
         return None
@@ -289,9 +291,11 @@ def _created_bytes_unseeded(func, args, kwargs) -> int | None:
     if any(t.device.type != "meta" for t in outputs):
         return None
     # An op that writes an argument returns it too at times (beside a new output): the
-    # meta copy given is no storage made, but what it grew by is (an `out=` argument).
-    made = sum(s.nbytes() - given[s._cdata] if s._cdata in given else s.nbytes()
-               for s in storages(outputs))
+    # meta copy given is no storage made, but what it grew by is (an `out=` argument,
+    # returned or not: `_foreach_add.List_out` returns nothing).
+    known = {s._cdata for s, _ in given}
+    made = sum(s.nbytes() for s in storages(outputs) if s._cdata not in known)
+    made += sum(max(0, s.nbytes() - before) for s, before in given)
     if func in _LOSSES_KEEPING_THEIR_BUFFER:
         pair = [t for t in args[:2] if isinstance(t, torch.Tensor)]
         if len(pair) == 2:

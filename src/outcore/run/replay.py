@@ -64,8 +64,8 @@ class Replayer(HeldMode):
         self.budget = budget
         self._take(trace, schedule, keys)
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
-        # After a deviation, per optimizer step() begun and not returned: whether it began
-        # in a backward (the recorder's way: `_phase`); None before one.
+        # Per optimizer step() begun and not returned: whether it began in a backward (the
+        # recorder's way: `_phase`); None until `start` hooks the optimizers.
         self._optimizers: list | None = None
         self._optimizer_hooks: list = []
         self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
@@ -294,6 +294,7 @@ class Replayer(HeldMode):
         starts with but the last iteration left on the slow tier. In a steady loop the
         schedule starts where it ended and nothing moves (simulate: `boundary_s`)."""
         self.log = StepLog(time.perf_counter())
+        self._watch_optimizers()
         self.res.spans = []
         self.res.newly_pinned = []      # the recording's own: its plan knows them
         # ...but not state that became unmovable since this plan was recorded, while
@@ -771,22 +772,23 @@ class Replayer(HeldMode):
 
     @property
     def in_optimizer(self) -> bool:
-        """Whether the step stands inside an optimizer's step(): the phase of the function
-        it stands at, and after a deviation what the optimizer's hooks say."""
+        """Whether the step stands inside an optimizer's step(), as the optimizers' hooks
+        say (`_watch_optimizers`); before `start`, the phase of the function it stands at."""
         if self._optimizers is not None:
             return bool(self._optimizers)
         i = self.index
         return 0 <= i < self.n and self.trace.functions[i].phase == "optimizer"
 
     def _watch_optimizers(self) -> None:
-        """After a deviation no op maps onto the record's, nor onto its phases: follow
-        optimizer steps as the recorder does (`Recording._phase`), from inside one where
-        the step left the record in one. For the phase InfeasibleBudget names and the
-        advice it gives (helper-80: Adam's update after a deviation in forward was
-        called "forward", with "lower the batch")."""
+        """Follow optimizer steps as the recorder does (`Recording._phase`), from the
+        step's start (an optimizer's pre-hook has run before a deviation inside its step
+        can happen). After a deviation no op maps onto the record's, nor onto its
+        phases: the phase InfeasibleBudget names and the advice it gives come from here
+        (helper-80: Adam's update after a deviation in forward was called "forward",
+        with "lower the batch"). The hooks go in `finish`."""
         if self._optimizers is not None:
             return
-        steps = self._optimizers = [False] if self.in_optimizer else []
+        steps = self._optimizers = []
 
         def began(*_):
             steps.append(torch._C._current_graph_task_id() != -1)
@@ -923,6 +925,8 @@ class Replayer(HeldMode):
             return False
         k, old = self.index, self.by_id
         sizes = list(self.nbytes)       # those the step made (rule 10), freed ones too
+        for aid, nbytes in self._sizes.items():
+            sizes[aid] = nbytes
         for entry, aid in self.aid_of.items():
             sizes[aid] = entry.nbytes
         found = self._others(self.keys[:k], self.expected[:k], sizes, name)
@@ -935,6 +939,9 @@ class Replayer(HeldMode):
         self._take(plan.trace, plan.schedule, plan.keys)
         self._take_recomputes(calls, held, kept, written)
         self.by_id, self.aid_of = [None] * len(plan.trace.arrays), {}
+        # The sizes the step ran, in this plan's ids, where they are not its (`shape`).
+        self._sizes = {theirs: sizes[aid] for aid, theirs in ids.items()
+                       if sizes[aid] != self.nbytes[theirs]}
         self.switched_at = k
         self.started_from = {}
         for aid, theirs in ids.items():      # the same ids (first access), remade ones paired
@@ -1102,7 +1109,6 @@ class Replayer(HeldMode):
     def _deviate(self, reason, func, args, kwargs):
         self.deviation = reason
         self.log.deviation = (self.index, reason)
-        self._watch_optimizers()
         if self.passive:
             self._track_followed()
         try:
