@@ -762,3 +762,30 @@ def test_infeasible_after_a_deviation_names_the_phase_of_the_op_that_ran(tmp_pat
         assert ooc.report().iterations[-1].deviation
     assert ", run on demand, optimizer)" in str(err.value), str(err.value)[:300]
     assert "lower the batch" not in str(err.value)
+
+
+def test_a_step_that_leaves_its_plan_at_the_optimizers_first_op_is_the_optimizers():
+    """Plans of micro-batches that do not step, then one that steps (Adam): it leaves its
+    plan at Adam's first op, after Adam's pre-hook ran. Hooks registered at the deviation
+    missed that step's start and called its ops "other" (helper-84); they are registered
+    at the replay's start now, and removed at its end."""
+    import tempfile
+
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+    hooks = len(_global_optimizer_pre_hooks)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    x = torch.randn(64, 256)
+    with tempfile.TemporaryDirectory() as tmp, outcore.OutOfCore("600KiB", swap_dir=tmp) as ooc:
+        for it in range(4):
+            with ooc.iteration():
+                m(x).square().mean().backward()
+        with pytest.raises(outcore.InfeasibleBudget) as err:
+            with ooc.iteration():
+                m(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        assert ooc.report().iterations[-1].deviation
+    assert "run on demand, optimizer)" in str(err.value), str(err.value)[:200]
+    assert len(_global_optimizer_pre_hooks) == hooks

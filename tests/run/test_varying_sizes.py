@@ -302,3 +302,43 @@ def test_accumulation_over_micro_batches_of_varying_sizes_settles(tmp_path):
     its = _compare(train, 2**20, tmp_path)
     assert not any(it.deviation or it.mode == "record" for it in its[-12:]), its
     assert sum(it.bytes_written for it in its[-12:]) > 0, its
+
+
+def test_a_step_that_left_a_plan_it_switched_to_has_the_shape_a_recording_has(tmp_path):
+    """Rule 9 then a deviation: a batch-8 step with gradient clipping replays the plan of
+    batch 8 without clipping, takes up the plan of batch 16 with clipping where they
+    part (a switch), and leaves it at an op neither has. Its shape took the batch-16
+    plan's sizes for the functions before the switch, a shape no recording has
+    (helper-84); it is now that of a recording of the same step."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU())
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU())
+            self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 16 * 16, 10))
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)))
+
+    def run(seq):
+        net = Net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        with outcore.OutOfCore(2 * 2**20, swap_dir=str(tmp_path), recompute=False) as ooc:
+            for bs, clip, extra in seq:
+                x, y = torch.randn(bs, 3, 16, 16, generator=g), torch.randint(0, 10, (bs,), generator=g)
+                with ooc.iteration():
+                    torch.nn.functional.cross_entropy(net(x), y).backward()
+                    if clip:
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5, foreach=False)
+                    opt.step()
+                    opt.zero_grad()
+                    if extra:
+                        net.head[1].weight.abs().sum()
+            return ooc.report().iterations, ooc._plans.history[-1]
+    its, shape = run([(16, 1, 0)] * 3 + [(8, 0, 0)] * 4 + [(8, 1, 0)] + [(8, 0, 0)] * 2 + [(8, 1, 1)])
+    assert its[-1].switched_at is not None and its[-1].deviation, its[-1]
+    recorded, recorded_shape = run([(8, 1, 1)])
+    assert recorded[0].mode == "record"
+    assert shape == recorded_shape
