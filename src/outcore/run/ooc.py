@@ -1470,9 +1470,10 @@ class _Iteration:
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
             except InfeasibleBudget as err:
-                if mode.infeasible is None:
+                if mode.infeasible is None and ooc._res.stats.peak_resident <= ooc.budget:
                     # Rule 11: the step ran op by op within the budget, a plan cannot run
-                    # it: steps of its shape go on running so (recorded, never planned).
+                    # it: steps of its shape go on running so (recorded, never planned;
+                    # the error's text says so: _require_feasible).
                     ooc._plans.unplannable.add(shape)
                     ooc._plans.seen(shape)
                     log.warning("iteration %d: %s", len(ooc._iterations), err)
