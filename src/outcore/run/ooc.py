@@ -1000,8 +1000,11 @@ class OutOfCore:
         # The recording itself made room op by op and may have stayed within the budget
         # (helper-79: a step with accumulation, four times): then it is the plan, which
         # leaves the arrays that never move their peak throughout, that cannot run it.
+        # (Not where the arrays that never move fill the budget alone: FSDP2's gathered
+        # parameters, which the managed peak does not count, helper-52.)
         peak = self._res.stats.peak_resident if recording is not None else None
-        verdict = ("No schedule can run this step" if peak is None or peak > self.budget else
+        ran = peak is not None and peak <= self.budget and kept < self.budget
+        verdict = ("No schedule can run this step" if not ran else
                    f"This step ran op by op within the budget (its peak {format_bytes(peak)}), "
                    "making room as each op needed it; a plan cannot run it, as it keeps room "
                    "for those arrays at their peak throughout, so steps of its shape go on "
@@ -1470,7 +1473,8 @@ class _Iteration:
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
             except InfeasibleBudget as err:
-                if mode.infeasible is None and ooc._res.stats.peak_resident <= ooc.budget:
+                if (mode.infeasible is None and ooc._res.stats.peak_resident <= ooc.budget
+                        and err.min_feasible_bytes - err.needed_bytes < ooc.budget):
                     # Rule 11: the step ran op by op within the budget, a plan cannot run
                     # it: steps of its shape go on running so (recorded, never planned;
                     # the error's text says so: _require_feasible).

@@ -105,7 +105,9 @@ lets every iteration replay.
      (a plan keeps room for the arrays that never move at their peak throughout: a
      stepping micro-batch near the smallest budget of the others) runs op by op each
      time its shape comes (`unplannable`): predicted, it is recorded, and no plan is
-     made. A warning says so once, with the budget a plan needs. Before, the loop
+     made. A warning says so once, with the budget a plan needs. Not where the arrays
+     that never move fill the budget alone (FSDP2's gathered parameters, which the
+     managed peak does not count: the step did pass the budget). Before, the loop
      stopped there (InfeasibleBudget, and every later iteration refused; helper-79:
      tiny Mixtral, a step every second iteration, at 0.3 of its peak).
 
