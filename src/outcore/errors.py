@@ -13,12 +13,15 @@ class InfeasibleBudget(OutcoreError):
     """No schedule can keep the step within the requested fast-tier budget.
 
     Attributes name the function that cannot fit and the smallest budget that
-    would, so a caller can retry programmatically.
+    would, so a caller can retry programmatically. `ran_within_budget`: the step ran op
+    by op within the budget and only a plan cannot run it (NOTE [Step shapes] rule 11).
     """
 
     def __init__(self, message: str, *, function_index: int, op: str, phase: str,
-                 needed_bytes: int, budget_bytes: int, min_feasible_bytes: int):
+                 needed_bytes: int, budget_bytes: int, min_feasible_bytes: int,
+                 ran_within_budget: bool = False):
         super().__init__(message)
+        self.ran_within_budget = ran_within_budget
         self.function_index = function_index
         self.op = op
         self.phase = phase

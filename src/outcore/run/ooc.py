@@ -1015,7 +1015,7 @@ class OutOfCore:
             f"the budget to that or more, {lower}.",
             function_index=index if index is not None else 0, op=op or "the step",
             phase=phase or "", needed_bytes=need, budget_bytes=self.budget,
-            min_feasible_bytes=smallest)
+            min_feasible_bytes=smallest, ran_within_budget=ran)
 
     def _periodic(self, index: int, reason: str, shape: int) -> None:
         """Note that iteration `index` deviated for `reason` with `shape`; the third
@@ -1473,11 +1473,10 @@ class _Iteration:
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
             except InfeasibleBudget as err:
-                if (mode.infeasible is None and ooc._res.stats.peak_resident <= ooc.budget
-                        and err.min_feasible_bytes - err.needed_bytes < ooc.budget):
+                if err.ran_within_budget:
                     # Rule 11: the step ran op by op within the budget, a plan cannot run
-                    # it: steps of its shape go on running so (recorded, never planned;
-                    # the error's text says so: _require_feasible).
+                    # it (_require_feasible): steps of its shape go on running so
+                    # (recorded, never planned).
                     ooc._plans.unplannable.add(shape)
                     ooc._plans.seen(shape)
                     log.warning("iteration %d: %s", len(ooc._iterations), err)

@@ -31,6 +31,7 @@ from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, mak
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
+from ..trace.recorder import op_phase
 from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
@@ -64,9 +65,9 @@ class Replayer(HeldMode):
         self.budget = budget
         self._take(trace, schedule, keys)
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
-        # Per optimizer step() begun and not returned: whether it began in a backward (the
-        # recorder's way: `_phase`); None until `start` hooks the optimizers.
-        self._optimizers: list | None = None
+        # Per optimizer step() begun and not returned: whether it began in a backward
+        # (`trace.recorder.op_phase`), from `start` on.
+        self._optimizers: list = []
         self._optimizer_hooks: list = []
         self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
         # Every op run after a deviation, small ones too: (name, the bytes of each storage
@@ -773,22 +774,17 @@ class Replayer(HeldMode):
     @property
     def in_optimizer(self) -> bool:
         """Whether the step stands inside an optimizer's step(), as the optimizers' hooks
-        say (`_watch_optimizers`); before `start`, the phase of the function it stands at."""
-        if self._optimizers is not None:
-            return bool(self._optimizers)
-        i = self.index
-        return 0 <= i < self.n and self.trace.functions[i].phase == "optimizer"
+        say (`_watch_optimizers`)."""
+        return bool(self._optimizers)
 
     def _watch_optimizers(self) -> None:
-        """Follow optimizer steps as the recorder does (`Recording._phase`), from the
+        """Follow optimizer steps as the recorder does (`trace.recorder.op_phase`), from the
         step's start (an optimizer's pre-hook has run before a deviation inside its step
         can happen). After a deviation no op maps onto the record's, nor onto its
         phases: the phase InfeasibleBudget names and the advice it gives come from here
         (helper-80: Adam's update after a deviation in forward was called "forward",
         with "lower the batch"). The hooks go in `finish`."""
-        if self._optimizers is not None:
-            return
-        steps = self._optimizers = []
+        steps = self._optimizers
 
         def began(*_):
             steps.append(torch._C._current_graph_task_id() != -1)
@@ -798,18 +794,6 @@ class Replayer(HeldMode):
                 steps.pop()
         self._optimizer_hooks = [register_optimizer_step_pre_hook(began),
                                  register_optimizer_step_post_hook(returned)]
-
-    def _live_phase(self, args, kwargs) -> str:
-        """The phase of an op run after a deviation (`_watch_optimizers`)."""
-        if self._optimizers and self._optimizers[-1]:
-            return "optimizer"               # stepped from a backward hook
-        if torch._C._current_graph_task_id() != -1:
-            return "backward"
-        if self._optimizers:
-            return "optimizer"
-        if torch.is_grad_enabled() and any(t.requires_grad for t in _tensors_read(args, kwargs)):
-            return "forward"
-        return "other"
 
     def _pinned_but_moved(self, aid: int, entry) -> bool:
         """Whether array `aid` is bound to a storage that can never move (first met here:
@@ -1144,7 +1128,7 @@ class Replayer(HeldMode):
             or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))))
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
-            phase = self._live_phase(args, kwargs)
+            phase = op_phase(self._optimizers, _tensors_read(args, kwargs))
             self.infeasible = infeasible(
                 self.index + self._fallen - 1, f"{func}, run on demand", phase, movable,
                 pinned, self.budget, self.res.min_move_bytes, deviated=True, res=self.res)

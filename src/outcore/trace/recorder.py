@@ -31,6 +31,24 @@ from .model import Access, Array, Function, Trace
 _PRECEDENCE = {"read": 0, "write": 1, "create": 2}
 
 
+def op_phase(optimizers: list, inputs) -> str:
+    """The phase of an op about to run on `inputs`, inside the optimizer steps begun and
+    not returned (`optimizers`: per step, whether it began in a backward). An optimizer
+    stepped from a backward hook (optimizer in backward: a post-accumulate-grad hook per
+    parameter) makes optimizer state, not gradients; a backward inside an optimizer's
+    step (LBFGS's closure) makes gradients. The replayer names an op run after a
+    deviation so too (`Replayer._fallback`)."""
+    if optimizers and optimizers[-1]:
+        return "optimizer"
+    if torch._C._current_graph_task_id() != -1:
+        return "backward"
+    if optimizers:
+        return "optimizer"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return "forward"
+    return "other"
+
+
 @dataclass
 class _ArrayLog:
     """What the recorder learns about one storage while the step runs."""
@@ -176,25 +194,11 @@ class Recording(TorchDispatchMode):
             self._returned_cpu, self._cpu_thread = time.thread_time(), thread
             self._returned = time.perf_counter()
 
-    def _phase(self, inputs) -> str:
-        # An optimizer stepped from a backward hook (optimizer in backward: a
-        # post-accumulate-grad hook per parameter) makes optimizer state, not gradients;
-        # a backward inside an optimizer's step (LBFGS's closure) makes gradients.
-        if self._optimizers and self._optimizers[-1]:
-            return "optimizer"
-        if torch._C._current_graph_task_id() != -1:
-            return "backward"
-        if self._optimizers:
-            return "optimizer"
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            return "forward"
-        return "other"
-
     def _run(self, func, args, kwargs, split):
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
         written_list = written_tensors(func, args, kwargs)
         written = {id(t) for t in written_list}
-        phase = self._phase(inputs)
+        phase = op_phase(self._optimizers, inputs)
         self._before_op(func, args, kwargs, inputs, len(self._functions))
         meter = workspace_meter(inputs)
         if meter is not None:
