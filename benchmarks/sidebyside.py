@@ -45,10 +45,10 @@ def side_by_side(script: str, child_args: list, rounds: int, also_src: str | Non
     return runs
 
 
-def arguments():
+def arguments(parser: argparse.ArgumentParser | None = None):
     """The command line every side-by-side benchmark takes: --rounds, --also-src, and
-    --child/--out for the runs it starts."""
-    ap = argparse.ArgumentParser()
+    --child/--out for the runs it starts; `parser` holds a benchmark's own options."""
+    ap = parser or argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--also-src", default=None)
     ap.add_argument("--child", default=None)

@@ -6,11 +6,14 @@ against outcore (and, with --also-src, outcore from another source tree), each i
 fresh process, the runs alternating; per run the seconds of the last half of the
 iterations, the iterations recorded and deviated, those that replayed a plan for
 longer sequences, and whether the final parameters are bitwise plain PyTorch's.
+`--every n`: gradient accumulation, optimizer.step() every n-th iteration (the loss
+divided by n), so that steps of n families (NOTE [Step shapes] rule 2) come in turn.
 
-    .venv/bin/python benchmarks/varying_sizes.py --rounds 3 [--also-src /tmp/x/src]
+    .venv/bin/python benchmarks/varying_sizes.py --rounds 3 [--every 2] [--also-src /tmp/x/src]
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import tempfile
@@ -29,7 +32,7 @@ def lengths(n: int) -> list[int]:
     return [max(min(int(rng.lognormvariate(4.1, 0.5)), 256) for _ in range(8)) for _ in range(n)]
 
 
-def child(mode: str, out: str) -> None:
+def child(mode: str, out: str, every: int = 1) -> None:
     import logging
 
     import torch
@@ -49,12 +52,13 @@ def child(mode: str, out: str) -> None:
         if mode != "plain":
             import outcore
             ooc = outcore.OutOfCore(BUDGET, swap_dir=swap)
-        for ids in data:
+        for it, ids in enumerate(data):
             start = time.perf_counter()
             with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                net(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad()
+                (net(input_ids=ids, labels=ids).loss / every).backward()
+                if it % every == every - 1:
+                    opt.step()
+                    opt.zero_grad()
             times.append(time.perf_counter() - start)
         result = {"mode": mode, "seconds": sum(times[STEPS // 2:])}
         if ooc is not None:
@@ -65,12 +69,14 @@ def child(mode: str, out: str) -> None:
 
 
 def main() -> None:
-    a = arguments()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--every", type=int, default=1, help="optimizer.step() every n-th iteration")
+    a = arguments(ap)
     if a.child:
-        child(a.child, a.out)
+        child(a.child, a.out, a.every)
         return
-    print("lengths", lengths(STEPS))
-    runs = side_by_side(__file__, [], a.rounds, a.also_src)
+    print("lengths", lengths(STEPS), "step every", a.every)
+    runs = side_by_side(__file__, ["--every", str(a.every)], a.rounds, a.also_src)
     summary(runs, a.rounds, STEPS, ["records", "deviations", "smaller", "over_budget"])
 
 

@@ -86,7 +86,8 @@ from .movers.disk import DiskMover
 from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
 from . import plans, sharing
-from .plans import Ending, Plan, Plans, envelope, function_keys, shape_of
+from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, recorded_ops,
+                    shape_of)
 from .replay import Replayer
 from .report import OVER_BUDGET_WHY, IterationStats, Report
 from .residency import Residency, movable
@@ -432,8 +433,9 @@ class OutOfCore:
         self._inputs: list = []      # entries the last step read as inputs (Replayer._strangers)
         self._recordings_in_a_row = 0
         self._record_next = True
-        # NOTE [Step shapes] rule 10: (the plan a step outgrew, that step's sizes)
-        self._outgrown_plan: tuple[Plan, dict] | None = None
+        # NOTE [Step shapes] rule 10: {family: (the plan a step outgrew, that step's
+        # sizes)}, till a step of that family is recorded
+        self._outgrowing: dict = {}
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
@@ -760,7 +762,7 @@ class OutOfCore:
         # then: a tensor a collective made in the step before).
         beside = max(self._held_beside(in_step),
                      sum(n for e, n in (held_before or {}).items() if e not in in_step))
-        (outgrown, sizes), self._outgrown_plan = self._outgrown_plan or (None, None), None
+        outgrown, sizes = self._outgrowing.pop(family_of(recorded_ops(trace)), (None, None))
         grown = envelope(outgrown.recorded, trace, sizes) if outgrown is not None else None
         for trace in (grown, recording.trace) if grown is not None else (trace,):
             held = held_arrays(trace, disowned)
@@ -826,7 +828,8 @@ class OutOfCore:
                     held_in_step=frozenset(e for e in in_step if e.owner or e.pinned),
                     recorded=recorded, grows=outgrown is None or recorded is grown,
                     made_state=any(a.category == "optimizer_state" and not a.existed_before
-                                   for a in trace.arrays))
+                                   for a in trace.arrays),
+                    family=family_of(recorded_ops(trace)))
         self._plans.add(plan)
         if recorded is grown and outgrown.shape != plan.shape:
             self._plans.drop(outgrown.shape)        # the larger plan covers its steps
@@ -841,6 +844,16 @@ class OutOfCore:
         self._record_next = False
         self._recordings_in_a_row = 0
         return plan
+
+    def _outgrow(self, plan: Plan, sizes: dict) -> None:
+        """A step outgrew `plan`, making arrays of `sizes` ({array id: bytes}): the next
+        step of its family is recorded, and its plan made for the larger sizes (NOTE
+        [Step shapes] in plans.py, rule 10). Another step that outgrew it before that
+        one came adds its sizes."""
+        before, known = self._outgrowing.get(plan.family, (None, {}))
+        if before is plan:
+            sizes = {a: max(n, known.get(a, 0)) for a, n in {**known, **sizes}.items()}
+        self._outgrowing[plan.family] = (plan, sizes)
 
     def _use(self, plan: Plan) -> None:
         """Make `plan` the one the report, timeline() and plot() show."""
@@ -1269,7 +1282,7 @@ class _Iteration:
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
-        plan = None if ooc._record_next else ooc._plans.next()
+        plan = None if ooc._record_next else ooc._plans.next(growing=ooc._outgrowing)
         carried = ooc._plans.carried(ooc._ending, plan, ooc._live) if plan is not None else {}
         if plan is not None and ooc._outgrown(
                 plan, plan.held_in_step | set(carried.values()) | set(ooc._inputs)):
@@ -1311,11 +1324,16 @@ class _Iteration:
         res.sample_rss(force=True)
         self._enter_mode()
 
-    def _others(self, keys, expected, nbytes, name):
+    def _others(self, keys, expected, nbytes, name, larger=False):
         """Replayer._switch: another plan this step turns out to follow, with the state
-        it starts from and the other plans' (NOTE [Step shapes] in plans.py, rule 9)."""
+        it starts from and the other plans' (NOTE [Step shapes] in plans.py, rule 9).
+        One of the same ops only, where the step left its plan at a larger array and its
+        family was predicted by a firm period (rule 2): the same step on larger tensors,
+        whose plan grows where it outgrew it (rule 10); another plan that fits its sizes
+        for now is of other ops, and it deviates further on."""
         ooc = self.ooc
-        found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name)
+        family = ooc._plan.family if larger and ooc._plans.firm_family else None
+        found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name, family)
         if found is None:
             return None
         plan, ids = found
@@ -1461,15 +1479,16 @@ class _Iteration:
         if self.recording:
             ooc._ending = None
             shape = shape_of(function_keys(mode.trace))
+            family = family_of(recorded_ops(mode.trace))
             try:
                 if mode.infeasible is not None:
                     raise mode.infeasible
                 if shape in ooc._plans.unplannable:      # NOTE [Step shapes] rule 11
-                    ooc._plans.seen(shape)
+                    ooc._plans.seen(shape, family)
                     return
                 planned = ooc._plan_recording(mode, self.held_before)
                 # A plan for larger sizes than this step's is the shape it stands for.
-                ooc._plans.seen(planned.shape if planned is not None else shape)
+                ooc._plans.seen(planned.shape if planned is not None else shape, family)
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
             except InfeasibleBudget as err:
@@ -1478,7 +1497,7 @@ class _Iteration:
                     # it (_require_feasible): steps of its shape go on running so
                     # (recorded, never planned).
                     ooc._plans.unplannable.add(shape)
-                    ooc._plans.seen(shape)
+                    ooc._plans.seen(shape, family)
                     log.warning("iteration %d: %s", len(ooc._iterations), err)
                     return
                 ooc._infeasible = err        # later iterations raise at once
@@ -1487,12 +1506,13 @@ class _Iteration:
                 ooc._infeasible = err
                 raise
         else:
-            plan, shape = ooc._plan, mode.shape()
+            plan, shape, family = ooc._plan, mode.shape(), mode.family()
             # A passive replay checks names only (Replayer._follow): where it deviated, the
             # shape it computes trusts the record's sizes up to there. An unknown shape is
             # kept instead, one of its own: the next replays track (NOTE [Step shapes] 4).
+            # Its ops are known: its family is (rule 2).
             known = not (mode.passive and deviation is not None)
-            ooc._plans.seen(shape if known else object())
+            ooc._plans.seen(shape if known else object(), family)
             ooc._carried = mode.persistent_entries()
             ooc._inputs = mode.input_entries()
             if deviation is None:
@@ -1502,7 +1522,7 @@ class _Iteration:
             elif known and shape == plan.shape:
                 ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
             elif mode.outgrew and plan.recorded is not None and plan.grows:   # ... rule 10
-                ooc._outgrown_plan, ooc._record_next = (plan, mode.outgrown_sizes), True
+                ooc._outgrow(plan, mode.outgrown_sizes)
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once
@@ -1515,10 +1535,11 @@ class _Iteration:
                 log.log(logging.WARNING if warn else logging.INFO,
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
-                        ", and the next iteration is recorded to plan for the larger sizes"
-                        if mode.outgrew and ooc._record_next else "" if shape in ooc._plans else
+                        ", and the next step of its ops is recorded to plan for the larger "
+                        "sizes" if mode.outgrew and plan.family in ooc._outgrowing else ""
+                        if shape in ooc._plans else
                         ", and a step of its shape is recorded when one is expected")
-                if not (mode.outgrew and ooc._record_next):
+                if not (mode.outgrew and plan.family in ooc._outgrowing):
                     ooc._periodic(len(ooc._iterations), deviation, shape)
 
 

@@ -15,7 +15,16 @@ lets every iteration replay.
      smaller tensors has the plan's shape: rule 10).
   2. The next shape is predicted from the shapes seen (`predict`): by the period
      p <= MAX_PERIOD that the most recent shapes follow longest (for at least a whole
-     period), else the last shape.
+     period), else the last shape. Where no period holds for the shapes but one holds
+     for their families (`family_of`: the ops a step ran, without their sizes), the
+     sizes vary and the ops repeat: text padded to each batch's longest sequence, with
+     gradient accumulation over iterations (a first micro-batch that makes the
+     gradients, one that adds to them and steps, each of any length). The family
+     predicts, and its plan for the largest sizes replays (`_largest`; rule 10 makes
+     such a plan). Before, the last shape predicted: the wrong micro-batch, a deviation
+     every other iteration, and shapes of new sizes recorded again and again
+     (helper-83: tiny GPT-2, lengths at random, a step every second iteration; 18
+     recordings and 43 deviations in the last 75 of 150).
   3. A predicted shape with a plan replays it; one without is recorded, unless no
      period predicted it and it was seen once (a one-off: an epoch's short last batch,
      a shape that follows the data), or the period holds more shapes than MAX_PLANS
@@ -89,7 +98,9 @@ lets every iteration replay.
      record passes the room the plan leaves under its budget. Where the
      step then runs the plan's ops one for one to its end, on demand, it outgrew the
      plan (`Replayer.outgrew`: the same step on larger tensors, not another shape that
-     begins the same, as an eval step does): the next iteration is recorded, and where
+     begins the same, as an eval step does): the next iteration predicted to be of its
+     family is recorded (`Plans.next(growing)`: the iteration after it may be another
+     micro-batch, whose record could not grow this plan), and where
      its record has the same functions on the same arrays as the outgrown plan's, the
      plan is made for the largest size of each array in the two records and in the step
      that outgrew (`Replayer.outgrown_sizes`), and the longer duration of each function
@@ -178,6 +189,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import NamedTuple
 
 from .compose import DISTRIBUTED_NAMESPACES
 
@@ -304,14 +316,28 @@ def shape_of(keys) -> int:
     return hash(tuple(k for k in keys if k is not None))
 
 
-def predict(history, max_period: int | None = None) -> tuple[int | None, int]:
+def family_of(ops) -> int:
+    """The family of a step that ran `ops` (their names, in order; rule 2): its shape
+    without the sizes. Small ops count (which ops are small depends on the sizes: a
+    per-token loss of 8 x 16 floats is one, of 8 x 64 not), functions the planner
+    inserted do not."""
+    return hash(tuple(ops))
+
+
+def recorded_ops(trace, k: int | None = None) -> list:
+    """The ops of the first k functions of `trace` (all: None) that a step runs: those
+    the planner inserted (`Function.repeats`) left out."""
+    return [f.op for f in trace.functions[:k] if f.repeats is None]
+
+
+def predict(history, max_period: int | None = None, repeats: int = 1) -> tuple[int | None, int]:
     """(The shape the next iteration most likely has, the period that predicts it or 0).
 
     A period p holds for the last `run` shapes that each equal the one p before; it
     counts once they repeat at least one whole period (run >= p: one shape seen once,
-    an epoch's short batch, is no period 2 of the shapes around it). The period held
-    longest wins, the shortest among equals: a sequence that repeats with period p
-    holds with 2p for p fewer shapes."""
+    an epoch's short batch, is no period 2 of the shapes around it), or `repeats`
+    whole periods. The period held longest wins, the shortest among equals: a sequence
+    that repeats with period p holds with 2p for p fewer shapes."""
     max_period = MAX_PERIOD if max_period is None else max_period
     n = len(history)
     if n == 0:
@@ -321,7 +347,7 @@ def predict(history, max_period: int | None = None) -> tuple[int | None, int]:
         run = 0
         while run < n - p and history[n - 1 - run] == history[n - 1 - run - p]:
             run += 1
-        if run >= p and run > longest:
+        if run >= repeats * p and run > longest:
             best, longest = p, run
     if best:
         return history[n - best], best
@@ -345,6 +371,13 @@ class Plan:
     grows: bool = True          # rule 10: False where the recording after it outgrew its
                                 # plan could not grow that plan: no recording again
     made_state: bool = False    # its recording made optimizer state (rule 3)
+    family: int | None = None   # family_of(recorded_ops(trace)): rule 2
+
+
+class Seen(NamedTuple):
+    """An iteration in `Plans.history`: its shape and its family (rule 2)."""
+    shape: object
+    family: object
 
 
 @dataclasses.dataclass
@@ -361,12 +394,13 @@ class Plans:
 
     def __init__(self):
         self._plans: collections.OrderedDict[int, Plan] = collections.OrderedDict()
-        self.history: collections.deque = collections.deque(maxlen=2 * MAX_PERIOD)
+        self.history: collections.deque[Seen] = collections.deque(maxlen=2 * MAX_PERIOD)
         self._follows: dict[tuple[int, int], dict[int, int]] = {}
         self.times: collections.Counter = collections.Counter()    # iterations per shape
         self.warm_up: set = set()    # shapes of recordings not planned (lazy optimizer state)
         self.took_one_off = False    # rule 3's exception, taken once
         self.unplannable: set = set()    # rule 11: shapes that run op by op, never planned
+        self.firm_family = False     # rule 2: the last prediction's family, by a firm period
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -390,28 +424,48 @@ class Plans:
         """Whether a replay may only follow the ops (rule 4): while every plan kept moves
         nothing and the last iterations all had one shape."""
         return (not any(p.schedule.bytes_moved for p in self._plans.values())
-                and len(set(self.history) - self.warm_up) <= 1)
+                and len(set(self.shapes()) - self.warm_up) <= 1)
+
+    def shapes(self) -> list:
+        """The shapes of the last iterations, oldest first."""
+        return [seen.shape for seen in self.history]
 
     def state_of_others(self, plan: Plan) -> frozenset:
         """The entries other plans started from (rule 7)."""
         return frozenset(e for p in self._plans.values() if p is not plan
                          for e in p.started_from.values())
 
-    def seen(self, shape: int) -> None:
-        self.history.append(shape)
+    def seen(self, shape, family=None) -> None:
+        """An iteration ran a step of `shape` and `family` (rule 2; None: a family of
+        its own)."""
+        self.history.append(Seen(shape, shape if family is None else family))
         if shape not in self.times and len(self.times) >= _MAX_COUNTED:
             self.times.clear()             # shapes that follow the data: a new one each time
         self.times[shape] += 1
 
-    def next(self) -> Plan | None:
-        """The plan the next iteration replays, or None: record it (rules 2 and 3)."""
-        shape, period = predict(self.history)
-        if shape is None or shape in self.unplannable:
+    def next(self, growing=()) -> Plan | None:
+        """The plan the next iteration replays, or None: record it (rules 2, 3 and
+        10). `growing`: the families of plans a step outgrew (rule 10), recorded when
+        predicted."""
+        seen, period = predict(list(self.history))
+        if seen is None or seen.shape in self.unplannable:
             return None
-        plan = self._plans.get(shape)
-        if plan is None and (not period and self.history.count(shape) == 1
-                             or period and len(set(list(self.history)[-period:])) > MAX_PLANS):
-            plan = next((self._plans[s] for s in reversed(self.history) if s in self._plans),
+        families = [s.family for s in self.history]
+        family, family_period = predict(families)
+        # Firm where it held for three periods at least: not by chance, as two shapes
+        # that come by a coin toss hold a period 1 or 2 now and then (`continuing`).
+        self.firm_family = predict(families, repeats=2) == (family, family_period) != (family, 0)
+        if family in growing:
+            return None
+        # Rule 2: the ops repeat, their sizes vary (no period for the shapes, or one that
+        # foretells another family: a period 1 of two middle micro-batches in a row).
+        by_family = family_period and (not period or seen.family != family)
+        plan = self._largest(family) if by_family else self._plans.get(seen.shape)
+        history = self.shapes()
+        if plan is None and not by_family and (
+                not period and history.count(seen.shape) == 1
+                or period and len(set(history[-period:])) > MAX_PLANS):
+            plan = next((self._plans[s] for s in reversed(history) if s in self._plans),
                         None)
             if (plan is not None and plan.made_state and len(self._plans) == 1
                     and self.times[plan.shape] == 1 and not self.warm_up
@@ -422,8 +476,14 @@ class Plans:
             self._plans.move_to_end(plan.shape)
         return plan
 
+    def _largest(self, family) -> Plan | None:
+        """Rule 2: the plan of `family` for the largest step (its in-core peak), the
+        most recently used among equals; None if it has none."""
+        mine = [p for p in reversed(self._plans.values()) if p.family == family]
+        return max(mine, key=lambda p: p.in_core_peak, default=None)
+
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str | None) -> tuple[Plan, dict] | None:
+                   name: str | None, family=None) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of the ops of these `keys` on these arrays (`expected`, of
         `nbytes` as the step made them) and goes on with an op named `name`
@@ -433,24 +493,26 @@ class Plans:
         kept, is written out and read back instead.) A plan whose arrays there
         have the step's sizes comes first; else one whose are no smaller (rule
         10). The plan found becomes the most recently used; with it, {array id
-        here: its id there} for the arrays of those functions (`_same_arrays`)."""
+        here: its id there} for the arrays of those functions (`_same_arrays`).
+        `family`: only a plan of that family (rule 2), where not None."""
         k, ran = len(keys), current.trace.functions
         mine_last = _last_copies(ran)
         ops = [key and key[0] for key in keys]
         for exact in (True, False):
             found = self._continuing(current, k, ran, mine_last, ops, expected, nbytes, name,
-                                     exact)
+                                     exact, family)
             if found is not None:
                 self._plans.move_to_end(found[0].shape)
                 return found
         return None
 
-    def _continuing(self, current, k, ran, mine_last, ops, expected, nbytes, name, exact):
+    def _continuing(self, current, k, ran, mine_last, ops, expected, nbytes, name, exact,
+                    family):
         """`continuing` for plans whose arrays have the step's sizes (`exact`) or are no
         smaller, the most recently used first."""
         for plan in reversed(self._plans.values()):
             fns = plan.trace.functions
-            if (plan is current or len(fns) < k
+            if (plan is current or len(fns) < k or family is not None and plan.family != family
                     or [key and key[0] for key in plan.keys[:k]] != ops):
                 continue
             j = k

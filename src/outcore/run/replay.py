@@ -37,7 +37,7 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
-from .plans import SMALL_OP_BYTES, function_keys, shape_of, sizes_after
+from .plans import SMALL_OP_BYTES, family_of, function_keys, recorded_ops, shape_of, sizes_after
 from .residency import Residency
 from .steplog import StepLog
 
@@ -65,6 +65,10 @@ class Replayer(HeldMode):
         self.budget = budget
         self._take(trace, schedule, keys)
         self._ran: list = []            # the keys of the ops run after a deviation (shape)
+        # The name of every op the step ran, as the recorder has them: its family after
+        # a deviation (rule 2 of NOTE [Step shapes]; the plan's ops are not, where it
+        # passed small functions or ran small ops off the record).
+        self._ops: list = []
         # Per optimizer step() begun and not returned: whether it began in a backward
         # (`trace.recorder.op_phase`), from `start` on.
         self._optimizers: list = []
@@ -478,6 +482,14 @@ class Replayer(HeldMode):
             keys = function_keys(self.trace, sizes)[:self.index]
         return shape_of([*keys, *self._ran])
 
+    def family(self) -> int:
+        """The family of the step that ran (NOTE [Step shapes] in plans.py, rule 2): the
+        plan's, where it ran the plan to its end (its shape is the plan's), else that of
+        the ops it ran."""
+        if self.deviation is None:
+            return family_of(recorded_ops(self.trace))
+        return family_of(self._ops)
+
     @property
     def outgrew(self) -> bool:
         """Rule 10: the step left its plan at an array larger than planned and then ran
@@ -527,7 +539,12 @@ class Replayer(HeldMode):
     def _run(self, func, args, kwargs):
         if self.passive and self.deviation is None:
             return self._follow(func, args, kwargs)
-        return call_split(func, args, kwargs, self._one)
+        return call_split(func, args, kwargs, self._part)
+
+    def _part(self, func, args, kwargs, split=None):
+        """An op, or a part of a `_foreach_*` op, as the recorder has it (a function)."""
+        self._ops.append(self._name(func))
+        return self._one(func, args, kwargs, split)
 
     def _follow(self, func, args, kwargs):
         names = [self._name(func)]
@@ -535,6 +552,7 @@ class Replayer(HeldMode):
             calls = split_foreach(func, args, kwargs)
             if calls is not None:
                 names = [self._name(op) for op, _, _ in calls]
+        self._ops += names
         i = self.index
         if self.op_names[i:i + len(names)] != names or len(names) == 1 and self.small[i]:
             storages = distinct_storages(_tensors_read(args, kwargs))
@@ -888,7 +906,7 @@ class Replayer(HeldMode):
         if small:
             self._spare_remakes(func, args, kwargs)
             return self._extra(func, args, kwargs, storages)
-        if self._switch(self._name(func)):
+        if self._switch(self._name(func), larger):
             return self._one(func, args, kwargs)
         self._larger = larger
         return self._deviate(reason, func, args, kwargs)
@@ -898,12 +916,12 @@ class Replayer(HeldMode):
         return not small and i < self.n and name == self.op_names[i]
 
     # -- another plan of a shape this step turns out to have (NOTE [Step shapes] rule 9) ---
-    def _switch(self, name) -> bool:
+    def _switch(self, name, larger: bool = False) -> bool:
         """The step left its record at function k, before op `name` ran: where another
         plan's record ran the same first k functions on the same arrays and then `name`,
         follow that plan from k on. `name` None: the step ended after k functions, and
         that plan's record ends there. Again later in the same step, at a later function
-        only (so it ends)."""
+        only (so it ends). `larger`: it left at an array larger than the plan's (rule 10)."""
         if (self._others is None or self.passive
                 or self.switched_at is not None and self.index <= self.switched_at):
             return False
@@ -913,7 +931,7 @@ class Replayer(HeldMode):
             sizes[aid] = nbytes
         for entry, aid in self.aid_of.items():
             sizes[aid] = entry.nbytes
-        found = self._others(self.keys[:k], self.expected[:k], sizes, name)
+        found = self._others(self.keys[:k], self.expected[:k], sizes, name, larger)
         if found is None:
             return False
         plan, ids, carried, lasting = found
