@@ -72,10 +72,13 @@ def summary(runs: dict, rounds: int, steps: int, counts: list[str]) -> None:
 def counts(ooc) -> dict:
     """What a child's OutOfCore did, per iteration kind: recorded, deviated, took up
     another plan (rule 9), replayed a plan with smaller arrays (rule 10), passed the
-    budget. Fields an older source tree (--also-src) lacks count 0."""
+    budget; recorded and deviated in the last half (`late_`, the half timed). Fields an
+    older source tree (--also-src) lacks count 0."""
     its = ooc.report().iterations
     return {"records": sum(it.mode == "record" for it in its),
             "deviations": sum(it.deviation is not None for it in its),
             "switched": sum(getattr(it, "switched_at", None) is not None for it in its),
             "smaller": sum(getattr(it, "smaller", False) for it in its),
-            "over_budget": sum(it.peak_resident > ooc.budget for it in its)}
+            "over_budget": sum(it.peak_resident > ooc.budget for it in its),
+            "late_records": sum(it.mode == "record" for it in its[len(its) // 2:]),
+            "late_deviations": sum(it.deviation is not None for it in its[len(its) // 2:])}

@@ -9,7 +9,8 @@ longer sequences, and whether the final parameters are bitwise plain PyTorch's.
 `--every n`: gradient accumulation, optimizer.step() every n-th iteration (the loss
 divided by n), so that steps of n families (NOTE [Step shapes] rule 2) come in turn.
 
-    .venv/bin/python benchmarks/varying_sizes.py --rounds 3 [--every 2] [--also-src /tmp/x/src]
+    .venv/bin/python benchmarks/varying_sizes.py --rounds 3 [--every 2] [--steps 32]
+        [--also-src /tmp/x/src]
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def lengths(n: int) -> list[int]:
     return [max(min(int(rng.lognormvariate(4.1, 0.5)), 256) for _ in range(8)) for _ in range(n)]
 
 
-def child(mode: str, out: str, every: int = 1) -> None:
+def child(mode: str, out: str, every: int = 1, steps: int = STEPS) -> None:
     import logging
 
     import torch
@@ -46,7 +47,7 @@ def child(mode: str, out: str, every: int = 1) -> None:
     net.config.use_cache = False
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    data = [torch.randint(0, 8192, (8, n), generator=g) for n in lengths(STEPS)]
+    data = [torch.randint(0, 8192, (8, n), generator=g) for n in lengths(steps)]
     ooc, times = None, []
     with tempfile.TemporaryDirectory() as swap:
         if mode != "plain":
@@ -60,7 +61,7 @@ def child(mode: str, out: str, every: int = 1) -> None:
                     opt.step()
                     opt.zero_grad()
             times.append(time.perf_counter() - start)
-        result = {"mode": mode, "seconds": sum(times[STEPS // 2:])}
+        result = {"mode": mode, "seconds": sum(times[steps // 2:])}
         if ooc is not None:
             result.update(counts(ooc), in_core_peak=ooc.report().in_core_peak)
             ooc.close()
@@ -71,13 +72,16 @@ def child(mode: str, out: str, every: int = 1) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--every", type=int, default=1, help="optimizer.step() every n-th iteration")
+    ap.add_argument("--steps", type=int, default=STEPS, help="iterations (the last half timed)")
     a = arguments(ap)
     if a.child:
-        child(a.child, a.out, a.every)
+        child(a.child, a.out, a.every, a.steps)
         return
-    print("lengths", lengths(STEPS), "step every", a.every)
-    runs = side_by_side(__file__, ["--every", str(a.every)], a.rounds, a.also_src)
-    summary(runs, a.rounds, STEPS, ["records", "deviations", "smaller", "over_budget"])
+    print("lengths", lengths(a.steps), "step every", a.every)
+    runs = side_by_side(__file__, ["--every", str(a.every), "--steps", str(a.steps)], a.rounds,
+                        a.also_src)
+    summary(runs, a.rounds, a.steps, ["records", "deviations", "late_records", "late_deviations",
+                                         "smaller", "over_budget"])
 
 
 if __name__ == "__main__":

@@ -15,16 +15,19 @@ lets every iteration replay.
      smaller tensors has the plan's shape: rule 10).
   2. The next shape is predicted from the shapes seen (`predict`): by the period
      p <= MAX_PERIOD that the most recent shapes follow longest (for at least a whole
-     period), else the last shape. Where no period holds for the shapes but one holds
-     for their families (`family_of`: the ops a step ran, without their sizes), the
-     sizes vary and the ops repeat: text padded to each batch's longest sequence, with
-     gradient accumulation over iterations (a first micro-batch that makes the
-     gradients, one that adds to them and steps, each of any length). The family
-     predicts, and its plan for the largest sizes replays (`_largest`; rule 10 makes
-     such a plan). Before, the last shape predicted: the wrong micro-batch, a deviation
-     every other iteration, and shapes of new sizes recorded again and again
-     (helper-83: tiny GPT-2, lengths at random, a step every second iteration; 18
-     recordings and 43 deviations in the last 75 of 150).
+     period), else the last shape. A step's family is the ops it ran without their
+     sizes (`family_of`; a replay that ran its plan to the end has the plan's, one that
+     left it that of the ops it ran: `Replayer.family`). Where a period holds for the
+     families and none for the shapes, or the shapes' predicts another family (two
+     middle micro-batches in a row hold a period 1), the sizes vary and the ops repeat:
+     text padded to each batch's longest sequence, with gradient accumulation over
+     iterations (a first micro-batch that makes the gradients, one that adds to them
+     and steps, each of any length). The family predicts, and its plan for the largest
+     sizes replays (`_largest`; rule 10 grows such a plan). Before, the last shape
+     predicted: the wrong micro-batch, a deviation every other iteration, and shapes
+     of new sizes recorded again and again (helper-83: tiny GPT-2, lengths at random,
+     a step every second iteration; 18 recordings and 43 deviations in the last 75 of
+     150; `test_accumulation_over_lengths_at_random_settles`).
   3. A predicted shape with a plan replays it; one without is recorded, unless no
      period predicted it and it was seen once (a one-off: an epoch's short last batch,
      a shape that follows the data), or the period holds more shapes than MAX_PLANS
@@ -86,7 +89,12 @@ lets every iteration replay.
      the arrays its repeats remake after all of its step's arrays, so the two plans'
      ids of those are paired by their repeats, a temporary copy only with a temporary
      (`_same_arrays`). The iteration counts
-     as a replay of the plan it ended on (`IterationStats.switched_at`).
+     as a replay of the plan it ended on (`IterationStats.switched_at`). A step that
+     left its plan at an array larger than the plan's, while the family that predicted
+     it held its period for three periods at least (`Plans.firm_family`), takes up only
+     a plan of the same family (`continuing(family=...)`): one of other ops that fits
+     its sizes so far (the first micro-batch's, for the second) deviated further on,
+     and the plan it left never grew (rule 10).
  10. Sizes that vary from step to step with the same ops (text padded to each batch's
      longest sequence, an epoch's short last batch): a replay accepts an array at most
      as large as the plan's where it binds or makes it (`Replayer.smaller`). Every
