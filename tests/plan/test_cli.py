@@ -37,6 +37,21 @@ def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
     assert "cannot be negative, got '-5MiB'" in capsys.readouterr().err
 
 
+def test_simulate_says_where_a_budget_is_larger_than_the_machine(tmp_path, capsys):
+    """A budget past the machine's memory predicts a device that does not exist
+    (helper-81): said on stderr, the prediction still printed."""
+    path = tmp_path / "t.json"
+    build(PREFETCH, PREFETCH_FNS).save(path)
+    assert main(["simulate", str(path), "--budget", "64GiB", "--machine", "v100-16gb"]) == 0
+    captured = capsys.readouterr()
+    assert "the budget 64.00 GiB is more than the 14.90 GiB of memory v100-16gb has" in captured.err
+    assert "step" in captured.out
+    assert main(["simulate", str(path), "--budget", "8B,64GiB", "--machine", "v100-16gb"]) == 0
+    assert "64.00 GiB is more than" in capsys.readouterr().err
+    assert main(["simulate", str(path), "--budget", "8B", "--machine", "v100-16gb"]) == 0
+    assert "is more than" not in capsys.readouterr().err
+
+
 def test_simulate_single_and_sweep_table(tmp_path, capsys):
     path = tmp_path / "t.json"
     build(PREFETCH, PREFETCH_FNS, durations=[1.0] * 5).save(path)

@@ -11,6 +11,8 @@ per-device memory for out-of-core training).
 each recorded on its own rank; simulate them together (simulate_ranks in outcore.simulate)."""
 from __future__ import annotations
 
+import sys
+
 from ..errors import InfeasibleBudget, OutcoreError
 from ..plan import POLICIES, min_feasible_budget, plan
 from ..plan.recompute import choose as choose_recompute
@@ -178,8 +180,23 @@ def _budgets(args, trace, machine) -> list[int]:
         n = args.sweep
         return sorted({lo + (hi - lo) * i // (n - 1) for i in range(n)})
     if args.budget:
-        return [parse_budget(b, "--budget") for b in args.budget.split(",")]
+        budgets = [parse_budget(b, "--budget") for b in args.budget.split(",")]
+        _past_the_device(budgets, machine)
+        return budgets
     return [PRESETS[machine].fast_bytes]
+
+
+def _past_the_device(budgets: list[int], machine: str) -> None:
+    """Say on stderr where a budget is more than the machine's fast memory: the step
+    predicted would not fit the device (helper-81: `--budget 64GiB --machine v100-16gb`
+    printed a prediction and nothing else)."""
+    size = PRESETS[machine].fast_bytes
+    past = [b for b in budgets if b > size]
+    if past:
+        print(f"outcore simulate: note: the budget {format_bytes(max(past))} is more than the "
+              f"{format_bytes(size)} of memory {machine} has: its prediction is for a device "
+              f"larger than that one. Give a budget of at most {format_bytes(size)} (less the "
+              "room the framework keeps) to predict a run on it", file=sys.stderr)
 
 
 def run(args) -> int:
