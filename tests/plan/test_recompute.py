@@ -302,6 +302,11 @@ def test_outcore_simulate_recompute(tmp_path, capsys):
     assert main(["simulate", str(path), "--budget", budget, "--ranks", "2",
                  "--recompute", "all"]) == 2
     assert "--recompute goes with a single-device" in capsys.readouterr().err
+    # `outcore plot` takes --recompute as simulate does (helper-81: it had none).
+    assert main(["plot", str(path), "--budget", budget, "--recompute", "all",
+                 "-o", str(tmp_path / "r.svg")]) == 0
+    assert f"({len(recompute.candidates(t))} activations recomputed)" in capsys.readouterr().out
+    assert "<svg" in (tmp_path / "r.svg").read_text()
 
 
 def test_nothing_touching_a_foreign_array_is_recomputed():

@@ -1,11 +1,13 @@
 """`outcore plot TRACE --budget B -o memory.png`: the memory picture of a planned step."""
 from __future__ import annotations
 
-from ..plan import POLICIES, plan
+from ..plan import POLICIES
+from ..plan.recompute import choose as choose_recompute
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import parse_budget
-from .plan_cmd import add_adaptive_options, chosen_policy, policy_options
+from .plan_cmd import (RECOMPUTE, add_adaptive_options, add_recompute, chosen_policy,
+                       policy_options)
 
 
 def add_parser(sub) -> None:
@@ -25,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--window", help="adaptive window in bytes")
     p.add_argument("--k", type=int, help="fixed window in functions")
     add_adaptive_options(p)
+    add_recompute(p)
     p.add_argument("-o", "--output", required=True, help="where to write: a .png or .svg file")
     p.set_defaults(func=run)
 
@@ -33,8 +36,12 @@ def run(args) -> int:
     from ..view.plot import plot_memory
     trace = Trace.load(args.trace)
     policy = chosen_policy(args)
-    schedule = plan(trace, parse_budget(args.budget, "--budget"), policy, **policy_options(args, policy))
+    # As `outcore simulate` plans it: --recompute may rewrite the trace (its repeats drawn).
+    chosen, trace, schedule = choose_recompute(
+        trace, parse_budget(args.budget, "--budget"), mode=RECOMPUTE[args.recompute],
+        policy=policy, machine=args.machine, **policy_options(args))
     sim = simulate(trace, schedule, args.machine)
     plot_memory(trace, schedule, sim, args.output, title=trace.info.get("label"))
-    print(f"memory picture written to {args.output}")
+    print(f"memory picture written to {args.output}"
+          + (f" ({len(chosen)} activations recomputed)" if chosen else ""))
     return 0

@@ -81,7 +81,7 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
                 label=f"recompute ({len(made)})")
     ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
                  f"(in-core {sim.plain_time_s * 1e3:.0f} ms); moves "
-                 f"{sim.bytes_in / MIB:.0f} MiB in, {sim.bytes_out / MIB:.0f} MiB out", fontsize=10)
+                 f"{format_bytes(sim.bytes_in)} in, {format_bytes(sim.bytes_out)} out", fontsize=10)
 
 
 def _swap_marks(ax, marks, budget) -> None:
@@ -112,8 +112,9 @@ def _measured(ax, log, budget: int, rss_start: int) -> None:
                 budget / MIB)
     moved_in = sum(n for _, d, n, _, _ in log.transfers if d == "in")
     moved_out = sum(n for _, d, n, _, _ in log.transfers if d == "out")
-    ax.set_title(f"measured: one replayed iteration, {end:.0f} ms; moved {moved_in / MIB:.0f} MiB "
-                 f"in, {moved_out / MIB:.0f} MiB out", fontsize=10)
+    # Bytes as the report writes them (format_bytes), the axis in MiB.
+    ax.set_title(f"measured: one replayed iteration, {end:.0f} ms; moved {format_bytes(moved_in)} "
+                 f"in, {format_bytes(moved_out)} out", fontsize=10)
 
 
 def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None = None,
