@@ -419,3 +419,28 @@ def test_state_dir_of_a_loop_with_small_state_does_not_grow(tmp_path):
                     opt.zero_grad()
             sizes.append(sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / "state" / "*.swap"))))
     assert sizes[-1] <= sizes[5 * n], sizes[::n]
+
+
+def test_more_families_in_turn_than_plans_replay_the_last_plan():
+    """Rule 2 with rule 3's guard: eight families in turn (a head per task, sizes that
+    vary: a new shape every step) hold a period of 8, more than MAX_PLANS. A family
+    with no plan is not recorded then (each recording would drop the plan needed
+    next): the most recent plan replays (helper-86: every iteration was recorded)."""
+    kept = Plans()
+    for k in range(plans.MAX_PLANS):
+        kept.add(plans.Plan(f"p{k}", None, None, [], (0, 0), 0, frozenset(), {}, family=f"f{k}"))
+    for i in range(38):            # a replay of a plan has its shape; the others are new
+        k = i % 8
+        kept.seen(f"p{k}" if k < plans.MAX_PLANS else f"s{i}", f"f{k}")
+    assert predict([s.family for s in kept.history]) == ("f6", 8)
+    assert kept.next() is kept._plans[f"p{plans.MAX_PLANS - 1}"]
+    kept.seen("s38", "f6")
+    kept.seen("s39", "f7")          # then f0, which has a plan: it replays
+    assert kept.next() is kept._plans["p0"]
+    few = Plans()                   # three families in turn: the one with no plan is recorded
+    few.add(plans.Plan("p0", None, None, [], (0, 0), 0, frozenset(), {}, family="f0"))
+    for i in range(12):
+        few.seen(f"s{i}", f"f{i % 3}")
+    assert few.next() is few._plans["p0"]
+    few.seen("s12", "f0")
+    assert few.next() is None

@@ -436,6 +436,7 @@ class OutOfCore:
         # NOTE [Step shapes] rule 10: {family: (the plan a step outgrew, that step's
         # sizes)}, till a step of that family is recorded
         self._outgrowing: dict = {}
+        self._outgrew_last = None    # ... the family of the step just run, if it outgrew
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
         self._iterations: list[IterationStats] = []
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
@@ -854,6 +855,16 @@ class OutOfCore:
         if before is plan:
             sizes = {a: max(n, known.get(a, 0)) for a, n in {**known, **sizes}.items()}
         self._outgrowing[plan.family] = (plan, sizes)
+        self._outgrew_last = plan.family
+
+    def _growing(self) -> tuple[dict, tuple]:
+        """For Plans.next: the families whose plans wait to grow (rule 10), those of plans
+        still kept, and the family of a step that outgrew its plan in the iteration just
+        run (taken once: recorded next where no period predicts another family)."""
+        self._outgrowing = {f: grow for f, grow in self._outgrowing.items()
+                            if grow[0].shape in self._plans}
+        now, self._outgrew_last = self._outgrew_last, None
+        return self._outgrowing, () if now is None else (now,)
 
     def _use(self, plan: Plan) -> None:
         """Make `plan` the one the report, timeline() and plot() show."""
@@ -1282,7 +1293,8 @@ class _Iteration:
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
-        plan = None if ooc._record_next else ooc._plans.next(growing=ooc._outgrowing)
+        growing, now = ooc._growing()
+        plan = None if ooc._record_next else ooc._plans.next(growing, now)
         carried = ooc._plans.carried(ooc._ending, plan, ooc._live) if plan is not None else {}
         if plan is not None and ooc._outgrown(
                 plan, plan.held_in_step | set(carried.values()) | set(ooc._inputs)):
@@ -1327,13 +1339,14 @@ class _Iteration:
     def _others(self, keys, expected, nbytes, name, larger=False):
         """Replayer._switch: another plan this step turns out to follow, with the state
         it starts from and the other plans' (NOTE [Step shapes] in plans.py, rule 9).
-        One of the same ops only, where the step left its plan at a larger array and its
-        family was predicted by a firm period (rule 2): the same step on larger tensors,
-        whose plan grows where it outgrew it (rule 10); another plan that fits its sizes
-        for now is of other ops, and it deviates further on."""
+        Where the step left its plan at a larger array, none of the other families of a
+        firm period (`Plans.not_this`): the step is the predicted one on larger tensors,
+        whose plan grows where it outgrew it (rule 10); another micro-batch's plan that
+        fits its sizes for now deviates further on. A plan of ops outside the period (an
+        evaluation step, a rare branch) may still be taken up."""
         ooc = self.ooc
-        family = ooc._plan.family if larger and ooc._plans.firm_family else None
-        found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name, family)
+        not_of = ooc._plans.not_this if larger else frozenset()
+        found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name, not_of)
         if found is None:
             return None
         plan, ids = found

@@ -23,7 +23,11 @@ lets every iteration replay.
      text padded to each batch's longest sequence, with gradient accumulation over
      iterations (a first micro-batch that makes the gradients, one that adds to them
      and steps, each of any length). The family predicts, and its plan for the largest
-     sizes replays (`_largest`; rule 10 grows such a plan). Before, the last shape
+     sizes replays (`_largest`; rule 10 grows such a plan). A family with no plan is
+     recorded where its period held for three periods at least and holds at most
+     MAX_PLANS families; else rule 3 goes on as for shapes (helper-86: eight families in
+     turn recorded every step; a period 3 by chance of LBFGS's rare step that skips its
+     history update started chains of warm-up recordings). Before, the last shape
      predicted: the wrong micro-batch, a deviation every other iteration, and shapes
      of new sizes recorded again and again (helper-83: tiny GPT-2, lengths at random,
      a step every second iteration; 18 recordings and 43 deviations in the last 75 of
@@ -90,11 +94,12 @@ lets every iteration replay.
      ids of those are paired by their repeats, a temporary copy only with a temporary
      (`_same_arrays`). The iteration counts
      as a replay of the plan it ended on (`IterationStats.switched_at`). A step that
-     left its plan at an array larger than the plan's, while the family that predicted
-     it held its period for three periods at least (`Plans.firm_family`), takes up only
-     a plan of the same family (`continuing(family=...)`): one of other ops that fits
-     its sizes so far (the first micro-batch's, for the second) deviated further on,
-     and the plan it left never grew (rule 10).
+     left its plan at an array larger than the plan's, where the families have held a
+     period for three periods at least, takes up no plan of the period's other families
+     (`Plans.not_this`, `continuing(not_of=...)`): the period says the step is not one
+     of them, and their plans fit its sizes for a while (the first micro-batch's, for
+     the second) and deviated further on, while the plan it left never grew (rule 10).
+     A plan of ops outside the period (an evaluation step, a rare branch) it may take up.
  10. Sizes that vary from step to step with the same ops (text padded to each batch's
      longest sequence, an epoch's short last batch): a replay accepts an array at most
      as large as the plan's where it binds or makes it (`Replayer.smaller`). Every
@@ -106,9 +111,12 @@ lets every iteration replay.
      record passes the room the plan leaves under its budget. Where the
      step then runs the plan's ops one for one to its end, on demand, it outgrew the
      plan (`Replayer.outgrew`: the same step on larger tensors, not another shape that
-     begins the same, as an eval step does): the next iteration predicted to be of its
-     family is recorded (`Plans.next(growing)`: the iteration after it may be another
-     micro-batch, whose record could not grow this plan), and where
+     begins the same, as an eval step does): the next iteration that a period of the
+     families predicts to be of its family is recorded (`Plans.next(growing)`: the
+     iteration after it may be another micro-batch, whose record could not grow this
+     plan), or the very next one where the last family predicts (`now`; once: helper-86
+     saw a guess of the family recorded again and again, each time another micro-batch;
+     the entry goes with its plan: `OutOfCore._growing`), and where
      its record has the same functions on the same arrays as the outgrown plan's, the
      plan is made for the largest size of each array in the two records and in the step
      that outgrew (`Replayer.outgrown_sizes`), and the longer duration of each function
@@ -408,7 +416,7 @@ class Plans:
         self.warm_up: set = set()    # shapes of recordings not planned (lazy optimizer state)
         self.took_one_off = False    # rule 3's exception, taken once
         self.unplannable: set = set()    # rule 11: shapes that run op by op, never planned
-        self.firm_family = False     # rule 2: the last prediction's family, by a firm period
+        self.not_this: frozenset = frozenset()   # rule 9: families a firm period rules out
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -451,24 +459,32 @@ class Plans:
             self.times.clear()             # shapes that follow the data: a new one each time
         self.times[shape] += 1
 
-    def next(self, growing=()) -> Plan | None:
+    def next(self, growing=(), now=()) -> Plan | None:
         """The plan the next iteration replays, or None: record it (rules 2, 3 and
-        10). `growing`: the families of plans a step outgrew (rule 10), recorded when
-        predicted."""
+        10). `growing`: the families of plans a step outgrew (rule 10), recorded when a
+        period predicts them; `now`: those of the step just run, recorded when predicted
+        at all (the last family predicts where no period holds)."""
         seen, period = predict(list(self.history))
         if seen is None or seen.shape in self.unplannable:
             return None
         families = [s.family for s in self.history]
         family, family_period = predict(families)
-        # Firm where it held for three periods at least: not by chance, as two shapes
-        # that come by a coin toss hold a period 1 or 2 now and then (`continuing`).
-        self.firm_family = predict(families, repeats=2) == (family, family_period) != (family, 0)
-        if family in growing:
+        # Firm where it held for three periods at least: less by chance, as shapes that
+        # come by a coin toss hold a period 1 or 2 now and then.
+        firm = predict(families, repeats=2) == (family, family_period) != (family, 0)
+        # Rule 9: the other families of a firm period are not this step's.
+        self.not_this = frozenset(families[-family_period:]) - {family} if firm else frozenset()
+        if family_period and family in growing or family in now:
             return None
         # Rule 2: the ops repeat, their sizes vary (no period for the shapes, or one that
         # foretells another family: a period 1 of two middle micro-batches in a row).
         by_family = family_period and (not period or seen.family != family)
-        plan = self._largest(family) if by_family else self._plans.get(seen.shape)
+        plan = self._largest(family) if by_family else None
+        if by_family and plan is None and (
+                not firm or len(set(families[-family_period:])) > MAX_PLANS):
+            by_family = False       # no plan of its family, and none is recorded: rule 3
+        if not by_family:
+            plan = self._plans.get(seen.shape)
         history = self.shapes()
         if plan is None and not by_family and (
                 not period and history.count(seen.shape) == 1
@@ -491,7 +507,7 @@ class Plans:
         return max(mine, key=lambda p: p.in_core_peak, default=None)
 
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str | None, family=None) -> tuple[Plan, dict] | None:
+                   name: str | None, not_of=frozenset()) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of the ops of these `keys` on these arrays (`expected`, of
         `nbytes` as the step made them) and goes on with an op named `name`
@@ -502,25 +518,25 @@ class Plans:
         have the step's sizes comes first; else one whose are no smaller (rule
         10). The plan found becomes the most recently used; with it, {array id
         here: its id there} for the arrays of those functions (`_same_arrays`).
-        `family`: only a plan of that family (rule 2), where not None."""
+        `not_of`: families whose plans are passed over (rule 9)."""
         k, ran = len(keys), current.trace.functions
         mine_last = _last_copies(ran)
         ops = [key and key[0] for key in keys]
         for exact in (True, False):
             found = self._continuing(current, k, ran, mine_last, ops, expected, nbytes, name,
-                                     exact, family)
+                                     exact, not_of)
             if found is not None:
                 self._plans.move_to_end(found[0].shape)
                 return found
         return None
 
     def _continuing(self, current, k, ran, mine_last, ops, expected, nbytes, name, exact,
-                    family):
+                    not_of):
         """`continuing` for plans whose arrays have the step's sizes (`exact`) or are no
         smaller, the most recently used first."""
         for plan in reversed(self._plans.values()):
             fns = plan.trace.functions
-            if (plan is current or len(fns) < k or family is not None and plan.family != family
+            if (plan is current or len(fns) < k or plan.family in not_of
                     or [key and key[0] for key in plan.keys[:k]] != ops):
                 continue
             j = k
