@@ -1519,7 +1519,8 @@ class _Iteration:
                 ooc._infeasible = err
                 raise
         else:
-            plan, shape, family = ooc._plan, mode.shape(), mode.family()
+            plan, shape = ooc._plan, mode.shape()
+            family = plan.family if deviation is None else mode.family()
             # A passive replay checks names only (Replayer._follow): where it deviated, the
             # shape it computes trusts the record's sizes up to there. An unknown shape is
             # kept instead, one of its own: the next replays track (NOTE [Step shapes] 4).

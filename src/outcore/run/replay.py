@@ -37,7 +37,7 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
-from .plans import SMALL_OP_BYTES, family_of, function_keys, recorded_ops, shape_of, sizes_after
+from .plans import SMALL_OP_BYTES, family_of, function_keys, shape_of, sizes_after
 from .residency import Residency
 from .steplog import StepLog
 
@@ -483,11 +483,9 @@ class Replayer(HeldMode):
         return shape_of([*keys, *self._ran])
 
     def family(self) -> int:
-        """The family of the step that ran (NOTE [Step shapes] in plans.py, rule 2): the
-        plan's, where it ran the plan to its end (its shape is the plan's), else that of
-        the ops it ran."""
-        if self.deviation is None:
-            return family_of(recorded_ops(self.trace))
+        """The family of a step that left its plan (NOTE [Step shapes] in plans.py, rule
+        2): that of the ops it ran. (One that ran a plan to its end has the plan's, as it
+        has its shape: `Plan.family`.)"""
         return family_of(self._ops)
 
     @property
