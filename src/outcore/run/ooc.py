@@ -763,7 +763,8 @@ class OutOfCore:
         # then: a tensor a collective made in the step before).
         beside = max(self._held_beside(in_step),
                      sum(n for e, n in (held_before or {}).items() if e not in in_step))
-        outgrown, sizes = self._outgrowing.pop(family_of(recorded_ops(trace)), (None, None))
+        family = family_of(recorded_ops(trace))      # the envelope's is the same
+        outgrown, sizes = self._outgrowing.pop(family, (None, None))
         grown = envelope(outgrown.recorded, trace, sizes) if outgrown is not None else None
         for trace in (grown, recording.trace) if grown is not None else (trace,):
             held = held_arrays(trace, disowned)
@@ -830,7 +831,7 @@ class OutOfCore:
                     recorded=recorded, grows=outgrown is None or recorded is grown,
                     made_state=any(a.category == "optimizer_state" and not a.existed_before
                                    for a in trace.arrays),
-                    family=family_of(recorded_ops(trace)))
+                    family=family)
         self._plans.add(plan)
         if recorded is grown and outgrown.shape != plan.shape:
             self._plans.drop(outgrown.shape)        # the larger plan covers its steps

@@ -340,10 +340,10 @@ def family_of(ops) -> int:
     return hash(tuple(ops))
 
 
-def recorded_ops(trace, k: int | None = None) -> list:
-    """The ops of the first k functions of `trace` (all: None) that a step runs: those
-    the planner inserted (`Function.repeats`) left out."""
-    return [f.op for f in trace.functions[:k] if f.repeats is None]
+def recorded_ops(trace) -> list:
+    """The ops of `trace`'s functions that a step runs: those the planner inserted
+    (`Function.repeats`) left out."""
+    return [f.op for f in trace.functions if f.repeats is None]
 
 
 def predict(history, max_period: int | None = None, repeats: int = 1) -> tuple[int | None, int]:
