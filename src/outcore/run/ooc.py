@@ -1530,6 +1530,7 @@ class _Iteration:
             ooc._plans.seen(shape if known else object(), family)
             ooc._carried = mode.persistent_entries()
             ooc._inputs = mode.input_entries()
+            grows = False           # the step outgrew its plan, which grows (rule 10)
             if deviation is None:
                 ooc._plans.learn(self.after, plan, mode.started_from)
                 if not mode.passive:                   # a passive one binds nothing
@@ -1537,6 +1538,7 @@ class _Iteration:
             elif known and shape == plan.shape:
                 ooc._plans.drop(plan.shape)        # NOTE [Step shapes] in plans.py, rule 5
             elif mode.outgrew and plan.recorded is not None and plan.grows:   # ... rule 10
+                grows = True
                 ooc._outgrow(plan, mode.outgrown_sizes)
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
@@ -1551,10 +1553,9 @@ class _Iteration:
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
                         ", and the next step of its ops is recorded to plan for the larger "
-                        "sizes" if mode.outgrew and plan.family in ooc._outgrowing else ""
-                        if shape in ooc._plans else
+                        "sizes" if grows else "" if shape in ooc._plans else
                         ", and a step of its shape is recorded when one is expected")
-                if not (mode.outgrew and plan.family in ooc._outgrowing):
+                if not grows:
                     ooc._periodic(len(ooc._iterations), deviation, shape)
 
 
