@@ -410,3 +410,64 @@ def test_an_evaluation_of_a_larger_batch_takes_up_its_plan(tmp_path):
     assert all(it.mode == "replay" and not it.deviation and it.switched_at is not None
                for it in firsts), its
     assert not any(it.deviation or it.mode == "record" for it in its[64:]), its
+
+
+class _PositionIds(torch.nn.Module):
+    """Token and position embeddings: the position ids, `arange(n)`, are a small array
+    the step makes (8 n bytes) before it reads the ids, and reads after."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = torch.nn.Embedding(1000, 512)
+        self.pos = torch.nn.Embedding(128, 512)
+        self.mlp = torch.nn.Sequential(*[m for _ in range(5)
+                                         for m in (torch.nn.Linear(512, 512), torch.nn.ReLU())])
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1])            # before the ids are read
+        return self.mlp(self.tok(ids) + self.pos(pos)[None])
+
+
+def _late_reads(kind):
+    """`train(ooc)` for `test_what_a_step_reads_after_it_left_its_plan_grows_with_it`."""
+    def train(ooc=None):
+        torch.manual_seed(0)
+        if kind == "position ids":
+            net = _PositionIds()
+        else:
+            layers = 6 if kind == "target" else 2
+            net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), *[
+                m for _ in range(layers - 1) for m in (torch.nn.Linear(512, 512), torch.nn.ReLU())],
+                torch.nn.Linear(512, 256))
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        for it, n in enumerate(LATE_LENGTHS):
+            g = torch.Generator().manual_seed(it)
+            x = (torch.randint(0, 1000, (16, n), generator=g) if kind == "position ids"
+                 else torch.randn(16, n, 256, generator=g))
+            y = torch.randn(16, n, 256, generator=g)        # read by the loss only
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                out = net(x)
+                loss = (torch.nn.functional.mse_loss(out, y) if kind == "target"
+                        else out.pow(2).mean())
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        return net
+    return train
+
+
+LATE_LENGTHS = [32, 64, 16, 48, 48, 16, 48]
+
+
+@pytest.mark.parametrize("kind, budget", [("target", 12 << 20), ("passive", 10 << 20),
+                                          ("position ids", 12 << 20)])
+def test_what_a_step_reads_after_it_left_its_plan_grows_with_it(kind, budget, tmp_path):
+    """Recorded at 32; 64 leaves the plan at its first function and outgrows it; 16 is
+    recorded and planned for the larger sizes of both. A step of 48 then replays: the
+    plan grew to what 64 read after it left, not only to what it made (helper-85: the
+    target, read first by the loss; the position ids, made before and read after; in a
+    passive replay, what it made larger before it left, which a passive replay binds
+    nothing of), where each 48 deviated at that array and was recorded again."""
+    its = _compare(_late_reads(kind), budget, tmp_path)
+    assert [it.mode for it in its] == ["record", "replay", "record"] + ["replay"] * 4, its
+    assert its[1].outgrew and not any(it.deviation for it in its[2:]), its

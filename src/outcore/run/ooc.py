@@ -1344,10 +1344,12 @@ class _Iteration:
         firm period (`Plans.not_this`): the step is the predicted one on larger tensors,
         whose plan grows where it outgrew it (rule 10); another micro-batch's plan that
         fits its sizes for now deviates further on. A plan of ops outside the period (an
-        evaluation step, a rare branch) may still be taken up."""
+        evaluation step, a rare branch) may still be taken up. Where it was an array the
+        op reads, (its slot, its bytes): a plan taken up has it no smaller."""
         ooc = self.ooc
         not_of = ooc._plans.not_this if larger else frozenset()
-        found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name, not_of)
+        found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name, not_of,
+                                      larger if isinstance(larger, tuple) else None)
         if found is None:
             return None
         plan, ids = found

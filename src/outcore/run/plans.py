@@ -267,17 +267,29 @@ def envelope(old, new, grown=None):
 
 def sizes_after(trace, keys, k, made) -> dict | None:
     """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k to
-    its end make, as a step that left the plan at k made them on demand (`made`: (name,
-    the bytes of each storage made) of every op it ran from there), where those ops are
-    the plan's functions one for one (the same names, and as many storages made where
-    the function is not small: `torch.tensor(0.5)` is made outside any op, and on
-    demand its `lift_fresh` makes nothing); else None: the step was of another shape,
-    not a larger one."""
+    its end make or read, as a step that left the plan at k ran them on demand (`made`:
+    (name, the bytes of each storage made, those of each distinct storage read or None)
+    of every op it ran from there), where those ops are the plan's functions one for one
+    (the same names, and as many storages made where the function is not small:
+    `torch.tensor(0.5)` is made outside any op, and on demand its `lift_fresh` makes
+    nothing); else None: the step was of another shape, not a larger one.
+
+    What a function reads counts too (where it read as many storages as the function
+    has arrays not created there, the recorder's order: its inputs' storages, first
+    seen first): an input read first after k (the labels, read by the loss; a later
+    micro-batch's mask) grew with the step, and a plan grown without it deviated at
+    its read the next time, and was recorded again (helper-85: Trainer with gradient
+    accumulation of 4 recorded 7 times in the last half of its run)."""
     at = [i for i in range(k, len(trace.functions)) if trace.functions[i].repeats is None]
+    return sizes_made(trace, keys, at, made)
+
+
+def sizes_made(trace, keys, at, made) -> dict | None:
+    """`sizes_after` for the functions `at` of `trace`, which ran as `made` has them."""
     if len(at) != len(made):
         return None
     sizes = {}
-    for i, (name, each) in zip(at, made):
+    for i, (name, each, read) in zip(at, made):
         fn = trace.functions[i]
         created = [acc.array for acc in fn.accesses if acc.kind == "create"]
         if name != fn.op:
@@ -286,6 +298,11 @@ def sizes_after(trace, keys, k, made) -> dict | None:
             sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
         elif keys[i] is not None:
             return None
+        used = [acc.array for acc in fn.accesses if acc.kind != "create"]
+        if read is not None and len(read) == len(used):
+            for a, n in zip(used, read):
+                if n > max(trace.arrays[a].nbytes, sizes.get(a, 0)):
+                    sizes[a] = n
     return sizes
 
 
@@ -507,7 +524,8 @@ class Plans:
         return max(mine, key=lambda p: p.in_core_peak, default=None)
 
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str | None, not_of=frozenset()) -> tuple[Plan, dict] | None:
+                   name: str | None, not_of=frozenset(),
+                   fits: tuple | None = None) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of the ops of these `keys` on these arrays (`expected`, of
         `nbytes` as the step made them) and goes on with an op named `name`
@@ -518,20 +536,24 @@ class Plans:
         have the step's sizes comes first; else one whose are no smaller (rule
         10). The plan found becomes the most recently used; with it, {array id
         here: its id there} for the arrays of those functions (`_same_arrays`).
-        `not_of`: families whose plans are passed over (rule 9)."""
+        `not_of`: families whose plans are passed over (rule 9). `fits`: (slot, bytes) of
+        an array op `name` reads, larger than `current` has it, that the plan must have
+        no smaller: else the step left it there too, and that plan grew beside the one
+        the step left (helper-85: at function 0, where no array is compared yet, a first
+        micro-batch's smaller plan was taken up; two or three plans a family)."""
         k, ran = len(keys), current.trace.functions
         mine_last = _last_copies(ran)
         ops = [key and key[0] for key in keys]
         for exact in (True, False):
             found = self._continuing(current, k, ran, mine_last, ops, expected, nbytes, name,
-                                     exact, not_of)
+                                     exact, not_of, fits)
             if found is not None:
                 self._plans.move_to_end(found[0].shape)
                 return found
         return None
 
     def _continuing(self, current, k, ran, mine_last, ops, expected, nbytes, name, exact,
-                    not_of):
+                    not_of, fits):
         """`continuing` for plans whose arrays have the step's sizes (`exact`) or are no
         smaller, the most recently used first."""
         for plan in reversed(self._plans.values()):
@@ -546,6 +568,9 @@ class Plans:
             goes_on = j == len(fns) if name is None else (
                 j < len(fns) and fns[j].op == name and fns[j].repeats is None)
             if not goes_on or any(fns[i].repeats != ran[i].repeats for i in range(k)):
+                continue
+            if fits is not None and (fits[0] >= len(fns[j].accesses) or plan.trace.arrays[
+                    fns[j].accesses[fits[0]].array].nbytes < fits[1]):
                 continue
             ids = _same_arrays(ran, fns, expected, nbytes, plan.trace.arrays, k, mine_last, exact)
             if ids is not None:

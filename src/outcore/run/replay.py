@@ -37,7 +37,8 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
-from .plans import SMALL_OP_BYTES, family_of, function_keys, shape_of, sizes_after
+from .plans import (SMALL_OP_BYTES, family_of, function_keys, shape_of, sizes_after,
+                    sizes_made)
 from .residency import Residency
 from .steplog import StepLog
 
@@ -75,7 +76,8 @@ class Replayer(HeldMode):
         self._optimizer_hooks: list = []
         self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
         # Every op run after a deviation, small ones too: (name, the bytes of each storage
-        # it made), for rule 10 of NOTE [Step shapes] (`outgrown_sizes`).
+        # it made, those of each it read or None), for rule 10 of NOTE [Step shapes]
+        # (`outgrown_sizes`).
         self._made: list = []
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
@@ -100,6 +102,7 @@ class Replayer(HeldMode):
         self.smaller = self._larger = False
         self._more = 0                  # bytes a passive replay made past the record's
         self._followed: list = []       # weakrefs: storages a passive replay saw made
+        self._made_larger: list = []    # (function, bytes of each storage made) of those
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
@@ -505,11 +508,17 @@ class Replayer(HeldMode):
         ended."""
         if not self._larger or self.deviation is None:
             return None
-        after = sizes_after(self.trace, self.keys, self.log.deviation[0], self._made)
+        k = self.log.deviation[0]
+        after = sizes_after(self.trace, self.keys, k, self._made)
         if after is None:
             return None
         sizes = {aid: e.nbytes for aid, e in enumerate(self.by_id) if e is not None}
-        for aid, nbytes in (*self._read_sizes.items(), *after.items()):
+        # A passive replay bound nothing before k: what it made larger there, within
+        # the room its plan left, grows too (else the next step as large deviated there).
+        larger = [(i, each) for i, each in self._made_larger if i < k]
+        before = sizes_made(self.trace, self.keys, [i for i, _ in larger],
+                            [(self.op_names[i], each, None) for i, each in larger]) or {}
+        for aid, nbytes in (*self._read_sizes.items(), *before.items(), *after.items()):
             sizes[aid] = max(nbytes, sizes.get(aid, 0))
         return sizes
 
@@ -591,6 +600,7 @@ class Replayer(HeldMode):
         more = sum(s.nbytes() for s in made) - planned
         if more <= 0:
             return
+        self._made_larger.append((i, [s.nbytes() for s in made]))
         self._more += more
         if self._more <= self.schedule.budget - self.schedule.peak_bytes:
             return
@@ -658,7 +668,7 @@ class Replayer(HeldMode):
                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
                                            kwargs, in_storages,
                                            self._runs_small(func, args, kwargs, in_storages),
-                                           larger=True)
+                                           larger=(expected.index(aid), nbytes))
                     if self._larger:                 # not taken up by another plan
                         self._read_sizes[aid] = nbytes
                     return out
@@ -720,7 +730,7 @@ class Replayer(HeldMode):
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
                                          output_tensors(out))
-            self._ran_on_demand(name, [e.nbytes for e in made])
+            self._ran_on_demand(name, [e.nbytes for e in made], read=entries)
             return out
         for storage, aid in zip(created, rest):
             if storage.nbytes() < self.nbytes[aid]:
@@ -900,13 +910,14 @@ class Replayer(HeldMode):
     def _off_record(self, reason, func, args, kwargs, storages, small, larger=False):
         """The op does not match the function the step stands at: a small op (`small`:
         `_runs_small`) runs as it is (rule 4b), any other leaves the plan; `larger`: for
-        being larger than the record's (rule 10 of NOTE [Step shapes]: `outgrew`)."""
+        being larger than the record's (rule 10 of NOTE [Step shapes]: `outgrew`), and
+        where it was an array it reads, (its slot, its bytes)."""
         if small:
             self._spare_remakes(func, args, kwargs)
             return self._extra(func, args, kwargs, storages)
         if self._switch(self._name(func), larger):
             return self._one(func, args, kwargs)
-        self._larger = larger
+        self._larger = bool(larger)
         return self._deviate(reason, func, args, kwargs)
 
     def _small_grew(self, i, name, small) -> bool:
@@ -914,12 +925,13 @@ class Replayer(HeldMode):
         return not small and i < self.n and name == self.op_names[i]
 
     # -- another plan of a shape this step turns out to have (NOTE [Step shapes] rule 9) ---
-    def _switch(self, name, larger: bool = False) -> bool:
+    def _switch(self, name, larger=False) -> bool:
         """The step left its record at function k, before op `name` ran: where another
         plan's record ran the same first k functions on the same arrays and then `name`,
         follow that plan from k on. `name` None: the step ended after k functions, and
         that plan's record ends there. Again later in the same step, at a later function
-        only (so it ends). `larger`: it left at an array larger than the plan's (rule 10)."""
+        only (so it ends). `larger`: it left at an array larger than the plan's (rule 10;
+        `_off_record`)."""
         if (self._others is None or self.passive
                 or self.switched_at is not None and self.index <= self.switched_at):
             return False
@@ -1098,12 +1110,16 @@ class Replayer(HeldMode):
             self._ran_on_demand(name, [e.nbytes for e in made])
         return out
 
-    def _ran_on_demand(self, name: str, sizes: list, small: bool = False) -> None:
+    def _ran_on_demand(self, name: str, sizes: list, small: bool = False,
+                       read=None) -> None:
         """Note an op run after the deviation, which made storages of `sizes` bytes: in
-        the step's shape unless it is small (rule 3), and for rule 10 in any case."""
+        the step's shape unless it is small (rule 3), and for rule 10 in any case, with
+        the entries it `read` (those of its distinct input storages, in order, as the
+        recorder numbers them; None where not known)."""
         if not small:
             self._ran.append((name, sum(sizes)))
-        self._made.append((name, tuple(sizes)))
+        self._made.append((name, tuple(sizes),
+                           None if read is None else tuple(e.nbytes for e in read)))
 
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
@@ -1141,7 +1157,7 @@ class Replayer(HeldMode):
         entries, made = self._on_demand.last
         self._ran_on_demand(self._name(func), [e.nbytes for e in made], small=not (
             func.namespace in DISTRIBUTED_NAMESPACES
-            or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))))
+            or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))), read=entries)
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             phase = op_phase(self._optimizers, _tensors_read(args, kwargs))
