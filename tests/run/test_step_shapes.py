@@ -247,6 +247,11 @@ def test_a_step_that_changes_with_a_period_it_does_not_follow_gets_one_hint(capl
         plain, ours, error, report = _accumulating(2_500_000, iterations=10)
     assert error is None
     assert [it.index for it in report.iterations if it.deviation] == [2, 4, 6, 8, 10]
+    # Warned once the shape was met more than twice (not learnt: rule 3 of NOTE [Step
+    # shapes]); not while it is learnt, as at 2, where every accumulation deviates once.
+    warned = [r.getMessage().split()[1] for r in caplog.records
+              if "deviated from the recorded step" in r.getMessage()]
+    assert warned == ["8", "10"], warned
     hints = [r.getMessage() for r in caplog.records if "one in every 2" in r.getMessage()]
     assert hints == ["iterations 4, 6, 8 deviated from their record, one in every 2, each time "
                      "to a shape of step seen before: a step that changes with a period "

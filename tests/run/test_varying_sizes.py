@@ -471,3 +471,47 @@ def test_what_a_step_reads_after_it_left_its_plan_grows_with_it(kind, budget, tm
     its = _compare(_late_reads(kind), budget, tmp_path)
     assert [it.mode for it in its] == ["record", "replay", "record"] + ["replay"] * 4, its
     assert its[1].outgrew and not any(it.deviation for it in its[2:]), its
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.a, self.b = (torch.nn.LayerNorm(128), torch.nn.Linear(128, 512),
+                                   torch.nn.Linear(512, 128))
+
+    def forward(self, x):
+        return x + self.b(torch.nn.functional.gelu(self.a(self.ln(x))))
+
+
+def test_small_state_beside_a_micro_batch_is_no_reason_to_record_it_again(tmp_path, monkeypatch):
+    """Accumulation over 4 micro-batches of lengths at random, AdamW, a model whose
+    LayerNorms and biases are under min_move_bytes: their gradients and Adam's moments
+    never move. A replay lets go of those its plan does not start from (Residency NOTE
+    8), so they are no storages kept beside it (rule 8 of NOTE [Step shapes]): before,
+    counted there, they dropped the plan and recorded the step again at 16, 20, 24
+    and 28 (helper-85: with sizes that follow the data, once per shape is every time)."""
+    lengths = [int(n) for n in torch.randint(16, 97, (32,), generator=torch.Generator().manual_seed(2))]
+
+    def train(ooc=None):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Embedding(1000, 128), *[_Block() for _ in range(4)],
+                                  torch.nn.LayerNorm(128), torch.nn.Linear(128, 1000))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        for it, n in enumerate(lengths):
+            ids = torch.randint(0, 1000, (4, n), generator=torch.Generator().manual_seed(it))
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                (_cross_entropy(net(ids), ids) / 4).backward()
+                if it % 4 == 3:
+                    opt.step()
+                    opt.zero_grad()
+        return net
+
+    outgrown = []
+    check = outcore.OutOfCore._outgrown
+
+    def spy(self, *args):
+        outgrown.append(check(self, *args))
+        return outgrown[-1]
+    monkeypatch.setattr(outcore.OutOfCore, "_outgrown", spy)
+    _compare(train, 6 << 20, tmp_path)
+    assert outgrown and not any(outgrown), outgrown

@@ -446,7 +446,6 @@ class OutOfCore:
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
-        self._warned_deviation = False      # the first deviation is a warning (_adopt)
         self._outgrown_shapes: set = set()  # recorded again once for _outgrown
         self._composition = Composition()     # run/compose.py: torch.distributed around us
 
@@ -877,16 +876,22 @@ class OutOfCore:
         `known`."""
         return sum(n for e, n in self._held_sizes().items() if e not in known)
 
-    def _outgrown(self, plan: Plan, known) -> bool:
+    def _outgrown(self, plan: Plan, carried: dict) -> bool:
         """Whether storages that never move and that `plan`'s step does not start from
-        (`known`) now hold more than its plan left for them (NOTE [Step shapes] in
-        plans.py, rule 8): DDP's buckets or another shape's small optimizer state, made
-        after this one was planned. Once per shape: a step that keeps a new such storage
-        every time (a tensor a collective made, held till the next step) is not
-        recorded again and again."""
+        (`carried`, {array id: entry}, its inputs, those its record kept) now hold more
+        than its plan left for them (NOTE [Step shapes] in plans.py, rule 8): DDP's
+        buckets, made after this one was planned. Only those the replay keeps counting
+        (`Residency.stays`): the rest it lets go of as it starts (Residency NOTE 8:
+        another shape's small optimizer state, the gradients of the micro-batch before
+        where the plan has not learnt what it starts from after it), and counting them
+        here recorded a step again and again, each time its sizes were new (helper-85).
+        Once per shape: a step that keeps a new such storage every time (a tensor a
+        collective made, held till the next step) is not recorded again and again."""
         if plan.shape in self._outgrown_shapes:
             return False
-        beside = self._held_beside(known)
+        known = plan.held_in_step | set(carried.values()) | set(self._inputs)
+        beside = sum(n for e, n in self._held_sizes().items()
+                     if e not in known and self._res.stays(e))
         if beside > plan.held_beside + plan.schedule.budget - plan.schedule.peak_bytes:
             self._outgrown_shapes.add(plan.shape)
             return True
@@ -1297,8 +1302,7 @@ class _Iteration:
         growing, now = ooc._growing()
         plan = None if ooc._record_next else ooc._plans.next(growing, now)
         carried = ooc._plans.carried(ooc._ending, plan, ooc._live) if plan is not None else {}
-        if plan is not None and ooc._outgrown(
-                plan, plan.held_in_step | set(carried.values()) | set(ooc._inputs)):
+        if plan is not None and ooc._outgrown(plan, carried):
             log.info("storages that never move (collectives', FSDP's, small ones) now keep "
                      "more memory beside the step than its plan left room for: recording "
                      "it again")
@@ -1548,9 +1552,11 @@ class _Iteration:
                 raise mode.infeasible
             if deviation is not None:
                 # A shape met for the first or second time is being learnt (NOTE [Step
-                # shapes] in plans.py, rule 3): said, warned about the first time only.
-                warn = ooc._plans.times[shape] > 2 or not ooc._warned_deviation
-                ooc._warned_deviation = True
+                # shapes] in plans.py, rule 3), and a plan outgrown grows (rule 10): said.
+                # Warned where a shape keeps deviating: not learnt. (Before, the first
+                # deviation of a run warned too: every loop with gradient accumulation
+                # warned at its second micro-batch, which is learnt there, helper-85.)
+                warn = ooc._plans.times[shape] > 2 and not grows
                 log.log(logging.WARNING if warn else logging.INFO,
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,

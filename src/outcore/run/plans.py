@@ -71,10 +71,13 @@ lets every iteration replay.
   8. Storages that never move and that a step does not touch (DDP's buckets, in a
      micro-batch under no_sync(); another shape's small optimizer state; what a
      collective made in the step before, while the user still holds it) are planned
-     for beside it (`Plan.held_beside`). Where more appears later (made by a step of
-     another shape), the plan is dropped and its shape recorded again, once per shape
-     (`OutOfCore._outgrown`): a step that leaves a new such storage every time is not
-     recorded again and again.
+     for beside it (`Plan.held_beside`). Where more of those a replay keeps counting
+     appears later (made by a step of another shape: a collective's, FSDP's;
+     `Residency.stays`), the plan is dropped and its shape recorded again, once per
+     shape (`OutOfCore._outgrown`): a step that leaves a new such storage every time
+     is not recorded again and again. Small state the replay lets go of as it starts
+     (Residency NOTE 8) is no reason: with sizes that follow the data every shape is
+     new, and each was recorded again (helper-85).
   9. Shapes that come at random (mixup or cutmix by a coin toss, a hook that logs an
      activation on some steps) defeat any prediction. Where a replay leaves its record
      at function k, before the op ran, and another plan's record ran the same first k

@@ -257,6 +257,12 @@ class Residency:
                 self.touch(entry)                   # back in the order evict_lru walks
         self._export_pins = still
 
+    @staticmethod
+    def stays(entry) -> bool:
+        """Whether `let_go` keeps `entry` whatever the step starts from: not pinned in
+        fast memory, or a collective's or FSDP's (NOTE 5), or elsewhere."""
+        return not entry.pinned or entry.state is not FAST or entry.owner or entry.elsewhere
+
     def let_go(self, keep) -> None:
         """Stop tracking the FAST pinned entries not in `keep` (NOTE 8). Their weakref
         callbacks may still come: `_reap_dead` finds them gone from the table and in
@@ -264,8 +270,7 @@ class Residency:
         if self._dead:
             self._reap_dead()
         for key, entry in list(self.entries.items()):
-            if (not entry.pinned or entry.state is not FAST or entry.owner or entry.elsewhere
-                    or entry in keep):       # owner: a collective's or FSDP's stay (NOTE 5)
+            if self.stays(entry) or entry in keep:
                 continue
             del self.entries[key]
             if self.lru.get(key) is entry:
