@@ -6,6 +6,8 @@ the budget."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
 
 import pytest
 import torch
@@ -345,7 +347,7 @@ def test_a_step_that_left_a_plan_it_switched_to_has_the_shape_a_recording_has(tm
 
 
 @pytest.mark.parametrize("every", [2, 4])
-def test_accumulation_over_lengths_at_random_settles(every, tmp_path):
+def test_accumulation_over_lengths_at_random_settles(every, tmp_path, caplog):
     """Text padded to each batch's longest sequence, lengths at random, a step every
     2nd or 4th iteration (helper-83: tiny GPT-2, 18 recordings and 43 deviations in the
     last 75 of 150). No period holds for the shapes, whose sizes follow the data: the
@@ -355,7 +357,8 @@ def test_accumulation_over_lengths_at_random_settles(every, tmp_path):
     array takes up no plan of other ops on the way (it deviated there, and its plan
     never grew). Then every iteration replays. (Before: in the last 24 of 72, 2
     recordings and 3 deviations with a step every 2nd iteration, and 12 that took up
-    another plan midway; 2, 7 and 8 with one every 4th.)"""
+    another plan midway; 2, 7 and 8 with one every 4th.) Its deviations are learnt
+    from: said at INFO, no warning (helper-85: every accumulation warned)."""
     lengths = [int(n) for n in torch.randint(8, 49, (72,), generator=torch.Generator().manual_seed(3))]
 
     def train(ooc=None):
@@ -368,7 +371,10 @@ def test_accumulation_over_lengths_at_random_settles(every, tmp_path):
                     opt.step()
                     opt.zero_grad()
         return net
-    its = _compare(train, 6_000_000, tmp_path)
+    with caplog.at_level(logging.INFO, logger="outcore"):
+        its = _compare(train, 6_000_000, tmp_path)
+    assert any("deviated" in r.getMessage() for r in caplog.records)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     tail = its[-24:]
     assert sum(it.bytes_written for it in tail) > 0, its
     if every == 2:
@@ -428,12 +434,24 @@ class _PositionIds(torch.nn.Module):
         return self.mlp(self.tok(ids) + self.pos(pos)[None])
 
 
+def _frozen_batch_norm():
+    """Convolutions with batch norms in eval mode (frozen statistics): their
+    `native_batch_norm` makes two storages of no bytes beside its output."""
+    layers = []
+    for cin, cout in [(3, 16), (16, 16), (16, 16)]:
+        layers += [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout).eval(),
+                   torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
 def _late_reads(kind):
     """`train(ooc)` for `test_what_a_step_reads_after_it_left_its_plan_grows_with_it`."""
     def train(ooc=None):
         torch.manual_seed(0)
         if kind == "position ids":
             net = _PositionIds()
+        elif kind == "frozen batch norm":
+            net = _frozen_batch_norm()
         else:
             layers = 6 if kind == "target" else 2
             net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), *[
@@ -443,11 +461,12 @@ def _late_reads(kind):
         for it, n in enumerate(LATE_LENGTHS):
             g = torch.Generator().manual_seed(it)
             x = (torch.randint(0, 1000, (16, n), generator=g) if kind == "position ids"
+                 else torch.randn(8, 3, n, n, generator=g) if kind == "frozen batch norm"
                  else torch.randn(16, n, 256, generator=g))
             y = torch.randn(16, n, 256, generator=g)        # read by the loss only
             with ooc.iteration() if ooc is not None else contextlib.nullcontext():
                 out = net(x)
-                loss = (torch.nn.functional.mse_loss(out, y) if kind == "target"
+                loss = (torch.nn.functional.mse_loss(out, y) if kind.endswith("target")
                         else out.pow(2).mean())
                 loss.backward()
                 opt.step()
@@ -459,15 +478,18 @@ def _late_reads(kind):
 LATE_LENGTHS = [32, 64, 16, 48, 48, 16, 48]
 
 
-@pytest.mark.parametrize("kind, budget", [("target", 12 << 20), ("passive", 10 << 20),
-                                          ("position ids", 12 << 20)])
+@pytest.mark.parametrize("kind, budget", [
+    ("target", 12 << 20), ("passive", 10 << 20), ("passive target", 14 << 20),
+    ("position ids", 12 << 20), ("frozen batch norm", 7 << 20), ("frozen batch norm", 14 << 20)])
 def test_what_a_step_reads_after_it_left_its_plan_grows_with_it(kind, budget, tmp_path):
-    """Recorded at 32; 64 leaves the plan at its first function and outgrows it; 16 is
-    recorded and planned for the larger sizes of both. A step of 48 then replays: the
-    plan grew to what 64 read after it left, not only to what it made (helper-85: the
-    target, read first by the loss; the position ids, made before and read after; in a
-    passive replay, what it made larger before it left, which a passive replay binds
-    nothing of), where each 48 deviated at that array and was recorded again."""
+    """Recorded at 32; 64 leaves the plan and outgrows it; 16 is recorded and planned
+    for the larger sizes of both. A step of 48 then replays: the plan grew to what 64
+    read after it left, not only to what it made (helper-85: the target, read first by
+    the loss; the position ids, made before and read after; in a passive replay, what
+    it made larger before it left, which a passive replay binds nothing of, and what
+    the function it left at read: helper-87), where each 48 deviated at that array and
+    was recorded again. Frozen batch norms make storages of no bytes, which the record
+    has no arrays for: counted, they made every size of the step unusable (helper-87)."""
     its = _compare(_late_reads(kind), budget, tmp_path)
     assert [it.mode for it in its] == ["record", "replay", "record"] + ["replay"] * 4, its
     assert its[1].outgrew and not any(it.deviation for it in its[2:]), its
@@ -515,3 +537,27 @@ def test_small_state_beside_a_micro_batch_is_no_reason_to_record_it_again(tmp_pa
     monkeypatch.setattr(outcore.OutOfCore, "_outgrown", spy)
     _compare(train, 6 << 20, tmp_path)
     assert outgrown and not any(outgrown), outgrown
+
+
+def test_a_loop_whose_steps_no_plan_follows_is_warned_about_once(tmp_path, caplog):
+    """A depth that follows the data: every step a shape of its own, each deviation
+    said at INFO as a shape being learnt. Most replays running on demand get one
+    warning that says so (helper-87: 23 of 30 on demand, not one warning)."""
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Linear(512, 512) for _ in range(40))
+    opt = torch.optim.SGD(layers.parameters(), lr=0.01)
+    rng = random.Random(0)
+    with caplog.at_level(logging.INFO, logger="outcore"), \
+            outcore.OutOfCore(3 << 20, swap_dir=str(tmp_path)) as ooc:
+        for _ in range(30):
+            x = torch.randn(64, 512)
+            with ooc.iteration():
+                for layer in layers[:rng.randint(1, 40)]:
+                    x = torch.relu(layer(x))
+                x.pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        deviated = sum(bool(it.deviation) for it in ooc.report().iterations)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert deviated >= 12 and len(warned) == 1, (deviated, warned)
+    assert warned[0].startswith("12 of the last 12 replayed iterations deviated"), warned

@@ -49,6 +49,7 @@ in the report (`rss_made`): building is measured from it (benchmarks/big_state.p
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -99,6 +100,9 @@ log = logging.getLogger("outcore")
 _MAX_RECORDINGS = 3
 
 MIN_MOVE_BYTES = 64 * 1024
+# A warning once where this many of the last DEVIATIONS_SEEN replays deviated
+# (`OutOfCore._often`): a loop whose steps outcore's plans do not follow.
+DEVIATIONS_SEEN, DEVIATIONS_WARNED = 20, 12
 
 # Between iterations, pages read from mapped state may take this much memory beyond what
 # the budget leaves free before the pager hands them back (NOTE [Mapped state], rule 2).
@@ -446,6 +450,10 @@ class OutOfCore:
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
+        # Whether each of the last DEVIATIONS_SEEN replays deviated where nothing is
+        # learnt (_often), and whether that was warned about (once).
+        self._deviations: collections.deque = collections.deque(maxlen=DEVIATIONS_SEEN)
+        self._warned_often = False
         self._outgrown_shapes: set = set()  # recorded again once for _outgrown
         self._composition = Composition()     # run/compose.py: torch.distributed around us
 
@@ -903,7 +911,8 @@ class OutOfCore:
         now."""
         out = {}
         for entry in self._res.entries.values():
-            if (entry.owner or (entry.pinned and not collectives_only)) and entry.state is FAST:
+            if ((entry.owner or (entry.pinned and not collectives_only)) and entry.state is FAST
+                    and not entry.elsewhere):       # NOTE 6 of residency.py: in no counter
                 storage = entry.ref()
                 if storage is not None:
                     out[entry] = storage.nbytes() if entry.foreign else entry.nbytes
@@ -1046,6 +1055,24 @@ class OutOfCore:
             function_index=index if index is not None else 0, op=op or "the step",
             phase=phase or "", needed_bytes=need, budget_bytes=self.budget,
             min_feasible_bytes=smallest, ran_within_budget=ran)
+
+    def _often(self) -> None:
+        """Warn once where most recent replays deviated with no period for their families
+        and no plan that grows (NOTE [Step shapes] rules 2 and 10: those are learnt, as
+        an accumulation's micro-batches are in its first periods): each deviation is
+        said at INFO while its shape is learnt (`_adopt`), and a loop whose every step
+        is a new shape (ops that follow the data, a period past MAX_PERIOD) was never
+        warned about (helper-87: 23 of 30 iterations on demand, no warning)."""
+        if self._warned_often or sum(self._deviations) < DEVIATIONS_WARNED:
+            return
+        self._warned_often = True
+        log.warning("%d of the last %d replayed iterations deviated from their plans and ran on "
+                    "demand: correct, but slower than a plan. The steps change in ways outcore's "
+                    "plans do not follow (ops or sizes that follow the data, a period longer "
+                    "than %d iterations); the report names each deviation and its reason, and "
+                    "docs/executor.md (\"Steps of several shapes\", \"Sizes that vary\") says "
+                    "which changes a plan follows", sum(self._deviations), len(self._deviations),
+                    plans.MAX_PERIOD)
 
     def _periodic(self, index: int, reason: str, shape: int) -> None:
         """Note that iteration `index` deviated for `reason` with `shape`; the third
@@ -1557,6 +1584,7 @@ class _Iteration:
                 # deviation of a run warned too: every loop with gradient accumulation
                 # warned at its second micro-batch, which is learnt there, helper-85.)
                 warn = ooc._plans.times[shape] > 2 and not grows
+                ooc._deviations.append(not grows and not ooc._plans.families_hold())
                 log.log(logging.WARNING if warn else logging.INFO,
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
@@ -1565,6 +1593,9 @@ class _Iteration:
                         ", and a step of its shape is recorded when one is expected")
                 if not grows:
                     ooc._periodic(len(ooc._iterations), deviation, shape)
+                ooc._often()
+            else:
+                ooc._deviations.append(False)
 
 
 class _Building(_Iteration):

@@ -103,6 +103,9 @@ lets every iteration replay.
      of them, and their plans fit its sizes for a while (the first micro-batch's, for
      the second) and deviated further on, while the plan it left never grew (rule 10).
      A plan of ops outside the period (an evaluation step, a rare branch) it may take up.
+     Nor one that has the array where the step left smaller than the step has it
+     (`continuing(fits=...)`): the step would leave that one there too, and it would
+     grow beside the plan left.
  10. Sizes that vary from step to step with the same ops (text padded to each batch's
      longest sequence, an epoch's short last batch): a replay accepts an array at most
      as large as the plan's where it binds or makes it (`Replayer.smaller`). Every
@@ -122,7 +125,10 @@ lets every iteration replay.
      the entry goes with its plan: `OutOfCore._growing`), and where
      its record has the same functions on the same arrays as the outgrown plan's, the
      plan is made for the largest size of each array in the two records and in the step
-     that outgrew (`Replayer.outgrown_sizes`), and the longer duration of each function
+     that outgrew (`Replayer.outgrown_sizes`: what it bound before k, what each op made
+     and read from k on, the labels read by the loss too; in a passive replay, which
+     binds nothing, what the functions that made more before k made and read: what
+     it read elsewhere before k it never saw), and the longer duration of each function
      of the two records (`envelope`), and replaces the outgrown one. So the plans grow
      to the largest sizes the data brings, one recording each time a step passes them,
      and a step of any size under them replays. (Where the envelope needs more than the
@@ -465,6 +471,10 @@ class Plans:
     def shapes(self) -> list:
         """The shapes of the last iterations, oldest first."""
         return [seen.shape for seen in self.history]
+
+    def families_hold(self) -> bool:
+        """Whether a period holds for the families of the last iterations (rule 2)."""
+        return predict([seen.family for seen in self.history])[1] > 0
 
     def state_of_others(self, plan: Plan) -> frozenset:
         """The entries other plans started from (rule 7)."""

@@ -102,7 +102,8 @@ class Replayer(HeldMode):
         self.smaller = self._larger = False
         self._more = 0                  # bytes a passive replay made past the record's
         self._followed: list = []       # weakrefs: storages a passive replay saw made
-        self._made_larger: list = []    # (function, bytes of each storage made) of those
+        # (function, bytes of each storage made, of each read) of those that made more
+        self._made_larger: list = []
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
@@ -513,12 +514,14 @@ class Replayer(HeldMode):
         if after is None:
             return None
         sizes = {aid: e.nbytes for aid, e in enumerate(self.by_id) if e is not None}
-        # A passive replay bound nothing before k: what it made larger there, within
-        # the room its plan left, grows too (else the next step as large deviated there).
-        larger = [(i, each) for i, each in self._made_larger if i < k]
-        before = sizes_made(self.trace, self.keys, [i for i, _ in larger],
-                            [(self.op_names[i], each, None) for i, each in larger]) or {}
-        for aid, nbytes in (*self._read_sizes.items(), *before.items(), *after.items()):
+        # A passive replay bound nothing before k: what its functions that made more
+        # there (within the room its plan left) made and read grows too, else the next
+        # step as large deviated there. (What it read at the others, it did not see.)
+        for i, each, read in self._made_larger:
+            if i < k:
+                made = sizes_made(self.trace, self.keys, [i], [(self.op_names[i], each, read)])
+                sizes.update((a, n) for a, n in (made or {}).items() if n > sizes.get(a, 0))
+        for aid, nbytes in (*self._read_sizes.items(), *after.items()):
             sizes[aid] = max(nbytes, sizes.get(aid, 0))
         return sizes
 
@@ -595,22 +598,26 @@ class Replayer(HeldMode):
         passive."""
         if sum(s.nbytes() for s in made) <= planned:
             return                                        # (every call but a rare one)
-        read = {s._cdata for s in distinct_storages(_tensors_read(args, kwargs))}
-        made = [s for s in made if s._cdata not in read]
+        # As the recorder numbers them: storages of no bytes are no arrays (an eval-mode
+        # batch norm's saved statistics; helper-87: counted, they made the sizes of the
+        # whole step unusable for rule 10).
+        read = [s for s in distinct_storages(_tensors_read(args, kwargs)) if s.nbytes()]
+        keys = {s._cdata for s in read}
+        made = [s for s in made if s._cdata not in keys and s.nbytes()]
         more = sum(s.nbytes() for s in made) - planned
         if more <= 0:
             return
-        self._made_larger.append((i, [s.nbytes() for s in made]))
+        sizes, read = [s.nbytes() for s in made], [s.nbytes() for s in read]
+        self._made_larger.append((i, sizes, read))
         self._more += more
         if self._more <= self.schedule.budget - self.schedule.peak_bytes:
             return
         name = self._name(func)
         self.index, self._larger = i, True
-        sizes = [s.nbytes() for s in made]
         self._deviate(f"function {i} ({name}) produced {sizes} new bytes, recorded {planned} "
                       "in all", None, None, None)
         self._on_demand.after([], written_tensors(func, args, kwargs), outputs)
-        self._ran_on_demand(name, sizes)
+        self._ran_on_demand(name, sizes, read=read)
 
     def _name(self, func) -> str:
         name = self._names.get(func)
@@ -664,12 +671,13 @@ class Replayer(HeldMode):
                     self.smaller |= nbytes < self.nbytes[aid]
                     self._sizes[aid] = nbytes
                 if nbytes > self.nbytes[aid]:
+                    trace = self.trace
                     out = self._off_record(f"function {i} ({name}) reads an array of {nbytes} "
                                            f"bytes, recorded {self.nbytes[aid]}", func, args,
                                            kwargs, in_storages,
                                            self._runs_small(func, args, kwargs, in_storages),
                                            larger=(expected.index(aid), nbytes))
-                    if self._larger:                 # not taken up by another plan
+                    if self._larger and self.trace is trace:    # no other plan taken up
                         self._read_sizes[aid] = nbytes
                     return out
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
@@ -730,7 +738,7 @@ class Replayer(HeldMode):
                           f"bytes, recorded {[self.nbytes[a] for a in rest]}", None, None, None)
             made = self._on_demand.after(entries, written_tensors(func, args, kwargs),
                                          output_tensors(out))
-            self._ran_on_demand(name, [e.nbytes for e in made], read=entries)
+            self._ran_on_demand(name, [e.nbytes for e in made], read=[e.nbytes for e in entries])
             return out
         for storage, aid in zip(created, rest):
             if storage.nbytes() < self.nbytes[aid]:
@@ -1114,12 +1122,11 @@ class Replayer(HeldMode):
                        read=None) -> None:
         """Note an op run after the deviation, which made storages of `sizes` bytes: in
         the step's shape unless it is small (rule 3), and for rule 10 in any case, with
-        the entries it `read` (those of its distinct input storages, in order, as the
-        recorder numbers them; None where not known)."""
+        the bytes of each storage it `read` (its distinct input storages, in order, as
+        the recorder numbers them; None where not known)."""
         if not small:
             self._ran.append((name, sum(sizes)))
-        self._made.append((name, tuple(sizes),
-                           None if read is None else tuple(e.nbytes for e in read)))
+        self._made.append((name, tuple(sizes), None if read is None else tuple(read)))
 
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
@@ -1157,7 +1164,8 @@ class Replayer(HeldMode):
         entries, made = self._on_demand.last
         self._ran_on_demand(self._name(func), [e.nbytes for e in made], small=not (
             func.namespace in DISTRIBUTED_NAMESPACES
-            or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))), read=entries)
+            or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))),
+            read=[e.nbytes for e in entries])
         movable, pinned = needed(self.res, *self._on_demand.last)
         if movable + pinned > self.budget and self.infeasible is None:
             phase = op_phase(self._optimizers, _tensors_read(args, kwargs))
