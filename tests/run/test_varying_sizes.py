@@ -561,3 +561,35 @@ def test_a_loop_whose_steps_no_plan_follows_is_warned_about_once(tmp_path, caplo
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert deviated >= 12 and len(warned) == 1, (deviated, warned)
     assert warned[0].startswith("12 of the last 12 replayed iterations deviated"), warned
+
+
+def test_a_loss_logged_in_the_recorded_step_does_not_stop_growth(tmp_path):
+    """`loss.item()` in the recorded step only, then batches twice as large: the first
+    of those outgrows the plan (its ops are the plan's, the small `.item()` aside) and
+    the next is recorded, planned for them; every step after replays (helper-88:
+    counted as another shape of step, not outgrown, the plan never grew and the larger
+    steps deviated until a shape seen twice was recorded)."""
+    logged = []
+
+    def train(ooc=None):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(),
+                                  torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                  torch.nn.Linear(1024, 10))
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        for it in range(8):
+            g = torch.Generator().manual_seed(it)
+            n = 32 if it == 0 else 64
+            x, y = torch.randn(n, 512, generator=g), torch.randint(10, (n,), generator=g)
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                if it == 0:
+                    logged.append(loss.item())
+        return net
+    its = _compare(train, 10 << 20, tmp_path)
+    assert logged[0] == logged[1]
+    assert [it.mode for it in its] == ["record", "replay", "record"] + ["replay"] * 5, its
+    assert its[1].outgrew and not any(it.deviation for it in its[2:]), its

@@ -1559,7 +1559,10 @@ class _Iteration:
                 raise
         else:
             plan, shape = ooc._plan, mode.shape()
-            family = plan.family if deviation is None else mode.family()
+            # One that outgrew its plan is the plan's step on larger tensors (rule 10): of
+            # its family, small ops aside (helper-88: a `loss.item()` the recorded step
+            # logged made the next larger step another family, and its growth waited).
+            family = plan.family if deviation is None or mode.outgrew else mode.family()
             # A passive replay checks names only (Replayer._follow): where it deviated, the
             # shape it computes trusts the record's sizes up to there. An unknown shape is
             # kept instead, one of its own: the next replays track (NOTE [Step shapes] 4).

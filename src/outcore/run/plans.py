@@ -115,9 +115,10 @@ lets every iteration replay.
      larger than the plan's leaves the plan as any deviation; a passive replay, which
      binds nothing, leaves it after the function where what the step made past the
      record passes the room the plan leaves under its budget. Where the
-     step then runs the plan's ops one for one to its end, on demand, it outgrew the
-     plan (`Replayer.outgrew`: the same step on larger tensors, not another shape that
-     begins the same, as an eval step does): the next iteration that a period of the
+     step then runs the plan's ops one for one to its end, on demand (small ops off the
+     record aside: a `loss.item()` the recorded step logged), it outgrew the plan
+     (`Replayer.outgrew`: the same step on larger tensors, of the plan's family, not
+     another shape that begins the same, as an eval step does): the next iteration that a period of the
      families predicts to be of its family is recorded (`Plans.next(growing)`: the
      iteration after it may be another micro-batch, whose record could not grow this
      plan), or the very next one where the last family predicts (`now`; once: helper-86
@@ -277,11 +278,12 @@ def envelope(old, new, grown=None):
 def sizes_after(trace, keys, k, made) -> dict | None:
     """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k to
     its end make or read, as a step that left the plan at k ran them on demand (`made`:
-    (name, the bytes of each storage made, those of each distinct storage read or None)
-    of every op it ran from there), where those ops are the plan's functions one for one
-    (the same names, and as many storages made where the function is not small:
-    `torch.tensor(0.5)` is made outside any op, and on demand its `lift_fresh` makes
-    nothing); else None: the step was of another shape, not a larger one.
+    (name, the bytes of each storage made, those of each distinct storage read or None,
+    whether it was small) of every op it ran from there), where those ops are the
+    plan's functions one for one, small ones aside (`sizes_made`): the same names, and
+    as many storages made where the function is not small (`torch.tensor(0.5)` is made
+    outside any op, and on demand its `lift_fresh` makes nothing); else None: the step
+    was of another shape, not a larger one.
 
     What a function reads counts too (where it read as many storages as the function
     has arrays not created there, the recorder's order: its inputs' storages, first
@@ -294,15 +296,24 @@ def sizes_after(trace, keys, k, made) -> dict | None:
 
 
 def sizes_made(trace, keys, at, made) -> dict | None:
-    """`sizes_after` for the functions `at` of `trace`, which ran as `made` has them."""
-    if len(at) != len(made):
-        return None
-    sizes = {}
-    for i, (name, each, read) in zip(at, made):
+    """`sizes_after` for the functions `at` of `trace`, which ran as `made` (name, bytes
+    made, bytes read, whether small) has them. Small ops off the record (NOTE [Small ops
+    off the record]) pair with nothing: a small function the step did not run (a
+    `loss.item()` the recorded step logged) is passed over, as is a small op it ran
+    that the record does not have there (helper-88: one `.item()` in the recorded step,
+    and no step larger than it ever outgrew the plan)."""
+    sizes, j = {}, 0
+    for i in at:
         fn = trace.functions[i]
-        created = [acc.array for acc in fn.accesses if acc.kind == "create"]
-        if name != fn.op:
+        while j < len(made) and made[j][0] != fn.op and made[j][3]:
+            j += 1
+        if j == len(made) or made[j][0] != fn.op:
+            if keys[i] is None:
+                continue
             return None
+        _, each, read, _ = made[j]
+        j += 1
+        created = [acc.array for acc in fn.accesses if acc.kind == "create"]
         if len(each) == len(created):
             sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
         elif keys[i] is not None:
@@ -312,6 +323,8 @@ def sizes_made(trace, keys, at, made) -> dict | None:
             for a, n in zip(used, read):
                 if n > max(trace.arrays[a].nbytes, sizes.get(a, 0)):
                     sizes[a] = n
+    if any(not small for *_, small in made[j:]):
+        return None
     return sizes
 
 

@@ -76,8 +76,8 @@ class Replayer(HeldMode):
         self._optimizer_hooks: list = []
         self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
         # Every op run after a deviation, small ones too: (name, the bytes of each storage
-        # it made, those of each it read or None), for rule 10 of NOTE [Step shapes]
-        # (`outgrown_sizes`).
+        # it made, those of each it read or None, whether small), for rule 10 of NOTE
+        # [Step shapes] (`outgrown_sizes`).
         self._made: list = []
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
@@ -519,7 +519,8 @@ class Replayer(HeldMode):
         # step as large deviated there. (What it read at the others, it did not see.)
         for i, each, read in self._made_larger:
             if i < k:
-                made = sizes_made(self.trace, self.keys, [i], [(self.op_names[i], each, read)])
+                made = sizes_made(self.trace, self.keys, [i],
+                                  [(self.op_names[i], each, read, False)])
                 sizes.update((a, n) for a, n in (made or {}).items() if n > sizes.get(a, 0))
         for aid, nbytes in (*self._read_sizes.items(), *after.items()):
             sizes[aid] = max(nbytes, sizes.get(aid, 0))
@@ -1126,7 +1127,7 @@ class Replayer(HeldMode):
         the recorder numbers them; None where not known)."""
         if not small:
             self._ran.append((name, sum(sizes)))
-        self._made.append((name, tuple(sizes), None if read is None else tuple(read)))
+        self._made.append((name, tuple(sizes), None if read is None else tuple(read), small))
 
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
