@@ -891,7 +891,7 @@ class OutOfCore:
 
     def _outgrown(self, plan: Plan, carried: dict) -> bool:
         """Whether storages that never move and that `plan`'s step does not start from
-        (`carried`, {array id: entry}, its inputs, those its record kept) now hold more
+        (the entries `carried` gives it, the inputs, those its record kept) now hold more
         than its plan left for them (NOTE [Step shapes] in plans.py, rule 8): DDP's
         buckets, made after this one was planned. Only those the replay keeps counting
         (`Residency.stays`): the rest it lets go of as it starts (Residency NOTE 8:

@@ -118,10 +118,10 @@ lets every iteration replay.
      step then runs the plan's ops one for one to its end, on demand (small ops off the
      record aside: a `loss.item()` the recorded step logged), it outgrew the plan
      (`Replayer.outgrew`: the same step on larger tensors, of the plan's family, not
-     another shape that begins the same, as an eval step does): the next iteration that a period of the
-     families predicts to be of its family is recorded (`Plans.next(growing)`: the
-     iteration after it may be another micro-batch, whose record could not grow this
-     plan), or the very next one where the last family predicts (`now`; once: helper-86
+     another shape that begins the same, as an eval step does): the next iteration
+     that a period of the families predicts to be of its family is recorded
+     (`Plans.next(growing)`: the iteration after it may be another micro-batch, whose
+     record could not grow this plan), or the very next one where the last family predicts (`now`; once: helper-86
      saw a guess of the family recorded again and again, each time another micro-batch;
      the entry goes with its plan: `OutOfCore._growing`), and where
      its record has the same functions on the same arrays as the outgrown plan's, the
