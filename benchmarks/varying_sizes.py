@@ -8,9 +8,11 @@ iterations, the iterations recorded and deviated, those that replayed a plan for
 longer sequences, and whether the final parameters are bitwise plain PyTorch's.
 `--every n`: gradient accumulation, optimizer.step() every n-th iteration (the loss
 divided by n), so that steps of n families (NOTE [Step shapes] rule 2) come in turn.
+`--own-labels`: the labels a tensor of their own (a collator's copy of the ids), read
+first by the loss, at the end of the forward; else the input ids themselves.
 
     .venv/bin/python benchmarks/varying_sizes.py --rounds 3 [--every 2] [--steps 32]
-        [--also-src /tmp/x/src]
+        [--own-labels] [--also-src /tmp/x/src]
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def lengths(n: int) -> list[int]:
     return [max(min(int(rng.lognormvariate(4.1, 0.5)), 256) for _ in range(8)) for _ in range(n)]
 
 
-def child(mode: str, out: str, every: int = 1, steps: int = STEPS) -> None:
+def child(mode: str, out: str, every: int = 1, steps: int = STEPS,
+          own_labels: bool = False) -> None:
     import logging
 
     import torch
@@ -56,7 +59,8 @@ def child(mode: str, out: str, every: int = 1, steps: int = STEPS) -> None:
         for it, ids in enumerate(data):
             start = time.perf_counter()
             with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                (net(input_ids=ids, labels=ids).loss / every).backward()
+                labels = ids.clone() if own_labels else ids
+                (net(input_ids=ids, labels=labels).loss / every).backward()
                 if it % every == every - 1:
                     opt.step()
                     opt.zero_grad()
@@ -73,12 +77,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--every", type=int, default=1, help="optimizer.step() every n-th iteration")
     ap.add_argument("--steps", type=int, default=STEPS, help="iterations (the last half timed)")
+    ap.add_argument("--own-labels", action="store_true",
+                    help="labels a copy of the ids, read first by the loss")
     a = arguments(ap)
     if a.child:
-        child(a.child, a.out, a.every, a.steps)
+        child(a.child, a.out, a.every, a.steps, a.own_labels)
         return
-    print("lengths", lengths(a.steps), "step every", a.every)
-    runs = side_by_side(__file__, ["--every", str(a.every), "--steps", str(a.steps)], a.rounds,
+    print("lengths", lengths(a.steps), "step every", a.every, "own labels", a.own_labels)
+    runs = side_by_side(__file__, ["--every", str(a.every), "--steps", str(a.steps),
+                                   *(["--own-labels"] if a.own_labels else [])], a.rounds,
                         a.also_src)
     summary(runs, a.rounds, a.steps, ["records", "deviations", "late_records", "late_deviations",
                                          "smaller", "over_budget"])
