@@ -109,13 +109,14 @@ def test_ddp_composes_bitwise(one_rank, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_ddp_with_accumulation_and_adamw_plans_no_bucket_rebuild(one_rank, tmp_path):
-    """A micro-batch under no_sync(), then one that syncs and steps AdamW: the first
-    iteration has DDP's rebuild pending, the second makes Adam's state, DDP rebuilds its
-    buckets in the third: three recordings in a row, each of a step not yet steady.
-    With at most three, the third was planned, rebuild and all, and the next steps of
-    its shape deviated at its first function (helper-88: six times a rank, DDP on two
-    ranks with lengths at random)."""
+@pytest.mark.parametrize("micro", [2, 3])
+def test_ddp_with_accumulation_and_adamw_plans_no_bucket_rebuild(micro, one_rank, tmp_path):
+    """Micro-batches under no_sync(), then one that syncs and steps AdamW: DDP rebuilds
+    its buckets in the first forward after that, and every iteration till then has it
+    pending, one making Adam's state too: `micro` + 1 recordings in a row, each of a
+    step not yet steady. With at most three, the rebuild was planned and the next steps
+    of its shape deviated at its first function (helper-88: six times a rank, DDP on two
+    ranks with lengths at random; helper-89: with three micro-batches, at most four)."""
     import contextlib
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -124,12 +125,13 @@ def test_ddp_with_accumulation_and_adamw_plans_no_bucket_rebuild(one_rank, tmp_p
         torch.manual_seed(0)
         model = DDP(_model())
         opt = torch.optim.AdamW(model.parameters())
-        for i in range(12):
+        for i in range(6 * micro):
             x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
+            steps = i % micro == micro - 1
             with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                with contextlib.nullcontext() if i % 2 else model.no_sync():
+                with contextlib.nullcontext() if steps else model.no_sync():
                     model(x).square().mean().backward()
-                if i % 2:
+                if steps:
                     opt.step()
                     opt.zero_grad()
         return model
@@ -142,6 +144,21 @@ def test_ddp_with_accumulation_and_adamw_plans_no_bucket_rebuild(one_rank, tmp_p
     assert report.iterations[-1].mode == "replay" and not report.iterations[-1].deviation
     for a, b in zip(plain.parameters(), ours.parameters()):
         assert torch.equal(a, b)
+
+
+def test_ddp_that_finds_unused_parameters_is_recorded_once(one_rank, tmp_path):
+    """With find_unused_parameters=True DDP never rebuilds its buckets: no iteration has
+    a rebuild pending, and the first is planned (helper-89: each run of recordings went
+    to the limit, each growth of a plan cost four)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(_model(), find_unused_parameters=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with outcore.OutOfCore(budget="1.5MiB", swap_dir=str(tmp_path)) as ooc:
+        for i in range(6):
+            with ooc.iteration():
+                _step(model, opt, torch.randn(64, 256, generator=torch.Generator().manual_seed(i)))
+        modes = [it.mode for it in ooc.report().iterations]
+    assert modes == ["record"] + ["replay"] * 5, modes
 
 
 def test_a_compiled_model_runs_eagerly_under_outcore_and_says_so(tmp_path):

@@ -176,13 +176,19 @@ def ddp_buckets_unbuilt() -> list:
     after a backward (`reducer._rebuild_buckets`, in the order the gradients came),
     allocating new buckets: that iteration runs ops no other does. An iteration recorded
     while such a module exists (it may rebuild in the next one) or in which one rebuilt is
-    not steady, and the next one is recorded too (`OutOfCore._plan_recording`). Empty
-    outside a distributed run that imported DDP (no walk over the heap then)."""
+    not steady, and the next one is recorded too (`OutOfCore._plan_recording`). Not one
+    with `find_unused_parameters=True` (and no static graph): its reducer never rebuilds
+    (the condition is `(static_graph or not find_unused_parameters) and not
+    has_rebuilt_bucket`), and every recording of it was taken for an unsteady one
+    (helper-89). Empty outside a distributed run that imported DDP (no walk over the
+    heap then)."""
     module = _loaded("torch.nn.parallel.distributed")
     ddp = getattr(module, "DistributedDataParallel", None) if module is not None else None
     if ddp is None or not _distributed_up():
         return []
-    return [weakref.ref(m) for m in _live((ddp,)) if not getattr(m, "_has_rebuilt_buckets", True)]
+    return [weakref.ref(m) for m in _live((ddp,)) if not getattr(m, "_has_rebuilt_buckets", True)
+            and not (getattr(m, "find_unused_parameters", False)
+                     and not getattr(m, "static_graph", False))]
 
 
 _COMPILED_WRAPPER = ("compile_wrapper", f"_dynamo{os.sep}eval_frame.py")

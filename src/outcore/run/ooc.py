@@ -103,6 +103,10 @@ log = logging.getLogger("outcore")
 # rebuild in the third iteration was planned, and every step of its shape deviated
 # from it at its first function (helper-88).
 _MAX_RECORDINGS = 4
+# DDP rebuilds its buckets in the first forward after a synced backward: with k
+# micro-batches under no_sync() before it, k + 1 iterations have the rebuild pending, and
+# those are recorded up to this many in a row (helper-89: 3 micro-batches needed 5).
+_MAX_DDP_WAIT = 8
 
 MIN_MOVE_BYTES = 64 * 1024
 # A warning once where this many of the last DEVIATIONS_SEEN replays deviated
@@ -757,7 +761,8 @@ class OutOfCore:
         rebuilding = any(m is not None for m in (ref() for ref in recording.ddp_unbuilt))
         # FSDP2 sets itself up in its first forward (Composition.fsdp_uninitialized).
         unsteady = lazy_state or rebuilding or fsdp_set_up(recording.fsdp_uninitialized)
-        if unsteady and self._recordings_in_a_row < _MAX_RECORDINGS:
+        if unsteady and self._recordings_in_a_row < (
+                _MAX_DDP_WAIT if rebuilding else _MAX_RECORDINGS):
             log.info("the step %s; recording the next iteration too, to plan the steady state",
                      "created optimizer state" if lazy_state else
                      "ran while DistributedDataParallel had its buckets to rebuild" if rebuilding
