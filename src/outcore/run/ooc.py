@@ -104,8 +104,9 @@ log = logging.getLogger("outcore")
 # from it at its first function (helper-88).
 _MAX_RECORDINGS = 4
 # DDP rebuilds its buckets in the first forward after a synced backward: with k
-# micro-batches under no_sync() before it, k + 1 iterations have the rebuild pending, and
-# those are recorded up to this many in a row (helper-89: 3 micro-batches needed 5).
+# micro-batches under no_sync() before it, k + 2 iterations have the rebuild pending
+# (the rebuilding one too), and those are recorded up to this many in a row
+# (helper-89: 2 under no_sync() and AdamW's first step needed 5).
 _MAX_DDP_WAIT = 8
 
 MIN_MOVE_BYTES = 64 * 1024
