@@ -121,9 +121,10 @@ lets every iteration replay.
      another shape that begins the same, as an eval step does): the next iteration
      that a period of the families predicts to be of its family is recorded
      (`Plans.next(growing)`: the iteration after it may be another micro-batch, whose
-     record could not grow this plan), or the very next one where the last family predicts (`now`; once: helper-86
-     saw a guess of the family recorded again and again, each time another micro-batch;
-     the entry goes with its plan: `OutOfCore._growing`), and where
+     record could not grow this plan), or the very next one where the last family
+     predicts (`now`; once: helper-86 saw a guess of the family recorded again and
+     again, each time another micro-batch; the entry goes with its plan:
+     `OutOfCore._growing`), and where
      its record has the same functions on the same arrays as the outgrown plan's, the
      plan is made for the largest size of each array in the two records and in the step
      that outgrew (`Replayer.outgrown_sizes`: what it bound before k, what each op made
@@ -275,11 +276,18 @@ def envelope(old, new, grown=None):
     return dataclasses.replace(new, functions=functions, arrays=arrays)
 
 
+class Ran(NamedTuple):
+    """An op a step ran on demand after it left its plan, for rule 10 (`sizes_after`)."""
+    op: str
+    made: tuple                 # the bytes of each storage it made
+    read: tuple | None          # those of each distinct storage it read; None: not known
+    small: bool                 # run small (NOTE [Small ops off the record]): pairs with none
+
+
 def sizes_after(trace, keys, k, made) -> dict | None:
     """Rule 10: {array id: bytes} of the arrays that the functions of `trace` from k to
     its end make or read, as a step that left the plan at k ran them on demand (`made`:
-    (name, the bytes of each storage made, those of each distinct storage read or None,
-    whether it was small) of every op it ran from there), where those ops are the
+    a `Ran` for every op it ran from there), where those ops are the
     plan's functions one for one, small ones aside (`sizes_made`): the same names, and
     as many storages made where the function is not small (`torch.tensor(0.5)` is made
     outside any op, and on demand its `lift_fresh` makes nothing); else None: the step
@@ -296,8 +304,8 @@ def sizes_after(trace, keys, k, made) -> dict | None:
 
 
 def sizes_made(trace, keys, at, made) -> dict | None:
-    """`sizes_after` for the functions `at` of `trace`, which ran as `made` (name, bytes
-    made, bytes read, whether small) has them. Small ops off the record (NOTE [Small ops
+    """`sizes_after` for the functions `at` of `trace`, which ran as `made` (a `Ran` each)
+    has them. Small ops off the record (NOTE [Small ops
     off the record]) pair with nothing: a small function the step did not run (a
     `loss.item()` the recorded step logged) is passed over, as is a small op it ran
     that the record does not have there (helper-88: one `.item()` in the recorded step,
@@ -305,25 +313,25 @@ def sizes_made(trace, keys, at, made) -> dict | None:
     sizes, j = {}, 0
     for i in at:
         fn = trace.functions[i]
-        while j < len(made) and made[j][0] != fn.op and made[j][3]:
+        while j < len(made) and made[j].op != fn.op and made[j].small:
             j += 1
-        if j == len(made) or made[j][0] != fn.op:
+        if j == len(made) or made[j].op != fn.op:
             if keys[i] is None:
                 continue
             return None
-        _, each, read, _ = made[j]
+        ran = made[j]
         j += 1
         created = [acc.array for acc in fn.accesses if acc.kind == "create"]
-        if len(each) == len(created):
-            sizes.update((a, n) for a, n in zip(created, each) if n > trace.arrays[a].nbytes)
+        if len(ran.made) == len(created):
+            sizes.update((a, n) for a, n in zip(created, ran.made) if n > trace.arrays[a].nbytes)
         elif keys[i] is not None:
             return None
         used = [acc.array for acc in fn.accesses if acc.kind != "create"]
-        if read is not None and len(read) == len(used):
-            for a, n in zip(used, read):
+        if ran.read is not None and len(ran.read) == len(used):
+            for a, n in zip(used, ran.read):
                 if n > max(trace.arrays[a].nbytes, sizes.get(a, 0)):
                     sizes[a] = n
-    if any(not small for *_, small in made[j:]):
+    if any(not ran.small for ran in made[j:]):
         return None
     return sizes
 

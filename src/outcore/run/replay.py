@@ -37,7 +37,7 @@ from .compose import DISTRIBUTED_NAMESPACES, around
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
-from .plans import (SMALL_OP_BYTES, family_of, function_keys, shape_of, sizes_after,
+from .plans import (SMALL_OP_BYTES, Ran, family_of, function_keys, shape_of, sizes_after,
                     sizes_made)
 from .residency import Residency
 from .steplog import StepLog
@@ -75,9 +75,8 @@ class Replayer(HeldMode):
         self._optimizers: list = []
         self._optimizer_hooks: list = []
         self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
-        # Every op run after a deviation, small ones too: (name, the bytes of each storage
-        # it made, those of each it read or None, whether small), for rule 10 of NOTE
-        # [Step shapes] (`outgrown_sizes`).
+        # Every op run after a deviation, small ones too (`plans.Ran`), for rule 10 of
+        # NOTE [Step shapes] (`outgrown_sizes`).
         self._made: list = []
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
         self.by_id: list = [None] * len(trace.arrays)
@@ -102,7 +101,7 @@ class Replayer(HeldMode):
         self.smaller = self._larger = False
         self._more = 0                  # bytes a passive replay made past the record's
         self._followed: list = []       # weakrefs: storages a passive replay saw made
-        # (function, bytes of each storage made, of each read) of those that made more
+        # (function, `plans.Ran`) of those that made more
         self._made_larger: list = []
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
@@ -517,10 +516,9 @@ class Replayer(HeldMode):
         # A passive replay bound nothing before k: what its functions that made more
         # there (within the room its plan left) made and read grows too, else the next
         # step as large deviated there. (What it read at the others, it did not see.)
-        for i, each, read in self._made_larger:
+        for i, ran in self._made_larger:
             if i < k:
-                made = sizes_made(self.trace, self.keys, [i],
-                                  [(self.op_names[i], each, read, False)])
+                made = sizes_made(self.trace, self.keys, [i], [ran])
                 sizes.update((a, n) for a, n in (made or {}).items() if n > sizes.get(a, 0))
         for aid, nbytes in (*self._read_sizes.items(), *after.items()):
             sizes[aid] = max(nbytes, sizes.get(aid, 0))
@@ -608,17 +606,17 @@ class Replayer(HeldMode):
         more = sum(s.nbytes() for s in made) - planned
         if more <= 0:
             return
-        sizes, read = [s.nbytes() for s in made], [s.nbytes() for s in read]
-        self._made_larger.append((i, sizes, read))
+        name = self._name(func)
+        ran = Ran(name, tuple(s.nbytes() for s in made), tuple(s.nbytes() for s in read), False)
+        self._made_larger.append((i, ran))
         self._more += more
         if self._more <= self.schedule.budget - self.schedule.peak_bytes:
             return
-        name = self._name(func)
         self.index, self._larger = i, True
-        self._deviate(f"function {i} ({name}) produced {sizes} new bytes, recorded {planned} "
-                      "in all", None, None, None)
+        self._deviate(f"function {i} ({name}) produced {list(ran.made)} new bytes, recorded "
+                      f"{planned} in all", None, None, None)
         self._on_demand.after([], written_tensors(func, args, kwargs), outputs)
-        self._ran_on_demand(name, sizes, read=read)
+        self._ran_on_demand(name, ran.made, read=ran.read)
 
     def _name(self, func) -> str:
         name = self._names.get(func)
@@ -1127,7 +1125,7 @@ class Replayer(HeldMode):
         the recorder numbers them; None where not known)."""
         if not small:
             self._ran.append((name, sum(sizes)))
-        self._made.append((name, tuple(sizes), None if read is None else tuple(read), small))
+        self._made.append(Ran(name, tuple(sizes), None if read is None else tuple(read), small))
 
     # -- leaving the plan ------------------------------------------------------------------
     def _deviate(self, reason, func, args, kwargs):
