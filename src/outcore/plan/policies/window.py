@@ -117,6 +117,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+import numpy
+
 from ...states import ABSENT, DEAD, FAST, OUT, SLOW
 from ..feasibility import per_trace, release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
@@ -271,6 +273,9 @@ class _Window:
                 and self.bytes + self.nb[a] > self.limit)
 
 
+_largest = numpy.maximum.reduce     # ndarray.max without its Python wrapper
+
+
 class _Reserved:
     """The fast tier's bytes over the functions ahead, with outputs="late". `at[h]`: bytes
     reserved while function h runs (arrays admitted for it or across it, h's
@@ -284,94 +289,34 @@ class _Reserved:
     the budget, so the window can prefetch into room that is free until a later output
     needs it.
 
-    Spans run hundreds to thousands of functions (the window admits as far ahead as
-    there is room), so `at` is kept in blocks of BLOCK functions: the value at h is
-    `raw[h] + lazy[h // BLOCK]`, and `top[b]` is block b's largest value. A span adds to
-    the raw values of the blocks it covers in part and to `lazy` and `top` of those it
-    covers whole; each slice is added or searched at C speed."""
-    __slots__ = ("raw", "lazy", "top", "soft", "end", "open")
-    SHIFT = 6
-    BLOCK = 1 << SHIFT
-    MASK = BLOCK - 1
+    Spans run from one function to thousands (a swap-in is reserved from the function
+    that issues it, and the window admits as far ahead as there is room), so `at` is one
+    numpy array and a span's add or peak is one vector operation over it, at C speed per
+    function (docs/planning.md, "Reserving outputs late", has the figures: blocks of 64
+    functions with a lazy add per block were slower, in Python and in numpy alike). `now`
+    and `peak` hand back Python ints, so no numpy scalar leaks into the plan."""
+    __slots__ = ("at", "soft", "end", "open")
     hard = 0                    # the early accounting's figure (`_Held`): none here
 
     def __init__(self, n: int, m: int):
-        self.raw = [0] * (n + 1)
-        self.lazy = [0] * ((n >> self.SHIFT) + 1)
-        self.top = [0] * ((n >> self.SHIFT) + 1)
+        self.at = numpy.zeros(n + 1, dtype=numpy.int64)
         self.soft = 0
         self.end = [-1] * m
         self.open = n
 
     def now(self, f: int) -> int:
-        return self.raw[f] + self.lazy[f >> self.SHIFT]
+        return int(self.at[f])
 
     def peak(self, s: int, e: int) -> int:
-        """The most reserved at any function from s to e."""
+        """The most reserved at any function from s to e (0 over none)."""
         if e <= s:                        # one function (the commonest span), or none
-            return self.raw[s] + self.lazy[s >> self.SHIFT] if e == s else 0
-        sh, raw, lazy = self.SHIFT, self.raw, self.lazy
-        bs, be = s >> sh, e >> sh
-        if bs == be:
-            return max(raw[s:e + 1]) + lazy[bs]
-        most = max(max(raw[s:(bs + 1) << sh]) + lazy[bs], max(raw[be << sh:e + 1]) + lazy[be])
-        if be > bs + 1:
-            inner = max(self.top[bs + 1:be])
-            return inner if inner > most else most
-        return most
-
-    def _span(self, s: int, e: int, nbytes: int) -> None:
-        """Add nbytes at every function from s to e: to the raw values of the blocks
-        covered in part, to lazy and top of those covered whole. A block's top only grows
-        with a positive add (the values outside the span are as they were), so then only
-        the values changed are searched; a negative one searches its blocks again."""
-        if e <= s:                        # one function (the commonest span), or none
-            if e == s:
-                b = s >> self.SHIFT
-                self.raw[s] += nbytes
-                if nbytes >= 0:
-                    t = self.raw[s] + self.lazy[b]
-                    if t > self.top[b]:
-                        self.top[b] = t
-                else:
-                    self._retop(b)
-            return
-        sh, raw, lazy, top = self.SHIFT, self.raw, self.lazy, self.top
-        add = nbytes.__add__
-        bs, be = s >> sh, e >> sh
-        if s & self.MASK:                 # the first block in part
-            hi = e + 1 if bs == be else (bs + 1) << sh
-            self._part(bs, s, hi, add, nbytes >= 0)
-            if bs == be:
-                return
-            bs += 1
-        if (e + 1) & self.MASK:           # the last block in part
-            self._part(be, be << sh, e + 1, add, nbytes >= 0)
-            be -= 1
-        if be >= bs:                       # blocks covered whole
-            lazy[bs:be + 1] = map(add, lazy[bs:be + 1])
-            top[bs:be + 1] = map(add, top[bs:be + 1])
-
-    def _part(self, b: int, lo: int, hi: int, add, grows: bool) -> None:
-        """Add to the raw values lo..hi-1 of block b (`add`: the bound int.__add__)."""
-        raw = self.raw
-        seg = list(map(add, raw[lo:hi]))
-        raw[lo:hi] = seg
-        if grows:
-            t = max(seg) + self.lazy[b]
-            if t > self.top[b]:
-                self.top[b] = t
-        else:
-            self._retop(b)
-
-    def _retop(self, b: int) -> None:
-        """Block b's top, searched again (after values of it went down)."""
-        sh = self.SHIFT
-        self.top[b] = max(self.raw[b << sh:(b + 1) << sh]) + self.lazy[b]
+            return int(self.at[s]) if e == s else 0
+        return int(_largest(self.at[s:e + 1]))
 
     def add(self, a: int, s: int, e: int, nbytes: int) -> None:
         """a holds nbytes over [s, e]: a new span (a = -1: a workspace)."""
-        self._span(s, e, nbytes)
+        if e >= s:
+            self.at[s:e + 1] += nbytes
         if a >= 0:
             self.end[a] = e
 
@@ -381,7 +326,7 @@ class _Reserved:
 
     def close(self, a: int, e: int, nbytes: int) -> None:
         """a's open span ends at e."""
-        self._span(e + 1, self.open, -nbytes)
+        self.at[e + 1:self.open + 1] -= nbytes
         self.end[a] = e
 
 
