@@ -24,7 +24,7 @@ accesses (about 4,000 functions of a plain network: ResNet-50 has 2,180, GPT-2 s
 that is screened there is nothing to compare: it is not simulated (its seconds in
 `screened` are None), which saves a simulation of the whole step (docs/planning.md,
 "Measured", has the planning times). A plan with outputs reserved late
-(window.py, NOTE [Reserving outputs late]) takes about twice as long as one without.
+(window.py, NOTE [Reserving outputs late]) takes about 1.8 times as long as one without.
 The choice depends only on the trace, the budget and the options, never on the clock.
 """
 from __future__ import annotations

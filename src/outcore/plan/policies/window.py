@@ -109,8 +109,8 @@ cancelled swap-out or a victim reserved again turns soft bytes back into reserve
 ones, so it too must fit over its span. Function f's own accesses still find room:
 they are admitted before any later function's, and only they may evict. Both modes
 give plans `check` accepts; "late" prefetches sooner where outputs are large and
-costs about twice the planning time (`auto` screens it on traces small enough,
-policies/auto.py).
+costs about 1.8 times the planning time (`auto` screens it on traces small enough,
+policies/auto.py; docs/planning.md, "Measured").
 """
 from __future__ import annotations
 
