@@ -86,6 +86,32 @@ def test_an_optimizer_function_too_large_completes_the_step_then_refuses_the_nex
         assert [it.mode for it in ooc.report().iterations] == ["record"]
 
 
+def test_an_optimizer_function_too_large_names_the_largest_need_of_the_step():
+    """Once the optimizer began, the step runs on to its end, so the error names the
+    function of it that needed the most. It named the first over the budget: with a
+    3.5 MiB weight updated before a 4 MiB one, Adam's addcdiv_ of the first (three
+    tensors of its size, 10.5 MiB), and a retry at that figure raised again at the second
+    one's (12 MiB), in the same step (helper-88 #4). A retry at the figure named trains."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1024, 896, bias=False),
+                                    torch.nn.Linear(896, 1170, bias=False))
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.randn(4, 1024)
+    with outcore.OutOfCore(budget=9 * MIB) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget) as err:
+            with ooc.iteration():
+                _step(*make())
+    message, figure = str(err.value), err.value.min_feasible_bytes
+    assert figure > 12 * MIB, message[:300]            # the second weight's addcdiv_
+    assert "completed correctly" in message and "no later op of it needed more" in message
+    with outcore.OutOfCore(budget=figure) as ooc:
+        model, opt, x = make()
+        for _ in range(2):
+            with ooc.iteration():
+                _step(model, opt, x)
+        assert all(i.peak_resident <= figure for i in ooc.report().iterations)
+
+
 def test_a_budget_that_fits_trains_on():
     model, opt, x = _model()
     plain_model, plain_opt, _ = _model()
@@ -762,6 +788,36 @@ def test_infeasible_after_a_deviation_names_the_phase_of_the_op_that_ran(tmp_pat
         assert ooc.report().iterations[-1].deviation
     assert ", run on demand, optimizer)" in str(err.value), str(err.value)[:300]
     assert "lower the batch" not in str(err.value)
+
+
+def test_a_step_that_grew_past_its_plan_names_a_budget_a_retry_runs_at(tmp_path):
+    """A batch that grows from 64 to 1024 leaves the plan of the first and runs op by op
+    to the step's end, over the budget. InfeasibleBudget named the first op over it
+    (3.52 MiB), and a retry at that budget raised again in the same step, naming a later
+    op (6.05 MiB; helper-88 #4). It names the op of the step that needed the most now:
+    the loop runs at that budget, within it."""
+    def run(budget):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                    torch.nn.Linear(512, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(1)
+        with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+            for n in (64, 64, 64, 64, 1024, 1024):
+                x, y = torch.randn(n, 256, generator=g), torch.randint(10, (n,), generator=g)
+                with ooc.iteration():
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    opt.zero_grad()
+            return ooc.report().iterations
+
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        run(1_200_000)
+    assert "left its recorded step" in str(err.value), str(err.value)[:300]
+    figure = err.value.min_feasible_bytes
+    its = run(figure)
+    assert len(its) == 6 and any(i.deviation for i in its), its
+    assert all(i.peak_resident <= figure for i in its), its
 
 
 def test_a_step_that_leaves_its_plan_at_the_optimizers_first_op_is_the_optimizers():

@@ -368,9 +368,10 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     arrays at once beside `pinned` bytes of arrays that never move. `completed`: the
     optimizer had begun, so the step was finished (over budget) before raising.
     `deviated`: found in the part of a replayed step that left its record and ran op by
-    op, raised once that step had completed (over budget). `inputs`: the op's tensor
-    arguments (a view op's outputs), for a storage it reads only in part
-    (`read_in_part`)."""
+    op, raised once that step had completed (over budget). Both run on to the step's end:
+    their callers keep the error of the op that needed the most, which the text says.
+    `inputs`: the op's tensor arguments (a view op's outputs), for a storage it reads
+    only in part (`read_in_part`)."""
     needed = movable + pinned
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
             f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable "
@@ -402,11 +403,13 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
         f"no schedule can run it: {what_to_do}. "
         + ("This iteration had left its recorded step (a step that differs from the recorded "
            "one, such as one that calls optimizer.step() only every few iterations) and ran "
-           "op by op; it was completed correctly, over the budget; later iterations of this "
-           "OutOfCore will not start." if deviated else
+           "op by op; it was completed correctly, over the budget, and no later op of it "
+           "needed more than this one; later iterations of this OutOfCore will not start."
+           if deviated else
            "The optimizer step had begun (its state or the parameters had changed) when this "
-           "was found, so the step was completed correctly, over the budget; later iterations "
-           "of this OutOfCore will not start."
+           "was found, so the step was completed correctly, over the budget, and no later op "
+           "of it needed more than this one; later iterations of this OutOfCore will not "
+           "start."
            if completed else "Nothing was trained: the optimizer has not changed any parameter."),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)

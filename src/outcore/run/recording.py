@@ -35,14 +35,17 @@ class SafeRecording(Recording):
     An optimizer function that needs more than that (Adam's update reads three tensors
     of the parameter's size) is only seen when it runs; stopping then would leave the
     parameters half-updated, so the step is completed correctly (over budget) and the
-    error is raised when it ends. OutOfCore then refuses later iterations at once.
+    error is raised when it ends, naming the function of the rest of the step that
+    needed the most (the step runs to its end anyway; naming the first, a retry at its
+    figure met the error again at a later update of the same step: Adam's lerp_, then
+    its addcdiv_). OutOfCore then refuses later iterations at once.
 
-    The error names the first function that cannot fit, not the step's largest need, so
-    a user who takes its figure may retry once per layer (benchmarks/budget_retries.py).
-    Running on past that function to learn the rest was tried and is not done: the step
-    then changes what a retry starts from (gradients set or accumulated, a GradScaler's
-    unscale, LBFGS's counters, DDP's reduction half done, updates through `.data`), and
-    a retry trains on wrong values without an error."""
+    Raised at once, the error names the first function that cannot fit, not the step's
+    largest need, so a user who takes its figure may retry once per layer
+    (benchmarks/budget_retries.py). Running on past that function to learn the rest was
+    tried and is not done: the step then changes what a retry starts from (gradients set
+    or accumulated, a GradScaler's unscale, LBFGS's counters, DDP's reduction half done,
+    updates through `.data`), and a retry trains on wrong values without an error."""
 
     def __init__(self, residency: Residency, budget: int, shield: Shield, *, label: str = "",
                  fsdp_uninitialized: tuple = (), batch_leaves=frozenset()):
@@ -127,7 +130,8 @@ class SafeRecording(Recording):
                 if known is not None and self._logs[known[0]].first_use == fn.index:
                     self.unmovable.add(known[0])
         movable, pinned = needed(res, entries, created)
-        if movable + pinned > self.budget and self.infeasible is None:
+        worst = self.budget if self.infeasible is None else self.infeasible.needed_bytes
+        if movable + pinned > worst:
             error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
                                self.budget, res.min_move_bytes, completed=self._optimizer_began,
                                inputs=outputs if func.is_view else inputs, res=res)

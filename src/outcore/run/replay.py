@@ -1157,7 +1157,10 @@ class Replayer(HeldMode):
         more than the budget at once runs all the same (the step is completed, correct,
         over the budget), and the iteration then raises InfeasibleBudget (OutOfCore._adopt)
         as a recording would have: before, such a step went over the budget silently,
-        every time it came back."""
+        every time it came back. The error names the op of the rest of the step that
+        needed the most, not the first over the budget: the step runs to its end anyway,
+        and a user who took the first one's figure met the error again at the next op
+        over it, in the same step."""
         out = self._on_demand.run(func, args, kwargs)
         self._fallen += 1
         entries, made = self._on_demand.last
@@ -1166,7 +1169,8 @@ class Replayer(HeldMode):
             or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))),
             read=[e.nbytes for e in entries])
         movable, pinned = needed(self.res, *self._on_demand.last)
-        if movable + pinned > self.budget and self.infeasible is None:
+        worst = self.budget if self.infeasible is None else self.infeasible.needed_bytes
+        if movable + pinned > worst:
             phase = op_phase(self._optimizers, _tensors_read(args, kwargs))
             self.infeasible = infeasible(
                 self.index + self._fallen - 1, f"{func}, run on demand", phase, movable,
