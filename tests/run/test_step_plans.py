@@ -444,3 +444,39 @@ def test_more_families_in_turn_than_plans_replay_the_last_plan():
     assert few.next() is few._plans["p0"]
     few.seen("s12", "f0")
     assert few.next() is None
+
+
+def test_a_switch_at_a_larger_array_takes_up_no_plan_that_has_it_smaller():
+    """Rule 9's `fits`: a step that left its plan at an array a function reads, larger
+    than the plan has it, takes up another plan of the family only if that plan has the
+    array no smaller there; else the step left that plan at the same array too, and the
+    plan grew beside the one it left (helper-85: at function 0, where rule 9 compares no
+    array yet, a first micro-batch's smaller plan was taken up; two or three plans a
+    family). The most recently used plan that fits comes first and becomes the most
+    recently used; none that fits: None."""
+    from ..plan.helpers import build
+
+    def plan(shape, batch):
+        trace = build({"x": (batch, "input"), "w": (4096, "param"), "h": batch},
+                      ["aten.mm r:x r:w c:h", "aten.relu_ w:h"])
+        return plans.Plan(shape, trace, None, plans.function_keys(trace), (0, 0), 0,
+                          frozenset(), {}, family="f")
+
+    kept = Plans()
+    for shape, batch in (("larger", 32768), ("large", 16384), ("small", 4096),
+                         ("current", 8192)):
+        kept.add(plan(shape, batch))
+    current = kept._plans["current"]
+
+    def taken(fits):
+        found = kept.continuing(current, [], [], [], "aten.mm", fits=fits)
+        return None if found is None else found[0].shape
+
+    assert taken(None) == "small"                  # no array compared: the most recent
+    assert taken((0, 12000)) == "large"            # x read at 12,000 B: small's is smaller
+    assert list(kept._plans)[-1] == "large"        # ... and large is the most recent now
+    assert taken((0, 20000)) == "larger"           # large's 16,384 B is too small
+    assert taken((0, 40000)) is None               # none has x that large
+    assert taken((1, 4096)) == "larger"            # w, the second array read: 4,096 B
+    assert taken((1, 4097)) is None
+    assert taken((5, 1)) is None                   # no such access: no plan has it
