@@ -1458,8 +1458,9 @@ class _Iteration:
             if planned and self.before is not None and ooc._iterations:
                 ooc._iterations[-1] = dataclasses.replace(     # the report shows it apart
                     ooc._iterations[-1], plan_s=time.perf_counter() - adopting)
-            if not errors:            # Residency NOTE 8
-                res.let_go(set(ooc._carried.values()) | set(ooc._inputs))
+            if not errors:            # Residency NOTE 8 and 9
+                res.let_go(set(ooc._carried.values()) | set(ooc._inputs),
+                           also=() if self.recording else mode.left_behind())
         _raise_or_note(exc, errors)
 
     def _enter_mode(self) -> None:

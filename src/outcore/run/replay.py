@@ -120,6 +120,7 @@ class Replayer(HeldMode):
         self.passive = may_follow and schedule.bytes_moved == 0 and residency.offloaded == 0
         self._strangers: list = []
         self._stranger_bytes = 0      # of the strangers and the lingering together
+        self._left: list = []         # inputs freed by the plan or left for a new batch
         self._lasting = lasting      # entries of other plans' state: strangers that stay
         self.log = StepLog(time.perf_counter())
         if self._sources:
@@ -405,6 +406,16 @@ class Replayer(HeldMode):
         self._inputs = ()
         self._strangers += old
         self._stranger_bytes += sum(e.nbytes for e in old)
+        self._left += old
+
+    def left_behind(self) -> list:
+        """The inputs the plan freed that the user still holds (a batch kept in a list),
+        and those of the last step that `_new_batch` found beside a new batch, that are
+        bound to none of the step's arrays at its end: let go of where resident
+        (Residency NOTE 9)."""
+        by_id, aid_of = self.by_id, self.aid_of      # aid_of keeps freed arrays' entries
+        return [e for e in self._left if e.ref() is not None and e not in self._lasting
+                and (e not in aid_of or by_id[aid_of[e]] is not e)]
 
     def _make_room(self, planned: int) -> None:
         """Function i will hold `planned` bytes by the schedule, and strangers may still
@@ -802,6 +813,8 @@ class Replayer(HeldMode):
                 # lets go of it; whatever still holds it at the next op gets evicted.
                 if entry.ref() is not None and entry.state is FAST:
                     self._zombies.append(entry)
+                    if self.is_input[act.array]:      # the user's batch: NOTE 9 of residency.py
+                        self._left.append(entry)
                 self.by_id[act.array] = None
 
     @property

@@ -67,6 +67,15 @@ NOTE [Residency invariants]
      they never move, so counting them would only shrink the room the plan has, more
      with every step whose inputs the user keeps. A later step that reads one tracks it
      again, as a new entry. Those a collective or FSDP owns stay (NOTE 5).
+  9. So are a step's inputs that a replay holds no more at the step's end while the
+     user does, where they are resident (`Replayer.left_behind`): a batch the plan
+     freed after its last read, kept in the user's list, and the last step's batch
+     found beside a new one and not read. With sizes that vary, replays track, and
+     each such batch stayed tracked for good, counted beside every later plan (a huge
+     budget's peak climbed 1.8 -> 12.5 MB over 40 steps of 0.2-0.4 MB batches,
+     helper-88), while a passive replay (fixed sizes) tracks none. A storage is
+     managed while a step uses it (README); one written out stays tracked until it is
+     read (its bytes are on the slow tier).
 """
 from __future__ import annotations
 
@@ -263,20 +272,24 @@ class Residency:
         fast memory, or a collective's or FSDP's (NOTE 5), or elsewhere."""
         return not entry.pinned or entry.state is not FAST or entry.owner or entry.elsewhere
 
-    def let_go(self, keep) -> None:
-        """Stop tracking the FAST pinned entries not in `keep` (NOTE 8). Their weakref
-        callbacks may still come: `_reap_dead` finds them gone from the table and in
-        the DEAD state, and undoes nothing twice."""
+    def let_go(self, keep, also=()) -> None:
+        """Stop tracking the FAST pinned entries not in `keep` (NOTE 8), and the entries
+        of `also` that are FAST with no transfer in flight, not a collective's or FSDP's,
+        not elsewhere (NOTE 9). Their weakref callbacks may still come: `_reap_dead`
+        finds them gone from the table and in the DEAD state, and undoes nothing twice."""
         if self._dead:
             self._reap_dead()
+        also = {e for e in also if e.state is FAST and e.future is None and not e.owner
+                and not e.elsewhere and e not in keep}
         for key, entry in list(self.entries.items()):
-            if self.stays(entry) or entry in keep:
+            if entry not in also and (self.stays(entry) or entry in keep):
                 continue
             del self.entries[key]
             if self.lru.get(key) is entry:
                 del self.lru[key]
             self.resident -= entry.nbytes
-            self.pinned_resident -= entry.nbytes
+            if entry.pinned:
+                self.pinned_resident -= entry.nbytes
             entry.state = DEAD
             if entry.extent is not None and entry.future is None:
                 # A slow copy (from a state_dir commit: persist) that no entry names any
