@@ -137,7 +137,9 @@ def test_batches_of_varying_sizes_the_user_keeps_are_let_go_of_after_their_step(
     with outcore.OutOfCore(budget=1 << 34, swap_dir=str(tmp_path / "huge")) as ooc:
         run(ooc)
         peaks = [it.peak_resident for it in ooc.report().iterations]
-    assert max(peaks[20:]) <= max(peaks[:8]) + 384 * 1024, peaks          # one batch more
+    # two batches more at most (the last one and the new one): 3.3 MB here; 12.9 MB
+    # before, 4.3 MB letting go only the batches the plan freed
+    assert max(peaks[20:]) <= max(peaks[:8]) + 2 * 384 * 1024, peaks
     plain = run()
     budget = 1_700_000
     with outcore.OutOfCore(budget=budget, swap_dir=str(tmp_path / "tight")) as ooc:
