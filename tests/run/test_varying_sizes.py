@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import outcore
+from outcore.run import plans
 
 from .test_small_ops import _Convs
 
@@ -593,3 +595,70 @@ def test_a_loss_logged_in_the_recorded_step_does_not_stop_growth(tmp_path):
     assert logged[0] == logged[1]
     assert [it.mode for it in its] == ["record", "replay", "record"] + ["replay"] * 5, its
     assert its[1].outgrew and not any(it.deviation for it in its[2:]), its
+
+
+def _fake_trace(functions, sizes):
+    """A trace of `functions` ((op, ((access kind, array id), ...)) each) on arrays of
+    `sizes` bytes, as far as `plans.sizes_made` reads one."""
+    return SimpleNamespace(
+        functions=[SimpleNamespace(op=op, repeats=None, accesses=[
+            SimpleNamespace(kind=kind, array=a) for kind, a in accesses])
+            for op, accesses in functions],
+        arrays=[SimpleNamespace(id=i, nbytes=n) for i, n in enumerate(sizes)])
+
+
+def test_a_large_op_run_on_demand_grows_its_own_function_not_a_small_one_of_its_name():
+    """Ops run on demand pair with the plan's functions as the replayer matches them
+    (NOTE [Small ops off the record], rule 4): a large op passes small functions for a
+    large one of its name, and a large function small ops for one, before either pairs
+    with a small one of its name; one that does not pair so is the small function's op
+    on larger tensors (position ids of a longer sequence). Before, they paired as they
+    came: a large `add` took the small `add` that only the recorded step ran, or the
+    large `mul` the small one after it that a small extra before it left, and the
+    scalars grew to the large array's size, the large array not (helper-89's
+    `sizes_made_g.py`)."""
+    big, scalar, add, mul = 1 << 16, 4, "aten.add.Tensor", "aten.mul.Tensor"
+
+    def grown(functions, sizes, ran):
+        trace = _fake_trace(functions, sizes)
+        return plans.sizes_made(trace, plans.function_keys(trace), range(len(functions)), [
+            plans.Ran(op, (n,), (n,), n <= plans.SMALL_OP_BYTES) for op, n in ran])
+
+    # arrays: 0 a large input, 1 the large output, 2 and 4 scalars made, 3 a scalar input
+    adds = [(add, (("read", 3), ("create", 2))), (add, (("read", 0), ("create", 1))),
+            (add, (("read", 3), ("create", 4)))]
+    assert grown(adds, [big, big, scalar, scalar, scalar],
+                 [(add, 2 * big), (add, scalar)]) == {0: 2 * big, 1: 2 * big}
+    muls = [(mul, (("read", 0), ("create", 1))), (mul, (("read", 3), ("create", 2)))]
+    assert grown(muls, [big, big, scalar, scalar],
+                 [(mul, scalar), (mul, 2 * big), (mul, scalar)]) == {0: 2 * big, 1: 2 * big}
+    assert grown(muls[:1], [big, big], [(mul, scalar), (mul, 2 * big)]) == {0: 2 * big, 1: 2 * big}
+    # A small function on larger tensors, a large one of its name next: as they come.
+    views = [("aten.view.default", (("read", 2), ("create", 3))),
+             ("aten.view.default", (("read", 0), ("create", 1)))]
+    assert grown(views, [big, big, scalar, scalar], [("aten.view.default", 2048),
+                                                     ("aten.view.default", 2 * big)]) == {
+        0: 2 * big, 1: 2 * big, 2: 2048, 3: 2048}
+
+
+def test_a_growth_recorded_at_a_logging_step_grows_the_plan(tmp_path):
+    """`loss.item()` every second step, lengths growing at random: a step that
+    outgrows its plan is followed by a recording, and that recording, at a logging step
+    or not, grows the plan (NOTE [Step shapes], rule 10). A recording whose small ops
+    were not the plan's was of another family: the plan's entry waited, and the next
+    step of its family was recorded again (iteration 20 here: helper-86's sixth,
+    helper-89). Every recording after Adam's warm-up follows a step that outgrew its
+    plan."""
+    rng = random.Random(1)
+    lengths = [rng.randint(8, min(8 + 3 * i, 80)) for i in range(22)]
+    logged, calls = [], []
+
+    def loss(logits, ids):
+        out = _cross_entropy(logits, ids)
+        calls.append(None)
+        if len(calls) % 2:
+            logged.append(out.item())
+        return out
+    its = _twins(lengths, tmp_path, loss=loss).iterations
+    assert logged[:11] == logged[11:]
+    assert all(its[i - 1].outgrew for i in range(2, len(its)) if its[i].mode == "record"), its

@@ -87,8 +87,8 @@ from .movers.disk import DiskMover
 from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
 from . import plans, sharing
-from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, recorded_ops,
-                    shape_of)
+from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, grown_aside,
+                    recorded_ops, shape_of)
 from .replay import Replayer
 from .report import OVER_BUDGET_WHY, IterationStats, Report
 from .residency import Residency, movable
@@ -781,9 +781,13 @@ class OutOfCore:
         # then: a tensor a collective made in the step before).
         beside = max(self._held_beside(in_step),
                      sum(n for e, n in (held_before or {}).items() if e not in in_step))
-        family = family_of(recorded_ops(trace))      # the envelope's is the same
+        ops = recorded_ops(trace)
+        family = family_of(ops)      # the envelope's is the same
         outgrown, sizes = self._outgrowing.pop(family, (None, None))
         grown = envelope(outgrown.recorded, trace, sizes) if outgrown is not None else None
+        if outgrown is None or grown is None and recorded_ops(outgrown.recorded) != ops:
+            outgrown, grown = self._grown_aside(trace, outgrown, sizes)   # small ops aside
+            family = family if outgrown is None else outgrown.family
         for trace in (grown, recording.trace) if grown is not None else (trace,):
             held = held_arrays(trace, disowned)
             owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
@@ -875,6 +879,26 @@ class OutOfCore:
             sizes = {a: max(n, known.get(a, 0)) for a, n in {**known, **sizes}.items()}
         self._outgrowing[plan.family] = (plan, sizes)
         self._outgrew_last = plan.family
+
+    def _grown_aside(self, trace, outgrown, sizes) -> tuple:
+        """Rule 10: (the plan a step outgrew, `trace` grown to the sizes of both records
+        and of that step: `plans.grown_aside`) where `trace` is that plan's step, small
+        ops aside: the plan `outgrown` of its family if given (that step's `sizes`), else
+        one of another family, whose entry is taken. Else (`outgrown`, None). A growth
+        recording on a step with a small op more or less than the plan's record (a
+        `loss.item()` every n-th step) is of another family: the entry waited, and the
+        next step of the plan's family was recorded again (helper-86's sixth; helper-89:
+        two recordings for one growth). The plan made has the family it grew: steps of
+        either ops replay it to its end (small functions passed: NOTE [Small ops off
+        the record] rule 4), as that family; its record has that small op more or less
+        than the steps of the family, and grows again so."""
+        entries = {None: (outgrown, sizes)} if outgrown is not None else self._outgrowing
+        for family, (plan, known) in entries.items():
+            grown = grown_aside(plan.recorded, known, trace)
+            if grown is not None:
+                self._outgrowing.pop(family, None)
+                return plan, grown
+        return outgrown, None
 
     def _growing(self) -> tuple[dict, tuple]:
         """For Plans.next: the families whose plans wait to grow (rule 10), those of plans
@@ -1547,7 +1571,9 @@ class _Iteration:
                     return
                 planned = ooc._plan_recording(mode, self.held_before)
                 # A plan for larger sizes than this step's is the shape it stands for.
-                ooc._plans.seen(planned.shape if planned is not None else shape, family)
+                # ... and of the family it grew (_grown_aside).
+                ooc._plans.seen(*(shape, family) if planned is None else
+                                (planned.shape, planned.family))
                 if ooc._record_next:                 # not the steady step yet
                     ooc._plans.warm_up.add(shape)
             except InfeasibleBudget as err:

@@ -131,12 +131,18 @@ lets every iteration replay.
      and read from k on, the labels read by the loss too; in a passive replay, which
      binds nothing, what the functions that made more before k made and read: what
      it read elsewhere before k it never saw), and the longer duration of each function
-     of the two records (`envelope`), and replaces the outgrown one. So the plans grow
+     of the two records (`envelope`), and replaces the outgrown one. A record with a
+     small op more or less than the plan's (a `loss.item()` every n-th step, in one of
+     the two steps: another family) grows it too: its functions paired with the plan's
+     as the ops run on demand are (`grown_aside`, `sizes_made`), each array as large as
+     its pair's and the outgrowing step's; the plan made has the family it grew
+     (`OutOfCore._grown_aside`; helper-89: the entry waited, and the next step of the
+     family was recorded again, two recordings for one growth). So the plans grow
      to the largest sizes the data brings, one recording each time a step passes them,
      and a step of any size under them replays. (Where the envelope needs more than the
-     budget somewhere, though both records fit, or the record is of another shape, a
-     small op more or less, the record alone is planned, and a step that outgrows that
-     plan is not followed by a recording: no loop of recordings.) Rule 9
+     budget somewhere, though both records fit, or the record is of another shape, the
+     record alone is planned, and a step that outgrows that plan is not followed by a
+     recording: no loop of recordings.) Rule 9
      compares the sizes the step made with another plan's: the same first, else no
      smaller.
  11. A step whose recording ran op by op within the budget but that no plan can run
@@ -276,6 +282,22 @@ def envelope(old, new, grown=None):
     return dataclasses.replace(new, functions=functions, arrays=arrays)
 
 
+def grown_aside(old, sizes, new):
+    """Rule 10 for a recording `new` of the step a plan's record `old` is, small ops
+    aside (one of the two logged a `loss.item()` the other did not: another family):
+    `new` with each array as large as the function it pairs with in `old` has it, or
+    the step that outgrew `old` made or read it (`sizes`, {array id: bytes}), its
+    functions and `old`'s paired one for one, small ones aside, as `sizes_made` pairs
+    the ops a step ran on demand; else None (another step)."""
+    grown = [max(a.nbytes, sizes.get(a.id, 0)) for a in old.arrays]
+    ran = [Ran(f.op, tuple(grown[a.array] for a in f.accesses if a.kind == "create"),
+               tuple(grown[a.array] for a in f.accesses if a.kind != "create"), small)
+           for f, small in zip(old.functions, small_functions(old, grown)) if f.repeats is None]
+    larger = sizes_made(new, function_keys(new), [i for i, f in enumerate(new.functions)
+                                                  if f.repeats is None], ran)
+    return None if larger is None else envelope(new, new, larger)
+
+
 class Ran(NamedTuple):
     """An op a step ran on demand after it left its plan, for rule 10 (`sizes_after`)."""
     op: str
@@ -309,13 +331,40 @@ def sizes_made(trace, keys, at, made) -> dict | None:
     off the record]) pair with nothing: a small function the step did not run (a
     `loss.item()` the recorded step logged) is passed over, as is a small op it ran
     that the record does not have there (helper-88: one `.item()` in the recorded step,
-    and no step larger than it ever outgrew the plan)."""
+    and no step larger than it ever outgrew the plan). As the replayer matches (rule 4
+    there, `Replayer._skip_small`), an op that is not small passes small functions for
+    one of its name that is not small, and a function that is not small passes small
+    ops for one of its name that is not small, before either pairs with a small one of
+    its name: paired at once, a large op took a small function of its name that the
+    step did not run, or a small op the function of its name that a large op ran
+    later, and the scalars grew, the large array not (helper-89's `sizes_made_g.py`).
+    Where the ops then do not pair one for one, they pair as they come: a large op
+    with the small function of its name it stands at (the same op on larger tensors,
+    `Replayer._small_grew`: position ids of a longer sequence), though a large one of
+    its name comes later."""
+    for past_small in (True, False):
+        sizes = _sizes_made(trace, keys, list(at), made, past_small)
+        if sizes is not None:
+            return sizes
+    return None
+
+
+def _sizes_made(trace, keys, at, made, past_small) -> dict | None:
+    """`sizes_made`, small ops and functions passed for large ones of their name where
+    `past_small`."""
     sizes, j = {}, 0
-    for i in at:
+    for pos, i in enumerate(at):
         fn = trace.functions[i]
-        while j < len(made) and made[j].op != fn.op and made[j].small:
+        while j < len(made) and made[j].small and (made[j].op != fn.op or past_small
+                                                   and keys[i] is not None and _large_next(
+                                                       ((made[m].op, made[m].small)
+                                                        for m in range(j + 1, len(made))),
+                                                       fn.op)):
             j += 1
-        if j == len(made) or made[j].op != fn.op:
+        if j == len(made) or made[j].op != fn.op or (
+                past_small and keys[i] is None and not made[j].small and _large_next(
+                    ((trace.functions[at[m]].op, keys[at[m]] is None)
+                     for m in range(pos + 1, len(at))), fn.op)):
             if keys[i] is None:
                 continue
             return None
@@ -334,6 +383,12 @@ def sizes_made(trace, keys, at, made) -> dict | None:
     if any(not ran.small for ran in made[j:]):
         return None
     return sizes
+
+
+def _large_next(items, name) -> bool:
+    """Whether the first of `items` ((op name, small) each) that is not small, small ones
+    passed, is named `name` (`sizes_made`)."""
+    return next((op for op, small in items if not small), None) == name
 
 
 def _last_copies(fns) -> set:
@@ -434,7 +489,8 @@ class Plan:
     grows: bool = True          # rule 10: False where the recording after it outgrew its
                                 # plan could not grow that plan: no recording again
     made_state: bool = False    # its recording made optimizer state (rule 3)
-    family: int | None = None   # family_of(recorded_ops(trace)): rule 2
+    family: int | None = None   # family_of(recorded_ops(trace)), or that of the plan a
+                                # growth recording grew (rule 10, `grown_aside`): rule 2
 
 
 class Seen(NamedTuple):
