@@ -1680,7 +1680,8 @@ def _again(err):
         return HostBudgetTooSmall(text, needed_bytes=err.needed_bytes, host_budget=err.host_budget)
     return InfeasibleBudget(text, function_index=err.function_index, op=err.op, phase=err.phase,
                             needed_bytes=err.needed_bytes, budget_bytes=err.budget_bytes,
-                            min_feasible_bytes=err.min_feasible_bytes)
+                            min_feasible_bytes=err.min_feasible_bytes,
+                            ran_within_budget=err.ran_within_budget)
 
 
 # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError in older releases): the device's
