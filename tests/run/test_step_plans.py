@@ -480,3 +480,29 @@ def test_a_switch_at_a_larger_array_takes_up_no_plan_that_has_it_smaller():
     assert taken((1, 4096)) == "larger"            # w, the second array read: 4,096 B
     assert taken((1, 4097)) is None
     assert taken((5, 1)) is None                   # no such access: no plan has it
+
+
+def test_the_envelope_of_two_records_holds_each_array_until_the_later_death():
+    """Rule 10: two recordings of the same ops can differ in where a storage died (a
+    collective's thread lets go of a buffer when its work completes: FSDP2's
+    reduce-scatter input under gloo, after function 523 in one recording and 527 in the
+    next, helper-92). The envelope took them for other steps: no growth took, the
+    plan's `grows` turned False, and every longer step of the family ran on demand. It
+    holds each array until the later of the two deaths (None: past the step's end) and
+    is as large as the larger."""
+    from ..plan.helpers import build
+
+    def record(x_bytes, held):
+        return build({"x": (x_bytes, "input"), "w": (64, "param"), "h": 32, "y": 32},
+                     ["mm r:x r:w c:h", "relu r:h c:y", "sum r:y", "log r:w"], held=held)
+
+    old, new = record(64, {"h": 1, "x": 2}), record(96, {"h": 3, "x": None})
+    grown = plans.envelope(old, new, {2: 48})
+    assert grown is not None
+    assert [a.freed_after for a in grown.arrays] == [None, None, 3, 2]
+    assert [a.nbytes for a in grown.arrays] == [96, 64, 48, 32]
+    assert plans.envelope(new, old, {}) is not None
+    assert [a.freed_after for a in plans.envelope(new, old).arrays] == [None, None, 3, 2]
+    other = build({"x": (64, "input"), "w": (64, "param"), "h": 32, "y": 32},
+                  ["mm r:x r:w c:h", "relu r:h c:y", "sum r:y", "log r:x"])
+    assert plans.envelope(old, other) is None          # another array read: another step

@@ -410,7 +410,8 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
            "was found, so the step was completed correctly, over the budget, and no later op "
            "of it needed more than this one; later iterations of this OutOfCore will not "
            "start."
-           if completed else "Nothing was trained: the optimizer has not changed any parameter."),
+           if completed else "Nothing was trained in this iteration: the optimizer has not "
+           "changed any parameter in it."),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)
     error.nothing_trained = not (completed or deviated)    # OutOfCore adds no half-step note

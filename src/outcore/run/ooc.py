@@ -463,6 +463,7 @@ class OutOfCore:
         # Whether each of the last DEVIATIONS_SEEN replays deviated where nothing is
         # learnt (_often), and whether that was warned about (once).
         self._deviations: collections.deque = collections.deque(maxlen=DEVIATIONS_SEEN)
+        self._unplannable_said = False      # rule 11's warning, given once in full
         self._warned_often = False
         self._outgrown_shapes: set = set()  # recorded again once for _outgrown
         self._composition = Composition()     # run/compose.py: torch.distributed around us
@@ -1070,7 +1071,8 @@ class OutOfCore:
                  f"hold up to {format_bytes(small)} of it, and a step of smaller tensors "
                  "(shorter sequences, a smaller batch) has more of its arrays under it than "
                  "a larger one and can need more" if 4 * small >= smallest
-                 else "lower the batch, or lower min_move_bytes")
+                 else "lower the batch" + (", or lower min_move_bytes"
+                                           if self._res.min_move_bytes else ""))
         # The recording itself made room op by op and may have stayed within the budget
         # (helper-79: a step with accumulation, four times): then it is the plan, which
         # leaves the arrays that never move their peak throughout, that cannot run it.
@@ -1583,7 +1585,11 @@ class _Iteration:
                     # (recorded, never planned).
                     ooc._plans.unplannable.add(shape)
                     ooc._plans.seen(shape, family)
-                    log.warning("iteration %d: %s", len(ooc._iterations), err)
+                    # Warned once in full; each shape after it (sizes that vary bring a
+                    # new one each step) at INFO: helper-92 saw 1.4 KB each iteration.
+                    log.log(logging.INFO if ooc._unplannable_said else logging.WARNING,
+                            "iteration %d: %s", len(ooc._iterations), err)
+                    ooc._unplannable_said = True
                     return
                 ooc._infeasible = err        # later iterations raise at once
                 raise
@@ -1626,11 +1632,16 @@ class _Iteration:
                 # warned at its second micro-batch, which is learnt there, helper-85.)
                 warn = ooc._plans.times[shape] > 2 and not grows
                 ooc._deviations.append(not grows and not ooc._plans.families_hold())
+                stuck = mode.outgrew and plan.recorded is not None and not plan.grows
                 log.log(logging.WARNING if warn else logging.INFO,
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
                         ", and the next step of its ops is recorded to plan for the larger "
-                        "sizes" if grows else "" if shape in ooc._plans else
+                        "sizes" if grows else
+                        ", and steps larger than its plan run so: that plan does not grow "
+                        "(the recording that was to grow it was of other ops, or the two "
+                        "together did not fit the budget; NOTE [Step shapes] rule 10)"
+                        if stuck else "" if shape in ooc._plans else
                         ", and a step of its shape is recorded when one is expected")
                 if not grows:
                     ooc._periodic(len(ooc._iterations), deviation, shape)

@@ -130,8 +130,9 @@ lets every iteration replay.
      that outgrew (`Replayer.outgrown_sizes`: what it bound before k, what each op made
      and read from k on, the labels read by the loss too; in a passive replay, which
      binds nothing, what the functions that made more before k made and read: what
-     it read elsewhere before k it never saw), and the longer duration of each function
-     of the two records (`envelope`), and replaces the outgrown one. A record with a
+     it read elsewhere before k it never saw), each array held until the later of its
+     deaths in the two records, and the longer duration of each function of the two
+     (`envelope`), and replaces the outgrown one. A record with a
      small op more or less than the plan's (a `loss.item()` every n-th step, in one of
      the two steps: another family) grows it too: its functions paired with the plan's
      as the ops run on demand are (`grown_aside`, `sizes_made`), each array as large as
@@ -256,23 +257,28 @@ def function_keys(trace, sizes: list | None = None) -> list:
 
 def envelope(old, new, grown=None):
     """Rule 10: the trace `new` with each array as large as the largest of the two and
-    of `grown` ({array id: bytes}, the step that outgrew `old`) and each function as
-    long as the longer, where `old` (a recorded trace) has the same functions on the
-    same arrays; else None."""
+    of `grown` ({array id: bytes}, the step that outgrew `old`), held as long as the
+    later of the two (`freed_after`), and each function as long as the longer, where
+    `old` (a recorded trace) has the same functions on the same arrays; else None.
+    Where a storage dies can differ between two steps of the same ops: a buffer a
+    collective's thread lets go of when its work completes (FSDP2's reduce-scatter input
+    under gloo: after function 523 in one recording, 527 in the next, helper-92), so no
+    growth took, and the plan of that family never grew again. Held the longer, the
+    plan reserves it for both."""
     if len(old.functions) != len(new.functions) or len(old.arrays) != len(new.arrays):
         return None
     if any(f.op != g.op or f.accesses != g.accesses or f.split != g.split or f.peer != g.peer
            for f, g in zip(old.functions, new.functions)):
         return None
     if any((a.kind, a.category, a.dtype, a.device, a.origin, a.first_use, a.last_use,
-            a.freed_after, a.existed_before) != (b.kind, b.category, b.dtype, b.device,
-                                                 b.origin, b.first_use, b.last_use,
-                                                 b.freed_after, b.existed_before)
+            a.existed_before) != (b.kind, b.category, b.dtype, b.device, b.origin,
+                                  b.first_use, b.last_use, b.existed_before)
            for a, b in zip(old.arrays, new.arrays)):
         return None
     grown = grown or {}
-    arrays = tuple(b if b.nbytes >= (n := max(a.nbytes, grown.get(b.id, 0)))
-                   else dataclasses.replace(b, nbytes=n) for a, b in zip(old.arrays, new.arrays))
+    arrays = tuple(_larger(b, max(a.nbytes, grown.get(b.id, 0)),
+                           _later(a.freed_after, b.freed_after))
+                   for a, b in zip(old.arrays, new.arrays))
     functions = tuple(dataclasses.replace(
         g, duration_s=max(f.duration_s, g.duration_s), flops=max(f.flops, g.flops),
         bytes_touched=max(f.bytes_touched, g.bytes_touched),
@@ -280,6 +286,18 @@ def envelope(old, new, grown=None):
         workspace_bytes=max(f.workspace_bytes, g.workspace_bytes))
         for f, g in zip(old.functions, new.functions))
     return dataclasses.replace(new, functions=functions, arrays=arrays)
+
+
+def _later(a, b):
+    """The later of two `freed_after` points (None: held past the step's end)."""
+    return None if a is None or b is None else max(a, b)
+
+
+def _larger(array, nbytes, freed_after):
+    """`array` at least `nbytes` large, freed after `freed_after` (`envelope`)."""
+    if array.nbytes >= nbytes and array.freed_after == freed_after:
+        return array
+    return dataclasses.replace(array, nbytes=max(array.nbytes, nbytes), freed_after=freed_after)
 
 
 def grown_aside(old, sizes, new):
