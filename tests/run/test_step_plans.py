@@ -506,3 +506,39 @@ def test_the_envelope_of_two_records_holds_each_array_until_the_later_death():
     other = build({"x": (64, "input"), "w": (64, "param"), "h": 32, "y": 32},
                   ["mm r:x r:w c:h", "relu r:h c:y", "sum r:y", "log r:x"])
     assert plans.envelope(old, other) is None          # another array read: another step
+
+
+def test_the_report_names_the_largest_in_core_peak_of_the_steps_planned():
+    """With an eval step on a larger batch every fourth iteration, `in_core_peak` is the
+    peak of the plan in use last (a training step's here), which is not the figure a
+    user reading it to choose a budget wants (helper-92 read 2.29 MiB, the eval plan's,
+    on one rank of FSDP2). `largest_in_core_peak` is the largest of every step planned,
+    printed beside it, and kept through JSON."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
+            for _ in range(23)]
+    evaluated = torch.randn(2048, 128, generator=g)
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
+                                  torch.nn.Linear(384, 10))
+        return net, torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(net, opt, i):
+        if i % 4 == 3:
+            with torch.no_grad():
+                net(evaluated).sum()
+            return
+        x, y = data[i]
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    plain, ours, report = _loop(make, step, 23, 9_000_000)
+    assert _same(plain[0], ours[0])
+    assert report.step_shapes == 2, report
+    eval_peak = 2048 * 384 * 4                       # the eval step's hidden activations
+    assert report.in_core_peak < eval_peak <= report.largest_in_core_peak, report
+    assert "the largest of the steps planned" in str(report)
+    again = type(report).from_dict(report.to_dict())
+    assert again.largest_in_core_peak == report.largest_in_core_peak

@@ -440,6 +440,7 @@ class OutOfCore:
         self.trace = None            # those of the plan the last iteration used
         self.schedule = None
         self._in_core_peak = 0
+        self._largest_peak = 0          # of every step planned (Report.largest_in_core_peak)
         self._plans = Plans()        # NOTE [Step shapes] in plans.py
         self._plan: Plan | None = None       # the plan the last iteration used
         self._ending: Ending | None = None   # how the last iteration left its arrays, if known
@@ -818,6 +819,7 @@ class OutOfCore:
             machine=options.pop("machine", self.machine),
             min_bytes=max(self._res.min_move_bytes, 1), foreign=held | owned, **options)
         self._in_core_peak = trace.peak()[0]
+        self._largest_peak = max(self._largest_peak, self._in_core_peak)
         trace = rewrite(trace, chosen)          # the same repeats, at the recorded sizes
         check(plannable, schedule, budget)
         if isinstance(self._mover, HostMover):
@@ -1190,6 +1192,7 @@ class OutOfCore:
             swap=repr(self._mover),
             functions=sum(f.repeats is None for f in trace.functions) if trace else 0,
             in_core_peak=self._in_core_peak if trace else 0,
+            largest_in_core_peak=self._largest_peak,
             planned_peak=schedule.peak_bytes if schedule else None,
             planned_in=schedule.bytes_in if schedule else None,
             planned_out=schedule.bytes_out if schedule else None,

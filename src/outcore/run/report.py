@@ -77,6 +77,9 @@ class Report:
     planned_between: tuple[int, int] = (0, 0)   # bytes read, written between iterations
                                                  # (Schedule.boundary)
     step_shapes: int = 0           # plans kept, one per shape of step (NOTE [Step shapes])
+    largest_in_core_peak: int = 0  # the largest in_core_peak of the steps planned: with
+                                   # several shapes (an eval step, sizes that vary),
+                                   # in_core_peak is that of the plan in use last
     rss_bound: int = 0             # how far above rss_start the process grew at most on the
                                    # workloads measured (malloc.process_slack); 0 where that
                                    # was not measured (a GPU budget, return_freed_memory other
@@ -148,9 +151,12 @@ class Report:
     def __str__(self) -> str:
         lines = [f"outcore report: budget {format_bytes(self.budget)}, policy {self.policy}, swap {self.swap}"]
         if self.functions:
+            largest = (f"; the largest of the steps planned {format_bytes(self.largest_in_core_peak)}"
+                       f" ({self.largest_in_core_peak / self.budget:.2f}x)"
+                       if self.largest_in_core_peak > self.in_core_peak else "")
             lines.append(f"  recorded: {self.functions} functions, in-core peak {format_bytes(self.in_core_peak)} "
                          f"of live tensors ({self.in_core_peak / self.budget:.2f}x the budget; "
-                         "plain PyTorch holds a little more, until it frees them)")
+                         f"plain PyTorch holds a little more, until it frees them){largest}")
         if self.planned_peak is not None:
             lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
                          f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out"
