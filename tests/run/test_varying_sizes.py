@@ -633,6 +633,13 @@ def test_a_large_op_run_on_demand_grows_its_own_function_not_a_small_one_of_its_
     assert grown(muls, [big, big, scalar, scalar],
                  [(mul, scalar), (mul, 2 * big), (mul, scalar)]) == {0: 2 * big, 1: 2 * big}
     assert grown(muls[:1], [big, big], [(mul, scalar), (mul, 2 * big)]) == {0: 2 * big, 1: 2 * big}
+    # ... and a small function grown, a large one, a small one the step did not run, all
+    # of one name: the large op takes the large function, not the grown small one's
+    # (helper-93: the first pass paired them one off and took the small's op for the large)
+    threes = [(add, (("read", 0), ("create", 1))), (add, (("read", 2), ("create", 3))),
+              (add, (("read", 4), ("create", 5)))]
+    assert grown(threes, [scalar, scalar, big, big, scalar, scalar],
+                 [(add, 8192), (add, 2 * big)]) == {0: 8192, 1: 8192, 2: 2 * big, 3: 2 * big}
     # A small function on larger tensors, a large one of its name next: as they come.
     views = [("aten.view.default", (("read", 2), ("create", 3))),
              ("aten.view.default", (("read", 0), ("create", 1)))]

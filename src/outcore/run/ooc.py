@@ -856,7 +856,9 @@ class OutOfCore:
                     recorded=recorded, grows=outgrown is None or recorded is grown,
                     made_state=any(a.category == "optimizer_state" and not a.existed_before
                                    for a in trace.arrays),
-                    family=family)
+                    # of the family it grew (_grown_aside); a record planned alone is
+                    # of its own ops' (helper-93)
+                    family=family if recorded is grown else family_of(ops))
         self._plans.add(plan)
         if recorded is grown and outgrown.shape != plan.shape:
             self._plans.drop(outgrown.shape)        # the larger plan covers its steps

@@ -369,25 +369,28 @@ def sizes_made(trace, keys, at, made) -> dict | None:
 
 def _sizes_made(trace, keys, at, made, past_small) -> dict | None:
     """`sizes_made`, small ops and functions passed for large ones of their name where
-    `past_small`."""
+    `past_small`; that pass fails where a large function pairs with an op that made less
+    than the function recorded (a small function's op on larger tensors, taken by a
+    large function of its name: helper-93), so the ops pair as they come."""
+    ops_on = _next_large([(r.op, r.small) for r in made])      # from each op on
+    fns_on = _next_large([(trace.functions[i].op, keys[i] is None) for i in at])
     sizes, j = {}, 0
     for pos, i in enumerate(at):
         fn = trace.functions[i]
         while j < len(made) and made[j].small and (made[j].op != fn.op or past_small
-                                                   and keys[i] is not None and _large_next(
-                                                       ((made[m].op, made[m].small)
-                                                        for m in range(j + 1, len(made))),
-                                                       fn.op)):
+                                                   and keys[i] is not None
+                                                   and ops_on[j + 1] == fn.op):
             j += 1
         if j == len(made) or made[j].op != fn.op or (
-                past_small and keys[i] is None and not made[j].small and _large_next(
-                    ((trace.functions[at[m]].op, keys[at[m]] is None)
-                     for m in range(pos + 1, len(at))), fn.op)):
+                past_small and keys[i] is None and not made[j].small
+                and fns_on[pos + 1] == fn.op):
             if keys[i] is None:
                 continue
             return None
         ran = made[j]
         j += 1
+        if past_small and keys[i] is not None and sum(ran.made) < keys[i][1]:
+            return None
         created = [acc.array for acc in fn.accesses if acc.kind == "create"]
         if len(ran.made) == len(created):
             sizes.update((a, n) for a, n in zip(created, ran.made) if n > trace.arrays[a].nbytes)
@@ -403,10 +406,16 @@ def _sizes_made(trace, keys, at, made, past_small) -> dict | None:
     return sizes
 
 
-def _large_next(items, name) -> bool:
-    """Whether the first of `items` ((op name, small) each) that is not small, small ones
-    passed, is named `name` (`sizes_made`)."""
-    return next((op for op, small in items if not small), None) == name
+def _next_large(items) -> list:
+    """Per index k of `items` ((op name, small) each), and one past the end: the name of
+    the first item from k on that is not small (None: none), so that `_sizes_made`
+    looks past small ones in one step (a rescan each time was quadratic in a run of
+    small ones: helper-93)."""
+    out = [None] * (len(items) + 1)
+    for k in range(len(items) - 1, -1, -1):
+        name, small = items[k]
+        out[k] = out[k + 1] if small else name
+    return out
 
 
 def _last_copies(fns) -> set:
