@@ -132,11 +132,11 @@ lets every iteration replay.
      binds nothing, what the functions that made more before k made and read: what
      it read elsewhere before k it never saw), each array held until the later of its
      deaths in the two records, and the longer duration of each function of the two
-     (`envelope`), and replaces the outgrown one. A record with a
-     small op more or less than the plan's (a `loss.item()` every n-th step, in one of
-     the two steps: another family) grows it too: its functions paired with the plan's
-     as the ops run on demand are (`grown_aside`, `sizes_made`), each array as large as
-     its pair's and the outgrowing step's; the plan made has the family it grew
+     (`envelope`), and replaces the outgrown one. A record with a small op more or
+     less than the plan's (a `loss.item()` every n-th step, in one of the two steps:
+     another family) grows it too: its functions paired with the plan's as the ops run
+     on demand are (`grown_aside`, `sizes_made`), each array as large as its pair's and
+     the outgrowing step's; the plan made has the family it grew
      (`OutOfCore._grown_aside`; helper-89: the entry waited, and the next step of the
      family was recorded again, two recordings for one growth). So the plans grow
      to the largest sizes the data brings, one recording each time a step passes them,

@@ -292,8 +292,8 @@ class _Reserved:
     Spans run from one function to thousands (a swap-in is reserved from the function
     that issues it, and the window admits as far ahead as there is room), so `at` is one
     numpy array and a span's add or peak is one vector operation over it, at C speed per
-    function (docs/planning.md, "Reserving outputs late", has the figures: blocks of 64
-    functions with a lazy add per block were slower, in Python and in numpy alike). `now`
+    function (docs/planning.md, "Measured", has the figures: blocks of 64 functions with
+    a lazy add per block were slower, in Python and in numpy alike). `now`
     and `peak` hand back Python ints, so no numpy scalar leaks into the plan."""
     __slots__ = ("at", "soft", "end", "open")
     hard = 0                    # the early accounting's figure (`_Held`): none here
