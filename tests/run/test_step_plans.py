@@ -2,6 +2,8 @@
 plan per shape, and replays every iteration once it has seen each shape (NOTE [Step
 shapes] in run/plans.py): bitwise equal to plain PyTorch, within the budget, through
 interrupts in any shape."""
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -324,22 +326,19 @@ def test_more_shapes_in_a_period_than_plans_kept_stop_recording(sizes):
         assert not [it for it in last if it.deviation], report
 
 
-def test_an_eval_step_under_a_budget_that_moves_nothing_learns_its_shape():
-    """Training every iteration and, every fourth, an eval step under no_grad with
-    another batch size, at a budget where nothing moves. A replay that only follows
-    op names took the record's sizes for the eval step's (a helper's review): the same
-    step went into the history as two shapes, with recordings and deviations long
-    after. Now both shapes are learnt and the last cycles replay without deviating."""
+def _training_and_eval(iterations: int, optimizer):
+    """(make, step) for `_loop`: a training step on batches of 32 and, every fourth
+    iteration, an eval step under no_grad on a batch of 2048."""
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
-            for _ in range(24)]
+            for _ in range(iterations)]
     evaluated = torch.randn(2048, 128, generator=g)
 
     def make():
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
                                   torch.nn.Linear(384, 10))
-        return net, torch.optim.Adam(net.parameters())
+        return net, optimizer(net.parameters())
 
     def step(net, opt, i):
         if i % 4 == 3:
@@ -350,7 +349,16 @@ def test_an_eval_step_under_a_budget_that_moves_nothing_learns_its_shape():
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
         opt.zero_grad()
-    plain, ours, report = _loop(make, step, 24, 9_000_000)
+    return make, step
+
+
+def test_an_eval_step_under_a_budget_that_moves_nothing_learns_its_shape():
+    """Training every iteration and, every fourth, an eval step under no_grad with
+    another batch size, at a budget where nothing moves. A replay that only follows
+    op names took the record's sizes for the eval step's (a helper's review): the same
+    step went into the history as two shapes, with recordings and deviations long
+    after. Now both shapes are learnt and the last cycles replay without deviating."""
+    plain, ours, report = _loop(*_training_and_eval(24, torch.optim.Adam), 24, 9_000_000)
     assert _same(plain[0], ours[0])
     last = report.iterations[-8:]
     assert all(it.mode == "replay" and not it.deviation for it in last), report
@@ -514,27 +522,8 @@ def test_the_report_names_the_largest_in_core_peak_of_the_steps_planned():
     user reading it to choose a budget wants (helper-92 read 2.29 MiB, the eval plan's,
     on one rank of FSDP2). `largest_in_core_peak` is the largest of every step planned,
     printed beside it, and kept through JSON."""
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(32, 128, generator=g), torch.randint(0, 10, (32,), generator=g))
-            for _ in range(23)]
-    evaluated = torch.randn(2048, 128, generator=g)
-
-    def make():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(),
-                                  torch.nn.Linear(384, 10))
-        return net, torch.optim.SGD(net.parameters(), lr=0.1)
-
-    def step(net, opt, i):
-        if i % 4 == 3:
-            with torch.no_grad():
-                net(evaluated).sum()
-            return
-        x, y = data[i]
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    plain, ours, report = _loop(make, step, 23, 9_000_000)
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    plain, ours, report = _loop(*_training_and_eval(23, sgd), 23, 9_000_000)
     assert _same(plain[0], ours[0])
     assert report.step_shapes == 2, report
     eval_peak = 2048 * 384 * 4                       # the eval step's hidden activations
