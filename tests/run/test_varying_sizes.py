@@ -640,6 +640,13 @@ def test_a_large_op_run_on_demand_grows_its_own_function_not_a_small_one_of_its_
               (add, (("read", 4), ("create", 5)))]
     assert grown(threes, [scalar, scalar, big, big, scalar, scalar],
                  [(add, 8192), (add, 2 * big)]) == {0: 8192, 1: 8192, 2: 2 * big, 3: 2 * big}
+    # ... but a large op smaller than its function (a step smaller there, larger later)
+    # still pairs past the small function of its name, and the later op grows its own
+    # (helper-94: with that rule alone, no pairing was found and nothing grew)
+    ab = [(add, (("read", 3), ("create", 0))), (add, (("read", 4), ("create", 1))),
+          (mul, (("read", 4), ("create", 2)))]
+    assert grown(ab, [scalar, big, big, scalar, big],
+                 [(add, big // 2), (mul, 2 * big)]) == {2: 2 * big, 4: 2 * big}
     # A small function on larger tensors, a large one of its name next: as they come.
     views = [("aten.view.default", (("read", 2), ("create", 3))),
              ("aten.view.default", (("read", 0), ("create", 1)))]

@@ -359,19 +359,22 @@ def sizes_made(trace, keys, at, made) -> dict | None:
     Where the ops then do not pair one for one, they pair as they come: a large op
     with the small function of its name it stands at (the same op on larger tensors,
     `Replayer._small_grew`: position ids of a longer sequence), though a large one of
-    its name comes later."""
-    for past_small in (True, False):
-        sizes = _sizes_made(trace, keys, list(at), made, past_small)
+    its name comes later. The first pass fails where a large function pairs with an
+    op that made less than it recorded (a grown small function's op taken by a large
+    function of its name: helper-93), and the ops pair as they come; where that fails
+    too, the first pass is taken without that rule (a step smaller in one op and
+    larger in a later one: helper-94)."""
+    for past_small, sized in ((True, True), (False, False), (True, False)):
+        sizes = _sizes_made(trace, keys, list(at), made, past_small, sized)
         if sizes is not None:
             return sizes
     return None
 
 
-def _sizes_made(trace, keys, at, made, past_small) -> dict | None:
+def _sizes_made(trace, keys, at, made, past_small, sized) -> dict | None:
     """`sizes_made`, small ops and functions passed for large ones of their name where
-    `past_small`; that pass fails where a large function pairs with an op that made less
-    than the function recorded (a small function's op on larger tensors, taken by a
-    large function of its name: helper-93), so the ops pair as they come."""
+    `past_small`, failing where `sized` and a large function pairs with an op that made
+    less than the function recorded."""
     ops_on = _next_large([(r.op, r.small) for r in made])      # from each op on
     fns_on = _next_large([(trace.functions[i].op, keys[i] is None) for i in at])
     sizes, j = {}, 0
@@ -389,7 +392,7 @@ def _sizes_made(trace, keys, at, made, past_small) -> dict | None:
             return None
         ran = made[j]
         j += 1
-        if past_small and keys[i] is not None and sum(ran.made) < keys[i][1]:
+        if sized and keys[i] is not None and sum(ran.made) < keys[i][1]:
             return None
         created = [acc.array for acc in fn.accesses if acc.kind == "create"]
         if len(ran.made) == len(created):
