@@ -110,7 +110,7 @@ def test_batches_of_varying_sizes_the_user_keeps_are_let_go_of_after_their_step(
     """Batches of 192-384 KiB (movable) from a pre-built list, each of its own size: the
     replays track (the sizes vary) and the plan frees each batch after its last read,
     but the list holds it. Each stayed tracked for good, counted beside every later
-    plan: at a huge budget the peak climbed 1.8 -> 12.5 MB over 40 steps (helper-88),
+    plan: at a huge budget the peak climbed to 12.9 MB over these 40 steps (helper-88),
     while a loop of fixed sizes (passive replays) tracks none. Now an input the plan
     freed that is still resident at the step's end is let go of (Residency NOTE 9):
     the peak stays near the first steps'. At a tight budget it trains bitwise equal to
