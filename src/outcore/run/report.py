@@ -60,7 +60,8 @@ class Report:
     policy: str
     swap: str
     functions: int
-    in_core_peak: int
+    in_core_peak: int              # of the step the plan in use last was made for; 0
+                                   # until a step is planned
     planned_peak: int | None
     planned_in: int | None
     planned_out: int | None
@@ -79,7 +80,10 @@ class Report:
     step_shapes: int = 0           # plans kept, one per shape of step (NOTE [Step shapes])
     largest_in_core_peak: int = 0  # the largest in_core_peak of the steps planned: with
                                    # several shapes (an eval step, sizes that vary),
-                                   # in_core_peak is that of the plan in use last
+                                   # in_core_peak is that of the plan in use last. Steps
+                                   # replayed passively (nothing moves) are not measured:
+                                   # at a budget above every peak, a longer step later
+                                   # replays and is not counted (docs/see.md)
     rss_bound: int = 0             # how far above rss_start the process grew at most on the
                                    # workloads measured (malloc.process_slack); 0 where that
                                    # was not measured (a GPU budget, return_freed_memory other
