@@ -919,10 +919,11 @@ class OutOfCore:
         self._plan, self.trace, self.schedule = plan, plan.trace, plan.schedule
         self._between, self._in_core_peak = plan.between, plan.in_core_peak
 
-    def _held_beside(self, known) -> int:
+    def _held_beside(self, known, counted: bool = False) -> int:
         """Bytes that storages that never move hold in fast memory now, besides those in
-        `known`."""
-        return sum(n for e, n in self._held_sizes().items() if e not in known)
+        `known`; `counted`: only those a replay keeps counting (`Residency.stays`)."""
+        return sum(n for e, n in self._held_sizes().items()
+                   if e not in known and (not counted or self._res.stays(e)))
 
     def _outgrown(self, plan: Plan, carried: dict) -> bool:
         """Whether storages that never move and that `plan`'s step does not start from
@@ -938,8 +939,7 @@ class OutOfCore:
         if plan.shape in self._outgrown_shapes:
             return False
         known = plan.held_in_step | set(carried.values()) | set(self._inputs)
-        beside = sum(n for e, n in self._held_sizes().items()
-                     if e not in known and self._res.stays(e))
+        beside = self._held_beside(known, counted=True)
         if beside > plan.held_beside + plan.schedule.budget - plan.schedule.peak_bytes:
             self._outgrown_shapes.add(plan.shape)
             return True

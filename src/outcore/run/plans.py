@@ -345,11 +345,11 @@ def sizes_after(trace, keys, k, made) -> dict | None:
 
 def sizes_made(trace, keys, at, made) -> dict | None:
     """`sizes_after` for the functions `at` of `trace`, which ran as `made` (a `Ran` each)
-    has them. Small ops off the record (NOTE [Small ops
-    off the record]) pair with nothing: a small function the step did not run (a
-    `loss.item()` the recorded step logged) is passed over, as is a small op it ran
-    that the record does not have there (helper-88: one `.item()` in the recorded step,
-    and no step larger than it ever outgrew the plan). As the replayer matches (rule 4
+    has them. Small ops off the record (NOTE [Small ops off the record]) pair with
+    nothing: a small function the step did not run (a `loss.item()` the recorded step
+    logged) is passed over, as is a small op it ran that the record does not have there
+    (helper-88: one `.item()` in the recorded step, and no step larger than it ever
+    outgrew the plan). As the replayer matches (rule 4
     there, `Replayer._skip_small`), an op that is not small passes small functions for
     one of its name that is not small, and a function that is not small passes small
     ops for one of its name that is not small, before either pairs with a small one of
@@ -364,25 +364,27 @@ def sizes_made(trace, keys, at, made) -> dict | None:
     function of its name: helper-93), and the ops pair as they come; where that fails
     too, the first pass is taken without that rule (a step smaller in one op and
     larger in a later one: helper-94)."""
+    at = list(at)
+    ops_on = _next_large([(r.op, r.small) for r in made])      # from each op on
+    fns_on = _next_large([(trace.functions[i].op, keys[i] is None) for i in at])
     for past_small, sized in ((True, True), (False, False), (True, False)):
-        sizes = _sizes_made(trace, keys, list(at), made, past_small, sized)
+        sizes = _sizes_made(trace, keys, at, made, (ops_on, fns_on), past_small, sized)
         if sizes is not None:
             return sizes
     return None
 
 
-def _sizes_made(trace, keys, at, made, past_small, sized) -> dict | None:
+def _sizes_made(trace, keys, at, made, ahead, past_small, sized) -> dict | None:
     """`sizes_made`, small ops and functions passed for large ones of their name where
-    `past_small`, failing where `sized` and a large function pairs with an op that made
-    less than the function recorded."""
-    ops_on = _next_large([(r.op, r.small) for r in made])      # from each op on
-    fns_on = _next_large([(trace.functions[i].op, keys[i] is None) for i in at])
+    `past_small` (`ahead`: `_next_large` of the ops and of the functions), failing where
+    `sized` and a large function pairs with an op that made less than the function
+    recorded."""
+    ops_on, fns_on = ahead
     sizes, j = {}, 0
     for pos, i in enumerate(at):
         fn = trace.functions[i]
-        while j < len(made) and made[j].small and (made[j].op != fn.op or past_small
-                                                   and keys[i] is not None
-                                                   and ops_on[j + 1] == fn.op):
+        while j < len(made) and made[j].small and (made[j].op != fn.op or (
+                past_small and keys[i] is not None and ops_on[j + 1] == fn.op)):
             j += 1
         if j == len(made) or made[j].op != fn.op or (
                 past_small and keys[i] is None and not made[j].small
