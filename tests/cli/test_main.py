@@ -90,21 +90,24 @@ def test_a_report_with_a_wrong_field_type_is_refused(tmp_path, capsys):
     ("iteration", "wait_s", float("inf"), "IterationStats.wait_s must be a number >= 0"),
     ("iteration", "completed", "yes", "IterationStats.completed must be a bool"),
     ("iteration", "deviation", 3, "IterationStats.deviation must be a string"),
+    ("elided", "count", -2, "Elided.count must be a byte count"),
+    ("elided", "wait_s", "1", "Elided.wait_s must be a number >= 0"),
 ])
 def test_a_hand_edited_report_with_an_impossible_value_is_refused(tmp_path, capsys, where, key,
                                                                   value, said):
     # They loaded and printed as given: a negative peak, a policy named 5 (helper-73).
-    from outcore.run.report import FORMAT, VERSION, IterationStats, Report
+    from outcore.run.report import FORMAT, VERSION, Elided, IterationStats, Report
     from dataclasses import fields
     it = {f.name: "" if f.type.startswith("str") else True if f.type == "bool" else 1
           for f in fields(IterationStats)}
     report = {f.name: "x" if f.type == "str" else 1 for f in fields(Report)}
-    report.update(format=FORMAT, version=VERSION, iterations=[it], planned_between=[0, 0])
+    report.update(format=FORMAT, version=VERSION, iterations=[it], planned_between=[0, 0],
+                  elided={f.name: 1 for f in fields(Elided)})
     path = tmp_path / "run.json"
     path.write_text(json.dumps(report))
     assert main(["report", str(path)]) == 0              # the valid one prints
     capsys.readouterr()
-    (report if where == "report" else it)[key] = value
+    {"report": report, "iteration": it, "elided": report["elided"]}[where][key] = value
     path.write_text(json.dumps(report))
     assert main(["report", str(path)]) == 2
     err = capsys.readouterr().err
@@ -117,7 +120,7 @@ def test_a_report_with_no_budget_and_sizes_below_one_are_refused(tmp_path, capsy
     from dataclasses import fields
     from outcore.run.report import Report
     fields = {f.name: "" if f.type == "str" else 0 for f in fields(Report)
-              if f.name != "planned_between"}
+              if f.name not in ("planned_between", "elided")}
     path.write_text(json.dumps({**fields, "format": FORMAT, "version": VERSION,
                                 "iterations": [], "budget": 0}))
     assert main(["report", str(path)]) == 2

@@ -258,3 +258,56 @@ def test_a_plan_counts_the_state_it_moves_between_iterations():
     class T:
         arrays = [A(0, 10), A(1, 100), A(2, 1000), A(3, 5, existed_before=False)]
     assert schedule.boundary(T()) == (10, 100)
+
+
+def test_a_long_run_keeps_the_first_and_last_iterations_and_sums_the_rest(tmp_path, monkeypatch):
+    """A run of a million iterations kept every IterationStats (about 600 B each: 600 MB
+    outside the budget) and printed a million lines. The log keeps the first and the
+    last ones (here 3 and 5 of 20) and sums those between, a deviation among them too."""
+    from outcore.run import report as report_module
+    monkeypatch.setattr(report_module, "KEEP_FIRST", 3)
+    monkeypatch.setattr(report_module, "KEEP_LAST", 5)
+    monkeypatch.setattr(report_module, "PRINT_FIRST", 2)
+    monkeypatch.setattr(report_module, "PRINT_LAST", 2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+                                  for _ in range(6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    seen = []
+    with outcore.OutOfCore(budget="2MiB", swap_dir=str(tmp_path)) as ooc:
+        for i in range(20):
+            x = torch.randn(96 if i == 9 else 64, 256)      # iteration 10 deviates
+            with ooc.iteration():
+                model(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            seen.append(ooc.report().iterations[-1])
+        report = ooc.report()
+    assert [it.index for it in seen] == list(range(1, 21))
+    assert [it.index for it in report.iterations] == [1, 2, 3, 16, 17, 18, 19, 20]
+    assert report.iterations == (*seen[:3], *seen[15:])
+    middle = seen[3:15]
+    assert any(it.deviation for it in middle), "iteration 10 was to deviate"
+    e = report.elided
+    assert (e.count, e.first_index, e.last_index) == (12, 4, 15)
+    for name in ("bytes_read", "bytes_written", "unplanned_bytes", "page_faults",
+                 "trimmed_bytes", "bytes_recomputed"):
+        assert getattr(e, name) == sum(getattr(it, name) for it in middle), name
+    assert e.seconds == pytest.approx(sum(it.seconds for it in middle))
+    assert e.peak_resident == max(it.peak_resident for it in middle)
+    assert e.rss_above_start == max(it.rss_above_start for it in middle)
+    assert e.deviations == sum(bool(it.deviation) for it in middle)
+    assert report.deviations == sum(bool(it.deviation) for it in seen)
+    assert report.recordings == sum(it.mode == "record" for it in seen)
+    assert report.iteration_count == 20
+    # Printed: 2 rows, one line for iterations 3-18 (listed and elided), 2 rows.
+    text = str(report)
+    rows = [line for line in text.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [int(r.split()[0]) for r in rows] == [1, 2, 19, 20]
+    assert "     3-18: 16 iterations" in text and f"{e.deviations + 0} deviated" in text
+    # Saved and loaded, the summary stays.
+    path = tmp_path / "run.json"
+    report.save(path)
+    again = Report.load(path)
+    assert again.elided == e and again.iterations == report.iterations
+    assert again.deviations == report.deviations

@@ -111,7 +111,7 @@ def run(cfg: dict) -> dict:
             in_core_peak=report.in_core_peak, deviations=report.deviations,
             huge_pages=report.huge_pages,
             recomputed=report.planned_recomputed,
-            recordings=sum(1 for it in report.iterations if it.mode == "record"),
+            recordings=report.recordings,
             lower_bound=_lower_bound(ooc, cfg["budget"]))
         if cfg.get("compute_s") and cfg.get("disk"):
             sim = predict(ooc.trace, ooc.schedule, cfg["compute_s"], cfg["disk"])

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -90,7 +89,7 @@ from . import plans, sharing
 from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, grown_aside,
                     recorded_ops, shape_of)
 from .replay import Replayer
-from .report import OVER_BUDGET_WHY, IterationStats, Report
+from .report import OVER_BUDGET_WHY, IterationLog, IterationStats, Report
 from .residency import Residency, movable
 
 log = logging.getLogger("outcore")
@@ -453,7 +452,7 @@ class OutOfCore:
         self._outgrowing: dict = {}
         self._outgrew_last = None    # ... the family of the step just run, if it outgrew
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
-        self._iterations: list[IterationStats] = []
+        self._iterations = IterationLog(self.budget)     # bounded however long the run
         self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
         self._warned_rss = False     # once: the process grew past _rss_bound()
         self._warned_over = False    # once: an iteration's managed peak passed the budget
@@ -1200,7 +1199,9 @@ class OutOfCore:
             planned_out=schedule.bytes_out if schedule else None,
             planned_between=self._between if schedule else (0, 0),
             planned_budget=schedule.budget if schedule else None,
-            pinned_bytes=pinned, iterations=tuple(self._iterations), rss_start=self._rss_start,
+            pinned_bytes=pinned, iterations=self._iterations.listed(),
+            elided=self._iterations.elided if self._iterations.elided.count else None,
+            rss_start=self._rss_start,
             rss_made=self._rss_made,
             huge_pages=self._huge_pages,
             rss_bound=self._rss_bound(),
@@ -1487,8 +1488,8 @@ class _Iteration:
                 errors.append(err)
             planned = self.recording and not errors and not ooc._record_next
             if planned and self.before is not None and ooc._iterations:
-                ooc._iterations[-1] = dataclasses.replace(     # the report shows it apart
-                    ooc._iterations[-1], plan_s=time.perf_counter() - adopting)
+                ooc._iterations.amend_last(        # the report shows it apart
+                    plan_s=time.perf_counter() - adopting)
             if not errors:            # Residency NOTE 8 and 9
                 res.let_go(set(ooc._carried.values()) | set(ooc._inputs),
                            also=() if self.recording else mode.left_behind())
@@ -1543,7 +1544,7 @@ class _Iteration:
             smaller=not self.recording and getattr(self.mode, "smaller", False),
             outgrew=not self.recording and deviation is not None
             and getattr(self.mode, "outgrew", False) and ooc._plan.grows))
-        last, bound = ooc._iterations[-1], ooc._rss_bound()
+        last, bound = ooc._iterations.last, ooc._rss_bound()
         if (last.peak_resident > ooc.budget and not ooc._warned_over
                 and getattr(self.mode, "infeasible", None) is None):   # its error says why
             ooc._warned_over = True

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import collections
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..errors import OutcoreError, file_kind
 from ..memory.malloc import PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE
@@ -50,6 +51,132 @@ class IterationStats:
         return max(0.0, 1.0 - self.wait_s / self.transfer_s)
 
 
+# How many iterations a run's report lists one by one: the first (recording and learning
+# the step's shapes happen there) and the most recent. Those between are summed into
+# `Elided`: a run of a million iterations kept every IterationStats (about 600 B each,
+# so 600 MB of the process's memory, outside the budget) and printed a million lines.
+KEEP_FIRST = 20
+KEEP_LAST = 500
+# How many of the listed ones `print(report)` shows at each end; the rest in one line.
+PRINT_FIRST = 20
+PRINT_LAST = 20
+
+
+@dataclass(frozen=True)
+class Elided:
+    """Iterations a report does not list one by one: how many, which, and their sums
+    and extremes (the columns of the table, as one row would have them)."""
+    count: int = 0
+    first_index: int = 0
+    last_index: int = 0
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    unplanned_bytes: int = 0
+    wait_s: float = 0.0
+    bytes_recomputed: int = 0
+    page_faults: int = 0
+    trimmed_bytes: int = 0
+    recordings: int = 0
+    deviations: int = 0
+    interrupted: int = 0
+    over_budget: int = 0           # iterations whose managed peak passed the budget
+    peak_resident: int = 0         # the largest of the iterations' peaks
+    rss_above_start: int = 0       # the largest
+    unmanaged: int = 0             # the largest
+
+    def add(self, it: IterationStats, budget: int) -> "Elided":
+        """This summary with iteration `it` in it too (iterations come in order)."""
+        return Elided(
+            count=self.count + 1, first_index=self.first_index or it.index,
+            last_index=it.index, seconds=self.seconds + it.seconds,
+            bytes_read=self.bytes_read + it.bytes_read,
+            bytes_written=self.bytes_written + it.bytes_written,
+            unplanned_bytes=self.unplanned_bytes + it.unplanned_bytes,
+            wait_s=self.wait_s + it.wait_s,
+            bytes_recomputed=self.bytes_recomputed + it.bytes_recomputed,
+            page_faults=self.page_faults + it.page_faults,
+            trimmed_bytes=self.trimmed_bytes + it.trimmed_bytes,
+            recordings=self.recordings + (it.mode == "record"),
+            deviations=self.deviations + bool(it.deviation),
+            interrupted=self.interrupted + (not it.completed),
+            over_budget=self.over_budget + (it.peak_resident > budget),
+            peak_resident=max(self.peak_resident, it.peak_resident),
+            rss_above_start=max(self.rss_above_start, it.rss_above_start),
+            unmanaged=max(self.unmanaged, it.unmanaged))
+
+    def join(self, later: "Elided") -> "Elided":
+        """This summary and `later`'s, of the iterations after these, as one."""
+        if not self.count:
+            return later
+        if not later.count:
+            return self
+        summed = {f.name: getattr(self, f.name) + getattr(later, f.name) for f in fields(self)
+                  if f.name not in ("first_index", "last_index", "peak_resident",
+                                    "rss_above_start", "unmanaged")}
+        return Elided(**summed, first_index=self.first_index, last_index=later.last_index,
+                      peak_resident=max(self.peak_resident, later.peak_resident),
+                      rss_above_start=max(self.rss_above_start, later.rss_above_start),
+                      unmanaged=max(self.unmanaged, later.unmanaged))
+
+    def line(self, budget: int, listed: str) -> str:
+        """The report's row for these iterations."""
+        events = [f"{n} {word}" for n, word in ((self.recordings, "recorded"),
+                  (self.deviations, "deviated"), (self.interrupted, "interrupted"),
+                  (self.over_budget, "over the budget")) if n]
+        return (f"  {self.first_index:>4}-{self.last_index}: {self.count:,} iterations, "
+                f"{self.seconds:.2f}s in all, read {format_bytes(self.bytes_read)}, written "
+                f"{format_bytes(self.bytes_written)}, unplanned "
+                f"{format_bytes(self.unplanned_bytes)}, waited {self.wait_s:.2f}s, "
+                f"{_thousands(self.page_faults)} faults; peak at most "
+                f"{format_bytes(self.peak_resident)}, rss+ at most "
+                f"{format_bytes(self.rss_above_start)}, unmanaged at most "
+                f"{format_bytes(self.unmanaged)}"
+                + (f"; {', '.join(events)}" if events else "")
+                + (f"; recomputed {format_bytes(self.bytes_recomputed)}"
+                   if self.bytes_recomputed else "")
+                + f" ({listed})")
+
+
+class IterationLog:
+    """The iterations of a run, as its report lists them: the first KEEP_FIRST and the
+    last KEEP_LAST one by one, those between summed (`Elided`). Memory stays bounded
+    however long the run; `len` counts every iteration."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._first: list[IterationStats] = []
+        self._last: collections.deque[IterationStats] = collections.deque()
+        self.elided = Elided()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def last(self) -> IterationStats:
+        return self._last[-1] if self._last else self._first[-1]
+
+    def append(self, it: IterationStats) -> None:
+        self._count += 1
+        if len(self._first) < KEEP_FIRST:
+            self._first.append(it)
+            return
+        if len(self._last) == KEEP_LAST:
+            self.elided = self.elided.add(self._last.popleft(), self.budget)
+        self._last.append(it)
+
+    def amend_last(self, **changes) -> None:
+        """The last iteration with `changes` (its planning time, known after it)."""
+        if self._last:
+            self._last[-1] = replace(self._last[-1], **changes)
+        else:
+            self._first[-1] = replace(self._first[-1], **changes)
+
+    def listed(self) -> tuple[IterationStats, ...]:
+        return (*self._first, *self._last)
+
+
 def _thousands(n: int) -> str:
     return f"{n / 1000:.0f}k" if n >= 1000 else str(n)
 
@@ -67,6 +194,8 @@ class Report:
     planned_out: int | None
     pinned_bytes: int
     iterations: tuple[IterationStats, ...] = field(default_factory=tuple)
+                                   # the first KEEP_FIRST and the last KEEP_LAST; those
+                                   # between summed in `elided`
     rss_start: int = 0         # the process's base: its resident set when the first iteration
                                # began, less the managed bytes (NOTE [The process's base])
     planned_recomputed: int = 0    # bytes of activations the plan recomputes per iteration
@@ -88,17 +217,32 @@ class Report:
                                    # workloads measured (malloc.process_slack); 0 where that
                                    # was not measured (a GPU budget, return_freed_memory other
                                    # than "trim")
+    elided: Elided | None = None   # the iterations not in `iterations` (a long run)
 
     @property
     def deviations(self) -> int:
-        return sum(1 for it in self.iterations if it.deviation)
+        """Iterations that left their plan, listed or not."""
+        return (sum(1 for it in self.iterations if it.deviation)
+                + (self.elided.deviations if self.elided else 0))
+
+    @property
+    def recordings(self) -> int:
+        """Iterations recorded, listed or not."""
+        return (sum(1 for it in self.iterations if it.mode == "record")
+                + (self.elided.recordings if self.elided else 0))
+
+    @property
+    def iteration_count(self) -> int:
+        """Iterations run, listed or not."""
+        return len(self.iterations) + (self.elided.count if self.elided else 0)
 
     # -- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain data (json.dumps takes it): every field, iterations as a list of dicts."""
         return {"format": FORMAT, "version": VERSION, **asdict(self),
                 "planned_between": list(self.planned_between),        # as JSON has it
-                "iterations": [asdict(it) for it in self.iterations]}
+                "iterations": [asdict(it) for it in self.iterations],
+                "elided": asdict(self.elided) if self.elided else None}
 
     @staticmethod
     def from_dict(data: dict, source: str = "the data") -> "Report":
@@ -119,7 +263,10 @@ class Report:
                     isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in between)):
                 raise TypeError(f"Report.planned_between must be two byte counts, found "
                                 f"{between!r:.40}")
-            report = Report(**{**known, "iterations": its, "planned_between": tuple(between)})
+            elided = data.get("elided")
+            elided = None if elided is None else Elided(**_known(Elided, elided))
+            report = Report(**{**known, "iterations": its, "planned_between": tuple(between),
+                               "elided": elided})
         except (KeyError, TypeError) as exc:
             raise OutcoreError(f"malformed outcore report: {exc}") from exc
         if isinstance(report.budget, bool) or not isinstance(report.budget, int) or report.budget <= 0:
@@ -193,54 +340,81 @@ class Report:
                             if self.rss_bound else ""))
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
                          "faults  trims  peak        rss+        unmanaged")
-            for it in self.iterations:
-                lines.append(
-                    f"  {it.index:>4}  {it.mode:<7} {it.seconds:>6.2f}s {format_bytes(it.bytes_read):>10} "
-                    f"{format_bytes(it.bytes_written):>10} {format_bytes(it.unplanned_bytes):>10} "
-                    f"{it.wait_s:>6.2f}s  "
-                    + (f"{it.overlap * 100:>5.1f}%" if it.transfer_s > 0 else f"{'-':>6}")
-                    + f"  {_thousands(it.page_faults):>6} "
-                    f"{it.trims:>6}  {format_bytes(it.peak_resident):<10}  "
-                    f"{format_bytes(it.rss_above_start):<10}  {format_bytes(it.unmanaged)}"
-                    + ("" if it.tracked else " (planned; nothing moves, not tracked)")
-                    + (f"  (then planned in {it.plan_s:.2f}s)" if it.plan_s else "")
-                    + ("" if it.completed else "  (interrupted)"))
-                if it.peak_resident > self.budget:
-                    lines.append(f"        peak {format_bytes(it.peak_resident - self.budget)} "
-                                 "over the budget: " + OVER_BUDGET_WHY)
-                if self.rss_bound and it.rss_above_start > self.rss_bound:
-                    lines.append(f"        rss+ passed {format_bytes(self.rss_bound)}: more memory "
-                                 "outside the managed tensors than on the workloads measured "
-                                 "(a library's first-run buffers, heap kept); nothing plans "
-                                 "for it yet")
-                if it.trimmed_bytes:
-                    lines.append(f"        the allocator gave back {format_bytes(it.trimmed_bytes)} "
-                                 f"in {it.trims} trims (to keep the resident set near the "
-                                 "budget); the step faulted in again what it reused")
-                if it.bytes_recomputed:
-                    lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "
-                                 "of reading it back")
-                if it.switched_at is not None:
-                    lines.append(f"        from function {it.switched_at} on, followed the plan "
-                                 "of another shape of step whose record begins the same "
-                                 "(NOTE [Step shapes] in run/plans.py, rule 9)")
-                if it.skipped_actions:
-                    lines.append(f"        {it.skipped_actions} planned moves skipped: their arrays "
-                                 "had not been touched yet in this iteration")
-                if it.smaller:
-                    lines.append("        some arrays smaller than the plan's (the same ops "
-                                 "on shorter sequences or a smaller batch): replayed it "
-                                 "(NOTE [Step shapes] in run/plans.py, rule 10)")
-                if it.deviation and it.outgrew:
-                    lines.append(f"        deviated from the record: {it.deviation}; the rest "
-                                 "ran on demand, and the next step of its ops is recorded to "
-                                 "plan for the larger sizes (NOTE [Step shapes] in "
-                                 "run/plans.py, rule 10)")
-                elif it.deviation:
-                    lines.append(f"        deviated from the record: {it.deviation}; the rest "
-                                 "ran on demand (a step of this shape is recorded when one is "
-                                 "expected: NOTE [Step shapes] in run/plans.py)")
+            rows = self.iterations
+            if len(rows) > PRINT_FIRST + PRINT_LAST + 1:
+                lines += self._rows(rows[:PRINT_FIRST])
+                lines.append(self._middle(rows[PRINT_FIRST:-PRINT_LAST]))
+                lines += self._rows(rows[-PRINT_LAST:])
+            else:
+                lines += self._rows(rows)
         return "\n".join(lines)
+
+    def _middle(self, rows) -> str:
+        """One line for the iterations between those printed: `rows`, listed, and the
+        elided ones, between the first and the last listed."""
+        before, after = Elided(), Elided()
+        for it in rows:
+            if self.elided and it.index > self.elided.last_index:
+                after = after.add(it, self.budget)
+            else:
+                before = before.add(it, self.budget)
+        middle = before.join(self.elided or Elided()).join(after)
+        where = ("not printed: ooc.report().iterations lists "
+                 f"{len(rows)} of them, the others are summed in its `elided`"
+                 if self.elided and self.elided.count else
+                 "not printed: listed in ooc.report().iterations")
+        return middle.line(self.budget, where)
+
+    def _rows(self, rows) -> list[str]:
+        lines = []
+        for it in rows:
+            lines.append(
+                f"  {it.index:>4}  {it.mode:<7} {it.seconds:>6.2f}s {format_bytes(it.bytes_read):>10} "
+                f"{format_bytes(it.bytes_written):>10} {format_bytes(it.unplanned_bytes):>10} "
+                f"{it.wait_s:>6.2f}s  "
+                + (f"{it.overlap * 100:>5.1f}%" if it.transfer_s > 0 else f"{'-':>6}")
+                + f"  {_thousands(it.page_faults):>6} "
+                f"{it.trims:>6}  {format_bytes(it.peak_resident):<10}  "
+                f"{format_bytes(it.rss_above_start):<10}  {format_bytes(it.unmanaged)}"
+                + ("" if it.tracked else " (planned; nothing moves, not tracked)")
+                + (f"  (then planned in {it.plan_s:.2f}s)" if it.plan_s else "")
+                + ("" if it.completed else "  (interrupted)"))
+            if it.peak_resident > self.budget:
+                lines.append(f"        peak {format_bytes(it.peak_resident - self.budget)} "
+                             "over the budget: " + OVER_BUDGET_WHY)
+            if self.rss_bound and it.rss_above_start > self.rss_bound:
+                lines.append(f"        rss+ passed {format_bytes(self.rss_bound)}: more memory "
+                             "outside the managed tensors than on the workloads measured "
+                             "(a library's first-run buffers, heap kept); nothing plans "
+                             "for it yet")
+            if it.trimmed_bytes:
+                lines.append(f"        the allocator gave back {format_bytes(it.trimmed_bytes)} "
+                             f"in {it.trims} trims (to keep the resident set near the "
+                             "budget); the step faulted in again what it reused")
+            if it.bytes_recomputed:
+                lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "
+                             "of reading it back")
+            if it.switched_at is not None:
+                lines.append(f"        from function {it.switched_at} on, followed the plan "
+                             "of another shape of step whose record begins the same "
+                             "(NOTE [Step shapes] in run/plans.py, rule 9)")
+            if it.skipped_actions:
+                lines.append(f"        {it.skipped_actions} planned moves skipped: their arrays "
+                             "had not been touched yet in this iteration")
+            if it.smaller:
+                lines.append("        some arrays smaller than the plan's (the same ops "
+                             "on shorter sequences or a smaller batch): replayed it "
+                             "(NOTE [Step shapes] in run/plans.py, rule 10)")
+            if it.deviation and it.outgrew:
+                lines.append(f"        deviated from the record: {it.deviation}; the rest "
+                             "ran on demand, and the next step of its ops is recorded to "
+                             "plan for the larger sizes (NOTE [Step shapes] in "
+                             "run/plans.py, rule 10)")
+            elif it.deviation:
+                lines.append(f"        deviated from the record: {it.deviation}; the rest "
+                             "ran on demand (a step of this shape is recorded when one is "
+                             "expected: NOTE [Step shapes] in run/plans.py)")
+        return lines
 
 
 # Why an iteration's managed peak can pass the budget without an error (the warning and
