@@ -145,3 +145,22 @@ def test_the_smallest_budget_named_for_fsdp2_is_one_that_trains(tmp_path):
         assert len(attempts) == 2, attempts
         assert attempts[0]["smallest"] > attempts[0]["budget"], attempts
         assert attempts[1] == {"budget": attempts[0]["smallest"], "smallest": None}, attempts
+
+
+def test_ddp_comm_hooks_that_write_on_gloo_thread_are_refused(tmp_path):
+    """fp16_compress_hook (and DDP's builtin FP16_COMPRESS) write the bucket in a Future
+    callback on gloo's thread, which outcore cannot see: before, the plan moved the bucket
+    under that write and training came out different from DDP alone, silently (3 to 4
+    runs of 4, /tmp/hD/s/fp16hook.py). Now refused at the first iteration, nothing
+    changed; DDP's default allreduce hook still trains (NOTE [Collectives in flight] 4)."""
+    proc = torchrun(os.path.join(HERE, "hook_worker.py"), str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"hook.rank{rank}.json").read_text())
+        for hook in ("fp16_compress_hook", "builtin-FP16_COMPRESS"):
+            assert result[hook]["unchanged"], result
+            assert re.search(r"comm hook '.*FP16_COMPRESS'|comm hook 'fp16_compress_hook'",
+                             result[hook]["error"] or ""), result
+            assert "Nothing has run" in result[hook]["error"], result
+        for hook in ("allreduce_hook", "builtin-ALLREDUCE"):
+            assert result[hook] == {"error": None, "unchanged": False}, result

@@ -20,6 +20,11 @@ NOTE [Collectives in flight]
      gradients; `gradient_as_bucket_view=True` makes the gradients those buckets, and
      halves that) and FSDP's reduce-scatter outputs (the sharded gradients) stay in fast
      memory; the parameters, optimizer state and activations move as planned.
+  4. What a callback chained on a collective's Future writes (`fut.then(...)`) is not
+     seen: it runs on gloo's thread, outside every dispatch mode of outcore's (they are
+     thread-local). DDP's comm hooks other than the default allreduce write the bucket
+     there (fp16_compress_hook's `decompress`), a tensor no collective touched, which
+     the plan moves: such hooks are refused (`_refuse_comm_hooks`).
 
 NOTE [Storages FSDP owns]
   1. FSDP2 (`fully_shard`) frees each parameter's unsharded memory after use and
@@ -86,11 +91,45 @@ def _live(classes: tuple) -> list:
         return [obj for obj in gc.get_objects() if isinstance(obj, classes)]
 
 
+# DDP comm hooks whose Future callbacks write no tensor but the collective's own (which
+# `around` pins): DDP's default, in C++ and in Python (NOTE [Collectives in flight], rule 4).
+_SAFE_COMM_HOOKS = frozenset(("BuiltinCommHookType.ALLREDUCE", "allreduce_hook"))
+
+
+def _refuse_comm_hooks() -> None:
+    """NOTE [Collectives in flight], rule 4: a DDP comm hook other than the default
+    (fp16/bf16 compression, PowerSGD, one of the user's) writes the bucket in a callback
+    chained on the collective's Future (`fut.then(decompress)`), which runs on gloo's
+    thread, where no dispatch mode of outcore's sees it: the bucket was never a
+    collective's tensor, so the plan moves it, and the write lands in memory outcore then
+    swaps over or swaps out stale (seen: parameters not bitwise equal to DDP alone, in 3
+    to 4 runs of 4, and replays over the budget by one bucket). Refused before anything
+    runs."""
+    parallel = _loaded("torch.nn.parallel")
+    ddp = getattr(parallel, "DistributedDataParallel", None) if parallel is not None else None
+    if ddp is None or not _distributed_up():
+        return
+    for module in _live((ddp,)):
+        try:
+            hook = module._get_ddp_logging_data().get("comm_hook")
+        except Exception:               # a DDP without its reducer's logger: no hook known
+            continue
+        if hook and hook not in _SAFE_COMM_HOOKS:
+            raise OutcoreError(
+                f"DistributedDataParallel has the comm hook {hook!r}: its callback writes "
+                "the gradient bucket on gloo's thread, after the allreduce, where outcore "
+                "cannot see it, so outcore could move the bucket under that write (a silently "
+                "different result). Train without the hook (DDP's default allreduce composes: "
+                "docs/distributed.md), or without outcore. Nothing has run.")
+
+
 def refuse_unsupported() -> None:
     """Raise OutcoreError, before anything runs, when FSDP1 (`FullyShardedDataParallel`)
-    is alive in this process. Looks only in a distributed run that imported FSDP
+    is alive in this process, or a DDP model with a comm hook other than the default
+    (`_refuse_comm_hooks`). Looks only in a distributed run that imported FSDP
     (transformers and accelerate import it whenever they load: the import alone says
     little); FSDP2 (`fully_shard`) composes (NOTE [Storages FSDP owns])."""
+    _refuse_comm_hooks()
     module = _loaded("torch.distributed.fsdp")
     legacy = getattr(module, "FullyShardedDataParallel", None) if module is not None else None
     if legacy is None or not _distributed_up():
