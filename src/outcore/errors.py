@@ -1,4 +1,5 @@
 """The exceptions outcore raises. Every message states what was wrong and what to do."""
+import sys
 
 
 class OutcoreError(Exception):
@@ -20,7 +21,8 @@ class InfeasibleBudget(OutcoreError):
     def __init__(self, message: str, *, function_index: int, op: str, phase: str,
                  needed_bytes: int, budget_bytes: int, min_feasible_bytes: int,
                  ran_within_budget: bool = False):
-        super().__init__(message)
+        others = _other_ranks()
+        super().__init__(message if others in message else message + others)
         self.ran_within_budget = ran_within_budget
         self.function_index = function_index
         self.op = op
@@ -28,6 +30,25 @@ class InfeasibleBudget(OutcoreError):
         self.needed_bytes = needed_bytes
         self.budget_bytes = budget_bytes
         self.min_feasible_bytes = min_feasible_bytes
+
+
+def _other_ranks() -> str:
+    """What an InfeasibleBudget means to the other ranks of a distributed run, if this is
+    one (helper-96: they saw only gloo's "Connection closed by peer" in their backward,
+    and a retry at the figure named in the raising process hung: DDP's rebuild
+    broadcast while the other rank waited in an allreduce)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return ""
+    ranks = dist.get_world_size()
+    if ranks < 2:
+        return ""
+    return (f" This is rank {dist.get_rank()} of {ranks}: the others are not told. They stop "
+            "at their next collective with this one (gloo: \"Connection closed by peer\", "
+            "once this process ends) or wait until the process group's timeout, and unless "
+            "every rank raised this too, a retry within this process waits on them: end "
+            "every rank and start the job again with the budget named (each rank's own; "
+            "they can differ by a few bytes).")
 
 
 class ScheduleError(OutcoreError):

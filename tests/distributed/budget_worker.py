@@ -1,6 +1,7 @@
 """Run by test_two_ranks.py under torchrun (2 ranks, gloo): FSDP2 at a budget its gathered
 parameters alone pass, then again at the smallest budget the InfeasibleBudget named.
-Writes OUT/budget.rank<r>.json: [{"budget", "smallest" (None where it trained)}, ...]."""
+Writes OUT/budget.rank<r>.json: [{"budget", "smallest" (None where it trained), and where
+it did not, "names_ranks": whether the error said what the other ranks see}, ...]."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 import outcore
 
 
-def attempt(budget: int) -> int | None:
+def attempt(budget: int) -> tuple[int | None, bool]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         *[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(4)],
@@ -33,18 +34,21 @@ def attempt(budget: int) -> int | None:
                     opt.step()
                     opt.zero_grad()
         except outcore.InfeasibleBudget as err:
-            return err.min_feasible_bytes
-    return None
+            said = str(err)
+            return err.min_feasible_bytes, (f"rank {dist.get_rank()} of 2: the others are not "
+                                            "told" in said and "start the job again" in said)
+    return None, False
 
 
 def main() -> int:
     dist.init_process_group("gloo")
     attempts, budget = [], 6 * 2**20
     for _ in range(3):
-        smallest = attempt(budget)
+        smallest, names_ranks = attempt(budget)
         attempts.append({"budget": budget, "smallest": smallest})
         if smallest is None:
             break
+        attempts[-1]["names_ranks"] = names_ranks
         budget = smallest
     with open(os.path.join(sys.argv[1], f"budget.rank{dist.get_rank()}.json"), "w") as f:
         json.dump(attempts, f)

@@ -137,13 +137,15 @@ def test_the_fsdp2_example_resumes_from_its_state_dir(tmp_path):
 def test_the_smallest_budget_named_for_fsdp2_is_one_that_trains(tmp_path):
     """FSDP2's gathered parameters alone (6.08 MiB) pass a 6 MiB budget: the smallest
     budget InfeasibleBudget named counted them only up to the budget, and a retry at it
-    failed again with another figure (helper-52). The figure named now trains."""
+    failed again with another figure (helper-52). The figure named now trains. The error
+    says that the other ranks are not told (helper-96: they saw only gloo's errors)."""
     proc = torchrun(os.path.join(HERE, "budget_worker.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):
         attempts = json.loads((tmp_path / f"budget.rank{rank}.json").read_text())
         assert len(attempts) == 2, attempts
         assert attempts[0]["smallest"] > attempts[0]["budget"], attempts
+        assert attempts[0]["names_ranks"], attempts     # helper-96: what the others see
         assert attempts[1] == {"budget": attempts[0]["smallest"], "smallest": None}, attempts
 
 
