@@ -9,5 +9,13 @@
   that runs each optimizer step of a Lightning `Trainer` as one `ooc.iteration()`.
   Needs `lightning`.
 
+- `make_movable(optimizer, ooc)`: gives optimizer state loaded with `torch.load` (so
+  unresizable, pinned in RAM for good) memory of its own, the same values. The callbacks
+  call it at a run's first step; call it yourself after `accelerator.load_state(...)` or
+  `optimizer.load_state_dict(torch.load(...))` in a loop of your own.
+
 docs/integrations.md says which framework events they use and why.
 """
+from ._step import make_movable  # noqa: F401  (needs neither transformers nor lightning)
+
+__all__ = ["make_movable"]

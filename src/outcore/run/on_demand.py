@@ -376,6 +376,8 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
             f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable "
             "or in shared memory (from_numpy, .numpy(), torch.load: .clone() those; "
+            "optimizer state loaded with torch.load, by load_state_dict or accelerate's "
+            "load_state: outcore.integrations.make_movable(optimizer, ooc) after loading; "
             "share_memory_()), or held by a "
             "collective or FSDP)") if pinned else ""
     part = read_in_part(inputs, needed, res)

@@ -1044,7 +1044,9 @@ class OutOfCore:
             index, op, phase, need = err.function_index, err.op, err.phase, err.needed_bytes
         smallest = need + kept
         unmovable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
-            "shared memory (from_numpy, .numpy(), torch.load: .clone() those; " \
+            "shared memory (from_numpy, .numpy(), torch.load: .clone() those; optimizer " \
+            "state loaded with torch.load, by load_state_dict or accelerate's load_state: " \
+            "outcore.integrations.make_movable(optimizer, ooc) after loading; " \
             "share_memory_()), and those of collectives and FSDP (its gathered parameters)" \
             .format(self._res.min_move_bytes)
         if index is None:
