@@ -152,3 +152,26 @@ def test_three_shapes_that_part_at_two_places(tmp_path):
     later = [it for it in its if it.index > last_record]
     assert len(later) >= 8 and [it.deviation for it in later] == [None] * len(later), str(report)
     assert all(it.peak_resident <= budget for it in its), str(report)
+
+
+def test_a_step_reading_one_more_array_is_named_so_and_binds_none_to_an_output(tmp_path):
+    """A function that both reads and creates (`torch.cat` of kept tensors) and reads one
+    storage more than its record: the step is off its record ("reads more arrays than
+    recorded"), and the extra input is not bound to the id of the array the record
+    created (which called the step "smaller" and reported "produced [...] new bytes,
+    recorded []")."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(4096, 128), torch.nn.Linear(128, 4096))
+    opt = torch.optim.SGD(lin.parameters(), 0.1)
+    keep = [torch.randn(8, 4096) for _ in range(3)]     # kept across steps, 128 KiB each
+    picks = [[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 2, 1]]
+    with outcore.OutOfCore(budget="6MiB", swap_dir=str(tmp_path)) as ooc:
+        for p in picks:
+            with ooc.iteration():
+                loss = lin(torch.cat([keep[i] for i in p])).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        last = ooc.report().iterations[-1]
+    assert last.mode == "replay" and not last.smaller
+    assert "reads more arrays than recorded" in last.deviation
