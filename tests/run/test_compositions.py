@@ -270,3 +270,52 @@ def test_a_collective_in_a_passive_replay_that_leaves_stays_in_place(one_rank, t
     assert entries[4] == ("collective", outcore.states.FAST), entries
     assert made[-1].untyped_storage().nbytes() == made[-1].nbytes
 
+
+
+def test_a_future_callback_on_another_thread_may_not_touch_what_outcore_moves(tmp_path):
+    """helper-96: `dist.all_reduce(t, async_op=True).get_future().then(lambda f:
+    avg.copy_(f.value()[0]))` ran the copy on gloo's thread, unseen, while the plan moved
+    `avg`: other results than without outcore, or a segmentation fault. A callback on
+    another thread that touches a storage outcore may move is stopped before that op
+    (the Future's wait() raises), reading one too; one that reads what stays put (a
+    collective's tensors, small ones) and makes new tensors runs; nothing trained
+    (NOTE [Collectives in flight] rule 5). A Future completed from a thread of ours
+    stands in for gloo's."""
+    import threading
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(64, 256)
+
+    def completed_elsewhere(callback, value):
+        fut = torch.futures.Future()
+        chained = fut.then(callback)
+        thread = threading.Thread(target=fut.set_result, args=(value,))
+        thread.start()
+        thread.join()
+        return chained.wait()
+
+    with outcore.OutOfCore(budget="768KiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(2):
+            with ooc.iteration():
+                _step(model, opt, x)
+        trained = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match=r"callback chained on a torch Future .* ran "
+                           r"aten.copy_.default on a tensor outcore manages"):
+            with ooc.iteration():
+                model(x).sum().backward()
+                avg = torch.empty_like(model[0].weight.grad)
+                completed_elsewhere(lambda f: avg.copy_(f.value()), model[0].weight.grad / 2)
+                opt.step()
+        opt.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
+        with ooc.iteration():
+            model(x).sum().backward()
+            # A collective's tensor is pinned (rule 3); a small one is too.
+            half = completed_elsewhere(lambda f: f.value() * 0.5, model[0].bias.grad)
+            assert torch.equal(half, model[0].bias.grad * 0.5)
+            opt.step()
+            opt.zero_grad()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # Closed: the methods are PyTorch's again.
+    assert torch._C.Future.then is not None and not hasattr(torch._C.Future.then, "__wrapped__")

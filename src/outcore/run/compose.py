@@ -25,6 +25,15 @@ NOTE [Collectives in flight]
      thread-local). DDP's comm hooks other than the default allreduce write the bucket
      there (fp16_compress_hook's `decompress`), a tensor no collective touched, which
      the plan moves: such hooks are refused (`_refuse_comm_hooks`).
+  5. A callback of the user's own (`fut.then(cb)`, `fut.add_done_callback(cb)`) that
+     runs on another thread while an iteration is open runs its ops under `_Unseen`
+     (`guard_future_callbacks`): an op on a storage outcore may move stops the callback
+     with OutcoreError before it runs, which the Future's `wait()` raises (helper-96:
+     `avg.copy_(f.value()[0])` in such a callback gave other results than without
+     outcore, or a segmentation fault). Ops on the collective's own tensors (pinned,
+     rule 3) and on tensors the callback makes run. A callback run on the iteration's
+     own thread (a Future already done runs it at once) is seen like any op; one run
+     between iterations writes the state where it lies (NOTE [Mapped state]).
 
 NOTE [Storages FSDP owns]
   1. FSDP2 (`fully_shard`) frees each parameter's unsharded memory after use and
@@ -56,13 +65,16 @@ NOTE [Storages FSDP owns]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import sys
+import threading
 import warnings
 import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..aten import distinct_storages, iter_tensors, output_tensors
 from ..errors import OutcoreError
@@ -121,6 +133,56 @@ def _refuse_comm_hooks() -> None:
                 "cannot see it, so outcore could move the bucket under that write (a silently "
                 "different result). Train without the hook (DDP's default allreduce composes: "
                 "docs/distributed.md), or without outcore. Nothing has run.")
+
+
+FUTURE_CALLBACK = (
+    "a callback chained on a torch Future (fut.then(...) or fut.add_done_callback(...)) ran "
+    "{op} on a tensor outcore manages ({nbytes:,} B), on a thread outside ooc.iteration()'s "
+    "(gloo runs such callbacks on its own), where outcore does not see the op and could "
+    "move that tensor under it (a different result, or a crash). The callback was stopped "
+    "before that op ran. Do that work on the training thread after the wait instead: "
+    "`work = dist.all_reduce(t, async_op=True)`, later `work.wait()` and then the copy "
+    "(NOTE [Collectives in flight] rule 5 in outcore/run/compose.py)")
+
+
+class _Unseen(TorchDispatchMode):
+    """The ops of a Future callback on another thread while an iteration is open (NOTE
+    [Collectives in flight] rule 5): each runs unless it touches a storage outcore may
+    move. Reads the residency's table only (a dict lookup is atomic; the table belongs to
+    the iteration's thread, and a lookup here never changes it)."""
+
+    def __init__(self, residency):
+        super().__init__()
+        self.entries = residency.entries
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for tensor in iter_tensors((*args, *kwargs.values())):
+            entry = self.entries.get(tensor.untyped_storage()._cdata)
+            if entry is not None and not (entry.pinned or entry.owner or entry.elsewhere):
+                raise OutcoreError(FUTURE_CALLBACK.format(op=func, nbytes=entry.nbytes))
+        return func(*args, **kwargs)
+
+
+def guard_future_callbacks(original, open_outofcore):
+    """`torch.Future.then` / `add_done_callback` with the callback run under `_Unseen`
+    where it runs on another thread than the open iteration's (NOTE [Collectives in
+    flight] rule 5); installed with sharing.install while an OutOfCore is open."""
+    @functools.wraps(original)
+    def chain(future, callback, *args, **kwargs):
+        if open_outofcore() is None:
+            return original(future, callback, *args, **kwargs)
+
+        @functools.wraps(callback)
+        def guarded(fut):
+            ooc = open_outofcore()
+            if (ooc is None or ooc.closed or not ooc._active
+                    or ooc._active_thread == threading.get_ident()):
+                return callback(fut)
+            with _Unseen(ooc._res):
+                return callback(fut)
+        return original(future, guarded, *args, **kwargs)
+    return chain
 
 
 def refuse_unsupported() -> None:

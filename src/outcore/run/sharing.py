@@ -181,6 +181,9 @@ def install(open_outofcore) -> None:
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
+        from .compose import guard_future_callbacks     # NOTE [Collectives in flight] 5
+        wrappers += [(torch._C.Future, "then", guard_future_callbacks),
+                     (torch._C.Future, "add_done_callback", guard_future_callbacks)]
         safetensors = _safetensors()
         if safetensors is not None and hasattr(safetensors, "_flatten_as_ptr"):    # NOTE 12
             wrappers += [(safetensors, "_flatten_as_ptr", _wrap_flatten),
