@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -710,9 +711,18 @@ def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_runs_op_by_op(t
                 with ooc.iteration():
                     step(ours)
             assert torch.equal(plain, ours)
-        its = ooc.report().iterations
+        report = ooc.report()
+        its = report.iterations
     warned = [r.getMessage() for r in caplog.records if "a plan cannot run it" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("iteration 1: "), warned
+    # The report says so too, with the budget a plan needs (helper-97: a Trainer user saw
+    # in_core_peak 0 and every iteration recorded, and only the one log line said why).
+    needs = int(re.search(r"smallest feasible budget is [^(]*\(([\d,]+) B\)", warned[0])
+                .group(1).replace(",", ""))
+    assert (report.op_by_op_steps, report.op_by_op_plan_needs) == (3, needs)
+    assert needs > ooc.budget
+    assert f"op by op: 3 step(s) ran op by op within the budget" in str(report)
+    assert f"({needs:,} B) for them" in str(report)
     assert "ran op by op within the budget" in warned[0] and "go on running op by op" in warned[0]
     assert [i.mode for i in its] == ["record"] * 3, its
     assert all(i.peak_resident <= ooc.budget and i.completed for i in its), its

@@ -464,6 +464,7 @@ class OutOfCore:
         # learnt (_often), and whether that was warned about (once).
         self._deviations: collections.deque = collections.deque(maxlen=DEVIATIONS_SEEN)
         self._unplannable_said = False      # rule 11's warning, given once in full
+        self._op_by_op = (0, 0)     # rule 11: (steps run op by op, the most a plan of one needs)
         self._warned_often = False
         self._outgrown_shapes: set = set()  # recorded again once for _outgrown
         self._composition = Composition()     # run/compose.py: torch.distributed around us
@@ -1208,7 +1209,8 @@ class OutOfCore:
             huge_pages=self._huge_pages,
             rss_bound=self._rss_bound(),
             planned_recomputed=sum(trace.arrays[a].nbytes for _, a in made),
-            recomputed_arrays=len(made), step_shapes=len(self._plans))
+            recomputed_arrays=len(made), step_shapes=len(self._plans),
+            op_by_op_steps=self._op_by_op[0], op_by_op_plan_needs=self._op_by_op[1])
 
     # -- lifetime ------------------------------------------------------------------------
     @critical
@@ -1578,6 +1580,7 @@ class _Iteration:
                     raise mode.infeasible
                 if shape in ooc._plans.unplannable:      # NOTE [Step shapes] rule 11
                     ooc._plans.seen(shape, family)
+                    ooc._op_by_op = (ooc._op_by_op[0] + 1, ooc._op_by_op[1])
                     return
                 planned = ooc._plan_recording(mode, self.held_before)
                 # A plan for larger sizes than this step's is the shape it stands for.
@@ -1593,6 +1596,8 @@ class _Iteration:
                     # (recorded, never planned).
                     ooc._plans.unplannable.add(shape)
                     ooc._plans.seen(shape, family)
+                    ooc._op_by_op = (ooc._op_by_op[0] + 1,       # the report says so
+                                     max(ooc._op_by_op[1], err.min_feasible_bytes))
                     # Warned once in full; each shape after it (sizes that vary bring a
                     # new one each step) at INFO: helper-92 saw 1.4 KB each iteration.
                     log.log(logging.INFO if ooc._unplannable_said else logging.WARNING,

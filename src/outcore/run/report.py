@@ -218,6 +218,9 @@ class Report:
                                    # was not measured (a GPU budget, return_freed_memory other
                                    # than "trim")
     elided: Elided | None = None   # the iterations not in `iterations` (a long run)
+    op_by_op_steps: int = 0        # steps that ran op by op within the budget, as no plan
+                                   # of them fits it (NOTE [Step shapes] rule 11)
+    op_by_op_plan_needs: int = 0   # the smallest budget a plan of the largest of them needs
 
     @property
     def deviations(self) -> int:
@@ -315,6 +318,13 @@ class Report:
                             f"({self.recomputed_arrays} activations)"
                             if self.recomputed_arrays else "")
                          + self._between())
+        if self.op_by_op_steps:
+            lines.append(f"  op by op: {self.op_by_op_steps} step(s) ran op by op within the "
+                         "budget, recorded each time and never planned: a plan keeps room for "
+                         "what never moves at its peak throughout and needs at least "
+                         f"{format_bytes(self.op_by_op_plan_needs)} "
+                         f"({self.op_by_op_plan_needs:,} B) for them; from that budget on they "
+                         "replay a plan, faster (NOTE [Step shapes] in run/plans.py, rule 11)")
         if self.step_shapes > 1:
             lines.append(f"  plans:    {self.step_shapes} shapes of step, a plan each (the lines "
                          "above are of the one the last iteration used; docs/executor.md, "
