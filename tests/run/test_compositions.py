@@ -319,3 +319,37 @@ def test_a_future_callback_on_another_thread_may_not_touch_what_outcore_moves(tm
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # Closed: the methods are PyTorch's again.
     assert torch._C.Future.then is not None and not hasattr(torch._C.Future.then, "__wrapped__")
+
+
+def test_room_for_a_functional_collectives_output_is_made_before_it_runs(one_rank, tmp_path):
+    """A functional all_reduce (tensor parallelism's, DTensor's) makes a new tensor. While
+    a collective was dispatched every eviction waited for it to return, the room made for
+    its output too: the output was made beside everything, and tensor-parallel recordings
+    passed the budget by up to 14% (helper-96); here the recording by 235 kB. Only the
+    collective's own storages wait now (Residency.hold_moves)."""
+    import torch.distributed._functional_collectives as funcol
+    torch.manual_seed(0)
+    ws = [torch.randn(256, 256, requires_grad=True) for _ in range(6)]      # 256 KiB each
+    opt = torch.optim.SGD(ws, lr=0.1)
+    x = torch.randn(256, 256)
+    plain = [w.detach().clone() for w in ws]
+
+    def step(ws, opt):
+        h = x
+        for w in ws:
+            h = torch.relu(funcol.wait_tensor(funcol.all_reduce(h @ w, "sum", dist.group.WORLD)))
+        h.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    budget = 1_600_000
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                step(ws, opt)
+        its = ooc.report().iterations
+    assert [it.mode for it in its] == ["record", "replay", "replay"], its
+    assert all(it.peak_resident <= budget for it in its), [it.peak_resident for it in its]
+    # (Not compared bitwise: two runs of this step without outcore differ from each other
+    # with torch 2.13, gloo and one rank. helper-96's two-rank tensor-parallel run with
+    # the same fix: bitwise equal to the run without outcore, within the budget.)
+    assert not any(torch.equal(a, b) for a, b in zip(plain, ws))     # it trained

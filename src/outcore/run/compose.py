@@ -14,8 +14,9 @@ NOTE [Collectives in flight]
      resized to 0 in between; checked with torch 2.13). Nobody can tell when the caller's
      last wait comes.
   3. So a storage a collective touched is never moved again: it is disowned (pinned in
-     place, `Residency.disown`) as the op returns, with evictions asked for during the
-     op held back until then (`hold_moves`), and the plan counts it as pinned for its
+     place, `Residency.disown`) as the op returns, with evictions of its storages
+     asked for during the op held back until then (`hold_moves`; others, the room for
+     its outputs among them, go on), and the plan counts it as pinned for its
      whole life (`held_arrays`, `ooc.planned_budget`). DDP's buckets (as large as the
      gradients; `gradient_as_bucket_view=True` makes the gradients those buckets, and
      halves that) and FSDP's reduce-scatter outputs (the sharded gradients) stay in fast
@@ -330,12 +331,12 @@ def around(residency, func, args, kwargs, run):
             for tensor in iter_tensors((kwargs.get("out", ()),)):
                 _disown(residency, tensor)
         return run(func, args, kwargs)
-    residency.hold_moves()
+    tensors = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+    residency.hold_moves(distinct_storages(tensors))
     out = None
     try:
         out = run(func, args, kwargs)
     finally:
-        tensors = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
         if out is not None:
             tensors += output_tensors(out)
         residency.release_moves(distinct_storages(tensors), "collective")

@@ -204,9 +204,10 @@ class Residency:
         # When a list: (entry, "in" or "out", bytes, start, end) of every transfer that
         # completes, in perf_counter seconds, for the replayer's timeline (view/timeline.py).
         self.spans: list | None = None
-        # Evictions asked for while a collective is dispatched (hold_moves), else None.
+        # Evictions of the collective's storages asked for while it is dispatched
+        # (hold_moves), else None; and the keys of those storages.
         self._deferred: list | None = None
-        self._deferred_lru: tuple | None = None
+        self._held: set[int] = set()
         self.owned: dict[int, Entry] = {}       # foreign entries, by key (disown)
         # Entries `evict` found unmovable since they were tracked (NOTE 7); the replayer
         # takes them, since its plan counted on moving them.
@@ -236,6 +237,8 @@ class Residency:
                           or not movable(storage), elsewhere=elsewhere)
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
+            if self._deferred is not None:        # made while a collective is dispatched
+                self._held.add(key)
             if elsewhere:
                 return entry
             self._add_resident(entry.nbytes)
@@ -445,7 +448,7 @@ class Residency:
         storage = entry.ref()
         if storage is None:
             return
-        if self._deferred is not None:            # a collective is being dispatched
+        if self._deferred is not None and entry.key in self._held:    # NOTE 5
             self._deferred.append((entry, unplanned))
             return
         if self.pin_if_unmovable(entry, storage):    # e.g. shared with numpy since tracked
@@ -683,19 +686,23 @@ class Residency:
                "slow tier: when the iteration ends the tensor is mapped from there (README, "
                "\"Between iterations\"), and the next iteration or close() reads it again.")) from exc
 
-    def hold_moves(self) -> None:
-        """While a collective is dispatched, the storages it touches are not known to be
-        its own yet: evictions asked for meanwhile (the op's own after-processing) wait
-        for `release_moves`."""
-        self._deferred, self._deferred_lru = [], None
+    def hold_moves(self, storages) -> None:
+        """While a collective is dispatched, the storages it reads (`storages`) and those
+        it makes are not known to be its own yet: evictions of them asked for meanwhile
+        (the op's own after-processing) wait for `release_moves`. Others go on: making
+        room for the op's outputs before it runs (evict_lru) among them (helper-96:
+        deferred too, a functional all_reduce's output was made beside everything, and
+        tensor-parallel recordings passed the budget by up to 14%)."""
+        self._deferred = []
+        self._held = {s._cdata for s in storages}
 
     def release_moves(self, storages, owner: str) -> None:
         """The collective returned: disown `storages` (the ones it touched, NOTE 5), then
         carry out the evictions held back (those of disowned storages do nothing). One
         not tracked yet (a passive replay tracks nothing) is tracked first, so that it
         stays disowned if the step later leaves its plan and runs on demand."""
-        deferred, lru = self._deferred or [], self._deferred_lru
-        self._deferred, self._deferred_lru = None, None
+        deferred = self._deferred or []
+        self._deferred, self._held = None, set()
         for storage in storages:
             entry = self.entry_of(storage)
             if entry is None and storage.nbytes():
@@ -706,8 +713,6 @@ class Residency:
             self.evict(entry, unplanned=unplanned)
         for entry, _ in deferred:
             self.finish(entry)
-        if lru is not None:
-            self.evict_lru(*lru)
 
     def disown(self, storage, nbytes: int, owner: str, *, foreign: bool = False) -> Entry:
         """Keep `storage` where it is from now on (NOTE 5): a collective may still touch
@@ -915,8 +920,7 @@ class Residency:
         bytes are at most `target`, synchronously. Returns whether any went to the slow
         tier now (not when deferred)."""
         if self._deferred is not None:            # a collective is being dispatched
-            self._deferred_lru = (target, set(keep))
-            return False
+            keep = set(keep) | self._held         # its storages stay (hold_moves)
         if self.owned:                            # foreign storages hold room too
             self._owned_sampled = self.owned_bytes()     # fresh: the peak counts it too
             target -= self._owned_sampled
