@@ -175,3 +175,21 @@ def test_a_step_reading_one_more_array_is_named_so_and_binds_none_to_an_output(t
         last = ooc.report().iterations[-1]
     assert last.mode == "replay" and not last.smaller
     assert "reads more arrays than recorded" in last.deviation
+
+
+def test_a_tensor_lifted_in_the_step_replays(tmp_path):
+    """`torch.tensor(values)` in the step: `lift_fresh` reads the storage made just before
+    it, which the recorder counts as created there. Counted as no read, every replay left
+    its plan at function 0 ("reads more arrays than recorded") and recorded again."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(1024, 256), torch.nn.Linear(256, 1024))
+    opt = torch.optim.SGD(lin.parameters(), 0.1)
+    values = [float(i % 7) for i in range(64 * 1024)]          # 256 KiB once lifted
+    with outcore.OutOfCore(budget="3MiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                lin(torch.tensor(values).view(64, 1024)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        its = ooc.report().iterations
+    assert [(it.mode, it.deviation) for it in its[1:]] == [("replay", None)] * 3, its

@@ -26,8 +26,8 @@ import torch
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
-from ..aten import (call_split, distinct_storages, is_foreach, iter_tensors, makes_nothing_new,
-                    output_tensors,
+from ..aten import (FRESH_ARGUMENT_OPS, call_split, distinct_storages, is_foreach, iter_tensors,
+                    makes_nothing_new, output_tensors,
                     split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
@@ -55,6 +55,12 @@ def _tensors_read(args, kwargs) -> list:
 _TO_BOOL = frozenset((
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
     "logical_not", "isnan", "isinf", "isfinite", "isneginf", "isposinf", "signbit"))
+
+
+def _op_schema_name(op: str) -> str:
+    """"aten.lift_fresh.default" -> "aten::lift_fresh" (a recorded op's schema name)."""
+    namespace, _, rest = op.partition(".")
+    return f"{namespace}::{rest.rsplit('.', 1)[0]}" if "." in rest else f"{namespace}::{rest}"
 
 
 class Replayer(HeldMode):
@@ -136,7 +142,11 @@ class Replayer(HeldMode):
         # How many of each function's arrays it read (or wrote) rather than created: a
         # step that reads more storages than that is off its record, even where the
         # function also created arrays (an extra input must not bind to an output's id).
-        self.n_read = [sum(a.kind != "create" for a in f.accesses) for f in trace.functions]
+        # `lift_fresh` is the exception: its argument, made just before it outside the
+        # dispatcher, is recorded as created, yet it is the op's input (FRESH_ARGUMENT_OPS).
+        self.n_read = [len(f.accesses) if _op_schema_name(f.op) in FRESH_ARGUMENT_OPS
+                       else sum(a.kind != "create" for a in f.accesses)
+                       for f in trace.functions]
         self.nbytes = [a.nbytes for a in trace.arrays]
         self.is_input = [a.kind == "input" for a in trace.arrays]
         self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
