@@ -309,6 +309,23 @@ def test_a_future_callback_on_another_thread_may_not_touch_what_outcore_moves(tm
                 opt.step()
         opt.zero_grad()
         assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
+        # add_done_callback drops the callback's exception, and wait() returns (helper-99):
+        # the step's thread raises it at its next op, before the optimizer.
+        with pytest.raises(outcore.OutcoreError, match=r"(?s)callback chained on a torch "
+                           r"Future .* The step's thread stopped at its next op"):
+            with ooc.iteration():
+                model(x).sum().backward()
+                avg = torch.empty_like(model[0].weight.grad)
+                fut = torch.futures.Future()
+                fut.add_done_callback(lambda f: avg.copy_(f.value()))
+                thread = threading.Thread(target=fut.set_result, args=(model[0].weight.grad / 2,))
+                thread.start()
+                thread.join()
+                fut.wait()
+                model[0].weight.grad.copy_(avg)
+                opt.step()
+        opt.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
         with ooc.iteration():
             model(x).sum().backward()
             # A collective's tensor is pinned (rule 3); a small one is too.

@@ -311,3 +311,15 @@ def test_a_long_run_keeps_the_first_and_last_iterations_and_sums_the_rest(tmp_pa
     again = Report.load(path)
     assert again.elided == e and again.iterations == report.iterations
     assert again.deviations == report.deviations
+    # With few listed rows (saved with other constants, or hand-edited) the summed ones
+    # still have their line, between the rows before and after them (helper-99).
+    few = Report.from_dict({**report.to_dict(), "iterations": [
+        dict(vars(it)) for it in (report.iterations[0], report.iterations[-1])]})
+    text = str(few)
+    assert "     4-15: 12 iterations" in text, text
+    assert text.index("     4-15:") > text.index("\n     1  ") and \
+        text.index("\n    20  ") > text.index("     4-15:"), text
+    # A report of the version before `elided` still loads.
+    old = {**report.to_dict(), "version": 1}
+    del old["elided"]
+    assert Report.from_dict(old).elided is None

@@ -29,10 +29,14 @@ NOTE [Collectives in flight]
   5. A callback of the user's own (`fut.then(cb)`, `fut.add_done_callback(cb)`) that
      runs on another thread while an iteration is open runs its ops under `_Unseen`
      (`guard_future_callbacks`): an op on a storage outcore may move stops the callback
-     with OutcoreError before it runs, which the Future's `wait()` raises (helper-96:
-     `avg.copy_(f.value()[0])` in such a callback gave other results than without
-     outcore, or a segmentation fault). Ops on the collective's own tensors (pinned,
-     rule 3) and on tensors the callback makes run. A callback run on the iteration's
+     with OutcoreError before it runs (helper-96: `avg.copy_(f.value()[0])` in such a
+     callback gave other results than without outcore, or a segmentation fault). The
+     chained Future's `wait()` raises it wrapped in a RuntimeError (PyTorch's), and the
+     step's thread raises it as OutcoreError at its next op
+     (`Residency.raise_stopped_callback`): `add_done_callback` drops a callback's
+     exception, and so does a `.then` chain nobody waits on (helper-99), and the step
+     would go on without the write. Ops on the collective's own tensors (pinned, rule
+     3) and on tensors the callback makes run. A callback run on the iteration's
      own thread (a Future already done runs it at once) is seen like any op; one run
      between iterations writes the state where it lies (NOTE [Mapped state]).
 
@@ -129,11 +133,13 @@ def _refuse_comm_hooks() -> None:
             continue
         if hook and hook not in _SAFE_COMM_HOOKS:
             raise OutcoreError(
-                f"DistributedDataParallel has the comm hook {hook!r}: its callback writes "
-                "the gradient bucket on gloo's thread, after the allreduce, where outcore "
-                "cannot see it, so outcore could move the bucket under that write (a silently "
-                "different result). Train without the hook (DDP's default allreduce composes: "
-                "docs/distributed.md), or without outcore. Nothing has run.")
+                f"DistributedDataParallel has the comm hook {hook!r} (registered with "
+                "register_comm_hook, or by DDP itself for mixed_precision= or an optimizer "
+                "in backward): its callback writes the gradient bucket on gloo's thread, "
+                "after the allreduce, where outcore cannot see it, so outcore could move the "
+                "bucket under that write (a silently different result). Train without the "
+                "hook (DDP's default allreduce composes: docs/distributed.md), or without "
+                "outcore. Nothing has run.")
 
 
 FUTURE_CALLBACK = (
@@ -180,8 +186,13 @@ def guard_future_callbacks(original, open_outofcore):
             if (ooc is None or ooc.closed or not ooc._active
                     or ooc._active_thread == threading.get_ident()):
                 return callback(fut)
-            with _Unseen(ooc._res):
-                return callback(fut)
+            try:
+                with _Unseen(ooc._res):
+                    return callback(fut)
+            except OutcoreError as err:
+                if ooc._res.stopped_callback is None:     # the step's thread raises it too
+                    ooc._res.stopped_callback = err
+                raise
         return original(future, guarded, *args, **kwargs)
     return chain
 

@@ -1465,6 +1465,11 @@ class _Iteration:
         errors = []
         deviation = None
         self._exit_mode(exc, errors)
+        if res.stopped_callback is not None:      # after the step's last op: NOTE
+            try:                                  # [Collectives in flight] rule 5
+                res.raise_stopped_callback()
+            except OutcoreError as err:
+                errors.append(err)
         passive = (mode is not None and not self.recording and mode.passive
                    and mode.deviation is None)
         peak = ooc.schedule.peak_bytes if passive else res.stats.peak_resident

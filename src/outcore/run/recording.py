@@ -74,6 +74,8 @@ class SafeRecording(Recording):
             return func(*args, **(kwargs or {}))
         self.shield.depth += 1          # one held section per op (NOTE [Interrupts])
         try:
+            if self.residency.stopped_callback is not None:    # NOTE [Collectives in
+                self.residency.raise_stopped_callback()        # flight] rule 5 (compose.py)
             if not self.compiled_seen and under_torch_compile():
                 self.compiled_seen = True
                 warnings.warn(COMPILED_EAGER, stacklevel=2)

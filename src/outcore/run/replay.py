@@ -566,6 +566,8 @@ class Replayer(HeldMode):
 
     # -- interception ----------------------------------------------------------------------
     def _dispatch(self, func, args, kwargs):
+        if self.res.stopped_callback is not None:         # compose.py, NOTE [Collectives
+            self.res.raise_stopped_callback()             # in flight] rule 5
         if func.namespace in DISTRIBUTED_NAMESPACES:       # compose.py
             return around(self.res, func, args, kwargs, self._run)
         return self._run(func, args, kwargs)

@@ -11,7 +11,7 @@ from ..memory.malloc import PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE
 from ..units import format_bytes
 
 FORMAT = "outcore.report"
-VERSION = 1
+VERSION = 2        # 2: `elided` (a long run's iterations not listed); 1 still loads
 
 
 @dataclass(frozen=True)
@@ -253,9 +253,9 @@ class Report:
             raise OutcoreError(f"{source} is not an outcore report (expected \"format\": "
                                f"\"{FORMAT}\"){file_kind(data)}; write a report with "
                                "ooc.report().save(path)")
-        if data.get("version") != VERSION:
+        if data.get("version") not in (1, VERSION):
             raise OutcoreError(f"report format version {data.get('version')} is not supported "
-                               f"(this outcore reads version {VERSION})")
+                               f"(this outcore reads versions 1 to {VERSION})")
         try:
             if "iterations" not in data:
                 raise TypeError("it has no 'iterations' field")
@@ -351,7 +351,14 @@ class Report:
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
                          "faults  trims  peak        rss+        unmanaged")
             rows = self.iterations
-            if len(rows) > PRINT_FIRST + PRINT_LAST + 1:
+            if self.elided and self.elided.count:        # listed before and after them
+                cut = self.elided.first_index
+                first = [it for it in rows if it.index < cut][:PRINT_FIRST]
+                last = [it for it in rows if it.index > cut][-PRINT_LAST:]
+                lines += self._rows(first)
+                lines.append(self._middle(rows[len(first):len(rows) - len(last)]))
+                lines += self._rows(last)
+            elif len(rows) > PRINT_FIRST + PRINT_LAST + 1:
                 lines += self._rows(rows[:PRINT_FIRST])
                 lines.append(self._middle(rows[PRINT_FIRST:-PRINT_LAST]))
                 lines += self._rows(rows[-PRINT_LAST:])
@@ -370,7 +377,8 @@ class Report:
                 before = before.add(it, self.budget)
         middle = before.join(self.elided or Elided()).join(after)
         where = ("not printed: ooc.report().iterations lists "
-                 f"{len(rows)} of them, the others are summed in its `elided`"
+                 f"{len(rows)} of them, the others are summed in its `elided`" if rows else
+                 "summed in ooc.report().elided"
                  if self.elided and self.elided.count else
                  "not printed: listed in ooc.report().iterations")
         return middle.line(self.budget, where)

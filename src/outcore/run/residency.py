@@ -208,6 +208,9 @@ class Residency:
         # (hold_moves), else None; and the keys of those storages.
         self._deferred: list | None = None
         self._held: set[int] = set()
+        # A Future callback stopped on another thread (NOTE [Collectives in flight] rule
+        # 5 in compose.py), until the step's thread raises it (`raise_stopped_callback`).
+        self.stopped_callback: Exception | None = None
         self.owned: dict[int, Entry] = {}       # foreign entries, by key (disown)
         # Entries `evict` found unmovable since they were tracked (NOTE 7); the replayer
         # takes them, since its plan counted on moving them.
@@ -685,6 +688,17 @@ class Residency:
                f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still whole on the "
                "slow tier: when the iteration ends the tensor is mapped from there (README, "
                "\"Between iterations\"), and the next iteration or close() reads it again.")) from exc
+
+    def raise_stopped_callback(self) -> None:
+        """Raise, on the step's thread, the error that stopped a Future callback on
+        another thread (NOTE [Collectives in flight] rule 5): `add_done_callback` drops
+        a callback's exception, and so does a `.then` chain nobody waits on, so the step
+        would go on without what the callback was to write."""
+        err, self.stopped_callback = self.stopped_callback, None
+        if err is not None:
+            raise OutcoreError(f"{err} The step's thread stopped at its next op after it: "
+                               "the step cannot go on without what the callback was to "
+                               "do.") from err
 
     def hold_moves(self, storages) -> None:
         """While a collective is dispatched, the storages it reads (`storages`) and those
