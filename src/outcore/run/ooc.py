@@ -1467,7 +1467,7 @@ class _Iteration:
         self._exit_mode(exc, errors)
         if res.stopped_callback is not None:      # after the step's last op: NOTE
             try:                                  # [Collectives in flight] rule 5
-                res.raise_stopped_callback()
+                res.raise_stopped_callback(at_end=True)
             except OutcoreError as err:
                 errors.append(err)
         passive = (mode is not None and not self.recording and mode.passive

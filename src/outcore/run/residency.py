@@ -689,16 +689,20 @@ class Residency:
                "slow tier: when the iteration ends the tensor is mapped from there (README, "
                "\"Between iterations\"), and the next iteration or close() reads it again.")) from exc
 
-    def raise_stopped_callback(self) -> None:
+    def raise_stopped_callback(self, at_end: bool = False) -> None:
         """Raise, on the step's thread, the error that stopped a Future callback on
         another thread (NOTE [Collectives in flight] rule 5): `add_done_callback` drops
         a callback's exception, and so does a `.then` chain nobody waits on, so the step
-        would go on without what the callback was to write."""
+        would go on without what the callback was to write. `at_end`: found when the
+        step had run its last op."""
         err, self.stopped_callback = self.stopped_callback, None
         if err is not None:
-            raise OutcoreError(f"{err} The step's thread stopped at its next op after it: "
-                               "the step cannot go on without what the callback was to "
-                               "do.") from err
+            raise OutcoreError(f"{err} " + (
+                "It was found when the step had run its last op: the iteration completed "
+                "without what the callback was to do; go on from your last checkpoint "
+                "(or state_dir), not from these values." if at_end else
+                "The step's thread stopped at its next op after it: the step cannot go on "
+                "without what the callback was to do.")) from err
 
     def hold_moves(self, storages) -> None:
         """While a collective is dispatched, the storages it reads (`storages`) and those
