@@ -370,3 +370,35 @@ def test_room_for_a_functional_collectives_output_is_made_before_it_runs(one_ran
     # with torch 2.13, gloo and one rank. helper-96's two-rank tensor-parallel run with
     # the same fix: bitwise equal to the run without outcore, within the budget.)
     assert not any(torch.equal(a, b) for a, b in zip(plain, ws))     # it trained
+
+
+def allreduce_hook(state, bucket):
+    """A comm hook of a user's, named like DDP's default, that writes the bucket in its
+    Future's callback (module level: DDP logs its `__qualname__`)."""
+    buf = bucket.buffer()
+    return dist.all_reduce(buf.clone(), async_op=True).get_future().then(
+        lambda f: buf.copy_(f.value()[0]))
+
+
+def test_a_comm_hook_of_the_users_named_like_the_default_is_refused(one_rank, tmp_path):
+    """DDP logs a Python comm hook by its function's name: a hook of the user's named
+    `allreduce_hook` that writes the bucket in a Future callback passed as DDP's default
+    (helper-99). Only the default function itself passes now."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    for hook, refused in ((allreduce_hook, True), (default_hooks.allreduce_hook, False)):
+        model = DDP(_model())
+        model.register_comm_hook(None, hook)
+        before = [p.detach().clone() for p in model.parameters()]
+        with outcore.OutOfCore("8MiB", swap_dir=str(tmp_path)) as ooc:
+            try:
+                with ooc.iteration():
+                    model(torch.randn(8, 256)).sum().backward()
+                said = None
+            except outcore.OutcoreError as err:
+                said = str(err)
+        assert (said is not None) == refused, said
+        if refused:
+            assert "test_compositions" in said and "allreduce_hook" in said, said
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        del model

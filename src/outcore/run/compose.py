@@ -126,12 +126,20 @@ def _refuse_comm_hooks() -> None:
     ddp = getattr(parallel, "DistributedDataParallel", None) if parallel is not None else None
     if ddp is None or not _distributed_up():
         return
+    hooks_module = _loaded("torch.distributed.algorithms.ddp_comm_hooks.default_hooks")
+    default = getattr(hooks_module, "allreduce_hook", None)
     for module in _live((ddp,)):
         try:
             hook = module._get_ddp_logging_data().get("comm_hook")
         except Exception:               # a DDP without its reducer's logger: no hook known
             continue
-        if hook and hook not in _SAFE_COMM_HOOKS:
+        # A Python hook is DDP's default only if it is that function (helper-99: DDP logs
+        # the hook's name, and a hook of the user's named `allreduce_hook` passed).
+        own = [h for h, _ in getattr(module, "_comm_hooks", ()) if h is not default]
+        if own:
+            hook = (f"{getattr(own[0], '__module__', '?')}."
+                    f"{getattr(own[0], '__qualname__', repr(own[0]))}")
+        if own or hook and hook not in _SAFE_COMM_HOOKS:
             raise OutcoreError(
                 f"DistributedDataParallel has the comm hook {hook!r} (registered with "
                 "register_comm_hook, or by DDP itself for mixed_precision= or an optimizer "
