@@ -87,7 +87,7 @@ from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
 from . import plans, sharing
 from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, grown_aside,
-                    recorded_ops, shape_of)
+                    recorded_ops, shape_of, sizes_after)
 from .replay import Replayer
 from .report import OVER_BUDGET_WHY, IterationLog, IterationStats, Report
 from .residency import Residency, movable
@@ -733,10 +733,18 @@ class OutOfCore:
         self._pager.start(mappings, max(self.budget - res.resident, 0) + PAGER_SLACK,
                           ceiling=relieve_above + PAGER_SLACK, relieve=relieve)
 
-    def _plan_recording(self, recording: SafeRecording, held_before=None) -> Plan | None:
+    def _plan_recording(self, recording: SafeRecording, held_before=None,
+                        asked=None) -> Plan | None:
         """Plan from a fresh recording, or ask for another one if the step is not steady
         yet (None). After a step outgrew its plan, the plan is made for the larger sizes
-        of the two (NOTE [Step shapes] in plans.py, rule 10)."""
+        of the two (NOTE [Step shapes] in plans.py, rule 10). `asked`: the family
+        `Plans.next` asked a recording of; one of another family that has a plan grows
+        that plan (for its largest sizes) where the two have the same functions on the
+        same arrays (`envelope`), rather than adding a plan for its own sizes beside it:
+        a branch by a coin toss (30% of steps), whose plan waited to grow, had the next
+        step recorded, mostly one of the other ops and of a new size, and each such
+        recording added a plan that no step would take (the family's largest replays),
+        and pushed out those in use (helper-98's trial, helper-100's fix)."""
         trace = recording.trace
         self._recordings_in_a_row += 1
         # Arrays on another device than the fast tier's (a GPU step's CPU tensors) are
@@ -790,6 +798,13 @@ class OutOfCore:
         if outgrown is None or grown is None and recorded_ops(outgrown.recorded) != ops:
             outgrown, grown = self._grown_aside(trace, outgrown, sizes)   # small ops aside
             family = family if outgrown is None else outgrown.family
+        borrowed = False            # grown though no step outgrew it (`asked`)
+        if outgrown is None and asked is not None and asked != family:
+            largest = self._plans._largest(family)
+            if largest is not None and largest.recorded is not None:
+                grown = envelope(largest.recorded, trace)
+                if grown is not None:
+                    outgrown, borrowed = largest, True
         for trace in (grown, recording.trace) if grown is not None else (trace,):
             held = held_arrays(trace, disowned)
             owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
@@ -862,7 +877,7 @@ class OutOfCore:
         self._plans.add(plan)
         if recorded is grown and outgrown.shape != plan.shape:
             self._plans.drop(outgrown.shape)        # the larger plan covers its steps
-        elif outgrown is not None and recorded is not grown:
+        elif outgrown is not None and recorded is not grown and not borrowed:
             outgrown.grows = False                  # no loop of recordings (rule 10)
         self._use(plan)
         self._ending = Ending(plan.shape, alive)
@@ -1316,6 +1331,11 @@ class _Iteration:
         self.recording = False
         self.after = None          # how the iteration before left its arrays (plans.Ending)
         self.held_before = {}      # {entry: bytes} collectives keep, as a recording began
+        self.asked = None          # the family Plans.next asked this recording of
+        # NOTE [Step shapes] rule 10 with rule 9: (the plan the step would have taken up
+        # but for its sizes, {its array id: bytes} of the step's larger arrays there, the
+        # function) at the last switch refused (`_others`)
+        self.outgrown_other = None
         self.before = None
         self.started = 0.0
 
@@ -1383,6 +1403,7 @@ class _Iteration:
             ooc._plans.drop(plan.shape)
             plan = None
         self.recording = plan is None
+        self.asked = ooc._plans.asked if self.recording and not ooc._record_next else None
         if self.recording:       # what collectives keep as it begins: _plan_recording
             self.held_before = ooc._held_sizes(collectives_only=True)
         self.started = time.perf_counter()
@@ -1428,7 +1449,18 @@ class _Iteration:
         not_of = ooc._plans.not_this if larger else frozenset()
         found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name, not_of,
                                       larger if isinstance(larger, tuple) else None)
+        self.outgrown_other = None
         if found is None:
+            # Rule 10 with rule 9: a step that left its plan for another's ops (not for a
+            # larger array: that is its own plan's to grow) where that plan is smaller
+            # than the step: it grows if the step then runs its functions (`_adopt`).
+            other = None if larger or name is None else ooc._plans.outgrown_by(
+                ooc._plan, keys, expected, nbytes, name)
+            if other is not None:
+                plan, ids = other
+                self.outgrown_other = (plan, {
+                    theirs: nbytes[aid] for aid, theirs in ids.items()
+                    if nbytes[aid] > plan.trace.arrays[theirs].nbytes}, len(keys))
             return None
         plan, ids = found
         ooc._use(plan)
@@ -1573,6 +1605,27 @@ class _Iteration:
                         format_bytes(PROCESS_SLACK_BYTES), PROCESS_SLACK_SHARE,
                         format_bytes(bound), format_bytes(last.unmanaged))
 
+    def _outgrew_other(self, mode, deviation) -> tuple | None:
+        """Rule 10 with rule 9 (`Plans.outgrown_by`): (the plan the step would have taken up
+        at the function where it deviated but that it was larger than, {array id: bytes}
+        of the step's arrays larger than that plan's) where the step then ran that plan's
+        functions to its end on demand (`plans.sizes_after`), and the plan grows; else
+        None."""
+        if (deviation is None or self.outgrown_other is None or mode.passive
+                or mode.log.deviation is None):
+            return None
+        plan, sizes, k = self.outgrown_other
+        if (mode.log.deviation[0] != k or plan.shape not in self.ooc._plans
+                or plan.recorded is None or not plan.grows):
+            return None
+        after = sizes_after(plan.trace, plan.keys, k, mode._made)
+        if after is None:
+            return None
+        sizes = dict(sizes)
+        for aid, nbytes in after.items():
+            sizes[aid] = max(nbytes, sizes.get(aid, 0))
+        return plan, sizes
+
     def _adopt(self, deviation) -> None:
         """After a completed step: plan from the recording, or carry the state over."""
         ooc, mode = self.ooc, self.mode
@@ -1587,7 +1640,7 @@ class _Iteration:
                     ooc._plans.seen(shape, family)
                     ooc._op_by_op = (ooc._op_by_op[0] + 1, ooc._op_by_op[1])
                     return
-                planned = ooc._plan_recording(mode, self.held_before)
+                planned = ooc._plan_recording(mode, self.held_before, self.asked)
                 # A plan for larger sizes than this step's is the shape it stands for.
                 # ... and of the family it grew (_grown_aside).
                 ooc._plans.seen(*(shape, family) if planned is None else
@@ -1616,10 +1669,13 @@ class _Iteration:
                 raise
         else:
             plan, shape = ooc._plan, mode.shape()
+            other = self._outgrew_other(mode, deviation)
             # One that outgrew its plan is the plan's step on larger tensors (rule 10): of
             # its family, small ops aside (helper-88: a `loss.item()` the recorded step
             # logged made the next larger step another family, and its growth waited).
-            family = plan.family if deviation is None or mode.outgrew else mode.family()
+            # ... as one that outgrew the plan it would have taken up (rule 9) is of that one's.
+            family = (plan.family if deviation is None or mode.outgrew else
+                      other[0].family if other is not None else mode.family())
             # A passive replay checks names only (Replayer._follow): where it deviated, the
             # shape it computes trusts the record's sizes up to there. An unknown shape is
             # kept instead, one of its own: the next replays track (NOTE [Step shapes] 4).
@@ -1638,6 +1694,9 @@ class _Iteration:
             elif mode.outgrew and plan.recorded is not None and plan.grows:   # ... rule 10
                 grows = True
                 ooc._outgrow(plan, mode.outgrown_sizes)
+            elif other is not None:                    # ... with rule 9
+                grows = True
+                ooc._outgrow(*other)
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once
