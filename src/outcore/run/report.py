@@ -1,9 +1,9 @@
 """What an OutOfCore run recorded, planned, moved, and waited for."""
 from __future__ import annotations
 
+import collections
 import json
 import math
-import collections
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..errors import OutcoreError, file_kind
