@@ -69,3 +69,18 @@ def test_a_budget_given_as_a_bare_small_number_asks_for_the_unit(tmp_path, capsy
     for command in ("plan", "simulate"):
         assert main([command, str(path), "--budget", "16"]) == 2
         assert "write the unit, e.g. '16GiB' or '16MiB'" in capsys.readouterr().err
+
+
+def test_integer_scalars_of_numpy_and_torch_are_bytes_and_a_model_is_named_by_its_type():
+    # helper-102: np.int64(4000000) and torch.tensor(4000000) were refused ("write a
+    # number of bytes"), and a model passed as the budget printed its whole repr.
+    import numpy as np
+    import torch
+    assert parse_bytes(np.int64(4_000_000)) == parse_bytes(torch.tensor(4_000_000)) == 4_000_000
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(30)])
+    with pytest.raises(outcore.OutcoreError) as err:
+        outcore.OutOfCore(model)
+    said = str(err.value)
+    assert said.startswith("cannot read a Sequential (Sequential() as a byte quantity")
+    assert "first argument is the budget" in said and len(said) < 300
+    assert parse_bytes(np.float64(2e9)) == 2_000_000_000       # a float, as before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 
 from .errors import OutcoreError
@@ -21,6 +22,16 @@ def parse_bytes(value: int | float | str) -> int:
     caller most likely meant a unit)."""
     if isinstance(value, bool):
         raise OutcoreError(f"expected a byte quantity such as 2147483648 or '2GiB', got {value!r}")
+    if not isinstance(value, (int, float, str)):
+        try:
+            value = operator.index(value)      # numpy's and torch's integer scalars
+        except TypeError:
+            # (Its repr cut short: a model passed where the budget goes printed whole.)
+            shown = repr(value).split("\n", 1)[0][:60]
+            raise OutcoreError(
+                f"cannot read a {type(value).__name__} ({shown}) as a byte quantity: "
+                "write a number of bytes or a number with a unit, e.g. '512MiB', '6GiB', "
+                "'1.5GB' (OutOfCore's first argument is the budget)") from None
     if isinstance(value, (int, float)):
         _require_finite(value, value)
         if value < 0:

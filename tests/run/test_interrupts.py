@@ -242,6 +242,46 @@ def test_a_signal_in_a_weakref_callback_is_not_lost():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_ctrl_c_in_the_recorders_storage_death_callback_is_not_lost(tmp_path):
+    # helper-102: the recording iteration's own weakref callback (trace/recorder.py,
+    # `storage_died`) was not `no_raise`: a Ctrl-C at random moments of a notebook's
+    # training cell once printed "Exception ignored in ... storage_died" with a
+    # KeyboardInterrupt and the loop ran on. Here the handler is called in that
+    # callback's frame, as Python calls it when the signal lands there.
+    import sys
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(64, 256)
+    fired, unraisable = [], []
+    previous_trace, previous_hook = sys.gettrace(), sys.unraisablehook
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "storage_died" and not fired:
+            fired.append(True)
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)
+        return None
+    with outcore.OutOfCore("4MiB", swap_dir=tmp_path) as ooc:
+        sys.unraisablehook = unraisable.append
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with ooc.iteration():          # the first: it records
+                    sys.settrace(tracer)
+                    try:
+                        model(x).sum().backward()
+                        opt.step()
+                        opt.zero_grad()
+                    finally:
+                        sys.settrace(previous_trace)
+        finally:
+            sys.unraisablehook = previous_hook
+        assert fired and not unraisable
+        with ooc.iteration():                  # and the next one runs
+            model(x).sum().backward()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_install_from_another_thread_does_nothing():
     shield = interrupts.Shield()
     thread = threading.Thread(target=shield.install)

@@ -7,7 +7,7 @@ from ..aten import distinct_storages
 from ..states import FAST
 from ..trace.recorder import Recording
 from .compose import DISTRIBUTED_NAMESPACES, around, ddp_buckets_unbuilt, under_torch_compile
-from .interrupts import Shield, critical
+from .interrupts import Shield, critical, no_raise
 from .on_demand import OnDemand, infeasible, needed
 from .residency import Residency
 
@@ -67,6 +67,14 @@ class SafeRecording(Recording):
         # of the step) is not: the plan may move it before, and counting it for its whole
         # life could make the budget infeasible.
         self.unmovable: set[int] = set()
+
+    def _make_finalizer(self, key, ident):
+        """The recorder's storage-death callback is a weakref callback, where Python
+        swallows exceptions: a Ctrl-C that landed in it was printed as "Exception ignored"
+        and lost (the step ran on), and that death went unnoted. Marked `no_raise`, the
+        signal is noted there and raised at the next held section's end (NOTE
+        [Interrupts] rule 6). The callbacks share one code object: the set holds it once."""
+        return no_raise(super()._make_finalizer(key, ident))
 
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
