@@ -11,7 +11,7 @@ from .errors import (HostBudgetTooSmall, InfeasibleBudget, OutcoreError, Schedul
                      SwapSpaceExhausted, TraceError)
 from .plan import Schedule, check, lower_bound, plan
 from .run import OutOfCore, Report
-from .run.ooc import smallest_budget
+from .run.ooc import open_outofcore, smallest_budget
 from .simulate import simulate
 from .trace import Trace, record
 from .units import format_bytes, parse_bytes
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = ["HostBudgetTooSmall", "InfeasibleBudget", "OutOfCore", "OutcoreError", "Report", "Schedule", "ScheduleError",
            "SwapSpaceExhausted", "Trace", "TraceError",
            "check", "format_bytes", "lower_bound", "parse_bytes", "plan", "record", "simulate",
-           "smallest_budget",
+           "open_outofcore", "smallest_budget",
            "__version__"]

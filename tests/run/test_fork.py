@@ -67,7 +67,7 @@ def _child_trains_under_its_own_outofcore(swap_dir) -> None:
     import io
     import os
     from outcore.run import ooc as ooc_module
-    assert ooc_module._open_outofcore() is None         # the parent's is not this process's
+    assert ooc_module.open_outofcore() is None         # the parent's is not this process's
     t = torch.arange(4.0)
     buffer = io.BytesIO()
     torch.save(t, buffer)                               # PyTorch's own, as without outcore

@@ -300,6 +300,22 @@ def test_one_open_outofcore_per_process(tmp_path):
     third = outcore.OutOfCore(budget="64MiB", swap_dir=str(tmp_path))
     third.close()
     assert list(tmp_path.iterdir()) == []
+    assert outcore.open_outofcore() is None
+
+
+def test_an_outofcore_no_name_holds_can_be_closed(tmp_path):
+    """helper-102: after an exception in a notebook cell, IPython's stored traceback (here
+    a list standing in for it) keeps the OutOfCore of the cell open, and the user, whose
+    name for it is gone, had no way to close it; a new one was refused. The error says
+    how, and outcore.open_outofcore() gives it."""
+    kept = [outcore.OutOfCore(budget="64MiB", swap_dir=str(tmp_path))]
+    with pytest.raises(outcore.OutcoreError, match=r"outcore\.open_outofcore\(\)\.close\(\)"):
+        outcore.OutOfCore(budget="64MiB")
+    assert outcore.open_outofcore() is kept[0]
+    outcore.open_outofcore().close()
+    assert outcore.open_outofcore() is None and kept[0].closed
+    with outcore.OutOfCore(budget="64MiB", swap_dir=str(tmp_path)):
+        pass
 
 
 # Points inside OutOfCore(...) where a Ctrl-C may land: after the unnamed swap file is

@@ -169,17 +169,20 @@ _open_pid = 0                          # the process that opened it (a fork's ch
 def _claim(ooc) -> None:
     global _open, _open_pid
     with _open_lock:
-        current = _open_outofcore()
+        current = open_outofcore()
         if current is not None and not current.closed:
             gc.collect()            # an unreachable one still waiting for the collector
-            current = _open_outofcore()
+            current = open_outofcore()
         if current is not None and not current.closed:
             raise OutcoreError(
                 f"another {current!r} is still open in this process; outcore manages one "
                 "OutOfCore per process (storages, allocator settings and signal handlers are "
-                "process-wide). close() it first, or use `with outcore.OutOfCore(...) as ooc:`")
+                "process-wide). close() it first, or use `with outcore.OutOfCore(...) as ooc:`; "
+                "where no name of yours holds it any more (a notebook keeps the last "
+                "exception's traceback and the cells' outputs, which can), "
+                "outcore.open_outofcore().close() closes it")
         _open, _open_pid = weakref.ref(ooc), os.getpid()
-    sharing.install(_open_outofcore)        # NOTE [Sharing a storage outcore moves]
+    sharing.install(open_outofcore)        # NOTE [Sharing a storage outcore moves]
 
 
 _forking: tuple | None = None      # (OutOfCore, extents, pipe) while a fork runs
@@ -191,7 +194,7 @@ def _before_fork() -> None:
     child or any process it forks (closed at exec: O_CLOEXEC)."""
     global _forking
     _forking = None
-    ooc = _open_outofcore()
+    ooc = open_outofcore()
     if ooc is None or ooc.closed or not hasattr(ooc._mover, "set_leased"):
         return
     extents = ooc._res.mapped_extents()
@@ -226,10 +229,13 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 
 
-def _open_outofcore():
-    """The OutOfCore open in this process, or None: in a child forked while one was open
-    (a DataLoader's worker) None, since the parent's table, mover threads and swap file are
-    not the child's (NOTE [Forked children] in interrupts.py)."""
+def open_outofcore():
+    """The OutOfCore open in this process, or None (public: `outcore.open_outofcore()`,
+    for closing one no name holds any more; helper-102: after an exception in a notebook
+    cell, IPython's stored traceback kept the old one open and a new one was refused).
+    In a child forked while one was open (a DataLoader's worker) None, since the parent's
+    table, mover threads and swap file are not the child's (NOTE [Forked children] in
+    interrupts.py)."""
     ref = _open
     if ref is None or _open_pid != os.getpid():
         return None
