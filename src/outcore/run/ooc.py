@@ -874,7 +874,7 @@ class OutOfCore:
                                          if a.kind == "persistent" and a.existed_before),
                     started_from=dict(self._carried), held_beside=beside,
                     held_in_step=frozenset(e for e in in_step if e.owner or e.pinned),
-                    recorded=recorded, grows=outgrown is None or recorded is grown,
+                    recorded=recorded, grows=outgrown is None or borrowed or recorded is grown,
                     made_state=any(a.category == "optimizer_state" and not a.existed_before
                                    for a in trace.arrays),
                     # of the family it grew (_grown_aside); a record planned alone is

@@ -105,9 +105,9 @@ lets every iteration replay.
      A plan of ops outside the period (an evaluation step, a rare branch) it may take up.
      Nor one that has the array where the step left smaller than the step has it
      (`continuing(fits=...)`): the step would leave that one there too, and it would
-     grow beside the plan left. The first k functions compare by their ops; one the
-     step's plan has small is small in the other too, while one small in the other only
-     is compared by its arrays (which functions are small follows the sizes recorded:
+     grow beside the plan left. The first k functions compare by their ops, small ones
+     too; one the step's plan has small is small in the other too, while one small in
+     the other only is compared by its arrays (which functions are small follows the sizes recorded:
      a labels' slice of 2 x 40 tokens is, of 8 x 56 not).
  10. Sizes that vary from step to step with the same ops (text padded to each batch's
      longest sequence, an epoch's short last batch): a replay accepts an array at most
@@ -694,8 +694,8 @@ class Plans:
     def outgrown_by(self, current: Plan, keys: list, expected: list, nbytes: list,
                     name: str) -> tuple[Plan, dict] | None:
         """Rule 9 with rule 10: where `continuing` found no plan, the most recently used one
-        it would have taken up but that some array of the step is larger than, with {array id
-        here: its id there}; None where there is none. The step left its plan for that
+        it would have taken up, sizes aside (so some array of the step is larger there),
+        with {array id here: its id there}; None where there is none. The step left its plan for that
         one's ops (a rare branch: a step on the plan of the other ops, whose plan it could
         only ever be taken up partway), and where it then runs that plan's functions to
         its end on demand, it outgrew that plan: the plan grows (`_Iteration._others`).
