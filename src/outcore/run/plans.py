@@ -697,8 +697,9 @@ class Plans:
         it would have taken up, sizes aside (so some array of the step is larger there),
         with {array id here: its id there}; None where there is none. The step left its
         plan for that one's ops (a rare branch: a step on the plan of the other ops, whose
-        plan it could only ever be taken up partway), and where it then runs that plan's functions to
-        its end on demand, it outgrew that plan: the plan grows (`_Iteration._others`).
+        plan it could only ever be taken up partway), and where it then runs that plan's
+        functions to its end on demand, it outgrew that plan: the plan grows
+        (`_Iteration._others`).
         Before, such a plan kept the size of its first recording, as only a replay of it
         that outgrew it grew it, and a branch taken by a coin toss is never predicted:
         every step of the branch larger than that recording deviated (helper-98's trial,
