@@ -84,3 +84,14 @@ def test_integer_scalars_of_numpy_and_torch_are_bytes_and_a_model_is_named_by_it
     assert said.startswith("cannot read a Sequential (Sequential() as a byte quantity")
     assert "first argument is the budget" in said and len(said) < 300
     assert parse_bytes(np.float64(2e9)) == 2_000_000_000       # a float, as before
+
+
+def test_a_swap_dir_that_takes_no_files_is_named_so():
+    # helper-102: swap_dir="/proc" was refused with "No such file or directory", of a
+    # directory that exists.
+    import os
+    if not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    with pytest.raises(outcore.OutcoreError, match="in /proc: the file system there takes no "
+                       "new files; pass swap_dir= a writable directory"):
+        outcore.OutOfCore("8MiB", swap_dir="/proc")

@@ -223,7 +223,10 @@ def _open_named(base: str) -> int:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise OutcoreError(f"cannot create a swap directory in {base}: {exc.strerror}; "
+            # A directory that exists but takes no entries (/proc, /sys) says ENOENT.
+            why = ("the file system there takes no new files"
+                   if exc.errno == errno.ENOENT and os.path.isdir(base) else exc.strerror)
+            raise OutcoreError(f"cannot create a swap directory in {base}: {why}; "
                                "pass swap_dir= a writable directory on a local disk") from exc
         swap, fd = os.path.join(path, "swap"), -1
         try:
