@@ -271,7 +271,6 @@ def test_a_collective_in_a_passive_replay_that_leaves_stays_in_place(one_rank, t
     assert made[-1].untyped_storage().nbytes() == made[-1].nbytes
 
 
-
 def test_a_future_callback_on_another_thread_may_not_touch_what_outcore_moves(tmp_path):
     """helper-96: `dist.all_reduce(t, async_op=True).get_future().then(lambda f:
     avg.copy_(f.value()[0]))` ran the copy on gloo's thread, unseen, while the plan moved
@@ -309,6 +308,12 @@ def test_a_future_callback_on_another_thread_may_not_touch_what_outcore_moves(tm
                 opt.step()
         opt.zero_grad()
         assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
+        with pytest.raises(RuntimeError, match=r"ran aten.mul.Tensor on a tensor outcore "
+                           r"manages"):             # reading one is stopped too
+            with ooc.iteration():
+                model(x).sum().backward()
+                completed_elsewhere(lambda f: f.value() * 0.5, model[0].weight.grad)
+        opt.zero_grad()
         # add_done_callback drops the callback's exception, and wait() returns (helper-99):
         # the step's thread raises it at its next op, before the optimizer.
         with pytest.raises(outcore.OutcoreError, match=r"(?s)callback chained on a torch "
