@@ -76,7 +76,9 @@ class Elided:
     wait_s: float = 0.0
     bytes_recomputed: int = 0
     page_faults: int = 0
+    trims: int = 0
     trimmed_bytes: int = 0
+    plan_s: float = 0.0            # planning after the recordings among them
     recordings: int = 0
     deviations: int = 0
     interrupted: int = 0
@@ -95,8 +97,8 @@ class Elided:
             unplanned_bytes=self.unplanned_bytes + it.unplanned_bytes,
             wait_s=self.wait_s + it.wait_s,
             bytes_recomputed=self.bytes_recomputed + it.bytes_recomputed,
-            page_faults=self.page_faults + it.page_faults,
-            trimmed_bytes=self.trimmed_bytes + it.trimmed_bytes,
+            page_faults=self.page_faults + it.page_faults, trims=self.trims + it.trims,
+            trimmed_bytes=self.trimmed_bytes + it.trimmed_bytes, plan_s=self.plan_s + it.plan_s,
             recordings=self.recordings + (it.mode == "record"),
             deviations=self.deviations + bool(it.deviation),
             interrupted=self.interrupted + (not it.completed),
@@ -135,6 +137,9 @@ class Elided:
                 + (f"; {', '.join(events)}" if events else "")
                 + (f"; recomputed {format_bytes(self.bytes_recomputed)}"
                    if self.bytes_recomputed else "")
+                + (f"; {self.trims} trims gave back {format_bytes(self.trimmed_bytes)}"
+                   if self.trims else "")
+                + (f"; planned in {self.plan_s:.2f}s" if self.plan_s else "")
                 + f" ({listed})")
 
 
