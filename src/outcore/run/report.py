@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import operator
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..errors import OutcoreError, file_kind
@@ -87,25 +88,26 @@ class Elided:
     rss_above_start: int = 0       # the largest
     unmanaged: int = 0             # the largest
 
+    # Fields `join` takes the larger of, and those it takes from one side; the rest add up.
+    _LARGEST = ("peak_resident", "rss_above_start", "unmanaged")
+
+    @staticmethod
+    def of(it: IterationStats, budget: int) -> "Elided":
+        """Iteration `it` alone."""
+        return Elided(
+            count=1, first_index=it.index, last_index=it.index, seconds=it.seconds,
+            bytes_read=it.bytes_read, bytes_written=it.bytes_written,
+            unplanned_bytes=it.unplanned_bytes, wait_s=it.wait_s,
+            bytes_recomputed=it.bytes_recomputed, page_faults=it.page_faults,
+            trims=it.trims, trimmed_bytes=it.trimmed_bytes, plan_s=it.plan_s,
+            recordings=int(it.mode == "record"), deviations=int(bool(it.deviation)),
+            interrupted=int(not it.completed), over_budget=int(it.peak_resident > budget),
+            peak_resident=it.peak_resident, rss_above_start=it.rss_above_start,
+            unmanaged=it.unmanaged)
+
     def add(self, it: IterationStats, budget: int) -> "Elided":
         """This summary with iteration `it` in it too (iterations come in order)."""
-        return Elided(
-            count=self.count + 1, first_index=self.first_index or it.index,
-            last_index=it.index, seconds=self.seconds + it.seconds,
-            bytes_read=self.bytes_read + it.bytes_read,
-            bytes_written=self.bytes_written + it.bytes_written,
-            unplanned_bytes=self.unplanned_bytes + it.unplanned_bytes,
-            wait_s=self.wait_s + it.wait_s,
-            bytes_recomputed=self.bytes_recomputed + it.bytes_recomputed,
-            page_faults=self.page_faults + it.page_faults, trims=self.trims + it.trims,
-            trimmed_bytes=self.trimmed_bytes + it.trimmed_bytes, plan_s=self.plan_s + it.plan_s,
-            recordings=self.recordings + (it.mode == "record"),
-            deviations=self.deviations + bool(it.deviation),
-            interrupted=self.interrupted + (not it.completed),
-            over_budget=self.over_budget + (it.peak_resident > budget),
-            peak_resident=max(self.peak_resident, it.peak_resident),
-            rss_above_start=max(self.rss_above_start, it.rss_above_start),
-            unmanaged=max(self.unmanaged, it.unmanaged))
+        return self.join(Elided.of(it, budget))
 
     def join(self, later: "Elided") -> "Elided":
         """This summary and `later`'s, of the iterations after these, as one."""
@@ -113,13 +115,10 @@ class Elided:
             return later
         if not later.count:
             return self
-        summed = {f.name: getattr(self, f.name) + getattr(later, f.name) for f in fields(self)
-                  if f.name not in ("first_index", "last_index", "peak_resident",
-                                    "rss_above_start", "unmanaged")}
-        return Elided(**summed, first_index=self.first_index, last_index=later.last_index,
-                      peak_resident=max(self.peak_resident, later.peak_resident),
-                      rss_above_start=max(self.rss_above_start, later.rss_above_start),
-                      unmanaged=max(self.unmanaged, later.unmanaged))
+        joined = {f.name: (max if f.name in self._LARGEST else operator.add)(
+            getattr(self, f.name), getattr(later, f.name)) for f in fields(self)
+            if f.name not in ("first_index", "last_index")}
+        return Elided(**joined, first_index=self.first_index, last_index=later.last_index)
 
     def line(self, budget: int, listed: str) -> str:
         """The report's row for these iterations."""
@@ -356,19 +355,17 @@ class Report:
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
                          "faults  trims  peak        rss+        unmanaged")
             rows = self.iterations
-            if self.elided and self.elided.count:        # listed before and after them
-                cut = self.elided.first_index
-                first = [it for it in rows if it.index < cut][:PRINT_FIRST]
-                last = [it for it in rows if it.index > cut][-PRINT_LAST:]
+            # The summed ones lie between the listed ones before and after them.
+            cut = self.elided.first_index if self.elided and self.elided.count else None
+            if cut is None and len(rows) <= PRINT_FIRST + PRINT_LAST + 1:
+                lines += self._rows(rows)
+            else:
+                first = [it for it in rows if cut is None or it.index < cut][:PRINT_FIRST]
+                last = [it for it in rows[len(first):]
+                        if cut is None or it.index > cut][-PRINT_LAST:]
                 lines += self._rows(first)
                 lines.append(self._middle(rows[len(first):len(rows) - len(last)]))
                 lines += self._rows(last)
-            elif len(rows) > PRINT_FIRST + PRINT_LAST + 1:
-                lines += self._rows(rows[:PRINT_FIRST])
-                lines.append(self._middle(rows[PRINT_FIRST:-PRINT_LAST]))
-                lines += self._rows(rows[-PRINT_LAST:])
-            else:
-                lines += self._rows(rows)
         return "\n".join(lines)
 
     def _middle(self, rows) -> str:

@@ -154,6 +154,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import OutcoreError
+from .compose import guard_future_callbacks
 from .interrupts import critical, no_raise
 from ..states import DISCARDED, FAST, SLOW
 from ..units import format_bytes
@@ -181,7 +182,7 @@ def install(open_outofcore) -> None:
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
-        from .compose import guard_future_callbacks     # NOTE [Collectives in flight] 5
+        # Future callbacks on another thread: NOTE [Collectives in flight] rule 5.
         wrappers += [(torch._C.Future, "then", guard_future_callbacks),
                      (torch._C.Future, "add_done_callback", guard_future_callbacks)]
         safetensors = _safetensors()
