@@ -282,6 +282,62 @@ def test_a_ctrl_c_in_the_recorders_storage_death_callback_is_not_lost(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_ctrl_c_in_what_a_finalizer_calls_is_not_lost(tmp_path):
+    # Every weakref.finalize callback (outcore's unmapping of a mapped storage, the
+    # release of a host segment, the end of a numpy export) runs through
+    # `weakref.finalize.__call__`, where Python swallows exceptions: a Ctrl-C landing in
+    # the function it calls, or in one that function calls, was printed as "Exception
+    # ignored" and lost, and the callback stopped halfway. Here the handler is called in
+    # the frame of a function the finalizer's callback calls, as Python calls it when
+    # the signal lands there (NOTE [Interrupts] rule 6).
+    import sys
+    import weakref
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10))
+    x = torch.randn(64, 256)
+    fired, unraisable, released = [], [], []
+    previous_trace, previous_hook = sys.gettrace(), sys.unraisablehook
+
+    def let_go(token):
+        released.append(token)
+
+    def callback(token):
+        let_go(token)
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is let_go.__code__ and not fired:
+            fired.append(True)
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)
+        return None
+
+    class Held:
+        pass
+    with outcore.OutOfCore("4MiB", swap_dir=tmp_path) as ooc:
+        for _ in range(2):
+            with ooc.iteration():
+                model(x).sum().backward()
+        sys.unraisablehook = unraisable.append
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with ooc.iteration():
+                    held = Held()
+                    weakref.finalize(held, callback, "segment")
+                    sys.settrace(tracer)
+                    try:
+                        del held                   # the finalizer runs here
+                    finally:
+                        sys.settrace(previous_trace)
+                    model(x).sum().backward()
+        finally:
+            sys.unraisablehook = previous_hook
+        assert fired and not unraisable
+        assert released == ["segment"]             # the callback ran to its end
+        with ooc.iteration():                      # and the next iteration runs
+            model(x).sum().backward()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_install_from_another_thread_does_nothing():
     shield = interrupts.Shield()
     thread = threading.Thread(target=shield.install)

@@ -25,9 +25,12 @@ has its full size (or is safely on the slow tier) and every counter is true:
      the user installed another one meanwhile (theirs is left alone).
   6. Python swallows an exception raised in a weakref callback ("Exception ignored
      in ..."), so a KeyboardInterrupt raised there would be lost and the step would
-     run on. A signal that lands in a function marked `no_raise` (outcore's weakref
-     callbacks) is noted as in rule 3 and handed over when the next held section
-     ends: the next op, or at the latest the end of the iteration.
+     run on, and the callback would stop halfway (a mapping never unmapped, a host
+     segment never released). A signal that lands in a function marked `no_raise`
+     (outcore's weakref callbacks, and `weakref.finalize.__call__`, through which
+     every finalizer runs), or in anything such a function calls, is noted as in
+     rule 3 and handed over when the next held section ends: the next op, or at the
+     latest the end of the iteration.
 
 Only the main thread runs Python signal handlers; from another thread `install` does
 nothing (signals still reach the main thread's own handlers).
@@ -44,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
 # Code objects where Python would swallow the handler's exception (rule 6).
-SWALLOWING: set = set()
+SWALLOWING: set = {weakref.finalize.__call__.__code__}
 
 
 def critical(function):
@@ -130,11 +133,20 @@ class Shield:
         self._installed = False     # `_saved` stays: noted signals are delivered to it
 
     def _handler(self, signum, frame) -> None:
-        if self.depth > 0 or (frame is not None and (frame.f_code in CRITICAL
-                                                     or frame.f_code in SWALLOWING)):
+        if self.depth > 0 or (frame is not None and frame.f_code in CRITICAL) or _swallowed(frame):
             self.pending.append((signum, frame))
             return
         self._saved[signum](signum, frame)
+
+
+def _swallowed(frame) -> bool:
+    """Whether `frame` runs inside a weakref callback (rule 6): walked only when a signal
+    lands, so the cost is one walk up the stack per signal."""
+    while frame is not None:
+        if frame.f_code in SWALLOWING:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class HeldMode(TorchDispatchMode):

@@ -70,6 +70,7 @@ import torch
 
 from ..memory import ALIGNMENT, round_up
 from ..memory.malloc import file_resident_bytes, resident_bytes
+from .interrupts import no_raise
 
 MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)     # Linux 5.4+; Python may lack the name
 _PAGE = mmap.PAGESIZE
@@ -207,6 +208,7 @@ def orphan(storage, mapping: Mapping) -> None:
     """Keep `storage` mapped after its OutOfCore closed (rule 7)."""
     key = storage._cdata
 
+    @no_raise     # a weakref callback: a signal landing here is noted (NOTE [Interrupts] 6)
     def forget(_ref, key=key):
         with _orphans_lock:
             _orphans.pop(key, None)
