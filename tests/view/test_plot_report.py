@@ -291,10 +291,12 @@ def test_a_long_run_keeps_the_first_and_last_iterations_and_sums_the_rest(tmp_pa
     e = report.elided
     assert (e.count, e.first_index, e.last_index) == (12, 4, 15)
     for name in ("bytes_read", "bytes_written", "unplanned_bytes", "page_faults", "trims",
-                 "trimmed_bytes", "bytes_recomputed"):
+                 "trimmed_bytes", "bytes_recomputed", "skipped_actions"):
         assert getattr(e, name) == sum(getattr(it, name) for it in middle), name
-    assert e.seconds == pytest.approx(sum(it.seconds for it in middle))
-    assert e.plan_s == pytest.approx(sum(it.plan_s for it in middle))
+    for name in ("seconds", "plan_s", "wait_s", "transfer_s", "restore_s"):
+        assert getattr(e, name) == pytest.approx(sum(getattr(it, name) for it in middle)), name
+    assert e.transfer_s > 0, "the middle iterations moved bytes"
+
     assert e.plan_s > 0, "the recording after iteration 10's deviation was planned"
     assert e.peak_resident == max(it.peak_resident for it in middle)
     assert e.rss_above_start == max(it.rss_above_start for it in middle)

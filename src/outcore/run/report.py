@@ -75,6 +75,9 @@ class Elided:
     bytes_written: int = 0
     unplanned_bytes: int = 0
     wait_s: float = 0.0
+    transfer_s: float = 0.0
+    restore_s: float = 0.0
+    skipped_actions: int = 0
     bytes_recomputed: int = 0
     page_faults: int = 0
     trims: int = 0
@@ -97,7 +100,8 @@ class Elided:
         return Elided(
             count=1, first_index=it.index, last_index=it.index, seconds=it.seconds,
             bytes_read=it.bytes_read, bytes_written=it.bytes_written,
-            unplanned_bytes=it.unplanned_bytes, wait_s=it.wait_s,
+            unplanned_bytes=it.unplanned_bytes, wait_s=it.wait_s, transfer_s=it.transfer_s,
+            restore_s=it.restore_s, skipped_actions=it.skipped_actions,
             bytes_recomputed=it.bytes_recomputed, page_faults=it.page_faults,
             trims=it.trims, trimmed_bytes=it.trimmed_bytes, plan_s=it.plan_s,
             recordings=int(it.mode == "record"), deviations=int(bool(it.deviation)),
@@ -128,7 +132,8 @@ class Elided:
         return (f"  {self.first_index:>4}-{self.last_index}: {self.count:,} iterations, "
                 f"{self.seconds:.2f}s in all, read {format_bytes(self.bytes_read)}, written "
                 f"{format_bytes(self.bytes_written)}, unplanned "
-                f"{format_bytes(self.unplanned_bytes)}, waited {self.wait_s:.2f}s, "
+                f"{format_bytes(self.unplanned_bytes)}, waited {self.wait_s:.2f}s of "
+                f"{self.transfer_s:.2f}s moving, "
                 f"{_thousands(self.page_faults)} faults; peak at most "
                 f"{format_bytes(self.peak_resident)}, rss+ at most "
                 f"{format_bytes(self.rss_above_start)}, unmanaged at most "
@@ -139,6 +144,8 @@ class Elided:
                 + (f"; {self.trims} trims gave back {format_bytes(self.trimmed_bytes)}"
                    if self.trims else "")
                 + (f"; planned in {self.plan_s:.2f}s" if self.plan_s else "")
+                + (f"; {self.skipped_actions} planned moves skipped" if self.skipped_actions
+                   else "")
                 + f" ({listed})")
 
 
