@@ -685,6 +685,45 @@ def test_the_min_move_bytes_advice_counts_only_what_a_lower_threshold_would_move
     assert not list(tmp_path.iterdir())
 
 
+def test_the_arrays_that_never_move_are_counted_by_why(tmp_path):
+    """helper-102: a `.numpy()` of every parameter taken before the OutOfCore opened (a
+    histogram logged before training) makes PyTorch mark their storages unresizable for
+    good; the budget error listed every reason an array may never move, and the user
+    could not tell which was theirs. It now counts them by reason, with the way out of
+    each, and names no reason that is not there."""
+    def run(model, budget):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+            for _ in range(2):
+                with ooc.iteration():
+                    model(torch.randn(8, 512)).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+    logged = [p.detach().numpy().sum() for p in model.parameters()]
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        run(model, 3 * MIB)
+    message = str(err.value)
+    # The weights (1 MiB each) and biases (2 KiB), all unresizable: as many as resident.
+    found = re.search(r"([\d.]+ \w+) in (\d+) storages not resizable \(from_numpy, a "
+                      r"\.numpy\(\) taken while no OutOfCore was open", message)
+    assert found, message
+    assert int(found.group(2)) >= 2, message
+    assert "shared memory" not in message and "collective" not in message, message
+
+    shared = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+    shared.share_memory()
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        run(shared, 3 * MIB)
+    message = str(err.value)
+    assert re.search(r"in \d+ storages in shared memory \(share_memory_\(\)", message), message
+    assert "not resizable" not in message, message
+    assert not list(tmp_path.iterdir())
+    assert logged
+
+
 def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_runs_op_by_op(tmp_path, caplog):
     """Forty small arrays alive at once early, three large ones late: the recording makes
     room op by op and stays within the budget, but a plan keeps room for the small

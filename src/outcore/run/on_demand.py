@@ -360,6 +360,63 @@ def _small_pinned(res: Residency) -> int:
     return small
 
 
+# Why storages never move (Residency NOTE 7), and what the user can do about each, in the
+# order the budget error lists them.
+_NEVER_MOVES = {
+    "unresizable": "not resizable (from_numpy, a .numpy() taken while no OutOfCore was "
+                   "open, torch.load: .clone() those, or take .numpy() inside the "
+                   "OutOfCore; optimizer state loaded with torch.load, by load_state_dict "
+                   "or accelerate's load_state: outcore.integrations.make_movable("
+                   "optimizer, ooc) after loading)",
+    "shared": "in shared memory (share_memory_(), tensors from DataLoader workers or "
+              "torch.multiprocessing: .clone() those)",
+    "exported": "with a numpy array over them alive (.numpy() inside the OutOfCore: "
+                "drop the arrays, or take them of a .clone())",
+    "owned": "held by a collective or FSDP",
+    "small": "under min_move_bytes",
+}
+
+
+def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
+    """{reason: (storages, bytes)} of the resident storages that never move, by why
+    (`_NEVER_MOVES`): what the budget error lists so that a user finds theirs."""
+    from .sharing import exported
+    out: dict[str, tuple[int, int]] = {}
+    for e in list(res.entries.values()):
+        if not ((e.pinned or e.owner) and e.state is FAST and not e.elsewhere):
+            continue
+        storage = e.ref()
+        if storage is None:
+            continue
+        reason = ("owned" if e.owner else "unresizable" if not storage.resizable()
+                  else "exported" if exported(storage)
+                  else "shared" if storage.device.type == "cpu" and storage.is_shared()
+                  else "small" if e.nbytes < res.min_move_bytes else None)
+        if reason is not None:
+            count, nbytes = out.get(reason, (0, 0))
+            out[reason] = (count + 1, nbytes + (storage.nbytes() if e.foreign else e.nbytes))
+    return out
+
+
+def _never_moves_text(res: Residency | None, min_move_bytes: int) -> str:
+    """The budget error's words on the arrays that never move: by reason where `res` is
+    known, else every reason."""
+    found = _never_moves(res) if res is not None else {}
+    if not found:
+        return ("under min_move_bytes={:,}, {}, {}, {} or {}".format(
+            min_move_bytes, _NEVER_MOVES["unresizable"], _NEVER_MOVES["shared"],
+            _NEVER_MOVES["exported"], _NEVER_MOVES["owned"]))
+    parts = []
+    for reason, words in _NEVER_MOVES.items():
+        if reason in found:
+            count, nbytes = found[reason]
+            if reason == "small":
+                words = f"under min_move_bytes={min_move_bytes:,}"
+            parts.append(f"{format_bytes(nbytes)} in {count:,} "
+                         f"{'storage' if count == 1 else 'storages'} {words}")
+    return "; ".join(parts)
+
+
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,
                min_move_bytes: int, *, completed: bool = False,
                deviated: bool = False, inputs=(), res: Residency | None = None
@@ -374,12 +431,8 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     only in part (`read_in_part`)."""
     needed = movable + pinned
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
-            f"arrays that never move: under min_move_bytes={min_move_bytes:,}, not resizable "
-            "or in shared memory (from_numpy, .numpy(), torch.load: .clone() those; "
-            "optimizer state loaded with torch.load, by load_state_dict or accelerate's "
-            "load_state: outcore.integrations.make_movable(optimizer, ooc) after loading; "
-            "share_memory_()), or held by a "
-            "collective or FSDP)") if pinned else ""
+            f"arrays that never move: {_never_moves_text(res, min_move_bytes)})"
+            if pinned else "")
     part = read_in_part(inputs, needed, res)
     small = _small_pinned(res) if pinned and res is not None else 0
     smaller = (f"lower min_move_bytes (OutOfCore(min_move_bytes=...); {min_move_bytes:,} B now): "
