@@ -63,6 +63,71 @@ def _op_schema_name(op: str) -> str:
     return f"{namespace}::{rest.rsplit('.', 1)[0]}" if "." in rest else f"{namespace}::{rest}"
 
 
+class _Tables:
+    """What following one plan needs from its trace, made once per plan and shared by
+    every replay of it (`_tables`): read only. Made at each replay's start, they cost
+    every iteration a few milliseconds per thousand functions."""
+
+    def __init__(self, trace, keys):
+        fns = trace.functions
+        self.op_names = [f.op for f in fns]
+        self.expected = [f.arrays() for f in fns]
+        # How many of each function's arrays it read (or wrote) rather than created: a
+        # step that reads more storages than that is off its record, even where the
+        # function also created arrays (an extra input must not bind to an output's id).
+        # `lift_fresh` is the exception: its argument, made just before it outside the
+        # dispatcher, is recorded as created, yet it is the op's input (FRESH_ARGUMENT_OPS).
+        self.n_read = [len(f.accesses) if _op_schema_name(f.op) in FRESH_ARGUMENT_OPS
+                       else sum(a.kind != "create" for a in f.accesses) for f in fns]
+        self.nbytes = [a.nbytes for a in trace.arrays]
+        self.is_input = [a.kind == "input" for a in trace.arrays]
+        self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
+        self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in fns]
+        # NOTE [Small ops off the record]: a function keyed None is small or inserted.
+        self.small = [k is None and f.repeats is None for k, f in zip(keys, fns)]
+        # NOTE [Replaying a recompute] (recompute.py): the functions run again, and
+        # which arrays they make again.
+        self.repeats = [f.repeats for f in fns]
+        self.sources = {r for r in self.repeats if r is not None}
+        self.made_again: dict[int, int] = {}        # y' (or a temporary copy of y) -> y
+        remade: dict[int, list[int]] = {}           # y -> the arrays that make it again
+        self.producer: dict[int, int] = {}          # y -> the function that made it
+        self.follower: dict[int, int] = {}          # that function -> its in-place follower
+        for fn in fns:
+            if fn.repeats is None:
+                continue
+            made = [a.array for a in fn.accesses if a.kind == "create"]
+            if made:                                # a repeated producer
+                y = next(a.array for a in fns[fn.repeats].accesses if a.kind == "create")
+                self.made_again[made[0]] = y
+                remade.setdefault(y, []).append(made[0])
+                self.producer[y] = producer = fn.repeats
+            else:                                   # its follower, right after it
+                self.follower[producer] = fn.repeats
+        self.y_of = {p: y for y, p in self.producer.items()}
+        # NOTE 5: every copy of y made before the last is a temporary, discarded again
+        # where the plan frees it; y's calls are kept for the next remake till then.
+        self.temporary = {t for copies in remade.values() for t in copies[:-1]}
+        self.twice = {y for y, copies in remade.items() if len(copies) > 1}
+
+
+# id(schedule) -> (keys, _Tables); an entry goes when its schedule does (a finalizer),
+# so that a later schedule with the same id() never sees it.
+_TABLES: dict[int, tuple] = {}
+
+
+def _tables(trace, schedule, keys) -> _Tables:
+    """The `_Tables` of the plan (`trace`, `schedule`, `keys`), made at its first replay."""
+    key = id(schedule)
+    found = _TABLES.get(key)
+    if found is not None and found[0] is keys and found[1] is trace:
+        return found[2]
+    if found is None:
+        weakref.finalize(schedule, _TABLES.pop, key, None)
+    _TABLES[key] = (keys, trace, _Tables(trace, keys))
+    return _TABLES[key][2]
+
+
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
                  shield: Shield, inputs=(), *, keys, may_follow: bool = True,
@@ -137,53 +202,22 @@ class Replayer(HeldMode):
         self.trace = trace
         self.schedule = schedule
         self.n = len(trace.functions)
-        self.op_names = [f.op for f in trace.functions]
-        self.expected = [f.arrays() for f in trace.functions]
-        # How many of each function's arrays it read (or wrote) rather than created: a
-        # step that reads more storages than that is off its record, even where the
-        # function also created arrays (an extra input must not bind to an output's id).
-        # `lift_fresh` is the exception: its argument, made just before it outside the
-        # dispatcher, is recorded as created, yet it is the op's input (FRESH_ARGUMENT_OPS).
-        self.n_read = [len(f.accesses) if _op_schema_name(f.op) in FRESH_ARGUMENT_OPS
-                       else sum(a.kind != "create" for a in f.accesses)
-                       for f in trace.functions]
-        self.nbytes = [a.nbytes for a in trace.arrays]
-        self.is_input = [a.kind == "input" for a in trace.arrays]
-        self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
         self.keys = keys                # plans.function_keys(trace), made once per plan
-        self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in trace.functions]
-        # NOTE [Small ops off the record]: a function keyed None is small or inserted.
-        self.small = [k is None and f.repeats is None for k, f in zip(keys, trace.functions)]
+        t = _tables(trace, schedule, keys)          # read only: shared by its replays
+        self.op_names, self.expected, self.n_read = t.op_names, t.expected, t.n_read
+        self.nbytes, self.is_input, self.is_state = t.nbytes, t.is_input, t.is_state
+        self.dirty, self.small, self.repeats = t.dirty, t.small, t.repeats
+        self._sources, self._made_again, self._producer = t.sources, t.made_again, t.producer
+        self._follower, self._y_of = t.follower, t.y_of
+        self._temporary, self._twice = t.temporary, t.twice
         self._curve = schedule.resident_curve
-        self._recompute_setup(trace)
+        self._recompute_state()
 
     # -- recompute (NOTE [Replaying a recompute] in recompute.py) --------------------------
-    def _recompute_setup(self, trace) -> None:
-        fns = trace.functions
-        self.repeats = [f.repeats for f in fns]
-        self._sources = {r for r in self.repeats if r is not None}   # functions run again
-        self._made_again: dict[int, int] = {}       # y' (or a temporary copy of y) -> y
-        remade: dict[int, list[int]] = {}           # y -> the arrays that make it again
-        self._producer: dict[int, int] = {}         # y -> the function that made it
-        self._follower: dict[int, int] = {}         # that function -> its in-place follower
-        for fn in fns:
-            if fn.repeats is None:
-                continue
-            made = [a.array for a in fn.accesses if a.kind == "create"]
-            if made:                                # a repeated producer
-                y = next(a.array for a in fns[fn.repeats].accesses if a.kind == "create")
-                self._made_again[made[0]] = y
-                remade.setdefault(y, []).append(made[0])
-                self._producer[y] = producer = fn.repeats
-            else:                                   # its follower, right after it
-                self._follower[producer] = fn.repeats
-        self._y_of = {p: y for y, p in self._producer.items()}
+    def _recompute_state(self) -> None:
+        """This replay's own recompute state (the plan's tables are `_Tables`)."""
         self._calls: dict[int, recompute.Call] = {}
         self._held: dict[int, object] = {}          # y -> its entry, from its FREE on
-        # NOTE 5: every copy of y made before the last is a temporary, discarded again
-        # where the plan frees it; y's calls are kept for the next remake till then.
-        self._temporary = {t for copies in remade.values() for t in copies[:-1]}
-        self._twice = {y for y, copies in remade.items() if len(copies) > 1}
         self._kept: dict[int, list] = {}            # y -> its calls, while copies remain
         self._written_off: dict = {}    # key -> weakref of storages small ops off the record wrote
 
