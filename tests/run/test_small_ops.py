@@ -498,3 +498,23 @@ def test_a_foreach_op_whose_first_tensor_is_small_is_followed(foreach, tmp_path)
     later = report.iterations[2:]
     assert [it.deviation for it in later] == [None] * len(later), str(report)
     assert not any(it.tracked for it in later[1:]), str(report)
+
+
+def test_a_small_float_tensor_divided_by_a_0_dim_int64_counter_replays(tmp_path):
+    """AveragedModel's SWA update divides each parameter's difference by its 0-dim int64
+    `n_averaged + 1`: a 256-float bias makes 1 KiB, small as recorded. Judged by its widest
+    input dtype (int64) it looked 2 KiB and every replay left its plan there."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    n = torch.tensor(3, dtype=torch.long)
+    avg = torch.zeros(256)
+    with outcore.OutOfCore("4MiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(6):
+            x = torch.randn(64, 512)
+            with ooc.iteration():
+                lin(x).square().mean().backward(); opt.step(); opt.zero_grad()
+                with torch.no_grad():
+                    avg.copy_(avg + (lin.bias - avg) / (n + 1))
+        report = ooc.report()
+    assert report.deviations == 0 and report.recordings == 1

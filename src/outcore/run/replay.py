@@ -51,6 +51,25 @@ def _tensors_read(args, kwargs) -> list:
     return inputs
 
 
+def _pointwise_width(tensors) -> int:
+    """The element size a pointwise op's output may have: its inputs' promoted dtype as
+    PyTorch promotes it (a 0-dim tensor does not widen a dimensioned one of its category:
+    a float tensor divided by a 0-dim int64 counter stays float), and at least the
+    default float's where that is an integer or bool (true division makes floats)."""
+    if not tensors:
+        return 1
+    try:
+        from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
+        _, dtype = elementwise_dtypes(
+            *tensors, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+    except Exception:
+        return max(t.element_size() for t in tensors)
+    width = dtype.itemsize
+    if not (dtype.is_floating_point or dtype.is_complex):
+        width = max(width, torch.get_default_dtype().itemsize)
+    return width
+
+
 # Pointwise ops whose output is bool whatever their inputs (`_runs_small`).
 _TO_BOOL = frozenset((
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
@@ -1145,14 +1164,16 @@ class Replayer(HeldMode):
             return True
         if torch.Tag.pointwise in func.tags:
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
-            # to spare; a comparison makes bools, a byte an element.
+            # to spare; here it is counted as PyTorch promotes (`_pointwise_width`:
+            # helper-104, AveragedModel divides a 1 KiB bias by a 0-dim int64 counter, and
+            # at int64's width every replay left its plan there); a comparison makes bools.
             tensors = _tensors_read(args, kwargs)
             try:
                 numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
             except RuntimeError:
                 return False
-            width = 1 if func._schema.name.split("::")[-1] in _TO_BOOL else max(
-                (t.element_size() for t in tensors), default=1)
+            width = 1 if func._schema.name.split("::")[-1] in _TO_BOOL else _pointwise_width(
+                tensors)
             return numel * width <= SMALL_OP_BYTES
         made = created_bytes(func, args, kwargs)
         return made is None or made <= SMALL_OP_BYTES
