@@ -291,7 +291,11 @@ def output_tensors(out) -> list[torch.Tensor]:
 
 
 def storage_of(t: torch.Tensor):
-    """The tensor's storage, or None for tensors without one (sparse, wrapper subclasses)."""
+    """The tensor's storage, or None for tensors without one (sparse, wrapper subclasses,
+    efficient ZeroTensors: forward-mode AD's tangents of parameters, whose storage has a
+    size but no memory, and can neither be read nor moved)."""
+    if t._is_zerotensor():
+        return None
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError):

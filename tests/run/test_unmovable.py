@@ -531,3 +531,78 @@ def test_making_room_walks_only_the_entries_it_evicts_not_every_pinned_one(tmp_p
         # before: each walk visited the whole order, pinned entries first (about 700 a walk)
         assert _CountingOrder.visited / walks < 60, (_CountingOrder.visited, walks)
     assert_bitwise_equal(state_of(model, opt), state_of(twin, twin_opt))
+
+
+def test_a_meta_tensor_made_in_the_step_is_never_counted_or_moved(tmp_path):
+    """helper-103: a meta tensor made inside an iteration (a shape worked out on meta)
+    was tracked as resident memory; when room was needed its "eviction" wrote from
+    address 0 on the mover's thread, a segmentation fault. A meta storage holds no
+    memory: outside every counter, never moved (Residency NOTE 6)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 256))
+    plain = copy.deepcopy(model)
+
+    def step(m, opt):
+        probe = torch.empty(1024, 512, device="meta")      # 2 MiB "on meta"
+        shape = (probe * 2).sum(0).shape                   # an op reading it
+        loss = m(torch.ones(64, 256)).square().mean() + 0 * shape[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    opt, plain_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, plain))
+    expected = [step(plain, plain_opt) for _ in range(4)]
+    budget = 1536 * 1024          # parameters 1 MiB and their gradients as much
+    with outcore.OutOfCore(budget, swap_dir=tmp_path) as ooc:
+        losses = []
+        for _ in range(4):
+            with ooc.iteration():
+                losses.append(step(model, opt))
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected))
+    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
+    assert sum(it.bytes_written for it in report.iterations) > 0, "the budget made it move"
+    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
+
+
+def test_forward_mode_ad_under_a_budget_trains_bitwise(tmp_path):
+    """helper-103: forward-mode AD makes efficient ZeroTensors as the parameters'
+    tangents: their storage has a size but no memory. outcore tracked and evicted them,
+    and every iteration raised PyTorch's "Attempted to access the data pointer on an
+    invalid python storage" (not an OutcoreError), nothing trained. A ZeroTensor has no
+    storage outcore tracks (`aten.storage_of`)."""
+    import torch.autograd.forward_ad as fwAD
+
+    def make_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(),
+                                   torch.nn.Linear(512, 512), torch.nn.Tanh(),
+                                   torch.nn.Linear(512, 10))
+    gen = torch.Generator().manual_seed(1)
+    x, v = torch.randn(128, 256, generator=gen), torch.randn(128, 256, generator=gen)
+    y = torch.randint(0, 10, (128,), generator=gen)
+
+    def step(m, opt):
+        with fwAD.dual_level():
+            prim, tan = fwAD.unpack_dual(m(fwAD.make_dual(x, v)))
+        loss = torch.nn.functional.cross_entropy(prim, y) + 0.01 * tan.pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    plain, model = make_model(), make_model()
+    plain_opt, opt = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (plain, model))
+    expected = [step(plain, plain_opt) for _ in range(4)]
+    with outcore.OutOfCore("4MiB", swap_dir=tmp_path) as ooc:    # the peak: about 9.6 MiB
+        losses = []
+        for _ in range(4):
+            with ooc.iteration():
+                losses.append(step(model, opt))
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected))
+    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
+    assert sum(it.bytes_written for it in report.iterations) > 0
+    assert all(it.peak_resident <= 4 * 2**20 for it in report.iterations), str(report)

@@ -757,7 +757,7 @@ class OutOfCore:
         # outside the budget and never move (Residency NOTE 6). A step with none on it
         # would run with the budget bounding nothing: refused.
         elsewhere = {a.id for a in trace.arrays
-                     if a.device.split(":")[0] not in (self.fast_device, "meta")}
+                     if a.device.split(":")[0] != self.fast_device}
         if trace.arrays and len(elsewhere) == len(trace.arrays):
             raise OutcoreError(
                 f"this OutOfCore (offload={self.offload!r}) manages {self.fast_device} tensors, "

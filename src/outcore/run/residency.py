@@ -319,7 +319,11 @@ class Residency:
         the mover cannot reach is refused before anything moves."""
         device = storage.device
         if device.type == "meta":
-            return False
+            # No memory behind it (a shape inferred inside the step, the meta tensors of
+            # the ZeroTensor fallback under forward-mode AD): outside every counter, never
+            # moved. Tracked as resident, its first eviction wrote from address 0 on the
+            # mover's thread: a segmentation fault.
+            return self.mover.device_type != "meta"
         if device.type == self.mover.device_type:
             index = getattr(self.mover, "device_index", None)
             if index is None or device.index in (None, index):
