@@ -992,8 +992,8 @@ class Replayer(HeldMode):
         if i >= self.n:
             return f"function {i}: expected the end of the step, the step ran {name}"
         if self.op_names[i] == name:
-            return (f"function {i} ({name}): the record's op touches only small tensors, the "
-                    "step's does not")
+            return (f"function {i} ({name}): the record's op is small (it read and made "
+                    f"{SMALL_OP_BYTES:,} B at most), the step's reads or may make more")
         return f"function {i}: expected {self.op_names[i]}, the step ran {name}"
 
     def _off_record(self, reason, func, args, kwargs, storages, small, larger=False):
