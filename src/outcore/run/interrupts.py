@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import weakref
 
@@ -96,9 +97,11 @@ class Shield:
         self.depth += 1
 
     def exit(self) -> None:
-        """End a held section; at the outermost end, hand over the noted signals."""
+        """End a held section; at the outermost end, hand over the noted signals, unless
+        it ends inside a weakref callback (an op a finalizer runs): raised there, Python
+        would swallow them (rule 6), so they wait for the next end outside one."""
         self.depth -= 1
-        if self.pending and self.depth == 0:
+        if self.pending and self.depth == 0 and not _swallowed(sys._getframe(1)):
             self._deliver()
 
     def _deliver(self) -> None:

@@ -201,7 +201,7 @@ class Mapping:
 
 
 _orphans: dict[int, tuple[weakref.ref, Mapping]] = {}
-_orphans_lock = threading.Lock()
+_orphans_lock = threading.RLock()   # `forget` may run in a collection while it is held
 
 
 def orphan(storage, mapping: Mapping) -> None:

@@ -372,9 +372,16 @@ _NEVER_MOVES = {
               "torch.multiprocessing: .clone() those)",
     "exported": "with a numpy array over them alive (.numpy() inside the OutOfCore: "
                 "drop the arrays, or take them of a .clone())",
-    "owned": "held by a collective or FSDP",
+    "owned": "held by {owner}",
     "small": "under min_move_bytes",
+    "other": "pinned for the rest of this iteration (a numpy array over them died since; "
+             "they move again from the next iteration)",
 }
+
+
+# `Entry.owner` (Residency.disown) in the error's words.
+_OWNERS = {"collective": "a collective", "resized by another library":
+           "another library, which resizes them itself"}
 
 
 def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
@@ -382,6 +389,7 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
     (`_NEVER_MOVES`): what the budget error lists so that a user finds theirs."""
     from .sharing import exported
     out: dict[str, tuple[int, int]] = {}
+    owners: set = set()
     for e in list(res.entries.values()):
         if not ((e.pinned or e.owner) and e.state is FAST and not e.elsewhere):
             continue
@@ -391,27 +399,35 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
         reason = ("owned" if e.owner else "unresizable" if not storage.resizable()
                   else "exported" if exported(storage)
                   else "shared" if storage.device.type == "cpu" and storage.is_shared()
-                  else "small" if e.nbytes < res.min_move_bytes else None)
-        if reason is not None:
-            count, nbytes = out.get(reason, (0, 0))
-            out[reason] = (count + 1, nbytes + (storage.nbytes() if e.foreign else e.nbytes))
+                  else "small" if e.nbytes < res.min_move_bytes else "other")
+        if e.owner:
+            owners.add(_OWNERS.get(e.owner, e.owner))
+        count, nbytes = out.get(reason, (0, 0))
+        out[reason] = (count + 1, nbytes + (storage.nbytes() if e.foreign else e.nbytes))
+    if "owned" in out:
+        out["owned"] += (" or ".join(sorted(owners)),)
     return out
 
 
 def _never_moves_text(res: Residency | None, min_move_bytes: int) -> str:
     """The budget error's words on the arrays that never move: by reason where `res` is
     known, else every reason."""
-    found = _never_moves(res) if res is not None else {}
+    try:                # it runs while an error is made: never one of its own
+        found = _never_moves(res) if res is not None else {}
+    except Exception:
+        found = {}
     if not found:
         return ("under min_move_bytes={:,}, {}, {}, {} or {}".format(
             min_move_bytes, _NEVER_MOVES["unresizable"], _NEVER_MOVES["shared"],
-            _NEVER_MOVES["exported"], _NEVER_MOVES["owned"]))
+            _NEVER_MOVES["exported"], _NEVER_MOVES["owned"].format(owner="a collective or FSDP")))
     parts = []
     for reason, words in _NEVER_MOVES.items():
         if reason in found:
-            count, nbytes = found[reason]
+            count, nbytes, *owner = found[reason]
             if reason == "small":
                 words = f"under min_move_bytes={min_move_bytes:,}"
+            elif reason == "owned":
+                words = words.format(owner=owner[0])
             parts.append(f"{format_bytes(nbytes)} in {count:,} "
                          f"{'storage' if count == 1 else 'storages'} {words}")
     return "; ".join(parts)

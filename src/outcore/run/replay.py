@@ -58,6 +58,11 @@ def _pointwise_width(tensors) -> int:
     default float's where that is an integer or bool (true division makes floats)."""
     if not tensors:
         return 1
+    # Promotion runs in Python: cached by what it reads of the tensors, and the default dtype.
+    key = (torch.get_default_dtype(), *((t.dtype, t.dim() == 0, t.device.type) for t in tensors))
+    width = _WIDTHS.get(key)
+    if width is not None:
+        return width
     try:
         from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
         _, dtype = elementwise_dtypes(
@@ -67,7 +72,12 @@ def _pointwise_width(tensors) -> int:
     width = dtype.itemsize
     if not (dtype.is_floating_point or dtype.is_complex):
         width = max(width, torch.get_default_dtype().itemsize)
+    if len(_WIDTHS) < 4096:
+        _WIDTHS[key] = width
     return width
+
+
+_WIDTHS: dict = {}      # `_pointwise_width` by what type promotion reads
 
 
 # Pointwise ops whose output is bool whatever their inputs (`_runs_small`).

@@ -132,8 +132,9 @@ class Elided:
         return (f"  {self.first_index:>4}-{self.last_index}: {self.count:,} iterations, "
                 f"{self.seconds:.2f}s in all, read {format_bytes(self.bytes_read)}, written "
                 f"{format_bytes(self.bytes_written)}, unplanned "
-                f"{format_bytes(self.unplanned_bytes)}, waited {self.wait_s:.2f}s of "
-                f"{self.transfer_s:.2f}s moving, "
+                f"{format_bytes(self.unplanned_bytes)}, waited {self.wait_s:.2f}s"
+                + (f" of {self.transfer_s:.2f}s moving" if self.transfer_s else "")   # v2 files: 0
+                + ", "
                 f"{_thousands(self.page_faults)} faults; peak at most "
                 f"{format_bytes(self.peak_resident)}, rss+ at most "
                 f"{format_bytes(self.rss_above_start)}, unmanaged at most "
