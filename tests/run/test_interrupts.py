@@ -475,3 +475,72 @@ def test_a_dead_disk_raises_and_close_reads_back_once_it_works(monkeypatch, mlp_
         monkeypatch.undo()                   # the disk works again
         ooc.close()                          # reads back what the failed reads left out
         assert_whole(w)
+
+
+def test_a_signal_handler_that_reads_the_model_during_iterations(tmp_path):
+    """helper-105: a SIGTERM handler that reads the parameters (a preemption handler that
+    logs or saves a checkpoint), called while an iteration runs, died with a segmentation
+    fault at every delay tried: the handler was handed the signal at the end of an op's
+    held section, inside the mode's `__torch_dispatch__`, where PyTorch has the mode off
+    its stack, so its ops ran past outcore on storages outcore had on the slow tier
+    (NOTE [Interrupts] rule 7). Signals come every 50 ms from a thread, in
+    a child process (a crash is its exit code); the handler only reads, so training
+    stays bitwise equal to plain PyTorch."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import os, signal, threading, time
+        import torch, outcore
+
+        def make():
+            torch.manual_seed(0)
+            layers = []
+            for _ in range(4):
+                layers += [torch.nn.Linear(512, 512), torch.nn.ReLU()]
+            model = torch.nn.Sequential(*layers, torch.nn.Linear(512, 10))
+            return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model, opt, i):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(256, 512, generator=g), torch.randint(0, 10, (256,), generator=g)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        plain, plain_opt = make()
+        for i in range(8):
+            step(plain, plain_opt, i)
+        model, opt = make()
+        seen = []
+
+        def handler(signum, frame):
+            seen.append(sum(float(p.detach().sum()) for p in model.parameters()))
+        signal.signal(signal.SIGTERM, handler)
+        done = threading.Event()
+
+        def send():
+            while not done.wait(0.05):
+                os.kill(os.getpid(), signal.SIGTERM)
+        ooc = outcore.OutOfCore("4MiB", swap_dir={str(tmp_path)!r})
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        for i in range(8):
+            with ooc.iteration():
+                step(model, opt, i)
+        done.set()
+        thread.join()
+        moved = sum(it.bytes_written for it in ooc.report().iterations)
+        ooc.close()
+        same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     plain.state_dict().values()))
+        print("handled", len(seen), "moved", moved, "same", same)
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    words = proc.stdout.split()
+    assert words[-1] == "True", proc.stdout
+    assert int(words[words.index("handled") + 1]) >= 10, proc.stdout
+    assert int(words[words.index("moved") + 1]) > 0, proc.stdout
+    assert not list(tmp_path.iterdir())

@@ -518,3 +518,27 @@ def test_a_small_float_tensor_divided_by_a_0_dim_int64_counter_replays(tmp_path)
                     avg.copy_(avg + (lin.bias - avg) / (n + 1))
         report = ooc.report()
     assert report.deviations == 0 and report.recordings == 1
+
+
+def test_a_bool_mask_anded_with_a_0_dim_bool_replays(tmp_path):
+    """helper-106: transformers' masking code ands a 0-dim bool with a (1, 1, L, L) bool
+    mask, 1 KiB at L = 32: small as recorded. Counting a small pointwise op's integer or
+    bool output at the default float's width (right for a true division only) made it
+    4 KiB, and Qwen2-MoE's every replay left its plan there (7 recordings in 12)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 256))
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(64, 256)
+    with outcore.OutOfCore("2MiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(6):
+            with ooc.iteration():
+                pos = torch.arange(32)
+                causal = pos[None, None, None, :] <= pos[None, None, :, None]
+                mask = torch.ones((), dtype=torch.bool) & causal
+                h = model(x).view(64, 8, 32)
+                h.masked_fill(~mask[0, 0, :8, :], 0).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        report = ooc.report()
+    assert report.deviations == 0 and report.recordings <= 2, str(report)

@@ -31,6 +31,15 @@ has its full size (or is safely on the slow tier) and every counter is true:
      every finalizer runs), or in anything such a function calls, is noted as in
      rule 3 and handed over when the next held section ends: the next op, or at the
      latest the end of the iteration.
+  7. The user's handler may read and write the model (a preemption handler that logs
+     or saves a checkpoint on SIGTERM). PyTorch takes a dispatch mode off its stack
+     while it dispatches an op to it, so a handler handed a signal at the end of an
+     op's held section, or called while PyTorch's own Python code runs before the
+     mode's `__torch_dispatch__`, ran its ops past outcore, on storages outcore had on
+     the slow tier: a segmentation fault (helper-105). So the block's mode is
+     `Shield.mode` while pushed; a signal that comes while it is off the stack is
+     noted, and noted signals are handed over with the mode put back on the stack:
+     the handler's ops are the step's (in a replay, off its plan: run op by op).
 
 Only the main thread runs Python signal handlers; from another thread `install` does
 nothing (signals still reach the main thread's own handlers).
@@ -90,28 +99,57 @@ class Shield:
         self.pending: list = []            # (signum, frame) noted while held
         self._saved: dict = {}             # signum -> the user's handler
         self._installed = False
+        self.mode = None                   # the block's dispatch mode, while pushed (rule 7)
+        self._delivering = False           # a user's handler runs (`_deliver`)
 
     # -- held sections ------------------------------------------------------------------
     @critical
     def enter(self) -> None:
         self.depth += 1
 
-    def exit(self) -> None:
+    def exit(self, mode=None) -> None:
         """End a held section; at the outermost end, hand over the noted signals, unless
         it ends inside a weakref callback (an op a finalizer runs): raised there, Python
-        would swallow them (rule 6), so they wait for the next end outside one."""
+        would swallow them (rule 6), so they wait for the next end outside one. `mode`:
+        the dispatch mode whose `__torch_dispatch__` is ending, put back on the stack for
+        the user's handlers (rule 7)."""
         self.depth -= 1
         if self.pending and self.depth == 0 and not _swallowed(sys._getframe(1)):
-            self._deliver()
+            if mode is None:
+                self._deliver()
+            else:
+                with mode:
+                    self._deliver()
 
     def _deliver(self) -> None:
-        pending, self.pending = self.pending, []
-        for signum, frame in pending:
-            handler = self._saved.get(signum)
-            if handler is None:
-                handler = signal.getsignal(signum)
-            if callable(handler) and handler != self._handler:
-                handler(signum, frame)             # may raise: KeyboardInterrupt, SystemExit
+        """Hand the noted signals to the user's handlers, in order. Not again from inside
+        one of them (rule 7: the handler's own ops end held sections): signals that come
+        meanwhile are noted and handed over once it returns (under outcore the handler's
+        ops are slower, and signals nesting handler in handler overflowed the stack)."""
+        if self._delivering:
+            return
+        self._delivering = True
+        try:
+            while self.pending:
+                pending, self.pending = self.pending, []
+                for signum, frame in pending:
+                    handler = self._saved.get(signum)
+                    if handler is None:
+                        handler = signal.getsignal(signum)
+                    if callable(handler) and handler != self._handler:
+                        handler(signum, frame)     # may raise: KeyboardInterrupt, SystemExit
+        finally:
+            self._delivering = False
+
+    def _mode_off(self) -> bool:
+        """Whether the block's dispatch mode is pushed but off the stack now (rule 7):
+        PyTorch takes a mode off while it dispatches an op to it, from its own Python
+        code before the mode's `__torch_dispatch__` starts."""
+        mode = self.mode
+        if mode is None:
+            return False
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+        return not any(m is mode for m in _get_current_dispatch_mode_stack())
 
     # -- handlers -----------------------------------------------------------------------
     def install(self) -> None:
@@ -136,7 +174,8 @@ class Shield:
         self._installed = False     # `_saved` stays: noted signals are delivered to it
 
     def _handler(self, signum, frame) -> None:
-        if self.depth > 0 or (frame is not None and frame.f_code in CRITICAL) or _swallowed(frame):
+        if (self.depth > 0 or self._delivering or (frame is not None and frame.f_code in CRITICAL)
+                or _swallowed(frame) or self._mode_off()):
             self.pending.append((signum, frame))
             return
         self._saved[signum](signum, frame)
@@ -171,7 +210,7 @@ class HeldMode(TorchDispatchMode):
                 return func(*args, **kwargs)
             return self._dispatch(func, args, kwargs)
         finally:
-            self.shield.exit()
+            self.shield.exit(self)
 
     def _dispatch(self, func, args, kwargs):
         raise NotImplementedError

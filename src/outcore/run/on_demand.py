@@ -286,7 +286,7 @@ def _created_bytes_unseeded(func, args, kwargs) -> int | None:
             given = [(s, s.nbytes()) for s in storages(iter_tensors((*margs, *mkwargs.values())))]
             out = func(*margs, **mkwargs)
     except Exception:           # no meta kernel, data-dependent shape, exotic tensor
-        return None
+        return _grouped_mm_bytes(func, args, kwargs)
     outputs = output_tensors(out)
     if any(t.device.type != "meta" for t in outputs):
         return None
@@ -301,6 +301,38 @@ def _created_bytes_unseeded(func, args, kwargs) -> int | None:
         if len(pair) == 2:
             made = max(made, _broadcast_bytes(pair, pair) or 0)
     return made
+
+
+def _grouped_mm_bytes(func, args, kwargs) -> int | None:
+    """`_grouped_mm`'s output bytes where its meta kernel refuses the dtype: torch 2.13's
+    asks for bfloat16 inputs (as CUDA's kernel does), while the CPU kernel takes float32
+    too (transformers 5's MoE experts call it so). Its output shape depends on the shapes
+    alone: asked of bfloat16 meta copies, counted at the output's real dtype."""
+    if func not in _GROUPED_MM or len(args) < 2:
+        return None
+    a, b = args[0], args[1]
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or not (
+            a.is_floating_point() and b.is_floating_point()):
+        return None
+    out_dtype = kwargs.get("out_dtype") or a.dtype
+    try:
+        with _disable_current_modes():
+            def bf16(x):
+                if isinstance(x, torch.Tensor) and x.is_floating_point():
+                    return torch.empty_strided(x.size(), x.stride(), dtype=torch.bfloat16,
+                                               device="meta")
+                return _meta_or_none(x)
+            margs, mkwargs = tree_map(bf16, (args, kwargs))
+            mkwargs.pop("out_dtype", None)
+            out = func(*margs, **mkwargs)
+    except Exception:
+        return None
+    return sum(t.numel() for t in output_tensors(out)) * torch.empty((), dtype=out_dtype).element_size()
+
+
+_GROUPED_MM_PACKET = getattr(torch.ops.aten, "_grouped_mm", None)      # torch 2.8 on
+_GROUPED_MM = frozenset(getattr(_GROUPED_MM_PACKET, o) for o in _GROUPED_MM_PACKET.overloads()
+                        ) if _GROUPED_MM_PACKET is not None else frozenset()
 
 
 def _broadcast_bytes(shaped, typed) -> int | None:

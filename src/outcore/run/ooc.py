@@ -1553,6 +1553,7 @@ class _Iteration:
         self.mode.__enter__()
         self.entered = True
         self.ooc._mode = self.mode
+        self.ooc._shield.mode = self.mode      # NOTE [Interrupts] rule 7
 
     def _exit_mode(self, exc, errors: list) -> None:
         """Pop the dispatch mode if it was pushed, and put torch.compile's stance back;
@@ -1561,6 +1562,7 @@ class _Iteration:
             if self.entered:
                 self.entered = False
                 self.ooc._mode = None
+                self.ooc._shield.mode = None
                 self.mode.__exit__(type(exc) if exc is not None else None, exc,
                                    exc.__traceback__ if exc is not None else None)
         except BaseException as err:      # noqa: BLE001 - kept, raised after the cleanup

@@ -93,7 +93,7 @@ class SafeRecording(Recording):
                                   f, types, a, k))
             return super().__torch_dispatch__(func, types, args, kwargs)
         finally:
-            self.shield.exit()
+            self.shield.exit(self)
 
     def _enter_optimizer(self, optimizer, *args):
         super()._enter_optimizer(optimizer, *args)

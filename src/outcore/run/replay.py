@@ -51,15 +51,17 @@ def _tensors_read(args, kwargs) -> list:
     return inputs
 
 
-def _pointwise_width(tensors) -> int:
+def _pointwise_width(tensors, true_division: bool = False) -> int:
     """The element size a pointwise op's output may have: its inputs' promoted dtype as
     PyTorch promotes it (a 0-dim tensor does not widen a dimensioned one of its category:
-    a float tensor divided by a 0-dim int64 counter stays float), and at least the
-    default float's where that is an integer or bool (true division makes floats)."""
+    a float tensor divided by a 0-dim int64 counter stays float), and for a true division
+    at least the default float's where that is an integer or bool. Not for every op: a
+    `bitwise_and` of bool masks makes bools, and counted as floats it left its plan."""
     if not tensors:
         return 1
     # Promotion runs in Python: cached by what it reads of the tensors, and the default dtype.
-    key = (torch.get_default_dtype(), *((t.dtype, t.dim() == 0, t.device.type) for t in tensors))
+    key = (torch.get_default_dtype(), true_division,
+           *((t.dtype, t.dim() == 0, t.device.type) for t in tensors))
     width = _WIDTHS.get(key)
     if width is not None:
         return width
@@ -70,7 +72,7 @@ def _pointwise_width(tensors) -> int:
     except Exception:
         return max(t.element_size() for t in tensors)
     width = dtype.itemsize
-    if not (dtype.is_floating_point or dtype.is_complex):
+    if true_division and not (dtype.is_floating_point or dtype.is_complex):
         width = max(width, torch.get_default_dtype().itemsize)
     if len(_WIDTHS) < 4096:
         _WIDTHS[key] = width
@@ -80,6 +82,8 @@ def _pointwise_width(tensors) -> int:
 _WIDTHS: dict = {}      # `_pointwise_width` by what type promotion reads
 
 
+# Pointwise ops that make floats of integers (`_pointwise_width`), without a rounding_mode.
+_TRUE_DIVISION = frozenset(("div", "div_", "true_divide", "true_divide_"))
 # Pointwise ops whose output is bool whatever their inputs (`_runs_small`).
 _TO_BOOL = frozenset((
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
@@ -1182,8 +1186,9 @@ class Replayer(HeldMode):
                 numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
             except RuntimeError:
                 return False
-            width = 1 if func._schema.name.split("::")[-1] in _TO_BOOL else _pointwise_width(
-                tensors)
+            name = func._schema.name.split("::")[-1]
+            width = 1 if name in _TO_BOOL else _pointwise_width(
+                tensors, name in _TRUE_DIVISION and kwargs.get("rounding_mode") is None)
             return numel * width <= SMALL_OP_BYTES
         made = created_bytes(func, args, kwargs)
         return made is None or made <= SMALL_OP_BYTES
