@@ -283,6 +283,9 @@ def test_created_bytes_of_a_grouped_mm_in_float32():
     out = torch._grouped_mm(a, b, offs=offs)
     assert created_bytes(torch.ops.aten._grouped_mm.default, (a, b), {"offs": offs}) == \
         out.untyped_storage().nbytes()
+    # As a dispatch mode sees it (helper-108): every argument positional, out_dtype too.
+    assert created_bytes(torch.ops.aten._grouped_mm.default, (a, b, offs, None, torch.float32),
+                         {}) == out.untyped_storage().nbytes()
 
 
 def test_created_bytes_asks_once_per_signature_and_keeps_no_object(monkeypatch):

@@ -520,7 +520,9 @@ def test_a_signal_handler_that_reads_the_model_during_iterations(tmp_path):
         done = threading.Event()
 
         def send():
-            while not done.wait(0.05):
+            for _ in range(60):                    # at most: a slow handler ends
+                if done.wait(0.05):
+                    return
                 os.kill(os.getpid(), signal.SIGTERM)
         ooc = outcore.OutOfCore("4MiB", swap_dir={str(tmp_path)!r})
         thread = threading.Thread(target=send, daemon=True)
@@ -544,3 +546,52 @@ def test_a_signal_handler_that_reads_the_model_during_iterations(tmp_path):
     assert int(words[words.index("handled") + 1]) >= 10, proc.stdout
     assert int(words[words.index("moved") + 1]) > 0, proc.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_a_handler_handed_a_signal_while_recording_leaves_the_recording_whole(tmp_path):
+    """helper-108: handing a noted signal over with the mode re-entered by its own
+    `__enter__`/`__exit__` (NOTE [Interrupts] rule 7) built the recording's trace in the
+    middle of the step, forgot the storages seen before, and left the recording's global
+    optimizer hooks registered after close(). The mode is pushed and popped as
+    TorchDispatchMode does it."""
+    import sys
+    from torch.optim import optimizer as optim_module
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(64, 256)
+    hooks = (len(optim_module._global_optimizer_pre_hooks),
+             len(optim_module._global_optimizer_post_hooks))
+    seen, raised = [], []
+    previous_trace = sys.gettrace()
+
+    def handler(signum, frame):
+        seen.append(sum(float(p.detach().sum()) for p in model.parameters()))
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "call_split" and not raised:
+            raised.append(True)                # inside an op's held section
+            signal.raise_signal(signal.SIGUSR1)
+        return None
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with outcore.OutOfCore("4MiB", swap_dir=tmp_path) as ooc:
+            with ooc.iteration():              # the first: it records
+                sys.settrace(tracer)
+                try:
+                    model(x).sum().backward()
+                finally:
+                    sys.settrace(previous_trace)
+                opt.step()
+                opt.zero_grad()
+            with ooc.iteration():
+                model(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            assert ooc.report().iterations[0].mode == "record"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert raised and len(seen) == 1
+    assert (len(optim_module._global_optimizer_pre_hooks),
+            len(optim_module._global_optimizer_post_hooks)) == hooks

@@ -363,3 +363,67 @@ def test_tolist_of_a_tensor_on_the_slow_tier_inside_the_iteration(tmp_path):
                 assert all(pairs[i][0].tolist() == pairs[i][1].tolist() for i in slow)
         report = ooc.report()
     assert all(it.peak_resident <= BUDGET for it in report.iterations), str(report)
+
+
+class _SlowFile(io.BytesIO):
+    """A file whose every write takes a millisecond: a save that outlasts the iteration
+    started beside it."""
+
+    def write(self, data):
+        import time
+        time.sleep(0.001)
+        return super().write(data)
+
+
+def test_a_checkpoint_saved_on_another_thread_between_iterations_is_whole(tmp_path):
+    """helper-109: `torch.save(model.state_dict(), ...)` on a thread started between
+    iterations (as an asynchronous checkpoint does), with the next iteration starting
+    meanwhile, wrote a checkpoint that did not load, or held zeros, or the process
+    crashed: the iteration's start unmapped and moved the storages the save was reading.
+    The save counts as a reader now, and the next iteration starts once it is done
+    (`sharing.reading`); one started while an iteration runs on another thread, of
+    tensors outcore moves, is refused with nothing written."""
+    import threading
+    model, opt = make()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        for it in range(3):
+            with ooc.iteration():
+                step(model, opt, it)
+        expected = copy.deepcopy(model.state_dict())
+        out, errors = _SlowFile(), []
+
+        def save():
+            try:
+                torch.save(model.state_dict(), out)
+            except BaseException as exc:       # noqa: BLE001 - reported below
+                errors.append(exc)
+        thread = threading.Thread(target=save)
+        thread.start()
+        while thread.is_alive() and not getattr(ooc, "_readers", 1):
+            pass                               # the save has begun reading
+        for it in range(3, 5):
+            with ooc.iteration():
+                step(model, opt, it)
+        thread.join()
+        assert not errors, errors
+        out.seek(0)
+        saved = torch.load(out)
+        assert all(torch.equal(saved[k], v) for k, v in expected.items())
+
+        # Started while an iteration runs on this thread: refused, nothing written.
+        refused, started = [], threading.Event()
+
+        def save_during():
+            started.wait()
+            try:
+                torch.save(model.state_dict(), str(tmp_path / "during.pt"))
+            except outcore.OutcoreError as exc:
+                refused.append(str(exc))
+        thread = threading.Thread(target=save_during)
+        thread.start()
+        with ooc.iteration():
+            started.set()
+            thread.join()
+            step(model, opt, 5)
+        assert refused and "another thread" in refused[0], refused
+        assert not (tmp_path / "during.pt").exists()

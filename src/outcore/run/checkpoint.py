@@ -68,7 +68,7 @@ def _open_unnamed(directory: str) -> int | None:
         raise
 
 
-def atomic_save(obj, path, shield: Shield) -> None:
+def atomic_save(obj, path, shield: Shield | None) -> None:
     """torch.save(obj, path) so that `path` is never half-written (NOTE [Atomic save])."""
     atomic_write(path, lambda f: torch.save(obj, f), shield)
 

@@ -37,15 +37,19 @@ has its full size (or is safely on the slow tier) and every counter is true:
      op's held section, or called while PyTorch's own Python code runs before the
      mode's `__torch_dispatch__`, ran its ops past outcore, on storages outcore had on
      the slow tier: a segmentation fault (helper-105). So the block's mode is
-     `Shield.mode` while pushed; a signal that comes while it is off the stack is
-     noted, and noted signals are handed over with the mode put back on the stack:
-     the handler's ops are the step's (in a replay, off its plan: run op by op).
+     `Shield.mode` while pushed, and the user's handlers run with it on the stack,
+     pushed back for them where PyTorch (or outcore, setting it aside) has it off:
+     the handler's ops are the step's (in a replay, off its plan: run op by op). A
+     signal whose handler runs now is noted and handed over after it, at the next
+     held section's end; other signals reach their handlers as usual. A signal noted
+     again before it was handed over is noted once, as Python itself merges them.
 
 Only the main thread runs Python signal handlers; from another thread `install` does
 nothing (signals still reach the main thread's own handlers).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -100,7 +104,7 @@ class Shield:
         self._saved: dict = {}             # signum -> the user's handler
         self._installed = False
         self.mode = None                   # the block's dispatch mode, while pushed (rule 7)
-        self._delivering = False           # a user's handler runs (`_deliver`)
+        self._running: set = set()         # signals whose handler runs now (`_deliver`)
 
     # -- held sections ------------------------------------------------------------------
     @critical
@@ -115,31 +119,33 @@ class Shield:
         the user's handlers (rule 7)."""
         self.depth -= 1
         if self.pending and self.depth == 0 and not _swallowed(sys._getframe(1)):
-            if mode is None:
+            with _pushed(mode):
                 self._deliver()
-            else:
-                with mode:
-                    self._deliver()
 
     def _deliver(self) -> None:
-        """Hand the noted signals to the user's handlers, in order. Not again from inside
-        one of them (rule 7: the handler's own ops end held sections): signals that come
-        meanwhile are noted and handed over once it returns (under outcore the handler's
-        ops are slower, and signals nesting handler in handler overflowed the stack)."""
-        if self._delivering:
+        """Hand the noted signals to the user's handlers, in order; one whose handler
+        runs now (its own ops end held sections) waits for the next held section's end,
+        so the step goes on between handlers however fast a signal comes (handed over
+        from inside its own handler, SIGTERM every 3 ms nested handler in handler until
+        the stack overflowed). A handler that raises leaves the signals after it noted."""
+        ready = [(n, f) for n, f in self.pending if n not in self._running]
+        if not ready:
             return
-        self._delivering = True
-        try:
-            while self.pending:
-                pending, self.pending = self.pending, []
-                for signum, frame in pending:
-                    handler = self._saved.get(signum)
-                    if handler is None:
-                        handler = signal.getsignal(signum)
-                    if callable(handler) and handler != self._handler:
-                        handler(signum, frame)     # may raise: KeyboardInterrupt, SystemExit
-        finally:
-            self._delivering = False
+        self.pending = [(n, f) for n, f in self.pending if n in self._running]
+        for k, (signum, frame) in enumerate(ready):
+            handler = self._saved.get(signum)
+            if handler is None:
+                handler = signal.getsignal(signum)
+            if not callable(handler) or handler == self._handler:
+                continue
+            self._running.add(signum)
+            try:
+                handler(signum, frame)             # may raise: KeyboardInterrupt, SystemExit
+            except BaseException:
+                self.pending[:0] = ready[k + 1:]
+                raise
+            finally:
+                self._running.discard(signum)
 
     def _mode_off(self) -> bool:
         """Whether the block's dispatch mode is pushed but off the stack now (rule 7):
@@ -174,11 +180,32 @@ class Shield:
         self._installed = False     # `_saved` stays: noted signals are delivered to it
 
     def _handler(self, signum, frame) -> None:
-        if (self.depth > 0 or self._delivering or (frame is not None and frame.f_code in CRITICAL)
-                or _swallowed(frame) or self._mode_off()):
-            self.pending.append((signum, frame))
+        if (self.depth > 0 or signum in self._running
+                or (frame is not None and frame.f_code in CRITICAL) or _swallowed(frame)):
+            if all(n != signum for n, _ in self.pending):    # as Python does: once each
+                self.pending.append((signum, frame))
             return
-        self._saved[signum](signum, frame)
+        self._running.add(signum)
+        try:                    # rule 7: the mode on the stack, where PyTorch had it off
+            with _pushed(self.mode if self._mode_off() else None):
+                self._saved[signum](signum, frame)
+        finally:
+            self._running.discard(signum)
+
+
+@contextlib.contextmanager
+def _pushed(mode):
+    """`mode` on the dispatch stack for the block (rule 7), pushed and popped as
+    TorchDispatchMode does it, not by the mode's own `__enter__`/`__exit__` (a
+    recording's build its trace there: helper-108); None: nothing pushed."""
+    if mode is None:
+        yield
+        return
+    TorchDispatchMode.__enter__(mode)
+    try:
+        yield
+    finally:
+        TorchDispatchMode.__exit__(mode, None, None, None)
 
 
 def _swallowed(frame) -> bool:

@@ -314,7 +314,9 @@ def _grouped_mm_bytes(func, args, kwargs) -> int | None:
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or not (
             a.is_floating_point() and b.is_floating_point()):
         return None
-    out_dtype = kwargs.get("out_dtype") or a.dtype
+    # (self, mat2, offs, bias, out_dtype): inside a dispatch mode all may come positional.
+    out_dtype = kwargs.get("out_dtype") or (args[4] if len(args) > 4 else None) or a.dtype
+    args = args[:4]
     try:
         with _disable_current_modes():
             def bf16(x):
@@ -327,7 +329,7 @@ def _grouped_mm_bytes(func, args, kwargs) -> int | None:
             out = func(*margs, **mkwargs)
     except Exception:
         return None
-    return sum(t.numel() for t in output_tensors(out)) * torch.empty((), dtype=out_dtype).element_size()
+    return sum(t.numel() for t in output_tensors(out)) * out_dtype.itemsize
 
 
 _GROUPED_MM_PACKET = getattr(torch.ops.aten, "_grouped_mm", None)      # torch 2.8 on

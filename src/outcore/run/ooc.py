@@ -325,6 +325,10 @@ class OutOfCore:
         self.closed = True              # until construction completes
         self._active = False
         self._active_thread = None      # the thread whose block is open
+        # Readers on other threads between iterations (torch.save, deepcopy, ooc.save):
+        # a block does not start while one runs (sharing.reading).
+        self._gate = threading.Condition()
+        self._readers = 0
         self._mode = None               # its dispatch mode while pushed (sharing.py reads it)
         self.budget = parse_budget(budget, "OutOfCore's budget")
         if self.budget <= 0:
@@ -570,8 +574,14 @@ class OutOfCore:
         if self._active:
             raise OutcoreError("ooc.save() cannot run inside ooc.iteration(); call it between "
                                "iterations")
+        from .sharing import reading
+        # The shield's signal handlers are the main thread's; on another thread the save
+        # holds its own (install and uninstall there do nothing), and the whole save is a
+        # reader the next iteration waits for (it would unmap what the save reads).
+        main = threading.current_thread() is threading.main_thread()
         try:
-            atomic_save(obj, path, self._shield)
+            with reading(self, "ooc.save()"):
+                atomic_save(obj, path, self._shield if main else None)
         except OSError as exc:
             raise OutcoreError(f"ooc.save() could not write {os.fspath(path)}: "
                                f"{exc.strerror or exc}. What was there before is intact, and "
@@ -1375,8 +1385,11 @@ class _Iteration:
                 raise OutcoreError("with state_dir, call ooc.resume(model, optimizer) before the "
                                    "first iteration: it names the state to keep, and loads it "
                                    "when the directory has some")
-            ooc._active = "building" if isinstance(self, _Building) else "iteration"
-            ooc._active_thread = threading.get_ident()
+            with ooc._gate:          # an async checkpoint on another thread finishes first
+                while ooc._readers:
+                    ooc._gate.wait()
+                ooc._active = "building" if isinstance(self, _Building) else "iteration"
+                ooc._active_thread = threading.get_ident()
             try:
                 shield.install()
                 self._begin()

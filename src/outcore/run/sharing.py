@@ -144,6 +144,7 @@ NOTE [Sharing a storage outcore moves]
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import pickle
 import sys
@@ -241,7 +242,8 @@ def _wrap_clone(original, open_outofcore):
     def clone(storage, *args, **kwargs):
         ooc = open_outofcore()
         if ooc is None or ooc.closed or not ooc._active:
-            return original(storage, *args, **kwargs)      # between iterations: all readable
+            with reading(ooc, "copy.deepcopy() (UntypedStorage.clone())", [storage]):
+                return original(storage, *args, **kwargs)  # between iterations: all readable
         _readied(ooc, storage, "copy.deepcopy() (UntypedStorage.clone())")
         with _disable_current_modes():      # NOTE 5, 14
             return original(storage, *args, **kwargs)
@@ -450,12 +452,51 @@ def _block_here(open_outofcore):
     return ooc
 
 
+@contextlib.contextmanager
+def reading(ooc, what: str, storages=None):
+    """A read of tracked storages' memory on a thread that runs no block: the next block
+    waits for it to end (`_Iteration.__enter__`), and while another thread's block is
+    open it is refused where `storages` (all, when None) holds one outcore may move."""
+    if ooc is None or ooc.closed or ooc._active_thread == threading.get_ident():
+        yield
+        return
+    with ooc._gate:
+        if ooc._active:
+            res = ooc._res
+            found = storages is None or any(
+                (e := res.entries.get(s._cdata)) is not None and e.ref() is s and not e.pinned
+                for s in storages)
+            if found:
+                raise OutcoreError(
+                    f"{what} on another thread while ooc.{ooc._active}() runs on the training "
+                    "thread: outcore may be moving these tensors right now (a tensor on the "
+                    "slow tier has no bytes in RAM; saved, it would be empty or garbage). "
+                    "Start it between iterations (the next iteration waits for it), or on "
+                    "the training thread; nothing was written")
+        ooc._readers += 1
+    try:
+        yield
+    finally:
+        with ooc._gate:
+            ooc._readers -= 1
+            ooc._gate.notify_all()
+
+
 def _wrap_save(original, open_outofcore):
     @functools.wraps(original)
     def save(obj, f, *args, **kwargs):
         ooc = _block_here(open_outofcore)
         if ooc is None:
-            return original(obj, f, *args, **kwargs)
+            other = open_outofcore()
+            if other is None or other.closed:
+                return original(obj, f, *args, **kwargs)
+            module = kwargs.get("pickle_module") or (args[0] if args else pickle)
+            storages = None
+            if other._active:
+                with _disable_current_modes():
+                    storages = _storages_in(obj, module)
+            with reading(other, "torch.save()", storages):
+                return original(obj, f, *args, **kwargs)
         module = kwargs.get("pickle_module") or (args[0] if args else pickle)
         with _disable_current_modes():              # NOTE 5, 11
             storages = _storages_in(obj, module)
