@@ -533,6 +533,22 @@ def test_making_room_walks_only_the_entries_it_evicts_not_every_pinned_one(tmp_p
     assert_bitwise_equal(state_of(model, opt), state_of(twin, twin_opt))
 
 
+def _equal_under_a_budget(step, model, opt, plain, plain_opt, budget, swap_dir) -> None:
+    """Four steps of plain PyTorch and four under `budget`: the same losses and state,
+    bytes moved, and every iteration within the budget."""
+    expected = [step(plain, plain_opt) for _ in range(4)]
+    with outcore.OutOfCore(budget, swap_dir=swap_dir) as ooc:
+        losses = []
+        for _ in range(4):
+            with ooc.iteration():
+                losses.append(step(model, opt))
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected))
+    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
+    assert sum(it.bytes_written for it in report.iterations) > 0, "the budget made it move"
+    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
+
+
 def test_a_meta_tensor_made_in_the_step_is_never_counted_or_moved(tmp_path):
     """helper-103: a meta tensor made inside an iteration (a shape worked out on meta)
     was tracked as resident memory; when room was needed its "eviction" wrote from
@@ -553,18 +569,8 @@ def test_a_meta_tensor_made_in_the_step_is_never_counted_or_moved(tmp_path):
         return loss.detach()
 
     opt, plain_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, plain))
-    expected = [step(plain, plain_opt) for _ in range(4)]
-    budget = 1536 * 1024          # parameters 1 MiB and their gradients as much
-    with outcore.OutOfCore(budget, swap_dir=tmp_path) as ooc:
-        losses = []
-        for _ in range(4):
-            with ooc.iteration():
-                losses.append(step(model, opt))
-        report = ooc.report()
-    assert all(torch.equal(a, b) for a, b in zip(losses, expected))
-    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
-    assert sum(it.bytes_written for it in report.iterations) > 0, "the budget made it move"
-    assert all(it.peak_resident <= budget for it in report.iterations), str(report)
+    # Parameters 1 MiB and their gradients as much.
+    _equal_under_a_budget(step, model, opt, plain, plain_opt, 1536 * 1024, tmp_path)
 
 
 def test_forward_mode_ad_under_a_budget_trains_bitwise(tmp_path):
@@ -595,14 +601,5 @@ def test_forward_mode_ad_under_a_budget_trains_bitwise(tmp_path):
 
     plain, model = make_model(), make_model()
     plain_opt, opt = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (plain, model))
-    expected = [step(plain, plain_opt) for _ in range(4)]
-    with outcore.OutOfCore("4MiB", swap_dir=tmp_path) as ooc:    # the peak: about 9.6 MiB
-        losses = []
-        for _ in range(4):
-            with ooc.iteration():
-                losses.append(step(model, opt))
-        report = ooc.report()
-    assert all(torch.equal(a, b) for a, b in zip(losses, expected))
-    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
-    assert sum(it.bytes_written for it in report.iterations) > 0
-    assert all(it.peak_resident <= 4 * 2**20 for it in report.iterations), str(report)
+    # The in-core peak: about 9.6 MiB.
+    _equal_under_a_budget(step, model, opt, plain, plain_opt, 4 * 2**20, tmp_path)
