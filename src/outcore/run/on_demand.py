@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_map
 from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from ..states import FAST
-from .residency import Residency, movable
+from .residency import Residency
 from ..aten import distinct_storages as storages
 from ..aten import iter_tensors, makes_nothing_new, out_arguments, output_tensors, written_tensors
 
@@ -381,19 +381,6 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
     return None
 
 
-def _small_pinned(res: Residency) -> int:
-    """Bytes resident in storages pinned only for being under min_move_bytes: those a
-    lower min_move_bytes would let move (not shared, exported or unresizable too)."""
-    small = 0
-    for e in list(res.entries.values()):
-        if (e.pinned and e.state is FAST and not e.elsewhere and not e.owner
-                and e.nbytes < res.min_move_bytes):
-            storage = e.ref()
-            if storage is not None and movable(storage):
-                small += e.nbytes
-    return small
-
-
 # Why storages never move (Residency NOTE 7), and what the user can do about each, in the
 # order the budget error lists them.
 _NEVER_MOVES = {
@@ -420,7 +407,9 @@ _OWNERS = {"collective": "a collective", "resized by another library":
 
 def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
     """{reason: (storages, bytes)} of the resident storages that never move, by why
-    (`_NEVER_MOVES`): what the budget error lists so that a user finds theirs."""
+    (`_NEVER_MOVES`): what the budget error lists so that a user finds theirs. "small"
+    holds those a lower min_move_bytes would let move (not shared, exported or
+    unresizable too), which the error's advice weighs."""
     from .sharing import exported
     out: dict[str, tuple[int, int]] = {}
     owners: set = set()
@@ -443,13 +432,9 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _never_moves_text(res: Residency | None, min_move_bytes: int) -> str:
-    """The budget error's words on the arrays that never move: by reason where `res` is
-    known, else every reason."""
-    try:                # it runs while an error is made: never one of its own
-        found = _never_moves(res) if res is not None else {}
-    except Exception:
-        found = {}
+def _never_moves_text(found: dict, min_move_bytes: int) -> str:
+    """The budget error's words on the arrays that never move: by reason (`found`, of
+    `_never_moves`) where known, else every reason."""
     if not found:
         return ("under min_move_bytes={:,}, {}, {}, {} or {}".format(
             min_move_bytes, _NEVER_MOVES["unresizable"], _NEVER_MOVES["shared"],
@@ -480,11 +465,15 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     `inputs`: the op's tensor arguments (a view op's outputs), for a storage it reads
     only in part (`read_in_part`)."""
     needed = movable + pinned
+    try:                # made while an error is made: never one of its own
+        found = _never_moves(res) if pinned and res is not None else {}
+    except Exception:
+        found = {}
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
-            f"arrays that never move: {_never_moves_text(res, min_move_bytes)})"
+            f"arrays that never move: {_never_moves_text(found, min_move_bytes)})"
             if pinned else "")
     part = read_in_part(inputs, needed, res)
-    small = _small_pinned(res) if pinned and res is not None else 0
+    small = found.get("small", (0, 0))[1]    # what a lower min_move_bytes would let move
     smaller = (f"lower min_move_bytes (OutOfCore(min_move_bytes=...); {min_move_bytes:,} B now): "
                f"storages smaller than it never move and hold {format_bytes(small)} of that "
                "figure here; a step of smaller tensors (shorter sequences, a smaller batch) "

@@ -60,7 +60,8 @@ def _pointwise_width(tensors, true_division: bool = False) -> int:
     if not tensors:
         return 1
     # Promotion runs in Python: cached by what it reads of the tensors, and the default dtype.
-    key = (torch.get_default_dtype(), true_division,
+    default = torch.get_default_dtype()
+    key = (default, true_division,
            *((t.dtype, t.dim() == 0, t.device.type) for t in tensors))
     width = _WIDTHS.get(key)
     if width is not None:
@@ -73,7 +74,7 @@ def _pointwise_width(tensors, true_division: bool = False) -> int:
         return max(t.element_size() for t in tensors)
     width = dtype.itemsize
     if true_division and not (dtype.is_floating_point or dtype.is_complex):
-        width = max(width, torch.get_default_dtype().itemsize)
+        width = max(width, default.itemsize)
     if len(_WIDTHS) < 4096:
         _WIDTHS[key] = width
     return width
