@@ -827,3 +827,101 @@ def test_state_replaced_between_iterations_keeps_the_next_replay_within_the_budg
     assert all(torch.equal(a, b) for a, b in zip(tensors(*plain), tensors(*ours)))
     assert all(it.peak_resident <= budget for it in report.iterations), report
     assert [it.mode for it in report.iterations][2:] == ["replay"] * 7, report
+
+
+def _checksum(model) -> float:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).double().sum().item()
+
+
+def test_another_thread_reads_the_model_inside_between_while_this_one_trains(twins):
+    """helper-109: a logging thread that read the parameters with tensor ops while
+    iterations ran read storages the plan had on the swap file (a segmentation fault:
+    outcore's dispatch mode is the training thread's alone). `with ooc.between():` on
+    that thread waits for the open iteration and holds the next one: every read sees the
+    parameters as some iteration left them, neither thread starves the other, and the
+    training stays bitwise. On the training thread it is refused inside an iteration,
+    and an iteration is refused inside it, each before anything changes."""
+    import threading
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    left = {_checksum(plain)}
+    for _ in range(8):
+        step(plain, plain_opt, x, y)
+        left.add(_checksum(plain))
+    done, seen, errors = threading.Event(), [], []
+
+    def logger():
+        try:
+            while not done.is_set():
+                with ooc.between():
+                    seen.append(_checksum(managed))
+        except BaseException as exc:       # noqa: BLE001 - reported below
+            errors.append(exc)
+    thread = threading.Thread(target=logger)
+    thread.start()
+    try:
+        for _ in range(8):
+            while len(seen) < 1:
+                time.sleep(0.001)
+            with ooc.iteration():
+                step(managed, managed_opt, x, y)
+    finally:
+        done.set()
+        thread.join()
+    assert not errors, errors
+    assert set(seen) <= left and len(set(seen)) >= 2, (len(set(seen)), len(seen))
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)
+
+    step(plain, plain_opt, x, y)
+    with ooc.iteration():
+        with pytest.raises(OutcoreError, match=r"ooc.between\(\) inside ooc.iteration\(\)"):
+            with ooc.between():
+                pass
+        step(managed, managed_opt, x, y)
+    with ooc.between():
+        with pytest.raises(OutcoreError, match=r"inside ooc.between\(\) on the same thread"):
+            with ooc.iteration():
+                pass
+        assert not ooc._active
+    step(plain, plain_opt, x, y)
+    with ooc.iteration():
+        step(managed, managed_opt, x, y)
+    assert_same(plain, managed)
+
+
+def test_a_ctrl_c_while_an_iteration_waits_for_another_threads_reads_stops_the_wait(twins):
+    """An iteration's start waits for other threads' reads between iterations (a
+    background save, `ooc.between()`), before outcore's signal handlers are installed:
+    a Ctrl-C then stops the wait at once, nothing of the iteration set up, and the loop
+    goes on bitwise."""
+    import signal
+    import threading
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    reading, release = threading.Event(), threading.Event()
+
+    def reader():
+        with ooc.between():
+            reading.set()
+            release.wait(30)
+    thread = threading.Thread(target=reader)
+    thread.start()
+    reading.wait(30)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with ooc.iteration():
+                step(managed, managed_opt, x, y)
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        thread.join()
+        timer.cancel()
+    assert waited < 20 and not ooc._active and not ooc._blocks_waiting, waited
+    for _ in range(2):
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+    assert_same(plain, managed)
+    assert_same_optimizer(plain_opt, managed_opt)

@@ -325,10 +325,13 @@ class OutOfCore:
         self.closed = True              # until construction completes
         self._active = False
         self._active_thread = None      # the thread whose block is open
-        # Readers on other threads between iterations (torch.save, deepcopy, ooc.save):
-        # a block does not start while one runs (sharing.reading).
+        # Readers on other threads between iterations (torch.save, deepcopy, ooc.save,
+        # between()): a block does not start while one runs (sharing.reading), and a
+        # between() does not start while a block is open or waits to start.
         self._gate = threading.Condition()
         self._readers = 0
+        self._blocks_waiting = 0
+        self._between_threads: collections.Counter = collections.Counter()  # ident: depth
         self._mode = None               # its dispatch mode while pushed (sharing.py reads it)
         self.budget = parse_budget(budget, "OutOfCore's budget")
         if self.budget <= 0:
@@ -558,6 +561,60 @@ class OutOfCore:
                 raise
         durable.model, durable.optimizer = model, optimizer
         return durable.iterations
+
+    @contextlib.contextmanager
+    def between(self):
+        """`with ooc.between(): ...` on another thread that reads the model or the
+        optimizer's state with tensor ops while this thread trains (a logger, an EMA, a
+        watchdog): it waits until no `ooc.iteration()` or `ooc.building()` block is open,
+        and the next one waits until it ends. Inside it the tensors are as between
+        iterations (README, "Between iterations"): every read is right, and what is on the
+        swap file is paged in. Outside such a block another thread's ops run past outcore
+        and may read freed memory: outcore's dispatch mode, which brings a storage back
+        before an op reads it, is the training thread's alone. Keep it short, as the
+        training thread waits for it. On the thread that runs the blocks it does nothing
+        between them and is refused inside one (it would wait for itself)."""
+        if self._active and self._active_thread == threading.get_ident():
+            raise OutcoreError(f"ooc.between() inside ooc.{self._active}() on the thread that "
+                               "runs it would wait for itself: on this thread the tensors are "
+                               "readable as they are; use ooc.between() on other threads")
+        me = threading.get_ident()
+        with self._gate:
+            while (self._active or self._blocks_waiting) and not self.closed:
+                self._gate.wait()
+            self._readers += 1
+            self._between_threads[me] += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._readers -= 1
+                self._between_threads[me] -= 1
+                if not self._between_threads[me]:
+                    del self._between_threads[me]
+                self._gate.notify_all()
+
+    def _await_readers(self, new: str) -> None:
+        """Before an `ooc.{new}()` block starts (the gate held): until no other thread
+        reads between iterations (`between()`, a background save). between() calls that
+        would start meanwhile wait for the block instead: a thread that calls them in a
+        loop does not starve it. A Ctrl-C while waiting stops the wait: the shield's
+        handlers are not installed yet, and nothing of the block is set up."""
+        if threading.get_ident() in self._between_threads:
+            raise OutcoreError(f"ooc.{new}() cannot start inside ooc.between() on the same "
+                               "thread: it would wait for that block to end; end it first")
+        self._blocks_waiting += 1
+        try:
+            while self._readers:
+                self._gate.wait()
+        finally:
+            self._blocks_waiting -= 1
+
+    def _idle(self) -> None:
+        """The open block has ended: other threads' `between()` may go on."""
+        with self._gate:
+            self._active = False
+            self._gate.notify_all()
 
     @property
     def state_dir(self):
@@ -1386,8 +1443,7 @@ class _Iteration:
                                    "first iteration: it names the state to keep, and loads it "
                                    "when the directory has some")
             with ooc._gate:          # an async checkpoint on another thread finishes first
-                while ooc._readers:
-                    ooc._gate.wait()
+                ooc._await_readers("building" if isinstance(self, _Building) else "iteration")
                 ooc._active = "building" if isinstance(self, _Building) else "iteration"
                 ooc._active_thread = threading.get_ident()
             try:
@@ -1535,7 +1591,7 @@ class _Iteration:
         ooc._park(errors, commit=committing)
         if not committing and ooc._durable is not None and self.before is not None:
             ooc._durable.done += 1     # NOTE [Durable state] rule 11: the next commit keeps it
-        ooc._active = False
+        ooc._idle()
         ooc._page()                 # held: a Ctrl-C lands after the pager has started
         ooc._shield.uninstall()
         if self.before is not None:
@@ -1764,7 +1820,7 @@ class _Building(_Iteration):
         ooc, errors = self.ooc, []
         self._exit_mode(exc, errors)
         ooc._park(errors)
-        ooc._active = False
+        ooc._idle()
         ooc._page()
         ooc._shield.uninstall()
         _raise_or_note(exc, errors)
