@@ -12,7 +12,10 @@ tensor, and splitting either way is bitwise (tests/trace/test_foreach.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -128,6 +131,66 @@ def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
 # Ops whose tensor argument was created just before them, outside the dispatcher
 # (`torch.tensor(0.0)` builds the value, then lifts it): the storage is new, not an input.
 FRESH_ARGUMENT_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
+# Ops that bind a storage to a tensor: one made just before outside the dispatcher is
+# recorded as created by them, yet it is their input (NOTE [Storages made outside the
+# dispatcher], below).
+BINDING_OPS = frozenset({"aten::set_"})
+_BINDING = frozenset(getattr(aten.set_, name) for name in aten.set_.overloads())
+
+
+def binds_storage(func) -> bool:
+    """Whether `func` is a `set_`: its `self` lets go of what it held (not read; the
+    recorder sees `self` after the op, bound to the source) and takes another storage."""
+    return func in _BINDING
+
+
+# NOTE [Storages made outside the dispatcher]
+#   1. `copy.deepcopy` of a tensor copies its storage with `UntypedStorage.clone()`, run
+#      with the dispatch modes set aside (NOTE [Sharing a storage outcore moves], rule
+#      14), and `torch.load` makes its storages in C++ (`get_storage_from_record`: not
+#      resizable); both then bind them to a tensor with `aten::set_`, the first op that
+#      shows them. Taken there as arrays that existed before the step, they were
+#      recorded as persistent state ("buffer"), carried from one step to the next: a
+#      replay kept the previous step's copy tracked (pinned, for torch.load's) beside
+#      the new one, which the plan had not counted (`torch.load` of a state_dict inside
+#      a step: 2.17 MiB over an 8 MiB budget, every replay), or took the new copy for
+#      another array than recorded and left the plan (`copy.deepcopy`).
+#   2. So the storages `UntypedStorage.clone` makes inside a block are noted
+#      (`note_made`), and every storage first seen while `torch.load` runs on the
+#      block's thread is made by it (`loading`): the recorder takes such a storage,
+#      first seen, as created by that op (like `lift_fresh`'s argument), and a replay
+#      counts `set_`'s source among what the function reads (FRESH_ARGUMENT_OPS).
+_made: dict[int, weakref.ref] = {}      # storage key -> the storage, made outside the dispatcher
+_loading = threading.local()
+
+
+def note_made(storage) -> None:
+    """NOTE [Storages made outside the dispatcher]: `storage` was just made in the step
+    by no aten op; the op that first shows it made it."""
+    key = storage._cdata
+
+    def gone(ref, key=key):
+        if _made.get(key) is ref:
+            del _made[key]
+    _made[key] = weakref.ref(storage, gone)
+
+
+def made_outside(storage) -> bool:
+    """Whether `storage`, first seen by the step now, was made in it by no aten op."""
+    if getattr(_loading, "depth", 0):
+        return True
+    ref = _made.get(storage._cdata)
+    return ref is not None and ref() is storage
+
+
+@contextlib.contextmanager
+def loading():
+    """While `torch.load` runs on this thread: what it shows first, it made."""
+    _loading.depth = getattr(_loading, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _loading.depth -= 1
 
 
 # Fused optimizer steps: one in-place kernel over lists of parameters, gradients and

@@ -26,9 +26,9 @@ import torch
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
-from ..aten import (FRESH_ARGUMENT_OPS, call_split, distinct_storages, is_foreach, iter_tensors,
-                    makes_nothing_new, output_tensors,
-                    split_foreach, written_tensors)
+from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, call_split,
+                    distinct_storages, is_foreach, iter_tensors, makes_nothing_new,
+                    output_tensors, split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
 from ..trace.recorder import op_phase
@@ -97,6 +97,9 @@ def _op_schema_name(op: str) -> str:
     return f"{namespace}::{rest.rsplit('.', 1)[0]}" if "." in rest else f"{namespace}::{rest}"
 
 
+FRESH_OR_BINDING = FRESH_ARGUMENT_OPS | BINDING_OPS
+
+
 class _Tables:
     """What following one plan needs from its trace, made once per plan and shared by
     every replay of it (`_tables`): read only. Made at each replay's start, they cost
@@ -110,8 +113,9 @@ class _Tables:
         # step that reads more storages than that is off its record, even where the
         # function also created arrays (an extra input must not bind to an output's id).
         # `lift_fresh` is the exception: its argument, made just before it outside the
-        # dispatcher, is recorded as created, yet it is the op's input (FRESH_ARGUMENT_OPS).
-        self.n_read = [len(f.accesses) if _op_schema_name(f.op) in FRESH_ARGUMENT_OPS
+        # dispatcher, is recorded as created, yet it is the op's input (FRESH_ARGUMENT_OPS);
+        # so is `set_`'s storage made by `copy.deepcopy` or `torch.load` (BINDING_OPS).
+        self.n_read = [len(f.accesses) if _op_schema_name(f.op) in FRESH_OR_BINDING
                        else sum(a.kind != "create" for a in f.accesses) for f in fns]
         self.nbytes = [a.nbytes for a in trace.arrays]
         self.is_input = [a.kind == "input" for a in trace.arrays]
@@ -731,6 +735,8 @@ class Replayer(HeldMode):
         name = self._name(func)
         res = self.res
         inputs = _tensors_read(args, kwargs)
+        if binds_storage(func):
+            inputs = inputs[1:]     # set_'s self is read as the recorder sees it: bound anew
         if i >= self.n or name != self.op_names[i] or self.small[i]:
             storages = distinct_storages(inputs)
             small = self._runs_small(func, args, kwargs, storages)

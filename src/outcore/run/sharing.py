@@ -134,7 +134,11 @@ NOTE [Sharing a storage outcore moves]
       storage is made resident first as in rule 3 (refused from another thread as in
       rule 4), and the copy runs with the dispatch modes set aside (rule 5: the copy is
       new to the step; it binds at its first use there, `set_` in `__deepcopy__`).
-      Unlike sharing, the storage is not pinned: it moves again at once.
+      Unlike sharing, the storage is not pinned: it moves again at once. The copy is
+      noted as made in the step by no op (`aten.note_made`), and `torch.load` (whose
+      storages are made in C++) is wrapped to say the same of what it shows first: both
+      were recorded as state the step started from, carried into the next step (NOTE
+      [Storages made outside the dispatcher] in aten.py).
   15. `Tensor.tolist()` reads the storage's memory without an aten op: inside a
       block it raised "tolist() shouldn't be called on a tensor with unallocated
       storage" for a tensor on the slow tier. While an OutOfCore is open, it is wrapped:
@@ -154,6 +158,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ..aten import loading, note_made
 from ..errors import OutcoreError
 from .compose import guard_future_callbacks
 from .interrupts import critical, no_raise
@@ -183,6 +188,7 @@ def install(open_outofcore) -> None:
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
+        wrappers += [(torch, "load", _wrap_load), (torch.serialization, "load", _wrap_load)]
         # Future callbacks on another thread: NOTE [Collectives in flight] rule 5.
         wrappers += [(torch._C.Future, "then", guard_future_callbacks),
                      (torch._C.Future, "add_done_callback", guard_future_callbacks)]
@@ -246,8 +252,23 @@ def _wrap_clone(original, open_outofcore):
                 return original(storage, *args, **kwargs)  # between iterations: all readable
         _readied(ooc, storage, "copy.deepcopy() (UntypedStorage.clone())")
         with _disable_current_modes():      # NOTE 5, 14
-            return original(storage, *args, **kwargs)
+            copied = original(storage, *args, **kwargs)
+        if ooc._active_thread == threading.get_ident():
+            note_made(copied)   # made by no op: NOTE [Storages made outside the dispatcher]
+        return copied
     return clone
+
+
+def _wrap_load(original, open_outofcore):
+    @functools.wraps(original)
+    def load(*args, **kwargs):
+        ooc = open_outofcore()
+        if ooc is None or ooc.closed or not ooc._active or \
+                ooc._active_thread != threading.get_ident():
+            return original(*args, **kwargs)
+        with loading():         # NOTE [Storages made outside the dispatcher] in aten.py
+            return original(*args, **kwargs)
+    return load
 
 
 def _wrap_tolist(original, open_outofcore):

@@ -22,8 +22,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import (FRESH_ARGUMENT_OPS, call_split, iter_tensors, output_tensors, storage_of,
-                    written_tensors)
+from ..aten import (FRESH_ARGUMENT_OPS, call_split, iter_tensors, made_outside, output_tensors,
+                    storage_of, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -256,7 +256,9 @@ class Recording(TorchDispatchMode):
             if nbytes == 0:
                 return   # empty storages hold nothing to plan for
             ident = len(self._logs)
-            created = is_output       # first seen as an output: the op produced it
+            # First seen as an output, or made just before by no aten op (NOTE [Storages
+            # made outside the dispatcher] in aten.py): the op produced it.
+            created = is_output or made_outside(storage)
             self._logs.append(_ArrayLog(
                 id=ident, nbytes=nbytes, dtype=str(t.dtype).replace("torch.", ""),
                 device=str(t.device), origin=(index, slot), first_use=index,
