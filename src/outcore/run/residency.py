@@ -145,6 +145,25 @@ def _note_death(dead, entry, _ref) -> None:
     dead.append(entry)
 
 
+# NOTE [Victims]: on demand, the entry evicted first is the one of least `used + cost`
+# (GreedyDual, the weighted form of LRU): `used` is the clock (`Residency.aging`) when it
+# was last used, `cost` what evicting it moves per byte: 1 for a clean entry (its bytes
+# are read back, never written), 2 for a dirty one (written, then read back). The clock
+# becomes each victim's `used + cost`, so an entry left unused long enough goes first,
+# clean or dirty, as under LRU; among the recently used, a clean one goes before a dirty
+# one. Plain LRU, in a loop whose working set just exceeds the budget, evicted the entry
+# the next op needed (Mamba's backward scan over 56 time steps, one 3.5 MiB
+# gradient accumulator written and read back twice a step while the saved input, clean,
+# stayed: 2 GiB moved in a step where dropping the clean one moves 0.4 GiB). The walk looks
+# at the least recent VICTIM_WINDOW candidates past those LRU would take, so it stays
+# short in a table of thousands of entries.
+VICTIM_WINDOW = 64
+
+
+def _cost(entry) -> float:
+    return entry.used + (1.0 if entry.clean and entry.extent is not None else 2.0)
+
+
 @dataclass(eq=False)
 class Entry:
     key: int
@@ -164,6 +183,8 @@ class Entry:
     elsewhere: bool = False
     # DISCARDED: what makes its bytes again (run/recompute.Remake), called with the storage.
     remake: object = None
+    # Residency.aging when last used: `evict_lru` evicts the least `used + cost` first.
+    used: float = 0.0
 
     @property
     def occupies_fast(self) -> bool:
@@ -218,6 +239,7 @@ class Residency:
         # Entries pinned while a numpy array of theirs lived (NOTE 7): `end_exports`.
         self._export_pins: list[Entry] = []
         self._owned_sampled = 0                 # owned_bytes() at the latest sample
+        self.aging = 0.0                        # `evict_lru`'s clock: the last victim's cost
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage, planned: int | None = None) -> Entry:
@@ -348,6 +370,7 @@ class Residency:
         if entry.state is FAST and not entry.elsewhere and not entry.pinned:
             self.lru[entry.key] = entry
             self.lru.move_to_end(entry.key)
+            entry.used = self.aging
 
     def _died(self, entry: Entry):
         return functools.partial(_note_death, self._dead, entry)
@@ -937,9 +960,37 @@ class Residency:
                 mapped.orphan(storage, entry.mapping)
                 entry.mapping = None
 
+    def _victims(self, excess: int, keep: set) -> list:
+        """The keys `evict_lru` evicts to free `excess` bytes, chosen before any is evicted
+        (evicting changes the order): NOTE [Victims]."""
+        # The least recent entries that cover the excess (what LRU would take), then those
+        # after them that could cost less than the dearest of these: a clean entry used
+        # since (`_cost`; `used` grows along the order), at most VICTIM_WINDOW in all.
+        window, cover, dearest = [], 0, None
+        for key, entry in self.lru.items():
+            if dearest is None and cover >= excess:
+                dearest = max(map(_cost, window))
+            if dearest is not None and (entry.used + 1.0 >= dearest
+                                        or len(window) >= VICTIM_WINDOW):
+                break
+            if key not in keep and not entry.pinned:
+                window.append(entry)
+                cover += entry.nbytes
+        if len(window) > 1:
+            window.sort(key=_cost)               # stable: least recent first among equals
+        chosen, cover = [], 0
+        for entry in window:
+            if cover >= excess:
+                break
+            chosen.append(entry.key)
+            cover += entry.nbytes
+            self.aging = max(self.aging, _cost(entry))
+        return chosen
+
     def evict_lru(self, target: int, keep: set) -> bool:
-        """On-demand: evict least recently used entries not in `keep` until resident
-        bytes are at most `target`, synchronously. Returns whether any went to the slow
+        """On-demand: evict entries not in `keep`, least recently used first with clean
+        ones before dirty ones (NOTE [Victims]), until resident bytes are at most
+        `target`, synchronously. Returns whether any went to the slow
         tier now (not when deferred)."""
         if self._deferred is not None:            # a collective is being dispatched
             keep = set(keep) | self._held         # its storages stay (hold_moves)
@@ -950,17 +1001,7 @@ class Residency:
             self._reap_dead()
         if self.resident <= target:               # most calls: no copy of the order
             return False
-        # The least recent entries that cover the excess, chosen before any is evicted
-        # (evicting changes the order): a walk of the few it takes, not a copy of the
-        # whole order per call. Should evictions free less than chosen, the rest of the
-        # order is walked as before.
-        excess, cover, chosen = self.resident - target, 0, []
-        for key, entry in self.lru.items():
-            if cover >= excess:
-                break
-            if key not in keep and not entry.pinned:
-                chosen.append(key)
-                cover += entry.nbytes
+        chosen = self._victims(self.resident - target, keep)
         started, pending, evicted = [], 0, False
         for keys in (chosen, None):
             if keys is None:
