@@ -542,3 +542,34 @@ def test_a_bool_mask_anded_with_a_0_dim_bool_replays(tmp_path):
                 opt.zero_grad()
         report = ooc.report()
     assert report.deviations == 0 and report.recordings <= 2, str(report)
+
+
+_ATEN = torch.ops.aten
+_POINTWISE = [(_ATEN.add.Tensor, 2, {}), (_ATEN.mul.Tensor, 2, {}), (_ATEN.div.Tensor, 2, {}),
+              (_ATEN.div.Tensor_mode, 2, {"rounding_mode": "floor"}), (_ATEN.sigmoid.default, 1, {}),
+              (_ATEN.exp.default, 1, {}), (_ATEN.eq.Tensor, 2, {}), (_ATEN.bitwise_and.Tensor, 2, {}),
+              (_ATEN.maximum.default, 2, {}), (_ATEN.pow.Tensor_Tensor, 2, {}), (_ATEN.abs.default, 1, {})]
+_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+           torch.float32, torch.float64]
+
+
+@settings(max_examples=300, deadline=None)
+@given(op=st.sampled_from(_POINTWISE),
+       operands=st.lists(st.one_of(st.tuples(st.sampled_from(_DTYPES), st.booleans()),
+                                   st.sampled_from([True, 2, 0.5])), min_size=2, max_size=2))
+def test_a_small_pointwise_ops_output_is_sized_as_pytorch_makes_it(op, operands):
+    """`replay._pointwise_width` (rule 1's size of a small pointwise op off the record) is
+    the element size PyTorch's own output has, for every op, dtype, 0-dim tensor and
+    Python scalar: `mask * 0.5` and `sigmoid` of an int tensor make floats, comparisons
+    and ands of bools make bools, a float divided by a 0-dim int64 stays float. (Sized by
+    hand-kept promotion rules before, the first two were counted at 1 and 8 bytes.)"""
+    from outcore.run.replay import _pointwise_width
+    func, arity, kwargs = op
+    args = [torch.ones(() if item[1] else (3,), dtype=item[0]) if isinstance(item, tuple)
+            else item for item in operands[:arity]]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    try:
+        out = func(*args, **kwargs)
+    except (RuntimeError, TypeError):
+        return                                  # PyTorch refuses these operands itself
+    assert _pointwise_width(func, args, kwargs, tensors) == out.element_size(), (func, args)

@@ -23,8 +23,10 @@ import time
 import weakref
 
 import torch
+import torch.utils._pytree as pytree
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, call_split,
                     distinct_storages, is_foreach, iter_tensors, makes_nothing_new,
@@ -51,44 +53,46 @@ def _tensors_read(args, kwargs) -> list:
     return inputs
 
 
-def _pointwise_width(tensors, true_division: bool = False) -> int:
-    """The element size a pointwise op's output may have: its inputs' promoted dtype as
-    PyTorch promotes it (a 0-dim tensor does not widen a dimensioned one of its category:
-    a float tensor divided by a 0-dim int64 counter stays float), and for a true division
-    at least the default float's where that is an integer or bool. Not for every op: a
-    `bitwise_and` of bool masks makes bools, and counted as floats it left its plan."""
-    if not tensors:
-        return 1
-    # Promotion runs in Python: cached by what it reads of the tensors, and the default dtype.
-    default = torch.get_default_dtype()
-    key = (default, true_division,
-           *((t.dtype, t.dim() == 0, t.device.type) for t in tensors))
+def _pointwise_width(func, args, kwargs, tensors) -> int:
+    """The element size of a pointwise op's output as PyTorch makes it: its meta kernel
+    run on meta copies of the arguments, cached by what type promotion reads (each
+    tensor's dtype and whether it is 0-dim, each scalar's type, the other arguments, the
+    default dtype). Promotion is the op's own: a float tensor divided by a 0-dim int64
+    counter stays float (helper-104: AveragedModel's 1 KiB bias, counted at int64's
+    width, left its plan every replay), a bool mask times 0.5 or the sigmoid of an int
+    tensor makes floats, a `bitwise_and` of bool masks and a comparison make bools (counted
+    as floats, Qwen2-MoE's masks left the plan). Where the meta kernel fails: the widest
+    input's size (an op that made more leaves the plan after it: rule 5)."""
+    key = (func, torch.get_default_dtype(), *map(_promotion_key, args),
+           *((name, _promotion_key(value)) for name, value in kwargs.items()))
     width = _WIDTHS.get(key)
     if width is not None:
         return width
     try:
-        from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
-        _, dtype = elementwise_dtypes(
-            *tensors, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
-    except Exception:
-        return max(t.element_size() for t in tensors)
-    width = dtype.itemsize
-    if true_division and not (dtype.is_floating_point or dtype.is_complex):
-        width = max(width, default.itemsize)
+        with _disable_current_modes():
+            meta_args, meta_kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (args, kwargs))
+            out = func(*meta_args, **meta_kwargs)
+        width = max((t.element_size() for t in output_tensors(out)), default=1)
+    except Exception:       # noqa: BLE001 - a kernel with no meta answer: the widest
+        width = max((t.element_size() for t in tensors), default=1)   # input (rule 5 after)
     if len(_WIDTHS) < 4096:
         _WIDTHS[key] = width
     return width
 
 
-_WIDTHS: dict = {}      # `_pointwise_width` by what type promotion reads
+def _promotion_key(value):
+    """What `_pointwise_width`'s answer depends on in one argument."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.dim() == 0, value.device.type
+    if isinstance(value, (list, tuple)):
+        return type(value), *map(_promotion_key, value)
+    if isinstance(value, (str, type(None), torch.dtype, torch.memory_format, torch.layout)):
+        return value
+    return type(value)          # a number: its type; anything else: its type alone
 
 
-# Pointwise ops that make floats of integers (`_pointwise_width`), without a rounding_mode.
-_TRUE_DIVISION = frozenset(("div", "div_", "true_divide", "true_divide_"))
-# Pointwise ops whose output is bool whatever their inputs (`_runs_small`).
-_TO_BOOL = frozenset((
-    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
-    "logical_not", "isnan", "isinf", "isfinite", "isneginf", "isposinf", "signbit"))
+_WIDTHS: dict = {}      # `_pointwise_width` by `_promotion_key`
 
 
 def _op_schema_name(op: str) -> str:
@@ -1185,18 +1189,13 @@ class Replayer(HeldMode):
             return True
         if torch.Tag.pointwise in func.tags:
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
-            # to spare; here it is counted as PyTorch promotes (`_pointwise_width`:
-            # helper-104, AveragedModel divides a 1 KiB bias by a 0-dim int64 counter, and
-            # at int64's width every replay left its plan there); a comparison makes bools.
+            # to spare; here it is counted as PyTorch promotes (`_pointwise_width`).
             tensors = _tensors_read(args, kwargs)
             try:
                 numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
             except RuntimeError:
                 return False
-            name = func._schema.name.split("::")[-1]
-            width = 1 if name in _TO_BOOL else _pointwise_width(
-                tensors, name in _TRUE_DIVISION and kwargs.get("rounding_mode") is None)
-            return numel * width <= SMALL_OP_BYTES
+            return numel * _pointwise_width(func, args, kwargs, tensors) <= SMALL_OP_BYTES
         made = created_bytes(func, args, kwargs)
         return made is None or made <= SMALL_OP_BYTES
 
