@@ -160,6 +160,8 @@ def binds_storage(func) -> bool:
 #      block's thread is made by it (`loading`): the recorder takes such a storage,
 #      first seen, as created by that op (like `lift_fresh`'s argument), and a replay
 #      counts `set_`'s source among what the function reads (FRESH_ARGUMENT_OPS).
+#   3. Only within the block that made them: at its end they are forgotten
+#      (`forget_made`), as a copy kept into the next step is state that step starts from.
 _made: dict[int, weakref.ref] = {}      # storage key -> the storage, made outside the dispatcher
 _loading = threading.local()
 
@@ -173,6 +175,14 @@ def note_made(storage) -> None:
         if _made.get(key) is ref:
             del _made[key]
     _made[key] = weakref.ref(storage, gone)
+
+
+def forget_made() -> None:
+    """The block has ended: what it noted is no longer new. A copy kept into the next
+    step is state that step starts from, first shown by whatever op reads it (helper-113:
+    noted for as long as it lived, a kept deepcopy was taken as made by its reader in
+    every later recording, and each replay of those read more arrays than recorded)."""
+    _made.clear()
 
 
 def made_outside(storage) -> bool:

@@ -925,3 +925,94 @@ def test_a_ctrl_c_while_an_iteration_waits_for_another_threads_reads_stops_the_w
             step(managed, managed_opt, x, y)
     assert_same(plain, managed)
     assert_same_optimizer(plain_opt, managed_opt)
+
+
+_BESIDE_BETWEEN = textwrap.dedent("""
+    import sys, threading, time
+    import torch, outcore
+    sys.path.insert(0, sys.argv[1])
+    from test_between_iterations import BUDGET, make_model, data, step
+    x, y = data()
+    ooc = outcore.OutOfCore(BUDGET)
+    with ooc.building():
+        model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        with ooc.iteration():
+            step(model, opt, x, y)
+    sums = [p.detach().double().sum().item() for p in model.parameters()]
+    stop, bad, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            with ooc.between():
+                bad.extend(i for i, p in enumerate(model.parameters())
+                           if p.detach().double().sum().item() != sums[i])
+                reads[0] += 1
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(100):          # reads each back, making room: under the reader's feet
+        arrays = [p.detach().numpy() for p in model.parameters()]
+        del arrays
+    stop.set()
+    thread.join()
+    print("numpy", reads[0], len(bad), flush=True)
+
+    # A between() nested in one, while an iteration waits for the outer one to end.
+    waiting, done = threading.Event(), []
+
+    def nested():
+        with ooc.between():
+            waiting.wait()
+            while not ooc._blocks_waiting:
+                time.sleep(0.001)
+            with ooc.between():
+                done.append("inner")
+    thread = threading.Thread(target=nested)
+    thread.start()
+    waiting.set()
+    with ooc.iteration():
+        step(model, opt, x, y)
+    thread.join()
+    print("nested", done, flush=True)
+    ooc.close()
+""")
+
+
+def test_reads_inside_between_beside_what_the_training_thread_moves_between_iterations():
+    """helper-113: between iterations the training thread still moves storages: a
+    `.numpy()` of a tensor on the swap file reads it back and makes room for it, freeing
+    others, under a `between()` reader's feet (a segmentation fault); now it waits for
+    other threads' between() blocks and holds new ones (`OutOfCore._alone`). And a
+    between() nested in one while an iteration waits for the outer one deadlocked (each
+    waited for the other); a nested one does not wait. In a child process: a crash or a
+    hang there fails this test instead of the run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", _BESIDE_BETWEEN, here], capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-3000:])
+    numpy_line, nested_line = run.stdout.split("\n")[:2]
+    _, reads, bad = numpy_line.split()
+    assert int(reads) > 0 and int(bad) == 0, run.stdout
+    assert nested_line == "nested ['inner']", run.stdout
+
+
+def test_numpy_taken_again_between_iterations_leaves_the_weights_movable(twins):
+    """A logger that takes `.numpy()` of every parameter twice between iterations (two
+    histograms, or one per logging call): the second time, the weights were still
+    pinned for the first arrays (until the next block starts), so PyTorch's own numpy()
+    ran and made their storages unresizable for good; the next step then needed 2.05 MiB
+    of its 1.5 MiB budget (InfeasibleBudget). outcore's numpy() serves them again."""
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    for _ in range(3):
+        arrays = [p.detach().numpy() for p in managed.parameters()]
+        assert all((a == p.detach().numpy()).all() for a, p in zip(arrays, plain.parameters()))
+        del arrays
+    for _ in range(2):
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+    assert_same(plain, managed)
+    assert ooc.report().iterations[-1].peak_resident <= ooc.budget
+    weights = [ooc._res.entry_of(p.untyped_storage()) for p in managed.parameters() if p.dim() == 2]
+    assert not any(entry.pinned for entry in weights)

@@ -1,6 +1,11 @@
 """Which storage an op-by-op step evicts when the budget needs room (NOTE [Victims] in
 run/residency.py)."""
+import collections
+import types
+
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import outcore
 
@@ -49,3 +54,38 @@ def test_a_loop_just_over_the_budget_drops_what_is_clean_not_what_the_next_op_re
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert it.peak_resident <= budget
     assert it.bytes_read + it.bytes_written <= 8 * 2**20, it
+
+
+class _Entry:
+    def __init__(self, key, nbytes, used, clean, extent, pinned):
+        self.key, self.nbytes, self.used = key, nbytes, used
+        self.clean, self.extent, self.pinned = clean, extent, pinned
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_victims_cover_the_excess_and_move_no_more_than_lrus(data):
+    """NOTE [Victims] on random tables: the entries chosen are distinct, none kept or
+    pinned, they cover the excess wherever the evictable bytes do, and they move no more
+    bytes (clean: once, dirty: twice) than LRU's choice, the least recent entries that
+    cover it (helper-113: GreedyDual alone dropped a large clean entry to free a little
+    of a small dirty one)."""
+    from outcore.run.residency import Residency, _covering, _moves
+    n = data.draw(st.integers(1, 120))
+    used = sorted(data.draw(st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, 5.0, 2.5]),
+                                     min_size=n, max_size=n)))
+    lru = collections.OrderedDict()
+    for key in range(n):
+        lru[key] = _Entry(key, data.draw(st.sampled_from([1, 10, 100, 1000, 100_000])),
+                          used[key], data.draw(st.booleans()),
+                          object() if data.draw(st.booleans()) else None,
+                          data.draw(st.integers(0, 9)) == 0)
+    keep = {key for key in lru if data.draw(st.integers(0, 9)) == 0}
+    evictable = [e for key, e in lru.items() if key not in keep and not e.pinned]
+    excess = data.draw(st.integers(1, sum(e.nbytes for e in evictable) + 50))
+    table = types.SimpleNamespace(lru=lru, aging=0.0)
+    chosen = [lru[key] for key in Residency._victims(table, excess, keep)]
+    assert len({e.key for e in chosen}) == len(chosen)
+    assert not any(e.key in keep or e.pinned for e in chosen)
+    assert sum(e.nbytes for e in chosen) >= min(excess, sum(e.nbytes for e in evictable))
+    assert _moves(chosen) <= _moves(_covering(evictable, excess))

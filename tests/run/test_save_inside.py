@@ -465,3 +465,38 @@ def test_a_copy_of_the_state_kept_from_one_step_to_the_next(tmp_path, how):
     assert all(it.bytes_read > 0 for it in report.iterations[2:]), report     # state did move
     for p, q in zip(plain[0].parameters(), ours[0].parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_deepcopy_made_in_one_step_and_read_in_later_ones_settles(tmp_path):
+    """helper-113: an anchor `copy.deepcopy`'d inside the first step and read by every
+    later one (an L2-SP penalty, a "last good weights" kept lazily). Noted as made by no
+    op for as long as it lived, it was taken as created by its reader in later
+    recordings, and each replay of those read more arrays than recorded: the loop never
+    settled. Noted for the block that made it only (NOTE [Storages made outside the
+    dispatcher], rule 3): after the first steps every iteration replays."""
+    def make_pair():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        return model, torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+
+    def train(model, opt, kept):
+        loss = model(x).square().mean()
+        if kept is None:
+            kept = copy.deepcopy(model[0].weight.detach())
+        (loss + (model[0].weight - kept).square().sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        return kept
+    plain, ours = make_pair(), make_pair()
+    plain_kept = ours_kept = None
+    with outcore.OutOfCore(2 * 2**20, swap_dir=str(tmp_path)) as ooc:
+        for _ in range(8):
+            plain_kept = train(*plain, plain_kept)
+            with ooc.iteration():
+                ours_kept = train(*ours, ours_kept)
+        report = ooc.report()
+    last = report.iterations[-4:]
+    assert all(it.mode == "replay" and it.deviation is None for it in last), str(report)
+    assert all(it.peak_resident <= 2 * 2**20 for it in report.iterations), str(report)
+    assert all(torch.equal(p, q) for p, q in zip(plain[0].parameters(), ours[0].parameters()))

@@ -580,7 +580,10 @@ class OutOfCore:
                                "readable as they are; use ooc.between() on other threads")
         me = threading.get_ident()
         with self._gate:
-            while (self._active or self._blocks_waiting) and not self.closed:
+            # Nested on a thread already inside one: no wait (a block waiting to start
+            # waits for the outer one, which would wait for it).
+            while ((self._active or self._blocks_waiting) and not self.closed
+                   and me not in self._between_threads):
                 self._gate.wait()
             self._readers += 1
             self._between_threads[me] += 1
@@ -610,8 +613,33 @@ class OutOfCore:
         finally:
             self._blocks_waiting -= 1
 
+    @contextlib.contextmanager
+    def _alone(self):
+        """Around what moves storages between iterations on the thread that runs the
+        blocks (`sharing._prepare`: a `.numpy()` or `share_memory_()` that reads a storage
+        back and makes room for it): other threads' reads (`between()`, a background
+        save) end first, and new ones wait until it is done; they would read what it
+        frees. The thread's own `between()` blocks do not count."""
+        me = threading.get_ident()
+        with self._gate:
+            self._blocks_waiting += 1
+            try:
+                while self._readers - self._between_threads.get(me, 0):
+                    self._gate.wait()
+            except BaseException:
+                self._blocks_waiting -= 1
+                self._gate.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._blocks_waiting -= 1
+                self._gate.notify_all()
+
     def _idle(self) -> None:
         """The open block has ended: other threads' `between()` may go on."""
+        aten.forget_made()  # NOTE [Storages made outside the dispatcher], rule 3
         with self._gate:
             self._active = False
             self._gate.notify_all()

@@ -156,12 +156,33 @@ def _note_death(dead, entry, _ref) -> None:
 # gradient accumulator written and read back twice a step while the saved input, clean,
 # stayed: 2 GiB moved in a step where dropping the clean one moves 0.4 GiB). The walk looks
 # at the least recent VICTIM_WINDOW candidates past those LRU would take, so it stays
-# short in a table of thousands of entries.
+# short in a table of thousands of entries; and GreedyDual's choice is taken only where
+# it moves no more bytes (`_moves`) than LRU's would.
 VICTIM_WINDOW = 64
 
 
+def _weight(entry) -> float:
+    """What evicting `entry` moves per byte: 1 clean (read back), 2 dirty (written too)."""
+    return 1.0 if entry.clean and entry.extent is not None else 2.0
+
+
 def _cost(entry) -> float:
-    return entry.used + (1.0 if entry.clean and entry.extent is not None else 2.0)
+    return entry.used + _weight(entry)
+
+
+def _covering(entries: list, excess: int) -> list:
+    """The first of `entries` whose bytes cover `excess`."""
+    chosen, cover = [], 0
+    for entry in entries:
+        if cover >= excess:
+            break
+        chosen.append(entry)
+        cover += entry.nbytes
+    return chosen
+
+
+def _moves(entries: list) -> float:
+    return sum(_weight(entry) * entry.nbytes for entry in entries)
 
 
 @dataclass(eq=False)
@@ -293,6 +314,11 @@ class Residency:
                 self.pinned_resident -= entry.nbytes
                 self.touch(entry)                   # back in the order evict_lru walks
         self._export_pins = still
+
+    def export_pinned(self, entry) -> bool:
+        """Whether `entry` is pinned for a numpy array of its own (NOTE 7), alive or not.
+        Read only: any thread."""
+        return any(pinned is entry for pinned in self._export_pins)
 
     @staticmethod
     def stays(entry) -> bool:
@@ -976,16 +1002,16 @@ class Residency:
             if key not in keep and not entry.pinned:
                 window.append(entry)
                 cover += entry.nbytes
-        if len(window) > 1:
-            window.sort(key=_cost)               # stable: least recent first among equals
-        chosen, cover = [], 0
-        for entry in window:
-            if cover >= excess:
-                break
-            chosen.append(entry.key)
-            cover += entry.nbytes
+        chosen = _covering(window, excess)                  # LRU's choice
+        if len(window) > len(chosen):
+            # GreedyDual's choice where it moves no more bytes than LRU's: a large clean
+            # entry is not dropped to free a little of a small dirty one (helper-113).
+            greedy = _covering(sorted(window, key=_cost), excess)   # stable: LRU among equals
+            if _moves(greedy) <= _moves(chosen):
+                chosen = greedy
+        for entry in chosen:
             self.aging = max(self.aging, _cost(entry))
-        return chosen
+        return [entry.key for entry in chosen]
 
     def evict_lru(self, target: int, keep: set) -> bool:
         """On-demand: evict entries not in `keep`, least recently used first with clean

@@ -333,11 +333,16 @@ def _prepare(ooc, storage, what: str) -> None:
     entry = res.entry_of(storage)
     if entry is None or entry.pinned or entry.elsewhere or entry.owner or entry.state is FAST:
         return
-    made_room = res.evict_lru(ooc.budget - entry.nbytes, {entry.key})  # as for an op's input
-    res.ready(entry)
-    _beside_the_plan(ooc, entry)
-    if made_room and not ooc._active:
-        ooc._remap()          # between iterations: nothing may stay on the slow tier unmapped
+    if ooc._active:
+        res.evict_lru(ooc.budget - entry.nbytes, {entry.key})  # as for an op's input
+        res.ready(entry)
+        _beside_the_plan(ooc, entry)
+        return
+    with ooc._alone():        # other threads' reads between iterations end first
+        made_room = res.evict_lru(ooc.budget - entry.nbytes, {entry.key})
+        res.ready(entry)
+        if made_room:
+            ooc._remap()      # nothing may stay on the slow tier unmapped
 
 
 # -- .numpy() (NOTE 7-9) ----------------------------------------------------------------
@@ -391,7 +396,12 @@ def _may_move(ooc, storage) -> bool:
     entry = res.entries.get(storage._cdata)
     if entry is None or entry.ref() is not storage:     # not tracked (yet): a parameter
         return storage.nbytes() >= res.min_move_bytes  # before the first iteration
-    return not (entry.elsewhere or entry.owner or (entry.pinned and not exported(storage)))
+    # Pinned for an array of its own (alive, or dropped since: pinned until the next block
+    # starts, `end_exports`): outcore's numpy() again. PyTorch's made it unresizable for
+    # good: .numpy() twice between iterations and the weights never moved again, and the
+    # next step did not fit its budget.
+    return not (entry.elsewhere or entry.owner
+                or (entry.pinned and not exported(storage) and not res.export_pinned(entry)))
 
 
 def _wrap_numpy(original, open_outofcore):
