@@ -203,6 +203,99 @@ def loading():
         _loading.depth -= 1
 
 
+# NOTE [Read past the dispatcher]
+#   1. Some PyTorch functions read a tensor's memory in C++ through `data_ptr()`, with no
+#      aten op that a dispatch mode sees: they are CompositeImplicitAutograd (decomposed
+#      above the Python dispatch key, so outcore's mode sees only the ops they call), or
+#      autograd formulas that call such a function. A storage outcore had moved out
+#      (`resize_(0)`) was read as 0 bytes ("The tensor has a non-zero number of elements,
+#      but its data is not allocated yet"), and one moved out while the function ran (it
+#      takes the pointer once, then runs ops that make room) was read after it was
+#      freed: garbage ("start (8322) + length (94580716746736) exceeds dimension size").
+#   2. A PackedSequence's `batch_sizes` is the one such tensor in torch 2.13 (checked
+#      against a dispatch mode that sees every op, forward and backward, GRU, LSTM, RNN,
+#      pad_packed_sequence, enforce_sorted=False, PackedSequence.to()): read in C++ by
+#      `aten::gru.data`, `lstm.data`, `rnn_tanh.data`, `rnn_relu.data` (`_VF.gru(data,
+#      batch_sizes, ...)`, nn.GRU/LSTM/RNN on a PackedSequence), `_pad_packed_sequence`
+#      (pad_packed_sequence) and `_pack_padded_sequence_backward` (the backward of
+#      pack_padded_sequence, which saves it). `sorted_indices`/`unsorted_indices` and the
+#      data are read by ops the mode sees (index_select, narrow, copy_), and
+#      PackedSequence.to() keeps `batch_sizes` as it is (always on the CPU).
+#   3. So such a storage never moves (Residency NOTE 7, `movable`: counted as pinned, in
+#      the budget error as "read by PyTorch past the dispatcher"): from the op that makes
+#      it (`READ_PAST_OUTPUTS`: every mode marks an op's outputs right after it ran,
+#      before tracking them, `note_read_past`), so the recording sees it unmovable from
+#      its first op and the plan counts it held for its whole life, as for shared
+#      memory; and where a function of `READ_PAST_ARGUMENTS` gets one made otherwise (a
+#      PackedSequence built by hand in the step), it is made resident and marked before
+#      the call (run/sharing.py, NOTE [Sharing a storage outcore moves] rule 16).
+#   4. The mark is the storage's (`_read_past`, by key while it lives), not its entry's:
+#      an entry let go of between steps (Residency NOTE 8) and tracked again is pinned
+#      again. batch_sizes holds 8 bytes per time step: under min_move_bytes (64 KiB by
+#      default) below 8192 steps, and pinned for that reason anyway.
+READ_PAST_OUTPUTS = {
+    "aten::_pack_padded_sequence": ((1,), "a PackedSequence's batch_sizes"),
+}
+# Functions of `torch._VF` (CompositeImplicitAutograd: no dispatch mode sees them) and
+# the arguments they read in C++: {name: (positions, what)}. An RNN's `_VF.<name>` takes
+# batch_sizes second only on a PackedSequence (`read_past_arguments` checks the dtype).
+READ_PAST_ARGUMENTS = {
+    "gru": ((1,), "batch_sizes"), "lstm": ((1,), "batch_sizes"),
+    "rnn_tanh": ((1,), "batch_sizes"), "rnn_relu": ((1,), "batch_sizes"),
+    "_pad_packed_sequence": ((1,), "batch_sizes"),
+}
+_READ_PAST_OPS = frozenset(
+    getattr(packet, name) for schema, _ in READ_PAST_OUTPUTS.items()
+    if (packet := getattr(aten, schema.split("::")[1], None)) is not None
+    for name in packet.overloads())
+_read_past: dict[int, weakref.ref] = {}     # storage key -> the storage (NOTE 4)
+
+
+def mark_read_past(storage) -> None:
+    """NOTE [Read past the dispatcher]: PyTorch reads `storage` in C++, unseen: it never
+    moves from now on."""
+    key = storage._cdata
+    ref = _read_past.get(key)
+    if ref is not None and ref() is storage:
+        return
+
+    def gone(ref, key=key):
+        if _read_past.get(key) is ref:
+            del _read_past[key]
+    _read_past[key] = weakref.ref(storage, gone)
+
+
+def read_past(storage) -> bool:
+    """Whether `storage` is one PyTorch reads past the dispatcher (NOTE [Read past the
+    dispatcher]): never moved."""
+    ref = _read_past.get(storage._cdata)
+    return ref is not None and ref() is storage
+
+
+def note_read_past(func, out) -> None:
+    """Mark the outputs of `func` that PyTorch reads past the dispatcher (NOTE [Read past
+    the dispatcher], rule 3); called by every mode right after an op ran, before its
+    outputs are tracked."""
+    if func not in _READ_PAST_OPS:
+        return
+    positions, _ = READ_PAST_OUTPUTS[func._schema.name]
+    outputs = out if isinstance(out, (list, tuple)) else (out,)
+    for pos in positions:
+        if pos < len(outputs) and isinstance(outputs[pos], torch.Tensor):
+            storage = storage_of(outputs[pos])
+            if storage is not None:
+                mark_read_past(storage)
+
+
+def read_past_arguments(name: str, args) -> list:
+    """The tensors among `args` that `torch._VF.<name>` reads past the dispatcher
+    (READ_PAST_ARGUMENTS): int64 CPU tensors at its positions (an RNN's hidden state,
+    there when the input is no PackedSequence, is floating-point)."""
+    positions, _ = READ_PAST_ARGUMENTS[name]
+    return [args[p] for p in positions if p < len(args) and isinstance(args[p], torch.Tensor)
+            and args[p].dtype == torch.int64 and args[p].device.type == "cpu"]
+
+
 # Fused optimizer steps: one in-place kernel over lists of parameters, gradients and
 # states, computing each tensor's elements from that tensor's own elements and shared
 # scalars only (lr, betas, grad_scale, found_inf). They split into one call per tensor

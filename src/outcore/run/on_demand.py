@@ -19,7 +19,8 @@ from ..units import format_bytes
 from ..states import FAST
 from .residency import Residency
 from ..aten import distinct_storages as storages
-from ..aten import iter_tensors, makes_nothing_new, out_arguments, output_tensors, written_tensors
+from ..aten import (iter_tensors, makes_nothing_new, note_read_past, out_arguments,
+                    output_tensors, written_tensors)
 
 
 class OnDemand:
@@ -62,6 +63,7 @@ class OnDemand:
         inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
         entries = self.before(inputs, func, args, kwargs)
         out = func(*args, **kwargs)
+        note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         self.last = (entries, self.after(entries, written_tensors(func, args, kwargs),
                                          output_tensors(out)))
         return out
@@ -394,6 +396,8 @@ _NEVER_MOVES = {
     "exported": "with a numpy array over them alive (.numpy() inside the OutOfCore: "
                 "drop the arrays, or take them of a .clone())",
     "owned": "held by {owner}",
+    "read": "read by PyTorch in C++ past the dispatcher (a PackedSequence's batch_sizes: "
+            "8 bytes per time step; NOTE [Read past the dispatcher] in outcore/aten.py)",
     "small": "under min_move_bytes",
     "other": "pinned for the rest of this iteration (a numpy array over them died since; "
              "they move again from the next iteration)",
@@ -410,6 +414,7 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
     (`_NEVER_MOVES`): what the budget error lists so that a user finds theirs. "small"
     holds those a lower min_move_bytes would let move (not shared, exported or
     unresizable too), which the error's advice weighs."""
+    from ..aten import read_past
     from .sharing import exported
     out: dict[str, tuple[int, int]] = {}
     owners: set = set()
@@ -422,6 +427,7 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
         reason = ("owned" if e.owner else "unresizable" if not storage.resizable()
                   else "exported" if exported(storage)
                   else "shared" if storage.device.type == "cpu" and storage.is_shared()
+                  else "read" if read_past(storage)
                   else "small" if e.nbytes < res.min_move_bytes else "other")
         if e.owner:
             owners.add(_OWNERS.get(e.owner, e.owner))

@@ -95,6 +95,17 @@ class SafeRecording(Recording):
         finally:
             self.shield.exit(self)
 
+    def read_past(self, entry) -> None:
+        """`entry`, tracked since an earlier op, was just pinned: PyTorch reads it past
+        the dispatcher (NOTE [Read past the dispatcher] in aten.py; a PackedSequence's
+        batch_sizes built by hand). Unlike one that becomes unmovable late for another
+        reason, it is counted held for its whole life: the same step reads it the same
+        way each time, and a plan that moved it before would deviate every time."""
+        self.residency.newly_pinned = [e for e in self.residency.newly_pinned if e is not entry]
+        known = self._live.get(entry.key)
+        if known is not None and entry.nbytes >= self.residency.min_move_bytes:
+            self.unmovable.add(known[0])
+
     def _enter_optimizer(self, optimizer, *args):
         super()._enter_optimizer(optimizer, *args)
         if self._optimizer_began:

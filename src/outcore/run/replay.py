@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, call_split,
                     distinct_storages, is_foreach, iter_tensors, makes_nothing_new,
-                    output_tensors, split_foreach, written_tensors)
+                    note_read_past, output_tensors, split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
 from ..trace.recorder import op_phase
@@ -678,6 +678,7 @@ class Replayer(HeldMode):
         self.index = i + len(names)
         taken = time.perf_counter()
         out = func(*args, **kwargs)
+        note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         done = time.perf_counter()
         res = self.res
         self.log.function(i, taken, taken, done, done, res.resident, res.offloaded, res.last_rss)
@@ -821,6 +822,7 @@ class Replayer(HeldMode):
         call = self._capture(i, func, args, kwargs) if i in self._sources else None
         started = time.perf_counter()
         out = func(*args, **kwargs)
+        note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         returned = time.perf_counter()
         if call is not None:
             recompute.ran(call)
@@ -944,6 +946,16 @@ class Replayer(HeldMode):
         pinned in the recording too: the plan knows them."""
         return (entry.pinned and entry.nbytes >= self.res.min_move_bytes
                 and aid in self.schedule.moved_arrays)
+
+    def read_past(self, entry) -> None:
+        """`entry` was just pinned: PyTorch reads it past the dispatcher (NOTE [Read past
+        the dispatcher] in aten.py, a PackedSequence's batch_sizes built by hand). The
+        recording counted it held (`SafeRecording.read_past`): where the plan does not
+        move it, the step keeps its plan; where it does (`_pinned_but_moved`), it
+        leaves the plan (`_check_pinned`)."""
+        aid = self.aid_of.get(entry)
+        if aid is None or not self._pinned_but_moved(aid, entry):
+            self.res.newly_pinned = [e for e in self.res.newly_pinned if e is not entry]
 
     def _check_pinned(self) -> None:
         """A storage the plan moves became unmovable since it was recorded (Residency NOTE
@@ -1207,6 +1219,7 @@ class Replayer(HeldMode):
         for entry in entries:
             self._ready_off_plan(entry)         # a small activation may be discarded
         out = func(*args, **kwargs)
+        note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         mark_written(res, entries, written_tensors(func, args, kwargs))
         outputs = output_tensors(out)
         new = [s for s in distinct_storages(outputs) if s.nbytes() and res.entry_of(s) is None]

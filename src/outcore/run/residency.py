@@ -53,7 +53,9 @@ NOTE [Residency invariants]
      through `.numpy()`) or that lives in shared memory (`share_memory_()`: PyTorch
      calls it resizable, but resizing it crashes the process) is pinned, never moved
      (`movable`; a CUDA storage is never in shared memory, whatever `is_shared()`
-     says, and one sent to another process through CUDA IPC is not detected).
+     says, and one sent to another process through CUDA IPC is not detected). So is
+     one PyTorch reads in C++ past the dispatcher (a PackedSequence's batch_sizes: NOTE
+     [Read past the dispatcher] in aten.py), from the op that makes it.
      `.numpy()` makes a storage unresizable for good, also one already tracked:
      `evict` then pins it and notes it in `newly_pinned`. While an OutOfCore is
      open, `.numpy()` hands out an array that leaves the storage resizable and pins it
@@ -112,7 +114,7 @@ def movable(storage) -> bool:
     memory can always be sent to another process), and asking it of one pinned the
     whole of a GPU step, every array "never moves" (the first run on a GPU,
     docs/gpu-check.md)."""
-    if not storage.resizable() or exported(storage):
+    if not storage.resizable() or exported(storage) or aten.read_past(storage):
         return False
     return storage.device.type != "cpu" or not storage.is_shared()
 

@@ -145,6 +145,21 @@ NOTE [Sharing a storage outcore moves]
       inside a block the storage is made resident first as in rule 3 (refused from
       another thread as in rule 4), then PyTorch's runs with the modes set aside
       (rule 5). Between blocks every storage is resident or mapped: PyTorch's own.
+
+  PackedSequence's `batch_sizes` is read in C++ by functions no dispatch mode sees:
+  16. NOTE [Read past the dispatcher] in aten.py. The one `pack_padded_sequence` makes
+      never moves from the op that makes it. One made otherwise (a PackedSequence
+      built by hand in the step, `PackedSequence(data, batch_sizes)`) reaches the
+      functions that read it (`torch._VF.gru`, `lstm`, `rnn_tanh`, `rnn_relu`,
+      `_pad_packed_sequence`: `aten.READ_PAST_ARGUMENTS`) as any other tensor. While an
+      OutOfCore is open those are wrapped (on `torch._VF`, where torch.nn looks them up
+      at each call): the storage is made resident first as in rule 3 (refused from
+      another thread as in rule 4), then marked as never moving for good
+      (`aten.mark_read_past`) and its entry pinned: the function takes its pointer once
+      and runs ops that make room while it reads it. A recording counts it held for its
+      whole life (`SafeRecording.read_past`), so the plan made from it never moves it;
+      a replay whose plan moves it leaves the plan there (`Replayer.read_past`), as for
+      a storage shared since it was recorded.
 """
 from __future__ import annotations
 
@@ -158,7 +173,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..aten import loading, note_made
+from ..aten import (READ_PAST_ARGUMENTS, loading, mark_read_past, note_made, read_past,
+                    read_past_arguments, storage_of)
 from ..errors import OutcoreError
 from .compose import guard_future_callbacks
 from .interrupts import critical, no_raise
@@ -187,6 +203,7 @@ def install(open_outofcore) -> None:
         wrappers.append((torch.UntypedStorage, "clone", _wrap_clone))      # NOTE 14
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
+        wrappers += [(torch._VF, name, _wrap_read_past) for name in READ_PAST_ARGUMENTS]  # 16
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
         wrappers += [(torch, "load", _wrap_load), (torch.serialization, "load", _wrap_load)]
         # Future callbacks on another thread: NOTE [Collectives in flight] rule 5.
@@ -283,6 +300,48 @@ def _wrap_tolist(original, open_outofcore):
         with _disable_current_modes():      # NOTE 5, 15
             return original(tensor)
     return tolist
+
+
+def _wrap_read_past(original, open_outofcore):
+    name = original.__name__
+
+    @functools.wraps(original)
+    def reads_past(*args, **kwargs):
+        ooc = open_outofcore()
+        if ooc is None or ooc.closed:
+            return original(*args, **kwargs)
+        for tensor in read_past_arguments(name, args):
+            storage = storage_of(tensor)
+            if storage is None or read_past(storage):
+                continue                    # never moved since it was made (NOTE 16)
+            _readied(ooc, storage, f"torch._VF.{name}() (a PackedSequence's batch_sizes)")
+            mark_read_past(storage)
+            if ooc._active and ooc._active_thread == threading.get_ident():
+                _pin_read_past(ooc, storage)
+        return original(*args, **kwargs)
+    return reads_past
+
+
+@critical
+def _pin_read_past(ooc, storage) -> None:
+    """Pin the resident entry of a storage just marked as read past the dispatcher
+    (NOTE 16), and tell the block's mode (`read_past`), as a held section."""
+    shield = _held(ooc)
+    if shield is not None:
+        shield.enter()
+    try:
+        res = ooc._res
+        entry = res.entry_of(storage)
+        if (entry is None or entry.pinned or entry.elsewhere or entry.owner
+                or entry.state is not FAST):
+            return
+        res.pin_if_unmovable(entry, storage)        # noted in newly_pinned
+        note = getattr(ooc._mode, "read_past", None)
+        if note is not None:
+            note(entry)
+    finally:
+        if shield is not None:
+            shield.exit()
 
 
 @critical

@@ -22,8 +22,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import (FRESH_ARGUMENT_OPS, call_split, iter_tensors, made_outside, output_tensors,
-                    storage_of, written_tensors)
+from ..aten import (FRESH_ARGUMENT_OPS, call_split, iter_tensors, made_outside, note_read_past,
+                    output_tensors, storage_of, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -206,6 +206,7 @@ class Recording(TorchDispatchMode):
         start = time.perf_counter()
         out = func(*args, **kwargs)
         duration = time.perf_counter() - start
+        note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         workspace = meter.bytes() if meter is not None else 0
         outputs = output_tensors(out)
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
