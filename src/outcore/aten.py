@@ -144,6 +144,63 @@ def binds_storage(func) -> bool:
     return func in _BINDING
 
 
+# NOTE [Storage arguments]
+#   An op may take a storage itself, not a tensor over it: `set_(source: Storage, ...)`,
+#   which `t.set_(p.untyped_storage(), offset, size, stride)`, `copy.deepcopy` and
+#   `torch.load` call. `iter_tensors` does not see it, so nothing made it resident
+#   first: `set_` on a storage outcore had on the slow tier (resized to 0 bytes) gave it
+#   fresh, uninitialised memory of the size asked for (PyTorch 2.13 grows a resizable
+#   storage that is too small), and the parameter it held was garbage from there on,
+#   silently. So such a storage is an input of the op everywhere outcore decides what
+#   must be resident (`op_inputs`: the recorder, on demand, a replay, building), as an
+#   empty tensor over it (`_over`): the tensor is only a handle, its storage is what
+#   counts. Only `set_`'s Storage overloads take one, and those of its functional twin
+#   `set` (which eager steps do not call): every registered schema checked with torch
+#   2.13, and tests/run/test_storage_arguments.py keeps that true.
+STORAGE_OPS = frozenset(
+    getattr(packet, name) for packet in (aten.set_, aten.set) for name in packet.overloads()
+    if any(str(a.type) == "Storage" for a in getattr(packet, name)._schema.arguments))
+# By id: an OpOverload hashes in Python, and `op_inputs` asks on every op (STORAGE_OPS
+# holds them, so no other object takes their ids).
+_STORAGE_OP_IDS = frozenset(map(id, STORAGE_OPS))
+
+
+def _over(storage, like) -> torch.Tensor:
+    """An empty tensor of `like`'s dtype over `storage` (an UntypedStorage or a
+    TypedStorage), made with Python dispatch off: no dispatch mode, outcore's or another,
+    sees it. Empty, it neither reads the storage nor resizes it (one on the slow tier
+    has 0 bytes)."""
+    if isinstance(storage, torch.storage.TypedStorage):
+        storage = storage._untyped_storage
+    dtype = like.dtype if isinstance(like, torch.Tensor) else torch.uint8
+    with torch._C._DisableTorchDispatch():
+        return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, (0,), (1,))
+
+
+def storage_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    """NOTE [Storage arguments]: the storages `func` takes as arguments, each as an empty
+    tensor over it; none for every op but `set_`'s Storage overloads."""
+    out = []
+    for pos, arg in enumerate(func._schema.arguments):
+        if str(arg.type) != "Storage":
+            continue
+        value = args[pos] if pos < len(args) else kwargs.get(arg.name)
+        if isinstance(value, (torch.UntypedStorage, torch.storage.TypedStorage)):
+            out.append(_over(value, args[0] if args else None))
+    return out
+
+
+def op_inputs(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op reads: its tensor arguments (`iter_tensors`), then the storages
+    it takes as arguments, as tensors (NOTE [Storage arguments])."""
+    inputs = list(iter_tensors(args))
+    if kwargs:
+        inputs += iter_tensors(kwargs.values())
+    if id(func) in _STORAGE_OP_IDS:
+        inputs += storage_arguments(func, args, kwargs)
+    return inputs
+
+
 # NOTE [Storages made outside the dispatcher]
 #   1. `copy.deepcopy` of a tensor copies its storage with `UntypedStorage.clone()`, run
 #      with the dispatch modes set aside (NOTE [Sharing a storage outcore moves], rule

@@ -19,8 +19,8 @@ from ..units import format_bytes
 from ..states import FAST
 from .residency import Residency
 from ..aten import distinct_storages as storages
-from ..aten import (iter_tensors, makes_nothing_new, note_read_past, out_arguments,
-                    output_tensors, written_tensors)
+from ..aten import (iter_tensors, makes_nothing_new, note_read_past, op_inputs,
+                    out_arguments, output_tensors, written_tensors)
 
 
 class OnDemand:
@@ -36,13 +36,10 @@ class OnDemand:
         res = self.residency
         looked = [(s, res.entry_of(s)) for s in storages(inputs)]
         found = [s for s, entry in looked if s.nbytes() or entry]
-        untracked = sum(s.nbytes() for s, entry in looked if entry is None and s.nbytes())
         # A storage passed as one (`set_(source)`, as `copy.deepcopy` of a tensor calls it)
-        # is no tensor input: it counts as the op's output (after), made outside any op
-        # and in RAM already. Its room is made here too, or the count passed the budget
-        # by its size until `after` evicted (seen: 54 KiB over with deepcopies in a step).
-        untracked += sum(s.nbytes() for s in _storage_arguments(args, kwargs or {})
-                         if res.entry_of(s) is None)
+        # is among `inputs` (NOTE [Storage arguments] in aten.py): made resident like any,
+        # and one made outside any op, in RAM already, is counted here.
+        untracked = sum(s.nbytes() for s, entry in looked if entry is None and s.nbytes())
         if untracked:
             # Storages first seen here (made before the step, or outside any op) were in
             # RAM all along: make their room before they are counted, so that the count
@@ -60,7 +57,7 @@ class OnDemand:
 
     def run(self, func, args, kwargs):
         """Run one op memory-safe: inputs resident before, budget restored after."""
-        inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+        inputs = op_inputs(func, args, kwargs)     # NOTE [Storage arguments] in aten.py
         entries = self.before(inputs, func, args, kwargs)
         out = func(*args, **kwargs)
         note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
@@ -95,15 +92,6 @@ def mark_written(res: Residency, entries, written) -> None:
     for e in entries:
         if e is not None and e.key in written_keys:
             res.mark_written(e)
-
-
-def _storage_arguments(args, kwargs):
-    """The storages an op takes as arguments (not inside tensors)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.storage.TypedStorage):
-            value = value._untyped_storage
-        if isinstance(value, torch.UntypedStorage):
-            yield value
 
 
 def needed(res: Residency, entries, created) -> tuple[int, int]:

@@ -29,8 +29,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, call_split,
-                    distinct_storages, is_foreach, iter_tensors, makes_nothing_new,
-                    note_read_past, output_tensors, split_foreach, written_tensors)
+                    distinct_storages, is_foreach, makes_nothing_new,
+                    note_read_past, op_inputs, output_tensors, split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
 from ..trace.recorder import op_phase
@@ -45,12 +45,9 @@ from .residency import Residency
 from .steplog import StepLog
 
 
-def _tensors_read(args, kwargs) -> list:
-    """An op's tensor arguments."""
-    inputs = list(iter_tensors(args))
-    if kwargs:
-        inputs += iter_tensors(kwargs.values())
-    return inputs
+# An op's tensor arguments, and the storages it takes as arguments (NOTE [Storage
+# arguments] in aten.py: a `set_`'s source, made resident before it like any input).
+_tensors_read = op_inputs
 
 
 def _pointwise_width(func, args, kwargs, tensors) -> int:
@@ -667,7 +664,7 @@ class Replayer(HeldMode):
         self._ops += names
         i = self.index
         if self.op_names[i:i + len(names)] != names or len(names) == 1 and self.small[i]:
-            storages = distinct_storages(_tensors_read(args, kwargs))
+            storages = distinct_storages(_tensors_read(func, args, kwargs))
             small = self._runs_small(func, args, kwargs, storages)
             if not (self._skip_small(names[0], small)
                     and self.op_names[self.index:self.index + len(names)] == names):
@@ -704,7 +701,7 @@ class Replayer(HeldMode):
         # As the recorder numbers them: storages of no bytes are no arrays (an eval-mode
         # batch norm's saved statistics; helper-87: counted, they made the sizes of the
         # whole step unusable for rule 10).
-        read = [s for s in distinct_storages(_tensors_read(args, kwargs)) if s.nbytes()]
+        read = [s for s in distinct_storages(_tensors_read(func, args, kwargs)) if s.nbytes()]
         keys = {s._cdata for s in read}
         made = [s for s in made if s._cdata not in keys and s.nbytes()]
         more = sum(s.nbytes() for s in made) - planned
@@ -739,7 +736,7 @@ class Replayer(HeldMode):
         i = self.index
         name = self._name(func)
         res = self.res
-        inputs = _tensors_read(args, kwargs)
+        inputs = _tensors_read(func, args, kwargs)
         if binds_storage(func):
             inputs = inputs[1:]     # set_'s self is read as the recorder sees it: bound anew
         if i >= self.n or name != self.op_names[i] or self.small[i]:
@@ -1202,7 +1199,7 @@ class Replayer(HeldMode):
         if torch.Tag.pointwise in func.tags:
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
             # to spare; here it is counted as PyTorch promotes (`_pointwise_width`).
-            tensors = _tensors_read(args, kwargs)
+            tensors = _tensors_read(func, args, kwargs)
             try:
                 numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
             except RuntimeError:
@@ -1289,7 +1286,7 @@ class Replayer(HeldMode):
         movable, pinned = needed(self.res, *self._on_demand.last)
         worst = self.budget if self.infeasible is None else self.infeasible.needed_bytes
         if movable + pinned > worst:
-            phase = op_phase(self._optimizers, _tensors_read(args, kwargs))
+            phase = op_phase(self._optimizers, _tensors_read(func, args, kwargs))
             self.infeasible = infeasible(
                 self.index + self._fallen - 1, f"{func}, run on demand", phase, movable,
                 pinned, self.budget, self.res.min_move_bytes, deviated=True, res=self.res)

@@ -22,8 +22,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import (FRESH_ARGUMENT_OPS, call_split, iter_tensors, made_outside, note_read_past,
-                    output_tensors, storage_of, written_tensors)
+from ..aten import (FRESH_ARGUMENT_OPS, call_split, made_outside, note_read_past,
+                    op_inputs, output_tensors, storage_of, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -195,7 +195,7 @@ class Recording(TorchDispatchMode):
             self._returned = time.perf_counter()
 
     def _run(self, func, args, kwargs, split):
-        inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs.values()))
+        inputs = op_inputs(func, args, kwargs)     # NOTE [Storage arguments] in aten.py
         written_list = written_tensors(func, args, kwargs)
         written = {id(t) for t in written_list}
         phase = op_phase(self._optimizers, inputs)
