@@ -163,6 +163,9 @@ STORAGE_OPS = frozenset(
 # By id: an OpOverload hashes in Python, and `op_inputs` asks on every op (STORAGE_OPS
 # holds them, so no other object takes their ids).
 _STORAGE_OP_IDS = frozenset(map(id, STORAGE_OPS))
+# Where each takes its Storage arguments: [(position, name)], read once.
+_STORAGE_POSITIONS = {id(op): [(pos, a.name) for pos, a in enumerate(op._schema.arguments)
+                               if str(a.type) == "Storage"] for op in STORAGE_OPS}
 
 
 def _over(storage, like) -> torch.Tensor:
@@ -181,10 +184,8 @@ def storage_arguments(func, args, kwargs) -> list[torch.Tensor]:
     """NOTE [Storage arguments]: the storages `func` takes as arguments, each as an empty
     tensor over it; none for every op but `set_`'s Storage overloads."""
     out = []
-    for pos, arg in enumerate(func._schema.arguments):
-        if str(arg.type) != "Storage":
-            continue
-        value = args[pos] if pos < len(args) else kwargs.get(arg.name)
+    for pos, name in _STORAGE_POSITIONS[id(func)]:
+        value = args[pos] if pos < len(args) else kwargs.get(name)
         if isinstance(value, (torch.UntypedStorage, torch.storage.TypedStorage)):
             out.append(_over(value, args[0] if args else None))
     return out
@@ -305,6 +306,7 @@ _READ_PAST_OPS = frozenset(
     getattr(packet, name) for schema, _ in READ_PAST_OUTPUTS.items()
     if (packet := getattr(aten, schema.split("::")[1], None)) is not None
     for name in packet.overloads())
+_READ_PAST_OP_IDS = frozenset(map(id, _READ_PAST_OPS))      # _READ_PAST_OPS holds them
 _read_past: dict[int, weakref.ref] = {}     # storage key -> the storage (NOTE 4)
 
 
@@ -333,7 +335,7 @@ def note_read_past(func, out) -> None:
     """Mark the outputs of `func` that PyTorch reads past the dispatcher (NOTE [Read past
     the dispatcher], rule 3); called by every mode right after an op ran, before its
     outputs are tracked."""
-    if func not in _READ_PAST_OPS:
+    if id(func) not in _READ_PAST_OP_IDS:        # by id: an OpOverload hashes in Python
         return
     positions, _ = READ_PAST_OUTPUTS[func._schema.name]
     outputs = out if isinstance(out, (list, tuple)) else (out,)

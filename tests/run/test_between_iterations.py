@@ -1016,3 +1016,33 @@ def test_numpy_taken_again_between_iterations_leaves_the_weights_movable(twins):
     assert ooc.report().iterations[-1].peak_resident <= ooc.budget
     weights = [ooc._res.entry_of(p.untyped_storage()) for p in managed.parameters() if p.dim() == 2]
     assert not any(entry.pinned for entry in weights)
+
+
+def test_a_background_save_waits_while_the_training_thread_moves_storages(twins, tmp_path):
+    """helper-116: a `.numpy()` on the training thread between iterations reads a storage
+    back and makes room for it (`OutOfCore._alone`); a `torch.save` started on another
+    thread meanwhile read what that freed. It waits now, as a between() block does, and
+    the checkpoint it writes holds the values."""
+    import threading
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    entered, path = {}, tmp_path / "bg.pt"
+
+    def save():
+        torch.save(managed.state_dict(), path)
+        entered["save"] = time.monotonic()
+
+    def between():
+        with ooc.between():
+            entered["between"] = time.monotonic()
+    with ooc._alone():
+        started = time.monotonic()
+        threads = [threading.Thread(target=f) for f in (save, between)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        assert not entered, entered
+    for thread in threads:
+        thread.join(30)
+    assert set(entered) == {"save", "between"} and min(entered.values()) - started >= 0.5
+    saved = torch.load(path)
+    assert all(torch.equal(saved[k], v) for k, v in plain.state_dict().items())

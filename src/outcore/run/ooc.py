@@ -331,6 +331,7 @@ class OutOfCore:
         self._gate = threading.Condition()
         self._readers = 0
         self._blocks_waiting = 0
+        self._moving = 0                # `_alone` runs
         self._between_threads: collections.Counter = collections.Counter()  # ident: depth
         self._mode = None               # its dispatch mode while pushed (sharing.py reads it)
         self.budget = parse_budget(budget, "OutOfCore's budget")
@@ -622,12 +623,14 @@ class OutOfCore:
         frees. The thread's own `between()` blocks do not count."""
         me = threading.get_ident()
         with self._gate:
-            self._blocks_waiting += 1
+            self._blocks_waiting += 1       # holds new between() blocks
+            self._moving += 1               # and new background reads (sharing.reading)
             try:
                 while self._readers - self._between_threads.get(me, 0):
                     self._gate.wait()
             except BaseException:
                 self._blocks_waiting -= 1
+                self._moving -= 1
                 self._gate.notify_all()
                 raise
         try:
@@ -635,6 +638,7 @@ class OutOfCore:
         finally:
             with self._gate:
                 self._blocks_waiting -= 1
+                self._moving -= 1
                 self._gate.notify_all()
 
     def _idle(self) -> None:

@@ -71,8 +71,10 @@ def _pointwise_width(func, args, kwargs, tensors) -> int:
                 torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (args, kwargs))
             out = func(*meta_args, **meta_kwargs)
         width = max((t.element_size() for t in output_tensors(out)), default=1)
-    except Exception:       # noqa: BLE001 - a kernel with no meta answer: the widest
-        width = max((t.element_size() for t in tensors), default=1)   # input (rule 5 after)
+    except Exception:       # noqa: BLE001 - a kernel with no meta answer: the widest input
+        # (rule 5 after), not cached: the failure may be the values' (an int scalar past
+        # int64's range), and the next call with the same key would be sized by it.
+        return max((t.element_size() for t in tensors), default=1)
     if len(_WIDTHS) < 4096:
         _WIDTHS[key] = width
     return width

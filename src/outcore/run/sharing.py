@@ -551,6 +551,11 @@ def reading(ooc, what: str, storages=None):
         yield
         return
     with ooc._gate:
+        # While the training thread moves storages between iterations (`OutOfCore._alone`)
+        # a new reader waits, as between() does (helper-116: a background save started
+        # then read what it freed).
+        while ooc._moving and not ooc.closed:
+            ooc._gate.wait()
         if ooc._active:
             res = ooc._res
             found = storages is None or any(
