@@ -188,6 +188,9 @@ def storage_arguments(func, args, kwargs) -> list[torch.Tensor]:
         value = args[pos] if pos < len(args) else kwargs.get(name)
         if isinstance(value, (torch.UntypedStorage, torch.storage.TypedStorage)):
             out.append(_over(value, args[0] if args else None))
+            source = copied_from(value)
+            if source is not None:      # NOTE [Storages made outside the dispatcher], rule 4
+                out.append(_over(source, args[0] if args else None))
     return out
 
 
@@ -220,19 +223,38 @@ def op_inputs(func, args, kwargs) -> list[torch.Tensor]:
 #      counts `set_`'s source among what the function reads (FRESH_ARGUMENT_OPS).
 #   3. Only within the block that made them: at its end they are forgotten
 #      (`forget_made`), as a copy kept into the next step is state that step starts from.
-_made: dict[int, weakref.ref] = {}      # storage key -> the storage, made outside the dispatcher
+#   4. The storage a clone copied is read by the op that binds the copy too (`set_`,
+#      `op_inputs`: `copied_from`), where the recorder sees the read: the clone reads it
+#      past the dispatcher just before. Recorded read only by the op before it, a plan
+#      moved it out after that op, the clone read it back unplanned, and the replay
+#      passed its budget (adaptive-belady: 52 KiB over 1.5 MiB with deepcopies of the
+#      state in the step, helper-116).
+# storage key -> (the storage, made outside the dispatcher; what it copies, or None)
+_made: dict[int, tuple] = {}
 _loading = threading.local()
 
 
-def note_made(storage) -> None:
+def note_made(storage, source=None) -> None:
     """NOTE [Storages made outside the dispatcher]: `storage` was just made in the step
-    by no aten op; the op that first shows it made it."""
+    by no aten op (a copy of `source`, where given); the op that first shows it made it."""
     key = storage._cdata
 
     def gone(ref, key=key):
-        if _made.get(key) is ref:
+        if _made.get(key, (None,))[0] is ref:
             del _made[key]
-    _made[key] = weakref.ref(storage, gone)
+    _made[key] = (weakref.ref(storage, gone),
+                  weakref.ref(source) if source is not None else None)
+
+
+def copied_from(storage):
+    """The storage `storage` was copied from by no aten op in this block (rule 4), or
+    None."""
+    if isinstance(storage, torch.storage.TypedStorage):
+        storage = storage._untyped_storage
+    refs = _made.get(storage._cdata)
+    if refs is None or refs[0]() is not storage or refs[1] is None:
+        return None
+    return refs[1]()
 
 
 def forget_made() -> None:
@@ -247,8 +269,8 @@ def made_outside(storage) -> bool:
     """Whether `storage`, first seen by the step now, was made in it by no aten op."""
     if getattr(_loading, "depth", 0):
         return True
-    ref = _made.get(storage._cdata)
-    return ref is not None and ref() is storage
+    refs = _made.get(storage._cdata)
+    return refs is not None and refs[0]() is storage
 
 
 @contextlib.contextmanager

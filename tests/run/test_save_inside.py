@@ -500,3 +500,29 @@ def test_a_deepcopy_made_in_one_step_and_read_in_later_ones_settles(tmp_path):
     assert all(it.mode == "replay" and it.deviation is None for it in last), str(report)
     assert all(it.peak_resident <= 2 * 2**20 for it in report.iterations), str(report)
     assert all(torch.equal(p, q) for p, q in zip(plain[0].parameters(), ours[0].parameters()))
+
+
+@pytest.mark.parametrize("policy", ["adaptive-belady", "adaptive"])
+def test_deepcopies_inside_the_iteration_replay_within_the_budget_under_each_policy(
+        tmp_path, policy):
+    """The clone a deepcopy makes reads its source past the dispatcher, just before the
+    `set_` that binds the copy. Recorded read only by the op before, a plan could move
+    the source out after that op (adaptive-belady did, under load `auto` chose it): the
+    clone read it back unplanned and every replay passed the budget by 52 KiB (helper-116).
+    The source is read by the `set_` too now (NOTE [Storages made outside the
+    dispatcher], rule 4)."""
+    plain, ours = make(), make()
+    with outcore.OutOfCore(BUDGET, policy=policy, swap_dir=str(tmp_path)) as ooc:
+        for it in range(5):
+            step(*plain, it)
+            with ooc.iteration():
+                step(*ours, it)
+                copies = copy.deepcopy((ours[0].state_dict(), ours[1].state_dict()))
+            assert all(torch.equal(copies[0][k], v) for k, v in plain[0].state_dict().items())
+            del copies
+        report = ooc.report()
+    assert [it.mode for it in report.iterations][2:] == ["replay"] * 3, str(report)
+    assert report.deviations == 0, str(report)
+    assert all(it.peak_resident <= BUDGET for it in report.iterations), str(report)
+    for p, q in zip(plain[0].parameters(), ours[0].parameters()):
+        assert torch.equal(p, q)

@@ -271,7 +271,7 @@ def _wrap_clone(original, open_outofcore):
         with _disable_current_modes():      # NOTE 5, 14
             copied = original(storage, *args, **kwargs)
         if ooc._active_thread == threading.get_ident():
-            note_made(copied)   # made by no op: NOTE [Storages made outside the dispatcher]
+            note_made(copied, storage)   # NOTE [Storages made outside the dispatcher]
         return copied
     return clone
 
