@@ -120,7 +120,7 @@ def room(func, entries, args=(), kwargs=None) -> int:
     went 4 KiB over the budget)."""
     if func.is_view:
         return 0
-    if any(t.layout is not torch.strided for t in _arguments(args, kwargs)):
+    if any(t.layout is not torch.strided or t.is_nested for t in _arguments(args, kwargs)):
         return sum(e.nbytes for e in entries)
     if makes_nothing_new(func):
         # An `out=` tensor smaller than the result grows in place (helper-82: an empty
@@ -185,6 +185,8 @@ def _signature(x):
     strides (the meta copy keeps nothing else: `_meta`), a plain argument's value.
     Raises _Unhashable for anything else."""
     if isinstance(x, torch.Tensor):
+        if x.is_nested:             # no sizes to ask (raises "doesn't support sizes")
+            raise _Unhashable
         return (type(x), x.layout, x.dtype, tuple(x.shape),
                 x.stride() if x.layout == torch.strided else None)
     if isinstance(x, (list, tuple)):
