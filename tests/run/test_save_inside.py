@@ -214,6 +214,7 @@ def test_every_wrapper_is_taken_off_at_close(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     places = [(torch, "save"), (torch.serialization, "save"), (torch, "load"),
               (torch.serialization, "load"), (torch.Tensor, "numpy"),
+              (torch, "tensor_split"), (torch.Tensor, "tensor_split"),
               (torch.UntypedStorage, "_share_fd_cpu_"),
               (torch.UntypedStorage, "clone"), (torch.Tensor, "tolist"),
               (safetensors_torch, "_flatten_as_ptr"), (safetensors_torch, "serialize"),

@@ -639,3 +639,42 @@ def test_a_strided_nested_tensor_in_the_step_trains_bitwise_where_nothing_must_m
                 got.append(train(*ours, parts))
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert all(torch.equal(p, q) for p, q in zip(plain[0].parameters(), ours[0].parameters()))
+
+
+@pytest.mark.parametrize("method", [False, True])
+def test_tensor_split_by_a_tensor_of_indices_reads_them_back_first(tmp_path, method):
+    """helper-117: `torch.tensor_split(x, indices)` with a 1-D tensor reads the indices
+    in C++ before any op (no dispatch mode sees it): indices made in the step and moved
+    to the swap file gave "data is not allocated yet". outcore reads them back first
+    (NOTE [Sharing a storage outcore moves] rule 17). `min_move_bytes=0` lets 520 B of
+    indices move at a 25 KiB budget; by default that takes 8192 of them."""
+    n = 64
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 16)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(model, opt, x, sizes):
+        indices = torch.cumsum(sizes, 0)[:-1]             # made in the step: it may move
+        h = model(torch.relu(model(model(x))))
+        parts = h.tensor_split(indices) if method else torch.tensor_split(h, indices)
+        loss = sum(p.square().mean() * (i + 1) for i, p in enumerate(parts[:8])) + parts[-1].sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+    gen = torch.Generator().manual_seed(1)
+    sizes = torch.full((n + 1,), 2)
+    data = [torch.randn(2 * (n + 1), 16, generator=gen) for _ in range(3)]
+    plain = make()
+    expected = [train(*plain, x, sizes) for x in data]
+    ours = make()
+    with outcore.OutOfCore("25KiB", min_move_bytes=0, swap_dir=str(tmp_path)) as ooc:
+        got = []
+        for x in data:
+            with ooc.iteration():
+                got.append(train(*ours, x, sizes))
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(it.bytes_written > 0 for it in report.iterations), str(report)

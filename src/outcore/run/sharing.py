@@ -160,6 +160,12 @@ NOTE [Sharing a storage outcore moves]
       whole life (`SafeRecording.read_past`), so the plan made from it never moves it;
       a replay whose plan moves it leaves the plan there (`Replayer.read_past`), as for
       a storage shared since it was recorded.
+  17. `torch.tensor_split(x, indices)` with a 1-D tensor of indices reads them in C++
+      before any op (CompositeImplicitAutograd, helper-117: "data is not allocated yet"
+      for indices outcore had moved). While an OutOfCore is open `torch.tensor_split`
+      and `Tensor.tensor_split` are wrapped: inside a block the indices are made resident
+      first as in rule 3 (refused from another thread as in rule 4); nothing reads them
+      after the call begins, so they are not pinned.
 """
 from __future__ import annotations
 
@@ -204,6 +210,8 @@ def install(open_outofcore) -> None:
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers += [(torch._VF, name, _wrap_read_past) for name in READ_PAST_ARGUMENTS]  # 16
+        wrappers += [(torch, "tensor_split", _wrap_tensor_split),                        # 17
+                     (torch.Tensor, "tensor_split", _wrap_tensor_split)]
         wrappers += [(torch, "save", _wrap_save), (torch.serialization, "save", _wrap_save)]
         wrappers += [(torch, "load", _wrap_load), (torch.serialization, "load", _wrap_load)]
         # Future callbacks on another thread: NOTE [Collectives in flight] rule 5.
@@ -320,6 +328,19 @@ def _wrap_read_past(original, open_outofcore):
                 _pin_read_past(ooc, storage)
         return original(*args, **kwargs)
     return reads_past
+
+
+def _wrap_tensor_split(original, open_outofcore):
+    @functools.wraps(original)
+    def tensor_split(tensor, *args, **kwargs):
+        ooc = open_outofcore()
+        if ooc is not None and not ooc.closed and ooc._active:
+            for value in (*args[:1], *kwargs.values()):
+                if (type(value) is torch.Tensor and value.device.type == "cpu"
+                        and value.layout is torch.strided and value.dim() == 1):
+                    _readied(ooc, value.untyped_storage(), "torch.tensor_split()")   # NOTE 17
+        return original(tensor, *args, **kwargs)
+    return tensor_split
 
 
 @critical
