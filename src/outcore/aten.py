@@ -135,13 +135,14 @@ FRESH_ARGUMENT_OPS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
 # recorded as created by them, yet it is their input (NOTE [Storages made outside the
 # dispatcher], below).
 BINDING_OPS = frozenset({"aten::set_"})
-_BINDING = frozenset(getattr(aten.set_, name) for name in aten.set_.overloads())
+_BINDING = tuple(getattr(aten.set_, name) for name in aten.set_.overloads())
+_BINDING_IDS = frozenset(map(id, _BINDING))     # by id: an OpOverload hashes in Python
 
 
 def binds_storage(func) -> bool:
     """Whether `func` is a `set_`: its `self` lets go of what it held (not read; the
     recorder sees `self` after the op, bound to the source) and takes another storage."""
-    return func in _BINDING
+    return id(func) in _BINDING_IDS
 
 
 # NOTE [Storage arguments]
@@ -292,9 +293,12 @@ def loading():
 #      but its data is not allocated yet"), and one moved out while the function ran (it
 #      takes the pointer once, then runs ops that make room) was read after it was
 #      freed: garbage ("start (8322) + length (94580716746736) exceeds dimension size").
-#   2. A PackedSequence's `batch_sizes` is the one such tensor in torch 2.13 (checked
-#      against a dispatch mode that sees every op, forward and backward, GRU, LSTM, RNN,
-#      pad_packed_sequence, enforce_sorted=False, PackedSequence.to()): read in C++ by
+#   2. Found in torch 2.13 (helper-117 tried some 60 functions against a dispatch mode
+#      that sees every op, forward and backward): the indices tensor of `tensor_split`,
+#      read before any op runs, so read back first and not pinned (run/sharing.py, NOTE
+#      [Sharing a storage outcore moves] rule 17); a strided nested tensor's sizes, not
+#      handled (README); and a PackedSequence's `batch_sizes` (checked with GRU, LSTM,
+#      RNN, pad_packed_sequence, enforce_sorted=False, PackedSequence.to()): read in C++ by
 #      `aten::gru.data`, `lstm.data`, `rnn_tanh.data`, `rnn_relu.data` (`_VF.gru(data,
 #      batch_sizes, ...)`, nn.GRU/LSTM/RNN on a PackedSequence), `_pad_packed_sequence`
 #      (pad_packed_sequence) and `_pack_padded_sequence_backward` (the backward of
