@@ -573,8 +573,8 @@ class OutOfCore:
         swap file is paged in. Outside such a block another thread's ops run past outcore
         and may read freed memory: outcore's dispatch mode, which brings a storage back
         before an op reads it, is the training thread's alone. Keep it short, as the
-        training thread waits for it. On the thread that runs the blocks it does nothing
-        between them and is refused inside one (it would wait for itself)."""
+        training thread waits for it. On the thread that runs the blocks it is refused
+        inside one (it would wait for itself), and a block started inside it is refused."""
         if self._active and self._active_thread == threading.get_ident():
             raise OutcoreError(f"ooc.between() inside ooc.{self._active}() on the thread that "
                                "runs it would wait for itself: on this thread the tensors are "

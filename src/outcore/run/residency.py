@@ -156,7 +156,7 @@ def _note_death(dead, entry, _ref) -> None:
 # one. Plain LRU, in a loop whose working set just exceeds the budget, evicted the entry
 # the next op needed (Mamba's backward scan over 56 time steps, one 3.5 MiB
 # gradient accumulator written and read back twice a step while the saved input, clean,
-# stayed: 2 GiB moved in a step where dropping the clean one moves 0.4 GiB). The walk looks
+# stayed: 2034 MiB moved in that step, 537 MiB dropping the clean one). The walk looks
 # at the least recent VICTIM_WINDOW candidates past those LRU would take, so it stays
 # short in a table of thousands of entries; and GreedyDual's choice is taken only where
 # it moves no more bytes (`_moves`) than LRU's would.
