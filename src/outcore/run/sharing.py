@@ -322,7 +322,7 @@ def _wrap_read_past(original, open_outofcore):
             storage = storage_of(tensor)
             if storage is None or read_past(storage):
                 continue                    # never moved since it was made (NOTE 16)
-            _readied(ooc, storage, f"torch._VF.{name}() (a PackedSequence's batch_sizes)")
+            _readied(ooc, storage, f"torch._VF.{name}() (its {READ_PAST_ARGUMENTS[name][1]})")
             mark_read_past(storage)
             if ooc._active and ooc._active_thread == threading.get_ident():
                 _pin_read_past(ooc, storage)
@@ -413,15 +413,13 @@ def _prepare(ooc, storage, what: str) -> None:
     entry = res.entry_of(storage)
     if entry is None or entry.pinned or entry.elsewhere or entry.owner or entry.state is FAST:
         return
-    if ooc._active:
-        res.evict_lru(ooc.budget - entry.nbytes, {entry.key})  # as for an op's input
+    # Between iterations other threads' reads end first (`_alone`).
+    with contextlib.nullcontext() if ooc._active else ooc._alone():
+        made_room = res.evict_lru(ooc.budget - entry.nbytes, {entry.key})  # as for an input
         res.ready(entry)
-        _beside_the_plan(ooc, entry)
-        return
-    with ooc._alone():        # other threads' reads between iterations end first
-        made_room = res.evict_lru(ooc.budget - entry.nbytes, {entry.key})
-        res.ready(entry)
-        if made_room:
+        if ooc._active:
+            _beside_the_plan(ooc, entry)
+        elif made_room:
             ooc._remap()      # nothing may stay on the slow tier unmapped
 
 
