@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import InfeasibleBudget
 from ..units import format_bytes
-from ..states import FAST
+from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
 from ..aten import distinct_storages as storages
 from ..aten import (iter_tensors, makes_nothing_new, note_read_past, op_inputs,
@@ -34,24 +34,30 @@ class OnDemand:
         """Make every input storage resident, with room left for what `func(*args,
         **kwargs)` will create (`room`); return their entries."""
         res = self.residency
-        looked = [(s, res.entry_of(s)) for s in storages(inputs)]
-        found = [s for s, entry in looked if s.nbytes() or entry]
+        # One pass over the storages (every op passes here): the entries of those
+        # tracked, None for those first seen here that hold bytes.
+        looked = res.entries_of(storages(inputs))
         # A storage passed as one (`set_(source)`, as `copy.deepcopy` of a tensor calls it)
         # is among `inputs` (NOTE [Storage arguments] in aten.py): made resident like any,
         # and one made outside any op, in RAM already, is counted here.
-        untracked = sum(s.nbytes() for s, entry in looked if entry is None and s.nbytes())
+        untracked = sum(s.nbytes() for s, entry in looked if entry is None)
         if untracked:
             # Storages first seen here (made before the step, or outside any op) were in
             # RAM all along: make their room before they are counted, so that the count
             # never passes the budget for memory that did not grow.
-            res.evict_lru(self.budget - untracked, {s._cdata for s in found})
-        entries = [res.track(s) for s in found]
-        incoming = sum(e.nbytes for e in entries if not e.occupies_fast)
+            res.evict_lru(self.budget - untracked, {s._cdata for s, _ in looked})
+        entries = []
+        for s, entry in looked:
+            if entry is None:
+                entry = res.track(s)
+            else:
+                res.touch(entry)        # what `track` does for a tracked one
+            entries.append(entry)
+        incoming = sum(e.nbytes for e in entries if e.state not in OCCUPIES_FAST)
         keep = {e.key for e in entries}
         made = room(func, entries, args, kwargs or {})
         res.evict_lru(self.budget - incoming - made, keep)
-        for e in entries:
-            res.ready(e)
+        res.ready_all(entries)
         self._asked = (func, args, kwargs or {}, made)
         return entries
 
@@ -61,6 +67,12 @@ class OnDemand:
         entries = self.before(inputs, func, args, kwargs)
         out = func(*args, **kwargs)
         note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
+        if func.is_view:
+            # A view (a read-only alias: `OpOverload.is_view`) makes no storage and writes
+            # none, and `before` left room for none: nothing to track, mark or evict.
+            self._asked = None
+            self.last = (entries, [])
+            return out
         self.last = (entries, self.after(entries, written_tensors(func, args, kwargs),
                                          output_tensors(out)))
         return out
@@ -180,19 +192,25 @@ _PLAIN = (int, float, bool, complex, str, type(None), torch.dtype, torch.device,
           torch.memory_format)
 
 
+_STRIDED = torch.strided
+
+
 def _signature(x):
     """What a meta kernel can see of `x`: a tensor's type, layout, dtype, sizes and
     strides (the meta copy keeps nothing else: `_meta`), a plain argument's value.
-    Raises _Unhashable for anything else."""
+    Raises _Unhashable for anything else. Every op run on demand asks for one (about a
+    microsecond per argument): list comprehensions rather than generators, and sizes
+    kept as `torch.Size` (a tuple: it hashes and compares as one)."""
     if isinstance(x, torch.Tensor):
         if x.is_nested:             # no sizes to ask (raises "doesn't support sizes")
             raise _Unhashable
-        return (type(x), x.layout, x.dtype, tuple(x.shape),
-                x.stride() if x.layout == torch.strided else None)
+        layout = x.layout
+        return (type(x), layout, x.dtype, x.shape,
+                x.stride() if layout is _STRIDED else None)
     if isinstance(x, (list, tuple)):
-        return (type(x), tuple(_signature(y) for y in x))
+        return (type(x), *[_signature(y) for y in x])
     if isinstance(x, dict):
-        return tuple((k, _signature(v)) for k, v in x.items())
+        return tuple([(k, _signature(v)) for k, v in x.items()])
     if isinstance(x, _PLAIN):
         return (type(x), x)
     if isinstance(x, torch.Generator):     # its state draws values, never sizes

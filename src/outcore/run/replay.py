@@ -811,8 +811,8 @@ class Replayer(HeldMode):
             if self._pinned_but_moved(aid, entry):
                 res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
             self._bind(aid, entry)
+        res.ready_all(entries)
         for entry in entries:
-            res.ready(entry)
             res.touch(entry)
         if self._sources and self.small[i] and i not in self._sources:
             # Rule 8 for a small write the record has: where its array was bound to

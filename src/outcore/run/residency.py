@@ -363,6 +363,16 @@ class Residency:
             self._reap_dead()
         return self.entries.get(storage._cdata)
 
+    def entries_of(self, storages) -> list:
+        """(storage, its entry or None) for each of `storages` that is tracked or holds
+        bytes (a storage of none, untracked, is no array), in order: `entry_of` for each,
+        the dead retired once."""
+        if self._dead:
+            self._reap_dead()
+        get = self.entries.get
+        return [(s, entry) for s in storages
+                if (entry := get(s._cdata)) is not None or s.nbytes()]
+
     def _elsewhere(self, storage) -> bool:
         """Whether `storage` is on a device this mover does not move from (NOTE 6): a
         CPU storage in a GPU step stays put, outside the counters; a storage on a device
@@ -671,6 +681,20 @@ class Residency:
         self.sample_rss()
         if self.memory_check is not None:       # every op passes here: the step's growth
             self.memory_check()
+        self._ready(entry)
+
+    def ready_all(self, entries) -> None:
+        """`ready` for each of an op's input entries, in order, with the per-op samples
+        (`sample_rss`, `memory_check`) taken once: each is throttled to one reading every
+        2 ms, so a second call within the op only reads the clock."""
+        self.sample_rss()
+        if self.memory_check is not None:
+            self.memory_check()
+        for entry in entries:
+            if entry.state is not FAST or self._dead:     # most inputs: resident already
+                self._ready(entry)
+
+    def _ready(self, entry: Entry) -> None:
         if self._dead:
             self._reap_dead()
         if entry.state is MAPPED:
