@@ -296,8 +296,10 @@ def loading():
 #   2. Found in torch 2.13 (helper-117 tried some 60 functions against a dispatch mode
 #      that sees every op, forward and backward): the indices tensor of `tensor_split`,
 #      read before any op runs, so read back first and not pinned (run/sharing.py, NOTE
-#      [Sharing a storage outcore moves] rule 17); a strided nested tensor's sizes, not
-#      handled (README); and a PackedSequence's `batch_sizes` (checked with GRU, LSTM,
+#      [Sharing a storage outcore moves] rule 17); a strided nested tensor's sizes,
+#      strides and offsets (`torch.nested.nested_tensor` without layout=torch.jagged),
+#      which `_nested_tensor_size` and its two siblings return as they are; and a
+#      PackedSequence's `batch_sizes` (checked with GRU, LSTM,
 #      RNN, pad_packed_sequence, enforce_sorted=False, PackedSequence.to()): read in C++ by
 #      `aten::gru.data`, `lstm.data`, `rnn_tanh.data`, `rnn_relu.data` (`_VF.gru(data,
 #      batch_sizes, ...)`, nn.GRU/LSTM/RNN on a PackedSequence), `_pad_packed_sequence`
@@ -319,6 +321,11 @@ def loading():
 #      default) below 8192 steps, and pinned for that reason anyway.
 READ_PAST_OUTPUTS = {
     "aten::_pack_padded_sequence": ((1,), "a PackedSequence's batch_sizes"),
+    # A strided nested tensor's metadata: each returns the tensor its NestedTensorImpl
+    # holds (the same storage at every call), which its kernels read in C++.
+    "aten::_nested_tensor_size": ((0,), "a nested tensor's sizes"),
+    "aten::_nested_tensor_strides": ((0,), "a nested tensor's strides"),
+    "aten::_nested_tensor_storage_offsets": ((0,), "a nested tensor's offsets"),
 }
 # Functions of `torch._VF` (CompositeImplicitAutograd: no dispatch mode sees them) and
 # the arguments they read in C++: {name: (positions, what)}. An RNN's `_VF.<name>` takes

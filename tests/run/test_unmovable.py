@@ -605,12 +605,8 @@ def test_forward_mode_ad_under_a_budget_trains_bitwise(tmp_path):
     _equal_under_a_budget(step, model, opt, plain, plain_opt, 4 * 2**20, tmp_path)
 
 
-def test_a_strided_nested_tensor_in_the_step_trains_bitwise_where_nothing_must_move(tmp_path):
-    """helper-117: a strided nested tensor (`torch.nested.nested_tensor`, PyTorch's
-    prototype layout) raised "NestedTensorImpl doesn't support sizes" from outcore's
-    room for the op's outputs at any budget (`on_demand._signature` asked its shape). Its
-    room is now its inputs' bytes, as for sparse tensors. At a budget where it must move,
-    its nested sizes (read by PyTorch past the dispatcher) are not handled: README."""
+def _nested_training(n):
+    """(make, train, data): a linear layer on strided nested tensors of `n` parts."""
     import warnings
 
     def make():
@@ -628,17 +624,46 @@ def test_a_strided_nested_tensor_in_the_step_trains_bitwise_where_nothing_must_m
         opt.zero_grad()
         return loss.detach()
     gen = torch.Generator().manual_seed(1)
-    data = [[torch.randn(1 + i % 5, 16, generator=gen) for i in range(4)] for _ in range(3)]
+    data = [[torch.randn(1 + i % 5, 16, generator=gen) for i in range(n)] for _ in range(3)]
+    return make, train, data
+
+
+@pytest.mark.parametrize("n,budget", [(4, "64MiB"), (64, "64KiB")])
+def test_a_strided_nested_tensor_in_the_step_trains_bitwise(tmp_path, n, budget):
+    """helper-117: a strided nested tensor (`torch.nested.nested_tensor`, PyTorch's
+    prototype layout) raised "NestedTensorImpl doesn't support sizes" from outcore's
+    room for the op's outputs at any budget (`on_demand._signature` asked its shape). Its
+    room is now its inputs' bytes, as for sparse tensors. At a budget where storages
+    move (64 parts, 64 KiB, min_move_bytes=0), its nested sizes, which its kernels read
+    past the dispatcher, were moved too, and the next op read them as 0 bytes ("data is
+    not allocated yet"): they never move now (NOTE [Read past the dispatcher])."""
+    make, train, data = _nested_training(n)
     plain = make()
     expected = [train(*plain, parts) for parts in data]
     ours = make()
-    with outcore.OutOfCore("64MiB", swap_dir=str(tmp_path)) as ooc:
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
         got = []
         for parts in data:
             with ooc.iteration():
                 got.append(train(*ours, parts))
+        moved = [it.bytes_written for it in ooc.report().iterations]
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert all(torch.equal(p, q) for p, q in zip(plain[0].parameters(), ours[0].parameters()))
+    assert (min(moved) > 0) == (n == 64), moved
+
+
+def test_a_strided_nested_tensor_under_too_small_a_budget_is_named_in_the_error(tmp_path):
+    """helper-117's nested step under a budget no schedule fits: the budget error's own
+    advice asked the nested tensor's shape (`read_in_part`) and raised PyTorch's
+    "NestedTensorImpl doesn't support sizes" instead of InfeasibleBudget."""
+    make, train, data = _nested_training(64)
+    ours = make()
+    before = [p.detach().clone() for p in ours[0].parameters()]
+    with outcore.OutOfCore("24KiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget, match="raise the budget"):
+            with ooc.iteration():
+                train(*ours, data[0])
+    assert all(torch.equal(p, q) for p, q in zip(before, ours[0].parameters()))
 
 
 @pytest.mark.parametrize("method", [False, True])

@@ -373,6 +373,8 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
     the residency's where it tracks the storage (one on the slow tier reads 0 bytes)."""
     spans: dict = {}
     for t in inputs:
+        if t.is_nested:         # no sizes to ask ("NestedTensorImpl doesn't support sizes")
+            continue
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -486,7 +488,10 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     held = (f" ({format_bytes(movable)} of its own arrays beside {format_bytes(pinned)} of "
             f"arrays that never move: {_never_moves_text(found, min_move_bytes)})"
             if pinned else "")
-    part = read_in_part(inputs, needed, res)
+    try:                # as `found`: an error of its own would hide this one
+        part = read_in_part(inputs, needed, res)
+    except Exception:
+        part = None
     small = found.get("small", (0, 0))[1]    # what a lower min_move_bytes would let move
     smaller = (f"lower min_move_bytes (OutOfCore(min_move_bytes=...); {min_move_bytes:,} B now): "
                f"storages smaller than it never move and hold {format_bytes(small)} of that "
