@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from outcore.run.on_demand import _signature
 
-DTYPES = [torch.float32, torch.float64, torch.int64, torch.bool, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64]
 
 
 def _describe(x):
@@ -32,14 +32,14 @@ def tensors(draw):
     # A small pool, so that two drawn lists often agree but for one thing: (3, 2) made so
     # or as the transpose of a (2, 3) (other strides), one of two dtypes, a 0-dim one.
     shape = draw(st.sampled_from([(3, 2), (2, 3), (), (2,)]))
-    t = torch.zeros(shape, dtype=draw(st.sampled_from(DTYPES[:2])))
+    t = torch.zeros(shape, dtype=draw(st.sampled_from(DTYPES)))
     if len(shape) == 2 and draw(st.booleans()):
         t = torch.zeros(shape[::-1], dtype=t.dtype).t()
     return t
 
 
 plain = st.one_of(st.integers(0, 1), st.sampled_from([0.0, 1.0]), st.booleans(), st.none(),
-                  st.sampled_from(DTYPES[:2]))
+                  st.sampled_from(DTYPES))
 arguments = st.recursive(st.one_of(plain, tensors()),
                          lambda inner: st.one_of(st.lists(inner, max_size=2),
                                                  st.lists(inner, max_size=2).map(tuple)),
@@ -49,8 +49,9 @@ arguments = st.recursive(st.one_of(plain, tensors()),
 @st.composite
 def pairs(draw):
     """Two argument lists: the second a copy of the first (new tensors of the same sizes
-    and strides) with each leaf drawn again at random one time in three, so that most
-    pairs differ in one thing or none."""
+    and strides) where, one time in four each, a leaf is drawn again, a list becomes a
+    tuple (or a tuple a list), a 2-D tensor takes the other layout: most pairs differ in
+    a thing or two, or in none."""
     first = tuple(draw(st.lists(arguments, max_size=2)))
 
     def copy(x):
