@@ -319,6 +319,7 @@ def loading():
 #      an entry let go of between steps (Residency NOTE 8) and tracked again is pinned
 #      again. batch_sizes holds 8 bytes per time step: under min_move_bytes (64 KiB by
 #      default) below 8192 steps, and pinned for that reason anyway.
+NESTED_METADATA = "nested metadata"    # READ_PAST_OUTPUTS: the nested outputs' metadata
 READ_PAST_OUTPUTS = {
     "aten::_pack_padded_sequence": ((1,), "a PackedSequence's batch_sizes"),
     # A strided nested tensor's metadata: each returns the tensor its NestedTensorImpl
@@ -326,6 +327,12 @@ READ_PAST_OUTPUTS = {
     "aten::_nested_tensor_size": ((0,), "a nested tensor's sizes"),
     "aten::_nested_tensor_strides": ((0,), "a nested tensor's strides"),
     "aten::_nested_tensor_storage_offsets": ((0,), "a nested tensor's offsets"),
+    # A strided nested tensor built from those three tensors made by ops of the step
+    # (`torch.nested.as_nested_tensor(t)`; `torch.load` of a nested tensor): its impl
+    # keeps them, so they are marked through its getters. They are the op's inputs,
+    # tracked already: `evict` finds them unmovable from then on (Residency NOTE 7).
+    "aten::_nested_view_from_buffer": (NESTED_METADATA, "a nested tensor's metadata"),
+    "aten::_nested_view_from_buffer_copy": (NESTED_METADATA, "a nested tensor's metadata"),
 }
 # Functions of `torch._VF` (CompositeImplicitAutograd: no dispatch mode sees them) and
 # the arguments they read in C++: {name: (positions, what)}. An RNN's `_VF.<name>` takes
@@ -372,11 +379,30 @@ def note_read_past(func, out) -> None:
         return
     positions, _ = READ_PAST_OUTPUTS[func._schema.name]
     outputs = out if isinstance(out, (list, tuple)) else (out,)
+    if positions is NESTED_METADATA:
+        for t in outputs:
+            if isinstance(t, torch.Tensor) and t.is_nested and t.layout is torch.strided:
+                _mark_nested_metadata(t)
+        return
     for pos in positions:
         if pos < len(outputs) and isinstance(outputs[pos], torch.Tensor):
             storage = storage_of(outputs[pos])
             if storage is not None:
                 mark_read_past(storage)
+
+
+def _mark_nested_metadata(t: torch.Tensor) -> None:
+    """Mark the sizes, strides and offsets a strided nested tensor's impl holds: its
+    getters return them as they are (the same storage at every call), asked with the
+    dispatch modes set aside so that no mode sees the getters."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        held = (t._nested_tensor_size(), t._nested_tensor_strides(),
+                t._nested_tensor_storage_offsets())
+    for tensor in held:
+        storage = storage_of(tensor)
+        if storage is not None:
+            mark_read_past(storage)
 
 
 def read_past_arguments(name: str, args) -> list:

@@ -531,9 +531,11 @@ def test_an_op_that_writes_an_argument_and_makes_a_new_output_gets_room(tmp_path
                                                  ours[0].state_dict().values()))
 
 
-def test_room_for_an_op_on_a_sparse_tensor_counts_its_inputs_and_for_a_view_none():
+def test_room_for_an_op_on_a_sparse_tensor_counts_its_inputs_and_for_one_of_its_parts_none():
     """on_demand.room: an op on a sparse tensor is left what its inputs hold, pinned ones
-    too (its small storages grow in place), a view of one nothing (helper-76)."""
+    too (its small storages grow in place), one that returns a part of it (`_values()`)
+    nothing (helper-76); a view op that makes new indices and values (`t()`) is left
+    what its inputs hold too (helper-119: it was left nothing)."""
     from types import SimpleNamespace
 
     from outcore.run.on_demand import room
@@ -544,6 +546,8 @@ def test_room_for_an_op_on_a_sparse_tensor_counts_its_inputs_and_for_a_view_none
     aten = torch.ops.aten
     assert room(aten.add_.Tensor, entries, (sparse, sparse)) == 1_000_064
     assert room(aten._values.default, entries, (sparse,)) == 0
+    assert room(aten.t.default, entries, (sparse,)) == 1_000_064
+    assert room(aten.unsqueeze.default, entries, (sparse, 0)) == 1_000_064
     assert room(aten.add_.Tensor, entries, (torch.ones(4), torch.ones(4))) == 0
 
 
@@ -910,3 +914,52 @@ def test_a_step_that_leaves_its_plan_at_the_optimizers_first_op_is_the_optimizer
         assert ooc.report().iterations[-1].deviation
     assert "run on demand, optimizer)" in str(err.value), str(err.value)[:200]
     assert len(_global_optimizer_pre_hooks) == hooks
+
+
+def test_sparse_views_made_on_demand_are_counted(tmp_path):
+    """helper-119: a sparse tensor's `t()` makes new indices and values inside the op. A
+    step that left its plan runs on demand, where a view op was taken to make nothing
+    (its outputs untracked: 11 MiB beside a 4 MiB budget, uncounted, unmovable). They are
+    tracked, and the step stays within the budget, bitwise as plain PyTorch."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    budget, n = 4 * 2**20, 100_000
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(256, 256)
+        return m, torch.optim.SGD(m.parameters(), lr=0.01)
+    untracked = []
+
+    def step(m, opt, it, ooc=None):
+        g = torch.Generator().manual_seed(it)
+        x = torch.randn(64, 256, generator=g)
+        if it == 4:
+            x = x + 0.0                                 # an op the plan does not have
+        S = torch.sparse_coo_tensor(torch.randint(0, 256, (2, n), generator=g),
+                                    torch.randn(n, generator=g), (256, 256),
+                                    check_invariants=True)
+        views = [S.t() for _ in range(6)]               # 2 MB made by each
+        if ooc is not None:
+            with _disable_current_modes():
+                untracked.append(sum(
+                    p.untyped_storage().nbytes() for v in views for p in (v._indices(), v._values())
+                    if ooc._res.entry_of(p.untyped_storage()) is None))
+        loss = m(x).square().mean() + sum(torch.sparse.sum(v) for v in views) * 1e-6
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+    plain = make()
+    expected = [step(*plain, it) for it in range(6)]
+    ours = make()
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        got = []
+        for it in range(6):
+            with ooc.iteration():
+                got.append(step(*ours, it, ooc))
+        its = ooc.report().iterations
+    assert its[4].deviation is not None and its[4].mode == "replay", its[4]
+    assert untracked[4] == 0, untracked
+    assert all(it.peak_resident <= budget for it in its), [it.peak_resident for it in its]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert torch.equal(plain[0].weight, ours[0].weight)

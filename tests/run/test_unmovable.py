@@ -652,6 +652,50 @@ def test_a_strided_nested_tensor_in_the_step_trains_bitwise(tmp_path, n, budget)
     assert (min(moved) > 0) == (n == 64), moved
 
 
+def test_a_nested_tensor_built_from_metadata_the_step_made_keeps_it(tmp_path):
+    """helper-119: `torch.nested.as_nested_tensor(x)` of a 3-D tensor makes the sizes,
+    strides and offsets by ops outcore sees, then `_nested_view_from_buffer` hands them
+    to the nested tensor, whose kernels read them in C++. Tracked as the step's own
+    arrays, they were moved out where the budget needed room, and a later op read them
+    as 0 bytes ("data is not allocated yet")."""
+    import warnings
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 16)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(model, opt, x):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # "prototype stage"
+            nested = torch.nested.as_nested_tensor(x * 1.0)
+        others = [torch.randn(4096) for _ in range(8)]     # arrays that need room too
+        h = torch.relu(model(nested)) + 0.0 * sum(o.sum() for o in others)
+        loss = model(h).to_padded_tensor(0.0).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(64, 5, 16, generator=gen) for _ in range(4)]
+    plain = make()
+    torch.manual_seed(2)
+    expected = [train(*plain, x) for x in data]
+    ours = make()
+    torch.manual_seed(2)
+    budget = 160 * 1024
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        got = []
+        for x in data:
+            with ooc.iteration():
+                got.append(train(*ours, x))
+        its = ooc.report().iterations
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(torch.equal(p, q) for p, q in zip(plain[0].parameters(), ours[0].parameters()))
+    assert all(it.bytes_written > 0 and it.peak_resident <= budget for it in its), [
+        (it.bytes_written, it.peak_resident) for it in its]
+
+
 def test_a_strided_nested_tensor_under_too_small_a_budget_is_named_in_the_error(tmp_path):
     """helper-117's nested step under a budget no schedule fits: the budget error's own
     advice asked the nested tensor's shape (`read_in_part`) and raised PyTorch's

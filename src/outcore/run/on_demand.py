@@ -18,9 +18,13 @@ from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
+from ..aten import _PLAIN as _PLAIN_TYPES
 from ..aten import distinct_storages as storages
 from ..aten import (iter_tensors, makes_nothing_new, note_read_past, op_inputs,
                     out_arguments, output_tensors, written_tensors)
+
+
+_STRIDED = torch.strided
 
 
 class OnDemand:
@@ -28,6 +32,7 @@ class OnDemand:
         self.residency = residency
         self.budget = budget
         self._asked = None          # (func, args, kwargs, room left) between before and after
+        self._alias_only = False    # ... and whether the op is a view of plain dense tensors
         self.last = ((), ())        # the last op's (entries, created): `needed` reads them
 
     def before(self, inputs, func, args=(), kwargs=None) -> list:
@@ -55,10 +60,15 @@ class OnDemand:
             entries.append(entry)
         incoming = sum(e.nbytes for e in entries if e.state not in OCCUPIES_FAST)
         keep = {e.key for e in entries}
-        made = room(func, entries, args, kwargs or {})
+        dense, plain = _argument_kinds(args, kwargs)
+        made = room(func, entries, args, kwargs or {}, dense=dense)
         res.evict_lru(self.budget - incoming - made, keep)
         res.ready_all(entries)
         self._asked = (func, args, kwargs or {}, made)
+        # A view of plain dense tensors makes no storage and writes none: nothing to do
+        # after it (`run`). Not so on a sparse tensor (`t`, `transpose`, `unsqueeze`,
+        # `select` make new indices and values: helper-119), nor through a subclass.
+        self._alias_only = func.is_view and plain
         return entries
 
     def run(self, func, args, kwargs):
@@ -67,9 +77,8 @@ class OnDemand:
         entries = self.before(inputs, func, args, kwargs)
         out = func(*args, **kwargs)
         note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
-        if func.is_view:
-            # A view (a read-only alias: `OpOverload.is_view`) makes no storage and writes
-            # none, and `before` left room for none: nothing to track, mark or evict.
+        if self._alias_only:
+            # `before` left room for no output: nothing to track, mark or evict.
             self._asked = None
             self.last = (entries, [])
             return out
@@ -115,7 +124,7 @@ def needed(res: Residency, entries, created) -> tuple[int, int]:
     return movable, res.pinned_resident + (res.owned_bytes() if res.owned else 0)
 
 
-def room(func, entries, args=(), kwargs=None) -> int:
+def room(func, entries, args=(), kwargs=None, dense: bool | None = None) -> int:
     """Bytes to leave free before `func` runs for the storages it will create: none for
     an op that only writes its arguments or returns a view of one (`makes_nothing_new`:
     one that writes an argument and returns a new tensor too is asked); what its meta kernel
@@ -129,11 +138,18 @@ def room(func, entries, args=(), kwargs=None) -> int:
     its indices and the gradient's, in new storages), at most what they hold together,
     and its storages under min_move_bytes stay in memory as they grow (leaving out the
     pinned inputs, a recording of tests/run/test_budget_errors.py's sparse momentum
-    went 4 KiB over the budget)."""
+    went 4 KiB over the budget); so is a view op on one (a sparse `t()`, `transpose`,
+    `permute`, `unsqueeze` or `select` makes new indices and values: helper-119), but for
+    those that return one of its parts (`_SPARSE_PARTS`). `dense`:
+    `_argument_kinds(args, kwargs)[0]`, where known."""
+    if dense is None:
+        dense = _argument_kinds(args, kwargs)[0]
+    if not dense:
+        if func.is_view and func._schema.name in _SPARSE_PARTS:
+            return 0
+        return sum(e.nbytes for e in entries)
     if func.is_view:
         return 0
-    if any(t.layout is not torch.strided or t.is_nested for t in _arguments(args, kwargs)):
-        return sum(e.nbytes for e in entries)
     if makes_nothing_new(func):
         # An `out=` tensor smaller than the result grows in place (helper-82: an empty
         # one, 0 to 256 KiB; helper-84: `sort`'s values and indices): what the meta
@@ -154,6 +170,24 @@ def _arguments(args, kwargs):
             yield v
         elif isinstance(v, (list, tuple)):
             yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+# View ops of a sparse tensor that return one of its parts as it is: no new storage.
+_SPARSE_PARTS = frozenset(f"aten::{name}" for name in (
+    "_values", "_indices", "values", "indices", "crow_indices", "col_indices",
+    "ccol_indices", "row_indices"))
+
+
+def _argument_kinds(args, kwargs) -> tuple[bool, bool]:
+    """(every tensor argument is dense: strided, not nested; every one is besides a plain
+    tensor, no subclass), in one pass over them."""
+    plain = True
+    for t in _arguments(args, kwargs):
+        if t.layout is not _STRIDED or t.is_nested:
+            return False, False
+        if plain and type(t) not in _PLAIN_TYPES:
+            plain = False
+    return True, plain
 
 
 def _meta(x):
@@ -190,9 +224,6 @@ class _Unhashable(Exception):
 # that the cache never keeps an object (a generator, a process group) alive.
 _PLAIN = (int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout,
           torch.memory_format)
-
-
-_STRIDED = torch.strided
 
 
 def _signature(x):
@@ -406,8 +437,9 @@ _NEVER_MOVES = {
     "exported": "with a numpy array over them alive (.numpy() inside the OutOfCore: "
                 "drop the arrays, or take them of a .clone())",
     "owned": "held by {owner}",
-    "read": "read by PyTorch in C++ past the dispatcher (a PackedSequence's batch_sizes: "
-            "8 bytes per time step; NOTE [Read past the dispatcher] in outcore/aten.py)",
+    "read": "read by PyTorch in C++ past the dispatcher (a PackedSequence's batch_sizes, "
+            "8 bytes per time step; a strided nested tensor's sizes, strides and offsets: "
+            "NOTE [Read past the dispatcher] in outcore/aten.py)",
     "small": "under min_move_bytes",
     "other": "pinned for the rest of this iteration (a numpy array over them died since; "
              "they move again from the next iteration)",
