@@ -67,8 +67,9 @@ class OnDemand:
         self._asked = (func, args, kwargs or {}, made)
         # A view of plain dense tensors makes no storage and writes none: nothing to do
         # after it (`run`). Not so on a sparse tensor (`t`, `transpose`, `unsqueeze`,
-        # `select` make new indices and values: helper-119), nor through a subclass.
-        self._alias_only = func.is_view and plain
+        # `select` make new indices and values: helper-119), nor through a subclass, nor
+        # for a view op PyTorch would have decomposed (`_only_aliases`).
+        self._alias_only = plain and _only_aliases(func)
         return entries
 
     def run(self, func, args, kwargs):
@@ -170,6 +171,25 @@ def _arguments(args, kwargs):
             yield v
         elif isinstance(v, (list, tuple)):
             yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+_IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
+_ALIASES: dict = {}         # id(func) -> (func, `_only_aliases(func)`)
+
+
+def _only_aliases(func) -> bool:
+    """Whether `func` is a view op with a kernel of its own. A view op that PyTorch
+    decomposes (CompositeImplicitAutograd: `reshape`, `to`, `pin_memory`) reaches a
+    dispatch mode only where it was not decomposed, and copies where it cannot alias
+    (helper-119 saw `to.dtype_layout` come so); its outputs are tracked like any op's."""
+    known = _ALIASES.get(id(func))           # by id: an OpOverload hashes in Python
+    if known is None:
+        try:
+            aliases = func.is_view and not func.has_kernel_for_dispatch_key(_IMPLICIT)
+        except RuntimeError:                 # an op the dispatcher does not know
+            aliases = False
+        known = _ALIASES[id(func)] = (func, aliases)
+    return known[1]
 
 
 # View ops of a sparse tensor that return one of its parts as it is: no new storage.
