@@ -61,6 +61,26 @@ def test_a_parameter_beside_its_gradient_not_fitting_stops_before_the_optimizer(
     _equal(before, _state(model, opt))           # the optimizer changed nothing
 
 
+def test_an_op_too_large_in_the_forward_raises_with_no_warning_guessing_first(caplog, tmp_path):
+    """helper-118: an op of the recording that needs more than the budget raises at once;
+    the iteration's over-budget warning came first, listing three possible causes and
+    saying the error was raised at the iteration's end. The error says why."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 8192)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(256, 64), torch.randint(0, 8192, (256,))
+    before = copy.deepcopy(model.state_dict())
+    with caplog.at_level("WARNING", logger="outcore"):
+        with outcore.OutOfCore("12MiB", swap_dir=str(tmp_path)) as ooc:
+            with pytest.raises(outcore.InfeasibleBudget, match="_log_softmax"):
+                with ooc.iteration():
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+            assert ooc.report().iterations[0].peak_resident > 12 * MIB
+    assert "over the budget:" not in caplog.text
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_an_optimizer_function_too_large_completes_the_step_then_refuses_the_next(caplog):
     model, opt, x = _model()
     plain_model, plain_opt, _ = _model()

@@ -156,6 +156,6 @@ class SafeRecording(Recording):
             error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
                                self.budget, res.min_move_bytes, completed=self._optimizer_began,
                                inputs=outputs if func.is_view else inputs, res=res)
+            self.infeasible = error     # the iteration's over-budget warning defers to it
             if not self._optimizer_began:
                 raise error
-            self.infeasible = error

@@ -451,7 +451,7 @@ OVER_BUDGET_WHY = ("an op outcore met for the first time made more than its meta
                 "said (an LSTM's workspace: later iterations leave room for it), tensors "
                 "that cannot move (numpy arrays kept, shared memory, from_numpy) held more "
                 "than the plan had room for, or one op needed more than the budget at once "
-                "(InfeasibleBudget was raised at that iteration's end)")
+                "(InfeasibleBudget was raised in that iteration)")
 
 
 def _known(cls, data: dict) -> dict:
