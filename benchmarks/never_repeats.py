@@ -80,11 +80,46 @@ def child(mode: str, out: str, budget: str, steps: int) -> None:
                 opt.step()
             times.append(time.perf_counter() - start)
         result = {"mode": mode, "seconds": statistics.median(times[steps // 2:])}
+        if ooc is None:
+            result["ops"] = ops_per_iteration(model, opt, data[steps // 2:], coin)
         if ooc is not None:
             result.update(counts(ooc), in_core_peak=ooc.report().in_core_peak)
             ooc.close()
     torch.save(model.state_dict(), out)
     print(json.dumps(result))
+
+
+def ops_per_iteration(model, opt, data, coin) -> float:
+    """The median number of ops the dispatcher sees per iteration of `data`, counted by a
+    dispatch mode on copies of the model, the optimizer and the coin (after the timed
+    run: the plain run's own state is what is compared)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    model, opt = copy.deepcopy(model), copy.deepcopy(opt)
+    opt.param_groups[0]["params"] = list(model.parameters())     # the copies' own
+    opt.state.clear()
+    coin = torch.Generator().set_state(coin.get_state())
+    counts = []
+    for enc, tgt in data:
+        Count.n = 0
+        with Count():
+            logits = model(enc, tgt, coin)
+            loss = F.cross_entropy(logits.reshape(-1, V), tgt[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        counts.append(Count.n)
+    return statistics.median(counts)
 
 
 def main() -> None:
@@ -97,13 +132,15 @@ def main() -> None:
         return
     runs = side_by_side(__file__, ["--budget", a.budget, "--steps", str(a.steps)], a.rounds,
                         a.also_src)
-    print(f"\nseconds of an iteration, median of the last {a.steps // 2} of {a.steps}; "
-          f"median (range) of {a.rounds} rounds; budget {a.budget}")
     plain = statistics.median(x["seconds"] for x in runs["plain"])
+    ops = statistics.median(x["ops"] for x in runs["plain"])
+    print(f"\nseconds of an iteration, median of the last {a.steps // 2} of {a.steps}; "
+          f"median (range) of {a.rounds} rounds; budget {a.budget}; {ops:.0f} ops an iteration")
     for mode, results in runs.items():
         secs = [x["seconds"] for x in results]
         extra = "" if mode == "plain" else (
-            f"  {statistics.median(secs) / plain:.2f}x plain, records "
+            f"  {statistics.median(secs) / plain:.2f}x plain, "
+            f"{(statistics.median(secs) - plain) / ops * 1e6:.0f} us per op more, records "
             f"{[x['records'] for x in results]}, deviations "
             f"{[x['deviations'] for x in results]}, bitwise {all(x['bitwise'] for x in results)}")
         print(f"{mode:22} {statistics.median(secs):.4f} ({min(secs):.4f}-{max(secs):.4f}){extra}")

@@ -18,7 +18,7 @@ from ..errors import InfeasibleBudget
 from ..units import format_bytes
 from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
-from ..aten import _PLAIN as _PLAIN_TYPES
+from ..aten import _PLAIN as _PLAIN_TENSORS
 from ..aten import distinct_storages as storages
 from ..aten import (iter_tensors, makes_nothing_new, note_read_past, op_inputs,
                     out_arguments, output_tensors, written_tensors)
@@ -205,7 +205,7 @@ def _argument_kinds(args, kwargs) -> tuple[bool, bool]:
     for t in _arguments(args, kwargs):
         if t.layout is not _STRIDED or t.is_nested:
             return False, False
-        if plain and type(t) not in _PLAIN_TYPES:
+        if plain and type(t) not in _PLAIN_TENSORS:
             plain = False
     return True, plain
 
