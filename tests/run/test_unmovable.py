@@ -605,19 +605,26 @@ def test_forward_mode_ad_under_a_budget_trains_bitwise(tmp_path):
     _equal_under_a_budget(step, model, opt, plain, plain_opt, 4 * 2**20, tmp_path)
 
 
+def _linear_and_sgd():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _nested(build, x):
+    """`build(x)` (a torch.nested constructor), its "prototype stage" warning silenced."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build(x)
+
+
 def _nested_training(n):
     """(make, train, data): a linear layer on strided nested tensors of `n` parts."""
-    import warnings
-
-    def make():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(16, 16)
-        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+    make = _linear_and_sgd
 
     def train(model, opt, parts):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")          # "prototype stage"
-            nested = torch.nested.nested_tensor(parts)
+        nested = _nested(torch.nested.nested_tensor, parts)
         loss = model(torch.relu(model(nested))).to_padded_tensor(0.0).square().mean()
         loss.backward()
         opt.step()
@@ -658,17 +665,10 @@ def test_a_nested_tensor_built_from_metadata_the_step_made_keeps_it(tmp_path):
     to the nested tensor, whose kernels read them in C++. Tracked as the step's own
     arrays, they were moved out where the budget needed room, and a later op read them
     as 0 bytes ("data is not allocated yet")."""
-    import warnings
-
-    def make():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(16, 16)
-        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+    make = _linear_and_sgd
 
     def train(model, opt, x):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")          # "prototype stage"
-            nested = torch.nested.as_nested_tensor(x * 1.0)
+        nested = _nested(torch.nested.as_nested_tensor, x * 1.0)
         others = [torch.randn(4096) for _ in range(8)]     # arrays that need room too
         h = torch.relu(model(nested)) + 0.0 * sum(o.sum() for o in others)
         loss = model(h).to_padded_tensor(0.0).square().mean()
