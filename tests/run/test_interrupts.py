@@ -110,7 +110,8 @@ def _interrupt_on_call(monkeypatch, owner, name, n, action=_sigint):
 POINTS = [
     (Residency, "_wait", 3), (Residency, "_wait", 40),
     (Residency, "evict", 5), (Residency, "finish", 7), (Residency, "restore", 4),
-    (Residency, "ready_all", 30), (Residency, "_ready", 6), (Residency, "track", 12), (Residency, "map_slow", 3),
+    (Residency, "ready_all", 30), (Residency, "_ready", 6), (Residency, "track", 12),
+    (Residency, "map_slow", 3),
     (Residency, "unmap_all", 3), (Residency, "_unmap", 4),
     (Residency, "settle", 2), (Residency, "_reap_dead", 5),
     (Replayer, "start", 1), (Replayer, "finish", 1), (Replayer, "_actions", 20),
