@@ -64,7 +64,8 @@ def child(mode: str, out: str, budget: str, steps: int) -> None:
     for _ in range(steps):
         src = int(torch.randint(5, 25, (), generator=g))
         tgt = int(torch.randint(4, 20, (), generator=g))
-        data.append((torch.randn(B, src, H, generator=g), torch.randint(0, V, (B, tgt), generator=g)))
+        data.append((torch.randn(B, src, H, generator=g),
+                     torch.randint(0, V, (B, tgt), generator=g)))
     ooc, times = None, []
     with tempfile.TemporaryDirectory() as swap:
         if mode != "plain":
