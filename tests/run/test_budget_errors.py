@@ -983,3 +983,36 @@ def test_sparse_views_made_on_demand_are_counted(tmp_path):
     assert all(it.peak_resident <= budget for it in its), [it.peak_resident for it in its]
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert torch.equal(plain[0].weight, ours[0].weight)
+
+
+def test_to_dense_of_a_sparse_gradient_gets_room_for_its_result(tmp_path):
+    """helper-120: `grad.to_dense()` of a sparse embedding gradient makes a dense tensor
+    of the table's shape (6.4 MB), but an op on a sparse tensor was left only its
+    inputs' bytes (0.5 MB here), and every recording went over a 12 MB budget by the
+    difference. It is left a dense result's bytes; an op on sparse tensors is also left
+    what it made before with arguments of the same signature (`learn_created`)."""
+    def make():
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(50000, 32, sparse=True)
+        return emb, torch.optim.SGD(emb.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 50000, (4000,), generator=gen) for _ in range(4)]
+
+    def step(emb, opt, idx):
+        emb(idx).sum().backward()
+        total = emb.weight.grad.to_dense().sum()
+        opt.step()
+        opt.zero_grad()
+        return total
+    plain, ours = make(), make()
+    expected = [step(*plain, idx) for idx in data]
+    budget = 12_000_000
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        got = []
+        for idx in data:
+            with ooc.iteration():
+                got.append(step(*ours, idx))
+        its = ooc.report().iterations
+    assert all(it.peak_resident <= budget for it in its), [it.peak_resident for it in its]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert torch.equal(plain[0].weight, ours[0].weight)

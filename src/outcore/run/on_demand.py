@@ -141,14 +141,18 @@ def room(func, entries, args=(), kwargs=None, dense: bool | None = None) -> int:
     pinned inputs, a recording of tests/run/test_budget_errors.py's sparse momentum
     went 4 KiB over the budget); so is a view op on one (a sparse `t()`, `transpose`,
     `permute`, `unsqueeze` or `select` makes new indices and values: helper-119), but for
-    those that return one of its parts (`_SPARSE_PARTS`). `dense`:
+    those that return one of its parts (`_SPARSE_PARTS`); and at least what a dense
+    result of its shape holds (`to_dense()`: helper-120, 1.3 MiB over a 12 MiB budget)
+    or what the op made before with arguments of the same signature (`learn_created`:
+    a meta kernel cannot be asked of sparse arguments). `dense`:
     `_argument_kinds(args, kwargs)[0]`, where known."""
     if dense is None:
         dense = _argument_kinds(args, kwargs)[0]
     if not dense:
         if func.is_view and func._schema.name in _SPARSE_PARTS:
             return 0
-        return sum(e.nbytes for e in entries)
+        return max(sum(e.nbytes for e in entries), _dense_result_bytes(func, args),
+                   _learned(func, args, kwargs or {}))
     if func.is_view:
         return 0
     if makes_nothing_new(func):
@@ -190,6 +194,28 @@ def _only_aliases(func) -> bool:
             aliases = False
         known = _ALIASES[id(func)] = (func, aliases)
     return known[1]
+
+
+# Ops on a sparse or compressed tensor whose result is a dense tensor of its shape and
+# dtype (`Tensor.to_dense()` calls `_to_dense`).
+_TO_DENSE = frozenset({"aten::_to_dense", "aten::to_dense"})
+
+
+def _dense_result_bytes(func, args) -> int:
+    """Bytes of the dense result of `to_dense()` of `args[0]`; 0 for any other op."""
+    if func._schema.name not in _TO_DENSE or not args or not isinstance(args[0], torch.Tensor):
+        return 0
+    return args[0].numel() * args[0].element_size()
+
+
+def _learned(func, args, kwargs) -> int:
+    """What `func` made before with arguments of this signature (`learn_created`), without
+    asking a meta kernel; 0 where nothing is known."""
+    try:
+        key = (func, _signature(args), _signature(kwargs))
+    except _Unhashable:
+        return 0
+    return _CREATED.get(key) or 0
 
 
 # View ops of a sparse tensor that return one of its parts as it is: no new storage.
