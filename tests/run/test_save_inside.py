@@ -349,6 +349,60 @@ def test_savers_that_look_for_tied_weights_first_work_inside_the_iteration(tmp_p
         assert all(it.deviation is None for it in report.iterations), str(report)
 
 
+def test_save_pretrained_inside_the_iteration_where_transformers_came_after_the_outofcore(
+        tmp_path):
+    """The test above with transformers imported after the OutOfCore was made, as a
+    script that sets outcore up first may: `save_pretrained` was wrapped only where
+    transformers was imported by then, and raised transformers' "The weights trying to
+    be saved contained shared tensors" at every save with parameters on the slow tier.
+    It is wrapped as the next block begins (`sharing.install_late`). Run in a child
+    process, where transformers is not imported yet."""
+    pytest.importorskip("transformers")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import sys, torch, outcore
+        assert "transformers" not in sys.modules
+        ooc = outcore.OutOfCore(3 * 2**20, swap_dir={str(tmp_path)!r})
+        import transformers
+        config = transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1024,
+                                         n_positions=64, resid_pdrop=0, embd_pdrop=0,
+                                         attn_pdrop=0)
+
+        def make():
+            torch.manual_seed(0)
+            model = transformers.GPT2LMHeadModel(config)
+            return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model, opt, it):
+            idx = torch.randint(0, 1024, (4, 32), generator=torch.Generator().manual_seed(it))
+            opt.zero_grad()
+            model(input_ids=idx, labels=idx).loss.backward()
+            opt.step()
+        plain, ours = make(), make()
+        for it in range(4):
+            step(*plain, it)
+            plain[0].save_pretrained({str(tmp_path)!r} + f"/plain{{it}}")
+            with ooc.iteration():
+                step(*ours, it)
+                slow = sum(p.untyped_storage().nbytes() == 0 for p in ours[0].parameters())
+                ours[0].save_pretrained({str(tmp_path)!r} + f"/ours{{it}}")
+            files = [open({str(tmp_path)!r} + f"/{{who}}{{it}}/model.safetensors", "rb").read()
+                     for who in ("plain", "ours")]
+            same = files[0] == files[1]
+            print("iteration", it, "slow", slow, "same", same)
+        ooc.close()
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("iteration")]
+    assert len(lines) == 4 and all(line[5] == "True" for line in lines), proc.stdout
+    assert any(int(line[3]) > 0 for line in lines), proc.stdout     # state was on the slow tier
+
+
 def test_tolist_of_a_tensor_on_the_slow_tier_inside_the_iteration(tmp_path):
     """`Tensor.tolist()` reads memory without an aten op: for a parameter on the slow tier
     it raised "tolist() shouldn't be called on a tensor with unallocated storage" (NOTE

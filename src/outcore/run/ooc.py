@@ -1497,6 +1497,7 @@ class _Iteration:
             ooc._governor.start(ooc.budget, ooc._rss_start)       # once; later calls do nothing
         ooc._pager.stop()           # its trims between iterations are no iteration's
         res.end_exports()           # numpy arrays dropped since (NOTE [Sharing ...], rule 9)
+        sharing.install_late(open_outofcore)    # a saver imported since: rule 13
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)

@@ -118,8 +118,9 @@ NOTE [Sharing a storage outcore moves]
       same way, so every storage on the slow tier, (0, 0), looked tied to every other
       ("The weights trying to be saved contained shared tensors", helper-54). Both are
       wrapped while an OutOfCore is open: `safetensors.torch.save_model`, and
-      `PreTrainedModel.save_pretrained` where transformers is imported by then (outcore
-      does not import it). On the block's thread, every parameter's and buffer's
+      `PreTrainedModel.save_pretrained` once transformers is imported (outcore does not
+      import it; one imported after the OutOfCore was made is wrapped as the next block
+      begins: `install_late`). On the block's thread, every parameter's and buffer's
       storage is made readable for the whole call as for `torch.save` (rule 10), the
       call runs with the dispatch modes set aside (rule 5), and what was mapped is
       unmapped after, also when it raises.
@@ -201,9 +202,11 @@ def exported(storage) -> bool:
 
 def install(open_outofcore) -> None:
     """Wrap the two sharing methods (NOTE 3); `open_outofcore()` returns the OutOfCore
-    open in this process, or None. Idempotent."""
+    open in this process, or None. Idempotent; once installed, it wraps only what was
+    imported since (`_install_late`: transformers after the OutOfCore was made)."""
     with _lock:
         if _originals:
+            _install_late(open_outofcore)
             return
         wrappers = [(torch.UntypedStorage, name, _wrap) for name in _METHODS]
         wrappers.append((torch.UntypedStorage, "clone", _wrap_clone))      # NOTE 14
@@ -223,16 +226,35 @@ def install(open_outofcore) -> None:
                          (safetensors, "serialize", _wrap_serialize),
                          (safetensors, "serialize_file", _wrap_serialize),
                          (safetensors, "save_model", _wrap_save_module)]     # NOTE 13
-        modeling = sys.modules.get("transformers.modeling_utils")
-        pretrained = getattr(modeling, "PreTrainedModel", None)
-        if pretrained is not None:
-            wrappers.append((pretrained, "save_pretrained", _wrap_save_module))
-        for cls, name, wrap in wrappers:
-            original = getattr(cls, name, None)     # Tensor.numpy is torch._C.TensorBase's
-            if original is None:            # a PyTorch without it: nothing to wrap
-                continue
-            _originals[cls, name] = (original, name in cls.__dict__)
-            setattr(cls, name, wrap(original, open_outofcore))
+        _wrap_all(wrappers, open_outofcore)
+        _install_late(open_outofcore)
+
+
+def _wrap_all(wrappers, open_outofcore) -> None:
+    for cls, name, wrap in wrappers:
+        original = getattr(cls, name, None)     # Tensor.numpy is torch._C.TensorBase's
+        if original is None:            # a PyTorch without it: nothing to wrap
+            continue
+        _originals[cls, name] = (original, name in cls.__dict__)
+        setattr(cls, name, wrap(original, open_outofcore))
+
+
+def _install_late(open_outofcore) -> None:
+    """Wrap `PreTrainedModel.save_pretrained` (NOTE 13) once transformers is imported:
+    outcore does not import it, and a script may import it after making its OutOfCore.
+    Called as each OutOfCore is made and as each block begins (a dictionary lookup when
+    there is nothing new). Under `_lock`."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    pretrained = getattr(modeling, "PreTrainedModel", None)
+    if pretrained is not None and (pretrained, "save_pretrained") not in _originals:
+        _wrap_all([(pretrained, "save_pretrained", _wrap_save_module)], open_outofcore)
+
+
+def install_late(open_outofcore) -> None:
+    """`_install_late` where `install` has run (and `uninstall` has not since)."""
+    with _lock:
+        if _originals:
+            _install_late(open_outofcore)
 
 
 def uninstall() -> None:
