@@ -985,22 +985,31 @@ def test_sparse_views_made_on_demand_are_counted(tmp_path):
     assert torch.equal(plain[0].weight, ours[0].weight)
 
 
-def test_to_dense_of_a_sparse_gradient_gets_room_for_its_result(tmp_path):
+@pytest.mark.parametrize("case", ["to_dense", "sparse @ dense"])
+def test_an_op_on_a_sparse_tensor_with_a_dense_result_gets_room_for_it(tmp_path, case):
     """helper-120: `grad.to_dense()` of a sparse embedding gradient makes a dense tensor
     of the table's shape (6.4 MB), but an op on a sparse tensor was left only its
     inputs' bytes (0.5 MB here), and every recording went over a 12 MB budget by the
-    difference. It is left a dense result's bytes; an op on sparse tensors is also left
-    what it made before with arguments of the same signature (`learn_created`)."""
+    difference; helper-121: so did `S @ D` (a dense 50000 x 32 result of 84 KB of
+    inputs). Both are left their dense result's bytes; an op on sparse tensors is also
+    left what it made before with arguments of the same signature (`learn_created`)."""
     def make():
         torch.manual_seed(0)
         emb = torch.nn.Embedding(50000, 32, sparse=True)
         return emb, torch.optim.SGD(emb.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, 50000, (4000,), generator=gen) for _ in range(4)]
+    dense = torch.randn(32, 32, generator=gen)
 
     def step(emb, opt, idx):
         emb(idx).sum().backward()
-        total = emb.weight.grad.to_dense().sum()
+        if case == "to_dense":
+            total = emb.weight.grad.to_dense().sum()
+        else:
+            sparse = torch.sparse_coo_tensor(torch.stack([idx, idx % 32]),
+                                             emb(idx).detach()[:, 0], (50000, 32),
+                                             check_invariants=True)
+            total = (sparse @ dense).sum()
         opt.step()
         opt.zero_grad()
         return total
@@ -1015,4 +1024,42 @@ def test_to_dense_of_a_sparse_gradient_gets_room_for_its_result(tmp_path):
         its = ooc.report().iterations
     assert all(it.peak_resident <= budget for it in its), [it.peak_resident for it in its]
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert torch.equal(plain[0].weight, ours[0].weight)
+
+
+@pytest.mark.parametrize("copy", ["contiguous", "to"])
+def test_a_view_op_that_copies_under_inference_mode_gets_room(tmp_path, copy):
+    """helper-121: under `torch.inference_mode()` the dispatch mode sees view ops PyTorch
+    otherwise decomposes (`contiguous`, `reshape`, `to`), which copy where they cannot
+    alias; they were left no room (a view), and every call passed the budget by its
+    copy. They are left what their meta kernel makes."""
+    budget = 6 * MIB
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(512, 512)
+        return m, torch.optim.SGD(m.parameters(), lr=0.01)
+
+    def step(m, opt, it):
+        x = torch.randn(1024, 512, generator=torch.Generator().manual_seed(it))
+        if it >= 4:
+            x = x + 0.0                               # off the plan: run on demand
+        loss = m(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.inference_mode():
+            h = m(x)                                  # 2 MiB
+            c = h.t().contiguous() if copy == "contiguous" else h.to(torch.float64)
+            return loss.detach(), c.sum()
+    plain, ours = make(), make()
+    expected = [step(*plain, it) for it in range(7)]
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        got = []
+        for it in range(7):
+            with ooc.iteration():
+                got.append(step(*ours, it))
+        its = ooc.report().iterations
+    assert all(it.peak_resident <= budget for it in its), [it.peak_resident for it in its]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
     assert torch.equal(plain[0].weight, ours[0].weight)

@@ -151,10 +151,17 @@ def room(func, entries, args=(), kwargs=None, dense: bool | None = None) -> int:
     if not dense:
         if func.is_view and func._schema.name in _SPARSE_PARTS:
             return 0
-        return max(sum(e.nbytes for e in entries), _dense_result_bytes(func, args),
+        return max(sum(e.nbytes for e in entries), _dense_result_bytes(func, args, kwargs),
                    _learned(func, args, kwargs or {}))
     if func.is_view:
-        return 0
+        if _only_aliases(func):
+            return 0
+        # One PyTorch decomposes (`reshape`, `contiguous`, `to`: reaching the mode under
+        # inference_mode) copies where it cannot alias: what its meta kernel makes, as
+        # for any op (helper-121: left nothing, it passed the budget at every call).
+        made = created_bytes(func, args, kwargs or {})
+        return made if made is not None else max(
+            (e.nbytes for e in entries if not e.pinned), default=0)
     if makes_nothing_new(func):
         # An `out=` tensor smaller than the result grows in place (helper-82: an empty
         # one, 0 to 256 KiB; helper-84: `sort`'s values and indices): what the meta
@@ -197,15 +204,37 @@ def _only_aliases(func) -> bool:
 
 
 # Ops on a sparse or compressed tensor whose result is a dense tensor of its shape and
-# dtype (`Tensor.to_dense()` calls `_to_dense`).
+# dtype (`Tensor.to_dense()` calls `_to_dense`), and products whose result is dense with
+# a shape that follows from the arguments' shapes alone (`S @ D`, `torch.sparse.mm`).
 _TO_DENSE = frozenset({"aten::_to_dense", "aten::to_dense"})
+_DENSE_PRODUCTS = frozenset({"aten::mm", "aten::addmm", "aten::_sparse_mm",
+                             "aten::_sparse_addmm", "aten::bmm"})
 
 
-def _dense_result_bytes(func, args) -> int:
-    """Bytes of the dense result of `to_dense()` of `args[0]`; 0 for any other op."""
-    if func._schema.name not in _TO_DENSE or not args or not isinstance(args[0], torch.Tensor):
+def _dense_result_bytes(func, args, kwargs=None) -> int:
+    """Bytes of the dense result of `to_dense()` of `args[0]`, or of a product of
+    `_DENSE_PRODUCTS` (its meta kernel asked of dense meta stand-ins of the sparse
+    arguments: the result's shape follows from theirs); 0 for any other op or where
+    that cannot be asked."""
+    name = func._schema.name
+    if name in _TO_DENSE:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return 0
+        return args[0].numel() * args[0].element_size()
+    if name not in _DENSE_PRODUCTS:
         return 0
-    return args[0].numel() * args[0].element_size()
+
+    def stand_in(x):
+        if isinstance(x, torch.Tensor):
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        return x
+    try:
+        with _disable_current_modes():
+            margs, mkwargs = tree_map(stand_in, (args, kwargs or {}))
+            out = func(*margs, **mkwargs)
+    except Exception:           # an overload the stand-ins do not fit
+        return 0
+    return sum(t.numel() * t.element_size() for t in output_tensors(out))
 
 
 def _learned(func, args, kwargs) -> int:
