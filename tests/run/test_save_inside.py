@@ -297,6 +297,17 @@ class _Tied(torch.nn.Module):
         return self.head(self.body(self.emb(idx)))
 
 
+def _gpt2(transformers):
+    """A small GPT-2 (tied input and output embeddings) from a config, with Adam: the
+    module is passed in, so that importing this file imports no transformers (the child
+    of `test_save_pretrained_inside_..._came_after_the_outofcore` imports it late)."""
+    config = transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1024,
+                                     n_positions=64, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
 def test_savers_that_look_for_tied_weights_first_work_inside_the_iteration(tmp_path):
     """safetensors' `save_model` and transformers' `save_pretrained` find tied weights by
     each storage's address and size before they write: on the slow tier every storage
@@ -304,17 +315,13 @@ def test_savers_that_look_for_tied_weights_first_work_inside_the_iteration(tmp_p
     PyTorch's bytes now, at the budget, with state on the slow tier (NOTE 13)."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1024,
-                                     n_positions=64, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
 
     def tied():
         model = _Tied()
         return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def gpt2():
-        torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(config)
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+        return _gpt2(transformers)
 
     def step(model, opt, it):
         idx = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(it))
@@ -364,17 +371,13 @@ def test_save_pretrained_inside_the_iteration_where_transformers_came_after_the_
     import textwrap
     script = textwrap.dedent(f"""
         import sys, torch, outcore
+        from test_save_inside import _gpt2
         assert "transformers" not in sys.modules
         ooc = outcore.OutOfCore(3 * 2**20, swap_dir={str(tmp_path)!r})
         import transformers
-        config = transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1024,
-                                         n_positions=64, resid_pdrop=0, embd_pdrop=0,
-                                         attn_pdrop=0)
 
         def make():
-            torch.manual_seed(0)
-            model = transformers.GPT2LMHeadModel(config)
-            return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+            return _gpt2(transformers)
 
         def step(model, opt, it):
             idx = torch.randint(0, 1024, (4, 32), generator=torch.Generator().manual_seed(it))
