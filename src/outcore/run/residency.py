@@ -678,17 +678,14 @@ class Residency:
 
     def ready(self, entry: Entry) -> None:
         """Make sure an entry is usable now: wait for its swap-in, or restore it."""
-        self.sample_rss()
-        if self.memory_check is not None:       # every op passes here: the step's growth
-            self.memory_check()
-        self._ready(entry)
+        self.ready_all((entry,))
 
     def ready_all(self, entries) -> None:
         """`ready` for each of an op's input entries, in order, with the per-op samples
         (`sample_rss`, `memory_check`) taken once: each is throttled to one reading every
         2 ms, so a second call within the op only reads the clock."""
         self.sample_rss()
-        if self.memory_check is not None:
+        if self.memory_check is not None:       # every op passes here: the step's growth
             self.memory_check()
         for entry in entries:
             if entry.state is not FAST or self._dead:     # most inputs: resident already
