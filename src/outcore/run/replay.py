@@ -36,6 +36,7 @@ from ..states import DISCARDED, FAST, IN, OUT, SLOW
 from ..trace.recorder import op_phase
 from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
+from .headroom import Headroom
 from .interrupts import HeldMode, Shield
 from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
@@ -218,6 +219,7 @@ class Replayer(HeldMode):
         self._read_sizes: dict = {}     # array id -> bytes of an input larger than planned
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
+        self._headroom = None        # NOTE [Far below the budget] in headroom.py
         self.skipped_actions = 0
         self._zombies: list = []    # FREEd by the plan while PyTorch still held the storage
         self._lingering: list = []  # ...and still held at the next op (`_reap`)
@@ -545,6 +547,8 @@ class Replayer(HeldMode):
             self.deviation = (f"the step ended after {self.index} of the {self.n} recorded functions")
         try:
             try:
+                if self._headroom is not None:
+                    self._leave_headroom(evict=False)   # NOTE [Far below the budget] 5
                 self._remake_held()
             finally:
                 self.res.settle()
@@ -644,6 +648,8 @@ class Replayer(HeldMode):
         if self.res.stopped_callback is not None:         # compose.py, NOTE [Collectives
             self.res.raise_stopped_callback()             # in flight] rule 5
         if func.namespace in DISTRIBUTED_NAMESPACES:       # compose.py
+            if self._headroom is not None:
+                self._leave_headroom()       # NOTE [Far below the budget] rule 5
             return around(self.res, func, args, kwargs, self._run)
         return self._run(func, args, kwargs)
 
@@ -1254,9 +1260,14 @@ class Replayer(HeldMode):
             self._remake_held()
         finally:
             self.res.settle()        # no planned transfer is left half-done
+        self._headroom = Headroom.enter(self.res, self.budget, self.keys)
         if func is None:
             return None
         return self._fallback(func, args, kwargs)
+
+    def _leave_headroom(self, evict: bool = True) -> None:
+        headroom, self._headroom = self._headroom, None
+        headroom.leave(evict)
 
     def _track_followed(self) -> None:
         """A passive replay leaving its plan: track the storages it saw made that live
@@ -1277,7 +1288,19 @@ class Replayer(HeldMode):
         every time it came back. The error names the op of the rest of the step that
         needed the most, not the first over the budget: the step runs to its end anyway,
         and a user who took the first one's figure met the error again at the next op
-        over it, in the same step."""
+        over it, in the same step. Far below the budget, the op runs with less work
+        (NOTE [Far below the budget] in headroom.py)."""
+        if self._headroom is not None:
+            ran = self._headroom.run(func, args, kwargs)
+            if ran is not None:
+                out, read, made = ran
+                self._fallen += 1
+                self._ran_on_demand(self._name(func), made, read=read, small=not any(
+                    n > SMALL_OP_BYTES for n in (*read, *made)))
+                if self._headroom.over():
+                    self._leave_headroom()
+                return out
+            self._leave_headroom()           # an input not resident: rule 2
         out = self._on_demand.run(func, args, kwargs)
         self._fallen += 1
         entries, made = self._on_demand.last

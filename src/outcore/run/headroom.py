@@ -1,0 +1,144 @@
+"""The rest of a step that left its plan, run far below the budget.
+
+NOTE [Far below the budget]
+
+After a deviation the rest of a step runs op by op (`OnDemand`): before each op its
+inputs are made ready and room is left for its outputs (a meta kernel asked, cached by
+argument signature), after it the outputs are tracked and the budget restored. That is
+30-40 µs of Python per op, most of a step of small ops (docs/executor.md, "Recording and
+replaying"). Where nothing is on the slow tier and the step holds far less than its
+budget, none of it changes what runs until the step holds more, so the replayer runs
+the ops as they come (`Headroom.run`) under these rules:
+
+  1. Entered at a deviation, after every transfer settled, only where every tracked
+     storage is resident (`Residency.offloaded` is 0, no entry in another state: no op
+     needs an input made ready), no storage is owned by a collective or FSDP, and the
+     tracked bytes with the margin (rule 4) are at most half the budget.
+  2. Each op's inputs are looked up once: a tracked one is touched (its place in the
+     LRU order) and, where the op writes it, marked written (a clean slow copy of it is
+     stale from then: evicting it must write); one first seen (made outside any op) is
+     tracked, as `OnDemand.before` does; one made here (rule 3) is left as it is. An
+     input found in any state but FAST ends the headroom before the op runs.
+  3. Each storage an op makes is kept in `made` with a weak reference and counted in
+     `live` until it dies (its weakref callback, on any thread, queues its bytes; the
+     step's thread takes them off before it next reads `live`). Nothing made here is
+     tracked, so nothing made here can move, and none of it is lost.
+  4. After each op, where the tracked bytes, `live` and the margin pass the budget, the
+     headroom ends (`leave`): every live storage made here is tracked, the least
+     recently used are evicted to the budget, and the step goes on with `OnDemand`. The
+     margin is twice the most a function of the plan made, or any op made here since.
+     So an op that alone makes more than the margin, and than the room left beside
+     what is counted, passes the budget before it is seen, as in a passive replay
+     (docs/executor.md, "Passive mode"); `OnDemand` would have made room for it first.
+  5. An op in a distributed namespace ends the headroom before it runs (`compose.around`
+     tracks what a collective holds while in flight), as does the step's end (`leave`
+     with no eviction): the storages that outlive the step are tracked, as `OnDemand`
+     would have left them.
+  6. The step's shape is noted as `OnDemand` notes it (`Replayer._ran_on_demand`: each
+     op's name, the bytes it made and read, in order), so that step shapes and families
+     are the same whichever ran the op; the step's peak counts `live` too.
+"""
+from __future__ import annotations
+
+import functools
+from collections import deque
+import weakref
+
+from ..aten import (distinct_storages, note_read_past, op_inputs, output_tensors,
+                    written_tensors)
+from ..states import FAST
+from .on_demand import mark_written
+from .residency import Residency
+
+
+def _gone(died: deque, key: int, nbytes: int, ref) -> None:
+    died.append((key, nbytes, ref))           # any thread: deque.append is atomic
+
+
+class Headroom:
+    """Runs the ops of a step that left its plan while far below the budget (NOTE [Far
+    below the budget])."""
+
+    def __init__(self, res: Residency, budget: int, margin: int):
+        self.res, self.budget, self.margin = res, budget, margin
+        self.made: dict[int, weakref.ref] = {}    # key -> weakref, of storages made here
+        self.live = 0                             # their bytes, while they live (rule 3)
+        self._died: deque = deque()
+
+    @classmethod
+    def enter(cls, res: Residency, budget: int, keys) -> "Headroom | None":
+        """A Headroom where rule 1 allows one, else None. `keys`: the plan's function keys
+        (`plans.function_keys`), for the margin (rule 4)."""
+        if res.offloaded or res.owned or any(e.state is not FAST for e in res.entries.values()):
+            return None
+        margin = 2 * max((key[1] for key in keys if key is not None), default=0)
+        if res.resident + margin > budget // 2:
+            return None
+        return cls(res, budget, margin)
+
+    def run(self, func, args, kwargs):
+        """Run one op (rules 2 and 3). Returns (its output, the bytes of each storage it
+        read in order, the bytes of each it made), or None, having run nothing, where an
+        input is not resident (rule 2): the caller leaves and runs the op on demand."""
+        res = self.res
+        looked = res.entries_of(distinct_storages(op_inputs(func, args, kwargs)))
+        made, entries, read = self.made, [], []
+        for s, entry in looked:
+            if entry is None:
+                ref = made.get(s._cdata)
+                if ref is not None and ref() is s:
+                    read.append(s.nbytes())
+                    continue
+                entry = res.track(s)
+            elif entry.state is not FAST:
+                return None
+            else:
+                res.touch(entry)
+            entries.append(entry)
+            read.append(entry.nbytes)
+        out = func(*args, **kwargs)
+        note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
+        written = written_tensors(func, args, kwargs)
+        if written:
+            mark_written(res, entries, written)
+        sizes = []
+        seen = {s._cdata for s, _ in looked}
+        died = self._died
+        for s in distinct_storages(output_tensors(out)):
+            key, nbytes = s._cdata, s.nbytes()
+            if key in seen or not nbytes or res.entry_of(s) is not None:
+                continue
+            made[key] = weakref.ref(s, functools.partial(_gone, died, key, nbytes))
+            self.live += nbytes
+            sizes.append(nbytes)
+        if 2 * sum(sizes) > self.margin:
+            self.margin = 2 * sum(sizes)
+        return out, read, sizes
+
+    def over(self) -> bool:
+        """Whether the step now holds too much to go on so (rule 4); notes its peak."""
+        self._settle()
+        res = self.res
+        held = res.resident + self.live
+        res.note_peak(held)
+        return held + self.margin > self.budget
+
+    def leave(self, evict: bool = True) -> None:
+        """Track every live storage made here, oldest first (rules 4 and 5), and, with
+        `evict`, evict the least recently used to the budget."""
+        self._settle()
+        res, made, self.made, self.live = self.res, self.made, {}, 0
+        for ref in made.values():
+            storage = ref()
+            if storage is not None and storage.nbytes():
+                res.track(storage)
+        if evict:
+            res.evict_lru(self.budget, set())
+
+    def _settle(self) -> None:
+        died, made = self._died, self.made
+        while died:
+            key, nbytes, ref = died.popleft()
+            self.live -= nbytes
+            if made.get(key) is ref:
+                del made[key]

@@ -1,0 +1,200 @@
+"""NOTE [Far below the budget] (run/headroom.py): a step that left a plan that moves
+nothing runs the rest op by op with less work while it holds far less than its budget,
+bitwise equal to plain PyTorch, with the same report as op by op in full; it goes on in
+full, within its budget, once it holds more; a storage it writes is never evicted as
+clean; and what it counts as live is what lives."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import outcore
+from outcore.run import headroom as headroom_module
+from outcore.run.headroom import Headroom
+
+WIDTH, BATCH = 256, 128
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"inp": torch.nn.Linear(32, WIDTH),
+                                "hidden": torch.nn.Linear(WIDTH, WIDTH),
+                                "out": torch.nn.Linear(WIDTH, 4)})
+
+
+def _train(depths, ooc=None, optimizer=torch.optim.Adam, batches=None):
+    """A net that applies its hidden layer `depth` times, a depth per iteration: a step
+    whose ops follow the data, as a coin-tossed decoder's do; and a batch per iteration."""
+    net = _net()
+    opt = optimizer(net.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for depth, batch in zip(depths, batches or [BATCH] * len(depths)):
+        x, y = torch.randn(batch, 32, generator=g), torch.randint(0, 4, (batch,), generator=g)
+        with ooc.iteration() if ooc is not None else _nothing():
+            h = torch.relu(net["inp"](x))
+            for _ in range(depth):
+                h = torch.relu(net["hidden"](h))
+            loss = torch.nn.functional.cross_entropy(net["out"](h), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _counting(monkeypatch):
+    """Count Headroom.run calls and Headroom.leave calls that evict."""
+    calls = {"run": 0, "leave": 0}
+    run, leave = Headroom.run, Headroom.leave
+
+    def counted_run(self, *a):
+        calls["run"] += 1
+        return run(self, *a)
+
+    def counted_leave(self, evict=True):
+        calls["leave"] += evict
+        return leave(self, evict)
+    monkeypatch.setattr(Headroom, "run", counted_run)
+    monkeypatch.setattr(Headroom, "leave", counted_leave)
+    return calls
+
+
+def _report_rows(report):
+    return [(it.mode, it.deviation, it.completed, it.bytes_written, it.bytes_read, it.outgrew)
+            for it in report.iterations]
+
+
+DEPTHS = [1, 1, 3, 1, 2, 4, 1, 3, 2, 1, 2, 2]
+# Batches that grow where the depth stays: a replay leaves its plan reading a larger batch
+# and then runs the plan's ops, so the plan grows (NOTE [Step shapes] rule 10), from what
+# the ops read and made under the headroom.
+GROWING = ([1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1],
+           [128, 128, 128, 128, 160, 192, 128, 224, 256, 256, 288, 288])
+
+
+@pytest.mark.parametrize("depths, batches", [(DEPTHS, None), GROWING],
+                         ids=["depths", "growing-batches"])
+def test_a_step_that_never_repeats_far_below_its_budget_runs_with_less_work(
+        tmp_path, monkeypatch, depths, batches):
+    """Depths (and batches) that change at a budget many times the step's peak: replays
+    leave their plan and run the rest under the headroom, bitwise equal to plain PyTorch;
+    the report (what ran, deviations, bytes moved, plans outgrown) and the plans kept are
+    the same as with the rest run op by op in full (the headroom off)."""
+    plain = _train(depths, batches=batches)
+    calls = _counting(monkeypatch)
+    with outcore.OutOfCore("64MiB", swap_dir=str(tmp_path)) as ooc:
+        ours = _train(depths, ooc, batches=batches)
+        report, shapes = ooc.report(), sorted(ooc._plans._plans)
+    assert calls["run"] > 100 and calls["leave"] == 0, calls
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
+    assert any(it.deviation for it in report.iterations), report
+    assert batches is None or any(it.outgrew for it in report.iterations), report
+    assert all(it.peak_resident <= 64 * 2**20 for it in report.iterations), report
+
+    monkeypatch.setattr(headroom_module.Headroom, "enter", classmethod(lambda *a: None))
+    calls["run"] = 0
+    with outcore.OutOfCore("64MiB", swap_dir=str(tmp_path)) as ooc:
+        full = _train(depths, ooc, batches=batches)
+        full_report, full_shapes = ooc.report(), sorted(ooc._plans._plans)
+    assert calls["run"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), ours.parameters()))
+    assert _report_rows(full_report) == _report_rows(report)
+    assert full_shapes == shapes
+
+
+def test_a_step_that_outgrows_the_headroom_goes_on_within_its_budget(tmp_path, monkeypatch):
+    """Recorded at depth 1, a step of depth 40 holds 40 times two activations of 128 KiB
+    (10 MiB) under a budget of 6 MiB: it leaves its plan under the headroom, which ends
+    as the step nears the budget; the rest moves storages on demand, within the budget,
+    bitwise equal to plain PyTorch."""
+    budget = 6 * 2**20
+    depths = [1, 1, 1, 40, 1, 40]
+    plain = _train(depths, optimizer=torch.optim.SGD)
+    calls = _counting(monkeypatch)
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        ours = _train(depths, ooc, optimizer=torch.optim.SGD)
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
+    deep = [it for it, depth in zip(report.iterations, depths) if depth == 40]
+    assert calls["run"] > 0 and calls["leave"] >= 1, calls
+    assert deep[0].deviation is not None and deep[0].bytes_written > 0, report
+    assert all(it.peak_resident <= budget for it in report.iterations), report
+
+
+def test_a_clean_storage_written_under_the_headroom_is_written_when_evicted(tmp_path):
+    """Rule 2: a storage resident with a clean copy on the slow tier, written in place
+    under the headroom, is marked written, so that evicting it writes the new bytes (a
+    clean one is let go without a write, and read back it would have its old ones)."""
+    with outcore.OutOfCore("64MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        res = ooc._res
+        t = torch.ones(4096)
+        entry = res.track(t.untyped_storage())
+        res.evict(entry)
+        res.settle()
+        res.ready(entry)
+        assert entry.clean and torch.equal(t, torch.ones(4096))
+        room = Headroom.enter(res, 64 * 2**20, [])
+        assert room is not None
+        room.run(torch.ops.aten.add_.Tensor, (t, torch.ones(4096)), {})
+        assert not entry.clean
+        res.evict(entry)
+        res.settle()
+        res.ready(entry)
+        assert torch.equal(t, torch.full((4096,), 2.0))
+
+
+def test_an_input_on_the_slow_tier_ends_the_headroom_before_the_op_runs(tmp_path):
+    """Rule 2: `run` returns None, having run nothing, for an op whose input is not
+    resident; the replayer then leaves and runs it on demand."""
+    with outcore.OutOfCore("64MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        res = ooc._res
+        t = torch.ones(4096)
+        room = Headroom.enter(res, 64 * 2**20, [])
+        entry = res.track(t.untyped_storage())
+        res.evict(entry)
+        res.settle()
+        assert Headroom.enter(res, 64 * 2**20, []) is None       # rule 1
+        assert room.run(torch.ops.aten.add_.Tensor, (t, torch.ones(1)), {}) is None
+        res.ready(entry)
+        assert torch.equal(t, torch.ones(4096))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["make", "drop", "grow", "inplace"]),
+                          st.integers(1, 64)), max_size=30))
+def test_what_the_headroom_counts_live_is_what_lives(tmp_path_factory, steps):
+    """Rule 3: after any sequence of ops that make, keep, drop and write storages,
+    `live` is the bytes of the storages made under the headroom that still live, and
+    leaving it tracks exactly those."""
+    swap = tmp_path_factory.mktemp("swap")
+    with outcore.OutOfCore("64MiB", swap_dir=str(swap), min_move_bytes=0) as ooc:
+        res = ooc._res
+        room = Headroom.enter(res, 64 * 2**20, [])
+        kept = [torch.zeros(1)]
+        res.track(kept[0].untyped_storage())        # made before: tracked, not counted
+        for op, n in steps:
+            if op == "make":
+                kept.append(room.run(torch.ops.aten.ones.default, ([n],), {})[0])
+            elif op == "grow":
+                a = kept[n % len(kept)]
+                kept.append(room.run(torch.ops.aten.cat.default, ([a, a],), {})[0])
+                del a
+            elif op == "inplace":
+                room.run(torch.ops.aten.mul_.Scalar, (kept[n % len(kept)], 2), {})
+            elif len(kept) > 1:
+                del kept[1 + n % (len(kept) - 1)]
+        room.over()
+        made_here = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in kept[1:]}
+        assert room.live == sum(made_here.values())
+        before = res.resident
+        room.leave(evict=False)
+        assert res.resident == before + sum(made_here.values())
+        assert all(res.entry_of(t.untyped_storage()) is not None for t in kept)
