@@ -19,7 +19,8 @@ the ops as they come (`Headroom.run`) under these rules:
      stale from then: evicting it must write); one first seen (made outside any op) is
      tracked, as `OnDemand.before` does; one made here (rule 3) is left as it is. An
      input found in any state but FAST ends the headroom before the op runs.
-  3. Each storage an op makes is kept in `made` with a weak reference and counted in
+  3. Each storage an op makes on the fast tier's device (one elsewhere is outside the
+     budget: Residency NOTE 6) is kept in `made` with a weak reference and counted in
      `live` until it dies (its weakref callback, on any thread, queues its bytes; the
      step's thread takes them off before it next reads `live`). Nothing made here is
      tracked, so nothing made here can move, and none of it is lost.
@@ -103,10 +104,11 @@ class Headroom:
             mark_written(res, entries, written)
         sizes = []
         seen = {s._cdata for s, _ in looked}
-        died = self._died
+        died, device = self._died, res.mover.device_type
         for s in distinct_storages(output_tensors(out)):
             key, nbytes = s._cdata, s.nbytes()
-            if key in seen or not nbytes or res.entry_of(s) is not None:
+            if (key in seen or not nbytes or s.device.type != device
+                    or res.entry_of(s) is not None):
                 continue
             made[key] = weakref.ref(s, functools.partial(_gone, died, key, nbytes))
             self.live += nbytes
