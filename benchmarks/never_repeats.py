@@ -7,7 +7,9 @@ from another source tree), each in a fresh process, the runs alternating; per ru
 median seconds of an iteration in the last half, the iterations recorded and deviated,
 and whether the final parameters are bitwise plain PyTorch's. What it measures is
 outcore's own cost per op when it runs a step op by op: the model's ops are small (a
-batch of 16, hidden 128), so that cost is most of the difference.
+batch of 16, hidden 128), so that cost is most of the difference. The plain child also
+times the same iterations under a dispatch mode that only counts ops: what any tool
+built on a Python dispatch mode pays per op before it does anything.
 
     .venv/bin/python benchmarks/never_repeats.py --rounds 3 [--budget 1GiB] [--steps 16]
         [--also-src /tmp/x/src]
@@ -82,7 +84,8 @@ def child(mode: str, out: str, budget: str, steps: int) -> None:
             times.append(time.perf_counter() - start)
         result = {"mode": mode, "seconds": statistics.median(times[steps // 2:])}
         if ooc is None:
-            result["ops"] = ops_per_iteration(model, opt, data[steps // 2:], coin)
+            result["ops"], result["mode_seconds"] = ops_per_iteration(
+                model, opt, data[steps // 2:], coin)
         if ooc is not None:
             result.update(counts(ooc), in_core_peak=ooc.report().in_core_peak)
             ooc.close()
@@ -90,10 +93,11 @@ def child(mode: str, out: str, budget: str, steps: int) -> None:
     print(json.dumps(result))
 
 
-def ops_per_iteration(model, opt, data, coin) -> float:
+def ops_per_iteration(model, opt, data, coin) -> tuple[float, float]:
     """The median number of ops the dispatcher sees per iteration of `data`, counted by a
     dispatch mode on copies of the model, the optimizer and the coin (after the timed
-    run: the plain run's own state is what is compared)."""
+    run: the plain run's own state is what is compared), and the median seconds of
+    those iterations: what any Python dispatch mode costs, one that does nothing else."""
     import copy
 
     import torch
@@ -110,17 +114,19 @@ def ops_per_iteration(model, opt, data, coin) -> float:
     opt.param_groups[0]["params"] = list(model.parameters())     # the copies' own
     opt.state.clear()
     coin = torch.Generator().set_state(coin.get_state())
-    counts = []
+    counts, times = [], []
     for enc, tgt in data:
         Count.n = 0
+        start = time.perf_counter()
         with Count():
             logits = model(enc, tgt, coin)
             loss = F.cross_entropy(logits.reshape(-1, V), tgt[:, 1:].reshape(-1))
             opt.zero_grad()
             loss.backward()
             opt.step()
+        times.append(time.perf_counter() - start)
         counts.append(Count.n)
-    return statistics.median(counts)
+    return statistics.median(counts), statistics.median(times)
 
 
 def main() -> None:
@@ -137,6 +143,10 @@ def main() -> None:
     ops = statistics.median(x["ops"] for x in runs["plain"])
     print(f"\nseconds of an iteration, median of the last {a.steps // 2} of {a.steps}; "
           f"median (range) of {a.rounds} rounds; budget {a.budget}; {ops:.0f} ops an iteration")
+    counted = statistics.median(x["mode_seconds"] for x in runs["plain"])
+    print(f"{'plain, a mode counting':22} {counted:.4f}  {counted / plain:.2f}x plain, "
+          f"{(counted - plain) / ops * 1e6:.0f} us per op more (a dispatch mode that does "
+          "nothing but count)")
     for mode, results in runs.items():
         secs = [x["seconds"] for x in results]
         extra = "" if mode == "plain" else (
