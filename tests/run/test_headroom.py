@@ -67,6 +67,32 @@ def _counting(monkeypatch):
     return calls
 
 
+def _entering(monkeypatch):
+    """Count deviations by whether the step left for being larger (rule 10), and those
+    larger ones after which a Headroom was entered."""
+    from outcore.run.replay import Replayer
+    counts = {False: 0, True: 0, "larger, entered": 0}
+    deviate = Replayer._deviate
+
+    def watched(self, reason, func, args, kwargs):
+        larger = bool(self._larger)
+        counts[larger] += 1
+        enter = Headroom.enter
+        made = []
+
+        def noted(cls, *a):
+            made.append(enter(*a))
+            return made[-1]
+        monkeypatch.setattr(Headroom, "enter", classmethod(noted))
+        try:
+            return deviate(self, reason, func, args, kwargs)
+        finally:
+            monkeypatch.setattr(Headroom, "enter", enter)
+            counts["larger, entered"] += larger and any(m is not None for m in made)
+    monkeypatch.setattr(Replayer, "_deviate", watched)
+    return counts
+
+
 def _report_rows(report):
     return [(it.mode, it.deviation, it.completed, it.bytes_written, it.bytes_read, it.outgrew)
             for it in report.iterations]
@@ -90,10 +116,14 @@ def test_a_step_that_never_repeats_far_below_its_budget_runs_with_less_work(
     the same as with the rest run op by op in full (the headroom off)."""
     plain = _train(depths, batches=batches)
     calls = _counting(monkeypatch)
+    entered = _entering(monkeypatch)
     with outcore.OutOfCore("64MiB", swap_dir=str(tmp_path)) as ooc:
         ours = _train(depths, ooc, batches=batches)
         report, shapes = ooc.report(), sorted(ooc._plans._plans)
     assert calls["run"] > 100 and calls["leave"] == 0, calls
+    # Rule 1: not where the step left its plan for being larger than it.
+    assert entered[False] > 0 and (batches is None or entered[True] > 0), entered
+    assert entered["larger, entered"] == 0, entered
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
     assert any(it.deviation for it in report.iterations), report
     assert batches is None or any(it.outgrew for it in report.iterations), report

@@ -12,8 +12,12 @@ the ops as they come (`Headroom.run`) under these rules:
 
   1. Entered at a deviation, after every transfer settled, only where every tracked
      storage is resident (`Residency.offloaded` is 0, no entry in another state: no op
-     needs an input made ready), no storage is owned by a collective or FSDP, and the
-     tracked bytes with the margin (rule 4) are at most half the budget.
+     needs an input made ready), no storage is owned by a collective or FSDP, the
+     tracked bytes with the margin (rule 4) are at most half the budget, the fast tier
+     is RAM, and the step did not leave its plan for being larger than it (rule 10 of
+     NOTE [Step shapes]: it may go on making more than the plan's functions did). On a
+     GPU an op that passed the budget before it was seen (rule 4) could fail for want
+     of memory; a larger step is what makes such an op likely.
   2. Each op's inputs are looked up once: a tracked one is touched (its place in the
      LRU order) and, where the op writes it, marked written (a clean slow copy of it is
      stale from then: evicting it must write); one first seen (made outside any op) is
@@ -70,7 +74,8 @@ class Headroom:
     def enter(cls, res: Residency, budget: int, keys) -> "Headroom | None":
         """A Headroom where rule 1 allows one, else None. `keys`: the plan's function keys
         (`plans.function_keys`), for the margin (rule 4)."""
-        if res.offloaded or res.owned or any(e.state is not FAST for e in res.entries.values()):
+        if (res.mover.device_type != "cpu" or res.offloaded or res.owned
+                or any(e.state is not FAST for e in res.entries.values())):
             return None
         margin = 2 * max((key[1] for key in keys if key is not None), default=0)
         if res.resident + margin > budget // 2:

@@ -1260,7 +1260,8 @@ class Replayer(HeldMode):
             self._remake_held()
         finally:
             self.res.settle()        # no planned transfer is left half-done
-        self._headroom = Headroom.enter(self.res, self.budget, self.keys)
+        if not self._larger:         # NOTE [Far below the budget] rule 1
+            self._headroom = Headroom.enter(self.res, self.budget, self.keys)
         if func is None:
             return None
         return self._fallback(func, args, kwargs)
