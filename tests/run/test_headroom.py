@@ -228,3 +228,17 @@ def test_what_the_headroom_counts_live_is_what_lives(tmp_path_factory, steps):
         room.leave(evict=False)
         assert res.resident == before + sum(made_here.values())
         assert all(res.entry_of(t.untyped_storage()) is not None for t in kept)
+
+
+def test_no_headroom_where_the_fast_tier_is_a_gpu():
+    """Rule 1: on a GPU an op that passes the budget before it is seen could fail for
+    want of memory; there the rest of a step always runs on demand."""
+    from outcore.run.residency import Residency
+
+    class Gpu:
+        device_type, device_index = "cuda", 0
+
+    class Ram:
+        device_type = "cpu"
+    assert Headroom.enter(Residency(Gpu()), 2**30, []) is None
+    assert Headroom.enter(Residency(Ram()), 2**30, []) is not None
