@@ -215,8 +215,9 @@ def test_a_signal_in_a_weakref_callback_is_not_lost():
     # training loop ran on (seen once in tests/run/test_safety.py's Ctrl-C child).
     # NOTE [Interrupts] rule 6: the signal is noted there and raised at the next end of
     # a held section.
-    from outcore.run import residency
+    from outcore.run import headroom, residency
     assert residency._note_death.__code__ in interrupts.SWALLOWING
+    assert headroom._gone.__code__ in interrupts.SWALLOWING     # helper-123
     shield = interrupts.Shield()
     fired = []
 

@@ -21,20 +21,27 @@ the ops as they come (`Headroom.run`) under these rules:
   2. Each op's inputs are looked up once: a tracked one is touched (its place in the
      LRU order) and, where the op writes it, marked written (a clean slow copy of it is
      stale from then: evicting it must write); one first seen (made outside any op) is
-     tracked, as `OnDemand.before` does; one made here (rule 3) is left as it is. An
-     input found in any state but FAST ends the headroom before the op runs.
+     tracked, as `OnDemand.before` does, where it fits beside what is counted and the
+     margin; one made here (rule 3) is left as it is. An input found in any state but
+     FAST, or one first seen that does not fit, ends the headroom before the op runs
+     (`OnDemand` then makes its room first).
   3. Each storage an op makes on the fast tier's device (one elsewhere is outside the
      budget: Residency NOTE 6) is kept in `made` with a weak reference and counted in
      `live` until it dies (its weakref callback, on any thread, queues its bytes; the
      step's thread takes them off before it next reads `live`). Nothing made here is
      tracked, so nothing made here can move, and none of it is lost.
-  4. After each op, where the tracked bytes, `live` and the margin pass the budget, the
-     headroom ends (`leave`): every live storage made here is tracked, the least
-     recently used are evicted to the budget, and the step goes on with `OnDemand`. The
-     margin is twice the most a function of the plan made, or any op made here since.
-     So an op that alone makes more than the margin, and than the room left beside
-     what is counted, passes the budget before it is seen, as in a passive replay
-     (docs/executor.md, "Passive mode"); `OnDemand` would have made room for it first.
+  4. Before each op, where the tracked bytes, `live`, those of the inputs first seen and
+     the op's room pass the budget, and after it, where the tracked bytes, `live` and
+     the margin do, the headroom ends (`leave`): every live storage made here is
+     tracked, the least recently used are evicted to the budget, and the step goes on
+     with `OnDemand` (the op before which it ended runs there). The margin is twice the
+     most a function of the plan made, or any op made here since; an op's room is the
+     margin or twice its largest input, the larger. So an op that alone makes more than
+     both, and than the room left beside what is counted (a factory of a size the data
+     gives, a product much larger than its factors), passes the budget before it is
+     seen, as in a passive replay (docs/executor.md, "Passive mode"); `OnDemand` would
+     have made room for it first (its meta kernel asked). An op that needs more than
+     the budget on its own is found at the end as on demand (`InfeasibleBudget`).
   5. An op in a distributed namespace ends the headroom before it runs (`compose.around`
      tracks what a collective holds while in flight), as does the step's end (`leave`
      with no eviction): the storages that outlive the step are tracked, as `OnDemand`
@@ -52,10 +59,12 @@ import weakref
 from ..aten import (distinct_storages, note_read_past, op_inputs, output_tensors,
                     written_tensors)
 from ..states import FAST
-from .on_demand import mark_written
+from .interrupts import no_raise
+from .on_demand import created_bytes, learn_created, mark_written
 from .residency import Residency
 
 
+@no_raise      # a weakref callback: a signal landing here is noted (NOTE [Interrupts] 6)
 def _gone(died: deque, key: int, nbytes: int, ref) -> None:
     died.append((key, nbytes, ref))           # any thread: deque.append is atomic
 
@@ -84,11 +93,29 @@ class Headroom:
 
     def run(self, func, args, kwargs):
         """Run one op (rules 2 and 3). Returns (its output, the bytes of each storage it
-        read in order, the bytes of each it made), or None, having run nothing, where an
-        input is not resident (rule 2): the caller leaves and runs the op on demand."""
-        res = self.res
+        read in order, the bytes of each it made, the storages it read and made), or
+        None, having run nothing, where an input is not resident, or one first seen or
+        the op's room does not fit beside what is counted (rules 2 and 4): the caller
+        leaves and runs the op on demand."""
+        res, made = self.res, self.made
         looked = res.entries_of(distinct_storages(op_inputs(func, args, kwargs)))
-        made, entries, read = self.made, [], []
+        first = largest = 0
+        for s, entry in looked:
+            nbytes = s.nbytes()
+            if nbytes > largest:
+                largest = nbytes
+            if entry is None:
+                ref = made.get(s._cdata)
+                if ref is None or ref() is not s:
+                    first += nbytes
+            elif entry.state is not FAST:
+                return None
+        if first or 2 * largest > self.margin:
+            self._settle()
+            if (res.resident + self.live + first + max(self.margin, 2 * largest)
+                    > self.budget):
+                return None
+        entries, read = [], []
         for s, entry in looked:
             if entry is None:
                 ref = made.get(s._cdata)
@@ -96,8 +123,6 @@ class Headroom:
                     read.append(s.nbytes())
                     continue
                 entry = res.track(s)
-            elif entry.state is not FAST:
-                return None
             else:
                 res.touch(entry)
             entries.append(entry)
@@ -107,20 +132,33 @@ class Headroom:
         written = written_tensors(func, args, kwargs)
         if written:
             mark_written(res, entries, written)
-        sizes = []
+        sizes, outputs = [], []
         seen = {s._cdata for s, _ in looked}
         died, device = self._died, res.mover.device_type
         for s in distinct_storages(output_tensors(out)):
             key, nbytes = s._cdata, s.nbytes()
-            if (key in seen or not nbytes or s.device.type != device
-                    or res.entry_of(s) is not None):
+            if key in seen:
                 continue
-            made[key] = weakref.ref(s, functools.partial(_gone, died, key, nbytes))
-            self.live += nbytes
-            sizes.append(nbytes)
-        if 2 * sum(sizes) > self.margin:
-            self.margin = 2 * sum(sizes)
-        return out, read, sizes
+            entry = res.entry_of(s)
+            if entry is not None:               # tracked already: counted there
+                sizes.append(entry.nbytes)
+            elif nbytes:
+                sizes.append(nbytes)
+                outputs.append(s)
+                if s.device.type == device:     # else outside the budget (NOTE 6)
+                    made[key] = weakref.ref(s, functools.partial(_gone, died, key, nbytes))
+                    self.live += nbytes
+        total = sum(sizes)
+        if 2 * total > self.margin:
+            self.margin = 2 * total
+        if total > max(read, default=0):
+            # Where the op made more than its largest input, the room `OnDemand` leaves
+            # may be short of it (no meta kernel, one that under-reports): remembered, as
+            # `OnDemand.after` does, for the next call of its signature run on demand.
+            known = created_bytes(func, args, kwargs)
+            if known is None or total > known:
+                learn_created(func, args, kwargs, total)
+        return out, read, sizes, [s for s, _ in looked] + outputs
 
     def over(self) -> bool:
         """Whether the step now holds too much to go on so (rule 4); notes its peak."""
@@ -134,11 +172,12 @@ class Headroom:
         """Track every live storage made here, oldest first (rules 4 and 5), and, with
         `evict`, evict the least recently used to the budget."""
         self._settle()
-        res, made, self.made, self.live = self.res, self.made, {}, 0
-        for ref in made.values():
+        res = self.res
+        for ref in self.made.values():
             storage = ref()
             if storage is not None and storage.nbytes():
                 res.track(storage)
+        self.made, self.live = {}, 0
         if evict:
             res.evict_lru(self.budget, set())
 

@@ -220,6 +220,7 @@ class Replayer(HeldMode):
         self.infeasible = None       # an op after the deviation that no budget this size fits
         self._fallen = 0             # ops run on demand since the deviation
         self._headroom = None        # NOTE [Far below the budget] in headroom.py
+        self._may_enter = False
         self.skipped_actions = 0
         self._zombies: list = []    # FREEd by the plan while PyTorch still held the storage
         self._lingering: list = []  # ...and still held at the next op (`_reap`)
@@ -1260,8 +1261,9 @@ class Replayer(HeldMode):
             self._remake_held()
         finally:
             self.res.settle()        # no planned transfer is left half-done
-        if not self._larger:         # NOTE [Far below the budget] rule 1
-            self._headroom = Headroom.enter(self.res, self.budget, self.keys)
+        # NOTE [Far below the budget] rule 1: asked at the first op run on demand, once
+        # the op that left the plan (if it ran) is counted.
+        self._may_enter = not self._larger
         if func is None:
             return None
         return self._fallback(func, args, kwargs)
@@ -1291,17 +1293,23 @@ class Replayer(HeldMode):
         and a user who took the first one's figure met the error again at the next op
         over it, in the same step. Far below the budget, the op runs with less work
         (NOTE [Far below the budget] in headroom.py)."""
+        if self._may_enter:
+            self._may_enter = False
+            self._headroom = Headroom.enter(self.res, self.budget, self.keys)
         if self._headroom is not None:
             ran = self._headroom.run(func, args, kwargs)
             if ran is not None:
-                out, read, made = ran
+                out, read, made, storages = ran
                 self._fallen += 1
                 self._ran_on_demand(self._name(func), made, read=read, small=not any(
                     n > SMALL_OP_BYTES for n in (*read, *made)))
                 if self._headroom.over():
                     self._leave_headroom()
+                    res = self.res
+                    self._note_needed(func, args, kwargs, [
+                        e for s in storages if (e := res.entry_of(s)) is not None], ())
                 return out
-            self._leave_headroom()           # an input not resident: rule 2
+            self._leave_headroom()           # rule 2
         out = self._on_demand.run(func, args, kwargs)
         self._fallen += 1
         entries, made = self._on_demand.last
@@ -1309,12 +1317,18 @@ class Replayer(HeldMode):
             func.namespace in DISTRIBUTED_NAMESPACES
             or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))),
             read=[e.nbytes for e in entries])
-        movable, pinned = needed(self.res, *self._on_demand.last)
+        self._note_needed(func, args, kwargs, entries, made)
+        return out
+
+    def _note_needed(self, func, args, kwargs, entries, made) -> None:
+        """An op run after the deviation that read `entries` and made `made` needed more
+        than the budget, and more than any before it: noted to raise at the step's end
+        (`_fallback`)."""
+        movable, pinned = needed(self.res, entries, made)
         worst = self.budget if self.infeasible is None else self.infeasible.needed_bytes
         if movable + pinned > worst:
             phase = op_phase(self._optimizers, _tensors_read(func, args, kwargs))
             self.infeasible = infeasible(
                 self.index + self._fallen - 1, f"{func}, run on demand", phase, movable,
                 pinned, self.budget, self.res.min_move_bytes, deviated=True, res=self.res)
-        return out
 
