@@ -1063,3 +1063,42 @@ def test_a_view_op_that_copies_under_inference_mode_gets_room(tmp_path, copy):
     assert all(it.peak_resident <= budget for it in its), [it.peak_resident for it in its]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
     assert torch.equal(plain[0].weight, ours[0].weight)
+
+
+def test_parameters_and_gradients_in_flat_buffers_train_at_the_smallest_budget(tmp_path):
+    """helper-122: parameters and gradients as views of two flat buffers (Megatron,
+    DeepSpeed, apex): the check before the optimizer counted both whole buffers beside
+    each other (8 MiB here), though no op of Adam reads both, and refused the budget
+    `smallest_budget` gave (6 MiB), which the step trains in. Bitwise equal to plain
+    PyTorch, within the budget."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(512, 512, bias=False) for _ in range(4)])
+        flat, grads = torch.zeros(4 * 512 * 512), torch.zeros(4 * 512 * 512)
+        for k, p in enumerate(model.parameters()):
+            part = slice(k * 512 * 512, (k + 1) * 512 * 512)
+            flat[part].copy_(p.data.view(-1))
+            p.data, p.grad = flat[part].view_as(p), grads[part].view_as(p)
+        return model, torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.randn(64, 512)
+
+    def step(model, opt):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    plain = build()
+    for _ in range(4):
+        step(*plain)
+    ours = build()
+    probe = build()
+    step(*probe)
+    with outcore.record() as rec:
+        step(*probe)
+    budget = int(outcore.smallest_budget(rec.trace) * 1.05)
+    assert budget < 7 * MIB
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                step(*ours)
+        assert all(it.peak_resident <= budget for it in ooc.report().iterations)
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
