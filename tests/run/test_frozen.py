@@ -60,3 +60,50 @@ def test_frozen_weights_are_parameters_and_train_bitwise_far_below_their_size(tm
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert replays and all(it.peak_resident <= budget for it in replays), report
     assert replays[-1].bytes_read >= 20 * 2**20                 # the frozen weights move
+
+
+def test_module_buffers_only_read_are_inputs_and_the_warning_says_how_to_move_them(
+        tmp_path, caplog):
+    """helper-122: masks registered as buffers (as `torch.nn.utils.prune` adds them) that
+    the step only reads are inputs, resident from the step's start to their first use:
+    eight 1 MiB masks make a budget of 6 MiB unplannable (every step runs op by op,
+    within it), where the same masks as frozen parameters replay a plan. The warning
+    names module buffers among such inputs and the way out."""
+    import logging
+
+    class Masked(torch.nn.Module):
+        def __init__(self, as_parameter):
+            super().__init__()
+            self.lin = torch.nn.Linear(512, 512)
+            mask = (torch.rand(512, 512) > 0.5).float()
+            if as_parameter:
+                self.mask = torch.nn.Parameter(mask, requires_grad=False)
+            else:
+                self.register_buffer("mask", mask)
+
+        def forward(self, x):
+            return torch.tanh(torch.nn.functional.linear(x, self.lin.weight * self.mask,
+                                                         self.lin.bias))
+
+    def train(as_parameter):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[Masked(as_parameter) for _ in range(8)])
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x = torch.randn(64, 512)
+        with outcore.OutOfCore("6MiB", swap_dir=str(tmp_path)) as ooc:
+            for _ in range(4):
+                with ooc.iteration():
+                    model(x).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+            return [it.mode for it in ooc.report().iterations], {
+                k: v.clone() for k, v in model.state_dict().items()}
+
+    with caplog.at_level(logging.WARNING, logger="outcore"):
+        buffers, as_buffers = train(False)
+    assert "replay" not in buffers, buffers
+    assert "module buffers" in caplog.text and "nn.Parameter(t, requires_grad=False)" in caplog.text
+    frozen, as_frozen = train(True)
+    assert frozen[-1] == "replay", frozen
+    assert as_buffers.keys() == as_frozen.keys()
+    assert all(torch.equal(as_buffers[k], as_frozen[k]) for k in as_buffers)
