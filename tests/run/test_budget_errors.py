@@ -1102,3 +1102,15 @@ def test_parameters_and_gradients_in_flat_buffers_train_at_the_smallest_budget(t
                 step(*ours)
         assert all(it.peak_resident <= budget for it in ooc.report().iterations)
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+
+
+def test_min_move_bytes_takes_a_size_with_its_unit_as_the_budget_does():
+    """helper-122: `min_move_bytes="64KiB"` was refused though the budget beside it takes
+    units; a bad value is refused with what was wrong."""
+    for given, expected in (("64KiB", 65536), ("1 MiB", 2**20), (0, 0), (4096, 4096)):
+        with outcore.OutOfCore("64MiB", min_move_bytes=given) as ooc:
+            assert ooc._res.min_move_bytes == expected
+    for bad, why in ((-1, "negative"), ("lots", "cannot read"), (True, "byte quantity"),
+                     (1.5, "whole number")):
+        with pytest.raises(outcore.OutcoreError, match=f"min_move_bytes must be.*{why}"):
+            outcore.OutOfCore("64MiB", min_move_bytes=bad)

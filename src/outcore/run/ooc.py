@@ -287,7 +287,7 @@ class OutOfCore:
     policy: the planning policy (outcore.plan): "auto" (the fastest of the others for
         the recorded step, by simulated time), "adaptive" (the paper's), "fixed", ...
     min_move_bytes: storages smaller than this stay in fast memory (a transfer would
-        cost more than it frees).
+        cost more than it frees): a byte count or a size with its unit ("64KiB").
     plan_options: extra options for the policy (e.g. policy="adaptive",
         plan_options={"window": "3GiB"}); refused at once if the policy has no such option.
     return_freed_memory: how the C allocator (glibc) hands freed memory back to the OS,
@@ -372,8 +372,11 @@ class OutOfCore:
         if return_freed_memory not in (True, False, "trim", "eager"):
             raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
                                f"got {return_freed_memory!r}")
-        if isinstance(min_move_bytes, bool) or not isinstance(min_move_bytes, int) or min_move_bytes < 0:
-            raise OutcoreError(f"min_move_bytes must be a byte count >= 0, got {min_move_bytes!r}")
+        try:            # a count or a size with its unit, as the budget (helper-122)
+            min_move_bytes = parse_bytes(min_move_bytes)
+        except OutcoreError as err:
+            raise OutcoreError(f"min_move_bytes must be a byte count >= 0 such as 65536 or "
+                               f"'64KiB', got {min_move_bytes!r}: {err}") from None
         for name, path in (("swap_dir", swap_dir), ("state_dir", state_dir)):
             if path is not None and (not isinstance(path, (str, os.PathLike))
                                      or not os.fspath(path)):
