@@ -69,7 +69,8 @@ def _counting(monkeypatch):
 
 def _entering(monkeypatch):
     """Count deviations by whether the step left for being larger (rule 10), and those
-    larger ones after which a Headroom was entered."""
+    larger ones in which a Headroom was entered (at the first op run on demand, which
+    `_deviate` runs where the op that left the plan had not run yet)."""
     from outcore.run.replay import Replayer
     counts = {False: 0, True: 0, "larger, entered": 0}
     deviate = Replayer._deviate
@@ -121,9 +122,8 @@ def test_a_step_that_never_repeats_far_below_its_budget_runs_with_less_work(
         ours = _train(depths, ooc, batches=batches)
         report, shapes = ooc.report(), sorted(ooc._plans._plans)
     assert calls["run"] > 100 and calls["leave"] == 0, calls
-    # Rule 1: not where the step left its plan for being larger than it.
-    assert entered[False] > 0 and (batches is None or entered[True] > 0), entered
-    assert entered["larger, entered"] == 0, entered
+    # Steps that left for being larger than the plan (rule 10) run under it too.
+    assert entered[False] > 0 and (batches is None or entered["larger, entered"] > 0), entered
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
     assert any(it.deviation for it in report.iterations), report
     assert batches is None or any(it.outgrew for it in report.iterations), report

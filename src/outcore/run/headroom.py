@@ -10,14 +10,13 @@ replaying"). Where nothing is on the slow tier and the step holds far less than 
 budget, none of it changes what runs until the step holds more, so the replayer runs
 the ops as they come (`Headroom.run`) under these rules:
 
-  1. Entered at a deviation, after every transfer settled, only where every tracked
+  1. Entered at the first op run on demand after a deviation (the op that left the
+     plan, where it ran, counted), every transfer settled, only where every tracked
      storage is resident (`Residency.offloaded` is 0, no entry in another state: no op
      needs an input made ready), no storage is owned by a collective or FSDP, the
-     tracked bytes with the margin (rule 4) are at most half the budget, the fast tier
-     is RAM, and the step did not leave its plan for being larger than it (rule 10 of
-     NOTE [Step shapes]: it may go on making more than the plan's functions did). On a
-     GPU an op that passed the budget before it was seen (rule 4) could fail for want
-     of memory; a larger step is what makes such an op likely.
+     tracked bytes with the margin (rule 4) are at most half the budget, and the fast
+     tier is RAM: on a GPU an op that passed the budget before it was seen (rule 4)
+     could fail for want of memory.
   2. Each op's inputs are looked up once: a tracked one is touched (its place in the
      LRU order) and, where the op writes it, marked written (a clean slow copy of it is
      stale from then: evicting it must write); one first seen (made outside any op) is

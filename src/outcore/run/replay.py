@@ -1263,7 +1263,7 @@ class Replayer(HeldMode):
             self.res.settle()        # no planned transfer is left half-done
         # NOTE [Far below the budget] rule 1: asked at the first op run on demand, once
         # the op that left the plan (if it ran) is counted.
-        self._may_enter = not self._larger
+        self._may_enter = True
         if func is None:
             return None
         return self._fallback(func, args, kwargs)
