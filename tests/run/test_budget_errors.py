@@ -1114,3 +1114,13 @@ def test_min_move_bytes_takes_a_size_with_its_unit_as_the_budget_does():
                      (1.5, "whole number")):
         with pytest.raises(outcore.OutcoreError, match=f"min_move_bytes must be.*{why}"):
             outcore.OutOfCore("64MiB", min_move_bytes=bad)
+
+
+def test_smallest_budget_takes_min_move_bytes_with_its_unit():
+    """helper-124: `outcore.smallest_budget(trace, "64KiB")` failed with a TypeError, where
+    OutOfCore takes the same value."""
+    with outcore.record() as rec:
+        torch.ones(100_000).sum()
+    assert outcore.smallest_budget(rec.trace, "64KiB") == outcore.smallest_budget(rec.trace, 65536)
+    with pytest.raises(outcore.OutcoreError, match="cannot read"):
+        outcore.smallest_budget(rec.trace, "lots")

@@ -393,3 +393,84 @@ def test_a_storage_made_on_another_device_is_in_the_steps_shape(tmp_path, monkey
         torch.empty(1024, 1024, device="meta")
     _on_and_off(monkeypatch, tmp_path, "64MiB", meta)
     assert len(shapes) == 4 and shapes[:2] == shapes[2:], shapes
+
+
+def test_a_step_that_leaves_its_plan_at_a_collective_runs_it_on_demand(tmp_path, monkeypatch):
+    """helper-124: a step that left its plan at a collective (an all_reduce the record
+    does not have) entered the headroom inside `compose.around` and ran the collective
+    under it, noted as small and left out of the step's shape; with it every second
+    iteration, the plans kept and the report differed from op by op. Rule 5: a
+    collective runs on demand, in the shape."""
+    import torch.distributed as dist
+    from outcore.run.replay import Replayer
+    ran, shapes = [], []
+    run, finish = Headroom.run, Replayer.finish
+
+    def watched(self, func, *a):
+        ran.append(func.namespace)
+        return run(self, func, *a)
+
+    def noted(self):
+        finish(self)
+        shapes.append(self.shape())
+    monkeypatch.setattr(Headroom, "run", watched)
+    monkeypatch.setattr(Replayer, "finish", noted)
+
+    def train(path):
+        net = _net()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        path.mkdir()
+        with outcore.OutOfCore("64MiB", swap_dir=str(path)) as ooc:
+            for it in range(10):
+                x = torch.randn(BATCH, 32, generator=g)
+                y = torch.randint(0, 4, (BATCH,), generator=g)
+                with ooc.iteration():
+                    h = torch.relu(net["hidden"](torch.relu(net["inp"](x))))
+                    loss = torch.nn.functional.cross_entropy(net["out"](h), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    if it >= 3 and it % 2:
+                        dist.all_reduce(net["out"].bias.grad)     # 16 bytes, off the record
+                    opt.step()
+            return (_report_rows(ooc.report()), sorted(ooc._plans._plans),
+                    [p.detach().clone() for p in net.parameters()])
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        on = train(tmp_path / "on")
+        on_shapes = shapes[:]
+        shapes.clear()
+        with monkeypatch.context() as m:
+            m.setattr(Headroom, "enter", classmethod(lambda *a: None))
+            off = train(tmp_path / "off")
+    finally:
+        dist.destroy_process_group()
+    assert "c10d" not in ran and ran, sorted(set(ran))
+    assert on[0] == off[0] and on[1] == off[1] and on_shapes == shapes
+    assert all(torch.equal(a, b) for a, b in zip(on[2], off[2]))
+
+
+def test_an_op_whose_largest_input_never_moves_is_learnt_as_on_demand(tmp_path, monkeypatch):
+    """helper-124: `nonzero` (no meta kernel) of a 1 MiB `from_numpy` tensor (it never
+    moves): op by op its room is its largest movable input, none, and what it made is
+    learnt; the headroom compared with its largest input, moving or not, and learnt
+    nothing."""
+    import numpy as np
+    from outcore.run import on_demand
+    values = np.zeros(262144, dtype=np.float32)
+    values[::10] = 1.0
+
+    def nonzero(_):
+        torch.nonzero(torch.from_numpy(values))
+
+    learnt = []
+    for state in ("on", "off"):
+        on_demand._CREATED.clear()
+        with monkeypatch.context() as m:
+            if state == "off":
+                m.setattr(Headroom, "enter", classmethod(lambda *a: None))
+            _deviating("64MiB", nonzero, tmp_path / state)
+        learnt.append({str(key[0]): n for key, n in on_demand._CREATED.items()
+                       if "nonzero" in str(key[0])})
+    assert learnt[0] == learnt[1] and learnt[0], learnt

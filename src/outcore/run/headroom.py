@@ -41,10 +41,11 @@ the ops as they come (`Headroom.run`) under these rules:
      seen, as in a passive replay (docs/executor.md, "Passive mode"); `OnDemand` would
      have made room for it first (its meta kernel asked). An op that needs more than
      the budget on its own is found at the end as on demand (`InfeasibleBudget`).
-  5. An op in a distributed namespace ends the headroom before it runs (`compose.around`
-     tracks what a collective holds while in flight), as does the step's end (`leave`
-     with no eviction): the storages that outlive the step are tracked, as `OnDemand`
-     would have left them.
+  5. An op in a distributed namespace ends the headroom before it runs, and is never
+     the op at which it begins (`compose.around` tracks what a collective holds while
+     in flight; a collective is in the step's shape whatever its size), as does the
+     step's end (`leave` with no eviction): the storages that outlive the step are
+     tracked, as `OnDemand` would have left them.
   6. The step's shape is noted as `OnDemand` notes it (`Replayer._ran_on_demand`: each
      op's name, the bytes it made and read, in order), so that step shapes and families
      are the same whichever ran the op; the step's peak counts `live` too.
@@ -98,7 +99,7 @@ class Headroom:
         leaves and runs the op on demand."""
         res, made = self.res, self.made
         looked = res.entries_of(distinct_storages(op_inputs(func, args, kwargs)))
-        first = largest = 0
+        first = largest = movable = 0
         for s, entry in looked:
             nbytes = s.nbytes()
             if nbytes > largest:
@@ -107,8 +108,12 @@ class Headroom:
                 ref = made.get(s._cdata)
                 if ref is None or ref() is not s:
                     first += nbytes
+                elif nbytes >= res.min_move_bytes and nbytes > movable:
+                    movable = nbytes            # as `room` sees it, tracked
             elif entry.state is not FAST:
                 return None
+            elif not entry.pinned and entry.nbytes > movable:
+                movable = entry.nbytes
         if first or 2 * largest > self.margin:
             self._settle()
             if (res.resident + self.live + first + max(self.margin, 2 * largest)
@@ -117,11 +122,15 @@ class Headroom:
         entries, read = [], []
         for s, entry in looked:
             if entry is None:
-                ref = made.get(s._cdata)
+                key = s._cdata
+                ref = made.get(key)
                 if ref is not None and ref() is s:
                     read.append(s.nbytes())
+                    made[key] = made.pop(key)       # last used last: the LRU order
                     continue
                 entry = res.track(s)
+                if entry.nbytes > movable and not entry.pinned:
+                    movable = entry.nbytes
             else:
                 res.touch(entry)
             entries.append(entry)
@@ -150,10 +159,11 @@ class Headroom:
         total = sum(sizes)
         if 2 * total > self.margin:
             self.margin = 2 * total
-        if total > max(read, default=0):
-            # Where the op made more than its largest input, the room `OnDemand` leaves
-            # may be short of it (no meta kernel, one that under-reports): remembered, as
-            # `OnDemand.after` does, for the next call of its signature run on demand.
+        if total > movable:
+            # Where the op made more than its largest movable input, the room `OnDemand`
+            # leaves may be short of it (no meta kernel, one that under-reports):
+            # remembered, as `OnDemand.after` does, for the next call of its signature
+            # run on demand.
             known = created_bytes(func, args, kwargs)
             if known is None or total > known:
                 learn_created(func, args, kwargs, total)
@@ -168,8 +178,10 @@ class Headroom:
         return held + self.margin > self.budget
 
     def leave(self, evict: bool = True) -> None:
-        """Track every live storage made here, oldest first (rules 4 and 5), and, with
-        `evict`, evict the least recently used to the budget."""
+        """Track every live storage made here, least recently used first (rules 4 and 5),
+        and, with `evict`, evict the least recently used to the budget. (They come
+        after the tracked ones in the LRU order, which op by op would have interleaved
+        them by use: what is evicted then can differ a little from op by op.)"""
         self._settle()
         res = self.res
         for ref in self.made.values():

@@ -143,7 +143,7 @@ def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, hel
     return max(budget - pinned_peak(trace, min_move_bytes, held, owned), 1)
 
 
-def smallest_budget(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
+def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     """The smallest budget an OutOfCore(min_move_bytes=...) can run the step `trace`
     recorded at (`outcore.record()`, also on the meta device), as its InfeasibleBudget
     counts it (`OutOfCore._require_feasible`): what the plan needs of the arrays that
@@ -155,7 +155,9 @@ def smallest_budget(trace, min_move_bytes: int = MIN_MOVE_BYTES) -> int:
     at 48 2.01 MiB, with the 64 KiB default); with min_move_bytes=0 nothing is pinned
     for its size. And it is the figure of the step as recorded: state that grows for a
     few steps (LBFGS's history, for `history_size` steps; a sparse momentum buffer,
-    which gains indices each step) needs the figure of a later step."""
+    which gains indices each step) needs the figure of a later step. `min_move_bytes`:
+    a byte count or a size with its unit, as OutOfCore takes it."""
+    min_move_bytes = parse_bytes(min_move_bytes)
     held = held_arrays(trace)
     return min_feasible_budget(without_held(trace, held)) + pinned_peak(
         trace, min_move_bytes, held)

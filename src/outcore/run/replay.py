@@ -1293,9 +1293,12 @@ class Replayer(HeldMode):
         and a user who took the first one's figure met the error again at the next op
         over it, in the same step. Far below the budget, the op runs with less work
         (NOTE [Far below the budget] in headroom.py)."""
-        if self._may_enter:
+        distributed = func.namespace in DISTRIBUTED_NAMESPACES
+        if self._may_enter and not distributed:
             self._may_enter = False
             self._headroom = Headroom.enter(self.res, self.budget, self.keys)
+        if self._headroom is not None and distributed:
+            self._leave_headroom()       # NOTE [Far below the budget] rule 5 (helper-124)
         if self._headroom is not None:
             ran = self._headroom.run(func, args, kwargs)
             if ran is not None:
@@ -1314,8 +1317,7 @@ class Replayer(HeldMode):
         self._fallen += 1
         entries, made = self._on_demand.last
         self._ran_on_demand(self._name(func), [e.nbytes for e in made], small=not (
-            func.namespace in DISTRIBUTED_NAMESPACES
-            or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))),
+            distributed or any(e.nbytes > SMALL_OP_BYTES for e in (*entries, *made))),
             read=[e.nbytes for e in entries])
         self._note_needed(func, args, kwargs, entries, made)
         return out
