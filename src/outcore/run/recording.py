@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import warnings
 
-from ..aten import distinct_storages
+import torch
+
+from ..aten import distinct_storages, iter_tensors
 from ..states import FAST
 from ..trace.recorder import Recording
 from .compose import DISTRIBUTED_NAMESPACES, around, ddp_buckets_unbuilt, under_torch_compile
@@ -110,30 +112,27 @@ class SafeRecording(Recording):
         super()._enter_optimizer(optimizer, *args)
         if self._optimizer_began:
             return
+        # Every parameter's update asked, the error names the one that needs the most: a
+        # retry at the first one's figure met the next one's (helper-88 #4).
         res = self.residency
+        worst, shape, counters = 0, None, 0
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                # A lower bound of what the parameter's update holds at once: its storage,
-                # and beside it at least the gradient's own bytes (the update reads
-                # something of the parameter's size). Not the gradient's whole storage:
-                # where parameters and gradients are views of two flat buffers (Megatron,
-                # DeepSpeed, apex), no op of Adam reads both, and with both counted this
-                # refused budgets the step trains in (helper-122: 8 MiB asked, where
-                # `smallest_budget` said 6 MiB and the step trained at 6.1).
-                needed = 0
-                for storage in distinct_storages((p, p.grad)):
-                    entry = res.entry_of(storage)    # an evicted storage has size 0 now
-                    if entry is not None and not entry.pinned:
-                        needed += (entry.nbytes if storage._cdata == p.untyped_storage()._cdata
-                                   else min(entry.nbytes,
-                                            p.grad.numel() * p.grad.element_size()))
-                pinned = res.pinned_resident + res.owned_bytes()
-                if needed and needed + pinned > self.budget:
-                    raise infeasible(len(self._functions), "the optimizer step of a parameter of "
-                                     f"shape {tuple(p.shape)}", "optimizer", needed,
-                                     pinned, self.budget, res.min_move_bytes, res=res)
+                if p.grad is not None:
+                    needed = _update_bytes(res, optimizer, group, p)
+                    if needed > worst:
+                        worst, shape = needed, tuple(p.shape)
+                    if not optimizer.state.get(p):
+                        counters += _first_state(optimizer, group)[1]
+        # The step counters a first step makes (Adam's `state["step"]`, one scalar per
+        # parameter) stay in memory under min_move_bytes: with them the figure named is
+        # one a retry trains at (8 bytes short, it completed over the budget).
+        pinned = res.pinned_resident + res.owned_bytes() + (
+            counters if res.min_move_bytes > 8 else 0)
+        if worst and worst + pinned > self.budget:
+            raise infeasible(len(self._functions), "the optimizer step of a parameter of "
+                             f"shape {shape}", "optimizer", worst, pinned, self.budget,
+                             res.min_move_bytes, res=res)
 
     def _before_op(self, func, args, kwargs, inputs, index) -> None:
         self._entries = self.on_demand.before(inputs, func, args, kwargs)
@@ -168,3 +167,74 @@ class SafeRecording(Recording):
             self.infeasible = error     # the iteration's over-budget warning defers to it
             if not self._optimizer_began:
                 raise error
+
+
+def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
+    """What the update of parameter `p` holds on the fast tier at once, as far as can be
+    told before it runs (`SafeRecording._enter_optimizer`): the parameter's storage, and
+    beside it the larger of its optimizer state's storages together (Adam's
+    `addcdiv_` reads the parameter, `exp_avg` and a `denom` of the parameter's size:
+    as many bytes as `exp_avg` and `exp_avg_sq`) and the gradient, where an op reads it
+    with the parameter (plain SGD's `add_`, Adam's coupled weight decay) its whole
+    storage, else its own bytes. The state: its two largest storages (`exp_avg` and
+    `exp_avg_sq`; AMSGrad's third is not read beside them), or, before the first step
+    made it, as many of the parameter's size as the optimizer makes (`_first_state`).
+    Moving storages counted, each whole. Where parameters and gradients are views of
+    two flat buffers (Megatron, DeepSpeed, apex) no op of Adam reads both buffers:
+    counted both, this refused budgets the step trains in (helper-122: 8 MiB asked,
+    where `smallest_budget` said 6 MiB); counted the gradient's own bytes for every
+    optimizer, it let plain SGD start and complete over the budget (helper-124). A fused
+    kernel reads all of them at once: their sum. Still a lower bound for optimizers not
+    in `_FIRST_STATE` on their first step and for those whose ops read more beside the
+    parameter: there the step may complete over the budget, and InfeasibleBudget says
+    so at its end (`tests/run/test_budget_errors.py` sweeps SGD, Adam, AdamW, foreach
+    and fused, plain and flat, against what the step needs)."""
+    def whole(storage) -> int:
+        entry = res.entry_of(storage)    # an evicted storage has size 0 now
+        return entry.nbytes if entry is not None and not entry.pinned else 0
+
+    params = distinct_storages((p,))
+    keys = {s._cdata for s in params}
+    # (A sparse gradient's indices and values, each a storage.)
+    grad_bytes = sum(whole(s) for s in distinct_storages(iter_tensors((p.grad,)))
+                     if s._cdata not in keys)
+    decoupled = group.get("decoupled_weight_decay",
+                          isinstance(optimizer, torch.optim.AdamW))
+    if p.grad.layout is torch.strided and not (
+            isinstance(optimizer, torch.optim.SGD) and not group.get("momentum")
+            or group.get("weight_decay") and not decoupled):
+        grad_bytes = min(grad_bytes, p.grad.numel() * p.grad.element_size())
+    state = distinct_storages(iter_tensors(
+        v for v in optimizer.state.get(p, {}).values()
+        if isinstance(v, torch.Tensor) and v.numel() > 1))
+    sizes = sorted((whole(s) for s in state if s._cdata not in keys), reverse=True)
+    if state:
+        state_bytes = sum(sizes[:2])
+    else:
+        state_bytes = _first_state(optimizer, group)[0] * p.numel() * p.element_size()
+    param_bytes = sum(whole(s) for s in params)
+    if group.get("fused"):                   # one kernel reads them all at once
+        return param_bytes + grad_bytes + state_bytes
+    return param_bytes + max(grad_bytes, state_bytes)
+
+
+def _first_state(optimizer, group: dict) -> tuple[int, int]:
+    """What an optimizer's first step makes as a parameter's state (`_FIRST_STATE`): how
+    many tensors of the parameter's size it reads beside it (momentum buffers, Adam's
+    two moments), and the bytes of its step counter; (0, 0) for one not known."""
+    known = _FIRST_STATE.get(type(optimizer))
+    return known(group) if known is not None else (0, 0)
+
+
+def _counter_bytes() -> int:
+    """A step counter's bytes: torch.optim's `_get_scalar_dtype()` is float64 where the
+    default dtype is, else float32."""
+    return 8 if torch.get_default_dtype() == torch.float64 else 4
+
+
+_FIRST_STATE = {
+    torch.optim.SGD: lambda group: (1 if group.get("momentum") else 0, 0),
+    **{kind: (lambda group: (2, _counter_bytes()))
+       for kind in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam,
+                    torch.optim.RAdam, torch.optim.Adamax)},
+}
