@@ -1188,3 +1188,43 @@ def test_the_check_before_the_optimizer_refuses_every_budget_the_step_cannot_tra
     assert "completed" not in outcomes and outcomes[-1] == "trained", outcomes
     assert all(got == "trained" for half, got in zip(range(4, 19), outcomes)
                if half * MIB // 2 >= 1.05 * need), (need, outcomes)
+
+
+def test_smallest_budget_of_a_first_step_holds_for_the_steps_after_it(tmp_path):
+    """helper-125: the README's recipe (record one step, pass `smallest_budget` of it) fell
+    a few bytes short where the first step makes the optimizer's state (SGD's momentum
+    buffers, the small ones never moving): the second step holds them from its start,
+    needed 5,160 B more, and at the first figure every step ran op by op. The state a
+    step makes and keeps is counted as the steps after it hold it."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1),
+                                    torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                    torch.nn.Linear(32, 10))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
+               for _ in range(6)]
+
+    def step(model, opt, batch):
+        loss = torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    figures = []
+    for steps_before in (0, 1):
+        model, opt = build()
+        for batch in batches[:steps_before]:
+            step(model, opt, batch)
+        with outcore.record() as rec:
+            step(model, opt, batches[steps_before])
+        figures.append(outcore.smallest_budget(rec.trace))
+    assert figures[0] >= figures[1], figures
+    model, opt = build()
+    with outcore.OutOfCore(figures[0], swap_dir=str(tmp_path)) as ooc:
+        for batch in batches:
+            with ooc.iteration():
+                step(model, opt, batch)
+        report = ooc.report()
+    assert report.op_by_op_steps == 0 and report.iterations[-1].mode == "replay", report

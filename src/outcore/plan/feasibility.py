@@ -63,14 +63,16 @@ def release_points(trace) -> list[int]:
     return out
 
 
-def occupancy(trace, only=None) -> list[int]:
+def occupancy(trace, only=None, steady: bool = False) -> list[int]:
     """Bytes occupying the fast tier during each function when nothing is ever moved:
     each array from its creation (or the start, if it existed before) to its release.
     Equal to trace.live_bytes(actual=True) on traces whose freed_after >= last_use.
-    `only(array)`, if given, picks the arrays counted."""
-    if only is None:
+    `only(array)`, if given, picks the arrays counted. `steady`: as in the steps after
+    this one, where what this one made and kept (optimizer state made lazily) is there
+    from the start."""
+    if only is None and not steady:
         return _occupancy_all(trace)
-    return _occupancy(trace, only)
+    return _occupancy(trace, only, steady)
 
 
 @per_trace
@@ -78,14 +80,14 @@ def _occupancy_all(trace):
     return _occupancy(trace, None)
 
 
-def _occupancy(trace, only) -> list[int]:
+def _occupancy(trace, only, steady: bool = False) -> list[int]:
     """Arrays' bytes per function; with only=None also the function's workspace."""
     n = len(trace.functions)
     delta = [0] * (n + 1)
     for a, rel in zip(trace.arrays, release_points(trace)):
         if only is not None and not only(a):
             continue
-        start = 0 if a.existed_before else a.first_use
+        start = 0 if a.existed_before or steady and a.kind == "persistent" else a.first_use
         delta[start] += a.nbytes
         delta[max(start, rel) + 1] -= a.nbytes
     curve, running = [], 0

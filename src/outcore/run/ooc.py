@@ -118,16 +118,18 @@ DEVIATIONS_SEEN, DEVIATIONS_WARNED = 20, 12
 PAGER_SLACK = 64 * 2**20
 
 
-def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES, held=None, owned=None) -> int:
+def pinned_peak(trace, min_move_bytes: int = MIN_MOVE_BYTES, held=None, owned=None,
+                steady: bool = False) -> int:
     """The most bytes of arrays the executor never moves alive at once: those smaller
     than `min_move_bytes`, and `held` ones (default `compose.held_arrays(trace)`: those
     a collective or FSDP holds), `owned` ones (default `compose.owned_arrays(trace)`:
     FSDP's) only while FSDP has them allocated (`compose.owned_occupancy`); they hold
-    that much of the budget at worst."""
+    that much of the budget at worst. `steady`: in the steps after this one
+    (`feasibility.occupancy`)."""
     held = held_arrays(trace) if held is None else held
     owned = owned_arrays(trace) if owned is None else owned
     curve = occupancy(trace, only=lambda a: (a.nbytes < min_move_bytes or a.id in held)
-                      and a.id not in owned)
+                      and a.id not in owned, steady=steady)
     if owned:
         curve = [c + o for c, o in zip(curve, owned_occupancy(trace, owned))]
     return max(curve, default=0)
@@ -145,8 +147,8 @@ def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, hel
 
 def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     """The smallest budget an OutOfCore(min_move_bytes=...) can run the step `trace`
-    recorded at (`outcore.record()`, also on the meta device), as its InfeasibleBudget
-    counts it (`OutOfCore._require_feasible`): what the plan needs of the arrays that
+    recorded (`outcore.record()`, also on the meta device), and the steps of its shape
+    after it, at, as its InfeasibleBudget counts it (`OutOfCore._require_feasible`): what the plan needs of the arrays that
     move, beside the most of those that never move alive at once (`pinned_peak`).
     `outcore plan` shows it beside the plan's own figure, which counts every array as
     movable and so is lower (a user who took that one met InfeasibleBudget). It is this
@@ -155,12 +157,16 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     at 48 2.01 MiB, with the 64 KiB default); with min_move_bytes=0 nothing is pinned
     for its size. And it is the figure of the step as recorded: state that grows for a
     few steps (LBFGS's history, for `history_size` steps; a sparse momentum buffer,
-    which gains indices each step) needs the figure of a later step. `min_move_bytes`:
-    a byte count or a size with its unit, as OutOfCore takes it."""
+    which gains indices each step) needs the figure of a later step. State the step
+    made and kept (a first step's momentum buffers, made lazily) is counted as the steps
+    after it hold it, from their start: the small buffers of it never move, and counted
+    where the first step made them the figure was a few bytes short of the second
+    step's, at which every step then ran op by op (helper-125). `min_move_bytes`: a
+    byte count or a size with its unit, as OutOfCore takes it."""
     min_move_bytes = parse_bytes(min_move_bytes)
     held = held_arrays(trace)
     return min_feasible_budget(without_held(trace, held)) + pinned_peak(
-        trace, min_move_bytes, held)
+        trace, min_move_bytes, held, steady=True)
 
 
 _open_lock = threading.Lock()
