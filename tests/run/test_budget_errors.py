@@ -1228,3 +1228,28 @@ def test_smallest_budget_of_a_first_step_holds_for_the_steps_after_it(tmp_path):
                 step(model, opt, batch)
         report = ooc.report()
     assert report.op_by_op_steps == 0 and report.iterations[-1].mode == "replay", report
+
+
+def test_a_refusal_after_the_step_wrote_state_in_place_does_not_say_nothing_was_trained(
+        tmp_path):
+    """helper-125: an op of the forward that cannot fit raised "Nothing was trained in this
+    iteration" after BatchNorm's running statistics and a momentum encoder had been
+    updated in place in that forward; a retry of the batch, as the message invited,
+    updated them twice. The error now says what was written and what to do."""
+    torch.manual_seed(0)
+    bn, ema = torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 256).requires_grad_(False)
+    big = torch.nn.Linear(256, 8192)                  # an 8 MiB weight: cannot fit 4 MiB
+    opt = torch.optim.SGD([*bn.parameters(), *big.parameters()], lr=0.1)
+    before = big.weight.detach().clone()
+    with outcore.OutOfCore("4MiB", swap_dir=str(tmp_path)) as ooc:
+        with pytest.raises(outcore.InfeasibleBudget) as err:
+            with ooc.iteration():
+                h = bn(torch.randn(64, 256))
+                with torch.no_grad():
+                    ema.weight.mul_(0.99).add_(0.01)
+                big(h).square().mean().backward()
+                opt.step()
+    message = str(err.value)
+    assert "Nothing was trained" not in message and "running this batch again" in message
+    assert err.value.wrote_before >= 2 and bn.num_batches_tracked.item() == 1
+    assert torch.equal(before, big.weight)           # the optimizer changed nothing

@@ -577,8 +577,8 @@ def _never_moves_text(found: dict, min_move_bytes: int) -> str:
 
 def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, budget: int,
                min_move_bytes: int, *, completed: bool = False,
-               deviated: bool = False, inputs=(), res: Residency | None = None
-               ) -> InfeasibleBudget:
+               deviated: bool = False, inputs=(), res: Residency | None = None,
+               wrote: int = 0) -> InfeasibleBudget:
     """The error for a function that cannot fit: it needs `movable` bytes of its own
     arrays at once beside `pinned` bytes of arrays that never move. `completed`: the
     optimizer had begun, so the step was finished (over budget) before raising.
@@ -586,7 +586,10 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
     op, raised once that step had completed (over budget). Both run on to the step's end:
     their callers keep the error of the op that needed the most, which the text says.
     `inputs`: the op's tensor arguments (a view op's outputs), for a storage it reads
-    only in part (`read_in_part`)."""
+    only in part (`read_in_part`). `wrote`: how many tensors that existed before the
+    step it had written in place before this (BatchNorm's running statistics, a weight
+    average, gradients accumulated into): "nothing was trained" would not be true of
+    those (helper-125: a retry of the batch updated them twice)."""
     needed = movable + pinned
     try:                # made while an error is made: never one of its own
         found = _never_moves(res) if pinned and res is not None else {}
@@ -630,9 +633,20 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
            "was found, so the step was completed correctly, over the budget, and no later op "
            "of it needed more than this one; later iterations of this OutOfCore will not "
            "start."
-           if completed else "Nothing was trained in this iteration: the optimizer has not "
-           "changed any parameter in it."),
+           if completed else
+           f"The optimizer has not changed any parameter in this iteration, but the step "
+           f"had written {wrote} tensor{'s' if wrote > 1 else ''} that existed before it in "
+           "place (BatchNorm's running statistics, a weight average or a momentum encoder "
+           "the step updates, gradients accumulated into): running this batch again "
+           "updates them a second time. Go on with the next batch, or from your last "
+           "checkpoint, once the budget is raised."
+           if wrote else "Nothing was trained in this iteration: the optimizer has not "
+           "changed any parameter in it, and the step wrote no tensor that existed "
+           "before it."),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)
-    error.nothing_trained = not (completed or deviated)    # OutOfCore adds no half-step note
+    # The optimizer changed nothing (OutOfCore adds no half-step note); `wrote`: tensors
+    # that existed before the step, written in it before the error.
+    error.nothing_trained = not (completed or deviated)
+    error.wrote_before = 0 if completed or deviated else wrote
     return error

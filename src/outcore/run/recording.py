@@ -132,7 +132,11 @@ class SafeRecording(Recording):
         if worst and worst + pinned > self.budget:
             raise infeasible(len(self._functions), "the optimizer step of a parameter of "
                              f"shape {shape}", "optimizer", worst, pinned, self.budget,
-                             res.min_move_bytes, res=res)
+                             res.min_move_bytes, res=res, wrote=self._wrote())
+
+    def _wrote(self) -> int:
+        """How many tensors that existed before the step it has written so far."""
+        return sum(1 for log in self._logs if log.existed_before and log.write_phases)
 
     def _before_op(self, func, args, kwargs, inputs, index) -> None:
         self._entries = self.on_demand.before(inputs, func, args, kwargs)
@@ -163,7 +167,8 @@ class SafeRecording(Recording):
         if movable + pinned > worst:
             error = infeasible(fn.index, fn.op, fn.phase, movable, pinned,
                                self.budget, res.min_move_bytes, completed=self._optimizer_began,
-                               inputs=outputs if func.is_view else inputs, res=res)
+                               inputs=outputs if func.is_view else inputs, res=res,
+                               wrote=0 if self._optimizer_began else self._wrote())
             self.infeasible = error     # the iteration's over-budget warning defers to it
             if not self._optimizer_began:
                 raise error
