@@ -213,11 +213,13 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
         v for v in optimizer.state.get(p, {}).values()
         if isinstance(v, torch.Tensor) and v.numel() > 1))
     sizes = sorted((whole(s) for s in state if s._cdata not in keys), reverse=True)
+    param_bytes = sum(whole(s) for s in params)
     if state:
         state_bytes = sum(sizes[:2])
-    else:
+    elif param_bytes:           # made where the parameter is: on the fast tier, moving
         state_bytes = _first_state(optimizer, group)[0] * p.numel() * p.element_size()
-    param_bytes = sum(whole(s) for s in params)
+    else:
+        state_bytes = 0
     if group.get("fused"):                   # one kernel reads them all at once
         return param_bytes + grad_bytes + state_bytes
     return param_bytes + max(grad_bytes, state_bytes)
