@@ -146,10 +146,11 @@ def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, hel
 
 
 def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
-    """The smallest budget an OutOfCore(min_move_bytes=...) can run the step `trace`
-    recorded (`outcore.record()`, also on the meta device), and the steps of its shape
-    after it, at, as its InfeasibleBudget counts it (`OutOfCore._require_feasible`): what the plan needs of the arrays that
-    move, beside the most of those that never move alive at once (`pinned_peak`).
+    """The smallest budget at which an OutOfCore(min_move_bytes=...) runs the step
+    `trace` recorded (`outcore.record()`, also on the meta device) and the steps of its
+    shape after it, as its InfeasibleBudget counts it (`OutOfCore._require_feasible`):
+    what the plan needs of the arrays that move, beside the most of those that never
+    move alive at once (`pinned_peak`).
     `outcore plan` shows it beside the plan's own figure, which counts every array as
     movable and so is lower (a user who took that one met InfeasibleBudget). It is this
     step's figure: a step of smaller tensors has more of its arrays under

@@ -176,24 +176,27 @@ class SafeRecording(Recording):
 
 def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
     """What the update of parameter `p` holds on the fast tier at once, as far as can be
-    told before it runs (`SafeRecording._enter_optimizer`): the parameter's storage, and
-    beside it the larger of its optimizer state's storages together (Adam's
-    `addcdiv_` reads the parameter, `exp_avg` and a `denom` of the parameter's size:
-    as many bytes as `exp_avg` and `exp_avg_sq`) and the gradient, where an op reads it
-    with the parameter (plain SGD's `add_`, Adam's coupled weight decay) its whole
-    storage, else its own bytes. The state: its two largest storages (`exp_avg` and
-    `exp_avg_sq`; AMSGrad's third is not read beside them), or, before the first step
-    made it, as many of the parameter's size as the optimizer makes (`_first_state`).
-    Moving storages counted, each whole. Where parameters and gradients are views of
-    two flat buffers (Megatron, DeepSpeed, apex) no op of Adam reads both buffers:
-    counted both, this refused budgets the step trains in (helper-122: 8 MiB asked,
-    where `smallest_budget` said 6 MiB); counted the gradient's own bytes for every
-    optimizer, it let plain SGD start and complete over the budget (helper-124). A fused
-    kernel reads all of them at once: their sum. Still a lower bound for optimizers not
-    in `_FIRST_STATE` on their first step and for those whose ops read more beside the
-    parameter: there the step may complete over the budget, and InfeasibleBudget says
-    so at its end (`tests/run/test_budget_errors.py` sweeps SGD, Adam, AdamW, foreach
-    and fused, plain and flat, against what the step needs)."""
+    told before it runs (`SafeRecording._enter_optimizer`), each moving storage whole:
+
+    - the parameter's storage;
+    - beside it, the larger of the gradient and the state. The gradient: its whole
+      storage where an op reads it with the parameter (plain SGD's `add_`, Adam's
+      coupled weight decay), else its own bytes (where parameters and gradients are
+      views of two flat buffers, Megatron's, DeepSpeed's, apex's, no op of Adam reads
+      both). The state: its two largest storages (Adam's `addcdiv_` reads the
+      parameter, `exp_avg` and a `denom` of `exp_avg_sq`'s size; AMSGrad's third is not
+      read beside them), or, before a first step made it, as many tensors of the
+      parameter's size as the optimizer makes (`_first_state`);
+    - for a fused kernel, which reads them all at once, the parameter, the gradient and
+      the state together.
+
+    Counted both flat buffers whole, this refused budgets the step trains in
+    (helper-122: 8 MiB asked, where `smallest_budget` said 6 MiB); counted the
+    gradient's own bytes for every optimizer, it let plain SGD start and complete over
+    the budget (helper-124). `tests/run/test_budget_errors.py` sweeps SGD, Adam and
+    AdamW, foreach and fused, plain and flat, against what the step needs. For other
+    optimizers it is a lower bound: a step it lets through may complete over the
+    budget, and InfeasibleBudget then says so at its end."""
     def whole(storage) -> int:
         entry = res.entry_of(storage)    # an evicted storage has size 0 now
         return entry.nbytes if entry is not None and not entry.pinned else 0

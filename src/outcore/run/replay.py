@@ -1294,11 +1294,9 @@ class Replayer(HeldMode):
         over it, in the same step. Far below the budget, the op runs with less work
         (NOTE [Far below the budget] in headroom.py)."""
         distributed = func.namespace in DISTRIBUTED_NAMESPACES
-        if self._may_enter and not distributed:
-            self._may_enter = False
+        if self._may_enter and not distributed:      # rule 5 (helper-124); `_dispatch`
+            self._may_enter = False                  # leaves it before a collective
             self._headroom = Headroom.enter(self.res, self.budget, self.keys)
-        if self._headroom is not None and distributed:
-            self._leave_headroom()       # NOTE [Far below the budget] rule 5 (helper-124)
         if self._headroom is not None:
             ran = self._headroom.run(func, args, kwargs)
             if ran is not None:
