@@ -5,8 +5,8 @@ NOTE [Far below the budget]
 After a deviation the rest of a step runs op by op (`OnDemand`): before each op its
 inputs are made ready and room is left for its outputs (a meta kernel asked, cached by
 argument signature), after it the outputs are tracked and the budget restored. That is
-30-40 µs of Python per op, most of a step of small ops (docs/executor.md, "Recording and
-replaying"). Where nothing is on the slow tier and the step holds far less than its
+40-55 µs of Python per op on a 2-core machine, most of a step of small ops
+(docs/executor.md, "Recording and replaying"). Where nothing is on the slow tier and the step holds far less than its
 budget, none of it changes what runs until the step holds more, so the replayer runs
 the ops as they come (`Headroom.run`) under these rules:
 
@@ -48,7 +48,9 @@ the ops as they come (`Headroom.run`) under these rules:
      tracked, as `OnDemand` would have left them.
   6. The step's shape is noted as `OnDemand` notes it (`Replayer._ran_on_demand`: each
      op's name, the bytes it made and read, in order), so that step shapes and families
-     are the same whichever ran the op; the step's peak counts `live` too.
+     are the same whichever ran the op; the step's peak counts `live` too; and what an
+     op made past its meta kernel is learnt (`learn_created`, asked where it made more
+     than its largest movable input, the room `OnDemand` would have left it at least).
 """
 from __future__ import annotations
 
