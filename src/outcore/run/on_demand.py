@@ -637,12 +637,16 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
            f"The optimizer has not changed any parameter in this iteration, but the step "
            f"had written {wrote} tensor{'s' if wrote > 1 else ''} that existed before it in "
            "place (BatchNorm's running statistics, a weight average or a momentum encoder "
-           "the step updates, gradients accumulated into): running this batch again "
-           "updates them a second time. Go on with the next batch, or from your last "
-           "checkpoint, once the budget is raised."
+           "the step updates, gradients zeroed or accumulated into): running this batch "
+           "again from here may not match one plain step of it (statistics and averages "
+           "update twice, gradients accumulated into keep this step's part). Go on with "
+           "the next batch, or from your last checkpoint, once the budget is raised."
            if wrote else "Nothing was trained in this iteration: the optimizer has not "
            "changed any parameter in it, and the step wrote no tensor that existed "
-           "before it."),
+           "before it.")
+        + (" The gradients its backward computed are on the parameters: zero them "
+           "(optimizer.zero_grad()) before running this batch again (helper-126)."
+           if phase == "optimizer" and not (completed or deviated) else ""),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)
     # The optimizer changed nothing (OutOfCore adds no half-step note); `wrote`: tensors

@@ -188,18 +188,28 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
       read beside them), or, before a first step made it, as many tensors of the
       parameter's size as the optimizer makes (`_first_state`);
     - for a fused kernel, which reads them all at once, the parameter, the gradient and
-      the state together.
+      the state together;
+    - where an op makes a tensor of the parameter's size beside two it reads (SGD's
+      weight decay and Nesterov momentum, Adagrad's and RMSprop's `addcdiv_`), that too.
+      State not read in this step yet (kept from before, loaded) is counted where it
+      is, in memory.
 
     Counted both flat buffers whole, this refused budgets the step trains in
     (helper-122: 8 MiB asked, where `smallest_budget` said 6 MiB); counted the
     gradient's own bytes for every optimizer, it let plain SGD start and complete over
-    the budget (helper-124). `tests/run/test_budget_errors.py` sweeps SGD, Adam and
-    AdamW, foreach and fused, plain and flat, against what the step needs. For other
-    optimizers it is a lower bound: a step it lets through may complete over the
-    budget, and InfeasibleBudget then says so at its end."""
+    the budget (helper-124), as it did SGD with weight decay or Nesterov momentum,
+    Adagrad, RMSprop, and any optimizer whose state existed before the recording (not
+    read yet, it counted 0: helper-126). `tests/run/test_budget_errors.py` sweeps SGD,
+    Adam, AdamW, Adagrad and RMSprop, foreach and fused, plain and flat, first steps
+    and later ones, against what the step needs. For other optimizers it is a lower
+    bound: a step it lets through may complete over the budget, and InfeasibleBudget
+    then says so at its end."""
     def whole(storage) -> int:
         entry = res.entry_of(storage)    # an evicted storage has size 0 now
-        return entry.nbytes if entry is not None and not entry.pinned else 0
+        if entry is None:   # not read in this step yet (state kept or loaded): in memory
+            nbytes = storage.nbytes()
+            return nbytes if nbytes >= res.min_move_bytes else 0
+        return entry.nbytes if not entry.pinned else 0
 
     params = distinct_storages((p,))
     keys = {s._cdata for s in params}
@@ -217,15 +227,36 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
         if isinstance(v, torch.Tensor) and v.numel() > 1))
     sizes = sorted((whole(s) for s in state if s._cdata not in keys), reverse=True)
     param_bytes = sum(whole(s) for s in params)
+    fused = bool(group.get("fused"))         # one kernel reads them all at once
+    own = p.numel() * p.element_size()
     if state:
-        state_bytes = sum(sizes[:2])
+        # Two of it beside the parameter where the optimizer is known to read them so
+        # (Adam's); one for any other (SparseAdam reads one dense moment at a time: with
+        # two counted, a retry at the figure its error named was refused).
+        read = 2 if type(optimizer) in _FIRST_STATE else 1
+        state_bytes = sum(sizes if fused else sizes[:read])
     elif param_bytes:           # made where the parameter is: on the fast tier, moving
-        state_bytes = _first_state(optimizer, group)[0] * p.numel() * p.element_size()
+        made = _first_state(optimizer, group)[0]
+        state_bytes = (made if fused else min(made, 2)) * own
     else:
         state_bytes = 0
-    if group.get("fused"):                   # one kernel reads them all at once
+    if fused:
         return param_bytes + grad_bytes + state_bytes
-    return param_bytes + max(grad_bytes, state_bytes)
+    need = param_bytes + max(grad_bytes, state_bytes)
+    whole_grad = sum(whole(s) for s in distinct_storages(iter_tensors((p.grad,)))
+                     if s._cdata not in keys)
+    if isinstance(optimizer, (torch.optim.Adagrad, torch.optim.RMSprop)):
+        # `param.addcdiv_(grad, std)`: a new tensor of its size beside both (helper-126).
+        need = max(need, param_bytes + whole_grad + own)
+    if isinstance(optimizer, torch.optim.SGD):
+        # A new gradient of the parameter's size beside the two it is made of:
+        # `grad.add(param, alpha=weight_decay)`, `grad.add(buf, alpha=momentum)` for
+        # Nesterov's (helper-126: SGD with either completed over the budget).
+        if group.get("weight_decay"):
+            need = max(need, param_bytes + whole_grad + own)
+        if group.get("nesterov") and group.get("momentum"):
+            need = max(need, whole_grad + (sizes[0] if sizes else own) + own)
+    return need
 
 
 def _first_state(optimizer, group: dict) -> tuple[int, int]:
@@ -242,9 +273,12 @@ def _counter_bytes() -> int:
     return 8 if torch.get_default_dtype() == torch.float64 else 4
 
 
+# (RAdam is not here: its first steps read neither moment beside the parameter, and
+# counted so it refused budgets it trains in: helper-126.)
 _FIRST_STATE = {
     torch.optim.SGD: lambda group: (1 if group.get("momentum") else 0, 0),
-    **{kind: (lambda group: (2, _counter_bytes()))
-       for kind in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam,
-                    torch.optim.RAdam, torch.optim.Adamax)},
+    **{kind: (lambda group: (3 if group.get("amsgrad") else 2, _counter_bytes()))
+       for kind in (torch.optim.Adam, torch.optim.AdamW)},
+    **{kind: (lambda group: (2, _counter_bytes())) for kind in (torch.optim.NAdam,
+                                                                torch.optim.Adamax)},
 }
