@@ -1158,6 +1158,7 @@ _SETUPS = [("plain", "SGD", {}), ("plain", "SGD", {"momentum": 0.9}),
            # helper-126:
            ("plain", "SGD", {"weight_decay": 0.1}),
            ("plain", "SGD", {"momentum": 0.9, "nesterov": True}),
+           ("plain", "SGD", {"momentum": 0.9, "nesterov": True, "foreach": True}),
            ("plain", "Adam", {"fused": True, "amsgrad": True}), ("plain", "Adagrad", {}),
            ("plain", "RMSprop", {}), ("plain", "RAdam", {}),
            ("later", "Adam", {}), ("later", "SGD", {"momentum": 0.9, "nesterov": True})]
