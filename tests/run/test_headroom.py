@@ -32,14 +32,19 @@ def _train(depths, ooc=None, optimizer=torch.optim.Adam, batches=None):
     for depth, batch in zip(depths, batches or [BATCH] * len(depths)):
         x, y = torch.randn(batch, 32, generator=g), torch.randint(0, 4, (batch,), generator=g)
         with ooc.iteration() if ooc is not None else _nothing():
-            h = torch.relu(net["inp"](x))
-            for _ in range(depth):
-                h = torch.relu(net["hidden"](h))
-            loss = torch.nn.functional.cross_entropy(net["out"](h), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _step(net, opt, x, y, depth)
     return net
+
+
+def _step(net, opt, x, y, depth):
+    """One step of the net at `depth`: forward, loss, zero_grad, backward, step."""
+    h = torch.relu(net["inp"](x))
+    for _ in range(depth):
+        h = torch.relu(net["hidden"](h))
+    loss = torch.nn.functional.cross_entropy(net["out"](h), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
 
 
 class _nothing:
@@ -259,13 +264,7 @@ def _deviating(budget, extra, tmp_path, optimizer=torch.optim.SGD, before=None):
             x, y = torch.randn(BATCH, 32, generator=g), torch.randint(0, 4, (BATCH,), generator=g)
             try:
                 with ooc.iteration():
-                    h = torch.relu(net["inp"](x))
-                    for _ in range(depth):
-                        h = torch.relu(net["hidden"](h))
-                    loss = torch.nn.functional.cross_entropy(net["out"](h), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+                    _step(net, opt, x, y, depth)
                     if it == 2:
                         got = extra(made)
             except outcore.InfeasibleBudget as err:
@@ -334,13 +333,7 @@ def test_the_op_that_left_the_plan_is_counted_before_the_headroom_is_asked(tmp_p
                 x = torch.randn(BATCH, 32, generator=g)
                 y = torch.randint(0, 4, (BATCH,), generator=g)
                 with ooc.iteration():
-                    h = torch.relu(net["inp"](x))
-                    for _ in range(depth):
-                        h = torch.relu(net["hidden"](h))
-                    loss = torch.nn.functional.cross_entropy(net["out"](h), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+                    _step(net, opt, x, y, depth)
                     pad = torch.full((n,), 1.0)             # a size the data gives
                     small = torch.full((64 * 1024,), 2.0)   # 256 KiB: below the margin
                     (pad.sum() + small.sum()).item()
@@ -358,20 +351,24 @@ def test_what_an_op_makes_past_its_meta_kernel_is_learnt_under_the_headroom(tmp_
     """helper-123: `OnDemand.after` remembers what an op made past what its meta kernel
     said (a size the data gives), so that its next call on demand gets the room; under
     the headroom that was skipped. The same is learnt now with it on as off."""
-    from outcore.run import on_demand
-
     def interleave(_):
         torch.repeat_interleave(torch.tensor([500_000]))
+    _learnt_as_on_demand(interleave, "repeat_interleave", tmp_path, monkeypatch)
 
+
+def _learnt_as_on_demand(extra, name, tmp_path, monkeypatch) -> None:
+    """`_deviating` runs `extra` under the headroom, then with it off: what `learn_created`
+    remembers of the ops called `name` is the same, and something."""
+    from outcore.run import on_demand
     learnt = []
     for state in ("on", "off"):
         on_demand._CREATED.clear()
         with monkeypatch.context() as m:
             if state == "off":
                 m.setattr(Headroom, "enter", classmethod(lambda *a: None))
-            _deviating("64MiB", interleave, tmp_path / state)
+            _deviating("64MiB", extra, tmp_path / state)
         learnt.append({str(key[0]): n for key, n in on_demand._CREATED.items()
-                       if "repeat_interleave" in str(key[0])})
+                       if name in str(key[0])})
     assert learnt[0] == learnt[1] and learnt[0], learnt
 
 
@@ -457,20 +454,9 @@ def test_an_op_whose_largest_input_never_moves_is_learnt_as_on_demand(tmp_path, 
     learnt; the headroom compared with its largest input, moving or not, and learnt
     nothing."""
     import numpy as np
-    from outcore.run import on_demand
     values = np.zeros(262144, dtype=np.float32)
     values[::10] = 1.0
 
     def nonzero(_):
         torch.nonzero(torch.from_numpy(values))
-
-    learnt = []
-    for state in ("on", "off"):
-        on_demand._CREATED.clear()
-        with monkeypatch.context() as m:
-            if state == "off":
-                m.setattr(Headroom, "enter", classmethod(lambda *a: None))
-            _deviating("64MiB", nonzero, tmp_path / state)
-        learnt.append({str(key[0]): n for key, n in on_demand._CREATED.items()
-                       if "nonzero" in str(key[0])})
-    assert learnt[0] == learnt[1] and learnt[0], learnt
+    _learnt_as_on_demand(nonzero, "nonzero", tmp_path, monkeypatch)
