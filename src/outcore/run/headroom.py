@@ -6,9 +6,9 @@ After a deviation the rest of a step runs op by op (`OnDemand`): before each op 
 inputs are made ready and room is left for its outputs (a meta kernel asked, cached by
 argument signature), after it the outputs are tracked and the budget restored. That is
 40-55 µs of Python per op on a 2-core machine, most of a step of small ops
-(docs/executor.md, "Recording and replaying"). Where nothing is on the slow tier and the step holds far less than its
-budget, none of it changes what runs until the step holds more, so the replayer runs
-the ops as they come (`Headroom.run`) under these rules:
+(docs/executor.md, "Recording and replaying"). Where nothing is on the slow tier and the
+step holds far less than its budget, none of it changes what runs until the step holds
+more, so the replayer runs the ops as they come (`Headroom.run`) under these rules:
 
   1. Entered at the first op run on demand after a deviation (the op that left the
      plan, where it ran, counted), every transfer settled, only where every tracked
