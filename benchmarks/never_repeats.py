@@ -76,11 +76,7 @@ def child(mode: str, out: str, budget: str, steps: int) -> None:
         for enc, tgt in data:
             start = time.perf_counter()
             with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                logits = model(enc, tgt, coin)
-                loss = F.cross_entropy(logits.reshape(-1, V), tgt[:, 1:].reshape(-1))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                step(model, opt, enc, tgt, coin)
             times.append(time.perf_counter() - start)
         result = {"mode": mode, "seconds": statistics.median(times[steps // 2:])}
         if ooc is None:
@@ -93,6 +89,16 @@ def child(mode: str, out: str, budget: str, steps: int) -> None:
     print(json.dumps(result))
 
 
+def step(model, opt, enc, tgt, coin) -> None:
+    """One training step of the decoder on a batch (`enc`, `tgt`)."""
+    import torch.nn.functional as F
+    logits = model(enc, tgt, coin)
+    loss = F.cross_entropy(logits.reshape(-1, V), tgt[:, 1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def ops_per_iteration(model, opt, data, coin) -> tuple[float, float]:
     """The median number of ops the dispatcher sees per iteration of `data`, counted by a
     dispatch mode on copies of the model, the optimizer and the coin (after the timed
@@ -101,7 +107,6 @@ def ops_per_iteration(model, opt, data, coin) -> tuple[float, float]:
     import copy
 
     import torch
-    import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -119,11 +124,7 @@ def ops_per_iteration(model, opt, data, coin) -> tuple[float, float]:
         Count.n = 0
         start = time.perf_counter()
         with Count():
-            logits = model(enc, tgt, coin)
-            loss = F.cross_entropy(logits.reshape(-1, V), tgt[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            step(model, opt, enc, tgt, coin)
         times.append(time.perf_counter() - start)
         counts.append(Count.n)
     return statistics.median(counts), statistics.median(times)

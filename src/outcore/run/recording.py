@@ -214,14 +214,15 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
     params = distinct_storages((p,))
     keys = {s._cdata for s in params}
     # (A sparse gradient's indices and values, each a storage.)
-    grad_bytes = sum(whole(s) for s in distinct_storages(iter_tensors((p.grad,)))
+    whole_grad = sum(whole(s) for s in distinct_storages(iter_tensors((p.grad,)))
                      if s._cdata not in keys)
     decoupled = group.get("decoupled_weight_decay",
                           isinstance(optimizer, torch.optim.AdamW))
+    grad_bytes = whole_grad
     if p.grad.layout is torch.strided and not (
             isinstance(optimizer, torch.optim.SGD) and not group.get("momentum")
             or group.get("weight_decay") and not decoupled):
-        grad_bytes = min(grad_bytes, p.grad.numel() * p.grad.element_size())
+        grad_bytes = min(whole_grad, p.grad.numel() * p.grad.element_size())
     state = distinct_storages(iter_tensors(
         v for v in optimizer.state.get(p, {}).values()
         if isinstance(v, torch.Tensor) and v.numel() > 1))
@@ -243,8 +244,6 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
     if fused:
         return param_bytes + grad_bytes + state_bytes
     need = param_bytes + max(grad_bytes, state_bytes)
-    whole_grad = sum(whole(s) for s in distinct_storages(iter_tensors((p.grad,)))
-                     if s._cdata not in keys)
     if isinstance(optimizer, (torch.optim.Adagrad, torch.optim.RMSprop)):
         # `param.addcdiv_(grad, std)`: a new tensor of its size beside both (helper-126).
         need = max(need, param_bytes + whole_grad + own)
