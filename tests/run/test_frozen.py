@@ -5,6 +5,9 @@ inputs, which stay resident until their first use: a budget below the frozen wei
 was infeasible."""
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import torch
 
 import outcore
@@ -62,48 +65,112 @@ def test_frozen_weights_are_parameters_and_train_bitwise_far_below_their_size(tm
     assert replays[-1].bytes_read >= 20 * 2**20                 # the frozen weights move
 
 
-def test_module_buffers_only_read_are_inputs_and_the_warning_says_how_to_move_them(
-        tmp_path, caplog):
-    """helper-122: masks registered as buffers (as `torch.nn.utils.prune` adds them) that
-    the step only reads are inputs, resident from the step's start to their first use:
-    eight 1 MiB masks make a budget of 6 MiB unplannable (every step runs op by op,
-    within it), where the same masks as frozen parameters replay a plan. The warning
-    names module buffers among such inputs and the way out."""
-    import logging
+class Masked(torch.nn.Module):
+    """A linear layer under a fixed mask registered as a buffer (as `torch.nn.utils.prune`
+    adds them), or held as a frozen parameter."""
 
-    class Masked(torch.nn.Module):
-        def __init__(self, as_parameter):
-            super().__init__()
-            self.lin = torch.nn.Linear(512, 512)
-            mask = (torch.rand(512, 512) > 0.5).float()
-            if as_parameter:
-                self.mask = torch.nn.Parameter(mask, requires_grad=False)
-            else:
-                self.register_buffer("mask", mask)
+    def __init__(self, as_parameter):
+        super().__init__()
+        self.lin = torch.nn.Linear(512, 512)
+        mask = (torch.rand(512, 512) > 0.5).float()
+        if as_parameter:
+            self.mask = torch.nn.Parameter(mask, requires_grad=False)
+        else:
+            self.register_buffer("mask", mask)
 
-        def forward(self, x):
-            return torch.tanh(torch.nn.functional.linear(x, self.lin.weight * self.mask,
-                                                         self.lin.bias))
+    def forward(self, x):
+        return torch.tanh(torch.nn.functional.linear(x, self.lin.weight * self.mask,
+                                                     self.lin.bias))
 
-    def train(as_parameter):
+
+def test_module_buffers_only_read_are_state_and_move_as_frozen_parameters(tmp_path):
+    """helper-122: masks registered as buffers that the step only reads were inputs,
+    resident from the step's start to their first use: eight 1 MiB masks made a budget
+    of 6 MiB unplannable (every step ran op by op), where the same masks as frozen
+    parameters replayed a plan. A buffer of a module the step calls is state now
+    (`trace/recorder._classify`): both replay within the budget, the masks move, and
+    both train bitwise as plain PyTorch."""
+    def train(as_parameter, budget):
         torch.manual_seed(0)
         model = torch.nn.Sequential(*[Masked(as_parameter) for _ in range(8)])
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         x = torch.randn(64, 512)
-        with outcore.OutOfCore("6MiB", swap_dir=str(tmp_path)) as ooc:
+        ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
+        with ooc or contextlib.nullcontext():
             for _ in range(4):
-                with ooc.iteration():
+                with ooc.iteration() if ooc else contextlib.nullcontext():
                     model(x).square().mean().backward()
                     opt.step()
                     opt.zero_grad()
-            return [it.mode for it in ooc.report().iterations], {
-                k: v.clone() for k, v in model.state_dict().items()}
+            report, trace = (ooc.report(), ooc.trace) if ooc else (None, None)
+        return report, trace, state_of(model, opt)
 
-    with caplog.at_level(logging.WARNING, logger="outcore"):
-        buffers, as_buffers = train(False)
-    assert "replay" not in buffers, buffers
-    assert "module buffers" in caplog.text and "nn.Parameter(t, requires_grad=False)" in caplog.text
-    frozen, as_frozen = train(True)
-    assert frozen[-1] == "replay", frozen
-    assert as_buffers.keys() == as_frozen.keys()
-    assert all(torch.equal(as_buffers[k], as_frozen[k]) for k in as_buffers)
+    _, _, plain = train(False, None)
+    budget = 6 * 2**20
+    for as_parameter in (False, True):
+        report, trace, state = train(as_parameter, budget)
+        assert_bitwise_equal(state, plain)
+        assert [it.mode for it in report.iterations][-1] == "replay", report
+        assert all(it.peak_resident <= budget for it in report.iterations
+                   if it.mode == "replay"), report
+        assert report.iterations[-1].bytes_read >= 4 * 2**20, report   # masks move
+        large = collections.Counter((a.kind, a.category) for a in trace.arrays
+                                    if a.nbytes == 2**20 and a.existed_before)
+        masks = ("persistent", "parameter" if as_parameter else "buffer")
+        assert large == collections.Counter([("persistent", "parameter")] * 8 + [masks] * 8)
+        assert not [a for a in trace.arrays if a.kind == "input" and a.nbytes >= 2**20]
+
+
+class _Positional(torch.nn.Module):
+    """A table registered as a buffer on a child that is never called: the parent slices
+    it (the tutorial transformer's positional encoding, read through `self.pe[:n]`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Module()
+        self.table.register_buffer("pe", torch.randn(4096, 256))    # 4 MiB
+        self.lin = torch.nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.lin(x + self.table.pe[: x.shape[0]])
+
+
+def test_a_buffer_read_through_its_parent_is_state_and_a_buffer_replaced_is_read_anew(
+        tmp_path):
+    """The parent reads a child's buffer without calling the child: it is state too
+    (`Recording._note_module` takes a module's submodules' buffers). Between steps the
+    user replaces the buffer by a new tensor (`module.pe = new`, as a cache rebuilt for a
+    longer sequence): the steps after it read the new one, bitwise as plain PyTorch."""
+    def train(budget):
+        torch.manual_seed(0)
+        model = _Positional()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
+        losses = []
+        with ooc or contextlib.nullcontext():
+            for it in range(6):
+                if it == 3:
+                    model.table.pe = torch.randn(4096, 256,
+                                                 generator=torch.Generator().manual_seed(3))
+                x = torch.randn(2048, 256, generator=torch.Generator().manual_seed(it))
+                with ooc.iteration() if ooc else contextlib.nullcontext():
+                    loss = model(x).square().mean()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                losses.append(loss.detach())
+            trace, report = (ooc.trace, ooc.report()) if ooc else (None, None)
+        return losses, (trace, report), state_of(model, opt)
+
+    plain_losses, _, plain = train(None)
+    budget = 10 * 2**20                     # the step's peak is 12.75 MiB
+    losses, (trace, report), state = train(budget)
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert len(replays) >= 3 and all(it.peak_resident <= budget for it in replays), report
+    assert report.iterations[-1].bytes_read >= 4 * 2**20, report    # the table is read back
+    assert_bitwise_equal(state, plain)
+    assert all(torch.equal(a, b) for a, b in zip(losses, plain_losses))
+    table = [a for a in trace.arrays if a.nbytes == 4 * 2**20]
+    assert [(a.kind, a.category) for a in table] == [("persistent", "buffer")], trace.arrays
+    batch = [a for a in trace.arrays if a.nbytes == 2048 * 256 * 4 and a.existed_before]
+    assert [(a.kind, a.category) for a in batch] == [("input", "input")], trace.arrays

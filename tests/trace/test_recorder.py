@@ -1,4 +1,6 @@
 """Recording changes nothing and sees storages, views, in-place ops and phases correctly."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -190,6 +192,32 @@ def test_a_failed_step_gives_a_clear_error_not_a_trace():
             raise ValueError("user bug")
     with pytest.raises(outcore.TraceError, match="user bug"):
         rec.trace
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_recorder_leaves_no_module_hook_nor_warning_filter_behind(fails):
+    """The recorder registers a global module forward pre-hook (a module's buffers are
+    state) and a filter for the warning torch.compile gives while one is registered:
+    both are gone after the block, also after a step that raised."""
+    import warnings
+
+    from torch.nn.modules import module as nn_module
+    hooks = dict(nn_module._global_forward_pre_hooks)
+    m = nn.Linear(4, 4)
+    m.register_buffer("scale", torch.full((4,), 2.0))
+    with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+        with outcore.record() as rec:
+            assert len(nn_module._global_forward_pre_hooks) == len(hooks) + 1
+            (m(torch.ones(2, 4)) * m.scale).sum().backward()
+            if fails:
+                raise ValueError("user bug")
+    assert dict(nn_module._global_forward_pre_hooks) == hooks
+    # (imports in the block, torch._dynamo's the first time, may add filters of their own)
+    assert not [f for f in warnings.filters if f[1] is not None and "global hooks" in f[1].pattern]
+    if not fails:
+        scale = [a for a in rec.trace.arrays if a.nbytes == 16 and a.existed_before
+                 and a.category == "buffer"]
+        assert [a.kind for a in scale] == ["persistent"], rec.trace.arrays
 
 
 def test_reading_trace_inside_the_block_is_an_error():

@@ -614,8 +614,9 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
         f"only in part, through a view (of shape {list(part[1])}): outcore counts and moves a "
         "storage whole. A batch sliced from a dataset held in one tensor is the usual case: "
         "take the batch as a copy before the iteration (xb = X[i:j].clone() outside "
-        "`with ooc.iteration():`), so that the step reads only the copy, or raise the budget "
-        f"to at least {format_bytes(needed)} ({needed:,} B)") if part else (
+        "`with ooc.iteration():`), so that the step reads only the copy; a table the model "
+        "slices itself (a positional encoding registered as a buffer) moves whole too. Or "
+        f"raise the budget to at least {format_bytes(needed)} ({needed:,} B)") if part else (
         f"the smallest feasible budget is at least {format_bytes(needed)} ({needed:,} B): raise "
         f"the budget to that or more, or {smaller} (for the whole step's figure at once, "
         "record one step with outcore.record(), on the meta device if it does not fit, and "

@@ -1186,12 +1186,13 @@ class OutOfCore:
             what = "The arrays of this step that never move fill the budget alone."
         else:
             pending = need - function_bytes(trace, index)       # feasibility.needs
-            unused = (f" ({format_bytes(pending)} of it tensors that existed before the step "
-                      "and that it only reads, such as the batch, LBFGS's history, FSDP's "
-                      "all-gather buffers (made where no op shows them) or module buffers "
-                      "(prune's masks, cached tables): they stay in memory until their "
-                      "first use; a module buffer held as nn.Parameter(t, "
-                      "requires_grad=False) moves like state)") if pending > 0 else ""
+            unused = ((f" ({format_bytes(pending)} of it tensors that existed before the step "
+                       "and that it only reads, such as the batch, LBFGS's history, FSDP's "
+                       "all-gather buffers (made where no op shows them) or tables held in "
+                       "plain attributes: they stay in memory until their first use; a "
+                       "table registered with module.register_buffer, or held as "
+                       "nn.Parameter(t, requires_grad=False), moves like state)")
+                      if pending > 0 else "")
             what = (f"function {index} ({op}, {phase}) needs {format_bytes(need)} ({need:,} B) "
                     f"on the fast tier at once{unused}.")
         if budget > 0:

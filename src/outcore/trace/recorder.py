@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,6 +31,12 @@ from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
 
 _PRECEDENCE = {"read": 0, "write": 1, "create": 2}
+
+# torch.compile(module) warns on every call while any global module hook is registered
+# (its hooks would fire twice). The recorder's (`Recording._note_module`) only notes
+# buffers, once per module, so the warning says nothing true to the user: ignored while
+# the hook is registered, and only it.
+_COMPILED_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
 
 
 def op_phase(optimizers: list, inputs) -> str:
@@ -114,11 +122,17 @@ class Recording(TorchDispatchMode):
         self._logs: list[_ArrayLog] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}   # storage key -> (array id, ref)
         self._optimizers: list[bool] = []    # per step() begun, not returned: begun in a backward?
+        # Storage keys of the buffers of every module called in the step, and the modules
+        # seen (`_note_module`): a buffer the step only reads is state, not an input.
+        self._buffer_keys: set[int] = set()
+        self._modules_seen: set[int] = set()
+        self._module_buffers: set[int] = set()   # their array ids, at the end
         self._active = False
         self._device: str | None = None
         self._trace: Trace | None = None
         self._failed: BaseException | None = None
         self._hooks = []
+        self._warning_filter = ([], None)   # (list, entry) of `_COMPILED_HOOK_WARNING`
         self._returned = 0.0            # when the latest op returned (perf_counter)
         self._returned_cpu = 0.0        # and its thread's CPU clock then (thread_time)...
         self._cpu_thread = None         # ...and that thread (backward may run on another)
@@ -129,7 +143,10 @@ class Recording(TorchDispatchMode):
     def __enter__(self):
         self._active = True
         self._hooks = [register_optimizer_step_pre_hook(self._enter_optimizer),
-                       register_optimizer_step_post_hook(self._leave_optimizer)]
+                       register_optimizer_step_post_hook(self._leave_optimizer),
+                       register_module_forward_pre_hook(self._note_module)]
+        warnings.filterwarnings("ignore", message=_COMPILED_HOOK_WARNING, category=UserWarning)
+        self._warning_filter = (warnings.filters, warnings.filters[0])
         # The first op dispatched into a mode in a process imports torch._dynamo (~1.4 s
         # here); imported now, that is not counted as the step's host time.
         import torch._dynamo  # noqa: F401
@@ -145,14 +162,46 @@ class Recording(TorchDispatchMode):
         finally:
             for h in self._hooks:
                 h.remove()
+            self._forget_warning_filter()
             self._active = False
             # Storages still alive at the end, by array id (the executor carries them over).
             self.alive_at_end = {ident: ref for ident, ref in self._live.values() if ref() is not None}
+            self._module_buffers = {self._live[k][0] for k in self._buffer_keys
+                                    if k in self._live and self._live[k][1]() is not None}
+            self._buffer_keys.clear()
+            self._modules_seen.clear()
             if exc is None:
                 self._trace = self._build()
             else:
                 self._failed = exc
             self._live.clear()
+
+    def _forget_warning_filter(self) -> None:
+        """Take out the filter `__enter__` put in, from the list it went into (a
+        `warnings.catch_warnings` block may have begun or ended since)."""
+        filters, entry = self._warning_filter
+        try:
+            filters.remove(entry)
+        except ValueError:            # a catch_warnings block that began before us ended
+            return
+        warnings._filters_mutated()   # as warnings.filterwarnings does after a change
+
+    def _note_module(self, module, _args):
+        """A module is called in the step: note the storages of its buffers and its
+        submodules' (a parent may read a child's buffer without calling the child), once
+        per module. A hook must not fail the user's forward: a buffer without a storage
+        is skipped."""
+        if id(module) in self._modules_seen:
+            return None
+        for sub in module.modules():
+            if id(sub) in self._modules_seen:
+                continue
+            self._modules_seen.add(id(sub))
+            for buf in sub._buffers.values():
+                storage = storage_of(buf) if isinstance(buf, torch.Tensor) else None
+                if storage is not None:
+                    self._buffer_keys.add(storage._cdata)
+        return None
 
     def _enter_optimizer(self, *_):
         self._optimizers.append(torch._C._current_graph_task_id() != -1)
@@ -298,7 +347,8 @@ class Recording(TorchDispatchMode):
         arrays = []
         for log in self._logs:
             alive = log.id in alive_at_end
-            kind, category = _classify(log, alive, log.origin in self.batch_leaves)
+            kind, category = _classify(log, alive, log.origin in self.batch_leaves,
+                                       log.id in self._module_buffers)
             freed = None if alive else max(log.last_use, log.freed_after if log.freed_after is not None
                                            else log.last_use)
             arrays.append(Array(
@@ -315,10 +365,11 @@ class Recording(TorchDispatchMode):
                      durations="estimated" if self._device == "meta" else "measured", info=info)
 
 
-def _classify(log: _ArrayLog, alive: bool, batch_leaf: bool = False) -> tuple[str, str]:
+def _classify(log: _ArrayLog, alive: bool, batch_leaf: bool = False,
+              module_buffer: bool = False) -> tuple[str, str]:
     """(kind, category) of an array from when and how the step used it (docs/trace.md).
     `batch_leaf`: a replay found a new tensor where this plain leaf was (Recording's
-    `batch_leaves`)."""
+    `batch_leaves`); `module_buffer`: a buffer of a module the step called."""
     if log.existed_before:
         # nn.Parameters (frozen ones too) and leaves requiring grad: the same storage every
         # step, movable (a functional model's weights, read only in a step that does not
@@ -328,7 +379,10 @@ def _classify(log: _ArrayLog, alive: bool, batch_leaf: bool = False) -> tuple[st
                                   and not log.write_phases):
             return "persistent", "parameter"
         if not log.write_phases:
-            return "input", "input"
+            # A module buffer only read (a pruning mask, a positional table) stays from
+            # step to step as a frozen parameter does: state, movable. Other tensors only
+            # read (the batch) may be new each step: inputs.
+            return ("persistent", "buffer") if module_buffer else ("input", "input")
         first_write = log.write_phases[0]
         category = {"backward": "gradient", "optimizer": "optimizer_state"}.get(first_write, "buffer")
         return "persistent", category
