@@ -68,10 +68,13 @@ def test_bench_comm_quick(capsys):
         assert main(["bench", "comm", "--quick", "--json"]) == 0
         return json.loads(capsys.readouterr().out)
     fig = quick()
-    if any(f["beta_s_per_byte"] == 0 for f in fig["ops"].values()) or not (
-            fig["ops"]["allreduce"]["alpha_s"] > 0):
+    for _ in range(2):
+        if not (any(f["beta_s_per_byte"] == 0 for f in fig["ops"].values())
+                or not fig["ops"]["allreduce"]["alpha_s"] > 0):
+            break
         # A stall of the machine during one size's three repeats can leave a fit with a
-        # term pinned at 0 (β of one op once in CI, 2026-12-05): measured once more.
+        # term pinned at 0 (β of one op once in CI, 2026-12-05, and again beside the
+        # other test worker the same night): measured again, twice at most.
         fig = quick()
     assert fig["ranks"] == 2 and fig["bytes"] == [4096, 262144, 4194304]
     assert set(fig["ops"]) == {"allreduce", "allgather", "reduce_scatter", "p2p"}

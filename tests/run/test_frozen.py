@@ -174,3 +174,53 @@ def test_a_buffer_read_through_its_parent_is_state_and_a_buffer_replaced_is_read
     assert [(a.kind, a.category) for a in table] == [("persistent", "buffer")], trace.arrays
     batch = [a for a in trace.arrays if a.nbytes == 2048 * 256 * 4 and a.existed_before]
     assert [(a.kind, a.category) for a in batch] == [("input", "input")], trace.arrays
+
+
+class _TwoTables(torch.nn.Module):
+    """Reads one of two registered tables, in turn, step by step (helper-127)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+        self.register_buffer("even", torch.randn(512, 512))
+        self.register_buffer("odd", torch.randn(512, 512))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x + (self.even if self.calls % 2 else self.odd))
+
+
+def test_buffers_taking_turns_become_inputs_and_every_step_replays(tmp_path):
+    """A buffer the step only reads, where the next step reads another tensor that is
+    still alive (two tables in turn; a batch put in a buffer, the last one kept), takes
+    turns: as state every other step left its plan and re-ran op by op (helper-127).
+    The replay that finds the other one marks it (`Replayer._note_replaced`) and the
+    next recording takes it for an input: from then on every step replays, bitwise."""
+    def train(budget):
+        torch.manual_seed(0)
+        model = _TwoTables()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
+        losses = []
+        with ooc or contextlib.nullcontext():
+            for it in range(8):
+                x = torch.randn(512, 512, generator=torch.Generator().manual_seed(it))
+                with ooc.iteration() if ooc else contextlib.nullcontext():
+                    loss = model(x).square().mean()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                losses.append(loss.detach())
+            report = ooc.report() if ooc else None
+        return losses, report, state_of(model, opt)
+
+    plain_losses, _, plain = train(None)
+    budget = 5 * 2**20
+    losses, report, state = train(budget)
+    assert_bitwise_equal(state, plain)
+    assert all(torch.equal(a, b) for a, b in zip(losses, plain_losses))
+    modes = [it.mode for it in report.iterations]
+    assert modes[3:] == ["replay"] * 5 and report.deviations <= 1, modes
+    assert all(it.peak_resident <= budget for it in report.iterations
+               if it.mode == "replay"), report

@@ -220,6 +220,34 @@ def test_the_recorder_leaves_no_module_hook_nor_warning_filter_behind(fails):
         assert [a.kind for a in scale] == ["persistent"], rec.trace.arrays
 
 
+def test_nested_recordings_hide_torch_compiles_hook_warning_and_keep_the_users_filter():
+    """helper-127: the inner recording's end took out the filter the outer one still
+    needed, and the end of a recording took out a user's identical filter."""
+    import warnings
+
+    from outcore.trace.recorder import _COMPILED_HOOK_WARNING
+
+    def ours():
+        return [f for f in warnings.filters
+                if f[1] is not None and f[1].pattern == _COMPILED_HOOK_WARNING]
+
+    import torch._dynamo  # noqa: F401  (its first import adds filters of its own)
+    compiled = torch.compile(nn.Linear(2, 2), backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with outcore.record():
+            with outcore.record():
+                compiled(torch.ones(2))
+            compiled(torch.ones(2))             # the outer recording's hook is still there
+        assert not ours()
+        warnings.filterwarnings("ignore", message=_COMPILED_HOOK_WARNING, category=UserWarning)
+        users = ours()
+        with outcore.record():
+            compiled(torch.ones(2))
+        assert ours() == users
+    assert not [w for w in caught if "global hooks" in str(w.message)], caught
+
+
 def test_reading_trace_inside_the_block_is_an_error():
     with outcore.record() as rec:
         with pytest.raises(outcore.TraceError, match="after"):

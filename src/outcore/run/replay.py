@@ -459,10 +459,22 @@ class Replayer(HeldMode):
     def _note_replaced(self, aid: int, storage, tensors) -> None:
         """The step reads a new tensor where the record had array `aid`: if that was a
         plain leaf requiring grad that the step only reads (recorded as a parameter, as a
-        functional model's weights are), it is a batch made with requires_grad=True, and
-        the next recording takes it for an input (`replaced`, Recording.batch_leaves)."""
+        functional model's weights are), it is a batch made with requires_grad=True; if
+        it was a module buffer the step only reads and the tensor the record had is still
+        alive (one of two tables read in turn, a batch put in a buffer with the last one
+        kept), it takes turns. Either way the next recording takes it for an input
+        (`replaced`, Recording.batch_leaves), else every other step leaves its plan here
+        (helper-127). A buffer replaced once, the old one dropped (a table rebuilt
+        larger), binds anew and stays state."""
         arr = self.trace.arrays[aid]
-        if arr.category != "parameter" or any(aid in d for d in self.dirty):
+        if any(aid in d for d in self.dirty):
+            return
+        if arr.category == "buffer" and arr.existed_before:
+            before = self.by_id[aid]
+            if before is not None and before.ref() is not None:
+                self.replaced.add(arr.origin)
+            return
+        if arr.category != "parameter":
             return
         for t in tensors:
             if t.untyped_storage()._cdata == storage._cdata:

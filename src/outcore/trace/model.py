@@ -78,10 +78,11 @@ class Array:
     the same id in every iteration of a static step.
 
     kind:
-      persistent - alive across iterations: existed before the step and is trained or
-                   written (parameters, buffers), or was created inside and outlives it
-                   (optimizer state, gradients, returned values).
-      input      - existed before the step and is only read (a batch; a frozen buffer).
+      persistent - alive across iterations: existed before the step and is a parameter
+                   (frozen ones too), a module's buffer or written, or was created
+                   inside and outlives it (optimizer state, gradients, returned values).
+      input      - existed before the step and is only read (the batch; not a parameter nor
+                   a module's buffer).
       transient  - created inside the step and dead by its end.
     origin: (function index, slot) of the first access: for a created array the output
     slot, otherwise the argument slot where it was first read.

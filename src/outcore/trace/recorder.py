@@ -35,8 +35,42 @@ _PRECEDENCE = {"read": 0, "write": 1, "create": 2}
 # torch.compile(module) warns on every call while any global module hook is registered
 # (its hooks would fire twice). The recorder's (`Recording._note_module`) only notes
 # buffers, once per module, so the warning says nothing true to the user: ignored while
-# the hook is registered, and only it.
+# a recorder's hook is registered, and only it. One filter for all recorders at once
+# (they nest, and run on several threads), put in by the first and taken out by the
+# last; none where the user has the same filter already (helper-127: taking ours out
+# took theirs).
 _COMPILED_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
+_warning_lock = threading.Lock()
+_warning_users = 0
+_warning_added = None           # (the filter list, our entry) while ours is in it
+
+
+def _hide_compiled_hook_warning() -> None:
+    global _warning_users, _warning_added
+    with _warning_lock:
+        _warning_users += 1
+        if _warning_users > 1 or any(
+                f[0] == "ignore" and f[1] is not None and f[1].pattern == _COMPILED_HOOK_WARNING
+                and f[2] is UserWarning and f[3] is None and not f[4] for f in warnings.filters):
+            return
+        warnings.filterwarnings("ignore", message=_COMPILED_HOOK_WARNING, category=UserWarning)
+        _warning_added = (warnings.filters, warnings.filters[0])
+
+
+def _show_compiled_hook_warning() -> None:
+    """Undo one `_hide_compiled_hook_warning`: the last one takes the filter out of the
+    list it went into (a `warnings.catch_warnings` block may have begun or ended since)."""
+    global _warning_users, _warning_added
+    with _warning_lock:
+        _warning_users -= 1
+        if _warning_users or _warning_added is None:
+            return
+        (filters, entry), _warning_added = _warning_added, None
+        try:
+            filters.remove(entry)
+        except ValueError:          # a catch_warnings block that began before ours ended
+            return
+        warnings._filters_mutated()     # as warnings.filterwarnings does after a change
 
 
 def op_phase(optimizers: list, inputs) -> str:
@@ -115,7 +149,8 @@ class Recording(TorchDispatchMode):
         super().__init__()
         self.label = label
         # Origins (function, slot) of plain leaves requiring grad, read only, that a replay
-        # found replaced by a new tensor: batches made with requires_grad=True, inputs
+        # found replaced by a new tensor (batches made with requires_grad=True), and of
+        # module buffers, read only, found taking turns with another tensor: inputs
         # (`_classify`; OutOfCore learns them, Replayer.replaced).
         self.batch_leaves = frozenset(batch_leaves)
         self._functions: list[Function] = []
@@ -132,7 +167,6 @@ class Recording(TorchDispatchMode):
         self._trace: Trace | None = None
         self._failed: BaseException | None = None
         self._hooks = []
-        self._warning_filter = ([], None)   # (list, entry) of `_COMPILED_HOOK_WARNING`
         self._returned = 0.0            # when the latest op returned (perf_counter)
         self._returned_cpu = 0.0        # and its thread's CPU clock then (thread_time)...
         self._cpu_thread = None         # ...and that thread (backward may run on another)
@@ -141,16 +175,19 @@ class Recording(TorchDispatchMode):
 
     # -- context management --------------------------------------------------------------
     def __enter__(self):
+        # The first op dispatched into a mode in a process imports torch._dynamo (~1.4 s
+        # here); imported now, that is not counted as the step's host time.
+        import torch._dynamo  # noqa: F401
         self._active = True
         self._hooks = [register_optimizer_step_pre_hook(self._enter_optimizer),
                        register_optimizer_step_post_hook(self._leave_optimizer),
                        register_module_forward_pre_hook(self._note_module)]
-        warnings.filterwarnings("ignore", message=_COMPILED_HOOK_WARNING, category=UserWarning)
-        self._warning_filter = (warnings.filters, warnings.filters[0])
-        # The first op dispatched into a mode in a process imports torch._dynamo (~1.4 s
-        # here); imported now, that is not counted as the step's host time.
-        import torch._dynamo  # noqa: F401
-        mode = super().__enter__()
+        _hide_compiled_hook_warning()
+        try:
+            mode = super().__enter__()
+        except BaseException:
+            self._unhook()
+            raise
         self._returned, self._host_s = time.perf_counter(), 0.0
         self._returned_cpu, self._host_cpu_s = time.thread_time(), 0.0
         self._cpu_thread = threading.get_ident()
@@ -160,10 +197,7 @@ class Recording(TorchDispatchMode):
         try:
             return super().__exit__(exc_type, exc, tb)
         finally:
-            for h in self._hooks:
-                h.remove()
-            self._forget_warning_filter()
-            self._active = False
+            self._unhook()
             # Storages still alive at the end, by array id (the executor carries them over).
             self.alive_at_end = {ident: ref for ident, ref in self._live.values() if ref() is not None}
             self._module_buffers = {self._live[k][0] for k in self._buffer_keys
@@ -176,15 +210,14 @@ class Recording(TorchDispatchMode):
                 self._failed = exc
             self._live.clear()
 
-    def _forget_warning_filter(self) -> None:
-        """Take out the filter `__enter__` put in, from the list it went into (a
-        `warnings.catch_warnings` block may have begun or ended since)."""
-        filters, entry = self._warning_filter
-        try:
-            filters.remove(entry)
-        except ValueError:            # a catch_warnings block that began before us ended
-            return
-        warnings._filters_mutated()   # as warnings.filterwarnings does after a change
+    def _unhook(self) -> None:
+        """Undo what `__enter__` registered, once."""
+        hooks, self._hooks = self._hooks, []
+        for h in hooks:
+            h.remove()
+        if hooks:
+            _show_compiled_hook_warning()
+        self._active = False
 
     def _note_module(self, module, _args):
         """A module is called in the step: note the storages of its buffers and its
@@ -368,8 +401,8 @@ class Recording(TorchDispatchMode):
 def _classify(log: _ArrayLog, alive: bool, batch_leaf: bool = False,
               module_buffer: bool = False) -> tuple[str, str]:
     """(kind, category) of an array from when and how the step used it (docs/trace.md).
-    `batch_leaf`: a replay found a new tensor where this plain leaf was (Recording's
-    `batch_leaves`); `module_buffer`: a buffer of a module the step called."""
+    `batch_leaf`: a replay found a new tensor where this plain leaf or buffer was
+    (Recording's `batch_leaves`); `module_buffer`: a buffer of a module the step called."""
     if log.existed_before:
         # nn.Parameters (frozen ones too) and leaves requiring grad: the same storage every
         # step, movable (a functional model's weights, read only in a step that does not
@@ -380,9 +413,11 @@ def _classify(log: _ArrayLog, alive: bool, batch_leaf: bool = False,
             return "persistent", "parameter"
         if not log.write_phases:
             # A module buffer only read (a pruning mask, a positional table) stays from
-            # step to step as a frozen parameter does: state, movable. Other tensors only
-            # read (the batch) may be new each step: inputs.
-            return ("persistent", "buffer") if module_buffer else ("input", "input")
+            # step to step as a frozen parameter does: state, movable; unless a replay
+            # found it taking turns with another tensor (Replayer._note_replaced). Other
+            # tensors only read (the batch) may be new each step: inputs.
+            return (("persistent", "buffer") if module_buffer and not batch_leaf
+                    else ("input", "input"))
         first_write = log.write_phases[0]
         category = {"backward": "gradient", "optimizer": "optimizer_state"}.get(first_write, "buffer")
         return "persistent", category
