@@ -413,6 +413,13 @@ class Replayer(HeldMode):
             self.res.finish(entry)
         self._find_strangers()
         self._send_off_lasting()
+        if self.res.newly_pinned:
+            # Storages the plan moves out cannot move (`.numpy()` arrays of them kept since
+            # the last step): reading in what the plan starts with beside them passed the
+            # budget before any op ran (helper-127: 15.0 MiB under 12). Leave the plan
+            # first; on demand reads each op's arrays in, making room among the rest.
+            self._check_pinned()
+            return
         coming = [e for aid in wanted if (e := self.by_id[aid]) is not None and e.state is SLOW]
         if self._stranger_bytes:       # strangers are alive until the step drops them
             self._make_room(self.res.resident - self._stranger_bytes
@@ -421,7 +428,7 @@ class Replayer(HeldMode):
             self.res.restore(entry)
         for entry in coming:
             self.res.ready(entry)
-        if self.res.newly_pinned:
+        if self.res.newly_pinned:       # found unmovable as they were read in
             self._check_pinned()
 
     # -- strangers: resident storages the schedule does not know -----------------------------
