@@ -21,7 +21,10 @@ class InfeasibleBudget(OutcoreError):
     def __init__(self, message: str, *, function_index: int, op: str, phase: str,
                  needed_bytes: int, budget_bytes: int, min_feasible_bytes: int,
                  ran_within_budget: bool = False):
-        others = _other_ranks()
+        # Where the step ran within the budget, the error is only logged (a shape that
+        # runs op by op) and every rank goes on: nothing to say about the others
+        # (helper-128 read "the others are not told" in such a warning).
+        others = "" if ran_within_budget else _other_ranks()
         super().__init__(message if others in message else message + others)
         self.ran_within_budget = ran_within_budget
         self.function_index = function_index

@@ -1321,3 +1321,15 @@ def test_smallest_budget_of_a_first_step_with_zero_grad_first_holds_too(tmp_path
             with ooc.iteration():
                 step(model, opt)
         assert ooc.report().op_by_op_steps == 0
+
+
+def test_a_step_that_ran_within_the_budget_says_nothing_of_the_other_ranks(monkeypatch):
+    """An InfeasibleBudget for a step that ran op by op within the budget is only logged,
+    and every rank goes on: helper-128 read "the others are not told ... end every rank"
+    in that warning under DDP. A raised one still says it."""
+    from outcore import errors
+    monkeypatch.setattr(errors, "_other_ranks", lambda: " This is rank 0 of 2: OTHERS.")
+    fields = dict(function_index=3, op="aten.add.Tensor", phase="forward", needed_bytes=10,
+                  budget_bytes=8, min_feasible_bytes=10)
+    assert "OTHERS" not in str(errors.InfeasibleBudget("ran.", ran_within_budget=True, **fields))
+    assert "OTHERS" in str(errors.InfeasibleBudget("refused.", **fields))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 
+import pytest
 import torch
 
 import outcore
@@ -135,12 +136,16 @@ class _Positional(torch.nn.Module):
         return self.lin(x + self.table.pe[: x.shape[0]])
 
 
+@pytest.mark.parametrize("old_held", [False, True])
 def test_a_buffer_read_through_its_parent_is_state_and_a_buffer_replaced_is_read_anew(
-        tmp_path):
+        tmp_path, old_held):
     """The parent reads a child's buffer without calling the child: it is state too
     (`Recording._note_module` takes a module's submodules' buffers). Between steps the
     user replaces the buffer by a new tensor (`module.pe = new`, as a cache rebuilt for a
-    longer sequence): the steps after it read the new one, bitwise as plain PyTorch."""
+    longer sequence): the steps after it read the new one, bitwise as plain PyTorch, and
+    it stays state, also where the old one is still held elsewhere (DDP keeps a list of
+    the module's buffers; helper-128: it became an input, resident for good)."""
+    held = []
     def train(budget):
         torch.manual_seed(0)
         model = _Positional()
@@ -150,6 +155,8 @@ def test_a_buffer_read_through_its_parent_is_state_and_a_buffer_replaced_is_read
         with ooc or contextlib.nullcontext():
             for it in range(6):
                 if it == 3:
+                    if old_held:
+                        held.append(model.table.pe)
                     model.table.pe = torch.randn(4096, 256,
                                                  generator=torch.Generator().manual_seed(3))
                 x = torch.randn(2048, 256, generator=torch.Generator().manual_seed(it))
@@ -168,6 +175,7 @@ def test_a_buffer_read_through_its_parent_is_state_and_a_buffer_replaced_is_read
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert len(replays) >= 3 and all(it.peak_resident <= budget for it in replays), report
     assert report.iterations[-1].bytes_read >= 4 * 2**20, report    # the table is read back
+    assert report.iterations[-1].mode == "replay" and report.deviations <= 1, report
     assert_bitwise_equal(state, plain)
     assert all(torch.equal(a, b) for a, b in zip(losses, plain_losses))
     table = [a for a in trace.arrays if a.nbytes == 4 * 2**20]
@@ -195,8 +203,9 @@ def test_buffers_taking_turns_become_inputs_and_every_step_replays(tmp_path):
     """A buffer the step only reads, where the next step reads another tensor that is
     still alive (two tables in turn; a batch put in a buffer, the last one kept), takes
     turns: as state every other step left its plan and re-ran op by op (helper-127).
-    The replay that finds the other one marks it (`Replayer._note_replaced`) and the
-    next recording takes it for an input: from then on every step replays, bitwise."""
+    The second replay that finds another one there marks it (`Replayer._note_replaced`;
+    the first may be a buffer replaced once, below) and the next recording takes it for
+    an input: from then on every step replays, bitwise."""
     def train(budget):
         torch.manual_seed(0)
         model = _TwoTables()
@@ -204,7 +213,7 @@ def test_buffers_taking_turns_become_inputs_and_every_step_replays(tmp_path):
         ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
         losses = []
         with ooc or contextlib.nullcontext():
-            for it in range(8):
+            for it in range(10):
                 x = torch.randn(512, 512, generator=torch.Generator().manual_seed(it))
                 with ooc.iteration() if ooc else contextlib.nullcontext():
                     loss = model(x).square().mean()
@@ -221,7 +230,7 @@ def test_buffers_taking_turns_become_inputs_and_every_step_replays(tmp_path):
     assert_bitwise_equal(state, plain)
     assert all(torch.equal(a, b) for a, b in zip(losses, plain_losses))
     modes = [it.mode for it in report.iterations]
-    assert modes[3:] == ["replay"] * 5 and report.deviations <= 1, modes
+    assert modes[5:] == ["replay"] * 5 and report.deviations <= 2, modes
     assert all(it.peak_resident <= budget for it in report.iterations
                if it.mode == "replay"), report
 

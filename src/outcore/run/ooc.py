@@ -484,6 +484,7 @@ class OutOfCore:
         self._warned_over = False    # once: an iteration's managed peak passed the budget
         self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
+        self._buffer_swaps = collections.Counter()   # Replayer._note_replaced, per origin
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
         # Whether each of the last DEVIATIONS_SEEN replays deviated where nothing is
@@ -1189,8 +1190,9 @@ class OutOfCore:
             unused = ((f" ({format_bytes(pending)} of it tensors that existed before the step "
                        "and that it only reads, such as the batch, LBFGS's history, FSDP's "
                        "all-gather buffers (made where no op shows them) or tables held in "
-                       "plain attributes: they stay in memory until their first use; a "
-                       "table registered with module.register_buffer, or held as "
+                       "plain attributes or module buffers that take turns with other "
+                       "tensors: they stay in memory until their first use; a table "
+                       "registered with module.register_buffer (and kept), or held as "
                        "nn.Parameter(t, requires_grad=False), moves like state)")
                       if pending > 0 else "")
             what = (f"function {index} ({op}, {phase}) needs {format_bytes(need)} ({need:,} B) "
@@ -1552,7 +1554,8 @@ class _Iteration:
             res.let_go(set(carried.values()) | set(ooc._inputs))
             self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
                                  ooc._inputs, keys=plan.keys, may_follow=ooc._plans.may_follow(),
-                                 lasting=ooc._plans.state_of_others(plan), others=self._others)
+                                 lasting=ooc._plans.state_of_others(plan), others=self._others,
+                                 swaps=ooc._buffer_swaps)
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0

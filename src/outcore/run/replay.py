@@ -17,6 +17,7 @@ the plan nor count in the step's shape: NOTE [Small ops off the record] in plans
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -173,7 +174,7 @@ def _tables(trace, schedule, keys) -> _Tables:
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
                  shield: Shield, inputs=(), *, keys, may_follow: bool = True,
-                 lasting=frozenset(), others=None):
+                 lasting=frozenset(), others=None, swaps=None):
         super().__init__(shield)
         self.res = residency
         self.budget = budget
@@ -192,6 +193,9 @@ class Replayer(HeldMode):
         # NOTE [Step shapes] (`outgrown_sizes`).
         self._made: list = []
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
+        # Per buffer's origin, how often a replay found another live tensor there: the
+        # OutOfCore's, across iterations (`_note_replaced`).
+        self._swaps = swaps if swaps is not None else collections.Counter()
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
         # NOTE [Step shapes] rule 9: other plans this step may turn out to follow
@@ -468,18 +472,22 @@ class Replayer(HeldMode):
         plain leaf requiring grad that the step only reads (recorded as a parameter, as a
         functional model's weights are), it is a batch made with requires_grad=True; if
         it was a module buffer the step only reads and the tensor the record had is still
-        alive (one of two tables read in turn, a batch put in a buffer with the last one
-        kept), it takes turns. Either way the next recording takes it for an input
-        (`replaced`, Recording.batch_leaves), else every other step leaves its plan here
-        (helper-127). A buffer replaced once, the old one dropped (a table rebuilt
-        larger), binds anew and stays state."""
+        alive, the second time that happens at it, it takes turns (two tables read in
+        turn, a batch put in a buffer with the last ones kept). Either way the next
+        recording takes it for an input (`replaced`, Recording.batch_leaves), else every
+        other step leaves its plan here (helper-127). A buffer replaced once stays state:
+        the old one dropped, the new one binds anew; the old one still held elsewhere
+        (DDP keeps its own list of the module's buffers, helper-128), this step leaves
+        the plan and the next one is recorded with the new one."""
         arr = self.trace.arrays[aid]
         if any(aid in d for d in self.dirty):
             return
         if arr.category == "buffer" and arr.existed_before:
             before = self.by_id[aid]
             if before is not None and before.ref() is not None:
-                self.replaced.add(arr.origin)
+                self._swaps[arr.origin] += 1
+                if self._swaps[arr.origin] >= 2:
+                    self.replaced.add(arr.origin)
             return
         if arr.category != "parameter":
             return
