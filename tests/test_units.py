@@ -95,3 +95,10 @@ def test_a_swap_dir_that_takes_no_files_is_named_so():
     with pytest.raises(outcore.OutcoreError, match="in /proc: the file system there takes no "
                        "new files; pass swap_dir= a writable directory"):
         outcore.OutOfCore("8MiB", swap_dir="/proc")
+
+
+@pytest.mark.parametrize("bits", ["12 Mb", "3Gb", "1.5Tb"])
+def test_bits_are_refused_with_the_bytes_to_write(bits):
+    """helper-130: "12 Mb" (megabits, as network speeds are written) was read as 12 MB."""
+    with pytest.raises(outcore.OutcoreError, match=r"bits \(a lowercase b is a bit\).*B'"):
+        parse_bytes(bits)

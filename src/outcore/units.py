@@ -46,6 +46,14 @@ def parse_bytes(value: int | float | str) -> int:
         if value.strip().startswith("-"):
             raise OutcoreError(f"a byte quantity cannot be negative, got {value!r}")
         match = _PATTERN.match(value)
+        if match and re.fullmatch(r"[KMGTP]b", match.group(2)):
+            # Megabits, as network speeds are written (helper-130: "12 Mb" was read as
+            # 12 MB): a byte quantity is asked for.
+            prefix = match.group(2)[0]
+            name = {"K": "kilo", "M": "mega", "G": "giga", "T": "tera", "P": "peta"}[prefix]
+            raise OutcoreError(
+                f"{value!r} reads as {name}bits (a lowercase b is a bit): write bytes, e.g. "
+                f"'{match.group(1)}{prefix}B' or '{match.group(1)}{prefix}iB'")
         if match and match.group(2).lower() in _UNITS:
             number = float(match.group(1)) * _UNITS[match.group(2).lower()]
             _require_finite(number, value)

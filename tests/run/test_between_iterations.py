@@ -236,6 +236,16 @@ def test_plain_training_after_close(twins):
     assert_same(plain, managed)
 
 
+def test_a_closed_outofcore_refuses_a_with_block(twins):
+    """helper-130: `with ooc:` on a closed OutOfCore was taken silently, and only the
+    next iteration said it was closed."""
+    ooc = twins[4]
+    ooc.close()
+    with pytest.raises(outcore.OutcoreError, match="was closed"):
+        with ooc:
+            pass
+
+
 def test_steady_loop_moves_nothing_at_the_boundary(twins):
     plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
     schedule = ooc.schedule
@@ -1046,3 +1056,15 @@ def test_a_background_save_waits_while_the_training_thread_moves_storages(twins,
     assert set(entered) == {"save", "between"} and min(entered.values()) - started >= 0.5
     saved = torch.load(path)
     assert all(torch.equal(saved[k], v) for k, v in plain.state_dict().items())
+
+
+def test_an_iteration_inside_a_users_recording_is_refused(twins):
+    """helper-130: `outcore.record()` around `ooc.iteration()` gave a trace with 45
+    functions of outcore's own work around the step. Refused now, before the step."""
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    with pytest.raises(outcore.OutcoreError, match="cannot start inside outcore.record"):
+        with outcore.record():
+            with ooc.iteration():
+                raise AssertionError("the block ran")
+    train_both(twins, ooc, 2)
+    assert_same(plain, managed)

@@ -1333,3 +1333,10 @@ def test_a_step_that_ran_within_the_budget_says_nothing_of_the_other_ranks(monke
                   budget_bytes=8, min_feasible_bytes=10)
     assert "OTHERS" not in str(errors.InfeasibleBudget("ran.", ran_within_budget=True, **fields))
     assert "OTHERS" in str(errors.InfeasibleBudget("refused.", **fields))
+
+
+def test_smallest_budget_of_no_trace_says_what_it_needs():
+    """helper-130: `outcore.smallest_budget(ooc.trace)` before any iteration (None) raised
+    AttributeError: 'NoneType' object has no attribute 'functions'."""
+    with pytest.raises(outcore.OutcoreError, match="needs a trace, got NoneType"):
+        outcore.smallest_budget(None)

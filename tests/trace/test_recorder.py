@@ -222,7 +222,8 @@ def test_the_recorder_leaves_no_module_hook_nor_warning_filter_behind(fails):
 
 def test_nested_recordings_hide_torch_compiles_hook_warning_and_keep_the_users_filter():
     """helper-127: the inner recording's end took out the filter the outer one still
-    needed, and the end of a recording took out a user's identical filter."""
+    needed, and the end of a recording took out a user's identical filter, one put in
+    before it or while it ran."""
     import warnings
 
     from outcore.trace.recorder import _COMPILED_HOOK_WARNING
@@ -245,6 +246,11 @@ def test_nested_recordings_hide_torch_compiles_hook_warning_and_keep_the_users_f
         with outcore.record():
             compiled(torch.ones(2))
         assert ours() == users
+        warnings.filters.remove(users[0])
+        with outcore.record():                  # the user's, put in while we record
+            warnings.filterwarnings("ignore", message=_COMPILED_HOOK_WARNING,
+                                    category=UserWarning)
+        assert len(ours()) == 1, ours()         # (helper-129: ours took theirs out)
     assert not [w for w in caught if "global hooks" in str(w.message)], caught
 
 

@@ -164,6 +164,12 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     where the first step made them the figure was a few bytes short of the second
     step's, at which every step then ran op by op (helper-125). `min_move_bytes`: a
     byte count or a size with its unit, as OutOfCore takes it."""
+    from ..trace.model import Trace
+    if not isinstance(trace, Trace):
+        raise OutcoreError(
+            f"smallest_budget needs a trace, got {type(trace).__name__}: record one step "
+            "(`with outcore.record() as rec:` ... `rec.trace`, on the meta device if it does "
+            "not fit), or pass an OutOfCore's `ooc.trace` once an iteration has run")
     min_move_bytes = parse_bytes(min_move_bytes)
     held = held_arrays(trace)
     return min_feasible_budget(without_held(trace, held)) + pinned_peak(
@@ -236,6 +242,15 @@ def _union(leases) -> dict:
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
+
+
+def _user_recording() -> bool:
+    """Whether an `outcore.record()` of the user's is open on this thread."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from ..trace.recorder import Recording
+    return any(isinstance(m, Recording) and not isinstance(m, SafeRecording)
+               for m in _get_current_dispatch_mode_stack())
 
 
 def open_outofcore():
@@ -484,7 +499,7 @@ class OutOfCore:
         self._warned_over = False    # once: an iteration's managed peak passed the budget
         self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
-        self._buffer_swaps = collections.Counter()   # Replayer._note_replaced, per origin
+        self._buffer_swaps = collections.Counter()   # (shape, origin): _adopt
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
         # Whether each of the last DEVIATIONS_SEEN replays deviated where nothing is
@@ -1384,6 +1399,8 @@ class OutOfCore:
             shield.exit()
 
     def __enter__(self):
+        if self.closed:
+            raise OutcoreError("this OutOfCore was closed; create a new one to train again")
         return self
 
     def __exit__(self, *exc):
@@ -1483,6 +1500,11 @@ class _Iteration:
                                        "one block at a time; start this one after that ends")
                 raise OutcoreError(f"ooc.{new}() cannot start inside an open ooc.{ooc._active}() "
                                    "block: these blocks cannot nest; end that one first")
+            if _user_recording():      # helper-130: 45 functions of outcore's own
+                raise OutcoreError(
+                    "ooc.iteration() cannot start inside outcore.record(): the trace would "
+                    "hold outcore's own work around the step. Record the step alone, or "
+                    "read ooc.trace after an iteration")
             if ooc._infeasible is not None:
                 raise _again(ooc._infeasible)
             if type(self) is _Iteration:
@@ -1554,8 +1576,7 @@ class _Iteration:
             res.let_go(set(carried.values()) | set(ooc._inputs))
             self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
                                  ooc._inputs, keys=plan.keys, may_follow=ooc._plans.may_follow(),
-                                 lasting=ooc._plans.state_of_others(plan), others=self._others,
-                                 swaps=ooc._buffer_swaps)
+                                 lasting=ooc._plans.state_of_others(plan), others=self._others)
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0
@@ -1825,6 +1846,18 @@ class _Iteration:
             elif other is not None:                    # ... with rule 9
                 grows = True
                 ooc._outgrow(*other)
+            if deviation is not None:
+                # ... rule 5 also where the step took up another plan (rule 9) and left
+                # that one too: each plan that holds state the user replaced (helper-129:
+                # the steps of the one it began with left it every time, for good).
+                for stale in mode.stale:
+                    ooc._plans.drop(stale)
+                # A buffer found replaced twice for one shape of step takes turns: an
+                # input from the next recording on (Replayer._note_replaced).
+                for key in mode.swapped:
+                    ooc._buffer_swaps[key] += 1
+                    if ooc._buffer_swaps[key] >= 2:
+                        ooc._batch_leaves.add(key[1])
             ooc._batch_leaves |= mode.replaced        # inputs to the next recording
             if mode.infeasible is not None:            # Replayer._fallback
                 ooc._infeasible = mode.infeasible      # later iterations raise at once

@@ -17,7 +17,6 @@ the plan nor count in the step's shape: NOTE [Small ops off the record] in plans
 """
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import time
@@ -174,7 +173,7 @@ def _tables(trace, schedule, keys) -> _Tables:
 class Replayer(HeldMode):
     def __init__(self, trace, schedule, residency: Residency, budget: int, carried: dict,
                  shield: Shield, inputs=(), *, keys, may_follow: bool = True,
-                 lasting=frozenset(), others=None, swaps=None):
+                 lasting=frozenset(), others=None):
         super().__init__(shield)
         self.res = residency
         self.budget = budget
@@ -193,9 +192,11 @@ class Replayer(HeldMode):
         # NOTE [Step shapes] (`outgrown_sizes`).
         self._made: list = []
         self.replaced: set = set()      # origins of batches taken for parameters (_note_replaced)
-        # Per buffer's origin, how often a replay found another live tensor there: the
-        # OutOfCore's, across iterations (`_note_replaced`).
-        self._swaps = swaps if swaps is not None else collections.Counter()
+        # Shapes of the plans that found another storage where they had state that still
+        # lives, and (shape, origin) of such buffers read only (`_note_replaced`; taken
+        # up by `_Iteration._adopt` where the step ended off its plans).
+        self.stale: set = set()
+        self.swapped: set = set()
         self.by_id: list = [None] * len(trace.arrays)
         self.aid_of: dict = {}       # entry -> the array id it was bound to, for the log
         # NOTE [Step shapes] rule 9: other plans this step may turn out to follow
@@ -470,26 +471,29 @@ class Replayer(HeldMode):
     def _note_replaced(self, aid: int, storage, tensors) -> None:
         """The step reads a new tensor where the record had array `aid`: if that was a
         plain leaf requiring grad that the step only reads (recorded as a parameter, as a
-        functional model's weights are), it is a batch made with requires_grad=True; if
-        it was a module buffer the step only reads and the tensor the record had is still
-        alive, the second time that happens at it, it takes turns (two tables read in
-        turn, a batch put in a buffer with the last ones kept). Either way the next
-        recording takes it for an input (`replaced`, Recording.batch_leaves), else every
-        other step leaves its plan here (helper-127). A buffer replaced once stays state:
-        the old one dropped, the new one binds anew; the old one still held elsewhere
-        (DDP keeps its own list of the module's buffers, helper-128), this step leaves
-        the plan and the next one is recorded with the new one."""
+        functional model's weights are), it is a batch made with requires_grad=True, and
+        the next recording takes it for an input (`replaced`, Recording.batch_leaves).
+        Where it was state and the tensor the record had still lives, `_Iteration._adopt`
+        takes it up if the step ends off its plans: each plan that found it so is stale
+        (`stale`: the user replaced that state, the old one still held elsewhere, as DDP
+        keeps its own list of a module's buffers, helper-128; the step may have taken up
+        another plan, rule 9, that holds it too, helper-129) and is dropped, the next
+        step of its shape recorded with the new one; a module buffer the step only reads
+        may take turns (`swapped`: two tables read in turn, a batch put in a buffer with
+        the last ones kept; helper-127): the second time for a step's shape, the next
+        recording takes it for an input. None of that where the step took up another
+        plan and ran it to its end: that was another kind of step (a branch, a task with
+        weights of its own), not a replacement."""
         arr = self.trace.arrays[aid]
-        if any(aid in d for d in self.dirty):
-            return
-        if arr.category == "buffer" and arr.existed_before:
-            before = self.by_id[aid]
-            if before is not None and before.ref() is not None:
-                self._swaps[arr.origin] += 1
-                if self._swaps[arr.origin] >= 2:
-                    self.replaced.add(arr.origin)
-            return
-        if arr.category != "parameter":
+        before = self.by_id[aid]
+        written = any(aid in d for d in self.dirty)
+        if (arr.kind == "persistent" and arr.existed_before and before is not None
+                and before.ref() is not None):
+            shape = shape_of(self.keys)
+            self.stale.add(shape)
+            if arr.category == "buffer" and not written:
+                self.swapped.add((shape, arr.origin))
+        if written or arr.category != "parameter":
             return
         for t in tensors:
             if t.untyped_storage()._cdata == storage._cdata:

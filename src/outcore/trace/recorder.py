@@ -59,18 +59,19 @@ def _hide_compiled_hook_warning() -> None:
 
 def _show_compiled_hook_warning() -> None:
     """Undo one `_hide_compiled_hook_warning`: the last one takes the filter out of the
-    list it went into (a `warnings.catch_warnings` block may have begun or ended since)."""
+    list it went into (a `warnings.catch_warnings` block may have begun or ended since),
+    that entry itself: one equal to it that the user put in since took its place."""
     global _warning_users, _warning_added
     with _warning_lock:
         _warning_users -= 1
         if _warning_users or _warning_added is None:
             return
         (filters, entry), _warning_added = _warning_added, None
-        try:
-            filters.remove(entry)
-        except ValueError:          # a catch_warnings block that began before ours ended
-            return
-        warnings._filters_mutated()     # as warnings.filterwarnings does after a change
+        for i, f in enumerate(filters):
+            if f is entry:
+                del filters[i]
+                warnings._filters_mutated()     # as warnings.filterwarnings does
+                return
 
 
 def op_phase(optimizers: list, inputs) -> str:
@@ -224,8 +225,8 @@ class Recording(TorchDispatchMode):
         submodules' (a parent may read a child's buffer without calling the child), once
         per module. A hook must not fail the user's forward: a buffer without a storage
         is skipped."""
-        if id(module) in self._modules_seen:
-            return None
+        if not self._active or id(module) in self._modules_seen:
+            return None        # (a call on another thread as the recording ends)
         for sub in module.modules():
             if id(sub) in self._modules_seen:
                 continue
