@@ -1846,10 +1846,13 @@ class _Iteration:
             elif other is not None:                    # ... with rule 9
                 grows = True
                 ooc._outgrow(*other)
-            if deviation is not None:
+            if deviation is not None and (known and shape == plan.shape
+                                          or mode.switched_at is not None):
                 # ... rule 5 also where the step took up another plan (rule 9) and left
                 # that one too: each plan that holds state the user replaced (helper-129:
-                # the steps of the one it began with left it every time, for good).
+                # the steps of the one it began with left it every time, for good). Not
+                # where it left its only plan for a step of another shape: another task
+                # with a head of its own (helper-131: that dropped the plan each time).
                 for stale in mode.stale:
                     ooc._plans.drop(stale)
                 # A buffer found replaced twice for one shape of step takes turns: an

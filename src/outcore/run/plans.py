@@ -62,12 +62,13 @@ lets every iteration replay.
      one of its own, so that the next ones track).
   5. A replay that deviates with the shape of its own plan (another tensor where the
      record had state, a storage that can no longer move) drops that plan: the next
-     iteration of that shape is recorded again. So does one that ends off its plans
-     after finding another tensor where a plan had state that still lives (replaced
-     by the user, the old one held elsewhere: DDP's list of a module's buffers), for
-     each plan that found it so (it may have taken up another, rule 9, that held the
-     old one too), and a buffer only read found so twice for one shape takes turns:
-     an input from the next recording on (`Replayer._note_replaced`).
+     iteration of that shape is recorded again. So does one that took up another plan
+     (rule 9), left that one too and found another tensor where a plan had state that
+     still lives (replaced by the user, the old one held elsewhere: DDP's list of a
+     module's buffers), for each plan that found it so; and a buffer only read found
+     so twice for one shape (its own plan's, or after taking up another) takes turns:
+     an input from the next recording on (`Replayer._note_replaced`). A step of
+     another shape that left its only plan so is another task, not a replacement.
   6. At most MAX_PLANS plans are kept; the least recently used one goes first.
   7. A plan is made for its own shape: state only other shapes touch (Adam's moments,
      in a micro-batch that does not step) is a stranger to it. Where its peak leaves no

@@ -481,9 +481,11 @@ class Replayer(HeldMode):
         step of its shape recorded with the new one; a module buffer the step only reads
         may take turns (`swapped`: two tables read in turn, a batch put in a buffer with
         the last ones kept; helper-127): the second time for a step's shape, the next
-        recording takes it for an input. None of that where the step took up another
-        plan and ran it to its end: that was another kind of step (a branch, a task with
-        weights of its own), not a replacement."""
+        recording takes it for an input. Only where the step ended off its plans with
+        its own plan's shape or after taking up another: one that took up another plan
+        and ran it to its end, or left its plan for a step of another shape, was another
+        kind of step (a branch, a task with weights of its own: helper-131), not a
+        replacement."""
         arr = self.trace.arrays[aid]
         before = self.by_id[aid]
         written = any(aid in d for d in self.dirty)
