@@ -60,7 +60,7 @@ import time
 import weakref
 
 import torch
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
 from .. import aten
 from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted, no_room
@@ -72,6 +72,8 @@ from ..plan.api import check_options, registered
 from ..plan.feasibility import min_feasible_budget, occupancy, require_feasible
 from ..plan.recompute import check_mode, choose as choose_recompute, remade, rewrite
 from ..trace.lifetimes import function_bytes
+from ..trace.model import Trace
+from ..trace.recorder import Recording
 from ..states import FAST
 from ..units import format_bytes, parse_budget, parse_bytes
 from .building import Building
@@ -164,7 +166,6 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     where the first step made them the figure was a few bytes short of the second
     step's, at which every step then ran op by op (helper-125). `min_move_bytes`: a
     byte count or a size with its unit, as OutOfCore takes it."""
-    from ..trace.model import Trace
     if not isinstance(trace, Trace):
         raise OutcoreError(
             f"smallest_budget needs a trace, got {type(trace).__name__}: record one step "
@@ -246,9 +247,6 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
 
 def _user_recording() -> bool:
     """Whether an `outcore.record()` of the user's is open on this thread."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    from ..trace.recorder import Recording
     return any(isinstance(m, Recording) and not isinstance(m, SafeRecording)
                for m in _get_current_dispatch_mode_stack())
 
