@@ -84,6 +84,31 @@ class Masked(torch.nn.Module):
                                                      self.lin.bias))
 
 
+def _steps(model, opt, budget, tmp_path, batch, steps, before=None):
+    """`steps` training steps on `batch(it)`, under an OutOfCore of `budget` (None: plain
+    PyTorch), `before(it)` run ahead of each outside the block: (losses, report, trace,
+    state), report and trace None without one."""
+    ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
+    losses = []
+    with ooc or contextlib.nullcontext():
+        for it in range(steps):
+            if before is not None:
+                before(it)
+            x = batch(it)
+            with ooc.iteration() if ooc else contextlib.nullcontext():
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.detach())
+        report, trace = (ooc.report(), ooc.trace) if ooc else (None, None)
+    return losses, report, trace, state_of(model, opt)
+
+
+def _seeded(rows, width):
+    return lambda it: torch.randn(rows, width, generator=torch.Generator().manual_seed(it))
+
+
 def test_module_buffers_only_read_are_state_and_move_as_frozen_parameters(tmp_path):
     """helper-122: masks registered as buffers that the step only reads were inputs,
     resident from the step's start to their first use: eight 1 MiB masks made a budget
@@ -149,29 +174,19 @@ def test_a_buffer_read_through_its_parent_is_state_and_a_buffer_replaced_is_read
     def train(budget):
         torch.manual_seed(0)
         model = _Positional()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
-        losses = []
-        with ooc or contextlib.nullcontext():
-            for it in range(6):
-                if it == 3:
-                    if old_held:
-                        held.append(model.table.pe)
-                    model.table.pe = torch.randn(4096, 256,
-                                                 generator=torch.Generator().manual_seed(3))
-                x = torch.randn(2048, 256, generator=torch.Generator().manual_seed(it))
-                with ooc.iteration() if ooc else contextlib.nullcontext():
-                    loss = model(x).square().mean()
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                losses.append(loss.detach())
-            trace, report = (ooc.trace, ooc.report()) if ooc else (None, None)
-        return losses, (trace, report), state_of(model, opt)
 
-    plain_losses, _, plain = train(None)
+        def replace(it):
+            if it == 3:
+                if old_held:
+                    held.append(model.table.pe)
+                model.table.pe = torch.randn(4096, 256,
+                                             generator=torch.Generator().manual_seed(3))
+        return _steps(model, torch.optim.Adam(model.parameters(), lr=1e-3), budget,
+                      tmp_path, _seeded(2048, 256), 6, before=replace)
+
+    plain_losses, _, _, plain = train(None)
     budget = 10 * 2**20                     # the step's peak is 12.75 MiB
-    losses, (trace, report), state = train(budget)
+    losses, report, trace, state = train(budget)
     replays = [it for it in report.iterations if it.mode == "replay"]
     assert len(replays) >= 3 and all(it.peak_resident <= budget for it in replays), report
     assert report.iterations[-1].bytes_read >= 4 * 2**20, report    # the table is read back
@@ -209,24 +224,12 @@ def test_buffers_taking_turns_become_inputs_and_every_step_replays(tmp_path):
     def train(budget):
         torch.manual_seed(0)
         model = _TwoTables()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        ooc = outcore.OutOfCore(budget, swap_dir=str(tmp_path)) if budget else None
-        losses = []
-        with ooc or contextlib.nullcontext():
-            for it in range(10):
-                x = torch.randn(512, 512, generator=torch.Generator().manual_seed(it))
-                with ooc.iteration() if ooc else contextlib.nullcontext():
-                    loss = model(x).square().mean()
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                losses.append(loss.detach())
-            report = ooc.report() if ooc else None
-        return losses, report, state_of(model, opt)
+        return _steps(model, torch.optim.SGD(model.parameters(), lr=0.01), budget, tmp_path,
+                      _seeded(512, 512), 10)
 
-    plain_losses, _, plain = train(None)
+    plain_losses, _, _, plain = train(None)
     budget = 5 * 2**20
-    losses, report, state = train(budget)
+    losses, report, _, state = train(budget)
     assert_bitwise_equal(state, plain)
     assert all(torch.equal(a, b) for a, b in zip(losses, plain_losses))
     modes = [it.mode for it in report.iterations]
