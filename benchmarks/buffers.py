@@ -21,9 +21,13 @@ import dataclasses
 import math
 import tempfile
 
+import torch
+
+import outcore
+from outcore.units import format_bytes
+
 
 def pruned():
-    import torch
     import torch.nn.utils.prune as prune
 
     torch.manual_seed(0)
@@ -43,9 +47,8 @@ def pruned():
     return model, opt, step
 
 
-class _Positional(__import__("torch").nn.Module):
+class _Positional(torch.nn.Module):
     def __init__(self, d_model=512, max_len=8192):
-        import torch
         super().__init__()
         position = torch.arange(max_len).unsqueeze(1)
         div = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
@@ -59,8 +62,6 @@ class _Positional(__import__("torch").nn.Module):
 
 
 def positional():
-    import torch
-
     torch.manual_seed(0)
     vocab, d = 2000, 512
 
@@ -91,21 +92,22 @@ def positional():
     return model, opt, step
 
 
+def read_only_buffers(trace) -> set:
+    """Ids of the module buffers that existed before the step and that it only reads."""
+    written = {a.array for f in trace.functions for a in f.accesses if a.kind != "read"}
+    return {a.id for a in trace.arrays
+            if a.category == "buffer" and a.existed_before and a.id not in written}
+
+
 def as_inputs(trace):
     """The trace with every read-only module buffer classed an input."""
-    written = {a.array for f in trace.functions for a in f.accesses if a.kind != "read"}
-    arrays = tuple(dataclasses.replace(a, kind="input", category="input")
-                   if a.category == "buffer" and a.existed_before and a.id not in written
+    ids = read_only_buffers(trace)
+    arrays = tuple(dataclasses.replace(a, kind="input", category="input") if a.id in ids
                    else a for a in trace.arrays)
     return dataclasses.replace(trace, arrays=arrays)
 
 
 def main() -> None:
-    import torch
-
-    import outcore
-    from outcore.units import format_bytes
-
     steps = 6
     print("| model | buffers only read | in-core peak | smallest budget: buffers as state "
           "| as inputs | at the budget between: modes | bitwise |")
@@ -116,9 +118,8 @@ def main() -> None:
         with outcore.record() as rec:
             step(1)
         trace = rec.trace
-        written = {a.array for f in trace.functions for a in f.accesses if a.kind != "read"}
-        only_read = sum(a.nbytes for a in trace.arrays if a.category == "buffer"
-                        and a.existed_before and a.id not in written)
+        ids = read_only_buffers(trace)
+        only_read = sum(a.nbytes for a in trace.arrays if a.id in ids)
         state, inputs = outcore.smallest_budget(trace), outcore.smallest_budget(as_inputs(trace))
         budget = (state + inputs) // 2
         runs = {}
