@@ -439,6 +439,34 @@ def test_save_that_raises_leaves_the_old_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
 
+def test_save_to_a_file_object_writes_the_state_on_the_slow_tier(twins):
+    """helper-132: `ooc.save(obj, f)` with a file object, as torch.save takes one, raised
+    a TypeError from os.fspath. It writes as torch.save does; anything else is refused."""
+    plain, plain_opt, managed, managed_opt, ooc, _ = twins
+    assert states(ooc).count(MAPPED) > 0
+    buffer = io.BytesIO()
+    ooc.save({"model": managed.state_dict(), "opt": managed_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(saved["model"][k], v), k
+    for i, s in enumerate(plain_opt.state.values()):
+        assert all(torch.equal(saved["opt"]["state"][i][k], s[k]) for k in s)
+    with pytest.raises(OutcoreError, match="takes a file path or a binary file object, got int"):
+        ooc.save({}, 3)
+
+
+def test_swap_and_state_directories_are_read_as_a_shell_reads_them(tmp_path, monkeypatch):
+    """helper-132: swap_dir="~/scratch" looked for a directory "~" below the working one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "scratch").mkdir()
+    with outcore.OutOfCore("1MiB", swap_dir="~/scratch") as ooc:
+        assert f"DiskMover({tmp_path / 'scratch'}," in repr(ooc._mover)
+    with outcore.OutOfCore("1MiB", state_dir="~/state") as ooc:   # the swap file is there
+        assert ooc.state_dir == str(tmp_path / "state")
+        assert f"DiskMover({tmp_path / 'state'}," in repr(ooc._mover)
+
+
 @pytest.mark.parametrize("fault", ["Ctrl-C", "full disk"])
 def test_what_interrupts_torchs_writer_comes_out_as_itself(tmp_path, monkeypatch, fault):
     """torch.save's zip writer turns a KeyboardInterrupt or OSError that lands in a write

@@ -1335,8 +1335,32 @@ def test_a_step_that_ran_within_the_budget_says_nothing_of_the_other_ranks(monke
     assert "OTHERS" in str(errors.InfeasibleBudget("refused.", **fields))
 
 
-def test_smallest_budget_of_no_trace_says_what_it_needs():
+@pytest.mark.parametrize("given, says", [
+    (None, r"got NoneType: record one step"),
+    ("r50.json", r"got str: load the file first: outcore.Trace.load\('r50.json'\)"),
+    ({"functions": []}, r"got dict: outcore.Trace.from_dict")])
+def test_every_stage_given_no_trace_says_what_it_needs(given, says):
     """helper-130: `outcore.smallest_budget(ooc.trace)` before any iteration (None) raised
-    AttributeError: 'NoneType' object has no attribute 'functions'."""
-    with pytest.raises(outcore.OutcoreError, match="needs a trace, got NoneType"):
-        outcore.smallest_budget(None)
+    AttributeError: 'NoneType' object has no attribute 'functions'; helper-132: plan,
+    check, simulate and lower_bound did the same, or a TypeError for the path the
+    command line takes."""
+    from outcore.simulate import physical_limit
+    from outcore.simulate.engine import simulate_ranks
+    with outcore.record() as rec:
+        torch.nn.Linear(4, 4)(torch.ones(2, 4)).sum().backward()
+    schedule = outcore.plan(rec.trace, "1MiB")
+    calls = {"smallest_budget": lambda: outcore.smallest_budget(given),
+             "outcore.plan": lambda: outcore.plan(given, "1MiB"),
+             "outcore.check": lambda: outcore.check(given, schedule),
+             "outcore.simulate": lambda: outcore.simulate(given, schedule),
+             "outcore.lower_bound": lambda: outcore.lower_bound(given, "1MiB"),
+             "physical_limit": lambda: physical_limit(given, "1MiB"),
+             r"simulate_ranks \(rank 0\)": lambda: simulate_ranks([given], [schedule],
+                                                                  link="nvlink-a100")}
+    for api, call in calls.items():
+        with pytest.raises(outcore.OutcoreError, match=f"^{api} needs a Trace, {says}"):
+            call()
+    for api, call in {"outcore.check": lambda: outcore.check(rec.trace, given),
+                      "outcore.simulate": lambda: outcore.simulate(rec.trace, given)}.items():
+        with pytest.raises(outcore.OutcoreError, match=f"^{api} needs a Schedule, got "):
+            call()

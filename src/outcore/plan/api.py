@@ -7,6 +7,7 @@ import gc
 from collections.abc import Mapping
 
 from ..errors import OutcoreError
+from ..trace.model import require_trace
 from ..units import parse_bytes
 from .check import replay
 from .feasibility import occupancy, plan_in_core, require_feasible
@@ -167,6 +168,7 @@ def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
     Raises InfeasibleBudget when some function cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
     included: trace.peak(actual=True)), nothing moves, whatever the policy.
     For the traffic lower bound see outcore.plan.lower_bound."""
+    require_trace(trace, "outcore.plan")
     if policy in ("lower-bound", "lower_bound"):
         raise OutcoreError("the lower bound is not a runnable schedule; call "
                            "outcore.lower_bound(trace, budget) for the bound in bytes")

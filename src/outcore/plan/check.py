@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from ..errors import ScheduleError
 from ..units import format_bytes
 from .feasibility import release_points
-from .schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
+from ..trace.model import require_trace
+from .schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, require_schedule
 
 from ..states import ABSENT, DEAD, FAST, OUT, SLOW
 
@@ -223,6 +224,8 @@ def check(trace, schedule, budget=None) -> None:
     """Raise ScheduleError at the first invariant `schedule` violates on `trace` under
     `budget` (default: the schedule's own budget). Returns None when all hold."""
     from ..units import parse_bytes
+    require_trace(trace, "outcore.check")
+    require_schedule(schedule, "outcore.check")
     budget = schedule.budget if budget is None else parse_bytes(budget)
     if any(fn.repeats is not None for fn in trace.functions):
         from .recompute import verify

@@ -31,6 +31,7 @@ import heapq
 from dataclasses import dataclass
 
 from ..units import format_bytes, parse_bytes
+from ..trace.model import require_trace
 from .feasibility import occupancy, release_points, require_feasible
 
 
@@ -45,6 +46,7 @@ class LowerBound:
 
 
 def lower_bound(trace, budget) -> LowerBound:
+    require_trace(trace, "outcore.lower_bound")
     budget = parse_bytes(budget)
     require_feasible(trace, budget)
     n = len(trace.functions)

@@ -212,6 +212,18 @@ class Schedule:
             return Schedule.from_dict(json.load(fh))
 
 
+
+def require_schedule(schedule, api: str) -> None:
+    """Raise OutcoreError naming `api` unless `schedule` is a Schedule, or has the lists
+    of one that simulate and check read (the auto policy's candidates, policies/auto.py)."""
+    if isinstance(schedule, Schedule) or all(
+            hasattr(schedule, name) for name in ("begin", "end", "resident_at_start")):
+        return
+    from ..errors import OutcoreError
+    how = (f"load the file first: outcore.Schedule.load({schedule!r})"
+           if isinstance(schedule, str) else "outcore.plan(trace, budget) makes one")
+    raise OutcoreError(f"{api} needs a Schedule, got {type(schedule).__name__}: {how}")
+
 def _actions(actions, shown: int = 12) -> str:
     """A function's actions for the listing: the first `shown`, then how many more (the
     first function of a step that starts on the slow tier reads in hundreds)."""

@@ -72,7 +72,7 @@ from ..plan.api import check_options, registered
 from ..plan.feasibility import min_feasible_budget, occupancy, require_feasible
 from ..plan.recompute import check_mode, choose as choose_recompute, remade, rewrite
 from ..trace.lifetimes import function_bytes
-from ..trace.model import Trace
+from ..trace.model import require_trace
 from ..trace.recorder import Recording
 from ..states import FAST
 from ..units import format_bytes, parse_budget, parse_bytes
@@ -160,17 +160,15 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     at 48 2.01 MiB, with the 64 KiB default); with min_move_bytes=0 nothing is pinned
     for its size. And it is the figure of the step as recorded: state that grows for a
     few steps (LBFGS's history, for `history_size` steps; a sparse momentum buffer,
-    which gains indices each step) needs the figure of a later step. State the step
+    which gains indices each step) or whose step changes after a few (RAdam from its
+    sixth step, ASGD once averaging starts at `t0`: helper-132) needs the figure of a
+    later step. State the step
     made and kept (a first step's momentum buffers, made lazily) is counted as the steps
     after it hold it, from their start: the small buffers of it never move, and counted
     where the first step made them the figure was a few bytes short of the second
     step's, at which every step then ran op by op (helper-125). `min_move_bytes`: a
     byte count or a size with its unit, as OutOfCore takes it."""
-    if not isinstance(trace, Trace):
-        raise OutcoreError(
-            f"smallest_budget needs a trace, got {type(trace).__name__}: record one step "
-            "(`with outcore.record() as rec:` ... `rec.trace`, on the meta device if it does "
-            "not fit), or pass an OutOfCore's `ooc.trace` once an iteration has run")
+    require_trace(trace, "smallest_budget")
     min_move_bytes = parse_bytes(min_move_bytes)
     held = held_arrays(trace)
     return min_feasible_budget(without_held(trace, held)) + pinned_peak(
@@ -404,6 +402,9 @@ class OutOfCore:
                                      or not os.fspath(path)):
                 raise OutcoreError(f"{name} must be a directory path (a non-empty str or "
                                    f"os.PathLike), got {path!r}")
+        # "~/scratch" as a shell would read it: not a directory "~" below the working one.
+        swap_dir, state_dir = (None if path is None else os.path.expanduser(os.fspath(path))
+                               for path in (swap_dir, state_dir))
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         _claim(self)
@@ -683,7 +684,9 @@ class OutOfCore:
         """`torch.save(obj, path)` between iterations, atomically: `path` holds either its
         old contents or the whole new checkpoint, whatever interrupts the save. State on
         the slow tier streams through memory page by page (NOTE [Mapped state], rule 2)
-        instead of being read in whole; the file is an ordinary torch checkpoint."""
+        instead of being read in whole; the file is an ordinary torch checkpoint. A binary
+        file object (torch.save takes one too) is written as torch.save writes it, not
+        atomically: only a file named by its path can be replaced whole."""
         if self.closed:
             raise OutcoreError("this OutOfCore was closed; save with torch.save, or before close()")
         if self._active:
@@ -694,6 +697,13 @@ class OutOfCore:
         # holds its own (install and uninstall there do nothing), and the whole save is a
         # reader the next iteration waits for (it would unmap what the save reads).
         main = threading.current_thread() is threading.main_thread()
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            if not callable(getattr(path, "write", None)):
+                raise OutcoreError(f"ooc.save(obj, path) takes a file path or a binary file "
+                                   f"object, got {type(path).__name__}")
+            with reading(self, "ooc.save()"):
+                torch.save(obj, path)
+            return
         try:
             with reading(self, "ooc.save()"):
                 atomic_save(obj, path, self._shield if main else None)

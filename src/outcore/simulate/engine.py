@@ -50,7 +50,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import OutcoreError
-from ..plan.schedule import SWAP_IN, SWAP_OUT, WAIT
+from ..plan.schedule import SWAP_IN, SWAP_OUT, WAIT, require_schedule
+from ..trace.model import require_trace
 from ..units import format_bytes
 from .comm import collective_bytes, collective_kind, collective_time, interconnect, p2p_time
 from .machines import machine as get_machine
@@ -161,6 +162,8 @@ def simulate(trace, schedule, machine="cpu-disk", *, comm=None) -> Simulation:
     unless the threads it computed on (the trace's `threads`) fill the machine's cores
     (NOTE [No core to spare]); ranks that share a node's cores are simulate_ranks' to
     model."""
+    require_trace(trace, "outcore.simulate")
+    require_schedule(schedule, "outcore.simulate")
     m = get_machine(machine)
     link, ranks = _comm_args(comm)
     lane = _rank_lane(trace, schedule, m, link,
@@ -204,6 +207,9 @@ def simulate_ranks(traces, schedules, machine="cpu-disk", *, link,
     if m.host_time:
         m = replace(m, host_waits=False)
     traces, schedules = list(traces), list(schedules)
+    for r, (trace, schedule) in enumerate(zip(traces, schedules)):
+        require_trace(trace, f"simulate_ranks (rank {r})")
+        require_schedule(schedule, f"simulate_ranks (rank {r})")
     n = len(traces)
     if n < 1 or len(schedules) != n:
         raise OutcoreError(f"simulate_ranks needs one schedule per trace; got {n} traces and "

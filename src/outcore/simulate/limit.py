@@ -75,6 +75,7 @@ import bisect
 from dataclasses import dataclass
 
 from ..plan.feasibility import needs, occupancy, release_points
+from ..trace.model import require_trace
 from ..units import format_bytes, parse_bytes
 from .machines import machine as get_machine
 
@@ -127,6 +128,7 @@ class Limit:
 
 def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
     """The cut bound of the module docstring for `trace` under `budget` on `machine`."""
+    require_trace(trace, "physical_limit")
     m = get_machine(machine)
     budget = parse_bytes(budget)
     n = len(trace.functions)

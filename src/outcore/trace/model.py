@@ -7,6 +7,7 @@ the simulator read it without touching torch.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -178,3 +179,21 @@ class Trace:
         peak, _ = self.peak()
         return (f"Trace({len(self.functions)} functions, {len(self.arrays)} arrays, "
                 f"device={self.device!r}, durations={self.durations!r}, in-core peak={peak} B)")
+
+
+def require_trace(trace, api: str) -> None:
+    """Raise OutcoreError naming `api` unless `trace` is a Trace. What users pass instead
+    (the path the command line takes, a dict, None before an iteration ran) would fail
+    deep inside with Python's own TypeError or AttributeError."""
+    if isinstance(trace, Trace):
+        return
+    from ..errors import OutcoreError
+    if isinstance(trace, (str, os.PathLike)):
+        how = f"load the file first: outcore.Trace.load({os.fspath(trace)!r})"
+    elif isinstance(trace, dict):
+        how = "outcore.Trace.from_dict(d) makes one of a dict that Trace.to_dict() wrote"
+    else:
+        how = ("record one step (`with outcore.record() as rec:` ... `rec.trace`, on the meta "
+               "device if it does not fit), or pass an OutOfCore's `ooc.trace` once an "
+               "iteration has run")
+    raise OutcoreError(f"{api} needs a Trace, got {type(trace).__name__}: {how}")
