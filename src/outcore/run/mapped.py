@@ -127,6 +127,7 @@ class _Region:
         weakref.finalize(buf, self._unmap).atexit = False
         return buf
 
+    @no_raise     # a finalizer, also between iterations (NOTE [Interrupts] rules 6, 8)
     def _unmap(self) -> None:
         with self._lock:
             if self._open:

@@ -1474,6 +1474,7 @@ class _Iteration:
         self.ooc = ooc
         self.mode = None
         self.entered = False       # the dispatch mode was pushed
+        self.kept_full = False     # Residency NOTE 10 kept a tensor in this step
         self.stance = None         # torch.compile's stance while it is (_enter_mode)
         self.recording = False
         self.after = None          # how the iteration before left its arrays (plans.Ending)
@@ -1701,6 +1702,8 @@ class _Iteration:
             self.stance = torch.compiler.set_stance("force_eager")
         self.mode.__enter__()
         self.entered = True
+        mode = self.mode
+        self.ooc._res.keep_when_full = lambda: mode.in_optimizer     # Residency NOTE 10
         self.ooc._mode = self.mode
         self.ooc._shield.mode = self.mode      # NOTE [Interrupts] rule 7
 
@@ -1717,6 +1720,16 @@ class _Iteration:
         except BaseException as err:      # noqa: BLE001 - kept, raised after the cleanup
             errors.append(err)
         finally:
+            res = self.ooc._res
+            kept, res.kept_error, res.keep_when_full = res.kept_error, None, None
+            self.kept_full = kept is not None     # its error says why it passed the budget
+            if kept is not None:                  # Residency NOTE 10
+                kept.add_note("outcore: this came inside optimizer.step(): the tensors the "
+                              "slow tier had no room for stayed in memory, over the budget, "
+                              "and the step completed, so every parameter and its optimizer "
+                              "state took it, correctly. Make room there (or raise the "
+                              "budget) before the next iteration.")
+                errors.append(kept)
             if self.stance is not None:
                 stance, self.stance = self.stance, None
                 stance.__exit__(None, None, None)
@@ -1743,7 +1756,7 @@ class _Iteration:
             outgrew=not self.recording and deviation is not None
             and getattr(self.mode, "outgrew", False) and ooc._plan.grows))
         last, bound = ooc._iterations.last, ooc._rss_bound()
-        if (last.peak_resident > ooc.budget and not ooc._warned_over
+        if (last.peak_resident > ooc.budget and not ooc._warned_over and not self.kept_full
                 and getattr(self.mode, "infeasible", None) is None):   # its error says why
             ooc._warned_over = True
             log.warning("iteration %d (%s): %s of managed tensors at its peak, %s over the "

@@ -78,6 +78,13 @@ NOTE [Residency invariants]
      helper-88), while a passive replay (fixed sizes) tracks none. A storage is
      managed while a step uses it (README); one written out stays tracked until it is
      read (its bytes are on the slow tier).
+ 10. An eviction that fails (no room on the slow tier: a full disk, a file size limit;
+     or its write fails) while an optimizer's step runs keeps the tensor in memory,
+     dirty, over the budget, and the error waits for the step's end (`keep_when_full`,
+     `kept_error`; a kept write is never taken for a copy on the slow tier): raised there,
+     it left some parameters updated and the rest not, and a lazily made state half
+     made for good (Adam's `exp_avg` without its `exp_avg_sq`: a KeyError at every
+     later step, helper-133). InfeasibleBudget does the same there (run/recording.py).
 """
 from __future__ import annotations
 
@@ -252,6 +259,10 @@ class Residency:
         # (hold_moves), else None; and the keys of those storages.
         self._deferred: list | None = None
         self._held: set[int] = set()
+        # NOTE 10: while it returns True, an eviction with no room on the slow tier keeps
+        # the tensor and its error in `kept_error` (the first), for the step's end.
+        self.keep_when_full = None
+        self.kept_error: OutcoreError | None = None
         # A Future callback stopped on another thread (NOTE [Collectives in flight] rule
         # 5 in compose.py), until the step's thread raises it (`raise_stopped_callback`).
         self.stopped_callback: Exception | None = None
@@ -540,7 +551,13 @@ class Residency:
             self.resident -= entry.nbytes
             self.offloaded += entry.nbytes
             return
-        self._extent_for_write(entry, storage)      # may raise (disk full): still FAST
+        try:
+            self._extent_for_write(entry, storage)  # may raise (disk full): still FAST
+        except OutcoreError as err:
+            if self.keep_when_full is None or not self.keep_when_full():
+                raise
+            self.kept_error = self.kept_error or err     # NOTE 10
+            return
         entry.future = self.mover.write(storage.data_ptr(), entry.nbytes, entry.extent, storage)
         self.lru.pop(entry.key, None)
         entry.state = OUT
@@ -571,6 +588,8 @@ class Residency:
         if entry.state is not OUT:
             return
         self._wait(entry, "writing")
+        if entry.state is FAST:         # its write failed and it was kept (NOTE 10)
+            return
         storage = entry.ref()
         if storage is not None:
             storage.resize_(0)
@@ -587,7 +606,8 @@ class Residency:
             self._unmap(entry)
         if entry.state is OUT:      # still being written: cancel by keeping it
             self._wait(entry, "writing")
-            entry.state, entry.clean = FAST, True
+            if entry.state is OUT:      # written; else kept after a failed write (NOTE 10)
+                entry.state, entry.clean = FAST, True
             self.touch(entry)
             return
         if entry.state is not SLOW:
@@ -746,12 +766,14 @@ class Residency:
                                                        entry.extent, storage)
                         continue
                     self._failed(entry, doing, exc)
+                    break               # a failed write kept (NOTE 10): FAST again
         finally:
             self.stats.wait_s += time.perf_counter() - start
         entry.future = None
 
     def _failed(self, entry: Entry, doing: str, exc: Exception) -> None:
-        """Put an entry whose transfer failed where its bytes are, and raise."""
+        """Put an entry whose transfer failed where its bytes are, and raise (a write
+        inside an optimizer's step: keep the error for the step's end, NOTE 10)."""
         if doing == "reading":
             storage = entry.ref()
             if storage is not None:
@@ -760,16 +782,21 @@ class Residency:
             self.resident -= entry.nbytes
             self.offloaded += entry.nbytes
         else:
-            entry.state = FAST           # the fast copy is intact: keep it
+            entry.state, entry.clean = FAST, False     # the fast copy is intact: keep it
             self.touch(entry)
         kind = no_room(exc) if doing == "writing" and isinstance(exc, OSError) else OutcoreError
-        raise kind(
+        err = kind(
             f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} "
             f"{self.mover.where} failed: {_reason(exc)}. "
             + ("The tensor is still in memory; nothing was lost." if doing == "writing" else
                f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still whole on the "
                "slow tier: when the iteration ends the tensor is mapped from there (README, "
-               "\"Between iterations\"), and the next iteration or close() reads it again.")) from exc
+               "\"Between iterations\"), and the next iteration or close() reads it again."))
+        err.__cause__ = exc
+        if doing == "writing" and self.keep_when_full is not None and self.keep_when_full():
+            self.kept_error = self.kept_error or err     # NOTE 10
+            return
+        raise err
 
     def raise_stopped_callback(self, at_end: bool = False) -> None:
         """Raise, on the step's thread, the error that stopped a Future callback on

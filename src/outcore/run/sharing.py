@@ -469,7 +469,7 @@ class _Export:
         self.__array_interface__ = interface
 
 
-@no_raise      # a finalizer: a signal landing here is noted (NOTE [Interrupts] 6)
+@no_raise      # a finalizer, also between iterations (NOTE [Interrupts] rules 6, 8)
 def _end_export(key: int) -> None:
     """The last array over the storage `key` died (NOTE 9); on any thread."""
     with _exports_lock:

@@ -99,6 +99,16 @@ def _memory(address: int, nbytes: int) -> memoryview:
     return _memory_view(address, nbytes, _PyBUF_WRITE)
 
 
+def let_go_of_threads(*pools: ThreadPoolExecutor) -> None:
+    """Drop shut-down pools' finished threads now. Kept, they wait in a reference cycle
+    for the cyclic collector, which then runs concurrent.futures' weakref callback for
+    each (`_threads_queues`): a Ctrl-C landing in a long collection is handled in that
+    first Python code, where Python swallows it (helper-133: most of the Ctrl-Cs lost
+    while a model was dropped after close(); NOTE [Interrupts] rule 8)."""
+    for pool in pools:
+        getattr(pool, "_threads", set()).clear()
+
+
 def _filesystem_type(path: str) -> str:
     """The type of the filesystem holding `path` ('' when unknown)."""
     best, kind = "", ""
@@ -691,6 +701,7 @@ class DiskMover:
         self.closed = True
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        let_go_of_threads(self._writer, self._reader)
         os.close(self._fd)
         self._write_buffer.close()
         self._read_buffer.close()

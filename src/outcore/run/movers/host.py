@@ -52,6 +52,8 @@ from ...memory import AlignedBuffer, Extent, round_up
 from ...plan.schedule import SWAP_OUT
 from ...memory.host_pool import HostPool, PoolExtent
 from ...units import format_bytes
+from ..interrupts import no_raise
+from .disk import let_go_of_threads
 
 STAGING_BYTES = 8 * 2**20
 
@@ -157,6 +159,7 @@ class EmulatedLink:
     def close(self) -> None:
         self._out.shutdown(wait=True)
         self._in.shutdown(wait=True)
+        let_go_of_threads(self._out, self._in)
 
 
 def _host_tensor(address: int, nbytes: int):
@@ -405,6 +408,12 @@ def default_link():
     return CudaLink()
 
 
+@no_raise      # a finalizer, also between iterations (NOTE [Interrupts] rules 6, 8)
+def _released(segment) -> None:
+    """A mapped storage let go of its pool segment (HostMapping, rule 4)."""
+    segment.release()
+
+
 class HostMapping:
     """One storage pointed at its host-tier extent between iterations.
 
@@ -449,7 +458,7 @@ class HostMapping:
         segment.use()
         # Released once: at unmap, or when the storage dies mapped (an orphan). Not at
         # interpreter exit, where a storage may still point at the segment.
-        self._release = weakref.finalize(storage, segment.release)
+        self._release = weakref.finalize(storage, _released, segment)
         self._release.atexit = False
 
     def unmap(self, storage, *, copy: bool = False) -> bool:
