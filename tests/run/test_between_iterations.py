@@ -456,6 +456,19 @@ def test_save_to_a_file_object_writes_the_state_on_the_slow_tier(twins):
         ooc.save({}, 3)
 
 
+def test_the_budget_cannot_be_changed_by_assignment(twins):
+    """helper-133: `ooc.budget = 4 MiB` between iterations changed the report's figure and
+    nothing else: the replays peaked at the old budget's plan."""
+    ooc = twins[4]
+    budget = ooc.budget
+    with pytest.raises(OutcoreError, match="OutOfCore.budget cannot change .* make an OutOfCore"):
+        ooc.budget = budget // 2
+    assert ooc.budget == budget and f"budget {outcore.units.format_bytes(budget)}" in str(
+        ooc.report())
+    train_both(twins, ooc, 1)
+    assert_same(twins[0], twins[2])
+
+
 def test_swap_and_state_directories_are_read_as_a_shell_reads_them(tmp_path, monkeypatch):
     """helper-132: swap_dir="~/scratch" looked for a directory "~" below the working one."""
     monkeypatch.setenv("HOME", str(tmp_path))

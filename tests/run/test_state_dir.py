@@ -494,6 +494,47 @@ def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_pat
         assert "only partly loaded" in "".join(err.value.__notes__)
 
 
+def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_path):
+    """helper-133: something else truncated the state_dir's swap file between
+    iterations. Each read was tried three times, the error said the bytes were still
+    whole, and the tensors were then mapped past the file's end: the first read of the
+    model was a SIGBUS. Now the error says the bytes are lost, the tensors hold 0xFF
+    bytes (NaN), and the process reads them and closes (a child: a crash must not take
+    pytest with it)."""
+    child = textwrap.dedent(f"""
+        import os, warnings, torch, outcore
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+        opt = torch.optim.Adam(model.parameters())
+        directory = {str(tmp_path / "s")!r}
+        ooc = outcore.OutOfCore("4MiB", state_dir=directory)
+        ooc.resume(model, opt)
+        def step():
+            with ooc.iteration():
+                model(torch.ones(8, 512)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        for _ in range(3):
+            step()
+        (swap,) = [n for n in os.listdir(directory) if n.endswith(".swap")]
+        os.truncate(os.path.join(directory, swap), 0)
+        try:
+            step()
+        except outcore.OutcoreError as err:
+            print("ERROR", err)
+        print("READ", [bool(p.detach().isnan().any()) for p in model.parameters()])
+        ooc.close()
+        print("CLOSED")
+    """)
+    out = zygote.run(["-c", child], timeout=180)
+    assert out.returncode == 0 and "CLOSED" in out.stdout, out.stdout + out.stderr
+    error = out.stdout.split("ERROR ", 1)[1].split("\n", 1)[0]
+    assert "something else truncated it" in error and "bytes are lost" in error, error
+    assert "still whole" not in error
+    assert "READ" in out.stdout and "True" in out.stdout.split("READ", 1)[1], out.stdout
+
+
 @pytest.mark.parametrize("where", ["model", "optimizer"])
 def test_a_flipped_bit_in_the_state_file_is_found_by_resume(tmp_path, where):
     """One bit flipped on the disk (a parameter's bytes, or Adam's second moment, whose

@@ -354,7 +354,7 @@ class OutOfCore:
         self._moving = 0                # `_alone` runs
         self._between_threads: collections.Counter = collections.Counter()  # ident: depth
         self._mode = None               # its dispatch mode while pushed (sharing.py reads it)
-        self.budget = parse_budget(budget, "OutOfCore's budget")
+        self._budget = parse_budget(budget, "OutOfCore's budget")
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
         if offload not in ("disk", "host"):
@@ -675,6 +675,27 @@ class OutOfCore:
             self._active = False
             self._gate.notify_all()
 
+    def _on_another_thread(self) -> str:
+        """What an error about the open block adds where that block is another thread's
+        (helper-133: "after the with block" read as if the caller were inside it)."""
+        if self._active_thread in (None, threading.get_ident()):
+            return ""
+        return (f" (the ooc.{self._active}() block is open on another thread: call this "
+                "there after it, or wait for it to end)")
+
+    @property
+    def budget(self) -> int:
+        """The budget in bytes, fixed once made."""
+        return self._budget
+
+    @budget.setter
+    def budget(self, value) -> None:
+        # helper-133: assigned, it changed the report's figure and nothing else.
+        raise OutcoreError(f"OutOfCore.budget cannot change ({format_bytes(self._budget)}): its "
+                           "plans, memory governor and checks were made for it. close() this "
+                           f"one and make an OutOfCore with the budget {value!r} instead "
+                           "(with state_dir=, ooc.resume() goes on from where it is)")
+
     @property
     def state_dir(self):
         """The directory each completed iteration is made durable in, or None."""
@@ -691,7 +712,7 @@ class OutOfCore:
             raise OutcoreError("this OutOfCore was closed; save with torch.save, or before close()")
         if self._active:
             raise OutcoreError("ooc.save() cannot run inside ooc.iteration(); call it between "
-                               "iterations")
+                               "iterations" + self._on_another_thread())
         from .sharing import reading
         # The shield's signal handlers are the main thread's; on another thread the save
         # holds its own (install and uninstall there do nothing), and the whole save is a
@@ -806,7 +827,10 @@ class OutOfCore:
             what = err if isinstance(err, OutcoreError) else f"{err.strerror or err}."
             kept = ("the new manifest is in place all the same: the last durable state is this "
                     "iteration's" if durable.iterations == durable.done else
-                    f"the last durable state is still the one after iteration {durable.iterations}")
+                    f"the last durable state is still the one after iteration {durable.iterations}"
+                    if os.path.isdir(durable.directory) else
+                    "the directory is gone (removed by something else), and with it every "
+                    "durable state: ooc.save() a checkpoint elsewhere to keep this training")
             then = ("the next iteration tries again." if durable.unsynced is None else
                     "no later iteration of this OutOfCore commits there (NOTE [Durable state] "
                     "rule 6). Training goes on in memory; to keep it, ooc.save() to another "
@@ -1385,7 +1409,8 @@ class OutOfCore:
                 return
             if self._active:
                 raise OutcoreError("cannot close an OutOfCore inside its iteration; close it "
-                                   "after the `with ooc.iteration():` block")
+                                   "after the `with ooc.iteration():` block"
+                                   + self._on_another_thread())
             shield.install()
             errors: list = []
             try:

@@ -105,6 +105,7 @@ from ..states import (DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_
                       Residence)
 from ..units import format_bytes
 from . import mapped
+from .movers.disk import SwapFileShort
 from .interrupts import no_raise
 from .sharing import exported
 
@@ -757,7 +758,8 @@ class Residency:
                 except Exception as exc:
                     entry.future = None
                     storage = entry.ref() if doing == "reading" else None
-                    if storage is not None and attempt < READ_ATTEMPTS:
+                    if (storage is not None and attempt < READ_ATTEMPTS
+                            and not isinstance(exc, SwapFileShort)):      # for good
                         warnings.warn(f"reading {format_bytes(entry.nbytes)} from "
                                       f"{self.mover.where} failed ({_reason(exc)}); trying again "
                                       f"({attempt + 1} of {READ_ATTEMPTS})", RuntimeWarning,
@@ -774,8 +776,15 @@ class Residency:
     def _failed(self, entry: Entry, doing: str, exc: Exception) -> None:
         """Put an entry whose transfer failed where its bytes are, and raise (a write
         inside an optimizer's step: keep the error for the step's end, NOTE 10)."""
-        if doing == "reading":
-            storage = entry.ref()
+        storage = entry.ref() if doing == "reading" else None
+        if isinstance(exc, SwapFileShort) and storage is not None:
+            # Its bytes are gone for good: an empty storage under the tensor would be a
+            # segmentation fault when read, a mapping past the file's end a SIGBUS.
+            storage.resize_(entry.nbytes)
+            storage.fill_(0xFF)         # NaN in every floating-point dtype, -1 in an int
+            entry.state, entry.clean = FAST, False
+            self.touch(entry)
+        elif doing == "reading":
             if storage is not None:
                 storage.resize_(0)      # never leave garbage where data was
             entry.state = SLOW
@@ -789,6 +798,10 @@ class Residency:
             f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} "
             f"{self.mover.where} failed: {_reason(exc)}. "
             + ("The tensor is still in memory; nothing was lost." if doing == "writing" else
+               "Its bytes are lost with the end of the file: the tensor now holds bytes 0xFF "
+               "(NaN in a floating-point tensor, -1 in an integer one), never other "
+               "numbers. Go on from your last checkpoint." if isinstance(exc, SwapFileShort)
+               else
                f"It failed {READ_ATTEMPTS} times. The tensor's bytes are still whole on the "
                "slow tier: when the iteration ends the tensor is mapped from there (README, "
                "\"Between iterations\"), and the next iteration or close() reads it again."))

@@ -99,6 +99,12 @@ def _memory(address: int, nbytes: int) -> memoryview:
     return _memory_view(address, nbytes, _PyBUF_WRITE)
 
 
+class SwapFileShort(OSError):
+    """The swap file is shorter than outcore wrote it: something else truncated it (a
+    state_dir's file is a named one). Its bytes past the end are gone: no read is tried
+    again, and nothing is mapped there (a read of the mapping would be a SIGBUS)."""
+
+
 def let_go_of_threads(*pools: ThreadPoolExecutor) -> None:
     """Drop shut-down pools' finished threads now. Kept, they wait in a reference cycle
     for the cyclic collector, which then runs concurrent.futures' weakref callback for
@@ -512,6 +518,10 @@ class DiskMover:
         written to `extent` (run/mapped.py); raises OSError where the kernel refuses."""
         if self.closed:
             raise OSError(errno.EBADF, "the swap file is closed")
+        end = extent.offset + round_up(self._heads.get(extent.offset, 0) + nbytes)
+        if os.fstat(self._fd).st_size < end:   # mapped past its end: SIGBUS when read
+            raise SwapFileShort(errno.EIO, f"the swap file in {self.location} ends before "
+                                "this tensor's bytes: something else truncated it")
         return Mapping(self._fd, extent.offset, self._heads.get(extent.offset, 0), nbytes, storage)
 
     # -- transfers ---------------------------------------------------------------------
@@ -635,7 +645,8 @@ class DiskMover:
         while done < len(data):
             got = os.preadv(self._fd, [data[done:]], offset + done)
             if got == 0:
-                raise OSError(errno.EIO, "unexpected end of swap file")
+                raise SwapFileShort(errno.EIO, f"the swap file in {self.location} ends "
+                                    "before this tensor's bytes: something else truncated it")
             done += got
 
     def _pwrite_memory(self, address: int, nbytes: int, offset: int) -> None:
