@@ -170,7 +170,7 @@ def test_end_of_file_is_an_error(mover, monkeypatch):
     monkeypatch.setattr(disk.os, "preadv", lambda fd, buffers, offset: 0)
     try:
         dst = Region(2 * MiB, 64, fill=0)
-        with pytest.raises(OSError, match="end of swap file"):
+        with pytest.raises(disk.SwapFileShort, match="ends before this tensor.s bytes"):
             mover.read(dst.address, dst.nbytes, extent, dst).result()
     finally:
         monkeypatch.undo()

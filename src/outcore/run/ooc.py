@@ -1728,7 +1728,8 @@ class _Iteration:
         self.mode.__enter__()
         self.entered = True
         mode = self.mode
-        self.ooc._res.keep_when_full = lambda: mode.in_optimizer     # Residency NOTE 10
+        self.ooc._res.keep_when_full = (       # Residency NOTE 10 (ooc.building() has none)
+            lambda: getattr(mode, "in_optimizer", False))
         self.ooc._mode = self.mode
         self.ooc._shield.mode = self.mode      # NOTE [Interrupts] rule 7
 
