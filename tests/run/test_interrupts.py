@@ -244,6 +244,36 @@ def test_a_signal_in_a_weakref_callback_is_not_lost():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_callback_run_while_the_guard_is_being_installed_leaves_ctrl_c_working(monkeypatch):
+    """helper-135: swapping a handler allocates, so the collector may run another
+    outcore callback while a callback's guard (NOTE [Interrupts] rule 8) is being
+    installed. That one installed it again over the half-made list of saved handlers,
+    and SIGINT's handler was left the guard's with nothing saved: no Ctrl-C reached the
+    user again. Here the nested callback runs right after the first handler swap."""
+    import _signal
+    import time
+    nested = interrupts.no_raise(lambda: None)
+    outer = interrupts.no_raise(lambda: None)
+    real, ran = _signal.signal, []
+
+    def swap(signum, handler):
+        previous = real(signum, handler)
+        if not ran:
+            ran.append(True)
+            nested()                       # as the collector would run it here
+        return previous
+    monkeypatch.setattr(_signal, "signal", swap)
+    outer()
+    monkeypatch.undo()
+    assert ran and interrupts._installed == [0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pass
+
+
 @pytest.mark.parametrize("when", ["between iterations", "after close"])
 def test_a_ctrl_c_while_a_mapped_storage_is_dropped_reaches_the_user(tmp_path, when):
     """helper-133: between iterations and after close() no shield is installed, and a

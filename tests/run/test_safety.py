@@ -201,6 +201,43 @@ def test_a_failed_write_inside_the_optimizer_completes_the_step(monkeypatch, tmp
     assert_bitwise_equal(state_of(plain, plain_opt), state_of(model, opt))
 
 
+def test_a_failed_read_inside_the_optimizer_says_the_step_is_half_done(monkeypatch, tmp_path):
+    """A read that fails for good inside optimizer.step() (the state it needs is only on
+    the slow tier): nothing can stand in for those bytes, so the error comes at once and,
+    as after any exception there, some parameters took the step and others not; the
+    error carries a note saying so (Residency NOTE 10 keeps only failed writes)."""
+    from outcore.run.movers import disk
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inside = []
+    opt.register_step_pre_hook(lambda *_: inside.append(True))
+    opt.register_step_post_hook(lambda *_: inside.clear())
+    real = disk.os.preadv
+
+    def failing(*args):
+        if inside and armed:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(*args)
+    armed = []
+    monkeypatch.setattr(disk.os, "preadv", failing)
+    with outcore.OutOfCore("4MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                model(torch.ones(8, 512)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        armed.append(True)
+        with pytest.warns(RuntimeWarning, match="trying again"):
+            with pytest.raises(outcore.OutcoreError, match="Input/output error") as err:
+                with ooc.iteration():
+                    model(torch.ones(8, 512)).sum().backward()
+                    opt.step()
+        notes = getattr(err.value, "__notes__", [])
+        assert sum("took this step and the others did not" in n for n in notes) == 1, notes
+        monkeypatch.undo()
+
+
 def test_an_optimizer_step_refused_before_it_begins_gets_no_half_step_note(tmp_path):
     """The budget cannot hold one parameter's step beside its gradient: the recording
     refuses it before the optimizer writes anything, and the error, which says nothing

@@ -494,13 +494,16 @@ def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_pat
         assert "only partly loaded" in "".join(err.value.__notes__)
 
 
-def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_path):
+@pytest.mark.parametrize("grown", [False, True])
+def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_path, grown):
     """helper-133: something else truncated the state_dir's swap file between
     iterations. Each read was tried three times, the error said the bytes were still
     whole, and the tensors were then mapped past the file's end: the first read of the
     model was a SIGBUS. Now the error says the bytes are lost, the tensors hold 0xFF
     bytes (NaN), and the process reads them and closes (a child: a crash must not take
-    pytest with it)."""
+    pytest with it). `grown`: the file is grown again past the cut before anything
+    reads (as an eviction needing a new extent does): the cut is a hole of zeros then,
+    which must not be read as the tensors' bytes (helper-135)."""
     child = textwrap.dedent(f"""
         import os, warnings, torch, outcore
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -519,11 +522,14 @@ def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_p
             step()
         (swap,) = [n for n in os.listdir(directory) if n.endswith(".swap")]
         os.truncate(os.path.join(directory, swap), 0)
+        if {grown!r}:
+            ooc._mover.allocate(64 << 20)
         try:
             step()
         except outcore.OutcoreError as err:
             print("ERROR", err)
         print("READ", [bool(p.detach().isnan().any()) for p in model.parameters()])
+        print("ZEROS", [bool((p.detach() == 0).all()) for p in model.parameters()])
         ooc.close()
         print("CLOSED")
     """)
@@ -533,6 +539,7 @@ def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_p
     assert "something else truncated it" in error and "bytes are lost" in error, error
     assert "still whole" not in error
     assert "READ" in out.stdout and "True" in out.stdout.split("READ", 1)[1], out.stdout
+    assert "True" not in out.stdout.split("ZEROS", 1)[1], out.stdout
 
 
 @pytest.mark.parametrize("where", ["model", "optimizer"])

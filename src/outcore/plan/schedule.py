@@ -25,6 +25,7 @@ arrays that existed before the step the two agree, so iteration k+1 starts where
 from __future__ import annotations
 
 import functools
+import os
 
 from dataclasses import dataclass, field
 
@@ -220,8 +221,8 @@ def require_schedule(schedule, api: str) -> None:
             hasattr(schedule, name) for name in ("begin", "end", "resident_at_start")):
         return
     from ..errors import OutcoreError
-    how = (f"load the file first: outcore.Schedule.load({schedule!r})"
-           if isinstance(schedule, str) else "outcore.plan(trace, budget) makes one")
+    how = (f"load the file first: outcore.Schedule.load({os.fspath(schedule)!r})"
+           if isinstance(schedule, (str, os.PathLike)) else "outcore.plan(trace, budget) makes one")
     raise OutcoreError(f"{api} needs a Schedule, got {type(schedule).__name__}: {how}")
 
 def _actions(actions, shown: int = 12) -> str:

@@ -52,15 +52,17 @@ has its full size (or is safely on the slow tier) and every counter is true:
      is installed installs one of its own (`_Guard`, for SIGINT and SIGTERM) for its
      duration: a signal landing in any callback then is noted (rule 6) and sent again
      to the main thread from a short-lived thread a millisecond later, the guard
-     installed until one lands outside every callback, where it puts the user's
+     installed until one lands outside outcore's callbacks, where it puts the user's
      handlers back and hands it over. A signal that lands in the few bytecodes before
-     a callback's guard is installed is still Python's to swallow.
+     a callback's guard is installed, or is sent again into another library's weakref
+     callback (a WeakSet's being emptied), is still Python's to swallow.
 
 Only the main thread runs Python signal handlers; from another thread `install` does
 nothing (signals still reach the main thread's own handlers).
 """
 from __future__ import annotations
 
+import _signal
 import _thread
 import contextlib
 import functools
@@ -96,11 +98,11 @@ def no_raise(function):
         if _installed[0] or threading.get_ident() != _MAIN:      # a shield notes it here
             return function(*args, **kwargs)
         guard = _guard()
-        guard.install(GUARDED_SIGNALS)
+        held = guard.hold()
         try:
             return function(*args, **kwargs)
         finally:
-            if not guard.pending:       # else it stays until it hands them over (rule 8)
+            if held and not guard.pending:     # else it stays until it hands them over
                 guard.uninstall()
     SWALLOWING.add(run.__code__)
     return run
@@ -108,9 +110,9 @@ def no_raise(function):
 
 _MAIN = threading.main_thread().ident
 _installed = [0]     # shields installed now (`Shield.install`)
-# The signals rule 8 notes: those that stop a process (each one costs a callback two
-# handler swaps, microseconds; all of them, 0.1 ms).
-GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The signals rule 8 notes: those that stop a process (swapped through `_signal`:
+# signal.signal and getsignal make an enum per call, most of a callback's cost).
+GUARDED_SIGNALS = (int(signal.SIGINT), int(signal.SIGTERM))
 # Every signal there is, as integers (signal.valid_signals() makes its enum anew each
 # call: 76 us).
 _SIGNALS = tuple(int(s) for s in signal.valid_signals())
@@ -130,8 +132,11 @@ _shields: "weakref.WeakSet[Shield]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    global _MAIN
     for shield in list(_shields):
         shield.forked = True
+    _MAIN = threading.get_ident()        # the forking thread is the child's main thread
+    _guard()._sending = False            # no thread of the parent's is here to send
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -215,7 +220,8 @@ class Shield:
                 handler = signal.getsignal(signum)
             except (ValueError, OSError):
                 continue
-            if callable(handler) and handler != self._handler:
+            if (callable(handler) and handler != self._handler
+                    and not isinstance(getattr(handler, "__self__", None), _Guard)):
                 self._saved[signum] = handler
                 signal.signal(signum, self._handler)
         self._installed = True
@@ -254,6 +260,45 @@ class _Guard(Shield):
     def __init__(self):
         super().__init__()
         self._sending = False
+        # Inside `hold` or `uninstall`: a callback the collector runs meanwhile (a swap
+        # allocates) neither installs it again over a half-made `_saved` nor takes it
+        # down (helper-135: SIGINT's handler was left the guard's, with nothing saved,
+        # and no Ctrl-C reached the user again).
+        self._busy = False
+
+    def hold(self) -> bool:
+        """Install for GUARDED_SIGNALS, through `_signal` (no enum made); False, and
+        nothing done, where it is installed or being installed or taken down."""
+        if self._installed or self._busy:
+            return False
+        self._busy = True
+        try:
+            saved = {}
+            for signum in GUARDED_SIGNALS:
+                handler = _signal.getsignal(signum)
+                if callable(handler) and not isinstance(getattr(handler, "__self__", None),
+                                                        Shield):
+                    saved[signum] = handler
+            self._saved = saved
+            for signum in saved:
+                _signal.signal(signum, self._handler)
+            self._installed = True
+            _installed[0] += 1
+        finally:
+            self._busy = False
+        return True
+
+    def uninstall(self) -> None:
+        self._busy = True
+        try:
+            for signum, handler in self._saved.items():
+                if _signal.getsignal(signum) == self._handler:
+                    _signal.signal(signum, handler)
+            if self._installed:
+                _installed[0] -= 1
+            self._installed = False
+        finally:
+            self._busy = False
 
     def _handler(self, signum, frame) -> None:
         if self.depth > 0 or (frame is not None and frame.f_code in CRITICAL) or _swallowed(frame):
@@ -264,7 +309,10 @@ class _Guard(Shield):
                 self._send_again()
             return
         self.uninstall()
+        others = [n for n, _ in self.pending if n != signum]
         self.pending = []
+        for other in others:            # to their own handlers, right after this one
+            signal.pthread_kill(threading.get_ident(), other)
         handler = self._saved.get(signum)
         if callable(handler):
             handler(signum, frame)               # KeyboardInterrupt, in the user's code
@@ -280,7 +328,7 @@ class _Guard(Shield):
         try:            # `_thread`: threading's start waits for the thread, in the callback
             _thread.start_new_thread(send, ())
         except RuntimeError:    # no new threads at interpreter shutdown: nothing to stop
-            pass
+            self._sending = False
 
 
 @functools.cache

@@ -373,6 +373,12 @@ class DiskMover:
         self._leased: dict[int, Extent] = {}
         self.sync_error: OSError | None = None    # the first fdatasync that failed (rule 6)
         self._file_size = 0
+        # Something else truncated the file (`SwapFileShort`): the least size seen below
+        # ours, and {offset: end} of the extents written above it since, whose bytes are
+        # current again. Grown again (by us or a write past the cut), the file reads zeros
+        # there: every other extent reaching past the cut is lost (helper-135).
+        self._cut: int | None = None
+        self._rewritten: dict[int, int] = {}
         self._write_buffer = AlignedBuffer(self.chunk_bytes)
         self._read_buffer = AlignedBuffer(self.chunk_bytes)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="outcore-write")
@@ -470,6 +476,7 @@ class DiskMover:
         """Reserve swap space for `nbytes`, growing the file; raises OutcoreError (and
         reserves nothing) when the disk is full. With O_DIRECT the extent has a page more,
         for the tensor's offset within its first page."""
+        self._notice_cut()
         extent, needed = self.allocator.allocate(nbytes + (ALIGNMENT if self.direct else 0))
         if needed > self._file_size:
             try:
@@ -518,10 +525,9 @@ class DiskMover:
         written to `extent` (run/mapped.py); raises OSError where the kernel refuses."""
         if self.closed:
             raise OSError(errno.EBADF, "the swap file is closed")
-        end = extent.offset + round_up(self._heads.get(extent.offset, 0) + nbytes)
-        if os.fstat(self._fd).st_size < end:   # mapped past its end: SIGBUS when read
-            raise SwapFileShort(errno.EIO, f"the swap file in {self.location} ends before "
-                                "this tensor's bytes: something else truncated it")
+        self._notice_cut()
+        if self._lost(extent):      # mapped past the file's end: a SIGBUS when read
+            raise self._short()
         return Mapping(self._fd, extent.offset, self._heads.get(extent.offset, 0), nbytes, storage)
 
     # -- transfers ---------------------------------------------------------------------
@@ -532,9 +538,27 @@ class DiskMover:
         if self.direct and round_up(address % ALIGNMENT + nbytes) <= extent.length:
             head = address % ALIGNMENT      # else (a reused extent too short): staged, at 0
         self._heads[extent.offset] = head
+        self._notice_cut()
+        if self._cut is not None and extent.offset + extent.length > self._cut:
+            self._rewritten[extent.offset] = extent.offset + extent.length
         if self.kept:
             self._crcs.pop(extent.offset, None)       # until this write has its own
         return self._writer.submit(self._write, address, nbytes, extent, head, keepalive)
+
+    def _notice_cut(self) -> None:
+        """Note a truncation by something else (`_cut`): one fstat."""
+        size = os.fstat(self._fd).st_size
+        if size < self._file_size and (self._cut is None or size < self._cut):
+            self._cut = size
+            self._rewritten = {o: end for o, end in self._rewritten.items() if end <= size}
+
+    def _lost(self, extent: Extent) -> bool:
+        return (self._cut is not None and extent.offset + extent.length > self._cut
+                and extent.offset not in self._rewritten)
+
+    def _short(self) -> "SwapFileShort":
+        return SwapFileShort(errno.EIO, f"the swap file in {self.location} ends before this "
+                             "tensor's bytes: something else truncated it")
 
     def crc(self, extent: Extent) -> int | None:
         """The CRC-32 of the bytes last written to `extent` of a kept file, else None."""
@@ -543,6 +567,11 @@ class DiskMover:
     def read(self, address: int, nbytes: int, extent: Extent, keepalive) -> Future:
         """Copy `nbytes` from `extent` to `address`, asynchronously."""
         head = self._heads.get(extent.offset, 0)
+        self._notice_cut()
+        if self._lost(extent):          # zeros where the file was grown again: never read
+            failed: Future = Future()
+            failed.set_exception(self._short())
+            return failed
         return self._reader.submit(self._read, address, nbytes, extent, head, keepalive)
 
     # Synchronous page-aligned transfers on the caller's thread, for the host mover's
@@ -645,8 +674,7 @@ class DiskMover:
         while done < len(data):
             got = os.preadv(self._fd, [data[done:]], offset + done)
             if got == 0:
-                raise SwapFileShort(errno.EIO, f"the swap file in {self.location} ends "
-                                    "before this tensor's bytes: something else truncated it")
+                raise self._short()
             done += got
 
     def _pwrite_memory(self, address: int, nbytes: int, offset: int) -> None:

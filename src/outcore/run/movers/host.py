@@ -737,7 +737,9 @@ class HostMover:
         self._quarantine.clear()
         self._last.clear()
         parts = [lambda: self._spill_out.shutdown(wait=True),
-                 lambda: self._spill_in.shutdown(wait=True), self.link.close, self.pool.close]
+                 lambda: self._spill_in.shutdown(wait=True),
+                 lambda: let_go_of_threads(self._spill_out, self._spill_in),
+                 self.link.close, self.pool.close]
         parts += [lambda a=a: self.link.unpin(a) for a in self._staged_pinned]
         parts += [self._staging_out.close, self._staging_in.close, self.disk.close]
         error = None
