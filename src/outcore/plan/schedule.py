@@ -213,7 +213,6 @@ class Schedule:
             return Schedule.from_dict(json.load(fh))
 
 
-
 def require_schedule(schedule, api: str) -> None:
     """Raise OutcoreError naming `api` unless `schedule` is a Schedule, or has the lists
     of one that simulate and check read (the auto policy's candidates, policies/auto.py)."""
@@ -224,6 +223,7 @@ def require_schedule(schedule, api: str) -> None:
     how = (f"load the file first: outcore.Schedule.load({os.fspath(schedule)!r})"
            if isinstance(schedule, (str, os.PathLike)) else "outcore.plan(trace, budget) makes one")
     raise OutcoreError(f"{api} needs a Schedule, got {type(schedule).__name__}: {how}")
+
 
 def _actions(actions, shown: int = 12) -> str:
     """A function's actions for the listing: the first `shown`, then how many more (the

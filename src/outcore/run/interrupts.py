@@ -253,8 +253,8 @@ class Shield:
 class _Guard(Shield):
     """The shield `no_raise` callbacks install where none is (rule 8). A signal that
     lands inside a callback is noted and sent again to the main thread from another
-    thread; the guard stays installed until one lands outside every callback, and then
-    puts the user's handlers back and hands it over. An OutOfCore's shield installed
+    thread; the guard stays installed until one lands outside outcore's callbacks, and
+    then puts the user's handlers back and hands it over. An OutOfCore's shield installed
     meanwhile takes the noted signals over (`Shield.install`)."""
 
     def __init__(self):

@@ -162,11 +162,11 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     few steps (LBFGS's history, for `history_size` steps; a sparse momentum buffer,
     which gains indices each step) or whose step changes after a few (RAdam from its
     sixth step, ASGD once averaging starts at `t0`: helper-132) needs the figure of a
-    later step. State the step
-    made and kept (a first step's momentum buffers, made lazily) is counted as the steps
-    after it hold it, from their start: the small buffers of it never move, and counted
-    where the first step made them the figure was a few bytes short of the second
-    step's, at which every step then ran op by op (helper-125). `min_move_bytes`: a
+    later step. State the step made and kept (a first step's momentum buffers, made
+    lazily) is counted as the steps after it hold it, from their start: the small
+    buffers of it never move, and counted where the first step made them the figure was
+    a few bytes short of the second step's, at which every step then ran op by op
+    (helper-125). `min_move_bytes`: a
     byte count or a size with its unit, as OutOfCore takes it."""
     require_trace(trace, "smallest_budget")
     min_move_bytes = parse_bytes(min_move_bytes)

@@ -260,8 +260,8 @@ class Residency:
         # (hold_moves), else None; and the keys of those storages.
         self._deferred: list | None = None
         self._held: set[int] = set()
-        # NOTE 10: while it returns True, an eviction with no room on the slow tier keeps
-        # the tensor and its error in `kept_error` (the first), for the step's end.
+        # NOTE 10: while it returns True, an eviction that fails keeps the tensor, and
+        # its error in `kept_error` (the first), for the step's end.
         self.keep_when_full = None
         self.kept_error: OutcoreError | None = None
         # A Future callback stopped on another thread (NOTE [Collectives in flight] rule
