@@ -177,6 +177,42 @@ def test_end_of_file_is_an_error(mover, monkeypatch):
         mover.free(extent)
 
 
+def test_a_kept_file_cut_and_grown_again_is_never_read_as_zeros(tmp_path):
+    """Something else truncates a kept (state_dir) file and it grows again past the cut:
+    the hole reads zeros, which must never be taken for a tensor's bytes (helper-135),
+    also for a read queued before the cut was seen and after a second cut above the
+    first, which drops what was written again past it (helper-136)."""
+    mover = DiskMover(path=str(tmp_path / "state.swap"))
+    try:
+        extents = [mover.allocate(MiB) for _ in range(3)]
+        sources = [Region(MiB, 0, seed=k) for k in range(3)]
+        for extent, src in zip(extents, sources):
+            mover.write(src.address, src.nbytes, extent, src).result()
+
+        def read(k):
+            dst = Region(MiB, 0, fill=7)
+            mover.read(dst.address, dst.nbytes, extents[k], dst).result()
+            assert np.array_equal(dst.bytes, sources[k].bytes), k
+        read(2)
+        os.truncate(tmp_path / "state.swap", extents[1].offset)     # 1 and 2 cut away
+        grown = mover.allocate(MiB)                                 # grown past the cut
+        assert os.stat(tmp_path / "state.swap").st_size > extents[2].offset + MiB
+        read(0)
+        for k in (1, 2):
+            with pytest.raises(disk.SwapFileShort):
+                read(k)
+        mover.write(sources[2].address, MiB, extents[2], sources[2]).result()   # anew
+        read(2)
+        os.truncate(tmp_path / "state.swap", extents[2].offset + 4096)   # a second cut
+        mover.allocate(MiB)
+        with pytest.raises(disk.SwapFileShort):
+            read(2)
+        read(0)
+        mover.free(grown)
+    finally:
+        mover.close()
+
+
 @pytest.mark.parametrize("nbytes", [4097, 3 * MiB + 100, 20 * MiB])
 def test_short_transfers_are_continued(mover, monkeypatch, nbytes):
     """The kernel may move fewer bytes than asked (O_DIRECT ones in whole blocks)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import gc
 import signal
+import sys
 import threading
 import weakref
 
@@ -272,6 +273,52 @@ def test_a_callback_run_while_the_guard_is_being_installed_leaves_ctrl_c_working
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             pass
+
+
+def test_a_ctrl_c_as_a_callbacks_guard_comes_down_is_raised_once(monkeypatch):
+    """helper-136: a SIGINT landing as a callback's guard is taken down (the guard still
+    SIGINT's handler) was noted and sent again, and the user got it; but it stayed
+    noted, the next callback left the guard installed for it, and the next held section
+    raised it a second time."""
+    import _signal
+    import time
+    real, shot = _signal.getsignal, []
+
+    def getsignal(signum):
+        if sys._getframe(1).f_code.co_name == "uninstall" and not shot:
+            shot.append(True)
+            signal.raise_signal(signal.SIGINT)       # lands here, in the callback
+        return real(signum)
+
+    class Target:
+        pass
+    callback = interrupts.no_raise(lambda ref: None)
+    monkeypatch.setattr(_signal, "getsignal", getsignal)
+    target = Target()
+    ref = weakref.ref(target, callback)
+    del target                                       # the callback runs
+    monkeypatch.undo()
+    raised = 0
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        try:
+            while time.monotonic() < deadline:
+                pass
+        except KeyboardInterrupt:
+            raised += 1
+    target = Target()
+    ref = weakref.ref(target, callback)              # an ordinary callback after it
+    del target
+    assert shot and raised == 1 and ref() is None
+    assert interrupts._installed == [0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    shield = interrupts.Shield()
+    shield.install()
+    shield.enter()
+    shield.exit()                                    # nothing left to raise here
+    shield.enter()
+    shield.uninstall()
+    shield.exit()
 
 
 @pytest.mark.parametrize("when", ["between iterations", "after close"])

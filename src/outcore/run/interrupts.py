@@ -276,27 +276,36 @@ class _Guard(Shield):
             saved = {}
             for signum in GUARDED_SIGNALS:
                 handler = _signal.getsignal(signum)
-                if callable(handler) and not isinstance(getattr(handler, "__self__", None),
-                                                        Shield):
+                if handler == self._handler and signum in self._saved:
+                    saved[signum] = self._saved[signum]   # left ours by a cut-short uninstall
+                elif callable(handler) and not isinstance(getattr(handler, "__self__", None),
+                                                          Shield):
                     saved[signum] = handler
-            self._saved = saved
+            # Counted before the swaps: a handler the swap runs (a user's, raising) must
+            # not leave SIGINT ours and the guard uncounted (helper-136).
+            self._saved, self._installed = saved, True
+            _installed[0] += 1
             for signum in saved:
                 _signal.signal(signum, self._handler)
-            self._installed = True
-            _installed[0] += 1
+        except BaseException:
+            self.uninstall()
+            raise
         finally:
             self._busy = False
         return True
 
     def uninstall(self) -> None:
+        """The count first, SIGINT's handler last: a signal landing in between finds the
+        guard's handler, which hands it over (helper-136: cut short after SIGINT's swap,
+        the guard stayed counted and every later callback ran unguarded)."""
         self._busy = True
         try:
-            for signum, handler in self._saved.items():
-                if _signal.getsignal(signum) == self._handler:
-                    _signal.signal(signum, handler)
             if self._installed:
+                self._installed = False
                 _installed[0] -= 1
-            self._installed = False
+            for signum in sorted(self._saved, key=lambda n: n == signal.SIGINT):
+                if _signal.getsignal(signum) == self._handler:
+                    _signal.signal(signum, self._saved[signum])
         finally:
             self._busy = False
 
@@ -311,19 +320,24 @@ class _Guard(Shield):
         self.uninstall()
         others = [n for n, _ in self.pending if n != signum]
         self.pending = []
-        for other in others:            # to their own handlers, right after this one
-            signal.pthread_kill(threading.get_ident(), other)
         handler = self._saved.get(signum)
-        if callable(handler):
-            handler(signum, frame)               # KeyboardInterrupt, in the user's code
+        try:
+            if callable(handler):
+                handler(signum, frame)           # KeyboardInterrupt, in the user's code
+        finally:
+            for other in others:        # to their own handlers, after this one (helper-136)
+                signal.pthread_kill(threading.get_ident(), other)
 
     def _send_again(self) -> None:
         main = threading.main_thread().ident
 
         def send():
             time.sleep(GUARD_RESEND_S)
+            # Taken, not read: a signal noted as the guard came down stayed in `pending`
+            # after its resend, and the next shield raised it a second time (helper-136).
+            noted, self.pending = self.pending, []
             self._sending = False
-            for signum in [n for n, _ in self.pending]:
+            for signum in [n for n, _ in noted]:
                 signal.pthread_kill(main, signum)
         try:            # `_thread`: threading's start waits for the thread, in the callback
             _thread.start_new_thread(send, ())

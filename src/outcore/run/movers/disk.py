@@ -374,11 +374,14 @@ class DiskMover:
         self.sync_error: OSError | None = None    # the first fdatasync that failed (rule 6)
         self._file_size = 0
         # Something else truncated the file (`SwapFileShort`): the least size seen below
-        # ours, and {offset: end} of the extents written above it since, whose bytes are
-        # current again. Grown again (by us or a write past the cut), the file reads zeros
-        # there: every other extent reaching past the cut is lost (helper-135).
+        # ours, and {offset: end written} of the extents written above it since, whose
+        # bytes are current again. Grown again (by us or a write past the cut), the file
+        # reads zeros there: every other extent reaching past the cut is lost (helper-135).
+        # outcore never shrinks the file, so any size below the last one seen is a cut
+        # (a second one above the first drops the extents written past it: helper-136).
         self._cut: int | None = None
         self._rewritten: dict[int, int] = {}
+        self._seen_size = 0
         self._write_buffer = AlignedBuffer(self.chunk_bytes)
         self._read_buffer = AlignedBuffer(self.chunk_bytes)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="outcore-write")
@@ -540,17 +543,25 @@ class DiskMover:
         self._heads[extent.offset] = head
         self._notice_cut()
         if self._cut is not None and extent.offset + extent.length > self._cut:
-            self._rewritten[extent.offset] = extent.offset + extent.length
+            self._rewritten[extent.offset] = extent.offset + round_up(head + nbytes)
         if self.kept:
             self._crcs.pop(extent.offset, None)       # until this write has its own
         return self._writer.submit(self._write, address, nbytes, extent, head, keepalive)
 
     def _notice_cut(self) -> None:
-        """Note a truncation by something else (`_cut`): one fstat."""
+        """Note a truncation by something else (`_cut`): one fstat. Called on the step's
+        thread before a transfer is issued, and on the workers' before each transfer
+        (a write queued when the file was cut grew it again before the step's thread
+        looked, and the cut was taken at the grown size; a read queued then read the
+        zeros: helper-136). A cut that lands while a write runs can still be missed. Only a kept file has a
+        name something else can cut it by: an unnamed one is left alone."""
+        if not self.kept:
+            return
         size = os.fstat(self._fd).st_size
-        if size < self._file_size and (self._cut is None or size < self._cut):
-            self._cut = size
+        if size < self._seen_size:
+            self._cut = size if self._cut is None else min(self._cut, size)
             self._rewritten = {o: end for o, end in self._rewritten.items() if end <= size}
+        self._seen_size = size
 
     def _lost(self, extent: Extent) -> bool:
         return (self._cut is not None and extent.offset + extent.length > self._cut
@@ -603,6 +614,7 @@ class DiskMover:
             if nbytes == 0:
                 return start, start
             crc = zlib.crc32(_memory(address, nbytes)) if self.kept else None
+            self._notice_cut()          # right before the bytes go: the window is the write's
             self._write_bytes(address, nbytes, extent, head)
             if crc is not None:
                 self._crcs[extent.offset] = crc
@@ -638,6 +650,9 @@ class DiskMover:
         """The copy itself, on the reader thread; returns when it ran, as `_write`."""
         start, cpu = time.perf_counter(), time.thread_time()
         try:
+            self._notice_cut()          # issued before a cut was seen: read after it
+            if self._lost(extent):
+                raise self._short()
             self._read_into(address, nbytes, extent.offset + head, extent)
         finally:
             end = time.perf_counter()
