@@ -615,7 +615,8 @@ def test_a_signal_handler_that_reads_the_model_during_iterations(tmp_path):
     its stack, so its ops ran past outcore on storages outcore had on the slow tier
     (NOTE [Interrupts] rule 7). Signals come every 50 ms from a thread, in
     a child process (a crash is its exit code); the handler only reads, so training
-    stays bitwise equal to plain PyTorch."""
+    stays bitwise equal to plain PyTorch. The iterations go on until the handler has run
+    10 times (8 iterations took 0.5 s on a fast day: 9 signals, and the test failed)."""
     import subprocess
     import sys
     import textwrap
@@ -638,9 +639,6 @@ def test_a_signal_handler_that_reads_the_model_during_iterations(tmp_path):
             opt.step()
             opt.zero_grad()
 
-        plain, plain_opt = make()
-        for i in range(8):
-            step(plain, plain_opt, i)
         model, opt = make()
         seen = []
 
@@ -650,20 +648,25 @@ def test_a_signal_handler_that_reads_the_model_during_iterations(tmp_path):
         done = threading.Event()
 
         def send():
-            for _ in range(60):                    # at most: a slow handler ends
+            for _ in range(200):                   # at most: a slow handler ends
                 if done.wait(0.05):
                     return
                 os.kill(os.getpid(), signal.SIGTERM)
         ooc = outcore.OutOfCore("4MiB", swap_dir={str(tmp_path)!r})
         thread = threading.Thread(target=send, daemon=True)
         thread.start()
-        for i in range(8):
+        steps = 0
+        while steps < 8 or len(seen) < 10 and steps < 60:
             with ooc.iteration():
-                step(model, opt, i)
+                step(model, opt, steps)
+            steps += 1
         done.set()
         thread.join()
         moved = sum(it.bytes_written for it in ooc.report().iterations)
         ooc.close()
+        plain, plain_opt = make()
+        for i in range(steps):
+            step(plain, plain_opt, i)
         same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                      plain.state_dict().values()))
         print("handled", len(seen), "moved", moved, "same", same)
