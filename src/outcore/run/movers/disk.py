@@ -553,8 +553,9 @@ class DiskMover:
         thread before a transfer is issued, and on the workers' before each transfer
         (a write queued when the file was cut grew it again before the step's thread
         looked, and the cut was taken at the grown size; a read queued then read the
-        zeros: helper-136). A cut that lands while a write runs can still be missed. Only a kept file has a
-        name something else can cut it by: an unnamed one is left alone."""
+        zeros: helper-136). A cut that lands while a write runs can still be missed.
+        Only a kept file has a name something else can cut it by: an unnamed one is
+        left alone."""
         if not self.kept:
             return
         size = os.fstat(self._fd).st_size
