@@ -205,7 +205,7 @@ class Shield:
         return not any(m is mode for m in _get_current_dispatch_mode_stack())
 
     # -- handlers -----------------------------------------------------------------------
-    def install(self, signals=_SIGNALS) -> None:
+    def install(self) -> None:
         if self._installed or threading.current_thread() is not threading.main_thread():
             return
         guard = _guard()
@@ -215,7 +215,7 @@ class Shield:
             guard.pending = []
             guard.uninstall()
         self._saved = {}
-        for signum in signals:
+        for signum in _SIGNALS:
             try:
                 handler = signal.getsignal(signum)
             except (ValueError, OSError):

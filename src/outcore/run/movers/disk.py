@@ -553,7 +553,11 @@ class DiskMover:
         thread before a transfer is issued, and on the workers' before each transfer
         (a write queued when the file was cut grew it again before the step's thread
         looked, and the cut was taken at the grown size; a read queued then read the
-        zeros: helper-136). A cut that lands while a write runs can still be missed.
+        zeros: helper-136). The step's thread keeps its own checks too: it sees a cut
+        that lands while a worker's write runs, which the worker's next check would take
+        at the size that write grew the file back to (without them, 3 of 8 seeds of
+        helper-136's random truncations read zeros; with them, none of the same 8). A
+        cut that lands while a write runs can still be missed.
         Only a kept file has a name something else can cut it by: an unnamed one is
         left alone."""
         if not self.kept:
