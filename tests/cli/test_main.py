@@ -35,7 +35,7 @@ def trace_file(tmp_path_factory):
     (["bench", "curve", "--model", "mlp-tiny", "--fractions", "1,abc"], "'abc' is not a budget"),
     (["bench", "batch", "--model", "mlp-tiny", "--factors", "0"], "'0' must be more than 0"),
     (["bench", "curve", "--model", "mlp-tiny", "--out", "{trace}"], "is a file; the results go"),
-    (["plan", "{trace}", "--budget", "20MiB", "-o", "{tmp}"], "cannot save to .*: it is a directory"),
+    (["plan", "{trace}", "--budget", "20MiB", "-o", "{tmp}"], "-o .* is a directory; pass a file path"),
     (["plan", "{trace}", "--budget", "20MiB", "-o", "{trace}/s.json"], "mlp.json is a file, not a"),
     (["simulate", "{empty}", "--budget", "1MiB"], "recorded no op .* nothing to simulate"),
     (["plan", "{trace}", "--budget", "20MiB", "--machine", "nope"], "unknown machine 'nope'"),

@@ -37,6 +37,48 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_recording(tmp_pa
     missing = tmp_path / "no" / "t.json"
     assert main(["trace", "--model", "mlp", "--batch", "8", "-o", str(missing)]) == 2
     err = capsys.readouterr().err
-    assert "is not a directory" in err and "recording one step" not in err
+    assert "does not exist" in err and "recording one step" not in err
     assert main(["trace", "--model", "mlp", "--batch", "8", "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_every_output_is_checked_before_the_work_and_written_before_a_word(tmp_path, capsys,
+                                                                          monkeypatch):
+    """helper-138: `plan -o`, `simulate --timeline` and `plot -o` into a missing directory
+    planned (and printed) everything first, then failed with the directory's bare
+    OSError; and `trace -o` / `plan -o | head` exited 0 without the file, as the summary
+    was printed first and a closed pipe ended the command before the write."""
+    trace = tmp_path / "t.json"
+    assert main(["trace", "--model", "mlp", "--batch", "8", "--device", "meta", "-o",
+                 str(trace)]) == 0
+    capsys.readouterr()
+    missing = tmp_path / "no"
+    for argv in (["plan", str(trace), "--budget", "1GiB", "-o", f"{missing}/s.json"],
+                 ["simulate", str(trace), "--budget", "1GiB", "--timeline", f"{missing}/t.json"],
+                 ["plot", str(trace), "--budget", "1GiB", "-o", f"{missing}/m.png"]):
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and "does not exist; pass a file path" in err, (argv, out, err)
+    for argv, said in ((["simulate", str(trace), "--budget", "1GiB", "--timeline",
+                         str(tmp_path / "t.png")], "a timeline is a JSON file"),
+                       (["plot", str(trace), "--budget", "1GiB", "-o", str(tmp_path)],
+                        "is a directory: name the picture's file")):
+        assert main(argv) == 2, argv
+        assert said in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "t.png").exists()
+
+    class ClosedPipe:                  # `outcore ... | head -1`, the reader gone at once
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    for argv, made in ((["trace", "--model", "mlp", "--batch", "8", "--device", "meta",
+                         "-o", str(tmp_path / "t2.json")], tmp_path / "t2.json"),
+                       (["plan", str(trace), "--budget", "1GiB", "-o",
+                         str(tmp_path / "s.json")], tmp_path / "s.json")):
+        monkeypatch.setattr("sys.stdout", ClosedPipe())
+        assert main(argv) == 0, argv
+        monkeypatch.undo()
+        assert made.exists(), argv

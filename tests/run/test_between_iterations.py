@@ -1109,3 +1109,28 @@ def test_an_iteration_inside_a_users_recording_is_refused(twins):
                 raise AssertionError("the block ran")
     train_both(twins, ooc, 2)
     assert_same(plain, managed)
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["unnamed file", "named fallback"])
+def test_a_directory_that_refuses_the_file_is_named_with_what_to_do(tmp_path, monkeypatch,
+                                                                    tmpfile):
+    """helper-138: where the unnamed file (O_TMPFILE) could not be made (a read-only or
+    immutable directory) the error was the bare PermissionError of the directory, with
+    no file and nothing to do; report.save() and the CLI's -o said the same."""
+    import errno
+    from outcore.run import checkpoint
+    real = os.open
+
+    def refused(path, flags, *args, **kwargs):
+        if tmpfile and flags & os.O_TMPFILE == os.O_TMPFILE or not tmpfile and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        if not tmpfile and flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.os, "open", refused)
+    path = tmp_path / "ck.pt"
+    with pytest.raises(PermissionError) as caught:
+        checkpoint.atomic_save({"x": 1}, path, None)
+    said = str(caught.value)
+    assert f"cannot save to {path}: Permission denied; pass a path in a directory" in said, said
+    assert os.listdir(tmp_path) == []

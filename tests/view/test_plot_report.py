@@ -9,7 +9,7 @@ import torch
 
 import outcore
 from outcore.cli.main import main
-from outcore.run.report import Report
+from outcore.run.report import Elided, Report
 from outcore.view.plot import plot_memory
 from outcore.view.traffic import compare
 
@@ -70,7 +70,7 @@ def test_the_planned_panel_names_the_budget_it_was_given():
 
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     with _train(tmp_path) as ooc:
-        trace, schedule, _ = ooc._last_replay
+        trace, schedule = ooc._last_replay.trace, ooc._last_replay.schedule
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(outcore.OutcoreError, match=r"pip install 'outcore\[plot\]'"):
         plot_memory(trace, schedule, outcore.simulate(trace, schedule), tmp_path / "x.png")
@@ -129,7 +129,7 @@ def test_report_json_round_trips(tmp_path, capsys):
 
 def test_traffic_comparison_accounts_for_every_byte(tmp_path):
     with _train(tmp_path) as ooc:
-        trace, schedule, log = ooc._last_replay
+        trace, schedule, log = ooc._last_replay[:3]
         last = ooc.report().iterations[-1]
     t = compare(trace, schedule, log)
     assert t.measured == {"in": last.bytes_read, "out": last.bytes_written}
@@ -323,7 +323,16 @@ def test_a_long_run_keeps_the_first_and_last_iterations_and_sums_the_rest(tmp_pa
     assert "     4-15: 12 iterations" in text, text
     assert text.index("     4-15:") > text.index("\n     1  ") and \
         text.index("\n    20  ") > text.index("     4-15:"), text
+    # Every iteration listed, none summed: the line between says where they are, and
+    # `elided` is an empty sum, not None (helper-138: it said 4 were listed, of 20).
+    full = Report.from_dict({**report.to_dict(), "elided": None,
+                             "iterations": [dict(vars(it)) for it in seen]})
+    assert full.elided == Elided() and full.iteration_count == 20
+    text = str(full)
+    assert "     3-18: 16 iterations" in text, text
+    assert "not printed: listed in ooc.report().iterations" in text, text
+    assert "summed in" not in text, text
     # A report of the version before `elided` still loads.
     old = {**report.to_dict(), "version": 1}
     del old["elided"]
-    assert Report.from_dict(old).elided is None
+    assert Report.from_dict(old).elided == Elided()

@@ -174,3 +174,63 @@ def test_validator_catches_malformed_events():
     assert validate({"events": []})
     overlapping = [good, dict(good, ts=0.5, dur=1)]
     assert nest_properly(overlapping)
+
+
+def test_the_views_show_the_last_whole_replay_and_say_so(tmp_path):
+    """helper-138: after an iteration that left its plan (a larger batch), the measured
+    timeline had 2 compute slices and 74 MiB of transfers running far past them, and the
+    picture drew it as "one replayed iteration"; a passive one (the budget above the
+    peak) drew the managed bytes flat at what existed before the step. Now they show the
+    last iteration that replayed to its end, say which and how many left their plans
+    since, and a passive one's bytes are the plan's, function by function."""
+    model, opt, x = _mlp()
+    path = tmp_path / "step.json"
+    with outcore.OutOfCore(budget="2MiB", swap_dir=str(tmp_path)) as ooc:
+        for batch in (x, x, x, torch.randn(96, 256)):
+            with ooc.iteration():
+                _step(model, opt, batch)
+        modes = [(it.mode, bool(it.deviation)) for it in ooc.report().iterations]
+        assert modes[2:] == [("replay", False), ("replay", True)], modes
+        ooc.timeline(path)
+        last = ooc.report().iterations[2]
+        trace = ooc._last_replay.trace
+    events = json.loads(path.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert ("iteration 3, the last that replayed its plan to the end (1 later one left "
+            "its plan)") in names[MEASURED_PID], names
+    ops = [e for e in _slices(events, MEASURED_PID, COMPUTE_TID) if e["cat"].startswith("compute")]
+    assert [e["args"]["function"] for e in ops] == list(range(len(trace.functions)))
+    moved = {d: sum(e["args"]["bytes"] for e in _slices(events, MEASURED_PID, tid))
+             for tid, d in ((IN_TID, "in"), (OUT_TID, "out"))}
+    assert moved == {"in": last.bytes_read, "out": last.bytes_written}
+
+    model, opt, x = _mlp()
+    with outcore.OutOfCore(budget="1GiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                _step(model, opt, x)
+        assert ooc._last_replay.passive
+        ooc.timeline(path)
+        trace, schedule = ooc.trace, ooc.schedule
+    events = json.loads(path.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert "passive: nothing moved and no op was tracked" in names[MEASURED_PID], names
+    fast = [e["args"]["managed tensors"] for e in events
+            if e["pid"] == MEASURED_PID and e["name"] == "fast tier (bytes)"]
+    assert max(fast) == schedule.peak_bytes and min(fast) < max(fast)
+
+
+def test_the_in_core_curve_runs_on_plain_pytorchs_clock(recorded):
+    """helper-138: the in-core curve's clock added the functions' compute with the
+    contention a transfer beside them costs (R50: 19.5 s more than in-core): plain
+    PyTorch has no transfers. Its curve ends at the simulation's plain time."""
+    from outcore.view.timeline import in_core_clock
+    half = recorded.peak(actual=True)[0] // 2
+    schedule = outcore.plan(recorded, half)
+    sim = outcore.simulate(recorded, schedule, "cpu-disk")
+    assert sim.contention_s > 0
+    starts, end = in_core_clock(sim)
+    assert end == pytest.approx(sim.plain_time_s) and len(starts) == len(recorded.functions)
+    events = simulated_timeline(recorded, schedule, sim)["traceEvents"]
+    curve = [e["ts"] for e in events if e["name"].startswith("in-core, plain PyTorch")]
+    assert max(curve) <= sim.plain_time_s * 1e6

@@ -124,7 +124,7 @@ def _outcore(cfg: dict) -> dict:
             files["timeline"] = os.path.join(out, "timeline.json")
             ooc.plot(files["picture"])
             ooc.timeline(files["timeline"])
-            trace, schedule, log = ooc._last_replay
+            trace, schedule, log = ooc._last_replay[:3]
             traffic = compare(trace, schedule, log).lines()
         if files:
             files["report"] = os.path.join(out, "report.json")

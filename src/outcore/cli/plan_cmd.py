@@ -12,6 +12,7 @@ from ..plan.recompute import choose as choose_recompute
 from ..simulate import machine
 from ..trace import Trace
 from ..units import format_bytes, parse_budget
+from . import check_output
 from .trace_cmd import _count
 
 
@@ -130,6 +131,8 @@ def run(args) -> int:
             raise OutcoreError(f"--machine is the machine policy auto picks its plan on; "
                                f"policy {policy} plans the same on any: drop --machine, or "
                                "give --policy auto")
+    if args.output:
+        check_output(args.output, "-o")
     trace = Trace.load(args.trace)
     budget = parse_budget(args.budget, "--budget")
     try:
@@ -139,6 +142,10 @@ def run(args) -> int:
     except InfeasibleBudget as exc:
         exc.args = (f"{exc} {_for_outofcore(trace)}", *exc.args[1:])
         raise
+    if args.output:                  # before a word: output cut short still leaves the files
+        schedule.save(args.output)
+        if chosen:
+            trace.save(args.output + ".trace.json")
     print(repr(trace))
     if chosen:
         made = sum(trace.arrays[c.array].nbytes for c in chosen)
@@ -151,10 +158,8 @@ def run(args) -> int:
     print(f"  smallest feasible budget {format_bytes(min_feasible_budget(trace))} for this "
           f"plan, in-core peak {format_bytes(trace.peak()[0])}; {_for_outofcore(trace)}")
     if args.output:
-        schedule.save(args.output)
         print(f"  written to {args.output}")
         if chosen:
-            trace.save(args.output + ".trace.json")
             print(f"  the trace it is for (with the recomputes) written to "
                   f"{args.output}.trace.json")
     return 0

@@ -6,6 +6,7 @@ from ..plan.recompute import choose as choose_recompute
 from ..simulate import PRESETS, simulate
 from ..trace import Trace
 from ..units import parse_budget
+from . import check_output
 from .plan_cmd import (RECOMPUTE, add_adaptive_options, add_recompute, chosen_policy,
                        policy_options)
 
@@ -33,7 +34,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..view.plot import plot_memory
+    from ..view.plot import check_picture_path, plot_memory
+    check_picture_path(args.output)
+    check_output(args.output, "-o")
     trace = Trace.load(args.trace)
     policy = chosen_policy(args)
     # As `outcore simulate` plans it: --recompute may rewrite the trace (its repeats drawn).

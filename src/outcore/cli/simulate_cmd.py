@@ -19,6 +19,8 @@ from ..plan.recompute import choose as choose_recompute
 from ..simulate import PRESETS, physical_limit, simulate
 from ..trace import Trace
 from ..units import format_bytes, parse_budget
+from ..view.timeline import check_timeline_path
+from . import check_output
 from .plan_cmd import (ADAPTIVE_ONLY, RECOMPUTE, add_adaptive_options, add_recompute,
                        chosen_policy, policy_options)
 
@@ -217,6 +219,9 @@ def run(args) -> int:
                            "with --ranks, --strategy or --interconnect")
     policies = _policies(chosen_policy(args))
     options = policy_options(args)
+    if args.timeline:
+        check_timeline_path(args.timeline)
+        check_output(args.timeline, "--timeline")
     if args.timeline and (len(args.traces) > 1 or len(policies) > 1 or args.sweep
                           or (args.budget and "," in args.budget)):
         raise OutcoreError("--timeline draws one simulated step: give one trace, one budget and "

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from .. import workloads
-from ..errors import OutcoreError
 from ..trace import record
+from . import check_output
 
 
 def _whole(least: int, said: str):
@@ -61,25 +60,10 @@ def _progress(text: str) -> None:
     print(f"outcore trace: {text}", file=sys.stderr, flush=True)
 
 
-def _check_output(path: str) -> None:
-    """-o is checked before the recording (minutes for a big model on the CPU), not only
-    when the trace is written after it."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        why = "is a directory"
-    elif not os.path.isdir(parent):
-        why = f"cannot be made: {parent} is not a directory"
-    elif not os.access(parent, os.W_OK):
-        why = f"cannot be made: {parent} is not writable"
-    else:
-        return
-    raise OutcoreError(f"-o {path} {why}; pass a file path in a directory you can write to")
-
-
 def run(args) -> int:
     workloads.sizes(args.model, image_size=args.image_size, seq_len=args.seq_len)  # before a word
     if args.output:
-        _check_output(args.output)
+        check_output(args.output, "-o")
     _progress(f"building {args.model} on {args.device}")
     w = workloads.build(args.model, batch=args.batch, device=args.device, optimizer=args.optimizer,
                         image_size=args.image_size, seq_len=args.seq_len)
@@ -93,9 +77,10 @@ def run(args) -> int:
         w.step()
     elapsed = time.perf_counter() - start
     trace = rec.trace
+    if args.output:                  # before a word: output cut short still leaves the file
+        trace.save(args.output)
     print(trace)
     print(f"  recorded in {elapsed:.2f} s")
     if args.output:
-        trace.save(args.output)
         print(f"  written to {args.output}")
     return 0

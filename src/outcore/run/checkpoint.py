@@ -59,13 +59,20 @@ def _sweep(directory: str, name: str) -> None:
             pass
 
 
-def _open_unnamed(directory: str) -> int | None:
+def _cannot_save(path: str, exc: OSError) -> OSError:
+    """`exc`, from making the file for `path`, said of `path` (not of outcore's unnamed or
+    temporary file) with what to do; the same OSError subclass (PermissionError...)."""
+    return OSError(exc.errno, f"cannot save to {path}: {exc.strerror or exc}; pass a path in "
+                   "a directory you can write to, on a disk with room")
+
+
+def _open_unnamed(directory: str, path: str) -> int | None:
     try:
         return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o644)
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             return None
-        raise
+        raise _cannot_save(path, exc) from None
 
 
 def atomic_save(obj, path, shield: Shield | None) -> None:
@@ -90,21 +97,21 @@ def atomic_write(path, write, shield: Shield | None = None) -> None:
     if not os.path.isdir(directory):
         if os.path.exists(directory):
             raise NotADirectoryError(errno.ENOTDIR, f"cannot save to {path}: {directory} is a "
-                                     "file, not a directory", directory)
+                                     "file, not a directory")
         raise FileNotFoundError(errno.ENOENT, f"cannot save to {path}: the directory {directory} "
-                                "does not exist", directory)
+                                "does not exist")
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, f"cannot save to {path}: it is a directory; name "
-                                "a file", path)
+                                "a file")
     _sweep(directory, name)
     temporary = _temporary(directory, name, os.getpid())
-    fd = _open_unnamed(directory)
+    fd = _open_unnamed(directory, path)
     named = fd is None
     if named:
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:       # name the user's path, not outcore's temporary one
-            raise OSError(exc.errno, f"cannot save to {path}: {exc.strerror}", path) from None
+            raise _cannot_save(path, exc) from None
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
             try:

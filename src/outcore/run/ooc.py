@@ -57,6 +57,7 @@ import os
 import sys
 import threading
 import time
+import typing
 import weakref
 
 import torch
@@ -289,6 +290,20 @@ def _policy_label(schedule) -> str:
     return f"{schedule.policy} ({chosen}{order}{late})"
 
 
+class _Replayed(typing.NamedTuple):
+    """The iteration `ooc.timeline()` and `ooc.plot()` show: the last that replayed its
+    plan to the end (one that left it has a log only up to where it did). `passive`: it
+    tracked no op (the budget is above the step's peak: docs/executor.md, "Passive mode"), so its
+    managed bytes are the plan's, function by function; `left`: how many iterations
+    since left their plans."""
+    trace: object
+    schedule: object
+    log: object
+    iteration: int
+    passive: bool
+    left: int = 0
+
+
 class OutOfCore:
     """Runs training iterations within `budget` bytes of fast memory.
 
@@ -493,7 +508,7 @@ class OutOfCore:
         self._outgrew_last = None    # ... the family of the step just run, if it outgrew
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
         self._iterations = IterationLog(self.budget)     # bounded however long the run
-        self._last_replay = None     # (trace, schedule, StepLog) of the last replayed iteration
+        self._last_replay: _Replayed | None = None
         self._warned_rss = False     # once: the process grew past _rss_bound()
         self._warned_over = False    # once: an iteration's managed peak passed the budget
         self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
@@ -759,13 +774,16 @@ class OutOfCore:
         (docs/see.md)."""
         from ..simulate import simulate
         from ..view import timeline as tl
-        trace, schedule, log = self._replayed("ooc.timeline()")
-        parts = [tl.measured_events(trace, log, budget=self.budget, rss_start=self._rss_start)]
+        replayed = self._replayed("ooc.timeline()")
+        trace, schedule = replayed.trace, replayed.schedule
+        parts = [tl.measured_events(trace, replayed.log, budget=self.budget,
+                                    rss_start=self._rss_start, **_shown(replayed))]
         if simulated:
             sim = simulate(trace, schedule, machine or self.machine)
             parts.insert(0, tl.simulated_events(trace, schedule, sim, budget=self.budget))
         tl.write(path, tl.chrome_trace(*parts, policy=schedule.policy, budget=self.budget,
-                                       functions=len(trace.functions)))
+                                       functions=len(trace.functions),
+                                       iteration=replayed.iteration))
 
     def plot(self, path, *, machine=None) -> None:
         """Draw the memory picture (outcore.view.plot) of the last replayed iteration to
@@ -773,16 +791,19 @@ class OutOfCore:
         below it the measured step: managed bytes, the resident set, the transfers."""
         from ..simulate import simulate
         from ..view.plot import plot_memory
-        trace, schedule, log = self._replayed("ooc.plot()")
+        replayed = self._replayed("ooc.plot()")
+        trace, schedule = replayed.trace, replayed.schedule
         sim = simulate(trace, schedule, machine or self.machine)
-        plot_memory(trace, schedule, sim, path, measured=log, budget=self.budget,
-                    rss_start=self._rss_start)
+        plot_memory(trace, schedule, sim, path, measured=replayed.log, budget=self.budget,
+                    rss_start=self._rss_start, **_shown(replayed))
 
-    def _replayed(self, api: str):
+    def _replayed(self, api: str) -> _Replayed:
         if self._last_replay is None:
-            raise OutcoreError(f"no iteration has replayed a plan yet: the first iterations record "
-                               f"the step; call {api} after one that replayed (the report's mode "
-                               "column says 'replay')")
+            raise OutcoreError(f"no iteration has replayed its plan to the end yet: the first "
+                               "iterations record the step, and one that left its plan (the "
+                               "report says 'deviated') has no whole measured step to show; "
+                               f"call {api} after one whose report row says 'replay' and no "
+                               "deviation")
         return self._last_replay
 
     def _park(self, errors: list, commit: bool = False) -> None:
@@ -1387,7 +1408,7 @@ class OutOfCore:
             planned_between=self._between if schedule else (0, 0),
             planned_budget=schedule.budget if schedule else None,
             pinned_bytes=pinned, iterations=self._iterations.listed(),
-            elided=self._iterations.elided if self._iterations.elided.count else None,
+            elided=self._iterations.elided,
             rss_start=self._rss_start,
             rss_made=self._rss_made,
             huge_pages=self._huge_pages,
@@ -1483,6 +1504,16 @@ def _release_slot(ooc) -> None:
         if _open is not None and _open() is ooc:
             _open = None
             sharing.uninstall()
+
+
+def _shown(replayed: _Replayed) -> dict:
+    """What the measured views say of `replayed` beyond its log: which iteration it is,
+    how many left their plans since, and for a passive one the plan's bytes."""
+    planned = None
+    if replayed.passive:
+        from ..view.occupancy import by_category
+        planned = [sum(row) for row in by_category(replayed.trace, replayed.schedule).fast]
+    return {"iteration": replayed.iteration, "left_since": replayed.left, "planned": planned}
 
 
 class _Iteration:
@@ -1692,7 +1723,11 @@ class _Iteration:
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
             deviation = mode.deviation
-            ooc._last_replay = (ooc.trace, ooc.schedule, mode.log)
+            number, last = len(ooc._iterations) + 1, ooc._last_replay
+            if deviation is None:
+                ooc._last_replay = _Replayed(ooc.trace, ooc.schedule, mode.log, number, passive)
+            elif last is not None:
+                ooc._last_replay = last._replace(left=last.left + 1)
         committing = exc is None and not errors
         ooc._park(errors, commit=committing)
         if not committing and ooc._durable is not None and self.before is not None:

@@ -229,7 +229,8 @@ class Report:
                                    # workloads measured (malloc.process_slack); 0 where that
                                    # was not measured (a GPU budget, return_freed_memory other
                                    # than "trim")
-    elided: Elided | None = None   # the iterations not in `iterations` (a long run)
+    elided: Elided = field(default_factory=Elided)   # the iterations not in `iterations`
+                                   # (a long run; count 0: none)
     op_by_op_steps: int = 0        # steps that ran op by op within the budget, as no plan
                                    # of them fits it (NOTE [Step shapes] rule 11)
     op_by_op_plan_needs: int = 0   # the smallest budget a plan of the largest of them needs
@@ -238,18 +239,18 @@ class Report:
     def deviations(self) -> int:
         """Iterations that left their plan, listed or not."""
         return (sum(1 for it in self.iterations if it.deviation)
-                + (self.elided.deviations if self.elided else 0))
+                + self.elided.deviations)
 
     @property
     def recordings(self) -> int:
         """Iterations recorded, listed or not."""
         return (sum(1 for it in self.iterations if it.mode == "record")
-                + (self.elided.recordings if self.elided else 0))
+                + self.elided.recordings)
 
     @property
     def iteration_count(self) -> int:
         """Iterations run, listed or not."""
-        return len(self.iterations) + (self.elided.count if self.elided else 0)
+        return len(self.iterations) + self.elided.count
 
     # -- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -257,7 +258,7 @@ class Report:
         return {"format": FORMAT, "version": VERSION, **asdict(self),
                 "planned_between": list(self.planned_between),        # as JSON has it
                 "iterations": [asdict(it) for it in self.iterations],
-                "elided": asdict(self.elided) if self.elided else None}
+                "elided": asdict(self.elided)}
 
     @staticmethod
     def from_dict(data: dict, source: str = "the data") -> "Report":
@@ -279,7 +280,7 @@ class Report:
                 raise TypeError(f"Report.planned_between must be two byte counts, found "
                                 f"{between!r:.40}")
             elided = data.get("elided")
-            elided = None if elided is None else Elided(**_known(Elided, elided))
+            elided = Elided() if elided is None else Elided(**_known(Elided, elided))
             report = Report(**{**known, "iterations": its, "planned_between": tuple(between),
                                "elided": elided})
         except (KeyError, TypeError) as exc:
@@ -364,7 +365,7 @@ class Report:
                          "faults  trims  peak        rss+        unmanaged")
             rows = self.iterations
             # The summed ones lie between the listed ones before and after them.
-            cut = self.elided.first_index if self.elided and self.elided.count else None
+            cut = self.elided.first_index if self.elided.count else None
             if cut is None and len(rows) <= PRINT_FIRST + PRINT_LAST + 1:
                 lines += self._rows(rows)
             else:
@@ -381,16 +382,18 @@ class Report:
         elided ones, between the first and the last listed."""
         before, after = Elided(), Elided()
         for it in rows:
-            if self.elided and it.index > self.elided.last_index:
+            if self.elided.count and it.index > self.elided.last_index:
                 after = after.add(it, self.budget)
             else:
                 before = before.add(it, self.budget)
-        middle = before.join(self.elided or Elided()).join(after)
-        where = ("not printed: ooc.report().iterations lists "
-                 f"{len(rows)} of them, the others are summed in its `elided`" if rows else
-                 "summed in ooc.report().elided"
-                 if self.elided and self.elided.count else
-                 "not printed: listed in ooc.report().iterations")
+        middle = before.join(self.elided).join(after)
+        if rows and self.elided.count:
+            where = (f"not printed: ooc.report().iterations lists {len(rows)} of them, the "
+                     "others are summed in its `elided`")
+        elif self.elided.count:
+            where = "summed in ooc.report().elided"
+        else:
+            where = "not printed: listed in ooc.report().iterations"
         return middle.line(self.budget, where)
 
     def _rows(self, rows) -> list[str]:

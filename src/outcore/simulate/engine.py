@@ -80,6 +80,9 @@ class Simulation:
     transfers: tuple[Transfer, ...]
     shared_link: bool = False
     compute_s: tuple[float, ...] = ()   # per function: how long it computed
+    # Per function: how long it computes alone, as plain PyTorch's step runs it (no
+    # contention), 0 for a recompute (plain PyTorch does not run it): the in-core clock.
+    plain_s: tuple[float, ...] = ()
     # Between iterations OutOfCore leaves state where the step left it (run/mapped.py);
     # before the next step it writes out the state the schedule ends with in fast memory
     # but starts without, and reads in the state it starts with but ends without; both
@@ -312,7 +315,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
     in_done: dict[int, float] = {}
     out_done: dict[int, float] = {}
     transfers = []
-    stalls, starts, computes = [], [], []
+    stalls, starts, computes, plain = [], [], [], []
     in_core = contention = recompute = 0.0
     for i, fn in enumerate(trace.functions):
         stall = 0.0
@@ -356,6 +359,7 @@ def _rank_lane(trace, schedule, m, link, contended=False):
         in_core += compute
         if fn.repeats is not None:
             recompute += compute
+        plain.append(0.0 if fn.repeats is not None else compute)
         if compute > 0.0 and helpers:      # the core shared half and half with the helpers
             lost = min(helpers.need(ready, ready + compute), compute)
             contention += lost
@@ -388,7 +392,8 @@ def _rank_lane(trace, schedule, m, link, contended=False):
                 + sum(m.transfer_time(a.nbytes, "in") for a in state
                       if a.id in start_set and a.id not in end_set))
     yield Simulation(machine=m.name, step_time_s=t, in_core_time_s=in_core, stall_s=tuple(stalls),
-                     start_s=tuple(starts), compute_s=tuple(computes), peak_bytes=schedule.peak_bytes,
+                     start_s=tuple(starts), compute_s=tuple(computes), plain_s=tuple(plain),
+                     peak_bytes=schedule.peak_bytes,
                      bytes_in=schedule.bytes_in, bytes_out=schedule.bytes_out,
                      transfers=tuple(transfers), shared_link=m.shared_link, boundary_s=boundary,
                      comm_s=sum(c.end_s - c.start_s for c in collectives),

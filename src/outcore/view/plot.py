@@ -22,7 +22,7 @@ from ..errors import OutcoreError
 from ..units import format_bytes
 from ..plan.recompute import remade
 from .occupancy import by_category
-from .timeline import budget_label
+from .timeline import budget_label, in_core_clock, measured_label
 
 MIB = 2**20
 # One colour per category, stable across figures (tab10, in CATEGORIES order).
@@ -67,11 +67,8 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
     line = schedule.budget / MIB          # `budget`: the user's, where the plan got less
     ax.axhline(line, color="black", linestyle="--", linewidth=1.2,
                label=budget_label(schedule.budget, budget))
-    clock, t = [], 0.0
-    for compute in sim.compute_s:
-        clock.append(t * 1e3)
-        t += compute
-    xs, ys = _steps(clock, [b / MIB for b in occ.in_core], t * 1e3)
+    clock, end = in_core_clock(sim)
+    xs, ys = _steps([t * 1e3 for t in clock], [b / MIB for b in occ.in_core], end * 1e3)
     ax.plot(xs, ys, color="grey", linewidth=1.2,
             label="in-core: what plain PyTorch holds until it frees (its own clock)")
     _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], line)
@@ -96,12 +93,15 @@ def _swap_marks(ax, marks, budget) -> None:
                 label=f"swap-out ({len(outs)})")
 
 
-def _measured(ax, log, budget: int, rss_start: int) -> None:
+def _measured(ax, log, budget: int, rss_start: int, shown: dict) -> None:
     rows = list(log.rows())
     ms = [(r[4] - log.origin) * 1e3 for r in rows]
     end = (log.end - log.origin) * 1e3
-    xs, ys = _steps(ms, [r[5] / MIB for r in rows], end)
-    ax.fill_between(xs, ys, color="#1f77b4", alpha=0.6, linewidth=0, label="managed tensors")
+    planned = shown.get("planned")
+    managed = [(planned[r[0]] if planned is not None else r[5]) / MIB for r in rows]
+    xs, ys = _steps(ms, managed, end)
+    ax.fill_between(xs, ys, color="#1f77b4", alpha=0.6, linewidth=0,
+                    label="managed tensors" + (" (as planned)" if planned is not None else ""))
     rss = [(t, (r[7] - rss_start) / MIB) for t, r in zip(ms, rows) if r[7]]
     if rss:
         xs, ys = _steps([t for t, _ in rss], [v for _, v in rss], end)
@@ -113,26 +113,37 @@ def _measured(ax, log, budget: int, rss_start: int) -> None:
     moved_in = sum(n for _, d, n, _, _ in log.transfers if d == "in")
     moved_out = sum(n for _, d, n, _, _ in log.transfers if d == "out")
     # Bytes as the report writes them (format_bytes), the axis in MiB.
-    ax.set_title(f"measured: one replayed iteration, {end:.0f} ms; moved {format_bytes(moved_in)} "
-                 f"in, {format_bytes(moved_out)} out", fontsize=10)
+    what = measured_label(shown.get("iteration"), shown.get("left_since", 0), planned)
+    ax.set_title(f"measured: {what}, {end:.0f} ms; moved {format_bytes(moved_in)} in, "
+                 f"{format_bytes(moved_out)} out", fontsize=10, wrap=True)
 
 
-def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None = None,
-                rss_start: int = 0, title: str | None = None) -> None:
-    """Draw the memory picture of `schedule` (simulated as `sim`) to `path` (.png or
-    .svg); with `measured`, a StepLog of a replayed iteration under `budget` bytes, a
-    second panel on the measured clock."""
+def check_picture_path(path) -> str:
+    """The format `path` names (its suffix, .png or .svg), or a clear refusal."""
+    if os.path.isdir(path):
+        raise OutcoreError(f"{os.fspath(path)!r} is a directory: name the picture's file in "
+                           "it, ending in .png or .svg")
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in (".png", ".svg"):
         raise OutcoreError(f"the memory picture is written as PNG or SVG; {os.fspath(path)!r} "
                            "ends in neither .png nor .svg")
+    return suffix
+
+
+def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None = None,
+                rss_start: int = 0, title: str | None = None, **shown) -> None:
+    """Draw the memory picture of `schedule` (simulated as `sim`) to `path` (.png or
+    .svg); with `measured`, a StepLog of a replayed iteration under `budget` bytes, a
+    second panel on the measured clock; `shown`: `iteration`, `left_since` and
+    `planned`, as timeline.measured_events takes them."""
+    suffix = check_picture_path(path)
     plt = _pyplot()
     panels = 2 if measured is not None else 1
     fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
     try:
         _planned(axes[0][0], trace, schedule, sim, budget)
         if measured is not None:
-            _measured(axes[1][0], measured, budget or schedule.budget, rss_start)
+            _measured(axes[1][0], measured, budget or schedule.budget, rss_start, shown)
         for (ax,) in axes:
             ax.set_ylabel("MiB")
             ax.set_xlabel("time in the step (ms)")

@@ -94,6 +94,17 @@ def budget_label(planned: int, budget: int | None = None) -> str:
             "what never moves)")
 
 
+def in_core_clock(sim) -> tuple[list[float], float]:
+    """When each function starts on plain PyTorch's own clock, and when its step ends
+    (`sim.plain_time_s`): the functions' compute alone, without the contention a
+    transfer beside them costs and without the recomputes plain PyTorch never runs."""
+    starts, t = [], 0.0
+    for compute in sim.plain_s or sim.compute_s:      # a Simulation made without plain_s
+        starts.append(t)
+        t += compute
+    return starts, t
+
+
 def simulated_events(trace, schedule, sim, *, pid: int = SIMULATED_PID,
                      budget: int | None = None) -> list[dict]:
     """The events of `sim`, a Simulation of `schedule` for `trace`; `budget`: the one the
@@ -125,23 +136,38 @@ def simulated_events(trace, schedule, sim, *, pid: int = SIMULATED_PID,
         (start, dict(zip(occ.categories, row))) for start, row in zip(sim.start_s, occ.fast)))
     events += _changes(pid, "slow tier only (bytes)", (
         (start, {"bytes": slow}) for start, slow in zip(sim.start_s, occ.slow)))
-    in_core_clock, t = [], 0.0
-    for compute in sim.compute_s:
-        in_core_clock.append(t)
-        t += compute
+    clock, _ = in_core_clock(sim)
     events += _changes(pid, "in-core, plain PyTorch (bytes, on its own clock)", (
-        (start, {"bytes": live}) for start, live in zip(in_core_clock, occ.in_core)))
+        (start, {"bytes": live}) for start, live in zip(clock, occ.in_core)))
     for t_s in (0.0, sim.iteration_time_s):
         events.append(_counter(pid, "plan's budget (bytes)" if budget not in (None, schedule.budget)
                                else "budget (bytes)", t_s, {"bytes": schedule.budget}))
     return events
 
 
+def measured_label(iteration: int | None, left_since: int, planned) -> str:
+    """What the measured step is, for its panel or process name: which iteration, that
+    later ones left their plans (so none of them is shown), that a passive one's bytes are
+    the plan's."""
+    what = f"iteration {iteration}" if iteration is not None else "one replayed iteration"
+    if left_since:
+        what += (f", the last that replayed its plan to the end ({left_since} later " + (
+            "ones left theirs)" if left_since > 1 else "one left its plan)"))
+    if planned is not None:
+        what += (", passive: nothing moved and no op was tracked (the budget is above the "
+                 "step's peak), its managed bytes as planned")
+    return what
+
+
 def measured_events(trace, log, *, budget: int, rss_start: int = 0,
-                    pid: int = MEASURED_PID) -> list[dict]:
+                    pid: int = MEASURED_PID, iteration: int | None = None,
+                    left_since: int = 0, planned=None) -> list[dict]:
     """The events of a StepLog (run/steplog.py) of an iteration that replayed `trace`'s
-    schedule; `rss_start` is subtracted from the resident set samples."""
-    events = _process(pid, f"measured: OutOfCore, budget {format_bytes(budget)}", pid)
+    schedule; `rss_start` is subtracted from the resident set samples. `planned`: per
+    function, the plan's fast-tier bytes, shown for a passive iteration, which tracked
+    none; `iteration`, `left_since`: as `measured_label` says them."""
+    events = _process(pid, f"measured: OutOfCore, budget {format_bytes(budget)}, "
+                      f"{measured_label(iteration, left_since, planned)}", pid)
     origin = log.origin
     functions = trace.functions
     resident, slow, rss = [], [], []
@@ -158,7 +184,8 @@ def measured_events(trace, log, *, budget: int, rss_start: int = 0,
         if done - returned >= MIN_GAP_S:
             events.append(_slice(pid, COMPUTE_TID, "after: swap-outs, waits", "executor", returned,
                                  done, {"function": i}))
-        resident.append((done, {"managed tensors": res_b}))
+        resident.append((done, {"managed tensors": planned[i] if planned is not None
+                                else res_b}))
         slow.append((done, {"bytes": off_b}))
         if rss_b:
             rss.append((done, {"bytes": max(rss_b - rss_start, 0)}))
@@ -187,10 +214,26 @@ def chrome_trace(*event_lists, **other) -> dict:
             "otherData": {"generator": "outcore", **{k: str(v) for k, v in other.items()}}}
 
 
+def check_timeline_path(path) -> None:
+    """Refuse a timeline path that names a picture or a directory: the file is JSON,
+    which Perfetto opens; a .png of JSON opens nowhere."""
+    import os
+    from ..errors import OutcoreError
+    if os.path.isdir(path):
+        raise OutcoreError(f"{os.fspath(path)!r} is a directory: name the timeline's file in "
+                           "it, e.g. timeline.json")
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix in (".png", ".svg", ".jpg", ".jpeg", ".pdf", ".gif"):
+        raise OutcoreError(f"a timeline is a JSON file (Perfetto and chrome://tracing open it), "
+                           f"and {os.fspath(path)!r} names a picture ({suffix}): name it "
+                           "....json, or draw the picture with ooc.plot() / outcore plot")
+
+
 def write(path, obj: dict) -> None:
     """Write `obj` as JSON to `path`: the whole file or, interrupted or killed at any
     moment, the old one (NOTE [Atomic save], run/checkpoint.py)."""
     from ..run.checkpoint import atomic_write_json
+    check_timeline_path(path)
     atomic_write_json(path, obj)
 
 
