@@ -90,6 +90,19 @@ def _require_finite(number, value) -> None:
                            "number with a unit, e.g. '512MiB', '6GiB', '1.5GB'")
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and the noun in its number: count(1, "trim") -> '1 trim', count(2, "trim")
+    -> '2 trims'."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def exact_bytes(n: int) -> str:
+    """Bytes as an error states a budget to pass: the binary unit and, where that rounds,
+    the exact count, e.g. 1536 -> '1.50 KiB (1,536 B)', 1000 -> '1000 B'."""
+    short = format_bytes(n)
+    return short if abs(n) < 1024 else f"{short} ({int(n):,} B)"
+
+
 def format_bytes(n: int | float) -> str:
     """Render bytes with a binary unit, e.g. 1536 -> '1.50 KiB'."""
     n = float(n)

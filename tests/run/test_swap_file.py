@@ -336,7 +336,7 @@ def test_errors_are_clear_and_leak_nothing(tmp_path, monkeypatch, request, tmpfi
     with pytest.raises(OutcoreError, match="swap directory .* does not exist"):
         DiskMover(swap_dir=str(tmp_path / "missing"))
     (tmp_path / "a file").write_bytes(b"")
-    with pytest.raises(OutcoreError, match="swap directory .* is not a directory"):
+    with pytest.raises(OutcoreError, match="swap directory .* is a file, not a directory"):
         DiskMover(swap_dir=str(tmp_path / "a file"))
 
 

@@ -159,7 +159,7 @@ def test_demo_prints_both_runs_and_writes_valid_files(tmp_path, capsys):
     (["--iterations", "1"], "--iterations must be at least 2"),
     (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
     (["--swap-dir", "{tmp}/missing"], "missing does not exist; create it first"),
-    (["--swap-dir", "{tmp}/file"], "file is not a directory"),
+    (["--swap-dir", "{tmp}/file"], "file is a file, not a directory"),
 ])
 def test_demo_refuses_bad_arguments_before_it_trains(tmp_path, capsys, args, says):
     (tmp_path / "file").write_text("")

@@ -166,9 +166,10 @@ def run(args) -> int:
                            f"got {args.iterations}")
     if args.swap_dir is not None and not os.path.isdir(args.swap_dir):
         # Checked before the in-core run, which would otherwise take its half minute first.
-        what = "is not a directory" if os.path.exists(args.swap_dir) else "does not exist"
-        raise OutcoreError(f"--swap-dir {args.swap_dir} {what}; create it first, or leave "
-                           "--swap-dir out for the system's temporary directory")
+        what = ("is a file, not a directory; pass a directory" if os.path.exists(args.swap_dir)
+                else "does not exist; create it first")
+        raise OutcoreError(f"--swap-dir {args.swap_dir} {what}, or leave --swap-dir out for the "
+                           "system's temporary directory")
     _writable_out(args.out)
     print(f"outcore demo: ResNet-50 on handwritten digits ({args.image_size}x{args.image_size}), "
           f"batch {args.batch}, SGD with momentum, {args.iterations} iterations, each run in a "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import InfeasibleBudget, OutcoreError
 from ..plan import POLICIES, lower_bound, min_feasible_budget
 from ..plan.recompute import choose as choose_recompute
-from ..simulate import machine
+from ..simulate import PRESETS, machine
 from ..trace import Trace
 from ..units import format_bytes, parse_budget
 from . import check_output
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     c.add_argument("--machine",
                    help="device preset of outcore.simulate: with --cluster the devices "
                         "(default a100-40gb); without, the machine policy auto picks its plan "
-                        "on (default cpu-disk)")
+                        f"on (default cpu-disk); one of {', '.join(sorted(PRESETS))}")
     c.add_argument("--interconnect",
                    help="interconnect preset of outcore.simulate.comm (default nvlink-a100)")
     c.add_argument("--max-devices", type=int, help="most devices to consider (default 8)")

@@ -21,7 +21,7 @@ import weakref
 
 from ..errors import InfeasibleBudget
 from ..trace.lifetimes import function_bytes
-from ..units import format_bytes
+from ..units import exact_bytes, format_bytes
 from .schedule import FREE, Action
 
 # trace id -> {function: its table}, for as long as the trace lives (see per_trace).
@@ -150,8 +150,8 @@ def require_feasible(trace, budget: int) -> None:
                       "FSDP's all-gather buffers, made where no op shows them), "
                       "which stay in memory until their first use")
     raise InfeasibleBudget(
-        f"a budget of {format_bytes(budget)} ({budget:,} B) cannot run function {worst} "
-        f"({fn.op}, {fn.phase}): it needs {format_bytes(need[worst])} ({need[worst]:,} B) on the "
+        f"a budget of {exact_bytes(budget)} cannot run function {worst} "
+        f"({fn.op}, {fn.phase}): it needs {exact_bytes(need[worst])} on the "
         f"fast tier at once{workspace}. The smallest feasible budget for this trace is "
         f"{format_bytes(need[worst])}; raise the budget or lower the batch size.",
         function_index=worst, op=fn.op, phase=fn.phase, needed_bytes=need[worst],

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
 from ..errors import InfeasibleBudget
-from ..units import format_bytes
+from ..units import exact_bytes, format_bytes
 from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
 from ..aten import _PLAIN as _PLAIN_TENSORS
@@ -616,14 +616,14 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
         "take the batch as a copy before the iteration (xb = X[i:j].clone() outside "
         "`with ooc.iteration():`), so that the step reads only the copy; a table the model "
         "slices itself (a positional encoding registered as a buffer) moves whole too. Or "
-        f"raise the budget to at least {format_bytes(needed)} ({needed:,} B)") if part else (
-        f"the smallest feasible budget is at least {format_bytes(needed)} ({needed:,} B): raise "
+        f"raise the budget to at least {exact_bytes(needed)}") if part else (
+        f"the smallest feasible budget is at least {exact_bytes(needed)}: raise "
         f"the budget to that or more, or {smaller} (for the whole step's figure at once, "
         "record one step with outcore.record(), on the meta device if it does not fit, and "
         "pass its trace to outcore.smallest_budget())")
     error = InfeasibleBudget(
-        f"function {index} ({what}, {phase}) needs {format_bytes(needed)} ({needed:,} B) resident "
-        f"at once{held}, more than the budget of {format_bytes(budget)} ({budget:,} B) you passed; "
+        f"function {index} ({what}, {phase}) needs {exact_bytes(needed)} resident "
+        f"at once{held}, more than the budget of {exact_bytes(budget)} you passed; "
         f"no schedule can run it: {what_to_do}. "
         + ("This iteration had left its recorded step (a step that differs from the recorded "
            "one, such as one that calls optimizer.step() only every few iterations) and ran "
@@ -646,7 +646,7 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
            "changed any parameter in it, and the step wrote no tensor that existed "
            "before it.")
         + (" The gradients its backward computed are on the parameters: zero them "
-           "(optimizer.zero_grad()) before running this batch again (helper-126)."
+           "(optimizer.zero_grad()) before running this batch again."
            if phase == "optimizer" and not (completed or deviated) else ""),
         function_index=index, op=what, phase=phase, needed_bytes=needed, budget_bytes=budget,
         min_feasible_bytes=needed)

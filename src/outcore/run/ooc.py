@@ -76,7 +76,7 @@ from ..trace.lifetimes import function_bytes
 from ..trace.model import require_trace
 from ..trace.recorder import Recording
 from ..states import FAST
-from ..units import format_bytes, parse_budget, parse_bytes
+from ..units import exact_bytes, format_bytes, parse_budget, parse_bytes
 from .building import Building
 from .checkpoint import atomic_save
 from .compose import (Composition, _distributed_up, fsdp_set_up, held_arrays, owned_arrays,
@@ -1173,7 +1173,7 @@ class OutOfCore:
         needed = host.lasting_slow_bytes(trace, schedule)
         if needed > self.host_budget:
             raise HostBudgetTooSmall(
-                f"the plan leaves {format_bytes(needed)} ({needed:,} B) of state on the slow tier "
+                f"the plan leaves {exact_bytes(needed)} of state on the slow tier "
                 f"between iterations, more than host_budget={format_bytes(self.host_budget)} "
                 f"({self.host_budget:,} B): with offload='host' that state stays in page-locked "
                 "host memory between iterations (it cannot be mapped into GPU tensors from "
@@ -1191,7 +1191,7 @@ class OutOfCore:
         room = self._mover.link.free_bytes() + max(0, self._res.resident - kept)
         if needed > room:
             raise HostBudgetTooSmall(
-                f"the plan leaves {format_bytes(needed)} ({needed:,} B) of state on the host "
+                f"the plan leaves {exact_bytes(needed)} of state on the host "
                 f"tier between iterations, and this PyTorch ({torch.__version__}) cannot keep it "
                 "there usable in place (it has no UntypedStorage._swap_data_ptr_): it would be "
                 "read back into the fast tier at every iteration's end, where at most "
@@ -1263,16 +1263,16 @@ class OutOfCore:
                        "registered with module.register_buffer (and kept), or held as "
                        "nn.Parameter(t, requires_grad=False), moves like state)")
                       if pending > 0 else "")
-            what = (f"function {index} ({op}, {phase}) needs {format_bytes(need)} ({need:,} B) "
+            what = (f"function {index} ({op}, {phase}) needs {exact_bytes(need)} "
                     f"on the fast tier at once{unused}.")
         if budget > 0:
-            held = (f"The budget of {format_bytes(self.budget)} ({self.budget:,} B) you passed "
-                    f"leaves {format_bytes(budget)} ({budget:,} B) for the plan: {unmovable} "
-                    f"never move and hold up to {format_bytes(kept)} ({kept:,} B) of it.")
+            held = (f"The budget of {exact_bytes(self.budget)} you passed "
+                    f"leaves {exact_bytes(budget)} for the plan: {unmovable} "
+                    f"never move and hold up to {exact_bytes(kept)} of it.")
         else:
-            held = (f"The budget of {format_bytes(self.budget)} ({self.budget:,} B) you passed "
+            held = (f"The budget of {exact_bytes(self.budget)} you passed "
                     f"leaves nothing for the plan: {unmovable} never move and hold up to "
-                    f"{format_bytes(kept)} ({kept:,} B) at once in this step, all of it or "
+                    f"{exact_bytes(kept)} at once in this step, all of it or "
                     "more.")
         # What a lower min_move_bytes would let move (not `stuck`: NOTE 7's reasons too).
         stuck = self._stuck_small(recording) if recording is not None else set()
@@ -1298,7 +1298,7 @@ class OutOfCore:
                    "running op by op, correct but slower (NOTE [Step shapes], rule 11)")
         raise InfeasibleBudget(
             f"{what} {held} {verdict}; the "
-            f"smallest feasible budget is {format_bytes(smallest)} ({smallest:,} B): raise "
+            f"smallest feasible budget is {exact_bytes(smallest)}: raise "
             f"the budget to that or more, {lower}.",
             function_index=index if index is not None else 0, op=op or "the step",
             phase=phase or "", needed_bytes=need, budget_bytes=self.budget,

@@ -9,7 +9,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..errors import OutcoreError, file_kind
 from ..memory.malloc import PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE
-from ..units import format_bytes
+from ..units import count, exact_bytes, format_bytes
 
 FORMAT = "outcore.report"
 VERSION = 2        # 2: `elided` (a long run's iterations not listed); 1 still loads
@@ -142,7 +142,7 @@ class Elided:
                 + (f"; {', '.join(events)}" if events else "")
                 + (f"; recomputed {format_bytes(self.bytes_recomputed)}"
                    if self.bytes_recomputed else "")
-                + (f"; {self.trims} trims gave back {format_bytes(self.trimmed_bytes)}"
+                + (f"; {count(self.trims, 'trim')} gave back {format_bytes(self.trimmed_bytes)}"
                    if self.trims else "")
                 + (f"; planned in {self.plan_s:.2f}s" if self.plan_s else "")
                 + (f"; {self.skipped_actions} planned moves skipped" if self.skipped_actions
@@ -335,13 +335,14 @@ class Report:
             lines.append(f"  op by op: {self.op_by_op_steps} step(s) ran op by op within the "
                          "budget, recorded each time and never planned: a plan keeps room for "
                          "what never moves at its peak throughout and needs at least "
-                         f"{format_bytes(self.op_by_op_plan_needs)} "
-                         f"({self.op_by_op_plan_needs:,} B) for them; from that budget on they "
+                         f"{exact_bytes(self.op_by_op_plan_needs)} for them; from that budget on they "
                          "replay a plan, faster (NOTE [Step shapes] in run/plans.py, rule 11)")
         if self.step_shapes > 1:
             lines.append(f"  plans:    {self.step_shapes} shapes of step, a plan each (the lines "
                          "above are of the one the last iteration used; docs/executor.md, "
-                         "\"Steps of several shapes\")")
+                         "\"Steps of several shapes\"); where one ends with state on another "
+                         "tier than the next starts with, that state moves between them, "
+                         "counted in the rows' read and written, not in the planned bytes")
         kept = (self.budget - self.planned_budget) if self.planned_budget is not None else 0
         if self.pinned_bytes or kept > 0:
             lines.append(f"  pinned in fast memory (small, not resizable, or kept by a collective or "
@@ -420,7 +421,7 @@ class Report:
                              "for it yet")
             if it.trimmed_bytes:
                 lines.append(f"        the allocator gave back {format_bytes(it.trimmed_bytes)} "
-                             f"in {it.trims} trims (to keep the resident set near the "
+                             f"in {count(it.trims, 'trim')} (to keep the resident set near the "
                              "budget); the step faulted in again what it reused")
             if it.bytes_recomputed:
                 lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "

@@ -76,7 +76,7 @@ from dataclasses import dataclass
 
 from ..plan.feasibility import needs, occupancy, release_points
 from ..trace.model import require_trace
-from ..units import format_bytes, parse_bytes
+from ..units import count, format_bytes, parse_bytes
 from .machines import machine as get_machine
 
 
@@ -117,7 +117,8 @@ class Limit:
             return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): functions that leave "
                     f"too little of the budget for the arrays alive across them force "
                     f"{format_bytes(p.read)} of read-backs and "
-                    f"{format_bytes(p.written)} of writes into {len(p.intervals)} stretches "
+                    f"{format_bytes(p.written)} of writes into "
+                    f"{count(len(p.intervals), 'stretch', 'stretches')} "
                     f"of the step, {p.stall_s * 1e3:.1f} ms more than their compute")
         if self.cut is None:
             return f"{head}: the step's compute"

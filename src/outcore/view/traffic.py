@@ -11,7 +11,10 @@ The schedule says how many bytes each array moves; the StepLog of a replayed ite
              arrays the plan expected clean, on-demand fallbacks
   skipped    planned but not moved: arrays under min_move_bytes stay resident, and
              arrays the step had not touched yet when their action came
-  unbound    storages the trace does not know (none when the step matches the record)
+  unbound    storages the trace does not know: a tensor the loop keeps from one step to
+             the next (a variable still holding the last step's output) that the plan
+             made room by moving; none when every storage the step touches is the
+             record's
 
 planned + boundary + extra - skipped + unbound = measured, per direction.
 """
@@ -48,8 +51,9 @@ class Traffic:
                            "of storages still held, arrays written again ("
                            + _by_category(self.extra_by_category, d) + ")")
             if self.skipped[d]:
-                out.append(f"  - {format_bytes(self.skipped[d])} planned but not moved: small "
-                           "arrays stay resident, or were not touched yet ("
+                out.append(f"  - {format_bytes(self.skipped[d])} planned but not moved: arrays "
+                           "under min_move_bytes stay resident, and arrays the step had not "
+                           "touched yet when their move came are not moved ("
                            + _by_category(self.skipped_by_category, d) + ")")
             if self.unbound[d]:
                 out.append(f"  + {format_bytes(self.unbound[d])} of storages the record does "

@@ -338,9 +338,10 @@ class DiskMover:
         state directory's, run/durable.py) instead of an unnamed one in `swap_dir`."""
         base = os.path.abspath(os.path.dirname(path) if path else swap_dir or tempfile.gettempdir())
         if not os.path.isdir(base):
-            what = "is not a directory" if os.path.exists(base) else "does not exist"
-            raise OutcoreError(f"swap directory {base} {what}; create it or pass "
-                               "swap_dir= a directory on a local disk with free space")
+            what = ("is a file, not a directory; pass" if os.path.exists(base) else
+                    "does not exist; create it or pass")
+            raise OutcoreError(f"swap directory {base} {what} swap_dir= a directory on a local "
+                               "disk with free space (the swap file is made in it)")
         self._fd, self.direct = self._open_kept(path, direct) if path else self._open(base, direct)
         try:
             self._setup(base, path, chunk_bytes, direct_min_bytes)
