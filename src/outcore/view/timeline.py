@@ -124,8 +124,10 @@ def simulated_events(trace, schedule, sim, *, pid: int = SIMULATED_PID,
         events.append(_function_slice(pid, fn, start, start + compute))
         previous_end = start + compute
     if sim.boundary_s > 0:
+        read, written = schedule.boundary(trace)
         events.append(_slice(pid, COMPUTE_TID, "between iterations: moving state", "boundary",
-                             sim.step_time_s, sim.iteration_time_s, {}))
+                             sim.step_time_s, sim.iteration_time_s,
+                             {"bytes read": read, "bytes written": written}))
     # 2. One slice per transfer, on its direction's track.
     for t in sim.transfers:
         events.append(_transfer_slice(pid, trace, t.array, t.direction, t.nbytes, t.start_s, t.end_s))
