@@ -276,7 +276,7 @@ def test_a_functions_workspace_is_room_the_plan_leaves_free_while_it_runs():
                                                     r"\(6 B of it its workspace\)"):
         outcore.check(t, no_room, 16)
     with pytest.raises(outcore.InfeasibleBudget,
-                       match=r"needs 16 B \(16 B\) on the fast tier at once, 6 B of it the op's "
+                       match=r"needs 16 B on the fast tier at once, 6 B of it the op's "
                              "own workspace"):
         outcore.plan(t, 15)
 
