@@ -227,6 +227,53 @@ def test_an_outofcore_dropped_without_close_hands_its_state_on():
     assert_same_optimizer(plain_opt, managed_opt)
 
 
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "not closed"])
+def test_an_outofcore_dropped_goes_at_once_and_one_in_a_cycle_does_not_block_the_next(
+        tmp_path, closed):
+    """helper-137: the replayer kept a method of its iteration, which holds the
+    OutOfCore: a cycle, so an OutOfCore closed and dropped lived on until the cycle
+    collector ran (its threads, the disk space of a state file already deleted, still
+    mapped), and in a hyper-parameter sweep that dropped each trial's OutOfCore unclosed
+    the next OutOfCore() was refused: the collection meant to free the old one ran while
+    a local name still held it."""
+    import gc
+    import weakref
+    x, y = data()
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def trial(state_dir):
+        ooc = outcore.OutOfCore(BUDGET, state_dir=state_dir)
+        if state_dir is not None:
+            ooc.resume(model, opt)
+        for i in range(5):                  # records, replays, and leaves its plan once
+            longer = i == 3
+            with ooc.iteration():
+                step(model, opt, torch.cat([x, x[:3]]) if longer else x,
+                     torch.cat([y, y[:3]]) if longer else y)
+        assert ooc.report().deviations >= 1
+        if closed:
+            ooc.close()
+        return ooc
+
+    gc.collect()
+    gc.disable()
+    try:
+        for state_dir in (None, tmp_path / "state"):
+            gone = weakref.ref(trial(state_dir))
+            assert gone() is None, "the dropped OutOfCore outlived its last reference"
+        cycle = [trial(None)]               # unreachable, and only the collector frees it
+        cycle.append(cycle)
+        gone = weakref.ref(cycle[0])
+        del cycle
+        assert gone() is not None
+        with outcore.OutOfCore(BUDGET):     # made; an open one is freed by _claim's collection
+            assert closed or gone() is None
+    finally:
+        gc.enable()
+
+
 def test_plain_training_after_close(twins):
     plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
     ooc.close()

@@ -186,6 +186,7 @@ def _claim(ooc) -> None:
     with _open_lock:
         current = open_outofcore()
         if current is not None and not current.closed:
+            current = None          # a name held here would keep it from the collector
             gc.collect()            # an unreachable one still waiting for the collector
             current = open_outofcore()
         if current is not None and not current.closed:
@@ -1722,6 +1723,8 @@ class _Iteration:
                 mode.finish()
             except BaseException as err:  # noqa: BLE001
                 errors.append(err)
+            finally:
+                mode.release()          # nothing of it left to hold this OutOfCore
             deviation = mode.deviation
             number, last = len(ooc._iterations) + 1, ooc._last_replay
             if deviation is None:

@@ -571,6 +571,14 @@ class Replayer(HeldMode):
         self._lingering = [e for e in lingering if e not in gone]
         self._stranger_bytes = sum(e.nbytes for e in self._strangers + self._lingering)
 
+    def release(self) -> None:
+        """After `finish`: drop `others`, a method of the iteration that holds this
+        replayer and its OutOfCore. Kept, the two made a cycle, and an OutOfCore closed
+        and dropped lived on (its threads, its swap file's disk space, the mappings of a
+        deleted state file) until the cycle collector ran, and one dropped unclosed kept
+        the next OutOfCore() from being made (helper-137)."""
+        self._others = None
+
     def finish(self) -> None:
         self._zombies, self._lingering = [], []     # what the user still holds at the end stays
         if self.deviation is None and self.index != self.n:
