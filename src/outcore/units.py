@@ -97,8 +97,8 @@ def count(n: int, noun: str, plural: str | None = None) -> str:
 
 
 def exact_bytes(n: int) -> str:
-    """Bytes as an error states a budget to pass: the binary unit and, where that rounds,
-    the exact count, e.g. 1536 -> '1.50 KiB (1,536 B)', 1000 -> '1000 B'."""
+    """Bytes as an error states a budget to pass: the binary unit and, from 1 KiB on, the
+    exact count, e.g. 1536 -> '1.50 KiB (1,536 B)', 1000 -> '1000 B'."""
     short = format_bytes(n)
     return short if abs(n) < 1024 else f"{short} ({int(n):,} B)"
 

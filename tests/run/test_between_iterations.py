@@ -227,7 +227,49 @@ def test_an_outofcore_dropped_without_close_hands_its_state_on():
     assert_same_optimizer(plain_opt, managed_opt)
 
 
-@pytest.mark.parametrize("closed", [True, False], ids=["closed", "not closed"])
+DROPPED = """
+import gc, sys, weakref
+import torch, outcore
+from test_between_iterations import BUDGET, data, make_model, step
+closed = sys.argv[1] == "closed"
+x, y = data()
+torch.manual_seed(0)
+model = make_model()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+def trial(state_dir):
+    ooc = outcore.OutOfCore(BUDGET, state_dir=state_dir)
+    if state_dir is not None:
+        ooc.resume(model, opt)
+    for i in range(5):                  # records, replays, and leaves its plan once
+        longer = i == 3
+        with ooc.iteration():
+            step(model, opt, torch.cat([x, x[:3]]) if longer else x,
+                 torch.cat([y, y[:3]]) if longer else y)
+    assert ooc.report().deviations >= 1
+    if closed:
+        ooc.close()
+    return ooc
+
+gc.collect()
+gc.disable()
+for state_dir in (None, sys.argv[2]):
+    gone = weakref.ref(trial(state_dir))
+    assert gone() is None, "the dropped OutOfCore outlived its last reference"
+if not closed:
+    cycle = [trial(None)]               # unreachable, and only the collector frees it
+    cycle.append(cycle)
+    gone = weakref.ref(cycle[0])
+    del cycle
+    assert gone() is not None
+    with outcore.OutOfCore(BUDGET):     # made: _claim's collection freed the old one
+        assert gone() is None
+gc.enable()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("closed", ["closed", "not closed"])
 def test_an_outofcore_dropped_goes_at_once_and_one_in_a_cycle_does_not_block_the_next(
         tmp_path, closed):
     """helper-137: the replayer kept a method of its iteration, which holds the
@@ -235,11 +277,32 @@ def test_an_outofcore_dropped_goes_at_once_and_one_in_a_cycle_does_not_block_the
     collector ran (its threads, the disk space of a state file already deleted, still
     mapped), and in a hyper-parameter sweep that dropped each trial's OutOfCore unclosed
     the next OutOfCore() was refused: the collection meant to free the old one ran while
-    a local name still held it."""
-    import gc
-    import weakref
-    x, y = data()
-    torch.manual_seed(0)
+    a local name still held it. In a fresh process, with the collector off: in this
+    one, after a test that saved between iterations, a closed OutOfCore left in a cycle
+    crashes the process (test_a_closed_outofcore_left_in_a_cycle_crashes_the_process)."""
+    out = subprocess.run([sys.executable, "-c", DROPPED, closed, str(tmp_path / "state")],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(__file__))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+CYCLE_CRASH = """
+import gc, sys, tempfile, torch, outcore
+from test_between_iterations import BUDGET, data, make_model, step
+x, y = data()
+
+def first():
+    ooc = outcore.OutOfCore(BUDGET)
+    with ooc.building():
+        managed = make_model()
+    opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
+    for _ in range(4):
+        with ooc.iteration():
+            step(managed, opt, x, y)
+    ooc.save(managed.state_dict(), sys.argv[1] + "/ck.pt")
+    ooc.close()
+
+def second():
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -247,31 +310,36 @@ def test_an_outofcore_dropped_goes_at_once_and_one_in_a_cycle_does_not_block_the
         ooc = outcore.OutOfCore(BUDGET, state_dir=state_dir)
         if state_dir is not None:
             ooc.resume(model, opt)
-        for i in range(5):                  # records, replays, and leaves its plan once
-            longer = i == 3
+        for _ in range(5):
             with ooc.iteration():
-                step(model, opt, torch.cat([x, x[:3]]) if longer else x,
-                     torch.cat([y, y[:3]]) if longer else y)
-        assert ooc.report().deviations >= 1
-        if closed:
-            ooc.close()
+                step(model, opt, x, y)
+        ooc.close()
         return ooc
-
     gc.collect()
     gc.disable()
-    try:
-        for state_dir in (None, tmp_path / "state"):
-            gone = weakref.ref(trial(state_dir))
-            assert gone() is None, "the dropped OutOfCore outlived its last reference"
-        cycle = [trial(None)]               # unreachable, and only the collector frees it
-        cycle.append(cycle)
-        gone = weakref.ref(cycle[0])
-        del cycle
-        assert gone() is not None
-        with outcore.OutOfCore(BUDGET):     # made; an open one is freed by _claim's collection
-            assert closed or gone() is None
-    finally:
-        gc.enable()
+    trial(None)
+    trial(sys.argv[1] + "/state")
+    cycle = [trial(None)]
+    cycle.append(cycle)
+    del cycle
+    gc.enable()
+
+first()
+second()                # its model and optimizer go as it returns
+print("ok")
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="open: a closed OutOfCore left in a reference cycle "
+                   "while the collector was off, after a save between iterations and a "
+                   "state_dir run, crashes the process (SIGSEGV) when the collector is on "
+                   "again and the model's storages are freed: PyObject_ClearWeakRefs on a "
+                   "storage finds its weakref list dangling. Found 2026-12-05 (also on "
+                   "eae55c0); cause not found yet")
+def test_a_closed_outofcore_left_in_a_cycle_crashes_the_process(tmp_path):
+    out = subprocess.run([sys.executable, "-c", CYCLE_CRASH, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-500:])
 
 
 def test_plain_training_after_close(twins):

@@ -219,6 +219,23 @@ def test_the_views_show_the_last_whole_replay_and_say_so(tmp_path):
             if e["pid"] == MEASURED_PID and e["name"] == "fast tier (bytes)"]
     assert max(fast) == schedule.peak_bytes and min(fast) < max(fast)
 
+    # A passive replay of larger tensors that still fit stays passive (helper-140: the
+    # plan's bytes drawn for it were a third of what the step held): not drawn.
+    model, opt, x = _mlp()
+    with outcore.OutOfCore(budget="1GiB", swap_dir=str(tmp_path)) as ooc:
+        for batch in (x, x, x, torch.randn(1024, 256)):
+            with ooc.iteration():
+                _step(model, opt, batch)
+        assert ooc._last_replay.passive and ooc._last_replay.iteration == 4
+        assert ooc._last_replay.more > 0
+        ooc.timeline(path)
+        ooc.plot(tmp_path / "larger.png")
+    events = json.loads(path.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert "larger than the plan's: its managed bytes are not known" in names[MEASURED_PID]
+    assert not [e for e in events if e["pid"] == MEASURED_PID
+                and e["name"] == "fast tier (bytes)"]
+
 
 def test_the_in_core_curve_runs_on_plain_pytorchs_clock(recorded):
     """helper-138: the in-core curve's clock added the functions' compute with the

@@ -113,6 +113,10 @@ CLUSTER_ONLY = ("interconnect", "max_devices", "strategies", "batch", "markdown"
 
 
 def run(args) -> int:
+    if args.cluster and args.output:
+        raise OutcoreError("-o writes one device's schedule, and --cluster ranks "
+                           "configurations and writes none: drop -o (--markdown prints the "
+                           "table to paste), or drop --cluster to plan one device")
     if args.cluster:
         return run_cluster(args)
     given = [f"--{n.replace('_', '-')}" for n in CLUSTER_ONLY

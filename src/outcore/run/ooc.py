@@ -295,7 +295,8 @@ class _Replayed(typing.NamedTuple):
     """The iteration `ooc.timeline()` and `ooc.plot()` show: the last that replayed its
     plan to the end (one that left it has a log only up to where it did). `passive`: it
     tracked no op (the budget is above the step's peak: docs/executor.md, "Passive mode"), so its
-    managed bytes are the plan's, function by function; `left`: how many iterations
+    managed bytes are the plan's, function by function, unless it made larger tensors
+    than the plan's (`more`: then they are not known); `left`: how many iterations
     since left their plans."""
     trace: object
     schedule: object
@@ -303,6 +304,7 @@ class _Replayed(typing.NamedTuple):
     iteration: int
     passive: bool
     left: int = 0
+    more: int = 0       # bytes a passive one made past its plan's (larger tensors that fit)
 
 
 class OutOfCore:
@@ -745,9 +747,11 @@ class OutOfCore:
             with reading(self, "ooc.save()"):
                 atomic_save(obj, path, self._shield if main else None)
         except OSError as exc:
-            raise OutcoreError(f"ooc.save() could not write {os.fspath(path)}: "
-                               f"{exc.strerror or exc}. What was there before is intact, and "
-                               "no temporary file is left.") from exc
+            said = str(exc.strerror or exc)
+            said = said if said.startswith("cannot save to ") else (
+                f"could not write {os.fspath(path)}: {said}")   # else it names the path
+            raise OutcoreError(f"ooc.save() {said}. What was there before is intact, and no "
+                               "temporary file is left.") from exc
 
     @property
     def fast_device(self) -> str:
@@ -1511,10 +1515,11 @@ def _shown(replayed: _Replayed) -> dict:
     """What the measured views say of `replayed` beyond its log: which iteration it is,
     how many left their plans since, and for a passive one the plan's bytes."""
     planned = None
-    if replayed.passive:
+    if replayed.passive and not replayed.more:
         from ..view.occupancy import by_category
         planned = [sum(row) for row in by_category(replayed.trace, replayed.schedule).fast]
-    return {"iteration": replayed.iteration, "left_since": replayed.left, "planned": planned}
+    return {"iteration": replayed.iteration, "left_since": replayed.left, "planned": planned,
+            "untracked": replayed.passive and replayed.more > 0}
 
 
 class _Iteration:
@@ -1728,7 +1733,8 @@ class _Iteration:
             deviation = mode.deviation
             number, last = len(ooc._iterations) + 1, ooc._last_replay
             if deviation is None:
-                ooc._last_replay = _Replayed(ooc.trace, ooc.schedule, mode.log, number, passive)
+                ooc._last_replay = _Replayed(ooc.trace, ooc.schedule, mode.log, number, passive,
+                                             more=getattr(mode, "_more", 0) if passive else 0)
             elif last is not None:
                 ooc._last_replay = last._replace(left=last.left + 1)
         committing = exc is None and not errors

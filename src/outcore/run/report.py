@@ -335,8 +335,9 @@ class Report:
             lines.append(f"  op by op: {self.op_by_op_steps} step(s) ran op by op within the "
                          "budget, recorded each time and never planned: a plan keeps room for "
                          "what never moves at its peak throughout and needs at least "
-                         f"{exact_bytes(self.op_by_op_plan_needs)} for them; from that budget on they "
-                         "replay a plan, faster (NOTE [Step shapes] in run/plans.py, rule 11)")
+                         f"{exact_bytes(self.op_by_op_plan_needs)} for them; from that budget "
+                         "on they replay a plan, faster (NOTE [Step shapes] in run/plans.py, "
+                         "rule 11)")
         if self.step_shapes > 1:
             lines.append(f"  plans:    {self.step_shapes} shapes of step, a plan each (the lines "
                          "above are of the one the last iteration used; docs/executor.md, "

@@ -97,11 +97,12 @@ def _measured(ax, log, budget: int, rss_start: int, shown: dict) -> None:
     rows = list(log.rows())
     ms = [(r[4] - log.origin) * 1e3 for r in rows]
     end = (log.end - log.origin) * 1e3
-    planned = shown.get("planned")
-    managed = [(planned[r[0]] if planned is not None else r[5]) / MIB for r in rows]
-    xs, ys = _steps(ms, managed, end)
-    ax.fill_between(xs, ys, color="#1f77b4", alpha=0.6, linewidth=0,
-                    label="managed tensors" + (" (as planned)" if planned is not None else ""))
+    planned, untracked = shown.get("planned"), shown.get("untracked", False)
+    if not untracked:
+        managed = [(planned[r[0]] if planned is not None else r[5]) / MIB for r in rows]
+        xs, ys = _steps(ms, managed, end)
+        ax.fill_between(xs, ys, color="#1f77b4", alpha=0.6, linewidth=0,
+                        label="managed tensors" + (" (as planned)" if planned is not None else ""))
     rss = [(t, (r[7] - rss_start) / MIB) for t, r in zip(ms, rows) if r[7]]
     if rss:
         xs, ys = _steps([t for t, _ in rss], [v for _, v in rss], end)
@@ -113,7 +114,8 @@ def _measured(ax, log, budget: int, rss_start: int, shown: dict) -> None:
     moved_in = sum(n for _, d, n, _, _ in log.transfers if d == "in")
     moved_out = sum(n for _, d, n, _, _ in log.transfers if d == "out")
     # Bytes as the report writes them (format_bytes), the axis in MiB.
-    what = measured_label(shown.get("iteration"), shown.get("left_since", 0), planned)
+    what = measured_label(shown.get("iteration"), shown.get("left_since", 0), planned,
+                          untracked)
     ax.set_title(f"measured: {what}, {end:.0f} ms; moved {format_bytes(moved_in)} in, "
                  f"{format_bytes(moved_out)} out", fontsize=10, wrap=True)
 
@@ -134,8 +136,8 @@ def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None
                 rss_start: int = 0, title: str | None = None, **shown) -> None:
     """Draw the memory picture of `schedule` (simulated as `sim`) to `path` (.png or
     .svg); with `measured`, a StepLog of a replayed iteration under `budget` bytes, a
-    second panel on the measured clock; `shown`: `iteration`, `left_since` and
-    `planned`, as timeline.measured_events takes them."""
+    second panel on the measured clock; `shown`: `iteration`, `left_since`, `planned`
+    and `untracked`, as timeline.measured_events takes them."""
     suffix = check_picture_path(path)
     plt = _pyplot()
     panels = 2 if measured is not None else 1

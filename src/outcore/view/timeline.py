@@ -96,8 +96,9 @@ def budget_label(planned: int, budget: int | None = None) -> str:
 
 def in_core_clock(sim) -> tuple[list[float], float]:
     """When each function starts on plain PyTorch's own clock, and when its step ends
-    (`sim.plain_time_s`): the functions' compute alone, without the contention a
-    transfer beside them costs and without the recomputes plain PyTorch never runs."""
+    (`sim.plain_time_s`, for a Simulation with `plain_s`): the functions' compute alone,
+    without the contention a transfer beside them costs and without the recomputes plain
+    PyTorch never runs."""
     starts, t = [], 0.0
     for compute in sim.plain_s or sim.compute_s:      # a Simulation made without plain_s
         starts.append(t)
@@ -147,10 +148,11 @@ def simulated_events(trace, schedule, sim, *, pid: int = SIMULATED_PID,
     return events
 
 
-def measured_label(iteration: int | None, left_since: int, planned) -> str:
+def measured_label(iteration: int | None, left_since: int, planned,
+                   untracked: bool = False) -> str:
     """What the measured step is, for its panel or process name: which iteration, that
     later ones left their plans (so none of them is shown), that a passive one's bytes are
-    the plan's."""
+    the plan's, or (`untracked`: it made larger tensors than its plan's) not known."""
     what = f"iteration {iteration}" if iteration is not None else "one replayed iteration"
     if left_since:
         what += (f", the last that replayed its plan to the end ({left_since} later " + (
@@ -158,18 +160,23 @@ def measured_label(iteration: int | None, left_since: int, planned) -> str:
     if planned is not None:
         what += (", passive: nothing moved and no op was tracked (the budget is above the "
                  "step's peak), its managed bytes as planned")
+    elif untracked:
+        what += (", passive: nothing moved and no op was tracked (the budget is above the "
+                 "step's peak), and its tensors were larger than the plan's: its managed "
+                 "bytes are not known op by op and not drawn")
     return what
 
 
 def measured_events(trace, log, *, budget: int, rss_start: int = 0,
                     pid: int = MEASURED_PID, iteration: int | None = None,
-                    left_since: int = 0, planned=None) -> list[dict]:
+                    left_since: int = 0, planned=None, untracked: bool = False) -> list[dict]:
     """The events of a StepLog (run/steplog.py) of an iteration that replayed `trace`'s
     schedule; `rss_start` is subtracted from the resident set samples. `planned`: per
     function, the plan's fast-tier bytes, shown for a passive iteration, which tracked
-    none; `iteration`, `left_since`: as `measured_label` says them."""
+    none; `iteration`, `left_since`, `untracked`: as `measured_label` says them (an
+    untracked one has no fast-tier counter)."""
     events = _process(pid, f"measured: OutOfCore, budget {format_bytes(budget)}, "
-                      f"{measured_label(iteration, left_since, planned)}", pid)
+                      f"{measured_label(iteration, left_since, planned, untracked)}", pid)
     origin = log.origin
     functions = trace.functions
     resident, slow, rss = [], [], []
@@ -195,7 +202,8 @@ def measured_events(trace, log, *, budget: int, rss_start: int = 0,
     for aid, direction, nbytes, start, end in log.transfers:
         events.append(_transfer_slice(pid, trace, aid, direction, nbytes, start - origin, end - origin))
     # 3. Counters.
-    events += _changes(pid, "fast tier (bytes)", resident)
+    if not untracked:
+        events += _changes(pid, "fast tier (bytes)", resident)
     events += _changes(pid, "slow tier only (bytes)", slow)
     events += _changes(pid, "resident set above base (bytes)", rss)
     for t_s in (0.0, log.end - origin):
