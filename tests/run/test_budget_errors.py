@@ -409,6 +409,47 @@ def test_a_budget_above_the_memory_there_is_gets_a_warning(monkeypatch, caplog, 
     assert len(warned) == 1 and "1.00 TiB" in warned[0] and "8.00 GiB of RAM" in warned[0]
 
 
+def test_a_budget_that_leaves_too_little_of_the_memory_gets_a_warning(monkeypatch, caplog,
+                                                                      tmp_path):
+    """helper-139: under a 1.5 GiB cgroup limit a budget of 1400 MiB (or 1152) got no
+    word and the kernel killed the process in its first iteration: the process itself,
+    the budget and what it took beyond the budget (docs/state.md) did not fit."""
+    from outcore.memory.malloc import process_slack, resident_bytes
+    from outcore.run.movers import host
+    limit = resident_bytes() + 2**30
+    monkeypatch.setattr(host, "memory_limit", lambda: limit)
+    with caplog.at_level("WARNING", logger="outcore"):
+        outcore.OutOfCore("960MiB", swap_dir=tmp_path).close()      # over with the slack
+        outcore.OutOfCore("512MiB", swap_dir=tmp_path).close()      # fits with it
+    warned = [r.getMessage() for r in caplog.records if "leaves too little" in r.getMessage()]
+    assert len(warned) == 1 and "960.00 MiB" in warned[0], warned
+    assert 960 * 2**20 + process_slack(960 * 2**20) > 2**30 > 512 * 2**20 + process_slack(512 * 2**20)
+
+
+def test_the_memory_limit_is_the_lowest_up_the_processs_own_cgroups(tmp_path, monkeypatch):
+    """helper-139: in a cgroup below the hierarchy's top (a Slurm job, a systemd slice)
+    outcore read only the top's limit, the machine's 24 GiB, under a 1.5 GiB limit."""
+    from outcore.run.movers import host
+    v1 = tmp_path / "memory"
+    for part, limit in (("", None), ("job", 4 * 2**30), ("job/step", 1536 * 2**20)):
+        (v1 / part).mkdir(parents=True, exist_ok=True)
+        if limit is not None:
+            (v1 / part / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    (tmp_path / "memory.max").write_text("max\n")                     # v2 top: no limit
+    proc = tmp_path / "cgroup"
+    proc.write_text("9:name=systemd:/\n4:memory:/job/step\n2:cpu,cpuacct:/job\n")
+    monkeypatch.setattr(host, "CGROUP_FS", str(tmp_path))
+    monkeypatch.setattr(host, "PROC_CGROUP", str(proc))
+    assert host.memory_limit() == min(1536 * 2**20, host.physical_memory())
+    proc.write_text("4:memory:/job\n")
+    assert host.memory_limit() == min(4 * 2**30, host.physical_memory())
+    proc.write_text("0::/job/step\n")                                 # v2: memory.max
+    (tmp_path / "job" / "step").mkdir(parents=True)
+    (tmp_path / "job" / "step" / "memory.max").write_text(f"{3 * 2**30}\n")
+    (tmp_path / "job" / "memory.max").write_text("max\n")
+    assert host.memory_limit() == min(3 * 2**30, host.physical_memory())
+
+
 
 def test_losses_that_keep_their_elementwise_buffer_get_room_for_it():
     """mse_loss, smooth_l1_loss, binary_cross_entropy and soft_margin_loss return the

@@ -63,11 +63,46 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+CGROUP_FS, PROC_CGROUP = "/sys/fs/cgroup", "/proc/self/cgroup"
+
+
+def cgroup_limit_files(proc_cgroup: str, root: str = CGROUP_FS) -> list[str]:
+    """The memory limit files that bound this process: the hierarchy's top ones (what a
+    container sees as its own), and those of the cgroup `proc_cgroup` (the text of
+    /proc/self/cgroup) names and of each cgroup above it, since a Slurm job, a systemd
+    slice or a cgroup made by hand sits below the top and the tightest limit anywhere up
+    the path holds (helper-139: a process in a nested 1.5 GiB cgroup read the machine's
+    24 GiB). cgroup v2 ("0::/path", `memory.max`; under `unified/` on a hybrid system) and
+    v1 (a line whose controllers include memory, `memory/.../memory.limit_in_bytes`)."""
+    files = [os.path.join(root, "memory.max"),
+             os.path.join(root, "memory", "memory.limit_in_bytes")]
+    for line in proc_cgroup.splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3 or not fields[2].startswith("/"):
+            continue
+        _, controllers, path = fields
+        if controllers == "":
+            places = [(root, "memory.max"), (os.path.join(root, "unified"), "memory.max")]
+        elif "memory" in controllers.split(","):
+            places = [(os.path.join(root, "memory"), "memory.limit_in_bytes")]
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p not in (".", "..")]
+        for base, name in places:
+            files += [os.path.join(base, *parts[:k], name) for k in range(len(parts), 0, -1)]
+    return files
+
+
 def memory_limit() -> int:
-    """The RAM this process may use: the machine's, or its cgroup's limit if lower (a
-    container's)."""
+    """The RAM this process may use: the machine's, or the lowest memory limit of the
+    cgroups it is in, up their hierarchy (a container's, a job's), if lower."""
     limit = physical_memory()
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    try:
+        with open(PROC_CGROUP) as fh:
+            proc_cgroup = fh.read()
+    except OSError:
+        proc_cgroup = ""
+    for path in cgroup_limit_files(proc_cgroup, CGROUP_FS):
         try:
             with open(path) as fh:
                 text = fh.read().strip()
