@@ -177,6 +177,37 @@ def test_end_of_file_is_an_error(mover, monkeypatch):
         mover.free(extent)
 
 
+def test_a_look_at_the_size_taken_before_a_growth_is_not_a_cut(tmp_path, monkeypatch):
+    """A worker's look at the kept file's size (`_notice_cut`) that read the size before
+    the step's thread grew the file, and compared it after that thread had kept the grown
+    size, took the file for cut: a full-suite run failed a fresh state_dir's recording
+    with SwapFileShort, nothing truncated. The looks are serialized now."""
+    import threading
+    mover = DiskMover(path=str(tmp_path / "state.swap"))
+    real, looked, grown = os.fstat, threading.Event(), threading.Event()
+
+    def fstat(fd):
+        result = real(fd)
+        if threading.current_thread().name == "slow look" and not looked.is_set():
+            looked.set()
+            grown.wait(0.5)             # the step's thread grows the file meanwhile
+        return result
+    try:
+        mover.allocate(MiB)
+        monkeypatch.setattr(os, "fstat", fstat)
+        worker = threading.Thread(target=mover._notice_cut, name="slow look")
+        worker.start()
+        looked.wait(5)
+        mover.allocate(4 * MiB)         # grows the file
+        mover._notice_cut()             # and looks at its size, as the next transfer does
+        grown.set()
+        worker.join()
+        monkeypatch.undo()
+        assert mover._cut is None, "a growth was taken for a cut"
+    finally:
+        mover.close()
+
+
 def test_a_kept_file_cut_and_grown_again_is_never_read_as_zeros(tmp_path):
     """Something else truncates a kept (state_dir) file and it grows again past the cut:
     the hole reads zeros, which must never be taken for a tensor's bytes (helper-135),

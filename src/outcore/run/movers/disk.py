@@ -48,6 +48,7 @@ import re
 import secrets
 import stat
 import tempfile
+import threading
 import time
 import warnings
 import zlib
@@ -383,6 +384,11 @@ class DiskMover:
         self._cut: int | None = None
         self._rewritten: dict[int, int] = {}
         self._seen_size = 0
+        # One look at a time: a look's fstat, taken before a growth another thread then
+        # saw, compared with that thread's larger size read as a cut (a full-suite run:
+        # SwapFileShort in a fresh state_dir, nothing truncated). Serialized, each size
+        # read is at least the last one kept unless the file really shrank.
+        self._seen_lock = threading.Lock()
         self._write_buffer = AlignedBuffer(self.chunk_bytes)
         self._read_buffer = AlignedBuffer(self.chunk_bytes)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="outcore-write")
@@ -563,11 +569,12 @@ class DiskMover:
         left alone."""
         if not self.kept:
             return
-        size = os.fstat(self._fd).st_size
-        if size < self._seen_size:
-            self._cut = size if self._cut is None else min(self._cut, size)
-            self._rewritten = {o: end for o, end in self._rewritten.items() if end <= size}
-        self._seen_size = size
+        with self._seen_lock:
+            size = os.fstat(self._fd).st_size
+            if size < self._seen_size:
+                self._cut = size if self._cut is None else min(self._cut, size)
+                self._rewritten = {o: end for o, end in self._rewritten.items() if end <= size}
+            self._seen_size = size
 
     def _lost(self, extent: Extent) -> bool:
         return (self._cut is not None and extent.offset + extent.length > self._cut
