@@ -199,8 +199,16 @@ class Recording(TorchDispatchMode):
             return super().__exit__(exc_type, exc, tb)
         finally:
             self._unhook()
-            # Storages still alive at the end, by array id (the executor carries them over).
-            self.alive_at_end = {ident: ref for ident, ref in self._live.values() if ref() is not None}
+            # Storages still alive at the end, by array id (the executor carries them over),
+            # by plain weak references: the recording's own, whose callbacks hold this
+            # Recording, go with `_live`. Kept, each made the Recording a cycle (weakref ->
+            # callback -> Recording) with a weakref on every storage it saw, and a closed
+            # OutOfCore's recordings left so for the collector crashed the process as the
+            # model's storages were freed (SIGSEGV in PyObject_ClearWeakRefs; how, inside
+            # CPython and torch, is not known: test_a_closed_outofcore_left_in_a_cycle_is_
+            # freed_whole, which crashed every run before and passes every run since).
+            self.alive_at_end = {ident: weakref.ref(storage) for ident, ref in self._live.values()
+                                 if (storage := ref()) is not None}
             self._module_buffers = {self._live[k][0] for k in self._buffer_keys
                                     if k in self._live and self._live[k][1]() is not None}
             self._buffer_keys.clear()
