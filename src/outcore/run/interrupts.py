@@ -329,8 +329,6 @@ class _Guard(Shield):
                 signal.pthread_kill(threading.get_ident(), other)
 
     def _send_again(self) -> None:
-        main = threading.main_thread().ident
-
         def send():
             time.sleep(GUARD_RESEND_S)
             # Taken, not read: a signal noted as the guard came down stayed in `pending`
@@ -338,7 +336,7 @@ class _Guard(Shield):
             noted, self.pending = self.pending, []
             self._sending = False
             for signum in [n for n, _ in noted]:
-                signal.pthread_kill(main, signum)
+                signal.pthread_kill(_MAIN, signum)      # the fork hook keeps it current
         try:            # `_thread`: threading's start waits for the thread, in the callback
             _thread.start_new_thread(send, ())
         except RuntimeError:    # no new threads at interpreter shutdown: nothing to stop
