@@ -460,6 +460,53 @@ def test_the_base_holds_the_users_memory_and_not_the_managed_bytes():
     assert "when made" in str(report) and "when the first iteration began" in str(report)
 
 
+
+@pytest.mark.parametrize("order", ["model first", "OutOfCore first"])
+def test_state_made_before_the_outofcore_leaves_the_base_once_taken_over(order):
+    """NOTE [The process's base] rule 5: made after the model and its optimizer state (a
+    resumed run), the OutOfCore takes both off its base once the first recording says
+    they are state; the batch, which each step replaces, stays in it. Before, the base
+    kept them for good: rss+ read 0 and the allocator was never trimmed. Made first, the
+    base never held them and nothing is taken off."""
+    from outcore.memory.malloc import resident_bytes
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(16)])
+
+    def step():
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    x, y = torch.randn(8, 512), torch.randn(8, 512)
+    if order == "model first":
+        model = build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        step()                                       # momentum, as a checkpoint loads it
+        ooc = outcore.OutOfCore(4 * MiB)
+    else:
+        ooc = outcore.OutOfCore(4 * MiB)
+        with ooc.building():
+            model = build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ooc:
+        before = resident_bytes() - ooc._res.resident
+        for _ in range(3):
+            with ooc.iteration():
+                step()
+        report = ooc.report()
+    params = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    if order == "model first":
+        assert report.rss_adopted == 2 * params          # parameters and momentum buffers
+        assert report.rss_start <= before - 2 * params + 4 * MiB, \
+            (before - 2 * params - report.rss_start) / MiB
+        assert "of state made before the OutOfCore that it took over" in str(report)
+    else:
+        assert report.rss_adopted == 0
+        assert "took over" not in str(report)
+
+
 SAVE_CHILD = textwrap.dedent("""
     import os, sys, signal, torch, outcore
     path, budget = sys.argv[1], sys.argv[2]

@@ -193,6 +193,27 @@ def test_rebase_moves_the_ceiling_and_hand_back_trims_uncounted(governed):
     assert gov.limit == 450 * MiB + malloc._MIN_TRIM_STEP
 
 
+def test_rebase_by_state_taken_over_lowers_the_trim_points_too(governed):
+    """NOTE [The process's base] rule 5: state that was in the resident set, unmanaged,
+    when the trim points were set (a model built before the OutOfCore) and that outcore
+    manages now lowers the slack rule's points with the ceiling; the points kept counting
+    it before: a process whose 768 MiB of parameters had moved out trimmed once per
+    replayed step where the other order trimmed 4-7 times (rss+ 690-750 MiB against
+    560-615 at a 512 MiB budget)."""
+    gov, libc = governed
+    budget = 64 * MiB
+    libc.rss = libc.rss_after_trim = 900 * MiB        # the model, unmanaged, in RAM
+    gov.start(budget, rss_start=1000 * MiB)
+    gov.tighten()
+    assert gov.limit == 900 * MiB + gov.slack
+    gov.rebase(300 * MiB, taken_off=700 * MiB)
+    assert gov.limit == 200 * MiB + gov.slack
+    libc.rss, libc.rss_after_trim = 200 * MiB + gov.slack + MiB, 210 * MiB
+    gov._checked = 0.0
+    gov.check()
+    assert gov.trims == 1
+
+
 def test_trim_above_trims_only_above_its_ceiling_and_only_while_steering(governed):
     gov, libc = governed
     libc.rss, libc.rss_after_trim = 500 * MiB, 300 * MiB

@@ -403,8 +403,11 @@ class _Governor:
         if self._told and self.libc is not None:
             self.libc.malloc_trim(0)
 
-    def rebase(self, rss_start: int) -> None:
-        """The process bound now counts from `rss_start`: the trim ceiling follows."""
+    def rebase(self, rss_start: int, taken_off: int = 0) -> None:
+        """The process bound now counts from `rss_start`: the trim ceiling follows.
+        `taken_off`: bytes the resident set held, unmanaged, when the trim points were
+        set, and which outcore manages now (NOTE [The process's base] rule 5 in
+        run/ooc.py): the trim points come down by as much."""
 
     def _trim(self, rss: int) -> int:
         """Hand the heap's free pages back and count it; returns the resident set after."""
@@ -492,11 +495,12 @@ class TrimGovernor(_Governor):
         self._limits = _Limits(limit, limit, slack, False, False, ceiling, 0)     # last: active
         return ok
 
-    def rebase(self, rss_start: int) -> None:
+    def rebase(self, rss_start: int, taken_off: int = 0) -> None:
         state = self._limits
         if state is None:
             return
-        new = state._replace(ceiling=trim_ceiling(rss_start, self.budget))
+        new = state._replace(ceiling=trim_ceiling(rss_start, self.budget),
+                             limit=state.limit - taken_off, next=state.next - taken_off)
         if self._limits is state:               # not stopped meanwhile
             self._limits = new
 

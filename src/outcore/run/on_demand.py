@@ -20,7 +20,7 @@ from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
 from ..aten import _PLAIN as _PLAIN_TENSORS
 from ..aten import distinct_storages as storages
-from ..aten import (iter_tensors, makes_nothing_new, note_read_past, op_inputs,
+from ..aten import (iter_tensors, made_outside, makes_nothing_new, note_read_past, op_inputs,
                     out_arguments, output_tensors, written_tensors)
 
 
@@ -55,6 +55,9 @@ class OnDemand:
         for s, entry in looked:
             if entry is None:
                 entry = res.track(s)
+                if (res.adopting is not None and not entry.elsewhere
+                        and not made_outside(s)):
+                    res.adopting[entry.key] = entry.nbytes
             else:
                 res.touch(entry)        # what `track` does for a tracked one
             entries.append(entry)

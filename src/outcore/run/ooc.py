@@ -43,6 +43,15 @@ to bound:
      would let the process keep that much more heap. Tried (CHANGELOG): on a
      transformers GPT-2 under 64 MiB, 14 MiB higher peaks for a third of the trims at
      the same speed.
+  5. The state the first iteration takes over is subtracted once a recording says which
+     it is (`_take_off_adopted`): an OutOfCore made after the model was built (or loaded)
+     finds the parameters in the resident set, unmanaged, and outcore then moves them.
+     Counted in the base, they read as the user's for good: rss+ stayed 0 and the
+     allocator was never trimmed while the process held ~100 MiB more than in the other
+     order (a 3 GiB-state MLP at 512 MiB: killed under a 1 GiB cgroup limit that the
+     other order trained under). The first iteration's own rss+ counts from the base it
+     began with (the parameters were there as it began); the batch, which the next
+     iteration replaces, stays counted.
 rss+ (`IterationStats.rss_above_start`) is the peak above this base; the report
 prints it beside `_rss_bound()`. The resident set when the OutOfCore was made stays
 in the report (`rss_made`): building is measured from it (benchmarks/big_state.py).
@@ -446,6 +455,8 @@ class OutOfCore:
         # from the first iteration on the one _base() finds then.
         self._rss_made = self._rss_start = resident_bytes()
         self._based = False
+        self._adopting = None        # rule 5: {key: bytes} the first iteration took over
+        self._rss_adopted = 0        # ... of them state, taken off the base
         # A RAM budget's freed memory faults back in: 2 MiB at a time with PyTorch's huge
         # pages (NOTE [Huge pages by default]); found once per process, before any tensor moves.
         self._huge_pages = torch_huge_pages() if offload == "disk" else ""
@@ -891,6 +902,29 @@ class OutOfCore:
         if self._mover.device_type == "cpu":       # a GPU's managed bytes are not in it
             rss -= self._res.resident
         return max(rss, 0)
+
+    def _take_off_adopted(self, recording) -> None:
+        """Rule 5 of NOTE [The process's base]: what the first iteration found in RAM and
+        took over is managed from then on; the base counts it no more. Known once a
+        recording that completed tells which of those storages are state (alive at its end,
+        the same from step to step: the model's parameters, an optimizer state loaded
+        before the OutOfCore), not the batch, which the next one replaces."""
+        res = self._res
+        if res.adopting is not None:             # the first iteration has ended
+            self._adopting, res.adopting = res.adopting, None
+        if not self._adopting or recording is None:
+            return
+        adopting, self._adopting = self._adopting, None
+        arrays = recording.trace.arrays
+        adopted = sum(adopting.get(storage._cdata, 0)
+                      for ident, ref in recording.alive_at_end.items()
+                      if (storage := ref()) is not None and arrays[ident].existed_before
+                      and arrays[ident].kind == "persistent")
+        if adopted:
+            self._rss_adopted = adopted
+            self._rss_start = max(self._rss_start - adopted, 0)
+            if self._governor is not None:
+                self._governor.rebase(self._limits_base(), taken_off=adopted)
 
     def _limits_base(self) -> int:
         """What the trim ceiling and the pager count from: the lower of the size at
@@ -1431,6 +1465,7 @@ class OutOfCore:
             elided=self._iterations.elided,
             rss_start=self._rss_start,
             rss_made=self._rss_made,
+            rss_adopted=self._rss_adopted,
             huge_pages=self._huge_pages,
             rss_bound=self._rss_bound(),
             planned_recomputed=sum(trace.arrays[a].nbytes for _, a in made),
@@ -1562,6 +1597,7 @@ class _Iteration:
         # function) at the last switch refused (`_others`)
         self.outgrown_other = None
         self.before = None
+        self.base = ooc._rss_start # what this iteration's rss+ counts from (_account)
         self.started = 0.0
 
     @property
@@ -1643,8 +1679,11 @@ class _Iteration:
         ooc._unpark()
         if not ooc._based:
             ooc._rss_start, ooc._based = ooc._base(), True
+            if ooc._mover.device_type == "cpu":     # NOTE [The process's base] rule 5
+                res.adopting = {}
             if ooc._governor is not None:
                 ooc._governor.rebase(ooc._limits_base())
+        self.base = ooc._rss_start
         ooc._composition.disown_fsdp(res)
         if self.recording:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
@@ -1730,6 +1769,7 @@ class _Iteration:
         errors = []
         deviation = None
         self._exit_mode(exc, errors)
+        ooc._take_off_adopted(mode if self.recording and exc is None and not errors else None)
         if res.stopped_callback is not None:      # after the step's last op: NOTE
             try:                                  # [Collectives in flight] rule 5
                 res.raise_stopped_callback(at_end=True)
@@ -1833,9 +1873,9 @@ class _Iteration:
             skipped_actions=0 if self.recording else getattr(self.mode, "skipped_actions", 0),
             page_faults=faulted - before[5], trims=trimmed[0] - before[6][0],
             trimmed_bytes=trimmed[1] - before[6][1],
-            rss_above_start=max(stats.peak_rss - ooc._rss_start, 0),
+            rss_above_start=max(stats.peak_rss - self.base, 0),
             bytes_recomputed=stats.bytes_recomputed - before[7],
-            unmanaged=max(stats.peak_unmanaged - ooc._rss_start, 0),
+            unmanaged=max(stats.peak_unmanaged - self.base, 0),
             switched_at=None if self.recording else getattr(self.mode, "switched_at", None),
             smaller=not self.recording and getattr(self.mode, "smaller", False),
             outgrew=not self.recording and deviation is not None

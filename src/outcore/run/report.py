@@ -215,6 +215,9 @@ class Report:
     huge_pages: str = ""           # PyTorch's huge pages for large CPU tensors: "on (...)" or
                                    # "off: why" (memory/pages.py); "" for a GPU budget
     rss_made: int = 0              # the resident set when the OutOfCore was made
+    rss_adopted: int = 0           # state made before the OutOfCore that the first iteration
+                                   # took over, taken off rss_start (NOTE [The process's
+                                   # base] rule 5)
     planned_budget: int | None = None   # what the plan got: the budget less what never moves
     planned_between: tuple[int, int] = (0, 0)   # bytes read, written between iterations
                                                  # (Schedule.boundary)
@@ -355,8 +358,11 @@ class Report:
             lines.append(f"  huge pages for tensors: {self.huge_pages}")
         if self.iterations:
             made = (f"{format_bytes(self.rss_made)} when made, " if self.rss_made else "")
+            adopted = (f", and the {format_bytes(self.rss_adopted)} of state made before the "
+                       "OutOfCore that it took over" if self.rss_adopted else "")
             lines.append(f"  resident set: {made}{format_bytes(self.rss_start)} when the first "
-                         "iteration began (less the managed bytes: the base); per iteration "
+                         f"iteration began (less the managed bytes{adopted}: the base); per "
+                         "iteration "
                          "its peak above the base (rss+) and the most of it that was not managed "
                          "tensors (unmanaged: heap kept, library buffers, mapped pages)"
                          + (f"; on the workloads measured in docs/state.md rss+ stayed within "

@@ -166,7 +166,9 @@ class Recording(TorchDispatchMode):
         self._active = False
         self._device: str | None = None
         self._trace: Trace | None = None
-        self._failed: BaseException | None = None
+        # What the recorded step raised, as text: the exception itself holds its traceback,
+        # whose frames hold what the step's callers held (an OutOfCore, a model).
+        self._failed: str | None = None
         self._hooks = []
         self._returned = 0.0            # when the latest op returned (perf_counter)
         self._returned_cpu = 0.0        # and its thread's CPU clock then (thread_time)...
@@ -216,7 +218,7 @@ class Recording(TorchDispatchMode):
             if exc is None:
                 self._trace = self._build()
             else:
-                self._failed = exc
+                self._failed = f"{type(exc).__name__}: {exc}"
             self._live.clear()
 
     def _unhook(self) -> None:
@@ -261,8 +263,7 @@ class Recording(TorchDispatchMode):
     def trace(self) -> Trace:
         if self._trace is None:
             if self._failed is not None:
-                raise TraceError(f"no trace: the recorded step raised "
-                                 f"{type(self._failed).__name__}: {self._failed}")
+                raise TraceError(f"no trace: the recorded step raised {self._failed}")
             raise TraceError("no trace yet: read `.trace` after the `with outcore.record()` block ends")
         return self._trace
 
