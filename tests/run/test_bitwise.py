@@ -132,6 +132,52 @@ def test_float16_autocast_with_a_grad_scaler_under_a_tight_budget():
         assert any(it.bytes_written for it in ooc.report().iterations)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_inside_the_step(reentrant):
+    """torch.utils.checkpoint per block, as a user who had it on keeps it: the blocks'
+    forward runs again inside backward (non-reentrant: from saved-tensor hooks, and
+    stopped early by an exception once what backward needs is made; reentrant: under
+    no_grad, then again with grad), with dropout, whose masks the recomputation draws
+    again from the RNG state checkpoint restores. Bitwise at half the peak and at the
+    tightest budget."""
+    import types
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(128, 512), torch.nn.Linear(512, 128)
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            return x + self.down(self.drop(torch.relu(self.up(x))))
+
+    def make():
+        torch.manual_seed(0)
+        blocks = torch.nn.ModuleList(Block() for _ in range(4))
+        batch = torch.randn(32, 128, generator=torch.Generator().manual_seed(1),
+                            requires_grad=reentrant)     # reentrant needs an input with grad
+        return types.SimpleNamespace(model=blocks, batch=batch,
+                                     optimizer=torch.optim.Adam(blocks.parameters(), lr=1e-3))
+
+    def step(w):
+        x = w.batch
+        for block in w.model:
+            x = checkpoint(block, x, use_reentrant=reentrant)
+        loss = x.square().mean()
+        loss.backward()
+        w.optimizer.step()
+        w.optimizer.zero_grad()
+        return loss
+    trace = recorded_trace(make, step)
+    for which in ("half", "tight"):
+        with outcore.OutOfCore(budget=budgets(trace)[which], min_move_bytes=0) as ooc:
+            assert_same_training(train_twins(make, step, ooc))
+            replays = [it for it in ooc.report().iterations if it.mode == "replay"]
+            assert replays and all(it.deviation is None for it in replays), str(ooc.report())
+            assert any(it.bytes_written for it in replays), str(ooc.report())
+
+
 def test_gradient_accumulation_in_one_iteration():
     def step(w):
         x, y = w.batch

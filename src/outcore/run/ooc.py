@@ -1789,7 +1789,7 @@ class _Iteration:
             number, last = len(ooc._iterations) + 1, ooc._last_replay
             if deviation is None:
                 ooc._last_replay = _Replayed(ooc.trace, ooc.schedule, mode.log, number, passive,
-                                             more=getattr(mode, "_more", 0) if passive else 0)
+                                             more=mode.more if passive else 0)
             elif last is not None:
                 ooc._last_replay = last._replace(left=last.left + 1)
         committing = exc is None and not errors

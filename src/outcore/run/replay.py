@@ -217,7 +217,7 @@ class Replayer(HeldMode):
         # somewhere (`smaller`), or one was larger, which left the plan (`_larger`; it
         # outgrew the plan if it then ran the plan's ops: `outgrew`).
         self.smaller = self._larger = False
-        self._more = 0                  # bytes a passive replay made past the record's
+        self.more = 0                   # bytes a passive replay made past the record's
         self._followed: list = []       # weakrefs: storages a passive replay saw made
         # (function, `plans.Ran`) of those that made more
         self._made_larger: list = []
@@ -760,8 +760,8 @@ class Replayer(HeldMode):
         name = self._name(func)
         ran = Ran(name, tuple(s.nbytes() for s in made), tuple(s.nbytes() for s in read), False)
         self._made_larger.append((i, ran))
-        self._more += more
-        if self._more <= self.schedule.budget - self.schedule.peak_bytes:
+        self.more += more
+        if self.more <= self.schedule.budget - self.schedule.peak_bytes:
             return
         self.index, self._larger = i, True
         self._deviate(f"function {i} ({name}) produced {list(ran.made)} new bytes, recorded "
