@@ -510,3 +510,51 @@ def test_direct_reads_inside_an_iteration_see_the_right_values(resnet_trace):
     assert seen["plain"] == seen["ooc"]
     assert seen["ooc"][-1][2] == 12.0
     assert_bitwise_equal(state_of(plain.model, plain.optimizer), state_of(managed.model, managed.optimizer))
+
+
+def test_data_ptr_of_a_tensor_on_the_slow_tier_is_refused_inside_a_block(tmp_path):
+    """NOTE [Sharing a storage outcore moves] rule 18 (helper-141): inside a block every
+    tensor outcore has on the slow tier had data_ptr() 0, so `{p.data_ptr(): p}` (the
+    idiom that skips tied weights) merged different parameters and trained on wrong
+    values without an error. It is refused now, saying what to do; a tensor with memory
+    gets its address, and between iterations every parameter has its own."""
+    ooc = outcore.OutOfCore("1MiB", swap_dir=str(tmp_path))
+    with ooc.building():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+    params = list(model.parameters())
+    with ooc:
+        with pytest.raises(outcore.OutcoreError, match=r"data_ptr\(\).*slow tier.*identity"):
+            with ooc.iteration():
+                fresh = torch.ones(4)
+                assert fresh.data_ptr() != 0                  # memory of its own: PyTorch's
+                {p.data_ptr(): p for p in params}
+        ptrs = {p.data_ptr() for p in params}                 # between iterations: mapped
+        assert 0 not in ptrs and len(ptrs) == len(params)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with ooc.iteration():                                 # the OutOfCore goes on
+            model(torch.randn(2, 256)).sum().backward()
+            opt.step()
+
+
+def test_a_tensor_mapped_between_iterations_that_cannot_grow_says_what_to_do(tmp_path):
+    """NOTE [Sharing a storage outcore moves] rule 19 (helper-141): `resize_()` past the
+    size of a storage outcore keeps mapped between iterations raised PyTorch's "Trying
+    to resize storage that is not resizable" and left the tensor with the new shape over
+    the old storage. Now an OutcoreError says why and what to do, and the tensor keeps
+    its shape and values; a resize within the storage is PyTorch's."""
+    ooc = outcore.OutOfCore("2MiB", swap_dir=str(tmp_path))
+    with ooc:
+        buf = torch.arange(512 * 256, dtype=torch.float32).reshape(512, 256)   # 512 KiB
+        with ooc.iteration():
+            buf.sum()
+            keep = [torch.full((512, 256), float(i)) for i in range(4)]  # buf moves out
+        del keep
+        entry = ooc._res.entries[buf.untyped_storage()._cdata]
+        assert str(entry.state) == "on the slow tier, mapped for use between iterations"
+        with pytest.raises(outcore.OutcoreError, match=r"resize_\(\).*cannot grow.*torch\.cat"):
+            buf.resize_(600, 256)
+        assert buf.shape == (512, 256)
+        assert torch.equal(buf, torch.arange(512 * 256, dtype=torch.float32).reshape(512, 256))
+        buf.resize_(256, 256)                         # within the storage: PyTorch's own
+        assert buf.shape == (256, 256)

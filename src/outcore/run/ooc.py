@@ -46,12 +46,11 @@ to bound:
   5. The state the first iteration takes over is subtracted once a recording says which
      it is (`_take_off_adopted`): an OutOfCore made after the model was built (or loaded)
      finds the parameters in the resident set, unmanaged, and outcore then moves them.
-     Counted in the base, they read as the user's for good: rss+ stayed 0 and the
-     allocator was never trimmed while the process held ~100 MiB more than in the other
-     order (a 3 GiB-state MLP at 512 MiB: killed under a 1 GiB cgroup limit that the
-     other order trained under). The first iteration's own rss+ counts from the base it
-     began with (the parameters were there as it began); the batch, which the next
-     iteration replaces, stays counted.
+     Counted in the base, they read as the user's for good: on a 3 GiB-state MLP at
+     512 MiB, rss+ stayed 0 and the allocator was trimmed once a step (4-7 times in the
+     other order) while the process held ~100 MiB more. The first iteration's own rss+
+     counts from the base it began with (the parameters were there as it began); the
+     batch, which the next iteration replaces, stays counted.
 rss+ (`IterationStats.rss_above_start`) is the peak above this base; the report
 prints it beside `_rss_bound()`. The resident set when the OutOfCore was made stays
 in the report (`rss_made`): building is measured from it (benchmarks/big_state.py).
@@ -1597,7 +1596,7 @@ class _Iteration:
         # function) at the last switch refused (`_others`)
         self.outgrown_other = None
         self.before = None
-        self.base = ooc._rss_start # what this iteration's rss+ counts from (_account)
+        self.base = ooc._rss_start  # what this iteration's rss+ counts from (_account)
         self.started = 0.0
 
     @property

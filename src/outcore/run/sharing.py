@@ -167,6 +167,24 @@ NOTE [Sharing a storage outcore moves]
       and `Tensor.tensor_split` are wrapped: inside a block the indices are made resident
       first as in rule 3 (refused from another thread as in rule 4); nothing reads them
       after the call begins, so they are not pinned.
+
+  `Tensor.data_ptr()` is an address, read without an aten op:
+  18. Inside a block, a tensor whose storage outcore has on the slow tier (or dropped to
+      recompute) has no memory: PyTorch's `data_ptr()` says 0 for every such tensor, and
+      the idiom that tells parameters apart by it (`{p.data_ptr(): p for p in params}`,
+      to skip tied weights) merged different ones and trained on wrong values without an
+      error (helper-141). While an OutOfCore is open `Tensor.data_ptr` is wrapped: on
+      the block's thread it raises OutcoreError for such a tensor, saying what to do.
+      Any other tensor gets PyTorch's answer, an address valid until outcore next moves
+      the storage (rule 8); reading it back and keeping it in memory for the rest of the
+      block is not done: a plan that moves it would leave its plan at every step.
+  19. Between blocks a storage on the slow tier is mapped from the swap file (NOTE
+      [Mapped state]) and cannot grow: `t.resize_()` past its size raised PyTorch's
+      "Trying to resize storage that is not resizable", which names neither outcore nor
+      what to do (helper-141: a buffer grown between iterations, which trained without
+      outcore), and left the tensor with the new shape over the old storage. `Tensor.resize_`
+      is wrapped to say both where that error comes from a storage outcore has mapped,
+      with the tensor's shape put back.
 """
 from __future__ import annotations
 
@@ -185,7 +203,7 @@ from ..aten import (READ_PAST_ARGUMENTS, loading, mark_read_past, note_made, rea
 from ..errors import OutcoreError
 from .compose import guard_future_callbacks
 from .interrupts import critical, no_raise
-from ..states import DISCARDED, FAST, SLOW
+from ..states import DISCARDED, FAST, MAPPED, SLOW
 from ..units import format_bytes
 
 _METHODS = ("_share_fd_cpu_", "_share_filename_cpu_")
@@ -212,6 +230,8 @@ def install(open_outofcore) -> None:
         wrappers.append((torch.UntypedStorage, "clone", _wrap_clone))      # NOTE 14
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
+        wrappers.append((torch.Tensor, "data_ptr", _wrap_data_ptr))        # NOTE 18
+        wrappers.append((torch.Tensor, "resize_", _wrap_resize))           # NOTE 19
         wrappers += [(torch._VF, name, _wrap_read_past) for name in READ_PAST_ARGUMENTS]  # 16
         wrappers += [(torch, "tensor_split", _wrap_tensor_split),                        # 17
                      (torch.Tensor, "tensor_split", _wrap_tensor_split)]
@@ -330,6 +350,53 @@ def _wrap_tolist(original, open_outofcore):
         with _disable_current_modes():      # NOTE 5, 15
             return original(tensor)
     return tolist
+
+
+def _wrap_data_ptr(original, open_outofcore):
+    @functools.wraps(original)
+    def data_ptr(tensor):
+        ooc = _block_here(open_outofcore)
+        if (ooc is not None and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+                and tensor.layout is torch.strided and tensor.device.type == "cpu"):
+            storage = tensor.untyped_storage()
+            entry = ooc._res.entries.get(storage._cdata)
+            if entry is not None and entry.ref() is storage and entry.state in (SLOW, DISCARDED):
+                raise OutcoreError(
+                    f"Tensor.data_ptr() inside `with ooc.{ooc._active}():` of a tensor of "
+                    f"shape {list(tensor.shape)} ({format_bytes(entry.nbytes)}) whose memory "
+                    "outcore has on the slow tier: it has no address now (PyTorch would "
+                    "say 0, as for every such tensor), so code that tells tensors apart by "
+                    "it would take different ones for the same. Take addresses between "
+                    "iterations, where every tensor has its memory (README, \"Between "
+                    "iterations\"), or tell tensors apart by identity (`a is b`, id(a))")
+        return original(tensor)
+    return data_ptr
+
+
+def _wrap_resize(original, open_outofcore):
+    @functools.wraps(original)
+    def resize_(tensor, *args, **kwargs):
+        shape = (tensor.size(), tensor.stride(), tensor.storage_offset())
+        try:
+            return original(tensor, *args, **kwargs)
+        except RuntimeError as err:
+            ooc = open_outofcore()
+            if ooc is None or ooc.closed or "not resizable" not in str(err):
+                raise
+            storage = tensor.untyped_storage()
+            entry = ooc._res.entries.get(storage._cdata)
+            if entry is None or entry.ref() is not storage or entry.state is not MAPPED:
+                raise
+            with torch.no_grad():       # PyTorch's resize_ took the new shape before it failed
+                tensor.as_strided_(*shape)
+            raise OutcoreError(
+                f"Tensor.resize_() of a tensor of shape {list(tensor.shape)} whose "
+                f"{format_bytes(entry.nbytes)} outcore keeps on the slow tier between "
+                "iterations, mapped from its swap file: a mapping cannot grow (PyTorch: "
+                f"{err}). Make a new tensor instead (buf = torch.cat([buf, more]), or "
+                "buf.new_empty(...) and a copy): outcore plans it like any. The tensor is "
+                "unchanged") from None
+    return resize_
 
 
 def _wrap_read_past(original, open_outofcore):
