@@ -365,7 +365,8 @@ class Report:
                          "iteration "
                          "its peak above the base (rss+) and the most of it that was not managed "
                          "tensors (unmanaged: heap kept, library buffers, mapped pages)"
-                         + (f"; on the workloads measured in docs/state.md rss+ stayed within "
+                         + (f"; on the workloads measured in docs/state.md (OutOfCore made "
+                            f"before the model) rss+ stayed within "
                             f"the budget + {format_bytes(PROCESS_SLACK_BYTES)} + budget/"
                             f"{PROCESS_SLACK_SHARE} (here {format_bytes(self.rss_bound)})"
                             if self.rss_bound else ""))
