@@ -376,6 +376,8 @@ def _wrap_data_ptr(original, open_outofcore):
 def _wrap_resize(original, open_outofcore):
     @functools.wraps(original)
     def resize_(tensor, *args, **kwargs):
+        if tensor.layout is not torch.strided:      # no storage of its own to map
+            return original(tensor, *args, **kwargs)
         shape = (tensor.size(), tensor.stride(), tensor.storage_offset())
         try:
             return original(tensor, *args, **kwargs)
