@@ -517,18 +517,29 @@ def test_data_ptr_of_a_tensor_on_the_slow_tier_is_refused_inside_a_block(tmp_pat
     tensor outcore has on the slow tier had data_ptr() 0, so `{p.data_ptr(): p}` (the
     idiom that skips tied weights) merged different parameters and trained on wrong
     values without an error. It is refused now, saying what to do; a tensor with memory
-    gets its address, and between iterations every parameter has its own."""
+    gets its address, and between iterations every parameter has its own. PyTorch's
+    own code gets PyTorch's answer (helper-142: `allow_mutation_on_saved_tensors` keys
+    by identity and version beside it, and raising broke it)."""
+    class Weight(torch.nn.Parameter):
+        pass
+
     ooc = outcore.OutOfCore("1MiB", swap_dir=str(tmp_path))
     with ooc.building():
         torch.manual_seed(0)
         model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+        for layer in model:                           # a subclass of Parameter too
+            layer.weight = Weight(layer.weight.detach().clone())
     params = list(model.parameters())
     with ooc:
         with pytest.raises(outcore.OutcoreError, match=r"data_ptr\(\).*slow tier.*identity"):
             with ooc.iteration():
                 fresh = torch.ones(4)
                 assert fresh.data_ptr() != 0                  # memory of its own: PyTorch's
-                {p.data_ptr(): p for p in params}
+                slow = [p for p in params if ooc._res.entries[p.untyped_storage()._cdata]
+                        .state is outcore.states.SLOW]
+                assert any(isinstance(p, Weight) for p in slow) and len(slow) > 1
+                assert torch.autograd.graph._get_sid(slow[0])[0] == 0     # torch's own
+                {p.data_ptr(): p for p in slow if isinstance(p, Weight)}
         ptrs = {p.data_ptr() for p in params}                 # between iterations: mapped
         assert 0 not in ptrs and len(ptrs) == len(params)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -454,8 +454,8 @@ class OutOfCore:
         # from the first iteration on the one _base() finds then.
         self._rss_made = self._rss_start = resident_bytes()
         self._based = False
-        self._adopting = None        # rule 5: {key: bytes} the first iteration took over
-        self._rss_adopted = 0        # ... of them state, taken off the base
+        self._rss_adopted = 0        # rule 5: state taken over, taken off the base
+        self._adopted_at_tighten = 0  # ... the part of it taken over as the governor tightened
         # A RAM budget's freed memory faults back in: 2 MiB at a time with PyTorch's huge
         # pages (NOTE [Huge pages by default]); found once per process, before any tensor moves.
         self._huge_pages = torch_huge_pages() if offload == "disk" else ""
@@ -511,7 +511,7 @@ class OutOfCore:
         self._governor = make_governor(return_freed_memory if self._mover.device_type == "cpu"
                                        else False)
         if self._governor is not None:
-            self._res.before_first_eviction = self._governor.tighten
+            self._res.before_first_eviction = self._tighten
             if self._governor.mode == "trim":      # eager's check() does nothing: no per-op call
                 self._res.memory_check = self._governor.check
             self._governor.live_bytes = self._res.live_bytes
@@ -902,18 +902,26 @@ class OutOfCore:
             rss -= self._res.resident
         return max(rss, 0)
 
+    def _tighten(self) -> None:
+        """The budget first needs room: the trim governor's points are set from the
+        resident set now, with what rule 5 has taken over so far already managed."""
+        self._adopted_at_tighten = sum(self._res.adopting.values()) if self._res.adopting else 0
+        self._governor.tighten()
+
     def _take_off_adopted(self, recording) -> None:
         """Rule 5 of NOTE [The process's base]: what the first iteration found in RAM and
         took over is managed from then on; the base counts it no more. Known once a
         recording that completed tells which of those storages are state (alive at its end,
         the same from step to step: the model's parameters, an optimizer state loaded
-        before the OutOfCore), not the batch, which the next one replaces."""
+        before the OutOfCore), not the batch, which the next one replaces. Until one
+        completes, the recordings go on noting what they take over (helper-142: a first
+        iteration that raised early left the rest of the model counted in the base). The
+        trim points come down by what was still unmanaged when they were set (`_tighten`):
+        what was taken over before that was managed bytes in them already."""
         res = self._res
-        if res.adopting is not None:             # the first iteration has ended
-            self._adopting, res.adopting = res.adopting, None
-        if not self._adopting or recording is None:
+        if not res.adopting or recording is None:
             return
-        adopting, self._adopting = self._adopting, None
+        adopting, res.adopting = res.adopting, None
         arrays = recording.trace.arrays
         adopted = sum(adopting.get(storage._cdata, 0)
                       for ident, ref in recording.alive_at_end.items()
@@ -923,7 +931,8 @@ class OutOfCore:
             self._rss_adopted = adopted
             self._rss_start = max(self._rss_start - adopted, 0)
             if self._governor is not None:
-                self._governor.rebase(self._limits_base(), taken_off=adopted)
+                self._governor.rebase(self._limits_base(),
+                                      taken_off=max(adopted - self._adopted_at_tighten, 0))
 
     def _limits_base(self) -> int:
         """What the trim ceiling and the pager count from: the lower of the size at

@@ -275,9 +275,10 @@ class Residency:
         self._export_pins: list[Entry] = []
         self._owned_sampled = 0                 # owned_bytes() at the latest sample
         self.aging = 0.0                        # `evict_lru`'s clock: the last victim's cost
-        # While the process's first iteration runs: {key: bytes} of the storages it first
-        # saw as an op's input and did not make (the user's, made before the OutOfCore):
-        # OutOfCore takes them off its base (NOTE [The process's base] rule 5).
+        # From the process's first iteration until a recording completes: {key: bytes} of
+        # the storages first seen as an op's input and not made there (the user's, made
+        # before the OutOfCore): OutOfCore takes them off its base (NOTE [The process's
+        # base] rule 5).
         self.adopting: dict[int, int] | None = None
 
     # -- tracking ----------------------------------------------------------------------

@@ -178,13 +178,21 @@ NOTE [Sharing a storage outcore moves]
       Any other tensor gets PyTorch's answer, an address valid until outcore next moves
       the storage (rule 8); reading it back and keeping it in memory for the rest of the
       block is not done: a plan that moves it would leave its plan at every step.
+      PyTorch's own Python code gets PyTorch's answer too: its uses key by identity and
+      version beside the address (`allow_mutation_on_saved_tensors`, bitwise with
+      outcore before; raising broke it: helper-142). Not covered, and still 0: the
+      address of the storage itself (`untyped_storage().data_ptr()`, as its other
+      accessors: README), tensor subclasses other than parameters, other threads.
   19. Between blocks a storage on the slow tier is mapped from the swap file (NOTE
       [Mapped state]) and cannot grow: `t.resize_()` past its size raised PyTorch's
       "Trying to resize storage that is not resizable", which names neither outcore nor
       what to do (helper-141: a buffer grown between iterations, which trained without
       outcore), and left the tensor with the new shape over the old storage. `Tensor.resize_`
-      is wrapped to say both where that error comes from a storage outcore has mapped,
-      with the tensor's shape put back.
+      and `resize_as_` are wrapped to say both where that error comes from a storage
+      outcore has mapped, with the tensor's shape put back. Not covered: an `out=` op
+      that grows such a tensor between iterations, which fails in C++ with PyTorch's
+      error and the new shape left (helper-142: the next iteration read past the
+      storage).
 """
 from __future__ import annotations
 
@@ -231,7 +239,8 @@ def install(open_outofcore) -> None:
         wrappers.append((torch.Tensor, "tolist", _wrap_tolist))            # NOTE 15
         wrappers.append((torch.Tensor, "numpy", _wrap_numpy))
         wrappers.append((torch.Tensor, "data_ptr", _wrap_data_ptr))        # NOTE 18
-        wrappers.append((torch.Tensor, "resize_", _wrap_resize))           # NOTE 19
+        wrappers += [(torch.Tensor, "resize_", _wrap_resize),              # NOTE 19
+                     (torch.Tensor, "resize_as_", _wrap_resize)]
         wrappers += [(torch._VF, name, _wrap_read_past) for name in READ_PAST_ARGUMENTS]  # 16
         wrappers += [(torch, "tensor_split", _wrap_tensor_split),                        # 17
                      (torch.Tensor, "tensor_split", _wrap_tensor_split)]
@@ -356,8 +365,9 @@ def _wrap_data_ptr(original, open_outofcore):
     @functools.wraps(original)
     def data_ptr(tensor):
         ooc = _block_here(open_outofcore)
-        if (ooc is not None and type(tensor) in (torch.Tensor, torch.nn.Parameter)
-                and tensor.layout is torch.strided and tensor.device.type == "cpu"):
+        if (ooc is not None and tensor.layout is torch.strided
+                and (type(tensor) is torch.Tensor or isinstance(tensor, torch.nn.Parameter))
+                and not sys._getframe(1).f_globals.get("__name__", "").startswith("torch.")):
             storage = tensor.untyped_storage()
             entry = ooc._res.entries.get(storage._cdata)
             if entry is not None and entry.ref() is storage and entry.state in (SLOW, DISCARDED):
@@ -374,6 +384,8 @@ def _wrap_data_ptr(original, open_outofcore):
 
 
 def _wrap_resize(original, open_outofcore):
+    name = original.__name__
+
     @functools.wraps(original)
     def resize_(tensor, *args, **kwargs):
         if tensor.layout is not torch.strided:      # no storage of its own to map
@@ -392,7 +404,7 @@ def _wrap_resize(original, open_outofcore):
             with torch.no_grad():       # PyTorch's resize_ took the new shape before it failed
                 tensor.as_strided_(*shape)
             raise OutcoreError(
-                f"Tensor.resize_() of a tensor of shape {list(tensor.shape)} whose "
+                f"Tensor.{name}() of a tensor of shape {list(tensor.shape)} whose "
                 f"{format_bytes(entry.nbytes)} outcore keeps on the slow tier between "
                 "iterations, mapped from its swap file: a mapping cannot grow (PyTorch: "
                 f"{err}). Make a new tensor instead (buf = torch.cat([buf, more]), or "
