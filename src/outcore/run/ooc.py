@@ -455,7 +455,6 @@ class OutOfCore:
         self._rss_made = self._rss_start = resident_bytes()
         self._based = False
         self._rss_adopted = 0        # rule 5: state taken over, taken off the base
-        self._adopted_at_tighten = 0  # ... the part of it taken over as the governor tightened
         # A RAM budget's freed memory faults back in: 2 MiB at a time with PyTorch's huge
         # pages (NOTE [Huge pages by default]); found once per process, before any tensor moves.
         self._huge_pages = torch_huge_pages() if offload == "disk" else ""
@@ -511,7 +510,7 @@ class OutOfCore:
         self._governor = make_governor(return_freed_memory if self._mover.device_type == "cpu"
                                        else False)
         if self._governor is not None:
-            self._res.before_first_eviction = self._tighten
+            self._res.before_first_eviction = self._governor.tighten
             if self._governor.mode == "trim":      # eager's check() does nothing: no per-op call
                 self._res.memory_check = self._governor.check
             self._governor.live_bytes = self._res.live_bytes
@@ -902,12 +901,6 @@ class OutOfCore:
             rss -= self._res.resident
         return max(rss, 0)
 
-    def _tighten(self) -> None:
-        """The budget first needs room: the trim governor's points are set from the
-        resident set now, with what rule 5 has taken over so far already managed."""
-        self._adopted_at_tighten = sum(self._res.adopting.values()) if self._res.adopting else 0
-        self._governor.tighten()
-
     def _take_off_adopted(self, recording) -> None:
         """Rule 5 of NOTE [The process's base]: what the first iteration found in RAM and
         took over is managed from then on; the base counts it no more. Known once a
@@ -916,8 +909,9 @@ class OutOfCore:
         before the OutOfCore), not the batch, which the next one replaces. Until one
         completes, the recordings go on noting what they take over (helper-142: a first
         iteration that raised early left the rest of the model counted in the base). The
-        trim points come down by what was still unmanaged when they were set (`_tighten`):
-        what was taken over before that was managed bytes in them already."""
+        trim points come down by what was still unmanaged when the budget first needed room
+        and they were set (`Residency.adopted_at_first_eviction`): what was taken over
+        before that was managed bytes in them already."""
         res = self._res
         if not res.adopting or recording is None:
             return
@@ -932,7 +926,8 @@ class OutOfCore:
             self._rss_start = max(self._rss_start - adopted, 0)
             if self._governor is not None:
                 self._governor.rebase(self._limits_base(),
-                                      taken_off=max(adopted - self._adopted_at_tighten, 0))
+                                      taken_off=max(adopted - res.adopted_at_first_eviction,
+                                                    0))
 
     def _limits_base(self) -> int:
         """What the trim ceiling and the pager count from: the lower of the size at

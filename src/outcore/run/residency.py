@@ -280,6 +280,7 @@ class Residency:
         # before the OutOfCore): OutOfCore takes them off its base (NOTE [The process's
         # base] rule 5).
         self.adopting: dict[int, int] | None = None
+        self.adopted_at_first_eviction = 0     # ... its bytes then (`before_first_eviction`)
 
     # -- tracking ----------------------------------------------------------------------
     def track(self, storage, planned: int | None = None) -> Entry:
@@ -549,6 +550,7 @@ class Residency:
             return
         if self.before_first_eviction is not None:
             hook, self.before_first_eviction = self.before_first_eviction, None
+            self.adopted_at_first_eviction = sum(self.adopting.values()) if self.adopting else 0
             hook()
         if entry.clean and entry.extent is not None:
             storage.resize_(0)                  # the slow copy is current: just let go
