@@ -1772,7 +1772,11 @@ class _Iteration:
         errors = []
         deviation = None
         self._exit_mode(exc, errors)
-        ooc._take_off_adopted(mode if self.recording and exc is None and not errors else None)
+        try:                          # accounting only: the cleanup below runs whatever it does
+            ooc._take_off_adopted(mode if self.recording and exc is None and not errors
+                                  else None)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
         if res.stopped_callback is not None:      # after the step's last op: NOTE
             try:                                  # [Collectives in flight] rule 5
                 res.raise_stopped_callback(at_end=True)
