@@ -408,12 +408,12 @@ class OutOfCore:
                         "of refused by outcore. Pass a budget below that, with room for the "
                         "rest of the process (the report's rss+ line says how much it took)",
                         format_bytes(self.budget), format_bytes(ram))
-        elif offload == "disk" and (need := resident_bytes() + self.budget
+        elif offload == "disk" and (need := (held := resident_bytes()) + self.budget
                                     + process_slack(self.budget)) > ram:
             # The process as it is, the budget, and what it took beyond both on the
             # workloads measured (docs/state.md): past the limit, the kernel kills it,
             # most likely in the first iterations (helper-139: 1400 MiB under 1.5 GiB).
-            fits = max((ram - resident_bytes() - PROCESS_SLACK_BYTES) * PROCESS_SLACK_SHARE
+            fits = max((ram - held - PROCESS_SLACK_BYTES) * PROCESS_SLACK_SHARE
                        // (PROCESS_SLACK_SHARE + 1), 0)
             log.warning("the budget of %s leaves too little of the %s of RAM this process may "
                         "use (the machine's, or its cgroup's limit): with the %s the process "
@@ -421,7 +421,7 @@ class OutOfCore:
                         "measured (%s + budget/%d), it may need %s, and the operating system "
                         "would kill it rather than outcore refuse. A budget of at most about "
                         "%s leaves that room", format_bytes(self.budget), format_bytes(ram),
-                        format_bytes(resident_bytes()), format_bytes(PROCESS_SLACK_BYTES),
+                        format_bytes(held), format_bytes(PROCESS_SLACK_BYTES),
                         PROCESS_SLACK_SHARE, format_bytes(need), format_bytes(fits))
         registered(policy, plan_options or {},          # refused now, not after a recording
                    subject=f"OutOfCore(policy={policy!r})", what="plan option",

@@ -388,8 +388,8 @@ def _wrap_resize(original, open_outofcore):
 
     @functools.wraps(original)
     def resize_(tensor, *args, **kwargs):
-        if tensor.layout is not torch.strided:      # no storage of its own to map
-            return original(tensor, *args, **kwargs)
+        if tensor.layout is not torch.strided or open_outofcore() is None:
+            return original(tensor, *args, **kwargs)    # nothing of outcore's to map
         shape = (tensor.size(), tensor.stride(), tensor.storage_offset())
         try:
             return original(tensor, *args, **kwargs)
