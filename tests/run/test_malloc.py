@@ -60,156 +60,165 @@ CONVERGED = {malloc._M_MMAP_THRESHOLD: 32 * MiB, malloc._M_TRIM_THRESHOLD: 64 * 
 
 
 # -- the trim limits ---------------------------------------------------------------------
-def test_trims_only_past_the_limit_and_then_waits_for_more_growth(governed):
+def test_before_the_first_eviction_trims_only_past_the_generous_limit(governed):
     gov, libc = governed
     budget = 180 * MiB
-    assert gov.start(budget)
+    assert gov.start(budget, rss_start=0)
     assert libc.options[malloc._M_MMAP_MAX] == 0                      # every tensor on the heap
     assert gov.slack == (64 + 36) * MiB                               # 64 MiB + budget/5
     assert gov.limit == 900 + budget + gov.slack                      # trimmed once; nothing moved yet
-    libc.rss = 1000
-    gov.tighten()                                                     # the first eviction
-    assert gov.limit == 900 + gov.slack and libc.trims == 2
     libc.rss = gov.limit
     tick(gov)
     gov.check()
-    assert libc.trims == 2                                            # at the limit: nothing
+    assert libc.trims == 1                                            # at the limit: nothing
     libc.rss, libc.rss_after_trim = gov.limit + 1, gov.limit + 50     # live bytes above it
     tick(gov)
     gov.check()
-    assert libc.trims == 3 and gov.trims == 1
+    assert libc.trims == 2 and gov.trims == 1
     assert gov.given_back == 0              # the resident set grew past the trim: nothing taken off
     libc.rss = gov.limit + 50 + gov.slack                             # not another slack yet
     tick(gov)
     gov.check()
-    assert libc.trims == 3
+    assert libc.trims == 2
     libc.rss += 1
     tick(gov)
     gov.check()
-    assert libc.trims == 4
+    assert libc.trims == 3
     assert gov.given_back == gov.slack + 1                            # what this trim took off
 
 
 def test_a_step_that_fits_is_never_trimmed(governed):
     gov, libc = governed
     budget = 500
-    gov.start(budget)
+    gov.start(budget, rss_start=0)
     libc.rss = 900 + budget + gov.slack          # the whole budget in use, and the slack
     tick(gov)
     gov.check()
     assert gov.trims == 0
 
 
-def test_the_slack_is_smaller_under_half_the_peak(governed):
-    gov, _ = governed
-    budget = 400 * MiB
-    gov.start(budget)
-    assert gov.slack == (64 + 80) * MiB
-    gov.tighten()
-    limit = gov.limit
-    gov.know_peak(2 * budget)                 # exactly half the peak: unchanged
-    assert gov.slack == (64 + 80) * MiB and gov.limit == limit
-    gov.know_peak(4 * budget)                 # a quarter: 32 MiB + budget/10
-    assert gov.slack == (32 + 40) * MiB
-    assert gov.limit == limit - 72 * MiB and gov.next_trim == gov.limit
-    gov.know_peak(8 * budget)                 # once
-    assert gov.limit == limit - 72 * MiB
-
-
-def test_the_small_slack_before_the_first_eviction_leaves_the_generous_limit(governed):
-    gov, _ = governed
-    gov.start(400 * MiB)
-    limit = gov.limit
-    gov.know_peak(10 * 400 * MiB)
-    assert gov.slack == (32 + 40) * MiB and gov.limit == limit
-
-
-def test_the_small_slack_comes_once_twice_the_budget_is_alive(governed):
-    gov, _ = governed
-    budget = 400 * MiB
-    live = [budget]
-    gov.live_bytes = lambda: live[0]
-    gov.start(budget)
-    gov.tighten()
-    tick(gov)
-    gov.check()
-    assert not gov.small_slack
-    live[0] = 2 * budget + 1
-    tick(gov)
-    gov.check()
-    assert gov.small_slack and gov.slack == (32 + 40) * MiB
-
-
-def test_the_ceiling_keeps_trims_below_the_process_bound(governed):
-    """With the resident set when the OutOfCore was made, from the first eviction on no
-    trim point is above start + budget + process_slack - 32 MiB, unless the live bytes
-    alone are: then the next trim waits for _MIN_TRIM_STEP of growth (no trim at every
-    check). A smaller slack (know_peak) moves no trim point below the ceiling."""
+def test_once_tight_trims_come_only_at_the_bound(governed):
+    """NOTE [Trim at the bound]: from the first eviction on, the trim point is the process
+    bound (base + budget + process_slack) less 32 MiB and the largest storage the step
+    has made, wherever the last trim left the resident set below it; where the live
+    bytes alone are above it, the next trim waits for _MIN_TRIM_STEP of growth."""
     gov, libc = governed
     budget, start = 180 * MiB, 200 * MiB
-    libc.rss, libc.rss_after_trim = 300 * MiB, 250 * MiB + 100 * MiB
-    ceiling = start + budget + (128 + 36 - 32) * MiB
-    assert malloc.trim_ceiling(start, budget) == ceiling
+    bound = start + budget + (128 + 36) * MiB
+    assert malloc.process_bound(start, budget) == bound
+    assert malloc.trim_ceiling(bound) == bound - 32 * MiB
+    assert malloc.trim_ceiling(bound, largest=100 * MiB) == bound - 132 * MiB
+    libc.rss, libc.rss_after_trim = 300 * MiB, 350 * MiB
     gov.start(budget, rss_start=start)
-    assert gov.limit == 350 * MiB + budget + gov.slack > ceiling     # the step fits: no ceiling
-    libc.rss_after_trim = ceiling - 40 * MiB
+    assert gov.next_trim == 350 * MiB + budget + gov.slack > bound   # the step fits: no bound
+    libc.rss_after_trim = 300 * MiB
     gov.tighten()                                                    # the first eviction
-    assert gov.limit == ceiling < ceiling - 40 * MiB + gov.slack     # lowered to the ceiling
-    gov.know_peak(10 * budget)                                       # the smaller slack...
-    assert gov.slack == (32 + 18) * MiB and gov.limit == ceiling     # ...moves no cap below it
-    libc.rss, libc.rss_after_trim = ceiling + 60 * MiB, ceiling + 30 * MiB   # live above it
+    ceiling = bound - 32 * MiB
+    assert gov.tight and libc.trims == 2 and gov.next_trim == ceiling
+    libc.rss = ceiling                                  # far above what the trim left: no trim
     tick(gov)
     gov.check()
-    assert gov.trims == 1 and gov.next_trim == ceiling + 30 * MiB + malloc._MIN_TRIM_STEP
+    assert gov.trims == 0
+    libc.rss, libc.rss_after_trim = ceiling + 1, ceiling - 200 * MiB
+    tick(gov)
+    gov.check()
+    assert gov.trims == 1 and gov.next_trim == ceiling     # not 200 MiB + a slack above it
+    largest = [100 * MiB]                               # the step made a 100 MiB storage
+    gov.largest_allocation = lambda: largest[0]
+    assert gov.next_trim == ceiling - 100 * MiB
+    libc.rss, libc.rss_after_trim = ceiling - 99 * MiB, ceiling - 90 * MiB    # live above it
+    tick(gov)
+    gov.check()
+    assert gov.trims == 2 and gov.next_trim == ceiling - 90 * MiB + malloc._MIN_TRIM_STEP
     libc.rss = gov.next_trim
     tick(gov)
     gov.check()
-    assert gov.trims == 1
-    libc.rss, libc.rss_after_trim = gov.next_trim + 1, ceiling - 20 * MiB   # live below again
+    assert gov.trims == 2
+    libc.rss, libc.rss_after_trim = gov.next_trim + 1, ceiling - 200 * MiB   # live below again
     tick(gov)
     gov.check()
-    assert gov.trims == 2 and gov.next_trim == ceiling                # the ceiling holds again
+    assert gov.trims == 3 and gov.next_trim == ceiling - 100 * MiB   # the bound holds again
 
 
-def test_rebase_moves_the_ceiling_and_hand_back_trims_uncounted(governed):
+def test_storages_about_to_be_read_back_are_checked_before_they_land(governed):
+    """`check(coming)`: the bytes about to be allocated count with the resident set, and
+    8 MiB of them announced since the last reading read /proc again within the 2 ms
+    throttle (a foreach op's inputs read back in a burst)."""
+    gov, libc = governed
+    budget, start = 180 * MiB, 200 * MiB
+    libc.rss = libc.rss_after_trim = 300 * MiB
+    gov.start(budget, rss_start=start)
+    gov.tighten()
+    ceiling = malloc.trim_ceiling(malloc.process_bound(start, budget))
+    libc.rss, libc.rss_after_trim = ceiling - 10 * MiB, 300 * MiB
+    tick(gov)
+    gov.check()
+    assert gov.trims == 0
+    gov.check(coming=4 * MiB)                 # throttled: 4 MiB announced, not read
+    assert gov.trims == 0 and gov._announced == 4 * MiB
+    libc.rss = ceiling + 50 * MiB             # (as if it had grown: unread)
+    gov.check()
+    assert gov.trims == 0
+    libc.rss = ceiling - 10 * MiB
+    gov.check(coming=12 * MiB)                # 16 MiB announced: read, and 12 more would pass
+    assert gov.trims == 1 and gov._announced == 0
+
+
+def test_rebase_below_the_resident_set_trims_at_once(governed):
+    """The heap kept what the old bound allowed: once the bound comes down (state taken
+    over, rule 5 of NOTE [The process's base]), the next iteration's first reading
+    counts from the new base, so the trim comes now, not at the next check."""
+    gov, libc = governed
+    budget = 180 * MiB
+    libc.rss = libc.rss_after_trim = 300 * MiB
+    gov.start(budget, rss_start=200 * MiB)
+    gov.tighten()
+    gov.rebase(150 * MiB)                     # still below the point: nothing
+    assert gov.trims == 0
+    libc.rss = malloc.trim_ceiling(malloc.process_bound(100 * MiB, budget)) + MiB
+    gov.rebase(100 * MiB, taken_off=50 * MiB)
+    assert gov.trims == 1 and gov.next_trim == malloc.trim_ceiling(
+        malloc.process_bound(100 * MiB, budget))
+
+
+def test_rebase_moves_the_bound_and_hand_back_trims_uncounted(governed):
     """The first iteration's base (NOTE [The process's base]): `hand_back` trims without
-    counting a trim (only while steering glibc), and `rebase` moves the ceiling to count
-    from the new base, keeping the slack rule's limits."""
+    counting a trim (only while steering glibc), and `rebase` moves the bound the trim
+    point counts from."""
     gov, libc = governed
     budget = 180 * MiB
     gov.hand_back()
     assert libc.trims == 0                                # not started: glibc is not ours
     libc.rss, libc.rss_after_trim = 300 * MiB, 250 * MiB
     gov.start(budget, rss_start=200 * MiB)
-    libc.rss_after_trim = 450 * MiB
+    libc.rss_after_trim = 300 * MiB
     gov.tighten()
-    assert gov.limit == malloc.trim_ceiling(200 * MiB, budget) < 450 * MiB + gov.slack
+    assert gov.next_trim == malloc.trim_ceiling(malloc.process_bound(200 * MiB, budget))
     trims = libc.trims
     gov.hand_back()
     assert libc.trims == trims + 1 and gov.trims == 0 and gov.given_back == 0
     gov.rebase(230 * MiB)
-    assert gov.limit == malloc.trim_ceiling(230 * MiB, budget) < 450 * MiB + gov.slack
-    gov.rebase(100 * MiB)                 # a ceiling below the live bytes: the floor holds
-    assert gov.limit == 450 * MiB + malloc._MIN_TRIM_STEP
+    assert gov.next_trim == malloc.trim_ceiling(malloc.process_bound(230 * MiB, budget))
+    gov.rebase(0)                       # a ceiling below the live bytes: the floor holds
+    assert gov.next_trim == 300 * MiB + malloc._MIN_TRIM_STEP
 
 
-def test_rebase_by_state_taken_over_lowers_the_trim_points_too(governed):
+def test_rebase_by_state_taken_over_lowers_the_generous_limit_too(governed):
     """NOTE [The process's base] rule 5: state that was in the resident set, unmanaged,
-    when the trim points were set (a model built before the OutOfCore) and that outcore
-    manages now lowers the slack rule's points with the ceiling; the points kept counting
-    it before: a process whose 768 MiB of parameters had moved out trimmed once per
-    replayed step where the other order trimmed 4-7 times (rss+ 690-750 MiB against
-    560-615 at a 512 MiB budget)."""
+    when the generous limit was set (a model built before the OutOfCore) and that outcore
+    manages now lowers that limit with the bound; it kept counting it before: a process
+    whose 768 MiB of parameters had moved out trimmed once per replayed step where the
+    other order trimmed 4-7 times (rss+ 690-750 MiB against 560-615 at a 512 MiB
+    budget)."""
     gov, libc = governed
     budget = 64 * MiB
     libc.rss = libc.rss_after_trim = 900 * MiB        # the model, unmanaged, in RAM
     gov.start(budget, rss_start=1000 * MiB)
-    gov.tighten()
-    assert gov.limit == 900 * MiB + gov.slack
+    assert gov.limit == 900 * MiB + budget + gov.slack
     gov.rebase(300 * MiB, taken_off=700 * MiB)
-    assert gov.limit == 200 * MiB + gov.slack
-    libc.rss, libc.rss_after_trim = 200 * MiB + gov.slack + MiB, 210 * MiB
-    gov._checked = 0.0
+    assert gov.limit == gov.next_trim == 200 * MiB + budget + gov.slack
+    libc.rss, libc.rss_after_trim = gov.limit + MiB, 210 * MiB
+    tick(gov)
     gov.check()
     assert gov.trims == 1
 
@@ -218,7 +227,7 @@ def test_trim_above_trims_only_above_its_ceiling_and_only_while_steering(governe
     gov, libc = governed
     libc.rss, libc.rss_after_trim = 500 * MiB, 300 * MiB
     assert not gov.trim_above(0)                          # not started: glibc is not ours
-    gov.start(100 * MiB)
+    gov.start(100 * MiB, rss_start=0)
     trims = libc.trims
     libc.rss = 500 * MiB
     assert not gov.trim_above(500 * MiB) and libc.trims == trims
@@ -228,7 +237,7 @@ def test_trim_above_trims_only_above_its_ceiling_and_only_while_steering(governe
 
 def test_checks_are_throttled(governed):
     gov, libc = governed
-    gov.start(0)
+    gov.start(0, rss_start=0)
     libc.rss = 10 * gov.limit
     gov.check()
     gov.check()                   # within a millisecond of the first: not even read
@@ -259,7 +268,7 @@ def test_make_governor():
 # -- what stop() puts back ---------------------------------------------------------------
 def test_stop_sets_what_the_dynamic_threshold_converges_to(governed):
     gov, libc = governed
-    gov.start(500)
+    gov.start(500, rss_start=0)
     gov.tighten()
     gov.stop()
     assert not gov.active and gov.limit is None
@@ -272,7 +281,7 @@ def test_stop_puts_back_exactly_what_the_environment_fixed(libc, monkeypatch):
     # trim_threshold had glibc's defaults, and mmap_threshold is left as it is
     monkeypatch.setattr(malloc, "_start_environment", lambda: [("MALLOC_MMAP_THRESHOLD_", "1048576")])
     gov = malloc.TrimGovernor()
-    gov.start(500)
+    gov.start(500, rss_start=0)
     del libc.calls[:]
     gov.stop()
     assert libc.calls == [(malloc._M_MMAP_MAX, 65536), (malloc._M_TRIM_THRESHOLD, 128 * 1024)]
@@ -312,21 +321,21 @@ def test_stop_is_idempotent_and_safe_anywhere(governed):
     gov, libc = governed
     gov.stop()                                   # never started: glibc untouched
     assert libc.calls == [] and libc.trims == 0
-    gov.start(500)
+    gov.start(500, rss_start=0)
     gov.stop()
     calls = list(libc.calls)
     gov.stop()
     assert libc.calls == calls
     nolibc = malloc.TrimGovernor()
     nolibc.libc = None
-    assert not nolibc.start(500)
+    assert not nolibc.start(500, rss_start=0)
     nolibc.stop()                                 # no C library: nothing, no error
     assert malloc.steering_governor() is None
 
 
 def test_stop_keeps_its_exceptions(governed):
     gov, libc = governed
-    gov.start(500)
+    gov.start(500, rss_start=0)
 
     def broken(option, value):
         raise OSError("gone")
@@ -348,7 +357,7 @@ def test_the_governor_does_not_keep_the_out_of_core_alive(libc):
     owner = Owner()
     gov = malloc.TrimGovernor()
     weakref.finalize(owner, gov.stop)
-    gov.start(500)
+    gov.start(500, rss_start=0)
     del owner
     gc.collect()
     assert not gov.active and malloc.steering_governor() is None and libc.options == CONVERGED
@@ -357,7 +366,7 @@ def test_the_governor_does_not_keep_the_out_of_core_alive(libc):
 # -- eager -------------------------------------------------------------------------------
 def test_eager_maps_from_the_first_eviction_and_stop_puts_glibc_back(libc):
     gov = malloc.EagerGovernor()
-    assert gov.start(500)
+    assert gov.start(500, rss_start=0)
     assert gov.active and libc.calls == [] and malloc.steering_governor() is gov
     gov.check()
     gov.tighten()
@@ -371,7 +380,7 @@ def test_eager_maps_from_the_first_eviction_and_stop_puts_glibc_back(libc):
 
 def test_eager_without_an_eviction_leaves_glibc_alone(libc):
     gov = malloc.EagerGovernor()
-    gov.start(500)
+    gov.start(500, rss_start=0)
     gov.stop()
     assert libc.calls == [] and malloc.steering_governor() is None
     gov.tighten()                                 # after stop: nothing
@@ -382,17 +391,17 @@ def test_eager_without_an_eviction_leaves_glibc_alone(libc):
 @pytest.mark.parametrize("first,second", [("trim", "trim"), ("trim", "eager"), ("eager", "trim")])
 def test_one_governor_per_process(libc, first, second):
     a, b = malloc.make_governor(first), malloc.make_governor(second)
-    a.start(2 * 2**30)
+    a.start(2 * 2**30, rss_start=0)
     with pytest.raises(outcore.OutcoreError,
                        match=r"another OutOfCore \(return_freed_memory='%s', budget 2\.00 GiB\) is "
                              r"steering glibc's allocator.*close\(\) it first" % first):
-        b.start(500)
+        b.start(500, rss_start=0)
     assert not b.active and malloc.steering_governor() is a
-    a.start(500)                                  # the holder itself: a no-op, no error
+    a.start(500, rss_start=0)                                  # the holder itself: a no-op, no error
     b.stop()                                      # a refused governor's stop leaves a alone
     assert malloc.steering_governor() is a and a.active
     a.stop()
-    assert b.start(500) and malloc.steering_governor() is b
+    assert b.start(500, rss_start=0) and malloc.steering_governor() is b
     b.stop()
 
 
@@ -401,16 +410,16 @@ def test_stop_after_a_partial_start(libc):
     libc.interrupt_at = 2                          # the second mallopt of start()
     gov = malloc.TrimGovernor()
     with pytest.raises(KeyboardInterrupt):
-        gov.start(500)
+        gov.start(500, rss_start=0)
     assert not gov.active and gov.limit is None
     assert libc.options == {malloc._M_MMAP_MAX: 0}
     assert malloc.steering_governor() is gov       # glibc is steered: the record says so
     with pytest.raises(outcore.OutcoreError, match="another OutOfCore"):
-        malloc.TrimGovernor().start(500)
+        malloc.TrimGovernor().start(500, rss_start=0)
     gov.stop()
     assert libc.options == CONVERGED and malloc.steering_governor() is None
     other = malloc.TrimGovernor()
-    assert other.start(500)
+    assert other.start(500, rss_start=0)
     other.stop()
 
 
@@ -418,15 +427,15 @@ def test_a_partial_start_can_be_started_again(libc):
     libc.interrupt_at = 1
     gov = malloc.TrimGovernor()
     with pytest.raises(KeyboardInterrupt):
-        gov.start(500)
-    assert gov.start(500) and gov.active
+        gov.start(500, rss_start=0)
+    assert gov.start(500, rss_start=0) and gov.active
     gov.stop()
     assert libc.options == CONVERGED
 
 
 def test_stop_after_a_partial_stop(libc):
     gov = malloc.TrimGovernor()
-    gov.start(500)
+    gov.start(500, rss_start=0)
     libc.interrupt_at = len(libc.calls) + 2       # the second mallopt of stop()
     with pytest.raises(KeyboardInterrupt):        # the user's Ctrl-C is not swallowed
         gov.stop()
@@ -470,16 +479,16 @@ def _assert_consistent(gov, libc, restore):
         assert libc.options[malloc._M_MMAP_THRESHOLD] == gov.threshold
     if isinstance(gov, malloc.TrimGovernor) and gov.active:
         state = gov._limits
-        assert state.slack == malloc._slack(gov.budget, state.small_slack)
+        assert state.slack == malloc._slack(gov.budget)
 
 
 def _prepare(kind, libc, step):
     gov = malloc.make_governor(kind)
     gov._checked = -1.0
     budget = 100 * MiB
-    gov.live_bytes = lambda: 10 * budget          # the small slack comes with the check
+    gov.largest_allocation = lambda: 10 * MiB     # the check reads it
     if step in ("tighten", "check", "stop"):
-        gov.start(budget)
+        gov.start(budget, rss_start=0)
     if step in ("check", "stop"):
         gov.tighten()
         libc.rss = 10 * 2**30                     # the check trims
@@ -497,7 +506,7 @@ def test_an_interrupt_at_any_bytecode_leaves_the_module_consistent(libc, kind, s
         malloc._steering.clear()
         gov, budget = _prepare(kind, libc, step)
         restore = dict(malloc._restore_plan(gov._CHANGES))
-        call = {"start": lambda: gov.start(budget), "tighten": gov.tighten,
+        call = {"start": lambda: gov.start(budget, rss_start=0), "tighten": gov.tighten,
                 "check": gov.check, "stop": gov.stop}[step]
         tracer, seen = _interrupt_at_opcode(n)
         sys.settrace(tracer)
@@ -516,7 +525,7 @@ def test_an_interrupt_at_any_bytecode_leaves_the_module_consistent(libc, kind, s
         assert not gov.active and malloc.steering_governor() is None
         assert libc.calls == [] or libc.options == restore
         other = malloc.make_governor(kind)        # the process is free for another
-        assert other.start(budget)
+        assert other.start(budget, rss_start=0)
         other.stop()
     assert n > (2 if (kind, step) == ("eager", "check") else 20)   # the tracer saw the bytecodes
 
@@ -539,7 +548,7 @@ def mapped(n):   # an mmapped chunk is rounded up to a page; a heap chunk by <= 
     return int(extra > 64)
 
 gov = malloc.make_governor(sys.argv[1])
-gov.start(2**30)
+gov.start(2**30, rss_start=0)
 gov.tighten()
 gov.stop()
 sizes = [1 << 20, 8 << 20, 31 << 20, 33 << 20]

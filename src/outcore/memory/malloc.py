@@ -14,19 +14,16 @@ measurements and their commands):
   this saves: plain PyTorch on glibc's defaults maps every tensor over its mmap
   threshold (up to 32 MiB) on its own and faults it in afresh each time, every step.
   The limit is generous until the budget first needs room (the resident set at the
-  first iteration plus the budget and a slack: a step that fits is never trimmed), then
-  tight: the resident set at the first eviction (the budget is full then), trimmed,
-  plus a slack. The slack is 64 MiB + budget/5 until the managed bytes alive at once
-  (in RAM and on the slow tier) pass twice the budget (a smaller one trimmed and
-  re-faulted so often near the peak that it slowed steps that move little), and
-  32 MiB + budget/10 from then on, where the resident set is what the user is short of
-  and a trim costs little beside the disk traffic.
-  Resident memory stays within the limit plus what one stretch of the step allocates
-  between checks.
+  first iteration plus the budget and a slack of 64 MiB + budget/5: a step that fits is
+  never trimmed). From the first eviction on, the trim point is the process bound (its
+  base plus the budget plus `process_slack`, NOTE [The process's base] in run/ooc.py)
+  less a margin for what the step allocates before the next check (32 MiB and the
+  largest storage the step has made): the heap keeps what the bound allows, and every
+  trim is one the bound needed (`trim_ceiling`, NOTE [Trim at the bound]).
 
 Both modes are governor objects with one interface (`make_governor(mode)`):
-`start(budget)` at the first iteration, `tighten()` at the first eviction, `check()`
-where memory is freed or taken, `stop()` at close() or garbage collection.
+`start(budget, rss_start)` at the first iteration, `tighten()` at the first eviction,
+`check()` where memory is freed or taken, `stop()` at close() or garbage collection.
 
 NOTE [One governor per process]
 glibc's settings are process-wide, so at most one governor steers them: `start()`
@@ -287,13 +284,23 @@ def process_slack(budget: int) -> int:
     return PROCESS_SLACK_BYTES + budget // PROCESS_SLACK_SHARE
 
 
-def trim_ceiling(rss_start: int, budget: int) -> int:
-    """The highest resident set the trim governor lets a step reach before it trims:
-    32 MiB (room for what a step allocates between two checks) below the process's
-    measured bound, rss_start + budget + process_slack(budget). Lower is possible and
-    costs speed: aiming at 1.2 x budget + 32 MiB took 33 MiB off the peak of
-    benchmarks/big_state.py and made its replays about 17% slower (docs/state.md)."""
-    return rss_start + budget + process_slack(budget) - 32 * 2**20
+# Room for what a step allocates between two checks beside its largest storage (a
+# convolution's workspace, a function's smaller outputs, the 2 ms between readings).
+_CHECK_MARGIN = 32 * 2**20
+
+
+def process_bound(rss_start: int, budget: int) -> int:
+    """The resident set the whole process stays under on the workloads measured:
+    rss_start (its base) + budget + process_slack(budget)."""
+    return rss_start + budget + process_slack(budget)
+
+
+def trim_ceiling(bound: int, largest: int = 0) -> int:
+    """The resident set past which the tight trim governor trims (NOTE [Trim at the
+    bound]): the process bound less _CHECK_MARGIN and `largest`, the largest storage
+    the step has made (one function's output lands whole between two checks: GPT-2's
+    147 MiB embedding gradient)."""
+    return bound - _CHECK_MARGIN - largest
 
 
 # Past the ceiling (the live bytes alone are above it), the next trim waits until the
@@ -301,10 +308,9 @@ def trim_ceiling(rss_start: int, budget: int) -> int:
 _MIN_TRIM_STEP = 16 * 2**20
 
 
-def _slack(budget: int, tight_budget: bool) -> int:
-    """How far the resident set may grow past its trimmed size before the next trim."""
-    if tight_budget:                # under half the in-core peak
-        return 32 * 2**20 + budget // 10
+def _slack(budget: int) -> int:
+    """Before the first eviction: how far the resident set may grow past the first
+    iteration's plus the budget before a trim (a step that fits is never trimmed)."""
     return 64 * 2**20 + budget // 5
 
 
@@ -330,7 +336,6 @@ class _Governor:
                                    # (the resident set just before and after each: what other
                                    # threads fault in meanwhile lowers it), memory the step
                                    # then faults in again where it reuses it
-        self.live_bytes = None     # () -> managed bytes alive on either tier, if known
         self._told = False         # mallopt may have changed glibc: stop() puts it back
         self._restore: tuple = ()  # (option, value) pairs for that
         self._record = _steering   # stop() reads no module globals (interpreter exit)
@@ -377,10 +382,7 @@ class _Governor:
         except Exception:
             pass
 
-    def know_peak(self, at_least: int) -> None:
-        pass
-
-    def check(self) -> None:
+    def check(self, coming: int = 0) -> None:
         pass
 
     def trim_above(self, ceiling: int) -> bool:
@@ -423,38 +425,43 @@ class _Governor:
 
 
 class _Limits(NamedTuple):
-    """The trim governor's state, replaced whole by one attribute store. `limit` and
-    `next` are kept as the slack rule gives them; `capped` lowers them to the
-    ceiling where they are used, so a change of slack (`know_peak`) moves them alike
-    and never below it."""
-    limit: int          # trim when the resident set passes this...
-    next: int           # ...and has grown past this since the last trim
+    """The trim governor's state, replaced whole by one attribute store."""
+    limit: int          # before the first eviction: trim when the resident set passes
+    next: int           # this, and has grown past this since the last trim
     slack: int
-    tight: bool         # the first eviction has come
-    small_slack: bool
-    ceiling: int        # once tight, no trim point above this (_NEVER: none)...
-    after: int          # ...unless within _MIN_TRIM_STEP of the resident set after the
-                        # last trim (the live bytes alone are above the ceiling)
+    tight: bool         # the first eviction has come: trim at the bound (`point`)
+    bound: int          # base + budget + process_slack (rebase moves it)
+    after: int          # the resident set after the last trim
 
-    def capped(self, point: int) -> int:
-        """`point`, lowered to the ceiling once tight, but at least _MIN_TRIM_STEP above
-        the resident set after the last trim. Before the first eviction the step fits
-        the budget: never lowered."""
+    def point(self, largest: int) -> int:
+        """Where the next trim comes (NOTE [Trim at the bound]): once tight, the ceiling
+        below the bound, or _MIN_TRIM_STEP above the resident set the last trim left
+        where that is higher (the live bytes alone are above the ceiling)."""
         if not self.tight:
-            return point
-        return min(point, max(self.ceiling, self.after + _MIN_TRIM_STEP))
+            return self.next
+        return max(trim_ceiling(self.bound, largest), self.after + _MIN_TRIM_STEP)
 
 
 class TrimGovernor(_Governor):
-    """The "trim" mode. `start(budget)` (at the first iteration) puts every allocation on
-    glibc's heap with no trimming of its own and sets a generous limit; `tighten()` (at
-    the first eviction) sets the tight one; `check()` (called where memory is freed or
-    taken) trims when the resident set is over the limit; `stop()` puts glibc back
-    (NOTE [What stop() restores]). After a trim that cannot get under the limit (the live
-    bytes are above it, e.g. all state read back at the end of an iteration), the next
-    trim waits until the resident set has grown by another slack, or by _MIN_TRIM_STEP
-    where that would pass the ceiling (`trim_ceiling`): trims stay rare whatever the
-    step does."""
+    """The "trim" mode. `start(budget, rss_start)` (at the first iteration) puts every
+    allocation on glibc's heap with no trimming of its own and sets a generous limit;
+    `tighten()` (at the first eviction) trims at the bound from then on; `check()`
+    (called where memory is freed or taken) trims when the resident set is past the
+    trim point; `stop()` puts glibc back (NOTE [What stop() restores]).
+
+    NOTE [Trim at the bound]
+    Once the budget is full, a trim hands back what the heap keeps for reuse, and the
+    step faults it in again: every trim costs speed, so there are only those the
+    process bound needs. The trim point is `trim_ceiling`: the bound less room for what
+    lands before the next check (`_CHECK_MARGIN`, and the largest storage the step has
+    made so far: `largest_allocation`, Residency's). After a trim that cannot get under
+    it (the live bytes alone are above it, e.g. all state read back at the end of an
+    iteration), the next waits until the resident set has grown by _MIN_TRIM_STEP.
+    Before, the point was the resident set after the last trim plus a slack, capped at
+    the ceiling: on ResNet-50 64x64 batch 64 at a quarter of its peak, 69-81 trims a
+    step and 151-182k page faults, where trims at the bound gave 9-11 and 76-85k, and
+    steps 15-20% faster, at a higher resident set still within the bound
+    (docs/executor.md, "The allocator governor")."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
@@ -462,24 +469,26 @@ class TrimGovernor(_Governor):
         super().__init__()
         self._limits: _Limits | None = None     # None: not started (or stopped)
         self._checked = 0.0
+        self._announced = 0             # bytes announced to check() since its last reading
+        self.largest_allocation = None  # () -> the largest storage the step made, if known
 
     # Read-only views of the state.
     active = property(lambda self: self._limits is not None)
-    limit = property(lambda self: None if self._limits is None
-                     else self._limits.capped(self._limits.limit))
+    limit = property(lambda self: None if self._limits is None else self._limits.limit)
     next_trim = property(lambda self: _NEVER if self._limits is None
-                         else self._limits.capped(self._limits.next))
+                         else self._limits.point(self._largest()))
     slack = property(lambda self: 0 if self._limits is None else self._limits.slack)
     tight = property(lambda self: self._limits is not None and self._limits.tight)
-    small_slack = property(lambda self: self._limits is not None and self._limits.small_slack)
 
-    def start(self, budget: int, rss_start: int | None = None) -> bool:
+    def _largest(self) -> int:
+        return self.largest_allocation() if self.largest_allocation is not None else 0
+
+    def start(self, budget: int, rss_start: int) -> bool:
         """Every allocation on the heap, no trimming but ours. Once: later calls (and
-        calls without glibc) return False. With `rss_start` (the resident set when the
-        OutOfCore was made; `rebase` moves it), from the first eviction on no trim point
-        is above `trim_ceiling(rss_start, budget)` unless the live bytes alone are. Raises
-        OutcoreError while another governor steers glibc (NOTE [One governor per
-        process])."""
+        calls without glibc) return False. `rss_start`: the process's base (the resident
+        set when the OutOfCore was made until the first iteration measures it; `rebase`
+        moves it), which the bound counts from. Raises OutcoreError while another
+        governor steers glibc (NOTE [One governor per process])."""
         if self.libc is None or self._limits is not None:
             return False
         self._claim()
@@ -489,67 +498,58 @@ class TrimGovernor(_Governor):
         ok = (self.libc.mallopt(_M_MMAP_MAX, 0) == 1
               and self.libc.mallopt(_M_TRIM_THRESHOLD, _C_INT_MAX) == 1)
         self.libc.malloc_trim(0)           # what glibc kept so far: the limit starts from live bytes
-        slack = _slack(budget, tight_budget=False)
-        ceiling = _NEVER if rss_start is None else trim_ceiling(rss_start, budget)
+        slack = _slack(budget)
         limit = resident_bytes() + budget + slack
-        self._limits = _Limits(limit, limit, slack, False, False, ceiling, 0)     # last: active
+        self._limits = _Limits(limit, limit, slack, False, process_bound(rss_start, budget), 0)     # last: active
         return ok
 
     def rebase(self, rss_start: int, taken_off: int = 0) -> None:
+        """Also trims now where the resident set is past the new trim point: the heap kept
+        what the old bound allowed, and the next iteration's rss+ counts from the new
+        base from its first reading on (an OutOfCore made after the model: 39 MiB past
+        the bound as the second iteration began)."""
         state = self._limits
         if state is None:
             return
-        new = state._replace(ceiling=trim_ceiling(rss_start, self.budget),
+        new = state._replace(bound=process_bound(rss_start, self.budget),
                              limit=state.limit - taken_off, next=state.next - taken_off)
-        if self._limits is state:               # not stopped meanwhile
-            self._limits = new
+        if self._limits is not state:           # stopped meanwhile
+            return
+        self._limits = new
+        rss = resident_bytes()
+        if new.tight and rss > new.point(self._largest()):
+            after = self._trim(rss)
+            if self._limits is new:
+                self._limits = new._replace(after=after)
 
     def tighten(self) -> None:
-        """The budget is full: from now on the resident set may exceed today's by a slack."""
+        """The budget is full: from now on, trim at the bound (NOTE [Trim at the bound])."""
         state = self._limits
         if state is None or state.tight:
             return
         self.libc.malloc_trim(0)
-        after = resident_bytes()
-        limit = after + state.slack
-        new = state._replace(limit=limit, next=limit, tight=True, after=after)
+        new = state._replace(tight=True, after=resident_bytes())
         if self._limits is state:               # not stopped meanwhile
-            self._limits = new
-
-    def know_peak(self, at_least: int) -> None:
-        """The step needs at least `at_least` bytes at once (its in-core peak, or the
-        managed bytes alive right now): a budget below half of that gets the smaller
-        slack."""
-        state = self._limits
-        if state is None or state.small_slack or self.budget * 2 >= at_least:
-            return
-        slack = _slack(self.budget, tight_budget=True)
-        if state.tight:                 # the limit and the pending trim point move alike
-            new = state._replace(limit=state.limit + slack - state.slack,
-                                 next=state.next + slack - state.slack, slack=slack, small_slack=True)
-        else:
-            new = state._replace(slack=slack, small_slack=True)
-        if self._limits is state:
             self._limits = new
 
     def _deactivate(self) -> None:
         self._limits = None
 
-    def check(self) -> None:
+    def check(self, coming: int = 0) -> None:
+        """Trim if the resident set, and `coming` bytes about to be allocated, pass the
+        trim point. Reads /proc (a system call) at most every 2 ms, unless the bytes
+        announced since the last reading reach _MIN_TRIM_STEP / 2: storages read back
+        in a burst (a foreach op's inputs) are each checked before they land."""
         state = self._limits
         if state is None:
             return
         now = time.perf_counter()
-        if now - self._checked < 0.002:        # reading /proc is a system call: 500 Hz at most
+        self._announced += coming
+        if now - self._checked < 0.002 and self._announced < _MIN_TRIM_STEP // 2:
             return
-        self._checked = now
-        if state.tight and not state.small_slack and self.live_bytes is not None:
-            self.know_peak(self.live_bytes())
-            state = self._limits
-            if state is None:
-                return
+        self._checked, self._announced = now, 0
         rss = resident_bytes()
-        if rss <= state.capped(state.next):
+        if rss + coming <= state.point(self._largest()):
             return
         after = self._trim(rss)
         new = state._replace(next=max(state.limit, after + state.slack), after=after)

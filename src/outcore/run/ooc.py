@@ -37,12 +37,11 @@ to bound:
      set, written ones become managed bytes.
   3. The managed bytes in fast memory are subtracted (a RAM budget only): the budget
      counts them.
-  4. The trim governor's ceiling and the pager count from the lower of the base and
-     the size at OutOfCore() (`_limits_base`, `rebase`): where building left memory
-     behind (the mover's buffers, a library's first-use cost), counting from the base
-     would let the process keep that much more heap. Tried (CHANGELOG): on a
-     transformers GPT-2 under 64 MiB, 14 MiB higher peaks for a third of the trims at
-     the same speed.
+  4. The trim governor counts its bound from the base (`rebase`: NOTE [Trim at the
+     bound] in memory/malloc.py), the pager from the lower of the base and the size at
+     OutOfCore() (`_limits_base`): where building left memory behind (the mover's
+     buffers, a library's first-use cost), state read between iterations finds that
+     much less room.
   5. The state the first iteration takes over is subtracted once a recording says which
      it is (`_take_off_adopted`): an OutOfCore made after the model was built (or loaded)
      finds the parameters in the resident set, unmanaged, and outcore then moves them.
@@ -340,10 +339,10 @@ class OutOfCore:
         so that the process's resident memory follows the budget instead of its
         high-water mark; process-wide until close() (README, "Memory and speed"). True
         or "trim" (from the first iteration): every tensor on the reused heap (no page
-        faults, unlike glibc's defaults), trimmed when the resident set grows past what
-        it was at the first eviction plus a slack (64 MiB + budget/5; 32 MiB + budget/10
-        once the step holds more than twice the budget), or, while nothing has had to
-        move, past its size at the start plus the budget. "eager" (from the
+        faults, unlike glibc's defaults), trimmed when the resident set nears the bound
+        the report prints (its base + budget + 128 MiB + budget/5, less room for the
+        step's largest tensor), or, while nothing has had to move, past its size at the
+        start plus the budget and 64 MiB + budget/5. "eager" (from the
         first eviction): every tensor its own mapping, unmapped on free (closest to the
         budget; page faults on every new tensor). False: glibc's defaults.
     state_dir: keep the state crash-consistent in this directory (run/durable.py): each
@@ -513,7 +512,7 @@ class OutOfCore:
             self._res.before_first_eviction = self._governor.tighten
             if self._governor.mode == "trim":      # eager's check() does nothing: no per-op call
                 self._res.memory_check = self._governor.check
-            self._governor.live_bytes = self._res.live_bytes
+                self._governor.largest_allocation = self._res.largest_tracked
         self._pager = Pager()
         self._leases: list = []     # (pipe read end, extents) per fork (mapped.py rule 9)
         self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,
@@ -925,13 +924,13 @@ class OutOfCore:
             self._rss_adopted = adopted
             self._rss_start = max(self._rss_start - adopted, 0)
             if self._governor is not None:
-                self._governor.rebase(self._limits_base(),
+                self._governor.rebase(self._rss_start,
                                       taken_off=max(adopted - res.adopted_at_first_eviction,
                                                     0))
 
     def _limits_base(self) -> int:
-        """What the trim ceiling and the pager count from: the lower of the size at
-        OutOfCore() and the base (NOTE [The process's base], rule 4)."""
+        """What the pager counts from: the lower of the size at OutOfCore() and the base
+        (NOTE [The process's base], rule 4)."""
         return min(self._rss_made, self._rss_start)
 
     def _unpark(self) -> None:
@@ -1685,7 +1684,7 @@ class _Iteration:
             if ooc._mover.device_type == "cpu":     # NOTE [The process's base] rule 5
                 res.adopting = {}
             if ooc._governor is not None:
-                ooc._governor.rebase(ooc._limits_base())
+                ooc._governor.rebase(ooc._rss_start)
         self.base = ooc._rss_start
         ooc._composition.disown_fsdp(res)
         if self.recording:

@@ -247,7 +247,10 @@ class Residency:
         self.stats = Stats()
         self.lru: OrderedDict[int, Entry] = OrderedDict()   # FAST entries, least recent first
         self.before_first_eviction = None     # called once, when the budget first needs room
-        self.memory_check = None              # called after memory is freed or taken
+        self.memory_check = None              # (bytes about to be allocated=0): called where
+                                              # memory is freed or taken
+        self.largest = 0                      # the largest storage tracked so far (the trim
+                                              # governor's margin: NOTE [Trim at the bound])
         self._dead: collections.deque = collections.deque()   # appended from any thread
         self._dying: list[Entry] = []         # dead, with a transfer still in flight
         self._warned_unmapped = False         # ... said once (map_slow)
@@ -303,6 +306,8 @@ class Residency:
                           or not movable(storage), elsewhere=elsewhere)
             entry.ref = weakref.ref(storage, self._died(entry))
             self.entries[key] = entry
+            if nbytes > self.largest:
+                self.largest = nbytes
             if self._deferred is not None:        # made while a collective is dispatched
                 self._held.add(key)
             if elsewhere:
@@ -502,6 +507,10 @@ class Residency:
         """Managed bytes alive on either tier."""
         return self.resident + self.offloaded
 
+    def largest_tracked(self) -> int:
+        """The largest storage tracked so far (`largest`)."""
+        return self.largest
+
     def recount(self) -> tuple[int, int]:
         """(resident, offloaded) recomputed from the live entries (NOTE 1)."""
         if self._dead:
@@ -627,7 +636,7 @@ class Residency:
             self.disown(storage, entry.nbytes, "resized by another library", foreign=True)
             return
         if self.memory_check is not None:
-            self.memory_check()
+            self.memory_check(entry.nbytes)
         storage.resize_(entry.nbytes)        # may raise (out of memory): still SLOW
         if self.mover.device_type == "cpu":
             advise_huge(storage.data_ptr(), entry.nbytes)     # NOTE [Huge pages for reads]
@@ -681,7 +690,7 @@ class Residency:
         if entry.state is not DISCARDED or storage is None:
             return
         if self.memory_check is not None:
-            self.memory_check()
+            self.memory_check(entry.nbytes)
         try:
             entry.remake(storage, entry.nbytes)   # gives the storage its memory back
         except BaseException:
