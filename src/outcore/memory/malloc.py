@@ -457,11 +457,15 @@ class TrimGovernor(_Governor):
     made so far: `largest_allocation`, Residency's). After a trim that cannot get under
     it (the live bytes alone are above it, e.g. all state read back at the end of an
     iteration), the next waits until the resident set has grown by _MIN_TRIM_STEP.
-    Before, the point was the resident set after the last trim plus a slack, capped at
-    the ceiling: on ResNet-50 64x64 batch 64 at a quarter of its peak, 69-81 trims a
-    step and 151-182k page faults, where trims at the bound gave 9-11 and 76-85k, and
-    steps 15-20% faster, at a higher resident set still within the bound
-    (docs/executor.md, "The allocator governor")."""
+    Before, the point was the resident set after the last trim plus a slack, capped
+    32 MiB below the bound: ResNet-50 64x64 batch 64 at a quarter of its peak, built
+    after the OutOfCore, trimmed 72-76 times a step (12-13 now) and its steps were about
+    10% slower; GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
+    on every replay (CHANGELOG, 2026-12-06). Where the live bytes alone are near the bound
+    (GPT-2 at its smallest feasible budget) it trims 53-56 times a step where it
+    trimmed 16-17 times and passed the bound: the bound costs those trims.
+    A trim point of the bound less 32 MiB once the live bytes are above the ceiling
+    (fewer trims there) passed it by 60-100 MiB: not kept."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
