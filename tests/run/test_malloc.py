@@ -164,6 +164,30 @@ def test_storages_about_to_be_read_back_are_checked_before_they_land(governed):
     assert gov.trims == 1 and gov._announced == 0
 
 
+def test_read_backs_above_the_ceiling_wait_for_growth(governed):
+    """helper-143: with the live bytes alone above the ceiling, the next trim waits for
+    _MIN_TRIM_STEP of growth; the bytes a read-back announces counted toward that
+    growth, so every read-back of 16 MiB or more trimmed again, giving back nothing."""
+    gov, libc = governed
+    budget, start = 180 * MiB, 200 * MiB
+    libc.rss = libc.rss_after_trim = 300 * MiB
+    gov.start(budget, rss_start=start)
+    gov.tighten()
+    ceiling = malloc.trim_ceiling(malloc.process_bound(start, budget))
+    libc.rss = libc.rss_after_trim = ceiling + 40 * MiB     # a trim frees nothing
+    tick(gov)
+    gov.check()
+    assert gov.trims == 1
+    for _ in range(10):                       # read-backs with no growth
+        tick(gov)
+        gov.check(coming=20 * MiB)
+    assert gov.trims == 1
+    libc.rss = ceiling + 40 * MiB + malloc._MIN_TRIM_STEP + 1      # grown: the next one
+    tick(gov)
+    gov.check(coming=20 * MiB)
+    assert gov.trims == 2
+
+
 def test_rebase_below_the_resident_set_trims_at_once(governed):
     """The heap kept what the old bound allowed: once the bound comes down (state taken
     over, rule 5 of NOTE [The process's base]), the next iteration's first reading
@@ -397,7 +421,7 @@ def test_one_governor_per_process(libc, first, second):
                              r"steering glibc's allocator.*close\(\) it first" % first):
         b.start(500, rss_start=0)
     assert not b.active and malloc.steering_governor() is a
-    a.start(500, rss_start=0)                                  # the holder itself: a no-op, no error
+    a.start(500, rss_start=0)                      # the holder itself: a no-op, no error
     b.stop()                                      # a refused governor's stop leaves a alone
     assert malloc.steering_governor() is a and a.active
     a.stop()

@@ -569,3 +569,44 @@ def test_a_tensor_mapped_between_iterations_that_cannot_grow_says_what_to_do(tmp
         assert torch.equal(buf, torch.arange(512 * 256, dtype=torch.float32).reshape(512, 256))
         buf.resize_(256, 256)                         # within the storage: PyTorch's own
         assert buf.shape == (256, 256)
+
+
+@pytest.mark.parametrize("where", ["backward after the block", "backward inside",
+                                   "evaluation under no_grad", "forward keeping only the loss"])
+def test_a_backward_after_the_block_is_named_once(where, caplog, tmp_path):
+    """A new user's first loop: `with ooc.iteration(): loss = model(x)`, then
+    `loss.backward(); opt.step()` after the block. It trained bitwise and silently, with
+    the backward and the update outside the budget (nothing planned or moved there):
+    the first recording that leaves a forward's graph alive with no backward says so,
+    once per OutOfCore. A step whose backward is inside, an evaluation under no_grad and
+    a forward whose graph dies in the block (its loss detached) say nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="outcore"):
+        with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+            for _ in range(3):
+                x = torch.randn(128, 256)
+                with ooc.iteration():
+                    if where == "evaluation under no_grad":
+                        with torch.no_grad():
+                            loss = model(x).square().mean()
+                    else:
+                        loss = model(x).square().mean()
+                    if where == "backward inside":
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad()
+                    elif where == "forward keeping only the loss":
+                        loss = loss.detach()      # the graph dies in the block
+                if where == "backward after the block":
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+    warned = [r for r in caplog.records if "no backward" in r.getMessage()]
+    if where == "backward after the block":
+        assert len(warned) == 1, caplog.text
+        assert "outside the budget" in warned[0].getMessage()
+        assert "iteration 1 " in warned[0].getMessage()
+    else:
+        assert warned == [], caplog.text

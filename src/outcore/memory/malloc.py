@@ -441,6 +441,17 @@ class _Limits(NamedTuple):
             return self.next
         return max(trim_ceiling(self.bound, largest), self.after + _MIN_TRIM_STEP)
 
+    def due(self, rss: int, coming: int, largest: int) -> bool:
+        """Whether to trim now, at `rss` with `coming` bytes about to be allocated: past
+        `point`, where the bytes coming count toward the ceiling but not toward the
+        growth since a trim that could not get under it (helper-143: every read-back of
+        16 MiB or more trimmed again, with no growth and nothing given back)."""
+        if not self.tight:
+            return rss + coming > self.next
+        floor = self.after + _MIN_TRIM_STEP
+        return (rss + coming > trim_ceiling(self.bound, largest)
+                and (floor <= trim_ceiling(self.bound, largest) or rss > floor))
+
 
 class TrimGovernor(_Governor):
     """The "trim" mode. `start(budget, rss_start)` (at the first iteration) puts every
@@ -456,8 +467,9 @@ class TrimGovernor(_Governor):
     lands before the next check (`_CHECK_MARGIN`, and the largest storage the step has
     made so far: `largest_allocation`, Residency's). After a trim that cannot get under
     it (the live bytes alone are above it, e.g. all state read back at the end of an
-    iteration), the next waits until the resident set has grown by _MIN_TRIM_STEP.
-    Before, the point was the resident set after the last trim plus a slack, capped
+    iteration), the next waits until the resident set has grown by _MIN_TRIM_STEP (the
+    bytes a read-back announces count toward the ceiling, not toward that growth:
+    `_Limits.due`). Before, the point was the resident set after the last trim plus a slack, capped
     32 MiB below the bound: ResNet-50 64x64 batch 64 at a quarter of its peak, built
     after the OutOfCore, trimmed 72-76 times a step (12-13 now) and its steps were about
     10% slower; GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
@@ -504,7 +516,8 @@ class TrimGovernor(_Governor):
         self.libc.malloc_trim(0)           # what glibc kept so far: the limit starts from live bytes
         slack = _slack(budget)
         limit = resident_bytes() + budget + slack
-        self._limits = _Limits(limit, limit, slack, False, process_bound(rss_start, budget), 0)     # last: active
+        bound = process_bound(rss_start, budget)
+        self._limits = _Limits(limit, limit, slack, False, bound, 0)     # last: active
         return ok
 
     def rebase(self, rss_start: int, taken_off: int = 0) -> None:
@@ -553,7 +566,7 @@ class TrimGovernor(_Governor):
             return
         self._checked, self._announced = now, 0
         rss = resident_bytes()
-        if rss + coming <= state.point(self._largest()):
+        if not state.due(rss, coming, self._largest()):
             return
         after = self._trim(rss)
         new = state._replace(next=max(state.limit, after + state.slack), after=after)

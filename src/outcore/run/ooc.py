@@ -271,6 +271,36 @@ def open_outofcore():
     return ref()
 
 
+def graph_left(trace) -> int:
+    """Bytes of the tensors a step's forward made that are still alive at its end, in a
+    step that ran a forward (ops on tensors that require grad, grad mode on) and no
+    backward: the autograd graph's saved tensors, kept for a backward after the block.
+    0 otherwise, and where one such tensor or none is left (the loss, the logits the
+    step returns)."""
+    functions = trace.functions
+    if any(f.phase == "backward" for f in functions):
+        return 0
+    left = [a.nbytes for a in trace.arrays if not a.existed_before and a.freed_after is None
+            and functions[a.origin[0]].phase == "forward"]
+    return sum(left) if len(left) > 1 else 0
+
+
+def _warn_graph_left(ooc, trace, index: int) -> None:
+    """Once per OutOfCore: a recorded step built an autograd graph and ran no backward,
+    so a backward after the block runs outside the budget."""
+    if ooc._warned_graph:
+        return
+    left = graph_left(trace)
+    if left:
+        ooc._warned_graph = True
+        log.warning("iteration %d ran a forward that built an autograd graph and no backward, "
+                    "and %s of the tensors its forward made are still alive at the block's "
+                    "end: a loss.backward() and optimizer.step() after the block run outside "
+                    "the budget, with nothing planned or moved. Put them inside `with "
+                    "ooc.iteration():`; for evaluation, run the forward under "
+                    "torch.no_grad()", index, format_bytes(left))
+
+
 def _release(res, mover, governor, pager, durable) -> None:
     """Give back what an OutOfCore holds. Runs at close(), or at garbage collection or
     interpreter exit of one never closed (weakref.finalize: no reference to the object).
@@ -536,6 +566,7 @@ class OutOfCore:
         self._iterations = IterationLog(self.budget)     # bounded however long the run
         self._last_replay: _Replayed | None = None
         self._warned_rss = False     # once: the process grew past _rss_bound()
+        self._warned_graph = False   # once: a recorded step left its graph for a backward after it
         self._warned_over = False    # once: an iteration's managed peak passed the budget
         self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
@@ -1807,6 +1838,8 @@ class _Iteration:
         ooc._shield.uninstall()
         if self.before is not None:
             self._account(stepped, faulted, trimmed, peak, passive, deviation, completed=exc is None)
+        if exc is None and not errors and self.recording and mode is not None:
+            _warn_graph_left(ooc, mode.trace, len(ooc._iterations))
         if exc is None and not errors and mode is not None:
             adopting = time.perf_counter()
             try:
