@@ -474,8 +474,9 @@ class TrimGovernor(_Governor):
     after the OutOfCore, trimmed 72-76 times a step (12-13 now) and its steps were about
     10% slower; GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
     on every replay (CHANGELOG, 2026-12-06). Where the live bytes alone are near the bound
-    (GPT-2 at its smallest feasible budget) it trims 53-56 times a step where it
-    trimmed 16-17 times and passed the bound: the bound costs those trims.
+    (GPT-2 at its smallest feasible budget) it trims 49-56 times a step where it
+    trimmed 16-18 times and passed the bound, in steps as fast within this machine's
+    noise: the bound costs those trims.
     A trim point of the bound less 32 MiB once the live bytes are above the ceiling
     (fewer trims there) passed it by 60-100 MiB: not kept."""
     mode = "trim"
