@@ -108,6 +108,82 @@ def test_numpy_arrays_dropped_between_iterations_change_nothing(tmp_path):
     assert all(it.bytes_read > 0 for it in report.iterations[2:])
 
 
+@torch.library.custom_op("outcore_test::sin_through_numpy", mutates_args=())
+def _sin_through_numpy(x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.sin(x.numpy())).clone()
+
+
+@_sin_through_numpy.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+_sin_through_numpy.register_autograd(
+    lambda ctx, g: g * torch.cos(ctx.saved_tensors[0]),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+
+class _SinModel(torch.nn.Sequential):
+    def forward(self, x):
+        for layer in self:
+            x = _sin_through_numpy(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("where", ["parameters under no_grad between iterations",
+                                   "a custom op's input inside the step"])
+def test_numpy_where_grad_mode_is_off_leaves_the_storages_movable(where, tmp_path):
+    """PyTorch's numpy() takes a tensor that requires grad where grad mode is off (under
+    `torch.no_grad()`, in an autograd Function's or a custom op's forward); outcore's
+    handed such tensors to PyTorch's, which made their storages unresizable for good:
+    a custom op computing through numpy (helper-141) made every other iteration deviate
+    and the next record again, and the weights read under no_grad never moved again.
+    Now every iteration after the recordings replays its plan, bitwise."""
+    def build():
+        torch.manual_seed(0)
+        if where.startswith("a custom op"):
+            model = _SinModel(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)])
+        else:
+            model = make()[0]
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def one(model, opt, it):
+        if where.startswith("parameters"):
+            return step(model, opt, it)
+        x = torch.randn(256, WIDTH, generator=torch.Generator().manual_seed(it))
+        loss = model(x).square().mean()        # activations of 512 KiB: the plan moves them
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    def run(model, opt, ooc=None):
+        losses, seen = [], []
+        for it in range(8):
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                losses.append(one(model, opt, it))
+            if where.startswith("parameters") and it < 7:    # read before the next one
+                with torch.no_grad():
+                    seen.append([float(p.numpy().sum()) for p in model.parameters()])
+        return losses, seen
+
+    plain_model, plain_opt = build()
+    expected_losses, expected_seen = run(plain_model, plain_opt)
+    model, opt = build()
+    budget = BUDGET - 4 * 2**20 if where.startswith("parameters") else 6 * 2**20
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        losses, seen = run(model, opt, ooc)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), state_of(plain_model, plain_opt))
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected_losses))
+    assert seen == expected_seen
+    modes = [it.mode for it in report.iterations]
+    assert modes == ["record", "record"] + ["replay"] * 6, report
+    assert all(it.deviation is None for it in report.iterations), report
+    assert all(it.peak_resident <= budget for it in report.iterations), report
+    assert report.pinned_bytes < 2**20, report    # only the biases, small: no weight pinned
+
+
 def test_numpy_arrays_kept_across_an_iteration_alias_the_trained_parameters(
         tmp_path, caplog):
     """Arrays of the parameters kept across an iteration see what the step wrote into

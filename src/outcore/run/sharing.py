@@ -563,9 +563,13 @@ def _end_export(key: int) -> None:
 
 def _convertible(tensor) -> bool:
     """Whether PyTorch's numpy() would give an array over this (CPU, strided) tensor's
-    own memory."""
-    return (not tensor.requires_grad and not tensor.is_conj() and not tensor.is_neg()
-            and tensor.numel() > 0 and _typestr(tensor.dtype) is not None)
+    own memory. A tensor that requires grad converts where grad mode is off, as PyTorch
+    checks it (`torch.no_grad()`, an autograd Function's or a custom op's forward):
+    handed to PyTorch's own, a parameter read under no_grad, or a custom op's input
+    read through numpy, was unresizable for good (helper-141: every other iteration
+    deviated and the next recorded again)."""
+    return (not (tensor.requires_grad and torch.is_grad_enabled()) and not tensor.is_conj()
+            and not tensor.is_neg() and tensor.numel() > 0 and _typestr(tensor.dtype) is not None)
 
 
 def _may_move(ooc, storage) -> bool:
