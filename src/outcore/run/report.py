@@ -429,8 +429,9 @@ class Report:
                              "for it yet")
             if it.trimmed_bytes:
                 lines.append(f"        the allocator gave back {format_bytes(it.trimmed_bytes)} "
-                             f"in {count(it.trims, 'trim')} (to keep the resident set near the "
-                             "budget); the step faulted in again what it reused")
+                             f"in {count(it.trims, 'trim')} (to keep rss+ within the budget + "
+                             f"{format_bytes(PROCESS_SLACK_BYTES)} + budget/"
+                             f"{PROCESS_SLACK_SHARE}); the step faulted in again what it reused")
             if it.bytes_recomputed:
                 lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "
                              "of reading it back")
