@@ -1689,6 +1689,7 @@ class _Iteration:
         res = ooc._res
         if ooc._governor is not None:
             ooc._governor.start(ooc.budget, ooc._rss_start)       # once; later calls do nothing
+            ooc._governor.begin()
         ooc._pager.stop()           # its trims between iterations are no iteration's
         res.end_exports()           # numpy arrays dropped since (NOTE [Sharing ...], rule 9)
         sharing.install_late(open_outofcore)    # a saver imported since: rule 13
