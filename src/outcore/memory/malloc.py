@@ -18,7 +18,8 @@ measurements and their commands):
   never trimmed). From the first eviction on, the trim point is the process bound (its
   base plus the budget plus `process_slack`, NOTE [The process's base] in run/ooc.py)
   less a margin for what the step allocates before the next check (32 MiB and the
-  largest storage the step has made): the heap keeps what the bound allows, and every
+  largest storage the step has made, or the most it grew between two readings): the
+  heap keeps what the bound allows, and every
   trim is one the bound needed (`trim_ceiling`, NOTE [Trim at the bound]).
 
 Both modes are governor objects with one interface (`make_governor(mode)`):
