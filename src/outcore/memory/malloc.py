@@ -479,8 +479,8 @@ class TrimGovernor(_Governor):
     bytes a read-back announces count toward the ceiling, not toward that growth:
     `_Limits.due`). Before, the point was the resident set after the last trim plus a slack, capped
     32 MiB below the bound: ResNet-50 64x64 batch 64 at a quarter of its peak, built
-    after the OutOfCore, trimmed 72-76 times a step (12-13 now) and its steps were about
-    10% slower; GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
+    after the OutOfCore, trimmed 72-76 times a step (21-24 now, 12-13 without the margin
+    for bursts), and its steps were about 10% slower; GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
     on every replay (CHANGELOG, 2026-12-06). Where the live bytes alone are near the bound
     (GPT-2 at its smallest feasible budget) it trims 49-56 times a step where it
     trimmed 16-18 times and passed the bound, in steps as fast within this machine's
