@@ -139,16 +139,20 @@ def test_once_tight_trims_come_only_at_the_bound(governed):
     assert gov.trims == 3 and gov.next_trim == ceiling - 100 * MiB   # the bound holds again
 
 
+def _tight(gov, libc, budget=180 * MiB, start=200 * MiB) -> int:
+    """Start `gov` at `start` with `budget`, past its first eviction; its trim ceiling."""
+    libc.rss = libc.rss_after_trim = 300 * MiB
+    gov.start(budget, rss_start=start)
+    gov.tighten()
+    return malloc.trim_ceiling(malloc.process_bound(start, budget))
+
+
 def test_storages_about_to_be_read_back_are_checked_before_they_land(governed):
     """`check(coming)`: the bytes about to be allocated count with the resident set, and
     8 MiB of them announced since the last reading read /proc again within the 2 ms
     throttle (a foreach op's inputs read back in a burst)."""
     gov, libc = governed
-    budget, start = 180 * MiB, 200 * MiB
-    libc.rss = libc.rss_after_trim = 300 * MiB
-    gov.start(budget, rss_start=start)
-    gov.tighten()
-    ceiling = malloc.trim_ceiling(malloc.process_bound(start, budget))
+    ceiling = _tight(gov, libc)
     libc.rss, libc.rss_after_trim = ceiling - 10 * MiB, 300 * MiB
     tick(gov)
     gov.check()
@@ -205,11 +209,7 @@ def test_read_backs_above_the_ceiling_wait_for_growth(governed):
     _MIN_TRIM_STEP of growth; the bytes a read-back announces counted toward that
     growth, so every read-back of 16 MiB or more trimmed again, giving back nothing."""
     gov, libc = governed
-    budget, start = 180 * MiB, 200 * MiB
-    libc.rss = libc.rss_after_trim = 300 * MiB
-    gov.start(budget, rss_start=start)
-    gov.tighten()
-    ceiling = malloc.trim_ceiling(malloc.process_bound(start, budget))
+    ceiling = _tight(gov, libc)
     libc.rss = libc.rss_after_trim = ceiling + 40 * MiB     # a trim frees nothing
     tick(gov)
     gov.check()
