@@ -472,21 +472,22 @@ class TrimGovernor(_Governor):
     lands whole between two checks, GPT-2's 147 MiB embedding gradient), or the most
     the resident set grew between two readings of one iteration and _MIN_TRIM_STEP,
     whichever is more (a convolution's backward takes its workspace and reorders beside
-    its outputs: outcore's demo grew 46 MiB past a margin of 48.5, its largest storage
-    16.5 MiB, and passed the bound by 0.13 MiB in one run of three). After a trim that cannot get under
-    it (the live bytes alone are above it, e.g. all state read back at the end of an
-    iteration), the next waits until the resident set has grown by _MIN_TRIM_STEP (the
-    bytes a read-back announces count toward the ceiling, not toward that growth:
-    `_Limits.due`). Before, the point was the resident set after the last trim plus a slack, capped
+    its outputs: outcore's demo grew 46 MiB past a margin of 48.5 MiB, its largest
+    storage 16.5 MiB, and passed the bound by 0.13 MiB in one run of three). After a
+    trim that cannot get under it (the live bytes alone are above it, e.g. all state
+    read back at the end of an iteration), the next waits until the resident set has
+    grown by _MIN_TRIM_STEP (the bytes a read-back announces count toward the ceiling,
+    not toward that growth: `_Limits.due`).
+    Before, the point was the resident set after the last trim plus a slack, capped
     32 MiB below the bound: ResNet-50 64x64 batch 64 at a quarter of its peak, built
     after the OutOfCore, trimmed 72-76 times a step (21-24 now, 12-13 without the margin
-    for bursts), and its steps were about 10% slower; GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
-    on every replay (CHANGELOG, 2026-12-06). Where the live bytes alone are near the bound
-    (GPT-2 at its smallest feasible budget) it trims 49-56 times a step where it
+    for bursts); GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
+    on every replay (CHANGELOG, 2026-12-06). Where the live bytes alone are near the
+    bound (GPT-2 at its smallest feasible budget) it trims 49-56 times a step where it
     trimmed 16-18 times and passed the bound, in steps as fast within this machine's
-    noise: the bound costs those trims.
-    A trim point of the bound less 32 MiB once the live bytes are above the ceiling
-    (fewer trims there) passed it by 60-100 MiB: not kept."""
+    noise: the bound costs those trims. A trim point of the bound less 32 MiB once the
+    live bytes are above the ceiling (fewer trims there) passed it by 60-100 MiB: not
+    kept."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
@@ -498,6 +499,7 @@ class TrimGovernor(_Governor):
         self.largest_allocation = None  # () -> the largest storage the step made, if known
         self._read = 0                  # the last reading in this iteration (0: none yet)
         self._burst = 0                 # the most it grew between two readings of one
+                                        # iteration (`_margin`)
 
     # Read-only views of the state.
     active = property(lambda self: self._limits is not None)
