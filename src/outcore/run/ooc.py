@@ -295,10 +295,11 @@ def _warn_graph_left(ooc, trace, index: int) -> None:
         ooc._warned_graph = True
         log.warning("iteration %d ran a forward that built an autograd graph and no backward, "
                     "and %s of the tensors its forward made are still alive at the block's "
-                    "end: a loss.backward() and optimizer.step() after the block run outside "
-                    "the budget, with nothing planned or moved. Put them inside `with "
-                    "ooc.iteration():`; for evaluation, run the forward under "
-                    "torch.no_grad()", index, format_bytes(left))
+                    "end, held by that graph. A loss.backward() and optimizer.step() after "
+                    "the block run outside the budget, with nothing planned or moved: put "
+                    "them inside `with ooc.iteration():`. For evaluation, run the forward "
+                    "under torch.no_grad(): the graph holds that memory for nothing",
+                    index, format_bytes(left))
 
 
 def _release(res, mover, governor, pager, durable) -> None:
