@@ -503,10 +503,6 @@ class Residency:
         """The fast contents changed: the slow copy is stale."""
         entry.clean = False
 
-    def live_bytes(self) -> int:
-        """Managed bytes alive on either tier."""
-        return self.resident + self.offloaded
-
     def largest_tracked(self) -> int:
         """The largest storage tracked so far (`largest`)."""
         return self.largest
