@@ -101,7 +101,15 @@ def test_host_time_counts_its_cpu_share_only():
     s = outcore.plan(t, 100)
     # simulate counts the wall host time, waits included: 1.5 s per function.
     assert outcore.simulate(t, s, host).step_time_s == 6.0
-    # simulate_ranks counts 0.25 s of CPU per computing function (the allreduce computes
-    # nothing): f0 ends at 1.25, the allreduce runs [1.25, 9.25], f3 ends at 10.5.
+    # simulate_ranks counts 0.25 s of CPU per function, the allreduce's too: the Python
+    # before it runs on the host before it is issued, the op itself on the comm lane.
+    # f0 ends at 1.25, the allreduce is issued at 1.5 and runs [1.5, 9.5], f3 ends at 10.75.
     a, b = simulate_ranks([t, t], [s, s], host, link=SLOW)
-    assert a.step_time_s == b.step_time_s == 10.5
+    assert a.step_time_s == b.step_time_s == 10.75
+    assert [(c.start_s, c.end_s) for c in a.collectives] == [(1.5, 9.5)]
+    # The executor's cost per op counts before a collective too: 0.5 s of host per
+    # function, the allreduce issued at 2.0, f3 ends at 10.0 + 1.5.
+    (a, _) = simulate_ranks([t, t], [s, s], dataclasses.replace(host, per_function_s=0.25),
+                            link=SLOW)
+    assert [(c.start_s, c.end_s) for c in a.collectives] == [(2.0, 10.0)]
+    assert a.step_time_s == 11.5

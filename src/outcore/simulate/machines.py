@@ -79,12 +79,18 @@ class Machine:
 
     def compute_time(self, fn) -> float:
         if self.use_trace_durations:
-            if self.host_time:
-                host = fn.host_s if self.host_waits else fn.host_cpu_s
-                return fn.duration_s * self.duration_scale + host + self.per_function_s
-            return fn.duration_s * self.duration_scale
+            return fn.duration_s * self.duration_scale + self.host_part(fn)
         return max(fn.flops / (self.peak_flops * self.flops_efficiency),
                    fn.bytes_touched / (self.memory_bandwidth * self.bandwidth_efficiency)) + self.launch_s
+
+    def host_part(self, fn) -> float:
+        """The host's share of `fn` on the compute lane, before the op itself: with
+        host_time, its recorded host time (wall or CPU: `host_waits`) and the executor's
+        cost per op; 0 otherwise. A collective costs this much compute too: its op runs
+        on the comm lane, the Python before it and the executor's dispatch on this one."""
+        if not (self.use_trace_durations and self.host_time):
+            return 0.0
+        return (fn.host_s if self.host_waits else fn.host_cpu_s) + self.per_function_s
 
     def transfer_time(self, nbytes: int, direction: str) -> float:
         bw = self.link_in if direction == "in" else self.link_out
