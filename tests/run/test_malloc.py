@@ -204,6 +204,61 @@ def test_the_margin_grows_to_the_most_the_step_grew_between_two_readings(governe
                                 300 * MiB + malloc._MIN_TRIM_STEP)
 
 
+def test_announced_bytes_are_no_burst(governed):
+    """Rule 3 of NOTE [Announced outputs]: what the resident set grew between two readings
+    by bytes announced before they landed (a read-back, an op's outputs) widens no
+    margin; what landed unannounced does. Without it, every trim made the next op's
+    outputs count as growth, and trims bred trims (ResNet-50 128x128 at a quarter)."""
+    gov, libc = governed
+    budget, start = 180 * MiB, 200 * MiB
+    libc.rss = libc.rss_after_trim = 300 * MiB
+    gov.start(budget, rss_start=start)
+    gov.begin()
+    gov.tighten()
+    bound = malloc.process_bound(start, budget)
+    tick(gov)
+    gov.check()                                   # the first reading
+    tick(gov)
+    gov.check(coming=40 * MiB)                    # a read-back announced: read now...
+    libc.rss += 40 * MiB                          # ...and landed after
+    tick(gov)
+    gov.check(outputs=30 * MiB)                   # outputs told: read, they land after
+    libc.rss += 30 * MiB
+    tick(gov)
+    gov.check(outputs=0)
+    assert gov.trims == 0 and gov.next_trim == bound - 32 * MiB
+    libc.rss += 50 * MiB                          # 50 MiB nobody announced
+    tick(gov)
+    gov.check(outputs=0)
+    assert gov._op_burst == 50 * MiB and gov._burst == 0
+    assert gov.next_trim == bound - (50 + 16) * MiB     # a check told nothing: both bursts
+
+
+def test_a_check_told_the_outputs_counts_them_and_leaves_no_room_for_the_largest(governed):
+    """Rules 1-2 of NOTE [Announced outputs]: a replay's check is told what the next op
+    creates; they count toward the ceiling, and the margin no longer holds room for the
+    largest storage the step made (it is counted where it comes). Checks told nothing
+    keep that room."""
+    gov, libc = governed
+    gov.largest_allocation = lambda: 100 * MiB
+    budget, start = 180 * MiB, 200 * MiB
+    bound = malloc.process_bound(start, budget)
+    _tight(gov, libc, budget, start)
+    libc.rss, libc.rss_after_trim = bound - 80 * MiB, bound - 200 * MiB
+    gov.begin()
+    tick(gov)
+    gov.check()                               # told nothing: room for 100 + 32 MiB
+    assert gov.trims == 1
+    libc.rss = bound - 80 * MiB
+    gov.begin()
+    tick(gov)
+    gov.check(outputs=8 * MiB)                # 88 MiB below the bound: room enough
+    assert gov.trims == 1
+    tick(gov)
+    gov.check(outputs=60 * MiB)               # its outputs would pass the ceiling
+    assert gov.trims == 2
+
+
 def test_read_backs_above_the_ceiling_wait_for_growth(governed):
     """helper-143: with the live bytes alone above the ceiling, the next trim waits for
     _MIN_TRIM_STEP of growth; the bytes a read-back announces counted toward that
@@ -629,3 +684,36 @@ def test_after_stop_glibc_keeps_tensors_on_the_heap_as_a_process_that_never_used
                                            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[0] == "[[0, 0, 0, 1], [0, 0, 0, 1]]"
+
+
+def test_a_replay_tells_the_governor_what_each_op_creates():
+    """NOTE [Announced outputs] rule 1, wired: in a replay every op's check is told the
+    bytes its plan has it create (and its workspace), and they are the trace's; a
+    recording's checks are told nothing."""
+    from outcore.run.replay import _Tables
+    from .twins import build, steady_trace
+    trace = steady_trace("resnet18-tiny", "sgd")
+    w = build("resnet18-tiny", "sgd")
+    told = []
+    with outcore.OutOfCore(budget=trace.peak(actual=True)[0] // 2, min_move_bytes=0) as ooc:
+        if ooc._governor is None or ooc._governor.mode != "trim":
+            pytest.skip("no trim governor on this platform (glibc only)")
+        check = ooc._res.memory_check
+
+        def spy(coming=0, outputs=None):
+            told.append(outputs)
+            check(coming, outputs)
+        ooc._res.memory_check = spy
+        modes = []
+        for _ in range(3):
+            told.clear()
+            with ooc.iteration():
+                w.step()
+            modes.append(ooc.report().iterations[-1].mode)
+            if modes[-1] == "record":
+                assert all(t is None for t in told)
+        assert modes[-1] == "replay"
+        planned = _Tables(ooc.trace, [None] * len(ooc.trace.functions)).outputs
+        ops = [t for t in told if t is not None]
+        assert len(ops) == len(ooc.trace.functions) and ops == planned
+        assert sum(planned) > 0

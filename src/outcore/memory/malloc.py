@@ -487,7 +487,23 @@ class TrimGovernor(_Governor):
     trimmed 16-18 times and passed the bound, in steps as fast within this machine's
     noise: the bound costs those trims. A trim point of the bound less 32 MiB once the
     live bytes are above the ceiling (fewer trims there) passed it by 60-100 MiB: not
-    kept."""
+    kept.
+
+    NOTE [Announced outputs]
+    1. A replay knows, before each op runs, the bytes of the arrays its plan has it
+       create and its recorded workspace (`Replayer` tells `check(outputs=...)`); they
+       count toward the ceiling like the bytes a read-back announces.
+    2. So the margin of such a check leaves no room for the largest storage, only for
+       what lands unannounced: _CHECK_MARGIN, or the most the resident set grew between
+       two such readings beyond what was announced (`_op_burst`) and _MIN_TRIM_STEP.
+       Checks told nothing (a recording, an op off the record) keep the margin above,
+       with the larger of the two bursts.
+    3. Growth is measured less what was announced since the last reading: else every
+       trim, which leaves the heap no free page to reuse, made the next op's outputs
+       count as growth, the margin grew, the ceiling came down, and more trims followed:
+       ResNet-50 128x128 batch 64 at a quarter of its peak (483 MiB) trimmed 47, 89 then
+       113 times a step, giving back 8.4 GB a step, its margin at 210 MiB, the ceiling
+       15 MiB above the plan's peak (/work/notes/s64/gov.py, CHANGELOG 2026-12-06)."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
@@ -496,10 +512,13 @@ class TrimGovernor(_Governor):
         self._limits: _Limits | None = None     # None: not started (or stopped)
         self._checked = 0.0
         self._announced = 0             # bytes announced to check() since its last reading
+        self._pending = 0               # bytes announced at or since it: landed by the next
         self.largest_allocation = None  # () -> the largest storage the step made, if known
         self._read = 0                  # the last reading in this iteration (0: none yet)
+        self._read_outputs = False      # whether that reading's check was told `outputs`
         self._burst = 0                 # the most it grew between two readings of one
-                                        # iteration (`_margin`)
+                                        # iteration, beyond what was announced (`_margin`)
+        self._op_burst = 0              # the same between two readings told `outputs`
 
     # Read-only views of the state.
     active = property(lambda self: self._limits is not None)
@@ -509,11 +528,17 @@ class TrimGovernor(_Governor):
     slack = property(lambda self: 0 if self._limits is None else self._limits.slack)
     tight = property(lambda self: self._limits is not None and self._limits.tight)
 
-    def _margin(self) -> int:
+    def _margin(self, outputs: bool = False) -> int:
         """Room below the bound for what lands before the next check (NOTE [Trim at the
-        bound])."""
-        largest = self.largest_allocation() if self.largest_allocation is not None else 0
-        margin = max(_CHECK_MARGIN + largest, self._burst + _MIN_TRIM_STEP)
+        bound]). `outputs`: the check was told what the next op creates, so its largest
+        storage needs no room of its own, only what lands unannounced (rule 2 of NOTE
+        [Announced outputs])."""
+        if outputs:
+            margin = max(_CHECK_MARGIN, self._op_burst + _MIN_TRIM_STEP)
+        else:
+            largest = self.largest_allocation() if self.largest_allocation is not None else 0
+            burst = max(self._burst, self._op_burst)
+            margin = max(_CHECK_MARGIN + largest, burst + _MIN_TRIM_STEP)
         return min(margin, process_slack(self.budget))     # the ceiling: base + budget at least
 
     def begin(self) -> None:
@@ -574,24 +599,34 @@ class TrimGovernor(_Governor):
     def _deactivate(self) -> None:
         self._limits = None
 
-    def check(self, coming: int = 0) -> None:
+    def check(self, coming: int = 0, outputs: int | None = None) -> None:
         """Trim if the resident set, and `coming` bytes about to be allocated, pass the
-        trim point. Reads /proc (a system call) at most every 2 ms, unless the bytes
-        announced since the last reading reach _MIN_TRIM_STEP / 2: storages read back
-        in a burst (a foreach op's inputs) are each checked before they land."""
+        trim point. `outputs`: what the op about to run creates, where a replay knows it
+        (NOTE [Announced outputs]); None where nobody does. Reads /proc (a system call)
+        at most every 2 ms, unless the bytes announced since the last reading reach
+        _MIN_TRIM_STEP / 2: storages read back in a burst (a foreach op's inputs) are
+        each checked before they land."""
         state = self._limits
         if state is None:
             return
         now = time.perf_counter()
+        landed = self._pending              # announced at or since the last reading, before
+        told = outputs is not None          # this call: landed since
+        coming += outputs or 0
         self._announced += coming
+        self._pending += coming
         if now - self._checked < 0.002 and self._announced < _MIN_TRIM_STEP // 2:
             return
-        self._checked, self._announced = now, 0
+        self._checked, self._announced, self._pending = now, 0, coming
         rss = resident_bytes()
-        if self._read and rss - self._read > self._burst:
-            self._burst = rss - self._read
-        self._read = rss
-        if not state.due(rss, coming, self._margin()):
+        if self._read:                      # rule 3 of NOTE [Announced outputs]
+            grew = rss - self._read - landed
+            if told and self._read_outputs:
+                self._op_burst = max(self._op_burst, grew)
+            else:
+                self._burst = max(self._burst, grew)
+        self._read, self._read_outputs = rss, told
+        if not state.due(rss, coming, self._margin(told)):
             return
         after = self._read = self._trim(rss)
         new = state._replace(next=max(state.limit, after + state.slack), after=after)

@@ -125,6 +125,10 @@ class _Tables:
         self.is_input = [a.kind == "input" for a in trace.arrays]
         self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in fns]
+        # What each function creates, its workspace too: told to the trim governor before
+        # it runs (NOTE [Announced outputs] in memory/malloc.py).
+        self.outputs = [sum(self.nbytes[a.array] for a in f.accesses if a.kind == "create")
+                        + f.workspace_bytes for f in fns]
         # NOTE [Small ops off the record]: a function keyed None is small or inserted.
         self.small = [k is None and f.repeats is None for k, f in zip(keys, fns)]
         # NOTE [Replaying a recompute] (recompute.py): the functions run again, and
@@ -256,6 +260,7 @@ class Replayer(HeldMode):
         self.op_names, self.expected, self.n_read = t.op_names, t.expected, t.n_read
         self.nbytes, self.is_input, self.is_state = t.nbytes, t.is_input, t.is_state
         self.dirty, self.small, self.repeats = t.dirty, t.small, t.repeats
+        self.outputs = t.outputs
         self._sources, self._made_again, self._producer = t.sources, t.made_again, t.producer
         self._follower, self._y_of = t.follower, t.y_of
         self._temporary, self._twice = t.temporary, t.twice
@@ -859,7 +864,7 @@ class Replayer(HeldMode):
             if self._pinned_but_moved(aid, entry):
                 res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
             self._bind(aid, entry)
-        res.ready_all(entries)
+        res.ready_all(entries, self.outputs[i])
         for entry in entries:
             res.touch(entry)
         if self._sources and self.small[i] and i not in self._sources:

@@ -719,13 +719,18 @@ class Residency:
         """Make sure an entry is usable now: wait for its swap-in, or restore it."""
         self.ready_all((entry,))
 
-    def ready_all(self, entries) -> None:
+    def ready_all(self, entries, outputs: int | None = None) -> None:
         """`ready` for each of an op's input entries, in order, with the per-op samples
         (`sample_rss`, `memory_check`) taken once: each is throttled to one reading every
-        2 ms, so a second call within the op only reads the clock."""
+        2 ms, so a second call within the op only reads the clock. `outputs`: the bytes
+        the op will create, where the caller knows them (NOTE [Announced outputs] in
+        memory/malloc.py)."""
         self.sample_rss()
         if self.memory_check is not None:       # every op passes here: the step's growth
-            self.memory_check()
+            if outputs is None:
+                self.memory_check()
+            else:
+                self.memory_check(outputs=outputs)
         for entry in entries:
             if entry.state is not FAST or self._dead:     # most inputs: resident already
                 self._ready(entry)
