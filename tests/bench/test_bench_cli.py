@@ -18,6 +18,11 @@ def small_disk_measurement(monkeypatch):
     from outcore.cli import bench_cmd
     monkeypatch.setattr(bench_cmd, "measure_disk",
                         lambda size, directory=None: measure_disk(min(size, 16 * 2**20), directory))
+    # So does the executor's cost per op (`bench overhead`, 15 steps): 3 will do.
+    from outcore.bench import overhead
+    real = overhead.measure_overhead
+    monkeypatch.setattr(overhead, "measure_overhead",
+                        lambda steps=15, directory=None: real(steps=3, directory=directory))
 
 
 def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
@@ -30,10 +35,16 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     result = json.loads((out / "curve_resnet18_b2.json").read_text())
     rows = result["rows"]
     variants = [(r["variant"], r["policy"]) for r in rows]
-    assert variants[:3] == [("in-core", "-"), ("offload-hooks", "-"), ("in-core (glibc heap, no trim)", "-")]
+    assert variants[:4] == [("in-core", "-"), ("offload-hooks", "-"), ("in-core (glibc heap, no trim)", "-"),
+                            ("in-core (the predictions' compute)", "- (THP)")]
     heap = rows[2]                      # plain PyTorch with glibc's heap kept: not the reference
     assert result["runs"][2]["config"]["env"]["MALLOC_MMAP_MAX_"] == "0"
     assert heap["vs_in_core"] == rows[0]["step_s"] / heap["step_s"] and heap["page_faults"] >= 0
+    # NOTE [The predictions' compute]: plain PyTorch with huge pages as outcore runs its ops
+    # gives the predictions their compute; the comparison stays with plain PyTorch.
+    calibration = rows[3]
+    assert result["runs"][3]["config"]["env"] == {"THP_MEM_ALLOC_ENABLE": "1"}
+    assert result["compute"]["2"] == rows[0]["step_s"]
     outcore_rows = [r for r in rows if r["variant"] == "outcore"]
     # Budgets: half the in-core peak, and just above the smallest feasible one.
     assert [r["budget"] for r in outcore_rows] == result["budgets"] and len(result["budgets"]) == 2
@@ -45,14 +56,14 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     for r in outcore_rows:
         assert r["read"] > 0 and r["written"] > 0 and r["predicted_s"] > 0
         # The step's own limit on the calibrated machine: at least its compute.
-        assert r["cut_limit_s"] >= rows[0]["step_s"] * (1 - 1e-9)
+        assert r["cut_limit_s"] >= calibration["step_s"] * (1 - 1e-9)
         # The bound counts bytes read back plus held bytes written (plan/lower_bound.py).
         assert 0 < r["lower_bound"] <= r["planned_in"] + r["planned_out"]
     md = (out / "curve_resnet18_b2.md").read_text()
     assert "| outcore | adaptive |" in md and "outcore bench curve" in md
     assert "| step / cut limit |" in md
     assert (out / "curve_resnet18_b2.png").read_bytes()[:4] == b"\x89PNG"
-    assert "[4/5]" in printed.err or "4/5" in printed.err              # the progress bar
+    assert "[5/6]" in printed.err or "5/6" in printed.err              # the progress bar
     assert [p.name for p in tmp_path.iterdir()] == ["results"]        # no swap left behind
 
 

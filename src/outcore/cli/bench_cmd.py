@@ -147,6 +147,10 @@ def run_experiment(args) -> int:
     if baselines:
         common["baselines"] = baselines
     if args.what == "curve":
+        if args.device == "cpu" and policies:
+            print("measuring outcore's executor ...", file=sys.stderr, flush=True)
+            from ..bench.overhead import measure_overhead
+            common["per_function_s"] = measure_overhead(directory=args.dir)["per_function_s"]
         result = experiments.curve(args.model, args.batch, fractions=fractions, policies=policies,
                                    **common)
     else:
