@@ -35,7 +35,8 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     result = json.loads((out / "curve_resnet18_b2.json").read_text())
     rows = result["rows"]
     variants = [(r["variant"], r["policy"]) for r in rows]
-    assert variants[:4] == [("in-core", "-"), ("offload-hooks", "-"), ("in-core (glibc heap, no trim)", "-"),
+    assert variants[:4] == [("in-core", "-"), ("offload-hooks", "-"),
+                            ("in-core (glibc heap, no trim)", "-"),
                             ("in-core (the predictions' compute)", "- (THP)")]
     heap = rows[2]                      # plain PyTorch with glibc's heap kept: not the reference
     assert result["runs"][2]["config"]["env"]["MALLOC_MMAP_MAX_"] == "0"

@@ -96,10 +96,11 @@ ONLY_ON = {"in-core-heap": "cpu", "streamed-offload": "cuda"}
 # in-core step and adds the executor's cost per op (`outcore bench overhead`, measured once
 # per command). The in-core step is plain PyTorch's with huge pages as outcore runs its
 # ops (`import outcore` turns them on: docs/executor.md, "Huge pages"), not as users run
-# plain PyTorch: ResNet-50 128x128 batch 64 faults 988k times a step without them and
-# 147k with, 3.74 against 3.12 s, and the predictions scaled to the first over-predicted
-# outcore's step by 16-22% (docs/results.md, "The simulator against the steps"). The
-# comparison ("vs in-core") and the physical limit stay with plain PyTorch as users run it.
+# plain PyTorch: ResNet-50 128x128 batch 64 faults 1409k times a step without them and
+# 137k with, 3.92 against 3.17 s; scaled to the first, the predictions of three cases
+# came out at -17% to +22% of the measured steps, scaled to the second at -10% to +3%
+# (docs/results.md, "Prediction: simulated against measured"). The comparison ("vs
+# in-core") and the physical limit stay with plain PyTorch as users run it.
 CALIBRATION_ROLE = "the predictions' compute"
 
 

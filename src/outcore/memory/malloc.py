@@ -491,19 +491,23 @@ class TrimGovernor(_Governor):
 
     NOTE [Announced outputs]
     1. A replay knows, before each op runs, the bytes of the arrays its plan has it
-       create and its recorded workspace (`Replayer` tells `check(outputs=...)`); they
-       count toward the ceiling like the bytes a read-back announces.
+       create and its recorded workspace (a CUDA op's; the recorder sees none on the
+       CPU) (`Replayer` tells `check(outputs=...)`); they count toward the ceiling like
+       the bytes a read-back announces.
     2. So the margin of such a check leaves no room for the largest storage, only for
        what lands unannounced: _CHECK_MARGIN, or the most the resident set grew between
        two such readings beyond what was announced (`_op_burst`) and _MIN_TRIM_STEP.
        Checks told nothing (a recording, an op off the record) keep the margin above,
        with the larger of the two bursts.
-    3. Growth is measured less what was announced since the last reading: else every
-       trim, which leaves the heap no free page to reuse, made the next op's outputs
-       count as growth, the margin grew, the ceiling came down, and more trims followed:
-       ResNet-50 128x128 batch 64 at a quarter of its peak (483 MiB) trimmed 47, 89 then
-       113 times a step, giving back 8.4 GB a step, its margin at 210 MiB, the ceiling
-       15 MiB above the plan's peak (/work/notes/s64/gov.py, CHANGELOG 2026-12-06)."""
+    3. Growth is measured less what was announced since the last reading: that was
+       counted where it came, and counted again as growth it widened every margin. GPT-2
+       at its smallest feasible budget (465 MiB), built before the OutOfCore, measured
+       a burst of 294 MiB, most of it read-backs, and trimmed 38-43 times a step with
+       the margin at its cap; 16-19 times with the burst at 150 MiB (one run each,
+       /work/notes/s64/gov.py; CHANGELOG 2026-12-06). What an op takes beyond its
+       outputs stays in the margin: a convolution's backward at 128x128 takes 138 MiB
+       of workspace, and ResNet-50 128x128 batch 64 at a quarter of its peak trims
+       about 100 times a step either way, its ceiling 15 MiB above the plan's peak."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
