@@ -35,9 +35,10 @@ def main(folder: str = "docs/results/current", script: str = "benchmarks/results
             print(f"![{name}]({name}.png)\n")
     print("## Prediction: simulated against measured step time\n")
     print("The simulator (`cpu-disk`, one shared link at the disk speeds measured at the start of "
-          "each command, the trace's op durations scaled to the measured in-core step at the "
-          "same batch, plus the transfers at the iteration's edges) against the measured median "
-          "step.\n")
+          "each command, the trace's op durations and host time scaled to the measured in-core "
+          "step at the same batch, with huge pages as outcore runs its ops where `bench curve` "
+          "measured that (NOTE [The predictions' compute]), the executor's cost per op, plus "
+          "the transfers at the iteration's edges) against the measured median step.\n")
     print("| experiment | batch | policy | budget (MiB) | measured (s) | predicted (s) | error |")
     print("|---|---|---|---|---|---|---|")
     errors = []

@@ -46,6 +46,11 @@ def test_curve_runs_every_variant_and_writes_its_results(tmp_path, capsys):
     calibration = rows[3]
     assert result["runs"][3]["config"]["env"] == {"THP_MEM_ALLOC_ENABLE": "1"}
     assert result["compute"]["2"] == rows[0]["step_s"]
+    for run in result["runs"][4:]:              # outcore's: predictions scaled to it
+        assert run["config"]["compute_s"] == calibration["step_s"]
+        per_function = run["config"]["per_function_s"]
+        assert per_function >= 0 and run["result"]["predicted_executor_s"] == pytest.approx(
+            per_function * run["result"]["functions"])
     outcore_rows = [r for r in rows if r["variant"] == "outcore"]
     # Budgets: half the in-core peak, and just above the smallest feasible one.
     assert [r["budget"] for r in outcore_rows] == result["budgets"] and len(result["budgets"]) == 2

@@ -234,6 +234,36 @@ def test_announced_bytes_are_no_burst(governed):
     assert gov.next_trim == bound - (50 + 16) * MiB     # a check told nothing: both bursts
 
 
+def test_an_ops_growth_counts_up_to_the_next_reading_told_or_not(governed):
+    """Rule 2 of NOTE [Announced outputs], helper-145: after an op the next reading is
+    often one told nothing (a WAIT's `finish`, the next op's read-back); what the op
+    took beyond its outputs must still widen the margin of the checks told them. And
+    until one whole iteration of them has measured that, the recording's burst counts:
+    the first replay would otherwise have only 32 MiB of room."""
+    gov, libc = governed
+    budget, start = 180 * MiB, 200 * MiB
+    libc.rss = libc.rss_after_trim = 300 * MiB
+    gov.start(budget, rss_start=start)
+    gov.tighten()
+    gov.begin()
+    tick(gov)
+    gov.check()                                   # the recording: told nothing
+    libc.rss += 120 * MiB                         # an op's outputs and workspace
+    tick(gov)
+    gov.check()
+    assert gov._burst == 120 * MiB and gov._margin(True) == (120 + 16) * MiB
+    gov.begin()                                   # the first replay
+    tick(gov)
+    gov.check(outputs=16 * MiB)
+    libc.rss += 16 * MiB + 100 * MiB              # its outputs, and 100 MiB unannounced
+    tick(gov)
+    gov.check()                                   # a WAIT's check after it
+    assert gov._op_burst == 100 * MiB
+    assert gov._margin(True) == (120 + 16) * MiB  # the recording's still counts
+    gov.begin()                                   # the second replay: measured once
+    assert gov._margin(True) == (100 + 16) * MiB
+
+
 def test_a_check_told_the_outputs_counts_them_and_leaves_no_room_for_the_largest(governed):
     """Rules 1-2 of NOTE [Announced outputs]: a replay's check is told what the next op
     creates; they count toward the ceiling, and the margin no longer holds room for the

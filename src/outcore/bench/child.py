@@ -114,11 +114,12 @@ def run(cfg: dict) -> dict:
             recordings=report.recordings,
             lower_bound=_lower_bound(ooc, cfg["budget"]))
         if cfg.get("compute_s") and cfg.get("disk"):
-            per_function = cfg.get("per_function_s", 0.0)
-            sim = predict(ooc.trace, ooc.schedule, cfg["compute_s"], cfg["disk"], per_function)
+            machine = calibrated(ooc.trace, cfg["compute_s"], cfg["disk"],
+                                 cfg.get("per_function_s", 0.0))
+            sim = outcore.simulate(ooc.trace, ooc.schedule, machine)
             out["predicted_s"] = sim.iteration_time_s
             out["predicted_contention_s"] = sim.contention_s
-            out["predicted_executor_s"] = per_function * len(ooc.trace.functions)
+            out["predicted_executor_s"] = machine.per_function_s * len(ooc.trace.functions)
             out["cut_limit_s"] = cut_limit(ooc.trace, cfg["budget"], cfg["compute_s"], cfg["disk"])
     else:
         raise SystemExit(f"unknown variant {variant!r}")
@@ -159,12 +160,6 @@ def calibrated(trace, compute_s: float, disk: dict, per_function_s: float = 0.0)
                       "per_function_s": per_function_s if host_time else 0.0,
                       "link_in": disk["read_GBps"] * 1e9, "link_out": disk["write_GBps"] * 1e9,
                       "shared_link": True})
-
-
-def predict(trace, schedule, compute_s: float, disk: dict, per_function_s: float = 0.0):
-    """The simulation of this schedule on the calibrated machine."""
-    import outcore
-    return outcore.simulate(trace, schedule, calibrated(trace, compute_s, disk, per_function_s))
 
 
 def cut_limit(trace, budget: int, compute_s: float, disk: dict) -> float:

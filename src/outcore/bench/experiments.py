@@ -100,12 +100,18 @@ ONLY_ON = {"in-core-heap": "cpu", "streamed-offload": "cuda"}
 # 137k with, 3.92 against 3.17 s; scaled to the first, the predictions of three cases
 # came out at -17% to +22% of the measured steps, scaled to the second at -10% to +3%
 # (docs/results.md, "Prediction: simulated against measured"). The comparison ("vs
-# in-core") and the physical limit stay with plain PyTorch as users run it.
+# in-core") and the "physical limit" column stay with plain PyTorch as users run it;
+# the "cut limit" is the simulator's, on the calibrated machine. Where the calibration
+# run failed, the predictions fall back to plain PyTorch's step without the executor's
+# cost (the calibration before this one). `bench batch` has no calibration run: its
+# predictions are scaled to plain PyTorch's step at each batch, without that cost.
 CALIBRATION_ROLE = "the predictions' compute"
 
 
 def _calibration(base: dict, outcore_env: dict | None) -> dict:
-    thp = (outcore_env or {}).get(TORCH_ENV, "1")
+    """Plain PyTorch with huge pages as outcore's runs get them: --thp/--no-thp, else
+    what this process's environment says (the user's setting, or outcore's "1")."""
+    thp = (outcore_env or {}).get(TORCH_ENV, os.environ.get(TORCH_ENV, "1"))
     return dict(base, variant="in-core", role=CALIBRATION_ROLE, env={TORCH_ENV: thp})
 
 
@@ -179,8 +185,9 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
 
     def before(cfg):
         if cfg["variant"] == "outcore" and compute and device == "cpu":
-            cfg.update(compute_s=compute.get("calibration", compute.get("s")), disk=disk,
-                       per_function_s=per_function_s)
+            calibrated = "calibration" in compute
+            cfg.update(compute_s=compute["calibration" if calibrated else "s"], disk=disk,
+                       per_function_s=per_function_s if calibrated else 0.0)
 
     def after(cfg, result):
         if _plain_in_core(cfg, result):

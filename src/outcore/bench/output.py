@@ -188,7 +188,7 @@ def plot(result: dict, path: str) -> str | None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict = {}
     for r in data:
-        name = r["variant"] if r["policy"] == "-" else f"outcore {r['policy']}"
+        name = r["variant"] if r["variant"] != "outcore" else f"outcore {r['policy']}"
         series.setdefault(name, []).append(r)
     markers = iter("osD^v<>p*hX")
     if result["experiment"] == "curve":

@@ -495,10 +495,12 @@ class TrimGovernor(_Governor):
        CPU) (`Replayer` tells `check(outputs=...)`); they count toward the ceiling like
        the bytes a read-back announces.
     2. So the margin of such a check leaves no room for the largest storage, only for
-       what lands unannounced: _CHECK_MARGIN, or the most the resident set grew between
-       two such readings beyond what was announced (`_op_burst`) and _MIN_TRIM_STEP.
-       Checks told nothing (a recording, an op off the record) keep the margin above,
-       with the larger of the two bursts.
+       what lands unannounced: _CHECK_MARGIN, or the most the resident set grew from such
+       a reading to the next beyond what was announced (`_op_burst`; the next reading
+       may be one told nothing, a WAIT's after the op) and _MIN_TRIM_STEP. Until one
+       whole iteration has measured it, the burst of the checks told nothing counts
+       too: the first replay has only the recording's. Checks told nothing (a
+       recording, an op off the record) keep the margin above, with both bursts.
     3. Growth is measured less what was announced since the last reading: that was
        counted where it came, and counted again as growth it widened every margin. GPT-2
        at its smallest feasible budget (465 MiB), built before the OutOfCore, measured
@@ -507,7 +509,10 @@ class TrimGovernor(_Governor):
        /work/notes/s64/gov.py; CHANGELOG 2026-12-06). What an op takes beyond its
        outputs stays in the margin: a convolution's backward at 128x128 takes 138 MiB
        of workspace, and ResNet-50 128x128 batch 64 at a quarter of its peak trims
-       about 100 times a step either way, its ceiling 15 MiB above the plan's peak."""
+       about 100 times a step either way, its ceiling 15 MiB above the plan's peak.
+       Letting the heap's free pages take that growth (estimated through mallinfo2) cut
+       the trims to about 50 but passed the bound by 36 MiB in a first replay: the free
+       pages lie in pieces a workspace does not fit (CHANGELOG, 2026-12-06)."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
@@ -522,7 +527,10 @@ class TrimGovernor(_Governor):
         self._read_outputs = False      # whether that reading's check was told `outputs`
         self._burst = 0                 # the most it grew between two readings of one
                                         # iteration, beyond what was announced (`_margin`)
-        self._op_burst = 0              # the same between two readings told `outputs`
+        self._op_burst = 0              # the same from a reading told `outputs` on
+        self._told_since = 0            # 0: no check told outputs yet; 1: the first
+                                        # iteration with such checks runs; 2: it ended,
+                                        # and `_op_burst` has seen a whole one
 
     # Read-only views of the state.
     active = property(lambda self: self._limits is not None)
@@ -538,7 +546,9 @@ class TrimGovernor(_Governor):
         storage needs no room of its own, only what lands unannounced (rule 2 of NOTE
         [Announced outputs])."""
         if outputs:
-            margin = max(_CHECK_MARGIN, self._op_burst + _MIN_TRIM_STEP)
+            burst = (self._op_burst if self._told_since == 2    # rule 2
+                     else max(self._burst, self._op_burst))
+            margin = max(_CHECK_MARGIN, burst + _MIN_TRIM_STEP)
         else:
             largest = self.largest_allocation() if self.largest_allocation is not None else 0
             burst = max(self._burst, self._op_burst)
@@ -549,6 +559,8 @@ class TrimGovernor(_Governor):
         """An iteration begins: what the resident set did between iterations (state read,
         a checkpoint saved) is no growth between two of its readings."""
         self._read = 0
+        if self._told_since == 1:
+            self._told_since = 2
 
     def start(self, budget: int, rss_start: int) -> bool:
         """Every allocation on the heap, no trimming but ours. Once: later calls (and
@@ -623,13 +635,15 @@ class TrimGovernor(_Governor):
             return
         self._checked, self._announced, self._pending = now, 0, coming
         rss = resident_bytes()
-        if self._read:                      # rule 3 of NOTE [Announced outputs]
+        if self._read:                      # rules 2-3 of NOTE [Announced outputs]
             grew = rss - self._read - landed
-            if told and self._read_outputs:
+            if self._read_outputs:
                 self._op_burst = max(self._op_burst, grew)
             else:
                 self._burst = max(self._burst, grew)
         self._read, self._read_outputs = rss, told
+        if told and self._told_since == 0:
+            self._told_since = 1
         if not state.due(rss, coming, self._margin(told)):
             return
         after = self._read = self._trim(rss)

@@ -344,21 +344,9 @@ def _rank_lane(trace, schedule, m, link, contended=False):
         stall += ready - t
         starts.append(ready)
         kind = collective_kind(fn.op) if link is not None else None
-        if kind is not None:
-            # Issued on the comm lane once its operands are there and the host has run
-            # what comes before it (Machine.host_part: the framework's Python, the
-            # executor's cost per op); the op itself costs no compute.
-            compute = m.host_part(fn)
-            touched = list(dict.fromkeys(fn.arrays()))
-            nb = collective_bytes(kind, [arrays[a].nbytes for a in touched])
-            begin, comm_free = yield _Issue(fn.op, kind, nb, max(ready + compute, comm_free),
-                                            fn.peer)
-            for a in touched:
-                comm_done[a] = comm_free
-            collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin, comm_free))
-            helpers.add("comm", begin, comm_free, comm_cpu)
-        else:
-            compute = m.compute_time(fn)
+        # A collective's op runs on the comm lane; the host runs what comes before it
+        # (Machine.host_part: the framework's Python, the executor's cost per op).
+        compute = m.host_part(fn) if kind is not None else m.compute_time(fn)
         in_core += compute
         if fn.repeats is not None:
             recompute += compute
@@ -367,6 +355,16 @@ def _rank_lane(trace, schedule, m, link, contended=False):
             lost = min(helpers.need(ready, ready + compute), compute)
             contention += lost
             compute += lost
+        if kind is not None:
+            # Issued on the comm lane once its operands are there and that host part ran.
+            touched = list(dict.fromkeys(fn.arrays()))
+            nb = collective_bytes(kind, [arrays[a].nbytes for a in touched])
+            begin, comm_free = yield _Issue(fn.op, kind, nb, max(ready + compute, comm_free),
+                                            fn.peer)
+            for a in touched:
+                comm_done[a] = comm_free
+            collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin, comm_free))
+            helpers.add("comm", begin, comm_free, comm_cpu)
         computes.append(compute)
         t = ready + compute
         for act in schedule.end[i]:
