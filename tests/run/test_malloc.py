@@ -147,6 +147,16 @@ def _tight(gov, libc, budget=180 * MiB, start=200 * MiB) -> int:
     return malloc.trim_ceiling(malloc.process_bound(start, budget))
 
 
+def _begun(gov, libc, budget=180 * MiB, start=200 * MiB) -> int:
+    """Start `gov` at `start` with `budget`, past its first eviction, an iteration begun;
+    its process bound."""
+    libc.rss = libc.rss_after_trim = 300 * MiB
+    gov.start(budget, rss_start=start)
+    gov.begin()
+    gov.tighten()
+    return malloc.process_bound(start, budget)
+
+
 def test_storages_about_to_be_read_back_are_checked_before_they_land(governed):
     """`check(coming)`: the bytes about to be allocated count with the resident set, and
     8 MiB of them announced since the last reading read /proc again within the 2 ms
@@ -175,12 +185,7 @@ def test_the_margin_grows_to_the_most_the_step_grew_between_two_readings(governe
     (`begin`); and never more than process_slack (the ceiling stays at base + budget or
     above)."""
     gov, libc = governed
-    budget, start = 180 * MiB, 200 * MiB
-    libc.rss = libc.rss_after_trim = 300 * MiB
-    gov.start(budget, rss_start=start)
-    gov.begin()
-    gov.tighten()
-    bound = malloc.process_bound(start, budget)
+    budget, bound = 180 * MiB, _begun(gov, libc)
     assert gov.next_trim == bound - 32 * MiB
     tick(gov)
     gov.check()                                   # the first reading: no growth yet
@@ -207,15 +212,10 @@ def test_the_margin_grows_to_the_most_the_step_grew_between_two_readings(governe
 def test_announced_bytes_are_no_burst(governed):
     """Rule 3 of NOTE [Announced outputs]: what the resident set grew between two readings
     by bytes announced before they landed (a read-back, an op's outputs) widens no
-    margin; what landed unannounced does. Without it, every trim made the next op's
-    outputs count as growth, and trims bred trims (ResNet-50 128x128 at a quarter)."""
+    margin; what landed unannounced does. Without it, read-backs counted as growth
+    widened every margin (GPT-2 at its floor: a burst of 294 MiB, 38-43 trims a step)."""
     gov, libc = governed
-    budget, start = 180 * MiB, 200 * MiB
-    libc.rss = libc.rss_after_trim = 300 * MiB
-    gov.start(budget, rss_start=start)
-    gov.begin()
-    gov.tighten()
-    bound = malloc.process_bound(start, budget)
+    bound = _begun(gov, libc)
     tick(gov)
     gov.check()                                   # the first reading
     tick(gov)
@@ -241,11 +241,7 @@ def test_an_ops_growth_counts_up_to_the_next_reading_told_or_not(governed):
     until one whole iteration of them has measured that, the recording's burst counts:
     the first replay would otherwise have only 32 MiB of room."""
     gov, libc = governed
-    budget, start = 180 * MiB, 200 * MiB
-    libc.rss = libc.rss_after_trim = 300 * MiB
-    gov.start(budget, rss_start=start)
-    gov.tighten()
-    gov.begin()
+    _begun(gov, libc)
     tick(gov)
     gov.check()                                   # the recording: told nothing
     libc.rss += 120 * MiB                         # an op's outputs and workspace
