@@ -743,3 +743,16 @@ def test_a_replay_tells_the_governor_what_each_op_creates():
         ops = [t for t in told if t is not None]
         assert len(ops) == len(ooc.trace.functions) and ops == planned
         assert sum(planned) > 0
+
+
+def test_what_lift_fresh_and_set_are_recorded_to_create_is_not_told_again():
+    """NOTE [Announced outputs] rule 1, helper-145: `lift_fresh` and `set_` are recorded
+    as creating a storage made before them outside the dispatcher; it is resident when
+    their check runs, so it is no output to announce. Other ops' created bytes and
+    workspace are."""
+    from outcore.run.replay import _Tables
+    from ..plan.helpers import build
+    trace = build({"x": (4, "input"), "t": 64, "y": 32, "s": 16},
+                  ["aten.lift_fresh.default c:t", "aten.mm.default r:x r:t c:y",
+                   "aten.set_.source_Storage c:s"], workspace={1: 8})
+    assert _Tables(trace, [None] * 3).outputs == [0, 32 + 8, 0]

@@ -26,7 +26,10 @@ def add_parser(sub) -> None:
                                    "plan (the simulator's per_function_s). "
                                    "`curve`: samples/s and peak RSS of "
                                    "in-core, checkpointing, offload hooks and outcore at budgets from "
-                                   "the in-core peak down to the smallest feasible. `batch`: the "
+                                   "the in-core peak down to the smallest feasible, each outcore "
+                                   "run with the simulator's prediction (scaled to one more "
+                                   "in-core run with huge pages, as outcore runs its ops, plus "
+                                   "`overhead`'s cost per op). `batch`: the "
                                    "paper's experiment, the largest batch each variant trains under "
                                    "the in-core peak of a base batch, and its samples/s. Each run is "
                                    "a fresh process; results go to --out as markdown, JSON and PNG.")

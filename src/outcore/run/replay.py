@@ -126,9 +126,13 @@ class _Tables:
         self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in fns]
         # What each function creates, its workspace too: told to the trim governor before
-        # it runs (NOTE [Announced outputs] in memory/malloc.py).
-        self.outputs = [sum(self.nbytes[a.array] for a in f.accesses if a.kind == "create")
-                        + f.workspace_bytes for f in fns]
+        # it runs (NOTE [Announced outputs] in memory/malloc.py). What `lift_fresh` and
+        # `set_` are recorded to create exists before them (their input, made outside the
+        # dispatcher): not told again (helper-145).
+        self.outputs = [f.workspace_bytes + (0 if _op_schema_name(f.op) in FRESH_OR_BINDING
+                                             else sum(self.nbytes[a.array] for a in f.accesses
+                                                      if a.kind == "create"))
+                        for f in fns]
         # NOTE [Small ops off the record]: a function keyed None is small or inserted.
         self.small = [k is None and f.repeats is None for k, f in zip(keys, fns)]
         # NOTE [Replaying a recompute] (recompute.py): the functions run again, and
