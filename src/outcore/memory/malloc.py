@@ -483,9 +483,10 @@ class TrimGovernor(_Governor):
     after the OutOfCore, trimmed 72-76 times a step (21-24 now, 12-13 without the margin
     for bursts); GPT-2 at half its peak, built before it, passed the bound by 40-82 MiB
     on every replay (CHANGELOG, 2026-12-06). Where the live bytes alone are near the
-    bound (GPT-2 at its smallest feasible budget) it trims 49-56 times a step where it
-    trimmed 16-18 times and passed the bound, in steps as fast within this machine's
-    noise: the bound costs those trims. A trim point of the bound less 32 MiB once the
+    bound (GPT-2 at its smallest feasible budget) it trimmed 49-56 times a step where it
+    had trimmed 16-18 times and passed the bound, in steps as fast within this machine's
+    noise: the bound costs those trims (20-22 since NOTE [Announced outputs], below,
+    within the bound). A trim point of the bound less 32 MiB once the
     live bytes are above the ceiling (fewer trims there) passed it by 60-100 MiB: not
     kept.
 
