@@ -363,7 +363,8 @@ def _rank_lane(trace, schedule, m, link, contended=False):
                                             fn.peer)
             for a in touched:
                 comm_done[a] = comm_free
-            collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin, comm_free))
+            collectives.append(Transfer(touched[0] if touched else -1, "comm", nb, begin,
+                                        comm_free))
             helpers.add("comm", begin, comm_free, comm_cpu)
         computes.append(compute)
         t = ready + compute
