@@ -506,7 +506,7 @@ class TrimGovernor(_Governor):
        counted where it came, and counted again as growth it widened every margin. GPT-2
        at its smallest feasible budget (465 MiB), built before the OutOfCore, measured
        a burst of 294 MiB, most of it read-backs, and trimmed 38-43 times a step with
-       the margin at its cap; 16-19 times with the burst at 150 MiB (one run each,
+       the margin at its cap; 20-22 times with the burst at 147-158 MiB (one run each,
        /work/notes/s64/gov.py; CHANGELOG 2026-12-06). What an op takes beyond its
        outputs stays in the margin: a convolution's backward at 128x128 takes 138 MiB
        of workspace, and ResNet-50 128x128 batch 64 at a quarter of its peak trims
