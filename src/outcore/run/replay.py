@@ -119,20 +119,20 @@ class _Tables:
         # `lift_fresh` is the exception: its argument, made just before it outside the
         # dispatcher, is recorded as created, yet it is the op's input (FRESH_ARGUMENT_OPS);
         # so is `set_`'s storage made by `copy.deepcopy` or `torch.load` (BINDING_OPS).
-        self.n_read = [len(f.accesses) if _op_schema_name(f.op) in FRESH_OR_BINDING
-                       else sum(a.kind != "create" for a in f.accesses) for f in fns]
+        fresh = [_op_schema_name(f.op) in FRESH_OR_BINDING for f in fns]
+        self.n_read = [len(f.accesses) if made_before
+                       else sum(a.kind != "create" for a in f.accesses)
+                       for f, made_before in zip(fns, fresh)]
         self.nbytes = [a.nbytes for a in trace.arrays]
         self.is_input = [a.kind == "input" for a in trace.arrays]
         self.is_state = [a.kind == "persistent" and a.existed_before for a in trace.arrays]
         self.dirty = [tuple(a.array for a in f.accesses if a.kind != "read") for f in fns]
         # What each function creates, its workspace too: told to the trim governor before
-        # it runs (NOTE [Announced outputs] in memory/malloc.py). What `lift_fresh` and
-        # `set_` are recorded to create exists before them (their input, made outside the
-        # dispatcher): not told again (helper-145).
-        self.outputs = [f.workspace_bytes + (0 if _op_schema_name(f.op) in FRESH_OR_BINDING
-                                             else sum(self.nbytes[a.array] for a in f.accesses
-                                                      if a.kind == "create"))
-                        for f in fns]
+        # it runs (NOTE [Announced outputs] in memory/malloc.py); not what `lift_fresh`
+        # and `set_` are recorded to create, which exists before them (above).
+        self.outputs = [f.workspace_bytes + (0 if made_before else sum(
+                            self.nbytes[a.array] for a in f.accesses if a.kind == "create"))
+                        for f, made_before in zip(fns, fresh)]
         # NOTE [Small ops off the record]: a function keyed None is small or inserted.
         self.small = [k is None and f.repeats is None for k, f in zip(keys, fns)]
         # NOTE [Replaying a recompute] (recompute.py): the functions run again, and
