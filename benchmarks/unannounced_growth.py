@@ -6,8 +6,10 @@ it spans: the growth the margin of a replay's checks must leave room for.
         [--batch 64] [--budget 483MiB] [--replays 2] [--top 8]
 
 The model is built and trained two steps first, then the OutOfCore made (the order of
-`outcore bench`). Prints, per replay, the trims and what they gave back, and for the last
-one the largest growths from a reading told the next op's outputs to the next reading.
+`outcore bench`). Prints, per replay, the trims and what they gave back, the resident
+set's growth above its base against the process bound, and how many ops' growth the
+governor has learned (NOTE [Each op's growth]); for the last replay, the largest
+growths from a reading told the next op's outputs to the next reading.
 """
 from __future__ import annotations
 
@@ -39,10 +41,10 @@ def main() -> None:
         last["rss"] = read()
         return last["rss"]
 
-    def told_check(self, coming=0, outputs=None):
+    def told_check(self, coming=0, outputs=None, key=malloc.WITHIN_OP):
         before, pending, told = self._read, self._pending, self._read_outputs
         checked = self._checked
-        check(self, coming, outputs)
+        check(self, coming, outputs, key)
         if self._checked != checked and before and told:
             readings.append((self._checked, last["rss"] - before - pending))
     malloc.resident_bytes, malloc.TrimGovernor.check = reading, told_check
@@ -57,9 +59,12 @@ def main() -> None:
             readings.clear()
             with ooc.iteration():
                 w.step()
-            it = ooc.report().iterations[-1]
+            report = ooc.report()
+            it = report.iterations[-1]
             print(f"{it.mode}: {it.trims} trims, {format_bytes(it.trimmed_bytes)} given back, "
-                  f"rss+ {format_bytes(it.rss_above_start)}")
+                  f"rss+ {format_bytes(it.rss_above_start)} (bound "
+                  f"{format_bytes(report.rss_bound)}), the growth of "
+                  f"{len(ooc._governor._grown)} ops learned")
         log, trace = ooc._last_replay[2], ooc.trace
     taken = [log.times[4 * k] for k in range(len(log))]
     times = [when for when, _ in readings]

@@ -6,6 +6,7 @@ import pytest
 
 import outcore
 from outcore.memory import malloc
+from outcore.memory.malloc import WITHIN_OP
 
 MiB = 2**20
 
@@ -712,6 +713,117 @@ def test_after_stop_glibc_keeps_tensors_on_the_heap_as_a_process_that_never_used
     assert out.stdout.split("\n")[0] == "[[0, 0, 0, 1], [0, 0, 0, 1]]"
 
 
+class _Plan:
+    """A plan as the governor sees it: one weakly referable object per plan."""
+
+
+def _learning(gov, libc):
+    """`gov` begun and tight (its last trim left 300 MiB resident, its base 600 MiB: the
+    bound far above), managed bytes counted from 100 MiB, following a plan; the managed
+    bytes' list and the plan."""
+    managed = [100 * MiB]
+    gov.managed = lambda: managed[0]
+    _begun(gov, libc, start=600 * MiB)
+    plan = _Plan()
+    gov.follow(plan)
+    return managed, plan
+
+
+def test_an_ops_growth_is_learned_from_clean_readings_only(governed):
+    """Rules 1-2 of NOTE [Each op's growth]: a check naming an op reads /proc whatever the
+    throttle; the growth from it to the next reading, beyond what was announced, is that
+    op's, learned where the heap held few free pages at the first reading (the resident
+    set above the last trim's by no more than the managed bytes above theirs, and 16 MiB)
+    or right after a trim; from a reading with more free pages, a workspace may have
+    reused them: nothing learned. Checks within the op keep its name."""
+    gov, libc = governed
+    managed, _ = _learning(gov, libc)
+    gov.check(outputs=50 * MiB, key=0)            # not ticked: read all the same
+    assert gov._read == 300 * MiB
+    libc.rss += 50 * MiB + 10 * MiB               # its outputs (managed) and 10 MiB more
+    managed[0] += 50 * MiB
+    gov.check(outputs=0, key=1)
+    assert gov._grown == {0: 10 * MiB}
+    gov.check(coming=8 * MiB)                     # op 1 reads back an input: op 1 still
+    libc.rss += 8 * MiB + 100 * MiB               # its input, then 100 MiB of workspace
+    managed[0] += 8 * MiB
+    gov.check(outputs=0, key=2)
+    assert gov._grown == {0: 10 * MiB, 1: 100 * MiB}
+    libc.rss += 30 * MiB                          # op 2, from a reading 110 MiB past the
+    gov.check(outputs=0, key=3)                   # managed bytes' growth: not clean
+    assert 2 not in gov._grown
+    bound = malloc.process_bound(600 * MiB, 180 * MiB)
+    libc.rss, libc.rss_after_trim = bound, 400 * MiB      # op 3's check trims...
+    tick(gov)
+    gov.check(outputs=0, key=4)
+    assert gov.trims == 1 and 3 not in gov._grown
+    libc.rss += 20 * MiB                          # ... and op 4's growth after it is clean
+    gov.check(outputs=0, key=5)
+    assert gov._grown[4] == 20 * MiB
+
+
+def test_a_learned_op_keeps_room_for_twice_its_growth_and_never_more_than_before(governed):
+    """Rule 3 of NOTE [Each op's growth]: after a whole told iteration, an op whose growth
+    was learned trims at the bound less twice that growth and 16 MiB (32 MiB at least),
+    checks within it adding its outputs, never above what the margins of NOTE [Announced
+    outputs] give; ops not learned, and another plan's, keep those."""
+    gov, libc = governed
+    managed, plan = _learning(gov, libc)
+    gov.check(outputs=50 * MiB, key=0)
+    libc.rss += 50 * MiB + 10 * MiB
+    managed[0] += 50 * MiB
+    gov.check(outputs=0, key=1)
+    libc.rss += 100 * MiB
+    gov.check(outputs=0, key=2)
+    assert gov._grown == {0: 10 * MiB, 1: 100 * MiB} and gov._op_burst == 100 * MiB
+    assert gov._margin(True) == 116 * MiB         # key 2: not learned
+    gov.begin()
+    gov.check(outputs=50 * MiB, key=0)            # the next iteration
+    assert gov._margin(True) == 36 * MiB          # 2 x 10 + 16
+    assert gov._margin() == 86 * MiB              # within op 0: its 50 MiB of outputs too
+    gov.check(outputs=0, key=1)
+    assert gov._margin(True) == 116 * MiB         # 2 x 100 + 16 is more: as before
+    gov.check(outputs=0, key=7)
+    assert gov._margin(True) == 116 * MiB
+    bound = malloc.process_bound(600 * MiB, 180 * MiB)
+    gov.begin()                                   # (no growth: a new iteration)
+    libc.rss, libc.rss_after_trim = bound - 100 * MiB, 300 * MiB
+    gov.check(outputs=10 * MiB, key=0)            # 90 MiB below the bound: room enough
+    assert gov.trims == 0
+    gov.check(outputs=10 * MiB, key=1)            # not for op 1
+    assert gov.trims == 1
+    gov.follow(_Plan())                           # another plan: nothing learned for it
+    gov.check(outputs=0, key=0)
+    assert gov._margin(True) == 116 * MiB
+    gov.follow(plan)                              # back: what was learned for it
+    gov.check(outputs=0, key=0)
+    assert gov._margin(True) == 36 * MiB
+
+
+def test_a_replay_learns_each_ops_growth_for_its_plan():
+    """NOTE [Each op's growth], wired: replays name their ops to the governor and it
+    learns their growth, in a table of the plan's replayed (`_Tables`), keyed by the
+    trace's function indexes; the process bound holds."""
+    from outcore.run.replay import _tables
+    from .twins import build, steady_trace
+    trace = steady_trace("resnet18-tiny", "sgd")
+    w = build("resnet18-tiny", "sgd")
+    with outcore.OutOfCore(budget=trace.peak(actual=True)[0] // 2, min_move_bytes=0) as ooc:
+        gov = ooc._governor
+        if gov is None or gov.mode != "trim":
+            pytest.skip("no trim governor on this platform (glibc only)")
+        for _ in range(4):
+            with ooc.iteration():
+                w.step()
+        report = ooc.report()
+        assert report.iterations[-1].mode == "replay"
+        tables = list(gov._plans.keys())
+        assert len(tables) == 1 and gov._grown is gov._plans[tables[0]]
+        assert tables[0] is _tables(ooc.trace, ooc.schedule, ooc._plan.keys)
+        assert gov._grown and set(gov._grown) <= set(range(len(ooc.trace.functions)))
+        assert all(it.rss_above_start <= report.rss_bound for it in report.iterations)
+
+
 def test_a_replay_tells_the_governor_what_each_op_creates():
     """NOTE [Announced outputs] rule 1, wired: in a replay every op's check is told the
     bytes its plan has it create (and its workspace), and they are the trace's; a
@@ -726,9 +838,9 @@ def test_a_replay_tells_the_governor_what_each_op_creates():
             pytest.skip("no trim governor on this platform (glibc only)")
         check = ooc._res.memory_check
 
-        def spy(coming=0, outputs=None):
-            told.append(outputs)
-            check(coming, outputs)
+        def spy(coming=0, outputs=None, key=WITHIN_OP):
+            told.append((outputs, key))
+            check(coming, outputs, key)
         ooc._res.memory_check = spy
         modes = []
         for _ in range(3):
@@ -737,12 +849,14 @@ def test_a_replay_tells_the_governor_what_each_op_creates():
                 w.step()
             modes.append(ooc.report().iterations[-1].mode)
             if modes[-1] == "record":
-                assert all(t is None for t in told)
+                assert all(t is None and k in (None, WITHIN_OP) for t, k in told)
         assert modes[-1] == "replay"
         planned = _Tables(ooc.trace, [None] * len(ooc.trace.functions)).outputs
-        ops = [t for t in told if t is not None]
+        ops = [t for t, _ in told if t is not None]
         assert len(ops) == len(ooc.trace.functions) and ops == planned
         assert sum(planned) > 0
+        # NOTE [Each op's growth] rule 1: each told check names its op, in order.
+        assert [k for t, k in told if t is not None] == list(range(len(ops)))
 
 
 def test_what_lift_fresh_and_set_are_recorded_to_create_is_not_told_again():

@@ -82,6 +82,7 @@ import ctypes.util
 import os
 import resource
 import time
+import weakref
 from typing import NamedTuple
 
 from ..errors import OutcoreError
@@ -307,6 +308,10 @@ def trim_ceiling(bound: int, margin: int = _CHECK_MARGIN) -> int:
 # resident set has grown by at least this much: trims stay rare whatever the step does.
 _MIN_TRIM_STEP = 16 * 2**20
 
+# check()'s `key` for a check within the op the last keyed check announced (its inputs'
+# read-backs, the plan's actions): the default (NOTE [Each op's growth]).
+WITHIN_OP = object()
+
 
 def _slack(budget: int) -> int:
     """Before the first eviction: how far the resident set may grow past the first
@@ -513,7 +518,31 @@ class TrimGovernor(_Governor):
        about 100 times a step either way, its ceiling 15 MiB above the plan's peak.
        Letting the heap's free pages take that growth (estimated through mallinfo2) cut
        the trims to about 50 but passed the bound by 36 MiB in a first replay: the free
-       pages lie in pieces a workspace does not fit (CHANGELOG, 2026-12-06)."""
+       pages lie in pieces a workspace does not fit (CHANGELOG, 2026-12-06). Rule 4 of
+       NOTE [Each op's growth] keeps that room only where an op takes it.
+
+    NOTE [Each op's growth]
+    1. A replay names the op each check comes before (`key`: its function's index in
+       the plan it follows, `follow`), and such a check always reads the resident set:
+       the growth from it to the next reading is that op's (with its inputs' read-backs
+       and the actions after it, up to the next op's check).
+    2. That growth is learned, per plan and op, only from a clean reading: the resident
+       set above the last trim's by no more than the managed bytes are above theirs, and
+       _MIN_TRIM_STEP. Where the heap holds free pages, an op's workspace reuses them and
+       its growth looks smaller than it is; right after a trim it is all growth. The
+       learned figure is the most seen (`_grown`).
+    3. Once an op's growth is learned and one whole told iteration has run, the margin
+       at its checks is twice that growth and _MIN_TRIM_STEP (at least _CHECK_MARGIN;
+       checks told nothing within the op add its announced outputs), never more than
+       rule 2 of NOTE [Announced outputs] gives: twice, as a clean reading may still
+       see some reuse (ResNet-50 128x128 batch 64 at a quarter of its peak, ten
+       iterations: 6 of 1167 ops grew later by more than 16 MiB past what was learned
+       first, the most from 80 to 145 MiB; /work/notes/s65/learn.py, CHANGELOG).
+    4. So the room for a convolution backward's workspace is kept before that op, not
+       before every op: the same case trimmed ~48 times a step instead of ~85, in steps
+       6% shorter (3.78 against 4.04 s, three rounds; CHANGELOG, 2026-12-06 fourth
+       session). Ops never learned (a recording, ops off the record, a new plan's first
+       replay) keep the margins above."""
     mode = "trim"
     _CHANGES = (_M_MMAP_MAX, _M_TRIM_THRESHOLD)
 
@@ -532,6 +561,14 @@ class TrimGovernor(_Governor):
         self._told_since = 0            # 0: no check told outputs yet; 1: the first
                                         # iteration with such checks runs; 2: it ended,
                                         # and `_op_burst` has seen a whole one
+        # NOTE [Each op's growth]
+        self.managed = None             # () -> the managed bytes resident (Residency's)
+        self._plans = weakref.WeakKeyDictionary()   # plan -> its `_grown`
+        self._grown: dict = {}          # op -> the most it grew from a clean reading
+        self._key = None                # the op the replay is at; None: not a known one
+        self._key_outputs = 0           # what its check announced it creates
+        self._read_key = None           # the op at the last reading, where it was clean
+        self._trimmed = (0, 0)          # resident set and managed bytes after the last trim
 
     # Read-only views of the state.
     active = property(lambda self: self._limits is not None)
@@ -554,12 +591,25 @@ class TrimGovernor(_Governor):
             largest = self.largest_allocation() if self.largest_allocation is not None else 0
             burst = max(self._burst, self._op_burst)
             margin = max(_CHECK_MARGIN + largest, burst + _MIN_TRIM_STEP)
+        grown = self._grown.get(self._key) if self._told_since == 2 else None
+        if grown is not None:               # rule 3 of NOTE [Each op's growth]
+            own = max(_CHECK_MARGIN, 2 * grown + _MIN_TRIM_STEP)
+            margin = min(margin, own if outputs else own + self._key_outputs)
         return min(margin, process_slack(self.budget))     # the ceiling: base + budget at least
+
+    def follow(self, plan) -> None:
+        """A replay follows `plan` from here (any weakly referable object, one per plan):
+        the ops' growth learned is that plan's (NOTE [Each op's growth])."""
+        grown = self._plans.get(plan)
+        if grown is None:
+            grown = self._plans[plan] = {}
+        self._grown, self._key, self._read_key = grown, None, None
 
     def begin(self) -> None:
         """An iteration begins: what the resident set did between iterations (state read,
         a checkpoint saved) is no growth between two of its readings."""
         self._read = 0
+        self._key = self._read_key = None
         if self._told_since == 1:
             self._told_since = 2
 
@@ -610,29 +660,49 @@ class TrimGovernor(_Governor):
             return
         self.libc.malloc_trim(0)
         new = state._replace(tight=True, after=resident_bytes())
+        self._trimmed = (new.after, self.managed() if self.managed is not None else 0)
         if self._limits is state:               # not stopped meanwhile
             self._limits = new
 
     def _deactivate(self) -> None:
         self._limits = None
 
-    def check(self, coming: int = 0, outputs: int | None = None) -> None:
+    def _trim(self, rss: int) -> int:
+        after = super()._trim(rss)
+        self._trimmed = (after, self.managed() if self.managed is not None else 0)
+        return after
+
+    def _clean(self, rss: int) -> bool:
+        """Whether the heap holds few free pages at this reading (rule 2 of NOTE [Each op's
+        growth]): since the last trim the resident set grew by no more than the managed
+        bytes did, and _MIN_TRIM_STEP."""
+        after, managed = self._trimmed
+        if not after or self.managed is None:
+            return False
+        return (rss - after) - (self.managed() - managed) < _MIN_TRIM_STEP
+
+    def check(self, coming: int = 0, outputs: int | None = None, key=WITHIN_OP) -> None:
         """Trim if the resident set, and `coming` bytes about to be allocated, pass the
         trim point. `outputs`: what the op about to run creates, where a replay knows it
-        (NOTE [Announced outputs]); None where nobody does. Reads /proc (a system call)
-        at most every 2 ms, unless the bytes announced since the last reading reach
-        _MIN_TRIM_STEP / 2: storages read back in a burst (a foreach op's inputs) are
-        each checked before they land."""
+        (NOTE [Announced outputs]); None where nobody does. `key`: the op about to run
+        (NOTE [Each op's growth]); None for an op not known; left out for checks within
+        the last one (its inputs' read-backs). Reads /proc (a system call) at every
+        check with a key, otherwise at most every 2 ms, unless the bytes announced since
+        the last reading reach _MIN_TRIM_STEP / 2: storages read back in a burst (a
+        foreach op's inputs) are each checked before they land."""
         state = self._limits
         if state is None:
             return
         now = time.perf_counter()
         landed = self._pending              # announced at or since the last reading, before
         told = outputs is not None          # this call: landed since
+        if key is not WITHIN_OP:
+            self._key, self._key_outputs = key, outputs or 0
         coming += outputs or 0
         self._announced += coming
         self._pending += coming
-        if now - self._checked < 0.002 and self._announced < _MIN_TRIM_STEP // 2:
+        if ((key is WITHIN_OP or key is None) and now - self._checked < 0.002
+                and self._announced < _MIN_TRIM_STEP // 2):
             return
         self._checked, self._announced, self._pending = now, 0, coming
         rss = resident_bytes()
@@ -642,12 +712,17 @@ class TrimGovernor(_Governor):
                 self._op_burst = max(self._op_burst, grew)
             else:
                 self._burst = max(self._burst, grew)
+            learned = self._read_key        # rule 2 of NOTE [Each op's growth]
+            if learned is not None and grew > self._grown.get(learned, -1):
+                self._grown[learned] = max(grew, 0)
         self._read, self._read_outputs = rss, told
+        self._read_key = self._key if self._key is not None and self._clean(rss) else None
         if told and self._told_since == 0:
             self._told_since = 1
         if not state.due(rss, coming, self._margin(told)):
             return
         after = self._read = self._trim(rss)
+        self._read_key = self._key          # right after a trim: clean
         new = state._replace(next=max(state.limit, after + state.slack), after=after)
         if self._limits is state:
             self._limits = new

@@ -544,6 +544,8 @@ class OutOfCore:
             if self._governor.mode == "trim":      # eager's check() does nothing: no per-op call
                 self._res.memory_check = self._governor.check
                 self._governor.largest_allocation = self._res.largest_tracked
+                self._governor.managed = lambda res=self._res: res.resident
+                self._res.memory_follow = self._governor.follow
         self._pager = Pager()
         self._leases: list = []     # (pipe read end, extents) per fork (mapped.py rule 9)
         self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,

@@ -265,6 +265,7 @@ class Replayer(HeldMode):
         self.nbytes, self.is_input, self.is_state = t.nbytes, t.is_input, t.is_state
         self.dirty, self.small, self.repeats = t.dirty, t.small, t.repeats
         self.outputs = t.outputs
+        self.res.follow(t)          # the trim governor learns each op's growth per plan
         self._sources, self._made_again, self._producer = t.sources, t.made_again, t.producer
         self._follower, self._y_of = t.follower, t.y_of
         self._temporary, self._twice = t.temporary, t.twice
@@ -868,7 +869,7 @@ class Replayer(HeldMode):
             if self._pinned_but_moved(aid, entry):
                 res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
             self._bind(aid, entry)
-        res.ready_all(entries, self.outputs[i])
+        res.ready_all(entries, self.outputs[i], i)
         for entry in entries:
             res.touch(entry)
         if self._sources and self.small[i] and i not in self._sources:

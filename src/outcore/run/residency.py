@@ -99,7 +99,7 @@ from dataclasses import dataclass
 
 from .. import aten
 from ..errors import OutcoreError, no_room
-from ..memory.malloc import resident_bytes
+from ..memory.malloc import WITHIN_OP, resident_bytes
 from ..memory.pages import advise_huge
 from ..states import (DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW,
                       Residence)
@@ -249,6 +249,7 @@ class Residency:
         self.before_first_eviction = None     # called once, when the budget first needs room
         self.memory_check = None              # (bytes about to be allocated=0): called where
                                               # memory is freed or taken
+        self.memory_follow = None             # (plan): a replay follows that plan from here
         self.largest = 0                      # the largest storage tracked so far (the trim
                                               # governor's margin: NOTE [Trim at the bound])
         self._dead: collections.deque = collections.deque()   # appended from any thread
@@ -715,22 +716,27 @@ class Residency:
         if rss - self.resident > stats.peak_unmanaged:
             stats.peak_unmanaged = rss - self.resident
 
+    def follow(self, plan) -> None:
+        """A replay follows `plan` (one object per plan) from here: tells the trim governor,
+        which learns each op's growth per plan (NOTE [Each op's growth] in
+        memory/malloc.py)."""
+        if self.memory_follow is not None:
+            self.memory_follow(plan)
+
     def ready(self, entry: Entry) -> None:
         """Make sure an entry is usable now: wait for its swap-in, or restore it."""
-        self.ready_all((entry,))
+        self.ready_all((entry,), key=WITHIN_OP)
 
-    def ready_all(self, entries, outputs: int | None = None) -> None:
+    def ready_all(self, entries, outputs: int | None = None, key=None) -> None:
         """`ready` for each of an op's input entries, in order, with the per-op samples
         (`sample_rss`, `memory_check`) taken once: each is throttled to one reading every
         2 ms, so a second call within the op only reads the clock. `outputs`: the bytes
         the op will create, where the caller knows them (NOTE [Announced outputs] in
-        memory/malloc.py)."""
+        memory/malloc.py); `key`: the op's index in the plan the caller follows, None for
+        an op no plan knows, WITHIN_OP for no new op (NOTE [Each op's growth] there)."""
         self.sample_rss()
         if self.memory_check is not None:       # every op passes here: the step's growth
-            if outputs is None:
-                self.memory_check()
-            else:
-                self.memory_check(outputs=outputs)
+            self.memory_check(outputs=outputs, key=key)
         for entry in entries:
             if entry.state is not FAST or self._dead:     # most inputs: resident already
                 self._ready(entry)
