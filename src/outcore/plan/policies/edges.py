@@ -30,8 +30,8 @@ def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
     so they sat in the budget while the first layers were read in and the activations
     grew, and were written out for them. Simulated on CPU-recorded steps, the order
     above is 4-5% shorter for ResNet-50 64x64 at a quarter of its peak and GPT-2 at half
-    its peak and at its floor, and within 0.4% elsewhere (docs/planning.md, "State at
-    the edges of the step"). Arrays last used before the optimizer (batch-norm
+    its peak and at its floor, and within 0.4% elsewhere (CHANGELOG, 2026-12-06 fourth
+    session). Arrays last used before the optimizer (batch-norm
     statistics, or every array of a step without an optimizer) would stay across the
     step's peak by first use, and a small one kept from the second function can leave
     no room for a large one used at the end (tests/plan/test_properties.py,
