@@ -351,7 +351,27 @@ def test_state_last_used_outside_the_optimizer_is_kept_by_latest_last_use():
     for policy in POLICIES:
         s = outcore.plan(t, 12, policy)
         assert {IDS["p2"], IDS["p3"]} <= set(s.resident_at_end)
+        assert Action("SWAP_OUT", IDS["p2"]) not in s.end[3]
+        assert Action("SWAP_OUT", IDS["p3"]) not in s.end[4]
         outcore.check(t, s, 12)
+        paper = plan_paper(t, 12, policy)
+        assert s.bytes_out < paper.bytes_out
+    # An optimizer run inside backward (its ops interleaved there) is no optimizer part
+    # at the step's end: the same order.
+    t = build(arrays, ["f0 c:x", "f1 @optimizer r:x c:y", "f2 r:y w:p1", "f3 w:p2",
+                       "f4 w:p3"])
+    assert end_keep_set(t, 12) == {IDS["p2"], IDS["p3"]}
+
+
+def test_state_kept_at_the_end_stays_within_three_quarters_at_the_end_too():
+    # Five 4-byte parameters all updated by the last function: each would stay from the
+    # step's end on, where the next step starts; 3/4 of 24 holds four of them.
+    arrays = {f"p{k}": (4, "param") for k in range(5)}
+    names(arrays)
+    t = build(arrays, ["f0 " + " ".join(f"r:p{k}" for k in range(5)),
+                       "f1 @optimizer " + " ".join(f"w:p{k}" for k in range(5))])
+    from outcore.plan.policies.edges import end_keep_set
+    assert len(end_keep_set(t, 24)) == 4
 
 
 def test_state_that_fits_beside_the_activations_is_not_written_out_at_the_start():

@@ -527,10 +527,14 @@ class TrimGovernor(_Governor):
        the growth from it to the next reading is that op's (with its inputs' read-backs
        and the actions after it, up to the next op's check).
     2. That growth is learned, per plan and op, only from a clean reading: the resident
-       set above the last trim's by no more than the managed bytes are above theirs, and
-       _MIN_TRIM_STEP. Where the heap holds free pages, an op's workspace reuses them and
-       its growth looks smaller than it is; right after a trim it is all growth. The
-       learned figure is the most seen (`_grown`).
+       set's anonymous part above the one this iteration's last trim left by no more
+       than the managed bytes are above theirs, and _MIN_TRIM_STEP. Where the heap holds
+       free pages, an op's workspace reuses them and its growth looks smaller than it
+       is; right after a trim it is all growth. The learned figure is the most seen
+       (`_grown`). Nothing is learned up to a reading of an op no plan knows: a replay
+       on arrays smaller than its plan's (NOTE [Step shapes] rule 10) tells its ops
+       unknown, as their outputs are smaller than announced and the shortfall would
+       hide a workspace; so does an op off the record.
     3. Once an op's growth is learned and one whole told iteration has run, the margin
        at its checks is twice that growth and _MIN_TRIM_STEP (at least _CHECK_MARGIN;
        checks told nothing within the op add its announced outputs), never more than
@@ -599,7 +603,11 @@ class TrimGovernor(_Governor):
 
     def follow(self, plan) -> None:
         """A replay follows `plan` from here (any weakly referable object, one per plan):
-        the ops' growth learned is that plan's (NOTE [Each op's growth])."""
+        the ops' growth learned is that plan's (NOTE [Each op's growth]). None: the
+        replay has ended; no op is known until the next one names its first."""
+        if plan is None:
+            self._key = self._read_key = None
+            return
         grown = self._plans.get(plan)
         if grown is None:
             grown = self._plans[plan] = {}
@@ -610,6 +618,7 @@ class TrimGovernor(_Governor):
         a checkpoint saved) is no growth between two of its readings."""
         self._read = 0
         self._key = self._read_key = None
+        self._trimmed = (0, 0)              # no reading is clean before this one's first trim
         if self._told_since == 1:
             self._told_since = 2
 
@@ -660,7 +669,7 @@ class TrimGovernor(_Governor):
             return
         self.libc.malloc_trim(0)
         new = state._replace(tight=True, after=resident_bytes())
-        self._trimmed = (new.after, self.managed() if self.managed is not None else 0)
+        self._note_trim(new.after)
         if self._limits is state:               # not stopped meanwhile
             self._limits = new
 
@@ -669,17 +678,25 @@ class TrimGovernor(_Governor):
 
     def _trim(self, rss: int) -> int:
         after = super()._trim(rss)
-        self._trimmed = (after, self.managed() if self.managed is not None else 0)
+        self._note_trim(after)
         return after
+
+    def _note_trim(self, after: int) -> None:
+        """What a clean reading is measured from (rule 2 of NOTE [Each op's growth]): the
+        anonymous part of the resident set (a mapped page copied in is no heap growth)
+        and the managed bytes, right after a trim."""
+        if self.managed is not None:
+            self._trimmed = (after - file_resident_bytes(), self.managed())
 
     def _clean(self, rss: int) -> bool:
         """Whether the heap holds few free pages at this reading (rule 2 of NOTE [Each op's
-        growth]): since the last trim the resident set grew by no more than the managed
-        bytes did, and _MIN_TRIM_STEP."""
+        growth]): since this iteration's last trim the anonymous resident set grew by no
+        more than the managed bytes did, and _MIN_TRIM_STEP."""
         after, managed = self._trimmed
         if not after or self.managed is None:
             return False
-        return (rss - after) - (self.managed() - managed) < _MIN_TRIM_STEP
+        grew = rss - file_resident_bytes() - after
+        return grew - (self.managed() - managed) <= _MIN_TRIM_STEP
 
     def check(self, coming: int = 0, outputs: int | None = None, key=WITHIN_OP) -> None:
         """Trim if the resident set, and `coming` bytes about to be allocated, pass the
@@ -712,8 +729,9 @@ class TrimGovernor(_Governor):
                 self._op_burst = max(self._op_burst, grew)
             else:
                 self._burst = max(self._burst, grew)
-            learned = self._read_key        # rule 2 of NOTE [Each op's growth]
-            if learned is not None and grew > self._grown.get(learned, -1):
+            learned = self._read_key        # rules 1-2 of NOTE [Each op's growth]
+            if (learned is not None and self._key is not None
+                    and grew > self._grown.get(learned, -1)):
                 self._grown[learned] = max(grew, 0)
         self._read, self._read_outputs = rss, told
         self._read_key = self._key if self._key is not None and self._clean(rss) else None

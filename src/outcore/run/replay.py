@@ -590,6 +590,7 @@ class Replayer(HeldMode):
         self._others = None
 
     def finish(self) -> None:
+        self.res.follow(None)           # no op of the plan from here (NOTE [Each op's growth])
         self._zombies, self._lingering = [], []     # what the user still holds at the end stays
         if self.deviation is None and self.index != self.n:
             self._skip_small(None, True)    # small functions the step did not run at its end
@@ -869,7 +870,7 @@ class Replayer(HeldMode):
             if self._pinned_but_moved(aid, entry):
                 res.newly_pinned.append(entry)      # NOTE 7 of residency.py: leave
             self._bind(aid, entry)
-        res.ready_all(entries, self.outputs[i], i)
+        res.ready_all(entries, self.outputs[i], None if self.smaller else i)
         for entry in entries:
             res.touch(entry)
         if self._sources and self.small[i] and i not in self._sources:

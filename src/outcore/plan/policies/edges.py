@@ -20,10 +20,11 @@ END_KEEP_SHARE = 0.75
 def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
     """Persistent arrays to leave resident after their last use, each kept if, at every
     later function g, needs(g) plus the bytes already kept resident at g plus its own
-    stay within share x budget. Tried in this order: first the arrays last used in the
-    optimizer's part of the step (from its first function on), the one the next step
-    uses first first (Belady's rule at the step's edge: an array's next use is its first
-    use in the next step); then the others, latest last use first (the shortest stay).
+    stay within share x budget, the step's end included. Tried in this order: first the
+    arrays last used in the optimizer's part of the step (from its first function after
+    the last of forward and backward on), the one the next step uses first first
+    (Belady's rule at the step's edge: an array's next use is its first use in the next
+    step); then the others, latest last use first (the shortest stay).
 
     The optimizer's arrays were kept latest last use first until 2026-12-06: the
     optimizer's final updates, the deepest layers, which the next forward needs last,
@@ -31,31 +32,39 @@ def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:
     grew, and were written out for them. Simulated on CPU-recorded steps, the order
     above is 4-5% shorter for ResNet-50 64x64 at a quarter of its peak and GPT-2 at half
     its peak and at its floor, and within 0.4% elsewhere (CHANGELOG, 2026-12-06 fourth
-    session). Arrays last used before the optimizer (batch-norm
-    statistics, or every array of a step without an optimizer) would stay across the
-    step's peak by first use, and a small one kept from the second function can leave
-    no room for a large one used at the end (tests/plan/test_properties.py,
-    `test_outputs_late_can_pick_a_costly_victim`): they keep the shortest stay first."""
+    session). Arrays last used before that part (batch-norm statistics; a step without
+    an optimizer, or whose optimizer runs inside backward or around a closure) would
+    stay across the step's peak by first use, and a small one kept from the second
+    function can leave no room for a large one used at the end
+    (tests/plan/test_properties.py, `test_outputs_late_can_pick_a_costly_victim`): they
+    keep the shortest stay first."""
     n = len(trace.functions)
-    need = np.asarray(needs(trace), dtype=np.int64)
+    state = [a for a in trace.arrays if a.kind == "persistent"]
+    if not state or not n:
+        return set()
     cap = int(budget * share)
-    kept: set[int] = set()
-    kept_at = np.zeros(n, dtype=np.int64)   # bytes kept resident at each function
-    worst = np.zeros(n + 1, dtype=np.int64)  # worst[g]: max over h >= g of need + kept_at
-    worst[:n] = np.maximum.accumulate(need[::-1])[::-1]
     fns = trace.functions
-    tail = next((i for i, f in enumerate(fns) if f.phase == "optimizer"), n)
+    last_pass = max((i for i, f in enumerate(fns) if f.phase in ("forward", "backward")),
+                    default=-1)
+    tail = next((i for i in range(last_pass + 1, n) if fns[i].phase == "optimizer"), n)
 
     def order(a):                           # the optimizer's arrays by first use, then
         if a.last_use >= tail:              # the rest by latest last use
             return (0, a.first_use, a.id)
         return (1, -a.last_use, a.id)
-    for a in sorted((a for a in trace.arrays if a.kind == "persistent"), key=order):
-        after = a.last_use + 1              # resident from here to the step's end
-        if int(worst[after]) + a.nbytes <= cap:
+    # Only the points where a stay begins are asked about (after a last use, or n: the
+    # step's end, which the next step starts from), and what is kept changes only
+    # there: each stretch between two of them counts by its largest need.
+    starts = np.unique(np.array([a.last_use + 1 for a in state] + [n], dtype=np.int64))
+    need = np.append(np.asarray(needs(trace), dtype=np.int64), 0)     # need[n]: the end
+    largest = np.maximum.reduceat(need, starts)
+    kept_in = np.zeros(len(starts), dtype=np.int64)     # bytes kept in each stretch
+    kept: set[int] = set()
+    for a in sorted(state, key=order):
+        j = int(np.searchsorted(starts, a.last_use + 1))
+        if int((largest[j:] + kept_in[j:]).max()) + a.nbytes <= cap:
             kept.add(a.id)
-            kept_at[after:] += a.nbytes
-            worst[:n] = np.maximum.accumulate((need + kept_at)[::-1])[::-1]
+            kept_in[j:] += a.nbytes
     return kept
 
 
