@@ -543,8 +543,8 @@ class TrimGovernor(_Governor):
        iterations: 6 of 1167 ops grew later by more than 16 MiB past what was learned
        first, the most from 80 to 145 MiB; /work/notes/s65/learn.py, CHANGELOG).
     4. So the room for a convolution backward's workspace is kept before that op, not
-       before every op: the same case trimmed ~48 times a step instead of ~85, in steps
-       6% shorter (3.78 against 4.04 s, three rounds; CHANGELOG, 2026-12-06 fourth
+       before every op: the same case trimmed 50-56 times a step instead of 106-114, in
+       steps 2-10% shorter (two runs of three rounds; CHANGELOG, 2026-12-06 fourth
        session). Ops never learned (a recording, ops off the record, a new plan's first
        replay) keep the margins above."""
     mode = "trim"
