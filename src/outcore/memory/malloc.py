@@ -513,7 +513,7 @@ class TrimGovernor(_Governor):
        a burst of 294 MiB, most of it read-backs, and trimmed 38-43 times a step with
        the margin at its cap; 20-22 times with the burst at 147-158 MiB (one run each,
        /work/notes/s64/gov.py; CHANGELOG 2026-12-06). What an op takes beyond its
-       outputs stays in the margin: a convolution's backward at 128x128 takes 96-138 MiB
+       outputs stays in the margin: a convolution's backward at 128x128 takes 96-162 MiB
        of workspace, and ResNet-50 128x128 batch 64 at a quarter of its peak trims
        about 100 times a step either way, its ceiling 15 MiB above the plan's peak.
        Letting the heap's free pages take that growth (estimated through mallinfo2) cut
