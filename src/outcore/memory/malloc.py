@@ -572,7 +572,8 @@ class TrimGovernor(_Governor):
         self._key = None                # the op the replay is at; None: not a known one
         self._key_outputs = 0           # what its check announced it creates
         self._read_key = None           # the op at the last reading, where it was clean
-        self._trimmed = (0, 0)          # resident set and managed bytes after the last trim
+        self._trimmed = (0, 0)          # the resident set's anonymous part and the managed
+                                        # bytes after this iteration's last trim (0: none)
 
     # Read-only views of the state.
     active = property(lambda self: self._limits is not None)

@@ -717,9 +717,9 @@ class Residency:
             stats.peak_unmanaged = rss - self.resident
 
     def follow(self, plan) -> None:
-        """A replay follows `plan` (one object per plan) from here: tells the trim governor,
-        which learns each op's growth per plan (NOTE [Each op's growth] in
-        memory/malloc.py)."""
+        """A replay follows `plan` (one object per plan) from here, or None: it has ended.
+        Tells the trim governor, which learns each op's growth per plan (NOTE [Each op's
+        growth] in memory/malloc.py)."""
         if self.memory_follow is not None:
             self.memory_follow(plan)
 
@@ -730,7 +730,8 @@ class Residency:
     def ready_all(self, entries, outputs: int | None = None, key=None) -> None:
         """`ready` for each of an op's input entries, in order, with the per-op samples
         (`sample_rss`, `memory_check`) taken once: each is throttled to one reading every
-        2 ms, so a second call within the op only reads the clock. `outputs`: the bytes
+        2 ms (the check reads at every op a plan names), so a second call within the op
+        only reads the clock. `outputs`: the bytes
         the op will create, where the caller knows them (NOTE [Announced outputs] in
         memory/malloc.py); `key`: the op's index in the plan the caller follows, None for
         an op no plan knows, WITHIN_OP for no new op (NOTE [Each op's growth] there)."""
