@@ -18,8 +18,8 @@ States (`outcore.states.Residence`, shared with the planner and the checker):
 A FAST entry whose slow copy is still current is `clean`: it can be dropped with no copy.
 
 NOTE [Residency invariants]
-  1. `resident` is the sum of `nbytes` over live entries in FAST, OUT or IN;
-     `offloaded` the sum over live entries in SLOW or MAPPED; DISCARDED ones are in
+  1. `resident` is the sum of `nbytes` over entries not retired (rule 2) in FAST, OUT
+     or IN; `offloaded` the sum over those in SLOW or MAPPED; DISCARDED ones are in
      neither (their bytes exist nowhere until remade). `recount()` computes both from the
      table; tests assert they agree. Foreign entries (`disown`) are in neither: their
      bytes are their storages' current sizes, `owned_bytes()`.
@@ -509,13 +509,17 @@ class Residency:
         return self.largest
 
     def recount(self) -> tuple[int, int]:
-        """(resident, offloaded) recomputed from the live entries (NOTE 1)."""
+        """(resident, offloaded) recomputed from the table (NOTE 1), after retiring the
+        entries that died. One whose storage dies meanwhile, on another thread, counts
+        until it is retired, as in the counters: skipped here for its dead storage, it
+        made the two disagree by its bytes (a write-out finishing on the mover's thread
+        between the retiring and the loop)."""
         if self._dead:
             self._reap_dead()
         resident = offloaded = 0
         for entry in self.entries.values():
-            if entry.ref() is None or entry.foreign or entry.elsewhere:
-                continue            # died (its callback has not run yet), or not counted
+            if entry.foreign or entry.elsewhere:
+                continue            # not counted
             if entry.state in OCCUPIES_FAST:
                 resident += entry.nbytes
             elif entry.state in ON_SLOW_TIER:
