@@ -735,10 +735,10 @@ class Residency:
         """`ready` for each of an op's input entries, in order, with the per-op samples
         (`sample_rss`, `memory_check`) taken once: each is throttled to one reading every
         2 ms (the check reads at every op a plan names), so a second call within the op
-        only reads the clock. `outputs`: the bytes
-        the op will create, where the caller knows them (NOTE [Announced outputs] in
-        memory/malloc.py); `key`: the op's index in the plan the caller follows, None for
-        an op no plan knows, WITHIN_OP for no new op (NOTE [Each op's growth] there)."""
+        only reads the clock. `outputs`: the bytes the op will create, where the caller
+        knows them (NOTE [Announced outputs] in memory/malloc.py); `key`: the op's index in
+        the plan the caller follows, None for an op no plan knows, WITHIN_OP for no new op
+        (NOTE [Each op's growth] there)."""
         self.sample_rss()
         if self.memory_check is not None:       # every op passes here: the step's growth
             self.memory_check(outputs=outputs, key=key)
