@@ -219,7 +219,7 @@ def _plans_with_and_without_the_last_candidate_shortcut(trace, budget, policy):
         planned.append(0)
         with mock.patch.dict(api.REGISTRY, {policy: dataclasses.replace(real, plan=counted)}), \
                 (nullcontext() if shortcut else mock.patch.object(api, "end_keep_set",
-                                                                 lambda t, b: {-1})):
+                                                                 lambda t, b, s: {-1})):
             s = outcore.plan(trace, budget, policy)
         out.append((s.begin, s.end, s.resident_at_start, s.resident_at_end, s.bytes_in,
                     s.bytes_out, s.peak_bytes))

@@ -3,6 +3,7 @@ rules `check` enforces on it (R1 for what a repeat reads, R9 for what it repeats
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -355,3 +356,23 @@ def test_auto_plans_the_rewritten_trace_with_the_configuration_it_chose_for_the_
     assert len(s.options["screened"]) == 1
     assert s.options["configuration"] == base.options["configuration"]
     check(r, s, budget)
+
+
+def test_auto_plans_the_rewritten_trace_with_the_share_it_chose_for_the_recorded_one(monkeypatch):
+    # auto chose the whole budget for state kept at the end (its NOTE [Shares at the
+    # end]) for the trace as recorded; each rewritten trace is planned with it too.
+    t = layered([4, 32, 32, 32, 32])
+    m = _link(1e3)
+    base = plan(t, 120, machine=m)
+    assert base.options["end_keep_share"] == 1.0
+    planned = []
+
+    def spy(trace, budget, policy="auto", **options):
+        planned.append((trace is t, options))
+        return plan(trace, budget, policy, **options)
+    api = importlib.import_module("outcore.plan.api")      # outcore.plan is the function
+    monkeypatch.setattr(api, "plan", spy)                  # recompute.choose imports
+    recompute.choose(t, 120, mode="auto", machine=m)
+    rewritten = [options for original, options in planned if not original]
+    assert rewritten and all(o["end_keep_share"] == 1.0 and o["screen"] ==
+                             [base.options["configuration"]] for o in rewritten)

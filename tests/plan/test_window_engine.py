@@ -77,9 +77,10 @@ def test_one_registry_names_every_policy_and_its_options():
     t = build({"x": (8, "input"), "w": (4, "param"), "h": 8, "y": 8},
               ["fwd r:x r:w c:h", "act r:h c:y", "upd @optimizer w:w r:y"])
     values = {"window": 64, "k": 2, "reserve": 0.5, "keep_state": False, "machine": "cpu-disk",
-              "wait_order": "completion", "outputs": "late", "screen": [0, 5]}
+              "wait_order": "completion", "outputs": "late", "screen": [0, 5],
+              "end_keep_share": 1.0}
     for name, policy in REGISTRY.items():
-        assert policy.summary and "keep_state" in policy.options
+        assert policy.summary and {"keep_state", "end_keep_share"} <= policy.options
         assert (policy.plan is None) != (policy.choose is None)
         s = outcore.plan(t, 20, name, **{o: values[o] for o in policy.options})
         outcore.check(t, s, 20)
@@ -116,9 +117,18 @@ def test_auto_is_the_fastest_screened_schedule_and_the_same_as_asking_for_it(tra
     assert s.policy == "auto"
     if s.options.get("in_core"):
         return
+    from outcore.plan.policies import auto
+    from outcore.plan.policies.edges import end_keep_set
     screened = s.options["screened"]
-    assert [n for n, _, _ in screened] == ["adaptive", "adaptive-belady", "fixed", "adaptive",
-                                           "adaptive", "adaptive", "adaptive"]
+    assert [n for n, _, _ in screened[:7]] == ["adaptive", "adaptive-belady", "fixed", "adaptive",
+                                               "adaptive", "adaptive", "adaptive"]
+    first = min(t for _, _, t in screened[:7])
+    for name, extra, seconds in screened[7:]:    # NOTE [Shares at the end]: near ties again
+        share = extra.pop("end_keep_share")
+        assert share == 1.0 and [name, extra] in [[n, e] for n, e, t in screened[:7]
+                                                  if t <= first * (1 + auto.NEAR)]
+        assert end_keep_set(trace, budget, share) != end_keep_set(trace, budget)
+        extra["end_keep_share"] = share
     fastest = min(range(len(screened)), key=lambda i: (screened[i][2], i))
     name, extra, seconds = screened[fastest]
     assert s.options["chosen"] == name and s.options["machine"] == "cpu-disk"
@@ -242,7 +252,9 @@ def test_auto_screens_fewer_configurations_on_long_traces():
         work = auto.PLANS_PER_CONFIGURATION * accesses
         assert tried == min(len(auto.SCREEN), max(1, auto.SCREEN_ACCESSES // work))
         s = outcore.plan(trace, trace.peak(actual=True)[0] // 3)
-        assert len(s.options["screened"]) == tried
+        screened = s.options["screened"]
+        assert ["end_keep_share" in extra for _, extra, _ in screened[:tried]] == [False] * tried
+        assert len(screened) <= max(tried, auto.SCREEN_ACCESSES // work)  # shares within it
         assert "auto tried (simulated iteration on cpu-disk): adaptive" in s.summary()
 
 
@@ -348,3 +360,67 @@ def test_auto_screens_only_the_configurations_it_is_given():
     for bad in ([], [len(auto.SCREEN)], "0", [-1]):
         with pytest.raises(OutcoreError, match="screen must be a non-empty list of indices"):
             outcore.plan(t, 12, screen=bad)
+
+
+def _kept_at_the_end_step(layers=3):
+    """Forward reads each layer's weight w, backward makes its gradient g, and the
+    optimizer updates w and its momentum m: 8 B each, every function 1 s."""
+    arrays = {"x": (4, "input")}
+    for l in range(layers):
+        arrays.update({f"w{l}": (8, "param"), f"m{l}": (8, "param"), f"a{l}": 8, f"g{l}": 8})
+    fns, h = [], "x"
+    for l in range(layers):
+        fns.append(f"fwd r:{h} r:w{l} c:a{l}")
+        h = f"a{l}"
+    fns += [f"bwd @backward r:a{l} r:w{l} c:g{l}" for l in reversed(range(layers))]
+    fns += [f"sgd @optimizer r:g{l} w:m{l} w:w{l}" for l in range(layers)]
+    return build(arrays, fns, durations=[1.0] * len(fns))
+
+
+def test_end_keep_share_is_checked_and_is_the_room_state_kept_at_the_end_may_fill():
+    from outcore.plan.policies.edges import end_keep_set
+    t = _kept_at_the_end_step()
+    budget = 50
+    assert len(end_keep_set(t, budget, 1.0)) > len(end_keep_set(t, budget))
+    for name in ("adaptive", "fixed", "on-demand", "adaptive-belady"):
+        default = outcore.plan(t, budget, name)
+        more = outcore.plan(t, budget, name, end_keep_share=1.0)
+        outcore.check(t, more, budget)
+        assert "end_keep_share" not in default.options
+        assert more.options["end_keep_share"] == 1.0
+        assert set(more.resident_at_end) > set(default.resident_at_end), name
+        for bad in (0, -0.5, 1.5, "1", True, None):
+            with pytest.raises(OutcoreError, match="end_keep_share must be a fraction of the "
+                                                   r"budget in \(0, 1\]"):
+                outcore.plan(t, budget, name, end_keep_share=bad)
+
+
+def test_auto_tries_each_near_tie_again_with_the_whole_budget_for_state_kept_at_the_end():
+    # NOTE [Shares at the end]. On a slow link, keeping all three momenta and weights
+    # at the end (1.0 x 50 B) saves reading them at the next step more than the room
+    # it takes from the forward pass costs.
+    from outcore.plan.policies import auto
+    from outcore.simulate import machine, simulate
+    t = _kept_at_the_end_step()
+    m = dataclasses.replace(machine("cpu-disk"), name="slow", link_in=1e3, link_out=1e3)
+    s = outcore.plan(t, 50, machine=m)
+    screened = s.options["screened"]
+    first, again = screened[:len(auto.SCREEN)], screened[len(auto.SCREEN):]
+    fastest = min(seconds for _, _, seconds in first)
+    near = [[n, e] for n, e, seconds in sorted(first, key=lambda r: r[2])   # stable: ties
+            if seconds <= fastest * (1 + auto.NEAR)]                       # in SCREEN order
+    assert again and [[n, {k: v for k, v in e.items() if k != "end_keep_share"}]
+                      for n, e, _ in again] == near
+    assert s.options["end_keep_share"] == 1.0
+    assert min(seconds for _, _, seconds in again) < fastest
+    name, extra, seconds = min(screened, key=lambda r: r[2])
+    by_name = outcore.plan(t, 50, name, **extra)
+    assert (s.begin, s.end) == (by_name.begin, by_name.end)
+    assert simulate(t, by_name, m).iteration_time_s == seconds
+    # a share the user names is every configuration's, and none other is tried
+    given = outcore.plan(t, 50, machine=m, end_keep_share=0.75)
+    assert len(given.options["screened"]) == len(auto.SCREEN)
+    assert "end_keep_share" not in given.options
+    # nor where state is not kept at all
+    assert len(outcore.plan(t, 50, machine=m, keep_state=False).options["screened"]) \
+        == len(auto.SCREEN)

@@ -12,7 +12,7 @@ from ..units import parse_bytes
 from .check import replay
 from .feasibility import occupancy, plan_in_core, require_feasible
 from .policies import REGISTRY
-from .policies.edges import end_keep_set
+from .policies.edges import END_KEEP_SHARE, end_keep_set
 from .schedule import Schedule
 
 POLICIES = tuple(REGISTRY)
@@ -138,7 +138,8 @@ def _cycle(trace, policy, budget, options):
                 break
             starts, ends = candidate(ends, False) or (ends, ends)
         best = min(ranked)
-        if best[0] > 0 and not end_keep_set(trace, budget) <= best[4]:
+        share = options.get("end_keep_share", END_KEEP_SHARE)
+        if best[0] > 0 and not end_keep_set(trace, budget, share) <= best[4]:
             candidate(best[4], True)      # NOTE [The last candidate], else it is best again
     for cost, order, wp, used, _ in sorted(ranked):
         try:
@@ -164,7 +165,10 @@ def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
     kept free for prefetching, default 0.25); every policy `keep_state` (default True:
     persistent state that fits stays resident after its last use and the step starts
     with the state it ends with, so that a training loop moves nothing between
-    iterations (`_cycle`); False: state starts and ends the step on the slow tier).
+    iterations (`_cycle`); False: state starts and ends the step on the slow tier),
+    `end_keep_share` (default 0.75: the share of the budget that state kept resident
+    after its last use may fill beside what each later function needs, edges.end_keep_set;
+    auto tries 1.0 as well on the configuration it chose).
     Raises InfeasibleBudget when some function cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
     included: trace.peak(actual=True)), nothing moves, whatever the policy.
     For the traffic lower bound see outcore.plan.lower_bound."""

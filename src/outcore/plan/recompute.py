@@ -408,8 +408,11 @@ def choose(trace, budget: int, *, mode="auto", policy: str = "auto", machine="cp
                 sets.append(copied)
     if policy == "auto" and base is not None and "configuration" in base.options:
         # Plan each rewritten trace with the configuration auto chose for the trace as
-        # recorded, not all of them again: planning stays within about twice auto's.
+        # recorded, and its share for state kept at the end (auto's NOTE [Shares at the
+        # end]), not all of them again: planning stays within about twice auto's.
         options = {**options, "screen": [base.options["configuration"]]}
+        if "end_keep_share" in base.options:
+            options["end_keep_share"] = base.options["end_keep_share"]
     best = None                                 # (seconds, chosen, trace, schedule)
     for chosen in sets:
         again = rewrite(trace, chosen)

@@ -12,7 +12,7 @@ from typing import Callable
 class Policy:
     """name: what a user passes as `policy=`. plan(trace, budget, *, keep_state,
     start_state, end_within_start, **options) -> (WindowPlan, options used).
-    options: the keyword options a user may pass (keep_state for every policy).
+    options: the keyword options a user may pass (COMMON_OPTIONS for every policy).
     choose: for a policy that picks among others per trace (auto), instead of plan:
     choose(trace, budget, options, cycle) -> ((begin, end, start), options used,
     check.Accounting), where cycle(policy, options) is plan()'s own planning of one
@@ -25,6 +25,8 @@ class Policy:
 
 
 REGISTRY: dict[str, Policy] = {}
+# Options every policy takes: the step's edges (edges.py), which the window engine plans.
+COMMON_OPTIONS = frozenset({"keep_state", "end_keep_share"})
 
 
 def register(name: str, options=(), summary: str = "", *, chooses: bool = False):
@@ -34,7 +36,7 @@ def register(name: str, options=(), summary: str = "", *, chooses: bool = False)
         if name in REGISTRY:
             raise ValueError(f"policy {name!r} is registered twice")
         REGISTRY[name] = Policy(name, None if chooses else fn,
-                                frozenset(options) | {"keep_state"}, summary,
+                                frozenset(options) | COMMON_OPTIONS, summary,
                                 fn if chooses else None)
         return fn
     return add

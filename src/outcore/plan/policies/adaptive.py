@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ...errors import OutcoreError
 from . import register
+from .edges import END_KEEP_SHARE, end_keep_used
 from .window import OUTPUTS, WAIT_ORDERS, plan_window
 
 PAPER_WINDOW_FACTOR = 1.5   # the paper's finding for ResNet-50: window=int(1.5 * budget)
@@ -25,7 +26,8 @@ def window_limit(window) -> int | None:
 @register("adaptive", {"window", "wait_order", "outputs"},
           "the paper's window, limited in bytes (default: by the budget only)")
 def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_state=None,
-                  end_within_start=False, wait_order="farthest", outputs="early"):
+                  end_within_start=False, wait_order="farthest", outputs="early",
+                  end_keep_share=END_KEEP_SHARE):
     limit = window_limit(window)
     if wait_order not in WAIT_ORDERS:
         raise OutcoreError(f"adaptive: wait_order must be one of {', '.join(WAIT_ORDERS)}, "
@@ -35,8 +37,9 @@ def plan_adaptive(trace, budget: int, *, window=None, keep_state=True, start_sta
                            f"got {outputs!r}")
     return (plan_window(trace, budget, window_bytes=limit, keep_state=keep_state,
                         start_state=start_state, end_within_start=end_within_start,
-                        wait_order=wait_order, outputs=outputs),
-            {"window": limit, "keep_state": keep_state,
+                        wait_order=wait_order, outputs=outputs,
+                        end_keep_share=end_keep_share),
+            {"window": limit, "keep_state": keep_state, **end_keep_used(end_keep_share),
              # named only when not the default, so that summaries stay as they were
              **({"wait_order": wait_order} if wait_order != "farthest" else {}),
              **({"outputs": outputs} if outputs != "early" else {})})

@@ -26,12 +26,30 @@ that is screened there is nothing to compare: it is not simulated (its seconds i
 "Measured", has the planning times). A plan with outputs reserved late
 (window.py, NOTE [Reserving outputs late]) takes about 1.8 times as long as one without.
 The choice depends only on the trace, the budget and the options, never on the clock.
+
+NOTE [Shares at the end]: state kept resident after its last use for the next step
+(edges.end_keep_set) may fill 3/4 of the budget beside what each later function needs;
+the rest is room the swap-ins of the step's end and of the next forward find free. Where
+the state is large against the budget, the whole budget can be faster: on GPT-2 at its
+smallest feasible budget (465 MiB, CPU-recorded, cpu-disk) adaptive-belady with 1.0
+simulates to 3.245 s a step against 3.389 s for the best with 3/4; on ResNet-50 64x64
+at a quarter of its peak, 1.0 is 2.2% slower. Which share wins depends on the
+configuration too (there adaptive-belady with 1.0 beat adaptive with 1.0, 3.351 s,
+which was tied with it at 3/4). So after screening, the configurations within NEAR of
+the fastest (the screen's near ties), fastest first, are planned once more with each
+other share of END_KEEP_SHARES, where that share keeps a different set (the same set
+plans the same schedule), within what is left of SCREEN_ACCESSES; the user's
+`end_keep_share`, or `keep_state=False`, leaves the share alone. The option the
+schedule's options name is the share chosen (absent: the default); recompute.choose
+plans rewritten traces with it (CHANGELOG, 2026-12-06 fifth session, has the
+figures).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from . import REGISTRY, register
+from .edges import END_KEEP_SHARE, end_keep_set
 
 # (policy, options): the configurations auto screens, in order of preference on a tie.
 SCREEN = (("adaptive", {}), ("adaptive-belady", {}), ("fixed", {"k": 4}),
@@ -39,6 +57,10 @@ SCREEN = (("adaptive", {}), ("adaptive-belady", {}), ("fixed", {"k": 4}),
           ("adaptive", {"wait_order": "completion", "outputs": "late"}),
           ("adaptive", {"outputs": "late"}))
 SCREEN_ACCESSES = 350_000
+# The shares of the budget state kept at the step's end may fill (edges.end_keep_set)
+# that the chosen configuration is tried with (NOTE [Shares at the end]).
+END_KEEP_SHARES = (END_KEEP_SHARE, 1.0)
+NEAR = 0.02
 PLANS_PER_CONFIGURATION = 4          # api.CYCLE_ROUNDS, then once more at most
 
 
@@ -81,19 +103,49 @@ def choose(trace, budget: int, options: dict, cycle):
                            f"auto.SCREEN (0-{len(SCREEN) - 1}), got {indices!r}")
     work = PLANS_PER_CONFIGURATION * len(access_table(trace)[0])
     count = max(1, min(len(indices), SCREEN_ACCESSES // max(work, 1)))    # the first always
+    edge = {"keep_state": keep_state}
+    if "end_keep_share" in options:          # the user's: every configuration plans with it
+        edge["end_keep_share"] = options["end_keep_share"]
     screened, best = [], None
-    for i in list(indices)[:count]:
-        name, extra = SCREEN[i]
-        if "window_factor" in extra:
-            extra = {"window": int(extra["window_factor"] * budget)}
-        (begin, end, start), used, acc = cycle(REGISTRY[name], {**extra, "keep_state": keep_state})
+
+    def screen(i, name, extra):
+        nonlocal best
+        (begin, end, start), used, acc = cycle(REGISTRY[name], {**extra, **edge})
         seconds = None              # one configuration alone: nothing to compare it with
         if count > 1:
             seconds = simulate(trace, _Planned(begin, end, start, acc.resident_at_end, acc.bytes_in,
                                                acc.bytes_out, acc.peak_bytes), m).iteration_time_s
         screened.append([name, extra, seconds])
         if best is None or (seconds is not None and seconds < best[0]):
-            best = (seconds, name, (begin, end, start), used, acc, i)
-    _, name, lists, used, acc, i = best
+            best = (seconds, name, extra, (begin, end, start), used, acc, i)
+
+    for i in list(indices)[:count]:
+        name, extra = SCREEN[i]
+        if "window_factor" in extra:
+            extra = {"window": int(extra["window_factor"] * budget)}
+        screen(i, name, extra)
+    if count > 1 and keep_state and "end_keep_share" not in options:
+        _other_shares(trace, budget, screened, best[0], indices[:count],
+                      SCREEN_ACCESSES // max(work, 1) - count, screen)
+    _, name, _, lists, used, acc, i = best
     return lists, {"chosen": name, **used, "machine": m.name, "screened": screened,
                    "configuration": i}, acc
+
+
+def _other_shares(trace, budget, screened, fastest, indices, room, screen):
+    """NOTE [Shares at the end]: the configurations within NEAR of the fastest, fastest
+    first, once more with each other share of END_KEEP_SHARES that keeps a different set
+    at the end (the same set plans the same schedule), while `room` more plans remain
+    within SCREEN_ACCESSES."""
+    kept = end_keep_set(trace, budget)
+    shares = [s for s in END_KEEP_SHARES
+              if s != END_KEEP_SHARE and end_keep_set(trace, budget, s) != kept]
+    near = sorted((seconds, k) for k, (_, _, seconds) in enumerate(screened)
+                  if seconds <= fastest * (1 + NEAR))
+    for _, k in near:
+        name, extra, _ = screened[k]
+        for share in shares:
+            if room <= 0:
+                return
+            screen(indices[k], name, {**extra, "end_keep_share": share})
+            room -= 1

@@ -16,6 +16,7 @@ from ...errors import OutcoreError
 from ..feasibility import needs
 from .adaptive import window_limit
 from . import register
+from .edges import END_KEEP_SHARE, end_keep_used
 from .window import access_table, plan_window
 
 DEFAULT_RESERVE = 0.25
@@ -56,7 +57,8 @@ def keep_gaps(trace, limit: int) -> set[tuple[int, int]]:
 @register("adaptive-belady", {"window", "reserve"},
           "adaptive plus offline Belady keep decisions (beyond the paper)")
 def plan_adaptive_belady(trace, budget: int, *, window=None, reserve=DEFAULT_RESERVE, keep_state=True,
-                         start_state=None, end_within_start=False):
+                         start_state=None, end_within_start=False,
+                         end_keep_share=END_KEEP_SHARE):
     if not isinstance(reserve, (int, float)) or not 0 <= reserve < 1:
         raise OutcoreError(f"adaptive-belady: reserve must be a fraction in [0, 1), got {reserve!r}")
     limit = window_limit(window)
@@ -64,5 +66,6 @@ def plan_adaptive_belady(trace, budget: int, *, window=None, reserve=DEFAULT_RES
     kept = keep_gaps(trace, keep_limit)
     planned = plan_window(trace, budget, window_bytes=limit, keep=lambda a, f: (a, f) in kept,
                         keep_state=keep_state, start_state=start_state,
-                        end_within_start=end_within_start)
-    return planned, {"window": limit, "reserve": reserve, "keep_state": keep_state}
+                        end_within_start=end_within_start, end_keep_share=end_keep_share)
+    return planned, {"window": limit, "reserve": reserve, "keep_state": keep_state,
+                     **end_keep_used(end_keep_share)}

@@ -12,9 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import OutcoreError
 from ..feasibility import needs, occupancy
 
-END_KEEP_SHARE = 0.75
+END_KEEP_SHARE = 0.75        # the default; auto also screens 1.0 (auto.END_KEEP_SHARES)
+
+
+def check_end_keep_share(share) -> None:
+    """OutcoreError unless `share` is a fraction in (0, 1], as end_keep_set takes it."""
+    if (isinstance(share, bool) or not isinstance(share, (int, float))
+            or not 0 < share <= 1):
+        raise OutcoreError(f"end_keep_share must be a fraction of the budget in (0, 1] (the "
+                           f"room state kept at the step's end may fill beside what each "
+                           f"later function needs; default {END_KEEP_SHARE}), got {share!r}")
+
+
+def end_keep_used(share) -> dict:
+    """The share as a policy's options used name it: only when not the default, so that
+    summaries of default plans stay as they were."""
+    return {} if share == END_KEEP_SHARE else {"end_keep_share": share}
 
 
 def end_keep_set(trace, budget: int, share: float = END_KEEP_SHARE) -> set[int]:

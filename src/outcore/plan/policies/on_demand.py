@@ -8,13 +8,14 @@ swap-out is never cancelled. This is the window scheduler with a one-function wi
 from __future__ import annotations
 
 from . import register
+from .edges import END_KEEP_SHARE, end_keep_used
 from .window import plan_window
 
 
 @register("on-demand", (), "no prefetch; every swap-out waited for at once (save_on_cpu, vDNN)")
 def plan_on_demand(trace, budget: int, *, keep_state=True, start_state=None,
-                  end_within_start=False):
+                   end_within_start=False, end_keep_share=END_KEEP_SHARE):
     return (plan_window(trace, budget, window_functions=1, eager_wait=True, keep_state=keep_state,
-                        start_state=start_state,
-                        end_within_start=end_within_start),
-            {"keep_state": keep_state})
+                        start_state=start_state, end_within_start=end_within_start,
+                        end_keep_share=end_keep_share),
+            {"keep_state": keep_state, **end_keep_used(end_keep_share)})

@@ -122,7 +122,7 @@ import numpy
 from ...states import ABSENT, DEAD, FAST, OUT, SLOW
 from ..feasibility import per_trace, release_points
 from ..schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT, Action
-from .edges import end_keep_set, start_keep_set
+from .edges import END_KEEP_SHARE, check_end_keep_share, end_keep_set, start_keep_set
 
 
 def access_table(trace):
@@ -408,7 +408,7 @@ class _WindowPlanner:
 
     def __init__(self, trace, budget, *, window_bytes, window_functions, keep, eager_wait,
                  keep_state, start_state, end_within_start, wait_order="farthest",
-                 outputs="early"):
+                 outputs="early", end_keep_share=END_KEEP_SHARE):
         self.trace, self.budget, self.keep, self.eager_wait = trace, budget, keep, eager_wait
         self.late = outputs == "late"
         self.completion_order = wait_order == "completion"
@@ -432,14 +432,14 @@ class _WindowPlanner:
         self.window = _Window(self.n, self.nb, window_bytes, window_functions)
         self.victims = _Victims(m)
         self.keep_end, self.start = self._edges(budget, keep_state, start_state,
-                                                end_within_start)
+                                                end_within_start, end_keep_share)
 
-    def _edges(self, budget, keep_state, start_state, end_within_start):
+    def _edges(self, budget, keep_state, start_state, end_within_start, end_keep_share):
         """State kept at the edges, and the arrays resident at the start: inputs (handed to
         us resident; the executor learns which storage is which only when an op touches
         it, run/replay.py) and the state kept from the start, a victim from then on."""
         trace = self.trace
-        keep_end = end_keep_set(trace, budget) if keep_state else set()
+        keep_end = end_keep_set(trace, budget, end_keep_share) if keep_state else set()
         if start_state is not None:       # what fits of it, by the same rule
             keep_start = start_keep_set(trace, budget, among=set(start_state))
         else:
@@ -813,7 +813,7 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
                 window_functions: int | None = None, keep=None, eager_wait: bool = False,
                 keep_state: bool = True, start_state=None,
                 end_within_start: bool = False, wait_order: str = "farthest",
-                outputs: str = "early") -> WindowPlan:
+                outputs: str = "early", end_keep_share: float = END_KEEP_SHARE) -> WindowPlan:
     """Plan `trace` under `budget` with the window scheduler (module docstring).
     `start_state`: the persistent arrays to start with in fast memory (those of them that
     fit beside the first function), instead of `start_keep_set` (plan() passes the state
@@ -827,9 +827,13 @@ def plan_window(trace, budget: int, *, window_bytes: int | None = None,
     completion order]). outputs: "early" reserves an array a later function creates,
     and a workspace, from when the window reaches it, and counts every reservation at
     every function ahead (`_Held`); "late" from that function on, counting each
-    reservation only over its span (`_Reserved`, NOTE [Reserving outputs late])."""
+    reservation only over its span (`_Reserved`, NOTE [Reserving outputs late]).
+    end_keep_share: the share of the budget state kept at the end may fill with what
+    each later function needs (edges.end_keep_set)."""
+    check_end_keep_share(end_keep_share)
     return _WindowPlanner(trace, budget, window_bytes=window_bytes,
                           window_functions=window_functions, keep=keep,
                           eager_wait=eager_wait, keep_state=keep_state,
                           start_state=start_state, end_within_start=end_within_start,
-                          wait_order=wait_order, outputs=outputs).plan()
+                          wait_order=wait_order, outputs=outputs,
+                          end_keep_share=end_keep_share).plan()
