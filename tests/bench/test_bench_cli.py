@@ -84,13 +84,21 @@ def test_repeats_run_round_robin_and_report_the_median_run(monkeypatch):
                 "round": len(calls)}
     monkeypatch.setattr(experiments, "run_config", fake_run)
     seen_before, seen_after = [], []
-    runs = experiments._run_all([{"name": "a"}, {"name": "b"}], 3,
-                                before=lambda cfg: seen_before.append(cfg["name"]),
+
+    def before(cfg):                 # b is given what a measured in the same round
+        seen_before.append(cfg["name"])
+        if cfg["name"] == "b":
+            cfg["a_s"] = seen_after[-1][1]
+    configs = [{"name": "a"}, {"name": "b"}]
+    runs = experiments._run_all(configs, 3, before=before,
                                 after=lambda cfg, r: seen_after.append((cfg["name"], r["step_s"])))
     assert calls == ["a", "b", "a", "b", "a", "b"]                     # round-robin
-    assert seen_before == ["a", "b"] and seen_after == [("a", 3.0), ("b", 5.0)]  # first round only
+    assert seen_before == ["a", "b"] * 3                                # every round
+    assert seen_after == [("a", 3.0), ("b", 5.0), ("a", 1.0), ("b", 4.0), ("a", 2.0), ("b", 6.0)]
     assert [r["result"]["step_s"] for r in runs] == [2.0, 5.0]            # the median run
     assert runs[0]["result"]["round"] == 5 and runs[0]["result"]["step_s_repeats"] == [3.0, 1.0, 2.0]
+    assert runs[1]["config"] == {"name": "b", "a_s": 3.0}    # the median run's, of round one
+    assert configs == [{"name": "a"}, {"name": "b"}]          # each run got a copy
 
     from outcore.bench import output
     result = {"experiment": "curve", "model": "m", "batch": 2, "shape": {}, "in_core_peak": 1, "min_budget": 1,

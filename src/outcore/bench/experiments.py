@@ -101,10 +101,14 @@ ONLY_ON = {"in-core-heap": "cpu", "streamed-offload": "cuda"}
 # came out at -17% to +22% of the measured steps, scaled to the second at -10% to +3%
 # (docs/results.md, "Prediction: simulated against measured"). The comparison ("vs
 # in-core") and the "physical limit" column stay with plain PyTorch as users run it;
-# the "cut limit" is the simulator's, on the calibrated machine. Where the calibration
-# run failed, the predictions fall back to plain PyTorch's step without the executor's
-# cost (the calibration before this one). `bench batch` has no calibration run: its
-# predictions are scaled to plain PyTorch's step at each batch, without that cost.
+# the "cut limit" is the simulator's, on the calibrated machine. Each round of repeats
+# runs the calibration before outcore's runs, and each prediction is scaled to its own
+# round's: two rounds' calibration runs differed by 12% (ResNet-50 128x128, 3.70 and
+# 3.29 s), and a prediction scaled to the other round's was off by as much. Where the
+# calibration run failed, the predictions fall back to plain PyTorch's step without
+# the executor's cost (the calibration before this one). `bench batch` has no
+# calibration run: its predictions are scaled to plain PyTorch's step at each batch (of
+# the same round), without that cost.
 CALIBRATION_ROLE = "the predictions' compute"
 
 
@@ -131,28 +135,30 @@ def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[
     """Run every config `repeat` times, round-robin (so that a slow spell of the machine
     hits every variant alike), each in a fresh process. A config's result is the run
     with the median step time (the lower one of an even count), with every run's step
-    time in `step_s_repeats`. before(cfg) may add to a config before its first run;
-    after(cfg, result) sees each first run's result."""
+    time in `step_s_repeats`, and the config that run was given. before(cfg) may add to
+    a copy of the config before each run; after(cfg, result) sees each run's result: a
+    run is given what its own round's earlier runs measured (NOTE [The predictions'
+    compute]: each round's calibration run precedes its outcore runs)."""
     progress = Progress(len(configs) * repeat)
-    results: list[list[dict]] = [[] for _ in configs]
-    for round_ in range(repeat):
+    results: list[list[tuple[dict, dict]]] = [[] for _ in configs]
+    for _ in range(repeat):
         for i, cfg in enumerate(configs):
-            if round_ == 0 and before is not None:
-                before(cfg)
-            result = run_config(cfg, progress)
-            if round_ == 0 and after is not None:
-                after(cfg, result)
-            results[i].append(result)
+            given = dict(cfg)
+            if before is not None:
+                before(given)
+            result = run_config(given, progress)
+            if after is not None:
+                after(given, result)
+            results[i].append((given, result))
     runs = []
-    for cfg, rs in zip(configs, results):
-        ok = [r for r in rs if "step_s" in r]
+    for rs in results:
+        ok = sorted((r for r in rs if "step_s" in r[1]), key=lambda r: r[1]["step_s"])
         if not ok:
-            runs.append({"config": cfg, "result": rs[0]})
+            runs.append({"config": rs[0][0], "result": rs[0][1]})
             continue
-        ok.sort(key=lambda r: r["step_s"])
-        chosen = dict(ok[(len(ok) - 1) // 2])
-        chosen["step_s_repeats"] = [r.get("step_s") for r in rs]
-        runs.append({"config": cfg, "result": chosen})
+        given, chosen = ok[(len(ok) - 1) // 2]
+        chosen = dict(chosen, step_s_repeats=[r.get("step_s") for _, r in rs])
+        runs.append({"config": given, "result": chosen})
     return runs
 
 
@@ -195,8 +201,8 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
         elif cfg.get("role") == CALIBRATION_ROLE and "step_s" in result:
             compute["calibration"] = result["step_s"]
     runs = _run_all(configs, repeat, before, after)
-    # The physical limit's compute: plain in-core's reported (median) run. (Predictions
-    # were made with its first run, the only one there was when outcore's ran.)
+    # The physical limit's compute: plain in-core's reported (median) run. (Each
+    # prediction was made with its own round's calibration run.)
     compute_s = next((r["result"]["step_s"] for r in runs if _plain_in_core(r["config"], r["result"])), None)
     return {"experiment": "curve", "model": model, "batch": batch, "shape": shape,
             "in_core_peak": mem["peak"], "min_budget": mem["min_budget"], "budgets": budgets,
