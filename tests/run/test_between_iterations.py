@@ -359,6 +359,24 @@ def test_a_closed_outofcore_refuses_a_with_block(twins):
             pass
 
 
+def test_with_blocks_nest_and_only_the_outermost_closes(twins):
+    """helper-148: an inner `with ooc:` (a helper that opens one) closed the OutOfCore
+    at its end, and the outer block's next iteration was refused."""
+    plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
+    with ooc:
+        with ooc:
+            pass
+        assert not ooc.closed
+        step(plain, plain_opt, x, y)
+        with ooc.iteration():
+            step(managed, managed_opt, x, y)
+    assert ooc.closed
+    assert_same(plain, managed)
+    with pytest.raises(outcore.OutcoreError, match="was closed"):
+        with ooc:
+            pass
+
+
 def test_steady_loop_moves_nothing_at_the_boundary(twins):
     plain, plain_opt, managed, managed_opt, ooc, (x, y) = twins
     schedule = ooc.schedule

@@ -1,4 +1,5 @@
 """Bad inputs, tried on purpose: each gets a clear error and loses nothing."""
+import contextlib
 import errno
 import io
 import os
@@ -236,6 +237,42 @@ def test_a_failed_read_inside_the_optimizer_says_the_step_is_half_done(monkeypat
         notes = getattr(err.value, "__notes__", [])
         assert sum("took this step and the others did not" in n for n in notes) == 1, notes
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
+def test_any_exception_inside_the_optimizer_says_the_step_is_half_done(tmp_path, raised):
+    """helper-148: a Ctrl-C inside optimizer.step() left some parameters stepped and
+    the others not (as without outcore) and nothing said so: the note came only on
+    outcore's own errors. In the recording iteration and in a replay; none for one in
+    forward."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    halt = []
+
+    def halfway():            # SGD calls its closure inside step(): the first parameter
+        # has "taken the step", the rest not
+        if halt:
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            raise raised("stop")
+    with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for iteration in range(4):
+            halt[:] = [True] if iteration in (0, 2) else []
+            with pytest.raises(raised) if halt else contextlib.nullcontext() as err:
+                with ooc.iteration():
+                    model(torch.ones(8, 256)).sum().backward()
+                    opt.step(halfway) if halt else opt.step()
+                    opt.zero_grad()
+            if halt:
+                notes = getattr(err.value, "__notes__", [])
+                assert sum("inside optimizer.step(), after it had begun" in n
+                           for n in notes) == 1, (iteration, notes)
+            opt.zero_grad()
+        with pytest.raises(raised) as err:
+            with ooc.iteration():
+                raise raised("in forward")
+        assert not any("optimizer" in n for n in getattr(err.value, "__notes__", []))
 
 
 def test_an_optimizer_step_refused_before_it_begins_gets_no_half_step_note(tmp_path):

@@ -399,6 +399,7 @@ class OutOfCore:
                  plan_options: dict | None = None, return_freed_memory: bool | str = True,
                  state_dir=None, host_budget=None, recompute="auto"):
         self.closed = True              # until construction completes
+        self._blocks = 0                # `with ooc:` blocks open (__enter__)
         self._active = False
         self._active_thread = None      # the thread whose block is open
         # Readers on other threads between iterations (torch.save, deepcopy, ooc.save,
@@ -1544,12 +1545,19 @@ class OutOfCore:
             shield.exit()
 
     def __enter__(self):
+        """`with ooc:` closes it at the block's end. Blocks nest (a helper that opens
+        `with ooc:` called inside one): only the outermost closes it. Closing it at an
+        inner block's end left the outer block's next iteration refused, naming that line
+        rather than the inner `with` (helper-148)."""
         if self.closed:
             raise OutcoreError("this OutOfCore was closed; create a new one to train again")
+        self._blocks += 1
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._blocks -= 1
+        if self._blocks == 0:
+            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("planned" if self.schedule else "recording")
@@ -1795,12 +1803,15 @@ class _Iteration:
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
         res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
-        if (isinstance(exc, OutcoreError) and getattr(mode, "in_optimizer", False)
+        if (exc is not None and getattr(mode, "in_optimizer", False)
                 and not getattr(exc, "nothing_trained", False)):
+            # Any exception, Ctrl-C's included: the step stopped part of the way through,
+            # as it would without outcore, and the user cannot tell from the traceback.
             exc.add_note("outcore: this came inside optimizer.step(), after it had begun: as "
                          "with any exception there, some parameters took this step and the "
-                         "others did not. Go on from your last checkpoint (or state_dir) "
-                         "rather than from these parameters.")
+                         "others did not (an optimizer's state made at its first step, "
+                         "Adam's, may be half made). Go on from your last checkpoint (or "
+                         "state_dir) rather than from these parameters.")
         if isinstance(exc, _DEVICE_OOM):
             exc.add_note(_out_of_device_memory(ooc, len(ooc._iterations) + 1))
         errors = []
