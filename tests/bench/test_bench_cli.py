@@ -112,6 +112,30 @@ def test_repeats_run_round_robin_and_report_the_median_run(monkeypatch):
     assert "| 2.00 (1.00-3.00) |" in output.markdown(result) and "| 2k |" in output.markdown(result)
 
 
+def test_each_round_predicts_with_its_own_calibration_or_none(monkeypatch):
+    """A curve's outcore runs are given their own round's calibration run (in-core with
+    huge pages) and the executor's cost per op; where that round's calibration failed,
+    plain PyTorch's step of the same round without that cost, never another round's
+    figure (helper-149)."""
+    from outcore.bench import experiments
+    steps = {"in-core": iter([2.0, 2.2, 2.4]), "calibration": iter([1.0, None, 1.4])}
+    given = []
+
+    def fake_run(cfg, progress):
+        if cfg["variant"] == "outcore":
+            given.append((cfg.get("compute_s"), cfg.get("per_function_s")))
+            return {"step_s": 3.0}
+        step = next(steps["calibration" if cfg.get("role") else "in-core"])
+        return {"step_s": step} if step is not None else {"error": "failed"}
+    monkeypatch.setattr(experiments, "run_config", fake_run)
+    monkeypatch.setattr(experiments, "memory_on_meta",
+                        lambda *a, **k: {"peak": 100 * 2**20, "min_budget": 10 * 2**20})
+    experiments.curve("mlp-tiny", 2, fractions=(0.5,), policies=("adaptive",),
+                      baselines=("in-core",), repeat=3, disk={}, per_function_s=1e-5)
+    # two budgets (half the peak and the floor) a round
+    assert given == [(1.0, 1e-5)] * 2 + [(2.2, 0.0)] * 2 + [(1.4, 1e-5)] * 2
+
+
 def test_a_failing_run_is_reported_not_hidden(tmp_path, capsys, monkeypatch):
     from outcore.bench import experiments
     # A budget below the smallest feasible one: outcore must refuse, and the table say so.

@@ -234,6 +234,9 @@ def test_the_report_names_completion_order_when_auto_chooses_it():
     assert _policy_label(dataclasses.replace(s, options={**s.options, **late.options,
                                                          "chosen": "adaptive"})) \
         == "auto (adaptive, completion order, outputs late)"
+    assert _policy_label(dataclasses.replace(s, options={**plain, "chosen": "fixed",
+                                                         "end_keep_share": 1.0})) \
+        == "auto (fixed, end_keep_share=1.0)"
     with pytest.raises(OutcoreError, match="outputs must be one of early, late"):
         outcore.plan(t, 12, "adaptive", outputs="lazy")
 
@@ -390,9 +393,10 @@ def test_end_keep_share_is_checked_and_is_the_room_state_kept_at_the_end_may_fil
         assert more.options["end_keep_share"] == 1.0
         assert set(more.resident_at_end) > set(default.resident_at_end), name
         for bad in (0, -0.5, 1.5, "1", True, None):
-            with pytest.raises(OutcoreError, match="end_keep_share must be a fraction of the "
-                                                   r"budget in \(0, 1\]"):
-                outcore.plan(t, budget, name, end_keep_share=bad)
+            for b in (budget, 2 * t.peak(actual=True)[0]):    # and where the step fits
+                with pytest.raises(OutcoreError, match="end_keep_share must be a fraction "
+                                                       r"of the budget in \(0, 1\]"):
+                    outcore.plan(t, b, name, end_keep_share=bad)
 
 
 def test_auto_tries_each_near_tie_again_with_the_whole_budget_for_state_kept_at_the_end():

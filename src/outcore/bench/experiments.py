@@ -125,10 +125,14 @@ def _baseline(base: dict, name: str) -> dict:
     return dict(base, variant=name)
 
 
+def _plain(cfg: dict) -> bool:
+    """A run of plain PyTorch as users run it: the compute of the physical limit."""
+    return cfg["variant"] == "in-core" and cfg.get("role") not in (HEAP_ROLE, CALIBRATION_ROLE)
+
+
 def _plain_in_core(cfg: dict, result: dict) -> bool:
-    """A finished run of plain PyTorch as users run it: the compute of the physical limit."""
-    return (cfg["variant"] == "in-core" and cfg.get("role") not in (HEAP_ROLE, CALIBRATION_ROLE)
-            and "step_s" in result)
+    """A finished run of plain PyTorch as users run it."""
+    return _plain(cfg) and "step_s" in result
 
 
 def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[dict]:
@@ -160,6 +164,16 @@ def _run_all(configs: list[dict], repeat: int, before=None, after=None) -> list[
         chosen = dict(chosen, step_s_repeats=[r.get("step_s") for _, r in rs])
         runs.append({"config": given, "result": chosen})
     return runs
+
+
+def _note_round(compute: dict, key: str, result: dict) -> None:
+    """This round's figure under `key` for the runs after it in the round: its step, or
+    none where the run failed (helper-149: a failed calibration run left the round
+    before's figure to the next round's predictions)."""
+    if "step_s" in result:
+        compute[key] = result["step_s"]
+    else:
+        compute.pop(key, None)
 
 
 def _base(model, batch, shape, steps, swap_dir, optimizer, device="cpu"):
@@ -196,10 +210,10 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
                        per_function_s=per_function_s if calibrated else 0.0)
 
     def after(cfg, result):
-        if _plain_in_core(cfg, result):
-            compute["s"] = result["step_s"]
-        elif cfg.get("role") == CALIBRATION_ROLE and "step_s" in result:
-            compute["calibration"] = result["step_s"]
+        key = ("s" if _plain(cfg) else
+               "calibration" if cfg.get("role") == CALIBRATION_ROLE else None)
+        if key is not None:         # a failed run leaves its round's outcore runs without
+            _note_round(compute, key, result)      # it, not with another round's figure
     runs = _run_all(configs, repeat, before, after)
     # The physical limit's compute: plain in-core's reported (median) run. (Each
     # prediction was made with its own round's calibration run.)
@@ -248,8 +262,8 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
             cfg.update(compute_s=compute[str(cfg["batch"])], disk=disk)
 
     def after(cfg, result):
-        if _plain_in_core(cfg, result):
-            compute[str(cfg["batch"])] = result["step_s"]
+        if _plain(cfg):
+            _note_round(compute, str(cfg["batch"]), result)
     runs = _run_all(configs, repeat, before, after)
     for r in runs:              # the physical limit's compute: the reported (median) runs
         if _plain_in_core(r["config"], r["result"]):

@@ -12,7 +12,7 @@ from ..units import parse_bytes
 from .check import replay
 from .feasibility import occupancy, plan_in_core, require_feasible
 from .policies import REGISTRY
-from .policies.edges import END_KEEP_SHARE, end_keep_set
+from .policies.edges import END_KEEP_SHARE, check_end_keep_share, end_keep_set
 from .schedule import Schedule
 
 POLICIES = tuple(REGISTRY)
@@ -168,7 +168,7 @@ def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
     iterations (`_cycle`); False: state starts and ends the step on the slow tier),
     `end_keep_share` (default 0.75: the share of the budget that state kept resident
     after its last use may fill beside what each later function needs, edges.end_keep_set;
-    auto tries 1.0 as well on the configuration it chose).
+    auto tries 1.0 as well on its near ties: auto's NOTE [Shares at the end]).
     Raises InfeasibleBudget when some function cannot fit. When the whole step fits in-core (the occupancy peak, held arrays
     included: trace.peak(actual=True)), nothing moves, whatever the policy.
     For the traffic lower bound see outcore.plan.lower_bound."""
@@ -179,6 +179,8 @@ def plan(trace, budget, policy: str = "auto", **options) -> Schedule:
     chosen = registered(policy, options, subject=f"policy {policy!r}", what="option")
     if not isinstance(options.get("keep_state", True), bool):
         raise OutcoreError(f"keep_state must be True or False, got {options['keep_state']!r}")
+    if "end_keep_share" in options:       # checked here too: a step that fits plans nothing
+        check_end_keep_share(options["end_keep_share"])
     budget = parse_bytes(budget)
     if budget <= 0:
         raise OutcoreError(f"the budget must be positive, got {budget!r} bytes: pass the fast "

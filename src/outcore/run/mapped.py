@@ -57,6 +57,25 @@ NOTE [Mapped state]
      (`OutOfCore._end_leases`). Each fork's lease ends on its own, so a DataLoader that
      forks new workers every epoch while the last epoch's exit holds about one copy
      more, and a long-lived child (persistent workers) what was mapped at its fork.
+
+NOTE [Loaded by mapping]
+  1. A model loaded by mapping its file holds its weights in a private (copy-on-write)
+     mapping of that file: transformers' `from_pretrained` (safetensors), `torch.load(
+     mmap=True)` with `load_state_dict(..., assign=True)`. PyTorch cannot resize such a
+     storage, so outcore could never move it: every weight stayed in RAM for good,
+     outside the plan (a Llama loaded so was refused at a budget its copy built from
+     the config trained at bitwise, helper-147), and the optimizer's first update
+     copied each page it wrote into anonymous memory.
+  2. So a storage first seen by a Residency (`track`) whose bytes all lie in private
+     mappings of files (`/proc/self/maps`: a file's inode, "p") gets a copy of its bytes
+     in memory of its own, resizable, as an orphan does (rule 7): one storage at a time,
+     when the step first uses it, so the plan moves it like any and the model never
+     needs the RAM to hold it whole. Every tensor and view of the storage follows
+     (`_swap_data_ptr_`, rule 1); the file is never written (private).
+  3. Left as they are, pinned: shared mappings (`np.memmap` in "r+" or "w+" mode,
+     `from_file(shared=True)`: writes reach the file, which is the owner's choice), heap
+     memory (`from_numpy`: the numpy array aliases it), shared memory, and storages a
+     numpy array taken inside the OutOfCore lies over (sharing.py, NOTE 8).
 """
 from __future__ import annotations
 
@@ -215,6 +234,42 @@ def orphan(storage, mapping: Mapping) -> None:
             _orphans.pop(key, None)
     with _orphans_lock:
         _orphans[key] = (weakref.ref(storage, forget), mapping)
+
+
+def _in_private_file_mappings(start: int, nbytes: int) -> bool:
+    """Whether [start, start + nbytes) lies wholly in private mappings of files (NOTE
+    [Loaded by mapping] rule 2), by /proc/self/maps (sorted by address)."""
+    end = start + nbytes
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                span, perms, _offset, _dev, inode = line.split(None, 5)[:5]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if hi <= start:
+                    continue
+                if lo > start or perms[3] != "p" or inode == "0":
+                    return False           # a gap, or anonymous or shared memory
+                if hi >= end:
+                    return True
+                start = hi                 # the rest in the next mapping
+    except OSError:                        # no /proc: left as it is
+        return False
+    return False
+
+
+def adopt_loaded(storage) -> bool:
+    """NOTE [Loaded by mapping]: if `storage` (unresizable) holds a private mapping of a
+    file, give it a copy of its bytes in memory of its own and return True."""
+    from .sharing import exported
+    nbytes = storage.nbytes()
+    if (not nbytes or storage.device.type != "cpu" or storage.is_shared()
+            or exported(storage) or not _in_private_file_mappings(storage.data_ptr(), nbytes)):
+        return False
+    own = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+    own.copy_(storage)
+    storage._swap_data_ptr_(own)          # `own` now holds the mapped memory
+    del own                               # ... and lets go of it
+    return True
 
 
 def adopt_orphan(storage) -> bool:

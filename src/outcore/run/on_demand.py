@@ -506,7 +506,8 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
 # order the budget error lists them.
 _NEVER_MOVES = {
     "unresizable": "not resizable (from_numpy, a .numpy() taken while no OutOfCore was "
-                   "open, torch.load: .clone() those, or take .numpy() inside the "
+                   "open, torch.load without mmap=True: .clone() those, or load with "
+                   "mmap=True, or take .numpy() inside the "
                    "OutOfCore; optimizer state loaded with torch.load, by load_state_dict "
                    "or accelerate's load_state: outcore.integrations.make_movable("
                    "optimizer, ooc) after loading)",

@@ -320,13 +320,16 @@ def _release(res, mover, governor, pager, durable) -> None:
 
 def _policy_label(schedule) -> str:
     """The policy a schedule was made with, and for auto the one it chose (and, for
-    adaptive, its options other than the default: completion order, outputs late)."""
+    adaptive, its options other than the default: completion order, outputs late; and a
+    share for state kept at the end other than the default)."""
     chosen = schedule.options.get("chosen")
     if not chosen:
         return schedule.policy
     order = ", completion order" if schedule.options.get("wait_order") == "completion" else ""
     late = ", outputs late" if schedule.options.get("outputs") == "late" else ""
-    return f"{schedule.policy} ({chosen}{order}{late})"
+    share = schedule.options.get("end_keep_share")
+    kept = f", end_keep_share={share}" if share is not None else ""
+    return f"{schedule.policy} ({chosen}{order}{late}{kept})"
 
 
 class _Replayed(typing.NamedTuple):
@@ -1337,7 +1340,8 @@ class OutOfCore:
             index, op, phase, need = err.function_index, err.op, err.phase, err.needed_bytes
         smallest = need + kept
         unmovable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
-            "shared memory (from_numpy, .numpy(), torch.load: .clone() those; optimizer " \
+            "shared memory (from_numpy, .numpy(), torch.load without mmap=True: .clone() " \
+            "those or load with mmap=True; optimizer " \
             "state loaded with torch.load, by load_state_dict or accelerate's load_state: " \
             "outcore.integrations.make_movable(optimizer, ooc) after loading; " \
             "share_memory_()), and those of collectives and FSDP (its gathered parameters)" \
@@ -1803,15 +1807,23 @@ class _Iteration:
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
         res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
-        if (exc is not None and getattr(mode, "in_optimizer", False)
+        if (isinstance(exc, OutcoreError) and getattr(mode, "in_optimizer", False)
                 and not getattr(exc, "nothing_trained", False)):
-            # Any exception, Ctrl-C's included: the step stopped part of the way through,
-            # as it would without outcore, and the user cannot tell from the traceback.
             exc.add_note("outcore: this came inside optimizer.step(), after it had begun: as "
                          "with any exception there, some parameters took this step and the "
-                         "others did not (an optimizer's state made at its first step, "
-                         "Adam's, may be half made). Go on from your last checkpoint (or "
-                         "state_dir) rather than from these parameters.")
+                         "others did not. Go on from your last checkpoint (or state_dir) "
+                         "rather than from these parameters.")
+        elif isinstance(exc, KeyboardInterrupt) and getattr(mode, "in_optimizer", False):
+            # A Ctrl-C lands anywhere, and its traceback does not say whether the step
+            # had begun writing (helper-148). "May": the optimizers' hooks say only that
+            # a step began and did not end (its own pre- or post-hooks, or a closure, may
+            # have been running; helper-149). The user's own exceptions say where they
+            # came from.
+            exc.add_note("outcore: this came inside optimizer.step(): some parameters may "
+                         "have taken this step and the others not (and an optimizer's "
+                         "state made at its first step, Adam's, be half made), as without "
+                         "outcore. Go on from your last checkpoint (or state_dir) rather "
+                         "than from these parameters.")
         if isinstance(exc, _DEVICE_OOM):
             exc.add_note(_out_of_device_memory(ooc, len(ooc._iterations) + 1))
         errors = []

@@ -300,7 +300,9 @@ class Residency:
         if entry is None:
             elsewhere = self._elsewhere(storage)    # NOTE 6: outside the budget, never moved
             if not elsewhere and not storage.resizable():
-                mapped.adopt_orphan(storage)     # left mapped by a closed OutOfCore
+                # Left mapped by a closed OutOfCore, or loaded by mapping a file (NOTE
+                # [Loaded by mapping] in mapped.py): memory of its own, movable.
+                mapped.adopt_orphan(storage) or mapped.adopt_loaded(storage)
             nbytes = storage.nbytes()
             small = (nbytes if planned is None else max(nbytes, planned)) < self.min_move_bytes
             entry = Entry(key, None, nbytes, pinned=elsewhere or small

@@ -58,7 +58,7 @@ SCREEN = (("adaptive", {}), ("adaptive-belady", {}), ("fixed", {"k": 4}),
           ("adaptive", {"outputs": "late"}))
 SCREEN_ACCESSES = 350_000
 # The shares of the budget state kept at the step's end may fill (edges.end_keep_set)
-# that the chosen configuration is tried with (NOTE [Shares at the end]).
+# that the near ties of the screen are tried with (NOTE [Shares at the end]).
 END_KEEP_SHARES = (END_KEEP_SHARE, 1.0)
 NEAR = 0.02
 PLANS_PER_CONFIGURATION = 4          # api.CYCLE_ROUNDS, then once more at most
@@ -84,8 +84,9 @@ DEFAULT_MACHINE = "cpu-disk"
 @register("auto", {"machine", "screen"}, "the fastest of the window policies by simulated time",
           chooses=True)
 def choose(trace, budget: int, options: dict, cycle):
-    """plan()'s result for the configuration of SCREEN whose schedule simulates fastest
-    (module docstring). Option `screen`: indices into SCREEN, the configurations to try
+    """plan()'s result for the configuration of SCREEN whose schedule simulates fastest,
+    or a near tie of it with another share for state kept at the end (module docstring,
+    NOTE [Shares at the end]). Option `screen`: indices into SCREEN, the configurations to try
     instead of all (recompute.choose plans a rewritten trace with the one auto chose for
     the trace as recorded, `configuration` in the options it returns)."""
     from ...errors import OutcoreError

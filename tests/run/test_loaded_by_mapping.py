@@ -1,0 +1,155 @@
+"""NOTE [Loaded by mapping] in run/mapped.py: weights that lie in a private mapping of
+their file (transformers' `from_pretrained`, `torch.load(mmap=True)` loaded with
+`assign=True`) get memory of their own when the step first uses them and move like any,
+bitwise; shared mappings and numpy's heap memory stay as they are, still aliased."""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+import torch
+
+import outcore
+from outcore.run.mapped import _in_private_file_mappings
+
+from ..trace.helpers import assert_bitwise_equal, state_of
+
+WIDTH, DEPTH, BUDGET = 512, 4, 12 * 2**20     # parameters 4 MiB, Adam's moments 8 MiB
+
+
+def make():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(DEPTH):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def step(model, opt, it):
+    g = torch.Generator().manual_seed(it)
+    x = torch.randn(64, WIDTH, generator=g)
+    (model(x) - x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _mapped_model(path):
+    """The model with its weights in a private mapping of `path` (torch.load(mmap=True),
+    assign=True: the storages are the file's pages, not copies)."""
+    model = make()
+    model.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+    return model
+
+
+def test_weights_loaded_by_mapping_move_and_train_bitwise(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(make().state_dict(), path)
+    plain = _mapped_model(path)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    for it in range(5):
+        step(plain, plain_opt, it)
+    model = _mapped_model(path)
+    assert not any(p.untyped_storage().resizable() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(swap)) as ooc:
+        for it in range(5):
+            with ooc.iteration():
+                step(model, opt, it)
+        entries = [ooc._res.entry_of(layer.weight.untyped_storage())    # (biases: under
+                   for layer in model[::2]]                             # min_move_bytes)
+        assert all(e is not None and not e.pinned for e in entries)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
+    replays = [it for it in report.iterations if it.mode == "replay"]
+    assert replays and all(it.peak_resident <= BUDGET for it in replays), report
+    assert sum(it.bytes_read for it in replays) > 0
+    assert list(swap.iterdir()) == []
+    assert torch.equal(torch.load(path, weights_only=True)["0.weight"], make()[0].weight)
+
+
+def test_a_model_from_pretrained_trains_below_its_weights(tmp_path):
+    """helper-147: transformers 5's `from_pretrained` maps the safetensors file; its 27
+    MiB of weights never moved, and a budget its copy built from the config trained at
+    was refused (InfeasibleBudget)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "pretrained")
+
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained",
+                                                                 dtype=torch.float32)
+
+    def train(model, ooc=None):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randint(0, 8000, (4, 48), generator=g)
+            with ooc.iteration() if ooc is not None else torch.enable_grad():
+                model(input_ids=x, labels=x).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        return state_of(model, opt)
+    expected = train(load())
+    weights = sum(p.nbytes for p in load().parameters())
+    budget = 24 * 2**20
+    assert weights > budget
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        model = load()
+        assert not any(p.untyped_storage().resizable() for p in model.parameters())
+        assert_bitwise_equal(train(model, ooc), expected)
+        replays = [it for it in ooc.report().iterations if it.mode == "replay"]
+        assert replays and all(it.peak_resident <= budget for it in replays)
+
+
+def test_shared_mappings_and_numpy_memory_stay_aliased(tmp_path):
+    """A weight over an np.memmap opened for writing (a shared mapping: its writes reach
+    the file) and one over a numpy array keep their memory: both arrays see every update,
+    as without outcore."""
+    def aliased(model):
+        memmap = np.memmap(tmp_path / f"w{len(list(tmp_path.iterdir()))}.bin", np.float32,
+                           "w+", shape=(WIDTH, WIDTH))
+        memmap[:] = model[0].weight.detach().numpy()
+        heap = model[2].weight.detach().numpy().copy()
+        model[0].weight = torch.nn.Parameter(torch.from_numpy(memmap))
+        model[2].weight = torch.nn.Parameter(torch.from_numpy(heap))
+        return model, memmap, heap
+    plain, _, _ = aliased(make())
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    for it in range(4):
+        step(plain, plain_opt, it)
+    model, memmap, heap = aliased(make())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(swap)) as ooc:
+        for it in range(4):
+            with ooc.iteration():
+                step(model, opt, it)
+        for p in (model[0].weight, model[2].weight):
+            assert ooc._res.entry_of(p.untyped_storage()).pinned
+    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
+    assert np.array_equal(memmap, model[0].weight.detach().numpy())
+    assert np.array_equal(heap, model[2].weight.detach().numpy())
+    assert np.array_equal(np.fromfile(memmap.filename, np.float32).reshape(WIDTH, WIDTH),
+                          model[0].weight.detach().numpy())       # written through
+
+
+def test_only_private_mappings_of_files_are_taken_for_loaded_weights(tmp_path):
+    path = tmp_path / "a.bin"
+    np.arange(4 * mmap.PAGESIZE, dtype=np.uint8).tofile(path)
+
+    def covered(t):
+        return _in_private_file_mappings(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    assert covered(torch.from_numpy(np.memmap(path, np.uint8, "c")))          # copy-on-write
+    assert not covered(torch.from_numpy(np.memmap(path, np.uint8, "r+")))     # shared
+    assert not covered(torch.from_numpy(np.zeros(4 * mmap.PAGESIZE, np.uint8)))  # heap
+    assert not covered(torch.zeros(2**20))
+    torch.save(torch.zeros(2**20), tmp_path / "t.pt")
+    assert covered(torch.load(tmp_path / "t.pt", mmap=True, weights_only=True))
