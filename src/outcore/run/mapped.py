@@ -75,7 +75,10 @@ NOTE [Loaded by mapping]
   3. Left as they are, pinned: shared mappings (`np.memmap` in "r+" or "w+" mode,
      `from_file(shared=True)`: writes reach the file, which is the owner's choice), heap
      memory (`from_numpy`: the numpy array aliases it), shared memory, and storages a
-     numpy array taken inside the OutOfCore lies over (sharing.py, NOTE 8).
+     numpy array taken inside the OutOfCore lies over (sharing.py, NOTE 8). Two storages
+     over the same mapped bytes would each get a copy of their own; no loader makes
+     such storages (a file's tensors do not overlap, and a tensor saved twice is one
+     storage loaded once).
 """
 from __future__ import annotations
 
