@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..aten import distinct_storages, iter_tensors
 from ..states import FAST
@@ -116,14 +117,18 @@ class SafeRecording(Recording):
         # retry at the first one's figure met the next one's (helper-88 #4).
         res = self.residency
         worst, shape, counters = 0, None, 0
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    needed = _update_bytes(res, optimizer, group, p)
-                    if needed > worst:
-                        worst, shape = needed, tuple(p.shape)
-                    if not optimizer.state.get(p):
-                        counters += _first_state(optimizer, group)[1]
+        # Outside the recording: a sparse gradient's parts are ops (`_indices`,
+        # `_values`), which recorded here put four functions into the step that no replay
+        # runs, and every replay left its plan there (helper-150).
+        with _disable_current_modes():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        needed = _update_bytes(res, optimizer, group, p)
+                        if needed > worst:
+                            worst, shape = needed, tuple(p.shape)
+                        if not optimizer.state.get(p):
+                            counters += _first_state(optimizer, group)[1]
         # The step counters a first step makes (Adam's `state["step"]`, one scalar per
         # parameter) stay in memory under min_move_bytes: with them the figure named is
         # one a retry trains at (8 bytes short, it completed over the budget).
