@@ -7,7 +7,7 @@ for fusing the optimizer into backward) against one SGD stepping after backward.
     .venv/bin/python benchmarks/optimizer_in_backward.py --model gpt2 --seq-len 256 --batch 2 --budget 1000MiB
 
 For a per-parameter optimizer the two train the same numbers (checked on the first run
-of each: the parameters after the steps, bitwise). Every run is a fresh process; each
+of each: every parameter and buffer after the steps, bitwise, by their SHA-256). Every run is a fresh process; each
 round runs the four configurations (usual / in backward, plain / under the budget) one
 after the other, so drift of the machine falls on all alike. Prints each configuration's
 median over rounds of its runs' median steps (steps 3 on), and the bytes the budgeted
@@ -16,6 +16,7 @@ steps moved.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -62,9 +63,11 @@ def child(args) -> None:
             if ooc:
                 its = ooc.report().iterations[2:]
                 moved = sum(it.bytes_read + it.bytes_written for it in its) / len(its)
-    params = torch.cat([p.detach().flatten() for p in w.model.parameters()])
+    digest = hashlib.sha256()           # every parameter and buffer, bitwise
+    for t in [*w.model.parameters(), *w.model.buffers()]:
+        digest.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
     print(json.dumps({"step_s": statistics.median(times[2:]), "moved": moved,
-                      "params": params[:: max(1, params.numel() // 4096)].tolist()}))
+                      "state": digest.hexdigest()}))
 
 
 def main() -> int:
@@ -91,9 +94,12 @@ def main() -> int:
     for _ in range(args.rounds):
         for how, budget in configs:
             out = subprocess.run(base + ["--how", how, "--budget", budget],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode:
+                print(f"{how}, budget {budget}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
+                return 1
             runs[(how, budget)].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    first = [runs[c][0]["params"] for c in configs]
+    first = [runs[c][0]["state"] for c in configs]
     same = all(p == first[0] for p in first)
     plain = statistics.median(r["step_s"] for r in runs[("usual", "none")])
     print(f"{args.model} batch {args.batch}, budget {args.budget}, {args.rounds} rounds; "

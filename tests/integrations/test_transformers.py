@@ -404,3 +404,32 @@ def test_make_movable_copies_only_state_outcore_cannot_move(tmp_path):
         opt.load_state_dict(torch.load(buffer))
         assert make_movable(opt, ooc) == 3 * len(opt.state)        # step, exp_avg, exp_avg_sq
         assert all(v.untyped_storage().resizable() for s in opt.state.values() for v in s.values())
+
+
+def test_a_model_from_pretrained_moves_under_the_callback(tmp_path):
+    """transformers 5's from_pretrained maps the safetensors file: its weights are the
+    file's pages, which PyTorch cannot resize. The callback names them to the OutOfCore
+    at the first step (make_movable(model, ooc), NOTE [Loaded by mapping] in
+    run/mapped.py), so they move like any, bitwise (helper-147: a Llama loaded so was
+    refused, 26.7 MiB "not resizable")."""
+    make_model().save_pretrained(tmp_path / "pretrained")
+
+    def load():
+        return GPT2LMHeadModel.from_pretrained(tmp_path / "pretrained",
+                                               attn_implementation="eager")
+    plain_model = load()
+    plain = make_trainer(plain_model, tmp_path / "plain")
+    plain.train()
+    model = load()
+    assert not any(p.untyped_storage().resizable() for p in model.parameters())
+    with outcore.OutOfCore(BUDGET, swap_dir=str(tmp_path)) as ooc:
+        callback = OutcoreCallback(ooc)
+        trainer = make_trainer(model, tmp_path / "ooc", [callback])
+        with callback:
+            trainer.train()
+        replays = [it for it in ooc.report().iterations if it.mode == "replay"]
+        assert replays and all(it.peak_resident <= BUDGET for it in replays), ooc.report()
+        large = [p for p in model.parameters() if p.nbytes >= ooc._res.min_move_bytes]
+        assert large and not any(ooc._res.entry_of(p.untyped_storage()).pinned for p in large)
+    assert_bitwise_equal(full_state(model, trainer), full_state(plain_model, plain))
+    assert losses(trainer) == losses(plain)

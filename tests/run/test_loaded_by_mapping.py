@@ -1,7 +1,9 @@
 """NOTE [Loaded by mapping] in run/mapped.py: weights that lie in a private mapping of
 their file (transformers' `from_pretrained`, `torch.load(mmap=True)` loaded with
-`assign=True`) get memory of their own when the step first uses them and move like any,
-bitwise; shared mappings and numpy's heap memory stay as they are, still aliased."""
+`assign=True`), named by `make_movable(model, ooc)`, get memory of their own when the
+step first uses them and move like any, bitwise; views of the file taken elsewhere keep
+the bytes as loaded. Unnamed, such storages, shared mappings and numpy's heap memory
+stay as they are, aliased."""
 from __future__ import annotations
 
 import mmap
@@ -11,6 +13,8 @@ import pytest
 import torch
 
 import outcore
+from outcore.errors import OutcoreError
+from outcore.integrations import make_movable
 from outcore.run.mapped import _in_private_file_mappings
 
 from ..trace.helpers import assert_bitwise_equal, state_of
@@ -55,11 +59,11 @@ def test_weights_loaded_by_mapping_move_and_train_bitwise(tmp_path):
     swap = tmp_path / "swap"
     swap.mkdir()
     with outcore.OutOfCore(BUDGET, swap_dir=str(swap)) as ooc:
-        for it in range(5):
+        assert make_movable(model, ooc) == DEPTH       # the weights (biases: under
+        for it in range(5):                             # min_move_bytes, pinned anyway)
             with ooc.iteration():
                 step(model, opt, it)
-        entries = [ooc._res.entry_of(layer.weight.untyped_storage())    # (biases: under
-                   for layer in model[::2]]                             # min_move_bytes)
+        entries = [ooc._res.entry_of(layer.weight.untyped_storage()) for layer in model[::2]]
         assert all(e is not None and not e.pinned for e in entries)
         report = ooc.report()
     assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
@@ -103,6 +107,7 @@ def test_a_model_from_pretrained_trains_below_its_weights(tmp_path):
     with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
         model = load()
         assert not any(p.untyped_storage().resizable() for p in model.parameters())
+        assert make_movable(model, ooc) > 0
         assert_bitwise_equal(train(model, ooc), expected)
         replays = [it for it in ooc.report().iterations if it.mode == "replay"]
         assert replays and all(it.peak_resident <= budget for it in replays)
@@ -153,3 +158,58 @@ def test_only_private_mappings_of_files_are_taken_for_loaded_weights(tmp_path):
     assert not covered(torch.zeros(2**20))
     torch.save(torch.zeros(2**20), tmp_path / "t.pt")
     assert covered(torch.load(tmp_path / "t.pt", mmap=True, weights_only=True))
+
+
+def test_unnamed_mapped_weights_stay_pinned_and_a_view_taken_before_stays_valid(tmp_path):
+    """helper-151: given memory of their own on first sight, weights loaded by mapping
+    let go of the mapping a numpy array taken before the OutOfCore read (a segmentation
+    fault), and stopped aliasing a copy-on-write np.memmap under them. Unnamed they stay
+    as they are; named, the array keeps reading the bytes as loaded. In a child: the
+    failure was a crash."""
+    child = f"""
+import numpy as np, torch, outcore
+from outcore.integrations import make_movable
+torch.save({{"w": torch.ones(512, 512)}}, {str(tmp_path / "w.pt")!r})
+for named in (False, True):
+    w = torch.load({str(tmp_path / "w.pt")!r}, mmap=True, weights_only=True)["w"]
+    arr = w.numpy()
+    with outcore.OutOfCore(10 * 2**20, swap_dir={str(tmp_path)!r}) as ooc:
+        holder = torch.nn.Module()
+        holder.w = torch.nn.Parameter(w, requires_grad=False)
+        if named:
+            assert make_movable(holder, ooc) == 1
+        for _ in range(2):          # 13 MiB at the peak (w 1, a, b, c 4 each): 10 is below
+            with ooc.iteration():
+                w.mul_(2)
+                a, b = torch.ones(1024, 1024), torch.ones(1024, 1024)
+                c = b * 2
+                (a.sum() + c.sum() + w.sum()).item()
+        pinned = ooc._res.entry_of(w.untyped_storage()).pinned
+    print("NAMED", named, "PINNED", pinned, "ARRAY", float(arr[0, 0]), "W", float(w[0, 0]))
+"""
+    from .. import zygote
+    out = zygote.run(["-c", child], timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "NAMED False PINNED True ARRAY 4.0 W 4.0" in out.stdout, out.stdout   # aliased
+    assert "NAMED True PINNED False ARRAY 1.0 W 4.0" in out.stdout, out.stdout   # as loaded
+
+
+def test_two_storages_over_the_same_mapped_bytes_are_refused(tmp_path):
+    """helper-151: safetensors' `get_tensor` twice gives two storages over the same
+    bytes, which share every write in plain PyTorch; a copy for each would part them."""
+    safetensors = pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.ones(256, 256)}, str(tmp_path / "w.safetensors"))
+    with safetensors.safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        a, b = f.get_tensor("w"), f.get_tensor("w")
+    assert a.untyped_storage()._cdata != b.untyped_storage()._cdata
+    assert a.data_ptr() == b.data_ptr()
+    holder = torch.nn.Module()
+    holder.a, holder.b = torch.nn.Parameter(a), torch.nn.Parameter(b)
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(swap)) as ooc:
+        with pytest.raises(OutcoreError, match="a and b lie over the same bytes of a mapped "
+                                               "file in two storages.*Nothing was changed"):
+            make_movable(holder, ooc)
+        assert ooc._res.adoptable == {}

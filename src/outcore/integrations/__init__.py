@@ -13,6 +13,9 @@
   unresizable, pinned in RAM for good) memory of its own, the same values. The callbacks
   call it at a run's first step; call it yourself after `accelerator.load_state(...)` or
   `optimizer.load_state_dict(torch.load(...))` in a loop of your own.
+  `make_movable(model, ooc)`: the same for a model loaded by mapping its file
+  (`from_pretrained`, `torch.load(mmap=True)` with `assign=True`), each weight when the
+  step first uses it (NOTE [Loaded by mapping] in run/mapped.py).
 
 docs/integrations.md says which framework events they use and why.
 """

@@ -10,10 +10,12 @@ inside its held exit: `open`), so a Ctrl-C landing in `_finish` leaves it for th
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
 from ..errors import OutcoreError
+from ..run.mapped import loaded_by_mapping
 from ..run.ooc import OutOfCore
 
 
@@ -111,10 +113,21 @@ def require_open(ooc) -> None:
         raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
 
 
-def make_movable(optimizer, ooc) -> int:
-    """Give the optimizer's state tensors that no storage of theirs can move (loaded
-    with `torch.load`: unresizable) memory of their own, the same values; returns how
-    many. `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
+def make_movable(target, ooc) -> int:
+    """Let `ooc` move tensors whose storages PyTorch cannot resize; returns how many.
+
+    A module (`target`: a model loaded by mapping its file, transformers'
+    `from_pretrained` or `torch.load(mmap=True)` with `load_state_dict(...,
+    assign=True)`): its parameters and buffers whose bytes lie in private mappings of
+    files each get memory of their own when the step first uses them, one at a time
+    (NOTE [Loaded by mapping] in run/mapped.py), as `.clone()` would give it: views of
+    the loaded file taken elsewhere (a numpy array, another `get_tensor` of the same
+    name) keep the bytes as loaded. Call it between iterations, before the first that
+    uses them; two storages of the module over the same bytes are refused
+    (OutcoreError), nothing named.
+
+    An optimizer: its state tensors that no storage of theirs can move (loaded
+    with `torch.load`: unresizable) get memory of their own, the same values, now. `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
     torch.load itself, after `on_train_begin`: kept as loaded, that state stays in RAM
     for good (Residency NOTE 7), and at the budget the run trained with the resumed run
     was refused (InfeasibleBudget), with advice (".clone() those") a Trainer user could
@@ -125,9 +138,11 @@ def make_movable(optimizer, ooc) -> int:
     from the swap file, unresizable too (NOTE [Mapped state]), and copying it would
     read the whole state into RAM at once (a reviewer's find: a second `train()` on one
     Trainer copied all of Adam's state)."""
-    if optimizer is None:
+    if target is None:
         return 0
-    inner = getattr(optimizer, "optimizer", optimizer)      # accelerate's wrapper
+    if isinstance(target, torch.nn.Module):
+        return _loaded_by_mapping(target, ooc)
+    inner = getattr(target, "optimizer", target)      # accelerate's wrapper
     done = 0
     for per_param in getattr(inner, "state", {}).values():
         if not isinstance(per_param, dict):
@@ -143,3 +158,33 @@ def make_movable(optimizer, ooc) -> int:
                 per_param[key] = value.clone()
                 done += 1
     return done
+
+
+def _loaded_by_mapping(module, ooc) -> int:
+    """make_movable for a module: name to `ooc` the storages of its parameters and
+    buffers loaded by mapping a file, not tracked yet and worth a transfer (NOTE [Loaded
+    by mapping] rule 2)."""
+    require_open(ooc)
+    if ooc._active:
+        raise OutcoreError(f"make_movable(model, ooc) inside `with ooc.{ooc._active}():`; "
+                           "call it between iterations, before the first that uses the model")
+    res = ooc._res
+    found: dict[int, tuple[str, object]] = {}
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        storage = t.untyped_storage()
+        if (storage._cdata in found or res.entry_of(storage) is not None
+                or storage.nbytes() < res.min_move_bytes or not loaded_by_mapping(storage)):
+            continue
+        found[storage._cdata] = (name, storage)
+    spans = sorted((s.data_ptr(), s.data_ptr() + s.nbytes(), name) for name, s in found.values())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise OutcoreError(
+                f"make_movable: {first} and {second} lie over the same bytes of a mapped "
+                "file in two storages; each would get a copy of its own and they would no "
+                "longer share them. Load the model so that tensors that share memory share "
+                "a storage (from_pretrained, torch.load(mmap=True) do), or .clone() one of "
+                "them first. Nothing was changed")
+    for key, (_, storage) in found.items():
+        res.adoptable[key] = weakref.ref(storage)
+    return len(found)

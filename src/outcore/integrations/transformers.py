@@ -136,7 +136,8 @@ class OutcoreCallback(StepIterations, TrainerCallback):
         if self._loaded:
             self._loaded = False
             make_movable(kwargs.get("optimizer"), self.ooc)
-        self._begin_step()
+            make_movable(kwargs.get("model"), self.ooc)    # from_pretrained: NOTE [Loaded
+        self._begin_step()                                  # by mapping] in run/mapped.py
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -62,23 +62,27 @@ NOTE [Loaded by mapping]
   1. A model loaded by mapping its file holds its weights in a private (copy-on-write)
      mapping of that file: transformers' `from_pretrained` (safetensors), `torch.load(
      mmap=True)` with `load_state_dict(..., assign=True)`. PyTorch cannot resize such a
-     storage, so outcore could never move it: every weight stayed in RAM for good,
-     outside the plan (a Llama loaded so was refused at a budget its copy built from
-     the config trained at bitwise, helper-147), and the optimizer's first update
-     copied each page it wrote into anonymous memory.
-  2. So a storage first seen by a Residency (`track`) whose bytes all lie in private
-     mappings of files (`/proc/self/maps`: a file's inode, "p") gets a copy of its bytes
-     in memory of its own, resizable, as an orphan does (rule 7): one storage at a time,
-     when the step first uses it, so the plan moves it like any and the model never
-     needs the RAM to hold it whole. Every tensor and view of the storage follows
-     (`_swap_data_ptr_`, rule 1); the file is never written (private).
-  3. Left as they are, pinned: shared mappings (`np.memmap` in "r+" or "w+" mode,
-     `from_file(shared=True)`: writes reach the file, which is the owner's choice), heap
-     memory (`from_numpy`: the numpy array aliases it), shared memory, and storages a
-     numpy array taken inside the OutOfCore lies over (sharing.py, NOTE 8). Two storages
-     over the same mapped bytes would each get a copy of their own; no loader makes
-     such storages (a file's tensors do not overlap, and a tensor saved twice is one
-     storage loaded once).
+     storage, so outcore cannot move it: every weight stays in RAM for good, outside
+     the plan (a Llama loaded so was refused at a budget its copy built from the config
+     trained at bitwise, helper-147).
+  2. Whether anything else sees those bytes cannot be told: a numpy array taken before
+     the OutOfCore (PyTorch's own `.numpy()`), a copy-on-write `np.memmap` under
+     `torch.from_numpy`, a second `safe_open(...).get_tensor` of the same name (another
+     storage over the same bytes). Giving such a storage memory of its own on first
+     sight broke each of them (helper-151: the numpy array then read unmapped memory, a
+     segmentation fault; the others stopped aliasing the weight, and training differed
+     from plain PyTorch). So it is done only where the user asks, as `.clone()` would:
+     `outcore.integrations.make_movable(model, ooc)` names the module's storages that
+     lie wholly in private mappings of files (`/proc/self/maps`: a file's inode, "p";
+     two of them over the same bytes are refused), and a Residency gives each one, when
+     the step first uses it (`track`), a copy of its bytes in memory of its own,
+     resizable, as an orphan's (rule 7): one storage at a time, so the plan moves it
+     like any and the model never needs the RAM to hold it whole. Every tensor and view
+     of the storage follows (`_swap_data_ptr_`, rule 1); the file is never written.
+  3. The mapped memory a storage gave up stays mapped while the storage lives
+     (`_given_up`): a view taken past the storage before (a numpy array, a DLPack
+     capsule) reads the bytes as loaded, never unmapped memory. Clean file pages: the
+     kernel reclaims them at will, so this costs address space, not RAM.
 """
 from __future__ import annotations
 
@@ -260,19 +264,33 @@ def _in_private_file_mappings(start: int, nbytes: int) -> bool:
     return False
 
 
-def adopt_loaded(storage) -> bool:
-    """NOTE [Loaded by mapping]: if `storage` (unresizable) holds a private mapping of a
-    file, give it a copy of its bytes in memory of its own and return True."""
-    from .sharing import exported
+def loaded_by_mapping(storage) -> bool:
+    """NOTE [Loaded by mapping] rule 2: whether `storage` is a CPU storage PyTorch cannot
+    resize whose bytes all lie in private mappings of files."""
     nbytes = storage.nbytes()
-    if (not nbytes or storage.device.type != "cpu" or storage.is_shared()
-            or exported(storage) or not _in_private_file_mappings(storage.data_ptr(), nbytes)):
-        return False
-    own = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+    return (bool(nbytes) and storage.device.type == "cpu" and not storage.resizable()
+            and not storage.is_shared()
+            and _in_private_file_mappings(storage.data_ptr(), nbytes))
+
+
+_given_up: dict[int, tuple[weakref.ref, object]] = {}    # NOTE [Loaded by mapping] rule 3
+_given_up_lock = threading.Lock()
+
+
+def adopt_loaded(storage) -> None:
+    """NOTE [Loaded by mapping] rule 2: give `storage` (one `make_movable` named) a copy
+    of its bytes in memory of its own; the mapped memory stays mapped while it lives."""
+    own = torch.empty(storage.nbytes(), dtype=torch.uint8).untyped_storage()
     own.copy_(storage)
     storage._swap_data_ptr_(own)          # `own` now holds the mapped memory
-    del own                               # ... and lets go of it
-    return True
+    key = storage._cdata
+
+    @no_raise     # a weakref callback: a signal landing here is noted (NOTE [Interrupts] 6)
+    def release(_ref, key=key):
+        with _given_up_lock:
+            _given_up.pop(key, None)
+    with _given_up_lock:
+        _given_up[key] = (weakref.ref(storage, release), own)
 
 
 def adopt_orphan(storage) -> bool:

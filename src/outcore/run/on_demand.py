@@ -506,9 +506,11 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
 # order the budget error lists them.
 _NEVER_MOVES = {
     "unresizable": "not resizable (from_numpy, a .numpy() taken while no OutOfCore was "
-                   "open, torch.load without mmap=True: .clone() those, or load with "
-                   "mmap=True, or take .numpy() inside the "
-                   "OutOfCore; optimizer state loaded with torch.load, by load_state_dict "
+                   "open, torch.load: .clone() those, or take .numpy() inside the "
+                   "OutOfCore; a model loaded by mapping its file, from_pretrained or "
+                   "torch.load(mmap=True) with assign=True: outcore.integrations."
+                   "make_movable(model, ooc) before the first iteration; "
+                   "optimizer state loaded with torch.load, by load_state_dict "
                    "or accelerate's load_state: outcore.integrations.make_movable("
                    "optimizer, ooc) after loading)",
     "shared": "in shared memory (share_memory_(), tensors from DataLoader workers or "

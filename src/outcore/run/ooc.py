@@ -1340,8 +1340,10 @@ class OutOfCore:
             index, op, phase, need = err.function_index, err.op, err.phase, err.needed_bytes
         smallest = need + kept
         unmovable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
-            "shared memory (from_numpy, .numpy(), torch.load without mmap=True: .clone() " \
-            "those or load with mmap=True; optimizer " \
+            "shared memory (from_numpy, .numpy(), torch.load: .clone() those; a model " \
+            "loaded by mapping its file, from_pretrained or torch.load(mmap=True): " \
+            "outcore.integrations.make_movable(model, ooc) before the first iteration; " \
+            "optimizer " \
             "state loaded with torch.load, by load_state_dict or accelerate's load_state: " \
             "outcore.integrations.make_movable(optimizer, ooc) after loading; " \
             "share_memory_()), and those of collectives and FSDP (its gathered parameters)" \

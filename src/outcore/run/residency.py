@@ -284,6 +284,9 @@ class Residency:
         # before the OutOfCore): OutOfCore takes them off its base (NOTE [The process's
         # base] rule 5).
         self.adopting: dict[int, int] | None = None
+        # Storages loaded by mapping a file that `make_movable` named: each gets memory of
+        # its own when first tracked (NOTE [Loaded by mapping] in mapped.py).
+        self.adoptable: dict[int, weakref.ref] = {}
         self.adopted_at_first_eviction = 0     # ... its bytes then (`before_first_eviction`)
 
     # -- tracking ----------------------------------------------------------------------
@@ -300,9 +303,9 @@ class Residency:
         if entry is None:
             elsewhere = self._elsewhere(storage)    # NOTE 6: outside the budget, never moved
             if not elsewhere and not storage.resizable():
-                # Left mapped by a closed OutOfCore, or loaded by mapping a file (NOTE
-                # [Loaded by mapping] in mapped.py): memory of its own, movable.
-                mapped.adopt_orphan(storage) or mapped.adopt_loaded(storage)
+                named = self.adoptable.pop(key, None)
+                if not mapped.adopt_orphan(storage) and named is not None and named() is storage:
+                    mapped.adopt_loaded(storage)       # NOTE [Loaded by mapping] in mapped.py
             nbytes = storage.nbytes()
             small = (nbytes if planned is None else max(nbytes, planned)) < self.min_move_bytes
             entry = Entry(key, None, nbytes, pinned=elsewhere or small
