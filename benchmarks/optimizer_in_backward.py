@@ -7,8 +7,8 @@ for fusing the optimizer into backward) against one SGD stepping after backward.
     .venv/bin/python benchmarks/optimizer_in_backward.py --model gpt2 --seq-len 256 --batch 2 --budget 1000MiB
 
 For a per-parameter optimizer the two train the same numbers (checked on the first run
-of each: every parameter and buffer after the steps, bitwise, by their SHA-256). Every run is a fresh process; each
-round runs the four configurations (usual / in backward, plain / under the budget) one
+of each: every parameter and buffer after the steps, bitwise, by their SHA-256). Every
+run is a fresh process; each round runs the four configurations (usual / in backward, plain / under the budget) one
 after the other, so drift of the machine falls on all alike. Prints each configuration's
 median over rounds of its runs' median steps (steps 3 on), and the bytes the budgeted
 steps moved.

@@ -127,7 +127,8 @@ def make_movable(target, ooc) -> int:
     (OutcoreError), nothing named.
 
     An optimizer: its state tensors that no storage of theirs can move (loaded
-    with `torch.load`: unresizable) get memory of their own, the same values, now. `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
+    with `torch.load`: unresizable) get memory of their own, the same values, now.
+    `trainer.train(resume_from_checkpoint=...)` loads the optimizer's state with
     torch.load itself, after `on_train_begin`: kept as loaded, that state stays in RAM
     for good (Residency NOTE 7), and at the budget the run trained with the resumed run
     was refused (InfeasibleBudget), with advice (".clone() those") a Trainer user could
