@@ -8,10 +8,10 @@ for fusing the optimizer into backward) against one SGD stepping after backward.
 
 For a per-parameter optimizer the two train the same numbers (checked on the first run
 of each: every parameter and buffer after the steps, bitwise, by their SHA-256). Every
-run is a fresh process; each round runs the four configurations (usual / in backward, plain / under the budget) one
-after the other, so drift of the machine falls on all alike. Prints each configuration's
-median over rounds of its runs' median steps (steps 3 on), and the bytes the budgeted
-steps moved.
+run is a fresh process; each round runs the four configurations (usual / in backward,
+plain / under the budget) one after the other, so drift of the machine falls on all
+alike. Prints each configuration's median over rounds of its runs' median steps (steps 3
+on), and the bytes the budgeted steps moved.
 """
 from __future__ import annotations
 
