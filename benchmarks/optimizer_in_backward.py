@@ -104,15 +104,17 @@ def main() -> int:
     plain = statistics.median(r["step_s"] for r in runs[("usual", "none")])
     print(f"{args.model} batch {args.batch}, budget {args.budget}, {args.rounds} rounds; "
           f"the four train the same parameters: {same}")
-    print("| step | budget | step (s): median (rounds) | vs the usual step in-core | moved a step (MiB) |")
+    print("| step | budget | step (s): median (rounds) | vs the usual step in-core "
+          "| moved a step (MiB) |")
     print("|---|---|---|---|---|")
     for how, budget in configs:
         steps = [r["step_s"] for r in runs[(how, budget)]]
         moved = runs[(how, budget)][0]["moved"]
-        print(f"| {how} | {budget or 'in-core'} | {statistics.median(steps):.3f} "
+        label = "in-core" if budget == "none" else budget
+        print(f"| {how} | {label} | {statistics.median(steps):.3f} "
               f"({', '.join(f'{s:.3f}' for s in steps)}) | "
               f"{plain / statistics.median(steps):.2f} | "
-              f"{'-' if moved is None else f'{moved / 2**20:.0f}'} |".replace("| none |", "| in-core |"))
+              f"{'-' if moved is None else f'{moved / 2**20:.0f}'} |")
     return 0
 
 

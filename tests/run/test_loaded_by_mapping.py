@@ -151,7 +151,8 @@ def test_only_private_mappings_of_files_are_taken_for_loaded_weights(tmp_path):
     np.arange(4 * mmap.PAGESIZE, dtype=np.uint8).tofile(path)
 
     def covered(t):
-        return _in_private_file_mappings(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        storage = t.untyped_storage()
+        return _in_private_file_mappings(storage.data_ptr(), storage.nbytes())
     assert covered(torch.from_numpy(np.memmap(path, np.uint8, "c")))          # copy-on-write
     assert not covered(torch.from_numpy(np.memmap(path, np.uint8, "r+")))     # shared
     assert not covered(torch.from_numpy(np.zeros(4 * mmap.PAGESIZE, np.uint8)))  # heap
