@@ -231,16 +231,21 @@ _orphans: dict[int, tuple[weakref.ref, Mapping]] = {}
 _orphans_lock = threading.RLock()   # `forget` may run in a collection while it is held
 
 
-def orphan(storage, mapping: Mapping) -> None:
-    """Keep `storage` mapped after its OutOfCore closed (rule 7)."""
+def _while_alive(table: dict, lock, storage, value) -> None:
+    """table[storage's key] = (a weak reference to it, value), dropped when it dies."""
     key = storage._cdata
 
     @no_raise     # a weakref callback: a signal landing here is noted (NOTE [Interrupts] 6)
     def forget(_ref, key=key):
-        with _orphans_lock:
-            _orphans.pop(key, None)
-    with _orphans_lock:
-        _orphans[key] = (weakref.ref(storage, forget), mapping)
+        with lock:
+            table.pop(key, None)
+    with lock:
+        table[key] = (weakref.ref(storage, forget), value)
+
+
+def orphan(storage, mapping: Mapping) -> None:
+    """Keep `storage` mapped after its OutOfCore closed (rule 7)."""
+    _while_alive(_orphans, _orphans_lock, storage, mapping)
 
 
 def _in_private_file_mappings(start: int, nbytes: int) -> bool:
@@ -282,15 +287,8 @@ def adopt_loaded(storage) -> None:
     of its bytes in memory of its own; the mapped memory stays mapped while it lives."""
     own = torch.empty(storage.nbytes(), dtype=torch.uint8).untyped_storage()
     own.copy_(storage)
-    storage._swap_data_ptr_(own)          # `own` now holds the mapped memory
-    key = storage._cdata
-
-    @no_raise     # a weakref callback: a signal landing here is noted (NOTE [Interrupts] 6)
-    def release(_ref, key=key):
-        with _given_up_lock:
-            _given_up.pop(key, None)
-    with _given_up_lock:
-        _given_up[key] = (weakref.ref(storage, release), own)
+    storage._swap_data_ptr_(own)          # `own` now holds the mapped memory (rule 3)
+    _while_alive(_given_up, _given_up_lock, storage, own)
 
 
 def adopt_orphan(storage) -> bool:
