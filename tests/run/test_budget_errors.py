@@ -1405,3 +1405,13 @@ def test_every_stage_given_no_trace_says_what_it_needs(given, says):
                       "outcore.simulate": lambda: outcore.simulate(rec.trace, given)}.items():
         with pytest.raises(outcore.OutcoreError, match=f"^{api} needs a Schedule, got "):
             call()
+
+
+def test_a_sharded_parameter_is_named_with_its_shard():
+    """helper-148: under FSDP2 the budget error named a parameter by its global shape
+    while it counted this rank's shard's bytes."""
+    from types import SimpleNamespace
+    from outcore.run.recording import _shape_here
+    assert _shape_here(torch.zeros(512, 512)) == "(512, 512)"
+    sharded = SimpleNamespace(shape=torch.Size([512, 512]), _local_tensor=torch.zeros(256, 512))
+    assert _shape_here(sharded) == "(512, 512), this rank's shard (256, 512)"

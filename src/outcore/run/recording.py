@@ -126,7 +126,7 @@ class SafeRecording(Recording):
                     if p.grad is not None:
                         needed = _update_bytes(res, optimizer, group, p)
                         if needed > worst:
-                            worst, shape = needed, tuple(p.shape)
+                            worst, shape = needed, _shape_here(p)
                         if not optimizer.state.get(p):
                             counters += _first_state(optimizer, group)[1]
         # The step counters a first step makes (Adam's `state["step"]`, one scalar per
@@ -177,6 +177,16 @@ class SafeRecording(Recording):
             self.infeasible = error     # the iteration's over-budget warning defers to it
             if not self._optimizer_began:
                 raise error
+
+
+def _shape_here(p) -> str:
+    """A parameter's shape as the budget error names it: with FSDP2 (a DTensor) this
+    rank's shard beside it, whose bytes the error counts (helper-148: the global shape
+    alone read as if the whole parameter were needed)."""
+    local = getattr(p, "_local_tensor", None)
+    if local is None or tuple(local.shape) == tuple(p.shape):
+        return str(tuple(p.shape))
+    return f"{tuple(p.shape)}, this rank's shard {tuple(local.shape)}"
 
 
 def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
