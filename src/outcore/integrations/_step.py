@@ -15,7 +15,7 @@ import weakref
 import torch
 
 from ..errors import OutcoreError
-from ..run.mapped import loaded_by_mapping
+from ..run.mapped import loaded_by_mapping, private_file_spans
 from ..run.ooc import OutOfCore
 
 
@@ -170,11 +170,13 @@ def _loaded_by_mapping(module, ooc) -> int:
         raise OutcoreError(f"make_movable(model, ooc) inside `with ooc.{ooc._active}():`; "
                            "call it between iterations, before the first that uses the model")
     res = ooc._res
+    spans = private_file_spans()         # read once for all of them
     found: dict[int, tuple[str, object]] = {}
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         storage = t.untyped_storage()
         if (storage._cdata in found or res.entry_of(storage) is not None
-                or storage.nbytes() < res.min_move_bytes or not loaded_by_mapping(storage)):
+                or storage.nbytes() < res.min_move_bytes
+                or not loaded_by_mapping(storage, spans)):
             continue
         found[storage._cdata] = (name, storage)
     spans = sorted((s.data_ptr(), s.data_ptr() + s.nbytes(), name) for name, s in found.values())

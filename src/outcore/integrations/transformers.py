@@ -136,8 +136,9 @@ class OutcoreCallback(StepIterations, TrainerCallback):
         if self._loaded:
             self._loaded = False
             make_movable(kwargs.get("optimizer"), self.ooc)
-            make_movable(kwargs.get("model"), self.ooc)    # from_pretrained: NOTE [Loaded
-        self._begin_step()                                  # by mapping] in run/mapped.py
+            # from_pretrained's weights: NOTE [Loaded by mapping] in run/mapped.py
+            make_movable(kwargs.get("model"), self.ooc)
+        self._begin_step()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

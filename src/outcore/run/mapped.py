@@ -86,6 +86,7 @@ NOTE [Loaded by mapping]
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
@@ -248,34 +249,43 @@ def orphan(storage, mapping: Mapping) -> None:
     _while_alive(_orphans, _orphans_lock, storage, mapping)
 
 
-def _in_private_file_mappings(start: int, nbytes: int) -> bool:
-    """Whether [start, start + nbytes) lies wholly in private mappings of files (NOTE
-    [Loaded by mapping] rule 2), by /proc/self/maps (sorted by address)."""
-    end = start + nbytes
+def private_file_spans() -> list[tuple[int, int]]:
+    """The address ranges of this process's private mappings of files (NOTE [Loaded by
+    mapping] rule 2: a file's inode, "p" in /proc/self/maps), adjacent ones merged, in
+    address order; none where /proc cannot be read (then nothing is taken)."""
+    spans: list[tuple[int, int]] = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 span, perms, _offset, _dev, inode = line.split(None, 5)[:5]
+                if perms[3] != "p" or inode == "0":
+                    continue                   # anonymous or shared memory
                 lo, hi = (int(x, 16) for x in span.split("-"))
-                if hi <= start:
-                    continue
-                if lo > start or perms[3] != "p" or inode == "0":
-                    return False           # a gap, or anonymous or shared memory
-                if hi >= end:
-                    return True
-                start = hi                 # the rest in the next mapping
-    except OSError:                        # no /proc: left as it is
-        return False
-    return False
+                if spans and spans[-1][1] == lo:
+                    spans[-1] = (spans[-1][0], hi)
+                else:
+                    spans.append((lo, hi))
+    except OSError:
+        return []
+    return spans
 
 
-def loaded_by_mapping(storage) -> bool:
+def _in_private_file_mappings(start: int, nbytes: int, spans=None) -> bool:
+    """Whether [start, start + nbytes) lies wholly in one run of `spans` (default: read
+    now, `private_file_spans`)."""
+    spans = private_file_spans() if spans is None else spans
+    k = bisect.bisect_right(spans, (start, float("inf"))) - 1
+    return k >= 0 and spans[k][0] <= start and start + nbytes <= spans[k][1]
+
+
+def loaded_by_mapping(storage, spans=None) -> bool:
     """NOTE [Loaded by mapping] rule 2: whether `storage` is a CPU storage PyTorch cannot
-    resize whose bytes all lie in private mappings of files."""
+    resize whose bytes all lie in private mappings of files (`spans`: as
+    `private_file_spans` read them, for many storages at once)."""
     nbytes = storage.nbytes()
     return (bool(nbytes) and storage.device.type == "cpu" and not storage.resizable()
             and not storage.is_shared()
-            and _in_private_file_mappings(storage.data_ptr(), nbytes))
+            and _in_private_file_mappings(storage.data_ptr(), nbytes, spans))
 
 
 _given_up: dict[int, tuple[weakref.ref, object]] = {}    # NOTE [Loaded by mapping] rule 3
