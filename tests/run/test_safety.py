@@ -5,12 +5,15 @@ import io
 import os
 import signal
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import outcore
+from outcore.trace.recorder import OptimizerSteps
 
 from .. import zygote
 from ..trace.helpers import assert_bitwise_equal, state_of
@@ -274,6 +277,61 @@ def test_a_ctrl_c_inside_the_optimizer_says_the_step_may_be_half_done(tmp_path, 
             with ooc.iteration():
                 raise raised("in forward")
         assert not any("optimizer" in n for n in getattr(err.value, "__notes__", []))
+
+
+def test_a_step_that_raised_and_was_caught_has_ended(tmp_path):
+    """A step() that raises never reaches its post-hook: caught inside the iteration, it
+    counted as running to the iteration's end, and a Ctrl-C in the next forward was
+    noted as landing inside optimizer.step() (helper-149). In the recording iteration
+    and after it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def failing():
+        raise RuntimeError("the closure failed")
+    with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for iteration in range(3):
+            with pytest.raises(KeyboardInterrupt) as err:
+                with ooc.iteration():
+                    model(torch.ones(8, 256)).sum().backward()
+                    with pytest.raises(RuntimeError, match="closure failed"):
+                        opt.step(failing)
+                    model(torch.ones(8, 256))
+                    raise KeyboardInterrupt
+            notes = getattr(err.value, "__notes__", [])
+            assert not any("optimizer.step()" in n for n in notes), (iteration, notes)
+            opt.zero_grad()
+
+
+def test_optimizer_steps_end_with_their_frame():
+    """`OptimizerSteps`: a step is open while the frame that called its pre-hook runs,
+    nested steps too, and on another thread; one whose frame raised is over."""
+    steps = OptimizerSteps()
+
+    def step(inner=None, fail=False):
+        steps.begin()
+        seen = steps.open()
+        if inner is not None:
+            inner()
+        if fail:
+            raise RuntimeError("step failed")
+        steps.end()
+        return seen
+    assert step() == [False] and steps.open() == []
+    assert step(inner=lambda: step()) == [False] and not steps
+    with pytest.raises(RuntimeError):
+        step(fail=True)
+    assert steps.open() == []
+    held, seen = threading.Event(), []
+    worker = threading.Thread(target=step, args=(held.wait,))
+    worker.start()
+    while not steps._steps:
+        time.sleep(0.001)
+    seen.append(steps.open())
+    held.set()
+    worker.join()
+    assert seen == [[False]] and steps.open() == []
 
 
 def test_an_optimizer_step_refused_before_it_begins_gets_no_half_step_note(tmp_path):

@@ -1809,13 +1809,14 @@ class _Iteration:
         ooc, res, mode = self.ooc, self.ooc._res, self.mode
         res.sample_rss(force=True)
         stepped, faulted, trimmed = time.perf_counter(), page_faults(), ooc._trims()
-        if (isinstance(exc, OutcoreError) and getattr(mode, "in_optimizer", False)
+        in_step = mode is not None and mode.raised_in_optimizer(exc)
+        if (isinstance(exc, OutcoreError) and in_step
                 and not getattr(exc, "nothing_trained", False)):
             exc.add_note("outcore: this came inside optimizer.step(), after it had begun: as "
                          "with any exception there, some parameters took this step and the "
                          "others did not. Go on from your last checkpoint (or state_dir) "
                          "rather than from these parameters.")
-        elif isinstance(exc, KeyboardInterrupt) and getattr(mode, "in_optimizer", False):
+        elif isinstance(exc, KeyboardInterrupt) and in_step:
             # A Ctrl-C lands anywhere, and its traceback does not say whether the step
             # had begun writing (helper-148). "May": the optimizers' hooks say only that
             # a step began and did not end (its own pre- or post-hooks, or a closure, may

@@ -33,7 +33,7 @@ from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, call_split,
                     note_read_past, op_inputs, output_tensors, split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
-from ..trace.recorder import op_phase
+from ..trace.recorder import OptimizerSteps, op_phase
 from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .headroom import Headroom
@@ -191,9 +191,9 @@ class Replayer(HeldMode):
         # a deviation (rule 2 of NOTE [Step shapes]; the plan's ops are not, where it
         # passed small functions or ran small ops off the record).
         self._ops: list = []
-        # Per optimizer step() begun and not returned: whether it began in a backward
-        # (`trace.recorder.op_phase`), from `start` on.
-        self._optimizers: list = []
+        # The optimizer steps begun and not ended (`trace.recorder.op_phase`), from
+        # `start` on.
+        self._optimizers = OptimizerSteps()
         self._optimizer_hooks: list = []
         self._sizes: dict = {}          # array id: bytes bound or made, where not the plan's
         # Every op run after a deviation, small ones too (`plans.Ran`), for rule 10 of
@@ -977,6 +977,10 @@ class Replayer(HeldMode):
         say (`_watch_optimizers`)."""
         return bool(self._optimizers)
 
+    def raised_in_optimizer(self, exc: BaseException | None) -> bool:
+        """Whether `exc` came out of an optimizer's step() (`OptimizerSteps`)."""
+        return self._optimizers.raised_inside(exc)
+
     def _watch_optimizers(self) -> None:
         """Follow optimizer steps as the recorder does (`trace.recorder.op_phase`), from the
         step's start (an optimizer's pre-hook has run before a deviation inside its step
@@ -984,14 +988,13 @@ class Replayer(HeldMode):
         phases: the phase InfeasibleBudget names and the advice it gives come from here
         (helper-80: Adam's update after a deviation in forward was called "forward",
         with "lower the batch"). The hooks go in `finish`."""
-        steps = self._optimizers
+        steps = self._optimizers = OptimizerSteps()
 
         def began(*_):
-            steps.append(torch._C._current_graph_task_id() != -1)
+            steps.begin()
 
         def returned(*_):
-            if steps:
-                steps.pop()
+            steps.end()
         self._optimizer_hooks = [register_optimizer_step_pre_hook(began),
                                  register_optimizer_step_post_hook(returned)]
 

@@ -12,6 +12,7 @@ which is bitwise equal; see aten.py).
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -74,13 +75,77 @@ def _show_compiled_hook_warning() -> None:
                 return
 
 
-def op_phase(optimizers: list, inputs) -> str:
+class OptimizerSteps:
+    """The optimizer steps begun and not ended, innermost last, each with whether it began
+    inside a backward (`op_phase`), as the global optimizer step hooks say (`begin` from
+    the pre-hook, `end` from the post-hook).
+
+    A step that raises never reaches its post-hook: caught by the user inside the
+    iteration, it counted as running for the rest of the iteration, and what came after
+    it was named optimizer work (a later Ctrl-C noted as landing inside a step; a failed
+    eviction kept for a step's end: helper-149). So each step keeps the frame that
+    called its pre-hook (the optimizer's step wrapper, the first frame above outcore's
+    own) and its thread: it is running while that frame is on that thread's stack
+    (`open`), and an exception came out of it when its traceback passes through that
+    frame (`raised_inside`: by the iteration's end the frame has left the stack)."""
+
+    def __init__(self):
+        self._steps: list[tuple[bool, int, object]] = []   # (in a backward, thread, frame)
+
+    def begin(self) -> None:
+        self._steps = [step for step in self._steps if _on_stack(step[1], step[2])]
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("outcore."):
+            frame = frame.f_back
+        self._steps.append((torch._C._current_graph_task_id() != -1,
+                            threading.get_ident(), frame))
+
+    def end(self) -> None:
+        if self._steps:
+            self._steps.pop()
+
+    def open(self) -> list[bool]:
+        """Per step running now, innermost last: whether it began in a backward."""
+        return [step[0] for step in self._steps if _on_stack(step[1], step[2])]
+
+    def __bool__(self) -> bool:
+        return bool(self.open())
+
+    def raised_inside(self, exc: BaseException | None) -> bool:
+        """Whether `exc`, or an exception it was raised from, came out of a step begun
+        here since the last `begin` (its traceback passes through the step's frame)."""
+        frames = {id(step[2]) for step in self._steps}
+        seen: set[int] = set()
+        while exc is not None and frames and id(exc) not in seen:
+            seen.add(id(exc))
+            tb = exc.__traceback__
+            while tb is not None:
+                if id(tb.tb_frame) in frames:
+                    return True
+                tb = tb.tb_next
+            exc = exc.__cause__
+        return False
+
+
+def _on_stack(thread: int, frame) -> bool:
+    """Whether `frame` is on thread `thread`'s Python stack now."""
+    top = (sys._getframe() if thread == threading.get_ident()
+           else sys._current_frames().get(thread))
+    while top is not None:
+        if top is frame:
+            return True
+        top = top.f_back
+    return False
+
+
+def op_phase(steps: OptimizerSteps, inputs) -> str:
     """The phase of an op about to run on `inputs`, inside the optimizer steps begun and
-    not returned (`optimizers`: per step, whether it began in a backward). An optimizer
+    not ended (`steps`: per step, whether it began in a backward). An optimizer
     stepped from a backward hook (optimizer in backward: a post-accumulate-grad hook per
     parameter) makes optimizer state, not gradients; a backward inside an optimizer's
     step (LBFGS's closure) makes gradients. The replayer names an op run after a
     deviation so too (`Replayer._fallback`)."""
+    optimizers = steps.open()
     if optimizers and optimizers[-1]:
         return "optimizer"
     if torch._C._current_graph_task_id() != -1:
@@ -157,7 +222,7 @@ class Recording(TorchDispatchMode):
         self._functions: list[Function] = []
         self._logs: list[_ArrayLog] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}   # storage key -> (array id, ref)
-        self._optimizers: list[bool] = []    # per step() begun, not returned: begun in a backward?
+        self._optimizers = OptimizerSteps()
         # Storage keys of the buffers of every module called in the step, and the modules
         # seen (`_note_module`): a buffer the step only reads is state, not an input.
         self._buffer_keys: set[int] = set()
@@ -248,16 +313,19 @@ class Recording(TorchDispatchMode):
         return None
 
     def _enter_optimizer(self, *_):
-        self._optimizers.append(torch._C._current_graph_task_id() != -1)
+        self._optimizers.begin()
 
     @property
     def in_optimizer(self) -> bool:
         """Whether the step stands inside an optimizer's step() (begun, not returned)."""
         return bool(self._optimizers)
 
+    def raised_in_optimizer(self, exc: BaseException | None) -> bool:
+        """Whether `exc` came out of an optimizer's step() (`OptimizerSteps`)."""
+        return self._optimizers.raised_inside(exc)
+
     def _leave_optimizer(self, *_):
-        if self._optimizers:
-            self._optimizers.pop()
+        self._optimizers.end()
 
     @property
     def trace(self) -> Trace:
