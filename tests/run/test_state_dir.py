@@ -216,6 +216,10 @@ def test_bad_uses_are_refused(tmp_path):
     (tmp_path / "t" / "manifest.pt").write_bytes(b"not a manifest")
     with pytest.raises(OutcoreError, match="cannot be read"):
         outcore.OutOfCore("1MiB", state_dir=tmp_path / "t")
+    (tmp_path / "f").write_bytes(b"")          # makedirs said only "File exists"
+    for path in (tmp_path / "f", tmp_path / "f" / "sub" / "dir"):
+        with pytest.raises(OutcoreError, match=f"{tmp_path / 'f'} is a file, not a directory"):
+            outcore.OutOfCore("1MiB", state_dir=path)
 
 
 def _two_adam_iterations(model, state_dir):

@@ -74,6 +74,7 @@ NOTE [Durable state]
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -132,6 +133,18 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _why_not(exc: OSError) -> str:
+    """Why a directory could not be made: a file where it, or a folder above it, should
+    be is named (makedirs says only "File exists" or "Not a directory")."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and exc.filename:
+        path = os.fspath(exc.filename)
+        while path and not os.path.lexists(path):
+            path = os.path.dirname(path)
+        if path and not os.path.isdir(path):
+            return f"{path} is a file, not a directory"
+    return exc.strerror or str(exc)
+
+
 class Durable:
     """The state directory of one OutOfCore (NOTE [Durable state])."""
 
@@ -140,8 +153,8 @@ class Durable:
         try:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as exc:
-            raise OutcoreError(f"cannot use state_dir={self.directory}: {exc.strerror}; pass a "
-                               "writable directory on a local disk") from exc
+            raise OutcoreError(f"cannot use state_dir={self.directory}: {_why_not(exc)}; pass "
+                               "a writable directory on a local disk") from exc
         self._lock = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
