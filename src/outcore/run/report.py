@@ -326,7 +326,8 @@ class Report:
                        if self.largest_in_core_peak > self.in_core_peak else "")
             lines.append(f"  recorded: {self.functions} functions, in-core peak {format_bytes(self.in_core_peak)} "
                          f"of live tensors ({self.in_core_peak / self.budget:.2f}x the budget; "
-                         f"plain PyTorch holds a little more, until it frees them){largest}")
+                         f"a plain run's resident memory is more: the allocator keeps what "
+                         f"was freed, the process its libraries){largest}")
         if self.planned_peak is not None:
             lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
                          f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out"
