@@ -97,8 +97,9 @@ def test_a_swap_dir_that_takes_no_files_is_named_so():
         outcore.OutOfCore("8MiB", swap_dir="/proc")
 
 
-@pytest.mark.parametrize("bits", ["12 Mb", "3Gb", "1.5Tb"])
+@pytest.mark.parametrize("bits", ["12 Mb", "3Gb", "1.5Tb", "4Mib", "2 Gib"])
 def test_bits_are_refused_with_the_bytes_to_write(bits):
-    """helper-130: "12 Mb" (megabits, as network speeds are written) was read as 12 MB."""
+    """helper-130: "12 Mb" (megabits, as network speeds are written) was read as 12 MB;
+    helper-152: "4Mib" (mebibits) as 4 MiB."""
     with pytest.raises(outcore.OutcoreError, match=r"bits \(a lowercase b is a bit\).*B'"):
         parse_bytes(bits)

@@ -46,11 +46,13 @@ def parse_bytes(value: int | float | str) -> int:
         if value.strip().startswith("-"):
             raise OutcoreError(f"a byte quantity cannot be negative, got {value!r}")
         match = _PATTERN.match(value)
-        if match and re.fullmatch(r"[KMGTP]b", match.group(2)):
+        if match and re.fullmatch(r"[KMGTP]i?b", match.group(2)):
             # Megabits, as network speeds are written (helper-130: "12 Mb" was read as
-            # 12 MB): a byte quantity is asked for.
-            prefix = match.group(2)[0]
+            # 12 MB), and mebibits ("4Mib" was read as 4 MiB: helper-152): a byte
+            # quantity is asked for.
+            prefix, binary = match.group(2)[0], "i" in match.group(2)
             name = {"K": "kilo", "M": "mega", "G": "giga", "T": "tera", "P": "peta"}[prefix]
+            name = name[:2] + "bi" if binary else name
             raise OutcoreError(
                 f"{value!r} reads as {name}bits (a lowercase b is a bit): write bytes, e.g. "
                 f"'{match.group(1)}{prefix}B' or '{match.group(1)}{prefix}iB'")
