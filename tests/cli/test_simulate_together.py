@@ -88,3 +88,10 @@ def test_one_trace_or_unmatched_ranks_are_refused(tmp_path, capsys):
     assert "--per-op-us goes with --together" in capsys.readouterr().err
     assert main(["simulate", "--ranks-per-node", "2", _save(tmp_path, [send])[0]]) != 0
     assert "--ranks-per-node goes with --together" in capsys.readouterr().err
+
+
+def test_traces_with_no_communication_are_not_ranks(tmp_path, capsys):
+    """helper-152: the traces of two separate runs were simulated as one step's ranks."""
+    one = build({"x": (4, "input"), "y": 4}, ["aten.mm.default r:x c:y"], durations=[1.0])
+    assert main(["simulate", *_save(tmp_path, [one, one]), "--together"]) != 0
+    assert "none of the 2 traces has a collective" in capsys.readouterr().err

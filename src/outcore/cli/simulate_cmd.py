@@ -135,6 +135,14 @@ def run_together(args) -> int:
         except InfeasibleBudget as exc:
             raise OutcoreError(f"rank {rank} ({args.traces[rank]}): {exc}") from None
     sims = simulate_ranks(traces, schedules, machine, link=name, ranks_per_node=per_node)
+    if not any(sim.collectives for sim in sims):
+        # simulate_ranks runs such traces side by side (two runs sharing a machine's
+        # cores), but --together says they are one step's ranks: most likely the traces
+        # of separate runs were given (helper-152).
+        raise OutcoreError(f"--together: none of the {len(traces)} traces has a collective or "
+                           "a send/receive, so they are not the ranks of one distributed step; "
+                           "record each rank's same iteration under torchrun (outcore trace "
+                           "or outcore.record() on every rank), or simulate each trace alone")
     print(f"{len(traces)} ranks simulated together on {args.machine}, collectives over {name}"
           + (f", {args.per_op_us:g} µs per op" if args.per_op_us else ""))
     if filled:
