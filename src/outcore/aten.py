@@ -284,6 +284,47 @@ def loading():
         _loading.depth -= 1
 
 
+# NOTE [Fast paths under autocast]
+#   1. nn.TransformerEncoderLayer and nn.MultiheadAttention, in eval without gradients,
+#      take PyTorch's fast path: one op (`FAST_PATH_OPS`) whose CPU kernel runs the
+#      layer's linears inside it, unseen. Under CPU autocast, plain PyTorch casts those
+#      inner linears to the autocast dtype (autocast lets the op itself fall through).
+#      But PyTorch runs a dispatch mode's handler with every key above Python set
+#      aside, autocast's with them, so under any mode (a bare one too) the kernel ran
+#      them in float32: other numbers, bfloat16 outputs become float32 (helper-153:
+#      a frozen encoder's features, and the head trained on them).
+#   2. Inside the handler autocast reads as off whatever the caller set; the state the
+#      op entered the dispatcher with is PyTorch's TLS snapshot
+#      (`torch._C._RestorePythonTLSSnapshot`). `autocast_as_entered` puts CPU autocast
+#      back as it was there around such an op's whole handling, and as it is after:
+#      outcore's own bookkeeping calls no op autocast changes (copies, resizes), and the
+#      op's inner linears cast as without the mode (tests/run/test_bitwise.py).
+#   3. Other ops with a backend kernel that runs ops autocast would cast are not known
+#      in torch 2.13: autocast casts the listed ops before the mode sees them, and
+#      composite ones decompose above it.
+FAST_PATH_OPS = frozenset((torch.ops.aten._transformer_encoder_layer_fwd.default,
+                           torch.ops.aten._native_multi_head_attention.default))
+
+
+@contextlib.contextmanager
+def autocast_as_entered():
+    """Inside a dispatch mode's handler: CPU autocast as the op's caller had it (NOTE
+    [Fast paths under autocast] rule 2), and as it is here again after."""
+    with torch._C._RestorePythonTLSSnapshot():
+        wanted, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    here, here_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    if wanted == here and dtype == here_dtype:
+        yield
+        return
+    torch.set_autocast_dtype("cpu", dtype)
+    torch.set_autocast_enabled("cpu", wanted)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cpu", here)
+        torch.set_autocast_dtype("cpu", here_dtype)
+
+
 # NOTE [Read past the dispatcher]
 #   1. Some PyTorch functions read a tensor's memory in C++ through `data_ptr()`, with no
 #      aten op that a dispatch mode sees: they are CompositeImplicitAutograd (decomposed

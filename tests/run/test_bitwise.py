@@ -103,6 +103,53 @@ def test_bf16_autocast_step():
         assert any(it.bytes_written for it in ooc.report().iterations)
 
 
+def test_a_frozen_encoders_fast_path_under_cpu_autocast():
+    """helper-153: nn.TransformerEncoderLayer and nn.MultiheadAttention in eval take
+    PyTorch's fast path, one op whose kernel runs the linears; under any dispatch mode
+    PyTorch ran it without CPU autocast, so the features came out float32 and the head
+    trained on them took other numbers (NOTE [Fast paths under autocast] in aten.py).
+    Recorded, replayed at a budget that moves, and under outcore.record()."""
+    def make():
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(128, 4, 256, batch_first=True)
+        encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        attention = torch.nn.MultiheadAttention(128, 4, batch_first=True)
+        for frozen in (encoder, attention):
+            frozen.requires_grad_(False).eval()
+        head = torch.nn.Linear(128, 10)
+        return encoder, attention, head, torch.optim.SGD(head.parameters(), lr=0.1)
+
+    def step(encoder, attention, head, opt, i, seen):
+        x = torch.randn(8, 16, 128, generator=torch.Generator().manual_seed(i))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = encoder(x)
+            feats = attention(feats, feats, feats, need_weights=False)[0]
+            loss = head(feats.mean(1)).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append((feats.dtype, feats.detach().clone(), loss.detach().clone()))
+
+    plain, plain_seen = make(), []
+    for i in range(4):
+        step(*plain, i, plain_seen)
+    assert plain_seen[0][0] == torch.bfloat16        # the fast path cast inside
+    ours, seen = make(), []
+    with outcore.OutOfCore("1MiB", min_move_bytes=0) as ooc:
+        for i in range(4):
+            with ooc.iteration():
+                step(*ours, i, seen)
+        assert any(it.bytes_written for it in ooc.report().iterations)
+    recorded, recorded_seen = make(), []
+    with outcore.record():
+        step(*recorded, 0, recorded_seen)
+    for got in (seen, recorded_seen):
+        for (dtype, feats, loss), (want_dtype, want_feats, want_loss) in zip(got, plain_seen):
+            assert dtype == want_dtype and torch.equal(feats, want_feats)
+            assert torch.equal(loss, want_loss)
+    assert torch.equal(ours[2].weight, plain[2].weight)
+
+
 def test_float16_autocast_with_a_grad_scaler_under_a_tight_budget():
     """GradScaler.unscale_ runs one kernel over every gradient: recorded whole, a budget
     below all gradients at once was refused (InfeasibleBudget); split one call per

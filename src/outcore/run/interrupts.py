@@ -75,6 +75,8 @@ import weakref
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..aten import FAST_PATH_OPS, autocast_as_entered
+
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
 # Code objects where Python would swallow the handler's exception (rule 6).
@@ -390,6 +392,9 @@ class HeldMode(TorchDispatchMode):
         try:
             if func.namespace == "profiler":
                 return func(*args, **kwargs)
+            if func in FAST_PATH_OPS:       # NOTE [Fast paths under autocast] in aten.py
+                with autocast_as_entered():
+                    return self._dispatch(func, args, kwargs)
             return self._dispatch(func, args, kwargs)
         finally:
             self.shield.exit(self)

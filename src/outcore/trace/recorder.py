@@ -25,8 +25,9 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import (FRESH_ARGUMENT_OPS, call_split, made_outside, note_read_past,
-                    op_inputs, output_tensors, storage_of, written_tensors)
+from ..aten import (FAST_PATH_OPS, FRESH_ARGUMENT_OPS, autocast_as_entered, call_split,
+                    made_outside, note_read_past, op_inputs, output_tensors, storage_of,
+                    written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -349,6 +350,9 @@ class Recording(TorchDispatchMode):
         if thread == self._cpu_thread:
             self._host_cpu_s += time.thread_time() - self._returned_cpu
         try:
+            if func in FAST_PATH_OPS:       # NOTE [Fast paths under autocast] in aten.py
+                with autocast_as_entered():
+                    return self._run(func, args, kwargs, None)
             return call_split(func, args, kwargs, self._run)
         finally:
             self._returned_cpu, self._cpu_thread = time.thread_time(), thread
