@@ -827,6 +827,24 @@ def test_the_arrays_that_never_move_are_counted_by_why(tmp_path):
     assert not list(tmp_path.iterdir())
     assert logged
 
+    # A DataLoader worker's batch is in shared memory and not resizable: named as the
+    # first (helper-153: it was counted "not resizable (from_numpy, ... torch.load").
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(2)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.utils.data.TensorDataset(torch.randn(1024, 512))
+    (x,), = torch.utils.data.DataLoader(data, batch_size=1024, num_workers=1)
+    assert x.is_shared() and not x.untyped_storage().resizable()
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        with outcore.OutOfCore(3 * MIB, swap_dir=str(tmp_path)) as ooc:
+            with ooc.iteration():
+                model(x).square().mean().backward()
+                opt.step()
+    message = str(err.value)
+    assert re.search(r"in 1 storage in shared memory \(share_memory_\(\), tensors from "
+                     r"DataLoader workers", message), message
+    assert "not resizable" not in message, message
+
 
 def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_runs_op_by_op(tmp_path, caplog):
     """Forty small arrays alive at once early, three large ones late: the recording makes

@@ -547,9 +547,12 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
         storage = e.ref()
         if storage is None:
             continue
-        reason = ("owned" if e.owner else "unresizable" if not storage.resizable()
+        # Shared before unresizable: a DataLoader worker's batch is both, and its
+        # advice is the shared one's (helper-153).
+        shared = storage.device.type == "cpu" and storage.is_shared()
+        reason = ("owned" if e.owner else "shared" if shared
+                  else "unresizable" if not storage.resizable()
                   else "exported" if exported(storage)
-                  else "shared" if storage.device.type == "cpu" and storage.is_shared()
                   else "read" if read_past(storage)
                   else "small" if e.nbytes < res.min_move_bytes else "other")
         if e.owner:
