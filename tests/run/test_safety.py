@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 import outcore
 from outcore.trace.recorder import OptimizerSteps
@@ -704,5 +705,41 @@ def test_a_backward_after_the_block_is_named_once(where, caplog, tmp_path):
         assert len(warned) == 1, caplog.text
         assert "outside the budget" in warned[0].getMessage()
         assert "iteration 1 " in warned[0].getMessage()
+    else:
+        assert warned == [], caplog.text
+
+
+@pytest.mark.parametrize("where", ["inside", "after the block", "another model's after"])
+def test_an_optimizer_step_after_the_block_is_named_once(where, caplog, tmp_path):
+    """helper-153: backward inside the block, clipping and optimizer.step() after it:
+    bitwise, but the step and Adam's state ran outside the budget (51 MiB unmanaged at a
+    10 MiB budget), and nothing said so. The first such step on parameters outcore
+    manages says so, once; an optimizer of parameters it does not manage says nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(6)])
+    opt = torch.optim.Adam(model.parameters())
+    other = torch.nn.Linear(256, 256)
+    other_opt = torch.optim.Adam(other.parameters())
+    hooks = dict(_global_optimizer_pre_hooks)
+    with caplog.at_level("WARNING", logger="outcore"):
+        with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+            for _ in range(3):
+                with ooc.iteration():
+                    model(torch.randn(128, 256)).square().mean().backward()
+                    if where != "after the block":
+                        opt.step()
+                        opt.zero_grad()
+                if where == "after the block":
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad()
+                elif where == "another model's after":
+                    other(torch.randn(8, 256)).sum().backward()
+                    other_opt.step()
+        assert dict(_global_optimizer_pre_hooks) == hooks      # close() took its hook out
+        opt.step()
+    warned = [r.getMessage() for r in caplog.records if "ran outside" in r.getMessage()]
+    if where == "after the block":
+        assert len(warned) == 1 and warned[0].startswith("Adam.step() ran outside"), warned
     else:
         assert warned == [], caplog.text

@@ -68,6 +68,7 @@ import typing
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
 from .. import aten
@@ -302,11 +303,41 @@ def _warn_graph_left(ooc, trace, index: int) -> None:
                     index, format_bytes(left))
 
 
-def _release(res, mover, governor, pager, durable) -> None:
+def _step_outside(ref):
+    """An optimizer step pre-hook for as long as the OutOfCore `ref` names is open: the
+    first time an optimizer steps parameters it manages between its iterations, say so
+    (once). That step, and the state it makes, run outside the budget and stay
+    unmanaged; helper-153 found it silent (a backward after the block is told:
+    `_warn_graph_left`). Optimizers of other parameters are left alone."""
+    def hook(optimizer, *_):
+        ooc = ref()
+        if ooc is None or ooc.closed or ooc._active or ooc._warned_step:
+            return
+        try:
+            res = ooc._res
+            managed = any(res.entry_of(storage) is not None
+                          for group in optimizer.param_groups for p in group["params"]
+                          for storage in [aten.storage_of(p)] if storage is not None)
+        except Exception:        # noqa: BLE001 - a warning's check never fails the step
+            return
+        if managed:
+            ooc._warned_step = True
+            log.warning("%s.step() ran outside `with ooc.iteration():` on parameters outcore "
+                        "manages: the step and the optimizer state it makes run outside the "
+                        "budget, with nothing planned or moved (the report counts that state "
+                        "as unmanaged). Put the step, and gradient clipping, inside the "
+                        "block; a loop that steps every n-th iteration steps inside the n-th "
+                        "block", type(optimizer).__name__)
+    return hook
+
+
+def _release(res, mover, governor, pager, durable, hook=None) -> None:
     """Give back what an OutOfCore holds. Runs at close(), or at garbage collection or
     interpreter exit of one never closed (weakref.finalize: no reference to the object).
     Mapped state is handed on first (NOTE [Mapped state], rule 7), so the next OutOfCore
     can move it whether this one was closed or dropped."""
+    if hook is not None:
+        hook.remove()
     try:
         pager.stop()
         res.release_mappings()
@@ -552,8 +583,10 @@ class OutOfCore:
                 self._res.memory_follow = self._governor.follow
         self._pager = Pager()
         self._leases: list = []     # (pipe read end, extents) per fork (mapped.py rule 9)
+        self._warned_step = False    # once: an optimizer stepped our parameters between iterations
+        step_hook = register_optimizer_step_pre_hook(_step_outside(weakref.ref(self)))
         self._finalizer = weakref.finalize(self, _release, self._res, self._mover, self._governor,
-                                           self._pager, self._durable)
+                                           self._pager, self._durable, step_hook)
         self.trace = None            # those of the plan the last iteration used
         self.schedule = None
         self._in_core_peak = 0
