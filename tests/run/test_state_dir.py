@@ -222,6 +222,49 @@ def test_bad_uses_are_refused(tmp_path):
             outcore.OutOfCore("1MiB", state_dir=path)
 
 
+def test_a_live_model_resumed_keeps_no_gradient_the_commit_did_not(tmp_path):
+    """helper-154, a notebook: an iteration stopped after its backward (Ctrl-C), then the
+    cell run again: close, a new OutOfCore, resume(model, opt) on the same live objects.
+    The commit held no gradients (zero_grad after step), yet resume left the stopped
+    iteration's on every parameter, and the next backward added to them."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 10))
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss(model, i):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g)
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    def step(model, opt, i):
+        loss(model, i).backward()
+        opt.step()
+        opt.zero_grad()
+    model, opt = make()
+    with outcore.OutOfCore("4MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for i in range(3):
+            with ooc.iteration():
+                step(model, opt, i)
+        with pytest.raises(KeyboardInterrupt):
+            with ooc.iteration():
+                loss(model, 3).backward()
+                raise KeyboardInterrupt
+    assert all(p.grad is not None for p in model.parameters())
+    with outcore.OutOfCore("4MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(model, opt) == 3
+        assert all(p.grad is None for p in model.parameters())
+        for i in range(3, 6):
+            with ooc.iteration():
+                step(model, opt, i)
+    plain, plain_opt = make()
+    for i in range(6):
+        step(plain, plain_opt, i)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), model.parameters()))
+
+
 def _two_adam_iterations(model, state_dir):
     """Train `model` (on 256 features) two iterations with Adam under a state_dir; the
     optimizer."""

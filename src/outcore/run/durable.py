@@ -58,8 +58,11 @@ NOTE [Durable state]
  10. The parameters' gradients are kept too (`grads`, by parameter name), where they
      outlive the iteration: a loop that calls optimizer.step() every n-th iteration
      resumed in the middle of a cycle goes on with the gradients it had accumulated.
-     Resume sets them as the parameters' `.grad` (a DTensor like its parameter). Sparse
-     gradients are not kept.
+     Resume sets them as the parameters' `.grad` (a DTensor like its parameter), and
+     None where none was kept: a live model resumed in the same process (a notebook's
+     cell run again after an iteration that stopped after its backward) kept the
+     stopped iteration's gradients, and the next backward added to them (helper-154).
+     Sparse gradients are not kept.
  11. The count is of iteration blocks that ended, those that raised included, and a
      commit happens only when one completes: a block that raised (a NaN guard after
      optimizer.step(), a failed check, Ctrl-C, an error of outcore's) commits nothing,
@@ -332,8 +335,9 @@ class Durable:
                 self.copied = True          # from here a failure leaves a partial load
                 _local(tensor, dtensor).copy_(value)         # in place (rule 9)
                 del value
-            for name, ref in grads.items():                                  # rule 10
-                named[name].grad = self._state_value(ref, file, named[name], name)
+            for name, param in named.items():                                # rule 10
+                param.grad = (self._state_value(grads[name], file, param, name)
+                              if name in grads else None)
         if optimizer is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             kept = self.manifest["optimizer"]
