@@ -508,10 +508,38 @@ def test_an_outofcore_no_name_holds_can_be_closed(tmp_path):
         pass
 
 
-# Points inside OutOfCore(...) where a Ctrl-C may land: after the unnamed swap file is
-# open, after the named fallback's private directory is made, while the state directory
-# is set up, after the swap file is open there, and at the end of building.
-BUILD_POINTS = ["_filesystem_type", "mkdir", "Durable", "_open_kept", "make_governor"]
+def test_two_threads_making_an_outofcore_at_once_open_one(monkeypatch, tmp_path):
+    """helper-154: an OutOfCore being made is closed until it is built, and a second
+    thread making one meanwhile found the slot free: both opened (20 of 20 tries)."""
+    from outcore.run import ooc as ooc_module
+    claimed, go = threading.Event(), threading.Event()
+    real = ooc_module.torch_huge_pages
+
+    def held():                    # runs after the slot is claimed
+        claimed.set()
+        go.wait(30)
+        return real()
+    monkeypatch.setattr(ooc_module, "torch_huge_pages", held)
+    made = []
+    thread = threading.Thread(target=lambda: made.append(outcore.OutOfCore("4MiB")))
+    thread.start()
+    assert claimed.wait(30)
+    try:
+        with pytest.raises(outcore.OutcoreError, match="another OutOfCore is being made"):
+            outcore.OutOfCore("4MiB", swap_dir=str(tmp_path))
+    finally:
+        go.set()
+        thread.join()
+    assert outcore.open_outofcore() is made[0] and not made[0].closed
+    made[0].close()
+    assert list(tmp_path.iterdir()) == []
+
+
+# Points inside OutOfCore(...) where a Ctrl-C may land: once it holds the process's slot,
+# after the unnamed swap file is open, after the named fallback's private directory is
+# made, while the state directory is set up, after the swap file is open there, and at
+# the end of building.
+BUILD_POINTS = ["_claim", "_filesystem_type", "mkdir", "Durable", "_open_kept", "make_governor"]
 
 
 @pytest.mark.parametrize("point", BUILD_POINTS)
@@ -542,6 +570,7 @@ def test_a_ctrl_c_while_an_outofcore_is_made_leaves_nothing(monkeypatch, tmp_pat
         after(*((ooc_module, "Durable") if point == "Durable" else (DiskMover, "_open_kept")))
     else:
         after(disk if point == "_filesystem_type" else ooc_module, point)
+    # (at "_claim" the slot must be given back: the last line opens another)
     descriptors = set(os.listdir("/proc/self/fd"))
     with pytest.raises(KeyboardInterrupt):
         outcore.OutOfCore("4MiB", **kwargs)

@@ -193,6 +193,14 @@ def _claim(ooc) -> None:
     global _open, _open_pid
     with _open_lock:
         current = open_outofcore()
+        if current is not None and current._building:
+            # Closed until its construction completes, yet it holds the slot: two threads
+            # making one each at once both opened (helper-154).
+            raise OutcoreError(
+                "another OutOfCore is being made in this process (on another thread); "
+                "outcore manages one OutOfCore per process (storages, allocator settings "
+                "and signal handlers are process-wide): make one and share it, or close "
+                "that one first")
         if current is not None and not current.closed:
             current = None          # a name held here would keep it from the collector
             gc.collect()            # an unreachable one still waiting for the collector
@@ -513,32 +521,39 @@ class OutOfCore:
                                for path in (swap_dir, state_dir))
         self.policy = policy
         self.plan_options = dict(plan_options or {})
-        _claim(self)
         self._mover = self._durable = None
-        # The process bound's base (NOTE [The process's base]): the resident set now, and
-        # from the first iteration on the one _base() finds then.
-        self._rss_made = self._rss_start = resident_bytes()
-        self._based = False
-        self._rss_adopted = 0        # rule 5: state taken over, taken off the base
-        # A RAM budget's freed memory faults back in: 2 MiB at a time with PyTorch's huge
-        # pages (NOTE [Huge pages by default]); found once per process, before any tensor moves.
-        self._huge_pages = torch_huge_pages() if offload == "disk" else ""
-        self._huge_pages_warned = False
-        # Building takes descriptors, a directory, threads: held (NOTE [Interrupts]), so
-        # a Ctrl-C meanwhile is raised once everything taken is noted, and given back.
-        self._shield = shield = Shield()
-        shield.enter()
         try:
-            shield.install()
+            self._building = True       # holds the slot while closed (`_claim`)
+            _claim(self)
+            # The process bound's base (NOTE [The process's base]): the resident set now,
+            # and from the first iteration on the one _base() finds then.
+            self._rss_made = self._rss_start = resident_bytes()
+            self._based = False
+            self._rss_adopted = 0        # rule 5: state taken over, taken off the base
+            # A RAM budget's freed memory faults back in: 2 MiB at a time with PyTorch's
+            # huge pages (NOTE [Huge pages by default]); found once per process, before
+            # any tensor moves.
+            self._huge_pages = torch_huge_pages() if offload == "disk" else ""
+            self._huge_pages_warned = False
+            # Building takes descriptors, a directory, threads: held (NOTE [Interrupts]),
+            # so a Ctrl-C meanwhile is raised once everything taken is noted, and given
+            # back.
+            self._shield = shield = Shield()
+            shield.enter()
             try:
-                self._build(swap_dir, min_move_bytes, return_freed_memory, state_dir)
+                shield.install()
+                try:
+                    self._build(swap_dir, min_move_bytes, return_freed_memory, state_dir)
+                finally:
+                    shield.uninstall()
             finally:
-                shield.uninstall()
-                shield.exit()        # a Ctrl-C that came meanwhile is raised here
+                shield.exit()            # a Ctrl-C that came meanwhile is raised here
         except BaseException:
+            self._building = False
             self._unbuild()
             raise
         self.closed = False
+        self._building = False           # (open now: `closed` holds the slot)
 
     def _unbuild(self) -> None:
         """Give back what a construction that raised took (all of it, the finalizer, if
