@@ -336,6 +336,31 @@ def test_a_state_dir_that_cannot_be_changed_is_a_clear_error(tmp_path, monkeypat
         assert ooc.resume(model, torch.optim.Adam(model.parameters())) == 2
 
 
+def test_a_read_only_state_dir_is_a_clear_error(tmp_path, monkeypatch):
+    """helper-154: on a read-only filesystem the state file cannot be made, and giving
+    back what was taken unlinked the file that was never made: EROFS, not ENOENT, came
+    out as a bare OSError in place of the error that says what to do."""
+    import errno
+    real_open = os.open
+
+    def read_only_open(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args)
+
+    def read_only_unlink(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    monkeypatch.setattr(os, "open", read_only_open)
+    monkeypatch.setattr(os, "unlink", read_only_unlink)
+    with pytest.raises(OutcoreError, match="cannot create the state file .*Read-only file "
+                                           "system; pass state_dir= a writable") as err:
+        outcore.OutOfCore("1MiB", state_dir=tmp_path)
+    assert not getattr(err.value, "__notes__", None)
+    monkeypatch.undo()
+    outcore.OutOfCore("1MiB", state_dir=tmp_path).close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_state_dir_disk_says_so_and_resume_can_be_tried_again(tmp_path, monkeypatch):
     """The state directory's disk full: at construction (the probe write of the new state
     file) and while resume() copies the kept state into the new file. Both errors are

@@ -246,6 +246,14 @@ class Durable:
                     os.unlink(self.path)
                 except FileNotFoundError:
                     pass
+                except OSError as exc:
+                    # A read-only filesystem refuses to unlink a file it never made
+                    # (EROFS, not ENOENT: helper-154 got a bare OSError).
+                    if os.path.lexists(self.path):
+                        raise OutcoreError(
+                            f"cannot remove {self.path}, this run's state file, never "
+                            f"committed: {exc.strerror}; remove it once you can (the "
+                            f"state kept in {self.directory} is unchanged)") from exc
         finally:
             if self._lock >= 0:
                 os.close(self._lock)

@@ -548,9 +548,12 @@ class OutOfCore:
                     shield.uninstall()
             finally:
                 shield.exit()            # a Ctrl-C that came meanwhile is raised here
-        except BaseException:
+        except BaseException as exc:
             self._building = False
-            self._unbuild()
+            try:
+                self._unbuild()
+            except Exception as err:    # noqa: BLE001 - the first error is the user's
+                exc.add_note(f"outcore: giving back what was taken also failed: {err}")
             raise
         self.closed = False
         self._building = False           # (open now: `closed` holds the slot)

@@ -425,7 +425,8 @@ class DiskMover:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            raise OutcoreError(f"cannot create the state file {path}: {exc.strerror}") from exc
+            raise OutcoreError(f"cannot create the state file {path}: {exc.strerror}; pass "
+                               "state_dir= a writable directory on a local disk") from exc
         try:
             return fd, direct and _enable_direct(fd)
         except OSError as exc:           # the file itself goes with Durable.close()
