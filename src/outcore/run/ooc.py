@@ -21,8 +21,10 @@ of state larger than memory, atomically.
 NOTE [One OutOfCore per process]
 The storages a step touches, glibc's allocator settings and the signal handlers are
 process-wide, so at most one OutOfCore is open in a process at a time: a second one
-raises OutcoreError until the first is closed (or garbage collected). Closing, and the
-garbage collection of an object never closed, give everything back: the swap file, the
+raises OutcoreError until the first is closed (or garbage collected). One being made
+holds the slot too (`_building`: two threads making one each at once both opened,
+helper-154), and gives it back if its construction fails. Closing, and the garbage
+collection of an object never closed, give everything back: the swap file, the
 allocator settings (memory/malloc.py), the process slot.
 
 NOTE [The process's base]
