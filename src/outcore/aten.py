@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import weakref
 from typing import Callable, Iterator
@@ -285,35 +286,41 @@ def loading():
 
 
 # NOTE [Fast paths under autocast]
-#   1. nn.TransformerEncoderLayer and nn.MultiheadAttention, in eval without gradients,
-#      take PyTorch's fast path: one op (`FAST_PATH_OPS`) whose CPU kernel runs the
-#      layer's linears inside it, unseen. Under CPU autocast, plain PyTorch casts those
-#      inner linears to the autocast dtype (autocast lets the op itself fall through).
-#      But PyTorch runs a dispatch mode's handler with every key above Python set
-#      aside, autocast's with them, so under any mode (a bare one too) the kernel ran
-#      them in float32: other numbers, bfloat16 outputs become float32 (helper-153:
-#      a frozen encoder's features, and the head trained on them).
+#   1. nn.TransformerEncoderLayer in eval without gradients takes PyTorch's fast path:
+#      one op (`_transformer_encoder_layer_fwd`) whose CPU kernel runs the layer's
+#      linears inside it, unseen. Autocast has no kernel of its own for that op: plain
+#      PyTorch runs it with CPU autocast on, and the inner linears cast to the autocast
+#      dtype. But PyTorch runs a dispatch mode's handler with every key above Python set
+#      aside, autocast's with it, so under any mode (a bare one too) the kernel ran them
+#      in float32: other numbers, float32 features where plain PyTorch gives bfloat16
+#      (helper-153: a frozen encoder, and the head trained on its features).
+#      (`_native_multi_head_attention`, nn.MultiheadAttention's fast path, has an
+#      autocast kernel: its inputs reach the mode cast, and it needs nothing.)
 #   2. Inside the handler autocast reads as off whatever the caller set; the state the
 #      op entered the dispatcher with is PyTorch's TLS snapshot
 #      (`torch._C._RestorePythonTLSSnapshot`). `autocast_as_entered` puts CPU autocast
-#      back as it was there around such an op's whole handling, and as it is after:
+#      back as it was there around the op's whole handling, and as it is after:
 #      outcore's own bookkeeping calls no op autocast changes (copies, resizes), and the
-#      op's inner linears cast as without the mode (tests/run/test_bitwise.py).
-#   3. Other ops with a backend kernel that runs ops autocast would cast are not known
-#      in torch 2.13: autocast casts the listed ops before the mode sees them, and
-#      composite ones decompose above it.
-FAST_PATH_OPS = frozenset((torch.ops.aten._transformer_encoder_layer_fwd.default,
-                           torch.ops.aten._native_multi_head_attention.default))
+#      inner linears cast as without the mode (tests/run/test_bitwise.py).
+#   3. Only where outcore's mode is the first Python handler the op reached: a mode of
+#      the user's pushed inside the iteration (FlopCounterMode), or a tensor subclass's
+#      `__torch_dispatch__`, ran it before with autocast set aside, as plain PyTorch
+#      with that mode does, and the snapshot predates that (helper-155). Such a handler
+#      is a `__torch_dispatch__` frame above outcore's on the stack (`_handled_above`).
+#   4. Other ops with a backend kernel that runs ops autocast would cast are not known
+#      in torch 2.13: autocast casts its listed ops before any mode sees them, and
+#      composite ones decompose above the modes.
+FAST_PATH_OPS = frozenset((torch.ops.aten._transformer_encoder_layer_fwd.default,))
 
 
 @contextlib.contextmanager
-def autocast_as_entered():
-    """Inside a dispatch mode's handler: CPU autocast as the op's caller had it (NOTE
-    [Fast paths under autocast] rule 2), and as it is here again after."""
+def autocast_as_entered(mode):
+    """Inside dispatch mode `mode`'s handler: CPU autocast as the op's caller had it
+    (NOTE [Fast paths under autocast] rules 2 and 3), and as it is here again after."""
     with torch._C._RestorePythonTLSSnapshot():
         wanted, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     here, here_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-    if wanted == here and dtype == here_dtype:
+    if (wanted == here and dtype == here_dtype) or _handled_above(mode):
         yield
         return
     torch.set_autocast_dtype("cpu", dtype)
@@ -323,6 +330,17 @@ def autocast_as_entered():
     finally:
         torch.set_autocast_enabled("cpu", here)
         torch.set_autocast_dtype("cpu", here_dtype)
+
+
+def _handled_above(mode) -> bool:
+    """Whether another Python handler (a mode's or a tensor subclass's
+    `__torch_dispatch__`) runs above `mode`'s on this thread's stack (rule 3)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__torch_dispatch__" and frame.f_locals.get("self") is not mode:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # NOTE [Read past the dispatcher]

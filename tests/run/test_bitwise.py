@@ -1,6 +1,8 @@
 """Training under OutOfCore is bitwise equal to plain PyTorch, for every policy, at budgets
 from everything-fits down to just above the smallest feasible one, and replayed
 iterations stay within the budget."""
+import contextlib
+
 import pytest
 import torch
 
@@ -103,12 +105,15 @@ def test_bf16_autocast_step():
         assert any(it.bytes_written for it in ooc.report().iterations)
 
 
-def test_a_frozen_encoders_fast_path_under_cpu_autocast():
-    """helper-153: nn.TransformerEncoderLayer and nn.MultiheadAttention in eval take
-    PyTorch's fast path, one op whose kernel runs the linears; under any dispatch mode
-    PyTorch ran it without CPU autocast, so the features came out float32 and the head
-    trained on them took other numbers (NOTE [Fast paths under autocast] in aten.py).
-    Recorded, replayed at a budget that moves, and under outcore.record()."""
+@pytest.mark.parametrize("user_mode", [False, True])
+def test_a_frozen_encoders_fast_path_under_cpu_autocast(user_mode):
+    """helper-153: nn.TransformerEncoderLayer in eval takes PyTorch's fast path, one op
+    whose kernel runs the linears; under any dispatch mode PyTorch ran it without CPU
+    autocast, so the features came out float32 and the head trained on them took other
+    numbers (NOTE [Fast paths under autocast] in aten.py). Recorded, replayed at a budget
+    that moves, and under outcore.record(); and with a mode of the user's inside the
+    step, which gives float32 in plain PyTorch too (helper-155)."""
+    from torch.utils.flop_counter import FlopCounterMode
     def make():
         torch.manual_seed(0)
         layer = torch.nn.TransformerEncoderLayer(128, 4, 256, batch_first=True)
@@ -121,19 +126,21 @@ def test_a_frozen_encoders_fast_path_under_cpu_autocast():
 
     def step(encoder, attention, head, opt, i, seen):
         x = torch.randn(8, 16, 128, generator=torch.Generator().manual_seed(i))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            feats = encoder(x)
-            feats = attention(feats, feats, feats, need_weights=False)[0]
+        counting = FlopCounterMode(display=False) if user_mode else contextlib.nullcontext()
+        with counting, torch.autocast("cpu", dtype=torch.bfloat16):
+            encoded = encoder(x)
+            feats = attention(encoded, encoded, encoded, need_weights=False)[0]
             loss = head(feats.mean(1)).float().square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
-        seen.append((feats.dtype, feats.detach().clone(), loss.detach().clone()))
+        seen.append((encoded.dtype, feats.detach().clone(), loss.detach().clone()))
 
     plain, plain_seen = make(), []
     for i in range(4):
         step(*plain, i, plain_seen)
-    assert plain_seen[0][0] == torch.bfloat16        # the fast path cast inside
+    # The fast path cast inside, but not under a mode (the user's).
+    assert plain_seen[0][0] == (torch.float32 if user_mode else torch.bfloat16)
     ours, seen = make(), []
     with outcore.OutOfCore("1MiB", min_move_bytes=0) as ooc:
         for i in range(4):

@@ -393,7 +393,7 @@ class HeldMode(TorchDispatchMode):
             if func.namespace == "profiler":
                 return func(*args, **kwargs)
             if func in FAST_PATH_OPS:       # NOTE [Fast paths under autocast] in aten.py
-                with autocast_as_entered():
+                with autocast_as_entered(self):
                     return self._dispatch(func, args, kwargs)
             return self._dispatch(func, args, kwargs)
         finally:

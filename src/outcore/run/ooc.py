@@ -22,8 +22,9 @@ NOTE [One OutOfCore per process]
 The storages a step touches, glibc's allocator settings and the signal handlers are
 process-wide, so at most one OutOfCore is open in a process at a time: a second one
 raises OutcoreError until the first is closed (or garbage collected). One being made
-holds the slot too (`_building`: two threads making one each at once both opened,
-helper-154), and gives it back if its construction fails. Closing, and the garbage
+holds the slot too, against other threads while its builder runs (`_building`: two
+threads making one each at once both opened, helper-154), and gives it back if its
+construction fails. Closing, and the garbage
 collection of an object never closed, give everything back: the swap file, the
 allocator settings (memory/malloc.py), the process slot.
 
@@ -195,9 +196,13 @@ def _claim(ooc) -> None:
     global _open, _open_pid
     with _open_lock:
         current = open_outofcore()
-        if current is not None and current._building:
+        builder = None if current is None else current._building
+        if builder is not None and builder != threading.get_ident() and any(
+                thread.ident == builder for thread in threading.enumerate()):
             # Closed until its construction completes, yet it holds the slot: two threads
-            # making one each at once both opened (helper-154).
+            # making one each at once both opened (helper-154). Only while its builder
+            # runs elsewhere: one whose construction a Ctrl-C cut between its last lines
+            # is never stuck for its own thread (helper-155).
             raise OutcoreError(
                 "another OutOfCore is being made in this process (on another thread); "
                 "outcore manages one OutOfCore per process (storages, allocator settings "
@@ -524,8 +529,9 @@ class OutOfCore:
         self.policy = policy
         self.plan_options = dict(plan_options or {})
         self._mover = self._durable = None
+        self._building = None
         try:
-            self._building = True       # holds the slot while closed (`_claim`)
+            self._building = threading.get_ident()     # holds the slot while closed (`_claim`)
             _claim(self)
             # The process bound's base (NOTE [The process's base]): the resident set now,
             # and from the first iteration on the one _base() finds then.
@@ -550,15 +556,15 @@ class OutOfCore:
                     shield.uninstall()
             finally:
                 shield.exit()            # a Ctrl-C that came meanwhile is raised here
+            self.closed = False
         except BaseException as exc:
-            self._building = False
+            self.closed, self._building = True, None
             try:
                 self._unbuild()
             except Exception as err:    # noqa: BLE001 - the first error is the user's
                 exc.add_note(f"outcore: giving back what was taken also failed: {err}")
             raise
-        self.closed = False
-        self._building = False           # (open now: `closed` holds the slot)
+        self._building = None            # (open now: `closed` holds the slot)
 
     def _unbuild(self) -> None:
         """Give back what a construction that raised took (all of it, the finalizer, if

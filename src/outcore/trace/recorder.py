@@ -351,7 +351,7 @@ class Recording(TorchDispatchMode):
             self._host_cpu_s += time.thread_time() - self._returned_cpu
         try:
             if func in FAST_PATH_OPS:       # NOTE [Fast paths under autocast] in aten.py
-                with autocast_as_entered():
+                with autocast_as_entered(self):
                     return self._run(func, args, kwargs, None)
             return call_split(func, args, kwargs, self._run)
         finally:
