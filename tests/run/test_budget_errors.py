@@ -474,6 +474,7 @@ def test_a_step_that_draws_its_batch_and_takes_an_mse_loss_records_within_the_bu
     no_sync micro-batch). Nothing remembered from earlier tests: the first sight counts."""
     from outcore.run import on_demand
     monkeypatch.setattr(on_demand, "_CREATED", {})
+    monkeypatch.setattr(on_demand, "_LEARNED", {})
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
                                   for _ in range(4)])
@@ -489,6 +490,7 @@ def test_a_step_that_draws_its_batch_and_takes_an_mse_loss_records_within_the_bu
                     opt.zero_grad()
             report = ooc.report()
         monkeypatch.setattr(on_demand, "_CREATED", {})
+        monkeypatch.setattr(on_demand, "_LEARNED", {})
         assert report.iterations[0].mode == "record"
         assert report.in_core_peak > 1.8 * budget
         peaks = [it.peak_resident for it in report.iterations]

@@ -363,11 +363,12 @@ def _learnt_as_on_demand(extra, name, tmp_path, monkeypatch) -> None:
     learnt = []
     for state in ("on", "off"):
         on_demand._CREATED.clear()
+        on_demand._LEARNED.clear()
         with monkeypatch.context() as m:
             if state == "off":
                 m.setattr(Headroom, "enter", classmethod(lambda *a: None))
             _deviating("64MiB", extra, tmp_path / state)
-        learnt.append({str(key[0]): n for key, n in on_demand._CREATED.items()
+        learnt.append({str(key[0]): n for key, n in on_demand._LEARNED.items()
                        if name in str(key[0])})
     assert learnt[0] == learnt[1] and learnt[0], learnt
 

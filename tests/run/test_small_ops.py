@@ -500,6 +500,43 @@ def test_a_foreach_op_whose_first_tensor_is_small_is_followed(foreach, tmp_path)
     assert not any(it.tracked for it in later[1:]), str(report)
 
 
+def test_a_small_nonzero_beside_a_large_one_of_its_signature_replays(tmp_path):
+    """helper-156, mixture-of-experts routing: a rarely chosen expert's `nonzero` makes
+    under 1 KiB, another expert's of a mask of the same shape makes more. What an op
+    made is remembered per signature to make room on demand, and the replay judged the
+    small one by it ("may make more"), so a step of that shape left its plan at every
+    replay and was recorded again: RDRDRD... for good. It is judged by its own call now
+    (its meta kernel cannot tell: the data decides, rule 5), and the plan settles."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(),
+                                    torch.nn.Linear(1024, 64))
+        return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step(model, opt, i):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(256, 64, generator=g)
+        common = torch.rand(256, 2, generator=g) < (0.4 if i < 3 else 0.3)    # ~3 KiB
+        rare = torch.zeros(256, 2, dtype=torch.bool)                          # 128 B
+        rare[torch.randint(0, 256, (8,), generator=g), 0] = True
+        loss = 0
+        for mask in (common, rare):
+            tokens, _ = mask.nonzero(as_tuple=True)
+            loss = loss + model(x[tokens]).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    plain, ours = make(), make()
+    with outcore.OutOfCore("3MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for i in range(12):
+            step(*plain, i)
+            with ooc.iteration():
+                step(*ours, i)
+        modes = [(it.mode, bool(it.deviation)) for it in ooc.report().iterations]
+    assert all(mode == ("replay", False) for mode in modes[4:]), modes
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+
+
 def test_a_small_float_tensor_divided_by_a_0_dim_int64_counter_replays(tmp_path):
     """AveragedModel's SWA update divides each parameter's difference by its 0-dim int64
     `n_averaged + 1`: a 256-float bias makes 1 KiB, small as recorded. Judged by its widest

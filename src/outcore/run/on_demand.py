@@ -247,7 +247,7 @@ def _learned(func, args, kwargs) -> int:
         key = (func, _signature(args), _signature(kwargs))
     except _Unhashable:
         return 0
-    return _CREATED.get(key) or 0
+    return max(_CREATED.get(key) or 0, _LEARNED.get(key, 0))
 
 
 # View ops of a sparse tensor that return one of its parts as it is: no new storage.
@@ -292,6 +292,8 @@ def _meta_or_none(x):
 # call on this machine). Bounded: emptied when full.
 _CREATED: dict = {}
 _CREATED_MAX = 8192
+# What an op made beyond that, per signature (`learn_created`): the most of any call.
+_LEARNED: dict = {}
 
 
 class _Unhashable(Exception):
@@ -327,9 +329,13 @@ def _signature(x):
     raise _Unhashable
 
 
-def created_bytes(func, args, kwargs) -> int | None:
+def created_bytes(func, args, kwargs, learned: bool = True) -> int | None:
     """`_created_bytes`, remembered per op and argument signature: the answer depends on
-    nothing else."""
+    nothing else; with `learned`, raised to the most a call of the signature made
+    (`learn_created`). Without, the meta kernel's answer alone: what this call makes,
+    where None means the data decides (`Replayer._runs_small`: a nonzero of a rare MoE
+    expert's mask, of a signature whose other calls made more, was judged by those, and
+    a step of that shape left its plan at every replay; helper-156)."""
     if func.namespace != "aten":
         return None
     try:
@@ -339,8 +345,11 @@ def created_bytes(func, args, kwargs) -> int | None:
     if key not in _CREATED:
         if len(_CREATED) >= _CREATED_MAX:
             _CREATED.clear()
+            _LEARNED.clear()
         _CREATED[key] = _created_bytes(func, args, kwargs)
-    return _CREATED[key]
+    made = _CREATED[key]
+    more = _LEARNED.get(key) if learned else None
+    return made if more is None or (made is not None and made >= more) else more
 
 
 def learn_created(func, args, kwargs, made: int) -> None:
@@ -355,10 +364,10 @@ def learn_created(func, args, kwargs, made: int) -> None:
         key = (func, _signature(args), _signature(kwargs))
     except _Unhashable:
         return
-    if made > (_CREATED.get(key) or 0):
-        if len(_CREATED) >= _CREATED_MAX and key not in _CREATED:
-            _CREATED.clear()
-        _CREATED[key] = made
+    if made > max(_CREATED.get(key) or 0, _LEARNED.get(key, 0)):
+        if len(_LEARNED) >= _CREATED_MAX and key not in _LEARNED:
+            _LEARNED.clear()
+        _LEARNED[key] = made
 
 
 def _created_bytes(func, args, kwargs) -> int | None:

@@ -213,7 +213,10 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      the plan and runs on demand, its room made first, so the budget holds. One whose
      meta kernel cannot tell (an output sized by the data: `nonzero`) and that made one
      all the same leaves the plan after it ran, its outputs counted from there: the
-     budget is passed by what it made, as on demand (README).
+     budget is passed by what it made, as on demand (README). Such an op is judged by
+     its own call, never by what earlier calls of its signature made (remembered to make
+     room on demand: `created_bytes(learned=False)`): a rarely chosen expert's `nonzero`
+     was judged by the others' and left the plan at every replay (helper-156).
   6. What an extra makes is tracked as it returns (pinned: counted beside the plan, as
      every storage under min_move_bytes); what a skipped function would have made is
      bound where a later function first reads it, as any new storage.

@@ -1269,7 +1269,7 @@ class Replayer(HeldMode):
             except RuntimeError:
                 return False
             return numel * _pointwise_width(func, args, kwargs, tensors) <= SMALL_OP_BYTES
-        made = created_bytes(func, args, kwargs)
+        made = created_bytes(func, args, kwargs, learned=False)    # this call's, not others'
         return made is None or made <= SMALL_OP_BYTES
 
     def _extra(self, func, args, kwargs, storages):
