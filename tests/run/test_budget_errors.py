@@ -847,6 +847,21 @@ def test_the_arrays_that_never_move_are_counted_by_why(tmp_path):
                      r"DataLoader workers", message), message
     assert "not resizable" not in message, message
 
+    # A private mapping of a file says is_shared() too, and is not resizable: counted
+    # as such, with that advice (helper-155).
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(2 * MIB))
+    mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=2 * MIB)
+    assert mapped.is_shared() and not mapped.resizable()
+    model = torch.nn.Linear(1024, 512, bias=False)
+    model.weight = torch.nn.Parameter(torch.empty(0).set_(mapped, 0, (512, 1024)))
+    with pytest.raises(outcore.InfeasibleBudget) as err:
+        with outcore.OutOfCore(3 * MIB, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+            with ooc.iteration():
+                model(torch.randn(8, 1024)).sum().backward()
+    message = str(err.value)
+    assert "in 1 storage not resizable" in message and "shared memory" not in message, message
+
 
 def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_runs_op_by_op(tmp_path, caplog):
     """Forty small arrays alive at once early, three large ones late: the recording makes

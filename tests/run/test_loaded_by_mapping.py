@@ -15,7 +15,7 @@ import torch
 import outcore
 from outcore.errors import OutcoreError
 from outcore.integrations import make_movable
-from outcore.run.mapped import _in_private_file_mappings
+from outcore.run.mapped import in_private_file_mappings
 
 from ..trace.helpers import assert_bitwise_equal, state_of
 
@@ -152,7 +152,7 @@ def test_only_private_mappings_of_files_are_taken_for_loaded_weights(tmp_path):
 
     def covered(t):
         storage = t.untyped_storage()
-        return _in_private_file_mappings(storage.data_ptr(), storage.nbytes())
+        return in_private_file_mappings(storage.data_ptr(), storage.nbytes())
     assert covered(torch.from_numpy(np.memmap(path, np.uint8, "c")))          # copy-on-write
     assert not covered(torch.from_numpy(np.memmap(path, np.uint8, "r+")))     # shared
     assert not covered(torch.from_numpy(np.zeros(4 * mmap.PAGESIZE, np.uint8)))  # heap

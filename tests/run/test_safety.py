@@ -327,7 +327,8 @@ def test_optimizer_steps_end_with_their_frame():
     held, seen = threading.Event(), []
     worker = threading.Thread(target=step, args=(held.wait,))
     worker.start()
-    while not steps._steps:
+    deadline = time.monotonic() + 30
+    while not steps._steps and time.monotonic() < deadline:
         time.sleep(0.001)
     seen.append(steps.open())
     held.set()

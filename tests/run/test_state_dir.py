@@ -220,6 +220,9 @@ def test_bad_uses_are_refused(tmp_path):
     for path in (tmp_path / "f", tmp_path / "f" / "sub" / "dir"):
         with pytest.raises(OutcoreError, match=f"{tmp_path / 'f'} is a file, not a directory"):
             outcore.OutOfCore("1MiB", state_dir=path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")      # helper-155
+    with pytest.raises(OutcoreError, match="dangling is a link to .*nowhere, which does not"):
+        outcore.OutOfCore("1MiB", state_dir=tmp_path / "dangling")
 
 
 def test_a_live_model_resumed_keeps_no_gradient_the_commit_did_not(tmp_path):

@@ -62,6 +62,9 @@ NOTE [Durable state]
      None where none was kept: a live model resumed in the same process (a notebook's
      cell run again after an iteration that stopped after its backward) kept the
      stopped iteration's gradients, and the next backward added to them (helper-154).
+     Before the first commit there is nothing to go back to: resume() returns 0 and
+     changes nothing, so a live model that an iteration changed before any commit
+     (gradients, a step) goes on as that iteration left it; rebuild it instead.
      Sparse gradients are not kept.
  11. The count is of iteration blocks that ended, those that raised included, and a
      commit happens only when one completes: a block that raised (a NaN guard after
@@ -143,6 +146,8 @@ def _why_not(exc: OSError) -> str:
         path = os.fspath(exc.filename)
         while path and not os.path.lexists(path):
             path = os.path.dirname(path)
+        if path and os.path.islink(path) and not os.path.exists(path):
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
         if path and not os.path.isdir(path):
             return f"{path} is a file, not a directory"
     return exc.strerror or str(exc)

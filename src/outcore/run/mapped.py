@@ -270,7 +270,7 @@ def private_file_spans() -> list[tuple[int, int]]:
     return spans
 
 
-def _in_private_file_mappings(start: int, nbytes: int, spans=None) -> bool:
+def in_private_file_mappings(start: int, nbytes: int, spans=None) -> bool:
     """Whether [start, start + nbytes) lies wholly in one run of `spans` (default: read
     now, `private_file_spans`)."""
     spans = private_file_spans() if spans is None else spans
@@ -285,7 +285,7 @@ def loaded_by_mapping(storage, spans=None) -> bool:
     nbytes = storage.nbytes()
     return (bool(nbytes) and storage.device.type == "cpu" and not storage.resizable()
             and not storage.is_shared()
-            and _in_private_file_mappings(storage.data_ptr(), nbytes, spans))
+            and in_private_file_mappings(storage.data_ptr(), nbytes, spans))
 
 
 _given_up: dict[int, tuple[weakref.ref, object]] = {}    # NOTE [Loaded by mapping] rule 3

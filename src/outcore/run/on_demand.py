@@ -547,8 +547,10 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
     holds those a lower min_move_bytes would let move (not shared, exported or
     unresizable too), which the error's advice weighs."""
     from ..aten import read_past
+    from .mapped import in_private_file_mappings, private_file_spans
     from .sharing import exported
     out: dict[str, tuple[int, int]] = {}
+    spans = None
     owners: set = set()
     for e in list(res.entries.values()):
         if not ((e.pinned or e.owner) and e.state is FAST and not e.elsewhere):
@@ -557,8 +559,14 @@ def _never_moves(res: Residency) -> dict[str, tuple[int, int]]:
         if storage is None:
             continue
         # Shared before unresizable: a DataLoader worker's batch is both, and its
-        # advice is the shared one's (helper-153).
+        # advice is the shared one's (helper-153). A private mapping of a file
+        # (`UntypedStorage.from_file(shared=False)`) says is_shared() too, and is
+        # unresizable's (helper-155).
         shared = storage.device.type == "cpu" and storage.is_shared()
+        if shared and not storage.resizable():
+            if spans is None:
+                spans = private_file_spans()      # read once, where it matters
+            shared = not in_private_file_mappings(storage.data_ptr(), storage.nbytes(), spans)
         reason = ("owned" if e.owner else "shared" if shared
                   else "unresizable" if not storage.resizable()
                   else "exported" if exported(storage)

@@ -96,7 +96,7 @@ class OptimizerSteps:
     def begin(self) -> None:
         self._steps = [step for step in self._steps if _on_stack(step[1], step[2])]
         frame = sys._getframe(1)
-        while frame is not None and frame.f_globals.get("__name__", "").startswith("outcore."):
+        while frame is not None and frame.f_globals.get("__name__", "").startswith(_PACKAGE):
             frame = frame.f_back
         self._steps.append((torch._C._current_graph_task_id() != -1,
                             threading.get_ident(), frame))
@@ -126,6 +126,10 @@ class OptimizerSteps:
                 tb = tb.tb_next
             exc = exc.__cause__
         return False
+
+
+# Where outcore's own modules are, however it was imported (vendored under another name).
+_PACKAGE = __name__.removesuffix("trace.recorder")
 
 
 def _on_stack(thread: int, frame) -> bool:
