@@ -532,7 +532,7 @@ def test_state_made_before_the_outofcore_leaves_the_base_once_taken_over(order):
         assert report.rss_adopted == 2 * params          # parameters and momentum buffers
         assert report.rss_start <= before - 2 * params + 4 * MiB, \
             (before - 2 * params - report.rss_start) / MiB
-        assert "of state made before the OutOfCore that it took over" in str(report)
+        assert "of state made before the first iteration that it took over" in str(report)
     else:
         assert report.rss_adopted == 0
         assert "took over" not in str(report)

@@ -202,7 +202,9 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      small itself (`Replayer._skip_small`): a large `div` passes a small `div` the step
      did not run (a small op may match a function that is not small: its arrays
      decide). The functions passed are skipped: their begin- and end-actions run in
-     order. Where none matches, a small op runs as it is, unrecorded, and the index stays
+     order, each after room is made for tensors beside the plan as before a function's
+     own (`_keep_room`: without it, restores passed the budget where the last
+     iteration's logits lived on; helper-157). Where none matches, a small op runs as it is, unrecorded, and the index stays
      (`_extra`); so does one that matched by name but not by its arrays (before it
      runs) or by the new bytes it makes (after: the function's begin-actions ran; run
      again at the function, they find their arrays where they left them). Any other op

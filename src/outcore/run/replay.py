@@ -1079,6 +1079,8 @@ class Replayer(HeldMode):
         if j == n and name is not None:
             return False
         for k in range(self.index, j):
+            if self._stranger_bytes:      # as `_one` does before a function's actions
+                self._keep_room(k)
             self._actions(self.schedule.begin[k])
             self._actions(self.schedule.end[k])
         self.index = j

@@ -360,7 +360,7 @@ class Report:
         if self.iterations:
             made = (f"{format_bytes(self.rss_made)} when made, " if self.rss_made else "")
             adopted = (f", and the {format_bytes(self.rss_adopted)} of state made before the "
-                       "OutOfCore that it took over" if self.rss_adopted else "")
+                       "first iteration that it took over" if self.rss_adopted else "")
             lines.append(f"  resident set: {made}{format_bytes(self.rss_start)} when the first "
                          f"iteration began (less the managed bytes{adopted}: the base); per "
                          "iteration "
