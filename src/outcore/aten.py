@@ -334,13 +334,20 @@ def autocast_as_entered(mode):
 
 def _handled_above(mode) -> bool:
     """Whether another Python handler (a mode's or a tensor subclass's
-    `__torch_dispatch__`) runs above `mode`'s on this thread's stack (rule 3)."""
+    `__torch_dispatch__`) than outcore's own runs above `mode`'s on this thread's stack
+    (rule 3). outcore's own (`outcore.record()` inside an iteration) put autocast back
+    as the caller had it: they count as `mode` (helper-158)."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "__torch_dispatch__" and frame.f_locals.get("self") is not mode:
-            return True
+        if frame.f_code.co_name == "__torch_dispatch__":
+            handler = frame.f_locals.get("self", frame.f_locals.get("cls"))
+            if handler is not mode and not type(handler).__module__.startswith(_PACKAGE):
+                return True
         frame = frame.f_back
     return False
+
+
+_PACKAGE = __name__.removesuffix("aten")          # "outcore.", however it was imported
 
 
 # NOTE [Read past the dispatcher]

@@ -105,14 +105,15 @@ def test_bf16_autocast_step():
         assert any(it.bytes_written for it in ooc.report().iterations)
 
 
-@pytest.mark.parametrize("user_mode", [False, True])
+@pytest.mark.parametrize("user_mode", [None, "FlopCounterMode", "outcore.record()"])
 def test_a_frozen_encoders_fast_path_under_cpu_autocast(user_mode):
     """helper-153: nn.TransformerEncoderLayer in eval takes PyTorch's fast path, one op
     whose kernel runs the linears; under any dispatch mode PyTorch ran it without CPU
     autocast, so the features came out float32 and the head trained on them took other
     numbers (NOTE [Fast paths under autocast] in aten.py). Recorded, replayed at a budget
     that moves, and under outcore.record(); and with a mode of the user's inside the
-    step, which gives float32 in plain PyTorch too (helper-155)."""
+    step, which gives float32 in plain PyTorch too (helper-155), or outcore.record()
+    inside the iteration, which gives what plain PyTorch gives (helper-158)."""
     from torch.utils.flop_counter import FlopCounterMode
     def make():
         torch.manual_seed(0)
@@ -126,8 +127,9 @@ def test_a_frozen_encoders_fast_path_under_cpu_autocast(user_mode):
 
     def step(encoder, attention, head, opt, i, seen):
         x = torch.randn(8, 16, 128, generator=torch.Generator().manual_seed(i))
-        counting = FlopCounterMode(display=False) if user_mode else contextlib.nullcontext()
-        with counting, torch.autocast("cpu", dtype=torch.bfloat16):
+        inner = (FlopCounterMode(display=False) if user_mode == "FlopCounterMode"
+                 else outcore.record() if user_mode else contextlib.nullcontext())
+        with inner, torch.autocast("cpu", dtype=torch.bfloat16):
             encoded = encoder(x)
             feats = attention(encoded, encoded, encoded, need_weights=False)[0]
             loss = head(feats.mean(1)).float().square().mean()
@@ -140,7 +142,8 @@ def test_a_frozen_encoders_fast_path_under_cpu_autocast(user_mode):
     for i in range(4):
         step(*plain, i, plain_seen)
     # The fast path cast inside, but not under a mode (the user's).
-    assert plain_seen[0][0] == (torch.float32 if user_mode else torch.bfloat16)
+    assert plain_seen[0][0] == (torch.float32 if user_mode == "FlopCounterMode"
+                                else torch.bfloat16)
     ours, seen = make(), []
     with outcore.OutOfCore("1MiB", min_move_bytes=0) as ooc:
         for i in range(4):

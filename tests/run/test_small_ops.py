@@ -537,6 +537,36 @@ def test_a_small_nonzero_beside_a_large_one_of_its_signature_replays(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
 
 
+def test_a_data_sized_op_off_the_record_makes_room_for_what_its_signature_made(tmp_path):
+    """helper-158: judged by its own call everywhere (the first mend for the MoE case
+    above), a `repeat_interleave` of a 1 KiB tensor that the record lacks at that point
+    ran beside the plan and passed the budget by the 2 MiB it made; earlier calls of its
+    signature made that much, so it leaves the plan before it runs, its room made."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    counts = torch.full((128,), 4096, dtype=torch.int64)        # 1 KiB; makes 2 MiB
+    budget = 6 * 2**20
+
+    def step(i):
+        x = torch.randn(512, 512, generator=torch.Generator().manual_seed(i))
+        if i >= 4 and i % 2 == 0:
+            x = x + torch.repeat_interleave(counts)[:1].float()     # off the record
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        return torch.repeat_interleave(counts).sum()                # always, at the end
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for i in range(8):
+            with ooc.iteration():
+                step(i)
+        iterations = ooc.report().iterations
+    # The first call of all passes it by what it made: no meta kernel can tell (README).
+    assert all(it.peak_resident <= budget for it in iterations[1:]), [
+        (it.mode, it.peak_resident - budget) for it in iterations]
+    assert iterations[4].deviation and "repeat_interleave" in iterations[4].deviation
+
+
 def test_small_functions_passed_make_room_for_strangers_first(tmp_path):
     """helper-157, greedy decoding one token per iteration under no_grad: the last
     logits (a view the user keeps) live into the next iteration beside the plan, and the

@@ -204,21 +204,25 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      decide). The functions passed are skipped: their begin- and end-actions run in
      order, each after room is made for tensors beside the plan as before a function's
      own (`_keep_room`: without it, restores passed the budget where the last
-     iteration's logits lived on; helper-157). Where none matches, a small op runs as it is, unrecorded, and the index stays
-     (`_extra`); so does one that matched by name but not by its arrays (before it
-     runs) or by the new bytes it makes (after: the function's begin-actions ran; run
-     again at the function, they find their arrays where they left them). Any other op
-     leaves the plan, as any deviation. A planner-inserted function (a recompute) is
-     never passed.
+     iteration's logits lived on; helper-157). Where none matches, a small op runs as
+     it is, unrecorded, and the index stays (`_extra`); so does one that matched by
+     name but not by its arrays (before it runs) or by the new bytes it makes (after:
+     the function's begin-actions ran; run again at the function, they find their
+     arrays where they left them). Any other op leaves the plan, as any deviation. A
+     planner-inserted function (a recompute) is never passed.
   5. An op that its meta kernel says makes a storage larger than SMALL_OP_BYTES (a
      factory with no tensor argument: `torch.full((n,), 1.0)`) is no small op: it leaves
      the plan and runs on demand, its room made first, so the budget holds. One whose
      meta kernel cannot tell (an output sized by the data: `nonzero`) and that made one
      all the same leaves the plan after it ran, its outputs counted from there: the
-     budget is passed by what it made, as on demand (README). Such an op is judged by
-     its own call, never by what earlier calls of its signature made (remembered to make
-     room on demand: `created_bytes(learned=False)`): a rarely chosen expert's `nonzero`
-     was judged by the others' and left the plan at every replay (helper-156).
+     budget is passed by what it made, as on demand (README). Where the record has a
+     small function of its name at that point, such an op is judged by its own call,
+     not by what earlier calls of its signature made (remembered to make room on
+     demand: `created_bytes(learned=False)`): a rarely chosen expert's `nonzero` was
+     judged by the others' and left the plan at every replay (helper-156). Elsewhere
+     what its signature made counts, and it leaves the plan before it runs, its room
+     made (helper-158: judged by its own call there, it ran beside the plan and passed
+     the budget by the 4 MiB it made).
   6. What an extra makes is tracked as it returns (pinned: counted beside the plan, as
      every storage under min_move_bytes); what a skipped function would have made is
      bound where a later function first reads it, as any new storage.

@@ -1257,7 +1257,12 @@ class Replayer(HeldMode):
 
     def _runs_small(self, func, args, kwargs, storages) -> bool:
         """Rules 1 and 5, before the op runs: it reads only small storages, and its meta
-        kernel does not say it makes a larger one (a factory: `torch.full((n,), 1.0)`)."""
+        kernel does not say it makes a larger one (a factory: `torch.full((n,), 1.0)`),
+        nor, unless the record has a small function of its name where the step stands,
+        did an earlier call of its signature make one (rule 5: a rare MoE expert's
+        `nonzero`, recorded small, is judged by its own call, helper-156; an op the
+        record lacks there by what its signature made, whose room is made first,
+        helper-158)."""
         if not self._small(func, storages):
             return False
         if makes_nothing_new(func):
@@ -1271,7 +1276,9 @@ class Replayer(HeldMode):
             except RuntimeError:
                 return False
             return numel * _pointwise_width(func, args, kwargs, tensors) <= SMALL_OP_BYTES
-        made = created_bytes(func, args, kwargs, learned=False)    # this call's, not others'
+        i = self.index
+        recorded_small = i < self.n and self.small[i] and self.op_names[i] == self._name(func)
+        made = created_bytes(func, args, kwargs, learned=not recorded_small)
         return made is None or made <= SMALL_OP_BYTES
 
     def _extra(self, func, args, kwargs, storages):
