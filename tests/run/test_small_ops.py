@@ -540,12 +540,13 @@ def test_a_small_nonzero_beside_a_large_one_of_its_signature_replays(tmp_path):
 def test_a_data_sized_op_off_the_record_makes_room_for_what_its_signature_made(tmp_path):
     """helper-158: judged by its own call everywhere (the first mend for the MoE case
     above), a `repeat_interleave` of a 1 KiB tensor that the record lacks at that point
-    ran beside the plan and passed the budget by the 2 MiB it made; earlier calls of its
-    signature made that much, so it leaves the plan before it runs, its room made."""
+    ran beside the plan and passed the budget by 1 MiB of the 4 MiB it made; earlier
+    calls of its signature made that much, so it leaves the plan before it runs, its
+    room made."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    counts = torch.full((128,), 4096, dtype=torch.int64)        # 1 KiB; makes 2 MiB
+    counts = torch.full((128,), 4096, dtype=torch.int64)        # 1 KiB; makes 4 MiB
     budget = 6 * 2**20
 
     def step(i):

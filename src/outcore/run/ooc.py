@@ -24,9 +24,9 @@ process-wide, so at most one OutOfCore is open in a process at a time: a second 
 raises OutcoreError until the first is closed (or garbage collected). One being made
 holds the slot too, against other threads while its builder runs (`_building`: two
 threads making one each at once both opened, helper-154), and gives it back if its
-construction fails. Closing, and the garbage
-collection of an object never closed, give everything back: the swap file, the
-allocator settings (memory/malloc.py), the process slot.
+construction fails. Closing, and the garbage collection of an object never closed,
+give everything back: the swap file, the allocator settings (memory/malloc.py), the
+process slot.
 
 NOTE [The process's base]
 The whole process is measured against a base: its resident set when the first

@@ -221,8 +221,8 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      demand: `created_bytes(learned=False)`): a rarely chosen expert's `nonzero` was
      judged by the others' and left the plan at every replay (helper-156). Elsewhere
      what its signature made counts, and it leaves the plan before it runs, its room
-     made (helper-158: judged by its own call there, it ran beside the plan and passed
-     the budget by the 4 MiB it made).
+     made (helper-158: judged by its own call there, a `repeat_interleave` making 4 MiB
+     ran beside the plan and passed the budget).
   6. What an extra makes is tracked as it returns (pinned: counted beside the plan, as
      every storage under min_move_bytes); what a skipped function would have made is
      bound where a later function first reads it, as any new storage.

@@ -113,8 +113,9 @@ class OptimizerSteps:
         return bool(self.open())
 
     def raised_inside(self, exc: BaseException | None) -> bool:
-        """Whether `exc`, or an exception it was raised from, came out of a step begun
-        here since the last `begin` (its traceback passes through the step's frame)."""
+        """Whether `exc`, or an exception it was raised from, came out of a step still
+        listed (its traceback passes through the step's frame; `begin` drops the steps
+        whose frame has left the stack)."""
         frames = {id(step[2]) for step in self._steps}
         seen: set[int] = set()
         while exc is not None and frames and id(exc) not in seen:
