@@ -70,3 +70,30 @@ def test_trace_peak_matches_resident_memory(children, name, batch):
     assert predicted > 50 * 2**20            # the step's own working memory dominates
     # Within 5%: kernels' internal scratch buffers are invisible to the trace.
     assert abs(grew - predicted) <= 0.05 * predicted, (grew, predicted)
+
+
+def test_the_report_gives_the_peak_plain_pytorch_holds(tmp_path):
+    """The report's in-core peak counts a tensor until its last use, the least any run
+    must hold; plain PyTorch holds it until it is freed. helper-159 read the first to
+    pick a budget and found the plan's peak above it (45.21 vs 40.14 MiB at 1 GiB): the
+    report now gives both, and a plan that moves nothing peaks at the second."""
+    import torch
+
+    import outcore
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with outcore.OutOfCore("1GiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(3):
+            with ooc.iteration():
+                x = torch.randn(256, 512)
+                hidden = model[0](x)              # held by its name past its last use
+                loss = model[1:](hidden).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                del hidden, loss
+        report = ooc.report()
+    assert report.held_peak > report.in_core_peak > 0
+    assert report.planned_peak <= report.held_peak
+    assert "as plain PyTorch holds them, each until it is freed" in str(report)

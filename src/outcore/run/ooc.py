@@ -1557,6 +1557,7 @@ class OutOfCore:
             swap=repr(self._mover),
             functions=sum(f.repeats is None for f in trace.functions) if trace else 0,
             in_core_peak=self._in_core_peak if trace else 0,
+            held_peak=trace.peak(actual=True)[0] if trace else 0,
             largest_in_core_peak=self._largest_peak,
             planned_peak=schedule.peak_bytes if schedule else None,
             planned_in=schedule.bytes_in if schedule else None,

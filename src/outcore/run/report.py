@@ -222,6 +222,10 @@ class Report:
     planned_between: tuple[int, int] = (0, 0)   # bytes read, written between iterations
                                                  # (Schedule.boundary)
     step_shapes: int = 0           # plans kept, one per shape of step (NOTE [Step shapes])
+    held_peak: int = 0             # that step's peak as plain PyTorch holds it: each tensor
+                                   # until it is freed, not until its last use (`Trace.peak(
+                                   # actual=True)`; helper-159 read the lower figure and
+                                   # found a plan above it); 0 where unknown
     largest_in_core_peak: int = 0  # the largest in_core_peak of the steps planned: with
                                    # several shapes (an eval step, sizes that vary),
                                    # in_core_peak is that of the plan in use last. Steps
@@ -324,10 +328,13 @@ class Report:
             largest = (f"; the largest of the steps planned {format_bytes(self.largest_in_core_peak)}"
                        f" ({self.largest_in_core_peak / self.budget:.2f}x)"
                        if self.largest_in_core_peak > self.in_core_peak else "")
+            held = (f", {format_bytes(self.held_peak)} as plain PyTorch holds them, each until "
+                    f"it is freed ({self.held_peak / self.budget:.2f}x)"
+                    if self.held_peak > self.in_core_peak else "")
             lines.append(f"  recorded: {self.functions} functions, in-core peak {format_bytes(self.in_core_peak)} "
-                         f"of live tensors ({self.in_core_peak / self.budget:.2f}x the budget; "
-                         f"a plain run's resident memory is more: the allocator keeps what "
-                         f"was freed, the process its libraries){largest}")
+                         f"of tensors in use ({self.in_core_peak / self.budget:.2f}x the budget)"
+                         f"{held}; a plain run's resident memory is more: the allocator keeps "
+                         f"what was freed, the process its libraries{largest}")
         if self.planned_peak is not None:
             lines.append(f"  planned:  peak {format_bytes(self.planned_peak)}, per iteration "
                          f"{format_bytes(self.planned_in)} in, {format_bytes(self.planned_out)} out"
