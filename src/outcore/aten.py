@@ -309,8 +309,9 @@ def loading():
 #      is a `__torch_dispatch__` frame above outcore's on the stack (`_handled_above`).
 #   4. Other ops with a backend kernel that runs ops autocast would cast are not known
 #      in torch 2.13: autocast casts its listed ops before any mode sees them, and
-#      composite ones decompose above the modes.
-FAST_PATH_OPS = frozenset((torch.ops.aten._transformer_encoder_layer_fwd.default,))
+#      composite ones decompose above the modes. One op, so every op dispatched is
+#      compared by identity (an OpOverload's hash is Python code).
+FAST_PATH_OP = torch.ops.aten._transformer_encoder_layer_fwd.default
 
 
 @contextlib.contextmanager
@@ -341,13 +342,13 @@ def _handled_above(mode) -> bool:
     while frame is not None:
         if frame.f_code.co_name == "__torch_dispatch__":
             handler = frame.f_locals.get("self", frame.f_locals.get("cls"))
-            if handler is not mode and not type(handler).__module__.startswith(_PACKAGE):
+            if handler is not mode and not type(handler).__module__.startswith(PACKAGE):
                 return True
         frame = frame.f_back
     return False
 
 
-_PACKAGE = __name__.removesuffix("aten")          # "outcore.", however it was imported
+PACKAGE = __name__.removesuffix("aten")          # "outcore.", however it was imported
 
 
 # NOTE [Read past the dispatcher]

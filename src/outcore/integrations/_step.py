@@ -179,8 +179,8 @@ def _loaded_by_mapping(module, ooc) -> int:
                 or not loaded_by_mapping(storage, spans)):
             continue
         found[storage._cdata] = (name, storage)
-    spans = sorted((s.data_ptr(), s.data_ptr() + s.nbytes(), name) for name, s in found.values())
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+    ranges = sorted((s.data_ptr(), s.data_ptr() + s.nbytes(), name) for name, s in found.values())
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
         if start < end:
             raise OutcoreError(
                 f"make_movable: {first} and {second} lie over the same bytes of a mapped "

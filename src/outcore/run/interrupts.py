@@ -75,7 +75,7 @@ import weakref
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import FAST_PATH_OPS, autocast_as_entered
+from ..aten import FAST_PATH_OP, autocast_as_entered
 
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
@@ -392,7 +392,7 @@ class HeldMode(TorchDispatchMode):
         try:
             if func.namespace == "profiler":
                 return func(*args, **kwargs)
-            if func in FAST_PATH_OPS:       # NOTE [Fast paths under autocast] in aten.py
+            if func is FAST_PATH_OP:        # NOTE [Fast paths under autocast] in aten.py
                 with autocast_as_entered(self):
                     return self._dispatch(func, args, kwargs)
             return self._dispatch(func, args, kwargs)

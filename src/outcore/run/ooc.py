@@ -615,7 +615,7 @@ class OutOfCore:
                                            self._pager, self._durable, step_hook)
         self.trace = None            # those of the plan the last iteration used
         self.schedule = None
-        self._in_core_peak = 0
+        self._in_core_peak = self._held_peak = 0
         self._largest_peak = 0          # of every step planned (Report.largest_in_core_peak)
         self._plans = Plans()        # NOTE [Step shapes] in plans.py
         self._plan: Plan | None = None       # the plan the last iteration used
@@ -1172,7 +1172,8 @@ class OutOfCore:
             plannable, budget, mode=self.recompute, policy=self.policy,
             machine=options.pop("machine", self.machine),
             min_bytes=max(self._res.min_move_bytes, 1), foreign=held | owned, **options)
-        self._in_core_peak = trace.peak()[0]
+        # The least any run holds, and what plain PyTorch held (Report.held_peak).
+        self._in_core_peak, self._held_peak = trace.peak()[0], trace.peak(actual=True)[0]
         self._largest_peak = max(self._largest_peak, self._in_core_peak)
         trace = rewrite(trace, chosen)          # the same repeats, at the recorded sizes
         check(plannable, schedule, budget)
@@ -1203,6 +1204,7 @@ class OutOfCore:
         # are 0 bytes there, and never move (Schedule.boundary).
         plan = Plan(shape=shape_of(keys), trace=trace, schedule=schedule, keys=keys,
                     between=schedule.boundary(plannable), in_core_peak=self._in_core_peak,
+                    held_peak=self._held_peak,
                     persistent=frozenset(a.id for a in trace.arrays
                                          if a.kind == "persistent" and a.existed_before),
                     started_from=dict(self._carried), held_beside=beside,
@@ -1272,6 +1274,7 @@ class OutOfCore:
         """Make `plan` the one the report, timeline() and plot() show."""
         self._plan, self.trace, self.schedule = plan, plan.trace, plan.schedule
         self._between, self._in_core_peak = plan.between, plan.in_core_peak
+        self._held_peak = plan.held_peak
 
     def _held_beside(self, known, counted: bool = False) -> int:
         """Bytes that storages that never move hold in fast memory now, besides those in
@@ -1557,7 +1560,7 @@ class OutOfCore:
             swap=repr(self._mover),
             functions=sum(f.repeats is None for f in trace.functions) if trace else 0,
             in_core_peak=self._in_core_peak if trace else 0,
-            held_peak=trace.peak(actual=True)[0] if trace else 0,
+            held_peak=self._held_peak if trace else 0,
             largest_in_core_peak=self._largest_peak,
             planned_peak=schedule.peak_bytes if schedule else None,
             planned_in=schedule.bytes_in if schedule else None,

@@ -543,6 +543,7 @@ class Plan:
     in_core_peak: int
     persistent: frozenset       # ids of the arrays that are state kept across steps
     started_from: dict          # {array id: entry}: the state it started from last time
+    held_peak: int = 0          # its peak as plain PyTorch held it (Report.held_peak)
     held_beside: int = 0        # bytes kept by collectives beside the step, planned for
     held_in_step: frozenset = frozenset()   # entries kept by collectives the step touches
     recorded: object = None     # the trace as recorded (or its envelope): rule 10

@@ -25,9 +25,9 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import (FAST_PATH_OPS, FRESH_ARGUMENT_OPS, autocast_as_entered, call_split,
-                    made_outside, note_read_past, op_inputs, output_tensors, storage_of,
-                    written_tensors)
+from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, autocast_as_entered,
+                    call_split, made_outside, note_read_past, op_inputs, output_tensors,
+                    storage_of, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -96,7 +96,7 @@ class OptimizerSteps:
     def begin(self) -> None:
         self._steps = [step for step in self._steps if _on_stack(step[1], step[2])]
         frame = sys._getframe(1)
-        while frame is not None and frame.f_globals.get("__name__", "").startswith(_PACKAGE):
+        while frame is not None and frame.f_globals.get("__name__", "").startswith(PACKAGE):
             frame = frame.f_back
         self._steps.append((torch._C._current_graph_task_id() != -1,
                             threading.get_ident(), frame))
@@ -127,10 +127,6 @@ class OptimizerSteps:
                 tb = tb.tb_next
             exc = exc.__cause__
         return False
-
-
-# Where outcore's own modules are, however it was imported (vendored under another name).
-_PACKAGE = __name__.removesuffix("trace.recorder")
 
 
 def _on_stack(thread: int, frame) -> bool:
@@ -355,7 +351,7 @@ class Recording(TorchDispatchMode):
         if thread == self._cpu_thread:
             self._host_cpu_s += time.thread_time() - self._returned_cpu
         try:
-            if func in FAST_PATH_OPS:       # NOTE [Fast paths under autocast] in aten.py
+            if func is FAST_PATH_OP:        # NOTE [Fast paths under autocast] in aten.py
                 with autocast_as_entered(self):
                     return self._run(func, args, kwargs, None)
             return call_split(func, args, kwargs, self._run)
