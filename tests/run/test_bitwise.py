@@ -266,6 +266,7 @@ def test_sparse_gradients_train_bitwise(case):
     child = f"""
 import torch, outcore
 import torch.nn.functional as F
+torch.set_num_threads(1)    # as the suite's own processes: a fork starts with two (zygote.py)
 def make():
     torch.manual_seed(0)
     cls = torch.nn.EmbeddingBag if {case!r} == "bag" else torch.nn.Embedding
