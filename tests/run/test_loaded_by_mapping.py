@@ -146,6 +146,54 @@ def test_shared_mappings_and_numpy_memory_stay_aliased(tmp_path):
                           model[0].weight.detach().numpy())       # written through
 
 
+def _from_file_model(directory, shared):
+    """The model with each weight over `UntypedStorage.from_file(..., shared)` of a file
+    holding its initial bytes (a private mapping where not `shared`)."""
+    model = make()
+    for k, layer in enumerate(model[::2]):
+        path = directory / f"w{k}.bin"
+        layer.weight.detach().numpy().tofile(path)
+        storage = torch.UntypedStorage.from_file(str(path), shared, layer.weight.nbytes)
+        weight = torch.empty(0).set_(storage).view(WIDTH, WIDTH)
+        layer.weight = torch.nn.Parameter(weight)
+    return model
+
+
+def test_weights_over_a_private_from_file_mapping_move_and_train_bitwise(tmp_path):
+    """`UntypedStorage.from_file(shared=False)` maps the file privately but says
+    is_shared(), and make_movable skipped such weights (0 taken: every weight pinned in
+    RAM). Taken now; the files are never written."""
+    plain = make()
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    for it in range(4):
+        step(plain, plain_opt, it)
+    model = _from_file_model(tmp_path, shared=False)
+    assert model[0].weight.untyped_storage().is_shared()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(swap)) as ooc:
+        assert make_movable(model, ooc) == DEPTH
+        for it in range(4):
+            with ooc.iteration():
+                step(model, opt, it)
+        report = ooc.report()
+    assert_bitwise_equal(state_of(model, opt), state_of(plain, plain_opt))
+    assert sum(it.bytes_read for it in report.iterations if it.mode == "replay") > 0
+    for k, layer in enumerate(make()[::2]):
+        on_disk = np.fromfile(tmp_path / f"w{k}.bin", np.float32).reshape(WIDTH, WIDTH)
+        assert np.array_equal(on_disk, layer.weight.detach().numpy())
+
+
+def test_weights_over_a_shared_from_file_mapping_are_not_taken(tmp_path):
+    """`from_file(shared=True)` writes reach the file: make_movable leaves them there."""
+    model = _from_file_model(tmp_path, shared=True)
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    with outcore.OutOfCore(BUDGET, swap_dir=str(swap)) as ooc:
+        assert make_movable(model, ooc) == 0
+
+
 def test_only_private_mappings_of_files_are_taken_for_loaded_weights(tmp_path):
     path = tmp_path / "a.bin"
     np.arange(4 * mmap.PAGESIZE, dtype=np.uint8).tofile(path)

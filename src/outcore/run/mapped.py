@@ -61,7 +61,8 @@ NOTE [Mapped state]
 NOTE [Loaded by mapping]
   1. A model loaded by mapping its file holds its weights in a private (copy-on-write)
      mapping of that file: transformers' `from_pretrained` (safetensors), `torch.load(
-     mmap=True)` with `load_state_dict(..., assign=True)`. PyTorch cannot resize such a
+     mmap=True)` with `load_state_dict(..., assign=True)`, `UntypedStorage.from_file(
+     shared=False)` (which says `is_shared()`, though no other process sees it). PyTorch cannot resize such a
      storage, so outcore cannot move it: every weight stays in RAM for good, outside
      the plan (a Llama loaded so was refused at a budget its copy built from the config
      trained at bitwise, helper-147).
@@ -281,10 +282,11 @@ def in_private_file_mappings(start: int, nbytes: int, spans=None) -> bool:
 def loaded_by_mapping(storage, spans=None) -> bool:
     """NOTE [Loaded by mapping] rule 2: whether `storage` is a CPU storage PyTorch cannot
     resize whose bytes all lie in private mappings of files (`spans`: as
-    `private_file_spans` read them, for many storages at once)."""
+    `private_file_spans` read them, for many storages at once). Not `is_shared()`:
+    shared memory is a shared mapping, never a private one, and a private mapping made
+    by `UntypedStorage.from_file(shared=False)` says is_shared() too."""
     nbytes = storage.nbytes()
     return (bool(nbytes) and storage.device.type == "cpu" and not storage.resizable()
-            and not storage.is_shared()
             and in_private_file_mappings(storage.data_ptr(), nbytes, spans))
 
 
