@@ -573,6 +573,28 @@ def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_pat
         assert "only partly loaded" in "".join(err.value.__notes__)
 
 
+def test_a_manifest_naming_no_dtype_is_a_clear_error(tmp_path):
+    """A manifest whose dtype names no torch dtype (damaged, or written by another
+    program) was a bare AttributeError from `getattr(torch, ...)`."""
+    def made():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        return model, torch.optim.Adam(model.parameters())
+    model, opt = made()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        with ooc.iteration():
+            model(torch.ones(2, 256)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    manifest = torch.load(tmp_path / "manifest.pt", weights_only=True)
+    manifest["optimizer"]["state"][0]["exp_avg"]["dtype"] = "torch.float99"
+    torch.save(manifest, tmp_path / "manifest.pt")
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        with pytest.raises(OutcoreError, match="'torch.float99', which is no torch dtype"):
+            ooc.resume(*made())
+
+
 @pytest.mark.parametrize("grown", [False, True])
 def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_path, grown):
     """helper-133: something else truncated the state_dir's swap file between

@@ -304,10 +304,14 @@ class Durable:
                                "state directory is damaged, by the disk or by another writer. "
                                "Resume from a checkpoint (ooc.save) instead, in another "
                                "state_dir.")
+        dtype = getattr(torch, str(ref["dtype"]).removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise OutcoreError(f"the manifest of {self.directory} names a tensor of dtype "
+                               f"{ref['dtype']!r}, which is no torch dtype: the state directory "
+                               "is damaged. Move it away to start afresh.")
         storage = torch.empty(len(raw), dtype=torch.uint8)
         if raw:                       # through an op, so that the budget sees the copy
             storage.copy_(torch.frombuffer(raw, dtype=torch.uint8))
-        dtype = getattr(torch, ref["dtype"].removeprefix("torch."))
         return torch.empty(0, dtype=dtype).set_(storage.untyped_storage(), ref["storage_offset"],
                                                 ref["size"], ref["stride"])
 
