@@ -27,7 +27,9 @@ def test_plan_reports_infeasible_budget_as_user_error(tmp_path, capsys):
     assert "smallest feasible budget for this trace is 8 B" in err
     # simulate says the same where nothing could run; in a table, the row says it.
     assert main(["simulate", str(path), "--budget", "5B"]) == 2
-    assert "smallest feasible budget for this trace is 8 B" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "smallest feasible budget for this trace is 8 B" in err
+    assert "OutOfCore, which keeps arrays under min_move_bytes" in err     # as plan says
     assert main(["simulate", str(path), "--budget", "5B,8B"]) == 0
     assert "infeasible: needs 8 B" in capsys.readouterr().out
     assert main(["plan", str(path), "--budget", "0B"]) == 2

@@ -622,12 +622,35 @@ def test_save_that_raises_leaves_the_old_file(tmp_path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real, checkpoint.os.fsync = checkpoint.os.fsync, full
         try:                              # a full disk: an OutcoreError, the old file kept
-            with pytest.raises(OutcoreError, match="No space left on device. What was there"):
+            with pytest.raises(OutcoreError, match="cannot save to .*No space left on device; pass a path .* What was there"):
                 ooc.save({"newer": torch.ones(3)}, path)
         finally:
             checkpoint.os.fsync = real
         assert torch.equal(torch.load(path)["new"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_a_full_disk_while_writing_a_report_or_picture_names_the_file(tmp_path, monkeypatch,
+                                                                       where):
+    """helper-162: a timeline, plot, trace or report written to a full disk said only
+    "No space left on device" (the CLI's whole message): the error of a write or a flush
+    names no file. It names the user's path now, and nothing is left behind."""
+    import errno
+    from outcore.run import checkpoint
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if where == "fsync":
+        monkeypatch.setattr(checkpoint.os, "fsync", full)
+        write = lambda f: f.write(b"{}")       # noqa: E731
+    else:
+        write = full
+    path = tmp_path / "t.json"
+    with pytest.raises(OSError, match=f"cannot save to {path}: No space left on device; "
+                                      "pass a path"):
+        checkpoint.atomic_write(path, write)
+    assert os.listdir(tmp_path) == []
 
 
 def test_save_to_a_file_object_writes_the_state_on_the_slow_tier(twins):
@@ -683,7 +706,7 @@ def test_what_interrupts_torchs_writer_comes_out_as_itself(tmp_path, monkeypatch
         cause, expected, match = KeyboardInterrupt(), KeyboardInterrupt, None
     else:
         cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        expected, match = OutcoreError, "could not write .*No space left on device"
+        expected, match = OutcoreError, "cannot save to .*No space left on device; pass a path"
 
     class InterruptedFile:
         def __init__(self, f):

@@ -891,6 +891,10 @@ def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_runs_op_by_op(t
             assert torch.equal(plain, ours)
         report = ooc.report()
         its = report.iterations
+        # helper-162: a picture asked for said "call it after one that replays".
+        with pytest.raises(outcore.OutcoreError, match="the steps run op by op within the "
+                                                       "budget, as no plan can run them below"):
+            ooc.plot(tmp_path / "m.png")
     warned = [r.getMessage() for r in caplog.records if "a plan cannot run it" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("iteration 1: "), warned
     # The report says so too, with the budget a plan needs (helper-97: a Trainer user saw

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import outcore
+from outcore.plan import min_feasible_budget
 from outcore.simulate import PRESETS
 from outcore.simulate import cluster
 from outcore.errors import OutcoreError
@@ -260,6 +261,10 @@ def test_a_sweeps_top_budget_is_the_step_in_core(tiny):
     from types import SimpleNamespace
 
     from outcore.cli.simulate_cmd import _budgets
-    top = max(_budgets(SimpleNamespace(sweep=2, budget=None), tiny, "cpu-disk"))
+    budgets = _budgets(SimpleNamespace(sweep=2, budget=None), tiny, "cpu-disk")
+    top = max(budgets)
     assert top == tiny.peak(actual=True)[0]
     assert outcore.plan(tiny, top).bytes_moved == 0
+    # helper-162: the first row was the plan's own least budget, which OutOfCore refuses
+    # (it keeps small arrays beside the plan); it is OutOfCore's least now.
+    assert min(budgets) == outcore.smallest_budget(tiny) > min_feasible_budget(tiny)

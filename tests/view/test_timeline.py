@@ -109,6 +109,21 @@ def test_occupancy_by_category_adds_up_to_the_resident_curve(trace, fraction, po
     assert validate(obj) == [] and nest_properly(obj["traceEvents"]) == []
 
 
+def test_no_timeline_where_every_iteration_raised_infeasible_budget(tmp_path):
+    """helper-162: after InfeasibleBudget the advice was to call ooc.timeline() after an
+    iteration that replays, which none under that budget ever will."""
+    model, opt, x = _mlp()
+    with outcore.OutOfCore(budget="4KiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(2):
+            with pytest.raises(outcore.InfeasibleBudget):
+                with ooc.iteration():
+                    _step(model, opt, x)
+        with pytest.raises(outcore.OutcoreError, match="no iteration replayed a plan, and "
+                                                       "none will under this budget: function"):
+            ooc.timeline(tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_measured_timeline_of_a_replayed_iteration(tmp_path):
     model, opt, x = _mlp()
     path = tmp_path / "step.json"

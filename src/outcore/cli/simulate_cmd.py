@@ -21,8 +21,8 @@ from ..trace import Trace
 from ..units import format_bytes, parse_budget
 from ..view.timeline import check_timeline_path
 from . import check_output
-from .plan_cmd import (ADAPTIVE_ONLY, RECOMPUTE, add_adaptive_options, add_recompute,
-                       chosen_policy, policy_options)
+from .plan_cmd import (ADAPTIVE_ONLY, RECOMPUTE, _for_outofcore, add_adaptive_options,
+                       add_recompute, chosen_policy, policy_options)
 
 
 def add_parser(sub) -> None:
@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
                    help=f"policy, comma-separated list, or 'all' ({', '.join(POLICIES)}; "
                         "default auto, or with --window adaptive, with --k fixed)")
     p.add_argument("--sweep", type=int, nargs="?", const=6, metavar="N",
-                   help="N budgets from the smallest feasible to the in-core peak (default 6)")
+                   help="N budgets from the smallest OutOfCore takes (outcore.smallest_budget) "
+                        "to the in-core peak (default 6)")
     p.add_argument("--window", help="adaptive window in bytes (default: no limit but the budget; the paper used 1.5 x budget)")
     p.add_argument("--k", type=int, help="fixed window in functions (default 4)")
     add_adaptive_options(p)
@@ -181,12 +182,22 @@ SWEEP_MOST = 100        # rows of a sweep: each plans the trace once per policy
 def _budgets(args, trace, machine) -> list[int]:
     if args.sweep is not None:
         if not 2 <= args.sweep <= SWEEP_MOST:
-            raise OutcoreError(f"--sweep N gives N budgets from the smallest feasible to the "
+            raise OutcoreError(f"--sweep N gives N budgets from the smallest OutOfCore takes to the "
                                f"in-core peak, each planned and simulated: N must be at least 2 "
                                f"and at most {SWEEP_MOST}, got {args.sweep}")
         if args.budget:
             raise OutcoreError("--sweep chooses the budgets itself: give --sweep or --budget")
-        lo, hi = min_feasible_budget(trace), trace.peak(actual=True)[0]   # held arrays too
+        # From the least OutOfCore takes, not the plan's own least, which counts every
+        # array as movable: the first row was a budget OutOfCore refused (helper-162).
+        # Where OutOfCore needs the in-core peak or more (every array small enough to
+        # stay), the plan's own least, and a note.
+        from ..run.ooc import smallest_budget
+        hi = trace.peak(actual=True)[0]                     # held arrays too
+        lo = smallest_budget(trace)
+        if lo >= hi:
+            lo = min_feasible_budget(trace)
+            print(f"outcore simulate: note: {_for_outofcore(trace)}; the rows below are "
+                  "the plan's alone", file=sys.stderr)
         n = args.sweep
         return sorted({lo + (hi - lo) * i // (n - 1) for i in range(n)})
     if args.budget:
@@ -235,12 +246,13 @@ def run(args) -> int:
         raise OutcoreError("--timeline draws one simulated step: give one trace, one budget and "
                            "one policy")
     rows = []
-    single = None
+    single = first = None
     for path in args.traces:
         trace = Trace.load(path)
         if not trace.functions:
             raise OutcoreError(f"{path} recorded no op (an empty step): there is nothing to "
                                "simulate. Record a step that runs the model")
+        first = first or trace
         label = trace.info.get("label") or path
         for budget in _budgets(args, trace, args.machine):
             for policy in policies:
@@ -263,7 +275,9 @@ def run(args) -> int:
                 rows.append((label, budget, shown, sim, schedule))
                 single = (run, schedule, sim)
     if single is None and not args.timeline:     # nothing could run: as `plan` says it, exit 2
-        raise rows[0][4]
+        exc = rows[0][4]
+        exc.args = (f"{exc} {_for_outofcore(first)}", *exc.args[1:])
+        raise exc
     if args.timeline:
         if single is None:
             _, budget, _, _, exc = rows[0]

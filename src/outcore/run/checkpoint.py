@@ -113,21 +113,25 @@ def atomic_write(path, write, shield: Shield | None = None) -> None:
         except OSError as exc:       # name the user's path, not outcore's temporary one
             raise _cannot_save(path, exc) from None
     try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            try:
-                write(f)
-            except RuntimeError as err:
-                # A Ctrl-C or a write error (a full disk) inside torch.save's zip writer
-                # comes out as the writer's RuntimeError ("unexpected pos"), the cause
-                # only as its context: what happened is the cause, so that is raised.
-                cause = err.__context__
-                if isinstance(cause, KeyboardInterrupt):
-                    raise cause from None
-                if isinstance(cause, OSError):
-                    raise cause from err
-                raise
-            f.flush()
-        os.fsync(fd)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                try:
+                    write(f)
+                except RuntimeError as err:
+                    # A Ctrl-C or a write error (a full disk) inside torch.save's zip
+                    # writer comes out as the writer's RuntimeError ("unexpected pos"),
+                    # the cause only as its context: what happened is the cause, so that
+                    # is raised.
+                    cause = err.__context__
+                    if isinstance(cause, KeyboardInterrupt):
+                        raise cause from None
+                    if isinstance(cause, OSError):
+                        raise cause from err
+                    raise
+                f.flush()
+            os.fsync(fd)
+        except OSError as exc:      # a full disk says no file: name the user's path
+            raise _cannot_save(path, exc) from exc
         shield.enter()
         try:
             shield.install()

@@ -629,6 +629,7 @@ class OutOfCore:
         self._outgrowing: dict = {}
         self._outgrew_last = None    # ... the family of the step just run, if it outgrew
         self._infeasible: InfeasibleBudget | HostBudgetTooSmall | None = None
+        self._last_infeasible: InfeasibleBudget | None = None     # the last one raised
         self._iterations = IterationLog(self.budget)     # bounded however long the run
         self._last_replay: _Replayed | None = None
         self._warned_rss = False     # once: the process grew past _rss_bound()
@@ -923,6 +924,18 @@ class OutOfCore:
                     rss_start=self._rss_start, **_shown(replayed))
 
     def _replayed(self, api: str) -> _Replayed:
+        if self._last_replay is None and self._last_infeasible is not None:
+            # helper-162: "call it after one that replayed" where none ever will.
+            raise OutcoreError(f"no iteration replayed a plan, and none will under this "
+                               f"budget: {self._last_infeasible} Make an OutOfCore with a "
+                               f"budget it takes, and call {api} after one of its "
+                               "iterations replays")
+        if self._last_replay is None and self._op_by_op[0]:
+            raise OutcoreError(f"no iteration replayed a plan: the steps run op by op within "
+                               f"the budget, as no plan can run them below "
+                               f"{format_bytes(self._op_by_op[1])} (the warning logged at the "
+                               f"first said so); make an OutOfCore with that budget or more "
+                               f"to call {api}")
         if self._last_replay is None:
             raise OutcoreError(f"no iteration has replayed its plan to the end yet: the first "
                                "iterations record the step, and one that left its plan (the "
@@ -1862,8 +1875,13 @@ class _Iteration:
         shield.enter()
         try:
             self._end(exc)
+        except InfeasibleBudget as err:     # the step's own, or found at its end
+            self.ooc._last_infeasible = err
+            raise
         finally:
             shield.exit()          # a Ctrl-C that came meanwhile is raised here
+        if isinstance(exc, InfeasibleBudget):
+            self.ooc._last_infeasible = exc
         return False
 
     def _end(self, exc) -> None:
