@@ -399,6 +399,44 @@ def test_an_op_whose_meta_kernel_under_reports_gets_its_room_the_next_time(tmp_p
     assert str(report).count("over the budget: an op outcore met") == 1
 
 
+def test_an_lstm_on_sequences_of_new_lengths_keeps_the_budget(tmp_path):
+    """NOTE [Workspaces that scale] in run/on_demand.py (helper-161): what the LSTM's op
+    made past its meta kernel was learned per signature, sizes included, so each new
+    sequence length passed the budget by its workspaces again, at every step but the
+    first. (Other sizes than the test above: what one test learned would serve the
+    other in the same process.)"""
+    lengths = [40, 48, 56, 64, 72]
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(32, t, 48, generator=g) for t in lengths]
+
+    def made():
+        torch.manual_seed(0)
+        rnn = torch.nn.LSTM(48, 96, num_layers=2, batch_first=True, bidirectional=True)
+        return rnn, torch.optim.SGD(rnn.parameters(), lr=0.01, momentum=0.9)
+
+    def step(rnn, opt, x):
+        rnn(x)[0].square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    plain, plain_opt = made()
+    for x in xs:
+        step(plain, plain_opt, x)
+    rnn, opt = made()
+    with outcore.record() as rec:                   # the largest step, to size the budget
+        step(*made(), xs[-1])
+    budget = int(1.2 * outcore.smallest_budget(rec.trace))
+    assert budget < 0.6 * rec.trace.peak(actual=True)[0]
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        for x in xs:
+            with ooc.iteration():
+                step(rnn, opt, x)
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(rnn.parameters(), plain.parameters()))
+    over = [(it.index, it.peak_resident - budget) for it in report.iterations[1:]
+            if it.peak_resident > budget]
+    assert not over, over
+
+
 def test_a_budget_above_the_memory_there_is_gets_a_warning(monkeypatch, caplog, tmp_path):
     from outcore.run.movers import host
     monkeypatch.setattr(host, "memory_limit", lambda: 8 * 2**30)

@@ -294,6 +294,27 @@ _CREATED: dict = {}
 _CREATED_MAX = 8192
 # What an op made beyond that, per signature (`learn_created`): the most of any call.
 _LEARNED: dict = {}
+# NOTE [Workspaces that scale]
+# 1. An op whose meta kernel under-reports (mkldnn_rnn_layer's says 0 bytes for an LSTM's
+#    workspace output: about 90 MiB at batch 64, length 64, hidden 384) is learned per
+#    signature (`_LEARNED`), sizes included: a step of another sequence length is another
+#    signature, and each new length passed the budget by its workspaces again (helper-161:
+#    a 2-layer bidirectional LSTM at lengths 40 to 96, up to 176 MiB over a budget of
+#    374 MiB, at every step but the first).
+# 2. So what a call made beyond its meta kernel's answer is also kept per byte of its
+#    first tensor argument (the input), the most of any call, per signature without the
+#    sizes that vary (`_shapeless`: each tensor's dtype, rank and last size, the features,
+#    which tell the layers apart; plain arguments by value). A call of a signature not
+#    learned gets the meta kernel's answer and that ratio times its own first argument's
+#    bytes: a workspace that grows with the length and the batch, as oneDNN's does, gets
+#    its room before the op runs.
+# 3. Only where the meta kernel gave a number: an op whose output the data decides
+#    (`nonzero`) has no answer to scale, and is judged as before (NOTE [Small ops off the
+#    record] rule 5 in plans.py).
+# 4. A guess: an op whose extra bytes do not grow with its input gets more room than it
+#    needs at a larger input (evictions earlier than needed), never less than its own
+#    signature learned.
+_SCALED: dict = {}
 
 
 class _Unhashable(Exception):
@@ -346,9 +367,12 @@ def created_bytes(func, args, kwargs, learned: bool = True) -> int | None:
         if len(_CREATED) >= _CREATED_MAX:
             _CREATED.clear()
             _LEARNED.clear()
+            _SCALED.clear()
         _CREATED[key] = _created_bytes(func, args, kwargs)
     made = _CREATED[key]
     more = _LEARNED.get(key) if learned else None
+    if more is None and learned and _SCALED and made is not None:
+        more = _scaled(func, args, kwargs, made)
     return made if more is None or (made is not None and made >= more) else more
 
 
@@ -364,10 +388,64 @@ def learn_created(func, args, kwargs, made: int) -> None:
         key = (func, _signature(args), _signature(kwargs))
     except _Unhashable:
         return
-    if made > max(_CREATED.get(key) or 0, _LEARNED.get(key, 0)):
+    said = _CREATED.get(key)
+    if said is not None and made > said:
+        _learn_scaled(func, args, kwargs, made - said)
+    if made > max(said or 0, _LEARNED.get(key, 0)):
         if len(_LEARNED) >= _CREATED_MAX and key not in _LEARNED:
             _LEARNED.clear()
         _LEARNED[key] = made
+
+
+def _shapeless(x):
+    """`_signature` without the sizes that vary from step to step: of a tensor its type,
+    layout, dtype, rank and last size (the features: a sequence's length and the batch
+    come first), of a plain argument its value (NOTE [Workspaces that scale])."""
+    if isinstance(x, torch.Tensor):
+        if x.is_nested:
+            raise _Unhashable
+        return (type(x), x.layout, x.dtype, x.dim(), x.shape[-1] if x.dim() else None)
+    if isinstance(x, (list, tuple)):
+        return (type(x), *[_shapeless(y) for y in x])
+    if isinstance(x, dict):
+        return tuple([(k, _shapeless(v)) for k, v in x.items()])
+    if isinstance(x, _PLAIN):
+        return (type(x), x)
+    if isinstance(x, torch.Generator):
+        return torch.Generator
+    raise _Unhashable
+
+
+def _first_bytes(args) -> int:
+    first = next(iter_tensors(args), None)
+    return 0 if first is None else first.numel() * first.element_size()
+
+
+def _learn_scaled(func, args, kwargs, beyond: int) -> None:
+    """NOTE [Workspaces that scale]: remember `beyond`, what a call made past its meta
+    kernel's answer, per byte of its first tensor argument (the most of any call)."""
+    first = _first_bytes(args)
+    if not first:
+        return
+    try:
+        key = (func, _shapeless(args), _shapeless(kwargs))
+    except _Unhashable:
+        return
+    if beyond / first > _SCALED.get(key, 0.0):
+        if len(_SCALED) >= _CREATED_MAX and key not in _SCALED:
+            _SCALED.clear()
+        _SCALED[key] = beyond / first
+
+
+def _scaled(func, args, kwargs, said: int) -> int | None:
+    """NOTE [Workspaces that scale]: the meta kernel's answer `said` and what calls of
+    this signature's kind made past theirs, scaled to this call's first argument; None
+    where none did."""
+    try:
+        ratio = _SCALED.get((func, _shapeless(args), _shapeless(kwargs)))
+    except _Unhashable:
+        return None
+    return None if ratio is None else said + math.ceil(ratio * _first_bytes(args))
 
 
 def _created_bytes(func, args, kwargs) -> int | None:
