@@ -806,3 +806,53 @@ def test_an_iteration_that_raised_counts_as_its_loop_goes_on(tmp_path, raised):
         assert torch.equal(a, b)
     for a, b in zip(plain[1].state.values(), opt.state.values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+_SCHEDULERS = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01,
+                                                                  total_steps=TOTAL),
+    "SequentialLR": lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=TOTAL - 3)], milestones=[3]),
+    "CosineAnnealingWarmRestarts":
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCHEDULERS))
+def test_the_readmes_scheduler_recipe_resumes_the_schedule_bitwise(tmp_path, name):
+    """README, "With state_dir": a scheduler made after resume() from the optimizer's
+    initial learning rates and stepped `start` times goes on as if never stopped. The
+    recipe before (`sched.last_epoch = start - 1; sched.step()`) gave SequentialLR past
+    its milestone another learning rate (helper-160: the active scheduler's own count
+    was never set)."""
+    import warnings
+    make = _SCHEDULERS[name]
+    model, opt = _linear4()
+    sched = make(opt)
+    plain = []
+    for _ in range(TOTAL):
+        _step(model, opt)
+        sched.step()
+        plain.append(opt.param_groups[0]["lr"])
+    kept, lrs = dict(model.state_dict()), []
+    for stop in (6, TOTAL):
+        fresh, fresh_opt = _linear4()
+        with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+            start = ooc.resume(fresh, fresh_opt)
+            # The recipe, as the README gives it.
+            for group in fresh_opt.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+            with warnings.catch_warnings():   # "lr_scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                fresh_sched = make(fresh_opt)
+                for _ in range(start):
+                    fresh_sched.step()
+            for _ in range(start, stop):
+                with ooc.iteration():
+                    _step(fresh, fresh_opt)
+                fresh_sched.step()
+                lrs.append(fresh_opt.param_groups[0]["lr"])
+    assert lrs == plain
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in kept.items())
