@@ -68,6 +68,36 @@ def test_the_planned_panel_names_the_budget_it_was_given():
         plt.close(fig)
 
 
+def test_a_budget_far_above_the_step_does_not_flatten_the_picture():
+    """helper-162: at a budget 32x the step's peak the axis ran to the budget, the step a
+    sliver along the bottom. The axis ends a little above the most shown, and the budget
+    is named at the top; near the step, the axis still runs to the budget line."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from outcore.view import plot as view_plot
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    with outcore.record() as rec:
+        model(torch.randn(8, 256)).sum().backward()
+    peak = rec.trace.peak(actual=True)[0]
+    for budget, far in ((64 * peak, True), (peak // 2, False)):
+        schedule = outcore.plan(rec.trace, budget)
+        sim = outcore.simulate(rec.trace, schedule, "cpu-disk")
+        fig, ax = plt.subplots()
+        view_plot._planned(ax, rec.trace, schedule, sim)
+        top = ax.get_ylim()[1] * 2**20
+        notes = [t.get_text() for t in ax.texts]
+        plt.close(fig)
+        if far:
+            assert peak < top < 1.5 * peak
+            assert notes == ["the budget, " + outcore.units.format_bytes(schedule.budget)
+                             + ", is above the scale: 64x the most shown"], notes
+        else:
+            assert top >= schedule.budget and not notes
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     with _train(tmp_path) as ooc:
         trace, schedule = ooc._last_replay.trace, ooc._last_replay.schedule

@@ -71,6 +71,8 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
     xs, ys = _steps([t * 1e3 for t in clock], [b / MIB for b in occ.in_core], end * 1e3)
     ax.plot(xs, ys, color="grey", linewidth=1.2,
             label="in-core: what plain PyTorch holds until it frees (its own clock)")
+    top = max([sum(row) for row in occ.fast] + list(occ.in_core), default=0) / MIB
+    line = _scale(ax, line, top)
     _swap_marks(ax, [(x.start_s * 1e3, x.direction) for x in sim.transfers], line)
     made = [sim.start_s[f] * 1e3 for f, _ in remade(trace)]
     if made:                       # plan/recompute.py: made again instead of read back
@@ -79,6 +81,27 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
     ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
                  f"(in-core {sim.plain_time_s * 1e3:.0f} ms); moves "
                  f"{format_bytes(sim.bytes_in)} in, {format_bytes(sim.bytes_out)} out", fontsize=10)
+
+
+# Where the budget is more than this many times the most the panel shows, the axis ends
+# above that most, not at the budget: the step would be a sliver along the bottom
+# (helper-162: a 2 GiB budget over a 63 MiB step).
+_FAR_ABOVE = 2.5
+
+
+def _scale(ax, line: float, top: float) -> float:
+    """The panel's vertical scale: to the budget `line` (MiB), or, far above what the
+    panel shows (`top`), to a little above that, the budget named at the top. Returns
+    the level the swap marks go at: the budget's, or the axis's top."""
+    if top <= 0 or line <= _FAR_ABOVE * top:
+        ax.set_ylim(-0.08 * line, max(line, top) * 1.12)
+        return line
+    level = 1.1 * top
+    ax.set_ylim(-0.08 * level, 1.15 * level)
+    ax.text(0.5, 0.98, f"the budget, {format_bytes(int(line * MIB))}, is above the scale: "
+            f"{line / top:.0f}x the most shown", transform=ax.transAxes, ha="center",
+            va="top", fontsize=9)
+    return level
 
 
 def _swap_marks(ax, marks, budget) -> None:
@@ -109,8 +132,10 @@ def _measured(ax, log, budget: int, rss_start: int, shown: dict) -> None:
         ax.plot(xs, ys, color="#ff7f0e", linewidth=1.2, label="resident set above its base")
     ax.axhline(budget / MIB, color="black", linestyle="--", linewidth=1.2,
                label=f"budget {format_bytes(budget)}")
+    top = max((managed if not untracked else []) + [v for _, v in rss], default=0)
+    level = _scale(ax, budget / MIB, top)
     _swap_marks(ax, [((start - log.origin) * 1e3, d) for _, d, _, start, _ in log.transfers],
-                budget / MIB)
+                level)
     moved_in = sum(n for _, d, n, _, _ in log.transfers if d == "in")
     moved_out = sum(n for _, d, n, _, _ in log.transfers if d == "out")
     # Bytes as the report writes them (format_bytes), the axis in MiB.
@@ -149,7 +174,6 @@ def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None
         for (ax,) in axes:
             ax.set_ylabel("MiB")
             ax.set_xlabel("time in the step (ms)")
-            ax.set_ylim(bottom=-0.08 * (budget or schedule.budget) / MIB)
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
             ax.grid(alpha=0.3)
         if title:
