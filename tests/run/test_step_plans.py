@@ -215,6 +215,8 @@ def test_optimizer_step_every_nth_iteration_replays_every_shape(n, optimizer):
     assert sum(it.bytes_written for it in last) > 0           # the budget made state move
     assert report.step_shapes == kept
     assert (f"  plans:    {kept} shapes of step, a plan each" in str(report)) == (kept > 1)
+    assert (f"  recorded: the step of the last iteration, one of {kept} planned: "
+            in str(report)) == (kept > 1)
     assert type(report).from_dict(report.to_dict()).step_shapes == kept
 
 

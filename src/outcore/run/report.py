@@ -331,7 +331,12 @@ class Report:
             held = (f", {format_bytes(self.held_peak)} as plain PyTorch holds them, each until "
                     f"it is freed ({self.held_peak / self.budget:.2f}x)"
                     if self.held_peak > self.in_core_peak else "")
-            lines.append(f"  recorded: {self.functions} functions, in-core peak {format_bytes(self.in_core_peak)} "
+            # Of the plan the last iteration used: with several, an evaluation step's read
+            # as the training step's (helper-160).
+            which = (f"the step of the last iteration, one of {self.step_shapes} planned: "
+                     if self.step_shapes > 1 else "")
+            lines.append(f"  recorded: {which}{self.functions} functions, in-core peak "
+                         f"{format_bytes(self.in_core_peak)} "
                          f"of tensors in use ({self.in_core_peak / self.budget:.2f}x the budget)"
                          f"{held}; a plain run's resident memory is more: the allocator keeps "
                          f"what was freed, the process its libraries{largest}")
