@@ -1531,13 +1531,15 @@ class OutOfCore:
                 # each time (helper-51: generate() of a growing length between training
                 # steps), so no plan is known to come next.
                 log.warning("iterations %s deviated from their record, one in every %d: the "
-                            "iterations between them have a new shape of step each time (their "
-                            "shapes follow the data: generate() with a growing length, "
-                            "evaluation on batches of varying size), so outcore cannot tell "
-                            "which plan comes next and these run op by op (correct, within the "
-                            "budget, slower). Run those steps between iterations, outside "
-                            "ooc.iteration() (reading the model there needs no plan), or give "
-                            "them fixed shapes", ", ".join(map(str, seen)), period)
+                            "iterations between them had a new shape of step each time, so "
+                            "outcore cannot tell which plan comes next and these run op by op "
+                            "(correct, within the budget, slower). Shapes that follow the data "
+                            "do this (generate() with a growing length, evaluation on batches "
+                            "of varying size): run those steps outside ooc.iteration() "
+                            "(reading the model there needs no plan), or give them fixed "
+                            "shapes; so does a step changed between them (parameters frozen "
+                            "or unfrozen, an iteration that raised), which settles once the "
+                            "changes stop", ", ".join(map(str, seen)), period)
                 return
             log.warning("iterations %s deviated from their record, one in every %d, each time to "
                         "a shape of step seen before: a step that changes with a period "
