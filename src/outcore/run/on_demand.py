@@ -7,6 +7,7 @@ evicted storage is written out before its memory is released.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -315,6 +316,16 @@ _LEARNED: dict = {}
 #    needs at a larger input (evictions earlier than needed), never less than its own
 #    signature learned.
 _SCALED: dict = {}
+# The last calls that made more than the room they were given (their meta kernel's answer
+# and what was learned), as (serial number, op, bytes beyond): an iteration over the
+# budget names them (OutOfCore's warning, the report's row).
+UNDER_REPORTED: collections.deque = collections.deque(maxlen=8)
+
+
+def under_reported_since(serial: int) -> tuple[int, list]:
+    """(the last serial number, the calls of `UNDER_REPORTED` after `serial`)."""
+    last = UNDER_REPORTED[-1][0] if UNDER_REPORTED else 0
+    return last, [(op, beyond) for n, op, beyond in UNDER_REPORTED if n > serial]
 
 
 class _Unhashable(Exception):
@@ -390,6 +401,10 @@ def learn_created(func, args, kwargs, made: int) -> None:
         return
     said = _CREATED.get(key)
     if said is not None and made > said:
+        got = max(said, _LEARNED.get(key, 0), _scaled(func, args, kwargs, said) or 0)
+        if made > got:              # more than the room it was given
+            serial = UNDER_REPORTED[-1][0] + 1 if UNDER_REPORTED else 1
+            UNDER_REPORTED.append((serial, str(func), made - got))
         _learn_scaled(func, args, kwargs, made - said)
     if made > max(said or 0, _LEARNED.get(key, 0)):
         if len(_LEARNED) >= _CREATED_MAX and key not in _LEARNED:

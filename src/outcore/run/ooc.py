@@ -99,7 +99,7 @@ from .movers import host
 from .movers.disk import DiskMover
 from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
-from . import plans, sharing
+from . import on_demand, plans, sharing
 from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, grown_aside,
                     recorded_ops, shape_of, sizes_after)
 from .replay import Replayer
@@ -1727,6 +1727,7 @@ class _Iteration:
         self.before = None
         self.base = ooc._rss_start  # what this iteration's rss+ counts from (_account)
         self.started = 0.0
+        self.under_reported = 0    # on_demand.UNDER_REPORTED's last serial as the step began
 
     @property
     def open(self) -> bool:
@@ -1804,6 +1805,7 @@ class _Iteration:
         self.asked = ooc._plans.asked if self.recording and not ooc._record_next else None
         if self.recording:       # what collectives keep as it begins: _plan_recording
             self.held_before = ooc._held_sizes(collectives_only=True)
+        self.under_reported = on_demand.under_reported_since(0)[0]
         self.started = time.perf_counter()
         ooc._unpark()
         if not ooc._based:
@@ -2011,6 +2013,21 @@ class _Iteration:
                 stance, self.stance = self.stance, None
                 stance.__exit__(None, None, None)
 
+    def _over_why(self, peak: int) -> str | None:
+        """Where the step passed the budget and an op in it made more than its meta kernel
+        said (on_demand.learn_created): that op, the likely cause; else None (the report
+        and the warning give the causes there can be)."""
+        calls = on_demand.under_reported_since(self.under_reported)[1]
+        if peak <= self.ooc.budget or not calls:
+            return None
+        most = {}
+        for op, beyond in calls:
+            most[op] = max(most.get(op, 0), beyond)
+        ops = ", ".join(f"{op} {format_bytes(beyond)}" for op, beyond in most.items())
+        return (f"ops made more than their meta kernels said and than outcore had learned "
+                f"({ops} beyond; an LSTM's workspace does so); their later calls, of this "
+                "size or others, get that room")
+
     def _account(self, stepped, faulted, trimmed, peak, passive, deviation, completed) -> None:
         ooc, before = self.ooc, self.before
         stats, mover = ooc._res.stats, ooc._mover
@@ -2031,7 +2048,8 @@ class _Iteration:
             switched_at=None if self.recording else getattr(self.mode, "switched_at", None),
             smaller=not self.recording and getattr(self.mode, "smaller", False),
             outgrew=not self.recording and deviation is not None
-            and getattr(self.mode, "outgrew", False) and ooc._plan.grows))
+            and getattr(self.mode, "outgrew", False) and ooc._plan.grows,
+            over_why=self._over_why(peak)))
         last, bound = ooc._iterations.last, ooc._rss_bound()
         if (last.peak_resident > ooc.budget and not ooc._warned_over and not self.kept_full
                 and getattr(self.mode, "infeasible", None) is None):   # its error says why
@@ -2039,7 +2057,8 @@ class _Iteration:
             log.warning("iteration %d (%s): %s of managed tensors at its peak, %s over the "
                         "budget: %s (once per OutOfCore; ooc.report() marks each such "
                         "iteration)", last.index, last.mode, format_bytes(last.peak_resident),
-                        format_bytes(last.peak_resident - ooc.budget), OVER_BUDGET_WHY)
+                        format_bytes(last.peak_resident - ooc.budget),
+                        last.over_why or OVER_BUDGET_WHY)
         if bound and last.rss_above_start > bound and not ooc._warned_rss:
             ooc._warned_rss = True
             log.warning("iteration %d: the process grew %s above its size when the first "

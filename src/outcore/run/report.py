@@ -43,6 +43,7 @@ class IterationStats:
     switched_at: int | None = None  # the function where it took up another shape's plan
     smaller: bool = False      # replayed a plan with some arrays smaller than planned
     outgrew: bool = False      # left its plan at an array larger than planned
+    over_why: str | None = None     # over the budget: an op made more than its meta kernel said
 
     @property
     def overlap(self) -> float:
@@ -434,7 +435,7 @@ class Report:
                 + ("" if it.completed else "  (interrupted)"))
             if it.peak_resident > self.budget:
                 lines.append(f"        peak {format_bytes(it.peak_resident - self.budget)} "
-                             "over the budget: " + OVER_BUDGET_WHY)
+                             "over the budget: " + (it.over_why or OVER_BUDGET_WHY))
             if self.rss_bound and it.rss_above_start > self.rss_bound:
                 lines.append(f"        rss+ passed {format_bytes(self.rss_bound)}: more memory "
                              "outside the managed tensors than on the workloads measured "
