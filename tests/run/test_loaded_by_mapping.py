@@ -6,6 +6,7 @@ the bytes as loaded. Unnamed, such storages, shared mappings and numpy's heap me
 stay as they are, aliased."""
 from __future__ import annotations
 
+import logging
 import mmap
 
 import numpy as np
@@ -144,6 +145,33 @@ def test_shared_mappings_and_numpy_memory_stay_aliased(tmp_path):
     assert np.array_equal(heap, model[2].weight.detach().numpy())
     assert np.array_equal(np.fromfile(memmap.filename, np.float32).reshape(WIDTH, WIDTH),
                           model[0].weight.detach().numpy())       # written through
+
+
+def test_make_movable_after_the_model_ran_is_refused_naming_a_new_outofcore(tmp_path, caplog):
+    """helper-164: an iteration raised InfeasibleBudget (its advice names make_movable),
+    the user called make_movable then: it took only the weights the iteration had not
+    reached, the others stayed pinned as loaded, and every later iteration raised again.
+    Refused now, nothing named; a new OutOfCore takes them all."""
+    path = tmp_path / "weights.pt"
+    torch.save(make().state_dict(), path)
+    model = _mapped_model(path)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    with outcore.OutOfCore(64 * 2**20, swap_dir=str(swap)) as ooc:
+        with ooc.iteration():
+            step(model, opt, 0)
+        with pytest.raises(OutcoreError, match=rf"make_movable\(model, ooc\): {DEPTH} of the "
+                           r"model's weights loaded by mapping \(4.00 MiB: 0.weight, 2.weight, "
+                           r"4.weight, ...\) were used by an iteration of this OutOfCore "
+                           r"already.* Close it, make a new OutOfCore"):
+            make_movable(model, ooc)
+        assert not ooc._res.adoptable
+        with caplog.at_level(logging.WARNING, logger="outcore"):     # as the callbacks call it
+            assert make_movable(model, ooc, refuse=False) == 0
+        assert [r.getMessage().endswith("the others move") for r in caplog.records] == [True]
+    with outcore.OutOfCore(BUDGET, swap_dir=str(swap)) as ooc:
+        assert make_movable(model, ooc) == DEPTH
 
 
 def _from_file_model(directory, shared):

@@ -9,6 +9,7 @@ inside its held exit: `open`), so a Ctrl-C landing in `_finish` leaves it for th
 """
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 
@@ -17,6 +18,9 @@ import torch
 from ..errors import OutcoreError
 from ..run.mapped import loaded_by_mapping, private_file_spans
 from ..run.ooc import OutOfCore
+from ..units import format_bytes
+
+log = logging.getLogger("outcore")
 
 
 class StepIterations:
@@ -113,7 +117,7 @@ def require_open(ooc) -> None:
         raise OutcoreError(f"{ooc!r} is closed; create a new OutOfCore (and OutcoreCallback) to train")
 
 
-def make_movable(target, ooc) -> int:
+def make_movable(target, ooc, refuse: bool = True) -> int:
     """Let `ooc` move tensors whose storages PyTorch cannot resize; returns how many.
 
     A module (`target`: a model loaded by mapping its file, transformers'
@@ -124,7 +128,9 @@ def make_movable(target, ooc) -> int:
     the loaded file taken elsewhere (a numpy array, another `get_tensor` of the same
     name) keep the bytes as loaded. Call it between iterations, before the first that
     uses them; two storages of the module over the same bytes are refused
-    (OutcoreError), nothing named.
+    (OutcoreError), nothing named. Weights an iteration of `ooc` has used as loaded
+    already stay in memory for its life: refused (OutcoreError) with `refuse`, else
+    (the callbacks, at each `train()` / `fit()`) a warning, the rest named.
 
     An optimizer: its state tensors that no storage of theirs can move (loaded
     with `torch.load`: unresizable) get memory of their own, the same values, now.
@@ -142,7 +148,7 @@ def make_movable(target, ooc) -> int:
     if target is None:
         return 0
     if isinstance(target, torch.nn.Module):
-        return _loaded_by_mapping(target, ooc)
+        return _loaded_by_mapping(target, ooc, refuse)
     inner = getattr(target, "optimizer", target)      # accelerate's wrapper
     done = 0
     for per_param in getattr(inner, "state", {}).values():
@@ -161,10 +167,12 @@ def make_movable(target, ooc) -> int:
     return done
 
 
-def _loaded_by_mapping(module, ooc) -> int:
+def _loaded_by_mapping(module, ooc, refuse: bool = True) -> int:
     """make_movable for a module: name to `ooc` the storages of its parameters and
     buffers loaded by mapping a file, not tracked yet and worth a transfer (NOTE [Loaded
-    by mapping] rule 2)."""
+    by mapping] rule 2). Where `ooc` tracks some as loaded already, raise OutcoreError
+    (`refuse`: a user's call), or log a warning and name the rest (the callbacks', at
+    each train() or fit(): the run goes on as before, those weights in memory)."""
     require_open(ooc)
     if ooc._active:
         raise OutcoreError(f"make_movable(model, ooc) inside `with ooc.{ooc._active}():`; "
@@ -172,13 +180,33 @@ def _loaded_by_mapping(module, ooc) -> int:
     res = ooc._res
     spans = private_file_spans()         # read once for all of them
     found: dict[int, tuple[str, object]] = {}
+    seen: dict[int, tuple[str, int]] = {}     # loaded by mapping, already tracked as such
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         storage = t.untyped_storage()
-        if (storage._cdata in found or res.entry_of(storage) is not None
-                or storage.nbytes() < res.min_move_bytes
+        if (storage._cdata in found or storage.nbytes() < res.min_move_bytes
                 or not loaded_by_mapping(storage, spans)):
             continue
+        entry = res.entry_of(storage)
+        if entry is not None:         # moved by outcore (its state mapped between
+            if entry.pinned:          # iterations is unresizable too: left alone), or
+                seen[storage._cdata] = (name, storage.nbytes())      # pinned as loaded
+            continue
         found[storage._cdata] = (name, storage)
+    if seen:
+        # helper-164: after an iteration that ran the model (one that raised
+        # InfeasibleBudget, whose advice names make_movable), the storages it tracked
+        # stay pinned as loaded: make_movable took the rest, and every later iteration
+        # raised again.
+        names = sorted(name for name, _ in seen.values())
+        said = (f"make_movable(model, ooc): {len(seen)} of the model's weights loaded by "
+                f"mapping ({format_bytes(sum(n for _, n in seen.values()))}: "
+                f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) were used by an "
+                "iteration of this OutOfCore already, as loaded: they stay in memory for its "
+                "life. Close it, make a new OutOfCore, and call make_movable(model, new_ooc) "
+                "before its first iteration")
+        if refuse:
+            raise OutcoreError(said + ". Nothing was changed")
+        log.warning("%s; the others move", said)
     ranges = sorted((s.data_ptr(), s.data_ptr() + s.nbytes(), name) for name, s in found.values())
     for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
         if start < end:

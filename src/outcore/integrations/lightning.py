@@ -168,7 +168,7 @@ class OutcoreCallback(StepIterations, Callback):
             self._loaded = False    # on_fit_start, with torch.load: unresizable state
             for optimizer in getattr(trainer, "optimizers", ()):
                 make_movable(optimizer, self.ooc)
-            make_movable(pl_module, self.ooc)     # NOTE [Loaded by mapping], run/mapped.py
+            make_movable(pl_module, self.ooc, refuse=False)    # NOTE [Loaded by mapping]
         self._opened_at = trainer.global_step
         self._begin_step()
 

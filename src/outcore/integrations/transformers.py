@@ -137,7 +137,7 @@ class OutcoreCallback(StepIterations, TrainerCallback):
             self._loaded = False
             make_movable(kwargs.get("optimizer"), self.ooc)
             # from_pretrained's weights: NOTE [Loaded by mapping] in run/mapped.py
-            make_movable(kwargs.get("model"), self.ooc)
+            make_movable(kwargs.get("model"), self.ooc, refuse=False)
         self._begin_step()
         return control
 

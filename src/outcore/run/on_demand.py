@@ -611,7 +611,8 @@ _NEVER_MOVES = {
                    "open, torch.load: .clone() those, or take .numpy() inside the "
                    "OutOfCore; a model loaded by mapping its file, from_pretrained or "
                    "torch.load(mmap=True) with assign=True: outcore.integrations."
-                   "make_movable(model, ooc) before the first iteration; "
+                   "make_movable(model, ooc) before the first iteration (of a new "
+                   "OutOfCore, where this one has run the model); "
                    "optimizer state loaded with torch.load, by load_state_dict "
                    "or accelerate's load_state: outcore.integrations.make_movable("
                    "optimizer, ooc) after loading)",

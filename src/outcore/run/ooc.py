@@ -1417,7 +1417,8 @@ class OutOfCore:
         unmovable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
             "shared memory (from_numpy, .numpy(), torch.load: .clone() those; a model " \
             "loaded by mapping its file, from_pretrained or torch.load(mmap=True): " \
-            "outcore.integrations.make_movable(model, ooc) before the first iteration; " \
+            "outcore.integrations.make_movable(model, ooc) before the first iteration " \
+            "(of a new OutOfCore, where this one has run the model); " \
             "optimizer " \
             "state loaded with torch.load, by load_state_dict or accelerate's load_state: " \
             "outcore.integrations.make_movable(optimizer, ooc) after loading; " \
