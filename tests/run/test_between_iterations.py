@@ -622,7 +622,8 @@ def test_save_that_raises_leaves_the_old_file(tmp_path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real, checkpoint.os.fsync = checkpoint.os.fsync, full
         try:                              # a full disk: an OutcoreError, the old file kept
-            with pytest.raises(OutcoreError, match="cannot save to .*No space left on device; pass a path .* What was there"):
+            with pytest.raises(OutcoreError, match="cannot save to .*No space left on device; "
+                                                   "pass a path .* What was there"):
                 ooc.save({"newer": torch.ones(3)}, path)
         finally:
             checkpoint.os.fsync = real

@@ -444,6 +444,31 @@ def test_an_lstm_on_sequences_of_new_lengths_keeps_the_budget(tmp_path):
     assert not over, over
 
 
+def test_a_scaled_room_lies_on_the_line_through_the_smallest_and_largest_call(monkeypatch):
+    """NOTE [Workspaces that scale] rule 2: through zero while one size is known; then
+    on the line through the calls with the smallest and the largest first argument (a
+    fixed part and a part per byte). The most per byte of any call gave a step after
+    one of batch 1, mostly its fixed part, 1.5 times its budget of room (helper-163)."""
+    from outcore.run import on_demand
+    monkeypatch.setattr(on_demand, "_SCALED", {})
+    mm = torch.ops.aten.mm.default
+
+    def call(rows):                     # first argument: 32 bytes a row
+        return (torch.empty(rows, 8), torch.empty(8, 8)), {}
+
+    def beyond(rows):                   # a fixed 1000 bytes and 10 per byte of input
+        return 1000 + 10 * 32 * rows
+    on_demand._learn_scaled(mm, *call(2), beyond(2))
+    assert on_demand._scaled(mm, *call(4), 5) == 5 + 2 * beyond(2)
+    on_demand._learn_scaled(mm, *call(100), beyond(100))
+    on_demand._learn_scaled(mm, *call(50), beyond(50) - 500)     # between: not kept
+    for rows in (50, 200, 1):
+        assert on_demand._scaled(mm, *call(rows), 0) == beyond(rows)
+    assert on_demand._scaled(mm, (torch.empty(4, 9), torch.empty(9, 8)), {}, 0) is None
+    on_demand._learn_scaled(mm, *call(2), 10**6)                 # the same size: the most
+    assert on_demand._scaled(mm, *call(2), 0) == 10**6
+
+
 def test_a_budget_above_the_memory_there_is_gets_a_warning(monkeypatch, caplog, tmp_path):
     from outcore.run.movers import host
     monkeypatch.setattr(host, "memory_limit", lambda: 8 * 2**30)

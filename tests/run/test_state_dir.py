@@ -452,6 +452,32 @@ def test_a_full_state_dir_disk_says_so_and_resume_can_be_tried_again(tmp_path, m
         assert ooc.resume(fresh, opt2) == 4
 
 
+def test_a_full_disk_while_the_manifest_is_written_names_no_path_of_the_users(tmp_path,
+                                                                               monkeypatch):
+    """helper-163: a full disk while the manifest was written said "pass a path in a
+    directory you can write to", the advice for a path the user gave (ooc.save, a
+    picture): the manifest is outcore's own, in state_dir."""
+    import errno
+
+    from outcore.run import checkpoint, durable
+
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    model, opt = _linear4()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        with ooc.iteration():
+            _step(model, opt)
+        monkeypatch.setattr(durable, "atomic_save", lambda obj, path, shield:
+                            checkpoint.atomic_write(path, full, shield))
+        with pytest.raises(outcore.SwapSpaceExhausted, match=f"could not be made durable in "
+                                                     f"{tmp_path}: No space left on device. "
+                                                     "Nothing in memory was lost") as caught:
+            with ooc.iteration():
+                _step(model, opt)
+        assert "pass a path" not in str(caught.value)
+
+
 def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_path, monkeypatch):
     """The directory's fsync fails after the rename in iteration 4's commit: that manifest
     is in place, so the next iteration must not write over the extents it names. They were

@@ -182,9 +182,9 @@ SWEEP_MOST = 100        # rows of a sweep: each plans the trace once per policy
 def _budgets(args, trace, machine) -> list[int]:
     if args.sweep is not None:
         if not 2 <= args.sweep <= SWEEP_MOST:
-            raise OutcoreError(f"--sweep N gives N budgets from the smallest OutOfCore takes to the "
-                               f"in-core peak, each planned and simulated: N must be at least 2 "
-                               f"and at most {SWEEP_MOST}, got {args.sweep}")
+            raise OutcoreError(f"--sweep N gives N budgets from the smallest OutOfCore takes to "
+                               f"the in-core peak, each planned and simulated: N must be at "
+                               f"least 2 and at most {SWEEP_MOST}, got {args.sweep}")
         if args.budget:
             raise OutcoreError("--sweep chooses the budgets itself: give --sweep or --budget")
         # From the least OutOfCore takes, not the plan's own least, which counts every

@@ -60,10 +60,14 @@ def _sweep(directory: str, name: str) -> None:
 
 
 def _cannot_save(path: str, exc: OSError) -> OSError:
-    """`exc`, from making the file for `path`, said of `path` (not of outcore's unnamed or
-    temporary file) with what to do; the same OSError subclass (PermissionError...)."""
-    return OSError(exc.errno, f"cannot save to {path}: {exc.strerror or exc}; pass a path in "
-                   "a directory you can write to, on a disk with room")
+    """`exc`, from making or writing the file for `path`, said of `path` (not of outcore's
+    unnamed or temporary file) with what to do; the same OSError subclass
+    (PermissionError...). `reason`: `exc`'s own words, for a caller whose user gave no
+    path (the state_dir's manifest)."""
+    error = OSError(exc.errno, f"cannot save to {path}: {exc.strerror or exc}; pass a path "
+                    "in a directory you can write to, on a disk with room")
+    error.reason = exc.strerror or str(exc)
+    return error
 
 
 def _open_unnamed(directory: str, path: str) -> int | None:

@@ -383,15 +383,6 @@ class HeldMode(TorchDispatchMode):
         super().__init__()
         self.shield = shield
 
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        """False: `__torch_dispatch__` is not wrapped in `torch._disable_dynamo`, which
-        TorchDispatchMode does for its subclasses (three Python frames and four
-        eval-frame swaps per op: 2.5 us of the executor's ~40 per op here). Dynamo runs
-        nothing while an iteration's mode is pushed: the stance is "force_eager" then
-        (`_Iteration._enter_mode` in ooc.py; docs/executor.md)."""
-        return False
-
     @critical
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

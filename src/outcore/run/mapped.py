@@ -62,10 +62,10 @@ NOTE [Loaded by mapping]
   1. A model loaded by mapping its file holds its weights in a private (copy-on-write)
      mapping of that file: transformers' `from_pretrained` (safetensors), `torch.load(
      mmap=True)` with `load_state_dict(..., assign=True)`, `UntypedStorage.from_file(
-     shared=False)` (which says `is_shared()`, though no other process sees it). PyTorch cannot resize such a
-     storage, so outcore cannot move it: every weight stays in RAM for good, outside
-     the plan (a Llama loaded so was refused at a budget its copy built from the config
-     trained at bitwise, helper-147).
+     shared=False)` (which says `is_shared()`, though no other process sees it).
+     PyTorch cannot resize such a storage, so outcore cannot move it: every weight
+     stays in RAM for good, outside the plan (a Llama loaded so was refused at a
+     budget its copy built from the config trained at bitwise, helper-147).
   2. Whether anything else sees those bytes cannot be told: a numpy array taken before
      the OutOfCore (PyTorch's own `.numpy()`), a copy-on-write `np.memmap` under
      `torch.from_numpy`, a second `safe_open(...).get_tensor` of the same name (another
@@ -82,8 +82,11 @@ NOTE [Loaded by mapping]
      of the storage follows (`_swap_data_ptr_`, rule 1); the file is never written.
   3. The mapped memory a storage gave up stays mapped while the storage lives
      (`_given_up`): a view taken past the storage before (a numpy array, a DLPack
-     capsule) reads the bytes as loaded, never unmapped memory. Clean file pages: the
-     kernel reclaims them at will, so this costs address space, not RAM.
+     capsule) reads the bytes as loaded, never unmapped memory. Its pages are given back
+     as soon as it is copied (MADV_PAGEOUT, `_page_out`): clean file pages, the kernel
+     would reclaim them only under pressure, and until then the resident set counted
+     the whole file beside the budget (helper-164: 76 MiB of GPT-2's weights, every
+     iteration flagged past the process's bound).
 """
 from __future__ import annotations
 
@@ -301,6 +304,17 @@ def adopt_loaded(storage) -> None:
     own.copy_(storage)
     storage._swap_data_ptr_(own)          # `own` now holds the mapped memory (rule 3)
     _while_alive(_given_up, _given_up_lock, storage, own)
+    _page_out(own.data_ptr(), own.nbytes())
+
+
+def _page_out(start: int, nbytes: int) -> None:
+    """NOTE [Loaded by mapping] rule 3: ask the kernel to reclaim the pages of a mapping
+    given up (MADV_PAGEOUT: clean file pages are dropped, read from the file again if a
+    view touches them; a page written since is kept, in swap at worst: unlike
+    MADV_DONTNEED, nothing is lost). Only a hint: an old kernel's refusal is ignored."""
+    first = start - start % mmap.PAGESIZE
+    end = -(-(start + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    _libc.madvise(first, end - first, MADV_PAGEOUT)
 
 
 def adopt_orphan(storage) -> bool:

@@ -103,7 +103,9 @@ class OnDemand:
         if asked is not None:
             func, args, kwargs, left = asked
             made = sum(e.nbytes for e in created)
-            if made > left:           # rare: the signature is hashed only then
+            # Rare: the signature is hashed only then; and where it made less while some
+            # op's room is scaled, whose line this may move (NOTE [Workspaces that scale]).
+            if made > left or made < left and _SCALED:
                 learn_created(func, args, kwargs, made)
         res.evict_lru(self.budget, set())
         return created
@@ -302,19 +304,23 @@ _LEARNED: dict = {}
 #    signature, and each new length passed the budget by its workspaces again (helper-161:
 #    a 2-layer bidirectional LSTM at lengths 40 to 96, up to 176 MiB over a budget of
 #    374 MiB, at every step but the first).
-# 2. So what a call made beyond its meta kernel's answer is also kept per byte of its
-#    first tensor argument (the input), the most of any call, per signature without the
-#    sizes that vary (`_shapeless`: each tensor's dtype, rank and last size, the features,
-#    which tell the layers apart; plain arguments by value). A call of a signature not
-#    learned gets the meta kernel's answer and that ratio times its own first argument's
-#    bytes: a workspace that grows with the length and the batch, as oneDNN's does, gets
-#    its room before the op runs.
+# 2. So what a call made beyond its meta kernel's answer is also kept beside the bytes of
+#    its first tensor argument (the input), per signature without the sizes that vary
+#    (`_shapeless`: each tensor's dtype, rank and last size, the features, which tell the
+#    layers apart; plain arguments by value): of the call with the smallest input and of
+#    the one with the largest. A call of a signature not learned gets the meta kernel's
+#    answer and what the line through those two gives at its own input (a fixed part and
+#    a part per byte; through zero while one size is known): a workspace that grows with
+#    the length and the batch, as oneDNN's does, gets its room before the op runs. (The
+#    most per byte of any call, first, gave a step after one of batch 1 and length 2,
+#    mostly the fixed part, 1.5 times its budget of room for the op: helper-163.)
 # 3. Only where the meta kernel gave a number: an op whose output the data decides
 #    (`nonzero`) has no answer to scale, and is judged as before (NOTE [Small ops off the
 #    record] rule 5 in plans.py).
-# 4. A guess: an op whose extra bytes do not grow with its input gets more room than it
-#    needs at a larger input (evictions earlier than needed), never less than its own
-#    signature learned.
+# 4. A guess: where the line is not the op's (one size known; extra bytes that grow
+#    faster than the input), a call gets more room than it needs (evictions earlier than
+#    needed) or less (over the budget by the difference, once: its signature is learned
+#    then, and the line moves to it); never less than its own signature learned.
 _SCALED: dict = {}
 # The last calls that made more than the room they were given (their meta kernel's answer
 # and what was learned), as (serial number, op, bytes beyond): an iteration over the
@@ -437,8 +443,10 @@ def _first_bytes(args) -> int:
 
 
 def _learn_scaled(func, args, kwargs, beyond: int) -> None:
-    """NOTE [Workspaces that scale]: remember `beyond`, what a call made past its meta
-    kernel's answer, per byte of its first tensor argument (the most of any call)."""
+    """NOTE [Workspaces that scale] rule 2: remember `beyond`, what a call made past its
+    meta kernel's answer, beside its first tensor argument's bytes: of the calls of its
+    kind, the one with the smallest such argument and the one with the largest (the most
+    beyond, of calls with equal arguments)."""
     first = _first_bytes(args)
     if not first:
         return
@@ -446,21 +454,34 @@ def _learn_scaled(func, args, kwargs, beyond: int) -> None:
         key = (func, _shapeless(args), _shapeless(kwargs))
     except _Unhashable:
         return
-    if beyond / first > _SCALED.get(key, 0.0):
-        if len(_SCALED) >= _CREATED_MAX and key not in _SCALED:
-            _SCALED.clear()
-        _SCALED[key] = beyond / first
+    low, high = _SCALED.get(key, ((first, beyond), (first, beyond)))
+    if first < low[0] or first == low[0] and beyond > low[1]:
+        low = (first, beyond)
+    if first > high[0] or first == high[0] and beyond > high[1]:
+        high = (first, beyond)
+    if len(_SCALED) >= _CREATED_MAX and key not in _SCALED:
+        _SCALED.clear()
+    _SCALED[key] = (low, high)
 
 
 def _scaled(func, args, kwargs, said: int) -> int | None:
-    """NOTE [Workspaces that scale]: the meta kernel's answer `said` and what calls of
-    this signature's kind made past theirs, scaled to this call's first argument; None
-    where none did."""
+    """NOTE [Workspaces that scale] rule 2: the meta kernel's answer `said` and what calls
+    of this signature's kind made past theirs, at this call's first argument: on the
+    line through the smallest and the largest such call (a fixed part and a part per
+    byte), through zero where one size was seen, never below zero; None where none was."""
     try:
-        ratio = _SCALED.get((func, _shapeless(args), _shapeless(kwargs)))
+        known = _SCALED.get((func, _shapeless(args), _shapeless(kwargs)))
     except _Unhashable:
         return None
-    return None if ratio is None else said + math.ceil(ratio * _first_bytes(args))
+    if known is None:
+        return None
+    (lo, lo_beyond), (hi, hi_beyond) = known
+    first = _first_bytes(args)
+    if hi == lo:
+        beyond = hi_beyond * first / hi
+    else:
+        beyond = lo_beyond + (hi_beyond - lo_beyond) * (first - lo) / (hi - lo)
+    return said + max(0, math.ceil(beyond))
 
 
 def _created_bytes(func, args, kwargs) -> int | None:

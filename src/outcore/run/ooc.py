@@ -983,7 +983,8 @@ class OutOfCore:
             durable.commit(self._res, self._shield, durable.done)
         except (OutcoreError, OSError) as err:
             kind = no_room(err) if isinstance(err, OSError) else type(err)
-            what = err if isinstance(err, OutcoreError) else f"{err.strerror or err}."
+            what = err if isinstance(err, OutcoreError) else (      # the manifest's: no path
+                f"{getattr(err, 'reason', None) or err.strerror or err}.")     # of the user's
             kept = ("the new manifest is in place all the same: the last durable state is this "
                     "iteration's" if durable.iterations == durable.done else
                     f"the last durable state is still the one after iteration {durable.iterations}"
