@@ -115,6 +115,21 @@ def test_cli_plot(tmp_path, capsys):
     assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_report_says_what_unplanned_counts_where_a_replay_has_some(tmp_path):
+    """helper-162, helper-165: replays showed a small constant "unplanned" figure (the
+    batch the loop holds while the next loads), said nowhere in the report."""
+    with _train(tmp_path) as ooc:
+        report = ooc.report()
+    data = report.to_dict()
+    assert any(it["mode"] == "replay" and it["unplanned_bytes"] for it in data["iterations"])
+    legend = "  unplanned: bytes moved outside the plan: "
+    assert legend in str(report)
+    for it in data["iterations"]:
+        if it["mode"] == "replay":
+            it["unplanned_bytes"] = 0
+    assert legend not in str(Report.from_dict(data))
+
+
 def test_report_json_round_trips(tmp_path, capsys):
     with _train(tmp_path) as ooc:
         report = ooc.report()
