@@ -407,8 +407,9 @@ def learn_created(func, args, kwargs, made: int) -> None:
         return
     said = _CREATED.get(key)
     if said is not None and made > said:
-        got = max(said, _LEARNED.get(key, 0), _scaled(func, args, kwargs, said) or 0)
-        if made > got:              # more than the room it was given
+        got = max(said, _LEARNED[key] if key in _LEARNED       # the room created_bytes gave
+                  else _scaled(func, args, kwargs, said) or 0)
+        if made > got:
             serial = UNDER_REPORTED[-1][0] + 1 if UNDER_REPORTED else 1
             UNDER_REPORTED.append((serial, str(func), made - got))
         _learn_scaled(func, args, kwargs, made - said)
