@@ -44,10 +44,8 @@ def test_plot_png_and_svg_of_a_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "m.svg"]
 
 
-def test_the_planned_panel_names_the_budget_it_was_given():
-    """helper-73: the top panel's budget line read "plan's budget 2.00 MiB (the budget
-    2 B less what never moves)": the user's budget was overwritten by the line's height
-    in MiB. It names the plan's budget alone, or beside the user's where that differs."""
+def _panel_setup():
+    """pyplot (Agg), outcore.view.plot, and a recording of four Linear layers."""
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,6 +55,14 @@ def test_the_planned_panel_names_the_budget_it_was_given():
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
     with outcore.record() as rec:
         model(torch.randn(8, 256)).sum().backward()
+    return plt, view_plot, rec
+
+
+def test_the_planned_panel_names_the_budget_it_was_given():
+    """helper-73: the top panel's budget line read "plan's budget 2.00 MiB (the budget
+    2 B less what never moves)": the user's budget was overwritten by the line's height
+    in MiB. It names the plan's budget alone, or beside the user's where that differs."""
+    plt, view_plot, rec = _panel_setup()
     schedule = outcore.plan(rec.trace, "512KiB")
     sim = outcore.simulate(rec.trace, schedule, "cpu-disk")
     for budget, label in ((None, "budget 512.00 KiB"),
@@ -72,15 +78,7 @@ def test_a_budget_far_above_the_step_does_not_flatten_the_picture():
     """helper-162: at a budget 32x the step's peak the axis ran to the budget, the step a
     sliver along the bottom. The axis ends a little above the most shown, and the budget
     is named at the top; near the step, the axis still runs to the budget line."""
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from outcore.view import plot as view_plot
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
-    with outcore.record() as rec:
-        model(torch.randn(8, 256)).sum().backward()
+    plt, view_plot, rec = _panel_setup()
     peak = rec.trace.peak(actual=True)[0]
     for budget, far in ((64 * peak, True), (peak // 2, False)):
         schedule = outcore.plan(rec.trace, budget)
