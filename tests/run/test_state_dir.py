@@ -433,7 +433,8 @@ def test_a_full_state_dir_disk_says_so_and_resume_can_be_tried_again(tmp_path, m
             if it == 3:
                 monkeypatch.setattr(Durable, "commit", commit_on_a_full_disk)
                 with pytest.raises(SwapSpaceExhausted,
-                                   match="could not be made durable.* after iteration 2"):
+                                   match=r"could not be made durable.* that of 2 completed "
+                                         r"iterations \(resume\(\) there returns 2\)"):
                     with ooc.iteration():
                         fresh(x).sum().backward()
                         opt2.step()
@@ -476,6 +477,50 @@ def test_a_full_disk_while_the_manifest_is_written_names_no_path_of_the_users(tm
             with ooc.iteration():
                 _step(model, opt)
         assert "pass a path" not in str(caught.value)
+        with pytest.raises(outcore.SwapSpaceExhausted, match=r"close\(\): .*tried again \(No "
+                                                             r"space left on device\)"):
+            ooc.close()
+
+
+@pytest.mark.parametrize("fails_again", [False, True])
+def test_close_tries_the_last_iterations_failed_commit_again(tmp_path, monkeypatch, fails_again):
+    """helper-166: the last iteration's commit failed ("the next iteration tries again"),
+    and there was none: close() said nothing and the state_dir stayed one iteration
+    behind. close() tries once more; where that fails too, it says so and what resume()
+    will return."""
+    from outcore.run.durable import Durable
+    real_commit = Durable.commit
+    failing = [False]
+
+    def commit(self, res, shield, iterations):
+        if failing[0]:
+            failing[0] = fails_again
+            raise outcore.SwapSpaceExhausted("swap space is exhausted (injected)")
+        real_commit(self, res, shield, iterations)
+    monkeypatch.setattr(Durable, "commit", commit)
+    model, opt = _linear4()
+    ooc = outcore.OutOfCore("1MiB", state_dir=tmp_path)
+    ooc.resume(model, opt)
+    for it in range(3):
+        failing[0] = it == 2
+        with contextlib.suppress(outcore.SwapSpaceExhausted):
+            with ooc.iteration():
+                _step(model, opt)
+    if fails_again:
+        with pytest.raises(outcore.SwapSpaceExhausted, match=r"close\(\): the state of the last "
+                           r"of 3 completed iterations .* tried again .*resume\(\) there "
+                           "returns 2, one iteration behind"):
+            ooc.close()
+    else:
+        ooc.close()
+    assert ooc.closed
+    monkeypatch.undo()
+    fresh, fresh_opt = _linear4()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:
+        assert again.resume(fresh, fresh_opt) == (2 if fails_again else 3)
+    if not fails_again:
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     fresh.state_dict().values()))
 
 
 def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_path, monkeypatch):
@@ -512,11 +557,16 @@ def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_
                 with ooc.iteration():
                     _step(model, opt)
                 continue
-            match = "manifest is in place all the same" if it == 4 else "still the one after iteration 4"
+            match = ("manifest is in place all the same" if it == 4
+                     else "still that of 4 completed iterations")
             with pytest.raises(OutcoreError, match=match):
                 with ooc.iteration():
                     _step(model, opt)
-            monkeypatch.undo()
+            if it == 4:
+                monkeypatch.undo()
+        with pytest.raises(OutcoreError, match=r"close\(\): .* tried again .*returns 4"):
+            ooc.close()                   # iteration 5's commit fails again: as if killed
+        monkeypatch.undo()
     fresh, fresh_opt = _linear4()
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:
         assert again.resume(fresh, fresh_opt) == 4
@@ -551,7 +601,8 @@ def test_after_a_failed_fdatasync_no_later_commit_trusts_the_file(tmp_path, monk
                 with ooc.iteration():
                     _step(model, opt)
                 continue
-            match = ("Input/output error.*still the one after iteration 2; no later iteration"
+            match = ("Input/output error.*still that of 2 completed iterations .*; no later "
+                     "iteration"
                      if it == 3 else "an earlier fdatasync of the state file .* failed")
             with pytest.raises(OutcoreError, match=match):
                 with ooc.iteration():

@@ -204,6 +204,7 @@ class Durable:
         self.copied = False             # resume() has copied some kept state into the model
         self.iterations = self.manifest["iterations"] if self.manifest else 0   # durable
         self.done = self.iterations     # completed, durable or not (a commit may fail)
+        self.failed = False             # the last completed iteration's commit failed
         self.committed = False          # a manifest names this generation's file
         self.unsynced: OSError | None = None    # rule 6: the state file's sync failed
 

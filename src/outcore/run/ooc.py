@@ -944,16 +944,19 @@ class OutOfCore:
                                "deviation")
         return self._last_replay
 
-    def _park(self, errors: list, commit: bool = False) -> None:
+    def _park(self, errors: list, commit: bool = False, again: bool = False) -> None:
         """Leave state where the step left it: finish every transfer, make the state
         durable (with `commit` and a state_dir), map what is on the slow tier (NOTE
         [Mapped state]). A resident storage is no longer `clean`: the user may change
         it before the next block, and only a mapped one would show it. Errors are
-        appended, the rest still happens."""
+        appended, the rest still happens. `again`: close()'s retry of the last
+        iteration's commit, which failed (`_behind`)."""
         res = self._res
         parts = [res.settle, res.map_slow]
         if commit and self._durable is not None:
             parts.insert(1, self._commit)
+        elif again:                         # close(): a commit that failed (`_behind`)
+            parts.insert(1, self._commit_again)
         for part in parts:
             try:
                 part()
@@ -976,18 +979,46 @@ class OutOfCore:
         if errors:
             raise errors[0]
 
+    def _behind(self) -> bool:
+        """Whether the last iteration completed and its state is not durable (its commit
+        failed: "the next iteration tries again"): close() tries it once more, as no next
+        iteration will (helper-166: the state_dir stayed one iteration behind, unsaid).
+        Not after an iteration that raised: the run stopped there keeps the last completed
+        one's state (NOTE [Durable state] rule 11)."""
+        durable = self._durable
+        return (durable is not None and durable.failed and durable.unsynced is None
+                and durable.done > durable.iterations)
+
+    def _commit_again(self) -> None:
+        """close(): the commit `_behind` says failed, once more."""
+        durable = self._durable
+        try:
+            durable.commit(self._res, self._shield, durable.done)
+        except (OutcoreError, OSError) as err:
+            kind = no_room(err) if isinstance(err, OSError) else type(err)
+            what = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+            raise (SwapSpaceExhausted if issubclass(kind, SwapSpaceExhausted) else OutcoreError)(
+                f"close(): the state of the last of {durable.done} completed iterations could "
+                f"not be made durable in {durable.directory}, tried again ({what}): resume() "
+                f"there returns {durable.iterations}, one iteration behind this run. Nothing in "
+                "memory was lost: the model and optimizer stay readable; torch.save() them "
+                "elsewhere to keep that iteration") from err
+
     def _commit(self) -> None:
         durable = self._durable
         durable.done += 1          # completed, whether or not its state becomes durable
+        durable.failed = True      # until the commit returns (`_behind`)
         try:
             durable.commit(self._res, self._shield, durable.done)
+            durable.failed = False
         except (OutcoreError, OSError) as err:
             kind = no_room(err) if isinstance(err, OSError) else type(err)
             what = err if isinstance(err, OutcoreError) else (      # the manifest's: no path
                 f"{getattr(err, 'reason', None) or err.strerror or err}.")     # of the user's
             kept = ("the new manifest is in place all the same: the last durable state is this "
                     "iteration's" if durable.iterations == durable.done else
-                    f"the last durable state is still the one after iteration {durable.iterations}"
+                    f"the last durable state is still that of {durable.iterations} completed "
+                    f"iterations (resume() there returns {durable.iterations})"
                     if os.path.isdir(durable.directory) else
                     "the directory is gone (removed by something else), and with it every "
                     "durable state: ooc.save() a checkpoint elsewhere to keep this training")
@@ -1614,7 +1645,7 @@ class OutOfCore:
             errors: list = []
             try:
                 self._pager.stop()
-                self._park(errors)
+                self._park(errors, again=self._behind())
             finally:
                 self.closed = True
                 leases, self._leases = self._leases, []
@@ -1950,6 +1981,7 @@ class _Iteration:
         ooc._park(errors, commit=committing)
         if not committing and ooc._durable is not None and self.before is not None:
             ooc._durable.done += 1     # NOTE [Durable state] rule 11: the next commit keeps it
+            ooc._durable.failed = False     # and close() does not commit it (`_behind`)
         ooc._idle()
         ooc._page()                 # held: a Ctrl-C lands after the pager has started
         ooc._shield.uninstall()
