@@ -477,24 +477,23 @@ def test_a_full_disk_while_the_manifest_is_written_names_no_path_of_the_users(tm
             with ooc.iteration():
                 _step(model, opt)
         assert "pass a path" not in str(caught.value)
-        with pytest.raises(outcore.SwapSpaceExhausted, match=r"close\(\): .*tried again \(No "
-                                                             r"space left on device\)"):
-            ooc.close()
 
 
-@pytest.mark.parametrize("fails_again", [False, True])
-def test_close_tries_the_last_iterations_failed_commit_again(tmp_path, monkeypatch, fails_again):
+def test_close_after_a_failed_last_commit_says_the_state_dir_is_behind(tmp_path, monkeypatch,
+                                                                      caplog):
     """helper-166: the last iteration's commit failed ("the next iteration tries again"),
     and there was none: close() said nothing and the state_dir stayed one iteration
-    behind. close() tries once more; where that fails too, it says so and what resume()
-    will return."""
+    behind. It says so now, and what resume() returns. It does not commit there
+    (helper-167: the model may have changed since the iteration, and a commit at close
+    made durable a state no iteration had)."""
+    import logging
+
     from outcore.run.durable import Durable
     real_commit = Durable.commit
     failing = [False]
 
     def commit(self, res, shield, iterations):
         if failing[0]:
-            failing[0] = fails_again
             raise outcore.SwapSpaceExhausted("swap space is exhausted (injected)")
         real_commit(self, res, shield, iterations)
     monkeypatch.setattr(Durable, "commit", commit)
@@ -506,21 +505,23 @@ def test_close_tries_the_last_iterations_failed_commit_again(tmp_path, monkeypat
         with contextlib.suppress(outcore.SwapSpaceExhausted):
             with ooc.iteration():
                 _step(model, opt)
-    if fails_again:
-        with pytest.raises(outcore.SwapSpaceExhausted, match=r"close\(\): the state of the last "
-                           r"of 3 completed iterations .* tried again .*resume\(\) there "
-                           "returns 2, one iteration behind"):
-            ooc.close()
-    else:
+    failing[0] = False
+    with torch.no_grad():
+        model[0].weight.fill_(7.0)            # changed after the iteration: never durable
+    with caplog.at_level(logging.WARNING, logger="outcore"):
         ooc.close()
-    assert ooc.closed
-    monkeypatch.undo()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("close():")]
+    assert len(said) == 1 and (f"{tmp_path} holds the state of 2 of the 3 completed "
+                               "iterations" in said[0]), said
+    assert "resume() there returns 2" in said[0]
     fresh, fresh_opt = _linear4()
+    plain, plain_opt = _linear4()
+    for _ in range(2):
+        _step(plain, plain_opt)
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:
-        assert again.resume(fresh, fresh_opt) == (2 if fails_again else 3)
-    if not fails_again:
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                     fresh.state_dict().values()))
+        assert again.resume(fresh, fresh_opt) == 2
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 fresh.state_dict().values()))
 
 
 def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_path, monkeypatch):
@@ -564,8 +565,6 @@ def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_
                     _step(model, opt)
             if it == 4:
                 monkeypatch.undo()
-        with pytest.raises(OutcoreError, match=r"close\(\): .* tried again .*returns 4"):
-            ooc.close()                   # iteration 5's commit fails again: as if killed
         monkeypatch.undo()
     fresh, fresh_opt = _linear4()
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as again:

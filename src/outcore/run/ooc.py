@@ -944,19 +944,16 @@ class OutOfCore:
                                "deviation")
         return self._last_replay
 
-    def _park(self, errors: list, commit: bool = False, again: bool = False) -> None:
+    def _park(self, errors: list, commit: bool = False) -> None:
         """Leave state where the step left it: finish every transfer, make the state
         durable (with `commit` and a state_dir), map what is on the slow tier (NOTE
         [Mapped state]). A resident storage is no longer `clean`: the user may change
         it before the next block, and only a mapped one would show it. Errors are
-        appended, the rest still happens. `again`: close()'s retry of the last
-        iteration's commit, which failed (`_behind`)."""
+        appended, the rest still happens."""
         res = self._res
         parts = [res.settle, res.map_slow]
         if commit and self._durable is not None:
             parts.insert(1, self._commit)
-        elif again:                         # close(): a commit that failed (`_behind`)
-            parts.insert(1, self._commit_again)
         for part in parts:
             try:
                 part()
@@ -980,29 +977,27 @@ class OutOfCore:
             raise errors[0]
 
     def _behind(self) -> bool:
-        """Whether the last iteration completed and its state is not durable (its commit
-        failed: "the next iteration tries again"): close() tries it once more, as no next
-        iteration will (helper-166: the state_dir stayed one iteration behind, unsaid).
-        Not after an iteration that raised: the run stopped there keeps the last completed
-        one's state (NOTE [Durable state] rule 11)."""
+        """Whether the last iteration completed and its state is not durable: its commit
+        failed ("the next iteration tries again"), and close() comes with no next
+        iteration. Not after an iteration that raised: the run stopped there keeps the
+        last completed one's state (NOTE [Durable state] rule 11)."""
         durable = self._durable
-        return (durable is not None and durable.failed and durable.unsynced is None
-                and durable.done > durable.iterations)
+        return durable is not None and durable.failed and durable.done > durable.iterations
 
-    def _commit_again(self) -> None:
-        """close(): the commit `_behind` says failed, once more."""
+    def _say_behind(self) -> None:
+        """close() after `_behind`: a warning that the state_dir is an iteration behind
+        (helper-166: it stayed so, unsaid). Not committed here: between the iteration and
+        close() the user may have changed the model (loaded other weights, a step run
+        outside, an exception halfway through a load_state_dict), and a commit then made
+        durable a state no iteration ever had (helper-167)."""
         durable = self._durable
-        try:
-            durable.commit(self._res, self._shield, durable.done)
-        except (OutcoreError, OSError) as err:
-            kind = no_room(err) if isinstance(err, OSError) else type(err)
-            what = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
-            raise (SwapSpaceExhausted if issubclass(kind, SwapSpaceExhausted) else OutcoreError)(
-                f"close(): the state of the last of {durable.done} completed iterations could "
-                f"not be made durable in {durable.directory}, tried again ({what}): resume() "
-                f"there returns {durable.iterations}, one iteration behind this run. Nothing in "
-                "memory was lost: the model and optimizer stay readable; torch.save() them "
-                "elsewhere to keep that iteration") from err
+        where = (f"resume() there returns {durable.iterations}"
+                 if os.path.isdir(durable.directory) else
+                 "the directory is gone (removed by something else)")
+        log.warning("close(): %s holds the state of %d of the %d completed iterations (a "
+                    "commit failed, and no later one made it up): %s. To keep the rest, save "
+                    "the model and optimizer with torch.save() before they go",
+                    durable.directory, durable.iterations, durable.done, where)
 
     def _commit(self) -> None:
         durable = self._durable
@@ -1645,7 +1640,9 @@ class OutOfCore:
             errors: list = []
             try:
                 self._pager.stop()
-                self._park(errors, again=self._behind())
+                self._park(errors)
+                if self._behind():
+                    self._say_behind()
             finally:
                 self.closed = True
                 leases, self._leases = self._leases, []
