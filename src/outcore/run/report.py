@@ -384,13 +384,14 @@ class Report:
                             f"the budget + {format_bytes(PROCESS_SLACK_BYTES)} + budget/"
                             f"{PROCESS_SLACK_SHARE} (here {format_bytes(self.rss_bound)})"
                             if self.rss_bound else ""))
-            if any(it.mode == "replay" and it.unplanned_bytes for it in self.iterations):
+            if self.elided.unplanned_bytes or any(
+                    it.mode == "replay" and it.unplanned_bytes for it in self.iterations):
                 # helper-162, helper-165: a small constant figure in every replay, unsaid.
-                lines.append("  unplanned: bytes moved outside the plan: the rest of a step "
-                             "run op by op after it left its plan, and storages the record "
-                             "does not know or that outlive it there (a batch the loop still "
-                             "holds while the next one loads), written out to keep the budget "
-                             "(docs/see.md)")
+                lines.append("  unplanned: bytes read or written outside the plan: the rest "
+                             "of a step run op by op after it left its plan, safety "
+                             "evictions, and storages the record does not know or that "
+                             "outlive it there (a batch the loop still holds while the next "
+                             "one loads), written out to keep the budget (docs/see.md)")
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
                          "faults  trims  peak        rss+        unmanaged")
             rows = self.iterations
