@@ -120,7 +120,7 @@ def test_the_report_says_what_unplanned_counts_where_a_replay_has_some(tmp_path)
         report = ooc.report()
     data = report.to_dict()
     assert any(it["mode"] == "replay" and it["unplanned_bytes"] for it in data["iterations"])
-    legend = "  unplanned: bytes moved outside the plan: "
+    legend = "  unplanned: bytes read or written outside the plan: "
     assert legend in str(report)
     for it in data["iterations"]:
         if it["mode"] == "replay":
