@@ -513,7 +513,7 @@ def test_close_after_a_failed_last_commit_says_the_state_dir_is_behind(tmp_path,
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("close():")]
     assert len(said) == 1 and (f"{tmp_path} holds the state of 2 of the 3 completed "
                                "iterations" in said[0]), said
-    assert "resume() there returns 2" in said[0]
+    assert "(resume() there returns 2): a commit failed" in said[0]
     fresh, fresh_opt = _linear4()
     plain, plain_opt = _linear4()
     for _ in range(2):

@@ -991,13 +991,13 @@ class OutOfCore:
         outside, an exception halfway through a load_state_dict), and a commit then made
         durable a state no iteration ever had (helper-167)."""
         durable = self._durable
-        where = (f"resume() there returns {durable.iterations}"
-                 if os.path.isdir(durable.directory) else
-                 "the directory is gone (removed by something else)")
-        log.warning("close(): %s holds the state of %d of the %d completed iterations (a "
-                    "commit failed, and no later one made it up): %s. To keep the rest, save "
-                    "the model and optimizer with torch.save() before they go",
-                    durable.directory, durable.iterations, durable.done, where)
+        held = (f"{durable.directory} holds the state of {durable.iterations} of the "
+                f"{durable.done} completed iterations (resume() there returns "
+                f"{durable.iterations})" if os.path.isdir(durable.directory) else
+                f"{durable.directory} is gone (removed by something else)")
+        log.warning("close(): %s: a commit failed, and no later one made it up. To keep the "
+                    "rest, save the model and optimizer with torch.save() before they go",
+                    held)
 
     def _commit(self) -> None:
         durable = self._durable
