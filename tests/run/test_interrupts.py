@@ -652,6 +652,8 @@ def test_a_signal_handler_that_reads_the_model_during_iterations(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, threading, time
         import torch, outcore
+        torch.set_num_threads(1)    # compared with plain PyTorch, which on two threads now
+                                    # and then differs from itself (docs/executor.md)
 
         def make():
             torch.manual_seed(0)

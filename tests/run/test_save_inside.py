@@ -239,6 +239,8 @@ def test_a_flatten_no_serialize_followed_leaves_the_next_block_alone(tmp_path):
         import torch, outcore
         import safetensors.torch as st
         from test_save_inside import BUDGET, make, step
+        torch.set_num_threads(1)    # compared with plain PyTorch, which on two threads now
+                                    # and then differs from itself (docs/executor.md)
         plain, ours = make(), make()
         with outcore.OutOfCore(BUDGET, swap_dir={str(tmp_path)!r}) as ooc:
             for it in range(3):
