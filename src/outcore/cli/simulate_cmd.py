@@ -252,7 +252,7 @@ def run(args) -> int:
         if not trace.functions:
             raise OutcoreError(f"{path} recorded no op (an empty step): there is nothing to "
                                "simulate. Record a step that runs the model")
-        first = first or trace
+        first = trace if first is None else first
         label = trace.info.get("label") or path
         for budget in _budgets(args, trace, args.machine):
             for policy in policies:

@@ -306,7 +306,7 @@ _LEARNED: dict = {}
 #    374 MiB, at every step but the first).
 # 2. So what a call made beyond its meta kernel's answer is also kept beside the bytes of
 #    its first tensor argument (the input), per signature without the sizes that vary
-#    (`_shapeless`: each tensor's dtype, rank and last size, the features, which tell the
+#    (`_scaled_key`: each tensor's dtype, rank and last size, the features, which tell the
 #    layers apart; plain arguments by value): of the call with the smallest input and of
 #    the one with the largest. A call of a signature not learned gets the meta kernel's
 #    answer and what the line through those two gives at its own input (a fixed part and
@@ -344,22 +344,34 @@ _PLAIN = (int, float, bool, complex, str, type(None), torch.dtype, torch.device,
           torch.memory_format)
 
 
-def _signature(x):
-    """What a meta kernel can see of `x`: a tensor's type, layout, dtype, sizes and
-    strides (the meta copy keeps nothing else: `_meta`), a plain argument's value.
-    Raises _Unhashable for anything else. Every op run on demand asks for one (about a
-    microsecond per argument): list comprehensions rather than generators, and sizes
-    kept as `torch.Size` (a tuple: it hashes and compares as one)."""
+def _sized(t: torch.Tensor) -> tuple:
+    """A tensor as a meta kernel sees it: type, layout, dtype, sizes and strides (the
+    meta copy keeps nothing else: `_meta`)."""
+    layout = t.layout
+    return (type(t), layout, t.dtype, t.shape, t.stride() if layout is _STRIDED else None)
+
+
+def _unsized(t: torch.Tensor) -> tuple:
+    """A tensor without the sizes that vary from step to step: type, layout, dtype, rank
+    and last size (the features: a sequence's length and the batch come first; NOTE
+    [Workspaces that scale])."""
+    return (type(t), t.layout, t.dtype, t.dim(), t.shape[-1] if t.dim() else None)
+
+
+def _signature(x, tensor=_sized):
+    """What a meta kernel can see of `x`: each tensor as `tensor` gives it (`_sized`, or
+    `_unsized` for `_scaled_key`), a plain argument's value. Raises _Unhashable for
+    anything else. Every op run on demand asks for one (about a microsecond per
+    argument): list comprehensions rather than generators, and sizes kept as
+    `torch.Size` (a tuple: it hashes and compares as one)."""
     if isinstance(x, torch.Tensor):
         if x.is_nested:             # no sizes to ask (raises "doesn't support sizes")
             raise _Unhashable
-        layout = x.layout
-        return (type(x), layout, x.dtype, x.shape,
-                x.stride() if layout is _STRIDED else None)
+        return tensor(x)
     if isinstance(x, (list, tuple)):
-        return (type(x), *[_signature(y) for y in x])
+        return (type(x), *[_signature(y, tensor) for y in x])
     if isinstance(x, dict):
-        return tuple([(k, _signature(v)) for k, v in x.items()])
+        return tuple([(k, _signature(v, tensor)) for k, v in x.items()])
     if isinstance(x, _PLAIN):
         return (type(x), x)
     if isinstance(x, torch.Generator):     # its state draws values, never sizes
@@ -419,23 +431,13 @@ def learn_created(func, args, kwargs, made: int) -> None:
         _LEARNED[key] = made
 
 
-def _shapeless(x):
-    """`_signature` without the sizes that vary from step to step: of a tensor its type,
-    layout, dtype, rank and last size (the features: a sequence's length and the batch
-    come first), of a plain argument its value (NOTE [Workspaces that scale])."""
-    if isinstance(x, torch.Tensor):
-        if x.is_nested:
-            raise _Unhashable
-        return (type(x), x.layout, x.dtype, x.dim(), x.shape[-1] if x.dim() else None)
-    if isinstance(x, (list, tuple)):
-        return (type(x), *[_shapeless(y) for y in x])
-    if isinstance(x, dict):
-        return tuple([(k, _shapeless(v)) for k, v in x.items()])
-    if isinstance(x, _PLAIN):
-        return (type(x), x)
-    if isinstance(x, torch.Generator):
-        return torch.Generator
-    raise _Unhashable
+def _scaled_key(func, args, kwargs):
+    """NOTE [Workspaces that scale] rule 2: the signature without the sizes that vary;
+    None where there is none (`_Unhashable`)."""
+    try:
+        return (func, _signature(args, _unsized), _signature(kwargs, _unsized))
+    except _Unhashable:
+        return None
 
 
 def _first_bytes(args) -> int:
@@ -449,11 +451,8 @@ def _learn_scaled(func, args, kwargs, beyond: int) -> None:
     kind, the one with the smallest such argument and the one with the largest (the most
     beyond, of calls with equal arguments)."""
     first = _first_bytes(args)
-    if not first:
-        return
-    try:
-        key = (func, _shapeless(args), _shapeless(kwargs))
-    except _Unhashable:
+    key = _scaled_key(func, args, kwargs) if first else None
+    if key is None:
         return
     low, high = _SCALED.get(key, ((first, beyond), (first, beyond)))
     if first < low[0] or first == low[0] and beyond > low[1]:
@@ -470,10 +469,8 @@ def _scaled(func, args, kwargs, said: int) -> int | None:
     of this signature's kind made past theirs, at this call's first argument: on the
     line through the smallest and the largest such call (a fixed part and a part per
     byte), through zero where one size was seen, never below zero; None where none was."""
-    try:
-        known = _SCALED.get((func, _shapeless(args), _shapeless(kwargs)))
-    except _Unhashable:
-        return None
+    key = _scaled_key(func, args, kwargs)
+    known = None if key is None else _SCALED.get(key)
     if known is None:
         return None
     (lo, lo_beyond), (hi, hi_beyond) = known
