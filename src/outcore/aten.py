@@ -20,7 +20,7 @@ import weakref
 from typing import Callable, Iterator
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 aten = torch.ops.aten
 
@@ -312,6 +312,59 @@ def loading():
 #      composite ones decompose above the modes. One op, so every op dispatched is
 #      compared by identity (an OpOverload's hash is Python code).
 FAST_PATH_OP = torch.ops.aten._transformer_encoder_layer_fwd.default
+
+
+# NOTE [Dynamo kept out]
+# TorchDynamo must never compile outcore's own Python: compiled, its handler took 21 s
+# and was not bitwise (helper-163), and tracing `ooc.iteration()`'s entry failed inside
+# Dynamo ("forbidden callable set_stance"). Dynamo compiles a frame where its callback
+# is set on the thread: in a torch.compile'd function, and in a dispatch mode's
+# handler run from one (PyTorch runs the handler with the mode off the stack, so
+# Dynamo's "nothing under a dispatch mode" does not hold there).
+#   1. PyTorch wraps every mode's `__torch_dispatch__` in `torch._disable_dynamo`,
+#      which clears and puts back the callback at every op: ~2.5 us of the executor's
+#      ~38 us per op. outcore's modes (`OutcoreMode`) have no wrapper; their handler's
+#      code is marked for Dynamo's frame evaluation as skipped with every frame it
+#      calls (`outside_dynamo`, the code strategy `torch._dynamo.disable` stands for),
+#      at no cost per op.
+#   2. `_Iteration.__enter__`/`__exit__` are marked so too, and as `_torchdynamo_disable`
+#      (what Dynamo asks before inlining a call: a graph break, not a trace), and not
+#      wrapped: a wrapper's bytecodes before the first of `__exit__` would let a signal
+#      land outside its held section (NOTE [Interrupts] rule 3). A loop compiled around
+#      `with ooc.iteration():` then runs the block eagerly, exactly, as a compiled
+#      module inside it does.
+#   3. Without the code-strategy API (a torch other than the 2.13 this is built for)
+#      the modes keep PyTorch's wrapper and nothing else is marked.
+try:
+    from torch._C._dynamo.eval_frame import (_FrameAction, _FrameExecStrategy,
+                                              set_code_exec_strategy)
+    _SKIPPED_WITH_CALLEES = _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
+except (ImportError, AttributeError, TypeError):          # rule 3
+    set_code_exec_strategy = _SKIPPED_WITH_CALLEES = None
+
+
+def outside_dynamo(function):
+    """`function`, never compiled nor traced by Dynamo, nor anything it calls, with
+    nothing run before its first bytecode (NOTE [Dynamo kept out] rules 1-2)."""
+    if _SKIPPED_WITH_CALLEES is not None:
+        set_code_exec_strategy(function.__code__, _SKIPPED_WITH_CALLEES)
+        function._torchdynamo_disable = True
+    return function
+
+
+class OutcoreMode(TorchDispatchMode):
+    """Base of outcore's dispatch modes: the handler without PyTorch's per-op Dynamo
+    wrapper, marked by `outside_dynamo` instead (NOTE [Dynamo kept out] rule 1)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return _SKIPPED_WITH_CALLEES is None                       # rule 3
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        handler = cls.__dict__.get("__torch_dispatch__")
+        if handler is not None and not cls._should_skip_dynamo():
+            outside_dynamo(handler)
 
 
 @contextlib.contextmanager

@@ -236,6 +236,45 @@ def test_code_compiled_before_the_iteration_runs_eagerly_inside_it(tmp_path):
     assert len(graph_calls) == warm + 1, "the stance was not put back"
 
 
+def test_a_loop_compiled_around_the_block_runs_it_eagerly_bitwise(tmp_path):
+    """`with ooc.iteration():` inside a torch.compile'd function: Dynamo traced into the
+    block's entry and failed there ("Attempt to trace forbidden callable set_stance").
+    Now the entry and exit are outside Dynamo (NOTE [Dynamo kept out] in aten.py): the
+    block runs eagerly, says so, and no frame is compiled, outcore's handlers included."""
+    from outcore.run.recording import COMPILED_EAGER
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def train(compiled: bool):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(32, 64)
+        with outcore.OutOfCore(budget="300KiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+            def step():
+                with ooc.iteration():
+                    m(x).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+            run = torch.compile(step, backend=counting_backend) if compiled else step
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(4):
+                    run()
+            modes = [it.mode for it in ooc.report().iterations]
+        said = [w for w in caught if str(w.message) == COMPILED_EAGER]
+        return [p.detach().clone() for p in m.parameters()], modes, said
+
+    eager, _, _ = train(False)
+    compiled, modes, said = train(True)
+    assert modes[-1] == "replay", modes
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert said and not graphs, (len(said), [g.code for g in graphs])
+
+
 def test_a_collective_in_a_passive_replay_that_leaves_stays_in_place(one_rank, tmp_path):
     """A plan that moves nothing tracks nothing; a collective's output (NOTE [Collectives
     in flight]: never moved) was then untracked, and a longer step that left the plan

@@ -79,9 +79,8 @@ import warnings
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import distinct_storages, iter_tensors, output_tensors
+from ..aten import OutcoreMode, distinct_storages, iter_tensors, output_tensors
 from ..errors import OutcoreError
 
 # Ops in these namespaces pass through `around` (every other op skips it at the cost of
@@ -160,7 +159,7 @@ FUTURE_CALLBACK = (
     "(NOTE [Collectives in flight] rule 5 in outcore/run/compose.py)")
 
 
-class _Unseen(TorchDispatchMode):
+class _Unseen(OutcoreMode):
     """The ops of a Future callback on another thread while an iteration is open (NOTE
     [Collectives in flight] rule 5): each runs unless it touches a storage outcore may
     move. Reads the residency's table only (a dict lookup is atomic; the table belongs to

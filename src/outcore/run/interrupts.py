@@ -75,7 +75,7 @@ import weakref
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import FAST_PATH_OP, autocast_as_entered
+from ..aten import FAST_PATH_OP, OutcoreMode, autocast_as_entered
 
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
@@ -375,7 +375,7 @@ def _swallowed(frame) -> bool:
     return False
 
 
-class HeldMode(TorchDispatchMode):
+class HeldMode(OutcoreMode):
     """A dispatch mode whose every op is one held section (rule 2), profiler ops passed
     through; subclasses implement `_dispatch(func, args, kwargs)`."""
 

@@ -1766,6 +1766,7 @@ class _Iteration:
         return self.entered
 
     @critical
+    @aten.outside_dynamo        # NOTE [Dynamo kept out] rule 2
     def __enter__(self):
         ooc = self.ooc
         shield = ooc._shield
@@ -1904,6 +1905,7 @@ class _Iteration:
                 ooc._plans.state_of_others(plan))
 
     @critical
+    @aten.outside_dynamo
     def __exit__(self, exc_type, exc, tb):
         shield = self.ooc._shield
         shield.enter()

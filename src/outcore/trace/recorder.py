@@ -23,11 +23,10 @@ import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, autocast_as_entered,
-                    call_split, made_outside, note_read_past, op_inputs, output_tensors,
-                    storage_of, written_tensors)
+from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
+                    autocast_as_entered, call_split, made_outside, note_read_past, op_inputs,
+                    output_tensors, storage_of, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -210,7 +209,7 @@ def workspace_meter(inputs) -> WorkspaceMeter | None:
     return None
 
 
-class Recording(TorchDispatchMode):
+class Recording(OutcoreMode):
     """The recorder. Use through `outcore.record()`; read `.trace` after the block."""
 
     def __init__(self, *, label: str = "", batch_leaves=frozenset()):
@@ -245,8 +244,9 @@ class Recording(TorchDispatchMode):
 
     # -- context management --------------------------------------------------------------
     def __enter__(self):
-        # The first op dispatched into a mode in a process imports torch._dynamo (~1.4 s
-        # here); imported now, that is not counted as the step's host time.
+        # The first op dispatched into a mode of PyTorch's making (a FlopCounterMode the
+        # step pushes; outcore's own have no Dynamo wrapper: NOTE [Dynamo kept out])
+        # imports torch._dynamo (~1.4 s here); imported now, that is not host time.
         import torch._dynamo  # noqa: F401
         self._active = True
         self._hooks = [register_optimizer_step_pre_hook(self._enter_optimizer),
