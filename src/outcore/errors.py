@@ -1,5 +1,42 @@
 """The exceptions outcore raises. Every message states what was wrong and what to do."""
 import sys
+import warnings
+
+# NOTE [Warnings as errors]
+# A warnings filter may turn any warning into an exception (`python -W error`, pytest's
+# `filterwarnings = error`). outcore warns in the middle of its bookkeeping: a read of
+# the swap file tried again, a compiled function met inside an op. Raised there, the
+# exception cut a transfer between its steps: with RuntimeWarning an error, a weight
+# kept the bytes of a read that was never issued, for good (helper-168). So:
+#   1. outcore's warnings issued where its bookkeeping must not be cut go through
+#      `warn`: the warning is issued as usual, and one a filter raises is caught and
+#      kept (`KEPT_WARNINGS`); the bookkeeping goes on.
+#   2. The end of the outermost held section (run/interrupts.py, `Shield.exit`), where
+#      a Ctrl-C's KeyboardInterrupt is raised, raises the first kept warning, with the
+#      others as notes: every storage whole there, every counter true. Not while another
+#      exception propagates (it goes on; the warning waits for the next end).
+#   3. A warning kept where no held section is open waits for the next end of one.
+KEPT_WARNINGS: list = []
+
+
+def warn(message: str, category=UserWarning, stacklevel: int = 2) -> None:
+    """`warnings.warn`, kept rather than raised where a filter makes it an error (NOTE
+    [Warnings as errors])."""
+    try:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
+    except Warning as err:
+        KEPT_WARNINGS.append(err)
+
+
+def raise_kept_warning() -> None:
+    """Rule 2 of NOTE [Warnings as errors]: raise the first kept warning, if any."""
+    if not KEPT_WARNINGS or sys.exc_info()[1] is not None:
+        return
+    first, *rest = KEPT_WARNINGS
+    KEPT_WARNINGS.clear()
+    for other in rest:
+        first.add_note(f"also: {other}")
+    raise first
 
 
 class OutcoreError(Exception):

@@ -896,6 +896,10 @@ def test_the_arrays_that_never_move_are_counted_by_why(tmp_path):
     message = str(err.value)
     assert re.search(r"in \d+ storages in shared memory \(share_memory_\(\)", message), message
     assert "not resizable" not in message, message
+    # helper-168: a model sent to a spawned Process is shared so; ".clone() those" alone
+    # does not say what to do about parameters
+    assert "a model passed to a spawned Process" in message, message
+    assert "copy.deepcopy(model)" in message, message
     assert not list(tmp_path.iterdir())
     assert logged
 
@@ -913,8 +917,8 @@ def test_the_arrays_that_never_move_are_counted_by_why(tmp_path):
                 model(x).square().mean().backward()
                 opt.step()
     message = str(err.value)
-    assert re.search(r"in 1 storage in shared memory \(share_memory_\(\), tensors from "
-                     r"DataLoader workers", message), message
+    assert re.search(r"in 1 storage in shared memory \(share_memory_\(\), model\.share_memory"
+                     r"\(\), tensors from DataLoader workers", message), message
     assert "not resizable" not in message, message
 
     # A private mapping of a file says is_shared() too, and is not resizable: counted

@@ -236,6 +236,40 @@ def test_code_compiled_before_the_iteration_runs_eagerly_inside_it(tmp_path):
     assert len(graph_calls) == warm + 1, "the stance was not put back"
 
 
+def test_the_compiled_model_warning_as_an_error_stops_one_step_only(tmp_path):
+    """helper-168: with warnings errors, the warning that a compiled model runs eagerly
+    was raised inside the op, and again in every recording: no iteration ever completed.
+    Now it is said once per OutOfCore and raised where the op ends (NOTE [Warnings as
+    errors] in errors.py): that step stops with nothing changed, the next ones train."""
+    from outcore.run.recording import COMPILED_EAGER
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+        return m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    x = torch.randn(32, 64)
+    plain, plain_opt = model()
+    for _ in range(3):
+        _step(plain, plain_opt, x)
+    m, opt = model()
+    run = torch.compile(m, backend="eager")
+    raised = 0
+    with outcore.OutOfCore(budget="300KiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=COMPILED_EAGER[:40])
+            for _ in range(4):
+                try:
+                    with ooc.iteration():
+                        _step(run, opt, x)
+                except UserWarning as err:
+                    assert str(err) == COMPILED_EAGER
+                    raised += 1
+                    opt.zero_grad()
+    assert raised == 1
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), m.parameters()))
+
+
 def test_a_loop_compiled_around_the_block_runs_it_eagerly_bitwise(tmp_path):
     """`with ooc.iteration():` inside a torch.compile'd function: Dynamo traced into the
     block's entry and failed there ("Attempt to trace forbidden callable set_stance").

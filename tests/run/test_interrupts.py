@@ -621,6 +621,31 @@ def test_a_transient_read_error_is_retried_and_loses_nothing(monkeypatch, mlp_bu
         continue_like_plain(w, ooc)
 
 
+def test_a_retried_read_under_warnings_as_errors_loses_nothing(monkeypatch, mlp_budget):
+    """helper-168: with RuntimeWarning an error (`-W error`, pytest's filterwarnings), the
+    retry's warning was raised before the read was issued again: the entry stayed
+    "reading" with nothing in flight and its weight kept garbage, also after close().
+    Now the warning is raised where the op's held section ends (NOTE [Warnings as
+    errors]): the step stops there, before the optimizer, with every weight its value."""
+    import warnings
+    w = warm("mlp-tiny", "adam")
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        train(ooc, w)
+        before = [p.detach().clone() for p in w.model.parameters()]
+        calls = _failing_reads(monkeypatch, 1, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(RuntimeWarning, match="trying again"):
+                with ooc.iteration():
+                    w.step()
+        assert calls["n"] > 1
+        monkeypatch.undo()
+        assert_intact(w, ooc)
+        assert all(torch.equal(a, b) for a, b in zip(before, w.model.parameters()))
+        w.optimizer.zero_grad()
+        continue_like_plain(w, ooc)
+
+
 def test_a_dead_disk_raises_and_close_reads_back_once_it_works(monkeypatch, mlp_budget):
     w = warm("mlp-tiny", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:

@@ -24,10 +24,9 @@ NOTE [Host pool accounting]
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
-from ..errors import OutcoreError
+from ..errors import OutcoreError, warn
 from ..units import format_bytes
 from .aligned import ALIGNMENT, AlignedBuffer, round_up
 from .extents import Extent, ExtentAllocator
@@ -148,15 +147,15 @@ class HostPool:
             segment = _Segment(size, self._pin, self._unpin)
         except (OSError, OutcoreError) as exc:
             if at_once:
-                warnings.warn(f"the host tier could not reserve {format_bytes(size)} at once "
-                              f"({exc}); it grows by {format_bytes(self.segment_bytes)} at a "
-                              "time instead", RuntimeWarning, stacklevel=4)
+                warn(f"the host tier could not reserve {format_bytes(size)} at once ({exc}); "
+                     f"it grows by {format_bytes(self.segment_bytes)} at a time instead",
+                     RuntimeWarning, stacklevel=4)
                 return None
             self.limit = self.capacity
             self.refused += 1
-            warnings.warn(f"the host tier could not grow by {format_bytes(size)} ({exc}); it stays "
-                          f"at {format_bytes(self.capacity)} and what does not fit spills to disk",
-                          RuntimeWarning, stacklevel=4)
+            warn(f"the host tier could not grow by {format_bytes(size)} ({exc}); it stays at "
+                 f"{format_bytes(self.capacity)} and what does not fit spills to disk",
+                 RuntimeWarning, stacklevel=4)
             return None
         self.segments.append(segment)
         self.peak_capacity = max(self.peak_capacity, self.capacity)

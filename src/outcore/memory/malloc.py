@@ -237,18 +237,28 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _statm = None
 
 
-def _statm_pages(field: int) -> int:
-    """A field of /proc/self/statm, in pages: one pread on a descriptor kept open (a fork
-    reopens it: /proc/self is per process)."""
+def _statm_fields() -> list[bytes]:
+    """The fields of /proc/self/statm (in pages): one pread on a descriptor kept open (a
+    fork reopens it: /proc/self is per process)."""
     global _statm
     if _statm is None or _statm[0] != os.getpid():
         _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
-    return int(os.pread(_statm[1], 128, 0).split()[field])
+    return os.pread(_statm[1], 128, 0).split()
+
+
+def _statm_pages(field: int) -> int:
+    return int(_statm_fields()[field])
 
 
 def resident_bytes() -> int:
     """The process's resident set (VmRSS), in bytes."""
     return _statm_pages(1) * _PAGE
+
+
+def resident_and_file_bytes() -> tuple[int, int]:
+    """`resident_bytes()` and `file_resident_bytes()` of one reading."""
+    fields = _statm_fields()
+    return int(fields[1]) * _PAGE, int(fields[2]) * _PAGE
 
 
 def peak_resident_bytes() -> int:
@@ -689,14 +699,15 @@ class TrimGovernor(_Governor):
         if self.managed is not None:
             self._trimmed = (after - file_resident_bytes(), self.managed())
 
-    def _clean(self, rss: int) -> bool:
+    def _clean(self, rss: int, file: int) -> bool:
         """Whether the heap holds few free pages at this reading (rule 2 of NOTE [Each op's
-        growth]): since this iteration's last trim the anonymous resident set grew by no
-        more than the managed bytes did, and _MIN_TRIM_STEP."""
+        growth]): since this iteration's last trim the anonymous resident set (`rss` less
+        its file-backed part `file`) grew by no more than the managed bytes did, and
+        _MIN_TRIM_STEP."""
         after, managed = self._trimmed
         if not after or self.managed is None:
             return False
-        grew = rss - file_resident_bytes() - after
+        grew = rss - file - after
         return grew - (self.managed() - managed) <= _MIN_TRIM_STEP
 
     def check(self, coming: int = 0, outputs: int | None = None, key=WITHIN_OP) -> None:
@@ -723,7 +734,7 @@ class TrimGovernor(_Governor):
                 and self._announced < _MIN_TRIM_STEP // 2):
             return
         self._checked, self._announced, self._pending = now, 0, coming
-        rss = resident_bytes()
+        rss, file = resident_and_file_bytes()
         if self._read:                      # rules 2-3 of NOTE [Announced outputs]
             grew = rss - self._read - landed
             if self._read_outputs:
@@ -735,7 +746,7 @@ class TrimGovernor(_Governor):
                     and grew > self._grown.get(learned, -1)):
                 self._grown[learned] = max(grew, 0)
         self._read, self._read_outputs = rss, told
-        self._read_key = self._key if self._key is not None and self._clean(rss) else None
+        self._read_key = self._key if self._key is not None and self._clean(rss, file) else None
         if told and self._told_since == 0:
             self._told_since = 1
         if not state.due(rss, coming, self._margin(told)):

@@ -635,8 +635,11 @@ _NEVER_MOVES = {
                    "optimizer state loaded with torch.load, by load_state_dict "
                    "or accelerate's load_state: outcore.integrations.make_movable("
                    "optimizer, ooc) after loading)",
-    "shared": "in shared memory (share_memory_(), tensors from DataLoader workers or "
-              "torch.multiprocessing: .clone() those)",
+    "shared": "in shared memory (share_memory_(), model.share_memory(), tensors from "
+              "DataLoader workers or torch.multiprocessing, a model passed to a spawned "
+              "Process or through a Queue, which shares its parameters: .clone() those "
+              "tensors, and send another process a copy, copy.deepcopy(model) or its "
+              "state_dict's tensors .clone()d)",
     "exported": "with a numpy array over them alive (.numpy() inside the OutOfCore: "
                 "drop the arrays, or take them of a .clone())",
     "owned": "held by {owner}",

@@ -637,6 +637,7 @@ class OutOfCore:
         self._warned_over = False    # once: an iteration's managed peak passed the budget
         self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
+        self._said: set = set()             # SafeRecording.said: warnings given once
         self._buffer_swaps = collections.Counter()   # (shape, origin): _adopt
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
@@ -1851,7 +1852,7 @@ class _Iteration:
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}",
                                       fsdp_uninitialized=ooc._composition.fsdp_uninitialized(),
-                                      batch_leaves=ooc._batch_leaves)
+                                      batch_leaves=ooc._batch_leaves, said=ooc._said)
             res.evict_lru(ooc.budget, set())
         else:
             ooc._use(plan)

@@ -1,12 +1,11 @@
 """The recording iteration: record the trace while running memory-safe (on-demand)."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..aten import distinct_storages, iter_tensors
+from ..errors import warn
 from ..states import FAST
 from ..trace.recorder import Recording
 from .compose import DISTRIBUTED_NAMESPACES, around, ddp_buckets_unbuilt, under_torch_compile
@@ -51,7 +50,7 @@ class SafeRecording(Recording):
     updates through `.data`), and a retry trains on wrong values without an error."""
 
     def __init__(self, residency: Residency, budget: int, shield: Shield, *, label: str = "",
-                 fsdp_uninitialized: tuple = (), batch_leaves=frozenset()):
+                 fsdp_uninitialized: tuple = (), batch_leaves=frozenset(), said=None):
         super().__init__(label=label, batch_leaves=batch_leaves)
         self.shield = shield
         self.residency = residency
@@ -60,7 +59,9 @@ class SafeRecording(Recording):
         self.infeasible = None
         self._optimizer_began = False
         self._entries = []
-        self.compiled_seen = False
+        # What the OutOfCore has warned of: once each, also where a filter made the
+        # warning an error (NOTE [Warnings as errors] in errors.py) and the step ended.
+        self.said = said if said is not None else set()
         self.ddp_unbuilt = ddp_buckets_unbuilt()      # read by OutOfCore._plan_recording
         self.fsdp_uninitialized = fsdp_uninitialized  # so is this (compose.fsdp_set_up)
         # Arrays whose storage cannot move from the op that first sees them on (Residency
@@ -87,9 +88,9 @@ class SafeRecording(Recording):
         try:
             if self.residency.stopped_callback is not None:    # NOTE [Collectives in
                 self.residency.raise_stopped_callback()        # flight] rule 5 (compose.py)
-            if not self.compiled_seen and under_torch_compile():
-                self.compiled_seen = True
-                warnings.warn(COMPILED_EAGER, stacklevel=2)
+            if COMPILED_EAGER not in self.said and under_torch_compile():
+                self.said.add(COMPILED_EAGER)
+                warn(COMPILED_EAGER, stacklevel=2)
             if func.namespace in DISTRIBUTED_NAMESPACES:
                 return around(self.residency, func, args, kwargs or {},
                               lambda f, a, k: super(SafeRecording, self).__torch_dispatch__(

@@ -92,13 +92,12 @@ import collections
 import errno
 import functools
 import time
-import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from .. import aten
-from ..errors import OutcoreError, no_room
+from ..errors import OutcoreError, no_room, warn
 from ..memory.malloc import WITHIN_OP, resident_bytes
 from ..memory.pages import advise_huge
 from ..states import (DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW,
@@ -136,7 +135,7 @@ def _warn_no_swap() -> None:
         return
     _WARNED_NO_SWAP.append(True)
     import torch
-    warnings.warn(
+    warn(
         f"this PyTorch ({torch.__version__}) has no UntypedStorage._swap_data_ptr_, which "
         "outcore uses to leave state on the slow tier usable in place between iterations: "
         "that state is read back into the fast tier (GPU memory, or RAM) at "
@@ -793,12 +792,11 @@ class Residency:
                     storage = entry.ref() if doing == "reading" else None
                     if (storage is not None and attempt < READ_ATTEMPTS
                             and not isinstance(exc, SwapFileShort)):      # for good
-                        warnings.warn(f"reading {format_bytes(entry.nbytes)} from "
-                                      f"{self.mover.where} failed ({_reason(exc)}); trying again "
-                                      f"({attempt + 1} of {READ_ATTEMPTS})", RuntimeWarning,
-                                      stacklevel=4)
                         entry.future = self.mover.read(storage.data_ptr(), entry.nbytes,
                                                        entry.extent, storage)
+                        warn(f"reading {format_bytes(entry.nbytes)} from {self.mover.where} "
+                             f"failed ({_reason(exc)}); trying again ({attempt + 1} of "
+                             f"{READ_ATTEMPTS})", RuntimeWarning, stacklevel=4)
                         continue
                     self._failed(entry, doing, exc)
                     break               # a failed write kept (NOTE 10): FAST again
@@ -1001,7 +999,7 @@ class Residency:
         if refused and not self._warned_unmapped:
             self._warned_unmapped = True
             exc = refused[0][1]
-            warnings.warn(
+            warn(
                 f"the kernel refused to map {len(refused)} storages of state left on the "
                 f"slow tier ({format_bytes(sum(n for n, _ in refused))}; {exc}): they were "
                 "read back into memory, over the budget until the next iteration moves them "
