@@ -40,6 +40,8 @@ def libc(monkeypatch):
     monkeypatch.setattr(malloc, "_libc", lambda: libc)
     monkeypatch.setattr(malloc, "resident_bytes", lambda: libc.rss)
     monkeypatch.setattr(malloc, "file_resident_bytes", lambda: 0)
+    monkeypatch.setattr(malloc, "resident_and_file_bytes",        # the two above, as patched
+                        lambda: (malloc.resident_bytes(), malloc.file_resident_bytes()))
     monkeypatch.setattr(malloc, "_steering", {})            # no governor from another test
     monkeypatch.setattr(malloc, "_start_environment", lambda: [])   # glibc's defaults at start
     return libc
@@ -840,7 +842,7 @@ def test_a_replay_learns_each_ops_growth_for_its_plan(monkeypatch):
     has its own test above)."""
     from outcore.run.replay import _tables
     from .twins import build, steady_trace
-    monkeypatch.setattr(malloc.TrimGovernor, "_clean", lambda self, rss: True)
+    monkeypatch.setattr(malloc.TrimGovernor, "_clean", lambda self, rss, file: True)
     trace = steady_trace("resnet18-tiny", "sgd")
     w = build("resnet18-tiny", "sgd")
     with outcore.OutOfCore(budget=trace.peak(actual=True)[0] // 2, min_move_bytes=0) as ooc:

@@ -78,8 +78,10 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
     if made:                       # plan/recompute.py: made again instead of read back
         ax.plot(made, [-0.07 * line] * len(made), "|", color="#2ca02c", markersize=8,
                 label=f"recompute ({len(made)})")
-    ax.set_title(f"planned: {schedule.policy} on {sim.machine}, {sim.step_time_s * 1e3:.0f} ms "
-                 f"(in-core {sim.plain_time_s * 1e3:.0f} ms); moves "
+    # "predicted": the simulator's clock from the recording, not a promise (helper-170
+    # read it beside the measured panel's 2.5x longer step).
+    ax.set_title(f"planned: {schedule.policy} on {sim.machine}, predicted "
+                 f"{sim.step_time_s * 1e3:.0f} ms (in-core {sim.plain_time_s * 1e3:.0f} ms); moves "
                  f"{format_bytes(sim.bytes_in)} in, {format_bytes(sim.bytes_out)} out", fontsize=10)
 
 
