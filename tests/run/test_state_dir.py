@@ -524,6 +524,49 @@ def test_close_after_a_failed_last_commit_says_the_state_dir_is_behind(tmp_path,
                                                  fresh.state_dict().values()))
 
 
+def test_a_script_that_never_closes_is_told_at_exit_that_the_state_dir_is_behind(tmp_path):
+    """helper-167: without close() (the finalizer releases the OutOfCore) nothing said the
+    state_dir was an iteration behind after the last commit failed. An atexit hook says
+    it now; after close() it says nothing (close() did)."""
+    import subprocess
+    import sys
+    script = textwrap.dedent("""
+        import sys, torch, outcore
+        from outcore.run.durable import Durable
+        real, calls = Durable.commit, [0]
+        def commit(self, res, shield, iterations):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise outcore.SwapSpaceExhausted("swap space is exhausted (injected)")
+            real(self, res, shield, iterations)
+        Durable.commit = commit
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = torch.randn(8, 256)
+        ooc = outcore.OutOfCore("1MiB", state_dir=sys.argv[1])
+        ooc.resume(model, opt)
+        for _ in range(3):
+            try:
+                with ooc.iteration():
+                    model(x).sum().backward(); opt.step(); opt.zero_grad()
+            except outcore.SwapSpaceExhausted:
+                pass
+        if sys.argv[2] == "close":
+            ooc.close()
+        """)
+    said = {}
+    for how in ("never", "close"):
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / how), how],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        said[how] = [line for line in run.stderr.splitlines() if "a commit failed" in line]
+    assert len(said["never"]) == 1, said
+    assert said["never"][0].startswith("at exit (the OutOfCore was never closed): "), said
+    assert "holds the state of 2 of the 3 completed iterations" in said["never"][0], said
+    assert len(said["close"]) == 1 and said["close"][0].startswith("close(): "), said
+
+
 def test_a_commit_that_fails_after_its_manifest_is_in_place_resumes_bitwise(tmp_path, monkeypatch):
     """The directory's fsync fails after the rename in iteration 4's commit: that manifest
     is in place, so the next iteration must not write over the extents it names. They were

@@ -59,6 +59,7 @@ in the report (`rss_made`): building is measured from it (benchmarks/big_state.p
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import gc
@@ -638,6 +639,7 @@ class OutOfCore:
         self._deviated_at: dict = {}        # shape -> its last 3 (iteration, reason) that deviated
         self._batch_leaves: set = set()     # Recording.batch_leaves, learnt from replays
         self._said: set = set()             # SafeRecording.said: warnings given once
+        self._atexit = None                 # `_say_behind_at_exit`'s hook, once registered
         self._buffer_swaps = collections.Counter()   # (shape, origin): _adopt
         self._between = (0, 0)              # the plan's bytes between iterations: report()
         self._warned_period = False         # once: they did so at a fixed period (_periodic)
@@ -985,7 +987,7 @@ class OutOfCore:
         durable = self._durable
         return durable is not None and durable.failed and durable.done > durable.iterations
 
-    def _say_behind(self) -> None:
+    def _say_behind(self, at_exit: bool = False) -> None:
         """close() after `_behind`: a warning that the state_dir is an iteration behind
         (helper-166: it stayed so, unsaid). Not committed here: between the iteration and
         close() the user may have changed the model (loaded other weights, a step run
@@ -996,9 +998,25 @@ class OutOfCore:
                 f"{durable.done} completed iterations (resume() there returns "
                 f"{durable.iterations})" if os.path.isdir(durable.directory) else
                 f"{durable.directory} is gone (removed by something else)")
-        log.warning("close(): %s: a commit failed, and no later one made it up. To keep the "
+        log.warning("%s: %s: a commit failed, and no later one made it up. To keep the "
                     "rest, save the model and optimizer with torch.save() before they go",
+                    "close()" if not at_exit else "at exit (the OutOfCore was never closed)",
                     held)
+
+    def _say_behind_at_exit(self) -> None:
+        """After a failed commit: `_say_behind` also where the script ends without close()
+        (helper-167), from an atexit hook, not the finalizer (which must not log: it may
+        run inside the collector); one hook per OutOfCore, holding it weakly."""
+        if self._atexit is not None:
+            return
+        ref = weakref.ref(self)
+
+        def at_exit():
+            ooc = ref()
+            if ooc is not None and not ooc.closed and ooc._behind():
+                ooc._say_behind(at_exit=True)
+        self._atexit = at_exit
+        atexit.register(at_exit)
 
     def _commit(self) -> None:
         durable = self._durable
@@ -1023,6 +1041,7 @@ class OutOfCore:
                     "rule 6). Training goes on in memory; to keep it, ooc.save() to another "
                     "disk, or close this OutOfCore and resume from the last durable state with "
                     "a new one.")
+            self._say_behind_at_exit()
             raise (SwapSpaceExhausted if issubclass(kind, SwapSpaceExhausted) else OutcoreError)(
                 f"the iteration completed, but its state could not be made durable in "
                 f"{durable.directory}: {what} Nothing in memory was lost, and {kept}; "
@@ -1646,6 +1665,9 @@ class OutOfCore:
                     self._say_behind()
             finally:
                 self.closed = True
+                if self._atexit is not None:
+                    atexit.unregister(self._atexit)
+                    self._atexit = None
                 leases, self._leases = self._leases, []
                 for read_end, _ in leases:       # the swap file lives while children map it
                     os.close(read_end)
