@@ -62,6 +62,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -1893,7 +1894,7 @@ class _Iteration:
         res.sample_rss(force=True)
         self._enter_mode()
 
-    def _others(self, keys, expected, nbytes, name, larger=False):
+    def _others(self, keys, expected, nbytes, name, larger=False, reads=None):
         """Replayer._switch: another plan this step turns out to follow, with the state
         it starts from and the other plans' (NOTE [Step shapes] in plans.py, rule 9).
         Where the step left its plan at a larger array, none of the other families of a
@@ -1901,18 +1902,21 @@ class _Iteration:
         whose plan grows where it outgrew it (rule 10); another micro-batch's plan that
         fits its sizes for now deviates further on. A plan of ops outside the period (an
         evaluation step, a rare branch) may still be taken up. Where it was an array the
-        op reads, (its slot, its bytes): a plan taken up has it no smaller."""
+        op reads, (its slot, its bytes): a plan taken up has it no smaller. `reads`:
+        (the entries op `name` reads, slot by slot; the step's {array id: entry} so far):
+        a plan taken up reads the same there where it knows what it reads (`_reads`)."""
         ooc = self.ooc
         not_of = ooc._plans.not_this if larger else frozenset()
+        accept = None if reads is None else functools.partial(self._reads, *reads)
         found = ooc._plans.continuing(ooc._plan, keys, expected, nbytes, name, not_of,
-                                      larger if isinstance(larger, tuple) else None)
+                                      larger if isinstance(larger, tuple) else None, accept)
         self.outgrown_other = None
         if found is None:
             # Rule 10 with rule 9: a step that left its plan for another's ops (not for a
             # larger array: that is its own plan's to grow) where that plan is smaller
             # than the step: it grows if the step then runs its functions (`_adopt`).
             other = None if larger or name is None else ooc._plans.outgrown_by(
-                ooc._plan, keys, expected, nbytes, name)
+                ooc._plan, keys, expected, nbytes, name, accept)
             if other is not None:
                 plan, ids = other
                 self.outgrown_other = (plan, {
@@ -1926,6 +1930,29 @@ class _Iteration:
                  name)
         return (plan, ids, ooc._plans.carried(self.after, plan, ooc._live),
                 ooc._plans.state_of_others(plan))
+
+    def _reads(self, reads, bound, plan, j, ids) -> bool:
+        """Rule 9: whether `plan`'s function j reads, slot by slot, the entries `reads`
+        where the plan knows which storage an array is: one of the first k functions'
+        (`ids`: the step's id -> the plan's; `bound`: the step's id -> entry), or state
+        the plan starts from. A step of random depth (layers taken at random, then the
+        head) left the plan of one depth at the head's weight; the plan of another depth
+        goes on with the same op on the next layer's, and taken up by the op's name it
+        was left at once, and both plans dropped as replaced state (helper-172)."""
+        mine = {theirs: aid for aid, theirs in ids.items()}
+        carried = None
+        for entry, array in zip(reads, plan.trace.functions[j].arrays()):
+            if entry is None:
+                continue                        # untracked: a new batch, nothing to compare
+            if array in mine:
+                want = bound[mine[array]]
+            else:
+                if carried is None:
+                    carried = self.ooc._plans.carried(self.after, plan, self.ooc._live)
+                want = carried.get(array)
+            if want is not None and want is not entry:
+                return False
+        return True
 
     @critical
     @aten.outside_dynamo

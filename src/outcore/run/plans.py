@@ -680,8 +680,8 @@ class Plans:
         return max(mine, key=lambda p: p.in_core_peak, default=None)
 
     def continuing(self, current: Plan, keys: list, expected: list, nbytes: list,
-                   name: str | None, not_of=frozenset(),
-                   fits: tuple | None = None) -> tuple[Plan, dict] | None:
+                   name: str | None, not_of=frozenset(), fits: tuple | None = None,
+                   accept=None) -> tuple[Plan, dict] | None:
         """Rule 9: the most recently used plan but `current` whose record begins with
         functions of the ops of these `keys` on these arrays (`expected`, of
         `nbytes` as the step made them) and goes on with an op named `name`
@@ -696,19 +696,21 @@ class Plans:
         an array op `name` reads, larger than `current` has it, that the plan must have
         no smaller: else the step left it there too, and that plan grew beside the one
         the step left (helper-85: at function 0, where no array is compared yet, a first
-        micro-batch's smaller plan was taken up; two or three plans a family)."""
+        micro-batch's smaller plan was taken up; two or three plans a family). `accept`:
+        (plan, j, ids) -> whether op `name` at that plan's function j reads what the
+        step's does (`_Iteration._reads`)."""
         k, ran = len(keys), current.trace.functions
         mine_last = _last_copies(ran)
         for exact in (True, False):
             found = self._continuing(current, k, ran, mine_last, keys, expected, nbytes, name,
-                                     exact, not_of, fits)
+                                     exact, not_of, fits, accept)
             if found is not None:
                 self._plans.move_to_end(found[0].shape)
                 return found
         return None
 
     def outgrown_by(self, current: Plan, keys: list, expected: list, nbytes: list,
-                    name: str) -> tuple[Plan, dict] | None:
+                    name: str, accept=None) -> tuple[Plan, dict] | None:
         """Rule 9 with rule 10: where `continuing` found no plan, the most recently used one
         it would have taken up, sizes aside (so some array of the step is larger there),
         with {array id here: its id there}; None where there is none. The step left its
@@ -722,10 +724,10 @@ class Plans:
         helper-100's fix)."""
         k, ran = len(keys), current.trace.functions
         return self._continuing(current, k, ran, _last_copies(ran), keys, expected, nbytes,
-                                name, None, frozenset(), None)
+                                name, None, frozenset(), None, accept)
 
     def _continuing(self, current, k, ran, mine_last, keys, expected, nbytes, name, exact,
-                    not_of, fits):
+                    not_of, fits, accept):
         """`continuing` for plans whose arrays have the step's sizes (`exact`) or are no
         smaller (of any size: `exact` None), the most recently used first. Their first k
         functions are the same ops; one the step's plan has small (NOTE [Small ops off the
@@ -754,7 +756,7 @@ class Plans:
                     fns[j].accesses[fits[0]].array].nbytes < fits[1]):
                 continue
             ids = _same_arrays(ran, fns, expected, nbytes, plan.trace.arrays, k, mine_last, exact)
-            if ids is not None:
+            if ids is not None and (accept is None or name is None or accept(plan, j, ids)):
                 return plan, ids
         return None
 

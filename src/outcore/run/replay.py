@@ -495,7 +495,12 @@ class Replayer(HeldMode):
         its own plan's shape or after taking up another: one that took up another plan
         and ran it to its end, or left its plan for a step of another shape, was another
         kind of step (a branch, a task with weights of its own: helper-131), not a
-        replacement."""
+        replacement. Nor is a storage this step's plan binds to another array, or that
+        another plan starts from: state the step reads in another order (stochastic
+        depth: the head's weight where the plan read the next layer's, helper-172)."""
+        entry = self.res.entry_of(storage)
+        if entry is not None and (entry in self.aid_of or entry in self._lasting):
+            return
         arr = self.trace.arrays[aid]
         before = self.by_id[aid]
         written = any(aid in d for d in self.dirty)
@@ -1104,7 +1109,7 @@ class Replayer(HeldMode):
         if small:
             self._spare_remakes(func, args, kwargs)
             return self._extra(func, args, kwargs, storages)
-        if self._switch(self._name(func), larger):
+        if self._switch(self._name(func), larger, storages):
             return self._one(func, args, kwargs)
         self._larger = bool(larger)
         return self._deviate(reason, func, args, kwargs)
@@ -1114,13 +1119,13 @@ class Replayer(HeldMode):
         return not small and i < self.n and name == self.op_names[i]
 
     # -- another plan of a shape this step turns out to have (NOTE [Step shapes] rule 9) ---
-    def _switch(self, name, larger=False) -> bool:
+    def _switch(self, name, larger=False, storages=()) -> bool:
         """The step left its record at function k, before op `name` ran: where another
-        plan's record ran the same first k functions on the same arrays and then `name`,
-        follow that plan from k on. `name` None: the step ended after k functions, and
-        that plan's record ends there. Again later in the same step, at a later function
-        only (so it ends). `larger`: it left at an array larger than the plan's (rule 10;
-        `_off_record`)."""
+        plan's record ran the same first k functions on the same arrays and then `name`
+        on the storages `name` reads (where that plan knows them), follow that plan from
+        k on. `name` None: the step ended after k functions, and that plan's record ends
+        there. Again later in the same step, at a later function only (so it ends).
+        `larger`: it left at an array larger than the plan's (rule 10; `_off_record`)."""
         if (self._others is None or self.passive
                 or self.switched_at is not None and self.index <= self.switched_at):
             return False
@@ -1130,7 +1135,9 @@ class Replayer(HeldMode):
             sizes[aid] = nbytes
         for entry, aid in self.aid_of.items():
             sizes[aid] = entry.nbytes
-        found = self._others(self.keys[:k], self.expected[:k], sizes, name, larger)
+        reads = [self.res.entry_of(s) for s in storages]
+        found = self._others(self.keys[:k], self.expected[:k], sizes, name, larger,
+                             (reads, old))
         if found is None:
             return False
         plan, ids, carried, lasting = found
