@@ -335,6 +335,16 @@ FAST_PATH_OP = torch.ops.aten._transformer_encoder_layer_fwd.default
 #      module inside it does.
 #   3. Without the code-strategy API (a torch other than the 2.13 this is built for)
 #      the modes keep PyTorch's wrapper and nothing else is marked.
+#   4. The rest of outcore's Python runs in the block too, with the mode off the stack
+#      (the recording's bookkeeping under `_disable_current_modes`), or outside any
+#      block (the hook that catches an optimizer step outside one, weakref callbacks):
+#      under a compiled loop Dynamo traced the recording's `_update_bytes` and
+#      `storage_of` till its recompile limit, and once failed a guard inside them
+#      (helper-171). Dynamo's trace rules skip outcore's files as they skip Python's
+#      own (`dynamo_skips_outcore`, `torch._dynamo.trace_rules.add`): each frame runs as
+#      it is, and a compiled function that calls into outcore breaks its graph there.
+#      Done once per process, by the first OutOfCore or mode made (it imports
+#      torch._dynamo, as the first mode's op and the first optimizer did anyway).
 try:
     from torch._C._dynamo.eval_frame import (_FrameAction, _FrameExecStrategy,
                                               set_code_exec_strategy)
@@ -343,18 +353,42 @@ except (ImportError, AttributeError, TypeError):          # rule 3
     set_code_exec_strategy = _SKIPPED_WITH_CALLEES = None
 
 
+_DYNAMO_WHY = ("outcore runs its block's entry and exit, and its dispatch handler, "
+               "outside TorchDynamo: compile the model or the step inside "
+               "`with ooc.iteration():` (it runs eagerly there, exactly), or leave out "
+               "fullgraph=True")
+
+
 def outside_dynamo(function):
     """`function`, never compiled nor traced by Dynamo, nor anything it calls, with
     nothing run before its first bytecode (NOTE [Dynamo kept out] rules 1-2)."""
     if _SKIPPED_WITH_CALLEES is not None:
         set_code_exec_strategy(function.__code__, _SKIPPED_WITH_CALLEES)
         function._torchdynamo_disable = True
+        function._torchdynamo_disable_msg = _DYNAMO_WHY    # fullgraph=True's error says it
     return function
+
+
+_SKIPS_OUTCORE = []
+
+
+def dynamo_skips_outcore() -> None:
+    """Rule 4 of NOTE [Dynamo kept out]: Dynamo's trace rules skip outcore's files. Once
+    per process; imports torch._dynamo."""
+    if _SKIPS_OUTCORE:
+        return
+    import torch._dynamo.trace_rules as rules
+    rules.add(PACKAGE.rstrip("."))
+    _SKIPS_OUTCORE.append(True)
 
 
 class OutcoreMode(TorchDispatchMode):
     """Base of outcore's dispatch modes: the handler without PyTorch's per-op Dynamo
     wrapper, marked by `outside_dynamo` instead (NOTE [Dynamo kept out] rule 1)."""
+
+    def __init__(self, *args, **kwargs):
+        dynamo_skips_outcore()                                      # rule 4
+        super().__init__(*args, **kwargs)
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:

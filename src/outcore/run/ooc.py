@@ -530,7 +530,8 @@ class OutOfCore:
                                for path in (swap_dir, state_dir))
         self.policy = policy
         self.plan_options = dict(plan_options or {})
-        self._mover = self._durable = None
+        aten.dynamo_skips_outcore()     # its hooks run under a compiled step: NOTE [Dynamo
+        self._mover = self._durable = None                                  # kept out] 4
         self._building = None
         try:
             self._building = threading.get_ident()     # holds the slot while closed (`_claim`)
