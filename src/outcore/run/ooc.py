@@ -1550,9 +1550,10 @@ class OutOfCore:
         at least twice before, gets one warning with the likely cause. A loop that calls
         optimizer.step() every n-th iteration (gradient accumulation across iterations)
         gets a plan per shape (NOTE [Step shapes] in plans.py), and deviates while it
-        learns them; past MAX_PERIOD, or with more than MAX_PLANS shapes, it deviates at
-        the same function for ever. (A step whose shapes follow the data deviates at
-        every replay, but each time to a new shape: not this.) Where each of them read
+        learns them, a period past MAX_PERIOD too (rule 12: no warning for it); with more
+        than MAX_PLANS shapes it deviates at the same function for ever. (A step whose
+        shapes follow the data deviates at every replay, but each time to a new shape:
+        not this.) Where each of them read
         another tensor than recorded, the cause named is a tensor the step keeps as state
         that is a new one every step (a batch passed as an nn.Parameter, a parameter
         replaced instead of updated): recorded, replayed, deviating at it, period 2."""
@@ -1576,6 +1577,9 @@ class OutOfCore:
                             "nn.Parameter", ", ".join(map(str, seen)), seen[1] - seen[0], reason)
                 return
             period = seen[1] - seen[0]
+            if period > plans.MAX_PERIOD and len(self._plans) < plans.MAX_PLANS:
+                self._warned_period = False    # rule 12: due next time, recorded then
+                return
             if period <= plans.MAX_PERIOD and len(self._plans) < plans.MAX_PLANS:
                 # Not a period outcore cannot follow: the steps in between are a new shape
                 # each time (helper-51: generate() of a growing length between training
@@ -1594,11 +1598,11 @@ class OutOfCore:
             log.warning("iterations %s deviated from their record, one in every %d, each time to "
                         "a shape of step seen before: a step that changes with a period "
                         "(optimizer.step() every %d iterations, gradient accumulation) gets a "
-                        "plan per shape, but outcore follows periods of up to %d iterations "
-                        "and keeps %d plans, so these iterations run op by op. Put the whole "
-                        "cycle in one ooc.iteration(): the micro-batches' forward and "
-                        "backward, then optimizer.step()", ", ".join(map(str, seen)),
-                        seen[1] - seen[0], seen[1] - seen[0], plans.MAX_PERIOD, plans.MAX_PLANS)
+                        "plan per shape, but outcore keeps %d plans and this loop has more "
+                        "shapes, so these iterations run op by op. Put the whole cycle in one "
+                        "ooc.iteration(): the micro-batches' forward and backward, then "
+                        "optimizer.step()", ", ".join(map(str, seen)), period, period,
+                        plans.MAX_PLANS)
 
     def _trims(self) -> tuple[int, int]:
         """The governor's trims so far, and the bytes they gave back."""

@@ -173,6 +173,15 @@ lets every iteration replay.
      managed peak does not count: the step did pass the budget). Before, the loop
      stopped there (InfeasibleBudget, and every later iteration refused; helper-79:
      tiny Mixtral, a step every second iteration, at 0.3 of its peak).
+ 12. A shape that came three times at one period longer than MAX_PERIOD, and never
+     between (an evaluation inside `ooc.iteration()` every 100 steps, a checkpoint's
+     step every 500), is due one more period on: that iteration replays its plan, or is
+     recorded where fewer than MAX_PLANS are kept (`Plans._due`, before rule 2's
+     prediction; with all kept, the recording would drop the plan used most recently
+     but one, and the loop would record again and again). Rule 2 looks only MAX_PERIOD
+     back, and such a shape was never predicted, so never recorded: helper-172's
+     evaluation every 100 steps deviated all 10 times. Three times, equally spaced: a
+     shape that comes at random is seldom absent that long and back at one period.
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
@@ -582,6 +591,11 @@ class Plans:
         self.unplannable: set = set()    # rule 11: shapes that run op by op, never planned
         self.not_this: frozenset = frozenset()   # rule 9: families a firm period rules out
         self.asked = None    # the family `next` asked a recording of (None: a plan, or none)
+        # Rule 12: the iterations seen, the last three a shape came at, and the Seen due
+        # at a later one.
+        self._count = 0
+        self._at: dict = {}
+        self._due: dict = {}
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -623,10 +637,16 @@ class Plans:
     def seen(self, shape, family=None) -> None:
         """An iteration ran a step of `shape` and `family` (rule 2; None: a family of
         its own)."""
-        self.history.append(Seen(shape, shape if family is None else family))
+        seen = Seen(shape, shape if family is None else family)
+        self.history.append(seen)
         if shape not in self.times and len(self.times) >= _MAX_COUNTED:
             self.times.clear()             # shapes that follow the data: a new one each time
+            self._at.clear()
         self.times[shape] += 1
+        self._count += 1
+        at = self._at[shape] = (*self._at.get(shape, ())[-2:], self._count)
+        if len(at) == 3 and at[2] - at[1] == at[1] - at[0] > MAX_PERIOD:      # rule 12
+            self._due[at[2] + at[2] - at[1]] = seen
 
     def next(self, growing=(), now=()) -> Plan | None:
         """The plan the next iteration replays, or None: record it (rules 2, 3 and
@@ -635,6 +655,15 @@ class Plans:
         at all (the last family predicts where no period holds)."""
         self.asked = None
         seen, period = predict(list(self.history))
+        due = self._due.pop(self._count + 1, None)                     # rule 12
+        if (due is not None and due.shape not in self.unplannable
+                and (due.shape in self._plans or len(self._plans) < MAX_PLANS)):
+            plan = self._plans.get(due.shape)
+            if plan is None:
+                self.asked = due.family
+            else:
+                self._plans.move_to_end(due.shape)
+            return plan
         if seen is None or seen.shape in self.unplannable:
             return None
         families = [s.family for s in self.history]
