@@ -14,6 +14,8 @@ import outcore
 from outcore.plan.feasibility import min_feasible_budget
 from outcore.run.on_demand import created_bytes
 
+from ..text import flat
+
 MIB = 2**20
 
 
@@ -977,8 +979,8 @@ def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_runs_op_by_op(t
                 .group(1).replace(",", ""))
     assert (report.op_by_op_steps, report.op_by_op_plan_needs) == (3, needs)
     assert needs > ooc.budget
-    assert f"op by op: 3 step(s) ran op by op within the budget" in str(report)
-    assert f"({needs:,} B) for them" in str(report)
+    assert "op by op: 3 step(s) ran op by op within the budget" in flat(report)
+    assert f"({needs:,} B) for them" in flat(report)
     assert "ran op by op within the budget" in warned[0] and "go on running op by op" in warned[0]
     assert [i.mode for i in its] == ["record"] * 3, its
     assert all(i.peak_resident <= ooc.budget and i.completed for i in its), its

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from ..text import flat
+
 CHILD = textwrap.dedent("""
     import gc, sys, torch, outcore
     from outcore import workloads
@@ -96,4 +98,4 @@ def test_the_report_gives_the_peak_plain_pytorch_holds(tmp_path):
         report = ooc.report()
     assert report.held_peak > report.in_core_peak > 0
     assert report.planned_peak <= report.held_peak
-    assert "as plain PyTorch holds them, each until it is freed" in str(report)
+    assert "as plain PyTorch holds them, each until it is freed" in flat(report)

@@ -14,6 +14,7 @@ from outcore.view.plot import plot_memory
 from outcore.view.traffic import compare
 
 from .chrome_format import nest_properly, validate
+from ..text import flat
 
 
 def _train(tmp_path, iterations=4):
@@ -120,8 +121,8 @@ def test_the_report_says_what_unplanned_counts_where_a_replay_has_some(tmp_path)
         report = ooc.report()
     data = report.to_dict()
     assert any(it["mode"] == "replay" and it["unplanned_bytes"] for it in data["iterations"])
-    legend = "  unplanned: bytes read or written outside the plan: "
-    assert legend in str(report)
+    legend = "unplanned: bytes read or written outside the plan: "
+    assert legend in flat(report)
     for it in data["iterations"]:
         if it["mode"] == "replay":
             it["unplanned_bytes"] = 0
@@ -248,6 +249,38 @@ def test_the_report_says_what_the_allocator_gave_back():
     assert Report.from_dict(report.to_dict()) == report
 
 
+def _unwrapped(report) -> list[str]:
+    """The report's lines with the header's wrapped ones joined again (a continuation
+    is indented 12 spaces: run/report.py `_wrapped`)."""
+    lines = []
+    for line in str(report).splitlines():
+        if lines and line.startswith(" " * 12) and not line.startswith(" " * 13):
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(line)
+    return lines
+
+
+def test_the_report_wraps_its_header_and_not_its_rows():
+    """helper-165: header lines of 400+ characters. Each is wrapped at run/report.WIDTH,
+    continued 12 spaces in; the table's rows are not (their columns must line up)."""
+    from outcore.run.report import WIDTH, IterationStats
+    it = IterationStats(index=1, mode="replay", seconds=1.0, bytes_read=1, bytes_written=1,
+                        unplanned_bytes=0, wait_s=0.0, transfer_s=0.0, restore_s=0.0,
+                        peak_resident=10)
+    report = Report(budget=20 * 2**20, policy="auto", swap="disk", functions=5,
+                    in_core_peak=40 * 2**20, planned_peak=9 * 2**20, planned_in=1, planned_out=1,
+                    pinned_bytes=7 * 2**20, planned_budget=9 * 2**20, iterations=(it,),
+                    rss_start=300 * 2**20, rss_bound=130 * 2**20)
+    lines = str(report).splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("  iter  mode"))
+    assert all(len(line) <= WIDTH for line in lines[:table]), lines
+    assert sum(line.startswith(" " * 12) for line in lines[:table]) >= 4, lines
+    assert lines[table + 1].startswith("     1  replay") and len(lines[table]) > WIDTH
+    resident = next(line for line in _unwrapped(report) if line.startswith("  resident set:"))
+    assert resident.endswith("budget + 128.00 MiB + budget/5 (here 130.00 MiB)"), resident
+
+
 def test_the_report_counts_what_the_plan_moves_between_iterations():
     """A plan may end with state in fast memory that the next iteration starts without
     (plan/api.py `_cycle` keeps it where that moves fewer bytes in all); the report said
@@ -256,7 +289,7 @@ def test_the_report_counts_what_the_plan_moves_between_iterations():
     report = Report(budget=100, policy="auto", swap="disk", functions=5, in_core_peak=400,
                     planned_peak=100, planned_in=2**20, planned_out=2**20, pinned_bytes=0,
                     planned_between=(0, 9 * 2**19))
-    planned = [line for line in str(report).splitlines() if "planned:" in line]
+    planned = [line for line in _unwrapped(report) if "planned:" in line]
     assert planned == ["  planned:  peak 100 B, per iteration 1.00 MiB in, 1.00 MiB out; and "
                        "4.50 MiB written between iterations (state the step ends with on one "
                        "tier and the next starts with on the other: the plan moves fewer bytes "
@@ -280,7 +313,7 @@ def test_the_report_says_what_the_plan_leaves_to_arrays_that_never_move():
     assert ("  pinned in fast memory (small, not resizable, or kept by a collective or FSDP): "
             "7.00 MiB now; the plan leaves them up to 11.00 MiB of the budget (their most alive "
             "at once), and plans the rest: the measured peak counts both, the planned one only "
-            "the plan's") in str(report).splitlines()
+            "the plan's") in _unwrapped(report)
     assert Report.from_dict(report.to_dict()) == report
     with pytest.raises(outcore.OutcoreError, match="planned_budget must be a byte count"):
         Report.from_dict({**report.to_dict(), "planned_budget": "9 MiB"})

@@ -5,6 +5,7 @@ import collections
 import json
 import math
 import operator
+import textwrap
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..errors import OutcoreError, file_kind
@@ -60,6 +61,16 @@ class IterationStats:
 KEEP_FIRST = 20
 KEEP_LAST = 500
 # How many of the listed ones `print(report)` shows at each end; the rest in one line.
+# The header's lines are wrapped at this width, the rest of a line indented past the
+# labels (helper-165: lines of 400+ characters); the table's rows are not.
+WIDTH = 100
+
+
+def _wrapped(line: str) -> str:
+    return textwrap.fill(line, WIDTH, subsequent_indent=" " * 12, break_long_words=False,
+                         break_on_hyphens=False)
+
+
 PRINT_FIRST = 20
 PRINT_LAST = 20
 
@@ -392,6 +403,7 @@ class Report:
                              "evictions, and storages the record does not know or that "
                              "outlive it there (a batch the loop still holds while the next "
                              "one loads), written out to keep the budget (docs/see.md)")
+            lines = [_wrapped(line) for line in lines]
             lines.append("  iter  mode     time     read       written    unplanned  waited   overlap  "
                          "faults  trims  peak        rss+        unmanaged")
             rows = self.iterations
@@ -406,7 +418,8 @@ class Report:
                 lines += self._rows(first)
                 lines.append(self._middle(rows[len(first):len(rows) - len(last)]))
                 lines += self._rows(last)
-        return "\n".join(lines)
+            return "\n".join(lines)
+        return "\n".join(_wrapped(line) for line in lines)
 
     def _middle(self, rows) -> str:
         """One line for the iterations between those printed: `rows`, listed, and the
