@@ -11,11 +11,13 @@ import warnings
 #   1. outcore's warnings issued where its bookkeeping must not be cut go through
 #      `warn`: the warning is issued as usual, and one a filter raises is caught and
 #      kept (`KEPT_WARNINGS`); the bookkeeping goes on.
-#   2. The end of the outermost held section (run/interrupts.py, `Shield.exit`), where
-#      a Ctrl-C's KeyboardInterrupt is raised, raises the first kept warning, with the
-#      others as notes: every storage whole there, every counter true. Not while another
-#      exception propagates (it goes on; the warning waits for the next end).
-#   3. A warning kept where no held section is open waits for the next end of one.
+#   2. The end of the block (`with ooc.iteration():`, `ooc.building()`; `close()`)
+#      raises the first kept warning, with the others as notes, after its cleanup: the
+#      step has run whole (raised at the end of an op, one inside optimizer.step() left
+#      some parameters stepped and the rest not, helper-174), and inside the user's
+#      warnings filter, which an OutOfCore outlives. Where the block raised, they are
+#      notes on its exception.
+#   3. A warning kept outside a block (making an OutOfCore) waits for the next end.
 KEPT_WARNINGS: list = []
 
 
@@ -28,15 +30,16 @@ def warn(message: str, category=UserWarning, stacklevel: int = 2) -> None:
         KEPT_WARNINGS.append(err)
 
 
-def raise_kept_warning() -> None:
-    """Rule 2 of NOTE [Warnings as errors]: raise the first kept warning, if any."""
-    if not KEPT_WARNINGS or sys.exc_info()[1] is not None:
-        return
+def kept_warnings() -> list:
+    """Rule 2 of NOTE [Warnings as errors]: the kept warnings, taken (the first with the
+    others as notes; empty where none)."""
+    if not KEPT_WARNINGS:
+        return []
     first, *rest = KEPT_WARNINGS
     KEPT_WARNINGS.clear()
     for other in rest:
         first.add_note(f"also: {other}")
-    raise first
+    return [first]
 
 
 class OutcoreError(Exception):

@@ -349,3 +349,42 @@ def test_tasks_with_heads_of_their_own_picked_at_random_are_not_taken_for_replac
     modes = [it.mode for it in report.iterations]
     assert modes.count("record") <= 4, modes
     assert "record" not in modes[10:], modes
+
+
+def test_two_buffers_that_swap_roles_every_step_settle(tmp_path):
+    """Double buffering: two buffers the step only reads, both each step, their roles
+    swapped after it (`a, b = b, a`). Each takes turns with the other: inputs from the
+    next recording on, and every later step replays (helper-127's rule). The mend for
+    stochastic depth excused every read of state the plan binds elsewhere, buffers too,
+    and this loop recorded again every other step, for ever (helper-174)."""
+    class PingPong(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+            self.register_buffer("a", torch.randn(256, 256))
+            self.register_buffer("b", torch.randn(256, 256))
+
+        def forward(self, x):
+            y = self.net((x + self.a) * self.b)
+            self.a, self.b = self.b, self.a
+            return y
+
+    def train(ooc=None):
+        torch.manual_seed(0)
+        model = PingPong()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for it in range(14):
+            x = torch.randn(256, 256, generator=torch.Generator().manual_seed(it))
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        return model
+    plain = train()
+    with outcore.OutOfCore(1_300_000, swap_dir=str(tmp_path)) as ooc:
+        ours = train(ooc)
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 ours.state_dict().values()))
+    assert all(it.mode == "replay" and it.deviation is None
+               for it in report.iterations[-4:]), report

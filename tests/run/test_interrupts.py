@@ -621,28 +621,41 @@ def test_a_transient_read_error_is_retried_and_loses_nothing(monkeypatch, mlp_bu
         continue_like_plain(w, ooc)
 
 
-def test_a_retried_read_under_warnings_as_errors_loses_nothing(monkeypatch, mlp_budget):
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_a_retried_read_under_warnings_as_errors_loses_nothing(monkeypatch, mlp_budget, failing):
     """helper-168: with RuntimeWarning an error (`-W error`, pytest's filterwarnings), the
     retry's warning was raised before the read was issued again: the entry stayed
     "reading" with nothing in flight and its weight kept garbage, also after close().
-    Now the warning is raised where the op's held section ends (NOTE [Warnings as
-    errors]): the step stops there, before the optimizer, with every weight its value."""
+    Raised at the end of the op instead, a read late in the step stopped it inside
+    optimizer.step(), some parameters stepped and the rest not (helper-174). Now the
+    warning is raised as the block ends (NOTE [Warnings as errors]): the step has run
+    whole, as a plain twin's."""
     import warnings
     w = warm("mlp-tiny", "adam")
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
         train(ooc, w)
-        before = [p.detach().clone() for p in w.model.parameters()]
-        calls = _failing_reads(monkeypatch, 1, 1)
+        twin = warm("mlp-tiny", "adam")
+        twin.model.load_state_dict(copy.deepcopy(w.model.state_dict()))
+        twin.optimizer.load_state_dict(copy.deepcopy(w.optimizer.state_dict()))
+        twin.step()
+        reads = _failing_reads(monkeypatch, 0, -1)          # count this step's reads
+        with ooc.iteration():
+            w.step()
+        n = reads["n"]
+        assert n > 2
+        monkeypatch.undo()
+        twin.step()
+        at = 1 if failing == "first" else n - 1
+        calls = _failing_reads(monkeypatch, at, at)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             with pytest.raises(RuntimeWarning, match="trying again"):
                 with ooc.iteration():
                     w.step()
-        assert calls["n"] > 1
+        assert calls["n"] > at
         monkeypatch.undo()
         assert_intact(w, ooc)
-        assert all(torch.equal(a, b) for a, b in zip(before, w.model.parameters()))
-        w.optimizer.zero_grad()
+        assert_bitwise_equal(state_of(twin.model, twin.optimizer), state_of(w.model, w.optimizer))
         continue_like_plain(w, ooc)
 
 

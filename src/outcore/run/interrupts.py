@@ -76,7 +76,6 @@ import weakref
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..aten import FAST_PATH_OP, OutcoreMode, autocast_as_entered
-from ..errors import KEPT_WARNINGS, raise_kept_warning
 
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
@@ -168,11 +167,9 @@ class Shield:
         the dispatch mode whose `__torch_dispatch__` is ending, put back on the stack for
         the user's handlers (rule 7)."""
         self.depth -= 1
-        if self.depth == 0 and (self.pending or KEPT_WARNINGS) and not _swallowed(
-                sys._getframe(1)):
+        if self.pending and self.depth == 0 and not _swallowed(sys._getframe(1)):
             with _pushed(mode):
                 self._deliver()
-            raise_kept_warning()           # NOTE [Warnings as errors] in errors.py
 
     def _deliver(self) -> None:
         """Hand the noted signals to the user's handlers, in order; one whose handler

@@ -77,7 +77,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
 from .. import aten
-from ..errors import HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted, no_room
+from ..errors import (HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted,
+                      kept_warnings, no_room)
 from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
                              page_faults, process_slack, resident_bytes)
 from ..memory.pages import torch_huge_pages
@@ -1577,7 +1578,8 @@ class OutOfCore:
                             "nn.Parameter", ", ".join(map(str, seen)), seen[1] - seen[0], reason)
                 return
             period = seen[1] - seen[0]
-            if period > plans.MAX_PERIOD and len(self._plans) < plans.MAX_PLANS:
+            if (period > plans.MAX_PERIOD and len(self._plans) < plans.MAX_PLANS
+                    and shape not in self._plans and shape not in self._plans.unplannable):
                 self._warned_period = False    # rule 12: due next time, recorded then
                 return
             if period <= plans.MAX_PERIOD and len(self._plans) < plans.MAX_PLANS:
@@ -1682,6 +1684,7 @@ class OutOfCore:
                 finally:
                     _release_slot(self)
                     shield.uninstall()
+            errors += kept_warnings()            # NOTE [Warnings as errors] rule 2
             if errors:
                 raise errors[0]
         finally:
@@ -2320,7 +2323,9 @@ class _Building(_Iteration):
 
 def _raise_or_note(exc, errors: list) -> None:
     """Raise our first error when the block raised nothing; else note ours on the user's
-    exception, which goes on."""
+    exception, which goes on. The warnings a filter made errors inside the block come
+    after ours (NOTE [Warnings as errors] rule 2 in errors.py)."""
+    errors = errors + kept_warnings()
     if not errors:
         return
     if exc is None:

@@ -495,13 +495,16 @@ class Replayer(HeldMode):
         its own plan's shape or after taking up another: one that took up another plan
         and ran it to its end, or left its plan for a step of another shape, was another
         kind of step (a branch, a task with weights of its own: helper-131), not a
-        replacement. Nor is a storage this step's plan binds to another array, or that
-        another plan starts from: state the step reads in another order (stochastic
-        depth: the head's weight where the plan read the next layer's, helper-172)."""
-        entry = self.res.entry_of(storage)
-        if entry is not None and (entry in self.aid_of or entry in self._lasting):
-            return
+        replacement. Nor is a parameter read where the record had another parameter, if
+        this step's plan binds it to another array or another plan starts from it: the
+        step reads the model's weights in another order (stochastic depth: the head's
+        weight where the plan read the next layer's, helper-172). Buffers are not so
+        excused: two buffers that swap roles every step take turns (helper-174)."""
         arr = self.trace.arrays[aid]
+        entry = self.res.entry_of(storage)
+        if (entry is not None and arr.category == "parameter"
+                and (entry in self.aid_of or entry in self._lasting)):
+            return
         before = self.by_id[aid]
         written = any(aid in d for d in self.dirty)
         if (arr.kind == "persistent" and arr.existed_before and before is not None
