@@ -322,11 +322,12 @@ FAST_PATH_OP = torch.ops.aten._transformer_encoder_layer_fwd.default
 # handler run from one (PyTorch runs the handler with the mode off the stack, so
 # Dynamo's "nothing under a dispatch mode" does not hold there).
 #   1. PyTorch wraps every mode's `__torch_dispatch__` in `torch._disable_dynamo`,
-#      which clears and puts back the callback at every op: ~2.5 us of the executor's
-#      ~38 us per op. outcore's modes (`OutcoreMode`) have no wrapper; their handler's
-#      code is marked for Dynamo's frame evaluation as skipped with every frame it
-#      calls (`outside_dynamo`, the code strategy `torch._dynamo.disable` stands for),
-#      at no cost per op.
+#      which clears and puts back the callback at every op (~2.5 us of the executor's
+#      ~38 us per op by a monkeypatch A/B, CHANGELOG 2026-12-06 seventh). outcore's
+#      modes (`OutcoreMode`) have no wrapper; their handler's code is marked for
+#      Dynamo's frame evaluation as skipped with every frame it calls
+#      (`outside_dynamo`, the code strategy `torch._dynamo.disable` stands for), at no
+#      cost per op.
 #   2. `_Iteration.__enter__`/`__exit__` are marked so too, and as `_torchdynamo_disable`
 #      (what Dynamo asks before inlining a call: a graph break, not a trace), and not
 #      wrapped: a wrapper's bytecodes before the first of `__exit__` would let a signal
