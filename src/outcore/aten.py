@@ -328,14 +328,13 @@ FAST_PATH_OP = torch.ops.aten._transformer_encoder_layer_fwd.default
 #      Dynamo's frame evaluation as skipped with every frame it calls
 #      (`outside_dynamo`, the code strategy `torch._dynamo.disable` stands for), at no
 #      cost per op.
-#   2. `_Iteration.__enter__`/`__exit__` are marked so too, and as `_torchdynamo_disable`
-#      (what Dynamo asks before inlining a call: a graph break, not a trace), and not
-#      wrapped: a wrapper's bytecodes before the first of `__exit__` would let a signal
-#      land outside its held section (NOTE [Interrupts] rule 3). A loop compiled around
-#      `with ooc.iteration():` then runs the block eagerly, exactly, as a compiled
-#      module inside it does.
+#   2. `_Iteration.__enter__`/`__exit__` are marked so too, not wrapped: a wrapper's
+#      bytecodes before the first of `__exit__` would let a signal land outside its
+#      held section (NOTE [Interrupts] rule 3). With rule 4 (a call into outcore from
+#      traced code is a graph break) a loop compiled around `with ooc.iteration():`
+#      then runs the block eagerly, exactly, as a compiled module inside it does.
 #   3. Without the code-strategy API (a torch other than the 2.13 this is built for)
-#      the modes keep PyTorch's wrapper and nothing else is marked.
+#      the modes keep PyTorch's wrapper and the block's entry and exit are not marked.
 #   4. The rest of outcore's Python runs in the block too, with the mode off the stack
 #      (the recording's bookkeeping under `_disable_current_modes`), or outside any
 #      block (the hook that catches an optimizer step outside one, weakref callbacks):
@@ -354,19 +353,11 @@ except (ImportError, AttributeError, TypeError):          # rule 3
     set_code_exec_strategy = _SKIPPED_WITH_CALLEES = None
 
 
-_DYNAMO_WHY = ("outcore runs its block's entry and exit, and its dispatch handler, "
-               "outside TorchDynamo: compile the model or the step inside "
-               "`with ooc.iteration():` (it runs eagerly there, exactly), or leave out "
-               "fullgraph=True")
-
-
 def outside_dynamo(function):
     """`function`, never compiled nor traced by Dynamo, nor anything it calls, with
     nothing run before its first bytecode (NOTE [Dynamo kept out] rules 1-2)."""
     if _SKIPPED_WITH_CALLEES is not None:
         set_code_exec_strategy(function.__code__, _SKIPPED_WITH_CALLEES)
-        function._torchdynamo_disable = True
-        function._torchdynamo_disable_msg = _DYNAMO_WHY    # fullgraph=True's error says it
     return function
 
 

@@ -648,6 +648,7 @@ class Plans:
         at = self._at[shape] = (*self._at.get(shape, ())[-2:], self._count)
         if len(at) == 3 and at[2] - at[1] == at[1] - at[0] > MAX_PERIOD:      # rule 12
             self._due[at[2] + at[2] - at[1]] = seen
+        self._due.pop(self._count, None)    # passed, also where `next` was not asked
 
     def next(self, growing=(), now=()) -> Plan | None:
         """The plan the next iteration replays, or None: record it (rules 2, 3 and
