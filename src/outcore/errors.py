@@ -128,6 +128,21 @@ def file_kind(data) -> str:
     return f"; it is {_FILES[kind]}" if isinstance(kind, str) and kind in _FILES else ""
 
 
+def file_too_large(needed: int | None, flag: str = "swap_dir") -> str:
+    """Why a write to the swap file met EFBIG though the disk may have room, and what to
+    do: the process's RLIMIT_FSIZE (`ulimit -f`) where it is set below `needed` (set at
+    all, where `needed` is not known: a write inside a file that already grew, after the
+    limit was lowered), the largest file of the file system there otherwise."""
+    import resource
+    from .units import format_bytes
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and (needed is None or limit < needed):
+        return (f"this process may not write files larger than {format_bytes(limit)} "
+                "(RLIMIT_FSIZE, `ulimit -f`): raise that limit or the budget")
+    return (f"the file system there does not allow a larger file: pass {flag}= another "
+            "file system, or raise the budget")
+
+
 def no_room(exc: OSError) -> type[OutcoreError]:
     """The error for a failed write to the slow tier: SwapSpaceExhausted where the disk
     is full (or the quota spent), OutcoreError otherwise."""

@@ -393,6 +393,46 @@ def test_a_file_size_limit_is_named_and_loses_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_size_limit_lowered_mid_run_is_named_and_loses_nothing(tmp_path):
+    """The limit lowered after the swap file grew: a write inside the file fails (EFBIG,
+    no growth asked for), and that error names the limit too (hG41: "File too large"
+    alone). The parameters are those of the steps before or of the step that failed,
+    whole, and the next step trains once the limit is raised."""
+    child = textwrap.dedent(f"""
+        import resource, signal, torch, outcore
+        from outcore import workloads
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        plain = workloads.build("mlp", batch=8, optimizer="sgd")
+        states = []
+        for _ in range(5):
+            states.append([p.detach().clone() for p in plain.model.parameters()])
+            plain.step()
+        w = workloads.build("mlp", batch=8, optimizer="sgd")
+        ooc = outcore.OutOfCore(budget="9MiB", swap_dir={str(tmp_path)!r}, min_move_bytes=0)
+        for _ in range(3):
+            with ooc.iteration():
+                w.step()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            with ooc.iteration():
+                w.step()
+        except outcore.OutcoreError as e:
+            print("ERROR", e)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        now = [p.detach().clone() for p in w.model.parameters()]
+        print("PARAMS_WHOLE", any(all(torch.equal(a, b) for a, b in zip(s, now))
+                                  for s in states[3:5]))
+        with ooc.iteration():
+            w.step()
+        print("FINITE", all(bool(p.isfinite().all()) for p in w.model.parameters()))
+        ooc.close()
+    """)
+    out = zygote.run(["-c", child], timeout=120)
+    assert "ERROR" in out.stdout and "RLIMIT_FSIZE" in out.stdout, out.stdout + out.stderr
+    assert "PARAMS_WHOLE True" in out.stdout and "FINITE True" in out.stdout, out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("offload", ["disk", "host"])
 def test_interrupted_iteration_recovers(resnet_trace, monkeypatch, offload):
     """An exception in the middle of a step; offload="host" on the emulated link

@@ -97,7 +97,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .. import aten
-from ..errors import OutcoreError, no_room, warn
+from ..errors import OutcoreError, file_too_large, no_room, warn
 from ..memory.malloc import WITHIN_OP, resident_bytes
 from ..memory.pages import advise_huge
 from ..states import (DEAD, DISCARDED, FAST, IN, MAPPED, OCCUPIES_FAST, ON_SLOW_TIER, OUT, SLOW,
@@ -145,6 +145,8 @@ def _warn_no_swap() -> None:
 
 
 def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:   # the limit, named
+        return f"{exc.strerror or 'File too large'}: {file_too_large(None)}"
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
 
 

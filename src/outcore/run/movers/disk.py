@@ -54,7 +54,7 @@ import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ...errors import OutcoreError, SwapSpaceExhausted, no_room
+from ...errors import OutcoreError, SwapSpaceExhausted, file_too_large, no_room
 from ...memory import ALIGNMENT, AlignedBuffer, Extent, ExtentAllocator, round_up
 from ..mapped import Mapping
 from ...units import format_bytes
@@ -275,19 +275,10 @@ def _open_named(base: str) -> int:
 
 
 def _too_large(location: str, size: int, needed: int, flag: str) -> str:
-    """EFBIG: the file may not grow, though the disk may have room. Name the limit that
-    said no: the process's RLIMIT_FSIZE (`ulimit -f`) where it is below `needed`, the
-    file system's largest file otherwise."""
-    import resource
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    why = (f"this process may not write files larger than {format_bytes(limit)} "
-           "(RLIMIT_FSIZE, `ulimit -f`): raise that limit or the budget"
-           if limit != resource.RLIM_INFINITY and limit < needed else
-           f"the file system there does not allow a larger file: pass {flag}= another "
-           "file system, or raise the budget")
+    """EFBIG growing the file: the limit that said no (errors.file_too_large)."""
     return (f"could not grow the swap file in {location} from {format_bytes(size)} to "
-            f"{format_bytes(needed)} (File too large): {why}. Nothing was lost: the tensor "
-            "stays in memory.")
+            f"{format_bytes(needed)} (File too large): {file_too_large(needed, flag)}. "
+            "Nothing was lost: the tensor stays in memory.")
 
 
 # A state directory's swap file (run/durable.py) lives in state_dir, not swap_dir.
