@@ -126,10 +126,42 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class KernelRefused(OSError):
-    """libc's mmap failed (ENOMEM past vm.max_map_count, a filesystem without mmap):
+    """libc's mmap failed (ENOMEM: past vm.max_map_count or RLIMIT_AS, `why_refused`; a
+    filesystem without mmap):
     the state is read back instead, over the budget, and the user is told once
     (`Residency.map_slow`); refusals by design (a host tier's spilled extent) are not
     this."""
+
+
+def why_refused(exc: OSError) -> str:
+    """What stopped mmap with ENOMEM, as far as this process can tell: the number of
+    mappings (/proc/self/maps) near vm.max_map_count, an address-space limit
+    (RLIMIT_AS, `ulimit -v`), or neither (memory for the kernel's own bookkeeping).
+    A refusal of another kind: "" (its strerror says it)."""
+    import errno
+    import resource
+    if exc.errno != errno.ENOMEM:
+        return ""
+    maps, most = _mappings()
+    if most and maps >= 0.9 * most:
+        return (f"; the process has {maps} mappings of the {most} vm.max_map_count "
+                "allows (raise it: sysctl vm.max_map_count)")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        return (f"; the process's address space is limited to {limit / 2**20:.0f} MiB "
+                "(RLIMIT_AS, `ulimit -v`): raise that limit")
+    return "; the kernel is out of memory for new mappings"
+
+
+def _mappings() -> tuple[int, int]:
+    """(the process's mappings, vm.max_map_count); (0, 0) where /proc does not say."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            most = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f), most
+    except (OSError, ValueError):
+        return 0, 0
 
 
 class _Region:

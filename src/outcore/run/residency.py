@@ -1005,9 +1005,7 @@ class Residency:
                 f"the kernel refused to map {len(refused)} storages of state left on the "
                 f"slow tier ({format_bytes(sum(n for n, _ in refused))}; {exc}): they were "
                 "read back into memory, over the budget until the next iteration moves them "
-                "out again" + ("; the process may have more mappings than vm.max_map_count "
-                               "allows (sysctl vm.max_map_count)"
-                               if exc.errno == errno.ENOMEM else ""), stacklevel=3)
+                "out again" + mapped.why_refused(exc), stacklevel=3)
         if error is not None:
             raise error
 
