@@ -149,6 +149,22 @@ def test_the_smallest_budget_named_for_fsdp2_is_one_that_trains(tmp_path):
         assert attempts[1] == {"budget": attempts[0]["smallest"], "smallest": None}, attempts
 
 
+def test_an_async_collective_started_between_iterations_trains_bitwise(tmp_path):
+    """Local SGD's averaging overlapped with the next step: `all_reduce(p, async_op=True)`
+    between iterations, waited on inside the next (NOTE [Collectives in flight] rule 6).
+    The process aborted in gloo (its thread read the parameters while the next iteration
+    moved them; helper-173); then, with them held, one left on the slow tier was held
+    empty (hG39). Now bitwise equal to the same loop without outcore, and replaying."""
+    proc = torchrun(os.path.join(HERE, "async_worker.py"), str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"async.rank{rank}.json").read_text())
+        for case in ("param", "data"):
+            assert result[case]["error"] is None, result[case]["error"]
+            assert result[case]["equal"], result
+            assert result[case]["modes"][-1] == "replay", result
+
+
 def test_ddp_comm_hooks_that_write_on_gloo_thread_are_refused(tmp_path):
     """fp16_compress_hook (and DDP's builtin FP16_COMPRESS) write the bucket in a Future
     callback on gloo's thread, which outcore cannot see: before, the plan moved the bucket

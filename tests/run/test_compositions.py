@@ -354,6 +354,67 @@ def test_a_collective_in_a_passive_replay_that_leaves_stays_in_place(one_rank, t
     assert made[-1].untyped_storage().nbytes() == made[-1].nbytes
 
 
+def test_an_async_collective_between_iterations_holds_its_tensors_whole(one_rank, tmp_path):
+    """NOTE [Collectives in flight] rule 6: `all_reduce(p, async_op=True)` with no block
+    open holds p in place, with its bytes: p was on the slow tier (mapped), and held
+    empty (hG39: gloo sent from address 0); from another thread it is refused before
+    anything starts. `dist.isend is c10d.isend` stays true (P2POp checks it), and close()
+    puts PyTorch's functions back. (Two ranks: tests/distributed, async_worker.py.) One
+    thread: plain PyTorch on two differs from itself in the last bit under load
+    (CHANGELOG, 2026-12-05), and this test compares two models trained in turn."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _hold_whole(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _hold_whole(tmp_path):
+    import threading
+    import torch.distributed.distributed_c10d as c10d
+    originals = dist.all_reduce, dist.isend
+    plain, managed = _model(), _model()
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    managed_opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
+    x = torch.randn(64, 256)
+    with outcore.OutOfCore(1_100_000, swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        for _ in range(4):
+            _step(plain, plain_opt, x)
+            with ooc.iteration():
+                _step(managed, managed_opt, x)
+        assert dist.isend is c10d.isend and dist.all_reduce is not originals[0]
+        # The state (1.5 MB) does not fit the budget: some of it is on the slow tier.
+        state = [*managed.parameters(), *(t for st in managed_opt.state.values()
+                                          for k, t in st.items() if k != "step")]
+        twins = [*plain.parameters(), *(t for st in plain_opt.state.values()
+                                        for k, t in st.items() if k != "step")]
+        mapped = [i for i, t in enumerate(state) if ooc._res.entry_of(
+            t.untyped_storage()).state is outcore.states.MAPPED]
+        assert mapped, "nothing on the slow tier"                      # what the test needs
+        held = state[mapped[0]]
+        entry = ooc._res.entry_of(held.untyped_storage())
+        refused = []
+        thread = threading.Thread(target=lambda: refused.append(
+            pytest.raises(outcore.OutcoreError, dist.all_reduce, held, async_op=True)))
+        thread.start()
+        thread.join()
+        assert "another thread" in str(refused[0].value) and not entry.owner
+        expected = twins[mapped[0]].detach().clone()
+        work = dist.all_reduce(held, async_op=True)
+        assert entry.owner == "collective" and entry.state is outcore.states.FAST
+        assert held.untyped_storage().nbytes() == held.nbytes
+        work.wait()
+        assert torch.equal(held, expected)
+        for _ in range(3):
+            _step(plain, plain_opt, x)
+            with ooc.iteration():
+                _step(managed, managed_opt, x)
+    assert (dist.all_reduce, dist.isend) == originals
+    for a, b in zip(twins, state):
+        assert torch.equal(a, b)
+
+
 def test_a_future_callback_on_another_thread_may_not_touch_what_outcore_moves(tmp_path):
     """helper-96: `dist.all_reduce(t, async_op=True).get_future().then(lambda f:
     avg.copy_(f.value()[0]))` ran the copy on gloo's thread, unseen, while the plan moved

@@ -39,6 +39,24 @@ NOTE [Collectives in flight]
      3) and on tensors the callback makes run. A callback run on the iteration's
      own thread (a Future already done runs it at once) is seen like any op; one run
      between iterations writes the state where it lies (NOTE [Mapped state]).
+  6. No dispatch mode sees a collective issued between iterations. A synchronous one
+     is done when it returns; an asynchronous one (`async_op=True`, `isend`, `irecv`,
+     `batch_isend_irecv`) goes on on gloo's thread, and the next iteration's start
+     moved its tensors under it (local SGD's averaging overlapped with the next step:
+     the process aborted, gloo's "writev ... Bad address", helper-173). So while an
+     OutOfCore is open, those functions of `torch.distributed` are wrapped
+     (`guard_async_collective`, installed with sharing.install): called with no block
+     open, their tensors that outcore tracks are read back and disowned first, as in
+     rule 3 (`OutOfCore._hold_for_collective`); from then on they never move. One on
+     the slow tier is mapped there (NOTE [Mapped state]): disowned as it was, it was
+     held empty and gloo sent from address 0 (hG39), so `Residency.disown` reads back
+     every storage it holds for a collective. Only the thread that runs the blocks may
+     change the table: from another, a collective on a tensor outcore moves is refused
+     before it starts. Inside a block the block's mode sees the op (rule 3). Each
+     function is wrapped once, in `distributed_c10d`, and `torch.distributed` gets that
+     same wrapper (`P2POp` requires `dist.isend is c10d.isend`). One taken from
+     `torch.distributed` before the OutOfCore was made (`from torch.distributed import
+     all_reduce`) is not wrapped.
 
 NOTE [Storages FSDP owns]
   1. FSDP2 (`fully_shard`) frees each parameter's unsharded memory after use and
@@ -176,6 +194,53 @@ class _Unseen(OutcoreMode):
             if entry is not None and not (entry.pinned or entry.owner or entry.elsewhere):
                 raise OutcoreError(FUTURE_CALLBACK.format(op=func, nbytes=entry.nbytes))
         return func(*args, **kwargs)
+
+
+# NOTE [Collectives in flight] rule 6: those that may go on after they return.
+ASYNC_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather",
+                     "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+                     "all_to_all", "all_to_all_single", "gather", "scatter", "isend", "irecv",
+                     "batch_isend_irecv")
+_ALWAYS_ASYNC = frozenset({"isend", "irecv", "batch_isend_irecv"})
+
+
+def guard_async_collective(original, open_outofcore):
+    """`torch.distributed.<collective>` that, called asynchronously with no block open,
+    holds its tensors in place first (NOTE [Collectives in flight] rule 6)."""
+    import inspect
+    try:
+        signature = inspect.signature(original)
+    except (TypeError, ValueError):
+        signature = None
+    always = original.__name__ in _ALWAYS_ASYNC
+
+    @functools.wraps(original)
+    def collective(*args, **kwargs):
+        ooc = open_outofcore()
+        if ooc is not None and not ooc.closed and not ooc._active and (
+                always or _async_op(signature, args, kwargs)):
+            ooc._hold_for_collective(_collective_tensors(args, kwargs), original.__name__)
+        return original(*args, **kwargs)
+    return collective
+
+
+def _async_op(signature, args, kwargs) -> bool:
+    if signature is None:
+        return bool(kwargs.get("async_op"))
+    try:
+        return bool(signature.bind_partial(*args, **kwargs).arguments.get("async_op"))
+    except TypeError:                      # the call itself is wrong: PyTorch says so
+        return False
+
+
+def _collective_tensors(args, kwargs) -> list:
+    """The tensors a collective's arguments hold: in lists too, and P2POps' (their
+    `.tensor`)."""
+    values = [*args, *kwargs.values()]
+    ops = [v for value in values for v in (value if isinstance(value, (list, tuple))
+                                           else [value])
+           if isinstance(getattr(v, "tensor", None), torch.Tensor)]
+    return [*iter_tensors(values), *(op.tensor for op in ops)]
 
 
 def guard_future_callbacks(original, open_outofcore):

@@ -1035,12 +1035,16 @@ class Replayer(HeldMode):
         pinned, self.res.newly_pinned = self.res.newly_pinned, []
         if pinned and self.deviation is None:
             nbytes = sum(e.nbytes for e in pinned)
+            why = ("an asynchronous collective started between iterations holds them (they "
+                   "stay in RAM for good: NOTE [Collectives in flight] rule 6 in "
+                   "run/compose.py)" if any(e.owner == "collective" for e in pinned) else
+                   "a numpy array from .numpy() still points into them (they move again "
+                   "once it is dropped), or they were made unresizable (from_numpy, "
+                   "torch.load) or shared (share_memory_()) since they were recorded "
+                   "(those stay in RAM for good)")
             self._deviate(f"function {self.index}: {len(pinned)} storage(s) of "
-                          f"{format_bytes(nbytes)} that the plan moves cannot move now: a "
-                          "numpy array from .numpy() still points into them (they move again "
-                          "once it is dropped), or they were made unresizable (from_numpy, "
-                          "torch.load) or shared (share_memory_()) since they were recorded "
-                          "(those stay in RAM for good); counted as pinned", None, None, None)
+                          f"{format_bytes(nbytes)} that the plan moves cannot move now: "
+                          f"{why}; counted as pinned", None, None, None)
 
     def _reap(self) -> None:
         """Storages the plan freed but something (a user variable, `param.grad`, autograd,

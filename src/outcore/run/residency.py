@@ -891,8 +891,11 @@ class Residency:
         """Keep `storage` where it is from now on (NOTE 5): a collective may still touch
         it (counted at `nbytes` like any resident entry), or, `foreign`, the library
         `owner` resizes it itself (counted at its current size, `owned_bytes()`). A
-        storage outcore had moved out is taken back as resident without its old bytes:
-        only a library that re-allocates it and writes it before use meets it so."""
+        foreign storage outcore had moved out is taken back as resident without its old
+        bytes: only a library that re-allocates it and writes it before use meets it so.
+        Any other is read back first (the caller made room for it): a collective started
+        between iterations on a parameter left on the slow tier sent from address 0, and
+        the parameter would have lost its bytes (hG39)."""
         if self._dead:
             self._reap_dead()
         entry = self.entries.get(storage._cdata)
@@ -905,7 +908,8 @@ class Residency:
         else:
             if entry.state is OUT:
                 self.finish(entry)
-            elif entry.state in (IN, DISCARDED):
+            elif entry.state in (IN, DISCARDED) or (entry.state in ON_SLOW_TIER
+                                                    and not foreign):
                 self.ready(entry)
             if entry.state is MAPPED:
                 self._unmap(entry)

@@ -209,7 +209,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..aten import (READ_PAST_ARGUMENTS, loading, mark_read_past, note_made, read_past,
                     read_past_arguments, storage_of)
 from ..errors import OutcoreError
-from .compose import guard_future_callbacks
+from .compose import ASYNC_COLLECTIVES, guard_async_collective, guard_future_callbacks
 from .interrupts import critical, no_raise
 from ..states import DISCARDED, FAST, MAPPED, SLOW
 from ..units import format_bytes
@@ -249,6 +249,11 @@ def install(open_outofcore) -> None:
         # Future callbacks on another thread: NOTE [Collectives in flight] rule 5.
         wrappers += [(torch._C.Future, "then", guard_future_callbacks),
                      (torch._C.Future, "add_done_callback", guard_future_callbacks)]
+        # Asynchronous collectives between iterations: rule 6 there.
+        c10d = None
+        if torch.distributed.is_available():
+            import torch.distributed.distributed_c10d as c10d
+            wrappers += [(c10d, name, guard_async_collective) for name in ASYNC_COLLECTIVES]
         safetensors = _safetensors()
         if safetensors is not None and hasattr(safetensors, "_flatten_as_ptr"):    # NOTE 12
             wrappers += [(safetensors, "_flatten_as_ptr", _wrap_flatten),
@@ -256,7 +261,20 @@ def install(open_outofcore) -> None:
                          (safetensors, "serialize_file", _wrap_serialize),
                          (safetensors, "save_model", _wrap_save_module)]     # NOTE 13
         _wrap_all(wrappers, open_outofcore)
+        if c10d is not None:
+            _alias(c10d, torch.distributed, ASYNC_COLLECTIVES)
         _install_late(open_outofcore)
+
+
+def _alias(source, module, names) -> None:
+    """`module.<name>` is `source.<name>`'s wrapper itself, not a second one: torch.distributed
+    re-exports c10d's functions, and `P2POp(dist.isend, ...)` is refused unless `dist.isend
+    is c10d.isend` (`_check_op`: a pipeline stage's sends raised ValueError)."""
+    for name in names:
+        original = _originals.get((source, name), (None,))[0]
+        if original is not None and getattr(module, name, None) is original:
+            _originals[module, name] = (original, name in module.__dict__)
+            setattr(module, name, getattr(source, name))
 
 
 def _wrap_all(wrappers, open_outofcore) -> None:
