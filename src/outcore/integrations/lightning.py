@@ -60,12 +60,13 @@ InfeasibleBudget naming the dataset's size (helper-53); set aside, the micro-bat
 new to the step like the first one. Because zero_grad comes in
 the next step, the gradients of a step stay alive between iterations (Lightning keeps
 them there; outcore maps them like other state) and are dropped at the next step's
-zero_grad. The first three iterations are recorded, not one or two: the stepping
-micro-batch's forward runs inside `optimizer.step(closure)`, which outcore's recorder
-counts as the optimizer's, so the loss copy Lightning keeps past the step (`ClosureResult`,
-automatic.py 59: `self.loss = self.closure_loss.detach().clone()`) looks like lazily
-created optimizer state, and outcore records again up to its limit (three in a row,
-run/ooc.py) before it plans; later iterations replay (docs/integrations.md, "Lightning").
+zero_grad. The stepping micro-batch's forward runs inside `optimizer.step(closure)`,
+which outcore's recorder counts as the optimizer's, so the loss copy Lightning keeps past
+the step (`ClosureResult`, automatic.py 59: `self.loss = self.closure_loss.detach().clone()`)
+looks like lazily created optimizer state; outcore ignores new state under 64 KiB when it
+decides whether to record again, so with AdamW two iterations record (its moments are
+made in the first) and later ones replay (docs/integrations.md, "Lightning"; hG42 saw 1
+and 2 record, 3 on replay).
 `on_before_zero_grad` / `on_before_optimizer_step` come before the update, so neither
 can end a step. The first micro-batch's fetch, `on_advance_end` (validation at the
 batch that stepped, loggers' saving) and checkpointing (ModelCheckpoint runs last among
