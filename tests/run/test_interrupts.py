@@ -797,3 +797,16 @@ def test_a_handler_handed_a_signal_while_recording_leaves_the_recording_whole(tm
     assert raised and len(seen) == 1
     assert (len(optim_module._global_optimizer_pre_hooks),
             len(optim_module._global_optimizer_post_hooks)) == hooks
+
+
+def test_an_error_the_block_raised_is_not_noted_on_itself_again():
+    """The block's end notes on the block's exception what went wrong while ending it,
+    each once; not the exception itself again (hG41: a read of a truncated swap file
+    raised, and the same text came twice more as notes on it)."""
+    from outcore.run.ooc import _raise_or_note
+    raised = outcore.OutcoreError("reading 576.00 KiB from the swap file failed")
+    other = outcore.OutcoreError("writing 1.00 KiB to the swap file failed")
+    _raise_or_note(raised, [outcore.OutcoreError(str(raised)), other,
+                            outcore.OutcoreError(str(other)), raised])
+    assert raised.__notes__ == ["outcore: while ending the interrupted block: OutcoreError: "
+                                "writing 1.00 KiB to the swap file failed"], raised.__notes__

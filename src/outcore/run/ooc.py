@@ -2382,8 +2382,12 @@ def _raise_or_note(exc, errors: list) -> None:
         return
     if exc is None:
         raise errors[0]
-    for err in errors:
-        exc.add_note(f"outcore: while ending the interrupted block: {type(err).__name__}: {err}")
+    said = {(type(exc), str(exc))}      # one said already, by the exception or a note, once
+    for err in errors:                  # (hG41: a read that failed noted itself twice)
+        if (type(err), str(err)) not in said:
+            said.add((type(err), str(err)))
+            exc.add_note(f"outcore: while ending the interrupted block: {type(err).__name__}: "
+                         f"{err}")
 
 
 def _again(err):
