@@ -670,3 +670,17 @@ def test_a_small_pointwise_ops_output_is_sized_as_pytorch_makes_it(op, operands)
     except (RuntimeError, TypeError):
         return                                  # PyTorch refuses these operands itself
     assert _pointwise_width(func, args, kwargs, tensors) == out.element_size(), (func, args)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 1, 2, 3, 5]), max_size=4), max_size=4))
+def test_the_broadcast_a_replay_computes_is_torchs(shapes):
+    """`aten.broadcast_shape`, at every small pointwise op a replay passes (rule 1), is
+    `torch.broadcast_shapes` in plain Python (torch's went through its reference
+    implementation: ~14 us a call against ~2), None where torch raises."""
+    from outcore.aten import broadcast_shape
+    try:
+        expected = tuple(torch.broadcast_shapes(*map(tuple, shapes)))
+    except RuntimeError:
+        expected = None
+    assert broadcast_shape(map(tuple, shapes)) == expected

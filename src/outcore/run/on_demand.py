@@ -21,8 +21,8 @@ from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
 from ..aten import _PLAIN as _PLAIN_TENSORS
 from ..aten import distinct_storages as storages
-from ..aten import (iter_tensors, made_outside, makes_nothing_new, note_read_past, op_inputs,
-                    out_arguments, output_tensors, written_tensors)
+from ..aten import (broadcast_shape, iter_tensors, made_outside, makes_nothing_new,
+                    note_read_past, op_inputs, out_arguments, output_tensors, written_tensors)
 
 
 _STRIDED = torch.strided
@@ -580,9 +580,8 @@ _GROUPED_MM = frozenset(getattr(_GROUPED_MM_PACKET, o) for o in _GROUPED_MM_PACK
 def _broadcast_bytes(shaped, typed) -> int | None:
     """Bytes of one dense tensor of `shaped`'s broadcast shape at the widest dtype among
     `typed`; None where the shapes do not broadcast."""
-    try:
-        shape = torch.broadcast_shapes(*(t.shape for t in shaped))
-    except RuntimeError:
+    shape = broadcast_shape(t.shape for t in shaped)
+    if shape is None:
         return None
     return math.prod(shape) * max(t.element_size() for t in typed)
 

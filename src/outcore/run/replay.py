@@ -28,8 +28,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, call_split,
-                    distinct_storages, is_foreach, makes_nothing_new,
+from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, broadcast_shape,
+                    call_split, distinct_storages, is_foreach, makes_nothing_new,
                     note_read_past, op_inputs, output_tensors, split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, OUT, SLOW
@@ -1285,11 +1285,10 @@ class Replayer(HeldMode):
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
             # to spare; here it is counted as PyTorch promotes (`_pointwise_width`).
             tensors = _tensors_read(func, args, kwargs)
-            try:
-                numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
-            except RuntimeError:
+            shape = broadcast_shape(t.shape for t in tensors)
+            if shape is None:
                 return False
-            return numel * _pointwise_width(func, args, kwargs, tensors) <= SMALL_OP_BYTES
+            return math.prod(shape) * _pointwise_width(func, args, kwargs, tensors) <= SMALL_OP_BYTES
         i = self.index
         recorded_small = i < self.n and self.small[i] and self.op_names[i] == self._name(func)
         made = created_bytes(func, args, kwargs, learned=not recorded_small)
