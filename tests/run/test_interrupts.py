@@ -810,3 +810,39 @@ def test_an_error_the_block_raised_is_not_noted_on_itself_again():
                             outcore.OutcoreError(str(other)), raised])
     assert raised.__notes__ == ["outcore: while ending the interrupted block: OutcoreError: "
                                 "writing 1.00 KiB to the swap file failed"], raised.__notes__
+
+
+def test_a_signal_at_exit_lets_the_release_of_an_unclosed_outofcore_finish(tmp_path):
+    """A script that never closes its OutOfCore, whose SIGTERM handler calls sys.exit:
+    a second SIGTERM landing in the release run at exit (weakref.finalize) stopped it
+    halfway, the governor's settings not put back, and printed a traceback ("Exception
+    ignored in atexit callback", hG41). `_release` is `no_raise` now (NOTE [Interrupts]
+    rule 8): the signal is noted, the release finishes, nothing is printed."""
+    import subprocess
+    import textwrap
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch, outcore
+        from outcore.memory import malloc
+        torch.set_num_threads(1)
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+        stop = malloc._Governor.stop
+        def landing(self):
+            os.kill(os.getpid(), signal.SIGTERM)         # lands inside the release
+            stop(self)
+            print("RELEASED", flush=True)
+        malloc._Governor.stop = landing
+        model = torch.nn.Linear(512, 512)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ooc = outcore.OutOfCore("6MiB", swap_dir={str(tmp_path)!r})
+        for _ in range(3):
+            with ooc.iteration():
+                model(torch.randn(8, 512)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        print("EXITING", flush=True)
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert "EXITING" in proc.stdout and "RELEASED" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())

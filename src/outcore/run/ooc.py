@@ -96,7 +96,7 @@ from .checkpoint import atomic_save
 from .compose import (Composition, _distributed_up, fsdp_set_up, held_arrays, owned_arrays,
                       owned_occupancy, without_held)
 from .durable import Durable
-from .interrupts import Shield, critical
+from .interrupts import Shield, critical, no_raise
 from .mapped import Pager
 from .movers import host
 from .movers.disk import DiskMover
@@ -349,11 +349,15 @@ def _step_outside(ref):
     return hook
 
 
+@no_raise
 def _release(res, mover, governor, pager, durable, hook=None) -> None:
     """Give back what an OutOfCore holds. Runs at close(), or at garbage collection or
     interpreter exit of one never closed (weakref.finalize: no reference to the object).
     Mapped state is handed on first (NOTE [Mapped state], rule 7), so the next OutOfCore
-    can move it whether this one was closed or dropped."""
+    can move it whether this one was closed or dropped. A signal landing in it where no
+    shield is installed (at exit, a second SIGTERM whose handler calls sys.exit: hG41)
+    is noted and handed over after it (NOTE [Interrupts] rule 8): raised there, it
+    stopped the release halfway, with a traceback printed at exit."""
     if hook is not None:
         hook.remove()
     try:
