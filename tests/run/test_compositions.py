@@ -370,7 +370,20 @@ def test_an_async_collective_between_iterations_holds_its_tensors_whole(one_rank
         torch.set_num_threads(threads)
 
 
-def _hold_whole(tmp_path):
+def test_a_ctrl_c_inside_an_async_collectives_hold_comes_after_it(one_rank, tmp_path):
+    """A Ctrl-C landing while an async collective's tensors are read back between
+    iterations (no shield installed there) is handed over after the hold, not inside
+    it: raised between the unmap and the read, it left the tensor empty on the slow
+    tier, and reading it was a segmentation fault (hG43). NOTE [Interrupts] rule 8."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _hold_whole(tmp_path, interrupt=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _hold_whole(tmp_path, interrupt=False):
     import threading
     import torch.distributed.distributed_c10d as c10d
     originals = dist.all_reduce, dist.isend
@@ -401,7 +414,26 @@ def _hold_whole(tmp_path):
         thread.join()
         assert "another thread" in str(refused[0].value) and not entry.owner
         expected = twins[mapped[0]].detach().clone()
-        work = dist.all_reduce(held, async_op=True)
+        if interrupt:                          # a Ctrl-C lands as the read back begins
+            import os
+            import signal
+            import time
+            res, restore = ooc._res, ooc._res.restore
+
+            def landing(*args, **kwargs):
+                res.restore = restore
+                os.kill(os.getpid(), signal.SIGINT)
+                return restore(*args, **kwargs)
+            res.restore = landing
+            with pytest.raises(KeyboardInterrupt):
+                work = dist.all_reduce(held, async_op=True)
+                time.sleep(5)                  # handed over a millisecond after the hold
+            assert res.restore is restore      # it did land
+            assert entry.owner == "collective" and entry.state is outcore.states.FAST
+            assert held.untyped_storage().nbytes() == held.nbytes
+            work = dist.all_reduce(held, async_op=True)
+        else:
+            work = dist.all_reduce(held, async_op=True)
         assert entry.owner == "collective" and entry.state is outcore.states.FAST
         assert held.untyped_storage().nbytes() == held.nbytes
         work.wait()

@@ -790,15 +790,13 @@ class OutOfCore:
         finally:
             self._blocks_waiting -= 1
 
-    @critical
     def _hold_for_collective(self, tensors, what: str) -> None:
         """An asynchronous collective `what` is issued with no block open (NOTE
         [Collectives in flight] rule 6 in compose.py): the storages of `tensors` that
         outcore tracks are read back and kept in place from now on, before it starts.
         Only from the thread that runs the blocks (the table is its to change); from
         another, one that outcore may move is refused before anything starts, as
-        `sharing._prepare` refuses `.numpy()` there. A held section, as `.numpy()`'s
-        (NOTE [Interrupts] rule 3): a Ctrl-C comes after the table is changed whole."""
+        `sharing._prepare` refuses `.numpy()` there."""
         res = self._res
         storages = [s for s in map(aten.storage_of, tensors) if s is not None]
         if self._active_thread not in (None, threading.get_ident()):
@@ -812,35 +810,34 @@ class OutOfCore:
                         "thread may hold it in place for the collective. Start it from that "
                         "thread (between iterations or inside the step); nothing was started")
             return
-        shield = self._shield if threading.current_thread() is threading.main_thread() else None
-        if shield is not None:
-            shield.enter()
-        try:
-            with self._alone():
-                self._hold_in_place(storages)
-        finally:
-            if shield is not None:
-                shield.exit()
+        self._hold_in_place(storages)
 
+    @no_raise
     def _hold_in_place(self, storages) -> None:
-        """`_hold_for_collective`'s work, other threads' reads held off (`_alone`)."""
+        """`_hold_for_collective`'s work, other threads' reads held off (`_alone`). No
+        shield is installed between iterations: a signal landing here is noted and
+        handed over after it (NOTE [Interrupts] rule 8). Raised inside, it left a mapped
+        storage unmapped and empty, its read not begun (hG43: reading it was a
+        segmentation fault), or a read in flight that the handler's `clone()` saw half
+        done."""
         res = self._res
-        entries = []
-        for storage in storages:
-            entry = res.entry_of(storage)
-            if entry is not None and not (entry.owner or entry.elsewhere):
-                entries.append((storage, entry))
-        keep, made_room = {entry.key for _, entry in entries}, False
-        for storage, entry in entries:
-            # Between iterations a storage on the slow tier is MAPPED (NOTE [Mapped
-            # state]); disown() reads its bytes back into memory of its own (held
-            # empty, gloo sent from address 0: hG39), here as for `.numpy()`, room
-            # made first.
-            if entry.state is not FAST:
-                made_room |= res.evict_lru(self.budget - entry.nbytes, keep)
-            res.disown(storage, entry.nbytes, "collective")
-        if made_room:
-            self._remap()     # what made room is mapped, as an iteration leaves it
+        with self._alone():
+            entries = []
+            for storage in storages:
+                entry = res.entry_of(storage)
+                if entry is not None and not (entry.owner or entry.elsewhere):
+                    entries.append((storage, entry))
+            keep, made_room = {entry.key for _, entry in entries}, False
+            for storage, entry in entries:
+                # Between iterations a storage on the slow tier is MAPPED (NOTE [Mapped
+                # state]); disown() reads its bytes back into memory of its own (held
+                # empty, gloo sent from address 0: hG39), here as for `.numpy()`, room
+                # made first.
+                if entry.state is not FAST:
+                    made_room |= res.evict_lru(self.budget - entry.nbytes, keep)
+                res.disown(storage, entry.nbytes, "collective")
+            if made_room:
+                self._remap()     # what made room is mapped, as an iteration leaves it
 
     @contextlib.contextmanager
     def _alone(self):

@@ -516,9 +516,13 @@ def _beside_the_plan(ooc, entry) -> None:
         linger(entry)
 
 
+@no_raise
 def _prepare(ooc, storage, what: str) -> None:
     """Make a tracked storage's bytes resident before `what` hands out its memory (NOTE
-    3, 8), or refuse (NOTE 4)."""
+    3, 8), or refuse (NOTE 4). Between iterations no shield is installed: a signal
+    landing here is noted and handed over after it (NOTE [Interrupts] rule 8), as in
+    `OutOfCore._hold_in_place` (hG43: raised between the unmap and the read, a storage
+    was left empty on the slow tier, and reading it crashed the process)."""
     res = ooc._res
     owner = ooc._active_thread
     if owner is not None and owner != threading.get_ident():
