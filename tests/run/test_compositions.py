@@ -383,6 +383,28 @@ def test_a_ctrl_c_inside_an_async_collectives_hold_comes_after_it(one_rank, tmp_
         torch.set_num_threads(threads)
 
 
+def test_a_compiled_collective_traces_as_without_outcore(one_rank, tmp_path):
+    """`torch.compile(fullgraph=True)` of a function calling `dist.all_reduce` while an
+    OutOfCore is open: Dynamo rewrites c10d's collectives into functional ones by their
+    identity, and met outcore's wrapper (NOTE [Collectives in flight] rule 6) as a
+    skipped function: an error under fullgraph (hG43). Now each wrapper has its
+    original's rewrite, taken out at close()."""
+    from torch.distributed._functional_collectives import traceable_collective_remaps
+
+    def double(t):
+        dist.all_reduce(t)
+        return t * 2
+    known = set(traceable_collective_remaps)
+    with outcore.OutOfCore("64MiB", swap_dir=str(tmp_path)):
+        torch._dynamo.reset()
+        try:
+            out = torch.compile(double, fullgraph=True, backend="eager")(torch.ones(4))
+        finally:
+            torch._dynamo.reset()
+        assert torch.equal(out, torch.full((4,), 2.0))
+    assert set(traceable_collective_remaps) == known
+
+
 def _hold_whole(tmp_path, interrupt=False):
     import threading
     import torch.distributed.distributed_c10d as c10d

@@ -56,7 +56,9 @@ NOTE [Collectives in flight]
      function is wrapped once, in `distributed_c10d`, and `torch.distributed` gets that
      same wrapper (`P2POp` requires `dist.isend is c10d.isend`). One taken from
      `torch.distributed` before the OutOfCore was made (`from torch.distributed import
-     all_reduce`) is not wrapped.
+     all_reduce`) is not wrapped, nor are `ProcessGroup`'s own methods
+     (`group.allreduce(...)`) and the collectives a `_coalescing_manager(async_ops=True)`
+     gathers (each is called synchronously; its Work comes from the manager).
 
 NOTE [Storages FSDP owns]
   1. FSDP2 (`fully_shard`) frees each parameter's unsharded memory after use and
@@ -200,7 +202,7 @@ class _Unseen(OutcoreMode):
 ASYNC_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather",
                      "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                      "all_to_all", "all_to_all_single", "gather", "scatter", "isend", "irecv",
-                     "batch_isend_irecv")
+                     "batch_isend_irecv", "all_reduce_coalesced", "all_gather_coalesced")
 _ALWAYS_ASYNC = frozenset({"isend", "irecv", "batch_isend_irecv"})
 
 

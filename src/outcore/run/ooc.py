@@ -798,11 +798,14 @@ class OutOfCore:
         another, one that outcore may move is refused before anything starts, as
         `sharing._prepare` refuses `.numpy()` there."""
         res = self._res
-        storages = [s for s in map(aten.storage_of, tensors) if s is not None]
+        storages = [s for s in map(aten.storage_of, tensors) if s is not None
+                    and (entry := res.entries.get(s._cdata)) is not None and not entry.pinned]
+        if not storages:                 # none that may move: nothing to hold (most calls)
+            return
         if self._active_thread not in (None, threading.get_ident()):
             for storage in storages:
                 entry = res.entries.get(storage._cdata)                  # a read only
-                if entry is not None and not entry.pinned:
+                if entry is not None:
                     raise OutcoreError(
                         f"torch.distributed.{what} asynchronously on a "
                         f"{format_bytes(entry.nbytes)} tensor that outcore moves, from "

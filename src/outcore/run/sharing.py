@@ -263,6 +263,7 @@ def install(open_outofcore) -> None:
         _wrap_all(wrappers, open_outofcore)
         if c10d is not None:
             _alias(c10d, torch.distributed, ASYNC_COLLECTIVES)
+            _traceable(c10d, ASYNC_COLLECTIVES)
         _install_late(open_outofcore)
 
 
@@ -275,6 +276,28 @@ def _alias(source, module, names) -> None:
         if original is not None and getattr(module, name, None) is original:
             _originals[module, name] = (original, name in module.__dict__)
             setattr(module, name, getattr(source, name))
+
+
+# Our wrappers of c10d's collectives that torch.compile rewrites as PyTorch's own.
+_remapped: list = []
+
+
+def _traceable(source, names) -> None:
+    """Dynamo rewrites a call of c10d's `all_reduce` (and others) into a functional
+    collective, found by the function's identity (`traceable_collective_remaps`); our
+    wrapper, in a file Dynamo skips (NOTE [Dynamo kept out] in aten.py), was a graph
+    break, and under `fullgraph=True` an error (hG43). Each wrapper gets its original's
+    rewrite; `uninstall` takes them out."""
+    try:
+        from torch.distributed._functional_collectives import traceable_collective_remaps
+    except ImportError:                 # another PyTorch: the graph breaks, nothing else
+        return
+    for name in names:
+        original = _originals.get((source, name), (None,))[0]
+        wrapper = getattr(source, name, None)
+        if original in traceable_collective_remaps and wrapper is not original:
+            traceable_collective_remaps[wrapper] = traceable_collective_remaps[original]
+            _remapped.append(wrapper)
 
 
 def _wrap_all(wrappers, open_outofcore) -> None:
@@ -307,6 +330,10 @@ def install_late(open_outofcore) -> None:
 def uninstall() -> None:
     """Put PyTorch's methods back (where ours are still the ones installed)."""
     with _lock:
+        if _remapped:
+            from torch.distributed._functional_collectives import traceable_collective_remaps
+            while _remapped:
+                traceable_collective_remaps.pop(_remapped.pop(), None)
         for (cls, name), (original, own) in list(_originals.items()):
             current = cls.__dict__.get(name)
             if getattr(current, "__wrapped__", None) is original:
