@@ -580,7 +580,10 @@ _GROUPED_MM = frozenset(getattr(_GROUPED_MM_PACKET, o) for o in _GROUPED_MM_PACK
 def _broadcast_bytes(shaped, typed) -> int | None:
     """Bytes of one dense tensor of `shaped`'s broadcast shape at the widest dtype among
     `typed`; None where the shapes do not broadcast."""
-    shape = broadcast_shape(t.shape for t in shaped)
+    try:                        # a strided nested tensor has no sizes: RuntimeError
+        shape = broadcast_shape([t.shape for t in shaped])
+    except RuntimeError:
+        shape = None
     if shape is None:
         return None
     return math.prod(shape) * max(t.element_size() for t in typed)

@@ -1285,7 +1285,10 @@ class Replayer(HeldMode):
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
             # to spare; here it is counted as PyTorch promotes (`_pointwise_width`).
             tensors = _tensors_read(func, args, kwargs)
-            shape = broadcast_shape(t.shape for t in tensors)
+            try:                # a strided nested tensor has no sizes: RuntimeError
+                shape = broadcast_shape([t.shape for t in tensors])
+            except RuntimeError:
+                shape = None
             if shape is None:
                 return False
             return math.prod(shape) * _pointwise_width(func, args, kwargs, tensors) <= SMALL_OP_BYTES
