@@ -604,6 +604,11 @@ class Plans:
     def __contains__(self, shape: int) -> bool:
         return shape in self._plans
 
+    def has_family(self, family) -> bool:
+        """Whether a plan kept is of `family` (rule 2): a step of it that left another
+        plan was guessed wrong, which the periods learn."""
+        return any(plan.family == family for plan in self._plans.values())
+
     def add(self, plan: Plan) -> None:
         self._plans.pop(plan.shape, None)
         self._plans[plan.shape] = plan
