@@ -889,9 +889,33 @@ def test_a_ctrl_c_inside_numpy_between_iterations_comes_after_it(tmp_path):
             res.restore = landing
             with pytest.raises(KeyboardInterrupt):
                 array = held.detach().numpy()
-                time.sleep(5)                  # handed over a millisecond after the read
+                time.sleep(5)                  # (handed over as the read ends: not reached)
             assert res.restore is restore      # it did land
             assert held.untyped_storage().nbytes() == held.nbytes
             assert torch.equal(held, twins[mapped[0]])
+            # A Ctrl-C while `.numpy()` waits for another thread's between() block
+            # breaks the wait (hG44: under a guard it waited the block's 3 s out).
+            ooc._remap()                       # back to the slow tier: a read to wait for
+            other = next(t for t in state if t is not held and res.entry_of(
+                t.untyped_storage()).state is outcore.states.MAPPED)
+            inside, done = threading.Event(), threading.Event()
+
+            def reader():
+                with ooc.between():
+                    inside.set()
+                    done.wait(10)
+            thread = threading.Thread(target=reader)
+            thread.start()
+            inside.wait()
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            began = time.monotonic()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    other.detach().numpy()
+                assert time.monotonic() - began < 5
+            finally:
+                done.set()
+                thread.join()
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         torch.set_num_threads(threads)

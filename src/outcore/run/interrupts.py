@@ -57,6 +57,16 @@ has its full size (or is safely on the slow tier) and every counter is true:
      a callback's guard is installed, or is sent again into another library's weakref
      callback (a WeakSet's being emptied), is still Python's to swallow.
 
+  9. Between iterations, what moves a storage on the user's call (`.numpy()`'s read
+     back, `sharing._prepare`; an async collective's hold, `OutOfCore._hold_in_place`)
+     runs as a held section with the OutOfCore's shield installed for its length
+     (`held_here`), and the noted signals are handed over as it ends, at once, on the
+     main thread. Raised inside, a Ctrl-C left a storage unmapped and empty on the slow
+     tier (reading it was a segmentation fault) or a read in flight (hG43). The wait
+     for other threads' reads (`OutOfCore._alone`) comes before it, so a Ctrl-C still
+     breaks that wait (hG44: under rule 8's guard it was sent again every millisecond
+     until the other thread let go).
+
 Only the main thread runs Python signal handlers; from another thread `install` does
 nothing (signals still reach the main thread's own handlers).
 """
@@ -313,8 +323,11 @@ class _Guard(Shield):
 
     def _handler(self, signum, frame) -> None:
         if self.depth > 0 or (frame is not None and frame.f_code in CRITICAL) or _swallowed(frame):
+            # Noted without its frame: the frame holds the callback's locals (a numpy
+            # export's owner) for as long as the signal waits (hG44: a dropped array's
+            # storage stayed pinned into the next iteration); it is sent again anyway.
             if all(n != signum for n, _ in self.pending):
-                self.pending.append((signum, frame))
+                self.pending.append((signum, None))
             if not self._sending:
                 self._sending = True
                 self._send_again()
@@ -348,6 +361,24 @@ class _Guard(Shield):
 @functools.cache
 def _guard() -> _Guard:
     return _Guard()
+
+
+@contextlib.contextmanager
+def held_here(shield: Shield):
+    """A held section where no shield may be installed (rule 9): on the main thread,
+    with none installed, `shield` is installed for its length, and the signals noted
+    are handed to the user's handlers as it ends; elsewhere only entered."""
+    own = (threading.get_ident() == _MAIN and not shield._installed
+           and not _installed[0])
+    if own:
+        shield.install()
+    shield.enter()
+    try:
+        yield
+    finally:
+        if own:
+            shield.uninstall()       # first: what comes after goes to the user at once
+        shield.exit()                # the noted ones, to the handlers `install` saved
 
 
 @contextlib.contextmanager

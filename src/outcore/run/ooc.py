@@ -96,7 +96,7 @@ from .checkpoint import atomic_save
 from .compose import (Composition, _distributed_up, fsdp_set_up, held_arrays, owned_arrays,
                       owned_occupancy, without_held)
 from .durable import Durable
-from .interrupts import Shield, critical, no_raise
+from .interrupts import Shield, critical, held_here, no_raise
 from .mapped import Pager
 from .movers import host
 from .movers.disk import DiskMover
@@ -815,16 +815,14 @@ class OutOfCore:
             return
         self._hold_in_place(storages)
 
-    @no_raise
     def _hold_in_place(self, storages) -> None:
-        """`_hold_for_collective`'s work, other threads' reads held off (`_alone`). No
-        shield is installed between iterations: a signal landing here is noted and
-        handed over after it (NOTE [Interrupts] rule 8). Raised inside, it left a mapped
+        """`_hold_for_collective`'s work, other threads' reads held off (`_alone`), as a
+        held section (NOTE [Interrupts] rule 9): a Ctrl-C raised inside left a mapped
         storage unmapped and empty, its read not begun (hG43: reading it was a
         segmentation fault), or a read in flight that the handler's `clone()` saw half
         done."""
         res = self._res
-        with self._alone():
+        with self._alone(), held_here(self._shield):
             entries = []
             for storage in storages:
                 entry = res.entry_of(storage)

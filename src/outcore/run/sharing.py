@@ -210,7 +210,7 @@ from ..aten import (READ_PAST_ARGUMENTS, loading, mark_read_past, note_made, rea
                     read_past_arguments, storage_of)
 from ..errors import OutcoreError
 from .compose import ASYNC_COLLECTIVES, guard_async_collective, guard_future_callbacks
-from .interrupts import critical, no_raise
+from .interrupts import critical, held_here, no_raise
 from ..states import DISCARDED, FAST, MAPPED, SLOW
 from ..units import format_bytes
 
@@ -543,13 +543,10 @@ def _beside_the_plan(ooc, entry) -> None:
         linger(entry)
 
 
-@no_raise
 def _prepare(ooc, storage, what: str) -> None:
     """Make a tracked storage's bytes resident before `what` hands out its memory (NOTE
-    3, 8), or refuse (NOTE 4). Between iterations no shield is installed: a signal
-    landing here is noted and handed over after it (NOTE [Interrupts] rule 8), as in
-    `OutOfCore._hold_in_place` (hG43: raised between the unmap and the read, a storage
-    was left empty on the slow tier, and reading it crashed the process)."""
+    3, 8), or refuse (NOTE 4). Between iterations, a held section once other threads'
+    reads have ended (NOTE [Interrupts] rule 9)."""
     res = ooc._res
     owner = ooc._active_thread
     if owner is not None and owner != threading.get_ident():
@@ -566,7 +563,7 @@ def _prepare(ooc, storage, what: str) -> None:
     if entry is None or entry.pinned or entry.elsewhere or entry.owner or entry.state is FAST:
         return
     # Between iterations other threads' reads end first (`_alone`).
-    with contextlib.nullcontext() if ooc._active else ooc._alone():
+    with contextlib.nullcontext() if ooc._active else ooc._alone(), held_here(ooc._shield):
         made_room = res.evict_lru(ooc.budget - entry.nbytes, {entry.key})  # as for an input
         res.ready(entry)
         if ooc._active:
