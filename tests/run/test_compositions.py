@@ -460,6 +460,16 @@ def _hold_whole(tmp_path, interrupt=False):
         assert held.untyped_storage().nbytes() == held.nbytes
         work.wait()
         assert torch.equal(held, expected)
+        other = next(t for t in state if t is not held)
+        with ooc.iteration():                  # refused while a block is open too (hG44)
+            thread = threading.Thread(target=lambda: refused.append(
+                pytest.raises(outcore.OutcoreError, dist.all_reduce, other, async_op=True)))
+            thread.start()
+            thread.join()
+            _step(managed, managed_opt, x)
+        _step(plain, plain_opt, x)
+        assert len(refused) == 2 and "another thread" in str(refused[1].value), refused
+        assert not ooc._res.entry_of(other.untyped_storage()).owner
         for _ in range(3):
             _step(plain, plain_opt, x)
             with ooc.iteration():

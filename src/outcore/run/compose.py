@@ -51,7 +51,8 @@ NOTE [Collectives in flight]
      the slow tier is mapped there (NOTE [Mapped state]): disowned as it was, it was
      held empty and gloo sent from address 0 (hG39), so `Residency.disown` reads back
      every storage it holds for a collective. Only the thread that runs the blocks may
-     change the table: from another, a collective on a tensor outcore moves is refused
+     change the table: from another, between iterations or while a block is open
+     (where no mode sees its op), a collective on a tensor outcore moves is refused
      before it starts. Inside a block the block's mode sees the op (rule 3). Each
      function is wrapped once, in `distributed_c10d`, and `torch.distributed` gets that
      same wrapper (`P2POp` requires `dist.isend is c10d.isend`). One taken from
@@ -219,7 +220,8 @@ def guard_async_collective(original, open_outofcore):
     @functools.wraps(original)
     def collective(*args, **kwargs):
         ooc = open_outofcore()
-        if ooc is not None and not ooc.closed and not ooc._active and (
+        if ooc is not None and not ooc.closed and (
+                not ooc._active or ooc._active_thread != threading.get_ident()) and (
                 always or _async_op(signature, args, kwargs)):
             ooc._hold_for_collective(_collective_tensors(args, kwargs), original.__name__)
         return original(*args, **kwargs)

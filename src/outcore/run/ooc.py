@@ -357,7 +357,9 @@ def _release(res, mover, governor, pager, durable, hook=None) -> None:
     can move it whether this one was closed or dropped. A signal landing in it where no
     shield is installed (at exit, a second SIGTERM whose handler calls sys.exit: hG41)
     is noted and handed over after it (NOTE [Interrupts] rule 8): raised there, it
-    stopped the release halfway, with a traceback printed at exit."""
+    stopped the release halfway, with a traceback printed at exit. At interpreter exit
+    no Python runs after it, and such a signal reaches no handler (hG44): the process
+    ends as it was ending."""
     if hook is not None:
         hook.remove()
     try:
