@@ -154,7 +154,7 @@ def test_an_async_collective_started_between_iterations_trains_bitwise(tmp_path)
     between iterations, waited on inside the next (NOTE [Collectives in flight] rule 6).
     The process aborted in gloo (its thread read the parameters while the next iteration
     moved them; helper-173); then, with them held, one left on the slow tier was held
-    empty (hG39). Now bitwise equal to the same loop without outcore, and replaying."""
+    empty (helper-175). Now bitwise equal to the same loop without outcore, and replaying."""
     proc = torchrun(os.path.join(HERE, "async_worker.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):

@@ -788,7 +788,7 @@ def test_where_mapping_is_refused_state_is_read_back(monkeypatch, by_kernel):
 
 def test_a_refused_mapping_names_what_refused_it(monkeypatch):
     """ENOMEM from mmap: the warning names the limit this process can see, and blames
-    vm.max_map_count only where the mappings are near it (hG41: RLIMIT_AS was hit with 460
+    vm.max_map_count only where the mappings are near it (helper-177: RLIMIT_AS was hit with 460
     mappings of 65530, and the warning named vm.max_map_count)."""
     import errno
     import resource

@@ -357,7 +357,7 @@ def test_a_collective_in_a_passive_replay_that_leaves_stays_in_place(one_rank, t
 def test_an_async_collective_between_iterations_holds_its_tensors_whole(one_rank, tmp_path):
     """NOTE [Collectives in flight] rule 6: `all_reduce(p, async_op=True)` with no block
     open holds p in place, with its bytes: p was on the slow tier (mapped), and held
-    empty (hG39: gloo sent from address 0); from another thread it is refused before
+    empty (helper-175: gloo sent from address 0); from another thread it is refused before
     anything starts. `dist.isend is c10d.isend` stays true (P2POp checks it), and close()
     puts PyTorch's functions back. (Two ranks: tests/distributed, async_worker.py.) One
     thread: plain PyTorch on two differs from itself in the last bit under load
@@ -374,7 +374,7 @@ def test_a_ctrl_c_inside_an_async_collectives_hold_comes_after_it(one_rank, tmp_
     """A Ctrl-C landing while an async collective's tensors are read back between
     iterations (no shield installed there) is handed over after the hold, not inside
     it: raised between the unmap and the read, it left the tensor empty on the slow
-    tier, and reading it was a segmentation fault (hG43). NOTE [Interrupts] rule 8."""
+    tier, and reading it was a segmentation fault (helper-179). NOTE [Interrupts] rule 8."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -387,7 +387,7 @@ def test_a_compiled_collective_traces_as_without_outcore(one_rank, tmp_path):
     """`torch.compile(fullgraph=True)` of a function calling `dist.all_reduce` while an
     OutOfCore is open: Dynamo rewrites c10d's collectives into functional ones by their
     identity, and met outcore's wrapper (NOTE [Collectives in flight] rule 6) as a
-    skipped function: an error under fullgraph (hG43). Now each wrapper has its
+    skipped function: an error under fullgraph (helper-179). Now each wrapper has its
     original's rewrite, taken out at close()."""
     from torch.distributed._functional_collectives import traceable_collective_remaps
 
@@ -437,20 +437,14 @@ def _hold_whole(tmp_path, interrupt=False):
         assert "another thread" in str(refused[0].value) and not entry.owner
         expected = twins[mapped[0]].detach().clone()
         if interrupt:                          # a Ctrl-C lands as the read back begins
-            import os
-            import signal
             import time
-            res, restore = ooc._res, ooc._res.restore
-
-            def landing(*args, **kwargs):
-                res.restore = restore
-                os.kill(os.getpid(), signal.SIGINT)
-                return restore(*args, **kwargs)
-            res.restore = landing
+            from .twins import ctrl_c_as_a_read_begins
+            res = ooc._res
+            ctrl_c_as_a_read_begins(res)
             with pytest.raises(KeyboardInterrupt):
                 work = dist.all_reduce(held, async_op=True)
                 time.sleep(5)                  # (handed over as the hold ends: not reached)
-            assert res.restore is restore      # it did land
+            assert "restore" not in vars(res)   # it did land
             assert entry.owner == "collective" and entry.state is outcore.states.FAST
             assert held.untyped_storage().nbytes() == held.nbytes
             work = dist.all_reduce(held, async_op=True)
@@ -461,7 +455,7 @@ def _hold_whole(tmp_path, interrupt=False):
         work.wait()
         assert torch.equal(held, expected)
         other = next(t for t in state if t is not held)
-        with ooc.iteration():                  # refused while a block is open too (hG44)
+        with ooc.iteration():                  # refused while a block is open too (helper-180)
             thread = threading.Thread(target=lambda: refused.append(
                 pytest.raises(outcore.OutcoreError, dist.all_reduce, other, async_op=True)))
             thread.start()

@@ -28,7 +28,7 @@ from outcore.run.replay import Replayer
 from outcore.run.residency import Residency
 
 from ..trace.helpers import assert_bitwise_equal, state_of
-from .twins import budgets, build, steady_trace
+from .twins import budgets, build, ctrl_c_as_a_read_begins, steady_trace
 
 
 @pytest.fixture(scope="module")
@@ -802,7 +802,7 @@ def test_a_handler_handed_a_signal_while_recording_leaves_the_recording_whole(tm
 
 def test_an_error_the_block_raised_is_not_noted_on_itself_again():
     """The block's end notes on the block's exception what went wrong while ending it,
-    each once; not the exception itself again (hG41: a read of a truncated swap file
+    each once; not the exception itself again (helper-177: a read of a truncated swap file
     raised, and the same text came twice more as notes on it)."""
     from outcore.run.ooc import _raise_or_note
     raised = outcore.OutcoreError("reading 576.00 KiB from the swap file failed")
@@ -817,7 +817,7 @@ def test_a_signal_at_exit_lets_the_release_of_an_unclosed_outofcore_finish(tmp_p
     """A script that never closes its OutOfCore, whose SIGTERM handler calls sys.exit:
     a second SIGTERM landing in the release run at exit (weakref.finalize) stopped it
     halfway, the governor's settings not put back, and printed a traceback ("Exception
-    ignored in atexit callback", hG41). `_release` is `no_raise` now (NOTE [Interrupts]
+    ignored in atexit callback", helper-177). `_release` is `no_raise` now (NOTE [Interrupts]
     rule 8): the signal is noted, the release finishes, nothing is printed."""
     import subprocess
     import textwrap
@@ -852,12 +852,13 @@ def test_a_signal_at_exit_lets_the_release_of_an_unclosed_outofcore_finish(tmp_p
 def test_a_ctrl_c_inside_numpy_between_iterations_comes_after_it(tmp_path):
     """`.numpy()` between iterations reads a mapped tensor back first (sharing._prepare);
     no shield is installed there, and a Ctrl-C raised between the unmap and the read left
-    the tensor empty on the slow tier (hG43, through the same read for a collective).
+    the tensor empty on the slow tier (helper-179, through the same read for a collective).
     It is noted and handed over after (NOTE [Interrupts] rule 8)."""
     import os
     import time
     torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    plain = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 256))
     managed = copy.deepcopy(plain)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     managed_opt = torch.optim.Adam(managed.parameters(), lr=1e-3)
@@ -880,21 +881,16 @@ def test_a_ctrl_c_inside_numpy_between_iterations_comes_after_it(tmp_path):
             mapped = [i for i, t in enumerate(state)
                       if res.entry_of(t.untyped_storage()).state is outcore.states.MAPPED]
             assert mapped, "nothing on the slow tier"                  # what the test needs
-            held, restore = state[mapped[0]], res.restore
-
-            def landing(*args, **kwargs):
-                res.restore = restore
-                os.kill(os.getpid(), signal.SIGINT)
-                return restore(*args, **kwargs)
-            res.restore = landing
+            held = state[mapped[0]]
+            ctrl_c_as_a_read_begins(res)
             with pytest.raises(KeyboardInterrupt):
                 array = held.detach().numpy()
                 time.sleep(5)                  # (handed over as the read ends: not reached)
-            assert res.restore is restore      # it did land
+            assert "restore" not in vars(res)   # it did land
             assert held.untyped_storage().nbytes() == held.nbytes
             assert torch.equal(held, twins[mapped[0]])
             # A Ctrl-C while `.numpy()` waits for another thread's between() block
-            # breaks the wait (hG44: under a guard it waited the block's 3 s out).
+            # breaks the wait (helper-180: under a guard it waited the block's 3 s out).
             ooc._remap()                       # back to the slow tier: a read to wait for
             other = next(t for t in state if t is not held and res.entry_of(
                 t.untyped_storage()).state is outcore.states.MAPPED)

@@ -395,7 +395,7 @@ def test_a_file_size_limit_is_named_and_loses_nothing(tmp_path):
 
 def test_a_file_size_limit_lowered_mid_run_is_named_and_loses_nothing(tmp_path):
     """The limit lowered after the swap file grew: a write inside the file fails (EFBIG,
-    no growth asked for), and that error names the limit too (hG41: "File too large"
+    no growth asked for), and that error names the limit too (helper-177: "File too large"
     alone). The parameters are those of the steps before or of the step that failed,
     whole, and the next step trains once the limit is raised."""
     child = textwrap.dedent(f"""

@@ -465,7 +465,7 @@ def test_a_guess_of_the_wrong_plan_while_periods_are_learnt_is_not_warned(caplog
     the first optimizer step makes state, so the periods of the families are learnt over
     the first cycles, and some micro-batches leave the plan the guess picked for them,
     one of their own family being kept. Said at INFO: they warned at iterations 9 and
-    10, then every iteration replayed (hG42: every accelerate user saw them). The loop
+    10, then every iteration replayed (helper-178: every accelerate user saw them). The loop
     settles, bitwise."""
     import logging
     torch.manual_seed(0)

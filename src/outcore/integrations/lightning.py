@@ -65,7 +65,7 @@ which outcore's recorder counts as the optimizer's, so the loss copy Lightning k
 the step (`ClosureResult`, automatic.py 59: `self.loss = self.closure_loss.detach().clone()`)
 looks like lazily created optimizer state; outcore ignores new state under 64 KiB when it
 decides whether to record again, so with AdamW two iterations record (its moments are
-made in the first) and later ones replay (docs/integrations.md, "Lightning"; hG42 saw 1
+made in the first) and later ones replay (docs/integrations.md, "Lightning"; helper-178 saw 1
 and 2 record, 3 on replay).
 `on_before_zero_grad` / `on_before_optimizer_step` come before the update, so neither
 can end a step. The first micro-batch's fetch, `on_advance_end` (validation at the

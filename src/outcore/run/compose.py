@@ -49,7 +49,7 @@ NOTE [Collectives in flight]
      open, their tensors that outcore tracks are read back and disowned first, as in
      rule 3 (`OutOfCore._hold_for_collective`); from then on they never move. One on
      the slow tier is mapped there (NOTE [Mapped state]): disowned as it was, it was
-     held empty and gloo sent from address 0 (hG39), so `Residency.disown` reads back
+     held empty and gloo sent from address 0 (helper-175), so `Residency.disown` reads back
      every storage it holds for a collective. Only the thread that runs the blocks may
      change the table: from another, between iterations or while a block is open
      (where no mode sees its op), a collective on a tensor outcore moves is refused
@@ -208,8 +208,9 @@ _ALWAYS_ASYNC = frozenset({"isend", "irecv", "batch_isend_irecv"})
 
 
 def guard_async_collective(original, open_outofcore):
-    """`torch.distributed.<collective>` that, called asynchronously with no block open,
-    holds its tensors in place first (NOTE [Collectives in flight] rule 6)."""
+    """`torch.distributed.<collective>` that, called asynchronously where no block of
+    its thread is open, holds its tensors in place first, or refuses where another
+    thread's table has them (NOTE [Collectives in flight] rule 6)."""
     import inspect
     try:
         signature = inspect.signature(original)

@@ -62,9 +62,9 @@ has its full size (or is safely on the slow tier) and every counter is true:
      runs as a held section with the OutOfCore's shield installed for its length
      (`held_here`), and the noted signals are handed over as it ends, at once, on the
      main thread. Raised inside, a Ctrl-C left a storage unmapped and empty on the slow
-     tier (reading it was a segmentation fault) or a read in flight (hG43). The wait
+     tier (reading it was a segmentation fault) or a read in flight (helper-179). The wait
      for other threads' reads (`OutOfCore._alone`) comes before it, so a Ctrl-C still
-     breaks that wait (hG44: under rule 8's guard it was sent again every millisecond
+     breaks that wait (helper-180: under rule 8's guard it was sent again every millisecond
      until the other thread let go).
 
 Only the main thread runs Python signal handlers; from another thread `install` does
@@ -324,7 +324,7 @@ class _Guard(Shield):
     def _handler(self, signum, frame) -> None:
         if self.depth > 0 or (frame is not None and frame.f_code in CRITICAL) or _swallowed(frame):
             # Noted without its frame: the frame holds the callback's locals (a numpy
-            # export's owner) for as long as the signal waits (hG44: a dropped array's
+            # export's owner) for as long as the signal waits (helper-180: a dropped array's
             # storage stayed pinned into the next iteration); it is sent again anyway.
             if all(n != signum for n, _ in self.pending):
                 self.pending.append((signum, None))

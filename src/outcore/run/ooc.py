@@ -355,10 +355,10 @@ def _release(res, mover, governor, pager, durable, hook=None) -> None:
     interpreter exit of one never closed (weakref.finalize: no reference to the object).
     Mapped state is handed on first (NOTE [Mapped state], rule 7), so the next OutOfCore
     can move it whether this one was closed or dropped. A signal landing in it where no
-    shield is installed (at exit, a second SIGTERM whose handler calls sys.exit: hG41)
+    shield is installed (at exit, a second SIGTERM whose handler calls sys.exit: helper-177)
     is noted and handed over after it (NOTE [Interrupts] rule 8): raised there, it
     stopped the release halfway, with a traceback printed at exit. At interpreter exit
-    no Python runs after it, and such a signal reaches no handler (hG44): the process
+    no Python runs after it, and such a signal reaches no handler (helper-180): the process
     ends as it was ending."""
     if hook is not None:
         hook.remove()
@@ -793,12 +793,13 @@ class OutOfCore:
             self._blocks_waiting -= 1
 
     def _hold_for_collective(self, tensors, what: str) -> None:
-        """An asynchronous collective `what` is issued with no block open (NOTE
-        [Collectives in flight] rule 6 in compose.py): the storages of `tensors` that
-        outcore tracks are read back and kept in place from now on, before it starts.
-        Only from the thread that runs the blocks (the table is its to change); from
-        another, one that outcore may move is refused before anything starts, as
-        `sharing._prepare` refuses `.numpy()` there."""
+        """An asynchronous collective `what` is issued where no mode of outcore's sees it
+        (NOTE [Collectives in flight] rule 6 in compose.py): the storages of `tensors`
+        that may move are read back and kept in place from now on, before it starts.
+        Only from the thread that runs the blocks, between them (the table is its to
+        change); from another, between iterations or while a block is open, one that
+        may move is refused before anything starts, as `sharing._prepare` refuses
+        `.numpy()` there."""
         res = self._res
         storages = [s for s in map(aten.storage_of, tensors) if s is not None
                     and (entry := res.entries.get(s._cdata)) is not None and not entry.pinned]
@@ -820,7 +821,7 @@ class OutOfCore:
     def _hold_in_place(self, storages) -> None:
         """`_hold_for_collective`'s work, other threads' reads held off (`_alone`), as a
         held section (NOTE [Interrupts] rule 9): a Ctrl-C raised inside left a mapped
-        storage unmapped and empty, its read not begun (hG43: reading it was a
+        storage unmapped and empty, its read not begun (helper-179: reading it was a
         segmentation fault), or a read in flight that the handler's `clone()` saw half
         done."""
         res = self._res
@@ -834,7 +835,7 @@ class OutOfCore:
             for storage, entry in entries:
                 # Between iterations a storage on the slow tier is MAPPED (NOTE [Mapped
                 # state]); disown() reads its bytes back into memory of its own (held
-                # empty, gloo sent from address 0: hG39), here as for `.numpy()`, room
+                # empty, gloo sent from address 0: helper-175), here as for `.numpy()`, room
                 # made first.
                 if entry.state is not FAST:
                     made_room |= res.evict_lru(self.budget - entry.nbytes, keep)
@@ -2336,7 +2337,7 @@ class _Iteration:
                 # deviation of a run warned too: every loop with gradient accumulation
                 # warned at its second micro-batch, which is learnt there, helper-85.)
                 # Nor a step of a family a plan is kept for, that left the plan guessed
-                # for it: the periods are learnt in the first few (hG42: optimizer.step()
+                # for it: the periods are learnt in the first few (helper-178: optimizer.step()
                 # every 4th iteration warned at iterations 9 and 10, then replayed).
                 warn = (ooc._plans.times[shape] > 2 and not grows
                         and not (known and ooc._plans.has_family(family)))
@@ -2391,7 +2392,7 @@ def _raise_or_note(exc, errors: list) -> None:
     if exc is None:
         raise errors[0]
     said = {(type(exc), str(exc))}      # one said already, by the exception or a note, once
-    for err in errors:                  # (hG41: a read that failed noted itself twice)
+    for err in errors:                  # (helper-177: a read that failed noted itself twice)
         if (type(err), str(err)) not in said:
             said.add((type(err), str(err)))
             exc.add_note(f"outcore: while ending the interrupted block: {type(err).__name__}: "

@@ -1291,7 +1291,8 @@ class Replayer(HeldMode):
                 shape = None
             if shape is None:
                 return False
-            return math.prod(shape) * _pointwise_width(func, args, kwargs, tensors) <= SMALL_OP_BYTES
+            width = _pointwise_width(func, args, kwargs, tensors)
+            return math.prod(shape) * width <= SMALL_OP_BYTES
         i = self.index
         recorded_small = i < self.n and self.small[i] and self.op_names[i] == self._name(func)
         made = created_bytes(func, args, kwargs, learned=not recorded_small)

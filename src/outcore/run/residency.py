@@ -895,7 +895,7 @@ class Residency:
         bytes: only a library that re-allocates it and writes it before use meets it so.
         Any other is read back first (the caller made room for it): a collective started
         between iterations on a parameter left on the slow tier sent from address 0, and
-        the parameter would have lost its bytes (hG39)."""
+        the parameter would have lost its bytes (helper-175)."""
         if self._dead:
             self._reap_dead()
         entry = self.entries.get(storage._cdata)

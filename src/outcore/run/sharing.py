@@ -286,7 +286,7 @@ def _traceable(source, names) -> None:
     """Dynamo rewrites a call of c10d's `all_reduce` (and others) into a functional
     collective, found by the function's identity (`traceable_collective_remaps`); our
     wrapper, in a file Dynamo skips (NOTE [Dynamo kept out] in aten.py), was a graph
-    break, and under `fullgraph=True` an error (hG43). Each wrapper gets its original's
+    break, and under `fullgraph=True` an error (helper-179). Each wrapper gets its original's
     rewrite; `uninstall` takes them out."""
     try:
         from torch.distributed._functional_collectives import traceable_collective_remaps
