@@ -412,3 +412,27 @@ def test_a_long_run_keeps_the_first_and_last_iterations_and_sums_the_rest(tmp_pa
     old = {**report.to_dict(), "version": 1}
     del old["elided"]
     assert Report.from_dict(old).elided == Elided()
+
+
+def test_the_views_simulate_with_the_steps_host_time(tmp_path):
+    """`ooc.plot()` and `ooc.timeline()` simulate on cpu-disk with the recorded host time
+    counted (the Python between ops, which the replay runs too): without it a small
+    model's predicted step was a third of the measured one beside it (helper-170). A
+    machine passed is used as it is."""
+    from outcore.simulate import simulate
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(128, 128) for _ in range(6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with outcore.OutOfCore(budget="1MiB", swap_dir=str(tmp_path)) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                model(torch.randn(16, 128)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        trace, schedule = ooc._last_replay.trace, ooc._last_replay.schedule
+        shown = ooc._shown_on(None)
+        assert shown.host_time and ooc._shown_on("v100-16gb") == "v100-16gb"
+        host = sum(f.host_s for f in trace.functions)
+        bare = simulate(trace, schedule, "cpu-disk").step_time_s
+        assert host > 0 and simulate(trace, schedule, shown).step_time_s >= bare + 0.9 * host
+        ooc.timeline(tmp_path / "step.json")

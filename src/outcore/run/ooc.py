@@ -957,8 +957,8 @@ class OutOfCore:
         (ui.perfetto.dev) and chrome://tracing open: a compute track (one slice per op), a
         track per transfer direction (one slice per swap), and counters (fast tier, slow
         tier, resident set, budget). With `simulated`, the same schedule simulated on
-        `machine` (a preset name or an outcore.simulate.Machine; default `self.machine`)
-        is a second process in
+        `machine` (a preset name or an outcore.simulate.Machine; default `_shown_on`:
+        `self.machine`, its host time counted) is a second process in
         the file, on the same clock, so planned and measured open side by side
         (docs/see.md)."""
         from ..simulate import simulate
@@ -968,7 +968,7 @@ class OutOfCore:
         parts = [tl.measured_events(trace, replayed.log, budget=self.budget,
                                     rss_start=self._rss_start, **_shown(replayed))]
         if simulated:
-            sim = simulate(trace, schedule, machine or self.machine)
+            sim = simulate(trace, schedule, self._shown_on(machine))
             parts.insert(0, tl.simulated_events(trace, schedule, sim, budget=self.budget))
         tl.write(path, tl.chrome_trace(*parts, policy=schedule.policy, budget=self.budget,
                                        functions=len(trace.functions),
@@ -976,15 +976,30 @@ class OutOfCore:
 
     def plot(self, path, *, machine=None) -> None:
         """Draw the memory picture (outcore.view.plot) of the last replayed iteration to
-        `path` (.png or .svg): the plan simulated on `machine`, stacked by category, and
-        below it the measured step: managed bytes, the resident set, the transfers."""
+        `path` (.png or .svg): the plan simulated on `machine` (default `_shown_on`),
+        stacked by category, and below it the measured step: managed bytes, the resident
+        set, the transfers."""
         from ..simulate import simulate
         from ..view.plot import plot_memory
         replayed = self._replayed("ooc.plot()")
         trace, schedule = replayed.trace, replayed.schedule
-        sim = simulate(trace, schedule, machine or self.machine)
+        sim = simulate(trace, schedule, self._shown_on(machine))
         plot_memory(trace, schedule, sim, path, measured=replayed.log, budget=self.budget,
                     rss_start=self._rss_start, **_shown(replayed))
+
+    def _shown_on(self, machine):
+        """The machine a timeline or a plot simulates the plan on: `machine`, else
+        `self.machine`, where cpu-disk counts the step's recorded host time (the Python
+        between its ops, which the replay runs too: without it a small model's predicted
+        step was a third of the measured one beside it, helper-170). The executor's own
+        cost per op is still left out (`outcore bench overhead` measures it)."""
+        if machine is not None:
+            return machine
+        if self.machine != "cpu-disk":
+            return self.machine
+        import dataclasses
+        from ..simulate.machines import PRESETS
+        return dataclasses.replace(PRESETS["cpu-disk"], host_time=True)
 
     def _replayed(self, api: str) -> _Replayed:
         if self._last_replay is None and self._last_infeasible is not None:
