@@ -957,8 +957,8 @@ class OutOfCore:
         (ui.perfetto.dev) and chrome://tracing open: a compute track (one slice per op), a
         track per transfer direction (one slice per swap), and counters (fast tier, slow
         tier, resident set, budget). With `simulated`, the same schedule simulated on
-        `machine` (a preset name or an outcore.simulate.Machine; default `_shown_on`:
-        `self.machine`, its host time counted) is a second process in
+        `machine` (a preset name or an outcore.simulate.Machine; default `self.machine`,
+        cpu-disk with the step's recorded host time counted) is a second process in
         the file, on the same clock, so planned and measured open side by side
         (docs/see.md)."""
         from ..simulate import simulate
@@ -976,9 +976,9 @@ class OutOfCore:
 
     def plot(self, path, *, machine=None) -> None:
         """Draw the memory picture (outcore.view.plot) of the last replayed iteration to
-        `path` (.png or .svg): the plan simulated on `machine` (default `_shown_on`),
-        stacked by category, and below it the measured step: managed bytes, the resident
-        set, the transfers."""
+        `path` (.png or .svg): the plan simulated on `machine` (default `self.machine`,
+        cpu-disk with the step's recorded host time counted), stacked by category, and
+        below it the measured step: managed bytes, the resident set, the transfers."""
         from ..simulate import simulate
         from ..view.plot import plot_memory
         replayed = self._replayed("ooc.plot()")
