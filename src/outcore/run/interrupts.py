@@ -58,7 +58,7 @@ has its full size (or is safely on the slow tier) and every counter is true:
      callback (a WeakSet's being emptied), is still Python's to swallow.
 
   9. Between iterations, what moves a storage on the user's call (`.numpy()`'s read
-     back, `sharing._prepare`; an async collective's hold, `OutOfCore._hold_in_place`)
+     back, `sharing._prepare`; an async collective's hold, `OutOfCore._hold_for_collective`)
      runs as a held section with the OutOfCore's shield installed for its length
      (`held_here`), and the noted signals are handed over as it ends, at once, on the
      main thread. Raised inside, a Ctrl-C left a storage unmapped and empty on the slow

@@ -795,53 +795,29 @@ class OutOfCore:
     def _hold_for_collective(self, tensors, what: str) -> None:
         """An asynchronous collective `what` is issued where no mode of outcore's sees it
         (NOTE [Collectives in flight] rule 6 in compose.py): the storages of `tensors`
-        that may move are read back and kept in place from now on, before it starts.
-        Only from the thread that runs the blocks, between them (the table is its to
-        change); from another, between iterations or while a block is open, one that
-        may move is refused before anything starts, as `sharing._prepare` refuses
-        `.numpy()` there."""
+        that may move are read back as for `.numpy()` (`sharing._prepare`: from another
+        thread than the one that runs the blocks, between them or while one is open,
+        refused before anything starts) and kept in place from now on, before it starts.
+        One held section for all of them, after other threads' reads have ended (NOTE
+        [Interrupts] rule 9): a Ctrl-C raised inside left a mapped storage unmapped and
+        empty (helper-179: reading it was a segmentation fault), or one read back but
+        free to move again under the collective."""
         res = self._res
         storages = [s for s in map(aten.storage_of, tensors) if s is not None
                     and (entry := res.entries.get(s._cdata)) is not None and not entry.pinned]
         if not storages:                 # none that may move: nothing to hold (most calls)
             return
+        what = f"torch.distributed.{what}(async_op=True)"
         if self._active_thread not in (None, threading.get_ident()):
             for storage in storages:
-                entry = res.entries.get(storage._cdata)                  # a read only
-                if entry is not None:
-                    raise OutcoreError(
-                        f"torch.distributed.{what} asynchronously on a "
-                        f"{format_bytes(entry.nbytes)} tensor that outcore moves, from "
-                        "another thread than the one that runs ooc.iteration(): only that "
-                        "thread may hold it in place for the collective. Start it from that "
-                        "thread (between iterations or inside the step); nothing was started")
+                sharing._prepare(self, storage, what)            # refuses one that may move
             return
-        self._hold_in_place(storages)
-
-    def _hold_in_place(self, storages) -> None:
-        """`_hold_for_collective`'s work, other threads' reads held off (`_alone`), as a
-        held section (NOTE [Interrupts] rule 9): a Ctrl-C raised inside left a mapped
-        storage unmapped and empty, its read not begun (helper-179: reading it was a
-        segmentation fault), or a read in flight that the handler's `clone()` saw half
-        done."""
-        res = self._res
         with self._alone(), held_here(self._shield):
-            entries = []
             for storage in storages:
+                sharing._prepare(self, storage, what)      # read back, room made first
                 entry = res.entry_of(storage)
                 if entry is not None and not (entry.owner or entry.elsewhere):
-                    entries.append((storage, entry))
-            keep, made_room = {entry.key for _, entry in entries}, False
-            for storage, entry in entries:
-                # Between iterations a storage on the slow tier is MAPPED (NOTE [Mapped
-                # state]); disown() reads its bytes back into memory of its own (held
-                # empty, gloo sent from address 0: helper-175), here as for `.numpy()`, room
-                # made first.
-                if entry.state is not FAST:
-                    made_room |= res.evict_lru(self.budget - entry.nbytes, keep)
-                res.disown(storage, entry.nbytes, "collective")
-            if made_room:
-                self._remap()     # what made room is mapped, as an iteration leaves it
+                    res.disown(storage, entry.nbytes, "collective")
 
     @contextlib.contextmanager
     def _alone(self):
