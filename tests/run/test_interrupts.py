@@ -889,6 +889,23 @@ def test_a_ctrl_c_inside_numpy_between_iterations_comes_after_it(tmp_path):
             assert "restore" not in vars(res)   # it did land
             assert held.untyped_storage().nbytes() == held.nbytes
             assert torch.equal(held, twins[mapped[0]])
+            # The same where rule 8's guard is up (a callback's Ctrl-C waits to be sent
+            # again): with the guard left installed it reached the user inside the read.
+            k = next(i for i in mapped[1:] if res.entry_of(
+                state[i].untyped_storage()).state is outcore.states.MAPPED)
+            guard = interrupts._guard()
+            assert guard.hold()
+            try:
+                ctrl_c_as_a_read_begins(res)
+                with pytest.raises(KeyboardInterrupt):
+                    state[k].detach().numpy()
+                    time.sleep(5)
+            finally:
+                guard.uninstall()
+            assert "restore" not in vars(res)
+            assert state[k].untyped_storage().nbytes() == state[k].nbytes
+            assert torch.equal(state[k], twins[k])
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
             # A Ctrl-C while `.numpy()` waits for another thread's between() block
             # breaks the wait (helper-180: under a guard it waited the block's 3 s out).
             ooc._remap()                       # back to the slow tier: a read to wait for

@@ -65,7 +65,9 @@ has its full size (or is safely on the slow tier) and every counter is true:
      tier (reading it was a segmentation fault) or a read in flight (helper-179). The wait
      for other threads' reads (`OutOfCore._alone`) comes before it, so a Ctrl-C still
      breaks that wait (helper-180: under rule 8's guard it was sent again every millisecond
-     until the other thread let go).
+     until the other thread let go). Installed also where rule 8's guard is up (a
+     callback's signal waiting to be sent again), which then hands its noted signals to
+     the shield.
 
 Only the main thread runs Python signal handlers; from another thread `install` does
 nothing (signals still reach the main thread's own handlers).
@@ -366,10 +368,14 @@ def _guard() -> _Guard:
 @contextlib.contextmanager
 def held_here(shield: Shield):
     """A held section where no shield may be installed (rule 9): on the main thread,
-    with none installed, `shield` is installed for its length, and the signals noted
-    are handed to the user's handlers as it ends; elsewhere only entered."""
+    with no other shield installed, `shield` is installed for its length, and the
+    signals noted are handed to the user's handlers as it ends; elsewhere only entered.
+    Rule 8's guard, installed while a callback's signal waits to be sent again, is no
+    other shield: `install` takes its noted signals over (with the guard left up, a
+    signal landing in the section reached the user there)."""
+    guard = _guard()
     own = (threading.get_ident() == _MAIN and not shield._installed
-           and not _installed[0])
+           and _installed[0] == (1 if guard._installed and guard is not shield else 0))
     if own:
         shield.install()
     shield.enter()
