@@ -609,3 +609,30 @@ def test_a_comm_hook_of_the_users_named_like_the_default_is_refused(one_rank, tm
             assert "test_compositions" in said and "allreduce_hook" in said, said
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         del model
+
+
+def test_a_comm_hook_registered_after_the_first_iteration_is_refused(one_rank, tmp_path):
+    """The first iteration looks for comm hooks; one registered after it was not refused
+    (helper-182: at the second iteration, a callback's error naming no hook; at the third,
+    replays over the budget). Refused as it is registered, before DDP takes it; DDP's
+    default still registers."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 256)
+    with outcore.OutOfCore("8MiB", swap_dir=str(tmp_path)) as ooc:
+        with ooc.iteration():
+            _step(model, opt, x)
+        for register in (
+                lambda: model.register_comm_hook(None, default_hooks.fp16_compress_hook),
+                lambda: model._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)):
+            with pytest.raises(outcore.OutcoreError, match="fp16_compress_hook|FP16_COMPRESS") as err:
+                register()
+            assert "was not registered" in str(err.value)
+        assert model._comm_hooks == []
+        model.register_comm_hook(None, default_hooks.allreduce_hook)     # the default: taken
+        for _ in range(2):
+            with ooc.iteration():
+                _step(model, opt, x)
+    assert not hasattr(DDP.register_comm_hook, "__wrapped__")     # PyTorch's own again

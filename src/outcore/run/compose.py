@@ -25,7 +25,9 @@ NOTE [Collectives in flight]
      seen: it runs on gloo's thread, outside every dispatch mode of outcore's (they are
      thread-local). DDP's comm hooks other than the default allreduce write the bucket
      there (fp16_compress_hook's `decompress`), a tensor no collective touched, which
-     the plan moves: such hooks are refused (`_refuse_comm_hooks`).
+     the plan moves: such hooks are refused, before the first iteration changes
+     anything (`_refuse_comm_hooks`), and as they are registered while an OutOfCore is
+     open (`guard_comm_hook`).
   5. A callback of the user's own (`fut.then(cb)`, `fut.add_done_callback(cb)`) that
      runs on another thread while an iteration is open runs its ops under `_Unseen`
      (`guard_future_callbacks`): an op on a storage outcore may move stops the callback
@@ -146,8 +148,6 @@ def _refuse_comm_hooks() -> None:
     ddp = getattr(parallel, "DistributedDataParallel", None) if parallel is not None else None
     if ddp is None or not _distributed_up():
         return
-    hooks_module = _loaded("torch.distributed.algorithms.ddp_comm_hooks.default_hooks")
-    default = getattr(hooks_module, "allreduce_hook", None)
     for module in _live((ddp,)):
         try:
             hook = module._get_ddp_logging_data().get("comm_hook")
@@ -155,19 +155,54 @@ def _refuse_comm_hooks() -> None:
             continue
         # A Python hook is DDP's default only if it is that function (helper-99: DDP logs
         # the hook's name, and a hook of the user's named `allreduce_hook` passed).
-        own = [h for h, _ in getattr(module, "_comm_hooks", ()) if h is not default]
+        own = [h for h, _ in getattr(module, "_comm_hooks", ()) if not _default_hook(h)]
         if own:
-            hook = (f"{getattr(own[0], '__module__', '?')}."
-                    f"{getattr(own[0], '__qualname__', repr(own[0]))}")
+            hook = _hook_name(own[0])
         if own or hook and hook not in _SAFE_COMM_HOOKS:
-            raise OutcoreError(
-                f"DistributedDataParallel has the comm hook {hook!r} (registered with "
-                "register_comm_hook, or by DDP itself for mixed_precision= or an optimizer "
-                "in backward): its callback writes the gradient bucket on gloo's thread, "
-                "after the allreduce, where outcore cannot see it, so outcore could move the "
-                "bucket under that write (a silently different result). Train without the "
-                "hook (DDP's default allreduce composes: docs/distributed.md), or without "
-                "outcore. Nothing has run.")
+            raise _comm_hook_refused(f"DistributedDataParallel has the comm hook {hook!r} "
+                                     "(registered with register_comm_hook, or by DDP itself "
+                                     "for mixed_precision= or an optimizer in backward)",
+                                     "Nothing has run.")
+
+
+def _default_hook(hook) -> bool:
+    hooks_module = _loaded("torch.distributed.algorithms.ddp_comm_hooks.default_hooks")
+    return hook is getattr(hooks_module, "allreduce_hook", None)
+
+
+def _hook_name(hook) -> str:
+    return f"{getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', repr(hook))}"
+
+
+def _comm_hook_refused(what: str, done: str) -> OutcoreError:
+    return OutcoreError(
+        f"{what}: its callback writes the gradient bucket on gloo's thread, after the "
+        "allreduce, where outcore cannot see it, so outcore could move the bucket under "
+        "that write (a silently different result). Train without the hook (DDP's default "
+        f"allreduce composes: docs/distributed.md), or without outcore. {done}")
+
+
+def guard_comm_hook(original, open_outofcore):
+    """`DistributedDataParallel.register_comm_hook` (and `_register_builtin_comm_hook`)
+    that refuses a hook other than the default while an OutOfCore is open, before DDP
+    takes it (rule 4): the first iteration's check (`_refuse_comm_hooks`) does not see a
+    hook registered after it (helper-182: one registered at the second iteration made a
+    callback's error that named no hook, at the third replays over the budget)."""
+    builtin = original.__name__ == "_register_builtin_comm_hook"
+
+    @functools.wraps(original)
+    def register(self, *args, **kwargs):
+        ooc = open_outofcore()
+        if ooc is not None and not ooc.closed:
+            hook = (args or [*kwargs.values()] or [None])[0] if builtin else (
+                args[1] if len(args) > 1 else kwargs.get("hook"))
+            name = str(hook) if builtin else _hook_name(hook)
+            if not (name in _SAFE_COMM_HOOKS if builtin else _default_hook(hook)):
+                raise _comm_hook_refused(f"DistributedDataParallel.{original.__name__}"
+                                         f"({name}) while an OutOfCore is open",
+                                         "The hook was not registered.")
+        return original(self, *args, **kwargs)
+    return register
 
 
 FUTURE_CALLBACK = (

@@ -209,7 +209,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..aten import (READ_PAST_ARGUMENTS, loading, mark_read_past, note_made, read_past,
                     read_past_arguments, storage_of)
 from ..errors import OutcoreError
-from .compose import ASYNC_COLLECTIVES, guard_async_collective, guard_future_callbacks
+from .compose import (ASYNC_COLLECTIVES, guard_async_collective, guard_comm_hook,
+                      guard_future_callbacks)
 from .interrupts import critical, held_here, no_raise
 from ..states import DISCARDED, FAST, MAPPED, SLOW
 from ..units import format_bytes
@@ -254,6 +255,10 @@ def install(open_outofcore) -> None:
         if torch.distributed.is_available():
             import torch.distributed.distributed_c10d as c10d
             wrappers += [(c10d, name, guard_async_collective) for name in ASYNC_COLLECTIVES]
+            # DDP comm hooks registered while an OutOfCore is open: rule 4 there.
+            ddp = torch.nn.parallel.DistributedDataParallel
+            wrappers += [(ddp, name, guard_comm_hook)
+                         for name in ("register_comm_hook", "_register_builtin_comm_hook")]
         safetensors = _safetensors()
         if safetensors is not None and hasattr(safetensors, "_flatten_as_ptr"):    # NOTE 12
             wrappers += [(safetensors, "_flatten_as_ptr", _wrap_flatten),
