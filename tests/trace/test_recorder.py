@@ -291,3 +291,31 @@ def test_ops_on_another_thread_give_a_trace_that_loads(tmp_path):
     path = tmp_path / "trace.json"
     rec.trace.save(str(path))
     assert len(outcore.Trace.load(str(path)).functions) == len(rec.trace.functions) == 4
+
+
+def test_recording_leaves_torch_compile_compiling():
+    """Dynamo met compiled code under the recording's dispatch mode and marked its frames
+    skipped for good: after `outcore.record()`, that model (and a new
+    `torch.compile(nn.Sequential(...))`: the same code) ran uncompiled, without a word
+    (helper-181). The step is recorded eagerly, as ooc.iteration() runs it, and compiling
+    goes on after."""
+    from torch._dynamo.utils import counters
+
+    def graphs():
+        return counters["stats"]["unique_graphs"]
+    class Block(nn.Module):         # its own code: no other test's compile touches it
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.relu(self.linear(x))
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    a = torch.compile(Block(), backend="eager")
+    with outcore.record() as rec:
+        a(x).sum().backward()
+    assert any("addmm" in f.op for f in rec.trace.functions)      # recorded, eagerly
+    before = graphs()
+    a(x)
+    assert graphs() - before == 1

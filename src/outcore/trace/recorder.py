@@ -230,6 +230,7 @@ class Recording(OutcoreMode):
         self._modules_seen: set[int] = set()
         self._module_buffers: set[int] = set()   # their array ids, at the end
         self._active = False
+        self._stance = None             # torch.compile's stance while recording (__enter__)
         self._device: str | None = None
         self._trace: Trace | None = None
         # What the recorded step raised, as text: the exception itself holds its traceback,
@@ -253,6 +254,11 @@ class Recording(OutcoreMode):
                        register_optimizer_step_post_hook(self._leave_optimizer),
                        register_module_forward_pre_hook(self._note_module)]
         _hide_compiled_hook_warning()
+        # torch.compile'd code runs eagerly while the step is recorded, as in
+        # ooc.iteration(): Dynamo meeting it under a dispatch mode marks its frames to be
+        # skipped for good, and every later call of that code (and of a new
+        # torch.compile(nn.Sequential(...))) ran uncompiled, without a word (helper-181).
+        self._stance = torch.compiler.set_stance("force_eager")
         try:
             mode = super().__enter__()
         except BaseException:
@@ -289,13 +295,18 @@ class Recording(OutcoreMode):
             self._live.clear()
 
     def _unhook(self) -> None:
-        """Undo what `__enter__` registered, once."""
+        """Undo what `__enter__` registered, once; torch.compile's stance put back."""
         hooks, self._hooks = self._hooks, []
-        for h in hooks:
-            h.remove()
-        if hooks:
-            _show_compiled_hook_warning()
-        self._active = False
+        stance, self._stance = self._stance, None
+        try:
+            for h in hooks:
+                h.remove()
+            if hooks:
+                _show_compiled_hook_warning()
+            self._active = False
+        finally:
+            if stance is not None:
+                stance.__exit__(None, None, None)
 
     def _note_module(self, module, _args):
         """A module is called in the step: note the storages of its buffers and its
