@@ -439,6 +439,41 @@ def test_a_new_parameter_every_step_deviates_within_the_budget_and_is_named(capl
     assert all(torch.equal(a, b) for a, b in zip(plain, got))
 
 
+def test_heads_taken_in_turns_get_the_hint_that_fits(caplog, tmp_path):
+    """A head per task, taken in turns, each a Linear of one size (helper-182): the steps
+    have one shape, so the plan of one head's step deviates at the other's, every other
+    step. The hint named a tensor replaced every step ("update it in place"), which the
+    loop never does; it names the turns and what to do. Bitwise, within the budget."""
+    import logging
+
+    def run(ooc=None):
+        torch.manual_seed(0)
+        trunk = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+        heads = [torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)]
+        params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        losses = []
+        for i in range(10):
+            x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                loss = heads[i % 2](trunk(x)).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+            losses.append(loss.detach())
+        return [*losses, *params]
+    plain = run()
+    with caplog.at_level(logging.WARNING, logger="outcore"), \
+            outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        got = run(ooc)
+        report = ooc.report()
+    assert all(torch.equal(a, b) for a, b in zip(plain, got))
+    assert all(it.peak_resident <= report.budget for it in report.iterations)
+    hints = [r.getMessage() for r in caplog.records if "one in every 2" in r.getMessage()]
+    assert len(hints) == 1 and "take turns between parts of the model" in hints[0], hints
+    assert "new one in every step" not in hints[0]
+
+
 def test_steps_of_a_new_shape_between_training_steps_get_the_hint_that_fits(caplog, tmp_path):
     """Training alternating with generate() of a growing length (helper-51, a GPT-2 from
     its config: /tmp/hunt5/gpt2.py): every generate step was recorded, each a new shape,

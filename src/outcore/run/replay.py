@@ -862,8 +862,10 @@ class Replayer(HeldMode):
                 small = self._runs_small(func, args, kwargs, in_storages)
                 if not small:
                     self._note_replaced(aid, storage, inputs)
+                known = " (one outcore tracks already)" if entry is not None else ""
                 return self._off_record(f"function {i} ({name}) reads another array than "
-                                        "recorded", func, args, kwargs, in_storages, small)
+                                        f"recorded{known}", func, args, kwargs, in_storages,
+                                        small)
             entries.append(entry)
         for aid, entry in binds:        # only once every slot matched (an extra binds none)
             self._bind(aid, entry)
