@@ -2217,9 +2217,11 @@ class _Iteration:
             log.warning("iteration %d: the process grew %s above its size when the first "
                         "iteration began (less the managed bytes), past "
                         "the budget + %s + budget/%d (%s) it stayed within on the workloads "
-                        "measured; %s of it was not managed tensors (a library's buffers from "
-                        "its first run, heap kept). The budget bounds the tensors outcore "
-                        "manages; nothing plans for the rest yet (ooc.report(), README)",
+                        "measured; %s of it was not managed tensors (tensors made or kept "
+                        "between iterations, outside the blocks: a list the loop appends to; a "
+                        "library's buffers from its first run; heap kept). The budget bounds "
+                        "the tensors outcore manages; nothing plans for the rest yet "
+                        "(ooc.report(), README)",
                         last.index, format_bytes(last.rss_above_start),
                         format_bytes(PROCESS_SLACK_BYTES), PROCESS_SLACK_SHARE,
                         format_bytes(bound), format_bytes(last.unmanaged))
