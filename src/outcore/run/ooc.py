@@ -177,7 +177,10 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     few steps (LBFGS's history, for `history_size` steps; a sparse momentum buffer,
     which gains indices each step) or whose step changes after a few (RAdam from its
     sixth step, ASGD once averaging starts at `t0`: helper-132) needs the figure of a
-    later step. State the step made and kept (a first step's momentum buffers, made
+    later step, as does a first step unlike the rest (helper-181): one a GradScaler
+    skipped (no optimizer update in it), or one before gradients kept between steps
+    (`zero_grad(set_to_none=False)`; the next steps add into them, with temporaries of
+    their own). State the step made and kept (a first step's momentum buffers, made
     lazily) is counted as the steps after it hold it, from their start: the small
     buffers of it never move, and counted where the first step made them the figure was
     a few bytes short of the second step's, at which every step then ran op by op
