@@ -84,6 +84,26 @@ def test_fsdp2_composes_bitwise(one_rank, tmp_path):
         assert torch.equal(a.to_local(), b.to_local())
 
 
+def test_the_peak_counts_fsdps_storages_as_they_are_when_it_rises():
+    """FSDP's storages are counted at their current size (NOTE [Storages FSDP owns] rule
+    2): one FSDP freed since the last sample, whose room the plan filled at once, is not
+    counted beside what filled it (helper-183: FSDP2 with bf16 parameters, replays over
+    the budget by the 514 KiB of a parameter FSDP had freed)."""
+    from outcore.run.residency import Residency
+
+    class Mover:
+        device_type = "cpu"
+
+    res = Residency(Mover())
+    gathered = torch.empty(4096).untyped_storage()
+    res.disown(gathered, gathered.nbytes(), "FSDP", foreign=True)
+    res.sample_rss(force=True)                  # samples the 16 KiB FSDP holds
+    gathered.resize_(0)                         # FSDP reshards: frees it itself
+    activation = torch.empty(4096)
+    res.track(activation.untyped_storage())     # the plan fills that room
+    assert res.stats.peak_resident == activation.nbytes
+
+
 def test_ddp_composes_bitwise(one_rank, tmp_path):
     from torch.nn.parallel import DistributedDataParallel as DDP
     x = torch.randn(64, 256)

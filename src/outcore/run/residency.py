@@ -497,14 +497,26 @@ class Residency:
         if self._dead:                 # the peak counts live storages only
             self._reap_dead()
         self.resident += nbytes
-        if self.resident + self._owned_sampled > self.stats.peak_resident:
-            self.stats.peak_resident = self.resident + self._owned_sampled
+        self._raise_peak(self.resident)
 
     def note_peak(self, held: int) -> None:
         """The step holds `held` bytes of managed memory, some of it untracked (NOTE [Far
         below the budget] in headroom.py, rule 6): the peak counts it."""
+        self._raise_peak(held)
+
+    def _raise_peak(self, held: int) -> None:
+        """The peak counts `held` bytes beside the foreign ones as they are now. Their
+        sample (`_owned_sampled`, taken at most every RSS_SAMPLE_S) may be stale: FSDP
+        frees its unsharded parameters behind outcore's back, and the plan fills that
+        room at once (its next swap-ins), so a peak made of the bytes of now and the
+        foreign bytes of before counted both (helper-183: FSDP2 with bf16 parameters,
+        replays 77 KiB over the budget with 0 bytes foreign, 525,824 sampled). A new peak
+        reads them afresh first; only a new peak pays for the read."""
         if held + self._owned_sampled > self.stats.peak_resident:
-            self.stats.peak_resident = held + self._owned_sampled
+            if self.owned:
+                self._owned_sampled = self.owned_bytes()
+            if held + self._owned_sampled > self.stats.peak_resident:
+                self.stats.peak_resident = held + self._owned_sampled
 
     def mark_written(self, entry: Entry) -> None:
         """The fast contents changed: the slow copy is stale."""
