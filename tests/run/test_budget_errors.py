@@ -294,6 +294,48 @@ def test_a_new_batch_each_iteration_keeps_replays_within_the_budget():
     assert len(replays) >= 3 and max(replays) <= budget, (replays, budget)
 
 
+def test_small_batches_kept_in_a_list_count_only_while_a_step_reads_them(tmp_path):
+    """helper-184: two batches under `min_move_bytes` (pinned, never moved), kept in a
+    list and fed 0,0,1,1,...: a replay reading the other batch than the last step's held
+    the last one counted beside it till the step's end, over the budget by one batch,
+    every time the batch changed. The new batch's first read lets go of the old one
+    (Replayer._new_batch, Residency.let_go_of). Trains bitwise as plain PyTorch."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(500, 128), torch.nn.Linear(128, 512),
+                                   torch.nn.ReLU(), torch.nn.Linear(512, 500))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 500, (16, 201), generator=g) for _ in range(2)]  # 25 KiB
+    assert batches[0].untyped_storage().nbytes() < 64 * 2**10     # the default min_move_bytes
+
+    def step(model, opt, b):
+        loss = torch.nn.functional.cross_entropy(model(b[:, :-1]).reshape(-1, 500),
+                                                 b[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    m = build()
+    with outcore.record() as rec:
+        step(m, torch.optim.SGD(m.parameters(), lr=0.1), batches[0])
+    budget = outcore.smallest_budget(rec.trace)
+    plain, model = build(), build()
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    order = [0, 0, 1, 1, 0, 0, 1]
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        for i in order:
+            step(plain, plain_opt, batches[i])
+            with ooc.iteration():
+                step(model, opt, batches[i])
+        iterations = ooc.report().iterations
+    assert [it.deviation for it in iterations] == [None] * len(order)
+    assert sum(it.mode == "replay" for it in iterations) >= 5
+    peaks = [it.peak_resident for it in iterations]
+    assert max(peaks) <= budget, ([p - budget for p in peaks], budget)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+
 def test_the_first_iteration_counts_what_existed_before_within_the_budget():
     """Parameters made before the OutOfCore are first seen when an op reads them: their
     room is made before they are counted (OnDemand.before), so the recording iteration's

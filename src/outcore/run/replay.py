@@ -543,7 +543,11 @@ class Replayer(HeldMode):
         (a new batch): the last step's inputs that this step has not read (yet) are
         strangers from now on, so that `_make_room` counts them beside the plan (else the
         first replay of a loop over pre-built batches holds the old batch beside the new
-        one, over the budget by one batch). Once per iteration."""
+        one, over the budget by one batch). Those pinned (small, from numpy, in shared
+        memory) can make no room: they are let go of at once (Residency NOTE 9; kept
+        till the step's end, each replay whose batch was not the last one's passed the
+        budget by that batch, helper-184). Once per iteration."""
+        self.res.let_go_of([e for e in self._inputs if e not in self.aid_of and e.pinned])
         old = [e for e in self._inputs if e not in self.aid_of and e.state is FAST
                and e.ref() is not None and not e.pinned]
         self._inputs = ()

@@ -77,7 +77,11 @@ NOTE [Residency invariants]
      budget's peak climbed 1.8 -> 12.5 MB over 40 steps of 0.2-0.4 MB batches,
      helper-88), while a passive replay (fixed sizes) tracks none. A storage is
      managed while a step uses it (README); one written out stays tracked until it is
-     read (its bytes are on the slow tier).
+     read (its bytes are on the slow tier). The last step's pinned inputs (small, from
+     numpy, in shared memory) that a replay's new batch finds unread are let go of
+     there and then (`let_go_of`), not at the step's end: they can make no room, and
+     counted beside the new batch, which the plan counts in their place, each replay
+     whose batch was not the last one's passed the budget by one batch (helper-184).
  10. An eviction that fails (no room on the slow tier: a full disk, a file size limit;
      or its write fails) while an optimizer's step runs keeps the tensor in memory,
      dirty, over the budget, and the error waits for the step's end (`keep_when_full`,
@@ -367,9 +371,26 @@ class Residency:
             self._reap_dead()
         also = {e for e in also if e.state is FAST and e.future is None and not e.owner
                 and not e.elsewhere and e not in keep}
-        for key, entry in list(self.entries.items()):
-            if entry not in also and (self.stays(entry) or entry in keep):
-                continue
+        self._forget([entry for entry in self.entries.values()
+                      if entry in also or not (self.stays(entry) or entry in keep)])
+
+    def let_go_of(self, entries) -> None:
+        """Stop tracking now, within a step, those of `entries` still tracked that are
+        FAST, pinned, not a collective's or FSDP's and not elsewhere: the last step's
+        small or unmovable batch that a step reading a new one has not read (NOTE 9,
+        `Replayer._new_batch`). It never moves, so there is no room to make for it, and
+        counted until the step's end it stood beside the new batch that the plan counts
+        in its place: over the budget by one batch (helper-184). One the step reads
+        later is tracked again, as a new entry."""
+        if self._dead:
+            self._reap_dead()
+        self._forget([e for e in entries if self.entries.get(e.key) is e
+                      and e.state is FAST and e.pinned and not e.owner and not e.elsewhere])
+
+    def _forget(self, entries) -> None:
+        """Take `entries` (tracked, FAST, not elsewhere) out of the table and the counters."""
+        for entry in entries:
+            key = entry.key
             del self.entries[key]
             if self.lru.get(key) is entry:
                 del self.lru[key]
