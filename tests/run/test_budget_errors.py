@@ -336,6 +336,46 @@ def test_small_batches_kept_in_a_list_count_only_while_a_step_reads_them(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
 
 
+def test_an_op_reading_the_last_batch_beside_the_new_one_keeps_it_counted(tmp_path):
+    """The last step's small batch is let go of where a new batch is met, unless the op
+    that meets it reads the old one too (helper-186: `torch.cat([old, new])` let go of
+    the old batch and then bound it, dead: the step's peak left it out, and a later read
+    of it left the plan in every replay). Every replay follows its plan, bitwise."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(500, 128), torch.nn.Linear(128, 512),
+                                   torch.nn.ReLU(), torch.nn.Linear(512, 500))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 500, (16, 201), generator=g) for _ in range(3)]   # pinned
+
+    def step(model, opt, t):
+        old, new = batches[(t - 1) % 3], batches[t % 3]
+        x = torch.cat([old, new])
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).reshape(-1, 500),
+                                                 x[:, 1:].reshape(-1))
+        (loss + old.float().mean() * 0).backward()
+        opt.step()
+        opt.zero_grad()
+
+    m = build()
+    with outcore.record() as rec:
+        step(m, torch.optim.SGD(m.parameters(), lr=0.1), 1)
+    budget = outcore.smallest_budget(rec.trace)
+    plain, model = build(), build()
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with outcore.OutOfCore(budget, swap_dir=str(tmp_path)) as ooc:
+        for t in range(1, 8):
+            step(plain, plain_opt, t)
+            with ooc.iteration():
+                step(model, opt, t)
+        iterations = ooc.report().iterations
+    assert [it.mode for it in iterations] == ["record"] + ["replay"] * 6, iterations
+    assert all(it.deviation is None for it in iterations), [it.deviation for it in iterations]
+    assert max(it.peak_resident for it in iterations) <= budget
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+
 def test_the_first_iteration_counts_what_existed_before_within_the_budget():
     """Parameters made before the OutOfCore are first seen when an op reads them: their
     room is made before they are counted (OnDemand.before), so the recording iteration's

@@ -538,16 +538,21 @@ class Replayer(HeldMode):
             self._lingering.append(entry)
             self._stranger_bytes += entry.nbytes
 
-    def _new_batch(self) -> None:
+    def _new_batch(self, reading) -> None:
         """An input array of the trace is bound to a storage the last step did not read
-        (a new batch): the last step's inputs that this step has not read (yet) are
-        strangers from now on, so that `_make_room` counts them beside the plan (else the
-        first replay of a loop over pre-built batches holds the old batch beside the new
-        one, over the budget by one batch). Those pinned (small, from numpy, in shared
-        memory) can make no room: they are let go of at once (Residency NOTE 9; kept
-        till the step's end, each replay whose batch was not the last one's passed the
-        budget by that batch, helper-184). Once per iteration."""
-        self.res.let_go_of([e for e in self._inputs if e not in self.aid_of and e.pinned])
+        (a new batch), by an op that reads the storages `reading`: the last step's
+        inputs that this step has not read (yet) are strangers from now on, so that
+        `_make_room` counts them beside the plan (else the first replay of a loop over
+        pre-built batches holds the old batch beside the new one, over the budget by one
+        batch). Those pinned (small, from numpy, in shared memory) can make no room: they
+        are let go of at once (Residency NOTE 9; kept till the step's end, each replay
+        whose batch was not the last one's passed the budget by that batch, helper-184),
+        but not one this op reads too, whose entry binds as the op's slots all match
+        (helper-186: `torch.cat([old, new])` let go of the old batch and bound it dead:
+        counted nowhere, and a later read of it deviated). Once per iteration."""
+        here = {e for s in reading if (e := self.res.entry_of(s)) is not None}
+        self.res.let_go_of([e for e in self._inputs
+                            if e not in self.aid_of and e not in here and e.pinned])
         old = [e for e in self._inputs if e not in self.aid_of and e.state is FAST
                and e.ref() is not None and not e.pinned]
         self._inputs = ()
@@ -856,7 +861,7 @@ class Replayer(HeldMode):
                         self._read_sizes[aid] = nbytes
                     return out
                 if self._inputs and self.is_input[aid] and entry not in self._inputs:
-                    self._new_batch()
+                    self._new_batch(in_storages)
                 if entry is None:
                     untracked.append((len(entries), storage, aid))
                     entries.append(None)
