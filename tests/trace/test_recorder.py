@@ -319,3 +319,25 @@ def test_recording_leaves_torch_compile_compiling():
     before = graphs()
     a(x)
     assert graphs() - before == 1
+
+
+def test_a_recording_inside_a_compiled_function_records_and_leaves_nothing_behind():
+    """torch.compile's stance cannot be set inside a region Dynamo compiles: set there,
+    the recording raised and left its global hooks installed for good (helper-186). It
+    runs outside Dynamo (NOTE [Dynamo kept out]) and records; hooks and stance as before."""
+    import torch._dynamo.eval_frame as eval_frame
+    from torch.nn.modules.module import _global_forward_pre_hooks
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+    model = nn.Linear(16, 16)
+    hooks = (len(_global_optimizer_pre_hooks), len(_global_forward_pre_hooks))
+
+    @torch.compile(backend="eager")
+    def step(x):
+        y = x * 2
+        with outcore.record() as rec:
+            model(y).sum().backward()
+        return rec
+    rec = step(torch.randn(8, 16))
+    assert any("addmm" in f.op for f in rec.trace.functions)
+    assert (len(_global_optimizer_pre_hooks), len(_global_forward_pre_hooks)) == hooks
+    assert eval_frame._stance.stance == "default"

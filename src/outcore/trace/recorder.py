@@ -26,7 +26,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 
 from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
                     autocast_as_entered, call_split, made_outside, note_read_past, op_inputs,
-                    output_tensors, storage_of, written_tensors)
+                    output_tensors, outside_dynamo, storage_of, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -244,6 +244,7 @@ class Recording(OutcoreMode):
         self._host_cpu_s = 0.0          # of which CPU time
 
     # -- context management --------------------------------------------------------------
+    @outside_dynamo         # NOTE [Dynamo kept out] rule 2: a recording in a compiled loop
     def __enter__(self):
         # The first op dispatched into a mode of PyTorch's making (a FlopCounterMode the
         # step pushes; outcore's own have no Dynamo wrapper: NOTE [Dynamo kept out])
@@ -254,12 +255,18 @@ class Recording(OutcoreMode):
                        register_optimizer_step_post_hook(self._leave_optimizer),
                        register_module_forward_pre_hook(self._note_module)]
         _hide_compiled_hook_warning()
-        # torch.compile'd code runs eagerly while the step is recorded, as in
-        # ooc.iteration(): Dynamo meeting it under a dispatch mode marks its frames to be
-        # skipped for good, and every later call of that code (and of a new
-        # torch.compile(nn.Sequential(...))) ran uncompiled, without a word (helper-181).
-        self._stance = torch.compiler.set_stance("force_eager")
         try:
+            # torch.compile'd code runs eagerly while the step is recorded, as in
+            # ooc.iteration(): Dynamo meeting it under a dispatch mode marks its frames to
+            # be skipped for good, and every later call of that code (and of a new
+            # torch.compile(nn.Sequential(...))) ran uncompiled, without a word
+            # (helper-181). Where the stance cannot be set (a PyTorch without it; inside
+            # a region Dynamo compiles), the recording goes on without it.
+            set_stance = getattr(torch.compiler, "set_stance", None)
+            try:
+                self._stance = set_stance("force_eager") if set_stance else None
+            except RuntimeError:
+                self._stance = None
             mode = super().__enter__()
         except BaseException:
             self._unhook()
@@ -269,6 +276,7 @@ class Recording(OutcoreMode):
         self._cpu_thread = threading.get_ident()
         return mode
 
+    @outside_dynamo
     def __exit__(self, exc_type, exc, tb):
         try:
             return super().__exit__(exc_type, exc, tb)
