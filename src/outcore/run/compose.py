@@ -199,7 +199,9 @@ def guard_comm_hook(original, open_outofcore):
             name = str(hook) if builtin else _hook_name(hook)
             if not (name in _SAFE_COMM_HOOKS if builtin else _default_hook(hook)):
                 raise _comm_hook_refused(f"DistributedDataParallel.{original.__name__}"
-                                         f"({name}) while an OutOfCore is open",
+                                         f"({name}) while an OutOfCore is open (DDP "
+                                         "registers one itself for mixed_precision= or "
+                                         "an optimizer in backward)",
                                          "The hook was not registered.")
         return original(self, *args, **kwargs)
     return register
