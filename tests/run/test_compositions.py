@@ -656,3 +656,21 @@ def test_a_comm_hook_registered_after_the_first_iteration_is_refused(one_rank, t
             with ooc.iteration():
                 _step(model, opt, x)
     assert not hasattr(DDP.register_comm_hook, "__wrapped__")     # PyTorch's own again
+
+
+def test_the_peak_stops_counting_fsdps_storages_once_none_is_left():
+    """The sample of FSDP's bytes stayed at its last value once the last of its storages
+    died, and every later peak counted it (helper-186)."""
+    from outcore.run.residency import Residency
+
+    class Mover:
+        device_type = "cpu"
+
+    res = Residency(Mover())
+    gathered = torch.empty(4096).untyped_storage()
+    res.disown(gathered, gathered.nbytes(), "FSDP", foreign=True)
+    res.sample_rss(force=True)                  # samples the 16 KiB FSDP holds
+    del gathered                                # the model is dropped
+    activation = torch.empty(4096)
+    res.track(activation.untyped_storage())
+    assert res.stats.peak_resident == activation.nbytes

@@ -475,6 +475,8 @@ class Residency:
             if entry.foreign or entry.elsewhere:
                 if self.owned.get(entry.key) is entry:
                     del self.owned[entry.key]
+                    if not self.owned:
+                        self._owned_sampled = 0     # none left: the sample would stay
                 entry.state = DEAD
                 continue
             state = entry.state
