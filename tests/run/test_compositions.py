@@ -84,11 +84,8 @@ def test_fsdp2_composes_bitwise(one_rank, tmp_path):
         assert torch.equal(a.to_local(), b.to_local())
 
 
-def test_the_peak_counts_fsdps_storages_as_they_are_when_it_rises():
-    """FSDP's storages are counted at their current size (NOTE [Storages FSDP owns] rule
-    2): one FSDP freed since the last sample, whose room the plan filled at once, is not
-    counted beside what filled it (helper-183: FSDP2 with bf16 parameters, replays over
-    the budget by the 514 KiB of a parameter FSDP had freed)."""
+def _fsdp_storage_sampled():
+    """A Residency with one 16 KiB storage of FSDP's (disowned, foreign), sampled."""
     from outcore.run.residency import Residency
 
     class Mover:
@@ -98,6 +95,15 @@ def test_the_peak_counts_fsdps_storages_as_they_are_when_it_rises():
     gathered = torch.empty(4096).untyped_storage()
     res.disown(gathered, gathered.nbytes(), "FSDP", foreign=True)
     res.sample_rss(force=True)                  # samples the 16 KiB FSDP holds
+    return res, gathered
+
+
+def test_the_peak_counts_fsdps_storages_as_they_are_when_it_rises():
+    """FSDP's storages are counted at their current size (NOTE [Storages FSDP owns] rule
+    2): one FSDP freed since the last sample, whose room the plan filled at once, is not
+    counted beside what filled it (helper-183: FSDP2 with bf16 parameters, replays over
+    the budget by the 514 KiB of a parameter FSDP had freed)."""
+    res, gathered = _fsdp_storage_sampled()
     gathered.resize_(0)                         # FSDP reshards: frees it itself
     activation = torch.empty(4096)
     res.track(activation.untyped_storage())     # the plan fills that room
@@ -661,15 +667,7 @@ def test_a_comm_hook_registered_after_the_first_iteration_is_refused(one_rank, t
 def test_the_peak_stops_counting_fsdps_storages_once_none_is_left():
     """The sample of FSDP's bytes stayed at its last value once the last of its storages
     died, and every later peak counted it (helper-186)."""
-    from outcore.run.residency import Residency
-
-    class Mover:
-        device_type = "cpu"
-
-    res = Residency(Mover())
-    gathered = torch.empty(4096).untyped_storage()
-    res.disown(gathered, gathered.nbytes(), "FSDP", foreign=True)
-    res.sample_rss(force=True)                  # samples the 16 KiB FSDP holds
+    res, gathered = _fsdp_storage_sampled()
     del gathered                                # the model is dropped
     activation = torch.empty(4096)
     res.track(activation.untyped_storage())
