@@ -92,7 +92,7 @@ def test_shorter_steps_replay_and_a_longer_one_grows_the_plan(tmp_path):
     assert modes == [R, R, OK, OK, OK, OFF, R, OK, OK, OK, OK, OK, OK], str(report)
     assert report.iterations[5].outgrew
     assert [it.smaller for it in report.iterations[2:5]] == [True, True, True]
-    assert "the next step of its ops is recorded to plan for the larger sizes" in str(report)
+    assert "the next step of the same ops is recorded to plan for the larger sizes" in str(report)
     assert report.iterations[-1].bytes_read > 0          # the plan moves: not passive
 
 

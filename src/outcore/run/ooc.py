@@ -2356,8 +2356,9 @@ class _Iteration:
                 log.log(logging.WARNING if warn else logging.INFO,
                         "iteration %d deviated from the recorded step (%s); it finished "
                         "on-demand, correct but slower%s", len(ooc._iterations), deviation,
-                        ", and the next step of its ops is recorded to plan for the larger "
-                        "sizes" if grows else
+                        ", and the next step of the same ops (whenever one comes: an "
+                        "optimizer's first step makes state its later ones do not) is "
+                        "recorded to plan for the larger sizes" if grows else
                         ", and steps larger than its plan run so: that plan does not grow "
                         "(the recording that was to grow it was of other ops, or the two "
                         "together did not fit the budget; NOTE [Step shapes] rule 10)"

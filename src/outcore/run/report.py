@@ -483,8 +483,8 @@ class Report:
                              "(NOTE [Step shapes] in run/plans.py, rule 10)")
             if it.deviation and it.outgrew:
                 lines.append(f"        deviated from the record: {it.deviation}; the rest "
-                             "ran on demand, and the next step of its ops is recorded to "
-                             "plan for the larger sizes (NOTE [Step shapes] in "
+                             "ran on demand, and the next step of the same ops is "
+                             "recorded to plan for the larger sizes (NOTE [Step shapes] in "
                              "run/plans.py, rule 10)")
             elif it.deviation:
                 lines.append(f"        deviated from the record: {it.deviation}; the rest "
