@@ -1,4 +1,6 @@
 """`outcore trace` from the command line."""
+import pytest
+
 import outcore
 from outcore.cli.main import main
 
@@ -29,8 +31,12 @@ def test_help_lists_models_and_an_example():
 
 
 def test_bad_batch_is_a_clear_error(capsys):
-    assert main(["trace", "--model", "mlp", "--batch", "0"]) == 2
-    assert "batch must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:      # argparse's own refusal
+        main(["trace", "--model", "mlp", "--batch", "0"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "batch: must be at least 1" in err
+    assert "building" not in err            # refused before a word of progress (helper-187)
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_recording(tmp_path, capsys):

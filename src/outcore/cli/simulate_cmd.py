@@ -220,6 +220,17 @@ def _past_the_device(budgets: list[int], machine: str) -> None:
               "room the framework keeps) to predict a run on it", file=sys.stderr)
 
 
+def _trace_line(trace, recorded) -> str:
+    """What the simulation ran, in words: `trace`, which is `recorded` with the functions
+    recompute inserted where there are any (helper-187: a bare `Trace(...)` repr, in bytes,
+    with more functions than the trace just recorded and nothing saying why)."""
+    remade = len(trace.functions) - len(recorded.functions)
+    return (f"trace: {len(trace.functions):,} functions"
+            + (f" ({remade:,} of them recomputing activations)" if remade > 0 else "")
+            + f", {len(trace.arrays):,} arrays, in-core peak "
+            f"{format_bytes(trace.peak()[0])}, durations {trace.durations}")
+
+
 def run(args) -> int:
     if args.recompute != "none" and (args.together or args.ranks is not None or args.strategy
                                      or args.interconnect):
@@ -287,7 +298,7 @@ def run(args) -> int:
         write(args.timeline, simulated_timeline(*single))
     if len(rows) == 1 and single is not None:
         trace, schedule, sim = single
-        print(repr(trace))
+        print(_trace_line(trace, first))
         print(schedule.summary(trace=trace, max_lines=0))
         print(sim)
         limit = physical_limit(trace, schedule.budget, args.machine)

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
                + "\n\nexample:\n  outcore trace --model resnet50 --batch 1440 --device meta -o r50.json")
     p.add_argument("--model", required=True, choices=sorted(workloads.SPECS), metavar="NAME",
                    help="built-in model (listed below)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
+    p.add_argument("--batch", type=_positive, default=None, help="batch size (default: per model)")
     p.add_argument("--device", choices=("meta", "cpu"), default="meta",
                    help="meta: no memory or compute, estimated durations (default); "
                         "cpu: run for real, measured durations")
