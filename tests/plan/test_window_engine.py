@@ -358,7 +358,7 @@ def test_auto_screens_only_the_configurations_it_is_given():
     assert everything.options["chosen"] == name
     alone = outcore.plan(t, 12, screen=[i])
     assert alone.options["screened"] == [[name, extra, None]]      # nothing to compare: not simulated
-    assert f"  auto screened one configuration, {name}" in alone.summary()
+    assert f"  auto planned one configuration alone, {name}" in alone.summary()
     assert (alone.begin, alone.end) == (everything.begin, everything.end)
     for bad in ([], [len(auto.SCREEN)], "0", [-1]):
         with pytest.raises(OutcoreError, match="screen must be a non-empty list of indices"):

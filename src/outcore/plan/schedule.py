@@ -116,8 +116,9 @@ class Schedule:
             cells.append(f"{name}{' (' + shown + ')' if shown else ''}"
                          + (f" {seconds * 1e3:.1f} ms" if seconds is not None else ""))
         if len(tried) == 1 and tried[0][2] is None:
-            return [f"  auto screened one configuration, {cells[0]}: not simulated, nothing "
-                    "to compare it with"]
+            return [f"  auto planned one configuration alone, {cells[0]}: others are "
+                    "screened only on traces short enough to plan each within about a "
+                    "second (plan/policies/auto.py), so none was simulated to compare"]
         return [f"  auto tried (simulated iteration on {self.options.get('machine')}): "
                 + "; ".join(cells)]
 
