@@ -296,7 +296,9 @@ def test_outcore_simulate_recompute(tmp_path, capsys):
     budget = f"{int(t.peak()[0] * 0.9)}B"
     assert main(["simulate", str(path), "--budget", budget, "--recompute", "all"]) == 0
     rewritten = recompute.rewrite(t, recompute.candidates(t))
-    assert f"Trace({len(rewritten.functions)} functions" in capsys.readouterr().out
+    remade = len(rewritten.functions) - len(t.functions)
+    assert (f"trace: {len(rewritten.functions):,} functions ({remade:,} of them recomputing "
+            "activations)") in capsys.readouterr().out
     assert main(["simulate", str(path), "--budget", budget + "," + f"{t.peak()[0]}B",
                  "--recompute", "all"]) == 0
     assert " rc " in capsys.readouterr().out
