@@ -105,7 +105,7 @@ from .recording import SafeRecording
 from . import on_demand, plans, sharing
 from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, grown_aside,
                     recorded_ops, shape_of, sizes_after)
-from .replay import Replayer
+from .replay import ANOTHER_TRACKED, Replayer
 from .report import OVER_BUDGET_WHY, IterationLog, IterationStats, Report
 from .residency import Residency, movable
 
@@ -1618,7 +1618,7 @@ class OutOfCore:
                 and seen[2] - seen[1] == seen[1] - seen[0] > 1
                 and self._plans.times[shape] >= 3):
             self._warned_period = True
-            if "another array than recorded (one outcore tracks already)" in reason:
+            if ANOTHER_TRACKED in reason:
                 # Replay after replay finds a tensor it knows where the record had another:
                 # parts of the model taken in turns (helper-182: a head per task, in turn,
                 # each a Linear of one size, recorded and deviating every other step).

@@ -102,6 +102,9 @@ def _op_schema_name(op: str) -> str:
 
 
 FRESH_OR_BINDING = FRESH_ARGUMENT_OPS | BINDING_OPS
+# The end of a deviation's reason where the tensor read in place of the recorded one is a
+# storage outcore tracks already (parts of the model taken in turns: OutOfCore._periodic).
+ANOTHER_TRACKED = "reads another array than recorded (one outcore tracks already)"
 
 
 class _Tables:
@@ -871,10 +874,10 @@ class Replayer(HeldMode):
                 small = self._runs_small(func, args, kwargs, in_storages)
                 if not small:
                     self._note_replaced(aid, storage, inputs)
-                known = " (one outcore tracks already)" if entry is not None else ""
-                return self._off_record(f"function {i} ({name}) reads another array than "
-                                        f"recorded{known}", func, args, kwargs, in_storages,
-                                        small)
+                why = (ANOTHER_TRACKED if entry is not None
+                       else "reads another array than recorded")
+                return self._off_record(f"function {i} ({name}) {why}", func, args, kwargs,
+                                        in_storages, small)
             entries.append(entry)
         for aid, entry in binds:        # only once every slot matched (an extra binds none)
             self._bind(aid, entry)
