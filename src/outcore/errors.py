@@ -50,6 +50,14 @@ class TraceError(OutcoreError):
     """A trace could not be recorded, loaded or understood."""
 
 
+# How an InfeasibleBudget or HostBudgetTooSmall found after the step had begun to change
+# state ends: that OutOfCore stops for good, its remedy applies to a new one (helper-188
+# followed the advice, make_movable(optimizer, ooc), and the same OutOfCore refused on).
+STOPPED = ("later iterations of this OutOfCore will not start: close() it (the model and the "
+           "optimizer keep their values) and train on with a new OutOfCore, made after the "
+           "change above.")
+
+
 class InfeasibleBudget(OutcoreError):
     """No schedule can keep the step within the requested fast-tier budget.
 

@@ -336,6 +336,32 @@ def test_small_batches_kept_in_a_list_count_only_while_a_step_reads_them(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
 
 
+def test_a_refused_iterations_small_batch_is_not_counted_by_the_next_recording(tmp_path):
+    """helper-188: each iteration refused (InfeasibleBudget: the optimizer's step needs
+    more), tried again on a new batch object of the same values, kept in a list: the
+    refused iteration's small targets (pinned) were not let go of at its end (only a
+    completed step's are), and every retry's need grew by one batch. A recording lets go
+    of them as it starts, as a replay does (Residency NOTE 8)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)],
+                                torch.nn.Linear(256, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)
+    batches = [(x.clone(), y.clone()) for _ in range(4)]        # kept: the user's list
+    needs = []
+    with outcore.OutOfCore(800_000, swap_dir=str(tmp_path)) as ooc:
+        for bx, by in batches:
+            with pytest.raises(outcore.InfeasibleBudget) as refused:
+                with ooc.iteration():
+                    torch.nn.functional.cross_entropy(model(bx), by).backward()
+                    opt.step()
+                    opt.zero_grad()
+            opt.zero_grad()
+            needs.append(refused.value.min_feasible_bytes)
+    assert needs == [needs[0]] * len(batches), needs
+
+
 def test_an_op_reading_the_last_batch_beside_the_new_one_keeps_it_counted(tmp_path):
     """The last step's small batch is let go of where a new batch is met, unless the op
     that meets it reads the old one too (helper-186: `torch.cat([old, new])` let go of

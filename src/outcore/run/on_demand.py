@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
-from ..errors import InfeasibleBudget
+from ..errors import STOPPED, InfeasibleBudget
 from ..units import exact_bytes, format_bytes
 from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
@@ -772,12 +772,11 @@ def infeasible(index: int, what: str, phase: str, movable: int, pinned: int, bud
         + ("This iteration had left its recorded step (a step that differs from the recorded "
            "one, such as one that calls optimizer.step() only every few iterations) and ran "
            "op by op; it was completed correctly, over the budget, and no later op of it "
-           "needed more than this one; later iterations of this OutOfCore will not start."
+           "needed more than this one; " + STOPPED
            if deviated else
            "The optimizer step had begun (its state or the parameters had changed) when this "
            "was found, so the step was completed correctly, over the budget, and no later op "
-           "of it needed more than this one; later iterations of this OutOfCore will not "
-           "start."
+           "of it needed more than this one; " + STOPPED
            if completed else
            f"The optimizer has not changed any parameter in this iteration, but the step "
            f"had written {wrote} tensor{'s' if wrote > 1 else ''} that existed before it in "

@@ -77,8 +77,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
 from .. import aten
-from ..errors import (HostBudgetTooSmall, InfeasibleBudget, OutcoreError, SwapSpaceExhausted,
-                      kept_warnings, no_room)
+from ..errors import (STOPPED, HostBudgetTooSmall, InfeasibleBudget, OutcoreError,
+                      SwapSpaceExhausted, kept_warnings, no_room)
 from ..memory.malloc import (PROCESS_SLACK_BYTES, PROCESS_SLACK_SHARE, make_governor,
                              page_faults, process_slack, resident_bytes)
 from ..memory.pages import torch_huge_pages
@@ -1449,7 +1449,7 @@ class OutOfCore:
                 "host memory between iterations (it cannot be mapped into GPU tensors from "
                 f"the disk). Raise host_budget to at least {format_bytes(needed)}, or raise the "
                 "budget so that more of it stays in GPU memory. This step completed "
-                "correctly; later iterations of this OutOfCore will not start.",
+                "correctly; " + STOPPED,
                 needed_bytes=needed, host_budget=self.host_budget)
         if not needed or aten.SWAPS_DATA_PTR:
             return
@@ -1467,7 +1467,7 @@ class OutOfCore:
                 "read back into the fast tier at every iteration's end, where at most "
                 f"{format_bytes(room)} is free. Upgrade PyTorch (2.13 has it), or raise the "
                 "budget so that less state leaves the fast tier. This step completed "
-                "correctly; later iterations of this OutOfCore will not start.",
+                "correctly; " + STOPPED,
                 needed_bytes=needed, host_budget=self.host_budget)
 
     def _disowned(self, recording: SafeRecording) -> dict:
@@ -1945,6 +1945,11 @@ class _Iteration:
         self.base = ooc._rss_start
         ooc._composition.disown_fsdp(res)
         if self.recording:
+            # Residency NOTE 8, as a replay starts: the pinned storages of an iteration
+            # that raised (its small batch, kept by the user) were not let go of at its
+            # end, and each such iteration made the next recording count one more batch
+            # (helper-188: refused again and again, the need grew by a batch each time).
+            res.let_go(set(ooc._carried.values()) | set(ooc._inputs))
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}",
                                       fsdp_uninitialized=ooc._composition.fsdp_uninitialized(),
