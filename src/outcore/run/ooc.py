@@ -1945,10 +1945,8 @@ class _Iteration:
         self.base = ooc._rss_start
         ooc._composition.disown_fsdp(res)
         if self.recording:
-            # Residency NOTE 8, as a replay starts: the pinned storages of an iteration
-            # that raised (its small batch, kept by the user) were not let go of at its
-            # end, and each such iteration made the next recording count one more batch
-            # (helper-188: refused again and again, the need grew by a batch each time).
+            # Residency NOTE 8, as a replay starts: an iteration that raised let go of
+            # none of its pinned storages (its small batch, which the user keeps).
             res.let_go(set(ooc._carried.values()) | set(ooc._inputs))
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}",

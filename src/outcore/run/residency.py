@@ -68,7 +68,9 @@ NOTE [Residency invariants]
      of earlier steps, a small loss the user keeps in a list) are let go of (`let_go`):
      they never move, so counting them would only shrink the room the plan has, more
      with every step whose inputs the user keeps. A later step that reads one tracks it
-     again, as a new entry. Those a collective or FSDP owns stay (NOTE 5).
+     again, as a new entry. Those a collective or FSDP owns stay (NOTE 5). A step that
+     raised lets go of none: the next one does as it starts, a replay or a recording
+     (helper-188: refused again and again, each retry counted one more kept batch).
   9. So are a step's inputs that a replay holds no more at the step's end while the
      user does, where they are resident (`Replayer.left_behind`): a batch the plan
      freed after its last read, kept in the user's list, and the last step's batch
