@@ -121,6 +121,20 @@ class Elided:
             peak_resident=it.peak_resident, rss_above_start=it.rss_above_start,
             unmanaged=it.unmanaged)
 
+    @staticmethod
+    def over(rows, budget: int) -> "Elided":
+        """`add` of each of `rows` (in order) to an empty summary, a column at a time
+        rather than a new summary per row (the same sums, in the same order): a report
+        printed at every iteration folded its up to 500 listed rows one by one, 7.8 ms a
+        print after 520 iterations (helper-189)."""
+        parts = [Elided.of(it, budget) for it in rows]
+        if not parts:
+            return Elided()
+        columns = [f.name for f in fields(Elided) if f.name not in ("first_index", "last_index")]
+        return Elided(**{name: (max if name in Elided._LARGEST else sum)(
+            getattr(part, name) for part in parts) for name in columns},
+            first_index=parts[0].first_index, last_index=parts[-1].last_index)
+
     def add(self, it: IterationStats, budget: int) -> "Elided":
         """This summary with iteration `it` in it too (iterations come in order)."""
         return self.join(Elided.of(it, budget))
@@ -424,13 +438,9 @@ class Report:
     def _middle(self, rows) -> str:
         """One line for the iterations between those printed: `rows`, listed, and the
         elided ones, between the first and the last listed."""
-        before, after = Elided(), Elided()
-        for it in rows:
-            if self.elided.count and it.index > self.elided.last_index:
-                after = after.add(it, self.budget)
-            else:
-                before = before.add(it, self.budget)
-        middle = before.join(self.elided).join(after)
+        later = [it for it in rows if self.elided.count and it.index > self.elided.last_index]
+        before = Elided.over(rows[:len(rows) - len(later)], self.budget)
+        middle = before.join(self.elided).join(Elided.over(later, self.budget))
         if rows and self.elided.count:
             where = (f"not printed: ooc.report().iterations lists {len(rows)} of them, the "
                      "others are summed in its `elided`")
