@@ -1917,6 +1917,7 @@ class _Iteration:
         ooc._pager.stop()           # its trims between iterations are no iteration's
         res.end_exports()           # numpy arrays dropped since (NOTE [Sharing ...], rule 9)
         sharing.install_late(open_outofcore)    # a saver imported since: rule 13
+        self.tracked_before = res.tracked   # Residency NOTE 8: what this iteration first tracks
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
@@ -1945,9 +1946,6 @@ class _Iteration:
         self.base = ooc._rss_start
         ooc._composition.disown_fsdp(res)
         if self.recording:
-            # Residency NOTE 8, as a replay starts: an iteration that raised let go of
-            # none of its pinned storages (its small batch, which the user keeps).
-            res.let_go(set(ooc._carried.values()) | set(ooc._inputs))
             self.mode = SafeRecording(res, ooc.budget, ooc._shield,
                                       label=f"iteration {len(ooc._iterations) + 1}",
                                       fsdp_uninitialized=ooc._composition.fsdp_uninitialized(),
@@ -2127,6 +2125,8 @@ class _Iteration:
             if not errors:            # Residency NOTE 8 and 9
                 res.let_go(set(ooc._carried.values()) | set(ooc._inputs),
                            also=() if self.recording else mode.left_behind())
+        if (exc is not None or errors) and self.before is not None:       # NOTE 8 there
+            res.let_go_since(self.tracked_before, set(ooc._carried.values()) | set(ooc._inputs))
         _raise_or_note(exc, errors)
 
     def _enter_mode(self) -> None:

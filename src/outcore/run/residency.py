@@ -69,8 +69,9 @@ NOTE [Residency invariants]
      they never move, so counting them would only shrink the room the plan has, more
      with every step whose inputs the user keeps. A later step that reads one tracks it
      again, as a new entry. Those a collective or FSDP owns stay (NOTE 5). A step that
-     raised lets go of none: the next one does as it starts, a replay or a recording
-     (helper-188: refused again and again, each retry counted one more kept batch).
+     raised lets go of those it first tracked (`let_go_since`): helper-188, refused
+     again and again, each retry on a new batch the user kept, counted one more batch
+     in every recording after it.
   9. So are a step's inputs that a replay holds no more at the step's end while the
      user does, where they are resident (`Replayer.left_behind`): a batch the plan
      freed after its last read, kept in the user's list, and the last step's batch
@@ -223,6 +224,8 @@ class Entry:
     remake: object = None
     # Residency.aging when last used: `evict_lru` evicts the least `used + cost` first.
     used: float = 0.0
+    # Residency.tracked when it was first tracked: which iteration first saw it (NOTE 8).
+    serial: int = 0
 
     @property
     def occupies_fast(self) -> bool:
@@ -248,6 +251,7 @@ class Residency:
         self.mover = mover
         self.min_move_bytes = min_move_bytes
         self.entries: dict[int, Entry] = {}
+        self.tracked = 0        # entries made so far (Entry.serial)
         self.resident = 0                       # bytes of managed storages in fast memory
         self.offloaded = 0                      # bytes of live managed storages only on the slow tier
         self.pinned_resident = 0                # the part of `resident` that never moves
@@ -318,6 +322,8 @@ class Residency:
             entry = Entry(key, None, nbytes, pinned=elsewhere or small
                           or not movable(storage), elsewhere=elsewhere)
             entry.ref = weakref.ref(storage, self._died(entry))
+            self.tracked += 1
+            entry.serial = self.tracked
             self.entries[key] = entry
             if nbytes > self.largest:
                 self.largest = nbytes
@@ -375,6 +381,18 @@ class Residency:
                 and not e.elsewhere and e not in keep}
         self._forget([entry for entry in self.entries.values()
                       if entry in also or not (self.stays(entry) or entry in keep)])
+
+    def let_go_since(self, serial: int, keep) -> None:
+        """`let_go(keep)` of the entries first tracked after `serial` (Entry.serial) only:
+        an iteration that raised lets go of what it first saw, its small batch the user
+        keeps (NOTE 8), and of nothing made before it (a model made under `building()`
+        is tracked from there, its small storages pinned: counted in the base as state
+        made under the OutOfCore, and let go of at a first iteration that raised, they
+        were taken for state made before it)."""
+        if self._dead:
+            self._reap_dead()
+        self._forget([e for e in self.entries.values() if e.serial > serial and e not in keep
+                      and not self.stays(e)])
 
     def let_go_of(self, entries) -> None:
         """Stop tracking now, within a step, those of `entries` still tracked that are
