@@ -474,6 +474,43 @@ def test_heads_taken_in_turns_get_the_hint_that_fits(caplog, tmp_path):
     assert "new one in every step" not in hints[0]
 
 
+def test_heads_of_one_size_taken_in_turns_replay_one_plan(tmp_path):
+    """A head per task, heads of one size, one task a step, Adam with its default
+    zero_grad (the other head's gradients None, so the step does not touch that head at
+    all; helper-182): the plan of one head's step deviated at the other head's weight,
+    every other step, its plan dropped and recorded again, for good. The step now swaps
+    the two heads' storages in the plan where the first reads one (NOTE [Step shapes]
+    rule 13): after the warm-up every step replays. Bitwise, within the budget."""
+    def run(ooc=None):
+        torch.manual_seed(0)
+        trunk = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+        heads = [torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)]
+        params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        losses = []
+        for i in range(12):
+            x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                loss = heads[i % 2](trunk(x)).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.detach())
+        state = [t for s in opt.state.values() for t in s.values()]
+        return [*losses, *params, *state]
+    plain = run()
+    with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        got = run(ooc)
+        report = ooc.report()
+    assert len(got) == len(plain) and all(torch.equal(a, b) for a, b in zip(plain, got))
+    assert all(it.peak_resident <= report.budget for it in report.iterations)
+    later = report.iterations[4:]
+    assert [it.mode for it in later] == ["replay"] * len(later), [
+        (it.mode, it.deviation) for it in report.iterations]
+    assert not any(it.deviation for it in later)
+    assert all(it.bytes_read for it in later), "the plan moves the heads"
+
+
 def test_steps_of_a_new_shape_between_training_steps_get_the_hint_that_fits(caplog, tmp_path):
     """Training alternating with generate() of a growing length (helper-51, a GPT-2 from
     its config: /tmp/hunt5/gpt2.py): every generate step was recorded, each a new shape,

@@ -183,6 +183,21 @@ lets every iteration replay.
      helper-172's evaluation every 100 steps deviated all 10 times. Three times,
      equally spaced: a shape that comes at random is seldom absent that long and back
      at one period (helper-174's simulation: ~6 more deviations in 400k steps).
+ 13. Parts of a model of one size taken in turns (a head per task, one task a step) give
+     steps of one shape that read other state: the plan of one head's step read the
+     other head's weight where it had its own, deviated (rule 5 dropped it), and the
+     loop recorded or deviated every other step for good (helper-182). Where function i
+     is the first of the step to read a state array, and reads there another tracked
+     storage of its size that is state of the step's too, not read yet in it, or state
+     of none of its arrays (the other head, untouched while its gradients are None),
+     and no other plan reads it there (rule 9, tried first), the replay swaps the two
+     storages' arrays and goes on (`Replayer._in_turns`, `_take_turns`): the plan's
+     storage goes to the slow tier (dropped where read ahead for function i, else
+     written), the other is read back, unplanned, so the count stays on the plan's
+     curve. Every step after the warm-up replays, reading the other head back where it
+     reads it first. Not where the step then reads the swapped storages in the
+     record's order (an optimizer over both heads, `zero_grad(set_to_none=False)`): it
+     deviates there, later in the step than before.
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that

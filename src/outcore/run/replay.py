@@ -524,6 +524,41 @@ class Replayer(HeldMode):
                     self.replaced.add(arr.origin)
                 return
 
+    def _in_turns(self, i: int, aid: int, entry) -> bool:
+        """Rule 13 of NOTE [Step shapes]: function i, the first of the step to read state
+        array `aid`, reads another tracked storage of its size, state of the step too or of
+        none of its arrays, not read yet in this step: parts of a model of one size taken
+        in turns (a head per task, one task a step: helper-182). The plan goes on with the
+        two swapped (`_take_turns`), where no other plan reads it there (rule 9)."""
+        bound, trace = self.by_id[aid], self.trace
+        if (entry is None or bound is None or entry in self._lasting or self._sources
+                or not self.is_state[aid] or trace.arrays[aid].first_use != i):
+            return False
+        if any(e.pinned or e.owner or e.elsewhere or e.nbytes != self.nbytes[aid]
+               for e in (entry, bound)):
+            return False
+        other = self.aid_of.get(entry)
+        return other is None or (self.is_state[other] and trace.arrays[other].first_use > i
+                                 and self.nbytes[other] == self.nbytes[aid])
+
+    def _take_turns(self, aid: int, entry) -> None:
+        """Bind array `aid` to `entry` and the array `entry` was bound to, if any, to the
+        storage `aid` had (`_in_turns`). The plan has `aid` resident here, and the other
+        wherever it has it: the storage `aid` had goes to the slow tier first (dropped
+        where its copy there is current: read ahead for this function, the usual case;
+        else written, and waited for), so that reading `entry` back (unplanned, in
+        `ready_all`) keeps the count on the plan's curve."""
+        res, bound = self.res, self.by_id[aid]
+        other = self.aid_of.pop(entry, None)
+        self.aid_of.pop(bound, None)
+        self._bind(aid, entry)
+        if other is not None:
+            self._bind(other, bound)
+        if bound.state is IN:
+            res.ready(bound)
+        res.evict(bound, unplanned=not bound.clean)
+        res.finish(bound)
+
     def _bind(self, aid: int, entry) -> None:
         """Array `aid` of the trace is `entry`'s storage in this iteration."""
         self.by_id[aid] = entry
@@ -836,7 +871,7 @@ class Replayer(HeldMode):
             return self._off_record(f"function {i} ({name}) reads more arrays than recorded",
                                     func, args, kwargs, in_storages,
                                     self._runs_small(func, args, kwargs, in_storages))
-        entries, untracked, binds = [], [], []
+        entries, untracked, binds, turns = [], [], [], []
         for storage, aid in zip(in_storages, expected):
             # A storage first seen here is counted only once its slot binds: one where the
             # record had another array leaves it uncounted and goes on demand, which makes
@@ -872,6 +907,12 @@ class Replayer(HeldMode):
                 binds.append((aid, entry))
             elif bound is not entry:
                 small = self._runs_small(func, args, kwargs, in_storages)
+                if not small and self._in_turns(i, aid, entry):
+                    if self._switch(name, False, in_storages):      # rule 9 first
+                        return self._one(func, args, kwargs)
+                    turns.append((aid, entry))
+                    entries.append(entry)
+                    continue
                 if not small:
                     self._note_replaced(aid, storage, inputs)
                 why = (ANOTHER_TRACKED if entry is not None
@@ -879,6 +920,8 @@ class Replayer(HeldMode):
                 return self._off_record(f"function {i} ({name}) {why}", func, args, kwargs,
                                         in_storages, small)
             entries.append(entry)
+        for aid, entry in turns:        # only once every slot matched, as binds
+            self._take_turns(aid, entry)
         for aid, entry in binds:        # only once every slot matched (an extra binds none)
             self._bind(aid, entry)
         if self._stranger_bytes:        # rarely: no call per op otherwise
