@@ -187,17 +187,23 @@ lets every iteration replay.
      steps of one shape that read other state: the plan of one head's step read the
      other head's weight where it had its own, deviated (rule 5 dropped it), and the
      loop recorded or deviated every other step for good (helper-182). Where function i
-     is the first of the step to read a state array, and reads there another tracked
-     storage of its size that is state of the step's too, not read yet in it, or state
-     of none of its arrays (the other head, untouched while its gradients are None),
-     and no other plan reads it there (rule 9, tried first), the replay swaps the two
-     storages' arrays and goes on (`Replayer._in_turns`, `_take_turns`): the plan's
-     storage goes to the slow tier (dropped where read ahead for function i, else
-     written), the other is read back, unplanned, so the count stays on the plan's
-     curve. Every step after the warm-up replays, reading the other head back where it
-     reads it first. Not where the step then reads the swapped storages in the
-     record's order (an optimizer over both heads, `zero_grad(set_to_none=False)`): it
-     deviates there, later in the step than before.
+     is the first of the step to read a state array, and reads there another storage
+     of its size that the step has not read yet, and no other plan reads it there (rule
+     9, tried first), the replay swaps the two storages' arrays and goes on
+     (`Replayer._in_turns`, `_take_turns`): where both are movable, the other is tracked
+     and is state of the step's too or of none of its arrays (the other head, untouched
+     while its gradients are None), the plan's storage goes to the slow tier (dropped
+     where read ahead for function i, else written) and the other is read back,
+     unplanned, so the count stays on the plan's curve; where the plan's is pinned (a
+     head's small bias), one that would be pinned too, tracked or not (a pinned storage
+     no step starts from is let go of between steps, Residency NOTE 8), takes its place
+     and the plan's is let go of, so that the two are not counted together. Small ops
+     swap too: run off the record instead (rule 4b), a skipped layer's small state stood
+     beside the plan's, which the plan still read in, over the budget (helper-192,
+     stochastic depth at min_move_bytes=0). Every step after the warm-up replays,
+     reading the other head back where it reads it first. Not where the step then reads
+     the swapped storages in the record's order (an optimizer over both heads,
+     `zero_grad(set_to_none=False)`): it deviates there, later in the step than before.
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that

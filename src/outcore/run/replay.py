@@ -42,7 +42,7 @@ from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
 from .plans import (SMALL_OP_BYTES, Ran, family_of, function_keys, shape_of, sizes_after,
                     sizes_made)
-from .residency import Residency
+from .residency import Residency, movable
 from .steplog import StepLog
 
 
@@ -524,18 +524,25 @@ class Replayer(HeldMode):
                     self.replaced.add(arr.origin)
                 return
 
-    def _in_turns(self, i: int, aid: int, entry) -> bool:
+    def _in_turns(self, i: int, aid: int, entry, storage) -> bool:
         """Rule 13 of NOTE [Step shapes]: function i, the first of the step to read state
-        array `aid`, reads another tracked storage of its size, state of the step too or of
-        none of its arrays, not read yet in this step: parts of a model of one size taken
-        in turns (a head per task, one task a step: helper-182). The plan goes on with the
-        two swapped (`_take_turns`), where no other plan reads it there (rule 9)."""
-        bound, trace = self.by_id[aid], self.trace
-        if (entry is None or bound is None or entry in self._lasting or self._sources
-                or not self.is_state[aid] or trace.arrays[aid].first_use != i):
+        array `aid`, reads another storage of its size that the step has not read yet:
+        tracked and state of the step too or of none of its arrays, both movable; or, where
+        the plan's is pinned (small: a head's bias), one that would be pinned too, tracked
+        or not (a pinned storage no step starts from is let go of: Residency NOTE 8).
+        Parts of a model of one size taken in turns (a head per task, one task a step:
+        helper-182). The plan goes on with the two swapped (`_take_turns`), where no other
+        plan reads it there (rule 9)."""
+        bound, trace, res = self.by_id[aid], self.trace, self.res
+        if (bound is None or entry in self._lasting or self._sources or not self.is_state[aid]
+                or trace.arrays[aid].first_use != i or bound.owner or bound.elsewhere
+                or bound.nbytes != self.nbytes[aid]):
             return False
-        if any(e.pinned or e.owner or e.elsewhere or e.nbytes != self.nbytes[aid]
-               for e in (entry, bound)):
+        if entry is None:           # rule 7's binding anew, for a pinned array of any size
+            return (bound.pinned and bound.state is FAST and storage.nbytes() == bound.nbytes
+                    and (bound.nbytes < res.min_move_bytes or not movable(storage)))
+        if (entry.owner or entry.elsewhere or entry.nbytes != bound.nbytes
+                or entry.pinned != bound.pinned or bound.pinned and bound.state is not FAST):
             return False
         other = self.aid_of.get(entry)
         return other is None or (self.is_state[other] and trace.arrays[other].first_use > i
@@ -543,20 +550,29 @@ class Replayer(HeldMode):
 
     def _take_turns(self, aid: int, entry) -> None:
         """Bind array `aid` to `entry` and the array `entry` was bound to, if any, to the
-        storage `aid` had (`_in_turns`). The plan has `aid` resident here, and the other
-        wherever it has it: the storage `aid` had goes to the slow tier first (dropped
-        where its copy there is current: read ahead for this function, the usual case;
-        else written, and waited for), so that reading `entry` back (unplanned, in
-        `ready_all`) keeps the count on the plan's curve."""
+        storage `aid` had (`_in_turns`; `entry` None: a pinned storage not tracked yet,
+        bound as `_one` tracks it). The plan has `aid` resident here, and the other wherever
+        it has it: the storage `aid` had goes to the slow tier first (dropped where its
+        copy there is current: read ahead for this function, the usual case; else
+        written, and waited for), so that reading `entry` back (unplanned, in `ready_all`)
+        keeps the count on the plan's curve. A pinned one cannot move: where no array of
+        the plan is left bound to it, it is let go of (Residency NOTE 8), and counted no
+        more beside the one that takes its place."""
         res, bound = self.res, self.by_id[aid]
-        other = self.aid_of.pop(entry, None)
+        other = self.aid_of.pop(entry, None) if entry is not None else None
         self.aid_of.pop(bound, None)
-        self._bind(aid, entry)
+        self.by_id[aid] = None
+        if entry is not None:
+            self._bind(aid, entry)
         if other is not None:
             self._bind(other, bound)
+        elif bound.pinned:
+            res.let_go_of([bound])
+        if bound.pinned:
+            return
         if bound.state is IN:
             res.ready(bound)
-        res.evict(bound, unplanned=not bound.clean)
+        res.evict(bound, unplanned=True)
         res.finish(bound)
 
     def _bind(self, aid: int, entry) -> None:
@@ -906,13 +922,15 @@ class Replayer(HeldMode):
                     continue
                 binds.append((aid, entry))
             elif bound is not entry:
-                small = self._runs_small(func, args, kwargs, in_storages)
-                if not small and self._in_turns(i, aid, entry):
+                if self._in_turns(i, aid, entry, storage):
                     if self._switch(name, False, in_storages):      # rule 9 first
                         return self._one(func, args, kwargs)
                     turns.append((aid, entry))
+                    if entry is None:                  # pinned both: tracked below
+                        untracked.append((len(entries), storage, aid))
                     entries.append(entry)
                     continue
+                small = self._runs_small(func, args, kwargs, in_storages)
                 if not small:
                     self._note_replaced(aid, storage, inputs)
                 why = (ANOTHER_TRACKED if entry is not None
