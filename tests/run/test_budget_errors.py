@@ -340,8 +340,9 @@ def test_a_refused_iterations_small_batch_is_not_counted_by_the_next_recording(t
     """helper-188: each iteration refused (InfeasibleBudget: the optimizer's step needs
     more), tried again on a new batch object of the same values, kept in a list: the
     refused iteration's small targets (pinned) were not let go of at its end (only a
-    completed step's are), and every retry's need grew by one batch. A recording lets go
-    of them as it starts, as a replay does (Residency NOTE 8)."""
+    completed step's are), and every retry's need grew by one batch. An iteration that
+    raised lets go of the pinned storages it first tracked (Residency.let_go_since, NOTE
+    8)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)],
                                 torch.nn.Linear(256, 10))
