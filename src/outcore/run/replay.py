@@ -42,7 +42,7 @@ from . import recompute
 from .on_demand import OnDemand, created_bytes, infeasible, mark_written, needed
 from .plans import (SMALL_OP_BYTES, Ran, family_of, function_keys, shape_of, sizes_after,
                     sizes_made)
-from .residency import Residency, movable
+from .residency import Residency
 from .steplog import StepLog
 
 
@@ -528,8 +528,9 @@ class Replayer(HeldMode):
         """Rule 13 of NOTE [Step shapes]: function i, the first of the step to read state
         array `aid`, reads another storage of its size that the step has not read yet:
         tracked and state of the step too or of none of its arrays, both movable; or, where
-        the plan's is pinned (small: a head's bias), one that would be pinned too, tracked
-        or not (a pinned storage no step starts from is let go of: Residency NOTE 8).
+        the plan's is pinned, one pinned too, tracked, or under min_move_bytes and not
+        tracked (a head's bias: a pinned storage no step starts from is let go of between
+        steps, Residency NOTE 8).
         Parts of a model of one size taken in turns (a head per task, one task a step:
         helper-182). The plan goes on with the two swapped (`_take_turns`), where no other
         plan reads it there (rule 9)."""
@@ -538,9 +539,9 @@ class Replayer(HeldMode):
                 or trace.arrays[aid].first_use != i or bound.owner or bound.elsewhere
                 or bound.nbytes != self.nbytes[aid]):
             return False
-        if entry is None:           # rule 7's binding anew, for a pinned array of any size
+        if entry is None:           # rule 7's binding anew, for a small pinned array of any op
             return (bound.pinned and bound.state is FAST and storage.nbytes() == bound.nbytes
-                    and (bound.nbytes < res.min_move_bytes or not movable(storage)))
+                    and bound.nbytes < res.min_move_bytes)
         if (entry.owner or entry.elsewhere or entry.nbytes != bound.nbytes
                 or entry.pinned != bound.pinned or bound.pinned and bound.state is not FAST):
             return False
