@@ -333,10 +333,12 @@ def test_a_step_that_changes_with_a_period_it_does_not_follow_gets_one_hint(capl
 
 
 def test_a_step_whose_shapes_follow_the_data_gets_no_period_hint(caplog):
-    """A larger batch at every iteration: every replay outgrows its plan, and the
-    iteration after it is recorded, planned for the larger sizes (NOTE [Step shapes]
-    rule 10), at 2, 4, 6: the hint about optimizer.step() every n iterations would be
-    wrong there (it was given, the review found: a sparse gradient's changing size)."""
+    """A larger batch at every iteration: a replay outgrows its plan, and the iteration
+    after it is recorded, planned for the larger sizes (NOTE [Step shapes] rule 10), at
+    2 and 6 (each plan grown holds the arrays that grew 1/8 larger: the batches of 18 and
+    19 replay it; 2, 4 and 6 before): the hint about optimizer.step() every n iterations
+    would be wrong there (it was given, the review found: a sparse gradient's changing
+    size)."""
     import logging
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(128, 384), torch.nn.ReLU(), torch.nn.Linear(384, 10))
@@ -349,7 +351,7 @@ def test_a_step_whose_shapes_follow_the_data_gets_no_period_hint(caplog):
                 opt.step()
                 opt.zero_grad()
         deviated = [it.index for it in ooc.report().iterations if it.deviation]
-    assert deviated == [2, 4, 6], deviated
+    assert deviated == [2, 6], deviated
     assert all(it.outgrew for it in ooc.report().iterations if it.deviation)
     assert not [r for r in caplog.records if "one in every" in r.getMessage()]
 

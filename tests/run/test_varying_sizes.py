@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import outcore
 from outcore.run import plans
+from outcore.run.plans import GROWTH_MARGIN
 
 from .test_small_ops import _Convs
 
@@ -124,8 +125,10 @@ def test_a_short_last_batch_replays_a_plan_that_recomputes(tmp_path):
 def test_lengths_at_random_train_bitwise_within_the_budget(lengths, tmp_path):
     """Any lengths: bitwise equal, under the budget; a replay that left its plan because
     an array was larger than planned is followed by a recording, and a replay that
-    finished its plan, tracking, was of no longer a step than one recorded or outgrown
-    before it (a replay of a plan that moves nothing follows op names only)."""
+    finished its plan, tracking, was of no longer a step than 9/8 of one recorded or
+    outgrown before it (a plan grown plans each array that grew 1/GROWTH_MARGIN larger:
+    NOTE [Step shapes] rule 10; a replay of a plan that moves nothing follows op names
+    only)."""
     report = _twins(lengths, tmp_path)
     its = report.iterations
     for i, it in enumerate(its[:-1]):
@@ -134,7 +137,7 @@ def test_lengths_at_random_train_bitwise_within_the_budget(lengths, tmp_path):
     seen = 0                        # the longest step recorded or outgrown so far
     for n, it in zip(lengths, its):
         if it.mode == "replay" and it.tracked and not it.deviation:
-            assert n <= seen, str(report)
+            assert n * GROWTH_MARGIN <= seen * (GROWTH_MARGIN + 1), str(report)
         if it.mode == "record" or it.outgrew:
             seen = max(seen, n)
 

@@ -104,7 +104,7 @@ from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
 from . import on_demand, plans, sharing
 from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, grown_aside,
-                    recorded_ops, shape_of, sizes_after)
+                    recorded_ops, shape_of, sizes_after, with_margin)
 from .replay import ANOTHER_TRACKED, Replayer
 from .report import OVER_BUDGET_WHY, IterationLog, IterationStats, Report
 from .residency import Residency, movable
@@ -1248,6 +1248,7 @@ class OutOfCore:
         family = family_of(ops)      # the envelope's is the same
         outgrown, sizes = self._outgrowing.pop(family, (None, None))
         grown = envelope(outgrown.recorded, trace, sizes) if outgrown is not None else None
+        padded = with_margin(grown, outgrown.recorded, trace, sizes) if grown is not None else None
         if outgrown is None or grown is None and recorded_ops(outgrown.recorded) != ops:
             outgrown, grown = self._grown_aside(trace, outgrown, sizes)   # small ops aside
             family = family if outgrown is None else outgrown.family
@@ -1258,7 +1259,7 @@ class OutOfCore:
                 grown = envelope(largest.recorded, trace)
                 if grown is not None:
                     outgrown, borrowed = largest, True
-        for trace in (grown, recording.trace) if grown is not None else (trace,):
+        for trace in [t for t in (padded, grown) if t is not None] + [recording.trace]:
             held = held_arrays(trace, disowned)
             owned = owned_arrays(trace, (aid for aid, foreign in disowned.items() if foreign))
             pinned = pinned_peak(trace, self._res.min_move_bytes, held, owned)
@@ -1280,6 +1281,7 @@ class OutOfCore:
                 log.info("the larger sizes of this step and the last do not fit the budget "
                          "together: planning this step's own")
         recorded = trace
+        grew = recorded is grown or recorded is padded      # rule 10: a plan of the envelope
         started = time.perf_counter()
         options = dict(self.plan_options)
         chosen, plannable, schedule = choose_recompute(
@@ -1323,16 +1325,16 @@ class OutOfCore:
                                          if a.kind == "persistent" and a.existed_before),
                     started_from=dict(self._carried), held_beside=beside,
                     held_in_step=frozenset(e for e in in_step if e.owner or e.pinned),
-                    recorded=recorded, grows=outgrown is None or borrowed or recorded is grown,
+                    recorded=recorded, grows=outgrown is None or borrowed or grew,
                     made_state=any(a.category == "optimizer_state" and not a.existed_before
                                    for a in trace.arrays),
                     # of the family it grew (_grown_aside); a record planned alone is
                     # of its own ops' (helper-93)
-                    family=family if recorded is grown else family_of(ops))
+                    family=family if grew else family_of(ops))
         self._plans.add(plan)
-        if recorded is grown and outgrown.shape != plan.shape:
+        if grew and outgrown.shape != plan.shape:
             self._plans.drop(outgrown.shape)        # the larger plan covers its steps
-        elif outgrown is not None and recorded is not grown and not borrowed:
+        elif outgrown is not None and not grew and not borrowed:
             outgrown.grows = False                  # no loop of recordings (rule 10)
         self._use(plan)
         self._ending = Ending(plan.shape, alive)

@@ -149,7 +149,13 @@ lets every iteration replay.
      (`OutOfCore._grown_aside`; helper-89: the entry waited, and the next step of the
      family was recorded again, two recordings for one growth). So the plans grow
      to the largest sizes the data brings, one recording each time a step passes them,
-     and a step of any size under them replays. (Where the envelope needs more than the
+     and a step of any size under them replays. Each array that grew is planned
+     1/GROWTH_MARGIN (an eighth) larger than its largest (`with_margin`; a small one up
+     to SMALL_OP_BYTES at most), the envelope alone where that does not fit: sizes that
+     follow the data (the tokens routed to each of several experts) passed their largest
+     on many steps for a long while, a recording each time (helper-190: tiny Mixtral
+     with eager experts, 14 recordings in 40 iterations; with the margin 3, then only
+     replays). (Where the envelope needs more than the
      budget somewhere, though both records fit, or the record is of another shape, the
      record alone is planned, and a step that outgrows that plan is not followed by a
      recording: no loop of recordings.) Rule 9
@@ -195,9 +201,10 @@ lets every iteration replay.
      while its gradients are None), the plan's storage goes to the slow tier (dropped
      where read ahead for function i, else written) and the other is read back,
      unplanned, so the count stays on the plan's curve; where the plan's is pinned (a
-     head's small bias), one that would be pinned too, tracked or not (a pinned storage
-     no step starts from is let go of between steps, Residency NOTE 8), takes its place
-     and the plan's is let go of, so that the two are not counted together. Small ops
+     head's small bias), one pinned too, tracked, or under min_move_bytes and not tracked
+     (a pinned storage no step starts from is let go of between steps, Residency NOTE 8),
+     takes its place and the plan's is let go of, so that the two are not counted
+     together. Small ops
      swap too: run off the record instead (rule 4b), a skipped layer's small state stood
      beside the plan's, which the plan still read in, over the budget (helper-192,
      stochastic depth at min_move_bytes=0). Every step after the warm-up replays,
@@ -344,6 +351,36 @@ def envelope(old, new, grown=None):
         workspace_bytes=max(f.workspace_bytes, g.workspace_bytes))
         for f, g in zip(old.functions, new.functions))
     return dataclasses.replace(new, functions=functions, arrays=arrays)
+
+
+# Rule 10: an array whose size differed between the records and the step that outgrew
+# them is planned this share larger than its largest (1/GROWTH_MARGIN).
+GROWTH_MARGIN = 8
+
+
+def with_margin(grown, old, new, sizes=None):
+    """Rule 10: the envelope `grown` of the records `old` and `new` (and of `sizes`, the
+    step that outgrew `old`) with each array that outgrew `old` in `new` or `sizes`
+    planned 1/GROWTH_MARGIN larger than its largest; None where none did. Sizes that follow
+    the data (the tokens routed to each of several experts, `nonzero`'s output) each pass
+    their largest so far on many steps for a long while, and each time a recording grew
+    the plan to just that (helper-190: tiny Mixtral with eager experts, 14 recordings in
+    40 iterations); with room above it, a step passes it once in a while. Small arrays
+    (SMALL_OP_BYTES at most) grow to SMALL_OP_BYTES at most: their ops stay small (rule
+    1 of NOTE [Small ops off the record])."""
+    if grown is None:
+        return None
+    sizes = sizes or {}
+    arrays, padded = [], False
+    for a, b, g in zip(old.arrays, new.arrays, grown.arrays):
+        if max(b.nbytes, sizes.get(b.id, 0)) > a.nbytes:
+            nbytes = g.nbytes + g.nbytes // GROWTH_MARGIN
+            if g.nbytes <= SMALL_OP_BYTES:
+                nbytes = min(nbytes, SMALL_OP_BYTES)
+            if nbytes > g.nbytes:
+                g, padded = dataclasses.replace(g, nbytes=nbytes), True
+        arrays.append(g)
+    return dataclasses.replace(grown, arrays=tuple(arrays)) if padded else None
 
 
 def _later(a, b):
