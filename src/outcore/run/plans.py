@@ -353,8 +353,8 @@ def envelope(old, new, grown=None):
     return dataclasses.replace(new, functions=functions, arrays=arrays)
 
 
-# Rule 10: an array whose size differed between the records and the step that outgrew
-# them is planned this share larger than its largest (1/GROWTH_MARGIN).
+# Rule 10: an array that outgrew its plan is planned this share of its largest size
+# larger than that (1/GROWTH_MARGIN): `with_margin`.
 GROWTH_MARGIN = 8
 
 
