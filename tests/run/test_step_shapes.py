@@ -442,10 +442,13 @@ def test_a_new_parameter_every_step_deviates_within_the_budget_and_is_named(capl
 
 
 def test_heads_taken_in_turns_get_the_hint_that_fits(caplog, tmp_path):
-    """A head per task, taken in turns, each a Linear of one size (helper-182): the steps
-    have one shape, so the plan of one head's step deviates at the other's, every other
-    step. The hint named a tensor replaced every step ("update it in place"), which the
-    loop never does; it names the turns and what to do. Bitwise, within the budget."""
+    """A head per task, taken in turns, each a Linear of one size, and an optimizer that
+    steps both heads every step (zero_grad(set_to_none=False): the idle head's zero
+    gradients step too; helper-182): the steps have one shape; rule 13 swaps the heads
+    where the step first reads the other one, but the optimizer reads them in their own
+    order, and the step deviates there, every other step. The hint named a tensor
+    replaced every step ("update it in place"), which the loop never does; it names the
+    turns and what to do. Bitwise, within the budget."""
     import logging
 
     def run(ooc=None):
