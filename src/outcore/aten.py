@@ -361,6 +361,24 @@ def outside_dynamo(function):
     return function
 
 
+def eager_stance():
+    """torch.compile's "force_eager" stance, entered: its context, to `__exit__` when the
+    block or recording ends; None where nothing needs it or it cannot be set. Dynamo
+    compiles nothing under a dispatch mode, but code it compiled before runs its kernels
+    past the mode, on storages a plan moved out (a segmentation fault), and met under a
+    recording it marks that code skipped for good (helper-181); the stance runs the
+    original Python instead. Without torch._dynamo imported nothing was compiled (and
+    importing it costs seconds); a PyTorch without the stance, or a region Dynamo
+    compiles (RuntimeError), goes on without it."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if "torch._dynamo" not in sys.modules or set_stance is None:
+        return None
+    try:
+        return set_stance("force_eager")
+    except RuntimeError:
+        return None
+
+
 _SKIPS_OUTCORE = []
 
 

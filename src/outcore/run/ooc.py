@@ -66,7 +66,6 @@ import functools
 import gc
 import logging
 import os
-import sys
 import threading
 import time
 import typing
@@ -2140,13 +2139,8 @@ class _Iteration:
         _raise_or_note(exc, errors)
 
     def _enter_mode(self) -> None:
-        """Push the dispatch mode, with torch.compile'd code run eagerly: Dynamo compiles
-        nothing under a dispatch mode, but code it compiled before runs its kernels all
-        the same, past the mode, on storages the plan has moved out (a segmentation
-        fault). The "force_eager" stance runs the original Python instead. Without
-        torch._dynamo imported nothing was compiled (and importing it costs seconds)."""
-        if "torch._dynamo" in sys.modules:
-            self.stance = torch.compiler.set_stance("force_eager")
+        """Push the dispatch mode, with torch.compile'd code run eagerly (`eager_stance`)."""
+        self.stance = aten.eager_stance()
         self.mode.__enter__()
         self.entered = True
         mode = self.mode

@@ -25,8 +25,9 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
 from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
-                    autocast_as_entered, call_split, made_outside, note_read_past, op_inputs,
-                    output_tensors, outside_dynamo, storage_of, written_tensors)
+                    autocast_as_entered, call_split, eager_stance, made_outside,
+                    note_read_past, op_inputs, output_tensors, outside_dynamo, storage_of,
+                    written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -257,16 +258,11 @@ class Recording(OutcoreMode):
         _hide_compiled_hook_warning()
         try:
             # torch.compile'd code runs eagerly while the step is recorded, as in
-            # ooc.iteration(): Dynamo meeting it under a dispatch mode marks its frames to
-            # be skipped for good, and every later call of that code (and of a new
+            # ooc.iteration(): Dynamo meeting it under a dispatch mode marked its frames
+            # to be skipped for good, and every later call of that code (and of a new
             # torch.compile(nn.Sequential(...))) ran uncompiled, without a word
-            # (helper-181). Where the stance cannot be set (a PyTorch without it; inside
-            # a region Dynamo compiles), the recording goes on without it.
-            set_stance = getattr(torch.compiler, "set_stance", None)
-            try:
-                self._stance = set_stance("force_eager") if set_stance else None
-            except RuntimeError:
-                self._stance = None
+            # (helper-181).
+            self._stance = eager_stance()
             mode = super().__enter__()
         except BaseException:
             self._unhook()
