@@ -1,4 +1,5 @@
-"""The physical limit of a step: no schedule of `trace` under `budget` runs faster on
+"""The physical limit of a step: no schedule of `trace` under `budget` runs an iteration
+(the step and the state it moves between iterations, `Simulation.iteration_time_s`) faster on
 `machine` (the simulator's model: functions one after another on the compute lane, each
 link moving one copy at a time; `simulate` without `comm`: collectives on their own
 lane cost no compute there, and `simulate_ranks` counts host time differently).
@@ -19,9 +20,31 @@ exact. For a moment τ between two functions c - 1 and c:
 
 So the step takes at least max(compute before, written / link_out) + max(compute after,
 read / link_in), for every cut; the limit is the largest of those, the step's compute,
-and the pressure bound below. It ignores the links' latency and holds for a shared link
-too (a shared link is only slower). A property test checks that no simulated schedule
-beats it.
+and the pressure bound below. It ignores the links' latency. A property test checks
+that no simulated schedule beats it.
+
+NOTE [Both directions]. The cut bound above counts, on each side of τ, the copies of one
+direction only; on a link the two directions share (a disk: `Machine.shared_link`, or
+`link_both`) the copies of the other direction take their time on the same side too,
+and from one iteration to the next two more kinds are forced (counted over the
+iteration: a schedule may move state between iterations instead, `Simulation.boundary_s`,
+where no compute hides it):
+
+- `read_before`: state that existed before the step and that functions before c use
+  (read or change: `write` needs its contents) is on the slow tier at the start unless
+  resident, and at most the budget is: at least `used before c - budget` bytes are read
+  before τ;
+- `written_after`: state alive at the step's end and last changed by function c or
+  later (the optimizer's parameters and moments) must have a current slow copy at the
+  end unless resident then, and at most the budget is: at least `changed from c -
+  budget` bytes are written after τ.
+
+Each side then takes at least the larger of its compute and its copies' time: `read /
+link_in + written / link_out` on a shared link, the largest of each direction's time
+and `(read + written) / link_both` on a duplex one, the larger direction's on two. On a
+disk this is where an Adam step at a quarter budget is bound: after backward's last
+cut, the optimizer reads the moments and parameters back and writes them out again
+with little compute beside them (docs/planning.md, "The physical limit").
 
 NOTE [Pressure bound]. The cut bound counts bytes, not where the fast tier is full. A
 function j holds its operands and workspace at once (`needs`, plan/feasibility.py). An
@@ -97,13 +120,15 @@ class Pressure:
 
 @dataclass(frozen=True)
 class Limit:
-    seconds: float          # no schedule of the step under the budget is faster
+    seconds: float          # no iteration (step and boundary) under the budget is faster
     compute_s: float        # the step's compute on the machine (the limit with room to spare)
     cut: int | None         # the cut bound's binding cut lies before this function (None: none
                             # beats compute)
     written: int            # bytes the out-link must carry before that cut
     read: int               # bytes the in-link must carry after it
     pressure: Pressure | None = None   # set when the pressure bound binds
+    read_before: int = 0    # state the in-link must carry before the cut (NOTE [Both
+    written_after: int = 0  # directions]); state the out-link must carry after it
 
     @property
     def binding(self) -> str:
@@ -122,13 +147,27 @@ class Limit:
                     f"of the step, {p.stall_s * 1e3:.1f} ms more than their compute")
         if self.cut is None:
             return f"{head}: the step's compute"
+        before = f"at least {format_bytes(self.written)} must be written out"
+        if self.read_before:
+            before += f" and {format_bytes(self.read_before)} of state read back"
+        after = f"{format_bytes(self.read)} read back"
+        if self.written_after:
+            after += f" and {format_bytes(self.written_after)} of state written out"
         return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): "
-                f"before function {self.cut} at least {format_bytes(self.written)} must be "
-                f"written out, after it {format_bytes(self.read)} read back")
+                f"before function {self.cut} {before}, after it {after}")
+
+
+def _side(m, read: int, written: int) -> float:
+    """The least time a side of a cut spends on copies (NOTE [Both directions])."""
+    if m.shared_link:
+        return read / m.link_in + written / m.link_out
+    apart = max(read / m.link_in, written / m.link_out)
+    return max(apart, (read + written) / m.link_both) if m.link_both else apart
 
 
 def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
-    """The cut bound of the module docstring for `trace` under `budget` on `machine`."""
+    """The cut bound of the module docstring for `trace` under `budget` on `machine`: no
+    iteration of the step under the budget (`Simulation.iteration_time_s`) is faster."""
     require_trace(trace, "physical_limit")
     m = get_machine(machine)
     budget = parse_bytes(budget)
@@ -141,7 +180,17 @@ def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
     # Per cut c in 1..n-1 (before function c): bytes alive across it, of which existed
     # before the step, and of which never used again (difference arrays).
     alive, existed, unused = ([0] * (n + 1) for _ in range(3))
+    # NOTE [Both directions]: per function, the state it is the first to use, and the
+    # state alive at the end that it is the last to change.
+    first_used, last_changed = [0] * n, [0] * n
+    changed = {acc.array: fn.index for fn in trace.functions for acc in fn.accesses
+               if acc.kind != "read"}
     for a, release in zip(trace.arrays, release_points(trace)):
+        if a.existed_before and any(acc.array == a.id and acc.kind != "create"
+                                    for acc in trace.functions[a.first_use].accesses):
+            first_used[a.first_use] += a.nbytes
+        if a.kind == "persistent" and release >= n - 1 and a.id in changed:
+            last_changed[changed[a.id]] += a.nbytes
         lo = 1 if a.existed_before else a.first_use + 1
         if release < lo:
             continue
@@ -151,7 +200,8 @@ def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
                 table[start] += a.nbytes
                 table[release + 1] -= a.nbytes
     before = 0.0
-    run_alive = run_existed = run_unused = 0
+    run_alive = run_existed = run_unused = used_before = 0
+    changed_from = sum(last_changed)
     for c in range(n):
         run_alive += alive[c]
         run_existed += existed[c]
@@ -159,10 +209,15 @@ def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
         if c:
             written = max(0, run_alive - budget - run_existed)
             read = max(0, run_alive - budget - run_unused)
-            seconds = (max(before, written / m.link_out) + max(total - before, read / m.link_in))
+            read_before = max(0, used_before - budget)        # NOTE [Both directions]
+            written_after = max(0, changed_from - budget)
+            seconds = (max(before, _side(m, read_before, written))
+                       + max(total - before, _side(m, read, written_after)))
             if seconds > best.seconds:
-                best = Limit(seconds, total, c, written, read)
+                best = Limit(seconds, total, c, written, read, None, read_before, written_after)
         before += compute[c]
+        used_before += first_used[c]
+        changed_from -= last_changed[c]
     pressure = _pressure(trace, budget, m, compute)
     if total + pressure.stall_s > best.seconds:
         best = Limit(total + pressure.stall_s, total, best.cut, best.written, best.read, pressure)
@@ -319,8 +374,7 @@ def _pressure(trace, budget: int, m, compute: list[float]) -> Pressure:
                         before[2] + (nbytes if out else 0), before[3] + ((lo, u),))
         for i in range(bisect.bisect_right(starts, u)):
             start = starts[i]
-            over = (max(read[i] / m.link_in, written[i] / m.link_out)
-                    - (prefix[u] - prefix[start]))
+            over = _side(m, read[i], written[i]) - (prefix[u] - prefix[start])
             if over <= 0:
                 continue
             before = done_best[bisect.bisect_right(done_u, start - 1) - 1]
