@@ -40,11 +40,12 @@ where no compute hides it):
   budget` bytes are written after τ.
 
 Each side then takes at least the larger of its compute and its copies' time: `read /
-link_in + written / link_out` on a shared link, the largest of each direction's time
-and `(read + written) / link_both` on a duplex one, the larger direction's on two. On a
-disk this is where an Adam step at a quarter budget is bound: after backward's last
-cut, the optimizer reads the moments and parameters back and writes them out again
-with little compute beside them (docs/planning.md, "The physical limit").
+link_in + written / link_out` on a shared link; on a duplex one the largest of each
+direction's time and `(read + written) / link_both` (over a direction's own speed where
+that is more); on two, the larger direction's. On a disk this is where a step with SGD
+momentum or Adam at a quarter budget is bound: after backward's last cut, the
+optimizer reads parameters and moments back and writes them out again, with little
+compute beside them (docs/planning.md, "The physical limit").
 
 NOTE [Pressure bound]. The cut bound counts bytes, not where the fast tier is full. A
 function j holds its operands and workspace at once (`needs`, plan/feasibility.py). An
@@ -60,7 +61,8 @@ the end of function L - 1 to the start of function U, while functions L..U-1 com
 Windows of copies count only toward intervals that contain them whole; in intervals
 [L, U) that do not overlap (the next starts after U, so that the stall before U belongs
 to one of them), the step spends at least max(compute of L..U-1, bytes in / link_in,
-bytes out / link_out) in each and computes everything else outside them: the step
+bytes out / link_out) in each (on a shared link the two added: `_side`, NOTE [Both
+directions]) and computes everything else outside them: the step
 takes at least its compute plus, summed over the intervals, what their copies exceed
 their compute by. A dynamic program over the windows' ends (`_pressure`) finds the
 intervals that give the most. The bound binds where one function needs nearly the whole
@@ -162,7 +164,10 @@ def _side(m, read: int, written: int) -> float:
     if m.shared_link:
         return read / m.link_in + written / m.link_out
     apart = max(read / m.link_in, written / m.link_out)
-    return max(apart, (read + written) / m.link_both) if m.link_both else apart
+    if not m.link_both:
+        return apart
+    # Both at once carry link_both together; one alone its own speed, which may be more.
+    return max(apart, (read + written) / max(m.link_both, m.link_in, m.link_out))
 
 
 def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
