@@ -175,7 +175,7 @@ def main() -> None:
             print(f"{head} {s.bytes_moved / 1e9:.1f} | {held_written(run, s) / 1e9:.1f} | {bound} "
                   f"| {sim.step_time_s * 1e3:.0f} "
                   f"| {rate:.1f} | {100 * rate / base_rate:.0f}% | {lim * 1e3:.0f} "
-                  f"| {lim / sim.iteration_time_s:.2f} | {sim.physical_limit_s * 1e3:.0f} |")
+                  f"| {lim / sim.step_time_s:.2f} | {sim.physical_limit_s * 1e3:.0f} |")
     print(f"\n(took {time.perf_counter() - start:.0f} s)")
 
 

@@ -55,11 +55,11 @@ def test_state_read_before_a_cut_and_written_after_it_shares_a_disk_with_the_cut
     assert limit.binding == "cut" and limit.cut == 4 and abs(limit.seconds - 14.0) < 1e-9
     assert (limit.read_before, limit.written, limit.read, limit.written_after) == (3, 0, 3, 3)
     assert str(limit).endswith("before function 4 at least 0 B must be written out and 3 B of "
-                               "state read back, after it 3 B read back and 3 B of state "
-                               "written out")
+                               "what existed before the step read back, after it 3 B read "
+                               "back and 3 B of state written out")
     for policy in POLICIES:
         options = {"machine": disk} if policy == "auto" else {}
-        assert outcore.simulate(t, outcore.plan(t, 5, policy, **options), disk).iteration_time_s >= 14.0
+        assert outcore.simulate(t, outcore.plan(t, 5, policy, **options), disk).step_time_s >= 14.0
     # On two links of 1 B/s the optimizer's reads and writes overlap: 8 + 3 = 11 s is the
     # cut bound, below the pressure bound here.
     apart = physical_limit(t, 5, dataclasses.replace(disk, shared_link=False))
@@ -124,7 +124,7 @@ def test_no_schedule_beats_the_physical_limit(trace, fraction, link, duration_sc
     for policy in POLICIES:
         options = {"machine": m} if policy == "auto" else {}
         sim = outcore.simulate(trace, outcore.plan(trace, budget, policy, **options), m)
-        assert sim.iteration_time_s >= limit.seconds * (1 - 1e-9), (policy, limit)
+        assert sim.step_time_s >= limit.seconds * (1 - 1e-9), (policy, limit)
 
 
 
@@ -157,4 +157,4 @@ def test_no_schedule_of_an_optimizer_step_beats_the_physical_limit(trace, fracti
     for policy in POLICIES:
         options = {"machine": m} if policy == "auto" else {}
         sim = outcore.simulate(trace, outcore.plan(trace, budget, policy, **options), m)
-        assert sim.iteration_time_s >= limit.seconds * (1 - 1e-9), (policy, limit)
+        assert sim.step_time_s >= limit.seconds * (1 - 1e-9), (policy, limit)

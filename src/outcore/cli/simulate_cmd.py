@@ -302,9 +302,8 @@ def run(args) -> int:
         print(schedule.summary(trace=trace, max_lines=0))
         print(sim)
         limit = physical_limit(trace, schedule.budget, args.machine)
-        print(f"  {limit}; this iteration (the step and what moves between iterations) "
-              f"takes {sim.iteration_time_s / limit.seconds:.2f}x it (no schedule under this "
-              "budget is faster on this machine)")
+        print(f"  {limit}; this step takes {sim.step_time_s / limit.seconds:.2f}x it "
+              "(no schedule under this budget is faster on this machine)")
         if args.timeline:
             print(f"timeline written to {args.timeline} (open it in ui.perfetto.dev or "
                   "chrome://tracing)")

@@ -1,5 +1,4 @@
-"""The physical limit of a step: no schedule of `trace` under `budget` runs an iteration
-(the step and the state it moves between iterations, `Simulation.iteration_time_s`) faster on
+"""The physical limit of a step: no schedule of `trace` under `budget` runs faster on
 `machine` (the simulator's model: functions one after another on the compute lane, each
 link moving one copy at a time; `simulate` without `comm`: collectives on their own
 lane cost no compute there, and `simulate_ranks` counts host time differently).
@@ -23,32 +22,38 @@ read / link_in), for every cut; the limit is the largest of those, the step's co
 and the pressure bound below. It ignores the links' latency. A property test checks
 that no simulated schedule beats it.
 
-NOTE [Both directions]. The cut bound above counts, on each side of τ, the copies of one
-direction only; on a link the two directions share (a disk: `Machine.shared_link`, or
-`link_both`) the copies of the other direction take their time on the same side too,
-and from one iteration to the next two more kinds are forced (counted over the
-iteration: a schedule may move state between iterations instead, `Simulation.boundary_s`,
-where no compute hides it):
+NOTE [Both directions]. The cut bound above counts on each side of τ the copies of one
+direction only. Two more kinds are forced there, and on a link the two directions share
+(a disk: `Machine.shared_link`; or `link_both`) they take their time on the same side:
 
-- `read_before`: state that existed before the step and that functions before c use
-  (read or change: `write` needs its contents) is on the slow tier at the start unless
-  resident, and at most the budget is: at least `used before c - budget` bytes are read
-  before τ;
-- `written_after`: state alive at the step's end and last changed by function c or
-  later (the optimizer's parameters and moments) must have a current slow copy at the
-  end unless resident then, and at most the budget is: at least `changed from c -
-  budget` bytes are written after τ.
+- `read_before`: an array that existed before the step (state, an input) and that a
+  function before c uses (reads or changes: `write` needs its contents) is on the slow
+  tier at the step's start unless resident then, and at most the budget is (R2 of
+  plan/check.py): at least `used before c - budget` bytes are read before τ;
+- `written_after`: persistent state alive at the step's end and last changed by
+  function c or later (the optimizer's parameters and moments) must have a current slow
+  copy at the step's end unless resident then, and at most the budget is: at least
+  `changed from c - budget` bytes are written after τ.
+
+Both happen inside the step whatever the schedule moves between iterations
+(`Simulation.boundary_s` comes on top), so the limit bounds the step alone. The cuts
+before the first function and after the last count too: there one side is all of the
+step, and the other has only these copies.
 
 Each side then takes at least the larger of its compute and its copies' time: `read /
 link_in + written / link_out` on a shared link; on a duplex one the largest of each
 direction's time and `(read + written) / link_both` (over a direction's own speed where
-that is more); on two, the larger direction's. On a disk this is where a step with SGD
+that is more: `Machine.transfer_end` never lets two copies at once carry more than
+link_both, nor one alone more than its own speed); on two, the larger direction's. On a disk this is where a step with SGD
 momentum or Adam at a quarter budget is bound: after backward's last cut, the
 optimizer reads parameters and moments back and writes them out again, with little
 compute beside them (docs/planning.md, "The physical limit").
 
 NOTE [Pressure bound]. The cut bound counts bytes, not where the fast tier is full. A
-function j holds its operands and workspace at once (`needs`, plan/feasibility.py). An
+function j holds its operands and workspace at once (`needs`, plan/feasibility.py, which
+also holds an input from the step's start to its first use: the executor cannot move an
+input before an op has touched it; check.replay does not ask it, so a hand-made schedule
+that swaps an input out earlier can beat this bound, helper-194). An
 array a that j does not use, and that does not fit beside them (needs[j] + a > budget),
 cannot occupy the fast tier while j runs. So where such a j lies between two uses of a,
 u1 < j < u2 (or before the first use of state that existed before the step), a is read
@@ -97,6 +102,7 @@ three functions before: about 0.25 s of the read stands in the open, twice.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass
 
 from ..plan.feasibility import needs, occupancy, release_points
@@ -122,15 +128,17 @@ class Pressure:
 
 @dataclass(frozen=True)
 class Limit:
-    seconds: float          # no iteration (step and boundary) under the budget is faster
+    seconds: float          # no schedule of the step under the budget is faster
     compute_s: float        # the step's compute on the machine (the limit with room to spare)
     cut: int | None         # the cut bound's binding cut lies before this function (None: none
-                            # beats compute)
+                            # beats compute; `functions`: after the last)
     written: int            # bytes the out-link must carry before that cut
     read: int               # bytes the in-link must carry after it
     pressure: Pressure | None = None   # set when the pressure bound binds
-    read_before: int = 0    # state the in-link must carry before the cut (NOTE [Both
-    written_after: int = 0  # directions]); state the out-link must carry after it
+    read_before: int = 0    # what existed before the step that the in-link must carry
+                            # before the cut (NOTE [Both directions])
+    written_after: int = 0  # state the out-link must carry after the cut
+    functions: int = 0      # the step's
 
     @property
     def binding(self) -> str:
@@ -151,12 +159,14 @@ class Limit:
             return f"{head}: the step's compute"
         before = f"at least {format_bytes(self.written)} must be written out"
         if self.read_before:
-            before += f" and {format_bytes(self.read_before)} of state read back"
+            before += (f" and {format_bytes(self.read_before)} of what existed before the "
+                       "step read back")
         after = f"{format_bytes(self.read)} read back"
         if self.written_after:
             after += f" and {format_bytes(self.written_after)} of state written out"
-        return (f"{head} (compute {self.compute_s * 1e3:.1f} ms): "
-                f"before function {self.cut} {before}, after it {after}")
+        where = ("after the last function" if self.cut == self.functions
+                 else f"before function {self.cut}")
+        return f"{head} (compute {self.compute_s * 1e3:.1f} ms): {where} {before}, after it {after}"
 
 
 def _side(m, read: int, written: int) -> float:
@@ -171,22 +181,22 @@ def _side(m, read: int, written: int) -> float:
 
 
 def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
-    """The cut bound of the module docstring for `trace` under `budget` on `machine`: no
-    iteration of the step under the budget (`Simulation.iteration_time_s`) is faster."""
+    """The cut bound of the module docstring for `trace` under `budget` on `machine`, or
+    the pressure bound where it is more: no schedule of the step is faster."""
     require_trace(trace, "physical_limit")
     m = get_machine(machine)
     budget = parse_bytes(budget)
     n = len(trace.functions)
     compute = [m.compute_time(fn) for fn in trace.functions]
     total = sum(compute)
-    best = Limit(total, total, None, 0, 0)
-    if n < 2:
+    best = Limit(total, total, None, 0, 0, functions=n)
+    if not n:
         return best
-    # Per cut c in 1..n-1 (before function c): bytes alive across it, of which existed
-    # before the step, and of which never used again (difference arrays).
+    # Per cut c in 0..n (before function c; n: after the last): bytes alive across it, of
+    # which existed before the step, and of which never used again (difference arrays).
     alive, existed, unused = ([0] * (n + 1) for _ in range(3))
-    # NOTE [Both directions]: per function, the state it is the first to use, and the
-    # state alive at the end that it is the last to change.
+    # NOTE [Both directions]: per function, what existed before the step that it is the
+    # first to use, and the state alive at the end that it is the last to change.
     first_used, last_changed = [0] * n, [0] * n
     changed = {acc.array: fn.index for fn in trace.functions for acc in fn.accesses
                if acc.kind != "read"}
@@ -207,25 +217,27 @@ def physical_limit(trace, budget, machine="cpu-disk") -> Limit:
     before = 0.0
     run_alive = run_existed = run_unused = used_before = 0
     changed_from = sum(last_changed)
-    for c in range(n):
+    for c in range(n + 1):
         run_alive += alive[c]
         run_existed += existed[c]
         run_unused += unused[c]
-        if c:
-            written = max(0, run_alive - budget - run_existed)
-            read = max(0, run_alive - budget - run_unused)
-            read_before = max(0, used_before - budget)        # NOTE [Both directions]
-            written_after = max(0, changed_from - budget)
-            seconds = (max(before, _side(m, read_before, written))
-                       + max(total - before, _side(m, read, written_after)))
-            if seconds > best.seconds:
-                best = Limit(seconds, total, c, written, read, None, read_before, written_after)
-        before += compute[c]
-        used_before += first_used[c]
-        changed_from -= last_changed[c]
+        written = max(0, run_alive - budget - run_existed)
+        read = max(0, run_alive - budget - run_unused)
+        read_before = max(0, used_before - budget)        # NOTE [Both directions]
+        written_after = max(0, changed_from - budget)
+        seconds = (max(before, _side(m, read_before, written))
+                   + max(total - before, _side(m, read, written_after)))
+        if seconds > best.seconds:
+            best = Limit(seconds, total, c, written, read, None, read_before, written_after, n)
+        if c < n:
+            before += compute[c]
+            used_before += first_used[c]
+            changed_from -= last_changed[c]
+    if n < 2:
+        return best
     pressure = _pressure(trace, budget, m, compute)
     if total + pressure.stall_s > best.seconds:
-        best = Limit(total + pressure.stall_s, total, best.cut, best.written, best.read, pressure)
+        best = dataclasses.replace(best, seconds=total + pressure.stall_s, pressure=pressure)
     return best
 
 
