@@ -97,3 +97,26 @@ def test_an_infeasible_budget_names_the_inputs_waiting_for_their_first_use():
                        match=r"function 0 .*needs 10 B .*, 6 B of it tensors that existed "
                              r"before the step and that it only reads"):
         outcore.plan(trace, 9)
+
+
+def test_check_refuses_an_input_moved_before_its_first_use():
+    # R8: the executor learns an input's storage at its first use, and the physical
+    # limit's pressure bound counts on it staying there; a hand-made schedule that swaps
+    # x out after f0 and reads it back for f3 simulated below that bound (helper-194).
+    from outcore.errors import ScheduleError
+    from outcore.plan.check import replay
+    from outcore.plan.schedule import FREE, WAIT, Action
+
+    from .helpers import build
+    t = build({"x": (4, "input"), "a": 4, "b": 8}, ["f0 c:a", "f1 c:b", "f2 r:a", "f3 r:x"])
+    x, a, b = 0, 1, 2
+    end = [[Action(SWAP_OUT, x), Action(WAIT, x)], [Action(FREE, b)], [Action(FREE, a)],
+           [Action(FREE, x)]]
+    begin = [[], [], [Action(SWAP_IN, x)], []]
+    with pytest.raises(ScheduleError, match=r"R8: function 0 \(f0, forward\) end: SWAP_OUT of "
+                                            r"input array 0 before its first use \(function 3\)"):
+        replay(t, begin, end, [x], 13)
+    # After its first use it may leave like any other array.
+    t = build({"x": (4, "input"), "a": 4}, ["f0 r:x c:a", "f1 r:a", "f2 r:x"])
+    end = [[Action(SWAP_OUT, 0), Action(WAIT, 0)], [Action(FREE, 1)], [Action(FREE, 0)]]
+    replay(t, [[], [], [Action(SWAP_IN, 0)]], end, [0], 8)

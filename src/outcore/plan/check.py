@@ -21,8 +21,10 @@ Rules (numbered so messages and tests can cite them):
      SWAP_IN while its copy is in flight), and the iteration ends with nothing in flight;
   R6 DROP only a clean array whose slow copy is current;
   R7 every SWAP_IN is consumed by an access before its array leaves the fast tier;
-  R8 start/end placement: inputs start resident; `resident_at_end` lists exactly what
-     is resident at the end. Persistent arrays may start and end on either tier: between
+  R8 start/end placement: inputs start resident and stay until their first use (the
+     executor learns which storage an input is only when an op touches it; needs() in
+     feasibility.py and the physical limit count on it); `resident_at_end` lists
+     exactly what is resident at the end. Persistent arrays may start and end on either tier: between
      iterations the executor leaves state where the step left it and, before the next
      step, moves what the schedule starts with on another tier (simulate: boundary_s).
   R9 a function that repeats another to recompute an array (`Function.repeats`, NOTE
@@ -93,6 +95,12 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
         if state[a] != wanted:
             raise ScheduleError(f"{rule}: {where(i, phase)}: {what} array {a}, which is "
                                 f"{state[a]}")
+
+    def untouched_input(arr, i, what):
+        if arr.kind == "input" and arr.existed_before and i < arr.first_use:
+            raise ScheduleError(f"R8: {where(i, 'end')}: {what} input array {arr.id} before "
+                                f"its first use (function {arr.first_use}): an input stays "
+                                "resident until an op touches it")
 
     def leave_fast(a, i, phase, what):
         if pending[a]:
@@ -173,6 +181,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
             elif act.kind == DROP:
                 if state[a] != FAST:
                     expect(a, FAST, i, "end", "R5/R6", "DROP of")
+                untouched_input(arr, i, "DROP of")
                 if dirty[a]:
                     raise ScheduleError(f"R6: {where(i, 'end')}: DROP of array {a}, whose slow "
                                         "copy is missing or stale (it must be swapped out)")
@@ -183,6 +192,7 @@ def replay(trace, begin, end, resident_at_start, budget, *, check_end_set=None) 
             elif act.kind == SWAP_OUT:
                 if state[a] != FAST:
                     expect(a, FAST, i, "end", "R4", "SWAP_OUT of")
+                untouched_input(arr, i, "SWAP_OUT of")
                 if arr.kind != "persistent" and i >= release[a]:
                     raise ScheduleError(f"R4: {where(i, 'end')}: SWAP_OUT of dead array {a} "
                                         f"(last used by function {arr.last_use}, released by "

@@ -52,8 +52,8 @@ compute beside them (docs/planning.md, "The physical limit").
 NOTE [Pressure bound]. The cut bound counts bytes, not where the fast tier is full. A
 function j holds its operands and workspace at once (`needs`, plan/feasibility.py, which
 also holds an input from the step's start to its first use: the executor cannot move an
-input before an op has touched it; check.replay does not ask it, so a hand-made schedule
-that swaps an input out earlier can beat this bound, helper-194). An
+input before an op has touched it, and check.replay refuses a schedule that does, R8;
+helper-194's hand-made one beat this bound before it did). An
 array a that j does not use, and that does not fit beside them (needs[j] + a > budget),
 cannot occupy the fast tier while j runs. So where such a j lies between two uses of a,
 u1 < j < u2 (or before the first use of state that existed before the step), a is read
