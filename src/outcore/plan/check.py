@@ -24,9 +24,10 @@ Rules (numbered so messages and tests can cite them):
   R8 start/end placement: inputs start resident and stay until their first use (the
      executor learns which storage an input is only when an op touches it; needs() in
      feasibility.py and the physical limit count on it); `resident_at_end` lists
-     exactly what is resident at the end. Persistent arrays may start and end on either tier: between
-     iterations the executor leaves state where the step left it and, before the next
-     step, moves what the schedule starts with on another tier (simulate: boundary_s).
+     exactly what is resident at the end. Persistent arrays may start and end on
+     either tier: between iterations the executor leaves state where the step left it
+     and, before the next step, moves what the schedule starts with on another tier
+     (simulate: boundary_s).
   R9 a function that repeats another to recompute an array (`Function.repeats`, NOTE
      [Recompute rules] in recompute.py) reads what the original read, unchanged since,
      or arrays made again by earlier repeats (recompute.verify); R1 already requires

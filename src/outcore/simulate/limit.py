@@ -44,21 +44,22 @@ Each side then takes at least the larger of its compute and its copies' time: `r
 link_in + written / link_out` on a shared link; on a duplex one the largest of each
 direction's time and `(read + written) / link_both` (over a direction's own speed where
 that is more: `Machine.transfer_end` never lets two copies at once carry more than
-link_both, nor one alone more than its own speed); on two, the larger direction's. On a disk this is where a step with SGD
-momentum or Adam at a quarter budget is bound: after backward's last cut, the
-optimizer reads parameters and moments back and writes them out again, with little
-compute beside them (docs/planning.md, "The physical limit").
+link_both, nor one alone more than its own speed); on two, the larger direction's. On
+a disk this is where a step with SGD momentum or Adam at a quarter budget is bound:
+after backward's last cut, the optimizer reads parameters and moments back and writes
+them out again, with little compute beside them (docs/planning.md, "The physical
+limit").
 
 NOTE [Pressure bound]. The cut bound counts bytes, not where the fast tier is full. A
 function j holds its operands and workspace at once (`needs`, plan/feasibility.py, which
 also holds an input from the step's start to its first use: the executor cannot move an
 input before an op has touched it, and check.replay refuses a schedule that does, R8;
-helper-194's hand-made one beat this bound before it did). An
-array a that j does not use, and that does not fit beside them (needs[j] + a > budget),
-cannot occupy the fast tier while j runs. So where such a j lies between two uses of a,
-u1 < j < u2 (or before the first use of state that existed before the step), a is read
-back after j: by a copy issued after the last such j of that gap ends, and finished
-before u2 starts (a swap-in's bytes count from its issue). Where a was created or
+helper-194's hand-made one beat this bound before it did). An array a that j does not
+use, and that does not fit beside them (needs[j] + a > budget), cannot occupy the fast
+tier while j runs. So where such a j lies between two uses of a, u1 < j < u2 (or
+before the first use of state that existed before the step), a is read back after j:
+by a copy issued after the last such j of that gap ends, and finished before u2 starts
+(a swap-in's bytes count from its issue). Where a was created or
 written in the step, at w, its new bytes have no slow copy: the first such gap after w
 (before a is written again) takes a copy out issued after w ends and waited for before
 the first such j begins. Each of these forced copies runs inside its window [L, U): from
