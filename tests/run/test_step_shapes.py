@@ -441,36 +441,62 @@ def test_a_new_parameter_every_step_deviates_within_the_budget_and_is_named(capl
     assert all(torch.equal(a, b) for a, b in zip(plain, got))
 
 
-def test_heads_taken_in_turns_get_the_hint_that_fits(caplog, tmp_path):
+def _heads_in_turns(ooc, optimizer, foreach, steps=10):
     """A head per task, taken in turns, each a Linear of one size, and an optimizer that
     steps both heads every step (zero_grad(set_to_none=False): the idle head's zero
-    gradients step too; helper-182): the steps have one shape; rule 13 swaps the heads
-    where the step first reads the other one, but the optimizer reads them in their own
-    order, and the step deviates there, every other step. The hint named a tensor
-    replaced every step ("update it in place"), which the loop never does; it names the
-    turns and what to do. Bitwise, within the budget."""
+    gradients step too; helper-182)."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+    heads = [torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)]
+    params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
+    opt = (torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=foreach)
+           if optimizer == "sgd" else torch.optim.Adam(params, lr=1e-3, foreach=foreach))
+    losses = []
+    for i in range(steps):
+        x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
+        with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+            loss = heads[i % 2](trunk(x)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        losses.append(loss.detach())
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return [*losses, *params, *state]
+
+
+@pytest.mark.parametrize("optimizer, foreach", [("sgd", False), ("adam", True)])
+def test_heads_in_turns_stepped_together_swap_back_and_replay(optimizer, foreach, tmp_path):
+    """The step swaps the two heads' storages where forward first reads the other one
+    (NOTE [Step shapes] rule 13), and the optimizer then reads both in its own order:
+    it deviated there every other step (function 41, `add_`, for SGD with momentum).
+    The two swap back where the step reads one at the other's place: after the warm-up
+    every step replays. Bitwise, within the budget."""
+    plain = _heads_in_turns(None, optimizer, foreach)
+    with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+        got = _heads_in_turns(ooc, optimizer, foreach)
+        report = ooc.report()
+    assert len(got) == len(plain) and all(torch.equal(a, b) for a, b in zip(plain, got))
+    assert all(it.peak_resident <= report.budget for it in report.iterations)
+    later = report.iterations[3:]
+    assert [it.mode for it in later] == ["replay"] * len(later), [
+        (it.mode, it.deviation) for it in report.iterations]
+    assert not any(it.deviation for it in later)
+
+
+def test_parts_taken_in_turns_that_rule_13_cannot_swap_get_the_hint_that_fits(
+        caplog, monkeypatch, tmp_path):
+    """Where rule 13 cannot swap the parts (here: made to refuse), the heads in turns
+    deviate every other step. The hint named a tensor replaced every step ("update it
+    in place"), which the loop never does; it names the turns and what to do. Bitwise,
+    within the budget."""
     import logging
 
-    def run(ooc=None):
-        torch.manual_seed(0)
-        trunk = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
-        heads = [torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)]
-        params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-        losses = []
-        for i in range(10):
-            x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
-            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                loss = heads[i % 2](trunk(x)).square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=False)
-            losses.append(loss.detach())
-        return [*losses, *params]
-    plain = run()
+    from outcore.run.replay import Replayer
+    monkeypatch.setattr(Replayer, "_in_turns", lambda self, *args: False)
+    plain = _heads_in_turns(None, "sgd", False)
     with caplog.at_level(logging.WARNING, logger="outcore"), \
             outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
-        got = run(ooc)
+        got = _heads_in_turns(ooc, "sgd", False)
         report = ooc.report()
     assert all(torch.equal(a, b) for a, b in zip(plain, got))
     assert all(it.peak_resident <= report.budget for it in report.iterations)

@@ -207,10 +207,11 @@ lets every iteration replay.
      together. Small ops
      swap too: run off the record instead (rule 4b), a skipped layer's small state stood
      beside the plan's, which the plan still read in, over the budget (helper-192,
-     stochastic depth at min_move_bytes=0). Every step after the warm-up replays,
-     reading the other head back where it reads it first. Not where the step then reads
-     the swapped storages in the record's order (an optimizer over both heads,
-     `zero_grad(set_to_none=False)`): it deviates there, later in the step than before.
+     stochastic depth at min_move_bytes=0). Where the step then reads one of two
+     storages it swapped at the other's place (an optimizer that steps both heads in
+     its own order: `zero_grad(set_to_none=False)`, or foreach), the two swap back
+     (`Replayer._turned`); without, the step deviated there every other step. Every step
+     after the warm-up replays, reading the other head back where it reads it first.
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
