@@ -839,6 +839,7 @@ def specs_trial(specs: list[dict], budgets: dict, timeout: float = 600) -> list[
 
 
 # -- soak --------------------------------------------------------------------------------
+SOAK_EVERY, SOAK_WARMUP = 50, 100      # iterations between samples; before the baseline
 def _sample(ooc) -> dict:
     with open("/proc/self/statm") as fh:
         rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -1484,8 +1485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", nargs="+", type=int, default=[1, 2, 3, 4])
     p = sub.add_parser("soak", help="many iterations; resources stay flat")
     common(p, 1000, ("mlp:sgd:32",), (0.0,))
-    p.add_argument("--every", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--every", type=int, default=SOAK_EVERY)
+    p.add_argument("--warmup", type=int, default=SOAK_WARMUP)
     p = sub.add_parser("all", help="every case at a modest N (sigint/sigkill N, soak --soak)")
     common(p, 20)
     p.add_argument("--soak", type=int, default=200)
@@ -1521,7 +1522,18 @@ RUNNERS = {"sigint": run_sigint, "sigkill": run_sigkill, "io-errors": run_io,
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # A soak compares the last sample with the first after the warm-up: it needs a
+    # sample after that one (helper-195: `soak 20` was reported as a crash).
+    least = SOAK_WARMUP + SOAK_EVERY
+    if args.command == "soak" and args.trials < args.warmup + args.every:
+        parser.error(f"soak N: N must be at least --warmup + --every ({args.warmup} + "
+                     f"{args.every}): it samples every --every iterations and compares the "
+                     f"last sample with the first after the warm-up; got {args.trials}")
+    if args.command == "all" and args.soak < least:
+        parser.error(f"--soak must be at least {least} (the soak's warm-up, {SOAK_WARMUP}, "
+                     f"and one sampling interval, {SOAK_EVERY}, after it); got {args.soak}")
     if args.command in CHILDREN:
         CHILDREN[args.command](args)
         return 0

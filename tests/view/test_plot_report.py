@@ -175,7 +175,9 @@ def test_traffic_comparison_accounts_for_every_byte(tmp_path):
     with _train(tmp_path) as ooc:
         trace, schedule, log = ooc._last_replay[:3]
         last = ooc.report().iterations[-1]
+        shown = ooc.traffic()           # the public form docs/see.md shows (helper-195)
     t = compare(trace, schedule, log)
+    assert shown == t
     assert t.measured == {"in": last.bytes_read, "out": last.bytes_written}
     for d in ("in", "out"):
         assert (t.planned[d] + t.boundary[d] + t.extra[d] - t.skipped[d] + t.unbound[d]

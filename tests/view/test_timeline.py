@@ -132,6 +132,8 @@ def test_measured_timeline_of_a_replayed_iteration(tmp_path):
             _step(model, opt, x)
         with pytest.raises(outcore.OutcoreError, match="no iteration has replayed"):
             ooc.timeline(path)
+        with pytest.raises(outcore.OutcoreError, match=r"call ooc.traffic\(\) after one"):
+            ooc.traffic()
         for _ in range(3):
             with ooc.iteration():
                 _step(model, opt, x)

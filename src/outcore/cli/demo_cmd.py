@@ -101,7 +101,6 @@ def _outcore(cfg: dict) -> dict:
     import time as _time
 
     from ..run import OutOfCore
-    from ..view.traffic import compare
     from ..workloads.digits import digit_batches
     model, opt = _setup()
     batches = _loaded(digit_batches(cfg["batch"], cfg["image_size"]))
@@ -124,8 +123,7 @@ def _outcore(cfg: dict) -> dict:
             files["timeline"] = os.path.join(out, "timeline.json")
             ooc.plot(files["picture"])
             ooc.timeline(files["timeline"])
-            trace, schedule, log = ooc._last_replay[:3]
-            traffic = compare(trace, schedule, log).lines()
+            traffic = ooc.traffic().lines()
         if files:
             files["report"] = os.path.join(out, "report.json")
             report.save(files["report"])

@@ -965,6 +965,15 @@ class OutOfCore:
         plot_memory(trace, schedule, sim, path, measured=replayed.log, budget=self.budget,
                     rss_start=self._rss_start, **_shown(replayed))
 
+    def traffic(self):
+        """The plan's bytes against those the last replayed iteration moved, per
+        direction, every byte of the difference sorted into one cause
+        (outcore.view.traffic.compare; docs/see.md, "Planned against measured bytes"):
+        `print(ooc.traffic())`."""
+        from ..view.traffic import compare
+        replayed = self._replayed("ooc.traffic()")
+        return compare(replayed.trace, replayed.schedule, replayed.log)
+
     def _shown_on(self, machine):
         """The machine a timeline or a plot simulates the plan on: `machine`, else
         `self.machine`, where cpu-disk counts the step's recorded host time (the Python
