@@ -840,6 +840,8 @@ def specs_trial(specs: list[dict], budgets: dict, timeout: float = 600) -> list[
 
 # -- soak --------------------------------------------------------------------------------
 SOAK_EVERY, SOAK_WARMUP = 50, 100      # iterations between samples; before the baseline
+
+
 def _sample(ooc) -> dict:
     with open("/proc/self/statm") as fh:
         rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
