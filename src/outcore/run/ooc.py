@@ -1632,7 +1632,9 @@ class OutOfCore:
                 # Replay after replay finds a tensor it knows where the record had another:
                 # parts of the model taken in turns that NOTE [Step shapes] rule 13 cannot
                 # swap in the plan (helper-182: a head per task, in turn, each a Linear of
-                # one size; a plan that recomputes, tensors a collective holds), or a depth
+                # one size; helper-197: zero_grad(set_to_none=False) before the forward,
+                # whose zero_ reads the gradients in the record's order first, four heads,
+                # small pinned heads beside a moved trunk), or a depth
                 # read from the data (helper-190: one block run 1-4 times, each depth's
                 # plan recorded only where a recording asked for a depth that comes at
                 # random catches it).
@@ -1645,7 +1647,9 @@ class OutOfCore:
                             "outcore's plans, one per shape of step, do not tell apart or "
                             "predict, so these record or run on demand (correct, within the "
                             "budget, slower). Run one round of the parts (each once) in one "
-                            "ooc.iteration(); for a depth that follows the data, see "
+                            "ooc.iteration(), or zero the gradients with "
+                            "zero_grad(set_to_none=True) so that a part's idle turn leaves it "
+                            "untouched; for a depth that follows the data, see "
                             "docs/executor.md, \"Loops that do not settle\"",
                             ", ".join(map(str, seen)), seen[1] - seen[0], reason)
                 return

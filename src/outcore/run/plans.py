@@ -212,6 +212,11 @@ lets every iteration replay.
      its own order: `zero_grad(set_to_none=False)`, or foreach), the two swap back
      (`Replayer._turned`); without, the step deviated there every other step. Every step
      after the warm-up replays, reading the other head back where it reads it first.
+     Not (helper-197): `zero_grad(set_to_none=False)` before the forward (its `zero_`
+     reads each head's gradient in the record's order first, and backward then writes
+     the other one's: no swap to undo), four heads or more (the other head's storage is
+     state of another plan kept, `_lasting`), small heads under min_move_bytes beside a
+     trunk that moves; these deviate, and the warning (`OutOfCore._periodic`) says so.
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that
