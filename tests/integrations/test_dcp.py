@@ -5,6 +5,7 @@ DDP and FSDP2 ranks too): saved between iterations, loaded back into the live mo
 dict loaded from `torch.load` is made movable again."""
 import contextlib
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
@@ -12,6 +13,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 import outcore
 from outcore.integrations import make_movable
+
+# DCP in one process, on purpose: no process group.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def _model():
