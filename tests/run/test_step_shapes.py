@@ -643,3 +643,47 @@ def test_a_guess_of_the_wrong_plan_while_periods_are_learnt_is_not_warned(caplog
     assert said and not guessed, said
     assert all(m == "replay" and d is None for m, d in modes[-12:]), modes
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+
+def test_a_small_state_read_back_off_the_record_is_given_room_first(tmp_path):
+    """Heads in turns with an L2 term over every head's weights, SGD momentum,
+    zero_grad(set_to_none=False), min_move_bytes=0 (helper-197): a small op off the
+    record (the momentum's `mul_` on a head bias's buffer, 1 KiB) read its storage back
+    from the swap file between two functions where the plan's writes under way still
+    filled the budget, and it then stayed beside the plan, which had it out: every
+    other replay passed the budget by 1 KiB (helper-198). Room is made first (the
+    writes under way finished), and it lingers until the budget needs its room.
+    The collector is off so that no cycle frees a storage early and hides it (it did
+    in about one run in eight)."""
+    import gc
+
+    def run(ooc=None):
+        torch.manual_seed(0)
+        trunk = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+        heads = [torch.nn.Linear(256, 256) for _ in range(2)]
+        params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        out = []
+        for i in range(10):
+            x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                loss = heads[i % 2](trunk(x)).square().mean()
+                loss = loss + 1e-3 * sum(h.weight.square().sum() for h in heads)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+            out.append(loss.detach())
+        return out + params
+    plain = run()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
+            got = run(ooc)
+            report = ooc.report()
+    finally:
+        if enabled:
+            gc.enable()
+    assert all(torch.equal(a, b) for a, b in zip(plain, got))
+    assert all(it.peak_resident <= report.budget for it in report.iterations), [
+        (it.index, it.mode, it.peak_resident - report.budget) for it in report.iterations]

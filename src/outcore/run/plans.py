@@ -237,8 +237,11 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
   2. Storages that small are under min_move_bytes (64 KiB by default, ooc.py): they
      never move, so a small op needs nothing from the plan; the replayer still makes
      any it tracks ready (`Residency.ready`) before running it, as for every op. (With
-     min_move_bytes below SMALL_OP_BYTES they may move: then a few such bytes can be
-     resident where the plan has them out, never lost or stale.)
+     min_move_bytes below SMALL_OP_BYTES they may move: one the plan has out is read
+     back after room is made for it, the plan's writes under way finished first, and
+     lingers beside the plan until the budget needs its room (`_ready_off_plan`,
+     `_room_for_remake`, `linger`): read back without room, it passed the budget by its
+     size, a head's bias in every other replay (helper-197, helper-198).)
   3. A step's shape leaves its small functions out (`function_keys`: None), so steps
      that differ only in them share one plan.
   4. Replaying, an op matches the function the step stands at, or the first one after

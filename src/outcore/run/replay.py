@@ -32,7 +32,7 @@ from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, broadcast_sh
                     call_split, distinct_storages, is_foreach, makes_nothing_new,
                     note_read_past, op_inputs, output_tensors, split_foreach, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
-from ..states import DISCARDED, FAST, IN, OUT, SLOW
+from ..states import DISCARDED, FAST, IN, ON_SLOW_TIER, OUT, SLOW
 from ..trace.recorder import OptimizerSteps, op_phase
 from ..units import format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
@@ -400,14 +400,27 @@ class Replayer(HeldMode):
                          if (i := res.entry_of(t.untyped_storage())) is not None]
             elif not e.occupies_fast:
                 need += e.nbytes
+        # The plan's writes under way free their room first, at no new move: between two
+        # functions (a small op off the record) the plan may fill the budget with them.
+        over = res.resident + need - self.budget
+        if over > 0:
+            for e in [e for e in res.entries.values() if e.state is OUT and e.key not in keep]:
+                res.finish(e)
+                over -= e.nbytes
+                if over <= 0:
+                    break
         res.evict_lru(self.budget - need, keep)
 
     def _ready_off_plan(self, entry) -> None:
         """Make `entry` ready outside the plan's order: one discarded is remade once its
-        room, its chain's included, was made (`_room_for_remake`)."""
-        if entry.state is DISCARDED and entry.remake is not None:
+        room, its chain's included, was made (`_room_for_remake`); so is one read back from
+        the slow tier (a small storage under min_move_bytes 0 that the plan has out)."""
+        read_back = entry.state in ON_SLOW_TIER
+        if read_back or (entry.state is DISCARDED and entry.remake is not None):
             self._room_for_remake(entry)
         self.res.ready(entry)
+        if read_back:           # beside the plan, which has it out: counted till let go of
+            self.linger(entry)
 
     # -- iteration boundaries ------------------------------------------------------------
     def start(self) -> None:
