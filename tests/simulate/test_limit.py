@@ -133,7 +133,6 @@ def _no_policy_beats_the_limit(trace, fraction, m):
         assert sim.step_time_s >= limit.seconds * (1 - 1e-9), (policy, limit)
 
 
-
 @st.composite
 def optimizer_steps(draw):
     """A forward that reads states one at a time beside a transient, and an optimizer
