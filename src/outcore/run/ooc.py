@@ -1630,19 +1630,18 @@ class OutOfCore:
             self._warned_period = True
             if ANOTHER_TRACKED in reason:
                 # Replay after replay finds a tensor it knows where the record had another:
-                # parts of the model taken in turns that NOTE [Step shapes] rule 13 cannot
-                # swap in the plan (helper-182: a head per task, in turn, each a Linear of
-                # one size; helper-197: zero_grad(set_to_none=False) before the forward,
-                # whose zero_ reads the gradients in the record's order first, four heads,
-                # small pinned heads beside a moved trunk), or a depth
+                # parts of the model taken in turns (helper-182: a head per task, in turn,
+                # each a Linear of one size, with an optimizer stepping both: NOTE [Step
+                # shapes] rule 13; helper-197: zero_grad(set_to_none=False) before the
+                # forward, four heads, small pinned heads beside a moved trunk), or a depth
                 # read from the data (helper-190: one block run 1-4 times, each depth's
                 # plan recorded only where a recording asked for a depth that comes at
                 # random catches it).
                 log.warning("iterations %s deviated from their record, one in every %d, each "
                             "time reading another tensor than recorded, one an earlier step "
                             "read (%s): the steps take turns between parts of the model whose "
-                            "tensors have the same sizes (a head per task, in turn) in a way "
-                            "outcore's plan cannot swap, or run a part of it a number of "
+                            "tensors have the same sizes (a head per task, in turn, with an "
+                            "optimizer that steps them all), or run a part of it a number of "
                             "times read from the data (a depth that follows the batch), which "
                             "outcore's plans, one per shape of step, do not tell apart or "
                             "predict, so these record or run on demand (correct, within the "

@@ -207,16 +207,13 @@ lets every iteration replay.
      together. Small ops
      swap too: run off the record instead (rule 4b), a skipped layer's small state stood
      beside the plan's, which the plan still read in, over the budget (helper-192,
-     stochastic depth at min_move_bytes=0). Where the step then reads one of two
-     storages it swapped at the other's place (an optimizer that steps both heads in
-     its own order: `zero_grad(set_to_none=False)`, or foreach), the two swap back
-     (`Replayer._turned`); without, the step deviated there every other step. Every step
-     after the warm-up replays, reading the other head back where it reads it first.
-     Not (helper-197): `zero_grad(set_to_none=False)` before the forward (its `zero_`
-     reads each head's gradient in the record's order first, and backward then writes
-     the other one's: no swap to undo), four heads or more (the other head's storage is
-     state of another plan kept, `_lasting`), small heads under min_move_bytes beside a
-     trunk that moves; these deviate, and the warning (`OutOfCore._periodic`) says so.
+     stochastic depth at min_move_bytes=0). Every step after the warm-up replays,
+     reading the other head back where it reads it first. Not where the step then reads
+     the swapped storages in the record's order (an optimizer over both heads,
+     `zero_grad(set_to_none=False)`): it deviates there, later in the step than before.
+     (Swapping the two back there settled two and three heads, but with a head applied
+     twice in a step, three heads in random order, it deviated more than without and
+     passed the budget by up to 72 KiB: reverted, CHANGELOG 2026-12-07.)
 
 NOTE [Small ops off the record]
 Steps of one loop differ in ops on scalars that no plan needs to know: a logger that

@@ -222,9 +222,6 @@ class Replayer(HeldMode):
             self.by_id[aid] = entry
             self.aid_of[entry] = aid
         self.started_from = dict(carried)   # {aid: entry} of the state it started from
-        # NOTE [Step shapes] rule 13: array ids whose storages the step swapped, each
-        # with the other's, so that it can swap them back (`_in_turns`).
-        self._turned: dict[int, int] = {}
         self.index = 0
         self.deviation: str | None = None
         # NOTE [Step shapes] rule 10: the step's arrays were smaller than the plan's
@@ -546,18 +543,14 @@ class Replayer(HeldMode):
         tracked and state of the step too or of none of its arrays, both movable; or, where
         the plan's is pinned, one pinned too, tracked, or under min_move_bytes and not
         tracked (a head's bias: a pinned storage no step starts from is let go of between
-        steps, Residency NOTE 8). Or, at any function, it reads the storage that the step
-        swapped with `aid`'s earlier, and `aid`'s is that one's array now: the two swap
-        back (an optimizer over both heads reads them in its own order).
+        steps, Residency NOTE 8).
         Parts of a model of one size taken in turns (a head per task, one task a step:
         helper-182). The plan goes on with the two swapped (`_take_turns`), where no other
         plan reads it there (rule 9)."""
         bound, trace, res = self.by_id[aid], self.trace, self.res
-        back = (entry is not None and aid in self._turned
-                and self.aid_of.get(entry) == self._turned[aid])
         if (bound is None or entry in self._lasting or self._sources or not self.is_state[aid]
-                or trace.arrays[aid].first_use != i and not back or bound.owner
-                or bound.elsewhere or bound.nbytes != self.nbytes[aid]):
+                or trace.arrays[aid].first_use != i or bound.owner or bound.elsewhere
+                or bound.nbytes != self.nbytes[aid]):
             return False
         if entry is None:           # rule 7's binding anew, for a small pinned array of any op
             return (bound.pinned and bound.state is FAST and storage.nbytes() == bound.nbytes
@@ -566,9 +559,8 @@ class Replayer(HeldMode):
                 or entry.pinned != bound.pinned or bound.pinned and bound.state is not FAST):
             return False
         other = self.aid_of.get(entry)
-        return back or other is None or (self.is_state[other]
-                                         and trace.arrays[other].first_use > i
-                                         and self.nbytes[other] == self.nbytes[aid])
+        return other is None or (self.is_state[other] and trace.arrays[other].first_use > i
+                                 and self.nbytes[other] == self.nbytes[aid])
 
     def _take_turns(self, aid: int, entry) -> None:
         """Bind array `aid` to `entry` and the array `entry` was bound to, if any, to the
@@ -588,7 +580,6 @@ class Replayer(HeldMode):
             self._bind(aid, entry)
         if other is not None:
             self._bind(other, bound)
-            self._turned[aid], self._turned[other] = other, aid
         elif bound.pinned:
             res.let_go_of([bound])
         if bound.pinned:
@@ -962,8 +953,7 @@ class Replayer(HeldMode):
                                         in_storages, small)
             entries.append(entry)
         for aid, entry in turns:        # only once every slot matched, as binds
-            if entry is None or self.by_id[aid] is not entry:   # a swap back binds both
-                self._take_turns(aid, entry)
+            self._take_turns(aid, entry)
         for aid, entry in binds:        # only once every slot matched (an extra binds none)
             self._bind(aid, entry)
         if self._stranger_bytes:        # rarely: no call per op otherwise
@@ -1257,7 +1247,7 @@ class Replayer(HeldMode):
         self._sizes = {theirs: sizes[aid] for aid, theirs in ids.items()
                        if sizes[aid] != self.nbytes[theirs]}
         self.switched_at = k
-        self.started_from, self._turned = {}, {}
+        self.started_from = {}
         for aid, theirs in ids.items():      # the same ids (first access), remade ones paired
             if old[aid] is not None:
                 self._bind(theirs, old[aid])
