@@ -380,11 +380,12 @@ class Replayer(HeldMode):
             raise error
 
     def _room_for_remake(self, entry) -> None:
-        """Before a remake off the plan's order: write out the least recently used until
-        the array and what its remake brings into memory (its inputs not there, and for
-        an input discarded too, its remake's, and so on) fit the budget beside the rest.
-        The plan left no room for all held arrays at once (it remakes each before its
-        use), and remaking them together went over the budget by their sum."""
+        """Before a remake or a read-back off the plan's order: finish the plan's writes
+        under way, then write out the least recently used, until the array and what its
+        remake brings into memory (its inputs not there, and for an input discarded too,
+        its remake's, and so on) fit the budget beside the rest. The plan left no room
+        for all held arrays at once (it remakes each before its use), and remaking them
+        together went over the budget by their sum."""
         res, need, keep, todo = self.res, 0, set(), [entry]
         while todo:
             e = todo.pop()
