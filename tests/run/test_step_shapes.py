@@ -441,37 +441,29 @@ def test_a_new_parameter_every_step_deviates_within_the_budget_and_is_named(capl
     assert all(torch.equal(a, b) for a, b in zip(plain, got))
 
 
-def _heads_in_turns(ooc, optimizer, foreach, steps=10):
+def _heads_in_turns(ooc, l2=False):
     """A head per task, taken in turns, each a Linear of one size, and an optimizer that
     steps both heads every step (zero_grad(set_to_none=False): the idle head's zero
-    gradients step too; helper-182)."""
+    gradients step too; helper-182); `l2`: the loss adds an L2 term over every head's
+    weights."""
     torch.manual_seed(0)
     trunk = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
     heads = [torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)]
     params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
-    opt = (torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=foreach)
-           if optimizer == "sgd" else torch.optim.Adam(params, lr=1e-3, foreach=foreach))
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     losses = []
-    for i in range(steps):
+    for i in range(10):
         x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
         with ooc.iteration() if ooc is not None else contextlib.nullcontext():
             loss = heads[i % 2](trunk(x)).square().mean()
+            if l2:
+                loss = loss + 1e-3 * sum(h.weight.square().sum() for h in heads)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
         losses.append(loss.detach())
     state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     return [*losses, *params, *state]
-
-
-def _settled(plain, got, report, after):
-    """Bitwise, within the budget, and every iteration from `after` on replayed."""
-    assert len(got) == len(plain) and all(torch.equal(a, b) for a, b in zip(plain, got))
-    assert all(it.peak_resident <= report.budget for it in report.iterations)
-    later = report.iterations[after:]
-    assert [it.mode for it in later] == ["replay"] * len(later), [
-        (it.mode, it.deviation) for it in report.iterations]
-    assert not any(it.deviation for it in later)
 
 
 def test_heads_taken_in_turns_get_the_hint_that_fits(caplog, tmp_path):
@@ -481,10 +473,10 @@ def test_heads_taken_in_turns_get_the_hint_that_fits(caplog, tmp_path):
     named a tensor replaced every step ("update it in place"), which the loop never
     does; it names the turns and what to do. Bitwise, within the budget."""
     import logging
-    plain = _heads_in_turns(None, "sgd", False)
+    plain = _heads_in_turns(None)
     with caplog.at_level(logging.WARNING, logger="outcore"), \
             outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
-        got = _heads_in_turns(ooc, "sgd", False)
+        got = _heads_in_turns(ooc)
         report = ooc.report()
     assert all(torch.equal(a, b) for a, b in zip(plain, got))
     assert all(it.peak_resident <= report.budget for it in report.iterations)
@@ -527,8 +519,13 @@ def test_heads_of_one_size_taken_in_turns_replay_one_plan(width, budget, min_mov
     with outcore.OutOfCore(budget, swap_dir=str(tmp_path), min_move_bytes=min_move_bytes) as ooc:
         got = run(ooc)
         report = ooc.report()
-    _settled(plain, got, report, after=4)
-    assert all(it.bytes_read for it in report.iterations[4:]), "the plan moves the heads"
+    assert len(got) == len(plain) and all(torch.equal(a, b) for a, b in zip(plain, got))
+    assert all(it.peak_resident <= report.budget for it in report.iterations)
+    later = report.iterations[4:]
+    assert [it.mode for it in later] == ["replay"] * len(later), [
+        (it.mode, it.deviation) for it in report.iterations]
+    assert not any(it.deviation for it in later)
+    assert all(it.bytes_read for it in later), "the plan moves the heads"
 
 
 def test_layers_of_one_size_skipped_at_random_stay_within_the_budget(tmp_path):
@@ -639,30 +636,12 @@ def test_a_small_state_read_back_off_the_record_is_given_room_first(tmp_path):
     The collector is off so that no cycle frees a storage early and hides it (it did
     in about one run in eight)."""
     import gc
-
-    def run(ooc=None):
-        torch.manual_seed(0)
-        trunk = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
-        heads = [torch.nn.Linear(256, 256) for _ in range(2)]
-        params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-        out = []
-        for i in range(10):
-            x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
-            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
-                loss = heads[i % 2](trunk(x)).square().mean()
-                loss = loss + 1e-3 * sum(h.weight.square().sum() for h in heads)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=False)
-            out.append(loss.detach())
-        return out + params
-    plain = run()
+    plain = _heads_in_turns(None, l2=True)
     enabled = gc.isenabled()
     gc.disable()
     try:
         with outcore.OutOfCore("1MiB", swap_dir=str(tmp_path), min_move_bytes=0) as ooc:
-            got = run(ooc)
+            got = _heads_in_turns(ooc, l2=True)
             report = ooc.report()
     finally:
         if enabled:

@@ -204,13 +204,13 @@ lets every iteration replay.
      head's small bias), one pinned too, tracked, or under min_move_bytes and not tracked
      (a pinned storage no step starts from is let go of between steps, Residency NOTE 8),
      takes its place and the plan's is let go of, so that the two are not counted
-     together. Small ops
-     swap too: run off the record instead (rule 4b), a skipped layer's small state stood
-     beside the plan's, which the plan still read in, over the budget (helper-192,
-     stochastic depth at min_move_bytes=0). Every step after the warm-up replays,
-     reading the other head back where it reads it first. Not where the step then reads
-     the swapped storages in the record's order (an optimizer over both heads,
-     `zero_grad(set_to_none=False)`): it deviates there, later in the step than before.
+     together. Small ops swap too: run off the record instead (rule 4b), a skipped
+     layer's small state stood beside the plan's, which the plan still read in, over the
+     budget (helper-192, stochastic depth at min_move_bytes=0). Every step after the
+     warm-up replays, reading the other head back where it reads it first. Not where the
+     step then reads the swapped storages in the record's order (an optimizer over both
+     heads, `zero_grad(set_to_none=False)`): it deviates there, later in the step than
+     before.
      (Swapping the two back there settled two and three heads, but with a head applied
      twice in a step, three heads in random order, it deviated more than without and
      passed the budget by up to 72 KiB: reverted, CHANGELOG 2026-12-07.)
@@ -371,7 +371,7 @@ def with_margin(grown, old, new, sizes=None):
     the data (the tokens routed to each of several experts, `nonzero`'s output) each pass
     their largest so far on many steps for a long while, and each time a recording grew
     the plan to just that (helper-190: tiny Mixtral with eager experts, 16 recordings in
-    40 iterations); with room above it, fewer steps pass it (10). Small arrays
+    40 iterations); with room above it, fewer steps pass it (10 recordings). Small arrays
     (SMALL_OP_BYTES at most) grow to SMALL_OP_BYTES at most: their ops stay small (rule
     1 of NOTE [Small ops off the record])."""
     if grown is None:
