@@ -183,3 +183,41 @@ def test_small_budgets_are_told_apart_in_the_tables():
     from outcore.bench.output import _mib
     assert (_mib(int(1.94 * 2**20)), _mib(int(1.62 * 2**20))) == ("1.94", "1.62")
     assert _mib(512 * 2**20) == "512" and _mib(None) == "-"
+
+
+def test_unsteady_runs_are_named_below_the_table():
+    """NOTE [Unsteady runs]: a run whose timed steps or repeats differ by more than 1.5x,
+    and a round whose plain and calibration runs (the same step) do, are named below the
+    table with both figures; steady runs add nothing (helper-195: a disturbed baseline
+    made outcore look 16.8x faster, silently)."""
+    from outcore.bench import output
+
+    def run(variant, steps, repeats, role=None, **cfg):
+        cfg = {"variant": variant, "batch": 2, "model": "m", **cfg, **({"role": role} if role else {})}
+        return {"config": cfg, "result": {"step_s": sorted(repeats)[(len(repeats) - 1) // 2],
+                                          "steps_s": steps, "step_s_repeats": repeats,
+                                          "peak_rss": 1}}
+    machine = {"cpus": 2, "torch": "x", "torch_threads": 2, "date": "d",
+               "disk": {"read_GBps": 1.0, "write_GBps": 1.0, "both_total_GBps": 1.0}}
+
+    def result(*runs):
+        return {"experiment": "curve", "model": "m", "batch": 2, "shape": {}, "in_core_peak": 1,
+                "min_budget": 1, "budgets": [], "compute": {"2": 1.0}, "machine": machine,
+                "runs": list(runs)}
+    steady = result(run("in-core", [1.0, 1.1], [1.0, 1.2]),
+                    run("in-core", [0.9, 0.9], [0.9, 1.0], role="the predictions' compute"),
+                    run("outcore", [2.0, 2.5], [2.2, 2.4], policy="auto", budget=2**20))
+    assert output.unsteady(steady) == [] and "Unsteady" not in output.markdown(steady)
+    shaky = result(run("in-core", [1.26, 1.25], [1.26, 0.2]),
+                   run("in-core", [0.012, 0.013], [0.012, 0.013], role="the predictions' compute"),
+                   run("outcore", [1.0, 2.0, 1.1], [1.1, 1.2], policy="auto", budget=2**20))
+    lines = output.unsteady(shaky)
+    assert lines == [
+        "in-core: its repeats took 0.200 to 1.260 s (6.3x)",
+        "outcore auto at 1.00 MiB: its timed steps took 1.000 to 2.000 s (2.0x)",
+        "batch 2: plain PyTorch took 1.260 s a step and the predictions' compute run (the "
+        "same step with huge pages) 0.012 s in round 1",
+        "batch 2: plain PyTorch took 0.200 s a step and the predictions' compute run (the "
+        "same step with huge pages) 0.013 s in round 2"], lines
+    md = output.markdown(shaky)
+    assert "**Unsteady runs**" in md and md.rstrip().endswith("0.013 s in round 2")

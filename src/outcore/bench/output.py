@@ -19,6 +19,13 @@ import json
 import os
 
 MiB = 2 ** 20
+# NOTE [Unsteady runs]: one run's timed steps, one config's repeats, or plain PyTorch
+# and the predictions' compute run of one round (the same step, huge pages aside: they
+# differed by at most 1.24x in docs/results.md's runs) that differ by more than this
+# factor ran beside something else. A ratio to such a run misleads (helper-195: a tiny
+# model's in-core baseline at 1.26 s a step against 0.012 s alone made outcore "16.8x
+# faster"), so the tables say so below them, naming the runs and both figures.
+UNSTEADY = 1.5
 
 
 def rows(result: dict) -> list[dict]:
@@ -66,6 +73,43 @@ def rows(result: dict) -> list[dict]:
                 row[key] = r[key]
         out.append(row)
     return out
+
+
+def unsteady(result: dict) -> list[str]:
+    """Why each unsteady run is one (NOTE [Unsteady runs]): a line per run whose timed
+    steps or repeats, or per batch whose plain and calibration runs, differ by more than
+    UNSTEADY."""
+    lines = []
+    plain, calibration = {}, {}
+    for run in result["runs"]:
+        cfg, r = run["config"], run["result"]
+        if "step_s" not in r:
+            continue
+        for what, times in (("timed steps", r.get("steps_s", [])),
+                            ("repeats", [t for t in r.get("step_s_repeats", []) if t])):
+            if len(times) > 1 and max(times) > UNSTEADY * min(times):
+                name = cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else "")
+                if cfg["variant"] == "outcore":
+                    name += f" {cfg.get('policy')}{_tags(cfg)} at {_mib(cfg.get('budget'))} MiB"
+                lines.append(f"{name}: its {what} took {min(times):.3f} to "
+                             f"{max(times):.3f} s ({max(times) / min(times):.1f}x)")
+        if cfg["variant"] == "in-core" and not cfg.get("role"):
+            plain[cfg["batch"]] = r
+        elif cfg.get("role") == "the predictions' compute":
+            calibration[cfg["batch"]] = r
+    for batch, r in plain.items():
+        c = calibration.get(batch)
+        if c is None:
+            continue
+        # Round by round where both ran in every round, else the reported runs.
+        pairs = list(zip(r.get("step_s_repeats", []), c.get("step_s_repeats", []))) or [
+            (r["step_s"], c["step_s"])]
+        for n, (a, b) in enumerate(pairs):
+            if a and b and max(a, b) > UNSTEADY * min(a, b):
+                lines.append(f"batch {batch}: plain PyTorch took {a:.3f} s a step and the "
+                             f"predictions' compute run (the same step with huge pages) "
+                             f"{b:.3f} s" + (f" in round {n + 1}" if len(pairs) > 1 else ""))
+    return lines
 
 
 def _tags(cfg: dict) -> str:
@@ -173,6 +217,13 @@ def markdown(result: dict, command: str = "") -> str:
             f"{row['samples_per_s']:.1f} | {_ratio(row.get('vs_in_core'))} | {_mib(_memory(result, row))} | "
             f"{_mib(row['read'])} | {_mib(row['written'])} | {row['stalled_s']:.2f} | {faults} | "
             f"{_ratio(row.get('vs_limit'))} | {_ratio(row.get('vs_cut_limit'))} | {pred} | {err} |")
+    shaky = unsteady(result)
+    if shaky:
+        lines += ["", f"**Unsteady runs**: the same step differed by more than {UNSTEADY}x, "
+                  "so the machine was busy with something else, and the ratios to these runs "
+                  "mislead. Run again with nothing else running, or with --repeat 3 (the "
+                  "median run is reported):", ""]
+        lines += [f"- {line}" for line in shaky]
     return "\n".join(lines) + "\n"
 
 
