@@ -932,3 +932,31 @@ def test_a_ctrl_c_inside_numpy_between_iterations_comes_after_it(tmp_path):
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("point", ["_account", "_plan_recording"])
+def test_a_ctrl_c_after_the_block_ran_says_its_step_took_effect(monkeypatch, mlp_budget, point):
+    """A Ctrl-C while outcore ends a block that ran to its end (accounting, or planning
+    from the recording) is held and raised from the `with` line, whose traceback cannot
+    say whether the step took effect: its note says it did (helper-200), and the state is
+    that step's: a plain twin that took the same steps equals it."""
+    w = warm("mlp-tiny", "adam")
+    twin = copy.deepcopy(w)
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        # At the end of the first iteration (recorded, planned at its end), or the second
+        # (a replay).
+        owner, n = (type(ooc), 1) if point == "_plan_recording" else (_Iteration, 2)
+        calls = _interrupt_on_call(monkeypatch, owner, point, n)
+        stepped = 0
+        with pytest.raises(KeyboardInterrupt) as info:
+            for _ in range(4):
+                with ooc.iteration():
+                    w.step()
+                    stepped += 1
+        monkeypatch.undo()
+        assert calls["n"] == stepped == n
+        assert any("all the block did took effect" in n for n in info.value.__notes__)
+        for _ in range(stepped):
+            twin.step()
+        assert_bitwise_equal(state_of(twin.model, twin.optimizer), state_of(w.model, w.optimizer))
+        assert_intact(w, ooc)

@@ -1847,6 +1847,15 @@ def _shown(replayed: _Replayed) -> dict:
             "untracked": replayed.passive and replayed.more > 0}
 
 
+# What a signal raised at the end of a block that ran to its end says: outcore held it
+# while it ended the block (writing state out, planning from a recording), which changes
+# no value.
+STEP_TOOK_EFFECT = ("outcore: this came after the block had run to its end, while outcore "
+                    "ended it: all the block did took effect (the parameters and the "
+                    "optimizer's state are as the block left them), and nothing is lost. "
+                    "Training can go on from them.")
+
+
 class _Iteration:
     """The `with ooc.iteration():` block. A class rather than a generator: its entry and
     exit are held sections from their first bytecode (NOTE [Interrupts], rule 3), and
@@ -2054,12 +2063,20 @@ class _Iteration:
         shield = self.ooc._shield
         shield.enter()
         try:
-            self._end(exc)
-        except InfeasibleBudget as err:     # the step's own, or found at its end
-            self.ooc._last_infeasible = err
+            try:
+                self._end(exc)
+            except InfeasibleBudget as err:     # the step's own, or found at its end
+                self.ooc._last_infeasible = err
+                raise
+            finally:
+                shield.exit()          # a Ctrl-C that came meanwhile is raised here
+        except BaseException as err:
+            # A signal's (Ctrl-C while planning, held or not): its traceback names the
+            # `with` line, not whether the step took effect (helper-200). Outcore's own
+            # errors say what they mean.
+            if exc is None and not isinstance(err, OutcoreError):
+                err.add_note(STEP_TOOK_EFFECT)
             raise
-        finally:
-            shield.exit()          # a Ctrl-C that came meanwhile is raised here
         if isinstance(exc, InfeasibleBudget):
             self.ooc._last_infeasible = exc
         return False
