@@ -42,3 +42,14 @@ def test_without_scikit_learn_the_error_says_what_to_install(monkeypatch):
                         lambda name, *args: None if name == "sklearn" else find_spec(name, *args))
     with pytest.raises(OutcoreError, match=r"pip install 'outcore\[demo\]'"):
         digits.load_digits()
+
+
+def test_the_subpackages_are_reached_after_import_outcore_alone():
+    """`outcore.workloads.build(...)`, as its docstring shows, after `import outcore`
+    alone, in a process that has imported nothing else of outcore (helper-200: an
+    AttributeError); a name outcore lacks is still an AttributeError."""
+    code = ("import sys, outcore; w = outcore.workloads.build('mlp-tiny', batch=2); "
+            "print(type(w).__name__, outcore.view.__name__, hasattr(outcore, 'nothing'))")
+    out = zygote.run(["-c", code], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "Workload outcore.view False", out

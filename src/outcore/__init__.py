@@ -18,6 +18,18 @@ from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
+# Subpackages reached by attribute after `import outcore` alone, imported on first use
+# (`outcore.workloads.build(...)`, as their docstrings show; helper-200 met an
+# AttributeError). `simulate` and `trace` are the functions above.
+_LAZY = ("bench", "integrations", "view", "workloads")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["HostBudgetTooSmall", "InfeasibleBudget", "OutOfCore", "OutcoreError", "Report", "Schedule", "ScheduleError",
            "SwapSpaceExhausted", "Trace", "TraceError",
            "check", "format_bytes", "lower_bound", "parse_bytes", "plan", "record", "simulate",
