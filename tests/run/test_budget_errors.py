@@ -1092,6 +1092,9 @@ def test_a_step_that_ran_within_the_budget_but_cannot_be_planned_runs_op_by_op(t
     assert f"({needs:,} B) for them" in flat(report)
     assert "ran op by op within the budget" in warned[0] and "go on running op by op" in warned[0]
     assert [i.mode for i in its] == ["record"] * 3, its
+    # ... and each such row says so (helper-200: its mode alone said "record").
+    assert [i.op_by_op for i in its] == [True] * 3, its
+    assert flat(report).count("ran op by op within the budget: no plan of this step fits") == 3
     assert all(i.peak_resident <= ooc.budget and i.completed for i in its), its
 
 

@@ -2285,6 +2285,12 @@ class _Iteration:
             sizes[aid] = max(nbytes, sizes.get(aid, 0))
         return plan, sizes
 
+    def _mark_op_by_op(self) -> None:
+        """The report's row of this step says it ran op by op (rule 11): its mode says
+        "record", as for any recording (helper-200)."""
+        if self.before is not None and self.ooc._iterations:
+            self.ooc._iterations.amend_last(op_by_op=True)
+
     def _adopt(self, deviation) -> None:
         """After a completed step: plan from the recording, or carry the state over."""
         ooc, mode = self.ooc, self.mode
@@ -2298,6 +2304,7 @@ class _Iteration:
                 if shape in ooc._plans.unplannable:      # NOTE [Step shapes] rule 11
                     ooc._plans.seen(shape, family)
                     ooc._op_by_op = (ooc._op_by_op[0] + 1, ooc._op_by_op[1])
+                    self._mark_op_by_op()
                     return
                 planned = ooc._plan_recording(mode, self.held_before, self.asked)
                 # A plan for larger sizes than this step's is the shape it stands for.
@@ -2315,6 +2322,7 @@ class _Iteration:
                     ooc._plans.seen(shape, family)
                     ooc._op_by_op = (ooc._op_by_op[0] + 1,       # the report says so
                                      max(ooc._op_by_op[1], err.min_feasible_bytes))
+                    self._mark_op_by_op()
                     # Warned once in full; each shape after it (sizes that vary bring a
                     # new one each step) at INFO: helper-92 saw 1.4 KB each iteration.
                     log.log(logging.INFO if ooc._unplannable_said else logging.WARNING,

@@ -44,6 +44,7 @@ class IterationStats:
     switched_at: int | None = None  # the function where it took up another shape's plan
     smaller: bool = False      # replayed a plan with some arrays smaller than planned
     outgrew: bool = False      # left its plan at an array larger than planned
+    op_by_op: bool = False     # a recording no plan can run: its shape runs op by op (rule 11)
     over_why: str | None = None     # over the budget: an op made more than its meta kernel said
 
     @property
@@ -480,6 +481,9 @@ class Report:
             if it.bytes_recomputed:
                 lines.append(f"        recomputed {format_bytes(it.bytes_recomputed)} instead "
                              "of reading it back")
+            if it.op_by_op:
+                lines.append("        ran op by op within the budget: no plan of this step "
+                             "fits it (\"op by op\" above)")
             if it.switched_at is not None:
                 lines.append(f"        from function {it.switched_at} on, followed the plan "
                              "of another shape of step whose record begins the same "
