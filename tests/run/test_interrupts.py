@@ -934,10 +934,11 @@ def test_a_ctrl_c_inside_numpy_between_iterations_comes_after_it(tmp_path):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("point", ["_account", "_plan_recording"])
+@pytest.mark.parametrize("point", ["_account", "_plan_recording", "_park"])
 def test_a_ctrl_c_after_the_block_ran_says_its_step_took_effect(monkeypatch, mlp_budget, point):
-    """A Ctrl-C while outcore ends a block that ran to its end (accounting, or planning
-    from the recording) is held and raised from the `with` line, whose traceback cannot
+    """A Ctrl-C while outcore ends a block that ran to its end (parking its state, held
+    till the end; accounting, or planning from the recording) is raised from the `with`
+    line, whose traceback cannot
     say whether the step took effect: its note says it did (helper-200), and the state is
     that step's: a plain twin that took the same steps equals it."""
     w = warm("mlp-tiny", "adam")
@@ -945,7 +946,8 @@ def test_a_ctrl_c_after_the_block_ran_says_its_step_took_effect(monkeypatch, mlp
     with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
         # At the end of the first iteration (recorded, planned at its end), or the second
         # (a replay).
-        owner, n = (type(ooc), 1) if point == "_plan_recording" else (_Iteration, 2)
+        owner, n = {"_plan_recording": (type(ooc), 1), "_park": (type(ooc), 2),
+                    "_account": (_Iteration, 2)}[point]
         calls = _interrupt_on_call(monkeypatch, owner, point, n)
         stepped = 0
         with pytest.raises(KeyboardInterrupt) as info:

@@ -2062,21 +2062,25 @@ class _Iteration:
     def __exit__(self, exc_type, exc, tb):
         shield = self.ooc._shield
         shield.enter()
+        # A signal's exception raised here names the `with` line in its traceback, not
+        # whether the block's step took effect: where the block ran to its end, a note
+        # says that it did (helper-200).
         try:
-            try:
-                self._end(exc)
-            except InfeasibleBudget as err:     # the step's own, or found at its end
-                self.ooc._last_infeasible = err
-                raise
-            finally:
-                shield.exit()          # a Ctrl-C that came meanwhile is raised here
-        except BaseException as err:
-            # A signal's (Ctrl-C while planning, held or not): its traceback names the
-            # `with` line, not whether the step took effect (helper-200). Outcore's own
-            # errors say what they mean.
-            if exc is None and not isinstance(err, OutcoreError):
+            self._end(exc)
+        except InfeasibleBudget as err:     # the step's own, or found at its end
+            self.ooc._last_infeasible = err
+            raise
+        except (KeyboardInterrupt, SystemExit) as err:     # while planning: not held
+            if exc is None:
                 err.add_note(STEP_TOOK_EFFECT)
             raise
+        finally:
+            try:
+                shield.exit()          # a Ctrl-C that came meanwhile is raised here
+            except BaseException as err:
+                if exc is None:
+                    err.add_note(STEP_TOOK_EFFECT)
+                raise
         if isinstance(exc, InfeasibleBudget):
             self.ooc._last_infeasible = exc
         return False
