@@ -1,7 +1,8 @@
 """Run by test_two_ranks.py under torchrun (2 ranks, gloo): FSDP2 at a budget its gathered
 parameters alone pass, then again at the smallest budget the InfeasibleBudget named.
 Writes OUT/budget.rank<r>.json: [{"budget", "smallest" (None where it trained), and where
-it did not, "names_ranks": whether the error said what the other ranks see}, ...]."""
+it did not, "names_ranks": whether the error said what the other ranks see}, ...]; and
+OUT/first.rank<r>.json: what two steps recorded with outcore.record() say of themselves."""
 from __future__ import annotations
 
 import json
@@ -40,8 +41,44 @@ def attempt(budget: int) -> tuple[int | None, bool]:
     return None, False
 
 
+def first_steps() -> list[dict]:
+    """Two steps recorded with outcore.record() after fully_shard: what each trace's
+    info says of the step (FSDP2 sets itself up in the first), and what smallest_budget
+    logged for it."""
+    import logging
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(4)],
+        torch.nn.Linear(512, 8))
+    for block in list(model)[:4]:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("outcore").addHandler(handler)
+    steps = []
+    try:
+        for _ in range(2):
+            x, y = torch.randn(128, 512, generator=g), torch.randn(128, 8, generator=g)
+            with outcore.record() as rec:
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+            del said[:]
+            outcore.smallest_budget(rec.trace)
+            steps.append({"unsteady": rec.trace.info.get("unsteady"), "said": list(said)})
+    finally:
+        logging.getLogger("outcore").removeHandler(handler)
+    return steps
+
+
 def main() -> int:
     dist.init_process_group("gloo")
+    with open(os.path.join(sys.argv[1], f"first.rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(first_steps(), f)
     attempts, budget = [], 6 * 2**20
     for _ in range(3):
         smallest, names_ranks = attempt(budget)

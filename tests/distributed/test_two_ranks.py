@@ -147,6 +147,13 @@ def test_the_smallest_budget_named_for_fsdp2_is_one_that_trains(tmp_path):
         assert attempts[0]["smallest"] > attempts[0]["budget"], attempts
         assert attempts[0]["names_ranks"], attempts     # helper-96: what the others see
         assert attempts[1] == {"budget": attempts[0]["smallest"], "smallest": None}, attempts
+        # A step recorded by the user in which FSDP2 set itself up says so, and
+        # smallest_budget warns that its figure can be short (helper-201: 16.33 MiB
+        # against the steps' 17.92 on a Llama); the next step is steady.
+        first, second = json.loads((tmp_path / f"first.rank{rank}.json").read_text())
+        assert first["unsteady"] == "FSDP2 set itself up in it (its first forward)", first
+        assert any("record a later step" in s for s in first["said"]), first
+        assert second == {"unsteady": None, "said": []}, second
 
 
 def test_an_async_collective_started_between_iterations_trains_bitwise(tmp_path):

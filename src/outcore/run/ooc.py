@@ -179,7 +179,9 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     later step, as does a first step unlike the rest (helper-181): one a GradScaler
     skipped (no optimizer update in it), or one before gradients kept between steps
     (`zero_grad(set_to_none=False)`; the next steps add into them, with temporaries of
-    their own). State the step made and kept (a first step's momentum buffers, made
+    their own), or one in which FSDP2 set itself up or DDP rebuilt its buckets
+    (helper-201; a trace of `outcore.record()` says so in `info["unsteady"]`, and this
+    function warns). State the step made and kept (a first step's momentum buffers, made
     lazily) is counted as the steps after it hold it, from their start: the small
     buffers of it never move, and counted where the first step made them the figure was
     a few bytes short of the second step's, at which every step then ran op by op
@@ -187,6 +189,11 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
     byte count or a size with its unit, as OutOfCore takes it."""
     require_trace(trace, "smallest_budget")
     min_move_bytes = parse_bytes(min_move_bytes)
+    unsteady = trace.info.get("unsteady") if isinstance(trace.info, dict) else None
+    if unsteady:
+        log.warning("smallest_budget: the step recorded is unlike the steps after it: %s. "
+                    "They can need more than its figure; record a later step for it",
+                    unsteady)
     held = held_arrays(trace)
     return min_feasible_budget(without_held(trace, held)) + pinned_peak(
         trace, min_move_bytes, held, steady=True)

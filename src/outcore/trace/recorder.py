@@ -213,9 +213,13 @@ def workspace_meter(inputs) -> WorkspaceMeter | None:
 class Recording(OutcoreMode):
     """The recorder. Use through `outcore.record()`; read `.trace` after the block."""
 
-    def __init__(self, *, label: str = "", batch_leaves=frozenset()):
+    def __init__(self, *, label: str = "", batch_leaves=frozenset(), watch_first_step=False):
         super().__init__()
         self.label = label
+        # (first_step_watch(), at __enter__) where a distributed wrapper's one-off set-up
+        # in the step is to be told (`record()`; OutOfCore watches its own recordings).
+        self._watch_first_step = watch_first_step
+        self._watched = None
         # Origins (function, slot) of plain leaves requiring grad, read only, that a replay
         # found replaced by a new tensor (batches made with requires_grad=True), and of
         # module buffers, read only, found taking turns with another tensor: inputs
@@ -251,6 +255,9 @@ class Recording(OutcoreMode):
         # step pushes; outcore's own have no Dynamo wrapper: NOTE [Dynamo kept out])
         # imports torch._dynamo (~1.4 s here); imported now, that is not host time.
         import torch._dynamo  # noqa: F401
+        if self._watch_first_step:
+            from ..run.compose import first_step_watch
+            self._watched = first_step_watch()
         self._active = True
         self._hooks = [register_optimizer_step_pre_hook(self._enter_optimizer),
                        register_optimizer_step_post_hook(self._leave_optimizer),
@@ -491,6 +498,11 @@ class Recording(OutcoreMode):
         info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
         if self.label:
             info["label"] = self.label
+        if self._watched is not None:
+            from ..run.compose import first_step_unlike_the_rest
+            unlike = first_step_unlike_the_rest(self._watched)
+            if unlike is not None:
+                info["unsteady"] = unlike
         return Trace(functions=tuple(self._functions), arrays=tuple(arrays),
                      device=self._device or "cpu",
                      durations="estimated" if self._device == "meta" else "measured", info=info)
@@ -534,8 +546,10 @@ def record(*, label: str = "") -> Recording:
     """Record the training iteration run inside the `with` block; read `.trace` after it.
 
     Works for real tensors (durations measured) and on the meta device (no memory, no
-    compute; durations estimated from FLOPs and bytes)."""
-    return Recording(label=label)
+    compute; durations estimated from FLOPs and bytes). Where FSDP2 set itself up or DDP
+    rebuilt its buckets in the step, `trace.info["unsteady"]` says so: the steps after it
+    differ (`smallest_budget` warns)."""
+    return Recording(label=label, watch_first_step=True)
 
 
 # c10d::send(Tensor[] tensors, ProcessGroup process_group, int dst, int tag) and
