@@ -16,7 +16,8 @@ from torch.distributed.fsdp import fully_shard
 import outcore
 
 
-def attempt(budget: int) -> tuple[int | None, bool]:
+def sharded():
+    """The model, each block and the whole sharded, and this rank's batch generator."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         *[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(4)],
@@ -24,8 +25,12 @@ def attempt(budget: int) -> tuple[int | None, bool]:
     for block in list(model)[:4]:
         fully_shard(block)
     fully_shard(model)
+    return model, torch.Generator().manual_seed(dist.get_rank())
+
+
+def attempt(budget: int) -> tuple[int | None, bool]:
+    model, g = sharded()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(dist.get_rank())
     with outcore.OutOfCore(budget=budget) as ooc:
         try:
             for _ in range(4):
@@ -46,15 +51,8 @@ def first_steps() -> list[dict]:
     info says of the step (FSDP2 sets itself up in the first), and what smallest_budget
     logged for it."""
     import logging
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        *[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(4)],
-        torch.nn.Linear(512, 8))
-    for block in list(model)[:4]:
-        fully_shard(block)
-    fully_shard(model)
+    model, g = sharded()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(dist.get_rank())
     said = []
     handler = logging.Handler()
     handler.emit = lambda record: said.append(record.getMessage())
