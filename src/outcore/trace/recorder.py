@@ -220,6 +220,7 @@ class Recording(OutcoreMode):
         # in the step is to be told (`record()`; OutOfCore watches its own recordings).
         self._watch_first_step = watch_first_step
         self._watched = None
+        self._unlike: str | None = None     # what of it happened, read at the end
         # Origins (function, slot) of plain leaves requiring grad, read only, that a replay
         # found replaced by a new tensor (batches made with requires_grad=True), and of
         # module buffers, read only, found taking turns with another tensor: inputs
@@ -298,6 +299,10 @@ class Recording(OutcoreMode):
             self._module_buffers = {self._live[k][0] for k in self._buffer_keys
                                     if k in self._live and self._live[k][1]() is not None}
             self._buffer_keys.clear()
+            if self._watched is not None:   # at the end: `.trace` may be read steps later
+                from ..run.compose import first_step_unlike_the_rest
+                self._unlike = first_step_unlike_the_rest(self._watched)
+                self._watched = None
             self._modules_seen.clear()
             if exc is None:
                 self._trace = self._build()
@@ -498,11 +503,8 @@ class Recording(OutcoreMode):
         info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
         if self.label:
             info["label"] = self.label
-        if self._watched is not None:
-            from ..run.compose import first_step_unlike_the_rest
-            unlike = first_step_unlike_the_rest(self._watched)
-            if unlike is not None:
-                info["unsteady"] = unlike
+        if self._unlike is not None:
+            info["unsteady"] = self._unlike
         return Trace(functions=tuple(self._functions), arrays=tuple(arrays),
                      device=self._device or "cpu",
                      durations="estimated" if self._device == "meta" else "measured", info=info)
