@@ -189,3 +189,15 @@ def test_ddp_comm_hooks_that_write_on_gloo_thread_are_refused(tmp_path):
             assert "Nothing has run" in result[hook]["error"], result
         for hook in ("allreduce_hook", "builtin-ALLREDUCE"):
             assert result[hook] == {"error": None, "unchanged": False}, result
+
+
+def test_a_ddp_module_that_never_trains_does_not_delay_the_plan(tmp_path):
+    """OutOfCore records the next iteration too while a DDP module may yet rebuild its
+    buckets; one that is alive but never called with grad (a leftover, a teacher under
+    no_grad) never does, and waiting for it recorded 8 iterations of 8 where the model
+    alone took 3 (helper-201). Now only a module the step ran forward with grad counts."""
+    proc = torchrun(os.path.join(HERE, "idle_ddp_worker.py"), str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"idle.rank{rank}.json").read_text())
+        assert counts["none"] <= 4 and counts == dict.fromkeys(counts, counts["none"]), counts

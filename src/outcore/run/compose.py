@@ -431,8 +431,9 @@ def ddp_buckets_unbuilt() -> list:
     rebuilt their gradient buckets. DDP does so once, in the first forward with grad
     after a backward (`reducer._rebuild_buckets`, in the order the gradients came),
     allocating new buckets: that iteration runs ops no other does. An iteration recorded
-    while such a module exists (it may rebuild in the next one) or in which one rebuilt is
-    not steady, and the next one is recorded too (`OutOfCore._plan_recording`). Not one
+    while such a module exists and ran forward with grad in it (it may rebuild in the next
+    one), or in which one rebuilt, is not steady, and the next one is recorded too
+    (`OutOfCore._plan_recording`; one never called with grad never rebuilds). Not one
     with `find_unused_parameters=True` (and no static graph): its reducer never rebuilds
     (the condition is `(static_graph or not find_unused_parameters) and not
     has_rebuilt_bucket`), and every recording of it was taken for an unsteady one

@@ -1237,7 +1237,11 @@ class OutOfCore:
                          and not a.existed_before) >= MIN_MOVE_BYTES
         # DDP rebuilds its buckets once, in some iteration after the first (compose.py,
         # ddp_buckets_unbuilt): one recorded before or during it is not the steady step.
-        rebuilding = any(m is not None for m in (ref() for ref in recording.ddp_unbuilt))
+        # Only a module the step ran forward with grad does so: one alive that never
+        # trains (a leftover, a teacher under no_grad) never rebuilds, and waiting for it
+        # recorded 8 iterations instead of 3 (helper-201).
+        rebuilding = any(m is not None and id(m) in recording.ddp_trained
+                         for m in (ref() for ref in recording.ddp_unbuilt))
         # FSDP2 sets itself up in its first forward (Composition.fsdp_uninitialized).
         unsteady = lazy_state or rebuilding or fsdp_set_up(recording.fsdp_uninitialized)
         if unsteady and self._recordings_in_a_row < (

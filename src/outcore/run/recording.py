@@ -63,6 +63,7 @@ class SafeRecording(Recording):
         # warning an error (NOTE [Warnings as errors] in errors.py) and the step ended.
         self.said = said if said is not None else set()
         self.ddp_unbuilt = ddp_buckets_unbuilt()      # read by OutOfCore._plan_recording
+        self._ddp_watch = {id(m) for m in (ref() for ref in self.ddp_unbuilt) if m is not None}
         self.fsdp_uninitialized = fsdp_uninitialized  # so is this (compose.fsdp_set_up)
         # Arrays whose storage cannot move from the op that first sees them on (Residency
         # NOTE 7), also those that die within the step (a DataLoader worker's batch, in

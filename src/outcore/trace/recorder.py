@@ -235,6 +235,10 @@ class Recording(OutcoreMode):
         self._buffer_keys: set[int] = set()
         self._modules_seen: set[int] = set()
         self._module_buffers: set[int] = set()   # their array ids, at the end
+        # ids of the DDP modules to watch (SafeRecording: those with buckets to rebuild),
+        # and those of them called with grad enabled in the step (`ddp_trained`).
+        self._ddp_watch: set[int] = set()
+        self.ddp_trained: set[int] = set()
         self._active = False
         self._stance = None             # torch.compile's stance while recording (__enter__)
         self._device: str | None = None
@@ -329,8 +333,12 @@ class Recording(OutcoreMode):
         submodules' (a parent may read a child's buffer without calling the child), once
         per module. A hook must not fail the user's forward: a buffer without a storage
         is skipped."""
-        if not self._active or id(module) in self._modules_seen:
+        if not self._active:
             return None        # (a call on another thread as the recording ends)
+        if id(module) in self._ddp_watch and torch.is_grad_enabled():
+            self.ddp_trained.add(id(module))
+        if id(module) in self._modules_seen:
+            return None
         for sub in module.modules():
             if id(sub) in self._modules_seen:
                 continue
