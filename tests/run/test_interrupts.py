@@ -962,3 +962,28 @@ def test_a_ctrl_c_after_the_block_ran_says_its_step_took_effect(monkeypatch, mlp
             twin.step()
         assert_bitwise_equal(state_of(twin.model, twin.optimizer), state_of(w.model, w.optimizer))
         assert_intact(w, ooc)
+
+
+@pytest.mark.parametrize("point", ["_park", "_account"])
+def test_a_ctrl_c_after_an_error_of_the_blocks_end_keeps_that_error(monkeypatch, mlp_budget,
+                                                                      point):
+    """Where outcore's end of the block met an error of its own (a callback on a
+    collective that failed: "go on from your last checkpoint, not from these values"),
+    a Ctrl-C there says nothing of the step taking effect, and carries that error: as
+    its context where the Ctrl-C was held (`_park`), as a note where it cut the end off
+    before the error was raised (`_account`: it was lost before). helper-202."""
+    w = warm("mlp-tiny", "adam")
+    with outcore.OutOfCore(budget=mlp_budget, min_move_bytes=0) as ooc:
+        owner = type(ooc) if point == "_park" else _Iteration
+        _interrupt_on_call(monkeypatch, owner, point, 1)
+        with pytest.raises(KeyboardInterrupt) as info:
+            with ooc.iteration():
+                w.step()
+                ooc._res.stopped_callback = RuntimeError("a comm-hook callback failed")
+        monkeypatch.undo()
+        notes = getattr(info.value, "__notes__", [])
+        assert not any("took effect" in n for n in notes), notes
+        said = notes + [str(info.value.__context__)]
+        assert any("comm-hook callback failed" in s and "not from these values" in s
+                   for s in said), said
+        assert_whole(w)

@@ -87,7 +87,7 @@ def unsteady(result: dict) -> list[str]:
             continue
         for what, times in (("timed steps", r.get("steps_s", [])),
                             ("repeats", [t for t in r.get("step_s_repeats", []) if t])):
-            if len(times) > 1 and max(times) > UNSTEADY * min(times):
+            if len(times) > 1 and min(times) > 0 and max(times) > UNSTEADY * min(times):
                 name = cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else "")
                 if cfg["variant"] == "outcore":
                     name += f" {cfg.get('policy')}{_tags(cfg)} at {_mib(cfg.get('budget'))} MiB"

@@ -1240,7 +1240,10 @@ class OutOfCore:
         # Only a module the step ran forward with grad does so: one alive that never
         # trains (a leftover, a teacher under no_grad) never rebuilds, and waiting for it
         # recorded 8 iterations instead of 3 (helper-201).
-        rebuilding = any(m is not None and id(m) in recording.ddp_trained
+        # (One whose forward was called directly, `ddp.forward(x)`, passes no module hook:
+        # it counts once it has rebuilt, in the step that did: helper-202.)
+        rebuilding = any(m is not None and (id(m) in recording.ddp_trained
+                                            or getattr(m, "_has_rebuilt_buckets", False))
                          for m in (ref() for ref in recording.ddp_unbuilt))
         # FSDP2 sets itself up in its first forward (Composition.fsdp_uninitialized).
         unsteady = lazy_state or rebuilding or fsdp_set_up(recording.fsdp_uninitialized)
@@ -2082,19 +2085,38 @@ class _Iteration:
             self.ooc._last_infeasible = err
             raise
         except (KeyboardInterrupt, SystemExit) as err:     # while planning: not held
-            if exc is None:
-                err.add_note(STEP_TOOK_EFFECT)
+            self._note_signal(err, exc)
             raise
         finally:
             try:
                 shield.exit()          # a Ctrl-C that came meanwhile is raised here
             except BaseException as err:
-                if exc is None:
-                    err.add_note(STEP_TOOK_EFFECT)
+                self._note_signal(err, exc)
                 raise
         if isinstance(exc, InfeasibleBudget):
             self.ooc._last_infeasible = exc
         return False
+
+    def _note_signal(self, err, exc) -> None:
+        """A signal's exception `err` raised as the block ends: where the block raised
+        nothing (`exc`) and outcore's end of it met no error of its own, a note says the
+        step took effect (helper-200). Where it did meet some, the note would contradict
+        them (a collective that failed says to go on from a checkpoint; helper-202): those
+        that `err` cut off before they were raised, or does not carry as its context, are
+        noted on it instead, not lost."""
+        # (Itself among them where planning caught it, `_adopt`.)
+        errors = [e for e in getattr(self, "_end_errors", []) if e is not err]
+        if exc is None and not errors:
+            err.add_note(STEP_TOOK_EFFECT)
+            return
+        carried, context = set(), err.__context__
+        while context is not None and id(context) not in carried:
+            carried.add(id(context))
+            context = context.__context__
+        for other in errors:
+            if id(other) not in carried:
+                err.add_note(f"outcore: while ending the block: {type(other).__name__}: "
+                             f"{other}")
 
     def _end(self, exc) -> None:
         """Undo the iteration's hold on memory whatever happened, then account for it.
@@ -2122,7 +2144,7 @@ class _Iteration:
                          "than from these parameters.")
         if isinstance(exc, _DEVICE_OOM):
             exc.add_note(_out_of_device_memory(ooc, len(ooc._iterations) + 1))
-        errors = []
+        errors = self._end_errors = []         # `_note_signal` reads them
         deviation = None
         self._exit_mode(exc, errors)
         try:                          # accounting only: the cleanup below runs whatever it does
