@@ -35,7 +35,7 @@ def rows(result: dict) -> list[dict]:
     out = []
     for run in result["runs"]:
         cfg, r = run["config"], run["result"]
-        row = {"variant": cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else ""),
+        row = {"variant": _variant(cfg),
                "policy": cfg.get("policy", "-") + _tags(cfg),
                "budget": cfg.get("budget"), "batch": cfg["batch"]}
         if "error" in r:
@@ -88,7 +88,7 @@ def unsteady(result: dict) -> list[str]:
         for what, times in (("timed steps", r.get("steps_s", [])),
                             ("repeats", [t for t in r.get("step_s_repeats", []) if t])):
             if len(times) > 1 and min(times) > 0 and max(times) > UNSTEADY * min(times):
-                name = cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else "")
+                name = _variant(cfg)
                 if cfg["variant"] == "outcore":
                     name += f" {cfg.get('policy')}{_tags(cfg)} at {_mib(cfg.get('budget'))} MiB"
                 lines.append(f"{name}: its {what} took {min(times):.3f} to "
@@ -110,6 +110,11 @@ def unsteady(result: dict) -> list[str]:
                              f"predictions' compute run (the same step with huge pages) "
                              f"{b:.3f} s" + (f" in round {n + 1}" if len(pairs) > 1 else ""))
     return lines
+
+
+def _variant(cfg: dict) -> str:
+    """A run's variant as the tables name it: with its role, where it has one."""
+    return cfg["variant"] + (f" ({cfg['role']})" if cfg.get("role") else "")
 
 
 def _tags(cfg: dict) -> str:
