@@ -964,6 +964,27 @@ def test_a_ctrl_c_after_the_block_ran_says_its_step_took_effect(monkeypatch, mlp
         assert_intact(w, ooc)
 
 
+def test_a_ctrl_c_after_a_building_block_ran_says_what_it_built_took_effect(monkeypatch):
+    """The same for `with ooc.building():` (its state parked as it ends), whose note
+    names what a building block does, not a training step's optimizer."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    with outcore.OutOfCore(budget="300KiB", min_move_bytes=0) as ooc:
+        calls = _interrupt_on_call(monkeypatch, type(ooc), "_park", 1)
+        torch.manual_seed(0)
+        with pytest.raises(KeyboardInterrupt) as info:
+            with ooc.building():
+                built = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        monkeypatch.undo()
+        assert calls["n"] == 1
+        notes = info.value.__notes__
+        assert any("every tensor it made or changed is as the block left it" in n
+                   for n in notes), notes
+        assert not any("optimizer" in n for n in notes), notes
+        with ooc.between():
+            assert_bitwise_equal(plain.state_dict(), built.state_dict())
+
+
 @pytest.mark.parametrize("point", ["_park", "_account"])
 def test_a_ctrl_c_after_an_error_of_the_blocks_end_keeps_that_error(monkeypatch, mlp_budget,
                                                                       point):

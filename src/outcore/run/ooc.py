@@ -1868,6 +1868,10 @@ STEP_TOOK_EFFECT = ("outcore: this came after the block had run to its end, whil
                     "ended it: all the block did took effect (the parameters and the "
                     "optimizer's state are as the block left them), and nothing is lost. "
                     "Training can go on from them.")
+# The same for `with ooc.building():`, which builds a model rather than training it.
+BUILD_TOOK_EFFECT = ("outcore: this came after the block had run to its end, while outcore "
+                     "ended it: all the block did took effect (every tensor it made or "
+                     "changed is as the block left it), and nothing is lost.")
 
 
 class _Iteration:
@@ -2097,6 +2101,8 @@ class _Iteration:
             self.ooc._last_infeasible = exc
         return False
 
+    TOOK_EFFECT = STEP_TOOK_EFFECT
+
     def _note_signal(self, err, exc) -> None:
         """A signal's exception `err` raised as the block ends: where the block raised
         nothing (`exc`) and outcore's end of it met no error of its own, a note says the
@@ -2107,7 +2113,7 @@ class _Iteration:
         # (Itself among them where planning caught it, `_adopt`.)
         errors = [e for e in getattr(self, "_end_errors", []) if e is not err]
         if exc is None and not errors:
-            err.add_note(STEP_TOOK_EFFECT)
+            err.add_note(self.TOOK_EFFECT)
             return
         carried, context = set(), err.__context__
         while context is not None and id(context) not in carried:
@@ -2454,6 +2460,7 @@ class _Iteration:
 class _Building(_Iteration):
     """The `with ooc.building():` block (run/building.py): ops run memory-safe under the
     budget, nothing is recorded or accounted; the same contract as an iteration's."""
+    TOOK_EFFECT = BUILD_TOOK_EFFECT
 
     def _begin(self) -> None:
         ooc = self.ooc
@@ -2464,7 +2471,8 @@ class _Building(_Iteration):
         self._enter_mode()
 
     def _end(self, exc) -> None:
-        ooc, errors = self.ooc, []
+        ooc = self.ooc
+        errors = self._end_errors = []         # `_note_signal` reads them
         self._exit_mode(exc, errors)
         ooc._park(errors)
         ooc._idle()
