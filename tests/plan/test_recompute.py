@@ -111,6 +111,33 @@ def test_temporaries_are_made_for_one_repeat_and_freed_after_it():
         check(r, plan(r, budget), budget)
 
 
+@pytest.mark.parametrize("temporary", [False, True])
+def test_what_plain_pytorch_holds_is_the_recorded_steps_whatever_is_recomputed(temporary,
+                                                                               tmp_path):
+    """The views' in-core curve (plain PyTorch) of a trace with repeats is the recorded
+    step's, function by function; a repeat's row is the one before it (helper-204: the
+    recomputing step's memory was drawn as plain PyTorch's). It survives save and load."""
+    t = layered([8, 16, 16, 16])
+    chosen = [dataclasses.replace(c, temporary=temporary)
+              for c in recompute.candidates(t, chains=True)]
+    r = recompute.rewrite(t, chosen)
+    r.save(tmp_path / "r.json")
+    for rewritten in (r, Trace.load(tmp_path / "r.json")):
+        plain = recompute.plain_live_bytes(rewritten)
+        assert len(plain) == len(rewritten.functions)
+        originals = [b for fn, b in zip(rewritten.functions, plain) if fn.repeats is None]
+        assert originals == t.live_bytes(actual=True)
+        assert max(plain) == t.peak(actual=True)[0]
+        held = rewritten.live_bytes(actual=True)        # the recomputing step's, lower
+        assert any(p > h for p, h in zip(plain, held))
+        for fn in rewritten.functions[1:]:
+            if fn.repeats is not None:
+                assert plain[fn.index] == plain[fn.index - 1]
+    assert recompute.plain_live_bytes(t) == t.live_bytes(actual=True)
+    from outcore.view.occupancy import by_category
+    assert list(by_category(r, plan(r, r.peak()[0])).in_core) == recompute.plain_live_bytes(r)
+
+
 def test_the_rewritten_trace_saves_and_loads(tmp_path):
     t = layered([8, 16, 16])
     r = recompute.rewrite(t, recompute.candidates(t))
@@ -298,7 +325,8 @@ def test_outcore_simulate_recompute(tmp_path, capsys):
     rewritten = recompute.rewrite(t, recompute.candidates(t))
     remade = len(rewritten.functions) - len(t.functions)
     assert (f"trace: {len(rewritten.functions):,} functions ({remade:,} of them recomputing "
-            "activations)") in capsys.readouterr().out
+            f"activations), {len(rewritten.arrays):,} arrays, in-core peak "
+            f"{outcore.units.format_bytes(t.peak()[0])},") in capsys.readouterr().out
     assert main(["simulate", str(path), "--budget", budget + "," + f"{t.peak()[0]}B",
                  "--recompute", "all"]) == 0
     assert " rc " in capsys.readouterr().out

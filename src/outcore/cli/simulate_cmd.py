@@ -228,7 +228,7 @@ def _trace_line(trace, recorded) -> str:
     return (f"trace: {len(trace.functions):,} functions"
             + (f" ({remade:,} of them recomputing activations)" if remade > 0 else "")
             + f", {len(trace.arrays):,} arrays, in-core peak "
-            f"{format_bytes(trace.peak()[0])}, durations {trace.durations}")
+            f"{format_bytes(recorded.peak()[0])}, durations {trace.durations}")
 
 
 def run(args) -> int:

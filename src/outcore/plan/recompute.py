@@ -276,6 +276,7 @@ def rewrite(trace, chosen) -> Trace:
                                               origin=origin[arr.id], freed_after=freed))
     info = dict(trace.info)
     info["recomputed"] = len(chosen)
+    info["remade_as"] = [[y, again[y]] for y in ys]       # `plain_live_bytes`
     return Trace(functions=tuple(out_fns), arrays=tuple(all_arrays), device=trace.device,
                  durations=trace.durations, info=info)
 
@@ -359,6 +360,40 @@ def check_mode(mode) -> None:
     """OutcoreError unless `mode` is one of MODES (True and False themselves: 1 is not)."""
     if not any(mode is m or mode == m == "auto" for m in MODES):
         raise OutcoreError(f"recompute must be 'auto', True or False, got {mode!r}")
+
+
+def plain_live_bytes(trace) -> list[int]:
+    """What plain PyTorch holds during each function of `trace` (`Trace.live_bytes` with
+    actual=True), where `trace` may be one `rewrite` gave repeats: plain PyTorch runs
+    none of them and keeps each recomputed y from its making to where its remade y' dies,
+    so y' and the repeats' temporaries and workspace count for nothing, and a repeat's
+    row is the one before it (the views drew the recomputing step's memory as plain
+    PyTorch's: 35.51 GiB for a ResNet-50 whose plain step holds 116.48 GiB, helper-204)."""
+    remade_as = trace.info.get("remade_as")
+    if not remade_as:
+        return trace.live_bytes(actual=True)
+    from ..trace.lifetimes import live_interval
+    n = len(trace.functions)
+    arrays = trace.arrays
+    made_by_repeat = {acc.array for fn in trace.functions if fn.repeats is not None
+                      for acc in fn.accesses if acc.kind == "create"}
+    end_of = {y: live_interval(arrays[again], n, actual=True)[1] for y, again in remade_as}
+    delta = [0] * (n + 1)
+    for arr in arrays:
+        if arr.id in made_by_repeat:
+            continue
+        start, end = live_interval(arr, n, actual=True)
+        end = max(end, end_of.get(arr.id, end))
+        delta[start] += arr.nbytes
+        delta[end + 1] -= arr.nbytes
+    curve, running = [], 0
+    for i, fn in enumerate(trace.functions):
+        running += delta[i]
+        if fn.repeats is not None:
+            curve.append(curve[-1] if curve else running)
+        else:
+            curve.append(running + fn.workspace_bytes)
+    return curve
 
 
 def remade(trace) -> list[tuple[int, int]]:

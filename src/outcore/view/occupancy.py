@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..plan.recompute import plain_live_bytes
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..trace.model import CATEGORIES
 
@@ -21,7 +22,8 @@ class Occupancy:
     categories: tuple[str, ...]           # those the trace has, in CATEGORIES order
     fast: tuple[tuple[int, ...], ...]     # per function: bytes per category while it runs
     slow: tuple[int, ...]                 # per function: bytes only on the slow tier
-    in_core: tuple[int, ...]              # per function: what plain PyTorch held (actual)
+    in_core: tuple[int, ...]              # per function: what plain PyTorch held (actual;
+                                          # with repeats, as without: plain_live_bytes)
 
     def total(self, index: int) -> int:
         return sum(self.fast[index])
@@ -93,4 +95,4 @@ def by_category(trace, schedule) -> Occupancy:
                 to_slow(a, True)
             elif act.kind != SWAP_OUT:
                 raise ValueError(f"{act.kind} is not an end-action")
-    return Occupancy(categories, tuple(rows), tuple(slows), tuple(trace.live_bytes(actual=True)))
+    return Occupancy(categories, tuple(rows), tuple(slows), tuple(plain_live_bytes(trace)))

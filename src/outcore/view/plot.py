@@ -77,12 +77,15 @@ def _planned(ax, trace, schedule, sim, budget: int | None = None) -> None:
     made = [sim.start_s[f] * 1e3 for f, _ in remade(trace)]
     if made:                       # plan/recompute.py: made again instead of read back
         ax.plot(made, [-0.07 * line] * len(made), "|", color="#2ca02c", markersize=8,
-                label=f"recompute ({len(made)})")
+                label=f"recompute: {len(made)} arrays made again")
     # "predicted": the simulator's clock from the recording, not a promise (helper-170
     # read it beside the measured panel's 2.5x longer step).
+    # Two lines, from the axes' left edge: one line centred spilled past the figure's
+    # left edge once the legend beside it narrowed the axes (helper-204).
     ax.set_title(f"planned: {schedule.policy} on {sim.machine}, predicted "
-                 f"{sim.step_time_s * 1e3:.0f} ms (in-core {sim.plain_time_s * 1e3:.0f} ms); moves "
-                 f"{format_bytes(sim.bytes_in)} in, {format_bytes(sim.bytes_out)} out", fontsize=10)
+                 f"{sim.step_time_s * 1e3:.0f} ms (in-core {sim.plain_time_s * 1e3:.0f} ms)\n"
+                 f"moves {format_bytes(sim.bytes_in)} in, {format_bytes(sim.bytes_out)} out",
+                 fontsize=10, loc="left")
 
 
 # Where the budget is more than this many times the most the panel shows, the axis ends
@@ -143,8 +146,8 @@ def _measured(ax, log, budget: int, rss_start: int, shown: dict) -> None:
     # Bytes as the report writes them (format_bytes), the axis in MiB.
     what = measured_label(shown.get("iteration"), shown.get("left_since", 0), planned,
                           untracked)
-    ax.set_title(f"measured: {what}, {end:.0f} ms; moved {format_bytes(moved_in)} in, "
-                 f"{format_bytes(moved_out)} out", fontsize=10, wrap=True)
+    ax.set_title(f"measured: {what}, {end:.0f} ms\nmoved {format_bytes(moved_in)} in, "
+                 f"{format_bytes(moved_out)} out", fontsize=10, loc="left")
 
 
 def check_picture_path(path) -> str:
@@ -182,6 +185,7 @@ def plot_memory(trace, schedule, sim, path, *, measured=None, budget: int | None
             fig.suptitle(title)
         fig.tight_layout()
         from ..run.checkpoint import atomic_write
-        atomic_write(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=110))
+        atomic_write(path, lambda f: fig.savefig(f, format=suffix[1:], dpi=110,
+                                                 bbox_inches="tight"))
     finally:
         plt.close(fig)
