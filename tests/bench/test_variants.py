@@ -4,6 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import outcore
 from outcore.bench.experiments import largest_batch, memory_on_meta
 from outcore.bench.variants import DiskOffload, HostOffload, StreamedOffload, checkpoint_blocks
 from outcore.workloads import build
@@ -100,6 +101,18 @@ def test_largest_batch_finds_the_threshold(threshold, start, cap):
         return b <= threshold
     assert largest_batch(fits, start, cap) == min(threshold, cap)
     assert all(1 <= b <= cap for b in calls)
+
+
+@given(st.integers(0, 300), st.integers(1, 64), st.integers(1, 256))
+def test_largest_batch_starts_at_two_where_batch_one_cannot_train(threshold, start, cap):
+    """A model that cannot train at batch 1 (OutcoreError from run_step) is searched from
+    batch 2 (helper-204: a traceback)."""
+    def fits(b):
+        if b == 1:
+            raise outcore.OutcoreError("cannot train a step at batch 1")
+        return b <= threshold
+    assert largest_batch(fits, start, cap) == (min(threshold, cap) if min(threshold, cap) >= 2
+                                               else 0)
 
 
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.randoms(use_true_random=False),

@@ -20,7 +20,20 @@ def test_trace_real_adam(tmp_path, capsys):
     out = tmp_path / "t.json"
     assert main(["trace", "--model", "gpt2-tiny", "--batch", "2", "--seq-len", "16", "--device", "cpu",
                  "--optimizer", "adam", "-o", str(out)]) == 0
-    assert outcore.Trace.load(out).durations == "measured"
+    trace = outcore.Trace.load(out)
+    assert trace.durations == "measured"
+    # The label names the sizes given: simulate's rows and the picture's title show it.
+    assert trace.info["label"] == "gpt2-tiny seq 16 batch 2 adam on cpu"
+
+
+def test_a_step_the_model_cannot_take_is_a_clear_error(capsys):
+    """A ResNet at 32x32 and batch 1 reaches its last batch norm at 1x1, one value per
+    channel: an error naming the sizes to change, not PyTorch's traceback (helper-204)."""
+    assert main(["trace", "--model", "resnet18-tiny", "--image-size", "32", "--batch", "1",
+                 "--device", "meta"]) == 2
+    err = capsys.readouterr().err
+    assert "resnet18-tiny cannot train a step at batch 1" in err
+    assert "A larger batch, image size or sequence length" in err and "Traceback" not in err
 
 
 def test_help_lists_models_and_an_example():

@@ -202,7 +202,13 @@ def test_demo_prints_both_runs_and_writes_valid_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--iterations", "1"], "--iterations must be at least 2"),
+    (["--iterations", "2"], "--iterations must be at least 3"),
+    # helper-204: batch 0 trained on NaN losses, a bad policy failed after the in-core
+    # run, two iterations drew nothing and said nothing.
+    (["--batch", "0"], "--batch and --image-size must be at least 1"),
+    (["--batch", "1", "--image-size", "32"],
+     "one value per channel (batch 1, 1x1), and training needs more: pass --batch 2 or more"),
+    (["--policy", "foo"], "'foo' is not a planning policy"),
     (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
     (["--swap-dir", "{tmp}/missing"], "missing does not exist; create it first"),
     (["--swap-dir", "{tmp}/file"], "file is a file, not a directory"),

@@ -16,6 +16,7 @@ import platform
 
 import torch
 
+from ..errors import OutcoreError
 from ..memory.pages import TORCH_ENV
 from ..plan.feasibility import min_feasible_budget
 from ..run.ooc import MIN_MOVE_BYTES
@@ -52,11 +53,19 @@ def memory_on_meta(model: str, batch: int, variant: str, **shape) -> dict:
 
 def largest_batch(fits, start: int, cap: int) -> int:
     """The largest batch in [1, cap] for which fits(batch) holds (fits must be monotone:
-    true up to some batch, false after); 0 if not even batch 1 fits."""
-    if not fits(1):
+    true up to some batch, false after); 0 if not even the smallest fits. A model that
+    cannot train at batch 1 (a ResNet at 32x32 reaches its last batch norm at 1x1, one
+    value per channel: OutcoreError from `run_step`) is searched from batch 2
+    (helper-204: a traceback)."""
+    smallest = 1
+    try:
+        small = fits(1)
+    except OutcoreError:
+        smallest, small = 2, cap >= 2 and fits(2)
+    if not small:
         return 0
-    lo, hi = 1, None                  # fits(lo); not fits(hi)
-    b = max(start, 2)
+    lo, hi = smallest, None           # fits(lo); not fits(hi)
+    b = max(start, smallest + 1)
     while b <= cap:                   # double from `start` until it stops fitting
         if not fits(b):
             hi = b

@@ -64,8 +64,9 @@ def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
 
 def step_under(w, hooks) -> None:
     """One training step of workload `w`, inside `hooks.step()` when hooks are given."""
+    from ..workloads import run_step
     with hooks.step() if hooks is not None else nullcontext():
-        w.step()
+        run_step(w)
 
 
 class _SavedTensorHooks:

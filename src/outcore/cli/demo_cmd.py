@@ -159,9 +159,24 @@ def _writable_out(out: str) -> None:
 def run(args) -> int:
     if not 0 < args.fraction <= 1:
         raise OutcoreError(f"--fraction must be in (0, 1], got {args.fraction}")
-    if args.iterations < 2:
-        raise OutcoreError(f"--iterations must be at least 2 (the second sizes the budget), "
-                           f"got {args.iterations}")
+    # Checked before the in-core run's half minute (helper-204: --batch 0 trained on NaN
+    # losses and said "bitwise equal: yes"; --policy foo failed after the in-core run).
+    if args.iterations < 3:
+        raise OutcoreError(f"--iterations must be at least 3 (the second sizes the budget; "
+                           f"outcore records the first two, as momentum is made in the first "
+                           f"step, and draws the third), got {args.iterations}")
+    if args.image_size < 1 or args.batch < 1:
+        raise OutcoreError(f"--batch and --image-size must be at least 1, got {args.batch} and "
+                           f"{args.image_size}")
+    side = -(-args.image_size // 32)        # ResNet-50 halves the side five times, rounding up
+    if args.batch * side * side < 2:
+        raise OutcoreError(f"ResNet-50's last batch norm would see one value per channel (batch "
+                           f"{args.batch}, {side}x{side}), and training needs more: pass "
+                           "--batch 2 or more, or --image-size 33 or more")
+    from ..plan import POLICIES
+    if args.policy not in POLICIES:
+        raise OutcoreError(f"--policy {args.policy!r} is not a planning policy; choose one of "
+                           f"{', '.join(POLICIES)}")
     if args.swap_dir is not None and not os.path.isdir(args.swap_dir):
         # Checked before the in-core run, which would otherwise take its half minute first.
         what = ("is a file, not a directory; pass a directory" if os.path.exists(args.swap_dir)
@@ -211,7 +226,10 @@ def run(args) -> int:
             print(f"   {line}")
         print()
     print(ooc["report"])
-    if ooc["files"]:
+    if not ooc["files"]:
+        print("\nno iteration replayed a plan to its end, so no memory picture, timeline or "
+              "report was written: run more --iterations")
+    else:
         print(f"\nmemory picture {ooc['files']['picture']}, timeline {ooc['files']['timeline']} "
               f"(open it in ui.perfetto.dev or chrome://tracing), report {ooc['files']['report']} "
               f"(outcore report {ooc['files']['report']})")

@@ -61,7 +61,8 @@ def _progress(text: str) -> None:
 
 
 def run(args) -> int:
-    workloads.sizes(args.model, image_size=args.image_size, seq_len=args.seq_len)  # before a word
+    given = workloads.sizes(args.model, image_size=args.image_size,     # before a word
+                            seq_len=args.seq_len)
     if args.output:
         check_output(args.output, "-o")
     _progress(f"building {args.model} on {args.device}")
@@ -69,12 +70,15 @@ def run(args) -> int:
                         image_size=args.image_size, seq_len=args.seq_len)
     for k in range(args.warmup):
         _progress(f"warm-up step {k + 1} of {args.warmup}")
-        w.step()
-    label = f"{args.model} batch {len(w.batch[0])} {args.optimizer} on {args.device}"
+        workloads.run_step(w)
+    # The sizes given name it too: simulate's rows and the picture's title show the label
+    # (helper-204: "gpt2 batch 4 adam on meta" for --seq-len 256).
+    sized = "".join(f" {v}x{v}" if k == "image_size" else f" seq {v}" for k, v in given.items())
+    label = f"{args.model}{sized} batch {len(w.batch[0])} {args.optimizer} on {args.device}"
     _progress("recording one step")
     start = time.perf_counter()
     with record(label=label) as rec:
-        w.step()
+        workloads.run_step(w)
     elapsed = time.perf_counter() - start
     trace = rec.trace
     if args.output:                  # before a word: output cut short still leaves the file

@@ -163,6 +163,18 @@ def sizes(name: str, *, image_size: int | None = None, seq_len: int | None = Non
     return given
 
 
+def run_step(w: Workload) -> torch.Tensor:
+    """`w.step()`, where a step the model cannot take at these sizes (a ResNet's batch
+    norm over one value per channel: batch 1 at 32x32 reaches layer 4 at 1x1) is an
+    OutcoreError naming the sizes to change, not PyTorch's traceback (helper-204)."""
+    try:
+        return w.step()
+    except (RuntimeError, ValueError) as exc:
+        raise OutcoreError(f"{w.spec.name} cannot train a step at batch {len(w.batch[0])} and these "
+                           f"sizes: {exc}. A larger batch, image size or sequence length "
+                           "may fit it") from exc
+
+
 def build(name: str, *, batch: int | None = None, device: str = "cpu", optimizer: str = "sgd",
           image_size: int | None = None, seq_len: int | None = None, seed: int = 0) -> Workload:
     """Build workload `name` on `device` ("cpu" or "meta"), deterministic for `seed`."""
