@@ -17,7 +17,8 @@ def test_measures_a_replay_that_moves_data_against_plain_steps(capsys, caplog):
     # its optimizer outside the budget, and outcore's warning said so in the output.
     assert not caplog.records, [r.getMessage() for r in caplog.records]
     fig = json.loads(capsys.readouterr().out)
-    assert set(fig) == {"per_function_s", "functions", "plain_s", "outcore_s", "wait_s", "bytes_read"}
+    assert set(fig) == {"per_function_s", "functions", "plain_s", "outcore_s", "wait_s",
+                        "bytes_read", "unsteady"}
     # Hundreds of functions, so that the per-op figure is not one op's noise; both steps
     # timed; the cost per op is a share of the difference, never negative.
     assert fig["functions"] > 500
@@ -32,3 +33,19 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "neither --quick" in capsys.readouterr().err
     with pytest.raises(OutcoreError, match="at least 3 steps"):
         measure_overhead(steps=2)
+
+
+def test_an_unsteady_measurement_is_named(capsys, monkeypatch):
+    """helper-204: "0.0 µs per op" beside a disturbed plain step, and nothing said so."""
+    from outcore.bench import overhead
+    assert overhead.unsteady([0.010, 0.011, 0.010], [0.012, 0.012, 0.013]) == []
+    said = overhead.unsteady([0.010, 0.154, 0.150], [0.012, 0.012, 0.013])
+    assert said[0] == "the plain steps took 10.0 to 154.0 ms"
+    assert "outcore's steps took less than plain ones (12.0 against 150.0 ms" in said[1]
+    fig = {"per_function_s": 0.0, "functions": 600, "plain_s": 0.150, "outcore_s": 0.152,
+           "wait_s": 0.0, "bytes_read": 1, "unsteady": said}
+    monkeypatch.setattr(overhead, "measure_overhead", lambda steps, directory=None: fig)
+    assert main(["bench", "overhead"]) == 0
+    out = capsys.readouterr().out
+    assert "0.0 µs per op" in out and "unsteady: the plain steps took 10.0 to 154.0 ms" in out
+    assert "measure again with the machine quiet" in out

@@ -21,9 +21,9 @@ WIDTH, DEPTH, BATCH = 128, 32, 128   # weights and activations of 64 KiB: movabl
 
 
 def measure_overhead(steps: int = 15, directory: str | None = None) -> dict:
-    """{"per_function_s", "functions", "plain_s", "outcore_s", "wait_s", "bytes_read"}:
-    medians of `steps` steps each, after a warm-up (and the recording) that are not
-    counted."""
+    """{"per_function_s", "functions", "plain_s", "outcore_s", "wait_s", "bytes_read",
+    "unsteady"}: medians of `steps` steps each, after a warm-up (and the recording) that
+    are not counted; "unsteady" says why they cannot be trusted (`unsteady`)."""
     import torch
 
     from ..errors import OutcoreError
@@ -81,4 +81,24 @@ def measure_overhead(steps: int = 15, directory: str | None = None) -> dict:
     plain_s, outcore_s, wait_s = (statistics.median(v) for v in (plain, under, waits))
     return {"per_function_s": max(0.0, (outcore_s - wait_s - plain_s) / functions),
             "functions": functions, "plain_s": plain_s, "outcore_s": outcore_s, "wait_s": wait_s,
-            "bytes_read": int(statistics.median(reads))}
+            "bytes_read": int(statistics.median(reads)),
+            "unsteady": unsteady(plain, [u - w for u, w in zip(under, waits)])}
+
+
+def unsteady(plain: list, own: list) -> list[str]:
+    """Why the figure cannot be trusted, in words (empty: it can): steps of one kind that
+    differ by more than UNSTEADY times (NOTE [Unsteady runs] in output.py), or outcore's
+    steps, their waits taken out, shorter than plain ones (the per-op figure is then
+    clamped to 0). helper-204 saw "0.0 µs per op" beside a plain step of 153.9 ms, 10.3 ms
+    on a rerun, and nothing said so."""
+    from .output import UNSTEADY
+    said = []
+    for name, times in (("plain", plain), ("outcore's (waits taken out)", own)):
+        low, high = min(times), max(times)
+        if low > 0 and high / low > UNSTEADY:
+            said.append(f"the {name} steps took {low * 1e3:.1f} to {high * 1e3:.1f} ms")
+    if statistics.median(own) < statistics.median(plain):
+        said.append(f"outcore's steps took less than plain ones ({statistics.median(own) * 1e3:.1f} "
+                    f"against {statistics.median(plain) * 1e3:.1f} ms, medians), so the cost "
+                    "per op is shown as 0")
+    return said

@@ -154,7 +154,11 @@ def run_experiment(args) -> int:
             print("measuring outcore's executor ...", file=sys.stderr, flush=True)
             from ..bench.overhead import measure_overhead
             try:
-                common["per_function_s"] = measure_overhead(directory=args.dir)["per_function_s"]
+                fig = measure_overhead(directory=args.dir)
+                common["per_function_s"] = fig["per_function_s"]
+                if fig["unsteady"]:
+                    print(f"outcore's executor measured unsteady ({'; '.join(fig['unsteady'])}): "
+                          "the predictions' cost per op may be off", file=sys.stderr, flush=True)
             except OutcoreError as err:         # the predictions go on without that cost
                 print(f"outcore's executor not measured ({err}); the predictions leave its "
                       "cost per op out", file=sys.stderr, flush=True)
@@ -274,5 +278,8 @@ def run_overhead(args) -> int:
     print(f"  simulate with it: `outcore simulate ... --together --per-op-us "
           f"{fig['per_function_s'] * 1e6:.1f}`, or Machine(..., host_time=True, "
           f"per_function_s={fig['per_function_s']:.3g})")
+    if fig["unsteady"]:
+        print(f"  unsteady: {'; '.join(fig['unsteady'])}. Something else was probably running: "
+              "measure again with the machine quiet before using this figure")
     return 0
 
