@@ -36,6 +36,12 @@ def test_a_step_the_model_cannot_take_is_a_clear_error(capsys):
     assert "A larger batch, image size or sequence length" in err and "Traceback" not in err
 
 
+def test_python_dash_m_outcore_is_the_command_and_says_its_version():
+    """helper-204: no `outcore --version`, no `python -m outcore`."""
+    result = zygote.run(["-m", "outcore", "--version"], timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"outcore {outcore.__version__} ")
+
+
 def test_help_lists_models_and_an_example():
     result = zygote.run(["-m", "outcore.cli.main", "trace", "--help"], timeout=120)
     assert result.returncode == 0

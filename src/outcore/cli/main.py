@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="outcore",
         description="Train PyTorch networks larger than the memory they run in: record one "
                     "iteration, plan when each tensor moves, simulate, and replay the plan.")
+    from .. import __version__
+    parser.add_argument("--version", action="version",
+                        version=f"outcore {__version__} (Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

@@ -46,6 +46,9 @@ class LowerBound:
 
 
 def lower_bound(trace, budget) -> LowerBound:
+    """The fewest bytes any schedule of `trace` moves under `budget` (bytes, or a size
+    with its unit such as "2GiB"): a yardstick for the plans, not a plan (module
+    docstring). Raises InfeasibleBudget where no schedule can run the step at all."""
     require_trace(trace, "outcore.lower_bound")
     budget = parse_bytes(budget)
     require_feasible(trace, budget)

@@ -162,31 +162,30 @@ def planned_budget(trace, budget: int, min_move_bytes: int = MIN_MOVE_BYTES, hel
 
 
 def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
-    """The smallest budget at which an OutOfCore(min_move_bytes=...) runs the step
-    `trace` recorded (`outcore.record()`, also on the meta device) and the steps of its
-    shape after it, as its InfeasibleBudget counts it (`OutOfCore._require_feasible`):
-    what the plan needs of the arrays that move, beside the most of those that never
-    move alive at once (`pinned_peak`).
-    `outcore plan` shows it beside the plan's own figure, which counts every array as
-    movable and so is lower (a user who took that one met InfeasibleBudget). It is this
-    step's figure: a step of smaller tensors has more of its arrays under
-    min_move_bytes, so it can need more (a Llama at sequence length 24 needed 2.67 MiB,
-    at 48 2.01 MiB, with the 64 KiB default); with min_move_bytes=0 nothing is pinned
-    for its size. And it is the figure of the step as recorded: state that grows for a
-    few steps (LBFGS's history, for `history_size` steps; a sparse momentum buffer,
-    which gains indices each step) or whose step changes after a few (RAdam from its
-    sixth step, ASGD once averaging starts at `t0`: helper-132) needs the figure of a
-    later step, as does a first step unlike the rest (helper-181): one a GradScaler
-    skipped (no optimizer update in it), or one before gradients kept between steps
-    (`zero_grad(set_to_none=False)`; the next steps add into them, with temporaries of
-    their own), or one in which FSDP2 set itself up or DDP rebuilt its buckets
-    (helper-201; a trace of `outcore.record()` says so in `info["unsteady"]`, and this
-    function warns). State the step made and kept (a first step's momentum buffers, made
-    lazily) is counted as the steps after it hold it, from their start: the small
-    buffers of it never move, and counted where the first step made them the figure was
-    a few bytes short of the second step's, at which every step then ran op by op
-    (helper-125). `min_move_bytes`: a
-    byte count or a size with its unit, as OutOfCore takes it."""
+    """The smallest budget (bytes) at which `OutOfCore(budget, min_move_bytes=...)` runs
+    the step `trace` recorded (`outcore.record()`, also on the meta device) and the
+    steps of its shape after it: what the plan needs of the arrays that move, beside the
+    most of those that never move (under `min_move_bytes`: a byte count or a size with
+    its unit, as OutOfCore takes it) alive at once.
+
+    Below it, OutOfCore raises InfeasibleBudget; `outcore plan`'s own figure is lower,
+    as it counts every array as movable. It is this step's figure:
+      * a step of smaller tensors has more arrays under min_move_bytes, so it can need
+        more (a Llama at sequence length 24 needed 2.67 MiB, at 48 2.01 MiB);
+        min_move_bytes=0 pins nothing for its size;
+      * state that grows for a few steps (LBFGS's history, a sparse momentum buffer) or
+        a step that changes after a few (RAdam from its sixth, ASGD once averaging
+        starts) needs the figure of a later step;
+      * so does a first step unlike the rest: one a GradScaler skipped, one before
+        gradients kept between steps (`zero_grad(set_to_none=False)`), one in which
+        FSDP2 set itself up or DDP rebuilt its buckets (`trace.info["unsteady"]` says
+        so, and this function warns).
+    State the step made and keeps (a first step's momentum) counts as the steps after it
+    hold it, from their start."""
+    # Found by new-user trials: RAdam/ASGD (helper-132), first steps unlike the rest
+    # (helper-181, helper-201), momentum made in the first step counted where it was
+    # made, a few bytes short of the second step's, at which every step ran op by op
+    # (helper-125).
     require_trace(trace, "smallest_budget")
     min_move_bytes = parse_bytes(min_move_bytes)
     unsteady = trace.info.get("unsteady") if isinstance(trace.info, dict) else None
@@ -287,12 +286,12 @@ def _user_recording() -> bool:
 
 
 def open_outofcore():
-    """The OutOfCore open in this process, or None (public: `outcore.open_outofcore()`,
-    for closing one no name holds any more; helper-102: after an exception in a notebook
-    cell, IPython's stored traceback kept the old one open and a new one was refused).
-    In a child forked while one was open (a DataLoader's worker) None, since the parent's
-    table, mover threads and swap file are not the child's (NOTE [Forked children] in
-    interrupts.py)."""
+    """The OutOfCore open in this process, or None: for closing one no name holds any
+    more (after an exception in a notebook cell, IPython's stored traceback can keep the
+    old one open, and a new one is refused while it is). In a child forked while one was
+    open (a DataLoader's worker) None: the parent's table, mover threads and swap file
+    are not the child's (NOTE [Forked children] in interrupts.py)."""
+    # helper-102 met the notebook case.
     ref = _open
     if ref is None or _open_pid != os.getpid():
         return None

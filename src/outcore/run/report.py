@@ -222,6 +222,13 @@ def _thousands(n: int) -> str:
 
 @dataclass(frozen=True)
 class Report:
+    """What an OutOfCore did, from `ooc.report()`: the budget, the plan in use and one
+    row per iteration (`IterationStats`: how it ran, its time, bytes moved, waits, page
+    faults, the resident set). `print(report)` gives the table (docs/see.md, "The
+    report"); `to_dict()` the same as plain data; `save(path)` writes it as JSON, whole
+    or not at all; `Report.load(path)` or `outcore report PATH` reads it back. Of a long
+    run the first KEEP_FIRST and the last KEEP_LAST iterations are kept, and `elided`
+    sums the rest."""
     budget: int
     policy: str
     swap: str
