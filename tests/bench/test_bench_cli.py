@@ -221,3 +221,25 @@ def test_unsteady_runs_are_named_below_the_table():
         "same step with huge pages) 0.013 s in round 2"], lines
     md = output.markdown(shaky)
     assert "**Unsteady runs**" in md and md.rstrip().endswith("0.013 s in round 2")
+
+
+@pytest.mark.parametrize("what", ["curve", "batch"])
+def test_runs_larger_than_ram_are_refused_before_any(what, tmp_path, capsys, monkeypatch):
+    """helper-204: `bench curve --model gpt2` at its default batch holds 214 GiB in-core;
+    on a machine of 24 GiB its first run would be killed, or swap the machine to a halt,
+    after the executor's and the disk's minutes. Refused first, and nothing measured."""
+    from outcore.bench import overhead
+    from outcore.run.movers import host
+    monkeypatch.setattr(host, "memory_limit", lambda: 2**20)
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the check")
+    monkeypatch.setattr(overhead, "measure_overhead", measured)
+    argv = (["--fractions", "0.5", "--policies", "auto", "--baselines", "in-core"]
+            if what == "curve" else ["--factors", "2"])
+    rc = main(["bench", what, "--model", "mlp-tiny", "--batch", "8", *argv,
+               "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "of mlp-tiny at batch 8 holds" in err, err
+    assert "more than the 1.00 MiB of RAM this process may use: pass a smaller --batch" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

@@ -17,6 +17,7 @@ import platform
 import torch
 
 from ..errors import OutcoreError
+from ..units import format_bytes
 from ..memory.pages import TORCH_ENV
 from ..plan.feasibility import min_feasible_budget
 from ..run.ooc import MIN_MOVE_BYTES
@@ -49,6 +50,19 @@ def memory_on_meta(model: str, batch: int, variant: str, **shape) -> dict:
     trace = rec.trace
     pinned = sum(a.nbytes for a in trace.arrays if a.nbytes < MIN_MOVE_BYTES)   # as OutOfCore plans
     return {"peak": trace.peak()[0], "min_budget": min_feasible_budget(trace) + pinned}
+
+
+def _require_ram(need: int, what: str, model: str, batch: int) -> None:
+    """Refuse, before any run, a bench whose runs would hold more tensors than this
+    process may use in RAM (the machine's, or its cgroup's limit): the kernel would kill
+    them, or swap the machine to a halt, after minutes (helper-204: `bench curve --model
+    gpt2` at its default batch of 64 holds 214 GiB in-core, on a machine of 24 GiB)."""
+    from ..run.movers.host import memory_limit
+    ram = memory_limit()
+    if need > ram:
+        raise OutcoreError(f"{what} of {model} at batch {batch} holds {format_bytes(need)} of "
+                           f"tensors, more than the {format_bytes(ram)} of RAM this process may "
+                           "use: pass a smaller --batch (or --seq-len / --image-size)")
 
 
 def largest_batch(fits, start: int, cap: int) -> int:
@@ -193,16 +207,26 @@ def _base(model, batch, shape, steps, swap_dir, optimizer, device="cpu"):
 def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1, 0.5, 0.25, 0.125),
           policies=("on-demand", "fixed", "adaptive"), steps=3, swap_dir=None, optimizer="sgd",
           baselines=("in-core", "checkpoint", "offload-hooks"), outcore_env=None, memory=True,
-          repeat=1, disk: dict, device: str = "cpu", per_function_s: float = 0.0) -> dict:
+          repeat=1, disk: dict, device: str = "cpu", per_function_s=0.0) -> dict:
     """On a GPU (`device="cuda"`) outcore runs offload="host"; no prediction nor
     physical limit is made (the simulator's calibration here is the CPU's and the
     disk's). On the CPU one more in-core run gives the predictions' compute (NOTE [The
-    predictions' compute]); `per_function_s` is the executor's cost per op."""
+    predictions' compute]); `per_function_s` is the executor's cost per op, or a
+    function that measures it (called after the checks, before the runs)."""
     shape = shape_of(model, image_size, seq_len)
     mem = memory_on_meta(model, batch, "in-core", **shape)
     floor = int(mem["min_budget"] * 1.05)
     budgets = sorted({int(mem["peak"] * f) for f in fractions if mem["peak"] * f >= floor} | {floor},
                      reverse=True)
+    if device == "cpu":
+        in_core = [b for b in baselines if b.startswith("in-core")] + (["the predictions' "
+                                                                         "compute"] if policies else [])
+        if in_core:
+            _require_ram(mem["peak"], f"the in-core step ({', '.join(in_core)})", model, batch)
+        elif policies:
+            _require_ram(budgets[0], "the largest outcore budget", model, batch)
+    if callable(per_function_s):            # measured once the runs are known to fit
+        per_function_s = per_function_s()
     base = _base(model, batch, shape, steps, swap_dir, optimizer, device)
     configs = [_baseline(base, v) for v in baselines]
     if device == "cpu" and policies:
@@ -241,6 +265,9 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
     as `curve` says)."""
     shape = shape_of(model, image_size, seq_len)
     budget = memory_on_meta(model, base_batch, "in-core", **shape)["peak"]
+    if device == "cpu":
+        _require_ram(budget, "the in-core step at the base batch (the budget)", model,
+                     base_batch)
     cap = cap_factor * base_batch
     memo: dict = {}
 

@@ -93,10 +93,10 @@ def unsteady(plain: list, own: list) -> list[str]:
     on a rerun, and nothing said so."""
     from .output import UNSTEADY
     said = []
-    for name, times in (("plain", plain), ("outcore's (waits taken out)", own)):
+    for name, times in (("the plain steps", plain), ("outcore's steps (waits taken out)", own)):
         low, high = min(times), max(times)
         if low > 0 and high / low > UNSTEADY:
-            said.append(f"the {name} steps took {low * 1e3:.1f} to {high * 1e3:.1f} ms")
+            said.append(f"{name} took {low * 1e3:.1f} to {high * 1e3:.1f} ms")
     if statistics.median(own) < statistics.median(plain):
         said.append(f"outcore's steps took less than plain ones ({statistics.median(own) * 1e3:.1f} "
                     f"against {statistics.median(plain) * 1e3:.1f} ms, medians), so the cost "

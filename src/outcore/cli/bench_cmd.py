@@ -151,17 +151,7 @@ def run_experiment(args) -> int:
         common["baselines"] = baselines
     if args.what == "curve":
         if args.device == "cpu" and policies:
-            print("measuring outcore's executor ...", file=sys.stderr, flush=True)
-            from ..bench.overhead import measure_overhead
-            try:
-                fig = measure_overhead(directory=args.dir)
-                common["per_function_s"] = fig["per_function_s"]
-                if fig["unsteady"]:
-                    print(f"outcore's executor measured unsteady ({'; '.join(fig['unsteady'])}): "
-                          "the predictions' cost per op may be off", file=sys.stderr, flush=True)
-            except OutcoreError as err:         # the predictions go on without that cost
-                print(f"outcore's executor not measured ({err}); the predictions leave its "
-                      "cost per op out", file=sys.stderr, flush=True)
+            common["per_function_s"] = lambda: _executor_cost(args.dir)
         result = experiments.curve(args.model, args.batch, fractions=fractions, policies=policies,
                                    **common)
     else:
@@ -260,6 +250,22 @@ def run_disk(args) -> int:
     print(f"  mover CPU         {fig['transfer_cpu_share']:6.2f} s per s of transfer "
           "(1 MiB transfers; Machine.transfer_cpu_share)")
     return 0
+
+
+def _executor_cost(directory) -> float:
+    """`bench overhead`'s cost per op, for `bench curve`'s predictions (0: not measured)."""
+    print("measuring outcore's executor ...", file=sys.stderr, flush=True)
+    from ..bench.overhead import measure_overhead
+    try:
+        fig = measure_overhead(directory=directory)
+    except OutcoreError as err:         # the predictions go on without that cost
+        print(f"outcore's executor not measured ({err}); the predictions leave its cost per "
+              "op out", file=sys.stderr, flush=True)
+        return 0.0
+    if fig["unsteady"]:
+        print(f"outcore's executor measured unsteady ({'; '.join(fig['unsteady'])}): the "
+              "predictions' cost per op may be off", file=sys.stderr, flush=True)
+    return fig["per_function_s"]
 
 
 def run_overhead(args) -> int:
