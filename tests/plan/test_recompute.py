@@ -284,6 +284,9 @@ def test_cuda_traces_recompute_only_with_deterministic_algorithms(monkeypatch):
 def test_choose_refuses_a_bad_mode():
     with pytest.raises(outcore.OutcoreError, match="recompute must be"):
         recompute.choose(layered([8, 16]), 1 << 20, mode="sometimes")
+    # The command line's word for True is refused with it named (helper-204).
+    with pytest.raises(outcore.OutcoreError, match="True .*the command line's --recompute all"):
+        outcore.OutOfCore(1 << 20, recompute="all")
 
 
 def test_outcore_plan_recompute_all_writes_the_trace_its_schedule_is_for(tmp_path, capsys):

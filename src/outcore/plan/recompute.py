@@ -359,7 +359,9 @@ MODES = ("auto", True, False)
 def check_mode(mode) -> None:
     """OutcoreError unless `mode` is one of MODES (True and False themselves: 1 is not)."""
     if not any(mode is m or mode == m == "auto" for m in MODES):
-        raise OutcoreError(f"recompute must be 'auto', True or False, got {mode!r}")
+        raise OutcoreError(f"recompute must be 'auto', True (every activation the rules allow: "
+                           f"the command line's --recompute all) or False (--recompute none), "
+                           f"got {mode!r}")
 
 
 def plain_live_bytes(trace) -> list[int]:
