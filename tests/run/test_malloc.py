@@ -399,6 +399,9 @@ def test_nothing_happens_before_the_first_iteration(governed):
 def test_unknown_memory_mode_is_refused():
     with pytest.raises(outcore.OutcoreError, match="return_freed_memory must be"):
         outcore.OutOfCore("1GiB", return_freed_memory="sometimes")
+    # The bench's word for False is refused with the API's named (helper-204).
+    with pytest.raises(outcore.OutcoreError, match=r"False \(keep it: `outcore bench --memory keep`"):
+        outcore.OutOfCore("1GiB", return_freed_memory="keep")
     with pytest.raises(outcore.OutcoreError, match="return_freed_memory must be"):
         malloc.make_governor("sometimes")
 

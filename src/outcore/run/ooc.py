@@ -528,8 +528,9 @@ class OutOfCore:
         check_mode(recompute)
         self.recompute = recompute
         if return_freed_memory not in (True, False, "trim", "eager"):
-            raise OutcoreError(f"return_freed_memory must be True, False, 'trim' or 'eager', "
-                               f"got {return_freed_memory!r}")
+            raise OutcoreError(f"return_freed_memory must be True (the same as 'trim'), False "
+                               f"(keep it: `outcore bench --memory keep`) or 'eager', got "
+                               f"{return_freed_memory!r}")
         try:            # a count or a size with its unit, as the budget (helper-122)
             min_move_bytes = parse_bytes(min_move_bytes)
         except OutcoreError as err:
