@@ -219,8 +219,8 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
     budgets = sorted({int(mem["peak"] * f) for f in fractions if mem["peak"] * f >= floor} | {floor},
                      reverse=True)
     if device == "cpu":
-        in_core = [b for b in baselines if b.startswith("in-core")] + (["the predictions' "
-                                                                         "compute"] if policies else [])
+        in_core = [b for b in baselines if b.startswith("in-core")]
+        in_core += ["the predictions' compute"] if policies else []
         if in_core:
             _require_ram(mem["peak"], f"the in-core step ({', '.join(in_core)})", model, batch)
         elif policies:

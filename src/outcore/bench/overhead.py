@@ -97,8 +97,8 @@ def unsteady(plain: list, own: list) -> list[str]:
         low, high = min(times), max(times)
         if low > 0 and high / low > UNSTEADY:
             said.append(f"{name} took {low * 1e3:.1f} to {high * 1e3:.1f} ms")
-    if statistics.median(own) < statistics.median(plain):
-        said.append(f"outcore's steps took less than plain ones ({statistics.median(own) * 1e3:.1f} "
-                    f"against {statistics.median(plain) * 1e3:.1f} ms, medians), so the cost "
-                    "per op is shown as 0")
+    own_s, plain_s = statistics.median(own), statistics.median(plain)
+    if own_s < plain_s:
+        said.append(f"outcore's steps took less than plain ones ({own_s * 1e3:.1f} against "
+                    f"{plain_s * 1e3:.1f} ms, medians), so the cost per op is shown as 0")
     return said

@@ -44,9 +44,11 @@ def add_parser(sub) -> None:
                    help="comm: time the collectives while each rank also computes, as in a "
                         "training step (the loopback-gloo-busy preset)")
     p.add_argument("--model", default="resnet50", help="curve/batch: built-in model (default resnet50)")
-    p.add_argument("--batch", type=int, default=64, help="curve: the batch; batch: the base batch (default 64, any model)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="curve: the batch; batch: the base batch (default 64, any model)")
     p.add_argument("--image-size", type=int, default=None, help="image side for CNNs (default 224)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for GPT-2 models (default 1024)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for GPT-2 models (default 1024)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"),
                    help="default sgd")
     p.add_argument("--policies", default=None,
@@ -54,7 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fractions", default="1,0.5,0.25,0.125",
                    help="curve: budgets as fractions of the in-core peak (default 1,0.5,0.25,0.125; "
                         "the smallest feasible is added)")
-    p.add_argument("--factors", default="2,4,8", help="batch: outcore batches as multiples of the base (default 2,4,8)")
+    p.add_argument("--factors", default="2,4,8",
+                   help="batch: outcore batches as multiples of the base (default 2,4,8)")
     p.add_argument("--baselines", default=None,
                    help="comma-separated subset of in-core,in-core-heap,checkpoint,offload-hooks,"
                         "streamed-offload (default: in-core,checkpoint,offload-hooks; in-core-heap "
