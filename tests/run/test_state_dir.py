@@ -664,6 +664,43 @@ def test_after_a_failed_fdatasync_no_later_commit_trusts_the_file(tmp_path, monk
         assert third.resume(*_linear4()) == 4
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_state_file_removed_while_training_is_never_committed_to(tmp_path, how, caplog):
+    """NOTE [Durable state] rule 12 (helper-203: a clean-up script removed state-0.swap
+    between iterations; four more iterations "committed" with no word, close() said
+    nothing, and resume() failed). Each commit after it raises, naming the file and
+    that no durable state is left; training goes on in memory, bitwise."""
+    import logging
+    plain = _linear4()
+    model, opt = _linear4()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for _ in range(2):
+            _step(*plain)
+            with ooc.iteration():
+                _step(model, opt)
+        (swap,) = [n for n in os.listdir(tmp_path) if n.endswith(".swap")]
+        os.remove(tmp_path / swap)
+        if how == "replaced":
+            (tmp_path / swap).write_bytes(b"\0" * 4096)
+        for _ in range(2):
+            _step(*plain)
+            with pytest.raises(OutcoreError) as info:
+                with ooc.iteration():
+                    _step(model, opt)
+            said = str(info.value)
+            assert f"the state file {tmp_path / swap} was removed or replaced" in said, said
+            assert "NOTE [Durable state] rule 12" in said, said
+            assert f"the manifest names {swap}, which is gone" in said, said
+        assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
+                                                     model.state_dict().values()))
+        with caplog.at_level(logging.WARNING, logger="outcore"):
+            ooc.close()
+        said = [r.getMessage() for r in caplog.records]
+        assert any("holds no durable state (its state file was removed)" in m
+                   for m in said), said
+
+
 def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_path):
     """A state file the manifest names gone: a clear error (it was a bare
     FileNotFoundError). Cut short: the error says the model is only partly loaded (the
@@ -750,14 +787,35 @@ def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_p
             print("ERROR", err)
         print("READ", [bool(p.detach().isnan().any()) for p in model.parameters()])
         print("ZEROS", [bool((p.detach() == 0).all()) for p in model.parameters()])
+        # A loop that goes on after the error: its NaN must never be committed with valid
+        # checksums, for a resume to load silently (rule 12, helper-203).
+        for _ in range(2):
+            try:
+                step()
+                print("COMMITTED")
+            except outcore.OutcoreError as err:
+                print("AGAIN", err)
         ooc.close()
         print("CLOSED")
+        fresh = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+        with outcore.OutOfCore("4MiB", state_dir=directory) as new:
+            try:
+                print("RESUMED", new.resume(fresh, torch.optim.Adam(fresh.parameters())),
+                      any(bool(p.detach().isnan().any()) for p in fresh.parameters()))
+            except outcore.OutcoreError as err:
+                print("REFUSED", err)
     """)
     out = zygote.run(["-c", child], timeout=180)
     assert out.returncode == 0 and "CLOSED" in out.stdout, out.stdout + out.stderr
     error = out.stdout.split("ERROR ", 1)[1].split("\n", 1)[0]
     assert "something else truncated it" in error and "bytes are lost" in error, error
     assert "still whole" not in error
+    assert "COMMITTED" not in out.stdout, out.stdout
+    again = [line for line in out.stdout.splitlines() if line.startswith("AGAIN ")]
+    assert len(again) == 2 and all("tensor(s) were lost in this OutOfCore" in a
+                                   and "NOTE [Durable state] rule 12" in a for a in again), again
+    # The cut took the committed bytes too: resume() says so; it never loads NaN silently.
+    assert "REFUSED" in out.stdout and "RESUMED" not in out.stdout, out.stdout
     assert "READ" in out.stdout and "True" in out.stdout.split("READ", 1)[1], out.stdout
     assert "True" not in out.stdout.split("ZEROS", 1)[1], out.stdout
 

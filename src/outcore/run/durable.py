@@ -77,6 +77,15 @@ NOTE [Durable state]
      exception keeps the last completed iteration's state, so a resume does the raised
      iteration again from before it, never from a state it may have spoiled. A loop
      that retries the same batch after an exception is counted one ahead.
+ 12. A state that can no longer be trusted is never committed, for good, like rule 6
+     (`lost`): where the values of a tensor were lost (its error said so, and it holds
+     bytes 0xFF: a state file another program shortened), a commit would make that
+     NaN durable with valid checksums, and resume() would load it silently (helper-203:
+     a loop that caught the error and went on); where the state file was removed or
+     replaced by another program while open (a clean-up script), a commit writes into
+     a file no name leads to, and the manifest names one that is gone (helper-203:
+     four iterations "committed" with no error, and resume() failed). Each commit
+     looks (`_file_gone`: the file's link count, and the name's inode).
 """
 from __future__ import annotations
 
@@ -207,6 +216,8 @@ class Durable:
         self.failed = False             # the last completed iteration's commit failed
         self.committed = False          # a manifest names this generation's file
         self.unsynced: OSError | None = None    # rule 6: the state file's sync failed
+        self.lost: str | None = None            # rule 12: why nothing is committed any more
+        self.file_gone = False                  # rule 12: the state file was removed
 
     def _remove_unnamed(self, named: set, sync: bool = True) -> None:
         """Remove the state files of this directory that the manifest does not name."""
@@ -461,6 +472,17 @@ class Durable:
                 "kernel may drop what it could not write, so nothing written to that file "
                 "since can be trusted to be on disk.")
         mover = res.mover
+        if self.lost is None and res.values_lost:                           # rule 12
+            self.lost = (f"the values of {res.values_lost} tensor(s) were lost in this "
+                         "OutOfCore (its error said so: they hold bytes 0xFF, NaN in floating "
+                         "point), and a commit would make them durable.")
+        if self.lost is None and self._file_gone(mover):
+            self.file_gone = True
+            self.lost = (f"the state file {self.path} was removed or replaced by another "
+                         "program while this OutOfCore had it open (a clean-up of *.swap "
+                         "files?), so nothing written to it can be found again.")
+        if self.lost is not None:
+            raise OutcoreError(self.lost)
         committed: dict = {}
 
         dtensor = _dtensor_class()
@@ -510,6 +532,39 @@ class Durable:
         self._remove_unnamed(named)           # rule 4: no manifest names them any more
         if self.previous_file not in named:
             self.previous_file = None
+
+    def _file_gone(self, mover) -> bool:
+        """Rule 12: whether the open state file no longer has the name it was opened by
+        (removed, or another file put in its place). A removed directory is not this
+        case: its commit fails where the manifest is written, and says so."""
+        stat = (getattr(mover, "file_stat", None)       # the disk mover's, or the one
+                or getattr(getattr(mover, "disk", None), "file_stat", None))   # under a tier
+        if stat is None or not os.path.isdir(self.directory):
+            return False
+        try:
+            open_file = stat()
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (open_file.st_nlink == 0
+                or (named.st_dev, named.st_ino) != (open_file.st_dev, open_file.st_ino))
+
+    def kept_note(self) -> str:
+        """What durable state the directory keeps after a commit failed, in words."""
+        if not os.path.isdir(self.directory):
+            return ("the directory is gone (removed by something else), and with it every "
+                    "durable state: ooc.save() a checkpoint elsewhere to keep this training")
+        if self.file_gone and self.committed:       # the manifest names this file
+            return (f"the manifest names {_swap_name(self.generation)}, which is gone: no "
+                    "durable state is left there (ooc.save() a checkpoint elsewhere to keep "
+                    "this training)")
+        if self.iterations == self.done:
+            return ("the new manifest is in place all the same: the last durable state is "
+                    "this iteration's")
+        return (f"the last durable state is still that of {self.iterations} completed "
+                f"iterations (resume() there returns {self.iterations}"
+                + (", where what lost those values left its bytes whole)" if self.lost
+                   and not self.file_gone else ")"))
 
     def _switched(self, iterations: int) -> bool:
         """Whether the manifest in place is the one a failed commit was writing."""

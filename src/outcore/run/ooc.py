@@ -1063,10 +1063,13 @@ class OutOfCore:
         outside, an exception halfway through a load_state_dict), and a commit then made
         durable a state no iteration ever had (helper-167)."""
         durable = self._durable
-        held = (f"{durable.directory} holds the state of {durable.iterations} of the "
+        held = (f"{durable.directory} is gone (removed by something else)"
+                if not os.path.isdir(durable.directory) else
+                f"{durable.directory} holds no durable state (its state file was removed)"
+                if durable.file_gone and durable.committed else
+                f"{durable.directory} holds the state of {durable.iterations} of the "
                 f"{durable.done} completed iterations (resume() there returns "
-                f"{durable.iterations})" if os.path.isdir(durable.directory) else
-                f"{durable.directory} is gone (removed by something else)")
+                f"{durable.iterations})")
         log.warning("%s: %s: a commit failed, and no later one made it up. To keep the "
                     "rest, save the model and optimizer with torch.save() before they go",
                     "close()" if not at_exit else "at exit (the OutOfCore was never closed)",
@@ -1098,23 +1101,19 @@ class OutOfCore:
             kind = no_room(err) if isinstance(err, OSError) else type(err)
             what = err if isinstance(err, OutcoreError) else (      # the manifest's: no path
                 f"{getattr(err, 'reason', None) or err.strerror or err}.")     # of the user's
-            kept = ("the new manifest is in place all the same: the last durable state is this "
-                    "iteration's" if durable.iterations == durable.done else
-                    f"the last durable state is still that of {durable.iterations} completed "
-                    f"iterations (resume() there returns {durable.iterations})"
-                    if os.path.isdir(durable.directory) else
-                    "the directory is gone (removed by something else), and with it every "
-                    "durable state: ooc.save() a checkpoint elsewhere to keep this training")
-            then = ("the next iteration tries again." if durable.unsynced is None else
+            kept = durable.kept_note()
+            then = ("the next iteration tries again." if durable.unsynced is None
+                    and durable.lost is None else
                     "no later iteration of this OutOfCore commits there (NOTE [Durable state] "
-                    "rule 6). Training goes on in memory; to keep it, ooc.save() to another "
-                    "disk, or close this OutOfCore and resume from the last durable state with "
-                    "a new one.")
+                    f"rule {6 if durable.unsynced is not None else 12}). Training goes on in "
+                    "memory; to keep it, ooc.save() to another disk, or close this OutOfCore "
+                    "and resume from the last durable state with a new one.")
+            memory = ("Nothing in memory was lost" if not self._res.values_lost else
+                      "Nothing else in memory was lost")
             self._say_behind_at_exit()
             raise (SwapSpaceExhausted if issubclass(kind, SwapSpaceExhausted) else OutcoreError)(
                 f"the iteration completed, but its state could not be made durable in "
-                f"{durable.directory}: {what} Nothing in memory was lost, and {kept}; "
-                f"{then}") from err
+                f"{durable.directory}: {what} {memory}, and {kept}; {then}") from err
 
     def _base(self) -> int:
         """The resident set the first iteration's rss+ counts from (NOTE [The process's

@@ -279,6 +279,10 @@ class Residency:
         # its error in `kept_error` (the first), for the step's end.
         self.keep_when_full = None
         self.kept_error: OutcoreError | None = None
+        # Storages whose values are lost, each filled with 0xFF and its error raised (a
+        # swap file shortened by something else; a recompute that could not be remade): a
+        # state_dir commits no state after one (NOTE [Durable state] rule 12).
+        self.values_lost = 0
         # A Future callback stopped on another thread (NOTE [Collectives in flight] rule
         # 5 in compose.py), until the step's thread raises it (`raise_stopped_callback`).
         self.stopped_callback: Exception | None = None
@@ -744,6 +748,7 @@ class Residency:
         entry.state, entry.clean, entry.remake = FAST, False, None
         self._add_resident(entry.nbytes)
         self.touch(entry)
+        self.values_lost += 1
 
     def remake(self, entry: Entry) -> None:
         """Make a DISCARDED entry's bytes again, in its own storage: FAST and dirty. An
@@ -872,6 +877,7 @@ class Residency:
             storage.fill_(0xFF)         # NaN in every floating-point dtype, -1 in an int
             entry.state, entry.clean = FAST, False
             self.touch(entry)
+            self.values_lost += 1
         elif doing == "reading":
             if storage is not None:
                 storage.resize_(0)      # never leave garbage where data was

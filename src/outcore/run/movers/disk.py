@@ -450,6 +450,10 @@ class DiskMover:
     def sync(self) -> None:
         self._fdatasync()
 
+    def file_stat(self) -> os.stat_result:
+        """os.fstat of the open swap file (NOTE [Durable state] rule 12)."""
+        return os.fstat(self._fd)
+
     def _fdatasync(self) -> None:
         """fdatasync the file, noting the first failure (NOTE [Durable state] rule 6: pages
         that failed writeback may be dropped, so no later sync vouches for them)."""
