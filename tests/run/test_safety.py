@@ -192,6 +192,10 @@ def test_a_failed_write_inside_the_optimizer_completes_the_step(monkeypatch, tmp
         assert sum("inside optimizer.step(): the tensors" in n for n in notes) == 1, notes
         assert not any("took this step and the others did not" in n for n in notes), notes
         assert ooc.report().iterations[-1].peak_resident > ooc.budget     # kept in memory
+        # The report says why, not the causes of an over-budget step in general (helper-203).
+        row = ooc.report().iterations[-1]
+        assert "write(s) to the slow tier failed in it" in row.over_why, row.over_why
+        assert "write(s) to the slow tier failed in it" in str(ooc.report())
         inside.append(True)                  # fail in forward: at once, no note
         with pytest.raises(kind, match=match) as err:
             with ooc.iteration():

@@ -1964,6 +1964,7 @@ class _Iteration:
         res.end_exports()           # numpy arrays dropped since (NOTE [Sharing ...], rule 9)
         sharing.install_late(open_outofcore)    # a saver imported since: rule 13
         self.tracked_before = res.tracked   # Residency NOTE 8: what this iteration first tracks
+        self.write_failures_before = res.write_failures       # `_over_why`
         self.before = (res.stats.bytes_read, res.stats.bytes_written, res.stats.unplanned_bytes,
                        res.stats.wait_s, ooc._mover.busy_read_s + ooc._mover.busy_write_s,
                        page_faults(), ooc._trims(), res.stats.bytes_recomputed)
@@ -2247,11 +2248,19 @@ class _Iteration:
                 stance.__exit__(None, None, None)
 
     def _over_why(self, peak: int) -> str | None:
-        """Where the step passed the budget and an op in it made more than its meta kernel
-        said (on_demand.learn_created): that op, the likely cause; else None (the report
-        and the warning give the causes there can be)."""
+        """Where the step passed the budget and writes to the slow tier failed in it, or an
+        op in it made more than its meta kernel said (on_demand.learn_created): that, the
+        likely cause; else None (the report and the warning give the causes there can
+        be)."""
         calls = on_demand.under_reported_since(self.under_reported)[1]
-        if peak <= self.ooc.budget or not calls:
+        if peak <= self.ooc.budget:
+            return None
+        failed = self.ooc._res.write_failures - getattr(self, "write_failures_before", 0)
+        if failed:                 # helper-203: the causes listed named none of this
+            return (f"{failed} write(s) to the slow tier failed in it (its error says why: a "
+                    "full disk, a file size limit), and the tensors they were for stayed in "
+                    "memory")
+        if not calls:
             return None
         most = {}
         for op, beyond in calls:

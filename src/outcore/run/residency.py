@@ -283,6 +283,8 @@ class Residency:
         # swap file shortened by something else; a recompute that could not be remade): a
         # state_dir commits no state after one (NOTE [Durable state] rule 12).
         self.values_lost = 0
+        self.write_failures = 0    # writes to the slow tier that failed (a full disk): the
+                                   # tensors stayed in memory, maybe over the budget
         # A Future callback stopped on another thread (NOTE [Collectives in flight] rule
         # 5 in compose.py), until the step's thread raises it (`raise_stopped_callback`).
         self.stopped_callback: Exception | None = None
@@ -637,6 +639,7 @@ class Residency:
         try:
             self._extent_for_write(entry, storage)  # may raise (disk full): still FAST
         except OutcoreError as err:
+            self.write_failures += 1
             if self.keep_when_full is None or not self.keep_when_full():
                 raise
             self.kept_error = self.kept_error or err     # NOTE 10
@@ -888,6 +891,7 @@ class Residency:
             entry.state, entry.clean = FAST, False     # the fast copy is intact: keep it
             self.touch(entry)
         kind = no_room(exc) if doing == "writing" and isinstance(exc, OSError) else OutcoreError
+        self.write_failures += doing == "writing"
         err = kind(
             f"{doing} {format_bytes(entry.nbytes)} {'from' if doing == 'reading' else 'to'} "
             f"{self.mover.where} failed: {_reason(exc)}. "
