@@ -229,12 +229,14 @@ def test_runs_larger_than_ram_are_refused_before_any(what, tmp_path, capsys, mon
     on a machine of 24 GiB its first run would be killed, or swap the machine to a halt,
     after the executor's and the disk's minutes. Refused first, and nothing measured."""
     from outcore.bench import overhead
+    from outcore.cli import bench_cmd
     from outcore.run.movers import host
     monkeypatch.setattr(host, "memory_limit", lambda: 2**20)
 
     def measured(*args, **kwargs):
         raise AssertionError("measured before the check")
     monkeypatch.setattr(overhead, "measure_overhead", measured)
+    monkeypatch.setattr(bench_cmd, "measure_disk", measured)      # a minute, unasked
     argv = (["--fractions", "0.5", "--policies", "auto", "--baselines", "in-core"]
             if what == "curve" else ["--factors", "2"])
     rc = main(["bench", what, "--model", "mlp-tiny", "--batch", "8", *argv,
@@ -243,3 +245,19 @@ def test_runs_larger_than_ram_are_refused_before_any(what, tmp_path, capsys, mon
     assert rc == 2 and "of mlp-tiny at batch 8 holds" in err, err
     assert "more than the 1.00 MiB of RAM this process may use: pass a smaller --batch" in err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_bench_batch_refuses_in_core_runs_at_its_batches_larger_than_ram(tmp_path, capsys,
+                                                                         monkeypatch):
+    """helper-205: the base batch fitted, and the in-core runs at the outcore batches
+    (their compute time, `--factors` times the base) were started however large."""
+    from outcore.bench.experiments import memory_on_meta
+    from outcore.run.movers import host
+    base = memory_on_meta("resnet18-tiny", 8, "in-core", image_size=32)["peak"]
+    assert memory_on_meta("resnet18-tiny", 64, "in-core", image_size=32)["peak"] > 1.5 * base
+    monkeypatch.setattr(host, "memory_limit", lambda: int(1.5 * base))
+    rc = main(["bench", "batch", "--model", "resnet18-tiny", "--image-size", "32", "--batch",
+               "8", "--factors", "8", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the in-core run with unbounded memory" in err, err
+    assert "pass smaller --factors) of resnet18-tiny at batch 64" in err, err

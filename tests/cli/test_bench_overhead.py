@@ -38,8 +38,8 @@ def test_bad_arguments_are_clear_errors(capsys):
 def test_an_unsteady_measurement_is_named(capsys, monkeypatch):
     """helper-204: "0.0 µs per op" beside a disturbed plain step, and nothing said so."""
     from outcore.bench import overhead
-    assert overhead.unsteady([0.010, 0.011, 0.010], [0.012, 0.012, 0.013]) == []
-    said = overhead.unsteady([0.010, 0.154, 0.150], [0.012, 0.012, 0.013])
+    assert overhead.unsteady([0.010, 0.011, 0.010], [0.012, 0.012, 0.013], [0, 0, 0]) == []
+    said = overhead.unsteady([0.010, 0.154, 0.150], [0.013, 0.013, 0.014], [0.001] * 3)
     assert said[0] == "the plain steps took 10.0 to 154.0 ms"
     assert "outcore's steps took less than plain ones (12.0 against 150.0 ms" in said[1]
     fig = {"per_function_s": 0.0, "functions": 600, "plain_s": 0.150, "outcore_s": 0.152,

@@ -691,14 +691,40 @@ def test_a_state_file_removed_while_training_is_never_committed_to(tmp_path, how
             said = str(info.value)
             assert f"the state file {tmp_path / swap} was removed or replaced" in said, said
             assert "NOTE [Durable state] rule 12" in said, said
-            assert f"the manifest names {swap}, which is gone" in said, said
+            assert (f"{swap}, which the manifest names, was removed or replaced: no durable "
+                    "state is left there") in said, said
+            assert "resume from the last durable state" not in said, said
         assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(),
                                                      model.state_dict().values()))
         with caplog.at_level(logging.WARNING, logger="outcore"):
             ooc.close()
         said = [r.getMessage() for r in caplog.records]
-        assert any("holds no durable state (its state file was removed)" in m
-                   for m in said), said
+        assert any(f"holds no durable state: {swap}, which the manifest names, was removed"
+                   in m for m in said), said
+
+
+def test_every_state_file_removed_before_a_resumed_run_commits_leaves_none(tmp_path):
+    """helper-205: a resumed run, before its first commit, has its new file open and the
+    manifest naming the kept one; a clean-up of *.swap removes both, and the error said
+    the last durable state was still there ("resume() there returns 2")."""
+    model, opt = _linear4()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for _ in range(2):
+            with ooc.iteration():
+                _step(model, opt)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(model, opt) == 2
+        for name in os.listdir(tmp_path):
+            if name.endswith(".swap"):
+                os.remove(tmp_path / name)
+        with pytest.raises(OutcoreError) as info:
+            with ooc.iteration():
+                _step(model, opt)
+    said = str(info.value)
+    assert ("state-0.swap, which the manifest names, is gone: no durable state is left there"
+            in said), said
+    assert "resume() there returns" not in said, said
 
 
 def test_a_damaged_state_file_is_a_clear_error_that_says_what_was_loaded(tmp_path):
@@ -812,7 +838,7 @@ def test_a_state_file_truncated_between_iterations_is_an_error_not_a_crash(tmp_p
     assert "still whole" not in error
     assert "COMMITTED" not in out.stdout, out.stdout
     again = [line for line in out.stdout.splitlines() if line.startswith("AGAIN ")]
-    assert len(again) == 2 and all("tensor(s) were lost in this OutOfCore" in a
+    assert len(again) == 2 and all("the values of a tensor of the state were lost" in a
                                    and "NOTE [Durable state] rule 12" in a for a in again), again
     # The cut took the committed bytes too: resume() says so; it never loads NaN silently.
     assert "REFUSED" in out.stdout and "RESUMED" not in out.stdout, out.stdout

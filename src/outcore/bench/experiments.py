@@ -207,12 +207,13 @@ def _base(model, batch, shape, steps, swap_dir, optimizer, device="cpu"):
 def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1, 0.5, 0.25, 0.125),
           policies=("on-demand", "fixed", "adaptive"), steps=3, swap_dir=None, optimizer="sgd",
           baselines=("in-core", "checkpoint", "offload-hooks"), outcore_env=None, memory=True,
-          repeat=1, disk: dict, device: str = "cpu", per_function_s=0.0) -> dict:
+          repeat=1, disk, device: str = "cpu", per_function_s=0.0) -> dict:
     """On a GPU (`device="cuda"`) outcore runs offload="host"; no prediction nor
     physical limit is made (the simulator's calibration here is the CPU's and the
     disk's). On the CPU one more in-core run gives the predictions' compute (NOTE [The
-    predictions' compute]); `per_function_s` is the executor's cost per op, or a
-    function that measures it (called after the checks, before the runs)."""
+    predictions' compute]); `per_function_s` is the executor's cost per op, and `disk`
+    the disk's figures (`bench disk`), each or a function that measures it (called
+    after the checks, before the runs)."""
     shape = shape_of(model, image_size, seq_len)
     mem = memory_on_meta(model, batch, "in-core", **shape)
     floor = int(mem["min_budget"] * 1.05)
@@ -221,11 +222,11 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
     if device == "cpu":
         in_core = [b for b in baselines if b.startswith("in-core")]
         in_core += ["the predictions' compute"] if policies else []
-        if in_core:
-            _require_ram(mem["peak"], f"the in-core step ({', '.join(in_core)})", model, batch)
-        elif policies:
-            _require_ram(budgets[0], "the largest outcore budget", model, batch)
-    if callable(per_function_s):            # measured once the runs are known to fit
+        _require_ram(mem["peak"] if in_core else max(budgets),
+                     f"the in-core step ({', '.join(in_core)})" if in_core
+                     else "the largest outcore budget", model, batch)
+    disk = disk() if callable(disk) else disk               # measured once the runs fit
+    if callable(per_function_s):
         per_function_s = per_function_s()
     base = _base(model, batch, shape, steps, swap_dir, optimizer, device)
     configs = [_baseline(base, v) for v in baselines]
@@ -260,7 +261,7 @@ def curve(model: str, batch: int, *, image_size=None, seq_len=None, fractions=(1
 def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, factors=(2, 4, 8),
                 policies=("adaptive",), steps=3, swap_dir=None, optimizer="sgd", cap_factor=16,
                 baselines=("checkpoint", "offload-hooks"), outcore_env=None, memory=True,
-                repeat=1, disk: dict, device: str = "cpu") -> dict:
+                repeat=1, disk, device: str = "cpu") -> dict:
     """The paper's experiment under budget = the in-core peak at `base_batch` (on a GPU
     as `curve` says)."""
     shape = shape_of(model, image_size, seq_len)
@@ -281,8 +282,13 @@ def batch_sweep(model: str, base_batch: int, *, image_size=None, seq_len=None, f
         largest[v] = largest_batch(lambda b, v=v: mem(v, b)["peak"] <= budget, base_batch, cap)
     largest["outcore"] = largest_batch(lambda b: mem("outcore", b)["min_budget"] <= budget, base_batch, cap)
 
-    base = _base(model, base_batch, shape, steps, swap_dir, optimizer, device)
     outcore_batches = sorted({min(f * base_batch, largest["outcore"]) for f in factors})
+    if device == "cpu":        # in-core runs at those batches give their compute time
+        for b in outcore_batches:
+            _require_ram(mem("in-core", b)["peak"], "the in-core run with unbounded memory "
+                         "(the compute time at that batch; pass smaller --factors)", model, b)
+    disk = disk() if callable(disk) else disk               # measured once the runs fit
+    base = _base(model, base_batch, shape, steps, swap_dir, optimizer, device)
     configs = [dict(base, batch=largest["in-core"], variant="in-core", role="reference")]
     configs += [dict(_baseline(base, v), batch=largest[v]) for v in baselines if largest[v]]
     for b in outcore_batches:       # in-core with unbounded memory: compute time at b

@@ -145,8 +145,9 @@ def run_experiment(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise OutcoreError(f"--out {args.out} is a file; the results go in a directory: name a "
                            "new or existing one")
-    print("measuring the disk ...", file=sys.stderr, flush=True)
-    disk = measure_disk(parse_bytes("1GiB"), args.dir)
+    def disk():                # measured once the runs are known to fit (a minute)
+        print("measuring the disk ...", file=sys.stderr, flush=True)
+        return measure_disk(parse_bytes("1GiB"), args.dir)
     common = dict(image_size=args.image_size, seq_len=args.seq_len, steps=args.steps, swap_dir=args.dir,
                   optimizer=args.optimizer, disk=disk, repeat=args.repeat, device=args.device,
                   outcore_env=({"THP_MEM_ALLOC_ENABLE": "1"} if args.thp else

@@ -78,14 +78,17 @@ NOTE [Durable state]
      iteration again from before it, never from a state it may have spoiled. A loop
      that retries the same batch after an exception is counted one ahead.
  12. A state that can no longer be trusted is never committed, for good, like rule 6
-     (`lost`): where the values of a tensor were lost (its error said so, and it holds
-     bytes 0xFF: a state file another program shortened), a commit would make that
-     NaN durable with valid checksums, and resume() would load it silently (helper-203:
-     a loop that caught the error and went on); where the state file was removed or
-     replaced by another program while open (a clean-up script), a commit writes into
-     a file no name leads to, and the manifest names one that is gone (helper-203:
-     four iterations "committed" with no error, and resume() failed). Each commit
-     looks (`_file_gone`: the file's link count, and the name's inode).
+     (`lost`): where the values of a tensor of the state were lost (`Entry.lost`: its
+     error said so, and it holds bytes 0xFF; a state file another program shortened), a
+     commit would make that NaN durable with valid checksums, and resume() would load it
+     silently (helper-203: a loop that caught the error and went on; an activation lost
+     with a failed recompute is no state, and stops nothing); where the state file was
+     removed or replaced by another program while open (a clean-up script), a commit
+     writes into a file no name leads to, and the manifest names one that is gone
+     (helper-203: four iterations "committed" with no error, and resume() failed). Each
+     commit looks (`_file_gone`: the file's link count, and the name's inode). What a
+     failed commit and close() say is left (`broken`) looks at the file the manifest
+     names: gone, or shorter than its state, there is none.
 """
 from __future__ import annotations
 
@@ -102,6 +105,7 @@ from ..errors import OutcoreError, SwapSpaceExhausted
 from ..units import format_bytes
 from .checkpoint import atomic_save
 from .compose import _distributed_up
+from .residency import ValuesLost
 
 MANIFEST = "manifest.pt"
 FORMAT, VERSION = "outcore.state", 1
@@ -218,6 +222,7 @@ class Durable:
         self.unsynced: OSError | None = None    # rule 6: the state file's sync failed
         self.lost: str | None = None            # rule 12: why nothing is committed any more
         self.file_gone = False                  # rule 12: the state file was removed
+        self.last_end = 0               # where the committed state's bytes end in its file
 
     def _remove_unnamed(self, named: set, sync: bool = True) -> None:
         """Remove the state files of this directory that the manifest does not name."""
@@ -258,7 +263,7 @@ class Durable:
         """At close: this generation's file goes if no manifest names it (rule 4), and
         the directory is unlocked (rule 5)."""
         try:
-            if not self.committed:
+            if not self.committed and not self.file_gone:    # another program's now (rule 12)
                 try:
                     os.unlink(self.path)
                 except FileNotFoundError:
@@ -472,11 +477,7 @@ class Durable:
                 "kernel may drop what it could not write, so nothing written to that file "
                 "since can be trusted to be on disk.")
         mover = res.mover
-        if self.lost is None and res.values_lost:                           # rule 12
-            self.lost = (f"the values of {res.values_lost} tensor(s) were lost in this "
-                         "OutOfCore (its error said so: they hold bytes 0xFF, NaN in floating "
-                         "point), and a commit would make them durable.")
-        if self.lost is None and self._file_gone(mover):
+        if self.lost is None and self._file_gone(mover):                   # rule 12
             self.file_gone = True
             self.lost = (f"the state file {self.path} was removed or replaced by another "
                          "program while this OutOfCore had it open (a clean-up of *.swap "
@@ -484,14 +485,20 @@ class Durable:
         if self.lost is not None:
             raise OutcoreError(self.lost)
         committed: dict = {}
+        ends: list = []             # where each tensor's bytes end in the file (`broken`)
 
         dtensor = _dtensor_class()
 
         def ref(tensor):
             local = _local(tensor, dtensor)                                  # rule 9
             storage = local.untyped_storage()
-            extent, at, nbytes = res.persist(storage)
+            try:
+                extent, at, nbytes = res.persist(storage)
+            except ValuesLost as err:                                         # rule 12
+                self.lost = str(err)
+                raise
             committed[extent.offset] = extent
+            ends.append(at + nbytes)
             kept = {"offset": at, "nbytes": nbytes, "dtype": str(local.dtype),
                     "size": list(local.shape), "stride": list(local.stride()),
                     "storage_offset": local.storage_offset(), "crc32": mover.crc(extent)}
@@ -527,6 +534,7 @@ class Durable:
         mover.commit(kept)
         self.iterations = iterations
         self.committed = True
+        self.last_end = max(ends, default=0)
         self.last, self.last_extents = state, committed
         named = {state["file"], previous["file"] if previous is not None else None}
         self._remove_unnamed(named)           # rule 4: no manifest names them any more
@@ -549,22 +557,40 @@ class Durable:
         return (open_file.st_nlink == 0
                 or (named.st_dev, named.st_ino) != (open_file.st_dev, open_file.st_ino))
 
+    def broken(self) -> str | None:
+        """Why the durable state the manifest in place names cannot be resumed (its file
+        removed, replaced or cut short by another program), or None where nothing says
+        so. resume() checks every byte (rule 7); this looks only at the file's presence
+        and length, for what a failed commit and close() say."""
+        if not os.path.isdir(self.directory):
+            return "the directory is gone (removed by something else)"
+        name = _swap_name(self.generation) if self.committed else self.previous_file
+        if name is None:
+            return None
+        if self.committed and self.file_gone:
+            return f"{name}, which the manifest names, was removed or replaced"
+        try:
+            size = os.stat(os.path.join(self.directory, name)).st_size
+        except FileNotFoundError:
+            return f"{name}, which the manifest names, is gone"
+        except OSError:
+            return None
+        if self.committed and size < self.last_end:
+            return (f"{name}, which the manifest names, is shorter than the state it holds "
+                    "(cut by another program)")
+        return None
+
     def kept_note(self) -> str:
         """What durable state the directory keeps after a commit failed, in words."""
-        if not os.path.isdir(self.directory):
-            return ("the directory is gone (removed by something else), and with it every "
-                    "durable state: ooc.save() a checkpoint elsewhere to keep this training")
-        if self.file_gone and self.committed:       # the manifest names this file
-            return (f"the manifest names {_swap_name(self.generation)}, which is gone: no "
-                    "durable state is left there (ooc.save() a checkpoint elsewhere to keep "
-                    "this training)")
+        broken = self.broken()
+        if broken is not None:
+            return (f"{broken}: no durable state is left there (ooc.save() a checkpoint "
+                    "elsewhere to keep this training)")
         if self.iterations == self.done:
             return ("the new manifest is in place all the same: the last durable state is "
                     "this iteration's")
         return (f"the last durable state is still that of {self.iterations} completed "
-                f"iterations (resume() there returns {self.iterations}"
-                + (", where what lost those values left its bytes whole)" if self.lost
-                   and not self.file_gone else ")"))
+                f"iterations (resume() there returns {self.iterations})")
 
     def _switched(self, iterations: int) -> bool:
         """Whether the manifest in place is the one a failed commit was writing."""

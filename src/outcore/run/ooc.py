@@ -1063,10 +1063,11 @@ class OutOfCore:
         outside, an exception halfway through a load_state_dict), and a commit then made
         durable a state no iteration ever had (helper-167)."""
         durable = self._durable
+        broken = durable.broken()
         held = (f"{durable.directory} is gone (removed by something else)"
                 if not os.path.isdir(durable.directory) else
-                f"{durable.directory} holds no durable state (its state file was removed)"
-                if durable.file_gone and durable.committed else
+                f"{durable.directory} holds no durable state: {broken}"
+                if broken is not None else
                 f"{durable.directory} holds the state of {durable.iterations} of the "
                 f"{durable.done} completed iterations (resume() there returns "
                 f"{durable.iterations})")
@@ -1106,10 +1107,11 @@ class OutOfCore:
                     and durable.lost is None else
                     "no later iteration of this OutOfCore commits there (NOTE [Durable state] "
                     f"rule {6 if durable.unsynced is not None else 12}). Training goes on in "
-                    "memory; to keep it, ooc.save() to another disk, or close this OutOfCore "
-                    "and resume from the last durable state with a new one.")
-            memory = ("Nothing in memory was lost" if not self._res.values_lost else
-                      "Nothing else in memory was lost")
+                    "memory; to keep it, ooc.save() to another disk"
+                    + (", or close this OutOfCore and resume from the last durable state with "
+                       "a new one." if durable.broken() is None else "."))
+            memory = ("Nothing else in memory was lost" if durable.lost is not None
+                      and not durable.file_gone else "Nothing in memory was lost")
             self._say_behind_at_exit()
             raise (SwapSpaceExhausted if issubclass(kind, SwapSpaceExhausted) else OutcoreError)(
                 f"the iteration completed, but its state could not be made durable in "

@@ -117,6 +117,10 @@ from .sharing import exported
 
 
 # A failed read is tried this many times in all before it is reported (see _wait).
+class ValuesLost(OutcoreError):
+    """`persist` met a storage whose values were lost (`Entry.lost`)."""
+
+
 READ_ATTEMPTS = 3
 # The resident set is sampled at most this often (reading /proc costs a few microseconds).
 RSS_SAMPLE_S = 0.002
@@ -226,6 +230,9 @@ class Entry:
     used: float = 0.0
     # Residency.tracked when it was first tracked: which iteration first saw it (NOTE 8).
     serial: int = 0
+    # Its values were lost (bytes 0xFF now, its error raised): a state_dir commits no
+    # state holding it (NOTE [Durable state] rule 12).
+    lost: bool = False
 
     @property
     def occupies_fast(self) -> bool:
@@ -282,7 +289,7 @@ class Residency:
         # Storages whose values are lost, each filled with 0xFF and its error raised (a
         # swap file shortened by something else; a recompute that could not be remade): a
         # state_dir commits no state after one (NOTE [Durable state] rule 12).
-        self.values_lost = 0
+        self.values_lost = 0       # how many (each entry says so: `Entry.lost`)
         self.write_failures = 0    # writes to the slow tier that failed (a full disk): the
                                    # tensors stayed in memory, maybe over the budget
         # A Future callback stopped on another thread (NOTE [Collectives in flight] rule
@@ -745,13 +752,14 @@ class Residency:
         storage = entry.ref()
         if entry.state is not DISCARDED or storage is None:
             return
+        entry.lost = True          # first: a Ctrl-C below leaves it counted (helper-205)
+        self.values_lost += 1
         storage.resize_(entry.nbytes)
         import torch
         torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).fill_(255)
         entry.state, entry.clean, entry.remake = FAST, False, None
         self._add_resident(entry.nbytes)
         self.touch(entry)
-        self.values_lost += 1
 
     def remake(self, entry: Entry) -> None:
         """Make a DISCARDED entry's bytes again, in its own storage: FAST and dirty. An
@@ -876,11 +884,12 @@ class Residency:
         if isinstance(exc, SwapFileShort) and storage is not None:
             # Its bytes are gone for good: an empty storage under the tensor would be a
             # segmentation fault when read, a mapping past the file's end a SIGBUS.
+            entry.lost = True           # first: a Ctrl-C below leaves it counted
+            self.values_lost += 1
             storage.resize_(entry.nbytes)
             storage.fill_(0xFF)         # NaN in every floating-point dtype, -1 in an int
             entry.state, entry.clean = FAST, False
             self.touch(entry)
-            self.values_lost += 1
         elif doing == "reading":
             if storage is not None:
                 storage.resize_(0)      # never leave garbage where data was
@@ -1031,6 +1040,10 @@ class Residency:
         is committed, and stays resident. Returns (extent, offset of its first byte in
         the file, nbytes). Call after settle()."""
         entry = self.track(storage)
+        if entry.lost:                      # NOTE [Durable state] rule 12
+            raise ValuesLost("the values of a tensor of the state were lost in this OutOfCore "
+                             "(its error said so: it holds bytes 0xFF, NaN in floating point), "
+                             "and a commit would make them durable.")
         if entry.state is FAST and not (entry.clean and entry.extent is not None):
             nbytes = self._extent_for_write(entry, storage)
             try:

@@ -170,6 +170,8 @@ def run_step(w: Workload) -> torch.Tensor:
     try:
         return w.step()
     except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            raise                  # not the sizes' fault: a larger batch is no advice
         raise OutcoreError(f"{w.spec.name} cannot train a step at batch {len(w.batch[0])} and these "
                            f"sizes: {exc}. A larger batch, image size or sequence length "
                            "may fit it") from exc
