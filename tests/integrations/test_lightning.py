@@ -403,6 +403,15 @@ def test_misuse(tmp_path):
                 callback.on_train_batch_start(_fake(), None, None, 0)
         assert not callback.in_step
 
+        # A spawning strategy pickles the callbacks into its processes (helper-206: a bare
+        # "cannot pickle '_thread.RLock' object").
+        import copy
+        import pickle
+        for send in (pickle.dumps, copy.deepcopy):
+            with pytest.raises(outcore.OutcoreError, match="cannot go to another process .*"
+                               "ddp_spawn"):
+                send(callback)
+
         module = Net()
         for trainer, match in ((_fake(device="cuda"), "offload=.disk. trains on the CPU"),
                               (_fake(world_size=2), "one process")):

@@ -70,7 +70,7 @@ def test_a_tensor_made_before_import_keeps_pytorchs_default_and_the_report_says_
     env, aligned, status = _fresh("import torch; torch.ones(1); import outcore" + _PROBE)
     assert env == "1" and aligned == "False"
     assert status.startswith("off: PyTorch read THP_MEM_ALLOC_ENABLE at its first tensor, before "
-                             "outcore was imported; import outcore before making tensors")
+                             "outcore was imported; import outcore first, before any tensor is made")
 
 
 def test_the_users_setting_wins():
@@ -122,4 +122,4 @@ with outcore.OutOfCore(budget="1MiB") as ooc:
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["off", "True"]
     warned = [line for line in out.stderr.splitlines() if line.startswith("WARNING this plan moves")]
-    assert len(warned) == 1 and "import outcore before making tensors" in warned[0]
+    assert len(warned) == 1 and "import outcore first, before any tensor is made" in warned[0]

@@ -44,6 +44,16 @@ class StepIterations:
         self.steps = 0              # optimizer steps run as outcore iterations
         self._open = None           # the ooc.iteration() in progress, if any
 
+    def __reduce_ex__(self, protocol):
+        # helper-206: Trainer(strategy="ddp_spawn") pickles its callbacks into the spawned
+        # processes, and failed with "cannot pickle '_thread.RLock' object".
+        raise OutcoreError(
+            "OutcoreCallback cannot go to another process (a spawning launcher such as "
+            "strategy='ddp_spawn' pickles the callbacks): its OutOfCore holds this process's "
+            "swap file, threads and memory. Train in this process (no spawning strategy), or, "
+            "under torchrun, wrap each optimizer step of your own loop in `with "
+            "ooc.iteration():` with one OutOfCore per rank (docs/distributed.md)")
+
     def end(self, exc: BaseException | None = None) -> None:
         """End the iteration left open (with `exc`, or as a block that ran to its end if
         `exc` is None). Does nothing when no iteration is open."""

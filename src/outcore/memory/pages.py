@@ -126,7 +126,8 @@ def torch_huge_pages() -> str:
         elif not aligned:
             status = (f"off: PyTorch read {TORCH_ENV} at its first tensor, before "
                       + ("outcore was imported" if _asked else "it was set")
-                      + "; import outcore before making tensors, or set "
+                      + "; import outcore first, before any tensor is made (some libraries "
+                      "make tensors as they are imported, lightning among them), or set "
                       f"{TORCH_ENV}=1 before Python starts (under a tight budget, freed memory "
                       "then faults back in 2 MiB at a time instead of 4 KiB)")
         elif mode not in ("always", "madvise"):
