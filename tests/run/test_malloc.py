@@ -400,7 +400,8 @@ def test_unknown_memory_mode_is_refused():
     with pytest.raises(outcore.OutcoreError, match="return_freed_memory must be"):
         outcore.OutOfCore("1GiB", return_freed_memory="sometimes")
     # The bench's word for False is refused with the API's named (helper-204).
-    with pytest.raises(outcore.OutcoreError, match=r"False \(keep it: `outcore bench --memory keep`"):
+    with pytest.raises(outcore.OutcoreError,
+                       match=r"False \(keep it: `outcore bench --memory keep`"):
         outcore.OutOfCore("1GiB", return_freed_memory="keep")
     with pytest.raises(outcore.OutcoreError, match="return_freed_memory must be"):
         malloc.make_governor("sometimes")

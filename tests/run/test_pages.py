@@ -70,7 +70,8 @@ def test_a_tensor_made_before_import_keeps_pytorchs_default_and_the_report_says_
     env, aligned, status = _fresh("import torch; torch.ones(1); import outcore" + _PROBE)
     assert env == "1" and aligned == "False"
     assert status.startswith("off: PyTorch read THP_MEM_ALLOC_ENABLE at its first tensor, before "
-                             "outcore was imported; import outcore first, before any tensor is made")
+                             "outcore was imported; import outcore first, before any tensor "
+                             "is made")
 
 
 def test_the_users_setting_wins():

@@ -54,8 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", default=None,
                    help="outcore policies, comma-separated (curve: on-demand,fixed,adaptive; batch: adaptive)")
     p.add_argument("--fractions", default="1,0.5,0.25,0.125",
-                   help="curve: budgets as fractions of the in-core peak (default 1,0.5,0.25,0.125; "
-                        "the smallest feasible is added)")
+                   help="curve: budgets as fractions of the in-core peak (default "
+                        "1,0.5,0.25,0.125; the smallest feasible is added)")
     p.add_argument("--factors", default="2,4,8",
                    help="batch: outcore batches as multiples of the base (default 2,4,8)")
     p.add_argument("--baselines", default=None,

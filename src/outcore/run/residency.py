@@ -116,11 +116,11 @@ from .interrupts import no_raise
 from .sharing import exported
 
 
-# A failed read is tried this many times in all before it is reported (see _wait).
 class ValuesLost(OutcoreError):
     """`persist` met a storage whose values were lost (`Entry.lost`)."""
 
 
+# A failed read is tried this many times in all before it is reported (see _wait).
 READ_ATTEMPTS = 3
 # The resident set is sampled at most this often (reading /proc costs a few microseconds).
 RSS_SAMPLE_S = 0.002
@@ -288,7 +288,7 @@ class Residency:
         self.kept_error: OutcoreError | None = None
         # Storages whose values are lost, each filled with 0xFF and its error raised (a
         # swap file shortened by something else; a recompute that could not be remade): a
-        # state_dir commits no state after one (NOTE [Durable state] rule 12).
+        # state_dir commits no state holding one (NOTE [Durable state] rule 12).
         self.values_lost = 0       # how many (each entry says so: `Entry.lost`)
         self.write_failures = 0    # writes to the slow tier that failed (a full disk): the
                                    # tensors stayed in memory, maybe over the budget

@@ -172,9 +172,9 @@ def run_step(w: Workload) -> torch.Tensor:
     except (RuntimeError, ValueError) as exc:
         if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
             raise                  # not the sizes' fault: a larger batch is no advice
-        raise OutcoreError(f"{w.spec.name} cannot train a step at batch {len(w.batch[0])} and these "
-                           f"sizes: {exc}. A larger batch, image size or sequence length "
-                           "may fit it") from exc
+        raise OutcoreError(f"{w.spec.name} cannot train a step at batch {len(w.batch[0])} and "
+                           f"these sizes: {exc}. A larger batch, image size or sequence "
+                           "length may fit it") from exc
 
 
 def build(name: str, *, batch: int | None = None, device: str = "cpu", optimizer: str = "sgd",
