@@ -1762,7 +1762,9 @@ class OutOfCore:
                 return
             if self._active:
                 raise OutcoreError("cannot close an OutOfCore inside its iteration; close it "
-                                   "after the `with ooc.iteration():` block"
+                                   "after the `with ooc.iteration():` block (one a framework "
+                                   "callback opened, where an exception left it open: "
+                                   "`callback.end(exc)` ends it, docs/integrations.md)"
                                    + self._on_another_thread())
             shield.install()
             errors: list = []
