@@ -334,6 +334,10 @@ def _misuse_while_open(ooc, callback, args, state, control):
         callback.on_train_begin(args, state, control)
     callback.on_step_begin(args, state, control)
     assert callback.in_step
+    # close() there names the way out a Trainer user has (helper-207: only the block's).
+    with pytest.raises(outcore.OutcoreError, match=r"inside its iteration.*callback\.end\(exc\)"):
+        ooc.close()
+    assert not ooc.closed and callback.in_step
     with pytest.warns(RuntimeWarning, match="ended only now"), callback:
         callback.on_train_begin(args, state, control)
     assert not callback.in_step and not ooc.report().iterations[-1].completed
