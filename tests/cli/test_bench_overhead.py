@@ -39,13 +39,17 @@ def test_an_unsteady_measurement_is_named(capsys, monkeypatch):
     """helper-204: "0.0 µs per op" beside a disturbed plain step, and nothing said so."""
     from outcore.bench import overhead
     assert overhead.unsteady([0.010, 0.011, 0.010], [0.012, 0.012, 0.013], [0, 0, 0]) == []
-    said = overhead.unsteady([0.010, 0.154, 0.150], [0.013, 0.013, 0.014], [0.001] * 3)
-    assert said[0] == "the plain steps took 10.0 to 154.0 ms"
-    assert "outcore's steps took less than plain ones (12.0 against 150.0 ms" in said[1]
+    # One step twice the rest, on a quiet machine (5.0 to 10.6 ms seen): steady.
+    quiet = [0.005] * 14 + [0.0106]
+    assert overhead.unsteady(quiet, [0.007] * 15, [0.0] * 15) == []
+    busy = [0.010] * 5 + [0.150] * 10
+    said = overhead.unsteady(busy, [0.013] * 15, [0.001] * 15)
+    assert said[0] == "the middle half of the plain steps took 10.0 to 150.0 ms", said
+    assert "outcore's steps took less than plain ones (12.0 against 150.0 ms" in said[1], said
     fig = {"per_function_s": 0.0, "functions": 600, "plain_s": 0.150, "outcore_s": 0.152,
            "wait_s": 0.0, "bytes_read": 1, "unsteady": said}
     monkeypatch.setattr(overhead, "measure_overhead", lambda steps, directory=None: fig)
     assert main(["bench", "overhead"]) == 0
     out = capsys.readouterr().out
-    assert "0.0 µs per op" in out and "unsteady: the plain steps took 10.0 to 154.0 ms" in out
+    assert "0.0 µs per op" in out and "unsteady: the middle half of the plain steps" in out
     assert "measure again with the machine quiet" in out

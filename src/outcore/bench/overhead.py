@@ -86,18 +86,22 @@ def measure_overhead(steps: int = 15, directory: str | None = None) -> dict:
 
 
 def unsteady(plain: list, under: list, waits: list) -> list[str]:
-    """Why the figure cannot be trusted, in words (empty: it can): steps of one kind that
-    differ by more than UNSTEADY times (NOTE [Unsteady runs] in output.py), or outcore's
+    """Why the figure cannot be trusted, in words (empty: it can): steps of one kind whose
+    middle half spans more than UNSTEADY times (NOTE [Unsteady runs] in output.py), or outcore's
     steps, their waits taken out, shorter than plain ones (the per-op figure is then
     clamped to 0). helper-204 saw "0.0 µs per op" beside a plain step of 153.9 ms, 10.3 ms
     on a rerun, and nothing said so."""
     from .output import UNSTEADY
     own = [u - w for u, w in zip(under, waits)]
     said = []
-    for name, times in (("the plain steps", plain), ("outcore's steps (waits taken out)", own)):
-        low, high = min(times), max(times)
+    for name, times in (("plain steps", plain), ("outcore's steps (waits taken out)", own)):
+        # The middle half: steps of a few milliseconds vary twofold now and then on a
+        # quiet machine (a collection, a page fault; 5.0 to 10.6 ms here), which moves no
+        # median; a machine busy for a good part of the run moves the quartiles.
+        low, _, high = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
         if low > 0 and high / low > UNSTEADY:
-            said.append(f"{name} took {low * 1e3:.1f} to {high * 1e3:.1f} ms")
+            said.append(f"the middle half of the {name} took {low * 1e3:.1f} to "
+                        f"{high * 1e3:.1f} ms")
     # As the figure takes them: medians apart (`measure_overhead`).
     own_s = statistics.median(under) - statistics.median(waits)
     plain_s = statistics.median(plain)
