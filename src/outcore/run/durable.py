@@ -545,8 +545,7 @@ class Durable:
         """Rule 12: whether the open state file no longer has the name it was opened by
         (removed, or another file put in its place). A removed directory is not this
         case: its commit fails where the manifest is written, and says so."""
-        stat = (getattr(mover, "file_stat", None)       # the disk mover's, or the one
-                or getattr(getattr(mover, "disk", None), "file_stat", None))   # under a tier
+        stat = getattr(mover, "file_stat", None)        # the disk mover's (state_dir's)
         if stat is None or not os.path.isdir(self.directory):
             return False
         try:

@@ -230,7 +230,8 @@ class Entry:
     used: float = 0.0
     # Residency.tracked when it was first tracked: which iteration first saw it (NOTE 8).
     serial: int = 0
-    # Its values were lost (bytes 0xFF now, its error raised): a state_dir commits no
+    # Its values were lost (bytes 0xFF now, its error raised: a swap file shortened by
+    # something else, a recompute that could not be remade): a state_dir commits no
     # state holding it (NOTE [Durable state] rule 12).
     lost: bool = False
 
@@ -286,10 +287,6 @@ class Residency:
         # its error in `kept_error` (the first), for the step's end.
         self.keep_when_full = None
         self.kept_error: OutcoreError | None = None
-        # Storages whose values are lost, each filled with 0xFF and its error raised (a
-        # swap file shortened by something else; a recompute that could not be remade): a
-        # state_dir commits no state holding one (NOTE [Durable state] rule 12).
-        self.values_lost = 0       # how many (each entry says so: `Entry.lost`)
         self.write_failures = 0    # writes to the slow tier that failed (a full disk): the
                                    # tensors stayed in memory, maybe over the budget
         # A Future callback stopped on another thread (NOTE [Collectives in flight] rule
@@ -752,8 +749,7 @@ class Residency:
         storage = entry.ref()
         if entry.state is not DISCARDED or storage is None:
             return
-        entry.lost = True          # first: a Ctrl-C below leaves it counted (helper-205)
-        self.values_lost += 1
+        entry.lost = True          # first: a Ctrl-C below leaves it marked (helper-205)
         storage.resize_(entry.nbytes)
         import torch
         torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).fill_(255)
@@ -884,8 +880,7 @@ class Residency:
         if isinstance(exc, SwapFileShort) and storage is not None:
             # Its bytes are gone for good: an empty storage under the tensor would be a
             # segmentation fault when read, a mapping past the file's end a SIGBUS.
-            entry.lost = True           # first: a Ctrl-C below leaves it counted
-            self.values_lost += 1
+            entry.lost = True           # first: a Ctrl-C below leaves it marked
             storage.resize_(entry.nbytes)
             storage.fill_(0xFF)         # NaN in every floating-point dtype, -1 in an int
             entry.state, entry.clean = FAST, False
