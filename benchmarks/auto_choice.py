@@ -2,6 +2,7 @@
 time per screened configuration, auto's choice and its planning time.
 
     .venv/bin/python benchmarks/auto_choice.py [--fractions 0.75,0.5,0.25] [--recompute] [--traces DIR]
+    .venv/bin/python benchmarks/auto_choice.py --measure 2 --only resnet50-64 --fractions 0.25
 
 The workloads and the recording are window_sweep.py's (CPU, after one warm-up step, so
 durations are measured); budgets are fractions of the in-core peak, less what OutOfCore
@@ -10,10 +11,23 @@ in-core step; the configuration auto chose is marked with *. "plan" is auto's wa
 time (all its screening included). The table in docs/planning.md ("Which policy auto
 picks") was made with this script. With --recompute it times OutOfCore's planning with
 its defaults instead (recompute.choose; docs/planning.md, "Recompute").
+
+With --measure R it runs instead of simulating: per workload (--only: names like
+resnet50-64 or gpt2-256, the model and its image size or sequence length) and budget,
+plain PyTorch, OutOfCore with each screened configuration alone (plan_options
+{"screen": [i]}) and OutOfCore as users run it (auto, recompute included), each in a
+fresh process, R rounds in turn; cells are the median replayed step as a multiple of
+plain PyTorch's, with what the same process simulated beside it (the schedule it ran,
+on `cpu-disk` with the trace's own durations). So it shows whether the configuration
+auto picks by simulated time is the one that runs fastest here.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,10 +62,19 @@ def main():
                         help="instead of the table: how long OutOfCore's planning takes with "
                              "its defaults (recompute.choose: auto, recompute='auto'), twice "
                              "per workload and budget")
+    parser.add_argument("--measure", type=int, metavar="ROUNDS",
+                        help="run each configuration in fresh processes, ROUNDS rounds, "
+                             "instead of simulating only (module docstring)")
+    parser.add_argument("--only", help="with --measure: the workloads, e.g. resnet50-64,gpt2-256")
+    parser.add_argument("--child", help=argparse.SUPPRESS)       # one measured process
     args = parser.parse_args()
+    if args.child:
+        return print(json.dumps(_measure_one(json.loads(args.child))))
     fractions = [float(f) for f in args.fractions.split(",")]
     if args.recompute:
         return planning_times(fractions, args.traces)
+    if args.measure:
+        return measured(fractions, args.measure, args.only, args.traces)
     print("| workload | budget / peak | " + " | ".join(_label(n, o) for n, o in SCREEN) +
           " | near ties, end_keep_share 1.0 | auto's gain over adaptive | plan |")
     print("|---|---|" + "---|" * (len(SCREEN) + 1) + "---|---|")
@@ -105,6 +128,86 @@ def _trace(name, shape, folder):
     trace = record(name, shape)
     trace_io.save(trace, path)
     return trace
+
+
+def _name(name: str, shape: dict) -> str:
+    """A workload's name for --only: the model and its image size or sequence length."""
+    return f"{name}-{shape.get('image_size', shape.get('seq_len'))}"
+
+
+def measured(fractions, rounds: int, only: str | None, traces=None) -> None:
+    """The --measure table: per workload and budget, plain PyTorch, each configuration of
+    SCREEN alone and auto, in fresh processes, `rounds` rounds in turn (module docstring)."""
+    wanted = None if only is None else set(only.split(","))
+    runs = [("plain", None)] + [(_label(n, o), [i]) for i, (n, o) in enumerate(SCREEN)] \
+        + [("auto (as users run it)", "auto")]
+    print("| workload | budget / peak | " + " | ".join(label for label, _ in runs[1:]) +
+          " | plain step (s) |")
+    print("|---|---|" + "---|" * len(runs))
+    for name, shape in WORKLOADS:
+        if wanted is not None and _name(name, shape) not in wanted:
+            continue
+        peak = _trace(name, shape, traces).peak(actual=True)[0]
+        for frac in fractions:
+            results = {label: [] for label, _ in runs}
+            for _ in range(rounds):
+                for label, screen in runs:
+                    results[label].append(_child(dict(model=name, shape=shape, screen=screen,
+                                                      budget=int(peak * frac))))
+            plain = statistics.median(r["step"] for r in results["plain"])
+            cells = []
+            for label, _ in runs[1:]:
+                step = statistics.median(r["step"] for r in results[label])
+                sim = statistics.median(r["simulated"] for r in results[label])
+                chose = results[label][0].get("chose", "")
+                cells.append(f"{step / plain:.2f} (sim {sim / plain:.2f}){chose}")
+            shape_s = " ".join(f"{k}={v}" for k, v in shape.items())
+            print(f"| {name} {shape_s} | {frac} | " + " | ".join(cells) + f" | {plain:.2f} |")
+
+
+def _child(cfg: dict) -> dict:
+    """One measured process (`_measure_one`), plain PyTorch in the environment a user
+    without outcore has (NOTE [Huge pages by default] rule 3)."""
+    from outcore.memory.pages import plain_environment
+    env = plain_environment() if cfg["screen"] is None else None
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], env=env,
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def _measure_one(cfg: dict) -> dict:
+    """The median step of one process: plain PyTorch's after a warm-up step, or
+    OutOfCore's replayed steps with the screened configurations `cfg["screen"]`
+    ("auto": OutOfCore's defaults), and what its schedule simulates to."""
+    from outcore.workloads import build
+    from outcore.simulate import simulate
+    w = build(cfg["model"], **cfg["shape"])
+    times = []
+    if cfg["screen"] is None:
+        for _ in range(6):
+            start = time.perf_counter()
+            w.step()
+            times.append(time.perf_counter() - start)
+        return {"step": statistics.median(times[1:])}
+    options = {} if cfg["screen"] == "auto" else {"screen": cfg["screen"]}
+    with outcore.OutOfCore(budget=cfg["budget"], plan_options=options) as ooc:
+        for _ in range(9):
+            start = time.perf_counter()
+            with ooc.iteration():
+                w.step()
+            if ooc.report().iterations[-1].mode == "replay":
+                times.append(time.perf_counter() - start)
+        if not times:
+            raise SystemExit("no iteration replayed a plan")
+        simulated = simulate(ooc.trace, ooc.schedule, "cpu-disk").iteration_time_s
+        options, remade = ooc.schedule.options, ooc.report().recomputed_arrays
+    chose = ""
+    if cfg["screen"] == "auto":      # what it chose, by the names of the other columns
+        chose = f": {_label(options['chosen'], options)}" + (
+            f", end_keep_share {options['end_keep_share']}" if "end_keep_share" in options
+            else "") + (f", {remade} arrays recomputed" if remade else "")
+    return {"step": statistics.median(times), "simulated": simulated, "chose": chose}
 
 
 def planning_times(fractions, traces=None) -> None:
