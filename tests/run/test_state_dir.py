@@ -1059,3 +1059,128 @@ def test_the_readmes_scheduler_recipe_resumes_the_schedule_bitwise(tmp_path, nam
                 lrs.append(fresh_opt.param_groups[0]["lr"])
     assert lrs == plain
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in kept.items())
+
+
+def _mlp_and_adamw(lr=1e-3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10))
+    return model, torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def _mlp_step(model, opts, i):
+    """One step on batch `i`, stepping each optimizer of `opts`."""
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(i))
+    model(x).square().mean().backward()
+    for opt in opts:
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_replaced_optimizer_is_never_committed_as_the_old_one(tmp_path):
+    """helper-208 (NOTE [Durable state] rule 13): a loop that replaced its optimizer (a
+    new AdamW with another learning rate) went on committing the old one's state, and a
+    resume gave the model that one, without a word (41 tensors off). Now the commits
+    after it are refused until ooc.keep() names the new one, and a resume from the
+    commits after that is the live run's optimizer, bitwise."""
+    model, opt = _mlp_and_adamw()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for i in range(2):
+            with ooc.iteration():
+                _mlp_step(model, [opt], i)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+        for i in (2, 3):          # refused each time until named
+            with pytest.raises(OutcoreError, match=r"another torch.optim.adamw.AdamW stepped "
+                               r"parameters of the model kept there.*ooc.keep\(model, "
+                               r"optimizer\)") as err:
+                with ooc.iteration():
+                    _mlp_step(model, [opt], i)
+            assert "resume() there returns 2" in str(err.value)
+        with pytest.raises(OutcoreError, match="between iterations"):
+            with ooc.iteration():
+                ooc.keep(model, opt)
+        ooc.keep(model, opt)
+        with ooc.iteration():
+            _mlp_step(model, [opt], 4)
+    fresh, _ = _mlp_and_adamw()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=2e-4)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, fresh_opt) == 6       # blocks that raised count (rule 11)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+        assert fresh_opt.param_groups[0]["lr"] == 2e-4
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            assert all(torch.equal(opt.state[p][k], fresh_opt.state[q][k]) for k in opt.state[p])
+
+
+class _Wrapped:
+    """An optimizer wrapper as accelerate's and Lightning's are: it shares the wrapped
+    one's `state` and `param_groups`, and the step hooks see the wrapped one."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.state = optimizer, optimizer.state
+        self.param_groups, self.defaults = optimizer.param_groups, optimizer.defaults
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("case", ["wrapper", "none-and-plain-sgd", "none-and-momentum", "two"])
+def test_which_other_optimizers_stop_the_commits(tmp_path, case):
+    """Rule 13's edges: a wrapper named in resume() is the optimizer its steps step;
+    with no optimizer named, plain SGD (no state) commits, SGD with momentum does not
+    (its momentum would be lost); two optimizers over the model (a GAN's) are refused."""
+    model, opt = _mlp_and_adamw()
+    named, opts = {"wrapper": (_Wrapped(opt), [opt]),
+                   "none-and-plain-sgd": (None, [torch.optim.SGD(model.parameters(), lr=0.1)]),
+                   "none-and-momentum": (None, [torch.optim.SGD(model.parameters(), lr=0.1,
+                                                                momentum=0.9)]),
+                   "two": (opt, [torch.optim.SGD(model[0].parameters(), lr=0.1), opt])}[case]
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, named)
+        with contextlib.ExitStack() as stack:
+            if case in ("none-and-momentum", "two"):
+                stack.enter_context(pytest.raises(OutcoreError, match=r"a torch.optim.sgd.SGD "
+                                                  r"stepped .*(GAN|no optimizer)"))
+            for i in range(2):
+                with ooc.iteration():
+                    _mlp_step(model, opts, i)
+
+
+def test_resume_keeps_the_dtype_the_optimizer_state_was_kept_with(tmp_path):
+    """helper-208 (rule 14): torch's Optimizer.load_state_dict casts floating state to
+    its parameter's dtype, so the float32 momentum of a model converted to bfloat16
+    came back bfloat16 and the resumed run differed from the uninterrupted one."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+
+    def step(dtype):
+        model(torch.ones(2, 256, dtype=dtype)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        with ooc.iteration():
+            step(torch.float32)
+        with ooc.building():
+            model.to(torch.bfloat16)
+        with ooc.iteration():
+            step(torch.bfloat16)
+    momentum = opt.state[model.weight]["momentum_buffer"]
+    assert momentum.dtype == torch.float32
+    fresh = torch.nn.Linear(256, 256).to(torch.bfloat16)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, fresh_opt) == 2
+        kept = fresh_opt.state[fresh.weight]["momentum_buffer"]
+        assert kept.dtype == torch.float32 and torch.equal(kept, momentum)

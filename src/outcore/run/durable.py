@@ -89,6 +89,25 @@ NOTE [Durable state]
      commit looks (`_file_gone`: the file's link count, and the name's inode). What a
      failed commit and close() say is left (`broken`) looks at the file the manifest
      names: gone, or shorter than its state, there is none.
+ 13. The optimizer kept is the one the loop steps. resume() names one optimizer, and every
+     commit keeps that object's state; a loop that replaced it (a new AdamW with another
+     learning rate, a new head with its own optimizer, SGD for AdamW) went on committing
+     the old one's, and a resume gave the model the old optimizer's state, without a
+     word (helper-208: 41 tensors off; after a head swap, a (10, 256) moment for a (37,
+     256) weight). So an optimizer step hook notes, inside iterations, every other
+     optimizer that steps a parameter of the kept model (`stepped`); while one of them
+     lives, a commit raises before it writes anything, and the message names
+     `ooc.keep(model, optimizer)`, which names the new one between iterations. The
+     kept optimizer is the same one where the step hook sees what it wraps (accelerate's
+     and Lightning's wrappers share its `state`; ZeroRedundancyOptimizer's `optim`).
+     One optimizer is kept: a loop that steps two over its model (a GAN's) is refused
+     the same way, as its second one's state would be lost. Where resume() was given
+     none, only an optimizer that holds state tensors is refused (plain SGD has none,
+     and the script makes it anew).
+ 14. Resume restores each optimizer state tensor with the dtype it was kept with:
+     torch's `Optimizer.load_state_dict` casts floating state to its parameter's dtype,
+     so the float32 momentum of a model converted to bfloat16 came back bfloat16, and
+     the resumed run was not the uninterrupted one (helper-208).
 """
 from __future__ import annotations
 
@@ -97,6 +116,7 @@ import fcntl
 import os
 import re
 import sys
+import weakref
 import zlib
 
 import torch
@@ -125,6 +145,17 @@ def _state_of(manifest: dict) -> dict:
 def _ranks() -> int:
     """The ranks of the default process group, 1 outside one."""
     return torch.distributed.get_world_size() if _distributed_up() else 1
+
+
+def _same_optimizer(kept, stepped) -> bool:
+    """Rule 13: whether the optimizer a step hook saw is the kept one, or the one a wrapper
+    kept wraps (accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer share
+    its `state`; ZeroRedundancyOptimizer steps its `optim`)."""
+    if kept is None:
+        return False
+    return stepped is kept or getattr(kept, "state", None) is getattr(stepped, "state", 0) \
+        or any(getattr(kept, name, None) is stepped
+               for name in ("optim", "optimizer", "_optimizer"))
 
 
 def _class_name(optimizer) -> str | None:
@@ -214,6 +245,7 @@ class Durable:
         self.last_extents: dict = {}
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = self.optimizer = None
+        self.others = weakref.WeakSet()  # rule 13: other optimizers that stepped the model
         self.copied = False             # resume() has copied some kept state into the model
         self.iterations = self.manifest["iterations"] if self.manifest else 0   # durable
         self.done = self.iterations     # completed, durable or not (a commit may fail)
@@ -223,6 +255,35 @@ class Durable:
         self.lost: str | None = None            # rule 12: why nothing is committed any more
         self.file_gone = False                  # rule 12: the state file was removed
         self.last_end = 0               # where the committed state's bytes end in its file
+
+    def keep(self, model, optimizer) -> None:
+        """Rule 13: keep `model` and `optimizer` from the next commit on (`ooc.keep`)."""
+        self.model, self.optimizer = model, optimizer
+        self.others = weakref.WeakSet()
+
+    def stepped(self, optimizer) -> None:
+        """Rule 13: an optimizer stepped inside an iteration; note it where it is not the
+        kept one and steps a parameter of the kept model."""
+        if self.model is None or _same_optimizer(self.optimizer, optimizer) \
+                or optimizer in self.others:
+            return
+        ours = {id(p) for p in self.model.parameters()}
+        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
+            self.others.add(optimizer)
+
+    def _other_optimizer(self, other) -> str:
+        """What a commit refused by rule 13 says."""
+        kept = ("no optimizer" if self.optimizer is None
+                else f"the {_class_name(self.optimizer)} ooc.resume() or ooc.keep() named")
+        same = self.optimizer is not None and type(other) is type(self.optimizer)
+        return (f"{'another ' if same else 'a '}{_class_name(other)} stepped parameters of the "
+                f"model kept there, but state_dir keeps the state of {kept}: a resume would "
+                "give the model another optimizer's state than the one training it. Where the "
+                "loop replaced its optimizer, name the new one between iterations, "
+                "ooc.keep(model, optimizer), and commits go on from the next iteration. "
+                "state_dir keeps one optimizer: a loop that steps two over its model (a "
+                "GAN's) cannot keep both there; one optimizer with a parameter group each, "
+                "or checkpoints of your own (ooc.save()), keep them.")
 
     def _remove_unnamed(self, named: set, sync: bool = True) -> None:
         """Remove the state files of this directory that the manifest does not name."""
@@ -381,6 +442,13 @@ class Durable:
                 ref, file, params[i] if isinstance(i, int) and 0 <= i < len(params) else None,
                 i)) for index, entry in kept.get("state", {}).items()}
             optimizer.load_state_dict(loaded)
+            for index, entry in loaded["state"].items():                     # rule 14
+                if isinstance(index, int) and 0 <= index < len(params):
+                    now = optimizer.state[params[index]]
+                    for key, value in entry.items():
+                        if isinstance(value, torch.Tensor) and isinstance(
+                                now.get(key), torch.Tensor) and now[key].dtype != value.dtype:
+                            now[key] = value
         torch.set_rng_state(self.manifest["rng"])
 
     def _check_shape(self, name: str, ref: dict, local: torch.Tensor, sharded: bool) -> None:
@@ -484,6 +552,10 @@ class Durable:
                          "files?), so nothing written to it can be found again.")
         if self.lost is not None:
             raise OutcoreError(self.lost)
+        others = [o for o in self.others if self.optimizer is not None or any(  # rule 13
+            isinstance(v, torch.Tensor) for entry in o.state.values() for v in entry.values())]
+        if others:
+            raise OutcoreError(self._other_optimizer(others[0]))
         committed: dict = {}
         ends: list = []             # where each tensor's bytes end in the file (`broken`)
 

@@ -629,11 +629,13 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
 # order the budget error lists them.
 _NEVER_MOVES = {
     "unresizable": "not resizable (from_numpy, a .numpy() taken while no OutOfCore was "
-                   "open, torch.load: .clone() those, or take .numpy() inside the "
-                   "OutOfCore; a model loaded by mapping its file, from_pretrained or "
+                   "open, torch.load: .clone() those, take .numpy() inside the "
+                   "OutOfCore, or torch.load between iterations; a model loaded by "
+                   "mapping its file, from_pretrained or "
                    "torch.load(mmap=True) with assign=True: outcore.integrations."
-                   "make_movable(model, ooc) before the first iteration (of a new "
-                   "OutOfCore, where this one has run the model); "
+                   "make_movable(model, ooc) between iterations, before the first "
+                   "that uses those weights (weights an iteration has used as loaded "
+                   "stay so for that OutOfCore's life: it says so); "
                    "optimizer state loaded with torch.load, by load_state_dict "
                    "or accelerate's load_state: outcore.integrations.make_movable("
                    "optimizer, ooc) after loading)",

@@ -334,10 +334,18 @@ def _step_outside(ref):
     first time an optimizer steps parameters it manages between its iterations, say so
     (once). That step, and the state it makes, run outside the budget and stay
     unmanaged; helper-153 found it silent (a backward after the block is told:
-    `_warn_graph_left`). Optimizers of other parameters are left alone."""
+    `_warn_graph_left`). Optimizers of other parameters are left alone. Inside an
+    iteration, with `state_dir`, it tells the Durable which optimizers step the model it
+    keeps (NOTE [Durable state] rule 13)."""
     def hook(optimizer, *_):
         ooc = ref()
-        if ooc is None or ooc.closed or ooc._active or ooc._warned_step:
+        if ooc is None or ooc.closed:
+            return
+        if ooc._active:
+            if ooc._durable is not None:
+                ooc._durable.stepped(optimizer)
+            return
+        if ooc._warned_step:
             return
         try:
             res = ooc._res
@@ -749,6 +757,27 @@ class OutOfCore:
                 raise
         durable.model, durable.optimizer = model, optimizer
         return durable.iterations
+
+    def keep(self, model, optimizer=None) -> None:
+        """With `state_dir`, after resume(): from the next commit on, keep the state of
+        `model` and `optimizer` there instead of those named before: a loop that replaced
+        its optimizer (or its model) names the new one, between iterations. Nothing is
+        loaded or written now. Until it is called, a commit after another optimizer
+        stepped the kept model is refused (NOTE [Durable state] rule 13 in durable.py)."""
+        durable = self._durable
+        if durable is None:
+            raise OutcoreError("keep() needs OutOfCore(..., state_dir=...): it names what "
+                               "state_dir keeps")
+        if self.closed:
+            raise OutcoreError("this OutOfCore was closed; create a new one and resume()")
+        if durable.model is None:
+            raise OutcoreError("call ooc.resume(model, optimizer) first, before the first "
+                               "iteration: it loads what state_dir kept, and keep() then "
+                               "changes what it keeps")
+        if self._active:
+            raise OutcoreError("call ooc.keep(model, optimizer) between iterations, not "
+                               "inside `with ooc.iteration():`")
+        durable.keep(model, optimizer)
 
     @contextlib.contextmanager
     def between(self):
@@ -1541,10 +1570,12 @@ class OutOfCore:
             index, op, phase, need = err.function_index, err.op, err.phase, err.needed_bytes
         smallest = need + kept
         unmovable = "arrays under min_move_bytes={:,}, those that cannot be resized or are in " \
-            "shared memory (from_numpy, .numpy(), torch.load: .clone() those; a model " \
+            "shared memory (from_numpy, .numpy(), torch.load: .clone() those, or torch.load " \
+            "between iterations; a model " \
             "loaded by mapping its file, from_pretrained or torch.load(mmap=True): " \
-            "outcore.integrations.make_movable(model, ooc) before the first iteration " \
-            "(of a new OutOfCore, where this one has run the model); " \
+            "outcore.integrations.make_movable(model, ooc) between iterations, before the " \
+            "first that uses those weights (weights an iteration has used as loaded stay " \
+            "so for that OutOfCore's life: it says so); " \
             "optimizer " \
             "state loaded with torch.load, by load_state_dict or accelerate's load_state: " \
             "outcore.integrations.make_movable(optimizer, ooc) after loading; " \

@@ -1131,7 +1131,10 @@ class Replayer(HeldMode):
                    "a numpy array from .numpy() still points into them (they move again "
                    "once it is dropped), or they were made unresizable (from_numpy, "
                    "torch.load) or shared (share_memory_()) since they were recorded "
-                   "(those stay in RAM for good)")
+                   "(those stay in RAM for good; weights assigned from a file loaded by "
+                   "mapping, load_state_dict(assign=True) after torch.load(mmap=True), move "
+                   "once outcore.integrations.make_movable(model, ooc) is called between "
+                   "iterations)")
             self._deviate(f"function {self.index}: {len(pinned)} storage(s) of "
                           f"{format_bytes(nbytes)} that the plan moves cannot move now: "
                           f"{why}; counted as pinned", None, None, None)
