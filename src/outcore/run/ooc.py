@@ -455,8 +455,9 @@ class OutOfCore:
         process killed at any moment resumes from the last completed iteration with
         `ooc.resume(model, optimizer)`, bitwise. An iteration that raised counts as done
         once a later one completes (the loop went on past it); a run that stops at it
-        resumes before it (NOTE [Durable state] rule 11). The swap file is then kept
-        there.
+        resumes before it (NOTE [Durable state] rule 11). A loop that replaces its
+        optimizer names the new one with `ooc.keep(model, optimizer)` (rule 13). The swap
+        file is then kept there.
     recompute: "auto" (drop activations that are cheaper to compute again than to move,
         and make them again before backward, where the plan then simulates faster than
         without; with and without chains, the faster), True (every activation the rules
