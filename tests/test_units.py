@@ -61,6 +61,11 @@ def test_a_budget_given_as_a_bare_small_number_asks_for_the_unit(tmp_path, capsy
     # with a unit, or large enough to be meant as bytes, it is taken as written
     assert parse_budget("16B") == 16 and parse_budget("300KiB") == 300 * 1024
     assert parse_budget(65536) == 65536 and parse_budget("2147483648") == 2**31
+    # where storages that small move, smallest_budget's bare figure is taken (helper-209)
+    with outcore.OutOfCore(budget=3072, min_move_bytes=0, swap_dir=tmp_path) as ooc:
+        assert ooc.budget == 3072
+    with pytest.raises(outcore.OutcoreError, match=r"3072 bytes, .*moving \(4.00 KiB\)"):
+        outcore.OutOfCore(budget=3072, min_move_bytes="4KiB", swap_dir=tmp_path)
     path = tmp_path / "t.json"
     from outcore.trace.model import Access, Array, Function, Trace
     Trace((Function(0, "f", "forward", (Access(0, "create"),)),),

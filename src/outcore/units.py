@@ -69,19 +69,22 @@ def parse_bytes(value: int | float | str) -> int:
         "with a unit, e.g. '512MiB', '6GiB', '1.5GB'")
 
 
-def parse_budget(value: int | float | str, where: str = "the budget") -> int:
+def parse_budget(value: int | float | str, where: str = "the budget",
+                 floor: int = 2**16) -> int:
     """parse_bytes for a fast tier's budget, where a bare number is read as bytes: one
-    under 64 KiB ("--budget 16", budget=2) is refused, since no training step runs in
-    it and the user almost surely left out the unit (16GiB? 16MiB?). A string with a
-    unit, "8B" or "300KiB", is taken as written. (64 KiB: a computed budget, a fraction
-    of a small model's peak, is a bare number too, and below it no storage would move.)"""
+    under `floor`, 64 KiB ("--budget 16", budget=2), is refused, since no training step
+    runs in it and the user almost surely left out the unit (16GiB? 16MiB?). A string
+    with a unit, "8B" or "300KiB", is taken as written. (64 KiB: a computed budget, a
+    fraction of a small model's peak, is a bare number too, and below it no storage would
+    move; OutOfCore lowers `floor` to its min_move_bytes, where storages that small move,
+    so that smallest_budget's figure for them is taken as it is: helper-209.)"""
     n = parse_bytes(value)
     match = _PATTERN.match(value) if isinstance(value, str) else None
     bare = not isinstance(value, str) or (match is not None and not match.group(2))
-    if bare and 0 < n < 2**16:
+    if bare and 0 < n < floor:
         raise OutcoreError(
             f"{where} {value!r} is read as {n} bytes, less than a storage worth moving "
-            f"(64 KiB): write the unit, e.g. '{value}GiB' or '{value}MiB', or "
+            f"({format_bytes(floor)}): write the unit, e.g. '{value}GiB' or '{value}MiB', or "
             f"'{value}B' where you do mean bytes")
     return n
 

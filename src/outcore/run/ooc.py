@@ -486,7 +486,11 @@ class OutOfCore:
         self._moving = 0                # `_alone` runs
         self._between_threads: collections.Counter = collections.Counter()  # ident: depth
         self._mode = None               # its dispatch mode while pushed (sharing.py reads it)
-        self._budget = parse_budget(budget, "OutOfCore's budget")
+        try:                    # a bare budget under 64 KiB where smaller storages move
+            floor = min(2**16, parse_bytes(min_move_bytes))
+        except (OutcoreError, TypeError):       # refused with its own error in _build
+            floor = 2**16
+        self._budget = parse_budget(budget, "OutOfCore's budget", floor)
         if self.budget <= 0:
             raise OutcoreError(f"the budget must be positive, got {budget!r}")
         if offload not in ("disk", "host"):
