@@ -684,3 +684,37 @@ def test_the_broadcast_a_replay_computes_is_torchs(shapes):
     except RuntimeError:
         expected = None
     assert broadcast_shape(map(tuple, shapes)) == expected
+
+
+def test_small_ops_off_the_record_that_keep_their_outputs_stay_within_the_budget(tmp_path):
+    """helper-209 (a transformers time-series model, min_move_bytes=0: AdamW's first
+    step, per parameter, ran some sixty small ops at one index of a replay, 2 KiB over
+    the budget): with storages that small movable, what small ops off the record make
+    and keep was counted nowhere beside the plan and never written out, and room for
+    the next was not made while the index stayed. Here 24 outputs of 1 KiB each, kept
+    till the step's end, took every replay 24 KiB over a 64 KiB budget. Now they are
+    written out where the budget needs their room, and the step is plain PyTorch's."""
+    def run(ooc):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+        small = [torch.nn.Parameter(torch.randn(256)) for _ in range(24)]
+        opt = torch.optim.SGD(list(model.parameters()) + small, lr=0.01)
+        x = torch.randn(32, 64)
+        kept_sums = []
+        for i in range(5):
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                loss = model(x).square().mean() + sum(p.square().sum() for p in small) * 1e-3
+                loss.backward()
+                kept = [p.detach().mul(2) for p in small] if i >= 2 else []   # off the record
+                opt.step()
+                opt.zero_grad()
+                kept_sums.append(sum(float(k.sum()) for k in kept))
+        return [*model.parameters(), *small], kept_sums
+    plain, plain_sums = run(None)
+    budget = 64 * 2**10
+    with outcore.OutOfCore(f"{budget}B", min_move_bytes=0, swap_dir=tmp_path) as ooc:
+        ours, sums = run(ooc)
+        report = ooc.report()
+    assert [it.mode for it in report.iterations][2:] == ["replay"] * 3
+    assert max(it.peak_resident for it in report.iterations) <= budget
+    assert sums == plain_sums and all(torch.equal(a, b) for a, b in zip(plain, ours))

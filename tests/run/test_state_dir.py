@@ -1091,9 +1091,8 @@ def test_a_replaced_optimizer_is_never_committed_as_the_old_one(tmp_path):
                 _mlp_step(model, [opt], i)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
         for i in (2, 3):          # refused each time until named
-            with pytest.raises(OutcoreError, match=r"another torch.optim.adamw.AdamW stepped "
-                               r"parameters of the model kept there.*ooc.keep\(model, "
-                               r"optimizer\)") as err:
+            with pytest.raises(OutcoreError, match=r"another torch.optim.adamw.AdamW stepped, "
+                               r"with optimizer state.*ooc.keep\(model, optimizer\)") as err:
                 with ooc.iteration():
                     _mlp_step(model, [opt], i)
             assert "resume() there returns 2" in str(err.value)
@@ -1134,26 +1133,84 @@ class _Wrapped:
         self.optimizer.load_state_dict(state)
 
 
-@pytest.mark.parametrize("case", ["wrapper", "none-and-plain-sgd", "none-and-momentum", "two"])
+class _Lookahead(torch.optim.Optimizer):
+    """A wrapper that is an optimizer of its own, with a state of its own, whose
+    state_dict() is the wrapped one's (as timm's Lookahead keeps it)."""
+
+    def __init__(self, base):
+        super().__init__(base.param_groups, {})
+        self._base_optimizer = base
+
+    def step(self, closure=None):
+        self._base_optimizer.step()
+
+    def state_dict(self):
+        return self._base_optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self._base_optimizer.load_state_dict(state)
+
+
+class _Unhashable(torch.optim.SGD):
+    def __eq__(self, other):            # defines no __hash__: instances are unhashable
+        return self is other
+
+
+@pytest.mark.parametrize("case", ["wrapper", "lookahead", "none-and-plain-sgd",
+                                  "none-and-momentum", "two", "two-one-stateless",
+                                  "new-model", "unhashable-between"])
 def test_which_other_optimizers_stop_the_commits(tmp_path, case):
-    """Rule 13's edges: a wrapper named in resume() is the optimizer its steps step;
-    with no optimizer named, plain SGD (no state) commits, SGD with momentum does not
-    (its momentum would be lost); two optimizers over the model (a GAN's) are refused."""
+    """Rule 13's edges (helper-210): a wrapper named in resume() is the optimizer its
+    steps step, whether it shares its state (accelerate, Lightning) or its state_dict()
+    is the wrapped one's (a Lookahead); with no optimizer named, plain SGD (no state)
+    commits, SGD with momentum does not (its momentum would be lost); two optimizers
+    with state (a GAN's) are refused, one with none beside the kept one is not; a new
+    model with its own optimizer is refused; an optimizer that cannot be hashed,
+    stepped between iterations, is noted (the hook raised TypeError into its step)."""
     model, opt = _mlp_and_adamw()
-    named, opts = {"wrapper": (_Wrapped(opt), [opt]),
-                   "none-and-plain-sgd": (None, [torch.optim.SGD(model.parameters(), lr=0.1)]),
-                   "none-and-momentum": (None, [torch.optim.SGD(model.parameters(), lr=0.1,
-                                                                momentum=0.9)]),
-                   "two": (opt, [torch.optim.SGD(model[0].parameters(), lr=0.1), opt])}[case]
+    other, _ = _mlp_and_adamw()
+    named, opts, refused = {
+        "wrapper": (_Wrapped(opt), [opt], None),
+        "lookahead": (_Lookahead(opt), [opt], None),
+        "none-and-plain-sgd": (None, [torch.optim.SGD(model.parameters(), lr=0.1)], None),
+        "none-and-momentum": (None, [torch.optim.SGD(model.parameters(), lr=0.1,
+                                                     momentum=0.9)], "no optimizer"),
+        "two": (opt, [torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9), opt],
+                "GAN"),
+        "two-one-stateless": (opt, [torch.optim.SGD(model[0].parameters(), lr=0.1), opt], None),
+        "new-model": (opt, [torch.optim.AdamW(other.parameters())], "its model"),
+        "unhashable-between": (opt, [opt], "GAN")}[case]
+    trained = other if case == "new-model" else model
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
         ooc.resume(model, named)
+        if case == "unhashable-between":
+            unhashable = _Unhashable(model.parameters(), lr=0.1, momentum=0.9)
+            _mlp_step(model, [unhashable], 9)
         with contextlib.ExitStack() as stack:
-            if case in ("none-and-momentum", "two"):
-                stack.enter_context(pytest.raises(OutcoreError, match=r"a torch.optim.sgd.SGD "
-                                                  r"stepped .*(GAN|no optimizer)"))
+            if refused:
+                stack.enter_context(pytest.raises(OutcoreError, match=r"(a|another) \S+ "
+                                                  rf"stepped, with optimizer state.*{refused}"))
             for i in range(2):
                 with ooc.iteration():
-                    _mlp_step(model, opts, i)
+                    _mlp_step(trained, opts, i)
+
+
+def test_a_lightning_optimizer_named_in_resume_is_the_one_that_steps(tmp_path):
+    """helper-210: Lightning's LightningOptimizer forwards to the optimizer it wraps and
+    keeps a state of its own: resume() loaded the kept state into the wrapper, and the
+    optimizer that steps started afresh (a resume after 4 iterations had step 2)."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    model, opt = _mlp_and_adamw()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, LightningOptimizer(opt))
+        for i in range(2):
+            with ooc.iteration():
+                _mlp_step(model, [opt], i)
+    fresh, fresh_opt = _mlp_and_adamw()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, LightningOptimizer(fresh_opt)) == 2
+    assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"],
+                       opt.state[model[0].weight]["exp_avg"])
 
 
 def test_resume_keeps_the_dtype_the_optimizer_state_was_kept_with(tmp_path):

@@ -89,21 +89,26 @@ NOTE [Durable state]
      commit looks (`_file_gone`: the file's link count, and the name's inode). What a
      failed commit and close() say is left (`broken`) looks at the file the manifest
      names: gone, or shorter than its state, there is none.
- 13. The optimizer kept is the one the loop steps. resume() names one optimizer, and every
+ 13. No optimizer's state is left out of a commit. resume() names one optimizer, and every
      commit keeps that object's state; a loop that replaced it (a new AdamW with another
      learning rate, a new head with its own optimizer, SGD for AdamW) went on committing
      the old one's, and a resume gave the model the old optimizer's state, without a
      word (helper-208: 41 tensors off; after a head swap, a (10, 256) moment for a (37,
-     256) weight). So an optimizer step hook notes, inside iterations, every other
-     optimizer that steps a parameter of the kept model (`stepped`); while one of them
-     lives, a commit raises before it writes anything, and the message names
-     `ooc.keep(model, optimizer)`, which names the new one between iterations. The
-     kept optimizer is the same one where the step hook sees what it wraps (accelerate's
-     and Lightning's wrappers share its `state`; ZeroRedundancyOptimizer's `optim`).
-     One optimizer is kept: a loop that steps two over its model (a GAN's) is refused
-     the same way, as its second one's state would be lost. Where resume() was given
-     none, only an optimizer that holds state tensors is refused (plain SGD has none,
-     and the script makes it anew).
+     256) weight). So an optimizer step hook notes every other optimizer that steps
+     inside iterations, and between them one that steps the kept model (`stepped`; a
+     model trained beside it there is the user's own), and a commit raises before it writes
+     anything while one of them lives and holds a state tensor that the kept optimizer's
+     state_dict() does not (`_left_out`); the message names `ooc.keep(model,
+     optimizer)`, which names the new one between iterations. What the kept optimizer
+     keeps decides, not which object steps: a wrapper that shares the stepped one's
+     `state` (accelerate's) or whose state_dict() holds its tensors (a Lookahead's) is
+     kept whole, one whose state_dict() leaves them out (SAM's base optimizer) is not,
+     and a second optimizer without state (plain SGD on another part) loses nothing.
+     resume() and keep() name the optimizer inside a wrapper that forwards to it
+     (`unwrapped`: Lightning's LightningOptimizer shares its `state`, but the state
+     resume() loaded into the wrapper never reached the optimizer that steps). One
+     optimizer is kept: a loop that steps two with state (a GAN's; one per parameter,
+     stepped in backward) is refused the same way, as the others' state would be lost.
  14. Resume restores each optimizer state tensor with the dtype it was kept with:
      torch's `Optimizer.load_state_dict` casts floating state to its parameter's dtype,
      so the float32 momentum of a model converted to bfloat16 came back bfloat16, and
@@ -147,15 +152,20 @@ def _ranks() -> int:
     return torch.distributed.get_world_size() if _distributed_up() else 1
 
 
-def _same_optimizer(kept, stepped) -> bool:
-    """Rule 13: whether the optimizer a step hook saw is the kept one, or the one a wrapper
-    kept wraps (accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer share
-    its `state`; ZeroRedundancyOptimizer steps its `optim`)."""
-    if kept is None:
-        return False
-    return stepped is kept or getattr(kept, "state", None) is getattr(stepped, "state", 0) \
-        or any(getattr(kept, name, None) is stepped
-               for name in ("optim", "optimizer", "_optimizer"))
+def unwrapped(optimizer):
+    """Rule 13: the optimizer inside a wrapper that forwards to it (its `state` is the
+    wrapped one's, or it is no torch optimizer itself), which is what steps and what
+    load_state_dict() must reach: Lightning's LightningOptimizer subclasses the wrapped
+    class and shares its `state`, but its inherited load_state_dict() set a state of
+    its own, and the optimizer that steps started afresh (helper-210). A wrapper with a
+    state of its own (a Lookahead's, ZeroRedundancyOptimizer) as it is."""
+    for name in ("_optimizer", "optimizer", "optim"):
+        inner = getattr(optimizer, name, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer and (
+                getattr(optimizer, "state", None) is inner.state
+                or not isinstance(optimizer, torch.optim.Optimizer)):
+            return inner
+    return optimizer
 
 
 def _class_name(optimizer) -> str | None:
@@ -245,7 +255,7 @@ class Durable:
         self.last_extents: dict = {}
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = self.optimizer = None
-        self.others = weakref.WeakSet()  # rule 13: other optimizers that stepped the model
+        self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
         self.copied = False             # resume() has copied some kept state into the model
         self.iterations = self.manifest["iterations"] if self.manifest else 0   # durable
         self.done = self.iterations     # completed, durable or not (a commit may fail)
@@ -257,33 +267,67 @@ class Durable:
         self.last_end = 0               # where the committed state's bytes end in its file
 
     def keep(self, model, optimizer) -> None:
-        """Rule 13: keep `model` and `optimizer` from the next commit on (`ooc.keep`)."""
-        self.model, self.optimizer = model, optimizer
-        self.others = weakref.WeakSet()
+        """Rule 13: keep `model` and `optimizer` from the next commit on (`ooc.keep`; a
+        wrapper that is no optimizer is seen through: `unwrapped`)."""
+        self.model, self.optimizer = model, unwrapped(optimizer)
+        self.others = {}
 
-    def stepped(self, optimizer) -> None:
-        """Rule 13: an optimizer stepped inside an iteration; note it where it is not the
-        kept one and steps a parameter of the kept model."""
-        if self.model is None or _same_optimizer(self.optimizer, optimizer) \
-                or optimizer in self.others:
+    def stepped(self, optimizer, inside: bool) -> None:
+        """Rule 13: `optimizer` stepped, `inside` an iteration or between two; note it
+        where it is not the kept one, and, between iterations, steps the kept model (a
+        model trained beside it there, plain PyTorch's for a comparison, is the user's
+        own). Whether its state is kept is looked at when a commit comes (`_left_out`).
+        Never raises into the step: keyed by id (an optimizer may define __eq__ and no
+        hash)."""
+        if self.model is None or optimizer is self.optimizer:
             return
-        ours = {id(p) for p in self.model.parameters()}
-        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
-            self.others.add(optimizer)
+        if not inside:
+            ours = {id(p) for p in self.model.parameters()}
+            if not any(id(p) in ours for group in getattr(optimizer, "param_groups", ())
+                       for p in group.get("params", ())):
+                return
+        ref = self.others.get(id(optimizer))
+        if ref is None or ref() is not optimizer:           # new, or an id used again
+            self.others[id(optimizer)] = weakref.ref(optimizer)
+
+    def _left_out(self, kept_state):
+        """Rule 13: an optimizer that stepped and lives, with a state tensor that
+        `kept_state` (the kept optimizer's state_dict(), or None) does not hold; or None."""
+        if not self.others:
+            return None
+        dtensor = _dtensor_class()
+
+        def key(t):
+            return _local(t, dtensor).untyped_storage()._cdata
+        kept = {key(t) for entry in (kept_state or {}).get("state", {}).values()
+                for t in entry.values() if isinstance(t, torch.Tensor)}
+        for ref in list(self.others.values()):
+            other = ref()
+            if other is None or other is self.optimizer:
+                continue
+            if any(isinstance(t, torch.Tensor) and key(t) not in kept
+                   for entry in getattr(other, "state", {}).values()
+                   if isinstance(entry, dict) for t in entry.values()):
+                return other
+        return None
 
     def _other_optimizer(self, other) -> str:
         """What a commit refused by rule 13 says."""
-        kept = ("no optimizer" if self.optimizer is None
-                else f"the {_class_name(self.optimizer)} ooc.resume() or ooc.keep() named")
+        if self.optimizer is None:
+            kept = ("state_dir keeps no optimizer (ooc.resume() named none): a resume would "
+                    "lose its state")
+        else:
+            kept = (f"the state kept there is the {_class_name(self.optimizer)}'s that "
+                    "ooc.resume() or ooc.keep() named, which does not hold it: a resume "
+                    "would lose it")
         same = self.optimizer is not None and type(other) is type(self.optimizer)
-        return (f"{'another ' if same else 'a '}{_class_name(other)} stepped parameters of the "
-                f"model kept there, but state_dir keeps the state of {kept}: a resume would "
-                "give the model another optimizer's state than the one training it. Where the "
-                "loop replaced its optimizer, name the new one between iterations, "
-                "ooc.keep(model, optimizer), and commits go on from the next iteration. "
-                "state_dir keeps one optimizer: a loop that steps two over its model (a "
-                "GAN's) cannot keep both there; one optimizer with a parameter group each, "
-                "or checkpoints of your own (ooc.save()), keep them.")
+        return (f"{'another ' if same else 'a '}{_class_name(other)} stepped, with optimizer "
+                f"state, and {kept}. Where the loop replaced its optimizer (or its model), "
+                "name the new ones between iterations, ooc.keep(model, optimizer), and "
+                "commits go on from the next iteration. state_dir keeps one optimizer's "
+                "state: a loop that steps several with state (a GAN's two, one per "
+                "parameter in backward) cannot keep them all there; one optimizer with a "
+                "parameter group each, or checkpoints of your own (ooc.save()), keep them.")
 
     def _remove_unnamed(self, named: set, sync: bool = True) -> None:
         """Remove the state files of this directory that the manifest does not name."""
@@ -552,10 +596,10 @@ class Durable:
                          "files?), so nothing written to it can be found again.")
         if self.lost is not None:
             raise OutcoreError(self.lost)
-        others = [o for o in self.others if self.optimizer is not None or any(  # rule 13
-            isinstance(v, torch.Tensor) for entry in o.state.values() for v in entry.values())]
-        if others:
-            raise OutcoreError(self._other_optimizer(others[0]))
+        kept_state = self.optimizer.state_dict() if self.optimizer is not None else None
+        left_out = self._left_out(kept_state)                                # rule 13
+        if left_out is not None:
+            raise OutcoreError(self._other_optimizer(left_out))
         committed: dict = {}
         ends: list = []             # where each tensor's bytes end in the file (`broken`)
 
@@ -579,7 +623,7 @@ class Durable:
         model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
         grads = {name: ref(p.grad) for name, p in self.model.named_parameters()     # rule 10
                  if p.grad is not None and p.grad.layout == torch.strided}
-        optimizer = _map_refs(self.optimizer.state_dict(), ref) if self.optimizer is not None else None
+        optimizer = _map_refs(kept_state, ref) if kept_state is not None else None
         try:
             mover.sync()
         except OSError as exc:                                               # rule 6

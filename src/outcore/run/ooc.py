@@ -94,7 +94,7 @@ from .building import Building
 from .checkpoint import atomic_save
 from .compose import (Composition, _distributed_up, fsdp_set_up, held_arrays, owned_arrays,
                       owned_occupancy, without_held)
-from .durable import Durable
+from .durable import Durable, unwrapped
 from .interrupts import Shield, critical, held_here, no_raise
 from .mapped import Pager
 from .movers import host
@@ -336,14 +336,14 @@ def _step_outside(ref):
     unmanaged; helper-153 found it silent (a backward after the block is told:
     `_warn_graph_left`). Optimizers of other parameters are left alone. Inside an
     iteration, with `state_dir`, it tells the Durable which optimizers step the model it
-    keeps (NOTE [Durable state] rule 13)."""
+    keeps (NOTE [Durable state] rule 13), between iterations too."""
     def hook(optimizer, *_):
         ooc = ref()
         if ooc is None or ooc.closed:
             return
+        if ooc._durable is not None:
+            ooc._durable.stepped(optimizer, inside=bool(ooc._active))
         if ooc._active:
-            if ooc._durable is not None:
-                ooc._durable.stepped(optimizer)
             return
         if ooc._warned_step:
             return
@@ -750,6 +750,7 @@ class OutOfCore:
         if self._iterations or self._durable.model is not None:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
+        optimizer = unwrapped(optimizer)            # NOTE [Durable state] rule 13
         _same_on_every_rank(durable)
         if durable.manifest is not None:
             try:
@@ -782,6 +783,13 @@ class OutOfCore:
         if self._active:
             raise OutcoreError("call ooc.keep(model, optimizer) between iterations, not "
                                "inside `with ooc.iteration():`")
+        if not isinstance(model, torch.nn.Module):
+            raise OutcoreError(f"keep(model, optimizer): model must be a torch.nn.Module, got "
+                               f"{type(model).__name__}")
+        if optimizer is not None and not all(hasattr(optimizer, name) for name in (
+                "state_dict", "load_state_dict", "param_groups")):
+            raise OutcoreError(f"keep(model, optimizer): optimizer must be an optimizer (or "
+                               f"None), got {type(optimizer).__name__}")
         durable.keep(model, optimizer)
 
     @contextlib.contextmanager

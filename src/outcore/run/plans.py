@@ -238,7 +238,10 @@ replayed 8 of its 60 iterations (benchmarks/lightning_logging.py, docs/executor.
      back after room is made for it, the plan's writes under way finished first, and
      lingers beside the plan until the budget needs its room (`_ready_off_plan`,
      `_room_for_remake`, `linger`): read back without room, it passed the budget by its
-     size, a head's bias in every other replay (helper-197, helper-198).)
+     size, a head's bias in every other replay (helper-197, helper-198). What a small
+     op off the record makes lingers so too, and room is made before each such op, as
+     the index stays while they run: kept outputs passed the budget by their sum, and
+     AdamW's first step, per parameter, by 2 KiB (helper-209; `Replayer._extra`).)
   3. A step's shape leaves its small functions out (`function_keys`: None), so steps
      that differ only in them share one plan.
   4. Replaying, an op matches the function the step stands at, or the first one after
