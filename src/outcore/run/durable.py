@@ -298,7 +298,10 @@ class Durable:
         dtensor = _dtensor_class()
 
         def key(t):
-            return _local(t, dtensor).untyped_storage()._cdata
+            try:
+                return _local(t, dtensor).untyped_storage()._cdata
+            except (RuntimeError, NotImplementedError):    # no storage (sparse): itself
+                return id(t)
         kept = {key(t) for entry in (kept_state or {}).get("state", {}).values()
                 for t in entry.values() if isinstance(t, torch.Tensor)}
         for ref in list(self.others.values()):
