@@ -34,7 +34,7 @@ from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, broadcast_sh
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, ON_SLOW_TIER, OUT, SLOW
 from ..trace.recorder import OptimizerSteps, op_phase
-from ..units import format_bytes
+from ..units import count, format_bytes
 from .compose import DISTRIBUTED_NAMESPACES, around
 from .headroom import Headroom
 from .interrupts import HeldMode, Shield
@@ -1139,8 +1139,9 @@ class Replayer(HeldMode):
                    "mapping, load_state_dict(assign=True) after torch.load(mmap=True), move "
                    "once outcore.integrations.make_movable(model, ooc) is called between "
                    "iterations)")
-            self._deviate(f"function {self.index}: {len(pinned)} storage(s) of "
-                          f"{format_bytes(nbytes)} that the plan moves cannot move now: "
+            self._deviate(f"function {self.index}: {count(len(pinned), 'storage')} of "
+                          f"{format_bytes(nbytes)} that the plan moves cannot move now (those "
+                          "met so far: the step leaves its plan at the first): "
                           f"{why}; counted as pinned", None, None, None)
 
     def _reap(self) -> None:
