@@ -334,9 +334,9 @@ def _step_outside(ref):
     first time an optimizer steps parameters it manages between its iterations, say so
     (once). That step, and the state it makes, run outside the budget and stay
     unmanaged; helper-153 found it silent (a backward after the block is told:
-    `_warn_graph_left`). Optimizers of other parameters are left alone. Inside an
-    iteration, with `state_dir`, it tells the Durable which optimizers step the model it
-    keeps (NOTE [Durable state] rule 13), between iterations too."""
+    `_warn_graph_left`). Optimizers of other parameters are left alone. With
+    `state_dir` it tells the Durable of every optimizer that steps, inside iterations and
+    between them (NOTE [Durable state] rule 13: `Durable.stepped`)."""
     def hook(optimizer, *_):
         ooc = ref()
         if ooc is None or ooc.closed:
@@ -768,8 +768,8 @@ class OutOfCore:
         """With `state_dir`, after resume(): from the next commit on, keep the state of
         `model` and `optimizer` there instead of those named before: a loop that replaced
         its optimizer (or its model) names the new one, between iterations. Nothing is
-        loaded or written now. Until it is called, a commit after another optimizer
-        stepped the kept model is refused (NOTE [Durable state] rule 13 in durable.py)."""
+        loaded or written now. Until it is called, a commit after another optimizer with
+        state stepped is refused (NOTE [Durable state] rule 13 in durable.py)."""
         durable = self._durable
         if durable is None:
             raise OutcoreError("keep() needs OutOfCore(..., state_dir=...): it names what "
