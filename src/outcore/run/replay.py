@@ -1407,8 +1407,9 @@ class Replayer(HeldMode):
         # one index of a replay whose record had the later steps', and with
         # min_move_bytes=0 what they left passed the budget by 2 KiB (helper-209).
         # What the earlier ones made and still hold may be no stranger yet: the room is
-        # measured on the managed bytes themselves.
-        over = res.resident + SMALL_OP_BYTES - self.schedule.budget
+        # measured on the managed bytes themselves, against the whole budget (pinned
+        # storages are in them), as `_room_for_remake` measures it.
+        over = res.resident + SMALL_OP_BYTES - self.budget
         if over > 0 and self._stranger_bytes:
             self._make_room(0, excess=over, keep=entries)
         for entry in entries:
