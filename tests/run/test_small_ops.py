@@ -718,3 +718,25 @@ def test_small_ops_off_the_record_that_keep_their_outputs_stay_within_the_budget
     assert [it.mode for it in report.iterations][2:] == ["replay"] * 3
     assert max(it.peak_resident for it in report.iterations) <= budget
     assert sums == plain_sums and all(torch.equal(a, b) for a, b in zip(plain, ours))
+
+
+def test_a_small_models_lazy_optimizer_state_is_recorded_twice_where_small_storages_move(
+        tmp_path):
+    """helper-209: with min_move_bytes=0, a small model's AdamW state (its sum under 64
+    KiB) was not taken for lazily made state; the second iteration replayed the first's
+    plan, deviated at the optimizer and ran on demand, and a third was recorded. Where
+    storages that small move, the state's sum counts from min_move_bytes (at least a
+    small op's 1 KiB, so that a framework's 4-byte loss kept in step() is no state)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 48),
+                                torch.nn.ReLU(), torch.nn.Linear(48, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(16, 32)
+    with outcore.OutOfCore("28912B", min_move_bytes=0, swap_dir=tmp_path) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        modes = [it.mode for it in ooc.report().iterations]
+    assert modes == ["record", "record", "replay", "replay"], modes

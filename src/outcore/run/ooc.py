@@ -102,8 +102,8 @@ from .movers.disk import DiskMover
 from .movers.host import HostMover, default_host_budget
 from .recording import SafeRecording
 from . import on_demand, plans, sharing
-from .plans import (Ending, Plan, Plans, envelope, family_of, function_keys, grown_aside,
-                    recorded_ops, shape_of, sizes_after, with_margin)
+from .plans import (SMALL_OP_BYTES, Ending, Plan, Plans, envelope, family_of, function_keys,
+                    grown_aside, recorded_ops, shape_of, sizes_after, with_margin)
 from .replay import ANOTHER_TRACKED, Replayer
 from .report import OVER_BUDGET_WHY, IterationLog, IterationStats, Report
 from .residency import Residency, movable
@@ -1275,9 +1275,13 @@ class OutOfCore:
         # inside optimizer.step() (Lightning's closure) looks like new optimizer state every
         # time. Many small ones are (a small model's momentum buffers, each under
         # MIN_MOVE_BYTES): what counts is their sum. If state below it does change the
-        # next step, that step deviates and is recorded again.
+        # next step, that step deviates and is recorded again. Where min_move_bytes lets
+        # smaller storages move, the sum counts from there (at least a small op's bytes):
+        # a small model's AdamW state, 24 KiB, deviated at the second step and recorded a
+        # third with min_move_bytes=0 (helper-209).
         lazy_state = sum(a.nbytes for a in trace.arrays if a.category == "optimizer_state"
-                         and not a.existed_before) >= MIN_MOVE_BYTES
+                         and not a.existed_before) >= min(
+            MIN_MOVE_BYTES, max(self._res.min_move_bytes, SMALL_OP_BYTES))
         # DDP rebuilds its buckets once, in some iteration after the first (compose.py,
         # ddp_buckets_unbuilt): one recorded before or during it is not the steady step.
         # Only a module the step ran forward with grad does so: one alive that never
