@@ -740,3 +740,35 @@ def test_a_small_models_lazy_optimizer_state_is_recorded_twice_where_small_stora
                 opt.zero_grad()
         modes = [it.mode for it in ooc.report().iterations]
     assert modes == ["record", "record", "replay", "replay"], modes
+
+
+def test_a_passive_replay_runs_small_ops_off_the_record_as_they_are(tmp_path):
+    """helper-211: at a budget the plan moves nothing under (a passive replay, which
+    makes nothing ready), small ops off the record with min_move_bytes=0 (gradients
+    scaled by hand from the third step) had their outputs written out to make room, and
+    the optimizer's next op read an empty storage: a segmentation fault."""
+    def run(ooc, n=5):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for i in range(n):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+            with ooc.iteration() if ooc is not None else contextlib.nullcontext():
+                model(x).square().mean().backward()
+                if i >= 2:
+                    for p in model.parameters():
+                        p.grad = p.grad.mul(0.5)
+                opt.step()
+                opt.zero_grad()
+        return list(model.parameters())
+    plain = run(None)
+    with outcore.OutOfCore("1MiB", min_move_bytes=0, swap_dir=tmp_path) as ooc:
+        run(ooc, 2)
+        peak = max(it.peak_resident for it in ooc.report().iterations)
+    with outcore.OutOfCore(f"{peak}B", min_move_bytes=0, swap_dir=tmp_path) as ooc:
+        ours = run(ooc)
+        modes = [it.mode for it in ooc.report().iterations]
+    assert modes[2:] == ["replay"] * 3, modes
+    assert all(torch.equal(a, b) for a, b in zip(plain, ours))

@@ -1151,12 +1151,79 @@ class _Lookahead(torch.optim.Optimizer):
         self._base_optimizer.load_state_dict(state)
 
 
+class _Nested(torch.optim.Optimizer):
+    """A wrapper whose state_dict() nests the wrapped one's whole (helper-211: the first
+    form of rule 13 looked only under "state" and refused it)."""
+
+    def __init__(self, base):
+        super().__init__(base.param_groups, {})
+        self.base = base
+
+    def step(self, closure=None):
+        self.base.step()
+
+    def state_dict(self):
+        return {"inner": self.base.state_dict(), "n": 1}
+
+    def load_state_dict(self, state):
+        self.base.load_state_dict(state["inner"])
+
+
+class _WithMore(torch.optim.Optimizer):
+    """A wrapper that shares the wrapped one's `state` and whose state_dict() holds more
+    (PostLocalSGDOptimizer's holds its averager's step; helper-211: seen through, that
+    was lost at a resume)."""
+
+    def __init__(self, inner):       # no Optimizer.__init__, as torch's wrapper
+        self.optim, self.steps, self.defaults = inner, 0, inner.defaults
+
+    @property
+    def state(self):
+        return self.optim.state
+
+    @property
+    def param_groups(self):
+        return self.optim.param_groups
+
+    def step(self, closure=None):
+        self.optim.step()
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        self.optim.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {**self.optim.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        self.steps = state.pop("steps")
+        self.optim.load_state_dict(state)
+
+
+def test_a_wrapper_whose_state_dict_holds_more_is_kept_whole(tmp_path):
+    model, opt = _mlp_and_adamw()
+    wrapper = _WithMore(opt)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, wrapper)
+        for i in range(3):
+            with ooc.iteration():
+                _mlp_step(model, [wrapper], i)
+    fresh, fresh_opt = _mlp_and_adamw()
+    resumed = _WithMore(fresh_opt)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, resumed) == 3
+    assert resumed.steps == 3
+    assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"],
+                       opt.state[model[0].weight]["exp_avg"])
+
+
 class _Unhashable(torch.optim.SGD):
     def __eq__(self, other):            # defines no __hash__: instances are unhashable
         return self is other
 
 
-@pytest.mark.parametrize("case", ["wrapper", "lookahead", "none-and-plain-sgd",
+@pytest.mark.parametrize("case", ["wrapper", "lookahead", "nested", "none-and-plain-sgd",
                                   "none-and-momentum", "two", "two-one-stateless",
                                   "new-model", "unhashable-between"])
 def test_which_other_optimizers_stop_the_commits(tmp_path, case):
@@ -1172,6 +1239,7 @@ def test_which_other_optimizers_stop_the_commits(tmp_path, case):
     named, opts, refused = {
         "wrapper": (_Wrapped(opt), [opt], None),
         "lookahead": (_Lookahead(opt), [opt], None),
+        "nested": (_Nested(opt), [opt], None),
         "none-and-plain-sgd": (None, [torch.optim.SGD(model.parameters(), lr=0.1)], None),
         "none-and-momentum": (None, [torch.optim.SGD(model.parameters(), lr=0.1,
                                                      momentum=0.9)], "no optimizer"),

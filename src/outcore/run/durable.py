@@ -104,9 +104,10 @@ NOTE [Durable state]
      `state` (accelerate's) or whose state_dict() holds its tensors (a Lookahead's) is
      kept whole, one whose state_dict() leaves them out (SAM's base optimizer) is not,
      and a second optimizer without state (plain SGD on another part) loses nothing.
-     resume() and keep() name the optimizer inside a wrapper that forwards to it
-     (`unwrapped`: Lightning's LightningOptimizer shares its `state`, but the state
-     resume() loaded into the wrapper never reached the optimizer that steps). One
+     resume() and keep() name the optimizer inside a wrapper that shares its `state` and
+     loads with its class's load_state_dict() (`unwrapped`: Lightning's
+     LightningOptimizer; the state resume() loaded into the wrapper never reached the
+     optimizer that steps). One
      optimizer is kept: a loop that steps two with state (a GAN's; one per parameter,
      stepped in backward) is refused the same way, as the others' state would be lost.
  14. Resume restores each optimizer state tensor with the dtype it was kept with:
@@ -153,17 +154,22 @@ def _ranks() -> int:
 
 
 def unwrapped(optimizer):
-    """Rule 13: the optimizer inside a wrapper that forwards to it (its `state` is the
-    wrapped one's, or it is no torch optimizer itself), which is what steps and what
-    load_state_dict() must reach: Lightning's LightningOptimizer subclasses the wrapped
-    class and shares its `state`, but its inherited load_state_dict() set a state of
-    its own, and the optimizer that steps started afresh (helper-210). A wrapper with a
-    state of its own (a Lookahead's, ZeroRedundancyOptimizer) as it is."""
+    """Rule 13: the optimizer inside a wrapper that shares its `state` and loads with the
+    wrapped class's own load_state_dict(), which then sets a state of the wrapper's own:
+    Lightning's LightningOptimizer subclasses the wrapped class, and the state resume()
+    loaded into it never reached the optimizer that steps, which started afresh
+    (helper-210). A wrapper with a load_state_dict() of its own (accelerate's, which
+    delegates; PostLocalSGDOptimizer, whose state_dict() holds its averager's step too;
+    a master-weights wrapper) or a state of its own (a Lookahead's) as it is: its
+    state_dict() is what is kept (helper-211)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
     for name in ("_optimizer", "optimizer", "optim"):
         inner = getattr(optimizer, name, None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer and (
-                getattr(optimizer, "state", None) is inner.state
-                or not isinstance(optimizer, torch.optim.Optimizer)):
+        if (isinstance(inner, torch.optim.Optimizer) and inner is not optimizer
+                and getattr(optimizer, "state", None) is inner.state
+                and type(optimizer).load_state_dict is type(inner).load_state_dict
+                and type(optimizer).state_dict is type(inner).state_dict):
             return inner
     return optimizer
 
@@ -302,8 +308,8 @@ class Durable:
                 return _local(t, dtensor).untyped_storage()._cdata
             except (RuntimeError, NotImplementedError):    # no storage (sparse): itself
                 return id(t)
-        kept = {key(t) for entry in (kept_state or {}).get("state", {}).values()
-                for t in entry.values() if isinstance(t, torch.Tensor)}
+        kept: set = set()           # every tensor of it, wherever it nests them (helper-211:
+        _map_refs(kept_state or {}, lambda t: kept.add(key(t)))   # a Lookahead's fast_state)
         for ref in list(self.others.values()):
             other = ref()
             if other is None or other is self.optimizer:
@@ -448,12 +454,13 @@ class Durable:
         self.last = state
         self.iterations = self.done = state["iterations"]
 
-    def load_into(self, model, optimizer) -> None:
-        """Copy the manifest's state into `model` and `optimizer` (rule 4)."""
+    def load_into(self, model, optimizer, named=None) -> None:
+        """Copy the manifest's state into `model` and `optimizer` (rule 4); `named`: the
+        wrapper resume() was given, where `optimizer` is what it wraps (rule 13)."""
         file = self.manifest["file"]
         saved = self.manifest["model"]
         ours = model.state_dict(keep_vars=True)
-        self._check_optimizer(optimizer)        # before anything is copied
+        self._check_optimizer(optimizer, named)         # before anything is copied
         if saved.keys() != ours.keys():
             missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
             raise OutcoreError(f"the state in {self.directory} does not match this model: it lacks "
@@ -541,11 +548,12 @@ class Durable:
         return dtensor.from_local(value, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 
-    def _check_optimizer(self, optimizer) -> None:
+    def _check_optimizer(self, optimizer, named=None) -> None:
         """The optimizer passed to resume() is the kind the state was kept with: none for
         none, and one whose hyper-parameters (`optimizer.defaults`) every kept parameter
         group has. Resumed without its optimizer, the state would lose the optimizer's
-        at the next commit; into another kind, torch would fail later, in step()."""
+        at the next commit; into another kind, torch would fail later, in step(). The
+        class kept may be the wrapper's (`named`: kept before rule 13 saw through it)."""
         kept = self.manifest["optimizer"]
         if optimizer is None:
             if kept is not None:
@@ -558,7 +566,8 @@ class Durable:
             raise OutcoreError(f"the state in {self.directory} was kept without an optimizer; "
                                "resume(model) without one, or pass another state_dir")
         saved_class = self.manifest.get("optimizer_class")
-        if saved_class is not None and saved_class != _class_name(optimizer):
+        if saved_class is not None and saved_class not in (_class_name(optimizer),
+                                                           _class_name(named or optimizer)):
             raise OutcoreError(
                 f"the state in {self.directory} was kept by a {saved_class}, and resume() got "
                 f"a {_class_name(optimizer)}: its state would not be what this one's step "

@@ -750,12 +750,12 @@ class OutOfCore:
         if self._iterations or self._durable.model is not None:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
-        optimizer = unwrapped(optimizer)            # NOTE [Durable state] rule 13
+        named, optimizer = optimizer, unwrapped(optimizer)   # NOTE [Durable state] rule 13
         _same_on_every_rank(durable)
         if durable.manifest is not None:
             try:
                 with self.building():
-                    durable.load_into(model, optimizer)
+                    durable.load_into(model, optimizer, named)
             except BaseException as exc:
                 note = durable.failed_note(exc)
                 if note is not None:

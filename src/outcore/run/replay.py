@@ -1409,8 +1409,10 @@ class Replayer(HeldMode):
         # What the earlier ones made and still hold may be no stranger yet: the room is
         # measured on the managed bytes themselves, against the whole budget (pinned
         # storages are in them), as `_room_for_remake` measures it.
+        # Not in a passive replay: it makes nothing ready, and an op that read what was
+        # written out here read an empty storage (helper-211: a segmentation fault).
         over = res.resident + SMALL_OP_BYTES - self.budget
-        if over > 0 and self._stranger_bytes:
+        if over > 0 and self._stranger_bytes and not self.passive:
             self._make_room(0, excess=over, keep=entries)
         for entry in entries:
             self._ready_off_plan(entry)         # a small activation may be discarded
@@ -1424,8 +1426,9 @@ class Replayer(HeldMode):
             for storage in new:
                 res.track(storage)              # rule 6: counted (pinned) from here
                 entry = res.entry_of(storage)
-                if entry is not None and not entry.pinned:  # min_move_bytes below its size:
-                    self.linger(entry)          # beside the plan, written out where needed
+                if entry is not None and not entry.pinned and not self.passive:
+                    self.linger(entry)          # movable: beside the plan, written out where
+                                                # the budget needs its room
         else:
             name = self._name(func)
             self._deviate(f"function {self.index}: the step ran {name}, which the record does "
