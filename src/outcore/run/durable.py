@@ -262,6 +262,7 @@ class Durable:
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = self.optimizer = None
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
+        self._ours = None               # ... the ids of the kept model's parameters, till a commit
         self.copied = False             # resume() has copied some kept state into the model
         self.iterations = self.manifest["iterations"] if self.manifest else 0   # durable
         self.done = self.iterations     # completed, durable or not (a commit may fail)
@@ -277,6 +278,7 @@ class Durable:
         wrapper that is no optimizer is seen through: `unwrapped`)."""
         self.model, self.optimizer = model, unwrapped(optimizer)
         self.others = {}
+        self._ours = None
 
     def stepped(self, optimizer, inside: bool) -> None:
         """Rule 13: `optimizer` stepped, `inside` an iteration or between two; note it
@@ -287,8 +289,10 @@ class Durable:
         hash)."""
         if self.model is None or optimizer is self.optimizer:
             return
-        if not inside:
-            ours = {id(p) for p in self.model.parameters()}
+        if not inside:             # the model's parameters, once per commit at most
+            if self._ours is None:
+                self._ours = {id(p) for p in self.model.parameters()}
+            ours = self._ours
             if not any(id(p) in ours for group in getattr(optimizer, "param_groups", ())
                        for p in group.get("params", ())):
                 return
@@ -608,6 +612,7 @@ class Durable:
                          "files?), so nothing written to it can be found again.")
         if self.lost is not None:
             raise OutcoreError(self.lost)
+        self._ours = None
         kept_state = self.optimizer.state_dict() if self.optimizer is not None else None
         left_out = self._left_out(kept_state)                                # rule 13
         if left_out is not None:
