@@ -509,8 +509,9 @@ def test_an_op_whose_meta_kernel_under_reports_gets_its_room_the_next_time(tmp_p
     assert len(over) == 1 and "LSTM" in over[0].getMessage()
     # The op is named, in the warning and in the report's row (helper-161: both listed
     # every cause there can be).
-    said = "over the budget: ops made more than their meta kernels said and than outcore " \
-           "had learned (aten.mkldnn_rnn_layer.default "
+    said = "over the budget: ops made more than their meta kernels said (or, without one, " \
+           "than their largest input) and than outcore had learned " \
+           "(aten.mkldnn_rnn_layer.default "
     assert said in over[0].getMessage() and str(report).count(said) == 1
     assert report.iterations[0].over_why.endswith("get that room")
     assert type(report).from_dict(report.to_dict()).iterations[0].over_why == (
@@ -1642,3 +1643,30 @@ def test_a_sharded_parameter_is_named_with_its_shard():
     assert _shape_here(torch.zeros(512, 512)) == "(512, 512)"
     sharded = SimpleNamespace(shape=torch.Size([512, 512]), _local_tensor=torch.zeros(256, 512))
     assert _shape_here(sharded) == "(512, 512), this rank's shard (256, 512)"
+
+
+def test_an_op_without_a_meta_kernel_that_made_more_than_its_room_is_named():
+    """helper-212: wav2vec2's CTC loss (`aten._ctc_loss.Tensor`, the overload with tensor
+    lengths, has no meta kernel) made 38 KiB beside a largest input of 31 KiB, and its
+    recording passed the budget by 16 KiB with no op named: the warning listed causes
+    that did not apply. Its bytes now come from the overload with list lengths; an op
+    whose size no meta kernel tells that made more than its room is noted as one whose
+    meta kernel under-reports is, once per signature."""
+    from outcore.run import on_demand
+    log_probs = torch.randn(49, 4, 41).log_softmax(2)
+    targets = torch.randint(1, 41, (4, 24))        # log_alpha: (4, 49, 2 * 24 + 1)
+    lengths = torch.full((4,), 49, dtype=torch.long), torch.full((4,), 24, dtype=torch.long)
+    ctc = torch.ops.aten._ctc_loss.Tensor
+    made = sum(t.untyped_storage().nbytes() for t in ctc(log_probs, targets, *lengths))
+    assert made > log_probs.untyped_storage().nbytes()
+    assert on_demand.created_bytes(ctc, (log_probs, targets, *lengths), {}) == made
+
+    x = torch.ones(1024)        # nonzero: its size is the data's, no meta kernel tells
+    func = torch.ops.aten.nonzero.default
+    assert on_demand.created_bytes(func, (x,), {}) is None
+    assert torch.nonzero(x).untyped_storage().nbytes() == 8192
+    before = on_demand.under_reported_since(0)[0]
+    on_demand.learn_created(func, (x,), {}, 8192, 4096)
+    assert on_demand.under_reported_since(before)[1] == [(str(func), 4096)]
+    on_demand.learn_created(func, (x,), {}, 8192, 4096)   # learned: its room is known now
+    assert on_demand.under_reported_since(before)[1] == [(str(func), 4096)]

@@ -105,7 +105,7 @@ from . import on_demand, plans, sharing
 from .plans import (SMALL_OP_BYTES, Ending, Plan, Plans, envelope, family_of, function_keys,
                     grown_aside, recorded_ops, shape_of, sizes_after, with_margin)
 from .replay import ANOTHER_TRACKED, Replayer
-from .report import OVER_BUDGET_WHY, IterationLog, IterationStats, Report
+from .report import OVER_BUDGET_WHY_WARNED, IterationLog, IterationStats, Report
 from .residency import Residency, movable
 
 log = logging.getLogger("outcore")
@@ -2318,9 +2318,10 @@ class _Iteration:
         for op, beyond in calls:
             most[op] = max(most.get(op, 0), beyond)
         ops = ", ".join(f"{op} {format_bytes(beyond)}" for op, beyond in most.items())
-        return (f"ops made more than their meta kernels said and than outcore had learned "
-                f"({ops} beyond; an LSTM's workspace does so); their later calls, of this "
-                "size or others, get that room")
+        return (f"ops made more than their meta kernels said (or, without one, than their "
+                f"largest input) and than outcore had learned ({ops} beyond; an LSTM's "
+                "workspace does so); their later calls, of this size or others, get that "
+                "room")
 
     def _account(self, stepped, faulted, trimmed, peak, passive, deviation, completed) -> None:
         ooc, before = self.ooc, self.before
@@ -2352,7 +2353,7 @@ class _Iteration:
                         "budget: %s (once per OutOfCore; ooc.report() marks each such "
                         "iteration)", last.index, last.mode, format_bytes(last.peak_resident),
                         format_bytes(last.peak_resident - ooc.budget),
-                        last.over_why or OVER_BUDGET_WHY)
+                        last.over_why or OVER_BUDGET_WHY_WARNED)
         if bound and last.rss_above_start > bound and not ooc._warned_rss:
             ooc._warned_rss = True
             log.warning("iteration %d: the process grew %s above its size when the first "
