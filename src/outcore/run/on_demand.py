@@ -583,12 +583,19 @@ def _ctc_loss_bytes(func, args, kwargs) -> int | None:
     `F.ctc_loss` calls it with tensor lengths: transformers' CTC heads) has no meta
     kernel, and its log_alpha is larger than its largest input where the targets are
     long (helper-212: wav2vec2's recording 16 KiB over the budget). The overload with
-    lengths as lists has one: asked with the lengths' values (small CPU tensors)."""
+    lengths as lists has one: asked with the lengths' values (small CPU tensors), where
+    they are in memory (this is asked before the op's inputs are made ready: one on the
+    slow tier, min_move_bytes=0, has no bytes to read)."""
     if func is not _CTC_LOSS_TENSOR or len(args) < 4:
         return None
+    lengths = args[2:4]
+    if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+               and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel())
+               * t.element_size() for t in lengths):
+        return None
     try:
-        lengths = [t.tolist() if isinstance(t, torch.Tensor) else t for t in args[2:4]]
         with _disable_current_modes():
+            lengths = [t.tolist() for t in lengths]
             margs, mkwargs = tree_map(_meta_or_none, (args[:2] + args[4:], kwargs))
             out = torch.ops.aten._ctc_loss.default(*margs[:2], *lengths, *margs[2:],
                                                    **mkwargs)
