@@ -328,6 +328,12 @@ _SCALED: dict = {}
 UNDER_REPORTED: collections.deque = collections.deque(maxlen=8)
 
 
+def _under_reported(op: str, beyond: int) -> None:
+    """Note a call that made `beyond` bytes more than the room it was given."""
+    serial = UNDER_REPORTED[-1][0] + 1 if UNDER_REPORTED else 1
+    UNDER_REPORTED.append((serial, op, beyond))
+
+
 def under_reported_since(serial: int) -> tuple[int, list]:
     """(the last serial number, the calls of `UNDER_REPORTED` after `serial`)."""
     last = UNDER_REPORTED[-1][0] if UNDER_REPORTED else 0
@@ -421,14 +427,12 @@ def learn_created(func, args, kwargs, made: int, room: int | None = None) -> Non
         return
     said = _CREATED.get(key)
     if said is None and room is not None and made > room and key not in _LEARNED:
-        serial = UNDER_REPORTED[-1][0] + 1 if UNDER_REPORTED else 1
-        UNDER_REPORTED.append((serial, str(func), made - room))
+        _under_reported(str(func), made - room)
     if said is not None and made > said:
         got = max(said, _LEARNED[key] if key in _LEARNED       # the room created_bytes gave
                   else _scaled(func, args, kwargs, said) or 0)
         if made > got:
-            serial = UNDER_REPORTED[-1][0] + 1 if UNDER_REPORTED else 1
-            UNDER_REPORTED.append((serial, str(func), made - got))
+            _under_reported(str(func), made - got)
         _learn_scaled(func, args, kwargs, made - said)
     if made > max(said or 0, _LEARNED.get(key, 0)):
         if len(_LEARNED) >= _CREATED_MAX and key not in _LEARNED:

@@ -761,7 +761,7 @@ class OutOfCore:
                 if note is not None:
                     exc.add_note(note)
                 raise
-        durable.model, durable.optimizer = model, optimizer
+        durable.keep(model, optimizer)
         return durable.iterations
 
     def keep(self, model, optimizer=None) -> None:

@@ -516,16 +516,16 @@ class Report:
 
 # Why an iteration's managed peak can pass the budget without an error (the warning and
 # the report's line say the same).
-OVER_BUDGET_WHY_WARNED = (
-    "an op outcore met for the first time made more than its meta kernel said, or than "
-    "its largest input where it has none (an LSTM's workspace: later iterations leave "
-    "room for it), or tensors that cannot move (numpy arrays kept, shared memory, "
-    "from_numpy) held more than the plan had room for")
+_UNANNOUNCED = ("an op outcore met for the first time made more than its meta kernel "
+                "said, or than its largest input where it has none (an LSTM's workspace: "
+                "later iterations leave room for it)")
+_UNMOVABLE = ("tensors that cannot move (numpy arrays kept, shared memory, from_numpy) "
+              "held more than the plan had room for")
+OVER_BUDGET_WHY_WARNED = f"{_UNANNOUNCED}, or {_UNMOVABLE}"
 # The report's row: where InfeasibleBudget was raised in the iteration, that too (the
 # warning is given only where it was not: helper-212 read a cause ruled out there).
-OVER_BUDGET_WHY = (OVER_BUDGET_WHY_WARNED.replace(", or tensors", ", tensors")
-                   + ", or one op needed more than the budget at once (InfeasibleBudget "
-                   "was raised in that iteration)")
+OVER_BUDGET_WHY = (f"{_UNANNOUNCED}, {_UNMOVABLE}, or one op needed more than the budget at "
+                   "once (InfeasibleBudget was raised in that iteration)")
 
 
 def _known(cls, data: dict) -> dict:
