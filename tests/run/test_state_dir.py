@@ -1309,3 +1309,83 @@ def test_resume_keeps_the_dtype_the_optimizer_state_was_kept_with(tmp_path):
         assert ooc.resume(fresh, fresh_opt) == 2
         kept = fresh_opt.state[fresh.weight]["momentum_buffer"]
         assert kept.dtype == torch.float32 and torch.equal(kept, momentum)
+
+
+def _muon_and_adamw(model):
+    """Muon for the matrices, AdamW for the rest: the usual pair (torch's Muon takes 2-D
+    parameters only), as two optimizers with state."""
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    rest = [p for p in model.parameters() if p.ndim != 2]
+    return [torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest, lr=1e-3)]
+
+
+def test_several_optimizers_named_in_a_list_resume_bitwise(tmp_path):
+    """Rule 13: a loop that steps two optimizers with state (Muon and AdamW) was refused,
+    with advice (one optimizer with a parameter group each) that cannot apply to two
+    classes. Named in a list, both are kept, a resume in the same order is the live run
+    bitwise as it goes on, and another count or order is refused before anything is
+    copied."""
+    model, _ = _mlp_and_adamw()
+    opts = _muon_and_adamw(model)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(model, opts) == 0
+        for i in range(3):
+            with ooc.iteration():
+                _mlp_step(model, opts, i)
+    fresh, _ = _mlp_and_adamw()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh_opts = _muon_and_adamw(fresh)
+    for named, match in ((fresh_opts[::-1], r"kept by a torch.optim.Muon \(optimizer 1 "
+                          r"of 2\), and resume.. got a torch.optim.adamw.AdamW"),
+                         (fresh_opts[0], r"kept with 2 optimizers \(torch.optim.Muon, "
+                          r"torch.optim.adamw.AdamW\), and resume.. got 1"),
+                         (None, "kept with an optimizer, and resume.. got none"),
+                         ([fresh_opts[0], fresh_opts[0]], "named twice")):
+        with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+            with pytest.raises(OutcoreError, match=match):
+                ooc.resume(fresh, named)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, tuple(fresh_opts)) == 3
+        for i in (3, 4):
+            with ooc.iteration():
+                _mlp_step(fresh, fresh_opts, i)
+    for i in (3, 4):
+        _mlp_step(model, opts, i)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    for opt, fresh_opt in zip(opts, fresh_opts):
+        for p, q in zip([p for g in opt.param_groups for p in g["params"]],
+                        [q for g in fresh_opt.param_groups for q in g["params"]]):
+            assert opt.state[p].keys() == fresh_opt.state[q].keys()
+            assert all(torch.equal(torch.as_tensor(opt.state[p][k]),
+                                   torch.as_tensor(fresh_opt.state[q][k])) for k in opt.state[p])
+
+
+def test_keep_names_several_optimizers_and_refuses_what_is_no_optimizer(tmp_path):
+    """ooc.keep() takes several as resume() does; a loop that adds a second optimizer
+    with state is refused until both are named, then commits, and a resume with both
+    gets the second's state."""
+    model, _ = _mlp_and_adamw()
+    adamw = torch.optim.AdamW(model[0].parameters())
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, adamw)
+        head = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+        with pytest.raises(OutcoreError, match=r"a torch.optim.sgd.SGD stepped.*name them "
+                           r"all in a list: ooc.resume\(model, \[opt_a, opt_b\]\)"):
+            with ooc.iteration():
+                _mlp_step(model, [adamw, head], 0)
+        for bad, match in (([adamw, "sgd"], "got str in the list"),
+                           ((adamw, head, adamw), "named twice"),
+                           (adamw.state_dict(), "got dict")):
+            with pytest.raises(OutcoreError, match=match):
+                ooc.keep(model, bad)
+        ooc.keep(model, [adamw, head])
+        with ooc.iteration():
+            _mlp_step(model, [adamw, head], 1)
+    fresh, _ = _mlp_and_adamw()
+    fresh_adamw = torch.optim.AdamW(fresh[0].parameters())
+    fresh_head = torch.optim.SGD(fresh[2].parameters(), lr=0.1, momentum=0.9)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, [fresh_adamw, fresh_head]) == 2
+    assert torch.equal(fresh_head.state[fresh[2].weight]["momentum_buffer"],
+                       head.state[model[2].weight]["momentum_buffer"])

@@ -107,9 +107,12 @@ NOTE [Durable state]
      resume() and keep() name the optimizer inside a wrapper that shares its `state` and
      loads with its class's load_state_dict() (`unwrapped`: Lightning's
      LightningOptimizer; the state resume() loaded into the wrapper never reached the
-     optimizer that steps). One
-     optimizer is kept: a loop that steps two with state (a GAN's; one per parameter,
-     stepped in backward) is refused the same way, as the others' state would be lost.
+     optimizer that steps). A loop that steps several optimizers with state (Muon for
+     the matrices and AdamW for the rest, a GAN's two, one per parameter stepped in
+     backward) names them all, in a list: `ooc.resume(model, [muon, adamw])`; the
+     manifest keeps their state_dicts in that order (one optimizer's as it is, for the
+     directories kept before), and resume() refuses another count or order of classes
+     before anything is copied. One that is not named is refused as above.
  14. Resume restores each optimizer state tensor with the dtype it was kept with:
      torch's `Optimizer.load_state_dict` casts floating state to its parameter's dtype,
      so the float32 momentum of a model converted to bfloat16 came back bfloat16, and
@@ -260,7 +263,8 @@ class Durable:
         self.last = _state_of(self.manifest) if self.manifest else None
         self.last_extents: dict = {}
         self.path = os.path.join(self.directory, _swap_name(self.generation))
-        self.model = self.optimizer = None
+        self.model = None
+        self.optimizers: tuple = ()     # those kept, as named (each `unwrapped`; rule 13)
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
         self._ours = None               # ... the ids of the kept model's parameters, till a commit
         self.copied = False             # resume() has copied some kept state into the model
@@ -273,10 +277,10 @@ class Durable:
         self.file_gone = False                  # rule 12: the state file was removed
         self.last_end = 0               # where the committed state's bytes end in its file
 
-    def keep(self, model, optimizer) -> None:
-        """Rule 13: keep `model` and `optimizer` from the next commit on (`ooc.keep`; a
-        wrapper that is no optimizer is seen through: `unwrapped`)."""
-        self.model, self.optimizer = model, unwrapped(optimizer)
+    def keep(self, model, optimizers) -> None:
+        """Rule 13: keep `model` and the sequence `optimizers` from the next commit on
+        (`ooc.keep`; a wrapper that is no optimizer is seen through: `unwrapped`)."""
+        self.model, self.optimizers = model, tuple(unwrapped(o) for o in optimizers)
         self.others = {}
         self._ours = None
 
@@ -287,7 +291,7 @@ class Durable:
         own). Whether its state is kept is looked at when a commit comes (`_left_out`).
         Never raises into the step: keyed by id (an optimizer may define __eq__ and no
         hash)."""
-        if self.model is None or optimizer is self.optimizer:
+        if self.model is None or any(optimizer is kept for kept in self.optimizers):
             return
         if not inside:             # the model's parameters, once per commit at most
             if self._ours is None:
@@ -300,9 +304,9 @@ class Durable:
         if ref is None or ref() is not optimizer:           # new, or an id used again
             self.others[id(optimizer)] = weakref.ref(optimizer)
 
-    def _left_out(self, kept_state):
+    def _left_out(self, kept_states):
         """Rule 13: an optimizer that stepped and lives, with a state tensor that
-        `kept_state` (the kept optimizer's state_dict(), or None) does not hold; or None."""
+        `kept_states` (the kept optimizers' state_dict()s) do not hold; or None."""
         if not self.others:
             return None
         dtensor = _dtensor_class()
@@ -313,10 +317,10 @@ class Durable:
             except (RuntimeError, NotImplementedError):    # no storage (sparse): itself
                 return id(t)
         kept: set = set()           # every tensor of it, wherever it nests them (helper-211:
-        _map_refs(kept_state or {}, lambda t: kept.add(key(t)))   # a Lookahead's fast_state)
+        _map_refs(kept_states, lambda t: kept.add(key(t)))   # a Lookahead's fast_state)
         for ref in list(self.others.values()):
             other = ref()
-            if other is None or other is self.optimizer:
+            if other is None or any(other is ours for ours in self.optimizers):
                 continue
             if any(isinstance(t, torch.Tensor) and key(t) not in kept
                    for entry in getattr(other, "state", {}).values()
@@ -326,21 +330,20 @@ class Durable:
 
     def _other_optimizer(self, other) -> str:
         """What a commit refused by rule 13 says."""
-        if self.optimizer is None:
+        if not self.optimizers:
             kept = ("state_dir keeps no optimizer (ooc.resume() named none): a resume would "
                     "lose its state")
         else:
-            kept = (f"the state kept there is the {_class_name(self.optimizer)}'s that "
-                    "ooc.resume() or ooc.keep() named, which does not hold it: a resume "
-                    "would lose it")
-        same = self.optimizer is not None and type(other) is type(self.optimizer)
+            names = " and ".join(dict.fromkeys(_class_name(o) for o in self.optimizers))
+            kept = (f"the state kept there is that of the {names} that ooc.resume() or "
+                    "ooc.keep() named, which does not hold it: a resume would lose it")
+        same = any(type(other) is type(o) for o in self.optimizers)
         return (f"{'another ' if same else 'a '}{_class_name(other)} stepped, with optimizer "
                 f"state, and {kept}. Where the loop replaced its optimizer (or its model), "
                 "name the new ones between iterations, ooc.keep(model, optimizer), and "
-                "commits go on from the next iteration. state_dir keeps one optimizer's "
-                "state: a loop that steps several with state (a GAN's two, one per "
-                "parameter in backward) cannot keep them all there; one optimizer with a "
-                "parameter group each, or checkpoints of your own (ooc.save()), keep them.")
+                "commits go on from the next iteration; where it steps several with state "
+                "(Muon and AdamW, a GAN's two), name them all in a list: "
+                "ooc.resume(model, [opt_a, opt_b]) or ooc.keep(model, [opt_a, opt_b]).")
 
     def _remove_unnamed(self, named: set, sync: bool = True) -> None:
         """Remove the state files of this directory that the manifest does not name."""
@@ -458,13 +461,14 @@ class Durable:
         self.last = state
         self.iterations = self.done = state["iterations"]
 
-    def load_into(self, model, optimizer, named=None) -> None:
-        """Copy the manifest's state into `model` and `optimizer` (rule 4); `named`: the
-        wrapper resume() was given, where `optimizer` is what it wraps (rule 13)."""
+    def load_into(self, model, optimizers, named) -> None:
+        """Copy the manifest's state into `model` and the sequence `optimizers` (rule 4);
+        `named`: what resume() was given for each, the wrapper where the optimizer is what
+        it wraps (rule 13)."""
         file = self.manifest["file"]
         saved = self.manifest["model"]
         ours = model.state_dict(keep_vars=True)
-        self._check_optimizer(optimizer, named)         # before anything is copied
+        kept = self._check_optimizers(optimizers, named)     # before anything is copied
         if saved.keys() != ours.keys():
             missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
             raise OutcoreError(f"the state in {self.directory} does not match this model: it lacks "
@@ -491,23 +495,27 @@ class Durable:
             for name, param in named.items():                                # rule 10
                 param.grad = (self._state_value(grads[name], file, param, name)
                               if name in grads else None)
-        if optimizer is not None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            kept = self.manifest["optimizer"]
-            loaded = {key: _map_refs(value, lambda ref: self.read(ref, file))
-                      for key, value in kept.items() if key != "state"}
-            loaded["state"] = {index: _map_refs(entry, lambda ref, i=index: self._state_value(
-                ref, file, params[i] if isinstance(i, int) and 0 <= i < len(params) else None,
-                i)) for index, entry in kept.get("state", {}).items()}
-            optimizer.load_state_dict(loaded)
-            for index, entry in loaded["state"].items():                     # rule 14
-                if isinstance(index, int) and 0 <= index < len(params):
-                    now = optimizer.state[params[index]]
-                    for key, value in entry.items():
-                        if isinstance(value, torch.Tensor) and isinstance(
-                                now.get(key), torch.Tensor) and now[key].dtype != value.dtype:
-                            now[key] = value
+        for optimizer, state in zip(optimizers, kept):
+            self._load_optimizer(optimizer, state, file)
         torch.set_rng_state(self.manifest["rng"])
+
+    def _load_optimizer(self, optimizer, kept: dict, file: str) -> None:
+        """Load the state_dict `kept` (its tensors as refs into `file`) into `optimizer`,
+        each state tensor in the dtype it was kept with (rule 14)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        loaded = {key: _map_refs(value, lambda ref: self.read(ref, file))
+                  for key, value in kept.items() if key != "state"}
+        loaded["state"] = {index: _map_refs(entry, lambda ref, i=index: self._state_value(
+            ref, file, params[i] if isinstance(i, int) and 0 <= i < len(params) else None,
+            i)) for index, entry in kept.get("state", {}).items()}
+        optimizer.load_state_dict(loaded)
+        for index, entry in loaded["state"].items():                         # rule 14
+            if isinstance(index, int) and 0 <= index < len(params):
+                now = optimizer.state[params[index]]
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and isinstance(
+                            now.get(key), torch.Tensor) and now[key].dtype != value.dtype:
+                        now[key] = value
 
     def _check_shape(self, name: str, ref: dict, local: torch.Tensor, sharded: bool) -> None:
         """Refuse a kept tensor whose shape or dtype is not `local`'s, or one kept sharded
@@ -552,47 +560,66 @@ class Durable:
         return dtensor.from_local(value, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 
-    def _check_optimizer(self, optimizer, named=None) -> None:
-        """The optimizer passed to resume() is the kind the state was kept with: none for
-        none, and one whose hyper-parameters (`optimizer.defaults`) every kept parameter
-        group has. Resumed without its optimizer, the state would lose the optimizer's
-        at the next commit; into another kind, torch would fail later, in step(). The
-        class kept may be the wrapper's (`named`: kept before rule 13 saw through it)."""
-        kept = self.manifest["optimizer"]
-        if optimizer is None:
-            if kept is not None:
-                raise OutcoreError(
-                    f"the state in {self.directory} was kept with an optimizer, and resume() got "
-                    "none: its state would be dropped at the next commit. Pass it: "
+    def _check_optimizers(self, optimizers, named) -> list:
+        """The optimizers passed to resume() are those the state was kept with: as many
+        (none for none), in the same order, each of the class kept in its place and with
+        the hyper-parameters (`optimizer.defaults`) every kept parameter group has.
+        Resumed without one, its state would be lost at the next commit; into another
+        kind, torch would fail later, in step(). A class kept may be the wrapper's
+        (`named`: kept before rule 13 saw through it). Returns the kept state_dicts, one
+        per optimizer."""
+        kept = _as_list(self.manifest["optimizer"])
+        classes = self.manifest.get("optimizer_class")
+        classes = classes if isinstance(classes, list) else [classes] * len(kept)
+        if len(optimizers) != len(kept):
+            raise OutcoreError(self._other_count(kept, classes, optimizers))
+        for place, (optimizer, wrapper, state, saved_class) in enumerate(
+                zip(optimizers, named, kept, classes)):
+            which = f" (optimizer {place + 1} of {len(kept)})" if len(kept) > 1 else ""
+            self._check_optimizer(optimizer, wrapper, state, saved_class, which)
+        return kept
+
+    def _other_count(self, kept, classes, optimizers) -> str:
+        """What resume() says when it got another number of optimizers than were kept."""
+        if not kept:
+            return (f"the state in {self.directory} was kept without an optimizer; "
+                    "resume(model) without one, or pass another state_dir")
+        if not optimizers:
+            return (f"the state in {self.directory} was kept with an optimizer, and resume() "
+                    "got none: its state would be dropped at the next commit. Pass it: "
                     "ooc.resume(model, optimizer), or another state_dir")
-            return
-        if kept is None:
-            raise OutcoreError(f"the state in {self.directory} was kept without an optimizer; "
-                               "resume(model) without one, or pass another state_dir")
-        saved_class = self.manifest.get("optimizer_class")
+        return (f"the state in {self.directory} was kept with {len(kept)} optimizer"
+                f"{'s' if len(kept) > 1 else ''} ({', '.join(map(str, classes))}), and "
+                f"resume() got {len(optimizers)}: pass the optimizers it was trained with, in "
+                "the same order (ooc.resume(model, [opt_a, opt_b]) for several), or another "
+                "state_dir. Nothing was loaded")
+
+    def _check_optimizer(self, optimizer, named, kept, saved_class, which) -> None:
+        """One optimizer of `_check_optimizers`, against its kept state_dict `kept`."""
         if saved_class is not None and saved_class not in (_class_name(optimizer),
                                                            _class_name(named or optimizer)):
             raise OutcoreError(
-                f"the state in {self.directory} was kept by a {saved_class}, and resume() got "
-                f"a {_class_name(optimizer)}: its state would not be what this one's step "
-                "reads. Pass the optimizer it was trained with, or another state_dir")
+                f"the state in {self.directory} was kept by a {saved_class}{which}, and "
+                f"resume() got a {_class_name(optimizer)}: its state would not be what this "
+                "one's step reads. Pass the optimizer it was trained with, or another "
+                "state_dir")
         groups = kept.get("param_groups", [])
         lacking = sorted(set(optimizer.defaults) - set().union(*(g.keys() for g in groups)))
         if groups and lacking:
             raise OutcoreError(
                 f"the state in {self.directory} was kept by another kind of optimizer than "
-                f"this {type(optimizer).__name__}: its parameter groups have no {lacking[:5]} "
-                f"(they have {sorted(k for k in groups[0] if k != 'params')[:8]}). Pass the "
-                "optimizer it was trained with, or another state_dir")
+                f"this {type(optimizer).__name__}{which}: its parameter groups have no "
+                f"{lacking[:5]} (they have {sorted(k for k in groups[0] if k != 'params')[:8]}"
+                "). Pass the optimizer it was trained with, or another state_dir")
         # What optimizer.load_state_dict checks, checked here before the model is copied.
         kept_sizes = [len(g.get("params", ())) for g in groups]
         our_sizes = [len(g["params"]) for g in optimizer.param_groups]
         if groups and kept_sizes != our_sizes:
             raise OutcoreError(
-                f"the state in {self.directory} was kept by an optimizer with parameter groups "
-                f"of {kept_sizes} parameters, and resume() got one with {our_sizes}: pass the "
-                "optimizer built over the same parameters in the same groups as in training, "
-                "or another state_dir. Nothing was loaded")
+                f"the state in {self.directory} was kept by an optimizer{which} with "
+                f"parameter groups of {kept_sizes} parameters, and resume() got one with "
+                f"{our_sizes}: pass the optimizer built over the same parameters in the same "
+                "groups as in training, or another state_dir. Nothing was loaded")
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, res, shield, iterations: int) -> None:
@@ -613,8 +640,8 @@ class Durable:
         if self.lost is not None:
             raise OutcoreError(self.lost)
         self._ours = None
-        kept_state = self.optimizer.state_dict() if self.optimizer is not None else None
-        left_out = self._left_out(kept_state)                                # rule 13
+        kept_states = [optimizer.state_dict() for optimizer in self.optimizers]
+        left_out = self._left_out(kept_states)                               # rule 13
         if left_out is not None:
             raise OutcoreError(self._other_optimizer(left_out))
         committed: dict = {}
@@ -640,7 +667,7 @@ class Durable:
         model = {name: ref(t) for name, t in self.model.state_dict(keep_vars=True).items()}
         grads = {name: ref(p.grad) for name, p in self.model.named_parameters()     # rule 10
                  if p.grad is not None and p.grad.layout == torch.strided}
-        optimizer = _map_refs(kept_state, ref) if kept_state is not None else None
+        optimizer = _one_or_list([_map_refs(kept, ref) for kept in kept_states])
         try:
             mover.sync()
         except OSError as exc:                                               # rule 6
@@ -657,7 +684,8 @@ class Durable:
                  "grads": grads}
         try:
             atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
-                         **state, "optimizer_class": _class_name(self.optimizer),
+                         **state, "optimizer_class": _one_or_list(
+                             [_class_name(o) for o in self.optimizers]),
                          "previous": previous},
                         os.path.join(self.directory, MANIFEST), shield)
         except BaseException:
@@ -732,6 +760,17 @@ class Durable:
             return False
         return (manifest is not None and manifest.get("generation") == self.generation
                 and manifest.get("iterations") == iterations)
+
+
+def _one_or_list(items: list):
+    """What the manifest keeps of the optimizers (rule 13): None for none, one's as it is
+    (as directories kept before several could be named hold it), a list for several."""
+    return None if not items else items[0] if len(items) == 1 else items
+
+
+def _as_list(kept) -> list:
+    """The manifest's optimizer entry as a list, one per optimizer (`_one_or_list`)."""
+    return [] if kept is None else kept if isinstance(kept, list) else [kept]
 
 
 _REF = {"offset", "nbytes", "dtype", "size", "stride", "storage_offset"}

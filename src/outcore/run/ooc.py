@@ -738,7 +738,9 @@ class OutOfCore:
         the last durable state into them if there is one (under the budget, with the
         random number generator's state), and return how many iterations it had done
         (0 for a fresh directory). Call once, before the first iteration; then continue
-        the loop from the returned count (NOTE [Durable state] in durable.py). Under
+        the loop from the returned count (NOTE [Durable state] in durable.py). A loop
+        that steps several optimizers with state names them all, in a list, the same
+        order each time: `ooc.resume(model, [muon, adamw])` (rule 13). Under
         torch.distributed every rank calls it (it is a collective): a rank one iteration
         ahead of another (a stop between their commits) resumes from the state it kept one
         commit before; ranks further apart are refused before anything is loaded."""
@@ -750,24 +752,26 @@ class OutOfCore:
         if self._iterations or self._durable.model is not None:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
-        named, optimizer = optimizer, unwrapped(optimizer)   # NOTE [Durable state] rule 13
+        named = _optimizers("resume", model, optimizer)
+        optimizers = [unwrapped(o) for o in named]          # NOTE [Durable state] rule 13
         _same_on_every_rank(durable)
         if durable.manifest is not None:
             try:
                 with self.building():
-                    durable.load_into(model, optimizer, named)
+                    durable.load_into(model, optimizers, named)
             except BaseException as exc:
                 note = durable.failed_note(exc)
                 if note is not None:
                     exc.add_note(note)
                 raise
-        durable.keep(model, optimizer)
+        durable.keep(model, optimizers)
         return durable.iterations
 
     def keep(self, model, optimizer=None) -> None:
         """With `state_dir`, after resume(): from the next commit on, keep the state of
         `model` and `optimizer` there instead of those named before: a loop that replaced
-        its optimizer (or its model) names the new one, between iterations. Nothing is
+        its optimizer (or its model) names the new one, between iterations (several in a
+        list, as resume() takes them). Nothing is
         loaded or written now. Until it is called, a commit after another optimizer with
         state stepped is refused (NOTE [Durable state] rule 13 in durable.py)."""
         durable = self._durable
@@ -783,14 +787,7 @@ class OutOfCore:
         if self._active:
             raise OutcoreError("call ooc.keep(model, optimizer) between iterations, not "
                                "inside `with ooc.iteration():`")
-        if not isinstance(model, torch.nn.Module):
-            raise OutcoreError(f"keep(model, optimizer): model must be a torch.nn.Module, got "
-                               f"{type(model).__name__}")
-        if optimizer is not None and not all(hasattr(optimizer, name) for name in (
-                "state_dict", "load_state_dict", "param_groups")):
-            raise OutcoreError(f"keep(model, optimizer): optimizer must be an optimizer (or "
-                               f"None), got {type(optimizer).__name__}")
-        durable.keep(model, optimizer)
+        durable.keep(model, _optimizers("keep", model, optimizer))
 
     @contextlib.contextmanager
     def between(self):
@@ -1858,6 +1855,28 @@ class OutOfCore:
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("planned" if self.schedule else "recording")
         return f"OutOfCore(budget={format_bytes(self.budget)}, policy={self.policy!r}, {state})"
+
+
+def _optimizers(api: str, model, optimizer) -> list:
+    """resume()'s and keep()'s `optimizer` as a list: none, one, or a list or tuple of
+    several (NOTE [Durable state] rule 13), each an optimizer and each once; `model` a
+    Module."""
+    if not isinstance(model, torch.nn.Module):
+        raise OutcoreError(f"{api}(model, optimizer): model must be a torch.nn.Module, got "
+                           f"{type(model).__name__} (several models: put them in a "
+                           "torch.nn.ModuleDict)")
+    several = isinstance(optimizer, (list, tuple))
+    optimizers = list(optimizer) if several else [] if optimizer is None else [optimizer]
+    for item in optimizers:
+        if not all(hasattr(item, name) for name in ("state_dict", "load_state_dict",
+                                                    "param_groups")):
+            raise OutcoreError(f"{api}(model, optimizer): optimizer must be an optimizer, a "
+                               f"list of optimizers or None, got {type(item).__name__}"
+                               + (" in the list" if several else ""))
+    if len({id(item) for item in optimizers}) != len(optimizers):
+        raise OutcoreError(f"{api}(model, [...]): an optimizer is named twice in the list; "
+                           "name each once")
+    return optimizers
 
 
 def _same_on_every_rank(durable) -> None:
