@@ -8,7 +8,11 @@ trains to iteration 4; OUT/resume.rank<r>.json says what resume() did in each ca
   two-apart: rank 0 kept 4, rank 1 2: refused on both, nothing loaded;
   fsdp: an FSDP2 model with Adam kept 2 iterations on both ranks (each its own shards,
     NOTE [Durable state] rule 9), resumes and ends bitwise equal to 4 plain FSDP2
-    iterations.
+    iterations;
+  zero: a ZeroRedundancyOptimizer (AdamW) kept 2 iterations on both ranks (each its own
+    part, rule 15), resumes and ends bitwise equal to 4 plain iterations with it;
+  zero-other: each rank resumed from the other's directory (another part of the
+    parameters) is refused, nothing loaded.
 
     torchrun --standalone --nproc-per-node 2 tests/distributed/resume_worker.py OUT
 """
@@ -37,6 +41,25 @@ def make_fsdp():
         fully_shard(layer)
     fully_shard(model)
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def make_zero(model=None):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    model = model or make()[0]
+    return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
+                                          lr=1e-3)
+
+
+def same_zero(a, b) -> bool:
+    """Parameters and this rank's ZeRO state of (model, optimizer) pairs a and b."""
+    (ma, oa), (mb, ob) = a, b
+    pairs = list(zip(ma.parameters(), mb.parameters()))
+    for p, q in pairs:
+        sa, sb = oa.optim.state.get(p, {}), ob.optim.state.get(q, {})
+        if sa.keys() != sb.keys():
+            return False
+        pairs = pairs + [(sa[k], sb[k]) for k in sa]
+    return bool(oa.optim.state) and all(torch.equal(x, y) for x, y in pairs)
 
 
 def local(tensor):
@@ -97,6 +120,24 @@ def main(out: str) -> None:
     resumed = make_fsdp()
     result["fsdp"] = {"start": train(*resumed, state_dir, 4, budget="1MiB"),
                       "plain": same(plain, resumed)}
+    state_dir = os.path.join(out, "zero", f"rank{rank}")
+    plain = make_zero()
+    for _ in range(4):
+        step(*plain)
+    train(*make_zero(), state_dir, 2, budget="1MiB")
+    resumed = make_zero()
+    result["zero"] = {"start": train(*resumed, state_dir, 4, budget="1MiB"),
+                      "plain": same_zero(plain, resumed)}
+    train(*make_zero(), os.path.join(out, "zero-other", f"rank{rank}"), 1, budget="1MiB")
+    dist.barrier()
+    model, opt = make_zero()        # each rank given the other's directory: another part
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        train(model, opt, os.path.join(out, "zero-other", f"rank{1 - rank}"), 2, budget="1MiB")
+        result["zero-other"] = {"error": None}
+    except outcore.OutcoreError as err:
+        result["zero-other"] = {"error": str(err), "unchanged": all(
+            torch.equal(a, b) for a, b in zip(before, model.parameters()))}
     with open(os.path.join(out, f"resume.rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

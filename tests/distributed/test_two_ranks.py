@@ -104,7 +104,9 @@ def test_ranks_that_kept_different_iterations_resume_together(tmp_path):
     state one commit before too (NOTE [Durable state] rule 8): the rank ahead resumes
     from it, and both end bitwise equal to plain training. Two apart: refused on every
     rank, nothing loaded. An FSDP2 model keeps each rank's shards and resumes bitwise
-    (rule 9)."""
+    (rule 9); a ZeroRedundancyOptimizer each rank's part (rule 15: every commit raised
+    torch's "not been consolidated" RuntimeError), and a rank given another's part is
+    refused."""
     proc = torchrun(os.path.join(HERE, "resume_worker.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):
@@ -114,6 +116,11 @@ def test_ranks_that_kept_different_iterations_resume_together(tmp_path):
         assert len([f for f in together["files"] if f.endswith(".swap")]) <= 2, together
         assert "start" not in apart and apart["unchanged"], apart
         assert result["fsdp"] == {"start": 2, "plain": True}, result["fsdp"]
+        assert result["zero"] == {"start": 2, "plain": True}, result["zero"]
+        other = result["zero-other"]
+        assert other["unchanged"] and re.search(
+            r"ZeroRedundancyOptimizer state of parameters \[.*\] \(this rank's part then\), "
+            r"and this rank's part is now", other["error"]), other
         assert re.search(r"different iterations \(rank 0: 4 in .*, rank 1: 2 in .*not every "
                          r"rank kept the state of iteration 2", apart["error"]), apart
 

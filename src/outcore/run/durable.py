@@ -117,6 +117,15 @@ NOTE [Durable state]
      torch's `Optimizer.load_state_dict` casts floating state to its parameter's dtype,
      so the float32 momentum of a model converted to bfloat16 came back bfloat16, and
      the resumed run was not the uninterrupted one (helper-208).
+ 15. A ZeroRedundancyOptimizer (ZeRO-1: each rank steps the state of its own part of
+     the parameters) is kept as its rank's part, like rule 9's shards: its state_dict()
+     raises until `consolidate_state_dict()` gathered every rank's state on one rank (a
+     collective, and the whole state in one process), so every commit failed with
+     torch's RuntimeError. `_ZeroPart` keeps the local optimizer's state under the
+     global parameter indices, with ZeRO's parameter groups and the indices the rank
+     owns; resume() refuses a partition that differs (other ranks, other parameters:
+     some state would be another rank's, or none) before anything is copied, and loads
+     with ZeRO's load_state_dict(), which takes each rank's part.
 """
 from __future__ import annotations
 
@@ -167,6 +176,9 @@ def unwrapped(optimizer):
     state_dict() is what is kept (helper-211)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
+    zero = _zero_class()
+    if zero is not None and isinstance(optimizer, zero):                    # rule 15
+        return _ZeroPart(optimizer)
     for name in ("_optimizer", "optimizer", "optim"):
         inner = getattr(optimizer, name, None)
         if (isinstance(inner, torch.optim.Optimizer) and inner is not optimizer
@@ -178,8 +190,67 @@ def unwrapped(optimizer):
 
 
 def _class_name(optimizer) -> str | None:
-    """The optimizer's class, as the manifest keeps it (None for none)."""
-    return None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    """The optimizer's class, as the manifest keeps it (None for none; ZeRO's for its
+    part, rule 15)."""
+    if optimizer is None:
+        return None
+    optimizer = optimizer.zero if isinstance(optimizer, _ZeroPart) else optimizer
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _zero_class():
+    """torch's ZeroRedundancyOptimizer, where the user's code loaded it, else None."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return getattr(module, "ZeroRedundancyOptimizer", None)
+
+
+class _ZeroPart:
+    """Rule 15: what state_dir keeps of a ZeroRedundancyOptimizer: its rank's part."""
+
+    def __init__(self, zero):
+        self.zero, self.defaults = zero, zero.defaults
+
+    @property
+    def param_groups(self):
+        return self.zero.param_groups
+
+    @property
+    def state(self):                    # the state this rank steps (and rule 13 looks at)
+        return self.zero.optim.state
+
+    def steppers(self) -> tuple:
+        """The objects whose step() steps this state (both hooks fire)."""
+        return (self, self.zero, self.zero.optim)
+
+    def _owned(self) -> list:
+        index, mine = self.zero._param_to_index, self.zero._partition_parameters()
+        return sorted(index[p] for group in mine[self.zero.rank] for p in group["params"])
+
+    def state_dict(self) -> dict:
+        kept = torch.optim.Optimizer.state_dict(self.zero)    # ZeRO's groups, global indices
+        index = self.zero._param_to_index
+        kept["state"] = {index[p]: dict(entry) for p, entry in self.zero.optim.state.items()}
+        kept["zero_owned"] = self._owned()
+        return kept
+
+    def check(self, kept: dict, directory: str) -> None:
+        """Before anything is copied: this rank owns the parameters it owned then."""
+        if kept.get("zero_owned") != self._owned():
+            raise OutcoreError(
+                f"the state in {directory} holds the ZeroRedundancyOptimizer state of "
+                f"parameters {list(kept.get('zero_owned') or [])[:8]} (this rank's part "
+                f"then), and this rank's part is now {self._owned()[:8]}: each rank keeps "
+                "its own part, so a resume needs the ranks and the parameters it was trained "
+                "with, each rank its own state_dir. Nothing was loaded")
+
+    def load_state_dict(self, kept: dict) -> None:
+        kept = {key: value for key, value in kept.items() if key != "zero_owned"}
+        self.zero.load_state_dict(kept)
+
+
+def _steppers(optimizer) -> tuple:
+    """The objects whose step() is `optimizer`'s (rule 13; ZeRO's part: rule 15)."""
+    return optimizer.steppers() if isinstance(optimizer, _ZeroPart) else (optimizer,)
 
 
 def _dtensor_class():
@@ -265,6 +336,7 @@ class Durable:
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = None
         self.optimizers: tuple = ()     # those kept, as named (each `unwrapped`; rule 13)
+        self._steppers: tuple = ()      # ... and the objects whose step() steps them
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
         self._ours = None               # ... the ids of the kept model's parameters, till a commit
         self.copied = False             # resume() has copied some kept state into the model
@@ -281,6 +353,7 @@ class Durable:
         """Rule 13: keep `model` and the sequence `optimizers` from the next commit on
         (`ooc.keep`; a wrapper that is no optimizer is seen through: `unwrapped`)."""
         self.model, self.optimizers = model, tuple(unwrapped(o) for o in optimizers)
+        self._steppers = tuple(s for o in self.optimizers for s in _steppers(o))
         self.others = {}
         self._ours = None
 
@@ -291,7 +364,7 @@ class Durable:
         own). Whether its state is kept is looked at when a commit comes (`_left_out`).
         Never raises into the step: keyed by id (an optimizer may define __eq__ and no
         hash)."""
-        if self.model is None or any(optimizer is kept for kept in self.optimizers):
+        if self.model is None or any(optimizer is kept for kept in self._steppers):
             return
         if not inside:             # the model's parameters, once per commit at most
             if self._ours is None:
@@ -320,7 +393,7 @@ class Durable:
         _map_refs(kept_states, lambda t: kept.add(key(t)))   # a Lookahead's fast_state)
         for ref in list(self.others.values()):
             other = ref()
-            if other is None or any(other is ours for ours in self.optimizers):
+            if other is None or any(other is ours for ours in self._steppers):
                 continue
             if any(isinstance(t, torch.Tensor) and key(t) not in kept
                    for entry in getattr(other, "state", {}).values()
@@ -337,7 +410,7 @@ class Durable:
             names = " and ".join(dict.fromkeys(_class_name(o) for o in self.optimizers))
             kept = (f"the state kept there is that of the {names} that ooc.resume() or "
                     "ooc.keep() named, which does not hold it: a resume would lose it")
-        same = any(type(other) is type(o) for o in self.optimizers)
+        same = any(_class_name(other) == _class_name(o) for o in self.optimizers)
         return (f"{'another ' if same else 'a '}{_class_name(other)} stepped, with optimizer "
                 f"state, and {kept}. Where the loop replaced its optimizer (or its model), "
                 "name the new ones between iterations, ooc.keep(model, optimizer), and "
@@ -596,6 +669,8 @@ class Durable:
 
     def _check_optimizer(self, optimizer, named, kept, saved_class, which) -> None:
         """One optimizer of `_check_optimizers`, against its kept state_dict `kept`."""
+        if isinstance(optimizer, _ZeroPart):                                 # rule 15
+            optimizer.check(kept, self.directory)
         if saved_class is not None and saved_class not in (_class_name(optimizer),
                                                            _class_name(named or optimizer)):
             raise OutcoreError(
