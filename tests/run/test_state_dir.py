@@ -1389,3 +1389,47 @@ def test_keep_names_several_optimizers_and_refuses_what_is_no_optimizer(tmp_path
         assert ooc.resume(fresh, [fresh_adamw, fresh_head]) == 2
     assert torch.equal(fresh_head.state[fresh[2].weight]["momentum_buffer"],
                        head.state[model[2].weight]["momentum_buffer"])
+
+
+def test_optimizers_resumed_over_other_parameters_are_refused(tmp_path):
+    """helper-214: a GAN's two Adams (generator and discriminator of the same shapes)
+    resumed as [opt_d, opt_g] passed the class and group-size checks, and each one's
+    moments were loaded into the other's parameters, without a word. The manifest names
+    the parameters each optimizer holds; another order, over the same count and shapes,
+    is refused before anything is copied, and so is one optimizer over its parameters
+    in another order."""
+    def gan():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"g": torch.nn.Linear(64, 64), "d": torch.nn.Linear(64, 64)})
+        return model, [torch.optim.Adam(model["g"].parameters()),
+                       torch.optim.Adam(model["d"].parameters())]
+
+    def step(model, opts, i):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(i))
+        model["d"](model["g"](x)).square().mean().backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    model, opts = gan()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opts)
+        for i in range(2):
+            with ooc.iteration():
+                step(model, opts, i)
+    fresh, fresh_opts = gan()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    reversed_g = torch.optim.Adam(list(fresh["g"].parameters())[::-1])
+    for named, match in ((fresh_opts[::-1], r"kept by an optimizer \(optimizer 1 of 2\) over 2 "
+                          r"parameters, its number 0 g.weight, and resume.. got one over 2, its "
+                          r"number 0 d.weight"),
+                         ([reversed_g, fresh_opts[1]], r"its number 0 g.weight, and resume.. "
+                          r"got one over 2, its number 0 g.bias")):
+        with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+            with pytest.raises(OutcoreError, match=match):
+                ooc.resume(fresh, named)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+        assert not any(opt.state for opt in fresh_opts + [reversed_g])
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, fresh_opts) == 2
+    assert torch.equal(fresh_opts[1].state[fresh["d"].weight]["exp_avg"],
+                       opts[1].state[model["d"].weight]["exp_avg"])

@@ -111,8 +111,11 @@ NOTE [Durable state]
      the matrices and AdamW for the rest, a GAN's two, one per parameter stepped in
      backward) names them all, in a list: `ooc.resume(model, [muon, adamw])`; the
      manifest keeps their state_dicts in that order (one optimizer's as it is, for the
-     directories kept before), and resume() refuses another count or order of classes
-     before anything is copied. One that is not named is refused as above.
+     directories kept before), with the names of the model's parameters each one holds
+     (`optimizer_params`), and resume() refuses another count, class or order before
+     anything is copied: a GAN's two Adams resumed swapped passed the class checks and
+     loaded each one's moments into the other's parameters (helper-214). One that is
+     not named is refused as above.
  14. Resume restores each optimizer state tensor with the dtype it was kept with:
      torch's `Optimizer.load_state_dict` casts floating state to its parameter's dtype,
      so the float32 momentum of a model converted to bfloat16 came back bfloat16, and
@@ -157,6 +160,7 @@ def _swap_name(generation: int) -> str:
 def _state_of(manifest: dict) -> dict:
     """The part of a manifest a later one keeps as its `previous` (rule 8)."""
     return {**{key: manifest[key] for key in ("file", "iterations", "rng", "model", "optimizer")},
+            **{key: manifest.get(key) for key in ("optimizer_class", "optimizer_params")},
             "grads": manifest.get("grads") or {}}
 
 
@@ -208,6 +212,12 @@ class _ZeroPart:
     """Rule 15: what state_dir keeps of a ZeroRedundancyOptimizer: its rank's part."""
 
     def __init__(self, zero):
+        if getattr(zero, "_overlap_with_ddp", False):
+            raise OutcoreError(
+                "state_dir cannot keep a ZeroRedundancyOptimizer built with "
+                "overlap_with_ddp=True: its state exists only once DDP has rebuilt its "
+                "buckets, after the first iterations. Build it without overlap_with_ddp, or "
+                "keep checkpoints of your own (consolidate_state_dict() and torch.save)")
         self.zero, self.defaults = zero, zero.defaults
 
     @property
@@ -246,6 +256,22 @@ class _ZeroPart:
     def load_state_dict(self, kept: dict) -> None:
         kept = {key: value for key, value in kept.items() if key != "zero_owned"}
         self.zero.load_state_dict(kept)
+
+
+def _held(model, optimizers) -> list:
+    """Per optimizer, the names of the model's parameters it holds, in its order (rule
+    13); one outside the model by its shape."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names.get(id(p), f"a {tuple(p.shape)} parameter outside the model")
+             for group in optimizer.param_groups for p in group["params"]]
+            for optimizer in optimizers]
+
+
+def identity(optimizer):
+    """What makes two named optimizers the same one: the object `unwrapped` keeps, ZeRO's
+    for its part (rule 15)."""
+    optimizer = unwrapped(optimizer)
+    return optimizer.zero if isinstance(optimizer, _ZeroPart) else optimizer
 
 
 def _steppers(optimizer) -> tuple:
@@ -336,7 +362,7 @@ class Durable:
         self.path = os.path.join(self.directory, _swap_name(self.generation))
         self.model = None
         self.optimizers: tuple = ()     # those kept, as named (each `unwrapped`; rule 13)
-        self._steppers: tuple = ()      # ... and the objects whose step() steps them
+        self._steppers: set = set()     # ... and the ids of the objects whose step() does
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
         self._ours = None               # ... the ids of the kept model's parameters, till a commit
         self.copied = False             # resume() has copied some kept state into the model
@@ -353,7 +379,9 @@ class Durable:
         """Rule 13: keep `model` and the sequence `optimizers` from the next commit on
         (`ooc.keep`; a wrapper that is no optimizer is seen through: `unwrapped`)."""
         self.model, self.optimizers = model, tuple(unwrapped(o) for o in optimizers)
-        self._steppers = tuple(s for o in self.optimizers for s in _steppers(o))
+        # ids, not objects: one lookup a step however many there are (one per parameter,
+        # helper-214); each is held by self.optimizers, so no id is another's meanwhile.
+        self._steppers = {id(s) for o in self.optimizers for s in _steppers(o)}
         self.others = {}
         self._ours = None
 
@@ -364,7 +392,7 @@ class Durable:
         own). Whether its state is kept is looked at when a commit comes (`_left_out`).
         Never raises into the step: keyed by id (an optimizer may define __eq__ and no
         hash)."""
-        if self.model is None or any(optimizer is kept for kept in self._steppers):
+        if self.model is None or id(optimizer) in self._steppers:
             return
         if not inside:             # the model's parameters, once per commit at most
             if self._ours is None:
@@ -393,7 +421,7 @@ class Durable:
         _map_refs(kept_states, lambda t: kept.add(key(t)))   # a Lookahead's fast_state)
         for ref in list(self.others.values()):
             other = ref()
-            if other is None or any(other is ours for ours in self._steppers):
+            if other is None or id(other) in self._steppers:
                 continue
             if any(isinstance(t, torch.Tensor) and key(t) not in kept
                    for entry in getattr(other, "state", {}).values()
@@ -541,7 +569,7 @@ class Durable:
         file = self.manifest["file"]
         saved = self.manifest["model"]
         ours = model.state_dict(keep_vars=True)
-        kept = self._check_optimizers(optimizers, named)     # before anything is copied
+        kept = self._check_optimizers(model, optimizers, named)   # before anything is copied
         if saved.keys() != ours.keys():
             missing, extra = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
             raise OutcoreError(f"the state in {self.directory} does not match this model: it lacks "
@@ -633,10 +661,11 @@ class Durable:
         return dtensor.from_local(value, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 
-    def _check_optimizers(self, optimizers, named) -> list:
+    def _check_optimizers(self, model, optimizers, named) -> list:
         """The optimizers passed to resume() are those the state was kept with: as many
-        (none for none), in the same order, each of the class kept in its place and with
-        the hyper-parameters (`optimizer.defaults`) every kept parameter group has.
+        (none for none), in the same order, each of the class kept in its place, with
+        the hyper-parameters (`optimizer.defaults`) every kept parameter group has, over
+        the same parameters of `model` (where the manifest names them: rule 13).
         Resumed without one, its state would be lost at the next commit; into another
         kind, torch would fail later, in step(). A class kept may be the wrapper's
         (`named`: kept before rule 13 saw through it). Returns the kept state_dicts, one
@@ -646,10 +675,23 @@ class Durable:
         classes = classes if isinstance(classes, list) else [classes] * len(kept)
         if len(optimizers) != len(kept):
             raise OutcoreError(self._other_count(kept, classes, optimizers))
-        for place, (optimizer, wrapper, state, saved_class) in enumerate(
-                zip(optimizers, named, kept, classes)):
+        held = self.manifest.get("optimizer_params") or [None] * len(kept)
+        for place, (optimizer, wrapper, state, saved_class, params, ours) in enumerate(
+                zip(optimizers, named, kept, classes, held, _held(model, optimizers))):
             which = f" (optimizer {place + 1} of {len(kept)})" if len(kept) > 1 else ""
             self._check_optimizer(optimizer, wrapper, state, saved_class, which)
+            if params is not None and params != ours:
+                at = next((i for i, (a, b) in enumerate(zip(params, ours)) if a != b),
+                          min(len(params), len(ours)))
+                raise OutcoreError(
+                    f"the state in {self.directory} was kept by an optimizer{which} over "
+                    f"{len(params)} parameters, its number {at} "
+                    f"{params[at] if at < len(params) else '(none)'}, and resume() got one "
+                    f"over {len(ours)}, its number {at} {ours[at] if at < len(ours) else '(none)'}"
+                    ": its state would be loaded into other parameters. Pass the optimizers "
+                    "built as in training, over the same parameters in the same order (and "
+                    "several in the order they were named), or another state_dir. Nothing "
+                    "was loaded")
         return kept
 
     def _other_count(self, kept, classes, optimizers) -> str:
@@ -669,8 +711,6 @@ class Durable:
 
     def _check_optimizer(self, optimizer, named, kept, saved_class, which) -> None:
         """One optimizer of `_check_optimizers`, against its kept state_dict `kept`."""
-        if isinstance(optimizer, _ZeroPart):                                 # rule 15
-            optimizer.check(kept, self.directory)
         if saved_class is not None and saved_class not in (_class_name(optimizer),
                                                            _class_name(named or optimizer)):
             raise OutcoreError(
@@ -678,6 +718,8 @@ class Durable:
                 f"resume() got a {_class_name(optimizer)}: its state would not be what this "
                 "one's step reads. Pass the optimizer it was trained with, or another "
                 "state_dir")
+        if isinstance(optimizer, _ZeroPart):                                 # rule 15
+            optimizer.check(kept, self.directory)
         groups = kept.get("param_groups", [])
         lacking = sorted(set(optimizer.defaults) - set().union(*(g.keys() for g in groups)))
         if groups and lacking:
@@ -756,12 +798,11 @@ class Durable:
         mover.protect(kept)
         state = {"file": _swap_name(self.generation), "iterations": iterations,
                  "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer,
-                 "grads": grads}
+                 "optimizer_class": _one_or_list([_class_name(o) for o in self.optimizers]),
+                 "optimizer_params": _held(self.model, self.optimizers), "grads": grads}
         try:
             atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
-                         **state, "optimizer_class": _one_or_list(
-                             [_class_name(o) for o in self.optimizers]),
-                         "previous": previous},
+                         **state, "previous": previous},
                         os.path.join(self.directory, MANIFEST), shield)
         except BaseException:
             if self._switched(iterations):

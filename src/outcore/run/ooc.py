@@ -94,7 +94,7 @@ from .building import Building
 from .checkpoint import atomic_save
 from .compose import (Composition, _distributed_up, fsdp_set_up, held_arrays, owned_arrays,
                       owned_occupancy, without_held)
-from .durable import Durable, unwrapped
+from .durable import Durable, identity, unwrapped
 from .interrupts import Shield, critical, held_here, no_raise
 from .mapped import Pager
 from .movers import host
@@ -1873,7 +1873,7 @@ def _optimizers(api: str, model, optimizer) -> list:
             raise OutcoreError(f"{api}(model, optimizer): optimizer must be an optimizer, a "
                                f"list of optimizers or None, got {type(item).__name__}"
                                + (" in the list" if several else ""))
-    if len({id(item) for item in optimizers}) != len(optimizers):
+    if len({id(identity(item)) for item in optimizers}) != len(optimizers):
         raise OutcoreError(f"{api}(model, [...]): an optimizer is named twice in the list; "
                            "name each once")
     return optimizers
