@@ -28,9 +28,10 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..aten import (BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage, broadcast_shape,
-                    call_split, distinct_storages, is_foreach, makes_nothing_new,
-                    note_read_past, op_inputs, output_tensors, split_foreach, written_tensors)
+from ..aten import (_READ_PAST_OP_IDS, BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage,
+                    broadcast_shape, call_split, distinct_storages, is_foreach, makes_nothing_new,
+                    note_read_past, op_inputs, output_tensors, split_foreach, storage_of,
+                    written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, ON_SLOW_TIER, OUT, SLOW
 from ..trace.recorder import OptimizerSteps, op_phase
@@ -94,6 +95,40 @@ def _promotion_key(value):
 
 _WIDTHS: dict = {}      # `_pointwise_width` by `_promotion_key`
 
+_now = time.perf_counter
+_STRIDED = torch.strided
+
+
+def _outputs(out) -> tuple[list, list]:
+    """`output_tensors(out)` and their `distinct_storages`; for the usual output, one plain
+    strided tensor, the same answer without their generators and sets."""
+    if type(out) is torch.Tensor and out.layout is _STRIDED:
+        storage = storage_of(out)
+        return [out], [] if storage is None else [storage]
+    outputs = output_tensors(out)
+    return outputs, distinct_storages(outputs)
+
+
+class _Op:
+    """What a replay asks of an op at every call, asked of PyTorch once per op and replay
+    (`Replayer._op`): its name as the recorder has it, whether it is a collective
+    (`DISTRIBUTED_NAMESPACES`), a multi-tensor op (`is_foreach`), one whose outputs PyTorch
+    reads past the dispatcher (`note_read_past`). `nothing_new` and `pointwise`
+    (`_runs_small`) are asked where first needed. An OpOverload's `namespace`, `tags` and
+    hash are Python properties, and its schema's name a new string per read: asked per
+    call, they were a good part of what outcore added to each op."""
+
+    __slots__ = ("func", "name", "distributed", "foreach", "read_past", "nothing_new",
+                 "pointwise")
+
+    def __init__(self, func):
+        self.func = func                # held: no other object takes its id meanwhile
+        self.name = str(func)
+        self.distributed = func.namespace in DISTRIBUTED_NAMESPACES
+        self.foreach = is_foreach(func)
+        self.read_past = id(func) in _READ_PAST_OP_IDS
+        self.nothing_new = self.pointwise = None
+
 
 def _op_schema_name(op: str) -> str:
     """"aten.lift_fresh.default" -> "aten::lift_fresh" (a recorded op's schema name)."""
@@ -138,6 +173,9 @@ class _Tables:
                         for f, made_before in zip(fns, fresh)]
         # NOTE [Small ops off the record]: a function keyed None is small or inserted.
         self.small = [k is None and f.repeats is None for k, f in zip(keys, fns)]
+        # The bytes each function creates by its key (0 for one keyed None): a passive
+        # replay checks what the step made where this is not 0 (`Replayer._follow`).
+        self.made = [0 if k is None else k[1] for k in keys]
         # NOTE [Replaying a recompute] (recompute.py): the functions run again, and
         # which arrays they make again.
         self.repeats = [f.repeats for f in fns]
@@ -241,7 +279,7 @@ class Replayer(HeldMode):
         self._zombies: list = []    # FREEd by the plan while PyTorch still held the storage
         self._lingering: list = []  # ...and still held at the next op (`_reap`)
         self._on_demand = OnDemand(residency, budget)
-        self._names: dict = {}
+        self._by_id: dict = {}        # id(func) -> its `_Op` (`_op`)
         # A plan that moves nothing needs no bookkeeping: only follow the op sequence,
         # so that a step that changes is still noticed (and then runs on-demand).
         # Not while another plan kept moves something (it needs to know which storages
@@ -267,6 +305,7 @@ class Replayer(HeldMode):
         self.op_names, self.expected, self.n_read = t.op_names, t.expected, t.n_read
         self.nbytes, self.is_input, self.is_state = t.nbytes, t.is_input, t.is_state
         self.dirty, self.small, self.repeats = t.dirty, t.small, t.repeats
+        self._made_by_key = t.made
         self.outputs = t.outputs
         self.res.follow(t)          # the trim governor learns each op's growth per plan
         self._sources, self._made_again, self._producer = t.sources, t.made_again, t.producer
@@ -788,13 +827,22 @@ class Replayer(HeldMode):
 
     # -- interception ----------------------------------------------------------------------
     def _dispatch(self, func, args, kwargs):
-        if self.res.stopped_callback is not None:         # compose.py, NOTE [Collectives
-            self.res.raise_stopped_callback()             # in flight] rule 5
-        if func.namespace in DISTRIBUTED_NAMESPACES:       # compose.py
+        res = self.res
+        if res.stopped_callback is not None:         # compose.py, NOTE [Collectives
+            res.raise_stopped_callback()             # in flight] rule 5
+        op = self._by_id.get(id(func))
+        if op is None:
+            op = self._op(func)
+        if op.distributed:                           # compose.py
             if self._headroom is not None:
                 self._leave_headroom()       # NOTE [Far below the budget] rule 5
-            return around(self.res, func, args, kwargs, self._run)
-        return self._run(func, args, kwargs)
+            return around(res, func, args, kwargs, self._run)
+        if self.passive and self.deviation is None:
+            return self._follow(func, args, kwargs, op)
+        if op.foreach:
+            return call_split(func, args, kwargs, self._part)
+        self._ops.append(op.name)           # `_part`, as `call_split` calls it
+        return self._one(func, args, kwargs, None)
 
     def _run(self, func, args, kwargs):
         if self.passive and self.deviation is None:
@@ -806,12 +854,50 @@ class Replayer(HeldMode):
         self._ops.append(self._name(func))
         return self._one(func, args, kwargs, split)
 
-    def _follow(self, func, args, kwargs):
-        names = [self._name(func)]
-        if is_foreach(func):
+    def _follow(self, func, args, kwargs, op=None):
+        if op is None:
+            op = self._op(func)
+        if op.foreach:
             calls = split_foreach(func, args, kwargs)
             if calls is not None:
-                names = [self._name(op) for op, _, _ in calls]
+                return self._follow_split(func, args, kwargs,
+                                          [self._name(f) for f, _, _ in calls])
+        # One function (the usual case): as `_follow_split` with one name, without its lists.
+        name = op.name
+        self._ops.append(name)
+        i = self.index
+        if i >= self.n or self.small[i] or self.op_names[i] != name:
+            storages = distinct_storages(_tensors_read(func, args, kwargs))
+            small = self._runs_small(func, args, kwargs, storages, op)
+            # A small op at the small function of its name (the usual case) stands where
+            # it is: `_skip_small` would pass no function.
+            if not (i < self.n and small and self.op_names[i] == name
+                    and self.repeats[i] is None):
+                if not (self._skip_small(name, small) and self.index < self.n
+                        and self.op_names[self.index] == name):
+                    return self._off_record(self._unmatched(name), func, args, kwargs, storages,
+                                            small, larger=self._small_grew(i, name, small))
+                i = self.index
+        self.index = i + 1
+        taken = _now()
+        out = func(*args, **kwargs)
+        if op.read_past:
+            note_read_past(func, out)   # NOTE [Read past the dispatcher] in aten.py
+        done = _now()
+        res, log = self.res, self.log
+        # `StepLog.function`, written out: a call less per op.
+        log.index.append(i)
+        log.times.extend((taken, taken, done, done))
+        log.memory.extend((res.resident, res.offloaded, res.last_rss))
+        planned = self._made_by_key[i]
+        if planned:
+            outputs, made = _outputs(out)
+            self._followed += map(weakref.ref, made)
+            self._made_more(i, planned, func, args, kwargs, outputs, made)
+        return out
+
+    def _follow_split(self, func, args, kwargs, names):
+        """`_follow` of a multi-tensor op that the recorder has as the functions `names`."""
         self._ops += names
         i = self.index
         if self.op_names[i:i + len(names)] != names or len(names) == 1 and self.small[i]:
@@ -824,10 +910,10 @@ class Replayer(HeldMode):
                                                                                  small))
             i = self.index
         self.index = i + len(names)
-        taken = time.perf_counter()
+        taken = _now()
         out = func(*args, **kwargs)
         note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
-        done = time.perf_counter()
+        done = _now()
         res = self.res
         self.log.function(i, taken, taken, done, done, res.resident, res.offloaded, res.last_rss)
         key = self.keys[i]
@@ -870,11 +956,17 @@ class Replayer(HeldMode):
         self._on_demand.after([], written_tensors(func, args, kwargs), outputs)
         self._ran_on_demand(name, ran.made, read=ran.read)
 
+    def _op(self, func) -> _Op:
+        """`func`'s `_Op`, made at its first call in this replay (kept by id: an
+        OpOverload's hash is a Python method)."""
+        op = self._by_id.get(id(func))
+        if op is None:
+            op = self._by_id[id(func)] = _Op(func)
+        return op
+
     def _name(self, func) -> str:
-        name = self._names.get(func)
-        if name is None:
-            name = self._names[func] = str(func)
-        return name
+        op = self._by_id.get(id(func))
+        return (op if op is not None else self._op(func)).name
 
     def _one(self, func, args, kwargs, split=None):
         if self.deviation is not None:
@@ -890,6 +982,7 @@ class Replayer(HeldMode):
         inputs = _tensors_read(func, args, kwargs)
         if binds_storage(func):
             inputs = inputs[1:]     # set_'s self is read as the recorder sees it: bound anew
+        storages = None
         if i >= self.n or name != self.op_names[i] or self.small[i]:
             storages = distinct_storages(inputs)
             small = self._runs_small(func, args, kwargs, storages)
@@ -897,10 +990,12 @@ class Replayer(HeldMode):
                 return self._off_record(self._unmatched(name), func, args, kwargs, storages,
                                         small, larger=self._small_grew(i, name, small))
             i = self.index
-        taken = time.perf_counter()
+        taken = _now()
         if self._zombies:
             self._reap()
-        in_storages = [s for s in distinct_storages(inputs) if s.nbytes() or res.entry_of(s)]
+        if storages is None:
+            storages = distinct_storages(inputs)
+        in_storages = [s for s in storages if s.nbytes() or res.entry_of(s)]
         expected = self.expected[i]
         if len(in_storages) > self.n_read[i]:
             return self._off_record(f"function {i} ({name}) reads more arrays than recorded",
@@ -963,7 +1058,9 @@ class Replayer(HeldMode):
             self._bind(aid, entry)
         if self._stranger_bytes:        # rarely: no call per op otherwise
             self._keep_room(i)
-        self._actions(self.schedule.begin[i])
+        actions = self.schedule.begin[i]
+        if actions:                     # most functions have none: no call then
+            self._actions(actions)
         for k, storage, aid in untracked:
             # Counted after the frees the plan makes for this function (the memory was
             # there all along: a new batch, state replaced between iterations), so that
@@ -980,14 +1077,15 @@ class Replayer(HeldMode):
             # another storage than recorded (a fresh buffer each step, here a bias).
             self._spare_remakes(func, args, kwargs)
         call = self._capture(i, func, args, kwargs) if i in self._sources else None
-        started = time.perf_counter()
+        started = _now()
         out = func(*args, **kwargs)
-        note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
-        returned = time.perf_counter()
+        if id(func) in _READ_PAST_OP_IDS:
+            note_read_past(func, out)   # NOTE [Read past the dispatcher] in aten.py
+        returned = _now()
         if call is not None:
             recompute.ran(call)
         known = {e.key for e in entries}
-        created = [s for s in distinct_storages(output_tensors(out))
+        created = [s for s in _outputs(out)[1]
                    if s._cdata not in known and (s.nbytes() or res.entry_of(s))]
         rest = expected[len(entries):]
         if len(created) != len(rest) or any(      # smaller is the plan's: rule 10
@@ -1019,12 +1117,16 @@ class Replayer(HeldMode):
             entry = self.by_id[aid]
             if entry is not None:
                 res.mark_written(entry)
-        self._actions(self.schedule.end[i])
+        actions = self.schedule.end[i]
+        if actions:
+            self._actions(actions)
         self.index = i + 1              # ran under the plan: in the shape (`shape`)
-        if self.res.newly_pinned:
+        if res.newly_pinned:
             self._check_pinned()
-        self.log.function(i, taken, started, returned, time.perf_counter(), res.resident,
-                          res.offloaded, res.last_rss)
+        log = self.log                  # `StepLog.function`, written out: a call less per op
+        log.index.append(i)
+        log.times.extend((taken, started, returned, _now()))
+        log.memory.extend((res.resident, res.offloaded, res.last_rss))
         return out
 
     def _actions(self, actions) -> None:
@@ -1164,9 +1266,9 @@ class Replayer(HeldMode):
             self._make_room(self._curve[i])
 
     # -- small ops off the record (NOTE [Small ops off the record] in plans.py) ---------
-    def _small(self, func, storages) -> bool:
+    def _small(self, func, storages, op=None) -> bool:
         """Rule 1, as an op runs: it reads only storages of at most SMALL_OP_BYTES."""
-        if func.namespace in DISTRIBUTED_NAMESPACES:
+        if (op if op is not None else self._op(func)).distributed:
             return False
         entry_of = self.res.entry_of
         for s in storages:
@@ -1367,19 +1469,24 @@ class Replayer(HeldMode):
             if remake is not None and entry.ref() is not None:
                 remake.spare(written)
 
-    def _runs_small(self, func, args, kwargs, storages) -> bool:
+    def _runs_small(self, func, args, kwargs, storages, op=None) -> bool:
         """Rules 1 and 5, before the op runs: it reads only small storages, and its meta
         kernel does not say it makes a larger one (a factory: `torch.full((n,), 1.0)`),
         nor, unless the record has a small function of its name where the step stands,
         did an earlier call of its signature make one (rule 5: a rare MoE expert's
         `nonzero`, recorded small, is judged by its own call, helper-156; an op the
         record lacks there by what its signature made, whose room is made first,
-        helper-158)."""
-        if not self._small(func, storages):
+        helper-158). `op`: `func`'s `_Op`, where the caller has it."""
+        if op is None:
+            op = self._op(func)
+        if not self._small(func, storages, op):
             return False
-        if makes_nothing_new(func):
+        if op.nothing_new is None:
+            op.nothing_new = makes_nothing_new(func)
+            op.pointwise = torch.Tag.pointwise in func.tags
+        if op.nothing_new:
             return True
-        if torch.Tag.pointwise in func.tags:
+        if op.pointwise:
             # `created_bytes` counts a pointwise op's output at its widest input dtype, room
             # to spare; here it is counted as PyTorch promotes (`_pointwise_width`).
             tensors = _tensors_read(func, args, kwargs)
@@ -1392,7 +1499,7 @@ class Replayer(HeldMode):
             width = _pointwise_width(func, args, kwargs, tensors)
             return math.prod(shape) * width <= SMALL_OP_BYTES
         i = self.index
-        recorded_small = i < self.n and self.small[i] and self.op_names[i] == self._name(func)
+        recorded_small = i < self.n and self.small[i] and self.op_names[i] == op.name
         made = created_bytes(func, args, kwargs, learned=not recorded_small)
         return made is None or made <= SMALL_OP_BYTES
 
