@@ -1044,7 +1044,7 @@ def test_the_readmes_scheduler_recipe_resumes_the_schedule_bitwise(tmp_path, nam
         fresh, fresh_opt = _linear4()
         with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
             start = ooc.resume(fresh, fresh_opt)
-            # The recipe, as the README gives it.
+            # The recipe, as the README gives it (without extra=).
             for group in fresh_opt.param_groups:
                 group["lr"] = group.get("initial_lr", group["lr"])
             with warnings.catch_warnings():   # "lr_scheduler.step() before optimizer.step()"
@@ -1433,3 +1433,109 @@ def test_optimizers_resumed_over_other_parameters_are_refused(tmp_path):
         assert ooc.resume(fresh, fresh_opts) == 2
     assert torch.equal(fresh_opts[1].state[fresh["d"].weight]["exp_avg"],
                        opts[1].state[model["d"].weight]["exp_avg"])
+
+
+class _Counter:
+    """An extra= state of the user's: a sampler's position."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+_EXTRAS = {**_SCHEDULERS, "ReduceLROnPlateau": lambda opt: torch.optim.lr_scheduler.
+           ReduceLROnPlateau(opt, patience=0, factor=0.5)}
+
+
+@pytest.mark.parametrize("name", sorted(_EXTRAS))
+def test_extra_states_resume_the_schedule_and_the_scale_bitwise(tmp_path, name):
+    """Rule 16: a scheduler, a GradScaler and a counter of the user's named in
+    extra= are kept at each commit, and a run stopped after 6 iterations and resumed
+    into new objects goes on with the learning rates, the scale and the parameters of
+    one never stopped. ReduceLROnPlateau (it follows a metric) and the GradScaler's scale
+    (it follows the gradients) had no recipe before."""
+    def make():
+        model, opt = _linear4()
+        return (model, opt, _EXTRAS[name](opt),
+                torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=2), _Counter())
+
+    def step(model, opt, sched, scaler, counter):
+        loss = model(_X).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if name == "ReduceLROnPlateau":
+            sched.step(loss.item())
+        else:
+            sched.step()
+        counter.value += 1
+        return opt.param_groups[0]["lr"], scaler.get_scale()
+
+    plain = make()
+    expected = [step(*plain) for _ in range(TOTAL)]
+    got = []
+    for stop in (6, TOTAL):
+        objs = make()
+        model, opt, sched, scaler, counter = objs
+        with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+            start = ooc.resume(model, opt, extra={"sched": sched, "scaler": scaler,
+                                                  "counter": counter})
+            assert counter.value == start
+            for _ in range(start, stop):
+                with ooc.iteration():
+                    got.append(step(*objs))
+    assert got == expected
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), model.parameters()))
+    assert len({scale for _, scale in expected}) > 2           # the scale did change
+
+
+def test_extra_states_that_cannot_be_kept_are_refused(tmp_path, caplog):
+    """Rule 16's refusals: not a dict, an object without state_dict(), a model or an
+    optimizer (their place is model= and optimizer=); a state_dict() a manifest cannot
+    hold, at the commit, before anything is written; other names at resume(), before
+    anything is copied; and a state stepped between iterations is told once."""
+    model, opt = _linear4()
+    counter = _Counter()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        for extra, match in (([counter], "must be a dict"), ({"c": object()}, "has no state_dict"),
+                             ({1: counter}, "names must be strings"),
+                             ({"ema": model}, "is a model: pass it as model"),
+                             ({"o": opt}, "is an optimizer: pass it as optimizer")):
+            with pytest.raises(OutcoreError, match=match):
+                ooc.resume(model, opt, extra=extra)
+        ooc.resume(model, opt, extra={"counter": counter})
+        with ooc.iteration():
+            _step(model, opt)
+        counter.value = 5                       # between iterations: kept a step behind
+        with caplog.at_level("WARNING", logger="outcore"):
+            for _ in range(2):
+                with ooc.iteration():
+                    _step(model, opt)
+                counter.value += 1
+        told = [r for r in caplog.records if "'counter' changed between iterations" in
+                r.getMessage()]
+        assert len(told) == 1, caplog.text
+        counter.value = object()                # no manifest reads that back
+        with pytest.raises(OutcoreError, match=r"extra=\{'counter': _Counter\} holds what a "
+                           r"state manifest cannot keep"):
+            with ooc.iteration():
+                _step(model, opt)
+    fresh, fresh_opt = _linear4()
+    for extra, match in ((None, r"keeps extra= states named \['counter'\], and resume.. got "
+                          r"\[\]; pass \['counter'\] too"),
+                         ({"counter": _Counter(), "sampler": _Counter()}, "keeps none of "
+                          r"\['sampler'\]")):
+        with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+            with pytest.raises(OutcoreError, match=match):
+                ooc.resume(fresh, fresh_opt, extra=extra)
+        assert not fresh_opt.state
+    again = _Counter()
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, fresh_opt, extra={"counter": again}) == 3
+    assert again.value == 6

@@ -129,11 +129,26 @@ NOTE [Durable state]
      owns; resume() refuses a partition that differs (other ranks, other parameters:
      some state would be another rank's, or none) before anything is copied, and loads
      with ZeRO's load_state_dict(), which takes each rank's part.
+ 16. `extra={name: obj}` in resume() (and keep()) keeps the state_dict() of each object
+     beside the model's: a learning-rate scheduler, a GradScaler, a sampler. Only torch's
+     CPU generator was kept, and a scheduler's state had a recipe (rebuilt and stepped to
+     the count); ReduceLROnPlateau's, which follows a metric, and a GradScaler's scale,
+     which follows the gradients, had none. The states go into the manifest whole (they
+     are small; a model goes in `model`), taken at each commit, the end of an iteration
+     block: one stepped after the block (`sched.step()` between iterations) is kept as it
+     was before, a step behind the optimizer, so each iteration's start compares each
+     state with the one committed and warns once where one changed in between
+     (`changed_between`). A state a manifest cannot hold (its reader takes tensors,
+     numbers, strings, lists and dicts: `weights_only`) is refused at the commit, before
+     anything is written, naming it; resume() refuses other names before anything is
+     copied, and loads each with its load_state_dict() after the optimizers.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import io
+import logging
 import os
 import re
 import sys
@@ -148,6 +163,7 @@ from .checkpoint import atomic_save
 from .compose import _distributed_up
 from .residency import ValuesLost
 
+log = logging.getLogger("outcore")
 MANIFEST = "manifest.pt"
 FORMAT, VERSION = "outcore.state", 1
 _SWAP = re.compile(r"^state-(\d+)\.swap$")
@@ -160,7 +176,8 @@ def _swap_name(generation: int) -> str:
 def _state_of(manifest: dict) -> dict:
     """The part of a manifest a later one keeps as its `previous` (rule 8)."""
     return {**{key: manifest[key] for key in ("file", "iterations", "rng", "model", "optimizer")},
-            **{key: manifest.get(key) for key in ("optimizer_class", "optimizer_params")},
+            **{key: manifest.get(key) for key in ("optimizer_class", "optimizer_params",
+                                                  "extra")},
             "grads": manifest.get("grads") or {}}
 
 
@@ -363,6 +380,9 @@ class Durable:
         self.model = None
         self.optimizers: tuple = ()     # those kept, as named (each `unwrapped`; rule 13)
         self._steppers: set = set()     # ... and the ids of the objects whose step() does
+        self.extras: dict = {}          # rule 16: {name: object with a state_dict()}
+        self._extra_bytes: dict = {}    # ... each one's state as this process committed it
+        self._warned_between: set = set()
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
         self._ours = None               # ... the ids of the kept model's parameters, till a commit
         self.copied = False             # resume() has copied some kept state into the model
@@ -375,9 +395,12 @@ class Durable:
         self.file_gone = False                  # rule 12: the state file was removed
         self.last_end = 0               # where the committed state's bytes end in its file
 
-    def keep(self, model, optimizers) -> None:
+    def keep(self, model, optimizers, extras=None) -> None:
         """Rule 13: keep `model` and the sequence `optimizers` from the next commit on
-        (`ooc.keep`; a wrapper that is no optimizer is seen through: `unwrapped`)."""
+        (`ooc.keep`; a wrapper that is no optimizer is seen through: `unwrapped`), and
+        the dict `extras` (rule 16; None: those kept so far)."""
+        if extras is not None:
+            self.extras, self._extra_bytes = dict(extras), {}
         self.model, self.optimizers = model, tuple(unwrapped(o) for o in optimizers)
         # ids, not objects: one lookup a step however many there are (one per parameter,
         # helper-214); each is held by self.optimizers, so no id is another's meanwhile.
@@ -404,6 +427,45 @@ class Durable:
         ref = self.others.get(id(optimizer))
         if ref is None or ref() is not optimizer:           # new, or an id used again
             self.others[id(optimizer)] = weakref.ref(optimizer)
+
+    def _extra_state(self) -> tuple[dict, dict]:
+        """Rule 16: each extra's state_dict() as the manifest keeps it, and its bytes
+        (torch.save's); one the manifest's reader would refuse is refused now."""
+        states, raw = {}, {}
+        for name, obj in self.extras.items():
+            states[name] = obj.state_dict()
+            buffer = io.BytesIO()
+            torch.save(states[name], buffer)
+            raw[name] = buffer.getvalue()
+            try:
+                torch.load(io.BytesIO(raw[name]), weights_only=True)
+            except Exception as exc:        # noqa: BLE001 - the unpickler's refusal, any kind
+                raise OutcoreError(
+                    f"the state_dict() of extra={{{name!r}: {type(obj).__name__}}} holds "
+                    f"what a state manifest cannot keep (it is read back with "
+                    f"weights_only=True: {str(exc).splitlines()[0][:200]}). Keep tensors, "
+                    "numbers, strings, lists and dicts there, or leave it out of extra= and "
+                    "keep it yourself. Nothing of this iteration was committed") from exc
+        return states, raw
+
+    def changed_between(self) -> list:
+        """Rule 16, as an iteration starts: the extras whose state changed since this
+        process committed it (stepped between iterations: the commit kept it a step
+        behind), each told once."""
+        changed = []
+        for name, obj in self.extras.items():
+            kept = self._extra_bytes.get(name)
+            if kept is None or name in self._warned_between:
+                continue
+            buffer = io.BytesIO()
+            try:
+                torch.save(obj.state_dict(), buffer)
+            except Exception:               # noqa: BLE001 - the commit will say why
+                continue
+            if buffer.getvalue() != kept:
+                self._warned_between.add(name)
+                changed.append(name)
+        return changed
 
     def _left_out(self, kept_states):
         """Rule 13: an optimizer that stepped and lives, with a state tensor that
@@ -562,11 +624,23 @@ class Durable:
         self.last = state
         self.iterations = self.done = state["iterations"]
 
-    def load_into(self, model, optimizers, named) -> None:
-        """Copy the manifest's state into `model` and the sequence `optimizers` (rule 4);
-        `named`: what resume() was given for each, the wrapper where the optimizer is what
-        it wraps (rule 13)."""
+    def load_into(self, model, optimizers, named, extras) -> None:
+        """Copy the manifest's state into `model`, the sequence `optimizers` (rule 4) and
+        the dict `extras` (rule 16); `named`: what resume() was given for each optimizer,
+        the wrapper where the optimizer is what it wraps (rule 13)."""
         file = self.manifest["file"]
+        kept_extra = self.manifest.get("extra") or {}
+        if kept_extra.keys() != extras.keys():
+            lacking = sorted(extras.keys() - kept_extra.keys())
+            more = sorted(kept_extra.keys() - extras.keys())
+            raise OutcoreError(
+                f"the state in {self.directory} keeps extra= states named {sorted(kept_extra)}"
+                f", and resume() got {sorted(extras)}"
+                + (f": it keeps none of {lacking}" if lacking else "")
+                + (f"; pass {more} too, or their state is lost at the next commit" if more
+                   else "")
+                + ". Pass the extra= it was kept with, or another state_dir. Nothing was "
+                "loaded")
         saved = self.manifest["model"]
         ours = model.state_dict(keep_vars=True)
         kept = self._check_optimizers(model, optimizers, named)   # before anything is copied
@@ -598,6 +672,8 @@ class Durable:
                               if name in grads else None)
         for optimizer, state in zip(optimizers, kept):
             self._load_optimizer(optimizer, state, file)
+        for name, obj in extras.items():                                     # rule 16
+            obj.load_state_dict(kept_extra[name])
         torch.set_rng_state(self.manifest["rng"])
 
     def _load_optimizer(self, optimizer, kept: dict, file: str) -> None:
@@ -761,6 +837,7 @@ class Durable:
         left_out = self._left_out(kept_states)                               # rule 13
         if left_out is not None:
             raise OutcoreError(self._other_optimizer(left_out))
+        extra, extra_bytes = self._extra_state()                             # rule 16
         committed: dict = {}
         ends: list = []             # where each tensor's bytes end in the file (`broken`)
 
@@ -799,7 +876,8 @@ class Durable:
         state = {"file": _swap_name(self.generation), "iterations": iterations,
                  "rng": torch.get_rng_state(), "model": model, "optimizer": optimizer,
                  "optimizer_class": _one_or_list([_class_name(o) for o in self.optimizers]),
-                 "optimizer_params": _held(self.model, self.optimizers), "grads": grads}
+                 "optimizer_params": _held(self.model, self.optimizers), "grads": grads,
+                 "extra": extra}
         try:
             atomic_save({"format": FORMAT, "version": VERSION, "generation": self.generation,
                          **state, "previous": previous},
@@ -811,6 +889,7 @@ class Durable:
         mover.commit(kept)
         self.iterations = iterations
         self.committed = True
+        self._extra_bytes = extra_bytes
         self.last_end = max(ends, default=0)
         self.last, self.last_extents = state, committed
         named = {state["file"], previous["file"] if previous is not None else None}

@@ -733,14 +733,17 @@ class OutOfCore:
         is made (run/building.py). Initialization is bitwise what it is without outcore."""
         return _Building(self)
 
-    def resume(self, model, optimizer=None) -> int:
+    def resume(self, model, optimizer=None, *, extra=None) -> int:
         """With `state_dir`: name the model and optimizer whose state is kept there, load
         the last durable state into them if there is one (under the budget, with the
         random number generator's state), and return how many iterations it had done
         (0 for a fresh directory). Call once, before the first iteration; then continue
         the loop from the returned count (NOTE [Durable state] in durable.py). A loop
         that steps several optimizers with state names them all, in a list, the same
-        order each time: `ooc.resume(model, [muon, adamw])` (rule 13). Under
+        order each time: `ooc.resume(model, [muon, adamw])` (rule 13). `extra`, a dict
+        of objects with a state_dict() (a learning-rate scheduler, a GradScaler), keeps
+        their state too, taken at the end of each iteration block: step them inside it
+        (rule 16). Under
         torch.distributed every rank calls it (it is a collective): a rank one iteration
         ahead of another (a stop between their commits) resumes from the state it kept one
         commit before; ranks further apart are refused before anything is loaded."""
@@ -753,25 +756,27 @@ class OutOfCore:
             raise OutcoreError("call ooc.resume(model, optimizer) once, before the first iteration")
         durable = self._durable
         named = _optimizers("resume", model, optimizer)
+        extras = _extras("resume", extra) or {}
         optimizers = [unwrapped(o) for o in named]          # NOTE [Durable state] rule 13
         _same_on_every_rank(durable)
         if durable.manifest is not None:
             try:
                 with self.building():
-                    durable.load_into(model, optimizers, named)
+                    durable.load_into(model, optimizers, named, extras)
             except BaseException as exc:
                 note = durable.failed_note(exc)
                 if note is not None:
                     exc.add_note(note)
                 raise
-        durable.keep(model, optimizers)
+        durable.keep(model, optimizers, extras)
         return durable.iterations
 
-    def keep(self, model, optimizer=None) -> None:
+    def keep(self, model, optimizer=None, *, extra=None) -> None:
         """With `state_dir`, after resume(): from the next commit on, keep the state of
         `model` and `optimizer` there instead of those named before: a loop that replaced
         its optimizer (or its model) names the new one, between iterations (several in a
-        list, as resume() takes them). Nothing is
+        list, as resume() takes them; `extra` as resume() takes it, None for those named
+        before). Nothing is
         loaded or written now. Until it is called, a commit after another optimizer with
         state stepped is refused (NOTE [Durable state] rule 13 in durable.py)."""
         durable = self._durable
@@ -787,7 +792,7 @@ class OutOfCore:
         if self._active:
             raise OutcoreError("call ooc.keep(model, optimizer) between iterations, not "
                                "inside `with ooc.iteration():`")
-        durable.keep(model, _optimizers("keep", model, optimizer))
+        durable.keep(model, _optimizers("keep", model, optimizer), _extras("keep", extra))
 
     @contextlib.contextmanager
     def between(self):
@@ -1879,6 +1884,33 @@ def _optimizers(api: str, model, optimizer) -> list:
     return optimizers
 
 
+def _extras(api: str, extra) -> dict | None:
+    """resume()'s and keep()'s `extra`: None, or a dict of names to objects with a
+    state_dict() and a load_state_dict() (NOTE [Durable state] rule 16)."""
+    if extra is None:
+        return None
+    if not isinstance(extra, dict):
+        raise OutcoreError(f"{api}(..., extra=...): extra must be a dict of names to objects "
+                           f"with state_dict() and load_state_dict(), got "
+                           f"{type(extra).__name__}")
+    for name, obj in extra.items():
+        if not isinstance(name, str):
+            raise OutcoreError(f"{api}(..., extra=...): its names must be strings, got "
+                               f"{name!r}")
+        if not (callable(getattr(obj, "state_dict", None))
+                and callable(getattr(obj, "load_state_dict", None))):
+            raise OutcoreError(f"{api}(..., extra=...): {name!r} is a {type(obj).__name__}, "
+                               "which has no state_dict() and load_state_dict()")
+        if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
+            kind, where = (("a model", "model (several in a torch.nn.ModuleDict)")
+                           if isinstance(obj, torch.nn.Module) else
+                           ("an optimizer", "optimizer (several in a list)"))
+            raise OutcoreError(f"{api}(..., extra=...): {name!r} is {kind}: pass it as "
+                               f"{where}, whose state goes to the state file; extra= keeps "
+                               "small states, in the manifest")
+    return dict(extra)
+
+
 def _same_on_every_rank(durable) -> None:
     """Under a process group, bring every rank to the same durable iteration before
     anything is loaded: each rank commits on its own, so a stop between two ranks'
@@ -2009,6 +2041,13 @@ class _Iteration:
                 raise OutcoreError("with state_dir, call ooc.resume(model, optimizer) before the "
                                    "first iteration: it names the state to keep, and loads it "
                                    "when the directory has some")
+            if ooc._durable is not None and type(self) is _Iteration:
+                for name in ooc._durable.changed_between():     # NOTE [Durable state] 16
+                    log.warning("ooc.resume(..., extra=...): the state of %r changed between "
+                                "iterations, after the last commit, which kept it as it was "
+                                "before: a resume would take it a step behind. Step it inside "
+                                "`with ooc.iteration():` (after optimizer.step()), where the "
+                                "commit at its end takes it", name)
             with ooc._gate:          # an async checkpoint on another thread finishes first
                 ooc._await_readers("building" if isinstance(self, _Building) else "iteration")
                 ooc._active = "building" if isinstance(self, _Building) else "iteration"
