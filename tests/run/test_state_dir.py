@@ -1391,6 +1391,25 @@ def test_keep_names_several_optimizers_and_refuses_what_is_no_optimizer(tmp_path
                        head.state[model[2].weight]["momentum_buffer"])
 
 
+def test_an_optimizer_over_parameters_outside_the_model_is_refused(tmp_path):
+    """helper-215: an optimizer over a head that is not in the model was accepted; the
+    commits kept its moments but not the head's weights, and a resume gave the moments
+    to a freshly made head (the run diverged without a word). Refused now, saying where
+    the head goes."""
+    model, _ = _mlp_and_adamw()
+    head = torch.nn.Linear(10, 3)
+    opts = [torch.optim.AdamW(model.parameters()), torch.optim.Adam(head.parameters())]
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        with pytest.raises(OutcoreError, match=r"the optimizer 2 of 2 \(Adam\) holds 2 "
+                           r"parameters that are not the model's \(\(3, 10\), \(3,\)\).*"
+                           r"torch.nn.ModuleDict"):
+            ooc.resume(model, opts)
+        both = torch.nn.ModuleDict({"body": model, "head": head})
+        assert ooc.resume(both, opts) == 0
+        with pytest.raises(OutcoreError, match=r"the optimizer \(Adam\) holds 2 parameters"):
+            ooc.keep(model, opts[1])
+
+
 def test_optimizers_resumed_over_other_parameters_are_refused(tmp_path):
     """helper-214: a GAN's two Adams (generator and discriminator of the same shapes)
     resumed as [opt_d, opt_g] passed the class and group-size checks, and each one's
@@ -1521,11 +1540,16 @@ def test_extra_states_that_cannot_be_kept_are_refused(tmp_path, caplog):
         told = [r for r in caplog.records if "'counter' changed between iterations" in
                 r.getMessage()]
         assert len(told) == 1, caplog.text
-        counter.value = object()                # no manifest reads that back
-        with pytest.raises(OutcoreError, match=r"extra=\{'counter': _Counter\} holds what a "
-                           r"state manifest cannot keep"):
-            with ooc.iteration():
-                _step(model, opt)
+        import numpy
+        for value, why in ((object(), r"an object made by (builtins\.)?object"),
+                           (numpy.zeros(3), r"an object made by numpy.*multiarray"),
+                           (lambda: 0, r"Can't (pickle|get local object)")):   # helper-215
+            counter.value = value               # no manifest reads that back
+            with pytest.raises(OutcoreError, match=r"extra=\{'counter': _Counter\} holds what "
+                               rf"a state manifest cannot keep \({why}.*was committed\. "
+                               r"Nothing in memory"):
+                with ooc.iteration():
+                    _step(model, opt)
     fresh, fresh_opt = _linear4()
     for extra, match in ((None, r"keeps extra= states named \['counter'\], and resume.. got "
                           r"\[\]; pass \['counter'\] too"),

@@ -210,6 +210,17 @@ def unwrapped(optimizer):
     return optimizer
 
 
+def _unreadable(exc: Exception) -> str:
+    """What torch.save or a weights_only torch.load refused, in a few words (rule 16):
+    the global the unpickler does not allow (a numpy array's), or the first line of the
+    error without its terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"an object made by {found.group(1)}, which it does not allow"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def _class_name(optimizer) -> str | None:
     """The optimizer's class, as the manifest keeps it (None for none; ZeRO's for its
     part, rule 15)."""
@@ -435,17 +446,17 @@ class Durable:
         for name, obj in self.extras.items():
             states[name] = obj.state_dict()
             buffer = io.BytesIO()
-            torch.save(states[name], buffer)
-            raw[name] = buffer.getvalue()
             try:
+                torch.save(states[name], buffer)        # a lambda: pickle's AttributeError
+                raw[name] = buffer.getvalue()
                 torch.load(io.BytesIO(raw[name]), weights_only=True)
-            except Exception as exc:        # noqa: BLE001 - the unpickler's refusal, any kind
+            except Exception as exc:        # noqa: BLE001 - the pickler's refusal, any kind
                 raise OutcoreError(
                     f"the state_dict() of extra={{{name!r}: {type(obj).__name__}}} holds "
-                    f"what a state manifest cannot keep (it is read back with "
-                    f"weights_only=True: {str(exc).splitlines()[0][:200]}). Keep tensors, "
-                    "numbers, strings, lists and dicts there, or leave it out of extra= and "
-                    "keep it yourself. Nothing of this iteration was committed") from exc
+                    f"what a state manifest cannot keep ({_unreadable(exc)}; the manifest is "
+                    "read back with torch.load(weights_only=True)). Keep tensors, numbers, "
+                    "strings, lists and dicts there, or leave it out of extra= and keep it "
+                    "yourself. Nothing of this iteration was committed.") from exc
         return states, raw
 
     def changed_between(self) -> list:
@@ -792,8 +803,9 @@ class Durable:
             raise OutcoreError(
                 f"the state in {self.directory} was kept by a {saved_class}{which}, and "
                 f"resume() got a {_class_name(optimizer)}: its state would not be what this "
-                "one's step reads. Pass the optimizer it was trained with, or another "
-                "state_dir")
+                "one's step reads. Pass the optimizer it was trained with"
+                + (", the several in the order they were named" if which else "")
+                + ", or another state_dir")
         if isinstance(optimizer, _ZeroPart):                                 # rule 15
             optimizer.check(kept, self.directory)
         groups = kept.get("param_groups", [])

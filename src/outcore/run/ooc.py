@@ -1881,6 +1881,19 @@ def _optimizers(api: str, model, optimizer) -> list:
     if len({id(identity(item)) for item in optimizers}) != len(optimizers):
         raise OutcoreError(f"{api}(model, [...]): an optimizer is named twice in the list; "
                            "name each once")
+    ours = {id(p) for p in model.parameters()}
+    for place, item in enumerate(optimizers):
+        outside = [p for group in item.param_groups for p in group["params"]
+                   if id(p) not in ours]
+        if outside:                     # helper-215: kept state, lost parameters
+            which = f"optimizer {place + 1} of {len(optimizers)}" if several else "optimizer"
+            raise OutcoreError(
+                f"{api}(model, optimizer): the {which} ({type(item).__name__}) holds "
+                f"{len(outside)} parameter{'s' if len(outside) > 1 else ''} that are not "
+                f"the model's ({', '.join(str(tuple(p.shape)) for p in outside[:4])}): "
+                "state_dir keeps the model's parameters and would resume that optimizer's "
+                "state beside freshly made ones. Put the modules they belong to in the "
+                "model (several models: a torch.nn.ModuleDict)")
     return optimizers
 
 
@@ -2043,11 +2056,12 @@ class _Iteration:
                                    "when the directory has some")
             if ooc._durable is not None and type(self) is _Iteration:
                 for name in ooc._durable.changed_between():     # NOTE [Durable state] 16
-                    log.warning("ooc.resume(..., extra=...): the state of %r changed between "
-                                "iterations, after the last commit, which kept it as it was "
-                                "before: a resume would take it a step behind. Step it inside "
-                                "`with ooc.iteration():` (after optimizer.step()), where the "
-                                "commit at its end takes it", name)
+                    log.warning("state_dir: the state of extra %r changed between iterations, "
+                                "after the last commit, which kept it as it was before: a "
+                                "resume would take it a step behind. Step it inside `with "
+                                "ooc.iteration():` (after optimizer.step(); a scheduler that "
+                                "follows a metric with the metric computed there or carried "
+                                "into the block), where the commit at its end takes it", name)
             with ooc._gate:          # an async checkpoint on another thread finishes first
                 ooc._await_readers("building" if isinstance(self, _Building) else "iteration")
                 ooc._active = "building" if isinstance(self, _Building) else "iteration"
