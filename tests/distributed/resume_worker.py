@@ -90,6 +90,18 @@ def train(model, opt, state_dir, iterations, budget="256KiB") -> int:
     return start
 
 
+def kept_and_resumed(build, alike, state_dir) -> dict:
+    """2 iterations of build()'s pair kept in `state_dir`, resumed into a new pair and
+    trained to 4: where it resumed, and whether it ends `alike` 4 plain iterations."""
+    plain = build()
+    for _ in range(4):
+        step(*plain)
+    train(*build(), state_dir, 2, budget="1MiB")
+    resumed = build()
+    return {"start": train(*resumed, state_dir, 4, budget="1MiB"),
+            "plain": alike(plain, resumed)}
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -112,22 +124,8 @@ def main(out: str) -> None:
             got["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         got["files"] = sorted(os.listdir(state_dir))
         result[case] = got
-    state_dir = os.path.join(out, "fsdp", f"rank{rank}")
-    plain = make_fsdp()
-    for _ in range(4):
-        step(*plain)
-    train(*make_fsdp(), state_dir, 2, budget="1MiB")
-    resumed = make_fsdp()
-    result["fsdp"] = {"start": train(*resumed, state_dir, 4, budget="1MiB"),
-                      "plain": same(plain, resumed)}
-    state_dir = os.path.join(out, "zero", f"rank{rank}")
-    plain = make_zero()
-    for _ in range(4):
-        step(*plain)
-    train(*make_zero(), state_dir, 2, budget="1MiB")
-    resumed = make_zero()
-    result["zero"] = {"start": train(*resumed, state_dir, 4, budget="1MiB"),
-                      "plain": same_zero(plain, resumed)}
+    for case, build, alike in (("fsdp", make_fsdp, same), ("zero", make_zero, same_zero)):
+        result[case] = kept_and_resumed(build, alike, os.path.join(out, case, f"rank{rank}"))
     train(*make_zero(), os.path.join(out, "zero-other", f"rank{rank}"), 1, budget="1MiB")
     dist.barrier()
     model, opt = make_zero()        # each rank given the other's directory: another part
