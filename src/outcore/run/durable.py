@@ -115,7 +115,9 @@ NOTE [Durable state]
      (`optimizer_params`), and resume() refuses another count, class or order before
      anything is copied: a GAN's two Adams resumed swapped passed the class checks and
      loaded each one's moments into the other's parameters (helper-214). One that is
-     not named is refused as above.
+     not named is refused as above, and one that holds parameters outside the model by
+     resume() and keep() (`ooc._optimizers`): their values are not kept, and a resume
+     gave its moments to a freshly made head (helper-215).
  14. Resume restores each optimizer state tensor with the dtype it was kept with:
      torch's `Optimizer.load_state_dict` casts floating state to its parameter's dtype,
      so the float32 momentum of a model converted to bfloat16 came back bfloat16, and
@@ -148,7 +150,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import io
-import logging
 import os
 import re
 import sys
@@ -163,7 +164,6 @@ from .checkpoint import atomic_save
 from .compose import _distributed_up
 from .residency import ValuesLost
 
-log = logging.getLogger("outcore")
 MANIFEST = "manifest.pt"
 FORMAT, VERSION = "outcore.state", 1
 _SWAP = re.compile(r"^state-(\d+)\.swap$")
