@@ -13,7 +13,7 @@ import sys
 from ..errors import OutcoreError
 
 # Subcommands in the order `outcore --help` lists them.
-COMMANDS = ("demo", "trace", "plan", "simulate", "plot", "report", "bench")
+COMMANDS = ("demo", "trace", "plan", "simulate", "plot", "report", "state", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -169,6 +169,79 @@ FORMAT, VERSION = "outcore.state", 1
 _SWAP = re.compile(r"^state-(\d+)\.swap$")
 
 
+def read_manifest(directory: str) -> dict | None:
+    """The manifest of the state directory `directory` (NOTE [Durable state] rule 1), or
+    None where it holds none; one outcore did not write, or of another version, is an
+    OutcoreError. It is read, never changed: the directory need not be unlocked."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        manifest = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise OutcoreError(f"{path} cannot be read ({exc}); it was not written by outcore, or "
+                           "the disk lost it. Move the directory away to start afresh.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise OutcoreError(f"{path} is not an outcore state manifest; pass another state_dir")
+    if manifest.get("version") != VERSION:
+        raise OutcoreError(f"{path} has version {manifest.get('version')}, this outcore reads "
+                           f"version {VERSION}")
+    return manifest
+
+
+def describe(directory) -> str:
+    """What the state directory `directory` keeps, in words (`outcore state DIR`): the
+    iterations done, the state file, the model's tensors, the optimizers and the extra=
+    states, so that a loop knows what resume() there takes before it calls it."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise OutcoreError(f"{directory} is no directory: pass the state_dir an OutOfCore kept")
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return (f"{directory} keeps no committed state: resume() there loads nothing and "
+                "returns 0")
+    extents: dict = {}
+
+    def count(ref):
+        extents[ref["offset"]] = ref["nbytes"]
+        return ref
+    _map_refs(manifest["model"], count)
+    model_bytes, extents = sum(extents.values()), {}
+    _map_refs([manifest["optimizer"], manifest.get("grads") or {}], count)
+    kept = _as_list(manifest["optimizer"])
+    classes = manifest.get("optimizer_class")
+    classes = classes if isinstance(classes, list) else [classes] * len(kept)
+    held = manifest.get("optimizer_params") or [None] * len(kept)
+    def over(params, state) -> int:
+        if params is not None:
+            return len(params)
+        return sum(len(group.get("params", ())) for group in state.get("param_groups", []))
+    optimizers = [f"{name or 'an optimizer'} over {over(params, state)} parameters"
+                  for name, params, state in zip(classes, held, kept)]
+    try:
+        size = format_bytes(os.path.getsize(os.path.join(directory, manifest["file"])))
+    except OSError:
+        size = "missing"
+    extra = sorted(manifest.get("extra") or {})
+    before = manifest.get("previous")
+    lines = [f"{directory}: the state after {manifest['iterations']} iterations, in "
+             f"{manifest['file']} ({size})",
+             f"  model: {len(manifest['model'])} tensors, {format_bytes(model_bytes)}; "
+             f"gradients of {len(manifest.get('grads') or {})} parameters",
+             "  optimizers: " + ("; ".join(optimizers) if optimizers else "none"),
+             f"  their state and the gradients: {format_bytes(sum(extents.values()))}",
+             "  extra=: " + (", ".join(extra) if extra else "none")]
+    if before is not None:
+        lines.append(f"  and the state after {before['iterations']} iterations, in "
+                     f"{before['file']} (kept under a process group: rule 8)")
+    named = ("None" if not kept else "optimizer" if len(kept) == 1 else
+             "[" + ", ".join(f"<{str(name).rsplit('.', 1)[-1]}>" for name in classes) + "]")
+    lines.append(f"resume(model, {named}" + (", extra={" + ", ".join(
+        f"{name!r}: ..." for name in extra) + "}" if extra else "")
+        + f") there returns {manifest['iterations']}")
+    return "\n".join(lines)
+
+
 def _swap_name(generation: int) -> str:
     return f"state-{generation}.swap"
 
@@ -577,20 +650,7 @@ class Durable:
                 self._lock = -1
 
     def _load(self):
-        path = os.path.join(self.directory, MANIFEST)
-        if not os.path.exists(path):
-            return None
-        try:
-            manifest = torch.load(path, weights_only=True)
-        except Exception as exc:
-            raise OutcoreError(f"{path} cannot be read ({exc}); it was not written by outcore, or "
-                               "the disk lost it. Move the directory away to start afresh.") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise OutcoreError(f"{path} is not an outcore state manifest; pass another state_dir")
-        if manifest.get("version") != VERSION:
-            raise OutcoreError(f"{path} has version {manifest.get('version')}, this outcore reads "
-                               f"version {VERSION}")
-        return manifest
+        return read_manifest(self.directory)
 
     # -- resume --------------------------------------------------------------------------
     def read(self, ref, file: str | None = None) -> torch.Tensor:
