@@ -91,8 +91,12 @@ from ..aten import FAST_PATH_OP, OutcoreMode, autocast_as_entered
 
 # Code objects in which a signal is held back even before `enter()` has run (rule 3).
 CRITICAL: set = set()
-# Code objects where Python would swallow the handler's exception (rule 6).
-SWALLOWING: set = {weakref.finalize.__call__.__code__}
+# Code objects where Python would swallow the handler's exception (rule 6): a weakref
+# callback, and the loop that runs finalizers at exit (a signal that rule 8's thread sent
+# again landed there, between two of them, under load, and the user's handler raised
+# SystemExit into it: "Exception ignored in atexit callback").
+SWALLOWING: set = {weakref.finalize.__call__.__code__,
+                   weakref.finalize._exitfunc.__func__.__code__}
 
 
 def critical(function):
