@@ -1151,22 +1151,15 @@ class _Lookahead(torch.optim.Optimizer):
         self._base_optimizer.load_state_dict(state)
 
 
-class _Nested(torch.optim.Optimizer):
+class _Nested(_Lookahead):
     """A wrapper whose state_dict() nests the wrapped one's whole (helper-211: the first
     form of rule 13 looked only under "state" and refused it)."""
 
-    def __init__(self, base):
-        super().__init__(base.param_groups, {})
-        self.base = base
-
-    def step(self, closure=None):
-        self.base.step()
-
     def state_dict(self):
-        return {"inner": self.base.state_dict(), "n": 1}
+        return {"inner": self._base_optimizer.state_dict(), "n": 1}
 
     def load_state_dict(self, state):
-        self.base.load_state_dict(state["inner"])
+        self._base_optimizer.load_state_dict(state["inner"])
 
 
 class _WithMore(torch.optim.Optimizer):

@@ -200,14 +200,6 @@ def describe(directory) -> str:
     if manifest is None:
         return (f"{directory} keeps no committed state: resume() there loads nothing and "
                 "returns 0")
-    extents: dict = {}
-
-    def count(ref):
-        extents[ref["offset"]] = ref["nbytes"]
-        return ref
-    _map_refs(manifest["model"], count)
-    model_bytes, extents = sum(extents.values()), {}
-    _map_refs([manifest["optimizer"], manifest.get("grads") or {}], count)
     kept = _as_list(manifest["optimizer"])
     classes = manifest.get("optimizer_class")
     classes = classes if isinstance(classes, list) else [classes] * len(kept)
@@ -226,10 +218,12 @@ def describe(directory) -> str:
     before = manifest.get("previous")
     lines = [f"{directory}: the state after {manifest['iterations']} iterations, in "
              f"{manifest['file']} ({size})",
-             f"  model: {len(manifest['model'])} tensors, {format_bytes(model_bytes)}; "
+             f"  model: {len(manifest['model'])} tensors, "
+             f"{format_bytes(_kept_bytes(manifest['model']))}; "
              f"gradients of {len(manifest.get('grads') or {})} parameters",
              "  optimizers: " + ("; ".join(optimizers) if optimizers else "none"),
-             f"  their state and the gradients: {format_bytes(sum(extents.values()))}",
+             "  their state and the gradients: "
+             + format_bytes(_kept_bytes([manifest["optimizer"], manifest.get("grads") or {}])),
              "  extra=: " + (", ".join(extra) if extra else "none")]
     if before is not None:
         lines.append(f"  and the state after {before['iterations']} iterations, in "
@@ -240,6 +234,13 @@ def describe(directory) -> str:
         f"{name!r}: ..." for name in extra) + "}" if extra else "")
         + f") there returns {manifest['iterations']}")
     return "\n".join(lines)
+
+
+def _kept_bytes(refs) -> int:
+    """The bytes in the state file of the tensors `refs` names, each extent once."""
+    extents: dict = {}
+    _map_refs(refs, lambda ref: extents.setdefault(ref["offset"], ref["nbytes"]))
+    return sum(extents.values())
 
 
 def _swap_name(generation: int) -> str:
@@ -522,7 +523,8 @@ class Durable:
             try:
                 torch.save(states[name], buffer)        # a lambda: pickle's AttributeError
                 raw[name] = buffer.getvalue()
-                torch.load(io.BytesIO(raw[name]), weights_only=True)
+                if raw[name] != self._extra_bytes.get(name):     # read back once a state
+                    torch.load(io.BytesIO(raw[name]), weights_only=True)
             except Exception as exc:        # noqa: BLE001 - the pickler's refusal, any kind
                 raise OutcoreError(
                     f"the state_dict() of extra={{{name!r}: {type(obj).__name__}}} holds "

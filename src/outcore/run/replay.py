@@ -965,8 +965,7 @@ class Replayer(HeldMode):
         return op
 
     def _name(self, func) -> str:
-        op = self._by_id.get(id(func))
-        return (op if op is not None else self._op(func)).name
+        return self._op(func).name
 
     def _one(self, func, args, kwargs, split=None):
         if self.deviation is not None:
