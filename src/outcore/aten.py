@@ -115,6 +115,38 @@ _UNMARKED_WRITES = {"aten::native_batch_norm": (3, 4, 5), "aten::cudnn_batch_nor
                     "aten::miopen_batch_norm": (3, 4, 5)}
 
 
+# Ops that overwrite their `self` whole without reading it (where it covers its storage).
+_OVERWRITING = frozenset({"aten::copy_", "aten::fill_", "aten::zero_"})
+
+
+@functools.lru_cache(maxsize=None)
+def _overwritten_arguments(func) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments `func` overwrites without reading them: `self`
+    of copy_, fill_ and zero_, and every out= argument."""
+    schema = func._schema
+    return tuple((pos, arg.name) for pos, arg in enumerate(schema.arguments)
+                 if arg.is_out or (pos == 0 and schema.name in _OVERWRITING))
+
+
+def overwritten_storages(func, args, kwargs) -> set[int]:
+    """The storages (`_cdata`) that `func` overwrites whole without reading them: an
+    argument of `_overwritten_arguments` that covers its storage (contiguous from its
+    start to its end). What such an op writes owes nothing to what was there before."""
+    found = set()
+    for pos, name in _overwritten_arguments(func):
+        value = args[pos] if pos < len(args) else kwargs.get(name)
+        for t in iter_tensors((value,)):
+            if t.layout != torch.strided or t.storage_offset() or not t.is_contiguous():
+                continue
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):     # no storage of its own
+                continue
+            if t.numel() * t.element_size() == storage.nbytes():
+                found.add(storage._cdata)
+    return found
+
+
 def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     out = []
     for pos, name in written_arguments(func):

@@ -4,6 +4,7 @@ PyTorch trained without interruption."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import textwrap
@@ -1556,3 +1557,68 @@ def test_extra_states_that_cannot_be_kept_are_refused(tmp_path, caplog):
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
         assert ooc.resume(fresh, fresh_opt, extra={"counter": again}) == 3
     assert again.value == 6
+
+
+def _unkept_told(tmp_path, caplog, case):
+    """Two iterations of `_linear4` under a state_dir with what `case` adds to each; the
+    rule-17 warnings said."""
+    model, opt = _linear4()
+    kept, extra = model, None
+    ema = copy.deepcopy(model).requires_grad_(False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    total, batch, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
+    if case == "ema in a ModuleDict":
+        kept = torch.nn.ModuleDict({"model": model, "ema": ema})
+    if case == "scaler in extra":
+        extra = {"scaler": scaler}
+
+    def step():
+        if case in ("scaler", "scaler in extra"):
+            scaler.scale(model(_X).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        else:
+            _step(model, opt)
+        if case.startswith("ema"):
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 0.01)
+        elif case == "running sum":
+            total.add_(1.0)
+        elif case == "buffers overwritten":
+            batch.copy_(_X)                         # a batch copied into a buffer
+            torch.mul(batch, 2.0, out=out)          # an out= argument
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(kept, opt, **({"extra": extra} if extra else {}))
+        with caplog.at_level("WARNING", logger="outcore"):
+            for _ in range(2):
+                with ooc.iteration():
+                    step()
+    return [r.getMessage() for r in caplog.records if "no commit keeps" in r.getMessage()]
+
+
+@pytest.mark.parametrize("case", ["ema", "scaler", "running sum"])
+def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, caplog, case):
+    """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= and
+    a running sum in a tensor made before the loop are changed in place by every
+    iteration and kept by no commit (a resume starts them afresh): one warning says so,
+    naming how many, the largest and the op that wrote it, and where each goes."""
+    told = _unkept_told(tmp_path, caplog, case)
+    assert len(told) == 1, told
+    expected = {"ema": ("8 tensors", "1.00 MiB", "float32", "aten::lerp_.Scalar"),
+                "scaler": ("2 tensors", "8 B", "4 B", "aten::_amp_update_scale_"),
+                "running sum": ("1 tensor ", "4 B", "float32", "aten::add_.Tensor")}[case]
+    for part in expected + ("ModuleDict({'model': model, 'ema': ema})",
+                            "extra={'scaler': scaler}"):
+        assert part in told[0], (part, told[0])
+
+
+@pytest.mark.parametrize("case", ["ema in a ModuleDict", "scaler in extra",
+                                  "buffers overwritten"])
+def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog, case):
+    """Rule 17's silence: an EMA model passed with the model, a GradScaler in extra= (its
+    state_dict() holds the scale as a number: its tensors count as kept), and buffers
+    the iteration overwrites whole before any read (a batch copied in, an out=
+    argument: DDP's gradient buckets are written so) need no warning."""
+    assert _unkept_told(tmp_path, caplog, case) == []

@@ -144,6 +144,21 @@ NOTE [Durable state]
      numbers, strings, lists and dicts: `weights_only`) is refused at the commit, before
      anything is written, naming it; resume() refuses other names before anything is
      copied, and loads each with its load_state_dict() after the optimizers.
+ 17. What else an iteration changes is told once, not kept. A commit keeps the model's
+     state_dict(), its gradients, the named optimizers' state and extra=; an EMA model
+     kept beside the model (`ema.lerp_(p, 0.01)`, AveragedModel.update_parameters), a
+     GradScaler left out of extra=, a running sum in a tensor made before the loop are
+     changed in place by every iteration, and a resume started them from what the
+     restarted script made, without a word (helper-215). So after a recording iteration
+     (`unkept`), the storages it wrote that existed before it and outlive it are matched
+     against what a commit keeps (the model's buffers not in its state_dict() and an
+     extra's own tensor attributes count as kept: GradScaler.state_dict() holds its
+     scale as a number); those left over are named in one warning, with where each was
+     first written. Not told: a storage whose first use in the iteration overwrote it
+     whole without reading it (`_ArrayLog.overwritten`: a buffer the batch is copied
+     into, DDP's gradient buckets, FSDP's unsharded parameters), for what it held before
+     the iteration never mattered, and one a library keeps in place itself (`Entry.owner`,
+     `Entry.foreign`).
 """
 from __future__ import annotations
 
@@ -466,6 +481,7 @@ class Durable:
         self.optimizers: tuple = ()     # those kept, as named (each `unwrapped`; rule 13)
         self._steppers: set = set()     # ... and the ids of the objects whose step() does
         self.extras: dict = {}          # rule 16: {name: object with a state_dict()}
+        self.told_unkept = False        # rule 17: said once per OutOfCore
         self._extra_bytes: dict = {}    # ... each one's state as this process committed it
         self._warned_between: set = set()
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
@@ -552,6 +568,54 @@ class Durable:
                 self._warned_between.add(name)
                 changed.append(name)
         return changed
+
+    def unkept(self, recording, res) -> list[tuple[int, str, str, str]]:
+        """Rule 17: the storages that `recording`'s iteration wrote, that existed before it
+        and outlive it and that no commit keeps, as (bytes, dtype, the op that first wrote
+        it, its phase), largest first."""
+        dtensor = _dtensor_class()
+        kept: set = set()
+
+        def add(t):
+            if isinstance(t, torch.Tensor):
+                try:
+                    kept.add(_local(t, dtensor).untyped_storage()._cdata)
+                except (RuntimeError, NotImplementedError):     # no storage (sparse)
+                    pass
+            return t
+        model = self.model
+        _map_refs(model.state_dict(keep_vars=True), add)
+        for _, buffer in model.named_buffers():     # not in state_dict(): persistent=False
+            add(buffer)
+        for parameter in model.parameters():
+            add(parameter.grad)
+        for optimizer in self.optimizers:
+            _map_refs(optimizer.state_dict(), add)
+        for obj in self.extras.values():
+            _map_refs(obj.state_dict(), add)
+            for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+                add(value)                  # GradScaler's _scale: a number in its state
+        left = []
+        for log in recording._logs:
+            if not log.existed_before or not log.write_phases or log.overwritten:
+                continue
+            ref = recording.alive_at_end.get(log.id)
+            storage = ref() if ref is not None else None
+            if storage is None or storage._cdata in kept:
+                continue
+            entry = res.entries.get(storage._cdata)
+            if entry is not None and (entry.owner or entry.foreign):
+                continue
+            left.append((log.nbytes, log.dtype, log.id, log.write_phases[0]))
+        if not left:
+            return []
+        first = {}                          # array -> the op that first wrote it
+        for fn in recording.trace.functions:
+            for access in fn.accesses:
+                if access.kind == "write":
+                    first.setdefault(access.array, fn.op)
+        return sorted(((nbytes, dtype, first.get(ident, "?"), phase)
+                       for nbytes, dtype, ident, phase in left), reverse=True)
 
     def _left_out(self, kept_states):
         """Rule 13: an optimizer that stepped and lives, with a state tensor that

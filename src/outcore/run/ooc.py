@@ -329,6 +329,40 @@ def _warn_graph_left(ooc, trace, index: int) -> None:
                     index, format_bytes(left))
 
 
+_PHASES = {"forward": "in the forward", "backward": "in the backward",
+           "optimizer": "in optimizer.step()", "other": "after or beside the model's step"}
+
+
+def _warn_unkept(ooc, recording) -> None:
+    """NOTE [Durable state] rule 17: once per OutOfCore, after a recording iteration with
+    a state_dir, name what it changed in place and no commit keeps."""
+    durable = ooc._durable
+    if durable is None or durable.model is None or durable.told_unkept:
+        return
+    try:
+        left = durable.unkept(recording, ooc._res)
+    except Exception:       # noqa: BLE001 - a user's state_dict(): the commit said it already
+        log.debug("state_dir: what the iteration changed could not be compared", exc_info=True)
+        return
+    if not left:
+        return
+    durable.told_unkept = True
+    nbytes, dtype, op, phase = left[0]
+    log.warning(
+        "state_dir: iteration %d changed %d tensor%s in place that existed before it and "
+        "outlive it, %s in all, and that no commit keeps (the largest: a %s tensor of %s, "
+        "first written by %s %s). A resume starts %s from what the restarted script makes, not "
+        "from what training made. An EMA model or another model trained beside yours: "
+        "pass them together as the model, ooc.resume(torch.nn.ModuleDict({'model': model, "
+        "'ema': ema}), optimizer); a GradScaler or another object with a state_dict(): "
+        "ooc.resume(model, optimizer, extra={'scaler': scaler}). A value that needs no "
+        "keeping (a running sum you reset) can stay as it is",
+        len(ooc._iterations), len(left), "s" if len(left) > 1 else "",
+        format_bytes(sum(item[0] for item in left)), dtype, format_bytes(nbytes),
+        op.replace("aten.", "aten::", 1), _PHASES.get(phase, phase),
+        "them" if len(left) > 1 else "it")
+
+
 def _step_outside(ref):
     """An optimizer step pre-hook for as long as the OutOfCore `ref` names is open: the
     first time an optimizer steps parameters it manages between its iterations, say so
@@ -2316,6 +2350,7 @@ class _Iteration:
             self._account(stepped, faulted, trimmed, peak, passive, deviation, completed=exc is None)
         if exc is None and not errors and self.recording and mode is not None:
             _warn_graph_left(ooc, mode.trace, len(ooc._iterations))
+            _warn_unkept(ooc, mode)
         if exc is None and not errors and mode is not None:
             adopting = time.perf_counter()
             try:

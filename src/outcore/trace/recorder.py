@@ -26,8 +26,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 
 from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
                     autocast_as_entered, call_split, eager_stance, made_outside,
-                    note_read_past, op_inputs, output_tensors, outside_dynamo, storage_of,
-                    written_tensors)
+                    note_read_past, op_inputs, output_tensors, outside_dynamo,
+                    overwritten_storages, storage_of, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -176,6 +176,10 @@ class _ArrayLog:
     freed_after: int | None = None
     write_phases: list = field(default_factory=list)
     read_phases: set = field(default_factory=set)
+    # Whether the first op that used its contents (no view op) overwrote them whole without
+    # reading them (`overwritten_storages`: a copy_ into a buffer, an out= argument); None
+    # until one does. What it held before the step mattered nothing to the step.
+    overwritten: bool | None = None
 
 
 class WorkspaceMeter:
@@ -409,8 +413,10 @@ class Recording(OutcoreMode):
         note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         workspace = meter.bytes() if meter is not None else 0
         outputs = output_tensors(out)
+        overwritten = (() if func.is_view or not written
+                       else overwritten_storages(func, args, kwargs))
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
-                  workspace)
+                  workspace, overwritten)
         self._after_op(func, inputs, written_list, outputs)
         return out
 
@@ -422,13 +428,14 @@ class Recording(OutcoreMode):
         pass
 
     def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
-             workspace):
+             workspace, overwritten=()):
         index = len(self._functions)
         kinds: dict[int, str] = {}          # array id -> strongest access kind, in order seen
         fresh = func._schema.name in FRESH_ARGUMENT_OPS
         for slot, t in enumerate(inputs):
             kind = "write" if id(t) in written else "read"
-            self._touch(t, index, slot, kind, phase, kinds, is_output=fresh)
+            self._touch(t, index, slot, kind, phase, kinds, is_output=fresh,
+                        used=None if func.is_view else overwritten)
         for slot, t in enumerate(outputs):
             self._touch(t, index, slot, "read", phase, kinds, is_output=True)
         flops = op_flops(func, args, kwargs, out)
@@ -446,7 +453,10 @@ class Recording(OutcoreMode):
             peer=_peer(func, args)))
         self._host_s = self._host_cpu_s = 0.0
 
-    def _touch(self, t, index, slot, kind, phase, kinds, *, is_output):
+    def _touch(self, t, index, slot, kind, phase, kinds, *, is_output, used=None):
+        """Note that function `index` accesses `t` (`kind`). `used`: where the op uses
+        the contents of its inputs (no view op), the storages it overwrites whole
+        (`_ArrayLog.overwritten`); None for a view op and for outputs."""
         storage = storage_of(t)
         if storage is None:
             return
@@ -473,6 +483,8 @@ class Recording(OutcoreMode):
         else:
             ident = entry[0]
         log = self._logs[ident]
+        if used is not None and log.overwritten is None:
+            log.overwritten = kind == "write" and key in used
         log.nbytes = max(log.nbytes, nbytes)
         log.last_use = index
         if kind == "write":
