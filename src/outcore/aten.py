@@ -115,36 +115,64 @@ _UNMARKED_WRITES = {"aten::native_batch_norm": (3, 4, 5), "aten::cudnn_batch_nor
                     "aten::miopen_batch_norm": (3, 4, 5)}
 
 
-# Ops that overwrite their `self` whole without reading it (where it covers its storage).
-_OVERWRITING = frozenset({"aten::copy_", "aten::fill_", "aten::zero_"})
+# Ops that overwrite their `self` without reading it: a copy, a fill, a random draw.
+_OVERWRITING = frozenset({
+    "aten::copy_", "aten::fill_", "aten::zero_", "aten::normal_", "aten::uniform_",
+    "aten::bernoulli_", "aten::random_", "aten::exponential_", "aten::geometric_",
+    "aten::cauchy_", "aten::log_normal_"})
+# Ops that neither read nor write an argument's contents: views, and `resize_` (a factory
+# with out= reaches the dispatcher as resize_ then the fill: `torch.randn(..., out=b)`).
+_NO_USE = frozenset({"aten::resize_"})
+
+
+def uses_contents(func) -> bool:
+    """Whether `func` reads or writes its tensor arguments' contents (a view op does not)."""
+    return not func.is_view and func._schema.name not in _NO_USE
 
 
 @functools.lru_cache(maxsize=None)
 def _overwritten_arguments(func) -> tuple[tuple[int, str], ...]:
     """(position, name) of the arguments `func` overwrites without reading them: `self`
-    of copy_, fill_ and zero_, and every out= argument."""
+    of `_OVERWRITING`'s ops, and every out= argument."""
     schema = func._schema
     return tuple((pos, arg.name) for pos, arg in enumerate(schema.arguments)
                  if arg.is_out or (pos == 0 and schema.name in _OVERWRITING))
 
 
-def overwritten_storages(func, args, kwargs) -> set[int]:
-    """The storages (`_cdata`) that `func` overwrites whole without reading them: an
-    argument of `_overwritten_arguments` that covers its storage (contiguous from its
-    start to its end). What such an op writes owes nothing to what was there before."""
-    found = set()
-    for pos, name in _overwritten_arguments(func):
-        value = args[pos] if pos < len(args) else kwargs.get(name)
+def overwritten_pieces(func, args, kwargs) -> dict[int, list[tuple[int, int]]]:
+    """What `func` overwrites without reading it: per storage (`_cdata`), the byte ranges
+    (start, end) of the arguments of `_overwritten_arguments` that are contiguous. A
+    storage another argument also reaches is read too (`torch.add(t, x, out=t)`): none
+    of it counts."""
+    overwritten = _overwritten_arguments(func)
+    if not overwritten:
+        return {}
+    positions = {pos for pos, _ in overwritten}
+    pieces: dict[int, list] = {}
+    read: set = set()
+    for pos, arg in enumerate(func._schema.arguments):
+        value = args[pos] if pos < len(args) else kwargs.get(arg.name)
         for t in iter_tensors((value,)):
-            if t.layout != torch.strided or t.storage_offset() or not t.is_contiguous():
+            storage = storage_of(t) if t.layout == torch.strided else None
+            if storage is None:
                 continue
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):     # no storage of its own
-                continue
-            if t.numel() * t.element_size() == storage.nbytes():
-                found.add(storage._cdata)
-    return found
+            if pos not in positions:
+                read.add(storage._cdata)
+            elif t.is_contiguous():
+                start = t.storage_offset() * t.element_size()
+                pieces.setdefault(storage._cdata, []).append(
+                    (start, start + t.numel() * t.element_size()))
+    return {key: ranges for key, ranges in pieces.items() if key not in read}
+
+
+def covers(pieces: list[tuple[int, int]], nbytes: int) -> bool:
+    """Whether the byte ranges `pieces` cover [0, nbytes)."""
+    reached = 0
+    for start, end in sorted(pieces):
+        if start > reached:
+            return False
+        reached = max(reached, end)
+    return reached >= nbytes
 
 
 def written_tensors(func, args, kwargs) -> list[torch.Tensor]:

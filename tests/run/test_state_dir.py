@@ -1559,66 +1559,118 @@ def test_extra_states_that_cannot_be_kept_are_refused(tmp_path, caplog):
     assert again.value == 6
 
 
-def _unkept_told(tmp_path, caplog, case):
-    """Two iterations of `_linear4` under a state_dir with what `case` adds to each; the
-    rule-17 warnings said."""
+class _Tracker:
+    """An extra= object of the user's whose state_dict() leaves out a tensor it changes."""
+
+    def __init__(self):
+        self.steps, self.loss_sum = 0, torch.zeros(())
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def _unkept_told(tmp_path, caplog, case, iterations=4):
+    """`iterations` iterations of `_linear4` (SGD where the case says so: no state of its
+    own made at the first step, so only the first iteration records) under a state_dir,
+    with what `case` adds to each; the rule-17 warnings said."""
     model, opt = _linear4()
+    if "sgd" in case:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
     kept, extra = model, None
     ema = copy.deepcopy(model).requires_grad_(False)
-    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-    total, batch, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
+    scaler, tracker = torch.amp.GradScaler("cpu", init_scale=4.0), _Tracker()
+    total, buffer, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
     if case == "ema in a ModuleDict":
         kept = torch.nn.ModuleDict({"model": model, "ema": ema})
-    if case == "scaler in extra":
+    elif case == "scaler in extra":
         extra = {"scaler": scaler}
+    elif case == "tracker in extra":
+        extra = {"tracker": tracker}
 
-    def step():
-        if case in ("scaler", "scaler in extra"):
+    def step(i, batch):
+        if "scaler" in case:
             scaler.scale(model(_X).sum()).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()
         else:
             _step(model, opt)
-        if case.startswith("ema"):
+        if case.startswith("ema") or (case == "sum, then an ema" and i >= 2):
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 0.01)
-        elif case == "running sum":
+        if case in ("running sum", "sum, then an ema"):
             total.add_(1.0)
+        elif case == "sum written through out=":
+            torch.add(total, 1.0, out=total)        # reads what it writes
+        elif case == "tracker in extra":
+            tracker.loss_sum.add_(1.0)
+            tracker.steps += 1
         elif case == "buffers overwritten":
-            batch.copy_(_X)                         # a batch copied into a buffer
-            torch.mul(batch, 2.0, out=out)          # an out= argument
+            buffer.copy_(_X)                        # a batch copied into a buffer
+            torch.mul(buffer, 2.0, out=out)         # an out= argument
+            torch.randn(8, 256, out=out)            # resize_, then normal_
+            buffer[:4].copy_(_X[4:])                # halves, one by one
+            buffer[4:].copy_(_X[:4])
+            out.normal_()
+            total.bernoulli_(0.5)
+        elif case == "batch changed in place":
+            batch[batch > 0] = 0.0
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
         ooc.resume(kept, opt, **({"extra": extra} if extra else {}))
         with caplog.at_level("WARNING", logger="outcore"):
-            for _ in range(2):
+            for i in range(iterations):
+                batch = _X.clone()                  # fetched before the block
                 with ooc.iteration():
-                    step()
+                    step(i, batch)
     return [r.getMessage() for r in caplog.records if "no commit keeps" in r.getMessage()]
 
 
-@pytest.mark.parametrize("case", ["ema", "scaler", "running sum"])
+@pytest.mark.parametrize("case", ["ema", "scaler", "scaler, sgd", "running sum",
+                                  "sum written through out=", "tracker in extra"])
 def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, caplog, case):
-    """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= and
-    a running sum in a tensor made before the loop are changed in place by every
-    iteration and kept by no commit (a resume starts them afresh): one warning says so,
-    naming how many, the largest and the op that wrote it, and where each goes."""
+    """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= (its
+    tensors made by the first iteration itself, which is the only one recorded with
+    SGD), a running sum in a tensor made before the loop (also as an out= argument that
+    is read too) and a tensor an extra= object changes beside its state_dict() are
+    changed in place by every iteration and kept by no commit (a resume starts them
+    afresh): one warning says so, naming how many, the largest with its shape and the
+    op that wrote it, and where an EMA and a GradScaler go."""
     told = _unkept_told(tmp_path, caplog, case)
     assert len(told) == 1, told
-    expected = {"ema": ("8 tensors", "1.00 MiB", "float32", "aten::lerp_.Scalar"),
+    expected = {"ema": ("8 tensors", "1.00 MiB", "shape (256, 256)", "aten::lerp_.Scalar",
+                        "outside the forward"),
                 "scaler": ("2 tensors", "8 B", "4 B", "aten::_amp_update_scale_"),
-                "running sum": ("1 tensor ", "4 B", "float32", "aten::add_.Tensor")}[case]
-    for part in expected + ("ModuleDict({'model': model, 'ema': ema})",
-                            "extra={'scaler': scaler}"):
+                "running sum": ("1 tensor ", "4 B", "float32 of shape ()", "aten::add_.Tensor"),
+                "sum written through out=": ("1 tensor ", "aten::add.out"),
+                "tracker in extra": ("1 tensor ", "aten::add_.Tensor")}
+    expected["scaler, sgd"] = expected["scaler"]
+    for part in expected[case] + ("ModuleDict({'model': model, 'ema': ema})",
+                                  "extra={'scaler': scaler}"):
         assert part in told[0], (part, told[0])
 
 
 @pytest.mark.parametrize("case", ["ema in a ModuleDict", "scaler in extra",
-                                  "buffers overwritten"])
+                                  "buffers overwritten", "batch changed in place"])
 def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog, case):
     """Rule 17's silence: an EMA model passed with the model, a GradScaler in extra= (its
-    state_dict() holds the scale as a number: its tensors count as kept), and buffers
-    the iteration overwrites whole before any read (a batch copied in, an out=
-    argument: DDP's gradient buckets are written so) need no warning."""
+    state_dict() holds the scale as a number: its tensors count as kept), buffers each
+    iteration overwrites whole before any read (a batch copied in, an out= argument as
+    DDP's gradient buckets are written, a factory's out=, halves copied in one by one,
+    random fills), and a batch fetched before each block and changed in it (gone when
+    the next one ends) need no warning."""
     assert _unkept_told(tmp_path, caplog, case) == []
+
+
+def test_state_found_after_the_first_warning_is_told_too(tmp_path, caplog):
+    """Rule 17: a warning names each storage once, and what a later recording finds
+    changed in place is told then: an EMA that starts at the third iteration (its steps
+    deviate from the plan until their shape is recorded, the fifth), after a running
+    sum was told, is not hidden by it."""
+    told = _unkept_told(tmp_path, caplog, "sum, then an ema", iterations=7)
+    assert len(told) == 2, told
+    assert "1 tensor " in told[0] and "aten::add_.Tensor" in told[0], told
+    assert "8 tensors" in told[1] and "aten::lerp_.Scalar" in told[1], told

@@ -144,21 +144,28 @@ NOTE [Durable state]
      numbers, strings, lists and dicts: `weights_only`) is refused at the commit, before
      anything is written, naming it; resume() refuses other names before anything is
      copied, and loads each with its load_state_dict() after the optimizers.
- 17. What else an iteration changes is told once, not kept. A commit keeps the model's
+ 17. What else an iteration changes is told, not kept. A commit keeps the model's
      state_dict(), its gradients, the named optimizers' state and extra=; an EMA model
-     kept beside the model (`ema.lerp_(p, 0.01)`, AveragedModel.update_parameters), a
-     GradScaler left out of extra=, a running sum in a tensor made before the loop are
-     changed in place by every iteration, and a resume started them from what the
-     restarted script made, without a word (helper-215). So after a recording iteration
-     (`unkept`), the storages it wrote that existed before it and outlive it are matched
-     against what a commit keeps (the model's buffers not in its state_dict() and an
-     extra's own tensor attributes count as kept: GradScaler.state_dict() holds its
-     scale as a number); those left over are named in one warning, with where each was
-     first written. Not told: a storage whose first use in the iteration overwrote it
-     whole without reading it (`_ArrayLog.overwritten`: a buffer the batch is copied
-     into, DDP's gradient buckets, FSDP's unsharded parameters), for what it held before
-     the iteration never mattered, and one a library keeps in place itself (`Entry.owner`,
-     `Entry.foreign`).
+     kept beside the model (`ema.lerp_(p, 0.01)`), a GradScaler left out of extra=, a
+     running sum in a tensor made before the loop are changed in place by every
+     iteration, and a resume started them from what the restarted script made, without
+     a word (helper-215). So after a recording iteration (`note_unkept`), the storages
+     it wrote in place that outlive it (made before it, or by it: a GradScaler makes its
+     scale at its first use) are noted, and once the next iteration has ended (`unkept`)
+     those still alive are matched against what a commit keeps: the model's buffers
+     outside its state_dict() (its own choice) and a GradScaler's scale and growth
+     tracker (numbers in its state_dict()) count as kept, an extra's other tensors do
+     not. Each storage left over is named once, in one warning per iteration that finds
+     any, with the largest's shape and the op that first wrote it. An iteration later: a
+     batch fetched before the block and changed in it (`labels[labels == pad] = -100`)
+     is gone by then (helper-217). Not noted: a storage whose first uses in the
+     iteration overwrote it whole without reading it (`_ArrayLog.overwritten`: a batch
+     copied into a buffer, in pieces too, an out= argument not also read, a random fill;
+     DDP writes its gradient buckets so), for what it held before the iteration never
+     mattered, and one a library keeps in place itself (`Entry.owner`, `Entry.foreign`).
+     Nor a state whose first update in the recorded iteration overwrote it and whose
+     later ones blend (AveragedModel copies the model at its first update): it is told
+     where a later iteration is recorded, and AveragedModel by its counter.
 """
 from __future__ import annotations
 
@@ -481,7 +488,8 @@ class Durable:
         self.optimizers: tuple = ()     # those kept, as named (each `unwrapped`; rule 13)
         self._steppers: set = set()     # ... and the ids of the objects whose step() does
         self.extras: dict = {}          # rule 16: {name: object with a state_dict()}
-        self.told_unkept = False        # rule 17: said once per OutOfCore
+        self._unkept_noted: list = []   # rule 17: what the last recording changed in place
+        self._told_unkept: set = set()  # ... and the storages told of so far
         self._extra_bytes: dict = {}    # ... each one's state as this process committed it
         self._warned_between: set = set()
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
@@ -569,10 +577,52 @@ class Durable:
                 changed.append(name)
         return changed
 
-    def unkept(self, recording, res) -> list[tuple[int, str, str, str]]:
-        """Rule 17: the storages that `recording`'s iteration wrote, that existed before it
-        and outlive it and that no commit keeps, as (bytes, dtype, the op that first wrote
-        it, its phase), largest first."""
+    def note_unkept(self, recording, res) -> None:
+        """Rule 17, after a recording iteration: what it changed in place and outlives
+        it, to be matched against what a commit keeps once the next iteration has ended
+        (`unkept`). Not what a library keeps in place itself."""
+        noted = []
+        for log in recording._logs:
+            if not log.write_phases or log.overwritten:
+                continue
+            ref = recording.alive_at_end.get(log.id)
+            storage = ref() if ref is not None else None
+            if storage is None:
+                continue
+            entry = res.entries.get(storage._cdata)
+            if entry is not None and (entry.owner or entry.foreign):
+                continue
+            noted.append((weakref.ref(storage), log))
+        first = {}                          # array -> the op that first wrote it
+        if noted:
+            for fn in recording.trace.functions:
+                for access in fn.accesses:
+                    if access.kind == "write":
+                        first.setdefault(access.array, fn.op)
+        self._unkept_noted = [(ref, log.nbytes, log.dtype, log.shape, first.get(log.id, "?"),
+                               log.write_phases[0]) for ref, log in noted]
+
+    def unkept(self) -> list[tuple[int, str, tuple, str, str]]:
+        """Rule 17, once an iteration after the recording has ended: what `note_unkept`
+        noted that still lives and that no commit keeps, and that no earlier call
+        returned, as (bytes, dtype, shape, the op that first wrote it, its phase),
+        largest first."""
+        noted, self._unkept_noted = self._unkept_noted, []
+        alive = [(storage, rest) for ref, *rest in noted if (storage := ref()) is not None
+                 and storage._cdata not in self._told_unkept]
+        if not alive:
+            return []
+        kept = self._kept_storages()
+        left = [(storage._cdata, tuple(rest)) for storage, rest in alive
+                if storage._cdata not in kept]
+        self._told_unkept.update(key for key, _ in left)
+        return sorted((rest for _, rest in left), key=lambda item: item[0], reverse=True)
+
+    def _kept_storages(self) -> set:
+        """Rule 17: the storages (`_cdata`) a commit keeps, or that count as kept: the
+        model's state_dict(), all its buffers (persistent=False ones too: its own choice)
+        and its gradients, the optimizers' state, the extras' state_dict() and a
+        GradScaler's scale and growth tracker (numbers in its state_dict())."""
         dtensor = _dtensor_class()
         kept: set = set()
 
@@ -585,37 +635,19 @@ class Durable:
             return t
         model = self.model
         _map_refs(model.state_dict(keep_vars=True), add)
-        for _, buffer in model.named_buffers():     # not in state_dict(): persistent=False
+        for _, buffer in model.named_buffers():
             add(buffer)
         for parameter in model.parameters():
             add(parameter.grad)
         for optimizer in self.optimizers:
             _map_refs(optimizer.state_dict(), add)
+        scaler = getattr(torch.amp, "GradScaler", ())
         for obj in self.extras.values():
             _map_refs(obj.state_dict(), add)
-            for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
-                add(value)                  # GradScaler's _scale: a number in its state
-        left = []
-        for log in recording._logs:
-            if not log.existed_before or not log.write_phases or log.overwritten:
-                continue
-            ref = recording.alive_at_end.get(log.id)
-            storage = ref() if ref is not None else None
-            if storage is None or storage._cdata in kept:
-                continue
-            entry = res.entries.get(storage._cdata)
-            if entry is not None and (entry.owner or entry.foreign):
-                continue
-            left.append((log.nbytes, log.dtype, log.id, log.write_phases[0]))
-        if not left:
-            return []
-        first = {}                          # array -> the op that first wrote it
-        for fn in recording.trace.functions:
-            for access in fn.accesses:
-                if access.kind == "write":
-                    first.setdefault(access.array, fn.op)
-        return sorted(((nbytes, dtype, first.get(ident, "?"), phase)
-                       for nbytes, dtype, ident, phase in left), reverse=True)
+            if isinstance(obj, scaler):
+                add(getattr(obj, "_scale", None))
+                add(getattr(obj, "_growth_tracker", None))
+        return kept
 
     def _left_out(self, kept_states):
         """Rule 13: an optimizer that stepped and lives, with a state tensor that

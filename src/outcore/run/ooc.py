@@ -330,37 +330,42 @@ def _warn_graph_left(ooc, trace, index: int) -> None:
 
 
 _PHASES = {"forward": "in the forward", "backward": "in the backward",
-           "optimizer": "in optimizer.step()", "other": "after or beside the model's step"}
+           "optimizer": "in optimizer.step()",
+           "other": "outside the forward, the backward and optimizer.step()"}
 
 
 def _warn_unkept(ooc, recording) -> None:
-    """NOTE [Durable state] rule 17: once per OutOfCore, after a recording iteration with
-    a state_dir, name what it changed in place and no commit keeps."""
+    """NOTE [Durable state] rule 17, as an iteration with a state_dir completes: name
+    what the last recording changed in place, that still lives and that no commit keeps
+    (each storage once), then note what `recording` (this iteration's, or None) changed.
+    Judged an iteration later: a batch fetched before the block and changed in it (HF's
+    `labels[labels == pad] = -100`) is gone by then, a state is not."""
     durable = ooc._durable
-    if durable is None or durable.model is None or durable.told_unkept:
+    if durable is None or durable.model is None:
         return
     try:
-        left = durable.unkept(recording, ooc._res)
+        left = durable.unkept()
+        if recording is not None:
+            durable.note_unkept(recording, ooc._res)
     except Exception:       # noqa: BLE001 - a user's state_dict(): the commit said it already
         log.debug("state_dir: what the iteration changed could not be compared", exc_info=True)
         return
     if not left:
         return
-    durable.told_unkept = True
-    nbytes, dtype, op, phase = left[0]
+    nbytes, dtype, shape, op, phase = left[0]
     log.warning(
-        "state_dir: iteration %d changed %d tensor%s in place that existed before it and "
-        "outlive it, %s in all, and that no commit keeps (the largest: a %s tensor of %s, "
-        "first written by %s %s). A resume starts %s from what the restarted script makes, not "
-        "from what training made. An EMA model or another model trained beside yours: "
-        "pass them together as the model, ooc.resume(torch.nn.ModuleDict({'model': model, "
-        "'ema': ema}), optimizer); a GradScaler or another object with a state_dict(): "
+        "state_dir: each iteration changes %d tensor%s in place that no commit keeps, %s "
+        "in all (the largest: %s, %s of shape %s, first written by %s %s). A resume "
+        "starts %s from what the restarted script makes, not from what training made. "
+        "An EMA model or another model trained beside yours: pass them together as the "
+        "model, ooc.resume(torch.nn.ModuleDict({'model': model, 'ema': ema}), optimizer) "
+        "(a module's state outside its state_dict() is not kept: torchmetrics' needs "
+        "metric.persistent(True)); a GradScaler or another object with a state_dict(): "
         "ooc.resume(model, optimizer, extra={'scaler': scaler}). A value that needs no "
         "keeping (a running sum you reset) can stay as it is",
-        len(ooc._iterations), len(left), "s" if len(left) > 1 else "",
-        format_bytes(sum(item[0] for item in left)), dtype, format_bytes(nbytes),
-        op.replace("aten.", "aten::", 1), _PHASES.get(phase, phase),
-        "them" if len(left) > 1 else "it")
+        len(left), "s" if len(left) > 1 else "", format_bytes(sum(item[0] for item in left)),
+        format_bytes(nbytes), dtype, tuple(shape), op.replace("aten.", "aten::", 1),
+        _PHASES.get(phase, phase), "them" if len(left) > 1 else "it")
 
 
 def _step_outside(ref):
@@ -2350,7 +2355,8 @@ class _Iteration:
             self._account(stepped, faulted, trimmed, peak, passive, deviation, completed=exc is None)
         if exc is None and not errors and self.recording and mode is not None:
             _warn_graph_left(ooc, mode.trace, len(ooc._iterations))
-            _warn_unkept(ooc, mode)
+        if exc is None and not errors:
+            _warn_unkept(ooc, mode if self.recording else None)
         if exc is None and not errors and mode is not None:
             adopting = time.perf_counter()
             try:

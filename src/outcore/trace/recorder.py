@@ -26,8 +26,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 
 from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
                     autocast_as_entered, call_split, eager_stance, made_outside,
-                    note_read_past, op_inputs, output_tensors, outside_dynamo,
-                    overwritten_storages, storage_of, written_tensors)
+                    covers, note_read_past, op_inputs, output_tensors, outside_dynamo,
+                    overwritten_pieces, storage_of, uses_contents, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -176,10 +176,13 @@ class _ArrayLog:
     freed_after: int | None = None
     write_phases: list = field(default_factory=list)
     read_phases: set = field(default_factory=set)
-    # Whether the first op that used its contents (no view op) overwrote them whole without
-    # reading them (`overwritten_storages`: a copy_ into a buffer, an out= argument); None
-    # until one does. What it held before the step mattered nothing to the step.
+    # Whether the ops that first used its contents (no view op: `uses_contents`) overwrote
+    # them whole without reading them (`overwritten_pieces`: a batch copied into a buffer,
+    # an out= argument, a random fill, halves copied in one by one); None until known.
+    # What it held before the step then mattered nothing to the step.
     overwritten: bool | None = None
+    pieces: list | None = None      # the byte ranges overwritten so far, while None above
+    shape: tuple = ()               # the shape it was first used with (what warnings name)
 
 
 class WorkspaceMeter:
@@ -413,10 +416,10 @@ class Recording(OutcoreMode):
         note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         workspace = meter.bytes() if meter is not None else 0
         outputs = output_tensors(out)
-        overwritten = (() if func.is_view or not written
-                       else overwritten_storages(func, args, kwargs))
+        used = (None if not uses_contents(func) else
+                overwritten_pieces(func, args, kwargs) if written else {})
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
-                  workspace, overwritten)
+                  workspace, used)
         self._after_op(func, inputs, written_list, outputs)
         return out
 
@@ -428,14 +431,13 @@ class Recording(OutcoreMode):
         pass
 
     def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
-             workspace, overwritten=()):
+             workspace, used=None):
         index = len(self._functions)
         kinds: dict[int, str] = {}          # array id -> strongest access kind, in order seen
         fresh = func._schema.name in FRESH_ARGUMENT_OPS
         for slot, t in enumerate(inputs):
             kind = "write" if id(t) in written else "read"
-            self._touch(t, index, slot, kind, phase, kinds, is_output=fresh,
-                        used=None if func.is_view else overwritten)
+            self._touch(t, index, slot, kind, phase, kinds, is_output=fresh, used=used)
         for slot, t in enumerate(outputs):
             self._touch(t, index, slot, "read", phase, kinds, is_output=True)
         flops = op_flops(func, args, kwargs, out)
@@ -455,8 +457,9 @@ class Recording(OutcoreMode):
 
     def _touch(self, t, index, slot, kind, phase, kinds, *, is_output, used=None):
         """Note that function `index` accesses `t` (`kind`). `used`: where the op uses
-        the contents of its inputs (no view op), the storages it overwrites whole
-        (`_ArrayLog.overwritten`); None for a view op and for outputs."""
+        the contents of its inputs (`uses_contents`), what it overwrites without reading
+        it (`overwritten_pieces`; `_ArrayLog.overwritten`); None for a view op and for
+        outputs."""
         storage = storage_of(t)
         if storage is None:
             return
@@ -476,7 +479,7 @@ class Recording(OutcoreMode):
                 existed_before=not created,
                 parameter=bool(t.requires_grad and t.is_leaf) or isinstance(t, torch.nn.Parameter),
                 module_parameter=isinstance(t, torch.nn.Parameter),
-                created_phase=phase if created else None))
+                created_phase=phase if created else None, shape=tuple(t.shape)))
             self._live[key] = (ident, weakref.ref(storage, self._make_finalizer(key, ident)))
             if created:
                 kind = "create"
@@ -484,7 +487,13 @@ class Recording(OutcoreMode):
             ident = entry[0]
         log = self._logs[ident]
         if used is not None and log.overwritten is None:
-            log.overwritten = kind == "write" and key in used
+            pieces = used.get(key) if kind == "write" else None
+            if pieces is None:
+                log.overwritten = False
+            else:
+                log.pieces = (log.pieces or []) + pieces
+                if covers(log.pieces, nbytes):
+                    log.overwritten, log.pieces = True, None
         log.nbytes = max(log.nbytes, nbytes)
         log.last_use = index
         if kind == "write":
