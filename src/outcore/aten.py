@@ -120,6 +120,8 @@ _OVERWRITING = frozenset({
     "aten::copy_", "aten::fill_", "aten::zero_", "aten::normal_", "aten::uniform_",
     "aten::bernoulli_", "aten::random_", "aten::exponential_", "aten::geometric_",
     "aten::cauchy_", "aten::log_normal_"})
+# Ops that set their `self` to a constant: a reset, where it covers the storage.
+RESETTING = frozenset({"aten::fill_", "aten::zero_"})
 # Ops that neither read nor write an argument's contents: views, and `resize_` (a factory
 # with out= reaches the dispatcher as resize_ then the fill: `torch.randn(..., out=b)`).
 _NO_USE = frozenset({"aten::resize_"})

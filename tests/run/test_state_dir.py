@@ -1583,6 +1583,7 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
     ema = copy.deepcopy(model).requires_grad_(False)
     scaler, tracker = torch.amp.GradScaler("cpu", init_scale=4.0), _Tracker()
     total, buffer, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
+    history = []
     if case == "ema in a ModuleDict":
         kept = torch.nn.ModuleDict({"model": model, "ema": ema})
     elif case == "scaler in extra":
@@ -1602,6 +1603,10 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 0.01)
+        elif case == "timm-style ema":          # timm's ModelEmaV2: detached values
+            with torch.no_grad():
+                for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+                    e.copy_(e * 0.99 + p * 0.01)
         if case in ("running sum", "sum, then an ema"):
             total.add_(1.0)
         elif case == "sum written through out=":
@@ -1619,6 +1624,14 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             total.bernoulli_(0.5)
         elif case == "batch changed in place":
             batch[batch > 0] = 0.0
+        elif case == "kept once changed":                 # made, changed once, kept
+            loss = model(_X).sum().detach()
+            loss /= 2
+            history.append(loss)
+            history.append(model(_X).detach().clamp_(0, 1))
+        elif case == "running sum reset":
+            total.add_(1.0)
+            total.zero_()                           # logged and reset at the block's end
     with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
         ooc.resume(kept, opt, **({"extra": extra} if extra else {}))
         with caplog.at_level("WARNING", logger="outcore"):
@@ -1629,8 +1642,9 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
     return [r.getMessage() for r in caplog.records if "no commit keeps" in r.getMessage()]
 
 
-@pytest.mark.parametrize("case", ["ema", "scaler", "scaler, sgd", "running sum",
-                                  "sum written through out=", "tracker in extra"])
+@pytest.mark.parametrize("case", ["ema", "timm-style ema", "scaler", "scaler, sgd",
+                                  "running sum", "sum written through out=",
+                                  "tracker in extra"])
 def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, caplog, case):
     """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= (its
     tensors made by the first iteration itself, which is the only one recorded with
@@ -1643,9 +1657,10 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
     assert len(told) == 1, told
     expected = {"ema": ("8 tensors", "1.00 MiB", "shape (256, 256)", "aten::lerp_.Scalar",
                         "outside the forward"),
-                "scaler": ("2 tensors", "8 B", "4 B", "aten::_amp_update_scale_"),
+                "scaler": ("1 tensor ", "4 B", "float32 of shape ()", "aten::_amp_update_scale_"),
                 "running sum": ("1 tensor ", "4 B", "float32 of shape ()", "aten::add_.Tensor"),
                 "sum written through out=": ("1 tensor ", "aten::add.out"),
+                "timm-style ema": ("8 tensors", "1.00 MiB", "aten::copy_.default"),
                 "tracker in extra": ("1 tensor ", "aten::add_.Tensor")}
     expected["scaler, sgd"] = expected["scaler"]
     for part in expected[case] + ("ModuleDict({'model': model, 'ema': ema})",
@@ -1654,14 +1669,17 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
 
 
 @pytest.mark.parametrize("case", ["ema in a ModuleDict", "scaler in extra",
-                                  "buffers overwritten", "batch changed in place"])
+                                  "buffers overwritten", "batch changed in place",
+                                  "kept once changed", "running sum reset"])
 def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog, case):
     """Rule 17's silence: an EMA model passed with the model, a GradScaler in extra= (its
     state_dict() holds the scale as a number: its tensors count as kept), buffers each
     iteration overwrites whole before any read (a batch copied in, an out= argument as
     DDP's gradient buckets are written, a factory's out=, halves copied in one by one,
-    random fills), and a batch fetched before each block and changed in it (gone when
-    the next one ends) need no warning."""
+    random fills), a batch fetched before each block and changed in it (gone when the
+    next one ends), tensors an iteration makes, changes once and keeps (a loss halved
+    in place, kept in a list: never written again) and a sum reset at the block's end
+    need no warning."""
     assert _unkept_told(tmp_path, caplog, case) == []
 
 

@@ -187,6 +187,7 @@ from .compose import _distributed_up
 from .residency import ValuesLost
 
 MANIFEST = "manifest.pt"
+_UNKEPT_WAIT = 8        # rule 17: iterations a state not written again is followed
 FORMAT, VERSION = "outcore.state", 1
 _SWAP = re.compile(r"^state-(\d+)\.swap$")
 
@@ -579,11 +580,17 @@ class Durable:
 
     def note_unkept(self, recording, res) -> None:
         """Rule 17, after a recording iteration: what it changed in place and outlives
-        it, to be matched against what a commit keeps once the next iteration has ended
-        (`unkept`). Not what a library keeps in place itself."""
+        it, to follow until a later iteration changes it again (`unkept`). Not what a
+        library keeps in place itself, nor what the iteration's last write to it reset
+        whole to a constant (DDP's map of the parameters used, with
+        find_unused_parameters=True), nor what its writes only set to constants. What it
+        wrote through a tensor gone by its end (a view, `state_dict()`'s detached
+        values: timm's EMA) is followed where made before it only, and judged at the next
+        iteration's end."""
         noted = []
         for log in recording._logs:
-            if not log.write_phases or log.overwritten:
+            if (not log.write_phases or log.overwritten or log.reset_last
+                    or log.only_fills):
                 continue
             ref = recording.alive_at_end.get(log.id)
             storage = ref() if ref is not None else None
@@ -592,31 +599,54 @@ class Durable:
             entry = res.entries.get(storage._cdata)
             if entry is not None and (entry.owner or entry.foreign):
                 continue
-            noted.append((weakref.ref(storage), log))
+            written = log.written_by() if log.written_by is not None else None
+            if written is None and not log.existed_before:
+                continue
+            noted.append((ref, written, log))
         first = {}                          # array -> the op that first wrote it
         if noted:
             for fn in recording.trace.functions:
                 for access in fn.accesses:
                     if access.kind == "write":
                         first.setdefault(access.array, fn.op)
-        self._unkept_noted = [(ref, log.nbytes, log.dtype, log.shape, first.get(log.id, "?"),
-                               log.write_phases[0]) for ref, log in noted]
+        self._unkept_noted += [
+            (ref, None if written is None else weakref.ref(written),
+             None if written is None else written._version, log.existed_before, 0,
+             (log.nbytes, log.dtype, log.shape, first.get(log.id, "?"), log.write_phases[0]))
+            for ref, written, log in noted]
 
     def unkept(self) -> list[tuple[int, str, tuple, str, str]]:
-        """Rule 17, once an iteration after the recording has ended: what `note_unkept`
-        noted that still lives and that no commit keeps, and that no earlier call
-        returned, as (bytes, dtype, shape, the op that first wrote it, its phase),
-        largest first."""
-        noted, self._unkept_noted = self._unkept_noted, []
-        alive = [(storage, rest) for ref, *rest in noted if (storage := ref()) is not None
-                 and storage._cdata not in self._told_unkept]
-        if not alive:
+        """Rule 17, as an iteration after a recording ends: of what `note_unkept` follows,
+        what still lives, was written again since (its tensor's version moved; where that
+        tensor was gone at the recording's end, whatever still lives), and no commit
+        keeps; each storage once, as (bytes, dtype, shape, the op that first wrote it,
+        its phase), largest first. What was not written again is followed for
+        _UNKEPT_WAIT iterations (an EMA updated on every n-th only), then told where it
+        was made before the recording: not every write moves a version (batch norm's
+        running statistics, a GradScaler's growth tracker), and a tensor made by the
+        recording and left alone since (a loss kept in a list) is no state."""
+        due, waiting, seen = [], [], set()
+        for ref, tensor, version, before, age, info in self._unkept_noted:
+            storage = ref()
+            if storage is None or storage._cdata in self._told_unkept or storage._cdata in seen:
+                continue
+            if tensor is not None:
+                written = tensor()
+                if written is None:         # a batch the loop let go of, a loss
+                    continue
+                if written._version == version and (age < _UNKEPT_WAIT or not before):
+                    if age < _UNKEPT_WAIT:
+                        waiting.append((ref, tensor, version, before, age + 1, info))
+                    continue
+            seen.add(storage._cdata)
+            due.append((storage._cdata, info))
+        self._unkept_noted = waiting
+        if not due:
             return []
         kept = self._kept_storages()
-        left = [(storage._cdata, tuple(rest)) for storage, rest in alive
-                if storage._cdata not in kept]
+        left = [(key, info) for key, info in due if key not in kept]
         self._told_unkept.update(key for key, _ in left)
-        return sorted((rest for _, rest in left), key=lambda item: item[0], reverse=True)
+        return sorted((info for _, info in left), key=lambda item: item[0], reverse=True)
 
     def _kept_storages(self) -> set:
         """Rule 17: the storages (`_cdata`) a commit keeps, or that count as kept: the

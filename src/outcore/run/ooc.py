@@ -354,12 +354,12 @@ def _warn_unkept(ooc, recording) -> None:
         return
     nbytes, dtype, shape, op, phase = left[0]
     log.warning(
-        "state_dir: each iteration changes %d tensor%s in place that no commit keeps, %s "
+        "state_dir: the iterations change %d tensor%s in place that no commit keeps, %s "
         "in all (the largest: %s, %s of shape %s, first written by %s %s). A resume "
         "starts %s from what the restarted script makes, not from what training made. "
         "An EMA model or another model trained beside yours: pass them together as the "
         "model, ooc.resume(torch.nn.ModuleDict({'model': model, 'ema': ema}), optimizer) "
-        "(a module's state outside its state_dict() is not kept: torchmetrics' needs "
+        "(a module's state outside its state_dict() is not kept: torchmetrics' metrics need "
         "metric.persistent(True)); a GradScaler or another object with a state_dict(): "
         "ooc.resume(model, optimizer, extra={'scaler': scaler}). A value that needs no "
         "keeping (a running sum you reset) can stay as it is",

@@ -26,7 +26,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 
 from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
                     autocast_as_entered, call_split, eager_stance, made_outside,
-                    covers, note_read_past, op_inputs, output_tensors, outside_dynamo,
+                    RESETTING, covers, note_read_past, op_inputs, output_tensors, outside_dynamo,
                     overwritten_pieces, storage_of, uses_contents, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
@@ -183,6 +183,9 @@ class _ArrayLog:
     overwritten: bool | None = None
     pieces: list | None = None      # the byte ranges overwritten so far, while None above
     shape: tuple = ()               # the shape it was first used with (what warnings name)
+    written_by: object = None       # a weak reference to the tensor its last write wrote
+    reset_last: bool = False        # that write set it whole to a constant (fill_, zero_)
+    only_fills: bool = True         # every write set what it wrote to a constant
 
 
 class WorkspaceMeter:
@@ -419,7 +422,7 @@ class Recording(OutcoreMode):
         used = (None if not uses_contents(func) else
                 overwritten_pieces(func, args, kwargs) if written else {})
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
-                  workspace, used)
+                  workspace, used, func._schema.name in RESETTING)
         self._after_op(func, inputs, written_list, outputs)
         return out
 
@@ -431,13 +434,14 @@ class Recording(OutcoreMode):
         pass
 
     def _log(self, func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
-             workspace, used=None):
+             workspace, used=None, reset=False):
         index = len(self._functions)
         kinds: dict[int, str] = {}          # array id -> strongest access kind, in order seen
         fresh = func._schema.name in FRESH_ARGUMENT_OPS
         for slot, t in enumerate(inputs):
             kind = "write" if id(t) in written else "read"
-            self._touch(t, index, slot, kind, phase, kinds, is_output=fresh, used=used)
+            self._touch(t, index, slot, kind, phase, kinds, is_output=fresh, used=used,
+                        reset=reset)
         for slot, t in enumerate(outputs):
             self._touch(t, index, slot, "read", phase, kinds, is_output=True)
         flops = op_flops(func, args, kwargs, out)
@@ -455,11 +459,12 @@ class Recording(OutcoreMode):
             peer=_peer(func, args)))
         self._host_s = self._host_cpu_s = 0.0
 
-    def _touch(self, t, index, slot, kind, phase, kinds, *, is_output, used=None):
+    def _touch(self, t, index, slot, kind, phase, kinds, *, is_output, used=None,
+               reset=False):
         """Note that function `index` accesses `t` (`kind`). `used`: where the op uses
         the contents of its inputs (`uses_contents`), what it overwrites without reading
         it (`overwritten_pieces`; `_ArrayLog.overwritten`); None for a view op and for
-        outputs."""
+        outputs. `reset`: the op sets what it writes to a constant (`RESETTING`)."""
         storage = storage_of(t)
         if storage is None:
             return
@@ -498,6 +503,9 @@ class Recording(OutcoreMode):
         log.last_use = index
         if kind == "write":
             log.write_phases.append(phase)
+            log.written_by = weakref.ref(t)
+            log.reset_last = reset and used is not None and covers(used.get(key, ()), nbytes)
+            log.only_fills = log.only_fills and reset
         elif kind == "read":
             log.read_phases.add(phase)
         previous = kinds.get(ident)
