@@ -151,21 +151,31 @@ NOTE [Durable state]
      iteration, and a resume started them from what the restarted script made, without
      a word (helper-215). So after a recording iteration (`note_unkept`), the storages
      it wrote in place that outlive it (made before it, or by it: a GradScaler makes its
-     scale at its first use) are noted, and once the next iteration has ended (`unkept`)
-     those still alive are matched against what a commit keeps: the model's buffers
-     outside its state_dict() (its own choice) and a GradScaler's scale and growth
-     tracker (numbers in its state_dict()) count as kept, an extra's other tensors do
-     not. Each storage left over is named once, in one warning per iteration that finds
-     any, with the largest's shape and the op that first wrote it. An iteration later: a
-     batch fetched before the block and changed in it (`labels[labels == pad] = -100`)
-     is gone by then (helper-217). Not noted: a storage whose first uses in the
-     iteration overwrote it whole without reading it (`_ArrayLog.overwritten`: a batch
-     copied into a buffer, in pieces too, an out= argument not also read, a random fill;
-     DDP writes its gradient buckets so), for what it held before the iteration never
-     mattered, and one a library keeps in place itself (`Entry.owner`, `Entry.foreign`).
-     Nor a state whose first update in the recorded iteration overwrote it and whose
-     later ones blend (AveragedModel copies the model at its first update): it is told
-     where a later iteration is recorded, and AveragedModel by its counter.
+     scale at its first use) are noted with the tensor that last wrote each, and
+     followed (`unkept`, at each iteration's end) until that tensor's version moves:
+     written again, a state; then, where no commit keeps it, it is named in a warning,
+     once per storage, with its shape and the op that first wrote it (a later
+     recording that finds others warns again). The model's buffers outside its
+     state_dict() (its own choice) and a GradScaler's scale and growth tracker
+     (numbers in its state_dict()) count as kept, an extra's other tensors do not.
+     Following the version leaves out what only looked like state once (helper-217,
+     helper-218): a batch fetched before the block and changed in it (`labels[labels ==
+     pad] = -100`), gone or left alone by the next iteration; a loss halved in place and
+     kept in a list. Not every write moves a version (batch norm's running statistics,
+     a GradScaler's growth tracker): what was made before the recording and not seen
+     written again is told after _UNKEPT_WAIT iterations, what the recording made is
+     dropped. Where the tensor that wrote a storage was gone by the recording's end (a
+     view; `state_dict()`'s detached values, which timm's EMA writes through), a storage
+     made before it is told at the next iteration's end if it lives. Not noted: a
+     storage whose first uses in the iteration overwrote it whole without reading it
+     (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces too, an out=
+     argument not also read, a random fill; DDP writes its gradient buckets so), one
+     whose last write reset it whole to a constant or whose writes only filled
+     (`reset_last`, `only_fills`: DDP's map of the parameters used), and one a library
+     keeps in place itself (`Entry.owner`, `Entry.foreign`). Left: an EMA whose first
+     update copies the model (AveragedModel) is told by its counter where no later
+     iteration is recorded; under DDP's static_graph=True the reducer's map of the
+     parameters used (32 bytes per 8 parameters) is told.
 """
 from __future__ import annotations
 
