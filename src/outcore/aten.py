@@ -120,8 +120,15 @@ _OVERWRITING = frozenset({
     "aten::copy_", "aten::fill_", "aten::zero_", "aten::normal_", "aten::uniform_",
     "aten::bernoulli_", "aten::random_", "aten::exponential_", "aten::geometric_",
     "aten::cauchy_", "aten::log_normal_"})
-# Ops that set their `self` to a constant: a reset, where it covers the storage.
-RESETTING = frozenset({"aten::fill_", "aten::zero_"})
+# Ops that set their `self` to a constant (a number: fill_ with a tensor copies a value):
+# a reset, where it covers the storage.
+_RESETTING = frozenset({("aten::fill_", "Scalar"), ("aten::zero_", "")})
+
+
+def resets(func) -> bool:
+    """Whether `func` sets its `self` to a constant (`_RESETTING`)."""
+    schema = func._schema
+    return (schema.name, schema.overload_name) in _RESETTING
 # Ops that neither read nor write an argument's contents: views, and `resize_` (a factory
 # with out= reaches the dispatcher as resize_ then the fill: `torch.randn(..., out=b)`).
 _NO_USE = frozenset({"aten::resize_"})
@@ -155,7 +162,7 @@ def overwritten_pieces(func, args, kwargs) -> dict[int, list[tuple[int, int]]]:
     for pos, arg in enumerate(func._schema.arguments):
         value = args[pos] if pos < len(args) else kwargs.get(arg.name)
         for t in iter_tensors((value,)):
-            storage = storage_of(t) if t.layout == torch.strided else None
+            storage = storage_of(t) if t.layout == torch.strided and not t.is_nested else None
             if storage is None:
                 continue
             if pos not in positions:
@@ -782,6 +789,22 @@ def returns_nothing(func) -> bool:
     return len(func._schema.returns) == 0
 
 
+def count_foreach_writes(func, args, kwargs) -> None:
+    """Move the version counter of every tensor a `_foreach_*` op wrote, once, as the op
+    does without a dispatch mode: under one (any: a mode that only calls the op shows
+    it), split or not, no version moves, and a tensor an optimizer's foreach step or an
+    EMA's `_foreach_lerp_` changed looked unchanged (to autograd's check of tensors
+    saved for backward, and to NOTE [Durable state] rule 17, which follows versions;
+    helper-219). Inference tensors have no counter."""
+    for pos, name in written_arguments(func):
+        value = args[pos] if pos < len(args) else kwargs.get(name)
+        tensors = list(iter_tensors((value,)))
+        try:
+            torch._C._increment_version(tensors)
+        except RuntimeError:                    # an inference tensor among them
+            torch._C._increment_version([t for t in tensors if not t.is_inference()])
+
+
 def call_split(func, args, kwargs, one):
     """Run `func` as `one(op, args, kwargs, split)`; a multi-tensor `_foreach_*` op runs as
     one call per tensor, with split = (element, count)."""
@@ -789,9 +812,13 @@ def call_split(func, args, kwargs, one):
         calls = split_foreach(func, args, kwargs)
         if calls is not None:
             results = [one(op, a, k, (i, len(calls))) for i, (op, a, k) in enumerate(calls)]
+            count_foreach_writes(func, args, kwargs)
             if returns_nothing(func):
                 return None
             return [t for listed in results for t in listed]     # one-element lists
+        out = one(func, args, kwargs, None)
+        count_foreach_writes(func, args, kwargs)
+        return out
     return one(func, args, kwargs, None)
 
 

@@ -1583,7 +1583,7 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
     ema = copy.deepcopy(model).requires_grad_(False)
     scaler, tracker = torch.amp.GradScaler("cpu", init_scale=4.0), _Tracker()
     total, buffer, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
-    history = []
+    history, best, seen = [], torch.full((), float("inf")), torch.zeros(8, 4)
     if case == "ema in a ModuleDict":
         kept = torch.nn.ModuleDict({"model": model, "ema": ema})
     elif case == "scaler in extra":
@@ -1629,6 +1629,13 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             loss /= 2
             history.append(loss)
             history.append(model(_X).detach().clamp_(0, 1))
+        elif case == "foreach ema":
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 0.01)
+        elif case == "best so far":
+            best.fill_(torch.minimum(best, model(_X).sum().detach()))   # fill_ with a tensor
+        elif case == "rows seen":
+            seen[i % 8].fill_(1.0)                  # marks, a row at a time
         elif case == "running sum reset":
             total.add_(1.0)
             total.zero_()                           # logged and reset at the block's end
@@ -1644,12 +1651,15 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
 
 @pytest.mark.parametrize("case", ["ema", "timm-style ema", "scaler", "scaler, sgd",
                                   "running sum", "sum written through out=",
-                                  "tracker in extra"])
+                                  "tracker in extra", "foreach ema", "best so far",
+                                  "rows seen"])
 def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, caplog, case):
     """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= (its
     tensors made by the first iteration itself, which is the only one recorded with
     SGD), a running sum in a tensor made before the loop (also as an out= argument that
-    is read too) and a tensor an extra= object changes beside its state_dict() are
+    is read too), a tensor an extra= object changes beside its state_dict(), an EMA
+    by `_foreach_lerp_` (no version moves under a dispatch mode: outcore moves them), a
+    best-so-far set with fill_(tensor) and marks set row by row by fill_ are
     changed in place by every iteration and kept by no commit (a resume starts them
     afresh): one warning says so, naming how many, the largest with its shape and the
     op that wrote it, and where an EMA and a GradScaler go."""
@@ -1661,6 +1671,9 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
                 "running sum": ("1 tensor ", "4 B", "float32 of shape ()", "aten::add_.Tensor"),
                 "sum written through out=": ("1 tensor ", "aten::add.out"),
                 "timm-style ema": ("8 tensors", "1.00 MiB", "aten::copy_.default"),
+                "foreach ema": ("8 tensors", "1.00 MiB", "lerp_"),
+                "best so far": ("1 tensor ", "aten::fill_.Tensor"),
+                "rows seen": ("1 tensor ", "float32 of shape (8, 4)", "aten::fill_.Scalar"),
                 "tracker in extra": ("1 tensor ", "aten::add_.Tensor")}
     expected["scaler, sgd"] = expected["scaler"]
     for part in expected[case] + ("ModuleDict({'model': model, 'ema': ema})",

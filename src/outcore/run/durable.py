@@ -170,12 +170,13 @@ NOTE [Durable state]
      storage whose first uses in the iteration overwrote it whole without reading it
      (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces too, an out=
      argument not also read, a random fill; DDP writes its gradient buckets so), one
-     whose last write reset it whole to a constant or whose writes only filled
-     (`reset_last`, `only_fills`: DDP's map of the parameters used), and one a library
-     keeps in place itself (`Entry.owner`, `Entry.foreign`). Left: an EMA whose first
-     update copies the model (AveragedModel) is told by its counter where no later
-     iteration is recorded; under DDP's static_graph=True the reducer's map of the
-     parameters used (32 bytes per 8 parameters) is told.
+     whose last write reset it whole to a number (`reset_last`: DDP's map of the
+     parameters used), and one a library keeps in place itself (`Entry.owner`,
+     `Entry.foreign`). A `_foreach_*` op moves no version under a dispatch mode, so
+     outcore moves them (`aten.count_foreach_writes`): an EMA's `_foreach_lerp_`.
+     Left: an EMA whose first update copies the model (AveragedModel) is told by its
+     counter where no later iteration is recorded; under DDP's static_graph=True the
+     reducer's map of the parameters used (32 bytes per 8 parameters) is told.
 """
 from __future__ import annotations
 
@@ -593,14 +594,13 @@ class Durable:
         it, to follow until a later iteration changes it again (`unkept`). Not what a
         library keeps in place itself, nor what the iteration's last write to it reset
         whole to a constant (DDP's map of the parameters used, with
-        find_unused_parameters=True), nor what its writes only set to constants. What it
+        find_unused_parameters=True). What it
         wrote through a tensor gone by its end (a view, `state_dict()`'s detached
         values: timm's EMA) is followed where made before it only, and judged at the next
         iteration's end."""
         noted = []
         for log in recording._logs:
-            if (not log.write_phases or log.overwritten or log.reset_last
-                    or log.only_fills):
+            if not log.write_phases or log.overwritten or log.reset_last:
                 continue
             ref = recording.alive_at_end.get(log.id)
             storage = ref() if ref is not None else None

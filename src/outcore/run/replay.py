@@ -29,9 +29,9 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..aten import (_READ_PAST_OP_IDS, BINDING_OPS, FRESH_ARGUMENT_OPS, binds_storage,
-                    broadcast_shape, call_split, distinct_storages, is_foreach, makes_nothing_new,
-                    note_read_past, op_inputs, output_tensors, split_foreach, storage_of,
-                    written_tensors)
+                    broadcast_shape, call_split, count_foreach_writes, distinct_storages,
+                    is_foreach, makes_nothing_new, note_read_past, op_inputs, output_tensors,
+                    split_foreach, storage_of, written_tensors)
 from ..plan.schedule import DROP, FREE, SWAP_IN, SWAP_OUT, WAIT
 from ..states import DISCARDED, FAST, IN, ON_SLOW_TIER, OUT, SLOW
 from ..trace.recorder import OptimizerSteps, op_phase
@@ -881,6 +881,8 @@ class Replayer(HeldMode):
         self.index = i + 1
         taken = _now()
         out = func(*args, **kwargs)
+        if op.foreach:
+            count_foreach_writes(func, args, kwargs)
         if op.read_past:
             note_read_past(func, out)   # NOTE [Read past the dispatcher] in aten.py
         done = _now()
@@ -912,6 +914,7 @@ class Replayer(HeldMode):
         self.index = i + len(names)
         taken = _now()
         out = func(*args, **kwargs)
+        count_foreach_writes(func, args, kwargs)
         note_read_past(func, out)       # NOTE [Read past the dispatcher] in aten.py
         done = _now()
         res = self.res

@@ -26,8 +26,8 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 
 from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
                     autocast_as_entered, call_split, eager_stance, made_outside,
-                    RESETTING, covers, note_read_past, op_inputs, output_tensors, outside_dynamo,
-                    overwritten_pieces, storage_of, uses_contents, written_tensors)
+                    covers, note_read_past, op_inputs, output_tensors, outside_dynamo,
+                    overwritten_pieces, resets, storage_of, uses_contents, written_tensors)
 from ..errors import TraceError
 from .estimate import estimate_duration, op_flops, tensor_bytes
 from .model import Access, Array, Function, Trace
@@ -185,7 +185,6 @@ class _ArrayLog:
     shape: tuple = ()               # the shape it was first used with (what warnings name)
     written_by: object = None       # a weak reference to the tensor its last write wrote
     reset_last: bool = False        # that write set it whole to a constant (fill_, zero_)
-    only_fills: bool = True         # every write set what it wrote to a constant
 
 
 class WorkspaceMeter:
@@ -422,7 +421,7 @@ class Recording(OutcoreMode):
         used = (None if not uses_contents(func) else
                 overwritten_pieces(func, args, kwargs) if written else {})
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
-                  workspace, used, func._schema.name in RESETTING)
+                  workspace, used, written and resets(func))
         self._after_op(func, inputs, written_list, outputs)
         return out
 
@@ -464,7 +463,7 @@ class Recording(OutcoreMode):
         """Note that function `index` accesses `t` (`kind`). `used`: where the op uses
         the contents of its inputs (`uses_contents`), what it overwrites without reading
         it (`overwritten_pieces`; `_ArrayLog.overwritten`); None for a view op and for
-        outputs. `reset`: the op sets what it writes to a constant (`RESETTING`)."""
+        outputs. `reset`: the op sets what it writes to a constant (`resets`)."""
         storage = storage_of(t)
         if storage is None:
             return
@@ -484,7 +483,7 @@ class Recording(OutcoreMode):
                 existed_before=not created,
                 parameter=bool(t.requires_grad and t.is_leaf) or isinstance(t, torch.nn.Parameter),
                 module_parameter=isinstance(t, torch.nn.Parameter),
-                created_phase=phase if created else None, shape=tuple(t.shape)))
+                created_phase=phase if created else None, shape=_shape(t)))
             self._live[key] = (ident, weakref.ref(storage, self._make_finalizer(key, ident)))
             if created:
                 kind = "create"
@@ -505,7 +504,6 @@ class Recording(OutcoreMode):
             log.write_phases.append(phase)
             log.written_by = weakref.ref(t)
             log.reset_last = reset and used is not None and covers(used.get(key, ()), nbytes)
-            log.only_fills = log.only_fills and reset
         elif kind == "read":
             log.read_phases.add(phase)
         previous = kinds.get(ident)
@@ -545,6 +543,15 @@ class Recording(OutcoreMode):
         return Trace(functions=tuple(self._functions), arrays=tuple(arrays),
                      device=self._device or "cpu",
                      durations="estimated" if self._device == "meta" else "measured", info=info)
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    """`t`'s shape, or () where it has none to give (a strided nested tensor's sizes vary
+    per element: `t.shape` raises)."""
+    try:
+        return tuple(t.shape)
+    except RuntimeError:
+        return ()
 
 
 def _classify(log: _ArrayLog, alive: bool, batch_leaf: bool = False,
