@@ -129,6 +129,8 @@ def resets(func) -> bool:
     """Whether `func` sets its `self` to a constant (`_RESETTING`)."""
     schema = func._schema
     return (schema.name, schema.overload_name) in _RESETTING
+
+
 # Ops that neither read nor write an argument's contents: views, and `resize_` (a factory
 # with out= reaches the dispatcher as resize_ then the fill: `torch.randn(..., out=b)`).
 _NO_USE = frozenset({"aten::resize_"})

@@ -594,10 +594,9 @@ class Durable:
         it, to follow until a later iteration changes it again (`unkept`). Not what a
         library keeps in place itself, nor what the iteration's last write to it reset
         whole to a constant (DDP's map of the parameters used, with
-        find_unused_parameters=True). What it
-        wrote through a tensor gone by its end (a view, `state_dict()`'s detached
-        values: timm's EMA) is followed where made before it only, and judged at the next
-        iteration's end."""
+        find_unused_parameters=True). What it wrote through a tensor gone by its end (a
+        view, `state_dict()`'s detached values: timm's EMA) is followed where made before
+        it only, and judged at the next iteration's end."""
         noted = []
         for log in recording._logs:
             if not log.write_phases or log.overwritten or log.reset_last:
