@@ -427,6 +427,15 @@ def _local(tensor, dtensor) -> torch.Tensor:
     return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
 
 
+def _storage_key(tensor, dtensor):
+    """The `_cdata` of the storage `tensor` views (a DTensor's local one: rule 9), or
+    None where it has none (sparse)."""
+    try:
+        return _local(tensor, dtensor).untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -667,10 +676,7 @@ class Durable:
 
         def add(t):
             if isinstance(t, torch.Tensor):
-                try:
-                    kept.add(_local(t, dtensor).untyped_storage()._cdata)
-                except (RuntimeError, NotImplementedError):     # no storage (sparse)
-                    pass
+                kept.add(_storage_key(t, dtensor))      # None for one without storage
             return t
         model = self.model
         _map_refs(model.state_dict(keep_vars=True), add)
@@ -696,10 +702,8 @@ class Durable:
         dtensor = _dtensor_class()
 
         def key(t):
-            try:
-                return _local(t, dtensor).untyped_storage()._cdata
-            except (RuntimeError, NotImplementedError):    # no storage (sparse): itself
-                return id(t)
+            found = _storage_key(t, dtensor)
+            return found if found is not None else id(t)     # no storage (sparse): itself
         kept: set = set()           # every tensor of it, wherever it nests them (helper-211:
         _map_refs(kept_states, lambda t: kept.add(key(t)))   # a Lookahead's fast_state)
         for ref in list(self.others.values()):
