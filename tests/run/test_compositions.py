@@ -187,6 +187,37 @@ def test_ddp_that_finds_unused_parameters_is_recorded_once(one_rank, tmp_path):
     assert modes == ["record"] + ["replay"] * 5, modes
 
 
+
+class _Unused(torch.nn.Module):
+    """Two layers used and one not: DDP keeps a map of the parameters used."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.unused = (torch.nn.Linear(256, 256), torch.nn.Linear(256, 256),
+                                       torch.nn.Linear(256, 4))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_ddp_with_a_static_graph_is_no_state_a_commit_misses(one_rank, tmp_path, caplog):
+    """With static_graph=True DDP's reducer fills its map of the parameters used in its
+    first iterations only (a recording), and never again: under a state_dir no warning
+    says a commit misses it (NOTE [Durable state] rule 17 compares its bytes: the same
+    for _UNKEPT_WAIT iterations). helper-218 saw it told on every rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(_Unused(), static_graph=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with outcore.OutOfCore(budget="1.5MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        with caplog.at_level("WARNING", logger="outcore"):
+            for i in range(10):
+                with ooc.iteration():
+                    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(i))
+                    _step(model, opt, x)
+    assert not [r for r in caplog.records if "no commit keeps" in r.getMessage()]
+
 def test_a_compiled_model_runs_eagerly_under_outcore_and_says_so(tmp_path):
     """TorchDynamo does not compile under a dispatch mode: a torch.compile'd module
     inside ooc.iteration() runs op by op, bitwise the uncompiled model, and the

@@ -1584,6 +1584,8 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
     scaler, tracker = torch.amp.GradScaler("cpu", init_scale=4.0), _Tracker()
     total, buffer, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
     history, best, seen = [], torch.full((), float("inf")), torch.zeros(8, 4)
+    norm = torch.nn.BatchNorm1d(256)            # its running statistics: no version moves
+    norm.num_batches_tracked = None             # (its counter's would: told at once)
     if case == "ema in a ModuleDict":
         kept = torch.nn.ModuleDict({"model": model, "ema": ema})
     elif case == "scaler in extra":
@@ -1636,6 +1638,10 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             best.fill_(torch.minimum(best, model(_X).sum().detach()))   # fill_ with a tensor
         elif case == "rows seen":
             seen[i % 8].fill_(1.0)                  # marks, a row at a time
+        elif case == "batch norm beside":
+            norm(_X)
+        elif case == "sum of the first iteration" and i == 0:
+            total.add_(1.0)                         # the recording's only: then constant
         elif case == "running sum reset":
             total.add_(1.0)
             total.zero_()                           # logged and reset at the block's end
@@ -1652,18 +1658,20 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
 @pytest.mark.parametrize("case", ["ema", "timm-style ema", "scaler", "scaler, sgd",
                                   "running sum", "sum written through out=",
                                   "tracker in extra", "foreach ema", "best so far",
-                                  "rows seen"])
+                                  "rows seen", "batch norm beside"])
 def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, caplog, case):
     """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= (its
     tensors made by the first iteration itself, which is the only one recorded with
     SGD), a running sum in a tensor made before the loop (also as an out= argument that
     is read too), a tensor an extra= object changes beside its state_dict(), an EMA
     by `_foreach_lerp_` (no version moves under a dispatch mode: outcore moves them), a
-    best-so-far set with fill_(tensor) and marks set row by row by fill_ are
-    changed in place by every iteration and kept by no commit (a resume starts them
-    afresh): one warning says so, naming how many, the largest with its shape and the
-    op that wrote it, and where an EMA and a GradScaler go."""
-    told = _unkept_told(tmp_path, caplog, case)
+    best-so-far set with fill_(tensor), marks set row by row by fill_ and a batch norm's
+    running statistics beside the model (whose writes move no version: told once
+    _UNKEPT_WAIT iterations found its bytes changed) are changed in place by every
+    iteration and kept by no commit (a resume starts them afresh): one warning says so,
+    naming how many, the largest with its shape and the op that wrote it, and where an
+    EMA and a GradScaler go."""
+    told = _unkept_told(tmp_path, caplog, case, iterations=10 if "norm" in case else 4)
     assert len(told) == 1, told
     expected = {"ema": ("8 tensors", "1.00 MiB", "shape (256, 256)", "aten::lerp_.Scalar",
                         "outside the forward"),
@@ -1674,6 +1682,8 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
                 "foreach ema": ("8 tensors", "1.00 MiB", "lerp_"),
                 "best so far": ("1 tensor ", "aten::fill_.Tensor"),
                 "rows seen": ("1 tensor ", "float32 of shape (8, 4)", "aten::fill_.Scalar"),
+                "batch norm beside": ("2 tensors", "float32 of shape (256,)",
+                                      "aten::native_batch_norm"),
                 "tracker in extra": ("1 tensor ", "aten::add_.Tensor")}
     expected["scaler, sgd"] = expected["scaler"]
     for part in expected[case] + ("ModuleDict({'model': model, 'ema': ema})",
@@ -1683,7 +1693,8 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
 
 @pytest.mark.parametrize("case", ["ema in a ModuleDict", "scaler in extra",
                                   "buffers overwritten", "batch changed in place",
-                                  "kept once changed", "running sum reset"])
+                                  "kept once changed", "running sum reset",
+                                  "sum of the first iteration"])
 def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog, case):
     """Rule 17's silence: an EMA model passed with the model, a GradScaler in extra= (its
     state_dict() holds the scale as a number: its tensors count as kept), buffers each
@@ -1691,9 +1702,12 @@ def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog
     DDP's gradient buckets are written, a factory's out=, halves copied in one by one,
     random fills), a batch fetched before each block and changed in it (gone when the
     next one ends), tensors an iteration makes, changes once and keeps (a loss halved
-    in place, kept in a list: never written again) and a sum reset at the block's end
-    need no warning."""
-    assert _unkept_told(tmp_path, caplog, case) == []
+    in place, kept in a list: never written again), a sum reset at the block's end and
+    one only the first iteration (the recording) adds to, its bytes the same for
+    _UNKEPT_WAIT iterations after (as DDP's map of the parameters used with
+    static_graph=True), need no warning."""
+    iterations = 10 if case == "sum of the first iteration" else 4
+    assert _unkept_told(tmp_path, caplog, case, iterations) == []
 
 
 def test_state_found_after_the_first_warning_is_told_too(tmp_path, caplog):

@@ -163,10 +163,13 @@ NOTE [Durable state]
      pad] = -100`), gone or left alone by the next iteration; a loss halved in place and
      kept in a list. Not every write moves a version (batch norm's running statistics,
      a GradScaler's growth tracker): what was made before the recording and not seen
-     written again is told after _UNKEPT_WAIT iterations, what the recording made is
-     dropped. Where the tensor that wrote a storage was gone by the recording's end (a
-     view; `state_dict()`'s detached values, which timm's EMA writes through), a storage
-     made before it is told at the next iteration's end if it lives. Not noted: a
+     written again is told after _UNKEPT_WAIT iterations where its bytes changed
+     meanwhile (`_Followed.written_again`; DDP's map of the parameters used with
+     static_graph=True, filled by its first iterations only, does not), what the
+     recording made is dropped. Where the tensor that wrote a storage was gone by the
+     recording's end (a view; `state_dict()`'s detached values, which timm's EMA writes
+     through), a storage made before it is told at the next iteration's end if it
+     lives. Not noted: a
      storage whose first uses in the iteration overwrote it whole without reading it
      (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces too, an out=
      argument not also read, a random fill; DDP writes its gradient buckets so), one
@@ -175,8 +178,7 @@ NOTE [Durable state]
      `Entry.foreign`). A `_foreach_*` op moves no version under a dispatch mode, so
      outcore moves them (`aten.count_foreach_writes`): an EMA's `_foreach_lerp_`.
      Left: an EMA whose first update copies the model (AveragedModel) is told by its
-     counter where no later iteration is recorded; under DDP's static_graph=True the
-     reducer's map of the parameters used (32 bytes per 8 parameters) is told.
+     counter where no later iteration is recorded.
 """
 from __future__ import annotations
 
@@ -188,6 +190,7 @@ import re
 import sys
 import weakref
 import zlib
+from dataclasses import dataclass
 
 import torch
 
@@ -195,10 +198,11 @@ from ..errors import OutcoreError, SwapSpaceExhausted
 from ..units import format_bytes
 from .checkpoint import atomic_save
 from .compose import _distributed_up
-from .residency import ValuesLost
+from .residency import FAST, ValuesLost
 
 MANIFEST = "manifest.pt"
 _UNKEPT_WAIT = 8        # rule 17: iterations a state not written again is followed
+_UNKEPT_COPY = 2**20    # ... and the most bytes of one whose contents are compared
 FORMAT, VERSION = "outcore.state", 1
 _SWAP = re.compile(r"^state-(\d+)\.swap$")
 
@@ -458,6 +462,52 @@ def _why_not(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+@dataclass(eq=False)
+class _Followed:
+    """Rule 17: a storage a recording changed in place, followed by `Durable.unkept`."""
+    storage: weakref.ref
+    tensor: weakref.ref | None      # the tensor that last wrote it; None: gone by the end
+    version: int | None             # ... and its version then
+    before: bool                    # the storage was made before the recording
+    info: tuple                     # (bytes, dtype, shape, first op, phase) for the warning
+    age: int = 0                    # the iterations it was seen not written again
+    copy: torch.Tensor | None = None    # its bytes as first seen not written again
+
+    def written_again(self, storage, res, kept) -> bool | None:
+        """True: it counts as written since the recording; its tensor's version moved (its
+        tensor gone at the recording's end: it lives), or, _UNKEPT_WAIT iterations on,
+        where made before the recording, its bytes changed since first compared (or
+        could not be: a storage over _UNKEPT_COPY, or not in place). False: not yet,
+        follow on. None: no state to tell: its tensor is gone (a batch the loop let go
+        of), or a commit keeps it where its bytes would be copied (`kept()`, the keys
+        of what commits keep: no copy of a model's buffers is held)."""
+        if self.tensor is None:
+            return True                     # noted only where made before the recording
+        written = self.tensor()
+        if written is None:
+            return None
+        if written._version != self.version:
+            return True
+        if not self.before or self.age < _UNKEPT_WAIT:
+            if self.before and self.age == 0:
+                if storage._cdata in kept():
+                    return None
+                self.copy = _bytes_of(storage, res, clone=True)
+            return False
+        now = _bytes_of(storage, res)
+        return self.copy is None or now is None or not torch.equal(now, self.copy)
+
+
+def _bytes_of(storage, res, clone: bool = False) -> torch.Tensor | None:
+    """A storage's bytes (a copy where `clone`), or None where over _UNKEPT_COPY or not in
+    place: outcore moved it, or moves it now."""
+    entry = res.entries.get(storage._cdata) if res is not None else None
+    if storage.nbytes() > _UNKEPT_COPY or (entry is not None and entry.state != FAST):
+        return None
+    view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+    return view.clone() if clone else view
+
+
 class Durable:
     """The state directory of one OutOfCore (NOTE [Durable state])."""
 
@@ -509,7 +559,8 @@ class Durable:
         self.optimizers: tuple = ()     # those kept, as named (each `unwrapped`; rule 13)
         self._steppers: set = set()     # ... and the ids of the objects whose step() does
         self.extras: dict = {}          # rule 16: {name: object with a state_dict()}
-        self._unkept_noted: list = []   # rule 17: what the last recording changed in place
+        self._unkept_noted: list = []   # rule 17: `_Followed`, what the last recording
+                                        # changed in place
         self._told_unkept: set = set()  # ... and the storages told of so far
         self._extra_bytes: dict = {}    # ... each one's state as this process committed it
         self._warned_between: set = set()
@@ -628,41 +679,48 @@ class Durable:
                     if access.kind == "write":
                         first.setdefault(access.array, fn.op)
         self._unkept_noted += [
-            (ref, None if written is None else weakref.ref(written),
-             None if written is None else written._version, log.existed_before, 0,
-             (log.nbytes, log.dtype, log.shape, first.get(log.id, "?"), log.write_phases[0]))
+            _Followed(ref, None if written is None else weakref.ref(written),
+                      None if written is None else written._version, log.existed_before,
+                      (log.nbytes, log.dtype, log.shape, first.get(log.id, "?"),
+                       log.write_phases[0]))
             for ref, written, log in noted]
 
-    def unkept(self) -> list[tuple[int, str, tuple, str, str]]:
+    def unkept(self, res) -> list[tuple[int, str, tuple, str, str]]:
         """Rule 17, as an iteration after a recording ends: of what `note_unkept` follows,
         what still lives, was written again since (its tensor's version moved; where that
         tensor was gone at the recording's end, whatever still lives), and no commit
         keeps; each storage once, as (bytes, dtype, shape, the op that first wrote it,
         its phase), largest first. What was not written again is followed for
         _UNKEPT_WAIT iterations (an EMA updated on every n-th only), then told where it
-        was made before the recording: not every write moves a version (batch norm's
-        running statistics, a GradScaler's growth tracker), and a tensor made by the
-        recording and left alone since (a loss kept in a list) is no state."""
-        due, waiting, seen = [], [], set()
-        for ref, tensor, version, before, age, info in self._unkept_noted:
-            storage = ref()
+        was made before the recording and its contents changed meanwhile: not every
+        write moves a version (batch norm's running statistics, a GradScaler's growth
+        tracker), and what keeps its contents is no state the iterations change (DDP's
+        map of the parameters used, with static_graph=True, written by its first
+        iteration only). What the recording made and left alone since (a loss kept in a
+        list) is no state either. `res`: the Residency, which says whether a storage's
+        bytes are in place to compare."""
+        due, waiting, seen, found = [], [], set(), []
+
+        def kept() -> set:                  # asked once at most: a state_dict() each
+            if not found:
+                found.append(self._kept_storages())
+            return found[0]
+        for followed in self._unkept_noted:
+            storage = followed.storage()
             if storage is None or storage._cdata in self._told_unkept or storage._cdata in seen:
                 continue
-            if tensor is not None:
-                written = tensor()
-                if written is None:         # a batch the loop let go of, a loss
-                    continue
-                if written._version == version and (age < _UNKEPT_WAIT or not before):
-                    if age < _UNKEPT_WAIT:
-                        waiting.append((ref, tensor, version, before, age + 1, info))
-                    continue
+            written = followed.written_again(storage, res, kept)
+            if not written:
+                if written is not None and followed.age < _UNKEPT_WAIT:
+                    followed.age += 1
+                    waiting.append(followed)
+                continue
             seen.add(storage._cdata)
-            due.append((storage._cdata, info))
+            due.append((storage._cdata, followed.info))
         self._unkept_noted = waiting
         if not due:
             return []
-        kept = self._kept_storages()
-        left = [(key, info) for key, info in due if key not in kept]
+        left = [(key, info) for key, info in due if key not in kept()]
         self._told_unkept.update(key for key, _ in left)
         return sorted((info for _, info in left), key=lambda item: item[0], reverse=True)
 

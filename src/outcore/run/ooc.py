@@ -344,7 +344,7 @@ def _warn_unkept(ooc, recording) -> None:
     if durable is None or durable.model is None:
         return
     try:
-        left = durable.unkept()
+        left = durable.unkept(ooc._res)
         if recording is not None:
             durable.note_unkept(recording, ooc._res)
     except Exception:       # noqa: BLE001 - a user's state_dict(): the commit said it already
