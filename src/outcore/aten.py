@@ -176,14 +176,31 @@ def overwritten_pieces(func, args, kwargs) -> dict[int, list[tuple[int, int]]]:
     return {key: ranges for key, ranges in pieces.items() if key not in read}
 
 
-def covers(pieces: list[tuple[int, int]], nbytes: int) -> bool:
-    """Whether the byte ranges `pieces` cover [0, nbytes)."""
-    reached = 0
-    for start, end in sorted(pieces):
-        if start > reached:
+def covers(pieces: list[tuple[int, int]], nbytes: int, start: int = 0) -> bool:
+    """Whether the byte ranges `pieces` cover [start, nbytes)."""
+    reached = start
+    for first, end in sorted(pieces):
+        if reached >= nbytes:
+            return True
+        if first > reached:
             return False
         reached = max(reached, end)
     return reached >= nbytes
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes (start, end) of its storage a tensor reaches (all of them where it is not
+    strided, or has negative strides)."""
+    if t.layout != torch.strided or t.is_nested:
+        return 0, t.untyped_storage().nbytes()
+    size = t.element_size()
+    start = t.storage_offset()
+    if t.numel() == 0:
+        return start * size, start * size
+    if any(stride < 0 for stride in t.stride()):
+        return 0, t.untyped_storage().nbytes()
+    last = start + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return start * size, (last + 1) * size
 
 
 def written_tensors(func, args, kwargs) -> list[torch.Tensor]:

@@ -1583,6 +1583,7 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
     ema = copy.deepcopy(model).requires_grad_(False)
     scaler, tracker = torch.amp.GradScaler("cpu", init_scale=4.0), _Tracker()
     total, buffer, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
+    parts = torch.zeros(8, 256)
     history, best, seen = [], torch.full((), float("inf")), torch.zeros(8, 4)
     norm = torch.nn.BatchNorm1d(256)            # its running statistics: no version moves
     norm.num_batches_tracked = None             # (its counter's would: told at once)
@@ -1623,6 +1624,9 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             buffer[:4].copy_(_X[4:])                # halves, one by one
             buffer[4:].copy_(_X[:4])
             out.normal_()
+            parts[:4].copy_(_X[:4])                 # a piece, read, then the rest
+            parts[:4].sum()
+            parts[4:].copy_(parts[:4] * 2)
             total.bernoulli_(0.5)
         elif case == "batch changed in place":
             batch[batch > 0] = 0.0
@@ -1638,6 +1642,9 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             best.fill_(torch.minimum(best, model(_X).sum().detach()))   # fill_ with a tensor
         elif case == "rows seen":
             seen[i % 8].fill_(1.0)                  # marks, a row at a time
+        elif case == "pieces, the rest read first":
+            parts[:4].copy_(_X[:4])                 # a piece overwritten, the rest is read
+            parts[4:].add_(parts[:4])
         elif case == "batch norm beside":
             norm(_X)
         elif case == "sum of the first iteration" and i == 0:
@@ -1658,7 +1665,8 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
 @pytest.mark.parametrize("case", ["ema", "timm-style ema", "scaler", "scaler, sgd",
                                   "running sum", "sum written through out=",
                                   "tracker in extra", "foreach ema", "best so far",
-                                  "rows seen", "batch norm beside"])
+                                  "rows seen", "batch norm beside",
+                                  "pieces, the rest read first"])
 def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, caplog, case):
     """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= (its
     tensors made by the first iteration itself, which is the only one recorded with
@@ -1667,7 +1675,8 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
     by `_foreach_lerp_` (no version moves under a dispatch mode: outcore moves them), a
     best-so-far set with fill_(tensor), marks set row by row by fill_ and a batch norm's
     running statistics beside the model (whose writes move no version: told once
-    _UNKEPT_WAIT iterations found its bytes changed) are changed in place by every
+    _UNKEPT_WAIT iterations found its bytes changed) and a buffer half overwritten, its
+    other half read and added to, are changed in place by every
     iteration and kept by no commit (a resume starts them afresh): one warning says so,
     naming how many, the largest with its shape and the op that wrote it, and where an
     EMA and a GradScaler go."""
@@ -1682,6 +1691,8 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
                 "foreach ema": ("8 tensors", "1.00 MiB", "lerp_"),
                 "best so far": ("1 tensor ", "aten::fill_.Tensor"),
                 "rows seen": ("1 tensor ", "float32 of shape (8, 4)", "aten::fill_.Scalar"),
+                "pieces, the rest read first": ("1 tensor ", "float32 of shape (8, 256)",
+                                                "aten::copy_.default"),
                 "batch norm beside": ("2 tensors", "float32 of shape (256,)",
                                       "aten::native_batch_norm"),
                 "tracker in extra": ("1 tensor ", "aten::add_.Tensor")}
@@ -1696,16 +1707,16 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
                                   "kept once changed", "running sum reset",
                                   "sum of the first iteration"])
 def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog, case):
-    """Rule 17's silence: an EMA model passed with the model, a GradScaler in extra= (its
-    state_dict() holds the scale as a number: its tensors count as kept), buffers each
-    iteration overwrites whole before any read (a batch copied in, an out= argument as
-    DDP's gradient buckets are written, a factory's out=, halves copied in one by one,
-    random fills), a batch fetched before each block and changed in it (gone when the
-    next one ends), tensors an iteration makes, changes once and keeps (a loss halved
-    in place, kept in a list: never written again), a sum reset at the block's end and
-    one only the first iteration (the recording) adds to, its bytes the same for
-    _UNKEPT_WAIT iterations after (as DDP's map of the parameters used with
-    static_graph=True), need no warning."""
+    """Rule 17's silence: an EMA model passed with the model, a GradScaler in extra=
+    (its state_dict() holds the scale as a number: its tensors count as kept), buffers
+    each iteration overwrites whole before any read (a batch copied in, an out= argument
+    as DDP's gradient buckets are written, a factory's out=, halves copied in one by
+    one, also with a read of the first between, random fills), a batch fetched before
+    each block and changed in it (gone when the next one ends), tensors an iteration
+    makes, changes once and keeps (a loss halved in place, kept in a list: never written
+    again), a sum reset at the block's end and one only the first iteration (the
+    recording) adds to, its bytes the same for _UNKEPT_WAIT iterations after (as DDP's
+    map of the parameters used with static_graph=True), need no warning."""
     iterations = 10 if case == "sum of the first iteration" else 4
     assert _unkept_told(tmp_path, caplog, case, iterations) == []
 

@@ -161,24 +161,24 @@ NOTE [Durable state]
      Following the version leaves out what only looked like state once (helper-217,
      helper-218): a batch fetched before the block and changed in it (`labels[labels ==
      pad] = -100`), gone or left alone by the next iteration; a loss halved in place and
-     kept in a list. Not every write moves a version (batch norm's running statistics,
-     a GradScaler's growth tracker): what was made before the recording and not seen
+     kept in a list. Not every write moves a version (batch norm's running statistics, a
+     GradScaler's growth tracker): what was made before the recording and not seen
      written again is told after _UNKEPT_WAIT iterations where its bytes changed
      meanwhile (`_Followed.written_again`; DDP's map of the parameters used with
      static_graph=True, filled by its first iterations only, does not), what the
      recording made is dropped. Where the tensor that wrote a storage was gone by the
      recording's end (a view; `state_dict()`'s detached values, which timm's EMA writes
-     through), a storage made before it is told at the next iteration's end if it
-     lives. Not noted: a
-     storage whose first uses in the iteration overwrote it whole without reading it
-     (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces too, an out=
-     argument not also read, a random fill; DDP writes its gradient buckets so), one
-     whose last write reset it whole to a number (`reset_last`: DDP's map of the
-     parameters used), and one a library keeps in place itself (`Entry.owner`,
-     `Entry.foreign`). A `_foreach_*` op moves no version under a dispatch mode, so
-     outcore moves them (`aten.count_foreach_writes`): an EMA's `_foreach_lerp_`.
-     Left: an EMA whose first update copies the model (AveragedModel) is told by its
-     counter where no later iteration is recorded.
+     through), a storage made before it is told at the next iteration's end if it lives.
+     Not noted: a storage whose first uses in the iteration overwrote it whole without
+     reading it (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces too,
+     the pieces copied in read before the rest is, an out= argument not also read, a
+     random fill; DDP writes its gradient buckets so), one whose last write reset it
+     whole to a number (`reset_last`: DDP's map of the parameters used), and one a
+     library keeps in place itself (`Entry.owner`, `Entry.foreign`). A `_foreach_*` op
+     moves no version under a dispatch mode, so outcore moves them
+     (`aten.count_foreach_writes`): an EMA's `_foreach_lerp_`. Left: an EMA whose first
+     update copies the model (AveragedModel) is told by its counter where no later
+     iteration is recorded.
 """
 from __future__ import annotations
 

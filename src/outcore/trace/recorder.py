@@ -25,7 +25,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
 from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
-                    autocast_as_entered, call_split, eager_stance, made_outside,
+                    autocast_as_entered, byte_span, call_split, eager_stance, made_outside,
                     covers, note_read_past, op_inputs, output_tensors, outside_dynamo,
                     overwritten_pieces, resets, storage_of, uses_contents, written_tensors)
 from ..errors import TraceError
@@ -178,13 +178,23 @@ class _ArrayLog:
     read_phases: set = field(default_factory=set)
     # Whether the ops that first used its contents (no view op: `uses_contents`) overwrote
     # them whole without reading them (`overwritten_pieces`: a batch copied into a buffer,
-    # an out= argument, a random fill, halves copied in one by one); None until known.
+    # an out= argument, a random fill, halves copied in one by one, the first read before
+    # the second is copied in: `_reads_written`); None until known.
     # What it held before the step then mattered nothing to the step.
     overwritten: bool | None = None
     pieces: list | None = None      # the byte ranges overwritten so far, while None above
     shape: tuple = ()               # the shape it was first used with (what warnings name)
     written_by: object = None       # a weak reference to the tensor its last write wrote
     reset_last: bool = False        # that write set it whole to a constant (fill_, zero_)
+
+
+def _reads_written(t: torch.Tensor, pieces: list | None) -> bool:
+    """Whether a use of `t` reads only bytes its storage's first uses overwrote in this
+    iteration (`pieces`): then not what it held before (`_ArrayLog.overwritten`)."""
+    if not pieces:
+        return False
+    start, end = byte_span(t)
+    return covers(pieces, end, start)
 
 
 class WorkspaceMeter:
@@ -493,7 +503,8 @@ class Recording(OutcoreMode):
         if used is not None and log.overwritten is None:
             pieces = used.get(key) if kind == "write" else None
             if pieces is None:
-                log.overwritten = False
+                if not _reads_written(t, log.pieces):
+                    log.overwritten = False
             else:
                 log.pieces = (log.pieces or []) + pieces
                 if covers(log.pieces, nbytes):
