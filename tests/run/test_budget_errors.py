@@ -1488,6 +1488,44 @@ def test_the_check_before_the_optimizer_refuses_every_budget_the_step_cannot_tra
                if half * MIB // 2 >= 1.05 * need), (need, outcomes)
 
 
+
+@pytest.mark.parametrize("rows", [20000, 500], ids=["distinct", "repeated"])
+def test_the_check_before_adagrad_on_sparse_gradients_refuses_only_what_cannot_train(
+        tmp_path, rows):
+    """helper-220: Adagrad on an embedding's sparse gradients was refused, nothing
+    trained, at 10.8 MiB where the step trains at 7 (the check counted the parameter
+    and its state together, as the dense update reads them; the sparse one reads one at
+    a time). Budgets from 5 to 8 MiB by 0.5, indices mostly distinct or repeated (the
+    gradient coalesced is smaller then): each refused before anything trained or
+    trained, never began and passed the budget, and every one at `smallest_budget` or
+    above trained."""
+    def build():
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(20000, 64, sparse=True)
+        return emb, torch.optim.Adagrad(emb.parameters(), lr=0.1)
+    x = torch.randint(0, rows, (256, 16), generator=torch.Generator().manual_seed(1))
+    emb, opt = build()
+    with outcore.record() as rec:
+        emb(x).square().mean().backward()
+        opt.step()
+    need = outcore.smallest_budget(rec.trace)
+    outcomes = []
+    for half_mib in range(10, 17):
+        emb, opt = build()
+        before = emb.weight.detach().clone()
+        try:
+            with outcore.OutOfCore(half_mib * MIB // 2, swap_dir=str(tmp_path)) as ooc:
+                with ooc.iteration():
+                    emb(x).square().mean().backward()
+                    opt.step()
+            outcomes.append("trained")
+        except outcore.InfeasibleBudget as err:
+            untouched = torch.equal(before, emb.weight)
+            outcomes.append("refused" if err.nothing_trained and untouched else "completed")
+    assert "completed" not in outcomes and "refused" in outcomes, outcomes
+    assert all(got == "trained" for half, got in zip(range(10, 17), outcomes)
+               if half * MIB // 2 >= need), (need, outcomes)
+
 def test_smallest_budget_of_a_first_step_holds_for_the_steps_after_it(tmp_path):
     """helper-125: the README's recipe (record one step, pass `smallest_budget` of it) fell
     a few bytes short where the first step makes the optimizer's state (SGD's momentum

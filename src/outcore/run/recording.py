@@ -207,7 +207,9 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
     - for a fused kernel, which reads them all at once, the parameter, the gradient and
       the state together;
     - where an op makes a tensor of the parameter's size beside two it reads (SGD's
-      weight decay and Nesterov momentum, Adagrad's and RMSprop's `addcdiv_`), that too.
+      weight decay and Nesterov momentum, Adagrad's and RMSprop's `addcdiv_`), that too;
+    - for Adagrad's sparse gradients, the larger of the parameter and the state beside
+      the gradient and its rows once coalesced (`_coalesced_bytes`).
       State not read in this step yet (kept from before, loaded) is counted where it
       is, in memory.
 
@@ -261,6 +263,14 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
     if fused:
         return param_bytes + grad_bytes + state_bytes
     need = param_bytes + max(grad_bytes, state_bytes)
+    if isinstance(optimizer, torch.optim.Adagrad) and p.grad.layout is not torch.strided:
+        # A sparse gradient's update reads one dense tensor at a time beside the
+        # gradient made coalesced (`grad.coalesce()`: on the CPU its values' storage as
+        # large as the gradient's, whatever repeats), `state_sum.add_(...)`, then
+        # `state_sum.sparse_mask(grad)`, which makes a row per distinct index beside
+        # them, then `param.add_(...)`. Counted together, they refused budgets the step
+        # trains in (helper-220: 10.8 MiB asked, where it trains at 7).
+        return max(param_bytes, state_bytes) + whole_grad + _coalesced_bytes(p.grad, whole_grad)
     if isinstance(optimizer, (torch.optim.Adagrad, torch.optim.RMSprop)):
         # `param.addcdiv_(grad, std)`: a new tensor of its size beside both (helper-126).
         need = max(need, param_bytes + whole_grad + own)
@@ -275,6 +285,18 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
             need = max(need, whole_grad + (sizes[0] if sizes else own) + own)
     return need
 
+
+
+def _coalesced_bytes(grad, whole: int) -> int:
+    """The bytes of a sparse COO gradient's rows once coalesced (indices and values, one
+    row per distinct index), `whole` (its storages' bytes) where it is coalesced already.
+    Counted by `torch.unique` of its indices, once per recording."""
+    if grad.layout is not torch.sparse_coo or grad.is_coalesced():
+        return whole
+    indices, values = grad._indices(), grad._values()
+    rows = torch.unique(indices, dim=1).shape[1]
+    per_row = values[0].numel() if len(values) else 0
+    return rows * (indices.shape[0] * indices.element_size() + per_row * values.element_size())
 
 def _first_state(optimizer, group: dict) -> tuple[int, int]:
     """What an optimizer's first step makes as a parameter's state (`_FIRST_STATE`): how
