@@ -1402,6 +1402,10 @@ def test_an_optimizer_over_parameters_outside_the_model_is_refused(tmp_path):
         assert ooc.resume(both, opts) == 0
         with pytest.raises(OutcoreError, match=r"the optimizer \(Adam\) holds 2 parameters"):
             ooc.keep(model, opts[1])
+        deep = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(3)])
+        with pytest.raises(OutcoreError, match=r"holds 6 parameters that are not the "
+                           r"model's \(\(3, 3\), \(3,\), \(3, 3\), \(3,\), \.\.\.\)"):
+            ooc.keep(model, torch.optim.SGD(deep.parameters(), lr=0.1))   # four named of six
 
 
 def test_optimizers_resumed_over_other_parameters_are_refused(tmp_path):

@@ -1929,7 +1929,8 @@ def _optimizers(api: str, model, optimizer) -> list:
             raise OutcoreError(
                 f"{api}(model, optimizer): the {which} ({type(item).__name__}) holds "
                 f"{len(outside)} parameter{'s' if len(outside) > 1 else ''} that are not "
-                f"the model's ({', '.join(str(tuple(p.shape)) for p in outside[:4])}): "
+                f"the model's ({', '.join(str(tuple(p.shape)) for p in outside[:4])}"
+                f"{', ...' if len(outside) > 4 else ''}): "
                 "state_dir keeps the model's parameters and would resume that optimizer's "
                 "state beside freshly made ones. Put the modules they belong to in the "
                 "model (several models: a torch.nn.ModuleDict)")
