@@ -206,10 +206,10 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
       parameter's size as the optimizer makes (`_first_state`);
     - for a fused kernel, which reads them all at once, the parameter, the gradient and
       the state together;
+    - for Adagrad on a sparse gradient, instead, the larger of the parameter and the
+      state beside the gradient and its rows once coalesced (`_coalesced_bytes`);
     - where an op makes a tensor of the parameter's size beside two it reads (SGD's
-      weight decay and Nesterov momentum, Adagrad's and RMSprop's `addcdiv_`), that too;
-    - for Adagrad's sparse gradients, the larger of the parameter and the state beside
-      the gradient and its rows once coalesced (`_coalesced_bytes`).
+      weight decay and Nesterov momentum, Adagrad's and RMSprop's `addcdiv_`), that too.
       State not read in this step yet (kept from before, loaded) is counted where it
       is, in memory.
 
@@ -286,7 +286,6 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
     return need
 
 
-
 def _coalesced_bytes(grad, whole: int) -> int:
     """The bytes of a sparse COO gradient's rows once coalesced (indices and values, one
     row per distinct index), `whole` (its storages' bytes) where it is coalesced already.
@@ -297,6 +296,7 @@ def _coalesced_bytes(grad, whole: int) -> int:
     rows = torch.unique(indices, dim=1).shape[1]
     per_row = values[0].numel() if len(values) else 0
     return rows * (indices.shape[0] * indices.element_size() + per_row * values.element_size())
+
 
 def _first_state(optimizer, group: dict) -> tuple[int, int]:
     """What an optimizer's first step makes as a parameter's state (`_FIRST_STATE`): how
