@@ -742,6 +742,38 @@ def test_a_small_models_lazy_optimizer_state_is_recorded_twice_where_small_stora
     assert modes == ["record", "record", "replay", "replay"], modes
 
 
+
+def test_an_optimizers_small_lazy_state_is_recorded_twice(tmp_path):
+    """transformers' Adafactor makes its factored moments at its first step, 8 KiB in
+    all here, under the sum that counts as lazily made state: the second iteration
+    replayed the first's plan, deviated at the optimizer (it expected the first step's
+    `zeros`) and a third was recorded. State an optimizer keeps for a parameter that had
+    none (`Recorder.made_optimizer_state`) has the next iteration recorded, whatever
+    its size; and bitwise as plain PyTorch."""
+    from transformers.optimization import Adafactor
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                    torch.nn.Linear(512, 256))
+        return model, Adafactor(model.parameters(), lr=None, relative_step=True,
+                                warmup_init=True)
+    x = torch.randn(64, 256)
+    plain, ours = build(), build()
+    for _ in range(4):
+        plain[0](x).square().mean().backward()
+        plain[1].step()
+        plain[1].zero_grad()
+    with outcore.OutOfCore("2MiB", swap_dir=tmp_path) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                ours[0](x).square().mean().backward()
+                ours[1].step()
+                ours[1].zero_grad()
+        modes = [it.mode for it in ooc.report().iterations]
+    assert modes == ["record", "record", "replay", "replay"], modes
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+
 def test_a_passive_replay_runs_small_ops_off_the_record_as_they_are(tmp_path):
     """helper-211: at a budget the plan moves nothing under (a passive replay, which
     makes nothing ready), small ops off the record with min_move_bytes=0 (gradients

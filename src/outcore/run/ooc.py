@@ -1320,9 +1320,13 @@ class OutOfCore:
         # smaller storages move, the sum counts from there (at least a small op's bytes):
         # a small model's AdamW state, 24 KiB, deviated at the second step and recorded a
         # third with min_move_bytes=0 (helper-209).
-        lazy_state = sum(a.nbytes for a in trace.arrays if a.category == "optimizer_state"
-                         and not a.existed_before) >= min(
-            MIN_MOVE_BYTES, max(self._res.min_move_bytes, SMALL_OP_BYTES))
+        # State an optimizer keeps for a parameter that had none (its `state[p]`: not
+        # Lightning's loss) changes the next step's ops whatever its size: Adafactor's
+        # factored moments, 8 KiB here, deviated the second step and recorded a third.
+        lazy_state = recording.made_optimizer_state or sum(
+            a.nbytes for a in trace.arrays if a.category == "optimizer_state"
+            and not a.existed_before) >= min(
+                MIN_MOVE_BYTES, max(self._res.min_move_bytes, SMALL_OP_BYTES))
         # DDP rebuilds its buckets once, in some iteration after the first (compose.py,
         # ddp_buckets_unbuilt): one recorded before or during it is not the steady step.
         # Only a module the step ran forward with grad does so: one alive that never

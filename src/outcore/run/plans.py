@@ -39,8 +39,9 @@ lets every iteration replay.
      a plan replays. A wrong guess costs a deviation: the rest of that step runs on
      demand, correct. Except where that plan is the only one, its shape was seen only
      at its recording, and that recording made optimizer state (`Plan.made_state`):
-     the step recorded was the one-off, an optimizer's first step that made less state
-     than MIN_MOVE_BYTES (Adafactor's: no second recording was asked for), and the
+     the step recorded was the one-off, a first step that made less state than
+     MIN_MOVE_BYTES, none of it in an optimizer's `state` (no second recording was
+     asked for: `Recorder.made_optimizer_state`), and the
      shape after it is recorded; once per OutOfCore, and only where no recording was
      made for a warm-up (`warm_up`: state too large to miss asked for one already;
      LBFGS's history, which grows for several steps, had it recorded again and again).

@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -197,6 +198,15 @@ def _reads_written(t: torch.Tensor, pieces: list | None) -> bool:
     return covers(pieces, end, start)
 
 
+
+def _holds_state(optimizer, p) -> bool:
+    """Whether `optimizer.state[p]` holds a tensor (read without making the entry; False
+    for an optimizer whose `state` is no mapping of dicts)."""
+    state = getattr(optimizer, "state", None)
+    entry = state.get(p) if isinstance(state, Mapping) else None
+    return isinstance(entry, Mapping) and any(
+        isinstance(value, torch.Tensor) for value in entry.values())
+
 class WorkspaceMeter:
     """NOTE [Workspace from the allocator]: on a CUDA device an op's own scratch memory
     (cuDNN's and cuBLAS's workspaces, taken from PyTorch's caching allocator and given
@@ -249,6 +259,10 @@ class Recording(OutcoreMode):
         self._logs: list[_ArrayLog] = []
         self._live: dict[int, tuple[int, weakref.ref]] = {}   # storage key -> (array id, ref)
         self._optimizers = OptimizerSteps()
+        # Whether an optimizer's step made tensor state for a parameter that had none
+        # (`_enter_optimizer`, `_leave_optimizer`): its next step runs other ops.
+        self.made_optimizer_state = False
+        self._stateless: dict[int, list] = {}   # id(optimizer) -> its stateless parameters
         # Storage keys of the buffers of every module called in the step, and the modules
         # seen (`_note_module`): a buffer the step only reads is state, not an input.
         self._buffer_keys: set[int] = set()
@@ -368,8 +382,12 @@ class Recording(OutcoreMode):
                     self._buffer_keys.add(storage._cdata)
         return None
 
-    def _enter_optimizer(self, *_):
+    def _enter_optimizer(self, optimizer=None, *_):
         self._optimizers.begin()
+        if optimizer is not None and not self.made_optimizer_state:
+            self._stateless[id(optimizer)] = [
+                p for group in getattr(optimizer, "param_groups", ())
+                for p in group.get("params", ()) if not _holds_state(optimizer, p)]
 
     @property
     def in_optimizer(self) -> bool:
@@ -380,8 +398,11 @@ class Recording(OutcoreMode):
         """Whether `exc` came out of an optimizer's step() (`OptimizerSteps`)."""
         return self._optimizers.raised_inside(exc)
 
-    def _leave_optimizer(self, *_):
+    def _leave_optimizer(self, optimizer=None, *_):
         self._optimizers.end()
+        stateless = self._stateless.pop(id(optimizer), ())
+        if any(_holds_state(optimizer, p) for p in stateless):
+            self.made_optimizer_state = True
 
     @property
     def trace(self) -> Trace:
