@@ -1526,6 +1526,27 @@ def test_the_check_before_adagrad_on_sparse_gradients_refuses_only_what_cannot_t
     assert all(got == "trained" for half, got in zip(range(10, 17), outcomes)
                if half * MIB // 2 >= need), (need, outcomes)
 
+
+def test_the_check_before_adagrad_reads_no_sparse_gradient_moved_out(tmp_path):
+    """helper-221: with min_move_bytes=0 the first of two embeddings' sparse gradients is
+    moved out by the time the optimizer begins, and counting its distinct rows
+    (`torch.unique` of its indices) raised RuntimeError from the optimizer's pre-hook.
+    Counted as if none repeats there: refused, nothing trained, or trained."""
+    torch.manual_seed(0)
+    m = torch.nn.ModuleDict({"a": torch.nn.Embedding(8000, 64, sparse=True),
+                             "b": torch.nn.Embedding(8000, 64, sparse=True)})
+    opt = torch.optim.Adagrad(m.parameters(), lr=0.1)
+    x = torch.randint(0, 8000, (256, 16), generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in m.parameters()]
+    try:
+        with outcore.OutOfCore("3MiB", min_move_bytes=0, swap_dir=str(tmp_path)) as ooc:
+            with ooc.iteration():
+                (m["a"](x) * m["b"](x)).square().mean().backward()
+                opt.step()
+    except outcore.InfeasibleBudget as err:
+        assert err.nothing_trained and all(
+            torch.equal(a, b) for a, b in zip(before, m.parameters())), str(err)
+
 def test_smallest_budget_of_a_first_step_holds_for_the_steps_after_it(tmp_path):
     """helper-125: the README's recipe (record one step, pass `smallest_budget` of it) fell
     a few bytes short where the first step makes the optimizer's state (SGD's momentum

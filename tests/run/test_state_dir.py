@@ -15,6 +15,7 @@ import torch
 
 import outcore
 from outcore.errors import OutcoreError
+from outcore.states import MAPPED
 
 from .. import zygote
 
@@ -1651,6 +1652,10 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             parts[4:].add_(parts[:4])
         elif case == "batch norm beside":
             norm(_X)
+        elif case == "an ema every 10th" and i % 10 == 0:     # ema-pytorch's default
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 0.01)
         elif case == "sum of the first iteration" and i == 0:
             total.add_(1.0)                         # the recording's only: then constant
         elif case == "running sum reset":
@@ -1670,7 +1675,7 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
                                   "running sum", "sum written through out=",
                                   "tracker in extra", "foreach ema", "best so far",
                                   "rows seen", "batch norm beside",
-                                  "pieces, the rest read first"])
+                                  "pieces, the rest read first", "an ema every 10th"])
 def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, caplog, case):
     """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= (its
     tensors made by the first iteration itself, which is the only one recorded with
@@ -1679,12 +1684,14 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
     by `_foreach_lerp_` (no version moves under a dispatch mode: outcore moves them), a
     best-so-far set with fill_(tensor), marks set row by row by fill_ and a batch norm's
     running statistics beside the model (whose writes move no version: told once
-    _UNKEPT_WAIT iterations found its bytes changed) and a buffer half overwritten, its
-    other half read and added to, are changed in place by every
+    _UNKEPT_WAIT iterations found its bytes changed), a buffer half overwritten, its
+    other half read and added to, and an EMA updated every 10th iteration (its bytes the
+    same 8 iterations on, then its version followed: helper-221) are changed in place by every
     iteration and kept by no commit (a resume starts them afresh): one warning says so,
     naming how many, the largest with its shape and the op that wrote it, and where an
     EMA and a GradScaler go."""
-    told = _unkept_told(tmp_path, caplog, case, iterations=10 if "norm" in case else 4)
+    told = _unkept_told(tmp_path, caplog, case,
+                        iterations={"batch norm beside": 10, "an ema every 10th": 12}.get(case, 4))
     assert len(told) == 1, told
     expected = {"ema": ("8 tensors", "1.00 MiB", "shape (256, 256)", "aten::lerp_.Scalar",
                         "outside the forward"),
@@ -1697,6 +1704,7 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
                 "rows seen": ("1 tensor ", "float32 of shape (8, 4)", "aten::fill_.Scalar"),
                 "pieces, the rest read first": ("1 tensor ", "float32 of shape (8, 256)",
                                                 "aten::copy_.default"),
+                "an ema every 10th": ("8 tensors", "aten::lerp_.Scalar"),
                 "batch norm beside": ("2 tensors", "float32 of shape (256,)",
                                       "aten::native_batch_norm"),
                 "tracker in extra": ("1 tensor ", "aten::add_.Tensor")}
@@ -1724,6 +1732,27 @@ def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog
     iterations = 10 if case == "sum of the first iteration" else 4
     assert _unkept_told(tmp_path, caplog, case, iterations) == []
 
+
+
+def test_state_moved_out_and_never_changed_again_is_not_told(tmp_path, caplog):
+    """Rule 17 compares the bytes of a storage whose version never moves: a table made
+    before the loop and changed by the first iteration only is no state. At a budget
+    that moves it out (min_move_bytes=0) it lies mapped between iterations, and was told
+    as not comparable (helper-221): its mapped bytes are read."""
+    model, opt = _linear4()
+    table, states = torch.zeros(256, 256), set()
+    with outcore.OutOfCore("1MiB", min_move_bytes=0, state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        with caplog.at_level("WARNING", logger="outcore"):
+            for i in range(12):
+                with ooc.iteration():
+                    if i == 0:
+                        table.add_(1.0)             # the recording's only write
+                    _step(model, opt)
+                entry = ooc._res.entry_of(table.untyped_storage())
+                states.add(None if entry is None else entry.state)
+    assert MAPPED in states, states                 # moved out: what the case is about
+    assert not [r for r in caplog.records if "no commit keeps" in r.getMessage()]
 
 def test_state_found_after_the_first_warning_is_told_too(tmp_path, caplog):
     """Rule 17: a warning names each storage once, and what a later recording finds

@@ -164,14 +164,15 @@ NOTE [Durable state]
      kept in a list. Not every write moves a version (batch norm's running statistics, a
      GradScaler's growth tracker): what was made before the recording and not seen
      written again is told after _UNKEPT_WAIT iterations where its bytes changed
-     meanwhile (`_Followed.written_again`; DDP's map of the parameters used with
-     static_graph=True, filled by its first iterations only, does not), what the
-     recording made is dropped. Where the tensor that wrote a storage was gone by the
-     recording's end (a view; `state_dict()`'s detached values, which timm's EMA writes
-     through), a storage made before it is told at the next iteration's end if it lives.
-     Not noted: a storage whose first uses in the iteration overwrote it whole without
-     reading it (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces too,
-     the pieces copied in read before the rest is, an out= argument not also read, a
+     meanwhile (`_Followed.written_again`), and followed by its version alone where they
+     had not (DDP's map of the parameters used with static_graph=True, filled by its
+     first iterations only: never told; an EMA updated every 10th iteration: told then);
+     what the recording made is dropped. Where the tensor that wrote a storage was gone
+     by the recording's end (a view; `state_dict()`'s detached values, which timm's EMA
+     writes through), a storage made before it is told at the next iteration's end if it
+     lives. Not noted: a storage whose first uses in the iteration overwrote it whole
+     without reading it (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces
+     too, the pieces copied in read before the rest is, an out= argument not also read, a
      random fill; DDP writes its gradient buckets so), one whose last write reset it
      whole to a number (`reset_last`: DDP's map of the parameters used), and one a
      library keeps in place itself (`Entry.owner`, `Entry.foreign`). A `_foreach_*` op
@@ -198,11 +199,13 @@ from ..errors import OutcoreError, SwapSpaceExhausted
 from ..units import format_bytes
 from .checkpoint import atomic_save
 from .compose import _distributed_up
-from .residency import FAST, ValuesLost
+from ..states import FAST, MAPPED
+from .residency import ValuesLost
 
 MANIFEST = "manifest.pt"
 _UNKEPT_WAIT = 8        # rule 17: iterations a state not written again is followed
-_UNKEPT_COPY = 2**20    # ... and the most bytes of one whose contents are compared
+_UNKEPT_COPY = 2**20    # ... the most bytes of one whose contents are compared
+_UNKEPT_COPIES = 16 * 2**20     # ... and of all the copies held for that at once
 FORMAT, VERSION = "outcore.state", 1
 _SWAP = re.compile(r"^state-(\d+)\.swap$")
 
@@ -471,16 +474,19 @@ class _Followed:
     before: bool                    # the storage was made before the recording
     info: tuple                     # (bytes, dtype, shape, first op, phase) for the warning
     age: int = 0                    # the iterations it was seen not written again
-    copy: torch.Tensor | None = None    # its bytes as first seen not written again
+    copy: torch.Tensor | None = None    # its bytes as first seen not written again (CPU)
+    same: bool = False              # its bytes were the same _UNKEPT_WAIT iterations on
 
-    def written_again(self, storage, res, kept) -> bool | None:
-        """True: it counts as written since the recording; its tensor's version moved (its
+    def written_again(self, storage, res, kept, room: list) -> bool | None:
+        """True: it counts as written since the recording: its tensor's version moved (its
         tensor gone at the recording's end: it lives), or, _UNKEPT_WAIT iterations on,
         where made before the recording, its bytes changed since first compared (or
-        could not be: a storage over _UNKEPT_COPY, or not in place). False: not yet,
-        follow on. None: no state to tell: its tensor is gone (a batch the loop let go
-        of), or a commit keeps it where its bytes would be copied (`kept()`, the keys
-        of what commits keep: no copy of a model's buffers is held)."""
+        could not be: over _UNKEPT_COPY, past `room[0]`, the bytes of copies still
+        allowed, which it takes from, or not readable). Where they had not changed, only
+        its version is followed from there (an EMA updated every 10th iteration). False:
+        not yet, follow on. None: no state to tell: its tensor is gone (a batch the
+        loop let go of), or a commit keeps it where its bytes would be copied (`kept()`,
+        the keys of what commits keep: no copy of a model's buffers is held)."""
         if self.tensor is None:
             return True                     # noted only where made before the recording
         written = self.tensor()
@@ -488,24 +494,32 @@ class _Followed:
             return None
         if written._version != self.version:
             return True
-        if not self.before or self.age < _UNKEPT_WAIT:
+        if self.same or not self.before or self.age < _UNKEPT_WAIT:
             if self.before and self.age == 0:
                 if storage._cdata in kept():
                     return None
-                self.copy = _bytes_of(storage, res, clone=True)
+                if storage.nbytes() <= min(_UNKEPT_COPY, room[0]):
+                    self.copy = _bytes_of(storage, res)
+                    room[0] -= 0 if self.copy is None else self.copy.numel()
             return False
-        now = _bytes_of(storage, res)
-        return self.copy is None or now is None or not torch.equal(now, self.copy)
+        was, self.copy = self.copy, None
+        now = _bytes_of(storage, res) if was is not None else None
+        self.same = now is not None and torch.equal(now, was)
+        return not self.same
 
 
-def _bytes_of(storage, res, clone: bool = False) -> torch.Tensor | None:
-    """A storage's bytes (a copy where `clone`), or None where over _UNKEPT_COPY or not in
-    place: outcore moved it, or moves it now."""
+def _bytes_of(storage, res) -> torch.Tensor | None:
+    """A copy of a storage's bytes in CPU memory, or None where they are not readable (not
+    in place: outcore moves it, or holds it on the slow tier unmapped) or the copy
+    fails (out of memory)."""
     entry = res.entries.get(storage._cdata) if res is not None else None
-    if storage.nbytes() > _UNKEPT_COPY or (entry is not None and entry.state != FAST):
+    if entry is not None and entry.state not in (FAST, MAPPED):
         return None
-    view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-    return view.clone() if clone else view
+    try:
+        view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        return view.to("cpu", copy=True)
+    except Exception:       # noqa: BLE001 - rule 17 is advice: told as not compared
+        return None
 
 
 class Durable:
@@ -694,12 +708,14 @@ class Durable:
         _UNKEPT_WAIT iterations (an EMA updated on every n-th only), then told where it
         was made before the recording and its contents changed meanwhile: not every
         write moves a version (batch norm's running statistics, a GradScaler's growth
-        tracker), and what keeps its contents is no state the iterations change (DDP's
-        map of the parameters used, with static_graph=True, written by its first
-        iteration only). What the recording made and left alone since (a loss kept in a
-        list) is no state either. `res`: the Residency, which says whether a storage's
-        bytes are in place to compare."""
+        tracker). What kept its contents is followed by its version alone from there:
+        DDP's map of the parameters used, with static_graph=True, written by its first
+        iterations only, is never told; an EMA updated every 10th iteration is, then.
+        What the recording made and left alone since (a loss kept in a list) is no state.
+        `res`: the Residency, which says whether a storage's bytes can be read."""
         due, waiting, seen, found = [], [], set(), []
+        room = [_UNKEPT_COPIES - sum(followed.copy.numel() for followed in self._unkept_noted
+                                     if followed.copy is not None)]
 
         def kept() -> set:                  # asked once at most: a state_dict() each
             if not found:
@@ -709,9 +725,9 @@ class Durable:
             storage = followed.storage()
             if storage is None or storage._cdata in self._told_unkept or storage._cdata in seen:
                 continue
-            written = followed.written_again(storage, res, kept)
+            written = followed.written_again(storage, res, kept, room)
             if not written:
-                if written is not None and followed.age < _UNKEPT_WAIT:
+                if written is not None and (followed.same or followed.age < _UNKEPT_WAIT):
                     followed.age += 1
                     waiting.append(followed)
                 continue

@@ -343,13 +343,16 @@ def _warn_unkept(ooc, recording) -> None:
     durable = ooc._durable
     if durable is None or durable.model is None:
         return
-    try:
+    left = []
+    try:                    # each part apart: what one cannot do leaves the other to run
         left = durable.unkept(ooc._res)
-        if recording is not None:
-            durable.note_unkept(recording, ooc._res)
     except Exception:       # noqa: BLE001 - a user's state_dict(): the commit said it already
         log.debug("state_dir: what the iteration changed could not be compared", exc_info=True)
-        return
+    try:
+        if recording is not None:
+            durable.note_unkept(recording, ooc._res)
+    except Exception:       # noqa: BLE001 - as above
+        log.debug("state_dir: what the iteration changed could not be noted", exc_info=True)
     if not left:
         return
     nbytes, dtype, shape, op, phase = left[0]

@@ -1,10 +1,12 @@
 """The recording iteration: record the trace while running memory-safe (on-demand)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..aten import distinct_storages, iter_tensors
+from ..aten import byte_span, distinct_storages, iter_tensors
 from ..errors import warn
 from ..states import FAST
 from ..trace.recorder import Recording
@@ -288,13 +290,17 @@ def _update_bytes(res: Residency, optimizer, group: dict, p) -> int:
 
 def _coalesced_bytes(grad, whole: int) -> int:
     """The bytes of a sparse COO gradient's rows once coalesced (indices and values, one
-    row per distinct index), `whole` (its storages' bytes) where it is coalesced already.
-    Counted by `torch.unique` of its indices, once per recording."""
+    row per distinct index), counted by `torch.unique` of its indices, once per
+    recording; `whole` (its storages' bytes, as many rows as it has) where it is
+    coalesced already, or where its indices are not in memory to count (outcore moved
+    them out: helper-221, `torch.unique` of an evicted storage raised)."""
     if grad.layout is not torch.sparse_coo or grad.is_coalesced():
         return whole
     indices, values = grad._indices(), grad._values()
+    if indices.untyped_storage().nbytes() < byte_span(indices)[1]:
+        return whole
     rows = torch.unique(indices, dim=1).shape[1]
-    per_row = values[0].numel() if len(values) else 0
+    per_row = math.prod(values.shape[1:])
     return rows * (indices.shape[0] * indices.element_size() + per_row * values.element_size())
 
 
