@@ -17,7 +17,7 @@ import functools
 import sys
 import threading
 import weakref
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -150,17 +150,28 @@ def _overwritten_arguments(func) -> tuple[tuple[int, str], ...]:
                  if arg.is_out or (pos == 0 and schema.name in _OVERWRITING))
 
 
-def overwritten_pieces(func, args, kwargs) -> dict[int, list[tuple[int, int]]]:
-    """What `func` overwrites without reading it: per storage (`_cdata`), the byte ranges
-    (start, end) of the arguments of `_overwritten_arguments` that are contiguous. A
-    storage another argument also reaches is read too (`torch.add(t, x, out=t)`): none
-    of it counts."""
+class Overwrites(NamedTuple):
+    """`overwritten_pieces`: per storage (`_cdata`), the byte ranges (start, end) an op
+    overwrites without reading them (`pieces`), and, of those storages, the ranges its
+    other arguments read (`reads`: `torch.add(t, x, out=t)` reads what it writes,
+    `b[4:].copy_(b[:4])` another piece)."""
+    pieces: dict
+    reads: dict
+
+
+NO_OVERWRITES = Overwrites({}, {})
+
+
+def overwritten_pieces(func, args, kwargs) -> Overwrites:
+    """What `func` overwrites without reading it: the arguments of
+    `_overwritten_arguments` that are contiguous, and what its other arguments read of
+    their storages (`Overwrites`)."""
     overwritten = _overwritten_arguments(func)
     if not overwritten:
-        return {}
+        return NO_OVERWRITES
     positions = {pos for pos, _ in overwritten}
     pieces: dict[int, list] = {}
-    read: set = set()
+    reads: dict[int, list] = {}
     for pos, arg in enumerate(func._schema.arguments):
         value = args[pos] if pos < len(args) else kwargs.get(arg.name)
         for t in iter_tensors((value,)):
@@ -168,12 +179,12 @@ def overwritten_pieces(func, args, kwargs) -> dict[int, list[tuple[int, int]]]:
             if storage is None:
                 continue
             if pos not in positions:
-                read.add(storage._cdata)
+                reads.setdefault(storage._cdata, []).append(byte_span(t))
             elif t.is_contiguous():
                 start = t.storage_offset() * t.element_size()
                 pieces.setdefault(storage._cdata, []).append(
                     (start, start + t.numel() * t.element_size()))
-    return {key: ranges for key, ranges in pieces.items() if key not in read}
+    return Overwrites(pieces, {key: spans for key, spans in reads.items() if key in pieces})
 
 
 def covers(pieces: list[tuple[int, int]], nbytes: int, start: int = 0) -> bool:

@@ -1588,7 +1588,7 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
     ema = copy.deepcopy(model).requires_grad_(False)
     scaler, tracker = torch.amp.GradScaler("cpu", init_scale=4.0), _Tracker()
     total, buffer, out = torch.zeros(()), torch.empty(8, 256), torch.empty(8, 256)
-    parts = torch.zeros(8, 256)
+    parts, tiles = torch.zeros(8, 256), torch.zeros(8, 256)
     history, best, seen = [], torch.full((), float("inf")), torch.zeros(8, 4)
     norm = torch.nn.BatchNorm1d(256)            # its running statistics: no version moves
     norm.num_batches_tracked = None             # (its counter's would: told at once)
@@ -1632,6 +1632,8 @@ def _unkept_told(tmp_path, caplog, case, iterations=4):
             parts[:4].copy_(_X[:4])                 # a piece, read, then the rest
             parts[:4].sum()
             parts[4:].copy_(parts[:4] * 2)
+            tiles[:4].copy_(_X[:4])                 # the rest copied from the piece
+            tiles[4:].copy_(tiles[:4])
             total.bernoulli_(0.5)
         elif case == "batch changed in place":
             batch[batch > 0] = 0.0
@@ -1723,7 +1725,8 @@ def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog
     (its state_dict() holds the scale as a number: its tensors count as kept), buffers
     each iteration overwrites whole before any read (a batch copied in, an out= argument
     as DDP's gradient buckets are written, a factory's out=, halves copied in one by
-    one, also with a read of the first between, random fills), a batch fetched before
+    one, also with a read of the first between or the second copied from the first,
+    random fills), a batch fetched before
     each block and changed in it (gone when the next one ends), tensors an iteration
     makes, changes once and keeps (a loss halved in place, kept in a list: never written
     again), a sum reset at the block's end and one only the first iteration (the

@@ -172,14 +172,14 @@ NOTE [Durable state]
      writes through), a storage made before it is told at the next iteration's end if it
      lives. Not noted: a storage whose first uses in the iteration overwrote it whole
      without reading it (`_ArrayLog.overwritten`: a batch copied into a buffer, in pieces
-     too, the pieces copied in read before the rest is, an out= argument not also read, a
-     random fill; DDP writes its gradient buckets so), one whose last write reset it
-     whole to a number (`reset_last`: DDP's map of the parameters used), and one a
-     library keeps in place itself (`Entry.owner`, `Entry.foreign`). A `_foreach_*` op
-     moves no version under a dispatch mode, so outcore moves them
-     (`aten.count_foreach_writes`): an EMA's `_foreach_lerp_`. Left: an EMA whose first
-     update copies the model (AveragedModel) is told by its counter where no later
-     iteration is recorded.
+     too, the pieces copied in read, or the rest copied from them, before the rest is, an
+     out= argument not also read, a random fill; DDP writes its gradient buckets so), one
+     whose last write reset it whole to a number (`reset_last`: DDP's map of the
+     parameters used), and one a library keeps in place itself (`Entry.owner`,
+     `Entry.foreign`). A `_foreach_*` op moves no version under a dispatch mode, so
+     outcore moves them (`aten.count_foreach_writes`): an EMA's `_foreach_lerp_`. Left:
+     an EMA whose first update copies the model (AveragedModel) is told by its counter
+     where no later iteration is recorded.
 """
 from __future__ import annotations
 

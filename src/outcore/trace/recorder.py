@@ -25,7 +25,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
-from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, PACKAGE, OutcoreMode,
+from ..aten import (FAST_PATH_OP, FRESH_ARGUMENT_OPS, NO_OVERWRITES, PACKAGE, OutcoreMode,
                     autocast_as_entered, byte_span, call_split, eager_stance, made_outside,
                     covers, note_read_past, op_inputs, output_tensors, outside_dynamo,
                     overwritten_pieces, resets, storage_of, uses_contents, written_tensors)
@@ -450,7 +450,7 @@ class Recording(OutcoreMode):
         workspace = meter.bytes() if meter is not None else 0
         outputs = output_tensors(out)
         used = (None if not uses_contents(func) else
-                overwritten_pieces(func, args, kwargs) if written else {})
+                overwritten_pieces(func, args, kwargs) if written else NO_OVERWRITES)
         self._log(func, phase, inputs, written, outputs, duration, split, args, kwargs, out,
                   workspace, used, written and resets(func))
         self._after_op(func, inputs, written_list, outputs)
@@ -522,10 +522,13 @@ class Recording(OutcoreMode):
             ident = entry[0]
         log = self._logs[ident]
         if used is not None and log.overwritten is None:
-            pieces = used.get(key) if kind == "write" else None
+            pieces = used.pieces.get(key) if kind == "write" else None
             if pieces is None:
                 if not _reads_written(t, log.pieces):
                     log.overwritten = False
+            elif not all(covers(log.pieces or (), end, start)
+                         for start, end in used.reads.get(key, ())):
+                log.overwritten = False     # the op reads what it held too
             else:
                 log.pieces = (log.pieces or []) + pieces
                 if covers(log.pieces, nbytes):
@@ -535,7 +538,7 @@ class Recording(OutcoreMode):
         if kind == "write":
             log.write_phases.append(phase)
             log.written_by = weakref.ref(t)
-            log.reset_last = reset and used is not None and covers(used.get(key, ()), nbytes)
+            log.reset_last = reset and used is not None and covers(used.pieces.get(key, ()), nbytes)
         elif kind == "read":
             log.read_phases.add(phase)
         previous = kinds.get(ident)
