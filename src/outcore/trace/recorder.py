@@ -179,8 +179,9 @@ class _ArrayLog:
     read_phases: set = field(default_factory=set)
     # Whether the ops that first used its contents (no view op: `uses_contents`) overwrote
     # them whole without reading them (`overwritten_pieces`: a batch copied into a buffer,
-    # an out= argument, a random fill, halves copied in one by one, the first read before
-    # the second is copied in: `_reads_written`); None until known.
+    # an out= argument, a random fill, halves copied in one by one, the first read, or
+    # the second copied from it, before the second is in: `_reads_written`, `Overwrites`);
+    # None until known.
     # What it held before the step then mattered nothing to the step.
     overwritten: bool | None = None
     pieces: list | None = None      # the byte ranges overwritten so far, while None above
@@ -198,7 +199,6 @@ def _reads_written(t: torch.Tensor, pieces: list | None) -> bool:
     return covers(pieces, end, start)
 
 
-
 def _holds_state(optimizer, p) -> bool:
     """Whether `optimizer.state[p]` holds a tensor (read without making the entry; False
     for an optimizer whose `state` is no mapping of dicts)."""
@@ -206,6 +206,7 @@ def _holds_state(optimizer, p) -> bool:
     entry = state.get(p) if isinstance(state, Mapping) else None
     return isinstance(entry, Mapping) and any(
         isinstance(value, torch.Tensor) for value in entry.values())
+
 
 class WorkspaceMeter:
     """NOTE [Workspace from the allocator]: on a CUDA device an op's own scratch memory
