@@ -1682,16 +1682,16 @@ def test_state_an_iteration_changes_and_no_commit_keeps_is_told_once(tmp_path, c
     """Rule 17: an EMA model kept beside the model, a GradScaler left out of extra= (its
     tensors made by the first iteration itself, which is the only one recorded with
     SGD), a running sum in a tensor made before the loop (also as an out= argument that
-    is read too), a tensor an extra= object changes beside its state_dict(), an EMA
-    by `_foreach_lerp_` (no version moves under a dispatch mode: outcore moves them), a
+    is read too), a tensor an extra= object changes beside its state_dict(), an EMA by
+    `_foreach_lerp_` (no version moves under a dispatch mode: outcore moves them), a
     best-so-far set with fill_(tensor), marks set row by row by fill_ and a batch norm's
     running statistics beside the model (whose writes move no version: told once
     _UNKEPT_WAIT iterations found its bytes changed), a buffer half overwritten, its
     other half read and added to, and an EMA updated every 10th iteration (its bytes the
-    same 8 iterations on, then its version followed: helper-221) are changed in place by every
-    iteration and kept by no commit (a resume starts them afresh): one warning says so,
-    naming how many, the largest with its shape and the op that wrote it, and where an
-    EMA and a GradScaler go."""
+    same 8 iterations on, then its version followed: helper-221) are changed in place by
+    every iteration and kept by no commit (a resume starts them afresh): one warning
+    says so, naming how many, the largest with its shape and the op that wrote it, and
+    where an EMA and a GradScaler go."""
     told = _unkept_told(tmp_path, caplog, case,
                         iterations={"batch norm beside": 10, "an ema every 10th": 12}.get(case, 4))
     assert len(told) == 1, told
@@ -1726,15 +1726,14 @@ def test_state_a_commit_keeps_or_that_never_matters_is_not_told(tmp_path, caplog
     each iteration overwrites whole before any read (a batch copied in, an out= argument
     as DDP's gradient buckets are written, a factory's out=, halves copied in one by
     one, also with a read of the first between or the second copied from the first,
-    random fills), a batch fetched before
-    each block and changed in it (gone when the next one ends), tensors an iteration
-    makes, changes once and keeps (a loss halved in place, kept in a list: never written
-    again), a sum reset at the block's end and one only the first iteration (the
-    recording) adds to, its bytes the same for _UNKEPT_WAIT iterations after (as DDP's
-    map of the parameters used with static_graph=True), need no warning."""
+    random fills), a batch fetched before each block and changed in it (gone when the
+    next one ends), tensors an iteration makes, changes once and keeps (a loss halved in
+    place, kept in a list: never written again), a sum reset at the block's end and one
+    only the first iteration (the recording) adds to, its bytes the same for
+    _UNKEPT_WAIT iterations after (as DDP's map of the parameters used with
+    static_graph=True), need no warning."""
     iterations = 10 if case == "sum of the first iteration" else 4
     assert _unkept_told(tmp_path, caplog, case, iterations) == []
-
 
 
 def test_state_moved_out_and_never_changed_again_is_not_told(tmp_path, caplog):
