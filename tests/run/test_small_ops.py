@@ -774,6 +774,55 @@ def test_an_optimizers_small_lazy_state_is_recorded_twice(tmp_path):
     assert modes == ["record", "record", "replay", "replay"], modes
     assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
 
+
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_state_an_optimizer_subclass_keeps_around_its_parents_step_is_seen(tmp_path, order):
+    """helper-222: an SGD subclass whose step() keeps an EMA in `self.state[p]` around
+    `super().step()` runs the step hooks twice once SGD.step is hooked itself (any plain
+    SGD made first): the inner step's end took the snapshot of parameters without
+    state, and the state was missed (record, replay that deviated, record). The
+    outermost step's end decides: record, record, replay; bitwise."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)    # hooks SGD.step
+
+    class EmaSGD(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if order == "before":
+                self._keep()
+            super().step(closure)
+            if order == "after":
+                self._keep()
+
+        def _keep(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    if "ema" not in state:
+                        state["ema"] = p.detach().clone()
+                    else:
+                        state["ema"].lerp_(p, 0.1)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 32))
+        return model, EmaSGD(model.parameters(), lr=0.01)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    plain, ours = build(), build()
+    for _ in range(4):
+        plain[0](x).square().mean().backward()
+        plain[1].step()
+        plain[1].zero_grad()
+    with outcore.OutOfCore("2MiB", swap_dir=tmp_path) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                ours[0](x).square().mean().backward()
+                ours[1].step()
+                ours[1].zero_grad()
+        modes = [it.mode for it in ooc.report().iterations]
+    assert modes == ["record", "record", "replay", "replay"], modes
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+
 def test_a_passive_replay_runs_small_ops_off_the_record_as_they_are(tmp_path):
     """helper-211: at a budget the plan moves nothing under (a passive replay, which
     makes nothing ready), small ops off the record with min_move_bytes=0 (gradients

@@ -263,7 +263,8 @@ class Recording(OutcoreMode):
         # Whether an optimizer's step made tensor state for a parameter that had none
         # (`_enter_optimizer`, `_leave_optimizer`): its next step runs other ops.
         self.made_optimizer_state = False
-        self._stateless: dict[int, list] = {}   # id(optimizer) -> its stateless parameters
+        self._stateless: dict[int, list] = {}   # id(optimizer) -> [its steps running,
+                                                # the parameters without state at the first]
         # Storage keys of the buffers of every module called in the step, and the modules
         # seen (`_note_module`): a buffer the step only reads is state, not an input.
         self._buffer_keys: set[int] = set()
@@ -385,10 +386,15 @@ class Recording(OutcoreMode):
 
     def _enter_optimizer(self, optimizer=None, *_):
         self._optimizers.begin()
-        if optimizer is not None and not self.made_optimizer_state:
-            self._stateless[id(optimizer)] = [
-                p for group in getattr(optimizer, "param_groups", ())
-                for p in group.get("params", ()) if not _holds_state(optimizer, p)]
+        if optimizer is None or self.made_optimizer_state:
+            return
+        known = self._stateless.get(id(optimizer))
+        if known is not None:           # its step within its own (a subclass's super().step())
+            known[0] += 1
+            return
+        self._stateless[id(optimizer)] = [1, [
+            p for group in getattr(optimizer, "param_groups", ())
+            for p in group.get("params", ()) if not _holds_state(optimizer, p)]]
 
     @property
     def in_optimizer(self) -> bool:
@@ -401,9 +407,14 @@ class Recording(OutcoreMode):
 
     def _leave_optimizer(self, optimizer=None, *_):
         self._optimizers.end()
-        stateless = self._stateless.pop(id(optimizer), ())
-        if any(_holds_state(optimizer, p) for p in stateless):
-            self.made_optimizer_state = True
+        known = self._stateless.get(id(optimizer))
+        if known is None:
+            return
+        known[0] -= 1
+        if known[0] == 0:               # the outermost step returned (helper-222)
+            del self._stateless[id(optimizer)]
+            if any(_holds_state(optimizer, p) for p in known[1]):
+                self.made_optimizer_state = True
 
     @property
     def trace(self) -> Trace:
