@@ -743,6 +743,25 @@ def test_a_small_models_lazy_optimizer_state_is_recorded_twice_where_small_stora
 
 
 
+
+def _recorded_twice_and_bitwise(build, x, tmp_path):
+    """Four steps of `build()`'s (model, optimizer) on `x`, plain and under a 2 MiB
+    OutOfCore: the first two recorded, the rest replayed, and the same parameters."""
+    plain, ours = build(), build()
+    for _ in range(4):
+        plain[0](x).square().mean().backward()
+        plain[1].step()
+        plain[1].zero_grad()
+    with outcore.OutOfCore("2MiB", swap_dir=tmp_path) as ooc:
+        for _ in range(4):
+            with ooc.iteration():
+                ours[0](x).square().mean().backward()
+                ours[1].step()
+                ours[1].zero_grad()
+        modes = [it.mode for it in ooc.report().iterations]
+    assert modes == ["record", "record", "replay", "replay"], modes
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+
 def test_an_optimizers_small_lazy_state_is_recorded_twice(tmp_path):
     """transformers' Adafactor makes its factored moments at its first step, 8 KiB in
     all here, under the sum that counts as lazily made state: the second iteration
@@ -759,20 +778,7 @@ def test_an_optimizers_small_lazy_state_is_recorded_twice(tmp_path):
         return model, Adafactor(model.parameters(), lr=None, relative_step=True,
                                 warmup_init=True)
     x = torch.randn(64, 256)
-    plain, ours = build(), build()
-    for _ in range(4):
-        plain[0](x).square().mean().backward()
-        plain[1].step()
-        plain[1].zero_grad()
-    with outcore.OutOfCore("2MiB", swap_dir=tmp_path) as ooc:
-        for _ in range(4):
-            with ooc.iteration():
-                ours[0](x).square().mean().backward()
-                ours[1].step()
-                ours[1].zero_grad()
-        modes = [it.mode for it in ooc.report().iterations]
-    assert modes == ["record", "record", "replay", "replay"], modes
-    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+    _recorded_twice_and_bitwise(build, x, tmp_path)
 
 
 @pytest.mark.parametrize("order", ["after", "before"])
@@ -808,20 +814,8 @@ def test_state_an_optimizer_subclass_keeps_around_its_parents_step_is_seen(tmp_p
                                     torch.nn.Linear(64, 32))
         return model, EmaSGD(model.parameters(), lr=0.01)
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
-    plain, ours = build(), build()
-    for _ in range(4):
-        plain[0](x).square().mean().backward()
-        plain[1].step()
-        plain[1].zero_grad()
-    with outcore.OutOfCore("2MiB", swap_dir=tmp_path) as ooc:
-        for _ in range(4):
-            with ooc.iteration():
-                ours[0](x).square().mean().backward()
-                ours[1].step()
-                ours[1].zero_grad()
-        modes = [it.mode for it in ooc.report().iterations]
-    assert modes == ["record", "record", "replay", "replay"], modes
-    assert all(torch.equal(a, b) for a, b in zip(plain[0].parameters(), ours[0].parameters()))
+    _recorded_twice_and_bitwise(build, x, tmp_path)
+
 
 def test_a_passive_replay_runs_small_ops_off_the_record_as_they_are(tmp_path):
     """helper-211: at a budget the plan moves nothing under (a passive replay, which
