@@ -185,6 +185,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import io
 import os
 import re
@@ -713,14 +714,10 @@ class Durable:
         iterations only, is never told; an EMA updated every 10th iteration is, then.
         What the recording made and left alone since (a loss kept in a list) is no state.
         `res`: the Residency, which says whether a storage's bytes can be read."""
-        due, waiting, seen, found = [], [], set(), []
+        due, waiting, seen = [], [], set()
         room = [_UNKEPT_COPIES - sum(followed.copy.numel() for followed in self._unkept_noted
                                      if followed.copy is not None)]
-
-        def kept() -> set:                  # asked once at most: a state_dict() each
-            if not found:
-                found.append(self._kept_storages())
-            return found[0]
+        kept = functools.cache(self._kept_storages)     # asked once at most: state_dict()s
         for followed in self._unkept_noted:
             storage = followed.storage()
             if storage is None or storage._cdata in self._told_unkept or storage._cdata in seen:

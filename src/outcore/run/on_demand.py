@@ -21,7 +21,7 @@ from ..states import FAST, OCCUPIES_FAST
 from .residency import Residency
 from ..aten import _PLAIN as _PLAIN_TENSORS
 from ..aten import distinct_storages as storages
-from ..aten import (broadcast_shape, iter_tensors, made_outside, makes_nothing_new,
+from ..aten import (broadcast_shape, byte_span, iter_tensors, made_outside, makes_nothing_new,
                     note_read_past, op_inputs, out_arguments, output_tensors, written_tensors)
 
 
@@ -648,8 +648,7 @@ def read_in_part(inputs, needed: int, res: Residency | None = None):
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
             continue
-        span = (t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-                + 1) * t.element_size() if t.numel() else 0
+        span = byte_span(t)[1] if t.numel() else 0
         key = storage._cdata
         entry = res.entry_of(storage) if res is not None else None
         old = spans.get(key)

@@ -1325,7 +1325,8 @@ class OutOfCore:
         # third with min_move_bytes=0 (helper-209).
         # State an optimizer keeps for a parameter that had none (its `state[p]`: not
         # Lightning's loss) changes the next step's ops whatever its size: Adafactor's
-        # factored moments, 8 KiB here, deviated the second step and recorded a third.
+        # factored moments (8 KiB in test_an_optimizers_small_lazy_state_is_recorded_twice)
+        # deviated the second step and recorded a third.
         lazy_state = recording.made_optimizer_state or sum(
             a.nbytes for a in trace.arrays if a.category == "optimizer_state"
             and not a.existed_before) >= min(
