@@ -1765,3 +1765,104 @@ def test_state_found_after_the_first_warning_is_told_too(tmp_path, caplog):
     assert len(told) == 2, told
     assert "1 tensor " in told[0] and "aten::add_.Tensor" in told[0], told
     assert "8 tensors" in told[1] and "aten::lerp_.Scalar" in told[1], told
+
+
+def _lazy_mlp():
+    """An MLP of lazy layers (their parameters get a shape at the first forward), Adam."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LazyLinear(256), torch.nn.ReLU(),
+                                torch.nn.LazyLinear(10))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def _qat_cnn():
+    """A convolution and a linear layer prepared for quantization-aware training: their
+    per-channel fake quantizers hold a scale and zero point of shape (1,) until the first
+    forward, their observers empty statistics. SGD with momentum."""
+    import warnings
+    from torch.ao import quantization
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(16 * 14 * 14, 10))
+    model.qconfig = quantization.get_default_qat_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # torch.ao.quantization's deprecation
+        quantization.prepare_qat(model, inplace=True)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+@pytest.mark.parametrize("make, shape", [(_lazy_mlp, (8, 512)), (_qat_cnn, (8, 3, 16, 16))],
+                         ids=["lazy layers", "qat fake quantizers"])
+def test_tensors_a_module_shapes_as_it_loads_them_resume_bitwise(tmp_path, make, shape):
+    """Rule 9 (helper-223): resume() copies kept tensors into the model's in place and
+    refused one of another shape, but a lazy module's parameters have no shape before
+    its first forward, and a per-channel fake quantizer's scale is (1,) until then:
+    such a model, rebuilt to resume, was refused (a QAT run could not resume; a lazy one
+    failed in a RuntimeError). Their modules' own load_state_dict() shapes them, as
+    plain PyTorch's does; the resumed run is the live one bitwise as it goes on."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (shape[0],), generator=torch.Generator().manual_seed(2))
+
+    def step(model, opt):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    model, opt = make()
+    with outcore.OutOfCore("2MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(model, opt) == 0
+        for _ in range(3):
+            with ooc.iteration():
+                step(model, opt)
+    for _ in range(2):
+        step(model, opt)
+    fresh, fresh_opt = make()
+    with outcore.OutOfCore("2MiB", state_dir=tmp_path) as ooc:
+        assert ooc.resume(fresh, fresh_opt) == 3
+        for _ in range(2):
+            with ooc.iteration():
+                step(fresh, fresh_opt)
+    live, resumed = model.state_dict(), fresh.state_dict()
+    assert live.keys() == resumed.keys()
+    assert all(torch.equal(live[k], resumed[k]) for k in live)
+
+
+def test_a_placeholder_its_module_cannot_shape_is_refused_clearly(tmp_path):
+    """Rule 9: a kept tensor loaded by its module's own load_state_dict() that leaves it
+    another shape than kept is an error naming both, not a model trained on a wrong
+    one; a batch norm of other features than kept is refused before anything is
+    copied, as before."""
+    model, opt = _qat_cnn()
+    x = torch.randn(8, 3, 16, 16)
+    with outcore.OutOfCore("2MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        with ooc.iteration():
+            model(x).sum().backward()
+            opt.step()
+    fresh, fresh_opt = _qat_cnn()
+    quantizer = fresh[0].weight_fake_quant
+    original = type(quantizer)._load_from_state_dict
+
+    def refuses_to_resize(self, state_dict, prefix, *args):
+        torch.nn.Module._load_from_state_dict(self, {}, prefix, *args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(quantizer), "_load_from_state_dict", refuses_to_resize)
+        with outcore.OutOfCore("2MiB", state_dir=tmp_path) as ooc:
+            with pytest.raises(OutcoreError, match=r"holds 0\.weight_fake_quant\.scale as "
+                               r"\(16,\) torch\.float32, and this model's "
+                               r"FusedMovingAvgObsFakeQuantize\.load_state_dict\(\) left it "
+                               r"\(1,\)") as raised:
+                ooc.resume(fresh, fresh_opt)
+    assert "partly loaded" in "".join(getattr(raised.value, "__notes__", []))
+    assert type(quantizer)._load_from_state_dict is original
+    other = torch.nn.Sequential(torch.nn.BatchNorm1d(4))
+    with outcore.OutOfCore("2MiB", state_dir=tmp_path / "bn") as ooc:
+        ooc.resume(other)
+        with ooc.iteration():
+            other(torch.randn(8, 4)).sum()
+    wrong = torch.nn.Sequential(torch.nn.BatchNorm1d(1))
+    before = copy.deepcopy(wrong.state_dict())
+    with outcore.OutOfCore("2MiB", state_dir=tmp_path / "bn") as ooc:
+        with pytest.raises(OutcoreError, match=r"holds 0\.weight as \(4,\).*this model as "
+                           r"\(1,\).*Nothing was loaded"):
+            ooc.resume(wrong)
+    assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())

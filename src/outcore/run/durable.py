@@ -54,7 +54,12 @@ NOTE [Durable state]
      another shape is refused before anything is copied, an optimizer state shard as
      it is read (the model is then partly loaded, and `failed_note` says so). An
      optimizer state DTensor is assumed to have its parameter's shape and placements
-     (true of torch's optimizers that run on DTensors).
+     (true of torch's optimizers that run on DTensors). A tensor whose shape its module
+     sets only when it is loaded or first run is loaded by that module's own
+     load_state_dict() (`_reshaped_by_module`), not copied: a lazy module's
+     uninitialized parameters (`nn.LazyLinear`), a per-channel FakeQuantize's scale
+     and zero point, (1,) until its first forward (helper-223: QAT could not resume).
+     Its shape is checked once that module has loaded it.
  10. The parameters' gradients are kept too (`grads`, by parameter name), where they
      outlive the iteration: a loop that calls optimizer.step() every n-th iteration
      resumed in the middle of a cycle goes on with the gradients it had accumulated.
@@ -406,9 +411,46 @@ def _held(model, optimizers) -> list:
     """Per optimizer, the names of the model's parameters it holds, in its order (rule
     13); one outside the model by its shape."""
     names = {id(p): name for name, p in model.named_parameters()}
-    return [[names.get(id(p), f"a {tuple(p.shape)} parameter outside the model")
+    return [[names[id(p)] if id(p) in names else f"a {_shape(p)} parameter outside the model"
              for group in optimizer.param_groups for p in group["params"]]
             for optimizer in optimizers]
+
+
+def _shape(tensor) -> str:
+    """`tensor`'s shape as a tuple, or "uninitialized" for a lazy module's parameter,
+    which has none yet."""
+    if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+        return "uninitialized"
+    return str(tuple(tensor.shape))
+
+
+def _reshaped_by_module(model, ours: dict, saved: dict) -> dict:
+    """{name: (module, attribute)} of the tensors of `ours` (the model's state_dict, as
+    variables) that the module holding them gives their kept shape as it loads them
+    (rule 9): a lazy module's uninitialized parameter or buffer, and a buffer of at most
+    one element as a placeholder, kept with another shape and the same dtype, in a
+    module that loads its own way (overrides `_load_from_state_dict`, or has a pre-hook
+    for it: quantization's observers and fake quantizers). Every other shape is checked
+    before anything is copied (a batch norm of other features than kept, say)."""
+    out = {}
+    for name, tensor in ours.items():
+        lazy = isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin)
+        if not lazy and (isinstance(tensor, torch.nn.Parameter) or tensor.numel() > 1
+                         or list(tensor.shape) == list(saved[name]["size"])
+                         or str(tensor.dtype) != saved[name]["dtype"]):
+            continue
+        path, _, attribute = name.rpartition(".")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if getattr(module, attribute, None) is not tensor:     # renamed by a hook: copied
+            continue
+        if lazy or (type(module)._load_from_state_dict
+                    is not torch.nn.Module._load_from_state_dict
+                    or module._load_state_dict_pre_hooks):
+            out[name] = (module, attribute)
+    return out
 
 
 def identity(optimizer):
@@ -933,22 +975,31 @@ class Durable:
                                f"{missing[:5]} and has {extra[:5]} besides; pass the model it was "
                                "trained with, or another state_dir")
         dtensor = _dtensor_class()
+        reshaped = _reshaped_by_module(model, ours, saved)                  # rule 9
         for name, tensor in ours.items():           # every shape, before anything is copied
-            self._check_shape(name, saved[name], _local(tensor, dtensor),
-                              dtensor is not None and isinstance(tensor, dtensor))
+            if name not in reshaped:
+                self._check_shape(name, saved[name], _local(tensor, dtensor),
+                                  dtensor is not None and isinstance(tensor, dtensor))
         grads, named = self.manifest.get("grads") or {}, dict(model.named_parameters())
         for name, ref in grads.items():                                      # rule 10
             if name not in named:
                 raise OutcoreError(f"the state in {self.directory} holds a gradient of "
                                    f"{name!r}, which is no parameter of this model; pass the "
                                    "model it was trained with, or another state_dir")
-            self._check_shape(name + ".grad", ref, _local(named[name], dtensor),
-                              dtensor is not None and isinstance(named[name], dtensor))
+            if name in reshaped:                # its parameter's shape is the kept one
+                self._check_shape(name + ".grad", ref, torch.empty(
+                    saved[name]["size"], dtype=named[name].dtype, device="meta"), False)
+            else:
+                self._check_shape(name + ".grad", ref, _local(named[name], dtensor),
+                                  dtensor is not None and isinstance(named[name], dtensor))
         with torch.no_grad():
             for name, tensor in ours.items():
                 value = self.read(saved[name], file)
                 self.copied = True          # from here a failure leaves a partial load
-                _local(tensor, dtensor).copy_(value)         # in place (rule 9)
+                if name in reshaped:
+                    self._load_by_module(name, value, *reshaped[name])
+                else:
+                    _local(tensor, dtensor).copy_(value)         # in place (rule 9)
                 del value
             for name, param in named.items():                                # rule 10
                 param.grad = (self._state_value(grads[name], file, param, name)
@@ -958,6 +1009,28 @@ class Durable:
         for name, obj in extras.items():                                     # rule 16
             obj.load_state_dict(kept_extra[name])
         torch.set_rng_state(self.manifest["rng"])
+
+    def _load_by_module(self, name: str, value, module, attribute: str) -> None:
+        """Load `value` into `module`'s `attribute` by the module's own load_state_dict(),
+        which gives it its shape (rule 9); then check that it has the kept one."""
+        try:
+            module.load_state_dict({attribute: value}, strict=False)
+        except RuntimeError as exc:         # torch's "Error(s) in loading state_dict"
+            raise OutcoreError(
+                f"the state in {self.directory} holds {name} as {tuple(value.shape)} "
+                f"{value.dtype}, and this model's {type(module).__name__}.load_state_dict() "
+                f"refused it ({str(exc).strip().splitlines()[-1].strip()}). Pass the model "
+                "it was trained with, or another state_dir") from exc
+        now = getattr(module, attribute, None)
+        if (not isinstance(now, torch.Tensor)
+                or isinstance(now, torch.nn.parameter.UninitializedTensorMixin)
+                or now.shape != value.shape or now.dtype != value.dtype):
+            have = ("nothing" if not isinstance(now, torch.Tensor) else
+                    f"{_shape(now)} {now.dtype}")
+            raise OutcoreError(
+                f"the state in {self.directory} holds {name} as {tuple(value.shape)} "
+                f"{value.dtype}, and this model's {type(module).__name__}.load_state_dict() "
+                f"left it {have}. Pass the model it was trained with, or another state_dir")
 
     def _load_optimizer(self, optimizer, kept: dict, file: str) -> None:
         """Load the state_dict `kept` (its tensors as refs into `file`) into `optimizer`,
