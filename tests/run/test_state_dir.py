@@ -1866,3 +1866,92 @@ def test_a_placeholder_its_module_cannot_shape_is_refused_clearly(tmp_path):
                            r"\(1,\).*Nothing was loaded"):
             ooc.resume(wrong)
     assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())
+
+
+def _carried_told(tmp_path, caplog, case, budget, stop=5):
+    """Iterations of an LSTM read by a linear layer, Adam, under a state_dir, with what
+    `case` carries from one iteration to the next, from those the directory kept up to
+    `stop`; the rule-17 warnings said, the modes and the losses."""
+    torch.manual_seed(0)
+    lstm, head = torch.nn.LSTM(64, 128, batch_first=True), torch.nn.Linear(128, 64)
+    model = torch.nn.ModuleDict({"lstm": lstm, "head": head})
+    holder = torch.nn.Module()
+    holder.register_buffer("h", torch.zeros(1, 4, 128))
+    holder.register_buffer("c", torch.zeros(1, 4, 128))
+    kept = torch.nn.ModuleDict({"model": model, "state": holder}) if "buffer" in case else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = torch.randn(64, 16, 64, generator=torch.Generator().manual_seed(0))
+    state = {"h": torch.zeros(1, 4, 128), "c": torch.zeros(1, 4, 128), "ema": torch.zeros(4, 64),
+             "next": data[:4].clone(), "losses": []}
+
+    def step(i):
+        x = state["next"] if case == "prefetched batch" else data[4 * i:4 * i + 4]
+        hidden = ((state["h"], state["c"]) if case == "hidden state"
+                  else (holder.h, holder.c) if "buffer" in case else None)
+        out, (h, c) = lstm(x, hidden)
+        y = head(out[:, -1])
+        loss = y.square().mean()
+        if case == "ema out of place":
+            state["ema"] = 0.9 * state["ema"] + 0.1 * y.detach()
+            loss = loss + state["ema"].sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if case == "hidden state":
+            state["h"], state["c"] = h.detach(), c.detach()
+        elif "buffer" in case:
+            holder.h, holder.c = h.detach(), c.detach()
+        elif case == "prefetched batch":
+            state["next"] = data[4 * i + 4:4 * i + 8].clone()   # the next batch, fetched
+        elif case == "loss kept":
+            state["losses"].append(loss.detach())
+        return loss.item()
+    losses = []
+    with outcore.OutOfCore(budget, state_dir=tmp_path) as ooc:
+        done = ooc.resume(kept, opt)
+        with caplog.at_level("WARNING", logger="outcore"):
+            for i in range(done, stop):
+                with ooc.iteration():
+                    losses.append(step(i))
+        modes = [it.mode for it in ooc.report().iterations]
+    told = [r.getMessage() for r in caplog.records if "no commit keeps" in r.getMessage()]
+    return told, modes, losses
+
+
+@pytest.mark.parametrize("budget", ["2MiB", "64MiB"], ids=["tight", "large"])
+@pytest.mark.parametrize("case", ["hidden state", "ema out of place", "prefetched batch",
+                                  "loss kept", "hidden state in a buffer"])
+def test_state_an_iteration_carries_out_of_place_is_told(tmp_path, caplog, case, budget):
+    """Rule 17, out of place (helper-223): truncated backpropagation through time's
+    hidden state (`h.detach()` kept for the next iteration) and an average made anew
+    from the one before (`ema = 0.9 * ema + 0.1 * y`) are carried from one iteration to
+    the next, and no commit keeps them: a resume started them afresh and the run
+    differed from the uninterrupted one, without a word. One warning says so, at a tight
+    budget and at a large one (whose replays only follow the plan). A batch fetched by
+    one iteration for the next, a loss kept in a list and a hidden state kept in a
+    module's buffers passed with the model (as the warning advises) are not told."""
+    told, modes, _ = _carried_told(tmp_path, caplog, case, budget)
+    assert modes[0] == "record" and modes[-1] == "replay", modes
+    if case in ("hidden state", "ema out of place"):
+        assert len(told) == 1, told
+        what = {"hidden state": ("2 tensors", "from one to the next", "shape (1, 4, 128)",
+                                 "made by aten::"),
+                "ema out of place": ("1 tensor ", "shape (4, 64)", "aten::add.Tensor",
+                                     "outside the forward")}[case]
+        assert all(part in told[0] for part in what), told[0]
+        assert "holder.register_buffer" in told[0]
+    else:
+        assert told == [], told
+
+
+@pytest.mark.parametrize("case", ["hidden state in a buffer", "hidden state"])
+def test_a_hidden_state_kept_as_the_warning_advises_resumes_bitwise(tmp_path, caplog, case):
+    """Rule 17, out of place: the warning's advice works. A hidden state kept in a
+    module's buffers passed with the model is committed with it: a run stopped after
+    three iterations and resumed with a fresh model is the uninterrupted one bitwise.
+    One carried beside the model (told) starts afresh on resume: it differs."""
+    _, _, whole = _carried_told(tmp_path / "whole", caplog, case, "2MiB")
+    _, _, first = _carried_told(tmp_path / "cut", caplog, case, "2MiB", stop=3)
+    _, _, rest = _carried_told(tmp_path / "cut", caplog, case, "2MiB")
+    assert first == whole[:3] and len(rest) == 2
+    assert (rest == whole[3:]) == (case == "hidden state in a buffer"), (rest, whole)

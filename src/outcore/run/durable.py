@@ -185,6 +185,19 @@ NOTE [Durable state]
      outcore moves them (`aten.count_foreach_writes`): an EMA's `_foreach_lerp_`. Left:
      an EMA whose first update copies the model (AveragedModel) is told by its counter
      where no later iteration is recorded.
+     A state can be carried out of place too: truncated backpropagation through time's
+     hidden state (`h = h.detach()`), `ema = 0.9 * ema + 0.1 * x.mean()`; each iteration
+     makes a new tensor from the one the last iteration made, and no version moves
+     (helper-223: resumed, such a run differed from the uninterrupted one, without a
+     word). So what a recording made that outlives it is noted too (`note_carried`),
+     and the next replay of its trace says which of them it reads, at which function
+     (`watch`, per op of that replay only). One read where the record reads an input
+     (an array made before the step and only read) and made from that input in the
+     record (`_made_from`: through what each op reads, writes and creates) is told
+     (`carried_over`), where no commit keeps it. A batch one iteration fetches for the
+     next is not made from the batch before it: not told. Read by another op than
+     recorded, after the replay left its plan, or by no replay of that trace, it is
+     not seen.
 """
 from __future__ import annotations
 
@@ -197,10 +210,11 @@ import re
 import sys
 import weakref
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..aten import distinct_storages, op_inputs
 from ..errors import OutcoreError, SwapSpaceExhausted
 from ..units import format_bytes
 from .checkpoint import atomic_save
@@ -509,6 +523,32 @@ def _why_not(exc: OSError) -> str:
 
 
 @dataclass(eq=False)
+class _Carried:
+    """Rule 17, out of place: what a recording made that outlived it, by storage (`made`:
+    `_cdata` -> (a weakref to it, its array id, (bytes, dtype, shape))), in the trace it
+    recorded, and where the next replay of that trace read them (`read`: (array id,
+    function index))."""
+    trace: object
+    made: dict
+    read: list = field(default_factory=list)
+
+
+def _made_from(trace, sources: set, target: int) -> bool:
+    """Rule 17: whether `trace` makes array `target` from any of the arrays `sources`:
+    what an op that reads one of them writes or creates is made from it, and so on, in
+    the trace's order."""
+    tainted = set(sources)
+    for fn in trace.functions:
+        if any(a.kind == "read" and a.array in tainted for a in fn.accesses):
+            for a in fn.accesses:
+                if a.kind != "read":
+                    if a.array == target:
+                        return True
+                    tainted.add(a.array)
+    return False
+
+
+@dataclass(eq=False)
 class _Followed:
     """Rule 17: a storage a recording changed in place, followed by `Durable.unkept`."""
     storage: weakref.ref
@@ -619,6 +659,8 @@ class Durable:
         self._unkept_noted: list = []   # rule 17: `_Followed`, what the last recording
                                         # changed in place
         self._told_unkept: set = set()  # ... and the storages told of so far
+        self._carried: _Carried | None = None   # ... what the last recording made
+        self._told_carried: set = set()  # ... and (op, shape, dtype) of those told of
         self._extra_bytes: dict = {}    # ... each one's state as this process committed it
         self._warned_between: set = set()
         self.others: dict = {}          # rule 13: {id: weakref} of other optimizers stepped
@@ -741,6 +783,71 @@ class Durable:
                       (log.nbytes, log.dtype, log.shape, first.get(log.id, "?"),
                        log.write_phases[0]))
             for ref, written, log in noted]
+
+    def note_carried(self, recording, res) -> None:
+        """Rule 17, out of place, after a recording iteration: the storages it made that
+        outlive it, neither a library's own nor kept by commits (asked now, while they
+        are where the loop put them: a hidden state assigned to a module's buffer),
+        for the next replay of its trace to say which it reads (`watch`)."""
+        made, kept = {}, functools.cache(self._kept_storages)
+        for log in recording._logs:
+            ref = recording.alive_at_end.get(log.id)
+            storage = ref() if ref is not None and not log.existed_before else None
+            if storage is None or not log.nbytes or storage._cdata in kept():
+                continue
+            entry = res.entries.get(storage._cdata)
+            if entry is not None and (entry.owner or entry.foreign):
+                continue
+            made[storage._cdata] = (ref, log.id, (log.nbytes, log.dtype, log.shape))
+        self._carried = _Carried(recording.trace, made) if made else None
+
+    def watch(self, mode) -> None:
+        """Rule 17, out of place: have `mode`, the Replayer of an iteration beginning,
+        say where it reads what the last recording made, where it replays that
+        recording's trace (an attribute it calls at every op; None otherwise)."""
+        carried = self._carried
+        if carried is not None and mode.trace is carried.trace:
+            mode.watch = self._saw_read
+
+    def _saw_read(self, func, args, kwargs, mode) -> None:
+        """`Replayer.watch`: an op about to run as function `mode.index` of the plan."""
+        carried = self._carried
+        if carried is None or mode.deviation is not None or mode.trace is not carried.trace:
+            return
+        made = carried.made
+        for storage in distinct_storages(op_inputs(func, args, kwargs)):
+            found = made.get(storage._cdata)
+            if found is not None and found[0]() is storage:
+                carried.read.append((found[1], mode.index))
+
+    def carried_over(self) -> list[tuple[int, str, tuple, str, str]]:
+        """Rule 17, out of place, as an iteration ends: what the last recording made that
+        this iteration, a replay of its trace, read where the record reads an input (an
+        array made before the step and only read) and that the record made from that
+        input (no commit kept it: `note_carried`), not told before; each once, as (bytes,
+        dtype, shape, the op that made it, its phase), largest first. The watch ends
+        with the iteration."""
+        carried, self._carried = self._carried, None
+        if carried is None or not carried.read:
+            return []
+        trace = carried.trace
+        made = {aid: info for _, aid, info in carried.made.values()}
+        found = []
+        for aid, index in dict.fromkeys(carried.read):
+            if index >= len(trace.functions) or aid in {a for a, _ in found}:
+                continue
+            sources = {a.array for a in trace.functions[index].accesses
+                       if a.kind == "read" and trace.arrays[a.array].kind == "input"}
+            if not sources or not _made_from(trace, sources, aid):
+                continue
+            maker = trace.functions[trace.arrays[aid].origin[0]]
+            nbytes, dtype, shape = made[aid]
+            info = (nbytes, dtype, shape, maker.op, maker.phase)
+            if (maker.op, tuple(shape), dtype) not in self._told_carried:
+                found.append((aid, info))
+        self._told_carried.update((op, tuple(shape), dtype) for _, (_, dtype, shape, op, _)
+                                  in found)
+        return sorted((info for _, info in found), key=lambda item: item[0], reverse=True)
 
     def unkept(self, res) -> list[tuple[int, str, tuple, str, str]]:
         """Rule 17, as an iteration after a recording ends: of what `note_unkept` follows,

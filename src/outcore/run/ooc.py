@@ -343,16 +343,27 @@ def _warn_unkept(ooc, recording) -> None:
     durable = ooc._durable
     if durable is None or durable.model is None:
         return
-    left = []
-    try:                    # each part apart: what one cannot do leaves the other to run
+    left, carried = [], []
+    try:                    # each part apart: what one cannot do leaves the others to run
         left = durable.unkept(ooc._res)
     except Exception:       # noqa: BLE001 - a user's state_dict(): the commit said it already
         log.debug("state_dir: what the iteration changed could not be compared", exc_info=True)
+    try:
+        carried = durable.carried_over()
+    except Exception:       # noqa: BLE001 - as above
+        log.debug("state_dir: what the iteration carried could not be judged", exc_info=True)
     try:
         if recording is not None:
             durable.note_unkept(recording, ooc._res)
     except Exception:       # noqa: BLE001 - as above
         log.debug("state_dir: what the iteration changed could not be noted", exc_info=True)
+    try:
+        if recording is not None:
+            durable.note_carried(recording, ooc._res)
+    except Exception:       # noqa: BLE001 - as above
+        log.debug("state_dir: what the iteration made could not be noted", exc_info=True)
+    if carried:
+        _warn_carried(carried)
     if not left:
         return
     nbytes, dtype, shape, op, phase = left[0]
@@ -369,6 +380,28 @@ def _warn_unkept(ooc, recording) -> None:
         len(left), "s" if len(left) > 1 else "", format_bytes(sum(item[0] for item in left)),
         format_bytes(nbytes), dtype, tuple(shape), op.replace("aten.", "aten::", 1),
         _PHASES.get(phase, phase), "them" if len(left) > 1 else "it")
+
+
+def _warn_carried(carried) -> None:
+    """Rule 17 of NOTE [Durable state], out of place: `carried`, as `carried_over` gives
+    it, told."""
+    nbytes, dtype, shape, op, phase = carried[0]
+    log.warning(
+        "state_dir: the iterations carry %d tensor%s from one to the next that no commit "
+        "keeps, %s in all (the largest: %s, %s of shape %s, made by %s %s from what the "
+        "iteration before read): each iteration makes %s anew from what the one before "
+        "made (a hidden state carried by truncated backpropagation through time, `ema = "
+        "0.9 * ema + 0.1 * x`). A resume starts %s from what the restarted script makes, "
+        "not from what training made. Keep %s in a buffer of a module passed with the "
+        "model (holder.register_buffer('h', h), then holder.h = new_h in each "
+        "iteration; ooc.resume(torch.nn.ModuleDict({'model': model, 'state': holder}), "
+        "optimizer)), or in an object with a state_dict() and load_state_dict() passed "
+        "as extra=. A value that needs no keeping can stay as it is",
+        len(carried), "s" if len(carried) > 1 else "",
+        format_bytes(sum(item[0] for item in carried)), format_bytes(nbytes), dtype,
+        tuple(shape), op.replace("aten.", "aten::", 1), _PHASES.get(phase, phase),
+        "them" if len(carried) > 1 else "it", "them" if len(carried) > 1 else "it",
+        "them" if len(carried) > 1 else "it")
 
 
 def _step_outside(ref):
@@ -2181,6 +2214,8 @@ class _Iteration:
             self.mode = Replayer(plan.trace, plan.schedule, res, ooc.budget, carried, ooc._shield,
                                  ooc._inputs, keys=plan.keys, may_follow=ooc._plans.may_follow(),
                                  lasting=ooc._plans.state_of_others(plan), others=self._others)
+            if ooc._durable is not None:
+                ooc._durable.watch(self.mode)       # NOTE [Durable state] rule 17
             self.mode.start()
         res.stats.peak_resident = res.resident     # the budget holds from here on
         res.stats.peak_rss = res.stats.peak_unmanaged = 0

@@ -292,6 +292,9 @@ class Replayer(HeldMode):
         self._left: list = []         # inputs freed by the plan or left for a new batch
         self._lasting = lasting      # entries of other plans' state: strangers that stay
         self.log = StepLog(time.perf_counter())
+        # (func, args, kwargs, self) -> None, called before each op where the state_dir
+        # asks (`Durable.watch`): the iteration after a recording only.
+        self.watch = None
         if self._sources:
             self.passive = False
 
@@ -827,6 +830,8 @@ class Replayer(HeldMode):
 
     # -- interception ----------------------------------------------------------------------
     def _dispatch(self, func, args, kwargs):
+        if self.watch is not None:                  # rarely: NOTE [Durable state] rule 17
+            self.watch(func, args, kwargs, self)
         res = self.res
         if res.stopped_callback is not None:         # compose.py, NOTE [Collectives
             res.raise_stopped_callback()             # in flight] rule 5
