@@ -810,15 +810,19 @@ class Durable:
             mode.watch = self._saw_read
 
     def _saw_read(self, func, args, kwargs, mode) -> None:
-        """`Replayer.watch`: an op about to run as function `mode.index` of the plan."""
+        """`Replayer.watch`: an op about to run as function `mode.index` of the plan. It
+        runs inside the user's step: a failure here ends the watch, never the step."""
         carried = self._carried
         if carried is None or mode.deviation is not None or mode.trace is not carried.trace:
             return
         made = carried.made
-        for storage in distinct_storages(op_inputs(func, args, kwargs)):
-            found = made.get(storage._cdata)
-            if found is not None and found[0]() is storage:
-                carried.read.append((found[1], mode.index))
+        try:
+            for storage in distinct_storages(op_inputs(func, args, kwargs)):
+                found = made.get(storage._cdata)
+                if found is not None and found[0]() is storage:
+                    carried.read.append((found[1], mode.index))
+        except Exception:       # noqa: BLE001 - the warning is advice: the step goes on
+            self._carried = None
 
     def carried_over(self) -> list[tuple[int, str, tuple, str, str]]:
         """Rule 17, out of place, as an iteration ends: what the last recording made that

@@ -388,10 +388,10 @@ def _warn_carried(carried) -> None:
     nbytes, dtype, shape, op, phase = carried[0]
     log.warning(
         "state_dir: the iterations carry %d tensor%s from one to the next that no commit "
-        "keeps, %s in all (the largest: %s, %s of shape %s, made by %s %s from what the "
-        "iteration before read): each iteration makes %s anew from what the one before "
-        "made (a hidden state carried by truncated backpropagation through time, `ema = "
-        "0.9 * ema + 0.1 * x`). A resume starts %s from what the restarted script makes, "
+        "keeps, %s in all (the largest: %s, %s of shape %s, made by %s %s): each "
+        "iteration reads what the one before made and makes %s anew from it (a hidden "
+        "state carried by truncated backpropagation through time, `ema = 0.9 * ema + "
+        "0.1 * x`). A resume starts %s from what the restarted script makes, "
         "not from what training made. Keep %s in a buffer of a module passed with the "
         "model (holder.register_buffer('h', h), then holder.h = new_h in each "
         "iteration; ooc.resume(torch.nn.ModuleDict({'model': model, 'state': holder}), "
