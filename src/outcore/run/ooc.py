@@ -179,7 +179,11 @@ def smallest_budget(trace, min_move_bytes: int | str = MIN_MOVE_BYTES) -> int:
       * so does a first step unlike the rest: one a GradScaler skipped, one before
         gradients kept between steps (`zero_grad(set_to_none=False)`), one in which
         FSDP2 set itself up or DDP rebuilt its buckets (`trace.info["unsteady"]` says
-        so, and this function warns).
+        so, and this function warns);
+      * small tensors whose sizes depend on the data (`torch.unique`, a boolean mask,
+        `nonzero`) can be a few bytes larger in a later step, whose plan needs that
+        much more: at exactly this figure such steps run op by op, correct and slower,
+        with a warning naming the budget (helper-223: +80 B to +2 KiB). Leave a few KiB.
     State the step made and keeps (a first step's momentum) counts as the steps after it
     hold it, from their start."""
     # Found by new-user trials: RAdam/ASGD (helper-132), first steps unlike the rest
