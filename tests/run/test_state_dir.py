@@ -1871,7 +1871,7 @@ def test_a_placeholder_its_module_cannot_shape_is_refused_clearly(tmp_path):
 def _carried_told(tmp_path, caplog, case, budget, stop=5):
     """Iterations of an LSTM read by a linear layer, Adam, under a state_dir, with what
     `case` carries from one iteration to the next, from those the directory kept up to
-    `stop`; the rule-17 warnings said, the modes and the losses."""
+    `stop`; the rule-17 warnings said, the modes, the losses and the bytes read back."""
     torch.manual_seed(0)
     lstm, head = torch.nn.LSTM(64, 128, batch_first=True), torch.nn.Linear(128, 64)
     model = torch.nn.ModuleDict({"lstm": lstm, "head": head})
@@ -1882,7 +1882,8 @@ def _carried_told(tmp_path, caplog, case, budget, stop=5):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = torch.randn(64, 16, 64, generator=torch.Generator().manual_seed(0))
     state = {"h": torch.zeros(1, 4, 128), "c": torch.zeros(1, 4, 128), "ema": torch.zeros(4, 64),
-             "next": data[:4].clone(), "losses": []}
+             "next": data[:4].clone(), "losses": [],
+             "emas": [p.detach().clone() for p in model.parameters()]}
 
     def step(i):
         x = state["next"] if case == "prefetched batch" else data[4 * i:4 * i + 4]
@@ -1905,6 +1906,9 @@ def _carried_told(tmp_path, caplog, case, budget, stop=5):
             state["next"] = data[4 * i + 4:4 * i + 8].clone()   # the next batch, fetched
         elif case == "loss kept":
             state["losses"].append(loss.detach())
+        elif case == "foreach ema out of place":     # read as one op, recorded per tensor
+            state["emas"] = torch._foreach_lerp(
+                state["emas"], [p.detach() for p in model.parameters()], 0.1)
         return loss.item()
     losses = []
     with outcore.OutOfCore(budget, state_dir=tmp_path) as ooc:
@@ -1914,30 +1918,36 @@ def _carried_told(tmp_path, caplog, case, budget, stop=5):
                 with ooc.iteration():
                     losses.append(step(i))
         modes = [it.mode for it in ooc.report().iterations]
+        read = [it.bytes_read for it in ooc.report().iterations]
     told = [r.getMessage() for r in caplog.records if "no commit keeps" in r.getMessage()]
-    return told, modes, losses
+    return told, modes, losses, read
 
 
-@pytest.mark.parametrize("budget", ["2MiB", "64MiB"], ids=["tight", "large"])
-@pytest.mark.parametrize("case", ["hidden state", "ema out of place", "prefetched batch",
+@pytest.mark.parametrize("size", ["tight", "large"])
+@pytest.mark.parametrize("case", ["hidden state", "ema out of place",
+                                  "foreach ema out of place", "prefetched batch",
                                   "loss kept", "hidden state in a buffer"])
-def test_state_an_iteration_carries_out_of_place_is_told(tmp_path, caplog, case, budget):
+def test_state_an_iteration_carries_out_of_place_is_told(tmp_path, caplog, case, size):
     """Rule 17, out of place (helper-223): truncated backpropagation through time's
     hidden state (`h.detach()` kept for the next iteration) and an average made anew
-    from the one before (`ema = 0.9 * ema + 0.1 * y`) are carried from one iteration to
+    from the one before (`ema = 0.9 * ema + 0.1 * y`, also by `_foreach_lerp`, one op
+    the recorder has as a function per tensor) are carried from one iteration to
     the next, and no commit keeps them: a resume started them afresh and the run
     differed from the uninterrupted one, without a word. One warning says so, at a tight
     budget and at a large one (whose replays only follow the plan). A batch fetched by
     one iteration for the next, a loss kept in a list and a hidden state kept in a
     module's buffers passed with the model (as the warning advises) are not told."""
-    told, modes, _ = _carried_told(tmp_path, caplog, case, budget)
+    budget = {"tight": "3MiB" if "foreach" in case else "2MiB", "large": "64MiB"}[size]
+    told, modes, _, read = _carried_told(tmp_path, caplog, case, budget)
     assert modes[0] == "record" and modes[-1] == "replay", modes
-    if case in ("hidden state", "ema out of place"):
+    assert (read[-1] > 0) == (size == "tight"), read        # the replays move, or follow
+    if "out of place" in case or case == "hidden state":
         assert len(told) == 1, told
         what = {"hidden state": ("2 tensors", "from one to the next", "shape (1, 4, 128)",
                                  "made by aten::"),
                 "ema out of place": ("1 tensor ", "shape (4, 64)", "aten::add.Tensor",
-                                     "outside the forward")}[case]
+                                     "outside the forward"),
+                "foreach ema out of place": ("6 tensors", "aten::_foreach_lerp.Scalar")}[case]
         assert all(part in told[0] for part in what), told[0]
         assert "holder.register_buffer" in told[0]
     else:
@@ -1950,8 +1960,8 @@ def test_a_hidden_state_kept_as_the_warning_advises_resumes_bitwise(tmp_path, ca
     module's buffers passed with the model is committed with it: a run stopped after
     three iterations and resumed with a fresh model is the uninterrupted one bitwise.
     One carried beside the model (told) starts afresh on resume: it differs."""
-    _, _, whole = _carried_told(tmp_path / "whole", caplog, case, "2MiB")
-    _, _, first = _carried_told(tmp_path / "cut", caplog, case, "2MiB", stop=3)
-    _, _, rest = _carried_told(tmp_path / "cut", caplog, case, "2MiB")
+    whole = _carried_told(tmp_path / "whole", caplog, case, "2MiB")[2]
+    first = _carried_told(tmp_path / "cut", caplog, case, "2MiB", stop=3)[2]
+    rest = _carried_told(tmp_path / "cut", caplog, case, "2MiB")[2]
     assert first == whole[:3] and len(rest) == 2
     assert (rest == whole[3:]) == (case == "hidden state in a buffer"), (rest, whole)

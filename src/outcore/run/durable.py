@@ -527,7 +527,7 @@ class _Carried:
     """Rule 17, out of place: what a recording made that outlived it, by storage (`made`:
     `_cdata` -> (a weakref to it, its array id, (bytes, dtype, shape))), in the trace it
     recorded, and where the next replay of that trace read them (`read`: (array id,
-    function index))."""
+    function index, how many functions from there the op was recorded as))."""
     trace: object
     made: dict
     read: list = field(default_factory=list)
@@ -817,10 +817,13 @@ class Durable:
             return
         made = carried.made
         try:
-            for storage in distinct_storages(op_inputs(func, args, kwargs)):
+            storages = distinct_storages(op_inputs(func, args, kwargs))
+            # A `_foreach_*` op is recorded as a function per tensor (`aten.call_split`).
+            width = len(storages) if mode._op(func).foreach else 1
+            for storage in storages:
                 found = made.get(storage._cdata)
                 if found is not None and found[0]() is storage:
-                    carried.read.append((found[1], mode.index))
+                    carried.read.append((found[1], mode.index, width))
         except Exception:       # noqa: BLE001 - the warning is advice: the step goes on
             self._carried = None
 
@@ -837,10 +840,11 @@ class Durable:
         trace = carried.trace
         made = {aid: info for _, aid, info in carried.made.values()}
         found = []
-        for aid, index in dict.fromkeys(carried.read):
+        for aid, index, width in dict.fromkeys(carried.read):
             if index >= len(trace.functions) or aid in {a for a, _ in found}:
                 continue
-            sources = {a.array for a in trace.functions[index].accesses
+            sources = {a.array for fn in trace.functions[index:index + width]
+                       for a in fn.accesses
                        if a.kind == "read" and trace.arrays[a.array].kind == "input"}
             if not sources or not _made_from(trace, sources, aid):
                 continue
