@@ -191,13 +191,17 @@ NOTE [Durable state]
      (helper-223: resumed, such a run differed from the uninterrupted one, without a
      word). So what a recording made that outlives it is noted too (`note_carried`),
      and the next replay of its trace says which of them it reads, at which function
-     (`watch`, per op of that replay only). One read where the record reads an input
-     (an array made before the step and only read) and made from that input in the
-     record (`_made_from`: through what each op reads, writes and creates) is told
-     (`carried_over`), where no commit keeps it. A batch one iteration fetches for the
-     next is not made from the batch before it: not told. Read by another op than
-     recorded, after the replay left its plan, or by no replay of that trace, it is
-     not seen.
+     (`watch`, per op of that replay only). One read where the record reads arrays
+     other than the model's state (an input, made before the step and only read; or
+     what the step made there: a recurrent layer's zeros for `h = None`, helper-224)
+     and made from them in the record (`_made_from`: through what each op reads,
+     writes and creates) is told (`carried_over`), where no commit keeps it. A batch
+     one iteration fetches for the next is not made from the batch before it: not
+     told (but one whose first is a view of the dataset, the later ones copies of it,
+     is: the record read the dataset where the replay reads the copy). Read by an op
+     the record does not have there (a loss logged by `.item()` at the next
+     iteration's start), after the replay left its plan, or by no replay of that
+     trace, it is not seen.
 """
 from __future__ import annotations
 
@@ -226,6 +230,7 @@ MANIFEST = "manifest.pt"
 _UNKEPT_WAIT = 8        # rule 17: iterations a state not written again is followed
 _UNKEPT_COPY = 2**20    # ... the most bytes of one whose contents are compared
 _UNKEPT_COPIES = 16 * 2**20     # ... and of all the copies held for that at once
+_CARRIED_LOOK = 16      # ... the functions a read out of place is looked for from the replay's
 FORMAT, VERSION = "outcore.state", 1
 _SWAP = re.compile(r"^state-(\d+)\.swap$")
 
@@ -527,7 +532,8 @@ class _Carried:
     """Rule 17, out of place: what a recording made that outlived it, by storage (`made`:
     `_cdata` -> (a weakref to it, its array id, (bytes, dtype, shape))), in the trace it
     recorded, and where the next replay of that trace read them (`read`: (array id,
-    function index, how many functions from there the op was recorded as))."""
+    the function index the replay stood at, how many functions the op was recorded
+    as, its name))."""
     trace: object
     made: dict
     read: list = field(default_factory=list)
@@ -818,34 +824,50 @@ class Durable:
         made = carried.made
         try:
             storages = distinct_storages(op_inputs(func, args, kwargs))
-            # A `_foreach_*` op is recorded as a function per tensor (`aten.call_split`).
-            width = len(storages) if mode._op(func).foreach else 1
+            op = mode._op(func)
+            # A `_foreach_*` op is recorded as a function per tensor of its first list
+            # (`aten.call_split`).
+            width = (len(args[0]) if op.foreach and args and isinstance(args[0], (list, tuple))
+                     else 1)
             for storage in storages:
                 found = made.get(storage._cdata)
                 if found is not None and found[0]() is storage:
-                    carried.read.append((found[1], mode.index, width))
+                    carried.read.append((found[1], mode.index, width, op.name))
         except Exception:       # noqa: BLE001 - the warning is advice: the step goes on
             self._carried = None
 
     def carried_over(self) -> list[tuple[int, str, tuple, str, str]]:
         """Rule 17, out of place, as an iteration ends: what the last recording made that
-        this iteration, a replay of its trace, read where the record reads an input (an
-        array made before the step and only read) and that the record made from that
-        input (no commit kept it: `note_carried`), not told before; each once, as (bytes,
-        dtype, shape, the op that made it, its phase), largest first. The watch ends
-        with the iteration."""
+        this iteration, a replay of its trace, read where the record reads arrays other
+        than the model's state (an input: an array made before the step and only read;
+        or one the step made: zeros a recurrent layer made for `h = None`) and that the
+        record made from them (no commit kept it: `note_carried`), not told before;
+        each once, as (bytes, dtype, shape, the op that made it, its phase), largest
+        first. The watch ends with the iteration."""
         carried, self._carried = self._carried, None
         if carried is None or not carried.read:
             return []
         trace = carried.trace
         made = {aid: info for _, aid, info in carried.made.values()}
         found = []
-        for aid, index, width in dict.fromkeys(carried.read):
-            if index >= len(trace.functions) or aid in {a for a, _ in found}:
+        for aid, index, width, name in dict.fromkeys(carried.read):
+            if aid in {a for a, _ in found}:
                 continue
+            # The function of that name from where the replay stood: small functions the
+            # record has before it may be left out (`h = None` at the first iteration:
+            # the recurrent layer made zeros the next iterations do not). None: the op
+            # is not the record's (a loss read by `.item()` at the next iteration's
+            # start, to log it, runs off the record: helper-224), not judged.
+            index = next((k for k in range(index, min(index + _CARRIED_LOOK, len(
+                trace.functions))) if trace.functions[k].op == name), None)
+            if index is None:
+                continue
+            # What the record read there, but the model's state (parameters, buffers,
+            # optimizer state: what everything is made from).
             sources = {a.array for fn in trace.functions[index:index + width]
-                       for a in fn.accesses
-                       if a.kind == "read" and trace.arrays[a.array].kind == "input"}
+                       for a in fn.accesses if a.kind == "read" and not (
+                           trace.arrays[a.array].existed_before
+                           and trace.arrays[a.array].kind == "persistent")}
             if not sources or not _made_from(trace, sources, aid):
                 continue
             maker = trace.functions[trace.arrays[aid].origin[0]]
