@@ -195,7 +195,9 @@ NOTE [Durable state]
      other than the model's state (an input, made before the step and only read; or
      what the step made there: a recurrent layer's zeros for `h = None`, helper-224)
      and made from them in the record (`_made_from`: through what each op reads,
-     writes and creates) is told (`carried_over`), where no commit keeps it. A batch
+     writes and creates) is told (`carried_over`), where no commit keeps it and the
+     replay let go of it (one that lives on is carried in place: a GradScaler's scale
+     made at its first use is the first part's to tell, not this one's). A batch
      one iteration fetches for the next is not made from the batch before it: not
      told (but one whose first is a view of the dataset, the later ones copies of it,
      is: the record read the dataset where the replay reads the copy). Read by an op
@@ -841,18 +843,20 @@ class Durable:
         this iteration, a replay of its trace, read where the record reads arrays other
         than the model's state (an input: an array made before the step and only read;
         or one the step made: zeros a recurrent layer made for `h = None`) and that the
-        record made from them (no commit kept it: `note_carried`), not told before;
-        each once, as (bytes, dtype, shape, the op that made it, its phase), largest
-        first. The watch ends with the iteration."""
+        record made from them (no commit kept it: `note_carried`), and that this
+        iteration let go of (it made the next one in its place: one that lives on is
+        carried in place, `unkept`'s: a GradScaler's scale), not told before; each once,
+        as (bytes, dtype, shape, the op that made it, its phase), largest first. The
+        watch ends with the iteration."""
         carried, self._carried = self._carried, None
         if carried is None or not carried.read:
             return []
         trace = carried.trace
-        made = {aid: info for _, aid, info in carried.made.values()}
+        made = {aid: (ref, info) for ref, aid, info in carried.made.values()}
         found = []
         for aid, index, width, name in dict.fromkeys(carried.read):
-            if aid in {a for a, _ in found}:
-                continue
+            if aid in {a for a, _ in found} or made[aid][0]() is not None:
+                continue        # still alive: carried in place (`unkept`'s), not anew
             # The function of that name from where the replay stood: small functions the
             # record has before it may be left out (`h = None` at the first iteration:
             # the recurrent layer made zeros the next iterations do not). None: the op
@@ -871,7 +875,7 @@ class Durable:
             if not sources or not _made_from(trace, sources, aid):
                 continue
             maker = trace.functions[trace.arrays[aid].origin[0]]
-            nbytes, dtype, shape = made[aid]
+            nbytes, dtype, shape = made[aid][1]
             info = (nbytes, dtype, shape, maker.op, maker.phase)
             if (maker.op, tuple(shape), dtype) not in self._told_carried:
                 found.append((aid, info))
