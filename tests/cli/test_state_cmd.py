@@ -2,6 +2,7 @@
 directory what it keeps without trying a resume)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import outcore
@@ -41,3 +42,35 @@ def test_state_says_what_a_state_dir_keeps_and_what_resume_takes(tmp_path, capsy
     (tmp_path / "manifest.pt").write_bytes(b"not a manifest")
     assert main(["state", str(tmp_path)]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_state_says_a_damaged_state_dir_is_refused(tmp_path, capsys):
+    """helper-225: `outcore state` said "resume(...) there returns 2", exit 0, of a
+    directory whose state file was removed or cut short, where resume() refuses it as
+    damaged: now it says so and exits 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+        ooc.resume(model, opt)
+        for _ in range(2):
+            with ooc.iteration():
+                model(torch.randn(4, 256)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    assert main(["state", str(tmp_path)]) == 0
+    assert "there returns 2" in capsys.readouterr().out
+    state = next(tmp_path.glob("state-*.swap"))
+    with open(state, "r+b") as fh:
+        fh.truncate(4096)
+    assert main(["state", str(tmp_path)]) == 1
+    said = capsys.readouterr().out
+    assert "returns" not in said
+    assert "resume() there refuses it: its state file ends at 4,096 B, before the" in said
+    assert "the directory is damaged. Move it away" in said
+    with pytest.raises(outcore.OutcoreError, match="damaged"):      # as resume() does
+        with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
+            ooc.resume(model, opt)
+    state.unlink()
+    assert main(["state", str(tmp_path)]) == 1
+    assert "its state file is missing, so the directory is damaged" in capsys.readouterr().out

@@ -10,11 +10,13 @@ def add_parser(sub) -> None:
         description="Say what an OutOfCore(..., state_dir=DIR) kept: the iterations done, "
                     "the state file, the model's tensors, the optimizers (in the order "
                     "resume() takes them) and the extra= states. Reads the manifest only; "
-                    "changes nothing.")
+                    "changes nothing. Exits 1 where resume() would refuse the directory as "
+                    "damaged (its state file gone or cut short).")
     p.add_argument("directory", help="the state_dir")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    print(describe(args.directory))
-    return 0
+    said, damaged = describe(args.directory)
+    print(said)
+    return 1 if damaged else 0

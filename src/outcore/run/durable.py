@@ -257,17 +257,21 @@ def read_manifest(directory: str) -> dict | None:
     return manifest
 
 
-def describe(directory) -> str:
+def describe(directory) -> tuple[str, bool]:
     """What the state directory `directory` keeps, in words (`outcore state DIR`): the
     iterations done, the state file, the model's tensors, the optimizers and the extra=
-    states, so that a loop knows what resume() there takes before it calls it."""
+    states, so that a loop knows what resume() there takes before it calls it; and
+    whether resume() there would refuse it as damaged, which the words then say: its
+    state file gone, or shorter than the extents its manifest names (helper-225: said
+    "returns 5" of both). Its bytes are not read: a checksum that differs is found by
+    resume() alone."""
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         raise OutcoreError(f"{directory} is no directory: pass the state_dir an OutOfCore kept")
     manifest = read_manifest(directory)
     if manifest is None:
         return (f"{directory} keeps no committed state: resume() there loads nothing and "
-                "returns 0")
+                "returns 0"), False
     kept = _as_list(manifest["optimizer"])
     classes = manifest.get("optimizer_class")
     classes = classes if isinstance(classes, list) else [classes] * len(kept)
@@ -279,9 +283,17 @@ def describe(directory) -> str:
     optimizers = [f"{name or 'an optimizer'} over {over(params, state)} parameters"
                   for name, params, state in zip(classes, held, kept)]
     try:
-        size = format_bytes(os.path.getsize(os.path.join(directory, manifest["file"])))
+        have = os.path.getsize(os.path.join(directory, manifest["file"]))
+        size = format_bytes(have)
     except OSError:
-        size = "missing"
+        have, size = None, "missing"
+    ends: list = []
+    _map_refs([manifest["model"], manifest["optimizer"], manifest.get("grads") or {}],
+              lambda ref: ends.append(ref["offset"] + ref["nbytes"]))
+    end = max(ends, default=0)
+    damage = ("its state file is missing" if have is None else
+              f"its state file ends at {have:,} B, before the {end:,} B its manifest names"
+              if have < end else None)
     extra = sorted(manifest.get("extra") or {})
     before = manifest.get("previous")
     lines = [f"{directory}: the state after {manifest['iterations']} iterations, in "
@@ -296,12 +308,16 @@ def describe(directory) -> str:
     if before is not None:
         lines.append(f"  and the state after {before['iterations']} iterations, in "
                      f"{before['file']} (kept under a process group: rule 8)")
+    if damage is not None:
+        lines.append(f"resume() there refuses it: {damage}, so the directory is damaged. "
+                     "Move it away to start afresh, or resume from a checkpoint (ooc.save)")
+        return "\n".join(lines), True
     named = ("None" if not kept else "optimizer" if len(kept) == 1 else
              "[" + ", ".join(f"<{str(name).rsplit('.', 1)[-1]}>" for name in classes) + "]")
     lines.append(f"resume(model, {named}" + (", extra={" + ", ".join(
         f"{name!r}: ..." for name in extra) + "}" if extra else "")
         + f") there returns {manifest['iterations']}")
-    return "\n".join(lines)
+    return "\n".join(lines), False
 
 
 def _kept_bytes(refs) -> int:
