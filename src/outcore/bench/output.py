@@ -182,7 +182,9 @@ def markdown(result: dict, command: str = "") -> str:
         lines.append(f"**Largest batch under a fixed budget** (the paper's experiment): {result['model']}"
                      f"{f' ({shape})' if shape else ''}, budget {_mib(result['budget'])} MiB = the "
                      "in-core peak at batch "
-                     f"{result['batch']}. Largest batch within it: {largest}.")
+                     f"{result['batch']}. Largest batch within it: {largest} (found from "
+                     "meta-device traces, not run; the table has the batches run, from "
+                     "--factors).")
     lines.append("")
     if _on_gpu(result):
         lines.append(f"GPU: {m.get('gpu')}; outcore runs offload='host'; memory is "

@@ -247,8 +247,9 @@ def read_manifest(directory: str) -> dict | None:
     try:
         manifest = torch.load(path, weights_only=True)
     except Exception as exc:
-        raise OutcoreError(f"{path} cannot be read ({exc}); it was not written by outcore, or "
-                           "the disk lost it. Move the directory away to start afresh.") from exc
+        raise OutcoreError(f"{path} cannot be read ({type(exc).__name__}: {exc}); it was not "
+                           "written by outcore, or the disk lost it. Move the directory away "
+                           "to start afresh.") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise OutcoreError(f"{path} is not an outcore state manifest; pass another state_dir")
     if manifest.get("version") != VERSION:
