@@ -1807,20 +1807,19 @@ def test_tensors_a_module_shapes_as_it_loads_them_resume_bitwise(tmp_path, make,
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+
+    def train(model, opt, done, iterations):
+        with outcore.OutOfCore("2MiB", state_dir=tmp_path) as ooc:
+            assert ooc.resume(model, opt) == done
+            for _ in range(iterations):
+                with ooc.iteration():
+                    step(model, opt)
     model, opt = make()
-    with outcore.OutOfCore("2MiB", state_dir=tmp_path) as ooc:
-        assert ooc.resume(model, opt) == 0
-        for _ in range(3):
-            with ooc.iteration():
-                step(model, opt)
+    train(model, opt, 0, 3)
     for _ in range(2):
-        step(model, opt)
+        step(model, opt)                    # the live run goes on, plain
     fresh, fresh_opt = make()
-    with outcore.OutOfCore("2MiB", state_dir=tmp_path) as ooc:
-        assert ooc.resume(fresh, fresh_opt) == 3
-        for _ in range(2):
-            with ooc.iteration():
-                step(fresh, fresh_opt)
+    train(fresh, fresh_opt, 3, 2)           # a fresh model, resumed
     live, resumed = model.state_dict(), fresh.state_dict()
     assert live.keys() == resumed.keys()
     assert all(torch.equal(live[k], resumed[k]) for k in live)
