@@ -215,6 +215,35 @@ def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(monkeypatch,
     assert capsys.readouterr().err == "outcore: interrupted\n"
 
 
+@pytest.mark.parametrize("how", ["python -m outcore", "import outcore"])
+def test_a_ctrl_c_while_python_m_outcore_imports_the_package_is_one_line(tmp_path, how):
+    """`python -m outcore` imports the package (and torch) before its `__main__` runs the
+    entry point above: a Ctrl-C there came out as the import's traceback (helper-225).
+    The package's import says "outcore: interrupted" and exits 130 where it is that
+    command's; a program that imports outcore itself gets its KeyboardInterrupt."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import importlib.abc, sys
+        class Interrupted(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "outcore.plan":          # a Ctrl-C in the package's import
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupted())
+        """))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__import__("outcore").__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
+    args = ["-m", "outcore", "--version"] if how == "python -m outcore" else ["-c", "import outcore"]
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if how == "python -m outcore":
+        assert (done.returncode, done.stderr) == (130, "outcore: interrupted\n"), done.stderr
+    else:
+        assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr, done.stderr
+
+
 def test_the_policies_table_adds_up(trace_file, capsys):
     """Each row of `simulate --policy a,b`: step = in-core + recompute + stall + the
     mover's CPU (the last had no column, so on cpu-disk the row did not add up)."""
