@@ -235,7 +235,8 @@ def test_a_ctrl_c_while_python_m_outcore_imports_the_package_is_one_line(tmp_pat
         """))
     src = os.path.dirname(os.path.dirname(os.path.abspath(__import__("outcore").__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
-    args = ["-m", "outcore", "--version"] if how == "python -m outcore" else ["-c", "import outcore"]
+    args = (["-m", "outcore", "--version"] if how == "python -m outcore"
+            else ["-c", "import outcore"])
     done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=120)
     if how == "python -m outcore":
