@@ -8,6 +8,8 @@ import torch
 import outcore
 from outcore.cli.main import main
 
+from ..run.test_state_dir import _two_adam_iterations
+
 
 def test_state_says_what_a_state_dir_keeps_and_what_resume_takes(tmp_path, capsys):
     torch.manual_seed(0)
@@ -50,14 +52,7 @@ def test_state_says_a_damaged_state_dir_is_refused(tmp_path, capsys):
     damaged: now it says so and exits 1."""
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 256)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with outcore.OutOfCore("1MiB", state_dir=tmp_path) as ooc:
-        ooc.resume(model, opt)
-        for _ in range(2):
-            with ooc.iteration():
-                model(torch.randn(4, 256)).sum().backward()
-                opt.step()
-                opt.zero_grad()
+    opt = _two_adam_iterations(model, tmp_path)
     assert main(["state", str(tmp_path)]) == 0
     assert "there returns 2" in capsys.readouterr().out
     state = next(tmp_path.glob("state-*.swap"))

@@ -288,10 +288,9 @@ def describe(directory) -> tuple[str, bool]:
         size = format_bytes(have)
     except OSError:
         have, size = None, "missing"
-    ends: list = []
-    _map_refs([manifest["model"], manifest["optimizer"], manifest.get("grads") or {}],
-              lambda ref: ends.append(ref["offset"] + ref["nbytes"]))
-    end = max(ends, default=0)
+    end = max((offset + nbytes for offset, nbytes in _extents(
+        [manifest["model"], manifest["optimizer"], manifest.get("grads") or {}]).items()),
+        default=0)
     damage = ("its state file is missing" if have is None else
               f"its state file ends at {have:,} B, before the {end:,} B its manifest names"
               if have < end else None)
@@ -321,11 +320,16 @@ def describe(directory) -> tuple[str, bool]:
     return "\n".join(lines), False
 
 
-def _kept_bytes(refs) -> int:
-    """The bytes in the state file of the tensors `refs` names, each extent once."""
+def _extents(refs) -> dict:
+    """{offset: bytes} in the state file of the tensors `refs` names, each extent once."""
     extents: dict = {}
     _map_refs(refs, lambda ref: extents.setdefault(ref["offset"], ref["nbytes"]))
-    return sum(extents.values())
+    return extents
+
+
+def _kept_bytes(refs) -> int:
+    """The bytes in the state file of the tensors `refs` names, each extent once."""
+    return sum(_extents(refs).values())
 
 
 def _swap_name(generation: int) -> str:
@@ -558,6 +562,17 @@ class _Carried:
     read: list = field(default_factory=list)
 
 
+def _outliving(ref, res):
+    """Rule 17: the storage `ref` (a recording's weakref of one alive at its end, or
+    None) names, where it still lives and no library keeps it in place itself
+    (`Entry.owner`, `Entry.foreign`); else None."""
+    storage = ref() if ref is not None else None
+    if storage is None:
+        return None
+    entry = res.entries.get(storage._cdata)
+    return None if entry is not None and (entry.owner or entry.foreign) else storage
+
+
 def _made_from(trace, sources: set, target: int) -> bool:
     """Rule 17: whether `trace` makes array `target` from any of the arrays `sources`:
     what an op that reads one of them writes or creates is made from it, and so on, in
@@ -786,11 +801,8 @@ class Durable:
             if not log.write_phases or log.overwritten or log.reset_last:
                 continue
             ref = recording.alive_at_end.get(log.id)
-            storage = ref() if ref is not None else None
+            storage = _outliving(ref, res)
             if storage is None:
-                continue
-            entry = res.entries.get(storage._cdata)
-            if entry is not None and (entry.owner or entry.foreign):
                 continue
             written = log.written_by() if log.written_by is not None else None
             if written is None and not log.existed_before:
@@ -816,12 +828,11 @@ class Durable:
         for the next replay of its trace to say which it reads (`watch`)."""
         made, kept = {}, functools.cache(self._kept_storages)
         for log in recording._logs:
-            ref = recording.alive_at_end.get(log.id)
-            storage = ref() if ref is not None and not log.existed_before else None
-            if storage is None or not log.nbytes or storage._cdata in kept():
+            if log.existed_before or not log.nbytes:
                 continue
-            entry = res.entries.get(storage._cdata)
-            if entry is not None and (entry.owner or entry.foreign):
+            ref = recording.alive_at_end.get(log.id)
+            storage = _outliving(ref, res)
+            if storage is None or storage._cdata in kept():
                 continue
             made[storage._cdata] = (ref, log.id, (log.nbytes, log.dtype, log.shape))
         self._carried = _Carried(recording.trace, made) if made else None
@@ -870,9 +881,9 @@ class Durable:
             return []
         trace = carried.trace
         made = {aid: (ref, info) for ref, aid, info in carried.made.values()}
-        found = []
+        found, seen = [], set()
         for aid, index, width, name in dict.fromkeys(carried.read):
-            if aid in {a for a, _ in found} or made[aid][0]() is not None:
+            if aid in seen or made[aid][0]() is not None:
                 continue        # still alive: carried in place (`unkept`'s), not anew
             # The function of that name from where the replay stood: small functions the
             # record has before it may be left out (`h = None` at the first iteration:
@@ -895,10 +906,10 @@ class Durable:
             nbytes, dtype, shape = made[aid][1]
             info = (nbytes, dtype, shape, maker.op, maker.phase)
             if (maker.op, tuple(shape), dtype) not in self._told_carried:
-                found.append((aid, info))
-        self._told_carried.update((op, tuple(shape), dtype) for _, (_, dtype, shape, op, _)
-                                  in found)
-        return sorted((info for _, info in found), key=lambda item: item[0], reverse=True)
+                seen.add(aid)
+                found.append(info)
+        self._told_carried.update((op, tuple(shape), dtype) for _, dtype, shape, op, _ in found)
+        return sorted(found, key=lambda item: item[0], reverse=True)
 
     def unkept(self, res) -> list[tuple[int, str, tuple, str, str]]:
         """Rule 17, as an iteration after a recording ends: of what `note_unkept` follows,
